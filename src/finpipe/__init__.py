@@ -1,0 +1,11 @@
+"""finpipe: a workflow-orchestrated batch pipeline for deep learning on financial data.
+
+The library (this package) is orchestrator-free: Prefect lives in `finpipe.tasks` and
+`finpipe.flows` (the top-level `tasks/` and `flows/` folders).
+"""
+
+from finpipe.settings import disable_telemetry
+
+disable_telemetry()
+
+__version__ = "0.1.0"

@@ -1,0 +1,215 @@
+"""The `finpipe` command line: generate, ingest, run, demo.
+
+Heavy imports (PyTorch, MLflow, Prefect) happen inside commands so `--help` is instant, and
+after `prepare_environment` so Prefect's local state lands under FINPIPE_HOME.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from finpipe.errors import FinpipeError
+from finpipe.settings import Settings, load_settings, prepare_environment
+
+app = typer.Typer(
+    help="finpipe: nightly, workflow-orchestrated deep learning on financial data.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+generate_app = typer.Typer(help="Write synthetic data shaped like a vendor's delivery.")
+run_app = typer.Typer(help="Run a pipeline flow (through Prefect).")
+app.add_typer(generate_app, name="generate")
+app.add_typer(run_app, name="run")
+
+
+def _settings() -> Settings:
+    settings = load_settings()
+    prepare_environment(settings)
+    return settings
+
+
+def _echo(message: str) -> None:
+    typer.echo(message, err=True)
+
+
+@generate_app.command("market")
+def generate_market(
+    out: Annotated[Path, typer.Option(help="Folder to write the delivery files into.")],
+    tickers: Annotated[int, typer.Option(min=3, help="Number of tickers.")] = 50,
+    days: Annotated[int, typer.Option(min=100, help="Business days of history.")] = 750,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
+    daily_files: Annotated[
+        int, typer.Option(min=0, help="Deliver the last N dates as one file each.")
+    ] = 5,
+    defects: Annotated[
+        str,
+        typer.Option(
+            help="Comma-separated defects to inject: "
+            "nan, non_positive_price, "
+            "duplicate_key, high_below_low, stale_price."
+        ),
+    ] = "",
+) -> None:
+    """Generate a synthetic market panel with a planted, documented predictable signal."""
+    from finpipe.market.synthetic import (
+        MarketSyntheticConfig,
+        generate_market_panel,
+        inject_defects,
+        write_vendor_files,
+    )
+
+    panel = generate_market_panel(MarketSyntheticConfig(tickers=tickers, days=days, seed=seed))
+    prices = panel.prices
+    kinds = [k.strip() for k in defects.split(",") if k.strip()]
+    if kinds:
+        prices = inject_defects(prices, kinds, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = write_vendor_files(prices, out, daily_files=daily_files)
+    panel.expected_return.to_parquet(out / "oracle.parquet", index=False)
+    for path in paths:
+        typer.echo(str(path))
+    _echo(
+        f"{len(prices):,} rows, {tickers} tickers, {prices['date'].nunique()} dates; "
+        f"oracle IC (h=5) {panel.oracle_ic(5):.4f}; planted signal in {out / 'oracle.parquet'}"
+    )
+
+
+@app.command("ingest")
+def ingest(
+    domain: Annotated[str, typer.Argument(help="Domain of the files, e.g. market.")],
+    paths: Annotated[list[Path], typer.Argument(help="Delivered files (CSV, CSV.gz, Parquet).")],
+    as_of: Annotated[
+        str | None, typer.Option(help="Reject rows dated after this day (default: today).")
+    ] = None,
+) -> None:
+    """Land, validate (Great Expectations) and publish delivered files; quarantine bad ones."""
+    from finpipe.domains import get_domain
+    from finpipe.ingest import ingest_file
+    from finpipe.storage import Storage, as_day
+
+    settings = _settings()
+    contract = get_domain(domain).contract
+    day = as_day(as_of) if as_of else dt.datetime.now(dt.UTC).date()
+    for path in paths:
+        outcome = ingest_file(Storage(settings.home), contract, path, as_of=day)
+        typer.echo(outcome.message)
+
+
+@run_app.command("nightly")
+def run_nightly(
+    domain: Annotated[str, typer.Option(help="Pipeline to run.")] = "market",
+    as_of: Annotated[
+        str | None, typer.Option(help="YYYY-MM-DD; default the latest validated date.")
+    ] = None,
+    input: Annotated[
+        list[Path] | None, typer.Option("--input", help="A delivered file to load first.")
+    ] = None,
+    retrain: Annotated[bool, typer.Option(help="Retrain and run promotion.")] = True,
+    rebuild_features: Annotated[bool, typer.Option(help="Recompute all features.")] = False,
+    models: Annotated[str | None, typer.Option(help="Comma-separated, e.g. mlp,gru.")] = None,
+    max_epochs: Annotated[int | None, typer.Option(min=1, help="Epoch cap per model.")] = None,
+    horizon: Annotated[int | None, typer.Option(min=1, help="Label horizon in days.")] = None,
+) -> None:
+    """Run the nightly flow (validate -> features -> train -> promote -> score) via Prefect."""
+    settings = _settings()
+    from finpipe.flows.nightly import nightly
+    from finpipe.storage import as_day
+
+    overrides: dict = {}
+    if models:
+        overrides["models"] = [m.strip() for m in models.split(",") if m.strip()]
+    if max_epochs:
+        overrides["max_epochs"] = max_epochs
+    if horizon:
+        overrides["horizon"] = horizon
+    summary = nightly(
+        domain=domain,
+        as_of=as_day(as_of) if as_of else None,
+        inputs=[str(p.resolve()) for p in input or []],
+        retrain=retrain,
+        rebuild_features=rebuild_features,
+        training=overrides,
+    )
+    _print_summary(summary, settings)
+
+
+def _print_summary(summary: dict, settings: Settings) -> None:
+    predictions = summary["predictions"]
+    typer.echo(
+        f"{summary['domain']} {summary['as_of']}: {predictions['rows']} predictions by "
+        f"{predictions['model_name']} v{predictions['model_version']} -> {predictions['path']}"
+    )
+    if summary["promotion"]:
+        typer.echo(f"promotion: {summary['promotion']['reason']}")
+
+
+@app.command("demo")
+def demo(
+    tickers: Annotated[int, typer.Option(min=10, help="Tickers in the synthetic panel.")] = 40,
+    days: Annotated[int, typer.Option(min=300, help="Business days of history.")] = 700,
+    nights: Annotated[int, typer.Option(min=1, max=10, help="Consecutive nights to run.")] = 3,
+    max_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap per model.")] = 12,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
+) -> None:
+    """Generate a panel, then run the nightly flow for a few consecutive dates, end to end."""
+    settings = _settings()
+    from finpipe.flows.nightly import nightly
+    from finpipe.market.pipeline import write_oracle
+    from finpipe.market.synthetic import (
+        MarketSyntheticConfig,
+        generate_market_panel,
+        write_vendor_files,
+    )
+    from finpipe.storage import Storage
+
+    storage = Storage(settings.home)
+    drop = settings.home / "vendor_drop" / "market"
+    _echo(f"finpipe demo: FINPIPE_HOME={settings.home}")
+    panel = generate_market_panel(MarketSyntheticConfig(tickers=tickers, days=days, seed=seed))
+    files = write_vendor_files(panel.prices, drop, daily_files=nights)
+    write_oracle(storage, panel.expected_return)
+    _echo(f"generated {len(panel.prices):,} rows in {drop} (oracle IC {panel.oracle_ic(5):.4f})")
+    history, dailies = files[0], files[1:]
+    for night, daily in enumerate(dailies):
+        inputs = [history, daily] if night == 0 else [daily]
+        as_of = daily.stem.removeprefix("market_")
+        _echo(f"--- night {night + 1}/{len(dailies)}: as of {as_of}")
+        summary = nightly(
+            domain="market",
+            as_of=dt.date.fromisoformat(as_of),
+            inputs=[str(p) for p in inputs],
+            training={"max_epochs": max_epochs},
+        )
+        _print_summary(summary, settings)
+    home = settings.home
+    typer.echo(
+        "\nOutputs:\n"
+        f"  validated    {home / 'validated' / 'market'}\n"
+        f"  features     {home / 'features' / 'market'}\n"
+        f"  predictions  {home / 'predictions' / 'market'}\n"
+        f"  data docs    {home / 'reports' / 'data_docs' / 'market'}\n"
+        f"  MLflow       {settings.tracking_uri} (experiment {settings.experiment_name('market')},"
+        f" model {settings.model_name('market')}@champion)\n"
+        "Open the MLflow UI on them with:\n"
+        f"  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
+        f"{settings.tracking_uri} --port 5000"
+    )
+
+
+def main() -> None:
+    """Entry point: finpipe errors become one clear line and exit status 2, not a traceback."""
+    try:
+        app()
+    except FinpipeError as error:
+        typer.echo(f"error: {error}", err=True)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The domain registry: flows are generic, a domain supplies its contract and its steps.
+
+Adding a domain means writing its module and one line in `_REGISTRY`, not editing the flows.
+Domains are imported lazily so `finpipe --help` does not pay for PyTorch and MLflow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from finpipe.errors import ConfigError
+
+_REGISTRY = {
+    "market": "finpipe.market.pipeline:MARKET",
+}
+
+
+@dataclass(frozen=True)
+class Domain:
+    """One use of finpipe (market, credit, customers): its raw contract and pipeline steps."""
+
+    name: str
+    contract: Any  # finpipe.ingest.RawContract
+    update_features: Callable[..., Any]  # (storage, as_of, *, rebuild, progress) -> FeatureUpdate
+    train: Callable[..., Any]  # (storage, settings, as_of, config, *, progress) -> TrainingOutcome
+    promote: Callable[..., Any]  # (storage, settings, outcome) -> PromotionDecision
+    score: Callable[..., Any]  # (storage, settings, as_of) -> ScoringOutcome
+    training_config: type  # pydantic model of the domain's hyper-parameters
+    training_outcome: type  # dataclass `train` returns (rebuilt from a dict between tasks)
+
+
+def domain_names() -> list[str]:
+    """Return the names of every registered domain."""
+    return sorted(_REGISTRY)
+
+
+def get_domain(name: str) -> Domain:
+    """Return the registered domain called `name`; ConfigError listing the known ones."""
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown domain {name!r}; known domains: {', '.join(domain_names())}")
+    module_name, attribute = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module_name), attribute)

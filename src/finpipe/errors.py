@@ -1,0 +1,31 @@
+"""The few exceptions finpipe raises on purpose; the CLI turns each into one clear line."""
+
+from __future__ import annotations
+
+
+class FinpipeError(Exception):
+    """Base class: a failure the user can act on, with a message that says how."""
+
+
+class ConfigError(FinpipeError):
+    """A setting, parameter or config file is wrong (unknown domain, bad date range, ...)."""
+
+
+class InputFileError(FinpipeError):
+    """A delivered file cannot be read at all (missing, empty, corrupt, wrong format)."""
+
+
+class ValidationFailed(FinpipeError):
+    """A batch broke data-quality rules; it has been quarantined with a report."""
+
+    def __init__(self, message: str, *, quarantine_path: str | None = None) -> None:
+        super().__init__(message)
+        self.quarantine_path = quarantine_path
+
+
+class ModelRejected(FinpipeError):
+    """A trained model failed a sanity gate (NaN or constant predictions, bad signature)."""
+
+
+class ScoringError(FinpipeError):
+    """Scoring cannot proceed: no champion model, or features that do not match it."""

@@ -1,0 +1,282 @@
+"""Ingest: land a delivered file, validate it with Great Expectations, publish or quarantine.
+
+Generic over domains: a domain supplies a `RawContract` (how to normalise its files, which
+suite checks them, what its keys are). Every file is identified by the SHA-256 of its bytes,
+so the same delivery is loaded once however often it is offered.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import gzip
+import zlib
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from finpipe.errors import InputFileError, ValidationFailed
+from finpipe.storage import Storage, as_day, file_sha256
+from finpipe.validation import validate_frame
+
+BATCH_COLUMN = "batch_id"
+
+
+@dataclass(frozen=True)
+class RawContract:
+    """What a domain tells the ingest machinery about its raw files."""
+
+    domain: str
+    suite: str
+    key_columns: tuple[str, ...]
+    date_column: str
+    normalise: Callable[..., pd.DataFrame]
+    # Adds derived columns the suite checks (e.g. a daily return that needs the last accepted
+    # price); receives the normalised batch and the storage it will be published to.
+    add_check_columns: Callable[[pd.DataFrame, Storage], pd.DataFrame] | None = None
+
+
+@dataclass
+class IngestOutcome:
+    """What happened to one delivered file."""
+
+    source: str
+    sha256: str
+    batch_id: str
+    status: str  # "validated", "already_loaded" or "quarantined"
+    rows: int = 0
+    first_date: str | None = None
+    last_date: str | None = None
+    dates: int = 0
+    landed_path: str | None = None
+    quarantine_path: str | None = None
+    data_docs: str | None = None
+    message: str = ""
+    rules_failed: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def read_delivery(path: Path) -> pd.DataFrame:
+    """Return the raw rows of a delivered CSV (plain or gzip) or Parquet file.
+
+    Raises InputFileError naming the file and what is wrong with it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"{path}: no such file")
+    if path.stat().st_size == 0:
+        raise InputFileError(f"{path}: file is empty (0 bytes); ask the vendor to re-deliver")
+    suffixes = "".join(path.suffixes).lower()
+    try:
+        if suffixes.endswith(".parquet") or suffixes.endswith(".pq"):
+            return pd.read_parquet(path)
+        frame = pd.read_csv(path, compression="infer", encoding="utf-8", dtype=str)
+    except pd.errors.EmptyDataError:
+        raise InputFileError(f"{path}: no header and no rows; the file is empty") from None
+    except UnicodeDecodeError as error:
+        raise InputFileError(
+            f"{path}: not UTF-8 text (byte {error.object[error.start : error.start + 1]!r} at "
+            f"offset {error.start}); re-export the file as UTF-8"
+        ) from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:
+        raise InputFileError(f"{path}: compressed data is truncated or corrupt ({error})") from None
+    except (pa.ArrowInvalid, OSError) as error:
+        raise InputFileError(f"{path}: cannot be read ({error})") from None
+    except pd.errors.ParserError as error:
+        raise InputFileError(f"{path}: malformed CSV ({error})") from None
+    if len(frame.columns) == 1 and any(sep in str(frame.columns[0]) for sep in ";\t|"):
+        raise InputFileError(
+            f"{path}: one column named {frame.columns[0]!r}: the file is not comma-separated; "
+            "deliver CSV with ',' as the delimiter"
+        )
+    return frame
+
+
+def ingest_file(
+    storage: Storage, contract: RawContract, path: Path, *, as_of: dt.date | str
+) -> IngestOutcome:
+    """Land, validate and publish one delivered file; return what happened.
+
+    A file already loaded (same bytes) is skipped. A file that fails validation is copied to
+    quarantine/ with its report and ValidationFailed is raised; nothing is published from it.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputFileError(f"{path}: no such file")
+    domain = contract.domain
+    sha = file_sha256(path)
+    batch_id = f"b{sha[:12]}"
+    previous = storage.read_batch_record(domain, sha)
+    if previous is not None and previous["status"] == "validated":
+        return IngestOutcome(
+            source=str(path),
+            sha256=sha,
+            batch_id=batch_id,
+            status="already_loaded",
+            rows=previous.get("rows", 0),
+            first_date=previous.get("first_date"),
+            last_date=previous.get("last_date"),
+            landed_path=previous.get("landed_path"),
+            message=f"{path.name}: already loaded on {previous.get('validated_at')}; skipped",
+        )
+    landed = storage.land_file(domain, path, sha)
+    record = {
+        "sha256": sha,
+        "batch_id": batch_id,
+        "source": str(path),
+        "landed_path": str(landed),
+        "landed_at": _now(),
+        "status": "landed",
+    }
+    storage.write_batch_record(domain, record)
+
+    docs_dir = storage.reports_dir() / "data_docs" / domain / batch_id
+    try:
+        frame = contract.normalise(read_delivery(landed), source=path.name)
+    except InputFileError as error:
+        report = {
+            "suite": contract.suite,
+            "batch": batch_id,
+            "source": str(path),
+            "success": False,
+            "rules": [{"rule": "readable_file", "success": False, "message": str(error)}],
+        }
+        _quarantine(storage, contract, record, landed, report, None, str(error))
+    if contract.add_check_columns is not None:
+        checked = contract.add_check_columns(frame, storage)
+    else:
+        checked = frame
+    report = validate_frame(
+        checked,
+        suite_name=contract.suite,
+        batch_name=f"{batch_id}:{path.name}",
+        parameters={"as_of": pd.Timestamp(as_day(as_of))},
+        data_docs_dir=docs_dir,
+    )
+    report_dict = report.to_dict()
+    report_dict["source"] = str(path)
+    overlap = _keys_from_other_batches(storage, contract, frame, batch_id)
+    if overlap is not None:
+        report_dict["success"] = False
+        report_dict.setdefault("rules", []).append(overlap)
+    if not report_dict["success"]:
+        message = report.summary() if not report.success else ""
+        if overlap is not None:
+            message += (
+                f" Rule duplicate_key_across_batches: {overlap['unexpected_count']} rows "
+                f"repeat keys already accepted, e.g. {overlap['sample_values'][:1]}."
+            )
+        _quarantine(
+            storage,
+            contract,
+            record,
+            landed,
+            report_dict,
+            docs_dir if docs_dir.exists() else None,
+            message.strip(),
+        )
+
+    published = _publish(storage, contract, frame, batch_id)
+    dates = sorted(published)
+    record.update(
+        status="validated",
+        validated_at=_now(),
+        rows=len(frame),
+        first_date=dates[0].isoformat() if dates else None,
+        last_date=dates[-1].isoformat() if dates else None,
+    )
+    storage.write_batch_record(domain, record)
+    return IngestOutcome(
+        source=str(path),
+        sha256=sha,
+        batch_id=batch_id,
+        status="validated",
+        rows=len(frame),
+        first_date=record["first_date"],
+        last_date=record["last_date"],
+        dates=len(dates),
+        landed_path=str(landed),
+        data_docs=str(docs_dir / "index.html") if docs_dir.exists() else None,
+        message=f"{path.name}: {len(frame):,} rows over {len(dates)} dates validated",
+    )
+
+
+def _quarantine(storage, contract, record, landed, report, docs_dir, message) -> None:
+    folder = storage.quarantine_batch(
+        contract.domain,
+        record["batch_id"],
+        landed,
+        report,
+        docs_dir,
+        file_name=Path(record["source"]).name,
+    )
+    record.update(status="quarantined", quarantined_at=_now(), quarantine_path=str(folder))
+    storage.write_batch_record(contract.domain, record)
+    failed = [r.get("rule") for r in report.get("rules", []) if not r.get("success", True)]
+    raise ValidationFailed(
+        f"{Path(record['source']).name} rejected (rules failed: {', '.join(map(str, failed))}). "
+        f"{message} Batch kept in {folder} with report.json; accepted data is untouched.",
+        quarantine_path=str(folder),
+    )
+
+
+def _keys_from_other_batches(storage, contract, frame, batch_id) -> dict | None:
+    """Return a failed-rule entry if the batch repeats keys another batch already published."""
+    date_col = contract.date_column
+    days = sorted({d.date() for d in frame[date_col].dropna().unique()})
+    existing_days = set(storage.partition_dates("validated", contract.domain))
+    overlap_days = [d for d in days if d in existing_days]
+    if not overlap_days:
+        return None
+    existing = storage.read_partitions(
+        "validated",
+        contract.domain,
+        days=overlap_days,
+        columns=[*contract.key_columns, BATCH_COLUMN],
+    )
+    existing = existing[existing[BATCH_COLUMN] != batch_id]
+    if existing.empty:
+        return None
+    keys = list(contract.key_columns)
+    clash = frame.reset_index().merge(existing[keys], on=keys, how="inner")
+    if clash.empty:
+        return None
+    sample = clash.head(10)
+    return {
+        "rule": "duplicate_key_across_batches",
+        "success": False,
+        "columns": keys,
+        "unexpected_count": int(len(clash)),
+        "sample_rows": [int(i) for i in sample["index"]],
+        "sample_values": [
+            {k: str(v) for k, v in row.items()} for row in sample[keys].to_dict("records")
+        ],
+        "message": "rows repeat (date, key) pairs accepted from an earlier batch",
+    }
+
+
+def _publish(storage, contract, frame, batch_id) -> list[dt.date]:
+    """Merge the batch into its date partitions (replacing this batch's earlier rows)."""
+    frame = frame.assign(**{BATCH_COLUMN: batch_id})
+    date_col = contract.date_column
+    sort_cols = [date_col, *[k for k in contract.key_columns if k != date_col]]
+    days = []
+    existing_days = set(storage.partition_dates("validated", contract.domain))
+    for stamp, rows in frame.groupby(date_col, sort=True):
+        day = pd.Timestamp(stamp).date()
+        if day in existing_days:
+            current = storage.read_partition("validated", contract.domain, day)
+            current = current[current[BATCH_COLUMN] != batch_id]
+            rows = pd.concat([current, rows], ignore_index=True)
+        rows = rows.sort_values(sort_cols, kind="stable")
+        storage.write_partition("validated", contract.domain, day, rows)
+        days.append(day)
+    return days
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

@@ -1,0 +1,350 @@
+"""Point-in-time market features and forward-return labels.
+
+Every per-ticker feature at row t is computed from that ticker's own rows up to and including t
+(rows are the ticker's trading days; gaps in the calendar are not filled). Each window is summed
+on its own, element by element in a fixed order (oldest row first), instead of with running sums
+such as pandas' ``rolling().mean()``, whose last bits depend on where the series starts. So the
+value at t is a function of the last ``FEATURE_LOOKBACK_DAYS + 1`` rows only and is bit-for-bit
+the same whether the frame holds the ticker's full history or just those rows: the nightly job
+computes today's features from a short tail and gets exactly what a backfill would. (Element-wise
+NumPy operations, log and log1p included, give the same bits wherever an element sits in the
+array; the tests check the whole feature set at float64, where float32 would hide most slips.)
+
+Conventions, stated once here:
+- prices: ``price_column`` (``adj_close`` when delivered, else ``close``) for returns, volatility,
+  RSI, MACD and moving averages; the unadjusted ``open``/``high``/``low``/``close`` for same-day
+  bar shapes, since those are delivered unadjusted together;
+- returns are simple returns over rows, ``P[t] / P[t-k] - 1``;
+- ``volatility_20d`` is the daily (not annualised) sample standard deviation (ddof=1) of the
+  last 20 daily log returns;
+- ``rsi_14`` is the simple-average RSI in 0..100: ``100 * gains / (gains + losses)`` over the last
+  14 price changes, 50 when the price did not move at all;
+- ``macd`` is ``EMA12 / EMA26 - 1`` (relative, so it compares across price levels) and
+  ``macd_signal`` its EMA9; each EMA uses weights ``(1 - a) ** k`` with ``a = 2 / (span + 1)``,
+  truncated after ``2 * span`` rows and renormalised, so nothing has infinite memory;
+- ``ma_ratio_k`` is ``P[t] / mean(P[t-k+1..t]) - 1``;
+- ``volume_z_20d`` is the z-score of ``log1p(volume)`` at t against its last 20 values (t
+  included), 0 when those 20 values are all equal (a spread below 1e-9);
+- ``range_hl`` is ``(high - low) / close`` and ``return_oc`` is ``close / open - 1``, same day;
+- ``*_cs_rank`` is the percentile rank in [0, 1] of a feature among the tickers on the same date
+  (ties averaged, 0.5 for a lone ticker), using that date's rows only.
+A value whose window is not full yet (a newly listed ticker) is NaN.
+
+Labels look forward and are never features: ``forward_return_{h}d`` at t is ``P[t+h] / P[t] - 1``
+over the ticker's own rows, NaN where row t+h is not in the frame.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import numpy as np
+import pandas as pd
+
+from finpipe.market.schema import price_column
+
+RETURN_WINDOWS = (1, 5, 20, 60)
+MOVING_AVERAGE_WINDOWS = (5, 20, 60)
+VOLATILITY_WINDOW = 20
+RSI_WINDOW = 14
+MACD_FAST_SPAN, MACD_SLOW_SPAN, MACD_SIGNAL_SPAN = 12, 26, 9
+EWMA_SPAN_MULTIPLE = 2  # a span-s EMA looks back 2*s rows; the weight left out is below 2%
+VOLUME_WINDOW = 20
+CROSS_SECTIONAL_RANKED = ("return_5d", "return_20d", "volatility_20d")
+_FLAT_LOG_VOLUME_STD = 1e-9
+
+
+def _ewma_rows(span: int) -> int:
+    return EWMA_SPAN_MULTIPLE * span
+
+
+# Rows before t that each feature reads; the largest is the lookback the nightly job must load.
+_ROWS_BEFORE_T = {
+    **{f"return_{k}d": k for k in RETURN_WINDOWS},
+    "volatility_20d": VOLATILITY_WINDOW,  # 20 log returns need 21 prices
+    "rsi_14": RSI_WINDOW,
+    "macd": _ewma_rows(MACD_SLOW_SPAN) - 1,
+    "macd_signal": _ewma_rows(MACD_SLOW_SPAN) - 1 + _ewma_rows(MACD_SIGNAL_SPAN) - 1,
+    **{f"ma_ratio_{k}": k - 1 for k in MOVING_AVERAGE_WINDOWS},
+    "volume_z_20d": VOLUME_WINDOW - 1,
+    "range_hl": 0,
+    "return_oc": 0,
+}
+
+FEATURE_LOOKBACK_DAYS: int = max(_ROWS_BEFORE_T.values())
+
+# Raw columns each feature needs beyond `date` and `ticker`, in output order.
+_FEATURE_INPUTS: dict[str, tuple[str, ...]] = {
+    **{f"return_{k}d": ("close",) for k in RETURN_WINDOWS},
+    "volatility_20d": ("close",),
+    "rsi_14": ("close",),
+    "macd": ("close",),
+    "macd_signal": ("close",),
+    **{f"ma_ratio_{k}": ("close",) for k in MOVING_AVERAGE_WINDOWS},
+    "volume_z_20d": ("volume",),
+    "range_hl": ("high", "low", "close"),
+    "return_oc": ("open", "close"),
+    **{f"{name}_cs_rank": ("close",) for name in CROSS_SECTIONAL_RANKED},
+}
+
+
+def market_feature_columns(available: Iterable[str]) -> list[str]:
+    """Return the names of the features computable from the raw columns `available`, in order."""
+    present = set(available)
+    return [name for name, inputs in _FEATURE_INPUTS.items() if set(inputs) <= present]
+
+
+def skipped_market_features(available: Iterable[str]) -> dict[str, str]:
+    """Return feature name -> the missing raw column(s) that prevent it (comma-separated)."""
+    present = set(available)
+    skipped = {}
+    for name, inputs in _FEATURE_INPUTS.items():
+        missing = [column for column in inputs if column not in present]
+        if missing:
+            skipped[name] = ", ".join(missing)
+    return skipped
+
+
+def build_market_features(prices: pd.DataFrame) -> pd.DataFrame:
+    """Return one row of point-in-time features per (date, ticker) of `prices`.
+
+    `prices` is a canonical market frame (any tickers, any dates, any row order). The result has
+    `date`, `ticker`, then `market_feature_columns(prices.columns)` as float32, sorted by date
+    then ticker. Raises ValueError on missing key columns or duplicate (date, ticker) rows.
+    """
+    frame = _features_in_float64(prices)
+    names = list(frame.columns[2:])
+    frame[names] = frame[names].astype(np.float32)
+    return frame
+
+
+def _features_in_float64(prices: pd.DataFrame) -> pd.DataFrame:
+    """Return the features at full precision; the point-in-time guarantee holds here already,
+    not only after rounding to float32 (which would hide most last-bit differences)."""
+    panel = _TickerPanel(prices)
+    price = panel.column(price_column(prices))
+    columns: dict[str, np.ndarray] = {}
+
+    for k in RETURN_WINDOWS:
+        columns[f"return_{k}d"] = price / panel.lag(price, k) - 1.0
+    log_return = np.log(price / panel.lag(price, 1))
+    columns["volatility_20d"] = panel.window_std(log_return, VOLATILITY_WINDOW, rows_before=20)
+    columns["rsi_14"] = _rsi(panel, price)
+    macd, macd_signal = _macd(panel, price)
+    columns["macd"], columns["macd_signal"] = macd, macd_signal
+    for k in MOVING_AVERAGE_WINDOWS:
+        columns[f"ma_ratio_{k}"] = price / (panel.window_sum(price, k) / k) - 1.0
+
+    available = set(prices.columns)
+    if "volume" in available:
+        columns["volume_z_20d"] = _volume_z(panel, panel.column("volume"))
+    if {"high", "low"} <= available:
+        close = panel.column("close")
+        columns["range_hl"] = (panel.column("high") - panel.column("low")) / close
+    if "open" in available:
+        columns["return_oc"] = panel.column("close") / panel.column("open") - 1.0
+
+    frame = panel.keys_by_date()
+    by_date = panel.by_date
+    for name, values in columns.items():
+        frame[name] = values[by_date]
+    date_group = panel.date_groups()
+    for name in CROSS_SECTIONAL_RANKED:
+        frame[f"{name}_cs_rank"] = _cross_sectional_rank(frame[name].to_numpy(), date_group)
+
+    return frame[["date", "ticker", *market_feature_columns(available)]]
+
+
+def build_market_labels(prices: pd.DataFrame, horizon: int = 5) -> pd.DataFrame:
+    """Return date, ticker, `forward_return_{h}d` and `direction_{h}d`, sorted by date, ticker.
+
+    The forward return at t is ``P[t+h] / P[t] - 1`` with P the price column and t+h the h-th
+    next row of the same ticker; NaN where that row is not in the frame (the last h rows of each
+    ticker). Direction is 1.0 when the forward return is > 0, 0.0 when <= 0, NaN when unknown.
+    Labels are float64: they feed metrics as well as training.
+    """
+    if not isinstance(horizon, int | np.integer) or horizon < 1:
+        raise ValueError(f"horizon must be a positive whole number of rows, got {horizon!r}")
+    panel = _TickerPanel(prices)
+    price = panel.column(price_column(prices))
+    forward = panel.lead(price, horizon) / price - 1.0
+    direction = np.where(np.isnan(forward), np.nan, (forward > 0).astype(np.float64))
+    frame = panel.keys_by_date()
+    frame[f"forward_return_{horizon}d"] = forward[panel.by_date]
+    frame[f"direction_{horizon}d"] = direction[panel.by_date]
+    return frame
+
+
+class _TickerPanel:
+    """The rows of a market frame laid out as contiguous per-ticker blocks sorted by date.
+
+    Array methods take and return float64 arrays in that layout; `by_date` reorders them to
+    date, ticker order.
+    """
+
+    def __init__(self, prices: pd.DataFrame) -> None:
+        missing = [c for c in ("date", "ticker", "close") if c not in prices.columns]
+        if missing:
+            raise ValueError(
+                f"market features need columns {missing}; the frame has {list(prices.columns)}"
+            )
+        if prices["ticker"].isna().any() or prices["date"].isna().any():
+            raise ValueError("market features need a date and a ticker on every row; found blanks")
+        self._prices = prices
+        ticker_code, _ = pd.factorize(prices["ticker"], sort=True)
+        day = prices["date"].to_numpy().astype("datetime64[ns]").view(np.int64)
+        self.by_ticker = np.lexsort((day, ticker_code))
+        self._code = ticker_code[self.by_ticker]
+        self._day = day[self.by_ticker]
+        same_key = (np.diff(self._code) == 0) & (np.diff(self._day) == 0)
+        if same_key.any():
+            row = self.by_ticker[np.flatnonzero(same_key)[0]]
+            raise ValueError(
+                f"duplicate (date, ticker) rows, e.g. {prices['ticker'].iloc[row]} on "
+                f"{pd.Timestamp(prices['date'].iloc[row]).date()}: {int(same_key.sum())} extra "
+                "row(s); validate and deduplicate the batch before building features"
+            )
+        n = len(prices)
+        block_start = np.flatnonzero(np.r_[n > 0, np.diff(self._code) != 0])
+        block_length = np.diff(np.r_[block_start, n]).astype(np.int64)
+        # Row number within the ticker's own rows: windows only count when they fit inside it.
+        self.position = np.arange(n) - np.repeat(block_start, block_length)
+        self.by_date = np.lexsort((self._code, self._day))
+
+    def column(self, name: str) -> np.ndarray:
+        values = self._prices[name].to_numpy(dtype=np.float64, na_value=np.nan)
+        return values[self.by_ticker]
+
+    def lag(self, values: np.ndarray, k: int) -> np.ndarray:
+        """Return values k rows earlier in the same ticker (NaN for its first k rows)."""
+        out = np.full(values.shape, np.nan)
+        out[k:] = values[:-k] if k else values
+        out[self.position < k] = np.nan
+        return out
+
+    def lead(self, values: np.ndarray, k: int) -> np.ndarray:
+        """Return values k rows later in the same ticker (NaN for its last k rows)."""
+        out = np.full(values.shape, np.nan)
+        if len(values) > k:
+            out[:-k] = values[k:]
+            out[:-k][self._code[k:] != self._code[:-k]] = np.nan
+        return out
+
+    def windows(self, values: np.ndarray, window: int) -> list[np.ndarray]:
+        """Return `window` aligned views, oldest first: view j, entry m is values[m + j], which
+        is row t = m + window - 1 looking back window - 1 - j rows."""
+        usable = len(values) - window + 1
+        return [values[j : j + usable] for j in range(window)] if usable > 0 else []
+
+    def place(self, aligned: np.ndarray | None, window: int, rows_before: int) -> np.ndarray:
+        """Return a full-length array from per-window results, NaN where the ticker has fewer
+        than `rows_before` rows before t (the window would reach into another ticker)."""
+        out = np.full(len(self.position), np.nan)
+        if aligned is not None:
+            out[window - 1 :] = aligned
+        out[self.position < rows_before] = np.nan
+        return out
+
+    def window_sum(
+        self, values: np.ndarray, window: int, *, rows_before: int | None = None
+    ) -> np.ndarray:
+        """Return the sum of the last `window` values up to each row, added oldest first."""
+        return self.window_weighted_sum(values, np.ones(window), rows_before=rows_before)
+
+    def window_weighted_sum(
+        self, values: np.ndarray, weights: np.ndarray, *, rows_before: int | None = None
+    ) -> np.ndarray:
+        """Return sum_k weights[k] * values[t - k] (k = 0 is row t), added oldest first."""
+        window = len(weights)
+        views = self.windows(values, window)
+        total = None
+        for j, view in enumerate(views):
+            term = view * weights[window - 1 - j]
+            total = term if total is None else total + term
+        return self.place(total, window, window - 1 if rows_before is None else rows_before)
+
+    def window_mean_std(
+        self, values: np.ndarray, window: int, *, rows_before: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return the mean and sample standard deviation (ddof=1) of the last `window` values,
+        from two passes over each window (mean first, then squared deviations)."""
+        views = self.windows(values, window)
+        if not views:
+            empty = self.place(None, window, rows_before)
+            return empty, empty.copy()
+        total = views[0].copy()
+        for view in views[1:]:
+            total = total + view
+        mean = total / window
+        squares = (views[0] - mean) ** 2
+        for view in views[1:]:
+            squares = squares + (view - mean) ** 2
+        std = np.sqrt(squares / (window - 1))
+        return self.place(mean, window, rows_before), self.place(std, window, rows_before)
+
+    def window_std(self, values: np.ndarray, window: int, *, rows_before: int) -> np.ndarray:
+        return self.window_mean_std(values, window, rows_before=rows_before)[1]
+
+    def keys_by_date(self) -> pd.DataFrame:
+        """Return the `date` and `ticker` columns in date, ticker order, dtypes kept."""
+        rows = self.by_ticker[self.by_date]
+        return pd.DataFrame(
+            {
+                "date": self._prices["date"].iloc[rows].to_numpy(),
+                "ticker": self._prices["ticker"].iloc[rows].reset_index(drop=True),
+            }
+        )
+
+    def date_groups(self) -> np.ndarray:
+        """Return a group number per row in date order: rows of the same date share it."""
+        day = self._day[self.by_date]
+        return np.cumsum(np.r_[False, np.diff(day) != 0]) if len(day) else day
+
+
+def _rsi(panel: _TickerPanel, price: np.ndarray) -> np.ndarray:
+    change = price - panel.lag(price, 1)
+    gains = panel.window_sum(np.maximum(change, 0.0), RSI_WINDOW, rows_before=RSI_WINDOW)
+    losses = panel.window_sum(np.maximum(-change, 0.0), RSI_WINDOW, rows_before=RSI_WINDOW)
+    moved = gains + losses
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rsi = 100.0 * gains / moved
+    return np.where(moved == 0.0, 50.0, rsi)
+
+
+def _ewma_weights(span: int) -> np.ndarray:
+    """Return normalised EMA weights for lags 0 .. 2*span - 1 (lag 0 = the current row)."""
+    decay = 1.0 - 2.0 / (span + 1.0)
+    weights = decay ** np.arange(_ewma_rows(span))
+    return weights / weights.sum()
+
+
+def _macd(panel: _TickerPanel, price: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    fast = panel.window_weighted_sum(price, _ewma_weights(MACD_FAST_SPAN))
+    slow = panel.window_weighted_sum(price, _ewma_weights(MACD_SLOW_SPAN))
+    macd = fast / slow - 1.0
+    signal = panel.window_weighted_sum(
+        macd, _ewma_weights(MACD_SIGNAL_SPAN), rows_before=_ROWS_BEFORE_T["macd_signal"]
+    )
+    return macd, signal
+
+
+def _volume_z(panel: _TickerPanel, volume: np.ndarray) -> np.ndarray:
+    log_volume = np.log1p(volume)
+    mean, std = panel.window_mean_std(log_volume, VOLUME_WINDOW, rows_before=VOLUME_WINDOW - 1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z = (log_volume - mean) / std
+    # Twenty equal volumes leave a std of rounding error, not exactly 0; a spread below 1e-9
+    # in log volume is no spread at all, so the z-score is 0 there rather than noise.
+    return np.where(std < _FLAT_LOG_VOLUME_STD, 0.0, z)
+
+
+def _cross_sectional_rank(values: np.ndarray, date_group: np.ndarray) -> np.ndarray:
+    """Return the percentile rank in [0, 1] of each value among the same date's values."""
+    series = pd.Series(values)
+    grouped = series.groupby(date_group, sort=False)
+    rank = grouped.rank(method="average").to_numpy()
+    count = grouped.transform("count").to_numpy(dtype=np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        pct = (rank - 1.0) / (count - 1.0)
+    lone = (count == 1.0) & ~np.isnan(values)
+    return np.where(lone, 0.5, pct)

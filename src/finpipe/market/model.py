@@ -1,0 +1,290 @@
+"""The market model: a feature frame with labels in, a fitted forward-return model out.
+
+Point in time, in three places:
+- the scaler (and the target scale) are fitted on training dates only and shipped with the model;
+- a sequence model's window for the row (ticker, t) is that ticker's previous `lookback` rows
+  in the frame, ending at t: never a later row, never another ticker's row. Rows with less
+  history are left-padded with zeros (= the training mean after scaling) and still predicted.
+  Windows count rows, not calendar days: a gap in a ticker's dates is not filled;
+- training targets come only from train dates, which `time_split` separates from validation and
+  test by an embargo of at least the label horizon. A validation row's window may include
+  earlier train rows' *features*: those were known at the validation date, so that is correct.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+
+from finpipe.nets import build_net
+from finpipe.training import (
+    Batches,
+    FeatureScaler,
+    TimeSplit,
+    TrainConfig,
+    predict_regressor,
+    train_regressor,
+    window_panel,
+)
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.pt"
+METADATA_FILE = "model.json"
+Target = Literal["return", "cross_sectional_zscore"]
+
+
+def _require_columns(frame: pd.DataFrame, columns: list[str], what: str) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"{what}: column(s) {missing} missing from the frame (it has {list(frame.columns)}); "
+            "build features with the same feature set the model was trained on"
+        )
+
+
+def _sorted_panel(
+    frame: pd.DataFrame, scaler: FeatureScaler, lookback: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return (order, panel, positions): frame row `order[i]` is scaled into `panel[positions[i]]`.
+
+    Rows are ordered by (ticker, date); with `lookback` > 1 the panel has zero rows before each
+    ticker so that windows stay inside it (see `window_panel`).
+    """
+    keys = pd.DataFrame(
+        {"ticker": frame["ticker"].to_numpy(), "date": frame["date"].to_numpy()}
+    ).astype({"ticker": "string", "date": "datetime64[ns]"})
+    order = keys.sort_values(["ticker", "date"], kind="mergesort").index.to_numpy()
+    keys = keys.iloc[order]
+    duplicated = keys.duplicated().to_numpy()
+    if duplicated.any():
+        ticker, date = keys[duplicated].iloc[0]
+        raise ValueError(
+            f"{int(duplicated.sum())} duplicate (ticker, date) rows, e.g. {ticker} on "
+            f"{pd.Timestamp(date).date()}; each ticker needs one row per date"
+        )
+    scaled = scaler.transform(frame[list(scaler.columns)].iloc[order])
+    if lookback <= 1:
+        return order, scaled, np.arange(len(order), dtype=np.int64)
+    groups = pd.factorize(keys["ticker"])[0]
+    panel, positions = window_panel(scaled, groups, lookback)
+    return order, panel, positions
+
+
+def _targets(frame: pd.DataFrame, label: str, target: Target) -> np.ndarray:
+    """Return the training target per row: the label, or its per-date z-score (NaN where none)."""
+    values = pd.to_numeric(frame[label]).astype(np.float64)
+    values = values.where(np.isfinite(values))
+    if target == "return":
+        return values.to_numpy()
+    by_date = values.groupby(frame["date"].to_numpy())
+    std = by_date.transform("std", ddof=0)
+    zscore = (values - by_date.transform("mean")) / std.where(std > 0)
+    return zscore.where(by_date.transform("count") >= 2).to_numpy()
+
+
+@dataclass
+class FittedMarketModel:
+    """A trained net plus everything needed to score a feature frame the same way again.
+
+    `target` says what the net was trained on: "return" (the label; predictions are forward
+    h-day returns) or "cross_sectional_zscore" (the label standardised across tickers per date;
+    predictions are scores in those units). The net learns the target divided by `target_std`
+    after subtracting `target_mean` (fitted on train dates); `predict` undoes that, so the
+    losses in `history` are in those scaled units (an MSE of 1.0 = predicting the mean).
+    """
+
+    net: nn.Module
+    config: TrainConfig
+    feature_columns: list[str]
+    scaler: FeatureScaler
+    label: str
+    horizon: int
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    target: Target = "return"
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    def predict(
+        self, features: pd.DataFrame, *, batch_size: int = 8192, device: str = "cpu"
+    ) -> pd.DataFrame:
+        """Return `date`, `ticker`, `prediction` (float64) for every row of `features`.
+
+        Rows keep the input's order and index; extra columns are ignored. Sequence models read
+        the window of row (ticker, t) from that ticker's previous `lookback` rows of `features`
+        itself, ending at t; a row with less history is left-padded with zeros (the training
+        mean) and still predicted, so pass `lookback - 1` rows of history before the dates you
+        want scored. Eval mode, no gradients, deterministic.
+        Raises ValueError naming any missing feature column or a duplicate (ticker, date).
+        """
+        _require_columns(features, ["date", "ticker", *self.feature_columns], "predict")
+        lookback = self.config.lookback if self.config.is_sequence else 0
+        order, panel, positions = _sorted_panel(features, self.scaler, lookback)
+        batches = Batches(
+            torch.from_numpy(panel),
+            rows=torch.from_numpy(positions) if lookback else None,
+            lookback=lookback,
+        )
+        scores = predict_regressor(self.net, batches, batch_size, device)
+        prediction = np.empty(len(features), dtype=np.float64)
+        prediction[order] = scores * self.target_std + self.target_mean
+        return pd.DataFrame(
+            {"date": features["date"], "ticker": features["ticker"], "prediction": prediction},
+            index=features.index,
+        )
+
+    def to_dict(self) -> dict:
+        """Everything but the weights, JSON-ready."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "config": self.config.to_params(),
+            "feature_columns": list(self.feature_columns),
+            "scaler": self.scaler.to_dict(),
+            "label": self.label,
+            "horizon": self.horizon,
+            "target": self.target,
+            "target_mean": self.target_mean,
+            "target_std": self.target_std,
+            "best_epoch": self.best_epoch,
+            "history": self.history,
+        }
+
+    def save(self, directory: Path) -> None:
+        """Write `weights.pt` (state dict) and `model.json` (the rest) into `directory`.
+
+        Each file is written beside its final name and renamed into place, so a reader never
+        sees half a file.
+        """
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights, metadata = directory / WEIGHTS_FILE, directory / METADATA_FILE
+        torch.save(self.net.state_dict(), weights.with_suffix(".tmp"))
+        metadata.with_suffix(".tmp").write_text(json.dumps(self.to_dict(), indent=2))
+        os.replace(weights.with_suffix(".tmp"), weights)
+        os.replace(metadata.with_suffix(".tmp"), metadata)
+
+    @classmethod
+    def load(cls, directory: Path) -> FittedMarketModel:
+        """Read a model written by `save`; the net comes back on CPU in eval mode."""
+        directory = Path(directory)
+        weights, metadata = directory / WEIGHTS_FILE, directory / METADATA_FILE
+        for path in (weights, metadata):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} not found: {directory} does not hold a saved market model "
+                    f"(expected {WEIGHTS_FILE} and {METADATA_FILE})"
+                )
+        data = json.loads(metadata.read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{metadata}: format_version {data.get('format_version')!r}, this finpipe reads "
+                f"{FORMAT_VERSION}; retrain the model"
+            )
+        config = TrainConfig.from_params(data["config"])
+        net = build_net(config, len(data["feature_columns"]))
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return cls(
+            net=net.eval(),
+            config=config,
+            feature_columns=list(data["feature_columns"]),
+            scaler=FeatureScaler.from_dict(data["scaler"]),
+            label=data["label"],
+            horizon=int(data["horizon"]),
+            history=list(data["history"]),
+            best_epoch=int(data["best_epoch"]),
+            target=data["target"],
+            target_mean=float(data["target_mean"]),
+            target_std=float(data["target_std"]),
+        )
+
+
+def fit_market_model(
+    frame: pd.DataFrame,
+    feature_columns: list[str],
+    split: TimeSplit,
+    config: TrainConfig,
+    *,
+    label: str = "forward_return_5d",
+    horizon: int = 5,
+    target: Target = "return",
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FittedMarketModel:
+    """Fit `config.model` on the train dates of `frame`, early-stopping on validation dates.
+
+    `frame` holds date, ticker, the feature columns (NaN allowed) and `label`. Rows with a NaN
+    label are not training targets but still serve as history in sequence windows. The scaler
+    and the target's mean/std are fitted on train dates only. Test dates are not touched.
+    `target="cross_sectional_zscore"` trains on the label standardised across tickers per date
+    (dates with fewer than 2 labelled names dropped), which removes the market-wide move that
+    no cross-sectional model can predict; the default trains on the raw forward return so that
+    predictions, RMSE and directional accuracy are in return units.
+    Raises ValueError when the embargo is shorter than the horizon or a column is missing.
+    """
+    if split.embargo < horizon:
+        raise ValueError(
+            f"split embargo ({split.embargo} dates) is shorter than the label horizon "
+            f"({horizon}): the last training labels would overlap the validation window; "
+            f"use time_split(..., embargo={horizon})"
+        )
+    if target not in ("return", "cross_sectional_zscore"):
+        raise ValueError(f"target must be 'return' or 'cross_sectional_zscore', got {target!r}")
+    feature_columns = list(feature_columns)
+    _require_columns(frame, ["date", "ticker", *feature_columns, label], "fit_market_model")
+    dates = frame["date"]
+    in_train = dates.isin(split.train_dates).to_numpy()
+    in_validation = dates.isin(split.validation_dates).to_numpy()
+
+    scaler = FeatureScaler.fit(frame.loc[in_train, feature_columns])
+    lookback = config.lookback if config.is_sequence else 0
+    order, panel, positions = _sorted_panel(frame, scaler, lookback)
+
+    targets = _targets(frame, label, target)[order]
+    labelled = np.isfinite(targets)
+    train_rows = labelled & in_train[order]
+    validation_rows = labelled & in_validation[order]
+    if not train_rows.any() or not validation_rows.any():
+        raise ValueError(
+            f"no labelled rows on {'train' if not train_rows.any() else 'validation'} dates; "
+            f"check that `{label}` is filled and the split's dates come from this frame"
+        )
+    target_mean, target_std = 0.0, 1.0
+    if target == "return":
+        target_mean = float(targets[train_rows].mean())
+        target_std = float(targets[train_rows].std()) or 1.0
+    scaled_targets = torch.from_numpy(((targets - target_mean) / target_std).astype(np.float32))
+    features = torch.from_numpy(panel)
+    row_index = torch.from_numpy(positions)
+
+    def samples(mask: np.ndarray) -> Batches:
+        where = torch.from_numpy(np.flatnonzero(mask))
+        return Batches(features, scaled_targets[where], row_index[where], lookback)
+
+    result = train_regressor(
+        build_net(config, len(feature_columns)),
+        samples(train_rows),
+        samples(validation_rows),
+        config,
+        on_epoch=on_epoch,
+    )
+    return FittedMarketModel(
+        net=result.model,
+        config=config,
+        feature_columns=feature_columns,
+        scaler=scaler,
+        label=label,
+        horizon=horizon,
+        history=result.history,
+        best_epoch=result.best_epoch,
+        target=target,
+        target_mean=target_mean,
+        target_std=target_std,
+    )

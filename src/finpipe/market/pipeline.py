@@ -1,0 +1,606 @@
+"""The market domain's pipeline steps: ingest contract, incremental features, training, scoring.
+
+Each step is a plain function over a `Storage` and `Settings`; Prefect tasks in `finpipe.tasks`
+wrap them one to one.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+import mlflow
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel, Field
+
+from finpipe import plots, tracking
+from finpipe.domains import Domain
+from finpipe.errors import ModelRejected, ScoringError
+from finpipe.ingest import BATCH_COLUMN, RawContract
+from finpipe.market.features import (
+    FEATURE_LOOKBACK_DAYS,
+    build_market_features,
+    build_market_labels,
+    skipped_market_features,
+)
+from finpipe.market.model import FittedMarketModel, fit_market_model
+from finpipe.market.schema import DOMAIN, normalise_market_frame, price_column
+from finpipe.metrics import market_metrics, per_date_ic
+from finpipe.settings import Settings
+from finpipe.storage import Storage, as_day
+from finpipe.training import TimeSplit, TrainConfig, time_split
+from finpipe.validation import add_market_checks_columns
+
+log = logging.getLogger("finpipe.market")
+
+KEY_COLUMNS = ["date", "ticker"]
+MODEL_LOADER = "finpipe.market.model:FittedMarketModel"
+ORACLE_FILE = "oracle.parquet"
+
+
+# -- ingest --------------------------------------------------------------------------------
+def last_accepted_prices(storage: Storage, before: dt.date, column: str) -> pd.DataFrame | None:
+    """Return each ticker's last accepted `column` price before `before` (ticker, date, price).
+
+    Looks back over the last 10 validated dates, which is enough for a daily-return check:
+    a ticker absent for longer simply has no previous price.
+    """
+    days = storage.partition_dates("validated", DOMAIN, end=before - dt.timedelta(days=1))[-10:]
+    if not days:
+        return None
+    prior = storage.read_partitions("validated", DOMAIN, days=days)
+    if column not in prior.columns:
+        return None
+    prior = prior.dropna(subset=[column]).sort_values(["ticker", "date"])
+    last = prior.groupby("ticker", as_index=False).tail(1)
+    return last[["ticker", "date", column]].rename(columns={column: "price"})
+
+
+def _add_market_checks(frame: pd.DataFrame, storage: Storage) -> pd.DataFrame:
+    if frame.empty or frame["date"].isna().all():
+        return add_market_checks_columns(frame, None)
+    previous = last_accepted_prices(storage, frame["date"].min().date(), price_column(frame))
+    return add_market_checks_columns(frame, previous)
+
+
+MARKET_CONTRACT = RawContract(
+    domain=DOMAIN,
+    suite="market_ohlcv",
+    key_columns=("date", "ticker"),
+    date_column="date",
+    normalise=normalise_market_frame,
+    add_check_columns=_add_market_checks,
+)
+
+
+# -- features ------------------------------------------------------------------------------
+@dataclass
+class FeatureUpdate:
+    """What a feature step wrote."""
+
+    dates_written: list[str] = field(default_factory=list)
+    rows: int = 0
+    skipped_features: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def dates_needing_features(
+    storage: Storage, as_of: dt.date, rebuild: bool = False
+) -> list[dt.date]:
+    """Return validated dates up to `as_of` whose feature partition is missing or stale.
+
+    Features at t depend on the previous FEATURE_LOOKBACK_DAYS rows, so once one date is
+    missing or older than its validated data, every later date is recomputed too; that keeps
+    an incremental run identical to a full rebuild.
+    """
+    validated = storage.partition_dates("validated", DOMAIN, end=as_of)
+    if rebuild:
+        return validated
+    done = set(storage.partition_dates("features", DOMAIN, end=as_of))
+    for i, day in enumerate(validated):
+        if day not in done:
+            return validated[i:]
+        v_time = storage.partition_file("validated", DOMAIN, day).stat().st_mtime_ns
+        f_time = storage.partition_file("features", DOMAIN, day).stat().st_mtime_ns
+        if v_time > f_time:
+            return validated[i:]
+    return []
+
+
+def update_market_features(
+    storage: Storage,
+    as_of: dt.date | str,
+    *,
+    rebuild: bool = False,
+    block_dates: int = 250,
+    progress: Callable[[str], None] | None = None,
+) -> FeatureUpdate:
+    """Compute and publish feature partitions for every date that needs them, up to `as_of`.
+
+    Works in blocks of `block_dates` dates, each read together with just the lookback history
+    it needs, so memory stays bounded however long the history is.
+    """
+    started = time.perf_counter()
+    as_of = as_day(as_of)
+    todo = dates_needing_features(storage, as_of, rebuild)
+    update = FeatureUpdate()
+    if not todo:
+        return update
+    validated = storage.partition_dates("validated", DOMAIN, end=as_of)
+    position = {day: i for i, day in enumerate(validated)}
+    for start in range(0, len(todo), block_dates):
+        block = todo[start : start + block_dates]
+        first = position[block[0]]
+        window = validated[max(0, first - 2 * FEATURE_LOOKBACK_DAYS) : position[block[-1]] + 1]
+        prices = _read_with_lookback(storage, validated, window, block[0])
+        features = build_market_features(prices.drop(columns=[BATCH_COLUMN], errors="ignore"))
+        if not update.skipped_features:
+            update.skipped_features = skipped_market_features(prices.columns)
+        features = features[features["date"] >= pd.Timestamp(block[0])]
+        for stamp, rows in features.groupby("date", sort=True):
+            storage.write_partition("features", DOMAIN, stamp.date(), rows)
+            update.dates_written.append(stamp.date().isoformat())
+            update.rows += len(rows)
+        if progress:
+            progress(f"features: {len(update.dates_written)}/{len(todo)} dates written")
+    update.seconds = round(time.perf_counter() - started, 3)
+    return update
+
+
+def _read_with_lookback(
+    storage: Storage, validated: list[dt.date], window: list[dt.date], block_start: dt.date
+) -> pd.DataFrame:
+    """Read `window`, widening it until every ticker has its full lookback before the block.
+
+    A ticker that paused trading needs more calendar dates than the window holds; one that
+    listed recently cannot have more rows, which shows as the window reaching its first date.
+    """
+    while True:
+        prices = storage.read_partitions("validated", DOMAIN, days=window)
+        if window[0] == validated[0]:
+            return prices
+        before = prices[prices["date"] < pd.Timestamp(block_start)]
+        rows_before = before.groupby("ticker").size()
+        in_block = prices.loc[prices["date"] >= pd.Timestamp(block_start), "ticker"].unique()
+        short = [t for t in in_block if rows_before.get(t, 0) < FEATURE_LOOKBACK_DAYS]
+        # A ticker whose first row is inside the window listed recently: nothing earlier exists.
+        first_seen = before.groupby("ticker")["date"].min()
+        short = [t for t in short if t in first_seen and first_seen[t] == pd.Timestamp(window[0])]
+        if not short:
+            return prices
+        start = validated.index(window[0])
+        window = validated[max(0, start - len(window)) : validated.index(window[-1]) + 1]
+
+
+# -- training ------------------------------------------------------------------------------
+class MarketTrainingConfig(BaseModel):
+    """Hyper-parameters of a nightly market retrain (also the Prefect form and MLflow params)."""
+
+    horizon: int = Field(5, ge=1, le=60, description="Forward-return horizon h in trading days.")
+    models: list[Literal["mlp", "gru", "cnn"]] = Field(
+        default_factory=lambda: ["mlp", "gru"], description="Networks to train and compare."
+    )
+    validation_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of dates.")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of dates.")
+    embargo: int | None = Field(
+        None, ge=0, description="Dates dropped between windows; default (and minimum) = horizon."
+    )
+    history_dates: int | None = Field(
+        None, ge=50, description="Train on the last N dates only (default: all)."
+    )
+    hidden: int = Field(64, ge=4, description="Hidden units.")
+    layers: int = Field(2, ge=1, le=6, description="Hidden layers (MLP) / recurrent layers.")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    lookback: int = Field(20, ge=2, le=250, description="Days of history a GRU/CNN sees.")
+    batch_size: int = Field(512, ge=16)
+    max_epochs: int = Field(30, ge=1)
+    patience: int = Field(5, ge=1, description="Early-stopping patience in epochs.")
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = 0
+    promotion_metric: Literal["ic", "rank_ic"] = Field(
+        "ic", description="Test-window metric a challenger must beat the champion on."
+    )
+
+    def train_config(self, model: str) -> TrainConfig:
+        return TrainConfig(
+            model=model,
+            hidden=self.hidden,
+            layers=self.layers,
+            dropout=self.dropout,
+            lookback=self.lookback,
+            batch_size=self.batch_size,
+            max_epochs=self.max_epochs,
+            patience=self.patience,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+        )
+
+    @property
+    def label(self) -> str:
+        return f"forward_return_{self.horizon}d"
+
+
+@dataclass
+class TrainingOutcome:
+    """What a nightly retrain produced: the registered challenger and the windows it used."""
+
+    run_id: str
+    as_of: str
+    candidate: str
+    challenger_version: str
+    horizon: int
+    label: str
+    promotion_metric: str
+    test_start: str
+    test_end: str
+    metrics: dict[str, dict[str, dict[str, float]]]
+    train_rows: int
+    first_date: str
+    last_date: str
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_training_frame(
+    storage: Storage, as_of: dt.date, horizon: int, start: dt.date | None = None
+) -> pd.DataFrame:
+    """Return features joined with forward-return labels known at `as_of`.
+
+    Labels come from validated prices up to `as_of` only, so a label at t exists only when
+    t + h is on or before `as_of`: nothing from after the as-of date leaks into training.
+    """
+    features = storage.read_partitions("features", DOMAIN, start=start, end=as_of)
+    if features.empty:
+        raise ScoringError(f"no feature partitions up to {as_of}; run the features step first")
+    prices = storage.read_partitions("validated", DOMAIN, start=start, end=as_of)
+    labels = build_market_labels(prices.drop(columns=[BATCH_COLUMN], errors="ignore"), horizon)
+    frame = features.merge(labels, on=KEY_COLUMNS, how="left")
+    return frame.sort_values(KEY_COLUMNS, kind="stable").reset_index(drop=True)
+
+
+def feature_columns_of(frame: pd.DataFrame) -> list[str]:
+    """Return the model inputs: every column except keys and labels."""
+    return [
+        c
+        for c in frame.columns
+        if c not in KEY_COLUMNS
+        and not c.startswith(("forward_return_", "direction_"))
+        and c != BATCH_COLUMN
+    ]
+
+
+def train_market(
+    storage: Storage,
+    settings: Settings,
+    as_of: dt.date | str,
+    config: MarketTrainingConfig | None = None,
+    *,
+    progress: Callable[[str], None] | None = None,
+) -> TrainingOutcome:
+    """Train every configured network, log each to MLflow, register the best as `challenger`.
+
+    The candidate is chosen on validation IC, so the test window stays untouched by selection;
+    `promote_market` then compares it with the champion on that test window.
+    """
+    started = time.perf_counter()
+    config = config or MarketTrainingConfig()
+    as_of = as_day(as_of)
+    say = progress or log.info
+    frame = load_training_frame(storage, as_of, config.horizon)
+    if config.history_dates:
+        keep = np.sort(frame["date"].unique())[-config.history_dates :]
+        frame = frame[frame["date"].isin(keep)].reset_index(drop=True)
+    features = feature_columns_of(frame)
+    labelled = frame.loc[frame[config.label].notna(), "date"].unique()
+    labelled_dates = pd.DatetimeIndex(np.sort(labelled))
+    embargo = max(config.embargo or config.horizon, config.horizon)
+    split = time_split(
+        labelled_dates,
+        validation_fraction=config.validation_fraction,
+        test_fraction=config.test_fraction,
+        embargo=embargo,
+    )
+    tracking.use_tracking(settings, DOMAIN)
+    results: dict[str, dict] = {}
+    with mlflow.start_run(run_name=f"nightly-{as_of.isoformat()}") as parent:
+        _log_run_context(frame, features, split, config, as_of, embargo)
+        for kind in config.models:
+            say(f"training {kind} on {len(frame):,} rows, {len(features)} features")
+            results[kind] = _train_one(frame, features, split, config, kind, say)
+        candidate = max(results, key=lambda k: _nan_low(results[k]["validation"]["ic"]))
+        chosen = results[candidate]
+        _sanity_gate(chosen["test_predictions"], candidate)
+        version = str(
+            mlflow.register_model(chosen["model_uri"], settings.model_name(DOMAIN)).version
+        )
+        tracking.set_alias(settings, DOMAIN, tracking.CHALLENGER, version)
+        mlflow.set_tags({"candidate": candidate, "challenger_version": version})
+        test_window = frame[frame["date"].isin(split.test_dates)]
+        oracle = _oracle_ic(storage, test_window, config.label)
+        if oracle is not None:
+            mlflow.log_metric("test_oracle_ic", oracle)
+            for kind, result in results.items():
+                mlflow.log_metric(f"{kind}_ic_to_oracle", result["test"]["ic"] / oracle)
+                result["test"]["oracle_ic"] = oracle
+            say(f"oracle IC on the test window: {oracle:.4f}")
+        run_id = parent.info.run_id
+    return TrainingOutcome(
+        run_id=run_id,
+        as_of=as_of.isoformat(),
+        candidate=candidate,
+        challenger_version=version,
+        horizon=config.horizon,
+        label=config.label,
+        promotion_metric=config.promotion_metric,
+        test_start=str(split.test_dates[0].date()),
+        test_end=str(split.test_dates[-1].date()),
+        metrics={k: {"validation": r["validation"], "test": r["test"]} for k, r in results.items()},
+        train_rows=int(frame["date"].isin(split.train_dates).sum()),
+        first_date=str(frame["date"].min().date()),
+        last_date=str(frame["date"].max().date()),
+        seconds=round(time.perf_counter() - started, 3),
+    )
+
+
+def promote_market(
+    storage: Storage, settings: Settings, outcome: TrainingOutcome
+) -> tracking.PromotionDecision:
+    """Score challenger and champion on the same test window; promote the challenger if better.
+
+    Both models are loaded from the registry and scored by the same code, so the comparison
+    is like for like. The decision and both figures are logged to the training run.
+    """
+    test_start, test_end = as_day(outcome.test_start), as_day(outcome.test_end)
+    context_start = test_start - dt.timedelta(days=400)  # room for any sequence lookback
+    frame = load_training_frame(storage, as_day(outcome.as_of), outcome.horizon, context_start)
+    in_test = (frame["date"] >= pd.Timestamp(test_start)) & (
+        frame["date"] <= pd.Timestamp(test_end)
+    )
+    test_window = frame.loc[in_test, [*KEY_COLUMNS, outcome.label]]
+    challenger = tracking.load_model_version(settings, DOMAIN, version=outcome.challenger_version)
+    challenger_score = _window_score(challenger, frame, test_window, outcome)
+    champion_version = tracking.current_alias_version(settings, DOMAIN, tracking.CHAMPION)
+    champion_score = None
+    if champion_version is not None:
+        champion = tracking.load_model_version(settings, DOMAIN, version=champion_version)
+        champion_score = _window_score(champion, frame, test_window, outcome)
+    decision = tracking.decide_promotion(
+        metric=outcome.promotion_metric,
+        challenger_version=outcome.challenger_version,
+        challenger_score=challenger_score,
+        champion_version=champion_version,
+        champion_score=champion_score,
+    )
+    tracking.apply_promotion(settings, DOMAIN, decision)
+    with mlflow.start_run(run_id=outcome.run_id):
+        mlflow.log_dict(decision.to_dict(), "promotion.json")
+        figures = {"challenger_score": challenger_score, "promoted": float(decision.promoted)}
+        if champion_score is not None and np.isfinite(champion_score):
+            figures["champion_score"] = champion_score
+        mlflow.log_metrics(figures)
+        mlflow.set_tag("promotion", "promoted" if decision.promoted else "champion kept")
+    return decision
+
+
+def _window_score(model: tracking.RegisteredModel, frame, test_window, outcome) -> float:
+    """Return `model`'s promotion metric on the test window; -inf if it cannot read the frame."""
+    try:
+        predicted = model.predict(frame)
+    except Exception as error:  # a champion that can't read today's features loses its seat
+        log.warning("v%s cannot score the current features: %s", model.version, error)
+        return float("-inf")
+    scored = test_window.merge(predicted, on=KEY_COLUMNS)
+    return float(market_metrics(scored, label=outcome.label)[outcome.promotion_metric])
+
+
+def _nan_low(value: float) -> float:
+    return -np.inf if value is None or np.isnan(value) else value
+
+
+def _log_run_context(frame, features, split: TimeSplit, config, as_of, embargo) -> None:
+    mlflow.log_params(
+        {
+            **{k: str(v) for k, v in config.model_dump().items()},
+            "as_of": as_of.isoformat(),
+            "embargo_effective": embargo,
+            "n_features": len(features),
+            "train_start": str(split.train_dates[0].date()),
+            "train_end": str(split.train_dates[-1].date()),
+            "validation_start": str(split.validation_dates[0].date()),
+            "validation_end": str(split.validation_dates[-1].date()),
+            "test_start": str(split.test_dates[0].date()),
+            "test_end": str(split.test_dates[-1].date()),
+        }
+    )
+    first, last = frame["date"].min().date(), frame["date"].max().date()
+    dataset = mlflow.data.from_pandas(
+        frame[[*KEY_COLUMNS, *features, config.label]].head(10_000),
+        source=f"features/{DOMAIN}/date={first}..{last}",
+        name=f"{DOMAIN}-features-{first}-to-{last}",
+        targets=config.label,
+    )
+    mlflow.log_input(dataset, context="training")
+    mlflow.log_dict({"feature_columns": features}, "feature_columns.json")
+
+
+def _train_one(frame, features, split, config: MarketTrainingConfig, kind: str, say) -> dict:
+    train_config = config.train_config(kind)
+    with mlflow.start_run(run_name=kind, nested=True):
+        mlflow.log_params({**train_config.to_params(), "label": config.label})
+
+        def on_epoch(row: dict) -> None:
+            mlflow.log_metrics(
+                {"train_loss": row["train_loss"], "validation_loss": row["validation_loss"]},
+                step=row["epoch"],
+            )
+
+        fitted = fit_market_model(
+            frame,
+            features,
+            split,
+            train_config,
+            label=config.label,
+            horizon=config.horizon,
+            on_epoch=on_epoch,
+        )
+        scored = frame[[*KEY_COLUMNS, config.label]].merge(
+            fitted.predict(frame), on=KEY_COLUMNS, how="left"
+        )
+        validation = scored[scored["date"].isin(split.validation_dates)]
+        test = scored[scored["date"].isin(split.test_dates)]
+        metrics = {
+            "validation": market_metrics(validation, label=config.label),
+            "test": market_metrics(test, label=config.label),
+        }
+        for window, values in metrics.items():
+            mlflow.log_metrics({f"{window}_{k}": float(v) for k, v in values.items()})
+        mlflow.log_metric("best_epoch", fitted.best_epoch)
+        _log_plots(fitted, test, config.label, kind)
+        example = frame.loc[frame["date"] == split.test_dates[-1], [*KEY_COLUMNS, *features]]
+        info = tracking.log_fitted_model(
+            fitted,
+            loader=MODEL_LOADER,
+            input_example=example.head(5),
+            output_example=fitted.predict(example.head(5)),
+        )
+        say(
+            f"{kind}: validation IC {metrics['validation']['ic']:.4f}, "
+            f"test IC {metrics['test']['ic']:.4f}, best epoch {fitted.best_epoch}"
+        )
+    return {
+        **metrics,
+        "model_uri": info.model_uri,
+        "test_predictions": test["prediction"].to_numpy(),
+    }
+
+
+def _log_plots(fitted: FittedMarketModel, test: pd.DataFrame, label: str, kind: str) -> None:
+    figures = {
+        "plots/learning_curve.png": plots.learning_curve(fitted.history, f"{kind}: loss by epoch"),
+        "plots/ic_by_date.png": plots.ic_by_date(
+            per_date_ic(test, label=label), f"{kind}: test IC by date"
+        ),
+        "plots/return_by_decile.png": plots.return_by_decile(
+            test, "prediction", label, f"{kind}: test {label} by prediction decile"
+        ),
+    }
+    for path, figure in figures.items():
+        mlflow.log_figure(figure, path)
+        plots.close(figure)
+
+
+def _sanity_gate(predictions: np.ndarray, kind: str) -> None:
+    """Refuse a model whose test predictions are NaN or constant: it must never be promoted."""
+    values = np.asarray(predictions, dtype=float)
+    if values.size == 0 or np.isnan(values).any():
+        raise ModelRejected(f"{kind}: test predictions contain NaN; model not registered")
+    if np.nanstd(values) < 1e-12:
+        raise ModelRejected(f"{kind}: test predictions are constant; model not registered")
+
+
+def _oracle_ic(storage: Storage, test_window: pd.DataFrame, label: str) -> float | None:
+    """Return the planted signal's IC on the test window, when a synthetic oracle is present."""
+    path = storage.root / "reference" / DOMAIN / ORACLE_FILE
+    if not path.exists():
+        return None
+    oracle = pd.read_parquet(path)
+    joined = test_window[[*KEY_COLUMNS, label]].merge(oracle, on=KEY_COLUMNS)
+    if joined.empty:
+        return None
+    joined = joined.rename(columns={"expected_forward_return": "prediction"})
+    return float(market_metrics(joined, label=label)["ic"])
+
+
+# -- scoring -------------------------------------------------------------------------------
+@dataclass
+class ScoringOutcome:
+    """What a scoring step wrote."""
+
+    date: str
+    rows: int
+    model_name: str
+    model_version: str
+    run_id: str
+    path: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def score_market(storage: Storage, settings: Settings, as_of: dt.date | str) -> ScoringOutcome:
+    """Score every ticker of `as_of` with the champion and publish predictions/market/date=as_of.
+
+    The champion sees the feature rows of the last few dates (its sequence lookback) up to
+    `as_of` only; every output row names the model version and run that produced it.
+    """
+    as_of = as_day(as_of)
+    if as_of not in storage.partition_dates("features", DOMAIN, start=as_of, end=as_of):
+        raise ScoringError(f"no feature partition for {as_of}; run the features step first")
+    champion = tracking.load_model_version(settings, DOMAIN)
+    fitted = champion.model.unwrap_python_model().model
+    lookback = getattr(fitted.config, "lookback", 1) if fitted.config.model != "mlp" else 1
+    # The sequence window is the previous `lookback` rows; one spare date costs nothing.
+    days = storage.partition_dates("features", DOMAIN, end=as_of)[-(lookback + 1) :]
+    features = storage.read_partitions("features", DOMAIN, days=days)
+    missing = [c for c in fitted.feature_columns if c not in features.columns]
+    if missing:
+        raise ScoringError(
+            f"features for {as_of} lack {missing} that champion v{champion.version} needs; "
+            "rebuild features or retrain"
+        )
+    predicted = champion.predict(features)
+    today = predicted[predicted["date"] == pd.Timestamp(as_of)]
+    out = today[["ticker", "prediction"]].assign(
+        date=pd.Timestamp(as_of),
+        model_name=champion.name,
+        model_version=champion.version,
+        run_id=champion.run_id,
+        scored_at=pd.Timestamp.now(tz="UTC"),
+    )[["date", "ticker", "prediction", "model_name", "model_version", "run_id", "scored_at"]]
+    out = out.sort_values("ticker").reset_index(drop=True)
+    path = storage.write_partition("predictions", DOMAIN, as_of, out)
+    return ScoringOutcome(
+        date=as_of.isoformat(),
+        rows=len(out),
+        model_name=champion.name,
+        model_version=champion.version,
+        run_id=champion.run_id,
+        path=str(path.parent),
+    )
+
+
+def write_oracle(storage: Storage, oracle: pd.DataFrame) -> None:
+    """Keep a synthetic panel's planted signal beside the data, for oracle-IC reporting."""
+    path = storage.root / "reference" / DOMAIN / ORACLE_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    oracle.to_parquet(path, index=False)
+
+
+def describe_outcome(outcome) -> str:
+    """Return an outcome as compact JSON for logs and artifacts."""
+    return json.dumps(outcome.to_dict(), default=str, indent=2)
+
+
+MARKET = Domain(
+    name=DOMAIN,
+    contract=MARKET_CONTRACT,
+    update_features=update_market_features,
+    train=train_market,
+    promote=promote_market,
+    score=score_market,
+    training_config=MarketTrainingConfig,
+    training_outcome=TrainingOutcome,
+)

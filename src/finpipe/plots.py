@@ -1,0 +1,66 @@
+"""Figures logged to MLflow: each function takes plain data and returns a matplotlib Figure."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: batch jobs have no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+
+def learning_curve(history: list[dict], title: str) -> plt.Figure:
+    """Return train and validation loss by epoch, with the best epoch marked."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    epochs = [h["epoch"] for h in history]
+    ax.plot(epochs, [h["train_loss"] for h in history], label="train")
+    ax.plot(epochs, [h["validation_loss"] for h in history], label="validation")
+    if history:
+        best = min(history, key=lambda h: h["validation_loss"])
+        ax.axvline(best["epoch"], color="grey", linestyle=":", label=f"best epoch {best['epoch']}")
+    ax.set(xlabel="epoch", ylabel="loss (MSE)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def ic_by_date(per_date_ic: pd.Series, title: str, window: int = 20) -> plt.Figure:
+    """Return the per-date information coefficient with its rolling mean."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(per_date_ic.index, per_date_ic.values, width=1.0, color="#9ecae1", label="IC")
+    ax.plot(
+        per_date_ic.index,
+        per_date_ic.rolling(window, min_periods=1).mean(),
+        color="#08519c",
+        label=f"{window}-date mean",
+    )
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set(ylabel="IC (Pearson, cross-section)", title=title)
+    ax.legend()
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    return fig
+
+
+def return_by_decile(
+    frame: pd.DataFrame, prediction: str, label: str, title: str, buckets: int = 10
+) -> plt.Figure:
+    """Return mean forward return by per-date prediction decile (1 = lowest prediction)."""
+    ranked = frame[["date", prediction, label]].dropna()
+    pct = ranked.groupby("date")[prediction].rank(pct=True, method="first")
+    ranked = ranked.assign(decile=np.ceil(pct * buckets).clip(1, buckets).astype(int))
+    means = ranked.groupby("decile")[label].mean()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    colours = ["#d73027" if v < 0 else "#1a9850" for v in means.values]
+    ax.bar(means.index, means.values, color=colours)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set(xlabel="prediction decile", ylabel=f"mean {label}", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def close(fig: plt.Figure) -> None:
+    """Free a figure's memory once logged."""
+    plt.close(fig)

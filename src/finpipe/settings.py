@@ -1,0 +1,90 @@
+"""Every setting in one place: typed, described, overridable by environment variables."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Offline hygiene: Prefect, MLflow and GX phone home unless told not to. Set before any of them
+# is imported (finpipe/__init__ calls this), and only where the user has not chosen otherwise.
+TELEMETRY_OFF = {
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "GX_ANALYTICS_ENABLED": "false",
+}
+
+
+def disable_telemetry() -> None:
+    """Switch off Prefect, MLflow and Great Expectations telemetry unless the user set it."""
+    for name, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(name, value)
+
+
+class Settings(BaseSettings):
+    """Where finpipe keeps its data and which MLflow names it uses.
+
+    Each field reads `FINPIPE_<NAME>` from the environment (e.g. `FINPIPE_HOME`).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FINPIPE_", extra="ignore")
+
+    home: Path = Field(
+        default=Path.home() / ".finpipe",
+        description="Storage root: landing, quarantine, validated, features, predictions, reports.",
+    )
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("FINPIPE_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
+        description="MLflow tracking URI; default a SQLite file under the storage root.",
+    )
+    mlflow_artifact_root: str | None = Field(
+        default=None,
+        description="Where new experiments keep artifacts; default `mlartifacts/` under the root.",
+    )
+    experiment_prefix: str = Field(
+        default="finpipe", description="MLflow experiment name is `<prefix>-<domain>`."
+    )
+    model_prefix: str = Field(
+        default="finpipe", description="Registered model name is `<prefix>-<domain>`."
+    )
+
+    def model_post_init(self, __context: object) -> None:
+        self.home = self.home.expanduser().resolve()
+
+    @property
+    def tracking_uri(self) -> str:
+        """The MLflow tracking URI in force (SQLite under the storage root unless set)."""
+        return self.mlflow_tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+
+    @property
+    def artifact_root(self) -> str:
+        """Artifact location for experiments finpipe creates."""
+        return self.mlflow_artifact_root or (self.home / "mlartifacts").as_uri()
+
+    def experiment_name(self, domain: str) -> str:
+        return f"{self.experiment_prefix}-{domain}"
+
+    def model_name(self, domain: str) -> str:
+        return f"{self.model_prefix}-{domain}"
+
+    def prefect_home(self) -> Path:
+        """Prefect's local state (ephemeral-mode database) kept beside the data."""
+        return self.home / "prefect"
+
+
+def load_settings() -> Settings:
+    """Return settings read from the environment now (cheap; call at the edges, pass down)."""
+    return Settings()
+
+
+def prepare_environment(settings: Settings) -> None:
+    """Point Prefect's local state under the storage root unless the user set PREFECT_HOME.
+
+    Must run before Prefect is imported; the CLI does this first thing.
+    """
+    disable_telemetry()
+    os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home()))

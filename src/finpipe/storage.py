@@ -1,0 +1,258 @@
+"""Storage layout and the only code that reads or writes pipeline data.
+
+Layout under the root (see DESIGN.md):
+
+    landing/<domain>/<batch>__<file>          files as delivered, never modified or deleted
+    quarantine/<domain>/<batch>/              rejected batch + report.json + data_docs/
+    validated/<domain>/date=YYYY-MM-DD/       rows that passed validation (Parquet)
+    features/<domain>/date=YYYY-MM-DD/        feature rows (Parquet)
+    predictions/<domain>/date=YYYY-MM-DD/     scores with model name, version, run id
+    reports/                                  validation Data Docs, run summaries
+    state/<domain>/batches/<sha256>.json      what ingest has seen, by content hash
+
+A partition is one Parquet file, `part-0.parquet`, published with an atomic rename: a reader
+sees the old file or the new one, never half of one, and writing the same date twice replaces
+the file rather than adding a second one. Temporary files start with "." so dataset readers
+(pyarrow, Spark, DuckDB) skip them.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from finpipe.errors import ConfigError
+
+LAYERS = ("validated", "features", "predictions")
+PARTITION_FILE = "part-0.parquet"
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_SAFE_FILE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def check_name(value: str, what: str = "domain") -> str:
+    """Return `value` if it is a safe path component (lower-case word), else raise ConfigError."""
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ConfigError(
+            f"invalid {what} {value!r}: use lower-case letters, digits and '_' "
+            "(no path separators or '..')"
+        )
+    return value
+
+
+def as_day(value: dt.date | dt.datetime | pd.Timestamp | str) -> dt.date:
+    """Return a calendar day from a date, timestamp or ISO string; ConfigError if unparseable."""
+    if isinstance(value, pd.Timestamp):
+        return value.date()
+    if isinstance(value, dt.datetime):
+        return value.date()
+    if isinstance(value, dt.date):
+        return value
+    try:
+        return dt.date.fromisoformat(str(value).strip())
+    except ValueError:
+        raise ConfigError(f"invalid date {value!r}: expected YYYY-MM-DD") from None
+
+
+def file_sha256(path: Path) -> str:
+    """Return the hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_bytes_atomic(path: Path, payload: bytes) -> None:
+    """Write `payload` to `path` via a temporary sibling and an atomic rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(payload)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, payload: object) -> None:
+    """Write `payload` as indented JSON, atomically."""
+    text = json.dumps(payload, indent=2, sort_keys=True, default=str)
+    write_bytes_atomic(path, text.encode())
+
+
+class Storage:
+    """The pipeline's data root (a local folder) and its layout."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+
+    # -- paths ---------------------------------------------------------------------------
+    def layer_dir(self, layer: str, domain: str) -> Path:
+        if layer not in LAYERS:
+            raise ConfigError(f"unknown storage layer {layer!r}; expected one of {LAYERS}")
+        return self.root / layer / check_name(domain)
+
+    def partition_dir(self, layer: str, domain: str, day: dt.date | str) -> Path:
+        return self.layer_dir(layer, domain) / f"date={as_day(day).isoformat()}"
+
+    def partition_file(self, layer: str, domain: str, day: dt.date | str) -> Path:
+        return self.partition_dir(layer, domain, day) / PARTITION_FILE
+
+    def landing_dir(self, domain: str) -> Path:
+        return self.root / "landing" / check_name(domain)
+
+    def quarantine_dir(self, domain: str) -> Path:
+        return self.root / "quarantine" / check_name(domain)
+
+    def reports_dir(self) -> Path:
+        return self.root / "reports"
+
+    def state_dir(self, domain: str) -> Path:
+        return self.root / "state" / check_name(domain)
+
+    # -- partitions ----------------------------------------------------------------------
+    def write_partition(
+        self, layer: str, domain: str, day: dt.date | str, frame: pd.DataFrame
+    ) -> Path:
+        """Publish `frame` as the whole partition for `day`, atomically; return its file path.
+
+        Writing the same day again replaces the partition (idempotent), never appends.
+        """
+        target = self.partition_file(layer, domain, day)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{PARTITION_FILE}.{uuid.uuid4().hex}.tmp")
+        table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+        try:
+            pq.write_table(table, tmp, compression="zstd")
+            with open(tmp, "rb") as handle:
+                os.fsync(handle.fileno())
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
+
+    def partition_dates(
+        self,
+        layer: str,
+        domain: str,
+        start: dt.date | str | None = None,
+        end: dt.date | str | None = None,
+    ) -> list[dt.date]:
+        """Return the sorted days that have a published partition in [start, end]."""
+        base = self.layer_dir(layer, domain)
+        if not base.exists():
+            return []
+        lo = as_day(start) if start is not None else dt.date.min
+        hi = as_day(end) if end is not None else dt.date.max
+        days = []
+        for entry in base.iterdir():
+            if not entry.name.startswith("date=") or not (entry / PARTITION_FILE).exists():
+                continue
+            day = as_day(entry.name.removeprefix("date="))
+            if lo <= day <= hi:
+                days.append(day)
+        return sorted(days)
+
+    def read_partitions(
+        self,
+        layer: str,
+        domain: str,
+        start: dt.date | str | None = None,
+        end: dt.date | str | None = None,
+        columns: Iterable[str] | None = None,
+        days: Iterable[dt.date] | None = None,
+    ) -> pd.DataFrame:
+        """Return the rows of every partition in [start, end] (or of `days`), as one frame."""
+        chosen = list(days) if days is not None else self.partition_dates(layer, domain, start, end)
+        files = [str(self.partition_file(layer, domain, day)) for day in chosen]
+        if not files:
+            return pd.DataFrame(columns=list(columns) if columns else None)
+        dataset = ds.dataset(files, format="parquet")
+        table = dataset.to_table(columns=list(columns) if columns else None)
+        return table.to_pandas()
+
+    def read_partition(self, layer: str, domain: str, day: dt.date | str) -> pd.DataFrame:
+        """Return one partition's rows; FileNotFoundError if it was never published."""
+        return pq.read_table(self.partition_file(layer, domain, day)).to_pandas()
+
+    # -- landing and quarantine ----------------------------------------------------------
+    def land_file(self, domain: str, source: Path, sha256: str) -> Path:
+        """Copy a delivered file into landing/ under its content hash; return the landed path.
+
+        The copy is atomic and never overwritten: the same content lands once.
+        """
+        name = _SAFE_FILE.sub("_", Path(source).name).lstrip(".") or "file"
+        target = self.landing_dir(domain) / f"{sha256[:12]}__{name}"
+        if target.exists():
+            return target
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return target
+
+    def quarantine_batch(
+        self,
+        domain: str,
+        batch_id: str,
+        landed_file: Path,
+        report: dict,
+        data_docs: Path | None = None,
+        file_name: str | None = None,
+    ) -> Path:
+        """Keep a rejected batch with its report under quarantine/; return the folder.
+
+        Built in a hidden staging folder, then renamed into place, so a reader never sees a
+        quarantine entry without its report.
+        """
+        final = self.quarantine_dir(domain) / check_name(batch_id, "batch id")
+        staging = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+        staging.mkdir(parents=True)
+        try:
+            name = _SAFE_FILE.sub("_", file_name or Path(landed_file).name).lstrip(".") or "file"
+            shutil.copyfile(landed_file, staging / name)
+            write_json_atomic(staging / "report.json", report)
+            if data_docs is not None and Path(data_docs).exists():
+                shutil.copytree(data_docs, staging / "data_docs")
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(staging, final)
+        finally:
+            if staging.exists():
+                shutil.rmtree(staging)
+        return final
+
+    # -- ingest state --------------------------------------------------------------------
+    def batch_record_path(self, domain: str, sha256: str) -> Path:
+        return self.state_dir(domain) / "batches" / f"{sha256}.json"
+
+    def read_batch_record(self, domain: str, sha256: str) -> dict | None:
+        path = self.batch_record_path(domain, sha256)
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write_batch_record(self, domain: str, record: dict) -> None:
+        write_json_atomic(self.batch_record_path(domain, record["sha256"]), record)
+
+    def batch_records(self, domain: str) -> list[dict]:
+        folder = self.state_dir(domain) / "batches"
+        if not folder.exists():
+            return []
+        records = [json.loads(p.read_text()) for p in folder.glob("*.json")]
+        return sorted(records, key=lambda r: (r.get("landed_at", ""), r["sha256"]))

@@ -1,0 +1,228 @@
+"""MLflow at the edge: experiments, runs, model logging, the registry and champion promotion.
+
+Models are logged as MLflow pyfunc models that wrap a finpipe model folder (weights plus the
+fitted scaler and feature list), so `models:/<name>@champion` is all scoring needs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import infer_signature
+
+from finpipe.errors import ScoringError
+from finpipe.settings import Settings
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def use_tracking(settings: Settings, domain: str) -> str:
+    """Point MLflow at the configured tracking URI and experiment; return the experiment id."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    name = settings.experiment_name(domain)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        experiment_id = mlflow.create_experiment(name, artifact_location=settings.artifact_root)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+class FinpipePyfunc(mlflow.pyfunc.PythonModel):
+    """A pyfunc shell around a finpipe model folder; `loader` is "module:Class" with `.load()`."""
+
+    def __init__(self, loader: str) -> None:
+        self.loader = loader
+        self.model = None
+
+    def load_context(self, context) -> None:
+        module_name, class_name = self.loader.split(":")
+        model_class = getattr(importlib.import_module(module_name), class_name)
+        self.model = model_class.load(Path(context.artifacts["model_dir"]))
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        return self.model.predict(model_input)
+
+
+def log_fitted_model(
+    fitted,
+    *,
+    loader: str,
+    input_example: pd.DataFrame,
+    output_example: pd.DataFrame,
+    registered_model_name: str | None = None,
+):
+    """Log `fitted` (anything with save(dir)) as a pyfunc model in the active run.
+
+    Returns MLflow's ModelInfo (with `registered_model_version` when registered).
+    """
+    import torch
+
+    signature = infer_signature(input_example, output_example)
+    with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model_dir = Path(tmp) / "model"
+        fitted.save(model_dir)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=FinpipePyfunc(loader),
+            artifacts={"model_dir": str(model_dir)},
+            signature=signature,
+            input_example=input_example,
+            registered_model_name=registered_model_name,
+            pip_requirements=[
+                "finpipe",
+                f"torch=={torch.__version__.split('+')[0]}",
+                f"pandas=={pd.__version__}",
+                f"mlflow=={mlflow.__version__}",
+            ],
+        )
+
+
+@dataclass(frozen=True)
+class RegisteredModel:
+    """The model scoring uses, with the registry facts every prediction row records."""
+
+    name: str
+    version: str
+    run_id: str
+    model: object  # the loaded pyfunc model
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        return self.model.predict(frame)
+
+
+def load_model_version(
+    settings: Settings, domain: str, alias: str = CHAMPION, version: str | None = None
+) -> RegisteredModel:
+    """Load a registered model by alias (default `champion`) or version; ScoringError if absent.
+
+    Only the configured registry is consulted: models are never loaded from arbitrary paths.
+    """
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    name = settings.model_name(domain)
+    client = MlflowClient()
+    try:
+        if version is not None:
+            found = client.get_model_version(name, str(version))
+        else:
+            found = client.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        wanted = f"version {version}" if version is not None else f"alias {alias!r}"
+        raise ScoringError(
+            f"no model {name!r} with {wanted} in the registry at {settings.tracking_uri}; "
+            f"run `finpipe run nightly --domain {domain}` to train one"
+        ) from None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{found.version}")
+    return RegisteredModel(name=name, version=str(found.version), run_id=found.run_id, model=model)
+
+
+def set_alias(settings: Settings, domain: str, alias: str, version: str) -> None:
+    """Point `alias` of the domain's registered model at `version` (one registry update)."""
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    MlflowClient().set_registered_model_alias(settings.model_name(domain), alias, str(version))
+
+
+def current_alias_version(settings: Settings, domain: str, alias: str = CHAMPION) -> str | None:
+    """Return the version number holding `alias`, or None."""
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    try:
+        version = MlflowClient().get_model_version_by_alias(settings.model_name(domain), alias)
+    except MlflowException:
+        return None
+    return str(version.version)
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """The champion/challenger decision and the figures behind it."""
+
+    promoted: bool
+    metric: str
+    challenger_version: str
+    challenger_score: float
+    champion_version: str | None
+    champion_score: float | None
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decide_promotion(
+    *,
+    metric: str,
+    challenger_version: str,
+    challenger_score: float,
+    champion_version: str | None,
+    champion_score: float | None,
+    min_improvement: float = 0.0,
+) -> PromotionDecision:
+    """Return whether the challenger should become champion (higher `metric` is better).
+
+    The first model is promoted; afterwards the challenger must beat the champion, measured
+    on the same evaluation window, by more than `min_improvement`.
+    """
+    if champion_version is None or champion_score is None:
+        return PromotionDecision(
+            True,
+            metric,
+            challenger_version,
+            challenger_score,
+            None,
+            None,
+            "no champion yet: the first model is promoted",
+        )
+    if pd.isna(challenger_score):
+        return PromotionDecision(
+            False,
+            metric,
+            challenger_version,
+            challenger_score,
+            champion_version,
+            champion_score,
+            f"challenger {metric} is NaN",
+        )
+    better = challenger_score > champion_score + min_improvement
+    verb = "beats" if better else "does not beat"
+    return PromotionDecision(
+        better,
+        metric,
+        challenger_version,
+        challenger_score,
+        champion_version,
+        champion_score,
+        f"challenger v{challenger_version} {metric}={challenger_score:.4f} {verb} champion "
+        f"v{champion_version} {metric}={champion_score:.4f} on the same test window",
+    )
+
+
+def apply_promotion(settings: Settings, domain: str, decision: PromotionDecision) -> None:
+    """Move `champion` to the challenger if promoted, and tag the version with the decision.
+
+    Moving an alias is a single registry update, so `champion` always names a version.
+    """
+    client = MlflowClient()
+    name = settings.model_name(domain)
+    if decision.promoted:
+        client.set_registered_model_alias(name, CHAMPION, decision.challenger_version)
+    client.set_model_version_tag(
+        name, decision.challenger_version, "promotion", "promoted" if decision.promoted else "kept"
+    )

@@ -1,0 +1,453 @@
+"""Generic supervised training: time split with embargo, a train-only scaler, one training loop.
+
+Nothing here knows about markets; `finpipe.market.model` turns a feature frame into `Batches`
+and calls `train_regressor`. No Prefect, no MLflow: progress goes out through `on_epoch` and the
+returned history.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import pandas as pd
+import pydantic
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+
+from finpipe.errors import ModelRejected
+
+# --------------------------------------------------------------------------------------------
+# Time split
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TimeSplit:
+    """Chronological train / validation / test dates with `embargo` dates dropped between sets."""
+
+    train_dates: pd.DatetimeIndex
+    validation_dates: pd.DatetimeIndex
+    test_dates: pd.DatetimeIndex
+    embargo: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """First/last date and count of each set, for logging (MLflow params, reports)."""
+        summary: dict[str, Any] = {"embargo": self.embargo}
+        for name in ("train", "validation", "test"):
+            dates = getattr(self, f"{name}_dates")
+            summary[f"{name}_start"] = dates[0].date().isoformat()
+            summary[f"{name}_end"] = dates[-1].date().isoformat()
+            summary[f"{name}_dates"] = len(dates)
+        return summary
+
+
+def time_split(
+    dates: Sequence[Any] | pd.Index | pd.Series | np.ndarray,
+    *,
+    validation_fraction: float = 0.15,
+    test_fraction: float = 0.15,
+    embargo: int,
+) -> TimeSplit:
+    """Split the distinct `dates` chronologically into train, validation and test.
+
+    Validation and test each get `round(fraction * n)` of the n distinct dates (at least one);
+    `embargo` whole dates are dropped between train|validation and validation|test, and train
+    keeps the rest. A label at date t looks forward h dates (t+1 .. t+h), so with
+    `embargo >= h` the last label of an earlier set is realised before the first date of the
+    next set: no label window straddles two sets.
+
+    Raises ValueError when there are too few dates for three non-empty sets and two embargoes.
+    """
+    if embargo < 0:
+        raise ValueError(f"embargo must be >= 0 dates, got {embargo}")
+    for name, fraction in (
+        ("validation_fraction", validation_fraction),
+        ("test_fraction", test_fraction),
+    ):
+        if not 0.0 < fraction < 1.0:
+            raise ValueError(f"{name} must be between 0 and 1 (exclusive), got {fraction}")
+    unique = pd.DatetimeIndex(pd.unique(pd.DatetimeIndex(np.asarray(dates)))).dropna()
+    unique = unique.sort_values()
+    n = len(unique)
+    n_validation = max(1, round(validation_fraction * n))
+    n_test = max(1, round(test_fraction * n))
+    n_train = n - n_validation - n_test - 2 * embargo
+    if n_train < 1:
+        raise ValueError(
+            f"time_split needs at least {n_validation + n_test + 2 * embargo + 1} distinct dates "
+            f"for {n_validation} validation + {n_test} test dates and two embargoes of {embargo}, "
+            f"got {n}; supply a longer history or lower embargo/fractions"
+        )
+    validation_start = n_train + embargo
+    test_start = validation_start + n_validation + embargo
+    return TimeSplit(
+        train_dates=unique[:n_train],
+        validation_dates=unique[validation_start : validation_start + n_validation],
+        test_dates=unique[test_start:],
+        embargo=embargo,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Scaler
+# --------------------------------------------------------------------------------------------
+
+CLIP = 5.0
+
+
+@dataclass(frozen=True)
+class FeatureScaler:
+    """Per-column standardisation fitted on the training window and shipped with the model.
+
+    `transform` returns (x - mean) / std clipped to +-5, with NaN replaced by 0 (the training
+    mean): a missing value carries no signal rather than an arbitrary one.
+    """
+
+    columns: tuple[str, ...]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+    @classmethod
+    def fit(cls, features: pd.DataFrame) -> FeatureScaler:
+        """Fit on every column of `features` (pass only training-window rows).
+
+        Mean and std (ddof=0) ignore NaN. A column that is all NaN gets mean 0; a constant
+        column gets std 1, so it transforms to 0 instead of dividing by zero.
+        """
+        means, stds = [], []
+        for column in features.columns:
+            values = features[column].to_numpy(dtype=np.float64, na_value=np.nan)
+            values = values[np.isfinite(values)]
+            mean = float(values.mean()) if values.size else 0.0
+            std = float(values.std()) if values.size else 1.0
+            means.append(mean)
+            stds.append(std if std > 0.0 else 1.0)
+        return cls(tuple(str(c) for c in features.columns), tuple(means), tuple(stds))
+
+    def transform(self, features: pd.DataFrame) -> np.ndarray:
+        """Return a float32 [rows, columns] array in `columns` order, standardised and clipped."""
+        missing = [c for c in self.columns if c not in features.columns]
+        if missing:
+            raise ValueError(
+                f"feature column(s) {missing} missing from the frame; the scaler was fitted on "
+                f"{list(self.columns)}"
+            )
+        values = features[list(self.columns)].to_numpy(dtype=np.float32, na_value=np.nan, copy=True)
+        values -= np.asarray(self.mean, dtype=np.float32)
+        values /= np.asarray(self.std, dtype=np.float32)
+        np.nan_to_num(values, copy=False, nan=0.0, posinf=CLIP, neginf=-CLIP)
+        np.clip(values, -CLIP, CLIP, out=values)
+        return values
+
+    def to_dict(self) -> dict[str, list[Any]]:
+        return {"columns": list(self.columns), "mean": list(self.mean), "std": list(self.std)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Sequence[Any]]) -> FeatureScaler:
+        return cls(
+            tuple(str(c) for c in data["columns"]),
+            tuple(float(v) for v in data["mean"]),
+            tuple(float(v) for v in data["std"]),
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------
+
+
+@pydantic.dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one training run; the same object feeds the CLI, Prefect and MLflow.
+
+    Validated on construction (a bad value raises pydantic's ValidationError, a ValueError).
+    """
+
+    model: Annotated[
+        Literal["mlp", "gru", "cnn"],
+        Field(description="Network: mlp (one row), gru or cnn (a lookback window per ticker)."),
+    ] = "mlp"
+    hidden: Annotated[int, Field(gt=0, description="Width of hidden layers / channels.")] = 64
+    layers: Annotated[int, Field(gt=0, description="Hidden layers (mlp), GRU or conv layers.")] = 2
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0, description="Dropout probability.")] = 0.1
+    lookback: Annotated[
+        int, Field(gt=0, description="Rows of history per window for gru/cnn (ignored by mlp).")
+    ] = 20
+    batch_size: Annotated[int, Field(gt=0, description="Training rows per optimiser step.")] = 512
+    max_epochs: Annotated[int, Field(gt=0, description="Upper bound on epochs.")] = 30
+    patience: Annotated[
+        int, Field(gt=0, description="Stop after this many epochs without a better validation.")
+    ] = 5
+    learning_rate: Annotated[float, Field(gt=0.0, description="AdamW learning rate.")] = 1e-3
+    weight_decay: Annotated[float, Field(ge=0.0, description="AdamW weight decay.")] = 1e-4
+    seed: Annotated[int, Field(description="Seed for initialisation, shuffling, dropout.")] = 0
+    device: Annotated[
+        str, Field(description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
+    ] = "auto"
+
+    @property
+    def is_sequence(self) -> bool:
+        """True when the net reads a [lookback, features] window rather than one row."""
+        return self.model in ("gru", "cnn")
+
+    def to_params(self) -> dict[str, str | int | float]:
+        """Flat name -> value mapping, as MLflow params and Prefect parameters want it."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> TrainConfig:
+        """Build from `to_params()` output (values may be strings, as MLflow returns them)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(params) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig parameter(s) {unknown}; known: {sorted(names)}")
+        return cls(**dict(params))
+
+    @classmethod
+    def descriptions(cls) -> dict[str, str]:
+        """Field name -> one-line description (CLI help, docs)."""
+        fields = cls.__pydantic_fields__  # type: ignore[attr-defined]
+        return {name: info.description or "" for name, info in fields.items()}
+
+
+def resolve_device(name: str) -> torch.device:
+    """Return the torch device for a config value; 'auto' is cuda when available, else cpu."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available; use 'auto'/'cpu'")
+    return device
+
+
+# --------------------------------------------------------------------------------------------
+# Samples the loop draws batches from
+# --------------------------------------------------------------------------------------------
+
+
+def window_panel(
+    features: np.ndarray, groups: np.ndarray, lookback: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return (panel, positions) so that windows gathered from `panel` never cross groups.
+
+    `features` [N, F] must be sorted so each group (ticker) is contiguous and time-ordered.
+    `panel` is `features` with `lookback - 1` zero rows inserted before each group; row i of
+    `features` sits at `panel[positions[i]]`, and `panel[positions[i] - lookback + 1 :
+    positions[i] + 1]` is its window: the group's previous rows, left-padded with zeros (the
+    training mean after scaling) when the group has fewer than `lookback` rows so far.
+    """
+    n = len(features)
+    if len(groups) != n:
+        raise ValueError(f"groups has {len(groups)} rows, features {n}")
+    pad = max(lookback - 1, 0)
+    starts = np.ones(n, dtype=bool)
+    if n:
+        starts[1:] = groups[1:] != groups[:-1]
+    group_number = np.cumsum(starts) - 1  # 0 for the first group, 1 for the next, ...
+    positions = np.arange(n, dtype=np.int64) + (group_number + 1) * pad
+    n_groups = int(starts.sum())
+    panel = np.zeros((n + n_groups * pad, features.shape[1]), dtype=features.dtype)
+    panel[positions] = features
+    return panel, positions
+
+
+@dataclass(frozen=True)
+class Batches:
+    """Samples for the training loop: inputs are rows of `features` or windows ending at them.
+
+    - `features` [M, F]: the (scaled) feature panel, shared between train and validation;
+    - `targets` [N] or None (prediction only): one target per sample;
+    - `rows` [N] int64: the panel row each sample sits at (None: sample i is row i);
+    - `lookback`: 0 gives inputs [B, F]; L >= 1 gives windows [B, L, F] gathered as
+      `features[rows[:, None] + arange(-L + 1, 1)]`, so the [N, L, F] tensor is never built.
+      Build the panel with `window_panel` so windows cannot reach into another ticker.
+    """
+
+    features: torch.Tensor
+    targets: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+    lookback: int = 0
+    _offsets: torch.Tensor | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        n = len(self)
+        if self.targets is not None and len(self.targets) != n:
+            raise ValueError(f"{len(self.targets)} targets for {n} samples")
+        if self.lookback and self.rows is None:
+            raise ValueError("windows (lookback >= 1) need `rows` into a panel from window_panel")
+        if self.lookback:
+            offsets = torch.arange(1 - self.lookback, 1, device=self.features.device)
+            object.__setattr__(self, "_offsets", offsets)
+
+    def __len__(self) -> int:
+        return len(self.features) if self.rows is None else len(self.rows)
+
+    @property
+    def n_features(self) -> int:
+        return self.features.shape[1]
+
+    def inputs(self, index: torch.Tensor) -> torch.Tensor:
+        """Inputs of the samples at `index`: [B, F], or [B, lookback, F] windows."""
+        rows = index if self.rows is None else self.rows[index]
+        if self.lookback:
+            rows = rows[:, None] + self._offsets
+        return self.features[rows]
+
+    def to(self, device: torch.device, moved: dict[int, torch.Tensor] | None = None) -> Batches:
+        """Copy to `device`; tensors already in `moved` (by id) are reused, not copied again."""
+        moved = {} if moved is None else moved
+
+        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
+            if tensor is None:
+                return None
+            if id(tensor) not in moved:
+                moved[id(tensor)] = tensor.to(device)
+            return moved[id(tensor)]
+
+        return Batches(move(self.features), move(self.targets), move(self.rows), self.lookback)
+
+
+# --------------------------------------------------------------------------------------------
+# Training loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    """A trained model (on CPU, best-validation weights) and how it got there."""
+
+    model: nn.Module
+    history: list[dict[str, float]]  # one per epoch: epoch, train_loss, validation_loss, seconds
+    best_epoch: int
+    epochs_run: int
+    device: str
+
+    @property
+    def best_validation_loss(self) -> float:
+        return self.history[self.best_epoch - 1]["validation_loss"]
+
+
+@torch.no_grad()
+def mean_squared_error(model: nn.Module, batches: Batches, batch_size: int) -> torch.Tensor:
+    """Mean squared error of `model` over all of `batches`, as a 0-d tensor on their device."""
+    model.eval()
+    total = torch.zeros((), device=batches.features.device)
+    for start in range(0, len(batches), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(batches)), device=total.device)
+        prediction = model(batches.inputs(index))
+        total += F.mse_loss(prediction, batches.targets[index], reduction="sum")
+    return total / len(batches)
+
+
+@torch.no_grad()
+def predict_regressor(
+    model: nn.Module, batches: Batches, batch_size: int = 8192, device: str = "cpu"
+) -> np.ndarray:
+    """Return the model's outputs for every sample, in sample order, as float64 [N].
+
+    Eval mode, no gradients, fixed batches: the same inputs give the same outputs.
+    """
+    target = resolve_device(device)
+    model = model.to(target) if target.type == "cpu" else copy.deepcopy(model).to(target)
+    model.eval()
+    batches = batches.to(target)
+    outputs = []
+    for start in range(0, len(batches), batch_size):
+        index = torch.arange(start, min(start + batch_size, len(batches)), device=target)
+        outputs.append(model(batches.inputs(index)))
+    if not outputs:
+        return np.zeros(0, dtype=np.float64)
+    return torch.cat(outputs).cpu().numpy().astype(np.float64)
+
+
+def train_regressor(
+    model: nn.Module,
+    train_batches: Batches,
+    validation_batches: Batches,
+    config: TrainConfig,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+) -> TrainResult:
+    """Train `model` on MSE with AdamW; early-stop on validation loss; return best weights.
+
+    Each epoch: shuffle (seeded), batch, forward, loss, backward, step; then evaluate the whole
+    validation set. Training stops after `config.patience` epochs without a lower validation
+    loss, and the weights of the best epoch are restored. Losses are summed on the device and
+    read back once per epoch (one sync). Same seed and device -> same weights and losses.
+    `model` is not modified: a copy is trained.
+    """
+    if train_batches.targets is None or validation_batches.targets is None:
+        raise ValueError("train_regressor needs Batches with targets")
+    if len(train_batches) == 0 or len(validation_batches) == 0:
+        raise ValueError(
+            f"training needs samples in both sets, got {len(train_batches)} train and "
+            f"{len(validation_batches)} validation rows"
+        )
+    device = resolve_device(config.device)
+    moved: dict[int, torch.Tensor] = {}
+    train = train_batches.to(device, moved)
+    validation = validation_batches.to(device, moved)
+    model = copy.deepcopy(model).to(device)
+    n = len(train)
+    eval_batch_size = 4 * config.batch_size
+    history: list[dict[str, float]] = []
+    best_loss, best_epoch, best_state = math.inf, 0, None
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)  # dropout masks; the global RNG is restored on exit
+        shuffle = torch.Generator(device=device).manual_seed(config.seed)
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        for epoch in range(1, config.max_epochs + 1):
+            started = time.perf_counter()
+            model.train()
+            train_loss_sum = torch.zeros((), device=device)
+            order = torch.randperm(n, generator=shuffle, device=device)
+            for start in range(0, n, config.batch_size):
+                index = order[start : start + config.batch_size]
+                prediction = model(train.inputs(index))
+                loss = F.mse_loss(prediction, train.targets[index])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                train_loss_sum += loss.detach() * len(index)
+            validation_loss_t = mean_squared_error(model, validation, eval_batch_size)
+            losses = torch.stack([train_loss_sum / n, validation_loss_t]).tolist()  # the sync
+            train_loss, validation_loss = losses
+            record = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "validation_loss": validation_loss,
+                "seconds": time.perf_counter() - started,
+            }
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+            if validation_loss < best_loss:
+                best_loss, best_epoch = validation_loss, epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            elif epoch - best_epoch >= config.patience:
+                break
+
+    if best_state is None:
+        raise ModelRejected(
+            f"training diverged: validation loss was {history[0]['validation_loss']} at every "
+            f"epoch; lower learning_rate (now {config.learning_rate}) or check the targets"
+        )
+    model.load_state_dict(best_state)
+    return TrainResult(
+        model=model.cpu().eval(),
+        history=history,
+        best_epoch=best_epoch,
+        epochs_run=len(history),
+        device=str(device),
+    )

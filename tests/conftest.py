@@ -1,0 +1,61 @@
+"""Shared fixtures: a temporary FINPIPE_HOME per test, offline settings, the shared sample data."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Quiet and offline before any of Prefect, MLflow or GX is imported by a test module.
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_datasets() -> Path:
+    """Folder of the real sample data sets (`../shared/datasets` beside the checkout)."""
+    candidates = [
+        Path(os.environ["FINPIPE_SHARED_DATASETS"])
+        if "FINPIPE_SHARED_DATASETS" in os.environ
+        else None,
+        REPO_ROOT.parent / "shared" / "datasets",
+    ]
+    for candidate in candidates:
+        if candidate is not None and (candidate / "stocks_ohlcv.csv.gz").exists():
+            return candidate
+    pytest.fail(
+        "sample data not found: expected ../shared/datasets beside the checkout "
+        "or FINPIPE_SHARED_DATASETS pointing at it"
+    )
+
+
+# Prefect's local (ephemeral) mode keeps its database under PREFECT_HOME: one throwaway folder
+# for the whole test session, set before Prefect is first imported.
+os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="finpipe-prefect-"))
+os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("FINPIPE_MLFLOW_TRACKING_URI", None)
+
+
+@contextlib.contextmanager
+def finpipe_home(path: Path):
+    """Point finpipe (storage and MLflow) at `path` for the duration of the block."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FINPIPE_HOME", str(path))
+        from finpipe.settings import load_settings
+
+        yield load_settings()
+
+
+@pytest.fixture
+def home(tmp_path):
+    """A fresh FINPIPE_HOME for one test; yields its Settings."""
+    with finpipe_home(tmp_path / "home") as settings:
+        yield settings

@@ -1,0 +1,267 @@
+"""Market features and labels: hand-computed values, point-in-time and incremental = full."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from finpipe.market.features import (
+    FEATURE_LOOKBACK_DAYS,
+    _features_in_float64,
+    build_market_features,
+    build_market_labels,
+    market_feature_columns,
+    skipped_market_features,
+)
+from finpipe.market.synthetic import MarketSyntheticConfig, generate_market_panel
+
+PRICE_FEATURES = [
+    "return_1d", "return_5d", "return_20d", "return_60d", "volatility_20d", "rsi_14", "macd",
+    "macd_signal", "ma_ratio_5", "ma_ratio_20", "ma_ratio_60",
+]  # fmt: skip
+RANKS = ["return_5d_cs_rank", "return_20d_cs_rank", "volatility_20d_cs_rank"]
+
+
+def one_ticker(close: list[float] | np.ndarray, ticker: str = "AAA", **columns) -> pd.DataFrame:
+    days = pd.bdate_range("2024-01-01", periods=len(close)).as_unit("ns")
+    frame = pd.DataFrame({"date": days, "ticker": ticker, "close": np.asarray(close, float)})
+    for name, values in columns.items():
+        frame[name] = np.asarray(values, float)
+    return frame.astype({"ticker": "string"})
+
+
+@pytest.fixture(scope="module")
+def panel() -> pd.DataFrame:
+    """Ten tickers over 320 days, two listing late and two delisting early."""
+    config = MarketSyntheticConfig(
+        tickers=10, days=320, seed=7, listing_fraction=0.2, delisting_fraction=0.2
+    )
+    return generate_market_panel(config).prices
+
+
+@pytest.fixture(scope="module")
+def full_features(panel) -> pd.DataFrame:
+    return build_market_features(panel)
+
+
+def test_lookback_is_set_by_the_macd_signal_line():
+    # slow EMA over 2 * 26 rows, then its 9-span signal over 2 * 9 rows: 51 + 17 rows before t.
+    assert FEATURE_LOOKBACK_DAYS == 68
+
+
+def test_returns_and_moving_average_ratios_on_a_known_series():
+    features = build_market_features(one_ticker([10, 11, 12, 13, 14, 15, 16, 18]))
+    assert features["return_1d"].tolist()[:3] == pytest.approx([np.nan, 0.1, 1 / 11], nan_ok=True)
+    assert features["return_5d"].isna().tolist() == [True] * 5 + [False] * 3
+    assert features["return_5d"].iloc[5] == pytest.approx(15 / 10 - 1)
+    assert features["return_5d"].iloc[7] == pytest.approx(18 / 12 - 1)
+    assert features["ma_ratio_5"].isna().sum() == 4
+    assert features["ma_ratio_5"].iloc[4] == pytest.approx(14 / 12 - 1)
+    assert features["ma_ratio_5"].iloc[7] == pytest.approx(
+        18 / 15.2 - 1
+    )  # mean(13, 14, 15, 16, 18)
+    assert features["ma_ratio_20"].isna().all()
+    assert features[market_feature_columns(["close"])].dtypes.eq("float32").all()
+
+
+def test_volatility_and_rsi_on_known_series():
+    # Log returns alternate +1% / -1%: sample std over 20 of them is 0.01 * sqrt(20 / 19).
+    log_price = np.cumsum([0.0] + [0.01, -0.01] * 15)
+    zigzag = build_market_features(one_ticker(100 * np.exp(log_price)))
+    assert zigzag["volatility_20d"].isna().sum() == 20
+    assert zigzag["volatility_20d"].iloc[20] == pytest.approx(0.01 * np.sqrt(20 / 19), rel=1e-6)
+    # Four rises of 2 and ten falls of 1 over the last 14 changes: RSI = 100 * 8 / (8 + 10).
+    close = 30 + np.cumsum([0.0] + [2.0] * 4 + [-1.0] * 10)
+    rsi = build_market_features(one_ticker(close))["rsi_14"]
+    assert rsi.isna().sum() == 14
+    assert rsi.iloc[14] == pytest.approx(100 * 8 / 18, rel=1e-6)
+
+
+def test_rsi_is_100_when_rising_and_50_when_flat():
+    rising = build_market_features(one_ticker(np.arange(1.0, 21.0)))
+    assert rising["rsi_14"].iloc[14:].tolist() == [100.0] * 6
+    flat = build_market_features(one_ticker(np.full(20, 7.0)))
+    assert flat["rsi_14"].iloc[14:].tolist() == [50.0] * 6
+
+
+def test_macd_is_zero_for_a_flat_price_once_its_windows_are_full():
+    features = build_market_features(one_ticker(np.full(80, 42.0)))
+    assert features["macd"].isna().sum() == 51
+    assert np.abs(features["macd"].iloc[51:]).max() < 1e-6
+    assert features["macd_signal"].isna().sum() == 68
+    assert features["macd_signal"].notna().sum() == 12
+
+
+def test_volume_range_and_open_features():
+    close = np.full(25, 10.0)
+    volume = np.full(25, 1000.0)
+    volume[22] = 5000.0
+    frame = one_ticker(close, open=np.full(25, 8.0), high=np.full(25, 11.0), low=np.full(25, 9.5))
+    features = build_market_features(frame.assign(volume=volume))
+    assert features["range_hl"].tolist() == pytest.approx([0.15] * 25)
+    assert features["return_oc"].tolist() == pytest.approx([0.25] * 25)
+    assert features["volume_z_20d"].isna().sum() == 19
+    assert features["volume_z_20d"].iloc[19] == 0.0  # twenty equal volumes
+    # One different value among 20 (the 19 others equal) always has z = 19 / sqrt(20).
+    log_v = np.log1p(volume[3:23])
+    expected = (log_v[-1] - log_v.mean()) / log_v.std(ddof=1)
+    assert features["volume_z_20d"].iloc[22] == pytest.approx(expected, rel=1e-6)
+    assert expected == pytest.approx(19 / np.sqrt(20), rel=1e-9)
+
+
+def test_skipped_features_name_the_missing_column():
+    assert skipped_market_features(["date", "ticker", "close"]) == {
+        "volume_z_20d": "volume",
+        "range_hl": "high, low",
+        "return_oc": "open",
+    }
+    assert (
+        skipped_market_features(["date", "ticker", "close", "open", "high", "low", "volume"]) == {}
+    )
+    features = build_market_features(one_ticker(np.arange(1.0, 30.0)))
+    assert list(features.columns) == ["date", "ticker", *PRICE_FEATURES, *RANKS]
+    assert market_feature_columns(["close", "high"]) == [*PRICE_FEATURES, *RANKS]
+
+
+def test_output_is_sorted_by_date_then_ticker_whatever_the_input_order(panel, full_features):
+    shuffled = panel.sample(frac=1.0, random_state=1)
+    rebuilt = build_market_features(shuffled)
+    pd.testing.assert_frame_equal(rebuilt, full_features, check_exact=True)
+    assert len(full_features) == len(panel)
+    pd.testing.assert_frame_equal(full_features[["date", "ticker"]], panel[["date", "ticker"]])
+
+
+def test_adjusted_close_is_preferred_over_close():
+    frame = one_ticker([10.0, 5.0, 5.5], adj_close=[5.0, 5.0, 5.5])  # a 2:1 split on day 2
+    assert build_market_features(frame)["return_1d"].tolist()[1:] == pytest.approx([0.0, 0.1])
+
+
+def test_cross_sectional_rank_uses_only_the_same_date():
+    days = 6
+    frames = [
+        one_ticker(start * (1 + growth) ** np.arange(days), ticker)
+        for ticker, start, growth in [("AAA", 10, 0.01), ("BBB", 20, 0.03), ("CCC", 5, -0.02)]
+    ]
+    features = build_market_features(pd.concat(frames))
+    last = features[features["date"] == features["date"].max()].set_index("ticker")
+    assert last["return_5d_cs_rank"].to_dict() == {"AAA": 0.5, "BBB": 1.0, "CCC": 0.0}
+    assert features["return_5d_cs_rank"].isna().sum() == 15  # 5 dates x 3 tickers before 5 rows
+
+    # A fourth ticker trading only on the last day changes ranks on that day only.
+    extra = one_ticker([1.0] * days, "DDD").iloc[[-1]]
+    with_extra = build_market_features(pd.concat([*frames, extra]))
+    earlier = features["date"] < features["date"].max()
+    pd.testing.assert_frame_equal(
+        with_extra[with_extra["date"] < features["date"].max()].reset_index(drop=True),
+        features[earlier].reset_index(drop=True),
+        check_exact=True,
+    )
+    # DDD's return_5d is NaN (one row), so the three others keep their ranks.
+    assert with_extra["return_5d_cs_rank"].iloc[-4:].tolist() == pytest.approx(
+        [0.5, 1.0, 0.0, np.nan], nan_ok=True
+    )
+
+
+def _tail_before(prices: pd.DataFrame, first: pd.Timestamp, rows: int) -> pd.DataFrame:
+    """Return the last `rows` rows per ticker before `first` plus every row from `first` on."""
+    before = prices[prices["date"] < first].sort_values("date").groupby("ticker").tail(rows)
+    return pd.concat([before, prices[prices["date"] >= first]])
+
+
+@pytest.fixture(scope="module")
+def full_features_float64(panel) -> pd.DataFrame:
+    return _features_in_float64(panel)
+
+
+def test_incremental_build_equals_full_build_exactly(panel, full_features, full_features_float64):
+    dates = np.sort(panel["date"].unique())
+    for k in (1, 10):
+        first = dates[-k]
+        tail = _tail_before(panel, first, FEATURE_LOOKBACK_DAYS).sample(frac=1.0, random_state=k)
+        # At full precision first: float32 output would hide most last-bit differences.
+        for build, full in [(_features_in_float64, full_features_float64)] + [
+            (build_market_features, full_features)
+        ]:
+            incremental = build(tail)
+            recent = incremental[incremental["date"] >= first].reset_index(drop=True)
+            expected = full[full["date"] >= first].reset_index(drop=True)
+            assert recent.notna().all().all()
+            pd.testing.assert_frame_equal(recent, expected, check_exact=True)
+
+
+def test_one_row_less_of_history_is_not_enough(panel, full_features):
+    first = np.sort(panel["date"].unique())[-1]
+    tail = _tail_before(panel, first, FEATURE_LOOKBACK_DAYS - 1)
+    short = build_market_features(tail)
+    assert short.loc[short["date"] == first, "macd_signal"].isna().all()
+    assert full_features.loc[full_features["date"] == first, "macd_signal"].notna().all()
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    cutoff=st.integers(min_value=0, max_value=318),
+    scale=st.floats(min_value=0.2, max_value=5.0),
+    drop_share=st.floats(min_value=0.0, max_value=0.9),
+    add_ticker=st.booleans(),
+    seed=st.integers(min_value=0, max_value=1000),
+)
+def test_changing_data_after_t_leaves_features_up_to_t_unchanged(
+    panel, full_features_float64, cutoff, scale, drop_share, add_ticker, seed
+):
+    rng = np.random.default_rng(seed)
+    t = np.sort(panel["date"].unique())[cutoff]
+    later = panel["date"] > t
+    changed = panel.copy()
+    noise = rng.uniform(0.5, 1.5, later.sum()) * scale
+    for column in ("open", "high", "low", "close", "adj_close", "volume"):
+        changed.loc[later, column] = changed.loc[later, column] * noise
+    changed = changed[~later | (rng.random(len(changed)) >= drop_share)]
+    if add_ticker:
+        new_rows = changed[changed["date"] > t].drop_duplicates("date").assign(ticker="NEWCO")
+        changed = pd.concat([changed, new_rows.astype({"ticker": "string"})])
+    rebuilt = _features_in_float64(changed.sample(frac=1.0, random_state=seed))
+    full = full_features_float64
+    pd.testing.assert_frame_equal(
+        rebuilt[rebuilt["date"] <= t].reset_index(drop=True),
+        full[full["date"] <= t].reset_index(drop=True),
+        check_exact=True,
+    )
+
+
+def test_duplicate_keys_are_refused_with_an_example():
+    frame = one_ticker([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="duplicate .date, ticker. rows, e.g. AAA on 2024-01-02"):
+        build_market_features(pd.concat([frame, frame.iloc[[1]]]))
+
+
+def test_forward_return_uses_row_t_plus_h_of_the_same_ticker():
+    frame = pd.concat(
+        [one_ticker([1.0, 2.0, 4.0, 8.0, 4.0], "AAA"), one_ticker([10.0, 10.0, 9.0], "BBB")]
+    )
+    labels = build_market_labels(frame.iloc[::-1], horizon=2)
+    assert list(labels.columns) == ["date", "ticker", "forward_return_2d", "direction_2d"]
+    aaa = labels[labels["ticker"] == "AAA"]
+    bbb = labels[labels["ticker"] == "BBB"]
+    assert aaa["forward_return_2d"].tolist() == pytest.approx(
+        [3.0, 3.0, 0.0, np.nan, np.nan], nan_ok=True
+    )
+    assert aaa["direction_2d"].tolist()[:3] == [1.0, 1.0, 0.0]
+    assert aaa["direction_2d"].iloc[3:].isna().all()
+    assert bbb["forward_return_2d"].tolist() == pytest.approx([-0.1, np.nan, np.nan], nan_ok=True)
+    assert bbb["direction_2d"].tolist()[0] == 0.0
+    assert labels["date"].is_monotonic_increasing
+
+
+def test_labels_on_a_panel_are_nan_exactly_for_each_tickers_last_h_rows(panel):
+    labels = build_market_labels(panel, horizon=5)
+    rows_after = labels.groupby("ticker").cumcount(ascending=False)
+    assert labels["forward_return_5d"].isna().equals(rows_after < 5)
+    with pytest.raises(ValueError, match="horizon must be a positive"):
+        build_market_labels(panel, horizon=0)

@@ -1,0 +1,223 @@
+"""Synthetic market panel: realism, the planted signal, defect injection and vendor files."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from finpipe.errors import ConfigError
+from finpipe.market.schema import normalise_market_frame
+from finpipe.market.synthetic import (
+    DEFECT_KINDS,
+    MarketSyntheticConfig,
+    generate_market_panel,
+    inject_defects,
+    trading_calendar,
+    write_vendor_files,
+)
+
+SMALL = MarketSyntheticConfig(tickers=8, days=320, seed=3)
+
+
+@pytest.fixture(scope="module")
+def default_market():
+    return generate_market_panel(MarketSyntheticConfig())
+
+
+@pytest.fixture(scope="module")
+def small_prices() -> pd.DataFrame:
+    return generate_market_panel(SMALL).prices
+
+
+def test_same_seed_gives_identical_panel_and_other_seed_does_not():
+    first, again = generate_market_panel(SMALL), generate_market_panel(SMALL)
+    pd.testing.assert_frame_equal(first.prices, again.prices, check_exact=True)
+    pd.testing.assert_frame_equal(first.expected_return, again.expected_return, check_exact=True)
+    assert first.sectors == again.sectors
+
+    other = generate_market_panel(MarketSyntheticConfig(tickers=8, days=320, seed=4))
+    assert not np.allclose(first.prices["close"].iloc[:8], other.prices["close"].iloc[:8])
+
+
+def test_panel_has_canonical_columns_dtypes_and_order(default_market):
+    prices = default_market.prices
+    assert list(prices.columns) == [
+        "date", "ticker", "open", "high", "low", "close", "adj_close", "volume"
+    ]  # fmt: skip
+    assert prices["date"].dtype == "datetime64[ns]"
+    assert prices["ticker"].dtype == "string"
+    assert (prices["ticker"] == prices["ticker"].str.upper()).all()
+    assert (
+        prices[["open", "high", "low", "close", "adj_close", "volume"]].dtypes.eq("float64").all()
+    )
+    assert prices["ticker"].nunique() == 50
+    assert prices["date"].nunique() == 750
+    assert not prices.duplicated(["date", "ticker"]).any()
+    resorted = prices.sort_values(["date", "ticker"], ignore_index=True)
+    pd.testing.assert_frame_equal(prices, resorted)
+    # No splits or dividends: the adjusted close is the close.
+    assert (prices["close"] == prices["adj_close"]).all()
+    assert sorted(default_market.sectors) == sorted(prices["ticker"].unique())
+    assert set(default_market.sectors.values()) == {0, 1, 2, 3, 4}
+
+
+def test_bars_are_consistent_and_positive(default_market):
+    prices = default_market.prices
+    assert (prices[["open", "high", "low", "close", "volume"]] > 0).all().all()
+    assert (prices["high"] >= prices[["open", "close"]].max(axis=1)).all()
+    assert (prices["low"] <= prices[["open", "close"]].min(axis=1)).all()
+    assert (prices["volume"] == prices["volume"].round()).all()
+
+
+def test_returns_have_heavy_tails_clustering_and_volume_follows_moves(default_market):
+    prices = default_market.prices.sort_values(["ticker", "date"])
+    log_return = np.log(prices["adj_close"]).groupby(prices["ticker"]).diff()
+    frame = prices.assign(r=log_return).dropna(subset=["r"])
+    by_ticker = frame.groupby("ticker")["r"]
+    assert by_ticker.apply(lambda r: r.kurt()).median() > 1.5  # a normal has 0
+    assert by_ticker.apply(lambda r: r.abs().autocorr(1)).median() > 0.05  # volatility clusters
+    assert abs(by_ticker.apply(lambda r: r.autocorr(1)).median()) < 0.05
+    assert np.corrcoef(np.log(frame["volume"]), frame["r"].abs())[0, 1] > 0.1
+
+
+def test_some_tickers_list_late_and_some_delist_early(default_market):
+    span = default_market.prices.groupby("ticker")["date"].agg(["min", "max", "count"])
+    first_day, last_day = default_market.prices["date"].min(), default_market.prices["date"].max()
+    assert (span["min"] > first_day).sum() == 5  # listing_fraction 0.1 of 50
+    assert (span["max"] < last_day).sum() == 5
+    assert span["count"].min() >= 120
+
+
+def test_calendar_skips_weekends_and_exchange_holidays():
+    days = trading_calendar("2021-01-04", 760)
+    assert pd.Series(days.year).value_counts().sort_index().loc[2021:2023].tolist() == [
+        252,
+        251,
+        250,
+    ]  # fmt: skip  (the NYSE's trading-day counts for those years)
+    assert (days.dayofweek < 5).all()
+    closed = ["2021-01-18", "2021-04-02", "2021-07-05", "2021-11-25", "2021-12-24", "2022-06-20"]
+    assert not days.isin(pd.to_datetime(closed)).any()
+    open_ = ["2021-06-18", "2021-10-11", "2021-11-26", "2021-12-23"]  # no Juneteenth yet, Columbus
+    assert pd.to_datetime(open_).isin(days).all()
+
+
+def test_oracle_ic_at_defaults_is_in_the_documented_band(default_market):
+    oracle = default_market.oracle_ic(5)
+    assert 0.10 <= oracle <= 0.20
+    assert oracle == pytest.approx(0.134, abs=0.002)
+    # A longer horizon dilutes the 5-day planted part with more noise.
+    assert default_market.oracle_ic(20) < oracle
+
+
+def test_expected_return_is_zero_until_a_ticker_has_sixty_rows(default_market):
+    expected = default_market.expected_return
+    assert expected[["date", "ticker"]].equals(default_market.prices[["date", "ticker"]])
+    row = expected.groupby("ticker").cumcount()
+    assert (expected.loc[row < 60, "expected_forward_return"] == 0.0).all()
+    assert (expected.loc[row == 60, "expected_forward_return"] != 0.0).all()
+
+
+def test_zero_signal_strength_plants_nothing():
+    market = generate_market_panel(MarketSyntheticConfig(tickers=8, days=320, signal_strength=0))
+    assert (market.expected_return["expected_forward_return"] == 0.0).all()
+    assert np.isnan(market.oracle_ic())
+
+
+def test_bad_config_is_reported_with_every_problem():
+    with pytest.raises(ConfigError, match="tickers must be at least 2.*days must be at least 305"):
+        generate_market_panel(MarketSyntheticConfig(tickers=1, days=100))
+
+
+def test_nan_defect_blanks_close_only(small_prices):
+    corrupted = inject_defects(small_prices, ["nan"], rows_per_defect=3, seed=1)
+    changed = corrupted["close"].isna()
+    assert changed.sum() == 3
+    unchanged = corrupted.drop(columns="close")
+    pd.testing.assert_frame_equal(unchanged, small_prices.drop(columns="close"))
+
+
+def test_non_positive_price_defect_writes_zero_and_negative_closes(small_prices):
+    corrupted = inject_defects(small_prices, ["non_positive_price"], rows_per_defect=3)
+    bad = corrupted.index[corrupted["close"] <= 0]
+    assert len(bad) == 3
+    assert corrupted.loc[bad, "close"].tolist()[0] == 0.0
+    assert corrupted.loc[bad[1], "close"] == -small_prices.loc[bad[1], "close"]
+
+
+def test_duplicate_key_defect_adds_copies_next_to_originals(small_prices):
+    corrupted = inject_defects(small_prices, ["duplicate_key"], rows_per_defect=3)
+    assert len(corrupted) == len(small_prices) + 3
+    assert corrupted.duplicated(["date", "ticker"]).sum() == 3
+    assert corrupted.duplicated().sum() == 3  # exact copies
+    assert corrupted["date"].is_monotonic_increasing
+
+
+def test_high_below_low_defect_swaps_the_range(small_prices):
+    corrupted = inject_defects(small_prices, ["high_below_low"], rows_per_defect=4)
+    assert (corrupted["high"] < corrupted["low"]).sum() == 4
+    assert (small_prices["high"] < small_prices["low"]).sum() == 0
+
+
+def test_stale_price_defect_freezes_one_ticker_for_ten_days(small_prices):
+    corrupted = inject_defects(small_prices, ["stale_price"], rows_per_defect=3, seed=2)
+    changed = corrupted.index[corrupted["close"] != small_prices["close"]]
+    assert corrupted.loc[changed, "ticker"].nunique() == 1
+    ticker = corrupted.loc[changed[0], "ticker"]
+    closes = corrupted.loc[corrupted["ticker"] == ticker, "close"].to_numpy()
+    run = np.flatnonzero(np.diff(closes) == 0)
+    assert len(run) == 9 and np.all(np.diff(run) == 1)  # ten equal closes in a row
+    # The whole bar is repeated, as a stale feed does: every price column is frozen.
+    frozen = corrupted.loc[corrupted["ticker"] == ticker].iloc[run[0] : run[-1] + 2]
+    assert frozen[["open", "high", "low", "close", "adj_close"]].nunique().tolist() == [1] * 5
+    assert frozen["volume"].nunique() > 1
+
+
+def test_all_defects_together_hit_distinct_rows_and_leave_the_input_alone(small_prices):
+    before = small_prices.copy()
+    corrupted = inject_defects(small_prices, DEFECT_KINDS, rows_per_defect=2, seed=5)
+    pd.testing.assert_frame_equal(small_prices, before)
+    assert corrupted["close"].isna().sum() == 2
+    assert (corrupted["close"] <= 0).sum() == 2
+    assert (corrupted["high"] < corrupted["low"]).sum() == 2
+    assert len(corrupted) == len(small_prices) + 2
+
+
+def test_unknown_defect_kind_names_the_allowed_ones(small_prices):
+    with pytest.raises(ValueError, match="unknown defect kind.*'split'.*'stale_price'"):
+        inject_defects(small_prices, ["nan", "split"])
+
+
+def test_vendor_files_are_a_history_file_then_daily_files(tmp_path, small_prices):
+    paths = write_vendor_files(small_prices, tmp_path, daily_files=3)
+    dates = sorted(small_prices["date"].unique())
+    first, last = (pd.Timestamp(d).strftime("%Y-%m-%d") for d in (dates[0], dates[-4]))
+    assert [p.name for p in paths] == [
+        f"market_history_{first}_{last}.csv.gz",
+        *(f"market_{pd.Timestamp(d).strftime('%Y-%m-%d')}.csv" for d in dates[-3:]),
+    ]
+    with gzip.open(paths[0], "rt") as history:
+        assert history.readline().strip() == "Date,Ticker,Open,High,Low,Close,Adj Close,Volume"
+    daily = pd.read_csv(paths[1])
+    assert daily["Date"].unique().tolist() == [pd.Timestamp(dates[-3]).strftime("%Y-%m-%d")]
+    assert daily["Volume"].dtype == "int64"
+
+    delivered = pd.concat([pd.read_csv(p, float_precision="round_trip") for p in paths])
+    assert len(delivered) == len(small_prices)
+    restored = normalise_market_frame(delivered)
+    expected = small_prices[list(restored.columns)]
+    pd.testing.assert_frame_equal(restored, expected, check_exact=True)
+    assert sorted(tmp_path.iterdir()) == sorted(paths)  # no temporary files left behind
+
+
+def test_vendor_files_with_no_daily_files_is_one_history_file(tmp_path, small_prices):
+    prices = small_prices.drop(columns=["open", "adj_close"])
+    paths = write_vendor_files(prices, tmp_path, daily_files=0)
+    assert len(paths) == 1 and paths[0].suffixes == [".csv", ".gz"]
+    assert list(pd.read_csv(paths[0]).columns) == [
+        "Date", "Ticker", "High", "Low", "Close", "Volume"
+    ]  # fmt: skip
+    assert len(pd.read_csv(paths[0])) == len(prices)

@@ -1,0 +1,232 @@
+"""The nightly flow end to end: real Prefect (local mode), real SQLite MLflow, real Parquet."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from finpipe.errors import ValidationFailed
+from finpipe.market.synthetic import (
+    MarketSyntheticConfig,
+    generate_market_panel,
+    inject_defects,
+    write_vendor_files,
+)
+from finpipe.storage import Storage
+from tests.conftest import finpipe_home
+
+pytestmark = pytest.mark.slow
+
+FAST = {"max_epochs": 4, "hidden": 16, "lookback": 10, "batch_size": 256}
+
+
+@pytest.fixture(scope="module")
+def two_nights(tmp_path_factory):
+    """Two consecutive nights on a small synthetic panel; yields (settings, files, summaries)."""
+    from finpipe.flows.nightly import nightly
+
+    root = tmp_path_factory.mktemp("nightly")
+    panel = generate_market_panel(MarketSyntheticConfig(tickers=12, days=320, seed=3))
+    files = write_vendor_files(panel.prices, root / "drop", daily_files=2)
+    with finpipe_home(root / "home") as settings:
+        first = nightly(
+            domain="market",
+            as_of=_day(files[1]),
+            inputs=[str(files[0]), str(files[1])],
+            training=FAST,
+        )
+        second = nightly(
+            domain="market", as_of=_day(files[2]), inputs=[str(files[2])], training=FAST
+        )
+        yield settings, files, [first, second], panel
+
+
+def _day(path) -> dt.date:
+    return dt.date.fromisoformat(path.stem.removeprefix("market_"))
+
+
+def test_every_layer_is_written(two_nights):
+    settings, files, summaries, panel = two_nights
+    storage = Storage(settings.home)
+    dates = sorted(panel.prices["date"].unique())
+    assert len(storage.partition_dates("validated", "market")) == len(dates)
+    assert len(storage.partition_dates("features", "market")) == len(dates)
+    assert storage.partition_dates("predictions", "market") == [_day(files[1]), _day(files[2])]
+    predictions = storage.read_partition("predictions", "market", _day(files[2]))
+    assert list(predictions.columns) == [
+        "date",
+        "ticker",
+        "prediction",
+        "model_name",
+        "model_version",
+        "run_id",
+        "scored_at",
+    ]
+    tickers_that_day = panel.prices.loc[panel.prices["date"] == pd.Timestamp(_day(files[2]))]
+    assert len(predictions) == tickers_that_day["ticker"].nunique()
+    assert predictions["prediction"].notna().all()
+    assert (predictions["model_name"] == "finpipe-market").all()
+    assert summaries[1]["predictions"]["rows"] == len(predictions)
+
+
+def test_mlflow_has_runs_metrics_plots_and_a_champion(two_nights):
+    settings, files, summaries, _ = two_nights
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("finpipe-market")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("mlflow.runName", "").startswith("nightly-")]
+    children = [r for r in runs if r.data.tags.get("mlflow.runName") in {"mlp", "gru"}]
+    assert len(parents) == 2 and len(children) == 4
+    child = children[0]
+    for metric in [
+        "test_ic",
+        "test_rank_ic",
+        "test_icir",
+        "test_directional_accuracy",
+        "test_rmse",
+        "test_top_minus_bottom",
+        "validation_ic",
+    ]:
+        assert metric in child.data.metrics, metric
+    history = client.get_metric_history(child.info.run_id, "validation_loss")
+    assert len(history) >= 2
+    plots = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
+    assert plots == {
+        "plots/learning_curve.png",
+        "plots/ic_by_date.png",
+        "plots/return_by_decile.png",
+    }
+    parent = parents[0]
+    assert parent.inputs.dataset_inputs, "feature data is logged as a run input"
+    champion = client.get_model_version_by_alias("finpipe-market", "champion")
+    predictions = Storage(settings.home).read_partition("predictions", "market", _day(files[2]))
+    assert set(predictions["model_version"]) == {str(champion.version)}
+    assert set(predictions["run_id"]) == {champion.run_id}
+    decision = json.loads(
+        (settings.home / "mlartifacts")
+        .joinpath(parent.info.run_id, "artifacts", "promotion.json")
+        .read_text()
+    )
+    assert decision["metric"] == "ic"
+
+
+def test_first_model_is_promoted_and_decision_recorded(two_nights):
+    _, _, summaries, _ = two_nights
+    first, second = summaries
+    assert first["promotion"]["promoted"] is True
+    assert first["promotion"]["champion_version"] is None
+    assert second["promotion"]["champion_version"] == first["promotion"]["challenger_version"]
+    assert second["promotion"]["champion_score"] is not None
+
+
+def test_rerunning_a_date_is_idempotent(two_nights):
+    from finpipe.flows.nightly import nightly
+
+    settings, files, _, _ = two_nights
+    storage = Storage(settings.home)
+    day = _day(files[2])
+    before = storage.read_partition("predictions", "market", day)
+    features_before = storage.read_partition("features", "market", day)
+    with finpipe_home(settings.home):
+        summary = nightly(domain="market", as_of=day, inputs=[str(files[2])], retrain=False)
+    assert summary["ingested"][0]["status"] == "already_loaded"
+    after = storage.read_partition("predictions", "market", day)
+    pd.testing.assert_frame_equal(before.drop(columns="scored_at"), after.drop(columns="scored_at"))
+    assert not after.duplicated(["date", "ticker"]).any()
+    pd.testing.assert_frame_equal(
+        features_before, storage.read_partition("features", "market", day)
+    )
+    validated = storage.read_partitions("validated", "market")
+    assert not validated.duplicated(["date", "ticker"]).any()
+
+
+def test_bad_batch_is_quarantined_and_nothing_downstream_is_written(two_nights, tmp_path):
+    from finpipe.flows.nightly import nightly
+
+    settings, files, _, panel = two_nights
+    storage = Storage(settings.home)
+    last = pd.Timestamp(_day(files[2]))
+    next_day = (last + pd.offsets.BDay(1)).date()
+    rows = panel.prices[panel.prices["date"] == last].assign(date=pd.Timestamp(next_day))
+    bad = inject_defects(rows, ["non_positive_price"], rows_per_defect=2, seed=1)
+    path = tmp_path / f"market_{next_day}.csv"
+    bad.rename(columns={"adj_close": "Adj Close"}).to_csv(path, index=False)
+    layers = {
+        layer: storage.partition_dates(layer, "market")
+        for layer in ["validated", "features", "predictions"]
+    }
+    with finpipe_home(settings.home), pytest.raises(ValidationFailed) as caught:
+        nightly(domain="market", as_of=next_day, inputs=[str(path)], retrain=False)
+    message = str(caught.value)
+    assert path.name in message and "rules failed" in message
+    folder = caught.value.quarantine_path
+    report = json.loads((settings.home / folder / "report.json").read_text())
+    failed = [r for r in report["rules"] if not r["success"]]
+    assert failed and failed[0]["unexpected_count"] >= 2
+    assert (settings.home / folder / path.name).exists()
+    for layer, dates in layers.items():
+        assert storage.partition_dates(layer, "market") == dates, layer
+
+
+def test_worse_model_does_not_replace_the_champion(two_nights):
+    """A challenger that is the champion with its sign flipped scores -IC on the same window.
+
+    If the champion's IC is negative on this small panel, its mirror image is better and wins
+    (that is the gate working too); then the original, now the worse model, is offered back
+    and must lose. Either way the last decision is a worse model meeting a better champion.
+    """
+    from finpipe import tracking
+    from finpipe.market.pipeline import DOMAIN, TrainingOutcome, promote_market
+
+    settings, files, summaries, _ = two_nights
+    storage = Storage(settings.home)
+    outcome = summaries[1]["training"]
+    example = storage.read_partition("features", "market", _day(files[2]))
+    original = tracking.load_model_version(settings, DOMAIN).model.unwrap_python_model().model
+
+    def offer(fitted):
+        with (
+            mlflow.start_run(run_id=outcome["run_id"]),
+            mlflow.start_run(run_name="offered", nested=True),
+        ):
+            info = tracking.log_fitted_model(
+                fitted,
+                loader="finpipe.market.model:FittedMarketModel",
+                input_example=example.head(3),
+                output_example=fitted.predict(example.head(3)),
+            )
+        version = mlflow.register_model(info.model_uri, "finpipe-market").version
+        challenger = TrainingOutcome(**{**outcome, "challenger_version": str(version)})
+        return str(version), promote_market(storage, settings, challenger)
+
+    champion_before = tracking.current_alias_version(settings, DOMAIN)
+    version, decision = offer(_sign_flipped(original))
+    assert np.isclose(decision.challenger_score, -decision.champion_score, atol=1e-6)
+    if decision.promoted:
+        assert decision.challenger_score > decision.champion_score
+        assert tracking.current_alias_version(settings, DOMAIN) == version
+        champion_before = version
+        version, decision = offer(original)
+    assert decision.promoted is False
+    assert decision.challenger_score < decision.champion_score
+    assert tracking.current_alias_version(settings, DOMAIN) == champion_before
+
+
+def _sign_flipped(fitted):
+    import copy
+
+    import torch
+
+    flipped = copy.deepcopy(fitted)
+    last = [m for m in flipped.net.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.mul_(-1)
+        last.bias.mul_(-1)
+    return flipped

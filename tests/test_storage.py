@@ -1,0 +1,88 @@
+"""Storage layout: atomic, idempotent partitions; safe names; landing never rewritten."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+
+import pandas as pd
+import pytest
+
+from finpipe.errors import ConfigError
+from finpipe.storage import Storage, as_day, check_name, file_sha256
+
+
+def _frame(day: str, tickers: list[str]) -> pd.DataFrame:
+    return pd.DataFrame(
+        {"date": pd.Timestamp(day), "ticker": tickers, "close": range(1, len(tickers) + 1)}
+    )
+
+
+def test_partition_written_twice_is_replaced_not_duplicated(tmp_path):
+    storage = Storage(tmp_path)
+    storage.write_partition("validated", "market", "2024-01-02", _frame("2024-01-02", ["A", "B"]))
+    storage.write_partition("validated", "market", "2024-01-02", _frame("2024-01-02", ["A", "B"]))
+    folder = storage.partition_dir("validated", "market", "2024-01-02")
+    assert sorted(p.name for p in folder.iterdir()) == ["part-0.parquet"]
+    assert len(storage.read_partitions("validated", "market")) == 2
+
+
+def test_leftover_temporary_file_is_invisible_to_readers(tmp_path):
+    storage = Storage(tmp_path)
+    path = storage.write_partition("features", "market", "2024-01-02", _frame("2024-01-02", ["A"]))
+    # What a writer killed mid-write leaves behind: a hidden temp file beside the partition,
+    # and a partition folder with only a temp file in it.
+    (path.parent / ".part-0.parquet.dead.tmp").write_bytes(b"PAR1 half a file")
+    half = storage.partition_dir("features", "market", "2024-01-03")
+    half.mkdir(parents=True)
+    (half / ".part-0.parquet.dead.tmp").write_bytes(b"PAR1")
+    assert storage.partition_dates("features", "market") == [dt.date(2024, 1, 2)]
+    assert storage.read_partitions("features", "market")["ticker"].tolist() == ["A"]
+
+
+def test_read_partitions_filters_dates_and_columns(tmp_path):
+    storage = Storage(tmp_path)
+    for day in ["2024-01-02", "2024-01-03", "2024-01-04"]:
+        storage.write_partition("validated", "market", day, _frame(day, ["A", "B"]))
+    frame = storage.read_partitions(
+        "validated", "market", start="2024-01-03", end="2024-01-04", columns=["date", "close"]
+    )
+    assert list(frame.columns) == ["date", "close"]
+    assert sorted(frame["date"].dt.strftime("%Y-%m-%d").unique()) == ["2024-01-03", "2024-01-04"]
+
+
+@pytest.mark.parametrize("bad", ["../etc", "/abs", "Market", "a/b", "", "..", "x" * 80])
+def test_unsafe_names_are_refused(bad):
+    with pytest.raises(ConfigError, match="invalid domain"):
+        check_name(bad)
+
+
+def test_bad_dates_are_refused_with_the_value():
+    assert as_day("2024-02-29") == dt.date(2024, 2, 29)
+    with pytest.raises(ConfigError, match="'2024-13-01'"):
+        as_day("2024-13-01")
+    with pytest.raises(ConfigError, match="expected YYYY-MM-DD"):
+        as_day("../../etc/passwd")
+
+
+def test_landing_copy_is_content_addressed_and_never_rewritten(tmp_path):
+    storage = Storage(tmp_path / "root")
+    source = tmp_path / "prices.csv"
+    source.write_text("date,ticker,close\n2024-01-02,A,1\n")
+    sha = file_sha256(source)
+    landed = storage.land_file("market", source, sha)
+    first_mtime = os.stat(landed).st_mtime_ns
+    again = storage.land_file("market", source, sha)
+    assert again == landed
+    assert os.stat(landed).st_mtime_ns == first_mtime
+    assert landed.read_text() == source.read_text()
+    assert landed.name == f"{sha[:12]}__prices.csv"
+
+
+def test_quarantine_keeps_file_and_report(tmp_path):
+    storage = Storage(tmp_path / "root")
+    source = tmp_path / "bad.csv"
+    source.write_text("date,ticker,close\n2024-01-02,A,-1\n")
+    folder = storage.quarantine_batch("market", "b123", source, {"success": False})
+    assert sorted(p.name for p in folder.iterdir()) == ["bad.csv", "report.json"]
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]

@@ -1,0 +1,349 @@
+"""Tests for the data-quality gate: the market suite's rules, skipping, reports and Data Docs."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from finpipe.errors import ConfigError
+from finpipe.market.schema import normalise_market_frame
+from finpipe.validation import (
+    MARKET_CHECK_COLUMNS,
+    ValidationReport,
+    add_market_checks_columns,
+    load_suite_spec,
+    validate_frame,
+)
+
+SUITE = "market_ohlcv"
+AS_OF = "2024-01-08"
+UNADJUSTED_RULE = "expect_column_values_to_be_between(abs_log_return_1d_unadjusted)"
+RETURN_RULE = "expect_column_values_to_be_between(abs_log_return_1d)"
+
+
+def clean_bars() -> pd.DataFrame:
+    """Two tickers over five days, rows in date-major order (AAA, BBB, AAA, BBB, ...)."""
+    days = pd.to_datetime(["2024-01-02", "2024-01-03", "2024-01-04", "2024-01-05", "2024-01-08"])
+    closes = {"AAA": [10.0, 10.5, 10.2, 10.8, 11.0], "BBB": [20.0, 19.5, 20.4, 20.1, 20.6]}
+    rows = []
+    for i, day in enumerate(days):
+        for ticker, series in closes.items():
+            close = series[i]
+            open_ = close - 0.1
+            rows.append(
+                {
+                    "date": day,
+                    "ticker": ticker,
+                    "close": close,
+                    "open": open_,
+                    "high": close + 0.3,
+                    "low": open_ - 0.3,
+                    "volume": 1000.0,
+                    "adj_close": close / 2,
+                }
+            )
+    frame = pd.DataFrame(rows)
+    frame["date"] = frame["date"].astype("datetime64[ns]")
+    frame["ticker"] = frame["ticker"].astype("string")
+    return frame
+
+
+def check(frame: pd.DataFrame, **kwargs) -> ValidationReport:
+    """Validate `frame` plus its market check columns against the market suite."""
+    kwargs.setdefault("parameters", {"as_of": AS_OF})
+    return validate_frame(
+        add_market_checks_columns(frame), suite_name=SUITE, batch_name="test-batch", **kwargs
+    )
+
+
+def failed(report: ValidationReport) -> dict:
+    return {rule.rule: rule for rule in report.failures()}
+
+
+def test_clean_frame_passes_and_skips_only_the_unadjusted_split_rule():
+    report = check(clean_bars())
+
+    assert report.success is True
+    assert report.failures() == []
+    assert report.row_count == 10
+    assert len(report.rules) == 30
+    assert [s["rule"] for s in report.skipped] == [UNADJUSTED_RULE]
+    assert report.skipped[0]["missing_columns"] == ["abs_log_return_1d_unadjusted"]
+    assert report.summary() == (
+        "Batch 'test-batch' passed suite 'market_ohlcv' "
+        "(30 rules on 10 rows, 1 skipped for absent columns)."
+    )
+
+
+def test_nan_close_fails_only_the_not_null_rule():
+    frame = clean_bars()
+    frame.loc[4, "close"] = np.nan
+
+    report = check(frame)
+
+    assert report.success is False
+    assert list(failed(report)) == ["expect_column_values_to_not_be_null(close)"]
+    rule = failed(report)["expect_column_values_to_not_be_null(close)"]
+    assert (rule.unexpected_count, rule.sample_rows, rule.sample_values) == (1, [4], [None])
+    assert rule.sample_keys == [{"date": "2024-01-04", "ticker": "AAA"}]
+    assert rule.unexpected_percent == pytest.approx(10.0)
+
+
+def test_zero_close_fails_the_positive_price_and_low_rules():
+    frame = clean_bars()
+    frame.loc[5, "close"] = 0.0  # BBB on 2024-01-04; strict: zero is not a price
+
+    report = check(frame)
+
+    assert sorted(failed(report)) == [
+        "expect_column_pair_values_a_to_be_greater_than_b(close, low)",
+        "expect_column_values_to_be_between(close)",
+    ]
+    positive = failed(report)["expect_column_values_to_be_between(close)"]
+    assert (positive.unexpected_count, positive.sample_rows, positive.sample_values) == (
+        1,
+        [5],
+        [0.0],
+    )
+    above_low = failed(report)["expect_column_pair_values_a_to_be_greater_than_b(close, low)"]
+    assert above_low.sample_rows == [5]
+    assert above_low.sample_values == [[0.0, pytest.approx(20.0)]]
+
+
+def test_high_below_low_fails_the_three_high_rules_on_that_row():
+    frame = clean_bars()
+    frame.loc[6, "high"] = 5.0  # AAA on 2024-01-05: open 10.7, low 10.4, close 10.8
+
+    report = check(frame)
+
+    assert sorted(failed(report)) == [
+        "expect_column_pair_values_a_to_be_greater_than_b(high, close)",
+        "expect_column_pair_values_a_to_be_greater_than_b(high, low)",
+        "expect_column_pair_values_a_to_be_greater_than_b(high, open)",
+    ]
+    rule = failed(report)["expect_column_pair_values_a_to_be_greater_than_b(high, low)"]
+    assert rule.unexpected_count == 1
+    assert rule.sample_rows == [6]
+    assert rule.sample_values == [[5.0, pytest.approx(10.4)]]
+    assert rule.details["kwargs"]["or_equal"] is True
+
+
+def test_duplicate_date_ticker_reports_every_copy():
+    frame = clean_bars()
+    frame = pd.concat([frame, frame.iloc[[2]]])  # AAA 2024-01-03 again; index label 2 repeats
+
+    report = check(frame)
+
+    assert list(failed(report)) == ["expect_compound_columns_to_be_unique(date, ticker)"]
+    rule = failed(report)["expect_compound_columns_to_be_unique(date, ticker)"]
+    assert (rule.unexpected_count, rule.sample_rows) == (2, [2, 10])
+    assert rule.sample_values == [{"date": "2024-01-03", "ticker": "AAA"}] * 2
+
+
+def test_date_after_as_of_fails_with_the_parameter_resolved():
+    frame = clean_bars()
+    frame.loc[9, "date"] = pd.Timestamp("2024-01-09")  # BBB's last bar, one day after as-of
+
+    report = check(frame)
+
+    assert list(failed(report)) == ["expect_column_values_to_be_between(date)"]
+    rule = failed(report)["expect_column_values_to_be_between(date)"]
+    assert (rule.unexpected_count, rule.sample_rows, rule.sample_values) == (
+        1,
+        [9],
+        ["2024-01-09"],
+    )
+    assert rule.details["kwargs"]["max_value"] == "2024-01-08"
+    assert report.parameters == {"as_of": "2024-01-08"}
+
+
+def test_bad_tick_times_ten_fails_the_return_bound_on_the_tick_and_the_day_after():
+    frame = clean_bars()
+    prices = ["close", "open", "high", "low", "adj_close"]
+    frame.loc[4, prices] = frame.loc[4, prices] * 10  # AAA on 2024-01-04
+
+    report = check(frame)
+
+    assert list(failed(report)) == [RETURN_RULE]
+    rule = failed(report)[RETURN_RULE]
+    assert (rule.unexpected_count, rule.sample_rows) == (2, [4, 6])
+    assert rule.sample_values == [
+        pytest.approx(math.log(102.0 / 10.5)),
+        pytest.approx(math.log(102.0 / 10.8)),
+    ]
+
+
+def test_previous_close_catches_a_bad_first_row_of_the_batch():
+    batch = clean_bars().query("ticker == 'AAA'").reset_index(drop=True).drop(columns="adj_close")
+    previous_close = pd.DataFrame(
+        {
+            "ticker": ["AAA", "AAA", "BBB"],
+            "date": pd.to_datetime(["2023-12-29", "2024-01-02", "2023-12-29"]),
+            "price": [1.0, 999.0, 20.0],  # the 2024-01-02 row is not before the batch: ignored
+        }
+    )
+
+    checked = add_market_checks_columns(batch, previous_close)
+
+    assert checked["abs_log_return_1d"].round(6).tolist() == [
+        round(math.log(10.0), 6),
+        round(math.log(10.5 / 10.0), 6),
+        round(abs(math.log(10.2 / 10.5)), 6),
+        round(math.log(10.8 / 10.2), 6),
+        round(math.log(11.0 / 10.8), 6),
+    ]
+    assert checked["abs_log_return_1d_unadjusted"].equals(checked["abs_log_return_1d"])
+    assert set(MARKET_CHECK_COLUMNS) <= set(checked.columns)
+
+
+def test_market_checks_keep_row_order_and_prefer_adj_close():
+    frame = clean_bars()
+    frame.loc[3, "close"] = 1000.0  # an unadjusted jump that adj_close does not show
+
+    checked = add_market_checks_columns(frame)
+
+    assert list(checked.index) == list(frame.index)
+    assert "abs_log_return_1d_unadjusted" not in checked.columns
+    assert math.isnan(checked.loc[0, "abs_log_return_1d"])  # no previous close for AAA
+    assert checked.loc[3, "abs_log_return_1d"] == pytest.approx(abs(math.log(19.5 / 20.0)))
+
+
+def test_absent_optional_columns_are_skipped_and_the_batch_passes():
+    frame = clean_bars()[["date", "ticker", "close"]]
+
+    report = check(frame)
+
+    assert report.success is True
+    assert sorted(s["rule"] for s in report.skipped) == sorted(
+        [f"expect_column_values_to_be_of_type({c})" for c in ("open", "high", "low")]
+        + [f"expect_column_values_to_be_of_type({c})" for c in ("adj_close", "volume")]
+        + [f"expect_column_values_to_be_between({c})" for c in ("open", "high", "low")]
+        + [f"expect_column_values_to_be_between({c})" for c in ("adj_close", "volume")]
+        + [
+            f"expect_column_pair_values_a_to_be_greater_than_b({a}, {b})"
+            for a, b in [("high", "low"), ("high", "open"), ("high", "close")]
+            + [("open", "low"), ("close", "low")]
+        ]
+    )
+    assert UNADJUSTED_RULE in {rule.rule for rule in report.rules}  # returns come from close
+
+
+def test_missing_required_column_fails_its_existence_rule():
+    frame = clean_bars().drop(columns="close")
+
+    report = check(frame)
+
+    assert sorted(failed(report)) == [
+        "expect_column_to_exist(abs_log_return_1d)",
+        "expect_column_to_exist(close)",
+    ]
+    assert "expect_column_values_to_not_be_null(close)" in {s["rule"] for s in report.skipped}
+    assert "expect_column_to_exist(close) failed" in report.summary()
+
+
+def test_summary_names_the_rule_a_row_and_a_value():
+    frame = clean_bars()
+    frame.loc[4, "close"] = np.nan
+    frame.loc[5, "volume"] = -3.0
+
+    summary = check(frame).summary()
+
+    assert summary.startswith("Batch 'test-batch' FAILED suite 'market_ohlcv'")
+    assert "2 rule(s) broken" in summary
+    assert (
+        "expect_column_values_to_not_be_null(close): 1 unexpected row(s) (10%), "
+        "e.g. row 4 (date=2024-01-04, ticker=AAA) value null (missing)."
+    ) in summary
+    assert "expect_column_values_to_be_between(volume): 1 unexpected row(s) (10%), " in summary
+    assert "row 5 (date=2024-01-04, ticker=BBB) value -3." in summary
+    assert "expectations/market_ohlcv.json" in summary
+
+
+def test_report_to_dict_is_strict_json():
+    frame = clean_bars()
+    frame.loc[4, "close"] = np.nan
+
+    payload = json.loads(json.dumps(check(frame).to_dict(), allow_nan=False))
+
+    assert payload["suite"] == SUITE
+    assert payload["success"] is False
+    not_null = next(r for r in payload["rules"] if r["rule"].endswith("not_be_null(close)"))
+    assert not_null["sample_values"] == [None]
+    assert ValidationReport.from_dict(payload).to_dict() == payload
+
+
+def test_empty_batch_fails_the_row_count_rule():
+    report = check(clean_bars().iloc[0:0])
+
+    assert [rule.rule for rule in report.failures()] == ["expect_table_row_count_to_be_between()"]
+    assert report.failures()[0].details["observed_value"] == 0
+    assert "expect_table_row_count_to_be_between() failed (observed: 0)" in report.summary()
+
+
+def test_sample_with_adj_close_passes(shared_datasets):
+    sample = normalise_market_frame(pd.read_csv(shared_datasets / "stocks_ohlcv.csv.gz"))
+
+    report = check(sample, parameters={"as_of": "2013-03-01"})
+
+    assert report.success is True
+    assert report.row_count == 12_154
+    assert [s["rule"] for s in report.skipped] == [UNADJUSTED_RULE]
+
+
+def test_sample_without_adj_close_fails_on_the_split_dates(shared_datasets, tmp_path):
+    sample = normalise_market_frame(pd.read_csv(shared_datasets / "stocks_ohlcv.csv.gz"))
+    unadjusted = sample.drop(columns="adj_close")
+
+    report = check(unadjusted, parameters={"as_of": "2013-03-01"}, data_docs_dir=tmp_path)
+
+    assert list(failed(report)) == [UNADJUSTED_RULE]
+    rule = failed(report)[UNADJUSTED_RULE]
+    assert rule.unexpected_count == 4
+    assert {(k["ticker"], k["date"]) for k in rule.sample_keys} == {
+        ("AAPL", "2000-06-21"),  # 2:1 split
+        ("MSFT", "2003-02-18"),  # 2:1 split
+        ("AAPL", "2005-02-28"),  # 2:1 split
+        ("AAPL", "2000-09-29"),  # real -52% crash: undecidable without adj_close
+    }
+    dates = unadjusted.loc[rule.sample_rows, "date"].dt.strftime("%Y-%m-%d")
+    assert set(dates) == {"2000-06-21", "2003-02-18", "2005-02-28", "2000-09-29"}
+    assert "date=2000-06-21, ticker=AAPL" in report.summary()
+
+    # Data Docs: a local site whose index and validation page show the failed rule.
+    assert report.data_docs == str(tmp_path.resolve() / "index.html")
+    assert SUITE in (tmp_path / "index.html").read_text(encoding="utf-8")
+    pages = list((tmp_path / "validations" / SUITE).rglob("*.html"))
+    assert len(pages) == 1
+    page = pages[0].read_text(encoding="utf-8")
+    assert "abs_log_return_1d_unadjusted" in page
+    assert "4 unexpected values found" in page
+    assert (tmp_path / "expectations" / f"{SUITE}.html").is_file()
+
+
+def test_suite_spec_is_a_gx_suite_with_the_return_bounds():
+    spec = load_suite_spec(SUITE)
+
+    assert spec["name"] == SUITE
+    assert spec["meta"]["key_columns"] == ["date", "ticker"]
+    bounds = {
+        e["kwargs"]["column"]: e["kwargs"]["max_value"]
+        for e in spec["expectations"]
+        if e["type"] == "expect_column_values_to_be_between"
+        and e["kwargs"]["column"].startswith("abs_log_return")
+    }
+    assert bounds == {"abs_log_return_1d": 1.0, "abs_log_return_1d_unadjusted": 0.35}
+    assert all({"type", "kwargs"} <= set(e) for e in spec["expectations"])
+
+
+def test_unknown_suite_names_the_available_ones():
+    with pytest.raises(ConfigError, match=r"no expectation suite 'credit'.*'market_ohlcv'"):
+        load_suite_spec("credit")
+
+
+def test_missing_suite_parameter_says_what_to_pass():
+    with pytest.raises(ConfigError, match=r"needs parameter\(s\) \['as_of'\]"):
+        check(clean_bars(), parameters={})
