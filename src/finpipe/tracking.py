@@ -6,7 +6,6 @@ fitted scaler and feature list), so `models:/<name>@champion` is all scoring nee
 
 from __future__ import annotations
 
-import importlib
 import logging
 import tempfile
 import warnings
@@ -43,20 +42,7 @@ def use_tracking(settings: Settings, domain: str) -> str:
     return experiment_id
 
 
-class FinpipePyfunc(mlflow.pyfunc.PythonModel):
-    """A pyfunc shell around a finpipe model folder; `loader` is "module:Class" with `.load()`."""
-
-    def __init__(self, loader: str) -> None:
-        self.loader = loader
-        self.model = None
-
-    def load_context(self, context) -> None:
-        module_name, class_name = self.loader.split(":")
-        model_class = getattr(importlib.import_module(module_name), class_name)
-        self.model = model_class.load(Path(context.artifacts["model_dir"]))
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        return self.model.predict(model_input)
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 
 
 def log_fitted_model(
@@ -80,7 +66,8 @@ def log_fitted_model(
         fitted.save(model_dir)
         return mlflow.pyfunc.log_model(
             name="model",
-            python_model=FinpipePyfunc(loader),
+            python_model=str(MODEL_CODE),
+            model_config={"loader": loader},
             artifacts={"model_dir": str(model_dir)},
             signature=signature,
             input_example=input_example,

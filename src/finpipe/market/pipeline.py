@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import logging
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Literal
@@ -207,6 +208,13 @@ class MarketTrainingConfig(BaseModel):
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(1e-4, ge=0)
     seed: int = 0
+    target: Literal["cross_sectional_zscore", "return"] = Field(
+        "cross_sectional_zscore",
+        description=(
+            "What the nets learn: the forward return z-scored across tickers per date (scores "
+            "for ranking, as in Qlib's CSZScoreNorm; RMSE is then in z units) or the raw return."
+        ),
+    )
     promotion_metric: Literal["ic", "rank_ic"] = Field(
         "ic", description="Test-window metric a challenger must beat the champion on."
     )
@@ -398,7 +406,9 @@ def promote_market(
 def _window_score(model: tracking.RegisteredModel, frame, test_window, outcome) -> float:
     """Return `model`'s promotion metric on the test window; -inf if it cannot read the frame."""
     try:
-        predicted = model.predict(frame)
+        predicted = model.predict(
+            frame.drop(columns=[outcome.label, f"direction_{outcome.horizon}d"])
+        )
     except Exception as error:  # a champion that can't read today's features loses its seat
         log.warning("v%s cannot score the current features: %s", model.version, error)
         return float("-inf")
@@ -426,12 +436,15 @@ def _log_run_context(frame, features, split: TimeSplit, config, as_of, embargo) 
         }
     )
     first, last = frame["date"].min().date(), frame["date"].max().date()
-    dataset = mlflow.data.from_pandas(
-        frame[[*KEY_COLUMNS, *features, config.label]].head(10_000),
-        source=f"features/{DOMAIN}/date={first}..{last}",
-        name=f"{DOMAIN}-features-{first}-to-{last}",
-        targets=config.label,
-    )
+    with warnings.catch_warnings():
+        # MLflow registers two local-file source types and warns that it picked one.
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(
+            frame[[*KEY_COLUMNS, *features, config.label]].head(10_000),
+            source=f"features/{DOMAIN}/date={first}..{last}",
+            name=f"{DOMAIN}-features-{first}-to-{last}",
+            targets=config.label,
+        )
     mlflow.log_input(dataset, context="training")
     mlflow.log_dict({"feature_columns": features}, "feature_columns.json")
 
@@ -454,6 +467,7 @@ def _train_one(frame, features, split, config: MarketTrainingConfig, kind: str, 
             train_config,
             label=config.label,
             horizon=config.horizon,
+            target=config.target,
             on_epoch=on_epoch,
         )
         scored = frame[[*KEY_COLUMNS, config.label]].merge(
@@ -462,8 +476,8 @@ def _train_one(frame, features, split, config: MarketTrainingConfig, kind: str, 
         validation = scored[scored["date"].isin(split.validation_dates)]
         test = scored[scored["date"].isin(split.test_dates)]
         metrics = {
-            "validation": market_metrics(validation, label=config.label),
-            "test": market_metrics(test, label=config.label),
+            "validation": _metrics(validation, config),
+            "test": _metrics(test, config),
         }
         for window, values in metrics.items():
             mlflow.log_metrics({f"{window}_{k}": float(v) for k, v in values.items()})
@@ -485,6 +499,17 @@ def _train_one(frame, features, split, config: MarketTrainingConfig, kind: str, 
         "model_uri": info.model_uri,
         "test_predictions": test["prediction"].to_numpy(),
     }
+
+
+def _metrics(scored: pd.DataFrame, config: MarketTrainingConfig) -> dict[str, float]:
+    """Return market metrics; RMSE is measured in the units the net was trained on."""
+    metrics = market_metrics(scored, label=config.label)
+    if config.target == "cross_sectional_zscore":
+        by_date = scored.groupby("date")[config.label]
+        z = (scored[config.label] - by_date.transform("mean")) / by_date.transform("std")
+        error = (scored["prediction"] - z).to_numpy(dtype=float)
+        metrics["rmse"] = float(np.sqrt(np.nanmean(error**2)))
+    return metrics
 
 
 def _log_plots(fitted: FittedMarketModel, test: pd.DataFrame, label: str, kind: str) -> None:

@@ -1,0 +1,88 @@
+"""The command line: every command has --help; finpipe errors are one line and exit 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from finpipe.cli import app
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(
+    "command",
+    [[], ["generate"], ["generate", "market"], ["ingest"], ["run"], ["run", "nightly"], ["demo"]],
+)
+def test_every_command_has_help(command):
+    result = runner.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage: " in result.output
+
+
+def test_generate_writes_vendor_files_and_the_oracle(tmp_path):
+    result = runner.invoke(
+        app,
+        [
+            "generate",
+            "market",
+            "--tickers",
+            "5",
+            "--days",
+            "320",
+            "--daily-files",
+            "2",
+            "--out",
+            str(tmp_path),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names[0].startswith("market_20") and names[-1] == "oracle.parquet"
+    assert len([n for n in names if n.endswith(".csv")]) == 2
+    header = pd.read_csv(tmp_path / names[0], nrows=1).columns.tolist()
+    assert header == ["Date", "Ticker", "Open", "High", "Low", "Close", "Adj Close", "Volume"]
+
+
+def test_ingest_error_is_one_line_and_exit_status_2(tmp_path):
+    bad = tmp_path / "prices.csv"
+    bad.write_text("date,ticker,close\n2024-01-02,AAA,-5\n")
+    env_home = tmp_path / "home"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finpipe.cli",
+            "ingest",
+            "market",
+            str(bad),
+            "--as-of",
+            "2024-01-31",
+        ],
+        capture_output=True,
+        text=True,
+        env={"FINPIPE_HOME": str(env_home), "PATH": ""},
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1
+    assert "prices.csv rejected" in lines[0] and "ticker=AAA" in lines[0]
+    assert (env_home / "quarantine" / "market").is_dir()
+
+
+def test_unknown_domain_is_refused(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "finpipe.cli", "ingest", "bonds", str(tmp_path / "x.csv")],
+        capture_output=True,
+        text=True,
+        env={"FINPIPE_HOME": str(tmp_path), "PATH": ""},
+        timeout=120,
+    )
+    assert result.returncode == 2
+    assert "unknown domain 'bonds'; known domains: market" in result.stderr
