@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pydantic import AliasChoices, Field
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Offline hygiene: Prefect, MLflow and GX phone home unless told not to. Set before any of them
@@ -38,9 +38,11 @@ class Settings(BaseSettings):
         default=Path.home() / ".finpipe",
         description="Storage root: landing, quarantine, validated, features, predictions, reports.",
     )
+    # Only FINPIPE_MLFLOW_TRACKING_URI: MLflow's own `set_tracking_uri` writes
+    # MLFLOW_TRACKING_URI into the process environment, so reading it back here would let one
+    # run's URI leak into the next storage root.
     mlflow_tracking_uri: str | None = Field(
         default=None,
-        validation_alias=AliasChoices("FINPIPE_MLFLOW_TRACKING_URI", "MLFLOW_TRACKING_URI"),
         description="MLflow tracking URI; default a SQLite file under the storage root.",
     )
     mlflow_artifact_root: str | None = Field(

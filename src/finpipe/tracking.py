@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import tempfile
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -135,81 +135,3 @@ def current_alias_version(settings: Settings, domain: str, alias: str = CHAMPION
     except MlflowException:
         return None
     return str(version.version)
-
-
-@dataclass(frozen=True)
-class PromotionDecision:
-    """The champion/challenger decision and the figures behind it."""
-
-    promoted: bool
-    metric: str
-    challenger_version: str
-    challenger_score: float
-    champion_version: str | None
-    champion_score: float | None
-    reason: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def decide_promotion(
-    *,
-    metric: str,
-    challenger_version: str,
-    challenger_score: float,
-    champion_version: str | None,
-    champion_score: float | None,
-    min_improvement: float = 0.0,
-) -> PromotionDecision:
-    """Return whether the challenger should become champion (higher `metric` is better).
-
-    The first model is promoted; afterwards the challenger must beat the champion, measured
-    on the same evaluation window, by more than `min_improvement`.
-    """
-    if champion_version is None or champion_score is None:
-        return PromotionDecision(
-            True,
-            metric,
-            challenger_version,
-            challenger_score,
-            None,
-            None,
-            "no champion yet: the first model is promoted",
-        )
-    if pd.isna(challenger_score):
-        return PromotionDecision(
-            False,
-            metric,
-            challenger_version,
-            challenger_score,
-            champion_version,
-            champion_score,
-            f"challenger {metric} is NaN",
-        )
-    better = challenger_score > champion_score + min_improvement
-    verb = "beats" if better else "does not beat"
-    return PromotionDecision(
-        better,
-        metric,
-        challenger_version,
-        challenger_score,
-        champion_version,
-        champion_score,
-        f"challenger v{challenger_version} {metric}={challenger_score:.4f} {verb} champion "
-        f"v{champion_version} {metric}={champion_score:.4f} on the same test window",
-    )
-
-
-def apply_promotion(settings: Settings, domain: str, decision: PromotionDecision) -> None:
-    """Move `champion` to the challenger if promoted, and tag the version with the decision.
-
-    Moving an alias is a single registry update, so `champion` always names a version.
-    """
-    client = MlflowClient()
-    name = settings.model_name(domain)
-    if decision.promoted:
-        client.set_registered_model_alias(name, CHAMPION, decision.challenger_version)
-    client.set_model_version_tag(
-        name, decision.challenger_version, "promotion", "promoted" if decision.promoted else "kept"
-    )

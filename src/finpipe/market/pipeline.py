@@ -7,7 +7,6 @@ wrap them one to one.
 from __future__ import annotations
 
 import datetime as dt
-import json
 import logging
 import time
 import warnings
@@ -20,9 +19,9 @@ import numpy as np
 import pandas as pd
 from pydantic import BaseModel, Field
 
-from finpipe import plots, tracking
+from finpipe import plots, promotion, tracking
 from finpipe.domains import Domain
-from finpipe.errors import ModelRejected, ScoringError
+from finpipe.errors import ScoringError
 from finpipe.ingest import BATCH_COLUMN, RawContract
 from finpipe.market.features import (
     FEATURE_LOOKBACK_DAYS,
@@ -33,6 +32,7 @@ from finpipe.market.features import (
 from finpipe.market.model import FittedMarketModel, fit_market_model
 from finpipe.market.schema import DOMAIN, normalise_market_frame, price_column
 from finpipe.metrics import market_metrics, per_date_ic
+from finpipe.scoring import ScoringOutcome, publish_predictions
 from finpipe.settings import Settings
 from finpipe.storage import Storage, as_day
 from finpipe.training import TimeSplit, TrainConfig, time_split
@@ -330,7 +330,7 @@ def train_market(
             results[kind] = _train_one(frame, features, split, config, kind, say)
         candidate = max(results, key=lambda k: _nan_low(results[k]["validation"]["ic"]))
         chosen = results[candidate]
-        _sanity_gate(chosen["test_predictions"], candidate)
+        promotion.check_predictions_sane(chosen["test_predictions"], candidate)
         version = str(
             mlflow.register_model(chosen["model_uri"], settings.model_name(DOMAIN)).version
         )
@@ -365,7 +365,7 @@ def train_market(
 
 def promote_market(
     storage: Storage, settings: Settings, outcome: TrainingOutcome
-) -> tracking.PromotionDecision:
+) -> promotion.PromotionDecision:
     """Score challenger and champion on the same test window; promote the challenger if better.
 
     Both models are loaded from the registry and scored by the same code, so the comparison
@@ -378,29 +378,14 @@ def promote_market(
         frame["date"] <= pd.Timestamp(test_end)
     )
     test_window = frame.loc[in_test, [*KEY_COLUMNS, outcome.label]]
-    challenger = tracking.load_model_version(settings, DOMAIN, version=outcome.challenger_version)
-    challenger_score = _window_score(challenger, frame, test_window, outcome)
-    champion_version = tracking.current_alias_version(settings, DOMAIN, tracking.CHAMPION)
-    champion_score = None
-    if champion_version is not None:
-        champion = tracking.load_model_version(settings, DOMAIN, version=champion_version)
-        champion_score = _window_score(champion, frame, test_window, outcome)
-    decision = tracking.decide_promotion(
-        metric=outcome.promotion_metric,
+    return promotion.promote_challenger(
+        settings,
+        DOMAIN,
         challenger_version=outcome.challenger_version,
-        challenger_score=challenger_score,
-        champion_version=champion_version,
-        champion_score=champion_score,
+        metric=outcome.promotion_metric,
+        evaluate=lambda model: _window_score(model, frame, test_window, outcome),
+        run_id=outcome.run_id,
     )
-    tracking.apply_promotion(settings, DOMAIN, decision)
-    with mlflow.start_run(run_id=outcome.run_id):
-        mlflow.log_dict(decision.to_dict(), "promotion.json")
-        figures = {"challenger_score": challenger_score, "promoted": float(decision.promoted)}
-        if champion_score is not None and np.isfinite(champion_score):
-            figures["champion_score"] = champion_score
-        mlflow.log_metrics(figures)
-        mlflow.set_tag("promotion", "promoted" if decision.promoted else "champion kept")
-    return decision
 
 
 def _window_score(model: tracking.RegisteredModel, frame, test_window, outcome) -> float:
@@ -527,15 +512,6 @@ def _log_plots(fitted: FittedMarketModel, test: pd.DataFrame, label: str, kind: 
         plots.close(figure)
 
 
-def _sanity_gate(predictions: np.ndarray, kind: str) -> None:
-    """Refuse a model whose test predictions are NaN or constant: it must never be promoted."""
-    values = np.asarray(predictions, dtype=float)
-    if values.size == 0 or np.isnan(values).any():
-        raise ModelRejected(f"{kind}: test predictions contain NaN; model not registered")
-    if np.nanstd(values) < 1e-12:
-        raise ModelRejected(f"{kind}: test predictions are constant; model not registered")
-
-
 def _oracle_ic(storage: Storage, test_window: pd.DataFrame, label: str) -> float | None:
     """Return the planted signal's IC on the test window, when a synthetic oracle is present."""
     path = storage.root / "reference" / DOMAIN / ORACLE_FILE
@@ -550,21 +526,6 @@ def _oracle_ic(storage: Storage, test_window: pd.DataFrame, label: str) -> float
 
 
 # -- scoring -------------------------------------------------------------------------------
-@dataclass
-class ScoringOutcome:
-    """What a scoring step wrote."""
-
-    date: str
-    rows: int
-    model_name: str
-    model_version: str
-    run_id: str
-    path: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def score_market(storage: Storage, settings: Settings, as_of: dt.date | str) -> ScoringOutcome:
     """Score every ticker of `as_of` with the champion and publish predictions/market/date=as_of.
 
@@ -587,24 +548,8 @@ def score_market(storage: Storage, settings: Settings, as_of: dt.date | str) -> 
             "rebuild features or retrain"
         )
     predicted = champion.predict(features)
-    today = predicted[predicted["date"] == pd.Timestamp(as_of)]
-    out = today[["ticker", "prediction"]].assign(
-        date=pd.Timestamp(as_of),
-        model_name=champion.name,
-        model_version=champion.version,
-        run_id=champion.run_id,
-        scored_at=pd.Timestamp.now(tz="UTC"),
-    )[["date", "ticker", "prediction", "model_name", "model_version", "run_id", "scored_at"]]
-    out = out.sort_values("ticker").reset_index(drop=True)
-    path = storage.write_partition("predictions", DOMAIN, as_of, out)
-    return ScoringOutcome(
-        date=as_of.isoformat(),
-        rows=len(out),
-        model_name=champion.name,
-        model_version=champion.version,
-        run_id=champion.run_id,
-        path=str(path.parent),
-    )
+    today = predicted.loc[predicted["date"] == pd.Timestamp(as_of), ["ticker", "prediction"]]
+    return publish_predictions(storage, DOMAIN, as_of, today, champion, sort_by=["ticker"])
 
 
 def write_oracle(storage: Storage, oracle: pd.DataFrame) -> None:
@@ -612,11 +557,6 @@ def write_oracle(storage: Storage, oracle: pd.DataFrame) -> None:
     path = storage.root / "reference" / DOMAIN / ORACLE_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
     oracle.to_parquet(path, index=False)
-
-
-def describe_outcome(outcome) -> str:
-    """Return an outcome as compact JSON for logs and artifacts."""
-    return json.dumps(outcome.to_dict(), default=str, indent=2)
 
 
 MARKET = Domain(

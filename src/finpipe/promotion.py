@@ -1,0 +1,146 @@
+"""Champion/challenger promotion: the policy, the sanity gate and the registry update.
+
+A new model version becomes `challenger`; it becomes `champion` only if it beats the current
+champion on the same evaluation window, scored by the same code. The decision and both figures
+are logged to the training run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow import MlflowClient
+
+from finpipe.errors import ModelRejected
+from finpipe.settings import Settings
+from finpipe.tracking import CHAMPION, RegisteredModel, current_alias_version, load_model_version
+
+
+def check_predictions_sane(predictions, what: str) -> None:
+    """Raise ModelRejected if predictions are empty, NaN/inf or constant: never promote those."""
+    values = np.asarray(predictions, dtype=float)
+    if values.size == 0 or not np.isfinite(values).all():
+        raise ModelRejected(f"{what}: predictions are empty or contain NaN/inf; not registered")
+    if np.std(values) < 1e-12:
+        raise ModelRejected(f"{what}: predictions are constant; not registered")
+
+
+@dataclass(frozen=True)
+class PromotionDecision:
+    """The champion/challenger decision and the figures behind it."""
+
+    promoted: bool
+    metric: str
+    challenger_version: str
+    challenger_score: float
+    champion_version: str | None
+    champion_score: float | None
+    reason: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def decide_promotion(
+    *,
+    metric: str,
+    challenger_version: str,
+    challenger_score: float,
+    champion_version: str | None,
+    champion_score: float | None,
+    min_improvement: float = 0.0,
+) -> PromotionDecision:
+    """Return whether the challenger should become champion (higher `metric` is better).
+
+    The first model is promoted; afterwards the challenger must beat the champion, measured
+    on the same evaluation window, by more than `min_improvement`.
+    """
+    if champion_version is None or champion_score is None:
+        return PromotionDecision(
+            True,
+            metric,
+            challenger_version,
+            challenger_score,
+            None,
+            None,
+            "no champion yet: the first model is promoted",
+        )
+    if pd.isna(challenger_score):
+        return PromotionDecision(
+            False,
+            metric,
+            challenger_version,
+            challenger_score,
+            champion_version,
+            champion_score,
+            f"challenger {metric} is NaN",
+        )
+    better = challenger_score > champion_score + min_improvement
+    verb = "beats" if better else "does not beat"
+    return PromotionDecision(
+        better,
+        metric,
+        challenger_version,
+        challenger_score,
+        champion_version,
+        champion_score,
+        f"challenger v{challenger_version} {metric}={challenger_score:.4f} {verb} champion "
+        f"v{champion_version} {metric}={champion_score:.4f} on the same test window",
+    )
+
+
+def apply_promotion(settings: Settings, domain: str, decision: PromotionDecision) -> None:
+    """Move `champion` to the challenger if promoted, and tag the version with the decision.
+
+    Moving an alias is a single registry update, so `champion` always names a version.
+    """
+    client = MlflowClient()
+    name = settings.model_name(domain)
+    if decision.promoted:
+        client.set_registered_model_alias(name, CHAMPION, decision.challenger_version)
+    client.set_model_version_tag(
+        name, decision.challenger_version, "promotion", "promoted" if decision.promoted else "kept"
+    )
+
+
+def promote_challenger(
+    settings: Settings,
+    domain: str,
+    *,
+    challenger_version: str,
+    metric: str,
+    evaluate: Callable[[RegisteredModel], float],
+    run_id: str | None = None,
+) -> PromotionDecision:
+    """Score challenger and current champion with `evaluate`; promote the challenger if better.
+
+    `evaluate` receives a registered model and returns its score on the evaluation window
+    (higher is better); both models go through it, so the comparison is like for like.
+    """
+    challenger = load_model_version(settings, domain, version=challenger_version)
+    challenger_score = evaluate(challenger)
+    champion_version = current_alias_version(settings, domain, CHAMPION)
+    champion_score = None
+    if champion_version is not None:
+        champion_score = evaluate(load_model_version(settings, domain, version=champion_version))
+    decision = decide_promotion(
+        metric=metric,
+        challenger_version=str(challenger_version),
+        challenger_score=challenger_score,
+        champion_version=champion_version,
+        champion_score=champion_score,
+    )
+    apply_promotion(settings, domain, decision)
+    if run_id is not None:
+        with mlflow.start_run(run_id=run_id):
+            mlflow.log_dict(decision.to_dict(), "promotion.json")
+            figures = {"challenger_score": challenger_score, "promoted": float(decision.promoted)}
+            if champion_score is not None and np.isfinite(champion_score):
+                figures["champion_score"] = champion_score
+            mlflow.log_metrics(figures)
+            mlflow.set_tag("promotion", "promoted" if decision.promoted else "champion kept")
+    return decision
