@@ -97,21 +97,11 @@ def summary_markdown(summary: dict) -> str:
         lines += [
             "",
             "## Training",
-            f"MLflow run `{training['run_id']}`; test window {training['test_start']} to "
-            f"{training['test_end']}; candidate **{training['candidate']}** registered as "
-            f"version {training['challenger_version']}.",
+            f"MLflow run `{training['run_id']}`; candidate **{training['candidate']}** "
+            f"registered as version {training['challenger_version']}.",
             "",
-            "| model | val IC | test IC | rank IC | ICIR | dir. acc. | RMSE | top-bottom "
-            "| oracle IC |",
-            "|---|---|---|---|---|---|---|---|---|",
+            *metrics_table(training["metrics"]),
         ]
-        for kind, result in training["metrics"].items():
-            test, val = result["test"], result["validation"]
-            lines.append(
-                f"| {kind} | {val['ic']:.4f} | {test['ic']:.4f} | {test['rank_ic']:.4f} | "
-                f"{test['icir']:.3f} | {test['directional_accuracy']:.3f} | {test['rmse']:.4f} | "
-                f"{test['top_minus_bottom']:.4f} | {test.get('oracle_ic', float('nan')):.4f} |"
-            )
     decision = summary["promotion"]
     if decision:
         lines += ["", "## Promotion", decision["reason"]]
@@ -123,3 +113,18 @@ def summary_markdown(summary: dict) -> str:
         f"v{predictions['model_version']} in `{predictions['path']}`.",
     ]
     return "\n".join(lines)
+
+
+def metrics_table(metrics: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """Return a markdown table: one row per model, test metrics (validation IC-like first)."""
+    names = sorted({key for result in metrics.values() for key in result.get("test", {})})
+    lines = ["| model | " + " | ".join(f"test {n}" for n in names) + " |"]
+    lines.append("|---" * (len(names) + 1) + "|")
+    for kind, result in metrics.items():
+        cells = [_number(result.get("test", {}).get(name)) for name in names]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -151,54 +151,50 @@ def _print_summary(summary: dict, settings: Settings) -> None:
 
 @app.command("demo")
 def demo(
-    tickers: Annotated[int, typer.Option(min=10, help="Tickers in the synthetic panel.")] = 40,
-    days: Annotated[int, typer.Option(min=300, help="Business days of history.")] = 700,
-    nights: Annotated[int, typer.Option(min=1, max=10, help="Consecutive nights to run.")] = 3,
-    max_epochs: Annotated[int, typer.Option(min=1, help="Epoch cap per model.")] = 12,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 7,
+    domains: Annotated[
+        str, typer.Option(help="Comma-separated domains to run, in order (default: all).")
+    ] = "",
 ) -> None:
-    """Generate a panel, then run the nightly flow for a few consecutive dates, end to end."""
+    """Generate synthetic deliveries, then run the nightly flow for a few dates per domain."""
     settings = _settings()
+    from finpipe.domains import domain_names, get_domain
     from finpipe.flows.nightly import nightly
-    from finpipe.market.pipeline import write_oracle
-    from finpipe.market.synthetic import (
-        MarketSyntheticConfig,
-        generate_market_panel,
-        write_vendor_files,
-    )
-    from finpipe.storage import Storage
 
-    storage = Storage(settings.home)
-    drop = settings.home / "vendor_drop" / "market"
+    chosen = [d.strip() for d in domains.split(",") if d.strip()] or domain_names()
     _echo(f"finpipe demo: FINPIPE_HOME={settings.home}")
-    panel = generate_market_panel(MarketSyntheticConfig(tickers=tickers, days=days, seed=seed))
-    files = write_vendor_files(panel.prices, drop, daily_files=nights)
-    write_oracle(storage, panel.expected_return)
-    _echo(f"generated {len(panel.prices):,} rows in {drop} (oracle IC {panel.oracle_ic(5):.4f})")
-    history, dailies = files[0], files[1:]
-    for night, daily in enumerate(dailies):
-        inputs = [history, daily] if night == 0 else [daily]
-        as_of = daily.stem.removeprefix("market_")
-        _echo(f"--- night {night + 1}/{len(dailies)}: as of {as_of}")
-        summary = nightly(
-            domain="market",
-            as_of=dt.date.fromisoformat(as_of),
-            inputs=[str(p) for p in inputs],
-            training={"max_epochs": max_epochs},
-        )
-        _print_summary(summary, settings)
-    home = settings.home
+    for name in chosen:
+        spec = get_domain(name)
+        if spec.plan_demo is None:
+            continue
+        nights = spec.plan_demo(settings)
+        for number, night in enumerate(nights, start=1):
+            _echo(f"--- {name}: night {number}/{len(nights)}, as of {night.as_of}")
+            summary = nightly(
+                domain=name,
+                as_of=dt.date.fromisoformat(night.as_of),
+                inputs=night.inputs,
+                training=night.training,
+            )
+            _print_summary(summary, settings)
+        _print_outputs(settings, name)
     typer.echo(
-        "\nOutputs:\n"
-        f"  validated    {home / 'validated' / 'market'}\n"
-        f"  features     {home / 'features' / 'market'}\n"
-        f"  predictions  {home / 'predictions' / 'market'}\n"
-        f"  data docs    {home / 'reports' / 'data_docs' / 'market'}\n"
-        f"  MLflow       {settings.tracking_uri} (experiment {settings.experiment_name('market')},"
-        f" model {settings.model_name('market')}@champion)\n"
-        "Open the MLflow UI on them with:\n"
+        "\nOpen the MLflow UI on these runs with:\n"
         f"  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
         f"{settings.tracking_uri} --port 5000"
+    )
+
+
+def _print_outputs(settings: Settings, domain: str) -> None:
+    home = settings.home
+    typer.echo(
+        f"\n{domain} outputs:\n"
+        f"  validated    {home / 'validated' / domain}\n"
+        f"  features     {home / 'features' / domain}\n"
+        f"  predictions  {home / 'predictions' / domain}\n"
+        f"  data docs    {home / 'reports' / 'data_docs' / domain}\n"
+        f"  quarantine   {home / 'quarantine' / domain}\n"
+        f"  MLflow       {settings.tracking_uri} (experiment {settings.experiment_name(domain)},"
+        f" model {settings.model_name(domain)}@champion)"
     )
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from finpipe.errors import ConfigError
@@ -30,11 +30,22 @@ class Domain:
     score: Callable[..., Any]  # (storage, settings, as_of) -> ScoringOutcome
     training_config: type  # pydantic model of the domain's hyper-parameters
     training_outcome: type  # dataclass `train` returns (rebuilt from a dict between tasks)
+    # (settings) -> list[DemoNight]: writes synthetic deliveries for `finpipe demo`.
+    plan_demo: Callable[..., list[DemoNight]] | None = None
+
+
+@dataclass(frozen=True)
+class DemoNight:
+    """One night of the demo: the as-of date, the files delivered that night, overrides."""
+
+    as_of: str
+    inputs: list[str]
+    training: dict = field(default_factory=dict)
 
 
 def domain_names() -> list[str]:
-    """Return the names of every registered domain."""
-    return sorted(_REGISTRY)
+    """Return the names of every registered domain, market first (the demo's order)."""
+    return list(_REGISTRY)
 
 
 def get_domain(name: str) -> Domain:

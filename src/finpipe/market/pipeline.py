@@ -20,7 +20,7 @@ import pandas as pd
 from pydantic import BaseModel, Field
 
 from finpipe import plots, promotion, tracking
-from finpipe.domains import Domain
+from finpipe.domains import DemoNight, Domain
 from finpipe.errors import ScoringError
 from finpipe.ingest import BATCH_COLUMN, RawContract
 from finpipe.market.features import (
@@ -559,6 +559,36 @@ def write_oracle(storage: Storage, oracle: pd.DataFrame) -> None:
     oracle.to_parquet(path, index=False)
 
 
+def plan_market_demo(
+    settings: Settings, *, tickers: int = 40, days: int = 700, nights: int = 3, seed: int = 7
+) -> list[DemoNight]:
+    """Write a synthetic panel as vendor files and return the nights the demo runs.
+
+    The first night loads the history file and the first daily file; each later night one
+    daily file. The planted signal is kept under reference/ for oracle-IC reporting.
+    """
+    from finpipe.market.synthetic import (
+        MarketSyntheticConfig,
+        generate_market_panel,
+        write_vendor_files,
+    )
+
+    panel = generate_market_panel(MarketSyntheticConfig(tickers=tickers, days=days, seed=seed))
+    drop = settings.home / "vendor_drop" / DOMAIN
+    files = write_vendor_files(panel.prices, drop, daily_files=nights)
+    write_oracle(Storage(settings.home), panel.expected_return)
+    log.info("generated %s rows in %s (oracle IC %.4f)", len(panel.prices), drop, panel.oracle_ic())
+    history, dailies = files[0], files[1:]
+    return [
+        DemoNight(
+            as_of=daily.stem.removeprefix("market_"),
+            inputs=[str(history), str(daily)] if night == 0 else [str(daily)],
+            training={"max_epochs": 12},
+        )
+        for night, daily in enumerate(dailies)
+    ]
+
+
 MARKET = Domain(
     name=DOMAIN,
     contract=MARKET_CONTRACT,
@@ -568,4 +598,5 @@ MARKET = Domain(
     score=score_market,
     training_config=MarketTrainingConfig,
     training_outcome=TrainingOutcome,
+    plan_demo=plan_market_demo,
 )
