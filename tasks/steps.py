@@ -40,8 +40,12 @@ def ingest_files(domain: str, paths: list[str], as_of: str) -> list[dict]:
     logger = get_run_logger()
     contract = get_domain(domain).contract
     outcomes = []
+    settings = load_settings()
     for path in paths:
-        outcome = ingest_file(_storage(), contract, Path(path), as_of=as_of)
+        outcome = ingest_file(
+            Storage(settings.home), contract, Path(path), as_of=as_of,
+            max_file_bytes=settings.max_file_mb * 1024**2,
+        )
         logger.info(outcome.message)
         outcomes.append(outcome.to_dict())
     return outcomes

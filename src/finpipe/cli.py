@@ -97,7 +97,10 @@ def ingest(
     contract = get_domain(domain).contract
     day = as_day(as_of) if as_of else dt.datetime.now(dt.UTC).date()
     for path in paths:
-        outcome = ingest_file(Storage(settings.home), contract, path, as_of=day)
+        outcome = ingest_file(
+            Storage(settings.home), contract, path, as_of=day,
+            max_file_bytes=settings.max_file_mb * 1024**2,
+        )
         typer.echo(outcome.message)
 
 

@@ -96,8 +96,16 @@ def read_delivery(path: Path) -> pd.DataFrame:
     return frame
 
 
+DEFAULT_MAX_FILE_BYTES = 2 * 1024**3
+
+
 def ingest_file(
-    storage: Storage, contract: RawContract, path: Path, *, as_of: dt.date | str
+    storage: Storage,
+    contract: RawContract,
+    path: Path,
+    *,
+    as_of: dt.date | str,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> IngestOutcome:
     """Land, validate and publish one delivered file; return what happened.
 
@@ -107,6 +115,15 @@ def ingest_file(
     path = Path(path)
     if not path.exists():
         raise InputFileError(f"{path}: no such file")
+    size = path.stat().st_size
+    if size > max_file_bytes:
+        # Refused before landing: a batch is validated in memory, and copying a file that
+        # cannot be loaded into landing/ or quarantine/ would only fill the disk.
+        raise InputFileError(
+            f"{path}: {size / 1024**2:,.0f} MiB is over the {max_file_bytes / 1024**2:,.0f} MiB "
+            "limit for one delivery; split it (e.g. one file per month) or raise "
+            "FINPIPE_MAX_FILE_MB"
+        )
     domain = contract.domain
     sha = file_sha256(path)
     batch_id = f"b{sha[:12]}"
@@ -159,16 +176,19 @@ def ingest_file(
     )
     report_dict = report.to_dict()
     report_dict["source"] = str(path)
-    overlap = _keys_from_other_batches(storage, contract, frame, batch_id)
-    if overlap is not None:
-        report_dict["success"] = False
-        report_dict.setdefault("rules", []).append(overlap)
+    for extra in (
+        _parse_error_rule(frame),
+        _keys_from_other_batches(storage, contract, frame, batch_id),
+    ):
+        if extra is not None:
+            report_dict["success"] = False
+            report_dict.setdefault("rules", []).append(extra)
     if not report_dict["success"]:
         message = report.summary() if not report.success else ""
-        if overlap is not None:
+        for extra in report_dict["rules"][len(report.rules) :]:
             message += (
-                f" Rule duplicate_key_across_batches: {overlap['unexpected_count']} rows "
-                f"repeat keys already accepted, e.g. {overlap['sample_values'][:1]}."
+                f" Rule {extra['rule']}: {extra['unexpected_count']} rows {extra['message']}, "
+                f"e.g. row {extra['sample_rows'][0]}: {extra['sample_values'][0]}."
             )
         _quarantine(
             storage,
@@ -224,6 +244,27 @@ def _quarantine(storage, contract, record, landed, report, docs_dir, message) ->
     )
 
 
+def _parse_error_rule(frame: pd.DataFrame) -> dict | None:
+    """Return a failed-rule entry for values that did not parse (text in a number column...)."""
+    problems = frame.attrs.get("parse_errors") or {}
+    if not problems:
+        return None
+    table = pd.DataFrame(problems)
+    bad = table.notna().any(axis=1)
+    rows = table[bad].head(10)
+    return {
+        "rule": "parseable_values",
+        "success": False,
+        "columns": sorted(problems),
+        "unexpected_count": int(bad.sum()),
+        "sample_rows": [int(i) for i in rows.index],
+        "sample_values": [
+            {c: str(v) for c, v in row.items() if pd.notna(v)} for _, row in rows.iterrows()
+        ],
+        "message": "have values that are not valid for their column (numbers, dates)",
+    }
+
+
 def _keys_from_other_batches(storage, contract, frame, batch_id) -> dict | None:
     """Return a failed-rule entry if the batch repeats keys another batch already published."""
     date_col = contract.date_column
@@ -255,7 +296,7 @@ def _keys_from_other_batches(storage, contract, frame, batch_id) -> dict | None:
         "sample_values": [
             {k: str(v) for k, v in row.items()} for row in sample[keys].to_dict("records")
         ],
-        "message": "rows repeat (date, key) pairs accepted from an earlier batch",
+        "message": "repeat keys already accepted from an earlier batch",
     }
 
 

@@ -56,6 +56,10 @@ class Settings(BaseSettings):
         default="finpipe", description="Registered model name is `<prefix>-<domain>`."
     )
 
+    max_file_mb: int = Field(
+        default=2048, ge=1, description="Largest delivery file ingest accepts, in MiB."
+    )
+
     def model_post_init(self, __context: object) -> None:
         self.home = self.home.expanduser().resolve()
 

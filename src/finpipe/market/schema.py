@@ -50,10 +50,10 @@ def normalise_market_frame(raw: pd.DataFrame, *, source: str = "<frame>") -> pd.
 
     - column names normalised (case, spaces, known aliases); unknown extra columns are dropped
       (documented: the contract ignores them);
-    - `date` parsed to a tz-naive day (a tz-aware timestamp is converted to UTC first);
+    - `date` parsed to a tz-naive day (the day as written; see `_parse_dates` on time zones);
     - `ticker` stripped and upper-cased;
-    - numeric columns coerced to float64; text that is not a number becomes NaN, which the
-      not-null rules then report with the row.
+    - numeric columns coerced to float64; text that is not a number becomes NaN, and the raw
+      text is kept in `frame.attrs["parse_errors"]` so ingest reports it with its row.
 
     Raises InputFileError when a required column is missing.
     """
@@ -69,22 +69,57 @@ def normalise_market_frame(raw: pd.DataFrame, *, source: str = "<frame>") -> pd.
         )
     keep = [c for c in CANONICAL_COLUMNS if c in frame.columns]
     frame = frame[keep].copy()
-    frame["date"] = _parse_dates(frame["date"])
+    problems: dict[str, pd.Series] = {}
+    frame["date"], problems["date"] = _parse_dates(frame["date"])
     frame["ticker"] = frame["ticker"].astype("string").str.strip().str.upper()
     for column in NUMERIC_COLUMNS:
         if column in frame.columns:
-            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
-    return frame.reset_index(drop=True)
+            raw_values = frame[column]
+            frame[column] = pd.to_numeric(raw_values, errors="coerce").astype("float64")
+            problems[column] = _unparsed(raw_values, frame[column])
+    frame = frame.reset_index(drop=True)
+    frame.attrs[PARSE_ERRORS] = {
+        column: bad.reset_index(drop=True) for column, bad in problems.items() if bad.notna().any()
+    }
+    return frame
 
 
-def _parse_dates(values: pd.Series) -> pd.Series:
+PARSE_ERRORS = "parse_errors"
+# An explicit offset ("+02:00", "-0500", "Z") at the end of a timestamp.
+_OFFSET = re.compile(r"(?:[+-]\d{2}:?\d{2}|Z)$")
+
+
+def _unparsed(raw: pd.Series, parsed: pd.Series) -> pd.Series:
+    """Return the raw text where a non-empty value failed to parse (else <NA>)."""
+    text = raw.astype("string").str.strip()
+    failed = parsed.isna() & text.notna() & (text != "")
+    return text.where(failed)
+
+
+def _parse_dates(values: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Return (trading day, unparsed text) for a column of dates or timestamps.
+
+    Time-zone policy: a trading date is the calendar day *as written* by the exchange or
+    vendor, so an explicit offset is dropped, not converted (converting 00:00+02:00 to UTC
+    would move the bar to the previous day). A file that mixes stamps with and without an
+    offset is ambiguous: the rows whose form is in the minority are reported unparsed.
+    """
     if pd.api.types.is_datetime64_any_dtype(values):
         parsed = values
-    else:
-        parsed = pd.to_datetime(values.astype("string"), errors="coerce", utc=True, format="mixed")
-    if getattr(parsed.dt, "tz", None) is not None:
-        parsed = parsed.dt.tz_convert("UTC").dt.tz_localize(None)
-    return parsed.dt.normalize().astype("datetime64[ns]")
+        if getattr(parsed.dt, "tz", None) is not None:
+            parsed = parsed.dt.tz_localize(None)
+        return parsed.dt.normalize().astype("datetime64[ns]"), pd.Series(pd.NA, index=values.index)
+    text = values.astype("string").str.strip()
+    has_offset = text.str.contains(_OFFSET, na=False)
+    local = text.str.replace(_OFFSET, "", regex=True).str.strip()
+    parsed = pd.to_datetime(local, errors="coerce", format="mixed")
+    problems = _unparsed(text, parsed)
+    with_offset, without = int(has_offset.sum()), int((~has_offset & text.notna()).sum())
+    if with_offset and without:
+        minority = has_offset if with_offset <= without else (~has_offset & text.notna())
+        problems = problems.where(~minority, "mixed time zones: " + text)
+        parsed = parsed.where(~minority)
+    return parsed.dt.normalize().astype("datetime64[ns]"), problems
 
 
 def empty_market_frame() -> pd.DataFrame:

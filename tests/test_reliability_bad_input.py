@@ -1,0 +1,233 @@
+"""Bad deliveries through the real ingest path: a clear error, quarantine, nothing lost.
+
+Each case starts from accepted history, offers one bad file for the next business day and
+checks: the error names the file, the rule and a sample; the batch sits in quarantine with a
+machine-readable report; every accepted partition is byte-for-byte what it was.
+"""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+
+import pandas as pd
+import pytest
+
+from finpipe.errors import InputFileError, ValidationFailed
+from finpipe.ingest import ingest_file
+from finpipe.market.pipeline import MARKET_CONTRACT
+from finpipe.market.synthetic import MarketSyntheticConfig, generate_market_panel
+from finpipe.storage import Storage
+
+AS_OF = "2099-01-01"
+
+
+@pytest.fixture(scope="module")
+def panel():
+    return generate_market_panel(MarketSyntheticConfig(tickers=6, days=320, seed=5)).prices
+
+
+@pytest.fixture
+def accepted(tmp_path, panel):
+    """Storage holding every date but the last; returns (storage, last day's rows)."""
+    storage = Storage(tmp_path / "root")
+    last_day = panel["date"].max()
+    history = tmp_path / "history.csv"
+    _vendor(panel[panel["date"] < last_day]).to_csv(history, index=False)
+    ingest_file(storage, MARKET_CONTRACT, history, as_of=AS_OF)
+    return storage, panel[panel["date"] == last_day].reset_index(drop=True)
+
+
+def _vendor(frame: pd.DataFrame) -> pd.DataFrame:
+    out = frame.copy()
+    out["date"] = out["date"].dt.strftime("%Y-%m-%d")
+    return out.rename(columns={"adj_close": "Adj Close", "date": "Date", "ticker": "Ticker"})
+
+
+def _csv(frame: pd.DataFrame) -> bytes:
+    return _vendor(frame).to_csv(index=False).encode()
+
+
+def _snapshot(storage: Storage) -> dict:
+    folder = storage.root / "validated"
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*.parquet"))}
+
+
+def _set(rows: pd.DataFrame, index: int, column: str, value) -> pd.DataFrame:
+    rows = rows.astype({column: object}) if isinstance(value, str) else rows.copy()
+    rows.loc[index, column] = value
+    return rows
+
+
+def _parquet_bytes(rows: pd.DataFrame) -> bytes:
+    buffer = io.BytesIO()
+    rows.to_parquet(buffer, index=False)
+    return buffer.getvalue()
+
+
+# (file name, builder(last-day rows) -> bytes, rule named in the error, sample text in the error)
+REJECTED = {
+    "empty": ("empty.csv", lambda r: b"", "readable_file", "empty"),
+    "header only": (
+        "header.csv",
+        lambda r: b"Date,Ticker,Close\n",
+        "expect_table_row_count",
+        "observed: 0",
+    ),
+    "missing required column": (
+        "noclose.csv",
+        lambda r: _csv(r.drop(columns=["close"])),
+        "readable_file",
+        "'close'",
+    ),
+    "text in numeric column": (
+        "text.csv",
+        lambda r: _csv(_set(r, 2, "volume", "12k")),
+        "parseable_values",
+        "12k",
+    ),
+    "NaN close": (
+        "nan.csv",
+        lambda r: _csv(_set(r, 1, "close", float("nan"))),
+        "not_be_null",
+        "row 1",
+    ),
+    "+inf price": ("inf.csv", lambda r: _csv(_set(r, 3, "high", float("inf"))), "(high)", "inf"),
+    "-inf price": ("ninf.csv", lambda r: _csv(_set(r, 3, "low", float("-inf"))), "(low)", "inf"),
+    "zero price": ("zero.csv", lambda r: _csv(_set(r, 0, "close", 0.0)), "(close)", "row 0"),
+    "negative price": ("neg.csv", lambda r: _csv(_set(r, 4, "open", -3.0)), "(open)", "row 4"),
+    "high below low": (
+        "hilo.csv",
+        lambda r: _csv(_set(r, 2, "high", float(r.loc[2, "low"]) * 0.5)),
+        "(high, low)",
+        "row 2",
+    ),
+    "duplicate keys in file": (
+        "dupes.csv",
+        lambda r: _csv(pd.concat([r, r.iloc[[1]]])),
+        "compound_columns_to_be_unique",
+        "row",
+    ),
+    "date after as-of": (
+        "future.csv",
+        lambda r: _csv(r.assign(date=pd.Timestamp("2099-02-01"))),
+        "(date)",
+        "2099-02-01",
+    ),
+    "unparseable date": (
+        "baddate.csv",
+        lambda r: _csv(r).replace(r["date"].iloc[0].strftime("%Y-%m-%d").encode(), b"31/02/20x", 1),
+        "parseable_values",
+        "31/02/20x",
+    ),
+    "mixed time zones": (
+        "tz.csv",
+        lambda r: _csv(r).replace(
+            r["date"].iloc[0].strftime("%Y-%m-%d").encode(),
+            r["date"].iloc[0].strftime("%Y-%m-%dT00:00:00+02:00").encode(),
+            1,
+        ),
+        "parseable_values",
+        "mixed time zones",
+    ),
+    "unadjusted split jump": (
+        "split.csv",
+        lambda r: _csv(
+            r.drop(columns=["adj_close"])
+            .pipe(_set, 0, "close", r.loc[0, "close"] / 2)
+            .pipe(_set, 0, "low", r.loc[0, "close"] / 2.2)
+        ),
+        "abs_log_return_1d",
+        "row 0",
+    ),
+    "truncated gzip": (
+        "cut.csv.gz",
+        lambda r: gzip.compress(_csv(r))[:-20],
+        "readable_file",
+        "truncated or corrupt",
+    ),
+    "corrupt parquet": (
+        "bad.parquet",
+        lambda r: _parquet_bytes(r)[:-40] + b"garbage",
+        "readable_file",
+        "cannot be read",
+    ),
+    "wrong delimiter": (
+        "semi.csv",
+        lambda r: _vendor(r).to_csv(index=False, sep=";").encode(),
+        "readable_file",
+        "not comma-separated",
+    ),
+    "non-UTF-8 bytes": (
+        "latin1.csv",
+        lambda r: _csv(r).replace(b"Ticker", b"Tick\xe9r", 1),
+        "readable_file",
+        "not UTF-8",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REJECTED))
+def test_bad_delivery_is_quarantined_with_a_clear_error(case, accepted, tmp_path):
+    storage, rows = accepted
+    name, build, rule, sample = REJECTED[case]
+    path = tmp_path / name
+    path.write_bytes(build(rows))
+    before = _snapshot(storage)
+    with pytest.raises(ValidationFailed) as caught:
+        ingest_file(storage, MARKET_CONTRACT, path, as_of=AS_OF)
+    message = str(caught.value)
+    assert name in message
+    assert rule in message, message
+    assert sample in message, message
+    folder = storage.root / caught.value.quarantine_path
+    report = json.loads((folder / "report.json").read_text())
+    assert report["success"] is False
+    assert any(not r.get("success", True) for r in report["rules"])
+    assert (folder / name).read_bytes() == path.read_bytes()
+    assert _snapshot(storage) == before, "accepted partitions changed"
+
+
+def test_duplicate_keys_across_files_are_rejected(accepted, tmp_path):
+    storage, rows = accepted
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    first.write_bytes(_csv(rows))
+    second.write_bytes(_csv(rows.iloc[::-1]))  # same keys, different bytes
+    ingest_file(storage, MARKET_CONTRACT, first, as_of=AS_OF)
+    before = _snapshot(storage)
+    with pytest.raises(ValidationFailed, match="duplicate_key_across_batches"):
+        ingest_file(storage, MARKET_CONTRACT, second, as_of=AS_OF)
+    assert _snapshot(storage) == before
+
+
+@pytest.mark.parametrize(
+    ("case", "transform"),
+    [
+        ("extra column is ignored", lambda r: _vendor(r).assign(Exchange="XNYS")),
+        ("unsorted rows are accepted", lambda r: _vendor(r.iloc[::-1])),
+        (
+            "ticker case and whitespace are normalised",
+            lambda r: _vendor(r.assign(ticker="  " + r["ticker"].str.lower() + " ")),
+        ),
+    ],
+)
+def test_tolerated_variants_are_accepted(case, transform, accepted, tmp_path):
+    storage, rows = accepted
+    path = tmp_path / "ok.csv"
+    transform(rows).to_csv(path, index=False)
+    outcome = ingest_file(storage, MARKET_CONTRACT, path, as_of=AS_OF)
+    assert outcome.status == "validated"
+    day = rows["date"].iloc[0].date()
+    published = storage.read_partition("validated", "market", day)
+    assert sorted(published["ticker"]) == sorted(rows["ticker"])
+    assert "exchange" not in published.columns
+
+
+def test_file_larger_than_the_limit_is_refused_before_landing(accepted, tmp_path):
+    storage, rows = accepted
+    path = tmp_path / "huge.csv"
+    path.write_bytes(_csv(rows) * 50)
+    with pytest.raises(InputFileError, match="over the 0 MiB limit .* FINPIPE_MAX_FILE_MB"):
+        ingest_file(storage, MARKET_CONTRACT, path, as_of=AS_OF, max_file_bytes=1000)
+    assert not any(p.name.endswith("huge.csv") for p in storage.landing_dir("market").iterdir())
