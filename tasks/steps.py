@@ -15,9 +15,9 @@ from finpipe.storage import Storage
 
 
 def retry_if_transient(task, task_run, state) -> bool:
-    """Retry I/O and connection faults; never retry a finpipe error (it would fail the same)."""
+    """Retry I/O and connection faults; a finpipe error is retried only if it is transient."""
     error = state.result(raise_on_failure=False)
-    return not isinstance(error, FinpipeError)
+    return not isinstance(error, FinpipeError) or error.transient
 
 
 # Idempotency lives in storage (content hashes, partitions replaced whole), not in Prefect's
@@ -43,7 +43,10 @@ def ingest_files(domain: str, paths: list[str], as_of: str) -> list[dict]:
     settings = load_settings()
     for path in paths:
         outcome = ingest_file(
-            Storage(settings.home), contract, Path(path), as_of=as_of,
+            Storage(settings.home),
+            contract,
+            Path(path),
+            as_of=as_of,
             max_file_bytes=settings.max_file_mb * 1024**2,
         )
         logger.info(outcome.message)

@@ -183,7 +183,7 @@ def demo(
     typer.echo(
         "\nOpen the MLflow UI on these runs with:\n"
         f"  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
-        f"{settings.tracking_uri} --port 5000"
+        f"{settings.tracking_uri_for_display} --port 5000"
     )
 
 
@@ -196,7 +196,8 @@ def _print_outputs(settings: Settings, domain: str) -> None:
         f"  predictions  {home / 'predictions' / domain}\n"
         f"  data docs    {home / 'reports' / 'data_docs' / domain}\n"
         f"  quarantine   {home / 'quarantine' / domain}\n"
-        f"  MLflow       {settings.tracking_uri} (experiment {settings.experiment_name(domain)},"
+        f"  MLflow       {settings.tracking_uri_for_display} "
+        f"(experiment {settings.experiment_name(domain)},"
         f" model {settings.model_name(domain)}@champion)"
     )
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 
 class FinpipeError(Exception):
-    """Base class: a failure the user can act on, with a message that says how."""
+    """Base class: a failure the user can act on, with a message that says how.
+
+    `transient` errors (a server that blinked) are worth retrying; the others fail the same
+    way every time, so orchestration should not retry them.
+    """
+
+    transient = False
 
 
 class ConfigError(FinpipeError):
@@ -29,3 +35,13 @@ class ModelRejected(FinpipeError):
 
 class ScoringError(FinpipeError):
     """Scoring cannot proceed: no champion model, or features that do not match it."""
+
+
+class StorageError(FinpipeError):
+    """Reading or writing the storage root failed (permissions, disk full); nothing partial."""
+
+
+class TrackingUnavailable(FinpipeError):
+    """The MLflow tracking server cannot be reached; worth retrying."""
+
+    transient = True

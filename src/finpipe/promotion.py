@@ -16,6 +16,7 @@ import pandas as pd
 from mlflow import MlflowClient
 
 from finpipe.errors import ModelRejected
+from finpipe.faults import crash_point
 from finpipe.settings import Settings
 from finpipe.tracking import CHAMPION, RegisteredModel, current_alias_version, load_model_version
 
@@ -100,6 +101,7 @@ def apply_promotion(settings: Settings, domain: str, decision: PromotionDecision
     """
     client = MlflowClient()
     name = settings.model_name(domain)
+    crash_point("champion-alias")
     if decision.promoted:
         client.set_registered_model_alias(name, CHAMPION, decision.challenger_version)
     client.set_model_version_tag(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 from pydantic import Field
@@ -69,6 +70,16 @@ class Settings(BaseSettings):
         return self.mlflow_tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
 
     @property
+    def tracking_uri_for_display(self) -> str:
+        """The tracking URI with any user:password part masked, safe for logs and errors."""
+        return redact_uri(self.tracking_uri)
+
+    @property
+    def tracking_is_local(self) -> bool:
+        """True when MLflow runs in-process on a local database or folder (no server)."""
+        return self.tracking_uri.startswith(("sqlite:", "file:", "/"))
+
+    @property
     def artifact_root(self) -> str:
         """Artifact location for experiments finpipe creates."""
         return self.mlflow_artifact_root or (self.home / "mlartifacts").as_uri()
@@ -82,6 +93,12 @@ class Settings(BaseSettings):
     def prefect_home(self) -> Path:
         """Prefect's local state (ephemeral-mode database) kept beside the data."""
         return self.home / "prefect"
+
+
+def redact_uri(uri: str) -> str:
+    """Return `uri` with credentials (`user:secret@`) and query secrets replaced by ***."""
+    masked = re.sub(r"(?<=://)[^/@\s]+@", "***@", uri)
+    return re.sub(r"(?i)((?:token|password|secret|key)=)[^&\s]+", r"\1***", masked)
 
 
 def load_settings() -> Settings:

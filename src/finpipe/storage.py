@@ -33,7 +33,8 @@ import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
-from finpipe.errors import ConfigError
+from finpipe.errors import ConfigError, StorageError
+from finpipe.faults import crash_point
 
 LAYERS = ("validated", "features", "predictions")
 PARTITION_FILE = "part-0.parquet"
@@ -140,7 +141,13 @@ class Storage:
             pq.write_table(table, tmp, compression="zstd")
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
+            crash_point("partition-before-publish")
             os.replace(tmp, target)
+        except OSError as error:
+            raise StorageError(
+                f"cannot write partition {target}: {error.strerror or error}; "
+                "nothing was published for this date"
+            ) from error
         finally:
             tmp.unlink(missing_ok=True)
         return target

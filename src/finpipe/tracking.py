@@ -18,8 +18,8 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from finpipe.errors import ScoringError
-from finpipe.settings import Settings
+from finpipe.errors import ScoringError, TrackingUnavailable
+from finpipe.settings import Settings, redact_uri
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -29,17 +29,45 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def use_tracking(settings: Settings, domain: str) -> str:
-    """Point MLflow at the configured tracking URI and experiment; return the experiment id."""
+    """Point MLflow at the configured tracking URI and experiment; return the experiment id.
+
+    Raises TrackingUnavailable (transient: orchestration retries it) when a tracking server
+    does not answer, with the URI's credentials masked.
+    """
     settings.home.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(settings.tracking_uri)
     name = settings.experiment_name(domain)
-    experiment = mlflow.get_experiment_by_name(name)
-    if experiment is None:
-        experiment_id = mlflow.create_experiment(name, artifact_location=settings.artifact_root)
-    else:
-        experiment_id = experiment.experiment_id
+    try:
+        experiment = mlflow.get_experiment_by_name(name)
+        if experiment is None:
+            # A server owns its artifact store; only a local set-up gets our folder.
+            location = settings.mlflow_artifact_root or (
+                settings.artifact_root if settings.tracking_is_local else None
+            )
+            experiment_id = mlflow.create_experiment(name, artifact_location=location)
+        else:
+            experiment_id = experiment.experiment_id
+    except MlflowException as error:
+        if settings.tracking_is_local or not _is_connection_error(error):
+            raise
+        raise TrackingUnavailable(
+            f"MLflow tracking server {settings.tracking_uri_for_display} is unreachable "
+            f"({_short(error)}); start it or set FINPIPE_MLFLOW_TRACKING_URI"
+        ) from None
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def _is_connection_error(error: BaseException) -> bool:
+    text = f"{type(error).__name__} {error}".lower()
+    return any(
+        word in text
+        for word in ("connection", "max retries", "timed out", "refused", "unreachable")
+    )
+
+
+def _short(error: BaseException) -> str:
+    return redact_uri(str(error).splitlines()[0])[:200]
 
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
@@ -112,7 +140,8 @@ def load_model_version(
     except MlflowException:
         wanted = f"version {version}" if version is not None else f"alias {alias!r}"
         raise ScoringError(
-            f"no model {name!r} with {wanted} in the registry at {settings.tracking_uri}; "
+            f"no model {name!r} with {wanted} in the registry at "
+            f"{settings.tracking_uri_for_display}; "
             f"run `finpipe run nightly --domain {domain}` to train one"
         ) from None
     with warnings.catch_warnings():

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from finpipe import plots, promotion, tracking
 from finpipe.domains import DemoNight, Domain
 from finpipe.errors import ScoringError
+from finpipe.faults import crash_point
 from finpipe.ingest import BATCH_COLUMN, RawContract
 from finpipe.market.features import (
     FEATURE_LOOKBACK_DAYS,
@@ -334,6 +335,7 @@ def train_market(
         version = str(
             mlflow.register_model(chosen["model_uri"], settings.model_name(DOMAIN)).version
         )
+        crash_point("model-registered")
         tracking.set_alias(settings, DOMAIN, tracking.CHALLENGER, version)
         mlflow.set_tags({"candidate": candidate, "challenger_version": version})
         test_window = frame[frame["date"].isin(split.test_dates)]
