@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import shutil
 
 import mlflow
 import numpy as np
@@ -230,3 +231,20 @@ def _sign_flipped(fitted):
         last.weight.mul_(-1)
         last.bias.mul_(-1)
     return flipped
+
+
+def test_scoring_refuses_features_that_do_not_match_the_champion(two_nights, tmp_path):
+    from finpipe.errors import ScoringError
+    from finpipe.market.pipeline import score_market
+    from finpipe.settings import Settings
+
+    settings, files, _, _ = two_nights
+    copy = tmp_path / "home"  # a copy: the shared fixture's storage stays as it was
+    shutil.copytree(settings.home, copy)
+    storage, day = Storage(copy), _day(files[2])
+    frame = storage.read_partition("features", "market", day).drop(columns=["return_5d"])
+    storage.write_partition("features", "market", day, frame)
+    before = storage.read_partition("predictions", "market", day)
+    with pytest.raises(ScoringError, match=r"lack \[.return_5d.\].*rebuild features or retrain"):
+        score_market(storage, Settings(home=copy), day)
+    pd.testing.assert_frame_equal(storage.read_partition("predictions", "market", day), before)

@@ -197,7 +197,12 @@ class MarketTrainingConfig(BaseModel):
         None, ge=0, description="Dates dropped between windows; default (and minimum) = horizon."
     )
     history_dates: int | None = Field(
-        None, ge=50, description="Train on the last N dates only (default: all)."
+        756,
+        ge=50,
+        description=(
+            "Train on the last N dates only (default 756, three years; None: all). Bounds the "
+            "memory and time of a retrain however long the stored history grows."
+        ),
     )
     hidden: int = Field(64, ge=4, description="Hidden units.")
     layers: int = Field(2, ge=1, le=6, description="Hidden layers (MLP) / recurrent layers.")
@@ -264,13 +269,23 @@ class TrainingOutcome:
 
 
 def load_training_frame(
-    storage: Storage, as_of: dt.date, horizon: int, start: dt.date | None = None
+    storage: Storage,
+    as_of: dt.date,
+    horizon: int,
+    start: dt.date | None = None,
+    *,
+    history_dates: int | None = None,
 ) -> pd.DataFrame:
     """Return features joined with forward-return labels known at `as_of`.
 
     Labels come from validated prices up to `as_of` only, so a label at t exists only when
     t + h is on or before `as_of`: nothing from after the as-of date leaks into training.
+    With `history_dates`, only the last that many feature dates are read (and the prices from
+    the first of them on), so memory follows the training window, not the whole history.
     """
+    if history_dates:
+        window = storage.partition_dates("features", DOMAIN, start=start, end=as_of)
+        start = window[-history_dates] if len(window) > history_dates else start
     features = storage.read_partitions("features", DOMAIN, start=start, end=as_of)
     if features.empty:
         raise ScoringError(f"no feature partitions up to {as_of}; run the features step first")
@@ -308,7 +323,7 @@ def train_market(
     config = config or MarketTrainingConfig()
     as_of = as_day(as_of)
     say = progress or log.info
-    frame = load_training_frame(storage, as_of, config.horizon)
+    frame = load_training_frame(storage, as_of, config.horizon, history_dates=config.history_dates)
     if config.history_dates:
         keep = np.sort(frame["date"].unique())[-config.history_dates :]
         frame = frame[frame["date"].isin(keep)].reset_index(drop=True)
@@ -543,13 +558,17 @@ def score_market(storage: Storage, settings: Settings, as_of: dt.date | str) -> 
     # The sequence window is the previous `lookback` rows; one spare date costs nothing.
     days = storage.partition_dates("features", DOMAIN, end=as_of)[-(lookback + 1) :]
     features = storage.read_partitions("features", DOMAIN, days=days)
-    missing = [c for c in fitted.feature_columns if c not in features.columns]
+    # A column absent from the as-of partition would arrive as NaN after the concat and be
+    # silently imputed: refuse it, as the model's signature would for a missing column.
+    today = features[features["date"] == pd.Timestamp(as_of)]
+    missing = [c for c in fitted.feature_columns if c not in today.columns or today[c].isna().all()]
     if missing:
         raise ScoringError(
-            f"features for {as_of} lack {missing} that champion v{champion.version} needs; "
-            "rebuild features or retrain"
+            f"features for {as_of} lack {missing} (missing or all empty) that champion "
+            f"v{champion.version} needs; rebuild features or retrain"
         )
-    predicted = champion.predict(features)
+    # Earlier dates are window history only: the net runs on the as-of rows alone.
+    predicted = fitted.predict(features, score_from=pd.Timestamp(as_of))
     today = predicted.loc[predicted["date"] == pd.Timestamp(as_of), ["ticker", "prediction"]]
     return publish_predictions(storage, DOMAIN, as_of, today, champion, sort_by=["ticker"])
 

@@ -1,0 +1,99 @@
+"""Model sanity gates, scoring refusals and storage errors: fail clearly, write nothing partial."""
+
+from __future__ import annotations
+
+import errno
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from finpipe import storage as storage_module
+from finpipe.errors import ModelRejected, StorageError
+from finpipe.promotion import check_predictions_sane, decide_promotion
+from finpipe.storage import Storage
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ([0.1, float("nan"), 0.3], "NaN/inf"),
+        ([0.1, float("inf"), 0.3], "NaN/inf"),
+        ([], "empty"),
+        ([0.2, 0.2, 0.2, 0.2], "constant"),
+    ],
+)
+def test_insane_predictions_are_rejected(values, message):
+    with pytest.raises(ModelRejected, match=message):
+        check_predictions_sane(values, "mlp")
+
+
+def test_sane_predictions_pass():
+    check_predictions_sane(np.array([0.1, -0.2, 0.05]), "mlp")
+
+
+def test_nan_challenger_never_beats_a_champion():
+    decision = decide_promotion(
+        metric="ic",
+        challenger_version="3",
+        challenger_score=float("nan"),
+        champion_version="2",
+        champion_score=-0.5,
+    )
+    assert decision.promoted is False
+    assert "NaN" in decision.reason
+
+
+def test_first_model_is_promoted_and_ties_keep_the_champion():
+    first = decide_promotion(
+        metric="ic",
+        challenger_version="1",
+        challenger_score=0.01,
+        champion_version=None,
+        champion_score=None,
+    )
+    tie = decide_promotion(
+        metric="ic",
+        challenger_version="2",
+        challenger_score=0.05,
+        champion_version="1",
+        champion_score=0.05,
+    )
+    assert (first.promoted, tie.promoted) == (True, False)
+
+
+def _frame() -> pd.DataFrame:
+    return pd.DataFrame({"date": pd.Timestamp("2024-01-02"), "ticker": ["A", "B"], "x": [1.0, 2.0]})
+
+
+def test_disk_full_while_writing_leaves_no_partial_partition(tmp_path, monkeypatch):
+    storage = Storage(tmp_path)
+    storage.write_partition("features", "market", "2024-01-02", _frame())
+    before = storage.partition_file("features", "market", "2024-01-02").read_bytes()
+
+    def half_written(table, where, **kwargs):
+        with open(where, "wb") as handle:
+            handle.write(b"PAR1 half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(storage_module.pq, "write_table", half_written)
+    with pytest.raises(StorageError, match=r"date=2024-01-02.*No space left on device"):
+        storage.write_partition("features", "market", "2024-01-02", _frame().head(1))
+    folder = storage.partition_dir("features", "market", "2024-01-02")
+    assert [p.name for p in folder.iterdir()] == ["part-0.parquet"]
+    assert storage.partition_file("features", "market", "2024-01-02").read_bytes() == before
+
+
+def test_permission_denied_names_the_path(tmp_path, monkeypatch):
+    storage = Storage(tmp_path)
+
+    def refuse(source, target):
+        raise PermissionError(errno.EACCES, "Permission denied", str(target))
+
+    monkeypatch.setattr(storage_module.os, "replace", refuse)
+    with pytest.raises(
+        StorageError, match=r"predictions/market/date=2024-01-02.*Permission denied"
+    ):
+        storage.write_partition("predictions", "market", "2024-01-02", _frame())
+    assert storage.partition_dates("predictions", "market") == []
+    assert list(storage.partition_dir("predictions", "market", "2024-01-02").iterdir()) == []
