@@ -121,8 +121,12 @@ def run_nightly(
 ) -> None:
     """Run the nightly flow (validate -> features -> train -> promote -> score) via Prefect."""
     settings = _settings()
-    from finpipe.flows.nightly import nightly
+    from finpipe.domains import get_domain
     from finpipe.storage import as_day
+
+    get_domain(domain)  # reject a bad parameter before Prefect starts anything
+    day = as_day(as_of) if as_of else None
+    from finpipe.flows.nightly import nightly
 
     overrides: dict = {}
     if models:
@@ -133,13 +137,53 @@ def run_nightly(
         overrides["horizon"] = horizon
     summary = nightly(
         domain=domain,
-        as_of=as_day(as_of) if as_of else None,
+        as_of=day,
         inputs=[str(p.resolve()) for p in input or []],
         retrain=retrain,
         rebuild_features=rebuild_features,
         training=overrides,
     )
     _print_summary(summary, settings)
+
+
+@app.command("bench")
+def bench(
+    sizes: Annotated[str, typer.Option(help="Comma-separated sizes: S, 4S, 16S.")] = "S,4S,16S",
+    repetitions: Annotated[
+        str, typer.Option(help="Repetitions: one count, or one per size (e.g. 3,3,2).")
+    ] = "3",
+    stages: Annotated[
+        str,
+        typer.Option(help="Comma-separated stages (validation, features, training, ...)."),
+    ] = "validation,features,training,orchestration,scoring",
+    base_tickers: Annotated[int, typer.Option(min=10, help="Tickers at size S.")] = 500,
+    base_days: Annotated[int, typer.Option(min=300, help="Trading days at size S.")] = 2520,
+    train_epochs: Annotated[int, typer.Option(min=1, help="Epochs per training timing.")] = 1,
+    nightly_epochs: Annotated[int, typer.Option(min=1, help="max_epochs of the nightly runs.")] = 2,
+    torch_threads: Annotated[int, typer.Option(min=1, help="torch.set_num_threads.")] = 1,
+    workdir: Annotated[Path | None, typer.Option(help="Scratch folder (default: temp).")] = None,
+    out: Annotated[Path, typer.Option(help="Where latest.json/latest.md go.")] = Path(
+        "benchmarks/results"
+    ),
+) -> None:
+    """Time every stage against its reference at sizes S/4S/16S; write a table and results."""
+    from finpipe.bench.suite import BenchConfig, results_table, run_benchmarks
+
+    config = BenchConfig(
+        sizes=[s.strip() for s in sizes.split(",") if s.strip()],
+        repetitions=[int(r) for r in repetitions.split(",") if r.strip()],
+        stages=[s.strip() for s in stages.split(",") if s.strip()],
+        base_tickers=base_tickers,
+        base_days=base_days,
+        train_epochs=train_epochs,
+        nightly_epochs=nightly_epochs,
+        torch_threads=torch_threads,
+        out=out,
+        **({"workdir": workdir} if workdir else {}),
+    )
+    records = run_benchmarks(config, say=_echo)
+    typer.echo(results_table(records))
+    typer.echo(f"results: {out / 'latest.json'}, {out / 'latest.md'}")
 
 
 def _print_summary(summary: dict, settings: Settings) -> None:

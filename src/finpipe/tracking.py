@@ -20,6 +20,7 @@ from mlflow.models import infer_signature
 
 from finpipe.errors import ScoringError, TrackingUnavailable
 from finpipe.settings import Settings, redact_uri
+from finpipe.storage import check_name
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -130,7 +131,7 @@ def load_model_version(
     Only the configured registry is consulted: models are never loaded from arbitrary paths.
     """
     mlflow.set_tracking_uri(settings.tracking_uri)
-    name = settings.model_name(domain)
+    name = settings.model_name(check_name(domain))
     client = MlflowClient()
     try:
         if version is not None:

@@ -1,0 +1,75 @@
+"""Parameters that reach a path are validated: no traversal through domains, dates or names."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from finpipe.errors import ConfigError
+from finpipe.settings import Settings, redact_uri
+from finpipe.storage import Storage, file_sha256
+from finpipe.tracking import load_model_version
+
+TRAVERSALS = ["../etc", "../../tmp/x", "/etc/passwd", "market/../../x", "..", "market\\..\\x"]
+
+
+@pytest.mark.parametrize("domain", TRAVERSALS)
+def test_domain_parameters_cannot_escape_the_root(tmp_path, domain):
+    storage = Storage(tmp_path)
+    with pytest.raises(ConfigError, match="invalid domain"):
+        storage.partition_dir("features", domain, "2024-01-02")
+    with pytest.raises(ConfigError):
+        load_model_version(Settings(home=tmp_path), domain)
+
+
+@pytest.mark.parametrize("day", ["../../etc", "/etc/passwd", "2024-01-02/../../x", "2024-1-2x"])
+def test_date_parameters_cannot_escape_the_root(tmp_path, day):
+    with pytest.raises(ConfigError, match="expected YYYY-MM-DD"):
+        Storage(tmp_path).partition_dir("predictions", "market", day)
+
+
+@pytest.mark.parametrize("batch", ["../x", "/abs", "b1/../../y"])
+def test_batch_ids_cannot_escape_quarantine(tmp_path, batch):
+    source = tmp_path / "f.csv"
+    source.write_text("x\n")
+    with pytest.raises(ConfigError, match="invalid batch id"):
+        Storage(tmp_path / "root").quarantine_batch("market", batch, source, {})
+
+
+def test_file_names_are_sanitised_inside_landing_and_quarantine(tmp_path):
+    source = tmp_path / "..evil name;rm -rf.csv"
+    source.write_text("date,ticker,close\n")
+    storage = Storage(tmp_path / "root")
+    landed = storage.land_file("market", source, file_sha256(source))
+    assert landed.parent == storage.landing_dir("market")
+    assert landed.name.endswith("__evil_name_rm_-rf.csv")
+    folder = storage.quarantine_batch("market", "b1", landed, {}, file_name="../../../outside.csv")
+    assert sorted(p.name for p in folder.iterdir()) == ["_.._.._outside.csv", "report.json"]
+    assert not (tmp_path / "outside.csv").exists()
+
+
+def test_cli_rejects_traversal_in_domain_before_any_work(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "finpipe.cli", "run", "nightly", "--domain", "../../tmp"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"FINPIPE_HOME": str(tmp_path / "home"), "PATH": ""},
+    )
+    assert result.returncode == 2
+    assert "unknown domain '../../tmp'" in result.stderr
+    assert not (tmp_path / "home" / "features").exists()
+
+
+@pytest.mark.parametrize(
+    ("uri", "shown"),
+    [
+        ("http://alice:pa55@mlflow.internal:5000", "http://***@mlflow.internal:5000"),
+        ("https://tok@host/path?token=abc&x=1", "https://***@host/path?token=***&x=1"),
+        ("sqlite:////data/mlflow.db", "sqlite:////data/mlflow.db"),
+    ],
+)
+def test_uris_are_masked_before_they_are_shown(uri, shown):
+    assert redact_uri(uri) == shown
