@@ -248,3 +248,25 @@ def test_scoring_refuses_features_that_do_not_match_the_champion(two_nights, tmp
     with pytest.raises(ScoringError, match=r"lack \[.return_5d.\].*rebuild features or retrain"):
         score_market(storage, Settings(home=copy), day)
     pd.testing.assert_frame_equal(storage.read_partition("predictions", "market", day), before)
+
+
+def test_run_summary_is_a_prefect_markdown_artifact(two_nights):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+
+    _, files, summaries, _ = two_nights
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["nightly-market-summary"]))
+        )
+    day = _day(files[2]).isoformat()
+    # Night 2's own run (the idempotency test re-runs that date later without training).
+    night2 = [a for a in artifacts if f"as of {day}" in a.data and "## Training" in a.data]
+    latest = max(night2, key=lambda a: a.created)
+    assert latest.type == "markdown"
+    text = latest.data
+    assert f"# finpipe nightly: market as of {day}" in text
+    assert f"| {files[2].name} | validated |" in text
+    assert "| mlp |" in text and "| gru |" in text and "test rank_ic" in text
+    assert summaries[1]["promotion"]["reason"] in text
+    assert f"{summaries[1]['predictions']['rows']:,} rows for {day}" in text
