@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -12,6 +12,11 @@ $(STAMP): pyproject.toml
 	# CPU build of torch where none is present: a bare `torch` requirement can pull a multi-GB CUDA build.
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==2.13.0" || $(BIN)/python -m pip install -q --index-url https://download.pytorch.org/whl/cpu torch
 	$(BIN)/python -m pip install -q -e ".[dev]"
+	# Headless Chromium for the browser test (tests/test_ui_browser.py): Debian's package, where missing.
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	  else echo "note: chromium is missing and needs root + apt-get to install; the browser test will be skipped"; fi; }
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -26,6 +31,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/finpipe bench
+
+# Re-take the README's screenshots of the Prefect and MLflow UIs (docs/screenshots/).
+screenshots: $(STAMP)
+	FINPIPE_UPDATE_SCREENSHOTS=1 $(BIN)/python -m pytest -q tests/test_ui_browser.py
 
 clean:
 	rm -rf $(VENV) .finpipe

@@ -1,21 +1,55 @@
-"""The nightly flow: validate -> features -> train -> promote -> score, for one as-of date."""
+"""The nightly flow: validate -> features -> train -> promote -> score, for one as-of date.
+
+When earlier nights were missed (recorded completions stop before the as-of date), the run
+first catches up: every missed business day is scored, in date order, before retraining.
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Literal
 
-from finpipe.tasks.steps import build_features, ingest_files, promote, score, train
+from finpipe.tasks.backfill import ingest_deliveries, process_date, update_features
+from finpipe.tasks.steps import promote, train
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
+from prefect.runtime import flow_run
 
+from finpipe.backfill import (
+    ALL_STEPS,
+    BackfillIncomplete,
+    DateFailed,
+    DateOutcome,
+    expand_inputs,
+    failure_summary,
+    load_schedule_settings,
+    missed_dates,
+    previous_business_day,
+)
 from finpipe.domains import get_domain
 from finpipe.errors import ConfigError
 from finpipe.settings import load_settings
 from finpipe.storage import Storage, as_day
 
+AsOfRule = Literal["latest validated date", "previous business day"]
 
-@flow(name="nightly", flow_run_name="nightly-{domain}-{as_of}", log_prints=True)
+
+def _run_name() -> str:
+    """Name a run after its domain and date, resolving the scheduled `previous business day`."""
+    parameters = flow_run.parameters
+    as_of = parameters.get("as_of")
+    if as_of is None and parameters.get("default_as_of") == "previous business day":
+        as_of = _scheduled_as_of(parameters.get("calendar_timezone"))
+    return f"nightly-{parameters.get('domain', 'market')}-{as_of or 'latest'}"
+
+
+def _scheduled_as_of(calendar_timezone: str | None) -> dt.date:
+    timezone = calendar_timezone or load_schedule_settings().timezone
+    moment = flow_run.scheduled_start_time or dt.datetime.now(dt.UTC)
+    return previous_business_day(moment, timezone)
+
+
+@flow(name="nightly", flow_run_name=_run_name, log_prints=True)
 def nightly(
     domain: str = "market",
     as_of: dt.date | None = None,
@@ -23,16 +57,24 @@ def nightly(
     retrain: bool = True,
     rebuild_features: bool = False,
     training: dict[str, Any] | None = None,
+    catch_up: bool = True,
+    default_as_of: AsOfRule = "latest validated date",
+    calendar_timezone: str | None = None,
 ) -> dict:
     """Run one night of the pipeline and publish a markdown summary artifact.
 
     Args:
         domain: Which pipeline to run (market; credit and customers as they are added).
-        as_of: Business date to run for; default the latest validated date.
-        inputs: Delivered files to validate and load first (CSV, CSV.gz or Parquet paths).
+        as_of: Business date to run for; empty means `default_as_of`.
+        inputs: Delivered files to validate and load first (CSV, CSV.gz or Parquet paths, or
+            globs such as /data/drop/market_*.csv: files already loaded are skipped).
         retrain: Retrain and run champion/challenger promotion before scoring.
         rebuild_features: Recompute every feature partition instead of only new dates.
         training: Hyper-parameter overrides, e.g. {"max_epochs": 10, "models": ["mlp"]}.
+        catch_up: First score every business day missed since the last completed night.
+        default_as_of: The date to run for when as_of is empty: the latest validated date,
+            or the business day before the run's scheduled time (what the schedule uses).
+        calendar_timezone: Timezone of that business calendar; empty means FINPIPE_TIMEZONE.
     """
     logger = get_run_logger()
     spec = get_domain(domain)
@@ -40,8 +82,16 @@ def nightly(
         config = spec.training_config(**(training or {}))
     except ValueError as error:
         raise ConfigError(f"invalid training parameters: {error}") from None
+    schedule = load_schedule_settings()
+    if as_of is None and default_as_of == "previous business day":
+        as_of = _scheduled_as_of(calendar_timezone)
+    holder = flow_run.name or f"nightly-{domain}"
+    wait = schedule.lock_timeout_seconds
     validate_as_of = as_day(as_of) if as_of else dt.datetime.now(dt.UTC).date()
-    ingested = ingest_files(domain, list(inputs), validate_as_of.isoformat()) if inputs else []
+    files = expand_inputs(inputs or [])
+    ingested = (
+        ingest_deliveries(domain, files, validate_as_of.isoformat(), holder, wait) if files else []
+    )
     storage = Storage(load_settings().home)
     available = storage.partition_dates("validated", domain, end=validate_as_of)
     if not available:
@@ -49,29 +99,58 @@ def nightly(
             f"no validated {domain} data on or before {validate_as_of}; "
             f"ingest files first (`finpipe ingest {domain} PATH...`)"
         )
-    run_date = (as_day(as_of) if as_of else available[-1]).isoformat()
+    run_day = as_day(as_of) if as_of else available[-1]
+    if run_day not in available:
+        raise ConfigError(
+            f"no validated {domain} data for {run_day}: its delivery has not been ingested "
+            f"(pass it as inputs or run `finpipe ingest {domain} PATH`), or it was a holiday"
+        )
+    run_date = run_day.isoformat()
+    missed = missed_dates(storage, domain, run_day) if catch_up else []
+    if len(missed) > schedule.backfill_max_dates:
+        raise ConfigError(
+            f"{len(missed)} business days missed since {missed[0] - dt.timedelta(days=1)}, more "
+            f"than the catch-up cap of {schedule.backfill_max_dates}: run a backfill from "
+            f"{missed[0]} to {missed[-1]} first, or run this night with catch_up off"
+        )
     logger.info("nightly %s for %s", domain, run_date)
-    features = build_features(domain, run_date, rebuild_features)
+    features = update_features(domain, run_date, holder, wait, rebuild_features)
+    caught_up = []
+    for day in missed:  # in date order, with the champion those nights would have used
+        logger.info("catching up %s %s", domain, day)
+        caught_up.append(_date_outcome(domain, day.isoformat(), holder, wait))
     training_outcome = decision = None
     if retrain:
         training_outcome = train(domain, run_date, config)
         decision = promote(domain, training_outcome)
-    predictions = score(domain, run_date)
+    tonight = process_date(domain, run_date, list(ALL_STEPS), holder, wait)
     summary = {
         "domain": domain,
         "as_of": run_date,
         "ingested": ingested,
         "features": features,
+        "catch_up": [outcome.to_dict() for outcome in caught_up],
         "training": training_outcome,
         "promotion": decision,
-        "predictions": predictions,
+        "predictions": tonight["predictions"],
     }
     create_markdown_artifact(
         key=f"nightly-{domain}-summary",
         markdown=summary_markdown(summary),
         description=f"finpipe nightly {domain} {run_date}",
     )
+    failures = failure_summary(caught_up)
+    if failures:
+        raise BackfillIncomplete(f"{run_date} is done, but catching up: {failures}")
     return summary
+
+
+def _date_outcome(domain: str, day: str, holder: str, wait: float) -> DateOutcome:
+    """Return a missed date's outcome; a failure is reported, not allowed to stop the night."""
+    try:
+        return DateOutcome(**process_date(domain, day, list(ALL_STEPS), holder, wait))
+    except DateFailed as failed:
+        return failed.outcome
 
 
 def summary_markdown(summary: dict) -> str:
@@ -83,6 +162,14 @@ def summary_markdown(summary: dict) -> str:
         lines.append(f"| {name} | {item['status']} | {item['rows']:,} | {item['dates']} |")
     if not summary["ingested"]:
         lines.append("| (no new files) | | | |")
+    caught_up = summary.get("catch_up") or []
+    if caught_up:
+        lines += ["", "## Catch-up (missed nights)", "| date | status | rows | message |"]
+        lines.append("|---|---|---|---|")
+        for item in caught_up:
+            lines.append(
+                f"| {item['date']} | {item['status']} | {item['rows']:,} | {item['message']} |"
+            )
     features = summary["features"]
     lines += [
         "",

@@ -96,12 +96,19 @@ def ingest(
     settings = _settings()
     contract = get_domain(domain).contract
     day = as_day(as_of) if as_of else dt.datetime.now(dt.UTC).date()
-    for path in paths:
-        outcome = ingest_file(
-            Storage(settings.home), contract, path, as_of=day,
-            max_file_bytes=settings.max_file_mb * 1024**2,
-        )
-        typer.echo(outcome.message)
+    from finpipe.locks import history_lock
+
+    # The same lock as the flows' ingest and feature steps: a run never sees half an ingest.
+    with history_lock(settings.home, domain, holder="finpipe ingest", on_wait=_echo):
+        for path in paths:
+            outcome = ingest_file(
+                Storage(settings.home),
+                contract,
+                path,
+                as_of=day,
+                max_file_bytes=settings.max_file_mb * 1024**2,
+            )
+            typer.echo(outcome.message)
 
 
 @run_app.command("nightly")
@@ -144,6 +151,51 @@ def run_nightly(
         training=overrides,
     )
     _print_summary(summary, settings)
+
+
+@run_app.command("backfill")
+def run_backfill(
+    start: Annotated[str, typer.Option(help="First date, YYYY-MM-DD.")],
+    end: Annotated[str, typer.Option(help="Last date (included), YYYY-MM-DD.")],
+    domain: Annotated[str, typer.Option(help="Pipeline to run.")] = "market",
+    steps: Annotated[str, typer.Option(help="Per date, comma-separated.")] = (
+        "validate,features,score"
+    ),
+    retrain: Annotated[bool, typer.Option(help="Retrain once at the end.")] = False,
+    concurrency: Annotated[int, typer.Option(min=1, max=16, help="Dates at once.")] = 4,
+    force: Annotated[bool, typer.Option(help="Redo dates already completed.")] = False,
+    input: Annotated[
+        list[str] | None, typer.Option("--input", help="A delivered file or glob to load first.")
+    ] = None,
+) -> None:
+    """Run the backfill flow over a date range; re-running redoes only failed or missing dates."""
+    _settings()
+    from finpipe.backfill import check_backfill_request, load_schedule_settings, today_in
+
+    schedule = load_schedule_settings()
+    request = check_backfill_request(  # bad parameters fail here, before Prefect starts
+        domain,
+        start,
+        end,
+        [s.strip() for s in steps.split(",") if s.strip()],
+        today=today_in(schedule.timezone),
+        max_dates=schedule.backfill_max_dates,
+    )
+    from finpipe.flows.backfill import backfill
+
+    summary = backfill(
+        domain=domain,
+        start=request.start,
+        end=request.end,
+        steps=request.steps,
+        retrain=retrain,
+        concurrency=concurrency,
+        force=force,
+        inputs=list(input or []),
+    )
+    for item in summary["dates"]:
+        status, rows = item["status"], item["rows"]
+        typer.echo(f"{item['date']}  {status:<12} {rows:>8,} rows  {item['message']}")
 
 
 @app.command("bench")
@@ -244,6 +296,55 @@ def _print_outputs(settings: Settings, domain: str) -> None:
         f"(experiment {settings.experiment_name(domain)},"
         f" model {settings.model_name(domain)}@champion)"
     )
+
+
+@app.command("serve")
+def serve(
+    api_url: Annotated[
+        str | None,
+        typer.Option(help="Prefect server API; default $PREFECT_API_URL or the local one."),
+    ] = None,
+    timezone: Annotated[
+        str | None, typer.Option(help="Nightly schedule timezone; default $FINPIPE_TIMEZONE.")
+    ] = None,
+    cron: Annotated[
+        str | None, typer.Option(help="Nightly schedule; default $FINPIPE_NIGHTLY_CRON.")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Most flow runs at the same time.")] = 4,
+) -> None:
+    """Serve the nightly, backfill, train and score deployments from this process (^C stops)."""
+    import os
+
+    _settings()
+    url = api_url or os.environ.get("PREFECT_API_URL") or "http://127.0.0.1:4200/api"
+    os.environ["PREFECT_API_URL"] = url  # before Prefect reads its settings
+    from finpipe.backfill import load_schedule_settings
+    from finpipe.flows.deployments import check_prefect_server, serve_deployments
+
+    overrides = {"timezone": timezone, "nightly_cron": cron}
+    schedule = load_schedule_settings(**{k: v for k, v in overrides.items() if v})
+    check_prefect_server(url)
+    _echo(
+        f"serving nightly ({schedule.nightly_cron}, {schedule.timezone}), backfill, train and "
+        f"score on {url}"
+    )
+    serve_deployments(schedule, limit=limit)
+
+
+@app.command("ui")
+def ui(
+    host: Annotated[str, typer.Option(help="Address the servers listen on.")] = "127.0.0.1",
+    prefect_port: Annotated[int, typer.Option(help="Prefect server port.")] = 4200,
+    mlflow_port: Annotated[int, typer.Option(help="MLflow UI port.")] = 5000,
+) -> None:
+    """Start a Prefect server and the MLflow UI on this FINPIPE_HOME's stores (^C stops both)."""
+    settings = _settings()
+    from finpipe.flows.deployments import run_servers, server_commands
+
+    commands = server_commands(
+        settings, host=host, prefect_port=prefect_port, mlflow_port=mlflow_port
+    )
+    run_servers(commands, say=_echo)
 
 
 def main() -> None:

@@ -15,6 +15,8 @@ from finpipe.errors import ConfigError
 
 _REGISTRY = {
     "market": "finpipe.market.pipeline:MARKET",
+    "credit": "finpipe.credit.pipeline:CREDIT",
+    "customers": "finpipe.customers.pipeline:CUSTOMERS",
 }
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -36,6 +37,15 @@ class RawContract:
     # Adds derived columns the suite checks (e.g. a daily return that needs the last accepted
     # price); receives the normalised batch and the storage it will be published to.
     add_check_columns: Callable[[pd.DataFrame, Storage], pd.DataFrame] | None = None
+    # Extra `pandas.read_csv` options for sources that are not comma-separated with a header,
+    # e.g. {"sep": r"\s+", "header": None, "names": [...]}; None reads the default CSV.
+    read_options: Mapping[str, Any] | None = None
+    # Builds the suite in memory (e.g. from a user's config and the data accepted so far)
+    # instead of reading expectations/<suite>.json; receives the storage it will publish to.
+    suite_spec: Callable[[Storage], dict] | None = None
+    # True when `normalise` also takes the run's as-of day (`as_of=`): cross-sectional data
+    # without a date column is dated by the day it is ingested.
+    normalise_takes_as_of: bool = False
 
 
 @dataclass
@@ -60,8 +70,11 @@ class IngestOutcome:
         return asdict(self)
 
 
-def read_delivery(path: Path) -> pd.DataFrame:
+def read_delivery(path: Path, read_options: Mapping[str, Any] | None = None) -> pd.DataFrame:
     """Return the raw rows of a delivered CSV (plain or gzip) or Parquet file.
+
+    `read_options` are extra `pandas.read_csv` keyword arguments (separator, header, names)
+    for CSV-like files; Parquet ignores them.
 
     Raises InputFileError naming the file and what is wrong with it.
     """
@@ -74,7 +87,9 @@ def read_delivery(path: Path) -> pd.DataFrame:
     try:
         if suffixes.endswith(".parquet") or suffixes.endswith(".pq"):
             return pd.read_parquet(path)
-        frame = pd.read_csv(path, compression="infer", encoding="utf-8", dtype=str)
+        frame = pd.read_csv(
+            path, compression="infer", encoding="utf-8", dtype=str, **(read_options or {})
+        )
     except pd.errors.EmptyDataError:
         raise InputFileError(f"{path}: no header and no rows; the file is empty") from None
     except UnicodeDecodeError as error:
@@ -88,7 +103,11 @@ def read_delivery(path: Path) -> pd.DataFrame:
         raise InputFileError(f"{path}: cannot be read ({error})") from None
     except pd.errors.ParserError as error:
         raise InputFileError(f"{path}: malformed CSV ({error})") from None
-    if len(frame.columns) == 1 and any(sep in str(frame.columns[0]) for sep in ";\t|"):
+    if (
+        not read_options
+        and len(frame.columns) == 1
+        and any(sep in str(frame.columns[0]) for sep in ";\t|")
+    ):
         raise InputFileError(
             f"{path}: one column named {frame.columns[0]!r}: the file is not comma-separated; "
             "deliver CSV with ',' as the delimiter"
@@ -153,7 +172,9 @@ def ingest_file(
 
     docs_dir = storage.reports_dir() / "data_docs" / domain / batch_id
     try:
-        frame = contract.normalise(read_delivery(landed), source=path.name)
+        dated = {"as_of": as_day(as_of)} if contract.normalise_takes_as_of else {}
+        raw = read_delivery(landed, contract.read_options)
+        frame = contract.normalise(raw, source=path.name, **dated)
     except InputFileError as error:
         report = {
             "suite": contract.suite,
@@ -170,6 +191,7 @@ def ingest_file(
     report = validate_frame(
         checked,
         suite_name=contract.suite,
+        suite_spec=contract.suite_spec(storage) if contract.suite_spec is not None else None,
         batch_name=f"{batch_id}:{path.name}",
         parameters={"as_of": pd.Timestamp(as_day(as_of))},
         data_docs_dir=docs_dir,

@@ -56,6 +56,16 @@ class Settings(BaseSettings):
     model_prefix: str = Field(
         default="finpipe", description="Registered model name is `<prefix>-<domain>`."
     )
+    credit_config: Path | None = Field(
+        default=None,
+        description="Loan-book config of the credit domain: a TOML file, or the name of a "
+        "shipped example (`synthetic`, `germancredit`); default the synthetic example.",
+    )
+    customers_config: str = Field(
+        default="synthetic",
+        description="Column mapping of the customers domain's transaction files: a shipped "
+        "config name (`synthetic`, `cdnow`) or the path of a TOML file.",
+    )
 
     max_file_mb: int = Field(
         default=2048, ge=1, description="Largest delivery file ingest accepts, in MiB."
@@ -113,3 +123,5 @@ def prepare_environment(settings: Settings) -> None:
     """
     disable_telemetry()
     os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home()))
+    # Prefect's local mode opens a SQLite file there and cannot create the folder itself.
+    Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)

@@ -127,18 +127,25 @@ class Storage:
 
     # -- partitions ----------------------------------------------------------------------
     def write_partition(
-        self, layer: str, domain: str, day: dt.date | str, frame: pd.DataFrame
+        self, layer: str, domain: str, day: dt.date | str, frame: pd.DataFrame | pa.Table
     ) -> Path:
         """Publish `frame` as the whole partition for `day`, atomically; return its file path.
 
-        Writing the same day again replaces the partition (idempotent), never appends.
+        Writing the same day again replaces the partition (idempotent), never appends. An Arrow
+        table (e.g. a slice of a block converted once) is written as it is.
         """
         target = self.partition_file(layer, domain, day)
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_name(f".{PARTITION_FILE}.{uuid.uuid4().hex}.tmp")
-        table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+        if isinstance(frame, pa.Table):
+            table = frame
+        else:
+            table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
         try:
-            pq.write_table(table, tmp, compression="zstd")
+            # Dictionary-encode only non-float columns: on float columns a dictionary page
+            # rarely pays (few repeats) and costs about a third of the write time.
+            dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
+            pq.write_table(table, tmp, compression="zstd", use_dictionary=dictionary)
             with open(tmp, "rb") as handle:
                 os.fsync(handle.fileno())
             crash_point("partition-before-publish")

@@ -189,6 +189,7 @@ def validate_frame(
     batch_name: str,
     parameters: dict | None = None,
     data_docs_dir: Path | None = None,
+    suite_spec: dict | None = None,
 ) -> ValidationReport:
     """Return the report of running suite `suite_name` on `frame` (its rows taken by position).
 
@@ -197,10 +198,14 @@ def validate_frame(
     `{"$PARAMETER": name}` values; a date-like value or an ISO `YYYY-MM-DD` string is read as a
     tz-naive pandas Timestamp so it compares with datetime columns. When `data_docs_dir` is given,
     GX Data Docs HTML is written there and `report.data_docs` is its index page.
+    `suite_spec` runs a suite built in memory (same JSON shape, `name` equal to `suite_name`,
+    e.g. from a user's config) instead of reading expectations/<suite_name>.json.
 
     Raises ConfigError for an unknown or invalid suite, or a missing suite parameter.
     """
-    spec = load_suite_spec(suite_name)
+    spec = load_suite_spec(suite_name) if suite_spec is None else suite_spec
+    if spec.get("name") != suite_name:
+        raise ConfigError(f"suite_spec is named {spec.get('name')!r}, expected {suite_name!r}")
     parameters = {key: _as_suite_parameter(value) for key, value in (parameters or {}).items()}
     _check_parameters(spec, parameters)
     batch = frame.reset_index(drop=True)  # GX reports index labels; make them positions

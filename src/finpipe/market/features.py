@@ -40,6 +40,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
+from scipy.stats import rankdata
 
 from finpipe.market.schema import price_column
 
@@ -339,11 +340,24 @@ def _volume_z(panel: _TickerPanel, volume: np.ndarray) -> np.ndarray:
 
 
 def _cross_sectional_rank(values: np.ndarray, date_group: np.ndarray) -> np.ndarray:
-    """Return the percentile rank in [0, 1] of each value among the same date's values."""
-    series = pd.Series(values)
-    grouped = series.groupby(date_group, sort=False)
-    rank = grouped.rank(method="average").to_numpy()
-    count = grouped.transform("count").to_numpy(dtype=np.float64)
+    """Return the percentile rank in [0, 1] of each value among the same date's values.
+
+    Ranks are 1-based with ties averaged and missing values left out (and left NaN), mapped to
+    (rank - 1) / (count - 1); a lone value is 0.5. `date_group` numbers the dates in row order
+    (rows of a date are contiguous), so the rows form a dates x names matrix padded with NaN,
+    ranked row by row in one call: a grouped pandas rank cost a quarter of the feature build.
+    """
+    n = len(values)
+    if n == 0:
+        return np.zeros(0)
+    starts = np.flatnonzero(np.r_[True, date_group[1:] != date_group[:-1]])
+    sizes = np.diff(np.r_[starts, n])
+    row = np.repeat(np.arange(len(starts)), sizes)
+    column = np.arange(n) - np.repeat(starts, sizes)
+    matrix = np.full((len(starts), int(sizes.max())), np.nan)
+    matrix[row, column] = values
+    rank = rankdata(matrix, axis=1, method="average", nan_policy="omit")[row, column]
+    count = np.count_nonzero(~np.isnan(matrix), axis=1).astype(np.float64)[row]
     with np.errstate(invalid="ignore", divide="ignore"):
         pct = (rank - 1.0) / (count - 1.0)
     lone = (count == 1.0) & ~np.isnan(values)

@@ -115,7 +115,12 @@ class FittedMarketModel:
     target_std: float = 1.0
 
     def predict(
-        self, features: pd.DataFrame, *, batch_size: int = 8192, device: str = "cpu"
+        self,
+        features: pd.DataFrame,
+        *,
+        batch_size: int = 8192,
+        device: str = "cpu",
+        score_from: pd.Timestamp | None = None,
     ) -> pd.DataFrame:
         """Return `date`, `ticker`, `prediction` (float64) for every row of `features`.
 
@@ -123,23 +128,34 @@ class FittedMarketModel:
         the window of row (ticker, t) from that ticker's previous `lookback` rows of `features`
         itself, ending at t; a row with less history is left-padded with zeros (the training
         mean) and still predicted, so pass `lookback - 1` rows of history before the dates you
-        want scored. Eval mode, no gradients, deterministic.
+        want scored. With `score_from`, rows dated before it only serve as window history: they
+        are neither run through the net nor returned (same scores, less work).
+        Eval mode, no gradients, deterministic.
         Raises ValueError naming any missing feature column or a duplicate (ticker, date).
         """
         _require_columns(features, ["date", "ticker", *self.feature_columns], "predict")
         lookback = self.config.lookback if self.config.is_sequence else 0
         order, panel, positions = _sorted_panel(features, self.scaler, lookback)
+        if score_from is not None:
+            dates = features["date"].to_numpy().astype("datetime64[ns]")
+            wanted = (dates >= np.datetime64(pd.Timestamp(score_from), "ns"))[order]
+            order, positions = order[wanted], positions[wanted]
         batches = Batches(
             torch.from_numpy(panel),
-            rows=torch.from_numpy(positions) if lookback else None,
+            rows=torch.from_numpy(positions) if lookback or score_from is not None else None,
             lookback=lookback,
         )
         scores = predict_regressor(self.net, batches, batch_size, device)
-        prediction = np.empty(len(features), dtype=np.float64)
+        prediction = np.full(len(features), np.nan, dtype=np.float64)
         prediction[order] = scores * self.target_std + self.target_mean
+        keep = np.sort(order) if score_from is not None else np.arange(len(features))
         return pd.DataFrame(
-            {"date": features["date"], "ticker": features["ticker"], "prediction": prediction},
-            index=features.index,
+            {
+                "date": features["date"].array[keep],
+                "ticker": features["ticker"].array[keep],
+                "prediction": prediction[keep],
+            },
+            index=features.index[keep],
         )
 
     def to_dict(self) -> dict:
@@ -237,6 +253,56 @@ def fit_market_model(
         )
     if target not in ("return", "cross_sectional_zscore"):
         raise ValueError(f"target must be 'return' or 'cross_sectional_zscore', got {target!r}")
+    samples = training_samples(frame, feature_columns, split, config, label=label, target=target)
+    result = train_regressor(
+        build_net(config, len(samples.feature_columns)),
+        samples.train,
+        samples.validation,
+        config,
+        on_epoch=on_epoch,
+    )
+    return FittedMarketModel(
+        net=result.model,
+        config=config,
+        feature_columns=samples.feature_columns,
+        scaler=samples.scaler,
+        label=label,
+        horizon=horizon,
+        history=result.history,
+        best_epoch=result.best_epoch,
+        target=target,
+        target_mean=samples.target_mean,
+        target_std=samples.target_std,
+    )
+
+
+@dataclass(frozen=True)
+class TrainingSamples:
+    """The tensors `fit_market_model` trains on, and the statistics fitted to make them."""
+
+    train: Batches
+    validation: Batches
+    feature_columns: list[str]
+    scaler: FeatureScaler
+    target_mean: float
+    target_std: float
+
+
+def training_samples(
+    frame: pd.DataFrame,
+    feature_columns: list[str],
+    split: TimeSplit,
+    config: TrainConfig,
+    *,
+    label: str = "forward_return_5d",
+    target: Target = "return",
+) -> TrainingSamples:
+    """Return the train and validation samples of `frame` as `fit_market_model` builds them.
+
+    The scaler and target statistics are fitted on train dates only; validation windows may
+    read earlier train rows' features (known at the validation date). Exposed so a benchmark
+    can time the training loop on exactly the tensors the pipeline uses.
+    """
     feature_columns = list(feature_columns)
     _require_columns(frame, ["date", "ticker", *feature_columns, label], "fit_market_model")
     dates = frame["date"]
@@ -268,23 +334,11 @@ def fit_market_model(
         where = torch.from_numpy(np.flatnonzero(mask))
         return Batches(features, scaled_targets[where], row_index[where], lookback)
 
-    result = train_regressor(
-        build_net(config, len(feature_columns)),
-        samples(train_rows),
-        samples(validation_rows),
-        config,
-        on_epoch=on_epoch,
-    )
-    return FittedMarketModel(
-        net=result.model,
-        config=config,
+    return TrainingSamples(
+        train=samples(train_rows),
+        validation=samples(validation_rows),
         feature_columns=feature_columns,
         scaler=scaler,
-        label=label,
-        horizon=horizon,
-        history=result.history,
-        best_epoch=result.best_epoch,
-        target=target,
         target_mean=target_mean,
         target_std=target_std,
     )

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from finpipe import plots, promotion, tracking
@@ -123,7 +126,7 @@ def update_market_features(
     as_of: dt.date | str,
     *,
     rebuild: bool = False,
-    block_dates: int = 250,
+    block_dates: int = 500,
     progress: Callable[[str], None] | None = None,
 ) -> FeatureUpdate:
     """Compute and publish feature partitions for every date that needs them, up to `as_of`.
@@ -148,14 +151,37 @@ def update_market_features(
         if not update.skipped_features:
             update.skipped_features = skipped_market_features(prices.columns)
         features = features[features["date"] >= pd.Timestamp(block[0])]
-        for stamp, rows in features.groupby("date", sort=True):
-            storage.write_partition("features", DOMAIN, stamp.date(), rows)
-            update.dates_written.append(stamp.date().isoformat())
-            update.rows += len(rows)
+        for day, rows in _write_feature_partitions(storage, features):
+            update.dates_written.append(day.isoformat())
+            update.rows += rows
         if progress:
             progress(f"features: {len(update.dates_written)}/{len(todo)} dates written")
     update.seconds = round(time.perf_counter() - started, 3)
     return update
+
+
+def _write_feature_partitions(storage: Storage, features: pd.DataFrame) -> list[tuple]:
+    """Publish one partition per date of `features` (sorted by date); return (day, rows) pairs.
+
+    The block is converted to Arrow once and each date is a zero-copy slice of it; the files
+    are written by a few threads (Parquet encoding and compression release the GIL). Each
+    partition is still published atomically on its own, in the storage's usual way.
+    """
+    if features.empty:
+        return []
+    table = pa.Table.from_pandas(features.reset_index(drop=True), preserve_index=False)
+    stamps = features["date"].to_numpy()
+    starts = np.flatnonzero(np.r_[True, stamps[1:] != stamps[:-1]])
+    lengths = np.diff(np.r_[starts, len(stamps)])
+    days = [pd.Timestamp(stamps[i]).date() for i in starts]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        writes = [
+            pool.submit(storage.write_partition, "features", DOMAIN, day, table.slice(i, n))
+            for day, i, n in zip(days, starts.tolist(), lengths.tolist(), strict=True)
+        ]
+        for write in writes:
+            write.result()  # re-raises the first failure
+    return list(zip(days, lengths.tolist(), strict=True))
 
 
 def _read_with_lookback(
@@ -534,7 +560,9 @@ def _oracle_ic(storage: Storage, test_window: pd.DataFrame, label: str) -> float
     path = storage.root / "reference" / DOMAIN / ORACLE_FILE
     if not path.exists():
         return None
-    oracle = pd.read_parquet(path)
+    # Only the test window's rows: the oracle covers the whole history.
+    first, last = test_window["date"].min(), test_window["date"].max()
+    oracle = pd.read_parquet(path, filters=[("date", ">=", first), ("date", "<=", last)])
     joined = test_window[[*KEY_COLUMNS, label]].merge(oracle, on=KEY_COLUMNS)
     if joined.empty:
         return None
@@ -550,13 +578,14 @@ def score_market(storage: Storage, settings: Settings, as_of: dt.date | str) -> 
     `as_of` only; every output row names the model version and run that produced it.
     """
     as_of = as_day(as_of)
-    if as_of not in storage.partition_dates("features", DOMAIN, start=as_of, end=as_of):
+    dated = storage.partition_dates("features", DOMAIN, end=as_of)  # one listing, used twice
+    if not dated or dated[-1] != as_of:
         raise ScoringError(f"no feature partition for {as_of}; run the features step first")
     champion = tracking.load_model_version(settings, DOMAIN)
     fitted = champion.model.unwrap_python_model().model
     lookback = getattr(fitted.config, "lookback", 1) if fitted.config.model != "mlp" else 1
     # The sequence window is the previous `lookback` rows; one spare date costs nothing.
-    days = storage.partition_dates("features", DOMAIN, end=as_of)[-(lookback + 1) :]
+    days = dated[-(lookback + 1) :]
     features = storage.read_partitions("features", DOMAIN, days=days)
     # A column absent from the as-of partition would arrive as NaN after the concat and be
     # silently imputed: refuse it, as the model's signature would for a missing column.

@@ -1,0 +1,569 @@
+"""Backfills and catch-up: which dates to (re)do, the unit of work for one date, and its record.
+
+A date is one unit of work: check that it has validated data and features, score it with the
+champion, then record it complete, all while holding that date's lock (`finpipe.locks`).
+Features are not computed date by date: features at t are built from every earlier validated
+row, so a late delivery for one date changes every later date. They are brought up to date once,
+in date order, by the domain's own incremental update (the one the nightly uses, identical to a
+full rebuild) before the dates fan out.
+
+Completion is recorded per date in `state/<domain>/completed/<YYYY-MM-DD>.json`, written
+atomically after the date's outputs are published: status, the steps done, rows written, the
+model version, the run that did it, and the SHA-256 of the validated and feature partitions it
+was computed from. A date is done when its record says `completed`, covers the steps asked for,
+and those partitions still have the recorded hashes. A failed date (recorded `failed`), a date
+never run, and a date whose data was republished since are redone; nothing else is. That is
+what makes a re-run of a partly failed backfill produce what a clean run would.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import glob
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import pyarrow.parquet as pq
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from finpipe.domains import get_domain
+from finpipe.errors import ConfigError, FinpipeError, ScoringError
+from finpipe.ingest import ingest_file
+from finpipe.locks import DEFAULT_TIMEOUT_SECONDS, history_lock, partition_lock
+from finpipe.settings import Settings
+from finpipe.storage import Storage, as_day, file_sha256, write_json_atomic
+
+log = logging.getLogger("finpipe.backfill")
+
+Step = Literal["validate", "features", "score"]
+ALL_STEPS: tuple[Step, ...] = ("validate", "features", "score")
+Status = Literal["completed", "failed", "no data", "done earlier"]
+
+
+class ScheduleSettings(BaseSettings):
+    """When the nightly deployment runs and how much a backfill may take on.
+
+    Each field reads `FINPIPE_<NAME>` from the environment (e.g. `FINPIPE_TIMEZONE`).
+    """
+
+    model_config = SettingsConfigDict(env_prefix="FINPIPE_", extra="ignore")
+
+    timezone: str = Field(
+        default="UTC",
+        description="IANA timezone of the nightly schedule and of the business calendar.",
+    )
+    nightly_cron: str = Field(
+        default="0 2 * * 1-5", description="When the nightly deployment runs: 02:00 on weekdays."
+    )
+    nightly_domains: list[str] = Field(
+        default_factory=lambda: ["market"],
+        description='Domains the nightly deployment runs, one schedule each (JSON: ["market"]).',
+    )
+    nightly_inputs: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="Per domain, the delivered files (paths or globs) every scheduled night "
+        'loads, e.g. {"market": ["/data/drop/market_*.csv"]}; files already loaded are skipped.',
+    )
+    backfill_max_dates: int = Field(
+        default=260,
+        ge=1,
+        description="Most business days one backfill (or one nightly catch-up) may cover.",
+    )
+    lock_timeout_seconds: float = Field(
+        default=DEFAULT_TIMEOUT_SECONDS,
+        ge=0,
+        description="How long a run waits for a date or history lock another run holds.",
+    )
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        check_timezone(value)
+        return value
+
+
+def load_schedule_settings(**overrides: object) -> ScheduleSettings:
+    """Return schedule settings from the environment (and `overrides`); ConfigError if bad."""
+    try:
+        return ScheduleSettings(**overrides)
+    except ValidationError as error:
+        problems = "; ".join(
+            f"FINPIPE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors()
+        )
+        raise ConfigError(f"invalid schedule settings: {problems}") from None
+
+
+def check_timezone(name: str) -> ZoneInfo:
+    """Return the IANA timezone `name`; ConfigError with an example when it is unknown."""
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise ConfigError(
+            f"unknown timezone {name!r}: use an IANA name such as 'UTC', 'Europe/London' "
+            "or 'America/New_York'"
+        ) from None
+
+
+# -- the business calendar -----------------------------------------------------------------
+def business_days(start: dt.date | str, end: dt.date | str) -> list[dt.date]:
+    """Return every Monday-to-Friday date from `start` to `end`, both included.
+
+    Exchange holidays are business days here: such a date simply has no delivery, and a
+    backfill reports it as `no data` rather than guessing a holiday calendar.
+    """
+    first, last = as_day(start), as_day(end)
+    count = (last - first).days + 1
+    days = (first + dt.timedelta(days=i) for i in range(max(count, 0)))
+    return [day for day in days if day.weekday() < 5]
+
+
+def previous_business_day(moment: dt.datetime, timezone: str) -> dt.date:
+    """Return the last business day before the calendar day of `moment` in `timezone`.
+
+    A nightly run scheduled for 02:00 on a Monday processes the Friday before. A naive
+    `moment` is taken to be UTC.
+    """
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    day = moment.astimezone(check_timezone(timezone)).date() - dt.timedelta(days=1)
+    while day.weekday() >= 5:
+        day -= dt.timedelta(days=1)
+    return day
+
+
+def today_in(timezone: str) -> dt.date:
+    """Return today's date in `timezone`."""
+    return dt.datetime.now(check_timezone(timezone)).date()
+
+
+# -- the request ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackfillRequest:
+    """A checked backfill: the domain, the range, the steps and the business days in it."""
+
+    domain: str
+    start: dt.date
+    end: dt.date
+    steps: tuple[Step, ...]
+    days: tuple[dt.date, ...]
+
+
+def check_steps(steps: Iterable[str]) -> tuple[Step, ...]:
+    """Return `steps` in pipeline order without repeats; ConfigError for none or unknown ones."""
+    chosen = list(steps)
+    unknown = [s for s in chosen if s not in ALL_STEPS]
+    if unknown:
+        raise ConfigError(f"unknown step {unknown[0]!r}: steps are {', '.join(ALL_STEPS)}")
+    if not chosen:
+        raise ConfigError(f"choose at least one step: {', '.join(ALL_STEPS)}")
+    return tuple(s for s in ALL_STEPS if s in chosen)
+
+
+def check_backfill_request(
+    domain: str,
+    start: dt.date | str | None,
+    end: dt.date | str | None,
+    steps: Iterable[str] = ALL_STEPS,
+    *,
+    today: dt.date,
+    max_dates: int,
+) -> BackfillRequest:
+    """Return the backfill to run, or raise ConfigError with what to change, before any work.
+
+    Rejects an unknown domain, a missing date, an end before the start, dates after `today`
+    and a range of more than `max_dates` business days.
+    """
+    get_domain(domain)
+    if start is None or end is None:
+        raise ConfigError("a backfill needs both a start and an end date (YYYY-MM-DD)")
+    first, last = as_day(start), as_day(end)
+    if last < first:
+        raise ConfigError(
+            f"end {last} is before start {first}: the backfill runs from start to end; "
+            "swap the two dates"
+        )
+    if last > today:
+        raise ConfigError(
+            f"end {last} is in the future (today is {today}): only dates that have happened "
+            f"can be backfilled; set end to {today} or earlier"
+        )
+    chosen = check_steps(steps)
+    days = business_days(first, last)
+    if not days:
+        raise ConfigError(
+            f"{first} to {last} holds no business day (Monday to Friday): widen the range"
+        )
+    if len(days) > max_dates:
+        raise ConfigError(
+            f"{first} to {last} holds {len(days)} business days, more than the cap of "
+            f"{max_dates} (FINPIPE_BACKFILL_MAX_DATES): split it into smaller backfills "
+            "or raise the cap"
+        )
+    return BackfillRequest(domain, first, last, chosen, tuple(days))
+
+
+# -- completion records --------------------------------------------------------------------
+def completion_path(storage: Storage, domain: str, day: dt.date | str) -> Path:
+    """Return where the completion record of `day` lives."""
+    return storage.state_dir(domain) / "completed" / f"{as_day(day).isoformat()}.json"
+
+
+def read_completion(storage: Storage, domain: str, day: dt.date | str) -> dict | None:
+    """Return the completion record of `day`, or None if the date was never attempted."""
+    path = completion_path(storage, domain, day)
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def partition_fingerprint(storage: Storage, domain: str, day: dt.date) -> dict[str, str | None]:
+    """Return the SHA-256 of the date's validated and feature partitions (None where absent).
+
+    Partitions are written deterministically, so rewriting the same rows keeps the hash and
+    only a real change of the data makes a recorded date stale.
+    """
+    fingerprint: dict[str, str | None] = {}
+    for layer in ("validated", "features"):
+        path = storage.partition_file(layer, domain, day)
+        fingerprint[layer] = file_sha256(path) if path.exists() else None
+    return fingerprint
+
+
+def is_done(storage: Storage, domain: str, day: dt.date, steps: Iterable[str]) -> bool:
+    """Return whether `day` was completed with `steps` from the data it has now."""
+    record = read_completion(storage, domain, day)
+    if not record or record.get("status") != "completed":
+        return False
+    if not set(steps) <= set(record.get("steps", [])):
+        return False
+    if "score" in steps and not storage.partition_file("predictions", domain, day).exists():
+        return False
+    return record.get("inputs") == partition_fingerprint(storage, domain, day)
+
+
+def completed_dates(storage: Storage, domain: str) -> list[dt.date]:
+    """Return the dates recorded `completed`, in order."""
+    folder = storage.state_dir(domain) / "completed"
+    if not folder.exists():
+        return []
+    days = []
+    for path in folder.glob("*.json"):
+        if json.loads(path.read_text()).get("status") == "completed":
+            days.append(as_day(path.stem))
+    return sorted(days)
+
+
+def _write_record(storage: Storage, domain: str, day: dt.date, record: dict) -> None:
+    write_json_atomic(
+        completion_path(storage, domain, day),
+        {
+            "domain": domain,
+            "date": day.isoformat(),
+            **record,
+            "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        },
+    )
+
+
+# -- planning ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackfillPlan:
+    """The dates a backfill will process and the ones already done from current data."""
+
+    todo: tuple[dt.date, ...]
+    done: tuple[dt.date, ...]
+
+
+def plan_backfill(
+    storage: Storage, request: BackfillRequest, *, force: bool = False
+) -> BackfillPlan:
+    """Split the request's dates into those to process and those already done (`is_done`)."""
+    if force:
+        return BackfillPlan(todo=request.days, done=())
+    done = tuple(d for d in request.days if is_done(storage, request.domain, d, request.steps))
+    return BackfillPlan(todo=tuple(d for d in request.days if d not in done), done=done)
+
+
+def missed_dates(storage: Storage, domain: str, as_of: dt.date | str) -> list[dt.date]:
+    """Return the business days a nightly run missed before `as_of`, in order.
+
+    Those are the dates after the last date recorded complete (before `as_of`) that have no
+    completed record. With nothing recorded yet there is nothing to catch up.
+    """
+    as_of = as_day(as_of)
+    recorded = [d for d in completed_dates(storage, domain) if d < as_of]
+    if not recorded:
+        return []
+    done = set(recorded)
+    gap = business_days(recorded[-1] + dt.timedelta(days=1), as_of - dt.timedelta(days=1))
+    return [d for d in gap if d not in done]
+
+
+# -- the unit of work ----------------------------------------------------------------------
+@dataclass
+class DateOutcome:
+    """What happened to one date."""
+
+    date: str
+    status: Status
+    rows: int = 0
+    seconds: float = 0.0
+    model_version: str | None = None
+    message: str = ""
+    predictions: dict | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def table_row(self) -> dict:
+        """Return the row of the per-date status table."""
+        return {
+            "date": self.date,
+            "status": self.status,
+            "rows": self.rows,
+            "seconds": self.seconds,
+            "model version": self.model_version or "",
+            "message": self.message,
+        }
+
+
+class DateFailed(FinpipeError):
+    """One date of a backfill failed; `outcome` says how long it ran and why."""
+
+    def __init__(self, outcome: DateOutcome) -> None:
+        super().__init__(f"{outcome.date}: {outcome.message}")
+        self.outcome = outcome
+
+    def __reduce__(self):  # keep the outcome when Prefect pickles a task's exception
+        return (type(self), (self.outcome,))
+
+
+class BackfillIncomplete(FinpipeError):
+    """Some dates of a backfill failed; the others are done and recorded."""
+
+
+def outcome_from_record(record: dict) -> DateOutcome:
+    """Return a `done earlier` outcome for a date a previous run completed."""
+    return DateOutcome(
+        date=record["date"],
+        status="done earlier",
+        rows=record.get("rows", 0),
+        seconds=record.get("seconds", 0.0),
+        model_version=record.get("model_version"),
+        message=f"completed {record.get('finished_at')} by {record.get('holder')}",
+    )
+
+
+def process_date(
+    storage: Storage,
+    settings: Settings,
+    domain: str,
+    day: dt.date | str,
+    steps: Iterable[str] = ALL_STEPS,
+    *,
+    holder: str = "",
+    lock_timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    progress: Callable[[str], None] | None = None,
+) -> DateOutcome:
+    """Check, score and record one date under its lock; return what happened.
+
+    `validate` requires a validated partition (without one the date is `no data`: a holiday
+    or a delivery not ingested yet); `features` and `score` require its feature partition
+    (see `update_features_through`); `score` publishes its predictions with the champion. The
+    completion record is written last. A finpipe error (no champion, lock busy, ...) is
+    recorded as `failed` and raised as DateFailed carrying the outcome; transient errors (a
+    tracking server that blinked, I/O) propagate unchanged so an orchestrator may retry them.
+    """
+    day, chosen = as_day(day), check_steps(steps)
+    started = time.perf_counter()
+    try:
+        with partition_lock(
+            storage.root, domain, day, holder=holder, timeout=lock_timeout, on_wait=progress
+        ):
+            try:
+                return _process_locked(storage, settings, domain, day, chosen, holder, started)
+            except Exception as error:
+                _write_record(
+                    storage,
+                    domain,
+                    day,
+                    {
+                        "status": "failed",
+                        "steps": list(chosen),
+                        "error": str(error),
+                        "holder": holder,
+                        "seconds": _since(started),
+                    },
+                )
+                raise
+    except FinpipeError as error:
+        if error.transient:  # e.g. the tracking server blinked: let the orchestrator retry
+            raise
+        outcome = DateOutcome(
+            day.isoformat(), "failed", seconds=_since(started), message=str(error)
+        )
+        raise DateFailed(outcome) from error
+
+
+def _process_locked(storage, settings, domain, day, steps, holder, started) -> DateOutcome:
+    # Hash the inputs before reading them: if they change underneath, the record is stale
+    # (and the date is redone next time) rather than wrongly fresh.
+    inputs = partition_fingerprint(storage, domain, day)
+    if inputs["validated"] is None and "validate" in steps:
+        return DateOutcome(
+            day.isoformat(),
+            "no data",
+            seconds=_since(started),
+            message=f"no validated {domain} data for {day}: a holiday, or a delivery not "
+            "ingested yet (ingest it and re-run; only such dates are redone)",
+        )
+    rows = 0
+    if inputs["validated"] is not None and "validate" in steps:
+        rows = pq.ParquetFile(storage.partition_file("validated", domain, day)).metadata.num_rows
+    if inputs["features"] is None and ("features" in steps or "score" in steps):
+        if inputs["validated"] is None:
+            cause = "it has no validated data either; ingest its delivery first"
+        elif "features" in steps:
+            cause = "the feature update did not write it; see the build-features task's log"
+        else:
+            cause = "add the features step"
+        raise ScoringError(f"no {domain} features for {day}: {cause}")
+    if inputs["features"] is not None and "features" in steps:
+        rows = pq.ParquetFile(storage.partition_file("features", domain, day)).metadata.num_rows
+    model_version = run_id = predictions = None
+    if "score" in steps:
+        scored = get_domain(domain).score(storage, settings, day)
+        rows, model_version, run_id = scored.rows, scored.model_version, scored.run_id
+        predictions = scored.to_dict()
+    previous = read_completion(storage, domain, day) or {}
+    done_steps = set(steps)
+    if previous.get("status") == "completed" and previous.get("inputs") == inputs:
+        # Still fresh: what it recorded stays true (e.g. the scoring of a validate-only re-run).
+        done_steps |= set(previous.get("steps", []))
+        if "score" not in steps:
+            model_version, run_id = previous.get("model_version"), previous.get("run_id")
+    seconds = _since(started)
+    _write_record(
+        storage,
+        domain,
+        day,
+        {
+            "status": "completed",
+            "steps": [s for s in ALL_STEPS if s in done_steps],
+            "rows": rows,
+            "model_version": model_version,
+            "run_id": run_id,
+            "holder": holder,
+            "pid": os.getpid(),
+            "seconds": seconds,
+            "inputs": inputs,
+        },
+    )
+    return DateOutcome(
+        day.isoformat(),
+        "completed",
+        rows=rows,
+        seconds=seconds,
+        model_version=model_version,
+        predictions=predictions,
+    )
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 3)
+
+
+# -- steps over the whole history, under the history lock ----------------------------------
+def update_features_through(
+    storage: Storage,
+    domain: str,
+    through: dt.date | str,
+    *,
+    rebuild: bool = False,
+    holder: str = "",
+    lock_timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Bring features up to date through `through` (or later), under the history lock.
+
+    The update runs to the later of `through` and the last date that already has features:
+    a date delivered late makes every later feature stale, and stopping at `through` would
+    leave later ones stale but looking fresh. Returns the domain's FeatureUpdate as a dict.
+    """
+    with history_lock(storage.root, domain, holder=holder, timeout=lock_timeout, on_wait=progress):
+        existing = storage.partition_dates("features", domain)
+        as_of = max(as_day(through), existing[-1]) if existing else as_day(through)
+        update = get_domain(domain).update_features(
+            storage, as_of, rebuild=rebuild, progress=progress
+        )
+    return update.to_dict()
+
+
+def expand_inputs(patterns: Iterable[str]) -> list[str]:
+    """Return the delivered files named by `patterns`, oldest first.
+
+    A pattern with `*`, `?` or `[` is a glob (e.g. `/data/drop/market_*.csv`) and may match
+    nothing; a plain path is kept as given (ingest reports it if it is missing). Files are
+    ordered by modification time, then name: the order they were delivered in.
+    """
+    found: list[Path] = []
+    for pattern in patterns:
+        pattern = os.path.expanduser(pattern)
+        if any(c in pattern for c in "*?["):
+            found.extend(Path(p).resolve() for p in glob.glob(pattern))
+        else:
+            found.append(Path(pattern))
+    unique = list(dict.fromkeys(found))
+    return [str(p) for p in sorted(unique, key=lambda p: (_mtime(p), p.name))]
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime if path.exists() else float("inf")
+
+
+def ingest_deliveries(
+    storage: Storage,
+    domain: str,
+    paths: Iterable[str],
+    *,
+    as_of: dt.date | str,
+    max_file_bytes: int | None = None,
+    holder: str = "",
+    lock_timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Land, validate and publish delivered files in order, under the history lock.
+
+    Returns one IngestOutcome dict per file; ValidationFailed stops at the first bad file
+    (it is quarantined, nothing from it is published).
+    """
+    limit = {"max_file_bytes": max_file_bytes} if max_file_bytes else {}
+    say = progress or log.info
+    contract = get_domain(domain).contract
+    outcomes = []
+    with history_lock(storage.root, domain, holder=holder, timeout=lock_timeout, on_wait=say):
+        for path in paths:
+            outcome = ingest_file(storage, contract, Path(path), as_of=as_of, **limit)
+            say(outcome.message)
+            outcomes.append(outcome.to_dict())
+    return outcomes
+
+
+def failure_summary(outcomes: Iterable[DateOutcome]) -> str | None:
+    """Return one message naming every failed date, or None when none failed."""
+    outcomes = list(outcomes)
+    failed = [o for o in outcomes if o.status == "failed"]
+    if not failed:
+        return None
+    details = "; ".join(f"{o.date}: {o.message}" for o in failed[:5])
+    more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
+    return (
+        f"{len(failed)} of {len(outcomes)} dates failed: {details}{more}. The other dates are "
+        "done and recorded; fix the cause and run the same backfill again to redo only these."
+    )

@@ -1,0 +1,459 @@
+"""One benchmark measurement, run in a fresh process so its peak memory is its own.
+
+`python -m finpipe.bench.stages '<json>'` runs `run_stage(**json)` and prints one line
+`BENCH-RESULT {...}` with the seconds measured, the rows processed, the process's peak resident
+memory and stage-specific details. The runner (`finpipe.bench.suite`) starts these processes;
+nothing here decides how often or on what.
+
+Layout of a size's work folder (written by the `prepare` stage):
+
+    deliveries/history_NNNN.parquet   the panel before the night, one file per 252 dates
+    deliveries/market_<night>.csv     the night's vendor file (the orchestration stage loads it)
+    home/                             FINPIPE_HOME: validated partitions up to the eve, oracle
+    prepared.json                     the panel's shape, night date, row counts
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import resource
+import shutil
+import sys
+import time
+from pathlib import Path
+
+HISTORY_FILE_DATES = 252  # one delivery file per trading year
+ORCHESTRATION_CONFIG = {"models": ["mlp", "gru"]}
+
+
+def peak_rss_mb() -> float:
+    """Return the peak resident memory of this process (and of any child it waited for), MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, children) / 1024.0, 1)  # Linux reports KiB
+
+
+def _home(work: Path) -> Path:
+    return work / "home"
+
+
+def _use_home(work: Path):
+    """Point finpipe (and Prefect's local state) at the size's home; return (settings, storage)."""
+    os.environ["FINPIPE_HOME"] = str(_home(work))
+    from finpipe.settings import load_settings, prepare_environment
+    from finpipe.storage import Storage
+
+    settings = load_settings()
+    prepare_environment(settings)
+    return settings, Storage(settings.home)
+
+
+def _prepared(work: Path) -> dict:
+    return json.loads((work / "prepared.json").read_text())
+
+
+# -- prepare -------------------------------------------------------------------------------------
+
+
+def prepare(work: Path, tickers: int, days: int, seed: int, build_features: bool) -> dict:
+    """Generate the panel, write its deliveries and publish the validated history (untimed set-up).
+
+    The history is published through ingest's own partition writer without the GX gate: the
+    synthetic panel's heavy tails break the 1.0 log-return bound on a few rows at these sizes,
+    and the validation stage measures the suite on the same files separately.
+    """
+    from finpipe.ingest import _publish
+    from finpipe.market.pipeline import MARKET_CONTRACT, update_market_features, write_oracle
+    from finpipe.market.schema import normalise_market_frame
+    from finpipe.market.synthetic import (
+        MarketSyntheticConfig,
+        _to_vendor_frame,
+        generate_market_panel,
+    )
+
+    done = work / "prepared.json"
+    if done.exists():  # same panel already laid out: reuse it (a re-run of some stages)
+        facts = json.loads(done.read_text())
+        if (facts["tickers"], facts["days"], facts["seed"]) == (tickers, days, seed):
+            _, storage = _use_home(work)
+            if build_features:
+                update_market_features(storage, dt.date.fromisoformat(facts["eve"]))
+            return {"seconds": facts["prepare_s"], "rows": facts["rows"], "details": facts}
+    if work.exists():
+        shutil.rmtree(work)
+    deliveries = work / "deliveries"
+    deliveries.mkdir(parents=True)
+    _, storage = _use_home(work)
+    started = time.perf_counter()
+    panel = generate_market_panel(MarketSyntheticConfig(tickers=tickers, days=days, seed=seed))
+    generated = time.perf_counter() - started
+    prices = panel.prices
+    write_oracle(storage, panel.expected_return)
+    rows = len(prices)
+    del panel
+    dates = prices["date"].unique()
+    night = dates[-1]
+    day = prices["date"].to_numpy()
+    for number, first in enumerate(range(0, len(dates) - 1, HISTORY_FILE_DATES)):
+        last = dates[min(first + HISTORY_FILE_DATES, len(dates) - 1) - 1]
+        chunk = prices[(day >= dates[first]) & (day <= last)].reset_index(drop=True)
+        chunk.to_parquet(deliveries / f"history_{number:04d}.parquet", index=False)
+        _publish(storage, MARKET_CONTRACT, normalise_market_frame(chunk), f"bhistory{number:04d}")
+    night_rows = prices[day == night]
+    night_day = dt.date.fromisoformat(str(night)[:10])
+    _to_vendor_frame(night_rows).to_csv(deliveries / f"market_{night_day}.csv", index=False)
+    eve = dt.date.fromisoformat(str(dates[-2])[:10])
+    if build_features:
+        update_market_features(storage, eve)
+    facts = {
+        "tickers": tickers,
+        "days": days,
+        "seed": seed,
+        "rows": rows,
+        "history_rows": rows - len(night_rows),
+        "night_rows": len(night_rows),
+        "eve": eve.isoformat(),
+        "night": night_day.isoformat(),
+        "generate_s": round(generated, 3),
+        "prepare_s": round(time.perf_counter() - started, 3),
+    }
+    (work / "prepared.json").write_text(json.dumps(facts, indent=2))
+    return {"seconds": facts["prepare_s"], "rows": rows, "details": facts}
+
+
+# -- validation ----------------------------------------------------------------------------------
+
+
+def validation(work: Path, side: str) -> dict:
+    """Validate every history delivery: the GX suite (finpipe) or the same rules in pandas.
+
+    Both sides see the same normalised batches with the derived return column; the rule-by-rule
+    unexpected counts come back so the runner can check both sides reached the same verdicts.
+    """
+    import pandas as pd
+
+    from finpipe.bench.references import pandas_market_rules
+    from finpipe.market.schema import normalise_market_frame
+    from finpipe.validation import add_market_checks_columns, validate_frame
+
+    _, storage = _use_home(work)
+    as_of = pd.Timestamp(_prepared(work)["night"])
+    files = sorted((work / "deliveries").glob("history_*.parquet"))
+    docs = work / "docs"
+    if side == "finpipe":  # the GX context is created once per process: not the suite's cost
+        warm = add_market_checks_columns(normalise_market_frame(pd.read_parquet(files[0]).head(50)))
+        validate_frame(
+            warm, suite_name="market_ohlcv", batch_name="warm-up", parameters={"as_of": as_of}
+        )
+    seconds, suite_only, rows, verdicts = 0.0, 0.0, 0, {}
+    for path in files:
+        batch = add_market_checks_columns(normalise_market_frame(pd.read_parquet(path)), None)
+        if side == "finpipe":  # the suite alone, without rendering its Data Docs page
+            started = time.perf_counter()
+            validate_frame(
+                batch, suite_name="market_ohlcv", batch_name=path.stem, parameters={"as_of": as_of}
+            )
+            suite_only += time.perf_counter() - started
+        started = time.perf_counter()
+        if side == "finpipe":
+            report = validate_frame(
+                batch,
+                suite_name="market_ohlcv",
+                batch_name=path.stem,
+                parameters={"as_of": as_of},
+                data_docs_dir=docs,  # as ingest runs it: the Data Docs page is part of the gate
+            )
+            counts = {rule.rule: rule.unexpected_count for rule in report.rules}
+        else:
+            counts = pandas_market_rules(batch, as_of)
+        seconds += time.perf_counter() - started
+        rows += len(batch)
+        for rule, count in counts.items():
+            verdicts[rule] = verdicts.get(rule, 0) + int(count)
+    details = {"unexpected": verdicts, "suite_without_docs_s": round(suite_only, 4)}
+    return {"seconds": seconds, "rows": rows, "details": details}
+
+
+# -- features ------------------------------------------------------------------------------------
+
+
+def features(work: Path, side: str) -> dict:
+    """Build every feature partition from the validated store: finpipe, or the Polars reference."""
+    _, storage = _use_home(work)
+    eve = dt.date.fromisoformat(_prepared(work)["eve"])
+    if side == "finpipe":
+        from finpipe.market.pipeline import update_market_features
+
+        started = time.perf_counter()
+        update = update_market_features(storage, eve, rebuild=True)
+        return {"seconds": time.perf_counter() - started, "rows": update.rows}
+    from finpipe.bench.references import compare_feature_outputs, polars_market_features
+
+    out = work / "polars_features"
+    shutil.rmtree(out, ignore_errors=True)
+    started = time.perf_counter()
+    rows = polars_market_features(storage.layer_dir("validated", "market"), out)
+    seconds = time.perf_counter() - started
+    dates = storage.partition_dates("features", "market", end=eve)
+    check = compare_feature_outputs(
+        storage.layer_dir("features", "market"), out, dates[:80] + dates[-80:]
+    )
+    shutil.rmtree(out, ignore_errors=True)
+    return {"seconds": seconds, "rows": rows, "details": {"agreement": check}}
+
+
+# -- training ------------------------------------------------------------------------------------
+
+
+def training(work: Path, model: str, epochs: int) -> dict:
+    """Time finpipe's training loop and a bare PyTorch loop on the same tensors and net.
+
+    The tensors are those `train_market` builds (the default training window up to the eve),
+    the net is built from the same seed, and both run `epochs` epochs with no early stop.
+    """
+    import torch
+
+    from finpipe.bench.references import bare_training_loop
+    from finpipe.market.model import training_samples
+    from finpipe.market.pipeline import (
+        MarketTrainingConfig,
+        feature_columns_of,
+        load_training_frame,
+    )
+    from finpipe.nets import build_net
+    from finpipe.training import Batches, TrainConfig, time_split, train_regressor
+
+    _, storage = _use_home(work)
+    eve = dt.date.fromisoformat(_prepared(work)["eve"])
+    config = MarketTrainingConfig(max_epochs=epochs, patience=epochs + 1)
+    frame = _training_window(storage, eve, config, load_training_frame)
+    labelled = frame.loc[frame[config.label].notna(), "date"].unique()
+    split = time_split(sorted(labelled), embargo=config.horizon)
+    train_config = config.train_config(model)
+    samples = training_samples(
+        frame,
+        feature_columns_of(frame),
+        split,
+        train_config,
+        label=config.label,
+        target=config.target,
+    )
+    del frame
+    train, validation = samples.train, samples.validation
+    rows = train.rows if train.rows is not None else torch.arange(len(train))
+    validation_rows = (
+        validation.rows if validation.rows is not None else torch.arange(len(validation))
+    )
+
+    def bare(net, rows, targets, epochs):
+        return bare_training_loop(
+            net, train.features, rows, targets, validation_rows, validation.targets,
+            lookback=train.lookback, batch_size=train_config.batch_size, epochs=epochs,
+            learning_rate=train_config.learning_rate, weight_decay=train_config.weight_decay,
+            seed=train_config.seed,
+        )  # fmt: skip
+
+    # Warm-up, untimed: torch sets up kernels and allocators on first use.
+    few = slice(0, 4 * train_config.batch_size)
+    warm = Batches(train.features, train.targets[few], rows[few], train.lookback)
+    warm_config = TrainConfig(**{**train_config.to_params(), "max_epochs": 1})
+    train_regressor(build_net(train_config, len(samples.feature_columns)), warm, warm, warm_config)
+    bare(build_net(train_config, len(samples.feature_columns)), rows[few], train.targets[few], 1)
+
+    net = build_net(train_config, len(samples.feature_columns))
+    started = time.perf_counter()
+    result = train_regressor(net, samples.train, samples.validation, train_config)
+    finpipe_s = time.perf_counter() - started
+    bare_net = build_net(train_config, len(samples.feature_columns))
+    started = time.perf_counter()
+    bare_losses = bare(bare_net, rows, train.targets, epochs)
+    reference_s = time.perf_counter() - started
+    return {
+        "seconds": finpipe_s,
+        "reference_seconds": reference_s,
+        "rows": len(train) * epochs,
+        "details": {
+            "train_samples": len(train),
+            "validation_samples": len(validation),
+            "epochs": epochs,
+            "torch_threads": torch.get_num_threads(),
+            "finpipe_validation_loss": [round(h["validation_loss"], 6) for h in result.history],
+            "bare_validation_loss": [round(v, 6) for v in bare_losses],
+        },
+    }
+
+
+def _training_window(storage, as_of, config, load_training_frame):
+    """Return the frame `train_market` trains on: the last `history_dates` dates up to `as_of`."""
+    import numpy as np
+
+    frame = load_training_frame(storage, as_of, config.horizon, history_dates=config.history_dates)
+    if config.history_dates:
+        keep = np.sort(frame["date"].unique())[-config.history_dates :]
+        frame = frame[frame["date"].isin(keep)].reset_index(drop=True)
+    return frame
+
+
+# -- orchestration -------------------------------------------------------------------------------
+
+
+def reset_night(work: Path) -> None:
+    """Put the home back to the eve of the night: drop everything a nightly run adds."""
+    home = _home(work)
+    night = _prepared(work)["night"]
+    for relative in ("mlflow.db", "mlartifacts", "landing", "state", "quarantine", "predictions"):
+        target = home / relative
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    shutil.rmtree(home / "reports" / "data_docs", ignore_errors=True)
+    for layer in ("validated", "features"):
+        shutil.rmtree(home / layer / "market" / f"date={night}", ignore_errors=True)
+
+
+def orchestration(work: Path, side: str, epochs: int) -> dict:
+    """Run one night (load the night's file, features, train, promote, score): through the
+    Prefect flow, or as the same library calls made directly. Returns seconds and quality."""
+    reset_night(work)
+    settings, storage = _use_home(work)
+    facts = _prepared(work)
+    night = dt.date.fromisoformat(facts["night"])
+    delivery = work / "deliveries" / f"market_{night}.csv"
+    training = {**ORCHESTRATION_CONFIG, "max_epochs": epochs}
+    if side == "prefect":
+        from finpipe.flows.nightly import nightly
+
+        started = time.perf_counter()
+        summary = nightly(domain="market", as_of=night, inputs=[str(delivery)], training=training)
+        seconds = time.perf_counter() - started
+        outcome_metrics = summary["training"]["metrics"]
+        rows = summary["predictions"]["rows"]
+    else:
+        from finpipe.domains import get_domain
+        from finpipe.ingest import ingest_file
+
+        spec = get_domain("market")
+        started = time.perf_counter()
+        ingest_file(storage, spec.contract, delivery, as_of=night)
+        spec.update_features(storage, night)
+        outcome = spec.train(storage, settings, night, spec.training_config(**training))
+        spec.promote(storage, settings, outcome)
+        scored = spec.score(storage, settings, night)
+        seconds = time.perf_counter() - started
+        outcome_metrics, rows = outcome.metrics, scored.rows
+    quality = {
+        kind: {
+            "test_ic": result["test"].get("ic"),
+            "oracle_ic": result["test"].get("oracle_ic"),
+            "ic_to_oracle": (
+                result["test"]["ic"] / result["test"]["oracle_ic"]
+                if result["test"].get("oracle_ic")
+                else None
+            ),
+        }
+        for kind, result in outcome_metrics.items()
+    }
+    return {"seconds": seconds, "rows": rows, "details": {"quality": quality, "epochs": epochs}}
+
+
+# -- scoring -------------------------------------------------------------------------------------
+
+
+SCORED_NIGHTS = 10
+
+
+def scoring(work: Path, side: str) -> dict:
+    """Score the last SCORED_NIGHTS dates one night at a time, as nightly runs (or a replay)
+    would: finpipe's scoring step, or a pyarrow read + the bare net + a pyarrow write.
+
+    Both sides start in a fresh process, so each pays its first model load once: MLflow's
+    registry + pyfunc for finpipe, `torch.load` of the same weights for the reference.
+    """
+    settings, storage = _use_home(work)
+    night = dt.date.fromisoformat(_prepared(work)["night"])
+    from finpipe import tracking
+
+    champion = tracking.current_alias_version(settings, "market")
+    if champion is None:
+        raise RuntimeError("no champion: run the orchestration stage first")
+    dated = storage.partition_dates("features", "market", end=night)
+    nights = dated[-SCORED_NIGHTS:]
+    if side == "finpipe":
+        from finpipe.market.pipeline import score_market
+
+        rows, laps = 0, []
+        started = time.perf_counter()
+        for day in nights:
+            rows += score_market(storage, settings, day).rows
+            laps.append(time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        first = laps[0]
+        return {
+            "seconds": seconds,
+            "rows": rows,
+            "details": {"nights": len(nights), "first_night_s": round(first, 4)},
+        }
+    from mlflow import MlflowClient
+
+    from finpipe.bench.references import bare_scoring
+
+    version = MlflowClient().get_model_version(settings.model_name("market"), champion)
+    model_dir = _model_folder(settings, version.source, version.run_id)
+    meta = json.loads((model_dir / "model.json").read_text())
+    lookback = meta["config"]["lookback"] if meta["config"]["model"] != "mlp" else 1
+    rows = 0
+    started = time.perf_counter()
+    for day in nights:
+        position = dated.index(day)
+        days = dated[max(0, position - lookback) : position + 1]
+        files = [storage.partition_file("features", "market", d) for d in days]
+        out = work / "bare_predictions" / f"date={day}" / "part-0.parquet"
+        rows += bare_scoring(model_dir, files, day, out).num_rows
+    return {
+        "seconds": time.perf_counter() - started,
+        "rows": rows,
+        "details": {"nights": len(nights), "model": meta["config"]["model"]},
+    }
+
+
+def _model_folder(settings, source: str, run_id: str) -> Path:
+    """Return the saved finpipe model folder (weights.pt, model.json) under the artifacts."""
+    model_id = source.rstrip("/").split("/")[-1]  # MLflow 3: models:/m-<id>
+    for match in sorted(Path(settings.home / "mlartifacts").glob("**/model.json")):
+        if model_id in match.parts or run_id in match.parts:
+            return match.parent
+    raise RuntimeError(f"no saved model folder for {source} under {settings.home / 'mlartifacts'}")
+
+
+STAGES = {
+    "prepare": prepare,
+    "validation": validation,
+    "features": features,
+    "training": training,
+    "orchestration": orchestration,
+    "scoring": scoring,
+}
+
+
+def run_stage(stage: str, work: str, threads: int | None = None, **options) -> dict:
+    """Run one stage measurement and return its result with this process's peak memory."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    result = STAGES[stage](Path(work), **options)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+def main() -> None:
+    request = json.loads(sys.argv[1])
+    result = run_stage(**request)
+    print("BENCH-RESULT " + json.dumps(result, default=str), flush=True)
+
+
+if __name__ == "__main__":
+    main()

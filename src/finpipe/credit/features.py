@@ -1,0 +1,45 @@
+"""Credit features: one row per loan or application, fit-free transforms of its validated row.
+
+A feature partition holds `date`, the id, the configured numeric columns (float64), the
+categorical columns (text) and `default_flag`: 1.0 default, 0.0 no default, missing for
+applications still to be scored. Nothing here is fitted: scalers and category vocabularies are
+fitted on the training rows and shipped with the model (finpipe.credit.model).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from finpipe.credit.config import DATE_COLUMN, LoanBookConfig
+from finpipe.errors import ConfigError
+
+LABEL = "default_flag"
+
+
+def build_credit_features(validated: pd.DataFrame, book: LoanBookConfig) -> pd.DataFrame:
+    """Return the model-input rows of validated loan-book rows (same order)."""
+    needed = [DATE_COLUMN, book.columns.id, book.columns.label, *book.feature_columns]
+    absent = [c for c in needed if c not in validated.columns]
+    if absent:
+        raise ConfigError(
+            f"validated credit data lacks {absent} that the loan-book config {book.source} "
+            "names: it was ingested under another config. Keep one loan book per FINPIPE_HOME "
+            "(or rebuild by ingesting again into a fresh one)."
+        )
+    out = validated[[DATE_COLUMN, book.columns.id]].copy()
+    for column in book.numeric_columns:
+        out[column] = pd.to_numeric(validated[column], errors="coerce").astype("float64")
+    for column in book.categorical_columns:
+        out[column] = validated[column].astype("string")
+    out[LABEL] = default_flag(validated[book.columns.label], book)
+    return out.reset_index(drop=True)
+
+
+def default_flag(labels: pd.Series, book: LoanBookConfig) -> np.ndarray:
+    """Return 1.0 for default values, 0.0 for non-default values, NaN for empty labels."""
+    text = labels.astype("string").str.strip()
+    flag = np.full(len(text), np.nan)
+    flag[text.isin(book.label.default).fillna(False).to_numpy(dtype=bool)] = 1.0
+    flag[text.isin(book.label.non_default).fillna(False).to_numpy(dtype=bool)] = 0.0
+    return flag

@@ -1,0 +1,743 @@
+"""The PD model: a tabular network (or its logistic-regression baseline) with everything it needs
+to score a loan book the same way again.
+
+Inputs, all fitted on the training rows only and shipped with the model:
+- numeric columns standardised by a `FeatureScaler` (missing -> 0, the training mean) plus one
+  missing-value indicator per column, so "income not given" is a signal of its own;
+- categorical columns mapped through a `Vocabulary`: index 0 is the unknown bucket, for values
+  never seen in training (or seen fewer than `min_category_count` times) and for missing ones.
+  During training a small share of categories (`unknown_rate`) is replaced by the unknown index,
+  so the unknown bucket learns an average effect instead of keeping its random initial value.
+
+`TabularNet` embeds each categorical column, concatenates embeddings, scaled numerics and
+missing indicators, and runs an MLP to one logit. The logistic baseline is the same class with
+no hidden layer and 1-wide embeddings: a 1-wide embedding is exactly a one-hot weight, so it is
+a logistic regression on one-hot categories and scaled numerics, explained and served by the
+same code as the network.
+
+Class imbalance: the loss weighs defaults by n_non_default / n_default (`class_weight =
+"balanced"`), which ranks well but inflates PDs; the logit is then recalibrated on the
+validation rows by Platt scaling, PD = sigmoid(a * logit + b), so PDs match observed default
+rates again.
+
+Reason codes: integrated gradients (Sundararajan et al., 2017) of the calibrated log-odds from a
+reference applicant to the scored one. The reference is the typical training applicant: every
+numeric at its training mean, nothing missing, each categorical at its training-average
+embedding. A feature's attribution is the sum over its inputs (value and missing indicator, or
+embedding vector) and the attributions add up to log-odds(applicant) - log-odds(reference).
+The three features with the largest positive attribution are the reasons PD is higher than for
+the typical applicant; fewer than three positive ones leave the rest empty.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finpipe.credit.metrics import (
+    binned_shares,
+    category_shares,
+    psi,
+    quantile_edges,
+)
+from finpipe.errors import ModelRejected
+from finpipe.training import FeatureScaler, resolve_device
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.pt"
+METADATA_FILE = "model.json"
+REASONS = 3
+ModelKind = Literal["mlp", "logistic"]
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Category -> index per categorical column, fitted on training rows; 0 = unknown."""
+
+    columns: tuple[str, ...]
+    categories: tuple[tuple[str, ...], ...]
+
+    @classmethod
+    def fit(cls, frame: pd.DataFrame, columns: list[str], min_count: int = 1) -> Vocabulary:
+        """Keep, per column, the values seen at least `min_count` times, sorted."""
+        kept = []
+        for column in columns:
+            counts = _as_text(frame[column]).value_counts()
+            kept.append(tuple(sorted(str(v) for v in counts[counts >= min_count].index)))
+        return cls(tuple(columns), tuple(kept))
+
+    @property
+    def sizes(self) -> list[int]:
+        """Rows of each column's embedding table: its categories plus the unknown bucket."""
+        return [len(values) + 1 for values in self.categories]
+
+    def transform(self, frame: pd.DataFrame) -> np.ndarray:
+        """Return int64 [rows, columns] indices; unseen or missing values map to 0."""
+        out = np.zeros((len(frame), len(self.columns)), dtype=np.int64)
+        for j, (column, values) in enumerate(zip(self.columns, self.categories, strict=True)):
+            lookup = pd.Index(values)
+            position = lookup.get_indexer(_as_text(frame[column]).to_numpy(dtype=object))
+            out[:, j] = position + 1  # -1 (not found) becomes 0
+        return out
+
+    def unseen(self, frame: pd.DataFrame) -> dict[str, dict[str, int]]:
+        """Return {column: {value: rows}} of present values the vocabulary does not know."""
+        report = {}
+        for column, values in zip(self.columns, self.categories, strict=True):
+            text = _as_text(frame[column]).dropna()
+            strange = text[~text.isin(values)].value_counts()
+            if len(strange):
+                report[column] = {str(k): int(v) for k, v in strange.items()}
+        return report
+
+    def to_dict(self) -> dict:
+        return {"columns": list(self.columns), "categories": [list(v) for v in self.categories]}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Vocabulary:
+        return cls(tuple(data["columns"]), tuple(tuple(v) for v in data["categories"]))
+
+
+def _as_text(values: pd.Series) -> pd.Series:
+    """Categories as stripped text (object dtype), missing as None; numbers as their text."""
+    text = values.astype("string").str.strip()
+    return text.where(text.notna() & (text != ""), None).astype(object)
+
+
+@dataclass(frozen=True)
+class Inputs:
+    """Model inputs of N rows: scaled numerics, missing indicators, category indices, labels."""
+
+    numeric: torch.Tensor  # float32 [N, Fn]
+    missing: torch.Tensor  # float32 [N, Fn]
+    categories: torch.Tensor  # int64 [N, Fc]
+    labels: torch.Tensor | None = None  # float32 [N]
+
+    def __len__(self) -> int:
+        return self.numeric.shape[0]
+
+    def rows(self, index: torch.Tensor) -> Inputs:
+        labels = None if self.labels is None else self.labels[index]
+        return Inputs(self.numeric[index], self.missing[index], self.categories[index], labels)
+
+    def to(self, device: torch.device) -> Inputs:
+        labels = None if self.labels is None else self.labels.to(device)
+        return Inputs(
+            self.numeric.to(device), self.missing.to(device), self.categories.to(device), labels
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# Network
+# --------------------------------------------------------------------------------------------
+
+
+def embedding_width(size: int) -> int:
+    """Embedding width for a column with `size` rows (categories + unknown): fastai's rule
+    1.6 * size ** 0.56, between 2 and 16."""
+    return int(min(16, max(2, round(1.6 * size**0.56))))
+
+
+class TabularNet(nn.Module):
+    """(numeric [B, Fn], missing [B, Fn], categories [B, Fc]) -> default logit [B].
+
+    Inputs are concatenated into one dense vector (numerics, missing indicators, embeddings)
+    that `logit_of_dense` maps to the logit; integrated gradients interpolate that vector.
+    """
+
+    def __init__(
+        self,
+        n_numeric: int,
+        category_sizes: list[int],
+        embedding_widths: list[int],
+        hidden: int = 64,
+        layers: int = 2,
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.n_numeric = n_numeric
+        self.embeddings = nn.ModuleList(
+            nn.Embedding(size, width)
+            for size, width in zip(category_sizes, embedding_widths, strict=True)
+        )
+        blocks: list[nn.Module] = []
+        width = 2 * n_numeric + sum(embedding_widths)
+        for _ in range(layers):
+            blocks += [nn.Linear(width, hidden), nn.GELU(), nn.Dropout(dropout)]
+            width = hidden
+        self.body = nn.Sequential(*blocks)
+        self.head = nn.Linear(width, 1)
+        # Wide & deep: a linear path beside the MLP, so the net never has less than the
+        # logistic scorecard to work with; the hidden layers add the non-linear part.
+        self.wide = nn.Linear(2 * n_numeric + sum(embedding_widths), 1) if layers else None
+
+    def dense(
+        self, numeric: torch.Tensor, missing: torch.Tensor, categories: torch.Tensor
+    ) -> torch.Tensor:
+        embedded = [table(categories[:, j]) for j, table in enumerate(self.embeddings)]
+        return torch.cat([numeric, missing, *embedded], dim=1)
+
+    def logit_of_dense(self, dense: torch.Tensor) -> torch.Tensor:
+        logit = self.head(self.body(dense))
+        if self.wide is not None:
+            logit = logit + self.wide(dense)
+        return logit.squeeze(-1)
+
+    def forward(
+        self, numeric: torch.Tensor, missing: torch.Tensor, categories: torch.Tensor
+    ) -> torch.Tensor:
+        return self.logit_of_dense(self.dense(numeric, missing, categories))
+
+    def feature_slices(self) -> list[list[int]]:
+        """Dense positions of each feature: numerics (value + indicator), then categoricals."""
+        n = self.n_numeric
+        slices = [[j, n + j] for j in range(n)]
+        start = 2 * n
+        for table in self.embeddings:
+            slices.append(list(range(start, start + table.embedding_dim)))
+            start += table.embedding_dim
+        return slices
+
+
+# --------------------------------------------------------------------------------------------
+# Config and training loop
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """How one PD model is fitted (built by the pipeline's CreditTrainingConfig)."""
+
+    kind: ModelKind = "mlp"
+    hidden: int = 64
+    layers: int = 2
+    dropout: float = 0.1
+    batch_size: int = 256
+    max_epochs: int = 60
+    patience: int = 8
+    learning_rate: float = 2e-3
+    weight_decay: float = 1e-4
+    class_weight: Literal["balanced", "none"] = "balanced"
+    unknown_rate: float = 0.02
+    min_category_count: int = 3
+    ig_steps: int = 32
+    seed: int = 0
+    device: str = "auto"
+    cpu_threads: int = 1
+
+    def architecture(self, n_numeric: int, sizes: list[int]) -> dict:
+        """Constructor arguments of the TabularNet this config builds."""
+        logistic = self.kind == "logistic"
+        return {
+            "n_numeric": n_numeric,
+            "category_sizes": sizes,
+            "embedding_widths": [1 if logistic else embedding_width(s) for s in sizes],
+            "hidden": self.hidden,
+            "layers": 0 if logistic else self.layers,
+            "dropout": 0.0 if logistic else self.dropout,
+        }
+
+
+def build_net(architecture: dict, seed: int) -> TabularNet:
+    """Return a TabularNet initialised from `seed` (the global RNG is left untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return TabularNet(**architecture)
+
+
+@torch.no_grad()
+def weighted_log_loss(
+    net: TabularNet, data: Inputs, pos_weight: torch.Tensor, batch_size: int = 8192
+) -> torch.Tensor:
+    """Mean class-weighted binary cross-entropy of `net` over `data`, a 0-d device tensor."""
+    net.eval()
+    total = torch.zeros((), device=data.numeric.device)
+    for start in range(0, len(data), batch_size):
+        part = data.rows(
+            torch.arange(start, min(start + batch_size, len(data)), device=total.device)
+        )
+        logit = net(part.numeric, part.missing, part.categories)
+        total += F.binary_cross_entropy_with_logits(
+            logit, part.labels, pos_weight=pos_weight, reduction="sum"
+        )
+    return total / len(data)
+
+
+def train_classifier(
+    net: TabularNet,
+    train: Inputs,
+    validation: Inputs,
+    config: ClassifierConfig,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> tuple[TabularNet, list[dict], int]:
+    """Fit `net` on class-weighted BCE with AdamW; early-stop on validation; return (best net on
+    CPU in eval mode, history, best epoch).
+
+    Each epoch: shuffle (seeded), batch, blank a few categories to unknown, forward, loss,
+    backward, step; then the validation loss (same weighting). Same seed and device -> same
+    weights. `net` itself is not modified.
+    """
+    device = resolve_device(config.device)
+    with cpu_threads(config.cpu_threads):
+        return _train_classifier(net, train, validation, config, device, on_epoch)
+
+
+def _train_classifier(net, train, validation, config, device, on_epoch):
+    train, validation = train.to(device), validation.to(device)
+    net = copy.deepcopy(net).to(device)
+    positives = float(train.labels.sum())
+    if config.class_weight == "balanced" and positives > 0:
+        weight = (len(train) - positives) / positives
+    else:
+        weight = 1.0
+    pos_weight = torch.tensor(weight, device=device)
+    history: list[dict] = []
+    best_loss, best_epoch, best_state = math.inf, 0, None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)  # dropout masks
+        generator = torch.Generator(device=device).manual_seed(config.seed)
+        optimizer = torch.optim.AdamW(
+            net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
+        )
+        for epoch in range(1, config.max_epochs + 1):
+            started = time.perf_counter()
+            net.train()
+            loss_sum = torch.zeros((), device=device)
+            order = torch.randperm(len(train), generator=generator, device=device)
+            for start in range(0, len(train), config.batch_size):
+                batch = train.rows(order[start : start + config.batch_size])
+                categories = batch.categories
+                if config.unknown_rate > 0 and categories.numel():
+                    blank = torch.rand(categories.shape, generator=generator, device=device)
+                    categories = categories.masked_fill(blank < config.unknown_rate, 0)
+                logit = net(batch.numeric, batch.missing, categories)
+                loss = F.binary_cross_entropy_with_logits(
+                    logit, batch.labels, pos_weight=pos_weight
+                )
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach() * len(batch)
+            validation_loss = weighted_log_loss(net, validation, pos_weight)
+            train_loss, validation_loss = torch.stack(
+                [loss_sum / len(train), validation_loss]
+            ).tolist()
+            record = {
+                "epoch": epoch,
+                "train_loss": train_loss,
+                "validation_loss": validation_loss,
+                "seconds": time.perf_counter() - started,
+            }
+            history.append(record)
+            if on_epoch is not None:
+                on_epoch(record)
+            if validation_loss < best_loss:
+                best_loss, best_epoch = validation_loss, epoch
+                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
+            elif epoch - best_epoch >= config.patience:
+                break
+    if best_state is None:
+        raise ModelRejected(
+            f"{config.kind}: validation loss was {history[0]['validation_loss']} at every epoch; "
+            f"lower learning_rate (now {config.learning_rate}) or check the labels"
+        )
+    net.load_state_dict(best_state)
+    return net.cpu().eval(), history, best_epoch
+
+
+@contextlib.contextmanager
+def cpu_threads(count: int):
+    """Run the block with `count` PyTorch CPU threads, then restore the previous number.
+
+    A tabular net's matrices are too small to gain from intra-op threads, and on a machine whose
+    cores are shared (parallel Prefect tasks, Dask workers, CI) spinning OpenMP threads make an
+    epoch several times slower: one thread is the default.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(max(1, count))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def fit_platt(logits: np.ndarray, labels: np.ndarray, iterations: int = 100) -> tuple[float, float]:
+    """Return (a, b) minimising the log loss of sigmoid(a * logit + b) on `labels` (Newton).
+
+    A tiny ridge keeps the 2x2 system solvable when the validation rows separate perfectly.
+    """
+    x = np.column_stack([np.asarray(logits, float), np.ones(len(logits))])
+    y = np.asarray(labels, float)
+    w = np.array([1.0, 0.0])
+    ridge = 1e-6 * np.eye(2)
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-np.clip(x @ w, -35, 35)))
+        gradient = x.T @ (p - y) + ridge @ w
+        hessian = (x * (p * (1 - p))[:, None]).T @ x + ridge
+        step = np.linalg.solve(hessian, gradient)
+        w -= step
+        if np.max(np.abs(step)) < 1e-10:
+            break
+    return float(w[0]), float(w[1])
+
+
+# --------------------------------------------------------------------------------------------
+# The fitted model
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FittedCreditModel:
+    """A trained PD model plus everything needed to score and explain a loan book again."""
+
+    kind: ModelKind
+    net: TabularNet
+    architecture: dict
+    id_column: str
+    numeric_columns: list[str]
+    categorical_columns: list[str]
+    scaler: FeatureScaler
+    vocabulary: Vocabulary
+    calibration: tuple[float, float]  # Platt (a, b): PD = sigmoid(a * logit + b)
+    grades: list[tuple[str, float]]  # (grade, max_pd), max_pd increasing, the last 1.0
+    reference_dense: list[float]  # the typical training applicant (IG baseline)
+    population: dict = field(default_factory=dict)  # training shares for PSI
+    ig_steps: int = 32
+    cpu_threads: int = 1
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+
+    @property
+    def feature_columns(self) -> list[str]:
+        return [*self.numeric_columns, *self.categorical_columns]
+
+    # -- inputs and scores ---------------------------------------------------------------
+    def inputs(self, frame: pd.DataFrame, labels: np.ndarray | None = None) -> Inputs:
+        """Return the model inputs of `frame` (unseen categories go to the unknown bucket)."""
+        _require_columns(frame, self.feature_columns)
+        numeric = frame[self.numeric_columns].apply(pd.to_numeric, errors="coerce")
+        return Inputs(
+            numeric=torch.from_numpy(self.scaler.transform(numeric)),
+            missing=torch.from_numpy(numeric.isna().to_numpy(dtype=np.float32, copy=True)),
+            categories=torch.from_numpy(self.vocabulary.transform(frame)),
+            labels=None if labels is None else torch.as_tensor(labels, dtype=torch.float32),
+        )
+
+    @torch.no_grad()
+    def logits(self, frame: pd.DataFrame, batch_size: int = 8192) -> np.ndarray:
+        """Return the uncalibrated logit of every row (float64 [N])."""
+        data = self.inputs(frame)
+        self.net.eval()
+        out = [
+            self.net(*_parts(data.rows(torch.arange(s, min(s + batch_size, len(data))))))
+            for s in range(0, len(data), batch_size)
+        ]
+        return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+    def predict_pd(self, frame: pd.DataFrame) -> np.ndarray:
+        """Return the calibrated probability of default of every row (float64 [N])."""
+        a, b = self.calibration
+        return _sigmoid(a * self.logits(frame) + b)
+
+    def grade(self, pd_values: np.ndarray) -> np.ndarray:
+        """Return the risk grade of each PD: the first band whose max_pd is at least the PD."""
+        bounds = np.asarray([bound for _, bound in self.grades])
+        names = np.asarray([name for name, _ in self.grades], dtype=object)
+        index = np.searchsorted(bounds, np.clip(pd_values, 0.0, 1.0))
+        return names[np.minimum(index, len(names) - 1)]
+
+    # -- explanations --------------------------------------------------------------------
+    def attributions(self, frame: pd.DataFrame, batch_size: int = 1024) -> np.ndarray:
+        """Return [N, features] integrated-gradient attributions in calibrated log-odds.
+
+        Row i sums (up to the midpoint-rule error of `ig_steps` steps) to
+        a * (logit(row i) - logit(reference)); see the module docstring.
+        """
+        with cpu_threads(self.cpu_threads):
+            return self._attributions(frame, batch_size)
+
+    def _attributions(self, frame: pd.DataFrame, batch_size: int) -> np.ndarray:
+        data = self.inputs(frame)
+        self.net.eval()
+        reference = torch.tensor(self.reference_dense, dtype=torch.float32)
+        slices = self.net.feature_slices()
+        alphas = (torch.arange(self.ig_steps, dtype=torch.float32) + 0.5) / self.ig_steps
+        out = np.zeros((len(data), len(slices)), dtype=np.float64)
+        for start in range(0, len(data), batch_size):
+            part = data.rows(torch.arange(start, min(start + batch_size, len(data))))
+            with torch.no_grad():
+                dense = self.net.dense(*_parts(part))
+            delta = dense - reference
+            gradient_sum = torch.zeros_like(dense)
+            for alpha in alphas:
+                point = (reference + alpha * delta).requires_grad_(True)
+                (gradient,) = torch.autograd.grad(self.net.logit_of_dense(point).sum(), point)
+                gradient_sum += gradient
+            per_input = (delta * gradient_sum / self.ig_steps).numpy()
+            for j, positions in enumerate(slices):
+                out[start : start + len(part), j] = per_input[:, positions].sum(axis=1)
+        return out * self.calibration[0]
+
+    def reason_codes(self, frame: pd.DataFrame, attributions: np.ndarray) -> pd.DataFrame:
+        """Return reason_k, reason_k_value, reason_k_impact (k = 1..3) per row: the features
+        with the largest positive attribution, the row's value of each (text; "missing"), and
+        the attribution in log-odds. Fewer positive attributions leave the rest empty."""
+        features = np.asarray(self.feature_columns, dtype=object)
+        order = np.argsort(-attributions, axis=1, kind="stable")[:, :REASONS]
+        top = np.take_along_axis(attributions, order, axis=1)
+        columns: dict[str, object] = {}
+        values = {c: _display(frame[c]) for c in self.feature_columns}
+        for k in range(min(REASONS, len(features))):
+            positive = top[:, k] > 0
+            names = np.where(positive, features[order[:, k]], None)
+            shown = [
+                values[name].iloc[i] if name is not None else None for i, name in enumerate(names)
+            ]
+            columns[f"reason_{k + 1}"] = pd.array(names, dtype="string")
+            columns[f"reason_{k + 1}_value"] = pd.array(shown, dtype="string")
+            columns[f"reason_{k + 1}_impact"] = np.where(positive, top[:, k], np.nan)
+        return pd.DataFrame(columns, index=frame.index)
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """Return id, pd, grade and three reason codes per row of `frame` (its order and index).
+
+        `frame` holds the id and the feature columns the model was trained on (extra columns
+        are ignored). Unseen categories are scored through the unknown bucket, never refused.
+        """
+        _require_columns(frame, [self.id_column])
+        pd_values = self.predict_pd(frame)
+        reasons = self.reason_codes(frame, self.attributions(frame))
+        scored = pd.DataFrame(
+            {
+                "id": frame[self.id_column].astype("string").array,
+                "pd": pd_values,
+                "grade": pd.array(self.grade(pd_values), dtype="string"),
+            },
+            index=frame.index,
+        )
+        return pd.concat([scored, reasons], axis=1)
+
+    # -- population stability -----------------------------------------------------------
+    def population_shares(self, frame: pd.DataFrame, edges: dict | None = None) -> dict:
+        """Return {"edges": ..., "shares": {name: shares}} of the score and every feature.
+
+        Bins: deciles of the training PDs and numerics (plus a missing bin), the vocabulary
+        (plus the unknown bucket) for categoricals. Pass the training `edges` to bin a new
+        population the same way.
+        """
+        pd_values = self.predict_pd(frame)
+        fitting = edges is None
+        edges = {} if fitting else edges
+        if fitting:
+            edges["score"] = quantile_edges(pd_values)
+            for column in self.numeric_columns:
+                edges[column] = quantile_edges(pd.to_numeric(frame[column], errors="coerce"))
+        shares = {"score": binned_shares(pd_values, edges["score"])}
+        for column in self.numeric_columns:
+            values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
+            shares[column] = binned_shares(values, edges[column])
+        indices = self.vocabulary.transform(frame)
+        for j, (column, size) in enumerate(
+            zip(self.categorical_columns, self.vocabulary.sizes, strict=True)
+        ):
+            shares[column] = category_shares(indices[:, j], size)
+        return {"edges": edges, "shares": shares}
+
+    def population_stability(self, frame: pd.DataFrame) -> dict[str, float]:
+        """Return the PSI of the score and of each feature between training and `frame`."""
+        if not self.population:
+            return {}
+        actual = self.population_shares(frame, self.population["edges"])["shares"]
+        expected = self.population["shares"]
+        return {name: psi(expected[name], actual[name]) for name in expected}
+
+    def unseen_categories(self, frame: pd.DataFrame) -> dict[str, dict[str, int]]:
+        """Return {column: {value: rows}} of categories scored through the unknown bucket."""
+        return self.vocabulary.unseen(frame)
+
+    # -- persistence ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        """Everything but the weights, JSON-ready."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "kind": self.kind,
+            "architecture": self.architecture,
+            "id_column": self.id_column,
+            "numeric_columns": self.numeric_columns,
+            "categorical_columns": self.categorical_columns,
+            "scaler": self.scaler.to_dict(),
+            "vocabulary": self.vocabulary.to_dict(),
+            "calibration": list(self.calibration),
+            "grades": [list(g) for g in self.grades],
+            "reference_dense": self.reference_dense,
+            "population": self.population,
+            "ig_steps": self.ig_steps,
+            "cpu_threads": self.cpu_threads,
+            "history": self.history,
+            "best_epoch": self.best_epoch,
+        }
+
+    def save(self, directory: Path) -> None:
+        """Write `weights.pt` and `model.json` into `directory`, each renamed into place."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights, metadata = directory / WEIGHTS_FILE, directory / METADATA_FILE
+        torch.save(self.net.state_dict(), weights.with_suffix(".tmp"))
+        metadata.with_suffix(".tmp").write_text(json.dumps(self.to_dict(), indent=2))
+        os.replace(weights.with_suffix(".tmp"), weights)
+        os.replace(metadata.with_suffix(".tmp"), metadata)
+
+    @classmethod
+    def load(cls, directory: Path) -> FittedCreditModel:
+        """Read a model written by `save`; the net comes back on CPU in eval mode."""
+        directory = Path(directory)
+        weights, metadata = directory / WEIGHTS_FILE, directory / METADATA_FILE
+        for path in (weights, metadata):
+            if not path.is_file():
+                raise FileNotFoundError(
+                    f"{path} not found: {directory} does not hold a saved credit model "
+                    f"(expected {WEIGHTS_FILE} and {METADATA_FILE})"
+                )
+        data = json.loads(metadata.read_text())
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ValueError(
+                f"{metadata}: format_version {data.get('format_version')!r}, this finpipe reads "
+                f"{FORMAT_VERSION}; retrain the model"
+            )
+        net = TabularNet(**data["architecture"])
+        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return cls(
+            kind=data["kind"],
+            net=net.eval(),
+            architecture=data["architecture"],
+            id_column=data["id_column"],
+            numeric_columns=list(data["numeric_columns"]),
+            categorical_columns=list(data["categorical_columns"]),
+            scaler=FeatureScaler.from_dict(data["scaler"]),
+            vocabulary=Vocabulary.from_dict(data["vocabulary"]),
+            calibration=(float(data["calibration"][0]), float(data["calibration"][1])),
+            grades=[(str(g), float(b)) for g, b in data["grades"]],
+            reference_dense=[float(v) for v in data["reference_dense"]],
+            population=data["population"],
+            ig_steps=int(data["ig_steps"]),
+            cpu_threads=int(data["cpu_threads"]),
+            history=list(data["history"]),
+            best_epoch=int(data["best_epoch"]),
+        )
+
+
+def fit_credit_model(
+    frame: pd.DataFrame,
+    *,
+    id_column: str,
+    numeric_columns: list[str],
+    categorical_columns: list[str],
+    label: str,
+    train: np.ndarray,
+    validation: np.ndarray,
+    grades: list[tuple[str, float]],
+    config: ClassifierConfig,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FittedCreditModel:
+    """Fit a PD model on the `train` rows of `frame`, early-stopped and calibrated on the
+    `validation` rows (boolean masks). Scaler, vocabulary, IG reference and PSI bins come from
+    the training rows only; no other row is read.
+
+    Raises ModelRejected when a set lacks defaults or non-defaults.
+    """
+    labels = pd.to_numeric(frame[label], errors="coerce").to_numpy(dtype=float)
+    for name, mask in (("training", train), ("validation", validation)):
+        present = set(np.unique(labels[mask & np.isfinite(labels)]).tolist())
+        if present != {0.0, 1.0}:
+            raise ModelRejected(
+                f"{config.kind}: the {name} rows need both defaults and non-defaults, got "
+                f"outcomes {sorted(present)} in {int(mask.sum())} rows; deliver more labelled "
+                "loans or check the [label] values in the loan-book config"
+            )
+    train_rows = frame.loc[train]
+    scaler = FeatureScaler.fit(train_rows[numeric_columns].apply(pd.to_numeric, errors="coerce"))
+    vocabulary = Vocabulary.fit(train_rows, categorical_columns, config.min_category_count)
+    architecture = config.architecture(len(numeric_columns), vocabulary.sizes)
+    model = FittedCreditModel(
+        kind=config.kind,
+        net=build_net(architecture, config.seed),
+        architecture=architecture,
+        id_column=id_column,
+        numeric_columns=list(numeric_columns),
+        categorical_columns=list(categorical_columns),
+        scaler=scaler,
+        vocabulary=vocabulary,
+        calibration=(1.0, 0.0),
+        grades=[(str(g), float(b)) for g, b in grades],
+        reference_dense=[],
+        ig_steps=config.ig_steps,
+        cpu_threads=config.cpu_threads,
+    )
+    model.net, model.history, model.best_epoch = train_classifier(
+        model.net,
+        model.inputs(train_rows, labels[train]),
+        model.inputs(frame.loc[validation], labels[validation]),
+        config,
+        on_epoch,
+    )
+    model.calibration = fit_platt(model.logits(frame.loc[validation]), labels[validation])
+    model.reference_dense = _reference_dense(model, train_rows)
+    model.population = model.population_shares(train_rows)
+    return model
+
+
+def _reference_dense(model: FittedCreditModel, train_rows: pd.DataFrame) -> list[float]:
+    """The typical training applicant as a dense input: numerics at the training mean (0),
+    nothing missing, each embedding at its training-average vector."""
+    with torch.no_grad():
+        dense = model.net.dense(*_parts(model.inputs(train_rows)))
+    reference = dense.mean(dim=0)
+    reference[: 2 * model.net.n_numeric] = 0.0
+    return [float(v) for v in reference]
+
+
+def _parts(data: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return data.numeric, data.missing, data.categories
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(x, -35.0, 35.0)))
+
+
+def _display(values: pd.Series) -> pd.Series:
+    """Feature values as a risk officer reads them: numbers without trailing zeros, text as is,
+    "missing" for missing values."""
+    if pd.api.types.is_numeric_dtype(values):
+        numbers = pd.to_numeric(values, errors="coerce")
+        text = numbers.map(lambda v: "missing" if pd.isna(v) else f"{v:.6g}")
+    else:
+        text = _as_text(values).map(lambda v: "missing" if v is None else v)
+    return text.reset_index(drop=True)
+
+
+def _require_columns(frame: pd.DataFrame, columns: list[str]) -> None:
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise ValueError(
+            f"column(s) {missing} missing from the frame (it has {list(frame.columns)}); "
+            "score features built with the loan-book config the model was trained on"
+        )

@@ -1,0 +1,67 @@
+"""Credit figures logged to MLflow: each takes plain arrays and returns a matplotlib Figure."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")  # headless: batch jobs have no display
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.calibration import calibration_curve  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+
+
+def roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> plt.Figure:
+    """Return ROC curves, one per name -> (labels, pd), with each AUC in the legend."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for name, (labels, scores) in curves.items():
+        fpr, tpr, _ = roc_curve(labels, scores)
+        ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(labels, scores):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", label="random")
+    ax.set(xlabel="false positive rate", ylabel="true positive rate (defaults caught)", title=title)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def calibration(labels: np.ndarray, scores: np.ndarray, title: str, bins: int = 10) -> plt.Figure:
+    """Return observed default rate against mean PD per PD decile (the diagonal is perfect)."""
+    observed, predicted = calibration_curve(labels, scores, n_bins=bins, strategy="quantile")
+    fig, ax = plt.subplots(figsize=(5, 5))
+    top = max(float(np.max(predicted)), float(np.max(observed)), 0.05) * 1.05
+    ax.plot([0, top], [0, top], color="grey", linestyle=":", label="perfect calibration")
+    ax.plot(predicted, observed, marker="o", label="PD deciles")
+    ax.set(xlabel="mean predicted PD", ylabel="observed default rate", title=title)
+    ax.legend(loc="upper left")
+    fig.tight_layout()
+    return fig
+
+
+def score_distribution(labels: np.ndarray, scores: np.ndarray, title: str) -> plt.Figure:
+    """Return the PD histograms of defaulters and non-defaulters (each normalised)."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    edges = np.linspace(0, max(float(np.max(scores)), 1e-3), 31)
+    for value, name, colour in ((0, "no default", "#1a9850"), (1, "default", "#d73027")):
+        ax.hist(
+            scores[labels == value], bins=edges, density=True, alpha=0.5, color=colour, label=name
+        )
+    ax.set(xlabel="PD", ylabel="density", title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def feature_importance(importance: dict[str, float], title: str) -> plt.Figure:
+    """Return a horizontal bar chart of mean |attribution| per feature, largest on top."""
+    names = sorted(importance, key=importance.get)
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(names) + 1.2))
+    ax.barh(names, [importance[n] for n in names], color="#4575b4")
+    ax.set(xlabel="mean |attribution| (log-odds, integrated gradients)", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def close(fig: plt.Figure) -> None:
+    """Free a figure's memory once logged."""
+    plt.close(fig)

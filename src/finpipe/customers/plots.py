@@ -1,0 +1,44 @@
+"""Figures of a segmentation logged to MLflow: plain data in, a matplotlib Figure out."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+
+from finpipe.plots import plt  # the shared module sets the headless backend first
+
+
+def segment_map(embedding: np.ndarray, segments: np.ndarray, title: str) -> plt.Figure:
+    """Return a scatter of the embedding coloured by segment.
+
+    A 2-D embedding is drawn as is; a wider one is projected on its first two principal
+    components (fitted on these rows), which the axis labels say.
+    """
+    points = np.asarray(embedding, dtype=float)
+    labels = ("embedding 1", "embedding 2")
+    if points.shape[1] > 2:
+        centred = points - points.mean(axis=0)
+        _, _, axes = np.linalg.svd(centred, full_matrices=False)
+        points = centred @ axes[:2].T
+        labels = ("principal component 1", "principal component 2")
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for segment in np.unique(segments):
+        mine = segments == segment
+        ax.scatter(points[mine, 0], points[mine, 1], s=6, alpha=0.6, label=f"segment {segment}")
+    ax.set(xlabel=labels[0], ylabel=labels[1], title=title)
+    ax.legend(markerscale=3, fontsize="small")
+    fig.tight_layout()
+    return fig
+
+
+def silhouette_by_k(scores: Mapping[int, float], chosen: int, title: str) -> plt.Figure:
+    """Return the validation silhouette of each number of segments tried, the chosen k marked."""
+    ks = sorted(scores)
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ks, [scores[k] for k in ks], marker="o")
+    ax.axvline(chosen, color="grey", linestyle=":", label=f"chosen k = {chosen}")
+    ax.set(xlabel="segments (k)", ylabel="silhouette (validation)", title=title)
+    ax.legend()
+    fig.tight_layout()
+    return fig

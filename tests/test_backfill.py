@@ -1,0 +1,418 @@
+"""Backfills, resume, catch-up and locks: the library on its own, and real flows in Prefect's
+local mode on a tiny synthetic panel with a real (SQLite) MLflow champion."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import shutil
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from finpipe.backfill import (
+    ALL_STEPS,
+    BackfillIncomplete,
+    business_days,
+    check_backfill_request,
+    is_done,
+    missed_dates,
+    previous_business_day,
+    process_date,
+    read_completion,
+)
+from finpipe.errors import ConfigError
+from finpipe.ingest import ingest_file
+from finpipe.locks import LockTimeout, history_lock, partition_lock
+from finpipe.market.pipeline import (
+    MARKET_CONTRACT,
+    MarketTrainingConfig,
+    promote_market,
+    train_market,
+    update_market_features,
+)
+from finpipe.market.synthetic import (
+    MarketSyntheticConfig,
+    generate_market_panel,
+    write_vendor_files,
+)
+from finpipe.storage import Storage
+from tests.conftest import finpipe_home
+
+TINY = {"max_epochs": 2, "models": ["mlp"], "hidden": 8}
+TODAY = dt.date(2026, 11, 25)
+
+
+# -- the calendar and the request --------------------------------------------------------
+def test_business_days_skip_weekends_and_the_nightly_runs_for_the_day_before():
+    assert business_days("2024-03-08", "2024-03-12") == [
+        dt.date(2024, 3, 8),
+        dt.date(2024, 3, 11),
+        dt.date(2024, 3, 12),
+    ]
+    monday_2am_london = dt.datetime(2024, 3, 11, 2, 0, tzinfo=dt.UTC)
+    assert previous_business_day(monday_2am_london, "Europe/London") == dt.date(2024, 3, 8)
+    # 01:00 UTC on a Tuesday is still Monday evening in New York: the day before is Friday.
+    tuesday_1am_utc = dt.datetime(2024, 3, 12, 1, 0, tzinfo=dt.UTC)
+    assert previous_business_day(tuesday_1am_utc, "America/New_York") == dt.date(2024, 3, 8)
+    assert previous_business_day(tuesday_1am_utc, "UTC") == dt.date(2024, 3, 11)
+
+
+@pytest.mark.parametrize(
+    ("domain", "start", "end", "steps", "message"),
+    [
+        ("bonds", "2024-01-02", "2024-01-05", ALL_STEPS, "unknown domain 'bonds'; known domains:"),
+        ("market", "2024-02-01", "2024-01-02", ALL_STEPS, "end 2024-01-02 is before start"),
+        ("market", "2026-11-20", "2026-12-01", ALL_STEPS, "end 2026-12-01 is in the future"),
+        ("market", "2024-01-01", "2024-01-31", ALL_STEPS, "holds 23 business days, more than"),
+        ("market", "2024-01-06", "2024-01-07", ALL_STEPS, "holds no business day"),
+        ("market", "2024-01-02", "2024-01-05", ["score", "publish"], "unknown step 'publish'"),
+        ("market", "2024-01-02", "2024-01-05", [], "choose at least one step"),
+        ("market", "2024-01-02", "2024-13-05", ALL_STEPS, "invalid date '2024-13-05'"),
+    ],
+)
+def test_bad_requests_say_what_to_change(domain, start, end, steps, message):
+    with pytest.raises(ConfigError) as caught:
+        check_backfill_request(domain, start, end, steps, today=TODAY, max_dates=20)
+    assert message in str(caught.value)
+
+
+def test_a_good_request_lists_its_business_days_and_orders_its_steps():
+    request = check_backfill_request(
+        "market", "2024-03-08", "2024-03-11", ["score", "validate"], today=TODAY, max_dates=2
+    )
+    assert request.days == (dt.date(2024, 3, 8), dt.date(2024, 3, 11))
+    assert request.steps == ("validate", "score")
+
+
+# -- locks ---------------------------------------------------------------------------------
+def test_a_date_lock_excludes_other_runs_and_names_its_holder(tmp_path):
+    events: list[str] = []
+    waiting, held = threading.Event(), threading.Event()
+
+    def nightly():
+        with partition_lock(tmp_path, "market", "2024-01-02", holder="nightly-market-2024-01-02"):
+            events.append("nightly writes")
+            held.set()
+            waiting.wait(timeout=30)
+            events.append("nightly done")
+
+    thread = threading.Thread(target=nightly)
+    thread.start()
+    held.wait(timeout=30)
+    busy = "market 2024-01-02 is locked by nightly-market-2024-01-02"
+    with (
+        pytest.raises(LockTimeout, match=busy),
+        partition_lock(tmp_path, "market", "2024-01-02", timeout=0.1),
+    ):
+        pass
+
+    def start_waiting(message: str) -> None:
+        events.append(message)
+        waiting.set()
+
+    with partition_lock(tmp_path, "market", "2024-01-02", holder="backfill", on_wait=start_waiting):
+        events.append("backfill writes")
+    thread.join()
+    assert events[0] == "nightly writes"
+    assert events[1].startswith(
+        "waiting for the lock on market 2024-01-02: held by nightly-market-2024-01-02 (pid "
+    )
+    assert events[2:] == ["nightly done", "backfill writes"]
+    # Another date and the history are other resources: free while the date is held.
+    with (
+        partition_lock(tmp_path, "market", "2024-01-02", holder="x"),
+        partition_lock(tmp_path, "market", "2024-01-03", timeout=0),
+        history_lock(tmp_path, "market", timeout=0),
+    ):
+        pass
+
+
+# -- real flows on a tiny panel ------------------------------------------------------------
+@dataclass
+class Base:
+    home: Path
+    files: list[Path]
+    prices: pd.DataFrame
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Base:
+    """Validated history, its features and a champion; each test works on a copy."""
+    root = tmp_path_factory.mktemp("backfill")
+    panel = generate_market_panel(MarketSyntheticConfig(tickers=6, days=305, seed=11))
+    files = write_vendor_files(panel.prices, root / "drop", daily_files=3)
+    with finpipe_home(root / "base") as settings:
+        storage = Storage(settings.home)
+        ingest_file(storage, MARKET_CONTRACT, files[0], as_of=TODAY)
+        last = storage.partition_dates("validated", "market")[-1]
+        update_market_features(storage, last)
+        outcome = train_market(storage, settings, last, MarketTrainingConfig(**TINY))
+        promote_market(storage, settings, outcome)
+    return Base(root / "base", files, panel.prices)
+
+
+@pytest.fixture
+def market(base, tmp_path):
+    """A copy of the base home (its MLflow store still reads the base's model artifacts)."""
+    shutil.copytree(base.home, tmp_path / "home")
+    with finpipe_home(tmp_path / "home") as settings:
+        yield settings
+
+
+def _day(path: Path) -> dt.date:
+    return dt.date.fromisoformat(path.stem.removeprefix("market_"))
+
+
+def _artifact_rows(flow_run_id) -> dict[str, dict]:
+    """Return the backfill's per-date status table, by date."""
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                key=ArtifactFilterKey(any_=["backfill-market"]),
+            )
+        )
+    assert artifact.type == "table"
+    return {row["date"]: row for row in json.loads(artifact.data)}
+
+
+@pytest.mark.slow
+def test_bad_parameters_are_refused_before_any_work(market, monkeypatch):
+    from finpipe.flows.backfill import backfill
+
+    monkeypatch.setenv("FINPIPE_BACKFILL_MAX_DATES", "3")
+    storage = Storage(market.home)
+    before = sorted(p.relative_to(market.home) for p in market.home.rglob("*") if p.is_file())
+    cases = [
+        ({"domain": "bonds", "start": "2022-01-03", "end": "2022-01-04"}, "unknown domain"),
+        ({"start": "2022-02-01", "end": "2022-01-03"}, "is before start"),
+        ({"start": "2022-01-03", "end": dt.date.today() + dt.timedelta(days=7)}, "future"),
+        ({"start": "2022-01-03", "end": "2022-01-07"}, "more than the cap of 3"),
+    ]
+    for parameters, message in cases:
+        with pytest.raises(ConfigError, match=message):
+            backfill(**parameters)
+    after = sorted(p.relative_to(market.home) for p in market.home.rglob("*") if p.is_file())
+    assert after == before
+    assert not storage.state_dir("market").joinpath("completed").exists()
+
+
+@pytest.mark.slow
+def test_a_partly_failed_backfill_redoes_only_what_failed_and_ends_as_a_clean_run(
+    market, base, tmp_path
+):
+    from finpipe.flows.backfill import backfill
+
+    storage = Storage(market.home)
+    history = storage.partition_dates("validated", "market")
+    start, end = history[-4], _day(base.files[1])  # end: a delivery not ingested yet
+    days = business_days(start, end)
+    blocked = history[-2]
+
+    # First run: another run holds one date for longer than this run waits.
+    with partition_lock(market.home, "market", blocked, holder="a long nightly"):
+        state = backfill(
+            start=start, end=end, concurrency=2, lock_timeout_seconds=0.5, return_state=True
+        )
+    assert state.is_failed()
+    with pytest.raises(BackfillIncomplete, match=f"1 of {len(days)} dates failed: {blocked}"):
+        state.result()
+    rows = _artifact_rows(state.state_details.flow_run_id)
+    assert list(rows) == [d.isoformat() for d in days]
+    expected = {
+        d.isoformat(): "failed" if d == blocked else "completed" if d in history else "no data"
+        for d in days
+    }
+    assert {d: row["status"] for d, row in rows.items()} == expected
+    assert "locked by a long nightly" in rows[blocked.isoformat()]["message"]
+    done_first = [d for d in days if expected[d.isoformat()] == "completed"]
+    records = {d: read_completion(storage, "market", d) for d in done_first}
+    assert not storage.partition_file("predictions", "market", blocked).exists()
+
+    # The missing delivery arrives; the same backfill again redoes only the two open dates.
+    ingest_file(storage, MARKET_CONTRACT, base.files[1], as_of=TODAY)
+    summary = backfill(start=start, end=end, concurrency=2)
+    statuses = {item["date"]: item["status"] for item in summary["dates"]}
+    assert statuses == {
+        d.isoformat(): "done earlier" if d in done_first else "completed" for d in days
+    }
+    assert {d: read_completion(storage, "market", d) for d in done_first} == records
+    assert all(is_done(storage, "market", d, ALL_STEPS) for d in days)
+
+    # Same outputs as a clean run: recompute every date, and rebuild features from scratch.
+    resumed = {d: _outputs(storage, d) for d in days}
+    backfill(start=start, end=end, force=True)
+    fresh = Storage(tmp_path / "rebuild")
+    shutil.copytree(storage.root / "validated", fresh.root / "validated")
+    update_market_features(fresh, end, rebuild=True)
+    for day in days:
+        predictions, features = resumed[day]
+        clean_predictions, clean_features = _outputs(storage, day)
+        pd.testing.assert_frame_equal(predictions, clean_predictions)
+        pd.testing.assert_frame_equal(features, clean_features)
+        pd.testing.assert_frame_equal(features, fresh.read_partition("features", "market", day))
+
+
+def _outputs(storage: Storage, day: dt.date) -> tuple[pd.DataFrame, pd.DataFrame]:
+    predictions = storage.read_partition("predictions", "market", day).drop(columns="scored_at")
+    return predictions, storage.read_partition("features", "market", day)
+
+
+@pytest.mark.slow
+def test_a_record_goes_stale_when_its_data_is_republished(market):
+    storage = Storage(market.home)
+    day = storage.partition_dates("validated", "market")[-1]
+    outcome = process_date(storage, market, "market", day, ALL_STEPS, holder="test")
+    assert outcome.status == "completed" and outcome.model_version == "1"
+    assert read_completion(storage, "market", day)["holder"] == "test"
+    assert is_done(storage, "market", day, ALL_STEPS)
+    assert not is_done(storage, "market", day, [*ALL_STEPS, "retrain"])
+    rows = storage.read_partition("validated", "market", day)
+    storage.write_partition("validated", "market", day, rows.iloc[1:])  # a re-delivery
+    assert not is_done(storage, "market", day, ALL_STEPS)
+
+
+@pytest.mark.slow
+def test_the_next_nightly_catches_up_missed_nights_in_order(market, base):
+    from finpipe.flows.nightly import nightly
+
+    storage = Storage(market.home)
+    last_history = storage.partition_dates("validated", "market")[-1]
+    nightly(as_of=last_history, retrain=False)
+    assert missed_dates(storage, "market", _day(base.files[3])) == business_days(
+        last_history + dt.timedelta(days=1), _day(base.files[3]) - dt.timedelta(days=1)
+    )
+    # Two nights were missed; the third gets all three deliveries.
+    tonight = _day(base.files[3])
+    summary = nightly(as_of=tonight, inputs=[str(f) for f in base.files[1:]], retrain=False)
+    missed = [_day(f) for f in base.files[1:3]]
+    assert [(c["date"], c["status"]) for c in summary["catch_up"]] == [
+        (d.isoformat(), "completed") for d in missed
+    ]
+    published = [storage.partition_file("predictions", "market", d) for d in [*missed, tonight]]
+    stamps = [p.stat().st_mtime_ns for p in published]
+    assert stamps == sorted(stamps)
+    assert summary["predictions"]["date"] == tonight.isoformat()
+    assert missed_dates(storage, "market", tonight) == []
+    assert "## Catch-up (missed nights)" in _summary_text(summary)
+
+
+@pytest.mark.slow
+def test_a_scheduled_night_runs_for_the_previous_business_day(market):
+    from finpipe.flows.nightly import nightly
+
+    before = previous_business_day(dt.datetime.now(dt.UTC), "UTC")  # run now, not scheduled
+    with pytest.raises(ConfigError) as caught:
+        nightly(default_as_of="previous business day", calendar_timezone="UTC", retrain=False)
+    after = previous_business_day(dt.datetime.now(dt.UTC), "UTC")  # (midnight may pass)
+    assert any(
+        f"no validated market data for {day}: its delivery has not been ingested"
+        in str(caught.value)
+        for day in {before, after}
+    )
+
+
+def _summary_text(summary: dict) -> str:
+    from finpipe.flows.nightly import summary_markdown
+
+    return summary_markdown(summary)
+
+
+@pytest.mark.slow
+def test_a_backfill_waits_while_another_run_holds_its_date(market):
+    from finpipe.flows.backfill import backfill
+
+    storage = Storage(market.home)
+    day = storage.partition_dates("validated", "market")[-1]
+    results: dict = {}
+    waits = _LockWaits()
+    task_logger = logging.getLogger("prefect.task_runs")
+    level = task_logger.level
+    task_logger.setLevel(logging.INFO)
+    task_logger.addHandler(waits)
+    try:
+        with partition_lock(market.home, "market", day, holder="the nightly"):
+            thread = threading.Thread(
+                target=lambda: results.update(
+                    summary=backfill(start=day, end=day, steps=["validate", "score"])
+                )
+            )
+            thread.start()
+            assert waits.seen.wait(timeout=120), "the backfill never reached the date's lock"
+            # Blocked on the lock: nothing of that date is published while the nightly holds it.
+            assert not storage.partition_file("predictions", "market", day).exists()
+        thread.join(timeout=120)
+    finally:
+        task_logger.removeHandler(waits)
+        task_logger.setLevel(level)
+    assert waits.messages[0].startswith(
+        f"waiting for the lock on market {day}: held by the nightly"
+    )
+    [outcome] = results["summary"]["dates"]
+    assert outcome["status"] == "completed"
+    assert storage.partition_file("predictions", "market", day).exists()
+    assert read_completion(storage, "market", day)["holder"].startswith("backfill-market-")
+
+
+class _LockWaits(logging.Handler):
+    """Collects the "waiting for the lock" messages a run logs."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.messages: list[str] = []
+        self.seen = threading.Event()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if message.startswith("waiting for the lock"):
+            self.messages.append(message)
+            self.seen.set()
+
+
+# -- the command line ----------------------------------------------------------------------
+@pytest.mark.parametrize("command", [["serve"], ["ui"], ["run", "backfill"]])
+def test_the_new_commands_have_help(command):
+    from typer.testing import CliRunner
+
+    from finpipe.cli import app
+
+    result = CliRunner().invoke(app, [*command, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage: " in result.output
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["run", "backfill", "--start", "2024-02-01", "--end", "2024-01-02"], "is before start"),
+        (["serve", "--api-url", "http://127.0.0.1:9/api"], "no Prefect server answers at"),
+    ],
+)
+def test_command_errors_are_one_line_and_exit_status_2(arguments, message, tmp_path):
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "finpipe.cli", *arguments],
+        capture_output=True,
+        text=True,
+        env={"FINPIPE_HOME": str(tmp_path), "PREFECT_HOME": str(tmp_path / "prefect")},
+        timeout=180,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr

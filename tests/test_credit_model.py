@@ -1,0 +1,168 @@
+"""The PD model on its own: metrics, PSI, vocabulary, calibration, explanations, accuracy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from finpipe.credit.config import load_loan_book
+from finpipe.credit.features import LABEL, build_credit_features
+from finpipe.credit.metrics import PSI_MODERATE, PSI_SIGNIFICANT, credit_metrics, psi
+from finpipe.credit.model import FittedCreditModel, Vocabulary, fit_credit_model, fit_platt
+from finpipe.credit.pipeline import CreditTrainingConfig, split_rows
+from finpipe.credit.schema import normalise_credit_frame
+from finpipe.credit.synthetic import DRIVER, CreditSyntheticConfig, generate_loan_book
+
+BOOK = load_loan_book("synthetic")
+
+
+def test_credit_metrics_on_a_hand_checked_example():
+    metrics = credit_metrics([0, 0, 1, 1, np.nan], [0.1, 0.4, 0.35, 0.8, 0.5])
+    assert metrics["auc"] == pytest.approx(0.75)
+    assert metrics["gini"] == pytest.approx(0.5)
+    assert metrics["ks"] == pytest.approx(0.5)
+    assert metrics["brier"] == pytest.approx((0.01 + 0.16 + 0.4225 + 0.04) / 4)
+    assert metrics["log_loss"] == pytest.approx(-np.mean(np.log([0.9, 0.6, 0.35, 0.8])), rel=1e-9)
+    assert (metrics["n"], metrics["default_rate"]) == (4, 0.5)
+    assert np.isnan(credit_metrics([0, 0], [0.1, 0.2])["auc"])
+
+
+def test_psi_values():
+    assert psi([0.25] * 4, [0.25] * 4) == 0.0
+    assert psi([0.5, 0.5], [0.9, 0.1]) == pytest.approx(0.4 * np.log(1.8) + 0.4 * np.log(5))
+    assert np.isfinite(psi([0.5, 0.5, 0.0], [0.4, 0.4, 0.2]))  # empty bin floored
+
+
+def test_vocabulary_maps_unseen_and_missing_to_the_unknown_bucket():
+    train = pd.DataFrame({"purpose": ["car", "car", "home", "boat"]})
+    vocabulary = Vocabulary.fit(train, ["purpose"], min_count=2)
+    assert vocabulary.categories == (("car",),)  # "home", "boat" too rare
+    scored = pd.DataFrame({"purpose": pd.array(["car", " car ", "crypto", None], dtype="string")})
+    assert vocabulary.transform(scored)[:, 0].tolist() == [1, 1, 0, 0]
+    assert vocabulary.unseen(scored) == {"purpose": {"crypto": 1}}
+
+
+def test_platt_scaling_recovers_the_true_calibration():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 1.5, 40_000)
+    labels = rng.random(40_000) < 1 / (1 + np.exp(-(2.0 * logits - 1.0)))
+    a, b = fit_platt(logits, labels)
+    assert a == pytest.approx(2.0, abs=0.08) and b == pytest.approx(-1.0, abs=0.05)
+
+
+def _features(config: CreditSyntheticConfig) -> tuple[pd.DataFrame, object]:
+    generated = generate_loan_book(config)
+    features = build_credit_features(
+        normalise_credit_frame(generated.applications, book=BOOK), BOOK
+    )
+    return features, generated
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """The network on the demo's synthetic book (30,000 applications, seed 7), out-of-time."""
+    features, generated = _features(CreditSyntheticConfig(applications=30_000, seed=7))
+    labelled = features[features[LABEL].notna()].sort_values(["date", "loan_id"])
+    labelled = labelled.reset_index(drop=True)
+    split = split_rows(
+        labelled, dated=True, validation_fraction=0.15, test_fraction=0.15, embargo_days=0, seed=0
+    )
+    model = fit_credit_model(
+        labelled,
+        id_column="loan_id",
+        numeric_columns=BOOK.numeric_columns,
+        categorical_columns=BOOK.categorical_columns,
+        label=LABEL,
+        train=split.train,
+        validation=split.validation,
+        grades=[(band.grade, band.max_pd) for band in BOOK.grades],
+        config=CreditTrainingConfig().classifier_config("mlp"),
+    )
+    return model, labelled, split, generated
+
+
+@pytest.mark.slow
+def test_network_test_auc_is_within_002_of_the_oracle(fitted):
+    model, labelled, split, generated = fitted
+    test = labelled[split.test]
+    assert split.kind == "out_of_time"
+    assert test["date"].min() > labelled.loc[split.validation, "date"].max()
+    metrics = credit_metrics(test[LABEL], model.predict_pd(test))
+    oracle = generated.oracle_auc(test["loan_id"])
+    assert 0.76 < oracle < 0.82
+    assert metrics["auc"] >= oracle - 0.02, (metrics["auc"], oracle)
+    # Calibrated: the mean PD on the test rows is close to their default rate.
+    assert model.predict_pd(test).mean() == pytest.approx(test[LABEL].mean(), abs=0.015)
+
+
+@pytest.mark.slow
+def test_reason_codes_point_at_the_planted_driver(fitted):
+    model, labelled, split, generated = fitted
+    test = labelled[split.test].reset_index(drop=True)
+    scored = model.predict(test)
+    truth = generated.true_pd.set_index("loan_id").loc[test["loan_id"]].reset_index()
+    driven = (truth["driver_log_odds"] >= 2.0).to_numpy()  # utilisation >= 0.87
+    assert driven.sum() >= 30
+    assert (scored.loc[driven, "reason_1"] == DRIVER).mean() >= 0.85
+    top_three = scored[["reason_1", "reason_2", "reason_3"]].eq(DRIVER).any(axis=1)
+    assert top_three[driven].all()
+    low = test["utilisation"].to_numpy() < 0.4
+    assert (scored.loc[low, "reason_1"] == DRIVER).mean() < 0.15
+    row = scored.loc[np.flatnonzero(driven)[0]]
+    assert row["reason_1_value"] == f"{test.loc[np.flatnonzero(driven)[0], DRIVER]:.6g}"
+    impacts = scored[["reason_1_impact", "reason_2_impact", "reason_3_impact"]].to_numpy()
+    assert (np.nan_to_num(impacts[:, 0]) >= np.nan_to_num(impacts[:, 1])).all()
+    assert (impacts[np.isfinite(impacts)] > 0).all()
+
+
+@pytest.mark.slow
+def test_attributions_add_up_to_the_log_odds_gap_to_the_reference(fitted):
+    model, labelled, split, _ = fitted
+    rows = labelled[split.test].head(300)
+    attributions = model.attributions(rows)
+    with torch.no_grad():
+        reference = model.net.logit_of_dense(torch.tensor([model.reference_dense])).item()
+    gap = model.calibration[0] * (model.logits(rows) - reference)
+    np.testing.assert_allclose(attributions.sum(axis=1), gap, atol=5e-3)
+
+
+@pytest.mark.slow
+def test_unseen_categories_are_scored_through_the_unknown_bucket(fitted):
+    model, labelled, split, _ = fitted
+    rows = labelled[split.test].head(3).copy()
+    rows["purpose"] = pd.array(["crypto", "zzz", None], dtype="string")
+    rows["region"] = pd.array(["north", "north", "mars"], dtype="string")
+    scored = model.predict(rows)
+    assert scored["pd"].between(0, 1).all() and scored["grade"].notna().all()
+    assert model.unseen_categories(rows) == {
+        "purpose": {"crypto": 1, "zzz": 1},
+        "region": {"mars": 1},
+    }
+    same = rows.copy()
+    same["purpose"] = pd.array(["other_unseen", "x", None], dtype="string")
+    np.testing.assert_allclose(model.predict_pd(same), scored["pd"].to_numpy())
+
+
+@pytest.mark.slow
+def test_psi_flags_a_shifted_population_only(fitted):
+    model, *_ = fitted
+    same, _ = _features(CreditSyntheticConfig(applications=4000, seed=11))
+    shifted, _ = _features(CreditSyntheticConfig(applications=4000, seed=11, shift=1.0))
+    stable = model.population_stability(same)
+    assert set(stable) == {"score", *BOOK.feature_columns}
+    assert max(stable.values()) < PSI_MODERATE
+    drift = model.population_stability(shifted)
+    assert drift["score"] > PSI_SIGNIFICANT and drift[DRIVER] > PSI_SIGNIFICANT
+    assert drift["region"] < PSI_MODERATE and drift["age"] < PSI_MODERATE
+
+
+@pytest.mark.slow
+def test_saved_model_scores_identically(fitted, tmp_path):
+    model, labelled, split, _ = fitted
+    rows = labelled[split.test].head(50)
+    model.save(tmp_path / "model")
+    loaded = FittedCreditModel.load(tmp_path / "model")
+    pd.testing.assert_frame_equal(model.predict(rows), loaded.predict(rows))
+    assert loaded.grades == [(band.grade, band.max_pd) for band in BOOK.grades]

@@ -1,0 +1,292 @@
+"""The credit domain end to end through the generic nightly flow: real Prefect (local mode),
+real SQLite MLflow, real Parquet; the synthetic book and the German Credit sample."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from finpipe.credit.synthetic import (
+    CreditSyntheticConfig,
+    delivery_day,
+    generate_loan_book,
+    write_deliveries,
+)
+from finpipe.errors import ValidationFailed
+from finpipe.storage import Storage
+from tests.conftest import finpipe_home
+
+pytestmark = pytest.mark.slow
+
+FAST = {"max_epochs": 15, "hidden": 32}
+PREDICTION_COLUMNS = [
+    "date",
+    "id",
+    "record_date",
+    "pd",
+    "grade",
+    *[f"reason_{k}{part}" for k in (1, 2, 3) for part in ("", "_value", "_impact")],
+    "model_name",
+    "model_version",
+    "run_id",
+    "scored_at",
+]
+
+
+@pytest.fixture(scope="module")
+def two_nights(tmp_path_factory):
+    """Two nights on a small synthetic book; yields (settings, files, summaries, book)."""
+    from finpipe.flows.nightly import nightly
+
+    from finpipe.credit.pipeline import write_oracle
+
+    root = tmp_path_factory.mktemp("credit")
+    book = generate_loan_book(CreditSyntheticConfig(applications=5000, days=150, seed=5))
+    files = write_deliveries(book.applications, root / "drop", nightly_files=2)
+    with finpipe_home(root / "home") as settings:
+        write_oracle(Storage(settings.home), book.true_pd.rename(columns={"loan_id": "id"}))
+        first = nightly(
+            domain="credit",
+            as_of=delivery_day(files[1]),
+            inputs=[str(files[0]), str(files[1])],
+            training=FAST,
+        )
+        second = nightly(
+            domain="credit", as_of=delivery_day(files[2]), inputs=[str(files[2])], training=FAST
+        )
+        yield settings, files, [first, second], book
+
+
+def test_predictions_hold_id_pd_grade_reasons_and_model_version(two_nights):
+    settings, files, summaries, book = two_nights
+    storage = Storage(settings.home)
+    day = delivery_day(files[2])
+    assert storage.partition_dates("predictions", "credit") == [delivery_day(files[1]), day]
+    predictions = storage.read_partition("predictions", "credit", day)
+    assert list(predictions.columns) == PREDICTION_COLUMNS
+    open_ids = book.applications.loc[book.applications["defaulted"].isna(), "loan_id"]
+    assert sorted(predictions["id"]) == sorted(open_ids)  # every open application, once
+    assert predictions["pd"].between(0, 1).all()
+    assert set(predictions["grade"]) <= {"A", "B", "C", "D", "E", "F"}
+    assert predictions["reason_1"].notna().mean() > 0.9
+    champion = MlflowClient(settings.tracking_uri).get_model_version_by_alias(
+        "finpipe-credit", "champion"
+    )
+    assert set(predictions["model_version"]) == {str(champion.version)}
+    assert set(predictions["model_name"]) == {"finpipe-credit"}
+    assert summaries[1]["predictions"]["rows"] == len(predictions)
+    report = json.loads(
+        (settings.home / "reports" / "credit" / "scoring" / f"date={day}.json").read_text()
+    )
+    assert report["rows"] == len(predictions) and report["unseen_categories"] == {}
+    assert set(report["population_stability"]) >= {"score", "utilisation", "purpose"}
+
+
+def test_mlflow_compares_network_and_baseline_in_one_run_group(two_nights):
+    from finpipe.credit.config import load_loan_book
+
+    settings, _, summaries, _ = two_nights
+    book = load_loan_book("synthetic")
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("finpipe-credit")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("mlflow.runName", "").startswith("nightly-")]
+    children = {r.data.tags["mlflow.runName"]: r for r in runs if r not in parents}
+    assert len(parents) == 2 and len(runs) == 6 and set(children) == {"mlp", "logistic"}
+    for child in children.values():
+        assert child.data.tags["mlflow.parentRunId"] in {p.info.run_id for p in parents}
+        for metric in [
+            "test_auc",
+            "test_gini",
+            "test_ks",
+            "test_brier",
+            "test_log_loss",
+            "validation_auc",
+            "psi_score",
+            "psi_utilisation",
+            "test_oracle_auc",
+        ]:
+            assert metric in child.data.metrics, metric
+        assert child.data.metrics["test_gini"] == pytest.approx(
+            2 * child.data.metrics["test_auc"] - 1
+        )
+        plots = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
+        assert plots == {
+            "plots/roc.png",
+            "plots/calibration.png",
+            "plots/score_distribution.png",
+            "plots/feature_importance.png",
+        }
+    importance = mlflow.artifacts.load_dict(
+        f"runs:/{children['mlp'].info.run_id}/feature_importance.json"
+    )
+    values = list(importance.values())
+    assert values == sorted(values, reverse=True) and set(importance) == set(book.feature_columns)
+    # loan_amount and region carry no risk in the generator: they rank at the bottom.
+    assert list(importance)[-1] == "loan_amount"
+    assert importance["region"] < 0.5 * importance["utilisation"]
+    parent = parents[0]
+    assert {a.path for a in client.list_artifacts(parent.info.run_id, "plots")} == {
+        "plots/roc_models.png"
+    }
+    assert parent.data.params["split"] == "out_of_time"
+    metrics = summaries[0]["training"]["metrics"]
+    assert set(metrics) == {"mlp", "logistic"}
+    assert metrics["mlp"]["test"]["oracle_auc"] == pytest.approx(
+        metrics["logistic"]["test"]["oracle_auc"]
+    )
+
+
+def test_promotion_gate_and_champion_alias(two_nights):
+    _, _, summaries, _ = two_nights
+    first, second = summaries
+    assert first["promotion"]["promoted"] is True and first["promotion"]["metric"] == "auc"
+    assert second["promotion"]["champion_version"] == first["promotion"]["challenger_version"]
+    assert second["promotion"]["champion_score"] is not None
+
+
+def test_worse_model_does_not_replace_the_champion(two_nights):
+    """The champion with its logit negated scores 1 - AUC on the same test rows and must lose."""
+    import copy
+
+    import torch
+
+    from finpipe import tracking
+    from finpipe.credit.pipeline import CreditTrainingOutcome, active_loan_book, promote_credit
+
+    settings, files, summaries, _ = two_nights
+    storage = Storage(settings.home)
+    outcome = summaries[1]["training"]
+    champion = tracking.load_model_version(settings, "credit")
+    flipped = copy.deepcopy(champion.model.unwrap_python_model().model)
+    with torch.no_grad():
+        for layer in (flipped.net.head, flipped.net.wide):
+            if layer is not None:
+                layer.weight.neg_()
+                layer.bias.neg_()
+    flipped.calibration = (flipped.calibration[0], flipped.calibration[1])
+    example = storage.read_partition("features", "credit", delivery_day(files[2])).head(3)
+    example = example[[flipped.id_column, *flipped.feature_columns]]
+    with finpipe_home(settings.home):
+        with mlflow.start_run(run_id=outcome["run_id"]), mlflow.start_run(nested=True):
+            info = tracking.log_fitted_model(
+                flipped,
+                loader="finpipe.credit.model:FittedCreditModel",
+                input_example=example,
+                output_example=flipped.predict(example),
+            )
+        version = str(mlflow.register_model(info.model_uri, "finpipe-credit").version)
+        offered = CreditTrainingOutcome(**{**outcome, "challenger_version": version})
+        decision = promote_credit(storage, settings, offered, book=active_loan_book(settings))
+    assert decision.promoted is False
+    assert decision.challenger_score == pytest.approx(1 - decision.champion_score, abs=1e-9)
+    assert tracking.current_alias_version(settings, "credit") == champion.version
+
+
+def test_rerunning_a_night_is_idempotent(two_nights):
+    from finpipe.flows.nightly import nightly
+
+    settings, files, _, _ = two_nights
+    storage = Storage(settings.home)
+    day = delivery_day(files[2])
+    before = storage.read_partition("predictions", "credit", day)
+    with finpipe_home(settings.home):
+        summary = nightly(domain="credit", as_of=day, inputs=[str(files[2])], retrain=False)
+    assert summary["ingested"][0]["status"] == "already_loaded"
+    after = storage.read_partition("predictions", "credit", day)
+    pd.testing.assert_frame_equal(before.drop(columns="scored_at"), after.drop(columns="scored_at"))
+    validated = storage.read_partitions("validated", "credit")
+    assert not validated.duplicated(["date", "loan_id"]).any()
+
+
+def test_bad_batch_is_quarantined_and_nothing_downstream_is_written(two_nights, tmp_path):
+    from finpipe.flows.nightly import nightly
+
+    settings, files, _, _ = two_nights
+    storage = Storage(settings.home)
+    day = delivery_day(files[2]) + dt.timedelta(days=1)
+    rows = pd.read_csv(files[2], dtype=str).assign(application_date=day.isoformat())
+    rows["loan_id"] = "L9" + rows["loan_id"].str[2:]  # new applications, new ids
+    rows.loc[0, "loan_id"] = rows.loc[1, "loan_id"]  # duplicate id
+    rows.loc[2, "utilisation"] = "3.2"  # out of range
+    path = tmp_path / f"credit_{day}.csv"
+    rows.to_csv(path, index=False)
+    layers = {
+        layer: storage.partition_dates(layer, "credit")
+        for layer in ["validated", "features", "predictions"]
+    }
+    with finpipe_home(settings.home), pytest.raises(ValidationFailed) as caught:
+        nightly(domain="credit", as_of=day, inputs=[str(path)], retrain=False)
+    report = json.loads((settings.home / caught.value.quarantine_path / "report.json").read_text())
+    failed = sorted(r["rule"] for r in report["rules"] if not r["success"])
+    assert failed == [
+        "expect_column_values_to_be_between(utilisation)",
+        "expect_column_values_to_be_unique(loan_id)",
+    ]
+    for layer, dates in layers.items():
+        assert storage.partition_dates(layer, "credit") == dates, layer
+
+
+def test_demo_plan_writes_the_synthetic_deliveries(home):
+    from finpipe.credit.pipeline import active_loan_book, plan_credit_demo
+
+    nights = plan_credit_demo(home, book=active_loan_book(home), applications=2000)
+    assert len(nights) == 3
+    assert len(nights[0].inputs) == 2 and all(len(n.inputs) == 1 for n in nights[1:])
+    assert [n.as_of for n in nights] == sorted(n.as_of for n in nights)
+    assert (home.home / "reference" / "credit" / "oracle.parquet").exists()
+
+
+def test_german_credit_runs_through_the_same_config_path(tmp_path, shared_datasets, monkeypatch):
+    from finpipe.flows.nightly import nightly
+
+    monkeypatch.setenv("FINPIPE_CREDIT_CONFIG", "germancredit")
+    with finpipe_home(tmp_path / "home") as settings:
+        summary = nightly(
+            domain="credit",
+            as_of=dt.date(2024, 3, 1),
+            inputs=[str(shared_datasets / "germancredit.csv")],
+            training={"max_epochs": 30},
+        )
+        predictions = Storage(settings.home).read_partition("predictions", "credit", "2024-03-01")
+        champion = MlflowClient(settings.tracking_uri).get_model_version_by_alias(
+            "finpipe-credit", "champion"
+        )
+    assert summary["training"]["split"] == "stratified"
+    assert summary["training"]["test_rows"] == 150
+    assert summary["promotion"]["promoted"] is True
+    assert len(predictions) == 1000 and list(predictions.columns) == PREDICTION_COLUMNS
+    assert set(predictions["model_version"]) == {str(champion.version)}
+    assert set(predictions["grade"]) <= {"A", "B", "C", "D", "E"}
+    for kind in ("mlp", "logistic"):
+        assert 0.65 < summary["training"]["metrics"][kind]["test"]["auc"] < 0.9
+
+
+def test_german_credit_cross_validated_auc(shared_datasets):
+    """5-fold stratified CV on the sample, network beside the logistic baseline (the figures
+    the README quotes)."""
+    from finpipe.credit.config import load_loan_book
+    from finpipe.credit.crossval import cross_validated_auc, summarise
+    from finpipe.credit.features import build_credit_features
+    from finpipe.credit.pipeline import CreditTrainingConfig
+    from finpipe.credit.schema import normalise_credit_frame
+    from finpipe.ingest import read_delivery
+
+    book = load_loan_book("germancredit")
+    raw = read_delivery(shared_datasets / "germancredit.csv")
+    features = build_credit_features(
+        normalise_credit_frame(raw, book=book, as_of=dt.date(2024, 3, 1)), book
+    )
+    scores = cross_validated_auc(features, book=book, config=CreditTrainingConfig())
+    print("German Credit 5-fold CV AUC:", summarise(scores))
+    logistic, network = np.mean(scores["logistic"]), np.mean(scores["mlp"])
+    assert 0.76 < logistic < 0.81  # reference (shared/datasets/README): 0.787 +- 0.017
+    assert network > logistic - 0.04
+    assert all(len(v) == 5 for v in scores.values())

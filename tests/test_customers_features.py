@@ -1,0 +1,141 @@
+"""Customer snapshots: hand-checked values, the point-in-time property, incremental updates."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from finpipe.customers.features import BASE_FEATURES, build_customer_features
+from finpipe.customers.pipeline import update_customer_features
+from finpipe.storage import Storage
+
+
+def _transactions(rows: list[tuple]) -> pd.DataFrame:
+    customer, day, amount, category = zip(*rows, strict=True)
+    frame = pd.DataFrame(
+        {
+            "customer_id": pd.array(customer, dtype="string"),
+            "date": pd.to_datetime(list(day)).astype("datetime64[ns]"),
+            "amount": np.array(amount, dtype=float),
+            "category": pd.array(category, dtype="string"),
+        }
+    )
+    return frame.assign(timestamp=frame["date"])
+
+
+TINY = _transactions(
+    [
+        ("a", "2024-01-01", 10.0, "x"),
+        ("a", "2024-02-01", 20.0, "y"),
+        ("a", "2024-03-31", 30.0, "x"),
+        ("b", "2023-12-01", 5.0, "Home & Garden"),
+        ("b", "2024-03-01", 0.0, None),  # a $0 purchase still counts as a visit
+        ("c", "2024-05-01", 99.0, "x"),  # after the snapshot day: must not exist yet
+        ("d", "2022-01-10", 40.0, "y"),  # last purchase > 365 days before: not active
+    ]
+)
+
+
+def test_snapshot_values_by_hand():
+    snapshot = build_customer_features(TINY, "2024-04-01", active_days=365)
+    assert snapshot["customer_id"].tolist() == ["a", "b"]
+    assert (snapshot["date"] == pd.Timestamp("2024-04-01")).all()
+    a, b = (snapshot.iloc[i] for i in range(2))
+    # a: purchases on days 91, 60 and 1 before 2024-04-01.
+    assert (a["recency_days"], a["tenure_days"]) == (1.0, 91.0)
+    assert (a["frequency"], a["purchase_days"]) == (3.0, 3.0)
+    assert (a["monetary_total"], a["monetary_mean"]) == (60.0, 20.0)
+    assert a["interpurchase_mean_days"] == 45.0  # gaps of 31 and 59 days
+    assert a["interpurchase_std_days"] == pytest.approx(np.std([31, 59], ddof=1))
+    assert (a["spend_90d"], a["frequency_90d"]) == (50.0, 2.0)
+    assert a["spend_trend"] == pytest.approx((50 - 10) / (50 + 10))
+    assert a["category_share_x"] == pytest.approx(2 / 3)
+    assert a["category_share_y"] == pytest.approx(1 / 3)
+    # b: 5.0 on day 122, 0.0 on day 31; one gap only, so no spread of gaps.
+    assert (b["recency_days"], b["frequency"], b["monetary_total"]) == (31.0, 2.0, 5.0)
+    assert np.isnan(b["interpurchase_std_days"]) and b["interpurchase_mean_days"] == 91.0
+    assert (b["spend_90d"], b["frequency_90d"], b["spend_trend"]) == (0.0, 1.0, -1.0)
+    assert b["category_share_home_garden"] == 0.5 and b["category_share_unknown"] == 0.5
+    assert list(snapshot.columns[:2]) == ["date", "customer_id"]
+    assert list(snapshot.columns[2 : 2 + len(BASE_FEATURES)]) == list(BASE_FEATURES)
+    assert set(snapshot.dtypes.iloc[2:].astype(str)) == {"float64"}
+
+
+def test_active_window_decides_who_is_scored():
+    wide = build_customer_features(TINY, "2024-04-01", active_days=900)
+    assert wide["customer_id"].tolist() == ["a", "b", "d"]
+
+
+def test_future_transactions_change_nothing_at_t():
+    t = "2024-04-01"
+    known = TINY[TINY["date"] <= pd.Timestamp(t)]
+    later = _transactions(
+        [("a", "2024-04-02", 1e6, "z"), ("b", "2024-06-01", 3.0, "x"), ("e", "2024-04-05", 1, "y")]
+    )
+    pd.testing.assert_frame_equal(
+        build_customer_features(known, t, active_days=365),
+        build_customer_features(pd.concat([TINY, later]), t, active_days=365),
+    )
+
+
+@settings(max_examples=25, deadline=None)
+@given(seed=st.integers(0, 10_000), cut=st.integers(5, 170), active_days=st.integers(20, 200))
+def test_point_in_time_property(seed, cut, active_days):
+    """Snapshot at t from the whole log == snapshot at t from the log as it was known at t,
+    whatever the row order: later rows (and the order they arrive in) cannot leak into t."""
+    rng = np.random.default_rng(seed)
+    n = 300
+    log = pd.DataFrame(
+        {
+            "customer_id": pd.array(rng.choice([f"c{i}" for i in range(25)], n), dtype="string"),
+            "date": (
+                pd.Timestamp("2024-01-01") + pd.to_timedelta(rng.integers(0, 200, n), unit="D")
+            ).astype("datetime64[ns]"),
+            "amount": np.round(rng.lognormal(3.0, 1.0, n), 2),
+            "category": pd.array(rng.choice(["a", "b", "c"], n), dtype="string"),
+        }
+    )
+    log["timestamp"] = log["date"] + pd.to_timedelta(rng.integers(0, 86_400, n), unit="s")
+    t = pd.Timestamp("2024-01-01") + pd.Timedelta(days=cut)
+    known_then = log[log["date"] <= t]
+    # Categories first seen after t must not appear as columns at t either.
+    expected = build_customer_features(known_then, t, active_days=active_days)
+    shuffled = log.sample(frac=1.0, random_state=seed)
+    got = build_customer_features(shuffled, t, active_days=active_days)
+    pd.testing.assert_frame_equal(expected, got)
+
+
+def _publish_days(storage: Storage, log: pd.DataFrame) -> None:
+    for day, rows in log.groupby("date"):
+        storage.write_partition("validated", "customers", day.date(), rows)
+
+
+def test_snapshot_update_is_idempotent_and_refreshes_after_late_data(tmp_path):
+    storage = Storage(tmp_path)
+    _publish_days(storage, TINY[TINY["date"] <= pd.Timestamp("2024-03-31")])
+    first = update_customer_features(storage, "2024-04-01", active_days=365)
+    assert first.dates_written == ["2024-04-01"] and first.rows == 2
+    snapshot = storage.read_partition("features", "customers", "2024-04-01")
+    again = update_customer_features(storage, "2024-04-01", active_days=365)
+    assert again.dates_written == []  # nothing new: nothing rewritten
+    # A late delivery for an earlier day makes the snapshot stale; it is rebuilt from it.
+    late = _transactions([("e", "2024-03-15", 12.0, "x")])
+    storage.write_partition("validated", "customers", dt.date(2024, 3, 15), late)
+    refreshed = update_customer_features(storage, "2024-04-01", active_days=365)
+    assert refreshed.dates_written == ["2024-04-01"]
+    after = storage.read_partition("features", "customers", "2024-04-01")
+    assert after["customer_id"].tolist() == ["a", "b", "e"]
+    pd.testing.assert_frame_equal(
+        after[after["customer_id"] != "e"].reset_index(drop=True),
+        snapshot,
+    )
+    rebuilt = update_customer_features(storage, "2024-04-01", active_days=365, rebuild=True)
+    assert rebuilt.dates_written == ["2024-04-01"]
+    pd.testing.assert_frame_equal(
+        storage.read_partition("features", "customers", "2024-04-01"), after
+    )

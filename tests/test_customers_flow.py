@@ -1,0 +1,234 @@
+"""The customers nightly flow end to end (Prefect, SQLite MLflow, Parquet): synthetic and CDNOW."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+
+import mlflow
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from finpipe.customers.pipeline import plan_customers_demo, write_planted_segments
+from finpipe.customers.synthetic import (
+    CustomersSyntheticConfig,
+    generate_customer_transactions,
+    write_vendor_files,
+)
+from finpipe.errors import ConfigError, ScoringError, ValidationFailed
+from finpipe.storage import Storage
+from tests.conftest import finpipe_home
+
+pytestmark = pytest.mark.slow
+
+PREDICTION_COLUMNS = [
+    "date",
+    "customer_id",
+    "segment",
+    "distance_to_centroid",
+    "model_name",
+    "model_version",
+    "run_id",
+    "scored_at",
+]
+
+
+def _day(path) -> dt.date:
+    return dt.date.fromisoformat(path.stem.removeprefix("customers_"))
+
+
+@pytest.fixture(scope="module")
+def two_nights(tmp_path_factory):
+    """Two consecutive nights on a synthetic log with planted segments."""
+    from finpipe.flows.nightly import nightly
+
+    root = tmp_path_factory.mktemp("customers")
+    generated = generate_customer_transactions(
+        CustomersSyntheticConfig(customers=600, days=450, seed=1)
+    )
+    files = write_vendor_files(generated.transactions, root / "drop", daily_files=2)
+    with finpipe_home(root / "home") as settings:
+        write_planted_segments(Storage(settings.home), generated.segments)
+        first = nightly(
+            domain="customers", as_of=_day(files[1]), inputs=[str(files[0]), str(files[1])]
+        )
+        second = nightly(domain="customers", as_of=_day(files[2]), inputs=[str(files[2])])
+        yield settings, files, [first, second], generated
+
+
+def test_every_layer_is_written(two_nights):
+    settings, files, summaries, generated = two_nights
+    storage = Storage(settings.home)
+    assert (
+        len(storage.partition_dates("validated", "customers"))
+        == generated.transactions["date"].nunique()
+    )
+    assert storage.partition_dates("features", "customers") == [_day(files[1]), _day(files[2])]
+    predictions = storage.read_partition("predictions", "customers", _day(files[2]))
+    assert list(predictions.columns) == PREDICTION_COLUMNS
+    snapshot = storage.read_partition("features", "customers", _day(files[2]))
+    assert predictions["customer_id"].tolist() == sorted(snapshot["customer_id"])
+    assert predictions["segment"].nunique() == summaries[1]["training"]["segments"]
+    assert (predictions["distance_to_centroid"] >= 0).all()
+    assert (predictions["model_name"] == "finpipe-customers").all()
+
+
+def test_champion_registered_and_named_on_every_prediction(two_nights):
+    settings, files, summaries, _ = two_nights
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias("finpipe-customers", "champion")
+    assert summaries[0]["promotion"]["promoted"] is True
+    assert summaries[1]["promotion"]["champion_version"] == "1"
+    predictions = Storage(settings.home).read_partition("predictions", "customers", _day(files[2]))
+    assert set(predictions["model_version"]) == {str(champion.version)}
+    assert set(predictions["run_id"]) == {champion.run_id}
+
+
+def test_segments_match_the_planted_ones_and_survive_the_retrain(two_nights):
+    _, _, summaries, _ = two_nights
+    first, second = (s["training"]["metrics"]["autoencoder_kmeans"]["test"] for s in summaries)
+    assert first["ari_vs_planted"] >= 0.8
+    assert second["ari_vs_planted"] >= 0.8
+    assert second["same_segment_vs_champion"] >= 0.9
+    assert second["same_segment_vs_previous_night"] >= 0.9
+    assert "same_segment_vs_champion" not in first  # nothing to compare the first model with
+
+
+def test_mlflow_has_silhouettes_profiles_and_plots(two_nights):
+    settings, _, summaries, _ = two_nights
+    run_id = summaries[1]["training"]["run_id"]
+    client = MlflowClient(settings.tracking_uri)
+    run = client.get_run(run_id)
+    for k in range(2, 9):
+        assert f"silhouette_k{k}" in run.data.metrics
+    for name in ("test_silhouette", "test_davies_bouldin", "test_ari_vs_champion"):
+        assert name in run.data.metrics, name
+    artifacts = {a.path for a in client.list_artifacts(run_id)}
+    assert {"segment_profiles.json", "promotion.json", "feature_columns.json"} <= artifacts
+    plots = {a.path for a in client.list_artifacts(run_id, "plots")}
+    assert plots == {
+        "plots/segment_map.png",
+        "plots/silhouette_by_k.png",
+        "plots/learning_curve.png",
+    }
+    table = json.loads(
+        (settings.home / "mlartifacts" / run_id / "artifacts" / "segment_profiles.json").read_text()
+    )
+    profiles = pd.DataFrame(table["data"], columns=table["columns"])
+    assert profiles["customers"].sum() == summaries[1]["training"]["customers"]
+    assert {"median_recency_days", "median_frequency", "median_monetary_total"} <= set(
+        profiles.columns
+    )
+    decision = json.loads(
+        (settings.home / "mlartifacts" / run_id / "artifacts" / "promotion.json").read_text()
+    )
+    assert decision["metric"] == "silhouette"
+
+
+def test_scoring_copes_with_a_category_nobody_buys_any_more(two_nights):
+    from finpipe.customers.pipeline import score_customers
+
+    settings, files, _, _ = two_nights
+    storage = Storage(settings.home)
+    snapshot = storage.read_partition("features", "customers", _day(files[2]))
+    gone = "category_share_travel"
+    later = _day(files[2]) + dt.timedelta(days=30)
+    storage.write_partition("features", "customers", later, snapshot.drop(columns=[gone]))
+    try:
+        score_customers(storage, settings, later)
+        scored = storage.read_partition("predictions", "customers", later)
+        zeroed = snapshot.assign(**{gone: 0.0})
+        storage.write_partition("features", "customers", later, zeroed)
+        score_customers(storage, settings, later)
+        expected = storage.read_partition("predictions", "customers", later)
+        pd.testing.assert_frame_equal(
+            scored.drop(columns="scored_at"), expected.drop(columns="scored_at")
+        )
+        storage.write_partition("features", "customers", later, snapshot.drop(columns="frequency"))
+        with pytest.raises(ScoringError, match="frequency"):
+            score_customers(storage, settings, later)
+    finally:
+        for layer in ("features", "predictions"):
+            shutil.rmtree(storage.partition_dir(layer, "customers", later), ignore_errors=True)
+
+
+def test_rerunning_a_date_is_idempotent(two_nights):
+    from finpipe.flows.nightly import nightly
+
+    settings, files, _, _ = two_nights
+    storage = Storage(settings.home)
+    day = _day(files[2])
+    before = storage.read_partition("predictions", "customers", day)
+    with finpipe_home(settings.home):
+        summary = nightly(domain="customers", as_of=day, inputs=[str(files[2])], retrain=False)
+    assert summary["ingested"][0]["status"] == "already_loaded"
+    after = storage.read_partition("predictions", "customers", day)
+    pd.testing.assert_frame_equal(before.drop(columns="scored_at"), after.drop(columns="scored_at"))
+
+
+def test_bad_batch_is_quarantined_and_nothing_downstream_is_written(two_nights, tmp_path):
+    from finpipe.flows.nightly import nightly
+
+    settings, files, _, _ = two_nights
+    storage = Storage(settings.home)
+    next_day = _day(files[2]) + dt.timedelta(days=1)
+    rows = pd.read_csv(files[2], dtype=str)
+    rows["Transaction Time"] = f"{next_day} 12:00:00"
+    rows.loc[:1, "Customer ID"] = ""
+    path = tmp_path / f"customers_{next_day}.csv"
+    rows.to_csv(path, index=False)
+    layers = {
+        layer: storage.partition_dates(layer, "customers")
+        for layer in ["validated", "features", "predictions"]
+    }
+    with finpipe_home(settings.home), pytest.raises(ValidationFailed) as caught:
+        nightly(domain="customers", as_of=next_day, inputs=[str(path)], retrain=False)
+    assert "expect_column_values_to_not_be_null(customer_id)" in str(caught.value)
+    report = json.loads((settings.home / caught.value.quarantine_path / "report.json").read_text())
+    failed = [r for r in report["rules"] if not r["success"]]
+    assert [r["unexpected_count"] for r in failed] == [2]
+    for layer, dates in layers.items():
+        assert storage.partition_dates(layer, "customers") == dates, layer
+
+
+def test_cdnow_sample_runs_nightly(tmp_path, shared_datasets, monkeypatch):
+    from finpipe.flows.nightly import nightly
+
+    monkeypatch.setenv("FINPIPE_CUSTOMERS_CONFIG", "cdnow")
+    with finpipe_home(tmp_path / "home") as settings:
+        summary = nightly(
+            domain="customers",
+            as_of=dt.date(1998, 6, 30),
+            inputs=[str(shared_datasets / "CDNOW_sample.txt")],
+            training={"max_epochs": 40},  # quality is not what this test checks
+        )
+    assert summary["ingested"][0]["rows"] == 6919
+    assert summary["predictions"]["rows"] == 2357  # active_days = 730: the whole cohort
+    assert summary["promotion"]["promoted"] is True
+    assert summary["features"]["skipped_features"] == {
+        "category_share_*": "no category column delivered",
+        "channel_share_*": "no channel column delivered",
+    }
+    predictions = Storage(settings.home).read_partition("predictions", "customers", "1998-06-30")
+    assert list(predictions.columns) == PREDICTION_COLUMNS
+    client = MlflowClient(settings.tracking_uri)
+    champion = client.get_model_version_by_alias("finpipe-customers", "champion")
+    assert set(predictions["model_version"]) == {str(champion.version)}
+    test = summary["training"]["metrics"]["autoencoder_kmeans"]["test"]
+    assert 2 <= test["segments"] <= 8 and test["silhouette"] > 0
+
+
+def test_demo_plan_writes_synthetic_deliveries(tmp_path, monkeypatch):
+    with finpipe_home(tmp_path / "home") as settings:
+        nights = plan_customers_demo(settings, customers=50, days=120, nights=3)
+        assert [len(n.inputs) for n in nights] == [2, 1, 1]
+        assert nights[0].inputs[0].endswith(".csv.gz")
+        assert (settings.home / "reference" / "customers" / "segments.parquet").exists()
+        monkeypatch.setenv("FINPIPE_CUSTOMERS_CONFIG", "cdnow")
+        from finpipe.settings import load_settings
+
+        with pytest.raises(ConfigError, match="unset FINPIPE_CUSTOMERS_CONFIG"):
+            plan_customers_demo(load_settings(), customers=50, days=120)

@@ -1,0 +1,200 @@
+"""Customers ingest: configs, CDNOW through the ordinary path, bad batches quarantined."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from finpipe.customers.config import load_customers_config, shipped_config_names
+from finpipe.customers.pipeline import customers_contract
+from finpipe.customers.schema import CHECK_COLUMNS, SUITE, add_transaction_checks
+from finpipe.customers.synthetic import (
+    CustomersSyntheticConfig,
+    generate_customer_transactions,
+    write_vendor_files,
+)
+from finpipe.errors import ConfigError, ValidationFailed
+from finpipe.ingest import ingest_file, read_delivery
+from finpipe.storage import Storage
+from finpipe.validation import validate_frame
+
+SYNTHETIC = customers_contract(load_customers_config("synthetic"))
+CDNOW = customers_contract(load_customers_config("cdnow"))
+
+
+@pytest.fixture(scope="module")
+def daily_file(tmp_path_factory):
+    """One clean synthetic day as a vendor file, and its rows in vendor column names."""
+    folder = tmp_path_factory.mktemp("drop")
+    generated = generate_customer_transactions(
+        CustomersSyntheticConfig(customers=300, days=120, seed=5)
+    )
+    path = write_vendor_files(generated.transactions, folder, daily_files=1)[1]
+    return path, pd.read_csv(path, dtype=str)
+
+
+def test_shipped_configs_and_config_errors(tmp_path):
+    assert shipped_config_names() == ["cdnow", "synthetic"]
+    cdnow = load_customers_config("cdnow")
+    assert cdnow.read.pandas_options() == {
+        "sep": r"\s+",
+        "header": None,
+        "names": ["customer_id", "customer_index", "date", "cds", "dollars"],
+    }
+    assert load_customers_config("synthetic").read.pandas_options() is None
+    with pytest.raises(ConfigError, match="unknown customers config 'crm'.*cdnow"):
+        load_customers_config("crm")
+    both = tmp_path / "both.toml"
+    both.write_text('[columns]\ncustomer_id = "id"\namount = "x"\ntimestamp = "t"\ndate = "d"\n')
+    with pytest.raises(ConfigError, match=r"both.toml: columns: .*exactly one of timestamp"):
+        load_customers_config(both)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[columns\n")
+    with pytest.raises(ConfigError, match="broken.toml is not valid TOML"):
+        load_customers_config(broken)
+
+
+def test_cdnow_sample_loads_through_the_ingest_path(tmp_path, shared_datasets):
+    storage = Storage(tmp_path)
+    outcome = ingest_file(storage, CDNOW, shared_datasets / "CDNOW_sample.txt", as_of="1998-06-30")
+    assert outcome.status == "validated"
+    assert outcome.rows == 6919
+    assert (outcome.first_date, outcome.last_date) == ("1997-01-01", "1998-06-30")
+    validated = storage.read_partitions("validated", "customers")
+    assert len(validated) == 6919  # $0 purchases and exact duplicates are kept (documented)
+    assert validated["customer_id"].nunique() == 2357
+    assert validated["customer_id"].str.len().eq(5).all()  # leading zeros survive: "00004"
+    assert (validated["amount"] == 0).sum() == 8
+    content = ["customer_id", "date", "amount"]
+    assert validated.duplicated(content, keep=False).sum() == 40
+    assert validated.loc[validated["customer_id"] == "00004", "amount"].tolist()[:2] == [
+        29.33,
+        29.73,
+    ]
+
+
+def test_cdnow_duplicates_are_reported_but_tolerated(shared_datasets):
+    config = load_customers_config("cdnow")
+    raw = read_delivery(shared_datasets / "CDNOW_sample.txt", CDNOW.read_options)
+    frame = CDNOW.normalise(raw, source="CDNOW_sample.txt")
+    report = validate_frame(
+        add_transaction_checks(frame, allow_refunds=config.rules.allow_refunds),
+        suite_name=SUITE,
+        batch_name="cdnow",
+        parameters={"as_of": "1998-06-30"},
+    )
+    assert report.success
+    duplicates = next(
+        r for r in report.rules if r.rule == "expect_column_values_to_be_unique(row_fingerprint)"
+    )
+    assert duplicates.unexpected_count == 40
+    assert duplicates.sample_keys[0] == {"customer_id": "01668", "date": "1997-07-31"}
+
+
+def _write(tmp_path, rows: pd.DataFrame, name: str):
+    path = tmp_path / name
+    rows.to_csv(path, index=False)
+    return path
+
+
+BAD_BATCHES = {
+    "null key": (
+        lambda rows: rows.assign(**{"Customer ID": rows["Customer ID"].mask(rows.index < 2, "")}),
+        "expect_column_values_to_not_be_null(customer_id)",
+        2,
+    ),
+    "non-finite amount": (
+        lambda rows: rows.assign(Amount=rows["Amount"].mask(rows.index == 3, "inf")),
+        "expect_column_values_to_be_between(amount)",
+        1,
+    ),
+    "future timestamp": (
+        lambda rows: rows.assign(
+            **{"Transaction Time": rows["Transaction Time"].mask(rows.index == 0, "2099-01-01")}
+        ),
+        "expect_column_values_to_be_between(date)",
+        1,
+    ),
+    "unconfigured refund": (
+        lambda rows: rows.assign(Amount=rows["Amount"].mask(rows.index == 1, "-12.50")),
+        "expect_column_values_to_be_null(disallowed_refund)",
+        1,
+    ),
+    "file exported twice": (
+        lambda rows: pd.concat([rows, rows], ignore_index=True),
+        "expect_column_values_to_be_unique(row_fingerprint)",
+        None,  # every row, counted twice
+    ),
+}
+
+
+@pytest.mark.parametrize("defect", list(BAD_BATCHES))
+def test_bad_batch_is_quarantined_with_a_report(tmp_path, daily_file, defect):
+    path, rows = daily_file
+    damage, rule, count = BAD_BATCHES[defect]
+    bad = _write(tmp_path, damage(rows.copy()), path.name)
+    storage = Storage(tmp_path / "root")
+    with pytest.raises(ValidationFailed) as caught:
+        ingest_file(storage, SYNTHETIC, bad, as_of=path.stem.removeprefix("customers_"))
+    assert rule in str(caught.value)
+    folder = storage.root / caught.value.quarantine_path
+    report = json.loads((folder / "report.json").read_text())
+    failed = {r["rule"]: r for r in report["rules"] if not r["success"]}
+    assert list(failed) == [rule]
+    assert failed[rule]["unexpected_count"] == (2 * len(rows) if count is None else count)
+    assert (folder / path.name).exists()
+    assert storage.partition_dates("validated", "customers") == []
+
+
+def test_refunds_pass_when_the_config_allows_them(tmp_path, daily_file):
+    path, rows = daily_file
+    config_file = tmp_path / "refunds.toml"
+    text = load_customers_config("synthetic").model_dump(exclude={"name", "description"})
+    text["rules"]["allow_refunds"] = True
+    config_file.write_text(_toml(text))
+    contract = customers_contract(load_customers_config(config_file))
+    refund = _write(
+        tmp_path, rows.assign(Amount=rows["Amount"].mask(rows.index == 1, "-12.5")), "r.csv"
+    )
+    outcome = ingest_file(Storage(tmp_path / "root"), contract, refund, as_of="2099-01-01")
+    assert outcome.status == "validated"
+    stored = Storage(tmp_path / "root").read_partitions("validated", "customers")
+    assert (stored["amount"] < 0).sum() == 1
+    assert not set(CHECK_COLUMNS) & set(stored.columns)  # check columns are never stored
+
+
+def _toml(data: dict) -> str:
+    lines = []
+    for table, values in data.items():
+        lines.append(f"[{table}]")
+        for key, value in values.items():
+            if value is None:
+                continue
+            lines.append(f"{key} = {json.dumps(value)}")
+    return "\n".join(lines) + "\n"
+
+
+def test_a_file_missing_a_mapped_column_is_quarantined_with_the_reason(tmp_path, daily_file):
+    path, rows = daily_file
+    bad = _write(tmp_path, rows.drop(columns=["Amount"]), "no_amount.csv")
+    storage = Storage(tmp_path / "root")
+    with pytest.raises(ValidationFailed, match=r"'Amount' \(-> amount\) not in the file"):
+        ingest_file(storage, SYNTHETIC, bad, as_of="2099-01-01")
+
+
+def test_overlap_safety_and_idempotent_loading(tmp_path, daily_file):
+    path, rows = daily_file
+    storage = Storage(tmp_path / "root")
+    first = ingest_file(storage, SYNTHETIC, path, as_of="2099-01-01")
+    again = ingest_file(storage, SYNTHETIC, path, as_of="2099-01-01")
+    assert (first.status, again.status) == ("validated", "already_loaded")
+    resent = tmp_path / "resent.csv"
+    resent.write_text(path.read_text().replace("\n", "\r\n"))  # same rows, other bytes
+    with pytest.raises(ValidationFailed, match="duplicate_key_across_batches"):
+        ingest_file(storage, SYNTHETIC, resent, as_of="2099-01-01")
+    stored = storage.read_partitions("validated", "customers")
+    assert len(stored) == len(rows) == first.rows
+    assert np.isclose(stored["amount"].sum(), pd.to_numeric(rows["Amount"]).sum())

@@ -1,0 +1,138 @@
+"""The segment model: planted segments recovered, ids that survive a retrain, save/load."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from sklearn.metrics import adjusted_rand_score
+
+from finpipe.customers.features import build_customer_features
+from finpipe.customers.model import (
+    FittedSegmentModel,
+    SegmentModelParams,
+    align_segment_ids,
+    check_segments_sane,
+    choose_k,
+    customer_sets,
+    fit_segment_model,
+)
+from finpipe.customers.synthetic import CustomersSyntheticConfig, generate_customer_transactions
+from finpipe.errors import ModelRejected
+
+
+def test_alignment_restores_the_champions_ids():
+    champion = np.array([7, 7, 7, 2, 2, 5, 5, 5, 5])
+    renumbered = np.array([1, 1, 0, 2, 2, 0, 0, 0, 0])  # same groups, one customer moved
+    ids = align_segment_ids(renumbered, champion, k=3)
+    assert ids == [5, 7, 2]
+    assert np.mean(np.asarray(ids)[renumbered] == champion) == 8 / 9
+
+
+def test_alignment_gives_fresh_ids_to_new_segments_and_sizes_order_a_first_model():
+    champion = np.array([0, 0, 0, 1, 1, 1])
+    split = np.array([0, 0, 2, 1, 1, 1])  # segment 0 splits in two: one new segment
+    assert align_segment_ids(split, champion, k=3) == [0, 1, 2]
+    assert align_segment_ids(np.array([2, 0, 0, 1, 1, 1]), None, k=3) == [1, 0, 2]
+
+
+def test_choose_k_keeps_the_champions_k_within_tolerance():
+    scores = {2: 0.40, 3: 0.52, 4: 0.51, 5: 0.45}
+    assert choose_k(scores, None, 0.02) == 3
+    assert choose_k(scores, 4, 0.02) == 4
+    assert choose_k(scores, 5, 0.02) == 3
+
+
+def test_customer_sets_are_stable_and_sized():
+    ids = pd.Series([f"C{i:05d}" for i in range(20_000)], dtype="string")
+    sets = customer_sets(ids, 0.15, 0.2)
+    shares = pd.Series(sets).value_counts(normalize=True)
+    assert shares["test"] == pytest.approx(0.2, abs=0.01)
+    assert shares["validation"] == pytest.approx(0.15, abs=0.01)
+    reordered = customer_sets(ids.iloc[::-1].reset_index(drop=True), 0.15, 0.2)
+    assert (reordered[::-1] == sets).all()  # a customer's set depends on its id only
+
+
+def test_sanity_gate_rejects_an_empty_segment():
+    predicted = pd.DataFrame(
+        {"customer_id": ["a", "b"], "segment": [0, 0], "distance_to_centroid": [0.1, 0.2]}
+    )
+    with pytest.raises(ModelRejected, match="only 1 of 2 segments"):
+        check_segments_sane(predicted, 2, "test")
+    with pytest.raises(ModelRejected, match="NaN"):
+        check_segments_sane(predicted.assign(distance_to_centroid=np.nan), 1, "test")
+
+
+@pytest.fixture(scope="module")
+def two_days():
+    """Snapshots of two consecutive days of a planted-segment log, and the planted labels."""
+    generated = generate_customer_transactions(
+        CustomersSyntheticConfig(customers=800, days=500, seed=3)
+    )
+    end = generated.transactions["date"].max()
+    snapshots = [
+        build_customer_features(generated.transactions, day, active_days=365)
+        for day in (end - pd.Timedelta(days=1), end)
+    ]
+    return snapshots, generated.segments.set_index("customer_id")["segment"]
+
+
+@pytest.fixture(scope="module")
+def champion(two_days):
+    (yesterday, _), _ = two_days
+    sets = customer_sets(yesterday["customer_id"], 0.15, 0.2)
+    return fit_segment_model(yesterday, sets, SegmentModelParams())
+
+
+def test_planted_segments_are_recovered(two_days, champion):
+    (yesterday, _), planted = two_days
+    segments = champion.predict(yesterday)["segment"]
+    truth = yesterday["customer_id"].map(planted)
+    test = customer_sets(yesterday["customer_id"], 0.15, 0.2) == "test"
+    assert adjusted_rand_score(truth, segments) >= 0.8
+    assert adjusted_rand_score(truth[test], segments[test]) >= 0.8
+    assert set(champion.silhouette_by_k) == set(range(2, 9))
+    assert champion.k == max(champion.silhouette_by_k, key=champion.silhouette_by_k.get)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_retrain_on_the_next_day_keeps_segment_ids(two_days, champion, seed):
+    """Tomorrow's model (even from another initialisation) keeps >= 90% of customers in the
+    segment id they had today. The champion's ids are renumbered first (10, 11, ... in reverse
+    size order, as after a history of retrains), so matching, not luck, must carry them over."""
+    (yesterday, today), _ = two_days
+    ids = champion.predict(yesterday)["segment"]
+    renumber = {s: 10 + i for i, s in enumerate(ids.value_counts(ascending=True).index)}
+    before = champion.predict(yesterday).set_index("customer_id")["segment"].map(renumber)
+    on_champion = champion.predict(today).set_index("customer_id")["segment"].map(renumber)
+    sets = customer_sets(today["customer_id"], 0.15, 0.2)
+    retrained = fit_segment_model(
+        today,
+        sets,
+        SegmentModelParams(seed=seed),
+        champion_segments=on_champion,
+        champion_k=champion.k,
+    )
+    after = retrained.predict(today).set_index("customer_id")["segment"]
+    both = after.index.intersection(before.index)
+    assert len(both) >= 0.95 * len(after)
+    kept = float(np.mean(after[both].to_numpy() == before[both].to_numpy()))
+    assert kept >= 0.9
+    assert adjusted_rand_score(before[both], after[both]) >= 0.8
+    assert set(after) <= set(renumber.values()) | {10 + champion.k + i for i in range(4)}
+
+
+def test_save_and_load_give_the_same_segments(tmp_path, two_days, champion):
+    (_, today), _ = two_days
+    champion.save(tmp_path / "model")
+    loaded = FittedSegmentModel.load(tmp_path / "model")
+    pd.testing.assert_frame_equal(champion.predict(today), loaded.predict(today))
+    assert loaded.silhouette_by_k == champion.silhouette_by_k
+    # A category absent from a later snapshot is a share of 0, not an error...
+    shares = [c for c in today.columns if c.startswith("category_share_")]
+    without = today.drop(columns=shares[:1])
+    expected = champion.predict(today.assign(**{shares[0]: 0.0}))
+    pd.testing.assert_frame_equal(loaded.predict(without), expected)
+    # ...but a missing behavioural feature is.
+    with pytest.raises(ValueError, match=r"\['recency_days'\] missing"):
+        loaded.predict(today.drop(columns=["recency_days"]))
