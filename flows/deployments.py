@@ -261,6 +261,9 @@ def run_servers(
     except KeyboardInterrupt:
         pass
     finally:
+        # Stop every server even if ^C or SIGTERM comes again while stopping them.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        interrupted = signal.signal(signal.SIGINT, signal.SIG_IGN)
         for process in processes:
             _signal_group(process, signal.SIGTERM)
         for process in processes:
@@ -270,6 +273,7 @@ def run_servers(
                 _signal_group(process, signal.SIGKILL)
                 process.wait(timeout=10)
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, interrupted)
 
 
 def _signal_group(process: subprocess.Popen, signum: int) -> None:

@@ -7,6 +7,7 @@ screenshots`) they also replace the ones the README shows, in docs/screenshots/.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import json
 import os
@@ -81,6 +82,7 @@ def uis(tmp_path_factory):
     with finpipe_home(root / "home") as settings:
         tracking.use_tracking(settings, "market")  # the store exists before the UI opens it
         prefect_port, mlflow_port = free_port(), free_port()
+        prefect, mlflow = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
         log = root / "finpipe-ui.log"
         with open(log, "ab") as output:
             ui = subprocess.Popen(
@@ -104,14 +106,18 @@ def uis(tmp_path_factory):
             update_market_features(storage, last)
             config = MarketTrainingConfig(max_epochs=2, models=["mlp"], hidden=8)
             promote_market(storage, settings, train_market(storage, settings, last, config))
-            prefect, mlflow = f"http://127.0.0.1:{prefect_port}", f"http://127.0.0.1:{mlflow_port}"
             _wait_for(f"{prefect}/api/health", f"{mlflow}/health", process=ui, log=log)
             _prefect_deploy(f"{prefect}/api", root)
             yield UIs(settings, prefect, mlflow, root)
         finally:
             if ui.poll() is None:
                 os.killpg(ui.pid, signal.SIGINT)  # what ^C does: `finpipe ui` stops both
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    ui.wait(timeout=60)
             stop(ui)
+            for url in (prefect, mlflow):  # and they are gone, not orphaned
+                with pytest.raises(OSError):
+                    urllib.request.urlopen(url, timeout=2)
 
 
 def _wait_for(*urls: str, process: subprocess.Popen, log: Path) -> None:
