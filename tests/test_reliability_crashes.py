@@ -1,4 +1,5 @@
-"""Crash safety: SIGKILL at the worst moments, then a re-run gives what an unbroken run gives.
+"""Crash and overlap safety in every domain: SIGKILL at the worst moments, then a re-run gives
+what an unbroken run gives; two runs of the same night at once publish it once.
 
 Each step runs in a child process (library calls, no Prefect) with FINPIPE_CRASH_AT naming a
 point in the code (finpipe.faults). After each kill we check what a reader would see, then
@@ -13,21 +14,23 @@ import signal
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import mlflow
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from finpipe.market.synthetic import (
-    MarketSyntheticConfig,
-    generate_market_panel,
-    write_vendor_files,
-)
+from finpipe.backfill import ingest_deliveries, update_features_through
+from finpipe.scoring import PROVENANCE_COLUMNS
 from finpipe.settings import Settings
 from finpipe.storage import Storage
+from tests.conftest import finpipe_home
 
 pytestmark = pytest.mark.slow
+
+LAYERS = ("validated", "features", "predictions")
 
 STEPS = textwrap.dedent(
     """
@@ -35,46 +38,136 @@ STEPS = textwrap.dedent(
     from pathlib import Path
     import mlflow
     from mlflow import MlflowClient
+    from finpipe.domains import get_domain
+    from finpipe.ingest import ingest_file
     from finpipe.settings import load_settings
     from finpipe.storage import Storage
-    from finpipe.ingest import ingest_file
-    from finpipe.market import pipeline as m
 
     settings = load_settings()
     storage = Storage(settings.home)
+    name, training, plan = json.loads(sys.argv[1])
+    domain = get_domain(name)
 
     def champion():
         mlflow.set_tracking_uri(settings.tracking_uri)
         try:
-            return MlflowClient().get_model_version_by_alias("finpipe-market", "champion").version
+            model = settings.model_name(name)
+            return MlflowClient().get_model_version_by_alias(model, "champion").version
         except Exception:
             return None
 
-    for step, as_of, files, crash in json.loads(sys.argv[1]):
+    for step, as_of, files, crash in plan:
         if crash:
             print(f"CHAMPION={champion()}", flush=True)
             os.environ["FINPIPE_CRASH_AT"] = crash
         if step == "ingest":
             for f in files:
-                ingest_file(storage, m.MARKET_CONTRACT, Path(f), as_of="2099-01-01")
+                ingest_file(storage, domain.contract, Path(f), as_of=as_of)
         elif step == "features":
-            m.update_market_features(storage, as_of)
+            domain.update_features(storage, as_of)
         elif step == "train":
-            config = m.MarketTrainingConfig(models=["mlp"], max_epochs=3, hidden=16)
-            outcome = m.train_market(storage, settings, as_of, config)
-            m.promote_market(storage, settings, outcome)
+            outcome = domain.train(storage, settings, as_of, domain.training_config(**training))
+            domain.promote(storage, settings, outcome)
         elif step == "score":
-            m.score_market(storage, settings, as_of)
+            domain.score(storage, settings, as_of)
         os.environ.pop("FINPIPE_CRASH_AT", None)
     """
 )
 
 
-def _run(home, plan) -> subprocess.CompletedProcess:
+@dataclass
+class Deliveries:
+    """One domain's synthetic deliveries as two nights: (as-of date, files delivered)."""
+
+    domain: str
+    nights: list[tuple[str, list[str]]]
+    training: dict = field(default_factory=dict)
+    keys: dict[str, list[str]] = field(default_factory=dict)  # layer -> one row per key
+
+
+def _market(folder: Path) -> Deliveries:
+    from finpipe.market.synthetic import (
+        MarketSyntheticConfig,
+        generate_market_panel,
+        write_vendor_files,
+    )
+
+    panel = generate_market_panel(MarketSyntheticConfig(tickers=8, days=330, seed=21))
+    history, daily = write_vendor_files(panel.prices, folder, daily_files=1)
+    history_last = sorted(panel.prices["date"].unique())[-2]
+    return Deliveries(
+        "market",
+        [
+            (str(pd.Timestamp(history_last).date()), [str(history)]),
+            (daily.stem.removeprefix("market_"), [str(daily)]),
+        ],
+        training={"models": ["mlp"], "max_epochs": 3, "hidden": 16},
+        keys=dict.fromkeys(("validated", "features", "predictions"), ["date", "ticker"]),
+    )
+
+
+def _credit(folder: Path) -> Deliveries:
+    from finpipe.credit.synthetic import (
+        CreditSyntheticConfig,
+        delivery_day,
+        generate_loan_book,
+        write_deliveries,
+    )
+
+    book = generate_loan_book(CreditSyntheticConfig(applications=1500, days=60, seed=21))
+    history, night1, night2 = write_deliveries(book.applications, folder, nightly_files=2)
+    return Deliveries(
+        "credit",
+        [
+            (delivery_day(night1).isoformat(), [str(history), str(night1)]),
+            (delivery_day(night2).isoformat(), [str(night2)]),
+        ],
+        training={"max_epochs": 4, "hidden": 16, "ig_steps": 4},
+        keys={
+            "validated": ["date", "loan_id"],
+            "features": ["date", "loan_id"],
+            "predictions": ["date", "id"],
+        },
+    )
+
+
+def _customers(folder: Path) -> Deliveries:
+    from finpipe.customers.synthetic import (
+        CustomersSyntheticConfig,
+        generate_customer_transactions,
+        write_vendor_files,
+    )
+
+    generated = generate_customer_transactions(
+        CustomersSyntheticConfig(customers=300, days=200, seed=21)
+    )
+    history, night1, night2 = write_vendor_files(generated.transactions, folder, daily_files=2)
+    return Deliveries(
+        "customers",
+        [
+            (night1.stem.removeprefix("customers_"), [str(history), str(night1)]),
+            (night2.stem.removeprefix("customers_"), [str(night2)]),
+        ],
+        training={"max_epochs": 20, "k_max": 4, "kmeans_restarts": 2},
+        keys={
+            "validated": ["date", "customer_id", "timestamp", "amount"],
+            "features": ["date", "customer_id"],
+            "predictions": ["date", "customer_id"],
+        },
+    )
+
+
+@pytest.fixture(scope="module", params=[_market, _credit, _customers], ids=lambda f: f.__name__[1:])
+def deliveries(request, tmp_path_factory) -> Deliveries:
+    return request.param(tmp_path_factory.mktemp("drop"))
+
+
+def _run(home, deliveries: Deliveries, plan) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FINPIPE_", "MLFLOW_"))}
     env["FINPIPE_HOME"] = str(home)
+    payload = json.dumps([deliveries.domain, deliveries.training, plan])
     return subprocess.run(
-        [sys.executable, "-c", STEPS, json.dumps(plan)],
+        [sys.executable, "-c", STEPS, payload],
         env=env,
         capture_output=True,
         text=True,
@@ -82,95 +175,149 @@ def _run(home, plan) -> subprocess.CompletedProcess:
     )
 
 
-@pytest.fixture(scope="module")
-def deliveries(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("drop")
-    panel = generate_market_panel(MarketSyntheticConfig(tickers=8, days=330, seed=21))
-    files = write_vendor_files(panel.prices, folder, daily_files=1)
-    history_last = sorted(panel.prices["date"].unique())[-2]
-    return files, [str(pd.Timestamp(history_last).date()), files[1].stem.removeprefix("market_")]
-
-
-def _plan(deliveries, crash_at: dict[int, str]) -> list:
+def _plan(deliveries: Deliveries, crash_at: dict[int, str]) -> list:
     """Two nights of steps; `crash_at` maps a step's position to the crash point to hit."""
-    files, (night1, night2) = deliveries
-    steps = [
-        ("ingest", "", [str(files[0])]),
-        ("features", night1, []),
-        ("train", night1, []),
-        ("score", night1, []),
-        ("ingest", "", [str(files[1])]),
-        ("features", night2, []),
-        ("train", night2, []),
-        ("score", night2, []),
-    ]
+    steps = []
+    for as_of, files in deliveries.nights:
+        steps += [("ingest", as_of, files), ("features", as_of, []), ("train", as_of, [])]
+        steps += [("score", as_of, [])]
     return [[*step, crash_at.get(i)] for i, step in enumerate(steps)]
 
 
-def _run_until_done(home, plan) -> list[str]:
+def _run_until_done(home, deliveries: Deliveries, plan) -> list[str]:
     """Run `plan`; after each kill check what a reader sees, then resume at the killed step."""
     survived = []
     while plan:
-        result = _run(home, plan)
+        result = _run(home, deliveries, plan)
         if result.returncode == 0:
             break
         assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
         killed_at = next(i for i, step in enumerate(plan) if step[3])
         champion_before = result.stdout.strip().splitlines()[-1].removeprefix("CHAMPION=")
-        _assert_consistent(home, None if champion_before == "None" else champion_before)
+        _assert_consistent(home, deliveries.domain, champion_before)
         survived.append(f"{plan[killed_at][0]}@{plan[killed_at][3]}")
         plan = [[*plan[killed_at][:3], None], *plan[killed_at + 1 :]]
     return survived
 
 
-def _assert_consistent(home, champion_before: str | None) -> None:
+def _assert_consistent(home, domain: str, champion_before: str) -> None:
     storage = Storage(home)
-    for layer in ("validated", "features", "predictions"):
-        for day in storage.partition_dates(layer, "market"):
-            assert len(storage.read_partition(layer, "market", day)) > 0  # every file whole
-    if champion_before is not None:
-        mlflow.set_tracking_uri(Settings(home=home).tracking_uri)
-        now = MlflowClient().get_model_version_by_alias("finpipe-market", "champion").version
+    for layer in LAYERS:
+        for day in storage.partition_dates(layer, domain):
+            assert len(storage.read_partition(layer, domain, day)) > 0  # every file whole
+    if champion_before != "None":
+        settings = Settings(home=home)
+        mlflow.set_tracking_uri(settings.tracking_uri)
+        model = settings.model_name(domain)
+        now = MlflowClient().get_model_version_by_alias(model, "champion").version
         assert str(now) == champion_before, "champion alias moved or went missing in a crash"
 
 
-def _outputs(home) -> dict[str, pd.DataFrame]:
+def _outputs(home, domain: str) -> dict[str, pd.DataFrame]:
+    """Every published row, less what differs between two runs by design (batch ids, the
+    model version and run that scored a row, when it was scored)."""
     storage = Storage(home)
-    predictions = storage.read_partitions("predictions", "market")
-    return {
-        "validated": storage.read_partitions("validated", "market").drop(columns="batch_id"),
-        "features": storage.read_partitions("features", "market"),
-        "predictions": predictions[["date", "ticker", "prediction"]],
-    }
+    layers = {layer: storage.read_partitions(layer, domain) for layer in LAYERS}
+    if len(layers["validated"]):
+        layers["validated"] = layers["validated"].drop(columns="batch_id")
+    if len(layers["predictions"]):
+        layers["predictions"] = layers["predictions"].drop(columns=PROVENANCE_COLUMNS)
+    return layers
 
 
-def test_kills_at_every_crash_point_lose_nothing(tmp_path, deliveries):
-    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
-    assert _run_until_done(clean, _plan(deliveries, {})) == []
-    crashes = {
-        0: "partition-before-publish",  # validated partitions of the history file
-        1: "partition-before-publish",  # feature partitions
-        2: "model-registered",  # first model registered, no alias yet
-        5: "partition-before-publish",  # night 2 features
-        6: "champion-alias",  # night 2 promotion, champion v1 in place
-    }
-    survived = _run_until_done(crashed, _plan(deliveries, crashes))
-    assert survived == [
-        "ingest@partition-before-publish",
-        "features@partition-before-publish",
-        "train@model-registered",
-        "features@partition-before-publish",
-        "train@champion-alias",
-    ]
-    expected, actual = _outputs(clean), _outputs(crashed)
-    for layer in expected:
+def _assert_same_outputs(expected_home, actual_home, deliveries: Deliveries, layers) -> None:
+    expected = _outputs(expected_home, deliveries.domain)
+    actual = _outputs(actual_home, deliveries.domain)
+    for layer in layers:
+        assert len(expected[layer]) > 0, f"the clean run published no {layer} rows"
         pd.testing.assert_frame_equal(
             expected[layer].reset_index(drop=True),
             actual[layer].reset_index(drop=True),
             obj=layer,
         )
-        key = ["date", "ticker"]
-        assert not actual[layer].duplicated(key).any(), f"duplicate rows in {layer}"
+        keys = deliveries.keys[layer]
+        assert not actual[layer].duplicated(keys).any(), f"duplicate rows in {layer}"
+
+
+def test_kills_at_every_crash_point_lose_nothing(tmp_path, deliveries):
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    assert _run_until_done(clean, deliveries, _plan(deliveries, {})) == []
+    crashes = {
+        0: "partition-before-publish",  # validated partitions of the first delivery
+        1: "partition-before-publish",  # feature partitions
+        2: "model-registered",  # first model registered, no alias yet
+        3: "partition-before-publish",  # night 1 predictions
+        5: "partition-before-publish",  # night 2 features
+        6: "champion-alias",  # night 2 promotion, the first champion in place
+    }
+    survived = _run_until_done(crashed, deliveries, _plan(deliveries, crashes))
+    assert survived == [
+        "ingest@partition-before-publish",
+        "features@partition-before-publish",
+        "train@model-registered",
+        "score@partition-before-publish",
+        "features@partition-before-publish",
+        "train@champion-alias",
+    ]
+    _assert_same_outputs(clean, crashed, deliveries, LAYERS)
     # No half-written file is visible anywhere: only hidden temp files may remain.
     leftovers = [p for p in crashed.rglob("*.tmp") if not p.name.startswith(".")]
     assert leftovers == []
+
+
+OVERLAP = textwrap.dedent(
+    """
+    import json, sys, time
+    from pathlib import Path
+    from finpipe.backfill import ingest_deliveries, update_features_through
+    from finpipe.settings import load_settings
+    from finpipe.storage import Storage
+
+    name, as_of, files, go = json.loads(sys.argv[1])
+    storage = Storage(load_settings().home)
+    while not Path(go).exists():  # both runs start their night at the same moment
+        time.sleep(0.01)
+    said = lambda message: print(message, flush=True)
+    outcomes = ingest_deliveries(storage, name, files, as_of=as_of, progress=said)
+    update_features_through(storage, name, as_of, progress=said)
+    print("OUTCOMES=" + json.dumps([o["status"] for o in outcomes]), flush=True)
+    """
+)
+
+
+def test_two_runs_of_the_same_night_at_once_publish_it_once(tmp_path, deliveries):
+    as_of, files = deliveries.nights[0]
+    with finpipe_home(tmp_path / "alone") as settings:
+        storage = Storage(settings.home)
+        ingest_deliveries(storage, deliveries.domain, files, as_of=as_of)
+        update_features_through(storage, deliveries.domain, as_of)
+
+    home, go = tmp_path / "together", tmp_path / "go"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FINPIPE_", "MLFLOW_"))}
+    env["FINPIPE_HOME"] = str(home)
+    payload = json.dumps([deliveries.domain, as_of, files, str(go)])
+    runs = [
+        subprocess.Popen(
+            [sys.executable, "-c", OVERLAP, payload],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    go.touch()
+    outputs = [run.communicate(timeout=300) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], [err[-3000:] for _, err in outputs]
+    statuses = [
+        json.loads(line.removeprefix("OUTCOMES="))
+        for out, _ in outputs
+        for line in out.splitlines()
+        if line.startswith("OUTCOMES=")
+    ]
+    # Each file is validated by exactly one run; the other finds it already loaded.
+    for per_file in zip(*statuses, strict=True):
+        assert sorted(per_file) == ["already_loaded", "validated"]
+    waited = [out for out, _ in outputs if f"waiting for the lock on {deliveries.domain}" in out]
+    assert waited, "the runs did not overlap: one should have waited for the other's lock"
+    _assert_same_outputs(tmp_path / "alone", home, deliveries, ["validated", "features"])

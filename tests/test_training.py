@@ -7,7 +7,9 @@ import pandas as pd
 import pytest
 import torch
 
+from finpipe.errors import ModelRejected
 from finpipe.metrics import per_date_ic
+from finpipe.model_files import load_weights, read_model_metadata, save_model_files
 from finpipe.nets import GRURegressor, TemporalCNNRegressor, build_net
 from finpipe.training import (
     Batches,
@@ -15,6 +17,7 @@ from finpipe.training import (
     TrainConfig,
     mean_squared_error,
     predict_regressor,
+    run_training_loop,
     time_split,
     train_regressor,
     window_panel,
@@ -257,3 +260,58 @@ def test_asking_for_cuda_without_one_says_so():
         train_regressor(
             build_net(config, 4), Batches(x[:10], y[:10]), Batches(x[10:], y[10:]), config
         )
+
+
+def test_the_shared_loop_fits_any_loss_and_names_what_diverged():
+    """`run_training_loop` is what every domain trains through: here a logistic regression."""
+    generator = torch.Generator().manual_seed(5)
+    x = torch.randn(400, 3, generator=generator)
+    labels = (x[:, 0] - x[:, 1] > 0).float()
+    config = TrainConfig(batch_size=32, max_epochs=5, patience=5, learning_rate=0.05)
+    net = torch.nn.Linear(3, 1)
+    drawn: list[torch.Generator] = []
+
+    def batch_loss(model, index, rng):
+        drawn.append(rng)
+        logit = model(x[index]).squeeze(-1)
+        return torch.nn.functional.binary_cross_entropy_with_logits(logit, labels[index])
+
+    def validation_loss(model):
+        with torch.no_grad():
+            logit = model(x[300:]).squeeze(-1)
+            return torch.nn.functional.binary_cross_entropy_with_logits(logit, labels[300:])
+
+    loop = {"what": "probe", "check": "the labels"}
+    result = run_training_loop(
+        net, 300, batch_loss, validation_loss, config, torch.device("cpu"), **loop
+    )
+    losses = [h["validation_loss"] for h in result.history]
+    assert result.epochs_run == 5 and losses[-1] < losses[0] < 0.7
+    assert len({id(rng) for rng in drawn}) == 1  # one seeded generator for the whole run
+    assert not torch.equal(result.model.weight, net.weight)  # a copy was trained
+
+    def diverged(model):
+        return torch.tensor(float("nan"))
+
+    message = r"probe: validation loss was nan at every epoch; .*now 0.05\) or check the labels"
+    with pytest.raises(ModelRejected, match=message):
+        run_training_loop(net, 300, batch_loss, diverged, config, torch.device("cpu"), **loop)
+
+
+# ----------------------------------------------------------------------------- model folder
+
+
+def test_a_model_folder_round_trips_and_refuses_what_it_cannot_read(tmp_path):
+    net = torch.nn.Linear(3, 1)
+    save_model_files(tmp_path / "model", net, {"feature_columns": ["a", "b", "c"]})
+    metadata = read_model_metadata(tmp_path / "model", "test")
+    assert metadata == {"format_version": 1, "feature_columns": ["a", "b", "c"]}
+    loaded = load_weights(torch.nn.Linear(3, 1), tmp_path / "model")
+    assert torch.equal(loaded.weight, net.weight) and not loaded.training
+    assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.json", "weights.pt"]
+
+    with pytest.raises(FileNotFoundError, match="does not hold a saved test model"):
+        read_model_metadata(tmp_path / "empty", "test")
+    (tmp_path / "model" / "model.json").write_text('{"format_version": 0}')
+    with pytest.raises(ValueError, match="format_version 0, this finpipe reads 1; retrain"):
+        read_model_metadata(tmp_path / "model", "test")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 from finpipe.errors import ConfigError
@@ -31,9 +32,30 @@ class Domain:
     promote: Callable[..., Any]  # (storage, settings, outcome) -> PromotionDecision
     score: Callable[..., Any]  # (storage, settings, as_of) -> ScoringOutcome
     training_config: type  # pydantic model of the domain's hyper-parameters
-    training_outcome: type  # dataclass `train` returns (rebuilt from a dict between tasks)
+    training_outcome: type  # ChallengerOutcome subclass `train` returns (rebuilt from a dict)
     # (settings) -> list[DemoNight]: writes synthetic deliveries for `finpipe demo`.
     plan_demo: Callable[..., list[DemoNight]] | None = None
+
+
+@dataclass
+class ChallengerOutcome:
+    """What every domain's `train` returns at least: the registered challenger, the metrics
+    behind its choice ({model: {window: {metric: value}}}) and the run they are logged in.
+
+    The flows read and report these fields; a domain's outcome adds what its `promote` needs
+    to rebuild the evaluation window.
+    """
+
+    run_id: str
+    as_of: str
+    candidate: str
+    challenger_version: str
+    promotion_metric: str
+    metrics: dict[str, dict[str, dict[str, float]]]
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -43,6 +65,25 @@ class DemoNight:
     as_of: str
     inputs: list[str]
     training: dict = field(default_factory=dict)
+
+
+def demo_nights(
+    files: list[Path], as_of: Callable[[Path], str], training: dict | None = None
+) -> list[DemoNight]:
+    """Return one night per daily file of `files` (the history file first, then the dailies).
+
+    The first night loads the history file and the first daily file; each later night one
+    daily file. `as_of` reads a daily file's as-of date (ISO text) from it.
+    """
+    history, dailies = files[0], files[1:]
+    return [
+        DemoNight(
+            as_of=as_of(daily),
+            inputs=[str(history), str(daily)] if night == 0 else [str(daily)],
+            training=dict(training or {}),
+        )
+        for night, daily in enumerate(dailies)
+    ]
 
 
 def domain_names() -> list[str]:

@@ -18,7 +18,14 @@ from mlflow import MlflowClient
 from finpipe.errors import ModelRejected
 from finpipe.faults import crash_point
 from finpipe.settings import Settings
-from finpipe.tracking import CHAMPION, RegisteredModel, current_alias_version, load_model_version
+from finpipe.tracking import (
+    CHALLENGER,
+    CHAMPION,
+    RegisteredModel,
+    current_alias_version,
+    load_model_version,
+    set_alias,
+)
 
 
 def check_predictions_sane(predictions, what: str) -> None:
@@ -28,6 +35,30 @@ def check_predictions_sane(predictions, what: str) -> None:
         raise ModelRejected(f"{what}: predictions are empty or contain NaN/inf; not registered")
     if np.std(values) < 1e-12:
         raise ModelRejected(f"{what}: predictions are constant; not registered")
+
+
+def best_on_validation(results: dict[str, dict], metric: str) -> str:
+    """Return the key of the result with the highest validation `metric` (NaN counts lowest)."""
+
+    def score(kind: str) -> float:
+        value = results[kind]["validation"][metric]
+        return -np.inf if value is None or np.isnan(value) else value
+
+    return max(results, key=score)
+
+
+def register_challenger(settings: Settings, domain: str, model_uri: str, candidate: str) -> str:
+    """Register the model logged at `model_uri` as a new version, point `challenger` at it and
+    tag the active run; return the version.
+
+    A crash between registering and aliasing leaves an unaliased version that nothing reads
+    (the champion is untouched); the re-run registers a fresh one.
+    """
+    version = str(mlflow.register_model(model_uri, settings.model_name(domain)).version)
+    crash_point("model-registered")
+    set_alias(settings, domain, CHALLENGER, version)
+    mlflow.set_tags({"candidate": candidate, "challenger_version": version})
+    return version
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """Generic supervised training: time split with embargo, a train-only scaler, one training loop.
 
-Nothing here knows about markets; `finpipe.market.model` turns a feature frame into `Batches`
-and calls `train_regressor`. No Prefect, no MLflow: progress goes out through `on_epoch` and the
-returned history.
+Nothing here knows about a domain: `finpipe.market.model` and `finpipe.customers.model` turn
+their frames into `Batches` and call `train_regressor`; the credit classifier brings its own
+loss and inputs to the same `run_training_loop`. No Prefect, no MLflow: progress goes out
+through `on_epoch` and the returned history.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Protocol
 
 import numpy as np
 import pandas as pd
@@ -378,10 +379,8 @@ def train_regressor(
 ) -> TrainResult:
     """Train `model` on MSE with AdamW; early-stop on validation loss; return best weights.
 
-    Each epoch: shuffle (seeded), batch, forward, loss, backward, step; then evaluate the whole
-    validation set. Training stops after `config.patience` epochs without a lower validation
-    loss, and the weights of the best epoch are restored. Losses are summed on the device and
-    read back once per epoch (one sync). Same seed and device -> same weights and losses.
+    The loop is `run_training_loop`'s: each epoch shuffles (seeded), batches, steps, then
+    evaluates the whole validation set; same seed and device -> same weights and losses.
     `model` is not modified: a copy is trained.
     """
     if train_batches.targets is None or validation_batches.targets is None:
@@ -395,15 +394,66 @@ def train_regressor(
     moved: dict[int, torch.Tensor] = {}
     train = train_batches.to(device, moved)
     validation = validation_batches.to(device, moved)
-    model = copy.deepcopy(model).to(device)
-    n = len(train)
     eval_batch_size = 4 * config.batch_size
+
+    def batch_loss(model: nn.Module, index: torch.Tensor, _: torch.Generator) -> torch.Tensor:
+        return F.mse_loss(model(train.inputs(index)), train.targets[index])
+
+    return run_training_loop(
+        model,
+        len(train),
+        batch_loss,
+        lambda model: mean_squared_error(model, validation, eval_batch_size),
+        config,
+        device,
+        on_epoch,
+        what="training diverged",
+        check="the targets",
+    )
+
+
+class LoopSettings(Protocol):
+    """The hyper-parameters `run_training_loop` reads (TrainConfig and the credit
+    ClassifierConfig both have them)."""
+
+    batch_size: int
+    max_epochs: int
+    patience: int
+    learning_rate: float
+    weight_decay: float
+    seed: int
+
+
+def run_training_loop(
+    model: nn.Module,
+    n_train: int,
+    batch_loss: Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor],
+    validation_loss: Callable[[nn.Module], torch.Tensor],
+    config: LoopSettings,
+    device: torch.device,
+    on_epoch: Callable[[dict[str, float]], None] | None = None,
+    *,
+    what: str,
+    check: str,
+) -> TrainResult:
+    """Train a copy of `model` on `device` with AdamW; early-stop; return the best weights.
+
+    Each epoch: shuffle the `n_train` samples (seeded), and per batch of sample indices take
+    `batch_loss(model, index, generator)` (the mean loss; `generator` is the loop's seeded RNG,
+    for any augmentation), backward, step; then `validation_loss(model)` (a 0-d tensor).
+    Training stops after `config.patience` epochs without a lower validation loss, and the
+    weights of the best epoch are restored. Losses are summed on the device and read back once
+    per epoch (one sync). Same seed and device -> same weights and losses; the global RNG is
+    left as it was. Raises ModelRejected (`what`: ..., check `check`) when no epoch gave a
+    finite validation loss.
+    """
+    model = copy.deepcopy(model).to(device)
     history: list[dict[str, float]] = []
     best_loss, best_epoch, best_state = math.inf, 0, None
 
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(config.seed)  # dropout masks; the global RNG is restored on exit
-        shuffle = torch.Generator(device=device).manual_seed(config.seed)
+        generator = torch.Generator(device=device).manual_seed(config.seed)
         optimizer = torch.optim.AdamW(
             model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
         )
@@ -411,37 +461,35 @@ def train_regressor(
             started = time.perf_counter()
             model.train()
             train_loss_sum = torch.zeros((), device=device)
-            order = torch.randperm(n, generator=shuffle, device=device)
-            for start in range(0, n, config.batch_size):
+            order = torch.randperm(n_train, generator=generator, device=device)
+            for start in range(0, n_train, config.batch_size):
                 index = order[start : start + config.batch_size]
-                prediction = model(train.inputs(index))
-                loss = F.mse_loss(prediction, train.targets[index])
+                loss = batch_loss(model, index, generator)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 train_loss_sum += loss.detach() * len(index)
-            validation_loss_t = mean_squared_error(model, validation, eval_batch_size)
-            losses = torch.stack([train_loss_sum / n, validation_loss_t]).tolist()  # the sync
-            train_loss, validation_loss = losses
+            losses = torch.stack([train_loss_sum / n_train, validation_loss(model)]).tolist()
+            train_loss, epoch_validation_loss = losses  # the one sync
             record = {
                 "epoch": epoch,
                 "train_loss": train_loss,
-                "validation_loss": validation_loss,
+                "validation_loss": epoch_validation_loss,
                 "seconds": time.perf_counter() - started,
             }
             history.append(record)
             if on_epoch is not None:
                 on_epoch(record)
-            if validation_loss < best_loss:
-                best_loss, best_epoch = validation_loss, epoch
+            if epoch_validation_loss < best_loss:
+                best_loss, best_epoch = epoch_validation_loss, epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             elif epoch - best_epoch >= config.patience:
                 break
 
     if best_state is None:
         raise ModelRejected(
-            f"training diverged: validation loss was {history[0]['validation_loss']} at every "
-            f"epoch; lower learning_rate (now {config.learning_rate}) or check the targets"
+            f"{what}: validation loss was {history[0]['validation_loss']} at every epoch; "
+            f"lower learning_rate (now {config.learning_rate}) or check {check}"
         )
     model.load_state_dict(best_state)
     return TrainResult(

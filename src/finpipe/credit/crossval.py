@@ -15,7 +15,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from finpipe.credit.config import LoanBookConfig
 from finpipe.credit.features import LABEL
 from finpipe.credit.metrics import credit_metrics
-from finpipe.credit.model import fit_credit_model
+from finpipe.credit.model import fit_loan_book_model
 
 
 def cross_validated_auc(
@@ -42,15 +42,11 @@ def cross_validated_auc(
         validation = np.zeros(len(labelled), dtype=bool)
         train[train_rows], validation[validation_rows] = True, True
         for kind in config.models:
-            fitted = fit_credit_model(
+            fitted = fit_loan_book_model(
                 labelled,
-                id_column=book.columns.id,
-                numeric_columns=book.numeric_columns,
-                categorical_columns=book.categorical_columns,
-                label=LABEL,
+                book,
                 train=train,
                 validation=validation,
-                grades=[(band.grade, band.max_pd) for band in book.grades],
                 config=config.classifier_config(kind),
             )
             test_rows = labelled.iloc[test]

@@ -32,11 +32,6 @@ the typical applicant; fewer than three positive ones leave the rest empty.
 from __future__ import annotations
 
 import contextlib
-import copy
-import json
-import math
-import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from finpipe.credit.config import LoanBookConfig
+from finpipe.credit.features import LABEL
 from finpipe.credit.metrics import (
     binned_shares,
     category_shares,
@@ -55,11 +52,9 @@ from finpipe.credit.metrics import (
     quantile_edges,
 )
 from finpipe.errors import ModelRejected
-from finpipe.training import FeatureScaler, resolve_device
+from finpipe.model_files import load_weights, read_model_metadata, save_model_files
+from finpipe.training import FeatureScaler, resolve_device, run_training_loop
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "weights.pt"
-METADATA_FILE = "model.json"
 REASONS = 3
 ModelKind = Literal["mlp", "logistic"]
 
@@ -293,8 +288,8 @@ def train_classifier(
     CPU in eval mode, history, best epoch).
 
     Each epoch: shuffle (seeded), batch, blank a few categories to unknown, forward, loss,
-    backward, step; then the validation loss (same weighting). Same seed and device -> same
-    weights. `net` itself is not modified.
+    backward, step; then the validation loss (same weighting): the shared
+    `run_training_loop`. Same seed and device -> same weights. `net` itself is not modified.
     """
     device = resolve_device(config.device)
     with cpu_threads(config.cpu_threads):
@@ -303,65 +298,34 @@ def train_classifier(
 
 def _train_classifier(net, train, validation, config, device, on_epoch):
     train, validation = train.to(device), validation.to(device)
-    net = copy.deepcopy(net).to(device)
     positives = float(train.labels.sum())
     if config.class_weight == "balanced" and positives > 0:
         weight = (len(train) - positives) / positives
     else:
         weight = 1.0
     pos_weight = torch.tensor(weight, device=device)
-    history: list[dict] = []
-    best_loss, best_epoch, best_state = math.inf, 0, None
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(config.seed)  # dropout masks
-        generator = torch.Generator(device=device).manual_seed(config.seed)
-        optimizer = torch.optim.AdamW(
-            net.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay
-        )
-        for epoch in range(1, config.max_epochs + 1):
-            started = time.perf_counter()
-            net.train()
-            loss_sum = torch.zeros((), device=device)
-            order = torch.randperm(len(train), generator=generator, device=device)
-            for start in range(0, len(train), config.batch_size):
-                batch = train.rows(order[start : start + config.batch_size])
-                categories = batch.categories
-                if config.unknown_rate > 0 and categories.numel():
-                    blank = torch.rand(categories.shape, generator=generator, device=device)
-                    categories = categories.masked_fill(blank < config.unknown_rate, 0)
-                logit = net(batch.numeric, batch.missing, categories)
-                loss = F.binary_cross_entropy_with_logits(
-                    logit, batch.labels, pos_weight=pos_weight
-                )
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                loss_sum += loss.detach() * len(batch)
-            validation_loss = weighted_log_loss(net, validation, pos_weight)
-            train_loss, validation_loss = torch.stack(
-                [loss_sum / len(train), validation_loss]
-            ).tolist()
-            record = {
-                "epoch": epoch,
-                "train_loss": train_loss,
-                "validation_loss": validation_loss,
-                "seconds": time.perf_counter() - started,
-            }
-            history.append(record)
-            if on_epoch is not None:
-                on_epoch(record)
-            if validation_loss < best_loss:
-                best_loss, best_epoch = validation_loss, epoch
-                best_state = {k: v.detach().clone() for k, v in net.state_dict().items()}
-            elif epoch - best_epoch >= config.patience:
-                break
-    if best_state is None:
-        raise ModelRejected(
-            f"{config.kind}: validation loss was {history[0]['validation_loss']} at every epoch; "
-            f"lower learning_rate (now {config.learning_rate}) or check the labels"
-        )
-    net.load_state_dict(best_state)
-    return net.cpu().eval(), history, best_epoch
+
+    def batch_loss(model: TabularNet, index: torch.Tensor, generator: torch.Generator):
+        batch = train.rows(index)
+        categories = batch.categories
+        if config.unknown_rate > 0 and categories.numel():
+            blank = torch.rand(categories.shape, generator=generator, device=device)
+            categories = categories.masked_fill(blank < config.unknown_rate, 0)
+        logit = model(batch.numeric, batch.missing, categories)
+        return F.binary_cross_entropy_with_logits(logit, batch.labels, pos_weight=pos_weight)
+
+    result = run_training_loop(
+        net,
+        len(train),
+        batch_loss,
+        lambda model: weighted_log_loss(model, validation, pos_weight),
+        config,
+        device,
+        on_epoch,
+        what=config.kind,
+        check="the labels",
+    )
+    return result.model, result.history, result.best_epoch
 
 
 @contextlib.contextmanager
@@ -578,7 +542,6 @@ class FittedCreditModel:
     def to_dict(self) -> dict:
         """Everything but the weights, JSON-ready."""
         return {
-            "format_version": FORMAT_VERSION,
             "kind": self.kind,
             "architecture": self.architecture,
             "id_column": self.id_column,
@@ -597,37 +560,17 @@ class FittedCreditModel:
         }
 
     def save(self, directory: Path) -> None:
-        """Write `weights.pt` and `model.json` into `directory`, each renamed into place."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        weights, metadata = directory / WEIGHTS_FILE, directory / METADATA_FILE
-        torch.save(self.net.state_dict(), weights.with_suffix(".tmp"))
-        metadata.with_suffix(".tmp").write_text(json.dumps(self.to_dict(), indent=2))
-        os.replace(weights.with_suffix(".tmp"), weights)
-        os.replace(metadata.with_suffix(".tmp"), metadata)
+        """Write `weights.pt` (state dict) and `model.json` (the rest) into `directory`."""
+        save_model_files(directory, self.net, self.to_dict())
 
     @classmethod
     def load(cls, directory: Path) -> FittedCreditModel:
         """Read a model written by `save`; the net comes back on CPU in eval mode."""
-        directory = Path(directory)
-        weights, metadata = directory / WEIGHTS_FILE, directory / METADATA_FILE
-        for path in (weights, metadata):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{path} not found: {directory} does not hold a saved credit model "
-                    f"(expected {WEIGHTS_FILE} and {METADATA_FILE})"
-                )
-        data = json.loads(metadata.read_text())
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{metadata}: format_version {data.get('format_version')!r}, this finpipe reads "
-                f"{FORMAT_VERSION}; retrain the model"
-            )
-        net = TabularNet(**data["architecture"])
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        data = read_model_metadata(directory, "credit")
+        net = load_weights(TabularNet(**data["architecture"]), directory)
         return cls(
             kind=data["kind"],
-            net=net.eval(),
+            net=net,
             architecture=data["architecture"],
             id_column=data["id_column"],
             numeric_columns=list(data["numeric_columns"]),
@@ -703,6 +646,30 @@ def fit_credit_model(
     model.reference_dense = _reference_dense(model, train_rows)
     model.population = model.population_shares(train_rows)
     return model
+
+
+def fit_loan_book_model(
+    frame: pd.DataFrame,
+    book: LoanBookConfig,
+    *,
+    train: np.ndarray,
+    validation: np.ndarray,
+    config: ClassifierConfig,
+    on_epoch: Callable[[dict], None] | None = None,
+) -> FittedCreditModel:
+    """Return `fit_credit_model` on the columns, label and grade bands `book` names."""
+    return fit_credit_model(
+        frame,
+        id_column=book.columns.id,
+        numeric_columns=book.numeric_columns,
+        categorical_columns=book.categorical_columns,
+        label=LABEL,
+        train=train,
+        validation=validation,
+        grades=[(band.grade, band.max_pd) for band in book.grades],
+        config=config,
+        on_epoch=on_epoch,
+    )
 
 
 def _reference_dense(model: FittedCreditModel, train_rows: pd.DataFrame) -> list[float]:

@@ -19,9 +19,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Literal
 
@@ -35,15 +34,16 @@ from finpipe.credit import plots
 from finpipe.credit.config import DATE_COLUMN, LoanBookConfig, load_loan_book
 from finpipe.credit.features import LABEL, build_credit_features
 from finpipe.credit.metrics import PSI_SIGNIFICANT, credit_metrics
-from finpipe.credit.model import ClassifierConfig, FittedCreditModel, fit_credit_model
+from finpipe.credit.model import ClassifierConfig, FittedCreditModel, fit_loan_book_model
 from finpipe.credit.schema import (
     DOMAIN,
     build_credit_suite,
     normalise_credit_frame,
     seen_categories,
 )
-from finpipe.domains import DemoNight, Domain
+from finpipe.domains import ChallengerOutcome, DemoNight, Domain, demo_nights
 from finpipe.errors import ConfigError, ScoringError
+from finpipe.features import FeatureUpdate, features_are_stale, write_feature_partitions
 from finpipe.ingest import RawContract
 from finpipe.scoring import ScoringOutcome, publish_predictions
 from finpipe.settings import Settings, load_settings
@@ -77,19 +77,6 @@ def credit_contract(book: LoanBookConfig) -> RawContract:
 
 
 # -- features ------------------------------------------------------------------------------
-@dataclass
-class CreditFeatureUpdate:
-    """What a feature step wrote."""
-
-    dates_written: list[str] = field(default_factory=list)
-    rows: int = 0
-    skipped_features: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def update_credit_features(
     storage: Storage,
     as_of: dt.date | str,
@@ -98,7 +85,7 @@ def update_credit_features(
     rebuild: bool = False,
     block_dates: int = 100,
     progress: Callable[[str], None] | None = None,
-) -> CreditFeatureUpdate:
+) -> FeatureUpdate:
     """Publish the feature partition of every validated date up to `as_of` that lacks one or
     is older than its validated partition (all of them with `rebuild`).
 
@@ -106,31 +93,24 @@ def update_credit_features(
     """
     started = time.perf_counter()
     as_of = as_day(as_of)
-    update = CreditFeatureUpdate()
+    update = FeatureUpdate()
     done = set(storage.partition_dates("features", DOMAIN, end=as_of))
     todo = [
         day
         for day in storage.partition_dates("validated", DOMAIN, end=as_of)
-        if rebuild or day not in done or _is_stale(storage, day)
+        if rebuild or day not in done or features_are_stale(storage, DOMAIN, day)
     ]
     for start in range(0, len(todo), block_dates):
         block = todo[start : start + block_dates]
         validated = storage.read_partitions("validated", DOMAIN, days=block)
         features = build_credit_features(validated, book)
-        for stamp, rows in features.groupby(DATE_COLUMN, sort=True):
-            rows = rows.sort_values(book.columns.id, kind="stable")
-            storage.write_partition("features", DOMAIN, stamp.date(), rows)
-            update.dates_written.append(stamp.date().isoformat())
-            update.rows += len(rows)
+        features = features.sort_values([DATE_COLUMN, book.columns.id], kind="stable")
+        for day, rows in write_feature_partitions(storage, DOMAIN, features, DATE_COLUMN):
+            update.add(day, rows)
         if progress:
             progress(f"features: {len(update.dates_written)}/{len(todo)} dates written")
     update.seconds = round(time.perf_counter() - started, 3)
     return update
-
-
-def _is_stale(storage: Storage, day: dt.date) -> bool:
-    validated = storage.partition_file("validated", DOMAIN, day).stat().st_mtime_ns
-    return validated > storage.partition_file("features", DOMAIN, day).stat().st_mtime_ns
 
 
 # -- training ------------------------------------------------------------------------------
@@ -197,14 +177,9 @@ class CreditTrainingConfig(BaseModel):
 
 
 @dataclass
-class CreditTrainingOutcome:
+class CreditTrainingOutcome(ChallengerOutcome):
     """What a nightly retrain produced: the challenger, its metrics and the split behind them."""
 
-    run_id: str
-    as_of: str
-    candidate: str
-    challenger_version: str
-    promotion_metric: str
     split: str  # "out_of_time" or "stratified"
     validation_fraction: float
     test_fraction: float
@@ -213,14 +188,9 @@ class CreditTrainingOutcome:
     test_rows: int
     test_start: str
     test_end: str
-    metrics: dict[str, dict[str, dict[str, float]]]
     train_rows: int
     first_date: str
     last_date: str
-    seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass(frozen=True)
@@ -293,6 +263,23 @@ def split_rows(
     return RowSplit("stratified", role == 0, role == 1, role == 2)
 
 
+def split_book_rows(
+    frame: pd.DataFrame,
+    book: LoanBookConfig,
+    how: CreditTrainingConfig | CreditTrainingOutcome,
+) -> RowSplit:
+    """Return `split_rows` of `frame` with the fractions, embargo and seed of `how` (a training
+    config, or the outcome that recorded them, so promotion rebuilds the very same split)."""
+    return split_rows(
+        frame,
+        dated=book.is_dated,
+        validation_fraction=how.validation_fraction,
+        test_fraction=how.test_fraction,
+        embargo_days=how.embargo_days,
+        seed=how.seed,
+    )
+
+
 def scoring_population(storage: Storage, book: LoanBookConfig, as_of: dt.date) -> pd.DataFrame:
     """Return the feature rows to score at `as_of` under `[scoring] population`.
 
@@ -328,14 +315,7 @@ def train_credit(
     as_of = as_day(as_of)
     say = progress or log.info
     frame = load_training_frame(storage, book, as_of)
-    split = split_rows(
-        frame,
-        dated=book.is_dated,
-        validation_fraction=config.validation_fraction,
-        test_fraction=config.test_fraction,
-        embargo_days=config.embargo_days,
-        seed=config.seed,
-    )
+    split = split_book_rows(frame, book, config)
     population = scoring_population(storage, book, as_of)
     oracle = _oracle(storage, frame.loc[split.test, book.columns.id], frame.loc[split.test, LABEL])
     tracking.use_tracking(settings, DOMAIN)
@@ -346,14 +326,10 @@ def train_credit(
             say(f"training {kind} on {int(split.train.sum()):,} rows ({split.kind} split)")
             results[kind] = _train_one(frame, split, population, config, book, kind, oracle, say)
         _log_comparison(frame, split, results)
-        candidate = max(results, key=lambda k: _nan_low(results[k]["validation"]["auc"]))
+        candidate = promotion.best_on_validation(results, "auc")
         chosen = results[candidate]
         promotion.check_predictions_sane(chosen["test_pd"], candidate)
-        version = str(
-            mlflow.register_model(chosen["model_uri"], settings.model_name(DOMAIN)).version
-        )
-        tracking.set_alias(settings, DOMAIN, tracking.CHALLENGER, version)
-        mlflow.set_tags({"candidate": candidate, "challenger_version": version})
+        version = promotion.register_challenger(settings, DOMAIN, chosen["model_uri"], candidate)
         if oracle is not None:
             mlflow.log_metric("test_oracle_auc", oracle)
             say(f"oracle AUC on the test rows: {oracle:.4f}")
@@ -385,24 +361,13 @@ def _train_one(frame, split, population, config, book, kind, oracle, say) -> dic
     classifier = config.classifier_config(kind)
     with mlflow.start_run(run_name=kind, nested=True):
         mlflow.log_params({**asdict(classifier), "loan_book": book.name})
-
-        def on_epoch(row: dict) -> None:
-            mlflow.log_metrics(
-                {"train_loss": row["train_loss"], "validation_loss": row["validation_loss"]},
-                step=row["epoch"],
-            )
-
-        fitted = fit_credit_model(
+        fitted = fit_loan_book_model(
             frame,
-            id_column=book.columns.id,
-            numeric_columns=book.numeric_columns,
-            categorical_columns=book.categorical_columns,
-            label=LABEL,
+            book,
             train=split.train,
             validation=split.validation,
-            grades=[(band.grade, band.max_pd) for band in book.grades],
             config=classifier,
-            on_epoch=on_epoch,
+            on_epoch=tracking.log_epoch,
         )
         labels = frame[LABEL].to_numpy()
         validation_pd = fitted.predict_pd(frame.loc[split.validation])
@@ -466,17 +431,14 @@ def _log_plots(kind: str, labels, scores, importance: dict[str, float]) -> None:
             importance, f"{kind}: global feature importance (test rows)"
         ),
     }
-    for path, figure in figures.items():
-        mlflow.log_figure(figure, path)
-        plots.close(figure)
+    tracking.log_figures(figures)
 
 
 def _log_comparison(frame, split: RowSplit, results: dict[str, dict]) -> None:
     """The models' test ROC curves in one figure on the parent run (side by side)."""
     labels = frame.loc[split.test, LABEL].to_numpy()
     figure = plots.roc({k: (labels, r["test_pd"]) for k, r in results.items()}, "test ROC")
-    mlflow.log_figure(figure, "plots/roc_models.png")
-    plots.close(figure)
+    tracking.log_figures({"plots/roc_models.png": figure})
 
 
 def _log_run_context(frame, split: RowSplit, population, config, book, as_of) -> None:
@@ -498,19 +460,12 @@ def _log_run_context(frame, split: RowSplit, population, config, book, as_of) ->
     )
     mlflow.log_dict(book.model_dump(mode="json"), "loan_book.json")
     first, last = frame[DATE_COLUMN].min().date(), frame[DATE_COLUMN].max().date()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(
-            frame.head(10_000),
-            source=f"features/{DOMAIN}/date={first}..{last}",
-            name=f"{DOMAIN}-{book.name}-{first}-to-{last}",
-            targets=LABEL,
-        )
-    mlflow.log_input(dataset, context="training")
-
-
-def _nan_low(value: float) -> float:
-    return -np.inf if value is None or np.isnan(value) else value
+    tracking.log_training_data(
+        frame,
+        source=f"features/{DOMAIN}/date={first}..{last}",
+        name=f"{DOMAIN}-{book.name}-{first}-to-{last}",
+        targets=LABEL,
+    )
 
 
 def write_oracle(storage: Storage, truth: pd.DataFrame) -> None:
@@ -542,14 +497,7 @@ def promote_credit(
     models are measured on exactly the rows the challenger never trained or was selected on.
     """
     frame = load_training_frame(storage, book, as_day(outcome.as_of))
-    split = split_rows(
-        frame,
-        dated=book.is_dated,
-        validation_fraction=outcome.validation_fraction,
-        test_fraction=outcome.test_fraction,
-        embargo_days=outcome.embargo_days,
-        seed=outcome.seed,
-    )
+    split = split_book_rows(frame, book, outcome)
     test = frame.loc[split.test].reset_index(drop=True)
     if len(test) != outcome.test_rows:
         raise ScoringError(
@@ -662,14 +610,7 @@ def plan_credit_demo(
     drop = settings.home / "vendor_drop" / DOMAIN
     files = write_deliveries(generated.applications, drop, nightly_files=nights)
     write_oracle(Storage(settings.home), generated.true_pd.rename(columns={"loan_id": "id"}))
-    history, dailies = files[0], files[1:]
-    return [
-        DemoNight(
-            as_of=delivery_day(daily).isoformat(),
-            inputs=[str(history), str(daily)] if night == 0 else [str(daily)],
-        )
-        for night, daily in enumerate(dailies)
-    ]
+    return demo_nights(files, lambda daily: delivery_day(daily).isoformat())
 
 
 # -- the domain ----------------------------------------------------------------------------

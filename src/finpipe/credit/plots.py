@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import matplotlib
+import numpy as np
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import roc_auc_score, roc_curve
 
-matplotlib.use("Agg")  # headless: batch jobs have no display
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from sklearn.calibration import calibration_curve  # noqa: E402
-from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
+from finpipe.plots import plt  # the shared module sets the headless backend first
 
 
 def roc(curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> plt.Figure:
@@ -60,8 +57,3 @@ def feature_importance(importance: dict[str, float], title: str) -> plt.Figure:
     ax.set(xlabel="mean |attribution| (log-odds, integrated gradients)", title=title)
     fig.tight_layout()
     return fig
-
-
-def close(fig: plt.Figure) -> None:
-    """Free a figure's memory once logged."""
-    plt.close(fig)

@@ -15,8 +15,6 @@ is exactly what a stable segment id promises.
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,11 +30,9 @@ from torch import nn
 
 from finpipe.customers.features import BASE_FEATURES, LOG_SCALED, MIX_PREFIXES, is_mix_feature
 from finpipe.errors import ModelRejected
+from finpipe.model_files import load_weights, read_model_metadata, save_model_files
 from finpipe.training import Batches, FeatureScaler, TrainConfig, resolve_device, train_regressor
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "weights.pt"
-METADATA_FILE = "model.json"
 SILHOUETTE_SAMPLE = 5000  # silhouette is O(n^2); beyond this it is estimated on a seeded sample
 
 
@@ -301,7 +297,6 @@ class FittedSegmentModel:
     def to_dict(self) -> dict:
         """Everything but the weights, JSON-ready."""
         return {
-            "format_version": FORMAT_VERSION,
             "architecture": self.architecture,
             "feature_columns": self.feature_columns,
             "log_columns": self.log_columns,
@@ -315,36 +310,16 @@ class FittedSegmentModel:
         }
 
     def save(self, directory: Path) -> None:
-        """Write `weights.pt` and `model.json` into `directory`, each renamed into place."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        weights, metadata = directory / WEIGHTS_FILE, directory / METADATA_FILE
-        torch.save(self.net.state_dict(), weights.with_suffix(".tmp"))
-        metadata.with_suffix(".tmp").write_text(json.dumps(self.to_dict(), indent=2))
-        os.replace(weights.with_suffix(".tmp"), weights)
-        os.replace(metadata.with_suffix(".tmp"), metadata)
+        """Write `weights.pt` (state dict) and `model.json` (the rest) into `directory`."""
+        save_model_files(directory, self.net, self.to_dict())
 
     @classmethod
     def load(cls, directory: Path) -> FittedSegmentModel:
         """Read a model written by `save`; the net comes back on CPU in eval mode."""
-        directory = Path(directory)
-        weights, metadata = directory / WEIGHTS_FILE, directory / METADATA_FILE
-        for path in (weights, metadata):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{path} not found: {directory} does not hold a saved segment model "
-                    f"(expected {WEIGHTS_FILE} and {METADATA_FILE})"
-                )
-        data = json.loads(metadata.read_text())
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{metadata}: format_version {data.get('format_version')!r}, this finpipe reads "
-                f"{FORMAT_VERSION}; retrain the model"
-            )
+        data = read_model_metadata(directory, "segment")
         net = build_autoencoder(len(data["feature_columns"]), data["architecture"], data["seed"])
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
         return cls(
-            net=net.eval(),
+            net=load_weights(net, directory),
             architecture={k: int(v) for k, v in data["architecture"].items()},
             feature_columns=list(data["feature_columns"]),
             log_columns=list(data["log_columns"]),

@@ -20,7 +20,7 @@ import logging
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import mlflow
@@ -50,8 +50,9 @@ from finpipe.customers.schema import (
     add_transaction_checks,
     normalise_transactions,
 )
-from finpipe.domains import DemoNight, Domain
+from finpipe.domains import ChallengerOutcome, DemoNight, Domain, demo_nights
 from finpipe.errors import ConfigError, ScoringError
+from finpipe.features import FeatureUpdate
 from finpipe.ingest import BATCH_COLUMN, RawContract
 from finpipe.scoring import ScoringOutcome, publish_predictions
 from finpipe.settings import Settings, load_settings
@@ -81,19 +82,6 @@ def customers_contract(config: CustomersConfig) -> RawContract:
 
 
 # -- features ------------------------------------------------------------------------------
-@dataclass
-class SnapshotUpdate:
-    """What a feature step wrote (the fields the nightly summary reads)."""
-
-    dates_written: list[str] = field(default_factory=list)
-    rows: int = 0
-    skipped_features: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def snapshots_needing_update(
     storage: Storage, as_of: dt.date, rebuild: bool = False
 ) -> list[dt.date]:
@@ -121,7 +109,7 @@ def update_customer_features(
     active_days: int,
     rebuild: bool = False,
     progress: Callable[[str], None] | None = None,
-) -> SnapshotUpdate:
+) -> FeatureUpdate:
     """Compute and publish the feature snapshot as of `as_of` (and older ones if rebuilding).
 
     A snapshot at t reads every validated transaction dated on or before t: lifetime features
@@ -129,7 +117,7 @@ def update_customer_features(
     """
     started = time.perf_counter()
     as_of = as_day(as_of)
-    update = SnapshotUpdate()
+    update = FeatureUpdate()
     todo = snapshots_needing_update(storage, as_of, rebuild)
     if not todo:
         return update
@@ -141,8 +129,7 @@ def update_customer_features(
     for day in todo:
         snapshot = build_customer_features(history, day, active_days=active_days)
         storage.write_partition("features", DOMAIN, day, snapshot)
-        update.dates_written.append(day.isoformat())
-        update.rows += len(snapshot)
+        update.add(day, len(snapshot))
         if progress:
             progress(f"features: snapshot {day} with {len(snapshot):,} active customers")
     update.seconds = round(time.perf_counter() - started, 3)
@@ -167,24 +154,14 @@ class CustomersTrainingConfig(SegmentModelParams):
 
 
 @dataclass
-class CustomersTrainingOutcome:
+class CustomersTrainingOutcome(ChallengerOutcome):
     """What a nightly retrain produced: the registered challenger and how to re-evaluate it."""
 
-    run_id: str
-    as_of: str
-    candidate: str
-    challenger_version: str
-    promotion_metric: str
     segments: int
     validation_fraction: float
     test_fraction: float
-    metrics: dict[str, dict[str, dict[str, float]]]
     customers: int
     train_customers: int
-    seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def read_snapshot(storage: Storage, as_of: dt.date) -> pd.DataFrame:
@@ -223,20 +200,13 @@ def train_customers(
     with mlflow.start_run(run_name=f"nightly-{as_of.isoformat()}") as run:
         _log_run_context(snapshot, sets, config, as_of, champion)
         say(f"training the segment model on {int((sets == 'train').sum()):,} customers")
-
-        def on_epoch(row: dict) -> None:
-            mlflow.log_metrics(
-                {"train_loss": row["train_loss"], "validation_loss": row["validation_loss"]},
-                step=row["epoch"],
-            )
-
         fitted = fit_segment_model(
             snapshot,
             sets,
             config,
             champion_segments=champion.segments if champion else None,
             champion_k=champion.k if champion else None,
-            on_epoch=on_epoch,
+            on_epoch=tracking.log_epoch,
         )
         predicted = fitted.predict(snapshot)
         check_segments_sane(predicted, fitted.k, CANDIDATE)
@@ -252,9 +222,7 @@ def train_customers(
                 input_example=snapshot[["customer_id", *fitted.feature_columns]].head(5),
                 output_example=fitted.predict(snapshot.head(5)),
             )
-        version = str(mlflow.register_model(info.model_uri, settings.model_name(DOMAIN)).version)
-        tracking.set_alias(settings, DOMAIN, tracking.CHALLENGER, version)
-        mlflow.set_tags({"candidate": CANDIDATE, "challenger_version": version})
+        version = promotion.register_challenger(settings, DOMAIN, info.model_uri, CANDIDATE)
         test = metrics["test"]
         say(
             f"{fitted.k} segments; test silhouette {test['silhouette']:.3f}"
@@ -408,14 +376,11 @@ def _log_run_context(snapshot, sets, config, as_of, champion) -> None:
     )
     columns = ["customer_id", *[c for c in snapshot.columns if c in BASE_FEATURES]]
     columns += [c for c in snapshot.columns if is_mix_feature(c)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(
-            snapshot[columns].head(10_000),
-            source=f"features/{DOMAIN}/date={as_of}",
-            name=f"{DOMAIN}-snapshot-{as_of}",
-        )
-    mlflow.log_input(dataset, context="training")
+    tracking.log_training_data(
+        snapshot[columns],
+        source=f"features/{DOMAIN}/date={as_of}",
+        name=f"{DOMAIN}-snapshot-{as_of}",
+    )
 
 
 def _log_results(snapshot, fitted: FittedSegmentModel, predicted, metrics) -> None:
@@ -441,9 +406,7 @@ def _log_results(snapshot, fitted: FittedSegmentModel, predicted, metrics) -> No
             fitted.history, "autoencoder: reconstruction loss by epoch"
         ),
     }
-    for path, figure in figures.items():
-        mlflow.log_figure(figure, path)
-        plots.close(figure)
+    tracking.log_figures(figures)
 
 
 def promote_customers(
@@ -546,14 +509,7 @@ def plan_customers_demo(
     files = write_vendor_files(generated.transactions, drop, daily_files=nights)
     write_planted_segments(Storage(settings.home), generated.segments)
     log.info("generated %s transactions in %s", len(generated.transactions), drop)
-    history, dailies = files[0], files[1:]
-    return [
-        DemoNight(
-            as_of=daily.stem.removeprefix("customers_"),
-            inputs=[str(history), str(daily)] if night == 0 else [str(daily)],
-        )
-        for night, daily in enumerate(dailies)
-    ]
+    return demo_nights(files, lambda daily: daily.stem.removeprefix("customers_"))
 
 
 # -- the domain ----------------------------------------------------------------------------

@@ -13,8 +13,6 @@ Point in time, in three places:
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +23,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from finpipe.model_files import load_weights, read_model_metadata, save_model_files
 from finpipe.nets import build_net
 from finpipe.training import (
     Batches,
@@ -36,9 +35,6 @@ from finpipe.training import (
     window_panel,
 )
 
-FORMAT_VERSION = 1
-WEIGHTS_FILE = "weights.pt"
-METADATA_FILE = "model.json"
 Target = Literal["return", "cross_sectional_zscore"]
 
 
@@ -161,7 +157,6 @@ class FittedMarketModel:
     def to_dict(self) -> dict:
         """Everything but the weights, JSON-ready."""
         return {
-            "format_version": FORMAT_VERSION,
             "config": self.config.to_params(),
             "feature_columns": list(self.feature_columns),
             "scaler": self.scaler.to_dict(),
@@ -175,41 +170,17 @@ class FittedMarketModel:
         }
 
     def save(self, directory: Path) -> None:
-        """Write `weights.pt` (state dict) and `model.json` (the rest) into `directory`.
-
-        Each file is written beside its final name and renamed into place, so a reader never
-        sees half a file.
-        """
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        weights, metadata = directory / WEIGHTS_FILE, directory / METADATA_FILE
-        torch.save(self.net.state_dict(), weights.with_suffix(".tmp"))
-        metadata.with_suffix(".tmp").write_text(json.dumps(self.to_dict(), indent=2))
-        os.replace(weights.with_suffix(".tmp"), weights)
-        os.replace(metadata.with_suffix(".tmp"), metadata)
+        """Write `weights.pt` (state dict) and `model.json` (the rest) into `directory`."""
+        save_model_files(directory, self.net, self.to_dict())
 
     @classmethod
     def load(cls, directory: Path) -> FittedMarketModel:
         """Read a model written by `save`; the net comes back on CPU in eval mode."""
-        directory = Path(directory)
-        weights, metadata = directory / WEIGHTS_FILE, directory / METADATA_FILE
-        for path in (weights, metadata):
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{path} not found: {directory} does not hold a saved market model "
-                    f"(expected {WEIGHTS_FILE} and {METADATA_FILE})"
-                )
-        data = json.loads(metadata.read_text())
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{metadata}: format_version {data.get('format_version')!r}, this finpipe reads "
-                f"{FORMAT_VERSION}; retrain the model"
-            )
+        data = read_model_metadata(directory, "market")
         config = TrainConfig.from_params(data["config"])
-        net = build_net(config, len(data["feature_columns"]))
-        net.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        net = load_weights(build_net(config, len(data["feature_columns"])), directory)
         return cls(
-            net=net.eval(),
+            net=net,
             config=config,
             feature_columns=list(data["feature_columns"]),
             scaler=FeatureScaler.from_dict(data["scaler"]),

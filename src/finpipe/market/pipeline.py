@@ -8,24 +8,20 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import time
-import warnings
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 import mlflow
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 from pydantic import BaseModel, Field
 
 from finpipe import plots, promotion, tracking
-from finpipe.domains import DemoNight, Domain
+from finpipe.domains import ChallengerOutcome, DemoNight, Domain, demo_nights
 from finpipe.errors import ScoringError
-from finpipe.faults import crash_point
+from finpipe.features import FeatureUpdate, features_are_stale, write_feature_partitions
 from finpipe.ingest import BATCH_COLUMN, RawContract
 from finpipe.market.features import (
     FEATURE_LOOKBACK_DAYS,
@@ -85,19 +81,6 @@ MARKET_CONTRACT = RawContract(
 
 
 # -- features ------------------------------------------------------------------------------
-@dataclass
-class FeatureUpdate:
-    """What a feature step wrote."""
-
-    dates_written: list[str] = field(default_factory=list)
-    rows: int = 0
-    skipped_features: dict[str, str] = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
 def dates_needing_features(
     storage: Storage, as_of: dt.date, rebuild: bool = False
 ) -> list[dt.date]:
@@ -114,9 +97,7 @@ def dates_needing_features(
     for i, day in enumerate(validated):
         if day not in done:
             return validated[i:]
-        v_time = storage.partition_file("validated", DOMAIN, day).stat().st_mtime_ns
-        f_time = storage.partition_file("features", DOMAIN, day).stat().st_mtime_ns
-        if v_time > f_time:
+        if features_are_stale(storage, DOMAIN, day):
             return validated[i:]
     return []
 
@@ -151,37 +132,12 @@ def update_market_features(
         if not update.skipped_features:
             update.skipped_features = skipped_market_features(prices.columns)
         features = features[features["date"] >= pd.Timestamp(block[0])]
-        for day, rows in _write_feature_partitions(storage, features):
-            update.dates_written.append(day.isoformat())
-            update.rows += rows
+        for day, rows in write_feature_partitions(storage, DOMAIN, features):
+            update.add(day, rows)
         if progress:
             progress(f"features: {len(update.dates_written)}/{len(todo)} dates written")
     update.seconds = round(time.perf_counter() - started, 3)
     return update
-
-
-def _write_feature_partitions(storage: Storage, features: pd.DataFrame) -> list[tuple]:
-    """Publish one partition per date of `features` (sorted by date); return (day, rows) pairs.
-
-    The block is converted to Arrow once and each date is a zero-copy slice of it; the files
-    are written by a few threads (Parquet encoding and compression release the GIL). Each
-    partition is still published atomically on its own, in the storage's usual way.
-    """
-    if features.empty:
-        return []
-    table = pa.Table.from_pandas(features.reset_index(drop=True), preserve_index=False)
-    stamps = features["date"].to_numpy()
-    starts = np.flatnonzero(np.r_[True, stamps[1:] != stamps[:-1]])
-    lengths = np.diff(np.r_[starts, len(stamps)])
-    days = [pd.Timestamp(stamps[i]).date() for i in starts]
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-        writes = [
-            pool.submit(storage.write_partition, "features", DOMAIN, day, table.slice(i, n))
-            for day, i, n in zip(days, starts.tolist(), lengths.tolist(), strict=True)
-        ]
-        for write in writes:
-            write.result()  # re-raises the first failure
-    return list(zip(days, lengths.tolist(), strict=True))
 
 
 def _read_with_lookback(
@@ -272,26 +228,16 @@ class MarketTrainingConfig(BaseModel):
 
 
 @dataclass
-class TrainingOutcome:
+class TrainingOutcome(ChallengerOutcome):
     """What a nightly retrain produced: the registered challenger and the windows it used."""
 
-    run_id: str
-    as_of: str
-    candidate: str
-    challenger_version: str
     horizon: int
     label: str
-    promotion_metric: str
     test_start: str
     test_end: str
-    metrics: dict[str, dict[str, dict[str, float]]]
     train_rows: int
     first_date: str
     last_date: str
-    seconds: float
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def load_training_frame(
@@ -370,15 +316,10 @@ def train_market(
         for kind in config.models:
             say(f"training {kind} on {len(frame):,} rows, {len(features)} features")
             results[kind] = _train_one(frame, features, split, config, kind, say)
-        candidate = max(results, key=lambda k: _nan_low(results[k]["validation"]["ic"]))
+        candidate = promotion.best_on_validation(results, "ic")
         chosen = results[candidate]
         promotion.check_predictions_sane(chosen["test_predictions"], candidate)
-        version = str(
-            mlflow.register_model(chosen["model_uri"], settings.model_name(DOMAIN)).version
-        )
-        crash_point("model-registered")
-        tracking.set_alias(settings, DOMAIN, tracking.CHALLENGER, version)
-        mlflow.set_tags({"candidate": candidate, "challenger_version": version})
+        version = promotion.register_challenger(settings, DOMAIN, chosen["model_uri"], candidate)
         test_window = frame[frame["date"].isin(split.test_dates)]
         oracle = _oracle_ic(storage, test_window, config.label)
         if oracle is not None:
@@ -444,10 +385,6 @@ def _window_score(model: tracking.RegisteredModel, frame, test_window, outcome) 
     return float(market_metrics(scored, label=outcome.label)[outcome.promotion_metric])
 
 
-def _nan_low(value: float) -> float:
-    return -np.inf if value is None or np.isnan(value) else value
-
-
 def _log_run_context(frame, features, split: TimeSplit, config, as_of, embargo) -> None:
     mlflow.log_params(
         {
@@ -464,16 +401,12 @@ def _log_run_context(frame, features, split: TimeSplit, config, as_of, embargo) 
         }
     )
     first, last = frame["date"].min().date(), frame["date"].max().date()
-    with warnings.catch_warnings():
-        # MLflow registers two local-file source types and warns that it picked one.
-        warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(
-            frame[[*KEY_COLUMNS, *features, config.label]].head(10_000),
-            source=f"features/{DOMAIN}/date={first}..{last}",
-            name=f"{DOMAIN}-features-{first}-to-{last}",
-            targets=config.label,
-        )
-    mlflow.log_input(dataset, context="training")
+    tracking.log_training_data(
+        frame[[*KEY_COLUMNS, *features, config.label]],
+        source=f"features/{DOMAIN}/date={first}..{last}",
+        name=f"{DOMAIN}-features-{first}-to-{last}",
+        targets=config.label,
+    )
     mlflow.log_dict({"feature_columns": features}, "feature_columns.json")
 
 
@@ -481,13 +414,6 @@ def _train_one(frame, features, split, config: MarketTrainingConfig, kind: str, 
     train_config = config.train_config(kind)
     with mlflow.start_run(run_name=kind, nested=True):
         mlflow.log_params({**train_config.to_params(), "label": config.label})
-
-        def on_epoch(row: dict) -> None:
-            mlflow.log_metrics(
-                {"train_loss": row["train_loss"], "validation_loss": row["validation_loss"]},
-                step=row["epoch"],
-            )
-
         fitted = fit_market_model(
             frame,
             features,
@@ -496,7 +422,7 @@ def _train_one(frame, features, split, config: MarketTrainingConfig, kind: str, 
             label=config.label,
             horizon=config.horizon,
             target=config.target,
-            on_epoch=on_epoch,
+            on_epoch=tracking.log_epoch,
         )
         scored = frame[[*KEY_COLUMNS, config.label]].merge(
             fitted.predict(frame), on=KEY_COLUMNS, how="left"
@@ -550,9 +476,7 @@ def _log_plots(fitted: FittedMarketModel, test: pd.DataFrame, label: str, kind: 
             test, "prediction", label, f"{kind}: test {label} by prediction decile"
         ),
     }
-    for path, figure in figures.items():
-        mlflow.log_figure(figure, path)
-        plots.close(figure)
+    tracking.log_figures(figures)
 
 
 def _oracle_ic(storage: Storage, test_window: pd.DataFrame, label: str) -> float | None:
@@ -578,14 +502,13 @@ def score_market(storage: Storage, settings: Settings, as_of: dt.date | str) -> 
     `as_of` only; every output row names the model version and run that produced it.
     """
     as_of = as_day(as_of)
-    dated = storage.partition_dates("features", DOMAIN, end=as_of)  # one listing, used twice
-    if not dated or dated[-1] != as_of:
+    if not storage.partition_file("features", DOMAIN, as_of).exists():
         raise ScoringError(f"no feature partition for {as_of}; run the features step first")
     champion = tracking.load_model_version(settings, DOMAIN)
     fitted = champion.model.unwrap_python_model().model
     lookback = getattr(fitted.config, "lookback", 1) if fitted.config.model != "mlp" else 1
     # The sequence window is the previous `lookback` rows; one spare date costs nothing.
-    days = dated[-(lookback + 1) :]
+    days = storage.partition_dates("features", DOMAIN, end=as_of, last=lookback + 1)
     features = storage.read_partitions("features", DOMAIN, days=days)
     # A column absent from the as-of partition would arrive as NaN after the concat and be
     # silently imputed: refuse it, as the model's signature would for a missing column.
@@ -628,15 +551,9 @@ def plan_market_demo(
     files = write_vendor_files(panel.prices, drop, daily_files=nights)
     write_oracle(Storage(settings.home), panel.expected_return)
     log.info("generated %s rows in %s (oracle IC %.4f)", len(panel.prices), drop, panel.oracle_ic())
-    history, dailies = files[0], files[1:]
-    return [
-        DemoNight(
-            as_of=daily.stem.removeprefix("market_"),
-            inputs=[str(history), str(daily)] if night == 0 else [str(daily)],
-            training={"max_epochs": 12},
-        )
-        for night, daily in enumerate(dailies)
-    ]
+    return demo_nights(
+        files, lambda daily: daily.stem.removeprefix("market_"), training={"max_epochs": 12}
+    )
 
 
 MARKET = Domain(

@@ -1,0 +1,63 @@
+"""A fitted model's folder: `weights.pt` (the net's state dict) and `model.json` (the rest).
+
+Every domain's fitted model saves itself this way (scaler, vocabulary, centroids and the like
+go in the JSON), and MLflow ships the folder as the pyfunc model's artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.pt"
+METADATA_FILE = "model.json"
+
+
+def save_model_files(directory: Path, net: nn.Module, metadata: dict) -> None:
+    """Write `net`'s state dict and `metadata` (with the format version) into `directory`.
+
+    Each file is written beside its final name and renamed into place, so a reader never
+    sees half a file.
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    weights, described = directory / WEIGHTS_FILE, directory / METADATA_FILE
+    torch.save(net.state_dict(), weights.with_suffix(".tmp"))
+    payload = {"format_version": FORMAT_VERSION, **metadata}
+    described.with_suffix(".tmp").write_text(json.dumps(payload, indent=2))
+    os.replace(weights.with_suffix(".tmp"), weights)
+    os.replace(described.with_suffix(".tmp"), described)
+
+
+def read_model_metadata(directory: Path, what: str) -> dict:
+    """Return the metadata `save_model_files` wrote into `directory` (a saved `what` model).
+
+    Raises FileNotFoundError when either file is missing, ValueError for another format.
+    """
+    directory = Path(directory)
+    weights, described = directory / WEIGHTS_FILE, directory / METADATA_FILE
+    for path in (weights, described):
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: {directory} does not hold a saved {what} model "
+                f"(expected {WEIGHTS_FILE} and {METADATA_FILE})"
+            )
+    data = json.loads(described.read_text())
+    if data.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{described}: format_version {data.get('format_version')!r}, this finpipe reads "
+            f"{FORMAT_VERSION}; retrain the model"
+        )
+    return data
+
+
+def load_weights(net: nn.Module, directory: Path) -> nn.Module:
+    """Load the saved state dict of `directory` into `net`; return it on CPU in eval mode."""
+    state = torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
+    net.load_state_dict(state)
+    return net.eval()
