@@ -26,11 +26,11 @@ import re
 import shutil
 import uuid
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from finpipe.errors import ConfigError, StorageError
@@ -165,21 +165,29 @@ class Storage:
         domain: str,
         start: dt.date | str | None = None,
         end: dt.date | str | None = None,
+        *,
+        last: int | None = None,
     ) -> list[dt.date]:
-        """Return the sorted days that have a published partition in [start, end]."""
+        """Return the sorted days that have a published partition in [start, end] (only the
+        `last` latest of them when given: scoring needs a few dates, not a stat of them all)."""
         base = self.layer_dir(layer, domain)
         if not base.exists():
             return []
         lo = as_day(start) if start is not None else dt.date.min
         hi = as_day(end) if end is not None else dt.date.max
+        named = []
+        for entry in os.scandir(base):
+            if entry.name.startswith("date="):
+                day = as_day(entry.name.removeprefix("date="))
+                if lo <= day <= hi:
+                    named.append(day)
         days = []
-        for entry in base.iterdir():
-            if not entry.name.startswith("date=") or not (entry / PARTITION_FILE).exists():
-                continue
-            day = as_day(entry.name.removeprefix("date="))
-            if lo <= day <= hi:
+        for day in sorted(named, reverse=True):  # a folder without its file is not published
+            if (base / f"date={day.isoformat()}" / PARTITION_FILE).exists():
                 days.append(day)
-        return sorted(days)
+                if last is not None and len(days) == last:
+                    break
+        return days[::-1]
 
     def read_partitions(
         self,
@@ -195,9 +203,23 @@ class Storage:
         files = [str(self.partition_file(layer, domain, day)) for day in chosen]
         if not files:
             return pd.DataFrame(columns=list(columns) if columns else None)
-        dataset = ds.dataset(files, format="parquet")
-        table = dataset.to_table(columns=list(columns) if columns else None)
-        return table.to_pandas()
+        wanted = list(columns) if columns else None
+
+        def read(file: str) -> pa.Table:
+            parquet = pq.ParquetFile(file)
+            if wanted is None:
+                return parquet.read()
+            held = set(parquet.schema_arrow.names)  # a column a file lacks comes back null
+            return parquet.read(columns=[c for c in wanted if c in held])
+
+        # One file per date: a few threads read them (decoding releases the GIL), and the
+        # tables are stacked with their schemas unified, as a dataset scan would.
+        if len(files) == 1:
+            tables = [read(files[0])]
+        else:
+            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+                tables = list(pool.map(read, files))
+        return pa.concat_tables(tables, promote_options="permissive").to_pandas()
 
     def read_partition(self, layer: str, domain: str, day: dt.date | str) -> pd.DataFrame:
         """Return one partition's rows; FileNotFoundError if it was never published."""

@@ -6,9 +6,12 @@ fitted scaler and feature list), so `models:/<name>@champion` is all scoring nee
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import tempfile
+import threading
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,7 @@ CHALLENGER = "challenger"
 
 logging.getLogger("mlflow").setLevel(logging.WARNING)
 logging.getLogger("alembic").setLevel(logging.WARNING)
+log = logging.getLogger(__name__)
 
 
 def use_tracking(settings: Settings, domain: str) -> str:
@@ -145,10 +149,51 @@ def load_model_version(
             f"{settings.tracking_uri_for_display}; "
             f"run `finpipe run nightly --domain {domain}` to train one"
         ) from None
+    key = (settings.tracking_uri, name, str(found.version), found.run_id)
+    with _LOADED_LOCK:
+        model = _LOADED.get(key)
+        if model is None:
+            model = _load_pyfunc(f"models:/{name}/{found.version}")
+            _LOADED[key] = model
+            while len(_LOADED) > _LOADED_LIMIT:
+                _LOADED.popitem(last=False)
+        else:
+            _LOADED.move_to_end(key)
+    return RegisteredModel(name=name, version=str(found.version), run_id=found.run_id, model=model)
+
+
+# Loaded models by (tracking URI, name, version, run id). A registered version's artifacts never
+# change, so a process scoring many dates (a backfill, the benchmark) loads each version once;
+# the alias is still resolved on every call, so a promotion takes effect at the next date.
+_LOADED: OrderedDict[tuple[str, str, str, str], object] = OrderedDict()
+_LOADED_LIMIT = 4
+_LOADED_LOCK = threading.Lock()
+
+
+def _load_pyfunc(uri: str) -> object:
+    """Load a pyfunc model, checking only the packages finpipe pins in its requirements.
+
+    MLflow's own check maps every installed distribution to its modules on first use (about a
+    second); the pins that matter here are torch, pandas and mlflow, compared directly.
+    """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model = mlflow.pyfunc.load_model(f"models:/{name}/{found.version}")
-    return RegisteredModel(name=name, version=str(found.version), run_id=found.run_id, model=model)
+        model = mlflow.pyfunc.load_model(uri, suppress_warnings=True)
+        requirements = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text()
+    for line in requirements.splitlines():
+        package, _, pinned = line.strip().partition("==")
+        if not pinned:
+            continue
+        try:
+            installed = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            installed = None
+        if installed is None or installed.split("+")[0] != pinned.split("+")[0]:
+            log.warning(
+                "model %s was logged with %s==%s; this environment has %s",
+                uri, package, pinned, installed or "none",
+            )  # fmt: skip
+    return model
 
 
 def set_alias(settings: Settings, domain: str, alias: str, version: str) -> None:
@@ -165,3 +210,33 @@ def current_alias_version(settings: Settings, domain: str, alias: str = CHAMPION
     except MlflowException:
         return None
     return str(version.version)
+
+
+def log_epoch(row: dict) -> None:
+    """Log one epoch's train and validation loss (a training loop's `on_epoch`) to the run."""
+    mlflow.log_metrics(
+        {"train_loss": row["train_loss"], "validation_loss": row["validation_loss"]},
+        step=row["epoch"],
+    )
+
+
+def log_figures(figures: dict) -> None:
+    """Log each matplotlib figure at its artifact path ({path: figure}), then close it."""
+    from finpipe import plots
+
+    for path, figure in figures.items():
+        mlflow.log_figure(figure, path)
+        plots.close(figure)
+
+
+def log_training_data(
+    frame: pd.DataFrame, *, source: str, name: str, targets: str | None = None
+) -> None:
+    """Log the first 10,000 rows of `frame` as the run's training data set (schema + sample)."""
+    with warnings.catch_warnings():
+        # MLflow registers two local-file source types and warns that it picked one.
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_pandas(
+            frame.head(10_000), source=source, name=name, targets=targets
+        )
+    mlflow.log_input(dataset, context="training")
