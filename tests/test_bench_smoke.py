@@ -52,7 +52,8 @@ def test_every_stage_runs_and_is_written_as_documented(smoke_run):
         assert record["size_rows"] == records[0]["size_rows"]
         assert record["finpipe_s"] > 0 and record["reference_s"] > 0
         ratio = record["finpipe_s"] / record["reference_s"]
-        assert record["ratio"] == pytest.approx(ratio, rel=0.01)  # medians rounded to 4 places
+        # Seconds are rounded to 4 places: a 5 ms timing carries 1% of rounding.
+        assert record["ratio"] == pytest.approx(ratio, rel=0.05)
         assert record["peak_rss_mb"] > 50
     markdown = (config.out / "latest.md").read_text()
     assert "| validation | S |" in markdown and "## Targets" in markdown
@@ -132,3 +133,204 @@ def test_bad_options_are_refused_with_the_choices():
         BenchConfig(sizes=["XL"])
     with pytest.raises(ConfigError, match="one per size"):
         BenchConfig(sizes=["S", "4S"], repetitions=[3, 3, 2])
+
+
+# -- credit and customers ----------------------------------------------------------------------
+
+
+# A record written before there were several domains: it reads as market's and a run of
+# another domain keeps it.
+OLD_MARKET_RECORD = {
+    "stage": "validation", "size": "S", "size_rows": 100, "ratio": 2.0, "peak_rss_mb": 500.0,
+    "finpipe_s": 1.0, "reference_s": 0.5,
+}  # fmt: skip
+
+
+def _domain_smoke_run(root, domain: str, **sizes):
+    (root / "results").mkdir()
+    (root / "results" / "latest.json").write_text(json.dumps([OLD_MARKET_RECORD]))
+    config = BenchConfig(
+        domains=[domain],
+        sizes=["S"],
+        repetitions=[1],
+        stages=["validation", "features", "training"],  # orchestration/scoring: as for market
+        workdir=root / "work",
+        out=root / "results",
+        **sizes,
+    )
+    records = run_benchmarks(config, say=lambda message: None)
+    assert records[0] == OLD_MARKET_RECORD
+    return config, records[1:]
+
+
+@pytest.fixture(scope="module")
+def credit_run(tmp_path_factory):
+    return _domain_smoke_run(
+        tmp_path_factory.mktemp("bench-credit"),
+        "credit",
+        base_applications=3000,
+        credit_train_epochs=2,
+    )
+
+
+@pytest.fixture(scope="module")
+def customers_run(tmp_path_factory):
+    return _domain_smoke_run(
+        tmp_path_factory.mktemp("bench-customers"),
+        "customers",
+        base_customers=300,
+        customers_train_epochs=3,
+    )
+
+
+@pytest.mark.parametrize(
+    ("run", "stages"),
+    [
+        ("credit_run", ["prepare", "validation", "training_mlp", "training_logistic"]),
+        ("customers_run", ["prepare", "validation", "features", "training_autoencoder"]),
+    ],
+)
+def test_domain_stages_run_and_are_written_as_documented(run, stages, request):
+    config, records = request.getfixturevalue(run)
+    domain = config.domains[0]
+    assert [r["stage"] for r in records] == stages  # credit has no feature race
+    assert not [r for r in records if "error" in r]
+    written = json.loads((config.out / "latest.json").read_text())
+    assert written[0] == OLD_MARKET_RECORD  # other domains' records are kept, market first
+    written = written[1:]
+    assert [(r["domain"], r["stage"]) for r in written] == [(domain, s) for s in stages]
+    for record in written[1:]:
+        assert set(record) >= REQUIRED_KEYS | {"domain"}, record["stage"]
+        assert record["size_rows"] == records[0]["size_rows"]
+        assert record["ratio"] == pytest.approx(
+            record["finpipe_s"] / record["reference_s"], rel=0.05
+        )
+    markdown = (config.out / "latest.md").read_text()
+    assert markdown.index("## market") < markdown.index(f"## {domain}")
+    assert f"| {domain}: validation at S: ratio <= 3.0 |" in markdown
+
+
+def test_credit_races_compare_like_with_like(credit_run):
+    _, records = credit_run
+    by_stage = {r["stage"]: r for r in records}
+    prepared = by_stage["prepare"]["details"]
+    assert prepared["rows"] == 3000 and prepared["unlabelled_rows"] > 0
+    assert by_stage["validation"]["details"]["same_verdicts"] is True
+    for model in ("mlp", "logistic"):
+        details = by_stage[f"training_{model}"]["details"]
+        # Same tensors, net, seed, batch order and category blanking: the same losses.
+        assert details["finpipe_validation_loss"] == pytest.approx(
+            details["bare_validation_loss"], rel=1e-4
+        )
+        assert details["epochs"] == 2 and details["train_samples"] > 1500
+
+
+def test_customers_races_compare_like_with_like(customers_run):
+    _, records = customers_run
+    by_stage = {r["stage"]: r for r in records}
+    assert by_stage["prepare"]["details"]["history_rows"] > 5000
+    assert by_stage["validation"]["details"]["same_verdicts"] is True
+    agreement = by_stage["features"]["details"]["agreement"]
+    assert agreement["equal"] is True and agreement["rows"] > 250
+    details = by_stage["training_autoencoder"]["details"]
+    assert details["epochs"] == 3
+    assert details["finpipe_validation_loss"] == pytest.approx(
+        details["bare_validation_loss"], rel=1e-4
+    )
+
+
+def test_pandas_rules_find_what_the_credit_and_customers_suites_find(tmp_path):
+    from finpipe.bench.domain_references import pandas_suite_rules
+    from finpipe.credit.config import load_loan_book
+    from finpipe.credit.schema import build_credit_suite, normalise_credit_frame
+    from finpipe.credit.synthetic import CreditSyntheticConfig, generate_loan_book
+    from finpipe.customers.config import load_customers_config
+    from finpipe.customers.schema import add_transaction_checks, normalise_transactions
+    from finpipe.customers.synthetic import (
+        VENDOR_COLUMNS,
+        CustomersSyntheticConfig,
+        generate_customer_transactions,
+    )
+    from finpipe.validation import load_suite_spec
+
+    as_of = pd.Timestamp("2030-01-01")
+    book = load_loan_book("synthetic")
+    raw = generate_loan_book(CreditSyntheticConfig(applications=400, seed=3)).applications
+    raw = raw.astype(object)
+    raw.loc[[0, 1], "loan_id"] = raw.loc[2, "loan_id"]  # three copies of one id
+    raw.loc[5, "utilisation"] = 9.0  # above the configured 1.5
+    raw.loc[6, "defaulted"] = "maybe"  # not a label value
+    raw.loc[7, "region"] = "atlantis"  # unseen category: report-only
+    credit = normalise_credit_frame(raw, book=book, as_of=as_of.date())
+    seen = {"region": ["central", "east", "north", "south", "west"]}
+    customers_config = load_customers_config("synthetic")
+    log = generate_customer_transactions(CustomersSyntheticConfig(customers=30, seed=4))
+    vendor = log.transactions[list(VENDOR_COLUMNS)].rename(columns=VENDOR_COLUMNS)
+    vendor.loc[3, "Amount"] = -5.0  # a refund the config does not allow
+    vendor = pd.concat([vendor, vendor.head(4)], ignore_index=True)  # exact duplicates
+    transactions = add_transaction_checks(
+        normalise_transactions(vendor, config=customers_config), allow_refunds=False
+    )
+    cases = [
+        (credit, build_credit_suite(book, seen), "credit_synthetic"),
+        (transactions, load_suite_spec("customers_transactions"), "customers_transactions"),
+    ]
+    found = {}
+    for batch, spec, name in cases:
+        report = validate_frame(
+            batch, suite_name=name, suite_spec=spec, batch_name="smoke", parameters={"as_of": as_of}
+        )
+        ours = {
+            r.rule: {"unexpected": r.unexpected_count, "success": r.success} for r in report.rules
+        }
+        theirs = pandas_suite_rules(batch, spec, as_of)
+        assert theirs == ours
+        found.update(theirs)
+    assert found["expect_column_values_to_be_unique(loan_id)"] == {
+        "unexpected": 3,
+        "success": False,
+    }
+    assert found["expect_column_values_to_be_between(utilisation)"]["unexpected"] == 1
+    assert found["expect_column_values_to_be_in_set(defaulted)"]["unexpected"] == 1
+    assert found["expect_column_values_to_be_in_set(region)"] == {"unexpected": 1, "success": True}
+    assert found["expect_column_values_to_be_null(disallowed_refund)"]["unexpected"] == 2
+    assert found["expect_column_values_to_be_unique(row_fingerprint)"]["unexpected"] == 8
+
+
+def test_domain_records_are_grouped_and_old_records_read_as_market(tmp_path):
+    def record(domain, stage, size, rows, ratio, rss):
+        return {
+            **({"domain": domain} if domain else {}),
+            "stage": stage, "size": size, "size_rows": rows, "ratio": ratio, "peak_rss_mb": rss,
+            "finpipe_s": 1.0, "reference_s": 1.0,
+        }  # fmt: skip
+
+    records = [
+        record(None, "validation", "S", 100, 2.0, 500.0),  # written before domains existed
+        record("credit", "validation", "S", 50, 4.0, 400.0),
+        record("credit", "orchestration", "16S", 800, 1.05, 900.0),
+        record("customers", "features", "S", 10, 1.2, 300.0),
+        record("customers", "features", "16S", 160, 0.8, 1500.0),
+    ]
+    checks = {c["target"]: (c["domain"], c["figure"], c["holds"]) for c in check_targets(records)}
+    assert checks["validation at S: ratio <= 3.0"] == ("market", 2.0, True)
+    assert checks["credit: validation at S: ratio <= 3.0"] == ("credit", 4.0, False)
+    assert checks["credit: Prefect overhead at 16S: ratio <= 1.10"] == ("credit", 1.05, True)
+    assert checks["customers: feature snapshot vs Polars at 16S: ratio <= 1.0"][2] is True
+    assert checks["customers: features peak RSS 16S / S <= 4"] == ("customers", 5.0, False)
+
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "latest.json").write_text(json.dumps(records))
+    config = BenchConfig(domains=["credit"], sizes=["S"], out=out, workdir=tmp_path / "work")
+    from finpipe.bench.suite import write_results
+
+    kept = [r for r in records if not (r.get("domain") == "credit" and r["size"] == "S")]
+    write_results(kept, config, out, 1.0)
+    markdown = (out / "latest.md").read_text()
+    assert (
+        markdown.index("## market") < markdown.index("## credit") < markdown.index("## customers")
+    )
+    assert "| credit: Prefect overhead at 16S: ratio <= 1.10 | 1.05 | yes |" in markdown
+    with pytest.raises(ConfigError, match="unknown domain"):
+        BenchConfig(domains=["bonds"])

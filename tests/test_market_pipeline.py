@@ -10,6 +10,7 @@ import pytest
 
 from finpipe.errors import InputFileError, ValidationFailed
 from finpipe.ingest import ingest_file
+from finpipe.market.features import build_market_features
 from finpipe.market.pipeline import (
     MARKET_CONTRACT,
     MarketTrainingConfig,
@@ -18,6 +19,7 @@ from finpipe.market.pipeline import (
     update_market_features,
     write_oracle,
 )
+from finpipe.market.schema import normalise_market_frame
 from finpipe.market.synthetic import (
     MarketSyntheticConfig,
     generate_market_panel,
@@ -52,6 +54,24 @@ def test_incremental_nightly_features_equal_a_full_rebuild(tmp_path, delivery):
     pd.testing.assert_frame_equal(
         nightly.read_partitions("features", "market"), full.read_partitions("features", "market")
     )
+
+
+def test_blocks_carry_each_tickers_lookback_across_a_long_pause(tmp_path, delivery):
+    """A ticker that stops trading for longer than a block still gets its features from its
+    own last rows: block-by-block output equals the features of the whole panel at once."""
+    panel, _ = delivery
+    prices = normalise_market_frame(panel.prices)
+    dates = np.sort(prices["date"].unique())
+    paused = prices["ticker"].iloc[0]
+    gap = (prices["ticker"] == paused) & prices["date"].between(dates[120], dates[219])
+    prices = prices[~gap].reset_index(drop=True)
+    storage = Storage(tmp_path)
+    for stamp, rows in prices.groupby("date"):
+        storage.write_partition("validated", "market", stamp.date(), rows)
+    update_market_features(storage, "2099-01-01", rebuild=True, block_dates=23)
+    expected = build_market_features(prices)
+    actual = storage.read_partitions("features", "market")
+    pd.testing.assert_frame_equal(actual, expected.reset_index(drop=True), check_dtype=False)
 
 
 def test_same_file_twice_is_loaded_once(tmp_path, delivery):

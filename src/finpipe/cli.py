@@ -200,6 +200,13 @@ def run_backfill(
 
 @app.command("bench")
 def bench(
+    domain: Annotated[
+        str,
+        typer.Option(
+            help="Domain(s) to measure: market, credit, customers, a comma-separated list, or "
+            "all (market, then credit, then customers)."
+        ),
+    ] = "market",
     sizes: Annotated[str, typer.Option(help="Comma-separated sizes: S, 4S, 16S.")] = "S,4S,16S",
     repetitions: Annotated[
         str, typer.Option(help="Repetitions: one count, or one per size (e.g. 3,3,2).")
@@ -210,6 +217,12 @@ def bench(
     ] = "validation,features,training,orchestration,scoring",
     base_tickers: Annotated[int, typer.Option(min=10, help="Tickers at size S.")] = 500,
     base_days: Annotated[int, typer.Option(min=300, help="Trading days at size S.")] = 2520,
+    base_applications: Annotated[
+        int, typer.Option(min=2000, help="Credit: loan applications at size S.")
+    ] = 50_000,
+    base_customers: Annotated[
+        int, typer.Option(min=200, help="Customers: customers at size S.")
+    ] = 2_500,
     train_epochs: Annotated[int, typer.Option(min=1, help="Epochs per training timing.")] = 1,
     nightly_epochs: Annotated[int, typer.Option(min=1, help="max_epochs of the nightly runs.")] = 2,
     torch_threads: Annotated[int, typer.Option(min=1, help="torch.set_num_threads.")] = 1,
@@ -219,14 +232,24 @@ def bench(
     ),
 ) -> None:
     """Time every stage against its reference at sizes S/4S/16S; write a table and results."""
-    from finpipe.bench.suite import BenchConfig, results_table, run_benchmarks
+    from finpipe.bench.suite import (
+        DOMAINS,
+        BenchConfig,
+        record_domain,
+        results_table,
+        run_benchmarks,
+    )
 
+    chosen = [d.strip() for d in domain.split(",") if d.strip()]
     config = BenchConfig(
+        domains=list(DOMAINS) if chosen == ["all"] else chosen,
         sizes=[s.strip() for s in sizes.split(",") if s.strip()],
         repetitions=[int(r) for r in repetitions.split(",") if r.strip()],
         stages=[s.strip() for s in stages.split(",") if s.strip()],
         base_tickers=base_tickers,
         base_days=base_days,
+        base_applications=base_applications,
+        base_customers=base_customers,
         train_epochs=train_epochs,
         nightly_epochs=nightly_epochs,
         torch_threads=torch_threads,
@@ -234,7 +257,8 @@ def bench(
         **({"workdir": workdir} if workdir else {}),
     )
     records = run_benchmarks(config, say=_echo)
-    typer.echo(results_table(records))
+    for name in config.domains:
+        typer.echo(f"\n{name}\n" + results_table([r for r in records if record_domain(r) == name]))
     typer.echo(f"results: {out / 'latest.json'}, {out / 'latest.md'}")
 
 

@@ -206,11 +206,11 @@ class Storage:
         wanted = list(columns) if columns else None
 
         def read(file: str) -> pa.Table:
-            parquet = pq.ParquetFile(file)
-            if wanted is None:
-                return parquet.read()
-            held = set(parquet.schema_arrow.names)  # a column a file lacks comes back null
-            return parquet.read(columns=[c for c in wanted if c in held])
+            # Small files: one plain read each, no read-ahead buffers or threads of its own.
+            parquet = pq.ParquetFile(file, pre_buffer=False)
+            held = parquet.schema_arrow.names  # a column a file lacks comes back null
+            chosen = None if wanted is None else [c for c in wanted if c in held]
+            return parquet.read(columns=chosen, use_threads=False)
 
         # One file per date: a few threads read them (decoding releases the GIL), and the
         # tables are stacked with their schemas unified, as a dataset scan would.

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -273,24 +274,37 @@ def bare_training_loop(
 # -- scoring -----------------------------------------------------------------------------------
 
 
-def bare_scoring(
-    model_dir: Path, feature_files: list[Path], as_of: dt.date, out_file: Path
-) -> pa.Table:
-    """Score `as_of` with the net saved in `model_dir`: pyarrow read, forward, pyarrow write.
+@dataclass
+class BareModel:
+    """A saved net as a plain script holds it: its metadata and the module in eval mode."""
 
-    Reads `model.json` (scaler, features, config) and `weights.pt` as a script would, windows
-    each ticker's rows over `feature_files`, and writes ticker + prediction for `as_of`.
-    """
+    meta: dict
+    config: object  # finpipe.training.TrainConfig
+    net: nn.Module
+
+
+def load_bare_model(model_dir: Path) -> BareModel:
+    """Read `model.json` (scaler, features, config) and `weights.pt` as a script would."""
     from finpipe.nets import build_net
     from finpipe.training import TrainConfig
 
     meta = json.loads((Path(model_dir) / "model.json").read_text())
     config = TrainConfig.from_params(meta["config"])
-    columns = meta["feature_columns"]
-    net = build_net(config, len(columns))
+    net = build_net(config, len(meta["feature_columns"]))
     net.load_state_dict(torch.load(Path(model_dir) / "weights.pt", weights_only=True))
     net.eval()
+    return BareModel(meta=meta, config=config, net=net)
 
+
+def bare_scoring(
+    model: BareModel, feature_files: list[Path], as_of: dt.date, out_file: Path
+) -> pa.Table:
+    """Score `as_of` with a loaded net: pyarrow read, forward, pyarrow write.
+
+    Windows each ticker's rows over `feature_files` and writes ticker + prediction for `as_of`.
+    """
+    meta, config, net = model.meta, model.config, model.net
+    columns = meta["feature_columns"]
     table = pa.concat_tables(
         pq.read_table(f, columns=["date", "ticker", *columns]) for f in feature_files
     )

@@ -27,7 +27,21 @@ from finpipe.errors import ConfigError
 # and the block being worked on rather than the stored history.
 SIZE_SCALE = {"S": 1, "4S": 2, "16S": 4}
 STAGE_ORDER = ("validation", "features", "training", "orchestration", "scoring")
-TRAINED_MODELS = ("mlp", "gru")
+# Credit and customers sizes grow the rows (applications, customers) by 1, 4 and 16; their
+# history spans two years at every size.
+ROW_SCALE = {"S": 1, "4S": 4, "16S": 16}
+DOMAINS = ("market", "credit", "customers")
+# Credit has no feature race: its features are the validated row with types fixed.
+DOMAIN_STAGES = {
+    "market": STAGE_ORDER,
+    "credit": ("validation", "training", "orchestration", "scoring"),
+    "customers": STAGE_ORDER,
+}
+TRAINED_MODELS = {
+    "market": ("mlp", "gru"),
+    "credit": ("mlp", "logistic"),
+    "customers": ("autoencoder",),
+}
 
 TARGETS = {
     "features": 1.0,
@@ -43,19 +57,31 @@ TARGETS = {
 class BenchConfig:
     """What `finpipe bench` measures and where it writes."""
 
+    domains: list[str] = field(default_factory=lambda: ["market"])
     sizes: list[str] = field(default_factory=lambda: ["S", "4S", "16S"])
     repetitions: list[int] = field(default_factory=lambda: [3])
     stages: list[str] = field(default_factory=lambda: list(STAGE_ORDER))
     base_tickers: int = 500
     base_days: int = 2520
+    base_applications: int = 50_000  # credit rows at size S
+    base_customers: int = 2_500  # customers at size S (about 36 transactions each)
     seed: int = 0
     train_epochs: int = 1
     nightly_epochs: int = 2
+    # An epoch over a loan book or a customers snapshot takes a tenth of a second or less at
+    # S: time several, and let the nightly autoencoder train long enough to find the planted
+    # segments.
+    credit_train_epochs: int = 5
+    customers_train_epochs: int = 10
+    customers_nightly_epochs: int = 30
     torch_threads: int = 1
     workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "finpipe-bench")
     out: Path | None = Path("benchmarks/results")
 
     def __post_init__(self) -> None:
+        strange = [d for d in self.domains if d not in DOMAINS]
+        if strange or not self.domains:
+            raise ConfigError(f"unknown domain(s) {strange}; choose from {list(DOMAINS)} or all")
         unknown = [s for s in self.sizes if s not in SIZE_SCALE]
         if unknown:
             raise ConfigError(f"unknown size(s) {unknown}; choose from {list(SIZE_SCALE)}")
@@ -76,6 +102,29 @@ class BenchConfig:
         """Return (tickers, days) of a size."""
         scale = SIZE_SCALE[size]
         return self.base_tickers * scale, self.base_days * scale
+
+    def prepare_options(self, domain: str, size: str) -> dict:
+        """Return the `prepare` stage's options for a domain and size (its data set's shape)."""
+        if domain == "market":
+            tickers, days = self.shape(size)
+            return {
+                "tickers": tickers,
+                "days": days,
+                "build_features": "features" not in self.stages,
+            }
+        if domain == "credit":
+            return {"applications": self.base_applications * ROW_SCALE[size]}
+        return {"customers": self.base_customers * ROW_SCALE[size]}
+
+    def epochs(self, domain: str, stage: str) -> int:
+        """Return the epochs of a training timing or the max_epochs of a nightly run."""
+        if stage != "training":
+            return self.customers_nightly_epochs if domain == "customers" else self.nightly_epochs
+        return {
+            "market": self.train_epochs,
+            "credit": self.credit_train_epochs,
+            "customers": self.customers_train_epochs,
+        }[domain]
 
     def repetitions_for(self, size: str) -> int:
         if len(self.repetitions) == 1:
@@ -124,7 +173,12 @@ def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 4) if values else None
 
 
-def _record(stage, size, rows, pairs, *, repetitions, extra=None) -> dict:
+def record_domain(record: dict) -> str:
+    """Return a record's domain; records written before there were several are market's."""
+    return record.get("domain", "market")
+
+
+def _record(stage, size, rows, pairs, *, repetitions, domain="market", extra=None) -> dict:
     """Return a results record from (finpipe result, reference result) pairs."""
     finpipe_s = [p[0]["seconds"] for p in pairs]
     reference_s = [p[1]["seconds"] for p in pairs]
@@ -133,6 +187,7 @@ def _record(stage, size, rows, pairs, *, repetitions, extra=None) -> dict:
     r_rows = pairs[0][1].get("rows") or 0
     median_f, median_r = _median(finpipe_s), _median(reference_s)
     return {
+        "domain": domain,
         "stage": stage,
         "size": size,
         "size_rows": rows,
@@ -151,59 +206,74 @@ def _record(stage, size, rows, pairs, *, repetitions, extra=None) -> dict:
 
 
 def run_benchmarks(config: BenchConfig, say: Callable[[str], None] = print) -> list[dict]:
-    """Run every selected stage at every size; return the records (also written to `out`)."""
-    # Sizes not run this time keep their earlier records: `--sizes 16S` updates 16S alone.
+    """Run every selected stage of every selected domain at every size; return the records
+    (also written to `out`)."""
+    # Domains and sizes not run this time keep their earlier records: `--sizes 16S` updates
+    # 16S alone, `--domain credit` leaves market's and customers' records as they were.
     records: list[dict] = [
-        r for r in _earlier_records(config.out) if r.get("size") not in config.sizes
+        r
+        for r in _earlier_records(config.out)
+        if record_domain(r) not in config.domains or r.get("size") not in config.sizes
     ]
     config.workdir.mkdir(parents=True, exist_ok=True)
     log_file = config.workdir / "bench.log"
     started = time.perf_counter()
-    for size in config.sizes:
-        tickers, days = config.shape(size)
-        work = config.workdir / size
-        reps = config.repetitions_for(size)
-        say(f"[{size}] {tickers} tickers x {days} days: preparing")
-
-        def child(stage: str, work=work, **options) -> dict:
-            request = {"stage": stage, "work": str(work), "threads": config.torch_threads}
-            return run_child({**request, **options}, log_file)
-
-        prepared = child(
-            "prepare",
-            tickers=tickers,
-            days=days,
-            seed=config.seed,
-            build_features="features" not in config.stages,
-        )
-        rows = prepared["rows"]
-        records.append(
-            {
-                "stage": "prepare",
-                "size": size,
-                "size_rows": rows,
-                "repetitions": 1,
-                "finpipe_s": round(prepared["seconds"], 4),
-                "reference_s": None,
-                "ratio": None,
-                "peak_rss_mb": prepared["peak_rss_mb"],
-                "details": prepared["details"],
-            }
-        )
-        for stage in STAGE_ORDER:
-            if stage not in config.stages:
-                continue
-            try:
-                new = _measure(stage, size, rows, reps, config, child, say)
-            except StageFailed as error:
-                say(f"[{size}] {stage}: FAILED {error}")
-                new = [{"stage": stage, "size": size, "size_rows": rows, "error": str(error)}]
-            records.extend(new)
-            if config.out is not None:
-                write_results(records, config, config.out, time.perf_counter() - started)
+    for domain in config.domains:
+        for size in config.sizes:
+            records.extend(_run_size(domain, size, config, log_file, say, records, started))
     if config.out is not None:
         write_results(records, config, config.out, time.perf_counter() - started)
     return records
+
+
+def _run_size(domain, size, config, log_file, say, records, started) -> list[dict]:
+    """Prepare one domain's data set at one size, then measure each stage; return the records
+    (written to `out` after each stage, with `records`, so a long run reports as it goes)."""
+    # Market keeps its folders at the top of the workdir (a re-run reuses its prepared panel).
+    work = config.workdir / size if domain == "market" else config.workdir / domain / size
+    reps = config.repetitions_for(size)
+    label = size if domain == "market" else f"{domain} {size}"
+    options = config.prepare_options(domain, size)
+    shape = ", ".join(f"{k} {v:,}" for k, v in options.items() if not isinstance(v, bool))
+    say(f"[{label}] {shape}: preparing")
+
+    def child(stage: str, **stage_options) -> dict:
+        request = {"stage": stage, "work": str(work), "threads": config.torch_threads}
+        if domain != "market":
+            request["domain"] = domain
+        return run_child({**request, **stage_options}, log_file)
+
+    prepared = child("prepare", seed=config.seed, **options)
+    rows = prepared["rows"]
+    new = [
+        {
+            "domain": domain,
+            "stage": "prepare",
+            "size": size,
+            "size_rows": rows,
+            "repetitions": 1,
+            "finpipe_s": round(prepared["seconds"], 4),
+            "reference_s": None,
+            "ratio": None,
+            "peak_rss_mb": prepared["peak_rss_mb"],
+            "details": prepared["details"],
+        }
+    ]
+    for stage in DOMAIN_STAGES[domain]:
+        if stage not in config.stages:
+            continue
+        try:
+            measured = _measure(domain, stage, size, rows, reps, config, child, say)
+        except StageFailed as error:
+            say(f"[{label}] {stage}: FAILED {error}")
+            measured = [
+                {"domain": domain, "stage": stage, "size": size, "size_rows": rows,
+                 "error": str(error)}
+            ]  # fmt: skip
+        new.extend(measured)
+        if config.out is not None:
+            write_results(records + new, config, config.out, time.perf_counter() - started)
+    return new
 
 
 def _earlier_records(out: Path | None) -> list[dict]:
@@ -216,57 +286,48 @@ def _earlier_records(out: Path | None) -> list[dict]:
         return []
 
 
-def _measure(stage, size, rows, reps, config, child, say) -> list[dict]:
+def _measure(domain, stage, size, rows, reps, config, child, say) -> list[dict]:
+    label = size if domain == "market" else f"{domain} {size}"
     if stage == "training":
         out = []
-        for model in TRAINED_MODELS:
+        for model in TRAINED_MODELS[domain]:
             pairs = []
             for rep in range(reps):
-                result = child("training", model=model, epochs=config.train_epochs)
+                result = child("training", model=model, epochs=config.epochs(domain, stage))
                 pairs.append(
                     (
                         result,
                         {"seconds": result["reference_seconds"], "rows": result["rows"]},
                     )
                 )
-                say(_progress(f"training_{model}", size, rep, reps, pairs[-1]))
+                say(_progress(f"training_{model}", label, rep, reps, pairs[-1]))
             record = _record(
-                f"training_{model}", size, rows, pairs, repetitions=reps,
+                f"training_{model}", size, rows, pairs, repetitions=reps, domain=domain,
                 extra={"unit": "samples", "details": pairs[-1][0]["details"]},
             )  # fmt: skip
             record["reference_peak_rss_mb"] = None  # same process as finpipe's loop
             out.append(record)
         return out
     sides = ("prefect", "direct") if stage == "orchestration" else ("finpipe", "reference")
-    options = {"epochs": config.nightly_epochs} if stage == "orchestration" else {}
+    options = {"epochs": config.epochs(domain, stage)} if stage == "orchestration" else {}
     pairs = []
     for rep in range(reps):
         pair = tuple(child(stage, side=side, **options) for side in sides)
         pairs.append(pair)
-        say(_progress(stage, size, rep, reps, pair))
+        say(_progress(stage, label, rep, reps, pair))
     extra: dict = {"unit": "rows"}
     if stage == "validation":
-        ours, theirs = pairs[0][0]["details"]["unexpected"], pairs[0][1]["details"]["unexpected"]
-        differing = {
-            rule: (ours.get(rule), theirs.get(rule))
-            for rule in set(ours) | set(theirs)
-            if ours.get(rule) != theirs.get(rule)
-        }
-        extra["details"] = {
-            "same_verdicts": not differing,
-            "differing_rules": differing,
-            "unexpected": {rule: count for rule, count in ours.items() if count},
-            "finpipe_suite_without_docs_s": _median(
-                [p[0]["details"]["suite_without_docs_s"] for p in pairs]
-            ),
-            "note": "finpipe = GX suite + Data Docs page per delivery file, as ingest runs it",
-        }
+        extra["details"] = _verdicts(pairs)
     elif stage == "features":
         extra["details"] = pairs[0][1]["details"]
+        if domain == "customers":
+            extra["unit"] = "transactions read"
     elif stage == "scoring":
+        theirs = pairs[0][1]["details"]
         extra["details"] = {
             "nights": pairs[0][0]["details"]["nights"],
-            "model": pairs[0][1]["details"]["model"],
+            **({"model": theirs["model"]} if "model" in theirs else {}),
+            **({"agreement": theirs["agreement"]} if "agreement" in theirs else {}),
             "finpipe_first_night_s": _median([p[0]["details"]["first_night_s"] for p in pairs]),
         }
     elif stage == "orchestration":
@@ -274,10 +335,36 @@ def _measure(stage, size, rows, reps, config, child, say) -> list[dict]:
         extra["details"] = {
             "quality": pairs[-1][0]["details"]["quality"],
             "direct_quality": pairs[-1][1]["details"]["quality"],
-            "nightly_max_epochs": config.nightly_epochs,
+            "nightly_max_epochs": config.epochs(domain, stage),
             "note": "finpipe_s = the Prefect flow, reference_s = the same library calls direct",
         }
-    return [_record(stage, size, rows, pairs, repetitions=reps, extra=extra)]
+    return [_record(stage, size, rows, pairs, repetitions=reps, domain=domain, extra=extra)]
+
+
+def _verdicts(pairs) -> dict:
+    """Return whether both sides of the validation race reached the same verdicts, rule by rule
+    (unexpected rows, and pass/fail where the side reports it)."""
+    ours, theirs = pairs[0][0]["details"], pairs[0][1]["details"]
+    differing = {}
+    for key in ("unexpected", "success"):
+        mine, other = ours.get(key, {}), theirs.get(key, {})
+        differing.update(
+            {
+                f"{rule} [{key}]": (mine.get(rule), other.get(rule))
+                for rule in set(mine) | set(other)
+                if mine.get(rule) != other.get(rule)
+            }
+        )
+    return {
+        "same_verdicts": not differing,
+        "differing_rules": differing,
+        "unexpected": {rule: count for rule, count in ours["unexpected"].items() if count},
+        "failed_rules": sorted(r for r, ok in ours.get("success", {}).items() if not ok),
+        "finpipe_suite_without_docs_s": _median(
+            [p[0]["details"]["suite_without_docs_s"] for p in pairs]
+        ),
+        "note": "finpipe = GX suite + Data Docs page per delivery file, as ingest runs it",
+    }
 
 
 def _progress(stage, size, rep, reps, pair) -> str:
@@ -292,8 +379,20 @@ def _progress(stage, size, rep, reps, pair) -> str:
 
 
 def check_targets(records: list[dict]) -> list[dict]:
-    """Return each target with the figure it was judged on and whether it holds."""
-    measured = [r for r in records if "error" not in r]
+    """Return each target with the figure it was judged on and whether it holds, per domain.
+
+    The same bounds apply to every domain; a domain's targets are judged on its own records
+    (market's read as before, the others' texts start with the domain).
+    """
+    checks = []
+    for domain in DOMAINS:
+        mine = [r for r in records if record_domain(r) == domain and "error" not in r]
+        prefix = "" if domain == "market" else f"{domain}: "
+        checks.extend({**c, "domain": domain} for c in _domain_checks(mine, prefix))
+    return checks
+
+
+def _domain_checks(measured: list[dict], prefix: str) -> list[dict]:
     checks = []
 
     def largest(stage_prefix: str) -> list[dict]:
@@ -303,10 +402,12 @@ def check_targets(records: list[dict]) -> list[dict]:
         top = max(r["size_rows"] for r in chosen)
         return [r for r in chosen if r["size_rows"] == top]
 
+    # Market's and customers' feature references are both Polars: one target.
     for record in largest("features"):
+        what = "feature build" if not prefix else "feature snapshot vs Polars"
         checks.append(
             _check(
-                f"feature build at {record['size']}: ratio <= 1.0",
+                f"{prefix}{what} at {record['size']}: ratio <= 1.0",
                 record["ratio"],
                 TARGETS["features"],
             )
@@ -315,7 +416,7 @@ def check_targets(records: list[dict]) -> list[dict]:
         if record["stage"].startswith("training_"):
             checks.append(
                 _check(
-                    f"{record['stage']} at {record['size']}: ratio <= 1.15",
+                    f"{prefix}{record['stage']} at {record['size']}: ratio <= 1.15",
                     record["ratio"],
                     TARGETS["training"],
                 )
@@ -324,7 +425,7 @@ def check_targets(records: list[dict]) -> list[dict]:
             bound = TARGETS[record["stage"]]
             checks.append(
                 _check(
-                    f"{record['stage']} at {record['size']}: ratio <= {bound}",
+                    f"{prefix}{record['stage']} at {record['size']}: ratio <= {bound}",
                     record["ratio"],
                     bound,
                 )
@@ -332,7 +433,7 @@ def check_targets(records: list[dict]) -> list[dict]:
     for record in largest("orchestration"):
         checks.append(
             _check(
-                f"Prefect overhead at {record['size']}: ratio <= 1.10",
+                f"{prefix}Prefect overhead at {record['size']}: ratio <= 1.10",
                 record["ratio"],
                 TARGETS["orchestration"],
             )
@@ -345,10 +446,12 @@ def check_targets(records: list[dict]) -> list[dict]:
             growth = by_size[top] / by_size["S"]
             checks.append(
                 _check(
-                    f"{stage} peak RSS {top} / S <= 4", round(growth, 2), TARGETS["memory_growth"]
+                    f"{prefix}{stage} peak RSS {top} / S <= 4",
+                    round(growth, 2),
+                    TARGETS["memory_growth"],
                 )
             )
-    return checks  # fmt: skip
+    return checks
 
 
 def _check(target: str, figure: float | None, bound: float) -> dict:
@@ -356,13 +459,18 @@ def _check(target: str, figure: float | None, bound: float) -> dict:
 
 
 def quality_rows(records: list[dict]) -> list[dict]:
-    """Return test IC / oracle IC per model and size, from the orchestration runs."""
+    """Return the nightly retrain's model quality per domain, model and size, from the
+    orchestration runs: market test IC / oracle IC, credit test AUC / oracle AUC, customers
+    test ARI against the planted segments."""
     rows = []
     for record in records:
         if record.get("stage") != "orchestration" or "details" not in record:
             continue
         for model, figures in record["details"]["quality"].items():
-            rows.append({"size": record["size"], "model": model, **figures})
+            rows.append(
+                {"domain": record_domain(record), "size": record["size"], "model": model,
+                 **figures}
+            )  # fmt: skip
     return rows
 
 
@@ -403,47 +511,114 @@ def results_table(records: list[dict]) -> str:
 def write_results(
     records: list[dict], config: BenchConfig, out: Path, seconds: float, note: str = ""
 ) -> None:
-    """Write `latest.json` (the records) and `latest.md` (tables and targets) into `out`.
+    """Write `latest.json` (the records) and `latest.md` (tables and targets, one section per
+    domain) into `out`.
 
     `note` (markdown) goes under the header: how the figures were gathered when that was more
     than one command."""
     out.mkdir(parents=True, exist_ok=True)
-    records = sorted(records, key=lambda r: SIZE_SCALE.get(r.get("size"), 99))  # stable
+    records = sorted(  # stable: stages keep their order within a domain and size
+        records,
+        key=lambda r: (_domain_order(r), SIZE_SCALE.get(r.get("size"), 99)),
+    )
     (out / "latest.json").write_text(json.dumps(records, indent=2, default=str) + "\n")
     checks = check_targets(records)
     quality = quality_rows(records)
+    present = [d for d in DOMAINS if any(record_domain(r) == d for r in records)]
     lines = [
         "# finpipe benchmark results",
         "",
-        f"`finpipe bench --sizes {','.join(config.sizes)} --repetitions "
-        f"{','.join(map(str, config.repetitions))}` on {os.cpu_count()} CPU cores; "
-        f"S = {config.base_tickers} tickers x {config.base_days} days; torch threads "
-        f"{config.torch_threads}; training {config.train_epochs} epoch(s) per repetition; "
-        f"nightly runs max_epochs={config.nightly_epochs}; {seconds / 60:.1f} min in all.",
+        f"`finpipe bench --domain {','.join(config.domains)} --sizes {','.join(config.sizes)} "
+        f"--repetitions {','.join(map(str, config.repetitions))}` on {os.cpu_count()} CPU cores "
+        f"(this run); torch threads {config.torch_threads}; {seconds / 60:.1f} min in all. "
+        "Records of domains and sizes not in this run are kept from earlier runs.",
         "Figures are medians over repetitions; ratio = finpipe / reference, pair by pair "
         "(orchestration: Prefect flow / direct calls). Training rows are samples (x epochs).",
         *(["", note] if note else []),
+    ]
+    for domain in present:
+        mine = [r for r in records if record_domain(r) == domain]
+        lines += ["", f"## {domain}", "", _domain_header(domain, config), "", results_table(mine)]
+    lines += ["", "## Targets", ""]
+    for domain in present:
+        lines += [
+            f"### {domain}",
+            "",
+            "| target | figure | holds |",
+            "|---|---|---|",
+            *(
+                f"| {c['target']} | {_fmt(c['figure'])} | {'yes' if c['holds'] else 'NO'} |"
+                for c in checks
+                if c["domain"] == domain
+            ),
+            "",
+        ]
+    lines += ["## Model quality (test window of the nightly retrain)", ""]
+    for domain in present:
+        lines += [*_quality_table(domain, [q for q in quality if q["domain"] == domain]), ""]
+    (out / "latest.md").write_text("\n".join(lines))
+
+
+def _domain_order(record: dict) -> int:
+    domain = record_domain(record)
+    return DOMAINS.index(domain) if domain in DOMAINS else len(DOMAINS)
+
+
+def _domain_header(domain: str, config: BenchConfig) -> str:
+    """Return one line saying what size S is and how the domain's models were trained."""
+    if domain == "market":
+        return (
+            f"S = {config.base_tickers} tickers x {config.base_days} days (4S, 16S: both x2, "
+            f"x4); training {config.train_epochs} epoch(s) per repetition; nightly runs "
+            f"max_epochs={config.nightly_epochs}."
+        )
+    if domain == "credit":
+        return (
+            f"S = {config.base_applications:,} loan applications over two years (4S, 16S: x4, "
+            f"x16); training {config.credit_train_epochs} epochs per repetition; nightly runs "
+            f"max_epochs={config.nightly_epochs} (mlp and logistic)."
+        )
+    return (
+        f"S = {config.base_customers:,} customers over two years, about 36 transactions each "
+        f"(4S, 16S: x4, x16); training {config.customers_train_epochs} epochs per repetition; "
+        f"nightly runs max_epochs={config.customers_nightly_epochs}. Feature rows are the "
+        "transactions the snapshot reads; its reference is Polars."
+    )
+
+
+def _quality_table(domain: str, rows: list[dict]) -> list[str]:
+    if domain == "market":
+        return [
+            "### market (planted-signal panel)",
+            "",
+            "| size | model | test IC | oracle IC | IC / oracle |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {q['size']} | {q['model']} | {_fmt(q.get('test_ic'), 4)} | "
+                f"{_fmt(q.get('oracle_ic'), 4)} | {_fmt(q.get('ic_to_oracle'), 2)} |"
+                for q in rows
+            ),
+        ]
+    if domain == "credit":
+        return [
+            "### credit (planted PD function; oracle = AUC of the true PDs on the test rows)",
+            "",
+            "| size | model | test AUC | oracle AUC | AUC / oracle |",
+            "|---|---|---|---|---|",
+            *(
+                f"| {q['size']} | {q['model']} | {_fmt(q.get('test_auc'), 4)} | "
+                f"{_fmt(q.get('oracle_auc'), 4)} | {_fmt(q.get('auc_to_oracle'), 2)} |"
+                for q in rows
+            ),
+        ]
+    return [
+        "### customers (planted segments; ARI 1 = the planted segments exactly)",
         "",
-        results_table(records),
-        "",
-        "## Targets",
-        "",
-        "| target | figure | holds |",
-        "|---|---|---|",
-        *(
-            f"| {c['target']} | {_fmt(c['figure'])} | {'yes' if c['holds'] else 'NO'} |"
-            for c in checks
-        ),
-        "",
-        "## Model quality (planted-signal panel, test window of the nightly retrain)",
-        "",
-        "| size | model | test IC | oracle IC | IC / oracle |",
+        "| size | model | test ARI vs planted | test silhouette | segments |",
         "|---|---|---|---|---|",
         *(
-            f"| {q['size']} | {q['model']} | {_fmt(q['test_ic'], 4)} | {_fmt(q['oracle_ic'], 4)} | "
-            f"{_fmt(q['ic_to_oracle'], 2)} |"
-            for q in quality
+            f"| {q['size']} | {q['model']} | {_fmt(q.get('test_ari_vs_planted'), 3)} | "
+            f"{_fmt(q.get('test_silhouette'), 3)} | {_fmt(q.get('segments'))} |"
+            for q in rows
         ),
-        "",
-    ]  # fmt: skip
-    (out / "latest.md").write_text("\n".join(lines))
+    ]

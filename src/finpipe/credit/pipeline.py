@@ -43,7 +43,7 @@ from finpipe.credit.schema import (
 )
 from finpipe.domains import ChallengerOutcome, DemoNight, Domain, demo_nights
 from finpipe.errors import ConfigError, ScoringError
-from finpipe.features import FeatureUpdate, features_are_stale, write_feature_partitions
+from finpipe.features import FeatureUpdate, PartitionWriter, features_are_stale
 from finpipe.ingest import RawContract
 from finpipe.scoring import ScoringOutcome, publish_predictions
 from finpipe.settings import Settings, load_settings
@@ -100,15 +100,14 @@ def update_credit_features(
         for day in storage.partition_dates("validated", DOMAIN, end=as_of)
         if rebuild or day not in done or features_are_stale(storage, DOMAIN, day)
     ]
-    for start in range(0, len(todo), block_dates):
-        block = todo[start : start + block_dates]
-        validated = storage.read_partitions("validated", DOMAIN, days=block)
-        features = build_credit_features(validated, book)
-        features = features.sort_values([DATE_COLUMN, book.columns.id], kind="stable")
-        for day, rows in write_feature_partitions(storage, DOMAIN, features, DATE_COLUMN):
-            update.add(day, rows)
-        if progress:
-            progress(f"features: {len(update.dates_written)}/{len(todo)} dates written")
+    with PartitionWriter(storage, DOMAIN, update, DATE_COLUMN) as writer:
+        for start in range(0, len(todo), block_dates):
+            block = todo[start : start + block_dates]
+            validated = storage.read_partitions("validated", DOMAIN, days=block)
+            features = build_credit_features(validated, book)
+            writer.publish(features.sort_values([DATE_COLUMN, book.columns.id], kind="stable"))
+            if progress:
+                progress(f"features: {start + len(block)}/{len(todo)} dates built")
     update.seconds = round(time.perf_counter() - started, 3)
     return update
 

@@ -10,6 +10,7 @@ import datetime as dt
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
 
@@ -21,7 +22,7 @@ from pydantic import BaseModel, Field
 from finpipe import plots, promotion, tracking
 from finpipe.domains import ChallengerOutcome, DemoNight, Domain, demo_nights
 from finpipe.errors import ScoringError
-from finpipe.features import FeatureUpdate, features_are_stale, write_feature_partitions
+from finpipe.features import FeatureUpdate, PartitionWriter, features_are_stale
 from finpipe.ingest import BATCH_COLUMN, RawContract
 from finpipe.market.features import (
     FEATURE_LOOKBACK_DAYS,
@@ -112,8 +113,11 @@ def update_market_features(
 ) -> FeatureUpdate:
     """Compute and publish feature partitions for every date that needs them, up to `as_of`.
 
-    Works in blocks of `block_dates` dates, each read together with just the lookback history
-    it needs, so memory stays bounded however long the history is.
+    Works in blocks of `block_dates` dates, so memory stays bounded however long the history
+    is. The first block is read with just the lookback history it needs; each later block
+    carries the last FEATURE_LOOKBACK_DAYS rows of every ticker over from the block before
+    instead of reading them again (exactly the rows its features depend on, however long a
+    ticker paused). A block's partitions are written by threads while the next one is built.
     """
     started = time.perf_counter()
     as_of = as_day(as_of)
@@ -123,19 +127,33 @@ def update_market_features(
         return update
     validated = storage.partition_dates("validated", DOMAIN, end=as_of)
     position = {day: i for i, day in enumerate(validated)}
-    for start in range(0, len(todo), block_dates):
-        block = todo[start : start + block_dates]
-        first = position[block[0]]
-        window = validated[max(0, first - 2 * FEATURE_LOOKBACK_DAYS) : position[block[-1]] + 1]
-        prices = _read_with_lookback(storage, validated, window, block[0])
-        features = build_market_features(prices.drop(columns=[BATCH_COLUMN], errors="ignore"))
-        if not update.skipped_features:
-            update.skipped_features = skipped_market_features(prices.columns)
-        features = features[features["date"] >= pd.Timestamp(block[0])]
-        for day, rows in write_feature_partitions(storage, DOMAIN, features):
-            update.add(day, rows)
-        if progress:
-            progress(f"features: {len(update.dates_written)}/{len(todo)} dates written")
+    blocks = [todo[i : i + block_dates] for i in range(0, len(todo), block_dates)]
+    first = position[blocks[0][0]]
+    window = validated[max(0, first - 2 * FEATURE_LOOKBACK_DAYS) : position[blocks[0][-1]] + 1]
+    prices = _read_with_lookback(storage, validated, window, blocks[0][0])
+    built = 0
+    # One thread reads block n + 1 and a few write block n - 1 while block n is built.
+    with PartitionWriter(storage, DOMAIN, update) as writer, ThreadPoolExecutor(1) as reader:
+        for number, block in enumerate(blocks):
+            ahead = None
+            if number + 1 < len(blocks):  # every validated date after this block, up to the next
+                days = validated[position[block[-1]] + 1 : position[blocks[number + 1][-1]] + 1]
+                ahead = reader.submit(storage.read_partitions, "validated", DOMAIN, days=days)
+            prices = prices.drop(columns=[BATCH_COLUMN], errors="ignore")
+            features = build_market_features(prices)
+            if not update.skipped_features:
+                update.skipped_features = skipped_market_features(prices.columns)
+            writer.publish(features[features["date"] >= pd.Timestamp(block[0])])
+            built += len(block)
+            if progress:
+                progress(f"features: {built}/{len(todo)} dates built")
+            if ahead is not None:
+                carried = (
+                    prices.sort_values("date", kind="stable")
+                    .groupby("ticker")
+                    .tail(FEATURE_LOOKBACK_DAYS)
+                )
+                prices = pd.concat([carried, ahead.result()], ignore_index=True)
     update.seconds = round(time.perf_counter() - started, 3)
     return update
 

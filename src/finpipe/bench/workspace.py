@@ -1,0 +1,194 @@
+"""A credit or customers size's work folder: its home, its facts, its nightly run, its models.
+
+Layout (written by the domain's `prepare` stage, `finpipe.bench.credit` or `.customers`):
+
+    deliveries/history_NNNN.parquet   normalised history batches (the validation stage's input)
+    deliveries/<domain>_<night>.csv   the night's vendor file (the orchestration stage loads it)
+    home/                             FINPIPE_HOME: validated history up to the eve, features
+                                      at the eve, the synthetic truth under reference/
+    prepared.json                     sizes, dates and row counts
+
+Both domains run their nightly step the same way: through the Prefect flow or as the same
+library calls made directly, from the same reset state (`run_night`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+# The synthetic data sets follow the shipped example configs; pin them so a user's own
+# FINPIPE_CREDIT_CONFIG / FINPIPE_CUSTOMERS_CONFIG does not leak into the benchmark.
+SYNTHETIC_CONFIGS = {"FINPIPE_CREDIT_CONFIG": "synthetic", "FINPIPE_CUSTOMERS_CONFIG": "synthetic"}
+
+
+def home(work: Path) -> Path:
+    return work / "home"
+
+
+def use_home(work: Path):
+    """Point finpipe (and Prefect's local state) at the size's home; return (settings, storage)."""
+    os.environ["FINPIPE_HOME"] = str(home(work))
+    os.environ.update(SYNTHETIC_CONFIGS)
+    from finpipe.settings import load_settings, prepare_environment
+    from finpipe.storage import Storage
+
+    settings = load_settings()
+    prepare_environment(settings)
+    return settings, Storage(settings.home)
+
+
+def prepared(work: Path) -> dict:
+    return json.loads((work / "prepared.json").read_text())
+
+
+def reuse_prepared(work: Path, **shape) -> dict | None:
+    """Return the facts of a folder already prepared with the same `shape`, else clear it."""
+    done = work / "prepared.json"
+    if done.exists():
+        facts = json.loads(done.read_text())
+        if all(facts.get(key) == value for key, value in shape.items()):
+            return facts
+    if work.exists():
+        shutil.rmtree(work)
+    (work / "deliveries").mkdir(parents=True)
+    return None
+
+
+def write_prepared(work: Path, facts: dict) -> dict:
+    (work / "prepared.json").write_text(json.dumps(facts, indent=2))
+    return {"seconds": facts["prepare_s"], "rows": facts["rows"], "details": facts}
+
+
+def reset_night(work: Path, domain: str) -> None:
+    """Put the home back to the eve of the night: drop everything a nightly run adds."""
+    root = home(work)
+    night = prepared(work)["night"]
+    for relative in ("mlflow.db", "mlartifacts", "landing", "state", "quarantine", "predictions"):
+        target = root / relative
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+    shutil.rmtree(root / "reports", ignore_errors=True)
+    for layer in ("validated", "features"):
+        shutil.rmtree(root / layer / domain / f"date={night}", ignore_errors=True)
+
+
+def run_night(work: Path, domain: str, side: str, training: dict) -> tuple[float, object, int]:
+    """Run one night (load the night's file, features, train, promote, score) through the
+    Prefect flow (`side="prefect"`) or as the same library calls made directly.
+
+    Returns (seconds, the training outcome's metrics, predictions written).
+    """
+    reset_night(work, domain)
+    settings, storage = use_home(work)
+    night = dt.date.fromisoformat(prepared(work)["night"])
+    delivery = next((work / "deliveries").glob(f"{domain}_{night}.csv"))
+    if side == "prefect":
+        from finpipe.flows.nightly import nightly
+
+        started = time.perf_counter()
+        summary = nightly(domain=domain, as_of=night, inputs=[str(delivery)], training=training)
+        seconds = time.perf_counter() - started
+        return seconds, summary["training"]["metrics"], summary["predictions"]["rows"]
+    from finpipe.domains import get_domain
+    from finpipe.ingest import ingest_file
+
+    spec = get_domain(domain)
+    started = time.perf_counter()
+    ingest_file(storage, spec.contract, delivery, as_of=night)
+    spec.update_features(storage, night)
+    outcome = spec.train(storage, settings, night, spec.training_config(**training))
+    spec.promote(storage, settings, outcome)
+    scored = spec.score(storage, settings, night)
+    seconds = time.perf_counter() - started
+    return seconds, outcome.metrics, scored.rows
+
+
+def validate_history(work: Path, domain: str, side: str) -> dict:
+    """Validate every history batch of `domain` with its contract's suite (GX + Data Docs, as
+    ingest runs it) or with `pandas_suite_rules`; return seconds, rows and the verdicts."""
+    import pandas as pd
+
+    from finpipe.bench.domain_references import pandas_suite_rules
+    from finpipe.domains import get_domain
+    from finpipe.validation import load_suite_spec, validate_frame
+
+    _, storage = use_home(work)
+    contract = get_domain(domain).contract
+    as_of = pd.Timestamp(prepared(work)["night"])
+    # As ingest builds it; for credit from the categories accepted so far (the whole history).
+    suite = contract.suite_spec(storage) if contract.suite_spec else load_suite_spec(contract.suite)
+
+    def checked(path: Path) -> pd.DataFrame:
+        frame = pd.read_parquet(path)
+        return contract.add_check_columns(frame, storage) if contract.add_check_columns else frame
+
+    def gx(batch, name, docs=None):
+        return validate_frame(
+            batch,
+            suite_name=contract.suite,
+            suite_spec=suite,
+            batch_name=name,
+            parameters={"as_of": as_of},
+            data_docs_dir=docs,
+        )
+
+    files = sorted((work / "deliveries").glob("history_*.parquet"))
+    if side == "finpipe":  # the GX context is created once per process: not the suite's cost
+        gx(checked(files[0]).head(50), "warm-up")
+    seconds, suite_only, rows, verdicts = 0.0, 0.0, 0, {}
+    for path in files:
+        batch = checked(path)
+        if side == "finpipe":
+            suite_only += timed(gx, batch, path.stem)[0]
+            spent, report = timed(gx, batch, path.stem, work / "docs")
+            found = {
+                r.rule: {"unexpected": r.unexpected_count, "success": r.success}
+                for r in report.rules
+            }
+        else:
+            spent, found = timed(pandas_suite_rules, batch, suite, as_of)
+        seconds += spent
+        rows += len(batch)
+        for rule, verdict in found.items():
+            total = verdicts.setdefault(rule, {"unexpected": 0, "success": True})
+            total["unexpected"] += int(verdict["unexpected"])
+            total["success"] &= bool(verdict["success"])
+    details = {
+        "unexpected": {rule: v["unexpected"] for rule, v in verdicts.items()},
+        "success": {rule: v["success"] for rule, v in verdicts.items()},
+        "suite_without_docs_s": round(suite_only, 4),
+        "batches": len(files),
+    }
+    return {"seconds": seconds, "rows": rows, "details": details}
+
+
+def champion_folder(settings, domain: str) -> Path:
+    """Return the saved model folder (weights.pt, model.json) of the domain's champion."""
+    from mlflow import MlflowClient
+
+    from finpipe import tracking
+
+    champion = tracking.current_alias_version(settings, domain)
+    if champion is None:
+        raise RuntimeError(f"no {domain} champion: run the orchestration stage first")
+    version = MlflowClient().get_model_version(settings.model_name(domain), champion)
+    model_id = version.source.rstrip("/").split("/")[-1]  # MLflow 3: models:/m-<id>
+    for match in sorted(Path(settings.home / "mlartifacts").glob("**/model.json")):
+        if model_id in match.parts or version.run_id in match.parts:
+            return match.parent
+    raise RuntimeError(f"no saved model folder for {version.source} under {settings.home}")
+
+
+def timed(function: Callable, *args, **kwargs) -> tuple[float, object]:
+    """Return (seconds, result) of one call."""
+    started = time.perf_counter()
+    result = function(*args, **kwargs)
+    return time.perf_counter() - started, result
