@@ -146,7 +146,15 @@ OLD_MARKET_RECORD = {
 }  # fmt: skip
 
 
-def _domain_smoke_run(root, domain: str, **sizes):
+# Small sizes per domain: a few seconds of each stage on 2 cores.
+DOMAIN_SMOKE_SIZES = {
+    "credit": {"base_applications": 3000, "credit_train_epochs": 2},
+    "customers": {"base_customers": 300, "customers_train_epochs": 3},
+}
+
+
+def _domain_smoke_run(tmp_path_factory, domain: str):
+    root = tmp_path_factory.mktemp(f"bench-{domain}")
     (root / "results").mkdir()
     (root / "results" / "latest.json").write_text(json.dumps([OLD_MARKET_RECORD]))
     config = BenchConfig(
@@ -156,7 +164,7 @@ def _domain_smoke_run(root, domain: str, **sizes):
         stages=["validation", "features", "training"],  # orchestration/scoring: as for market
         workdir=root / "work",
         out=root / "results",
-        **sizes,
+        **DOMAIN_SMOKE_SIZES[domain],
     )
     records = run_benchmarks(config, say=lambda message: None)
     assert records[0] == OLD_MARKET_RECORD
@@ -165,22 +173,12 @@ def _domain_smoke_run(root, domain: str, **sizes):
 
 @pytest.fixture(scope="module")
 def credit_run(tmp_path_factory):
-    return _domain_smoke_run(
-        tmp_path_factory.mktemp("bench-credit"),
-        "credit",
-        base_applications=3000,
-        credit_train_epochs=2,
-    )
+    return _domain_smoke_run(tmp_path_factory, "credit")
 
 
 @pytest.fixture(scope="module")
 def customers_run(tmp_path_factory):
-    return _domain_smoke_run(
-        tmp_path_factory.mktemp("bench-customers"),
-        "customers",
-        base_customers=300,
-        customers_train_epochs=3,
-    )
+    return _domain_smoke_run(tmp_path_factory, "customers")
 
 
 @pytest.mark.parametrize(

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
-import shutil
 import time
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def prepare(work: Path, applications: int, seed: int) -> dict:
     """
     facts = workspace.reuse_prepared(work, applications=applications, seed=seed)
     if facts is not None:
-        return {"seconds": facts["prepare_s"], "rows": facts["rows"], "details": facts}
+        return workspace.prepare_record(facts)
     from finpipe.credit.pipeline import write_oracle
     from finpipe.credit.synthetic import CreditSyntheticConfig, generate_loan_book
     from finpipe.ingest import _publish
@@ -127,7 +126,7 @@ def training(work: Path, model: str, epochs: int) -> dict:
     from finpipe.bench.domain_references import bare_classifier_loop
     from finpipe.credit.features import LABEL
     from finpipe.credit.model import Inputs, Vocabulary, build_net, train_classifier
-    from finpipe.credit.pipeline import load_training_frame, split_rows
+    from finpipe.credit.pipeline import load_training_frame, split_book_rows
     from finpipe.training import FeatureScaler
 
     settings, storage = use_home(work)
@@ -136,14 +135,7 @@ def training(work: Path, model: str, epochs: int) -> dict:
     config = _domain().training_config(max_epochs=epochs, patience=epochs + 1)
     classifier = config.classifier_config(model)
     frame = load_training_frame(storage, book, eve)
-    split = split_rows(
-        frame,
-        dated=book.is_dated,
-        validation_fraction=config.validation_fraction,
-        test_fraction=config.test_fraction,
-        embargo_days=config.embargo_days,
-        seed=config.seed,
-    )
+    split = split_book_rows(frame, book, config)
     numeric = frame[book.numeric_columns].astype("float64")
     scaler = FeatureScaler.fit(numeric.loc[split.train])
     vocabulary = Vocabulary.fit(
@@ -181,19 +173,9 @@ def training(work: Path, model: str, epochs: int) -> dict:
         train_classifier, build_net(architecture, classifier.seed), train, validation, classifier
     )
     reference_s, bare_losses = timed(bare, build_net(architecture, classifier.seed), train, epochs)
-    return {
-        "seconds": finpipe_s,
-        "reference_seconds": reference_s,
-        "rows": len(train) * epochs,
-        "details": {
-            "train_samples": len(train),
-            "validation_samples": len(validation),
-            "epochs": epochs,
-            "torch_threads": torch.get_num_threads(),
-            "finpipe_validation_loss": [round(h["validation_loss"], 6) for h in history],
-            "bare_validation_loss": [round(v, 6) for v in bare_losses],
-        },
-    }
+    return workspace.training_record(
+        finpipe_s, reference_s, len(train), len(validation), epochs, history, bare_losses
+    )
 
 
 # -- orchestration -------------------------------------------------------------------------
@@ -221,48 +203,31 @@ def scoring(work: Path, side: str) -> dict:
     """Score the applications still open on each of the last SCORED_NIGHTS feature dates, as
     nightly runs would: finpipe's scoring step, or the bare path (see `bare_credit_scoring`).
 
-    Both sides start in a fresh process and pay their first model load once.
+    Both sides start in a fresh process and pay their first model load once: finpipe's cached
+    registered version, the bare path's net loaded before its night loop.
     """
     settings, storage = use_home(work)
     night = dt.date.fromisoformat(prepared(work)["night"])
     dated = storage.partition_dates("features", DOMAIN, end=night)
     nights = dated[-SCORED_NIGHTS:]
     if side == "finpipe":
-        spec = _domain()
-        rows, laps = 0, []
-        started = time.perf_counter()
-        for day in nights:
-            rows += spec.score(storage, settings, day).rows
-            laps.append(time.perf_counter() - started)
-        details = {"nights": len(nights), "first_night_s": round(laps[0], 4)}
-        return {"seconds": laps[-1], "rows": rows, "details": details}
-    from finpipe.bench.domain_references import bare_credit_scoring
+        return workspace.time_finpipe_scoring(_domain().score, storage, settings, nights)
+    from finpipe.bench.domain_references import bare_credit_scoring, load_credit_net
 
-    model_dir = workspace.champion_folder(settings, DOMAIN)
-    out = work / "bare_predictions"
-    shutil.rmtree(out, ignore_errors=True)
-    rows = 0
-    started = time.perf_counter()
-    for day in nights:
+    def score_night(model, day: dt.date, out_file: Path):
         files = [storage.partition_file("features", DOMAIN, d) for d in dated if d <= day]
-        rows += bare_credit_scoring(model_dir, files, out / f"date={day}.parquet").num_rows
-    seconds = time.perf_counter() - started
-    agreement = _agreement(storage.partition_file("predictions", DOMAIN, night), out, night)
-    return {
-        "seconds": seconds,
-        "rows": rows,
-        "details": {"nights": len(nights), "agreement": agreement},
-    }
+        return bare_credit_scoring(model, files, out_file)
+
+    return workspace.time_bare_scoring(
+        work, settings, storage, DOMAIN, nights, load_credit_net, score_night, _agreement
+    )
 
 
 def _agreement(finpipe_file: Path, bare_dir: Path, night: dt.date) -> dict:
     """Return how finpipe's and the bare path's predictions for `night` agree."""
     import numpy as np
-    import pandas as pd
 
-    ours = pd.read_parquet(finpipe_file).sort_values("id").reset_index(drop=True)
-    theirs = pd.read_parquet(bare_dir / f"date={night}.parquet").sort_values("id")
-    theirs = theirs.reset_index(drop=True)
+    ours, theirs = workspace.night_predictions(finpipe_file, bare_dir, night, "id")
     if len(ours) != len(theirs) or not (ours["id"].to_numpy() == theirs["id"].to_numpy()).all():
         return {"equal": False, "rows": [len(ours), len(theirs)], "reason": "different rows"}
     pd_diff = float(np.abs(ours["pd"].to_numpy() - theirs["pd"].to_numpy()).max(initial=0.0))
@@ -279,10 +244,4 @@ def _agreement(finpipe_file: Path, bare_dir: Path, night: dt.date) -> dict:
     }
 
 
-STAGES = {
-    "prepare": prepare,
-    "validation": validation,
-    "training": training,
-    "orchestration": orchestration,
-    "scoring": scoring,
-}
+STAGES = workspace.stage_table(prepare, validation, training, orchestration, scoring)

@@ -18,7 +18,6 @@ transactions per customer); its last day is the night. Stages:
 from __future__ import annotations
 
 import datetime as dt
-import shutil
 import time
 from pathlib import Path
 
@@ -45,7 +44,7 @@ def prepare(work: Path, customers: int, seed: int) -> dict:
     """
     facts = workspace.reuse_prepared(work, customers=customers, seed=seed)
     if facts is not None:
-        return {"seconds": facts["prepare_s"], "rows": facts["rows"], "details": facts}
+        return workspace.prepare_record(facts)
     from finpipe.customers.pipeline import write_planted_segments
     from finpipe.customers.synthetic import (
         VENDOR_COLUMNS,
@@ -206,19 +205,9 @@ def training(work: Path, model: str, epochs: int) -> dict:
         train_regressor, net(), Batches(train, train), Batches(validation, validation), train_config
     )
     reference_s, bare_losses = timed(bare, net(), train_rows, epochs)
-    return {
-        "seconds": finpipe_s,
-        "reference_seconds": reference_s,
-        "rows": len(train) * epochs,
-        "details": {
-            "train_samples": len(train),
-            "validation_samples": len(validation),
-            "epochs": epochs,
-            "torch_threads": torch.get_num_threads(),
-            "finpipe_validation_loss": [round(h["validation_loss"], 6) for h in result.history],
-            "bare_validation_loss": [round(v, 6) for v in bare_losses],
-        },
-    }
+    return workspace.training_record(
+        finpipe_s, reference_s, len(train), len(validation), epochs, result.history, bare_losses
+    )
 
 
 # -- orchestration -------------------------------------------------------------------------
@@ -244,47 +233,30 @@ def orchestration(work: Path, side: str, epochs: int) -> dict:
 
 def scoring(work: Path, side: str) -> dict:
     """Segment the snapshots of the eve and the night with the champion: finpipe's scoring
-    step, or the bare path (see `bare_segment_scoring`). Both pay their first model load once.
+    step, or the bare path (see `bare_segment_scoring`). Both pay their first model load once:
+    finpipe's cached registered version, the bare path's encoder loaded before its night loop.
     """
     settings, storage = use_home(work)
     night = dt.date.fromisoformat(prepared(work)["night"])
     nights = storage.partition_dates("features", DOMAIN, end=night)[-2:]
     if side == "finpipe":
-        spec = _domain()
-        rows, laps = 0, []
-        started = time.perf_counter()
-        for day in nights:
-            rows += spec.score(storage, settings, day).rows
-            laps.append(time.perf_counter() - started)
-        details = {"nights": len(nights), "first_night_s": round(laps[0], 4)}
-        return {"seconds": laps[-1], "rows": rows, "details": details}
-    from finpipe.bench.domain_references import bare_segment_scoring
+        return workspace.time_finpipe_scoring(_domain().score, storage, settings, nights)
+    from finpipe.bench.domain_references import bare_segment_scoring, load_segment_net
 
-    model_dir = workspace.champion_folder(settings, DOMAIN)
-    out = work / "bare_predictions"
-    shutil.rmtree(out, ignore_errors=True)
-    rows = 0
-    started = time.perf_counter()
-    for day in nights:
+    def score_night(model, day: dt.date, out_file: Path):
         snapshot = storage.partition_file("features", DOMAIN, day)
-        rows += bare_segment_scoring(model_dir, snapshot, out / f"date={day}.parquet").num_rows
-    seconds = time.perf_counter() - started
-    agreement = _agreement(storage.partition_file("predictions", DOMAIN, night), out, night)
-    return {
-        "seconds": seconds,
-        "rows": rows,
-        "details": {"nights": len(nights), "agreement": agreement},
-    }
+        return bare_segment_scoring(model, snapshot, out_file)
+
+    return workspace.time_bare_scoring(
+        work, settings, storage, DOMAIN, nights, load_segment_net, score_night, _agreement
+    )
 
 
 def _agreement(finpipe_file: Path, bare_dir: Path, night: dt.date) -> dict:
     """Return how finpipe's and the bare path's segments for `night` agree."""
     import numpy as np
-    import pandas as pd
 
-    ours = pd.read_parquet(finpipe_file).sort_values("customer_id").reset_index(drop=True)
-    theirs = pd.read_parquet(bare_dir / f"date={night}.parquet").sort_values("customer_id")
-    theirs = theirs.reset_index(drop=True)
+    ours, theirs = workspace.night_predictions(finpipe_file, bare_dir, night, "customer_id")
     same_rows = len(ours) == len(theirs) and bool(
         (ours["customer_id"].astype(str).to_numpy() == theirs["customer_id"].to_numpy()).all()
     )
@@ -300,11 +272,4 @@ def _agreement(finpipe_file: Path, bare_dir: Path, night: dt.date) -> dict:
     }
 
 
-STAGES = {
-    "prepare": prepare,
-    "validation": validation,
-    "features": features,
-    "training": training,
-    "orchestration": orchestration,
-    "scoring": scoring,
-}
+STAGES = workspace.stage_table(prepare, validation, features, training, orchestration, scoring)

@@ -3,10 +3,11 @@ finpipe, on the same data (the market's are in `finpipe.bench.references`).
 
 - `pandas_suite_rules`: any credit or customers suite's rules checked in plain pandas/numpy;
 - `bare_classifier_loop`: the credit PD net trained by a plain PyTorch loop;
-- `bare_credit_scoring`: pyarrow read, the same net's PD, grade and integrated-gradient reason
-  codes, pyarrow write;
+- `bare_credit_scoring`: with the net `load_credit_net` read once, pyarrow read, the same net's
+  PD, grade and integrated-gradient reason codes, pyarrow write;
 - `polars_customer_features`: the customers RFM snapshot in Polars;
-- `bare_segment_scoring`: pyarrow read, the same encoder, nearest centroid, pyarrow write.
+- `bare_segment_scoring`: with the encoder `load_segment_net` read once, pyarrow read, the
+  same encoder, nearest centroid, pyarrow write.
 
 Each computes what finpipe computes (the benchmark checks that the outputs agree), without
 finpipe's guarantees: no atomic publish, no provenance, no reports.
@@ -16,6 +17,8 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,8 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from finpipe.bench.references import compare_columns, standardise
 
 # -- validation ------------------------------------------------------------------------------
 
@@ -159,22 +164,55 @@ def bare_classifier_loop(
     return losses
 
 
+# -- scoring ---------------------------------------------------------------------------------
+
+
+@dataclass
+class SavedNet:
+    """A saved net as a plain script holds it: its `model.json` and the module in eval mode."""
+
+    meta: dict
+    net: nn.Module
+
+
+def load_saved_net(model_dir: Path, build: Callable[[dict], nn.Module]) -> SavedNet:
+    """Read `model.json`, build the module from it and load `weights.pt`, as a script would."""
+    meta = json.loads((Path(model_dir) / "model.json").read_text())
+    net = build(meta)
+    net.load_state_dict(torch.load(Path(model_dir) / "weights.pt", weights_only=True))
+    net.eval()
+    return SavedNet(meta=meta, net=net)
+
+
+def load_credit_net(model_dir: Path) -> SavedNet:
+    """Return the credit PD net saved in `model_dir` with its metadata."""
+    from finpipe.credit.model import TabularNet
+
+    return load_saved_net(model_dir, lambda meta: TabularNet(**meta["architecture"]))
+
+
+def load_segment_net(model_dir: Path) -> SavedNet:
+    """Return the customers segment autoencoder saved in `model_dir` with its metadata."""
+    from finpipe.customers.model import SegmentAutoencoder
+
+    def build(meta: dict) -> nn.Module:
+        sizes = {k: int(v) for k, v in meta["architecture"].items()}
+        return SegmentAutoencoder(len(meta["feature_columns"]), **sizes)
+
+    return load_saved_net(model_dir, build)
+
+
 # -- credit scoring --------------------------------------------------------------------------
 
 
-def bare_credit_scoring(model_dir: Path, feature_files: list[Path], out_file: Path) -> pa.Table:
-    """Score the applications without an outcome in `feature_files` with the net in `model_dir`.
+def bare_credit_scoring(model: SavedNet, feature_files: list[Path], out_file: Path) -> pa.Table:
+    """Score the applications without an outcome in `feature_files` with a loaded PD net.
 
-    Reads `model.json` and `weights.pt` as a script would; writes id, PD (Platt-calibrated
-    logit), grade and the three largest positive integrated-gradient attributions (feature and
-    log-odds impact) per application. Returns the written table.
+    Writes id, PD (Platt-calibrated logit), grade and the three largest positive
+    integrated-gradient attributions (feature and log-odds impact) per application. Returns the
+    written table.
     """
-    from finpipe.credit.model import TabularNet
-
-    meta = json.loads((Path(model_dir) / "model.json").read_text())
-    net = TabularNet(**meta["architecture"])
-    net.load_state_dict(torch.load(Path(model_dir) / "weights.pt", weights_only=True))
-    net.eval()
+    meta, net = model.meta, model.net
     numeric_columns, categorical_columns = meta["numeric_columns"], meta["categorical_columns"]
     wanted = ["date", meta["id_column"], *numeric_columns, *categorical_columns]
     table = ds.dataset([str(f) for f in feature_files], format="parquet").to_table(
@@ -183,9 +221,7 @@ def bare_credit_scoring(model_dir: Path, feature_files: list[Path], out_file: Pa
     raw = np.column_stack(
         [table[c].to_numpy(zero_copy_only=False).astype(np.float32) for c in numeric_columns]
     )
-    scaler = meta["scaler"]
-    scaled = (raw - np.float32(scaler["mean"])) / np.float32(scaler["std"])
-    scaled = np.clip(np.nan_to_num(scaled, nan=0.0, posinf=5.0, neginf=-5.0), -5.0, 5.0)
+    scaled = standardise(raw, meta["scaler"])
     missing = np.isnan(raw).astype(np.float32)
     codes = np.column_stack(
         [
@@ -335,38 +371,17 @@ def compare_snapshots(
     )
     if not same_ids:
         return {"equal": False, "rows": [len(ours), len(theirs)], "reason": "different customers"}
-    return _close(ours, theirs, ours.columns.drop("customer_id"), rtol, atol)
-
-
-def _close(ours: pd.DataFrame, theirs: pd.DataFrame, columns, rtol: float, atol: float) -> dict:
-    worst, worst_column, equal = 0.0, None, True
-    for column in columns:
-        a = ours[column].to_numpy(np.float64, na_value=np.nan)
-        b = theirs[column].to_numpy(np.float64, na_value=np.nan)
-        if not np.array_equal(np.isnan(a), np.isnan(b)):
-            return {"equal": False, "rows": len(ours), "reason": f"{column}: NaN pattern differs"}
-        both = ~np.isnan(a)
-        diff = np.abs(a[both] - b[both])
-        if diff.size and diff.max() > worst:
-            worst, worst_column = float(diff.max()), column
-        equal &= bool(np.allclose(a[both], b[both], rtol=rtol, atol=atol))
-    return {"equal": equal, "rows": len(ours), "max_abs_diff": worst, "worst_column": worst_column}
+    return compare_columns(ours, theirs, ours.columns.drop("customer_id"), rtol, atol)
 
 
 # -- customers scoring -----------------------------------------------------------------------
 
 
-def bare_segment_scoring(model_dir: Path, snapshot_file: Path, out_file: Path) -> pa.Table:
-    """Segment a snapshot with the model in `model_dir`: pyarrow read, log + scale, encoder,
-    nearest centroid, pyarrow write of customer_id, segment, distance_to_centroid."""
-    from finpipe.customers.model import SegmentAutoencoder
-
-    meta = json.loads((Path(model_dir) / "model.json").read_text())
-    architecture = meta["architecture"]
+def bare_segment_scoring(model: SavedNet, snapshot_file: Path, out_file: Path) -> pa.Table:
+    """Segment a snapshot with a loaded encoder: pyarrow read, log + scale, encoder, nearest
+    centroid, pyarrow write of customer_id, segment, distance_to_centroid."""
+    meta, net = model.meta, model.net
     columns = meta["feature_columns"]
-    net = SegmentAutoencoder(len(columns), **{k: int(v) for k, v in architecture.items()})
-    net.load_state_dict(torch.load(Path(model_dir) / "weights.pt", weights_only=True))
-    net.eval()
     table = pq.read_table(snapshot_file)
     present = set(table.column_names)
     x = np.column_stack(
@@ -379,10 +394,7 @@ def bare_segment_scoring(model_dir: Path, snapshot_file: Path, out_file: Path) -
     )
     logged = [columns.index(c) for c in meta["log_columns"]]
     x[:, logged] = np.sign(x[:, logged]) * np.log1p(np.abs(x[:, logged]))
-    scaler = meta["scaler"]
-    x = (x.astype(np.float32) - np.float32(scaler["mean"])) / np.float32(scaler["std"])
-    x = np.clip(np.nan_to_num(x, nan=0.0, posinf=5.0, neginf=-5.0), -5.0, 5.0)
-    inputs = torch.from_numpy(x.astype(np.float32))
+    inputs = torch.from_numpy(standardise(x, meta["scaler"]))
     with torch.no_grad():
         embedding = torch.cat(
             [net.encode(inputs[s : s + 8192]) for s in range(0, len(inputs), 8192)]

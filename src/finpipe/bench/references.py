@@ -205,8 +205,16 @@ def compare_feature_outputs(
         ).all()
     ):
         return {"equal": False, "rows": [len(ours), len(theirs)], "reason": "different rows"}
+    return compare_columns(ours, theirs, ours.columns.drop(keys), rtol, atol)
+
+
+def compare_columns(
+    ours: pd.DataFrame, theirs: pd.DataFrame, columns, rtol: float, atol: float
+) -> dict:
+    """Return how `columns` of two row-aligned frames agree: `equal`, `rows`, `max_abs_diff`,
+    `worst_column`. Missing values (NaN or null) must be missing on both sides."""
     worst, worst_column, equal = 0.0, None, True
-    for column in ours.columns.drop(keys):
+    for column in columns:
         a = ours[column].to_numpy(np.float64, na_value=np.nan)
         b = theirs[column].to_numpy(np.float64, na_value=np.nan)
         if not np.array_equal(np.isnan(a), np.isnan(b)):
@@ -311,8 +319,7 @@ def bare_scoring(
     table = table.take(pc.sort_indices(table, [("ticker", "ascending"), ("date", "ascending")]))
     scaler = meta["scaler"]
     x = np.column_stack([table[c].to_numpy(zero_copy_only=False) for c in scaler["columns"]])
-    x = (x.astype(np.float32) - np.float32(scaler["mean"])) / np.float32(scaler["std"])
-    x = np.clip(np.nan_to_num(x, nan=0.0, posinf=5.0, neginf=-5.0), -5.0, 5.0).astype(np.float32)
+    x = standardise(x, scaler)
     ticker = table["ticker"].to_numpy(zero_copy_only=False)
     today = table["date"].to_numpy(zero_copy_only=False) == np.datetime64(as_of, "ns")
     rows = np.flatnonzero(today)
@@ -333,3 +340,10 @@ def bare_scoring(
     out_file.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(out, out_file)
     return out
+
+
+def standardise(x: np.ndarray, scaler: dict) -> np.ndarray:
+    """Return `x` scaled with a saved scaler's mean and std, as float32, missing values at 0
+    and everything clipped to [-5, 5] (as finpipe's `FeatureScaler.transform` does)."""
+    x = (x.astype(np.float32) - np.float32(scaler["mean"])) / np.float32(scaler["std"])
+    return np.clip(np.nan_to_num(x, nan=0.0, posinf=5.0, neginf=-5.0), -5.0, 5.0).astype(np.float32)

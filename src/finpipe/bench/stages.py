@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import os
 import resource
 import shutil
 import sys
 import time
 from pathlib import Path
+
+from finpipe.bench import workspace
+from finpipe.bench.workspace import prepared, use_home
 
 HISTORY_FILE_DATES = 252  # one delivery file per trading year
 # Samples per training epoch timed: a throughput needs no more, and a full GRU epoch at 4S is
@@ -36,25 +38,6 @@ def peak_rss_mb() -> float:
     own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return round(max(own, children) / 1024.0, 1)  # Linux reports KiB
-
-
-def _home(work: Path) -> Path:
-    return work / "home"
-
-
-def _use_home(work: Path):
-    """Point finpipe (and Prefect's local state) at the size's home; return (settings, storage)."""
-    os.environ["FINPIPE_HOME"] = str(_home(work))
-    from finpipe.settings import load_settings, prepare_environment
-    from finpipe.storage import Storage
-
-    settings = load_settings()
-    prepare_environment(settings)
-    return settings, Storage(settings.home)
-
-
-def _prepared(work: Path) -> dict:
-    return json.loads((work / "prepared.json").read_text())
 
 
 # -- prepare -------------------------------------------------------------------------------------
@@ -76,19 +59,15 @@ def prepare(work: Path, tickers: int, days: int, seed: int, build_features: bool
         generate_market_panel,
     )
 
-    done = work / "prepared.json"
-    if done.exists():  # same panel already laid out: reuse it (a re-run of some stages)
-        facts = json.loads(done.read_text())
-        if (facts["tickers"], facts["days"], facts["seed"]) == (tickers, days, seed):
-            _, storage = _use_home(work)
-            if build_features:
-                update_market_features(storage, dt.date.fromisoformat(facts["eve"]))
-            return {"seconds": facts["prepare_s"], "rows": facts["rows"], "details": facts}
-    if work.exists():
-        shutil.rmtree(work)
+    # The same panel already laid out is reused (a re-run of some stages).
+    facts = workspace.reuse_prepared(work, tickers=tickers, days=days, seed=seed)
+    if facts is not None:
+        _, storage = use_home(work)
+        if build_features:
+            update_market_features(storage, dt.date.fromisoformat(facts["eve"]))
+        return workspace.prepare_record(facts)
     deliveries = work / "deliveries"
-    deliveries.mkdir(parents=True)
-    _, storage = _use_home(work)
+    _, storage = use_home(work)
     started = time.perf_counter()
     panel = generate_market_panel(MarketSyntheticConfig(tickers=tickers, days=days, seed=seed))
     generated = time.perf_counter() - started
@@ -122,8 +101,7 @@ def prepare(work: Path, tickers: int, days: int, seed: int, build_features: bool
         "generate_s": round(generated, 3),
         "prepare_s": round(time.perf_counter() - started, 3),
     }
-    (work / "prepared.json").write_text(json.dumps(facts, indent=2))
-    return {"seconds": facts["prepare_s"], "rows": rows, "details": facts}
+    return workspace.write_prepared(work, facts)
 
 
 # -- validation ----------------------------------------------------------------------------------
@@ -141,8 +119,8 @@ def validation(work: Path, side: str) -> dict:
     from finpipe.market.schema import normalise_market_frame
     from finpipe.validation import add_market_checks_columns, validate_frame
 
-    _, storage = _use_home(work)
-    as_of = pd.Timestamp(_prepared(work)["night"])
+    _, storage = use_home(work)
+    as_of = pd.Timestamp(prepared(work)["night"])
     files = sorted((work / "deliveries").glob("history_*.parquet"))
     docs = work / "docs"
     if side == "finpipe":  # the GX context is created once per process: not the suite's cost
@@ -184,8 +162,8 @@ def validation(work: Path, side: str) -> dict:
 
 def features(work: Path, side: str) -> dict:
     """Build every feature partition from the validated store: finpipe, or the Polars reference."""
-    _, storage = _use_home(work)
-    eve = dt.date.fromisoformat(_prepared(work)["eve"])
+    _, storage = use_home(work)
+    eve = dt.date.fromisoformat(prepared(work)["eve"])
     if side == "finpipe":
         from finpipe.market.pipeline import update_market_features
 
@@ -229,8 +207,8 @@ def training(work: Path, model: str, epochs: int) -> dict:
     from finpipe.nets import build_net
     from finpipe.training import Batches, TrainConfig, time_split, train_regressor
 
-    _, storage = _use_home(work)
-    eve = dt.date.fromisoformat(_prepared(work)["eve"])
+    _, storage = use_home(work)
+    eve = dt.date.fromisoformat(prepared(work)["eve"])
     config = MarketTrainingConfig(max_epochs=epochs, patience=epochs + 1)
     frame = _training_window(storage, eve, config, load_training_frame)
     labelled = frame.loc[frame[config.label].notna(), "date"].unique()
@@ -278,20 +256,10 @@ def training(work: Path, model: str, epochs: int) -> dict:
     started = time.perf_counter()
     bare_losses = bare(bare_net, rows, train.targets, epochs)
     reference_s = time.perf_counter() - started
-    return {
-        "seconds": finpipe_s,
-        "reference_seconds": reference_s,
-        "rows": len(train) * epochs,
-        "details": {
-            "train_samples": len(train),
-            "train_samples_available": len(samples.train),
-            "validation_samples": len(validation),
-            "epochs": epochs,
-            "torch_threads": torch.get_num_threads(),
-            "finpipe_validation_loss": [round(h["validation_loss"], 6) for h in result.history],
-            "bare_validation_loss": [round(v, 6) for v in bare_losses],
-        },
-    }
+    return workspace.training_record(
+        finpipe_s, reference_s, len(train), len(validation), epochs, result.history, bare_losses,
+        train_samples_available=len(samples.train),
+    )  # fmt: skip
 
 
 def _training_window(storage, as_of, config, load_training_frame):
@@ -308,51 +276,14 @@ def _training_window(storage, as_of, config, load_training_frame):
 # -- orchestration -------------------------------------------------------------------------------
 
 
-def reset_night(work: Path) -> None:
-    """Put the home back to the eve of the night: drop everything a nightly run adds."""
-    home = _home(work)
-    night = _prepared(work)["night"]
-    for relative in ("mlflow.db", "mlartifacts", "landing", "state", "quarantine", "predictions"):
-        target = home / relative
-        if target.is_dir():
-            shutil.rmtree(target)
-        elif target.exists():
-            target.unlink()
-    shutil.rmtree(home / "reports" / "data_docs", ignore_errors=True)
-    for layer in ("validated", "features"):
-        shutil.rmtree(home / layer / "market" / f"date={night}", ignore_errors=True)
-
-
 def orchestration(work: Path, side: str, epochs: int) -> dict:
     """Run one night (load the night's file, features, train, promote, score): through the
     Prefect flow, or as the same library calls made directly. Returns seconds and quality."""
-    reset_night(work)
-    settings, storage = _use_home(work)
-    facts = _prepared(work)
-    night = dt.date.fromisoformat(facts["night"])
-    delivery = work / "deliveries" / f"market_{night}.csv"
     training = {**ORCHESTRATION_CONFIG, "max_epochs": epochs}
-    if side == "prefect":
-        from finpipe.flows.nightly import nightly
-
-        started = time.perf_counter()
-        summary = nightly(domain="market", as_of=night, inputs=[str(delivery)], training=training)
-        seconds = time.perf_counter() - started
-        outcome_metrics = summary["training"]["metrics"]
-        rows = summary["predictions"]["rows"]
-    else:
-        from finpipe.domains import get_domain
-        from finpipe.ingest import ingest_file
-
-        spec = get_domain("market")
-        started = time.perf_counter()
-        ingest_file(storage, spec.contract, delivery, as_of=night)
-        spec.update_features(storage, night)
-        outcome = spec.train(storage, settings, night, spec.training_config(**training))
-        spec.promote(storage, settings, outcome)
-        scored = spec.score(storage, settings, night)
-        seconds = time.perf_counter() - started
-        outcome_metrics, rows = outcome.metrics, scored.rows
+    # Market's reset clears only the Data Docs under reports/, as it always has.
+    seconds, outcome_metrics, rows = workspace.run_night(
+        work, "market", side, training, reports="reports/data_docs"
+    )
     quality = {
         kind: {
             "test_ic": result["test"].get("ic"),
@@ -381,8 +312,8 @@ def scoring(work: Path, side: str) -> dict:
     Both sides start in a fresh process, so each pays its first model load once: MLflow's
     registry + pyfunc for finpipe, `torch.load` of the same weights for the reference.
     """
-    settings, storage = _use_home(work)
-    night = dt.date.fromisoformat(_prepared(work)["night"])
+    settings, storage = use_home(work)
+    night = dt.date.fromisoformat(prepared(work)["night"])
     from finpipe import tracking
 
     champion = tracking.current_alias_version(settings, "market")
@@ -393,24 +324,10 @@ def scoring(work: Path, side: str) -> dict:
     if side == "finpipe":
         from finpipe.market.pipeline import score_market
 
-        rows, laps = 0, []
-        started = time.perf_counter()
-        for day in nights:
-            rows += score_market(storage, settings, day).rows
-            laps.append(time.perf_counter() - started)
-        seconds = time.perf_counter() - started
-        first = laps[0]
-        return {
-            "seconds": seconds,
-            "rows": rows,
-            "details": {"nights": len(nights), "first_night_s": round(first, 4)},
-        }
-    from mlflow import MlflowClient
-
+        return workspace.time_finpipe_scoring(score_market, storage, settings, nights)
     from finpipe.bench.references import bare_scoring, load_bare_model
 
-    version = MlflowClient().get_model_version(settings.model_name("market"), champion)
-    model_dir = _model_folder(settings, version.source, version.run_id)
+    model_dir = workspace.champion_folder(settings, "market")
     meta = json.loads((model_dir / "model.json").read_text())
     lookback = meta["config"]["lookback"] if meta["config"]["model"] != "mlp" else 1
     rows = 0
@@ -429,23 +346,7 @@ def scoring(work: Path, side: str) -> dict:
     }
 
 
-def _model_folder(settings, source: str, run_id: str) -> Path:
-    """Return the saved finpipe model folder (weights.pt, model.json) under the artifacts."""
-    model_id = source.rstrip("/").split("/")[-1]  # MLflow 3: models:/m-<id>
-    for match in sorted(Path(settings.home / "mlartifacts").glob("**/model.json")):
-        if model_id in match.parts or run_id in match.parts:
-            return match.parent
-    raise RuntimeError(f"no saved model folder for {source} under {settings.home / 'mlartifacts'}")
-
-
-STAGES = {
-    "prepare": prepare,
-    "validation": validation,
-    "features": features,
-    "training": training,
-    "orchestration": orchestration,
-    "scoring": scoring,
-}
+STAGES = workspace.stage_table(prepare, validation, features, training, orchestration, scoring)
 
 
 def run_stage(

@@ -1,4 +1,5 @@
-"""A credit or customers size's work folder: its home, its facts, its nightly run, its models.
+"""A size's work folder (any domain): its home, its facts, its nightly run, its models, and the
+pieces every domain's benchmark stages share (result records, the timed scoring loops).
 
 Layout (written by the domain's `prepare` stage, `finpipe.bench.credit` or `.customers`):
 
@@ -8,7 +9,8 @@ Layout (written by the domain's `prepare` stage, `finpipe.bench.credit` or `.cus
                                       at the eve, the synthetic truth under reference/
     prepared.json                     sizes, dates and row counts
 
-Both domains run their nightly step the same way: through the Prefect flow or as the same
+The market's layout (`finpipe.bench.stages`) differs only in its deliveries. Every domain
+runs its nightly step the same way: through the Prefect flow or as the same
 library calls made directly, from the same reset state (`run_night`).
 """
 
@@ -62,11 +64,22 @@ def reuse_prepared(work: Path, **shape) -> dict | None:
 
 def write_prepared(work: Path, facts: dict) -> dict:
     (work / "prepared.json").write_text(json.dumps(facts, indent=2))
+    return prepare_record(facts)
+
+
+def prepare_record(facts: dict) -> dict:
+    """Return the prepare stage's result for a size's facts (set-up seconds, rows, the facts)."""
     return {"seconds": facts["prepare_s"], "rows": facts["rows"], "details": facts}
 
 
-def reset_night(work: Path, domain: str) -> None:
-    """Put the home back to the eve of the night: drop everything a nightly run adds."""
+def stage_table(*stages: Callable) -> dict[str, Callable]:
+    """Return a domain's stage table: each stage function under its own name."""
+    return {stage.__name__: stage for stage in stages}
+
+
+def reset_night(work: Path, domain: str, reports: str = "reports") -> None:
+    """Put the home back to the eve of the night: drop everything a nightly run adds (under
+    `reports`, the reports folder it writes to)."""
     root = home(work)
     night = prepared(work)["night"]
     for relative in ("mlflow.db", "mlartifacts", "landing", "state", "quarantine", "predictions"):
@@ -75,18 +88,21 @@ def reset_night(work: Path, domain: str) -> None:
             shutil.rmtree(target)
         elif target.exists():
             target.unlink()
-    shutil.rmtree(root / "reports", ignore_errors=True)
+    shutil.rmtree(root / reports, ignore_errors=True)
     for layer in ("validated", "features"):
         shutil.rmtree(root / layer / domain / f"date={night}", ignore_errors=True)
 
 
-def run_night(work: Path, domain: str, side: str, training: dict) -> tuple[float, object, int]:
+def run_night(
+    work: Path, domain: str, side: str, training: dict, reports: str = "reports"
+) -> tuple[float, object, int]:
     """Run one night (load the night's file, features, train, promote, score) through the
-    Prefect flow (`side="prefect"`) or as the same library calls made directly.
+    Prefect flow (`side="prefect"`) or as the same library calls made directly, after
+    `reset_night(work, domain, reports)`.
 
     Returns (seconds, the training outcome's metrics, predictions written).
     """
-    reset_night(work, domain)
+    reset_night(work, domain, reports)
     settings, storage = use_home(work)
     night = dt.date.fromisoformat(prepared(work)["night"])
     delivery = next((work / "deliveries").glob(f"{domain}_{night}.csv"))
@@ -192,3 +208,88 @@ def timed(function: Callable, *args, **kwargs) -> tuple[float, object]:
     started = time.perf_counter()
     result = function(*args, **kwargs)
     return time.perf_counter() - started, result
+
+
+def training_record(
+    finpipe_s: float,
+    reference_s: float,
+    train_samples: int,
+    validation_samples: int,
+    epochs: int,
+    finpipe_history: list[dict],
+    bare_losses: list[float],
+    **details,
+) -> dict:
+    """Return the training stage's result: both loops' seconds, the samples seen and both
+    validation-loss curves (`details` go in after the training sample count)."""
+    import torch
+
+    return {
+        "seconds": finpipe_s,
+        "reference_seconds": reference_s,
+        "rows": train_samples * epochs,
+        "details": {
+            "train_samples": train_samples,
+            **details,
+            "validation_samples": validation_samples,
+            "epochs": epochs,
+            "torch_threads": torch.get_num_threads(),
+            "finpipe_validation_loss": [round(h["validation_loss"], 6) for h in finpipe_history],
+            "bare_validation_loss": [round(v, 6) for v in bare_losses],
+        },
+    }
+
+
+def time_finpipe_scoring(score: Callable, storage, settings, nights: list[dt.date]) -> dict:
+    """Time `score(storage, settings, day)` (a domain's scoring step) over `nights`, one night
+    at a time as nightly runs would; return the scoring stage's result."""
+    rows, laps = 0, []
+    started = time.perf_counter()
+    for day in nights:
+        rows += score(storage, settings, day).rows
+        laps.append(time.perf_counter() - started)
+    details = {"nights": len(nights), "first_night_s": round(laps[0], 4)}
+    return {"seconds": laps[-1], "rows": rows, "details": details}
+
+
+def time_bare_scoring(
+    work: Path,
+    settings,
+    storage,
+    domain: str,
+    nights: list[dt.date],
+    load: Callable[[Path], object],
+    score_night: Callable[[object, dt.date, Path], object],
+    agreement: Callable[[Path, Path, dt.date], dict],
+) -> dict:
+    """Time a bare scoring path over `nights`: `load(champion folder)` once, as a script scoring
+    several nights would, then `score_night(model, day, out_file)` (a pyarrow table) per night.
+
+    Returns the scoring stage's result with `agreement(finpipe's predictions file, the bare
+    predictions folder, the prepared night)`.
+    """
+    night = dt.date.fromisoformat(prepared(work)["night"])
+    model_dir = champion_folder(settings, domain)
+    out = work / "bare_predictions"
+    shutil.rmtree(out, ignore_errors=True)
+    rows = 0
+    started = time.perf_counter()
+    model = load(model_dir)
+    for day in nights:
+        rows += score_night(model, day, out / f"date={day}.parquet").num_rows
+    seconds = time.perf_counter() - started
+    check = agreement(storage.partition_file("predictions", domain, night), out, night)
+    return {
+        "seconds": seconds,
+        "rows": rows,
+        "details": {"nights": len(nights), "agreement": check},
+    }
+
+
+def night_predictions(finpipe_file: Path, bare_dir: Path, night: dt.date, key: str):
+    """Return (finpipe's, the bare path's) predictions for `night`, both sorted by `key`."""
+    import pandas as pd
+
+    ours = pd.read_parquet(finpipe_file).sort_values(key).reset_index(drop=True)
+    theirs = pd.read_parquet(bare_dir / f"date={night}.parquet").sort_values(key)
+    return ours, theirs.reset_index(drop=True)
