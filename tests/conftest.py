@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -59,3 +60,15 @@ def home(tmp_path):
     """A fresh FINPIPE_HOME for one test; yields its Settings."""
     with finpipe_home(tmp_path / "home") as settings:
         yield settings
+
+
+@pytest.fixture(autouse=True)
+def seeded_global_rngs():
+    """Seed torch's and numpy's global RNGs before every test, so a test that builds a net with
+    default initialisation sees the same weights whatever ran before it in the session."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.manual_seed(0)
+    numpy = sys.modules.get("numpy")
+    if numpy is not None:
+        numpy.random.seed(0)
