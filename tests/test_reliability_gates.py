@@ -71,9 +71,8 @@ def test_disk_full_while_writing_leaves_no_partial_partition(tmp_path, monkeypat
     storage.write_partition("features", "market", "2024-01-02", _frame())
     before = storage.partition_file("features", "market", "2024-01-02").read_bytes()
 
-    def half_written(table, where, **kwargs):
-        with open(where, "wb") as handle:
-            handle.write(b"PAR1 half")
+    def half_written(table, sink, **kwargs):  # sink: the open temporary file
+        sink.write(b"PAR1 half")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(storage_module.pq, "write_table", half_written)

@@ -31,6 +31,9 @@ from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from finpipe.errors import ConfigError, StorageError
@@ -89,6 +92,30 @@ def write_bytes_atomic(path: Path, payload: bytes) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _fsync(path: Path) -> None:
+    """Flush a written file's data to disk before it is renamed into place."""
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _scan(files: list[str], columns: list[str] | None, where: pc.Expression) -> pd.DataFrame:
+    """Return the rows `where` selects from `files`, read by Arrow's dataset scanner.
+
+    The scanner filters each file in its own threads, without a Python call per file, which
+    matters for many small partitions (a loan book has one per application date). The schema
+    is unified over every file, so a column some files lack comes back null.
+    """
+    factory = pads.FileSystemDatasetFactory(
+        pafs.LocalFileSystem(), files, pads.ParquetFileFormat(), pads.FileSystemFactoryOptions()
+    )
+    schema = factory.inspect(promote_options="permissive")
+    chosen = None if columns is None else [c for c in columns if c in schema.names]
+    return factory.finish(schema).to_table(columns=chosen, filter=where).to_pandas()
+
+
 def write_json_atomic(path: Path, payload: object) -> None:
     """Write `payload` as indented JSON, atomically."""
     text = json.dumps(payload, indent=2, sort_keys=True, default=str)
@@ -141,22 +168,27 @@ class Storage:
             table = frame
         else:
             table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+        published = False
         try:
             # Dictionary-encode only non-float columns: on float columns a dictionary page
             # rarely pays (few repeats) and costs about a third of the write time.
             dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
-            pq.write_table(table, tmp, compression="zstd", use_dictionary=dictionary)
-            with open(tmp, "rb") as handle:
-                os.fsync(handle.fileno())
+            # An open file as the sink: a path would make pyarrow resolve a filesystem (and
+            # stat the path) for every partition, which shows in a write of thousands.
+            with pa.OSFile(str(tmp), "wb") as sink:
+                pq.write_table(table, sink, compression="zstd", use_dictionary=dictionary)
+            _fsync(tmp)
             crash_point("partition-before-publish")
             os.replace(tmp, target)
+            published = True
         except OSError as error:
             raise StorageError(
                 f"cannot write partition {target}: {error.strerror or error}; "
                 "nothing was published for this date"
             ) from error
         finally:
-            tmp.unlink(missing_ok=True)
+            if not published:
+                tmp.unlink(missing_ok=True)
         return target
 
     def partition_dates(
@@ -197,8 +229,13 @@ class Storage:
         end: dt.date | str | None = None,
         columns: Iterable[str] | None = None,
         days: Iterable[dt.date] | None = None,
+        where: pc.Expression | None = None,
     ) -> pd.DataFrame:
-        """Return the rows of every partition in [start, end] (or of `days`), as one frame."""
+        """Return the rows of every partition in [start, end] (or of `days`), as one frame.
+
+        `where` (a pyarrow expression) keeps only the rows it selects, filtered as the files
+        are scanned, before anything is converted to pandas.
+        """
         chosen = list(days) if days is not None else self.partition_dates(layer, domain, start, end)
         files = [str(self.partition_file(layer, domain, day)) for day in chosen]
         if not files:
@@ -206,12 +243,16 @@ class Storage:
         wanted = list(columns) if columns else None
 
         def read(file: str) -> pa.Table:
-            # Small files: one plain read each, no read-ahead buffers or threads of its own.
-            parquet = pq.ParquetFile(file, pre_buffer=False)
-            held = parquet.schema_arrow.names  # a column a file lacks comes back null
-            chosen = None if wanted is None else [c for c in wanted if c in held]
-            return parquet.read(columns=chosen, use_threads=False)
+            # Small files: one plain read each, no read-ahead buffers or threads of its own,
+            # opened directly rather than through a filesystem resolved per path.
+            with pa.OSFile(file) as source:
+                parquet = pq.ParquetFile(source, pre_buffer=False)
+                held = parquet.schema_arrow.names  # a column a file lacks comes back null
+                chosen = None if wanted is None else [c for c in wanted if c in held]
+                return parquet.read(columns=chosen, use_threads=False)
 
+        if where is not None:  # a scan for a few rows of many files: Arrow's threaded scanner
+            return _scan(files, wanted, where)
         # One file per date: a few threads read them (decoding releases the GIL), and the
         # tables are stacked with their schemas unified, as a dataset scan would.
         if len(files) == 1:

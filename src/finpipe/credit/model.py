@@ -469,13 +469,13 @@ class FittedCreditModel:
         order = np.argsort(-attributions, axis=1, kind="stable")[:, :REASONS]
         top = np.take_along_axis(attributions, order, axis=1)
         columns: dict[str, object] = {}
-        values = {c: _display(frame[c]) for c in self.feature_columns}
         for k in range(min(REASONS, len(features))):
             positive = top[:, k] > 0
             names = np.where(positive, features[order[:, k]], None)
-            shown = [
-                values[name].iloc[i] if name is not None else None for i, name in enumerate(names)
-            ]
+            shown = np.full(len(frame), None, dtype=object)
+            for name in pd.unique(names[positive]):  # each feature's value, only where shown
+                rows = names == name
+                shown[rows] = _display(frame[name][rows]).to_numpy(dtype=object)
             columns[f"reason_{k + 1}"] = pd.array(names, dtype="string")
             columns[f"reason_{k + 1}_value"] = pd.array(shown, dtype="string")
             columns[f"reason_{k + 1}_impact"] = np.where(positive, top[:, k], np.nan)

@@ -27,6 +27,7 @@ from typing import Literal
 import mlflow
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 from pydantic import BaseModel, Field
 
 from finpipe import promotion, tracking
@@ -290,8 +291,8 @@ def scoring_population(storage: Storage, book: LoanBookConfig, as_of: dt.date) -
         raise ScoringError(f"no credit feature partitions up to {as_of}; run the features step")
     if book.scoring.population == "latest_snapshot":
         return storage.read_partitions("features", DOMAIN, days=days[-1:]).reset_index(drop=True)
-    frame = storage.read_partitions("features", DOMAIN, days=days)
-    return frame[frame[LABEL].isna()].reset_index(drop=True)
+    unlabelled = pc.field(LABEL).is_null(nan_is_null=True)
+    return storage.read_partitions("features", DOMAIN, days=days, where=unlabelled)
 
 
 def train_credit(
