@@ -66,6 +66,25 @@ def test_snapshot_values_by_hand():
     assert set(snapshot.dtypes.iloc[2:].astype(str)) == {"float64"}
 
 
+def test_values_sharing_a_feature_name_add_up_and_rows_without_a_customer_count_for_nobody():
+    rows = _transactions(
+        [
+            ("a", "2024-03-01", 10.0, "Home & Garden"),
+            ("a", "2024-03-02", 10.0, "home garden"),  # the same slug: one feature
+            ("a", "2024-03-03", 10.0, "x"),
+            (None, "2024-03-03", 99.0, "x"),  # no customer: in nobody's counts or shares
+            ("b", "2024-03-04", 10.0, None),
+        ]
+    )
+    snapshot = build_customer_features(rows, "2024-04-01", active_days=365).set_index("customer_id")
+    assert snapshot.index.tolist() == ["a", "b"]
+    assert snapshot.loc["a", "category_share_home_garden"] == pytest.approx(2 / 3)
+    assert snapshot.loc["a", "category_share_x"] == pytest.approx(1 / 3)
+    assert snapshot.loc["a", "frequency"] == 3.0 and snapshot.loc["a", "monetary_total"] == 30.0
+    assert snapshot.loc["b", "category_share_unknown"] == 1.0
+    assert snapshot.loc["b", "category_share_x"] == 0.0
+
+
 def test_active_window_decides_who_is_scored():
     wide = build_customer_features(TINY, "2024-04-01", active_days=900)
     assert wide["customer_id"].tolist() == ["a", "b", "d"]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 
+import numpy as np
 import pandas as pd
 
 TREND_DAYS = 90
@@ -73,9 +74,15 @@ def build_customer_features(
     """
     t = pd.Timestamp(as_of).normalize()
     rows = transactions.loc[transactions["date"] <= t]
-    order = [c for c in ("customer_id", "timestamp", "date", "amount") if c in rows.columns]
-    rows = rows.sort_values(order, kind="mergesort").reset_index(drop=True)
-    customer = rows["customer_id"].astype("string")
+    rows = rows.loc[rows["customer_id"].notna()]  # a row without a customer counts for nobody
+    # Customers as integer codes in id order: every groupby below keys on them, which is far
+    # cheaper than hashing the id strings again for each feature.
+    codes, ids = pd.factorize(rows["customer_id"].astype("string"), sort=True)
+    # Rows by customer, then time and amount (sums run in this order); missing values last.
+    keys = [_sort_key(rows[c]) for c in ("amount", "date", "timestamp") if c in rows.columns]
+    order = np.lexsort([*keys, codes])  # the last key is the primary one; stable
+    rows = rows.take(order).reset_index(drop=True)
+    customer = pd.Series(codes[order], name="customer_code")
     day = rows["date"].astype("datetime64[ns]")
     amount = rows["amount"].astype("float64")
     by_customer = amount.groupby(customer, sort=True)
@@ -100,13 +107,22 @@ def build_customer_features(
 
     for column in MIX_COLUMNS:
         if column in rows.columns:
-            frame = frame.join(_mix(customer, rows[column]))
+            frame = frame.join(_mix(customer.to_numpy(), len(ids), rows[column]))
     frame = frame[frame["recency_days"] <= active_days]
     frame = frame[[*BASE_FEATURES, *[c for c in frame.columns if is_mix_feature(c)]]]
-    frame = frame.astype("float64").rename_axis("customer_id").reset_index()
-    frame["customer_id"] = frame["customer_id"].astype("string")
+    frame = frame.astype("float64")
+    frame.index = pd.Index(np.asarray(ids, dtype=object)[frame.index.to_numpy()], dtype="string")
+    frame = frame.rename_axis("customer_id").reset_index()
     frame.insert(0, "date", pd.Series(t, index=frame.index, dtype="datetime64[ns]"))
     return frame
+
+
+def _sort_key(values: pd.Series) -> np.ndarray:
+    """Return `values` as numbers that sort as pandas sorts them, missing values last."""
+    if pd.api.types.is_datetime64_any_dtype(values):
+        stamps = values.astype("datetime64[ns]").to_numpy()
+        return np.where(np.isnat(stamps), np.iinfo(np.int64).max, stamps.view(np.int64))
+    return pd.to_numeric(values, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
 
 
 def _interpurchase(customer: pd.Series, day: pd.Series) -> pd.DataFrame:
@@ -123,11 +139,19 @@ def _interpurchase(customer: pd.Series, day: pd.Series) -> pd.DataFrame:
     )
 
 
-def _mix(customer: pd.Series, values: pd.Series) -> pd.DataFrame:
-    """Return each customer's share of transactions per value of a category-like column."""
+def _mix(customer: np.ndarray, customers: int, values: pd.Series) -> pd.DataFrame:
+    """Return each customer's share of transactions per value of a category-like column.
+
+    `customer` holds each row's customer code in [0, customers); the result is indexed by code.
+    """
     text = values.astype("string").fillna("unknown")
-    names = text.map({v: mix_feature_name(str(values.name), v) for v in text.unique()})
-    counts = pd.crosstab(customer.to_numpy(), names.to_numpy()).astype("float64")
-    counts.index = counts.index.astype("string")
+    columns, labels = pd.factorize(text, sort=True)
+    names = [mix_feature_name(str(values.name), label) for label in labels]
+    # A customers x values count matrix from one bincount (a crosstab aggregates each cell in
+    # Python: seconds for a few hundred thousand customers).
+    cells = np.bincount(customer * len(names) + columns, minlength=customers * len(names))
+    counts = pd.DataFrame(cells.reshape(customers, len(names)).astype("float64"), columns=names)
+    if len(set(names)) < len(names):  # two values with one feature name ("A b", "a_b") add up
+        counts = counts.T.groupby(level=0).sum().T
     shares = counts.div(counts.sum(axis=1), axis=0)
     return shares[sorted(shares.columns)]
