@@ -130,6 +130,20 @@ def check_prefect_server(api_url: str, timeout: float = 10.0) -> None:
     )
 
 
+def start_prefect_api() -> float:
+    """Make sure this process's Prefect API answers (in Prefect's local mode that starts the
+    temporary server); return the seconds it took. Raises ConfigError when it does not answer.
+    """
+    from prefect.client.orchestration import get_client
+
+    started = time.perf_counter()
+    with get_client(sync_client=True) as client:
+        failure = client.api_healthcheck()
+    if failure is not None:
+        raise ConfigError(f"Prefect's API does not answer at {client.api_url}: {failure}")
+    return time.perf_counter() - started
+
+
 # -- the servers `finpipe ui` starts -------------------------------------------------------
 @dataclass(frozen=True)
 class ServerCommand:

@@ -15,9 +15,12 @@ from zoneinfo import ZoneInfo
 
 import pandas as pd
 import pytest
+from finpipe.flows.deployments import start_prefect_api
+from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from finpipe import tracking
 from finpipe.backfill import ALL_STEPS, business_days, is_done, read_completion
+from finpipe.errors import ConfigError
 from finpipe.ingest import ingest_file
 from finpipe.locks import date_resource, read_holder
 from finpipe.market.pipeline import MARKET_CONTRACT, update_market_features
@@ -213,3 +216,11 @@ def test_nightly_and_backfill_started_at_once_do_not_interleave(team, tmp_path):
         storage.read_partition("features", "market", day),
         fresh.read_partition("features", "market", day),
     )
+
+
+def test_start_prefect_api_finds_the_server_and_names_one_that_does_not_answer(team):
+    with temporary_settings({PREFECT_API_URL: team.api}):
+        assert 0 < start_prefect_api() < 30
+    nowhere = {PREFECT_API_URL: "http://127.0.0.1:9/api"}  # nothing listens on port 9
+    with temporary_settings(nowhere), pytest.raises(ConfigError, match=r"127\.0\.0\.1:9"):
+        start_prefect_api()

@@ -184,7 +184,7 @@ def training(work: Path, model: str, epochs: int) -> dict:
 def orchestration(work: Path, side: str, epochs: int) -> dict:
     """Run one night through the Prefect flow or as direct calls; return seconds and quality
     (test AUC of each model against the oracle AUC of the planted PDs on the same rows)."""
-    seconds, metrics, rows = workspace.run_night(work, DOMAIN, side, {"max_epochs": epochs})
+    seconds, metrics, rows, setup = workspace.run_night(work, DOMAIN, side, {"max_epochs": epochs})
     quality = {}
     for kind, result in metrics.items():
         auc, oracle = result["test"].get("auc"), result["test"].get("oracle_auc")
@@ -193,7 +193,8 @@ def orchestration(work: Path, side: str, epochs: int) -> dict:
             "oracle_auc": oracle,
             "auc_to_oracle": auc / oracle if auc is not None and oracle else None,
         }
-    return {"seconds": seconds, "rows": rows, "details": {"quality": quality, "epochs": epochs}}
+    details = {"quality": quality, "epochs": epochs, **setup}
+    return {"seconds": seconds, "rows": rows, "details": details}
 
 
 # -- scoring -------------------------------------------------------------------------------
@@ -208,6 +209,7 @@ def scoring(work: Path, side: str) -> dict:
     """
     settings, storage = use_home(work)
     night = dt.date.fromisoformat(prepared(work)["night"])
+    workspace.require_champion(settings, DOMAIN)  # tracking store open, as in a nightly run
     dated = storage.partition_dates("features", DOMAIN, end=night)
     nights = dated[-SCORED_NIGHTS:]
     if side == "finpipe":

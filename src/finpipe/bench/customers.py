@@ -216,7 +216,7 @@ def training(work: Path, model: str, epochs: int) -> dict:
 def orchestration(work: Path, side: str, epochs: int) -> dict:
     """Run one night through the Prefect flow or as direct calls; return seconds and quality
     (the test customers' ARI against the planted segments, silhouette, segments found)."""
-    seconds, metrics, rows = workspace.run_night(work, DOMAIN, side, {"max_epochs": epochs})
+    seconds, metrics, rows, setup = workspace.run_night(work, DOMAIN, side, {"max_epochs": epochs})
     quality = {
         kind: {
             "test_ari_vs_planted": result["test"].get("ari_vs_planted"),
@@ -225,7 +225,8 @@ def orchestration(work: Path, side: str, epochs: int) -> dict:
         }
         for kind, result in metrics.items()
     }
-    return {"seconds": seconds, "rows": rows, "details": {"quality": quality, "epochs": epochs}}
+    details = {"quality": quality, "epochs": epochs, **setup}
+    return {"seconds": seconds, "rows": rows, "details": details}
 
 
 # -- scoring -------------------------------------------------------------------------------
@@ -238,6 +239,7 @@ def scoring(work: Path, side: str) -> dict:
     """
     settings, storage = use_home(work)
     night = dt.date.fromisoformat(prepared(work)["night"])
+    workspace.require_champion(settings, DOMAIN)  # tracking store open, as in a nightly run
     nights = storage.partition_dates("features", DOMAIN, end=night)[-2:]
     if side == "finpipe":
         return workspace.time_finpipe_scoring(_domain().score, storage, settings, nights)

@@ -281,7 +281,7 @@ def orchestration(work: Path, side: str, epochs: int) -> dict:
     Prefect flow, or as the same library calls made directly. Returns seconds and quality."""
     training = {**ORCHESTRATION_CONFIG, "max_epochs": epochs}
     # Market's reset clears only the Data Docs under reports/, as it always has.
-    seconds, outcome_metrics, rows = workspace.run_night(
+    seconds, outcome_metrics, rows, setup = workspace.run_night(
         work, "market", side, training, reports="reports/data_docs"
     )
     quality = {
@@ -296,7 +296,8 @@ def orchestration(work: Path, side: str, epochs: int) -> dict:
         }
         for kind, result in outcome_metrics.items()
     }
-    return {"seconds": seconds, "rows": rows, "details": {"quality": quality, "epochs": epochs}}
+    details = {"quality": quality, "epochs": epochs, **setup}
+    return {"seconds": seconds, "rows": rows, "details": details}
 
 
 # -- scoring -------------------------------------------------------------------------------------
@@ -310,15 +311,12 @@ def scoring(work: Path, side: str) -> dict:
     would: finpipe's scoring step, or a pyarrow read + the bare net + a pyarrow write.
 
     Both sides start in a fresh process, so each pays its first model load once: MLflow's
-    registry + pyfunc for finpipe, `torch.load` of the same weights for the reference.
+    registry + pyfunc for finpipe, `torch.load` of the same weights for the reference. The
+    tracking store is open before the clock starts (see `workspace.require_champion`).
     """
     settings, storage = use_home(work)
     night = dt.date.fromisoformat(prepared(work)["night"])
-    from finpipe import tracking
-
-    champion = tracking.current_alias_version(settings, "market")
-    if champion is None:
-        raise RuntimeError("no champion: run the orchestration stage first")
+    workspace.require_champion(settings, "market")
     dated = storage.partition_dates("features", "market", end=night)
     nights = dated[-SCORED_NIGHTS:]
     if side == "finpipe":
