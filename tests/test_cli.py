@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -16,7 +17,17 @@ runner = CliRunner()
 
 @pytest.mark.parametrize(
     "command",
-    [[], ["generate"], ["generate", "market"], ["ingest"], ["run"], ["run", "nightly"], ["demo"]],
+    [
+        [],
+        ["generate"],
+        ["generate", "market"],
+        ["generate", "credit"],
+        ["generate", "customers"],
+        ["ingest"],
+        ["run"],
+        ["run", "nightly"],
+        ["demo"],
+    ],
 )
 def test_every_command_has_help(command):
     result = runner.invoke(app, [*command, "--help"])
@@ -46,6 +57,45 @@ def test_generate_writes_vendor_files_and_the_oracle(tmp_path):
     assert len([n for n in names if n.endswith(".csv")]) == 2
     header = pd.read_csv(tmp_path / names[0], nrows=1).columns.tolist()
     assert header == ["Date", "Ticker", "Open", "High", "Low", "Close", "Adj Close", "Volume"]
+
+
+def test_generate_credit_writes_a_loan_book_the_synthetic_config_accepts(tmp_path, home):
+    out = tmp_path / "drop"
+    args = ["generate", "credit", "--applications", "2000", "--days", "120", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--daily-files", "2", "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    printed = result.stdout.split()
+    assert [Path(p).name.startswith("credit_history_") for p in printed] == [True, False, False]
+    history, *nights = (pd.read_csv(p, dtype={"defaulted": "string"}) for p in printed)
+    assert len(history) + sum(len(n) for n in nights) == 2000
+    assert all(n["defaulted"].isna().all() for n in nights)  # applications still to be scored
+    assert set(history["defaulted"].dropna()) == {"0", "1"}
+    truth = pd.read_parquet(out / "true_pd.parquet")
+    assert len(truth) == 2000 and truth["true_pd"].between(0, 1).all()
+    kept = home.home / "reference" / "credit"
+    assert pd.read_parquet(next(kept.iterdir())).equals(truth)
+
+    last_night = Path(printed[-1]).stem.removeprefix("credit_")
+    ingested = runner.invoke(app, ["ingest", "credit", *printed, "--as-of", last_night])
+    assert ingested.exit_code == 0, ingested.output
+    assert ingested.stdout.count("validated") == 3
+
+
+def test_generate_customers_writes_files_the_synthetic_config_accepts(tmp_path, home):
+    out = tmp_path / "drop"
+    args = ["generate", "customers", "--customers", "60", "--days", "90", "--out", str(out)]
+    result = runner.invoke(app, [*args, "--no-keep-segments"])
+    assert result.exit_code == 0, result.output
+    printed = result.stdout.split()
+    assert Path(printed[0]).name.startswith("customers_history_") and len(printed) == 4
+    planted = pd.read_parquet(out / "planted_segments.parquet")
+    assert len(planted) == 60 and planted["customer_id"].is_unique
+    assert not (home.home / "reference").exists()  # --no-keep-segments
+
+    last_day = Path(printed[-1]).stem.removeprefix("customers_")
+    ingested = runner.invoke(app, ["ingest", "customers", *printed, "--as-of", last_day])
+    assert ingested.exit_code == 0, ingested.output
+    assert ingested.stdout.count("validated") == 4
 
 
 def test_ingest_error_is_one_line_and_exit_status_2(tmp_path):

@@ -80,6 +80,99 @@ def generate_market(
     )
 
 
+@generate_app.command("credit")
+def generate_credit(
+    out: Annotated[Path, typer.Option(help="Folder to write the delivery files into.")],
+    applications: Annotated[
+        int, typer.Option(min=2000, help="Loan applications over the whole book.")
+    ] = 20_000,
+    days: Annotated[int, typer.Option(min=60, help="Calendar days of application history.")] = 730,
+    daily_files: Annotated[
+        int, typer.Option(min=0, help="Deliver the last N application dates as one file each.")
+    ] = 3,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
+    keep_oracle: Annotated[
+        bool,
+        typer.Option(
+            help="Also keep the true PDs under FINPIPE_HOME/reference/credit, so nightly runs "
+            "there report the oracle AUC beside the model's."
+        ),
+    ] = True,
+) -> None:
+    """Generate a synthetic loan book (the synthetic loan-book config) with planted true PDs."""
+    from finpipe.credit.pipeline import write_oracle
+    from finpipe.credit.synthetic import (
+        CreditSyntheticConfig,
+        generate_loan_book,
+        write_deliveries,
+    )
+    from finpipe.storage import Storage
+
+    config = CreditSyntheticConfig(applications=applications, days=days, seed=seed)
+    book = generate_loan_book(config)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = write_deliveries(book.applications, out, nightly_files=daily_files)
+    truth = book.true_pd.rename(columns={"loan_id": "id"})
+    truth.to_parquet(out / "true_pd.parquet", index=False)
+    for path in paths:
+        typer.echo(str(path))
+    labelled = book.applications["defaulted"].notna()
+    _echo(
+        f"{len(book.applications):,} applications, {int(labelled.sum()):,} with an outcome "
+        f"(default rate {book.applications.loc[labelled, 'defaulted'].astype(int).mean():.1%}); "
+        f"oracle AUC {book.oracle_auc():.4f}; true PDs in {out / 'true_pd.parquet'}"
+    )
+    if keep_oracle:
+        settings = _settings()
+        write_oracle(Storage(settings.home), truth)
+        _echo(f"true PDs kept for oracle-AUC reporting under {settings.home / 'reference'}")
+
+
+@generate_app.command("customers")
+def generate_customers(
+    out: Annotated[Path, typer.Option(help="Folder to write the delivery files into.")],
+    customers: Annotated[int, typer.Option(min=50, help="Number of customers.")] = 1500,
+    days: Annotated[int, typer.Option(min=60, help="Calendar days of transactions.")] = 730,
+    daily_files: Annotated[
+        int, typer.Option(min=0, help="Deliver the last N days as one file each.")
+    ] = 3,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
+    keep_segments: Annotated[
+        bool,
+        typer.Option(
+            help="Also keep the planted segments under FINPIPE_HOME/reference/customers, so "
+            "nightly runs there report the ARI against them."
+        ),
+    ] = True,
+) -> None:
+    """Generate a synthetic transaction log (the synthetic customers config) with planted
+    segments."""
+    from finpipe.customers.pipeline import write_planted_segments
+    from finpipe.customers.synthetic import (
+        CustomersSyntheticConfig,
+        generate_customer_transactions,
+        write_vendor_files,
+    )
+    from finpipe.storage import Storage
+
+    config = CustomersSyntheticConfig(customers=customers, days=days, seed=seed)
+    generated = generate_customer_transactions(config)
+    paths = write_vendor_files(generated.transactions, out, daily_files=daily_files)
+    generated.segments.to_parquet(out / "planted_segments.parquet", index=False)
+    for path in paths:
+        typer.echo(str(path))
+    sizes = generated.segments["segment"].value_counts().sort_index()
+    _echo(
+        f"{len(generated.transactions):,} transactions of {customers:,} customers; planted "
+        f"segments {', '.join(f'{name} {count}' for name, count in sizes.items())}; "
+        f"in {out / 'planted_segments.parquet'}"
+    )
+    if keep_segments:
+        settings = _settings()
+        write_planted_segments(Storage(settings.home), generated.segments)
+        _echo(f"planted segments kept for ARI reporting under {settings.home / 'reference'}")
+
+
 @app.command("ingest")
 def ingest(
     domain: Annotated[str, typer.Argument(help="Domain of the files, e.g. market.")],
