@@ -347,3 +347,77 @@ def test_unknown_suite_names_the_available_ones():
 def test_missing_suite_parameter_says_what_to_pass():
     with pytest.raises(ConfigError, match=r"needs parameter\(s\) \['as_of'\]"):
         check(clean_bars(), parameters={})
+
+
+@pytest.fixture
+def gx_passes(monkeypatch) -> list[str]:
+    """Record the result format of every GX run validate_frame makes."""
+    from great_expectations.core.validation_definition import ValidationDefinition
+
+    formats: list[str] = []
+    original = ValidationDefinition.run
+
+    def recording_run(self, **kwargs):
+        formats.append(kwargs["result_format"]["result_format"])
+        return original(self, **kwargs)
+
+    monkeypatch.setattr(ValidationDefinition, "run", recording_run)
+    return formats
+
+
+def test_a_clean_batch_takes_one_counts_only_pass_and_loses_nothing(gx_passes, monkeypatch):
+    quick = check(clean_bars())
+    assert gx_passes == ["BASIC"]
+
+    monkeypatch.setattr("finpipe.validation._needs_samples", lambda result: True)
+    detailed = check(clean_bars())
+
+    assert gx_passes == ["BASIC", "BASIC", "SUMMARY"]
+    assert quick.success is True
+    assert quick.to_dict() == detailed.to_dict()
+
+
+def test_a_failing_batch_is_run_again_for_its_sample_rows(gx_passes):
+    frame = clean_bars()
+    frame.loc[4, "close"] = np.nan
+
+    rule = failed(check(frame))["expect_column_values_to_not_be_null(close)"]
+
+    assert gx_passes == ["BASIC", "SUMMARY"]
+    assert (rule.sample_rows, rule.sample_keys) == ([4], [{"date": "2024-01-04", "ticker": "AAA"}])
+
+
+def test_a_rule_passing_under_mostly_still_reports_its_unexpected_rows(gx_passes):
+    spec = {
+        "name": "mostly_probe",
+        "expectations": [
+            {
+                "type": "expect_column_values_to_be_between",
+                "kwargs": {"column": "x", "min_value": 0, "mostly": 0.5},
+            }
+        ],
+    }
+    frame = pd.DataFrame({"x": [1.0, 2.0, -1.0, 3.0]})
+
+    report = validate_frame(frame, suite_name="mostly_probe", batch_name="b", suite_spec=spec)
+
+    assert report.success is True
+    assert gx_passes == ["BASIC", "SUMMARY"]
+    (rule,) = report.rules
+    assert (rule.success, rule.unexpected_count, rule.sample_rows) == (True, 1, [2])
+    assert rule.sample_values == [-1.0]
+
+
+def test_gx_does_not_hash_every_cell_of_the_batch(monkeypatch):
+    from great_expectations.execution_engine import pandas_execution_engine
+
+    hashed: list[int] = []
+
+    def recording_hash(frame):
+        hashed.append(len(frame))
+        return "fingerprint"
+
+    monkeypatch.setattr(pandas_execution_engine, "hash_pandas_dataframe", recording_hash)
+
+    assert check(clean_bars()).success is True
+    assert hashed == []

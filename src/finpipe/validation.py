@@ -8,6 +8,14 @@ columns the market suite bounds (GX has no per-ticker lag).
 GX is imported lazily and one ephemeral Data Context is kept per process: creating it and
 registering a suite costs far more than validating a small batch. Validations in one process are
 serialised by a lock because the cached context is shared state.
+
+Every batch is checked by GX, on every row, in at most two passes. The first asks GX for counts
+only (result format BASIC); only when some rule saw an unexpected row, failed or raised does a
+second pass ask for the rows themselves (SUMMARY), which the report and the quarantine need.
+Listing unexpected rows makes GX filter the whole frame once per rule, and clean batches, the
+common case, do not pay for it. GX's own frame fingerprint (a hash of every cell, more work than
+the whole suite in plain pandas) is switched off: ingest identifies each delivery by the SHA-256
+of its file.
 """
 
 from __future__ import annotations
@@ -41,7 +49,9 @@ _LIST_COLUMN_KWARGS = ("column_list",)
 # Expectations that check a column's presence must run precisely when the column is absent.
 _NEVER_SKIPPED = frozenset({"expect_column_to_exist"})
 _ISO_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
-_RESULT_FORMAT = {
+# First pass: verdicts and counts only. Second pass, when a rule saw unexpected rows: samples.
+_COUNTS_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": SAMPLE_LIMIT}
+_SAMPLES_FORMAT = {
     "result_format": "SUMMARY",
     "partial_unexpected_count": SAMPLE_LIMIT,
     "return_unexpected_index_query": False,
@@ -220,9 +230,18 @@ def validate_frame(
         result = registered.validation.run(
             batch_parameters={"dataframe": batch},
             expectation_parameters=parameters,
-            result_format=_RESULT_FORMAT,
+            result_format=_COUNTS_FORMAT,
             run_id=run_id,
         )
+        if _needs_samples(result):
+            runtime.forget_result(suite_name, run_id, result)
+            run_id = runtime.run_identifier(batch_name)
+            result = registered.validation.run(
+                batch_parameters={"dataframe": batch},
+                expectation_parameters=parameters,
+                result_format=_SAMPLES_FORMAT,
+                run_id=run_id,
+            )
         if data_docs_dir is None:
             # Nothing will render it: drop it so a long-lived process does not accumulate results.
             runtime.forget_result(suite_name, run_id, result)
@@ -372,6 +391,7 @@ class _GxRuntime:
             progress_bars=ProgressBarsConfig(globally=False),
             analytics_enabled=False,
         )
+        _skip_frame_fingerprint()
         self.context = gx.get_context(mode="ephemeral", project_config=config)
         self.datasource = self.context.data_sources.add_pandas("finpipe")
         self._suites: dict[str, _RegisteredSuite] = {}
@@ -495,6 +515,20 @@ def _gx_runtime() -> _GxRuntime:
     return _GxRuntime()
 
 
+def _skip_frame_fingerprint() -> None:
+    """Stop GX hashing every cell of each batch for its `pandas_data_fingerprint` batch marker.
+
+    The marker is informational (GX already leaves it out for frames over HASH_THRESHOLD bytes,
+    1 GB); ingest keys every delivery on its file's SHA-256 instead. The hash costs more than the
+    market suite's rules themselves on a 2M-row batch. Should a GX release drop the threshold, the
+    fingerprint comes back, which costs time only; tests/test_validation.py notices it.
+    """
+    from great_expectations.execution_engine import pandas_execution_engine
+
+    if hasattr(pandas_execution_engine, "HASH_THRESHOLD"):
+        pandas_execution_engine.HASH_THRESHOLD = 0
+
+
 def _build_expectation(suite_name: str, entry: dict) -> Any:
     """Return the GX Expectation for a suite entry; ConfigError names the entry when it is bad."""
     from great_expectations.expectations.expectation_configuration import (
@@ -511,6 +545,17 @@ def _build_expectation(suite_name: str, entry: dict) -> Any:
 
 
 # --- pure helpers --------------------------------------------------------------------------------
+
+
+def _needs_samples(result: Any) -> bool:
+    """Return whether a counts-only GX result must be re-run for sample rows: some rule failed,
+    raised, or (passing under `mostly`) still saw unexpected rows."""
+    return not result.success or any(
+        not outcome.success
+        or (outcome.exception_info or {}).get("raised_exception")
+        or (outcome.result or {}).get("unexpected_count")
+        for outcome in result.results
+    )
 
 
 def _split_on_columns(
