@@ -6,6 +6,7 @@ each race computed the same thing, and the results files have the documented sha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -332,3 +333,21 @@ def test_domain_records_are_grouped_and_old_records_read_as_market(tmp_path):
     assert "| credit: Prefect overhead at 16S: ratio <= 1.10 | 1.05 | yes |" in markdown
     with pytest.raises(ConfigError, match="unknown domain"):
         BenchConfig(domains=["bonds"])
+
+
+def test_a_run_of_one_stage_replaces_that_stage_and_keeps_the_others(smoke_run, tmp_path):
+    config, records = smoke_run
+    out = tmp_path / "results"
+    out.mkdir()
+    earlier = [{**r, "from_earlier_run": True} for r in records]
+    (out / "latest.json").write_text(json.dumps(earlier))
+
+    again = run_benchmarks(
+        dataclasses.replace(config, stages=["validation"], out=out), say=lambda message: None
+    )
+
+    written = json.loads((out / "latest.json").read_text())
+    assert [r["stage"] for r in written] == [r["stage"] for r in records]  # still in stage order
+    assert [r["stage"] for r in again] == [r["stage"] for r in records]
+    kept = [r["stage"] for r in written if r.get("from_earlier_run")]
+    assert kept == ["features", "training_mlp", "training_gru"]

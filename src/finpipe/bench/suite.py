@@ -173,6 +173,11 @@ def _median(values: list[float]) -> float | None:
     return round(statistics.median(values), 4) if values else None
 
 
+def stage_family(record: dict) -> str:
+    """Return the `--stages` name a record belongs to: `training_gru` -> `training`."""
+    return str(record.get("stage", "")).split("_")[0]
+
+
 def record_domain(record: dict) -> str:
     """Return a record's domain; records written before there were several are market's."""
     return record.get("domain", "market")
@@ -208,12 +213,15 @@ def _record(stage, size, rows, pairs, *, repetitions, domain="market", extra=Non
 def run_benchmarks(config: BenchConfig, say: Callable[[str], None] = print) -> list[dict]:
     """Run every selected stage of every selected domain at every size; return the records
     (also written to `out`)."""
-    # Domains and sizes not run this time keep their earlier records: `--sizes 16S` updates
-    # 16S alone, `--domain credit` leaves market's and customers' records as they were.
+    # Domains, sizes and stages not run this time keep their earlier records: `--sizes 16S`
+    # updates 16S alone, `--domain credit` leaves market's and customers' records as they were,
+    # `--stages validation` replaces the validation records (and prepare's) only.
     records: list[dict] = [
         r
         for r in _earlier_records(config.out)
-        if record_domain(r) not in config.domains or r.get("size") not in config.sizes
+        if record_domain(r) not in config.domains
+        or r.get("size") not in config.sizes
+        or (r.get("stage") != "prepare" and stage_family(r) not in config.stages)
     ]
     config.workdir.mkdir(parents=True, exist_ok=True)
     log_file = config.workdir / "bench.log"
@@ -221,9 +229,19 @@ def run_benchmarks(config: BenchConfig, say: Callable[[str], None] = print) -> l
     for domain in config.domains:
         for size in config.sizes:
             records.extend(_run_size(domain, size, config, log_file, say, records, started))
+    records = ordered_records(records)
     if config.out is not None:
         write_results(records, config, config.out, time.perf_counter() - started)
     return records
+
+
+def ordered_records(records: list[dict]) -> list[dict]:
+    """Return `records` by domain, size and stage (the models of a training stage keep their
+    order), as the results files list them."""
+    return sorted(
+        records,
+        key=lambda r: (_domain_order(r), SIZE_SCALE.get(r.get("size"), 99), _stage_order(r)),
+    )
 
 
 def _run_size(domain, size, config, log_file, say, records, started) -> list[dict]:
@@ -520,10 +538,7 @@ def write_results(
     `note` (markdown) goes under the header: how the figures were gathered when that was more
     than one command."""
     out.mkdir(parents=True, exist_ok=True)
-    records = sorted(  # stable: stages keep their order within a domain and size
-        records,
-        key=lambda r: (_domain_order(r), SIZE_SCALE.get(r.get("size"), 99)),
-    )
+    records = ordered_records(records)
     (out / "latest.json").write_text(json.dumps(records, indent=2, default=str) + "\n")
     checks = check_targets(records)
     quality = quality_rows(records)
@@ -534,7 +549,7 @@ def write_results(
         f"`finpipe bench --domain {','.join(config.domains)} --sizes {','.join(config.sizes)} "
         f"--repetitions {','.join(map(str, config.repetitions))}` on {os.cpu_count()} CPU cores "
         f"(this run); torch threads {config.torch_threads}; {seconds / 60:.1f} min in all. "
-        "Records of domains and sizes not in this run are kept from earlier runs.",
+        "Records of domains, sizes and stages not in this run are kept from earlier runs.",
         "Figures are medians over repetitions; ratio = finpipe / reference, pair by pair "
         "(orchestration: Prefect flow / direct calls). Training rows are samples (x epochs).",
         *(["", note] if note else []),
@@ -560,6 +575,12 @@ def write_results(
     for domain in present:
         lines += [*_quality_table(domain, [q for q in quality if q["domain"] == domain]), ""]
     (out / "latest.md").write_text("\n".join(lines))
+
+
+def _stage_order(record: dict) -> int:
+    family = stage_family(record)
+    order = ("prepare", *STAGE_ORDER)
+    return order.index(family) if family in order else len(order)
 
 
 def _domain_order(record: dict) -> int:
