@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pandas as pd
@@ -350,41 +351,69 @@ def test_missing_suite_parameter_says_what_to_pass():
 
 
 @pytest.fixture
-def gx_passes(monkeypatch) -> list[str]:
-    """Record the result format of every GX run validate_frame makes."""
+def gx_passes(monkeypatch) -> list[tuple[str, str]]:
+    """Record each GX run validate_frame makes: ("suite" or the rule's type, result format)."""
     from great_expectations.core.validation_definition import ValidationDefinition
+    from great_expectations.datasource.fluent.interfaces import Batch
 
-    formats: list[str] = []
-    original = ValidationDefinition.run
+    passes: list[tuple[str, str]] = []
+    suite_run, batch_validate = ValidationDefinition.run, Batch.validate
 
     def recording_run(self, **kwargs):
-        formats.append(kwargs["result_format"]["result_format"])
-        return original(self, **kwargs)
+        passes.append(("suite", kwargs["result_format"]["result_format"]))
+        return suite_run(self, **kwargs)
+
+    def recording_validate(self, expect, **kwargs):
+        passes.append((expect.expectation_type, kwargs["result_format"]["result_format"]))
+        return batch_validate(self, expect, **kwargs)
 
     monkeypatch.setattr(ValidationDefinition, "run", recording_run)
-    return formats
+    monkeypatch.setattr(Batch, "validate", recording_validate)
+    return passes
 
 
 def test_a_clean_batch_takes_one_counts_only_pass_and_loses_nothing(gx_passes, monkeypatch):
     quick = check(clean_bars())
-    assert gx_passes == ["BASIC"]
+    assert gx_passes == [("suite", "BASIC")]
 
-    monkeypatch.setattr("finpipe.validation._needs_samples", lambda result: True)
+    gx_passes.clear()
+    monkeypatch.setattr("finpipe.validation._needs_samples", lambda outcome: True)
     detailed = check(clean_bars())
 
-    assert gx_passes == ["BASIC", "BASIC", "SUMMARY"]
+    assert gx_passes[0] == ("suite", "BASIC")
+    assert len(gx_passes) == 1 + 30 and {f for _, f in gx_passes[1:]} == {"SUMMARY"}
     assert quick.success is True
     assert quick.to_dict() == detailed.to_dict()
 
 
-def test_a_failing_batch_is_run_again_for_its_sample_rows(gx_passes):
+def test_only_the_rules_that_saw_unexpected_rows_run_again_for_samples(gx_passes, tmp_path):
     frame = clean_bars()
     frame.loc[4, "close"] = np.nan
+    frame.loc[6, "volume"] = -5.0
 
-    rule = failed(check(frame))["expect_column_values_to_not_be_null(close)"]
+    report = check(frame, data_docs_dir=tmp_path)
 
-    assert gx_passes == ["BASIC", "SUMMARY"]
-    assert (rule.sample_rows, rule.sample_keys) == ([4], [{"date": "2024-01-04", "ticker": "AAA"}])
+    assert gx_passes == [
+        ("suite", "BASIC"),
+        ("expect_column_values_to_not_be_null", "SUMMARY"),
+        ("expect_column_values_to_be_between", "SUMMARY"),
+    ]
+    not_null = failed(report)["expect_column_values_to_not_be_null(close)"]
+    assert (not_null.sample_rows, not_null.sample_keys) == (
+        [4],
+        [{"date": "2024-01-04", "ticker": "AAA"}],
+    )
+    assert failed(report)["expect_column_values_to_be_between(volume)"].sample_rows == [6]
+    assert [rule.rule for rule in report.rules][:4] == [  # still in suite order
+        "expect_column_to_exist(date)",
+        "expect_column_to_exist(ticker)",
+        "expect_column_to_exist(close)",
+        "expect_column_to_exist(abs_log_return_1d)",
+    ]
+    # The Data Docs page renders the detailed results: the unexpected values' table.
+    (page,) = (tmp_path / "validations").rglob("*.html")
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page.read_text()))
+    assert "Unexpected Value Count -5.0 1" in text
 
 
 def test_a_rule_passing_under_mostly_still_reports_its_unexpected_rows(gx_passes):
@@ -402,7 +431,7 @@ def test_a_rule_passing_under_mostly_still_reports_its_unexpected_rows(gx_passes
     report = validate_frame(frame, suite_name="mostly_probe", batch_name="b", suite_spec=spec)
 
     assert report.success is True
-    assert gx_passes == ["BASIC", "SUMMARY"]
+    assert gx_passes == [("suite", "BASIC"), ("expect_column_values_to_be_between", "SUMMARY")]
     (rule,) = report.rules
     assert (rule.success, rule.unexpected_count, rule.sample_rows) == (True, 1, [2])
     assert rule.sample_values == [-1.0]
@@ -421,3 +450,35 @@ def test_gx_does_not_hash_every_cell_of_the_batch(monkeypatch):
 
     assert check(clean_bars()).success is True
     assert hashed == []
+
+
+def test_data_docs_index_lists_the_newest_batches_of_its_folder_and_keeps_every_page(
+    tmp_path, monkeypatch
+):
+    from finpipe.validation import _gx_runtime
+
+    monkeypatch.setattr("finpipe.validation.DOCS_INDEX_RESULTS", 2)
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    for name in ("first-batch", "second-batch", "third-batch"):
+        validate_frame(
+            add_market_checks_columns(clean_bars()),
+            suite_name=SUITE,
+            batch_name=name,
+            parameters={"as_of": AS_OF},
+            data_docs_dir=shared,
+        )
+
+    index = (shared / "index.html").read_text(encoding="utf-8")
+    assert "second-batch" in index and "third-batch" in index
+    assert "first-batch" not in index  # beyond the newest 2: off the index, page kept
+    pages = sorted(p.parent.parent.name for p in (shared / "validations").rglob("*.html"))
+    assert pages == ["first-batch", "second-batch", "third-batch"]
+    assert (shared / "static" / "styles" / "data_docs_default_styles.css").is_file()
+    assert len(_gx_runtime().context.validation_results_store.list_keys()) == 2
+
+    check(clean_bars(), data_docs_dir=own)  # another folder: its index lists its own batch
+
+    index = (own / "index.html").read_text(encoding="utf-8")
+    assert "test-batch" in index and "third-batch" not in index
+    assert (own / "expectations" / f"{SUITE}.html").is_file()
+    assert len(_gx_runtime().context.validation_results_store.list_keys()) == 1

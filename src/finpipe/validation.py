@@ -9,21 +9,23 @@ GX is imported lazily and one ephemeral Data Context is kept per process: creati
 registering a suite costs far more than validating a small batch. Validations in one process are
 serialised by a lock because the cached context is shared state.
 
-Every batch is checked by GX, on every row, in at most two passes. The first asks GX for counts
-only (result format BASIC); only when some rule saw an unexpected row, failed or raised does a
-second pass ask for the rows themselves (SUMMARY), which the report and the quarantine need.
-Listing unexpected rows makes GX filter the whole frame once per rule, and clean batches, the
-common case, do not pay for it. GX's own frame fingerprint (a hash of every cell, more work than
-the whole suite in plain pandas) is switched off: ingest identifies each delivery by the SHA-256
-of its file.
+Every batch is checked by GX, every rule on every row, asking for counts only (result format
+BASIC). The rules that saw unexpected rows are then run again on the same batch for the rows
+themselves (SUMMARY), which the report and the quarantine need, and their results replace the
+counts-only ones. Listing unexpected rows makes GX filter the whole frame once per rule, and
+rules with nothing to list, most of them on most nights, do not pay for it. GX's own frame
+fingerprint (a hash of every cell, more work than the whole suite in plain pandas) is switched
+off: ingest identifies each delivery by the SHA-256 of its file.
 """
 
 from __future__ import annotations
 
+import collections
 import datetime as dt
 import hashlib
 import importlib.resources
 import json
+import logging
 import math
 import os
 import re
@@ -44,6 +46,8 @@ from finpipe.market.schema import price_column
 os.environ["GX_ANALYTICS_ENABLED"] = "false"
 
 SAMPLE_LIMIT = 10
+# Validations one process keeps for the Data Docs index page (newest first); older pages stay.
+DOCS_INDEX_RESULTS = 20
 _COLUMN_KWARGS = ("column", "column_A", "column_B")
 _LIST_COLUMN_KWARGS = ("column_list",)
 # Expectations that check a column's presence must run precisely when the column is absent.
@@ -233,22 +237,16 @@ def validate_frame(
             result_format=_COUNTS_FORMAT,
             run_id=run_id,
         )
-        if _needs_samples(result):
-            runtime.forget_result(suite_name, run_id, result)
-            run_id = runtime.run_identifier(batch_name)
-            result = registered.validation.run(
-                batch_parameters={"dataframe": batch},
-                expectation_parameters=parameters,
-                result_format=_SAMPLES_FORMAT,
-                run_id=run_id,
-            )
+        runtime.add_samples(registered, batch, parameters, result, suite_name, run_id)
         if data_docs_dir is None:
             # Nothing will render it: drop it so a long-lived process does not accumulate results.
             runtime.forget_result(suite_name, run_id, result)
             docs_index = None
         else:
-            # Kept: the docs site's index page lists the results still held in the store.
-            docs_index = runtime.build_data_docs(Path(data_docs_dir), suite_name, run_id, result)
+            # Kept: the docs site's index page lists the newest results still held.
+            docs_index = runtime.build_data_docs(
+                Path(data_docs_dir), registered, suite_name, run_id, result
+            )
 
     order = registered.rule_order()
     rules = [  # suite order, not GX's execution order
@@ -395,7 +393,9 @@ class _GxRuntime:
         self.context = gx.get_context(mode="ephemeral", project_config=config)
         self.datasource = self.context.data_sources.add_pandas("finpipe")
         self._suites: dict[str, _RegisteredSuite] = {}
-        self._sites: dict[Path, str] = {}
+        self._site: tuple[Path, Any] | None = None  # the last docs folder and its SiteBuilder
+        self._suite_pages: set[tuple[Path, str]] = set()
+        self._held: collections.deque = collections.deque()  # (folder, result key), oldest first
 
     def prepare(self, spec: dict, kept: list[dict]) -> _RegisteredSuite:
         """Return the registered suite for `spec` restricted to `kept`, rebuilding it only when
@@ -449,50 +449,118 @@ class _GxRuntime:
             run_time=dt.datetime.now(dt.UTC),
         )
 
-    def build_data_docs(self, folder: Path, suite_name: str, run_id: Any, result: Any) -> str:
-        """Return the index page of the Data Docs site in `folder` after rendering `result`."""
+    def build_data_docs(
+        self, folder: Path, registered: _RegisteredSuite, suite_name: str, run_id: Any, result: Any
+    ) -> str:
+        """Return the index page of the Data Docs site in `folder` after rendering `result`.
+
+        The site builder of the last folder is kept, so a run of batches into one folder compiles
+        GX's page templates once, not once per batch; the suite's page is rendered when the folder
+        first gets this suite (or a changed one). The index lists the validations this process
+        holds for that folder, the newest DOCS_INDEX_RESULTS: listing every one read them all
+        back for each new page, which made a long ingest quadratic. Results rendered into another
+        folder are dropped, so ingest's one-folder-per-batch index lists its own batch. Every
+        page stays on disk.
+        """
         from great_expectations.data_context.types.resource_identifiers import (
             ExpectationSuiteIdentifier,
         )
 
         folder = folder.expanduser().resolve()
-        site_name = self._sites.get(folder)
-        if site_name is None:
-            site_name = "finpipe_" + hashlib.sha1(str(folder).encode()).hexdigest()[:12]
-            self.context.add_data_docs_site(
-                site_name,
-                {
-                    "class_name": "SiteBuilder",
-                    "show_how_to_buttons": False,
-                    "store_backend": {
-                        "class_name": "TupleFilesystemStoreBackend",
-                        "base_directory": str(folder),
-                    },
-                    "site_index_builder": {
-                        "class_name": "DefaultSiteIndexBuilder",
-                        "show_cta_footer": False,
-                        # Never delete pages another process rendered into a shared folder.
-                        "skip_and_clean_missing": False,
-                    },
-                },
-            )
-            self._sites[folder] = site_name
-        self.context.build_data_docs(
-            site_names=[site_name],
-            resource_identifiers=[
-                self._result_key(suite_name, run_id, result),
-                ExpectationSuiteIdentifier(name=suite_name),
-            ],
-        )
+        if self._site is None or self._site[0] != folder:
+            self._site = (folder, self._site_builder(folder))
+        key = self._result_key(suite_name, run_id, result)
+        resources = [key]
+        suite_page = folder / "expectations" / f"{suite_name}.html"
+        if (folder, registered.signature) not in self._suite_pages or not suite_page.is_file():
+            resources.append(ExpectationSuiteIdentifier(name=suite_name))
+        for held_folder, held_key in list(self._held):
+            if held_folder != folder:
+                self._forget(held_key)
+                self._held.remove((held_folder, held_key))
+        self._held.append((folder, key))
+        while len(self._held) > DOCS_INDEX_RESULTS:
+            self._forget(self._held.popleft()[1])
+        builder = self._site[1]
+        # SiteBuilder.build, but its index keeps pages it holds no result for: another process's
+        # batches, or this one's beyond the newest (GX's default deletes them).
+        for section in builder.site_section_builders.values():
+            section.build(resource_identifiers=resources)
+        if not (folder / "static").is_dir():
+            builder.target_store.copy_static_assets()
+        builder.site_index_builder.build(skip_and_clean_missing=False)
+        self._suite_pages.add((folder, registered.signature))
         index = folder / "index.html"
         if not index.is_file():
             raise RuntimeError(f"GX did not write the Data Docs index page {index}")
         return str(index)
 
+    def _site_builder(self, folder: Path) -> Any:
+        """Return a GX SiteBuilder writing into `folder`, configured as a docs site would be."""
+        from great_expectations.data_context.util import instantiate_class_from_config
+
+        return instantiate_class_from_config(
+            config={
+                "class_name": "SiteBuilder",
+                "show_how_to_buttons": False,
+                "store_backend": {
+                    "class_name": "TupleFilesystemStoreBackend",
+                    "base_directory": str(folder),
+                },
+                "site_index_builder": {
+                    "class_name": "DefaultSiteIndexBuilder",
+                    "show_cta_footer": False,
+                },
+            },
+            runtime_environment={
+                "data_context": self.context,
+                "root_directory": None,
+                "site_name": "finpipe_" + hashlib.sha1(str(folder).encode()).hexdigest()[:12],
+            },
+            config_defaults={
+                "class_name": "SiteBuilder",
+                "module_name": "great_expectations.render.renderer.site_builder",
+            },
+        )
+
+    def add_samples(
+        self,
+        registered: _RegisteredSuite,
+        batch: pd.DataFrame,
+        parameters: dict,
+        result: Any,
+        suite_name: str,
+        run_id: Any,
+    ) -> None:
+        """Re-run with SUMMARY each rule of the counts-only `result` that saw unexpected rows,
+        put its result in place of the counts-only one, and store `result` again."""
+        needing = [k for k, outcome in enumerate(result.results) if _needs_samples(outcome)]
+        if not needing:
+            return
+        expectations = {e.id: e for e in registered.validation.suite.expectations}
+        gx_batch = registered.validation.data.get_batch(batch_parameters={"dataframe": batch})
+        for k in needing:
+            counted = result.results[k]
+            detailed = gx_batch.validate(
+                expectations[counted.expectation_config.id],
+                result_format=_SAMPLES_FORMAT,
+                expectation_parameters=parameters,
+            )
+            if detailed.success != counted.success:
+                raise RuntimeError(
+                    f"GX gave {counted.expectation_config.type} two verdicts on one batch"
+                )
+            result.results[k] = detailed
+        self.context.validation_results_store.set(
+            self._result_key(suite_name, run_id, result), result
+        )
+
     def forget_result(self, suite_name: str, run_id: Any, result: Any) -> None:
         """Drop `result` from the in-memory validation results store."""
+        self._forget(self._result_key(suite_name, run_id, result))
+
+    def _forget(self, key: Any) -> None:
         store = self.context.validation_results_store
-        key = self._result_key(suite_name, run_id, result)
         if store.has_key(key):
             store.remove_key(key)
 
@@ -512,7 +580,16 @@ class _GxRuntime:
 
 @cache
 def _gx_runtime() -> _GxRuntime:
+    logging.getLogger("great_expectations.render.renderer.site_builder").addFilter(
+        _quiet_pages_without_results
+    )
     return _GxRuntime()
+
+
+def _quiet_pages_without_results(record: logging.LogRecord) -> bool:
+    """Drop GX's warning for each Data Docs page it holds no result for: by design here (see
+    `_GxRuntime.build_data_docs`), one line per kept page and batch would bury real warnings."""
+    return not str(record.msg).startswith("Validation result not found")
 
 
 def _skip_frame_fingerprint() -> None:
@@ -547,15 +624,10 @@ def _build_expectation(suite_name: str, entry: dict) -> Any:
 # --- pure helpers --------------------------------------------------------------------------------
 
 
-def _needs_samples(result: Any) -> bool:
-    """Return whether a counts-only GX result must be re-run for sample rows: some rule failed,
-    raised, or (passing under `mostly`) still saw unexpected rows."""
-    return not result.success or any(
-        not outcome.success
-        or (outcome.exception_info or {}).get("raised_exception")
-        or (outcome.result or {}).get("unexpected_count")
-        for outcome in result.results
-    )
+def _needs_samples(outcome: Any) -> bool:
+    """Return whether one rule's counts-only GX result must be re-run for its sample rows: it saw
+    unexpected rows (failing, or passing under `mostly`)."""
+    return bool((outcome.result or {}).get("unexpected_count"))
 
 
 def _split_on_columns(
