@@ -351,3 +351,4 @@ def test_a_run_of_one_stage_replaces_that_stage_and_keeps_the_others(smoke_run, 
     assert [r["stage"] for r in again] == [r["stage"] for r in records]
     kept = [r["stage"] for r in written if r.get("from_earlier_run")]
     assert kept == ["features", "training_mlp", "training_gru"]
+    assert "--repetitions 1 --stages validation`" in (out / "latest.md").read_text()

@@ -547,7 +547,8 @@ def write_results(
         "# finpipe benchmark results",
         "",
         f"`finpipe bench --domain {','.join(config.domains)} --sizes {','.join(config.sizes)} "
-        f"--repetitions {','.join(map(str, config.repetitions))}` on {os.cpu_count()} CPU cores "
+        f"--repetitions {','.join(map(str, config.repetitions))}{_stages_option(config)}` on "
+        f"{os.cpu_count()} CPU cores "
         f"(this run); torch threads {config.torch_threads}; {seconds / 60:.1f} min in all. "
         "Records of domains, sizes and stages not in this run are kept from earlier runs.",
         "Figures are medians over repetitions; ratio = finpipe / reference, pair by pair "
@@ -575,6 +576,13 @@ def write_results(
     for domain in present:
         lines += [*_quality_table(domain, [q for q in quality if q["domain"] == domain]), ""]
     (out / "latest.md").write_text("\n".join(lines))
+
+
+def _stages_option(config: BenchConfig) -> str:
+    """Return ` --stages ...` when the run measured only some stages, else nothing."""
+    if list(config.stages) == list(STAGE_ORDER):
+        return ""
+    return f" --stages {','.join(config.stages)}"
 
 
 def _stage_order(record: dict) -> int:
