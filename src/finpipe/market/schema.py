@@ -91,6 +91,8 @@ _OFFSET = re.compile(r"(?:[+-]\d{2}:?\d{2}|Z)$")
 
 def _unparsed(raw: pd.Series, parsed: pd.Series) -> pd.Series:
     """Return the raw text where a non-empty value failed to parse (else <NA>)."""
+    if raw.dtype.kind in "biuf":  # delivered as numbers (Parquet, a clean CSV): nothing to parse
+        return pd.Series(pd.NA, index=raw.index, dtype="string")
     text = raw.astype("string").str.strip()
     failed = parsed.isna() & text.notna() & (text != "")
     return text.where(failed)
