@@ -237,13 +237,15 @@ def validate_frame(
             result_format=_COUNTS_FORMAT,
             run_id=run_id,
         )
-        runtime.add_samples(registered, batch, parameters, result, suite_name, run_id)
+        sampled = runtime.add_samples(registered, batch, parameters, result)
         if data_docs_dir is None:
             # Nothing will render it: drop it so a long-lived process does not accumulate results.
             runtime.forget_result(suite_name, run_id, result)
             docs_index = None
         else:
             # Kept: the docs site's index page lists the newest results still held.
+            if sampled:  # the store holds the counts-only result ValidationDefinition.run saved
+                runtime.store_result(suite_name, run_id, result)
             docs_index = runtime.build_data_docs(
                 Path(data_docs_dir), registered, suite_name, run_id, result
             )
@@ -395,7 +397,8 @@ class _GxRuntime:
         self._suites: dict[str, _RegisteredSuite] = {}
         self._site: tuple[Path, Any] | None = None  # the last docs folder and its SiteBuilder
         self._suite_pages: set[tuple[Path, str]] = set()
-        self._held: collections.deque = collections.deque()  # (folder, result key), oldest first
+        # Result keys rendered into the last docs folder, oldest first.
+        self._held: collections.deque = collections.deque()
 
     def prepare(self, spec: dict, kept: list[dict]) -> _RegisteredSuite:
         """Return the registered suite for `spec` restricted to `kept`, rebuilding it only when
@@ -468,19 +471,17 @@ class _GxRuntime:
 
         folder = folder.expanduser().resolve()
         if self._site is None or self._site[0] != folder:
+            while self._held:  # every held result was rendered into the previous folder
+                self._forget(self._held.popleft())
             self._site = (folder, self._site_builder(folder))
         key = self._result_key(suite_name, run_id, result)
         resources = [key]
         suite_page = folder / "expectations" / f"{suite_name}.html"
         if (folder, registered.signature) not in self._suite_pages or not suite_page.is_file():
             resources.append(ExpectationSuiteIdentifier(name=suite_name))
-        for held_folder, held_key in list(self._held):
-            if held_folder != folder:
-                self._forget(held_key)
-                self._held.remove((held_folder, held_key))
-        self._held.append((folder, key))
+        self._held.append(key)
         while len(self._held) > DOCS_INDEX_RESULTS:
-            self._forget(self._held.popleft()[1])
+            self._forget(self._held.popleft())
         builder = self._site[1]
         # SiteBuilder.build, but its index keeps pages it holds no result for: another process's
         # batches, or this one's beyond the newest (GX's default deletes them).
@@ -529,14 +530,12 @@ class _GxRuntime:
         batch: pd.DataFrame,
         parameters: dict,
         result: Any,
-        suite_name: str,
-        run_id: Any,
-    ) -> None:
-        """Re-run with SUMMARY each rule of the counts-only `result` that saw unexpected rows,
-        put its result in place of the counts-only one, and store `result` again."""
+    ) -> bool:
+        """Re-run with SUMMARY each rule of the counts-only `result` that saw unexpected rows and
+        put its result in place of the counts-only one; return whether any rule was re-run."""
         needing = [k for k, outcome in enumerate(result.results) if _needs_samples(outcome)]
         if not needing:
-            return
+            return False
         expectations = {e.id: e for e in registered.validation.suite.expectations}
         gx_batch = registered.validation.data.get_batch(batch_parameters={"dataframe": batch})
         for k in needing:
@@ -551,6 +550,10 @@ class _GxRuntime:
                     f"GX gave {counted.expectation_config.type} two verdicts on one batch"
                 )
             result.results[k] = detailed
+        return True
+
+    def store_result(self, suite_name: str, run_id: Any, result: Any) -> None:
+        """Put `result` in the validation results store in place of what it holds for the run."""
         self.context.validation_results_store.set(
             self._result_key(suite_name, run_id, result), result
         )
