@@ -16,6 +16,10 @@ counts-only ones. Listing unexpected rows makes GX filter the whole frame once p
 rules with nothing to list, most of them on most nights, do not pay for it. GX's own frame
 fingerprint (a hash of every cell, more work than the whole suite in plain pandas) is switched
 off: ingest identifies each delivery by the SHA-256 of its file.
+
+Data Docs: ingest writes one small site per delivery (it travels with a quarantined batch). Every
+site of a process shares one compiled copy of GX's page templates, and gets only the static file
+its pages link to (the favicon), not GX's 4 MB static folder.
 """
 
 from __future__ import annotations
@@ -29,6 +33,8 @@ import logging
 import math
 import os
 import re
+import shutil
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -36,6 +42,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+import jinja2
+import jinja2.bccache
 import numpy as np
 import pandas as pd
 
@@ -48,6 +56,8 @@ os.environ["GX_ANALYTICS_ENABLED"] = "false"
 SAMPLE_LIMIT = 10
 # Validations one process keeps for the Data Docs index page (newest first); older pages stay.
 DOCS_INDEX_RESULTS = 20
+# GX's static files that its Data Docs pages link to (paths under GX's render/view/static/).
+DOCS_STATIC_ASSETS = ("images/favicon.ico",)
 _COLUMN_KWARGS = ("column", "column_A", "column_B")
 _LIST_COLUMN_KWARGS = ("column_list",)
 # Expectations that check a column's presence must run precisely when the column is absent.
@@ -397,6 +407,8 @@ class _GxRuntime:
         self._suites: dict[str, _RegisteredSuite] = {}
         self._site: tuple[Path, Any] | None = None  # the last docs folder and its SiteBuilder
         self._suite_pages: set[tuple[Path, str]] = set()
+        self._templates = _TemplateCode()
+        self._static: Path | None = None
         # Result keys rendered into the last docs folder, oldest first.
         self._held: collections.deque = collections.deque()
 
@@ -488,7 +500,7 @@ class _GxRuntime:
         for section in builder.site_section_builders.values():
             section.build(resource_identifiers=resources)
         if not (folder / "static").is_dir():
-            builder.target_store.copy_static_assets()
+            builder.target_store.copy_static_assets(str(self._static_assets()))
         builder.site_index_builder.build(skip_and_clean_missing=False)
         self._suite_pages.add((folder, registered.signature))
         index = folder / "index.html"
@@ -496,8 +508,39 @@ class _GxRuntime:
             raise RuntimeError(f"GX did not write the Data Docs index page {index}")
         return str(index)
 
+    def _static_assets(self) -> Path:
+        """Return a folder `static/` holding only the GX static files its pages link to.
+
+        GX's own copy puts 4 MB in every site (fonts, how-to GIFs) of which the pages use the
+        favicon alone (styles are inlined, the rest comes from CDNs); ingest writes one site per
+        delivery, so that was 4 MB a batch. tests/test_validation.py checks that every static
+        file a page links to is in the site.
+        """
+        if self._static is None:
+            import great_expectations
+
+            source = Path(great_expectations.__file__).parent / "render" / "view" / "static"
+            self._static = Path(tempfile.mkdtemp(prefix="finpipe-gx-static-")) / "static"
+            for name in DOCS_STATIC_ASSETS:
+                target = self._static / name
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(source / name, target)
+        return self._static
+
     def _site_builder(self, folder: Path) -> Any:
-        """Return a GX SiteBuilder writing into `folder`, configured as a docs site would be."""
+        """Return a GX SiteBuilder writing into `folder`, configured as a docs site would be.
+
+        Its page views share the process's compiled templates (`_TemplateCode`): each builder
+        has Jinja environments of its own, and compiling GX's templates again for every new
+        folder (ingest writes one per delivery) was most of a Data Docs page's cost.
+        """
+        builder = self._new_site_builder(folder)
+        views = [s.view_class for s in builder.site_section_builders.values()]
+        for view in [*views, builder.site_index_builder.view_class]:
+            view.env.bytecode_cache = self._templates
+        return builder
+
+    def _new_site_builder(self, folder: Path) -> Any:
         from great_expectations.data_context.util import instantiate_class_from_config
 
         return instantiate_class_from_config(
@@ -579,6 +622,25 @@ class _GxRuntime:
             run_id=run_id,
             batch_identifier=result.batch_id,
         )
+
+
+class _TemplateCode(jinja2.BytecodeCache):
+    """Compiled Jinja templates kept in memory, shared by every Environment that uses it.
+
+    Keyed by template, and checked against the checksum of its source, as Jinja's own file
+    and memcached caches do; code objects are kept as they are (nothing is written).
+    """
+
+    def __init__(self) -> None:
+        self._code: dict[str, tuple[str, Any]] = {}
+
+    def load_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        checksum, code = self._code.get(bucket.key, (None, None))
+        if checksum == bucket.checksum:
+            bucket.code = code
+
+    def dump_bytecode(self, bucket: jinja2.bccache.Bucket) -> None:
+        self._code[bucket.key] = (bucket.checksum, bucket.code)
 
 
 @cache
