@@ -77,6 +77,29 @@ def test_races_compare_like_with_like(smoke_run):
         assert details["epochs"] == 1 and details["train_samples"] > 1000
 
 
+def _assert_gx_floor_is_reported(record: dict, markdown: str) -> None:
+    """The validation record carries GX's per-batch floor and latest.md tabulates it."""
+    details = record["details"]
+    assert details["batches"] >= 1 and details["gx_floor_one_row_passed"] is True
+    floor = details["gx_batch_floor_s"]
+    assert 0 < details["gx_batch_floor_without_docs_s"] <= floor
+    # One pair: the floor ratio is batches x floor / the reference's seconds.
+    assert details["gx_floor_ratio"] == pytest.approx(
+        details["batches"] * floor / record["reference_s"], rel=0.05
+    )
+    assert "## Validation: GX's fixed cost per batch" in markdown
+    assert f"| {record.get('domain', 'market')} | S | {details['batches']} | {floor:.3f} / " in (
+        markdown
+    )
+
+
+def test_validation_reports_gx_fixed_cost_per_batch(smoke_run):
+    config, records = smoke_run
+    validation = next(r for r in records if r["stage"] == "validation")
+    assert validation["details"]["batches"] == 2  # 320 days: one file per 252 dates
+    _assert_gx_floor_is_reported(validation, (config.out / "latest.md").read_text())
+
+
 def test_pandas_rules_find_what_the_suite_finds():
     prices = generate_market_panel(MarketSyntheticConfig(tickers=8, days=320, seed=1)).prices
     broken = inject_defects(prices, ["nan", "high_below_low", "duplicate_key"], seed=2)
@@ -207,6 +230,7 @@ def test_domain_stages_run_and_are_written_as_documented(run, stages, request):
     markdown = (config.out / "latest.md").read_text()
     assert markdown.index("## market") < markdown.index(f"## {domain}")
     assert f"| {domain}: validation at S: ratio <= 3.0 |" in markdown
+    _assert_gx_floor_is_reported(records[1], markdown)
 
 
 def test_credit_races_compare_like_with_like(credit_run):

@@ -144,7 +144,8 @@ def validation(work: Path, side: str) -> dict:
                 suite_name="market_ohlcv",
                 batch_name=path.stem,
                 parameters={"as_of": as_of},
-                data_docs_dir=docs,  # as ingest runs it: the Data Docs page is part of the gate
+                # As ingest runs it: the Data Docs site, one per delivery, is part of the gate.
+                data_docs_dir=docs / path.stem,
             )
             counts = {rule.rule: rule.unexpected_count for rule in report.rules}
         else:
@@ -153,7 +154,25 @@ def validation(work: Path, side: str) -> dict:
         rows += len(batch)
         for rule, count in counts.items():
             verdicts[rule] = verdicts.get(rule, 0) + int(count)
-    details = {"unexpected": verdicts, "suite_without_docs_s": round(suite_only, 4)}
+    details = {
+        "unexpected": verdicts,
+        "suite_without_docs_s": round(suite_only, 4),
+        "batches": len(files),
+    }
+    if side == "finpipe":
+        one_row = add_market_checks_columns(
+            normalise_market_frame(pd.read_parquet(files[0]).head(1)), None
+        )
+        details["gx_batch_floor"] = workspace.gx_batch_floor(
+            lambda docs: validate_frame(
+                one_row,
+                suite_name="market_ohlcv",
+                batch_name="one-row",
+                parameters={"as_of": as_of},
+                data_docs_dir=docs,
+            ),
+            work / "floor_docs",
+        )
     return {"seconds": seconds, "rows": rows, "details": details}
 
 

@@ -384,7 +384,32 @@ def _verdicts(pairs) -> dict:
         "finpipe_suite_without_docs_s": _median(
             [p[0]["details"]["suite_without_docs_s"] for p in pairs]
         ),
-        "note": "finpipe = GX suite + Data Docs page per delivery file, as ingest runs it",
+        **_gx_floor(pairs),
+        "note": "finpipe = GX suite + its own Data Docs site per delivery file, as ingest runs it",
+    }
+
+
+def _gx_floor(pairs) -> dict:
+    """Return GX's per-batch floor (a one-row batch's suite + Data Docs page) and what it alone
+    would make of the ratio: batches x floor / the reference's seconds, pair by pair."""
+    floors = [p[0]["details"].get("gx_batch_floor") for p in pairs]
+    if None in floors:  # records from before the floor was measured
+        return {}
+    batches = pairs[0][0]["details"]["batches"]
+    return {
+        "batches": batches,
+        "gx_batch_floor_s": _median([f["with_docs_s"] for f in floors]),
+        "gx_batch_floor_without_docs_s": _median([f["without_docs_s"] for f in floors]),
+        "gx_floor_ratio": round(
+            _median(
+                [
+                    batches * f["with_docs_s"] / p[1]["seconds"]
+                    for f, p in zip(floors, pairs, strict=True)
+                ]
+            ),
+            2,
+        ),
+        "gx_floor_one_row_passed": all(f["one_row_passed"] for f in floors),
     }
 
 
@@ -572,10 +597,41 @@ def write_results(
             ),
             "",
         ]
+    lines += _validation_floor_lines(records)
     lines += ["## Model quality (test window of the nightly retrain)", ""]
     for domain in present:
         lines += [*_quality_table(domain, [q for q in quality if q["domain"] == domain]), ""]
     (out / "latest.md").write_text("\n".join(lines))
+
+
+def _validation_floor_lines(records: list[dict]) -> list[str]:
+    """Return the table of GX's per-batch floor beside each validation ratio (none before the
+    floor was measured)."""
+    rows = [
+        r for r in records
+        if r["stage"] == "validation" and "gx_floor_ratio" in (r.get("details") or {})
+    ]  # fmt: skip
+    if not rows:
+        return []
+    return [
+        "## Validation: GX's fixed cost per batch",
+        "",
+        "The floor is the suite and a Data Docs site on a one-row batch (median of 5), paid "
+        "by every delivery whatever its size; floor ratio = batches x floor / the pandas "
+        "rules' time. A validation ratio cannot go below its floor ratio by any speed-up of "
+        "the rules' own row work.",
+        "",
+        "| domain | size | batches | floor s (with docs / without) | floor ratio | ratio |",
+        "|---|---|---|---|---|---|",
+        *(
+            f"| {record_domain(r)} | {r['size']} | {r['details']['batches']} | "
+            f"{_fmt(r['details']['gx_batch_floor_s'], 3)} / "
+            f"{_fmt(r['details']['gx_batch_floor_without_docs_s'], 3)} | "
+            f"{_fmt(r['details']['gx_floor_ratio'])} | {_fmt(r['ratio'])} |"
+            for r in rows
+        ),
+        "",
+    ]
 
 
 def _stages_option(config: BenchConfig) -> str:

@@ -171,7 +171,8 @@ def validate_history(work: Path, domain: str, side: str) -> dict:
         batch = checked(path)
         if side == "finpipe":
             suite_only += timed(gx, batch, path.stem)[0]
-            spent, report = timed(gx, batch, path.stem, work / "docs")
+            # As ingest runs it: its own Data Docs site per delivery.
+            spent, report = timed(gx, batch, path.stem, work / "docs" / path.stem)
             found = {
                 r.rule: {"unexpected": r.unexpected_count, "success": r.success}
                 for r in report.rules
@@ -190,6 +191,11 @@ def validate_history(work: Path, domain: str, side: str) -> dict:
         "suite_without_docs_s": round(suite_only, 4),
         "batches": len(files),
     }
+    if side == "finpipe":
+        one_row = checked(files[0]).head(1)
+        details["gx_batch_floor"] = gx_batch_floor(
+            lambda docs: gx(one_row, "one-row", docs), work / "floor_docs"
+        )
     return {"seconds": seconds, "rows": rows, "details": details}
 
 
@@ -225,6 +231,29 @@ def champion_folder(settings, domain: str) -> Path:
         if model_id in match.parts or version.run_id in match.parts:
             return match.parent
     raise RuntimeError(f"no saved model folder for {version.source} under {settings.home}")
+
+
+def gx_batch_floor(run_suite: Callable[..., object], docs: Path, repeats: int = 5) -> dict:
+    """Return GX's cost of one batch with (almost) no rows: median seconds of `run_suite(site)`
+    (the suite and a new Data Docs site under `docs`, as the stage times each delivery) and of
+    `run_suite(None)`.
+
+    `run_suite` validates a one-row batch. Each delivery pays this floor whatever its size, so
+    batches x floor is a time no speed-up of the rules' own row work could go below; the runner
+    sets it beside the pandas reference's time (`gx_floor_ratio`).
+    """
+    with_docs, without_docs, passed = [], [], True
+    for k in range(repeats):
+        spent, report = timed(run_suite, docs / f"one-row-{k}")
+        with_docs.append(spent)
+        passed &= bool(report.success)
+        without_docs.append(timed(run_suite, None)[0])
+    shutil.rmtree(docs, ignore_errors=True)
+    return {
+        "with_docs_s": round(sorted(with_docs)[repeats // 2], 4),
+        "without_docs_s": round(sorted(without_docs)[repeats // 2], 4),
+        "one_row_passed": passed,  # a failing row would add GX's sample re-run to the floor
+    }
 
 
 def timed(function: Callable, *args, **kwargs) -> tuple[float, object]:
