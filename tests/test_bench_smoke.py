@@ -376,3 +376,22 @@ def test_a_run_of_one_stage_replaces_that_stage_and_keeps_the_others(smoke_run, 
     kept = [r["stage"] for r in written if r.get("from_earlier_run")]
     assert kept == ["features", "training_mlp", "training_gru"]
     assert "--repetitions 1 --stages validation`" in (out / "latest.md").read_text()
+
+
+def test_a_domain_header_states_the_epochs_its_own_nightly_records_ran_with(tmp_path):
+    from finpipe.bench.suite import write_results
+
+    def orchestration(domain, epochs):
+        return {
+            "domain": domain, "stage": "orchestration", "size": "S", "size_rows": 100,
+            "ratio": 1.0, "peak_rss_mb": 500.0, "finpipe_s": 1.0, "reference_s": 1.0,
+            "details": {"quality": {}, "nightly_max_epochs": epochs},
+        }  # fmt: skip
+
+    # This run measured market with max_epochs 1; credit's records are kept from a run with 2.
+    config = BenchConfig(domains=["market"], sizes=["S"], nightly_epochs=1, out=tmp_path)
+    write_results([orchestration("market", 1), orchestration("credit", 2)], config, tmp_path, 1.0)
+
+    markdown = (tmp_path / "latest.md").read_text()
+    assert "nightly runs max_epochs=1." in markdown
+    assert "nightly runs max_epochs=2 (mlp and logistic)." in markdown

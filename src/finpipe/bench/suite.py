@@ -582,7 +582,8 @@ def write_results(
     ]
     for domain in present:
         mine = [r for r in records if record_domain(r) == domain]
-        lines += ["", f"## {domain}", "", _domain_header(domain, config), "", results_table(mine)]
+        header = _domain_header(domain, config, _nightly_epochs(mine))
+        lines += ["", f"## {domain}", "", header, "", results_table(mine)]
     lines += ["", "## Targets", ""]
     for domain in present:
         lines += [
@@ -652,25 +653,40 @@ def _domain_order(record: dict) -> int:
     return DOMAINS.index(domain) if domain in DOMAINS else len(DOMAINS)
 
 
-def _domain_header(domain: str, config: BenchConfig) -> str:
-    """Return one line saying what size S is and how the domain's models were trained."""
+def _nightly_epochs(records: list[dict]) -> str | None:
+    """Return the max_epochs the domain's orchestration records were run with ("1, 2" when
+    they differ); None when they do not say. A run of another domain keeps these records, so
+    its own setting would misstate them."""
+    epochs = sorted(
+        {
+            r["details"]["nightly_max_epochs"]
+            for r in records
+            if r["stage"] == "orchestration" and "nightly_max_epochs" in (r.get("details") or {})
+        }
+    )
+    return ", ".join(map(str, epochs)) if epochs else None
+
+
+def _domain_header(domain: str, config: BenchConfig, nightly: str | None = None) -> str:
+    """Return one line saying what size S is and how the domain's models were trained
+    (`nightly`: the nightly runs' max_epochs as recorded, else this run's setting)."""
     if domain == "market":
         return (
             f"S = {config.base_tickers} tickers x {config.base_days} days (4S, 16S: both x2, "
             f"x4); training {config.train_epochs} epoch(s) per repetition; nightly runs "
-            f"max_epochs={config.nightly_epochs}."
+            f"max_epochs={nightly or config.nightly_epochs}."
         )
     if domain == "credit":
         return (
             f"S = {config.base_applications:,} loan applications over two years (4S, 16S: x4, "
             f"x16); training {config.credit_train_epochs} epochs per repetition; nightly runs "
-            f"max_epochs={config.nightly_epochs} (mlp and logistic)."
+            f"max_epochs={nightly or config.nightly_epochs} (mlp and logistic)."
         )
     return (
         f"S = {config.base_customers:,} customers over two years, about 36 transactions each "
         f"(4S, 16S: x4, x16); training {config.customers_train_epochs} epochs per repetition; "
-        f"nightly runs max_epochs={config.customers_nightly_epochs}. Feature rows are the "
-        "transactions the snapshot reads; its reference is Polars."
+        f"nightly runs max_epochs={nightly or config.customers_nightly_epochs}. Feature rows are "
+        "the transactions the snapshot reads; its reference is Polars."
     )
 
 
