@@ -24,6 +24,7 @@ its pages link to (the favicon), not GX's 4 MB static folder.
 
 from __future__ import annotations
 
+import atexit
 import collections
 import datetime as dt
 import hashlib
@@ -520,7 +521,9 @@ class _GxRuntime:
             import great_expectations
 
             source = Path(great_expectations.__file__).parent / "render" / "view" / "static"
-            self._static = Path(tempfile.mkdtemp(prefix="finpipe-gx-static-")) / "static"
+            staging = tempfile.mkdtemp(prefix="finpipe-gx-static-")
+            atexit.register(shutil.rmtree, staging, True)
+            self._static = Path(staging) / "static"
             for name in DOCS_STATIC_ASSETS:
                 target = self._static / name
                 target.parent.mkdir(parents=True, exist_ok=True)
