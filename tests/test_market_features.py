@@ -7,10 +7,13 @@ import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from scipy.stats import rankdata
 
 from finpipe.market.features import (
     FEATURE_LOOKBACK_DAYS,
+    _cross_sectional_rank,
     _features_in_float64,
+    _TickerPanel,
     build_market_features,
     build_market_labels,
     market_feature_columns,
@@ -163,6 +166,42 @@ def test_cross_sectional_rank_uses_only_the_same_date():
     assert with_extra["return_5d_cs_rank"].iloc[-4:].tolist() == pytest.approx(
         [0.5, 1.0, 0.0, np.nan], nan_ok=True
     )
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(  # one list per date: small integers (many ties) or None (missing)
+        st.lists(st.one_of(st.none(), st.integers(-3, 3)), min_size=1, max_size=12),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_cross_sectional_ranks_match_scipy_rankdata_with_ties_and_gaps(dates):
+    """Each date's ranks are scipy's average ranks over its present values, as percentiles."""
+    frame = pd.DataFrame(
+        [
+            {"date": pd.Timestamp("2024-01-01") + pd.Timedelta(days=d), "ticker": f"T{i:02d}",
+             "close": 10.0, "volatility": np.nan if v is None else float(v)}
+            for d, values in enumerate(dates)
+            for i, v in enumerate(values)
+        ]
+    )  # fmt: skip
+    panel = _TickerPanel(frame)
+    slots, shape = panel.date_matrix()
+    by_date = frame.sort_values(["date", "ticker"])
+    got = _cross_sectional_rank(by_date["volatility"].to_numpy(), slots, shape)
+
+    expected = []
+    for _, day in by_date.groupby("date", sort=True):
+        values = day["volatility"].to_numpy()
+        present = ~np.isnan(values)
+        pct = np.full(len(values), np.nan)
+        if present.sum() == 1:
+            pct[present] = 0.5
+        elif present.any():
+            pct[present] = (rankdata(values[present]) - 1.0) / (present.sum() - 1.0)
+        expected.append(pct)
+    np.testing.assert_array_equal(got, np.concatenate(expected))
 
 
 def _tail_before(prices: pd.DataFrame, first: pd.Timestamp, rows: int) -> pd.DataFrame:

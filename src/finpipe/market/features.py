@@ -40,7 +40,6 @@ from collections.abc import Iterable
 
 import numpy as np
 import pandas as pd
-from scipy.stats import rankdata
 
 from finpipe.market.schema import price_column
 
@@ -53,6 +52,9 @@ EWMA_SPAN_MULTIPLE = 2  # a span-s EMA looks back 2*s rows; the weight left out 
 VOLUME_WINDOW = 20
 CROSS_SECTIONAL_RANKED = ("return_5d", "return_20d", "volatility_20d")
 _FLAT_LOG_VOLUME_STD = 1e-9
+# Window sums run over the rows in chunks this long, every pass of a window over one chunk
+# before the next, so the running sums stay in the core's cache instead of streaming from memory.
+_CHUNK_ROWS = 1 << 14
 
 
 def _ewma_rows(span: int) -> int:
@@ -149,9 +151,9 @@ def _features_in_float64(prices: pd.DataFrame) -> pd.DataFrame:
     by_date = panel.by_date
     for name, values in columns.items():
         frame[name] = values[by_date]
-    date_group = panel.date_groups()
+    slots, shape = panel.date_matrix()
     for name in CROSS_SECTIONAL_RANKED:
-        frame[f"{name}_cs_rank"] = _cross_sectional_rank(frame[name].to_numpy(), date_group)
+        frame[f"{name}_cs_rank"] = _cross_sectional_rank(frame[name].to_numpy(), slots, shape)
 
     return frame[["date", "ticker", *market_feature_columns(available)]]
 
@@ -231,18 +233,9 @@ class _TickerPanel:
             out[:-k][self._code[k:] != self._code[:-k]] = np.nan
         return out
 
-    def windows(self, values: np.ndarray, window: int) -> list[np.ndarray]:
-        """Return `window` aligned views, oldest first: view j, entry m is values[m + j], which
-        is row t = m + window - 1 looking back window - 1 - j rows."""
-        usable = len(values) - window + 1
-        return [values[j : j + usable] for j in range(window)] if usable > 0 else []
-
-    def place(self, aligned: np.ndarray | None, window: int, rows_before: int) -> np.ndarray:
-        """Return a full-length array from per-window results, NaN where the ticker has fewer
-        than `rows_before` rows before t (the window would reach into another ticker)."""
-        out = np.full(len(self.position), np.nan)
-        if aligned is not None:
-            out[window - 1 :] = aligned
+    def masked(self, out: np.ndarray, rows_before: int) -> np.ndarray:
+        """Return `out` with NaN where the ticker has fewer than `rows_before` rows before t
+        (the window would reach into another ticker)."""
         out[self.position < rows_before] = np.nan
         return out
 
@@ -257,31 +250,44 @@ class _TickerPanel:
     ) -> np.ndarray:
         """Return sum_k weights[k] * values[t - k] (k = 0 is row t), added oldest first."""
         window = len(weights)
-        views = self.windows(values, window)
-        total = None
-        for j, view in enumerate(views):
-            term = view * weights[window - 1 - j]
-            total = term if total is None else total + term
-        return self.place(total, window, window - 1 if rows_before is None else rows_before)
+        out = np.full(len(values), np.nan)
+        aligned = out[window - 1 :]  # entry m is row t = m + window - 1; values[m + j] its term j
+        term = np.empty(min(_CHUNK_ROWS, len(aligned)))
+        for lo, hi in _chunks(len(aligned)):
+            total, scratch = aligned[lo:hi], term[: hi - lo]
+            np.multiply(values[lo:hi], weights[window - 1], out=total)
+            for j in range(1, window):
+                weight, view = weights[window - 1 - j], values[lo + j : hi + j]
+                if weight == 1.0:  # x * 1.0 is x exactly
+                    np.add(total, view, out=total)
+                else:
+                    np.multiply(view, weight, out=scratch)
+                    np.add(total, scratch, out=total)
+        return self.masked(out, window - 1 if rows_before is None else rows_before)
 
     def window_mean_std(
         self, values: np.ndarray, window: int, *, rows_before: int
     ) -> tuple[np.ndarray, np.ndarray]:
         """Return the mean and sample standard deviation (ddof=1) of the last `window` values,
         from two passes over each window (mean first, then squared deviations)."""
-        views = self.windows(values, window)
-        if not views:
-            empty = self.place(None, window, rows_before)
-            return empty, empty.copy()
-        total = views[0].copy()
-        for view in views[1:]:
-            total = total + view
-        mean = total / window
-        squares = (views[0] - mean) ** 2
-        for view in views[1:]:
-            squares = squares + (view - mean) ** 2
-        std = np.sqrt(squares / (window - 1))
-        return self.place(mean, window, rows_before), self.place(std, window, rows_before)
+        mean, std = np.full(len(values), np.nan), np.full(len(values), np.nan)
+        mean_at, std_at = mean[window - 1 :], std[window - 1 :]  # entry m is row m + window - 1
+        scratch = np.empty(min(_CHUNK_ROWS, len(mean_at)))
+        for lo, hi in _chunks(len(mean_at)):
+            average, squares, deviation = mean_at[lo:hi], std_at[lo:hi], scratch[: hi - lo]
+            np.copyto(average, values[lo:hi])
+            for j in range(1, window):
+                np.add(average, values[lo + j : hi + j], out=average)
+            np.divide(average, window, out=average)
+            np.subtract(values[lo:hi], average, out=squares)
+            np.square(squares, out=squares)
+            for j in range(1, window):
+                np.subtract(values[lo + j : hi + j], average, out=deviation)
+                np.square(deviation, out=deviation)
+                np.add(squares, deviation, out=squares)
+            np.divide(squares, window - 1, out=squares)
+            np.sqrt(squares, out=squares)
+        return self.masked(mean, rows_before), self.masked(std, rows_before)
 
     def window_std(self, values: np.ndarray, window: int, *, rows_before: int) -> np.ndarray:
         return self.window_mean_std(values, window, rows_before=rows_before)[1]
@@ -296,10 +302,24 @@ class _TickerPanel:
             }
         )
 
-    def date_groups(self) -> np.ndarray:
-        """Return a group number per row in date order: rows of the same date share it."""
+    def date_matrix(self) -> tuple[np.ndarray, tuple[int, int]]:
+        """Return a dates x width matrix's shape and, for each row in date order, its flat
+        position there: date d's rows fill matrix row d from the left (width = the most rows
+        of any date)."""
         day = self._day[self.by_date]
-        return np.cumsum(np.r_[False, np.diff(day) != 0]) if len(day) else day
+        n = len(day)
+        if n == 0:
+            return np.zeros(0, dtype=np.int64), (0, 0)
+        starts = np.flatnonzero(np.r_[True, day[1:] != day[:-1]])
+        sizes = np.diff(np.r_[starts, n])
+        width = int(sizes.max())
+        slots = np.arange(n) + np.repeat(np.arange(len(starts)) * width - starts, sizes)
+        return slots, (len(starts), width)
+
+
+def _chunks(rows: int) -> list[tuple[int, int]]:
+    """Return [lo, hi) bounds covering `rows` in steps of _CHUNK_ROWS."""
+    return [(lo, min(lo + _CHUNK_ROWS, rows)) for lo in range(0, rows, _CHUNK_ROWS)]
 
 
 def _rsi(panel: _TickerPanel, price: np.ndarray) -> np.ndarray:
@@ -339,26 +359,38 @@ def _volume_z(panel: _TickerPanel, volume: np.ndarray) -> np.ndarray:
     return np.where(std < _FLAT_LOG_VOLUME_STD, 0.0, z)
 
 
-def _cross_sectional_rank(values: np.ndarray, date_group: np.ndarray) -> np.ndarray:
+def _cross_sectional_rank(
+    values: np.ndarray, slots: np.ndarray, shape: tuple[int, int]
+) -> np.ndarray:
     """Return the percentile rank in [0, 1] of each value among the same date's values.
 
     Ranks are 1-based with ties averaged and missing values left out (and left NaN), mapped to
-    (rank - 1) / (count - 1); a lone value is 0.5. `date_group` numbers the dates in row order
-    (rows of a date are contiguous), so the rows form a dates x names matrix padded with NaN,
-    ranked row by row in one call: a grouped pandas rank cost a quarter of the feature build.
+    (rank - 1) / (count - 1); a lone value is 0.5. `slots` and `shape` lay the values out as a
+    dates x names matrix padded with NaN (`_TickerPanel.date_matrix`). Each matrix row is
+    sorted once (NaN sorts last); a run of equal sorted values spans positions first..last and
+    each of its values ranks (first + last) / 2 + 1, what scipy's `rankdata(method="average")`
+    gives, without its general-purpose NaN handling, which cost a quarter of the build.
     """
-    n = len(values)
-    if n == 0:
+    if len(values) == 0:
         return np.zeros(0)
-    starts = np.flatnonzero(np.r_[True, date_group[1:] != date_group[:-1]])
-    sizes = np.diff(np.r_[starts, n])
-    row = np.repeat(np.arange(len(starts)), sizes)
-    column = np.arange(n) - np.repeat(starts, sizes)
-    matrix = np.full((len(starts), int(sizes.max())), np.nan)
-    matrix[row, column] = values
-    rank = rankdata(matrix, axis=1, method="average", nan_policy="omit")[row, column]
-    count = np.count_nonzero(~np.isnan(matrix), axis=1).astype(np.float64)[row]
+    matrix = np.full(shape, np.nan)
+    matrix.reshape(-1)[slots] = values
+    order = np.argsort(matrix, axis=1)
+    ordered = np.take_along_axis(matrix, order, axis=1).reshape(-1)
+    width = shape[1]
+    new_run = np.empty(len(ordered), dtype=bool)
+    new_run[0] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=new_run[1:])
+    new_run[::width] = True  # a run never crosses into the next date
+    run_start = np.flatnonzero(new_run)
+    run_last = np.r_[run_start[1:], len(ordered)] - 1
+    average = (run_start % width + run_last % width) / 2.0 + 1.0
+    ranked = np.empty(shape)
+    in_order = np.repeat(average, run_last - run_start + 1).reshape(shape)
+    np.put_along_axis(ranked, order, in_order, axis=1)
+    count = np.count_nonzero(~np.isnan(matrix), axis=1).astype(np.float64)[:, None]
     with np.errstate(invalid="ignore", divide="ignore"):
-        pct = (rank - 1.0) / (count - 1.0)
-    lone = (count == 1.0) & ~np.isnan(values)
-    return np.where(lone, 0.5, pct)
+        pct = np.where(count == 1.0, 0.5, (ranked - 1.0) / (count - 1.0))
+    pct = pct.reshape(-1)[slots]
+    pct[np.isnan(values)] = np.nan
+    return pct
