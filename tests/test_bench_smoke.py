@@ -61,6 +61,17 @@ def test_every_stage_runs_and_is_written_as_documented(smoke_run):
     assert "## Model quality" in markdown
 
 
+def test_a_reused_folder_reports_the_memory_of_the_run_that_prepared_it(smoke_run, tmp_path):
+    config, records = smoke_run
+    first = records[0]
+    assert first["peak_rss_mb"] == first["details"]["prepare_peak_rss_mb"]
+    again = dataclasses.replace(config, stages=["features"], out=tmp_path)
+    rerun = run_benchmarks(again, say=lambda message: None)
+    prepare = next(r for r in rerun if r["stage"] == "prepare")
+    assert prepare["details"] == first["details"]  # the same folder, not prepared again
+    assert prepare["peak_rss_mb"] == first["peak_rss_mb"]
+
+
 def test_races_compare_like_with_like(smoke_run):
     _, records = smoke_run
     by_stage = {r["stage"]: r for r in records}

@@ -17,27 +17,19 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import resource
 import shutil
 import sys
 import time
 from pathlib import Path
 
 from finpipe.bench import workspace
-from finpipe.bench.workspace import prepared, use_home
+from finpipe.bench.workspace import peak_rss_mb, prepared, use_home
 
 HISTORY_FILE_DATES = 252  # one delivery file per trading year
 # Samples per training epoch timed: a throughput needs no more, and a full GRU epoch at 4S is
 # minutes per side on 2 cores. Both loops get the same evenly spread subset of the window.
 TRAINING_SAMPLES = 150_000
 ORCHESTRATION_CONFIG = {"models": ["mlp", "gru"]}
-
-
-def peak_rss_mb() -> float:
-    """Return the peak resident memory of this process (and of any child it waited for), MiB."""
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return round(max(own, children) / 1024.0, 1)  # Linux reports KiB
 
 
 # -- prepare -------------------------------------------------------------------------------------

@@ -273,7 +273,9 @@ def _run_size(domain, size, config, log_file, say, records, started) -> list[dic
             "finpipe_s": round(prepared["seconds"], 4),
             "reference_s": None,
             "ratio": None,
-            "peak_rss_mb": prepared["peak_rss_mb"],
+            # A reused folder reports the memory of the run that prepared it, not of the reuse.
+            "peak_rss_mb": prepared["details"].get("prepare_peak_rss_mb")
+            or prepared["peak_rss_mb"],
             "details": prepared["details"],
         }
     ]

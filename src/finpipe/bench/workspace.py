@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import resource
 import shutil
 import time
 from collections.abc import Callable
@@ -62,7 +63,17 @@ def reuse_prepared(work: Path, **shape) -> dict | None:
     return None
 
 
+def peak_rss_mb() -> float:
+    """Return the peak resident memory of this process (and of any child it waited for), MiB."""
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return round(max(own, children) / 1024.0, 1)  # Linux reports KiB
+
+
 def write_prepared(work: Path, facts: dict) -> dict:
+    """Save a prepared folder's facts, with the preparing process's peak memory so far, which
+    a later run that reuses the folder reports as the prepare stage's."""
+    facts = {**facts, "prepare_peak_rss_mb": peak_rss_mb()}
     (work / "prepared.json").write_text(json.dumps(facts, indent=2))
     return prepare_record(facts)
 
