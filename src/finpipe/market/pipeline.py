@@ -87,9 +87,6 @@ MARKET_CONTRACT = RawContract(
 
 
 # -- features ------------------------------------------------------------------------------
-PRICE_INPUTS = list(CANONICAL_COLUMNS)  # what features read of a validated row: not its batch id
-
-
 def dates_needing_features(
     storage: Storage, as_of: dt.date, rebuild: bool = False
 ) -> list[dt.date]:
@@ -146,8 +143,12 @@ def update_market_features(
             ahead = None
             if number + 1 < len(blocks):  # every validated date after this block, up to the next
                 days = validated[position[block[-1]] + 1 : position[blocks[number + 1][-1]] + 1]
-                ahead = reader.submit(
-                    storage.read_partitions, "validated", DOMAIN, days=days, columns=PRICE_INPUTS
+                ahead = reader.submit(  # the price columns, not each row's batch id
+                    storage.read_partitions,
+                    "validated",
+                    DOMAIN,
+                    days=days,
+                    columns=CANONICAL_COLUMNS,
                 )
             features = build_market_features(prices)
             if not update.skipped_features:
@@ -188,7 +189,9 @@ def _read_with_lookback(
     listed recently cannot have more rows, which shows as the window reaching its first date.
     """
     while True:
-        prices = storage.read_partitions("validated", DOMAIN, days=window, columns=PRICE_INPUTS)
+        prices = storage.read_partitions(
+            "validated", DOMAIN, days=window, columns=CANONICAL_COLUMNS
+        )
         if window[0] == validated[0]:
             return prices
         before = prices[prices["date"] < pd.Timestamp(block_start)]
