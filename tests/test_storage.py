@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -49,6 +50,35 @@ def test_read_partitions_filters_dates_and_columns(tmp_path):
     )
     assert list(frame.columns) == ["date", "close"]
     assert sorted(frame["date"].dt.strftime("%Y-%m-%d").unique()) == ["2024-01-03", "2024-01-04"]
+
+
+def test_read_columns_across_files_of_different_schemas(tmp_path):
+    """Chosen columns read in one scan as the first and last files type them, or file by file
+    when only a middle file has one: either way every file's values and order are kept."""
+    storage = Storage(tmp_path)
+    days = ["2024-01-02", "2024-01-03", "2024-01-04", "2024-01-05"]
+    frames = [
+        _frame(days[0], ["A", "B"]).assign(close=[1.5, 2.5], volume=[10.0, 20.0]),
+        _frame(days[1], ["A"]),  # close as int64, no volume column
+        _frame(days[2], ["B"]).assign(close=[3.5], note=["only here"]),
+        _frame(days[3], ["A", "C"]).assign(close=[4.5, 5.5], volume=[30.0, None]),
+    ]
+    for day, frame in zip(days, frames, strict=True):
+        storage.write_partition("validated", "market", day, frame)
+
+    frame = storage.read_partitions(
+        "validated", "market", days=[as_day(d) for d in days], columns=["ticker", "close", "volume"]
+    )
+    assert frame["ticker"].tolist() == ["A", "B", "A", "B", "A", "C"]
+    assert frame["close"].tolist() == [1.5, 2.5, 1.0, 3.5, 4.5, 5.5]
+    assert frame["close"].dtype == "float64"
+    assert frame["volume"].tolist() == pytest.approx(
+        [10.0, 20.0, np.nan, np.nan, 30.0, np.nan], nan_ok=True
+    )
+
+    middle_only = storage.read_partitions("validated", "market", columns=["ticker", "note"])
+    assert middle_only["note"].tolist()[3] == "only here"
+    assert middle_only["note"].isna().sum() == 5
 
 
 @pytest.mark.parametrize("bad", ["../etc", "/abs", "Market", "a/b", "", "..", "x" * 80])

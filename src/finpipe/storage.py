@@ -116,6 +116,21 @@ def _scan(files: list[str], columns: list[str] | None, where: pc.Expression) -> 
     return factory.finish(schema).to_table(columns=chosen, filter=where).to_pandas()
 
 
+def _schema_for(first: str, last: str, columns: list[str]) -> pa.Schema | None:
+    """Return the schema of `columns` as the first and last files hold them (types promoted
+    across the two), or None when neither has one of them.
+
+    Every file is then read as that schema: a file without a column gives nulls, a narrower
+    type (int, null) is widened, one that cannot be cast safely is an error. None sends the
+    caller back to reading file by file, which finds a column wherever it is.
+    """
+    schemas = [pq.read_schema(first), pq.read_schema(last)]
+    unified = pa.unify_schemas(schemas, promote_options="permissive")
+    if any(c not in unified.names for c in columns):
+        return None
+    return pa.schema([unified.field(c) for c in columns], metadata=schemas[-1].metadata)
+
+
 def write_json_atomic(path: Path, payload: object) -> None:
     """Write `payload` as indented JSON, atomically."""
     text = json.dumps(payload, indent=2, sort_keys=True, default=str)
@@ -253,6 +268,10 @@ class Storage:
 
         if where is not None:  # a scan for a few rows of many files: Arrow's threaded scanner
             return _scan(files, wanted, where)
+        if wanted is not None and len(files) > 1:
+            schema = _schema_for(files[0], files[-1], wanted)
+            if schema is not None:  # one call into Arrow, which reads the files in its threads
+                return pads.dataset(files, schema=schema, format="parquet").to_table().to_pandas()
         # One file per date: a few threads read them (decoding releases the GIL), and the
         # tables are stacked with their schemas unified, as a dataset scan would.
         if len(files) == 1:
