@@ -71,6 +71,14 @@ def test_a_reused_folder_reports_the_memory_of_the_run_that_prepared_it(smoke_ru
     assert prepare["details"] == first["details"]  # the same folder, not prepared again
     assert prepare["peak_rss_mb"] == first["peak_rss_mb"]
 
+    # A folder prepared before its memory was recorded: unknown, not the reusing run's figure.
+    facts_file = config.workdir / "S" / "prepared.json"
+    facts = json.loads(facts_file.read_text())
+    facts.pop("prepare_peak_rss_mb")
+    facts_file.write_text(json.dumps(facts))
+    older = run_benchmarks(again, say=lambda message: None)
+    assert next(r for r in older if r["stage"] == "prepare")["peak_rss_mb"] is None
+
 
 def test_races_compare_like_with_like(smoke_run):
     _, records = smoke_run

@@ -273,9 +273,9 @@ def _run_size(domain, size, config, log_file, say, records, started) -> list[dic
             "finpipe_s": round(prepared["seconds"], 4),
             "reference_s": None,
             "ratio": None,
-            # A reused folder reports the memory of the run that prepared it, not of the reuse.
-            "peak_rss_mb": prepared["details"].get("prepare_peak_rss_mb")
-            or prepared["peak_rss_mb"],
+            # A reused folder reports the memory of the run that prepared it, not of the reuse;
+            # one prepared before that was recorded reports none rather than the reuse's.
+            "peak_rss_mb": prepared["details"].get("prepare_peak_rss_mb"),
             "details": prepared["details"],
         }
     ]
