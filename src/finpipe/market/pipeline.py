@@ -31,12 +31,7 @@ from finpipe.market.features import (
     skipped_market_features,
 )
 from finpipe.market.model import FittedMarketModel, fit_market_model
-from finpipe.market.schema import (
-    CANONICAL_COLUMNS,
-    DOMAIN,
-    normalise_market_frame,
-    price_column,
-)
+from finpipe.market.schema import CANONICAL_COLUMNS, DOMAIN, normalise_market_frame, price_column
 from finpipe.metrics import market_metrics, per_date_ic
 from finpipe.scoring import ScoringOutcome, publish_predictions
 from finpipe.settings import Settings
