@@ -170,14 +170,19 @@ def test_cross_sectional_rank_uses_only_the_same_date():
 
 @settings(max_examples=150, deadline=None)
 @given(
-    st.lists(  # one list per date: small integers (many ties) or None (missing)
-        st.lists(st.one_of(st.none(), st.integers(-3, 3)), min_size=1, max_size=12),
+    st.lists(  # one list per date: small integers (many ties), infinities or None (missing)
+        st.lists(
+            st.one_of(st.none(), st.integers(-3, 3), st.sampled_from([-np.inf, np.inf])),
+            min_size=1,
+            max_size=12,
+        ),
         min_size=1,
         max_size=6,
     )
 )
 def test_cross_sectional_ranks_match_scipy_rankdata_with_ties_and_gaps(dates):
-    """Each date's ranks are scipy's average ranks over its present values, as percentiles."""
+    """Each date's ranks are scipy's average ranks over its present values, as percentiles
+    (a real +inf ranks among them, not with the padding the ranking sorts after it)."""
     frame = pd.DataFrame(
         [
             {"date": pd.Timestamp("2024-01-01") + pd.Timedelta(days=d), "ticker": f"T{i:02d}",
