@@ -148,11 +148,11 @@ def _features(prices: pd.DataFrame, dtype: type[np.floating]) -> pd.DataFrame:
     available = set(prices.columns)
     if "volume" in available:
         columns["volume_z_20d"] = _volume_z(panel, panel.column("volume"))
+    close = panel.column("close")  # unadjusted, like the open, high and low it is paired with
     if {"high", "low"} <= available:
-        close = panel.column("close")
         columns["range_hl"] = (panel.column("high") - panel.column("low")) / close
     if "open" in available:
-        columns["return_oc"] = panel.column("close") / panel.column("open") - 1.0
+        columns["return_oc"] = close / panel.column("open") - 1.0
 
     by_date = panel.by_date
     out = {name: values.astype(dtype, copy=False)[by_date] for name, values in columns.items()}
