@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -95,6 +97,38 @@ def test_network_test_auc_is_within_002_of_the_oracle(fitted):
     assert metrics["auc"] >= oracle - 0.02, (metrics["auc"], oracle)
     # Calibrated: the mean PD on the test rows is close to their default rate.
     assert model.predict_pd(test).mean() == pytest.approx(test[LABEL].mean(), abs=0.015)
+
+
+def test_reason_codes_show_values_as_text_and_missing_values_as_missing():
+    """Reason k is the k-th largest positive attribution; its value is the row's own, as
+    text, and "missing" for a missing number, a missing category or a blank one."""
+    frame = pd.DataFrame(
+        {
+            "income": [52000.0, np.nan, 1234567.0],
+            "purpose": pd.array(["car", None, " "], dtype="string"),
+            "region": pd.Series(["north", None, "south"], dtype=object),
+        },
+        index=[10, 11, 12],
+    )
+    attributions = np.array([[0.5, 0.2, -0.1], [0.1, 0.3, 0.2], [0.7, 0.4, 0.0]])
+    columns = SimpleNamespace(feature_columns=["income", "purpose", "region"])
+    codes = FittedCreditModel.reason_codes(columns, frame, attributions)  # needs only the names
+
+    assert list(codes.index) == [10, 11, 12]
+    names = codes[["reason_1", "reason_2", "reason_3"]].astype(object).where(codes.notna(), None)
+    assert names.values.tolist() == [
+        ["income", "purpose", None],
+        ["purpose", "region", "income"],
+        ["income", "purpose", None],
+    ]
+    values = codes[["reason_1_value", "reason_2_value", "reason_3_value"]].astype(object)
+    assert values.where(values.notna(), None).values.tolist() == [
+        ["52000", "car", None],
+        ["missing", "missing", "missing"],
+        ["1.23457e+06", "missing", None],
+    ]
+    assert codes["reason_1_impact"].tolist() == [0.5, 0.3, 0.7]
+    assert codes["reason_3_impact"].isna().tolist() == [True, False, True]
 
 
 @pytest.mark.slow

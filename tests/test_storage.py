@@ -7,6 +7,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import pytest
 
 from finpipe.errors import ConfigError
@@ -79,6 +80,18 @@ def test_read_columns_across_files_of_different_schemas(tmp_path):
     middle_only = storage.read_partitions("validated", "market", columns=["ticker", "note"])
     assert middle_only["note"].tolist()[3] == "only here"
     assert middle_only["note"].isna().sum() == 5
+
+    # A filtered scan types the columns the same way, filtering inside each file.
+    dated = [as_day(d) for d in days]
+    above = storage.read_partitions("validated", "market", days=dated, where=pc.field("close") > 2)
+    assert above["ticker"].tolist() == ["B", "B", "A", "C"]
+    assert above["close"].tolist() == [2.5, 3.5, 4.5, 5.5]
+    assert above["volume"].tolist() == pytest.approx([20.0, np.nan, 30.0, np.nan], nan_ok=True)
+    assert "note" not in above  # in neither end file: the cheap scan does not look for it
+    noted = storage.read_partitions(
+        "validated", "market", days=dated, columns=["ticker", "note"], where=pc.field("close") > 2
+    )
+    assert noted["note"].tolist()[1] == "only here"  # asked for: every file's schema is read
 
 
 @pytest.mark.parametrize("bad", ["../etc", "/abs", "Market", "a/b", "", "..", "x" * 80])

@@ -105,27 +105,35 @@ def _scan(files: list[str], columns: list[str] | None, where: pc.Expression) -> 
     """Return the rows `where` selects from `files`, read by Arrow's dataset scanner.
 
     The scanner filters each file in its own threads, without a Python call per file, which
-    matters for many small partitions (a loan book has one per application date). The schema
-    is unified over every file, so a column some files lack comes back null.
+    matters for many small partitions (a loan book has one per application date). Columns are
+    typed as the first and last files hold them (see `_schema_for`), so a column some files
+    lack comes back null; only when neither holds a wanted column is every file's schema read
+    (about 70 us a file, a twentieth of a nightly credit scan of 730 partitions).
     """
+    schema = _schema_for(files[0], files[-1], columns)
+    if schema is not None:
+        dataset = pads.dataset(files, schema=schema, format="parquet")
+        return dataset.to_table(filter=where).to_pandas()
     factory = pads.FileSystemDatasetFactory(
         pafs.LocalFileSystem(), files, pads.ParquetFileFormat(), pads.FileSystemFactoryOptions()
     )
-    schema = factory.inspect(promote_options="permissive")
-    chosen = None if columns is None else [c for c in columns if c in schema.names]
-    return factory.finish(schema).to_table(columns=chosen, filter=where).to_pandas()
+    unified = factory.inspect(promote_options="permissive")
+    chosen = None if columns is None else [c for c in columns if c in unified.names]
+    return factory.finish(unified).to_table(columns=chosen, filter=where).to_pandas()
 
 
-def _schema_for(first: str, last: str, columns: list[str]) -> pa.Schema | None:
-    """Return the schema of `columns` as the first and last files hold them (types promoted
-    across the two), or None when neither has one of them.
+def _schema_for(first: str, last: str, columns: list[str] | None) -> pa.Schema | None:
+    """Return the schema of `columns` (every column when None) as the first and last files
+    hold them (types promoted across the two), or None when neither has one of them.
 
     Every file is then read as that schema: a file without a column gives nulls, a narrower
     type (int, null) is widened, one that cannot be cast safely is an error. None sends the
-    caller back to reading file by file, which finds a column wherever it is.
+    caller back to reading every file's own schema, which finds a column wherever it is.
     """
     schemas = [pq.read_schema(first), pq.read_schema(last)]
     unified = pa.unify_schemas(schemas, promote_options="permissive")
+    if columns is None:
+        return pa.schema(list(unified), metadata=schemas[-1].metadata)
     if any(c not in unified.names for c in columns):
         return None
     return pa.schema([unified.field(c) for c in columns], metadata=schemas[-1].metadata)
@@ -154,6 +162,12 @@ class Storage:
 
     def partition_file(self, layer: str, domain: str, day: dt.date | str) -> Path:
         return self.partition_dir(layer, domain, day) / PARTITION_FILE
+
+    def _partition_files(self, layer: str, domain: str, days: Iterable[dt.date]) -> list[str]:
+        """`partition_file` of each day as a string, built without a Path per day (a nightly
+        credit scan names 730 of them)."""
+        base = os.fspath(self.layer_dir(layer, domain))
+        return [f"{base}/date={as_day(day).isoformat()}/{PARTITION_FILE}" for day in days]
 
     def landing_dir(self, domain: str) -> Path:
         return self.root / "landing" / check_name(domain)
@@ -228,9 +242,9 @@ class Storage:
                 day = as_day(entry.name.removeprefix("date="))
                 if lo <= day <= hi:
                     named.append(day)
-        days = []
-        for day in sorted(named, reverse=True):  # a folder without its file is not published
-            if (base / f"date={day.isoformat()}" / PARTITION_FILE).exists():
+        days, newest = [], sorted(named, reverse=True)
+        for day, file in zip(newest, self._partition_files(layer, domain, newest), strict=True):
+            if os.path.exists(file):  # a folder without its file is not published
                 days.append(day)
                 if last is not None and len(days) == last:
                     break
@@ -252,7 +266,7 @@ class Storage:
         are scanned, before anything is converted to pandas.
         """
         chosen = list(days) if days is not None else self.partition_dates(layer, domain, start, end)
-        files = [str(self.partition_file(layer, domain, day)) for day in chosen]
+        files = self._partition_files(layer, domain, chosen)
         if not files:
             return pd.DataFrame(columns=list(columns) if columns else None)
         wanted = list(columns) if columns else None

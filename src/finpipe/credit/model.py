@@ -94,12 +94,16 @@ class Vocabulary:
             out[:, j] = position + 1  # -1 (not found) becomes 0
         return out
 
-    def unseen(self, frame: pd.DataFrame) -> dict[str, dict[str, int]]:
-        """Return {column: {value: rows}} of present values the vocabulary does not know."""
+    def unseen(
+        self, frame: pd.DataFrame, indices: np.ndarray | None = None
+    ) -> dict[str, dict[str, int]]:
+        """Return {column: {value: rows}} of present values the vocabulary does not know
+        (`indices`: the frame's `transform`, when already computed)."""
+        indices = self.transform(frame) if indices is None else indices
         report = {}
-        for column, values in zip(self.columns, self.categories, strict=True):
-            text = _as_text(frame[column]).dropna()
-            strange = text[~text.isin(values)].value_counts()
+        for j, column in enumerate(self.columns):
+            unknown = indices[:, j] == 0  # unseen or missing: only these rows are looked at
+            strange = _as_text(frame[column][unknown]).dropna().value_counts()
             if len(strange):
                 report[column] = {str(k): int(v) for k, v in strange.items()}
         return report
@@ -113,7 +117,8 @@ class Vocabulary:
 
 
 def _as_text(values: pd.Series) -> pd.Series:
-    """Categories as stripped text (object dtype), missing as None; numbers as their text."""
+    """Categories as stripped text (object dtype), missing or blank as pandas' NA; numbers as
+    their text."""
     text = values.astype("string").str.strip()
     return text.where(text.notna() & (text != ""), None).astype(object)
 
@@ -406,10 +411,12 @@ class FittedCreditModel:
             labels=None if labels is None else torch.as_tensor(labels, dtype=torch.float32),
         )
 
-    @torch.no_grad()
     def logits(self, frame: pd.DataFrame, batch_size: int = 8192) -> np.ndarray:
         """Return the uncalibrated logit of every row (float64 [N])."""
-        data = self.inputs(frame)
+        return self._logits(self.inputs(frame), batch_size)
+
+    @torch.no_grad()
+    def _logits(self, data: Inputs, batch_size: int = 8192) -> np.ndarray:
         self.net.eval()
         out = [
             self.net(*_parts(data.rows(torch.arange(s, min(s + batch_size, len(data))))))
@@ -419,8 +426,11 @@ class FittedCreditModel:
 
     def predict_pd(self, frame: pd.DataFrame) -> np.ndarray:
         """Return the calibrated probability of default of every row (float64 [N])."""
+        return self._pd(self.inputs(frame))
+
+    def _pd(self, data: Inputs) -> np.ndarray:
         a, b = self.calibration
-        return _sigmoid(a * self.logits(frame) + b)
+        return _sigmoid(a * self._logits(data) + b)
 
     def grade(self, pd_values: np.ndarray) -> np.ndarray:
         """Return the risk grade of each PD: the first band whose max_pd is at least the PD."""
@@ -437,10 +447,9 @@ class FittedCreditModel:
         a * (logit(row i) - logit(reference)); see the module docstring.
         """
         with cpu_threads(self.cpu_threads):
-            return self._attributions(frame, batch_size)
+            return self._attributions(self.inputs(frame), batch_size)
 
-    def _attributions(self, frame: pd.DataFrame, batch_size: int) -> np.ndarray:
-        data = self.inputs(frame)
+    def _attributions(self, data: Inputs, batch_size: int = 1024) -> np.ndarray:
         self.net.eval()
         reference = torch.tensor(self.reference_dense, dtype=torch.float32)
         slices = self.net.feature_slices()
@@ -466,19 +475,23 @@ class FittedCreditModel:
         with the largest positive attribution, the row's value of each (text; "missing"), and
         the attribution in log-odds. Fewer positive attributions leave the rest empty."""
         features = np.asarray(self.feature_columns, dtype=object)
-        order = np.argsort(-attributions, axis=1, kind="stable")[:, :REASONS]
+        reasons = min(REASONS, len(features))
+        order = np.argsort(-attributions, axis=1, kind="stable")[:, :reasons]
         top = np.take_along_axis(attributions, order, axis=1)
+        positive = top > 0
+        names = np.where(positive, features[order], None)  # [rows, reasons]
+        shown = np.full(names.shape, None, dtype=object)
+        for name in pd.unique(names[positive]):  # each feature's values, only where shown
+            cells = names == name
+            rows = cells.any(axis=1)
+            text = np.empty(len(frame), dtype=object)
+            text[rows] = _display(frame[name].to_numpy()[rows], frame[name].dtype)
+            shown[cells] = np.broadcast_to(text[:, None], names.shape)[cells]
         columns: dict[str, object] = {}
-        for k in range(min(REASONS, len(features))):
-            positive = top[:, k] > 0
-            names = np.where(positive, features[order[:, k]], None)
-            shown = np.full(len(frame), None, dtype=object)
-            for name in pd.unique(names[positive]):  # each feature's value, only where shown
-                rows = names == name
-                shown[rows] = _display(frame[name][rows]).to_numpy(dtype=object)
-            columns[f"reason_{k + 1}"] = pd.array(names, dtype="string")
-            columns[f"reason_{k + 1}_value"] = pd.array(shown, dtype="string")
-            columns[f"reason_{k + 1}_impact"] = np.where(positive, top[:, k], np.nan)
+        for k in range(reasons):
+            columns[f"reason_{k + 1}"] = pd.array(names[:, k], dtype="string")
+            columns[f"reason_{k + 1}_value"] = pd.array(shown[:, k], dtype="string")
+            columns[f"reason_{k + 1}_impact"] = np.where(positive[:, k], top[:, k], np.nan)
         return pd.DataFrame(columns, index=frame.index)
 
     def predict(self, frame: pd.DataFrame) -> pd.DataFrame:
@@ -488,8 +501,10 @@ class FittedCreditModel:
         are ignored). Unseen categories are scored through the unknown bucket, never refused.
         """
         _require_columns(frame, [self.id_column])
-        pd_values = self.predict_pd(frame)
-        reasons = self.reason_codes(frame, self.attributions(frame))
+        data = self.inputs(frame)  # once for the PDs and their explanations
+        pd_values = self._pd(data)
+        with cpu_threads(self.cpu_threads):
+            reasons = self.reason_codes(frame, self._attributions(data))
         scored = pd.DataFrame(
             {
                 "id": frame[self.id_column].astype("string").array,
@@ -501,14 +516,21 @@ class FittedCreditModel:
         return pd.concat([scored, reasons], axis=1)
 
     # -- population stability -----------------------------------------------------------
-    def population_shares(self, frame: pd.DataFrame, edges: dict | None = None) -> dict:
+    def population_shares(
+        self,
+        frame: pd.DataFrame,
+        edges: dict | None = None,
+        pd_values: np.ndarray | None = None,
+        indices: np.ndarray | None = None,
+    ) -> dict:
         """Return {"edges": ..., "shares": {name: shares}} of the score and every feature.
 
         Bins: deciles of the training PDs and numerics (plus a missing bin), the vocabulary
         (plus the unknown bucket) for categoricals. Pass the training `edges` to bin a new
-        population the same way.
+        population the same way, and its `pd_values` and category `indices` (the vocabulary's
+        `transform`) when they are already computed.
         """
-        pd_values = self.predict_pd(frame)
+        pd_values = self.predict_pd(frame) if pd_values is None else np.asarray(pd_values)
         fitting = edges is None
         edges = {} if fitting else edges
         if fitting:
@@ -519,24 +541,33 @@ class FittedCreditModel:
         for column in self.numeric_columns:
             values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
             shares[column] = binned_shares(values, edges[column])
-        indices = self.vocabulary.transform(frame)
+        indices = self.vocabulary.transform(frame) if indices is None else indices
         for j, (column, size) in enumerate(
             zip(self.categorical_columns, self.vocabulary.sizes, strict=True)
         ):
             shares[column] = category_shares(indices[:, j], size)
         return {"edges": edges, "shares": shares}
 
-    def population_stability(self, frame: pd.DataFrame) -> dict[str, float]:
-        """Return the PSI of the score and of each feature between training and `frame`."""
+    def population_stability(
+        self,
+        frame: pd.DataFrame,
+        pd_values: np.ndarray | None = None,
+        indices: np.ndarray | None = None,
+    ) -> dict[str, float]:
+        """Return the PSI of the score and of each feature between training and `frame`
+        (`pd_values` and `indices` as for `population_shares`)."""
         if not self.population:
             return {}
-        actual = self.population_shares(frame, self.population["edges"])["shares"]
+        edges = self.population["edges"]
+        actual = self.population_shares(frame, edges, pd_values, indices)["shares"]
         expected = self.population["shares"]
         return {name: psi(expected[name], actual[name]) for name in expected}
 
-    def unseen_categories(self, frame: pd.DataFrame) -> dict[str, dict[str, int]]:
+    def unseen_categories(
+        self, frame: pd.DataFrame, indices: np.ndarray | None = None
+    ) -> dict[str, dict[str, int]]:
         """Return {column: {value: rows}} of categories scored through the unknown bucket."""
-        return self.vocabulary.unseen(frame)
+        return self.vocabulary.unseen(frame, indices)
 
     # -- persistence ---------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -690,15 +721,14 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -35.0, 35.0)))
 
 
-def _display(values: pd.Series) -> pd.Series:
-    """Feature values as a risk officer reads them: numbers without trailing zeros, text as is,
-    "missing" for missing values."""
-    if pd.api.types.is_numeric_dtype(values):
-        numbers = pd.to_numeric(values, errors="coerce")
-        text = numbers.map(lambda v: "missing" if pd.isna(v) else f"{v:.6g}")
-    else:
-        text = _as_text(values).map(lambda v: "missing" if v is None else v)
-    return text.reset_index(drop=True)
+def _display(values: np.ndarray, dtype) -> np.ndarray:
+    """Feature values (of a column of `dtype`) as a risk officer reads them: numbers without
+    trailing zeros, text as is, "missing" for missing values."""
+    series = pd.Series(values, dtype=dtype)
+    if pd.api.types.is_numeric_dtype(dtype):
+        numbers = pd.to_numeric(series, errors="coerce").to_numpy(np.float64, na_value=np.nan)
+        return np.array(["missing" if v != v else f"{v:.6g}" for v in numbers.tolist()], object)
+    return _as_text(series).fillna("missing").to_numpy(dtype=object)
 
 
 def _require_columns(frame: pd.DataFrame, columns: list[str]) -> None:

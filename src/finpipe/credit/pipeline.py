@@ -552,15 +552,20 @@ def score_credit(
     else:
         predicted = fitted.predict(inputs)
     predicted.insert(1, "record_date", population[DATE_COLUMN].to_numpy())
-    _write_scoring_report(storage, as_of, champion, fitted, population)
+    _write_scoring_report(storage, as_of, champion, fitted, population, predicted["pd"])
     return publish_predictions(
         storage, DOMAIN, as_of, predicted, champion, sort_by=["record_date", "id"]
     )
 
 
-def _write_scoring_report(storage, as_of, champion, fitted: FittedCreditModel, population) -> None:
-    stability = fitted.population_stability(population) if len(population) else {}
-    unseen = fitted.unseen_categories(population) if len(population) else {}
+def _write_scoring_report(
+    storage, as_of, champion, fitted: FittedCreditModel, population, pd_values
+) -> None:
+    stability, unseen = {}, {}
+    if len(population):
+        indices = fitted.vocabulary.transform(population)  # once for both checks
+        stability = fitted.population_stability(population, pd_values, indices)
+        unseen = fitted.unseen_categories(population, indices)
     drifted = sorted(name for name, value in stability.items() if value > PSI_SIGNIFICANT)
     if drifted:
         log.warning("PSI above %s (population shift) for: %s", PSI_SIGNIFICANT, drifted)
