@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import shutil
 
 import mlflow
@@ -128,7 +129,7 @@ def test_mlflow_has_silhouettes_profiles_and_plots(two_nights):
     assert decision["metric"] == "silhouette"
 
 
-def test_scoring_copes_with_a_category_nobody_buys_any_more(two_nights):
+def test_scoring_copes_with_a_category_nobody_buys_any_more(two_nights, caplog):
     from finpipe.customers.pipeline import score_customers
 
     settings, files, _, _ = two_nights
@@ -137,8 +138,12 @@ def test_scoring_copes_with_a_category_nobody_buys_any_more(two_nights):
     gone = "category_share_travel"
     later = _day(files[2]) + dt.timedelta(days=30)
     storage.write_partition("features", "customers", later, snapshot.drop(columns=[gone]))
+    mlflow_log = logging.getLogger("mlflow")
+    mlflow_log.addHandler(caplog.handler)  # MLflow's own handler does not propagate
     try:
-        score_customers(storage, settings, later)
+        with caplog.at_level(logging.WARNING, logger="mlflow"):
+            score_customers(storage, settings, later)
+        assert not [r.getMessage() for r in caplog.records if r.name.startswith("mlflow")]
         scored = storage.read_partition("predictions", "customers", later)
         zeroed = snapshot.assign(**{gone: 0.0})
         storage.write_partition("features", "customers", later, zeroed)
@@ -151,6 +156,7 @@ def test_scoring_copes_with_a_category_nobody_buys_any_more(two_nights):
         with pytest.raises(ScoringError, match="frequency"):
             score_customers(storage, settings, later)
     finally:
+        mlflow_log.removeHandler(caplog.handler)
         for layer in ("features", "predictions"):
             shutil.rmtree(storage.partition_dir(layer, "customers", later), ignore_errors=True)
 

@@ -278,10 +278,13 @@ def segment_snapshot(model: tracking.RegisteredModel, snapshot: pd.DataFrame) ->
 
     A category or channel share column the model knows but the snapshot lacks (nobody active
     bought there any more) is passed as 0, since the model's signature requires every input.
+    Only the signature's columns are passed (MLflow warns about any other, every night).
     """
     fitted: FittedSegmentModel = model.model.unwrap_python_model().model
     absent = [c for c in fitted.feature_columns if c not in snapshot.columns and is_mix_feature(c)]
-    return model.predict(snapshot.assign(**dict.fromkeys(absent, 0.0)))
+    inputs = snapshot.assign(**dict.fromkeys(absent, 0.0))
+    known = [c for c in ["customer_id", *fitted.feature_columns] if c in inputs.columns]
+    return model.predict(inputs[known])  # a feature still missing fails the signature check
 
 
 def _quality_by_window(storage, snapshot, sets, fitted, predicted, champion, as_of) -> dict:
