@@ -340,7 +340,7 @@ def scoring(work: Path, side: str) -> dict:
     meta = json.loads((model_dir / "model.json").read_text())
     lookback = meta["config"]["lookback"] if meta["config"]["model"] != "mlp" else 1
     rows = 0
-    started = time.perf_counter()
+    started, collections = workspace.settled_clock()
     model = load_bare_model(model_dir)  # once, as a script scoring several nights would
     for day in nights:
         position = dated.index(day)
@@ -348,11 +348,9 @@ def scoring(work: Path, side: str) -> dict:
         files = [storage.partition_file("features", "market", d) for d in days]
         out = work / "bare_predictions" / f"date={day}" / "part-0.parquet"
         rows += bare_scoring(model, files, day, out).num_rows
-    return {
-        "seconds": time.perf_counter() - started,
-        "rows": rows,
-        "details": {"nights": len(nights), "model": meta["config"]["model"]},
-    }
+    details = {"nights": len(nights), "model": meta["config"]["model"]}
+    details["full_gc_passes"] = workspace.full_collections() - collections
+    return {"seconds": time.perf_counter() - started, "rows": rows, "details": details}
 
 
 STAGES = workspace.stage_table(prepare, validation, features, training, orchestration, scoring)
