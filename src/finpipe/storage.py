@@ -102,18 +102,13 @@ def _fsync(path: Path) -> None:
 
 
 def _scan(files: list[str], columns: list[str] | None, where: pc.Expression) -> pd.DataFrame:
-    """Return the rows `where` selects from `files`, read by Arrow's dataset scanner.
+    """Return the rows `where` selects from `files`, with the schema unified over every file.
 
-    The scanner filters each file in its own threads, without a Python call per file, which
-    matters for many small partitions (a loan book has one per application date). Columns are
-    typed as the first and last files hold them (see `_schema_for`), so a column some files
-    lack comes back null; only when neither holds a wanted column is every file's schema read
-    (about 70 us a file, a twentieth of a nightly credit scan of 730 partitions).
+    Arrow's dataset scanner filters each file in its own threads, without a Python call per
+    file. Reading every file's schema costs about 70 us a file (a twentieth of a nightly credit
+    scan of 730 partitions), so `read_partitions` comes here only when neither end file holds
+    a wanted column (see `_schema_for`).
     """
-    schema = _schema_for(files[0], files[-1], columns)
-    if schema is not None:
-        dataset = pads.dataset(files, schema=schema, format="parquet")
-        return dataset.to_table(filter=where).to_pandas()
     factory = pads.FileSystemDatasetFactory(
         pafs.LocalFileSystem(), files, pads.ParquetFileFormat(), pads.FileSystemFactoryOptions()
     )
@@ -280,12 +275,15 @@ class Storage:
                 chosen = None if wanted is None else [c for c in wanted if c in held]
                 return parquet.read(columns=chosen, use_threads=False)
 
-        if where is not None:  # a scan for a few rows of many files: Arrow's threaded scanner
-            return _scan(files, wanted, where)
-        if wanted is not None and len(files) > 1:
+        # A filtered scan, or chosen columns of many files: one call into Arrow, which reads
+        # (and filters) the files in its threads, typed as the first and last files hold them.
+        if where is not None or (wanted is not None and len(files) > 1):
             schema = _schema_for(files[0], files[-1], wanted)
-            if schema is not None:  # one call into Arrow, which reads the files in its threads
-                return pads.dataset(files, schema=schema, format="parquet").to_table().to_pandas()
+            if schema is not None:
+                dataset = pads.dataset(files, schema=schema, format="parquet")
+                return dataset.to_table(filter=where).to_pandas()
+            if where is not None:
+                return _scan(files, wanted, where)
         # One file per date: a few threads read them (decoding releases the GIL), and the
         # tables are stacked with their schemas unified, as a dataset scan would.
         if len(files) == 1:

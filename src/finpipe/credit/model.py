@@ -485,7 +485,7 @@ class FittedCreditModel:
             cells = names == name
             rows = cells.any(axis=1)
             text = np.empty(len(frame), dtype=object)
-            text[rows] = _display(frame[name].to_numpy()[rows], frame[name].dtype)
+            text[rows] = _display(frame[name][rows])
             shown[cells] = np.broadcast_to(text[:, None], names.shape)[cells]
         columns: dict[str, object] = {}
         for k in range(reasons):
@@ -721,14 +721,13 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -35.0, 35.0)))
 
 
-def _display(values: np.ndarray, dtype) -> np.ndarray:
-    """Feature values (of a column of `dtype`) as a risk officer reads them: numbers without
-    trailing zeros, text as is, "missing" for missing values."""
-    series = pd.Series(values, dtype=dtype)
-    if pd.api.types.is_numeric_dtype(dtype):
-        numbers = pd.to_numeric(series, errors="coerce").to_numpy(np.float64, na_value=np.nan)
+def _display(values: pd.Series) -> np.ndarray:
+    """Feature values as a risk officer reads them: numbers without trailing zeros, text as is,
+    "missing" for missing values."""
+    if pd.api.types.is_numeric_dtype(values):
+        numbers = pd.to_numeric(values, errors="coerce").to_numpy(np.float64, na_value=np.nan)
         return np.array(["missing" if v != v else f"{v:.6g}" for v in numbers.tolist()], object)
-    return _as_text(series).fillna("missing").to_numpy(dtype=object)
+    return _as_text(values).fillna("missing").to_numpy(dtype=object)
 
 
 def _require_columns(frame: pd.DataFrame, columns: list[str]) -> None:

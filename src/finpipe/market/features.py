@@ -206,9 +206,8 @@ class _TickerPanel:
         day = prices["date"].to_numpy().astype("datetime64[ns]").view(np.int64)
         # Partitions are read in date order, each sorted by ticker; then a stable sort by
         # ticker alone keeps each ticker's dates in order, and date order is its inverse.
-        self._in_date_order = bool(
-            np.all((np.diff(day) > 0) | ((np.diff(day) == 0) & (np.diff(ticker_code) > 0)))
-        )
+        step = np.diff(day)
+        self._in_date_order = bool(np.all((step > 0) | ((step == 0) & (np.diff(ticker_code) > 0))))
         if self._in_date_order:
             self.by_ticker = np.argsort(ticker_code, kind="stable")
         else:
