@@ -163,6 +163,30 @@ def test_attributions_add_up_to_the_log_odds_gap_to_the_reference(fitted):
 
 
 @pytest.mark.slow
+def test_attributions_match_integrated_gradients_taken_one_step_at_a_time(fitted):
+    model, labelled, split, _ = fitted
+    rows = labelled[split.test].head(7)
+    data = model.inputs(rows)
+    with torch.no_grad():
+        dense = model.net.dense(data.numeric, data.missing, data.categories)
+    reference = torch.tensor(model.reference_dense, dtype=torch.float32)
+    gradient_sum = torch.zeros_like(dense)
+    for step in range(model.ig_steps):
+        alpha = (step + 0.5) / model.ig_steps
+        point = (reference + alpha * (dense - reference)).requires_grad_(True)
+        model.net.logit_of_dense(point).sum().backward()
+        gradient_sum += point.grad
+    per_input = ((dense - reference) * gradient_sum / model.ig_steps).numpy()
+    expected = np.column_stack(
+        [per_input[:, positions].sum(axis=1) for positions in model.net.feature_slices()]
+    )
+    # three rows per pass: the last pass is a partial one
+    np.testing.assert_allclose(
+        model.attributions(rows, rows_per_pass=3), model.calibration[0] * expected, atol=1e-6
+    )
+
+
+@pytest.mark.slow
 def test_unseen_categories_are_scored_through_the_unknown_bucket(fitted):
     model, labelled, split, _ = fitted
     rows = labelled[split.test].head(3).copy()

@@ -148,7 +148,10 @@ class CreditTrainingConfig(BaseModel):
     seed: int = 0
     device: str = Field("auto", description="auto (cuda when available), cpu or cuda.")
     cpu_threads: int = Field(
-        1, ge=1, description="PyTorch CPU threads (small tabular nets gain nothing from more)."
+        1,
+        ge=1,
+        description="PyTorch CPU threads for training and scoring (small tabular nets gain "
+        "little from more, and backfills score several dates at once).",
     )
     promotion_metric: Literal["auc", "ks"] = Field(
         "auc", description="Test metric a challenger must beat the champion on."
