@@ -41,6 +41,9 @@ def shared_datasets() -> Path:
 # for the whole test session, set before Prefect is first imported.
 os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="finpipe-prefect-"))
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# The local API server gets a minute to start (default 20 s): on a busy 2-core CI machine the
+# first flow run of the session has timed out waiting for it.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("FINPIPE_MLFLOW_TRACKING_URI", None)
 
