@@ -3,7 +3,9 @@ what an unbroken run gives; two runs of the same night at once publish it once.
 
 Each step runs in a child process (library calls, no Prefect) with FINPIPE_CRASH_AT naming a
 point in the code (finpipe.faults). After each kill we check what a reader would see, then
-re-run the step without the fault.
+re-run the step without the fault. The children are forked from one process per domain that
+has imported finpipe, MLflow and torch once (about 8 s a start on a 2-core machine, and a
+crash test starts eight); each child is still its own process, killed with SIGKILL.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ LAYERS = ("validated", "features", "predictions")
 
 STEPS = textwrap.dedent(
     """
-    import json, os, sys
+    import atexit, json, os, signal, sys, traceback
     from pathlib import Path
     import mlflow
     from mlflow import MlflowClient
@@ -43,34 +45,59 @@ STEPS = textwrap.dedent(
     from finpipe.settings import load_settings
     from finpipe.storage import Storage
 
-    settings = load_settings()
-    storage = Storage(settings.home)
-    name, training, plan = json.loads(sys.argv[1])
-    domain = get_domain(name)
+    get_domain(sys.argv[1])  # import the domain's code before forking
 
-    def champion():
-        mlflow.set_tracking_uri(settings.tracking_uri)
-        try:
-            model = settings.model_name(name)
-            return MlflowClient().get_model_version_by_alias(model, "champion").version
-        except Exception:
-            return None
+    def run_plan(name, training, plan):
+        settings = load_settings()
+        storage = Storage(settings.home)
+        domain = get_domain(name)
 
-    for step, as_of, files, crash in plan:
-        if crash:
-            print(f"CHAMPION={champion()}", flush=True)
-            os.environ["FINPIPE_CRASH_AT"] = crash
-        if step == "ingest":
-            for f in files:
-                ingest_file(storage, domain.contract, Path(f), as_of=as_of)
-        elif step == "features":
-            domain.update_features(storage, as_of)
-        elif step == "train":
-            outcome = domain.train(storage, settings, as_of, domain.training_config(**training))
-            domain.promote(storage, settings, outcome)
-        elif step == "score":
-            domain.score(storage, settings, as_of)
-        os.environ.pop("FINPIPE_CRASH_AT", None)
+        def champion():
+            mlflow.set_tracking_uri(settings.tracking_uri)
+            try:
+                model = settings.model_name(name)
+                return MlflowClient().get_model_version_by_alias(model, "champion").version
+            except Exception:
+                return None
+
+        for step, as_of, files, crash in plan:
+            if crash:
+                print(f"CHAMPION={champion()}", flush=True)
+                os.environ["FINPIPE_CRASH_AT"] = crash
+            if step == "ingest":
+                for f in files:
+                    ingest_file(storage, domain.contract, Path(f), as_of=as_of)
+            elif step == "features":
+                domain.update_features(storage, as_of)
+            elif step == "train":
+                outcome = domain.train(storage, settings, as_of, domain.training_config(**training))
+                domain.promote(storage, settings, outcome)
+            elif step == "score":
+                domain.score(storage, settings, as_of)
+            os.environ.pop("FINPIPE_CRASH_AT", None)
+
+    # One request a line: run a plan in a forked child, answer with its exit status.
+    for line in sys.stdin:
+        request = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                signal.alarm(600)  # a hung step ends its child, not the test session
+                os.environ["FINPIPE_HOME"] = request["home"]
+                for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+                run_plan(*request["payload"])
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                atexit._run_exitfuncs()
+                os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
     """
 )
 
@@ -162,16 +189,40 @@ def deliveries(request, tmp_path_factory) -> Deliveries:
     return request.param(tmp_path_factory.mktemp("drop"))
 
 
-def _run(home, deliveries: Deliveries, plan) -> subprocess.CompletedProcess:
+@pytest.fixture(scope="module")
+def steps(deliveries, tmp_path_factory):
+    """The process that forks a child for each run of steps, with the domain's code imported."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("FINPIPE_", "MLFLOW_"))}
-    env["FINPIPE_HOME"] = str(home)
-    payload = json.dumps([deliveries.domain, deliveries.training, plan])
-    return subprocess.run(
-        [sys.executable, "-c", STEPS, payload],
+    runner = subprocess.Popen(
+        [sys.executable, "-c", STEPS, deliveries.domain],
         env=env,
-        capture_output=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
         text=True,
-        timeout=600,
+    )
+    runner.logs = tmp_path_factory.mktemp("steps")
+    yield runner
+    runner.stdin.close()
+    runner.wait(timeout=60)
+
+
+def _run(steps, home, deliveries: Deliveries, plan) -> subprocess.CompletedProcess:
+    """Run `plan` in a fresh child process with FINPIPE_HOME=`home`."""
+    number = len(list(steps.logs.iterdir())) // 2
+    out, err = steps.logs / f"{number}.out", steps.logs / f"{number}.err"
+    request = {
+        "home": str(home),
+        "payload": [deliveries.domain, deliveries.training, plan],
+        "stdout": str(out),
+        "stderr": str(err),
+    }
+    steps.stdin.write(json.dumps(request) + "\n")
+    steps.stdin.flush()
+    answer = steps.stdout.readline()
+    assert answer, f"the step runner ended (exit {steps.poll()})"
+    returncode = json.loads(answer)["returncode"]
+    return subprocess.CompletedProcess(
+        request, returncode, stdout=out.read_text(), stderr=err.read_text()
     )
 
 
@@ -184,11 +235,11 @@ def _plan(deliveries: Deliveries, crash_at: dict[int, str]) -> list:
     return [[*step, crash_at.get(i)] for i, step in enumerate(steps)]
 
 
-def _run_until_done(home, deliveries: Deliveries, plan) -> list[str]:
+def _run_until_done(steps, home, deliveries: Deliveries, plan) -> list[str]:
     """Run `plan`; after each kill check what a reader sees, then resume at the killed step."""
     survived = []
     while plan:
-        result = _run(home, deliveries, plan)
+        result = _run(steps, home, deliveries, plan)
         if result.returncode == 0:
             break
         assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
@@ -239,9 +290,9 @@ def _assert_same_outputs(expected_home, actual_home, deliveries: Deliveries, lay
         assert not actual[layer].duplicated(keys).any(), f"duplicate rows in {layer}"
 
 
-def test_kills_at_every_crash_point_lose_nothing(tmp_path, deliveries):
+def test_kills_at_every_crash_point_lose_nothing(tmp_path, deliveries, steps):
     clean, crashed = tmp_path / "clean", tmp_path / "crashed"
-    assert _run_until_done(clean, deliveries, _plan(deliveries, {})) == []
+    assert _run_until_done(steps, clean, deliveries, _plan(deliveries, {})) == []
     crashes = {
         0: "partition-before-publish",  # validated partitions of the first delivery
         1: "partition-before-publish",  # feature partitions
@@ -250,7 +301,7 @@ def test_kills_at_every_crash_point_lose_nothing(tmp_path, deliveries):
         5: "partition-before-publish",  # night 2 features
         6: "champion-alias",  # night 2 promotion, the first champion in place
     }
-    survived = _run_until_done(crashed, deliveries, _plan(deliveries, crashes))
+    survived = _run_until_done(steps, crashed, deliveries, _plan(deliveries, crashes))
     assert survived == [
         "ingest@partition-before-publish",
         "features@partition-before-publish",
