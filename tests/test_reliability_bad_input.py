@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+import shutil
 
 import pandas as pd
 import pytest
@@ -28,14 +29,23 @@ def panel():
     return generate_market_panel(MarketSyntheticConfig(tickers=6, days=320, seed=5)).prices
 
 
+@pytest.fixture(scope="module")
+def accepted_root(tmp_path_factory, panel):
+    """A storage root holding every date but the last, ingested once for the module."""
+    folder = tmp_path_factory.mktemp("accepted")
+    history = folder / "history.csv"
+    _vendor(panel[panel["date"] < panel["date"].max()]).to_csv(history, index=False)
+    ingest_file(Storage(folder / "root"), MARKET_CONTRACT, history, as_of=AS_OF)
+    return folder / "root"
+
+
 @pytest.fixture
-def accepted(tmp_path, panel):
-    """Storage holding every date but the last; returns (storage, last day's rows)."""
+def accepted(tmp_path, panel, accepted_root):
+    """A copy of the accepted history for one test; returns (storage, last day's rows)."""
+    shutil.copytree(accepted_root, tmp_path / "root")
     storage = Storage(tmp_path / "root")
     last_day = panel["date"].max()
-    history = tmp_path / "history.csv"
-    _vendor(panel[panel["date"] < last_day]).to_csv(history, index=False)
-    ingest_file(storage, MARKET_CONTRACT, history, as_of=AS_OF)
+    assert storage.partition_dates("validated", "market")[-1] < last_day.date()
     return storage, panel[panel["date"] == last_day].reset_index(drop=True)
 
 
