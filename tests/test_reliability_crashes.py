@@ -10,6 +10,7 @@ crash test starts eight); each child is still its own process, killed with SIGKI
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -189,18 +190,23 @@ def deliveries(request, tmp_path_factory) -> Deliveries:
     return request.param(tmp_path_factory.mktemp("drop"))
 
 
+def _child_env() -> dict[str, str]:
+    """This environment less the test session's finpipe and MLflow settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("FINPIPE_", "MLFLOW_"))}
+
+
 @pytest.fixture(scope="module")
 def steps(deliveries, tmp_path_factory):
     """The process that forks a child for each run of steps, with the domain's code imported."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FINPIPE_", "MLFLOW_"))}
     runner = subprocess.Popen(
         [sys.executable, "-c", STEPS, deliveries.domain],
-        env=env,
+        env=_child_env(),
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )
     runner.logs = tmp_path_factory.mktemp("steps")
+    runner.runs = itertools.count()
     yield runner
     runner.stdin.close()
     runner.wait(timeout=60)
@@ -208,7 +214,7 @@ def steps(deliveries, tmp_path_factory):
 
 def _run(steps, home, deliveries: Deliveries, plan) -> subprocess.CompletedProcess:
     """Run `plan` in a fresh child process with FINPIPE_HOME=`home`."""
-    number = len(list(steps.logs.iterdir())) // 2
+    number = next(steps.runs)
     out, err = steps.logs / f"{number}.out", steps.logs / f"{number}.err"
     request = {
         "home": str(home),
@@ -344,8 +350,7 @@ def test_two_runs_of_the_same_night_at_once_publish_it_once(tmp_path, deliveries
         update_features_through(storage, deliveries.domain, as_of)
 
     home, go = tmp_path / "together", tmp_path / "go"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FINPIPE_", "MLFLOW_"))}
-    env["FINPIPE_HOME"] = str(home)
+    env = {**_child_env(), "FINPIPE_HOME": str(home)}
     payload = json.dumps([deliveries.domain, as_of, files, str(go)])
     runs = [
         subprocess.Popen(
