@@ -165,7 +165,7 @@ def test_worse_model_does_not_replace_the_champion(two_nights):
     storage = Storage(settings.home)
     outcome = summaries[1]["training"]
     champion = tracking.load_model_version(settings, "credit")
-    flipped = copy.deepcopy(champion.model.unwrap_python_model().model)
+    flipped = copy.deepcopy(champion.model)
     with torch.no_grad():
         for layer in (flipped.net.head, flipped.net.wide):
             if layer is not None:

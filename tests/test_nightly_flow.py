@@ -190,7 +190,7 @@ def test_worse_model_does_not_replace_the_champion(two_nights):
     storage = Storage(settings.home)
     outcome = summaries[1]["training"]
     example = storage.read_partition("features", "market", _day(files[2]))
-    original = tracking.load_model_version(settings, DOMAIN).model.unwrap_python_model().model
+    original = tracking.load_model_version(settings, DOMAIN).model
 
     def offer(fitted):
         with (
@@ -248,6 +248,56 @@ def test_scoring_refuses_features_that_do_not_match_the_champion(two_nights, tmp
     with pytest.raises(ScoringError, match=r"lack \[.return_5d.\].*rebuild features or retrain"):
         score_market(storage, Settings(home=copy), day)
     pd.testing.assert_frame_equal(storage.read_partition("predictions", "market", day), before)
+
+
+def test_the_champion_serves_through_mlflow_pyfunc_as_finpipe_scores_it(two_nights):
+    """finpipe scores with the model folder its pyfunc wraps; a user of plain MLflow
+    (`mlflow.pyfunc.load_model`) gets the same predictions from the same registered version."""
+    from finpipe import tracking
+
+    settings, files, _, _ = two_nights
+    storage, day = Storage(settings.home), _day(files[2])
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    served = mlflow.pyfunc.load_model("models:/finpipe-market@champion")
+    champion = tracking.load_model_version(settings, "market")
+    assert type(champion.model).__name__ == "FittedMarketModel"
+    assert served.metadata.run_id == champion.run_id
+    window = champion.model.config.lookback + 1
+    days = storage.partition_dates("features", "market", end=day, last=window)
+    features = storage.read_partitions("features", "market", days=days)
+    expected = champion.predict(features)
+    assert expected["prediction"].notna().all() and expected["prediction"].std() > 0
+    pd.testing.assert_frame_equal(served.predict(features), expected)
+
+
+def test_a_registered_model_naming_a_foreign_loader_is_refused(two_nights, tmp_path):
+    """Scoring imports only finpipe's model classes, whatever a version's MLmodel names."""
+    from finpipe import tracking
+    from finpipe.errors import ScoringError
+
+    settings, files, _, _ = two_nights
+    fitted = tracking.load_model_version(settings, "market").model
+    example = Storage(settings.home).read_partition("features", "market", _day(files[2])).head(3)
+    try:
+        with finpipe_home(tmp_path / "other") as other:
+            tracking.use_tracking(other, "market")
+            with mlflow.start_run():
+                tracking.log_fitted_model(
+                    fitted,
+                    loader="finpipe.market.model:FittedMarketModel",
+                    input_example=example,
+                    output_example=fitted.predict(example),
+                    registered_model_name="finpipe-market",
+                )
+            mlmodels = list((tmp_path / "other" / "mlartifacts").rglob("MLmodel"))
+            assert len(mlmodels) == 1
+            text = mlmodels[0].read_text()
+            assert "loader: finpipe.market.model:FittedMarketModel" in text
+            mlmodels[0].write_text(text.replace("loader: finpipe.market.model:", "loader: os:"))
+            with pytest.raises(ScoringError, match="names loader 'os:.*only loads its own"):
+                tracking.load_model_version(other, "market", version="1")
+    finally:
+        mlflow.set_tracking_uri(settings.tracking_uri)
 
 
 def test_run_summary_is_a_prefect_markdown_artifact(two_nights):

@@ -322,7 +322,7 @@ def scoring(work: Path, side: str) -> dict:
     would: finpipe's scoring step, or a pyarrow read + the bare net + a pyarrow write.
 
     Both sides start in a fresh process, so each pays its first model load once: MLflow's
-    registry + pyfunc for finpipe, `torch.load` of the same weights for the reference. The
+    registry and artifacts for finpipe, `torch.load` of the same weights for the reference. The
     tracking store is open before the clock starts (see `workspace.require_champion`).
     """
     settings, storage = use_home(work)

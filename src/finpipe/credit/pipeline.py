@@ -520,7 +520,7 @@ def promote_credit(
 def _test_score(model: tracking.RegisteredModel, test: pd.DataFrame, metric: str) -> float:
     """Return `model`'s `metric` on the test rows; -inf if it cannot read them."""
     try:
-        fitted = model.model.unwrap_python_model().model
+        fitted = model.model
         scores = fitted.predict_pd(test)
     except Exception as error:  # a champion that can't read today's features loses its seat
         log.warning("v%s cannot score the current features: %s", model.version, error)
@@ -542,18 +542,14 @@ def score_credit(
     as_of = as_day(as_of)
     population = scoring_population(storage, book, as_of)
     champion = tracking.load_model_version(settings, DOMAIN)
-    fitted = champion.model.unwrap_python_model().model
+    fitted = champion.model
     missing = [c for c in [fitted.id_column, *fitted.feature_columns] if c not in population]
     if missing:
         raise ScoringError(
             f"credit features lack {missing} that champion v{champion.version} needs; the "
             "loan-book config changed since it was trained: retrain"
         )
-    inputs = population[[fitted.id_column, *fitted.feature_columns]]
-    if len(inputs):
-        predicted = champion.predict(inputs).reset_index(drop=True)
-    else:
-        predicted = fitted.predict(inputs)
+    predicted = fitted.predict(population).reset_index(drop=True)
     predicted.insert(1, "record_date", population[DATE_COLUMN].to_numpy())
     _write_scoring_report(storage, as_of, champion, fitted, population, predicted["pd"])
     return publish_predictions(

@@ -26,7 +26,6 @@ from typing import Literal
 import mlflow
 import numpy as np
 import pandas as pd
-from mlflow.exceptions import MlflowException
 from pydantic import Field
 from sklearn.metrics import adjusted_rand_score
 
@@ -264,27 +263,12 @@ def _champion_view(settings: Settings, snapshot: pd.DataFrame) -> ChampionView |
         return None
     champion = tracking.load_model_version(settings, DOMAIN)
     try:
-        predicted = segment_snapshot(champion, snapshot)
+        predicted = champion.predict(snapshot)
     except Exception as error:  # a champion that cannot read today's features: fresh ids
         log.warning("champion v%s cannot segment today's snapshot: %s", champion.version, error)
         return None
-    fitted: FittedSegmentModel = champion.model.unwrap_python_model().model
     segments = predicted.set_index(predicted["customer_id"].astype("string"))["segment"]
-    return ChampionView(version=champion.version, k=fitted.k, segments=segments)
-
-
-def segment_snapshot(model: tracking.RegisteredModel, snapshot: pd.DataFrame) -> pd.DataFrame:
-    """Return a registered model's segments for `snapshot`.
-
-    A category or channel share column the model knows but the snapshot lacks (nobody active
-    bought there any more) is passed as 0, since the model's signature requires every input.
-    Only the signature's columns are passed (MLflow warns about any other, every night).
-    """
-    fitted: FittedSegmentModel = model.model.unwrap_python_model().model
-    absent = [c for c in fitted.feature_columns if c not in snapshot.columns and is_mix_feature(c)]
-    inputs = snapshot.assign(**dict.fromkeys(absent, 0.0))
-    known = [c for c in ["customer_id", *fitted.feature_columns] if c in inputs.columns]
-    return model.predict(inputs[known])  # a feature still missing fails the signature check
+    return ChampionView(version=champion.version, k=champion.model.k, segments=segments)
 
 
 def _quality_by_window(storage, snapshot, sets, fitted, predicted, champion, as_of) -> dict:
@@ -430,7 +414,7 @@ def promote_customers(
 
     def evaluate(model: tracking.RegisteredModel) -> float:
         try:
-            segments = segment_snapshot(model, snapshot)["segment"].to_numpy()[test]
+            segments = model.predict(snapshot)["segment"].to_numpy()[test]
         except Exception as error:
             log.warning("v%s cannot segment the snapshot: %s", model.version, error)
             return float("-inf")
@@ -457,8 +441,8 @@ def score_customers(storage: Storage, settings: Settings, as_of: dt.date | str) 
     snapshot = read_snapshot(storage, as_of)
     champion = tracking.load_model_version(settings, DOMAIN)
     try:
-        predicted = segment_snapshot(champion, snapshot)
-    except (ValueError, MlflowException) as error:
+        predicted = champion.predict(snapshot)
+    except ValueError as error:
         raise ScoringError(
             f"champion v{champion.version} cannot segment the {as_of} snapshot ({error}); "
             "rebuild features or retrain"

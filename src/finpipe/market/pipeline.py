@@ -542,7 +542,7 @@ def score_market(storage: Storage, settings: Settings, as_of: dt.date | str) -> 
     if not storage.partition_file("features", DOMAIN, as_of).exists():
         raise ScoringError(f"no feature partition for {as_of}; run the features step first")
     champion = tracking.load_model_version(settings, DOMAIN)
-    fitted = champion.model.unwrap_python_model().model
+    fitted = champion.model
     lookback = getattr(fitted.config, "lookback", 1) if fitted.config.model != "mlp" else 1
     # The sequence window is the previous `lookback` rows; one spare date costs nothing.
     days = storage.partition_dates("features", DOMAIN, end=as_of, last=lookback + 1)
