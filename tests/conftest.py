@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +19,12 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _remove_in_owner(pid: int, folder: str) -> None:
+    """Remove `folder` if this is still process `pid`, the one that made it."""
+    if os.getpid() == pid:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -38,8 +46,11 @@ def shared_datasets() -> Path:
 
 
 # Prefect's local (ephemeral) mode keeps its database under PREFECT_HOME: one throwaway folder
-# for the whole test session, set before Prefect is first imported.
-os.environ.setdefault("PREFECT_HOME", tempfile.mkdtemp(prefix="finpipe-prefect-"))
+# for the whole test session, set before Prefect is first imported, removed when the session's
+# process exits (not by a forked crash-test child, which inherits this exit hook).
+if "PREFECT_HOME" not in os.environ:
+    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="finpipe-prefect-")
+    atexit.register(_remove_in_owner, os.getpid(), os.environ["PREFECT_HOME"])
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # The local API server gets a minute to start (default 20 s): on a busy 2-core CI machine the
 # first flow run of the session has timed out waiting for it.

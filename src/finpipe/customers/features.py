@@ -2,7 +2,7 @@
 
 A snapshot at t reads transactions dated on or before t only; `build_customer_features` drops
 anything later itself, so handing it more history cannot leak the future. Rows are ordered by
-(customer, timestamp, amount) before any sum, so a snapshot is bit-for-bit the same whatever
+(customer, day, timestamp, amount) before any sum, so a snapshot is bit-for-bit the same whatever
 order or extra (later) rows the input had.
 
 Conventions, stated once here (days are calendar days; t is the snapshot day):
@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 TREND_DAYS = 90
+NS_PER_DAY = 86_400 * 10**9
 BASE_FEATURES = (
     "recency_days",
     "tenure_days",
@@ -73,41 +74,48 @@ def build_customer_features(
     of different days share one schema.
     """
     t = pd.Timestamp(as_of).normalize()
-    rows = transactions.loc[transactions["date"] <= t]
-    rows = rows.loc[rows["customer_id"].notna()]  # a row without a customer counts for nobody
-    # Customers as integer codes in id order: every groupby below keys on them, which is far
+    keep = (transactions["date"] <= t) & transactions["customer_id"].notna()
+    # (a row without a customer counts for nobody)
+    rows = transactions if keep.all() else transactions.loc[keep]
+    # Customers as integer codes in id order: every aggregate below keys on them, which is far
     # cheaper than hashing the id strings again for each feature.
     codes, ids = pd.factorize(rows["customer_id"].astype("string"), sort=True)
-    # Rows by customer, then time and amount (sums run in this order); missing values last.
-    keys = [_sort_key(rows[c]) for c in ("amount", "date", "timestamp") if c in rows.columns]
-    order = np.lexsort([*keys, codes])  # the last key is the primary one; stable
-    rows = rows.take(order).reset_index(drop=True)
-    customer = pd.Series(codes[order], name="customer_code")
-    day = rows["date"].astype("datetime64[ns]")
-    amount = rows["amount"].astype("float64")
+    customers = len(ids)
+    day = _day_numbers(rows["date"])
+    # One key for (customer, day): rows by customer, then day, time and amount (sums run in
+    # this order), missing values last. Only the columns summed or dated are reordered.
+    span = int(day.max() - day.min()) + 1 if len(day) else 1
+    customer_day = codes.astype(np.int64) * span + (day - (day.min() if len(day) else 0))
+    stamps = _sort_key(rows["timestamp"]) if "timestamp" in rows.columns else None
+    order = _row_order(customer_day, day, stamps, _sort_key(rows["amount"]))
+    customer, day, customer_day = codes[order], day[order], customer_day[order]
+    amount = pd.Series(rows["amount"].to_numpy(dtype="float64", na_value=np.nan)[order])
     by_customer = amount.groupby(customer, sort=True)
 
-    first, last = day.groupby(customer, sort=True).agg(["min", "max"]).T.to_numpy()
-    frame = pd.DataFrame(index=by_customer.size().index)
-    frame["recency_days"] = (t - pd.DatetimeIndex(last)).days.astype("float64")
-    frame["tenure_days"] = (t - pd.DatetimeIndex(first)).days.astype("float64")
-    frame["frequency"] = by_customer.size().astype("float64")
+    # Every code in [0, customers) has rows, sorted: each customer's rows are one run.
+    starts = np.searchsorted(customer, np.arange(customers))
+    ends = np.searchsorted(customer, np.arange(customers), side="right") - 1
+    today = _day_numbers(pd.Series([t]))[0]
+    frame = pd.DataFrame(index=pd.RangeIndex(customers))
+    frame["recency_days"] = (today - day[ends]).astype("float64")
+    frame["tenure_days"] = (today - day[starts]).astype("float64")
+    frame["frequency"] = (ends - starts + 1).astype("float64")
     frame["monetary_total"] = by_customer.sum()
     frame["monetary_mean"] = frame["monetary_total"] / frame["frequency"]
-    frame = frame.join(_interpurchase(customer, day))
+    frame = frame.join(_interpurchase(customer, day, customer_day, customers))
 
-    age = (t - day).dt.days
+    age = today - day
     recent, previous = age < TREND_DAYS, (age >= TREND_DAYS) & (age < 2 * TREND_DAYS)
     frame["spend_90d"] = amount.where(recent, 0.0).groupby(customer, sort=True).sum()
-    frame["frequency_90d"] = recent.astype("float64").groupby(customer, sort=True).sum()
+    frame["frequency_90d"] = np.bincount(customer, weights=recent, minlength=customers)
     spend_before = amount.where(previous, 0.0).groupby(customer, sort=True).sum()
     change = frame["spend_90d"] - spend_before
     scale = frame["spend_90d"].abs() + spend_before.abs()
     frame["spend_trend"] = (change / scale.where(scale > 0)).fillna(0.0)
 
     for column in MIX_COLUMNS:
-        if column in rows.columns:
-            frame = frame.join(_mix(customer.to_numpy(), len(ids), rows[column]))
+        if column in rows.columns:  # shares are counts: the rows' order does not matter
+            frame = frame.join(_mix(codes, customers, rows[column]))
     frame = frame[frame["recency_days"] <= active_days]
     frame = frame[[*BASE_FEATURES, *[c for c in frame.columns if is_mix_feature(c)]]]
     frame = frame.astype("float64")
@@ -115,6 +123,42 @@ def build_customer_features(
     frame = frame.rename_axis("customer_id").reset_index()
     frame.insert(0, "date", pd.Series(t, index=frame.index, dtype="datetime64[ns]"))
     return frame
+
+
+def _day_numbers(dates: pd.Series) -> np.ndarray:
+    """Return the calendar days of `dates` (no missing ones) as int64 days since 1970-01-01."""
+    stamps = dates.astype("datetime64[ns]").to_numpy().view(np.int64)
+    return stamps // NS_PER_DAY
+
+
+def _row_order(
+    customer_day: np.ndarray, day: np.ndarray, stamps: np.ndarray | None, amount: np.ndarray
+) -> np.ndarray:
+    """Return the stable order of rows by (customer_day, stamps, amount), as `np.lexsort`.
+
+    A full lexsort spends most of its time on the amounts, which only break ties. When every
+    timestamp falls on its row's day (always, once validated) the rows are sorted on one key,
+    (customer, day, second of the day), and only the rows that tie on it are sorted again by
+    timestamp and amount: the same order, in about a third of the time.
+    """
+    key = customer_day
+    if stamps is not None:
+        second = (stamps - day * NS_PER_DAY) // 10**9
+        if len(second) and not ((second >= 0) & (second < 86_400)).all():
+            return np.lexsort([amount, stamps, customer_day])  # the last key is the primary one
+        key = customer_day * 86_400 + second
+    order = np.argsort(key, kind="stable")
+    ranked = key[order]
+    same = ranked[1:] == ranked[:-1]
+    tied = np.zeros(len(key), dtype=bool)
+    tied[1:] |= same
+    tied[:-1] |= same
+    if tied.any():
+        at = np.flatnonzero(tied)
+        rows = order[at]
+        keys = [amount[rows], *([] if stamps is None else [stamps[rows]]), ranked[at]]
+        order[at] = rows[np.lexsort(keys)]  # each run of ties stays in place, sorted within
+    return order
 
 
 def _sort_key(values: pd.Series) -> np.ndarray:
@@ -125,14 +169,23 @@ def _sort_key(values: pd.Series) -> np.ndarray:
     return pd.to_numeric(values, errors="coerce").to_numpy(dtype="float64", na_value=np.nan)
 
 
-def _interpurchase(customer: pd.Series, day: pd.Series) -> pd.DataFrame:
-    """Return purchase_days and the mean/std of gaps between consecutive distinct purchase days."""
-    days = pd.DataFrame({"customer_id": customer, "date": day}).drop_duplicates()
-    gap = days.groupby("customer_id", sort=True)["date"].diff().dt.days.astype("float64")
-    gaps = gap.groupby(days["customer_id"], sort=True)
+def _interpurchase(
+    customer: np.ndarray, day: np.ndarray, customer_day: np.ndarray, customers: int
+) -> pd.DataFrame:
+    """Return purchase_days and the mean/std of gaps between consecutive distinct purchase days.
+
+    The arrays are the rows sorted by (customer, day); `customer_day` is one key for the pair.
+    """
+    distinct = np.ones(len(day), dtype=bool)
+    distinct[1:] = customer_day[1:] != customer_day[:-1]
+    owner, purchase_day = customer[distinct], day[distinct]
+    gap = np.empty(len(purchase_day), dtype="float64")
+    gap[1:] = np.diff(purchase_day)
+    gap[np.searchsorted(owner, np.arange(customers))] = np.nan  # a customer's first day
+    gaps = pd.Series(gap).groupby(owner, sort=True)
     return pd.DataFrame(
         {
-            "purchase_days": days.groupby("customer_id", sort=True).size().astype("float64"),
+            "purchase_days": np.bincount(owner, minlength=customers).astype("float64"),
             "interpurchase_mean_days": gaps.mean(),
             "interpurchase_std_days": gaps.std(ddof=1),
         }
