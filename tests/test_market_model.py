@@ -7,8 +7,10 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
-from finpipe.market.model import FittedMarketModel, fit_market_model
+from finpipe.market.model import FittedMarketModel, _sorted_panel, fit_market_model
 from finpipe.training import FeatureScaler, TrainConfig, time_split
 
 FEATURES = ["f0", "f1", "f2"]
@@ -143,3 +145,51 @@ def test_cross_sectional_target_is_recorded_and_survives_save(tmp_path):
     )
     fitted.save(tmp_path)
     assert FittedMarketModel.load(tmp_path).target == "cross_sectional_zscore"
+
+
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.one_of(st.none(), st.sampled_from(["A", "B", "a", "AB", "b", "10", "9", "Z"])),
+            st.one_of(st.none(), st.integers(0, 6)),
+        ),
+        min_size=1,
+        max_size=40,
+    ),
+    as_category=st.booleans(),
+)
+@settings(max_examples=200, deadline=None)
+def test_the_panel_order_is_a_stable_sort_by_ticker_text_then_date(rows, as_category):
+    """The integer-key sort orders rows as a stable pandas sort of (ticker as text, date) with
+    missing keys last, and flags the same duplicates."""
+    frame = pd.DataFrame(
+        {
+            "ticker": pd.array([t for t, _ in rows], dtype="string"),
+            "date": pd.to_datetime(
+                [
+                    None if d is None else pd.Timestamp("2024-01-01") + pd.Timedelta(days=d)
+                    for _, d in rows
+                ]
+            ),
+            "f0": np.arange(len(rows), dtype=np.float32),
+        }
+    )
+    if as_category:
+        frame["ticker"] = frame["ticker"].astype("category")
+    keys = frame[["ticker", "date"]].astype({"ticker": "string"})
+    expected = keys.sort_values(["ticker", "date"], kind="mergesort").index.to_numpy()
+    scaler = FeatureScaler.fit(frame[["f0"]])
+    if keys.duplicated().any():
+        with pytest.raises(ValueError, match="duplicate"):
+            _sorted_panel(frame, scaler, lookback=2)
+        return
+    order, panel, positions = _sorted_panel(frame, scaler, lookback=2)
+    np.testing.assert_array_equal(order, expected)
+    np.testing.assert_array_equal(panel[positions, 0], scaler.transform(frame[["f0"]])[order, 0])
+    # Lookback 2: one zero row before each ticker's first row (missing tickers are one group).
+    padding = np.setdiff1d(np.arange(len(panel)), positions)
+    assert len(padding) == keys["ticker"].nunique(dropna=False)
+    assert (panel[padding] == 0).all()
+    ordered = keys["ticker"].fillna("\x00").to_numpy(dtype=object)[order]  # "\x00": missing
+    firsts = positions[np.r_[True, ordered[1:] != ordered[:-1]]]
+    np.testing.assert_array_equal(np.sort(padding), np.sort(firsts - 1))

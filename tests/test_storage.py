@@ -129,3 +129,24 @@ def test_quarantine_keeps_file_and_report(tmp_path):
     folder = storage.quarantine_batch("market", "b123", source, {"success": False})
     assert sorted(p.name for p in folder.iterdir()) == ["bad.csv", "report.json"]
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_the_last_dates_are_the_newest_published_ones_within_the_bounds(tmp_path):
+    storage = Storage(tmp_path)
+    days = [dt.date(2023, 12, 28) + dt.timedelta(days=i) for i in range(12)]
+    for day in days[::-1]:  # written newest first: the listing order is not the date order
+        storage.write_partition("features", "market", day, _frame(day.isoformat(), ["A"]))
+    os.remove(storage.partition_file("features", "market", days[9]))  # a folder, no file
+    storage.partition_dir("features", "market", "2024-02-01").mkdir()  # empty, past the end
+    published = [d for d in days if d != days[9]]
+
+    assert storage.partition_dates("features", "market") == published
+    assert storage.partition_dates("features", "market", last=3) == published[-3:]
+    assert storage.partition_dates("features", "market", end=days[10], last=3) == [
+        days[7],
+        days[8],
+        days[10],
+    ]
+    assert storage.partition_dates("features", "market", start=days[2], end=days[4]) == days[2:5]
+    assert storage.partition_dates("features", "market", start=days[2], last=50) == published[2:]
+    assert storage.partition_dates("features", "credit") == []

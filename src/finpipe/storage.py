@@ -69,6 +69,14 @@ def as_day(value: dt.date | dt.datetime | pd.Timestamp | str) -> dt.date:
         raise ConfigError(f"invalid date {value!r}: expected YYYY-MM-DD") from None
 
 
+def _folder_day(text: str) -> dt.date:
+    """`as_day` of a partition folder's date: the well-formed case without its type checks."""
+    try:
+        return dt.date.fromisoformat(text)
+    except ValueError:
+        return as_day(text)  # ConfigError naming the value (or a padded date it accepts)
+
+
 def file_sha256(path: Path) -> str:
     """Return the hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
     digest = hashlib.sha256()
@@ -226,21 +234,26 @@ class Storage:
     ) -> list[dt.date]:
         """Return the sorted days that have a published partition in [start, end] (only the
         `last` latest of them when given: scoring needs a few dates, not a stat of them all)."""
-        base = self.layer_dir(layer, domain)
-        if not base.exists():
+        base = os.fspath(self.layer_dir(layer, domain))
+        try:
+            names = os.listdir(base)
+        except FileNotFoundError:
             return []
         lo = as_day(start) if start is not None else dt.date.min
         hi = as_day(end) if end is not None else dt.date.max
         named = []
-        for entry in os.scandir(base):
-            if entry.name.startswith("date="):
-                day = as_day(entry.name.removeprefix("date="))
+        for name in names:
+            if name.startswith("date="):
+                day = _folder_day(name.removeprefix("date="))
                 if lo <= day <= hi:
                     named.append(day)
-        days, newest = [], sorted(named, reverse=True)
-        for day, file in zip(newest, self._partition_files(layer, domain, newest), strict=True):
-            if os.path.exists(file):  # a folder without its file is not published
-                days.append(day)
+        named.sort(reverse=True)
+        # Newest first, each file named only when it is looked at: a scoring night wants the
+        # last 21 of thousands, and naming them all cost as much as listing the folder.
+        days = []
+        for day in named:
+            if os.path.exists(f"{base}/date={day.isoformat()}/{PARTITION_FILE}"):
+                days.append(day)  # a folder without its file is not published
                 if last is not None and len(days) == last:
                     break
         return days[::-1]
