@@ -57,6 +57,11 @@ def check_name(value: str, what: str = "domain") -> str:
 
 def as_day(value: dt.date | dt.datetime | pd.Timestamp | str) -> dt.date:
     """Return a calendar day from a date, timestamp or ISO string; ConfigError if unparseable."""
+    if isinstance(value, str):  # first: listings parse thousands of folder names
+        try:
+            return dt.date.fromisoformat(value.strip())
+        except ValueError:
+            raise ConfigError(f"invalid date {value!r}: expected YYYY-MM-DD") from None
     if isinstance(value, pd.Timestamp):
         return value.date()
     if isinstance(value, dt.datetime):
@@ -69,12 +74,9 @@ def as_day(value: dt.date | dt.datetime | pd.Timestamp | str) -> dt.date:
         raise ConfigError(f"invalid date {value!r}: expected YYYY-MM-DD") from None
 
 
-def _folder_day(text: str) -> dt.date:
-    """`as_day` of a partition folder's date: the well-formed case without its type checks."""
-    try:
-        return dt.date.fromisoformat(text)
-    except ValueError:
-        return as_day(text)  # ConfigError naming the value (or a padded date it accepts)
+def _file_in(layer_dir: str, day: dt.date) -> str:
+    """The partition file of `day` under a layer folder, as a string (no Path per day)."""
+    return f"{layer_dir}/date={day.isoformat()}/{PARTITION_FILE}"
 
 
 def file_sha256(path: Path) -> str:
@@ -170,7 +172,7 @@ class Storage:
         """`partition_file` of each day as a string, built without a Path per day (a nightly
         credit scan names 730 of them)."""
         base = os.fspath(self.layer_dir(layer, domain))
-        return [f"{base}/date={as_day(day).isoformat()}/{PARTITION_FILE}" for day in days]
+        return [_file_in(base, as_day(day)) for day in days]
 
     def landing_dir(self, domain: str) -> Path:
         return self.root / "landing" / check_name(domain)
@@ -244,7 +246,7 @@ class Storage:
         named = []
         for name in names:
             if name.startswith("date="):
-                day = _folder_day(name.removeprefix("date="))
+                day = as_day(name.removeprefix("date="))
                 if lo <= day <= hi:
                     named.append(day)
         named.sort(reverse=True)
@@ -252,7 +254,7 @@ class Storage:
         # last 21 of thousands, and naming them all cost as much as listing the folder.
         days = []
         for day in named:
-            if os.path.exists(f"{base}/date={day.isoformat()}/{PARTITION_FILE}"):
+            if os.path.exists(_file_in(base, day)):
                 days.append(day)  # a folder without its file is not published
                 if last is not None and len(days) == last:
                     break
