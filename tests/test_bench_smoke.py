@@ -414,3 +414,56 @@ def test_a_domain_header_states_the_epochs_its_own_nightly_records_ran_with(tmp_
     markdown = (tmp_path / "latest.md").read_text()
     assert "nightly runs max_epochs=1." in markdown
     assert "nightly runs max_epochs=2 (mlp and logistic)." in markdown
+
+
+# -- scoring a champion an earlier run trained ---------------------------------------------------
+
+
+def test_scoring_alone_without_an_earlier_orchestration_is_refused_before_any_work(tmp_path):
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "latest.json").write_text(json.dumps([OLD_MARKET_RECORD]))
+    config = BenchConfig(
+        sizes=["S"], repetitions=[1], stages=["scoring"], workdir=tmp_path / "work", out=out
+    )
+    with pytest.raises(ConfigError, match="no champion to score in .*Add orchestration"):
+        run_benchmarks(config, say=lambda message: None)
+    assert not (tmp_path / "work").exists()  # nothing prepared
+    assert json.loads((out / "latest.json").read_text()) == [OLD_MARKET_RECORD]
+
+
+@pytest.mark.slow
+def test_scoring_alone_scores_the_champion_an_earlier_orchestration_left(tmp_path):
+    # Also the suite's smoke run of the orchestration and scoring stages (~100 s on 2 cores).
+    out = tmp_path / "results"
+    config = BenchConfig(
+        sizes=["S"],
+        repetitions=[1],
+        base_tickers=12,
+        base_days=320,
+        nightly_epochs=1,
+        stages=["orchestration"],
+        workdir=tmp_path / "work",
+        out=out,
+    )
+    first = {r["stage"]: r for r in run_benchmarks(config, say=lambda message: None)}
+    assert list(first) == ["prepare", "orchestration"]
+    assert "error" not in first["orchestration"] and first["orchestration"]["ratio"] > 0
+    facts = json.loads((tmp_path / "work" / "S" / "orchestrated.json").read_text())
+    assert facts["nightly_max_epochs"] == 1 and facts["repetitions"] == 1
+
+    again = run_benchmarks(dataclasses.replace(config, stages=["scoring"]), say=lambda m: None)
+    assert [r["stage"] for r in again] == ["prepare", "orchestration", "scoring"]
+    scoring = again[-1]
+    assert "error" not in scoring and scoring["ratio"] > 0
+    assert scoring["details"]["nights"] == 10
+    assert scoring["details"]["champion"] == facts  # the earlier run's champion, not retrained
+    assert again[1] == first["orchestration"]  # kept from the first run
+    assert json.loads((out / "latest.json").read_text())[-1] == scoring
+
+    # Another shape prepares the folder again, which drops the champion: refused, not scored.
+    with pytest.raises(ConfigError, match="no champion to score"):
+        run_benchmarks(
+            dataclasses.replace(config, stages=["scoring"], base_days=330), say=lambda m: None
+        )
+    assert json.loads((out / "latest.json").read_text())[-1] == scoring

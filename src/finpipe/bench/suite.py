@@ -43,6 +43,9 @@ TRAINED_MODELS = {
     "customers": ("autoencoder",),
 }
 
+# In a size's folder: the orchestration run whose champion a later scoring-only run scores.
+ORCHESTRATED_FILE = "orchestrated.json"
+
 TARGETS = {
     "features": 1.0,
     "training": 1.15,
@@ -93,10 +96,17 @@ class BenchConfig:
                 f"repetitions: give one count (>= 1) or one per size ({len(self.sizes)}), "
                 f"got {self.repetitions}"
             )
-        if "scoring" in self.stages and "orchestration" not in self.stages:
-            raise ConfigError(
-                "the scoring stage scores with the champion the orchestration stage trains"
-            )
+
+    def folder(self, domain: str, size: str) -> Path:
+        """Return the folder a domain's data set at `size` is prepared in."""
+        # Market keeps its folders at the top of the workdir (a re-run reuses its prepared panel).
+        return self.workdir / size if domain == "market" else self.workdir / domain / size
+
+    def scores_an_earlier_champion(self, domain: str) -> bool:
+        """Return whether scoring runs without this run's orchestration stage for `domain`: it
+        then scores the champion an earlier run's orchestration left in each size's folder."""
+        wanted = [s for s in DOMAIN_STAGES[domain] if s in self.stages]
+        return "scoring" in wanted and "orchestration" not in wanted
 
     def shape(self, size: str) -> tuple[int, int]:
         """Return (tickers, days) of a size."""
@@ -223,6 +233,10 @@ def run_benchmarks(config: BenchConfig, say: Callable[[str], None] = print) -> l
         or r.get("size") not in config.sizes
         or (r.get("stage") != "prepare" and stage_family(r) not in config.stages)
     ]
+    for domain in config.domains:  # before any work: a scoring-only run needs its champions
+        if config.scores_an_earlier_champion(domain):
+            for size in config.sizes:
+                orchestrated(config.folder(domain, size))
     config.workdir.mkdir(parents=True, exist_ok=True)
     log_file = config.workdir / "bench.log"
     started = time.perf_counter()
@@ -247,8 +261,7 @@ def ordered_records(records: list[dict]) -> list[dict]:
 def _run_size(domain, size, config, log_file, say, records, started) -> list[dict]:
     """Prepare one domain's data set at one size, then measure each stage; return the records
     (written to `out` after each stage, with `records`, so a long run reports as it goes)."""
-    # Market keeps its folders at the top of the workdir (a re-run reuses its prepared panel).
-    work = config.workdir / size if domain == "market" else config.workdir / domain / size
+    work = config.folder(domain, size)
     reps = config.repetitions_for(size)
     label = size if domain == "market" else f"{domain} {size}"
     options = config.prepare_options(domain, size)
@@ -263,6 +276,8 @@ def _run_size(domain, size, config, log_file, say, records, started) -> list[dic
 
     prepared = child("prepare", seed=config.seed, **options)
     rows = prepared["rows"]
+    if config.scores_an_earlier_champion(domain):
+        orchestrated(work)  # a folder prepared again (another shape) has lost its champion
     new = [
         {
             "domain": domain,
@@ -283,7 +298,7 @@ def _run_size(domain, size, config, log_file, say, records, started) -> list[dic
         if stage not in config.stages:
             continue
         try:
-            measured = _measure(domain, stage, size, rows, reps, config, child, say)
+            measured = _measure(domain, stage, size, rows, reps, config, child, say, work)
         except StageFailed as error:
             say(f"[{label}] {stage}: FAILED {error}")
             measured = [
@@ -306,7 +321,28 @@ def _earlier_records(out: Path | None) -> list[dict]:
         return []
 
 
-def _measure(domain, stage, size, rows, reps, config, child, say) -> list[dict]:
+def orchestrated(work: Path) -> dict:
+    """Return the facts of the orchestration run whose champion is in the size folder `work`.
+
+    Raises ConfigError when no orchestration stage finished there: the scoring stage scores
+    the champion that stage trains and promotes.
+    """
+    facts = _orchestration_facts(work)
+    if facts is None:
+        raise ConfigError(
+            f"no champion to score in {work}: the scoring stage scores the model the "
+            "orchestration stage trains and promotes there. Add orchestration to --stages, or "
+            "pass the --workdir of a run that had it (with the same sizes and shape)"
+        )
+    return facts
+
+
+def _orchestration_facts(work: Path) -> dict | None:
+    path = work / ORCHESTRATED_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _measure(domain, stage, size, rows, reps, config, child, say, work) -> list[dict]:
     label = size if domain == "market" else f"{domain} {size}"
     if stage == "training":
         out = []
@@ -330,6 +366,8 @@ def _measure(domain, stage, size, rows, reps, config, child, say) -> list[dict]:
         return out
     sides = ("prefect", "direct") if stage == "orchestration" else ("finpipe", "reference")
     options = {"epochs": config.epochs(domain, stage)} if stage == "orchestration" else {}
+    if stage == "orchestration":  # its nights replace the champion: it is known again at the end
+        (work / ORCHESTRATED_FILE).unlink(missing_ok=True)
     pairs = []
     for rep in range(reps):
         pair = tuple(child(stage, side=side, **options) for side in sides)
@@ -349,6 +387,7 @@ def _measure(domain, stage, size, rows, reps, config, child, say) -> list[dict]:
             **({"model": theirs["model"]} if "model" in theirs else {}),
             **({"agreement": theirs["agreement"]} if "agreement" in theirs else {}),
             "finpipe_first_night_s": _median([p[0]["details"]["first_night_s"] for p in pairs]),
+            "champion": _orchestration_facts(work),
         }
     elif stage == "orchestration":
         extra["unit"] = "predictions"
@@ -361,6 +400,13 @@ def _measure(domain, stage, size, rows, reps, config, child, say) -> list[dict]:
         starts = [p[0]["details"].get("prefect_server_start_s") for p in pairs]
         if None not in starts:  # Prefect's API was started before the clock: show its cost
             extra["details"]["prefect_server_start_s"] = _median(starts)
+        # The last night run (the direct side of the last pair) left the champion scoring uses.
+        facts = {
+            "orchestrated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "nightly_max_epochs": config.epochs(domain, stage),
+            "repetitions": reps,
+        }
+        (work / ORCHESTRATED_FILE).write_text(json.dumps(facts, indent=2))
     return [_record(stage, size, rows, pairs, repetitions=reps, domain=domain, extra=extra)]
 
 
