@@ -452,7 +452,9 @@ def test_scoring_alone_scores_the_champion_an_earlier_orchestration_left(tmp_pat
     facts = json.loads((tmp_path / "work" / "S" / "orchestrated.json").read_text())
     assert facts["nightly_max_epochs"] == 1 and facts["repetitions"] == 1
 
-    again = run_benchmarks(dataclasses.replace(config, stages=["scoring"]), say=lambda m: None)
+    again = run_benchmarks(
+        dataclasses.replace(config, stages=["scoring"]), say=lambda message: None
+    )
     assert [r["stage"] for r in again] == ["prepare", "orchestration", "scoring"]
     scoring = again[-1]
     assert "error" not in scoring and scoring["ratio"] > 0
@@ -464,6 +466,6 @@ def test_scoring_alone_scores_the_champion_an_earlier_orchestration_left(tmp_pat
     # Another shape prepares the folder again, which drops the champion: refused, not scored.
     with pytest.raises(ConfigError, match="no champion to score"):
         run_benchmarks(
-            dataclasses.replace(config, stages=["scoring"], base_days=330), say=lambda m: None
+            dataclasses.replace(config, stages=["scoring"], base_days=330), say=lambda message: None
         )
     assert json.loads((out / "latest.json").read_text())[-1] == scoring

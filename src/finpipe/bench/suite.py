@@ -102,11 +102,10 @@ class BenchConfig:
         # Market keeps its folders at the top of the workdir (a re-run reuses its prepared panel).
         return self.workdir / size if domain == "market" else self.workdir / domain / size
 
-    def scores_an_earlier_champion(self, domain: str) -> bool:
-        """Return whether scoring runs without this run's orchestration stage for `domain`: it
-        then scores the champion an earlier run's orchestration left in each size's folder."""
-        wanted = [s for s in DOMAIN_STAGES[domain] if s in self.stages]
-        return "scoring" in wanted and "orchestration" not in wanted
+    def scores_an_earlier_champion(self) -> bool:
+        """Return whether scoring runs without orchestration: it then scores the champion an
+        earlier run's orchestration left in each size's folder (every domain has both stages)."""
+        return "scoring" in self.stages and "orchestration" not in self.stages
 
     def shape(self, size: str) -> tuple[int, int]:
         """Return (tickers, days) of a size."""
@@ -233,8 +232,8 @@ def run_benchmarks(config: BenchConfig, say: Callable[[str], None] = print) -> l
         or r.get("size") not in config.sizes
         or (r.get("stage") != "prepare" and stage_family(r) not in config.stages)
     ]
-    for domain in config.domains:  # before any work: a scoring-only run needs its champions
-        if config.scores_an_earlier_champion(domain):
+    if config.scores_an_earlier_champion():  # before any work: every folder needs a champion
+        for domain in config.domains:
             for size in config.sizes:
                 orchestrated(config.folder(domain, size))
     config.workdir.mkdir(parents=True, exist_ok=True)
@@ -276,7 +275,7 @@ def _run_size(domain, size, config, log_file, say, records, started) -> list[dic
 
     prepared = child("prepare", seed=config.seed, **options)
     rows = prepared["rows"]
-    if config.scores_an_earlier_champion(domain):
+    if config.scores_an_earlier_champion():
         orchestrated(work)  # a folder prepared again (another shape) has lost its champion
     new = [
         {
