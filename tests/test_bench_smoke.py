@@ -16,9 +16,10 @@ import pytest
 from finpipe.bench.references import compare_feature_outputs, pandas_market_rules
 from finpipe.bench.suite import BenchConfig, check_targets, results_table, run_benchmarks
 from finpipe.errors import ConfigError
+from finpipe.market.quality import add_market_checks_columns
 from finpipe.market.schema import normalise_market_frame
 from finpipe.market.synthetic import MarketSyntheticConfig, generate_market_panel, inject_defects
-from finpipe.validation import add_market_checks_columns, validate_frame
+from finpipe.validation import validate_frame
 
 REQUIRED_KEYS = {"stage", "size_rows", "finpipe_s", "reference_s", "ratio", "peak_rss_mb"}
 

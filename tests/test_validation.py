@@ -12,14 +12,9 @@ import pandas as pd
 import pytest
 
 from finpipe.errors import ConfigError
+from finpipe.market.quality import MARKET_CHECK_COLUMNS, add_market_checks_columns
 from finpipe.market.schema import normalise_market_frame
-from finpipe.validation import (
-    MARKET_CHECK_COLUMNS,
-    ValidationReport,
-    add_market_checks_columns,
-    load_suite_spec,
-    validate_frame,
-)
+from finpipe.validation import ValidationReport, load_suite_spec, validate_frame
 
 SUITE = "market_ohlcv"
 AS_OF = "2024-01-08"
@@ -378,7 +373,7 @@ def test_a_clean_batch_takes_one_counts_only_pass_and_loses_nothing(gx_passes, m
     assert gx_passes == [("suite", "BASIC")]
 
     gx_passes.clear()
-    monkeypatch.setattr("finpipe.validation._needs_samples", lambda outcome: True)
+    monkeypatch.setattr("finpipe.gx_runtime._needs_samples", lambda outcome: True)
     detailed = check(clean_bars())
 
     assert gx_passes[0] == ("suite", "BASIC")
@@ -456,9 +451,9 @@ def test_gx_does_not_hash_every_cell_of_the_batch(monkeypatch):
 def test_data_docs_index_lists_the_newest_batches_of_its_folder_and_keeps_every_page(
     tmp_path, monkeypatch
 ):
-    from finpipe.validation import _gx_runtime
+    from finpipe.gx_runtime import _gx_runtime
 
-    monkeypatch.setattr("finpipe.validation.DOCS_INDEX_RESULTS", 2)
+    monkeypatch.setattr("finpipe.gx_runtime.DOCS_INDEX_RESULTS", 2)
     shared, own = tmp_path / "shared", tmp_path / "own"
     for name in ("first-batch", "second-batch", "third-batch"):
         validate_frame(
@@ -535,3 +530,21 @@ def test_a_new_docs_folder_reuses_the_compiled_page_templates(tmp_path, monkeypa
     assert (tmp_path / "second" / "expectations" / f"{SUITE}.html").is_file()
     page = next((tmp_path / "second" / "validations").rglob("*.html")).read_text(encoding="utf-8")
     assert "test-batch" in page and "abs_log_return_1d" in page
+
+
+def test_an_expectation_gx_cannot_build_names_the_rule_and_the_file():
+    spec = {
+        "name": "bad_probe",
+        "expectations": [
+            {
+                "type": "expect_column_values_to_be_between",
+                "kwargs": {"column": "x", "min_value": 0},
+            },
+            {"type": "expect_column_values_to_be_purple", "kwargs": {"column": "x"}},
+        ],
+    }
+    frame = pd.DataFrame({"x": [1.0]})
+
+    message = r"expectations/bad_probe.json: expect_column_values_to_be_purple\(x\) is not a valid"
+    with pytest.raises(ConfigError, match=message):
+        validate_frame(frame, suite_name="bad_probe", batch_name="b", suite_spec=spec)

@@ -108,8 +108,9 @@ def validation(work: Path, side: str) -> dict:
     import pandas as pd
 
     from finpipe.bench.references import pandas_market_rules
+    from finpipe.market.quality import add_market_checks_columns
     from finpipe.market.schema import normalise_market_frame
-    from finpipe.validation import add_market_checks_columns, validate_frame
+    from finpipe.validation import validate_frame
 
     _, storage = use_home(work)
     as_of = pd.Timestamp(prepared(work)["night"])

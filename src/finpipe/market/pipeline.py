@@ -31,13 +31,13 @@ from finpipe.market.features import (
     skipped_market_features,
 )
 from finpipe.market.model import FittedMarketModel, fit_market_model
+from finpipe.market.quality import add_market_checks_columns
 from finpipe.market.schema import CANONICAL_COLUMNS, DOMAIN, normalise_market_frame, price_column
 from finpipe.metrics import market_metrics, per_date_ic
 from finpipe.scoring import ScoringOutcome, publish_predictions
 from finpipe.settings import Settings
 from finpipe.storage import Storage, as_day
 from finpipe.training import TimeSplit, TrainConfig, time_split
-from finpipe.validation import add_market_checks_columns
 
 log = logging.getLogger("finpipe.market")
 
