@@ -29,20 +29,11 @@ def _remove_in_owner(pid: int, folder: str) -> None:
 
 @pytest.fixture(scope="session")
 def shared_datasets() -> Path:
-    """Folder of the real sample data sets (`../shared/datasets` beside the checkout)."""
-    candidates = [
-        Path(os.environ["FINPIPE_SHARED_DATASETS"])
-        if "FINPIPE_SHARED_DATASETS" in os.environ
-        else None,
-        REPO_ROOT.parent / "shared" / "datasets",
-    ]
-    for candidate in candidates:
-        if candidate is not None and (candidate / "stocks_ohlcv.csv.gz").exists():
-            return candidate
-    pytest.fail(
-        "sample data not found: expected ../shared/datasets beside the checkout "
-        "or FINPIPE_SHARED_DATASETS pointing at it"
-    )
+    """Folder of the real sample data sets shipped in the repository (`datasets/`)."""
+    folder = REPO_ROOT / "datasets"
+    if not (folder / "stocks_ohlcv.csv.gz").exists():
+        pytest.fail(f"sample data not found in {folder}: the checkout is incomplete")
+    return folder
 
 
 # Prefect's local (ephemeral) mode keeps its database under PREFECT_HOME: one throwaway folder

@@ -76,7 +76,9 @@ def test_disk_full_while_writing_leaves_no_partial_partition(tmp_path, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(storage_module.pq, "write_table", half_written)
-    with pytest.raises(StorageError, match=r"date=2024-01-02.*No space left on device"):
+    with pytest.raises(
+        StorageError, match=r"market/2024-01-02/part-0.parquet.*No space left on device"
+    ):
         storage.write_partition("features", "market", "2024-01-02", _frame().head(1))
     folder = storage.partition_dir("features", "market", "2024-01-02")
     assert [p.name for p in folder.iterdir()] == ["part-0.parquet"]
@@ -91,7 +93,7 @@ def test_permission_denied_names_the_path(tmp_path, monkeypatch):
 
     monkeypatch.setattr(storage_module.os, "replace", refuse)
     with pytest.raises(
-        StorageError, match=r"predictions/market/date=2024-01-02.*Permission denied"
+        StorageError, match=r"predictions/market/2024-01-02/part-0.parquet.*Permission denied"
     ):
         storage.write_partition("predictions", "market", "2024-01-02", _frame())
     assert storage.partition_dates("predictions", "market") == []

@@ -204,6 +204,24 @@ def ingest(
             typer.echo(outcome.message)
 
 
+@app.command("migrate-storage")
+def migrate_storage() -> None:
+    """Convert a store written before 2026-12 (hive `date=YYYY-MM-DD` folders) to bare-day
+    folders, so that pandas, pyarrow, Polars and DuckDB open every layer in one call.
+
+    Safe to run again, and on a store that needs nothing: each domain is converted under its
+    history lock, one partition at a time, and a stopped conversion is finished by a re-run.
+    """
+    from finpipe.storage_migration import migrate_hive_layout
+
+    settings = _settings()
+    changed = migrate_hive_layout(settings.home)
+    for layer in changed:
+        typer.echo(f"{layer.layer}/{layer.domain}: {layer.partitions} partitions converted")
+    if not changed:
+        typer.echo(f"{settings.home}: nothing to convert (already the bare-day layout)")
+
+
 @run_app.command("nightly")
 def run_nightly(
     domain: Annotated[str, typer.Option(help="Pipeline to run.")] = "market",

@@ -4,9 +4,9 @@ Layout under the root (see DESIGN.md):
 
     landing/<domain>/<batch>__<file>          files as delivered, never modified or deleted
     quarantine/<domain>/<batch>/              rejected batch + report.json + data_docs/
-    validated/<domain>/date=YYYY-MM-DD/       rows that passed validation (Parquet)
-    features/<domain>/date=YYYY-MM-DD/        feature rows (Parquet)
-    predictions/<domain>/date=YYYY-MM-DD/     scores with model name, version, run id
+    validated/<domain>/YYYY-MM-DD/            rows that passed validation (Parquet)
+    features/<domain>/YYYY-MM-DD/             feature rows (Parquet)
+    predictions/<domain>/YYYY-MM-DD/          scores with model name, version, run id
     reports/                                  validation Data Docs, run summaries
     state/<domain>/batches/<sha256>.json      what ingest has seen, by content hash
 
@@ -14,6 +14,14 @@ A partition is one Parquet file, `part-0.parquet`, published with an atomic rena
 sees the old file or the new one, never half of one, and writing the same date twice replaces
 the file rather than adding a second one. Temporary files start with "." so dataset readers
 (pyarrow, Spark, DuckDB) skip them.
+
+Every file carries its day in a `date` column typed as a calendar date (Arrow date32), and the
+folder is named by the bare day. A `date=YYYY-MM-DD` (hive) folder name would say the same
+thing with a second type: hive readers infer a string from the path, and pandas and pyarrow then
+refuse to merge it with the file's column. With the day in the file only, `pd.read_parquet`,
+`pyarrow.dataset`, Polars and DuckDB all open a whole layer in one call and agree that `date` is
+a date. Stores written with the old `date=` folders are converted by `finpipe migrate-storage`.
+Inside finpipe, `date` is read back as a pandas datetime64[ns] column, as it was written.
 """
 
 from __future__ import annotations
@@ -41,7 +49,10 @@ from finpipe.faults import crash_point
 
 LAYERS = ("validated", "features", "predictions")
 PARTITION_FILE = "part-0.parquet"
+DAY_COLUMN = "date"
+LEGACY_PREFIX = "date="  # the hive folder names of stores written before the bare-day layout
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
+_DAY_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _SAFE_FILE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -76,7 +87,32 @@ def as_day(value: dt.date | dt.datetime | pd.Timestamp | str) -> dt.date:
 
 def _file_in(layer_dir: str, day: dt.date) -> str:
     """The partition file of `day` under a layer folder, as a string (no Path per day)."""
-    return f"{layer_dir}/date={day.isoformat()}/{PARTITION_FILE}"
+    return f"{layer_dir}/{day.isoformat()}/{PARTITION_FILE}"
+
+
+def _days_as_dates(table: pa.Table) -> pa.Table:
+    """Return `table` with its `date` column stored as calendar days (date32), not timestamps."""
+    index = table.schema.get_field_index(DAY_COLUMN)
+    if index < 0 or not pa.types.is_timestamp(table.schema.field(index).type):
+        return table
+    column = table.column(index)
+    if column.type.tz is not None:
+        raise StorageError(f"the {DAY_COLUMN!r} column must be a calendar day, not {column.type}")
+    return table.set_column(index, DAY_COLUMN, column.cast(pa.date32()))
+
+
+def _days_as_timestamps(table: pa.Table) -> pa.Table:
+    """Return `table` with a date32 `date` column as timestamp[ns]: finpipe's frames keep the
+    pandas datetime64[ns] they were written with."""
+    index = table.schema.get_field_index(DAY_COLUMN)
+    if index < 0 or not pa.types.is_date(table.schema.field(index).type):
+        return table
+    return table.set_column(index, DAY_COLUMN, table.column(index).cast(pa.timestamp("ns")))
+
+
+def _to_frame(table: pa.Table) -> pd.DataFrame:
+    """A table read from a partition as the frame finpipe wrote."""
+    return _days_as_timestamps(table).to_pandas()
 
 
 def file_sha256(path: Path) -> str:
@@ -124,7 +160,7 @@ def _scan(files: list[str], columns: list[str] | None, where: pc.Expression) -> 
     )
     unified = factory.inspect(promote_options="permissive")
     chosen = None if columns is None else [c for c in columns if c in unified.names]
-    return factory.finish(unified).to_table(columns=chosen, filter=where).to_pandas()
+    return _to_frame(factory.finish(unified).to_table(columns=chosen, filter=where))
 
 
 def _schema_for(first: str, last: str, columns: list[str] | None) -> pa.Schema | None:
@@ -163,7 +199,7 @@ class Storage:
         return self.root / layer / check_name(domain)
 
     def partition_dir(self, layer: str, domain: str, day: dt.date | str) -> Path:
-        return self.layer_dir(layer, domain) / f"date={as_day(day).isoformat()}"
+        return self.layer_dir(layer, domain) / as_day(day).isoformat()
 
     def partition_file(self, layer: str, domain: str, day: dt.date | str) -> Path:
         return self.partition_dir(layer, domain, day) / PARTITION_FILE
@@ -202,6 +238,7 @@ class Storage:
             table = frame
         else:
             table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
+        table = _days_as_dates(table)
         published = False
         try:
             # Dictionary-encode only non-float columns: on float columns a dictionary page
@@ -245,10 +282,16 @@ class Storage:
         hi = as_day(end) if end is not None else dt.date.max
         named = []
         for name in names:
-            if name.startswith("date="):
-                day = as_day(name.removeprefix("date="))
-                if lo <= day <= hi:
-                    named.append(day)
+            if not _DAY_FOLDER.match(name):
+                if name.startswith(LEGACY_PREFIX):
+                    raise StorageError(
+                        f"{base} holds {name!r}, a folder of the old hive layout; run "
+                        "`finpipe migrate-storage` once to convert the store to bare-day folders"
+                    )
+                continue  # temporary and foreign entries are not partitions
+            day = as_day(name)
+            if lo <= day <= hi:
+                named.append(day)
         named.sort(reverse=True)
         # Newest first, each file named only when it is looked at: a scoring night wants the
         # last 21 of thousands, and naming them all cost as much as listing the folder.
@@ -296,7 +339,7 @@ class Storage:
             schema = _schema_for(files[0], files[-1], wanted)
             if schema is not None:
                 dataset = pads.dataset(files, schema=schema, format="parquet")
-                return dataset.to_table(filter=where).to_pandas()
+                return _to_frame(dataset.to_table(filter=where))
             if where is not None:
                 return _scan(files, wanted, where)
         # One file per date: a few threads read them (decoding releases the GIL), and the
@@ -306,11 +349,11 @@ class Storage:
         else:
             with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
                 tables = list(pool.map(read, files))
-        return pa.concat_tables(tables, promote_options="permissive").to_pandas()
+        return _to_frame(pa.concat_tables(tables, promote_options="permissive"))
 
     def read_partition(self, layer: str, domain: str, day: dt.date | str) -> pd.DataFrame:
         """Return one partition's rows; FileNotFoundError if it was never published."""
-        return pq.read_table(self.partition_file(layer, domain, day)).to_pandas()
+        return _to_frame(pq.read_table(self.partition_file(layer, domain, day)))
 
     # -- landing and quarantine ----------------------------------------------------------
     def land_file(self, domain: str, source: Path, sha256: str) -> Path:
