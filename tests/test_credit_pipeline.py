@@ -21,6 +21,7 @@ from finpipe.credit.synthetic import (
 from finpipe.errors import ValidationFailed
 from finpipe.storage import Storage
 from tests.conftest import finpipe_home
+from tests.test_layout_readers import assert_layer_reads_everywhere
 
 pytestmark = pytest.mark.slow
 
@@ -61,6 +62,12 @@ def two_nights(tmp_path_factory):
             domain="credit", as_of=delivery_day(files[2]), inputs=[str(files[2])], training=FAST
         )
         yield settings, files, [first, second], book
+
+
+def test_every_layer_opens_in_pandas_pyarrow_polars_and_duckdb(two_nights):
+    settings, *_ = two_nights
+    for layer in ("validated", "features", "predictions"):
+        assert_layer_reads_everywhere(Storage(settings.home), layer, "credit")
 
 
 def test_predictions_hold_id_pd_grade_reasons_and_model_version(two_nights):
@@ -287,6 +294,6 @@ def test_german_credit_cross_validated_auc(shared_datasets):
     scores = cross_validated_auc(features, book=book, config=CreditTrainingConfig())
     print("German Credit 5-fold CV AUC:", summarise(scores))
     logistic, network = np.mean(scores["logistic"]), np.mean(scores["mlp"])
-    assert 0.76 < logistic < 0.81  # reference (shared/datasets/README): 0.787 +- 0.017
+    assert 0.76 < logistic < 0.81  # reference (datasets/README.md): 0.787 +- 0.017
     assert network > logistic - 0.04
     assert all(len(v) == 5 for v in scores.values())

@@ -21,6 +21,7 @@ from finpipe.customers.synthetic import (
 from finpipe.errors import ConfigError, ScoringError, ValidationFailed
 from finpipe.storage import Storage
 from tests.conftest import finpipe_home
+from tests.test_layout_readers import assert_layer_reads_everywhere
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +75,12 @@ def test_every_layer_is_written(two_nights):
     assert predictions["segment"].nunique() == summaries[1]["training"]["segments"]
     assert (predictions["distance_to_centroid"] >= 0).all()
     assert (predictions["model_name"] == "finpipe-customers").all()
+
+
+def test_every_layer_opens_in_pandas_pyarrow_polars_and_duckdb(two_nights):
+    settings, *_ = two_nights
+    for layer in ("validated", "features", "predictions"):
+        assert_layer_reads_everywhere(Storage(settings.home), layer, "customers")
 
 
 def test_champion_registered_and_named_on_every_prediction(two_nights):

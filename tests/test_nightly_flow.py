@@ -21,6 +21,7 @@ from finpipe.market.synthetic import (
 )
 from finpipe.storage import Storage
 from tests.conftest import finpipe_home
+from tests.test_layout_readers import assert_layer_reads_everywhere
 
 pytestmark = pytest.mark.slow
 
@@ -74,6 +75,12 @@ def test_every_layer_is_written(two_nights):
     assert predictions["prediction"].notna().all()
     assert (predictions["model_name"] == "finpipe-market").all()
     assert summaries[1]["predictions"]["rows"] == len(predictions)
+
+
+def test_every_layer_opens_in_pandas_pyarrow_polars_and_duckdb(two_nights):
+    settings, *_ = two_nights
+    for layer in ("validated", "features", "predictions"):
+        assert_layer_reads_everywhere(Storage(settings.home), layer, "market")
 
 
 def test_mlflow_has_runs_metrics_plots_and_a_champion(two_nights):
