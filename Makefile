@@ -30,7 +30,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
-	$(BIN)/finpipe bench --domain all
+	$(BIN)/python -m benchmarks --domain all
 
 # Re-take the README's screenshots of the Prefect and MLflow UIs (docs/screenshots/).
 screenshots: $(STAMP)

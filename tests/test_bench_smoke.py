@@ -13,8 +13,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from finpipe.bench.references import compare_feature_outputs, pandas_market_rules
-from finpipe.bench.suite import BenchConfig, check_targets, results_table, run_benchmarks
+from benchmarks.references import compare_feature_outputs, pandas_market_rules
+from benchmarks.suite import BenchConfig, check_targets, results_table, run_benchmarks
 from finpipe.errors import ConfigError
 from finpipe.market.quality import add_market_checks_columns
 from finpipe.market.schema import normalise_market_frame
@@ -283,7 +283,7 @@ def test_customers_races_compare_like_with_like(customers_run):
 
 
 def test_pandas_rules_find_what_the_credit_and_customers_suites_find(tmp_path):
-    from finpipe.bench.domain_references import pandas_suite_rules
+    from benchmarks.domain_references import pandas_suite_rules
     from finpipe.credit.config import load_loan_book
     from finpipe.credit.schema import build_credit_suite, normalise_credit_frame
     from finpipe.credit.synthetic import CreditSyntheticConfig, generate_loan_book
@@ -366,7 +366,7 @@ def test_domain_records_are_grouped_and_old_records_read_as_market(tmp_path):
     out.mkdir()
     (out / "latest.json").write_text(json.dumps(records))
     config = BenchConfig(domains=["credit"], sizes=["S"], out=out, workdir=tmp_path / "work")
-    from finpipe.bench.suite import write_results
+    from benchmarks.suite import write_results
 
     kept = [r for r in records if not (r.get("domain") == "credit" and r["size"] == "S")]
     write_results(kept, config, out, 1.0)
@@ -399,7 +399,7 @@ def test_a_run_of_one_stage_replaces_that_stage_and_keeps_the_others(smoke_run, 
 
 
 def test_a_domain_header_states_the_epochs_its_own_nightly_records_ran_with(tmp_path):
-    from finpipe.bench.suite import write_results
+    from benchmarks.suite import write_results
 
     def orchestration(domain, epochs):
         return {

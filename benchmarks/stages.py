@@ -1,8 +1,8 @@
 """One benchmark measurement, run in a fresh process so its peak memory is its own.
 
-`python -m finpipe.bench.stages '<json>'` runs `run_stage(**json)` and prints one line
+`python -m benchmarks.stages '<json>'` runs `run_stage(**json)` and prints one line
 `BENCH-RESULT {...}` with the seconds measured, the rows processed, the process's peak resident
-memory and stage-specific details. The runner (`finpipe.bench.suite`) starts these processes;
+memory and stage-specific details. The runner (`benchmarks.suite`) starts these processes;
 nothing here decides how often or on what.
 
 Layout of a size's work folder (written by the `prepare` stage):
@@ -22,8 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from finpipe.bench import workspace
-from finpipe.bench.workspace import peak_rss_mb, prepared, use_home
+from benchmarks import workspace
+from benchmarks.workspace import peak_rss_mb, prepared, use_home
 
 HISTORY_FILE_DATES = 252  # one delivery file per trading year
 # Samples per training epoch timed: a throughput needs no more, and a full GRU epoch at 4S is
@@ -107,7 +107,7 @@ def validation(work: Path, side: str) -> dict:
     """
     import pandas as pd
 
-    from finpipe.bench.references import pandas_market_rules
+    from benchmarks.references import pandas_market_rules
     from finpipe.market.quality import add_market_checks_columns
     from finpipe.market.schema import normalise_market_frame
     from finpipe.validation import validate_frame
@@ -182,7 +182,7 @@ def features(work: Path, side: str) -> dict:
         started = time.perf_counter()
         update = update_market_features(storage, eve, rebuild=True)
         return {"seconds": time.perf_counter() - started, "rows": update.rows}
-    from finpipe.bench.references import compare_feature_outputs, polars_market_features
+    from benchmarks.references import compare_feature_outputs, polars_market_features
 
     out = work / "polars_features"
     shutil.rmtree(out, ignore_errors=True)
@@ -209,7 +209,7 @@ def training(work: Path, model: str, epochs: int) -> dict:
     """
     import torch
 
-    from finpipe.bench.references import bare_training_loop
+    from benchmarks.references import bare_training_loop
     from finpipe.market.model import training_samples
     from finpipe.market.pipeline import (
         MarketTrainingConfig,
@@ -335,7 +335,7 @@ def scoring(work: Path, side: str) -> dict:
         from finpipe.market.pipeline import score_market
 
         return workspace.time_finpipe_scoring(score_market, storage, settings, nights)
-    from finpipe.bench.references import bare_scoring, load_bare_model
+    from benchmarks.references import bare_scoring, load_bare_model
 
     model_dir = workspace.champion_folder(settings, "market")
     meta = json.loads((model_dir / "model.json").read_text())
@@ -362,8 +362,8 @@ def run_stage(
 ) -> dict:
     """Run one stage measurement and return its result with this process's peak memory.
 
-    `domain` picks the stage table: market's above, or `finpipe.bench.credit` /
-    `finpipe.bench.customers` (their `STAGES`)."""
+    `domain` picks the stage table: market's above, or `benchmarks.credit` /
+    `benchmarks.customers` (their `STAGES`)."""
     if threads:
         import torch
 
@@ -379,7 +379,7 @@ def _domain_stages(domain: str) -> dict:
 
     if domain not in ("credit", "customers"):
         raise ValueError(f"no benchmark stages for domain {domain!r}")
-    return importlib.import_module(f"finpipe.bench.{domain}").STAGES
+    return importlib.import_module(f"benchmarks.{domain}").STAGES
 
 
 def main() -> None:

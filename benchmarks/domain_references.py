@@ -1,5 +1,5 @@
 """The references finpipe's credit and customers steps race: what a user would write without
-finpipe, on the same data (the market's are in `finpipe.bench.references`).
+finpipe, on the same data (the market's are in `benchmarks.references`).
 
 - `pandas_suite_rules`: any credit or customers suite's rules checked in plain pandas/numpy;
 - `bare_classifier_loop`: the credit PD net trained by a plain PyTorch loop;
@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finpipe.bench.references import compare_columns, standardise
+from benchmarks.references import compare_columns, standardise
 
 # The nets' classes are imported with this module, before any clock starts: finpipe's side has
 # its domain modules imported too, so neither side's timing holds module imports.

@@ -1,4 +1,4 @@
-"""The customers domain's benchmark stages, each run in a fresh process by `finpipe.bench.stages`.
+"""The customers domain's benchmark stages, each run in a fresh process by `benchmarks.stages`.
 
 A size is a synthetic transaction log (`finpipe.customers.synthetic`, planted segments, the
 shipped `synthetic` source config) of `customers` customers over two years (about 36
@@ -9,7 +9,7 @@ transactions per customer); its last day is the night. Stages:
 - features: the RFM snapshot at the eve, `update_customer_features` vs Polars
   (`polars_customer_features`), outputs compared value by value;
 - training: finpipe's loop (`train_regressor`) on the segment autoencoder vs the bare PyTorch
-  loop of `finpipe.bench.references` on the same scaled snapshot;
+  loop of `benchmarks.references` on the same scaled snapshot;
 - orchestration: the nightly flow under Prefect vs the same library calls;
 - scoring: `score_customers` for the eve and the night vs a pyarrow read + the same encoder +
   nearest centroid + a pyarrow write.
@@ -21,8 +21,8 @@ import datetime as dt
 import time
 from pathlib import Path
 
-from finpipe.bench import workspace
-from finpipe.bench.workspace import prepared, timed, use_home
+from benchmarks import workspace
+from benchmarks.workspace import prepared, timed, use_home
 
 DOMAIN = "customers"
 HISTORY_FILE_DAYS = 91  # one history batch per quarter
@@ -123,7 +123,7 @@ def features(work: Path, side: str) -> dict:
         spent, update = timed(_domain().update_features, storage, eve, rebuild=True)
         details = {"customers": update.rows}
         return {"seconds": spent, "rows": facts["history_rows"], "details": details}
-    from finpipe.bench.domain_references import compare_snapshots, polars_customer_features
+    from benchmarks.domain_references import compare_snapshots, polars_customer_features
 
     active_days = load_customers_config(settings.customers_config).features.active_days
     out = work / "polars_snapshot.parquet"
@@ -153,7 +153,7 @@ def training(work: Path, model: str, epochs: int) -> dict:
     import numpy as np
     import torch
 
-    from finpipe.bench.references import bare_training_loop
+    from benchmarks.references import bare_training_loop
     from finpipe.customers.features import LOG_SCALED
     from finpipe.customers.model import (
         build_autoencoder,
@@ -243,7 +243,7 @@ def scoring(work: Path, side: str) -> dict:
     nights = storage.partition_dates("features", DOMAIN, end=night)[-2:]
     if side == "finpipe":
         return workspace.time_finpipe_scoring(_domain().score, storage, settings, nights)
-    from finpipe.bench.domain_references import bare_segment_scoring, load_segment_net
+    from benchmarks.domain_references import bare_segment_scoring, load_segment_net
 
     def score_night(model, day: dt.date, out_file: Path):
         snapshot = storage.partition_file("features", DOMAIN, day)

@@ -1,6 +1,6 @@
 """The benchmark runner: sizes, repetitions, finpipe/reference pairs, results and targets.
 
-Every measurement runs in a fresh Python process (`finpipe.bench.stages`), so a stage's peak
+Every measurement runs in a fresh Python process (`benchmarks.stages`), so a stage's peak
 resident memory is its own and no stage inherits another's caches or heap. A figure is the
 median over repetitions; a ratio is finpipe / reference taken pair by pair (the two sides of a
 pair run back to back on the same data), then the median of those ratios.
@@ -43,6 +43,8 @@ TRAINED_MODELS = {
     "customers": ("autoencoder",),
 }
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
 # In a size's folder: the orchestration run whose champion a later scoring-only run scores.
 ORCHESTRATED_FILE = "orchestrated.json"
 
@@ -58,7 +60,7 @@ TARGETS = {
 
 @dataclass
 class BenchConfig:
-    """What `finpipe bench` measures and where it writes."""
+    """What `python -m benchmarks` measures and where it writes."""
 
     domains: list[str] = field(default_factory=lambda: ["market"])
     sizes: list[str] = field(default_factory=lambda: ["S", "4S", "16S"])
@@ -157,8 +159,11 @@ def run_child(request: dict, log_file: Path) -> dict:
     env.pop("FINPIPE_MLFLOW_TRACKING_URI", None)
     env.pop("MLFLOW_TRACKING_URI", None)
     env.pop("PREFECT_HOME", None)
+    # `benchmarks` is a folder of the repository, not an installed package: the child finds it
+    # from any working directory.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH")]))
     completed = subprocess.run(
-        [sys.executable, "-m", "finpipe.bench.stages", json.dumps(request)],
+        [sys.executable, "-m", "benchmarks.stages", json.dumps(request)],
         capture_output=True,
         text=True,
         env=env,
@@ -618,7 +623,8 @@ def write_results(
     lines = [
         "# finpipe benchmark results",
         "",
-        f"`finpipe bench --domain {','.join(config.domains)} --sizes {','.join(config.sizes)} "
+        f"`python -m benchmarks --domain {','.join(config.domains)} "
+        f"--sizes {','.join(config.sizes)} "
         f"--repetitions {','.join(map(str, config.repetitions))}{_stages_option(config)}` on "
         f"{os.cpu_count()} CPU cores "
         f"(this run); torch threads {config.torch_threads}; {seconds / 60:.1f} min in all. "

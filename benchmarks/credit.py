@@ -1,4 +1,4 @@
-"""The credit domain's benchmark stages, each run in a fresh process by `finpipe.bench.stages`.
+"""The credit domain's benchmark stages, each run in a fresh process by `benchmarks.stages`.
 
 A size is a synthetic loan book (`finpipe.credit.synthetic`, the shipped `synthetic` loan-book
 config) of `applications` rows over two years; the last application day is the night. Stages:
@@ -23,8 +23,8 @@ import datetime as dt
 import time
 from pathlib import Path
 
-from finpipe.bench import workspace
-from finpipe.bench.workspace import prepared, timed, use_home
+from benchmarks import workspace
+from benchmarks.workspace import prepared, timed, use_home
 
 DOMAIN = "credit"
 HISTORY_FILE_DAYS = 91  # one history batch per quarter
@@ -123,7 +123,7 @@ def training(work: Path, model: str, epochs: int) -> dict:
     import numpy as np
     import torch
 
-    from finpipe.bench.domain_references import bare_classifier_loop
+    from benchmarks.domain_references import bare_classifier_loop
     from finpipe.credit.features import LABEL
     from finpipe.credit.model import Inputs, Vocabulary, build_net, train_classifier
     from finpipe.credit.pipeline import load_training_frame, split_book_rows
@@ -214,7 +214,7 @@ def scoring(work: Path, side: str) -> dict:
     nights = dated[-SCORED_NIGHTS:]
     if side == "finpipe":
         return workspace.time_finpipe_scoring(_domain().score, storage, settings, nights)
-    from finpipe.bench.domain_references import bare_credit_scoring, load_credit_net
+    from benchmarks.domain_references import bare_credit_scoring, load_credit_net
 
     def score_night(model, day: dt.date, out_file: Path):
         files = [storage.partition_file("features", DOMAIN, d) for d in dated if d <= day]

@@ -1,7 +1,7 @@
 """A size's work folder (any domain): its home, its facts, its nightly run, its models, and the
 pieces every domain's benchmark stages share (result records, the timed scoring loops).
 
-Layout (written by the domain's `prepare` stage, `finpipe.bench.credit` or `.customers`):
+Layout (written by the domain's `prepare` stage, `benchmarks.credit` or `.customers`):
 
     deliveries/history_NNNN.parquet   normalised history batches (the validation stage's input)
     deliveries/<domain>_<night>.csv   the night's vendor file (the orchestration stage loads it)
@@ -9,7 +9,7 @@ Layout (written by the domain's `prepare` stage, `finpipe.bench.credit` or `.cus
                                       at the eve, the synthetic truth under reference/
     prepared.json                     sizes, dates and row counts
 
-The market's layout (`finpipe.bench.stages`) differs only in its deliveries. Every domain
+The market's layout (`benchmarks.stages`) differs only in its deliveries. Every domain
 runs its nightly step the same way: through the Prefect flow or as the same
 library calls made directly, from the same reset state (`run_night`).
 """
@@ -151,7 +151,7 @@ def validate_history(work: Path, domain: str, side: str) -> dict:
     ingest runs it) or with `pandas_suite_rules`; return seconds, rows and the verdicts."""
     import pandas as pd
 
-    from finpipe.bench.domain_references import pandas_suite_rules
+    from benchmarks.domain_references import pandas_suite_rules
     from finpipe.domains import get_domain
     from finpipe.validation import load_suite_spec, validate_frame
 
