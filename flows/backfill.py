@@ -32,7 +32,7 @@ from finpipe.backfill import (
 from finpipe.domains import get_domain
 from finpipe.errors import ConfigError
 from finpipe.locks import DEFAULT_TIMEOUT_SECONDS
-from finpipe.settings import load_settings
+from finpipe.settings import load_settings, prepare_environment
 from finpipe.storage import Storage
 
 
@@ -70,6 +70,7 @@ def backfill(
         training: Hyper-parameter overrides for the retrain, e.g. {"max_epochs": 10}.
         lock_timeout_seconds: How long a date waits while another run holds it (seconds).
     """
+    prepare_environment(load_settings())  # telemetry off before GX or MLflow loads
     logger = get_run_logger()
     schedule = load_schedule_settings()
     request = check_backfill_request(

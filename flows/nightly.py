@@ -28,7 +28,7 @@ from finpipe.backfill import (
 )
 from finpipe.domains import get_domain
 from finpipe.errors import ConfigError
-from finpipe.settings import load_settings
+from finpipe.settings import load_settings, prepare_environment
 from finpipe.storage import Storage, as_day
 
 AsOfRule = Literal["latest validated date", "previous business day"]
@@ -76,6 +76,7 @@ def nightly(
             or the business day before the run's scheduled time (what the schedule uses).
         calendar_timezone: Timezone of that business calendar; empty means FINPIPE_TIMEZONE.
     """
+    prepare_environment(load_settings())  # telemetry off before GX or MLflow loads
     logger = get_run_logger()
     spec = get_domain(domain)
     try:

@@ -12,7 +12,7 @@ from prefect.runtime import flow_run
 from finpipe.backfill import ALL_STEPS, load_schedule_settings
 from finpipe.domains import get_domain
 from finpipe.errors import ConfigError
-from finpipe.settings import load_settings
+from finpipe.settings import load_settings, prepare_environment
 from finpipe.storage import Storage, as_day
 
 
@@ -29,6 +29,7 @@ def score(domain: str = "market", as_of: dt.date | None = None) -> dict:
         domain: Which pipeline (market; credit and customers as they are added).
         as_of: Date to score; empty means the latest validated date.
     """
+    prepare_environment(load_settings())  # telemetry off before GX or MLflow loads
     get_domain(domain)
     storage = Storage(load_settings().home)
     available = storage.partition_dates("validated", domain, end=as_of)

@@ -16,7 +16,7 @@ from prefect.runtime import flow_run
 from finpipe.backfill import load_schedule_settings
 from finpipe.domains import get_domain
 from finpipe.errors import ConfigError
-from finpipe.settings import load_settings
+from finpipe.settings import load_settings, prepare_environment
 from finpipe.storage import Storage, as_day
 
 
@@ -41,6 +41,7 @@ def train(
         promote: Compare the new model with the champion on the same test window and make it
             champion if it is better; off, it stays registered as challenger only.
     """
+    prepare_environment(load_settings())  # telemetry off before GX or MLflow loads
     logger = get_run_logger()
     spec = get_domain(domain)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,13 +33,130 @@ def test_environment_overrides(monkeypatch, tmp_path):
     assert settings.model_name("market") == "desk7-market"
 
 
-def test_telemetry_is_off_once_finpipe_is_imported():
-    import finpipe  # noqa: F401
+# Imports every finpipe module (library, tasks, flows) and prints the variables that changed.
+# Libraries that set variables of their own on import (scikit-learn's OpenMP switches, the
+# jemalloc options of Polars and MLflow, MLflow's telemetry session) are imported first, so only
+# finpipe's own changes show.
+_IMPORT_EVERY_MODULE = """
+import importlib, json, os, pkgutil
+for library in ("sklearn", "polars", "mlflow"):
+    try:
+        importlib.import_module(library)
+    except ImportError:
+        pass
+before = dict(os.environ)
+names = []
+for package in ("finpipe", "finpipe.tasks", "finpipe.flows"):
+    module = importlib.import_module(package)
+    names.append(package)
+    names += [m.name for m in pkgutil.walk_packages(module.__path__, package + ".")]
+for name in names:
+    importlib.import_module(name)
+after = dict(os.environ)
+changed = sorted(k for k in set(before) | set(after) if before.get(k) != after.get(k))
+print(json.dumps({"modules": names, "changed": changed}))
+"""
 
-    for name in TELEMETRY_OFF:
-        assert name in os.environ
-    assert os.environ["MLFLOW_DISABLE_TELEMETRY"].lower() in {"true", "1"}
-    assert os.environ["GX_ANALYTICS_ENABLED"].lower() in {"false", "0"}
+
+def _clean_environment(tmp_path) -> dict[str, str]:
+    """Return a minimal environment: no telemetry switches, a throwaway home and storage root."""
+    return {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": str(tmp_path),
+        "FINPIPE_HOME": str(tmp_path / "finpipe"),
+        "PREFECT_HOME": str(tmp_path / "prefect"),
+    }
+
+
+def test_importing_every_finpipe_module_leaves_the_environment_unchanged(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EVERY_MODULE],
+        env=_clean_environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert {"finpipe.validation", "finpipe.gx_runtime", "finpipe.flows.nightly"} <= set(
+        result["modules"]
+    )
+    assert result["changed"] == []
+
+
+_START_EVERY_FLOW = """
+import datetime as dt, json, os
+from finpipe.flows.backfill import backfill
+from finpipe.flows.nightly import nightly
+from finpipe.flows.score import score
+from finpipe.flows.train import train
+from finpipe.settings import TELEMETRY_OFF
+
+clean = dict(os.environ)
+started = {}
+day = dt.date(2024, 1, 2)
+flows = ((nightly, {}), (train, {}), (score, {}), (backfill, {"start": day, "end": day}))
+for flow, kwargs in flows:
+    os.environ.clear()
+    os.environ.update(clean)
+    try:  # outside a Prefect run, on an empty store: each stops early, the set-up done first
+        flow.fn(domain="market", **kwargs)
+    except Exception:
+        pass
+    started[flow.name] = {name: os.environ.get(name) for name in TELEMETRY_OFF}
+print(json.dumps(started))
+"""
+
+
+def test_every_flow_switches_telemetry_off_as_it_starts(tmp_path):
+    run = subprocess.run(
+        [sys.executable, "-c", _START_EVERY_FLOW],
+        env=_clean_environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    started = json.loads(run.stdout.strip().splitlines()[-1])
+    assert sorted(started) == ["backfill", "nightly", "score", "train"]
+    for flow, variables in started.items():
+        assert variables == TELEMETRY_OFF, flow
+
+
+_PREPARE_AFTER_MLFLOW = """
+import json, os
+import mlflow  # imported before the set-up: MLflow has started its telemetry client
+from mlflow.telemetry import get_telemetry_client
+from finpipe.settings import load_settings, prepare_environment
+
+had_client = get_telemetry_client() is not None
+prepare_environment(load_settings())
+print(json.dumps({
+    "had_client": had_client,
+    "client": get_telemetry_client() is not None,
+    "environment": {name: os.environ.get(name) for name in
+                    ("DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY", "GX_ANALYTICS_ENABLED")},
+}))
+"""
+
+
+def test_prepare_environment_turns_telemetry_off_unless_the_user_chose(tmp_path):
+    env = {**_clean_environment(tmp_path), "DO_NOT_TRACK": "0"}  # the user's choice stays
+    run = subprocess.run(
+        [sys.executable, "-c", _PREPARE_AFTER_MLFLOW],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert run.returncode == 0, run.stderr
+    result = json.loads(run.stdout.strip().splitlines()[-1])
+    assert result["environment"] == {
+        "DO_NOT_TRACK": "0",
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+        "GX_ANALYTICS_ENABLED": "false",
+    }
+    assert (result["had_client"], result["client"]) == (True, False)
 
 
 _FREE_A_LARGE_ARRAY = """

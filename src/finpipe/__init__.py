@@ -4,8 +4,4 @@ The library (this package) is orchestrator-free: Prefect lives in `finpipe.tasks
 `finpipe.flows` (the top-level `tasks/` and `flows/` folders).
 """
 
-from finpipe.settings import disable_telemetry
-
-disable_telemetry()
-
 __version__ = "0.1.0"

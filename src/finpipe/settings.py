@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-# Offline hygiene: Prefect, MLflow and GX phone home unless told not to. Set before any of them
-# is imported (finpipe/__init__ calls this), and only where the user has not chosen otherwise.
+# Offline hygiene: Prefect, MLflow and GX phone home unless told not to. Set when the CLI or a
+# flow starts (`prepare_environment`), never on import, and only where the user has not chosen
+# otherwise.
 TELEMETRY_OFF = {
     "DO_NOT_TRACK": "1",
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
@@ -25,6 +28,11 @@ def disable_telemetry() -> None:
     """Switch off Prefect, MLflow and Great Expectations telemetry unless the user set it."""
     for name, value in TELEMETRY_OFF.items():
         os.environ.setdefault(name, value)
+    if "mlflow" in sys.modules:
+        # MLflow decides on telemetry when it is imported; one imported earlier decides again.
+        from mlflow.telemetry import set_telemetry_client
+
+        set_telemetry_client()
 
 
 class Settings(BaseSettings):
@@ -124,11 +132,15 @@ def load_settings() -> Settings:
 def prepare_environment(settings: Settings) -> None:
     """Set the process up for a pipeline run: telemetry off, the allocator tuned (unless
     FINPIPE_MALLOC_TUNING=0), Prefect's local state under the storage root unless the user set
-    PREFECT_HOME.
+    PREFECT_HOME, MLflow's and Alembic's logs at WARNING.
 
-    Must run before Prefect is imported; the CLI does this first thing.
+    Importing finpipe changes none of this: the CLI calls it first thing, before Prefect is
+    imported, and every flow as it starts (a deployment's process has Prefect imported already,
+    with its own settings, but nothing yet of GX or MLflow).
     """
     disable_telemetry()
+    for library in ("mlflow", "alembic"):  # per-run INFO lines that bury the pipeline's own
+        logging.getLogger(library).setLevel(logging.WARNING)
     if settings.malloc_tuning:
         tune_allocator()
     os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home()))

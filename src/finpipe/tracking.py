@@ -33,8 +33,6 @@ from finpipe.storage import check_name
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 
-logging.getLogger("mlflow").setLevel(logging.WARNING)
-logging.getLogger("alembic").setLevel(logging.WARNING)
 log = logging.getLogger(__name__)
 
 
