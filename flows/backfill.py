@@ -50,14 +50,16 @@ def backfill(
     training: dict[str, Any] = {},  # noqa: B006 (never mutated; the form shows an empty object)
     lock_timeout_seconds: Annotated[float, Field(ge=0)] = DEFAULT_TIMEOUT_SECONDS,
 ) -> dict:
-    """Process every business day from start to end; redo only dates not already done.
+    """Process every session of the domain's calendar from start to end; redo only what is not done.
 
     Each date is checked, scored and recorded on its own, several at a time; one date failing
     does not stop the others. A table of dates with status, rows and duration is published as
     an artifact. Running the same backfill again redoes only failed, missing or stale dates.
 
     Args:
-        domain: Which pipeline (market; credit and customers as they are added).
+        domain: Which domain's pipeline: market, credit, customers or another registered
+            domain. Its dates are the sessions of its calendar (FINPIPE_CALENDARS: NYSE for
+            market, so exchange holidays are skipped; business days else).
         start: First date of the range (YYYY-MM-DD).
         end: Last date of the range, included; today at the latest.
         steps: What each date gets: validate (require validated data), features (bring
@@ -80,6 +82,7 @@ def backfill(
         steps,
         today=today_in(schedule.timezone),
         max_dates=schedule.backfill_max_dates,
+        calendar=schedule.calendar(domain),
     )
     spec = get_domain(domain)
     try:

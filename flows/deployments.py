@@ -82,8 +82,8 @@ def build_deployments(schedule: ScheduleSettings | None = None) -> list[RunnerDe
             },
             description=(
                 f"Validate, build features, retrain, promote and score, at "
-                f"'{schedule.nightly_cron}' ({schedule.timezone}), as of the previous business "
-                "day; catches up missed nights first."
+                f"'{schedule.nightly_cron}' ({schedule.timezone}), as of the previous session "
+                "of the domain's calendar (NYSE for market); catches up missed nights first."
             ),
             **common,
         ),

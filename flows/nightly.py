@@ -1,7 +1,7 @@
 """The nightly flow: validate -> features -> train -> promote -> score, for one as-of date.
 
 When earlier nights were missed (recorded completions stop before the as-of date), the run
-first catches up: every missed business day is scored, in date order, before retraining.
+first catches up: every missed session is scored, in date order, before retraining.
 """
 
 from __future__ import annotations
@@ -20,14 +20,15 @@ from finpipe.backfill import (
     BackfillIncomplete,
     DateFailed,
     DateOutcome,
+    check_timezone,
+    completed_dates,
     expand_inputs,
     failure_summary,
     load_schedule_settings,
-    missed_dates,
-    previous_business_day,
 )
 from finpipe.domains import get_domain
 from finpipe.errors import ConfigError
+from finpipe.planning import plan_night, scheduled_day
 from finpipe.settings import load_settings, prepare_environment
 from finpipe.storage import Storage, as_day
 
@@ -37,16 +38,18 @@ AsOfRule = Literal["latest validated date", "previous business day"]
 def _run_name() -> str:
     """Name a run after its domain and date, resolving the scheduled `previous business day`."""
     parameters = flow_run.parameters
+    domain = parameters.get("domain", "market")
     as_of = parameters.get("as_of")
     if as_of is None and parameters.get("default_as_of") == "previous business day":
-        as_of = _scheduled_as_of(parameters.get("calendar_timezone"))
-    return f"nightly-{parameters.get('domain', 'market')}-{as_of or 'latest'}"
+        as_of = _scheduled_as_of(parameters.get("calendar_timezone"), domain)
+    return f"nightly-{domain}-{as_of or 'latest'}"
 
 
-def _scheduled_as_of(calendar_timezone: str | None) -> dt.date:
-    timezone = calendar_timezone or load_schedule_settings().timezone
+def _scheduled_as_of(calendar_timezone: str | None, domain: str) -> dt.date:
+    schedule = load_schedule_settings()
     moment = flow_run.scheduled_start_time or dt.datetime.now(dt.UTC)
-    return previous_business_day(moment, timezone)
+    timezone = check_timezone(calendar_timezone or schedule.timezone)
+    return scheduled_day(moment, timezone, schedule.calendar(domain))
 
 
 @flow(name="nightly", flow_run_name=_run_name, log_prints=True)
@@ -64,17 +67,21 @@ def nightly(
     """Run one night of the pipeline and publish a markdown summary artifact.
 
     Args:
-        domain: Which pipeline to run (market; credit and customers as they are added).
-        as_of: Business date to run for; empty means `default_as_of`.
+        domain: Which domain's pipeline to run: market, credit, customers or another
+            registered domain.
+        as_of: Date to run for; empty means `default_as_of`.
         inputs: Delivered files to validate and load first (CSV, CSV.gz or Parquet paths, or
             globs such as /data/drop/market_*.csv: files already loaded are skipped).
         retrain: Retrain and run champion/challenger promotion before scoring.
         rebuild_features: Recompute every feature partition instead of only new dates.
         training: Hyper-parameter overrides, e.g. {"max_epochs": 10, "models": ["mlp"]}.
-        catch_up: First score every business day missed since the last completed night.
+        catch_up: First score every session missed since the last completed night.
         default_as_of: The date to run for when as_of is empty: the latest validated date,
-            or the business day before the run's scheduled time (what the schedule uses).
-        calendar_timezone: Timezone of that business calendar; empty means FINPIPE_TIMEZONE.
+            or the session before the run's scheduled time (what the schedule uses). Sessions
+            follow the domain's calendar (FINPIPE_CALENDARS: NYSE for market, so a night
+            after an exchange holiday runs for the session before it; business days else).
+        calendar_timezone: Timezone the scheduled time is read in; empty means
+            FINPIPE_TIMEZONE.
     """
     prepare_environment(load_settings())  # telemetry off before GX or MLflow loads
     logger = get_run_logger()
@@ -84,8 +91,9 @@ def nightly(
     except ValueError as error:
         raise ConfigError(f"invalid training parameters: {error}") from None
     schedule = load_schedule_settings()
+    calendar = schedule.calendar(domain)
     if as_of is None and default_as_of == "previous business day":
-        as_of = _scheduled_as_of(calendar_timezone)
+        as_of = _scheduled_as_of(calendar_timezone, domain)
     holder = flow_run.name or f"nightly-{domain}"
     wait = schedule.lock_timeout_seconds
     validate_as_of = as_day(as_of) if as_of else dt.datetime.now(dt.UTC).date()
@@ -94,34 +102,25 @@ def nightly(
         ingest_deliveries(domain, files, validate_as_of.isoformat(), holder, wait) if files else []
     )
     storage = Storage(load_settings().home)
-    available = storage.partition_dates("validated", domain, end=validate_as_of)
-    if not available:
-        raise ConfigError(
-            f"no validated {domain} data on or before {validate_as_of}; "
-            f"ingest files first (`finpipe ingest {domain} PATH...`)"
-        )
-    run_day = as_day(as_of) if as_of else available[-1]
-    if run_day not in available:
-        raise ConfigError(
-            f"no validated {domain} data for {run_day}: its delivery has not been ingested "
-            f"(pass it as inputs or run `finpipe ingest {domain} PATH`), or it was a holiday"
-        )
-    run_date = run_day.isoformat()
-    missed = missed_dates(storage, domain, run_day) if catch_up else []
-    if len(missed) > schedule.backfill_max_dates:
-        raise ConfigError(
-            f"{len(missed)} business days missed since {missed[0] - dt.timedelta(days=1)}, more "
-            f"than the catch-up cap of {schedule.backfill_max_dates}: run a backfill from "
-            f"{missed[0]} to {missed[-1]} first, or run this night with catch_up off"
-        )
+    plan = plan_night(
+        domain,
+        as_of=as_day(as_of) if as_of else None,
+        validated=storage.partition_dates("validated", domain, end=validate_as_of),
+        completed=completed_dates(storage, domain),
+        calendar=calendar,
+        catch_up=catch_up,
+        max_catch_up=schedule.backfill_max_dates,
+        retrain=retrain,
+    )
+    run_date = plan.run_day.isoformat()
     logger.info("nightly %s for %s", domain, run_date)
     features = update_features(domain, run_date, holder, wait, rebuild_features)
     caught_up = []
-    for day in missed:  # in date order, with the champion those nights would have used
+    for day in plan.catch_up:  # in date order, with the champion those nights would have used
         logger.info("catching up %s %s", domain, day)
         caught_up.append(_date_outcome(domain, day.isoformat(), holder, wait))
     training_outcome = decision = None
-    if retrain:
+    if plan.retrain:
         training_outcome = train(domain, run_date, config)
         decision = promote(domain, training_outcome)
     tonight = process_date(domain, run_date, list(ALL_STEPS), holder, wait)

@@ -26,7 +26,7 @@ def score(domain: str = "market", as_of: dt.date | None = None) -> dict:
     """Score one date with the champion and publish its predictions partition.
 
     Args:
-        domain: Which pipeline (market; credit and customers as they are added).
+        domain: Which domain: market, credit, customers or another registered domain.
         as_of: Date to score; empty means the latest validated date.
     """
     prepare_environment(load_settings())  # telemetry off before GX or MLflow loads

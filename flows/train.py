@@ -35,7 +35,7 @@ def train(
     """Retrain the domain's models as of a date and, if asked, promote a better challenger.
 
     Args:
-        domain: Which pipeline (market; credit and customers as they are added).
+        domain: Which domain: market, credit, customers or another registered domain.
         as_of: Train on data known at this date; empty means the latest validated date.
         training: Hyper-parameter overrides, e.g. {"max_epochs": 10, "models": ["mlp"]}.
         promote: Compare the new model with the champion on the same test window and make it

@@ -9,6 +9,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pandas as pd
 import pytest
@@ -16,14 +17,13 @@ import pytest
 from finpipe.backfill import (
     ALL_STEPS,
     BackfillIncomplete,
-    business_days,
     check_backfill_request,
     is_done,
     missed_dates,
-    previous_business_day,
     process_date,
     read_completion,
 )
+from finpipe.calendars import BusinessDays, calendar_named
 from finpipe.errors import ConfigError
 from finpipe.ingest import ingest_file
 from finpipe.locks import LockTimeout, history_lock, partition_lock
@@ -39,26 +39,118 @@ from finpipe.market.synthetic import (
     generate_market_panel,
     write_vendor_files,
 )
-from finpipe.storage import Storage
+from finpipe.planning import missed_sessions, plan_night, scheduled_day
+from finpipe.storage import Storage, as_day
 from tests.conftest import finpipe_home
 
 TINY = {"max_epochs": 2, "models": ["mlp"], "hidden": 8}
 TODAY = dt.date(2026, 11, 25)
+WEEKDAYS = BusinessDays()
+NYSE = calendar_named("XNYS")  # the market domain's default calendar
+
+
+def _sessions(start, end) -> list[dt.date]:
+    """NYSE sessions from `start` to `end`: the dates a market backfill or catch-up covers."""
+    return NYSE.sessions(as_day(start), as_day(end))
 
 
 # -- the calendar and the request --------------------------------------------------------
 def test_business_days_skip_weekends_and_the_nightly_runs_for_the_day_before():
-    assert business_days("2024-03-08", "2024-03-12") == [
+    assert WEEKDAYS.sessions(dt.date(2024, 3, 8), dt.date(2024, 3, 12)) == [
         dt.date(2024, 3, 8),
         dt.date(2024, 3, 11),
         dt.date(2024, 3, 12),
     ]
     monday_2am_london = dt.datetime(2024, 3, 11, 2, 0, tzinfo=dt.UTC)
-    assert previous_business_day(monday_2am_london, "Europe/London") == dt.date(2024, 3, 8)
+    london, new_york = ZoneInfo("Europe/London"), ZoneInfo("America/New_York")
+    assert scheduled_day(monday_2am_london, london, WEEKDAYS) == dt.date(2024, 3, 8)
     # 01:00 UTC on a Tuesday is still Monday evening in New York: the day before is Friday.
     tuesday_1am_utc = dt.datetime(2024, 3, 12, 1, 0, tzinfo=dt.UTC)
-    assert previous_business_day(tuesday_1am_utc, "America/New_York") == dt.date(2024, 3, 8)
-    assert previous_business_day(tuesday_1am_utc, "UTC") == dt.date(2024, 3, 11)
+    assert scheduled_day(tuesday_1am_utc, new_york, WEEKDAYS) == dt.date(2024, 3, 8)
+    assert scheduled_day(tuesday_1am_utc, ZoneInfo("UTC"), WEEKDAYS) == dt.date(2024, 3, 11)
+
+
+def test_the_exchange_calendar_skips_holidays_in_requests_catch_up_and_schedules():
+    # Thanksgiving (Thu 2024-11-28) and Christmas are NYSE holidays, not business days off.
+    request = check_backfill_request(
+        "market", "2024-11-27", "2024-12-02", today=TODAY, max_dates=20, calendar=NYSE
+    )
+    assert request.days == (dt.date(2024, 11, 27), dt.date(2024, 11, 29), dt.date(2024, 12, 2))
+    with pytest.raises(ConfigError, match="holds no session of the XNYS calendar"):
+        check_backfill_request(
+            "market", "2024-12-25", "2024-12-25", today=TODAY, max_dates=20, calendar=NYSE
+        )
+    # Independence Day (Thu 2024-07-04): not missed by a night that ran on the 2nd.
+    completed = [dt.date(2024, 7, 1), dt.date(2024, 7, 2)]
+    assert missed_sessions(completed, dt.date(2024, 7, 8), NYSE) == [
+        dt.date(2024, 7, 3),
+        dt.date(2024, 7, 5),
+    ]
+    assert dt.date(2024, 7, 4) in missed_sessions(completed, dt.date(2024, 7, 8), WEEKDAYS)
+    # The morning after the holiday, the scheduled night runs for the session before it.
+    friday_2am_london = dt.datetime(2024, 7, 5, 2, 0, tzinfo=dt.UTC)
+    london = ZoneInfo("Europe/London")
+    assert scheduled_day(friday_2am_london, london, NYSE) == dt.date(2024, 7, 3)
+    assert scheduled_day(friday_2am_london, london, WEEKDAYS) == dt.date(2024, 7, 4)
+    with pytest.raises(ConfigError, match="unknown calendar 'XXXX'"):
+        calendar_named("XXXX")
+
+
+def test_the_night_plan_runs_the_latest_date_and_catches_up_in_order():
+    validated = [dt.date(2024, 7, d) for d in (1, 2, 3, 5, 8)]
+    plan = plan_night(
+        "market",
+        as_of=None,
+        validated=validated,
+        completed=[dt.date(2024, 7, 2)],
+        calendar=NYSE,
+        catch_up=True,
+        max_catch_up=5,
+        retrain=True,
+    )
+    assert plan.run_day == dt.date(2024, 7, 8)
+    assert plan.catch_up == (dt.date(2024, 7, 3), dt.date(2024, 7, 5))
+    quiet = plan_night(
+        "market",
+        as_of=dt.date(2024, 7, 5),
+        validated=validated,
+        completed=[dt.date(2024, 7, 2)],
+        calendar=NYSE,
+        catch_up=False,
+        max_catch_up=5,
+        retrain=False,
+    )
+    assert (quiet.run_day, quiet.catch_up, quiet.retrain) == (dt.date(2024, 7, 5), (), False)
+
+
+@pytest.mark.parametrize(
+    ("as_of", "validated", "cap", "message"),
+    [
+        (None, [], 5, "no validated market data on or before today; ingest files first"),
+        ("2024-07-09", ["2024-07-08"], 5, "no validated market data for 2024-07-09"),
+        (
+            "2024-07-04",
+            ["2024-07-03"],
+            5,
+            "2024-07-04 is not a session of the XNYS calendar (a weekend or holiday): "
+            "the session before it is 2024-07-03",
+        ),
+        ("2024-07-08", ["2024-07-08"], 1, "2 sessions of the XNYS calendar missed since"),
+    ],
+)
+def test_a_night_that_cannot_run_says_what_to_do(as_of, validated, cap, message):
+    with pytest.raises(ConfigError) as caught:
+        plan_night(
+            "market",
+            as_of=as_day(as_of) if as_of else None,
+            validated=[as_day(day) for day in validated],
+            completed=[dt.date(2024, 7, 2)],
+            calendar=NYSE,
+            catch_up=True,
+            max_catch_up=cap,
+            retrain=True,
+        )
+    assert message in str(caught.value)
 
 
 @pytest.mark.parametrize(
@@ -67,8 +159,8 @@ def test_business_days_skip_weekends_and_the_nightly_runs_for_the_day_before():
         ("bonds", "2024-01-02", "2024-01-05", ALL_STEPS, "unknown domain 'bonds'; known domains:"),
         ("market", "2024-02-01", "2024-01-02", ALL_STEPS, "end 2024-01-02 is before start"),
         ("market", "2026-11-20", "2026-12-01", ALL_STEPS, "end 2026-12-01 is in the future"),
-        ("market", "2024-01-01", "2024-01-31", ALL_STEPS, "holds 23 business days, more than"),
-        ("market", "2024-01-06", "2024-01-07", ALL_STEPS, "holds no business day"),
+        ("market", "2024-01-01", "2024-01-31", ALL_STEPS, "holds 23 sessions of the business-day"),
+        ("market", "2024-01-06", "2024-01-07", ALL_STEPS, "holds no session of the business-day"),
         ("market", "2024-01-02", "2024-01-05", ["score", "publish"], "unknown step 'publish'"),
         ("market", "2024-01-02", "2024-01-05", [], "choose at least one step"),
         ("market", "2024-01-02", "2024-13-05", ALL_STEPS, "invalid date '2024-13-05'"),
@@ -76,13 +168,21 @@ def test_business_days_skip_weekends_and_the_nightly_runs_for_the_day_before():
 )
 def test_bad_requests_say_what_to_change(domain, start, end, steps, message):
     with pytest.raises(ConfigError) as caught:
-        check_backfill_request(domain, start, end, steps, today=TODAY, max_dates=20)
+        check_backfill_request(
+            domain, start, end, steps, today=TODAY, max_dates=20, calendar=WEEKDAYS
+        )
     assert message in str(caught.value)
 
 
 def test_a_good_request_lists_its_business_days_and_orders_its_steps():
     request = check_backfill_request(
-        "market", "2024-03-08", "2024-03-11", ["score", "validate"], today=TODAY, max_dates=2
+        "market",
+        "2024-03-08",
+        "2024-03-11",
+        ["score", "validate"],
+        today=TODAY,
+        max_dates=2,
+        calendar=WEEKDAYS,
     )
     assert request.days == (dt.date(2024, 3, 8), dt.date(2024, 3, 11))
     assert request.steps == ("validate", "score")
@@ -219,7 +319,7 @@ def test_a_partly_failed_backfill_redoes_only_what_failed_and_ends_as_a_clean_ru
     storage = Storage(market.home)
     history = storage.partition_dates("validated", "market")
     start, end = history[-4], _day(base.files[1])  # end: a delivery not ingested yet
-    days = business_days(start, end)
+    days = _sessions(start, end)
     blocked = history[-2]
 
     # First run: another run holds one date for longer than this run waits.
@@ -292,7 +392,7 @@ def test_the_next_nightly_catches_up_missed_nights_in_order(market, base):
     storage = Storage(market.home)
     last_history = storage.partition_dates("validated", "market")[-1]
     nightly(as_of=last_history, retrain=False)
-    assert missed_dates(storage, "market", _day(base.files[3])) == business_days(
+    assert missed_dates(storage, "market", _day(base.files[3]), NYSE) == _sessions(
         last_history + dt.timedelta(days=1), _day(base.files[3]) - dt.timedelta(days=1)
     )
     # Two nights were missed; the third gets all three deliveries.
@@ -306,7 +406,7 @@ def test_the_next_nightly_catches_up_missed_nights_in_order(market, base):
     stamps = [p.stat().st_mtime_ns for p in published]
     assert stamps == sorted(stamps)
     assert summary["predictions"]["date"] == tonight.isoformat()
-    assert missed_dates(storage, "market", tonight) == []
+    assert missed_dates(storage, "market", tonight, NYSE) == []
     assert "## Catch-up (missed nights)" in _summary_text(summary)
 
 
@@ -314,10 +414,11 @@ def test_the_next_nightly_catches_up_missed_nights_in_order(market, base):
 def test_a_scheduled_night_runs_for_the_previous_business_day(market):
     from finpipe.flows.nightly import nightly
 
-    before = previous_business_day(dt.datetime.now(dt.UTC), "UTC")  # run now, not scheduled
+    utc = ZoneInfo("UTC")
+    before = scheduled_day(dt.datetime.now(dt.UTC), utc, NYSE)  # run now, not scheduled
     with pytest.raises(ConfigError) as caught:
         nightly(default_as_of="previous business day", calendar_timezone="UTC", retrain=False)
-    after = previous_business_day(dt.datetime.now(dt.UTC), "UTC")  # (midnight may pass)
+    after = scheduled_day(dt.datetime.now(dt.UTC), utc, NYSE)  # (midnight may pass)
     assert any(
         f"no validated market data for {day}: its delivery has not been ingested"
         in str(caught.value)

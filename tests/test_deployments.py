@@ -19,7 +19,8 @@ from finpipe.flows.deployments import start_prefect_api
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from finpipe import tracking
-from finpipe.backfill import ALL_STEPS, business_days, is_done, read_completion
+from finpipe.backfill import ALL_STEPS, is_done, read_completion
+from finpipe.calendars import calendar_named
 from finpipe.errors import ConfigError
 from finpipe.ingest import ingest_file
 from finpipe.locks import date_resource, read_holder
@@ -95,7 +96,7 @@ def test_backfill_custom_run_writes_a_partition_and_a_status_row_per_date(team):
     run = wait_for_run(team.api, run_id)
     assert run.state.is_completed(), run.state.message
     assert run.name == f"backfill-market-{start}-to-{end}"
-    days = business_days(dates[0], dates[-1])
+    days = calendar_named("XNYS").sessions(dates[0], dates[-1])
     for day in days:
         predictions = storage.read_partition("predictions", "market", day)
         assert sorted(predictions["ticker"]) == _tickers(team.prices, day)

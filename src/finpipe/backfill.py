@@ -34,10 +34,12 @@ import pyarrow.parquet as pq
 from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from finpipe.calendars import DEFAULT_CALENDARS, Calendar, calendar_for
 from finpipe.domains import get_domain
 from finpipe.errors import ConfigError, FinpipeError, ScoringError
 from finpipe.ingest import ingest_file
 from finpipe.locks import DEFAULT_TIMEOUT_SECONDS, history_lock, partition_lock
+from finpipe.planning import missed_sessions
 from finpipe.settings import Settings
 from finpipe.storage import Storage, as_day, file_sha256, write_json_atomic
 
@@ -72,10 +74,16 @@ class ScheduleSettings(BaseSettings):
         description="Per domain, the delivered files (paths or globs) every scheduled night "
         'loads, e.g. {"market": ["/data/drop/market_*.csv"]}; files already loaded are skipped.',
     )
+    calendars: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_CALENDARS),
+        description="Per domain, the calendar of its delivery days: an exchange code that "
+        "exchange-calendars knows (XNYS, XLON, ...) or 'business days' (Monday to Friday, the "
+        'default for a domain not named), e.g. {"market": "XNYS"}.',
+    )
     backfill_max_dates: int = Field(
         default=260,
         ge=1,
-        description="Most business days one backfill (or one nightly catch-up) may cover.",
+        description="Most sessions one backfill (or one nightly catch-up) may cover.",
     )
     lock_timeout_seconds: float = Field(
         default=DEFAULT_TIMEOUT_SECONDS,
@@ -88,6 +96,10 @@ class ScheduleSettings(BaseSettings):
     def _known_timezone(cls, value: str) -> str:
         check_timezone(value)
         return value
+
+    def calendar(self, domain: str) -> Calendar:
+        """The calendar of `domain`'s delivery days."""
+        return calendar_for(domain, self.calendars)
 
 
 def load_schedule_settings(**overrides: object) -> ScheduleSettings:
@@ -112,33 +124,6 @@ def check_timezone(name: str) -> ZoneInfo:
         ) from None
 
 
-# -- the business calendar -----------------------------------------------------------------
-def business_days(start: dt.date | str, end: dt.date | str) -> list[dt.date]:
-    """Return every Monday-to-Friday date from `start` to `end`, both included.
-
-    Exchange holidays are business days here: such a date simply has no delivery, and a
-    backfill reports it as `no data` rather than guessing a holiday calendar.
-    """
-    first, last = as_day(start), as_day(end)
-    count = (last - first).days + 1
-    days = (first + dt.timedelta(days=i) for i in range(max(count, 0)))
-    return [day for day in days if day.weekday() < 5]
-
-
-def previous_business_day(moment: dt.datetime, timezone: str) -> dt.date:
-    """Return the last business day before the calendar day of `moment` in `timezone`.
-
-    A nightly run scheduled for 02:00 on a Monday processes the Friday before. A naive
-    `moment` is taken to be UTC.
-    """
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=dt.UTC)
-    day = moment.astimezone(check_timezone(timezone)).date() - dt.timedelta(days=1)
-    while day.weekday() >= 5:
-        day -= dt.timedelta(days=1)
-    return day
-
-
 def today_in(timezone: str) -> dt.date:
     """Return today's date in `timezone`."""
     return dt.datetime.now(check_timezone(timezone)).date()
@@ -147,7 +132,7 @@ def today_in(timezone: str) -> dt.date:
 # -- the request ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class BackfillRequest:
-    """A checked backfill: the domain, the range, the steps and the business days in it."""
+    """A checked backfill: the domain, the range, the steps and the sessions in it."""
 
     domain: str
     start: dt.date
@@ -175,11 +160,13 @@ def check_backfill_request(
     *,
     today: dt.date,
     max_dates: int,
+    calendar: Calendar,
 ) -> BackfillRequest:
     """Return the backfill to run, or raise ConfigError with what to change, before any work.
 
     Rejects an unknown domain, a missing date, an end before the start, dates after `today`
-    and a range of more than `max_dates` business days.
+    and a range of more than `max_dates` sessions of `calendar` (the domain's delivery days:
+    weekends and, for an exchange calendar, its holidays are not in the range).
     """
     get_domain(domain)
     if start is None or end is None:
@@ -196,14 +183,16 @@ def check_backfill_request(
             f"can be backfilled; set end to {today} or earlier"
         )
     chosen = check_steps(steps)
-    days = business_days(first, last)
+    days = calendar.sessions(first, last)
     if not days:
         raise ConfigError(
-            f"{first} to {last} holds no business day (Monday to Friday): widen the range"
+            f"{first} to {last} holds no session of the {calendar.name} calendar (weekends and "
+            "holidays only): widen the range"
         )
     if len(days) > max_dates:
         raise ConfigError(
-            f"{first} to {last} holds {len(days)} business days, more than the cap of "
+            f"{first} to {last} holds {len(days)} sessions of the {calendar.name} calendar, more "
+            "than the cap of "
             f"{max_dates} (FINPIPE_BACKFILL_MAX_DATES): split it into smaller backfills "
             "or raise the cap"
         )
@@ -290,19 +279,12 @@ def plan_backfill(
     return BackfillPlan(todo=tuple(d for d in request.days if d not in done), done=done)
 
 
-def missed_dates(storage: Storage, domain: str, as_of: dt.date | str) -> list[dt.date]:
-    """Return the business days a nightly run missed before `as_of`, in order.
-
-    Those are the dates after the last date recorded complete (before `as_of`) that have no
-    completed record. With nothing recorded yet there is nothing to catch up.
-    """
-    as_of = as_day(as_of)
-    recorded = [d for d in completed_dates(storage, domain) if d < as_of]
-    if not recorded:
-        return []
-    done = set(recorded)
-    gap = business_days(recorded[-1] + dt.timedelta(days=1), as_of - dt.timedelta(days=1))
-    return [d for d in gap if d not in done]
+def missed_dates(
+    storage: Storage, domain: str, as_of: dt.date | str, calendar: Calendar
+) -> list[dt.date]:
+    """Return the sessions a nightly run missed before `as_of` (`planning.missed_sessions` of
+    the dates recorded complete)."""
+    return missed_sessions(completed_dates(storage, domain), as_day(as_of), calendar)
 
 
 # -- the unit of work ----------------------------------------------------------------------

@@ -291,6 +291,7 @@ def run_backfill(
         [s.strip() for s in steps.split(",") if s.strip()],
         today=today_in(schedule.timezone),
         max_dates=schedule.backfill_max_dates,
+        calendar=schedule.calendar(domain),
     )
     from finpipe.flows.backfill import backfill
 
