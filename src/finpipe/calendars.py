@@ -22,7 +22,8 @@ from finpipe.storage import as_day
 
 BUSINESS_DAYS = "business-day"
 DEFAULT_CALENDARS = {"market": "XNYS"}
-# An exchange calendar is built once per process over this span (about 0.2 s for NYSE).
+# An exchange calendar is built once per process from 1990 to a few years ahead (about 0.2 s
+# for NYSE), or further when a date asks for it.
 _FIRST_YEAR = 1990
 _YEARS_AHEAD = 2
 
@@ -68,35 +69,36 @@ class ExchangeCalendar:
     def sessions(self, start: dt.date, end: dt.date) -> list[dt.date]:
         if end < start:
             return []
-        found = _exchange(self.name).sessions_in_range(*self._clip(start, end))
+        exchange = _exchange(self.name, _through_year(end))
+        first = max(pd.Timestamp(self._check(start)), exchange.first_session)
+        found = exchange.sessions_in_range(first, pd.Timestamp(end))
         return [stamp.date() for stamp in found]
 
     def previous_session(self, day: dt.date) -> dt.date:
-        exchange = _exchange(self.name)
-        earlier = self._clip(day - dt.timedelta(days=1), day - dt.timedelta(days=1))[0]
+        earlier = pd.Timestamp(self._check(day - dt.timedelta(days=1)))
+        exchange = _exchange(self.name, _through_year(day))
         return exchange.date_to_session(earlier, direction="previous").date()
 
-    def _clip(self, start: dt.date, end: dt.date) -> tuple[pd.Timestamp, pd.Timestamp]:
-        exchange = _exchange(self.name)
-        first, last = exchange.first_session, exchange.last_session
-        if pd.Timestamp(end) < first or pd.Timestamp(start) > last:
+    def _check(self, day: dt.date) -> dt.date:
+        if day.year < _FIRST_YEAR:
             raise ConfigError(
-                f"{start}..{end} is outside the {self.name} calendar finpipe loads "
-                f"({first.date()} to {last.date()})"
+                f"{day} is before {_FIRST_YEAR}, where finpipe's {self.name} calendar starts"
             )
-        return max(pd.Timestamp(start), first), min(pd.Timestamp(end), last)
+        return day
 
 
-@lru_cache(maxsize=8)
-def _exchange(code: str):  # exchange_calendars.ExchangeCalendar; imported on first use
-    import exchange_calendars
+def _through_year(day: dt.date) -> int:
+    """The last year an exchange calendar is built for: `day`'s, or a few years from now."""
+    return max(day.year, dt.date.today().year + _YEARS_AHEAD)
 
-    today = dt.date.today()
+
+@lru_cache(maxsize=16)
+def _exchange(code: str, through_year: int):  # exchange_calendars.ExchangeCalendar
+    import exchange_calendars  # on first use: finpipe --help does not pay for it
+
     try:
         return exchange_calendars.get_calendar(
-            code,
-            start=f"{_FIRST_YEAR}-01-01",
-            end=today.replace(year=today.year + _YEARS_AHEAD).isoformat(),
+            code, start=f"{_FIRST_YEAR}-01-01", end=f"{through_year}-12-31"
         )
     except exchange_calendars.errors.InvalidCalendarName:
         raise ConfigError(
@@ -111,7 +113,7 @@ def calendar_named(name: str) -> Calendar:
     if name.strip().lower() in {BUSINESS_DAYS, "business days", "weekdays"}:
         return BusinessDays()
     calendar = ExchangeCalendar(name.strip().upper())
-    _exchange(calendar.name)  # an unknown code fails here, before any work
+    _exchange(calendar.name, _through_year(dt.date.today()))  # an unknown code fails here
     return calendar
 
 
