@@ -37,7 +37,7 @@ def daily_file(tmp_path_factory):
 
 
 def test_shipped_configs_and_config_errors(tmp_path):
-    assert shipped_config_names() == ["cdnow", "synthetic"]
+    assert shipped_config_names() == ["cdnow", "cdnow_master", "synthetic"]
     cdnow = load_customers_config("cdnow")
     assert cdnow.read.pandas_options() == {
         "sep": r"\s+",
@@ -74,6 +74,58 @@ def test_cdnow_sample_loads_through_the_ingest_path(tmp_path, shared_datasets):
         29.33,
         29.73,
     ]
+
+
+def test_the_full_cdnow_master_layout_loads_with_its_shipped_config(tmp_path, shared_datasets):
+    """CDNOW_master.txt has four columns (id, date, CDs, dollars): the sample without its
+    customer index, in the same whitespace layout with CRLF line ends."""
+    lines = (shared_datasets / "CDNOW_sample.txt").read_bytes().decode().splitlines()
+    master = tmp_path / "CDNOW_master.txt"
+    master.write_bytes(
+        "".join(
+            f" {cid} {day}  {cds}   {dollars}\r\n"
+            for cid, _index, day, cds, dollars in (line.split() for line in lines)
+        ).encode()
+    )
+    storage = Storage(tmp_path / "home")
+    contract = customers_contract(load_customers_config("cdnow_master"))
+    outcome = ingest_file(storage, contract, master, as_of="1998-06-30")
+    assert (outcome.status, outcome.rows) == ("validated", 6919)
+    validated = storage.read_partitions("validated", "customers")
+    assert validated["customer_id"].nunique() == 2357
+    sample = read_delivery(shared_datasets / "CDNOW_sample.txt", CDNOW.read_options)
+    assert validated["amount"].sum() == pytest.approx(sample["dollars"].astype(float).sum())
+
+
+def test_a_vendor_file_with_a_banner_and_comments_loads_with_read_options(tmp_path, daily_file):
+    path, rows = daily_file
+    body = path.read_text().splitlines()
+    banner = tmp_path / "with_banner.csv"
+    banner.write_text(
+        "\n".join(
+            [
+                "ACME Payments - transaction export",
+                "generated 2024-06-28 02:00 UTC; confidential",
+                body[0],
+                "# rows below are settled transactions",
+                *body[1:],
+            ]
+        )
+        + "\n"
+    )
+    config = tmp_path / "acme.toml"
+    shipped = load_customers_config("synthetic")
+    mapping = "\n".join(
+        f'{field} = "{column}"' for field, column in shipped.columns.model_dump().items() if column
+    )
+    config.write_text(f'[read]\nskip_rows = 2\ncomment = "#"\n\n[columns]\n{mapping}\n')
+    with_options = customers_contract(load_customers_config(config))
+    outcome = ingest_file(Storage(tmp_path / "a"), with_options, banner, as_of="2030-01-01")
+    assert (outcome.status, outcome.rows) == ("validated", len(rows))
+    # The same file without the options: the banner is taken for the header, and the batch
+    # is refused (kept in quarantine) as unreadable, not loaded half-read.
+    with pytest.raises(ValidationFailed, match="malformed CSV"):
+        ingest_file(Storage(tmp_path / "b"), SYNTHETIC, banner, as_of="2030-01-01")
 
 
 def test_cdnow_duplicates_are_reported_but_tolerated(shared_datasets):

@@ -28,6 +28,16 @@ class ReadOptions(BaseModel):
     sep: str = Field(",", description="Field separator; a regex such as '\\s+' for whitespace.")
     header: bool = Field(True, description="Whether the first row names the columns.")
     names: list[str] | None = Field(None, description="Column names when there is no header.")
+    skip_rows: int = Field(
+        0, ge=0, description="Lines to skip at the top of the file (a vendor's banner)."
+    )
+    comment: str | None = Field(
+        None,
+        min_length=1,
+        max_length=1,
+        description="A character that starts a comment: the rest of its line is ignored, and "
+        "a line that starts with it is skipped (e.g. '#').",
+    )
 
     @model_validator(mode="after")
     def _names_without_header(self) -> ReadOptions:
@@ -37,13 +47,17 @@ class ReadOptions(BaseModel):
 
     def pandas_options(self) -> dict[str, Any] | None:
         """Return `pandas.read_csv` keyword arguments, or None for the default CSV reading."""
-        if self.sep == "," and self.header and self.names is None:
+        if self == ReadOptions():
             return None
         options: dict[str, Any] = {"sep": self.sep}
         if not self.header:
             options["header"] = None
         if self.names is not None:
             options["names"] = list(self.names)
+        if self.skip_rows:
+            options["skiprows"] = self.skip_rows
+        if self.comment is not None:
+            options["comment"] = self.comment
         return options
 
 
