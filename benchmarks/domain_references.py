@@ -295,11 +295,15 @@ def polars_customer_features(
     import polars as pl
 
     from finpipe.customers.features import BASE_FEATURES, TREND_DAYS, mix_feature_name
+    from finpipe.storage import PARTITION_FILE
 
     t = pl.lit(as_of.to_datetime64()).cast(pl.Datetime("ns"))
-    scan = pl.scan_parquet(
-        str(Path(validated_dir) / "date=*" / "*.parquet"), hive_partitioning=False
-    ).filter(pl.col("date") <= t)
+    # finpipe's layers: one bare-day folder per date, the day stored as a calendar date.
+    scan = (
+        pl.scan_parquet(str(Path(validated_dir) / "*" / PARTITION_FILE), hive_partitioning=False)
+        .with_columns(pl.col("date").cast(pl.Datetime("ns")))
+        .filter(pl.col("date") <= t)
+    )
     names = scan.collect_schema().names()
     mixes = [c for c in ("category", "channel") if c in names]
     values = (

@@ -110,9 +110,10 @@ def polars_market_features(validated_dir: Path, out_dir: Path) -> int:
     """
     import polars as pl
 
-    scan = pl.scan_parquet(
-        str(Path(validated_dir) / "date=*" / "*.parquet"), hive_partitioning=False
-    )
+    from finpipe.storage import PARTITION_FILE
+
+    # finpipe's layers: one bare-day folder per date, the day in the file's `date` column.
+    scan = pl.scan_parquet(str(Path(validated_dir) / "*" / PARTITION_FILE), hive_partitioning=False)
     schema = scan.collect_schema()
     price = pl.col("adj_close" if "adj_close" in schema else "close")
     available = set(schema.names())
@@ -187,11 +188,15 @@ def compare_feature_outputs(
     """
     import polars as pl
 
-    files = [str(Path(finpipe_dir) / f"date={d.isoformat()}" / "part-0.parquet") for d in days]
-    ours = pl.read_parquet(files).to_pandas()
+    from finpipe.storage import PARTITION_FILE
+
+    files = [str(Path(finpipe_dir) / d.isoformat() / PARTITION_FILE) for d in days]
+    # Both sides' days as calendar days, whichever of date or datetime a writer stored.
+    ours = pl.read_parquet(files).with_columns(pl.col("date").cast(pl.Date)).to_pandas()
     theirs = (
         pl.scan_parquet(str(Path(polars_dir) / "**" / "*.parquet"), hive_partitioning=False)
-        .filter(pl.col("date").is_in([pd.Timestamp(d) for d in days]))
+        .with_columns(pl.col("date").cast(pl.Date))
+        .filter(pl.col("date").is_in(list(days)))
         .collect()
         .to_pandas()
     )

@@ -101,8 +101,10 @@ def reset_night(work: Path, domain: str, reports: str = "reports") -> None:
         elif target.exists():
             target.unlink()
     shutil.rmtree(root / reports, ignore_errors=True)
+    from finpipe.storage import Storage
+
     for layer in ("validated", "features"):
-        shutil.rmtree(root / layer / domain / f"date={night}", ignore_errors=True)
+        shutil.rmtree(Storage(root).partition_dir(layer, domain, night), ignore_errors=True)
 
 
 def run_night(
