@@ -1,7 +1,10 @@
 """The domain registry: flows are generic, a domain supplies its contract and its steps.
 
-Adding a domain means writing its module and one line in `_REGISTRY`, not editing the flows.
-Domains are imported lazily so `finpipe --help` does not pay for PyTorch and MLflow.
+A domain's own parts (contract, features, candidate models, metrics, plots) implement
+`finpipe.lifecycle.DomainParts`; `finpipe.lifecycle.bind` wraps them in the shared lifecycle
+as a `Domain`, the object the flows, tasks and CLI run. The three built-in domains are listed
+in `_BUILT_IN` and imported lazily, so `finpipe --help` does not pay for PyTorch and MLflow;
+another domain is added with `register_domain(domain)`, without editing this file or the flows.
 """
 
 from __future__ import annotations
@@ -10,31 +13,80 @@ import importlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Protocol
 
 from finpipe.errors import ConfigError
 
-_REGISTRY = {
+if TYPE_CHECKING:
+    import datetime as dt
+
+    from pydantic import BaseModel
+
+    from finpipe.features import FeatureUpdate
+    from finpipe.ingest import RawContract
+    from finpipe.promotion import PromotionDecision
+    from finpipe.scoring import ScoringOutcome
+    from finpipe.settings import Settings
+    from finpipe.storage import Storage
+
+_BUILT_IN = {
     "market": "finpipe.market.pipeline:MARKET",
     "credit": "finpipe.credit.pipeline:CREDIT",
     "customers": "finpipe.customers.pipeline:CUSTOMERS",
 }
+_REGISTERED: dict[str, Domain] = {}
+
+
+class UpdateFeatures(Protocol):
+    def __call__(
+        self,
+        storage: Storage,
+        as_of: dt.date | str,
+        *,
+        rebuild: bool = False,
+        progress: Callable[[str], None] | None = None,
+    ) -> FeatureUpdate: ...
+
+
+class Train(Protocol):
+    def __call__(
+        self,
+        storage: Storage,
+        settings: Settings,
+        as_of: dt.date | str,
+        config: BaseModel | None = None,
+        *,
+        progress: Callable[[str], None] | None = None,
+    ) -> ChallengerOutcome: ...
+
+
+class Promote(Protocol):
+    def __call__(
+        self, storage: Storage, settings: Settings, outcome: ChallengerOutcome
+    ) -> PromotionDecision: ...
+
+
+class Score(Protocol):
+    def __call__(
+        self, storage: Storage, settings: Settings, as_of: dt.date | str
+    ) -> ScoringOutcome: ...
 
 
 @dataclass(frozen=True)
 class Domain:
-    """One use of finpipe (market, credit, customers): its raw contract and pipeline steps."""
+    """One use of finpipe (market, credit, customers, ...): its raw contract and the pipeline
+    steps the flows run. Built by `finpipe.lifecycle.bind` from the domain's own parts."""
 
     name: str
-    contract: Any  # finpipe.ingest.RawContract
-    update_features: Callable[..., Any]  # (storage, as_of, *, rebuild, progress) -> FeatureUpdate
-    train: Callable[..., Any]  # (storage, settings, as_of, config, *, progress) -> TrainingOutcome
-    promote: Callable[..., Any]  # (storage, settings, outcome) -> PromotionDecision
-    score: Callable[..., Any]  # (storage, settings, as_of) -> ScoringOutcome
-    training_config: type  # pydantic model of the domain's hyper-parameters
-    training_outcome: type  # ChallengerOutcome subclass `train` returns (rebuilt from a dict)
-    # (settings) -> list[DemoNight]: writes synthetic deliveries for `finpipe demo`.
-    plan_demo: Callable[..., list[DemoNight]] | None = None
+    contract: RawContract
+    update_features: UpdateFeatures
+    train: Train  # registers the best candidate as `challenger`
+    promote: Promote  # challenger against champion on the same window
+    score: Score  # publishes predictions/<domain>/date=as_of
+    training_config: type[BaseModel]  # the domain's hyper-parameters (Prefect form, MLflow)
+    training_outcome: type[ChallengerOutcome]  # what `train` returns (rebuilt from a dict)
+    plan_demo: Callable[[Settings], list[DemoNight]] | None = None  # `finpipe demo`'s nights
+    code_module: str = "finpipe"  # the module defining the domain's parts (and its models)
 
 
 @dataclass
@@ -87,13 +139,38 @@ def demo_nights(
 
 
 def domain_names() -> list[str]:
-    """Return the names of every registered domain, market first (the demo's order)."""
-    return list(_REGISTRY)
+    """Return the names of every registered domain: the built-ins first (the demo's order)."""
+    return [*_BUILT_IN, *(name for name in _REGISTERED if name not in _BUILT_IN)]
 
 
 def get_domain(name: str) -> Domain:
     """Return the registered domain called `name`; ConfigError listing the known ones."""
-    if name not in _REGISTRY:
+    if name in _REGISTERED:
+        return _REGISTERED[name]
+    if name not in _BUILT_IN:
         raise ConfigError(f"unknown domain {name!r}; known domains: {', '.join(domain_names())}")
-    module_name, attribute = _REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module_name), attribute)
+    module_name, attribute = _BUILT_IN[name].split(":")
+    domain: Domain = getattr(importlib.import_module(module_name), attribute)
+    return domain
+
+
+def register_domain(domain: Domain) -> None:
+    """Make `domain` runnable by every flow, task and command under `domain.name`.
+
+    The name must be a safe path component (it names storage folders, the MLflow experiment
+    and the registered model); registering a name again replaces the earlier domain.
+    """
+    from finpipe.storage import check_name
+
+    _REGISTERED[check_name(domain.name)] = domain
+
+
+def unregister_domain(name: str) -> None:
+    """Forget a domain added with `register_domain` (the built-ins stay)."""
+    _REGISTERED.pop(name, None)
+
+
+def model_code_modules() -> set[str]:
+    """Return the modules outside finpipe whose model classes finpipe may load: those that
+    define a domain registered in this process (its code is already trusted and imported)."""
+    return {domain.code_module for domain in _REGISTERED.values()}

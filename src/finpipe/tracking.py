@@ -9,6 +9,7 @@ MLflow and read the folder with the class the pyfunc would use (see `load_model_
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import logging
@@ -16,9 +17,10 @@ import tempfile
 import threading
 import warnings
 from collections import OrderedDict
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 import pandas as pd
@@ -26,9 +28,13 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
+from finpipe.domains import model_code_modules
 from finpipe.errors import ScoringError, TrackingUnavailable
 from finpipe.settings import Settings, redact_uri
 from finpipe.storage import check_name
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -95,9 +101,11 @@ def log_fitted_model(
     """
     import torch
 
-    signature = infer_signature(input_example, output_example)
     with tempfile.TemporaryDirectory() as tmp, warnings.catch_warnings():
+        # Hints about the examples' types (e.g. that an integer column could not hold a
+        # missing value) say nothing about finpipe's models, which check their own inputs.
         warnings.simplefilter("ignore")
+        signature = infer_signature(input_example, output_example)
         model_dir = Path(tmp) / "model"
         fitted.save(model_dir)
         return mlflow.pyfunc.log_model(
@@ -196,7 +204,7 @@ def _load_finpipe_model(uri: str) -> Any:
     if not loader or not folder:
         raise ScoringError(f"{uri} is not a finpipe model (no finpipe loader in its MLmodel)")
     module_name, _, class_name = loader.partition(":")
-    if not module_name.startswith("finpipe."):
+    if not module_name.startswith("finpipe.") and module_name not in model_code_modules():
         raise ScoringError(f"{uri} names loader {loader!r}; finpipe only loads its own classes")
     model = getattr(importlib.import_module(module_name), class_name).load(root / folder)
     _warn_on_other_pins(uri, root / "requirements.txt")
@@ -236,6 +244,41 @@ def current_alias_version(settings: Settings, domain: str, alias: str = CHAMPION
     return str(version.version)
 
 
+def current_champion(settings: Settings, domain: str) -> RegisteredModel | None:
+    """Return the model holding `champion`, or None before the first promotion."""
+    if current_alias_version(settings, domain, CHAMPION) is None:
+        return None
+    return load_model_version(settings, domain)
+
+
+@contextlib.contextmanager
+def run(name: str, *, nested: bool = False) -> Iterator[str]:
+    """Start an MLflow run called `name` (nested in the active one) and yield its id; the run
+    ends FAILED if the block raises."""
+    with mlflow.start_run(run_name=name, nested=nested) as active:
+        yield active.info.run_id
+
+
+def log_params(params: Mapping[str, str | int | float]) -> None:
+    """Log parameters to the active run."""
+    mlflow.log_params(dict(params))
+
+
+def log_metrics(metrics: Mapping[str, float]) -> None:
+    """Log metrics to the active run."""
+    mlflow.log_metrics(dict(metrics))
+
+
+def log_document(document: Mapping[str, object], path: str) -> None:
+    """Log `document` as a JSON artifact at `path` of the active run."""
+    mlflow.log_dict(dict(document), path)
+
+
+def log_table(table: pd.DataFrame, path: str) -> None:
+    """Log `table` as an MLflow table artifact (JSON, shown in the UI) at `path`."""
+    mlflow.log_table(table, path)
+
+
 def log_epoch(row: dict) -> None:
     """Log one epoch's train and validation loss (a training loop's `on_epoch`) to the run."""
     mlflow.log_metrics(
@@ -244,7 +287,7 @@ def log_epoch(row: dict) -> None:
     )
 
 
-def log_figures(figures: dict) -> None:
+def log_figures(figures: Mapping[str, Figure]) -> None:
     """Log each matplotlib figure at its artifact path ({path: figure}), then close it."""
     from finpipe import plots
 

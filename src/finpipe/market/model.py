@@ -21,6 +21,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 import torch
+from pydantic import BaseModel, Field
 from torch import nn
 
 from finpipe.model_files import load_weights, read_model_metadata, save_model_files
@@ -328,3 +329,64 @@ def training_samples(
         target_mean=target_mean,
         target_std=target_std,
     )
+
+
+class MarketTrainingConfig(BaseModel):
+    """Hyper-parameters of a nightly market retrain (also the Prefect form and MLflow params)."""
+
+    horizon: int = Field(5, ge=1, le=60, description="Forward-return horizon h in trading days.")
+    models: list[Literal["mlp", "gru", "cnn"]] = Field(
+        default_factory=lambda: ["mlp", "gru"], description="Networks to train and compare."
+    )
+    validation_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of dates.")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of dates.")
+    embargo: int | None = Field(
+        None, ge=0, description="Dates dropped between windows; default (and minimum) = horizon."
+    )
+    history_dates: int | None = Field(
+        756,
+        ge=50,
+        description=(
+            "Train on the last N dates only (default 756, three years; None: all). Bounds the "
+            "memory and time of a retrain however long the stored history grows."
+        ),
+    )
+    hidden: int = Field(64, ge=4, description="Hidden units.")
+    layers: int = Field(2, ge=1, le=6, description="Hidden layers (MLP) / recurrent layers.")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    lookback: int = Field(20, ge=2, le=250, description="Days of history a GRU/CNN sees.")
+    batch_size: int = Field(512, ge=16)
+    max_epochs: int = Field(30, ge=1)
+    patience: int = Field(5, ge=1, description="Early-stopping patience in epochs.")
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(1e-4, ge=0)
+    seed: int = 0
+    target: Literal["cross_sectional_zscore", "return"] = Field(
+        "cross_sectional_zscore",
+        description=(
+            "What the nets learn: the forward return z-scored across tickers per date (scores "
+            "for ranking, as in Qlib's CSZScoreNorm; RMSE is then in z units) or the raw return."
+        ),
+    )
+    promotion_metric: Literal["ic", "rank_ic"] = Field(
+        "ic", description="Test-window metric a challenger must beat the champion on."
+    )
+
+    def train_config(self, model: str) -> TrainConfig:
+        return TrainConfig(
+            model=model,
+            hidden=self.hidden,
+            layers=self.layers,
+            dropout=self.dropout,
+            lookback=self.lookback,
+            batch_size=self.batch_size,
+            max_epochs=self.max_epochs,
+            patience=self.patience,
+            learning_rate=self.learning_rate,
+            weight_decay=self.weight_decay,
+            seed=self.seed,
+        )
+
+    @property
+    def label(self) -> str:
+        return f"forward_return_{self.horizon}d"

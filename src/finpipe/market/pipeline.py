@@ -9,41 +9,48 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
 
-import mlflow
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, Field
 
-from finpipe import plots, promotion, tracking
-from finpipe.domains import ChallengerOutcome, DemoNight, Domain, demo_nights
+from finpipe import lifecycle, plots
+from finpipe.domains import ChallengerOutcome, DemoNight, demo_nights
 from finpipe.errors import ScoringError
 from finpipe.features import FeatureUpdate, PartitionWriter, features_are_stale
 from finpipe.ingest import BATCH_COLUMN, RawContract
+from finpipe.lifecycle import (
+    Candidate,
+    EpochLogger,
+    ModelScore,
+    Predict,
+    Predictions,
+    RunRecord,
+    Say,
+    TrainingData,
+)
 from finpipe.market.features import (
     FEATURE_LOOKBACK_DAYS,
     build_market_features,
     build_market_labels,
     skipped_market_features,
 )
-from finpipe.market.model import FittedMarketModel, fit_market_model
+from finpipe.market.model import FittedMarketModel, MarketTrainingConfig, fit_market_model
 from finpipe.market.quality import add_market_checks_columns
 from finpipe.market.schema import CANONICAL_COLUMNS, DOMAIN, normalise_market_frame, price_column
 from finpipe.metrics import market_metrics, per_date_ic
-from finpipe.scoring import ScoringOutcome, publish_predictions
 from finpipe.settings import Settings
 from finpipe.storage import Storage, as_day
-from finpipe.training import TimeSplit, TrainConfig, time_split
+from finpipe.tracking import RegisteredModel
+from finpipe.training import TimeSplit, time_split
 
 log = logging.getLogger("finpipe.market")
 
 KEY_COLUMNS = ["date", "ticker"]
 MODEL_LOADER = "finpipe.market.model:FittedMarketModel"
-ORACLE_FILE = "oracle.parquet"
+ORACLE = "oracle"  # reference/market/oracle.parquet: the planted signal
 
 
 # -- ingest --------------------------------------------------------------------------------
@@ -203,67 +210,6 @@ def _read_with_lookback(
 
 
 # -- training ------------------------------------------------------------------------------
-class MarketTrainingConfig(BaseModel):
-    """Hyper-parameters of a nightly market retrain (also the Prefect form and MLflow params)."""
-
-    horizon: int = Field(5, ge=1, le=60, description="Forward-return horizon h in trading days.")
-    models: list[Literal["mlp", "gru", "cnn"]] = Field(
-        default_factory=lambda: ["mlp", "gru"], description="Networks to train and compare."
-    )
-    validation_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of dates.")
-    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of dates.")
-    embargo: int | None = Field(
-        None, ge=0, description="Dates dropped between windows; default (and minimum) = horizon."
-    )
-    history_dates: int | None = Field(
-        756,
-        ge=50,
-        description=(
-            "Train on the last N dates only (default 756, three years; None: all). Bounds the "
-            "memory and time of a retrain however long the stored history grows."
-        ),
-    )
-    hidden: int = Field(64, ge=4, description="Hidden units.")
-    layers: int = Field(2, ge=1, le=6, description="Hidden layers (MLP) / recurrent layers.")
-    dropout: float = Field(0.1, ge=0, lt=1)
-    lookback: int = Field(20, ge=2, le=250, description="Days of history a GRU/CNN sees.")
-    batch_size: int = Field(512, ge=16)
-    max_epochs: int = Field(30, ge=1)
-    patience: int = Field(5, ge=1, description="Early-stopping patience in epochs.")
-    learning_rate: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
-    seed: int = 0
-    target: Literal["cross_sectional_zscore", "return"] = Field(
-        "cross_sectional_zscore",
-        description=(
-            "What the nets learn: the forward return z-scored across tickers per date (scores "
-            "for ranking, as in Qlib's CSZScoreNorm; RMSE is then in z units) or the raw return."
-        ),
-    )
-    promotion_metric: Literal["ic", "rank_ic"] = Field(
-        "ic", description="Test-window metric a challenger must beat the champion on."
-    )
-
-    def train_config(self, model: str) -> TrainConfig:
-        return TrainConfig(
-            model=model,
-            hidden=self.hidden,
-            layers=self.layers,
-            dropout=self.dropout,
-            lookback=self.lookback,
-            batch_size=self.batch_size,
-            max_epochs=self.max_epochs,
-            patience=self.patience,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            seed=self.seed,
-        )
-
-    @property
-    def label(self) -> str:
-        return f"forward_return_{self.horizon}d"
-
-
 @dataclass
 class TrainingOutcome(ChallengerOutcome):
     """What a nightly retrain produced: the registered challenger and the windows it used."""
@@ -315,142 +261,58 @@ def feature_columns_of(frame: pd.DataFrame) -> list[str]:
     ]
 
 
-def train_market(
-    storage: Storage,
-    settings: Settings,
-    as_of: dt.date | str,
-    config: MarketTrainingConfig | None = None,
-    *,
-    progress: Callable[[str], None] | None = None,
-) -> TrainingOutcome:
-    """Train every configured network, log each to MLflow, register the best as `challenger`.
+@dataclass
+class MarketNight:
+    """One night's market training set: the labelled panel and its embargoed time split."""
 
-    The candidate is chosen on validation IC, so the test window stays untouched by selection;
-    `promote_market` then compares it with the champion on that test window.
-    """
-    started = time.perf_counter()
-    config = config or MarketTrainingConfig()
-    as_of = as_day(as_of)
-    say = progress or log.info
-    frame = load_training_frame(storage, as_of, config.horizon, history_dates=config.history_dates)
-    if config.history_dates:
-        keep = np.sort(frame["date"].unique())[-config.history_dates :]
-        frame = frame[frame["date"].isin(keep)].reset_index(drop=True)
-    features = feature_columns_of(frame)
-    labelled = frame.loc[frame[config.label].notna(), "date"].unique()
-    labelled_dates = pd.DatetimeIndex(np.sort(labelled))
-    embargo = max(config.embargo or config.horizon, config.horizon)
-    split = time_split(
-        labelled_dates,
-        validation_fraction=config.validation_fraction,
-        test_fraction=config.test_fraction,
-        embargo=embargo,
-    )
-    tracking.use_tracking(settings, DOMAIN)
-    results: dict[str, dict] = {}
-    with mlflow.start_run(run_name=f"nightly-{as_of.isoformat()}") as parent:
-        _log_run_context(frame, features, split, config, as_of, embargo)
-        for kind in config.models:
-            say(f"training {kind} on {len(frame):,} rows, {len(features)} features")
-            results[kind] = _train_one(frame, features, split, config, kind, say)
-        candidate = promotion.best_on_validation(results, "ic")
-        chosen = results[candidate]
-        promotion.check_predictions_sane(chosen["test_predictions"], candidate)
-        version = promotion.register_challenger(settings, DOMAIN, chosen["model_uri"], candidate)
-        test_window = frame[frame["date"].isin(split.test_dates)]
-        oracle = _oracle_ic(storage, test_window, config.label)
-        if oracle is not None:
-            mlflow.log_metric("test_oracle_ic", oracle)
-            for kind, result in results.items():
-                mlflow.log_metric(f"{kind}_ic_to_oracle", result["test"]["ic"] / oracle)
-                result["test"]["oracle_ic"] = oracle
-            say(f"oracle IC on the test window: {oracle:.4f}")
-        run_id = parent.info.run_id
-    return TrainingOutcome(
-        run_id=run_id,
-        as_of=as_of.isoformat(),
-        candidate=candidate,
-        challenger_version=version,
-        horizon=config.horizon,
-        label=config.label,
-        promotion_metric=config.promotion_metric,
-        test_start=str(split.test_dates[0].date()),
-        test_end=str(split.test_dates[-1].date()),
-        metrics={k: {"validation": r["validation"], "test": r["test"]} for k, r in results.items()},
-        train_rows=int(frame["date"].isin(split.train_dates).sum()),
-        first_date=str(frame["date"].min().date()),
-        last_date=str(frame["date"].max().date()),
-        seconds=round(time.perf_counter() - started, 3),
-    )
+    storage: Storage
+    as_of: dt.date
+    config: MarketTrainingConfig
+    frame: pd.DataFrame
+    features: list[str]
+    split: TimeSplit
+    embargo: int
 
+    @property
+    def promotion_metric(self) -> str:
+        return self.config.promotion_metric
 
-def promote_market(
-    storage: Storage, settings: Settings, outcome: TrainingOutcome
-) -> promotion.PromotionDecision:
-    """Score challenger and champion on the same test window; promote the challenger if better.
-
-    Both models are loaded from the registry and scored by the same code, so the comparison
-    is like for like. The decision and both figures are logged to the training run.
-    """
-    test_start, test_end = as_day(outcome.test_start), as_day(outcome.test_end)
-    context_start = test_start - dt.timedelta(days=400)  # room for any sequence lookback
-    frame = load_training_frame(storage, as_day(outcome.as_of), outcome.horizon, context_start)
-    in_test = (frame["date"] >= pd.Timestamp(test_start)) & (
-        frame["date"] <= pd.Timestamp(test_end)
-    )
-    test_window = frame.loc[in_test, [*KEY_COLUMNS, outcome.label]]
-    return promotion.promote_challenger(
-        settings,
-        DOMAIN,
-        challenger_version=outcome.challenger_version,
-        metric=outcome.promotion_metric,
-        evaluate=lambda model: _window_score(model, frame, test_window, outcome),
-        run_id=outcome.run_id,
-    )
-
-
-def _window_score(model: tracking.RegisteredModel, frame, test_window, outcome) -> float:
-    """Return `model`'s promotion metric on the test window; -inf if it cannot read the frame."""
-    try:
-        predicted = model.predict(
-            frame.drop(columns=[outcome.label, f"direction_{outcome.horizon}d"])
-        )
-    except Exception as error:  # a champion that can't read today's features loses its seat
-        log.warning("v%s cannot score the current features: %s", model.version, error)
-        return float("-inf")
-    scored = test_window.merge(predicted, on=KEY_COLUMNS)
-    return float(market_metrics(scored, label=outcome.label)[outcome.promotion_metric])
-
-
-def _log_run_context(frame, features, split: TimeSplit, config, as_of, embargo) -> None:
-    mlflow.log_params(
-        {
-            **{k: str(v) for k, v in config.model_dump().items()},
-            "as_of": as_of.isoformat(),
-            "embargo_effective": embargo,
-            "n_features": len(features),
-            "train_start": str(split.train_dates[0].date()),
-            "train_end": str(split.train_dates[-1].date()),
-            "validation_start": str(split.validation_dates[0].date()),
-            "validation_end": str(split.validation_dates[-1].date()),
-            "test_start": str(split.test_dates[0].date()),
-            "test_end": str(split.test_dates[-1].date()),
+    def context(self) -> RunRecord:
+        frame, split, config = self.frame, self.split, self.config
+        first, last = frame["date"].min().date(), frame["date"].max().date()
+        windows = {
+            f"{name}_{end}": str(dates[index].date())
+            for name, dates in (
+                ("train", split.train_dates),
+                ("validation", split.validation_dates),
+                ("test", split.test_dates),
+            )
+            for end, index in (("start", 0), ("end", -1))
         }
-    )
-    first, last = frame["date"].min().date(), frame["date"].max().date()
-    tracking.log_training_data(
-        frame[[*KEY_COLUMNS, *features, config.label]],
-        source=f"features/{DOMAIN}/date={first}..{last}",
-        name=f"{DOMAIN}-features-{first}-to-{last}",
-        targets=config.label,
-    )
-    mlflow.log_dict({"feature_columns": features}, "feature_columns.json")
+        return RunRecord(
+            params={
+                **{k: str(v) for k, v in config.model_dump().items()},
+                "as_of": self.as_of.isoformat(),
+                "embargo_effective": self.embargo,
+                "n_features": len(self.features),
+                **windows,
+            },
+            data=TrainingData(
+                frame[[*KEY_COLUMNS, *self.features, config.label]],
+                source=f"features/{DOMAIN}/date={first}..{last}",
+                name=f"{DOMAIN}-features-{first}-to-{last}",
+                targets=config.label,
+            ),
+            documents={"feature_columns.json": {"feature_columns": self.features}},
+        )
 
+    def candidates(self) -> list[str]:
+        return list(self.config.models)
 
-def _train_one(frame, features, split, config: MarketTrainingConfig, kind: str, say) -> dict:
-    train_config = config.train_config(kind)
-    with mlflow.start_run(run_name=kind, nested=True):
-        mlflow.log_params({**train_config.to_params(), "label": config.label})
+    def fit(self, kind: str, on_epoch: EpochLogger, say: Say) -> Candidate:
+        frame, features, split, config = self.frame, self.features, self.split, self.config
+        say(f"training {kind} on {len(frame):,} rows, {len(features)} features")
+        train_config = config.train_config(kind)
         fitted = fit_market_model(
             frame,
             features,
@@ -459,37 +321,57 @@ def _train_one(frame, features, split, config: MarketTrainingConfig, kind: str, 
             label=config.label,
             horizon=config.horizon,
             target=config.target,
-            on_epoch=tracking.log_epoch,
+            on_epoch=on_epoch,
         )
         scored = frame[[*KEY_COLUMNS, config.label]].merge(
             fitted.predict(frame), on=KEY_COLUMNS, how="left"
         )
         validation = scored[scored["date"].isin(split.validation_dates)]
         test = scored[scored["date"].isin(split.test_dates)]
-        metrics = {
-            "validation": _metrics(validation, config),
-            "test": _metrics(test, config),
-        }
-        for window, values in metrics.items():
-            mlflow.log_metrics({f"{window}_{k}": float(v) for k, v in values.items()})
-        mlflow.log_metric("best_epoch", fitted.best_epoch)
-        _log_plots(fitted, test, config.label, kind)
+        windows = {"validation": _metrics(validation, config), "test": _metrics(test, config)}
+        say(
+            f"{kind}: validation IC {windows['validation']['ic']:.4f}, "
+            f"test IC {windows['test']['ic']:.4f}, best epoch {fitted.best_epoch}"
+        )
         example = frame.loc[frame["date"] == split.test_dates[-1], [*KEY_COLUMNS, *features]]
-        info = tracking.log_fitted_model(
-            fitted,
+        return Candidate(
+            model=fitted,
             loader=MODEL_LOADER,
             input_example=example.head(5),
-            output_example=fitted.predict(example.head(5)),
+            windows=windows,
+            record=RunRecord(
+                params={**train_config.to_params(), "label": config.label},
+                metrics={"best_epoch": fitted.best_epoch},
+                figures=_plots(fitted, test, config.label, kind),
+            ),
+            test_predictions=test["prediction"].to_numpy(),
         )
-        say(
-            f"{kind}: validation IC {metrics['validation']['ic']:.4f}, "
-            f"test IC {metrics['test']['ic']:.4f}, best epoch {fitted.best_epoch}"
+
+    def conclude(self, fitted: Mapping[str, Candidate], say: Say) -> RunRecord:
+        """The planted signal's IC on the test window, when a synthetic oracle is present."""
+        test_window = self.frame[self.frame["date"].isin(self.split.test_dates)]
+        oracle = _oracle_ic(self.storage, test_window, self.config.label)
+        if oracle is None:
+            return RunRecord()
+        say(f"oracle IC on the test window: {oracle:.4f}")
+        metrics = {"test_oracle_ic": oracle}
+        for kind, candidate in fitted.items():
+            metrics[f"{kind}_ic_to_oracle"] = candidate.windows["test"]["ic"] / oracle
+            candidate.windows["test"]["oracle_ic"] = oracle
+        return RunRecord(metrics=metrics)
+
+    def outcome(self, challenger: ChallengerOutcome) -> TrainingOutcome:
+        frame, split = self.frame, self.split
+        return TrainingOutcome(
+            **challenger.to_dict(),
+            horizon=self.config.horizon,
+            label=self.config.label,
+            test_start=str(split.test_dates[0].date()),
+            test_end=str(split.test_dates[-1].date()),
+            train_rows=int(frame["date"].isin(split.train_dates).sum()),
+            first_date=str(frame["date"].min().date()),
+            last_date=str(frame["date"].max().date()),
         )
-    return {
-        **metrics,
-        "model_uri": info.model_uri,
-        "test_predictions": test["prediction"].to_numpy(),
-    }
 
 
 def _metrics(scored: pd.DataFrame, config: MarketTrainingConfig) -> dict[str, float]:
@@ -503,8 +385,8 @@ def _metrics(scored: pd.DataFrame, config: MarketTrainingConfig) -> dict[str, fl
     return metrics
 
 
-def _log_plots(fitted: FittedMarketModel, test: pd.DataFrame, label: str, kind: str) -> None:
-    figures = {
+def _plots(fitted: FittedMarketModel, test: pd.DataFrame, label: str, kind: str) -> dict:
+    return {
         "plots/learning_curve.png": plots.learning_curve(fitted.history, f"{kind}: loss by epoch"),
         "plots/ic_by_date.png": plots.ic_by_date(
             per_date_ic(test, label=label), f"{kind}: test IC by date"
@@ -513,17 +395,17 @@ def _log_plots(fitted: FittedMarketModel, test: pd.DataFrame, label: str, kind: 
             test, "prediction", label, f"{kind}: test {label} by prediction decile"
         ),
     }
-    tracking.log_figures(figures)
 
 
 def _oracle_ic(storage: Storage, test_window: pd.DataFrame, label: str) -> float | None:
     """Return the planted signal's IC on the test window, when a synthetic oracle is present."""
-    path = storage.root / "reference" / DOMAIN / ORACLE_FILE
-    if not path.exists():
-        return None
     # Only the test window's rows: the oracle covers the whole history.
     first, last = test_window["date"].min(), test_window["date"].max()
-    oracle = pd.read_parquet(path, filters=[("date", ">=", first), ("date", "<=", last)])
+    oracle = lifecycle.read_reference(
+        storage, DOMAIN, ORACLE, filters=[("date", ">=", first), ("date", "<=", last)]
+    )
+    if oracle is None:
+        return None
     joined = test_window[[*KEY_COLUMNS, label]].merge(oracle, on=KEY_COLUMNS)
     if joined.empty:
         return None
@@ -531,42 +413,10 @@ def _oracle_ic(storage: Storage, test_window: pd.DataFrame, label: str) -> float
     return float(market_metrics(joined, label=label)["ic"])
 
 
-# -- scoring -------------------------------------------------------------------------------
-def score_market(storage: Storage, settings: Settings, as_of: dt.date | str) -> ScoringOutcome:
-    """Score every ticker of `as_of` with the champion and publish predictions/market/date=as_of.
-
-    The champion sees the feature rows of the last few dates (its sequence lookback) up to
-    `as_of` only; every output row names the model version and run that produced it.
-    """
-    as_of = as_day(as_of)
-    if not storage.partition_file("features", DOMAIN, as_of).exists():
-        raise ScoringError(f"no feature partition for {as_of}; run the features step first")
-    champion = tracking.load_model_version(settings, DOMAIN)
-    fitted = champion.model
-    lookback = getattr(fitted.config, "lookback", 1) if fitted.config.model != "mlp" else 1
-    # The sequence window is the previous `lookback` rows; one spare date costs nothing.
-    days = storage.partition_dates("features", DOMAIN, end=as_of, last=lookback + 1)
-    features = storage.read_partitions("features", DOMAIN, days=days)
-    # A column absent from the as-of partition would arrive as NaN after the concat and be
-    # silently imputed: refuse it, as the model's signature would for a missing column.
-    today = features[features["date"] == pd.Timestamp(as_of)]
-    missing = [c for c in fitted.feature_columns if c not in today.columns or today[c].isna().all()]
-    if missing:
-        raise ScoringError(
-            f"features for {as_of} lack {missing} (missing or all empty) that champion "
-            f"v{champion.version} needs; rebuild features or retrain"
-        )
-    # Earlier dates are window history only: the net runs on the as-of rows alone.
-    predicted = fitted.predict(features, score_from=pd.Timestamp(as_of))
-    today = predicted.loc[predicted["date"] == pd.Timestamp(as_of), ["ticker", "prediction"]]
-    return publish_predictions(storage, DOMAIN, as_of, today, champion, sort_by=["ticker"])
-
-
+# -- reference data and the demo ----------------------------------------------------------
 def write_oracle(storage: Storage, oracle: pd.DataFrame) -> None:
     """Keep a synthetic panel's planted signal beside the data, for oracle-IC reporting."""
-    path = storage.root / "reference" / DOMAIN / ORACLE_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    oracle.to_parquet(path, index=False)
+    lifecycle.write_reference(storage, DOMAIN, ORACLE, oracle)
 
 
 def plan_market_demo(
@@ -593,14 +443,103 @@ def plan_market_demo(
     )
 
 
-MARKET = Domain(
-    name=DOMAIN,
-    contract=MARKET_CONTRACT,
-    update_features=update_market_features,
-    train=train_market,
-    promote=promote_market,
-    score=score_market,
-    training_config=MarketTrainingConfig,
-    training_outcome=TrainingOutcome,
-    plan_demo=plan_market_demo,
-)
+@dataclass(frozen=True)
+class MarketParts:
+    """The market domain's own parts; `finpipe.lifecycle` runs them."""
+
+    name: str = DOMAIN
+    contract: RawContract = MARKET_CONTRACT
+    training_config: type[MarketTrainingConfig] = MarketTrainingConfig
+    training_outcome: type[TrainingOutcome] = TrainingOutcome
+    selection_metric: str = "ic"  # validation IC picks the candidate
+    nested_runs: bool = True
+
+    def update_features(
+        self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: Say | None
+    ) -> FeatureUpdate:
+        return update_market_features(storage, as_of, rebuild=rebuild, progress=progress)
+
+    def prepare_training(
+        self,
+        storage: Storage,
+        as_of: dt.date,
+        config: MarketTrainingConfig,
+        champion: Callable[[], RegisteredModel | None],
+    ) -> MarketNight:
+        """Return the labelled panel known at `as_of` and its train/validation/test split, with an
+        embargo of at least the horizon between windows (labels look h days ahead)."""
+        frame = load_training_frame(
+            storage, as_of, config.horizon, history_dates=config.history_dates
+        )
+        if config.history_dates:
+            keep = np.sort(frame["date"].unique())[-config.history_dates :]
+            frame = frame[frame["date"].isin(keep)].reset_index(drop=True)
+        labelled = frame.loc[frame[config.label].notna(), "date"].unique()
+        embargo = max(config.embargo or config.horizon, config.horizon)
+        split = time_split(
+            pd.DatetimeIndex(np.sort(labelled)),
+            validation_fraction=config.validation_fraction,
+            test_fraction=config.test_fraction,
+            embargo=embargo,
+        )
+        return MarketNight(storage, as_of, config, frame, feature_columns_of(frame), split, embargo)
+
+    def promotion_scorer(self, storage: Storage, outcome: TrainingOutcome) -> ModelScore:
+        """Return a model's promotion metric on the outcome's test window, rebuilt from storage
+        (with the history before it that a sequence model's lookback reads)."""
+        test_start, test_end = as_day(outcome.test_start), as_day(outcome.test_end)
+        context_start = test_start - dt.timedelta(days=400)  # room for any sequence lookback
+        frame = load_training_frame(storage, as_day(outcome.as_of), outcome.horizon, context_start)
+        in_test = (frame["date"] >= pd.Timestamp(test_start)) & (
+            frame["date"] <= pd.Timestamp(test_end)
+        )
+        test_window = frame.loc[in_test, [*KEY_COLUMNS, outcome.label]]
+        inputs = frame.drop(columns=[outcome.label, f"direction_{outcome.horizon}d"])
+
+        def score(model: RegisteredModel) -> float:
+            scored = test_window.merge(model.predict(inputs), on=KEY_COLUMNS)
+            return float(market_metrics(scored, label=outcome.label)[outcome.promotion_metric])
+
+        return score
+
+    def prepare_scoring(self, storage: Storage, as_of: dt.date) -> Predict:
+        """Return how the champion scores every ticker of `as_of`.
+
+        The champion sees the feature rows of the last few dates (its sequence lookback) up to
+        `as_of` only.
+        """
+        if not storage.partition_file("features", DOMAIN, as_of).exists():
+            raise ScoringError(f"no feature partition for {as_of}; run the features step first")
+
+        def predict(champion: RegisteredModel) -> Predictions:
+            fitted = champion.model
+            lookback = getattr(fitted.config, "lookback", 1) if fitted.config.model != "mlp" else 1
+            # The sequence window is the previous `lookback` rows; one spare date costs nothing.
+            days = storage.partition_dates("features", DOMAIN, end=as_of, last=lookback + 1)
+            features = storage.read_partitions("features", DOMAIN, days=days)
+            # A column absent from the as-of partition would arrive as NaN after the concat and be
+            # silently imputed: refuse it, as the model's signature would for a missing column.
+            today = features[features["date"] == pd.Timestamp(as_of)]
+            missing = [
+                c for c in fitted.feature_columns if c not in today.columns or today[c].isna().all()
+            ]
+            if missing:
+                raise ScoringError(
+                    f"features for {as_of} lack {missing} (missing or all empty) that champion "
+                    f"v{champion.version} needs; rebuild features or retrain"
+                )
+            # Earlier dates are window history only: the net runs on the as-of rows alone.
+            predicted = fitted.predict(features, score_from=pd.Timestamp(as_of))
+            today = predicted.loc[
+                predicted["date"] == pd.Timestamp(as_of), ["ticker", "prediction"]
+            ]
+            return Predictions(today, sort_by=["ticker"])
+
+        return predict
+
+    def plan_demo(self, settings: Settings) -> list[DemoNight]:
+        return plan_market_demo(settings)
+
+
+MARKET = lifecycle.bind(MarketParts())
+train_market, promote_market, score_market = MARKET.train, MARKET.promote, MARKET.score

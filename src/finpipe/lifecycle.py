@@ -1,0 +1,424 @@
+"""One lifecycle for every domain: train, record, select, register, promote, score.
+
+A domain supplies only what is its own, through `DomainParts`: its raw contract, its feature
+step, its candidate models and how to fit and measure them (a `TrainingNight`), how to score a
+registered model on the promotion window and how to predict a scoring date. This module owns
+everything around them, the same for every domain:
+
+- one MLflow parent run `nightly-<as-of>` with the night's context, and a nested run per
+  candidate (or the candidate in the parent run, for a domain with one model);
+- the candidate with the best validation `selection_metric`, sanity-checked, registered and
+  aliased `challenger`;
+- champion/challenger promotion on the same evaluation window (a model that cannot read the
+  window scores -inf, so a champion that no longer fits today's features loses its seat);
+- scoring with the champion, an optional scoring report and the predictions partition with
+  model provenance.
+
+Domain code states what a run records as a `RunRecord` and never calls MLflow itself.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+import numpy as np
+import pandas as pd
+from pydantic import BaseModel
+
+from finpipe import promotion, tracking
+from finpipe.domains import ChallengerOutcome, DemoNight, Domain
+from finpipe.features import FeatureUpdate
+from finpipe.ingest import RawContract
+from finpipe.scoring import ScoringOutcome, publish_predictions
+from finpipe.settings import Settings
+from finpipe.storage import Storage, as_day, write_json_atomic
+from finpipe.tracking import RegisteredModel
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+log = logging.getLogger(__name__)
+
+Say = Callable[[str], None]
+EpochLogger = Callable[[dict[str, float]], None]
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """A frame logged as a run's training data set (schema and a sample), and where it is from."""
+
+    frame: pd.DataFrame
+    source: str
+    name: str
+    targets: str | None = None
+
+
+@dataclass
+class RunRecord:
+    """What one MLflow run records, as a domain states it; the lifecycle writes it."""
+
+    params: Mapping[str, str | int | float] = field(default_factory=dict)
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    documents: Mapping[str, Mapping[str, object]] = field(default_factory=dict)  # JSON by path
+    tables: Mapping[str, pd.DataFrame] = field(default_factory=dict)  # table artifacts by path
+    figures: Mapping[str, Figure] = field(default_factory=dict)  # images by path
+    data: TrainingData | None = None
+
+
+class FittedModel(Protocol):
+    """A fitted model as finpipe ships it: a self-describing folder and a frame-in, frame-out
+    `predict`; `loader` ("module:Class") names the class whose `load(folder)` reads it back."""
+
+    def save(self, directory: Path) -> None: ...
+
+    def predict(self, frame: pd.DataFrame) -> pd.DataFrame: ...
+
+
+@dataclass
+class Candidate:
+    """One fitted candidate: the model, its metrics by window and what its run records.
+
+    `windows` is {window: {metric: value}} with at least "validation" (the selection window)
+    and "test"; each value is logged as `<window>_<metric>`. `test_predictions` must be finite
+    and not constant before the candidate may be registered (None when the domain checks its
+    own predictions, e.g. segments).
+    """
+
+    model: FittedModel
+    loader: str
+    input_example: pd.DataFrame
+    windows: dict[str, dict[str, float]]
+    record: RunRecord = field(default_factory=RunRecord)
+    test_predictions: np.ndarray | None = None
+
+
+OutcomeT = TypeVar("OutcomeT", bound=ChallengerOutcome)
+OutcomeT_co = TypeVar("OutcomeT_co", bound=ChallengerOutcome, covariant=True)
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+class TrainingNight(Protocol[OutcomeT_co]):
+    """One night's training set as a domain prepared it; the lifecycle drives it."""
+
+    @property
+    def promotion_metric(self) -> str:
+        """The evaluation-window metric a challenger must beat the champion on."""
+        ...
+
+    def context(self) -> RunRecord:
+        """The parent run's parameters, training data and documents."""
+        ...
+
+    def candidates(self) -> Sequence[str]:
+        """The candidate models to fit, in order (each gets its nested run of that name)."""
+        ...
+
+    def fit(self, kind: str, on_epoch: EpochLogger, say: Say) -> Candidate:
+        """Fit and measure candidate `kind` (inside its run: `on_epoch` logs each epoch)."""
+        ...
+
+    def conclude(self, fitted: Mapping[str, Candidate], say: Say) -> RunRecord:
+        """What the parent run records once every candidate is fitted (comparisons, oracle
+        figures); may add figures to the candidates' `windows` for the outcome."""
+        ...
+
+    def outcome(self, challenger: ChallengerOutcome) -> OutcomeT_co:
+        """The domain's outcome: `challenger` plus what promotion needs to rebuild its window."""
+        ...
+
+
+ModelScore = Callable[[RegisteredModel], float]
+Predict = Callable[[RegisteredModel], "Predictions"]
+
+
+@dataclass(frozen=True)
+class Predictions:
+    """A scoring date's rows (keys and predictions) as a domain computed them with a model.
+
+    `report`, when given, is written to reports/<domain>/scoring/date=<as-of>.json.
+    """
+
+    rows: pd.DataFrame
+    sort_by: list[str]
+    report: Mapping[str, object] | None = None
+
+
+class DomainParts(Protocol[ConfigT, OutcomeT]):
+    """What a domain supplies; `bind` turns it into the `Domain` the flows run."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def contract(self) -> RawContract: ...
+
+    @property
+    def training_config(self) -> type[ConfigT]: ...
+
+    @property
+    def training_outcome(self) -> type[OutcomeT]: ...
+
+    @property
+    def selection_metric(self) -> str:
+        """The validation metric (higher is better) that picks the candidate to register."""
+        ...
+
+    @property
+    def nested_runs(self) -> bool:
+        """True: one nested run per candidate; False: the single candidate in the parent run."""
+        ...
+
+    def update_features(
+        self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: Say | None
+    ) -> FeatureUpdate: ...
+
+    def prepare_training(
+        self,
+        storage: Storage,
+        as_of: dt.date,
+        config: ConfigT,
+        champion: Callable[[], RegisteredModel | None],
+    ) -> TrainingNight[OutcomeT]:
+        """Read and split the night's training data (`champion` loads the current one)."""
+        ...
+
+    def promotion_scorer(self, storage: Storage, outcome: OutcomeT) -> ModelScore:
+        """Rebuild the outcome's evaluation window; return a model's score on it."""
+        ...
+
+    def prepare_scoring(self, storage: Storage, as_of: dt.date) -> Predict:
+        """Read what scoring `as_of` needs (failing early if it is missing); return how a
+        model predicts it."""
+        ...
+
+    def plan_demo(self, settings: Settings) -> list[DemoNight]:
+        """Write the demo's synthetic deliveries; return the nights the demo runs."""
+        ...
+
+
+# -- training ------------------------------------------------------------------------------
+def train_challenger(
+    parts: DomainParts[ConfigT, OutcomeT],
+    storage: Storage,
+    settings: Settings,
+    as_of: dt.date | str,
+    config: ConfigT,
+    *,
+    progress: Say | None = None,
+) -> OutcomeT:
+    """Fit every candidate in one parent run, register the best on validation as `challenger`.
+
+    The test window stays untouched by selection; `promote` compares the challenger with the
+    champion on it.
+    """
+    started = time.perf_counter()
+    as_of = as_day(as_of)
+    say = progress or log.info
+    night = parts.prepare_training(
+        storage, as_of, config, lambda: tracking.current_champion(settings, parts.name)
+    )
+    tracking.use_tracking(settings, parts.name)
+    fitted: dict[str, Candidate] = {}
+    uris: dict[str, str] = {}
+    with tracking.run(f"nightly-{as_of.isoformat()}") as run_id:
+        _write(night.context())
+        for kind in night.candidates():
+            nested = tracking.run(kind, nested=True) if parts.nested_runs else _same_run()
+            with nested:
+                fitted[kind] = night.fit(kind, tracking.log_epoch, say)
+                uris[kind] = _write_candidate(fitted[kind])
+        _write(night.conclude(fitted, say))
+        windows = {kind: candidate.windows for kind, candidate in fitted.items()}
+        chosen = promotion.best_on_validation(windows, parts.selection_metric)
+        predictions = fitted[chosen].test_predictions
+        if predictions is not None:
+            promotion.check_predictions_sane(predictions, chosen)
+        version = promotion.register_challenger(settings, parts.name, uris[chosen], chosen)
+    return night.outcome(
+        ChallengerOutcome(
+            run_id=run_id,
+            as_of=as_of.isoformat(),
+            candidate=chosen,
+            challenger_version=version,
+            promotion_metric=night.promotion_metric,
+            metrics={kind: dict(values) for kind, values in windows.items()},
+            seconds=round(time.perf_counter() - started, 3),
+        )
+    )
+
+
+@contextlib.contextmanager
+def _same_run():
+    yield None
+
+
+def _write(record: RunRecord) -> None:
+    """Log `record` to the active run."""
+    if record.params:
+        tracking.log_params(record.params)
+    if record.metrics:
+        tracking.log_metrics(record.metrics)
+    for path, document in record.documents.items():
+        tracking.log_document(document, path)
+    for path, table in record.tables.items():
+        tracking.log_table(table, path)
+    if record.figures:
+        tracking.log_figures(record.figures)
+    if record.data is not None:
+        data = record.data
+        tracking.log_training_data(
+            data.frame, source=data.source, name=data.name, targets=data.targets
+        )
+
+
+def _write_candidate(candidate: Candidate) -> str:
+    """Log a candidate's metrics by window, its record and its model; return the model URI."""
+    for window, values in candidate.windows.items():
+        tracking.log_metrics({f"{window}_{k}": float(v) for k, v in values.items()})
+    _write(candidate.record)
+    info = tracking.log_fitted_model(
+        candidate.model,
+        loader=candidate.loader,
+        input_example=candidate.input_example,
+        output_example=candidate.model.predict(candidate.input_example),
+    )
+    return info.model_uri
+
+
+# -- promotion -----------------------------------------------------------------------------
+def promote(
+    parts: DomainParts[ConfigT, OutcomeT],
+    storage: Storage,
+    settings: Settings,
+    outcome: OutcomeT,
+) -> promotion.PromotionDecision:
+    """Score challenger and champion on the same evaluation window; promote if better.
+
+    Both models are loaded from the registry and scored by the same code, so the comparison
+    is like for like. The decision and both figures are logged to the training run.
+    """
+    score = parts.promotion_scorer(storage, outcome)
+
+    def evaluate(model: RegisteredModel) -> float:
+        try:
+            return float(score(model))
+        except Exception as error:  # a champion that can't read today's features loses its seat
+            log.warning("v%s cannot score the current features: %s", model.version, error)
+            return float("-inf")
+
+    return promotion.promote_challenger(
+        settings,
+        parts.name,
+        challenger_version=outcome.challenger_version,
+        metric=outcome.promotion_metric,
+        evaluate=evaluate,
+        run_id=outcome.run_id,
+    )
+
+
+# -- scoring -------------------------------------------------------------------------------
+def score(
+    parts: DomainParts[ConfigT, OutcomeT],
+    storage: Storage,
+    settings: Settings,
+    as_of: dt.date | str,
+) -> ScoringOutcome:
+    """Score `as_of` with the champion and publish predictions/<domain>/date=as_of.
+
+    Every output row names the model version and run that produced it.
+    """
+    as_of = as_day(as_of)
+    predict = parts.prepare_scoring(storage, as_of)
+    champion = tracking.load_model_version(settings, parts.name)
+    predictions = predict(champion)
+    if predictions.report is not None:
+        folder = storage.reports_dir() / parts.name / "scoring"
+        write_json_atomic(folder / f"date={as_of.isoformat()}.json", dict(predictions.report))
+    return publish_predictions(
+        storage, parts.name, as_of, predictions.rows, champion, sort_by=predictions.sort_by
+    )
+
+
+# -- binding -------------------------------------------------------------------------------
+def bind(parts: DomainParts[ConfigT, OutcomeT]) -> Domain:
+    """Return the `Domain` the flows run: `parts`' own steps, the lifecycle around them."""
+
+    def config_of(config: BaseModel | None) -> ConfigT:
+        if config is None:
+            return parts.training_config()
+        if isinstance(config, parts.training_config):
+            return config
+        return parts.training_config.model_validate(config.model_dump())
+
+    def outcome_of(outcome: ChallengerOutcome) -> OutcomeT:
+        if isinstance(outcome, parts.training_outcome):
+            return outcome
+        return parts.training_outcome(**outcome.to_dict())
+
+    def update_features(
+        storage: Storage,
+        as_of: dt.date | str,
+        *,
+        rebuild: bool = False,
+        progress: Say | None = None,
+    ) -> FeatureUpdate:
+        return parts.update_features(storage, as_day(as_of), rebuild=rebuild, progress=progress)
+
+    def train(
+        storage: Storage,
+        settings: Settings,
+        as_of: dt.date | str,
+        config: BaseModel | None = None,
+        *,
+        progress: Say | None = None,
+    ) -> ChallengerOutcome:
+        return train_challenger(
+            parts, storage, settings, as_of, config_of(config), progress=progress
+        )
+
+    def promote_step(
+        storage: Storage, settings: Settings, outcome: ChallengerOutcome
+    ) -> promotion.PromotionDecision:
+        return promote(parts, storage, settings, outcome_of(outcome))
+
+    def score_step(storage: Storage, settings: Settings, as_of: dt.date | str) -> ScoringOutcome:
+        return score(parts, storage, settings, as_of)
+
+    return Domain(
+        name=parts.name,
+        contract=parts.contract,
+        update_features=update_features,
+        train=train,
+        promote=promote_step,
+        score=score_step,
+        training_config=parts.training_config,
+        training_outcome=parts.training_outcome,
+        plan_demo=parts.plan_demo,
+        code_module=type(parts).__module__,
+    )
+
+
+# -- reference data (until Storage holds it) -------------------------------------------------
+def write_reference(storage: Storage, domain: str, name: str, frame: pd.DataFrame) -> None:
+    """Keep `frame` as reference/<domain>/<name>.parquet (e.g. a synthetic set's truth)."""
+    path = storage.root / "reference" / domain / f"{name}.parquet"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_parquet(path, index=False)
+
+
+def read_reference(
+    storage: Storage,
+    domain: str,
+    name: str,
+    filters: list[tuple[str, str, object]] | None = None,
+) -> pd.DataFrame | None:
+    """Return reference/<domain>/<name>.parquet (the rows `filters` keep), or None if absent."""
+    path = storage.root / "reference" / domain / f"{name}.parquet"
+    return pd.read_parquet(path, filters=filters) if path.exists() else None
