@@ -433,21 +433,6 @@ def test_a_rule_passing_under_mostly_still_reports_its_unexpected_rows(gx_passes
     assert rule.sample_values == [-1.0]
 
 
-def test_gx_does_not_hash_every_cell_of_the_batch(monkeypatch):
-    from great_expectations.execution_engine import pandas_execution_engine
-
-    hashed: list[int] = []
-
-    def recording_hash(frame):
-        hashed.append(len(frame))
-        return "fingerprint"
-
-    monkeypatch.setattr(pandas_execution_engine, "hash_pandas_dataframe", recording_hash)
-
-    assert check(clean_bars()).success is True
-    assert hashed == []
-
-
 def test_data_docs_index_lists_the_newest_batches_of_its_folder_and_keeps_every_page(
     tmp_path, monkeypatch
 ):
