@@ -8,6 +8,9 @@ targets read the stated figures. No timing is asserted (shared machines are nois
 
 from __future__ import annotations
 
+import ast
+import importlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -104,6 +107,30 @@ def test_scoring_alone_without_an_earlier_orchestration_is_refused_before_any_wo
         run_benchmarks(config, say=lambda message: None)
     assert not (tmp_path / "work").exists()  # nothing prepared
     assert json.loads((out / "latest.json").read_text()) == [OLD_MARKET_RECORD]
+
+
+def test_every_finpipe_name_the_stages_import_exists():
+    # The smoke run covers the feature race only; the other stages call into the domains'
+    # pipelines from their own processes, so a renamed or moved function would first show in a
+    # long `make bench`. Every `from finpipe... import name` of every benchmark module resolves.
+    missing = []
+    for module_file in sorted((ROOT / "benchmarks").glob("*.py")):
+        for node in ast.walk(ast.parse(module_file.read_text())):
+            if not isinstance(node, ast.ImportFrom) or not (node.module or "").startswith(
+                ("finpipe", "benchmarks")
+            ):
+                continue
+            module = importlib.import_module(node.module)
+            missing += [
+                f"{module_file.name}: {node.module}.{alias.name}"
+                for alias in node.names
+                if not hasattr(module, alias.name)
+                and not (  # a submodule of a package (`from finpipe import storage`)
+                    hasattr(module, "__path__")
+                    and importlib.util.find_spec(f"{node.module}.{alias.name}")
+                )
+            ]
+    assert not missing
 
 
 def test_pandas_rules_find_what_the_market_suite_finds():
