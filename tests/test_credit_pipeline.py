@@ -166,7 +166,7 @@ def test_worse_model_does_not_replace_the_champion(two_nights):
     import torch
 
     from finpipe import tracking
-    from finpipe.credit.pipeline import CreditTrainingOutcome, active_loan_book, promote_credit
+    from finpipe.credit.pipeline import CreditTrainingOutcome, active_loan_book, credit_domain
 
     settings, files, summaries, _ = two_nights
     storage = Storage(settings.home)
@@ -191,7 +191,7 @@ def test_worse_model_does_not_replace_the_champion(two_nights):
             )
         version = str(mlflow.register_model(info.model_uri, "finpipe-credit").version)
         offered = CreditTrainingOutcome(**{**outcome, "challenger_version": version})
-        decision = promote_credit(storage, settings, offered, book=active_loan_book(settings))
+        decision = credit_domain(active_loan_book(settings)).promote(storage, settings, offered)
     assert decision.promoted is False
     assert decision.challenger_score == pytest.approx(1 - decision.champion_score, abs=1e-9)
     assert tracking.current_alias_version(settings, "credit") == champion.version

@@ -19,11 +19,11 @@ Domain code states what a run records as a `RunRecord` and never calls MLflow it
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
@@ -230,8 +230,8 @@ def train_challenger(
     with tracking.run(f"nightly-{as_of.isoformat()}") as run_id:
         _write(night.context())
         for kind in night.candidates():
-            nested = tracking.run(kind, nested=True) if parts.nested_runs else _same_run()
-            with nested:
+            own_run = tracking.run(kind, nested=True) if parts.nested_runs else nullcontext()
+            with own_run:
                 fitted[kind] = night.fit(kind, tracking.log_epoch, say)
                 uris[kind] = _write_candidate(fitted[kind])
         _write(night.conclude(fitted, say))
@@ -252,11 +252,6 @@ def train_challenger(
             seconds=round(time.perf_counter() - started, 3),
         )
     )
-
-
-@contextlib.contextmanager
-def _same_run():
-    yield None
 
 
 def _write(record: RunRecord) -> None:

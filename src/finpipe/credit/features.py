@@ -8,11 +8,18 @@ fitted on the training rows and shipped with the model (finpipe.credit.model).
 
 from __future__ import annotations
 
+import datetime as dt
+import time
+from collections.abc import Callable
+
 import numpy as np
 import pandas as pd
 
 from finpipe.credit.config import DATE_COLUMN, LoanBookConfig
+from finpipe.credit.schema import DOMAIN
 from finpipe.errors import ConfigError
+from finpipe.features import FeatureUpdate, PartitionWriter, features_are_stale
+from finpipe.storage import Storage, as_day
 
 LABEL = "default_flag"
 
@@ -43,3 +50,38 @@ def default_flag(labels: pd.Series, book: LoanBookConfig) -> np.ndarray:
     flag[text.isin(book.label.default).fillna(False).to_numpy(dtype=bool)] = 1.0
     flag[text.isin(book.label.non_default).fillna(False).to_numpy(dtype=bool)] = 0.0
     return flag
+
+
+def update_credit_features(
+    storage: Storage,
+    as_of: dt.date | str,
+    *,
+    book: LoanBookConfig,
+    rebuild: bool = False,
+    block_dates: int = 100,
+    progress: Callable[[str], None] | None = None,
+) -> FeatureUpdate:
+    """Publish the feature partition of every validated date up to `as_of` that lacks one or
+    is older than its validated partition (all of them with `rebuild`).
+
+    A credit row's features depend on that row only, so each date is computed on its own.
+    """
+    started = time.perf_counter()
+    as_of = as_day(as_of)
+    update = FeatureUpdate()
+    done = set(storage.partition_dates("features", DOMAIN, end=as_of))
+    todo = [
+        day
+        for day in storage.partition_dates("validated", DOMAIN, end=as_of)
+        if rebuild or day not in done or features_are_stale(storage, DOMAIN, day)
+    ]
+    with PartitionWriter(storage, DOMAIN, update, DATE_COLUMN) as writer:
+        for start in range(0, len(todo), block_dates):
+            block = todo[start : start + block_dates]
+            validated = storage.read_partitions("validated", DOMAIN, days=block)
+            features = build_credit_features(validated, book)
+            writer.publish(features.sort_values([DATE_COLUMN, book.columns.id], kind="stable"))
+            if progress:
+                progress(f"features: {start + len(block)}/{len(todo)} dates built")
+    update.seconds = round(time.perf_counter() - started, 3)
+    return update

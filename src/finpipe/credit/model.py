@@ -43,6 +43,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, Field
 from torch import nn
 
 from finpipe.credit.config import LoanBookConfig
@@ -748,4 +749,69 @@ def _require_columns(frame: pd.DataFrame, columns: list[str]) -> None:
         raise ValueError(
             f"column(s) {missing} missing from the frame (it has {list(frame.columns)}); "
             "score features built with the loan-book config the model was trained on"
+        )
+
+
+class CreditTrainingConfig(BaseModel):
+    """Hyper-parameters of a nightly credit retrain (also the Prefect form and MLflow params)."""
+
+    models: list[Literal["mlp", "logistic"]] = Field(
+        default_factory=lambda: ["mlp", "logistic"],
+        description="mlp: the tabular network; logistic: the logistic-regression baseline.",
+    )
+    validation_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of labelled rows.")
+    test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of labelled rows.")
+    embargo_days: int = Field(
+        0, ge=0, description="Dated books: distinct dates dropped between train, validation, test."
+    )
+    hidden: int = Field(64, ge=4, description="Hidden units of the network.")
+    layers: int = Field(2, ge=1, le=6, description="Hidden layers of the network.")
+    dropout: float = Field(0.1, ge=0, lt=1)
+    batch_size: int = Field(512, ge=16)
+    max_epochs: int = Field(60, ge=1)
+    patience: int = Field(10, ge=1, description="Early-stopping patience in epochs.")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the network.")
+    weight_decay: float = Field(1e-3, ge=0)
+    logistic_learning_rate: float = Field(1e-2, gt=0, description="AdamW rate of the baseline.")
+    class_weight: Literal["balanced", "none"] = Field(
+        "balanced", description="balanced: defaults weigh n_good / n_bad in the loss."
+    )
+    unknown_rate: float = Field(
+        0.02, ge=0, lt=0.5, description="Share of training categories blanked to unknown."
+    )
+    min_category_count: int = Field(
+        3, ge=1, description="Categories seen fewer times in training go to the unknown bucket."
+    )
+    ig_steps: int = Field(32, ge=4, description="Integrated-gradient steps per reason code.")
+    seed: int = 0
+    device: str = Field("auto", description="auto (cuda when available), cpu or cuda.")
+    cpu_threads: int = Field(
+        1,
+        ge=1,
+        description="PyTorch CPU threads for training and scoring (small tabular nets gain "
+        "little from more, and backfills score several dates at once).",
+    )
+    promotion_metric: Literal["auc", "ks"] = Field(
+        "auc", description="Test metric a challenger must beat the champion on."
+    )
+
+    def classifier_config(self, kind: str) -> ClassifierConfig:
+        logistic = kind == "logistic"
+        return ClassifierConfig(
+            kind=kind,
+            hidden=self.hidden,
+            layers=self.layers,
+            dropout=self.dropout,
+            batch_size=self.batch_size,
+            max_epochs=self.max_epochs,
+            patience=self.patience,
+            learning_rate=self.logistic_learning_rate if logistic else self.learning_rate,
+            weight_decay=self.weight_decay,
+            class_weight=self.class_weight,
+            unknown_rate=self.unknown_rate,
+            min_category_count=self.min_category_count,
+            ig_steps=self.ig_steps,
+            seed=self.seed,
+            device=self.device,
+            cpu_threads=self.cpu_threads,
         )
