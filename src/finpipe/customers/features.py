@@ -28,9 +28,16 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import time
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
+
+from finpipe.customers.schema import DOMAIN
+from finpipe.features import FeatureUpdate
+from finpipe.ingest import BATCH_COLUMN
+from finpipe.storage import Storage, as_day
 
 TREND_DAYS = 90
 NS_PER_DAY = 86_400 * 10**9
@@ -208,3 +215,57 @@ def _mix(customer: np.ndarray, customers: int, values: pd.Series) -> pd.DataFram
         counts = counts.T.groupby(level=0).sum().T
     shares = counts.div(counts.sum(axis=1), axis=0)
     return shares[sorted(shares.columns)]
+
+
+def snapshots_needing_update(
+    storage: Storage, as_of: dt.date, rebuild: bool = False
+) -> list[dt.date]:
+    """Return the snapshot days up to `as_of` to (re)compute.
+
+    `as_of` itself when its snapshot is missing or older than any validated partition on or
+    before it (late data changes history); with `rebuild`, every existing snapshot too.
+    """
+    existing = storage.partition_dates("features", DOMAIN, end=as_of)
+    if rebuild:
+        return sorted({*existing, as_of})
+    if as_of not in existing:
+        return [as_of]
+    built = storage.partition_file("features", DOMAIN, as_of).stat().st_mtime_ns
+    for day in storage.partition_dates("validated", DOMAIN, end=as_of):
+        if storage.partition_file("validated", DOMAIN, day).stat().st_mtime_ns > built:
+            return [as_of]
+    return []
+
+
+def update_customer_features(
+    storage: Storage,
+    as_of: dt.date | str,
+    *,
+    active_days: int,
+    rebuild: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> FeatureUpdate:
+    """Compute and publish the feature snapshot as of `as_of` (and older ones if rebuilding).
+
+    A snapshot at t reads every validated transaction dated on or before t: lifetime features
+    (tenure, frequency) need the whole history.
+    """
+    started = time.perf_counter()
+    as_of = as_day(as_of)
+    update = FeatureUpdate()
+    todo = snapshots_needing_update(storage, as_of, rebuild)
+    if not todo:
+        return update
+    history = storage.read_partitions("validated", DOMAIN, end=max(todo))
+    history = history.drop(columns=[BATCH_COLUMN], errors="ignore")
+    for column in ("category", "channel"):
+        if column not in history.columns:
+            update.skipped_features[f"{column}_share_*"] = f"no {column} column delivered"
+    for day in todo:
+        snapshot = build_customer_features(history, day, active_days=active_days)
+        storage.write_partition("features", DOMAIN, day, snapshot)
+        update.add(day, len(snapshot))
+        if progress:
+            progress(f"features: snapshot {day} with {len(snapshot):,} active customers")
+    update.seconds = round(time.perf_counter() - started, 3)
+    return update

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -458,3 +459,19 @@ def customer_sets(
     sets[position < test_fraction + validation_fraction] = "validation"
     sets[position < test_fraction] = "test"
     return sets
+
+
+class CustomersTrainingConfig(SegmentModelParams):
+    """Hyper-parameters of a nightly segmentation retrain (the Prefect form and MLflow params)."""
+
+    validation_fraction: float = Field(
+        0.15, gt=0, lt=0.5, description="Share of customers (by id hash) for early stopping/k."
+    )
+    test_fraction: float = Field(
+        0.2, gt=0, lt=0.5, description="Share of customers (by id hash) held out for promotion."
+    )
+    promotion_metric: Literal["silhouette"] = Field(
+        "silhouette",
+        description="Test-customer silhouette, in the common feature space, a challenger must "
+        "beat the champion on.",
+    )

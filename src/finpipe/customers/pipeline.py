@@ -17,25 +17,20 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import logging
-import time
-import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
 
-import mlflow
 import numpy as np
 import pandas as pd
-from pydantic import Field
 from sklearn.metrics import adjusted_rand_score
 
-from finpipe import plots, promotion, tracking
+from finpipe import lifecycle, plots
 from finpipe.customers import plots as segment_plots
 from finpipe.customers.config import CustomersConfig, load_customers_config
-from finpipe.customers.features import BASE_FEATURES, build_customer_features, is_mix_feature
+from finpipe.customers.features import BASE_FEATURES, is_mix_feature, update_customer_features
 from finpipe.customers.model import (
+    CustomersTrainingConfig,
     FittedSegmentModel,
-    SegmentModelParams,
     check_segments_sane,
     customer_sets,
     evaluation_space,
@@ -52,16 +47,27 @@ from finpipe.customers.schema import (
 from finpipe.domains import ChallengerOutcome, DemoNight, Domain, demo_nights
 from finpipe.errors import ConfigError, ScoringError
 from finpipe.features import FeatureUpdate
-from finpipe.ingest import BATCH_COLUMN, RawContract
-from finpipe.scoring import ScoringOutcome, publish_predictions
+from finpipe.ingest import RawContract
+from finpipe.lifecycle import (
+    Candidate,
+    EpochLogger,
+    ModelScore,
+    Predict,
+    Predictions,
+    RunRecord,
+    Say,
+    TrainingData,
+)
+from finpipe.scoring import ScoringOutcome
 from finpipe.settings import Settings, load_settings
 from finpipe.storage import Storage, as_day
+from finpipe.tracking import RegisteredModel
 
 log = logging.getLogger("finpipe.customers")
 
 MODEL_LOADER = "finpipe.customers.model:FittedSegmentModel"
 CANDIDATE = "autoencoder_kmeans"
-PLANTED_FILE = "segments.parquet"
+PLANTED = "segments"  # reference/customers/segments.parquet: a synthetic log's truth
 
 
 # -- ingest --------------------------------------------------------------------------------
@@ -80,78 +86,7 @@ def customers_contract(config: CustomersConfig) -> RawContract:
     )
 
 
-# -- features ------------------------------------------------------------------------------
-def snapshots_needing_update(
-    storage: Storage, as_of: dt.date, rebuild: bool = False
-) -> list[dt.date]:
-    """Return the snapshot days up to `as_of` to (re)compute.
-
-    `as_of` itself when its snapshot is missing or older than any validated partition on or
-    before it (late data changes history); with `rebuild`, every existing snapshot too.
-    """
-    existing = storage.partition_dates("features", DOMAIN, end=as_of)
-    if rebuild:
-        return sorted({*existing, as_of})
-    if as_of not in existing:
-        return [as_of]
-    built = storage.partition_file("features", DOMAIN, as_of).stat().st_mtime_ns
-    for day in storage.partition_dates("validated", DOMAIN, end=as_of):
-        if storage.partition_file("validated", DOMAIN, day).stat().st_mtime_ns > built:
-            return [as_of]
-    return []
-
-
-def update_customer_features(
-    storage: Storage,
-    as_of: dt.date | str,
-    *,
-    active_days: int,
-    rebuild: bool = False,
-    progress: Callable[[str], None] | None = None,
-) -> FeatureUpdate:
-    """Compute and publish the feature snapshot as of `as_of` (and older ones if rebuilding).
-
-    A snapshot at t reads every validated transaction dated on or before t: lifetime features
-    (tenure, frequency) need the whole history.
-    """
-    started = time.perf_counter()
-    as_of = as_day(as_of)
-    update = FeatureUpdate()
-    todo = snapshots_needing_update(storage, as_of, rebuild)
-    if not todo:
-        return update
-    history = storage.read_partitions("validated", DOMAIN, end=max(todo))
-    history = history.drop(columns=[BATCH_COLUMN], errors="ignore")
-    for column in ("category", "channel"):
-        if column not in history.columns:
-            update.skipped_features[f"{column}_share_*"] = f"no {column} column delivered"
-    for day in todo:
-        snapshot = build_customer_features(history, day, active_days=active_days)
-        storage.write_partition("features", DOMAIN, day, snapshot)
-        update.add(day, len(snapshot))
-        if progress:
-            progress(f"features: snapshot {day} with {len(snapshot):,} active customers")
-    update.seconds = round(time.perf_counter() - started, 3)
-    return update
-
-
 # -- training ------------------------------------------------------------------------------
-class CustomersTrainingConfig(SegmentModelParams):
-    """Hyper-parameters of a nightly segmentation retrain (the Prefect form and MLflow params)."""
-
-    validation_fraction: float = Field(
-        0.15, gt=0, lt=0.5, description="Share of customers (by id hash) for early stopping/k."
-    )
-    test_fraction: float = Field(
-        0.2, gt=0, lt=0.5, description="Share of customers (by id hash) held out for promotion."
-    )
-    promotion_metric: Literal["silhouette"] = Field(
-        "silhouette",
-        description="Test-customer silhouette, in the common feature space, a challenger must "
-        "beat the champion on.",
-    )
-
-
 @dataclass
 class CustomersTrainingOutcome(ChallengerOutcome):
     """What a nightly retrain produced: the registered challenger and how to re-evaluate it."""
@@ -173,56 +108,66 @@ def read_snapshot(storage: Storage, as_of: dt.date) -> pd.DataFrame:
     return storage.read_partition("features", DOMAIN, as_of)
 
 
-def train_customers(
-    storage: Storage,
-    settings: Settings,
-    as_of: dt.date | str,
-    config: CustomersTrainingConfig | None = None,
-    *,
-    progress: Callable[[str], None] | None = None,
-) -> CustomersTrainingOutcome:
-    """Fit the segment model on the snapshot as of `as_of`, log it, register it as challenger.
+@dataclass
+class CustomersNight:
+    """One night's segmentation training set: the snapshot, its customer sets, the champion."""
 
-    Segment ids are aligned to the current champion's before registering, so the challenger
-    already speaks the champion's ids. Logged: parameters, learning curve, silhouette for every
-    k tried, validation/test quality, stability against the champion and against last night's
-    predictions, the segment profiles table and the segment map.
-    """
-    started = time.perf_counter()
-    config = config or CustomersTrainingConfig()
-    as_of = as_day(as_of)
-    say = progress or log.info
-    snapshot = read_snapshot(storage, as_of)
-    sets = customer_sets(snapshot["customer_id"], config.validation_fraction, config.test_fraction)
-    champion = _champion_view(settings, snapshot)
-    tracking.use_tracking(settings, DOMAIN)
-    with mlflow.start_run(run_name=f"nightly-{as_of.isoformat()}") as run:
-        _log_run_context(snapshot, sets, config, as_of, champion)
+    storage: Storage
+    as_of: dt.date
+    config: CustomersTrainingConfig
+    snapshot: pd.DataFrame
+    sets: np.ndarray  # "train", "validation" or "test" by customer
+    champion: ChampionView | None
+    segments: int = 0  # k of the fitted model
+
+    @property
+    def promotion_metric(self) -> str:
+        return self.config.promotion_metric
+
+    def context(self) -> RunRecord:
+        snapshot, sets, as_of = self.snapshot, self.sets, self.as_of
+        columns = ["customer_id", *[c for c in snapshot.columns if c in BASE_FEATURES]]
+        columns += [c for c in snapshot.columns if is_mix_feature(c)]
+        return RunRecord(
+            params={
+                **{k: str(v) for k, v in self.config.model_dump().items()},
+                "as_of": as_of.isoformat(),
+                "customers": len(snapshot),
+                "train_customers": int((sets == "train").sum()),
+                "validation_customers": int((sets == "validation").sum()),
+                "test_customers": int((sets == "test").sum()),
+                "champion_version": self.champion.version if self.champion else "none",
+            },
+            data=TrainingData(
+                snapshot[columns],
+                source=f"features/{DOMAIN}/date={as_of}",
+                name=f"{DOMAIN}-snapshot-{as_of}",
+            ),
+        )
+
+    def candidates(self) -> list[str]:
+        return [CANDIDATE]
+
+    def fit(self, kind: str, on_epoch: EpochLogger, say: Say) -> Candidate:
+        """Fit the segment model; its segment ids are aligned to the champion's, so the
+        challenger already speaks the champion's ids."""
+        snapshot, sets, champion = self.snapshot, self.sets, self.champion
         say(f"training the segment model on {int((sets == 'train').sum()):,} customers")
         fitted = fit_segment_model(
             snapshot,
             sets,
-            config,
+            self.config,
             champion_segments=champion.segments if champion else None,
             champion_k=champion.k if champion else None,
-            on_epoch=tracking.log_epoch,
+            on_epoch=on_epoch,
         )
         predicted = fitted.predict(snapshot)
         check_segments_sane(predicted, fitted.k, CANDIDATE)
-        metrics = _quality_by_window(storage, snapshot, sets, fitted, predicted, champion, as_of)
-        _log_results(snapshot, fitted, predicted, metrics)
-        with warnings.catch_warnings():
-            # MLflow hints that the integer `segment` could not hold a missing value; it never
-            # is missing (every customer gets a segment).
-            warnings.simplefilter("ignore", UserWarning)
-            info = tracking.log_fitted_model(
-                fitted,
-                loader=MODEL_LOADER,
-                input_example=snapshot[["customer_id", *fitted.feature_columns]].head(5),
-                output_example=fitted.predict(snapshot.head(5)),
-            )
-        version = promotion.register_challenger(settings, DOMAIN, info.model_uri, CANDIDATE)
-        test = metrics["test"]
+        self.segments = fitted.k
+        windows = _quality_by_window(
+            self.storage, snapshot, sets, fitted, predicted, champion, self.as_of
+        )
+        test = windows["test"]
         say(
             f"{fitted.k} segments; test silhouette {test['silhouette']:.3f}"
             + (
@@ -231,21 +176,40 @@ def train_customers(
                 else ""
             )
         )
-        run_id = run.info.run_id
-    return CustomersTrainingOutcome(
-        run_id=run_id,
-        as_of=as_of.isoformat(),
-        candidate=CANDIDATE,
-        challenger_version=version,
-        promotion_metric=config.promotion_metric,
-        segments=fitted.k,
-        validation_fraction=config.validation_fraction,
-        test_fraction=config.test_fraction,
-        metrics={CANDIDATE: metrics},
-        customers=len(snapshot),
-        train_customers=int((sets == "train").sum()),
-        seconds=round(time.perf_counter() - started, 3),
-    )
+        segments = predicted["segment"].to_numpy()
+        return Candidate(
+            model=fitted,
+            loader=MODEL_LOADER,
+            input_example=snapshot[["customer_id", *fitted.feature_columns]].head(5),
+            windows=windows,
+            record=RunRecord(
+                metrics={
+                    **{f"silhouette_k{k}": v for k, v in fitted.silhouette_by_k.items()},
+                    "best_epoch": fitted.best_epoch,
+                },
+                documents={
+                    "feature_columns.json": {
+                        "feature_columns": fitted.feature_columns,
+                        "log_scaled": fitted.log_columns,
+                    }
+                },
+                tables={"segment_profiles.json": segment_profiles(snapshot, segments)},
+                figures=_plots(snapshot, fitted, segments),
+            ),
+        )
+
+    def conclude(self, fitted: Mapping[str, Candidate], say: Say) -> RunRecord:
+        return RunRecord()
+
+    def outcome(self, challenger: ChallengerOutcome) -> CustomersTrainingOutcome:
+        return CustomersTrainingOutcome(
+            **challenger.to_dict(),
+            segments=self.segments,
+            validation_fraction=self.config.validation_fraction,
+            test_fraction=self.config.test_fraction,
+            customers=len(self.snapshot),
+            train_customers=int((self.sets == "train").sum()),
+        )
 
 
 @dataclass(frozen=True)
@@ -257,11 +221,10 @@ class ChampionView:
     segments: pd.Series  # segment id by customer_id
 
 
-def _champion_view(settings: Settings, snapshot: pd.DataFrame) -> ChampionView | None:
+def _champion_view(champion: RegisteredModel | None, snapshot: pd.DataFrame) -> ChampionView | None:
     """Return the champion's assignment of `snapshot`, or None without a usable champion."""
-    if tracking.current_alias_version(settings, DOMAIN, tracking.CHAMPION) is None:
+    if champion is None:
         return None
-    champion = tracking.load_model_version(settings, DOMAIN)
     try:
         predicted = champion.predict(snapshot)
     except Exception as error:  # a champion that cannot read today's features: fresh ids
@@ -349,42 +312,10 @@ def segment_profiles(snapshot: pd.DataFrame, segments: np.ndarray) -> pd.DataFra
     return profiles.reset_index()
 
 
-def _log_run_context(snapshot, sets, config, as_of, champion) -> None:
-    mlflow.log_params(
-        {
-            **{k: str(v) for k, v in config.model_dump().items()},
-            "as_of": as_of.isoformat(),
-            "customers": len(snapshot),
-            "train_customers": int((sets == "train").sum()),
-            "validation_customers": int((sets == "validation").sum()),
-            "test_customers": int((sets == "test").sum()),
-            "champion_version": champion.version if champion else "none",
-        }
-    )
-    columns = ["customer_id", *[c for c in snapshot.columns if c in BASE_FEATURES]]
-    columns += [c for c in snapshot.columns if is_mix_feature(c)]
-    tracking.log_training_data(
-        snapshot[columns],
-        source=f"features/{DOMAIN}/date={as_of}",
-        name=f"{DOMAIN}-snapshot-{as_of}",
-    )
-
-
-def _log_results(snapshot, fitted: FittedSegmentModel, predicted, metrics) -> None:
-    for window, values in metrics.items():
-        mlflow.log_metrics({f"{window}_{k}": float(v) for k, v in values.items()})
-    mlflow.log_metrics({f"silhouette_k{k}": v for k, v in fitted.silhouette_by_k.items()})
-    mlflow.log_metric("best_epoch", fitted.best_epoch)
-    mlflow.log_dict(
-        {"feature_columns": fitted.feature_columns, "log_scaled": fitted.log_columns},
-        "feature_columns.json",
-    )
-    mlflow.log_table(
-        segment_profiles(snapshot, predicted["segment"].to_numpy()), "segment_profiles.json"
-    )
-    figures = {
+def _plots(snapshot: pd.DataFrame, fitted: FittedSegmentModel, segments: np.ndarray) -> dict:
+    return {
         "plots/segment_map.png": segment_plots.segment_map(
-            fitted.embed(snapshot), predicted["segment"].to_numpy(), "customers by segment"
+            fitted.embed(snapshot), segments, "customers by segment"
         ),
         "plots/silhouette_by_k.png": segment_plots.silhouette_by_k(
             fitted.silhouette_by_k, fitted.k, "choosing the number of segments"
@@ -393,77 +324,19 @@ def _log_results(snapshot, fitted: FittedSegmentModel, predicted, metrics) -> No
             fitted.history, "autoencoder: reconstruction loss by epoch"
         ),
     }
-    tracking.log_figures(figures)
-
-
-def promote_customers(
-    storage: Storage, settings: Settings, outcome: CustomersTrainingOutcome
-) -> promotion.PromotionDecision:
-    """Score challenger and champion on the same held-out customers; promote if better.
-
-    Both models segment the snapshot of the training day; the score is the silhouette of the
-    test customers' segments in the common evaluation space (model-independent, see
-    `evaluation_space`). A model that cannot read the snapshot scores -inf.
-    """
-    snapshot = read_snapshot(storage, as_day(outcome.as_of))
-    sets = customer_sets(
-        snapshot["customer_id"], outcome.validation_fraction, outcome.test_fraction
-    )
-    test = sets == "test"
-    space = evaluation_space(snapshot, sets)[test]
-
-    def evaluate(model: tracking.RegisteredModel) -> float:
-        try:
-            segments = model.predict(snapshot)["segment"].to_numpy()[test]
-        except Exception as error:
-            log.warning("v%s cannot segment the snapshot: %s", model.version, error)
-            return float("-inf")
-        return segment_quality(space, segments)["silhouette"]
-
-    return promotion.promote_challenger(
-        settings,
-        DOMAIN,
-        challenger_version=outcome.challenger_version,
-        metric=outcome.promotion_metric,
-        evaluate=evaluate,
-        run_id=outcome.run_id,
-    )
 
 
 # -- scoring -------------------------------------------------------------------------------
-def score_customers(storage: Storage, settings: Settings, as_of: dt.date | str) -> ScoringOutcome:
-    """Segment every customer active at `as_of` with the champion; publish the predictions.
-
-    Rows: customer_id, segment, distance_to_centroid (in the champion's embedding), plus the
-    model name, version and run id that produced them.
-    """
-    as_of = as_day(as_of)
-    snapshot = read_snapshot(storage, as_of)
-    champion = tracking.load_model_version(settings, DOMAIN)
-    try:
-        predicted = champion.predict(snapshot)
-    except ValueError as error:
-        raise ScoringError(
-            f"champion v{champion.version} cannot segment the {as_of} snapshot ({error}); "
-            "rebuild features or retrain"
-        ) from None
-    scores = predicted[["customer_id", "segment", "distance_to_centroid"]]
-    return publish_predictions(storage, DOMAIN, as_of, scores, champion, sort_by=["customer_id"])
-
-
 # -- synthetic data and the demo -----------------------------------------------------------
 def write_planted_segments(storage: Storage, planted: pd.DataFrame) -> None:
     """Keep a synthetic log's planted segments beside the data, for ARI-vs-truth reporting."""
-    path = storage.root / "reference" / DOMAIN / PLANTED_FILE
-    path.parent.mkdir(parents=True, exist_ok=True)
-    planted.to_parquet(path, index=False)
+    lifecycle.write_reference(storage, DOMAIN, PLANTED, planted)
 
 
 def _planted_segments(storage: Storage) -> pd.Series | None:
-    path = storage.root / "reference" / DOMAIN / PLANTED_FILE
-    if not path.exists():
+    planted = lifecycle.read_reference(storage, DOMAIN, PLANTED)
+    if planted is None:
         return None
-    planted = pd.read_parquet(path)
     return planted.set_index(planted["customer_id"].astype("string"))["segment"]
 
 
@@ -500,21 +373,99 @@ def plan_customers_demo(
 
 
 # -- the domain ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class CustomersParts:
+    """The customers domain's own parts for one data source; `finpipe.lifecycle` runs them."""
+
+    config: CustomersConfig
+    name: str = DOMAIN
+    training_config: type[CustomersTrainingConfig] = CustomersTrainingConfig
+    training_outcome: type[CustomersTrainingOutcome] = CustomersTrainingOutcome
+    selection_metric: str = "silhouette"  # one candidate: nothing to choose between
+    nested_runs: bool = False  # the one model is logged in the nightly run itself
+
+    @property
+    def contract(self) -> RawContract:
+        return customers_contract(self.config)
+
+    def update_features(
+        self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: Say | None
+    ) -> FeatureUpdate:
+        active_days = self.config.features.active_days
+        return update_customer_features(
+            storage, as_of, active_days=active_days, rebuild=rebuild, progress=progress
+        )
+
+    def prepare_training(
+        self,
+        storage: Storage,
+        as_of: dt.date,
+        config: CustomersTrainingConfig,
+        champion: Callable[[], RegisteredModel | None],
+    ) -> CustomersNight:
+        snapshot = read_snapshot(storage, as_of)
+        sets = customer_sets(
+            snapshot["customer_id"], config.validation_fraction, config.test_fraction
+        )
+        view = _champion_view(champion(), snapshot)
+        return CustomersNight(storage, as_of, config, snapshot, sets, view)
+
+    def promotion_scorer(self, storage: Storage, outcome: CustomersTrainingOutcome) -> ModelScore:
+        """Return a model's silhouette on the outcome's held-out customers.
+
+        Both models segment the snapshot of the training day; the score is the silhouette of the
+        test customers' segments in the common evaluation space (model-independent, see
+        `evaluation_space`).
+        """
+        snapshot = read_snapshot(storage, as_day(outcome.as_of))
+        sets = customer_sets(
+            snapshot["customer_id"], outcome.validation_fraction, outcome.test_fraction
+        )
+        test = sets == "test"
+        space = evaluation_space(snapshot, sets)[test]
+
+        def score(model: RegisteredModel) -> float:
+            segments = model.predict(snapshot)["segment"].to_numpy()[test]
+            return segment_quality(space, segments)["silhouette"]
+
+        return score
+
+    def prepare_scoring(self, storage: Storage, as_of: dt.date) -> Predict:
+        """Return how the champion segments every customer active at `as_of`.
+
+        Rows: customer_id, segment, distance_to_centroid (in the champion's embedding).
+        """
+        snapshot = read_snapshot(storage, as_of)
+
+        def predict(champion: RegisteredModel) -> Predictions:
+            try:
+                predicted = champion.predict(snapshot)
+            except ValueError as error:
+                raise ScoringError(
+                    f"champion v{champion.version} cannot segment the {as_of} snapshot ({error}); "
+                    "rebuild features or retrain"
+                ) from None
+            scores = predicted[["customer_id", "segment", "distance_to_centroid"]]
+            return Predictions(scores, sort_by=["customer_id"])
+
+        return predict
+
+    def plan_demo(self, settings: Settings) -> list[DemoNight]:
+        return plan_customers_demo(settings)
+
+
 def build_customers_domain(config: CustomersConfig) -> Domain:
     """Return the customers domain for transaction files shaped as `config` describes."""
-    return Domain(
-        name=DOMAIN,
-        contract=customers_contract(config),
-        update_features=functools.partial(
-            update_customer_features, active_days=config.features.active_days
-        ),
-        train=train_customers,
-        promote=promote_customers,
-        score=score_customers,
-        training_config=CustomersTrainingConfig,
-        training_outcome=CustomersTrainingOutcome,
-        plan_demo=plan_customers_demo,
-    )
+    return lifecycle.bind(CustomersParts(config))
+
+
+def score_customers(storage: Storage, settings: Settings, as_of: dt.date | str) -> ScoringOutcome:
+    """Segment every customer active at `as_of` with the champion; publish the predictions."""
+    return lifecycle.score(_parts(settings), storage, settings, as_of)
+
+
+def _parts(settings: Settings) -> CustomersParts:
+    return CustomersParts(load_customers_config(settings.customers_config))
 
 
 def __getattr__(name: str) -> Domain:
