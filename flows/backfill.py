@@ -6,6 +6,7 @@ import datetime as dt
 from collections import Counter
 from typing import Annotated, Any
 
+from finpipe.flows.parameters import DomainName
 from finpipe.tasks.backfill import ingest_deliveries, process_date, update_features
 from finpipe.tasks.steps import promote, train
 from prefect import flow, get_run_logger
@@ -38,7 +39,7 @@ from finpipe.storage import Storage
 
 @flow(name="backfill", flow_run_name="backfill-{domain}-{start}-to-{end}", log_prints=True)
 def backfill(
-    domain: str = "market",
+    domain: DomainName = "market",
     *,
     start: dt.date,
     end: dt.date,

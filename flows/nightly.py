@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
+from finpipe.flows.parameters import DomainName
 from finpipe.tasks.backfill import ingest_deliveries, process_date, update_features
 from finpipe.tasks.steps import promote, train
 from prefect import flow, get_run_logger
@@ -54,7 +55,7 @@ def _scheduled_as_of(calendar_timezone: str | None, domain: str) -> dt.date:
 
 @flow(name="nightly", flow_run_name=_run_name, log_prints=True)
 def nightly(
-    domain: str = "market",
+    domain: DomainName = "market",
     as_of: dt.date | None = None,
     inputs: list[str] | None = None,
     retrain: bool = True,

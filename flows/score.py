@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+from finpipe.flows.parameters import DomainName
 from finpipe.tasks.backfill import process_date, update_features
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -22,7 +23,7 @@ def _run_name() -> str:
 
 
 @flow(name="score", flow_run_name=_run_name, log_prints=True)
-def score(domain: str = "market", as_of: dt.date | None = None) -> dict:
+def score(domain: DomainName = "market", as_of: dt.date | None = None) -> dict:
     """Score one date with the champion and publish its predictions partition.
 
     Args:

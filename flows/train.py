@@ -6,6 +6,7 @@ import datetime as dt
 from typing import Any
 
 from finpipe.flows.nightly import metrics_table
+from finpipe.flows.parameters import DomainName
 from finpipe.tasks.backfill import update_features
 from finpipe.tasks.steps import promote as promote_task
 from finpipe.tasks.steps import train as train_task
@@ -27,7 +28,7 @@ def _run_name() -> str:
 
 @flow(name="train", flow_run_name=_run_name, log_prints=True)
 def train(
-    domain: str = "market",
+    domain: DomainName = "market",
     as_of: dt.date | None = None,
     training: dict[str, Any] | None = None,
     promote: bool = True,

@@ -1,0 +1,15 @@
+"""Parameter types the flows share, as the Prefect UI's run forms show them."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field
+
+from finpipe.domains import domain_names
+
+# A drop-down of the domains registered when the flows are imported (the run forms of the
+# deployments a process serves or `prefect deploy` registers). It only shapes the form: a domain
+# registered later in the same process still runs, and `get_domain` refuses an unknown name
+# with the list of known ones.
+DomainName = Annotated[str, Field(json_schema_extra={"enum": domain_names()})]
