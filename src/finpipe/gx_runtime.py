@@ -189,7 +189,7 @@ class _GxRuntime:
         # Result keys rendered into the last docs folder, oldest first.
         self._held: collections.deque = collections.deque()
 
-    def prepare(self, spec: dict, kept: list[dict]) -> _RegisteredSuite:
+    def prepare(self, spec: Mapping[str, Any], kept: list[dict]) -> _RegisteredSuite:
         """Return the registered suite for `spec` restricted to `kept`, rebuilding it only when
         the expectations differ from the cached ones."""
         name = spec["name"]
@@ -227,7 +227,7 @@ class _GxRuntime:
         registered = _RegisteredSuite(
             signature=signature,
             validation=validation,
-            entries={e.id: entry for e, entry in zip(suite.expectations, kept, strict=True)},
+            entries={str(e.id): entry for e, entry in zip(suite.expectations, kept, strict=True)},
         )
         self._suites[name] = registered
         return registered
