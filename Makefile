@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench screenshots clean
+.PHONY: venv demo test test-fast test-flow lint bench screenshots clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,10 +24,23 @@ venv: $(STAMP)
 demo: $(STAMP)
 	FINPIPE_HOME="$${FINPIPE_HOME:-$(CURDIR)/.finpipe}" $(BIN)/finpipe demo
 
+# Every tier (README, "Tests"), on TEST_WORKERS pytest-xdist workers; the server, crash and
+# browser tests run one at a time on one of them (--dist loadgroup). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+TEST_PARALLEL = -n $(TEST_WORKERS) --dist loadgroup
+
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(TEST_PARALLEL)
+
+# The unit tier alone: pure functions, no Prefect, no MLflow store, no child process.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m unit
+
+# The flow tier alone: real Prefect local mode, MLflow on SQLite, small data.
+test-flow: $(STAMP)
+	$(BIN)/python -m pytest -m flow $(TEST_PARALLEL)
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks --domain all

@@ -1,4 +1,5 @@
-"""Shared fixtures: a temporary FINPIPE_HOME per test, offline settings, the shared sample data."""
+"""Shared fixtures (a temporary FINPIPE_HOME per test, offline settings, the sample data) and
+the test tiers: which tier each test belongs to and which tests run one at a time under xdist."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -36,12 +39,20 @@ def shared_datasets() -> Path:
     return folder
 
 
-# Prefect's local (ephemeral) mode keeps its database under PREFECT_HOME: one throwaway folder
-# for the whole test session, set before Prefect is first imported, removed when the session's
-# process exits (not by a forked crash-test child, which inherits this exit hook).
-if "PREFECT_HOME" not in os.environ:
-    os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="finpipe-prefect-")
-    atexit.register(_remove_in_owner, os.getpid(), os.environ["PREFECT_HOME"])
+# Prefect's local (ephemeral) mode keeps its SQLite database under PREFECT_HOME. Each test
+# process (the session, or each pytest-xdist worker, named by PYTEST_XDIST_WORKER) gets its own
+# throwaway folder holding PREFECT_HOME and a default FINPIPE_HOME, set before Prefect is first
+# imported: workers inherit the controller's environment, so an inherited value is replaced,
+# never shared. A developer's own PREFECT_HOME, FINPIPE_HOME or PREFECT_API_URL is not used
+# either: tests never write into a real store or talk to a real server. The folder is removed
+# when its process exits (not by a forked crash-test child, which inherits this exit hook).
+_SCRATCH = tempfile.mkdtemp(
+    prefix=f"finpipe-tests-{os.environ.get('PYTEST_XDIST_WORKER', 'main')}-"
+)
+atexit.register(_remove_in_owner, os.getpid(), _SCRATCH)
+os.environ["PREFECT_HOME"] = os.path.join(_SCRATCH, "prefect")
+os.environ["FINPIPE_HOME"] = os.path.join(_SCRATCH, "home")
+os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # The local API server gets a minute to start (default 20 s): on a busy 2-core CI machine the
 # first flow run of the session has timed out waiting for it.
@@ -77,3 +88,208 @@ def seeded_global_rngs():
     numpy = sys.modules.get("numpy")
     if numpy is not None:
         numpy.random.seed(0)
+
+
+# -- Tiers ----------------------------------------------------------------------------------
+# Every test belongs to exactly one tier, given here and not in the test files:
+#   unit  in one process, on data built in the test: no Prefect flow or task run, no MLflow
+#         store, no child process, no server. `make test-fast`: seconds.
+#   flow  real Prefect local mode, real MLflow on SQLite, Great Expectations ingest of small
+#         histories into a temporary FINPIPE_HOME, model fits on small panels, the finpipe CLI
+#         or a clean interpreter in a child process. `make test-flow`: a few minutes.
+#   e2e   real servers on ports (Prefect server, MLflow server, `finpipe serve` and `ui`), the
+#         browser, the SIGKILL crash matrix, the benchmark harness, the wheel in a fresh venv.
+# `make test` runs all three. A test marked `slow` is never unit (the table's unit becomes
+# flow for it), and every e2e test is also marked `slow`, so `-m "not slow"` keeps meaning
+# "no servers and no long runs". A test that carries a tier marker itself keeps it.
+UNIT, FLOW, E2E = "unit", "flow", "e2e"
+TIERS = (UNIT, FLOW, E2E)
+
+
+@dataclass(frozen=True)
+class ModuleTiers:
+    """The tier of a test module's tests: `default`, unless the test's function name (`by_name`,
+    parameters left off) or, failing that, a fixture it uses (`by_fixture`) names another."""
+
+    default: str
+    by_name: Mapping[str, str] = field(default_factory=dict)
+    by_fixture: Mapping[str, str] = field(default_factory=dict)
+
+    def tier_of(self, item: pytest.Item) -> str:
+        """Return the tier of `item`, a test of this module."""
+        name = getattr(item, "originalname", item.name)
+        if name in self.by_name:
+            return self.by_name[name]
+        used = getattr(item, "fixturenames", ())
+        return next((t for f, t in self.by_fixture.items() if f in used), self.default)
+
+
+# Test module (path under tests/) -> its tiers. A module missing here fails collection.
+_CHILD_PROCESS = FLOW  # a test that starts the CLI or a clean interpreter in a child process
+TIER_TABLE: dict[str, ModuleTiers] = {
+    # Pure functions, configs, storage and GX rules on frames built in the test.
+    "test_credit_config.py": ModuleTiers(UNIT),
+    "test_customers_features.py": ModuleTiers(UNIT),
+    "test_market_features.py": ModuleTiers(UNIT),
+    "test_market_model.py": ModuleTiers(UNIT),
+    "test_market_synthetic.py": ModuleTiers(UNIT),
+    "test_metrics.py": ModuleTiers(UNIT),
+    "test_reliability_gates.py": ModuleTiers(UNIT),
+    "test_repository.py": ModuleTiers(UNIT),
+    "test_storage.py": ModuleTiers(UNIT),
+    "test_training.py": ModuleTiers(
+        UNIT,
+        by_name={  # fits that take seconds each
+            "test_mlp_learns_a_linear_signal_to_a_clearly_positive_ic": FLOW,
+            "test_same_seed_gives_identical_weights_and_history": FLOW,
+            "test_early_stopping_stops_after_patience_and_restores_the_best_epoch": FLOW,
+            "test_gru_and_cnn_train_on_windows_from_a_panel": FLOW,
+        },
+    ),
+    # GX on frames built in the test; on the real sample data set it takes seconds.
+    "test_validation.py": ModuleTiers(UNIT, by_fixture={"shared_datasets": FLOW}),
+    "test_reliability_security.py": ModuleTiers(
+        UNIT, by_name={"test_cli_rejects_traversal_in_domain_before_any_work": _CHILD_PROCESS}
+    ),
+    "test_settings.py": ModuleTiers(
+        UNIT,
+        by_name={
+            "test_allocator_keeps_freed_blocks_for_reuse_unless_turned_off": _CHILD_PROCESS,
+            "test_importing_every_finpipe_module_leaves_the_environment_unchanged": _CHILD_PROCESS,
+            "test_every_flow_switches_telemetry_off_as_it_starts": _CHILD_PROCESS,
+            "test_prepare_environment_turns_telemetry_off_unless_the_user_chose": _CHILD_PROCESS,
+        },
+    ),
+    "test_cli.py": ModuleTiers(
+        UNIT,
+        by_name={
+            "test_ingest_error_is_one_line_and_exit_status_2": _CHILD_PROCESS,
+            "test_unknown_domain_is_refused": _CHILD_PROCESS,
+        },
+    ),
+    # Unit planning and locks; the flows on a prepared history (`market`) are flow.
+    "test_backfill.py": ModuleTiers(
+        UNIT,
+        by_name={
+            "test_the_new_commands_have_help": _CHILD_PROCESS,
+            "test_command_errors_are_one_line_and_exit_status_2": _CHILD_PROCESS,
+        },
+        by_fixture={"market": FLOW},
+    ),
+    # Model fits on small panels (the fitted model is module-wide).
+    "test_credit_model.py": ModuleTiers(UNIT, by_fixture={"fitted": FLOW}),
+    "test_customers_model.py": ModuleTiers(UNIT, by_fixture={"two_days": FLOW}),
+    # GX ingest of small histories into a temporary store.
+    "test_credit_ingest.py": ModuleTiers(FLOW),
+    "test_customers_ingest.py": ModuleTiers(FLOW),
+    "test_reliability_bad_input.py": ModuleTiers(FLOW),
+    "test_market_pipeline.py": ModuleTiers(FLOW),
+    "test_layout_readers.py": ModuleTiers(FLOW),
+    # Real Prefect local mode and MLflow on SQLite.
+    "test_nightly_flow.py": ModuleTiers(FLOW),
+    "test_credit_pipeline.py": ModuleTiers(FLOW),
+    "test_customers_flow.py": ModuleTiers(FLOW),
+    "test_fourth_domain.py": ModuleTiers(FLOW),
+    # Real servers, the browser, SIGKILLed children, the benchmark harness, the wheel.
+    "test_deployments.py": ModuleTiers(E2E),
+    "test_ui_browser.py": ModuleTiers(E2E),
+    "test_reliability_dependencies.py": ModuleTiers(E2E),
+    "test_reliability_crashes.py": ModuleTiers(E2E),
+    "test_bench_smoke.py": ModuleTiers(E2E),
+    "test_packaging.py": ModuleTiers(E2E),
+}
+
+# Tests that run one at a time, all on one xdist worker (`--dist loadgroup`): they start real
+# servers on ports, SIGKILL children or drive a browser, and time out on a loaded machine.
+# Module -> the test function names to serialise, or None for every test of the module.
+SERIAL_GROUP = "serial"
+SERIALISED: dict[str, frozenset[str] | None] = {
+    "test_deployments.py": None,
+    "test_ui_browser.py": None,
+    "test_reliability_dependencies.py": None,
+    "test_reliability_crashes.py": None,
+}
+
+
+# The order tests start in: the serial group, then e2e, flow and unit modules (a module's
+# tests stay together, so its module-wide fixtures are built once). The long tests start first
+# and do not end the run alone on one worker while the other waits.
+_START_ORDER = {SERIAL_GROUP: 0, E2E: 1, FLOW: 2, UNIT: 3}
+
+
+_UNTIERED = pytest.StashKey[str]()
+
+
+def _module_key(item: pytest.Item) -> str:
+    return item.path.relative_to(Path(__file__).parent).as_posix()
+
+
+def _keeps_module_fixtures_together(item: pytest.Item) -> bool:
+    """Whether `item` uses a module-wide fixture of its own module (a prepared history, a trained
+    model): all such tests then run on one worker, which builds the fixture once."""
+    module_id = item.nodeid.split("::")[0]
+    definitions = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+    return any(
+        d.scope != "function" and d.baseid == module_id
+        for defs in definitions.values()
+        for d in defs
+    )
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group markers
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Give every test its tier marker (and `slow` for e2e) and its xdist group; start the
+    long tiers first."""
+    untiered: set[str] = set()
+    rank: dict[str, int] = {}
+    for item in items:
+        module = _module_key(item)
+        own = {m.name for m in item.iter_markers() if m.name in TIERS}
+        if len(own) > 1:
+            raise pytest.UsageError(f"{item.nodeid} carries more than one tier: {sorted(own)}")
+        if own:
+            tier = own.pop()
+        elif module in TIER_TABLE:
+            tier = TIER_TABLE[module].tier_of(item)
+            if tier == UNIT and item.get_closest_marker("slow") is not None:
+                tier = FLOW
+            item.add_marker(tier)
+        else:
+            untiered.add(module)
+            rank[module] = 0
+            continue
+        if tier == E2E and item.get_closest_marker("slow") is None:
+            item.add_marker("slow")
+        serialised = module in SERIALISED and (
+            SERIALISED[module] is None
+            or getattr(item, "originalname", item.name) in SERIALISED[module]
+        )
+        if serialised:
+            item.add_marker(pytest.mark.xdist_group(SERIAL_GROUP))
+        elif _keeps_module_fixtures_together(item):
+            item.add_marker(pytest.mark.xdist_group(module))
+        order = _START_ORDER[SERIAL_GROUP if serialised else tier]
+        rank[module] = min(rank.get(module, order), order)
+    if untiered:
+        message = (
+            "no test tier for "
+            + ", ".join(sorted(untiered))
+            + ": add each module to TIER_TABLE in tests/conftest.py (unit, flow or e2e; see the"
+            " README's Tests section), or mark its tests with @pytest.mark.unit/flow/e2e"
+        )
+        if "PYTEST_XDIST_WORKER" not in os.environ:
+            raise pytest.UsageError(message)
+        # An xdist worker's collection error reaches the terminal without its message: each
+        # untiered test errors instead, selected by every tier so that no `-m` skips it.
+        for item in items:
+            if _module_key(item) in untiered:
+                item.stash[_UNTIERED] = message
+                for tier in TIERS:
+                    item.add_marker(tier)
+    items.sort(key=lambda item: rank[_module_key(item)])  # stable: the file's order within
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Error a test that has no tier (under xdist; see pytest_collection_modifyitems)."""
+    if _UNTIERED in item.stash:
+        pytest.fail(item.stash[_UNTIERED], pytrace=False)
