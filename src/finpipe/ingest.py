@@ -102,7 +102,10 @@ def read_delivery(path: Path, read_options: Mapping[str, Any] | None = None) -> 
     except (pa.ArrowInvalid, OSError) as error:
         raise InputFileError(f"{path}: cannot be read ({error})") from None
     except pd.errors.ParserError as error:
-        raise InputFileError(f"{path}: malformed CSV ({error})") from None
+        raise InputFileError(
+            f"{path}: malformed CSV ({str(error).strip()}); if the file opens with banner lines "
+            "or has comment lines, set [read] skip_rows or comment in the domain's config"
+        ) from None
     if (
         not read_options
         and len(frame.columns) == 1
