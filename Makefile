@@ -27,7 +27,7 @@ demo: $(STAMP)
 # Every tier (README, "Tests"), on TEST_WORKERS pytest-xdist workers; the server, crash and
 # browser tests run one at a time on one of them (--dist loadgroup). TEST_WORKERS=0: one process.
 TEST_WORKERS ?= 2
-TEST_PARALLEL = -n $(TEST_WORKERS) --dist loadgroup
+TEST_PARALLEL = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -211,10 +211,14 @@ SERIALISED: dict[str, frozenset[str] | None] = {
 }
 
 
-# The order tests start in: the serial group, then e2e, flow and unit modules (a module's
-# tests stay together, so its module-wide fixtures are built once). The long tests start first
-# and do not end the run alone on one worker while the other waits.
-_START_ORDER = {SERIAL_GROUP: 0, E2E: 1, FLOW: 2, UNIT: 3}
+# The order tests start in (xdist hands them out in this order with --no-loadscope-reorder):
+# the serial group, then the single tests that take minutes (`START_EARLY`), then the e2e, flow
+# and unit modules, a module's tests together so its module-wide fixtures are built once. The
+# long tests start first, so none of them ends the run alone on one worker while the other waits.
+START_EARLY: dict[str, frozenset[str]] = {
+    "test_market_pipeline.py": frozenset({"test_models_reach_half_the_oracle_ic"}),
+}
+_START_ORDER = {SERIAL_GROUP: 0, "early": 1, E2E: 2, FLOW: 3, UNIT: 4}
 
 
 _UNTIERED = pytest.StashKey[str]()
@@ -270,6 +274,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(pytest.mark.xdist_group(module))
         order = _START_ORDER[SERIAL_GROUP if serialised else tier]
         rank[module] = min(rank.get(module, order), order)
+        if getattr(item, "originalname", item.name) in START_EARLY.get(module, ()):
+            rank[item.nodeid] = _START_ORDER["early"]
     if untiered:
         message = (
             "no test tier for "
@@ -286,7 +292,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
                 item.stash[_UNTIERED] = message
                 for tier in TIERS:
                     item.add_marker(tier)
-    items.sort(key=lambda item: rank[_module_key(item)])  # stable: the file's order within
+    # Stable: the file's order within a module.
+    items.sort(key=lambda item: rank.get(item.nodeid, rank[_module_key(item)]))
 
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
