@@ -364,6 +364,11 @@ def _json_value(value: Any) -> Any:
         if math.isnan(value):
             return None
         return value if math.isfinite(value) else str(value)  # JSON has no infinity
+    return _json_moment(value)
+
+
+def _json_moment(value: Any) -> Any:
+    """A date or timestamp as `_json_value` writes it; anything else as its text."""
     if isinstance(value, dt.datetime):
         stamp = pd.Timestamp(value)
         if stamp.tzinfo is None and stamp == stamp.normalize():
