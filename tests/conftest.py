@@ -134,9 +134,11 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_market_model.py": ModuleTiers(UNIT),
     "test_market_synthetic.py": ModuleTiers(UNIT),
     "test_metrics.py": ModuleTiers(UNIT),
+    "test_portfolio.py": ModuleTiers(UNIT),
     "test_reliability_gates.py": ModuleTiers(UNIT),
     "test_repository.py": ModuleTiers(UNIT),
     "test_storage.py": ModuleTiers(UNIT),
+    "test_layout_readers.py": ModuleTiers(UNIT),  # four readers and the migration on tmp files
     "test_training.py": ModuleTiers(
         UNIT,
         by_name={  # fits that take seconds each
@@ -184,7 +186,6 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_customers_ingest.py": ModuleTiers(FLOW),
     "test_reliability_bad_input.py": ModuleTiers(FLOW),
     "test_market_pipeline.py": ModuleTiers(FLOW),
-    "test_layout_readers.py": ModuleTiers(FLOW),
     # Real Prefect local mode and MLflow on SQLite.
     "test_nightly_flow.py": ModuleTiers(FLOW),
     "test_credit_pipeline.py": ModuleTiers(FLOW),

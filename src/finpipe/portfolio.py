@@ -1,0 +1,261 @@
+"""How a market signal would have traded: daily portfolios, costs, and the metrics a quant reads.
+
+Conventions, stated once here and used by every function below:
+
+- **Timing.** A prediction for date t uses data up to the close of t. It is traded at the close
+  of the next session, t+1 (no same-day fill), and the position earns the close-to-close return
+  from t+1 to t+2. A portfolio's return is therefore dated t+2, two sessions after its signal.
+- **Returns** are simple close-to-close returns of the adjusted close, per ticker and session.
+- **Delistings.** A held name that has no return on a day (it stopped trading) earns 0 from its
+  last price on: it leaves the portfolio at that price and, with no prediction, is never
+  bought again. Nothing is dropped from the history, so there is no survivorship bias.
+- **Costs** are `cost_bps` basis points of traded value: each day's cost is
+  `cost_bps / 10_000 * sum(|w_new - w_old|)` over every name, charged on the day the new
+  weights start earning.
+- **Turnover** of a day is `sum(|w_new - w_old|) / 2`: the fraction of the book replaced (1.0
+  for a full swap of a long-only book).
+- **Annualisation** follows Qlib's `risk_analysis` in its default ("sum") mode: arithmetic, 252
+  sessions a year. Annualised return = mean daily return x 252; volatility = standard deviation
+  (ddof 1) x sqrt(252); information ratio = mean / std x sqrt(252) (a Sharpe ratio with a zero
+  risk-free rate when the returns are not relative to a benchmark); maximum drawdown = the
+  lowest point of the cumulative (summed) return below its running peak.
+- **IC** of a date is the Pearson correlation across tickers of the prediction with the return
+  it predicts (the forward return the label uses); rank IC uses ranks (Spearman). ICIR is mean
+  IC / standard deviation of IC.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import pandas as pd
+
+SESSIONS_PER_YEAR = 252
+
+
+def daily_returns(prices: pd.DataFrame, price_column: str = "adj_close") -> pd.DataFrame:
+    """Return a (date x ticker) frame of close-to-close simple returns from long-format
+    `prices` (date, ticker, `price_column`); a ticker's first session and any session after a
+    gap in its prices have no return (NaN)."""
+    wide = prices.pivot(index="date", columns="ticker", values=price_column).sort_index()
+    return wide / wide.shift(1) - 1.0
+
+
+def _wide_scores(predictions: pd.DataFrame) -> pd.DataFrame:
+    return predictions.pivot(index="date", columns="ticker", values="prediction").sort_index()
+
+
+def top_k_weights(scores: pd.Series, k: int, *, bottom: bool = False) -> pd.Series:
+    """Equal weights 1/k on the k best (or, with `bottom`, the k worst) scored names."""
+    ranked = scores.dropna().sort_values(ascending=bottom, kind="mergesort")
+    chosen = ranked.index[: min(k, len(ranked))]
+    return pd.Series(1.0 / len(chosen), index=chosen) if len(chosen) else pd.Series(dtype=float)
+
+
+def topk_dropout_holdings(
+    scores: pd.DataFrame, k: int, n_drop: int
+) -> dict[pd.Timestamp, list[str]]:
+    """Return the names held after each date's trades under a turnover limit (Qlib's
+    TopkDropout idea): hold k names; each date, the `n_drop` best-scored names not held are
+    candidates, and of the held names plus those candidates the k best-scored are kept, so at
+    most `n_drop` names are replaced a day. A held name without a score (delisted) is sold
+    first and its slot refilled."""
+    held: list[str] = []
+    out: dict[pd.Timestamp, list[str]] = {}
+    for date, row in scores.iterrows():
+        today = row.dropna()
+        kept = [name for name in held if name in today.index]
+        outside = today.drop(kept).sort_values(ascending=False, kind="mergesort")
+        vacancies = k - len(kept)
+        candidates = list(outside.index[: n_drop + max(vacancies, 0)])
+        pool = today[kept + candidates].sort_values(ascending=False, kind="mergesort")
+        held = list(pool.index[:k])
+        out[date] = held
+    return out
+
+
+@dataclass(frozen=True)
+class PortfolioResult:
+    """Daily series of one strategy, dated by the session the return was earned."""
+
+    gross: pd.Series  # return before costs
+    net: pd.Series  # return after costs
+    turnover: pd.Series  # fraction of the book replaced when these weights were set
+    benchmark: pd.Series | None  # the equal-weight universe's return, same dates
+
+    def excess(self) -> pd.Series:
+        """Net return minus the benchmark's (the net return itself without a benchmark)."""
+        return self.net if self.benchmark is None else self.net - self.benchmark
+
+
+def run_portfolio(
+    weights_by_date: Mapping[pd.Timestamp, pd.Series],
+    returns: pd.DataFrame,
+    *,
+    cost_bps: float,
+    benchmark: bool = False,
+) -> PortfolioResult:
+    """Return the daily result of holding `weights_by_date` (weights decided at each signal
+    date t) under the module's timing, cost and delisting conventions.
+
+    `returns` is the (date x ticker) frame of `daily_returns`. Weights of signal date t earn
+    the return of the session two after t; signals too late to earn a return are ignored.
+    """
+    sessions = list(returns.index)
+    position = {date: i for i, date in enumerate(sessions)}
+    previous = pd.Series(dtype=float)
+    gross, net, turnover, universe = {}, {}, {}, {}
+    for signal_date in sorted(weights_by_date):
+        index = position.get(signal_date)
+        if index is None or index + 2 >= len(sessions):
+            continue
+        earned = sessions[index + 2]
+        weights = weights_by_date[signal_date]
+        traded = weights.sub(previous, fill_value=0.0).abs().sum()
+        day = returns.loc[earned]
+        held = day.reindex(weights.index).fillna(0.0)  # delisted: earns 0 from its last price
+        gross[earned] = float((weights * held).sum())
+        net[earned] = gross[earned] - cost_bps / 10_000.0 * float(traded)
+        turnover[earned] = float(traded) / 2.0
+        universe[earned] = float(day.dropna().mean()) if day.notna().any() else 0.0
+        # weights drift with their returns until the next rebalance sets them again
+        grown = weights * (1.0 + held)
+        total = grown.abs().sum()
+        previous = grown / total * weights.abs().sum() if total > 0 else grown
+    as_series = lambda values: pd.Series(values, dtype=float).sort_index()  # noqa: E731
+    return PortfolioResult(
+        gross=as_series(gross),
+        net=as_series(net),
+        turnover=as_series(turnover),
+        benchmark=as_series(universe) if benchmark else None,
+    )
+
+
+def long_short(
+    predictions: pd.DataFrame, returns: pd.DataFrame, *, k: int, cost_bps: float
+) -> PortfolioResult:
+    """Long the k best-scored names and short the k worst, equal weight (1/k a side), daily."""
+    scores = _wide_scores(predictions)
+    weights = {
+        date: top_k_weights(row, k).sub(top_k_weights(row, k, bottom=True), fill_value=0.0)
+        for date, row in scores.iterrows()
+    }
+    return run_portfolio(weights, returns, cost_bps=cost_bps)
+
+
+def long_only(
+    predictions: pd.DataFrame,
+    returns: pd.DataFrame,
+    *,
+    k: int,
+    cost_bps: float,
+    n_drop: int | None = None,
+) -> PortfolioResult:
+    """Long the k best-scored names, equal weight, against the equal-weight universe; with
+    `n_drop`, at most that many names are replaced a day (`topk_dropout_holdings`)."""
+    scores = _wide_scores(predictions)
+    if n_drop is None:
+        weights = {date: top_k_weights(row, k) for date, row in scores.iterrows()}
+    else:
+        weights = {
+            date: pd.Series(1.0 / len(names), index=names) if names else pd.Series(dtype=float)
+            for date, names in topk_dropout_holdings(scores, k, n_drop).items()
+        }
+    return run_portfolio(weights, returns, cost_bps=cost_bps, benchmark=True)
+
+
+@dataclass(frozen=True)
+class RiskFigures:
+    """Qlib-style risk analysis of a daily return series (see the module's conventions)."""
+
+    annualised_return: float
+    annualised_volatility: float
+    information_ratio: float
+    max_drawdown: float
+    hit_rate: float
+    sessions: int
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+
+def risk_figures(daily: pd.Series) -> RiskFigures:
+    """Annualised return and volatility, information ratio, maximum drawdown and hit rate."""
+    values = daily.dropna().astype(float)
+    if len(values) < 2:
+        nan = float("nan")
+        return RiskFigures(nan, nan, nan, nan, nan, len(values))
+    mean, std = float(values.mean()), float(values.std(ddof=1))
+    cumulative = values.cumsum()
+    drawdown = float((cumulative - cumulative.cummax()).min())
+    return RiskFigures(
+        annualised_return=mean * SESSIONS_PER_YEAR,
+        annualised_volatility=std * math.sqrt(SESSIONS_PER_YEAR),
+        information_ratio=mean / std * math.sqrt(SESSIONS_PER_YEAR) if std > 0 else float("nan"),
+        max_drawdown=min(drawdown, 0.0),
+        hit_rate=float((values > 0).mean()),
+        sessions=len(values),
+    )
+
+
+def information_coefficients(
+    predictions: pd.DataFrame, forward_returns: pd.DataFrame
+) -> pd.DataFrame:
+    """Per date: IC, rank IC and the number of names, from long-format `predictions` (date,
+    ticker, prediction) and `forward_returns` (date, ticker, forward_return: the return the
+    prediction of that date is about)."""
+    joined = predictions.merge(forward_returns, on=["date", "ticker"]).dropna(
+        subset=["prediction", "forward_return"]
+    )
+    rows = []
+    for date, day in joined.groupby("date", sort=True):
+        if len(day) < 3:
+            continue
+        ic = day["prediction"].corr(day["forward_return"])
+        rank_ic = day["prediction"].rank().corr(day["forward_return"].rank())
+        rows.append({"date": date, "ic": ic, "rank_ic": rank_ic, "names": len(day)})
+    return pd.DataFrame(rows, columns=["date", "ic", "rank_ic", "names"])
+
+
+def ic_by_year(daily_ic: pd.DataFrame) -> pd.DataFrame:
+    """Mean IC, mean rank IC and ICIR (mean / std of the daily IC) per calendar year."""
+    by_year = daily_ic.assign(year=pd.to_datetime(daily_ic["date"]).dt.year).groupby("year")
+    summary = by_year.agg(ic=("ic", "mean"), rank_ic=("rank_ic", "mean"), dates=("ic", "size"))
+    summary["icir"] = by_year["ic"].mean() / by_year["ic"].std(ddof=1)
+    return summary.reset_index()
+
+
+def return_by_decile(
+    predictions: pd.DataFrame, forward_returns: pd.DataFrame, deciles: int = 10
+) -> pd.Series:
+    """Mean forward return of each prediction decile (1 = lowest predictions), averaged over
+    dates so every date counts once."""
+    joined = predictions.merge(forward_returns, on=["date", "ticker"]).dropna(
+        subset=["prediction", "forward_return"]
+    )
+
+    def per_date(day: pd.DataFrame) -> pd.Series:
+        ranks = day["prediction"].rank(method="first")
+        bucket = np.ceil(ranks / len(day) * deciles).astype(int).clip(1, deciles)
+        return day["forward_return"].groupby(bucket).mean()
+
+    table = pd.DataFrame({date: per_date(day) for date, day in joined.groupby("date")}).T
+    return table.mean().rename_axis("decile").rename("mean_forward_return")
+
+
+def summarise(results: Mapping[str, PortfolioResult]) -> pd.DataFrame:
+    """One row per strategy: its net risk figures, mean turnover, and (with a benchmark) the
+    risk figures of its excess return over the benchmark."""
+    rows = []
+    for name, result in results.items():
+        row: dict[str, object] = {"strategy": name, **risk_figures(result.net).to_dict()}
+        row["mean_turnover"] = float(result.turnover.mean()) if len(result.turnover) else 0.0
+        if result.benchmark is not None:
+            excess = risk_figures(result.excess())
+            row["excess_return"] = excess.annualised_return
+            row["excess_information_ratio"] = excess.information_ratio
+        rows.append(row)
+    return pd.DataFrame(rows)
