@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import ClassVar, Self
 
 import torch
 from torch import nn
@@ -61,3 +62,33 @@ def load_weights(net: nn.Module, directory: Path) -> nn.Module:
     state = torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     net.load_state_dict(state)
     return net.eval()
+
+
+class SavesNetAndMetadata:
+    """Mixed into each domain's fitted model: the folder it saves and reads back.
+
+    `save` writes `net` and `to_dict()` with the training history; `load` reads the folder and
+    rebuilds the model with the class's `from_saved(data, directory)`.
+    """
+
+    saved_as: ClassVar[str]  # the model's name in messages about its folder
+    net: nn.Module
+    history: list[dict]
+    best_epoch: int
+
+    def to_dict(self) -> dict:
+        raise NotImplementedError
+
+    @classmethod
+    def from_saved(cls, data: dict, directory: Path) -> Self:
+        raise NotImplementedError
+
+    def save(self, directory: Path) -> None:
+        """Write `weights.pt` (state dict) and `model.json` (the rest) into `directory`."""
+        trained = {"history": self.history, "best_epoch": self.best_epoch}
+        save_model_files(directory, self.net, {**self.to_dict(), **trained})
+
+    @classmethod
+    def load(cls, directory: Path) -> Self:
+        """Read a model written by `save`; the net comes back on CPU in eval mode."""
+        return cls.from_saved(read_model_metadata(directory, cls.saved_as), Path(directory))

@@ -422,3 +422,25 @@ class Storage:
             return []
         records = [json.loads(p.read_text()) for p in folder.glob("*.json")]
         return sorted(records, key=lambda r: (r.get("landed_at", ""), r["sha256"]))
+
+    # -- reference data ------------------------------------------------------------------
+    def reference_file(self, domain: str, name: str) -> Path:
+        """reference/<domain>/<name>.parquet: data kept beside a domain's layers for reporting
+        only, e.g. a synthetic data set's planted truth (never read by training or scoring)."""
+        return self.root / "reference" / check_name(domain) / f"{check_name(name, 'name')}.parquet"
+
+    def write_reference(self, domain: str, name: str, frame: pd.DataFrame) -> Path:
+        """Keep `frame` as the domain's reference `name`, replaced atomically; return its path."""
+        sink = pa.BufferOutputStream()
+        pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+        path = self.reference_file(domain, name)
+        write_bytes_atomic(path, sink.getvalue().to_pybytes())
+        return path
+
+    def read_reference(
+        self, domain: str, name: str, filters: list[tuple[str, str, object]] | None = None
+    ) -> pd.DataFrame | None:
+        """Return the domain's reference `name` (the rows pyarrow `filters` keep), or None when
+        it was never written."""
+        path = self.reference_file(domain, name)
+        return pd.read_parquet(path, filters=filters) if path.exists() else None

@@ -36,12 +36,21 @@ over the ticker's own rows, NaN where row t+h is not in the frame.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import datetime as dt
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
 
-from finpipe.market.schema import price_column
+from finpipe.errors import ScoringError
+from finpipe.features import FeatureUpdate, PartitionWriter, features_are_stale
+from finpipe.ingest import BATCH_COLUMN
+from finpipe.market.schema import CANONICAL_COLUMNS, DOMAIN, price_column
+from finpipe.storage import Storage, as_day
+
+KEY_COLUMNS = ["date", "ticker"]
 
 RETURN_WINDOWS = (1, 5, 20, 60)
 MOVING_AVERAGE_WINDOWS = (5, 20, 60)
@@ -426,3 +435,163 @@ def _cross_sectional_rank(
     out = ranked.reshape(-1)[slots]
     out[missing] = np.nan
     return out
+
+
+# -- the training frame: features joined with the labels known at the as-of date ---------
+def load_training_frame(
+    storage: Storage,
+    as_of: dt.date,
+    horizon: int,
+    start: dt.date | None = None,
+    *,
+    history_dates: int | None = None,
+) -> pd.DataFrame:
+    """Return features joined with forward-return labels known at `as_of`.
+
+    Labels come from validated prices up to `as_of` only, so a label at t exists only when
+    t + h is on or before `as_of`: nothing from after the as-of date leaks into training.
+    With `history_dates`, only the last that many feature dates are read (and the prices from
+    the first of them on), so memory follows the training window, not the whole history.
+    """
+    if history_dates:
+        window = storage.partition_dates("features", DOMAIN, start=start, end=as_of)
+        start = window[-history_dates] if len(window) > history_dates else start
+    features = storage.read_partitions("features", DOMAIN, start=start, end=as_of)
+    if features.empty:
+        raise ScoringError(f"no feature partitions up to {as_of}; run the features step first")
+    prices = storage.read_partitions("validated", DOMAIN, start=start, end=as_of)
+    labels = build_market_labels(prices.drop(columns=[BATCH_COLUMN], errors="ignore"), horizon)
+    frame = features.merge(labels, on=KEY_COLUMNS, how="left")
+    return frame.sort_values(KEY_COLUMNS, kind="stable").reset_index(drop=True)
+
+
+def feature_columns_of(frame: pd.DataFrame) -> list[str]:
+    """Return the model inputs: every column except keys and labels."""
+    return [
+        c
+        for c in frame.columns
+        if c not in KEY_COLUMNS
+        and not c.startswith(("forward_return_", "direction_"))
+        and c != BATCH_COLUMN
+    ]
+
+
+# -- the nightly feature step: which dates, read with their lookback, published in blocks --
+def dates_needing_features(
+    storage: Storage, as_of: dt.date, rebuild: bool = False
+) -> list[dt.date]:
+    """Return validated dates up to `as_of` whose feature partition is missing or stale.
+
+    Features at t depend on the previous FEATURE_LOOKBACK_DAYS rows, so once one date is
+    missing or older than its validated data, every later date is recomputed too; that keeps
+    an incremental run identical to a full rebuild.
+    """
+    validated = storage.partition_dates("validated", DOMAIN, end=as_of)
+    if rebuild:
+        return validated
+    done = set(storage.partition_dates("features", DOMAIN, end=as_of))
+    for i, day in enumerate(validated):
+        if day not in done:
+            return validated[i:]
+        if features_are_stale(storage, DOMAIN, day):
+            return validated[i:]
+    return []
+
+
+def update_market_features(
+    storage: Storage,
+    as_of: dt.date | str,
+    *,
+    rebuild: bool = False,
+    block_dates: int = 500,
+    progress: Callable[[str], None] | None = None,
+) -> FeatureUpdate:
+    """Compute and publish feature partitions for every date that needs them, up to `as_of`.
+
+    Works in blocks of `block_dates` dates, so memory stays bounded however long the history
+    is. The first block is read with just the lookback history it needs; each later block
+    carries the last FEATURE_LOOKBACK_DAYS rows of every ticker over from the block before
+    instead of reading them again (exactly the rows its features depend on, however long a
+    ticker paused). A block's partitions are written by threads while the next one is built.
+    """
+    started = time.perf_counter()
+    as_of = as_day(as_of)
+    todo = dates_needing_features(storage, as_of, rebuild)
+    update = FeatureUpdate()
+    if not todo:
+        return update
+    validated = storage.partition_dates("validated", DOMAIN, end=as_of)
+    position = {day: i for i, day in enumerate(validated)}
+    blocks = [todo[i : i + block_dates] for i in range(0, len(todo), block_dates)]
+    first = position[blocks[0][0]]
+    window = validated[max(0, first - 2 * FEATURE_LOOKBACK_DAYS) : position[blocks[0][-1]] + 1]
+    prices = _read_with_lookback(storage, validated, window, blocks[0][0])
+    built = 0
+    # One thread reads block n + 1 and a few write block n - 1 while block n is built.
+    with PartitionWriter(storage, DOMAIN, update) as writer, ThreadPoolExecutor(1) as reader:
+        for number, block in enumerate(blocks):
+            ahead = None
+            if number + 1 < len(blocks):  # every validated date after this block, up to the next
+                days = validated[position[block[-1]] + 1 : position[blocks[number + 1][-1]] + 1]
+                ahead = reader.submit(  # the price columns, not each row's batch id
+                    storage.read_partitions,
+                    "validated",
+                    DOMAIN,
+                    days=days,
+                    columns=CANONICAL_COLUMNS,
+                )
+            features = build_market_features(prices)
+            if not update.skipped_features:
+                update.skipped_features = skipped_market_features(prices.columns)
+            first_row = features["date"].searchsorted(pd.Timestamp(block[0]))  # sorted by date
+            writer.publish(features.iloc[first_row:])
+            built += len(block)
+            if progress:
+                progress(f"features: {built}/{len(todo)} dates built")
+            if ahead is not None:
+                carried = _last_rows_per_ticker(prices, FEATURE_LOOKBACK_DAYS)
+                prices = pd.concat([carried, ahead.result()], ignore_index=True)
+    update.seconds = round(time.perf_counter() - started, 3)
+    return update
+
+
+def _last_rows_per_ticker(prices: pd.DataFrame, rows: int) -> pd.DataFrame:
+    """Return each ticker's last `rows` rows by date, in date order (a grouped `tail`, which
+    pandas runs several times slower than this)."""
+    if not prices["date"].is_monotonic_increasing:
+        prices = prices.sort_values("date", kind="stable")
+    code, _ = pd.factorize(prices["ticker"])
+    by_ticker = np.argsort(code, kind="stable")  # each ticker's rows, oldest first
+    counts = np.bincount(code)
+    starts = np.cumsum(counts) - counts
+    from_end = np.repeat(starts + counts, counts) - np.arange(len(code))  # 1 = the ticker's last
+    keep = np.zeros(len(code), dtype=bool)
+    keep[by_ticker] = from_end <= rows
+    return prices[keep]
+
+
+def _read_with_lookback(
+    storage: Storage, validated: list[dt.date], window: list[dt.date], block_start: dt.date
+) -> pd.DataFrame:
+    """Read `window`, widening it until every ticker has its full lookback before the block.
+
+    A ticker that paused trading needs more calendar dates than the window holds; one that
+    listed recently cannot have more rows, which shows as the window reaching its first date.
+    """
+    while True:
+        prices = storage.read_partitions(
+            "validated", DOMAIN, days=window, columns=CANONICAL_COLUMNS
+        )
+        if window[0] == validated[0]:
+            return prices
+        before = prices[prices["date"] < pd.Timestamp(block_start)]
+        rows_before = before.groupby("ticker").size()
+        in_block = prices.loc[prices["date"] >= pd.Timestamp(block_start), "ticker"].unique()
+        short = [t for t in in_block if rows_before.get(t, 0) < FEATURE_LOOKBACK_DAYS]
+        # A ticker whose first row is inside the window listed recently: nothing earlier exists.
+        first_seen = before.groupby("ticker")["date"].min()
+        short = [t for t in short if t in first_seen and first_seen[t] == pd.Timestamp(window[0])]
+        if not short:
+            return prices
+        start = validated.index(window[0])
+        window = validated[max(0, start - len(window)) : validated.index(window[-1]) + 1]

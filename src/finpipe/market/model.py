@@ -24,7 +24,7 @@ import torch
 from pydantic import BaseModel, Field
 from torch import nn
 
-from finpipe.model_files import load_weights, read_model_metadata, save_model_files
+from finpipe.model_files import SavesNetAndMetadata, load_weights
 from finpipe.nets import build_net
 from finpipe.training import (
     Batches,
@@ -104,7 +104,7 @@ def _targets(frame: pd.DataFrame, label: str, target: Target) -> np.ndarray:
 
 
 @dataclass
-class FittedMarketModel:
+class FittedMarketModel(SavesNetAndMetadata):
     """A trained net plus everything needed to score a feature frame the same way again.
 
     `target` says what the net was trained on: "return" (the label; predictions are forward
@@ -113,6 +113,8 @@ class FittedMarketModel:
     after subtracting `target_mean` (fitted on train dates); `predict` undoes that, so the
     losses in `history` are in those scaled units (an MSE of 1.0 = predicting the mean).
     """
+
+    saved_as = "market"
 
     net: nn.Module
     config: TrainConfig
@@ -181,18 +183,10 @@ class FittedMarketModel:
             "target": self.target,
             "target_mean": self.target_mean,
             "target_std": self.target_std,
-            "best_epoch": self.best_epoch,
-            "history": self.history,
         }
 
-    def save(self, directory: Path) -> None:
-        """Write `weights.pt` (state dict) and `model.json` (the rest) into `directory`."""
-        save_model_files(directory, self.net, self.to_dict())
-
     @classmethod
-    def load(cls, directory: Path) -> FittedMarketModel:
-        """Read a model written by `save`; the net comes back on CPU in eval mode."""
-        data = read_model_metadata(directory, "market")
+    def from_saved(cls, data: dict, directory: Path) -> FittedMarketModel:
         config = TrainConfig.from_params(data["config"])
         net = load_weights(build_net(config, len(data["feature_columns"])), directory)
         return cls(

@@ -1,45 +1,37 @@
-"""The market domain's pipeline steps: ingest contract, incremental features, training, scoring.
+"""The market domain's own parts, run by the shared lifecycle (`finpipe.lifecycle`).
 
-Each step is a plain function over a `Storage` and `Settings`; Prefect tasks in `finpipe.tasks`
-wrap them one to one.
+The raw contract; a training night that fits the configured nets (MLP, GRU, CNN) on an
+embargoed time split, picks one on validation IC and reports the planted signal's IC when a
+synthetic panel kept one; promotion on the test window's IC; scoring of one date's tickers.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import logging
-import time
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
 
 from finpipe import lifecycle, plots
-from finpipe.domains import ChallengerOutcome, DemoNight, demo_nights
+from finpipe.domains import ChallengerOutcome, DemoNight
 from finpipe.errors import ScoringError
-from finpipe.features import FeatureUpdate, PartitionWriter, features_are_stale
-from finpipe.ingest import BATCH_COLUMN, RawContract
-from finpipe.lifecycle import (
-    Candidate,
-    EpochLogger,
-    ModelScore,
-    Predict,
-    Predictions,
-    RunRecord,
-    Say,
-    TrainingData,
-)
+from finpipe.features import FeatureUpdate
+from finpipe.ingest import RawContract
+from finpipe.lifecycle import Candidate, Predictions, RunRecord, TrainingData
 from finpipe.market.features import (
-    FEATURE_LOOKBACK_DAYS,
-    build_market_features,
-    build_market_labels,
-    skipped_market_features,
+    KEY_COLUMNS,
+    feature_columns_of,
+    load_training_frame,
+    update_market_features,
 )
 from finpipe.market.model import FittedMarketModel, MarketTrainingConfig, fit_market_model
 from finpipe.market.quality import add_market_checks_columns
-from finpipe.market.schema import CANONICAL_COLUMNS, DOMAIN, normalise_market_frame, price_column
+from finpipe.market.schema import DOMAIN, normalise_market_frame, price_column
+from finpipe.market.synthetic import ORACLE, plan_market_demo
+from finpipe.market.synthetic import write_oracle as write_oracle
 from finpipe.metrics import market_metrics, per_date_ic
 from finpipe.settings import Settings
 from finpipe.storage import Storage, as_day
@@ -48,9 +40,7 @@ from finpipe.training import TimeSplit, time_split
 
 log = logging.getLogger("finpipe.market")
 
-KEY_COLUMNS = ["date", "ticker"]
 MODEL_LOADER = "finpipe.market.model:FittedMarketModel"
-ORACLE = "oracle"  # reference/market/oracle.parquet: the planted signal
 
 
 # -- ingest --------------------------------------------------------------------------------
@@ -88,127 +78,6 @@ MARKET_CONTRACT = RawContract(
 )
 
 
-# -- features ------------------------------------------------------------------------------
-def dates_needing_features(
-    storage: Storage, as_of: dt.date, rebuild: bool = False
-) -> list[dt.date]:
-    """Return validated dates up to `as_of` whose feature partition is missing or stale.
-
-    Features at t depend on the previous FEATURE_LOOKBACK_DAYS rows, so once one date is
-    missing or older than its validated data, every later date is recomputed too; that keeps
-    an incremental run identical to a full rebuild.
-    """
-    validated = storage.partition_dates("validated", DOMAIN, end=as_of)
-    if rebuild:
-        return validated
-    done = set(storage.partition_dates("features", DOMAIN, end=as_of))
-    for i, day in enumerate(validated):
-        if day not in done:
-            return validated[i:]
-        if features_are_stale(storage, DOMAIN, day):
-            return validated[i:]
-    return []
-
-
-def update_market_features(
-    storage: Storage,
-    as_of: dt.date | str,
-    *,
-    rebuild: bool = False,
-    block_dates: int = 500,
-    progress: Callable[[str], None] | None = None,
-) -> FeatureUpdate:
-    """Compute and publish feature partitions for every date that needs them, up to `as_of`.
-
-    Works in blocks of `block_dates` dates, so memory stays bounded however long the history
-    is. The first block is read with just the lookback history it needs; each later block
-    carries the last FEATURE_LOOKBACK_DAYS rows of every ticker over from the block before
-    instead of reading them again (exactly the rows its features depend on, however long a
-    ticker paused). A block's partitions are written by threads while the next one is built.
-    """
-    started = time.perf_counter()
-    as_of = as_day(as_of)
-    todo = dates_needing_features(storage, as_of, rebuild)
-    update = FeatureUpdate()
-    if not todo:
-        return update
-    validated = storage.partition_dates("validated", DOMAIN, end=as_of)
-    position = {day: i for i, day in enumerate(validated)}
-    blocks = [todo[i : i + block_dates] for i in range(0, len(todo), block_dates)]
-    first = position[blocks[0][0]]
-    window = validated[max(0, first - 2 * FEATURE_LOOKBACK_DAYS) : position[blocks[0][-1]] + 1]
-    prices = _read_with_lookback(storage, validated, window, blocks[0][0])
-    built = 0
-    # One thread reads block n + 1 and a few write block n - 1 while block n is built.
-    with PartitionWriter(storage, DOMAIN, update) as writer, ThreadPoolExecutor(1) as reader:
-        for number, block in enumerate(blocks):
-            ahead = None
-            if number + 1 < len(blocks):  # every validated date after this block, up to the next
-                days = validated[position[block[-1]] + 1 : position[blocks[number + 1][-1]] + 1]
-                ahead = reader.submit(  # the price columns, not each row's batch id
-                    storage.read_partitions,
-                    "validated",
-                    DOMAIN,
-                    days=days,
-                    columns=CANONICAL_COLUMNS,
-                )
-            features = build_market_features(prices)
-            if not update.skipped_features:
-                update.skipped_features = skipped_market_features(prices.columns)
-            first_row = features["date"].searchsorted(pd.Timestamp(block[0]))  # sorted by date
-            writer.publish(features.iloc[first_row:])
-            built += len(block)
-            if progress:
-                progress(f"features: {built}/{len(todo)} dates built")
-            if ahead is not None:
-                carried = _last_rows_per_ticker(prices, FEATURE_LOOKBACK_DAYS)
-                prices = pd.concat([carried, ahead.result()], ignore_index=True)
-    update.seconds = round(time.perf_counter() - started, 3)
-    return update
-
-
-def _last_rows_per_ticker(prices: pd.DataFrame, rows: int) -> pd.DataFrame:
-    """Return each ticker's last `rows` rows by date, in date order (a grouped `tail`, which
-    pandas runs several times slower than this)."""
-    if not prices["date"].is_monotonic_increasing:
-        prices = prices.sort_values("date", kind="stable")
-    code, _ = pd.factorize(prices["ticker"])
-    by_ticker = np.argsort(code, kind="stable")  # each ticker's rows, oldest first
-    counts = np.bincount(code)
-    starts = np.cumsum(counts) - counts
-    from_end = np.repeat(starts + counts, counts) - np.arange(len(code))  # 1 = the ticker's last
-    keep = np.zeros(len(code), dtype=bool)
-    keep[by_ticker] = from_end <= rows
-    return prices[keep]
-
-
-def _read_with_lookback(
-    storage: Storage, validated: list[dt.date], window: list[dt.date], block_start: dt.date
-) -> pd.DataFrame:
-    """Read `window`, widening it until every ticker has its full lookback before the block.
-
-    A ticker that paused trading needs more calendar dates than the window holds; one that
-    listed recently cannot have more rows, which shows as the window reaching its first date.
-    """
-    while True:
-        prices = storage.read_partitions(
-            "validated", DOMAIN, days=window, columns=CANONICAL_COLUMNS
-        )
-        if window[0] == validated[0]:
-            return prices
-        before = prices[prices["date"] < pd.Timestamp(block_start)]
-        rows_before = before.groupby("ticker").size()
-        in_block = prices.loc[prices["date"] >= pd.Timestamp(block_start), "ticker"].unique()
-        short = [t for t in in_block if rows_before.get(t, 0) < FEATURE_LOOKBACK_DAYS]
-        # A ticker whose first row is inside the window listed recently: nothing earlier exists.
-        first_seen = before.groupby("ticker")["date"].min()
-        short = [t for t in short if t in first_seen and first_seen[t] == pd.Timestamp(window[0])]
-        if not short:
-            return prices
-        start = validated.index(window[0])
-        window = validated[max(0, start - len(window)) : validated.index(window[-1]) + 1]
-
-
 # -- training ------------------------------------------------------------------------------
 @dataclass
 class TrainingOutcome(ChallengerOutcome):
@@ -221,44 +90,6 @@ class TrainingOutcome(ChallengerOutcome):
     train_rows: int
     first_date: str
     last_date: str
-
-
-def load_training_frame(
-    storage: Storage,
-    as_of: dt.date,
-    horizon: int,
-    start: dt.date | None = None,
-    *,
-    history_dates: int | None = None,
-) -> pd.DataFrame:
-    """Return features joined with forward-return labels known at `as_of`.
-
-    Labels come from validated prices up to `as_of` only, so a label at t exists only when
-    t + h is on or before `as_of`: nothing from after the as-of date leaks into training.
-    With `history_dates`, only the last that many feature dates are read (and the prices from
-    the first of them on), so memory follows the training window, not the whole history.
-    """
-    if history_dates:
-        window = storage.partition_dates("features", DOMAIN, start=start, end=as_of)
-        start = window[-history_dates] if len(window) > history_dates else start
-    features = storage.read_partitions("features", DOMAIN, start=start, end=as_of)
-    if features.empty:
-        raise ScoringError(f"no feature partitions up to {as_of}; run the features step first")
-    prices = storage.read_partitions("validated", DOMAIN, start=start, end=as_of)
-    labels = build_market_labels(prices.drop(columns=[BATCH_COLUMN], errors="ignore"), horizon)
-    frame = features.merge(labels, on=KEY_COLUMNS, how="left")
-    return frame.sort_values(KEY_COLUMNS, kind="stable").reset_index(drop=True)
-
-
-def feature_columns_of(frame: pd.DataFrame) -> list[str]:
-    """Return the model inputs: every column except keys and labels."""
-    return [
-        c
-        for c in frame.columns
-        if c not in KEY_COLUMNS
-        and not c.startswith(("forward_return_", "direction_"))
-        and c != BATCH_COLUMN
-    ]
 
 
 @dataclass
@@ -309,7 +140,7 @@ class MarketNight:
     def candidates(self) -> list[str]:
         return list(self.config.models)
 
-    def fit(self, kind: str, on_epoch: EpochLogger, say: Say) -> Candidate:
+    def fit(self, kind: str, on_epoch: lifecycle.EpochLogger, say: lifecycle.Say) -> Candidate:
         frame, features, split, config = self.frame, self.features, self.split, self.config
         say(f"training {kind} on {len(frame):,} rows, {len(features)} features")
         train_config = config.train_config(kind)
@@ -347,7 +178,7 @@ class MarketNight:
             test_predictions=test["prediction"].to_numpy(),
         )
 
-    def conclude(self, fitted: Mapping[str, Candidate], say: Say) -> RunRecord:
+    def conclude(self, fitted: Mapping[str, Candidate], say: lifecycle.Say) -> RunRecord:
         """The planted signal's IC on the test window, when a synthetic oracle is present."""
         test_window = self.frame[self.frame["date"].isin(self.split.test_dates)]
         oracle = _oracle_ic(self.storage, test_window, self.config.label)
@@ -401,8 +232,8 @@ def _oracle_ic(storage: Storage, test_window: pd.DataFrame, label: str) -> float
     """Return the planted signal's IC on the test window, when a synthetic oracle is present."""
     # Only the test window's rows: the oracle covers the whole history.
     first, last = test_window["date"].min(), test_window["date"].max()
-    oracle = lifecycle.read_reference(
-        storage, DOMAIN, ORACLE, filters=[("date", ">=", first), ("date", "<=", last)]
+    oracle = storage.read_reference(
+        DOMAIN, ORACLE, filters=[("date", ">=", first), ("date", "<=", last)]
     )
     if oracle is None:
         return None
@@ -411,36 +242,6 @@ def _oracle_ic(storage: Storage, test_window: pd.DataFrame, label: str) -> float
         return None
     joined = joined.rename(columns={"expected_forward_return": "prediction"})
     return float(market_metrics(joined, label=label)["ic"])
-
-
-# -- reference data and the demo ----------------------------------------------------------
-def write_oracle(storage: Storage, oracle: pd.DataFrame) -> None:
-    """Keep a synthetic panel's planted signal beside the data, for oracle-IC reporting."""
-    lifecycle.write_reference(storage, DOMAIN, ORACLE, oracle)
-
-
-def plan_market_demo(
-    settings: Settings, *, tickers: int = 40, days: int = 700, nights: int = 3, seed: int = 7
-) -> list[DemoNight]:
-    """Write a synthetic panel as vendor files and return the nights the demo runs.
-
-    The first night loads the history file and the first daily file; each later night one
-    daily file. The planted signal is kept under reference/ for oracle-IC reporting.
-    """
-    from finpipe.market.synthetic import (
-        MarketSyntheticConfig,
-        generate_market_panel,
-        write_vendor_files,
-    )
-
-    panel = generate_market_panel(MarketSyntheticConfig(tickers=tickers, days=days, seed=seed))
-    drop = settings.home / "vendor_drop" / DOMAIN
-    files = write_vendor_files(panel.prices, drop, daily_files=nights)
-    write_oracle(Storage(settings.home), panel.expected_return)
-    log.info("generated %s rows in %s (oracle IC %.4f)", len(panel.prices), drop, panel.oracle_ic())
-    return demo_nights(
-        files, lambda daily: daily.stem.removeprefix("market_"), training={"max_epochs": 12}
-    )
 
 
 @dataclass(frozen=True)
@@ -455,7 +256,7 @@ class MarketParts:
     nested_runs: bool = True
 
     def update_features(
-        self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: Say | None
+        self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: lifecycle.Say | None
     ) -> FeatureUpdate:
         return update_market_features(storage, as_of, rebuild=rebuild, progress=progress)
 
@@ -484,7 +285,7 @@ class MarketParts:
         )
         return MarketNight(storage, as_of, config, frame, feature_columns_of(frame), split, embargo)
 
-    def promotion_scorer(self, storage: Storage, outcome: TrainingOutcome) -> ModelScore:
+    def promotion_scorer(self, storage: Storage, outcome: TrainingOutcome) -> lifecycle.ModelScore:
         """Return a model's promotion metric on the outcome's test window, rebuilt from storage
         (with the history before it that a sequence model's lookback reads)."""
         test_start, test_end = as_day(outcome.test_start), as_day(outcome.test_end)
@@ -502,7 +303,7 @@ class MarketParts:
 
         return score
 
-    def prepare_scoring(self, storage: Storage, as_of: dt.date) -> Predict:
+    def prepare_scoring(self, storage: Storage, as_of: dt.date) -> lifecycle.Predict:
         """Return how the champion scores every ticker of `as_of`.
 
         The champion sees the feature rows of the last few dates (its sequence lookback) up to

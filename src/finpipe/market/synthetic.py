@@ -43,6 +43,7 @@ on the first 60% of dates reaches most of it out of sample, so the signal is lea
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import tempfile
 from collections.abc import Sequence
@@ -64,8 +65,12 @@ from pandas.tseries.holiday import (
     sunday_to_monday,
 )
 
+from finpipe.domains import DemoNight, demo_nights
 from finpipe.errors import ConfigError
 from finpipe.market.features import build_market_labels
+from finpipe.market.schema import DOMAIN
+from finpipe.settings import Settings
+from finpipe.storage import Storage
 
 DEFECT_KINDS = ("nan", "non_positive_price", "duplicate_key", "high_below_low", "stale_price")
 
@@ -88,6 +93,9 @@ _SIGNAL_HISTORY_ROWS = 60  # rows of a ticker's own history the planted score ne
 _MOMENTUM_WEIGHT = 0.5
 _MIN_LISTED_ROWS = 120  # a late listing or early delisting still leaves this many rows
 _STALE_RUN_MIN_ROWS = 10
+
+log = logging.getLogger("finpipe.market")
+ORACLE = "oracle"  # reference/market/oracle.parquet: the planted signal
 
 
 class _ExchangeCalendar(AbstractHolidayCalendar):
@@ -527,3 +535,27 @@ def _write_atomically(frame: pd.DataFrame, path: Path, *, compress: bool) -> Non
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+# -- the planted signal and the demo ----------------------------------------------------------
+def write_oracle(storage: Storage, oracle: pd.DataFrame) -> None:
+    """Keep a synthetic panel's planted signal beside the data, for oracle-IC reporting."""
+    storage.write_reference(DOMAIN, ORACLE, oracle)
+
+
+def plan_market_demo(
+    settings: Settings, *, tickers: int = 40, days: int = 700, nights: int = 3, seed: int = 7
+) -> list[DemoNight]:
+    """Write a synthetic panel as vendor files and return the nights the demo runs.
+
+    The first night loads the history file and the first daily file; each later night one
+    daily file. The planted signal is kept under reference/ for oracle-IC reporting.
+    """
+    panel = generate_market_panel(MarketSyntheticConfig(tickers=tickers, days=days, seed=seed))
+    drop = settings.home / "vendor_drop" / DOMAIN
+    files = write_vendor_files(panel.prices, drop, daily_files=nights)
+    write_oracle(Storage(settings.home), panel.expected_return)
+    log.info("generated %s rows in %s (oracle IC %.4f)", len(panel.prices), drop, panel.oracle_ic())
+    return demo_nights(
+        files, lambda daily: daily.stem.removeprefix("market_"), training={"max_epochs": 12}
+    )
