@@ -14,10 +14,11 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 
 from finpipe.credit.config import DATE_COLUMN, LoanBookConfig
 from finpipe.credit.schema import DOMAIN
-from finpipe.errors import ConfigError
+from finpipe.errors import ConfigError, ScoringError
 from finpipe.features import FeatureUpdate, PartitionWriter, features_are_stale
 from finpipe.storage import Storage, as_day
 
@@ -85,3 +86,34 @@ def update_credit_features(
                 progress(f"features: {start + len(block)}/{len(todo)} dates built")
     update.seconds = round(time.perf_counter() - started, 3)
     return update
+
+
+# -- which feature rows a night trains on and scores -----------------------------------------
+def load_training_frame(storage: Storage, book: LoanBookConfig, as_of: dt.date) -> pd.DataFrame:
+    """Return the labelled feature rows known at `as_of`, sorted by (date, id).
+
+    Dated books: every date up to `as_of`; cross-sectional books: the latest snapshot only.
+    """
+    days = storage.partition_dates("features", DOMAIN, end=as_of)
+    if not days:
+        raise ScoringError(f"no credit feature partitions up to {as_of}; run the features step")
+    if not book.is_dated:
+        days = days[-1:]
+    frame = storage.read_partitions("features", DOMAIN, days=days)
+    frame = frame[frame[LABEL].notna()]
+    return frame.sort_values([DATE_COLUMN, book.columns.id], kind="stable").reset_index(drop=True)
+
+
+def scoring_population(storage: Storage, book: LoanBookConfig, as_of: dt.date) -> pd.DataFrame:
+    """Return the feature rows to score at `as_of` under `[scoring] population`.
+
+    unlabelled: every row without an outcome dated up to `as_of`; latest_snapshot: every row of
+    the latest feature date on or before `as_of`.
+    """
+    days = storage.partition_dates("features", DOMAIN, end=as_of)
+    if not days:
+        raise ScoringError(f"no credit feature partitions up to {as_of}; run the features step")
+    if book.scoring.population == "latest_snapshot":
+        return storage.read_partitions("features", DOMAIN, days=days[-1:]).reset_index(drop=True)
+    unlabelled = pc.field(LABEL).is_null(nan_is_null=True)
+    return storage.read_partitions("features", DOMAIN, days=days, where=unlabelled)

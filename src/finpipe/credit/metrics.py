@@ -16,8 +16,19 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import logging
+from typing import TYPE_CHECKING
+
 import numpy as np
+import pandas as pd
 from sklearn.metrics import brier_score_loss, log_loss, roc_auc_score, roc_curve
+
+if TYPE_CHECKING:
+    from finpipe.credit.model import FittedCreditModel
+    from finpipe.tracking import RegisteredModel
+
+log = logging.getLogger("finpipe.credit")
 
 PSI_FLOOR = 1e-4
 PSI_MODERATE = 0.10
@@ -89,3 +100,42 @@ def category_shares(indices, size: int) -> list[float]:
     if indices.size == 0:
         return [0.0] * size
     return [float(c) for c in np.bincount(indices, minlength=size) / indices.size]
+
+
+# -- what a run and a scoring night report beside the metrics ------------------------------
+def global_importance(fitted: FittedCreditModel, rows: pd.DataFrame) -> dict[str, float]:
+    """Global importance: mean |integrated-gradient attribution| per feature over `rows`."""
+    attributions = fitted.attributions(rows)
+    values = (
+        np.abs(attributions).mean(axis=0) if len(rows) else np.zeros(len(fitted.feature_columns))
+    )
+    ranked = sorted(zip(fitted.feature_columns, values, strict=True), key=lambda kv: -kv[1])
+    return {name: float(value) for name, value in ranked}
+
+
+def scoring_report(
+    as_of: dt.date, champion: RegisteredModel, population: pd.DataFrame, pd_values: pd.Series
+) -> dict[str, object]:
+    """Return the scoring report of `as_of`: population stability (PSI of the score and of each
+    feature against the champion's training rows, logged when significant) and the categories
+    never seen in training (scored through the unknown bucket)."""
+    fitted: FittedCreditModel = champion.model
+    stability, unseen = {}, {}
+    if len(population):
+        indices = fitted.vocabulary.transform(population)  # once for both checks
+        stability = fitted.population_stability(population, pd_values, indices)
+        unseen = fitted.unseen_categories(population, indices)
+    drifted = sorted(name for name, value in stability.items() if value > PSI_SIGNIFICANT)
+    if drifted:
+        log.warning("PSI above %s (population shift) for: %s", PSI_SIGNIFICANT, drifted)
+    for column, values in unseen.items():
+        log.warning("unseen %s categories scored as unknown: %s", column, values)
+    return {
+        "as_of": as_of.isoformat(),
+        "rows": len(population),
+        "model_name": champion.name,
+        "model_version": champion.version,
+        "population_stability": stability,
+        "drifted": drifted,
+        "unseen_categories": unseen,
+    }

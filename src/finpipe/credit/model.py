@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 
-from finpipe.credit.config import LoanBookConfig
+from finpipe.credit.config import DATE_COLUMN, LoanBookConfig
 from finpipe.credit.features import LABEL
 from finpipe.credit.metrics import (
     binned_shares,
@@ -54,9 +54,9 @@ from finpipe.credit.metrics import (
     psi,
     quantile_edges,
 )
-from finpipe.errors import ModelRejected
-from finpipe.model_files import load_weights, read_model_metadata, save_model_files
-from finpipe.training import FeatureScaler, resolve_device, run_training_loop
+from finpipe.errors import ConfigError, ModelRejected
+from finpipe.model_files import SavesNetAndMetadata, load_weights
+from finpipe.training import FeatureScaler, resolve_device, run_training_loop, time_split
 
 REASONS = 3
 ModelKind = Literal["mlp", "logistic"]
@@ -385,8 +385,10 @@ def fit_platt(logits: np.ndarray, labels: np.ndarray, iterations: int = 100) -> 
 
 
 @dataclass
-class FittedCreditModel:
+class FittedCreditModel(SavesNetAndMetadata):
     """A trained PD model plus everything needed to score and explain a loan book again."""
+
+    saved_as = "credit"
 
     kind: ModelKind
     net: TabularNet
@@ -598,18 +600,10 @@ class FittedCreditModel:
             "population": self.population,
             "ig_steps": self.ig_steps,
             "cpu_threads": self.cpu_threads,
-            "history": self.history,
-            "best_epoch": self.best_epoch,
         }
 
-    def save(self, directory: Path) -> None:
-        """Write `weights.pt` (state dict) and `model.json` (the rest) into `directory`."""
-        save_model_files(directory, self.net, self.to_dict())
-
     @classmethod
-    def load(cls, directory: Path) -> FittedCreditModel:
-        """Read a model written by `save`; the net comes back on CPU in eval mode."""
-        data = read_model_metadata(directory, "credit")
+    def from_saved(cls, data: dict, directory: Path) -> FittedCreditModel:
         net = load_weights(TabularNet(**data["architecture"]), directory)
         return cls(
             kind=data["kind"],
@@ -815,3 +809,62 @@ class CreditTrainingConfig(BaseModel):
             device=self.device,
             cpu_threads=self.cpu_threads,
         )
+
+
+# -- which labelled rows train, validate and test -----------------------------------------
+MIN_DATES_FOR_TIME_SPLIT = 10
+
+
+@dataclass(frozen=True)
+class RowSplit:
+    """Boolean masks over the training frame's rows, and how they were drawn."""
+
+    kind: str
+    train: np.ndarray
+    validation: np.ndarray
+    test: np.ndarray
+
+
+def split_rows(
+    frame: pd.DataFrame,
+    *,
+    dated: bool,
+    validation_fraction: float,
+    test_fraction: float,
+    embargo_days: int,
+    seed: int,
+) -> RowSplit:
+    """Return train / validation / test masks over `frame` (deterministic for the same frame).
+
+    Out of time when the book is dated and has at least 10 labelled dates (time_split over its
+    distinct dates, `embargo_days` dates dropped between sets); otherwise stratified: within
+    each class, a seeded shuffle gives the test and validation shares, the rest trains.
+    """
+    n = len(frame)
+    dates = frame[DATE_COLUMN]
+    if dated and dates.nunique() >= MIN_DATES_FOR_TIME_SPLIT:
+        try:
+            split = time_split(
+                dates,
+                validation_fraction=validation_fraction,
+                test_fraction=test_fraction,
+                embargo=embargo_days,
+            )
+        except ValueError as error:
+            raise ConfigError(f"credit training split: {error}") from None
+        return RowSplit(
+            "out_of_time",
+            dates.isin(split.train_dates).to_numpy(),
+            dates.isin(split.validation_dates).to_numpy(),
+            dates.isin(split.test_dates).to_numpy(),
+        )
+    rng = np.random.default_rng(seed)
+    role = np.zeros(n, dtype=np.int8)  # 0 train, 1 validation, 2 test
+    labels = frame[LABEL].to_numpy()
+    for value in (0.0, 1.0):
+        rows = rng.permutation(np.flatnonzero(labels == value))
+        n_test = round(test_fraction * len(rows))
+        n_validation = round(validation_fraction * len(rows))
+        role[rows[:n_test]] = 2
+        role[rows[n_test : n_test + n_validation]] = 1
+    return RowSplit("stratified", role == 0, role == 1, role == 2)

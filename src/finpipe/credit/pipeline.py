@@ -1,6 +1,5 @@
-"""The credit domain's pipeline steps: ingest contract, features, training, promotion, scoring.
+"""The credit domain's own parts for one loan book, run by the shared lifecycle.
 
-Every step is a plain function over a `Storage`, `Settings` and the user's `LoanBookConfig`;
 `credit_domain(book)` binds them into a `Domain`. `CREDIT` (what the registry names) is built
 on access from the current settings (`FINPIPE_CREDIT_CONFIG`), so pointing that setting at
 another config file switches the loan book without a code change.
@@ -24,44 +23,38 @@ from functools import partial
 
 import numpy as np
 import pandas as pd
-import pyarrow.compute as pc
 
 from finpipe import lifecycle
 from finpipe.credit import plots
 from finpipe.credit.config import DATE_COLUMN, LoanBookConfig, load_loan_book
-from finpipe.credit.features import LABEL, update_credit_features
-from finpipe.credit.metrics import PSI_SIGNIFICANT, credit_metrics
-from finpipe.credit.model import CreditTrainingConfig, FittedCreditModel, fit_loan_book_model
+from finpipe.credit.features import (
+    LABEL,
+    load_training_frame,
+    scoring_population,
+    update_credit_features,
+)
+from finpipe.credit.metrics import credit_metrics, global_importance, scoring_report
+from finpipe.credit.model import CreditTrainingConfig, RowSplit, fit_loan_book_model, split_rows
 from finpipe.credit.schema import (
     DOMAIN,
     build_credit_suite,
     normalise_credit_frame,
     seen_categories,
 )
-from finpipe.domains import ChallengerOutcome, DemoNight, Domain, demo_nights
-from finpipe.errors import ConfigError, ScoringError
+from finpipe.credit.synthetic import ORACLE, plan_credit_demo
+from finpipe.credit.synthetic import write_oracle as write_oracle
+from finpipe.domains import ChallengerOutcome, DemoNight, Domain
+from finpipe.errors import ScoringError
 from finpipe.features import FeatureUpdate
 from finpipe.ingest import RawContract
-from finpipe.lifecycle import (
-    Candidate,
-    EpochLogger,
-    ModelScore,
-    Predict,
-    Predictions,
-    RunRecord,
-    Say,
-    TrainingData,
-)
+from finpipe.lifecycle import Candidate, Predictions, RunRecord, TrainingData
 from finpipe.settings import Settings, load_settings
 from finpipe.storage import Storage, as_day
 from finpipe.tracking import RegisteredModel
-from finpipe.training import time_split
 
 log = logging.getLogger("finpipe.credit")
 
 MODEL_LOADER = "finpipe.credit.model:FittedCreditModel"
-ORACLE = "oracle"  # reference/credit/oracle.parquet: a synthetic book's true PDs
-MIN_DATES_FOR_TIME_SPLIT = 10
 
 
 # -- ingest --------------------------------------------------------------------------------
@@ -101,76 +94,6 @@ class CreditTrainingOutcome(ChallengerOutcome):
     last_date: str
 
 
-@dataclass(frozen=True)
-class RowSplit:
-    """Boolean masks over the training frame's rows, and how they were drawn."""
-
-    kind: str
-    train: np.ndarray
-    validation: np.ndarray
-    test: np.ndarray
-
-
-def load_training_frame(storage: Storage, book: LoanBookConfig, as_of: dt.date) -> pd.DataFrame:
-    """Return the labelled feature rows known at `as_of`, sorted by (date, id).
-
-    Dated books: every date up to `as_of`; cross-sectional books: the latest snapshot only.
-    """
-    days = storage.partition_dates("features", DOMAIN, end=as_of)
-    if not days:
-        raise ScoringError(f"no credit feature partitions up to {as_of}; run the features step")
-    if not book.is_dated:
-        days = days[-1:]
-    frame = storage.read_partitions("features", DOMAIN, days=days)
-    frame = frame[frame[LABEL].notna()]
-    return frame.sort_values([DATE_COLUMN, book.columns.id], kind="stable").reset_index(drop=True)
-
-
-def split_rows(
-    frame: pd.DataFrame,
-    *,
-    dated: bool,
-    validation_fraction: float,
-    test_fraction: float,
-    embargo_days: int,
-    seed: int,
-) -> RowSplit:
-    """Return train / validation / test masks over `frame` (deterministic for the same frame).
-
-    Out of time when the book is dated and has at least 10 labelled dates (time_split over its
-    distinct dates, `embargo_days` dates dropped between sets); otherwise stratified: within
-    each class, a seeded shuffle gives the test and validation shares, the rest trains.
-    """
-    n = len(frame)
-    dates = frame[DATE_COLUMN]
-    if dated and dates.nunique() >= MIN_DATES_FOR_TIME_SPLIT:
-        try:
-            split = time_split(
-                dates,
-                validation_fraction=validation_fraction,
-                test_fraction=test_fraction,
-                embargo=embargo_days,
-            )
-        except ValueError as error:
-            raise ConfigError(f"credit training split: {error}") from None
-        return RowSplit(
-            "out_of_time",
-            dates.isin(split.train_dates).to_numpy(),
-            dates.isin(split.validation_dates).to_numpy(),
-            dates.isin(split.test_dates).to_numpy(),
-        )
-    rng = np.random.default_rng(seed)
-    role = np.zeros(n, dtype=np.int8)  # 0 train, 1 validation, 2 test
-    labels = frame[LABEL].to_numpy()
-    for value in (0.0, 1.0):
-        rows = rng.permutation(np.flatnonzero(labels == value))
-        n_test = round(test_fraction * len(rows))
-        n_validation = round(validation_fraction * len(rows))
-        role[rows[:n_test]] = 2
-        role[rows[n_test : n_test + n_validation]] = 1
-    return RowSplit("stratified", role == 0, role == 1, role == 2)
-
-
 def split_book_rows(
     frame: pd.DataFrame,
     book: LoanBookConfig,
@@ -186,21 +109,6 @@ def split_book_rows(
         embargo_days=how.embargo_days,
         seed=how.seed,
     )
-
-
-def scoring_population(storage: Storage, book: LoanBookConfig, as_of: dt.date) -> pd.DataFrame:
-    """Return the feature rows to score at `as_of` under `[scoring] population`.
-
-    unlabelled: every row without an outcome dated up to `as_of`; latest_snapshot: every row of
-    the latest feature date on or before `as_of`.
-    """
-    days = storage.partition_dates("features", DOMAIN, end=as_of)
-    if not days:
-        raise ScoringError(f"no credit feature partitions up to {as_of}; run the features step")
-    if book.scoring.population == "latest_snapshot":
-        return storage.read_partitions("features", DOMAIN, days=days[-1:]).reset_index(drop=True)
-    unlabelled = pc.field(LABEL).is_null(nan_is_null=True)
-    return storage.read_partitions("features", DOMAIN, days=days, where=unlabelled)
 
 
 @dataclass
@@ -250,7 +158,7 @@ class CreditNight:
     def candidates(self) -> list[str]:
         return list(self.config.models)
 
-    def fit(self, kind: str, on_epoch: EpochLogger, say: Say) -> Candidate:
+    def fit(self, kind: str, on_epoch: lifecycle.EpochLogger, say: lifecycle.Say) -> Candidate:
         frame, split, book = self.frame, self.split, self.book
         say(f"training {kind} on {int(split.train.sum()):,} rows ({split.kind} split)")
         classifier = self.config.classifier_config(kind)
@@ -273,7 +181,7 @@ class CreditNight:
         }
         if self.oracle is not None:
             windows["test"]["oracle_auc"] = self.oracle
-        importance = _importance(fitted, test_rows)
+        importance = global_importance(fitted, test_rows)
         population = self.population
         stability = fitted.population_stability(population) if len(population) else {}
         say(
@@ -298,12 +206,12 @@ class CreditNight:
                     "feature_importance.json": importance,
                     **({"population_stability.json": stability} if stability else {}),
                 },
-                figures=_plots(kind, labels[split.test], test_pd, importance),
+                figures=plots.candidate_figures(kind, labels[split.test], test_pd, importance),
             ),
             test_predictions=test_pd,
         )
 
-    def conclude(self, fitted: Mapping[str, Candidate], say: Say) -> RunRecord:
+    def conclude(self, fitted: Mapping[str, Candidate], say: lifecycle.Say) -> RunRecord:
         """The models' test ROC curves in one figure (side by side), and the oracle's AUC."""
         labels = self.frame.loc[self.split.test, LABEL].to_numpy()
         curves = {
@@ -337,39 +245,11 @@ class CreditNight:
         )
 
 
-def _importance(fitted: FittedCreditModel, rows: pd.DataFrame) -> dict[str, float]:
-    """Global importance: mean |integrated-gradient attribution| per feature over `rows`."""
-    attributions = fitted.attributions(rows)
-    values = (
-        np.abs(attributions).mean(axis=0) if len(rows) else np.zeros(len(fitted.feature_columns))
-    )
-    ranked = sorted(zip(fitted.feature_columns, values, strict=True), key=lambda kv: -kv[1])
-    return {name: float(value) for name, value in ranked}
-
-
-def _plots(kind: str, labels, scores, importance: dict[str, float]) -> dict:
-    return {
-        "plots/roc.png": plots.roc({kind: (labels, scores)}, f"{kind}: test ROC"),
-        "plots/calibration.png": plots.calibration(labels, scores, f"{kind}: test calibration"),
-        "plots/score_distribution.png": plots.score_distribution(
-            labels, scores, f"{kind}: test PD by outcome"
-        ),
-        "plots/feature_importance.png": plots.feature_importance(
-            importance, f"{kind}: global feature importance (test rows)"
-        ),
-    }
-
-
-def write_oracle(storage: Storage, truth: pd.DataFrame) -> None:
-    """Keep a synthetic book's true PDs (id, true_pd) beside the data, for oracle-AUC reporting."""
-    lifecycle.write_reference(storage, DOMAIN, ORACLE, truth)
-
-
 def _oracle(storage: Storage, ids: pd.Series, labels: pd.Series) -> float | None:
     """Return the AUC of the true PDs on the test rows, when a synthetic oracle is present."""
     if labels.nunique() < 2:
         return None
-    truth = lifecycle.read_reference(storage, DOMAIN, ORACLE)
+    truth = storage.read_reference(DOMAIN, ORACLE)
     if truth is None:
         return None
     true_pd = truth.set_index("id")["true_pd"].reindex(ids.astype(str).to_numpy()).to_numpy()
@@ -379,64 +259,6 @@ def _oracle(storage: Storage, ids: pd.Series, labels: pd.Series) -> float | None
 
 
 # -- scoring -------------------------------------------------------------------------------
-def _scoring_report(
-    as_of: dt.date, champion: RegisteredModel, population: pd.DataFrame, pd_values: pd.Series
-) -> dict[str, object]:
-    fitted: FittedCreditModel = champion.model
-    stability, unseen = {}, {}
-    if len(population):
-        indices = fitted.vocabulary.transform(population)  # once for both checks
-        stability = fitted.population_stability(population, pd_values, indices)
-        unseen = fitted.unseen_categories(population, indices)
-    drifted = sorted(name for name, value in stability.items() if value > PSI_SIGNIFICANT)
-    if drifted:
-        log.warning("PSI above %s (population shift) for: %s", PSI_SIGNIFICANT, drifted)
-    for column, values in unseen.items():
-        log.warning("unseen %s categories scored as unknown: %s", column, values)
-    return {
-        "as_of": as_of.isoformat(),
-        "rows": len(population),
-        "model_name": champion.name,
-        "model_version": champion.version,
-        "population_stability": stability,
-        "drifted": drifted,
-        "unseen_categories": unseen,
-    }
-
-
-# -- demo ----------------------------------------------------------------------------------
-def plan_credit_demo(
-    settings: Settings,
-    *,
-    book: LoanBookConfig,
-    applications: int = 30_000,
-    nights: int = 3,
-    seed: int = 7,
-) -> list[DemoNight]:
-    """Write a synthetic loan book as a lender's deliveries; return the nights the demo runs.
-
-    The first night loads the history and that day's applications, each later night one day of
-    new applications. Runs only with the synthetic loan-book config (the files follow it).
-    """
-    from finpipe.credit.synthetic import (
-        CreditSyntheticConfig,
-        delivery_day,
-        generate_loan_book,
-        write_deliveries,
-    )
-
-    if book.name != "synthetic":
-        log.warning(
-            "credit demo skipped: it needs the synthetic loan-book config, not %s", book.source
-        )
-        return []
-    generated = generate_loan_book(CreditSyntheticConfig(applications=applications, seed=seed))
-    drop = settings.home / "vendor_drop" / DOMAIN
-    files = write_deliveries(generated.applications, drop, nightly_files=nights)
-    write_oracle(Storage(settings.home), generated.true_pd.rename(columns={"loan_id": "id"}))
-    return demo_nights(files, lambda daily: delivery_day(daily).isoformat())
-
-
 # -- the domain ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CreditParts:
@@ -454,7 +276,7 @@ class CreditParts:
         return credit_contract(self.book)
 
     def update_features(
-        self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: Say | None
+        self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: lifecycle.Say | None
     ) -> FeatureUpdate:
         return update_credit_features(
             storage, as_of, book=self.book, rebuild=rebuild, progress=progress
@@ -474,7 +296,9 @@ class CreditParts:
         oracle = _oracle(storage, test[self.book.columns.id], test[LABEL])
         return CreditNight(storage, as_of, config, self.book, frame, split, population, oracle)
 
-    def promotion_scorer(self, storage: Storage, outcome: CreditTrainingOutcome) -> ModelScore:
+    def promotion_scorer(
+        self, storage: Storage, outcome: CreditTrainingOutcome
+    ) -> lifecycle.ModelScore:
         """Return a model's promotion metric on the outcome's test rows.
 
         The test rows are rebuilt from the outcome's split parameters over the same data, so both
@@ -497,7 +321,7 @@ class CreditParts:
 
         return score
 
-    def prepare_scoring(self, storage: Storage, as_of: dt.date) -> Predict:
+    def prepare_scoring(self, storage: Storage, as_of: dt.date) -> lifecycle.Predict:
         """Return how the champion scores the population (see `scoring_population`): id, PD, grade,
         three reason codes and the row's own date.
 
@@ -519,7 +343,7 @@ class CreditParts:
                 )
             predicted = fitted.predict(population).reset_index(drop=True)
             predicted.insert(1, "record_date", population[DATE_COLUMN].to_numpy())
-            report = _scoring_report(as_of, champion, population, predicted["pd"])
+            report = scoring_report(as_of, champion, population, predicted["pd"])
             return Predictions(predicted, sort_by=["record_date", "id"], report=report)
 
         return predict

@@ -57,3 +57,19 @@ def feature_importance(importance: dict[str, float], title: str) -> plt.Figure:
     ax.set(xlabel="mean |attribution| (log-odds, integrated gradients)", title=title)
     fig.tight_layout()
     return fig
+
+
+def candidate_figures(
+    kind: str, labels: np.ndarray, scores: np.ndarray, importance: dict[str, float]
+) -> dict[str, plt.Figure]:
+    """Return the figures a candidate's run logs (its test rows), by artifact path."""
+    return {
+        "plots/roc.png": roc({kind: (labels, scores)}, f"{kind}: test ROC"),
+        "plots/calibration.png": calibration(labels, scores, f"{kind}: test calibration"),
+        "plots/score_distribution.png": score_distribution(
+            labels, scores, f"{kind}: test PD by outcome"
+        ),
+        "plots/feature_importance.png": feature_importance(
+            importance, f"{kind}: global feature importance (test rows)"
+        ),
+    }

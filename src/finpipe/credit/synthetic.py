@@ -33,6 +33,7 @@ debt-to-income up, income down, more renters, by an amount proportional to `shif
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +41,11 @@ import numpy as np
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-from finpipe.storage import write_bytes_atomic
+from finpipe.credit.config import LoanBookConfig
+from finpipe.credit.schema import DOMAIN
+from finpipe.domains import DemoNight, demo_nights
+from finpipe.settings import Settings
+from finpipe.storage import Storage, write_bytes_atomic
 
 EMPLOYMENT = {
     "salaried": (0.60, -0.1),
@@ -77,6 +82,9 @@ COLUMNS = [
     "housing",
     "defaulted",
 ]
+
+log = logging.getLogger("finpipe.credit")
+ORACLE = "oracle"  # reference/credit/oracle.parquet: a synthetic book's true PDs
 
 
 @dataclass(frozen=True)
@@ -213,3 +221,34 @@ def _write_csv(rows: pd.DataFrame, path: Path) -> Path:
 def delivery_day(path: Path) -> dt.date:
     """Return the date of a nightly file written by `write_deliveries`."""
     return dt.date.fromisoformat(Path(path).stem.removeprefix("credit_"))
+
+
+# -- the true PDs and the demo ----------------------------------------------------------
+def write_oracle(storage: Storage, truth: pd.DataFrame) -> None:
+    """Keep a synthetic book's true PDs (id, true_pd) beside the data, for oracle-AUC reporting."""
+    storage.write_reference(DOMAIN, ORACLE, truth)
+
+
+def plan_credit_demo(
+    settings: Settings,
+    *,
+    book: LoanBookConfig,
+    applications: int = 30_000,
+    nights: int = 3,
+    seed: int = 7,
+) -> list[DemoNight]:
+    """Write a synthetic loan book as a lender's deliveries; return the nights the demo runs.
+
+    The first night loads the history and that day's applications, each later night one day of
+    new applications. Runs only with the synthetic loan-book config (the files follow it).
+    """
+    if book.name != "synthetic":
+        log.warning(
+            "credit demo skipped: it needs the synthetic loan-book config, not %s", book.source
+        )
+        return []
+    generated = generate_loan_book(CreditSyntheticConfig(applications=applications, seed=seed))
+    drop = settings.home / "vendor_drop" / DOMAIN
+    files = write_deliveries(generated.applications, drop, nightly_files=nights)
+    write_oracle(Storage(settings.home), generated.true_pd.rename(columns={"loan_id": "id"}))
+    return demo_nights(files, lambda daily: delivery_day(daily).isoformat())
