@@ -137,9 +137,10 @@ def test_mlflow_has_silhouettes_profiles_and_plots(two_nights):
 
 
 def test_scoring_copes_with_a_category_nobody_buys_any_more(two_nights, caplog):
-    from finpipe.customers.pipeline import score_customers
+    from finpipe.domains import get_domain
 
     settings, files, _, _ = two_nights
+    score_customers = get_domain("customers").score
     storage = Storage(settings.home)
     snapshot = storage.read_partition("features", "customers", _day(files[2]))
     gone = "category_share_travel"

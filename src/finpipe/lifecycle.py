@@ -398,22 +398,3 @@ def bind(parts: DomainParts[ConfigT, OutcomeT]) -> Domain:
         plan_demo=parts.plan_demo,
         code_module=type(parts).__module__,
     )
-
-
-# -- reference data (until Storage holds it) -------------------------------------------------
-def write_reference(storage: Storage, domain: str, name: str, frame: pd.DataFrame) -> None:
-    """Keep `frame` as reference/<domain>/<name>.parquet (e.g. a synthetic set's truth)."""
-    path = storage.root / "reference" / domain / f"{name}.parquet"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_parquet(path, index=False)
-
-
-def read_reference(
-    storage: Storage,
-    domain: str,
-    name: str,
-    filters: list[tuple[str, str, object]] | None = None,
-) -> pd.DataFrame | None:
-    """Return reference/<domain>/<name>.parquet (the rows `filters` keep), or None if absent."""
-    path = storage.root / "reference" / domain / f"{name}.parquet"
-    return pd.read_parquet(path, filters=filters) if path.exists() else None

@@ -31,7 +31,7 @@ from torch import nn
 
 from finpipe.customers.features import BASE_FEATURES, LOG_SCALED, MIX_PREFIXES, is_mix_feature
 from finpipe.errors import ModelRejected
-from finpipe.model_files import load_weights, read_model_metadata, save_model_files
+from finpipe.model_files import SavesNetAndMetadata, load_weights
 from finpipe.training import Batches, FeatureScaler, TrainConfig, resolve_device, train_regressor
 
 SILHOUETTE_SAMPLE = 5000  # silhouette is O(n^2); beyond this it is estimated on a seeded sample
@@ -229,12 +229,14 @@ def align_segment_ids(
 
 
 @dataclass
-class FittedSegmentModel:
+class FittedSegmentModel(SavesNetAndMetadata):
     """Everything needed to segment a customer snapshot the same way again.
 
     `centroids[j]` is cluster j's centre in the embedding; `segment_ids[j]` the stable id it is
     published as. `silhouette_by_k` holds the validation silhouette of every k tried.
     """
+
+    saved_as = "segment"
 
     net: nn.Module
     architecture: dict[str, int]
@@ -305,19 +307,11 @@ class FittedSegmentModel:
             "centroids": self.centroids.tolist(),
             "segment_ids": self.segment_ids,
             "silhouette_by_k": {str(k): v for k, v in self.silhouette_by_k.items()},
-            "history": self.history,
-            "best_epoch": self.best_epoch,
             "seed": self.seed,
         }
 
-    def save(self, directory: Path) -> None:
-        """Write `weights.pt` (state dict) and `model.json` (the rest) into `directory`."""
-        save_model_files(directory, self.net, self.to_dict())
-
     @classmethod
-    def load(cls, directory: Path) -> FittedSegmentModel:
-        """Read a model written by `save`; the net comes back on CPU in eval mode."""
-        data = read_model_metadata(directory, "segment")
+    def from_saved(cls, data: dict, directory: Path) -> FittedSegmentModel:
         net = build_autoencoder(len(data["feature_columns"]), data["architecture"], data["seed"])
         return cls(
             net=load_weights(net, directory),

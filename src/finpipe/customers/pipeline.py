@@ -1,15 +1,10 @@
-"""The customers domain's pipeline steps: ingest contract, feature snapshots, training, scoring.
+"""The customers domain's own parts for one data source, run by the shared lifecycle.
 
-Each step is a plain function over a `Storage` and `Settings`; the generic Prefect tasks wrap
-them one to one. The domain depends on the data source's config (`FINPIPE_CUSTOMERS_CONFIG`:
-which delivered column is what, how files are read), so `CUSTOMERS` is built from the
-configured file each time the registry looks it up (see `__getattr__` at the bottom).
-
-Storage:
-    validated/customers/date=D/    transactions dated D
-    features/customers/date=T/     the snapshot as of T: one row per customer active at T
-    predictions/customers/date=T/  customer_id, segment, distance_to_centroid + provenance
-    reference/customers/segments.parquet  planted segments, when the data is synthetic
+One candidate (autoencoder embeddings + k-means) logged in the nightly run itself; promotion
+on the test customers' silhouette. The domain depends on the source's config
+(`FINPIPE_CUSTOMERS_CONFIG`: which delivered column is what, how files are read), so
+`CUSTOMERS` is built from the configured file at each registry lookup (`__getattr__` below).
+A feature partition is the snapshot as of its day: one row per customer active then.
 """
 
 from __future__ import annotations
@@ -22,15 +17,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from sklearn.metrics import adjusted_rand_score
 
-from finpipe import lifecycle, plots
+from finpipe import lifecycle
 from finpipe.customers import plots as segment_plots
 from finpipe.customers.config import CustomersConfig, load_customers_config
 from finpipe.customers.features import BASE_FEATURES, is_mix_feature, update_customer_features
+from finpipe.customers.metrics import quality_by_window, segment_profiles
 from finpipe.customers.model import (
     CustomersTrainingConfig,
-    FittedSegmentModel,
     check_segments_sane,
     customer_sets,
     evaluation_space,
@@ -44,21 +38,13 @@ from finpipe.customers.schema import (
     add_transaction_checks,
     normalise_transactions,
 )
-from finpipe.domains import ChallengerOutcome, DemoNight, Domain, demo_nights
-from finpipe.errors import ConfigError, ScoringError
+from finpipe.customers.synthetic import PLANTED, plan_customers_demo
+from finpipe.customers.synthetic import write_planted_segments as write_planted_segments
+from finpipe.domains import ChallengerOutcome, DemoNight, Domain
+from finpipe.errors import ScoringError
 from finpipe.features import FeatureUpdate
 from finpipe.ingest import RawContract
-from finpipe.lifecycle import (
-    Candidate,
-    EpochLogger,
-    ModelScore,
-    Predict,
-    Predictions,
-    RunRecord,
-    Say,
-    TrainingData,
-)
-from finpipe.scoring import ScoringOutcome
+from finpipe.lifecycle import Candidate, Predictions, RunRecord, TrainingData
 from finpipe.settings import Settings, load_settings
 from finpipe.storage import Storage, as_day
 from finpipe.tracking import RegisteredModel
@@ -67,7 +53,6 @@ log = logging.getLogger("finpipe.customers")
 
 MODEL_LOADER = "finpipe.customers.model:FittedSegmentModel"
 CANDIDATE = "autoencoder_kmeans"
-PLANTED = "segments"  # reference/customers/segments.parquet: a synthetic log's truth
 
 
 # -- ingest --------------------------------------------------------------------------------
@@ -148,7 +133,7 @@ class CustomersNight:
     def candidates(self) -> list[str]:
         return [CANDIDATE]
 
-    def fit(self, kind: str, on_epoch: EpochLogger, say: Say) -> Candidate:
+    def fit(self, kind: str, on_epoch: lifecycle.EpochLogger, say: lifecycle.Say) -> Candidate:
         """Fit the segment model; its segment ids are aligned to the champion's, so the
         challenger already speaks the champion's ids."""
         snapshot, sets, champion = self.snapshot, self.sets, self.champion
@@ -164,9 +149,13 @@ class CustomersNight:
         predicted = fitted.predict(snapshot)
         check_segments_sane(predicted, fitted.k, CANDIDATE)
         self.segments = fitted.k
-        windows = _quality_by_window(
-            self.storage, snapshot, sets, fitted, predicted, champion, self.as_of
-        )
+        comparisons = {
+            "champion": champion.segments if champion else None,
+            "previous_night": _previous_predictions(self.storage, self.as_of),
+        }
+        planted = _planted_segments(self.storage)
+        segments = predicted["segment"].to_numpy()
+        windows = quality_by_window(snapshot, sets, fitted, segments, comparisons, planted)
         test = windows["test"]
         say(
             f"{fitted.k} segments; test silhouette {test['silhouette']:.3f}"
@@ -176,7 +165,6 @@ class CustomersNight:
                 else ""
             )
         )
-        segments = predicted["segment"].to_numpy()
         return Candidate(
             model=fitted,
             loader=MODEL_LOADER,
@@ -194,11 +182,11 @@ class CustomersNight:
                     }
                 },
                 tables={"segment_profiles.json": segment_profiles(snapshot, segments)},
-                figures=_plots(snapshot, fitted, segments),
+                figures=segment_plots.run_figures(fitted.embed(snapshot), segments, fitted),
             ),
         )
 
-    def conclude(self, fitted: Mapping[str, Candidate], say: Say) -> RunRecord:
+    def conclude(self, fitted: Mapping[str, Candidate], say: lifecycle.Say) -> RunRecord:
         return RunRecord()
 
     def outcome(self, challenger: ChallengerOutcome) -> CustomersTrainingOutcome:
@@ -234,53 +222,6 @@ def _champion_view(champion: RegisteredModel | None, snapshot: pd.DataFrame) -> 
     return ChampionView(version=champion.version, k=champion.model.k, segments=segments)
 
 
-def _quality_by_window(storage, snapshot, sets, fitted, predicted, champion, as_of) -> dict:
-    """Return {"validation": {...}, "test": {...}}, each measured on that window's customers.
-
-    - silhouette, davies_bouldin: in the common evaluation space (the promotion metric);
-    - embedding_silhouette: in the model's own embedding (what k was chosen on);
-    - same_segment_vs_champion, ari_vs_champion: against the champion's segments for the
-      same snapshot (the retrain's effect alone);
-    - same_segment_vs_previous_night, ari_vs_previous_night: against the last published
-      predictions before `as_of`, customers in both (what a user of the segments sees change);
-    - ari_vs_planted: against the planted segments, when the data is synthetic.
-    """
-    space = evaluation_space(snapshot, sets)
-    embedding = fitted.embed(snapshot)
-    segments = predicted["segment"].to_numpy()
-    ids = snapshot["customer_id"].astype("string")
-    comparisons = {"champion": champion.segments if champion else None}
-    comparisons["previous_night"] = _previous_predictions(storage, as_of)
-    planted = _planted_segments(storage)
-    result = {}
-    for window in ("validation", "test"):
-        mine = sets == window
-        values = {
-            **segment_quality(space[mine], segments[mine]),
-            "embedding_silhouette": segment_quality(embedding[mine], segments[mine])["silhouette"],
-            "segments": fitted.k,
-            "customers": int(mine.sum()),
-        }
-        for name, other in comparisons.items():
-            if other is None:
-                continue
-            theirs = ids[mine].map(other)
-            known = theirs.notna().to_numpy()
-            if known.any():
-                ours, theirs = segments[mine][known], theirs[known].to_numpy(dtype=np.int64)
-                values[f"same_segment_vs_{name}"] = float(np.mean(ours == theirs))
-                values[f"ari_vs_{name}"] = float(adjusted_rand_score(theirs, ours))
-        if planted is not None:
-            truth = ids[mine].map(planted)
-            known = truth.notna().to_numpy()
-            if known.any():
-                values["ari_vs_planted"] = float(
-                    adjusted_rand_score(truth[known].to_numpy(), segments[mine][known])
-                )
-        result[window] = values
-    return result
-
-
 def _previous_predictions(storage: Storage, as_of: dt.date) -> pd.Series | None:
     days = storage.partition_dates("predictions", DOMAIN, end=as_of - dt.timedelta(days=1))
     if not days:
@@ -289,87 +230,13 @@ def _previous_predictions(storage: Storage, as_of: dt.date) -> pd.Series | None:
     return previous.set_index(previous["customer_id"].astype("string"))["segment"]
 
 
-def segment_profiles(snapshot: pd.DataFrame, segments: np.ndarray) -> pd.DataFrame:
-    """Return one row per segment: size, share and the median RFM and spend of its customers."""
-    frame = snapshot.assign(segment=segments)
-    grouped = frame.groupby("segment", sort=True)
-    profiles = pd.DataFrame({"customers": grouped.size()})
-    profiles["share"] = profiles["customers"] / len(frame)
-    for column in (
-        "recency_days",
-        "frequency",
-        "monetary_total",
-        "monetary_mean",
-        "spend_90d",
-        "tenure_days",
-        "spend_trend",
-    ):
-        profiles[f"median_{column}"] = grouped[column].median()
-    mix = [c for c in frame.columns if c.startswith("category_share_")]
-    if mix:
-        top = grouped[mix].mean().idxmax(axis=1).str.removeprefix("category_share_")
-        profiles["top_category"] = top
-    return profiles.reset_index()
-
-
-def _plots(snapshot: pd.DataFrame, fitted: FittedSegmentModel, segments: np.ndarray) -> dict:
-    return {
-        "plots/segment_map.png": segment_plots.segment_map(
-            fitted.embed(snapshot), segments, "customers by segment"
-        ),
-        "plots/silhouette_by_k.png": segment_plots.silhouette_by_k(
-            fitted.silhouette_by_k, fitted.k, "choosing the number of segments"
-        ),
-        "plots/learning_curve.png": plots.learning_curve(
-            fitted.history, "autoencoder: reconstruction loss by epoch"
-        ),
-    }
-
-
 # -- scoring -------------------------------------------------------------------------------
 # -- synthetic data and the demo -----------------------------------------------------------
-def write_planted_segments(storage: Storage, planted: pd.DataFrame) -> None:
-    """Keep a synthetic log's planted segments beside the data, for ARI-vs-truth reporting."""
-    lifecycle.write_reference(storage, DOMAIN, PLANTED, planted)
-
-
 def _planted_segments(storage: Storage) -> pd.Series | None:
-    planted = lifecycle.read_reference(storage, DOMAIN, PLANTED)
+    planted = storage.read_reference(DOMAIN, PLANTED)
     if planted is None:
         return None
     return planted.set_index(planted["customer_id"].astype("string"))["segment"]
-
-
-def plan_customers_demo(
-    settings: Settings, *, customers: int = 1500, days: int = 730, nights: int = 3, seed: int = 7
-) -> list[DemoNight]:
-    """Write a synthetic transaction log as vendor files and return the nights the demo runs.
-
-    The first night loads the history file and the first daily file; each later night one
-    daily file. The planted segments are kept under reference/ for ARI reporting.
-    """
-    from finpipe.customers.synthetic import (
-        VENDOR_COLUMNS,
-        CustomersSyntheticConfig,
-        generate_customer_transactions,
-        write_vendor_files,
-    )
-
-    mapping = load_customers_config(settings.customers_config).columns.delivered()
-    if mapping != VENDOR_COLUMNS:
-        raise ConfigError(
-            f"finpipe demo writes synthetic transaction files, which customers config "
-            f"{settings.customers_config!r} does not describe; unset FINPIPE_CUSTOMERS_CONFIG "
-            "(or set it to synthetic) to run the demo"
-        )
-    generated = generate_customer_transactions(
-        CustomersSyntheticConfig(customers=customers, days=days, seed=seed)
-    )
-    drop = settings.home / "vendor_drop" / DOMAIN
-    files = write_vendor_files(generated.transactions, drop, daily_files=nights)
-    write_planted_segments(Storage(settings.home), generated.segments)
-    log.info("generated %s transactions in %s", len(generated.transactions), drop)
-    return demo_nights(files, lambda daily: daily.stem.removeprefix("customers_"))
 
 
 # -- the domain ----------------------------------------------------------------------------
@@ -389,7 +256,7 @@ class CustomersParts:
         return customers_contract(self.config)
 
     def update_features(
-        self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: Say | None
+        self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: lifecycle.Say | None
     ) -> FeatureUpdate:
         active_days = self.config.features.active_days
         return update_customer_features(
@@ -410,7 +277,9 @@ class CustomersParts:
         view = _champion_view(champion(), snapshot)
         return CustomersNight(storage, as_of, config, snapshot, sets, view)
 
-    def promotion_scorer(self, storage: Storage, outcome: CustomersTrainingOutcome) -> ModelScore:
+    def promotion_scorer(
+        self, storage: Storage, outcome: CustomersTrainingOutcome
+    ) -> lifecycle.ModelScore:
         """Return a model's silhouette on the outcome's held-out customers.
 
         Both models segment the snapshot of the training day; the score is the silhouette of the
@@ -430,7 +299,7 @@ class CustomersParts:
 
         return score
 
-    def prepare_scoring(self, storage: Storage, as_of: dt.date) -> Predict:
+    def prepare_scoring(self, storage: Storage, as_of: dt.date) -> lifecycle.Predict:
         """Return how the champion segments every customer active at `as_of`.
 
         Rows: customer_id, segment, distance_to_centroid (in the champion's embedding).
@@ -457,15 +326,6 @@ class CustomersParts:
 def build_customers_domain(config: CustomersConfig) -> Domain:
     """Return the customers domain for transaction files shaped as `config` describes."""
     return lifecycle.bind(CustomersParts(config))
-
-
-def score_customers(storage: Storage, settings: Settings, as_of: dt.date | str) -> ScoringOutcome:
-    """Segment every customer active at `as_of` with the champion; publish the predictions."""
-    return lifecycle.score(_parts(settings), storage, settings, as_of)
-
-
-def _parts(settings: Settings) -> CustomersParts:
-    return CustomersParts(load_customers_config(settings.customers_config))
 
 
 def __getattr__(name: str) -> Domain:

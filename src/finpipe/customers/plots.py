@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from finpipe.plots import plt  # the shared module sets the headless backend first
+from finpipe.plots import learning_curve, plt  # the shared module sets the headless backend first
+
+if TYPE_CHECKING:
+    from finpipe.customers.model import FittedSegmentModel
 
 
 def segment_map(embedding: np.ndarray, segments: np.ndarray, title: str) -> plt.Figure:
@@ -42,3 +46,18 @@ def silhouette_by_k(scores: Mapping[int, float], chosen: int, title: str) -> plt
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def run_figures(
+    embedding: np.ndarray, segments: np.ndarray, fitted: FittedSegmentModel
+) -> dict[str, plt.Figure]:
+    """Return the figures a segmentation run logs, by artifact path."""
+    return {
+        "plots/segment_map.png": segment_map(embedding, segments, "customers by segment"),
+        "plots/silhouette_by_k.png": silhouette_by_k(
+            fitted.silhouette_by_k, fitted.k, "choosing the number of segments"
+        ),
+        "plots/learning_curve.png": learning_curve(
+            fitted.history, "autoencoder: reconstruction loss by epoch"
+        ),
+    }

@@ -28,14 +28,25 @@ looked like a regular before churning); compare them with snapshots near that en
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
+from finpipe.customers.config import load_customers_config
+from finpipe.customers.schema import DOMAIN
+from finpipe.domains import DemoNight, demo_nights
+from finpipe.errors import ConfigError
+from finpipe.settings import Settings
+from finpipe.storage import Storage
+
 CATEGORIES = ("groceries", "fashion", "electronics", "home & garden", "travel")
 CHANNELS = ("web", "app", "store")
+
+log = logging.getLogger("finpipe.customers")
+PLANTED = "segments"  # reference/customers/segments.parquet: a synthetic log's truth
 
 
 @dataclass(frozen=True)
@@ -180,3 +191,34 @@ def write_vendor_files(
         )
         paths.append(path)
     return paths
+
+
+# -- the planted segments and the demo ------------------------------------------------------
+def write_planted_segments(storage: Storage, planted: pd.DataFrame) -> None:
+    """Keep a synthetic log's planted segments beside the data, for ARI-vs-truth reporting."""
+    storage.write_reference(DOMAIN, PLANTED, planted)
+
+
+def plan_customers_demo(
+    settings: Settings, *, customers: int = 1500, days: int = 730, nights: int = 3, seed: int = 7
+) -> list[DemoNight]:
+    """Write a synthetic transaction log as vendor files and return the nights the demo runs.
+
+    The first night loads the history file and the first daily file; each later night one
+    daily file. The planted segments are kept under reference/ for ARI reporting.
+    """
+    mapping = load_customers_config(settings.customers_config).columns.delivered()
+    if mapping != VENDOR_COLUMNS:
+        raise ConfigError(
+            f"finpipe demo writes synthetic transaction files, which customers config "
+            f"{settings.customers_config!r} does not describe; unset FINPIPE_CUSTOMERS_CONFIG "
+            "(or set it to synthetic) to run the demo"
+        )
+    generated = generate_customer_transactions(
+        CustomersSyntheticConfig(customers=customers, days=days, seed=seed)
+    )
+    drop = settings.home / "vendor_drop" / DOMAIN
+    files = write_vendor_files(generated.transactions, drop, daily_files=nights)
+    write_planted_segments(Storage(settings.home), generated.segments)
+    log.info("generated %s transactions in %s", len(generated.transactions), drop)
+    return demo_nights(files, lambda daily: daily.stem.removeprefix("customers_"))
