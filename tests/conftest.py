@@ -297,6 +297,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=lambda item: rank.get(item.nodeid, rank[_module_key(item)]))
 
 
+class _XdistGroupSuffix:
+    """Under `--dist loadgroup`, names each grouped test `<nodeid>@<group>` as xdist does.
+
+    xdist 3.8 does it by writing `item._nodeid`, which pytest 9.2 no longer reads (its node ids
+    are structured: pytest-dev/pytest-xdist#1386, fix pending in #1388), so the groups were
+    silently ignored and the serial tests ran side by side. A no-op where xdist's suffix took.
+    """
+
+    @pytest.hookimpl(trylast=True)  # after xdist's own hook has had its go
+    def pytest_collection_modifyitems(self, config: pytest.Config, items: list[pytest.Item]):
+        if not config.getoption("loadgroup", default=False):
+            return
+        try:
+            from _pytest.nodeid import NodeId
+        except ImportError:  # pytest before 9.2: xdist's own suffix works
+            return
+        for item in items:
+            groups = sorted({str(m.args[0]) for m in item.iter_markers("xdist_group") if m.args})
+            if groups and "@" not in item.nodeid:
+                item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(_XdistGroupSuffix(), "finpipe-xdist-group-suffix")
+
+
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Error a test that has no tier (under xdist; see pytest_collection_modifyitems)."""
     if _UNTIERED in item.stash:
