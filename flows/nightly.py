@@ -163,6 +163,14 @@ def summary_markdown(summary: dict) -> str:
         lines.append(f"| {name} | {item['status']} | {item['rows']:,} | {item['dates']} |")
     if not summary["ingested"]:
         lines.append("| (no new files) | | | |")
+    noted = [
+        (item["source"].rsplit("/", 1)[-1], warning)
+        for item in summary["ingested"] or []
+        for warning in item.get("warnings") or []
+    ]
+    if noted:
+        lines += ["", "**Data-quality warnings** (recorded; the data was accepted):", ""]
+        lines += [f"- {name}: {warning}" for name, warning in noted]
     caught_up = summary.get("catch_up") or []
     if caught_up:
         lines += ["", "## Catch-up (missed nights)", "| date | status | rows | message |"]

@@ -186,6 +186,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_customers_ingest.py": ModuleTiers(FLOW),
     "test_reliability_bad_input.py": ModuleTiers(FLOW),
     "test_market_pipeline.py": ModuleTiers(FLOW),
+    "test_market_ingest.py": ModuleTiers(FLOW),
     # Real Prefect local mode and MLflow on SQLite.
     "test_nightly_flow.py": ModuleTiers(FLOW),
     "test_credit_pipeline.py": ModuleTiers(FLOW),

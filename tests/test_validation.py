@@ -67,12 +67,12 @@ def test_clean_frame_passes_and_skips_only_the_unadjusted_split_rule():
     assert report.success is True
     assert report.failures() == []
     assert report.row_count == 10
-    assert len(report.rules) == 30
+    assert len(report.rules) == 31  # 30 errors and the large-move warning
     assert [s["rule"] for s in report.skipped] == [UNADJUSTED_RULE]
     assert report.skipped[0]["missing_columns"] == ["abs_log_return_1d_unadjusted"]
     assert report.summary() == (
         "Batch 'test-batch' passed suite 'market_ohlcv' "
-        "(30 rules on 10 rows, 1 skipped for absent columns)."
+        "(31 rules on 10 rows, 1 skipped for absent columns)."
     )
 
 
@@ -291,6 +291,56 @@ def test_sample_with_adj_close_passes(shared_datasets):
     assert [s["rule"] for s in report.skipped] == [UNADJUSTED_RULE]
 
 
+def test_a_large_real_move_is_a_warning_and_the_batch_is_accepted():
+    jump = clean_bars()
+    earnings = (jump["ticker"] == "AAA") & (jump["date"] >= "2024-01-05")
+    jump.loc[earnings, ["adj_close", "close", "open", "high", "low"]] *= 1.52  # +52% overnight
+    report = check(jump)
+    assert report.success is True and report.failures() == []
+    [warning] = report.warnings()
+    assert (warning.rule, warning.severity) == ("large_move_1d(abs_log_return_1d)", "warning")
+    assert warning.unexpected_count == 1
+    assert warning.sample_keys == [{"date": "2024-01-05", "ticker": "AAA"}]
+    assert "1 warning(s), data accepted: large_move_1d(abs_log_return_1d): 1 unexpected" in (
+        report.summary()
+    )
+    # a bad tick (x10) is still an error, with what to do about it
+    tick = clean_bars()
+    tick.loc[(tick["ticker"] == "AAA") & (tick["date"] == "2024-01-04"), "adj_close"] *= 10
+    bad = check(tick)
+    assert list(failed(bad)) == [RETURN_RULE]
+    assert "deliver adj_close" in bad.summary()
+
+
+def test_a_close_declared_adjusted_is_checked_as_adjusted_prices_are(shared_datasets):
+    sample = normalise_market_frame(pd.read_csv(shared_datasets / "stocks_ohlcv.csv.gz"))
+    closes = sample.drop(columns="adj_close")
+    report = validate_frame(
+        add_market_checks_columns(closes, close_is_adjusted=True),
+        suite_name=SUITE,
+        batch_name="declared",
+        parameters={"as_of": "2013-03-01"},
+    )
+    # no suspected splits: the four days beyond 0.35 are warnings, and the batch is accepted
+    assert report.success is True
+    [warning] = report.warnings()
+    assert warning.unexpected_count == 4
+    assert UNADJUSTED_RULE in [s["rule"] for s in report.skipped]
+
+
+def test_a_severity_the_gate_does_not_know_is_refused(tmp_path):
+    spec = load_suite_spec(SUITE)
+    spec["expectations"][0]["meta"]["severity"] = "info"
+    with pytest.raises(ConfigError, match="has severity 'info'; use 'error'"):
+        validate_frame(
+            add_market_checks_columns(clean_bars()),
+            suite_name=SUITE,
+            batch_name="b",
+            parameters={"as_of": AS_OF},
+            suite_spec=spec,
+        )
+
+
 def test_sample_without_adj_close_fails_on_the_split_dates(shared_datasets, tmp_path):
     sample = normalise_market_frame(pd.read_csv(shared_datasets / "stocks_ohlcv.csv.gz"))
     unadjusted = sample.drop(columns="adj_close")
@@ -309,6 +359,9 @@ def test_sample_without_adj_close_fails_on_the_split_dates(shared_datasets, tmp_
     dates = unadjusted.loc[rule.sample_rows, "date"].dt.strftime("%Y-%m-%d")
     assert set(dates) == {"2000-06-21", "2003-02-18", "2005-02-28", "2000-09-29"}
     assert "date=2000-06-21, ticker=AAPL" in report.summary()
+    # what to do: deliver adj_close, or declare that close is already adjusted
+    assert "deliver adj_close" in report.summary()
+    assert "FINPIPE_MARKET_CLOSE_IS_ADJUSTED=true" in report.summary()
 
     # Data Docs: a local site whose index and validation page show the failed rule.
     assert report.data_docs == str(tmp_path.resolve() / "index.html")
@@ -327,12 +380,16 @@ def test_suite_spec_is_a_gx_suite_with_the_return_bounds():
     assert spec["name"] == SUITE
     assert spec["meta"]["key_columns"] == ["date", "ticker"]
     bounds = {
-        e["kwargs"]["column"]: e["kwargs"]["max_value"]
+        (e["kwargs"]["column"], e["meta"].get("severity", "error")): e["kwargs"]["max_value"]
         for e in spec["expectations"]
         if e["type"] == "expect_column_values_to_be_between"
         and e["kwargs"]["column"].startswith("abs_log_return")
     }
-    assert bounds == {"abs_log_return_1d": 1.0, "abs_log_return_1d_unadjusted": 0.35}
+    assert bounds == {
+        ("abs_log_return_1d", "error"): 1.0,  # a bad tick
+        ("abs_log_return_1d", "warning"): 0.35,  # a large real move: recorded, accepted
+        ("abs_log_return_1d_unadjusted", "error"): 0.35,  # a split in unadjusted closes
+    }
     assert all({"type", "kwargs"} <= set(e) for e in spec["expectations"])
 
 
@@ -377,7 +434,7 @@ def test_a_clean_batch_takes_one_counts_only_pass_and_loses_nothing(gx_passes, m
     detailed = check(clean_bars())
 
     assert gx_passes[0] == ("suite", "BASIC")
-    assert len(gx_passes) == 1 + 30 and {f for _, f in gx_passes[1:]} == {"SUMMARY"}
+    assert len(gx_passes) == 1 + 31 and {f for _, f in gx_passes[1:]} == {"SUMMARY"}
     assert quick.success is True
     assert quick.to_dict() == detailed.to_dict()
 

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from finpipe.errors import InputFileError, ValidationFailed
 from finpipe.storage import Storage, as_day, file_sha256
-from finpipe.validation import validate_frame
+from finpipe.validation import describe_rule_break, validate_frame
 
 BATCH_COLUMN = "batch_id"
 
@@ -65,6 +65,8 @@ class IngestOutcome:
     data_docs: str | None = None
     message: str = ""
     rules_failed: list[str] = field(default_factory=list)
+    # Warning rules the accepted batch broke, one sentence each (also in its batch record).
+    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,7 +165,7 @@ def ingest_file(
             message=f"{path.name}: already loaded on {previous.get('validated_at')}; skipped",
         )
     landed = storage.land_file(domain, path, sha)
-    record = {
+    record: dict[str, Any] = {
         "sha256": sha,
         "batch_id": batch_id,
         "source": str(path),
@@ -179,14 +181,14 @@ def ingest_file(
         raw = read_delivery(landed, contract.read_options)
         frame = contract.normalise(raw, source=path.name, **dated)
     except InputFileError as error:
-        report = {
+        unreadable = {
             "suite": contract.suite,
             "batch": batch_id,
             "source": str(path),
             "success": False,
             "rules": [{"rule": "readable_file", "success": False, "message": str(error)}],
         }
-        _quarantine(storage, contract, record, landed, report, None, str(error))
+        _quarantine(storage, contract, record, landed, unreadable, None, str(error))
     if contract.add_check_columns is not None:
         checked = contract.add_check_columns(frame, storage)
     else:
@@ -227,12 +229,14 @@ def ingest_file(
 
     published = _publish(storage, contract, frame, batch_id)
     dates = sorted(published)
+    warnings = [describe_rule_break(rule) for rule in report.warnings()]
     record.update(
         status="validated",
         validated_at=_now(),
         rows=len(frame),
         first_date=dates[0].isoformat() if dates else None,
         last_date=dates[-1].isoformat() if dates else None,
+        warnings=warnings,
     )
     storage.write_batch_record(domain, record)
     return IngestOutcome(
@@ -246,7 +250,9 @@ def ingest_file(
         dates=len(dates),
         landed_path=str(landed),
         data_docs=str(docs_dir / "index.html") if docs_dir.exists() else None,
-        message=f"{path.name}: {len(frame):,} rows over {len(dates)} dates validated",
+        message=f"{path.name}: {len(frame):,} rows over {len(dates)} dates validated"
+        + (f" with {len(warnings)} warning(s): {' '.join(warnings)}" if warnings else ""),
+        warnings=warnings,
     )
 
 

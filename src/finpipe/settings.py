@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     max_file_mb: int = Field(
         default=2048, ge=1, description="Largest delivery file ingest accepts, in MiB."
     )
+    market_close_is_adjusted: bool = Field(
+        default=False,
+        description="The market files' close is already split- and dividend-adjusted: a "
+        "file without adj_close is checked as adjusted prices are (large moves are warnings, "
+        "not suspected splits). Leave it off for raw exchange closes.",
+    )
     malloc_tuning: bool = Field(
         default=True,
         description="Keep freed memory for reuse instead of unmapping large arrays on every "

@@ -31,6 +31,7 @@ _LIST_COLUMN_KWARGS = ("column_list",)
 # Expectations that check a column's presence must run precisely when the column is absent.
 _NEVER_SKIPPED = frozenset({"expect_column_to_exist"})
 _ISO_DAY = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+ERROR, WARNING = "error", "warning"  # a rule's severity (the suite entry's meta.severity)
 
 
 @dataclass
@@ -48,6 +49,10 @@ class RuleResult:
     details: dict
     # The suite's key columns (meta.key_columns) of each sample row: {"date": ..., "ticker": ...}.
     sample_keys: list[dict] = field(default_factory=list)
+    # "error": a broken rule rejects the batch; "warning": it is recorded, the batch accepted.
+    severity: str = "error"
+    # What the user can do about a break of this rule (the suite entry's meta.advice).
+    advice: str | None = None
 
 
 @dataclass
@@ -64,8 +69,12 @@ class ValidationReport:
     parameters: dict = field(default_factory=dict)
 
     def failures(self) -> list[RuleResult]:
-        """Return the rules that failed, in suite order."""
-        return [rule for rule in self.rules if not rule.success]
+        """Return the error rules that failed (they reject the batch), in suite order."""
+        return [r for r in self.rules if not r.success and r.severity == ERROR]
+
+    def warnings(self) -> list[RuleResult]:
+        """Return the warning rules that failed (recorded; the batch is accepted)."""
+        return [r for r in self.rules if not r.success and r.severity == WARNING]
 
     def to_dict(self) -> dict:
         """Return the report as a JSON-serialisable dict (the quarantine's JSON)."""
@@ -86,10 +95,15 @@ class ValidationReport:
             f"Batch '{self.batch}' {'FAILED' if failures else 'passed'} suite '{self.suite}' "
             f"({len(self.rules)} rules on {self.row_count:,} rows{skipped})"
         )
+        warnings = self.warnings()
+        noted = [f"{len(warnings)} warning(s), data accepted:"] if warnings else []
+        noted.extend(describe_rule_break(rule) for rule in warnings)
         if not failures:
-            return head + "."
+            return " ".join([head + ("." if not warnings else ";"), *noted])
         parts = [head + f": {len(failures)} rule(s) broken."]
-        parts.extend(_describe_failure(rule) for rule in failures)
+        parts.extend(describe_rule_break(rule) for rule in failures)
+        parts.extend(dict.fromkeys(r.advice for r in failures if r.advice))
+        parts.extend(noted)
         parts.append(
             f"Fix the source data and deliver it again, or, if the data is right, "
             f"review the rule in expectations/{self.suite}.json."
@@ -143,6 +157,8 @@ def load_suite_spec(name: str) -> dict:
                 f"expectations/{name}.json: expectation #{position + 1} needs a string 'type' "
                 f"and a 'kwargs' object; got {str(entry)[:120]}"
             )
+    for expectation in spec["expectations"]:
+        rule_severity(expectation, name)
     rule_ids = [rule_id(expectation) for expectation in spec["expectations"]]
     duplicated = sorted({r for r in rule_ids if rule_ids.count(r) > 1})
     if duplicated:
@@ -154,8 +170,23 @@ def load_suite_spec(name: str) -> dict:
 
 
 def rule_id(expectation: Mapping[str, Any]) -> str:
-    """Return the readable id of a suite entry, e.g. `expect_column_values_to_be_between(close)`."""
+    """Return the readable id of a suite entry: its `meta.id` when the suite names it (two rules
+    on one column need names), else e.g. `expect_column_values_to_be_between(close)`."""
+    named = (expectation.get("meta") or {}).get("id")
+    if isinstance(named, str) and named:
+        return named
     return f"{expectation['type']}({', '.join(expectation_columns(expectation))})"
+
+
+def rule_severity(expectation: Mapping[str, Any], suite: str) -> str:
+    """Return a suite entry's `meta.severity`: "error" (the default) or "warning"."""
+    severity = (expectation.get("meta") or {}).get("severity", ERROR)
+    if severity not in (ERROR, WARNING):
+        raise ConfigError(
+            f"expectations/{suite}.json: {rule_id(expectation)} has severity {severity!r}; "
+            f"use {ERROR!r} (a break rejects the batch) or {WARNING!r} (recorded, accepted)"
+        )
+    return severity
 
 
 def expectation_columns(expectation: Mapping[str, Any]) -> list[str]:
@@ -212,11 +243,11 @@ def validate_frame(
             f"expectations/{suite_name}.json: {rule_id(bad.entry)} is not a valid GX expectation "
             f"({bad}); fix its type or kwargs"
         ) from bad.cause
-    rules = [_rule_result(outcome, batch, key_columns) for outcome in run.outcomes]
+    rules = [_rule_result(outcome, batch, key_columns, suite_name) for outcome in run.outcomes]
     return ValidationReport(
         suite=suite_name,
         batch=batch_name,
-        success=run.success,
+        success=not any(not r.success and r.severity == ERROR for r in rules),
         row_count=len(batch),
         rules=rules,
         skipped=skipped,
@@ -283,7 +314,9 @@ def _as_suite_parameter(value: Any) -> Any:
     return value
 
 
-def _rule_result(outcome: RuleOutcome, batch: pd.DataFrame, key_columns: list[str]) -> RuleResult:
+def _rule_result(
+    outcome: RuleOutcome, batch: pd.DataFrame, key_columns: list[str], suite: str
+) -> RuleResult:
     """Return the RuleResult of one rule's GX outcome."""
     entry, result = outcome.entry, outcome.result
     details: dict[str, Any] = {"kwargs": _json_value(outcome.kwargs)}
@@ -310,10 +343,12 @@ def _rule_result(outcome: RuleOutcome, batch: pd.DataFrame, key_columns: list[st
         sample_values=_json_value(values),
         details=details,
         sample_keys=keys,
+        severity=rule_severity(entry, suite),
+        advice=(entry.get("meta") or {}).get("advice"),
     )
 
 
-def _describe_failure(rule: RuleResult) -> str:
+def describe_rule_break(rule: RuleResult) -> str:
     """Return one sentence on a failed rule: what broke, how often, one row and value."""
     if "exception" in rule.details:
         return f"{rule.rule} could not be evaluated: {rule.details['exception']}."

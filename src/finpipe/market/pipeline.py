@@ -33,7 +33,7 @@ from finpipe.market.schema import DOMAIN, normalise_market_frame, price_column
 from finpipe.market.synthetic import ORACLE, plan_market_demo
 from finpipe.market.synthetic import write_oracle as write_oracle
 from finpipe.metrics import market_metrics, per_date_ic
-from finpipe.settings import Settings
+from finpipe.settings import Settings, load_settings
 from finpipe.storage import Storage, as_day
 from finpipe.tracking import RegisteredModel
 from finpipe.training import TimeSplit, time_split
@@ -62,10 +62,12 @@ def last_accepted_prices(storage: Storage, before: dt.date, column: str) -> pd.D
 
 
 def _add_market_checks(frame: pd.DataFrame, storage: Storage) -> pd.DataFrame:
+    # Read as the batch arrives: whether the user declared `close` already adjusted.
+    adjusted = load_settings().market_close_is_adjusted
     if frame.empty or frame["date"].isna().all():
-        return add_market_checks_columns(frame, None)
+        return add_market_checks_columns(frame, None, close_is_adjusted=adjusted)
     previous = last_accepted_prices(storage, frame["date"].min().date(), price_column(frame))
-    return add_market_checks_columns(frame, previous)
+    return add_market_checks_columns(frame, previous, close_is_adjusted=adjusted)
 
 
 MARKET_CONTRACT = RawContract(

@@ -16,7 +16,10 @@ MARKET_CHECK_COLUMNS = ("abs_log_return_1d", "abs_log_return_1d_unadjusted")
 
 
 def add_market_checks_columns(
-    batch: pd.DataFrame, previous_close: pd.DataFrame | None = None
+    batch: pd.DataFrame,
+    previous_close: pd.DataFrame | None = None,
+    *,
+    close_is_adjusted: bool = False,
 ) -> pd.DataFrame:
     """Return `batch` (same rows, same order) plus the derived columns the market suite bounds.
 
@@ -27,7 +30,8 @@ def add_market_checks_columns(
       A missing or non-positive price, or a row without date or ticker, gives NaN: the not-null
       and > 0 rules report those rows instead.
     - `abs_log_return_1d_unadjusted`: the same figure, added only when returns had to come from
-      the unadjusted close, so the suite's tighter split bound applies only then.
+      the unadjusted close, so the suite's tighter split bound applies only then. With
+      `close_is_adjusted` (the user says close is already adjusted) it is never added.
 
     A batch without date, ticker or close is returned unchanged: the suite reports the missing
     column. Drop MARKET_CHECK_COLUMNS before storing the batch.
@@ -60,7 +64,7 @@ def add_market_checks_columns(
 
     result = batch.copy()
     result["abs_log_return_1d"] = log_return.reindex(pd.RangeIndex(len(batch))).to_numpy()
-    if price == "close":
+    if price == "close" and not close_is_adjusted:
         result["abs_log_return_1d_unadjusted"] = result["abs_log_return_1d"]
     else:
         result = result.drop(columns="abs_log_return_1d_unadjusted", errors="ignore")
