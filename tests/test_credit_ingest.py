@@ -182,6 +182,27 @@ def test_cross_sectional_sample_is_dated_by_the_ingest_day(tmp_path, shared_data
     assert again.status == "already_loaded"
 
 
+def test_a_loan_book_export_with_a_banner_reads_with_the_configs_read_table(
+    tmp_path, shared_datasets
+):
+    """A semicolon export with two banner lines and a comment: one `[read]` table reads it."""
+    frame = pd.read_csv(shared_datasets / "germancredit.csv", dtype=str)
+    body = frame.to_csv(sep=";", index=False).splitlines()
+    export = tmp_path / "export.txt"
+    banner = ["Bank XYZ - loan book export", "run 2024-03-01 06:00; internal use only"]
+    export.write_text("\n".join([*banner, body[0], "# 1,000 loans", *body[1:]]) + "\n")
+    shipped = (shared_datasets.parent / "src/finpipe/credit/configs/germancredit.toml").read_text()
+    config = tmp_path / "xyz.toml"
+    config.write_text(
+        shipped.replace('name = "germancredit"', 'name = "xyz"')
+        + '\n[read]\nsep = ";"\nskip_rows = 2\ncomment = "#"\n'
+    )
+    book = load_loan_book(config)
+    assert book.read.pandas_options() == {"sep": ";", "skiprows": 2, "comment": "#"}
+    outcome = _ingest(Storage(tmp_path / "home"), book, export, as_of="2024-03-01")
+    assert (outcome.status, outcome.rows) == ("validated", 1000)
+
+
 def test_unparseable_date_fails_the_date_rules_with_the_raw_text(tmp_path, book, deliveries):
     _, files = deliveries
     path = _bad_copy(files[0], tmp_path, _set("application_date", "2022-13-45", row=2))

@@ -35,6 +35,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from finpipe.errors import ConfigError
+from finpipe.read_options import ReadOptions
 
 EXAMPLES = ("synthetic", "germancredit")
 DEFAULT_EXAMPLE = "synthetic"
@@ -129,6 +130,11 @@ class LoanBookConfig(_Strict):
 
     name: str = Field(description="Lower-case word; the GX suite is `credit_<name>`.")
     description: str = ""
+    read: ReadOptions = Field(
+        default_factory=ReadOptions,
+        description="How the files are read when they are not comma-separated with a header "
+        "(separator, banner lines to skip, comment character).",
+    )
     columns: Columns
     label: Label
     numeric: dict[str, NumericColumn] = Field(default_factory=dict)

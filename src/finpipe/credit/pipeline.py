@@ -73,6 +73,7 @@ def credit_contract(book: LoanBookConfig) -> RawContract:
         normalise=partial(normalise_credit_frame, book=book),
         suite_spec=partial(credit_suite, book=book),
         normalise_takes_as_of=True,
+        read_options=book.read.pandas_options(),
     )
 
 
