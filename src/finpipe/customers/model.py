@@ -32,7 +32,14 @@ from torch import nn
 from finpipe.customers.features import BASE_FEATURES, LOG_SCALED, MIX_PREFIXES, is_mix_feature
 from finpipe.errors import ModelRejected
 from finpipe.model_files import SavesNetAndMetadata, load_weights
-from finpipe.training import Batches, FeatureScaler, TrainConfig, resolve_device, train_regressor
+from finpipe.training import (
+    Batches,
+    FeatureScaler,
+    TrainConfig,
+    resolve_device,
+    torch_threads,
+    train_regressor,
+)
 
 SILHOUETTE_SAMPLE = 5000  # silhouette is O(n^2); beyond this it is estimated on a seeded sample
 
@@ -62,6 +69,12 @@ class SegmentModelParams(BaseModel):
         "silhouette beats it by more than this (stops k flickering between nights).",
     )
     kmeans_restarts: int = Field(10, ge=1, description="k-means initialisations per k.")
+    cpu_threads: int | None = Field(
+        1,
+        ge=1,
+        description="Intra-op CPU threads while the autoencoder fits (None: torch's default). "
+        "One is fastest for a net this small, above all on a busy machine.",
+    )
     seed: int = 0
     device: str = Field("auto", description="'auto' (cuda when available), 'cpu', 'cuda'.")
 
@@ -384,13 +397,14 @@ def fit_segment_model(
         rows = scaled[torch.from_numpy(np.flatnonzero(mask))]
         return Batches(rows, rows)
 
-    result = train_regressor(
-        build_autoencoder(len(feature_columns), architecture, params.seed),
-        samples(train),
-        samples(validation),
-        params.train_config(),
-        on_epoch=on_epoch,
-    )
+    with torch_threads(params.cpu_threads):
+        result = train_regressor(
+            build_autoencoder(len(feature_columns), architecture, params.seed),
+            samples(train),
+            samples(validation),
+            params.train_config(),
+            on_epoch=on_epoch,
+        )
     fitted = FittedSegmentModel(
         net=result.model,
         architecture=architecture,
