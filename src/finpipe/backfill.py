@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pyarrow.parquet as pq
@@ -102,7 +102,7 @@ class ScheduleSettings(BaseSettings):
         return calendar_for(domain, self.calendars)
 
 
-def load_schedule_settings(**overrides: object) -> ScheduleSettings:
+def load_schedule_settings(**overrides: Any) -> ScheduleSettings:
     """Return schedule settings from the environment (and `overrides`); ConfigError if bad."""
     try:
         return ScheduleSettings(**overrides)

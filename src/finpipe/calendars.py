@@ -31,7 +31,10 @@ _YEARS_AHEAD = 2
 class Calendar(Protocol):
     """The days on which a domain's data is delivered."""
 
-    name: str
+    @property
+    def name(self) -> str:
+        """How settings and messages name the calendar ('XNYS', 'business-day')."""
+        ...
 
     def sessions(self, start: dt.date, end: dt.date) -> list[dt.date]:
         """Every session from `start` to `end`, both included, in order."""

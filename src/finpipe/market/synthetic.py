@@ -262,6 +262,19 @@ def trading_calendar(start: str, days: int) -> pd.DatetimeIndex:
     return candidates[~candidates.isin(holidays)][:days].rename("date")
 
 
+def _check_defects(prices: pd.DataFrame, kinds: Sequence[str], rows_per_defect: int) -> None:
+    """Raise ValueError for an unknown defect kind or one the frame cannot carry."""
+    unknown = [kind for kind in kinds if kind not in DEFECT_KINDS]
+    if unknown:
+        raise ValueError(
+            f"unknown defect kind(s) {unknown}; allowed kinds are {list(DEFECT_KINDS)}"
+        )
+    if rows_per_defect < 1:
+        raise ValueError(f"rows_per_defect must be at least 1, got {rows_per_defect}")
+    if "high_below_low" in kinds and not {"high", "low"} <= set(prices.columns):
+        raise ValueError("defect 'high_below_low' needs `high` and `low` columns in the frame")
+
+
 def inject_defects(
     prices: pd.DataFrame, kinds: Sequence[str], *, rows_per_defect: int = 3, seed: int = 0
 ) -> pd.DataFrame:
@@ -278,16 +291,7 @@ def inject_defects(
     Different kinds land on different rows. The result keeps the input's row order (duplicates
     follow their original) with a fresh RangeIndex. Raises ValueError for an unknown kind.
     """
-    unknown = [kind for kind in kinds if kind not in DEFECT_KINDS]
-    if unknown:
-        raise ValueError(
-            f"unknown defect kind(s) {unknown}; allowed kinds are {list(DEFECT_KINDS)}"
-        )
-    if rows_per_defect < 1:
-        raise ValueError(f"rows_per_defect must be at least 1, got {rows_per_defect}")
-    if "high_below_low" in kinds and not {"high", "low"} <= set(prices.columns):
-        raise ValueError("defect 'high_below_low' needs `high` and `low` columns in the frame")
-
+    _check_defects(prices, kinds, rows_per_defect)
     rng = np.random.default_rng(seed)
     frame = prices.reset_index(drop=True).copy()
     taken = np.zeros(len(frame), dtype=bool)
