@@ -154,12 +154,11 @@ def test_a_night_that_cannot_run_says_what_to_do(as_of, validated, cap, message)
 
 
 def test_every_run_form_offers_the_registered_domains_as_a_drop_down():
-    from prefect.utilities.callables import parameter_schema
-
     from finpipe.flows.backfill import backfill
     from finpipe.flows.nightly import nightly
     from finpipe.flows.score import score
     from finpipe.flows.train import train
+    from prefect.utilities.callables import parameter_schema
 
     for flow in (nightly, backfill, train, score):
         field = parameter_schema(flow.fn).model_dump()["properties"]["domain"]

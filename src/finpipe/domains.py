@@ -106,7 +106,7 @@ class ChallengerOutcome:
     metrics: dict[str, dict[str, dict[str, float]]]
     seconds: float
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict:  # type: ignore[type-arg]  # fields of several types, rebuilt by **
         return asdict(self)
 
 
@@ -116,11 +116,11 @@ class DemoNight:
 
     as_of: str
     inputs: list[str]
-    training: dict = field(default_factory=dict)
+    training: dict[str, object] = field(default_factory=dict)
 
 
 def demo_nights(
-    files: list[Path], as_of: Callable[[Path], str], training: dict | None = None
+    files: list[Path], as_of: Callable[[Path], str], training: dict[str, object] | None = None
 ) -> list[DemoNight]:
     """Return one night per daily file of `files` (the history file first, then the dailies).
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 from pydantic import BaseModel
 
@@ -96,7 +97,7 @@ class Candidate:
     input_example: pd.DataFrame
     windows: dict[str, dict[str, float]]
     record: RunRecord = field(default_factory=RunRecord)
-    test_predictions: np.ndarray | None = None
+    test_predictions: npt.NDArray[np.float64] | None = None
 
 
 OutcomeT = TypeVar("OutcomeT", bound=ChallengerOutcome)
