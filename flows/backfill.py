@@ -7,7 +7,7 @@ from collections import Counter
 from typing import Annotated, Any
 
 from finpipe.flows.parameters import DomainName
-from finpipe.tasks.backfill import ingest_deliveries, process_date, update_features
+from finpipe.tasks.dates import ingest_deliveries, process_date, update_features
 from finpipe.tasks.steps import promote, train
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
@@ -15,24 +15,21 @@ from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 from pydantic import Field
 
-from finpipe.backfill import (
-    ALL_STEPS,
+from finpipe.date_runs import (
     BackfillIncomplete,
     DateFailed,
     DateOutcome,
-    Step,
-    check_backfill_request,
     expand_inputs,
     failure_summary,
-    load_schedule_settings,
     outcome_from_record,
     plan_backfill,
     read_completion,
-    today_in,
 )
 from finpipe.domains import get_domain
 from finpipe.errors import ConfigError
 from finpipe.locks import DEFAULT_TIMEOUT_SECONDS
+from finpipe.planning import ALL_STEPS, Step, check_backfill_request
+from finpipe.schedule import load_schedule_settings, today_in
 from finpipe.settings import load_settings, prepare_environment
 from finpipe.storage import Storage
 

@@ -29,9 +29,9 @@ from prefect.deployments.runner import RunnerDeployment
 from prefect.schedules import Cron, Schedule
 from prefect.types.entrypoint import EntrypointType
 
-from finpipe.backfill import ScheduleSettings, check_timezone, load_schedule_settings
 from finpipe.domains import get_domain
 from finpipe.errors import ConfigError
+from finpipe.schedule import ScheduleSettings, check_timezone, load_schedule_settings
 from finpipe.settings import TELEMETRY_OFF, Settings
 
 DEPLOYMENT_NAMES = ("nightly", "backfill", "train", "score")

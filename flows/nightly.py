@@ -10,26 +10,24 @@ import datetime as dt
 from typing import Any, Literal
 
 from finpipe.flows.parameters import DomainName
-from finpipe.tasks.backfill import ingest_deliveries, process_date, update_features
+from finpipe.tasks.dates import ingest_deliveries, process_date, update_features
 from finpipe.tasks.steps import promote, train
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from finpipe.backfill import (
-    ALL_STEPS,
+from finpipe.date_runs import (
     BackfillIncomplete,
     DateFailed,
     DateOutcome,
-    check_timezone,
     completed_dates,
     expand_inputs,
     failure_summary,
-    load_schedule_settings,
 )
 from finpipe.domains import get_domain
 from finpipe.errors import ConfigError
-from finpipe.planning import plan_night, scheduled_day
+from finpipe.planning import ALL_STEPS, plan_night, scheduled_day
+from finpipe.schedule import check_timezone, load_schedule_settings
 from finpipe.settings import load_settings, prepare_environment
 from finpipe.storage import Storage, as_day
 

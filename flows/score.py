@@ -5,14 +5,15 @@ from __future__ import annotations
 import datetime as dt
 
 from finpipe.flows.parameters import DomainName
-from finpipe.tasks.backfill import process_date, update_features
+from finpipe.tasks.dates import process_date, update_features
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from finpipe.backfill import ALL_STEPS, load_schedule_settings
 from finpipe.domains import get_domain
 from finpipe.errors import ConfigError
+from finpipe.planning import ALL_STEPS
+from finpipe.schedule import load_schedule_settings
 from finpipe.settings import load_settings, prepare_environment
 from finpipe.storage import Storage, as_day
 

@@ -7,16 +7,16 @@ from typing import Any
 
 from finpipe.flows.nightly import metrics_table
 from finpipe.flows.parameters import DomainName
-from finpipe.tasks.backfill import update_features
+from finpipe.tasks.dates import update_features
 from finpipe.tasks.steps import promote as promote_task
 from finpipe.tasks.steps import train as train_task
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from finpipe.backfill import load_schedule_settings
 from finpipe.domains import get_domain
 from finpipe.errors import ConfigError
+from finpipe.schedule import load_schedule_settings
 from finpipe.settings import load_settings, prepare_environment
 from finpipe.storage import Storage, as_day
 

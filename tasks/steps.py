@@ -1,5 +1,5 @@
 """Training and promotion as Prefect tasks, generic over domains, and `TRANSIENT`, the retry
-policy every task shares. The per-date steps (ingest, features, score): `tasks/backfill.py`."""
+policy every task shares. The per-date steps (ingest, features, score): `tasks/dates.py`."""
 
 from __future__ import annotations
 

@@ -14,16 +14,14 @@ from zoneinfo import ZoneInfo
 import pandas as pd
 import pytest
 
-from finpipe.backfill import (
-    ALL_STEPS,
+from finpipe.calendars import BusinessDays, calendar_named
+from finpipe.date_runs import (
     BackfillIncomplete,
-    check_backfill_request,
     is_done,
     missed_dates,
     process_date,
     read_completion,
 )
-from finpipe.calendars import BusinessDays, calendar_named
 from finpipe.errors import ConfigError
 from finpipe.ingest import ingest_file
 from finpipe.locks import LockTimeout, history_lock, partition_lock
@@ -39,7 +37,13 @@ from finpipe.market.synthetic import (
     generate_market_panel,
     write_vendor_files,
 )
-from finpipe.planning import missed_sessions, plan_night, scheduled_day
+from finpipe.planning import (
+    ALL_STEPS,
+    check_backfill_request,
+    missed_sessions,
+    plan_night,
+    scheduled_day,
+)
 from finpipe.storage import Storage, as_day
 from tests.conftest import finpipe_home
 

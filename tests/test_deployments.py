@@ -19,8 +19,8 @@ from finpipe.flows.deployments import start_prefect_api
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from finpipe import tracking
-from finpipe.backfill import ALL_STEPS, is_done, read_completion
 from finpipe.calendars import calendar_named
+from finpipe.date_runs import is_done, read_completion
 from finpipe.errors import ConfigError
 from finpipe.ingest import ingest_file
 from finpipe.locks import date_resource, read_holder
@@ -30,6 +30,7 @@ from finpipe.market.synthetic import (
     generate_market_panel,
     write_vendor_files,
 )
+from finpipe.planning import ALL_STEPS
 from finpipe.settings import Settings
 from finpipe.storage import Storage
 from tests.conftest import finpipe_home

@@ -25,7 +25,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
-from finpipe.backfill import ingest_deliveries, update_features_through
+from finpipe.date_runs import ingest_deliveries, update_features_through
 from finpipe.scoring import PROVENANCE_COLUMNS
 from finpipe.settings import Settings
 from finpipe.storage import Storage
@@ -326,7 +326,7 @@ OVERLAP = textwrap.dedent(
     """
     import json, sys, time
     from pathlib import Path
-    from finpipe.backfill import ingest_deliveries, update_features_through
+    from finpipe.date_runs import ingest_deliveries, update_features_through
     from finpipe.settings import load_settings
     from finpipe.storage import Storage
 

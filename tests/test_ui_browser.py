@@ -305,7 +305,7 @@ def test_prefect_deploy_registers_what_finpipe_serve_serves(uis):
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.flows import load_flow_from_entrypoint
 
-    from finpipe.backfill import ScheduleSettings
+    from finpipe.schedule import ScheduleSettings
 
     defaults = {name: field.default for name, field in ScheduleSettings.model_fields.items()}
     served = {d.name: d for d in build_deployments(ScheduleSettings(**defaults))}

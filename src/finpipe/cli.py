@@ -281,7 +281,8 @@ def run_backfill(
 ) -> None:
     """Run the backfill flow over a date range; re-running redoes only failed or missing dates."""
     _settings()
-    from finpipe.backfill import check_backfill_request, load_schedule_settings, today_in
+    from finpipe.planning import check_backfill_request
+    from finpipe.schedule import load_schedule_settings, today_in
 
     schedule = load_schedule_settings()
     request = check_backfill_request(  # bad parameters fail here, before Prefect starts
@@ -390,8 +391,8 @@ def serve(
     _settings()
     url = api_url or os.environ.get("PREFECT_API_URL") or "http://127.0.0.1:4200/api"
     os.environ["PREFECT_API_URL"] = url  # before Prefect reads its settings
-    from finpipe.backfill import load_schedule_settings
     from finpipe.flows.deployments import check_prefect_server, serve_deployments
+    from finpipe.schedule import load_schedule_settings
 
     overrides = {"timezone": timezone, "nightly_cron": cron}
     schedule = load_schedule_settings(**{k: v for k, v in overrides.items() if v})

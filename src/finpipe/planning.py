@@ -1,4 +1,5 @@
-"""What a night does, decided from facts about the store, without Prefect or storage calls.
+"""What a night or a backfill does, decided from facts about the store, without Prefect or
+storage calls.
 
 The nightly flow gathers the facts (validated dates, dates recorded complete, the domain's
 calendar, the settings) and runs the plan; every decision about dates lives here, in pure
@@ -8,12 +9,18 @@ functions a test can call with lists.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 from zoneinfo import ZoneInfo
 
 from finpipe.calendars import Calendar
+from finpipe.domains import get_domain
 from finpipe.errors import ConfigError
+from finpipe.storage import as_day
+
+Step = Literal["validate", "features", "score"]
+ALL_STEPS: tuple[Step, ...] = ("validate", "features", "score")
 
 
 def scheduled_day(moment: dt.datetime, timezone: ZoneInfo, calendar: Calendar) -> dt.date:
@@ -99,3 +106,73 @@ def plan_night(
             "catch_up off"
         )
     return NightPlan(domain, run_day, tuple(missed), retrain)
+
+
+# -- the request ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class BackfillRequest:
+    """A checked backfill: the domain, the range, the steps and the sessions in it."""
+
+    domain: str
+    start: dt.date
+    end: dt.date
+    steps: tuple[Step, ...]
+    days: tuple[dt.date, ...]
+
+
+def check_steps(steps: Iterable[str]) -> tuple[Step, ...]:
+    """Return `steps` in pipeline order without repeats; ConfigError for none or unknown ones."""
+    chosen = list(steps)
+    unknown = [s for s in chosen if s not in ALL_STEPS]
+    if unknown:
+        raise ConfigError(f"unknown step {unknown[0]!r}: steps are {', '.join(ALL_STEPS)}")
+    if not chosen:
+        raise ConfigError(f"choose at least one step: {', '.join(ALL_STEPS)}")
+    return tuple(s for s in ALL_STEPS if s in chosen)
+
+
+def check_backfill_request(
+    domain: str,
+    start: dt.date | str | None,
+    end: dt.date | str | None,
+    steps: Iterable[str] = ALL_STEPS,
+    *,
+    today: dt.date,
+    max_dates: int,
+    calendar: Calendar,
+) -> BackfillRequest:
+    """Return the backfill to run, or raise ConfigError with what to change, before any work.
+
+    Rejects an unknown domain, a missing date, an end before the start, dates after `today`
+    and a range of more than `max_dates` sessions of `calendar` (the domain's delivery days:
+    weekends and, for an exchange calendar, its holidays are not in the range).
+    """
+    get_domain(domain)
+    if start is None or end is None:
+        raise ConfigError("a backfill needs both a start and an end date (YYYY-MM-DD)")
+    first, last = as_day(start), as_day(end)
+    if last < first:
+        raise ConfigError(
+            f"end {last} is before start {first}: the backfill runs from start to end; "
+            "swap the two dates"
+        )
+    if last > today:
+        raise ConfigError(
+            f"end {last} is in the future (today is {today}): only dates that have happened "
+            f"can be backfilled; set end to {today} or earlier"
+        )
+    chosen = check_steps(steps)
+    days = calendar.sessions(first, last)
+    if not days:
+        raise ConfigError(
+            f"{first} to {last} holds no session of the {calendar.name} calendar (weekends and "
+            "holidays only): widen the range"
+        )
+    if len(days) > max_dates:
+        raise ConfigError(
+            f"{first} to {last} holds {len(days)} sessions of the {calendar.name} calendar, more "
+            "than the cap of "
+            f"{max_dates} (FINPIPE_BACKFILL_MAX_DATES): split it into smaller backfills "
+            "or raise the cap"
+        )
+    return BackfillRequest(domain, first, last, chosen, tuple(days))

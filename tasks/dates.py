@@ -1,4 +1,5 @@
-"""Prefect tasks for backfills and catch-up: locked ingest, locked feature update, one date."""
+"""Prefect tasks for the per-date unit of work (every run: nightly, catch-up, backfill): locked
+ingest, locked feature update, one date checked, scored and recorded."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from finpipe.tasks.steps import TRANSIENT
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from finpipe import backfill
+from finpipe import date_runs
 from finpipe.settings import load_settings
 from finpipe.storage import Storage
 
@@ -18,7 +19,7 @@ def ingest_deliveries(
     """Land, validate (Great Expectations) and publish each delivered file, under the lock."""
     logger = get_run_logger()
     settings = load_settings()
-    return backfill.ingest_deliveries(
+    return date_runs.ingest_deliveries(
         Storage(settings.home),
         domain,
         paths,
@@ -36,7 +37,7 @@ def update_features(
 ) -> dict:
     """Bring every feature partition up to date through `through`, under the history lock."""
     logger = get_run_logger()
-    update = backfill.update_features_through(
+    update = date_runs.update_features_through(
         Storage(load_settings().home),
         domain,
         through,
@@ -53,10 +54,10 @@ def update_features(
 
 @task(name="date", task_run_name="{domain}-{day}", **TRANSIENT)
 def process_date(domain: str, day: str, steps: list[str], holder: str, lock_timeout: float) -> dict:
-    """Check, score and record one date under its lock (see finpipe.backfill.process_date)."""
+    """Check, score and record one date under its lock (see finpipe.date_runs.process_date)."""
     logger = get_run_logger()
     settings = load_settings()
-    outcome = backfill.process_date(
+    outcome = date_runs.process_date(
         Storage(settings.home),
         settings,
         domain,

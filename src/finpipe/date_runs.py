@@ -1,4 +1,5 @@
-"""Backfills and catch-up: which dates to (re)do, the unit of work for one date, and its record.
+"""The unit of work of every run: one date checked, scored and recorded under its lock, and the
+completion record that says which dates are done (what backfills and catch-up redo).
 
 A date is one unit of work: check that it has validated data and features, score it with the
 champion, then record it complete, all while holding that date's lock (`finpipe.locks`).
@@ -27,176 +28,22 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from typing import Literal
 
 import pyarrow.parquet as pq
-from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from finpipe.calendars import DEFAULT_CALENDARS, Calendar, calendar_for
+from finpipe.calendars import Calendar
 from finpipe.domains import get_domain
-from finpipe.errors import ConfigError, FinpipeError, ScoringError
+from finpipe.errors import FinpipeError, ScoringError
 from finpipe.ingest import ingest_file
 from finpipe.locks import DEFAULT_TIMEOUT_SECONDS, history_lock, partition_lock
-from finpipe.planning import missed_sessions
+from finpipe.planning import ALL_STEPS, BackfillRequest, check_steps, missed_sessions
 from finpipe.settings import Settings
 from finpipe.storage import Storage, as_day, file_sha256, write_json_atomic
 
-log = logging.getLogger("finpipe.backfill")
+log = logging.getLogger("finpipe.date_runs")
 
-Step = Literal["validate", "features", "score"]
-ALL_STEPS: tuple[Step, ...] = ("validate", "features", "score")
 Status = Literal["completed", "failed", "no data", "done earlier"]
-
-
-class ScheduleSettings(BaseSettings):
-    """When the nightly deployment runs and how much a backfill may take on.
-
-    Each field reads `FINPIPE_<NAME>` from the environment (e.g. `FINPIPE_TIMEZONE`).
-    """
-
-    model_config = SettingsConfigDict(env_prefix="FINPIPE_", extra="ignore")
-
-    timezone: str = Field(
-        default="UTC",
-        description="IANA timezone of the nightly schedule and of the business calendar.",
-    )
-    nightly_cron: str = Field(
-        default="0 2 * * 1-5", description="When the nightly deployment runs: 02:00 on weekdays."
-    )
-    nightly_domains: list[str] = Field(
-        default_factory=lambda: ["market"],
-        description='Domains the nightly deployment runs, one schedule each (JSON: ["market"]).',
-    )
-    nightly_inputs: dict[str, list[str]] = Field(
-        default_factory=dict,
-        description="Per domain, the delivered files (paths or globs) every scheduled night "
-        'loads, e.g. {"market": ["/data/drop/market_*.csv"]}; files already loaded are skipped.',
-    )
-    calendars: dict[str, str] = Field(
-        default_factory=lambda: dict(DEFAULT_CALENDARS),
-        description="Per domain, the calendar of its delivery days: an exchange code that "
-        "exchange-calendars knows (XNYS, XLON, ...) or 'business days' (Monday to Friday, the "
-        'default for a domain not named), e.g. {"market": "XNYS"}.',
-    )
-    backfill_max_dates: int = Field(
-        default=260,
-        ge=1,
-        description="Most sessions one backfill (or one nightly catch-up) may cover.",
-    )
-    lock_timeout_seconds: float = Field(
-        default=DEFAULT_TIMEOUT_SECONDS,
-        ge=0,
-        description="How long a run waits for a date or history lock another run holds.",
-    )
-
-    @field_validator("timezone")
-    @classmethod
-    def _known_timezone(cls, value: str) -> str:
-        check_timezone(value)
-        return value
-
-    def calendar(self, domain: str) -> Calendar:
-        """The calendar of `domain`'s delivery days."""
-        return calendar_for(domain, self.calendars)
-
-
-def load_schedule_settings(**overrides: Any) -> ScheduleSettings:
-    """Return schedule settings from the environment (and `overrides`); ConfigError if bad."""
-    try:
-        return ScheduleSettings(**overrides)
-    except ValidationError as error:
-        problems = "; ".join(
-            f"FINPIPE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors()
-        )
-        raise ConfigError(f"invalid schedule settings: {problems}") from None
-
-
-def check_timezone(name: str) -> ZoneInfo:
-    """Return the IANA timezone `name`; ConfigError with an example when it is unknown."""
-    try:
-        return ZoneInfo(name)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise ConfigError(
-            f"unknown timezone {name!r}: use an IANA name such as 'UTC', 'Europe/London' "
-            "or 'America/New_York'"
-        ) from None
-
-
-def today_in(timezone: str) -> dt.date:
-    """Return today's date in `timezone`."""
-    return dt.datetime.now(check_timezone(timezone)).date()
-
-
-# -- the request ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class BackfillRequest:
-    """A checked backfill: the domain, the range, the steps and the sessions in it."""
-
-    domain: str
-    start: dt.date
-    end: dt.date
-    steps: tuple[Step, ...]
-    days: tuple[dt.date, ...]
-
-
-def check_steps(steps: Iterable[str]) -> tuple[Step, ...]:
-    """Return `steps` in pipeline order without repeats; ConfigError for none or unknown ones."""
-    chosen = list(steps)
-    unknown = [s for s in chosen if s not in ALL_STEPS]
-    if unknown:
-        raise ConfigError(f"unknown step {unknown[0]!r}: steps are {', '.join(ALL_STEPS)}")
-    if not chosen:
-        raise ConfigError(f"choose at least one step: {', '.join(ALL_STEPS)}")
-    return tuple(s for s in ALL_STEPS if s in chosen)
-
-
-def check_backfill_request(
-    domain: str,
-    start: dt.date | str | None,
-    end: dt.date | str | None,
-    steps: Iterable[str] = ALL_STEPS,
-    *,
-    today: dt.date,
-    max_dates: int,
-    calendar: Calendar,
-) -> BackfillRequest:
-    """Return the backfill to run, or raise ConfigError with what to change, before any work.
-
-    Rejects an unknown domain, a missing date, an end before the start, dates after `today`
-    and a range of more than `max_dates` sessions of `calendar` (the domain's delivery days:
-    weekends and, for an exchange calendar, its holidays are not in the range).
-    """
-    get_domain(domain)
-    if start is None or end is None:
-        raise ConfigError("a backfill needs both a start and an end date (YYYY-MM-DD)")
-    first, last = as_day(start), as_day(end)
-    if last < first:
-        raise ConfigError(
-            f"end {last} is before start {first}: the backfill runs from start to end; "
-            "swap the two dates"
-        )
-    if last > today:
-        raise ConfigError(
-            f"end {last} is in the future (today is {today}): only dates that have happened "
-            f"can be backfilled; set end to {today} or earlier"
-        )
-    chosen = check_steps(steps)
-    days = calendar.sessions(first, last)
-    if not days:
-        raise ConfigError(
-            f"{first} to {last} holds no session of the {calendar.name} calendar (weekends and "
-            "holidays only): widen the range"
-        )
-    if len(days) > max_dates:
-        raise ConfigError(
-            f"{first} to {last} holds {len(days)} sessions of the {calendar.name} calendar, more "
-            "than the cap of "
-            f"{max_dates} (FINPIPE_BACKFILL_MAX_DATES): split it into smaller backfills "
-            "or raise the cap"
-        )
-    return BackfillRequest(domain, first, last, chosen, tuple(days))
 
 
 # -- completion records --------------------------------------------------------------------
