@@ -15,9 +15,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from finpipe.flows.deployments import DEPLOYMENT_NAMES, server_commands, wait_until_up
+from finpipe.flows.deployments import DEPLOYMENT_NAMES
 
 from finpipe.settings import TELEMETRY_OFF, Settings
+from finpipe.ui_servers import server_commands, wait_until_up
 from tests.servers import free_port, stop
 
 

@@ -391,8 +391,9 @@ def serve(
     _settings()
     url = api_url or os.environ.get("PREFECT_API_URL") or "http://127.0.0.1:4200/api"
     os.environ["PREFECT_API_URL"] = url  # before Prefect reads its settings
-    from finpipe.flows.deployments import check_prefect_server, serve_deployments
+    from finpipe.flows.deployments import serve_deployments
     from finpipe.schedule import load_schedule_settings
+    from finpipe.ui_servers import check_prefect_server
 
     overrides = {"timezone": timezone, "nightly_cron": cron}
     schedule = load_schedule_settings(**{k: v for k, v in overrides.items() if v})
@@ -412,7 +413,7 @@ def ui(
 ) -> None:
     """Start a Prefect server and the MLflow UI on this FINPIPE_HOME's stores (^C stops both)."""
     settings = _settings()
-    from finpipe.flows.deployments import run_servers, server_commands
+    from finpipe.ui_servers import run_servers, server_commands
 
     commands = server_commands(
         settings, host=host, prefect_port=prefect_port, mlflow_port=mlflow_port
