@@ -57,6 +57,9 @@ os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
 # The local API server gets a minute to start (default 20 s): on a busy 2-core CI machine the
 # first flow run of the session has timed out waiting for it.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
+# The plumbing tests train toy models (2 epochs, 8 units) that the promotion quality floor
+# rightly refuses; it is tested on its own in test_quality_floor.py, with it on.
+os.environ["FINPIPE_PROMOTION_FLOOR"] = "false"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("FINPIPE_MLFLOW_TRACKING_URI", None)
 
@@ -187,6 +190,9 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_reliability_bad_input.py": ModuleTiers(FLOW),
     "test_market_pipeline.py": ModuleTiers(FLOW),
     "test_market_ingest.py": ModuleTiers(FLOW),
+    "test_quality_floor.py": ModuleTiers(
+        FLOW, by_name={"test_the_floor_is_every_stated_component_and_none_means_no_floor": UNIT}
+    ),
     # Real Prefect local mode and MLflow on SQLite.
     "test_nightly_flow.py": ModuleTiers(FLOW),
     "test_credit_pipeline.py": ModuleTiers(FLOW),

@@ -241,7 +241,15 @@ def train_challenger(
         predictions = fitted[chosen].test_predictions
         if predictions is not None:
             promotion.check_predictions_sane(predictions, chosen)
+        refusal = None
+        if settings.promotion_floor:
+            refusal = floor_refusal(windows[chosen]["validation"], parts.selection_metric, chosen)
         version = promotion.register_challenger(settings, parts.name, uris[chosen], chosen)
+        floor = "refused" if refusal else "passed" if settings.promotion_floor else "off"
+        tracking.tag_run("quality_floor", floor)
+        if refusal:
+            say(f"quality floor: {refusal}; v{version} is registered but will not be promoted")
+            tracking.tag_version(settings, parts.name, version, tracking.QUALITY_FLOOR_TAG, refusal)
     return night.outcome(
         ChallengerOutcome(
             run_id=run_id,
@@ -253,6 +261,26 @@ def train_challenger(
             seconds=round(time.perf_counter() - started, 3),
         )
     )
+
+
+def floor_refusal(validation: Mapping[str, float], metric: str, kind: str) -> str | None:
+    """Why the chosen candidate may not become champion, or None when it may.
+
+    A domain states its quality floor in the candidate's validation metrics, as components
+    named `<metric>_floor_<what>` (e.g. `ic_floor_standard_error`, `ic_floor_momentum`: the
+    naive baselines the model must beat on the validation window). The candidate must score
+    strictly above every component. A domain that states none has no floor.
+    """
+    prefix = f"{metric}_floor_"
+    components = {k.removeprefix(prefix): v for k, v in validation.items() if k.startswith(prefix)}
+    if not components:
+        return None
+    value = validation[metric]
+    beaten = {name: floor for name, floor in components.items() if not value > floor}
+    if not beaten:
+        return None
+    bars = ", ".join(f"{name.replace('_', ' ')} {floor:.4f}" for name, floor in beaten.items())
+    return f"{kind}: validation {metric} {value:.4f} does not beat {bars}"
 
 
 def _write(record: RunRecord) -> None:

@@ -7,7 +7,7 @@ are logged to the training run.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
 
 import mlflow
@@ -21,10 +21,12 @@ from finpipe.settings import Settings
 from finpipe.tracking import (
     CHALLENGER,
     CHAMPION,
+    QUALITY_FLOOR_TAG,
     RegisteredModel,
     current_alias_version,
     load_model_version,
     set_alias,
+    version_tags,
 )
 
 
@@ -154,9 +156,14 @@ def promote_challenger(
     `evaluate` receives a registered model and returns its score on the evaluation window
     (higher is better); both models go through it, so the comparison is like for like.
     """
+    champion_version = current_alias_version(settings, domain, CHAMPION)
+    refusal = version_tags(settings, domain, challenger_version).get(QUALITY_FLOOR_TAG)
+    if refusal:
+        decision = refused_by_floor(metric, str(challenger_version), champion_version, refusal)
+        _log_decision(decision, run_id, {"promoted": 0.0})
+        return decision
     challenger = load_model_version(settings, domain, version=challenger_version)
     challenger_score = evaluate(challenger)
-    champion_version = current_alias_version(settings, domain, CHAMPION)
     champion_score = None
     if champion_version is not None:
         champion_score = evaluate(load_model_version(settings, domain, version=champion_version))
@@ -168,12 +175,41 @@ def promote_challenger(
         champion_score=champion_score,
     )
     apply_promotion(settings, domain, decision)
-    if run_id is not None:
-        with mlflow.start_run(run_id=run_id):
-            mlflow.log_dict(decision.to_dict(), "promotion.json")
-            figures = {"challenger_score": challenger_score, "promoted": float(decision.promoted)}
-            if champion_score is not None and np.isfinite(champion_score):
-                figures["champion_score"] = champion_score
-            mlflow.log_metrics(figures)
-            mlflow.set_tag("promotion", "promoted" if decision.promoted else "champion kept")
+    figures = {"challenger_score": challenger_score, "promoted": float(decision.promoted)}
+    if champion_score is not None and np.isfinite(champion_score):
+        figures["champion_score"] = champion_score
+    _log_decision(decision, run_id, figures)
     return decision
+
+
+def refused_by_floor(
+    metric: str, challenger_version: str, champion_version: str | None, refusal: str
+) -> PromotionDecision:
+    """The decision for a challenger the quality floor refused: it never becomes champion."""
+    kept = f"champion v{champion_version} kept" if champion_version else "there is no champion"
+    return PromotionDecision(
+        promoted=False,
+        metric=metric,
+        challenger_version=challenger_version,
+        challenger_score=float("nan"),
+        champion_version=champion_version,
+        champion_score=None,
+        reason=f"challenger v{challenger_version} refused by the quality floor ({refusal}); {kept}",
+    )
+
+
+def _log_decision(
+    decision: PromotionDecision, run_id: str | None, figures: Mapping[str, float]
+) -> None:
+    if run_id is None:
+        return
+    with mlflow.start_run(run_id=run_id):
+        mlflow.log_dict(decision.to_dict(), "promotion.json")
+        mlflow.log_metrics(dict(figures))
+        if decision.promoted:
+            tag = "promoted"
+        elif decision.challenger_score != decision.challenger_score:  # NaN: never scored
+            tag = "refused by the quality floor"
+        else:
+            tag = "champion kept"
+        mlflow.set_tag("promotion", tag)

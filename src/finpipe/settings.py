@@ -78,6 +78,13 @@ class Settings(BaseSettings):
     max_file_mb: int = Field(
         default=2048, ge=1, description="Largest delivery file ingest accepts, in MiB."
     )
+    promotion_floor: bool = Field(
+        default=True,
+        description="No model becomes champion, first or not, unless it beats the naive "
+        "baselines its domain states on the validation window (market: one standard error "
+        "above zero IC, and the momentum and reversal signals' IC). Off only for plumbing "
+        "tests with toy models: a refused challenger is still registered for inspection.",
+    )
     market_close_is_adjusted: bool = Field(
         default=False,
         description="The market files' close is already split- and dividend-adjusted: a "

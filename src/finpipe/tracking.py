@@ -38,6 +38,8 @@ if TYPE_CHECKING:
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+# Tag of a registered version the quality floor refused: why, in words (see lifecycle).
+QUALITY_FLOOR_TAG = "quality_floor_refused"
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +159,11 @@ def load_model_version(
             found = client.get_model_version_by_alias(name, alias)
     except MlflowException:
         wanted = f"version {version}" if version is not None else f"alias {alias!r}"
+        refused = _refused_challenger(client, name) if alias == CHAMPION and not version else ""
         raise ScoringError(
             f"no model {name!r} with {wanted} in the registry at "
-            f"{settings.tracking_uri_for_display}; "
-            f"run `finpipe run nightly --domain {domain}` to train one"
+            f"{settings.tracking_uri_for_display}; nothing is scored. "
+            + (refused or f"Run `finpipe run nightly --domain {domain}` to train one")
         ) from None
     key = (settings.tracking_uri, name, str(found.version), found.run_id)
     with _LOADED_LOCK:
@@ -181,6 +184,21 @@ def load_model_version(
 _LOADED: OrderedDict[tuple[str, str, str, str], object] = OrderedDict()
 _LOADED_LIMIT = 4
 _LOADED_LOCK = threading.Lock()
+
+
+def _refused_challenger(client: MlflowClient, name: str) -> str:
+    """Why the latest challenger did not become champion, when the quality floor refused it."""
+    try:
+        found = client.get_model_version_by_alias(name, CHALLENGER)
+    except MlflowException:
+        return ""
+    reason = found.tags.get(QUALITY_FLOOR_TAG)
+    if not reason:
+        return ""
+    return (
+        f"The latest challenger, v{found.version}, was refused by the quality floor ({reason}): "
+        "no model has yet beaten the naive baseline on validation"
+    )
 
 
 def _load_finpipe_model(uri: str) -> Any:
@@ -244,6 +262,20 @@ def current_alias_version(settings: Settings, domain: str, alias: str = CHAMPION
     return str(version.version)
 
 
+def tag_version(settings: Settings, domain: str, version: str, key: str, value: str) -> None:
+    """Set a tag on one registered version of `domain`'s model."""
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    name = settings.model_name(check_name(domain))
+    MlflowClient().set_model_version_tag(name, str(version), key, value)
+
+
+def version_tags(settings: Settings, domain: str, version: str) -> dict[str, str]:
+    """Return the tags of one registered version of `domain`'s model."""
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    name = settings.model_name(check_name(domain))
+    return dict(MlflowClient().get_model_version(name, str(version)).tags)
+
+
 def current_champion(settings: Settings, domain: str) -> RegisteredModel | None:
     """Return the model holding `champion`, or None before the first promotion."""
     if current_alias_version(settings, domain, CHAMPION) is None:
@@ -257,6 +289,11 @@ def run(name: str, *, nested: bool = False) -> Iterator[str]:
     ends FAILED if the block raises."""
     with mlflow.start_run(run_name=name, nested=nested) as active:
         yield active.info.run_id
+
+
+def tag_run(key: str, value: str) -> None:
+    """Set a tag on the active run."""
+    mlflow.set_tag(key, value)
 
 
 def log_params(params: Mapping[str, str | int | float]) -> None:

@@ -162,6 +162,7 @@ class MarketNight:
         validation = scored[scored["date"].isin(split.validation_dates)]
         test = scored[scored["date"].isin(split.test_dates)]
         windows = {"validation": _metrics(validation, config), "test": _metrics(test, config)}
+        windows["validation"].update(self.ic_floor(validation))
         say(
             f"{kind}: validation IC {windows['validation']['ic']:.4f}, "
             f"test IC {windows['test']['ic']:.4f}, best epoch {fitted.best_epoch}"
@@ -179,6 +180,29 @@ class MarketNight:
             ),
             test_predictions=test["prediction"].to_numpy(),
         )
+
+    def ic_floor(self, validation: pd.DataFrame) -> dict[str, float]:
+        """The validation IC a candidate must beat to become champion (`lifecycle.floor_refusal`):
+        one standard error of its own mean daily IC above zero, and the IC of two naive
+        signals on the same window: momentum (the trailing 20-day return) and short-term
+        reversal (minus the trailing 5-day return)."""
+        label = self.config.label
+        daily = per_date_ic(validation, "prediction", label)
+        floor = {
+            "ic_floor_standard_error": float(daily.std(ddof=1) / np.sqrt(len(daily)))
+            if len(daily) > 1
+            else float("inf")
+        }
+        window = self.frame[self.frame["date"].isin(self.split.validation_dates)]
+        signals = {}
+        if "return_20d" in window:
+            signals["momentum"] = window["return_20d"]
+        if "return_5d" in window:
+            signals["reversal"] = -window["return_5d"]
+        for name, signal in signals.items():
+            naive = window[["date", label]].assign(prediction=signal)
+            floor[f"ic_floor_{name}"] = float(per_date_ic(naive, "prediction", label).mean())
+        return floor
 
     def conclude(self, fitted: Mapping[str, Candidate], say: lifecycle.Say) -> RunRecord:
         """The planted signal's IC on the test window, when a synthetic oracle is present."""

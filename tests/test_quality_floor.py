@@ -1,0 +1,59 @@
+"""No model becomes champion, first or not, unless it beats naive baselines on validation."""
+
+from __future__ import annotations
+
+import pytest
+
+from finpipe.domains import get_domain
+from finpipe.errors import ScoringError
+from finpipe.ingest import ingest_file
+from finpipe.lifecycle import floor_refusal
+from finpipe.market.synthetic import (
+    MarketSyntheticConfig,
+    generate_market_panel,
+    write_vendor_files,
+)
+from finpipe.storage import Storage
+from finpipe.tracking import QUALITY_FLOOR_TAG, current_alias_version, version_tags
+
+FAST = {"max_epochs": 4, "hidden": 16, "lookback": 10, "batch_size": 256, "models": ["mlp"]}
+
+
+def test_the_floor_is_every_stated_component_and_none_means_no_floor():
+    validation = {"ic": 0.03, "ic_floor_standard_error": 0.02, "ic_floor_reversal": 0.05}
+    assert floor_refusal(validation, "ic", "mlp") == (
+        "mlp: validation ic 0.0300 does not beat reversal 0.0500"
+    )
+    assert floor_refusal({**validation, "ic": 0.06}, "ic", "mlp") is None
+    assert floor_refusal({"ic": -0.5}, "ic", "mlp") is None  # a domain without a floor
+    equal = {"auc": 0.7, "auc_floor_logistic": 0.7}
+    assert floor_refusal(equal, "auc", "mlp") is not None  # strictly above, not equal
+
+
+def test_a_first_model_with_a_negative_validation_ic_is_refused_and_scoring_says_so(home):
+    """A panel with no planted signal (seed 2): the MLP's validation IC is negative."""
+    home = home.model_copy(update={"promotion_floor": True})  # the suite turns it off
+    panel = generate_market_panel(
+        MarketSyntheticConfig(tickers=20, days=320, seed=2, signal_strength=0.0)
+    )
+    [history] = write_vendor_files(panel.prices, home.home / "drop", daily_files=0)
+    storage, market = Storage(home.home), get_domain("market")
+    ingest_file(storage, market.contract, history, as_of="2030-01-01")
+    as_of = storage.partition_dates("validated", "market")[-1]
+    market.update_features(storage, as_of, rebuild=False, progress=None)
+
+    outcome = market.train(storage, home, as_of, market.training_config(**FAST))
+    validation = outcome.metrics["mlp"]["validation"]
+    assert validation["ic"] < 0
+    decision = market.promote(storage, home, outcome)
+
+    assert not decision.promoted
+    assert "refused by the quality floor" in decision.reason
+    assert f"validation ic {validation['ic']:.4f} does not beat standard error" in decision.reason
+    assert current_alias_version(home, "market", "champion") is None
+    refusal = version_tags(home, "market", outcome.challenger_version)[QUALITY_FLOOR_TAG]
+    assert refusal.startswith("mlp: validation ic")
+    with pytest.raises(ScoringError, match="refused by the quality floor") as caught:
+        market.score(storage, home, as_of)
+    assert "nothing is scored" in str(caught.value)
+    assert storage.partition_dates("predictions", "market") == []
