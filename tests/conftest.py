@@ -248,6 +248,46 @@ def _keeps_module_fixtures_together(item: pytest.Item) -> bool:
     )
 
 
+def _tier_of(item: pytest.Item, module: str) -> str | None:
+    """Return the tier of `item` (its own marker, else the table's), or None if it has none."""
+    own = {m.name for m in item.iter_markers() if m.name in TIERS}
+    if len(own) > 1:
+        raise pytest.UsageError(f"{item.nodeid} carries more than one tier: {sorted(own)}")
+    if own:
+        return own.pop()
+    if module not in TIER_TABLE:
+        return None
+    tier = TIER_TABLE[module].tier_of(item)
+    if tier == UNIT and item.get_closest_marker("slow") is not None:
+        tier = FLOW
+    item.add_marker(tier)
+    return tier
+
+
+def _serialised(item: pytest.Item, module: str) -> bool:
+    names = SERIALISED.get(module, frozenset())
+    return names is None or getattr(item, "originalname", item.name) in names
+
+
+def _untiered_error(items: list[pytest.Item], untiered: set[str]) -> None:
+    """Fail the run over test modules that have no tier."""
+    message = (
+        "no test tier for "
+        + ", ".join(sorted(untiered))
+        + ": add each module to TIER_TABLE in tests/conftest.py (unit, flow or e2e; see the"
+        " README's Tests section), or mark its tests with @pytest.mark.unit/flow/e2e"
+    )
+    if "PYTEST_XDIST_WORKER" not in os.environ:
+        raise pytest.UsageError(message)
+    # An xdist worker's collection error reaches the terminal without its message: each
+    # untiered test errors instead, selected by every tier so that no `-m` skips it.
+    for item in items:
+        if _module_key(item) in untiered:
+            item.stash[_UNTIERED] = message
+            for tier in TIERS:
+                item.add_marker(tier)
+
+
 @pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group markers
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Give every test its tier marker (and `slow` for e2e) and its xdist group; start the
@@ -256,26 +296,14 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     rank: dict[str, int] = {}
     for item in items:
         module = _module_key(item)
-        own = {m.name for m in item.iter_markers() if m.name in TIERS}
-        if len(own) > 1:
-            raise pytest.UsageError(f"{item.nodeid} carries more than one tier: {sorted(own)}")
-        if own:
-            tier = own.pop()
-        elif module in TIER_TABLE:
-            tier = TIER_TABLE[module].tier_of(item)
-            if tier == UNIT and item.get_closest_marker("slow") is not None:
-                tier = FLOW
-            item.add_marker(tier)
-        else:
+        tier = _tier_of(item, module)
+        if tier is None:
             untiered.add(module)
             rank[module] = 0
             continue
         if tier == E2E and item.get_closest_marker("slow") is None:
             item.add_marker("slow")
-        serialised = module in SERIALISED and (
-            SERIALISED[module] is None
-            or getattr(item, "originalname", item.name) in SERIALISED[module]
-        )
+        serialised = _serialised(item, module)
         if serialised:
             item.add_marker(pytest.mark.xdist_group(SERIAL_GROUP))
         elif _keeps_module_fixtures_together(item):
@@ -285,21 +313,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if getattr(item, "originalname", item.name) in START_EARLY.get(module, ()):
             rank[item.nodeid] = _START_ORDER["early"]
     if untiered:
-        message = (
-            "no test tier for "
-            + ", ".join(sorted(untiered))
-            + ": add each module to TIER_TABLE in tests/conftest.py (unit, flow or e2e; see the"
-            " README's Tests section), or mark its tests with @pytest.mark.unit/flow/e2e"
-        )
-        if "PYTEST_XDIST_WORKER" not in os.environ:
-            raise pytest.UsageError(message)
-        # An xdist worker's collection error reaches the terminal without its message: each
-        # untiered test errors instead, selected by every tier so that no `-m` skips it.
-        for item in items:
-            if _module_key(item) in untiered:
-                item.stash[_UNTIERED] = message
-                for tier in TIERS:
-                    item.add_marker(tier)
+        _untiered_error(items, untiered)
     # Stable: the file's order within a module.
     items.sort(key=lambda item: rank.get(item.nodeid, rank[_module_key(item)]))
 
@@ -323,7 +337,11 @@ class _XdistGroupSuffix:
         for item in items:
             groups = sorted({str(m.args[0]) for m in item.iter_markers("xdist_group") if m.args})
             if groups and "@" not in item.nodeid:
-                item._id = NodeId.parse(f"{item.nodeid}@{'_'.join(groups)}")
+                # The suffix goes on the last name, parameters included: `test[x]@group`.
+                *parents, name = item._id.names
+                params = "" if item._id.params is None else f"[{item._id.params}]"
+                suffixed = f"{name}{params}@{'_'.join(groups)}"
+                item._id = NodeId(path=item._id.path, names=(*parents, suffixed))
 
 
 def pytest_configure(config: pytest.Config) -> None:
