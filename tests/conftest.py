@@ -191,7 +191,10 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_market_pipeline.py": ModuleTiers(FLOW),
     "test_market_ingest.py": ModuleTiers(FLOW),
     "test_quality_floor.py": ModuleTiers(
-        FLOW, by_name={"test_the_floor_is_every_stated_component_and_none_means_no_floor": UNIT}
+        UNIT,
+        by_name={
+            "test_a_first_model_with_a_negative_validation_ic_is_refused_and_scoring_says_so": FLOW
+        },
     ),
     # Real Prefect local mode and MLflow on SQLite.
     "test_nightly_flow.py": ModuleTiers(FLOW),

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-import pytest
+import math
 
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from finpipe.credit.metrics import auc_standard_error
+from finpipe.credit.pipeline import state_auc_floor
 from finpipe.domains import get_domain
 from finpipe.errors import ScoringError
 from finpipe.ingest import ingest_file
-from finpipe.lifecycle import floor_refusal
+from finpipe.lifecycle import Candidate, floor_refusal
 from finpipe.market.synthetic import (
     MarketSyntheticConfig,
     generate_market_panel,
@@ -57,3 +63,42 @@ def test_a_first_model_with_a_negative_validation_ic_is_refused_and_scoring_says
         market.score(storage, home, as_of)
     assert "nothing is scored" in str(caught.value)
     assert storage.partition_dates("predictions", "market") == []
+
+
+def test_the_auc_standard_error_matches_a_bootstrap():
+    rng = np.random.default_rng(0)
+    labels = np.r_[np.ones(300), np.zeros(700)]
+    scores = labels * 1.0 + rng.normal(size=1000)
+    auc = roc_auc_score(labels, scores)
+    boot = []
+    for _ in range(400):
+        pick = rng.integers(0, 1000, 1000)
+        if 0 < labels[pick].sum() < 1000:
+            boot.append(roc_auc_score(labels[pick], scores[pick]))
+    formula = auc_standard_error(auc, 300, 700)
+    assert formula == pytest.approx(np.std(boot, ddof=1), rel=0.2)
+    # Hanley & McNeil's own example shape: AUC 0.8 with 50 per class
+    assert auc_standard_error(0.8, 50, 50) == pytest.approx(0.0445, abs=5e-4)
+    assert math.isnan(auc_standard_error(0.8, 0, 50))
+
+
+def test_a_network_below_the_logistic_baseline_less_its_error_is_refused():
+    def candidate(auc: float) -> Candidate:
+        validation = {"auc": auc, "default_rate": 0.3, "n": 1000.0}
+        return Candidate(
+            model=None, loader="", input_example=None, windows={"validation": validation}
+        )  # type: ignore[arg-type]
+
+    fitted = {"mlp": candidate(0.70), "logistic": candidate(0.72)}
+    figures = state_auc_floor(fitted)
+    floor = figures["validation_auc_floor_logistic_baseline"]
+    assert floor == pytest.approx(0.72 - auc_standard_error(0.72, 300, 700))
+    assert 0.70 < floor < 0.72
+    assert "does not beat logistic baseline" in floor_refusal(
+        fitted["mlp"].windows["validation"], "auc", "mlp"
+    )
+    assert floor_refusal(fitted["logistic"].windows["validation"], "auc", "logistic") is None
+    close = {"mlp": candidate(0.71), "logistic": candidate(0.72)}
+    state_auc_floor(close)  # within one standard error of the baseline: good enough
+    assert floor_refusal(close["mlp"].windows["validation"], "auc", "mlp") is None
+    assert state_auc_floor({"mlp": candidate(0.7)}) == {}  # no baseline tonight, no floor

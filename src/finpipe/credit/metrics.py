@@ -61,6 +61,18 @@ def credit_metrics(labels, pd_values) -> dict[str, float]:
     return result
 
 
+def auc_standard_error(auc: float, defaults: int, non_defaults: int) -> float:
+    """Return the standard error of an ROC AUC (Hanley & McNeil, 1982, Radiology 143:29-36)
+    from the AUC and the two class counts; NaN when a class is empty."""
+    if defaults < 1 or non_defaults < 1 or not np.isfinite(auc):
+        return float("nan")
+    q1, q2 = auc / (2.0 - auc), 2.0 * auc**2 / (1.0 + auc)
+    variance = (
+        auc * (1.0 - auc) + (defaults - 1) * (q1 - auc**2) + (non_defaults - 1) * (q2 - auc**2)
+    ) / (defaults * non_defaults)
+    return float(np.sqrt(max(variance, 0.0)))
+
+
 def psi(expected_shares, actual_shares) -> float:
     """Return the population stability index of two share vectors over the same bins."""
     e = np.maximum(np.asarray(expected_shares, dtype=float), PSI_FLOOR)

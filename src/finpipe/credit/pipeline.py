@@ -33,7 +33,12 @@ from finpipe.credit.features import (
     scoring_population,
     update_credit_features,
 )
-from finpipe.credit.metrics import credit_metrics, global_importance, scoring_report
+from finpipe.credit.metrics import (
+    auc_standard_error,
+    credit_metrics,
+    global_importance,
+    scoring_report,
+)
 from finpipe.credit.model import CreditTrainingConfig, RowSplit, fit_loan_book_model, split_rows
 from finpipe.credit.schema import (
     DOMAIN,
@@ -75,6 +80,24 @@ def credit_contract(book: LoanBookConfig) -> RawContract:
         normalise_takes_as_of=True,
         read_options=book.read.pandas_options(),
     )
+
+
+def state_auc_floor(fitted: Mapping[str, Candidate]) -> dict[str, float]:
+    """State the promotion floor on every candidate (`lifecycle.floor_refusal`): the
+    logistic baseline's validation AUC less one standard error of it. Returns it as a
+    figure to log; nothing when the logistic baseline was not trained tonight."""
+    baseline = fitted.get("logistic")
+    if baseline is None:
+        return {}
+    validation = baseline.windows["validation"]
+    defaults = int(round(validation["default_rate"] * validation["n"]))
+    error = auc_standard_error(validation["auc"], defaults, int(validation["n"]) - defaults)
+    if not np.isfinite(error):
+        return {}  # one class only in validation: no AUC to measure against
+    floor = validation["auc"] - error
+    for candidate in fitted.values():
+        candidate.windows["validation"]["auc_floor_logistic_baseline"] = floor
+    return {"validation_auc_floor_logistic_baseline": floor}
 
 
 # -- training ------------------------------------------------------------------------------
@@ -213,7 +236,8 @@ class CreditNight:
         )
 
     def conclude(self, fitted: Mapping[str, Candidate], say: lifecycle.Say) -> RunRecord:
-        """The models' test ROC curves in one figure (side by side), and the oracle's AUC."""
+        """The models' test ROC curves in one figure (side by side), the oracle's AUC and the
+        promotion floor."""
         labels = self.frame.loc[self.split.test, LABEL].to_numpy()
         curves = {
             kind: (labels, c.test_predictions)
@@ -222,8 +246,10 @@ class CreditNight:
         }
         if self.oracle is not None:
             say(f"oracle AUC on the test rows: {self.oracle:.4f}")
+        metrics = {} if self.oracle is None else {"test_oracle_auc": self.oracle}
+        metrics.update(state_auc_floor(fitted))
         return RunRecord(
-            metrics={} if self.oracle is None else {"test_oracle_auc": self.oracle},
+            metrics=metrics,
             figures={"plots/roc_models.png": plots.roc(curves, "test ROC")},
         )
 
