@@ -27,13 +27,24 @@ FAST = {"max_epochs": 4, "hidden": 16, "lookback": 10, "batch_size": 256, "model
 
 def test_the_floor_is_every_stated_component_and_none_means_no_floor():
     validation = {"ic": 0.03, "ic_floor_standard_error": 0.02, "ic_floor_reversal": 0.05}
-    assert floor_refusal(validation, "ic", "mlp") == (
+    assert floor_refusal(validation, "mlp") == (
         "mlp: validation ic 0.0300 does not beat reversal 0.0500"
     )
-    assert floor_refusal({**validation, "ic": 0.06}, "ic", "mlp") is None
-    assert floor_refusal({"ic": -0.5}, "ic", "mlp") is None  # a domain without a floor
+    assert floor_refusal({**validation, "ic": 0.06}, "mlp") is None
+    assert floor_refusal({"ic": -0.5}, "mlp") is None  # a domain without a floor
     equal = {"auc": 0.7, "auc_floor_logistic": 0.7}
-    assert floor_refusal(equal, "auc", "mlp") is not None  # strictly above, not equal
+    assert floor_refusal(equal, "mlp") is not None  # strictly above, not equal
+    # any validation metric may carry a floor: customers' silhouette and segment stability
+    segments = {
+        "silhouette": 0.35,
+        "silhouette_floor_minimum": 0.1,
+        "same_segment_vs_champion": 0.55,
+        "same_segment_vs_champion_floor_stability": 0.6,
+    }
+    assert floor_refusal(segments, "autoencoder_kmeans") == (
+        "autoencoder_kmeans: validation same_segment_vs_champion 0.5500 does not beat "
+        "stability 0.6000"
+    )
 
 
 def test_a_first_model_with_a_negative_validation_ic_is_refused_and_scoring_says_so(home):
@@ -95,10 +106,10 @@ def test_a_network_below_the_logistic_baseline_less_its_error_is_refused():
     assert floor == pytest.approx(0.72 - auc_standard_error(0.72, 300, 700))
     assert 0.70 < floor < 0.72
     assert "does not beat logistic baseline" in floor_refusal(
-        fitted["mlp"].windows["validation"], "auc", "mlp"
+        fitted["mlp"].windows["validation"], "mlp"
     )
-    assert floor_refusal(fitted["logistic"].windows["validation"], "auc", "logistic") is None
+    assert floor_refusal(fitted["logistic"].windows["validation"], "logistic") is None
     close = {"mlp": candidate(0.71), "logistic": candidate(0.72)}
     state_auc_floor(close)  # within one standard error of the baseline: good enough
-    assert floor_refusal(close["mlp"].windows["validation"], "auc", "mlp") is None
+    assert floor_refusal(close["mlp"].windows["validation"], "mlp") is None
     assert state_auc_floor({"mlp": candidate(0.7)}) == {}  # no baseline tonight, no floor

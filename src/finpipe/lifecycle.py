@@ -243,7 +243,7 @@ def train_challenger(
             promotion.check_predictions_sane(predictions, chosen)
         refusal = None
         if settings.promotion_floor:
-            refusal = floor_refusal(windows[chosen]["validation"], parts.selection_metric, chosen)
+            refusal = floor_refusal(windows[chosen]["validation"], chosen)
         version = promotion.register_challenger(settings, parts.name, uris[chosen], chosen)
         floor = "refused" if refusal else "passed" if settings.promotion_floor else "off"
         tracking.tag_run("quality_floor", floor)
@@ -263,24 +263,26 @@ def train_challenger(
     )
 
 
-def floor_refusal(validation: Mapping[str, float], metric: str, kind: str) -> str | None:
+def floor_refusal(validation: Mapping[str, float], kind: str) -> str | None:
     """Why the chosen candidate may not become champion, or None when it may.
 
     A domain states its quality floor in the candidate's validation metrics, as components
     named `<metric>_floor_<what>` (e.g. `ic_floor_standard_error`, `ic_floor_momentum`: the
-    naive baselines the model must beat on the validation window). The candidate must score
-    strictly above every component. A domain that states none has no floor.
+    naive baselines the model must beat on the validation window); the selection metric is
+    the usual one, but any validation metric may have a floor (customers' segment stability).
+    The candidate must score strictly above every component. A domain that states none has no
+    floor.
     """
-    prefix = f"{metric}_floor_"
-    components = {k.removeprefix(prefix): v for k, v in validation.items() if k.startswith(prefix)}
-    if not components:
-        return None
-    value = validation[metric]
-    beaten = {name: floor for name, floor in components.items() if not value > floor}
-    if not beaten:
-        return None
-    bars = ", ".join(f"{name.replace('_', ' ')} {floor:.4f}" for name, floor in beaten.items())
-    return f"{kind}: validation {metric} {value:.4f} does not beat {bars}"
+    missed = []
+    for key, floor in validation.items():
+        measured, _, name = key.partition("_floor_")
+        if not name or measured not in validation:
+            continue
+        value = validation[measured]
+        if not value > floor:
+            what = name.replace("_", " ")
+            missed.append(f"validation {measured} {value:.4f} does not beat {what} {floor:.4f}")
+    return f"{kind}: {'; '.join(missed)}" if missed else None
 
 
 def _write(record: RunRecord) -> None:

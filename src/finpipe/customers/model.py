@@ -69,6 +69,20 @@ class SegmentModelParams(BaseModel):
         "silhouette beats it by more than this (stops k flickering between nights).",
     )
     kmeans_restarts: int = Field(10, ge=1, description="k-means initialisations per k.")
+    silhouette_floor: float = Field(
+        0.1,
+        ge=-1,
+        le=1,
+        description="Promotion floor: the validation silhouette (common evaluation space) a "
+        "segmentation must beat to become champion; below about 0.1 there is no real structure.",
+    )
+    stability_floor: float = Field(
+        0.6,
+        ge=0,
+        le=1,
+        description="Promotion floor: the share of validation customers a retrain must keep in "
+        "the champion's segment (segment ids mean the same thing from night to night).",
+    )
     cpu_threads: int | None = Field(
         1,
         ge=1,

@@ -133,6 +133,14 @@ class CustomersNight:
     def candidates(self) -> list[str]:
         return [CANDIDATE]
 
+    def floors(self, validation: Mapping[str, float]) -> dict[str, float]:
+        """The promotion floor (`lifecycle.floor_refusal`): a minimum validation silhouette,
+        and, when a champion exists, a minimum share of customers kept in its segment."""
+        floors = {"silhouette_floor_minimum": self.config.silhouette_floor}
+        if "same_segment_vs_champion" in validation:
+            floors["same_segment_vs_champion_floor_stability"] = self.config.stability_floor
+        return floors
+
     def fit(self, kind: str, on_epoch: lifecycle.EpochLogger, say: lifecycle.Say) -> Candidate:
         """Fit the segment model; its segment ids are aligned to the champion's, so the
         challenger already speaks the champion's ids."""
@@ -156,6 +164,7 @@ class CustomersNight:
         planted = _planted_segments(self.storage)
         segments = predicted["segment"].to_numpy()
         windows = quality_by_window(snapshot, sets, fitted, segments, comparisons, planted)
+        windows["validation"].update(self.floors(windows["validation"]))
         test = windows["test"]
         say(
             f"{fitted.k} segments; test silhouette {test['silhouette']:.3f}"
