@@ -32,6 +32,7 @@ TEST_PARALLEL = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest $(TEST_PARALLEL)
 
 # The unit tier alone: pure functions, no Prefect, no MLflow store, no child process.
