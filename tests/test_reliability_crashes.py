@@ -191,8 +191,12 @@ def deliveries(request, tmp_path_factory) -> Deliveries:
 
 
 def _child_env() -> dict[str, str]:
-    """This environment less the test session's finpipe and MLflow settings."""
-    return {k: v for k, v in os.environ.items() if not k.startswith(("FINPIPE_", "MLFLOW_"))}
+    """This environment less the test session's finpipe and MLflow settings, except the
+    promotion floor: the session turns it off for toy models like these (tests/conftest.py)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FINPIPE_", "MLFLOW_"))}
+    if "FINPIPE_PROMOTION_FLOOR" in os.environ:
+        env["FINPIPE_PROMOTION_FLOOR"] = os.environ["FINPIPE_PROMOTION_FLOOR"]
+    return env
 
 
 @pytest.fixture(scope="module")
