@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any, Literal
 
-from finpipe.flows.parameters import DomainName
+from finpipe.flows.parameters import DomainName, HistoryDates, training_overrides
 from finpipe.tasks.dates import ingest_deliveries, process_date, update_features
 from finpipe.tasks.steps import promote, train
 from prefect import flow, get_run_logger
@@ -59,6 +59,7 @@ def nightly(
     retrain: bool = True,
     rebuild_features: bool = False,
     training: dict[str, Any] | None = None,
+    history_dates: HistoryDates = None,
     catch_up: bool = True,
     default_as_of: AsOfRule = "latest validated date",
     calendar_timezone: str | None = None,
@@ -74,6 +75,8 @@ def nightly(
         retrain: Retrain and run champion/challenger promotion before scoring.
         rebuild_features: Recompute every feature partition instead of only new dates.
         training: Hyper-parameter overrides, e.g. {"max_epochs": 10, "models": ["mlp"]}.
+        history_dates: Train on the last N dates of the stored history; 0 means all of it,
+            empty the domain's default (market: the last 756 dates, three years).
         catch_up: First score every session missed since the last completed night.
         default_as_of: The date to run for when as_of is empty: the latest validated date,
             or the session before the run's scheduled time (what the schedule uses). Sessions
@@ -86,7 +89,7 @@ def nightly(
     logger = get_run_logger()
     spec = get_domain(domain)
     try:
-        config = spec.training_config(**(training or {}))
+        config = spec.training_config(**training_overrides(training, history_dates))
     except ValueError as error:
         raise ConfigError(f"invalid training parameters: {error}") from None
     schedule = load_schedule_settings()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field
 
@@ -13,3 +13,14 @@ from finpipe.domains import domain_names
 # registered later in the same process still runs, and `get_domain` refuses an unknown name
 # with the list of known ones.
 DomainName = Annotated[str, Field(json_schema_extra={"enum": domain_names()})]
+
+HistoryDates = Annotated[int | None, Field(ge=0)]
+
+
+def training_overrides(training: dict[str, Any] | None, history_dates: int | None) -> dict:
+    """The training overrides a run asks for: `training` plus the history window, where 0
+    means all of the stored history and None leaves the domain's default."""
+    overrides = dict(training or {})
+    if history_dates is not None:
+        overrides["history_dates"] = history_dates or None
+    return overrides

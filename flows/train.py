@@ -6,7 +6,7 @@ import datetime as dt
 from typing import Any
 
 from finpipe.flows.nightly import metrics_table
-from finpipe.flows.parameters import DomainName
+from finpipe.flows.parameters import DomainName, HistoryDates, training_overrides
 from finpipe.tasks.dates import update_features
 from finpipe.tasks.steps import promote as promote_task
 from finpipe.tasks.steps import train as train_task
@@ -31,6 +31,7 @@ def train(
     domain: DomainName = "market",
     as_of: dt.date | None = None,
     training: dict[str, Any] | None = None,
+    history_dates: HistoryDates = None,
     promote: bool = True,
 ) -> dict:
     """Retrain the domain's models as of a date and, if asked, promote a better challenger.
@@ -39,6 +40,8 @@ def train(
         domain: Which domain: market, credit, customers or another registered domain.
         as_of: Train on data known at this date; empty means the latest validated date.
         training: Hyper-parameter overrides, e.g. {"max_epochs": 10, "models": ["mlp"]}.
+        history_dates: Train on the last N dates of the stored history; 0 means all of it,
+            empty the domain's default (market: the last 756 dates, three years).
         promote: Compare the new model with the champion on the same test window and make it
             champion if it is better; off, it stays registered as challenger only.
     """
@@ -46,7 +49,7 @@ def train(
     logger = get_run_logger()
     spec = get_domain(domain)
     try:
-        config = spec.training_config(**(training or {}))
+        config = spec.training_config(**training_overrides(training, history_dates))
     except ValueError as error:
         raise ConfigError(f"invalid training parameters: {error}") from None
     storage = Storage(load_settings().home)

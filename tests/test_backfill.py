@@ -157,6 +157,24 @@ def test_a_night_that_cannot_run_says_what_to_do(as_of, validated, cap, message)
     assert message in str(caught.value)
 
 
+def test_the_training_history_is_a_run_parameter_with_a_stated_cap():
+    from finpipe.flows.nightly import nightly
+    from finpipe.flows.parameters import training_overrides
+    from finpipe.flows.train import train
+    from prefect.utilities.callables import parameter_schema
+
+    from finpipe.market.model import MarketTrainingConfig
+
+    assert training_overrides({"models": ["mlp"]}, 300) == {"models": ["mlp"], "history_dates": 300}
+    assert training_overrides(None, 0) == {"history_dates": None}  # 0: all of the history
+    assert training_overrides({"max_epochs": 3}, None) == {"max_epochs": 3}
+    assert MarketTrainingConfig().history_dates == 756  # the cap the README states
+    assert MarketTrainingConfig(**training_overrides(None, 0)).history_dates is None
+    for flow in (nightly, train):
+        field = parameter_schema(flow.fn).model_dump()["properties"]["history_dates"]
+        assert "0 means all" in " ".join(field["description"].split()), flow.name
+
+
 def test_every_run_form_offers_the_registered_domains_as_a_drop_down():
     from finpipe.flows.backfill import backfill
     from finpipe.flows.nightly import nightly

@@ -236,6 +236,14 @@ def run_nightly(
     models: Annotated[str | None, typer.Option(help="Comma-separated, e.g. mlp,gru.")] = None,
     max_epochs: Annotated[int | None, typer.Option(min=1, help="Epoch cap per model.")] = None,
     horizon: Annotated[int | None, typer.Option(min=1, help="Label horizon in days.")] = None,
+    history_dates: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Train on the last N dates of the stored history (0: all; default: the "
+            "domain's, 756 dates for market).",
+        ),
+    ] = None,
 ) -> None:
     """Run the nightly flow (validate -> features -> train -> promote -> score) via Prefect."""
     settings = _settings()
@@ -260,6 +268,7 @@ def run_nightly(
         retrain=retrain,
         rebuild_features=rebuild_features,
         training=overrides,
+        history_dates=history_dates,
     )
     _print_summary(summary, settings)
 
