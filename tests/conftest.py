@@ -54,6 +54,11 @@ os.environ["PREFECT_HOME"] = os.path.join(_SCRATCH, "prefect")
 os.environ["FINPIPE_HOME"] = os.path.join(_SCRATCH, "home")
 os.environ.pop("PREFECT_API_URL", None)
 os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+# Two xdist workers on two cores: one intra-op thread each (set before torch is imported, and
+# inherited by the children tests start), instead of two workers x two threads waiting on
+# each other. The suite's nets are small, so one thread is also the faster choice per worker.
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 # The local API server gets a minute to start (default 20 s): on a busy 2-core CI machine the
 # first flow run of the session has timed out waiting for it.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
@@ -220,6 +225,10 @@ SERIALISED: dict[str, frozenset[str] | None] = {
     "test_reliability_dependencies.py": None,
     "test_reliability_crashes.py": None,
 }
+# The crash matrix is serialised in a group of its own, which runs beside the server group on
+# the other worker: it SIGKILLs only its own children and opens no port. One group for both
+# made them the run's critical path (about 275 s of a 301 s run, one after another).
+SERIAL_GROUPS: dict[str, str] = {"test_reliability_crashes.py": "serial-crashes"}
 
 
 # The order tests start in (xdist hands them out in this order with --no-loadscope-reorder):
@@ -308,7 +317,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker("slow")
         serialised = _serialised(item, module)
         if serialised:
-            item.add_marker(pytest.mark.xdist_group(SERIAL_GROUP))
+            item.add_marker(pytest.mark.xdist_group(SERIAL_GROUPS.get(module, SERIAL_GROUP)))
         elif _keeps_module_fixtures_together(item):
             item.add_marker(pytest.mark.xdist_group(module))
         order = _START_ORDER[SERIAL_GROUP if serialised else tier]
