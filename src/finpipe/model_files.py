@@ -77,11 +77,13 @@ class SavesNetAndMetadata:
     best_epoch: int
 
     def to_dict(self) -> dict:
-        raise NotImplementedError
+        """The model's own metadata (all but weights and history); each model class defines it."""
+        raise NotImplementedError(f"{type(self).__name__} must define to_dict")
 
     @classmethod
     def from_saved(cls, data: dict, directory: Path) -> Self:
-        raise NotImplementedError
+        """Rebuild the model from `to_dict`'s data and its folder; each model class defines it."""
+        raise NotImplementedError(f"{cls.__name__} must define from_saved")
 
     def save(self, directory: Path) -> None:
         """Write `weights.pt` (state dict) and `model.json` (the rest) into `directory`."""
