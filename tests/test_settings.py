@@ -68,16 +68,22 @@ def _clean_environment(tmp_path) -> dict[str, str]:
     }
 
 
-def test_importing_every_finpipe_module_leaves_the_environment_unchanged(tmp_path):
+def _run_clean(script: str, tmp_path) -> dict:
+    """Run `script` in a fresh interpreter with a clean environment; return the JSON object
+    its last output line prints."""
     run = subprocess.run(
-        [sys.executable, "-c", _IMPORT_EVERY_MODULE],
+        [sys.executable, "-c", script],
         env=_clean_environment(tmp_path),
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert run.returncode == 0, run.stderr
-    result = json.loads(run.stdout.strip().splitlines()[-1])
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_importing_every_finpipe_module_leaves_the_environment_unchanged(tmp_path):
+    result = _run_clean(_IMPORT_EVERY_MODULE, tmp_path)
     assert {"finpipe.validation", "finpipe.gx_runtime", "finpipe.flows.nightly"} <= set(
         result["modules"]
     )
@@ -109,15 +115,7 @@ print(json.dumps(started))
 
 
 def test_every_flow_switches_telemetry_off_as_it_starts(tmp_path):
-    run = subprocess.run(
-        [sys.executable, "-c", _START_EVERY_FLOW],
-        env=_clean_environment(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert run.returncode == 0, run.stderr
-    started = json.loads(run.stdout.strip().splitlines()[-1])
+    started = _run_clean(_START_EVERY_FLOW, tmp_path)
     assert sorted(started) == ["backfill", "nightly", "score", "train"]
     for flow, variables in started.items():
         assert variables == TELEMETRY_OFF, flow

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar, Self
 
@@ -64,7 +65,7 @@ def load_weights(net: nn.Module, directory: Path) -> nn.Module:
     return net.eval()
 
 
-class SavesNetAndMetadata:
+class SavesNetAndMetadata(ABC):
     """Mixed into each domain's fitted model: the folder it saves and reads back.
 
     `save` writes `net` and `to_dict()` with the training history; `load` reads the folder and
@@ -76,14 +77,14 @@ class SavesNetAndMetadata:
     history: list[dict]
     best_epoch: int
 
+    @abstractmethod
     def to_dict(self) -> dict:
-        """The model's own metadata (all but weights and history); each model class defines it."""
-        raise NotImplementedError(f"{type(self).__name__} must define to_dict")
+        """The model's own metadata (all but weights and history)."""
 
     @classmethod
+    @abstractmethod
     def from_saved(cls, data: dict, directory: Path) -> Self:
-        """Rebuild the model from `to_dict`'s data and its folder; each model class defines it."""
-        raise NotImplementedError(f"{cls.__name__} must define from_saved")
+        """Rebuild the model from `to_dict`'s data and its folder."""
 
     def save(self, directory: Path) -> None:
         """Write `weights.pt` (state dict) and `model.json` (the rest) into `directory`."""

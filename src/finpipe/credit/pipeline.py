@@ -285,7 +285,6 @@ def _oracle(storage: Storage, ids: pd.Series, labels: pd.Series) -> float | None
     return credit_metrics(labels.to_numpy(), true_pd)["auc"]
 
 
-# -- scoring -------------------------------------------------------------------------------
 # -- the domain ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class CreditParts:
