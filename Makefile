@@ -17,6 +17,11 @@ $(STAMP): pyproject.toml
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
 	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
 	  else echo "note: chromium is missing and needs root + apt-get to install; the browser test will be skipped"; fi; }
+	# PostgreSQL 15 for the team stack and its tests (finpipe.services.postgres): Debian's package, where missing.
+	@test -x /usr/lib/postgresql/15/bin/postgres || command -v postgres >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q postgresql-15; \
+	  else echo "note: postgresql-15 is missing and needs root + apt-get to install; the team-stack tests will fail"; fi; }
 	touch $(STAMP)
 
 venv: $(STAMP)
