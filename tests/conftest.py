@@ -67,6 +67,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
 os.environ["FINPIPE_PROMOTION_FLOOR"] = "false"
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("FINPIPE_MLFLOW_TRACKING_URI", None)
+os.environ.pop("FINPIPE_LOCKS_URL", None)  # file locks unless a test asks for Postgres
 
 
 @contextlib.contextmanager
@@ -84,6 +85,16 @@ def home(tmp_path):
     """A fresh FINPIPE_HOME for one test; yields its Settings."""
     with finpipe_home(tmp_path / "home") as settings:
         yield settings
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """One real PostgreSQL server for the whole session (tests/team_fixtures.py); tests that use
+    it are e2e and serialised, so under xdist it runs on that one worker."""
+    from tests.team_fixtures import running_postgres
+
+    with running_postgres() as server:
+        yield server
 
 
 @pytest.fixture(autouse=True)
@@ -213,6 +224,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_reliability_crashes.py": ModuleTiers(E2E),
     "test_bench_smoke.py": ModuleTiers(E2E),
     "test_packaging.py": ModuleTiers(E2E),
+    "test_pg_locks.py": ModuleTiers(E2E),  # a real PostgreSQL server, SIGKILLed lock holders
 }
 
 # Tests that run one at a time, all on one xdist worker (`--dist loadgroup`): they start real
@@ -224,6 +236,7 @@ SERIALISED: dict[str, frozenset[str] | None] = {
     "test_ui_browser.py": None,
     "test_reliability_dependencies.py": None,
     "test_reliability_crashes.py": None,
+    "test_pg_locks.py": None,
 }
 # The crash matrix is serialised in a group of its own, which runs beside the server group on
 # the other worker: it SIGKILLs only its own children and opens no port. One group for both

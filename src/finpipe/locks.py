@@ -16,9 +16,15 @@ Beside it, `<resource>.holder.json` names the latest holder (run name, pid, host
 a waiting run reports. Hold one lock at a time (never ask for a second while holding one): then
 two runs can never deadlock.
 
-File locks coordinate processes that share one filesystem. Runs on several machines against
-object storage need a shared lock service instead (a Prefect global concurrency limit, or the
-database); the resources and the one-at-a-time rule stay the same.
+File locks coordinate processes that share one filesystem. Runs on several machines (workers
+on several hosts, data in object storage) use Postgres advisory locks instead: set
+`FINPIPE_LOCKS_URL` to a `postgresql://` database (`finpipe.pg_locks`); empty keeps the file
+locks. The resources, the holder named to a waiting run, the timeout and the one-at-a-time rule
+are the same on both, and `hold`, `partition_lock` and `history_lock` pick the backend.
+
+The one-at-a-time rule is enforced per thread: while a thread holds a lock, asking to wait for
+another raises LockOrderError at once (trying one with `timeout=0` is allowed: it never waits,
+so it cannot deadlock).
 """
 
 from __future__ import annotations
@@ -42,6 +48,10 @@ HISTORY = "history"
 DEFAULT_TIMEOUT_SECONDS = 3600.0
 
 
+class LockOrderError(RuntimeError):
+    """A thread holding a lock asked to wait for a second one (a bug: it could deadlock)."""
+
+
 class LockTimeout(FinpipeError):
     """Another run held a lock for longer than this run was willing to wait."""
 
@@ -58,19 +68,49 @@ def date_resource(day: dt.date | str) -> str:
     return f"date={as_day(day).isoformat()}"
 
 
-def lock_path(root: Path, domain: str, resource: str) -> Path:
-    """Return the lock file of `resource` in `domain` under the storage root."""
+def check_resource(resource: str) -> str:
+    """Return `resource` if it is one finpipe locks (`history` or a date's); else ValueError."""
     if resource != HISTORY and not resource.startswith("date="):
         raise ValueError(f"unknown lock resource {resource!r}; use {HISTORY!r} or date_resource()")
-    return Path(root) / "state" / "locks" / check_name(domain) / f"{resource}.lock"
+    return resource
+
+
+def lock_path(root: Path, domain: str, resource: str) -> Path:
+    """Return the lock file of `resource` in `domain` under the storage root."""
+    return Path(root) / "state" / "locks" / check_name(domain) / f"{check_resource(resource)}.lock"
+
+
+def configured_locks_url() -> str:
+    """Return FINPIPE_LOCKS_URL as set now: empty for file locks, else the lock database."""
+    from finpipe.settings import load_settings
+
+    return load_settings().locks_url.get_secret_value()
+
+
+def held_locks() -> tuple[str, ...]:
+    """Return the locks this thread holds now, as `<domain>/<resource>` (at most one waited for)."""
+    return tuple(getattr(_held, "names", ()))
+
+
+_held = threading.local()
 
 
 def _holder_path(lock_file: Path) -> Path:
     return lock_file.with_name(f"{lock_file.stem}.holder.json")
 
 
-def read_holder(root: Path, domain: str, resource: str) -> dict | None:
-    """Return who holds (or last held) `resource`: holder, pid, host, since; None if unknown."""
+def read_holder(
+    root: Path, domain: str, resource: str, *, locks_url: str | None = None
+) -> dict | None:
+    """Return who holds (or last held) `resource`: holder, pid, host, since; None if unknown.
+
+    With advisory locks (`locks_url`, default FINPIPE_LOCKS_URL) only a current holder is known.
+    """
+    url = configured_locks_url() if locks_url is None else locks_url
+    if url:
+        from finpipe.pg_locks import read_holder_at
+
+        return read_holder_at(url, check_name(domain), check_resource(resource))
     try:
         return json.loads(_holder_path(lock_path(root, domain, resource)).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
@@ -96,13 +136,58 @@ def hold(
     holder: str = "",
     timeout: float = DEFAULT_TIMEOUT_SECONDS,
     on_wait: Callable[[str], None] | None = None,
+    locks_url: str | None = None,
 ) -> Iterator[None]:
     """Hold the lock on `resource` of `domain` for the block; wait up to `timeout` seconds for it.
 
-    `holder` names this run in the holder file (what a waiting run reports). `on_wait` receives
-    one message when the lock is busy and this run starts waiting. Raises LockTimeout, naming
-    the holder, if the lock is still busy after `timeout` seconds.
+    `holder` names this run to a waiting one. `on_wait` receives one message when the lock is
+    busy and this run starts waiting. Raises LockTimeout, naming the holder, if the lock is
+    still busy after `timeout` seconds (0: try once, never wait). `locks_url` chooses the
+    backend (default FINPIPE_LOCKS_URL): empty, a file lock under `root`; a `postgresql://`
+    URL, an advisory lock in that database. Raises LockOrderError if this thread already holds
+    a lock and `timeout` is not 0.
     """
+    name = f"{check_name(domain)}/{check_resource(resource)}"
+    holding = held_locks()
+    if holding and timeout > 0:
+        raise LockOrderError(
+            f"this thread holds the lock on {holding[-1]} and asked to wait for {name}: hold "
+            "one lock at a time (release the first), or only try the second (timeout=0)"
+        )
+    url = configured_locks_url() if locks_url is None else locks_url
+    if url:
+        from finpipe.pg_locks import hold_advisory
+
+        backend = hold_advisory(
+            url,
+            domain,
+            resource,
+            holder=holder,
+            timeout=timeout,
+            on_wait=on_wait,
+            describe=describe_holder,
+            timeout_error=LockTimeout,
+        )
+    else:
+        backend = _hold_file(root, domain, resource, holder, timeout, on_wait)
+    with backend:
+        names = _held.__dict__.setdefault("names", [])
+        names.append(name)
+        try:
+            yield
+        finally:
+            names.remove(name)
+
+
+@contextmanager
+def _hold_file(
+    root: Path,
+    domain: str,
+    resource: str,
+    holder: str,
+    timeout: float,
+    on_wait: Callable[[str], None] | None,
+) -> Iterator[None]:
     path = lock_path(root, domain, resource)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(path)

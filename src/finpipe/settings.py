@@ -8,7 +8,7 @@ import re
 import sys
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Offline hygiene: Prefect, MLflow and GX phone home unless told not to. Set when the CLI or a
@@ -90,6 +90,12 @@ class Settings(BaseSettings):
         description="The market files' close is already split- and dividend-adjusted: a "
         "file without adj_close is checked as adjusted prices are (large moves are warnings, "
         "not suspected splits). Leave it off for raw exchange closes.",
+    )
+    locks_url: SecretStr = Field(
+        default=SecretStr(""),
+        description="Where runs take their locks: empty, OS file locks under the storage root "
+        "(processes on one machine); a `postgresql://user:password@host:port/database` URL, "
+        "Postgres advisory locks in that database (runs on several machines; finpipe.pg_locks).",
     )
     malloc_tuning: bool = Field(
         default=True,
