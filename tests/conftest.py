@@ -149,6 +149,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     # Pure functions, configs, storage and GX rules on frames built in the test.
     "test_credit_config.py": ModuleTiers(UNIT),
     "test_customers_features.py": ModuleTiers(UNIT),
+    "test_customers_profiles.py": ModuleTiers(UNIT),
     "test_market_features.py": ModuleTiers(UNIT),
     "test_market_model.py": ModuleTiers(UNIT),
     "test_market_synthetic.py": ModuleTiers(UNIT),

@@ -29,6 +29,7 @@ PREDICTION_COLUMNS = [
     "date",
     "customer_id",
     "segment",
+    "segment_name",
     "distance_to_centroid",
     "model_name",
     "model_version",
@@ -79,8 +80,28 @@ def test_every_layer_is_written(two_nights):
 
 def test_every_layer_opens_in_pandas_pyarrow_polars_and_duckdb(two_nights):
     settings, *_ = two_nights
-    for layer in ("validated", "features", "predictions"):
+    for layer in ("validated", "features", "predictions", "segments"):
         assert_layer_reads_everywhere(Storage(settings.home), layer, "customers")
+
+
+def test_each_night_publishes_its_segment_profiles_and_every_row_carries_its_name(two_nights):
+    settings, files, _, _ = two_nights
+    storage = Storage(settings.home)
+    nights = [_day(files[1]), _day(files[2])]
+    assert storage.partition_dates("segments", "customers") == nights
+    for night in nights:
+        profiles = storage.read_partition("segments", "customers", night)
+        predictions = storage.read_partition("predictions", "customers", night)
+        assert profiles["segment_name"].is_unique
+        assert (profiles["date"] == pd.Timestamp(night)).all()
+        for provenance in ("model_name", "model_version", "run_id"):
+            assert set(profiles[provenance]) == set(predictions[provenance]), provenance
+        by_id = profiles.set_index("segment")
+        assert by_id["customers"].to_dict() == predictions.groupby("segment").size().to_dict()
+        named = predictions["segment"].map(by_id["segment_name"])
+        assert named.notna().all()
+        assert (predictions["segment_name"] == named).all()
+        assert {"median_recency_days", "percentile_frequency", "share"} <= set(profiles.columns)
 
 
 def test_champion_registered_and_named_on_every_prediction(two_nights):
@@ -165,7 +186,7 @@ def test_scoring_copes_with_a_category_nobody_buys_any_more(two_nights, caplog):
             score_customers(storage, settings, later)
     finally:
         mlflow_log.removeHandler(caplog.handler)
-        for layer in ("features", "predictions"):
+        for layer in ("features", "predictions", "segments"):
             shutil.rmtree(storage.partition_dir(layer, "customers", later), ignore_errors=True)
 
 
@@ -196,7 +217,7 @@ def test_bad_batch_is_quarantined_and_nothing_downstream_is_written(two_nights, 
     rows.to_csv(path, index=False)
     layers = {
         layer: storage.partition_dates(layer, "customers")
-        for layer in ["validated", "features", "predictions"]
+        for layer in ["validated", "features", "predictions", "segments"]
     }
     with finpipe_home(settings.home), pytest.raises(ValidationFailed) as caught:
         nightly(domain="customers", as_of=next_day, inputs=[str(path)], retrain=False)
@@ -231,6 +252,11 @@ def test_cdnow_sample_runs_nightly(tmp_path, shared_datasets, monkeypatch):
     client = MlflowClient(settings.tracking_uri)
     champion = client.get_model_version_by_alias("finpipe-customers", "champion")
     assert set(predictions["model_version"]) == {str(champion.version)}
+    profiles = Storage(settings.home).read_partition("segments", "customers", "1998-06-30")
+    largest = profiles.loc[profiles["customers"].idxmax()]
+    # the cohort's one-time buyers, long gone, are most of it (69-71% in every fit seen)
+    assert largest["segment_name"] == "lapsed, one-off, low spend"
+    assert largest["share"] > 0.5 and largest["median_frequency"] == 1
     test = summary["training"]["metrics"]["autoencoder_kmeans"]["test"]
     assert 2 <= test["segments"] <= 8 and test["silhouette"] > 0
 

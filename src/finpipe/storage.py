@@ -7,6 +7,7 @@ Layout under the root (see DESIGN.md):
     validated/<domain>/YYYY-MM-DD/            rows that passed validation (Parquet)
     features/<domain>/YYYY-MM-DD/             feature rows (Parquet)
     predictions/<domain>/YYYY-MM-DD/          scores with model name, version, run id
+    segments/<domain>/YYYY-MM-DD/             the scoring model's segment profiles (customers)
     reports/                                  validation Data Docs, run summaries
     state/<domain>/batches/<sha256>.json      what ingest has seen, by content hash
 
@@ -47,7 +48,7 @@ import pyarrow.parquet as pq
 from finpipe.errors import ConfigError, StorageError
 from finpipe.faults import crash_point
 
-LAYERS = ("validated", "features", "predictions")
+LAYERS = ("validated", "features", "predictions", "segments")
 PARTITION_FILE = "part-0.parquet"
 DAY_COLUMN = "date"
 LEGACY_PREFIX = "date="  # the hive folder names of stores written before the bare-day layout

@@ -14,6 +14,7 @@ import pandas as pd
 from sklearn.metrics import adjusted_rand_score
 
 from finpipe.customers.model import FittedSegmentModel, evaluation_space, segment_quality
+from finpipe.customers.segment_names import name_segments, population_percentile
 
 
 def quality_by_window(
@@ -68,24 +69,55 @@ def quality_by_window(
     return result
 
 
+PROFILED_FEATURES = (
+    "recency_days",
+    "frequency",
+    "monetary_total",
+    "monetary_mean",
+    "spend_90d",
+    "tenure_days",
+    "spend_trend",
+)
+
+
 def segment_profiles(snapshot: pd.DataFrame, segments: np.ndarray) -> pd.DataFrame:
-    """Return one row per segment: size, share and the median RFM and spend of its customers."""
-    frame = snapshot.assign(segment=segments)
+    """Return one row per segment, by id: its name, size and share, and for each profiled
+    feature the median of its customers and that median's percentile among all customers.
+
+    Columns: segment, segment_name (see `segment_names`), customers, share,
+    median_<feature>, percentile_<feature> and, when the snapshot has category shares,
+    top_category (the category with the largest mean share).
+    """
+    frame = snapshot.assign(segment=np.asarray(segments, dtype=np.int64))
     grouped = frame.groupby("segment", sort=True)
     profiles = pd.DataFrame({"customers": grouped.size()})
     profiles["share"] = profiles["customers"] / len(frame)
-    for column in (
-        "recency_days",
-        "frequency",
-        "monetary_total",
-        "monetary_mean",
-        "spend_90d",
-        "tenure_days",
-        "spend_trend",
-    ):
+    for column in PROFILED_FEATURES:
         profiles[f"median_{column}"] = grouped[column].median()
+    for column in PROFILED_FEATURES:
+        profiles[f"percentile_{column}"] = population_percentile(
+            frame[column], profiles[f"median_{column}"]
+        )
     mix = [c for c in frame.columns if c.startswith("category_share_")]
     if mix:
         top = grouped[mix].mean().idxmax(axis=1).str.removeprefix("category_share_")
         profiles["top_category"] = top
-    return profiles.reset_index()
+    profiles = profiles.reset_index()
+    profiles.insert(1, "segment_name", name_segments(profiles))
+    return profiles
+
+
+def night_to_night_agreement(previous: pd.DataFrame, current: pd.DataFrame) -> dict[str, float]:
+    """Return how two nights' segment assignments agree on the customers scored both nights.
+
+    Both frames have customer_id, segment and segment_name (a predictions partition).
+    `same_segment` and `same_name` are shares of those customers; `customers` their number.
+    """
+    both = previous.merge(current, on="customer_id", suffixes=("_before", "_after"))
+    if both.empty:
+        return {"customers": 0, "same_segment": float("nan"), "same_name": float("nan")}
+    return {
+        "customers": len(both),
+        "same_segment": float((both["segment_before"] == both["segment_after"]).mean()),
+        "same_name": float((both["segment_name_before"] == both["segment_name_after"]).mean()),
+    }

@@ -240,6 +240,21 @@ def _previous_predictions(storage: Storage, as_of: dt.date) -> pd.Series | None:
 
 
 # -- scoring -------------------------------------------------------------------------------
+def publish_segment_profiles(
+    storage: Storage, as_of: dt.date, profiles: pd.DataFrame, model: RegisteredModel
+) -> None:
+    """Publish a scoring night's segment profiles as segments/customers/<as_of>/, atomically.
+
+    One row per segment of `model` on the night's snapshot (`segment_profiles`), with the day
+    and the model's name, version and run id, so each prediction's `segment_name` can be traced
+    to the profile it was named from. It is written before the predictions: a reader who finds
+    a night's predictions finds its profiles; re-scoring a night replaces both.
+    """
+    table = profiles.assign(model_name=model.name, model_version=model.version, run_id=model.run_id)
+    table.insert(0, "date", pd.Timestamp(as_of))
+    storage.write_partition("segments", DOMAIN, as_of, table)
+
+
 # -- synthetic data and the demo -----------------------------------------------------------
 def _planted_segments(storage: Storage) -> pd.Series | None:
     planted = storage.read_reference(DOMAIN, PLANTED)
@@ -311,7 +326,9 @@ class CustomersParts:
     def prepare_scoring(self, storage: Storage, as_of: dt.date) -> lifecycle.Predict:
         """Return how the champion segments every customer active at `as_of`.
 
-        Rows: customer_id, segment, distance_to_centroid (in the champion's embedding).
+        Rows: customer_id, segment, segment_name, distance_to_centroid (in the champion's
+        embedding). The night's profiles table, which the names come from, is published to
+        segments/customers/<as_of>/ first (see `publish_segment_profiles`).
         """
         snapshot = read_snapshot(storage, as_of)
 
@@ -323,7 +340,11 @@ class CustomersParts:
                     f"champion v{champion.version} cannot segment the {as_of} snapshot ({error}); "
                     "rebuild features or retrain"
                 ) from None
+            profiles = segment_profiles(snapshot, predicted["segment"].to_numpy())
+            publish_segment_profiles(storage, as_of, profiles, champion)
+            names = profiles.set_index("segment")["segment_name"]
             scores = predicted[["customer_id", "segment", "distance_to_centroid"]]
+            scores.insert(2, "segment_name", scores["segment"].map(names))
             return Predictions(scores, sort_by=["customer_id"])
 
         return predict

@@ -1,0 +1,153 @@
+"""Segment profiles and names in a marketer's words (pure functions on frames built here)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy.stats import percentileofscore
+
+from finpipe.customers.metrics import (
+    PROFILED_FEATURES,
+    night_to_night_agreement,
+    segment_profiles,
+)
+from finpipe.customers.segment_names import (
+    NAMED_FEATURES,
+    feature_levels,
+    name_segments,
+    population_percentile,
+)
+
+
+def _customers(segment: int, n: int, **features: float) -> pd.DataFrame:
+    """`n` customers of one segment, each feature spread a little around the given value."""
+    spread = np.linspace(0.9, 1.1, n)
+    frame = pd.DataFrame({"customer_id": [f"{segment}-{i}" for i in range(n)], "segment": segment})
+    defaults = {"monetary_mean": 30.0, "spend_90d": 50.0, "tenure_days": 400.0, "spend_trend": 0.0}
+    for name, value in {**defaults, **features}.items():
+        frame[name] = value * spread if name != "frequency" else value
+    return frame
+
+
+def test_a_profile_with_clear_extremes_gets_the_expected_words():
+    snapshot = pd.concat(
+        [  # ids deliberately not in the order of the words
+            _customers(0, 10, recency_days=400, frequency=1, monetary_total=20),
+            _customers(1, 10, recency_days=3, frequency=30, monetary_total=3000),
+            _customers(2, 10, recency_days=60, frequency=6, monetary_total=300),
+        ],
+        ignore_index=True,
+    )
+    profiles = segment_profiles(snapshot.drop(columns="segment"), snapshot["segment"].to_numpy())
+    assert profiles["segment_name"].tolist() == [
+        "lapsed, one-off, low spend",
+        "recent, frequent, high spend",
+        "cooling, occasional, mid spend",
+    ]
+    assert profiles["customers"].tolist() == [10, 10, 10]
+    assert profiles["share"].tolist() == pytest.approx([1 / 3] * 3)
+    assert profiles.loc[1, "median_recency_days"] == pytest.approx(3.0)
+    # segment 1's median recency is above 5 of its own customers and below the 20 others
+    assert profiles.loc[1, "percentile_recency_days"] == pytest.approx(5 / 30)
+    assert {f"percentile_{f}" for f in PROFILED_FEATURES} <= set(profiles.columns)
+
+
+def test_one_off_is_literal_even_when_the_rank_says_otherwise():
+    profiles = _table(
+        [
+            {"recency_days": 0.9, "frequency": 0.5, "monetary_total": 0.5, "median_frequency": 1},
+            {"recency_days": 0.5, "frequency": 0.1, "monetary_total": 0.1, "median_frequency": 1},
+            {"recency_days": 0.1, "frequency": 0.9, "monetary_total": 0.9, "median_frequency": 9},
+        ]
+    )
+    assert name_segments(profiles).tolist() == [
+        "lapsed, one-off, mid spend",  # mid rank on frequency, but its median customer bought once
+        "cooling, one-off, low spend",
+        "recent, frequent, high spend",
+    ]
+
+
+def _table(rows: list[dict[str, float]]) -> pd.DataFrame:
+    """A profiles table: percentiles as given (0.5 for the rest), medians of 2 unless given."""
+    table = pd.DataFrame({"segment": range(len(rows))})
+    for feature in NAMED_FEATURES:
+        table[f"percentile_{feature}"] = [r.get(feature, 0.5) for r in rows]
+        table[f"median_{feature}"] = [r.get(f"median_{feature}", 2.0) for r in rows]
+    return table
+
+
+def test_names_are_unique_per_night_with_a_qualifier_then_the_segment_id():
+    same = {"recency_days": 0.1, "frequency": 0.9, "monetary_total": 0.9}
+    profiles = _table(
+        [
+            {**same, "monetary_mean": 0.2, "tenure_days": 0.5},
+            {**same, "monetary_mean": 0.8, "tenure_days": 0.5},
+            {"recency_days": 0.9, "frequency": 0.1, "monetary_total": 0.1},
+            {"recency_days": 0.9, "frequency": 0.1, "monetary_total": 0.1},
+            {"recency_days": 0.5, "frequency": 0.5, "monetary_total": 0.5},
+        ]
+    )
+    names = name_segments(profiles)
+    assert names.tolist() == [
+        "recent, frequent, high spend, small baskets",
+        "recent, frequent, high spend, big baskets",
+        "lapsed, infrequent, low spend (segment 2)",  # alike on every feature: the id decides
+        "lapsed, infrequent, low spend (segment 3)",
+        "cooling, occasional, mid spend",
+    ]
+    assert names.is_unique
+
+
+def test_a_later_qualifier_separates_what_an_earlier_one_cannot():
+    same = {"recency_days": 0.1, "frequency": 0.9, "monetary_total": 0.9, "monetary_mean": 0.5}
+    profiles = _table(
+        [
+            {**same, "tenure_days": 0.5, "spend_trend": 0.1},
+            {**same, "tenure_days": 0.52, "spend_trend": 0.9},  # within NEAR_TIE on tenure
+            {"recency_days": 0.9, "frequency": 0.1, "monetary_total": 0.1},
+        ]
+    )
+    assert name_segments(profiles).tolist() == [
+        "recent, frequent, high spend, declining",
+        "recent, frequent, high spend, growing",
+        "lapsed, infrequent, low spend",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("percentiles", "levels"),
+    [
+        ([0.9, 0.1, 0.5], [2, 0, 1]),
+        ([0.10, 0.13, 0.5, 0.9], [0, 0, 1, 2]),  # 0.10 and 0.13 count as one rank
+        ([0.10, 0.16, 0.5, 0.9], [0, 1, 1, 2]),  # 0.06 apart: two ranks
+        ([0.40, 0.43, 0.46], [1, 1, 1]),  # a chain of near ties tells nobody apart
+        ([0.2, 0.8], [0, 2]),
+        ([0.7], [1]),
+        ([0.2, np.nan, 0.8], [0, 1, 2]),
+    ],
+)
+def test_levels_rank_segments_with_near_ties_chained(percentiles, levels):
+    assert feature_levels(pd.Series(percentiles)).tolist() == levels
+
+
+def test_population_percentile_matches_scipy():
+    rng = np.random.default_rng(3)
+    population = pd.Series(rng.integers(0, 12, size=200).astype(float))
+    values = pd.Series([-1.0, 0.0, 3.0, 5.5, 11.0, 20.0])
+    expected = [percentileofscore(population, v, kind="mean") / 100 for v in values]
+    assert population_percentile(population, values).tolist() == pytest.approx(expected)
+
+
+def test_night_to_night_agreement_counts_customers_scored_both_nights():
+    before = pd.DataFrame(
+        {"customer_id": ["a", "b", "c", "d"], "segment": [0, 1, 1, 2], "segment_name": list("xyyz")}
+    )
+    after = pd.DataFrame(
+        {"customer_id": ["b", "c", "d", "e"], "segment": [1, 2, 2, 0], "segment_name": list("yyzx")}
+    )
+    assert night_to_night_agreement(before, after) == {
+        "customers": 3,
+        "same_segment": pytest.approx(2 / 3),
+        "same_name": pytest.approx(1.0),
+    }
