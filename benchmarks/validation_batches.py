@@ -6,8 +6,9 @@ Two measurements, both sides in this one process on the same synthetic market de
    counts-only pass, the report) against a bare GX run of the same expectations on the same
    frame (an ephemeral context, one validation definition, `run`), both warmed up first.
    Target: finpipe <= 1.25x bare GX.
-2. A year of daily delivery files against the same rows as one file: `finpipe.ingest`'s
-   per-file path (land, validate, Data Docs, publish or quarantine, per file) into one fresh
+2. A year of daily delivery files against the same rows as one file: `finpipe.ingest.
+   ingest_files` (what `finpipe ingest` and the flows call: each file landed, recorded and
+   published or quarantined on its own; clean runs of files share one GX run) into one fresh
    store, the single file into another; both stores first get the same history file.
    Target: the daily files <= 3x the single file.
 
@@ -186,10 +187,7 @@ def files_figures(
         finpipe.ingest.ingest_file(storage, MARKET_CONTRACT, history, as_of=as_of)
         validating[0] = 0.0
         wall, cpu = time.perf_counter(), time.process_time()
-        outcomes = [
-            finpipe.ingest.ingest_file(storage, MARKET_CONTRACT, path, as_of=as_of)
-            for path in paths
-        ]
+        outcomes = list(finpipe.ingest.ingest_files(storage, MARKET_CONTRACT, paths, as_of=as_of))
         return {
             "wall": time.perf_counter() - wall,
             "cpu": time.process_time() - cpu,

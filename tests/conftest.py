@@ -207,6 +207,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_reliability_bad_input.py": ModuleTiers(FLOW),
     "test_market_pipeline.py": ModuleTiers(FLOW),
     "test_market_ingest.py": ModuleTiers(FLOW),
+    "test_ingest_groups.py": ModuleTiers(FLOW),
     "test_quality_floor.py": ModuleTiers(
         UNIT,
         by_name={

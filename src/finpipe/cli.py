@@ -183,7 +183,7 @@ def ingest(
 ) -> None:
     """Land, validate (Great Expectations) and publish delivered files; quarantine bad ones."""
     from finpipe.domains import get_domain
-    from finpipe.ingest import ingest_file
+    from finpipe.ingest import ingest_files
     from finpipe.storage import Storage, as_day
 
     settings = _settings()
@@ -193,14 +193,13 @@ def ingest(
 
     # The same lock as the flows' ingest and feature steps: a run never sees half an ingest.
     with history_lock(settings.home, domain, holder="finpipe ingest", on_wait=_echo):
-        for path in paths:
-            outcome = ingest_file(
-                Storage(settings.home),
-                contract,
-                path,
-                as_of=day,
-                max_file_bytes=settings.max_file_mb * 1024**2,
-            )
+        for outcome in ingest_files(
+            Storage(settings.home),
+            contract,
+            paths,
+            as_of=day,
+            max_file_bytes=settings.max_file_mb * 1024**2,
+        ):
             typer.echo(outcome.message)
 
 

@@ -35,7 +35,7 @@ import pyarrow.parquet as pq
 from finpipe.calendars import Calendar
 from finpipe.domains import get_domain
 from finpipe.errors import FinpipeError, ScoringError
-from finpipe.ingest import ingest_file
+from finpipe.ingest import ingest_files
 from finpipe.locks import DEFAULT_TIMEOUT_SECONDS, history_lock, partition_lock
 from finpipe.planning import ALL_STEPS, BackfillRequest, check_steps, missed_sessions
 from finpipe.settings import Settings
@@ -377,8 +377,7 @@ def ingest_deliveries(
     contract = get_domain(domain).contract
     outcomes = []
     with history_lock(storage.root, domain, holder=holder, timeout=lock_timeout, on_wait=say):
-        for path in paths:
-            outcome = ingest_file(storage, contract, Path(path), as_of=as_of, **limit)
+        for outcome in ingest_files(storage, contract, paths, as_of=as_of, **limit):
             say(outcome.message)
             outcomes.append(outcome.to_dict())
     return outcomes

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import shutil
 import zlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from finpipe.errors import InputFileError, ValidationFailed
 from finpipe.storage import Storage, as_day, file_sha256
-from finpipe.validation import describe_rule_break, validate_frame
+from finpipe.validation import describe_rule_break, load_suite_spec, validate_frame
 
 BATCH_COLUMN = "batch_id"
 
@@ -256,6 +258,207 @@ def ingest_file(
     )
 
 
+# --- many files: one GX run per group of clean deliveries ------------------------------------
+
+# At most this many rows are validated in one GX run (a group of files is held in memory).
+GROUP_ROW_LIMIT = 2_000_000
+# Rules on single rows (or on keys being unique across rows): when no row of a group of files
+# breaks one, no row of any file in it does, so a clean group is a clean verdict for each file.
+_ROW_RULE_PREFIXES = (
+    "expect_column_values_to_",
+    "expect_column_pair_values_",
+    "expect_multicolumn_",
+    "expect_compound_columns_to_be_unique",
+    "expect_select_column_values_to_be_unique_within_record",
+)
+_ROW_COUNT_RULE = "expect_table_row_count_to_be_between"
+
+
+@dataclass(frozen=True)
+class _Delivery:
+    """A delivered file read for a group: where it is, its hash and its normalised rows."""
+
+    path: Path
+    sha256: str
+    frame: pd.DataFrame
+
+    @property
+    def batch_id(self) -> str:
+        return f"b{self.sha256[:12]}"
+
+
+def ingest_files(
+    storage: Storage,
+    contract: RawContract,
+    paths: Iterable[str | Path],
+    *,
+    as_of: dt.date | str,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    group_row_limit: int = GROUP_ROW_LIMIT,
+) -> Iterator[IngestOutcome]:
+    """Ingest delivered files in order, yielding each file's outcome as `ingest_file` would.
+
+    Each file keeps its own verdict, batch record and quarantine, and the first rejected file
+    stops the run (ValidationFailed, the files before it published), exactly as calling
+    `ingest_file` on each in turn. What is shared is Great Expectations' fixed cost per run:
+    consecutive readable files with the same columns are validated together in one GX run.
+    A group in which no row breaks any rule (errors and warnings alike) and no key repeats is
+    published as it stands, since every rule it runs is a rule on rows (`_groupable`); a group
+    with anything to report is split in two and each half tried in turn, down to single files,
+    which take `ingest_file`'s path and get its exact report. Suites built from the data
+    accepted so far (`suite_spec`) validate file by file.
+    """
+    spec = None if contract.suite_spec is not None else load_suite_spec(contract.suite)
+    group: list[_Delivery] = []
+    rows = 0
+    for path in map(Path, paths):
+        delivery = _read_for_group(storage, contract, spec, path, as_of, max_file_bytes)
+        fits = (
+            delivery is not None
+            and rows + len(delivery.frame) <= group_row_limit
+            and (not group or _same_columns(group[0].frame, delivery.frame))
+        )
+        if not fits:
+            yield from _ingest_group(storage, contract, group, as_of, max_file_bytes)
+            group, rows = [], 0
+        if delivery is None:
+            yield ingest_file(storage, contract, path, as_of=as_of, max_file_bytes=max_file_bytes)
+        else:
+            group.append(delivery)
+            rows += len(delivery.frame)
+    yield from _ingest_group(storage, contract, group, as_of, max_file_bytes)
+
+
+def _read_for_group(storage, contract, spec, path, as_of, max_file_bytes) -> _Delivery | None:
+    """Return the file read for a group, or None when it takes the single-file path: its suite
+    cannot be run on a group, it is missing, too big, already loaded, unreadable, has values
+    that do not parse, or a row count its suite's minimum rejects."""
+    if spec is None or not path.exists() or path.stat().st_size > max_file_bytes:
+        return None
+    sha = file_sha256(path)
+    previous = storage.read_batch_record(contract.domain, sha)
+    if previous is not None and previous["status"] == "validated":
+        return None
+    try:
+        dated = {"as_of": as_day(as_of)} if contract.normalise_takes_as_of else {}
+        raw = read_delivery(path, contract.read_options)
+        frame = contract.normalise(raw, source=path.name, **dated)
+    except InputFileError:
+        return None
+    if frame.attrs.get("parse_errors") or not _groupable(spec["expectations"], len(frame)):
+        return None
+    return _Delivery(path, sha, frame)
+
+
+def _groupable(expectations: Sequence[dict], rows: int) -> bool:
+    """Return whether a file of `rows` rows can share a GX run: every rule is on rows, but for
+    a row count whose minimum the file already meets (a group's maximum bounds each file's)."""
+    for entry in expectations:
+        kind = entry["type"]
+        if kind == _ROW_COUNT_RULE:
+            least = entry.get("kwargs", {}).get("min_value")
+            if least is not None and not (isinstance(least, int) and rows >= least):
+                return False
+        elif kind != "expect_column_to_exist" and not kind.startswith(_ROW_RULE_PREFIXES):
+            return False
+    return True
+
+
+def _same_columns(first: pd.DataFrame, other: pd.DataFrame) -> bool:
+    """Whether two files have the same columns and types (then their rows stack unchanged)."""
+    return first.dtypes.to_dict() == other.dtypes.to_dict() and list(first) == list(other)
+
+
+def _ingest_group(storage, contract, group, as_of, max_file_bytes) -> Iterator[IngestOutcome]:
+    """Publish a clean group at once; split one with anything to report (see ingest_files)."""
+    if len(group) == 1:
+        path = group[0].path
+        yield ingest_file(storage, contract, path, as_of=as_of, max_file_bytes=max_file_bytes)
+    elif group:
+        rows = pd.concat([delivery.frame for delivery in group], ignore_index=True)
+        docs = _validate_group(storage, contract, group, rows, as_of)
+        if docs is not None:
+            yield from _publish_group(storage, contract, group, rows, docs)
+        else:
+            half = len(group) // 2
+            yield from _ingest_group(storage, contract, group[:half], as_of, max_file_bytes)
+            yield from _ingest_group(storage, contract, group[half:], as_of, max_file_bytes)
+
+
+def _validate_group(storage, contract, group, rows, as_of) -> Path | None:
+    """Return the Data Docs folder of a group's GX run when nothing in it is to report."""
+    batches = {delivery.batch_id for delivery in group}
+    keys = list(contract.key_columns)
+    if rows.duplicated(keys).any() or _keys_from_other_batches(storage, contract, rows, batches):
+        return None
+    checked = (
+        rows if contract.add_check_columns is None else contract.add_check_columns(rows, storage)
+    )
+    name = f"{group[0].batch_id}..{group[-1].batch_id}"  # the first and last file's batches
+    docs_dir = storage.reports_dir() / "data_docs" / contract.domain / f"g{len(group)}-{name}"
+    report = validate_frame(
+        checked,
+        suite_name=contract.suite,
+        batch_name=f"{name}:{len(group)} files",
+        parameters={"as_of": pd.Timestamp(as_day(as_of))},
+        data_docs_dir=docs_dir,
+    )
+    if report.success and all(r.success and not r.unexpected_count for r in report.rules):
+        return docs_dir
+    shutil.rmtree(docs_dir, ignore_errors=True)
+    return None
+
+
+def _publish_group(storage, contract, group, rows, docs_dir) -> Iterator[IngestOutcome]:
+    """Land each file of a clean group, publish all its rows, then record each file validated.
+
+    No `landed` record is written first: a crash before the `validated` ones leaves landed
+    copies that the next run lands again (same content, same name) and publishes again in
+    place of this batch's rows, as it does for a file recorded `landed`.
+    """
+    records = []
+    for delivery in group:
+        landed = storage.land_file(contract.domain, delivery.path, delivery.sha256)
+        record: dict[str, Any] = {
+            "sha256": delivery.sha256,
+            "batch_id": delivery.batch_id,
+            "source": str(delivery.path),
+            "landed_path": str(landed),
+            "landed_at": _now(),
+        }
+        records.append(record)
+    sizes = [len(delivery.frame) for delivery in group]
+    batch_ids = np.repeat([delivery.batch_id for delivery in group], sizes)
+    _publish(storage, contract, rows.assign(**{BATCH_COLUMN: batch_ids}), None)
+    for delivery, record in zip(group, records, strict=True):
+        stamps = delivery.frame[contract.date_column].dropna().unique()
+        dates = sorted(pd.Timestamp(stamp).date() for stamp in stamps)
+        record.update(
+            status="validated",
+            validated_at=_now(),
+            rows=len(delivery.frame),
+            first_date=dates[0].isoformat() if dates else None,
+            last_date=dates[-1].isoformat() if dates else None,
+            warnings=[],
+            validated_with=f"{len(group)} files in one GX run ({docs_dir.name})",
+        )
+        storage.write_batch_record(contract.domain, record)
+        yield IngestOutcome(
+            source=str(delivery.path),
+            sha256=delivery.sha256,
+            batch_id=delivery.batch_id,
+            status="validated",
+            rows=len(delivery.frame),
+            first_date=record["first_date"],
+            last_date=record["last_date"],
+            dates=len(dates),
+            landed_path=record["landed_path"],
+            data_docs=str(docs_dir / "index.html"),
+            message=f"{delivery.path.name}: {len(delivery.frame):,} rows over {len(dates)} "
+            f"dates validated (one GX run for {len(group)} files)",
+        )
+
+
 def _quarantine(storage, contract, record, landed, report, docs_dir, message) -> None:
     folder = storage.quarantine_batch(
         contract.domain,
@@ -296,8 +499,9 @@ def _parse_error_rule(frame: pd.DataFrame) -> dict | None:
     }
 
 
-def _keys_from_other_batches(storage, contract, frame, batch_id) -> dict | None:
-    """Return a failed-rule entry if the batch repeats keys another batch already published."""
+def _keys_from_other_batches(storage, contract, frame, batch_id: str | set[str]) -> dict | None:
+    """Return a failed-rule entry if the batch repeats keys another batch already published
+    (`batch_id`: the batch, or the set of batches of a group of files)."""
     date_col = contract.date_column
     days = sorted({d.date() for d in frame[date_col].dropna().unique()})
     existing_days = set(storage.partition_dates("validated", contract.domain))
@@ -310,7 +514,8 @@ def _keys_from_other_batches(storage, contract, frame, batch_id) -> dict | None:
         days=overlap_days,
         columns=[*contract.key_columns, BATCH_COLUMN],
     )
-    existing = existing[existing[BATCH_COLUMN] != batch_id]
+    own = {batch_id} if isinstance(batch_id, str) else batch_id
+    existing = existing[~existing[BATCH_COLUMN].isin(own)]
     if existing.empty:
         return None
     keys = list(contract.key_columns)
@@ -331,9 +536,15 @@ def _keys_from_other_batches(storage, contract, frame, batch_id) -> dict | None:
     }
 
 
-def _publish(storage, contract, frame, batch_id) -> list[dt.date]:
-    """Merge the batch into its date partitions (replacing this batch's earlier rows)."""
-    frame = frame.assign(**{BATCH_COLUMN: batch_id})
+def _publish(storage, contract, frame, batch_id: str | None) -> list[dt.date]:
+    """Merge the batch into its date partitions (replacing this batch's earlier rows).
+
+    `batch_id` None: `frame` already carries each row's batch (a group of files published at
+    once), and the earlier rows of every one of those batches are replaced.
+    """
+    if batch_id is not None:
+        frame = frame.assign(**{BATCH_COLUMN: batch_id})
+    batches = set(frame[BATCH_COLUMN])
     date_col = contract.date_column
     sort_cols = [date_col, *[k for k in contract.key_columns if k != date_col]]
     days = []
@@ -342,7 +553,7 @@ def _publish(storage, contract, frame, batch_id) -> list[dt.date]:
         day = pd.Timestamp(stamp).date()
         if day in existing_days:
             current = storage.read_partition("validated", contract.domain, day)
-            current = current[current[BATCH_COLUMN] != batch_id]
+            current = current[~current[BATCH_COLUMN].isin(batches)]
             rows = pd.concat([current, rows], ignore_index=True)
         rows = rows.sort_values(sort_cols, kind="stable")
         storage.write_partition("validated", contract.domain, day, rows)

@@ -91,11 +91,11 @@ _OFFSET = re.compile(r"(?:[+-]\d{2}:?\d{2}|Z)$")
 
 def _unparsed(raw: pd.Series, parsed: pd.Series) -> pd.Series:
     """Return the raw text where a non-empty value failed to parse (else <NA>)."""
-    if raw.dtype.kind in "biuf":  # delivered as numbers (Parquet, a clean CSV): nothing to parse
+    suspects = parsed.isna() & raw.notna()  # blank text is among these, and is not a failure
+    if raw.dtype.kind in "biuf" or not suspects.any():  # numbers, or every value parsed
         return pd.Series(pd.NA, index=raw.index, dtype="string")
     text = raw.astype("string").str.strip()
-    failed = parsed.isna() & text.notna() & (text != "")
-    return text.where(failed)
+    return text.where(suspects & (text != ""))
 
 
 def _parse_dates(values: pd.Series) -> tuple[pd.Series, pd.Series]:
@@ -113,8 +113,11 @@ def _parse_dates(values: pd.Series) -> tuple[pd.Series, pd.Series]:
         return parsed.dt.normalize().astype("datetime64[ns]"), pd.Series(pd.NA, index=values.index)
     text = values.astype("string").str.strip()
     has_offset = text.str.contains(_OFFSET, na=False)
-    local = text.str.replace(_OFFSET, "", regex=True).str.strip()
-    parsed = pd.to_datetime(local, errors="coerce", format="mixed")
+    local = text.str.replace(_OFFSET, "", regex=True).str.strip() if has_offset.any() else text
+    try:  # the usual ISO dates in one vectorised pass; anything else element by element
+        parsed = pd.to_datetime(local, format="ISO8601")
+    except (ValueError, TypeError, OverflowError):
+        parsed = pd.to_datetime(local, errors="coerce", format="mixed")
     problems = _unparsed(text, parsed)
     with_offset, without = int(has_offset.sum()), int((~has_offset & text.notna()).sum())
     if with_offset and without:
