@@ -10,7 +10,7 @@ import json
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import ClassVar, Self
+from typing import ClassVar, Self, TypeVar
 
 import torch
 from torch import nn
@@ -58,7 +58,10 @@ def read_model_metadata(directory: Path, what: str) -> dict:
     return data
 
 
-def load_weights(net: nn.Module, directory: Path) -> nn.Module:
+NetT = TypeVar("NetT", bound=nn.Module)
+
+
+def load_weights(net: NetT, directory: Path) -> NetT:
     """Load the saved state dict of `directory` into `net`; return it on CPU in eval mode."""
     state = torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
     net.load_state_dict(state)

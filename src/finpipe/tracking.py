@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import mlflow
 import pandas as pd
 from mlflow import MlflowClient
+from mlflow.data.pandas_dataset import from_pandas  # mlflow.data sets it at import: untyped
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
@@ -165,7 +166,13 @@ def load_model_version(
             f"{settings.tracking_uri_for_display}; nothing is scored. "
             + (refused or f"Run `finpipe run nightly --domain {domain}` to train one")
         ) from None
-    key = (settings.tracking_uri, name, str(found.version), found.run_id)
+    run_id = found.run_id
+    if run_id is None:  # MLflow allows it; finpipe registers every version from a training run
+        raise ScoringError(
+            f"model {name!r} version {found.version} has no source run, so its predictions "
+            "could not record one; register versions through `finpipe run nightly`"
+        )
+    key = (settings.tracking_uri, name, str(found.version), run_id)
     with _LOADED_LOCK:
         model = _LOADED.get(key)
         if model is None:
@@ -175,7 +182,7 @@ def load_model_version(
                 _LOADED.popitem(last=False)
         else:
             _LOADED.move_to_end(key)
-    return RegisteredModel(name=name, version=str(found.version), run_id=found.run_id, model=model)
+    return RegisteredModel(name=name, version=str(found.version), run_id=run_id, model=model)
 
 
 # Loaded models by (tracking URI, name, version, run id). A registered version's artifacts never
@@ -340,7 +347,5 @@ def log_training_data(
     with warnings.catch_warnings():
         # MLflow registers two local-file source types and warns that it picked one.
         warnings.simplefilter("ignore", UserWarning)
-        dataset = mlflow.data.from_pandas(
-            frame.head(10_000), source=source, name=name, targets=targets
-        )
+        dataset = from_pandas(frame.head(10_000), source=source, name=name, targets=targets)
     mlflow.log_input(dataset, context="training")

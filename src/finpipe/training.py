@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Protocol
+from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar, get_args
 
 import numpy as np
 import pandas as pd
@@ -167,6 +167,20 @@ class FeatureScaler:
 # --------------------------------------------------------------------------------------------
 
 
+NetKind = Literal["mlp", "gru", "cnn"]
+NET_KINDS: tuple[NetKind, ...] = get_args(NetKind)
+KindT = TypeVar("KindT", bound=str)
+
+
+def check_kind(name: str, kinds: Sequence[KindT]) -> KindT:
+    """Return the member of `kinds` equal to `name` (a candidate's name as the lifecycle passes
+    it, typed as its config's Literal); ValueError naming the kinds when there is none."""
+    for kind in kinds:
+        if kind == name:
+            return kind
+    raise ValueError(f"unknown model kind {name!r}; expected one of {list(kinds)}")
+
+
 @pydantic.dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of one training run; the same object feeds the CLI, Prefect and MLflow.
@@ -175,7 +189,7 @@ class TrainConfig:
     """
 
     model: Annotated[
-        Literal["mlp", "gru", "cnn"],
+        NetKind,
         Field(description="Network: mlp (one row), gru or cnn (a lookback window per ticker)."),
     ] = "mlp"
     hidden: Annotated[int, Field(gt=0, description="Width of hidden layers / channels.")] = 64
@@ -321,7 +335,7 @@ class Batches:
     def inputs(self, index: torch.Tensor) -> torch.Tensor:
         """Inputs of the samples at `index`: [B, F], or [B, lookback, F] windows."""
         rows = index if self.rows is None else self.rows[index]
-        if self.lookback:
+        if self._offsets is not None:  # set exactly when lookback >= 1
             rows = rows[:, None] + self._offsets
         return self.features[rows]
 
@@ -329,14 +343,17 @@ class Batches:
         """Copy to `device`; tensors already in `moved` (by id) are reused, not copied again."""
         moved = {} if moved is None else moved
 
-        def move(tensor: torch.Tensor | None) -> torch.Tensor | None:
-            if tensor is None:
-                return None
+        def move(tensor: torch.Tensor) -> torch.Tensor:
             if id(tensor) not in moved:
                 moved[id(tensor)] = tensor.to(device)
             return moved[id(tensor)]
 
-        return Batches(move(self.features), move(self.targets), move(self.rows), self.lookback)
+        return Batches(
+            move(self.features),
+            None if self.targets is None else move(self.targets),
+            None if self.rows is None else move(self.rows),
+            self.lookback,
+        )
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,11 +361,14 @@ class Batches:
 # --------------------------------------------------------------------------------------------
 
 
+NetT = TypeVar("NetT", bound=nn.Module)
+
+
 @dataclass
-class TrainResult:
+class TrainResult(Generic[NetT]):
     """A trained model (on CPU, best-validation weights) and how it got there."""
 
-    model: nn.Module
+    model: NetT
     history: list[dict[str, float]]  # one per epoch: epoch, train_loss, validation_loss, seconds
     best_epoch: int
     epochs_run: int
@@ -362,12 +382,15 @@ class TrainResult:
 @torch.no_grad()
 def mean_squared_error(model: nn.Module, batches: Batches, batch_size: int) -> torch.Tensor:
     """Mean squared error of `model` over all of `batches`, as a 0-d tensor on their device."""
+    targets = batches.targets
+    if targets is None:
+        raise ValueError("mean_squared_error needs Batches with targets")
     model.eval()
     total = torch.zeros((), device=batches.features.device)
     for start in range(0, len(batches), batch_size):
         index = torch.arange(start, min(start + batch_size, len(batches)), device=total.device)
         prediction = model(batches.inputs(index))
-        total += F.mse_loss(prediction, batches.targets[index], reduction="sum")
+        total += F.mse_loss(prediction, targets[index], reduction="sum")
     return total / len(batches)
 
 
@@ -393,19 +416,20 @@ def predict_regressor(
 
 
 def train_regressor(
-    model: nn.Module,
+    model: NetT,
     train_batches: Batches,
     validation_batches: Batches,
     config: TrainConfig,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
-) -> TrainResult:
+) -> TrainResult[NetT]:
     """Train `model` on MSE with AdamW; early-stop on validation loss; return best weights.
 
     The loop is `run_training_loop`'s: each epoch shuffles (seeded), batches, steps, then
     evaluates the whole validation set; same seed and device -> same weights and losses.
     `model` is not modified: a copy is trained.
     """
-    if train_batches.targets is None or validation_batches.targets is None:
+    train_targets = train_batches.targets
+    if train_targets is None or validation_batches.targets is None:
         raise ValueError("train_regressor needs Batches with targets")
     if len(train_batches) == 0 or len(validation_batches) == 0:
         raise ValueError(
@@ -415,11 +439,12 @@ def train_regressor(
     device = resolve_device(config.device)
     moved: dict[int, torch.Tensor] = {}
     train = train_batches.to(device, moved)
+    train_targets = moved[id(train_targets)]  # the same targets, on `device`
     validation = validation_batches.to(device, moved)
     eval_batch_size = 4 * config.batch_size
 
     def batch_loss(model: nn.Module, index: torch.Tensor, _: torch.Generator) -> torch.Tensor:
-        return F.mse_loss(model(train.inputs(index)), train.targets[index])
+        return F.mse_loss(model(train.inputs(index)), train_targets[index])
 
     return run_training_loop(
         model,
@@ -438,26 +463,33 @@ class LoopSettings(Protocol):
     """The hyper-parameters `run_training_loop` reads (TrainConfig and the credit
     ClassifierConfig both have them)."""
 
-    batch_size: int
-    max_epochs: int
-    patience: int
-    learning_rate: float
-    weight_decay: float
-    seed: int
+    # Read-only members: both configs are frozen dataclasses.
+    @property
+    def batch_size(self) -> int: ...
+    @property
+    def max_epochs(self) -> int: ...
+    @property
+    def patience(self) -> int: ...
+    @property
+    def learning_rate(self) -> float: ...
+    @property
+    def weight_decay(self) -> float: ...
+    @property
+    def seed(self) -> int: ...
 
 
 def run_training_loop(
-    model: nn.Module,
+    model: NetT,
     n_train: int,
-    batch_loss: Callable[[nn.Module, torch.Tensor, torch.Generator], torch.Tensor],
-    validation_loss: Callable[[nn.Module], torch.Tensor],
+    batch_loss: Callable[[NetT, torch.Tensor, torch.Generator], torch.Tensor],
+    validation_loss: Callable[[NetT], torch.Tensor],
     config: LoopSettings,
     device: torch.device,
     on_epoch: Callable[[dict[str, float]], None] | None = None,
     *,
     what: str,
     check: str,
-) -> TrainResult:
+) -> TrainResult[NetT]:
     """Train a copy of `model` on `device` with AdamW; early-stop; return the best weights.
 
     Each epoch: shuffle the `n_train` samples (seeded), and per batch of sample indices take

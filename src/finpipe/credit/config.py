@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic_core import ErrorDetails
 
 from finpipe.errors import ConfigError
 from finpipe.read_options import ReadOptions
@@ -257,7 +258,7 @@ def parse_loan_book(data: dict, *, source: str = "<config>") -> LoanBookConfig:
     return config
 
 
-def _describe(error: dict) -> str:
+def _describe(error: ErrorDetails) -> str:
     """One readable sentence for one pydantic error, with the TOML key it is about."""
     where = ".".join(str(part) for part in error["loc"]) or "(top level)"
     kind = error["type"]

@@ -35,7 +35,7 @@ import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -56,10 +56,17 @@ from finpipe.credit.metrics import (
 )
 from finpipe.errors import ConfigError, ModelRejected
 from finpipe.model_files import SavesNetAndMetadata, load_weights
-from finpipe.training import FeatureScaler, resolve_device, run_training_loop, time_split
+from finpipe.training import (
+    FeatureScaler,
+    check_kind,
+    resolve_device,
+    run_training_loop,
+    time_split,
+)
 
 REASONS = 3
 ModelKind = Literal["mlp", "logistic"]
+MODEL_KINDS: tuple[ModelKind, ...] = get_args(ModelKind)
 
 
 # --------------------------------------------------------------------------------------------
@@ -185,6 +192,7 @@ class TabularNet(nn.Module):
     ):
         super().__init__()
         self.n_numeric = n_numeric
+        self.embedding_widths = list(embedding_widths)
         self.embeddings = nn.ModuleList(
             nn.Embedding(size, width)
             for size, width in zip(category_sizes, embedding_widths, strict=True)
@@ -222,9 +230,9 @@ class TabularNet(nn.Module):
         n = self.n_numeric
         slices = [[j, n + j] for j in range(n)]
         start = 2 * n
-        for table in self.embeddings:
-            slices.append(list(range(start, start + table.embedding_dim)))
-            start += table.embedding_dim
+        for width in self.embedding_widths:
+            slices.append(list(range(start, start + width)))
+            start += width
         return slices
 
 
@@ -287,7 +295,7 @@ def weighted_log_loss(
         )
         logit = net(part.numeric, part.missing, part.categories)
         total += F.binary_cross_entropy_with_logits(
-            logit, part.labels, pos_weight=pos_weight, reduction="sum"
+            logit, _labels(part), pos_weight=pos_weight, reduction="sum"
         )
     return total / len(data)
 
@@ -311,23 +319,32 @@ def train_classifier(
         return _train_classifier(net, train, validation, config, device, on_epoch)
 
 
-def _train_classifier(net, train, validation, config, device, on_epoch):
+def _train_classifier(
+    net: TabularNet,
+    train: Inputs,
+    validation: Inputs,
+    config: ClassifierConfig,
+    device: torch.device,
+    on_epoch: Callable[[dict], None] | None,
+) -> tuple[TabularNet, list[dict], int]:
     train, validation = train.to(device), validation.to(device)
-    positives = float(train.labels.sum())
+    positives = float(_labels(train).sum())
     if config.class_weight == "balanced" and positives > 0:
         weight = (len(train) - positives) / positives
     else:
         weight = 1.0
     pos_weight = torch.tensor(weight, device=device)
 
-    def batch_loss(model: TabularNet, index: torch.Tensor, generator: torch.Generator):
+    def batch_loss(
+        model: TabularNet, index: torch.Tensor, generator: torch.Generator
+    ) -> torch.Tensor:
         batch = train.rows(index)
         categories = batch.categories
         if config.unknown_rate > 0 and categories.numel():
             blank = torch.rand(categories.shape, generator=generator, device=device)
             categories = categories.masked_fill(blank < config.unknown_rate, 0)
         logit = model(batch.numeric, batch.missing, categories)
-        return F.binary_cross_entropy_with_logits(logit, batch.labels, pos_weight=pos_weight)
+        return F.binary_cross_entropy_with_logits(logit, _labels(batch), pos_weight=pos_weight)
 
     result = run_training_loop(
         net,
@@ -493,7 +510,8 @@ class FittedCreditModel(SavesNetAndMetadata):
         top = np.take_along_axis(attributions, order, axis=1)
         positive = top > 0
         chosen = np.where(positive, order, -1)  # [rows, reasons] feature index, -1 for none
-        names = np.where(positive, features[order], None)
+        names = features[order]  # object [rows, reasons]: a copy
+        names[~positive] = None
         shown = np.full(names.shape, None, dtype=object)
         for j in np.unique(chosen[positive]):  # each feature's values, only where shown
             cells = chosen == j
@@ -545,10 +563,8 @@ class FittedCreditModel(SavesNetAndMetadata):
         `transform`) when they are already computed.
         """
         pd_values = self.predict_pd(frame) if pd_values is None else np.asarray(pd_values)
-        fitting = edges is None
-        edges = {} if fitting else edges
-        if fitting:
-            edges["score"] = quantile_edges(pd_values)
+        if edges is None:  # fitting: the training population's bins
+            edges = {"score": quantile_edges(pd_values)}
             for column in self.numeric_columns:
                 edges[column] = quantile_edges(pd.to_numeric(frame[column], errors="coerce"))
         shares = {"score": binned_shares(pd_values, edges["score"])}
@@ -723,6 +739,12 @@ def _parts(data: Inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return data.numeric, data.missing, data.categories
 
 
+def _labels(data: Inputs) -> torch.Tensor:
+    if data.labels is None:
+        raise ValueError("training and its validation loss need Inputs with labels")
+    return data.labels
+
+
 def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -35.0, 35.0)))
 
@@ -749,8 +771,8 @@ def _require_columns(frame: pd.DataFrame, columns: list[str]) -> None:
 class CreditTrainingConfig(BaseModel):
     """Hyper-parameters of a nightly credit retrain (also the Prefect form and MLflow params)."""
 
-    models: list[Literal["mlp", "logistic"]] = Field(
-        default_factory=lambda: ["mlp", "logistic"],
+    models: list[ModelKind] = Field(
+        default_factory=lambda: list(MODEL_KINDS),
         description="mlp: the tabular network; logistic: the logistic-regression baseline.",
     )
     validation_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of labelled rows.")
@@ -792,7 +814,7 @@ class CreditTrainingConfig(BaseModel):
     def classifier_config(self, kind: str) -> ClassifierConfig:
         logistic = kind == "logistic"
         return ClassifierConfig(
-            kind=kind,
+            kind=check_kind(kind, MODEL_KINDS),
             hidden=self.hidden,
             layers=self.layers,
             dropout=self.dropout,

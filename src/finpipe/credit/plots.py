@@ -38,7 +38,8 @@ def calibration(labels: np.ndarray, scores: np.ndarray, title: str, bins: int = 
 def score_distribution(labels: np.ndarray, scores: np.ndarray, title: str) -> plt.Figure:
     """Return the PD histograms of defaulters and non-defaulters (each normalised)."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    edges = np.linspace(0, max(float(np.max(scores)), 1e-3), 31)
+    # A list: matplotlib's stubs type `bins` as a Sequence, which an ndarray is not.
+    edges = np.linspace(0, max(float(np.max(scores)), 1e-3), 31).tolist()
     for value, name, colour in ((0, "no default", "#1a9850"), (1, "default", "#d73027")):
         ax.hist(
             scores[labels == value], bins=edges, density=True, alpha=0.5, color=colour, label=name
@@ -51,7 +52,7 @@ def score_distribution(labels: np.ndarray, scores: np.ndarray, title: str) -> pl
 
 def feature_importance(importance: dict[str, float], title: str) -> plt.Figure:
     """Return a horizontal bar chart of mean |attribution| per feature, largest on top."""
-    names = sorted(importance, key=importance.get)
+    names = sorted(importance, key=lambda name: importance[name])
     fig, ax = plt.subplots(figsize=(6, 0.3 * len(names) + 1.2))
     ax.barh(names, [importance[n] for n in names], color="#4575b4")
     ax.set(xlabel="mean |attribution| (log-odds, integrated gradients)", title=title)

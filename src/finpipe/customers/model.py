@@ -138,7 +138,9 @@ class SegmentAutoencoder(nn.Module):
         return self.decoder(self.encoder(x))
 
 
-def build_autoencoder(n_features: int, architecture: Mapping[str, int], seed: int) -> nn.Module:
+def build_autoencoder(
+    n_features: int, architecture: Mapping[str, int], seed: int
+) -> SegmentAutoencoder:
     """Return an autoencoder initialised from `seed` (the global RNG is left untouched)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -265,7 +267,7 @@ class FittedSegmentModel(SavesNetAndMetadata):
 
     saved_as = "segment"
 
-    net: nn.Module
+    net: SegmentAutoencoder
     architecture: dict[str, int]
     feature_columns: list[str]
     log_columns: list[str]
@@ -365,7 +367,11 @@ def snapshot_feature_columns(snapshot: pd.DataFrame, train: np.ndarray) -> list[
 def choose_k(scores: Mapping[int, float], champion_k: int | None, tolerance: float) -> int:
     """Return the k with the best silhouette, or the champion's k when it is within `tolerance`."""
     best = max(scores, key=lambda k: (scores[k], -k))
-    if champion_k in scores and scores[champion_k] >= scores[best] - tolerance:
+    if (
+        champion_k is not None
+        and champion_k in scores
+        and scores[champion_k] >= scores[best] - tolerance
+    ):
         return int(champion_k)
     return int(best)
 

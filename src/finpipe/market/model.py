@@ -27,16 +27,20 @@ from torch import nn
 from finpipe.model_files import SavesNetAndMetadata, load_weights
 from finpipe.nets import build_net
 from finpipe.training import (
+    NET_KINDS,
     Batches,
     FeatureScaler,
+    NetKind,
     TimeSplit,
     TrainConfig,
+    check_kind,
     predict_regressor,
     train_regressor,
     window_panel,
 )
 
 Target = Literal["return", "cross_sectional_zscore"]
+DEFAULT_NETS: tuple[NetKind, ...] = ("mlp", "gru")  # typed: a list literal is list[str]
 
 
 def _require_columns(frame: pd.DataFrame, columns: list[str], what: str) -> None:
@@ -329,8 +333,8 @@ class MarketTrainingConfig(BaseModel):
     """Hyper-parameters of a nightly market retrain (also the Prefect form and MLflow params)."""
 
     horizon: int = Field(5, ge=1, le=60, description="Forward-return horizon h in trading days.")
-    models: list[Literal["mlp", "gru", "cnn"]] = Field(
-        default_factory=lambda: ["mlp", "gru"], description="Networks to train and compare."
+    models: list[NetKind] = Field(
+        default_factory=lambda: list(DEFAULT_NETS), description="Networks to train and compare."
     )
     validation_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of dates.")
     test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of dates.")
@@ -368,7 +372,7 @@ class MarketTrainingConfig(BaseModel):
 
     def train_config(self, model: str) -> TrainConfig:
         return TrainConfig(
-            model=model,
+            model=check_kind(model, NET_KINDS),
             hidden=self.hidden,
             layers=self.layers,
             dropout=self.dropout,
