@@ -38,6 +38,8 @@ def home(work: Path) -> Path:
 def use_home(work: Path):
     """Point finpipe (and Prefect's local state) at the size's home; return (settings, storage)."""
     os.environ["FINPIPE_HOME"] = str(home(work))
+    # The night's vendor file is the flow's input: its folder is the drop folder.
+    os.environ["FINPIPE_DROP_ROOTS"] = json.dumps([str(work / "deliveries")])
     os.environ.update(SYNTHETIC_CONFIGS)
     from finpipe.settings import load_settings, prepare_environment
     from finpipe.storage import Storage

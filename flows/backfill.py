@@ -1,37 +1,45 @@
-"""The backfill flow: a range of dates, each an independent unit, run in parallel and resumable."""
+"""The backfill flow: a range of dates, each an independent unit, run in parallel and resumable.
+
+The dates run on a thread pool in the flow's process, or on a Dask cluster when
+FINPIPE_DASK_ADDRESS names its scheduler (`run_setup.date_runner`).
+"""
 
 from __future__ import annotations
 
 import datetime as dt
-from collections import Counter
+import threading
 from typing import Annotated, Any
 
 from finpipe.flows.parameters import DomainName
-from finpipe.tasks.dates import ingest_deliveries, process_date, update_features
+from finpipe.flows.run_setup import RunSetup, date_runner, ingest_inputs, set_up_run
+from finpipe.flows.summaries import backfill_description
+from finpipe.tasks.dates import process_date, update_features
 from finpipe.tasks.steps import promote, train
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
-from prefect.runtime import flow_run
-from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.futures import PrefectFuture
 from pydantic import Field
 
 from finpipe.date_runs import (
     BackfillIncomplete,
+    BackfillPlan,
     DateFailed,
     DateOutcome,
-    expand_inputs,
     failure_summary,
     outcome_from_record,
     plan_backfill,
     read_completion,
 )
-from finpipe.domains import get_domain
 from finpipe.errors import ConfigError
 from finpipe.locks import DEFAULT_TIMEOUT_SECONDS
-from finpipe.planning import ALL_STEPS, Step, check_backfill_request
-from finpipe.schedule import load_schedule_settings, today_in
-from finpipe.settings import load_settings, prepare_environment
-from finpipe.storage import Storage
+from finpipe.planning import (
+    ALL_STEPS,
+    BackfillRequest,
+    Step,
+    check_backfill_request,
+    training_config,
+)
+from finpipe.schedule import today_in
 
 
 @flow(name="backfill", flow_run_name="backfill-{domain}-{start}-to-{end}", log_prints=True)
@@ -70,83 +78,36 @@ def backfill(
         training: Hyper-parameter overrides for the retrain, e.g. {"max_epochs": 10}.
         lock_timeout_seconds: How long a date waits while another run holds it (seconds).
     """
-    prepare_environment(load_settings())  # telemetry off before GX or MLflow loads
+    run = set_up_run("backfill", domain, inputs, lock_timeout=lock_timeout_seconds)
+    today = today_in(run.schedule.timezone)
+    request = _checked_request(run, start, end, steps, today)
+    config = training_config(domain, dict(training))
+    ingested = ingest_inputs(run, today)
+    plan = plan_backfill(run.storage, request, force=force)
     logger = get_run_logger()
-    schedule = load_schedule_settings()
-    request = check_backfill_request(
-        domain,
-        start,
-        end,
-        steps,
-        today=today_in(schedule.timezone),
-        max_dates=schedule.backfill_max_dates,
-        calendar=schedule.calendar(domain),
-    )
-    spec = get_domain(domain)
-    try:
-        config = spec.training_config(**dict(training))
-    except ValueError as error:
-        raise ConfigError(f"invalid training parameters: {error}") from None
-    files = expand_inputs(inputs)
-    wait = lock_timeout_seconds  # the same for the history lock (ingest, features) and dates
-    holder = flow_run.name or "backfill"
-    storage = Storage(load_settings().home)
-
-    ingested = (
-        ingest_deliveries(domain, files, today_in(schedule.timezone).isoformat(), holder, wait)
-        if files
-        else []
-    )
-    plan = plan_backfill(storage, request, force=force)
     logger.info(
         "backfill %s %s to %s: %d dates to process, %d already done",
-        domain,
-        request.start,
-        request.end,
-        len(plan.todo),
-        len(plan.done),
+        *(domain, request.start, request.end, len(plan.todo), len(plan.done)),
     )
     features = None
     if "features" in request.steps and (plan.todo or retrain):
-        features = update_features(domain, request.end.isoformat(), holder, wait)
-
-    outcomes = {d: outcome_from_record(read_completion(storage, domain, d)) for d in plan.done}
-    with ThreadPoolTaskRunner(max_workers=concurrency) as runner:
-        futures = {
-            day: runner.submit(
-                process_date,
-                {
-                    "domain": domain,
-                    "day": day.isoformat(),
-                    "steps": list(request.steps),
-                    "holder": holder,
-                    "lock_timeout": wait,
-                },
-            )
-            for day in plan.todo
-        }
-        for day, future in futures.items():
-            outcomes[day] = _outcome_of(day, future)
-    results = [outcomes[day] for day in sorted(outcomes)]
-
-    training_outcome = decision = None
+        features = update_features(domain, request.end.isoformat(), run.holder, run.lock_timeout)
+    results = _run_dates(run, request, plan, concurrency)
     failures = failure_summary(results)
+    training_outcome = decision = None
     if retrain and failures is None:
-        trained_through = storage.partition_dates("features", domain, end=request.end)
-        if not trained_through:
-            raise ConfigError(f"no {domain} features up to {request.end}: nothing to retrain on")
-        training_outcome = train(domain, trained_through[-1].isoformat(), config)
+        training_outcome = train(domain, _retrain_day(run, request).isoformat(), config)
         decision = promote(domain, training_outcome)
     elif retrain:
         logger.warning("retrain skipped: some dates failed")
-
     create_table_artifact(
         key=f"backfill-{domain}",
         table=[outcome.table_row() for outcome in results],
-        description=f"finpipe backfill {domain} {request.start} to {request.end}: "
-        + ", ".join(f"{n} {s}" for s, n in Counter(o.status for o in results).items()),
+        description=backfill_description(domain, str(request.start), str(request.end), results),
     )
-    summary = {
+    if failures:
+        raise BackfillIncomplete(failures)
+    return {
         "domain": domain,
         "start": request.start.isoformat(),
         "end": request.end.isoformat(),
@@ -157,9 +118,58 @@ def backfill(
         "training": training_outcome,
         "promotion": decision,
     }
-    if failures:
-        raise BackfillIncomplete(failures)
-    return summary
+
+
+def _checked_request(
+    run: RunSetup, start: dt.date, end: dt.date, steps: tuple[Step, ...], today: dt.date
+) -> BackfillRequest:
+    """The backfill's dates and steps, checked against today, the cap and the calendar."""
+    return check_backfill_request(
+        run.domain,
+        start,
+        end,
+        steps,
+        today=today,
+        max_dates=run.schedule.backfill_max_dates,
+        calendar=run.calendar,
+    )
+
+
+def _run_dates(
+    run: RunSetup, request: BackfillRequest, plan: BackfillPlan, concurrency: int
+) -> list[DateOutcome]:
+    """Process the plan's dates, at most `concurrency` at a time, on the date runner; return
+    every date's outcome in date order, the dates done earlier included."""
+    outcomes = {
+        day: outcome_from_record(read_completion(run.storage, run.domain, day)) for day in plan.done
+    }
+    slots = threading.BoundedSemaphore(concurrency)  # a Dask cluster may have more threads
+    futures: dict[dt.date, PrefectFuture] = {}
+    with date_runner(run.settings, concurrency) as runner:
+        for day in plan.todo:
+            slots.acquire()
+            futures[day] = runner.submit(
+                process_date,
+                {
+                    "domain": run.domain,
+                    "day": day.isoformat(),
+                    "steps": list(request.steps),
+                    "holder": run.holder,
+                    "lock_timeout": run.lock_timeout,
+                },
+            )
+            futures[day].add_done_callback(lambda _: slots.release())
+        for day, future in futures.items():
+            outcomes[day] = _outcome_of(day, future)
+    return [outcomes[day] for day in sorted(outcomes)]
+
+
+def _retrain_day(run: RunSetup, request: BackfillRequest) -> dt.date:
+    """The last date with features up to the backfill's end: what the retrain learns as of."""
+    trained_through = run.storage.partition_dates("features", run.domain, end=request.end)
+    if not trained_through:
+        raise ConfigError(f"no {run.domain} features up to {request.end}: nothing to retrain on")
+    return trained_through[-1]
 
 
 def _outcome_of(day: dt.date, future) -> DateOutcome:

@@ -1,16 +1,19 @@
 """The nightly flow: validate -> features -> train -> promote -> score, for one as-of date.
 
 When earlier nights were missed (recorded completions stop before the as-of date), the run
-first catches up: every missed session is scored, in date order, before retraining.
+first catches up: every missed session is scored, in date order, before retraining. Which
+date, which missed sessions and whether to retrain are decided in `finpipe.planning`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Literal
+from typing import Any
 
 from finpipe.flows.parameters import DomainName, HistoryDates, training_overrides
-from finpipe.tasks.dates import ingest_deliveries, process_date, update_features
+from finpipe.flows.run_setup import RunSetup, ingest_inputs, set_up_run
+from finpipe.flows.summaries import summary_markdown
+from finpipe.tasks.dates import process_date, update_features
 from finpipe.tasks.steps import promote, train
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
@@ -21,17 +24,20 @@ from finpipe.date_runs import (
     DateFailed,
     DateOutcome,
     completed_dates,
-    expand_inputs,
     failure_summary,
 )
-from finpipe.domains import get_domain
-from finpipe.errors import ConfigError
-from finpipe.planning import ALL_STEPS, plan_night, scheduled_day
+from finpipe.planning import (
+    ALL_STEPS,
+    AsOfRule,
+    NightPlan,
+    plan_night,
+    scheduled_day,
+    training_config,
+)
 from finpipe.schedule import check_timezone, load_schedule_settings
-from finpipe.settings import load_settings, prepare_environment
-from finpipe.storage import Storage, as_day
+from finpipe.storage import as_day
 
-AsOfRule = Literal["latest validated date", "previous business day"]
+__all__ = ["nightly", "summary_markdown"]
 
 
 def _run_name() -> str:
@@ -85,47 +91,21 @@ def nightly(
         calendar_timezone: Timezone the scheduled time is read in; empty means
             FINPIPE_TIMEZONE.
     """
-    prepare_environment(load_settings())  # telemetry off before GX or MLflow loads
-    logger = get_run_logger()
-    spec = get_domain(domain)
-    try:
-        config = spec.training_config(**training_overrides(training, history_dates))
-    except ValueError as error:
-        raise ConfigError(f"invalid training parameters: {error}") from None
-    schedule = load_schedule_settings()
-    calendar = schedule.calendar(domain)
+    run = set_up_run("nightly", domain, inputs or [])
+    config = training_config(domain, training_overrides(training, history_dates))
     if as_of is None and default_as_of == "previous business day":
         as_of = _scheduled_as_of(calendar_timezone, domain)
-    holder = flow_run.name or f"nightly-{domain}"
-    wait = schedule.lock_timeout_seconds
-    validate_as_of = as_day(as_of) if as_of else dt.datetime.now(dt.UTC).date()
-    files = expand_inputs(inputs or [])
-    ingested = (
-        ingest_deliveries(domain, files, validate_as_of.isoformat(), holder, wait) if files else []
-    )
-    storage = Storage(load_settings().home)
-    plan = plan_night(
-        domain,
-        as_of=as_day(as_of) if as_of else None,
-        validated=storage.partition_dates("validated", domain, end=validate_as_of),
-        completed=completed_dates(storage, domain),
-        calendar=calendar,
-        catch_up=catch_up,
-        max_catch_up=schedule.backfill_max_dates,
-        retrain=retrain,
-    )
+    validate_day = as_day(as_of) if as_of else dt.datetime.now(dt.UTC).date()
+    ingested = ingest_inputs(run, validate_day)
+    plan = _plan(run, as_of, validate_day, catch_up=catch_up, retrain=retrain)
     run_date = plan.run_day.isoformat()
-    logger.info("nightly %s for %s", domain, run_date)
-    features = update_features(domain, run_date, holder, wait, rebuild_features)
-    caught_up = []
-    for day in plan.catch_up:  # in date order, with the champion those nights would have used
-        logger.info("catching up %s %s", domain, day)
-        caught_up.append(_date_outcome(domain, day.isoformat(), holder, wait))
-    training_outcome = decision = None
-    if plan.retrain:
-        training_outcome = train(domain, run_date, config)
-        decision = promote(domain, training_outcome)
-    tonight = process_date(domain, run_date, list(ALL_STEPS), holder, wait)
+    get_run_logger().info("nightly %s for %s", domain, run_date)
+    features = update_features(domain, run_date, run.holder, run.lock_timeout, rebuild_features)
+    # In date order, each with the champion that night would have used, before retraining.
+    caught_up = [_caught_up(run, missed) for missed in plan.catch_up]
+    training_outcome = train(domain, run_date, config) if plan.retrain else None
+    decision = promote(domain, training_outcome) if training_outcome else None
+    tonight = process_date(domain, run_date, list(ALL_STEPS), run.holder, run.lock_timeout)
     summary = {
         "domain": domain,
         "as_of": run_date,
@@ -147,81 +127,27 @@ def nightly(
     return summary
 
 
-def _date_outcome(domain: str, day: str, holder: str, wait: float) -> DateOutcome:
+def _plan(
+    run: RunSetup, as_of: dt.date | None, validate_day: dt.date, *, catch_up: bool, retrain: bool
+) -> NightPlan:
+    """Plan the night (`finpipe.planning.plan_night`) from what the store holds."""
+    return plan_night(
+        run.domain,
+        as_of=as_day(as_of) if as_of else None,
+        validated=run.validated_dates(end=validate_day),
+        completed=completed_dates(run.storage, run.domain),
+        calendar=run.calendar,
+        catch_up=catch_up,
+        max_catch_up=run.schedule.backfill_max_dates,
+        retrain=retrain,
+    )
+
+
+def _caught_up(run: RunSetup, day: dt.date) -> DateOutcome:
     """Return a missed date's outcome; a failure is reported, not allowed to stop the night."""
+    get_run_logger().info("catching up %s %s", run.domain, day)
+    steps, holder, wait = list(ALL_STEPS), run.holder, run.lock_timeout
     try:
-        return DateOutcome(**process_date(domain, day, list(ALL_STEPS), holder, wait))
+        return DateOutcome(**process_date(run.domain, day.isoformat(), steps, holder, wait))
     except DateFailed as failed:
         return failed.outcome
-
-
-def summary_markdown(summary: dict) -> str:
-    """Return the run summary as markdown for the Prefect UI."""
-    lines = [f"# finpipe nightly: {summary['domain']} as of {summary['as_of']}", ""]
-    lines += ["## Validation", "| file | status | rows | dates |", "|---|---|---|---|"]
-    for item in summary["ingested"] or []:
-        name = item["source"].rsplit("/", 1)[-1]
-        lines.append(f"| {name} | {item['status']} | {item['rows']:,} | {item['dates']} |")
-    if not summary["ingested"]:
-        lines.append("| (no new files) | | | |")
-    noted = [
-        (item["source"].rsplit("/", 1)[-1], warning)
-        for item in summary["ingested"] or []
-        for warning in item.get("warnings") or []
-    ]
-    if noted:
-        lines += ["", "**Data-quality warnings** (recorded; the data was accepted):", ""]
-        lines += [f"- {name}: {warning}" for name, warning in noted]
-    caught_up = summary.get("catch_up") or []
-    if caught_up:
-        lines += ["", "## Catch-up (missed nights)", "| date | status | rows | message |"]
-        lines.append("|---|---|---|---|")
-        for item in caught_up:
-            lines.append(
-                f"| {item['date']} | {item['status']} | {item['rows']:,} | {item['message']} |"
-            )
-    features = summary["features"]
-    lines += [
-        "",
-        "## Features",
-        f"{features['rows']:,} rows over {len(features['dates_written'])} new dates "
-        f"in {features['seconds']} s.",
-    ]
-    if features["skipped_features"]:
-        lines.append(f"Skipped (missing columns): {features['skipped_features']}")
-    training = summary["training"]
-    if training:
-        lines += [
-            "",
-            "## Training",
-            f"MLflow run `{training['run_id']}`; candidate **{training['candidate']}** "
-            f"registered as version {training['challenger_version']}.",
-            "",
-            *metrics_table(training["metrics"]),
-        ]
-    decision = summary["promotion"]
-    if decision:
-        lines += ["", "## Promotion", decision["reason"]]
-    predictions = summary["predictions"]
-    lines += [
-        "",
-        "## Predictions",
-        f"{predictions['rows']:,} rows for {predictions['date']} by {predictions['model_name']} "
-        f"v{predictions['model_version']} in `{predictions['path']}`.",
-    ]
-    return "\n".join(lines)
-
-
-def metrics_table(metrics: dict[str, dict[str, dict[str, float]]]) -> list[str]:
-    """Return a markdown table: one row per model, test metrics (validation IC-like first)."""
-    names = sorted({key for result in metrics.values() for key in result.get("test", {})})
-    lines = ["| model | " + " | ".join(f"test {n}" for n in names) + " |"]
-    lines.append("|---" * (len(names) + 1) + "|")
-    for kind, result in metrics.items():
-        cells = [_number(result.get("test", {}).get(name)) for name in names]
-        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def _number(value) -> str:
-    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -5,17 +5,14 @@ from __future__ import annotations
 import datetime as dt
 
 from finpipe.flows.parameters import DomainName
+from finpipe.flows.run_setup import set_up_run
+from finpipe.flows.summaries import score_markdown
 from finpipe.tasks.dates import process_date, update_features
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
-from finpipe.domains import get_domain
-from finpipe.errors import ConfigError
-from finpipe.planning import ALL_STEPS
-from finpipe.schedule import load_schedule_settings
-from finpipe.settings import load_settings, prepare_environment
-from finpipe.storage import Storage, as_day
+from finpipe.planning import ALL_STEPS, run_day
 
 
 def _run_name() -> str:
@@ -31,21 +28,11 @@ def score(domain: DomainName = "market", as_of: dt.date | None = None) -> dict:
         domain: Which domain: market, credit, customers or another registered domain.
         as_of: Date to score; empty means the latest validated date.
     """
-    prepare_environment(load_settings())  # telemetry off before GX or MLflow loads
-    get_domain(domain)
-    storage = Storage(load_settings().home)
-    available = storage.partition_dates("validated", domain, end=as_of)
-    if not available:
-        raise ConfigError(f"no validated {domain} data on or before {as_of or 'today'}")
-    run_date = (as_day(as_of) if as_of else available[-1]).isoformat()
-    holder = flow_run.name or f"score-{domain}"
-    wait = load_schedule_settings().lock_timeout_seconds
-    update_features(domain, run_date, holder, wait)
-    outcome = process_date(domain, run_date, list(ALL_STEPS), holder, wait)
-    predictions = outcome["predictions"]
+    run = set_up_run("score", domain)
+    run_date = run_day(domain, as_of, run.validated_dates(end=as_of)).isoformat()
+    update_features(domain, run_date, run.holder, run.lock_timeout)
+    outcome = process_date(domain, run_date, list(ALL_STEPS), run.holder, run.lock_timeout)
     create_markdown_artifact(
-        key=f"score-{domain}",
-        markdown=f"# finpipe score: {domain} {run_date}\n\n{predictions['rows']:,} rows by "
-        f"{predictions['model_name']} v{predictions['model_version']} in `{predictions['path']}`.",
+        key=f"score-{domain}", markdown=score_markdown(domain, run_date, outcome["predictions"])
     )
     return outcome

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -65,6 +66,9 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "60")
 # The plumbing tests train toy models (2 epochs, 8 units) that the promotion quality floor
 # rightly refuses; it is tested on its own in test_quality_floor.py, with it on.
 os.environ["FINPIPE_PROMOTION_FLOOR"] = "false"
+# Runs may read delivered files only from drop folders (FINPIPE_DROP_ROOTS): the tests deliver
+# from their temporary folders and the sample data sets; tests of the rule set their own.
+os.environ["FINPIPE_DROP_ROOTS"] = json.dumps([tempfile.gettempdir(), str(REPO_ROOT / "datasets")])
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("FINPIPE_MLFLOW_TRACKING_URI", None)
 os.environ.pop("FINPIPE_LOCKS_URL", None)  # file locks unless a test asks for Postgres
@@ -198,6 +202,16 @@ TIER_TABLE: dict[str, ModuleTiers] = {
         },
         by_fixture={"market": FLOW},
     ),
+    "test_drop_roots.py": ModuleTiers(
+        UNIT,
+        by_name={
+            "test_a_run_naming_a_file_out_of_the_drop_folders_fails_before_reading_anything": FLOW,
+            "test_the_command_line_loads_a_file_from_deliveries_and_refuses_one_elsewhere": (
+                _CHILD_PROCESS
+            ),
+        },
+    ),
+    "test_planning.py": ModuleTiers(UNIT),
     # Model fits on small panels (the fitted model is module-wide).
     "test_credit_model.py": ModuleTiers(UNIT, by_fixture={"fitted": FLOW}),
     "test_customers_model.py": ModuleTiers(UNIT, by_fixture={"two_days": FLOW}),

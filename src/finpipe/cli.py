@@ -228,7 +228,12 @@ def run_nightly(
         str | None, typer.Option(help="YYYY-MM-DD; default the latest validated date.")
     ] = None,
     input: Annotated[
-        list[Path] | None, typer.Option("--input", help="A delivered file to load first.")
+        list[Path] | None,
+        typer.Option(
+            "--input",
+            help="A delivered file to load first; only from under FINPIPE_DROP_ROOTS (default "
+            "FINPIPE_HOME/vendor_drop, ./deliveries, ./datasets).",
+        ),
     ] = None,
     retrain: Annotated[bool, typer.Option(help="Retrain and run promotion.")] = True,
     rebuild_features: Annotated[bool, typer.Option(help="Recompute all features.")] = False,
@@ -247,9 +252,11 @@ def run_nightly(
     """Run the nightly flow (validate -> features -> train -> promote -> score) via Prefect."""
     settings = _settings()
     from finpipe.domains import get_domain
+    from finpipe.drop_roots import allowed_inputs
     from finpipe.storage import as_day
 
     get_domain(domain)  # reject a bad parameter before Prefect starts anything
+    allowed_inputs([str(p) for p in input or []], settings.input_roots())
     day = as_day(as_of) if as_of else None
     from finpipe.flows.nightly import nightly
 
@@ -284,11 +291,17 @@ def run_backfill(
     concurrency: Annotated[int, typer.Option(min=1, max=16, help="Dates at once.")] = 4,
     force: Annotated[bool, typer.Option(help="Redo dates already completed.")] = False,
     input: Annotated[
-        list[str] | None, typer.Option("--input", help="A delivered file or glob to load first.")
+        list[str] | None,
+        typer.Option(
+            "--input",
+            help="A delivered file or glob to load first; only from under FINPIPE_DROP_ROOTS "
+            "(default FINPIPE_HOME/vendor_drop, ./deliveries, ./datasets).",
+        ),
     ] = None,
 ) -> None:
     """Run the backfill flow over a date range; re-running redoes only failed or missing dates."""
-    _settings()
+    settings = _settings()
+    from finpipe.drop_roots import allowed_inputs
     from finpipe.planning import check_backfill_request
     from finpipe.schedule import load_schedule_settings, today_in
 
@@ -302,6 +315,7 @@ def run_backfill(
         max_dates=schedule.backfill_max_dates,
         calendar=schedule.calendar(domain),
     )
+    allowed_inputs(input or [], settings.input_roots())
     from finpipe.flows.backfill import backfill
 
     summary = backfill(

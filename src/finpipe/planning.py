@@ -1,18 +1,20 @@
-"""What a night or a backfill does, decided from facts about the store, without Prefect or
-storage calls.
+"""What a night, a backfill, a train or a score run does, decided from facts about the store,
+without Prefect or storage calls.
 
-The nightly flow gathers the facts (validated dates, dates recorded complete, the domain's
-calendar, the settings) and runs the plan; every decision about dates lives here, in pure
-functions a test can call with lists.
+The flows gather the facts (validated dates, dates recorded complete, the domain's calendar,
+the settings) and run the plan; every decision about dates and training parameters lives here,
+in pure functions a test can call with lists.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 from zoneinfo import ZoneInfo
+
+from pydantic import BaseModel
 
 from finpipe.calendars import Calendar
 from finpipe.domains import get_domain
@@ -21,6 +23,8 @@ from finpipe.storage import as_day
 
 Step = Literal["validate", "features", "score"]
 ALL_STEPS: tuple[Step, ...] = ("validate", "features", "score")
+# What a nightly run without an as_of date runs for (the schedule uses the second).
+AsOfRule = Literal["latest validated date", "previous business day"]
 
 
 def scheduled_day(moment: dt.datetime, timezone: ZoneInfo, calendar: Calendar) -> dt.date:
@@ -106,6 +110,26 @@ def plan_night(
             "catch_up off"
         )
     return NightPlan(domain, run_day, tuple(missed), retrain)
+
+
+def run_day(domain: str, as_of: dt.date | str | None, validated: Sequence[dt.date]) -> dt.date:
+    """Return the date a train or score run works on: `as_of`, else the latest validated date.
+
+    `validated` holds the dates with validated data on or before `as_of`; ConfigError when
+    there are none.
+    """
+    if not validated:
+        raise ConfigError(f"no validated {domain} data on or before {as_of or 'today'}")
+    return as_day(as_of) if as_of else max(validated)
+
+
+def training_config(domain: str, overrides: Mapping[str, object]) -> BaseModel:
+    """Return the domain's training config with a run's `overrides` (its hyper-parameter
+    form), or ConfigError saying which override is wrong."""
+    try:
+        return get_domain(domain).training_config(**overrides)
+    except ValueError as error:  # pydantic's ValidationError is one
+        raise ConfigError(f"invalid training parameters: {error}") from None
 
 
 # -- the request ---------------------------------------------------------------------------

@@ -102,6 +102,19 @@ class Settings(BaseSettings):
         description="Keep freed memory for reuse instead of unmapping large arrays on every "
         "free (glibc only); see `tune_allocator`.",
     )
+    drop_roots: list[Path] | None = Field(
+        default=None,
+        description="Folders a run's `inputs` may name files in (JSON list, e.g. "
+        '["/data/drop"]); a file outside them, symlinks followed, is refused before anything '
+        "is read. Unset: `vendor_drop/` under the storage root (where `finpipe demo` writes) "
+        "and `deliveries/` and `datasets/` under the working directory.",
+    )
+    dask_address: str = Field(
+        default="",
+        description="Dask scheduler a backfill's dates run on, e.g. tcp://10.0.0.5:8786 "
+        "(needs finpipe[team]; every worker needs the same FINPIPE_ settings and storage "
+        "root). Empty: a thread pool in the flow's own process.",
+    )
 
     def model_post_init(self, __context: object) -> None:
         self.home = self.home.expanduser().resolve()
@@ -135,6 +148,13 @@ class Settings(BaseSettings):
     def prefect_home(self) -> Path:
         """Prefect's local state (ephemeral-mode database) kept beside the data."""
         return self.home / "prefect"
+
+    def input_roots(self) -> list[Path]:
+        """The drop folders `inputs` must lie under, symlinks resolved (`drop_roots`)."""
+        roots = self.drop_roots
+        if roots is None:
+            roots = [self.home / "vendor_drop", Path("deliveries"), Path("datasets")]
+        return [Path(os.path.realpath(root.expanduser())) for root in roots]
 
 
 def redact_uri(uri: str) -> str:

@@ -1,0 +1,90 @@
+"""What every flow does first: the process set up, the settings read, the domain and the
+delivered files checked, and the run named as a lock holder; and where a backfill's dates run."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from finpipe.tasks.dates import ingest_deliveries
+from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+
+from finpipe.calendars import Calendar
+from finpipe.domains import get_domain
+from finpipe.drop_roots import allowed_inputs
+from finpipe.errors import ConfigError
+from finpipe.schedule import ScheduleSettings, load_schedule_settings
+from finpipe.settings import Settings, load_settings, prepare_environment
+from finpipe.storage import Storage
+
+
+@dataclass(frozen=True)
+class RunSetup:
+    """A flow run's settings, store, checked input files and name as a lock holder."""
+
+    domain: str
+    settings: Settings
+    schedule: ScheduleSettings
+    storage: Storage
+    inputs: tuple[str, ...]
+    holder: str
+    lock_timeout: float
+
+    @property
+    def calendar(self) -> Calendar:
+        """The calendar of the domain's delivery days."""
+        return self.schedule.calendar(self.domain)
+
+    def validated_dates(self, end: dt.date | None) -> list[dt.date]:
+        """The dates with validated data on or before `end` (all of them for None)."""
+        return self.storage.partition_dates("validated", self.domain, end=end)
+
+
+def set_up_run(
+    kind: str, domain: str, inputs: Iterable[str] = (), *, lock_timeout: float | None = None
+) -> RunSetup:
+    """Set the process up (telemetry off before GX or MLflow loads), then check the domain and
+    that `inputs` lie under the drop folders, before anything is read; ConfigError if not.
+
+    `lock_timeout` is how long the run waits for a lock another run holds (default the
+    FINPIPE_LOCK_TIMEOUT_SECONDS setting).
+    """
+    settings = load_settings()
+    prepare_environment(settings)
+    get_domain(domain)
+    schedule = load_schedule_settings()
+    return RunSetup(
+        domain=domain,
+        settings=settings,
+        schedule=schedule,
+        storage=Storage(settings.home),
+        inputs=tuple(allowed_inputs(inputs, settings.input_roots())),
+        holder=flow_run.name or f"{kind}-{domain}",
+        lock_timeout=schedule.lock_timeout_seconds if lock_timeout is None else lock_timeout,
+    )
+
+
+def ingest_inputs(run: RunSetup, as_of: dt.date) -> list[dict]:
+    """Land, validate and publish the run's delivered files (none: nothing to do)."""
+    if not run.inputs:
+        return []
+    return ingest_deliveries(
+        run.domain, list(run.inputs), as_of.isoformat(), run.holder, run.lock_timeout
+    )
+
+
+def date_runner(settings: Settings, concurrency: int) -> TaskRunner:
+    """Return the task runner a backfill's dates run on: prefect-dask's on the Dask scheduler
+    at FINPIPE_DASK_ADDRESS, else a pool of `concurrency` threads in this process."""
+    if not settings.dask_address:
+        return ThreadPoolTaskRunner(max_workers=concurrency)
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:
+        raise ConfigError(
+            "FINPIPE_DASK_ADDRESS is set but prefect-dask is not installed: "
+            "pip install 'finpipe[team]' (or unset FINPIPE_DASK_ADDRESS to use threads)"
+        ) from None
+    return DaskTaskRunner(address=settings.dask_address)

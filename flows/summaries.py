@@ -1,0 +1,112 @@
+"""The flows' run summaries as the Prefect UI shows them: markdown for nightly, train and
+score, the per-date status table's description for backfill."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+
+from finpipe.date_runs import DateOutcome
+
+
+def summary_markdown(summary: dict) -> str:
+    """Return the run summary as markdown for the Prefect UI."""
+    lines = [f"# finpipe nightly: {summary['domain']} as of {summary['as_of']}", ""]
+    lines += ["## Validation", "| file | status | rows | dates |", "|---|---|---|---|"]
+    for item in summary["ingested"] or []:
+        name = item["source"].rsplit("/", 1)[-1]
+        lines.append(f"| {name} | {item['status']} | {item['rows']:,} | {item['dates']} |")
+    if not summary["ingested"]:
+        lines.append("| (no new files) | | | |")
+    noted = [
+        (item["source"].rsplit("/", 1)[-1], warning)
+        for item in summary["ingested"] or []
+        for warning in item.get("warnings") or []
+    ]
+    if noted:
+        lines += ["", "**Data-quality warnings** (recorded; the data was accepted):", ""]
+        lines += [f"- {name}: {warning}" for name, warning in noted]
+    caught_up = summary.get("catch_up") or []
+    if caught_up:
+        lines += ["", "## Catch-up (missed nights)", "| date | status | rows | message |"]
+        lines.append("|---|---|---|---|")
+        for item in caught_up:
+            lines.append(
+                f"| {item['date']} | {item['status']} | {item['rows']:,} | {item['message']} |"
+            )
+    features = summary["features"]
+    lines += [
+        "",
+        "## Features",
+        f"{features['rows']:,} rows over {len(features['dates_written'])} new dates "
+        f"in {features['seconds']} s.",
+    ]
+    if features["skipped_features"]:
+        lines.append(f"Skipped (missing columns): {features['skipped_features']}")
+    training = summary["training"]
+    if training:
+        lines += [
+            "",
+            "## Training",
+            f"MLflow run `{training['run_id']}`; candidate **{training['candidate']}** "
+            f"registered as version {training['challenger_version']}.",
+            "",
+            *metrics_table(training["metrics"]),
+        ]
+    decision = summary["promotion"]
+    if decision:
+        lines += ["", "## Promotion", decision["reason"]]
+    predictions = summary["predictions"]
+    lines += [
+        "",
+        "## Predictions",
+        f"{predictions['rows']:,} rows for {predictions['date']} by {predictions['model_name']} "
+        f"v{predictions['model_version']} in `{predictions['path']}`.",
+    ]
+    return "\n".join(lines)
+
+
+def metrics_table(metrics: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    """Return a markdown table: one row per model, test metrics (validation IC-like first)."""
+    names = sorted({key for result in metrics.values() for key in result.get("test", {})})
+    lines = ["| model | " + " | ".join(f"test {n}" for n in names) + " |"]
+    lines.append("|---" * (len(names) + 1) + "|")
+    for kind, result in metrics.items():
+        cells = [_number(result.get("test", {}).get(name)) for name in names]
+        lines.append(f"| {kind} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _number(value) -> str:
+    return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def train_markdown(domain: str, as_of: str, training: dict, decision: dict | None) -> str:
+    """Return the train run's summary: the MLflow run, the candidate, metrics, promotion."""
+    lines = [
+        f"# finpipe train: {domain} as of {as_of}",
+        "",
+        f"MLflow run `{training['run_id']}`; candidate **{training['candidate']}** registered "
+        f"as version {training['challenger_version']}.",
+        "",
+        *metrics_table(training["metrics"]),
+    ]
+    if decision:
+        lines += ["", "## Promotion", decision["reason"]]
+    return "\n".join(lines)
+
+
+def score_markdown(domain: str, as_of: str, predictions: dict) -> str:
+    """Return the score run's summary: how many rows, by which model, where."""
+    return (
+        f"# finpipe score: {domain} {as_of}\n\n{predictions['rows']:,} rows by "
+        f"{predictions['model_name']} v{predictions['model_version']} in `{predictions['path']}`."
+    )
+
+
+def backfill_description(domain: str, start: str, end: str, results: Iterable[DateOutcome]) -> str:
+    """Return the backfill table's description: the range and how many dates ended how."""
+    counts = Counter(outcome.status for outcome in results)
+    return f"finpipe backfill {domain} {start} to {end}: " + ", ".join(
+        f"{n} {s}" for s, n in counts.items()
+    )

@@ -1,0 +1,47 @@
+"""The decisions the train and score flows take, as pure functions (the night's and the
+backfill's are in test_backfill.py): which date a run works on, which training config."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+
+from finpipe.errors import ConfigError
+from finpipe.market.model import MarketTrainingConfig
+from finpipe.planning import run_day, training_config
+
+VALIDATED = [dt.date(2024, 7, 1), dt.date(2024, 7, 2), dt.date(2024, 7, 3)]
+
+
+def test_a_run_works_on_its_date_or_the_latest_validated_one():
+    assert run_day("market", None, VALIDATED) == dt.date(2024, 7, 3)
+    assert run_day("market", None, list(reversed(VALIDATED))) == dt.date(2024, 7, 3)
+    assert run_day("market", dt.date(2024, 7, 5), VALIDATED) == dt.date(2024, 7, 5)
+    assert run_day("market", "2024-07-02", VALIDATED) == dt.date(2024, 7, 2)
+
+
+@pytest.mark.parametrize(
+    ("as_of", "message"),
+    [
+        (None, "no validated credit data on or before today"),
+        (dt.date(2024, 7, 5), "no validated credit data on or before 2024-07-05"),
+    ],
+)
+def test_a_run_without_validated_data_says_so(as_of, message):
+    with pytest.raises(ConfigError, match=message):
+        run_day("credit", as_of, [])
+
+
+def test_a_runs_training_overrides_give_the_domains_config():
+    config = training_config("market", {"max_epochs": 3, "models": ["mlp"]})
+    assert isinstance(config, MarketTrainingConfig)
+    assert (config.max_epochs, config.models) == (3, ["mlp"])
+    assert training_config("market", {}) == MarketTrainingConfig()
+
+
+def test_a_bad_training_override_is_a_config_error_naming_it():
+    with pytest.raises(ConfigError, match="(?s)invalid training parameters: .*max_epochs"):
+        training_config("market", {"max_epochs": 0})
+    with pytest.raises(ConfigError, match="unknown domain 'bonds'"):
+        training_config("bonds", {})
