@@ -192,17 +192,21 @@ def test_a_killed_holder_frees_its_lock_at_once(team_locks, tmp_path, holders):
 
 def test_one_lock_at_a_time_on_both_backends(locks_url, tmp_path):
     for url in ("", locks_url):
-        with partition_lock(tmp_path, "market", DAY, locks_url=url):
-            assert held_locks() == (f"market/date={DAY}",)
+        with partition_lock(tmp_path, "market", DAY, holder="nightly", locks_url=url):
+            assert held_locks("nightly") == (f"market/date={DAY}",)
             started = time.monotonic()
             with (
-                pytest.raises(LockOrderError, match="hold one lock at a time"),
-                history_lock(tmp_path, "market", timeout=5, locks_url=url),
+                pytest.raises(LockOrderError, match="nightly holds the lock on market/date="),
+                history_lock(tmp_path, "market", holder="nightly", timeout=5, locks_url=url),
             ):
                 pass
             assert time.monotonic() - started < 1  # refused at once, not after a wait
             # Trying (never waiting) for another resource cannot deadlock: allowed.
-            with history_lock(tmp_path, "market", timeout=0, locks_url=url):
+            with history_lock(tmp_path, "market", holder="nightly", timeout=0, locks_url=url):
+                assert len(held_locks("nightly")) == 2
+            # Another run in this thread (a test standing in for one) may wait as usual.
+            with history_lock(tmp_path, "market", holder="backfill", timeout=5, locks_url=url):
+                assert held_locks("backfill") == ("market/history",)
                 assert len(held_locks()) == 2
         assert held_locks() == ()
 

@@ -22,9 +22,10 @@ on several hosts, data in object storage) use Postgres advisory locks instead: s
 locks. The resources, the holder named to a waiting run, the timeout and the one-at-a-time rule
 are the same on both, and `hold`, `partition_lock` and `history_lock` pick the backend.
 
-The one-at-a-time rule is enforced per thread: while a thread holds a lock, asking to wait for
-another raises LockOrderError at once (trying one with `timeout=0` is allowed: it never waits,
-so it cannot deadlock).
+The one-at-a-time rule is enforced per thread and run: while a thread holds a lock for a run
+(its `holder`), asking to wait for another for the same run raises LockOrderError at once.
+Trying one with `timeout=0` is allowed (it never waits, so it cannot deadlock), and so is a
+lock for another holder: a test or a notebook standing in for a second run.
 """
 
 from __future__ import annotations
@@ -48,8 +49,9 @@ HISTORY = "history"
 DEFAULT_TIMEOUT_SECONDS = 3600.0
 
 
-class LockOrderError(RuntimeError):
-    """A thread holding a lock asked to wait for a second one (a bug: it could deadlock)."""
+class LockOrderError(FinpipeError):
+    """A thread holding a lock for a run asked to wait for a second one for the same run: a bug
+    in the caller (it could deadlock), never retried."""
 
 
 class LockTimeout(FinpipeError):
@@ -87,9 +89,11 @@ def configured_locks_url() -> str:
     return load_settings().locks_url.get_secret_value()
 
 
-def held_locks() -> tuple[str, ...]:
-    """Return the locks this thread holds now, as `<domain>/<resource>` (at most one waited for)."""
-    return tuple(getattr(_held, "names", ()))
+def held_locks(holder: str | None = None) -> tuple[str, ...]:
+    """Return the locks this thread holds now (for `holder`, or for any run when None), as
+    `<domain>/<resource>`, oldest first."""
+    held: list[tuple[str, str]] = getattr(_held, "locks", [])
+    return tuple(name for name, by in held if holder is None or by == holder)
 
 
 _held = threading.local()
@@ -145,14 +149,15 @@ def hold(
     still busy after `timeout` seconds (0: try once, never wait). `locks_url` chooses the
     backend (default FINPIPE_LOCKS_URL): empty, a file lock under `root`; a `postgresql://`
     URL, an advisory lock in that database. Raises LockOrderError if this thread already holds
-    a lock and `timeout` is not 0.
+    a lock for the same `holder` and `timeout` is not 0.
     """
     name = f"{check_name(domain)}/{check_resource(resource)}"
-    holding = held_locks()
+    holding = held_locks(holder)
     if holding and timeout > 0:
         raise LockOrderError(
-            f"this thread holds the lock on {holding[-1]} and asked to wait for {name}: hold "
-            "one lock at a time (release the first), or only try the second (timeout=0)"
+            f"{holder or 'this run'} holds the lock on {holding[-1]} and asked to wait for "
+            f"{name} in the same thread: hold one lock at a time (release the first), or only "
+            "try the second (timeout=0)"
         )
     url = configured_locks_url() if locks_url is None else locks_url
     if url:
@@ -171,12 +176,12 @@ def hold(
     else:
         backend = _hold_file(root, domain, resource, holder, timeout, on_wait)
     with backend:
-        names = _held.__dict__.setdefault("names", [])
-        names.append(name)
+        held = _held.__dict__.setdefault("locks", [])
+        held.append((name, holder))
         try:
             yield
         finally:
-            names.remove(name)
+            held.remove((name, holder))
 
 
 @contextmanager
