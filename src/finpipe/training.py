@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Generic, Literal, Protocol, TypeVar, get_args
+from typing import Annotated, Any, Generic, Literal, Protocol, TypedDict, TypeVar, get_args
 
 import numpy as np
 import pandas as pd
@@ -181,6 +181,17 @@ def check_kind(name: str, kinds: Sequence[KindT]) -> KindT:
     raise ValueError(f"unknown model kind {name!r}; expected one of {list(kinds)}")
 
 
+# The training loop's hyper-parameters as config fields: the constraint and description once,
+# for TrainConfig and every domain's training config, each with its own default
+# (`max_epochs: MaxEpochs = 30`).
+MaxEpochs = Annotated[int, Field(ge=1, description="Upper bound on epochs.")]
+Patience = Annotated[
+    int, Field(ge=1, description="Stop after this many epochs without a better validation loss.")
+]
+LearningRate = Annotated[float, Field(gt=0.0, description="AdamW learning rate.")]
+WeightDecay = Annotated[float, Field(ge=0.0, description="AdamW weight decay.")]
+
+
 @pydantic.dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters of one training run; the same object feeds the CLI, Prefect and MLflow.
@@ -199,12 +210,10 @@ class TrainConfig:
         int, Field(gt=0, description="Rows of history per window for gru/cnn (ignored by mlp).")
     ] = 20
     batch_size: Annotated[int, Field(gt=0, description="Training rows per optimiser step.")] = 512
-    max_epochs: Annotated[int, Field(gt=0, description="Upper bound on epochs.")] = 30
-    patience: Annotated[
-        int, Field(gt=0, description="Stop after this many epochs without a better validation.")
-    ] = 5
-    learning_rate: Annotated[float, Field(gt=0.0, description="AdamW learning rate.")] = 1e-3
-    weight_decay: Annotated[float, Field(ge=0.0, description="AdamW weight decay.")] = 1e-4
+    max_epochs: MaxEpochs = 30
+    patience: Patience = 5
+    learning_rate: LearningRate = 1e-3
+    weight_decay: WeightDecay = 1e-4
     seed: Annotated[int, Field(description="Seed for initialisation, shuffling, dropout.")] = 0
     device: Annotated[
         str, Field(description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
@@ -476,6 +485,30 @@ class LoopSettings(Protocol):
     def weight_decay(self) -> float: ...
     @property
     def seed(self) -> int: ...
+
+
+class LoopValues(TypedDict):
+    """`LoopSettings` as keyword arguments, so mypy checks a call they are unpacked into."""
+
+    batch_size: int
+    max_epochs: int
+    patience: int
+    learning_rate: float
+    weight_decay: float
+    seed: int
+
+
+def loop_settings(config: LoopSettings) -> LoopValues:
+    """Return `config`'s loop settings: what a domain's training config passes on to the config
+    of each model it fits (`TrainConfig(model=..., **loop_settings(self))`)."""
+    return {
+        "batch_size": config.batch_size,
+        "max_epochs": config.max_epochs,
+        "patience": config.patience,
+        "learning_rate": config.learning_rate,
+        "weight_decay": config.weight_decay,
+        "seed": config.seed,
+    }
 
 
 def run_training_loop(

@@ -58,7 +58,12 @@ from finpipe.errors import ConfigError, ModelRejected
 from finpipe.model_files import SavesNetAndMetadata, load_weights
 from finpipe.training import (
     FeatureScaler,
+    LearningRate,
+    MaxEpochs,
+    Patience,
+    WeightDecay,
     check_kind,
+    loop_settings,
     resolve_device,
     run_training_loop,
     time_split,
@@ -243,24 +248,25 @@ class TabularNet(nn.Module):
 
 @dataclass(frozen=True)
 class ClassifierConfig:
-    """How one PD model is fitted (built by the pipeline's CreditTrainingConfig)."""
+    """How one PD model is fitted: `CreditTrainingConfig.classifier_config(kind)` builds it, so
+    the values (and their defaults and descriptions) are that config's."""
 
-    kind: ModelKind = "mlp"
-    hidden: int = 64
-    layers: int = 2
-    dropout: float = 0.1
-    batch_size: int = 256
-    max_epochs: int = 60
-    patience: int = 8
-    learning_rate: float = 2e-3
-    weight_decay: float = 1e-4
-    class_weight: Literal["balanced", "none"] = "balanced"
-    unknown_rate: float = 0.02
-    min_category_count: int = 3
-    ig_steps: int = 32
-    seed: int = 0
-    device: str = "auto"
-    cpu_threads: int = 1
+    kind: ModelKind
+    hidden: int
+    layers: int
+    dropout: float
+    batch_size: int
+    max_epochs: int
+    patience: int
+    learning_rate: float
+    weight_decay: float
+    class_weight: Literal["balanced", "none"]
+    unknown_rate: float
+    min_category_count: int
+    ig_steps: int
+    seed: int
+    device: str
+    cpu_threads: int
 
     def architecture(self, n_numeric: int, sizes: list[int]) -> dict:
         """Constructor arguments of the TabularNet this config builds."""
@@ -784,10 +790,10 @@ class CreditTrainingConfig(BaseModel):
     layers: int = Field(2, ge=1, le=6, description="Hidden layers of the network.")
     dropout: float = Field(0.1, ge=0, lt=1)
     batch_size: int = Field(512, ge=16)
-    max_epochs: int = Field(60, ge=1)
-    patience: int = Field(10, ge=1, description="Early-stopping patience in epochs.")
-    learning_rate: float = Field(1e-3, gt=0, description="AdamW learning rate of the network.")
-    weight_decay: float = Field(1e-3, ge=0)
+    max_epochs: MaxEpochs = 60
+    patience: Patience = 10
+    learning_rate: LearningRate = 1e-3  # the network's; the baseline has its own
+    weight_decay: WeightDecay = 1e-3
     logistic_learning_rate: float = Field(1e-2, gt=0, description="AdamW rate of the baseline.")
     class_weight: Literal["balanced", "none"] = Field(
         "balanced", description="balanced: defaults weigh n_good / n_bad in the loss."
@@ -812,22 +818,20 @@ class CreditTrainingConfig(BaseModel):
     )
 
     def classifier_config(self, kind: str) -> ClassifierConfig:
-        logistic = kind == "logistic"
+        model_kind = check_kind(kind, MODEL_KINDS)
+        loop = loop_settings(self)
+        if model_kind == "logistic":
+            loop["learning_rate"] = self.logistic_learning_rate
         return ClassifierConfig(
-            kind=check_kind(kind, MODEL_KINDS),
+            kind=model_kind,
             hidden=self.hidden,
             layers=self.layers,
             dropout=self.dropout,
-            batch_size=self.batch_size,
-            max_epochs=self.max_epochs,
-            patience=self.patience,
-            learning_rate=self.logistic_learning_rate if logistic else self.learning_rate,
-            weight_decay=self.weight_decay,
+            **loop,
             class_weight=self.class_weight,
             unknown_rate=self.unknown_rate,
             min_category_count=self.min_category_count,
             ig_steps=self.ig_steps,
-            seed=self.seed,
             device=self.device,
             cpu_threads=self.cpu_threads,
         )

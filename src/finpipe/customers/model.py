@@ -35,7 +35,12 @@ from finpipe.model_files import SavesNetAndMetadata, load_weights
 from finpipe.training import (
     Batches,
     FeatureScaler,
+    LearningRate,
+    MaxEpochs,
+    Patience,
     TrainConfig,
+    WeightDecay,
+    loop_settings,
     resolve_device,
     torch_threads,
     train_regressor,
@@ -55,11 +60,6 @@ class SegmentModelParams(BaseModel):
     )
     hidden: int = Field(32, ge=4, description="Hidden units of encoder and decoder layers.")
     layers: int = Field(2, ge=1, le=4, description="Hidden layers in the encoder (and decoder).")
-    batch_size: int = Field(128, ge=8)
-    max_epochs: int = Field(200, ge=1)
-    patience: int = Field(15, ge=1, description="Early-stopping patience in epochs.")
-    learning_rate: float = Field(3e-3, gt=0)
-    weight_decay: float = Field(1e-5, ge=0)
     k_min: int = Field(2, ge=2, description="Fewest segments tried.")
     k_max: int = Field(8, ge=2, description="Most segments tried.")
     k_tolerance: float = Field(
@@ -83,6 +83,11 @@ class SegmentModelParams(BaseModel):
         description="Promotion floor: the share of validation customers a retrain must keep in "
         "the champion's segment (segment ids mean the same thing from night to night).",
     )
+    batch_size: int = Field(128, ge=8)
+    max_epochs: MaxEpochs = 200
+    patience: Patience = 15
+    learning_rate: LearningRate = 3e-3
+    weight_decay: WeightDecay = 1e-5
     cpu_threads: int | None = Field(
         1,
         ge=1,
@@ -104,13 +109,8 @@ class SegmentModelParams(BaseModel):
             hidden=self.hidden,
             layers=self.layers,
             dropout=0.0,
-            batch_size=self.batch_size,
-            max_epochs=self.max_epochs,
-            patience=self.patience,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            seed=self.seed,
             device=self.device,
+            **loop_settings(self),
         )
 
 

@@ -30,10 +30,15 @@ from finpipe.training import (
     NET_KINDS,
     Batches,
     FeatureScaler,
+    LearningRate,
+    MaxEpochs,
     NetKind,
+    Patience,
     TimeSplit,
     TrainConfig,
+    WeightDecay,
     check_kind,
+    loop_settings,
     predict_regressor,
     train_regressor,
     window_panel,
@@ -354,10 +359,10 @@ class MarketTrainingConfig(BaseModel):
     dropout: float = Field(0.1, ge=0, lt=1)
     lookback: int = Field(20, ge=2, le=250, description="Days of history a GRU/CNN sees.")
     batch_size: int = Field(512, ge=16)
-    max_epochs: int = Field(30, ge=1)
-    patience: int = Field(5, ge=1, description="Early-stopping patience in epochs.")
-    learning_rate: float = Field(1e-3, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
+    max_epochs: MaxEpochs = 30
+    patience: Patience = 5
+    learning_rate: LearningRate = 1e-3
+    weight_decay: WeightDecay = 1e-4
     seed: int = 0
     target: Literal["cross_sectional_zscore", "return"] = Field(
         "cross_sectional_zscore",
@@ -377,12 +382,7 @@ class MarketTrainingConfig(BaseModel):
             layers=self.layers,
             dropout=self.dropout,
             lookback=self.lookback,
-            batch_size=self.batch_size,
-            max_epochs=self.max_epochs,
-            patience=self.patience,
-            learning_rate=self.learning_rate,
-            weight_decay=self.weight_decay,
-            seed=self.seed,
+            **loop_settings(self),
         )
 
     @property
