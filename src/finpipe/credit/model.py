@@ -31,7 +31,6 @@ the typical applicant; fewer than three positive ones leave the rest empty.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -67,6 +66,7 @@ from finpipe.training import (
     resolve_device,
     run_training_loop,
     time_split,
+    torch_threads,
 )
 
 REASONS = 3
@@ -321,7 +321,7 @@ def train_classifier(
     `run_training_loop`. Same seed and device -> same weights. `net` itself is not modified.
     """
     device = resolve_device(config.device)
-    with cpu_threads(config.cpu_threads):
+    with torch_threads(config.cpu_threads):
         return _train_classifier(net, train, validation, config, device, on_epoch)
 
 
@@ -364,22 +364,6 @@ def _train_classifier(
         check="the labels",
     )
     return result.model, result.history, result.best_epoch
-
-
-@contextlib.contextmanager
-def cpu_threads(count: int):
-    """Run the block with `count` PyTorch CPU threads, then restore the previous number.
-
-    A tabular net's matrices are too small to gain from intra-op threads, and on a machine whose
-    cores are shared (parallel Prefect tasks, Dask workers, CI) spinning OpenMP threads make an
-    epoch several times slower: one thread is the default.
-    """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(max(1, count))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
 
 
 def fit_platt(logits: np.ndarray, labels: np.ndarray, iterations: int = 100) -> tuple[float, float]:
@@ -481,7 +465,7 @@ class FittedCreditModel(SavesNetAndMetadata):
         Row i sums (up to the midpoint-rule error of `ig_steps` steps) to
         a * (logit(row i) - logit(reference)); see the module docstring.
         """
-        with cpu_threads(self.cpu_threads):
+        with torch_threads(self.cpu_threads):
             return self._attributions(self.inputs(frame), rows_per_pass)
 
     def _attributions(self, data: Inputs, rows_per_pass: int = 512) -> np.ndarray:
@@ -541,7 +525,7 @@ class FittedCreditModel(SavesNetAndMetadata):
         _require_columns(frame, [self.id_column])
         data = self.inputs(frame)  # once for the PDs and their explanations
         pd_values = self._pd(data)
-        with cpu_threads(self.cpu_threads):
+        with torch_threads(self.cpu_threads):
             reasons = self.reason_codes(frame, self._attributions(data))
         scored = pd.DataFrame(
             {
