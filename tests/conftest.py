@@ -174,6 +174,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     ),
     # GX on frames built in the test; on the real sample data set it takes seconds.
     "test_validation.py": ModuleTiers(UNIT, by_fixture={"shared_datasets": FLOW}),
+    "test_docs_assets.py": ModuleTiers(UNIT),  # Data Docs sites of frames built in the test
     "test_reliability_security.py": ModuleTiers(
         UNIT, by_name={"test_cli_rejects_traversal_in_domain_before_any_work": _CHILD_PROCESS}
     ),
@@ -236,6 +237,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     # Real servers, the browser, SIGKILLed children, the benchmark harness, the wheel.
     "test_deployments.py": ModuleTiers(E2E),
     "test_ui_browser.py": ModuleTiers(E2E),
+    "test_data_docs_browser.py": ModuleTiers(E2E),
     "test_reliability_dependencies.py": ModuleTiers(E2E),
     "test_reliability_crashes.py": ModuleTiers(E2E),
     "test_bench_smoke.py": ModuleTiers(E2E),
@@ -250,6 +252,7 @@ SERIAL_GROUP = "serial"
 SERIALISED: dict[str, frozenset[str] | None] = {
     "test_deployments.py": None,
     "test_ui_browser.py": None,
+    "test_data_docs_browser.py": None,
     "test_reliability_dependencies.py": None,
     "test_reliability_crashes.py": None,
     "test_pg_locks.py": None,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import re
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -520,37 +519,6 @@ def test_data_docs_index_lists_the_newest_batches_of_its_folder_and_keeps_every_
     assert "test-batch" in index and "third-batch" not in index
     assert (own / "expectations" / f"{SUITE}.html").is_file()
     assert len(_gx_runtime().context.validation_results_store.list_keys()) == 1
-
-
-def _linked_files(page: Path) -> set[Path]:
-    """Return the local files an HTML page links to (href/src that are neither URLs nor
-    anchors), resolved against the page's folder."""
-    links = re.findall(r'(?:href|src)="([^"#?][^"?]*)', page.read_text(encoding="utf-8"))
-    return {(page.parent / link).resolve() for link in links if "://" not in link}
-
-
-def test_data_docs_pages_find_every_static_file_they_link_to(tmp_path):
-    bars = clean_bars()
-    bars.loc[3, "close"] = np.nan  # a failed rule: the validation page gets its samples table
-
-    report = check(bars, data_docs_dir=tmp_path)
-
-    assert report.success is False
-    pages = list(tmp_path.rglob("*.html"))
-    assert len(pages) == 3  # index, suite, validation
-    linked = set().union(*(_linked_files(page) for page in pages))
-    # Compared from `static/` on: GX's validation pages climb one folder too few to reach it
-    # (validations/static/...), with or without the whole folder copied.
-    static = {
-        Path(*path.parts[path.parts.index("static") :]) for path in linked if "static" in path.parts
-    }
-    assert static == {Path("static/images/favicon.ico")}
-    assert all((tmp_path / name).is_file() for name in static)
-    pages_linked = sorted(str(p) for p in linked if "static" not in p.parts and not p.is_file())
-    assert pages_linked == []  # index <-> suite <-> validation links all resolve
-    # Only what the pages use is copied: GX's whole static folder is 4 MB a site.
-    copied = [p for p in (tmp_path / "static").rglob("*") if p.is_file()]
-    assert [p.relative_to(tmp_path / "static").as_posix() for p in copied] == ["images/favicon.ico"]
 
 
 def test_a_new_docs_folder_reuses_the_compiled_page_templates(tmp_path, monkeypatch):

@@ -13,21 +13,19 @@ counts-only ones. Listing unexpected rows makes GX filter the whole frame once p
 rules with nothing to list, most of them on most nights, do not pay for it.
 
 Data Docs: ingest writes one small site per delivery (it travels with a quarantined batch). Every
-site of a process shares one compiled copy of GX's page templates, and gets only the static file
-its pages link to (the favicon), not GX's 4 MB static folder.
+site of a process shares one compiled copy of GX's page templates. The pages work offline: they
+load local copies of the scripts, styles and fonts GX takes from CDNs, and each site gets the
+files its pages link to (`finpipe.docs_assets`), not GX's 4 MB static folder.
 """
 
 from __future__ import annotations
 
-import atexit
 import collections
 import datetime as dt
 import hashlib
 import json
 import logging
 import re
-import shutil
-import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -39,12 +37,12 @@ import jinja2
 import jinja2.bccache
 import pandas as pd
 
+from finpipe import docs_assets
+
 # Rows GX lists per rule that saw unexpected rows (the report's samples).
 SAMPLE_LIMIT = 10
 # Validations one process keeps for the Data Docs index page (newest first); older pages stay.
 DOCS_INDEX_RESULTS = 20
-# GX's static files that its Data Docs pages link to (paths under GX's render/view/static/).
-DOCS_STATIC_ASSETS = ("images/favicon.ico",)
 # First pass: verdicts and counts only. Second pass, when a rule saw unexpected rows: samples.
 _COUNTS_FORMAT = {"result_format": "BASIC", "partial_unexpected_count": SAMPLE_LIMIT}
 _SAMPLES_FORMAT = {
@@ -185,7 +183,10 @@ class _GxRuntime:
         self._docs_folder: Path | None = None  # the folder the held results were rendered into
         self._suite_pages: set[tuple[Path, str]] = set()
         self._templates = _TemplateCode()
-        self._static: Path | None = None
+        # The local files the pages link to instead of CDNs; GX's static folder has the favicon.
+        self._assets = docs_assets.SiteAssets(
+            Path(gx.__file__).parent / "render" / "view" / "static"
+        )
         # Result keys rendered into the last docs folder, oldest first.
         self._held: collections.deque = collections.deque()
 
@@ -276,35 +277,13 @@ class _GxRuntime:
         # batches, or this one's beyond the newest (GX's default deletes them).
         for section in builder.site_section_builders.values():
             section.build(resource_identifiers=resources)
-        if not (folder / "static").is_dir():
-            builder.target_store.copy_static_assets(str(self._static_assets()))
         builder.site_index_builder.build(skip_and_clean_missing=False)
+        self._assets.install(folder / "static")  # what the pages rendered now link to
         self._suite_pages.add((folder, registered.signature))
         index = folder / "index.html"
         if not index.is_file():
             raise RuntimeError(f"GX did not write the Data Docs index page {index}")
         return str(index)
-
-    def _static_assets(self) -> Path:
-        """Return a folder `static/` holding only the GX static files its pages link to.
-
-        GX's own copy puts 4 MB in every site (fonts, how-to GIFs) of which the pages use the
-        favicon alone (styles are inlined, the rest comes from CDNs); ingest writes one site per
-        delivery, so that was 4 MB a batch. tests/test_validation.py checks that every static
-        file a page links to is in the site.
-        """
-        if self._static is None:
-            import great_expectations
-
-            source = Path(great_expectations.__file__).parent / "render" / "view" / "static"
-            staging = tempfile.mkdtemp(prefix="finpipe-gx-static-")
-            atexit.register(shutil.rmtree, staging, True)
-            self._static = Path(staging) / "static"
-            for name in DOCS_STATIC_ASSETS:
-                target = self._static / name
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(source / name, target)
-        return self._static
 
     def _site_builder(self, folder: Path) -> Any:
         """Return a GX SiteBuilder writing into `folder`, configured as a docs site would be.
@@ -319,6 +298,7 @@ class _GxRuntime:
         views = [s.view_class for s in builder.site_section_builders.values()]
         for view in [*views, builder.site_index_builder.view_class]:
             view.env.bytecode_cache = self._templates
+            self._assets.attach(view.env)  # the templates, with local copies for CDN assets
         return builder
 
     def _new_site_builder(self, folder: Path) -> Any:
