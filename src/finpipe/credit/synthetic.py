@@ -91,12 +91,12 @@ ORACLE = "oracle"  # reference/credit/oracle.parquet: a synthetic book's true PD
 class CreditSyntheticConfig:
     """Size and shape of a synthetic loan book (same config and seed, same book)."""
 
-    applications: int = 20_000
-    start: str = "2022-01-03"
-    days: int = 730
-    open_days: int = 30
-    income_missing: float = 0.06
-    shift: float = 0.0
+    applications: int = 20_000  # rows, one application each
+    start: str = "2022-01-03"  # the first application date
+    days: int = 730  # calendar days the application dates are drawn from
+    open_days: int = 30  # the last days' applications have no outcome yet
+    income_missing: float = 0.06  # share of applications without an income
+    shift: float = 0.0  # population drift (module docstring); 0: none
     seed: int = 0
 
 
@@ -237,10 +237,10 @@ def plan_credit_demo(
     nights: int = 3,
     seed: int = 7,
 ) -> list[DemoNight]:
-    """Write a synthetic loan book as a lender's deliveries; return the nights the demo runs.
+    """Write a synthetic loan book as a lender's deliveries (a history file, then `nights` days
+    of new applications) and its true PDs; return the nights the demo runs (`demo_nights`).
 
-    The first night loads the history and that day's applications, each later night one day of
-    new applications. Runs only with the synthetic loan-book config (the files follow it).
+    Runs only with the synthetic loan-book config (the files follow it).
     """
     if book.name != "synthetic":
         log.warning(

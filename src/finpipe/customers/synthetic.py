@@ -195,18 +195,16 @@ def write_vendor_files(
 
 # -- the planted segments and the demo ------------------------------------------------------
 def write_planted_segments(storage: Storage, planted: pd.DataFrame) -> None:
-    """Keep a synthetic log's planted segments beside the data, for ARI-vs-truth reporting."""
+    """Keep a synthetic log's planted segments (`SyntheticCustomers.segments`: customer_id,
+    segment, segment_number) beside the data, for ARI-vs-truth reporting."""
     storage.write_reference(DOMAIN, PLANTED, planted)
 
 
 def plan_customers_demo(
     settings: Settings, *, customers: int = 1500, days: int = 730, nights: int = 3, seed: int = 7
 ) -> list[DemoNight]:
-    """Write a synthetic transaction log as vendor files and return the nights the demo runs.
-
-    The first night loads the history file and the first daily file; each later night one
-    daily file. The planted segments are kept under reference/ for ARI reporting.
-    """
+    """Write a synthetic transaction log as vendor files (a history file, then `nights` daily
+    files) and its planted segments; return the nights the demo runs (`demo_nights`)."""
     mapping = load_customers_config(settings.customers_config).columns.delivered()
     if mapping != VENDOR_COLUMNS:
         raise ConfigError(

@@ -550,11 +550,9 @@ def write_oracle(storage: Storage, oracle: pd.DataFrame) -> None:
 def plan_market_demo(
     settings: Settings, *, tickers: int = 40, days: int = 700, nights: int = 3, seed: int = 7
 ) -> list[DemoNight]:
-    """Write a synthetic panel as vendor files and return the nights the demo runs.
-
-    The first night loads the history file and the first daily file; each later night one
-    daily file. The planted signal is kept under reference/ for oracle-IC reporting.
-    """
+    """Write a synthetic panel as vendor files (a history file, then `nights` daily files) and
+    its planted signal; return the nights the demo runs (`demo_nights`), each training at most
+    12 epochs."""
     panel = generate_market_panel(MarketSyntheticConfig(tickers=tickers, days=days, seed=seed))
     drop = settings.home / "vendor_drop" / DOMAIN
     files = write_vendor_files(panel.prices, drop, daily_files=nights)
