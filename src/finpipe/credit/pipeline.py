@@ -290,7 +290,7 @@ def _oracle(storage: Storage, ids: pd.Series, labels: pd.Series) -> float | None
 class CreditParts:
     """The credit domain's own parts for one loan book; `finpipe.lifecycle` runs them."""
 
-    book: LoanBookConfig
+    book: LoanBookConfig  # every step reads, trains and scores the files this book describes
     name: str = DOMAIN
     training_config: type[CreditTrainingConfig] = CreditTrainingConfig
     training_outcome: type[CreditTrainingOutcome] = CreditTrainingOutcome
