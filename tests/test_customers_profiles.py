@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -151,3 +153,16 @@ def test_night_to_night_agreement_counts_customers_scored_both_nights():
         "same_segment": pytest.approx(2 / 3),
         "same_name": pytest.approx(1.0),
     }
+
+
+def test_the_stability_run_delivers_each_row_once_on_its_night(tmp_path):
+    from benchmarks.customers_stability import business_nights, split_deliveries
+
+    sample = tmp_path / "sample.txt"
+    days = ["19980612", "19980613", "19980614", "19980615", "19980616", "19980617"]
+    sample.write_text("".join(f" 0000{i} 000{i} {day}  1   9.99\n" for i, day in enumerate(days)))
+    nights = business_nights(dt.date(1998, 6, 16), 2)
+    assert nights == [dt.date(1998, 6, 15), dt.date(1998, 6, 16)]  # Monday, Tuesday
+    files = split_deliveries(sample, nights, tmp_path / "out")
+    delivered = [[line.split()[2] for line in f.read_text().splitlines()] for f in files]
+    assert delivered == [days[:4], ["19980616"]]  # the weekend arrives with Monday's file
