@@ -68,4 +68,6 @@ def process_date(domain: str, day: str, steps: list[str], holder: str, lock_time
         progress=logger.info,
     )
     logger.info("%s %s: %s, %d rows", domain, day, outcome.status, outcome.rows)
+    if outcome.predictions and outcome.predictions.get("warning"):
+        logger.warning("%s %s: %s", domain, day, outcome.predictions["warning"])
     return outcome.to_dict()

@@ -144,11 +144,13 @@ class Predictions:
     """A scoring date's rows (keys and predictions) as a domain computed them with a model.
 
     `report`, when given, is written to reports/<domain>/scoring/date=<as-of>.json.
+    `empty_reason` says why `rows` is empty, for the run to warn with.
     """
 
     rows: pd.DataFrame
     sort_by: list[str]
     report: Mapping[str, object] | None = None
+    empty_reason: str | None = None
 
 
 class DomainParts(Protocol[ConfigT, OutcomeT]):
@@ -367,9 +369,12 @@ def score(
     if predictions.report is not None:
         folder = storage.reports_dir() / parts.name / "scoring"
         write_json_atomic(folder / f"date={as_of.isoformat()}.json", dict(predictions.report))
-    return publish_predictions(
+    outcome = publish_predictions(
         storage, parts.name, as_of, predictions.rows, champion, sort_by=predictions.sort_by
     )
+    if not outcome.rows:  # published all the same, so the date is done and says why
+        outcome.warning = predictions.empty_reason or f"no {parts.name} rows to score on {as_of}"
+    return outcome
 
 
 # -- binding -------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ class ScoringOutcome:
     model_version: str
     run_id: str
     path: str
+    warning: str = ""  # why nothing was scored, when `rows` is 0
 
     def to_dict(self) -> dict:
         return asdict(self)
