@@ -152,6 +152,7 @@ _CHILD_PROCESS = FLOW  # a test that starts the CLI or a clean interpreter in a 
 TIER_TABLE: dict[str, ModuleTiers] = {
     # Pure functions, configs, storage and GX rules on frames built in the test.
     "test_credit_config.py": ModuleTiers(UNIT),
+    "test_credit_outcomes.py": ModuleTiers(UNIT),  # late outcomes on Parquet in a tmp store
     "test_customers_features.py": ModuleTiers(UNIT),
     "test_customers_profiles.py": ModuleTiers(UNIT),
     "test_market_features.py": ModuleTiers(UNIT),

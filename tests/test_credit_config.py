@@ -118,6 +118,27 @@ def test_grade_bands_must_cover_every_pd_once(grades, message):
         parse_loan_book(document)
 
 
+def test_outcome_window_is_days_on_a_dated_book():
+    document = synthetic_document()
+    assert parse_loan_book(document).label.outcome_window_days == 0  # default: no window
+    document["label"]["outcome_window_days"] = 365
+    assert parse_loan_book(document).label.outcome_window_days == 365
+    document["label"]["outcome_window_days"] = -1
+    with pytest.raises(ConfigError, match="label.outcome_window_days: Input should be greater"):
+        parse_loan_book(document)
+    german = tomllib.loads(example_path("germancredit").read_text())
+    german["label"]["outcome_window_days"] = 30
+    with pytest.raises(ConfigError, match="outcome_window_days needs an application date"):
+        parse_loan_book(german)
+
+
+def test_a_column_named_like_the_delivery_day_is_refused():
+    document = synthetic_document()
+    document["numeric"]["delivered_on"] = {"min": 0}
+    with pytest.raises(ConfigError, match="'delivered_on' clashes with the delivery day"):
+        parse_loan_book(document)
+
+
 def test_numeric_range_must_be_ordered():
     document = synthetic_document()
     document["numeric"]["age"] = {"min": 90, "max": 18}
@@ -130,7 +151,7 @@ def test_suite_is_built_from_the_config_plus_the_user_file():
     suite = build_credit_suite(book, {"region": ["east", "north"]})
     rules = {rule_id(e): e for e in suite["expectations"]}
     assert suite["name"] == "credit_synthetic"
-    assert suite["meta"]["key_columns"] == ["date", "loan_id"]
+    assert suite["meta"]["key_columns"] == ["date", "loan_id", "delivered_on"]
     assert "expect_column_values_to_be_unique(loan_id)" in rules
     assert rules["expect_column_values_to_be_in_set(defaulted)"]["kwargs"]["value_set"] == [
         "1",

@@ -241,6 +241,70 @@ def test_bad_batch_is_quarantined_and_nothing_downstream_is_written(two_nights, 
         assert storage.partition_dates(layer, "credit") == dates, layer
 
 
+def test_late_outcomes_update_labels_and_a_night_with_nothing_open_warns(
+    two_nights, tmp_path, caplog
+):
+    """Every open loan's outcome arrives on a later night (with one loan applied and closed
+    that day): the outcomes are versions, not duplicates or rejections; they train from their
+    day on, not before; and the night's scoring, with nothing left open, warns in Prefect."""
+    import logging
+    import shutil
+
+    from finpipe.tasks.dates import process_date
+
+    from finpipe.credit.features import load_training_frame
+    from finpipe.credit.pipeline import active_loan_book, credit_contract, credit_domain
+    from finpipe.ingest import ingest_file
+
+    settings, files, _, generated = two_nights
+    home = tmp_path / "home"
+    shutil.copytree(settings.home, home)  # the module's store stays as the other tests expect
+    night2 = delivery_day(files[2])
+    later = night2 + dt.timedelta(days=1)
+    delivered = pd.concat([pd.read_csv(f, dtype=str) for f in files], ignore_index=True)
+    outcomes = delivered[delivered["defaulted"].isna()].copy()
+    outcomes["defaulted"] = np.where(np.arange(len(outcomes)) % 9 == 0, "1", "0")
+    applied_and_closed = outcomes.iloc[:1].assign(
+        loan_id="L990000001", application_date=later.isoformat()
+    )
+    path = tmp_path / f"credit_outcomes_{later}.csv"
+    pd.concat([outcomes, applied_and_closed]).to_csv(path, index=False)
+    labelled = int(generated.applications["defaulted"].notna().sum())
+    with finpipe_home(home) as copied:
+        storage = Storage(home)
+        book = active_loan_book(copied)
+        for attempt in ("validated", "already_loaded"):  # a re-run loads nothing twice
+            assert ingest_file(storage, credit_contract(book), path, as_of=later).status == attempt
+        credit_domain(book).update_features(storage, later)
+        validated = storage.read_partitions("validated", "credit")
+        assert len(validated) == len(generated.applications) + len(outcomes) + 1
+        assert not validated.duplicated(["date", "loan_id", "delivered_on"]).any()
+        before, after = (load_training_frame(storage, book, day) for day in (night2, later))
+        assert len(before) == labelled  # the outcomes were not known on night 2
+        assert len(after) == len(generated.applications) + 1
+        assert not after.duplicated(["date", "loan_id"]).any()
+        by_id = after.set_index("loan_id")["default_flag"]
+        assert by_id[outcomes["loan_id"]].tolist() == outcomes["defaulted"].astype(float).tolist()
+        prefect_log = logging.getLogger("prefect.task_runs")
+        prefect_log.addHandler(caplog.handler)
+        try:
+            with caplog.at_level(logging.WARNING, logger="prefect.task_runs"):
+                outcome = process_date(
+                    "credit", later.isoformat(), ["validate", "features", "score"], "test", 30.0
+                )
+        finally:
+            prefect_log.removeHandler(caplog.handler)
+    reason = (
+        f"nothing to score on {later}: 1 new applications dated that day, and every one of the "
+        f"{len(generated.applications) + 1:,} loans up to it has its outcome"
+    )
+    assert (outcome["status"], outcome["rows"]) == ("completed", 0)
+    assert outcome["predictions"]["warning"] == reason
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert f"credit {later}: {reason}" in warned
+    assert storage.read_partition("predictions", "credit", later).empty
+
+
 def test_demo_plan_writes_the_synthetic_deliveries(home):
     from finpipe.credit.pipeline import active_loan_book, plan_credit_demo
 

@@ -10,6 +10,7 @@ One TOML file describes a loan book, so a user points finpipe at their own data 
     [label]
     default = ["bad"]                      # label values that mean default
     non_default = ["good"]                 # empty label = an application to score
+    outcome_window_days = 365              # train on a loan once its window has passed
     [numeric]
     age_in_years = { min = 18, max = 100 } # ranges the suite checks
     [categorical]
@@ -41,6 +42,9 @@ from finpipe.read_options import ReadOptions
 EXAMPLES = ("synthetic", "germancredit")
 DEFAULT_EXAMPLE = "synthetic"
 DATE_COLUMN = "date"  # the canonical name of the date column in validated and feature data
+# The as-of day of the delivery that brought a row (validated and feature data): a later
+# delivery of the same (date, id) is a new version of that loan, e.g. its outcome arriving.
+DELIVERED_ON = "delivered_on"
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,40}$")
 
 
@@ -66,10 +70,17 @@ class Columns(_Strict):
 
 
 class Label(_Strict):
-    """Which label values mean default and which mean no default."""
+    """Which label values mean default and which mean no default, and when they are final."""
 
     default: list[str] = Field(min_length=1, description="Label values that mean default.")
     non_default: list[str] = Field(min_length=1, description="Label values that mean no default.")
+    outcome_window_days: int = Field(
+        0,
+        ge=0,
+        description="Days after its application date before a loan's outcome counts for "
+        "training: a loan applied on d trains at t only when d + window <= t (and its outcome "
+        "is known at t). 0: every loan with a known outcome trains. Dated books only.",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -162,7 +173,18 @@ class LoanBookConfig(_Strict):
             )
         if not self.feature_columns:
             raise ValueError("no feature columns: list some under [numeric] or [categorical]")
-        named_date = DATE_COLUMN in (self.columns.id, self.columns.label, *self.feature_columns)
+        if self.label.outcome_window_days and not self.is_dated:
+            raise ValueError(
+                "label.outcome_window_days needs an application date: set [columns] date, or "
+                "remove the window (a cross-sectional book has no application dates)"
+            )
+        named = (self.columns.id, self.columns.label, *self.feature_columns)
+        if DELIVERED_ON in (*named, self.columns.date):
+            raise ValueError(
+                f"a column named {DELIVERED_ON!r} clashes with the delivery day finpipe records "
+                "on every row; rename it in the file"
+            )
+        named_date = DATE_COLUMN in named
         if named_date and self.columns.date != DATE_COLUMN:
             raise ValueError(
                 f"a column named {DATE_COLUMN!r} that is not the date column clashes with "

@@ -1,9 +1,19 @@
-"""Credit features: one row per loan or application, fit-free transforms of its validated row.
+"""Credit features: fit-free transforms of validated loan rows, and the loans as known at a day.
 
 A feature partition holds `date`, the id, the configured numeric columns (float64), the
-categorical columns (text) and `default_flag`: 1.0 default, 0.0 no default, missing for
-applications still to be scored. Nothing here is fitted: scalers and category vocabularies are
-fitted on the training rows and shipped with the model (finpipe.credit.model).
+categorical columns (text), `default_flag` (1.0 default, 0.0 no default, missing for
+applications still to be scored) and `delivered_on`. Nothing here is fitted: scalers and
+category vocabularies are fitted on the training rows and shipped with the model
+(finpipe.credit.model).
+
+Late outcomes, point in time. A loan is its (date, id); each delivery of it is a version,
+stamped `delivered_on` (the delivery's as-of day). Its first delivery is its record from its
+own date on: its attributes as applied and, when it came with one, its outcome (history). A
+later delivery is an outcome update, known from the day it was delivered; its other columns
+are not used. `loans_as_known(rows, id, t)` is the book as known at t: one row per loan, the
+first delivery's attributes, the latest outcome delivered on or before t (an empty label in a
+later delivery changes nothing). Feature partitions keep only the versions that change a
+loan's outcome, so re-delivering a whole book adds no rows.
 """
 
 from __future__ import annotations
@@ -16,17 +26,25 @@ import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 
-from finpipe.credit.config import DATE_COLUMN, LoanBookConfig
+from finpipe.credit.config import DATE_COLUMN, DELIVERED_ON, LoanBookConfig
 from finpipe.credit.schema import DOMAIN
-from finpipe.errors import ConfigError, ScoringError
+from finpipe.errors import ConfigError, FinpipeError, ScoringError
 from finpipe.features import FeatureUpdate, PartitionWriter, features_are_stale
 from finpipe.storage import Storage, as_day
 
 LABEL = "default_flag"
 
 
+class NothingToTrain(FinpipeError):
+    """No loan has a known outcome whose window has passed at the training date."""
+
+
 def build_credit_features(validated: pd.DataFrame, book: LoanBookConfig) -> pd.DataFrame:
-    """Return the model-input rows of validated loan-book rows (same order)."""
+    """Return the model-input rows of validated loan-book rows (same order), less the later
+    deliveries of a loan that do not change its outcome (see `outcome_changes`).
+
+    Rows validated before `delivered_on` was recorded count as delivered on their own date.
+    """
     needed = [DATE_COLUMN, book.columns.id, book.columns.label, *book.feature_columns]
     absent = [c for c in needed if c not in validated.columns]
     if absent:
@@ -41,7 +59,55 @@ def build_credit_features(validated: pd.DataFrame, book: LoanBookConfig) -> pd.D
     for column in book.categorical_columns:
         out[column] = validated[column].astype("string")
     out[LABEL] = default_flag(validated[book.columns.label], book)
-    return out.reset_index(drop=True)
+    delivered = validated.get(DELIVERED_ON, pd.Series(pd.NaT, index=validated.index))
+    out[DELIVERED_ON] = delivered.fillna(validated[DATE_COLUMN]).astype("datetime64[ns]")
+    return out[outcome_changes(out, book.columns.id)].reset_index(drop=True)
+
+
+def outcome_changes(rows: pd.DataFrame, id_column: str) -> np.ndarray:
+    """Return which rows to keep: each loan's first delivery, and every later delivery whose
+    label is not empty and differs from the loan's label before it (a boolean mask in the
+    order of `rows`)."""
+    keys = [DATE_COLUMN, id_column]
+    ordered = rows[[*keys, DELIVERED_ON, LABEL]].sort_values([*keys, DELIVERED_ON], kind="stable")
+    groups = [ordered[DATE_COLUMN], ordered[id_column]]
+    first = ~ordered.duplicated(keys).to_numpy()
+    known_before = ordered[LABEL].groupby(groups).ffill().groupby(groups).shift()
+    label = ordered[LABEL]
+    news = label.notna() & ~(label == known_before).fillna(False)
+    keep = pd.Series(first | news.to_numpy(), index=ordered.index)
+    return keep.reindex(rows.index).to_numpy()
+
+
+def loans_as_known(rows: pd.DataFrame, id_column: str, as_of: dt.date) -> pd.DataFrame:
+    """Return one row per loan of `rows` (every version of each loan), as known at `as_of`.
+
+    Attributes come from the loan's first delivery; `default_flag` is the latest outcome among
+    its first delivery and the later ones delivered on or before `as_of` (missing if none), and
+    `delivered_on` the day that outcome was delivered (the first delivery's day if none). Rows
+    come out sorted by (date, id).
+    """
+    keys = [DATE_COLUMN, id_column]
+    if DELIVERED_ON not in rows:  # features built before deliveries were recorded
+        rows = rows.assign(**{DELIVERED_ON: rows[DATE_COLUMN]})
+    rows = rows.sort_values([*keys, DELIVERED_ON], kind="stable")
+    first = ~rows.duplicated(keys)
+    known = rows[first | (rows[DELIVERED_ON] <= pd.Timestamp(as_of))]
+    outcomes = known.loc[known[LABEL].notna(), [*keys, LABEL, DELIVERED_ON]]
+    outcomes = outcomes.drop_duplicates(keys, keep="last")
+    loans = (
+        rows[first]
+        .drop(columns=[LABEL])
+        .merge(outcomes, on=keys, how="left", suffixes=("", "_outcome"))
+    )
+    outcome_day = loans.pop(f"{DELIVERED_ON}_outcome")
+    loans[DELIVERED_ON] = outcome_day.fillna(loans[DELIVERED_ON])
+    return loans[list(rows.columns)].reset_index(drop=True)
+
+
+def matured(loans: pd.DataFrame, as_of: dt.date, window_days: int) -> pd.Series:
+    """Return which loans' outcome windows have passed at `as_of`: date + window <= as_of."""
+    return loans[DATE_COLUMN] + pd.Timedelta(days=window_days) <= pd.Timestamp(as_of)
 
 
 def default_flag(labels: pd.Series, book: LoanBookConfig) -> np.ndarray:
@@ -81,7 +147,8 @@ def update_credit_features(
             block = todo[start : start + block_dates]
             validated = storage.read_partitions("validated", DOMAIN, days=block)
             features = build_credit_features(validated, book)
-            writer.publish(features.sort_values([DATE_COLUMN, book.columns.id], kind="stable"))
+            order = [DATE_COLUMN, book.columns.id, DELIVERED_ON]
+            writer.publish(features.sort_values(order, kind="stable"))
             if progress:
                 progress(f"features: {start + len(block)}/{len(todo)} dates built")
     update.seconds = round(time.perf_counter() - started, 3)
@@ -90,30 +157,90 @@ def update_credit_features(
 
 # -- which feature rows a night trains on and scores -----------------------------------------
 def load_training_frame(storage: Storage, book: LoanBookConfig, as_of: dt.date) -> pd.DataFrame:
-    """Return the labelled feature rows known at `as_of`, sorted by (date, id).
+    """Return the loans to train on at `as_of`, as known then (`loans_as_known`), sorted by
+    (date, id): those with an outcome whose window has passed (`[label] outcome_window_days`).
 
     Dated books: every date up to `as_of`; cross-sectional books: the latest snapshot only.
+    Raises NothingToTrain, saying why, when no loan qualifies.
     """
     days = storage.partition_dates("features", DOMAIN, end=as_of)
     if not days:
         raise ScoringError(f"no credit feature partitions up to {as_of}; run the features step")
     if not book.is_dated:
         days = days[-1:]
-    frame = storage.read_partitions("features", DOMAIN, days=days)
-    frame = frame[frame[LABEL].notna()]
-    return frame.sort_values([DATE_COLUMN, book.columns.id], kind="stable").reset_index(drop=True)
+    loans = loans_as_known(
+        storage.read_partitions("features", DOMAIN, days=days), book.columns.id, as_of
+    )
+    labelled = loans[loans[LABEL].notna()]
+    window = book.label.outcome_window_days
+    frame = labelled[matured(labelled, as_of, window)].reset_index(drop=True)
+    if frame.empty:
+        raise NothingToTrain(nothing_to_train_reason(loans, as_of, window))
+    return frame
+
+
+def nothing_to_train_reason(loans: pd.DataFrame, as_of: dt.date, window_days: int) -> str:
+    """Say why no loan of `loans` (as known at `as_of`) can train: no outcomes yet, or none
+    whose window has passed (and when the first one will)."""
+    labelled = loans[loans[LABEL].notna()]
+    if labelled.empty:
+        return (
+            f"nothing to train on at {as_of}: none of the {len(loans):,} loans up to that day "
+            "has a known outcome yet; deliver outcomes (the same date and id with the label "
+            "filled) or train later"
+        )
+    first = (labelled[DATE_COLUMN].min() + pd.Timedelta(days=window_days)).date()
+    return (
+        f"nothing matured to train on at {as_of}: {len(labelled):,} loans have an outcome, but "
+        f"none is {window_days} days past its application date ([label] "
+        f"outcome_window_days); the first matures on {first}"
+    )
 
 
 def scoring_population(storage: Storage, book: LoanBookConfig, as_of: dt.date) -> pd.DataFrame:
-    """Return the feature rows to score at `as_of` under `[scoring] population`.
+    """Return the feature rows to score at `as_of` under `[scoring] population`, as known then.
 
-    unlabelled: every row without an outcome dated up to `as_of`; latest_snapshot: every row of
-    the latest feature date on or before `as_of`.
+    unlabelled: every loan dated up to `as_of` without an outcome delivered by then;
+    latest_snapshot: every loan of the latest feature date on or before `as_of`.
     """
     days = storage.partition_dates("features", DOMAIN, end=as_of)
     if not days:
         raise ScoringError(f"no credit feature partitions up to {as_of}; run the features step")
     if book.scoring.population == "latest_snapshot":
-        return storage.read_partitions("features", DOMAIN, days=days[-1:]).reset_index(drop=True)
-    unlabelled = pc.field(LABEL).is_null(nan_is_null=True)
-    return storage.read_partitions("features", DOMAIN, days=days, where=unlabelled)
+        latest = storage.read_partitions("features", DOMAIN, days=days[-1:])
+        return loans_as_known(latest, book.columns.id, as_of)
+    keys = [DATE_COLUMN, book.columns.id]
+    # Later deliveries without news are not kept, so the unlabelled rows are first deliveries;
+    # a loan whose outcome was delivered by `as_of` is left out.
+    unlabelled = storage.read_partitions(
+        "features", DOMAIN, days=days, where=pc.field(LABEL).is_null(nan_is_null=True)
+    )
+    closed = storage.read_partitions(
+        "features",
+        DOMAIN,
+        days=days,
+        columns=[*keys, DELIVERED_ON, LABEL],
+        where=pc.field(LABEL).is_valid() & ~pc.field(LABEL).is_nan(),
+    )
+    closed = closed.loc[closed[DELIVERED_ON] <= pd.Timestamp(as_of), keys].drop_duplicates()
+    still_open = unlabelled.merge(closed, on=keys, how="left", indicator=True)["_merge"]
+    return unlabelled[(still_open == "left_only").to_numpy()].reset_index(drop=True)
+
+
+def nothing_to_score_reason(storage: Storage, book: LoanBookConfig, as_of: dt.date) -> str:
+    """Say why the population at `as_of` is empty: no applications at all, none dated that
+    day, or every one has its outcome."""
+    if book.scoring.population == "latest_snapshot":
+        return f"the latest credit snapshot on or before {as_of} holds no loans"
+    keys = [DATE_COLUMN, book.columns.id]
+    days = storage.partition_dates("features", DOMAIN, end=as_of)
+    loans = storage.read_partitions("features", DOMAIN, days=days, columns=keys)
+    loans = loans.drop_duplicates(keys)
+    if loans.empty:
+        return f"nothing to score on {as_of}: no applications up to that day"
+    dated = loans[DATE_COLUMN] == pd.Timestamp(as_of)
+    new = f"{dated.sum():,} new applications" if dated.any() else "no new applications"
+    return (
+        f"nothing to score on {as_of}: {new} dated that day, and every one of the "
+        f"{len(loans):,} loans up to it has its outcome"
+    )

@@ -6,8 +6,9 @@ another config file switches the loan book without a code change.
 
 Which rows do what:
 - dated book (`columns.date` set): rows are applications dated by their own date. Training uses
-  every labelled row up to the as-of day, split out of time (train, then validation, then test
-  dates); scoring follows `[scoring] population`.
+  the loans up to the as-of day as known then (`features.loans_as_known`: outcomes delivered
+  later are not used) whose outcome window has passed (`[label] outcome_window_days`), split out
+  of time (train, then validation, then test dates); scoring follows `[scoring] population`.
 - cross-sectional book (no date column): every delivery is a snapshot of the whole book, dated
   by its ingest day. Training uses the labelled rows of the latest snapshot, split at random
   within each class (stratified).
@@ -26,10 +27,11 @@ import pandas as pd
 
 from finpipe import lifecycle
 from finpipe.credit import plots
-from finpipe.credit.config import DATE_COLUMN, LoanBookConfig, load_loan_book
+from finpipe.credit.config import DATE_COLUMN, DELIVERED_ON, LoanBookConfig, load_loan_book
 from finpipe.credit.features import (
     LABEL,
     load_training_frame,
+    nothing_to_score_reason,
     scoring_population,
     update_credit_features,
 )
@@ -69,11 +71,12 @@ def credit_suite(storage: Storage, *, book: LoanBookConfig) -> dict:
 
 
 def credit_contract(book: LoanBookConfig) -> RawContract:
-    """Return the ingest contract of a loan book: keys (date, id), suite built in memory."""
+    """Return the ingest contract of a loan book: keys (date, id, delivered_on), so a later
+    delivery of a loan (its outcome) is a new version, not a duplicate; suite built in memory."""
     return RawContract(
         domain=DOMAIN,
         suite=book.suite_name,
-        key_columns=(DATE_COLUMN, book.columns.id),
+        key_columns=(DATE_COLUMN, book.columns.id, DELIVERED_ON),
         date_column=DATE_COLUMN,
         normalise=partial(normalise_credit_frame, book=book),
         suite_spec=partial(credit_suite, book=book),
@@ -162,6 +165,7 @@ class CreditNight:
                 "as_of": self.as_of.isoformat(),
                 "loan_book": book.name,
                 "loan_book_config": book.source,
+                "outcome_window_days": book.label.outcome_window_days,
                 "split": split.kind,
                 "train_rows": int(split.train.sum()),
                 "validation_rows": int(split.validation.sum()),
@@ -349,7 +353,8 @@ class CreditParts:
 
     def prepare_scoring(self, storage: Storage, as_of: dt.date) -> lifecycle.Predict:
         """Return how the champion scores the population (see `scoring_population`): id, PD, grade,
-        three reason codes and the row's own date.
+        three reason codes and the row's own date. An empty population is scored as no rows,
+        with the reason (`nothing_to_score_reason`) for the run to warn about.
 
         The scoring report holds population stability (PSI of the score and of each feature
         against the champion's training rows) and the categories never seen in training (scored
@@ -370,7 +375,14 @@ class CreditParts:
             predicted = fitted.predict(population).reset_index(drop=True)
             predicted.insert(1, "record_date", population[DATE_COLUMN].to_numpy())
             report = scoring_report(as_of, champion, population, predicted["pd"])
-            return Predictions(predicted, sort_by=["record_date", "id"], report=report)
+            return Predictions(
+                predicted,
+                sort_by=["record_date", "id"],
+                report=report,
+                empty_reason=nothing_to_score_reason(storage, self.book, as_of)
+                if predicted.empty
+                else None,
+            )
 
         return predict
 

@@ -3,8 +3,9 @@ Expectations suite built from the loan-book config (plus the user's own rules).
 
 Normalised columns: `date` (the configured date column, renamed; or the ingest day for
 cross-sectional data), the id column, the label column (text; empty = an application to score),
-numeric columns as float64 and categorical columns as text, in config order. Columns the config
-does not name are dropped.
+numeric columns as float64 and categorical columns as text, in config order, then
+`delivered_on`, the ingest's as-of day (a later delivery of the same date and id is a new
+version of that loan: its outcome arriving). Columns the config does not name are dropped.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import importlib.resources
 
 import pandas as pd
 
-from finpipe.credit.config import DATE_COLUMN, LoanBookConfig
+from finpipe.credit.config import DATE_COLUMN, DELIVERED_ON, LoanBookConfig
 from finpipe.errors import ConfigError, InputFileError
 from finpipe.storage import Storage
 from finpipe.validation import expectation_columns, load_suite_spec, rule_id
@@ -48,9 +49,10 @@ def normalise_credit_frame(
     columns = book.columns
     out = pd.DataFrame(index=frame.index)
     problems: dict[str, pd.Series] = {}
+    day = as_of or dt.datetime.now(dt.UTC).date()
+    delivered = pd.Series(pd.Timestamp(day), index=frame.index).astype("datetime64[ns]")
     if columns.date is None:
-        day = as_of or dt.datetime.now(dt.UTC).date()
-        out[DATE_COLUMN] = pd.Series(pd.Timestamp(day), index=frame.index).astype("datetime64[ns]")
+        out[DATE_COLUMN] = delivered
     else:
         out[DATE_COLUMN] = _parse_dates(frame[columns.date])
         problems[columns.date] = _unparsed(frame[columns.date], out[DATE_COLUMN])
@@ -64,6 +66,7 @@ def normalise_credit_frame(
         problems[column] = _unparsed(frame[column], out[column])
     for column in book.categorical_columns:
         out[column] = _text(frame[column])
+    out[DELIVERED_ON] = delivered
     out = out.reset_index(drop=True)
     out.attrs[PARSE_ERRORS] = {
         column: bad.reset_index(drop=True) for column, bad in problems.items() if bad.notna().any()
@@ -150,7 +153,8 @@ def build_credit_suite(book: LoanBookConfig, seen: dict[str, list[str]] | None =
     add("expect_column_values_to_not_be_null", "Every row needs an id.", column=columns.id)
     add(
         "expect_column_values_to_be_unique",
-        "One row per loan or application in a delivery; every copy of a repeated id is reported.",
+        "One row per loan or application in a delivery; every copy of a repeated id is reported. "
+        "A later delivery may repeat an id with its date: that is the loan's outcome arriving.",
         column=columns.id,
     )
     add(
@@ -205,7 +209,7 @@ def build_credit_suite(book: LoanBookConfig, seen: dict[str, list[str]] | None =
         "name": book.suite_name,
         "meta": {
             "domain": DOMAIN,
-            "key_columns": [DATE_COLUMN, columns.id],
+            "key_columns": [DATE_COLUMN, columns.id, DELIVERED_ON],
             "config": book.source,
             "parameters": {"as_of": "the run's as-of day: no row may be dated after it."},
         },
