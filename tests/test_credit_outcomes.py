@@ -95,6 +95,9 @@ def test_a_late_outcome_updates_the_label_and_adds_no_duplicate_loan(store):
         ("L1", LATER),
         ("L2", NIGHT),
     ]
+    features = store.read_partition("features", "credit", D1)
+    marked = zip(features["loan_id"], features["outcome_update"], strict=True)
+    assert sorted(marked) == [("L1", False), ("L1", True), ("L2", False)]
     # The outcome's delivery day is recorded on the row that trains.
     l1 = trained[trained["loan_id"] == "L1"].iloc[0]
     assert l1["delivered_on"].date() == LATER and l1["date"].date() == D1

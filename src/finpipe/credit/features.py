@@ -2,9 +2,9 @@
 
 A feature partition holds `date`, the id, the configured numeric columns (float64), the
 categorical columns (text), `default_flag` (1.0 default, 0.0 no default, missing for
-applications still to be scored) and `delivered_on`. Nothing here is fitted: scalers and
-category vocabularies are fitted on the training rows and shipped with the model
-(finpipe.credit.model).
+applications still to be scored), `delivered_on` and `outcome_update` (the row is a later
+delivery of its loan). Nothing here is fitted: scalers and category vocabularies are fitted on
+the training rows and shipped with the model (finpipe.credit.model).
 
 Late outcomes, point in time. A loan is its (date, id); each delivery of it is a version,
 stamped `delivered_on` (the delivery's as-of day). Its first delivery is its record from its
@@ -33,6 +33,9 @@ from finpipe.features import FeatureUpdate, PartitionWriter, features_are_stale
 from finpipe.storage import Storage, as_day
 
 LABEL = "default_flag"
+# True on a later delivery of a loan (its outcome arriving), False on its first delivery: lets
+# scoring read the open applications and the outcome updates in one filtered scan.
+OUTCOME_UPDATE = "outcome_update"
 
 
 class NothingToTrain(FinpipeError):
@@ -61,7 +64,10 @@ def build_credit_features(validated: pd.DataFrame, book: LoanBookConfig) -> pd.D
     out[LABEL] = default_flag(validated[book.columns.label], book)
     delivered = validated.get(DELIVERED_ON, pd.Series(pd.NaT, index=validated.index))
     out[DELIVERED_ON] = delivered.fillna(validated[DATE_COLUMN]).astype("datetime64[ns]")
-    return out[outcome_changes(out, book.columns.id)].reset_index(drop=True)
+    out = out[outcome_changes(out, book.columns.id)]
+    ordered = out.sort_values([DATE_COLUMN, book.columns.id, DELIVERED_ON], kind="stable")
+    out[OUTCOME_UPDATE] = ordered.duplicated([DATE_COLUMN, book.columns.id]).reindex(out.index)
+    return out.reset_index(drop=True)
 
 
 def outcome_changes(rows: pd.DataFrame, id_column: str) -> np.ndarray:
@@ -210,21 +216,20 @@ def scoring_population(storage: Storage, book: LoanBookConfig, as_of: dt.date) -
         latest = storage.read_partitions("features", DOMAIN, days=days[-1:])
         return loans_as_known(latest, book.columns.id, as_of)
     keys = [DATE_COLUMN, book.columns.id]
-    # Later deliveries without news are not kept, so the unlabelled rows are first deliveries;
-    # a loan whose outcome was delivered by `as_of` is left out.
-    unlabelled = storage.read_partitions(
-        "features", DOMAIN, days=days, where=pc.field(LABEL).is_null(nan_is_null=True)
-    )
-    closed = storage.read_partitions(
+    # One scan: the first deliveries without an outcome, and the outcome updates (later
+    # deliveries without news are not kept, so every update carries an outcome). A loan
+    # whose outcome was delivered by `as_of` is left out.
+    rows = storage.read_partitions(
         "features",
         DOMAIN,
         days=days,
-        columns=[*keys, DELIVERED_ON, LABEL],
-        where=pc.field(LABEL).is_valid() & ~pc.field(LABEL).is_nan(),
+        where=pc.field(LABEL).is_null(nan_is_null=True) | pc.field(OUTCOME_UPDATE),
     )
-    closed = closed.loc[closed[DELIVERED_ON] <= pd.Timestamp(as_of), keys].drop_duplicates()
-    still_open = unlabelled.merge(closed, on=keys, how="left", indicator=True)["_merge"]
-    return unlabelled[(still_open == "left_only").to_numpy()].reset_index(drop=True)
+    update = rows[OUTCOME_UPDATE].to_numpy(dtype=bool)
+    unlabelled = rows[~update]
+    closed = rows.loc[update & (rows[DELIVERED_ON] <= pd.Timestamp(as_of)).to_numpy(), keys]
+    still_open = unlabelled.merge(closed.drop_duplicates(), on=keys, how="left", indicator=True)
+    return unlabelled[(still_open["_merge"] == "left_only").to_numpy()].reset_index(drop=True)
 
 
 def nothing_to_score_reason(storage: Storage, book: LoanBookConfig, as_of: dt.date) -> str:
