@@ -243,6 +243,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_reliability_crashes.py": ModuleTiers(E2E),
     "test_bench_smoke.py": ModuleTiers(E2E),
     "test_packaging.py": ModuleTiers(E2E),
+    "test_backfill_dask.py": ModuleTiers(E2E),  # dask scheduler + 2 workers, Prefect server
     "test_pg_locks.py": ModuleTiers(E2E),  # a real PostgreSQL server, SIGKILLed lock holders
 }
 
@@ -256,6 +257,7 @@ SERIALISED: dict[str, frozenset[str] | None] = {
     "test_data_docs_browser.py": None,
     "test_reliability_dependencies.py": None,
     "test_reliability_crashes.py": None,
+    "test_backfill_dask.py": None,
     "test_pg_locks.py": None,
 }
 # The crash matrix is serialised in a group of its own, which runs beside the server group on
