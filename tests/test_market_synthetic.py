@@ -127,6 +127,49 @@ def test_zero_signal_strength_plants_nothing():
     assert np.isnan(market.oracle_ic())
 
 
+@pytest.mark.parametrize(
+    ("tickers", "days", "seed"),
+    [(8, 320, 0), (8, 320, 9), (40, 700, 7), (200, 1000, 7), (500, 1260, 3)],
+)
+def test_generated_panels_pass_the_market_suite(tickers, days, seed):
+    """The generator's panels are accepted by its own suite (warnings allowed). Before the
+    bounds, 200 x 1,000 seed 7 had volumes of 9e15 (the suite's bound is 1e13) and 500 x 1,260
+    seed 3 a one-day |log return| of 3.1 (bound 1.0)."""
+    from finpipe.market.quality import add_market_checks_columns
+    from finpipe.validation import validate_frame
+
+    prices = generate_market_panel(MarketSyntheticConfig(tickers, days, seed)).prices
+    batch = add_market_checks_columns(normalise_market_frame(prices))
+    report = validate_frame(
+        batch,
+        suite_name="market_ohlcv",
+        batch_name=f"synthetic-{tickers}x{days}-{seed}",
+        parameters={"as_of": prices["date"].max()},
+    )
+    errors = [(r.rule, r.unexpected_count) for r in report.rules if not r.success]
+    assert report.success, errors
+    assert batch["abs_log_return_1d"].max() < 0.9 + 1e-9
+
+
+def test_moves_and_volumes_stay_bounded_whatever_the_shocks():
+    """The bounds hold for any input, not only for the seeds above: moves of any size (even
+    +-50 in log terms) land within +-0.9, moves up to 0.35 are unchanged, and volume stays at
+    most MAX_VOLUME for the quietest ticker on the wildest day."""
+    from finpipe.market.synthetic import MAX_VOLUME, _bounded_moves, _intraday_bars
+
+    moves = np.array([-50.0, -1.2, -0.9, -0.35, -0.02, 0.0, 0.1, 0.35, 0.36, 0.95, 3.1, 50.0])
+    bounded = _bounded_moves(moves)
+    assert (np.abs(bounded) <= 0.9).all() and (np.sign(bounded) == np.sign(moves)).all()
+    small = np.abs(moves) <= 0.35
+    np.testing.assert_array_equal(bounded[small], moves[small])
+    assert (np.diff(bounded) >= 0).all()  # order kept
+    rng = np.random.default_rng(0)
+    log_return = _bounded_moves(rng.standard_t(1.0, size=(2000, 50)))  # Cauchy shocks
+    close = np.exp(np.cumsum(log_return, axis=0))
+    *_, volume = _intraday_bars(close, log_return, np.full((2000, 50), 0.5), np.full(50, 1e-4), rng)
+    assert volume.max() <= MAX_VOLUME < 1e13
+
+
 def test_bad_config_is_reported_with_every_problem():
     with pytest.raises(ConfigError, match="tickers must be at least 2.*days must be at least 305"):
         generate_market_panel(MarketSyntheticConfig(tickers=1, days=100))

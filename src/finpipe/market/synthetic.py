@@ -12,6 +12,9 @@ The generator stands in for an EOD vendor in tests, demos and benchmarks. What i
   tails are heavy (median excess kurtosis of daily returns about 3.5) and volatility clusters;
 - open, high, low consistent with the close (``high >= max(open, close)``,
   ``low <= min(open, close)``, all > 0) and a log-normal volume that rises with ``|r| / vol``;
+- bounds that keep every panel inside the market suite (``expectations/market_ohlcv.json``) at
+  any size and seed: one-day moves beyond ``|log r|`` 0.35 are squeezed to at most 0.9 (the
+  suite rejects 1.0) and volume stays at most ``MAX_VOLUME`` = 5e12 (the suite rejects 1e13);
 - listings and delistings: a fraction of tickers starts late, another stops early.
 
 There are no splits and no dividends, so ``close == adj_close`` on every row. Prices are not
@@ -93,6 +96,13 @@ _SIGNAL_HISTORY_ROWS = 60  # rows of a ticker's own history the planted score ne
 _MOMENTUM_WEIGHT = 0.5
 _MIN_LISTED_ROWS = 120  # a late listing or early delisting still leaves this many rows
 _STALE_RUN_MIN_ROWS = 10
+# Bounds that keep every generated value inside expectations/market_ohlcv.json (|log r| <= 1.0,
+# volume <= 1e13), whatever the size and seed: see _bounded_moves and _intraday_bars.
+_MOVE_KNEE = 0.35
+_MOVE_BOUND = 0.9
+_SURPRISE_KNEE = 12.0
+_SURPRISE_BOUND = 14.0
+MAX_VOLUME = 5e12
 
 log = logging.getLogger("finpipe.market")
 ORACLE = "oracle"  # reference/market/oracle.parquet: the planted signal
@@ -424,7 +434,8 @@ def _simulate_planted_score(
     unplanned: np.ndarray, first_row: np.ndarray, strength: float, horizon: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return g[t, i], the planted score known at the close of day t (see the module doc), and
-    the daily log returns: `unplanned` (factors + idiosyncratic) plus g[t - horizon].
+    the daily log returns: `unplanned` (factors + idiosyncratic) plus g[t - horizon], bounded
+    by `_bounded_moves` (on the rare squeezed day the planted part is squeezed with the rest).
 
     The score feeds back into prices, so days are simulated in order; each step is vectorised
     across tickers. Row 0 has no return: its close is the starting price.
@@ -435,7 +446,7 @@ def _simulate_planted_score(
     score = np.zeros((n_days, n_tickers))
     lag = _SIGNAL_HISTORY_ROWS
     for t in range(1, n_days):
-        log_return[t] = unplanned[t] + (score[t - horizon] if t >= horizon else 0.0)
+        log_return[t] = _bounded_moves(unplanned[t] + (score[t - horizon] if t >= horizon else 0.0))
         log_price[t] = log_price[t - 1] + log_return[t]
         if t < lag or strength == 0.0:
             continue
@@ -445,6 +456,27 @@ def _simulate_planted_score(
         raw = strength * vol * (np.tanh(reversal) + _MOMENTUM_WEIGHT * np.tanh(momentum))
         score[t] = np.where(t - first_row >= lag, raw, 0.0)
     return score, log_return
+
+
+def _squeezed(values: np.ndarray, knee: float, bound: float) -> np.ndarray:
+    """Return `values` with every magnitude beyond `knee` compressed smoothly (tanh) into
+    (knee, bound), sign kept; magnitudes up to `knee` are returned unchanged."""
+    size = np.abs(values)
+    room = bound - knee
+    squeezed = knee + room * np.tanh(np.maximum(size - knee, 0.0) / room)
+    return np.where(size > knee, np.sign(values) * squeezed, values)
+
+
+def _bounded_moves(log_return: np.ndarray) -> np.ndarray:
+    """Return daily log returns whose moves beyond +-0.35 are squeezed to at most +-0.9.
+
+    Student-t shocks times a GARCH volatility have no upper bound (a large shock raises the next
+    days' volatility, which makes the next large shock likelier): unbounded, a 500-ticker,
+    5-year panel had one-day moves of |log r| 3.1, which the market suite rejects as bad ticks
+    (|log r| > 1.0). Moves beyond 0.35 (the suite's warning level) are what real crash and
+    takeover days look like, so they are kept, only squeezed into (0.35, 0.9).
+    """
+    return _squeezed(log_return, _MOVE_KNEE, _MOVE_BOUND)
 
 
 def _trailing_sum(values: np.ndarray, window: int) -> np.ndarray:
@@ -472,9 +504,14 @@ def _intraday_bars(
     high = np.maximum(open_, close) * np.exp(upper)
     low = np.minimum(open_, close) * np.exp(-lower)
     base_volume = np.exp(rng.uniform(np.log(2e5), np.log(2e7), close.shape[1]))
-    surprise = np.abs(log_return) / (idio_vol * 2.0)
+    # A day's volume multiplies by e^0.8 per unit of surprise; beyond 12 units the surprise is
+    # squeezed below 14 (x7e4 at most). Unbounded, one GARCH burst on a quiet ticker gave
+    # volumes of 1e16 and beyond (200 tickers x 1,000 days), which the market suite rejects
+    # (volume <= 1e13). MAX_VOLUME guarantees the bound; it is reached only by the busiest
+    # tickers on their wildest days with lognormal noise above 3.5 standard deviations.
+    surprise = _squeezed(np.abs(log_return) / (idio_vol * 2.0), _SURPRISE_KNEE, _SURPRISE_BOUND)
     log_volume = np.log(base_volume) + 0.8 * surprise + rng.normal(0.0, 0.35, close.shape)
-    volume = np.round(np.exp(log_volume))
+    volume = np.minimum(np.round(np.exp(log_volume)), MAX_VOLUME)
     return open_, high, low, volume
 
 
