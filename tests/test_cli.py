@@ -35,28 +35,27 @@ def test_every_command_has_help(command):
     assert "Usage: " in result.output
 
 
-def test_generate_writes_vendor_files_and_the_oracle(tmp_path):
-    result = runner.invoke(
-        app,
-        [
-            "generate",
-            "market",
-            "--tickers",
-            "5",
-            "--days",
-            "320",
-            "--daily-files",
-            "2",
-            "--out",
-            str(tmp_path),
-        ],
-    )
+def test_generate_writes_vendor_files_and_the_oracle(tmp_path, home):
+    out = tmp_path / "drop"
+    args = ["--tickers", "5", "--days", "320", "--daily-files", "2", "--out", str(out)]
+    result = runner.invoke(app, ["generate", "market", *args])
     assert result.exit_code == 0, result.output
-    names = sorted(p.name for p in tmp_path.iterdir())
+    names = sorted(p.name for p in out.iterdir())
     assert names[0].startswith("market_20") and names[-1] == "oracle.parquet"
     assert len([n for n in names if n.endswith(".csv")]) == 2
-    header = pd.read_csv(tmp_path / names[0], nrows=1).columns.tolist()
+    header = pd.read_csv(out / names[0], nrows=1).columns.tolist()
     assert header == ["Date", "Ticker", "Open", "High", "Low", "Close", "Adj Close", "Volume"]
+    # The planted signal also reaches the store the nightly reads its oracle IC from.
+    from finpipe.market.synthetic import ORACLE
+    from finpipe.storage import Storage
+
+    kept = Storage(home.home).read_reference("market", ORACLE)
+    assert kept is not None and len(kept) == 5 * 320
+    pd.testing.assert_frame_equal(kept, pd.read_parquet(out / "oracle.parquet"))
+    other = ["--tickers", "5", "--days", "320", "--seed", "1", "--no-keep-oracle"]
+    again = runner.invoke(app, ["generate", "market", "--out", str(tmp_path / "b"), *other])
+    assert again.exit_code == 0, again.output
+    assert Storage(home.home).read_reference("market", ORACLE).equals(kept)  # left alone
 
 
 def test_generate_credit_writes_a_loan_book_the_synthetic_config_accepts(tmp_path, home):

@@ -55,14 +55,23 @@ def generate_market(
             "duplicate_key, high_below_low, stale_price."
         ),
     ] = "",
+    keep_oracle: Annotated[
+        bool,
+        typer.Option(
+            help="Also keep the planted signal under FINPIPE_HOME/reference/market, so nightly "
+            "runs there report the oracle IC beside the models'."
+        ),
+    ] = True,
 ) -> None:
     """Generate a synthetic market panel with a planted, documented predictable signal."""
     from finpipe.market.synthetic import (
         MarketSyntheticConfig,
         generate_market_panel,
         inject_defects,
+        write_oracle,
         write_vendor_files,
     )
+    from finpipe.storage import Storage
 
     panel = generate_market_panel(MarketSyntheticConfig(tickers=tickers, days=days, seed=seed))
     prices = panel.prices
@@ -78,6 +87,10 @@ def generate_market(
         f"{len(prices):,} rows, {tickers} tickers, {prices['date'].nunique()} dates; "
         f"oracle IC (h=5) {panel.oracle_ic(5):.4f}; planted signal in {out / 'oracle.parquet'}"
     )
+    if keep_oracle:
+        settings = _settings()
+        write_oracle(Storage(settings.home), panel.expected_return)
+        _echo(f"planted signal kept for oracle-IC reporting in {settings.home} (reference/market)")
 
 
 @generate_app.command("credit")
