@@ -101,6 +101,17 @@ def postgres():
         yield server
 
 
+@pytest.fixture(scope="session")
+def team_stack():
+    """One whole `finpipe stack` (Postgres, S3, Prefect and MLflow servers with auth, Dask, a
+    Prefect worker) for the session (tests/team_fixtures.py); its tests are e2e and serialised.
+    Stopping it fails the session if a process of it is left."""
+    from tests.team_fixtures import running_stack
+
+    with running_stack() as stack:
+        yield stack
+
+
 @pytest.fixture(autouse=True)
 def seeded_global_rngs():
     """Seed torch's and numpy's global RNGs before every test, so a test that builds a net with
@@ -237,6 +248,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_fourth_domain.py": ModuleTiers(FLOW),
     # Real servers, the browser, SIGKILLed children, the benchmark harness, the wheel.
     "test_deployments.py": ModuleTiers(E2E),
+    "test_stack.py": ModuleTiers(UNIT, by_fixture={"team_stack": E2E}),  # compose file: unit
     "test_ui_browser.py": ModuleTiers(E2E),
     "test_data_docs_browser.py": ModuleTiers(E2E),
     "test_reliability_dependencies.py": ModuleTiers(E2E),
@@ -253,6 +265,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
 SERIAL_GROUP = "serial"
 SERIALISED: dict[str, frozenset[str] | None] = {
     "test_deployments.py": None,
+    "test_stack.py": None,
     "test_ui_browser.py": None,
     "test_data_docs_browser.py": None,
     "test_reliability_dependencies.py": None,

@@ -456,6 +456,49 @@ def ui(
     run_servers(commands, say=_echo)
 
 
+stack_app = typer.Typer(help="The team stack as local processes (README, 'Team set-up').")
+app.add_typer(stack_app, name="stack")
+StackDir = Annotated[
+    Path, typer.Option("--dir", help="The stack's folder: data, logs, stack.env (0600).")
+]
+
+
+@stack_app.command("up")
+def stack_up(dir: StackDir = Path("finpipe-stack")) -> None:
+    """Start Postgres, S3, Prefect and MLflow servers (with auth), Dask and a Prefect worker
+    on 127.0.0.1; print the settings clients export (secrets only in the 0600 env file)."""
+    from finpipe.services.stack import client_settings_lines, up
+    from finpipe.settings import disable_telemetry
+
+    disable_telemetry()
+    info = up(dir, say=_echo)
+    env_file = info.folder.env_file
+    ports, values = info.ports, info.values
+    typer.echo(
+        f"finpipe stack up in {info.seconds:.0f} s ({info.folder.root})\n"
+        f"  Prefect UI  http://127.0.0.1:{ports['prefect']}  (user:password in "
+        "PREFECT_API_AUTH_STRING)\n"
+        f"  MLflow UI   {values['MLFLOW_TRACKING_URI']}  (user "
+        f"{values['MLFLOW_TRACKING_USERNAME']}, password in MLFLOW_TRACKING_PASSWORD)\n"
+        f"  S3          {values['AWS_ENDPOINT_URL']}  (data in {values['FINPIPE_HOME']})\n"
+        f"  Dask        {values['FINPIPE_DASK_ADDRESS']}  (2 workers)\n"
+        f"  Postgres    127.0.0.1:{ports['postgres']}\n"
+        f"Client settings (*** = secret, in {env_file}):\n  "
+        + "\n  ".join(client_settings_lines(values))
+        + f"\nLoad them all:  set -a && . {env_file} && set +a\n"
+        f"Stop:  finpipe stack down --dir {dir}"
+    )
+
+
+@stack_app.command("down")
+def stack_down(dir: StackDir = Path("finpipe-stack")) -> None:
+    """Stop the stack's processes (the Prefect worker first, Postgres last)."""
+    from finpipe.services.stack import down
+
+    stopped = down(dir, say=_echo)
+    typer.echo(f"finpipe stack down: {len(stopped)} processes stopped ({dir})")
+
+
 def main() -> None:
     """Entry point: finpipe errors become one clear line and exit status 2, not a traceback."""
     try:

@@ -1,0 +1,156 @@
+"""`finpipe stack` and deploy/docker-compose.yml: one table of services and settings, and the
+stack's security (credentials required, generated, and never echoed).
+
+The compose checks are unit tests on the file; the others run on the session's real stack
+(`team_stack`, tests/team_fixtures.py), started with the CLI as a user starts it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import stat
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from finpipe.services import stack
+from finpipe.settings import TELEMETRY_OFF
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+
+
+def _environment(service: dict) -> set[str]:
+    return set(service.get("environment") or {}) - set(TELEMETRY_OFF)
+
+
+# -- the compose file and the stack agree ------------------------------------------------
+def test_compose_has_the_stacks_services_and_only_its_listed_jobs_besides(compose):
+    services = set(compose["services"])
+    assert set(stack.SERVICE_NAMES) <= services, "a stack service is missing from compose"
+    assert services - set(stack.SERVICE_NAMES) == set(stack.COMPOSE_JOBS)
+    workers = compose["services"]["dask-worker"]
+    assert workers["deploy"]["replicas"] == stack.service("dask-worker").replicas == 2
+
+
+def test_each_compose_service_is_given_the_stacks_settings_by_the_same_names(compose):
+    for entry in stack.SERVICES:
+        given = _environment(compose["services"][entry.name])
+        assert given == set(entry.env) | set(entry.image_env), entry.name
+    assert set(compose["x-client-settings"]) == set(stack.CLIENT_SETTINGS)
+
+
+def test_compose_ships_no_password_and_publishes_on_loopback_only(compose):
+    text = (DEPLOY / "docker-compose.yml").read_text()
+    required = set(re.findall(r"\$\{(\w+):\?", text))
+    assert required == set(stack.GENERATED)  # the variables `finpipe stack up` generates
+    assert not re.search(r"\$\{\w+:?-", text), "a variable with a default value"
+    for name in stack.SECRET_SETTINGS:
+        for service in compose["services"].values():
+            value = (service.get("environment") or {}).get(name)
+            assert value is None or value.startswith("${"), f"{name} has a literal value"
+    for name, service in compose["services"].items():
+        for published in service.get("ports", []):
+            assert str(published).startswith("127.0.0.1:"), f"{name} publishes {published}"
+
+
+def test_compose_creates_the_stacks_databases():
+    created = re.findall(r"CREATE DATABASE (\w+)", (DEPLOY / "postgres-init.sql").read_text())
+    assert set(created) == set(stack.DATABASES)
+
+
+# -- settings and the env file --------------------------------------------------------------
+def test_each_new_stack_gets_its_own_credentials_and_a_private_env_file(tmp_path):
+    first, second = stack.generate_credentials(), stack.generate_credentials()
+    assert set(first) == set(stack.GENERATED)
+    assert all(len(value) >= 18 and value != second[name] for name, value in first.items())
+    folder = stack.StackFolder(tmp_path)
+    ports = dict.fromkeys(stack.PORT_NAMES, 1234)
+    values = stack.stack_values(first, ports, folder)
+    stack.write_env_file(folder.env_file, values)
+    assert stat.S_IMODE(folder.env_file.stat().st_mode) == 0o600
+    assert stack.read_env_file(folder.env_file) == values
+    printed = "\n".join(stack.client_settings_lines(values))
+    for name in set(stack.GENERATED) - {"AWS_ACCESS_KEY_ID"}:  # the key id is not secret
+        assert first[name].split(":")[-1] not in printed, name
+    assert "export PREFECT_API_URL=http://127.0.0.1:1234/api" in printed
+    assert "export FINPIPE_LOCKS_URL=postgresql://***@127.0.0.1:1234/finpipe" in printed
+
+
+# -- the running stack ----------------------------------------------------------------------
+def _status(url: str, auth: str | None = None, body: dict | None = None) -> int:
+    request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode())
+    request.add_header("Content-Type", "application/json")
+    if auth is not None:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=30) as reply:
+            return reply.status
+    except urllib.error.HTTPError as error:
+        return error.code
+
+
+def test_stack_starts_within_a_minute_or_so_and_prints_no_secret(team_stack):
+    print(f"finpipe stack up: {team_stack.up_seconds:.1f} s")
+    assert team_stack.up_seconds < 120
+    for name, secret in team_stack.secrets().items():
+        assert secret not in team_stack.up_output, f"{name} echoed by stack up"
+    assert f"export PREFECT_API_URL={team_stack.values['PREFECT_API_URL']}" in team_stack.up_output
+    env_file = stack.StackFolder(team_stack.root).env_file
+    assert stat.S_IMODE(env_file.stat().st_mode) == 0o600
+
+
+def test_prefect_api_refuses_calls_without_the_auth_string(team_stack):
+    api = team_stack.values["PREFECT_API_URL"]
+    good = team_stack.values["PREFECT_API_AUTH_STRING"]
+    pools = f"{api}/work_pools/filter"
+    assert _status(pools, body={}) == 401
+    assert _status(pools, auth="finpipe:wrong-password", body={}) == 401
+    assert _status(pools, auth=good, body={}) == 200
+    assert _status(f"{api}/work_pools/{stack.WORK_POOL}", auth=good) == 200  # made by the worker
+
+
+def test_mlflow_refuses_calls_without_the_admin_password(team_stack):
+    search = f"{team_stack.values['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search"
+    search += "?max_results=1"
+    user = team_stack.values["MLFLOW_TRACKING_USERNAME"]
+    assert _status(search) == 401
+    assert _status(search, auth=f"{user}:wrong-password") == 401
+    assert _status(search, auth=f"{user}:{team_stack.values['MLFLOW_TRACKING_PASSWORD']}") == 200
+
+
+def test_each_stack_process_is_given_its_services_settings(team_stack):
+    """The running processes follow SERVICES: each has exactly the values the table names."""
+    folder = stack.StackFolder(team_stack.root)
+    running = stack.running_processes(folder)
+    assert set(running) == set(stack.STOP_ORDER)
+    for name, pid in running.items():
+        if name == "postgres":  # given its password as an argument: checked by logging in
+            continue
+        service = "dask-worker" if name.startswith("dask-worker") else name
+        environment = dict(
+            item.split("=", 1)
+            for item in Path(f"/proc/{pid}/environ").read_text().split("\0")
+            if "=" in item
+        )
+        expected = stack.service_env(service, team_stack.values)
+        assert {k: environment.get(k) for k in expected} == expected, name
+
+
+def test_the_stacks_logs_hold_no_credential(team_stack):
+    """After the refused and accepted calls above, no log of the stack holds a secret."""
+    logs = sorted(stack.StackFolder(team_stack.root).logs.glob("*.log"))
+    assert len(logs) >= len(stack.STOP_ORDER)
+    for log in logs:
+        text = log.read_text(errors="replace")
+        for name, secret in team_stack.secrets().items():
+            assert secret not in text, f"{name} in {log.name}"
