@@ -14,7 +14,14 @@ them), and the stack's env file can serve compose as its `--env-file`.
 
 `down` stops the processes in the reverse order (the Prefect worker before its server) from
 the pid files in `pids/`, each checked against the process's start time so a recycled pid is
-never signalled.
+never signalled. `stop_service`/`start_service` stop and restart one of them (fault tests).
+
+What guards what on the loopback ports: Prefect's API (not the UI's static page, which asks
+for the credentials) needs PREFECT_API_AUTH_STRING; MLflow (UI and API) needs the admin's
+password; S3 needs the key pair; Postgres a password. The Dask scheduler has no
+authentication: any local user of the machine can run code on its workers, which hold the
+stack's credentials. The stack is for trying the team set-up out and for tests on a machine
+of one's own; a shared host wants the compose file's network (or Dask's TLS) instead.
 """
 
 from __future__ import annotations
@@ -145,7 +152,10 @@ SERVICES: tuple[Service, ...] = (
 )
 SERVICE_NAMES = tuple(s.name for s in SERVICES)
 # One-shot jobs the compose file has besides the services (the stack does their work itself).
-COMPOSE_JOBS = {"s3-bucket": "creates the bucket (the stack: S3Server.start)"}
+COMPOSE_JOBS = {
+    "s3-bucket": "creates the bucket (the stack: S3Server.start)",
+    "deployments": "registers deploy/prefect.yaml's deployments on the pool (the stack: none)",
+}
 # Ports of one stack, by name (the S3 server's internal ports are kept under "s3.<name>").
 PORT_NAMES = ("postgres", "s3", "prefect", "mlflow", "dask", "dask-dashboard", "prefect-worker")
 
@@ -424,32 +434,66 @@ def running_processes(folder: StackFolder) -> dict[str, int]:
     return found
 
 
+def _stop(folder: StackFolder, name: str, say: Callable[[str], None]) -> bool:
+    """Stop process `name` of the stack from its pid file; return whether it was running."""
+    pid_file = folder.pids / f"{name}.pid"
+    if not pid_file.exists():
+        return False
+    pid, _, started = pid_file.read_text().strip().partition(" ")
+    # Postgres: SIGINT to the postmaster alone (fast shutdown); the rest: their group.
+    postgres = name == "postgres"
+    first = signal.SIGINT if postgres else signal.SIGTERM
+    was_running = _stop_pid(int(pid), started, first, group=not postgres, timeout=30.0)
+    pid_file.unlink()
+    if was_running:
+        say(f"stopped {name} (pid {pid})")
+    return was_running
+
+
 def down(root: Path, say: Callable[[str], None] = log.info) -> list[str]:
     """Stop every process of the stack in `root` (the workers first, Postgres last); return
     the names of those that were running."""
     folder = StackFolder(Path(root).absolute())
-
-    def stop(name: str) -> bool:
-        pid_file = folder.pids / f"{name}.pid"
-        if not pid_file.exists():
-            return False
-        pid, _, started = pid_file.read_text().strip().partition(" ")
-        # Postgres: SIGINT to the postmaster alone (fast shutdown); the rest: their group.
-        postgres = name == "postgres"
-        first = signal.SIGINT if postgres else signal.SIGTERM
-        was_running = _stop_pid(int(pid), started, first, group=not postgres, timeout=30.0)
-        pid_file.unlink()
-        if was_running:
-            say(f"stopped {name} (pid {pid})")
-        return was_running
-
     stopped = []
     with concurrent.futures.ThreadPoolExecutor(max(len(s) for s in STOP_STAGES)) as pool:
         for stage in STOP_STAGES:
-            for name, was_running in zip(stage, pool.map(stop, stage), strict=True):
-                if was_running:
-                    stopped.append(name)
+            results = pool.map(lambda name: _stop(folder, name, say), stage)
+            stopped += [name for name, was in zip(stage, results, strict=True) if was]
     return stopped
+
+
+def stop_service(root: Path, name: str, say: Callable[[str], None] = log.info) -> bool:
+    """Stop one process of a running stack (`name` as in STOP_ORDER), e.g. the S3 server for
+    a fault test; `start_service` starts it again. Return whether it was running."""
+    if name not in STOP_ORDER:
+        raise StackError(f"no stack process is called {name!r}: one of {', '.join(STOP_ORDER)}")
+    return _stop(StackFolder(Path(root).absolute()), name, say)
+
+
+def start_service(root: Path, name: str) -> int:
+    """Start one stopped process of the stack in `root` again, with the settings and ports it
+    had, and wait until it answers; return its pid."""
+    folder = StackFolder(Path(root).absolute())
+    if name in running_processes(folder):
+        raise StackError(f"{name} is running already")
+    values = read_env_file(folder.env_file)
+    ports = json.loads(folder.state_file.read_text())["ports"]
+    if name in ("postgres", "s3"):
+        server = dict(zip(("postgres", "s3"), _servers(folder, values, ports), strict=True))[name]
+        server.start()
+        assert server.pid is not None
+        _record_pid(folder, name, server.pid)
+        return server.pid
+    prefect, mlflow, scheduler, dask_workers, worker = _commands(values, ports, folder)
+    commands = {c.name: c for c in (prefect, mlflow, scheduler, *dask_workers, worker)}
+    if name not in commands:
+        raise StackError(f"no stack process is called {name!r}: one of {', '.join(STOP_ORDER)}")
+    command = commands[name]
+    process = command.start(folder.log(name))
+    _record_pid(folder, name, process.pid)
+    if command.health_url:
+        _wait(command, process)
+    return process.pid
 
 
 # -- up -------------------------------------------------------------------------------------
@@ -526,12 +570,8 @@ def up(root: Path, say: Callable[[str], None] = log.info) -> StackInfo:
     return StackInfo(folder, values, ports, time.monotonic() - began)
 
 
-def _start_all(
-    folder: StackFolder,
-    values: dict[str, str],
-    ports: dict[str, int],
-    say: Callable[[str], None],
-) -> None:
+def _servers(folder: StackFolder, values: dict[str, str], ports: dict[str, int]):
+    """The stack's Postgres and S3 servers (not started)."""
     from finpipe.services.postgres import PostgresServer
     from finpipe.services.s3 import INTERNAL_PORTS, S3Server
 
@@ -551,6 +591,16 @@ def _start_all(
         internal_ports={n: ports[f"s3.{n}"] for n in INTERNAL_PORTS},
         log_file=folder.log("s3"),
     )
+    return postgres, s3
+
+
+def _start_all(
+    folder: StackFolder,
+    values: dict[str, str],
+    ports: dict[str, int],
+    say: Callable[[str], None],
+) -> None:
+    postgres, s3 = _servers(folder, values, ports)
     prefect, mlflow, scheduler, dask_workers, worker = _commands(values, ports, folder)
     launched: dict[str, subprocess.Popen] = {}
 
