@@ -103,7 +103,9 @@ def nightly(
     features = update_features(domain, run_date, run.holder, run.lock_timeout, rebuild_features)
     # In date order, each with the champion that night would have used, before retraining.
     caught_up = [_caught_up(run, missed) for missed in plan.catch_up]
-    training_outcome = train(domain, run_date, config) if plan.retrain else None
+    training_outcome = (
+        train(domain, run_date, config, skip_if_nothing=True) if plan.retrain else None
+    )
     decision = promote(domain, training_outcome) if training_outcome else None
     tonight = process_date(domain, run_date, list(ALL_STEPS), run.holder, run.lock_timeout)
     summary = {

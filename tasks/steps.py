@@ -7,7 +7,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from finpipe.domains import get_domain
-from finpipe.errors import FinpipeError
+from finpipe.errors import FinpipeError, NothingToTrain
 from finpipe.settings import load_settings
 from finpipe.storage import Storage
 
@@ -33,13 +33,25 @@ def _storage() -> Storage:
 
 
 @task(name="train", **TRANSIENT)
-def train(domain: str, as_of: str, config) -> dict:
-    """Train the domain's models, log them to MLflow and register the best as challenger."""
+def train(domain: str, as_of: str, config, *, skip_if_nothing: bool = False) -> dict | None:
+    """Train the domain's models, log them to MLflow and register the best as challenger.
+
+    With `skip_if_nothing` (the nightly), a date with nothing to train on (NothingToTrain,
+    e.g. no loan's outcome window has passed yet) is a warning and None, not a failure.
+    """
     logger = get_run_logger()
     settings = load_settings()
-    outcome = get_domain(domain).train(
-        Storage(settings.home), settings, as_of, config, progress=logger.info
-    )
+    try:
+        outcome = get_domain(domain).train(
+            Storage(settings.home), settings, as_of, config, progress=logger.info
+        )
+    except NothingToTrain as nothing:
+        if not skip_if_nothing:
+            raise
+        logger.warning(
+            "No retrain for %s %s: %s Scoring uses the champion.", domain, as_of, nothing
+        )
+        return None
     return outcome.to_dict()
 
 

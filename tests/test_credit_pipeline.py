@@ -361,3 +361,36 @@ def test_german_credit_cross_validated_auc(shared_datasets):
     assert 0.76 < logistic < 0.81  # reference (datasets/README.md): 0.787 +- 0.017
     assert network > logistic - 0.04
     assert all(len(v) == 5 for v in scores.values())
+
+
+def test_a_nightly_with_no_matured_loan_skips_the_retrain_with_a_warning(
+    two_nights, tmp_path, monkeypatch, caplog
+):
+    """An outcome window no loan has reached: the nightly's train step warns and returns
+    nothing (scoring then uses the champion); a retrain asked for on its own fails, saying why."""
+    import logging
+    from importlib.resources import files as package_files
+
+    from finpipe.tasks.steps import train
+
+    from finpipe.errors import NothingToTrain
+    from finpipe.planning import training_config
+
+    settings, files, _, _ = two_nights
+    config = package_files("finpipe.credit").joinpath("configs/synthetic.toml").read_text()
+    slow_book = tmp_path / "slow_outcomes.toml"
+    slow_book.write_text(config.replace("[label]\n", "[label]\noutcome_window_days = 36500\n", 1))
+    monkeypatch.setenv("FINPIPE_CREDIT_CONFIG", str(slow_book))
+    night2 = delivery_day(files[2]).isoformat()
+    prefect_log = logging.getLogger("prefect.task_runs")
+    prefect_log.addHandler(caplog.handler)
+    try:
+        with finpipe_home(settings.home), caplog.at_level(logging.WARNING, "prefect.task_runs"):
+            config = training_config("credit", FAST)
+            assert train("credit", night2, config, skip_if_nothing=True) is None
+            with pytest.raises(NothingToTrain, match="36500 days"):
+                train("credit", night2, config)
+    finally:
+        prefect_log.removeHandler(caplog.handler)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any(m.startswith(f"No retrain for credit {night2}:") for m in warned), warned

@@ -41,7 +41,20 @@ class StorageError(FinpipeError):
     """Reading or writing the storage root failed (permissions, disk full); nothing partial."""
 
 
+class StoreUnavailable(StorageError):
+    """The object store holding the storage root did not answer; worth retrying."""
+
+    transient = True
+
+
 class TrackingUnavailable(FinpipeError):
     """The MLflow tracking server cannot be reached; worth retrying."""
 
     transient = True
+
+
+class NothingToTrain(FinpipeError):
+    """No row qualifies for training at the date (e.g. no loan's outcome window has passed).
+
+    A nightly goes on without retraining and scores with the champion, with a warning saying
+    why; a retrain asked for on its own (the train flow) fails with this message."""

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 
 from finpipe.credit.config import DATE_COLUMN, DELIVERED_ON, LoanBookConfig
 from finpipe.credit.schema import DOMAIN
-from finpipe.errors import ConfigError, FinpipeError, ScoringError
+from finpipe.errors import ConfigError, NothingToTrain, ScoringError
 from finpipe.features import FeatureUpdate, PartitionWriter, features_are_stale
 from finpipe.storage import Storage, as_day
 
@@ -36,10 +36,6 @@ LABEL = "default_flag"
 # True on a later delivery of a loan (its outcome arriving), False on its first delivery: lets
 # scoring read the open applications and the outcome updates in one filtered scan.
 OUTCOME_UPDATE = "outcome_update"
-
-
-class NothingToTrain(FinpipeError):
-    """No loan has a known outcome whose window has passed at the training date."""
 
 
 def build_credit_features(validated: pd.DataFrame, book: LoanBookConfig) -> pd.DataFrame:
