@@ -42,10 +42,13 @@ def test_file_names_are_sanitised_inside_landing_and_quarantine(tmp_path):
     source = tmp_path / "..evil name;rm -rf.csv"
     source.write_text("date,ticker,close\n")
     storage = Storage(tmp_path / "root")
-    landed = storage.land_file("market", source, file_sha256(source))
+    key = storage.land_file("market", source, file_sha256(source))
+    landed = storage.local_path(key)
     assert landed.parent == storage.landing_dir("market")
     assert landed.name.endswith("__evil_name_rm_-rf.csv")
-    folder = storage.quarantine_batch("market", "b1", landed, {}, file_name="../../../outside.csv")
+    folder = storage.local_path(
+        storage.quarantine_batch("market", "b1", key, {}, file_name="../../../outside.csv")
+    )
     assert sorted(p.name for p in folder.iterdir()) == ["_.._.._outside.csv", "report.json"]
     assert not (tmp_path / "outside.csv").exists()
 

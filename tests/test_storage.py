@@ -31,7 +31,8 @@ def test_partition_written_twice_is_replaced_not_duplicated(tmp_path):
 
 def test_leftover_temporary_file_is_invisible_to_readers(tmp_path):
     storage = Storage(tmp_path)
-    path = storage.write_partition("features", "market", "2024-01-02", _frame("2024-01-02", ["A"]))
+    key = storage.write_partition("features", "market", "2024-01-02", _frame("2024-01-02", ["A"]))
+    path = storage.local_path(key)
     # What a writer killed mid-write leaves behind: a hidden temp file beside the partition,
     # and a partition folder with only a temp file in it.
     (path.parent / ".part-0.parquet.dead.tmp").write_bytes(b"PAR1 half a file")
@@ -113,10 +114,11 @@ def test_landing_copy_is_content_addressed_and_never_rewritten(tmp_path):
     source = tmp_path / "prices.csv"
     source.write_text("date,ticker,close\n2024-01-02,A,1\n")
     sha = file_sha256(source)
-    landed = storage.land_file("market", source, sha)
+    key = storage.land_file("market", source, sha)
+    landed = storage.local_path(key)
     first_mtime = os.stat(landed).st_mtime_ns
     again = storage.land_file("market", source, sha)
-    assert again == landed
+    assert again == key
     assert os.stat(landed).st_mtime_ns == first_mtime
     assert landed.read_text() == source.read_text()
     assert landed.name == f"{sha[:12]}__prices.csv"
@@ -126,7 +128,11 @@ def test_quarantine_keeps_file_and_report(tmp_path):
     storage = Storage(tmp_path / "root")
     source = tmp_path / "bad.csv"
     source.write_text("date,ticker,close\n2024-01-02,A,-1\n")
-    folder = storage.quarantine_batch("market", "b123", source, {"success": False})
+    landed = storage.land_file("market", source, file_sha256(source))
+    key = storage.quarantine_batch(
+        "market", "b123", landed, {"success": False}, file_name="bad.csv"
+    )
+    folder = storage.local_path(key)
     assert sorted(p.name for p in folder.iterdir()) == ["bad.csv", "report.json"]
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
 

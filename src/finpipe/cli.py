@@ -137,8 +137,9 @@ def generate_credit(
     )
     if keep_oracle:
         settings = _settings()
-        write_oracle(Storage(settings.home), truth)
-        _echo(f"true PDs kept for oracle-AUC reporting under {settings.home / 'reference'}")
+        storage = Storage(settings.home)
+        key = write_oracle(storage, truth)
+        _echo(f"true PDs kept for oracle-AUC reporting in {storage.location(key)}")
 
 
 @generate_app.command("customers")
@@ -182,8 +183,9 @@ def generate_customers(
     )
     if keep_segments:
         settings = _settings()
-        write_planted_segments(Storage(settings.home), generated.segments)
-        _echo(f"planted segments kept for ARI reporting under {settings.home / 'reference'}")
+        storage = Storage(settings.home)
+        key = write_planted_segments(storage, generated.segments)
+        _echo(f"planted segments kept for ARI reporting in {storage.location(key)}")
 
 
 @app.command("ingest")
@@ -392,14 +394,16 @@ def demo(
 
 
 def _print_outputs(settings: Settings, domain: str) -> None:
-    home = settings.home
+    from finpipe.storage import Storage
+
+    storage = Storage(settings.home)
     typer.echo(
         f"\n{domain} outputs:\n"
-        f"  validated    {home / 'validated' / domain}\n"
-        f"  features     {home / 'features' / domain}\n"
-        f"  predictions  {home / 'predictions' / domain}\n"
-        f"  data docs    {home / 'reports' / 'data_docs' / domain}\n"
-        f"  quarantine   {home / 'quarantine' / domain}\n"
+        f"  validated    {storage.location(storage.layer_key('validated', domain))}\n"
+        f"  features     {storage.location(storage.layer_key('features', domain))}\n"
+        f"  predictions  {storage.location(storage.layer_key('predictions', domain))}\n"
+        f"  data docs    {storage.location(storage.reports_key('data_docs', domain))}\n"
+        f"  quarantine   {storage.location(storage.quarantine_key(domain))}\n"
         f"  MLflow       {settings.tracking_uri_for_display} "
         f"(experiment {settings.experiment_name(domain)},"
         f" model {settings.model_name(domain)}@champion)"

@@ -10,18 +10,18 @@ full rebuild) before the dates fan out.
 
 Completion is recorded per date in `state/<domain>/completed/<YYYY-MM-DD>.json`, written
 atomically after the date's outputs are published: status, the steps done, rows written, the
-model version, the run that did it, and the SHA-256 of the validated and feature partitions it
-was computed from. A date is done when its record says `completed`, covers the steps asked for,
-and those partitions still have the recorded hashes. A failed date (recorded `failed`), a date
-never run, and a date whose data was republished since are redone; nothing else is. That is
-what makes a re-run of a partly failed backfill produce what a clean run would.
+model version, the run that did it, and the fingerprints (`Storage.fingerprint`: SHA-256 on
+disk, ETag on S3) of the validated and feature partitions it was computed from. A date is done
+when its record says `completed`, covers the steps asked for, and those partitions still have
+the recorded fingerprints. A failed date (recorded `failed`), a date never run, and a date whose
+data was republished since are redone; nothing else is. That is what makes a re-run of a partly
+failed backfill produce what a clean run would.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import glob
-import json
 import logging
 import os
 import time
@@ -30,8 +30,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
-import pyarrow.parquet as pq
-
 from finpipe.calendars import Calendar
 from finpipe.domains import get_domain
 from finpipe.errors import FinpipeError, ScoringError
@@ -39,7 +37,7 @@ from finpipe.ingest import ingest_files
 from finpipe.locks import DEFAULT_TIMEOUT_SECONDS, history_lock, partition_lock
 from finpipe.planning import ALL_STEPS, BackfillRequest, check_steps, missed_sessions
 from finpipe.settings import Settings
-from finpipe.storage import Storage, as_day, file_sha256, write_json_atomic
+from finpipe.storage import Storage, as_day
 
 log = logging.getLogger("finpipe.date_runs")
 
@@ -47,28 +45,30 @@ Status = Literal["completed", "failed", "no data", "done earlier"]
 
 
 # -- completion records --------------------------------------------------------------------
-def completion_path(storage: Storage, domain: str, day: dt.date | str) -> Path:
-    """Return where the completion record of `day` lives."""
-    return storage.state_dir(domain) / "completed" / f"{as_day(day).isoformat()}.json"
+COMPLETED = "completed"
+
+
+def completion_key(storage: Storage, domain: str, day: dt.date | str) -> str:
+    """Return the key of the completion record of `day`."""
+    return storage.state_key(domain, COMPLETED, f"{as_day(day).isoformat()}.json")
 
 
 def read_completion(storage: Storage, domain: str, day: dt.date | str) -> dict | None:
     """Return the completion record of `day`, or None if the date was never attempted."""
-    path = completion_path(storage, domain, day)
-    return json.loads(path.read_text()) if path.exists() else None
+    return storage.read_json(completion_key(storage, domain, day))
 
 
 def partition_fingerprint(storage: Storage, domain: str, day: dt.date) -> dict[str, str | None]:
-    """Return the SHA-256 of the date's validated and feature partitions (None where absent).
+    """Return the fingerprint of the date's validated and feature partitions (None where
+    absent).
 
-    Partitions are written deterministically, so rewriting the same rows keeps the hash and
-    only a real change of the data makes a recorded date stale.
+    Partitions are written deterministically, so rewriting the same rows keeps the fingerprint
+    and only a real change of the data makes a recorded date stale.
     """
-    fingerprint: dict[str, str | None] = {}
-    for layer in ("validated", "features"):
-        path = storage.partition_file(layer, domain, day)
-        fingerprint[layer] = file_sha256(path) if path.exists() else None
-    return fingerprint
+    return {
+        layer: storage.fingerprint(storage.partition_key(layer, domain, day))
+        for layer in ("validated", "features")
+    }
 
 
 def is_done(storage: Storage, domain: str, day: dt.date, steps: Iterable[str]) -> bool:
@@ -78,26 +78,24 @@ def is_done(storage: Storage, domain: str, day: dt.date, steps: Iterable[str]) -
         return False
     if not set(steps) <= set(record.get("steps", [])):
         return False
-    if "score" in steps and not storage.partition_file("predictions", domain, day).exists():
+    if "score" in steps and not storage.exists(storage.partition_key("predictions", domain, day)):
         return False
     return record.get("inputs") == partition_fingerprint(storage, domain, day)
 
 
 def completed_dates(storage: Storage, domain: str) -> list[dt.date]:
     """Return the dates recorded `completed`, in order."""
-    folder = storage.state_dir(domain) / "completed"
-    if not folder.exists():
-        return []
     days = []
-    for path in folder.glob("*.json"):
-        if json.loads(path.read_text()).get("status") == "completed":
-            days.append(as_day(path.stem))
+    for key in storage.list_files(storage.state_key(domain, COMPLETED)):
+        name = key.rsplit("/", 1)[-1]
+        if name.endswith(".json") and (storage.read_json(key) or {}).get("status") == "completed":
+            days.append(as_day(name.removesuffix(".json")))
     return sorted(days)
 
 
 def _write_record(storage: Storage, domain: str, day: dt.date, record: dict) -> None:
-    write_json_atomic(
-        completion_path(storage, domain, day),
+    storage.write_json(
+        completion_key(storage, domain, day),
         {
             "domain": domain,
             "date": day.isoformat(),
@@ -213,7 +211,7 @@ def process_date(
     started = time.perf_counter()
     try:
         with partition_lock(
-            storage.root, domain, day, holder=holder, timeout=lock_timeout, on_wait=progress
+            storage.url, domain, day, holder=holder, timeout=lock_timeout, on_wait=progress
         ):
             try:
                 return _process_locked(storage, settings, domain, day, chosen, holder, started)
@@ -254,7 +252,7 @@ def _process_locked(storage, settings, domain, day, steps, holder, started) -> D
         )
     rows = 0
     if inputs["validated"] is not None and "validate" in steps:
-        rows = pq.ParquetFile(storage.partition_file("validated", domain, day)).metadata.num_rows
+        rows = storage.partition_rows("validated", domain, day)
     if inputs["features"] is None and ("features" in steps or "score" in steps):
         if inputs["validated"] is None:
             cause = "it has no validated data either; ingest its delivery first"
@@ -264,7 +262,7 @@ def _process_locked(storage, settings, domain, day, steps, holder, started) -> D
             cause = "add the features step"
         raise ScoringError(f"no {domain} features for {day}: {cause}")
     if inputs["features"] is not None and "features" in steps:
-        rows = pq.ParquetFile(storage.partition_file("features", domain, day)).metadata.num_rows
+        rows = storage.partition_rows("features", domain, day)
     model_version = run_id = predictions = None
     if "score" in steps:
         scored = get_domain(domain).score(storage, settings, day)
@@ -325,7 +323,7 @@ def update_features_through(
     a date delivered late makes every later feature stale, and stopping at `through` would
     leave later ones stale but looking fresh. Returns the domain's FeatureUpdate as a dict.
     """
-    with history_lock(storage.root, domain, holder=holder, timeout=lock_timeout, on_wait=progress):
+    with history_lock(storage.url, domain, holder=holder, timeout=lock_timeout, on_wait=progress):
         existing = storage.partition_dates("features", domain)
         as_of = max(as_day(through), existing[-1]) if existing else as_day(through)
         update = get_domain(domain).update_features(
@@ -376,7 +374,7 @@ def ingest_deliveries(
     say = progress or log.info
     contract = get_domain(domain).contract
     outcomes = []
-    with history_lock(storage.root, domain, holder=holder, timeout=lock_timeout, on_wait=say):
+    with history_lock(storage.url, domain, holder=holder, timeout=lock_timeout, on_wait=say):
         for outcome in ingest_files(storage, contract, paths, as_of=as_of, **limit):
             say(outcome.message)
             outcomes.append(outcome.to_dict())

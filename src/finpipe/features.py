@@ -3,12 +3,22 @@
 A domain's features module builds feature frames from validated rows; the pipeline step decides
 which dates need (re)building and publishes one partition per date through the helpers here, so
 every domain's features layer is written and reported the same way.
+
+Staleness is told by content, not by clocks: `state/<domain>/features_built_from.json` records,
+for each feature partition, the fingerprint (`Storage.partition_fingerprints`) of the validated
+data it was built from, written once the partition is published (under the history lock in the
+flows). A day whose validated partition no longer has that fingerprint, or that has no record
+(a store written before the record existed, or a write cut short), is stale and rebuilt.
+Modification times would not do: on an object store they have a resolution of one second and
+come from the server's clock, and a copied store keeps its bytes but not its times.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import os
+from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -37,10 +47,47 @@ class FeatureUpdate:
         self.rows += rows
 
 
+BUILT_FROM = "features_built_from.json"
+
+
+def recorded_inputs(storage: Storage, domain: str) -> dict[str, str]:
+    """Return, by ISO day, the fingerprint of the validated data each feature partition was
+    built from (see the module docstring)."""
+    return storage.read_json(storage.state_key(domain, BUILT_FROM)) or {}
+
+
+def record_inputs(storage: Storage, domain: str, built: Mapping[str, str]) -> None:
+    """Add `built` (ISO day -> fingerprint of what its features were built from) to the record."""
+    if not built:
+        return
+    recorded = recorded_inputs(storage, domain)
+    recorded.update(built)
+    storage.write_json(storage.state_key(domain, BUILT_FROM), dict(sorted(recorded.items())))
+
+
+def stale_feature_days(
+    storage: Storage, domain: str, days: Iterable[dt.date] | None = None
+) -> set[dt.date]:
+    """Return the validated days (of `days`, when given) whose features were not built from
+    the validated partition they have now."""
+    validated = storage.partition_fingerprints("validated", domain, days)
+    recorded = recorded_inputs(storage, domain)
+    return {day for day, print_ in validated.items() if recorded.get(day.isoformat()) != print_}
+
+
 def features_are_stale(storage: Storage, domain: str, day: dt.date) -> bool:
-    """True when `day`'s validated partition was published after its feature partition."""
-    validated = storage.partition_file("validated", domain, day).stat().st_mtime_ns
-    return validated > storage.partition_file("features", domain, day).stat().st_mtime_ns
+    """True when `day`'s validated partition is not the one its features were built from
+    (`stale_feature_days` answers for many days at once)."""
+    return day in stale_feature_days(storage, domain, [day])
+
+
+def history_fingerprint(validated: Mapping[dt.date, str], through: dt.date) -> str:
+    """Return one fingerprint of every validated partition on or before `through`: what a
+    snapshot built from the whole history up to a day (customers) depends on."""
+    digest = hashlib.sha256()
+    for day in sorted(d for d in validated if d <= through):
+        digest.update(f"{day.isoformat()} {validated[day]}\n".encode())
+    return digest.hexdigest()
 
 
 class PartitionWriter:
@@ -71,6 +118,12 @@ class PartitionWriter:
             self._settle()
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        # What each partition was built from, once all are published: a day left out (a
+        # write that failed) counts as stale and is built again.
+        days = [dt.date.fromisoformat(day) for day, _ in self.written]
+        validated = self._storage.partition_fingerprints("validated", self._domain, days)
+        built = {day.isoformat(): print_ for day, print_ in validated.items()}
+        record_inputs(self._storage, self._domain, built)
 
     def publish(self, features: pd.DataFrame) -> None:
         """Queue one partition per date of `features` (sorted by date)."""

@@ -171,16 +171,31 @@ def ingest_file(
         "sha256": sha,
         "batch_id": batch_id,
         "source": str(path),
-        "landed_path": str(landed),
+        "landed_path": storage.location(landed),
         "landed_at": _now(),
         "status": "landed",
     }
     storage.write_batch_record(domain, record)
+    # Data Docs are built on a local disk and stored in the reports (uploaded at the end of
+    # the block on an object store), whether the batch is published or quarantined.
+    docs_key = storage.reports_key("data_docs", domain, batch_id)
+    with storage.local_folder(docs_key) as docs_dir:
+        outcome = _check_and_publish(
+            storage, contract, path, as_of, record, landed, docs_dir, docs_key
+        )
+    return outcome
 
-    docs_dir = storage.reports_dir() / "data_docs" / domain / batch_id
+
+def _check_and_publish(storage, contract, path, as_of, record, landed, docs_dir, docs_key):
+    """Validate the landed file `landed` of `path`; publish it or quarantine it (raising
+    ValidationFailed); return the outcome of `ingest_file`."""
+    domain, sha, batch_id = contract.domain, record["sha256"], record["batch_id"]
+    # The landed copy is read on a local store; on an object store, the delivered file it
+    # was copied from (the same bytes: its name is their hash).
+    readable = storage.local_path(landed) if storage.is_local else path
     try:
         dated = {"as_of": as_day(as_of)} if contract.normalise_takes_as_of else {}
-        raw = read_delivery(landed, contract.read_options)
+        raw = read_delivery(readable, contract.read_options)
         frame = contract.normalise(raw, source=path.name, **dated)
     except InputFileError as error:
         unreadable = {
@@ -250,8 +265,8 @@ def ingest_file(
         first_date=record["first_date"],
         last_date=record["last_date"],
         dates=len(dates),
-        landed_path=str(landed),
-        data_docs=str(docs_dir / "index.html") if docs_dir.exists() else None,
+        landed_path=storage.location(landed),
+        data_docs=storage.location(f"{docs_key}/index.html") if docs_dir.exists() else None,
         message=f"{path.name}: {len(frame):,} rows over {len(dates)} dates validated"
         + (f" with {len(warnings)} warning(s): {' '.join(warnings)}" if warnings else ""),
         warnings=warnings,
@@ -385,8 +400,8 @@ def _ingest_group(storage, contract, group, as_of, max_file_bytes) -> Iterator[I
             yield from _ingest_group(storage, contract, group[half:], as_of, max_file_bytes)
 
 
-def _validate_group(storage, contract, group, rows, as_of) -> Path | None:
-    """Return the Data Docs folder of a group's GX run when nothing in it is to report."""
+def _validate_group(storage, contract, group, rows, as_of) -> str | None:
+    """Return the key of the Data Docs of a group's GX run when nothing in it is to report."""
     batches = {delivery.batch_id for delivery in group}
     keys = list(contract.key_columns)
     if rows.duplicated(keys).any() or _keys_from_other_batches(storage, contract, rows, batches):
@@ -395,21 +410,22 @@ def _validate_group(storage, contract, group, rows, as_of) -> Path | None:
         rows if contract.add_check_columns is None else contract.add_check_columns(rows, storage)
     )
     name = f"{group[0].batch_id}..{group[-1].batch_id}"  # the first and last file's batches
-    docs_dir = storage.reports_dir() / "data_docs" / contract.domain / f"g{len(group)}-{name}"
-    report = validate_frame(
-        checked,
-        suite_name=contract.suite,
-        batch_name=f"{name}:{len(group)} files",
-        parameters={"as_of": pd.Timestamp(as_day(as_of))},
-        data_docs_dir=docs_dir,
-    )
-    if report.success and all(r.success and not r.unexpected_count for r in report.rules):
-        return docs_dir
-    shutil.rmtree(docs_dir, ignore_errors=True)
+    docs_key = storage.reports_key("data_docs", contract.domain, f"g{len(group)}-{name}")
+    with storage.local_folder(docs_key) as docs_dir:  # kept only when the group is clean
+        report = validate_frame(
+            checked,
+            suite_name=contract.suite,
+            batch_name=f"{name}:{len(group)} files",
+            parameters={"as_of": pd.Timestamp(as_day(as_of))},
+            data_docs_dir=docs_dir,
+        )
+        if report.success and all(r.success and not r.unexpected_count for r in report.rules):
+            return docs_key
+        shutil.rmtree(docs_dir, ignore_errors=True)
     return None
 
 
-def _publish_group(storage, contract, group, rows, docs_dir) -> Iterator[IngestOutcome]:
+def _publish_group(storage, contract, group, rows, docs_key) -> Iterator[IngestOutcome]:
     """Land each file of a clean group, publish all its rows, then record each file validated.
 
     No `landed` record is written first: a crash before the `validated` ones leaves landed
@@ -423,7 +439,7 @@ def _publish_group(storage, contract, group, rows, docs_dir) -> Iterator[IngestO
             "sha256": delivery.sha256,
             "batch_id": delivery.batch_id,
             "source": str(delivery.path),
-            "landed_path": str(landed),
+            "landed_path": storage.location(landed),
             "landed_at": _now(),
         }
         records.append(record)
@@ -440,7 +456,7 @@ def _publish_group(storage, contract, group, rows, docs_dir) -> Iterator[IngestO
             first_date=dates[0].isoformat() if dates else None,
             last_date=dates[-1].isoformat() if dates else None,
             warnings=[],
-            validated_with=f"{len(group)} files in one GX run ({docs_dir.name})",
+            validated_with=f"{len(group)} files in one GX run ({docs_key.rsplit('/', 1)[-1]})",
         )
         storage.write_batch_record(contract.domain, record)
         yield IngestOutcome(
@@ -453,7 +469,7 @@ def _publish_group(storage, contract, group, rows, docs_dir) -> Iterator[IngestO
             last_date=record["last_date"],
             dates=len(dates),
             landed_path=record["landed_path"],
-            data_docs=str(docs_dir / "index.html"),
+            data_docs=storage.location(f"{docs_key}/index.html"),
             message=f"{delivery.path.name}: {len(delivery.frame):,} rows over {len(dates)} "
             f"dates validated (one GX run for {len(group)} files)",
         )
@@ -468,13 +484,14 @@ def _quarantine(storage, contract, record, landed, report, docs_dir, message) ->
         docs_dir,
         file_name=Path(record["source"]).name,
     )
-    record.update(status="quarantined", quarantined_at=_now(), quarantine_path=str(folder))
+    where = storage.location(folder)
+    record.update(status="quarantined", quarantined_at=_now(), quarantine_path=where)
     storage.write_batch_record(contract.domain, record)
     failed = [r.get("rule") for r in report.get("rules", []) if not r.get("success", True)]
     raise ValidationFailed(
         f"{Path(record['source']).name} rejected (rules failed: {', '.join(map(str, failed))}). "
-        f"{message} Batch kept in {folder} with report.json; accepted data is untouched.",
-        quarantine_path=str(folder),
+        f"{message} Batch kept in {where} with report.json; accepted data is untouched.",
+        quarantine_path=where,
     )
 
 

@@ -39,7 +39,7 @@ from finpipe.features import FeatureUpdate
 from finpipe.ingest import RawContract
 from finpipe.scoring import ScoringOutcome, publish_predictions
 from finpipe.settings import Settings
-from finpipe.storage import Storage, as_day, write_json_atomic
+from finpipe.storage import Storage, as_day
 from finpipe.tracking import RegisteredModel
 
 if TYPE_CHECKING:
@@ -367,8 +367,8 @@ def score(
     champion = tracking.load_model_version(settings, parts.name)
     predictions = predict(champion)
     if predictions.report is not None:
-        folder = storage.reports_dir() / parts.name / "scoring"
-        write_json_atomic(folder / f"date={as_of.isoformat()}.json", dict(predictions.report))
+        key = storage.reports_key(parts.name, "scoring", f"date={as_of.isoformat()}.json")
+        storage.write_json(key, dict(predictions.report))
     outcome = publish_predictions(
         storage, parts.name, as_of, predictions.rows, champion, sort_by=predictions.sort_by
     )

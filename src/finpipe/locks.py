@@ -42,8 +42,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
-from finpipe.errors import FinpipeError
-from finpipe.storage import as_day, check_name, write_json_atomic
+from finpipe.errors import ConfigError, FinpipeError
+from finpipe.storage import as_day, check_name, is_store_url, write_json_atomic
 
 HISTORY = "history"
 DEFAULT_TIMEOUT_SECONDS = 3600.0
@@ -77,9 +77,22 @@ def check_resource(resource: str) -> str:
     return resource
 
 
-def lock_path(root: Path, domain: str, resource: str) -> Path:
-    """Return the lock file of `resource` in `domain` under the storage root."""
+def lock_path(root: Path | str, domain: str, resource: str) -> Path:
+    """Return the lock file of `resource` in `domain` under the storage root (a local folder)."""
+    check_lock_backend(root, "")
     return Path(root) / "state" / "locks" / check_name(domain) / f"{check_resource(resource)}.lock"
+
+
+def check_lock_backend(root: Path | str, locks_url: str) -> None:
+    """Raise ConfigError when the storage root is an object store and no lock database is set:
+    file locks hold only between processes on one machine, and a store in a bucket is for
+    several."""
+    if is_store_url(root) and not locks_url:
+        raise ConfigError(
+            f"FINPIPE_HOME is an object store ({root}), and file locks only work between "
+            "processes on one machine: set FINPIPE_LOCKS_URL to a postgresql:// database so "
+            "that runs on every machine take Postgres advisory locks"
+        )
 
 
 def configured_locks_url() -> str:
@@ -104,7 +117,7 @@ def _holder_path(lock_file: Path) -> Path:
 
 
 def read_holder(
-    root: Path, domain: str, resource: str, *, locks_url: str | None = None
+    root: Path | str, domain: str, resource: str, *, locks_url: str | None = None
 ) -> dict | None:
     """Return who holds (or last held) `resource`: holder, pid, host, since; None if unknown.
 
@@ -133,7 +146,7 @@ def describe_holder(holder: dict | None) -> str:
 
 @contextmanager
 def hold(
-    root: Path,
+    root: Path | str,
     domain: str,
     resource: str,
     *,
@@ -160,6 +173,7 @@ def hold(
             "try the second (timeout=0)"
         )
     url = configured_locks_url() if locks_url is None else locks_url
+    check_lock_backend(root, url)
     if url:
         from finpipe.pg_locks import hold_advisory
 
@@ -186,7 +200,7 @@ def hold(
 
 @contextmanager
 def _hold_file(
-    root: Path,
+    root: Path | str,
     domain: str,
     resource: str,
     holder: str,
@@ -235,12 +249,12 @@ def _hold_file(
 
 
 def partition_lock(
-    root: Path, domain: str, day: dt.date | str, **options
+    root: Path | str, domain: str, day: dt.date | str, **options
 ) -> AbstractContextManager[None]:
     """Hold the lock of one date of `domain` (see `hold` for the options)."""
     return hold(root, domain, date_resource(day), **options)
 
 
-def history_lock(root: Path, domain: str, **options) -> AbstractContextManager[None]:
+def history_lock(root: Path | str, domain: str, **options) -> AbstractContextManager[None]:
     """Hold the lock of `domain`'s validated data and features (see `hold` for the options)."""
     return hold(root, domain, HISTORY, **options)

@@ -53,12 +53,12 @@ def publish_predictions(
     value_columns = [c for c in scores.columns if c != "date"]
     out = out[["date", *value_columns, *PROVENANCE_COLUMNS]]
     out = out.sort_values(sort_by, kind="stable").reset_index(drop=True)
-    path = storage.write_partition("predictions", domain, as_of, out)
+    key = storage.write_partition("predictions", domain, as_of, out)
     return ScoringOutcome(
         date=as_of.isoformat(),
         rows=len(out),
         model_name=model.name,
         model_version=model.version,
         run_id=model.run_id,
-        path=str(path.parent),
+        path=storage.location(key.rsplit("/", 1)[0]),
     )

@@ -7,8 +7,9 @@ import os
 import re
 import sys
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, StringConstraints
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # Offline hygiene: Prefect, MLflow and GX phone home unless told not to. Set when the CLI or a
@@ -35,6 +36,18 @@ def disable_telemetry() -> None:
         set_telemetry_client()
 
 
+# An object-store root: `s3://bucket/prefix` (see finpipe.storage).
+StoreUrl = Annotated[str, StringConstraints(pattern=r"^[A-Za-z][A-Za-z0-9+.-]*://.")]
+
+
+def default_local_home(store_url: str) -> Path:
+    """The local folder kept for an object-store root: under the user's cache folder, named
+    after the bucket and prefix (`~/.cache/finpipe/s3/<bucket>/<prefix>`)."""
+    scheme, _, rest = store_url.partition("://")
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "finpipe" / scheme.lower() / Path(*[p for p in rest.split("/") if p])
+
+
 class Settings(BaseSettings):
     """Where finpipe keeps its data and which MLflow names it uses.
 
@@ -43,9 +56,20 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="FINPIPE_", extra="ignore")
 
-    home: Path = Field(
+    home: StoreUrl | Path = Field(
         default=Path.home() / ".finpipe",
-        description="Storage root: landing, quarantine, validated, features, predictions, reports.",
+        union_mode="left_to_right",
+        description="Storage root: landing, quarantine, validated, features, predictions, "
+        "reports. A local folder, or an object store `s3://bucket/prefix` (server and "
+        "credentials from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, "
+        "AWS_DEFAULT_REGION; runs then need FINPIPE_LOCKS_URL).",
+    )
+    local_dir: Path | None = Field(
+        default=None,
+        description="Where what must stay on a local disk lives when the storage root is an "
+        "object store: MLflow's SQLite file and artifacts (unless a tracking server is set), "
+        "Prefect's local state, generated deliveries. Default ~/.cache/finpipe/s3/<bucket>/"
+        "<prefix>; with a local root, the root itself.",
     )
     # Only FINPIPE_MLFLOW_TRACKING_URI: MLflow's own `set_tracking_uri` writes
     # MLFLOW_TRACKING_URI into the process environment, so reading it back here would let one
@@ -117,12 +141,28 @@ class Settings(BaseSettings):
     )
 
     def model_post_init(self, __context: object) -> None:
-        self.home = self.home.expanduser().resolve()
+        if isinstance(self.home, Path):
+            self.home = self.home.expanduser().resolve()
+        else:
+            self.home = self.home.rstrip("/")
+
+    @property
+    def home_is_local(self) -> bool:
+        """True when the storage root is a local folder (not an object store)."""
+        return isinstance(self.home, Path)
+
+    @property
+    def local_home(self) -> Path:
+        """The local folder for what stays on this machine: the storage root when it is a
+        folder, else `local_dir` (default under the user's cache folder)."""
+        if isinstance(self.home, Path):
+            return self.home
+        return (self.local_dir or default_local_home(self.home)).expanduser().resolve()
 
     @property
     def tracking_uri(self) -> str:
         """The MLflow tracking URI in force (SQLite under the storage root unless set)."""
-        return self.mlflow_tracking_uri or f"sqlite:///{self.home / 'mlflow.db'}"
+        return self.mlflow_tracking_uri or f"sqlite:///{self.local_home / 'mlflow.db'}"
 
     @property
     def tracking_uri_for_display(self) -> str:
@@ -137,7 +177,7 @@ class Settings(BaseSettings):
     @property
     def artifact_root(self) -> str:
         """Artifact location for experiments finpipe creates."""
-        return self.mlflow_artifact_root or (self.home / "mlartifacts").as_uri()
+        return self.mlflow_artifact_root or (self.local_home / "mlartifacts").as_uri()
 
     def experiment_name(self, domain: str) -> str:
         return f"{self.experiment_prefix}-{domain}"
@@ -147,13 +187,13 @@ class Settings(BaseSettings):
 
     def prefect_home(self) -> Path:
         """Prefect's local state (ephemeral-mode database) kept beside the data."""
-        return self.home / "prefect"
+        return self.local_home / "prefect"
 
     def input_roots(self) -> list[Path]:
         """The drop folders `inputs` must lie under, symlinks resolved (`drop_roots`)."""
         roots = self.drop_roots
         if roots is None:
-            roots = [self.home / "vendor_drop", Path("deliveries"), Path("datasets")]
+            roots = [self.local_home / "vendor_drop", Path("deliveries"), Path("datasets")]
         return [Path(os.path.realpath(root.expanduser())) for root in roots]
 
 

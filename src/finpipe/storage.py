@@ -1,6 +1,10 @@
 """Storage layout and the only code that reads or writes pipeline data.
 
-Layout under the root (see DESIGN.md):
+The root is a local folder (the default) or an object-store URI, `s3://bucket/prefix`, whose
+server and credentials come from the standard AWS variables (`finpipe.object_store`). Callers
+name what they read and write by string keys relative to the root (`partition_key`,
+`landing_key`, ...) and never build paths themselves; `location(key)` says where a key is, for
+messages and for tools outside finpipe. Layout under the root (see DESIGN.md):
 
     landing/<domain>/<batch>__<file>          files as delivered, never modified or deleted
     quarantine/<domain>/<batch>/              rejected batch + report.json + data_docs/
@@ -8,13 +12,18 @@ Layout under the root (see DESIGN.md):
     features/<domain>/YYYY-MM-DD/             feature rows (Parquet)
     predictions/<domain>/YYYY-MM-DD/          scores with model name, version, run id
     segments/<domain>/YYYY-MM-DD/             the scoring model's segment profiles (customers)
+    reference/<domain>/<name>.parquet         data kept for reporting only (planted truths)
+    backtests/<name>/...                      a walk-forward backtest's own store, same layout
     reports/                                  validation Data Docs, run summaries
     state/<domain>/batches/<sha256>.json      what ingest has seen, by content hash
 
-A partition is one Parquet file, `part-0.parquet`, published with an atomic rename: a reader
-sees the old file or the new one, never half of one, and writing the same date twice replaces
-the file rather than adding a second one. Temporary files start with "." so dataset readers
-(pyarrow, Spark, DuckDB) skip them.
+A partition is one Parquet file, `part-0.parquet`, published whole: a reader sees the old file
+or the new one, never half of one, and writing the same date twice replaces the file rather
+than adding a second one. On a local disk it is written to a temporary sibling, fsynced and
+renamed into place (temporary files start with "." so dataset readers skip them); on an object
+store it is one PUT, which is atomic. A delivered file lands once: its key is named by its
+content hash and written create-only (a hard link on disk, `If-None-Match: *` on S3), so a
+second copy never replaces the first.
 
 Every file carries its day in a `date` column typed as a calendar date (Arrow date32), and the
 folder is named by the bare day. A `date=YYYY-MM-DD` (hive) folder name would say the same
@@ -23,20 +32,28 @@ refuse to merge it with the file's column. With the day in the file only, `pd.re
 `pyarrow.dataset`, Polars and DuckDB all open a whole layer in one call and agree that `date` is
 a date. Stores written with the old `date=` folders are converted by `finpipe migrate-storage`.
 Inside finpipe, `date` is read back as a pandas datetime64[ns] column, as it was written.
+
+A partition's fingerprint (`fingerprint`, `partition_fingerprints`) identifies its content: the
+SHA-256 of the file on disk, the ETag (an MD5 of the bytes of a single PUT) on S3. Completion
+records and feature updates compare fingerprints, never modification times, to tell whether
+data changed since something was computed from it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import os
 import re
 import shutil
+import tempfile
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pyarrow as pa
@@ -55,6 +72,15 @@ LEGACY_PREFIX = "date="  # the hive folder names of stores written before the ba
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _DAY_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _SAFE_FILE = re.compile(r"[^A-Za-z0-9._-]+")
+_URL = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$", re.IGNORECASE)
+BATCHES = "batches"
+# Reads of many small objects wait on the network, not the CPU: more of them at once.
+_REMOTE_READERS = 16
+
+
+def is_store_url(root: object) -> bool:
+    """Whether `root` names an object store (`scheme://...`) rather than a local folder."""
+    return isinstance(root, str) and _URL.match(root) is not None
 
 
 def check_name(value: str, what: str = "domain") -> str:
@@ -187,68 +213,369 @@ def write_json_atomic(path: Path, payload: object) -> None:
     write_bytes_atomic(path, text.encode())
 
 
+def _json_bytes(payload: object) -> bytes:
+    return json.dumps(payload, indent=2, sort_keys=True, default=str).encode()
+
+
+def _create_file(path: Path, write: Any) -> bool:
+    """Create `path` from `write(handle)` unless it exists; return whether this call made it.
+
+    Written to a temporary sibling, fsynced, then hard-linked into place: the link fails if
+    the name exists, so a file is never replaced, and a reader never sees half of it.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 class Storage:
-    """The pipeline's data root (a local folder) and its layout."""
+    """The pipeline's data root, a local folder or an object store, and its layout.
 
-    def __init__(self, root: Path) -> None:
-        self.root = Path(root)
+    `Storage(path)` is a local folder; `Storage("s3://bucket/prefix")` keeps the same layout
+    under that prefix of the bucket. Everything is addressed by string keys relative to the root.
+    """
 
-    # -- paths ---------------------------------------------------------------------------
-    def layer_dir(self, layer: str, domain: str) -> Path:
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        text = os.fspath(root)
+        matched = _URL.match(text)
+        if matched is None:
+            self.is_local = True
+            self._base = os.path.abspath(text)
+            self.url = self._base
+            self.fs: pafs.FileSystem = pafs.LocalFileSystem()
+            self._bucket = self._prefix = ""
+            return
+        scheme, rest = matched.group(1).lower(), matched.group(2).strip("/")
+        if scheme != "s3":
+            raise ConfigError(
+                f"FINPIPE_HOME {text!r}: unsupported store {scheme}://; use a local folder or "
+                "s3://bucket/prefix (any S3-compatible server, via AWS_ENDPOINT_URL)"
+            )
+        bucket, _, prefix = rest.partition("/")
+        if not bucket:
+            raise ConfigError(f"FINPIPE_HOME {text!r}: name the bucket, as s3://bucket/prefix")
+        from finpipe.object_store import connect
+
+        self.is_local = False
+        self._bucket, self._prefix = bucket, prefix.strip("/")
+        self._base = rest
+        self.url = f"s3://{rest}"
+        self._s3 = connect()
+        self.fs = self._s3.fs
+
+    def __repr__(self) -> str:
+        return f"Storage({self.url!r})"
+
+    # -- keys ----------------------------------------------------------------------------
+    @staticmethod
+    def layer_key(layer: str, domain: str) -> str:
         if layer not in LAYERS:
             raise ConfigError(f"unknown storage layer {layer!r}; expected one of {LAYERS}")
-        return self.root / layer / check_name(domain)
+        return f"{layer}/{check_name(domain)}"
+
+    def partition_key(self, layer: str, domain: str, day: dt.date | str) -> str:
+        """The key of a partition's file: `<layer>/<domain>/<YYYY-MM-DD>/part-0.parquet`."""
+        return _file_in(self.layer_key(layer, domain), as_day(day))
+
+    @staticmethod
+    def landing_key(domain: str) -> str:
+        return f"landing/{check_name(domain)}"
+
+    @staticmethod
+    def quarantine_key(domain: str, batch_id: str | None = None) -> str:
+        folder = f"quarantine/{check_name(domain)}"
+        return folder if batch_id is None else f"{folder}/{check_name(batch_id, 'batch id')}"
+
+    @staticmethod
+    def reports_key(*parts: str) -> str:
+        """`reports/<parts...>`: each part one safe file or folder name."""
+        return "/".join(["reports", *(_safe_part(part) for part in parts)])
+
+    @staticmethod
+    def state_key(domain: str, *parts: str) -> str:
+        """`state/<domain>/<parts...>`: what the pipeline records about a domain's runs."""
+        return "/".join(["state", check_name(domain), *(_safe_part(part) for part in parts)])
+
+    def batch_record_key(self, domain: str, sha256: str) -> str:
+        return self.state_key(domain, BATCHES, f"{sha256}.json")
+
+    @staticmethod
+    def reference_key(domain: str, name: str) -> str:
+        """reference/<domain>/<name>.parquet: data kept beside a domain's layers for reporting
+        only, e.g. a synthetic data set's planted truth (never read by training or scoring)."""
+        return f"reference/{check_name(domain)}/{check_name(name, 'name')}.parquet"
+
+    def backtest_store(self, name: str) -> Storage:
+        """The store of backtest `name`: a Storage rooted at `backtests/<name>/` under this
+        root, with the same layout (`predictions/<domain>/YYYY-MM-DD/`, `state/<domain>/`), so
+        a backtest's outputs never mix with the nightly's (`finpipe.backtest`)."""
+        return Storage(self.location(f"backtests/{check_name(name, 'backtest name')}"))
+
+    def location(self, key: str = "") -> str:
+        """Where `key` is, for messages and for tools outside finpipe: a local path, or an
+        `s3://bucket/prefix/key` URI."""
+        if self.is_local:
+            return os.path.join(self._base, key) if key else self._base
+        return f"{self.url}/{key}" if key else self.url
+
+    def local_path(self, key: str = "") -> Path:
+        """The file or folder of `key` on a local store (for tools that open files directly);
+        StorageError on an object store, which has no such path."""
+        if not self.is_local:
+            raise StorageError(
+                f"{self.location(key)} is in an object store: there is no local path; read it "
+                "through finpipe.storage.Storage"
+            )
+        return Path(self._base, key) if key else Path(self._base)
+
+    def _path(self, key: str) -> str:
+        """`key` as a path of `self.fs`."""
+        return f"{self._base}/{key}" if key else self._base
+
+    def _object(self, key: str) -> str:
+        """`key` as an object key of the bucket."""
+        return f"{self._prefix}/{key}" if self._prefix else key
+
+    # Folders of a local store, for tests, benchmarks and tools that read files directly.
+    @property
+    def root(self) -> Path:
+        return self.local_path()
+
+    def layer_dir(self, layer: str, domain: str) -> Path:
+        return self.local_path(self.layer_key(layer, domain))
 
     def partition_dir(self, layer: str, domain: str, day: dt.date | str) -> Path:
-        return self.layer_dir(layer, domain) / as_day(day).isoformat()
+        return self.partition_file(layer, domain, day).parent
 
     def partition_file(self, layer: str, domain: str, day: dt.date | str) -> Path:
-        return self.partition_dir(layer, domain, day) / PARTITION_FILE
-
-    def _partition_files(self, layer: str, domain: str, days: Iterable[dt.date]) -> list[str]:
-        """`partition_file` of each day as a string, built without a Path per day (a nightly
-        credit scan names 730 of them)."""
-        base = os.fspath(self.layer_dir(layer, domain))
-        return [_file_in(base, as_day(day)) for day in days]
+        return self.local_path(self.partition_key(layer, domain, day))
 
     def landing_dir(self, domain: str) -> Path:
-        return self.root / "landing" / check_name(domain)
+        return self.local_path(self.landing_key(domain))
 
     def quarantine_dir(self, domain: str) -> Path:
-        return self.root / "quarantine" / check_name(domain)
+        return self.local_path(self.quarantine_key(domain))
 
     def reports_dir(self) -> Path:
-        return self.root / "reports"
+        return self.local_path(self.reports_key())
 
     def state_dir(self, domain: str) -> Path:
-        return self.root / "state" / check_name(domain)
+        return self.local_path(self.state_key(domain))
+
+    # -- objects -------------------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        """Whether a file (object) is stored under `key`."""
+        if self.is_local:
+            return os.path.isfile(self._path(key))
+        info = self._remote(lambda: self.fs.get_file_info(self._path(key)), key)
+        return info.type == pafs.FileType.File
+
+    def read_bytes(self, key: str) -> bytes:
+        """Return the bytes stored under `key`; FileNotFoundError when there are none."""
+        if self.is_local:
+            with open(self._path(key), "rb") as handle:
+                return handle.read()
+        return self._s3.get(self._bucket, self._object(key))
+
+    def write_bytes(self, key: str, payload: bytes) -> None:
+        """Store `payload` under `key`, replacing what was there, atomically."""
+        if self.is_local:
+            write_bytes_atomic(Path(self._path(key)), payload)
+        else:
+            self._s3.put(self._bucket, self._object(key), payload, create_only=False)
+
+    def create_bytes(self, key: str, payload: bytes) -> bool:
+        """Store `payload` under `key` unless something is there; return whether it was stored.
+
+        Create-only, also between machines: the store itself refuses the second writer.
+        """
+        if self.is_local:
+            return _create_file(Path(self._path(key)), lambda handle: handle.write(payload))
+        return self._s3.put(self._bucket, self._object(key), payload, create_only=True)
+
+    def read_json(self, key: str) -> Any:
+        """Return the JSON stored under `key`, or None when there is none."""
+        try:
+            return json.loads(self.read_bytes(key))
+        except FileNotFoundError:
+            return None
+
+    def write_json(self, key: str, payload: object) -> None:
+        """Store `payload` as indented JSON under `key`, atomically."""
+        self.write_bytes(key, _json_bytes(payload))
+
+    def list_names(self, key: str) -> list[str]:
+        """Return the names directly under the folder `key` (files and folders; none if absent)."""
+        if self.is_local:
+            try:
+                return os.listdir(self._path(key))
+            except (FileNotFoundError, NotADirectoryError):
+                return []
+        selector = pafs.FileSelector(self._path(key), recursive=False, allow_not_found=True)
+        infos = self._remote(lambda: self.fs.get_file_info(selector), key)
+        return [info.base_name for info in infos]
+
+    def list_files(self, key: str) -> list[str]:
+        """Return the keys of every file under the folder `key`, at any depth, sorted."""
+        base = self._path(key)
+        selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
+        infos = self._remote(lambda: self.fs.get_file_info(selector), key)
+        cut = len(self._base) + 1
+        return sorted(i.path[cut:] for i in infos if i.type == pafs.FileType.File)
+
+    def delete_folder(self, key: str) -> None:
+        """Remove the folder `key` and everything under it (nothing if absent)."""
+        if self.is_local:
+            shutil.rmtree(self._path(key), ignore_errors=True)
+            return
+        keys = [self._object(k) for k in self.list_files(key)]
+        self._s3.delete(self._bucket, keys)
+
+    def upload_folder(self, folder: Path, key: str) -> None:
+        """Store every file of the local `folder` under `key`, replacing what was there."""
+        if self.is_local:
+            target = Path(self._path(key))
+            if target == Path(folder).resolve():
+                return
+            shutil.rmtree(target, ignore_errors=True)
+            shutil.copytree(folder, target)
+            return
+        self.delete_folder(key)
+        files = [p for p in sorted(Path(folder).rglob("*")) if p.is_file()]
+
+        def put(path: Path) -> None:
+            name = path.relative_to(folder).as_posix()
+            self.write_bytes(f"{key}/{name}", path.read_bytes())
+
+        with ThreadPoolExecutor(max_workers=_REMOTE_READERS) as pool:
+            list(pool.map(put, files))
+
+    @contextlib.contextmanager
+    def local_folder(self, key: str) -> Iterator[Path]:
+        """A local folder for what must be built on a disk (Great Expectations' Data Docs),
+        stored under `key` when the block ends, whether it ends well or not.
+
+        On a local store it is the store's own folder; on an object store a temporary folder,
+        uploaded (if anything was built in it) and removed.
+        """
+        if self.is_local:
+            yield Path(self._path(key))
+            return
+        scratch = Path(tempfile.mkdtemp(prefix="finpipe-build-"))
+        folder = scratch / "out"
+        try:
+            yield folder
+        finally:
+            try:
+                if folder.is_dir() and any(folder.iterdir()):
+                    self.upload_folder(folder, key)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+    def fingerprint(self, key: str) -> str | None:
+        """Return the content fingerprint of the file under `key` (see the module docstring),
+        or None when there is none."""
+        if self.is_local:
+            path = Path(self._path(key))
+            return file_sha256(path) if path.is_file() else None
+        return self._s3.etag(self._bucket, self._object(key))
+
+    def partition_fingerprints(
+        self, layer: str, domain: str, days: Iterable[dt.date] | None = None
+    ) -> dict[dt.date, str]:
+        """Return the fingerprint of each published partition (of `days` only, when given):
+        one listing on an object store, the files' hashes on disk."""
+        wanted = None if days is None else set(days)
+        if self.is_local:
+            chosen = self.partition_dates(layer, domain) if wanted is None else sorted(wanted)
+            files = dict(zip(chosen, self._partition_files(layer, domain, chosen), strict=True))
+
+            def digest(day: dt.date) -> tuple[dt.date, str | None]:
+                try:
+                    return day, file_sha256(Path(files[day]))
+                except FileNotFoundError:
+                    return day, None
+
+            with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+                found = dict(pool.map(digest, chosen))
+            return {day: sha for day, sha in found.items() if sha is not None}
+        prefix = self._object(self.layer_key(layer, domain)) + "/"
+        out = {}
+        for key, etag in self._s3.etags(self._bucket, prefix):
+            folder, _, name = key[len(prefix) :].partition("/")
+            if name == PARTITION_FILE and _DAY_FOLDER.match(folder):
+                day = as_day(folder)
+                if wanted is None or day in wanted:
+                    out[day] = etag
+        return out
+
+    def _remote(self, action: Any, key: str) -> Any:
+        """Run a pyarrow request on the object store; a failure other than a missing key
+        becomes StorageError naming `key` (StoreUnavailable when the server did not answer)."""
+        if self.is_local:
+            return action()
+        from finpipe.object_store import as_storage_error
+
+        try:
+            return action()
+        except FileNotFoundError:
+            raise
+        except OSError as error:
+            raise as_storage_error(error, f"cannot read {self.location(key)}") from error
 
     # -- partitions ----------------------------------------------------------------------
+    def _partition_files(self, layer: str, domain: str, days: Iterable[dt.date]) -> list[str]:
+        """The file system path of each day's partition, built without a Path per day (a
+        nightly credit scan names 730 of them)."""
+        base = self._path(self.layer_key(layer, domain))
+        return [_file_in(base, as_day(day)) for day in days]
+
     def write_partition(
         self, layer: str, domain: str, day: dt.date | str, frame: pd.DataFrame | pa.Table
-    ) -> Path:
-        """Publish `frame` as the whole partition for `day`, atomically; return its file path.
+    ) -> str:
+        """Publish `frame` as the whole partition for `day`, atomically; return its key.
 
         Writing the same day again replaces the partition (idempotent), never appends. An Arrow
         table (e.g. a slice of a block converted once) is written as it is.
         """
-        target = self.partition_file(layer, domain, day)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{PARTITION_FILE}.{uuid.uuid4().hex}.tmp")
+        key = self.partition_key(layer, domain, day)
         if isinstance(frame, pa.Table):
             table = frame
         else:
             table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
         table = _days_as_dates(table)
+        # Dictionary-encode only non-float columns: on float columns a dictionary page rarely
+        # pays (few repeats) and costs about a third of the write time.
+        dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
+        options: dict[str, Any] = {"compression": "zstd", "use_dictionary": dictionary}
+        if not self.is_local:
+            sink = pa.BufferOutputStream()
+            pq.write_table(table, sink, **options)
+            crash_point("partition-before-publish")
+            self._s3.put(
+                self._bucket, self._object(key), sink.getvalue().to_pybytes(), create_only=False
+            )
+            return key
+        target = Path(self._path(key))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{PARTITION_FILE}.{uuid.uuid4().hex}.tmp")
         published = False
         try:
-            # Dictionary-encode only non-float columns: on float columns a dictionary page
-            # rarely pays (few repeats) and costs about a third of the write time.
-            dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
             # An open file as the sink: a path would make pyarrow resolve a filesystem (and
             # stat the path) for every partition, which shows in a write of thousands.
             with pa.OSFile(str(tmp), "wb") as sink:
-                pq.write_table(table, sink, compression="zstd", use_dictionary=dictionary)
+                pq.write_table(table, sink, **options)
             _fsync(tmp)
             crash_point("partition-before-publish")
             os.replace(tmp, target)
@@ -261,7 +588,7 @@ class Storage:
         finally:
             if not published:
                 tmp.unlink(missing_ok=True)
-        return target
+        return key
 
     def partition_dates(
         self,
@@ -274,21 +601,20 @@ class Storage:
     ) -> list[dt.date]:
         """Return the sorted days that have a published partition in [start, end] (only the
         `last` latest of them when given: scoring needs a few dates, not a stat of them all)."""
-        base = os.fspath(self.layer_dir(layer, domain))
+        lo = as_day(start) if start is not None else dt.date.min
+        hi = as_day(end) if end is not None else dt.date.max
+        if not self.is_local:
+            published = [d for d in self._published_days(layer, domain) if lo <= d <= hi]
+            return published[-last:] if last else published
+        base = self._path(self.layer_key(layer, domain))
         try:
             names = os.listdir(base)
         except FileNotFoundError:
             return []
-        lo = as_day(start) if start is not None else dt.date.min
-        hi = as_day(end) if end is not None else dt.date.max
         named = []
         for name in names:
             if not _DAY_FOLDER.match(name):
-                if name.startswith(LEGACY_PREFIX):
-                    raise StorageError(
-                        f"{base} holds {name!r}, a folder of the old hive layout; run "
-                        "`finpipe migrate-storage` once to convert the store to bare-day folders"
-                    )
+                _refuse_legacy(base, name)
                 continue  # temporary and foreign entries are not partitions
             day = as_day(name)
             if lo <= day <= hi:
@@ -303,6 +629,18 @@ class Storage:
                 if last is not None and len(days) == last:
                     break
         return days[::-1]
+
+    def _published_days(self, layer: str, domain: str) -> list[dt.date]:
+        """The days with a partition object, from one (paged) listing of the layer."""
+        key = self.layer_key(layer, domain)
+        days = []
+        for found in self.list_files(key):
+            folder, _, name = found[len(key) + 1 :].partition("/")
+            if not _DAY_FOLDER.match(folder):
+                _refuse_legacy(self.location(key), folder)
+            elif name == PARTITION_FILE:
+                days.append(as_day(folder))
+        return sorted(days)
 
     def read_partitions(
         self,
@@ -320,10 +658,13 @@ class Storage:
         are scanned, before anything is converted to pandas.
         """
         chosen = list(days) if days is not None else self.partition_dates(layer, domain, start, end)
-        files = self._partition_files(layer, domain, chosen)
-        if not files:
+        if not chosen:
             return pd.DataFrame(columns=list(columns) if columns else None)
         wanted = list(columns) if columns else None
+        if not self.is_local:
+            keys = [self.partition_key(layer, domain, day) for day in chosen]
+            return _to_frame(self._read_objects(keys, wanted, where))
+        files = self._partition_files(layer, domain, chosen)
 
         def read(file: str) -> pa.Table:
             # Small files: one plain read each, no read-ahead buffers or threads of its own,
@@ -352,49 +693,97 @@ class Storage:
                 tables = list(pool.map(read, files))
         return _to_frame(pa.concat_tables(tables, promote_options="permissive"))
 
+    def _read_objects(
+        self, keys: list[str], wanted: list[str] | None, where: pc.Expression | None
+    ) -> pa.Table:
+        """The rows of Parquet objects, each read in one GET (see `object_store`), stacked with
+        their schemas unified (a column an object lacks is null), filtered by `where`."""
+
+        def read(key: str) -> pa.Table:
+            parquet = pq.ParquetFile(pa.BufferReader(self.read_bytes(key)))
+            held = parquet.schema_arrow.names
+            chosen = None if wanted is None or where is not None else wanted
+            return parquet.read(
+                columns=None if chosen is None else [c for c in chosen if c in held]
+            )
+
+        with ThreadPoolExecutor(max_workers=min(_REMOTE_READERS, len(keys))) as pool:
+            tables = list(pool.map(read, keys))
+        table = pa.concat_tables(tables, promote_options="permissive")
+        if where is not None:
+            table = table.filter(where)
+        if wanted is not None:
+            table = table.select([c for c in wanted if c in table.column_names])
+        return table
+
     def read_partition(self, layer: str, domain: str, day: dt.date | str) -> pd.DataFrame:
         """Return one partition's rows; FileNotFoundError if it was never published."""
-        return _to_frame(pq.read_table(self.partition_file(layer, domain, day)))
+        key = self.partition_key(layer, domain, day)
+        if self.is_local:
+            # One open file: read by path, pyarrow opens it twice (schema, then rows), and a
+            # partition replaced in between would be read as the old footer over new bytes.
+            with pa.OSFile(self._path(key)) as source:
+                return _to_frame(pq.read_table(source))
+        return _to_frame(pq.read_table(pa.BufferReader(self.read_bytes(key))))
+
+    def partition_rows(self, layer: str, domain: str, day: dt.date | str) -> int:
+        """Return the row count of a published partition, from its Parquet footer."""
+        key = self.partition_key(layer, domain, day)
+        if self.is_local:
+            return pq.ParquetFile(self._path(key)).metadata.num_rows
+        return pq.ParquetFile(pa.BufferReader(self.read_bytes(key))).metadata.num_rows
 
     # -- landing and quarantine ----------------------------------------------------------
-    def land_file(self, domain: str, source: Path, sha256: str) -> Path:
-        """Copy a delivered file into landing/ under its content hash; return the landed path.
+    def land_file(self, domain: str, source: Path, sha256: str) -> str:
+        """Copy a delivered file into landing/ under its content hash; return its key.
 
-        The copy is atomic and never overwritten: the same content lands once.
+        Create-only: a file lands once, and a later copy under the same name (the same
+        content) never replaces it, on one machine or several.
         """
         name = _SAFE_FILE.sub("_", Path(source).name).lstrip(".") or "file"
-        target = self.landing_dir(domain) / f"{sha256[:12]}__{name}"
-        if target.exists():
-            return target
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-        return target
+        key = f"{self.landing_key(domain)}/{sha256[:12]}__{name}"
+        if self.exists(key):
+            return key
+        if self.is_local:
+            with open(source, "rb") as original:
+                _create_file(
+                    Path(self._path(key)), lambda handle: shutil.copyfileobj(original, handle)
+                )
+        else:
+            with open(source, "rb") as original:
+                self._s3.put(self._bucket, self._object(key), original, create_only=True)
+        return key
 
     def quarantine_batch(
         self,
         domain: str,
         batch_id: str,
-        landed_file: Path,
+        landed: str,
         report: dict,
         data_docs: Path | None = None,
         file_name: str | None = None,
-    ) -> Path:
-        """Keep a rejected batch with its report under quarantine/; return the folder.
+    ) -> str:
+        """Keep a rejected batch (the landed file of key `landed`) with its report and Data
+        Docs under quarantine/; return the folder's key.
 
-        Built in a hidden staging folder, then renamed into place, so a reader never sees a
-        quarantine entry without its report.
+        A reader never sees a quarantine entry without its report: on disk it is built in a
+        hidden staging folder and renamed into place; on an object store its report is the
+        last object written.
         """
-        final = self.quarantine_dir(domain) / check_name(batch_id, "batch id")
+        key = self.quarantine_key(domain, batch_id)
+        name = _SAFE_FILE.sub("_", file_name or Path(landed).name).lstrip(".") or "file"
+        if not self.is_local:
+            self.delete_folder(key)
+            self._s3.copy(self._bucket, self._object(landed), self._object(f"{key}/{name}"))
+            if data_docs is not None and Path(data_docs).exists():
+                self.upload_folder(Path(data_docs), f"{key}/data_docs")
+            self.write_json(f"{key}/report.json", report)
+            return key
+        final = Path(self._path(key))
         staging = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
         staging.mkdir(parents=True)
         try:
-            name = _SAFE_FILE.sub("_", file_name or Path(landed_file).name).lstrip(".") or "file"
-            shutil.copyfile(landed_file, staging / name)
+            shutil.copyfile(self._path(landed), staging / name)
             write_json_atomic(staging / "report.json", report)
             if data_docs is not None and Path(data_docs).exists():
                 shutil.copytree(data_docs, staging / "data_docs")
@@ -404,44 +793,61 @@ class Storage:
         finally:
             if staging.exists():
                 shutil.rmtree(staging)
-        return final
+        return key
 
     # -- ingest state --------------------------------------------------------------------
-    def batch_record_path(self, domain: str, sha256: str) -> Path:
-        return self.state_dir(domain) / "batches" / f"{sha256}.json"
-
     def read_batch_record(self, domain: str, sha256: str) -> dict | None:
-        path = self.batch_record_path(domain, sha256)
-        return json.loads(path.read_text()) if path.exists() else None
+        return self.read_json(self.batch_record_key(domain, sha256))
 
     def write_batch_record(self, domain: str, record: dict) -> None:
-        write_json_atomic(self.batch_record_path(domain, record["sha256"]), record)
+        """Store a delivered file's record, replacing its earlier state (landed, then validated
+        or quarantined) in one atomic write."""
+        self.write_json(self.batch_record_key(domain, record["sha256"]), record)
 
     def batch_records(self, domain: str) -> list[dict]:
-        folder = self.state_dir(domain) / "batches"
-        if not folder.exists():
-            return []
-        records = [json.loads(p.read_text()) for p in folder.glob("*.json")]
-        return sorted(records, key=lambda r: (r.get("landed_at", ""), r["sha256"]))
+        keys = [k for k in self.list_files(self.state_key(domain, BATCHES)) if k.endswith(".json")]
+        records = [self.read_json(key) for key in keys]
+        return sorted(
+            (r for r in records if r is not None),
+            key=lambda r: (r.get("landed_at", ""), r["sha256"]),
+        )
 
     # -- reference data ------------------------------------------------------------------
-    def reference_file(self, domain: str, name: str) -> Path:
-        """reference/<domain>/<name>.parquet: data kept beside a domain's layers for reporting
-        only, e.g. a synthetic data set's planted truth (never read by training or scoring)."""
-        return self.root / "reference" / check_name(domain) / f"{check_name(name, 'name')}.parquet"
-
-    def write_reference(self, domain: str, name: str, frame: pd.DataFrame) -> Path:
-        """Keep `frame` as the domain's reference `name`, replaced atomically; return its path."""
+    def write_reference(self, domain: str, name: str, frame: pd.DataFrame) -> str:
+        """Keep `frame` as the domain's reference `name`, replaced atomically; return its key."""
         sink = pa.BufferOutputStream()
         pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
-        path = self.reference_file(domain, name)
-        write_bytes_atomic(path, sink.getvalue().to_pybytes())
-        return path
+        key = self.reference_key(domain, name)
+        self.write_bytes(key, sink.getvalue().to_pybytes())
+        return key
 
     def read_reference(
         self, domain: str, name: str, filters: list[tuple[str, str, object]] | None = None
     ) -> pd.DataFrame | None:
         """Return the domain's reference `name` (the rows pyarrow `filters` keep), or None when
         it was never written."""
-        path = self.reference_file(domain, name)
-        return pd.read_parquet(path, filters=filters) if path.exists() else None
+        key = self.reference_key(domain, name)
+        if self.is_local:
+            path = self._path(key)
+            return pd.read_parquet(path, filters=filters) if os.path.exists(path) else None
+        try:
+            source = pa.BufferReader(self.read_bytes(key))
+        except FileNotFoundError:
+            return None
+        return pq.read_table(source, filters=filters).to_pandas()
+
+
+def _refuse_legacy(where: str, name: str) -> None:
+    """Raise StorageError if `name`, an entry of a layer, is a folder of the old hive layout."""
+    if name.startswith(LEGACY_PREFIX):
+        raise StorageError(
+            f"{where} holds {name!r}, a folder of the old hive layout; run "
+            "`finpipe migrate-storage` once to convert the store to bare-day folders"
+        )
+
+
+def _safe_part(part: str) -> str:
+    """Return `part` if it is one safe file or folder name (no separators, no '..')."""
+    if not part or part in {".", ".."} or "/" in part or "\\" in part or "\x00" in part:
+        raise ConfigError(f"invalid storage name {part!r}: one file or folder name expected")
+    return part

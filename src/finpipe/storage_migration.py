@@ -14,10 +14,10 @@ half-converted layer.
 
 from __future__ import annotations
 
-import shutil
+import os
 from dataclasses import dataclass
-from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from finpipe.locks import history_lock
@@ -35,39 +35,43 @@ class MigratedLayer:
 
 def _migrate_layer(storage: Storage, layer: str, domain: str) -> MigratedLayer:
     moved = 0
-    for folder in sorted(storage.layer_dir(layer, domain).glob(f"{LEGACY_PREFIX}*")):
-        day = as_day(folder.name.removeprefix(LEGACY_PREFIX))
-        old_file = folder / PARTITION_FILE
-        if old_file.exists() and not storage.partition_file(layer, domain, day).exists():
-            storage.write_partition(layer, domain, day, pq.read_table(old_file))
-        shutil.rmtree(folder)
+    layer_key = storage.layer_key(layer, domain)
+    for name in sorted(storage.list_names(layer_key)):
+        if not name.startswith(LEGACY_PREFIX):
+            continue
+        day = as_day(name.removeprefix(LEGACY_PREFIX))
+        old_file = f"{layer_key}/{name}/{PARTITION_FILE}"
+        if storage.exists(old_file) and not storage.exists(
+            storage.partition_key(layer, domain, day)
+        ):
+            table = pq.read_table(pa.BufferReader(storage.read_bytes(old_file)))
+            storage.write_partition(layer, domain, day, table)
+        storage.delete_folder(f"{layer_key}/{name}")
         moved += 1
     return MigratedLayer(layer, domain, moved)
 
 
 def migrate_hive_layout(
-    root: Path, *, holder: str = "finpipe migrate-storage"
+    root: str | os.PathLike[str], *, holder: str = "finpipe migrate-storage"
 ) -> list[MigratedLayer]:
-    """Convert every layer of every domain under `root` to bare-day folders; return the layers
-    that changed.
+    """Convert every layer of every domain under `root` (a folder or an object-store URI) to
+    bare-day folders; return the layers that changed.
 
     Running it on a converted (or new) store changes nothing.
     """
-    root = Path(root)
+    storage = Storage(root)
     domains = sorted(
         {
-            folder.name
+            name
             for layer in LAYERS
-            if (root / layer).is_dir()
-            for folder in (root / layer).iterdir()
-            if folder.is_dir() and not folder.name.startswith(".")
+            for name in storage.list_names(layer)
+            if not name.startswith(".") and storage.list_names(f"{layer}/{name}")
         }
     )
-    storage = Storage(root)
     done = []
     for domain in domains:
-        with history_lock(root, check_name(domain), holder=holder):
+        with history_lock(storage.url, check_name(domain), holder=holder):
             for layer in LAYERS:
-                if storage.layer_dir(layer, domain).is_dir():
+                if storage.list_names(storage.layer_key(layer, domain)):
                     done.append(_migrate_layer(storage, layer, domain))
     return [layer for layer in done if layer.partitions]

@@ -51,7 +51,7 @@ def use_tracking(settings: Settings, domain: str) -> str:
     Raises TrackingUnavailable (transient: orchestration retries it) when a tracking server
     does not answer, with the URI's credentials masked.
     """
-    settings.home.mkdir(parents=True, exist_ok=True)
+    settings.local_home.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(settings.tracking_uri)
     name = settings.experiment_name(domain)
     try:

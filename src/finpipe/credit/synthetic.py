@@ -224,9 +224,9 @@ def delivery_day(path: Path) -> dt.date:
 
 
 # -- the true PDs and the demo ----------------------------------------------------------
-def write_oracle(storage: Storage, truth: pd.DataFrame) -> None:
+def write_oracle(storage: Storage, truth: pd.DataFrame) -> str:
     """Keep a synthetic book's true PDs (id, true_pd) beside the data, for oracle-AUC reporting."""
-    storage.write_reference(DOMAIN, ORACLE, truth)
+    return storage.write_reference(DOMAIN, ORACLE, truth)
 
 
 def plan_credit_demo(
@@ -248,7 +248,7 @@ def plan_credit_demo(
         )
         return []
     generated = generate_loan_book(CreditSyntheticConfig(applications=applications, seed=seed))
-    drop = settings.home / "vendor_drop" / DOMAIN
+    drop = settings.local_home / "vendor_drop" / DOMAIN
     files = write_deliveries(generated.applications, drop, nightly_files=nights)
     write_oracle(Storage(settings.home), generated.true_pd.rename(columns={"loan_id": "id"}))
     return demo_nights(files, lambda daily: delivery_day(daily).isoformat())

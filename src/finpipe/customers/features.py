@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from finpipe.customers.schema import DOMAIN
-from finpipe.features import FeatureUpdate
+from finpipe.features import FeatureUpdate, history_fingerprint, record_inputs, recorded_inputs
 from finpipe.ingest import BATCH_COLUMN
 from finpipe.storage import Storage, as_day
 
@@ -222,19 +222,18 @@ def snapshots_needing_update(
 ) -> list[dt.date]:
     """Return the snapshot days up to `as_of` to (re)compute.
 
-    `as_of` itself when its snapshot is missing or older than any validated partition on or
-    before it (late data changes history); with `rebuild`, every existing snapshot too.
+    `as_of` itself when its snapshot is missing or was built from other validated data than
+    the partitions on or before it hold now (late data changes history: their fingerprints
+    differ, `finpipe.features`); with `rebuild`, every existing snapshot too.
     """
     existing = storage.partition_dates("features", DOMAIN, end=as_of)
     if rebuild:
         return sorted({*existing, as_of})
     if as_of not in existing:
         return [as_of]
-    built = storage.partition_file("features", DOMAIN, as_of).stat().st_mtime_ns
-    for day in storage.partition_dates("validated", DOMAIN, end=as_of):
-        if storage.partition_file("validated", DOMAIN, day).stat().st_mtime_ns > built:
-            return [as_of]
-    return []
+    validated = storage.partition_fingerprints("validated", DOMAIN)
+    built_from = recorded_inputs(storage, DOMAIN).get(as_of.isoformat())
+    return [] if built_from == history_fingerprint(validated, as_of) else [as_of]
 
 
 def update_customer_features(
@@ -261,9 +260,11 @@ def update_customer_features(
     for column in ("category", "channel"):
         if column not in history.columns:
             update.skipped_features[f"{column}_share_*"] = f"no {column} column delivered"
+    validated = storage.partition_fingerprints("validated", DOMAIN)
     for day in todo:
         snapshot = build_customer_features(history, day, active_days=active_days)
         storage.write_partition("features", DOMAIN, day, snapshot)
+        record_inputs(storage, DOMAIN, {day.isoformat(): history_fingerprint(validated, day)})
         update.add(day, len(snapshot))
         if progress:
             progress(f"features: snapshot {day} with {len(snapshot):,} active customers")

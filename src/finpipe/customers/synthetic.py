@@ -194,10 +194,10 @@ def write_vendor_files(
 
 
 # -- the planted segments and the demo ------------------------------------------------------
-def write_planted_segments(storage: Storage, planted: pd.DataFrame) -> None:
+def write_planted_segments(storage: Storage, planted: pd.DataFrame) -> str:
     """Keep a synthetic log's planted segments (`SyntheticCustomers.segments`: customer_id,
     segment, segment_number) beside the data, for ARI-vs-truth reporting."""
-    storage.write_reference(DOMAIN, PLANTED, planted)
+    return storage.write_reference(DOMAIN, PLANTED, planted)
 
 
 def plan_customers_demo(
@@ -215,7 +215,7 @@ def plan_customers_demo(
     generated = generate_customer_transactions(
         CustomersSyntheticConfig(customers=customers, days=days, seed=seed)
     )
-    drop = settings.home / "vendor_drop" / DOMAIN
+    drop = settings.local_home / "vendor_drop" / DOMAIN
     files = write_vendor_files(generated.transactions, drop, daily_files=nights)
     write_planted_segments(Storage(settings.home), generated.segments)
     log.info("generated %s transactions in %s", len(generated.transactions), drop)

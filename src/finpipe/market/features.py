@@ -45,7 +45,7 @@ import numpy as np
 import pandas as pd
 
 from finpipe.errors import ScoringError
-from finpipe.features import FeatureUpdate, PartitionWriter, features_are_stale
+from finpipe.features import FeatureUpdate, PartitionWriter, stale_feature_days
 from finpipe.ingest import BATCH_COLUMN
 from finpipe.market.schema import CANONICAL_COLUMNS, DOMAIN, price_column
 from finpipe.storage import Storage, as_day
@@ -490,10 +490,9 @@ def dates_needing_features(
     if rebuild:
         return validated
     done = set(storage.partition_dates("features", DOMAIN, end=as_of))
+    stale = stale_feature_days(storage, DOMAIN, validated)
     for i, day in enumerate(validated):
-        if day not in done:
-            return validated[i:]
-        if features_are_stale(storage, DOMAIN, day):
+        if day not in done or day in stale:
             return validated[i:]
     return []
 

@@ -335,7 +335,7 @@ class MarketParts:
         The champion sees the feature rows of the last few dates (its sequence lookback) up to
         `as_of` only.
         """
-        if not storage.partition_file("features", DOMAIN, as_of).exists():
+        if not storage.exists(storage.partition_key("features", DOMAIN, as_of)):
             raise ScoringError(f"no feature partition for {as_of}; run the features step first")
 
         def predict(champion: RegisteredModel) -> Predictions:

@@ -579,9 +579,9 @@ def _write_atomically(frame: pd.DataFrame, path: Path, *, compress: bool) -> Non
 
 
 # -- the planted signal and the demo ----------------------------------------------------------
-def write_oracle(storage: Storage, oracle: pd.DataFrame) -> None:
+def write_oracle(storage: Storage, oracle: pd.DataFrame) -> str:
     """Keep a synthetic panel's planted signal beside the data, for oracle-IC reporting."""
-    storage.write_reference(DOMAIN, ORACLE, oracle)
+    return storage.write_reference(DOMAIN, ORACLE, oracle)
 
 
 def plan_market_demo(
@@ -591,7 +591,7 @@ def plan_market_demo(
     its planted signal; return the nights the demo runs (`demo_nights`), each training at most
     12 epochs."""
     panel = generate_market_panel(MarketSyntheticConfig(tickers=tickers, days=days, seed=seed))
-    drop = settings.home / "vendor_drop" / DOMAIN
+    drop = settings.local_home / "vendor_drop" / DOMAIN
     files = write_vendor_files(panel.prices, drop, daily_files=nights)
     write_oracle(Storage(settings.home), panel.expected_return)
     log.info("generated %s rows in %s (oracle IC %.4f)", len(panel.prices), drop, panel.oracle_ic())
