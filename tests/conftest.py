@@ -102,6 +102,17 @@ def postgres():
 
 
 @pytest.fixture(scope="session")
+def s3_server():
+    """One real S3 server (SeaweedFS, as in the team stack) for the whole session
+    (tests/team_fixtures.py); tests that use it are e2e and serialised, so under xdist it runs
+    on that one worker."""
+    from tests.team_fixtures import running_s3
+
+    with running_s3() as endpoint:
+        yield endpoint
+
+
+@pytest.fixture(scope="session")
 def team_stack():
     """One whole `finpipe stack` (Postgres, S3, Prefect and MLflow servers with auth, Dask, a
     Prefect worker) for the session (tests/team_fixtures.py); its tests are e2e and serialised.
@@ -248,6 +259,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_fourth_domain.py": ModuleTiers(FLOW),
     # Real servers, the browser, SIGKILLed children, the benchmark harness, the wheel.
     "test_deployments.py": ModuleTiers(E2E),
+    "test_storage_backends.py": ModuleTiers(E2E),  # local disk and a real S3 server
     "test_stack.py": ModuleTiers(UNIT, by_fixture={"team_stack": E2E}),  # compose file: unit
     "test_ui_browser.py": ModuleTiers(E2E),
     "test_data_docs_browser.py": ModuleTiers(E2E),
@@ -265,6 +277,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
 SERIAL_GROUP = "serial"
 SERIALISED: dict[str, frozenset[str] | None] = {
     "test_deployments.py": None,
+    "test_storage_backends.py": None,
     "test_stack.py": None,
     "test_ui_browser.py": None,
     "test_data_docs_browser.py": None,

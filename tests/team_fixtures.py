@@ -1,7 +1,8 @@
-"""The team stack's pieces for tests: one real PostgreSQL server per test session.
+"""The team stack's pieces for tests: one real PostgreSQL server and one S3 server per session.
 
-`tests/conftest.py` exposes it as the session fixture `postgres` (a running PostgresServer);
-each test module that needs a database of its own makes one with `new_database`. The server
+`tests/conftest.py` exposes them as the session fixtures `postgres` (a running PostgresServer)
+and `s3_server` (an S3Endpoint; each test module or test makes a bucket with `new_bucket`);
+each test module that needs a database of its own makes one with `new_database`. PostgreSQL
 runs without fsync (a test cluster is thrown away), on a free port of 127.0.0.1, with a
 random password, in a throwaway folder the `postgres` user can reach when tests run as root.
 """
@@ -22,6 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from finpipe.services.postgres import PostgresServer
+from finpipe.services.s3 import S3Server
 from tests.servers import free_port
 
 # Durability is worthless in a test cluster and costs seconds on a busy disk.
@@ -49,6 +51,66 @@ def new_database(server: PostgresServer, purpose: str) -> str:
     name = f"{purpose}_{os.getpid()}_{next(_numbers)}"
     server.create_database(name)
     return server.dsn(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class S3Endpoint:
+    """A running S3-compatible server: its address and the AWS variables that reach it."""
+
+    url: str
+    access_key: str
+    secret_key: str = dataclasses.field(repr=False)
+    region: str = "us-east-1"
+
+    def environment(self) -> dict[str, str]:
+        """The standard AWS variables finpipe, boto3 and pyarrow read."""
+        return {
+            "AWS_ENDPOINT_URL": self.url,
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": self.region,
+        }
+
+    def client(self):
+        """A boto3 client of the server, for a test to look at the bucket itself."""
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        )
+
+    def new_bucket(self, purpose: str) -> str:
+        """Create a bucket of its own for one test module or test; return its name."""
+        name = f"{purpose}-{os.getpid()}-{next(_numbers)}".replace("_", "-").lower()
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def keys(self, bucket: str, prefix: str = "") -> list[str]:
+        """Every object key in `bucket` under `prefix`, sorted."""
+        pages = (
+            self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        )
+        return sorted(entry["Key"] for page in pages for entry in page.get("Contents", ()))
+
+
+@contextlib.contextmanager
+def running_s3() -> Iterator[S3Endpoint]:
+    """Start the team stack's S3 server (SeaweedFS, `finpipe.services.s3`) on free ports of
+    127.0.0.1 with a random secret; stop it and remove its folder when the block ends."""
+    folder = Path(tempfile.mkdtemp(prefix="finpipe-s3-"))
+    endpoint_key, secret = "finpipe-test", secrets.token_urlsafe(18)
+    server = S3Server(folder / "data", free_port(), endpoint_key, secret, bucket="finpipe-tests")
+    try:
+        server.start()
+        yield S3Endpoint(server.endpoint_url, endpoint_key, secret)
+    finally:
+        # Its data is thrown away: no need to wait out a SIGTERM the filer may sit on (15 s).
+        server.stop(timeout=2)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 @dataclasses.dataclass(frozen=True)
