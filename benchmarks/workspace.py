@@ -243,7 +243,7 @@ def champion_folder(settings, domain: str) -> Path:
     champion = require_champion(settings, domain)
     version = MlflowClient().get_model_version(settings.model_name(domain), champion)
     model_id = version.source.rstrip("/").split("/")[-1]  # MLflow 3: models:/m-<id>
-    for match in sorted(Path(settings.home / "mlartifacts").glob("**/model.json")):
+    for match in sorted((settings.local_home / "mlartifacts").glob("**/model.json")):
         if model_id in match.parts or version.run_id in match.parts:
             return match.parent
     raise RuntimeError(f"no saved model folder for {version.source} under {settings.home}")

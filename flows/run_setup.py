@@ -15,6 +15,7 @@ from finpipe.calendars import Calendar
 from finpipe.domains import get_domain
 from finpipe.drop_roots import allowed_inputs
 from finpipe.errors import ConfigError
+from finpipe.locks import check_lock_backend
 from finpipe.schedule import ScheduleSettings, load_schedule_settings
 from finpipe.settings import Settings, load_settings, prepare_environment
 from finpipe.storage import Storage
@@ -45,8 +46,9 @@ class RunSetup:
 def set_up_run(
     kind: str, domain: str, inputs: Iterable[str] = (), *, lock_timeout: float | None = None
 ) -> RunSetup:
-    """Set the process up (telemetry off before GX or MLflow loads), then check the domain and
-    that `inputs` lie under the drop folders, before anything is read; ConfigError if not.
+    """Set the process up (telemetry off before GX or MLflow loads), then check the domain,
+    that `inputs` lie under the drop folders and that a store in a bucket has a lock database
+    (FINPIPE_LOCKS_URL), before anything is read; ConfigError if not.
 
     `lock_timeout` is how long the run waits for a lock another run holds (default the
     FINPIPE_LOCK_TIMEOUT_SECONDS setting).
@@ -54,6 +56,7 @@ def set_up_run(
     settings = load_settings()
     prepare_environment(settings)
     get_domain(domain)
+    check_lock_backend(settings.home, settings.locks_url.get_secret_value())
     schedule = load_schedule_settings()
     return RunSetup(
         domain=domain,

@@ -237,10 +237,18 @@ def test_ingest_publishes_once_and_quarantines_a_bad_file_with_its_report(store,
     assert len(_files(store, "landing/market")) == 3  # history, the bad file, the good day
 
 
-def test_an_object_store_home_without_a_lock_database_fails_early_saying_what_to_set():
+def test_an_object_store_home_without_a_lock_database_fails_early_saying_what_to_set(
+    monkeypatch,
+):
+    from finpipe.flows.run_setup import set_up_run
+
     lock = history_lock("s3://bucket/finpipe", "market", locks_url="")
     with pytest.raises(ConfigError, match="set FINPIPE_LOCKS_URL"), lock:
         pass
+    # A flow stops as it starts, before it reads a delivery or the store.
+    monkeypatch.setenv("FINPIPE_HOME", "s3://bucket/finpipe")
+    with pytest.raises(ConfigError, match=r"object store \(s3://bucket/finpipe\).*LOCKS_URL"):
+        set_up_run("nightly", "market", ["/nonexistent/market_2024-01-02.csv"])
 
 
 FAST = {"max_epochs": 2, "models": ["mlp"], "hidden": 8}

@@ -75,12 +75,6 @@ def stale_feature_days(
     return {day for day, print_ in validated.items() if recorded.get(day.isoformat()) != print_}
 
 
-def features_are_stale(storage: Storage, domain: str, day: dt.date) -> bool:
-    """True when `day`'s validated partition is not the one its features were built from
-    (`stale_feature_days` answers for many days at once)."""
-    return day in stale_feature_days(storage, domain, [day])
-
-
 def history_fingerprint(validated: Mapping[dt.date, str], through: dt.date) -> str:
     """Return one fingerprint of every validated partition on or before `through`: what a
     snapshot built from the whole history up to a day (customers) depends on."""

@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from finpipe.credit.config import DATE_COLUMN, DELIVERED_ON, LoanBookConfig
 from finpipe.credit.schema import DOMAIN
 from finpipe.errors import ConfigError, NothingToTrain, ScoringError
-from finpipe.features import FeatureUpdate, PartitionWriter, features_are_stale
+from finpipe.features import FeatureUpdate, PartitionWriter, stale_feature_days
 from finpipe.storage import Storage, as_day
 
 LABEL = "default_flag"
@@ -131,7 +131,8 @@ def update_credit_features(
     progress: Callable[[str], None] | None = None,
 ) -> FeatureUpdate:
     """Publish the feature partition of every validated date up to `as_of` that lacks one or
-    is older than its validated partition (all of them with `rebuild`).
+    was built from another version of its validated partition (`stale_feature_days`; all of
+    them with `rebuild`).
 
     A credit row's features depend on that row only, so each date is computed on its own.
     """
@@ -139,11 +140,9 @@ def update_credit_features(
     as_of = as_day(as_of)
     update = FeatureUpdate()
     done = set(storage.partition_dates("features", DOMAIN, end=as_of))
-    todo = [
-        day
-        for day in storage.partition_dates("validated", DOMAIN, end=as_of)
-        if rebuild or day not in done or features_are_stale(storage, DOMAIN, day)
-    ]
+    validated = storage.partition_dates("validated", DOMAIN, end=as_of)
+    stale = set() if rebuild else stale_feature_days(storage, DOMAIN, validated)
+    todo = [day for day in validated if rebuild or day not in done or day in stale]
     with PartitionWriter(storage, DOMAIN, update, DATE_COLUMN) as writer:
         for start in range(0, len(todo), block_dates):
             block = todo[start : start + block_dates]
