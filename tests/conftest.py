@@ -181,6 +181,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_market_model.py": ModuleTiers(UNIT),
     "test_market_synthetic.py": ModuleTiers(UNIT),
     "test_metrics.py": ModuleTiers(UNIT),
+    "test_attribution.py": ModuleTiers(UNIT),
     "test_portfolio.py": ModuleTiers(UNIT),
     "test_reliability_gates.py": ModuleTiers(UNIT),
     "test_repository.py": ModuleTiers(UNIT),

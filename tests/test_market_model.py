@@ -45,7 +45,7 @@ def _fit(frame: pd.DataFrame, model: str, **kwargs) -> FittedMarketModel:
     return fit_market_model(frame, FEATURES, split, _config(model), horizon=HORIZON, **kwargs)
 
 
-@pytest.mark.parametrize("model", ["mlp", "gru", "cnn"])
+@pytest.mark.parametrize("model", ["mlp", "gru", "tcn"])
 def test_save_load_round_trip_gives_identical_predictions(tmp_path, model):
     frame = _panel()
     fitted = _fit(frame, model)
@@ -73,7 +73,7 @@ def test_missing_feature_column_is_named():
         _fit(frame.drop(columns="f2"), "mlp")
 
 
-@pytest.mark.parametrize("model", ["mlp", "gru", "cnn"])
+@pytest.mark.parametrize("model", ["mlp", "gru", "tcn"])
 def test_prediction_at_t_uses_only_rows_up_to_t(model):
     frame = _panel()
     fitted = _fit(frame, model)
@@ -90,7 +90,7 @@ def test_prediction_at_t_uses_only_rows_up_to_t(model):
     np.testing.assert_allclose(truncated["prediction"], base.loc[~later, "prediction"], atol=1e-9)
 
 
-@pytest.mark.parametrize("model", ["gru", "cnn"])
+@pytest.mark.parametrize("model", ["gru", "tcn"])
 def test_prediction_of_one_ticker_ignores_other_tickers(model):
     frame = _panel()
     fitted = _fit(frame, model)

@@ -137,14 +137,25 @@ def test_windows_never_cross_tickers():
 
 def test_sequence_nets_map_windows_to_one_number_per_row():
     x = torch.randn(7, 12, 4)
-    for model in ("gru", "cnn"):
+    for model in ("gru", "tcn"):
         net = build_net(TrainConfig(model=model, hidden=8, layers=2, lookback=12), n_features=4)
         assert net(x).shape == (7,)
     assert isinstance(build_net(TrainConfig(model="gru"), 4), GRURegressor)
     assert build_net(TrainConfig(model="mlp", hidden=8), 4)(torch.randn(7, 4)).shape == (7,)
     # the CNN's kernel is sized so the last step sees the whole lookback window
-    cnn = build_net(TrainConfig(model="cnn", layers=2, lookback=20), 4)
-    assert cnn.receptive_field >= 20
+    tcn = build_net(TrainConfig(model="tcn", layers=2, lookback=20), 4)
+    assert tcn.receptive_field >= 20
+
+
+def test_cnn_is_still_accepted_as_the_temporal_cnn():
+    """Configs, run forms and models saved before the temporal CNN was named tcn say "cnn"."""
+    assert TrainConfig(model="cnn") == TrainConfig(model="tcn")
+    saved = {**TrainConfig(model="tcn", lookback=8).to_params(), "model": "cnn"}
+    assert TrainConfig.from_params(saved).model == "tcn"
+    assert TrainConfig(model="cnn").is_sequence
+    assert isinstance(build_net(TrainConfig(model="cnn"), 4), TemporalCNNRegressor)
+    with pytest.raises(ValueError, match="'mlp', 'gru' or 'tcn'"):
+        TrainConfig(model="lstm")
 
 
 def test_temporal_cnn_is_causal_with_the_stated_receptive_field():
@@ -247,7 +258,7 @@ def test_gru_and_cnn_train_on_windows_from_a_panel():
     features, rows = torch.from_numpy(panel), torch.from_numpy(positions)
     train = Batches(features, y[:150], rows[:150], lookback=5)
     validation = Batches(features, y[150:], rows[150:], lookback=5)
-    for model in ("gru", "cnn"):
+    for model in ("gru", "tcn"):
         config = TrainConfig(model=model, hidden=8, lookback=5, batch_size=32, max_epochs=2)
         result = train_regressor(build_net(config, 4), train, validation, config)
         assert result.epochs_run == 2

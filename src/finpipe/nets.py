@@ -1,4 +1,4 @@
-"""PyTorch regressors: one row -> a number (MLP) or a lookback window -> a number (GRU, CNN)."""
+"""PyTorch regressors: one row -> a number (MLP) or a lookback window -> a number (GRU, TCN)."""
 
 from __future__ import annotations
 
@@ -108,7 +108,8 @@ def covering_kernel_size(lookback: int, layers: int) -> int:
 def build_net(config: TrainConfig, n_features: int) -> nn.Module:
     """Return the net `config.model` names, initialised from `config.seed` (global RNG untouched).
 
-    The CNN's kernel size is chosen so its receptive field covers `config.lookback` rows.
+    The temporal CNN's kernel size is chosen so its receptive field covers `config.lookback`
+    rows.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -116,9 +117,9 @@ def build_net(config: TrainConfig, n_features: int) -> nn.Module:
             return MLPRegressor(n_features, config.hidden, config.layers, config.dropout)
         if config.model == "gru":
             return GRURegressor(n_features, config.hidden, config.layers, config.dropout)
-        if config.model == "cnn":
+        if config.model == "tcn":
             kernel_size = covering_kernel_size(config.lookback, config.layers)
             return TemporalCNNRegressor(
                 n_features, config.hidden, config.layers, config.dropout, kernel_size
             )
-    raise ValueError(f"unknown model {config.model!r}; expected one of mlp, gru, cnn")
+    raise ValueError(f"unknown model {config.model!r}; expected one of mlp, gru, tcn")

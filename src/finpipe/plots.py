@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import matplotlib
 
 matplotlib.use("Agg")  # headless: batch jobs have no display
@@ -57,6 +59,18 @@ def return_by_decile(
     ax.bar(means.index, means.values, color=colours)
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set(xlabel="prediction decile", ylabel=f"mean {label}", title=title)
+    fig.tight_layout()
+    return fig
+
+
+def feature_importance(importance: Mapping[str, float], title: str, xlabel: str) -> plt.Figure:
+    """Return a horizontal bar per feature of `importance` (feature -> value), largest on top."""
+    names = sorted(importance, key=lambda name: importance[name])
+    fig, ax = plt.subplots(figsize=(6, 0.3 * len(names) + 1.2))
+    values = [importance[n] for n in names]
+    ax.barh(names, values, color=["#4575b4" if v >= 0 else "#d73027" for v in values])
+    ax.axvline(0, color="black", linewidth=0.6)
+    ax.set(xlabel=xlabel, title=title)
     fig.tight_layout()
     return fig
 

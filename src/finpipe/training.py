@@ -22,7 +22,7 @@ import pandas as pd
 import pydantic
 import torch
 import torch.nn.functional as F
-from pydantic import Field
+from pydantic import BeforeValidator, Field
 from torch import nn
 
 from finpipe.errors import ModelRejected
@@ -167,9 +167,17 @@ class FeatureScaler:
 # --------------------------------------------------------------------------------------------
 
 
-NetKind = Literal["mlp", "gru", "cnn"]
+NetKind = Literal["mlp", "gru", "tcn"]
 NET_KINDS: tuple[NetKind, ...] = get_args(NetKind)
+# Older names still accepted (configs, saved models): the temporal CNN was "cnn" before #26.
+NET_ALIASES: dict[str, NetKind] = {"cnn": "tcn"}
 KindT = TypeVar("KindT", bound=str)
+
+
+def canonical_kind(name: object) -> object:
+    """Return the kind an alias stands for ("cnn" -> "tcn"); any other value unchanged (a
+    config's validation then accepts or refuses it)."""
+    return NET_ALIASES.get(name, name) if isinstance(name, str) else name
 
 
 def check_kind(name: str, kinds: Sequence[KindT]) -> KindT:
@@ -201,13 +209,17 @@ class TrainConfig:
 
     model: Annotated[
         NetKind,
-        Field(description="Network: mlp (one row), gru or cnn (a lookback window per ticker)."),
+        BeforeValidator(canonical_kind),
+        Field(
+            description="Network: mlp (one row), gru or tcn (temporal CNN; 'cnn' is accepted "
+            "for it) over a lookback window per ticker."
+        ),
     ] = "mlp"
     hidden: Annotated[int, Field(gt=0, description="Width of hidden layers / channels.")] = 64
     layers: Annotated[int, Field(gt=0, description="Hidden layers (mlp), GRU or conv layers.")] = 2
     dropout: Annotated[float, Field(ge=0.0, lt=1.0, description="Dropout probability.")] = 0.1
     lookback: Annotated[
-        int, Field(gt=0, description="Rows of history per window for gru/cnn (ignored by mlp).")
+        int, Field(gt=0, description="Rows of history per window for gru/tcn (ignored by mlp).")
     ] = 20
     batch_size: Annotated[int, Field(gt=0, description="Training rows per optimiser step.")] = 512
     max_epochs: MaxEpochs = 30
@@ -222,7 +234,7 @@ class TrainConfig:
     @property
     def is_sequence(self) -> bool:
         """True when the net reads a [lookback, features] window rather than one row."""
-        return self.model in ("gru", "cnn")
+        return self.model in ("gru", "tcn")
 
     def to_params(self) -> dict[str, str | int | float]:
         """Flat name -> value mapping, as MLflow params and Prefect parameters want it."""

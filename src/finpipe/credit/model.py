@@ -20,8 +20,9 @@ Class imbalance: the loss weighs defaults by n_non_default / n_default (`class_w
 validation rows by Platt scaling, PD = sigmoid(a * logit + b), so PDs match observed default
 rates again.
 
-Reason codes: integrated gradients (Sundararajan et al., 2017) of the calibrated log-odds from a
-reference applicant to the scored one. The reference is the typical training applicant: every
+Reason codes: integrated gradients (Sundararajan et al., 2017; `finpipe.attribution`, shared
+with the market models) of the calibrated log-odds from a reference applicant to the scored
+one. The reference is the typical training applicant: every
 numeric at its training mean, nothing missing, each categorical at its training-average
 embedding. A feature's attribution is the sum over its inputs (value and missing indicator, or
 embedding vector) and the attributions add up to log-odds(applicant) - log-odds(reference).
@@ -45,6 +46,7 @@ import torch.nn.functional as F
 from pydantic import BaseModel, Field
 from torch import nn
 
+from finpipe.attribution import integrated_gradients, top_contributions
 from finpipe.credit.config import DATE_COLUMN, LoanBookConfig
 from finpipe.credit.features import LABEL
 from finpipe.credit.metrics import (
@@ -469,25 +471,21 @@ class FittedCreditModel(SavesNetAndMetadata):
             return self._attributions(self.inputs(frame), rows_per_pass)
 
     def _attributions(self, data: Inputs, rows_per_pass: int = 512) -> np.ndarray:
-        """Every step of the path for `rows_per_pass` rows goes through the net as one batch
-        (steps x rows points, one backward pass), not one small batch per step."""
+        """The shared `integrated_gradients` over the dense input vector, summed per feature."""
         self.net.eval()
         reference = torch.tensor(self.reference_dense, dtype=torch.float32)
-        slices = self.net.feature_slices()
-        steps = self.ig_steps
-        alphas = ((torch.arange(steps, dtype=torch.float32) + 0.5) / steps)[:, None, None]
-        out = np.zeros((len(data), len(slices)), dtype=np.float64)
-        for start in range(0, len(data), rows_per_pass):
-            part = data.rows(torch.arange(start, min(start + rows_per_pass, len(data))))
-            with torch.no_grad():
-                dense = self.net.dense(*_parts(part))
-            delta = dense - reference
-            points = (reference + alphas * delta).reshape(-1, dense.shape[1]).requires_grad_(True)
-            (gradient,) = torch.autograd.grad(self.net.logit_of_dense(points).sum(), points)
-            gradient_sum = gradient.reshape(steps, len(dense), -1).sum(dim=0)
-            per_input = (delta * gradient_sum / steps).numpy()
-            for j, positions in enumerate(slices):
-                out[start : start + len(part), j] = per_input[:, positions].sum(axis=1)
+        with torch.no_grad():
+            dense = self.net.dense(*_parts(data))
+        per_input = integrated_gradients(
+            self.net.logit_of_dense,
+            dense,
+            reference,
+            steps=self.ig_steps,
+            rows_per_pass=rows_per_pass,
+        )
+        out = np.zeros((len(data), len(self.net.feature_slices())), dtype=np.float64)
+        for j, positions in enumerate(self.net.feature_slices()):
+            out[:, j] = per_input[:, positions].sum(axis=1)
         return out * self.calibration[0]
 
     def reason_codes(self, frame: pd.DataFrame, attributions: np.ndarray) -> pd.DataFrame:
@@ -495,10 +493,8 @@ class FittedCreditModel(SavesNetAndMetadata):
         with the largest positive attribution, the row's value of each (text; "missing"), and
         the attribution in log-odds. Fewer positive attributions leave the rest empty."""
         features = np.asarray(self.feature_columns, dtype=object)
-        reasons = min(REASONS, len(features))
-        order = np.argsort(-attributions, axis=1, kind="stable")[:, :reasons]
-        top = np.take_along_axis(attributions, order, axis=1)
-        positive = top > 0
+        order, top, positive = top_contributions(attributions, REASONS, positive_only=True)
+        reasons = order.shape[1]
         chosen = np.where(positive, order, -1)  # [rows, reasons] feature index, -1 for none
         names = features[order]  # object [rows, reasons]: a copy
         names[~positive] = None

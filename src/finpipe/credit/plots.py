@@ -6,6 +6,7 @@ import numpy as np
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from finpipe import plots
 from finpipe.plots import plt  # the shared module sets the headless backend first
 
 
@@ -52,12 +53,8 @@ def score_distribution(labels: np.ndarray, scores: np.ndarray, title: str) -> pl
 
 def feature_importance(importance: dict[str, float], title: str) -> plt.Figure:
     """Return a horizontal bar chart of mean |attribution| per feature, largest on top."""
-    names = sorted(importance, key=lambda name: importance[name])
-    fig, ax = plt.subplots(figsize=(6, 0.3 * len(names) + 1.2))
-    ax.barh(names, [importance[n] for n in names], color="#4575b4")
-    ax.set(xlabel="mean |attribution| (log-odds, integrated gradients)", title=title)
-    fig.tight_layout()
-    return fig
+    xlabel = "mean |attribution| (log-odds, integrated gradients)"
+    return plots.feature_importance(importance, title, xlabel)
 
 
 def candidate_figures(
