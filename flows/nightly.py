@@ -80,7 +80,8 @@ def nightly(
             globs such as /data/drop/market_*.csv: files already loaded are skipped).
         retrain: Retrain and run champion/challenger promotion before scoring.
         rebuild_features: Recompute every feature partition instead of only new dates.
-        training: Hyper-parameter overrides, e.g. {"max_epochs": 10, "models": ["mlp"]}.
+        training: Hyper-parameter overrides, e.g. {"max_epochs": 10, "models": ["mlp"]}
+            (market candidates: mlp, gru, tcn, ensemble).
         history_dates: Train on the last N dates of the stored history; 0 means all of it,
             empty the domain's default (market: the last 756 dates, three years).
         catch_up: First score every session missed since the last completed night.

@@ -36,7 +36,8 @@ def train(
     Args:
         domain: Which domain: market, credit, customers or another registered domain.
         as_of: Train on data known at this date; empty means the latest validated date.
-        training: Hyper-parameter overrides, e.g. {"max_epochs": 10, "models": ["mlp"]}.
+        training: Hyper-parameter overrides, e.g. {"max_epochs": 10, "models": ["mlp"]}
+            (market candidates: mlp, gru, tcn, ensemble).
         history_dates: Train on the last N dates of the stored history; 0 means all of it,
             empty the domain's default (market: the last 756 dates, three years).
         promote: Compare the new model with the champion on the same test window and make it

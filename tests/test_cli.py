@@ -35,6 +35,13 @@ def test_every_command_has_help(command):
     assert "Usage: " in result.output
 
 
+def test_the_nightly_help_names_every_market_candidate():
+    result = runner.invoke(app, ["run", "nightly", "--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.replace("│", " ").split())
+    assert "market mlp, gru, tcn (temporal CNN), ensemble" in text
+
+
 def test_generate_writes_vendor_files_and_the_oracle(tmp_path, home):
     out = tmp_path / "drop"
     args = ["--tickers", "5", "--days", "320", "--daily-files", "2", "--out", str(out)]

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -193,3 +194,149 @@ def test_the_panel_order_is_a_stable_sort_by_ticker_text_then_date(rows, as_cate
     ordered = keys["ticker"].fillna("\x00").to_numpy(dtype=object)[order]  # "\x00": missing
     firsts = positions[np.r_[True, ordered[1:] != ordered[:-1]]]
     np.testing.assert_array_equal(np.sort(padding), np.sort(firsts - 1))
+
+
+# -- explanations ----------------------------------------------------------------------------
+@pytest.mark.parametrize("model", ["mlp", "gru", "tcn"])
+def test_attributions_add_up_to_the_gap_to_the_typical_row(model):
+    """Integrated gradients over the whole input (a sequence model's lookback window summed per
+    feature) add up to prediction(row) - prediction(training-mean input)."""
+    frame = _panel()
+    fitted = _fit(frame, model)
+    last = frame["date"].unique()[-8]
+    attributions = fitted.attributions(frame, score_from=last)
+    predicted = fitted.predict(frame, score_from=last)
+    assert attributions.shape == (len(predicted), len(FEATURES))
+    lookback = fitted.history_rows
+    shape = (1, lookback, len(FEATURES)) if fitted.config.is_sequence else (1, len(FEATURES))
+    with torch.no_grad():
+        typical = fitted.net.eval()(torch.zeros(shape)).item() * fitted.target_std
+    gap = predicted["prediction"].to_numpy() - (typical + fitted.target_mean)
+    np.testing.assert_allclose(attributions.sum(axis=1), gap, atol=2e-3 * np.abs(gap).max())
+
+
+def test_a_feature_the_net_cannot_see_is_never_a_reason():
+    frame = _panel()
+    fitted = _fit(frame, "gru")
+    with torch.no_grad():
+        fitted.net.gru.weight_ih_l0[:, FEATURES.index("f1")] = 0.0  # f1 reaches nothing
+    explained = fitted.explain(frame, score_from=frame["date"].unique()[-3])
+    attributions = fitted.attributions(frame, score_from=frame["date"].unique()[-3])
+    assert (attributions[:, FEATURES.index("f1")] == 0.0).all()
+    reasons = explained[["reason_1", "reason_2", "reason_3"]]
+    assert not reasons.eq("f1").any().any()
+    assert reasons[["reason_1", "reason_2"]].notna().all().all()
+    assert explained["reason_3"].isna().all()  # only two features move the score
+    # reason_k is the k-th largest |attribution|, its signed value the impact.
+    impacts = explained[["reason_1_impact", "reason_2_impact"]].to_numpy()
+    assert (np.abs(impacts[:, 0]) >= np.abs(impacts[:, 1])).all()
+    first = np.abs(attributions).argmax(axis=1)
+    assert explained["reason_1"].tolist() == [FEATURES[j] for j in first]
+    pd.testing.assert_frame_equal(
+        explained[["date", "ticker", "prediction"]],
+        fitted.predict(frame, score_from=frame["date"].unique()[-3]),
+    )
+
+
+# -- the ensemble ----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def members():
+    """An MLP and a GRU fitted on one panel, with their predictions on every row."""
+    frame = _panel(n_dates=140)
+    split = time_split(frame["date"], embargo=HORIZON)
+    fitted = {kind: _fit(frame, kind) for kind in ("mlp", "gru")}
+    scored = frame[["date", "ticker", "forward_return_5d"]].assign(
+        **{kind: model.predict(frame)["prediction"].to_numpy() for kind, model in fitted.items()}
+    )
+    return frame, split, fitted, scored
+
+
+def test_ensemble_scores_the_weighted_sum_of_member_zscores_and_survives_save(tmp_path, members):
+    from finpipe.market.ensemble import FittedMarketEnsemble, fit_ensemble
+
+    frame, split, fitted, scored = members
+    ensemble = fit_ensemble(
+        fitted, scored, split.validation_dates, label="forward_return_5d", horizon=HORIZON
+    )
+    assert sum(ensemble.weights.values()) == pytest.approx(1.0)
+    assert ensemble.combination in ("mean", "stacked") and ensemble.history_rows == 4
+    # A naive reference: pandas z-scores per date (ddof 0), weighted.
+    by_date = scored.groupby("date")
+    expected = sum(
+        weight
+        * (scored[kind] - by_date[kind].transform("mean"))
+        / by_date[kind].transform("std", ddof=0)
+        for kind, weight in ensemble.weights.items()
+    )
+    predicted = ensemble.predict(frame)
+    np.testing.assert_allclose(predicted["prediction"], expected, atol=1e-9)
+
+    ensemble.save(tmp_path / "model")
+    loaded = FittedMarketEnsemble.load(tmp_path / "model")
+    pd.testing.assert_frame_equal(loaded.predict(frame), predicted)
+    assert (loaded.weights, loaded.combination) == (ensemble.weights, ensemble.combination)
+    assert sorted(p.name for p in (tmp_path / "model" / "members").iterdir()) == ["gru", "mlp"]
+    # Its explanations add up, member by member, to the score's gap to the date's typical row.
+    last = frame["date"].unique()[-2]
+    explained = loaded.explain(frame, score_from=last)
+    pd.testing.assert_frame_equal(
+        explained[predicted.columns], loaded.predict(frame, score_from=last)
+    )
+    assert explained["reason_1"].notna().all()
+
+
+def test_ensemble_prediction_at_t_uses_only_rows_up_to_t(members):
+    from finpipe.market.ensemble import fit_ensemble
+
+    frame, split, fitted, scored = members
+    ensemble = fit_ensemble(
+        fitted, scored, split.validation_dates, label="forward_return_5d", horizon=HORIZON
+    )
+    cutoff = frame["date"].unique()[100]
+    later = frame["date"] > cutoff
+    changed = frame.copy()
+    changed.loc[later, FEATURES] = 50.0
+    base, moved = ensemble.predict(frame), ensemble.predict(changed)
+    np.testing.assert_array_equal(base.loc[~later, "prediction"], moved.loc[~later, "prediction"])
+
+
+def test_stacking_is_kept_only_when_it_wins_out_of_sample(members):
+    """A member that is pure noise gets (almost) no weight when stacking wins on the
+    cross-fitted validation IC; two equally good members keep the plain mean."""
+    from finpipe.market.ensemble import fit_ensemble
+
+    _, split, fitted, scored = members
+    rng = np.random.default_rng(3)
+    label = scored["forward_return_5d"]
+    signal = label + 0.002 * rng.normal(size=len(scored))
+    noisy = scored.assign(mlp=signal, gru=rng.normal(size=len(scored)))
+    stacked = fit_ensemble(
+        fitted, noisy, split.validation_dates, label="forward_return_5d", horizon=HORIZON
+    )
+    assert stacked.combination == "stacked"
+    assert stacked.weights["mlp"] > 0.9
+    selection = stacked.selection
+    assert selection["validation_ic"] == selection["stacked_crossfit_validation_ic"]
+    assert selection["stacked_crossfit_validation_ic"] > selection["mean_validation_ic"]
+
+    twins = scored.assign(mlp=signal, gru=signal)  # stacking has nothing to add
+    mean = fit_ensemble(
+        fitted, twins, split.validation_dates, label="forward_return_5d", horizon=HORIZON
+    )
+    assert mean.combination == "mean" and mean.weights == {"mlp": 0.5, "gru": 0.5}
+    assert mean.selection["validation_ic"] == mean.selection["mean_validation_ic"]
+
+
+def test_market_candidates_accept_tcn_cnn_and_an_ensemble_of_two_nets():
+    from finpipe.market.model import MARKET_MODEL_KINDS, MarketTrainingConfig
+
+    assert MARKET_MODEL_KINDS == ("mlp", "gru", "tcn", "ensemble")  # names the backtest uses
+    config = MarketTrainingConfig(models=["mlp", "cnn", "ensemble"])
+    assert config.models == ["mlp", "tcn", "ensemble"]
+    assert config.train_config("tcn").model == "tcn"
+    with pytest.raises(ValueError, match="ensemble combines the nets.*has 1"):
+        MarketTrainingConfig(models=["gru", "ensemble"])
+    with pytest.raises(ValueError, match=r"\['mlp'\] more than once"):
+        MarketTrainingConfig(models=["mlp", "gru", "mlp"])
+    with pytest.raises(ValueError, match="ensemble"):  # not a net: no TrainConfig for it
+        config.train_config("ensemble")

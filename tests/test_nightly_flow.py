@@ -25,7 +25,9 @@ from tests.test_layout_readers import assert_layer_reads_everywhere
 
 pytestmark = pytest.mark.slow
 
-FAST = {"max_epochs": 4, "hidden": 16, "lookback": 10, "batch_size": 256}
+MODELS = ["mlp", "gru", "ensemble"]  # the temporal CNN takes the GRU's path (test_market_model)
+FAST = {"max_epochs": 4, "hidden": 16, "lookback": 10, "batch_size": 256, "models": MODELS}
+REASONS = ["reason_1", "reason_1_impact", "reason_2", "reason_2_impact", "reason_3"]
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +67,8 @@ def test_every_layer_is_written(two_nights):
         "date",
         "ticker",
         "prediction",
+        *REASONS,
+        "reason_3_impact",
         "model_name",
         "model_version",
         "run_id",
@@ -74,6 +78,14 @@ def test_every_layer_is_written(two_nights):
     assert len(predictions) == tickers_that_day["ticker"].nunique()
     assert predictions["prediction"].notna().all()
     assert (predictions["model_name"] == "finpipe-market").all()
+    # Each row's three features that moved its score most, largest first, named as features.
+    features = set(storage.read_partition("features", "market", _day(files[2])).columns)
+    reasons = predictions[["reason_1", "reason_2", "reason_3"]]
+    assert reasons.notna().all().all() and set(reasons.stack()) <= features
+    assert (reasons.nunique(axis=1) == 3).all()
+    impacts = predictions[["reason_1_impact", "reason_2_impact", "reason_3_impact"]].abs()
+    assert (impacts["reason_1_impact"] >= impacts["reason_2_impact"]).all()
+    assert (impacts["reason_2_impact"] >= impacts["reason_3_impact"]).all()
     assert summaries[1]["predictions"]["rows"] == len(predictions)
 
 
@@ -90,9 +102,9 @@ def test_mlflow_has_runs_metrics_plots_and_a_champion(two_nights):
     experiment = client.get_experiment_by_name("finpipe-market")
     runs = client.search_runs([experiment.experiment_id])
     parents = [r for r in runs if r.data.tags.get("mlflow.runName", "").startswith("nightly-")]
-    children = [r for r in runs if r.data.tags.get("mlflow.runName") in {"mlp", "gru"}]
-    assert len(parents) == 2 and len(children) == 4
-    child = children[0]
+    children = [r for r in runs if r.data.tags.get("mlflow.runName") in set(MODELS)]
+    assert len(parents) == 2 and len(children) == 2 * len(MODELS)
+    child = next(r for r in children if r.data.tags["mlflow.runName"] == "gru")
     for metric in [
         "test_ic",
         "test_rank_ic",
@@ -110,8 +122,43 @@ def test_mlflow_has_runs_metrics_plots_and_a_champion(two_nights):
         "plots/learning_curve.png",
         "plots/ic_by_date.png",
         "plots/return_by_decile.png",
+        "plots/feature_importance.png",
     }
+    importance = _table(client, child, "importance/permutation_importance.json")
+    assert set(importance["feature"]) == set(
+        json.loads(_artifact(client, parents[0], "feature_columns.json"))["feature_columns"]
+    )
+    np.testing.assert_allclose(importance["ic_drop"], importance["ic"] - importance["shuffled_ic"])
+    assert importance["ic"].nunique() == 1 and importance["ic"].iloc[0] == pytest.approx(
+        child.data.metrics["test_ic"]
+    )
+    # The ensemble's run: each member's IC beside its own, the model saved as one folder.
+    ensemble = next(r for r in children if r.data.tags["mlflow.runName"] == "ensemble")
+    members = _table(client, ensemble, "ensemble/members.json").set_index("candidate")
+    assert list(members.index) == MODELS
+    assert members["weight"].drop("ensemble").sum() == pytest.approx(1.0)
+    siblings = {
+        r.data.tags["mlflow.runName"]: r
+        for r in children
+        if r.data.tags.get("mlflow.parentRunId") == ensemble.data.tags["mlflow.parentRunId"]
+    }
+    for kind in ("mlp", "gru"):
+        assert members.loc[kind, "test_ic"] == pytest.approx(siblings[kind].data.metrics["test_ic"])
+        assert ensemble.data.metrics[f"member_{kind}_test_ic"] == pytest.approx(
+            members.loc[kind, "test_ic"]
+        )
+    assert members.loc["ensemble", "test_ic"] == pytest.approx(ensemble.data.metrics["test_ic"])
+    assert ensemble.data.params["combination"] in ("mean", "stacked")
+    assert "plots/feature_importance.png" in {
+        a.path for a in client.list_artifacts(ensemble.info.run_id, "plots")
+    }
+    model_files = {
+        a.path for a in client.list_artifacts(ensemble.info.run_id, "model/artifacts/model")
+    }
+    assert "model/artifacts/model/members" in model_files
     parent = parents[0]
+    candidates = _table(client, parent, "candidates.json")
+    assert candidates["candidate"].tolist() == MODELS
     assert parent.inputs.dataset_inputs, "feature data is logged as a run input"
     champion = client.get_model_version_by_alias("finpipe-market", "champion")
     predictions = Storage(settings.home).read_partition("predictions", "market", _day(files[2]))
@@ -123,6 +170,17 @@ def test_mlflow_has_runs_metrics_plots_and_a_champion(two_nights):
         .read_text()
     )
     assert decision["metric"] == "ic"
+
+
+def _artifact(client, run, path) -> str:
+    folder = client.download_artifacts(run.info.run_id, path)
+    return open(folder).read()
+
+
+def _table(client, run, path) -> pd.DataFrame:
+    """An MLflow table artifact (`mlflow.log_table`'s JSON) as a frame."""
+    data = json.loads(_artifact(client, run, path))
+    return pd.DataFrame(data["data"], columns=data["columns"])
 
 
 def test_first_model_is_promoted_and_decision_recorded(two_nights):
@@ -206,7 +264,7 @@ def test_worse_model_does_not_replace_the_champion(two_nights):
         ):
             info = tracking.log_fitted_model(
                 fitted,
-                loader="finpipe.market.model:FittedMarketModel",
+                loader=f"{type(fitted).__module__}:{type(fitted).__name__}",
                 input_example=example.head(3),
                 output_example=fitted.predict(example.head(3)),
             )
@@ -228,15 +286,21 @@ def test_worse_model_does_not_replace_the_champion(two_nights):
 
 
 def _sign_flipped(fitted):
+    """The model with its output negated: each net's head, or every member of an ensemble
+    (z-scores are odd in the prediction, so the weighted sum flips too)."""
     import copy
 
     import torch
 
     flipped = copy.deepcopy(fitted)
-    last = [m for m in flipped.net.modules() if isinstance(m, torch.nn.Linear)][-1]
-    with torch.no_grad():
-        last.weight.mul_(-1)
-        last.bias.mul_(-1)
+    nets = (
+        [m.net for m in flipped.members.values()] if hasattr(flipped, "members") else [flipped.net]
+    )
+    for net in nets:
+        last = [m for m in net.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            last.weight.mul_(-1)
+            last.bias.mul_(-1)
     return flipped
 
 
@@ -267,9 +331,9 @@ def test_the_champion_serves_through_mlflow_pyfunc_as_finpipe_scores_it(two_nigh
     mlflow.set_tracking_uri(settings.tracking_uri)
     served = mlflow.pyfunc.load_model("models:/finpipe-market@champion")
     champion = tracking.load_model_version(settings, "market")
-    assert type(champion.model).__name__ == "FittedMarketModel"
+    assert type(champion.model).__name__ in ("FittedMarketModel", "FittedMarketEnsemble")
     assert served.metadata.run_id == champion.run_id
-    window = champion.model.config.lookback + 1
+    window = champion.model.history_rows + 1
     days = storage.partition_dates("features", "market", end=day, last=window)
     features = storage.read_partitions("features", "market", days=days)
     expected = champion.predict(features)

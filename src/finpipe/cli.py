@@ -252,7 +252,13 @@ def run_nightly(
     ] = None,
     retrain: Annotated[bool, typer.Option(help="Retrain and run promotion.")] = True,
     rebuild_features: Annotated[bool, typer.Option(help="Recompute all features.")] = False,
-    models: Annotated[str | None, typer.Option(help="Comma-separated, e.g. mlp,gru.")] = None,
+    models: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated candidates: market mlp, gru, tcn (temporal CNN), ensemble "
+            "(default mlp,gru,ensemble); credit mlp, logistic."
+        ),
+    ] = None,
     max_epochs: Annotated[int | None, typer.Option(min=1, help="Epoch cap per model.")] = None,
     horizon: Annotated[int | None, typer.Option(min=1, help="Label horizon in days.")] = None,
     history_dates: Annotated[

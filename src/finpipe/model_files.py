@@ -1,7 +1,8 @@
 """A fitted model's folder: `weights.pt` (the net's state dict) and `model.json` (the rest).
 
 Every domain's fitted model saves itself this way (scaler, vocabulary, centroids and the like
-go in the JSON), and MLflow ships the folder as the pyfunc model's artifact.
+go in the JSON), and MLflow ships the folder as the pyfunc model's artifact. A model made of
+other models (the market ensemble) has only `model.json` and a sub-folder per member.
 """
 
 from __future__ import annotations
@@ -28,26 +29,36 @@ def save_model_files(directory: Path, net: nn.Module, metadata: dict) -> None:
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    weights, described = directory / WEIGHTS_FILE, directory / METADATA_FILE
+    weights = directory / WEIGHTS_FILE
     torch.save(net.state_dict(), weights.with_suffix(".tmp"))
+    os.replace(weights.with_suffix(".tmp"), weights)
+    save_model_metadata(directory, metadata)
+
+
+def save_model_metadata(directory: Path, metadata: dict) -> None:
+    """Write `metadata` (with the format version) as `directory`/model.json, through a
+    temporary file renamed into place."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    described = directory / METADATA_FILE
     payload = {"format_version": FORMAT_VERSION, **metadata}
     described.with_suffix(".tmp").write_text(json.dumps(payload, indent=2))
-    os.replace(weights.with_suffix(".tmp"), weights)
     os.replace(described.with_suffix(".tmp"), described)
 
 
-def read_model_metadata(directory: Path, what: str) -> dict:
-    """Return the metadata `save_model_files` wrote into `directory` (a saved `what` model).
+def read_model_metadata(directory: Path, what: str, *, with_weights: bool = True) -> dict:
+    """Return the metadata `save_model_files` (or, `with_weights=False`, `save_model_metadata`)
+    wrote into `directory` (a saved `what` model).
 
-    Raises FileNotFoundError when either file is missing, ValueError for another format.
+    Raises FileNotFoundError when a file is missing, ValueError for another format.
     """
     directory = Path(directory)
     weights, described = directory / WEIGHTS_FILE, directory / METADATA_FILE
-    for path in (weights, described):
+    for path in (weights, described) if with_weights else (described,):
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} not found: {directory} does not hold a saved {what} model "
-                f"(expected {WEIGHTS_FILE} and {METADATA_FILE})"
+                f"(expected {f'{WEIGHTS_FILE} and ' if with_weights else ''}{METADATA_FILE})"
             )
     data = json.loads(described.read_text())
     if data.get("format_version") != FORMAT_VERSION:

@@ -1,8 +1,10 @@
 """The market domain's own parts, run by the shared lifecycle (`finpipe.lifecycle`).
 
-The raw contract; a training night that fits the configured nets (MLP, GRU, CNN) on an
-embargoed time split, picks one on validation IC and reports the planted signal's IC when a
-synthetic panel kept one; promotion on the test window's IC; scoring of one date's tickers.
+The raw contract; a training night that fits the configured nets (MLP, GRU, temporal CNN) on an
+embargoed time split, then their ensemble when asked, explains each candidate (permutation
+importance on the test window), picks one on validation IC and reports the planted signal's IC
+when a synthetic panel kept one; promotion on the test window's IC; scoring of one date's
+tickers, each row with the three features that moved its score most.
 """
 
 from __future__ import annotations
@@ -10,24 +12,31 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
 
 from finpipe import lifecycle, plots
+from finpipe.attribution import Shuffle, permutation_importance
 from finpipe.domains import ChallengerOutcome, DemoNight
 from finpipe.errors import ScoringError
 from finpipe.features import FeatureUpdate
 from finpipe.ingest import RawContract
 from finpipe.lifecycle import Candidate, Predictions, RunRecord, TrainingData
+from finpipe.market.ensemble import FittedMarketEnsemble, fit_ensemble
 from finpipe.market.features import (
     KEY_COLUMNS,
     feature_columns_of,
     load_training_frame,
     update_market_features,
 )
-from finpipe.market.model import FittedMarketModel, MarketTrainingConfig, fit_market_model
+from finpipe.market.model import (
+    ENSEMBLE,
+    FittedMarketModel,
+    MarketTrainingConfig,
+    fit_market_model,
+)
 from finpipe.market.quality import add_market_checks_columns
 from finpipe.market.schema import DOMAIN, normalise_market_frame, price_column
 from finpipe.market.synthetic import ORACLE, plan_market_demo
@@ -41,6 +50,8 @@ from finpipe.training import TimeSplit, time_split
 log = logging.getLogger("finpipe.market")
 
 MODEL_LOADER = "finpipe.market.model:FittedMarketModel"
+ENSEMBLE_LOADER = "finpipe.market.ensemble:FittedMarketEnsemble"
+MarketModel = FittedMarketModel | FittedMarketEnsemble
 
 
 # -- ingest --------------------------------------------------------------------------------
@@ -105,6 +116,11 @@ class MarketNight:
     features: list[str]
     split: TimeSplit
     embargo: int
+    # The nets fitted so far, their predictions on every row of `frame` and on each shuffle of
+    # the importance window: the ensemble, fitted last, combines them.
+    nets: dict[str, FittedMarketModel] = field(default_factory=dict)
+    predictions: dict[str, np.ndarray] = field(default_factory=dict)
+    shuffled_predictions: dict[str, dict[Shuffle | None, np.ndarray]] = field(default_factory=dict)
 
     @property
     def promotion_metric(self) -> str:
@@ -140,9 +156,13 @@ class MarketNight:
         )
 
     def candidates(self) -> list[str]:
-        return list(self.config.models)
+        """The nets in the configured order, then the ensemble of them when asked for."""
+        nets: list[str] = [kind for kind in self.config.models if kind != ENSEMBLE]
+        return nets + [ENSEMBLE] * (ENSEMBLE in self.config.models)
 
     def fit(self, kind: str, on_epoch: lifecycle.EpochLogger, say: lifecycle.Say) -> Candidate:
+        if kind == ENSEMBLE:
+            return self.fit_ensemble(say)
         frame, features, split, config = self.frame, self.features, self.split, self.config
         say(f"training {kind} on {len(frame):,} rows, {len(features)} features")
         train_config = config.train_config(kind)
@@ -159,6 +179,7 @@ class MarketNight:
         scored = frame[[*KEY_COLUMNS, config.label]].merge(
             fitted.predict(frame), on=KEY_COLUMNS, how="left"
         )
+        self.nets[kind], self.predictions[kind] = fitted, scored["prediction"].to_numpy()
         validation = scored[scored["date"].isin(split.validation_dates)]
         test = scored[scored["date"].isin(split.test_dates)]
         windows = {"validation": _metrics(validation, config), "test": _metrics(test, config)}
@@ -167,19 +188,125 @@ class MarketNight:
             f"{kind}: validation IC {windows['validation']['ic']:.4f}, "
             f"test IC {windows['test']['ic']:.4f}, best epoch {fitted.best_epoch}"
         )
-        example = frame.loc[frame["date"] == split.test_dates[-1], [*KEY_COLUMNS, *features]]
+        importance = self.importance(kind, fitted)
         return Candidate(
             model=fitted,
             loader=MODEL_LOADER,
-            input_example=example.head(5),
+            input_example=self.input_example(),
             windows=windows,
             record=RunRecord(
                 params={**train_config.to_params(), "label": config.label},
                 metrics={"best_epoch": fitted.best_epoch},
-                figures=_plots(fitted, test, config.label, kind),
+                tables={IMPORTANCE_TABLE: importance},
+                figures={
+                    "plots/learning_curve.png": plots.learning_curve(
+                        fitted.history, f"{kind}: loss by epoch"
+                    ),
+                    **_plots(test, config.label, kind, importance),
+                },
             ),
             test_predictions=test["prediction"].to_numpy(),
         )
+
+    def fit_ensemble(self, say: lifecycle.Say) -> Candidate:
+        """The ensemble of the nets fitted before it, weighted on the validation window; its run
+        logs each member's validation and test IC beside its own."""
+        frame, split, config = self.frame, self.split, self.config
+        label = config.label
+        members = {kind: self.nets[kind] for kind in self.candidates() if kind in self.nets}
+        member_scores = frame[[*KEY_COLUMNS, label]].assign(
+            **{kind: self.predictions[kind] for kind in members}
+        )
+        ensemble = fit_ensemble(
+            members, member_scores, split.validation_dates, label=label, horizon=config.horizon
+        )
+        prediction, _ = ensemble.combine(member_scores)
+        scored = member_scores.assign(prediction=prediction)
+        validation = scored[scored["date"].isin(split.validation_dates)]
+        test = scored[scored["date"].isin(split.test_dates)]
+        windows = {
+            "validation": _metrics(validation, config, zscore_units=True),
+            "test": _metrics(test, config, zscore_units=True),
+        }
+        # Stacked weights were fitted on the validation window: the IC that competes with the
+        # members' is the cross-fitted one (see finpipe.market.ensemble).
+        windows["validation"]["ic"] = ensemble.selection["validation_ic"]
+        windows["validation"].update(self.ic_floor(validation))
+        members_table = _members_table(scored, members, ensemble, split, label)
+        say(
+            f"ensemble ({ensemble.combination} of {', '.join(members)}): validation IC "
+            f"{windows['validation']['ic']:.4f}, test IC {windows['test']['ic']:.4f}; members' "
+            "test IC "
+            + ", ".join(f"{row.candidate} {row.test_ic:.4f}" for row in members_table.itertuples())
+        )
+        importance = self.importance(ENSEMBLE, ensemble)
+        side_by_side = {
+            f"{row.candidate}_{window}_ic": getattr(row, f"{window}_ic")
+            for row in members_table.itertuples()
+            for window in ("validation", "test")
+        }
+        return Candidate(
+            model=ensemble,
+            loader=ENSEMBLE_LOADER,
+            input_example=self.input_example(),
+            windows=windows,
+            record=RunRecord(
+                params={
+                    "members": ",".join(members),
+                    "combination": ensemble.combination,
+                    **{f"weight_{kind}": round(w, 6) for kind, w in ensemble.weights.items()},
+                    "label": label,
+                },
+                metrics={
+                    **ensemble.selection,
+                    **{f"member_{k}": v for k, v in side_by_side.items()},
+                },
+                tables={"ensemble/members.json": members_table, IMPORTANCE_TABLE: importance},
+                figures=_plots(test, label, ENSEMBLE, importance),
+            ),
+            test_predictions=test["prediction"].to_numpy(),
+        )
+
+    def input_example(self) -> pd.DataFrame:
+        """Five rows of the last test date: the logged model's input example."""
+        last = self.frame["date"] == self.split.test_dates[-1]
+        return self.frame.loc[last, [*KEY_COLUMNS, *self.features]].head(5)
+
+    def importance(self, kind: str, model: MarketModel) -> pd.DataFrame:
+        """Permutation importance of each feature on the test window: the drop in the model's
+        mean daily IC when the feature is shuffled across tickers within each date (in every
+        row the model reads, lookback history included), one seeded shuffle per feature.
+
+        Every candidate of the night is scored on the same shuffles; the ensemble combines its
+        members' predictions on them instead of predicting again.
+        """
+        label, test_dates = self.config.label, self.split.test_dates
+        dates = pd.DatetimeIndex(np.sort(self.frame["date"].unique()))
+        # Windows count a ticker's rows, not dates: twice the night's longest lookback in
+        # dates leaves room for a ticker's missing days.
+        first = max(0, int(dates.searchsorted(test_dates[0])) - 2 * self.config.lookback)
+        rows = self.frame["date"].between(dates[first], test_dates[-1])
+        window = self.frame.loc[rows, [*KEY_COLUMNS, *self.features, label]]
+        labels = window.loc[window["date"] >= test_dates[0], ["date", label]]
+        saved = self.shuffled_predictions.setdefault(kind, {})
+
+        def predict(frame: pd.DataFrame, shuffle: Shuffle | None) -> np.ndarray:
+            if isinstance(model, FittedMarketEnsemble):
+                members = [self.shuffled_predictions.get(k, {}).get(shuffle) for k in model.members]
+                if all(values is not None for values in members):
+                    scored = labels.assign(**dict(zip(model.members, members, strict=True)))
+                    return model.combine(scored)[0]
+            predicted = model.predict(frame.drop(columns=label), score_from=test_dates[0])
+            return predicted["prediction"].to_numpy()  # the rows of `labels`, in order
+
+        def test_ic(frame: pd.DataFrame, shuffle: Shuffle | None) -> float:
+            saved[shuffle] = predict(frame, shuffle)
+            daily = per_date_ic(labels.assign(prediction=saved[shuffle]), label=label)
+            return float(daily.mean())
+
+        return permutation_importance(
+            test_ic, window, model.feature_columns, within="date", seed=self.config.seed
+        ).rename(columns={"importance": "ic_drop", "score": "shuffled_ic", "baseline": "ic"})
 
     def ic_floor(self, validation: pd.DataFrame) -> dict[str, float]:
         """The validation IC a candidate must beat to become champion (`lifecycle.floor_refusal`):
@@ -205,17 +332,31 @@ class MarketNight:
         return floor
 
     def conclude(self, fitted: Mapping[str, Candidate], say: lifecycle.Say) -> RunRecord:
-        """The planted signal's IC on the test window, when a synthetic oracle is present."""
+        """Every candidate's validation and test IC side by side (`candidates.json`) and the
+        planted signal's IC on the test window, when a synthetic oracle is present."""
+        table = pd.DataFrame(
+            [
+                {
+                    "candidate": kind,
+                    **{
+                        f"{window}_{metric}": candidate.windows[window][metric]
+                        for window in ("validation", "test")
+                        for metric in ("ic", "rank_ic")
+                    },
+                }
+                for kind, candidate in fitted.items()
+            ]
+        )
         test_window = self.frame[self.frame["date"].isin(self.split.test_dates)]
         oracle = _oracle_ic(self.storage, test_window, self.config.label)
         if oracle is None:
-            return RunRecord()
+            return RunRecord(tables={"candidates.json": table})
         say(f"oracle IC on the test window: {oracle:.4f}")
         metrics = {"test_oracle_ic": oracle}
         for kind, candidate in fitted.items():
             metrics[f"{kind}_ic_to_oracle"] = candidate.windows["test"]["ic"] / oracle
             candidate.windows["test"]["oracle_ic"] = oracle
-        return RunRecord(metrics=metrics)
+        return RunRecord(metrics=metrics, tables={"candidates.json": table})
 
     def outcome(self, challenger: ChallengerOutcome) -> TrainingOutcome:
         frame, split = self.frame, self.split
@@ -231,10 +372,13 @@ class MarketNight:
         )
 
 
-def _metrics(scored: pd.DataFrame, config: MarketTrainingConfig) -> dict[str, float]:
-    """Return market metrics; RMSE is measured in the units the net was trained on."""
+def _metrics(
+    scored: pd.DataFrame, config: MarketTrainingConfig, *, zscore_units: bool = False
+) -> dict[str, float]:
+    """Return market metrics; RMSE is measured in the units the net was trained on (z units
+    for the ensemble, whose scores are cross-sectional z-scores whatever the target)."""
     metrics = market_metrics(scored, label=config.label)
-    if config.target == "cross_sectional_zscore":
+    if config.target == "cross_sectional_zscore" or zscore_units:
         by_date = scored.groupby("date")[config.label]
         z = (scored[config.label] - by_date.transform("mean")) / by_date.transform("std")
         error = (scored["prediction"] - z).to_numpy(dtype=float)
@@ -242,9 +386,42 @@ def _metrics(scored: pd.DataFrame, config: MarketTrainingConfig) -> dict[str, fl
     return metrics
 
 
-def _plots(fitted: FittedMarketModel, test: pd.DataFrame, label: str, kind: str) -> dict:
+IMPORTANCE_TABLE = "importance/permutation_importance.json"
+
+
+def _members_table(
+    scored: pd.DataFrame,
+    members: Mapping[str, FittedMarketModel],
+    ensemble: FittedMarketEnsemble,
+    split: TimeSplit,
+    label: str,
+) -> pd.DataFrame:
+    """Each member's weight and validation/test IC and rank IC, then the ensemble's."""
+    rows = []
+    for name in [*members, ENSEMBLE]:
+        column = "prediction" if name == ENSEMBLE else name
+        row: dict[str, object] = {
+            "candidate": name,
+            "weight": 1.0 if name == ENSEMBLE else ensemble.weights[name],
+        }
+        for window, dates in (("validation", split.validation_dates), ("test", split.test_dates)):
+            rows_in = scored[scored["date"].isin(dates)]
+            values = market_metrics(rows_in, prediction=column, label=label)
+            row[f"{window}_ic"], row[f"{window}_rank_ic"] = values["ic"], values["rank_ic"]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    # The ensemble's validation IC is the one it competes with: cross-fitted when stacked.
+    table.loc[table["candidate"] == ENSEMBLE, "validation_ic"] = ensemble.selection["validation_ic"]
+    return table
+
+
+def _plots(test: pd.DataFrame, label: str, kind: str, importance: pd.DataFrame) -> dict:
     return {
-        "plots/learning_curve.png": plots.learning_curve(fitted.history, f"{kind}: loss by epoch"),
+        "plots/feature_importance.png": plots.feature_importance(
+            dict(zip(importance["feature"], importance["ic_drop"], strict=True)),
+            f"{kind}: permutation importance (test window)",
+            xlabel="drop in mean daily IC when shuffled across tickers",
+        ),
         "plots/ic_by_date.png": plots.ic_by_date(
             per_date_ic(test, label=label), f"{kind}: test IC by date"
         ),
@@ -339,10 +516,11 @@ class MarketParts:
             raise ScoringError(f"no feature partition for {as_of}; run the features step first")
 
         def predict(champion: RegisteredModel) -> Predictions:
-            fitted = champion.model
-            lookback = getattr(fitted.config, "lookback", 1) if fitted.config.model != "mlp" else 1
-            # The sequence window is the previous `lookback` rows; one spare date costs nothing.
-            days = storage.partition_dates("features", DOMAIN, end=as_of, last=lookback + 1)
+            fitted: MarketModel = champion.model
+            # The sequence window is the previous `history_rows` rows; one spare date is free.
+            days = storage.partition_dates(
+                "features", DOMAIN, end=as_of, last=fitted.history_rows + 1
+            )
             features = storage.read_partitions("features", DOMAIN, days=days)
             # A column absent from the as-of partition would arrive as NaN after the concat and be
             # silently imputed: refuse it, as the model's signature would for a missing column.
@@ -355,12 +533,11 @@ class MarketParts:
                     f"features for {as_of} lack {missing} (missing or all empty) that champion "
                     f"v{champion.version} needs; rebuild features or retrain"
                 )
-            # Earlier dates are window history only: the net runs on the as-of rows alone.
-            predicted = fitted.predict(features, score_from=pd.Timestamp(as_of))
-            today = predicted.loc[
-                predicted["date"] == pd.Timestamp(as_of), ["ticker", "prediction"]
-            ]
-            return Predictions(today, sort_by=["ticker"])
+            # Earlier dates are window history only: the net runs on the as-of rows alone,
+            # and each row gets the three features that moved its score most (reason_k).
+            predicted = fitted.explain(features, score_from=pd.Timestamp(as_of))
+            today = predicted.loc[predicted["date"] == pd.Timestamp(as_of)]
+            return Predictions(today.drop(columns="date"), sort_by=["ticker"])
 
         return predict
 
