@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pytest
 
 from finpipe.domains import get_domain
-from finpipe.errors import ConfigError, ValidationFailed
+from finpipe.errors import ConfigError, StoreUnavailable, ValidationFailed
 from finpipe.features import record_inputs, stale_feature_days
 from finpipe.ingest import ingest_file
 from finpipe.locks import history_lock
@@ -249,6 +249,26 @@ def test_an_object_store_home_without_a_lock_database_fails_early_saying_what_to
     monkeypatch.setenv("FINPIPE_HOME", "s3://bucket/finpipe")
     with pytest.raises(ConfigError, match=r"object store \(s3://bucket/finpipe\).*LOCKS_URL"):
         set_up_run("nightly", "market", ["/nonexistent/market_2024-01-02.csv"])
+
+
+def test_a_store_that_does_not_answer_is_a_transient_error_naming_the_object(monkeypatch):
+    """What the flows' tasks retry (an S3 server restarting), with no credential in it."""
+    from tests.servers import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nobody there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "finpipe-test")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-to-be-shown")
+    store = Storage("s3://bucket/finpipe")
+    for attempt in (
+        lambda: store.partition_dates("validated", "market"),
+        lambda: store.read_json("state/market/completed/2024-01-02.json"),
+        lambda: store.write_partition("validated", "market", DAYS[0], _frame(DAYS[0], ["A"])),
+    ):
+        with pytest.raises(
+            StoreUnavailable, match="s3://bucket/finpipe/.*did not answer"
+        ) as caught:
+            attempt()
+        assert caught.value.transient and "not-to-be-shown" not in str(caught.value)
 
 
 FAST = {"max_epochs": 2, "models": ["mlp"], "hidden": 8}
