@@ -55,7 +55,10 @@ ENSEMBLE: MarketModelKind = "ensemble"
 # (142 s against 144 s) to a lower test IC (0.087 against 0.098); the ensemble costs ~1 s.
 DEFAULT_MODELS: tuple[MarketModelKind, ...] = ("mlp", "gru", "ensemble")  # a list is list[str]
 REASONS = 3  # reason_1 .. reason_3 per scored row
-IG_STEPS = 32  # integrated-gradient steps per explained row
+# Integrated-gradient steps per explained row. On 200 tickers with a GRU, 8 steps give the same
+# top three features as 64 for every row, attributions adding up to the score gap within 0.12%,
+# in 0.3 s a date (32 steps: 1.3 s): scoring explains every row it publishes.
+IG_STEPS = 8
 
 
 def _require_columns(frame: pd.DataFrame, columns: list[str], what: str) -> None:
