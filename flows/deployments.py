@@ -1,10 +1,11 @@
-"""finpipe on a Prefect server: the four deployments, serving them, and starting the servers.
+"""finpipe on a Prefect server: the five deployments, serving them, and starting the servers.
 
-`build_deployments` defines `nightly` (cron schedule), `backfill`, `train` and `score`;
-`finpipe serve` serves them from one process with `prefect.serve`, and deploy/prefect.yaml
-declares the same four for `prefect deploy` onto a work pool (tests/test_deployments.py keeps
-the two in step). `server_commands` are the commands `finpipe ui` runs: a Prefect server on the
-Prefect database under FINPIPE_HOME, and the MLflow UI on finpipe's tracking store.
+`build_deployments` defines `nightly` (cron schedule), `backfill`, `train`, `score` and
+`backtest`; `finpipe serve` serves them from one process with `prefect.serve`, and
+deploy/prefect.yaml declares the same five for `prefect deploy` onto a work pool
+(tests/test_deployments.py keeps the two in step). `server_commands` are the commands
+`finpipe ui` runs: a Prefect server on the Prefect database under FINPIPE_HOME, and the MLflow
+UI on finpipe's tracking store.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import time
 
 import prefect
 from finpipe.flows.backfill import backfill
+from finpipe.flows.backtest import backtest
 from finpipe.flows.nightly import nightly
 from finpipe.flows.score import score
 from finpipe.flows.train import train
@@ -24,7 +26,7 @@ from finpipe.domains import get_domain
 from finpipe.errors import ConfigError
 from finpipe.schedule import ScheduleSettings, check_timezone, load_schedule_settings
 
-DEPLOYMENT_NAMES = ("nightly", "backfill", "train", "score")
+DEPLOYMENT_NAMES = ("nightly", "backfill", "train", "score", "backtest")
 TAGS = ["finpipe"]
 
 
@@ -55,7 +57,8 @@ def nightly_schedules(schedule: ScheduleSettings) -> list[Schedule]:
 
 
 def build_deployments(schedule: ScheduleSettings | None = None) -> list[RunnerDeployment]:
-    """Return the nightly, backfill, train and score deployments, ready to serve or apply.
+    """Return the nightly, backfill, train, score and backtest deployments, ready to serve or
+    apply.
 
     Entrypoints are module paths (`finpipe.flows.backfill.backfill`), so any process with
     finpipe installed can run them whatever its working directory.
@@ -95,11 +98,20 @@ def build_deployments(schedule: ScheduleSettings | None = None) -> list[RunnerDe
             description="Score one date with the champion and publish its predictions.",
             **common,
         ),
+        backtest.to_deployment(
+            name="backtest",
+            description=(
+                "Walk-forward backtest of the market models: retrain on schedule through a past "
+                "range, score each window out of sample, report the portfolios. Re-running "
+                "redoes only failed, missing or stale windows."
+            ),
+            **common,
+        ),
     ]
 
 
 def serve_deployments(schedule: ScheduleSettings | None = None, *, limit: int | None = 4) -> None:
-    """Serve the four deployments from this process until interrupted (`finpipe serve`).
+    """Serve the five deployments from this process until interrupted (`finpipe serve`).
 
     `limit` caps how many flow runs this process runs at the same time.
     """

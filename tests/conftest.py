@@ -183,6 +183,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_metrics.py": ModuleTiers(UNIT),
     "test_attribution.py": ModuleTiers(UNIT),
     "test_portfolio.py": ModuleTiers(UNIT),
+    "test_backtest.py": ModuleTiers(UNIT),  # walk-forward windows: 2-epoch fits on 8 tickers
     "test_reliability_gates.py": ModuleTiers(UNIT),
     "test_repository.py": ModuleTiers(UNIT),
     "test_storage.py": ModuleTiers(UNIT),
@@ -258,6 +259,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_credit_pipeline.py": ModuleTiers(FLOW),
     "test_customers_flow.py": ModuleTiers(FLOW),
     "test_fourth_domain.py": ModuleTiers(FLOW),
+    "test_backtest_flow.py": ModuleTiers(FLOW),  # one 3-window backtest and its re-run
     # Real servers, the browser, SIGKILLed children, the benchmark harness, the wheel.
     "test_deployments.py": ModuleTiers(E2E),
     "test_storage_backends.py": ModuleTiers(E2E),  # local disk and a real S3 server

@@ -155,6 +155,25 @@ def test_backfill_form_is_typed_and_described(team):
     assert "another registered domain" in " ".join(fields["domain"]["description"].split())
 
 
+def test_backtest_form_is_typed_and_described(team):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from finpipe.market.model import MARKET_MODEL_KINDS
+
+    with SyncPrefectClient(team.api) as client:
+        form = client.read_deployment_by_name("backtest/backtest").parameter_openapi_schema
+    fields = form["properties"]
+    assert form["required"] == ["start", "end"]
+    assert fields["start"]["format"] == fields["end"]["format"] == "date"
+    assert fields["models"]["items"]["enum"] == list(MARKET_MODEL_KINDS)
+    assert fields["models"]["default"] == ["mlp"]
+    assert (fields["retrain_every"]["minimum"], fields["retrain_every"]["default"]) == (1, 63)
+    assert (fields["concurrency"]["minimum"], fields["concurrency"]["maximum"]) == (1, 16)
+    assert fields["cost_bps"]["default"] == 10.0 and fields["top_k"]["default"] == 10
+    assert "expanding" in fields["train_window"]["description"]
+    assert fields["name"]["pattern"] == "^[a-z][a-z0-9_]{0,63}$"
+
+
 def test_bad_parameters_are_refused_before_any_work(team):
     from prefect.client.orchestration import SyncPrefectClient
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

@@ -354,6 +354,92 @@ def run_backfill(
         typer.echo(f"{item['date']}  {status:<12} {rows:>8,} rows  {item['message']}")
 
 
+@run_app.command("backtest")
+def run_backtest(
+    start: Annotated[str, typer.Option(help="First date scored out of sample, YYYY-MM-DD.")],
+    end: Annotated[str, typer.Option(help="Last date scored (included), YYYY-MM-DD.")],
+    name: Annotated[
+        str, typer.Option(help="Names the backtest's store, backtests/<name>/, and MLflow run.")
+    ] = "default",
+    retrain_every: Annotated[
+        int, typer.Option(min=1, help="Sessions between retrains (21 monthly, 63 quarterly).")
+    ] = 63,
+    train_window: Annotated[
+        str,
+        typer.Option(
+            help="Labelled dates each retrain learns from: 'expanding' (all before the "
+            "cut-off) or a number N (the last N, rolling)."
+        ),
+    ] = "expanding",
+    models: Annotated[
+        str, typer.Option(help="Comma-separated: mlp, gru, tcn, ensemble (of the nets listed).")
+    ] = "mlp",
+    horizon: Annotated[int, typer.Option(min=1, help="Forward-return horizon in sessions.")] = 5,
+    top_k: Annotated[int, typer.Option(min=1, help="Names held on each side.")] = 10,
+    n_drop: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Names the turnover-limited portfolio replaces a day (default top_k//5)."
+        ),
+    ] = None,
+    cost_bps: Annotated[float, typer.Option(min=0, help="Cost, bps of traded value.")] = 10.0,
+    concurrency: Annotated[int, typer.Option(min=1, max=16, help="Windows at once.")] = 2,
+    max_epochs: Annotated[int | None, typer.Option(min=1, help="Epoch cap per model.")] = None,
+    force: Annotated[bool, typer.Option(help="Redo windows already done.")] = False,
+) -> None:
+    """Run the backtest flow: walk-forward retrains, out-of-sample scores, portfolio report."""
+    _settings()
+    from finpipe.backtest import backtest_config
+    from finpipe.planning import training_config
+    from finpipe.storage import as_day
+
+    window = None if train_window.strip().lower() == "expanding" else train_window.strip()
+    if window is not None and not window.isdigit():
+        raise typer.BadParameter("use 'expanding' or a whole number", param_hint="--train-window")
+    chosen = [m.strip() for m in models.split(",") if m.strip()]
+    overrides: dict = {"models": chosen, "horizon": horizon, "history_dates": None}
+    if max_epochs:
+        overrides["max_epochs"] = max_epochs
+    config = backtest_config(  # bad parameters fail here, before Prefect starts
+        name=name,
+        start=as_day(start),
+        end=as_day(end),
+        retrain_every=retrain_every,
+        train_window=window and int(window),
+        top_k=top_k,
+        n_drop=n_drop,
+        cost_bps=cost_bps,
+        training=training_config("market", overrides),
+    )
+    from finpipe.flows.backtest import backtest
+
+    summary = backtest(
+        start=config.start,
+        end=config.end,
+        name=config.name,
+        retrain_every=config.retrain_every,
+        train_window=config.train_window,
+        models=chosen,
+        horizon=horizon,
+        top_k=top_k,
+        n_drop=n_drop,
+        cost_bps=cost_bps,
+        concurrency=concurrency,
+        training={"max_epochs": max_epochs} if max_epochs else {},
+        force=force,
+    )
+    for item in summary["windows"]:
+        typer.echo(
+            f"{item['retrain']} to {item['last']}  {item['status']:<12} {item['rows']:>8,} rows"
+        )
+    for row in summary["summary"]:
+        typer.echo(
+            f"{row['signal']:<12} {row['strategy']:<18} IR {row['information_ratio']:7.3f}  "
+            f"return {row['annualised_return']:8.2%}  max DD {row['max_drawdown']:8.2%}"
+        )
+    typer.echo(f"MLflow run {summary['run_id']}")
+
+
 def _print_summary(summary: dict, settings: Settings) -> None:
     predictions = summary["predictions"]
     typer.echo(
@@ -430,7 +516,7 @@ def serve(
     ] = None,
     limit: Annotated[int, typer.Option(min=1, help="Most flow runs at the same time.")] = 4,
 ) -> None:
-    """Serve the nightly, backfill, train and score deployments from this process (^C stops)."""
+    """Serve the nightly, backfill, train, score and backtest deployments (^C stops)."""
     import os
 
     _settings()

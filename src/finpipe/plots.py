@@ -63,6 +63,46 @@ def return_by_decile(
     return fig
 
 
+def cumulative_returns(panels: Mapping[str, Mapping[str, pd.Series]], title: str) -> plt.Figure:
+    """Return one panel per entry of `panels`, each line the cumulative sum of a daily return
+    series (arithmetic, as `finpipe.portfolio` annualises)."""
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 3.2 * len(panels)), squeeze=False)
+    for ax, (name, lines) in zip(axes[:, 0], panels.items(), strict=True):
+        for label, daily in lines.items():
+            ax.plot(daily.index, daily.cumsum().values, label=label)
+        ax.axhline(0, color="black", linewidth=0.6)
+        ax.set(ylabel="cumulative return", title=name)
+        ax.legend(fontsize="small")
+    fig.suptitle(title)
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    return fig
+
+
+def drawdowns(lines: Mapping[str, pd.Series], title: str) -> plt.Figure:
+    """Return each daily return series' drawdown: its cumulative sum below the running peak."""
+    fig, ax = plt.subplots(figsize=(8, 3.2))
+    for label, daily in lines.items():
+        cumulative = daily.cumsum()
+        ax.plot(daily.index, (cumulative - cumulative.cummax()).values, label=label)
+    ax.set(ylabel="drawdown", title=title)
+    ax.legend(fontsize="small")
+    fig.autofmt_xdate()
+    fig.tight_layout()
+    return fig
+
+
+def decile_bars(means: pd.Series, title: str, ylabel: str = "mean forward return") -> plt.Figure:
+    """Return a bar per decile (the index, 1 = lowest predictions) of `means`."""
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    colours = ["#d73027" if v < 0 else "#1a9850" for v in means.values]
+    ax.bar(means.index, means.values, color=colours)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.set(xlabel="prediction decile", ylabel=ylabel, title=title)
+    fig.tight_layout()
+    return fig
+
+
 def feature_importance(importance: Mapping[str, float], title: str, xlabel: str) -> plt.Figure:
     """Return a horizontal bar per feature of `importance` (feature -> value), largest on top."""
     names = sorted(importance, key=lambda name: importance[name])

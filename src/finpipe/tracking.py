@@ -298,6 +298,18 @@ def run(name: str, *, nested: bool = False) -> Iterator[str]:
         yield active.info.run_id
 
 
+@contextlib.contextmanager
+def child_run(name: str, parent_run_id: str) -> Iterator[str]:
+    """Start an MLflow run called `name` nested under the run `parent_run_id`, in its
+    experiment, and yield its id. The parent may be active in another thread (a flow's run
+    while its tasks log from a thread pool): MLflow's active run is per thread."""
+    experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
+    with mlflow.start_run(
+        run_name=name, experiment_id=experiment_id, parent_run_id=parent_run_id, nested=True
+    ) as active:
+        yield active.info.run_id
+
+
 def tag_run(key: str, value: str) -> None:
     """Set a tag on the active run."""
     mlflow.set_tag(key, value)

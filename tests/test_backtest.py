@@ -1,0 +1,260 @@
+"""Walk-forward backtest engine: the plan, point in time, resumability (finpipe.backtest).
+
+Small synthetic panels, one or two epochs: the properties, not the model's skill, are tested.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from finpipe import backtest as bt
+from finpipe.errors import ConfigError
+from finpipe.market.features import build_market_features, build_market_labels
+from finpipe.market.synthetic import MarketSyntheticConfig, generate_market_panel
+from finpipe.storage import Storage
+
+TINY = {
+    "models": ["mlp", "gru", "ensemble"],
+    "max_epochs": 2,
+    "hidden": 8,
+    "lookback": 5,
+    "history_dates": None,
+}
+HORIZON = 5
+
+
+@pytest.fixture(scope="module")
+def panel():
+    """Prices and features of 8 tickers over 305 sessions, and the session list."""
+    prices = generate_market_panel(MarketSyntheticConfig(tickers=8, days=305, seed=4)).prices
+    features = build_market_features(prices)
+    days = sorted(features["date"].dt.date.unique())
+    return prices, features, days
+
+
+def _config(days, **changes) -> bt.BacktestConfig:
+    values = {
+        "name": "unit",
+        "start": days[220],
+        "end": days[-1],
+        "retrain_every": 30,
+        "top_k": 2,
+        "training": {**TINY, "horizon": HORIZON},
+    }
+    return bt.backtest_config(**{**values, **changes})
+
+
+def _inputs(window, days, features, prices, config):
+    reads = bt.window_reads(window, days, config)
+    wanted = pd.to_datetime(list(reads.features))
+    return (
+        features[features["date"].isin(wanted)],
+        prices[prices["date"].isin(pd.to_datetime(list(reads.prices)))],
+    )
+
+
+# -- the plan ------------------------------------------------------------------------------
+def test_windows_retrain_every_n_sessions_and_score_up_to_the_next_retrain():
+    days = [dt.date(2024, 1, 1) + dt.timedelta(days=i) for i in range(10)]
+    windows = bt.plan_windows(days, 4)
+    assert [(w.retrain, w.last) for w in windows] == [
+        (days[0], days[3]),
+        (days[4], days[7]),
+        (days[8], days[9]),
+    ]
+    with pytest.raises(ConfigError, match="no sessions"):
+        bt.plan_windows([], 4)
+
+
+def test_a_rolling_window_reads_its_dates_plus_the_embargo_and_lookback(panel):
+    _, _, days = panel
+    config = _config(days, train_window=60)
+    window = bt.plan_windows([d for d in days if d >= config.start], 30)[1]
+    reads = bt.window_reads(window, days, config)
+    first = days.index(window.retrain) - (60 + HORIZON + TINY["lookback"])
+    assert reads.prices == tuple(days[first : days.index(window.retrain)])
+    assert reads.features == reads.prices + tuple(
+        d for d in days if window.retrain <= d <= window.last
+    )
+    expanding = bt.window_reads(window, days, _config(days))
+    assert expanding.prices[0] == days[0]
+
+
+def test_bad_parameters_are_config_errors_naming_them(panel):
+    _, _, days = panel
+    with pytest.raises(ConfigError, match="before start"):
+        _config(days, end=days[0])
+    with pytest.raises(ConfigError, match="backtest name"):
+        _config(days, name="../x")
+    with pytest.raises(ConfigError, match="models"):
+        _config(days, training={"models": ["xgboost"]})
+
+
+# -- point in time -------------------------------------------------------------------------
+def test_no_window_trains_on_a_label_realised_on_or_after_its_retrain_date(panel):
+    prices, features, days = panel
+    config = _config(days)
+    full = build_market_labels(prices, HORIZON)
+    for window in bt.plan_windows([d for d in days if d >= config.start], 30):
+        # all of the data, not only what `window_reads` picks: the engine's own guard is tested
+        frame = bt.training_frame(window, features, prices, config)
+        split = bt.window_split(frame, window, config)
+        cut = days.index(window.retrain)
+        labelled = frame.loc[frame[config.label].notna(), "date"].dt.date
+        # the last label the window knows looks h sessions ahead and ends before the cut-off
+        assert days.index(labelled.max()) == cut - HORIZON - 1
+        assert split.validation_dates[-1].date() == days[cut - HORIZON - 1]
+        gap = days.index(split.validation_dates[0].date()) - days.index(
+            split.train_dates[-1].date()
+        )
+        assert gap == HORIZON + 1  # embargo of h dates between train and validation
+        # the labels it knows are the true ones (not merely cut short)
+        known = frame.dropna(subset=[config.label]).merge(full, on=["date", "ticker"])
+        assert np.allclose(known[config.label + "_x"], known[config.label + "_y"])
+
+
+def _perturb_from(prices: pd.DataFrame, day: dt.date) -> pd.DataFrame:
+    """Prices with every row dated on or after `day` changed (a different future)."""
+    changed = prices.copy()
+    later = changed["date"] >= pd.Timestamp(day)
+    factor = np.exp(np.random.default_rng(1).normal(0, 0.05, int(later.sum())).cumsum() / 10)
+    for column in ("open", "high", "low", "close", "adj_close"):
+        changed.loc[later, column] = changed.loc[later, column] * factor
+    changed.loc[later, "volume"] = changed.loc[later, "volume"] * 3
+    return changed
+
+
+def test_data_after_a_cut_off_changes_neither_the_window_model_nor_earlier_predictions(panel):
+    prices, features, days = panel
+    config = _config(days)
+    first, second = bt.plan_windows([d for d in days if d >= config.start], 30)[:2]
+    changed = _perturb_from(prices, second.retrain)
+    changed_features = build_market_features(changed)
+    assert not changed_features[changed_features["date"] >= pd.Timestamp(second.retrain)].equals(
+        features[features["date"] >= pd.Timestamp(second.retrain)]
+    )
+    fits = {}
+    for label, (p, f) in {
+        "original": (prices, features),
+        "changed": (changed, changed_features),
+    }.items():
+        fits[label] = {
+            w: bt.fit_window(w, f, p, config)
+            for w in (first, second)  # all of the data
+        }
+    # the first window scores only dates before the second's cut-off: identical predictions
+    pd.testing.assert_frame_equal(
+        fits["original"][first].predictions, fits["changed"][first].predictions
+    )
+    # the second window's models learnt from data before its cut-off only: identical weights
+    for kind in ("mlp", "gru"):
+        before = fits["original"][second].models[kind].net.state_dict()
+        after = fits["changed"][second].models[kind].net.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before)
+    # ... and were selected on the same validation labels
+    assert fits["original"][second].validation == fits["changed"][second].validation
+    # ... while what it scores (dated after the cut-off) did change
+    assert not np.allclose(
+        fits["original"][second].predictions["prediction"],
+        fits["changed"][second].predictions["prediction"],
+    )
+
+
+# -- resumable windows on a store ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def stored(panel, tmp_path_factory):
+    """A store with the panel's validated prices and features, every window run once."""
+    prices, features, days = panel
+    storage = Storage(tmp_path_factory.mktemp("backtest") / "home")
+    for day, rows in prices.groupby("date"):
+        storage.write_partition("validated", "market", day, rows)
+    for day, rows in features.groupby("date"):
+        storage.write_partition("features", "market", day, rows)
+    config = _config(days, training={**TINY, "models": ["mlp"], "horizon": HORIZON})
+    sessions = [d for d in days if config.start <= d <= config.end]
+    outcomes = [
+        bt.run_window(storage, config, planned)
+        for planned in bt.plan_backtest(storage, config, sessions)
+    ]
+    return storage, config, sessions, outcomes
+
+
+def test_windows_write_their_own_layer_readable_as_one_dataset(stored):
+    storage, config, sessions, outcomes = stored
+    assert [o.status for o in outcomes] == ["completed"] * 3
+    folder = storage.location("backtests/unit/predictions/market")
+    read = pd.read_parquet(folder)
+    assert sorted(pd.to_datetime(read["date"]).dt.date.unique()) == sessions
+    assert set(read["model"]) == {"mlp"}
+    assert read.groupby("date")["ticker"].nunique().min() >= 6
+    assert storage.partition_dates("predictions", "market") == []  # never the nightly's layer
+
+
+def test_a_rerun_redoes_only_missing_or_stale_windows_with_identical_predictions(stored):
+    storage, config, sessions, _ = stored
+    store = storage.backtest_store(config.name)
+    assert [p.done for p in bt.plan_backtest(storage, config, sessions)] == [True] * 3
+    before = store.read_partitions("predictions", "market")
+    second = bt.plan_windows(sessions, config.retrain_every)[1]
+    store.delete_folder(store.state_key("market", "windows"))  # as after a crash, all lost...
+    for planned in bt.plan_backtest(storage, config, sessions)[:1] + [
+        bt.plan_backtest(storage, config, sessions)[2]
+    ]:
+        bt.run_window(storage, config, planned)  # ... and two of them redone since
+    plan = bt.plan_backtest(storage, config, sessions)
+    assert [p.window for p in plan if not p.done] == [second]
+    bt.run_window(storage, config, plan[1])
+    pd.testing.assert_frame_equal(store.read_partitions("predictions", "market"), before)
+    # a changed feature partition read by the last window makes only that window stale
+    last = sessions[-1]
+    rows = storage.read_partition("features", "market", last)
+    storage.write_partition("features", "market", last, rows.assign(return_5d=0.0))
+    assert [p.done for p in bt.plan_backtest(storage, config, sessions)] == [True, True, False]
+    # other training parameters make every window stale; portfolio parameters none
+    assert not any(
+        p.done
+        for p in bt.plan_backtest(
+            storage, config.model_copy(update={"train_window": 100}), sessions
+        )
+    )
+    storage.write_partition("features", "market", last, rows)
+    cheaper = config.model_copy(update={"cost_bps": 0.0, "top_k": 3})
+    assert all(p.done for p in bt.plan_backtest(storage, cheaper, sessions))
+
+
+def test_the_report_trades_every_model_and_the_oracle_and_costs_lower_returns(stored, panel):
+    storage, config, _, _ = stored
+    predictions, prices, _ = bt.read_backtest(storage, config)
+    oracle = generate_market_panel(MarketSyntheticConfig(tickers=8, days=305, seed=4))
+    report = bt.evaluate(predictions, prices, config, oracle.expected_return)
+    strategies = set(zip(report.summary["signal"], report.summary["strategy"], strict=True))
+    for signal in ("mlp", "oracle"):
+        assert {(signal, s) for s in bt.STRATEGIES} <= strategies
+    assert ("equal_weight", "benchmark") in strategies
+    free = bt.evaluate(predictions, prices, config.model_copy(update={"cost_bps": 0.0}))
+    costly = report.results["mlp"]["long_short"].net
+    assert (free.results["mlp"]["long_short"].net - costly).min() > 0
+    metrics = report.metrics()
+    assert metrics["mlp/ic"] == pytest.approx(report.daily_ic.query("signal == 'mlp'")["ic"].mean())
+    markdown = bt.report_markdown(config, report, [])
+    assert "| oracle | long_short |" in markdown and "## IC by year" in markdown
+    assert set(report.figures()) >= {"plots/cumulative_return.png", "plots/drawdown.png"}
+
+
+def test_the_command_line_documents_every_parameter_of_the_flow():
+    from finpipe.flows.backtest import backtest
+    from typer.testing import CliRunner
+
+    from finpipe.cli import app
+
+    result = CliRunner().invoke(app, ["run", "backtest", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    flow_parameters = set(backtest.parameters.properties) - {"training"}  # --max-epochs for it
+    for name in flow_parameters:
+        assert f"--{name.replace('_', '-')}" in result.output, name
+    assert "--max-epochs" in result.output and "expanding" in result.output
