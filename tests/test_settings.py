@@ -93,6 +93,7 @@ def test_importing_every_finpipe_module_leaves_the_environment_unchanged(tmp_pat
 _START_EVERY_FLOW = """
 import datetime as dt, json, os
 from finpipe.flows.backfill import backfill
+from finpipe.flows.backtest import backtest
 from finpipe.flows.nightly import nightly
 from finpipe.flows.score import score
 from finpipe.flows.train import train
@@ -101,12 +102,14 @@ from finpipe.settings import TELEMETRY_OFF
 clean = dict(os.environ)
 started = {}
 day = dt.date(2024, 1, 2)
-flows = ((nightly, {}), (train, {}), (score, {}), (backfill, {"start": day, "end": day}))
+market, dates = {"domain": "market"}, {"start": day, "end": day}
+flows = ((nightly, market), (train, market), (score, market), (backfill, {**market, **dates}),
+         (backtest, dates))
 for flow, kwargs in flows:
     os.environ.clear()
     os.environ.update(clean)
     try:  # outside a Prefect run, on an empty store: each stops early, the set-up done first
-        flow.fn(domain="market", **kwargs)
+        flow.fn(**kwargs)
     except Exception:
         pass
     started[flow.name] = {name: os.environ.get(name) for name in TELEMETRY_OFF}
@@ -116,7 +119,7 @@ print(json.dumps(started))
 
 def test_every_flow_switches_telemetry_off_as_it_starts(tmp_path):
     started = _run_clean(_START_EVERY_FLOW, tmp_path)
-    assert sorted(started) == ["backfill", "nightly", "score", "train"]
+    assert sorted(started) == ["backfill", "backtest", "nightly", "score", "train"]
     for flow, variables in started.items():
         assert variables == TELEMETRY_OFF, flow
 
