@@ -118,6 +118,40 @@ def serve_deployments(schedule: ScheduleSettings | None = None, *, limit: int | 
     prefect.serve(*build_deployments(schedule), limit=limit)
 
 
+def apply_deployments(
+    work_pool: str, schedule: ScheduleSettings | None = None, *, wait_seconds: float = 120.0
+) -> list[str]:
+    """Register the five deployments on the work pool `work_pool` of the Prefect server at
+    PREFECT_API_URL, for workers to run (what `prefect deploy --prefect-file
+    deploy/prefect.yaml --all` does, without the repository's file); return their names.
+
+    The pool is made by the first `prefect worker start --pool <name>`: this waits up to
+    `wait_seconds` for it (the team stack starts both at once), then raises ConfigError.
+    Registering again updates them in place.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    deadline = time.monotonic() + wait_seconds
+    with get_client(sync_client=True) as client:
+        while True:
+            try:
+                client.read_work_pool(work_pool)
+                break
+            except ObjectNotFound:
+                if time.monotonic() > deadline:
+                    raise ConfigError(
+                        f"work pool {work_pool!r} does not exist on {client.api_url}: start a "
+                        f"worker (`prefect worker start --pool {work_pool}`) or create it "
+                        f"(`prefect work-pool create {work_pool} --type process`)"
+                    ) from None
+                time.sleep(0.5)
+    deployments = build_deployments(schedule)
+    for deployment in deployments:
+        deployment.apply(work_pool_name=work_pool)
+    return [deployment.name for deployment in deployments]
+
+
 def start_prefect_api() -> float:
     """Make sure this process's Prefect API answers (in Prefect's local mode that starts the
     temporary server); return the seconds it took. Raises ConfigError when it does not answer.

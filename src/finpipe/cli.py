@@ -586,6 +586,29 @@ def stack_up(dir: StackDir = Path("finpipe-stack")) -> None:
     )
 
 
+@stack_app.command("deploy")
+def stack_deploy(dir: StackDir = Path("finpipe-stack")) -> None:
+    """Register the nightly, backfill, train, score and backtest deployments on the stack's
+    `finpipe` work pool (`up` does it; again after changing the FINPIPE_NIGHTLY_* settings)."""
+    import os
+
+    from finpipe.services.stack import WORK_POOL, StackError, StackFolder, read_env_file
+    from finpipe.settings import disable_telemetry
+
+    folder = StackFolder(dir.absolute())
+    if not folder.env_file.exists():
+        raise StackError(f"no stack in {folder.root}: `finpipe stack up --dir {dir}` first")
+    values = read_env_file(folder.env_file)
+    for name in ("PREFECT_API_URL", "PREFECT_API_AUTH_STRING"):
+        os.environ[name] = values[name]  # before Prefect reads its settings
+    os.environ.setdefault("PREFECT_HOME", str(folder.prefect_home))
+    disable_telemetry()
+    from finpipe.flows.deployments import apply_deployments
+
+    names = apply_deployments(WORK_POOL)
+    typer.echo(f"registered {', '.join(names)} on pool {WORK_POOL} ({values['PREFECT_API_URL']})")
+
+
 @stack_app.command("down")
 def stack_down(dir: StackDir = Path("finpipe-stack")) -> None:
     """Stop the stack's processes (the Prefect worker first, Postgres last)."""

@@ -4,7 +4,11 @@ One folder holds a whole stack: PostgreSQL (databases for Prefect, MLflow, MLflo
 finpipe's locks), an S3 server (SeaweedFS) with the `finpipe` bucket, a Prefect server on
 Postgres with basic auth, an MLflow tracking server on Postgres with its artifacts in the
 bucket and MLflow's basic-auth app, a Dask scheduler with two single-thread workers, and a
-Prefect process worker on the `finpipe` pool. Every process listens on 127.0.0.1 only.
+Prefect process worker on the `finpipe` pool. Every process listens on 127.0.0.1 only. `up`
+registers finpipe's deployments on the pool (`finpipe stack deploy`, compose's one-shot
+`deployments` job); the processes that run finpipe's steps (the Prefect worker's flow runs, the
+Dask workers) read delivered files from the folder's `drop/` only and keep their local files
+in `local/<process>`.
 
 Credentials are generated on the first `up` (no password ships with finpipe) and kept in
 `stack.env` (mode 0600) in the folder, with every other setting of the stack; `up` prints the
@@ -154,7 +158,8 @@ SERVICE_NAMES = tuple(s.name for s in SERVICES)
 # One-shot jobs the compose file has besides the services (the stack does their work itself).
 COMPOSE_JOBS = {
     "s3-bucket": "creates the bucket (the stack: S3Server.start)",
-    "deployments": "registers deploy/prefect.yaml's deployments on the pool (the stack: none)",
+    "deployments": "registers deploy/prefect.yaml's deployments on the pool (the stack: "
+    "`finpipe stack deploy`, which `up` runs)",
 }
 # Ports of one stack, by name (the S3 server's internal ports are kept under "s3.<name>").
 PORT_NAMES = ("postgres", "s3", "prefect", "mlflow", "dask", "dask-dashboard", "prefect-worker")
@@ -204,6 +209,15 @@ class StackFolder:
     @property
     def prefect_home(self) -> Path:
         return self.root / "prefect-home"
+
+    @property
+    def drop(self) -> Path:
+        """The drop folder: the only place the stack's workers read delivered files from."""
+        return self.root / "drop"
+
+    def local_dir(self, name: str) -> Path:
+        """FINPIPE_LOCAL_DIR of worker process `name`: its own local disk."""
+        return self.root / "local" / name
 
     def log(self, name: str) -> Path:
         return self.logs / f"{name}.log"
@@ -294,9 +308,18 @@ def read_env_file(path: Path) -> dict[str, str]:
     return values
 
 
+# How long MLflow's auth app trusts a credential it has checked. Each check is a deliberately
+# slow password hash (0.43 s a request on the 2-core test machine under load, where a nightly
+# makes hundreds of requests: 50-65 s of logging per model); cached, a request costs the
+# database lookup only. The stack runs one MLflow worker, so a password changed through the
+# API applies at once; changed in the database directly, after this many seconds.
+MLFLOW_AUTH_CACHE_SECONDS = 300
+
+
 def mlflow_auth_config(values: dict[str, str]) -> str:
     """MLflow's basic-auth configuration: users in their own Postgres database, READ by
-    default; the admin's name and password come from the environment, not this file."""
+    default, checked credentials cached (MLFLOW_AUTH_CACHE_SECONDS); the admin's name and
+    password come from the environment, not this file."""
     users_db = values["MLFLOW_BACKEND_STORE_URI"].rsplit("/", 1)[0] + "/mlflow_auth"
     return (
         "[mlflow]\n"
@@ -304,6 +327,7 @@ def mlflow_auth_config(values: dict[str, str]) -> str:
         f"database_uri = {users_db}\n"
         f"admin_username = {values['MLFLOW_AUTH_ADMIN_USERNAME']}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+        f"auth_cache_ttl_seconds = {MLFLOW_AUTH_CACHE_SECONDS}\n"
     )
 
 
@@ -319,7 +343,16 @@ def _commands(values: dict[str, str], ports: dict[str, int], folder: StackFolder
     # marks every process of this stack (tests look for leftovers by it).
     plumbing = {"PREFECT_HOME": str(folder.prefect_home), "FINPIPE_STACK_DIR": str(folder.root)}
     scripts = _scripts()
-    client = {**plumbing, **service_env("prefect-worker", values)}
+
+    def runs_flows(name: str) -> dict[str, str]:
+        """What a process that runs finpipe's steps gets besides its settings: a local folder
+        of its own, and the stack's drop folder as the only one `inputs` may name."""
+        return {
+            "FINPIPE_LOCAL_DIR": str(folder.local_dir(name)),
+            "FINPIPE_DROP_ROOTS": json.dumps([str(folder.drop)]),
+        }
+
+    client = {**plumbing, **service_env("prefect-worker", values), **runs_flows("prefect-worker")}
     prefect = ServerCommand(
         name="prefect-server",
         argv=[str(scripts / "prefect"), "server", "start", "--host", host]
@@ -353,7 +386,11 @@ def _commands(values: dict[str, str], ports: dict[str, int], folder: StackFolder
             + ["--local-directory", str(folder.root / "dask" / f"worker-{index}")],
             url=values["FINPIPE_DASK_ADDRESS"],
             health_url="",
-            env={**plumbing, **service_env("dask-worker", values)},
+            env={
+                **plumbing,
+                **service_env("dask-worker", values),
+                **runs_flows(f"dask-worker-{index}"),
+            },
         )
         for index in range(1, DASK_WORKERS + 1)
     ]
@@ -554,7 +591,7 @@ def up(root: Path, say: Callable[[str], None] = log.info) -> StackInfo:
         )
     folder.root.mkdir(parents=True, exist_ok=True)
     folder.root.chmod(0o711)  # Postgres (its own user) must enter; only the owner may list
-    for child in (folder.logs, folder.pids, folder.prefect_home):
+    for child in (folder.logs, folder.pids, folder.prefect_home, folder.drop):
         child.mkdir(mode=0o700, exist_ok=True)
     credentials = _credentials(folder)
     ports = _ports(folder)
@@ -634,9 +671,36 @@ def _start_all(
     _wait(scheduler, launched[scheduler.name])
     _wait(prefect, launched[prefect.name], timeout=180)
     launch(worker)  # creates the work pool if missing
-    _wait(mlflow, launched[mlflow.name], timeout=180)
-    _wait_for_dask_workers(values["FINPIPE_DASK_ADDRESS"], launched, dask_workers)
-    _wait(worker, launched[worker.name])
+    # Compose's one-shot `deployments` job: registers them on the pool once the worker has
+    # made it, while the other servers finish starting.
+    deploying = _deployments_job(folder).start(folder.log("deployments"))
+    try:
+        _wait(mlflow, launched[mlflow.name], timeout=180)
+        _wait_for_dask_workers(values["FINPIPE_DASK_ADDRESS"], launched, dask_workers)
+        _wait(worker, launched[worker.name])
+        try:
+            code = deploying.wait(timeout=240)
+        except subprocess.TimeoutExpired:
+            raise StackError("registering the deployments took over 240 s; see its log") from None
+        if code != 0:
+            raise StackError(f"registering the deployments failed (exit {code}); see its log")
+        say("deployments registered on the finpipe pool")
+    finally:
+        if deploying.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(deploying.pid, signal.SIGKILL)
+            deploying.wait()
+
+
+def _deployments_job(folder: StackFolder) -> ServerCommand:
+    """`finpipe stack deploy` on this stack, as a child process (it reads stack.env)."""
+    return ServerCommand(
+        name="deployments",
+        argv=[sys.executable, "-m", "finpipe.cli", "stack", "deploy", "--dir", str(folder.root)],
+        url="",
+        health_url="",
+        env={"PREFECT_HOME": str(folder.prefect_home), "FINPIPE_STACK_DIR": str(folder.root)},
+    )
 
 
 def _wait(command: ServerCommand, process: subprocess.Popen, timeout: float = 120.0) -> None:
