@@ -264,6 +264,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_deployments.py": ModuleTiers(E2E),
     "test_storage_backends.py": ModuleTiers(E2E),  # local disk and a real S3 server
     "test_stack.py": ModuleTiers(UNIT, by_fixture={"team_stack": E2E}),  # compose file: unit
+    "test_team_stack_acceptance.py": ModuleTiers(E2E),  # issue #25's acceptance on the stack
     "test_ui_browser.py": ModuleTiers(E2E),
     "test_data_docs_browser.py": ModuleTiers(E2E),
     "test_reliability_dependencies.py": ModuleTiers(E2E),
@@ -282,6 +283,7 @@ SERIALISED: dict[str, frozenset[str] | None] = {
     "test_deployments.py": None,
     "test_storage_backends.py": None,
     "test_stack.py": None,
+    "test_team_stack_acceptance.py": None,
     "test_ui_browser.py": None,
     "test_data_docs_browser.py": None,
     "test_reliability_dependencies.py": None,
