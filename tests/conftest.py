@@ -294,7 +294,13 @@ SERIALISED: dict[str, frozenset[str] | None] = {
 # The crash matrix is serialised in a group of its own, which runs beside the server group on
 # the other worker: it SIGKILLs only its own children and opens no port. One group for both
 # made them the run's critical path (about 275 s of a 301 s run, one after another).
-SERIAL_GROUPS: dict[str, str] = {"test_reliability_crashes.py": "serial-crashes"}
+# The team stack's tests (one stack for the session) are a third group for the same reason:
+# about four minutes of deployment runs that would otherwise queue behind the server group.
+SERIAL_GROUPS: dict[str, str] = {
+    "test_reliability_crashes.py": "serial-crashes",
+    "test_stack.py": "serial-team",
+    "test_team_stack_acceptance.py": "serial-team",
+}
 
 
 # The order tests start in (xdist hands them out in this order with --no-loadscope-reorder):
