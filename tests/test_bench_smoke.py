@@ -278,3 +278,54 @@ def test_domain_records_are_grouped_and_old_records_read_as_market(tmp_path):
         markdown.index("## market") < markdown.index("## credit") < markdown.index("## customers")
     )
     assert "| credit: Prefect overhead at 16S: ratio <= 1.10 | 1.05 | yes |" in markdown
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("qlib") is None, reason="pyqlib not installed (the bench extra)"
+)
+def test_the_qlib_peer_stage_fits_both_sides_on_the_same_windows(tmp_path):
+    """`python -m benchmarks.qlib_peer` at a tiny size: finpipe's and Qlib's models fitted on
+    one panel, each scored on the same test dates, the tables and the provenance written."""
+    from benchmarks.qlib_peer import PeerPanel, qlib_segments, qlib_table, training_panel
+    from finpipe.market.model import MarketTrainingConfig
+
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks.qlib_peer", "--tickers", "60", "--days", "320",
+            "--seeds", "1", "--set", "max_epochs=1", "--set", "hidden=8",
+            "--qlib-dnn-steps", "40", "--qlib-gru-epochs", "1", "--lgbm-rounds", "10",
+            "--out", str(tmp_path), "--name", "peer", "--workdir", str(tmp_path / "qlib"),
+        ],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    written = json.loads((tmp_path / "peer.json").read_text())
+    records = written["records"]
+    assert [(r["side"], r["model"]) for r in records] == [
+        ("finpipe", "mlp"), ("finpipe", "gru"), ("qlib", "dnn"), ("qlib", "gru"), ("qlib", "lgbm")
+    ]  # fmt: skip
+    for record in records:
+        assert "error" not in record, record
+        assert -1 < record["ic"] < 1 and -1 < record["rank_ic"] < 1 and record["fit_s"] > 0
+    assert records[0]["epochs"] == 1  # the --set reached finpipe's config
+    markdown = (tmp_path / "peer.md").read_text()
+    assert "python -m benchmarks.qlib_peer --tickers 60" in written["provenance"]
+    assert written["provenance"] in markdown and "at commit " in markdown
+    assert "| mlp | mlp | dnn | 1 |" in markdown and "| gru | gru | gru | 1 |" in markdown
+
+    # Qlib's segments are finpipe's windows: the embargo dates fall in none of them.
+    prices = generate_market_panel(MarketSyntheticConfig(tickers=8, days=320, seed=1)).prices
+    panel: PeerPanel = training_panel(prices, MarketTrainingConfig(), "tiny")
+    split, table = panel.split, qlib_table(panel)
+    dates = pd.DatetimeIndex(table.index.get_level_values("datetime").unique())
+    within = dates[(dates >= split.train_dates[0]) & (dates <= split.test_dates[-1])]
+    covered = [within[(within >= start) & (within <= end)] for start, end in
+               qlib_segments(split).values()]  # fmt: skip
+    assert [len(c) for c in covered] == [
+        len(split.train_dates), len(split.validation_dates), len(split.test_dates)
+    ]  # fmt: skip
+    uncovered = within.difference(covered[0].union(covered[1]).union(covered[2]))
+    assert len(uncovered) == 2 * split.embargo == 10
+    assert list(table.columns.get_level_values(0).unique()) == ["feature", "label"]
+    label = panel.frame.set_index(["date", "ticker"])[panel.label].sort_index()
+    assert np.array_equal(table[("label", "LABEL0")].to_numpy(), label.to_numpy(), equal_nan=True)
