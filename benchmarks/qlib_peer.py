@@ -7,8 +7,9 @@ features and label (`build_market_features`, `build_market_labels`) and the nigh
 window and split (the last `history_dates` dates, `time_split` with an embargo of the horizon, as
 `MarketDomain.prepare_training` cuts them), then fits on exactly those rows and dates:
 
-- finpipe's candidates (`fit_market_model` with `MarketTrainingConfig`'s defaults, or the values
-  given with `--set`);
+- finpipe's candidates, by default the nightly's: mlp, gru and their ensemble
+  (`fit_market_model` with `MarketTrainingConfig`'s defaults, or the values given with `--set`;
+  `fit_ensemble` on their predictions, its fit seconds counting its members');
 - Qlib's DNN (`DNNModelPytorch`) and LightGBM (`LGBModel`) through a `DatasetH`, and its GRU
   (`pytorch_gru_ts.GRU`) through a `TSDatasetH` with `step_len` = finpipe's lookback, all on a
   `DataHandlerLP` whose `StaticDataLoader` holds finpipe's feature table and label. Features
@@ -58,13 +59,19 @@ import numpy as np
 import pandas as pd
 import typer
 
+from finpipe.market.ensemble import fit_ensemble
 from finpipe.market.features import (
     KEY_COLUMNS,
     build_market_features,
     build_market_labels,
     feature_columns_of,
 )
-from finpipe.market.model import MarketTrainingConfig, fit_market_model
+from finpipe.market.model import (
+    ENSEMBLE,
+    FittedMarketModel,
+    MarketTrainingConfig,
+    fit_market_model,
+)
 from finpipe.market.schema import normalise_market_frame
 from finpipe.market.synthetic import MarketSyntheticConfig, generate_market_panel
 from finpipe.metrics import market_metrics
@@ -184,9 +191,16 @@ def test_metrics(panel: PeerPanel, predicted: pd.DataFrame) -> dict[str, float]:
 
 
 def fit_finpipe(
-    panel: PeerPanel, kind: str, config: MarketTrainingConfig
+    panel: PeerPanel,
+    kind: str,
+    config: MarketTrainingConfig,
+    fitted_nets: dict[str, tuple[FittedMarketModel, float]] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """Fit finpipe's `kind` as the nightly does; return its test predictions and fit facts."""
+    """Fit finpipe's `kind` as the nightly does; return its predictions from the validation
+    window on and its fit facts. The nets fitted go into `fitted_nets` (with their seconds): an
+    ensemble combines those fitted before it."""
+    if kind == ENSEMBLE:
+        return fit_finpipe_ensemble(panel, config, fitted_nets or {})
     started = time.perf_counter()
     fitted = fit_market_model(
         panel.frame,
@@ -208,7 +222,55 @@ def fit_finpipe(
         # what a recipe is chosen on (the test window only reports)
         "validation_ic": market_metrics(validation, label=panel.label)["ic"],
     }
+    if fitted_nets is not None:
+        fitted_nets[kind] = (fitted, fit_s)
     return predicted, facts
+
+
+def fit_finpipe_ensemble(
+    panel: PeerPanel,
+    config: MarketTrainingConfig,
+    fitted_nets: dict[str, tuple[FittedMarketModel, float]],
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """The nightly's ensemble of the nets fitted before it; its `fit_s` counts the members'
+    fits too (it cannot exist without them), `combine_s` its own."""
+    members = {kind: model for kind, (model, _) in fitted_nets.items()}
+    started = time.perf_counter()
+    scored = panel.frame[[*KEY_COLUMNS, panel.label]].merge(
+        _member_scores(panel, members), on=KEY_COLUMNS
+    )
+    ensemble = fit_ensemble(
+        members,
+        scored,
+        panel.split.validation_dates,
+        label=panel.label,
+        horizon=config.horizon,
+    )
+    prediction, _ = ensemble.combine(scored)
+    combine_s = time.perf_counter() - started
+    predicted = scored[KEY_COLUMNS].assign(prediction=prediction)
+    facts = {
+        "fit_s": combine_s + sum(seconds for _, seconds in fitted_nets.values()),
+        "combine_s": combine_s,
+        "members": ",".join(members),
+        "combination": ensemble.combination,
+        "validation_ic": ensemble.selection["validation_ic"],
+    }
+    return predicted, facts
+
+
+def _member_scores(panel: PeerPanel, members: dict[str, FittedMarketModel]) -> pd.DataFrame:
+    """date, ticker and one column per member: its prediction from the validation window on."""
+    start = panel.split.validation_dates[0]
+    scored = None
+    for kind, member in members.items():
+        predicted = member.predict(panel.frame, score_from=start).rename(
+            columns={"prediction": kind}
+        )
+        scored = predicted if scored is None else scored.merge(predicted, on=KEY_COLUMNS)
+    if scored is None:
+        raise ValueError("the ensemble needs nets fitted before it; list them first")
+    return scored
 
 
 # --------------------------------------------------------------------------------------------
@@ -220,9 +282,15 @@ def init_qlib(workdir: Path) -> None:
     """Start Qlib with its experiment records in a SQLite MLflow store (MLflow 3.17 refuses
     the file store Qlib defaults to) and no data provider (the static loader holds the data)."""
     import qlib
+    from mlflow.tracking import MlflowClient
 
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "provider").mkdir(exist_ok=True)
+    uri = f"sqlite:///{workdir / 'qlib-mlflow.db'}"
+    # Created here so that its artifacts go to the work folder, not ./mlruns.
+    client = MlflowClient(uri)
+    if client.get_experiment_by_name("qlib_peer") is None:
+        client.create_experiment("qlib_peer", artifact_location=(workdir / "artifacts").as_uri())
     qlib.init(
         provider_uri=str(workdir / "provider"),
         region="us",
@@ -232,7 +300,7 @@ def init_qlib(workdir: Path) -> None:
             "class": "MLflowExpManager",
             "module_path": "qlib.workflow.expm",
             "kwargs": {
-                "uri": f"sqlite:///{workdir / 'qlib-mlflow.db'}",
+                "uri": uri,
                 "default_exp_name": "qlib_peer",
             },
         },
@@ -409,8 +477,9 @@ class Plan:
 def measure_panel(panel: PeerPanel, seed: int, plan: Plan) -> list[dict[str, Any]]:
     """Fit every model of `plan` on `panel`; one record each (errors recorded, not raised)."""
     config = plan.config.model_copy(update={"seed": seed})
+    nets: dict[str, tuple[FittedMarketModel, float]] = {}
     fits: list[tuple[str, str, Callable[[], tuple[pd.DataFrame, dict[str, Any]]]]] = [
-        ("finpipe", kind, lambda kind=kind: fit_finpipe(panel, kind, config))
+        ("finpipe", kind, lambda kind=kind: fit_finpipe(panel, kind, config, nets))
         for kind in plan.finpipe_models
     ]
     if plan.qlib_models:
@@ -525,6 +594,36 @@ def paired_table(records: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def best_line(records: list[dict[str, Any]]) -> str:
+    """One line: each side's model with the best mean test IC, and their paired difference."""
+    ok = [r for r in records if "error" not in r]
+    best = {}
+    for side in ("finpipe", "qlib"):
+        models = {r["model"] for r in ok if r["side"] == side}
+        if not models:
+            return ""
+        best[side] = max(
+            models,
+            key=lambda m: mean_and_error(
+                [r["ic"] for r in ok if (r["side"], r["model"]) == (side, m)]
+            )[0],
+        )
+    ours, theirs = (
+        {
+            (r["panel"], r["seed"]): r["ic"]
+            for r in ok
+            if (r["side"], r["model"]) == (side, best[side])
+        }
+        for side in ("finpipe", "qlib")
+    )
+    both = sorted(set(ours) & set(theirs))
+    difference = _cell([ours[k] - theirs[k] for k in both], 4)
+    return (
+        f"Best by mean test IC: finpipe {best['finpipe']}, Qlib {best['qlib']}; paired "
+        f"difference {difference} over {len(both)} seed(s)."
+    )
+
+
 def provenance(command: str) -> str:
     """One line: when, with which command, at which commit (and whether the tree was dirty)."""
 
@@ -560,6 +659,8 @@ def write_results(
         "",
         paired_table(records),
         "",
+        best_line(records),
+        "",
     ]
     text += [f"- error: {_record_line(r)}" for r in errors]
     path = out / f"{name}.md"
@@ -590,7 +691,9 @@ def main(
     sample: Annotated[
         Path | None, typer.Option(help="A real OHLCV file instead of the synthetic panel.")
     ] = None,
-    finpipe: Annotated[str, typer.Option(help="finpipe candidates, comma-separated.")] = "mlp,gru",
+    finpipe: Annotated[
+        str, typer.Option(help="finpipe candidates, comma-separated (ensemble last).")
+    ] = "mlp,gru,ensemble",
     qlib: Annotated[str, typer.Option(help="Qlib models: dnn, gru, lgbm ('' for none).")] = (
         "dnn,gru,lgbm"
     ),
@@ -656,6 +759,7 @@ def main(
     print(summary_table(records))
     print()
     print(paired_table(records))
+    print(best_line(records))
     print(f"results: {path}")
 
 

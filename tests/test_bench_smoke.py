@@ -299,10 +299,14 @@ def test_the_qlib_peer_stage_fits_both_sides_on_the_same_windows(tmp_path):
         cwd=ROOT, capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        tmp_path / "qlib" / "artifacts"
+    ).is_dir()  # Qlib's records: its work folder, no ./mlruns
     written = json.loads((tmp_path / "peer.json").read_text())
     records = written["records"]
     assert [(r["side"], r["model"]) for r in records] == [
-        ("finpipe", "mlp"), ("finpipe", "gru"), ("qlib", "dnn"), ("qlib", "gru"), ("qlib", "lgbm")
+        ("finpipe", "mlp"), ("finpipe", "gru"), ("finpipe", "ensemble"),
+        ("qlib", "dnn"), ("qlib", "gru"), ("qlib", "lgbm"),
     ]  # fmt: skip
     for record in records:
         assert "error" not in record, record
@@ -312,6 +316,7 @@ def test_the_qlib_peer_stage_fits_both_sides_on_the_same_windows(tmp_path):
     assert "python -m benchmarks.qlib_peer --tickers 60" in written["provenance"]
     assert written["provenance"] in markdown and "at commit " in markdown
     assert "| mlp | mlp | dnn | 1 |" in markdown and "| gru | gru | gru | 1 |" in markdown
+    assert "Best by mean test IC: finpipe " in markdown
 
     # Qlib's segments are finpipe's windows: the embargo dates fall in none of them.
     prices = generate_market_panel(MarketSyntheticConfig(tickers=8, days=320, seed=1)).prices
