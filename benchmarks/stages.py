@@ -221,7 +221,8 @@ def training(work: Path, model: str, epochs: int) -> dict:
 
     _, storage = use_home(work)
     eve = dt.date.fromisoformat(prepared(work)["eve"])
-    config = MarketTrainingConfig(max_epochs=epochs, patience=epochs + 1)
+    # One net on each side (no seed averaging): the loop is raced, not the recipe.
+    config = MarketTrainingConfig(max_epochs=epochs, patience=epochs + 1, seed_average={})
     frame = _training_window(storage, eve, config, load_training_frame)
     labelled = frame.loc[frame[config.label].notna(), "date"].unique()
     split = time_split(sorted(labelled), embargo=config.horizon)

@@ -195,6 +195,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
             "test_same_seed_gives_identical_weights_and_history": FLOW,
             "test_early_stopping_stops_after_patience_and_restores_the_best_epoch": FLOW,
             "test_gru_and_cnn_train_on_windows_from_a_panel": FLOW,
+            "test_a_seed_average_is_the_mean_of_the_nets_each_seed_trains_alone": FLOW,
         },
     ),
     # GX on frames built in the test; on the real sample data set it takes seconds.

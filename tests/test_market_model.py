@@ -342,3 +342,19 @@ def test_market_candidates_accept_tcn_cnn_and_an_ensemble_of_two_nets():
         MarketTrainingConfig(models=["mlp", "gru", "mlp"])
     with pytest.raises(ValueError, match="ensemble"):  # not a net: no TrainConfig for it
         config.train_config("ensemble")
+
+
+def test_the_mlp_is_a_seed_average_of_five_nets_by_default():
+    """The recipe the peer benchmark measured (README): five MLPs averaged, one GRU."""
+    from finpipe.market.model import MarketTrainingConfig
+    from finpipe.nets import build_net
+    from finpipe.training import SeedAverage
+
+    default = MarketTrainingConfig()
+    assert [default.train_config(kind).seeds for kind in ("mlp", "gru", "tcn")] == [5, 1, 1]
+    chosen = MarketTrainingConfig(seed_average={"cnn": 3}, seed=4)
+    assert chosen.seed_average == {"tcn": 3}
+    assert (chosen.train_config("tcn").seeds, chosen.train_config("mlp").seeds) == (3, 1)
+    assert isinstance(build_net(chosen.train_config("tcn"), 4), SeedAverage)
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        MarketTrainingConfig(seed_average={"gru": 0})

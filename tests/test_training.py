@@ -16,6 +16,7 @@ from finpipe.nets import GRURegressor, TemporalCNNRegressor, build_net
 from finpipe.training import (
     Batches,
     FeatureScaler,
+    SeedAverage,
     TrainConfig,
     mean_squared_error,
     predict_regressor,
@@ -204,6 +205,38 @@ def test_same_seed_gives_identical_weights_and_history():
     assert [h["epoch"] for h in first.history] == [1, 2, 3]
     assert first.device == "cpu" and first.epochs_run == 3
     assert next(first.model.parameters()).device.type == "cpu"
+
+
+def test_a_seed_average_is_the_mean_of_the_nets_each_seed_trains_alone(tmp_path):
+    x, y, _ = _linear_problem(5, n_dates=10)
+    train, validation = Batches(x[:300], y[:300]), Batches(x[300:], y[300:])
+    config = TrainConfig(hidden=8, batch_size=64, max_epochs=2, seed=3, seeds=3)
+    heard: list[dict] = []
+    averaged = train_regressor(build_net(config, 4), train, validation, config, heard.append)
+
+    # The reference: three one-net runs from seeds 3, 4 and 5, averaged by hand.
+    alone = [
+        train_regressor(build_net(single, 4), train, validation, single)
+        for single in (
+            TrainConfig(**{**config.to_params(), "seed": s, "seeds": 1}) for s in (3, 4, 5)
+        )
+    ]
+    expected = np.mean([predict_regressor(r.model, validation) for r in alone], axis=0)
+    assert isinstance(averaged.model, SeedAverage) and len(averaged.model.members) == 3
+    np.testing.assert_allclose(predict_regressor(averaged.model, validation), expected, rtol=1e-5)
+
+    def losses(history: list[dict]) -> list[tuple[float, float]]:
+        return [(h["train_loss"], h["validation_loss"]) for h in history]
+
+    assert losses(averaged.history) == losses(alone[0].history)
+    assert averaged.best_epoch == alone[0].best_epoch
+    assert [h["epoch"] for h in heard] == [1, 2]  # the first member's epochs only
+    # Saved and read back through the model folder, the architecture comes from the config.
+    save_model_files(tmp_path, averaged.model, {})
+    restored = load_weights(build_net(config, 4), tmp_path)
+    np.testing.assert_allclose(predict_regressor(restored, validation), expected, rtol=1e-5)
+    saved_before = {k: v for k, v in config.to_params().items() if k != "seeds"}
+    assert TrainConfig.from_params(saved_before).seeds == 1  # models saved before seed averaging
 
 
 def test_early_stopping_stops_after_patience_and_restores_the_best_epoch():

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from finpipe.training import TrainConfig
+from finpipe.training import SeedAverage, TrainConfig
 
 
 class MLPRegressor(nn.Module):
@@ -109,8 +110,16 @@ def build_net(config: TrainConfig, n_features: int) -> nn.Module:
     """Return the net `config.model` names, initialised from `config.seed` (global RNG untouched).
 
     The temporal CNN's kernel size is chosen so its receptive field covers `config.lookback`
-    rows.
+    rows. With `config.seeds` > 1 it is a `SeedAverage` of that many such nets, member k
+    initialised from `config.seed + k`.
     """
+    if config.seeds > 1:
+        return SeedAverage(
+            [
+                build_net(dataclasses.replace(config, seed=config.seed + k, seeds=1), n_features)
+                for k in range(config.seeds)
+            ]
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
         if config.model == "mlp":

@@ -227,6 +227,14 @@ class TrainConfig:
     learning_rate: LearningRate = 1e-3
     weight_decay: WeightDecay = 1e-4
     seed: Annotated[int, Field(description="Seed for initialisation, shuffling, dropout.")] = 0
+    seeds: Annotated[
+        int,
+        Field(
+            ge=1,
+            description="Nets trained from seeds seed, seed+1, ...; the model predicts their "
+            "mean (seed averaging). 1: one net.",
+        ),
+    ] = 1
     device: Annotated[
         str, Field(description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
     ] = "auto"
@@ -385,6 +393,22 @@ class Batches:
 NetT = TypeVar("NetT", bound=nn.Module)
 
 
+class SeedAverage(nn.Module):
+    """The mean output of `members`: nets of one architecture trained from different seeds.
+
+    Averaging cancels the part of each net's scores that comes from its seed (initialisation,
+    batch order, dropout) rather than from the data; `train_regressor` trains each member on
+    its own, as it would a single net.
+    """
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(x) for member in self.members]).mean(dim=0)
+
+
 @dataclass
 class TrainResult(Generic[NetT]):
     """A trained model (on CPU, best-validation weights) and how it got there."""
@@ -447,8 +471,29 @@ def train_regressor(
 
     The loop is `run_training_loop`'s: each epoch shuffles (seeded), batches, steps, then
     evaluates the whole validation set; same seed and device -> same weights and losses.
-    `model` is not modified: a copy is trained.
+    `model` is not modified: a copy is trained. A `SeedAverage` (`config.seeds` > 1) has each
+    member trained by the same loop, member k with seed `config.seed + k`; the result's history
+    and best epoch are the first member's (the net a one-seed run trains), and `on_epoch`
+    hears only its epochs.
     """
+    if isinstance(model, SeedAverage):
+        trained = [
+            train_regressor(
+                member,
+                train_batches,
+                validation_batches,
+                dataclasses.replace(config, seed=config.seed + k, seeds=1),
+                on_epoch if k == 0 else None,
+            )
+            for k, member in enumerate(model.members)
+        ]
+        averaged = copy.deepcopy(model).cpu()
+        for member, result in zip(averaged.members, trained, strict=True):
+            member.load_state_dict(result.model.state_dict())
+        first = trained[0]
+        return TrainResult(
+            averaged.eval(), first.history, first.best_epoch, first.epochs_run, first.device
+        )
     train_targets = train_batches.targets
     if train_targets is None or validation_batches.targets is None:
         raise ValueError("train_regressor needs Batches with targets")

@@ -51,6 +51,7 @@ Target = Literal["return", "cross_sectional_zscore"]
 MarketModelKind = Literal["mlp", "gru", "tcn", "ensemble"]
 MARKET_MODEL_KINDS: tuple[MarketModelKind, ...] = get_args(MarketModelKind)
 ENSEMBLE: MarketModelKind = "ensemble"
+MLP: MarketModelKind = "mlp"
 # The temporal CNN is not a default: on 200 tickers x 1,000 days it fits as slowly as the GRU
 # (142 s against 144 s) to a lower test IC (0.087 against 0.098); the ensemble costs ~1 s.
 DEFAULT_MODELS: tuple[MarketModelKind, ...] = ("mlp", "gru", "ensemble")  # a list is list[str]
@@ -457,6 +458,16 @@ class MarketTrainingConfig(BaseModel):
     learning_rate: LearningRate = 1e-3
     weight_decay: WeightDecay = 1e-4
     seed: int = 0
+    seed_average: dict[
+        Annotated[MarketModelKind, BeforeValidator(canonical_kind)], Annotated[int, Field(ge=1)]
+    ] = Field(
+        default_factory=lambda: {MLP: 5},
+        description=(
+            "Nets averaged per kind (seed averaging, `TrainConfig.seeds`; a kind not listed: "
+            "one net). Five MLPs from consecutive seeds raised the MLP's validation and test IC "
+            "by about 0.004 on every panel measured, at five times the fit time (README)."
+        ),
+    )
     target: Literal["cross_sectional_zscore", "return"] = Field(
         "cross_sectional_zscore",
         description=(
@@ -490,6 +501,7 @@ class MarketTrainingConfig(BaseModel):
             layers=self.layers,
             dropout=self.dropout,
             lookback=self.lookback,
+            seeds=self.seed_average.get(check_kind(model, NET_KINDS), 1),
             **loop_settings(self),
         )
 
