@@ -66,6 +66,7 @@ def nightly(
     rebuild_features: bool = False,
     training: dict[str, Any] | None = None,
     history_dates: HistoryDates = None,
+    history_start: dt.date | None = None,
     catch_up: bool = True,
     default_as_of: AsOfRule = "latest validated date",
     calendar_timezone: str | None = None,
@@ -84,6 +85,8 @@ def nightly(
             (market candidates: mlp, gru, tcn, ensemble).
         history_dates: Train on the last N dates of the stored history; 0 means all of it,
             empty the domain's default (market: the last 756 dates, three years).
+        history_start: Train on dates from this day on only (market); with history_dates as
+            well, the later start applies. Empty: no start date.
         catch_up: First score every session missed since the last completed night.
         default_as_of: The date to run for when as_of is empty: the latest validated date,
             or the session before the run's scheduled time (what the schedule uses). Sessions
@@ -93,7 +96,7 @@ def nightly(
             FINPIPE_TIMEZONE.
     """
     run = set_up_run("nightly", domain, inputs or [])
-    config = training_config(domain, training_overrides(training, history_dates))
+    config = training_config(domain, training_overrides(training, history_dates, history_start))
     if as_of is None and default_as_of == "previous business day":
         as_of = _scheduled_as_of(calendar_timezone, domain)
     validate_day = as_day(as_of) if as_of else dt.datetime.now(dt.UTC).date()

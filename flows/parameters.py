@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Annotated, Any
 
 from pydantic import Field
@@ -17,10 +18,17 @@ DomainName = Annotated[str, Field(json_schema_extra={"enum": domain_names()})]
 HistoryDates = Annotated[int | None, Field(ge=0)]
 
 
-def training_overrides(training: dict[str, Any] | None, history_dates: int | None) -> dict:
-    """The training overrides a run asks for: `training` plus the history window, where 0
-    means all of the stored history and None leaves the domain's default."""
+def training_overrides(
+    training: dict[str, Any] | None,
+    history_dates: int | None,
+    history_start: dt.date | None = None,
+) -> dict:
+    """The training overrides a run asks for: `training` plus the history window, where
+    `history_dates` 0 means all of the stored history and None leaves the domain's default,
+    and `history_start` (a first date) bounds it from the start."""
     overrides = dict(training or {})
     if history_dates is not None:
         overrides["history_dates"] = history_dates or None
+    if history_start is not None:
+        overrides["history_start"] = history_start
     return overrides

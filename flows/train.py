@@ -29,6 +29,7 @@ def train(
     as_of: dt.date | None = None,
     training: dict[str, Any] | None = None,
     history_dates: HistoryDates = None,
+    history_start: dt.date | None = None,
     promote: bool = True,
 ) -> dict:
     """Retrain the domain's models as of a date and, if asked, promote a better challenger.
@@ -40,11 +41,13 @@ def train(
             (market candidates: mlp, gru, tcn, ensemble).
         history_dates: Train on the last N dates of the stored history; 0 means all of it,
             empty the domain's default (market: the last 756 dates, three years).
+        history_start: Train on dates from this day on only (market); with history_dates as
+            well, the later start applies. Empty: no start date.
         promote: Compare the new model with the champion on the same test window and make it
             champion if it is better; off, it stays registered as challenger only.
     """
     run = set_up_run("train", domain)
-    config = training_config(domain, training_overrides(training, history_dates))
+    config = training_config(domain, training_overrides(training, history_dates, history_start))
     run_date = run_day(domain, as_of, run.validated_dates(end=as_of)).isoformat()
     update_features(domain, run_date, run.holder, run.lock_timeout)
     outcome = train_task(domain, run_date, config)

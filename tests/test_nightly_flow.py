@@ -391,3 +391,30 @@ def test_run_summary_is_a_prefect_markdown_artifact(two_nights):
     assert "| mlp |" in text and "| gru |" in text and "test rank_ic" in text
     assert summaries[1]["promotion"]["reason"] in text
     assert f"{summaries[1]['predictions']['rows']:,} rows for {day}" in text
+
+
+def test_a_history_start_date_bounds_the_training_window(two_nights):
+    """`history_start` (the nightly's and train's form field, `--history-start`) keeps the
+    dates before it out of training; with `history_dates`, the later start applies."""
+    from finpipe.flows.parameters import training_overrides
+
+    from finpipe.market.pipeline import MarketParts
+    from finpipe.planning import training_config
+
+    settings, files, _, _ = two_nights
+    storage = Storage(settings.home)
+    as_of = _day(files[-1])
+    days = storage.partition_dates("features", "market", end=as_of)
+    start = days[len(days) // 2]
+    market = MarketParts()
+
+    def first_trained(history_dates, history_start):
+        overrides = training_overrides({}, history_dates, history_start)
+        config = training_config("market", overrides)
+        night = market.prepare_training(storage, as_of, config, lambda: None)
+        return night.frame["date"].min().date()
+
+    assert first_trained(0, None) == days[0]
+    assert first_trained(0, start) == start
+    assert first_trained(len(days) // 4, start) > start  # the later of the two starts
+    assert first_trained(len(days), start) == start

@@ -269,6 +269,13 @@ def run_nightly(
             "domain's, 756 dates for market).",
         ),
     ] = None,
+    history_start: Annotated[
+        str | None,
+        typer.Option(
+            help="YYYY-MM-DD: train on dates from this day on only (market; with "
+            "--history-dates, the later start applies)."
+        ),
+    ] = None,
 ) -> None:
     """Run the nightly flow (validate -> features -> train -> promote -> score) via Prefect."""
     settings = _settings()
@@ -296,6 +303,7 @@ def run_nightly(
         rebuild_features=rebuild_features,
         training=overrides,
         history_dates=history_dates,
+        history_start=as_day(history_start) if history_start else None,
     )
     _print_summary(summary, settings)
 

@@ -13,6 +13,7 @@ Point in time, in three places:
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -446,6 +447,13 @@ class MarketTrainingConfig(BaseModel):
         description=(
             "Train on the last N dates only (default 756, three years; None: all). Bounds the "
             "memory and time of a retrain however long the stored history grows."
+        ),
+    )
+    history_start: dt.date | None = Field(
+        None,
+        description=(
+            "Train on dates from this day on only (None: no start). With history_dates as well, "
+            "the later of the two starts applies."
         ),
     )
     hidden: int = Field(64, ge=4, description="Hidden units.")

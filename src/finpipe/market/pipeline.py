@@ -473,7 +473,7 @@ class MarketParts:
         """Return the labelled panel known at `as_of` and its train/validation/test split, with an
         embargo of at least the horizon between windows (labels look h days ahead)."""
         frame = load_training_frame(
-            storage, as_of, config.horizon, history_dates=config.history_dates
+            storage, as_of, config.horizon, config.history_start, history_dates=config.history_dates
         )
         if config.history_dates:
             keep = np.sort(frame["date"].unique())[-config.history_dates :]
