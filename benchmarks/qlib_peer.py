@@ -7,8 +7,8 @@ features and label (`build_market_features`, `build_market_labels`) and the nigh
 window and split (the last `history_dates` dates, `time_split` with an embargo of the horizon, as
 `MarketDomain.prepare_training` cuts them), then fits on exactly those rows and dates:
 
-- finpipe's candidates, by default the nightly's: mlp, gru and their ensemble
-  (`fit_market_model` with `MarketTrainingConfig`'s defaults, or the values given with `--set`;
+- finpipe's candidates, by default the nightly's: mlp, gru, lgbm and their ensemble
+  (`fit_member` with `MarketTrainingConfig`'s defaults, or the values given with `--set`;
   `fit_ensemble` on their predictions, its fit seconds counting its members');
 - Qlib's DNN (`DNNModelPytorch`) and LightGBM (`LGBModel`) through a `DatasetH`, and its GRU
   (`pytorch_gru_ts.GRU`) through a `TSDatasetH` with `step_len` = finpipe's lookback, all on a
@@ -59,6 +59,7 @@ import numpy as np
 import pandas as pd
 import typer
 
+from finpipe.market.candidates import MarketMember, fit_member
 from finpipe.market.ensemble import fit_ensemble
 from finpipe.market.features import (
     KEY_COLUMNS,
@@ -66,12 +67,7 @@ from finpipe.market.features import (
     build_market_labels,
     feature_columns_of,
 )
-from finpipe.market.model import (
-    ENSEMBLE,
-    FittedMarketModel,
-    MarketTrainingConfig,
-    fit_market_model,
-)
+from finpipe.market.model import ENSEMBLE, MarketTrainingConfig
 from finpipe.market.schema import normalise_market_frame
 from finpipe.market.synthetic import MarketSyntheticConfig, generate_market_panel
 from finpipe.metrics import market_metrics
@@ -194,7 +190,7 @@ def fit_finpipe(
     panel: PeerPanel,
     kind: str,
     config: MarketTrainingConfig,
-    fitted_nets: dict[str, tuple[FittedMarketModel, float]] | None = None,
+    fitted_nets: dict[str, tuple[MarketMember, float]] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Fit finpipe's `kind` as the nightly does; return its predictions from the validation
     window on and its fit facts. The nets fitted go into `fitted_nets` (with their seconds): an
@@ -202,15 +198,7 @@ def fit_finpipe(
     if kind == ENSEMBLE:
         return fit_finpipe_ensemble(panel, config, fitted_nets or {})
     started = time.perf_counter()
-    fitted = fit_market_model(
-        panel.frame,
-        panel.features,
-        panel.split,
-        config.train_config(kind),
-        label=config.label,
-        horizon=config.horizon,
-        target=config.target,
-    )
+    fitted = fit_member(kind, panel.frame, panel.features, panel.split, config)
     fit_s = time.perf_counter() - started
     predicted = fitted.predict(panel.frame, score_from=panel.split.validation_dates[0])
     validation = panel.rows_of(panel.split.validation_dates)[[*KEY_COLUMNS, panel.label]]
@@ -230,7 +218,7 @@ def fit_finpipe(
 def fit_finpipe_ensemble(
     panel: PeerPanel,
     config: MarketTrainingConfig,
-    fitted_nets: dict[str, tuple[FittedMarketModel, float]],
+    fitted_nets: dict[str, tuple[MarketMember, float]],
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The nightly's ensemble of the nets fitted before it; its `fit_s` counts the members'
     fits too (it cannot exist without them), `combine_s` its own."""
@@ -259,7 +247,7 @@ def fit_finpipe_ensemble(
     return predicted, facts
 
 
-def _member_scores(panel: PeerPanel, members: dict[str, FittedMarketModel]) -> pd.DataFrame:
+def _member_scores(panel: PeerPanel, members: dict[str, MarketMember]) -> pd.DataFrame:
     """date, ticker and one column per member: its prediction from the validation window on."""
     start = panel.split.validation_dates[0]
     scored = None
@@ -477,7 +465,7 @@ class Plan:
 def measure_panel(panel: PeerPanel, seed: int, plan: Plan) -> list[dict[str, Any]]:
     """Fit every model of `plan` on `panel`; one record each (errors recorded, not raised)."""
     config = plan.config.model_copy(update={"seed": seed})
-    nets: dict[str, tuple[FittedMarketModel, float]] = {}
+    nets: dict[str, tuple[MarketMember, float]] = {}
     fits: list[tuple[str, str, Callable[[], tuple[pd.DataFrame, dict[str, Any]]]]] = [
         ("finpipe", kind, lambda kind=kind: fit_finpipe(panel, kind, config, nets))
         for kind in plan.finpipe_models
@@ -693,7 +681,7 @@ def main(
     ] = None,
     finpipe: Annotated[
         str, typer.Option(help="finpipe candidates, comma-separated (ensemble last).")
-    ] = "mlp,gru,ensemble",
+    ] = "mlp,gru,lgbm,ensemble",
     qlib: Annotated[str, typer.Option(help="Qlib models: dnn, gru, lgbm ('' for none).")] = (
         "dnn,gru,lgbm"
     ),

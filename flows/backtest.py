@@ -77,8 +77,8 @@ def backtest(
         train_window: Labelled dates each retrain learns from: empty for all dates before the
             cut-off (expanding), N for the last N (rolling).
         models: Models trained in every window, each backtested on its own: mlp, gru, tcn
-            (temporal CNN), ensemble (the nets listed beside it combined, weights chosen on
-            the window's validation dates).
+            (temporal CNN), lgbm (LightGBM trees), ensemble (the models listed beside it
+            combined, weights chosen on the window's validation dates).
         horizon: Forward-return horizon in sessions (the label, the embargo and the IC).
         top_k: Names held on each side of the portfolios.
         n_drop: Names the turnover-limited long-only portfolio may replace a day (empty:

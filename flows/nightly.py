@@ -82,7 +82,7 @@ def nightly(
         retrain: Retrain and run champion/challenger promotion before scoring.
         rebuild_features: Recompute every feature partition instead of only new dates.
         training: Hyper-parameter overrides, e.g. {"max_epochs": 10, "models": ["mlp"]}
-            (market candidates: mlp, gru, tcn, ensemble).
+            (market candidates: mlp, gru, tcn, lgbm, ensemble).
         history_dates: Train on the last N dates of the stored history; 0 means all of it,
             empty the domain's default (market: the last 756 dates, three years).
         history_start: Train on dates from this day on only (market); with history_dates as

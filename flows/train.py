@@ -38,7 +38,7 @@ def train(
         domain: Which domain: market, credit, customers or another registered domain.
         as_of: Train on data known at this date; empty means the latest validated date.
         training: Hyper-parameter overrides, e.g. {"max_epochs": 10, "models": ["mlp"]}
-            (market candidates: mlp, gru, tcn, ensemble).
+            (market candidates: mlp, gru, tcn, lgbm, ensemble).
         history_dates: Train on the last N dates of the stored history; 0 means all of it,
             empty the domain's default (market: the last 756 dates, three years).
         history_start: Train on dates from this day on only (market); with history_dates as

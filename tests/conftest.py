@@ -179,6 +179,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_customers_profiles.py": ModuleTiers(UNIT),
     "test_market_features.py": ModuleTiers(UNIT),
     "test_market_model.py": ModuleTiers(UNIT),
+    "test_market_boosted.py": ModuleTiers(UNIT),  # LightGBM on 12 tickers: milliseconds a fit
     "test_market_synthetic.py": ModuleTiers(UNIT),
     "test_metrics.py": ModuleTiers(UNIT),
     "test_attribution.py": ModuleTiers(UNIT),

@@ -174,7 +174,7 @@ def test_the_training_history_is_a_run_parameter_with_a_stated_cap():
         field = parameter_schema(flow.fn).model_dump()["properties"]["history_dates"]
         assert "0 means all" in " ".join(field["description"].split()), flow.name
         training = parameter_schema(flow.fn).model_dump()["properties"]["training"]
-        assert "mlp, gru, tcn, ensemble" in training["description"], flow.name
+        assert "mlp, gru, tcn, lgbm, ensemble" in training["description"], flow.name
 
 
 def test_every_run_form_offers_the_registered_domains_as_a_drop_down():

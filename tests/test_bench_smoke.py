@@ -305,7 +305,7 @@ def test_the_qlib_peer_stage_fits_both_sides_on_the_same_windows(tmp_path):
     written = json.loads((tmp_path / "peer.json").read_text())
     records = written["records"]
     assert [(r["side"], r["model"]) for r in records] == [
-        ("finpipe", "mlp"), ("finpipe", "gru"), ("finpipe", "ensemble"),
+        ("finpipe", "mlp"), ("finpipe", "gru"), ("finpipe", "lgbm"), ("finpipe", "ensemble"),
         ("qlib", "dnn"), ("qlib", "gru"), ("qlib", "lgbm"),
     ]  # fmt: skip
     for record in records:
@@ -316,6 +316,7 @@ def test_the_qlib_peer_stage_fits_both_sides_on_the_same_windows(tmp_path):
     assert "python -m benchmarks.qlib_peer --tickers 60" in written["provenance"]
     assert written["provenance"] in markdown and "at commit " in markdown
     assert "| mlp | mlp | dnn | 1 |" in markdown and "| gru | gru | gru | 1 |" in markdown
+    assert "| gbdt | lgbm | lgbm | 1 |" in markdown
     assert "Best by mean test IC: finpipe " in markdown
 
     # Qlib's segments are finpipe's windows: the embargo dates fall in none of them.

@@ -39,7 +39,7 @@ def test_the_nightly_help_names_every_market_candidate():
     result = runner.invoke(app, ["run", "nightly", "--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.replace("│", " ").split())
-    assert "market mlp, gru, tcn (temporal CNN), ensemble" in text
+    assert "market mlp, gru, tcn (temporal CNN), lgbm (LightGBM), ensemble" in text
 
 
 def test_generate_writes_vendor_files_and_the_oracle(tmp_path, home):

@@ -332,7 +332,7 @@ def test_stacking_is_kept_only_when_it_wins_out_of_sample(members):
 def test_market_candidates_accept_tcn_cnn_and_an_ensemble_of_two_nets():
     from finpipe.market.model import MARKET_MODEL_KINDS, MarketTrainingConfig
 
-    assert MARKET_MODEL_KINDS == ("mlp", "gru", "tcn", "ensemble")  # names the backtest uses
+    assert MARKET_MODEL_KINDS == ("mlp", "gru", "tcn", "lgbm", "ensemble")  # the backtest uses them
     config = MarketTrainingConfig(models=["mlp", "cnn", "ensemble"])
     assert config.models == ["mlp", "tcn", "ensemble"]
     assert config.train_config("tcn").model == "tcn"

@@ -185,3 +185,46 @@ def test_models_reach_half_the_oracle_ic(tmp_path, home):
     assert np.isfinite(outcome.metrics["mlp"]["test"]["rmse"])
     # The last labelled date is 5 rows before as_of: the test window ends there.
     assert dt.date.fromisoformat(outcome.test_end) < as_of
+
+
+def test_the_boosted_trees_are_registered_promoted_and_score_with_reasons(home, delivery):
+    """lgbm, the gradient-boosted baseline, takes the nets' path: a run with its settings and
+    importance, the registry, the promotion gate, scoring with reason codes, plain pyfunc."""
+    import mlflow
+
+    from finpipe import tracking
+    from finpipe.market.boosted import FittedMarketBoostedTrees
+    from finpipe.market.model import BoostedTreesConfig
+    from finpipe.market.pipeline import promote_market, score_market
+
+    panel, files = delivery
+    storage = Storage(home.home)
+    for path in files:
+        _ingest(storage, path)
+    as_of = panel.prices["date"].max().date()
+    update_market_features(storage, as_of)
+    trees = BoostedTreesConfig(num_leaves=4, min_leaf_fraction=0.02, max_rounds=80, patience=20)
+    config = MarketTrainingConfig(models=["lgbm"], boosted_trees=trees)
+    outcome = train_market(storage, home, as_of, config)
+    assert outcome.candidate == "lgbm" and np.isfinite(outcome.metrics["lgbm"]["test"]["ic"])
+    validation = outcome.metrics["lgbm"]["validation"]  # the floor it sets for every candidate
+    assert validation["ic_floor_boosted_trees"] == pytest.approx(
+        validation["ic"] - validation["ic_floor_standard_error"]
+    )
+    assert promote_market(storage, home, outcome).promoted  # the first champion
+
+    scored = score_market(storage, home, as_of)
+    predictions = storage.read_partition("predictions", "market", as_of)
+    assert scored.rows == len(predictions) == panel.prices["date"].eq(pd.Timestamp(as_of)).sum()
+    assert predictions[["prediction", "reason_1", "reason_2", "reason_3"]].notna().all().all()
+    champion = tracking.load_model_version(home, "market")
+    assert isinstance(champion.model, FittedMarketBoostedTrees)
+    features = storage.read_partition("features", "market", as_of)
+    mlflow.set_tracking_uri(home.tracking_uri)
+    served = mlflow.pyfunc.load_model("models:/finpipe-market@champion")
+    pd.testing.assert_frame_equal(served.predict(features), champion.predict(features))
+    run = mlflow.get_run(champion.run_id)
+    assert run.data.params["num_leaves"] == "4" and "best_epoch" in run.data.metrics
+    assert "plots/feature_importance.png" in {
+        a.path for a in mlflow.MlflowClient().list_artifacts(champion.run_id, "plots")
+    }

@@ -54,15 +54,15 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from finpipe import plots, portfolio, tracking
 from finpipe.errors import ConfigError, FinpipeError
 from finpipe.ingest import BATCH_COLUMN
+from finpipe.market.candidates import MarketMember, fit_member, member_loader
 from finpipe.market.ensemble import FittedMarketEnsemble, fit_ensemble
 from finpipe.market.features import KEY_COLUMNS, build_market_labels, feature_columns_of
 from finpipe.market.model import (
     ENSEMBLE,
     FittedMarketModel,
     MarketTrainingConfig,
-    fit_market_model,
 )
-from finpipe.market.pipeline import ENSEMBLE_LOADER, MODEL_LOADER
+from finpipe.market.pipeline import ENSEMBLE_LOADER
 from finpipe.market.schema import DOMAIN, price_column
 from finpipe.market.synthetic import ORACLE
 from finpipe.metrics import market_metrics
@@ -279,7 +279,7 @@ def window_split(frame: pd.DataFrame, window: Window, config: BacktestConfig) ->
     )
 
 
-WindowModel = FittedMarketModel | FittedMarketEnsemble
+WindowModel = MarketMember | FittedMarketEnsemble
 
 
 @dataclass
@@ -319,17 +319,9 @@ def fit_window(
     on_validation = frame.loc[frame["date"].isin(split.validation_dates), [*KEY_COLUMNS, label]]
     on_scored = scoring.loc[scoring["date"] >= cutoff, KEY_COLUMNS]
     models: dict[str, WindowModel] = {}
-    nets: dict[str, FittedMarketModel] = {}
+    nets: dict[str, MarketMember] = {}
     for kind in [k for k in config.training.models if k != ENSEMBLE]:
-        fitted = fit_market_model(
-            frame,
-            columns,
-            split,
-            config.training.train_config(kind),
-            label=label,
-            horizon=config.horizon,
-            target=config.training.target,
-        )
+        fitted = fit_member(kind, frame, columns, split, config.training)
         # scored with the rows before them as sequence history, as the nightly scores
         validated = fitted.predict(frame, score_from=split.validation_dates[0])
         on_validation[kind] = validated["prediction"].reindex(on_validation.index)
@@ -378,7 +370,10 @@ def _model_record(model: WindowModel) -> tuple[dict[str, str | int | float], dic
         }
         weights = {f"weight_{kind}": w for kind, w in model.weights.items()}
         return params, {**weights, **model.selection}
-    return dict(model.config.to_params()), {"best_epoch": model.best_epoch}
+    if isinstance(model, FittedMarketModel):
+        return dict(model.config.to_params()), {"best_epoch": model.best_epoch}
+    settings = {k: v for k, v in model.settings.items() if isinstance(v, str | int | float)}
+    return {"model": "lgbm", **settings}, {"best_epoch": model.best_epoch}
 
 
 def log_window_models(fit: WindowFit, parent_run_id: str, config: BacktestConfig) -> dict:
@@ -413,7 +408,7 @@ def log_window_models(fit: WindowFit, parent_run_id: str, config: BacktestConfig
                     )
                 tracking.log_fitted_model(
                     model,
-                    loader=ENSEMBLE_LOADER if kind == ENSEMBLE else MODEL_LOADER,
+                    loader=ENSEMBLE_LOADER if kind == ENSEMBLE else member_loader(kind),
                     input_example=fit.example,
                     output_example=model.predict(fit.example),
                 )

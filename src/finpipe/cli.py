@@ -255,8 +255,8 @@ def run_nightly(
     models: Annotated[
         str | None,
         typer.Option(
-            help="Comma-separated candidates: market mlp, gru, tcn (temporal CNN), ensemble "
-            "(default mlp,gru,ensemble); credit mlp, logistic."
+            help="Comma-separated candidates: market mlp, gru, tcn (temporal CNN), lgbm "
+            "(LightGBM), ensemble (default mlp,gru,lgbm,ensemble); credit mlp, logistic."
         ),
     ] = None,
     max_epochs: Annotated[int | None, typer.Option(min=1, help="Epoch cap per model.")] = None,
@@ -380,7 +380,8 @@ def run_backtest(
         ),
     ] = "expanding",
     models: Annotated[
-        str, typer.Option(help="Comma-separated: mlp, gru, tcn, ensemble (of the nets listed).")
+        str,
+        typer.Option(help="Comma-separated: mlp, gru, tcn, lgbm, ensemble (of those listed)."),
     ] = "mlp",
     horizon: Annotated[int, typer.Option(min=1, help="Forward-return horizon in sessions.")] = 5,
     top_k: Annotated[int, typer.Option(min=1, help="Names held on each side.")] = 10,

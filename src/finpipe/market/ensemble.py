@@ -19,7 +19,8 @@ IC is that cross-fitted one when it stacks, so picking it over a member is not d
 weights fitted on the dates it is judged on.
 
 Saved as one model folder: `model.json` (weights, how they were chosen) and each member's own
-folder under `members/<kind>/`, read back with `FittedMarketModel.load`.
+folder under `members/<kind>/`, read back with `finpipe.market.candidates.load_member` (the
+members may be nets or the boosted trees).
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ import numpy as np
 import pandas as pd
 from scipy.optimize import nnls
 
-from finpipe.market.model import FittedMarketModel, reason_columns
+from finpipe.market.candidates import MarketMember, load_member
+from finpipe.market.model import reason_columns
 from finpipe.metrics import per_date_ic
 from finpipe.model_files import read_model_metadata, save_model_metadata
 
@@ -59,7 +61,7 @@ class FittedMarketEnsemble:
 
     saved_as: ClassVar[str] = "market ensemble"
 
-    members: dict[str, FittedMarketModel]
+    members: dict[str, MarketMember]
     weights: dict[str, float]
     combination: Combination
     label: str
@@ -160,8 +162,7 @@ class FittedMarketEnsemble:
         directory = Path(directory)
         data = read_model_metadata(directory, cls.saved_as, with_weights=False)
         members = {
-            kind: FittedMarketModel.load(directory / MEMBERS_FOLDER / kind)
-            for kind in data["members"]
+            kind: load_member(kind, directory / MEMBERS_FOLDER / kind) for kind in data["members"]
         }
         return cls(
             members=members,
@@ -174,7 +175,7 @@ class FittedMarketEnsemble:
 
 
 def fit_ensemble(
-    members: Mapping[str, FittedMarketModel],
+    members: Mapping[str, MarketMember],
     scored: pd.DataFrame,
     validation_dates: pd.DatetimeIndex,
     *,

@@ -24,6 +24,8 @@ from finpipe.errors import ScoringError
 from finpipe.features import FeatureUpdate
 from finpipe.ingest import RawContract
 from finpipe.lifecycle import Candidate, Predictions, RunRecord, TrainingData
+from finpipe.market.boosted import FittedMarketBoostedTrees
+from finpipe.market.candidates import MarketMember, fit_member, member_loader, member_params
 from finpipe.market.ensemble import FittedMarketEnsemble, fit_ensemble
 from finpipe.market.features import (
     KEY_COLUMNS,
@@ -32,10 +34,9 @@ from finpipe.market.features import (
     update_market_features,
 )
 from finpipe.market.model import (
+    BOOSTED,
     ENSEMBLE,
-    FittedMarketModel,
     MarketTrainingConfig,
-    fit_market_model,
 )
 from finpipe.market.quality import add_market_checks_columns
 from finpipe.market.schema import DOMAIN, normalise_market_frame, price_column
@@ -51,7 +52,7 @@ log = logging.getLogger("finpipe.market")
 
 MODEL_LOADER = "finpipe.market.model:FittedMarketModel"
 ENSEMBLE_LOADER = "finpipe.market.ensemble:FittedMarketEnsemble"
-MarketModel = FittedMarketModel | FittedMarketEnsemble
+MarketModel = MarketMember | FittedMarketEnsemble
 
 
 # -- ingest --------------------------------------------------------------------------------
@@ -118,7 +119,7 @@ class MarketNight:
     embargo: int
     # The nets fitted so far, their predictions on every row of `frame` and on each shuffle of
     # the importance window: the ensemble, fitted last, combines them.
-    nets: dict[str, FittedMarketModel] = field(default_factory=dict)
+    nets: dict[str, MarketMember] = field(default_factory=dict)
     predictions: dict[str, np.ndarray] = field(default_factory=dict)
     shuffled_predictions: dict[str, dict[Shuffle | None, np.ndarray]] = field(default_factory=dict)
 
@@ -165,17 +166,7 @@ class MarketNight:
             return self.fit_ensemble(say)
         frame, features, split, config = self.frame, self.features, self.split, self.config
         say(f"training {kind} on {len(frame):,} rows, {len(features)} features")
-        train_config = config.train_config(kind)
-        fitted = fit_market_model(
-            frame,
-            features,
-            split,
-            train_config,
-            label=config.label,
-            horizon=config.horizon,
-            target=config.target,
-            on_epoch=on_epoch,
-        )
+        fitted = fit_member(kind, frame, features, split, config, on_epoch)
         scored = frame[[*KEY_COLUMNS, config.label]].merge(
             fitted.predict(frame), on=KEY_COLUMNS, how="left"
         )
@@ -189,21 +180,27 @@ class MarketNight:
             f"test IC {windows['test']['ic']:.4f}, best epoch {fitted.best_epoch}"
         )
         importance = self.importance(kind, fitted)
+        # The trees' best round is their highest validation IC, not their lowest loss: their
+        # losses by round are the run's metrics, not a curve marking another round as best.
+        curve = (
+            {}
+            if isinstance(fitted, FittedMarketBoostedTrees)
+            else {
+                "plots/learning_curve.png": plots.learning_curve(
+                    fitted.history, f"{kind}: loss by epoch"
+                )
+            }
+        )
         return Candidate(
             model=fitted,
-            loader=MODEL_LOADER,
+            loader=member_loader(kind),
             input_example=self.input_example(),
             windows=windows,
             record=RunRecord(
-                params={**train_config.to_params(), "label": config.label},
+                params={**member_params(kind, config), "label": config.label},
                 metrics={"best_epoch": fitted.best_epoch},
                 tables={IMPORTANCE_TABLE: importance},
-                figures={
-                    "plots/learning_curve.png": plots.learning_curve(
-                        fitted.history, f"{kind}: loss by epoch"
-                    ),
-                    **_plots(test, config.label, kind, importance),
-                },
+                figures={**curve, **_plots(test, config.label, kind, importance)},
             ),
             test_predictions=test["prediction"].to_numpy(),
         )
@@ -332,8 +329,10 @@ class MarketNight:
         return floor
 
     def conclude(self, fitted: Mapping[str, Candidate], say: lifecycle.Say) -> RunRecord:
-        """Every candidate's validation and test IC side by side (`candidates.json`) and the
-        planted signal's IC on the test window, when a synthetic oracle is present."""
+        """Every candidate's validation and test IC side by side (`candidates.json`), the
+        boosted trees' floor (`boosted_trees_floor`) and the planted signal's IC on the test
+        window, when a synthetic oracle is present."""
+        floor = boosted_trees_floor(fitted)
         table = pd.DataFrame(
             [
                 {
@@ -350,9 +349,9 @@ class MarketNight:
         test_window = self.frame[self.frame["date"].isin(self.split.test_dates)]
         oracle = _oracle_ic(self.storage, test_window, self.config.label)
         if oracle is None:
-            return RunRecord(tables={"candidates.json": table})
+            return RunRecord(metrics=floor, tables={"candidates.json": table})
         say(f"oracle IC on the test window: {oracle:.4f}")
-        metrics = {"test_oracle_ic": oracle}
+        metrics = {**floor, "test_oracle_ic": oracle}
         for kind, candidate in fitted.items():
             metrics[f"{kind}_ic_to_oracle"] = candidate.windows["test"]["ic"] / oracle
             candidate.windows["test"]["oracle_ic"] = oracle
@@ -370,6 +369,21 @@ class MarketNight:
             first_date=str(frame["date"].min().date()),
             last_date=str(frame["date"].max().date()),
         )
+
+
+def boosted_trees_floor(fitted: Mapping[str, Candidate]) -> dict[str, float]:
+    """State the gradient-boosted baseline as a promotion floor on every candidate
+    (`lifecycle.floor_refusal`), as credit states its logistic baseline: the trees' validation
+    IC less one standard error of their mean daily IC. Returns it as a figure to log; nothing
+    when the trees were not fitted tonight."""
+    baseline = fitted.get(BOOSTED)
+    if baseline is None:
+        return {}
+    validation = baseline.windows["validation"]
+    floor = validation["ic"] - validation["ic_floor_standard_error"]
+    for candidate in fitted.values():
+        candidate.windows["validation"]["ic_floor_boosted_trees"] = floor
+    return {"validation_ic_floor_boosted_trees": floor}
 
 
 def _metrics(
@@ -391,7 +405,7 @@ IMPORTANCE_TABLE = "importance/permutation_importance.json"
 
 def _members_table(
     scored: pd.DataFrame,
-    members: Mapping[str, FittedMarketModel],
+    members: Mapping[str, MarketMember],
     ensemble: FittedMarketEnsemble,
     split: TimeSplit,
     label: str,

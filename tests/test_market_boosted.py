@@ -1,0 +1,153 @@
+"""The market's gradient-boosted baseline (finpipe.market.boosted): fit on train dates only,
+early stopping on validation IC, exact attributions, the model folder, the ensemble member."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from finpipe.market.boosted import FittedMarketBoostedTrees, _DailyScore, fit_boosted_trees
+from finpipe.market.candidates import BOOSTED_LOADER, fit_member, member_loader, member_params
+from finpipe.market.ensemble import FittedMarketEnsemble, fit_ensemble
+from finpipe.market.model import (
+    DEFAULT_MODELS,
+    BoostedTreesConfig,
+    MarketTrainingConfig,
+)
+from finpipe.metrics import per_date_ic
+from finpipe.training import time_split
+
+FEATURES = ["f0", "f1", "f2"]
+HORIZON = 5
+SMALL = BoostedTreesConfig(num_leaves=4, min_leaf_fraction=0.02, max_rounds=60, patience=10)
+
+
+def _panel(seed: int = 0, n_dates: int = 80, tickers: int = 12) -> pd.DataFrame:
+    """f0 carries the signal; NaN features on one ticker's first rows; unrealised labels last."""
+    rng = np.random.default_rng(seed)
+    dates = pd.bdate_range("2023-01-02", periods=n_dates)
+    names = [f"T{k:02d}" for k in range(tickers)]
+    frame = pd.MultiIndex.from_product([dates, names], names=["date", "ticker"]).to_frame(
+        index=False
+    )
+    for column in FEATURES:
+        frame[column] = rng.normal(size=len(frame)).astype(np.float32)
+    frame["forward_return_5d"] = 0.01 * frame["f0"] + 0.01 * rng.normal(size=len(frame))
+    frame.loc[(frame["ticker"] == "T00") & (frame["date"] < dates[5]), FEATURES] = np.nan
+    frame.loc[frame["date"] > dates[-1 - HORIZON], "forward_return_5d"] = np.nan
+    return frame
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[pd.DataFrame, FittedMarketBoostedTrees]:
+    frame = _panel()
+    split = time_split(frame.loc[frame["forward_return_5d"].notna(), "date"], embargo=HORIZON)
+    return frame, fit_boosted_trees(frame, FEATURES, split, SMALL, horizon=HORIZON, seed=1)
+
+
+def test_the_trees_learn_the_planted_feature_and_keep_the_best_validation_round(fitted):
+    frame, model = fitted
+    predicted = model.predict(frame)
+    assert list(predicted.columns) == ["date", "ticker", "prediction"]
+    assert predicted.index.equals(frame.index) and np.isfinite(predicted["prediction"]).all()
+    scored = frame.assign(prediction=predicted["prediction"])
+    assert per_date_ic(scored).mean() > 0.5  # the signal's own IC is about 0.7
+    ics = [h["validation_ic"] for h in model.history]
+    assert model.best_epoch == int(np.argmax(ics)) + 1
+    assert len(model.history) <= model.best_epoch + SMALL.patience
+    assert model.settings["min_data_in_leaf"] == max(20, int(0.02 * 12 * 54))  # share of rows
+
+
+def test_test_dates_and_later_labels_change_nothing():
+    """Point in time: labels and features after the validation window never reach the fit."""
+    frame = _panel()
+    split = time_split(frame.loc[frame["forward_return_5d"].notna(), "date"], embargo=HORIZON)
+    changed = frame.copy()
+    after = changed["date"] > split.validation_dates[-1]
+    rng = np.random.default_rng(5)
+    changed.loc[after, "forward_return_5d"] = rng.normal(size=int(after.sum()))
+    changed.loc[after, FEATURES] = rng.normal(size=(int(after.sum()), len(FEATURES))).astype(
+        np.float32
+    )
+    first = fit_boosted_trees(frame, FEATURES, split, SMALL, horizon=HORIZON)
+    second = fit_boosted_trees(changed, FEATURES, split, SMALL, horizon=HORIZON)
+    before = ~after.to_numpy()
+    np.testing.assert_array_equal(
+        first.predict(frame)["prediction"].to_numpy()[before],
+        second.predict(changed)["prediction"].to_numpy()[before],
+    )
+    with pytest.raises(ValueError, match="embargo"):
+        fit_boosted_trees(frame, FEATURES, time_split(frame["date"], embargo=2), SMALL, horizon=5)
+
+
+def test_attributions_add_up_to_the_prediction_less_the_expected_value(fitted):
+    frame, model = fitted
+    start = frame["date"].iloc[-1]
+    contributions = model.attributions(frame, score_from=start)
+    predicted = model.predict(frame, score_from=start)
+    expected_value = model.booster.predict(
+        frame.loc[predicted.index, FEATURES].to_numpy(np.float64),
+        num_iteration=model.best_epoch,
+        pred_contrib=True,
+    )[:, -1]
+    np.testing.assert_allclose(
+        contributions.sum(axis=1) + expected_value, predicted["prediction"], rtol=1e-9, atol=1e-12
+    )
+    explained = model.explain(frame, score_from=start)
+    assert len(explained) == 12 and set(explained["reason_1"].dropna()) <= set(FEATURES)
+    assert (explained["reason_1"] == "f0").mean() > 0.5  # the planted feature moves scores most
+
+
+def test_the_model_folder_round_trips_and_names_what_is_missing(fitted, tmp_path):
+    frame, model = fitted
+    model.save(tmp_path / "lgbm")
+    assert sorted(p.name for p in (tmp_path / "lgbm").iterdir()) == ["booster.txt", "model.json"]
+    loaded = FittedMarketBoostedTrees.load(tmp_path / "lgbm")
+    pd.testing.assert_frame_equal(loaded.predict(frame), model.predict(frame))
+    saved = json.loads((tmp_path / "lgbm" / "model.json").read_text())
+    assert saved["feature_columns"] == FEATURES and saved["best_epoch"] == model.best_epoch
+    (tmp_path / "lgbm" / "booster.txt").unlink()
+    with pytest.raises(FileNotFoundError, match="booster.txt"):
+        FittedMarketBoostedTrees.load(tmp_path / "lgbm")
+
+
+def test_the_daily_score_is_the_mean_per_date_ic_and_the_squared_error():
+    rng = np.random.default_rng(2)
+    dates = np.repeat(pd.bdate_range("2024-01-01", periods=6).to_numpy(), 9)
+    targets, predictions = rng.normal(size=54), rng.normal(size=54)
+    (name, ic, higher), (_, loss, lower) = _DailyScore(dates, targets).metrics(predictions)
+    frame = pd.DataFrame({"date": dates, "prediction": predictions, "forward_return_5d": targets})
+    assert (name, higher, lower) == ("ic", True, False)
+    assert ic == pytest.approx(per_date_ic(frame).mean(), rel=1e-12)
+    assert loss == pytest.approx(np.mean((predictions - targets) ** 2), rel=1e-12)
+
+
+def test_lgbm_is_a_default_candidate_and_an_ensemble_member(tmp_path):
+    assert DEFAULT_MODELS == ("mlp", "gru", "lgbm", "ensemble")
+    config = MarketTrainingConfig(
+        models=["mlp", "lgbm", "ensemble"], hidden=8, max_epochs=2, seed_average={},
+        boosted_trees=SMALL,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="unknown model kind 'lgbm'"):
+        config.train_config("lgbm")  # not a net
+    assert member_loader("lgbm") == BOOSTED_LOADER
+    assert member_params("lgbm", config)["num_leaves"] == 4
+    frame = _panel(3)
+    split = time_split(frame.loc[frame["forward_return_5d"].notna(), "date"], embargo=HORIZON)
+    members = {kind: fit_member(kind, frame, FEATURES, split, config) for kind in ("mlp", "lgbm")}
+    assert isinstance(members["lgbm"], FittedMarketBoostedTrees)
+    scored = frame.copy()
+    for kind, member in members.items():
+        scored[kind] = member.predict(frame)["prediction"]
+    ensemble = fit_ensemble(
+        members, scored, split.validation_dates, label="forward_return_5d", horizon=HORIZON
+    )
+    ensemble.save(tmp_path / "ensemble")
+    loaded = FittedMarketEnsemble.load(tmp_path / "ensemble")
+    assert isinstance(loaded.members["lgbm"], FittedMarketBoostedTrees)
+    pd.testing.assert_frame_equal(loaded.predict(frame), ensemble.predict(frame))
+    explained = loaded.explain(frame, score_from=frame["date"].iloc[-1])
+    assert explained["reason_1"].notna().all()
