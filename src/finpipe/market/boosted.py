@@ -235,21 +235,23 @@ def fit_boosted_trees(
     dates = frame["date"].to_numpy()
     train_set = lgb.Dataset(inputs[train], targets[train], free_raw_data=False)
     validation_set = lgb.Dataset(inputs[validation], targets[validation], reference=train_set)
-    scorers = {
-        id(train_set): _DailyScore(dates[train], targets[train]),
-        id(validation_set): _DailyScore(dates[validation], targets[validation]),
-    }
+    scorer = _DailyScore(dates[validation], targets[validation])
 
     def daily_ic_and_loss(predictions: np.ndarray, data: lgb.Dataset) -> list:
-        return scorers[id(data)].metrics(predictions)
+        """Validation: the mean daily IC (first: what early stopping reads) and the loss;
+        train: the loss, its IC left NaN (computing it cost a third of the fit)."""
+        if data is validation_set:
+            return scorer.metrics(predictions)
+        loss = float(np.mean((predictions - targets[train]) ** 2))
+        return [("ic", float("nan"), True), ("l2", loss, False)]
 
     losses: dict[str, dict[str, list[float]]] = {}
     booster = lgb.train(
         {**params, "metric": "None"},
         train_set,
         num_boost_round=config.max_rounds,
-        valid_sets=[train_set, validation_set],
-        valid_names=["train", "validation"],
+        valid_sets=[validation_set, train_set],  # early stopping reads the first set's IC
+        valid_names=["validation", "train"],
         feval=daily_ic_and_loss,
         callbacks=[
             lgb.early_stopping(config.patience, first_metric_only=True, verbose=False),
