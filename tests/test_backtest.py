@@ -175,7 +175,8 @@ def stored(panel, tmp_path_factory):
         storage.write_partition("validated", "market", day, rows)
     for day, rows in features.groupby("date"):
         storage.write_partition("features", "market", day, rows)
-    config = _config(days, training={**TINY, "models": ["mlp"], "horizon": HORIZON})
+    # the boosted trees take the nets' path through every window (finpipe.market.candidates)
+    config = _config(days, training={**TINY, "models": ["mlp", "lgbm"], "horizon": HORIZON})
     sessions = [d for d in days if config.start <= d <= config.end]
     outcomes = [
         bt.run_window(storage, config, planned)
@@ -190,7 +191,7 @@ def test_windows_write_their_own_layer_readable_as_one_dataset(stored):
     folder = storage.location("backtests/unit/predictions/market")
     read = pd.read_parquet(folder)
     assert sorted(pd.to_datetime(read["date"]).dt.date.unique()) == sessions
-    assert set(read["model"]) == {"mlp"}
+    assert set(read["model"]) == {"mlp", "lgbm"}
     assert read.groupby("date")["ticker"].nunique().min() >= 6
     assert storage.partition_dates("predictions", "market") == []  # never the nightly's layer
 
