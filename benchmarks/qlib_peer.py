@@ -723,7 +723,10 @@ def main(
     seed_list = range(first_seed, first_seed + seeds)
     if sample is not None:
         panel = training_panel(sample_prices(sample), config, sample.name.split(".")[0])
-        about = f"{sample.name}, {panel.frame['ticker'].nunique()} tickers"
+        about = (
+            f"{sample.name}, {panel.frame['ticker'].nunique()} tickers (one panel: the seeds "
+            "vary the models only, so ± is their spread, not the test window's sampling error)"
+        )
         for seed in seed_list:
             records += measure_panel(panel, seed, plan)
     else:
