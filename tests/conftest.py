@@ -184,6 +184,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_metrics.py": ModuleTiers(UNIT),
     "test_attribution.py": ModuleTiers(UNIT),
     "test_portfolio.py": ModuleTiers(UNIT),
+    "test_portfolio_qlib.py": ModuleTiers(UNIT),  # vs Qlib risk_analysis; skips without pyqlib
     "test_backtest.py": ModuleTiers(UNIT),  # walk-forward windows: 2-epoch fits on 8 tickers
     "test_reliability_gates.py": ModuleTiers(UNIT),
     "test_repository.py": ModuleTiers(UNIT),
@@ -275,6 +276,9 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_packaging.py": ModuleTiers(E2E),
     "test_backfill_dask.py": ModuleTiers(E2E),  # dask scheduler + 2 workers, Prefect server
     "test_pg_locks.py": ModuleTiers(E2E),  # a real PostgreSQL server, SIGKILLed lock holders
+    "test_service_processes.py": ModuleTiers(_CHILD_PROCESS),  # stopping real children
+    "test_ingest_retries.py": ModuleTiers(FLOW),  # the ingest task's retries, Prefect local
+    "test_cli_drop_roots.py": ModuleTiers(FLOW),  # `finpipe ingest` and FINPIPE_DROP_ROOTS
 }
 
 # Tests that run one at a time, all on one xdist worker (`--dist loadgroup`): they start real

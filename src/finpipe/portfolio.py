@@ -18,7 +18,9 @@ Conventions, stated once here and used by every function below:
   sessions a year. Annualised return = mean daily return x 252; volatility = standard deviation
   (ddof 1) x sqrt(252); information ratio = mean / std x sqrt(252) (a Sharpe ratio with a zero
   risk-free rate when the returns are not relative to a benchmark); maximum drawdown = the
-  lowest point of the cumulative (summed) return below its running peak.
+  lowest point of the cumulative (summed) return below its running peak. (Qlib's
+  `risk_analysis(r, freq="day")` annualises over 238 sessions; finpipe's figures equal
+  `risk_analysis(r, N=252, freq=None, mode="sum")`: tests/test_portfolio_qlib.py.)
 - **IC** of a date is the Pearson correlation across tickers of the prediction with the return
   it predicts (the forward return the label uses); rank IC uses ranks (Spearman). ICIR is mean
   IC / standard deviation of IC.
