@@ -17,7 +17,6 @@ or `initdb` and `postgres` on PATH). The password never appears in logs, errors 
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pwd
@@ -28,10 +27,10 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from types import TracebackType
 from urllib.parse import quote
 
 from finpipe.errors import FinpipeError
+from finpipe.services.processes import ChildServer, escalation
 
 log = logging.getLogger("finpipe.services.postgres")
 
@@ -68,7 +67,7 @@ def find_bin_dir(bin_dir: Path | None = None) -> Path:
     )
 
 
-class PostgresServer:
+class PostgresServer(ChildServer):
     """One PostgreSQL cluster in `data_dir`, served on 127.0.0.1:`port` (see the module doc)."""
 
     def __init__(
@@ -110,15 +109,6 @@ class PostgresServer:
         """
         secret = quote(self._password, safe="")
         return f"{driver}://{self.user}:{secret}@{self.host}:{self.port}/{quote(database)}"
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        """The postmaster's process id while it runs."""
-        return self._process.pid if self.running and self._process else None
 
     # -- life cycle --------------------------------------------------------------------------
     def start(self) -> PostgresServer:
@@ -162,29 +152,8 @@ class PostgresServer:
     def stop(self, timeout: float = 30.0) -> None:
         """Fast shutdown (SIGINT: open sessions are ended, then a clean checkpoint); wait for
         it, escalating to an immediate shutdown (SIGQUIT) and then SIGKILL if it hangs."""
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGINT, timeout), (signal.SIGQUIT, 10.0), (signal.SIGKILL, 10.0)):
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(sig)
-            try:
-                process.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                log.warning("PostgreSQL (pid %d) ignored %s", process.pid, sig.name)
-        log.info("PostgreSQL on port %d stopped", self.port)
-
-    def __enter__(self) -> PostgresServer:
-        return self.start()
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
+        if self._stop_child(escalation(signal.SIGINT, timeout, signal.SIGQUIT), "PostgreSQL"):
+            log.info("PostgreSQL on port %d stopped", self.port)
 
     # -- databases ---------------------------------------------------------------------------
     def connect(self, database: str = "postgres", **options):

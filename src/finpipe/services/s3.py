@@ -20,7 +20,6 @@ readable on 127.0.0.1 (cluster layout, no data, no keys).
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import secrets
@@ -29,9 +28,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from types import TracebackType
 
 from finpipe.errors import FinpipeError
+from finpipe.services.processes import ChildServer, escalation
 from finpipe.settings import TELEMETRY_OFF
 
 log = logging.getLogger("finpipe.services.s3")
@@ -105,7 +104,7 @@ def jwt_environment() -> dict[str, str]:
     return {f"WEED_JWT_{name}_KEY": secrets.token_urlsafe(32) for name in names}
 
 
-class S3Server:
+class S3Server(ChildServer):
     """One SeaweedFS server with its S3 gateway on 127.0.0.1:`port` (see the module doc)."""
 
     def __init__(
@@ -141,14 +140,6 @@ class S3Server:
     @property
     def endpoint_url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def running(self) -> bool:
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self.running and self._process else None
 
     def client(self, **options):
         """A boto3 S3 client with this server's key pair (`options`: boto3.client's)."""
@@ -198,29 +189,8 @@ class S3Server:
 
     def stop(self, timeout: float = 15.0) -> None:
         """SIGTERM and wait; SIGKILL if it hangs (a filer retrying a write can)."""
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 10.0)):
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(process.pid, sig)
-            try:
-                process.wait(timeout=wait)
-                break
-            except subprocess.TimeoutExpired:
-                log.warning("S3 server (pid %d) ignored %s", process.pid, sig.name)
-        log.info("S3 server on port %d stopped", self.port)
-
-    def __enter__(self) -> S3Server:
-        return self.start()
-
-    def __exit__(
-        self,
-        kind: type[BaseException] | None,
-        error: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        self.stop()
+        if self._stop_child(escalation(signal.SIGTERM, timeout), "S3 server", group=True):
+            log.info("S3 server on port %d stopped", self.port)
 
     def _wait_until_ready(self) -> None:
         from botocore.config import Config

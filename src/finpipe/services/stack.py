@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -46,6 +47,7 @@ from pathlib import Path
 
 from finpipe.errors import FinpipeError
 from finpipe.services.ports import free_ports, port_is_free
+from finpipe.services.processes import escalation, stop_pid
 from finpipe.settings import redact_uri
 from finpipe.ui_servers import ServerCommand, wait_until_up
 
@@ -436,15 +438,8 @@ def _stop_pid(pid: int, started: str, first: signal.Signals, group: bool, timeou
     escalate to SIGKILL after `timeout` seconds. Return whether it was running."""
     if not _alive(pid, started):
         return False
-    for sig, wait in ((first, timeout), (signal.SIGKILL, 10.0)):
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(pid, sig) if group else os.kill(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not _alive(pid, started):
-                return True
-            time.sleep(0.1)
-        log.warning("process %d ignored %s", pid, sig.name)
+    alive = functools.partial(_alive, pid, started)
+    stop_pid(pid, alive, escalation(first, timeout), f"process {pid}", group=group)
     return True
 
 
