@@ -272,6 +272,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_data_docs_browser.py": ModuleTiers(E2E),
     "test_reliability_dependencies.py": ModuleTiers(E2E),
     "test_reliability_crashes.py": ModuleTiers(E2E),
+    "test_backtest_crash.py": ModuleTiers(E2E),  # a backtest SIGKILLed mid-window, re-run
     "test_bench_smoke.py": ModuleTiers(E2E),
     "test_packaging.py": ModuleTiers(E2E),
     "test_backfill_dask.py": ModuleTiers(E2E),  # dask scheduler + 2 workers, Prefect server
@@ -294,6 +295,7 @@ SERIALISED: dict[str, frozenset[str] | None] = {
     "test_data_docs_browser.py": None,
     "test_reliability_dependencies.py": None,
     "test_reliability_crashes.py": None,
+    "test_backtest_crash.py": None,
     "test_backfill_dask.py": None,
     "test_pg_locks.py": None,
 }
@@ -304,6 +306,7 @@ SERIALISED: dict[str, frozenset[str] | None] = {
 # about four minutes of deployment runs that would otherwise queue behind the server group.
 SERIAL_GROUPS: dict[str, str] = {
     "test_reliability_crashes.py": "serial-crashes",
+    "test_backtest_crash.py": "serial-crashes",
     "test_stack.py": "serial-team",
     "test_team_stack_acceptance.py": "serial-team",
 }
