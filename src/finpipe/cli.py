@@ -191,18 +191,32 @@ def generate_customers(
 @app.command("ingest")
 def ingest(
     domain: Annotated[str, typer.Argument(help="Domain of the files, e.g. market.")],
-    paths: Annotated[list[Path], typer.Argument(help="Delivered files (CSV, CSV.gz, Parquet).")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Delivered files (CSV, CSV.gz, Parquet). When FINPIPE_DROP_ROOTS is set, only "
+            "files under those folders (symlinks followed), as for flow runs; unset, any file "
+            "you can read."
+        ),
+    ],
     as_of: Annotated[
         str | None, typer.Option(help="Reject rows dated after this day (default: today).")
     ] = None,
 ) -> None:
-    """Land, validate (Great Expectations) and publish delivered files; quarantine bad ones."""
+    """Land, validate (Great Expectations) and publish delivered files; quarantine bad ones.
+
+    The person at the terminal chooses the files, so without FINPIPE_DROP_ROOTS any file they
+    can read is loaded; a machine that sets FINPIPE_DROP_ROOTS (a team worker) holds this
+    command to those folders too, and a file outside them is refused before anything is read.
+    """
     from finpipe.domains import get_domain
+    from finpipe.drop_roots import check_command_line_inputs
     from finpipe.ingest import ingest_files
     from finpipe.storage import Storage, as_day
 
     settings = _settings()
     contract = get_domain(domain).contract
+    check_command_line_inputs([str(path) for path in paths], settings)
     day = as_day(as_of) if as_of else dt.datetime.now(dt.UTC).date()
     from finpipe.locks import history_lock
 

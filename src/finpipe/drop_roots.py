@@ -14,9 +14,13 @@ import os
 from collections.abc import Iterable, Sequence
 from itertools import takewhile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from finpipe.date_runs import expand_inputs
 from finpipe.errors import ConfigError
+
+if TYPE_CHECKING:
+    from finpipe.settings import Settings
 
 GLOB_CHARACTERS = "*?["
 
@@ -50,6 +54,19 @@ def allowed_inputs(patterns: Iterable[str], roots: Sequence[Path]) -> list[str]:
         if not all(is_inside(file, roots) for file in expand_inputs([pattern])):
             raise _refusal(pattern, roots, "names a file outside the drop folders")
     return expand_inputs(patterns)
+
+
+def check_command_line_inputs(paths: Sequence[str], settings: Settings) -> None:
+    """Hold the files given to `finpipe ingest` to the drop folders when FINPIPE_DROP_ROOTS is
+    set (raise ConfigError, as `allowed_inputs` does); without it, any file may be loaded.
+
+    A flow run's inputs come from whoever can start a run (a UI form), so they are always held
+    to the drop folders, defaults included. The command line is run by a person who can read
+    those files anyway, on their own machine; but on a machine whose operator set the drop
+    folders (a team worker), a command must not read around them.
+    """
+    if settings.drop_roots is not None:
+        allowed_inputs(paths, settings.input_roots())
 
 
 def _refusal(pattern: str, roots: Sequence[Path], problem: str) -> ConfigError:
