@@ -262,6 +262,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_credit_pipeline.py": ModuleTiers(FLOW),
     "test_customers_flow.py": ModuleTiers(FLOW),
     "test_fourth_domain.py": ModuleTiers(FLOW),
+    "test_demo.py": ModuleTiers(FLOW),  # `finpipe demo --domains market` small, and its backtest
     "test_backtest_flow.py": ModuleTiers(FLOW),  # one 3-window backtest and its re-run
     # Real servers, the browser, SIGKILLed children, the benchmark harness, the wheel.
     "test_deployments.py": ModuleTiers(E2E),

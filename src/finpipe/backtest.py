@@ -175,6 +175,34 @@ def backtest_config(**values: object) -> BacktestConfig:
         raise ConfigError(f"invalid backtest parameters: {error}") from None
 
 
+DEMO_NAME = "demo"
+
+
+def demo_backtest_parameters(
+    storage: Storage, *, sessions: int = 60, windows: int = 3
+) -> dict[str, object]:
+    """Return the `backtest` flow's parameters for the short backtest `finpipe demo` runs
+    after the market nights: the last `sessions` stored feature dates in `windows` retrains,
+    one small MLP a window (one seed, a few epochs), one window at a time in the flow's
+    process (no worker processes to start), `top_k` an eighth of the universe (1 to 10).
+    """
+    days = storage.partition_dates("features", DOMAIN)
+    if len(days) < sessions:
+        raise ConfigError(f"the demo backtest needs {sessions} feature dates, found {len(days)}")
+    tickers = storage.read_partition("features", DOMAIN, days[-1])["ticker"].nunique()
+    return {
+        "name": DEMO_NAME,
+        "start": days[-sessions],
+        "end": days[-1],
+        "retrain_every": -(-sessions // windows),
+        "models": ["mlp"],
+        "top_k": max(1, min(10, tickers // 8)),
+        "cost_bps": 10.0,
+        "concurrency": 1,
+        "training": {"max_epochs": 3, "hidden": 16, "seed_average": {"mlp": 1}},
+    }
+
+
 # -- the plan ------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Window:

@@ -478,8 +478,12 @@ def demo(
     domains: Annotated[
         str, typer.Option(help="Comma-separated domains to run, in order (default: all).")
     ] = "",
+    backtest: Annotated[
+        bool, typer.Option(help="After the market nights, a short walk-forward backtest.")
+    ] = True,
 ) -> None:
-    """Generate synthetic deliveries, then run the nightly flow for a few dates per domain."""
+    """Generate synthetic deliveries, then run the nightly flow for a few dates per domain
+    (and a three-window backtest of the market model, reported in MLflow)."""
     settings = _settings()
     from finpipe.domains import domain_names, get_domain
     from finpipe.flows.nightly import nightly
@@ -500,11 +504,41 @@ def demo(
                 training=night.training,
             )
             _print_summary(summary, settings)
+        if backtest and name == "market":
+            _demo_backtest(settings)
         _print_outputs(settings, name)
     typer.echo(
         "\nOpen the MLflow UI on these runs with:\n"
         f"  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
         f"{settings.tracking_uri_for_display} --port 5000"
+    )
+
+
+def _demo_backtest(settings: Settings) -> None:
+    """Run the demo's short market backtest (`backtest.demo_backtest_parameters`) and say where
+    its report is."""
+    from finpipe.backtest import demo_backtest_parameters
+    from finpipe.flows.backtest import backtest
+    from finpipe.storage import Storage
+
+    storage = Storage(settings.home)
+    parameters = demo_backtest_parameters(storage)
+    _echo(
+        f"--- market: backtest {parameters['name']!r}, {parameters['start']} to "
+        f"{parameters['end']}, a retrain every {parameters['retrain_every']} sessions"
+    )
+    summary = backtest(**parameters)  # type: ignore[arg-type]
+    for row in summary["summary"]:
+        if row["strategy"] in ("long_short", "benchmark"):
+            typer.echo(
+                f"{row['signal']:<12} {row['strategy']:<11} IR {row['information_ratio']:7.3f}"
+                f"  return {row['annualised_return']:8.2%}  max DD {row['max_drawdown']:8.2%}"
+            )
+    layer = storage.backtest_store(summary["name"]).layer_key("predictions", "market")
+    typer.echo(
+        f"backtest report: MLflow run backtest-{summary['name']} (experiment "
+        f"{settings.experiment_name('market')}, plots/cumulative_return.png), predictions in "
+        f"{storage.backtest_store(summary['name']).location(layer)}"
     )
 
 
