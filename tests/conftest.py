@@ -10,7 +10,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -121,6 +121,20 @@ def team_stack():
 
     with running_stack() as stack:
         yield stack
+
+
+@pytest.fixture(scope="session")
+def prefect_api(tmp_path_factory) -> Iterator[str]:
+    """One Prefect server (the command `finpipe ui` runs, its own temporary database) for the
+    session's tests that need only its API; yields the API URL. Its users are e2e and
+    serialised (test_deployments, test_backfill_dask), so under xdist it runs on that one
+    worker: one server start instead of one per module."""
+    from finpipe.settings import load_settings
+    from tests.team_servers import ui_server
+
+    root = tmp_path_factory.mktemp("prefect-api")
+    with ui_server(load_settings(), "Prefect", root) as url:
+        yield f"{url}/api"
 
 
 @pytest.fixture(autouse=True)

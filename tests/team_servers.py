@@ -95,7 +95,7 @@ def wait_for_run(api_url: str, run_id: str, timeout: float = 300):
             run = client.read_flow_run(run_id)
             if run.state is not None and run.state.is_final():
                 return run
-            time.sleep(1)
+            time.sleep(0.25)  # a run's end is noticed within a quarter of a second
     raise AssertionError(f"flow run {run_id} not finished after {timeout} s")
 
 

@@ -1,5 +1,5 @@
 """A backfill fanned out over a real Dask cluster (FINPIPE_DASK_ADDRESS): `dask scheduler` and
-two `dask worker --nthreads 1` on 127.0.0.1, a real Prefect server, prefect-dask's
+two `dask worker --nthreads 1` on 127.0.0.1, the session's real Prefect server, prefect-dask's
 DaskTaskRunner; the same backfill on the thread pool publishes the same predictions."""
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import pytest
 from benchmarks.dask_backfill import (
     dask_cluster,
     predictions_by_date,
-    prefect_server,
     prepare_market,
     tasks_run_per_worker,
 )
@@ -25,8 +24,11 @@ DATES = 10
 
 
 @pytest.mark.timeout(900)
-def test_a_backfill_on_two_dask_workers_publishes_what_the_thread_pool_does(tmp_path, monkeypatch):
+def test_a_backfill_on_two_dask_workers_publishes_what_the_thread_pool_does(
+    tmp_path, monkeypatch, prefect_api
+):
     from finpipe.flows.backfill import backfill
+    from prefect.logging.handlers import APILogWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     base = prepare_market(tmp_path, tickers=6)
@@ -35,11 +37,8 @@ def test_a_backfill_on_two_dask_workers_publishes_what_the_thread_pool_does(tmp_
     for home in homes.values():
         shutil.copytree(base, home)
 
-    with (
-        finpipe_home(homes["threads"]) as settings,
-        prefect_server(settings, tmp_path) as api,
-        temporary_settings({PREFECT_API_URL: api}),
-    ):
+    api = prefect_api  # the session's Prefect server
+    with finpipe_home(homes["threads"]), temporary_settings({PREFECT_API_URL: api}):
         threads = backfill(start=days[0], end=days[-1], concurrency=2)
         monkeypatch.setenv("FINPIPE_HOME", str(homes["dask"]))
         workers = {**os.environ, "PREFECT_API_URL": api}  # FINPIPE_HOME: the same store
@@ -47,6 +46,7 @@ def test_a_backfill_on_two_dask_workers_publishes_what_the_thread_pool_does(tmp_
             monkeypatch.setenv("FINPIPE_DASK_ADDRESS", address)
             on_dask = backfill(start=days[0], end=days[-1], concurrency=2)
             per_worker = tasks_run_per_worker(address)
+        APILogWorker.drain_all(timeout=5)  # the runs' last log lines, while the API is set
 
     # Every date ran on the cluster, spread over both workers, none in the flow's process.
     assert sorted(per_worker.values())[0] >= 1 and sum(per_worker.values()) == DATES, per_worker

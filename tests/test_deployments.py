@@ -1,8 +1,9 @@
 """The deployments on a real Prefect server: `finpipe serve`, UI-style custom runs, the schedule.
 
-One Prefect server (temporary database) and one `finpipe serve` process for the module; runs are
-created through the Prefect client exactly as the UI's custom-run form does (the deployment's
-`create_flow_run` endpoint with JSON parameters), and executed by the served process.
+The session's Prefect server (`prefect_api`, temporary database) and one `finpipe serve` process
+for the module; runs are created through the Prefect client exactly as the UI's custom-run form
+does (the deployment's `create_flow_run` endpoint with JSON parameters), and executed by the
+served process.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from finpipe.planning import ALL_STEPS
 from finpipe.settings import Settings
 from finpipe.storage import Storage
 from tests.conftest import finpipe_home
-from tests.team_servers import finpipe_serve, run_artifacts, start_run, ui_server, wait_for_run
+from tests.team_servers import finpipe_serve, run_artifacts, start_run, wait_for_run
 
 pytestmark = pytest.mark.slow
 
@@ -53,23 +54,23 @@ class Team:
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory):
-    """Validated history, a Prefect server, `finpipe serve`, and a champion from `train`."""
+def team(tmp_path_factory, prefect_api):
+    """Validated history, the session's Prefect server, `finpipe serve`, and a champion from
+    `train`."""
     root = tmp_path_factory.mktemp("team")
     panel = generate_market_panel(MarketSyntheticConfig(tickers=6, days=305, seed=5))
     files = write_vendor_files(panel.prices, root / "drop", daily_files=1)
+    api = prefect_api
     with finpipe_home(root / "home") as settings:
         ingest_file(Storage(settings.home), MARKET_CONTRACT, files[0], as_of=dt.date.today())
-        with ui_server(settings, "Prefect", root) as prefect_url:
-            api = f"{prefect_url}/api"
-            with finpipe_serve(settings, api, root, env={"FINPIPE_TIMEZONE": TIMEZONE}):
-                train_id = start_run(api, "train/train", {"training": TINY})
-                # Runs beside the training; test_bad_parameters_... looks at it.
-                bad_run_id = start_run(
-                    api, "backfill/backfill", {"start": "2022-02-01", "end": "2022-01-03"}
-                )
-                train_run = wait_for_run(api, train_id)
-                yield Team(settings, api, files, panel.prices, train_run, bad_run_id)
+        with finpipe_serve(settings, api, root, env={"FINPIPE_TIMEZONE": TIMEZONE}):
+            train_id = start_run(api, "train/train", {"training": TINY})
+            # Runs beside the training; test_bad_parameters_... looks at it.
+            bad_run_id = start_run(
+                api, "backfill/backfill", {"start": "2022-02-01", "end": "2022-01-03"}
+            )
+            train_run = wait_for_run(api, train_id)
+            yield Team(settings, api, files, panel.prices, train_run, bad_run_id)
 
 
 def _day(path: Path) -> dt.date:
