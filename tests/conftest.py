@@ -295,6 +295,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_service_processes.py": ModuleTiers(_CHILD_PROCESS),  # stopping real children
     "test_ingest_retries.py": ModuleTiers(FLOW),  # the ingest task's retries, Prefect local
     "test_cli_drop_roots.py": ModuleTiers(FLOW),  # `finpipe ingest` and FINPIPE_DROP_ROOTS
+    "test_zombie_runs.py": ModuleTiers(FLOW),  # heartbeats, the automation on Prefect's API
 }
 
 # Tests that run one at a time, all on one xdist worker (`--dist loadgroup`): they start real

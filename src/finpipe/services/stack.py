@@ -6,9 +6,10 @@ Postgres with basic auth, an MLflow tracking server on Postgres with its artifac
 bucket and MLflow's basic-auth app, a Dask scheduler with two single-thread workers, and a
 Prefect process worker on the `finpipe` pool. Every process listens on 127.0.0.1 only. `up`
 registers finpipe's deployments on the pool (`finpipe stack deploy`, compose's one-shot
-`deployments` job); the processes that run finpipe's steps (the Prefect worker's flow runs, the
-Dask workers) read delivered files from the folder's `drop/` only and keep their local files
-in `local/<process>`.
+`deployments` job) and creates the automation that marks flow runs whose machine died
+`Crashed` (finpipe.services.zombies); the processes that run finpipe's steps (the Prefect
+worker's flow runs, the Dask workers) read delivered files from the folder's `drop/` only and
+keep their local files in `local/<process>`.
 
 Credentials are generated on the first `up` (no password ships with finpipe) and kept in
 `stack.env` (mode 0600) in the folder, with every other setting of the stack; `up` prints the
@@ -31,7 +32,6 @@ of one's own; a shared host wants the compose file's network (or Dask's TLS) ins
 from __future__ import annotations
 
 import concurrent.futures
-import contextlib
 import functools
 import json
 import logging
@@ -47,7 +47,8 @@ from pathlib import Path
 
 from finpipe.errors import FinpipeError
 from finpipe.services.ports import free_ports, port_is_free
-from finpipe.services.processes import escalation, stop_pid
+from finpipe.services.processes import KILL_WAIT, escalation, stop_pid, stop_process
+from finpipe.services.zombies import heartbeat_env
 from finpipe.settings import redact_uri
 from finpipe.ui_servers import ServerCommand, wait_until_up
 
@@ -79,6 +80,9 @@ CLIENT_SETTINGS = (
     "PREFECT_API_AUTH_STRING",
     "FINPIPE_LOCKS_URL",
     "FINPIPE_DASK_ADDRESS",
+    # Every flow run on the stack's API beats this often, so the zombie-run automation (which
+    # waits a few beats) never ends a live one (finpipe.services.zombies).
+    "PREFECT_FLOWS_HEARTBEAT_FREQUENCY",
 )
 # Values never echoed: masked when printed, replaced by *** in error messages.
 SECRET_SETTINGS = frozenset(
@@ -258,6 +262,7 @@ def stack_values(credentials: dict[str, str], ports: dict[str, int], folder: Sta
         "PREFECT_API_URL": prefect,
         "FINPIPE_LOCKS_URL": f"postgresql://finpipe:{pg}/{LOCKS_DATABASE}",
         "FINPIPE_DASK_ADDRESS": f"tcp://{host}:{ports['dask']}",
+        **heartbeat_env(),
         # servers
         "PREFECT_SERVER_API_AUTH_STRING": credentials["PREFECT_API_AUTH_STRING"],
         "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://finpipe:{pg}/prefect",
@@ -666,25 +671,28 @@ def _start_all(
     _wait(scheduler, launched[scheduler.name])
     _wait(prefect, launched[prefect.name], timeout=180)
     launch(worker)  # creates the work pool if missing
-    # Compose's one-shot `deployments` job: registers them on the pool once the worker has
-    # made it, while the other servers finish starting.
-    deploying = _deployments_job(folder).start(folder.log("deployments"))
+    # One-shot jobs, while the other servers finish starting: compose's `deployments` job
+    # (registers them on the pool once the worker has made it) and the zombie automation.
+    jobs = {
+        "registering the deployments": _deployments_job(folder),
+        "creating the zombie-run automation": _zombies_job(folder, values),
+    }
+    running = {what: job.start(folder.log(job.name)) for what, job in jobs.items()}
     try:
         _wait(mlflow, launched[mlflow.name], timeout=180)
         _wait_for_dask_workers(values["FINPIPE_DASK_ADDRESS"], launched, dask_workers)
         _wait(worker, launched[worker.name])
-        try:
-            code = deploying.wait(timeout=240)
-        except subprocess.TimeoutExpired:
-            raise StackError("registering the deployments took over 240 s; see its log") from None
-        if code != 0:
-            raise StackError(f"registering the deployments failed (exit {code}); see its log")
-        say("deployments registered on the finpipe pool")
+        for what, job in running.items():
+            try:
+                code = job.wait(timeout=240)
+            except subprocess.TimeoutExpired:
+                raise StackError(f"{what} took over 240 s; see its log") from None
+            if code != 0:
+                raise StackError(f"{what} failed (exit {code}); see its log")
+        say("deployments registered on the finpipe pool; zombie-run automation created")
     finally:
-        if deploying.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(deploying.pid, signal.SIGKILL)
-            deploying.wait()
+        for job in running.values():
+            stop_process(job, [(signal.SIGKILL, KILL_WAIT)], "a stack job", group=True)
 
 
 def _deployments_job(folder: StackFolder) -> ServerCommand:
@@ -695,6 +703,22 @@ def _deployments_job(folder: StackFolder) -> ServerCommand:
         url="",
         health_url="",
         env={"PREFECT_HOME": str(folder.prefect_home), "FINPIPE_STACK_DIR": str(folder.root)},
+    )
+
+
+def _zombies_job(folder: StackFolder, values: dict[str, str]) -> ServerCommand:
+    """Creates the automation that marks flow runs whose machine died Crashed (zombies.py)."""
+    return ServerCommand(
+        name="zombie-automation",
+        argv=[sys.executable, "-m", "finpipe.services.zombies"],
+        url="",
+        health_url="",
+        env={
+            "PREFECT_HOME": str(folder.prefect_home),
+            "FINPIPE_STACK_DIR": str(folder.root),
+            "PREFECT_API_URL": values["PREFECT_API_URL"],
+            "PREFECT_API_AUTH_STRING": values["PREFECT_API_AUTH_STRING"],
+        },
     )
 
 
