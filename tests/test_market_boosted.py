@@ -9,7 +9,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from finpipe.market.boosted import FittedMarketBoostedTrees, _DailyScore, fit_boosted_trees
+from finpipe.market.boosted import (
+    IC_EVERY,
+    FittedMarketBoostedTrees,
+    _DailyScore,
+    fit_boosted_trees,
+)
 from finpipe.market.candidates import BOOSTED_LOADER, fit_member, member_loader, member_params
 from finpipe.market.ensemble import FittedMarketEnsemble, fit_ensemble
 from finpipe.market.model import (
@@ -55,9 +60,18 @@ def test_the_trees_learn_the_planted_feature_and_keep_the_best_validation_round(
     assert predicted.index.equals(frame.index) and np.isfinite(predicted["prediction"]).all()
     scored = frame.assign(prediction=predicted["prediction"])
     assert per_date_ic(scored).mean() > 0.5  # the signal's own IC is about 0.7
-    ics = [h["validation_ic"] for h in model.history]
-    assert model.best_epoch == int(np.argmax(ics)) + 1
+    ics = np.array([h["validation_ic"] for h in model.history])
+    evaluated = np.flatnonzero(np.isfinite(ics)) + 1  # every IC_EVERY rounds, and the last
+    every = min(IC_EVERY, SMALL.patience)
+    assert evaluated[-1] == len(model.history) and all(evaluated[:-1] % every == 0)
+    assert model.best_epoch == int(np.nanargmax(ics)) + 1
     assert len(model.history) <= model.best_epoch + SMALL.patience
+    assert all(np.isfinite([h["train_loss"] for h in model.history]))
+    # the IC early stopping kept (validation predictions summed tree by tree) is the kept
+    # model's own validation IC (Pearson per date: the z-scored target's or the raw label's)
+    split = time_split(frame.loc[frame["forward_return_5d"].notna(), "date"], embargo=HORIZON)
+    kept = per_date_ic(scored[scored["date"].isin(split.validation_dates)]).mean()
+    assert ics[model.best_epoch - 1] == pytest.approx(kept, abs=1e-9)
     assert model.settings["min_data_in_leaf"] == max(20, int(0.02 * 12 * 54))  # share of rows
 
 
