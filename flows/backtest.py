@@ -71,7 +71,7 @@ def backtest(
         start: First date scored out of sample (YYYY-MM-DD); history before it trains the first
             window.
         end: Last date scored, included.
-        name: Names the backtest's store (backtests/<name>/) and MLflow run.
+        name: Names the backtest: its store backtests/NAME/ and MLflow run backtest-NAME.
         retrain_every: Sessions of the market calendar between retrains (21 monthly, 63
             quarterly).
         train_window: Labelled dates each retrain learns from: empty for all dates before the

@@ -284,6 +284,32 @@ def test_prefect_ui_shows_the_backfill_deployment_and_its_run_form(uis):
     _keep(form)
 
 
+def test_prefect_ui_shows_the_backtest_run_form_with_every_parameter_described(uis):
+    from prefect.client.orchestration import SyncPrefectClient
+
+    with SyncPrefectClient(f"{uis.prefect}/api") as client:
+        deployment = client.read_deployment_by_name("backtest/backtest")
+    page = f"{uis.prefect}/deployments/deployment/{deployment.id}"
+    form = uis.workdir / "prefect-backtest-run-form.png"
+    # Descriptions come from the flow's docstring (one line each there, so one text here).
+    described = [
+        "Names held on each side of the portfolios.",
+        "Trading cost in basis points of traded value.",
+        "How many windows train at the same time.",
+        "Last date scored, included.",
+        "Names the backtest: its store backtests/NAME/ and MLflow run backtest-NAME.",
+    ]
+    with Chromium(uis.workdir) as browser:
+        text = browser.open(f"{page}/run", (1400, 2600), described, form)
+    assert "Deployments backtest Run" in text, text
+    fields = ("start", "end", "name", "retrain_every", "train_window", "models", "horizon")
+    fields += ("top_k", "n_drop", "cost_bps", "concurrency", "training", "force")
+    for field in (*fields, *described):
+        assert field in text, field
+    assert "Sessions of the market calendar between retrains" in text
+    _keep(form, in_readme=False)
+
+
 def test_mlflow_ui_shows_the_market_experiment(uis):
     from mlflow import MlflowClient
 
