@@ -190,40 +190,42 @@ def fit_finpipe(
     panel: PeerPanel,
     kind: str,
     config: MarketTrainingConfig,
-    fitted_nets: dict[str, tuple[MarketMember, float]] | None = None,
+    fitted_nets: dict[str, tuple[MarketMember, float, float]] | None = None,
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """Fit finpipe's `kind` as the nightly does; return its predictions from the validation
     window on and its fit facts. The nets fitted go into `fitted_nets` (with their seconds): an
     ensemble combines those fitted before it."""
     if kind == ENSEMBLE:
         return fit_finpipe_ensemble(panel, config, fitted_nets or {})
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     fitted = fit_member(kind, panel.frame, panel.features, panel.split, config)
     fit_s = time.perf_counter() - started
+    fit_cpu_s = time.process_time() - cpu_started
     predicted = fitted.predict(panel.frame, score_from=panel.split.validation_dates[0])
     validation = panel.rows_of(panel.split.validation_dates)[[*KEY_COLUMNS, panel.label]]
     validation = validation.merge(predicted, on=KEY_COLUMNS)
     facts = {
         "fit_s": fit_s,
+        "fit_cpu_s": fit_cpu_s,
         "epochs": len(fitted.history),
         "best_epoch": fitted.best_epoch,
         # what a recipe is chosen on (the test window only reports)
         "validation_ic": market_metrics(validation, label=panel.label)["ic"],
     }
     if fitted_nets is not None:
-        fitted_nets[kind] = (fitted, fit_s)
+        fitted_nets[kind] = (fitted, fit_s, fit_cpu_s)
     return predicted, facts
 
 
 def fit_finpipe_ensemble(
     panel: PeerPanel,
     config: MarketTrainingConfig,
-    fitted_nets: dict[str, tuple[MarketMember, float]],
+    fitted_nets: dict[str, tuple[MarketMember, float, float]],
 ) -> tuple[pd.DataFrame, dict[str, Any]]:
     """The nightly's ensemble of the nets fitted before it; its `fit_s` counts the members'
     fits too (it cannot exist without them), `combine_s` its own."""
-    members = {kind: model for kind, (model, _) in fitted_nets.items()}
-    started = time.perf_counter()
+    members = {kind: model for kind, (model, _, _) in fitted_nets.items()}
+    started, cpu_started = time.perf_counter(), time.process_time()
     scored = panel.frame[[*KEY_COLUMNS, panel.label]].merge(
         _member_scores(panel, members), on=KEY_COLUMNS
     )
@@ -236,9 +238,11 @@ def fit_finpipe_ensemble(
     )
     prediction, _ = ensemble.combine(scored)
     combine_s = time.perf_counter() - started
+    combine_cpu_s = time.process_time() - cpu_started
     predicted = scored[KEY_COLUMNS].assign(prediction=prediction)
     facts = {
-        "fit_s": combine_s + sum(seconds for _, seconds in fitted_nets.values()),
+        "fit_s": combine_s + sum(seconds for _, seconds, _ in fitted_nets.values()),
+        "fit_cpu_s": combine_cpu_s + sum(cpu for _, _, cpu in fitted_nets.values()),
         "combine_s": combine_s,
         "members": ",".join(members),
         "combination": ensemble.combination,
@@ -434,13 +438,14 @@ def fit_qlib(
     budget = {**budget, "validation_rows": validation_rows}
     model = qlib_model(name, len(panel.features), names, seed, threads, budget)
     with R.start(experiment_name="qlib_peer", recorder_name=f"{panel.name}-{name}"):
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         model.fit(dataset)
         fit_s = time.perf_counter() - started
+        fit_cpu_s = time.process_time() - cpu_started
         scores = model.predict(dataset) if name == "gru" else model.predict(dataset, "test")
     predicted = scores.rename("prediction").reset_index()
     predicted = predicted.rename(columns={"datetime": "date", "instrument": "ticker"})
-    facts: dict[str, Any] = {"fit_s": fit_s, "prepare_s": prepare_s}
+    facts: dict[str, Any] = {"fit_s": fit_s, "fit_cpu_s": fit_cpu_s, "prepare_s": prepare_s}
     if name == "dnn":
         facts["best_step"] = model.best_step
     return predicted, facts
@@ -465,7 +470,7 @@ class Plan:
 def measure_panel(panel: PeerPanel, seed: int, plan: Plan) -> list[dict[str, Any]]:
     """Fit every model of `plan` on `panel`; one record each (errors recorded, not raised)."""
     config = plan.config.model_copy(update={"seed": seed})
-    nets: dict[str, tuple[MarketMember, float]] = {}
+    nets: dict[str, tuple[MarketMember, float, float]] = {}
     fits: list[tuple[str, str, Callable[[], tuple[pd.DataFrame, dict[str, Any]]]]] = [
         ("finpipe", kind, lambda kind=kind: fit_finpipe(panel, kind, config, nets))
         for kind in plan.finpipe_models
@@ -527,10 +532,10 @@ def mean_and_error(values: list[float]) -> tuple[float, float]:
     return float(array.mean()), float(array.std(ddof=1) / math.sqrt(array.size))
 
 
-def _cell(values: list[float], digits: int) -> str:
+def _cell(values: list[float], digits: int, missing: str = "n/a") -> str:
     mean, error = mean_and_error(values)
     if math.isnan(mean):
-        return "in fit" if not values else "n/a"
+        return missing if not values else "n/a"
     return f"{mean:.{digits}f}" if math.isnan(error) else f"{mean:.{digits}f} ± {error:.{digits}f}"
 
 
@@ -538,25 +543,32 @@ def summary_table(records: list[dict[str, Any]]) -> str:
     """Markdown: one row per side and model, mean ± standard error over the seeds."""
     ok = [r for r in records if "error" not in r]
     lines = [
-        "| side | model | seeds | test IC | rank IC | ICIR | rank ICIR | fit (s) | prepare (s) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| side | model | seeds | test IC | rank IC | ICIR | rank ICIR | fit (s) | fit CPU (s) "
+        "| prepare (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     keys = list(dict.fromkeys((r["side"], r["model"]) for r in ok))
     for side, model in keys:
         rows = [r for r in ok if (r["side"], r["model"]) == (side, model)]
         cells = [_cell([r[m] for r in rows], 4 if "ir" not in m else 3) for m in METRICS]
-        timing = [_cell([r[key] for r in rows if key in r], 1) for key in ("fit_s", "prepare_s")]
+        timing = [
+            _cell([r[key] for r in rows if key in r], 1, missing)
+            for key, missing in (("fit_s", "n/a"), ("fit_cpu_s", "n/a"), ("prepare_s", "in fit"))
+        ]
         lines.append(f"| {side} | {model} | {len(rows)} | " + " | ".join(cells + timing) + " |")
     return "\n".join(lines)
 
 
 def paired_table(records: list[dict[str, Any]]) -> str:
     """Markdown: per model class, finpipe - Qlib test IC and rank IC paired by seed (mean ±
-    standard error of the differences), and the median fit-time ratio finpipe / Qlib."""
+    standard error of the differences), and the median fit-time ratios finpipe / Qlib: wall
+    seconds, and CPU seconds (the process's, all its threads: on a shared machine the steadier
+    of the two; n/a for records measured before the stage recorded it)."""
     ok = [r for r in records if "error" not in r]
     lines = [
-        "| class | finpipe | Qlib | seeds | IC difference | rank IC difference | fit ratio |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| class | finpipe | Qlib | seeds | IC difference | rank IC difference | fit ratio "
+        "| CPU ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for ours in dict.fromkeys(r["model"] for r in ok if r["side"] == "finpipe"):
         group = MODEL_CLASS.get(ours, ours)
@@ -576,8 +588,15 @@ def paired_table(records: list[dict[str, Any]]) -> str:
             ic = _cell([a["ic"] - b["ic"] for a, b in pairs], 4)
             rank_ic = _cell([a["rank_ic"] - b["rank_ic"] for a, b in pairs], 4)
             ratio = float(np.median([a["fit_s"] / b["fit_s"] for a, b in pairs]))
+            cpu = [
+                a["fit_cpu_s"] / b["fit_cpu_s"]
+                for a, b in pairs
+                if "fit_cpu_s" in a and "fit_cpu_s" in b
+            ]
+            cpu_ratio = f"{float(np.median(cpu)):.2f}" if cpu else "n/a"
             lines.append(
-                f"| {group} | {ours} | {theirs} | {len(pairs)} | {ic} | {rank_ic} | {ratio:.2f} |"
+                f"| {group} | {ours} | {theirs} | {len(pairs)} | {ic} | {rank_ic} | {ratio:.2f} "
+                f"| {cpu_ratio} |"
             )
     return "\n".join(lines)
 
@@ -627,19 +646,46 @@ def provenance(command: str) -> str:
 
 
 def write_results(
-    records: list[dict[str, Any]], out: Path, name: str, command: str, about: str
+    records: list[dict[str, Any]],
+    out: Path,
+    name: str,
+    command: str,
+    about: str,
+    *,
+    update: bool = False,
 ) -> Path:
-    """Write `<name>.json` (records) and `<name>.md` (provenance, tables) under `out`."""
+    """Write `<name>.json` (records) and `<name>.md` (provenance, tables) under `out`.
+
+    With `update`, the records of an existing `<name>.json` whose side and model this run did
+    not fit are kept beside the new ones, each with the provenance line it was measured under
+    (the .md lists every line with the models it covers)."""
     out.mkdir(parents=True, exist_ok=True)
     line = provenance(command)
-    (out / f"{name}.json").write_text(
+    records = [{**r, "provenance": line} for r in records]
+    path = out / f"{name}.json"
+    if update and path.is_file():
+        earlier = json.loads(path.read_text())
+        fitted = {(r["side"], r["model"]) for r in records}
+        records = [
+            {"provenance": earlier["provenance"], **r}
+            for r in earlier["records"]
+            if (r["side"], r["model"]) not in fitted
+        ] + records
+    path.write_text(
         json.dumps({"provenance": line, "about": about, "records": records}, indent=1) + "\n"
     )
     errors = [r for r in records if "error" in r]
+    lines = list(dict.fromkeys(r["provenance"] for r in records)) or [line]
+    covers = {
+        each: ", ".join(
+            dict.fromkeys(f"{r['side']} {r['model']}" for r in records if r["provenance"] == each)
+        )
+        for each in lines
+    }
     text = [
         f"# finpipe beside Qlib: {about}",
         "",
-        line,
+        *([line] if len(lines) == 1 else [f"- {covers[each]}: {each}" for each in lines]),
         "",
         summary_table(records),
         "",
@@ -694,6 +740,12 @@ def main(
     qlib_gru_epochs: Annotated[int | None, typer.Option(help="Cap Qlib GRU epochs.")] = None,
     lgbm_rounds: Annotated[int | None, typer.Option(help="Cap LightGBM rounds.")] = None,
     name: Annotated[str | None, typer.Option(help="Results file name (no suffix).")] = None,
+    update: Annotated[
+        bool,
+        typer.Option(
+            help="Keep an existing results file's records of the models this run does not fit."
+        ),
+    ] = False,
     out: Annotated[Path, typer.Option(help="Results folder.")] = RESULTS,
     workdir: Annotated[Path | None, typer.Option(help="Qlib's scratch folder.")] = None,
 ) -> None:
@@ -746,7 +798,7 @@ def main(
         )
     command = "python -m benchmarks.qlib_peer " + shlex.join(sys.argv[1:])
     default = "qlib_peer_sample" if sample is not None else "qlib_peer"
-    path = write_results(records, out, name or default, command, about)
+    path = write_results(records, out, name or default, command, about, update=update)
     print(summary_table(records))
     print()
     print(paired_table(records))

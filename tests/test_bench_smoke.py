@@ -318,6 +318,29 @@ def test_the_qlib_peer_stage_fits_both_sides_on_the_same_windows(tmp_path):
     assert "| mlp | mlp | dnn | 1 |" in markdown and "| gru | gru | gru | 1 |" in markdown
     assert "| gbdt | lgbm | lgbm | 1 |" in markdown
     assert "Best by mean test IC: finpipe " in markdown
+    assert all(r["fit_cpu_s"] > 0 for r in records) and "| CPU ratio |" in markdown
+
+    # --update: the trees again, the other models' records kept with their provenance
+    again = subprocess.run(
+        [
+            sys.executable, "-m", "benchmarks.qlib_peer", "--tickers", "60", "--days", "320",
+            "--seeds", "1", "--finpipe", "lgbm", "--qlib", "lgbm", "--lgbm-rounds", "10",
+            "--out", str(tmp_path), "--name", "peer", "--update",
+            "--workdir", str(tmp_path / "qlib2"),
+        ],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert again.returncode == 0, again.stderr[-3000:]
+    merged = json.loads((tmp_path / "peer.json").read_text())
+    assert [(r["side"], r["model"]) for r in merged["records"]] == [
+        ("finpipe", "mlp"), ("finpipe", "gru"), ("finpipe", "ensemble"), ("qlib", "dnn"),
+        ("qlib", "gru"), ("finpipe", "lgbm"), ("qlib", "lgbm"),
+    ]  # fmt: skip
+    assert "--update" in merged["provenance"] and "--update" not in written["provenance"]
+    assert {r["provenance"] for r in merged["records"][:5]} == {written["provenance"]}
+    assert {r["provenance"] for r in merged["records"][5:]} == {merged["provenance"]}
+    merged_markdown = (tmp_path / "peer.md").read_text()
+    assert f"- finpipe lgbm, qlib lgbm: {merged['provenance']}" in merged_markdown
 
     # Qlib's segments are finpipe's windows: the embargo dates fall in none of them.
     prices = generate_market_panel(MarketSyntheticConfig(tickers=8, days=320, seed=1)).prices
