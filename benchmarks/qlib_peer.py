@@ -19,13 +19,15 @@ window and split (the last `history_dates` dates, `time_split` with an embargo o
 
 Every model is scored on the test dates with finpipe's `market_metrics` against the raw forward
 return: IC, rank IC, ICIR, and the seconds its fit took (`fit_s`; Qlib's dataset preparation,
-which finpipe's fit does inside `fit_market_model`, is `prepare_s`). Torch and LightGBM run with
+which finpipe's fit does inside `fit_market_model`, is `prepare_s`) and the process's CPU seconds
+over it (`fit_cpu_s`: the steadier measure on a shared machine). Torch and LightGBM run with
 `--threads` threads on both sides. `--sample datasets/stocks_ohlcv.csv.gz` runs the real sample
 instead (one panel; seeds then vary only the models' seeds).
 
 Results: `results/qlib_peer_<panel>.json` (one record per seed and model) and `.md` (mean +-
 standard error over seeds, the paired finpipe - Qlib difference per model class), each with a
-provenance line (date, command, commit).
+provenance line (date, command, commit). `--update` keeps the existing file's records of the
+models a run does not fit, each with its own provenance line.
 
 Qlib 0.9.7 needs three work-arounds here, and only here: its recorder's default file-based
 MLflow store is refused by MLflow 3.17, so `qlib.init` gets a SQLite tracking URI in the work
