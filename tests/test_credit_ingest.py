@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from finpipe.credit.config import load_loan_book
-from finpipe.credit.pipeline import credit_contract, credit_suite
+from finpipe.credit.contract import credit_contract, credit_suite
 from finpipe.credit.schema import normalise_credit_frame
 from finpipe.credit.synthetic import CreditSyntheticConfig, generate_loan_book, write_deliveries
 from finpipe.errors import ValidationFailed

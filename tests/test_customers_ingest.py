@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from finpipe.customers.config import load_customers_config, shipped_config_names
-from finpipe.customers.pipeline import customers_contract
+from finpipe.customers.contract import customers_contract
 from finpipe.customers.schema import CHECK_COLUMNS, SUITE, add_transaction_checks
 from finpipe.customers.synthetic import (
     CustomersSyntheticConfig,

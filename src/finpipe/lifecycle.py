@@ -5,14 +5,19 @@ step, its candidate models and how to fit and measure them (a `TrainingNight`), 
 registered model on the promotion window and how to predict a scoring date. This module owns
 everything around them, the same for every domain:
 
-- one MLflow parent run `nightly-<as-of>` with the night's context, and a nested run per
-  candidate (or the candidate in the parent run, for a domain with one model);
+- one MLflow parent run `nightly-<as-of>` with the training config, the as-of date and the
+  night's context, and a nested run per candidate (or the candidate in the parent run, for a
+  domain with one model);
 - the candidate with the best validation `selection_metric`, sanity-checked, registered and
   aliased `challenger`;
 - champion/challenger promotion on the same evaluation window (a model that cannot read the
   window scores -inf, so a champion that no longer fits today's features loses its seat);
-- scoring with the champion, an optional scoring report and the predictions partition with
-  model provenance.
+- scoring with the champion, an optional scoring report and the predictions partition (and
+  any other table of the night) with model provenance.
+
+Helpers a domain may use: `Night` (the fields and defaults every night shares),
+`state_baseline_floor` (a baseline candidate's score as every candidate's floor) and
+`compare_candidates` (their metrics side by side).
 
 Domain code states what a run records as a `RunRecord` and never calls MLflow itself.
 """
@@ -26,7 +31,7 @@ from collections.abc import Callable, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -105,6 +110,16 @@ OutcomeT_co = TypeVar("OutcomeT_co", bound=ChallengerOutcome, covariant=True)
 ConfigT = TypeVar("ConfigT", bound=BaseModel)
 
 
+class PromotesOn(Protocol):
+    """A training config that names the metric a challenger must beat the champion on."""
+
+    @property
+    def promotion_metric(self) -> str: ...
+
+
+NightConfigT = TypeVar("NightConfigT", bound=PromotesOn)
+
+
 class TrainingNight(Protocol[OutcomeT_co]):
     """One night's training set as a domain prepared it; the lifecycle drives it."""
 
@@ -135,6 +150,32 @@ class TrainingNight(Protocol[OutcomeT_co]):
         ...
 
 
+@dataclass
+class Night(Generic[NightConfigT]):
+    """What every domain's `TrainingNight` holds (where, when, with which config) and its
+    defaults: promotion on the config's `promotion_metric`, nothing to conclude."""
+
+    storage: Storage
+    as_of: dt.date
+    config: NightConfigT
+
+    @property
+    def promotion_metric(self) -> str:
+        return self.config.promotion_metric
+
+    def conclude(self, fitted: Mapping[str, Candidate], say: Say) -> RunRecord:
+        return RunRecord()
+
+
+class FeatureStep(Protocol):
+    """A domain's feature step: writes the feature partitions up to `as_of` that are missing
+    (every one with `rebuild`) and says which."""
+
+    def __call__(
+        self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: Say | None
+    ) -> FeatureUpdate: ...
+
+
 ModelScore = Callable[[RegisteredModel], float]
 Predict = Callable[[RegisteredModel], "Predictions"]
 
@@ -144,13 +185,16 @@ class Predictions:
     """A scoring date's rows (keys and predictions) as a domain computed them with a model.
 
     `report`, when given, is written to reports/<domain>/scoring/date=<as-of>.json.
-    `empty_reason` says why `rows` is empty, for the run to warn with.
+    `empty_reason` says why `rows` is empty, for the run to warn with. `partitions` are other
+    tables of the night ({dataset: table}, e.g. customers' segment profiles), published as
+    <dataset>/<domain>/date=<as-of> with the model's provenance before the predictions.
     """
 
     rows: pd.DataFrame
     sort_by: list[str]
     report: Mapping[str, object] | None = None
     empty_reason: str | None = None
+    partitions: Mapping[str, pd.DataFrame] = field(default_factory=dict)
 
 
 class DomainParts(Protocol[ConfigT, OutcomeT]):
@@ -180,7 +224,9 @@ class DomainParts(Protocol[ConfigT, OutcomeT]):
 
     def update_features(
         self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: Say | None
-    ) -> FeatureUpdate: ...
+    ) -> FeatureUpdate:
+        """The feature step: a method, or a `FeatureStep` attribute (e.g. bound to a config)."""
+        ...
 
     def prepare_training(
         self,
@@ -231,6 +277,8 @@ def train_challenger(
     fitted: dict[str, Candidate] = {}
     uris: dict[str, str] = {}
     with tracking.run(f"nightly-{as_of.isoformat()}") as run_id:
+        settings_of_night = {k: str(v) for k, v in config.model_dump().items()}
+        _write(RunRecord(params={**settings_of_night, "as_of": as_of.isoformat()}))
         _write(night.context())
         for kind in night.candidates():
             own_run = tracking.run(kind, nested=True) if parts.nested_runs else nullcontext()
@@ -285,6 +333,54 @@ def floor_refusal(validation: Mapping[str, float], kind: str) -> str | None:
             what = name.replace("_", " ")
             missed.append(f"validation {measured} {value:.4f} does not beat {what} {floor:.4f}")
     return f"{kind}: {'; '.join(missed)}" if missed else None
+
+
+def state_baseline_floor(
+    fitted: Mapping[str, Candidate],
+    baseline: str,
+    metric: str,
+    name: str,
+    standard_error: Callable[[Mapping[str, float]], float | None],
+) -> dict[str, float]:
+    """State a baseline candidate's validation `metric` less one standard error of it as a
+    promotion floor `<metric>_floor_<name>` on every candidate (see `floor_refusal`).
+
+    `standard_error` reads the error from the baseline's validation metrics (None: it cannot be
+    measured, no floor). Returns the floor as a parent-run metric to log; nothing when the
+    baseline was not fitted tonight.
+    """
+    candidate = fitted.get(baseline)
+    if candidate is None:
+        return {}
+    validation = candidate.windows["validation"]
+    error = standard_error(validation)
+    if error is None:
+        return {}
+    floor = validation[metric] - error
+    for each in fitted.values():
+        each.windows["validation"][f"{metric}_floor_{name}"] = floor
+    return {f"validation_{metric}_floor_{name}": floor}
+
+
+def compare_candidates(
+    fitted: Mapping[str, Candidate],
+    metrics: Sequence[str],
+    windows: Sequence[str] = ("validation", "test"),
+) -> pd.DataFrame:
+    """Return one row per candidate with its `<window>_<metric>` values side by side."""
+    return pd.DataFrame(
+        [
+            {
+                "candidate": kind,
+                **{
+                    f"{window}_{metric}": candidate.windows[window][metric]
+                    for window in windows
+                    for metric in metrics
+                },
+            }
+            for kind, candidate in fitted.items()
+        ]
+    )
 
 
 def _write(record: RunRecord) -> None:
@@ -369,6 +465,12 @@ def score(
     if predictions.report is not None:
         key = storage.reports_key(parts.name, "scoring", f"date={as_of.isoformat()}.json")
         storage.write_json(key, dict(predictions.report))
+    for dataset, table in predictions.partitions.items():  # before: they name the predictions
+        table = table.assign(
+            model_name=champion.name, model_version=champion.version, run_id=champion.run_id
+        )
+        table.insert(0, "date", pd.Timestamp(as_of))
+        storage.write_partition(dataset, parts.name, as_of, table)
     outcome = publish_predictions(
         storage, parts.name, as_of, predictions.rows, champion, sort_by=predictions.sort_by
     )

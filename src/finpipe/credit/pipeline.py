@@ -27,7 +27,8 @@ import pandas as pd
 
 from finpipe import lifecycle
 from finpipe.credit import plots
-from finpipe.credit.config import DATE_COLUMN, DELIVERED_ON, LoanBookConfig, load_loan_book
+from finpipe.credit.config import DATE_COLUMN, LoanBookConfig, load_loan_book
+from finpipe.credit.contract import credit_contract
 from finpipe.credit.features import (
     LABEL,
     load_training_frame,
@@ -42,17 +43,11 @@ from finpipe.credit.metrics import (
     scoring_report,
 )
 from finpipe.credit.model import CreditTrainingConfig, RowSplit, fit_loan_book_model, split_rows
-from finpipe.credit.schema import (
-    DOMAIN,
-    build_credit_suite,
-    normalise_credit_frame,
-    seen_categories,
-)
+from finpipe.credit.schema import DOMAIN
 from finpipe.credit.synthetic import ORACLE, plan_credit_demo
 from finpipe.credit.synthetic import write_oracle as write_oracle
 from finpipe.domains import ChallengerOutcome, DemoNight, Domain
 from finpipe.errors import ScoringError
-from finpipe.features import FeatureUpdate
 from finpipe.ingest import RawContract
 from finpipe.lifecycle import Candidate, Predictions, RunRecord, TrainingData
 from finpipe.settings import Settings, load_settings
@@ -64,43 +59,18 @@ log = logging.getLogger("finpipe.credit")
 MODEL_LOADER = "finpipe.credit.model:FittedCreditModel"
 
 
-# -- ingest --------------------------------------------------------------------------------
-def credit_suite(storage: Storage, *, book: LoanBookConfig) -> dict:
-    """Return the book's suite, with the categories accepted so far in `storage`."""
-    return build_credit_suite(book, seen_categories(storage, book))
-
-
-def credit_contract(book: LoanBookConfig) -> RawContract:
-    """Return the ingest contract of a loan book: keys (date, id, delivered_on), so a later
-    delivery of a loan (its outcome) is a new version, not a duplicate; suite built in memory."""
-    return RawContract(
-        domain=DOMAIN,
-        suite=book.suite_name,
-        key_columns=(DATE_COLUMN, book.columns.id, DELIVERED_ON),
-        date_column=DATE_COLUMN,
-        normalise=partial(normalise_credit_frame, book=book),
-        suite_spec=partial(credit_suite, book=book),
-        normalise_takes_as_of=True,
-        read_options=book.read.pandas_options(),
-    )
-
-
 def state_auc_floor(fitted: Mapping[str, Candidate]) -> dict[str, float]:
-    """State the promotion floor on every candidate (`lifecycle.floor_refusal`): the
-    logistic baseline's validation AUC less one standard error of it. Returns it as a
-    figure to log; nothing when the logistic baseline was not trained tonight."""
-    baseline = fitted.get("logistic")
-    if baseline is None:
-        return {}
-    validation = baseline.windows["validation"]
-    defaults = int(round(validation["default_rate"] * validation["n"]))
-    error = auc_standard_error(validation["auc"], defaults, int(validation["n"]) - defaults)
-    if not np.isfinite(error):
-        return {}  # one class only in validation: no AUC to measure against
-    floor = validation["auc"] - error
-    for candidate in fitted.values():
-        candidate.windows["validation"]["auc_floor_logistic_baseline"] = floor
-    return {"validation_auc_floor_logistic_baseline": floor}
+    """State the promotion floor on every candidate (`lifecycle.state_baseline_floor`): the
+    logistic baseline's validation AUC less one standard error of it."""
+
+    def standard_error(validation: Mapping[str, float]) -> float | None:
+        defaults = int(round(validation["default_rate"] * validation["n"]))
+        error = auc_standard_error(validation["auc"], defaults, int(validation["n"]) - defaults)
+        return error if np.isfinite(error) else None  # one class only: no AUC to measure against
+
+    return lifecycle.state_baseline_floor(
+        fitted, "logistic", "auc", "logistic_baseline", standard_error
+    )
 
 
 # -- training ------------------------------------------------------------------------------
@@ -139,21 +109,14 @@ def split_book_rows(
 
 
 @dataclass
-class CreditNight:
+class CreditNight(lifecycle.Night[CreditTrainingConfig]):
     """One night's credit training set: the labelled rows, their split and the population."""
 
-    storage: Storage
-    as_of: dt.date
-    config: CreditTrainingConfig
     book: LoanBookConfig
     frame: pd.DataFrame
     split: RowSplit
     population: pd.DataFrame
     oracle: float | None
-
-    @property
-    def promotion_metric(self) -> str:
-        return self.config.promotion_metric
 
     def context(self) -> RunRecord:
         frame, split, book = self.frame, self.split, self.book
@@ -161,8 +124,6 @@ class CreditNight:
         first, last = frame[DATE_COLUMN].min().date(), frame[DATE_COLUMN].max().date()
         return RunRecord(
             params={
-                **{k: str(v) for k, v in self.config.model_dump().items()},
-                "as_of": self.as_of.isoformat(),
                 "loan_book": book.name,
                 "loan_book_config": book.source,
                 "outcome_window_days": book.label.outcome_window_days,
@@ -290,27 +251,19 @@ def _oracle(storage: Storage, ids: pd.Series, labels: pd.Series) -> float | None
 
 
 # -- the domain ----------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CreditParts:
-    """The credit domain's own parts for one loan book; `finpipe.lifecycle` runs them."""
+    """The credit domain's own parts for one loan book (`credit_domain` binds them to it);
+    `finpipe.lifecycle` runs them."""
 
-    book: LoanBookConfig  # every step reads, trains and scores the files this book describes
     name: str = DOMAIN
     training_config: type[CreditTrainingConfig] = CreditTrainingConfig
     training_outcome: type[CreditTrainingOutcome] = CreditTrainingOutcome
     selection_metric: str = "auc"  # validation AUC picks the candidate
     nested_runs: bool = True
-
-    @property
-    def contract(self) -> RawContract:
-        return credit_contract(self.book)
-
-    def update_features(
-        self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: lifecycle.Say | None
-    ) -> FeatureUpdate:
-        return update_credit_features(
-            storage, as_of, book=self.book, rebuild=rebuild, progress=progress
-        )
+    book: LoanBookConfig  # every step reads, trains and scores the files this book describes
+    contract: RawContract  # ingest's checks of the book's files
+    update_features: lifecycle.FeatureStep
 
     def prepare_training(
         self,
@@ -392,7 +345,9 @@ class CreditParts:
 
 def credit_domain(book: LoanBookConfig) -> Domain:
     """Return the credit domain with every step bound to the loan book `book`."""
-    return lifecycle.bind(CreditParts(book))
+    features = partial(update_credit_features, book=book)
+    parts = CreditParts(book=book, contract=credit_contract(book), update_features=features)
+    return lifecycle.bind(parts)
 
 
 def active_loan_book(settings: Settings | None = None) -> LoanBookConfig:

@@ -10,10 +10,10 @@ A feature partition is the snapshot as of its day: one row per customer active t
 from __future__ import annotations
 
 import datetime as dt
-import functools
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import pandas as pd
@@ -21,6 +21,7 @@ import pandas as pd
 from finpipe import lifecycle
 from finpipe.customers import plots as segment_plots
 from finpipe.customers.config import CustomersConfig, load_customers_config
+from finpipe.customers.contract import customers_contract
 from finpipe.customers.features import BASE_FEATURES, is_mix_feature, update_customer_features
 from finpipe.customers.metrics import quality_by_window, segment_profiles
 from finpipe.customers.model import (
@@ -31,18 +32,11 @@ from finpipe.customers.model import (
     fit_segment_model,
     segment_quality,
 )
-from finpipe.customers.schema import (
-    DOMAIN,
-    KEY_COLUMNS,
-    SUITE,
-    add_transaction_checks,
-    normalise_transactions,
-)
+from finpipe.customers.schema import DOMAIN
 from finpipe.customers.synthetic import PLANTED, plan_customers_demo
 from finpipe.customers.synthetic import write_planted_segments as write_planted_segments
 from finpipe.domains import ChallengerOutcome, DemoNight, Domain
 from finpipe.errors import ScoringError
-from finpipe.features import FeatureUpdate
 from finpipe.ingest import RawContract
 from finpipe.lifecycle import Candidate, Predictions, RunRecord, TrainingData
 from finpipe.settings import Settings, load_settings
@@ -53,22 +47,6 @@ log = logging.getLogger("finpipe.customers")
 
 MODEL_LOADER = "finpipe.customers.model:FittedSegmentModel"
 CANDIDATE = "autoencoder_kmeans"
-
-
-# -- ingest --------------------------------------------------------------------------------
-def customers_contract(config: CustomersConfig) -> RawContract:
-    """Return the raw contract for transaction files shaped as `config` describes."""
-    return RawContract(
-        domain=DOMAIN,
-        suite=SUITE,
-        key_columns=KEY_COLUMNS,
-        date_column="date",
-        normalise=functools.partial(normalise_transactions, config=config),
-        add_check_columns=lambda frame, storage: add_transaction_checks(
-            frame, allow_refunds=config.rules.allow_refunds
-        ),
-        read_options=config.read.pandas_options(),
-    )
 
 
 # -- training ------------------------------------------------------------------------------
@@ -94,20 +72,13 @@ def read_snapshot(storage: Storage, as_of: dt.date) -> pd.DataFrame:
 
 
 @dataclass
-class CustomersNight:
+class CustomersNight(lifecycle.Night[CustomersTrainingConfig]):
     """One night's segmentation training set: the snapshot, its customer sets, the champion."""
 
-    storage: Storage
-    as_of: dt.date
-    config: CustomersTrainingConfig
     snapshot: pd.DataFrame
     sets: np.ndarray  # "train", "validation" or "test" by customer
     champion: ChampionView | None
     segments: int = 0  # k of the fitted model
-
-    @property
-    def promotion_metric(self) -> str:
-        return self.config.promotion_metric
 
     def context(self) -> RunRecord:
         snapshot, sets, as_of = self.snapshot, self.sets, self.as_of
@@ -115,8 +86,6 @@ class CustomersNight:
         columns += [c for c in snapshot.columns if is_mix_feature(c)]
         return RunRecord(
             params={
-                **{k: str(v) for k, v in self.config.model_dump().items()},
-                "as_of": as_of.isoformat(),
                 "customers": len(snapshot),
                 "train_customers": int((sets == "train").sum()),
                 "validation_customers": int((sets == "validation").sum()),
@@ -195,9 +164,6 @@ class CustomersNight:
             ),
         )
 
-    def conclude(self, fitted: Mapping[str, Candidate], say: lifecycle.Say) -> RunRecord:
-        return RunRecord()
-
     def outcome(self, challenger: ChallengerOutcome) -> CustomersTrainingOutcome:
         return CustomersTrainingOutcome(
             **challenger.to_dict(),
@@ -239,22 +205,6 @@ def _previous_predictions(storage: Storage, as_of: dt.date) -> pd.Series | None:
     return previous.set_index(previous["customer_id"].astype("string"))["segment"]
 
 
-# -- scoring -------------------------------------------------------------------------------
-def publish_segment_profiles(
-    storage: Storage, as_of: dt.date, profiles: pd.DataFrame, model: RegisteredModel
-) -> None:
-    """Publish a scoring night's segment profiles as segments/customers/<as_of>/, atomically.
-
-    One row per segment of `model` on the night's snapshot (`segment_profiles`), with the day
-    and the model's name, version and run id, so each prediction's `segment_name` can be traced
-    to the profile it was named from. It is written before the predictions: a reader who finds
-    a night's predictions finds its profiles; re-scoring a night replaces both.
-    """
-    table = profiles.assign(model_name=model.name, model_version=model.version, run_id=model.run_id)
-    table.insert(0, "date", pd.Timestamp(as_of))
-    storage.write_partition("segments", DOMAIN, as_of, table)
-
-
 # -- synthetic data and the demo -----------------------------------------------------------
 def _planted_segments(storage: Storage) -> pd.Series | None:
     planted = storage.read_reference(DOMAIN, PLANTED)
@@ -264,28 +214,19 @@ def _planted_segments(storage: Storage) -> pd.Series | None:
 
 
 # -- the domain ----------------------------------------------------------------------------
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class CustomersParts:
-    """The customers domain's own parts for one data source; `finpipe.lifecycle` runs them."""
+    """The customers domain's own parts for one data source (`build_customers_domain` binds
+    them to it); `finpipe.lifecycle` runs them."""
 
-    config: CustomersConfig
     name: str = DOMAIN
     training_config: type[CustomersTrainingConfig] = CustomersTrainingConfig
     training_outcome: type[CustomersTrainingOutcome] = CustomersTrainingOutcome
     selection_metric: str = "silhouette"  # one candidate: nothing to choose between
     nested_runs: bool = False  # the one model is logged in the nightly run itself
-
-    @property
-    def contract(self) -> RawContract:
-        return customers_contract(self.config)
-
-    def update_features(
-        self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: lifecycle.Say | None
-    ) -> FeatureUpdate:
-        active_days = self.config.features.active_days
-        return update_customer_features(
-            storage, as_of, active_days=active_days, rebuild=rebuild, progress=progress
-        )
+    config: CustomersConfig
+    contract: RawContract  # ingest's checks of the source's files
+    update_features: lifecycle.FeatureStep
 
     def prepare_training(
         self,
@@ -327,8 +268,9 @@ class CustomersParts:
         """Return how the champion segments every customer active at `as_of`.
 
         Rows: customer_id, segment, segment_name, distance_to_centroid (in the champion's
-        embedding). The night's profiles table, which the names come from, is published to
-        segments/customers/<as_of>/ first (see `publish_segment_profiles`).
+        embedding). The night's profiles (`segment_profiles`: one row per segment), which the
+        names come from, are published to segments/customers/<as_of>/ with the champion's
+        name, version and run id, so each row's name can be traced to the profile it came from.
         """
         snapshot = read_snapshot(storage, as_of)
 
@@ -341,11 +283,10 @@ class CustomersParts:
                     "rebuild features or retrain"
                 ) from None
             profiles = segment_profiles(snapshot, predicted["segment"].to_numpy())
-            publish_segment_profiles(storage, as_of, profiles, champion)
             names = profiles.set_index("segment")["segment_name"]
             scores = predicted[["customer_id", "segment", "distance_to_centroid"]]
             scores.insert(2, "segment_name", scores["segment"].map(names))
-            return Predictions(scores, sort_by=["customer_id"])
+            return Predictions(scores, ["customer_id"], partitions={"segments": profiles})
 
         return predict
 
@@ -355,7 +296,11 @@ class CustomersParts:
 
 def build_customers_domain(config: CustomersConfig) -> Domain:
     """Return the customers domain for transaction files shaped as `config` describes."""
-    return lifecycle.bind(CustomersParts(config))
+    features = partial(update_customer_features, active_days=config.features.active_days)
+    parts = CustomersParts(
+        config=config, contract=customers_contract(config), update_features=features
+    )
+    return lifecycle.bind(parts)
 
 
 def __getattr__(name: str) -> Domain:

@@ -1,0 +1,31 @@
+"""The customers' raw contract: what ingest checks a delivery of transactions against,
+for files shaped as a data source's config describes."""
+
+from __future__ import annotations
+
+import functools
+
+from finpipe.customers.config import CustomersConfig
+from finpipe.customers.schema import (
+    DOMAIN,
+    KEY_COLUMNS,
+    SUITE,
+    add_transaction_checks,
+    normalise_transactions,
+)
+from finpipe.ingest import RawContract
+
+
+def customers_contract(config: CustomersConfig) -> RawContract:
+    """Return the raw contract for transaction files shaped as `config` describes."""
+    return RawContract(
+        domain=DOMAIN,
+        suite=SUITE,
+        key_columns=KEY_COLUMNS,
+        date_column="date",
+        normalise=functools.partial(normalise_transactions, config=config),
+        add_check_columns=lambda frame, storage: add_transaction_checks(
+            frame, allow_refunds=config.rules.allow_refunds
+        ),
+        read_options=config.read.pandas_options(),
+    )
