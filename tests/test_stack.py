@@ -146,42 +146,9 @@ def test_each_stack_process_is_given_its_services_settings(team_stack):
         assert {k: environment.get(k) for k in expected} == expected, name
 
 
-def test_the_s3_server_keeps_objects_across_a_restart_and_writes_create_only(team_stack):
-    """The stack's S3 checks keys, honours If-None-Match and survives a restart, which fault
-    tests make with stop_service/start_service."""
-    import boto3
-    from botocore.config import Config
-    from botocore.exceptions import ClientError, EndpointConnectionError
-
-    values = team_stack.values
-    client = boto3.client(
-        "s3",
-        endpoint_url=values["AWS_ENDPOINT_URL"],
-        region_name=values["AWS_DEFAULT_REGION"],
-        aws_access_key_id=values["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=values["AWS_SECRET_ACCESS_KEY"],
-        config=Config(retries={"max_attempts": 1}),
-    )
-    key = "tests/restart.txt"
-    client.put_object(Bucket=stack.BUCKET, Key=key, Body=b"once", IfNoneMatch="*")
-    with pytest.raises(ClientError, match="PreconditionFailed"):
-        client.put_object(Bucket=stack.BUCKET, Key=key, Body=b"twice", IfNoneMatch="*")
-    stranger = boto3.client(
-        "s3",
-        endpoint_url=values["AWS_ENDPOINT_URL"],
-        region_name=values["AWS_DEFAULT_REGION"],
-        aws_access_key_id=values["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key="not-the-secret",
-    )
-    with pytest.raises(ClientError, match="SignatureDoesNotMatch"):
-        stranger.get_object(Bucket=stack.BUCKET, Key=key)
-
-    assert stack.stop_service(team_stack.root, "s3")
-    with pytest.raises(EndpointConnectionError):
-        client.head_object(Bucket=stack.BUCKET, Key=key)
-    stack.start_service(team_stack.root, "s3")
-    assert client.get_object(Bucket=stack.BUCKET, Key=key)["Body"].read() == b"once"
-    assert "s3" in stack.running_processes(stack.StackFolder(team_stack.root))
+# The S3 server's restart (objects kept, create-only writes, keys checked) is tested in
+# test_team_stack_acceptance.py on the restart its night-3 fault test makes: one restart of
+# the session's stack instead of two (15-20 s each, most of it SeaweedFS's filer stopping).
 
 
 def test_the_stacks_logs_hold_no_credential(team_stack):
