@@ -2,7 +2,7 @@
 runs send heartbeats, and the automation that marks a silent run Crashed is created on a real
 Prefect API (this session's), once however often `up` runs.
 
-Not covered here: a run actually marked Crashed (that takes four missed beats, 120 s, on the
+Not covered here: a run actually marked Crashed (that takes ten missed beats, 300 s, on the
 stack's server with its triggers service; see the README's team-stack section).
 """
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("finpipe.services.zombies")
 
 HEARTBEAT_SECONDS = 30  # the most often Prefect sends them
-MISSED_HEARTBEATS = 4  # 120 s: a loaded machine's late beat is not a death
+MISSED_HEARTBEATS = 10  # 300 s: beats from a run on a machine at load 80 came 2 minutes late
 AUTOMATION_NAME = "finpipe: flow runs that stopped beating are crashed"
 FINAL_EVENTS = (
     "prefect.flow-run.Completed",
