@@ -175,8 +175,11 @@ def test_models_reach_half_the_oracle_ic(tmp_path, home):
     _ingest(storage, files[0])
     as_of = panel.prices["date"].max().date()
     update_market_features(storage, as_of)
+    # Six epochs: the GRU's best validation epoch was 1-4 on panel seeds 7-9 (with 12 allowed,
+    # seed 7 trained on to epoch 9 for nothing); the five-net MLP still reaches 0.69 and 0.67 of
+    # the oracle's test IC on seeds 7 and 8 (0.93 with 12 epochs on seed 7), the GRU 1.14, 0.84.
     outcome = train_market(
-        storage, home, as_of, MarketTrainingConfig(models=["mlp", "gru"], max_epochs=12)
+        storage, home, as_of, MarketTrainingConfig(models=["mlp", "gru"], max_epochs=6)
     )
     for kind in ("mlp", "gru"):
         test = outcome.metrics[kind]["test"]
