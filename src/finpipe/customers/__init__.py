@@ -2,5 +2,6 @@
 
 Modules: `config` (where a data source's columns are), `schema` (the raw contract),
 `features` (point-in-time behavioural snapshots), `synthetic` (planted segments), `model`
-(autoencoder + k-means with champion-aligned segment ids), `pipeline` (the nightly steps).
+(autoencoder + k-means with champion-aligned segment ids), `contract` (the ingest contract),
+`pipeline` (the nightly steps).
 """
