@@ -33,7 +33,7 @@ from tests.conftest import finpipe_home
 
 pytestmark = pytest.mark.slow
 
-LAYERS = ("validated", "features", "predictions")
+LAYERS = ("validated", "features", "predictions", "segments")  # segments: customers only
 
 STEPS = textwrap.dedent(
     """
@@ -181,6 +181,7 @@ def _customers(folder: Path) -> Deliveries:
             "validated": ["date", "customer_id", "timestamp", "amount"],
             "features": ["date", "customer_id"],
             "predictions": ["date", "customer_id"],
+            "segments": ["date", "segment"],  # the night's segment profiles
         },
     )
 
@@ -281,8 +282,9 @@ def _outputs(home, domain: str) -> dict[str, pd.DataFrame]:
     layers = {layer: storage.read_partitions(layer, domain) for layer in LAYERS}
     if len(layers["validated"]):
         layers["validated"] = layers["validated"].drop(columns="batch_id")
-    if len(layers["predictions"]):
-        layers["predictions"] = layers["predictions"].drop(columns=PROVENANCE_COLUMNS)
+    for scored in ("predictions", "segments"):
+        if len(layers[scored]):
+            layers[scored] = layers[scored].drop(columns=PROVENANCE_COLUMNS, errors="ignore")
     return layers
 
 
@@ -320,7 +322,7 @@ def test_kills_at_every_crash_point_lose_nothing(tmp_path, deliveries, steps):
         "features@partition-before-publish",
         "train@champion-alias",
     ]
-    _assert_same_outputs(clean, crashed, deliveries, LAYERS)
+    _assert_same_outputs(clean, crashed, deliveries, [*deliveries.keys])
     # No half-written file is visible anywhere: only hidden temp files may remain.
     leftovers = [p for p in crashed.rglob("*.tmp") if not p.name.startswith(".")]
     assert leftovers == []
