@@ -45,3 +45,16 @@ def test_a_bad_training_override_is_a_config_error_naming_it():
         training_config("market", {"max_epochs": 0})
     with pytest.raises(ConfigError, match="unknown domain 'bonds'"):
         training_config("bonds", {})
+
+
+@pytest.mark.parametrize(
+    ("domain", "override"),
+    [
+        ("market", "max_epoch"),  # a typo
+        ("credit", "history_dates"),  # a market parameter
+        ("customers", "history_start"),
+    ],
+)
+def test_a_training_override_the_domain_does_not_have_is_refused_not_dropped(domain, override):
+    with pytest.raises(ConfigError, match=f"{domain} has no training parameter '{override}'"):
+        training_config(domain, {override: 3})

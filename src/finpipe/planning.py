@@ -125,11 +125,21 @@ def run_day(domain: str, as_of: dt.date | str | None, validated: Sequence[dt.dat
 
 def training_config(domain: str, overrides: Mapping[str, object]) -> BaseModel:
     """Return the domain's training config with a run's `overrides` (its hyper-parameter
-    form), or ConfigError saying which override is wrong."""
+    form), or ConfigError saying which override is wrong: a value the config refuses, or a
+    name it does not have (a typo, or `history_dates` for a domain that trains on something
+    else), which the config would otherwise drop without a word."""
     try:
-        return get_domain(domain).training_config(**overrides)
+        config = get_domain(domain).training_config(**overrides)
     except ValueError as error:  # pydantic's ValidationError is one
         raise ConfigError(f"invalid training parameters: {error}") from None
+    known = type(config).model_fields
+    unknown = [name for name in overrides if name not in known]
+    if unknown:
+        raise ConfigError(
+            f"{domain} has no training parameter {unknown[0]!r}; its parameters are "
+            + ", ".join(sorted(known))
+        )
+    return config
 
 
 # -- the request ---------------------------------------------------------------------------
