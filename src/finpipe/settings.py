@@ -131,7 +131,8 @@ class Settings(BaseSettings):
         description="Folders a run's `inputs` may name files in (JSON list, e.g. "
         '["/data/drop"]); a file outside them, symlinks followed, is refused before anything '
         "is read. Unset: `vendor_drop/` under the storage root (where `finpipe demo` writes) "
-        "and `deliveries/` and `datasets/` under the working directory.",
+        "and `deliveries/` and `datasets/` under the working directory. `finpipe ingest PATH` "
+        "is held to them only where this is set.",
     )
     dask_address: str = Field(
         default="",
