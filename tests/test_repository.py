@@ -54,3 +54,15 @@ def test_nothing_in_the_project_reads_a_folder_outside_its_tree():
         if _OUTSIDE.search(line)
     ]
     assert offenders == []
+
+
+def test_the_library_does_not_import_the_orchestrator():
+    """Prefect lives in flows/ and tasks/; src/finpipe runs without it (a library a notebook,
+    a test or another orchestrator can call)."""
+    importing = re.compile(r"^\s*(import prefect|from prefect[\s.])", re.MULTILINE)
+    offenders = [
+        str(path.relative_to(REPO_ROOT))
+        for path in sorted((REPO_ROOT / "src" / "finpipe").rglob("*.py"))
+        if importing.search(path.read_text())
+    ]
+    assert offenders == [], f"these library modules import prefect: {offenders}"

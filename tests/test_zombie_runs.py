@@ -1,4 +1,4 @@
-"""Flow runs whose machine died (finpipe.services.zombies): the stack's worker makes its flow
+"""Flow runs whose machine died (finpipe.flows.zombies): the stack's worker makes its flow
 runs send heartbeats, and the automation that marks a silent run Crashed is created on a real
 Prefect API (this session's), once however often `up` runs.
 
@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import datetime as dt
 
-from finpipe.services import stack, zombies
+from finpipe.flows import zombies
+
+from finpipe.services import stack
 
 
 def _automations():

@@ -7,7 +7,7 @@ bucket and MLflow's basic-auth app, a Dask scheduler with two single-thread work
 Prefect process worker on the `finpipe` pool. Every process listens on 127.0.0.1 only. `up`
 registers finpipe's deployments on the pool (`finpipe stack deploy`, compose's one-shot
 `deployments` job) and creates the automation that marks flow runs whose machine died
-`Crashed` (finpipe.services.zombies); the processes that run finpipe's steps (the Prefect
+`Crashed` (finpipe.flows.zombies); the processes that run finpipe's steps (the Prefect
 worker's flow runs, the Dask workers) read delivered files from the folder's `drop/` only and
 keep their local files in `local/<process>`.
 
@@ -48,7 +48,6 @@ from pathlib import Path
 from finpipe.errors import FinpipeError
 from finpipe.services.ports import free_ports, port_is_free
 from finpipe.services.processes import KILL_WAIT, escalation, stop_pid, stop_process
-from finpipe.services.zombies import heartbeat_env
 from finpipe.settings import redact_uri
 from finpipe.ui_servers import ServerCommand, wait_until_up
 
@@ -62,6 +61,15 @@ MLFLOW_ADMIN = "admin"
 LOCKS_DATABASE = "finpipe"
 DATABASES = ("prefect", "mlflow", "mlflow_auth")  # besides LOCKS_DATABASE
 DASK_WORKERS = 2
+# Flow runs on the stack send a heartbeat this often (Prefect's least); the zombie-run
+# automation (finpipe.flows.zombies) ends a run only after several missed beats.
+HEARTBEAT_SECONDS = 30
+
+
+def heartbeat_env(seconds: int = HEARTBEAT_SECONDS) -> dict[str, str]:
+    """The setting that makes flow runs send heartbeats every `seconds`."""
+    return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(seconds)}
+
 
 # What a client (a shell, a flow, a worker) needs to use the stack.
 CLIENT_SETTINGS = (
@@ -81,7 +89,7 @@ CLIENT_SETTINGS = (
     "FINPIPE_LOCKS_URL",
     "FINPIPE_DASK_ADDRESS",
     # Every flow run on the stack's API beats this often, so the zombie-run automation (which
-    # waits a few beats) never ends a live one (finpipe.services.zombies).
+    # waits a few beats) never ends a live one (finpipe.flows.zombies).
     "PREFECT_FLOWS_HEARTBEAT_FREQUENCY",
 )
 # Values never echoed: masked when printed, replaced by *** in error messages.
@@ -707,10 +715,11 @@ def _deployments_job(folder: StackFolder) -> ServerCommand:
 
 
 def _zombies_job(folder: StackFolder, values: dict[str, str]) -> ServerCommand:
-    """Creates the automation that marks flow runs whose machine died Crashed (zombies.py)."""
+    """Creates the automation that marks flow runs whose machine died Crashed
+    (finpipe.flows.zombies)."""
     return ServerCommand(
         name="zombie-automation",
-        argv=[sys.executable, "-m", "finpipe.services.zombies"],
+        argv=[sys.executable, "-m", "finpipe.flows.zombies"],
         url="",
         health_url="",
         env={

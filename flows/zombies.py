@@ -6,11 +6,12 @@ and respond to zombie flows"): the flow-run engine sends a `prefect.flow-run.hea
 every PREFECT_FLOWS_HEARTBEAT_FREQUENCY seconds, and a proactive automation marks a run
 `Crashed` when, after a heartbeat, neither another heartbeat nor a final state follows within
 a few beats. Every client of the stack (the Prefect worker and its flow runs, the Dask
-workers, a shell with stack.env) gets `heartbeat_env()`: a flow run that beats less often,
-e.g. at Prefect's default of 180 s, would be ended while alive. `finpipe stack up` creates
-the automation (`python -m finpipe.services.zombies`, one-shot, beside the
-deployments job); a deployment run whose worker died shows `Crashed` about
-MISSED_HEARTBEATS x HEARTBEAT_SECONDS after its last beat.
+workers, a shell with stack.env) gets `finpipe.services.stack.heartbeat_env()`: a flow run
+that beats less often, e.g. at Prefect's default of 180 s, would be ended while alive.
+`finpipe stack up` creates the automation (`python -m finpipe.flows.zombies`, one-shot,
+beside the deployments job); a deployment run whose worker died shows `Crashed` about
+MISSED_HEARTBEATS x HEARTBEAT_SECONDS after its last beat. It lives with the flows because
+it talks to Prefect: the library (`src/finpipe`) stays free of the orchestrator.
 """
 
 from __future__ import annotations
@@ -19,14 +20,15 @@ import datetime as dt
 import logging
 from typing import TYPE_CHECKING
 
+from finpipe.services.stack import HEARTBEAT_SECONDS
+
 if TYPE_CHECKING:
     from uuid import UUID
 
     from prefect.events.schemas.automations import AutomationCore
 
-log = logging.getLogger("finpipe.services.zombies")
+log = logging.getLogger("finpipe.flows.zombies")
 
-HEARTBEAT_SECONDS = 30  # the most often Prefect sends them
 MISSED_HEARTBEATS = 10  # 300 s: beats from a run on a machine at load 80 came 2 minutes late
 AUTOMATION_NAME = "finpipe: flow runs that stopped beating are crashed"
 FINAL_EVENTS = (
@@ -35,11 +37,6 @@ FINAL_EVENTS = (
     "prefect.flow-run.Cancelled",
     "prefect.flow-run.Crashed",
 )
-
-
-def heartbeat_env(seconds: int = HEARTBEAT_SECONDS) -> dict[str, str]:
-    """The setting that makes flow runs send heartbeats every `seconds` (Prefect's least)."""
-    return {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(seconds)}
 
 
 def zombie_automation(heartbeat_seconds: int = HEARTBEAT_SECONDS) -> AutomationCore:
