@@ -27,10 +27,10 @@ import pandas as pd
 
 from finpipe.market.model import (
     BoostedTreesConfig,
+    ExplainsRows,
     Target,
     _require_columns,
     _targets,
-    reason_columns,
 )
 from finpipe.model_files import read_model_metadata, save_model_metadata
 from finpipe.training import TimeSplit
@@ -39,7 +39,7 @@ BOOSTER_FILE = "booster.txt"
 
 
 @dataclass
-class FittedMarketBoostedTrees:
+class FittedMarketBoostedTrees(ExplainsRows):
     """A fitted LightGBM booster plus what scoring needs to read a feature frame the same way.
 
     Predictions are in the target's units (`target`, as the nets'); `history` holds the
@@ -108,18 +108,6 @@ class FittedMarketBoostedTrees:
             inputs, num_iteration=self.best_epoch or None, pred_contrib=True
         )
         return np.asarray(contributions, dtype=np.float64)[:, :-1]  # the last: expected value
-
-    def explain(
-        self, features: pd.DataFrame, *, score_from: pd.Timestamp | None = None
-    ) -> pd.DataFrame:
-        """Return `predict`'s rows with each row's three largest contributions."""
-        predicted = self.predict(features, score_from=score_from)
-        reasons = reason_columns(
-            self.feature_columns,
-            self.attributions(features, score_from=score_from),
-            predicted.index,
-        )
-        return pd.concat([predicted, reasons], axis=1)
 
     def save(self, directory: Path) -> None:
         """Write `booster.txt` (through a temporary file renamed into place) and `model.json`."""

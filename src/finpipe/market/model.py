@@ -17,7 +17,7 @@ import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Literal, get_args
+from typing import Annotated, Literal, Protocol, get_args
 
 import numpy as np
 import pandas as pd
@@ -128,8 +128,38 @@ def _targets(frame: pd.DataFrame, label: str, target: Target) -> np.ndarray:
     return zscore.where(by_date.transform("count") >= 2).to_numpy()
 
 
+class _Attributed(Protocol):
+    feature_columns: list[str]
+
+    def predict(
+        self, features: pd.DataFrame, *, score_from: pd.Timestamp | None = None
+    ) -> pd.DataFrame: ...
+
+    def attributions(
+        self, features: pd.DataFrame, *, score_from: pd.Timestamp | None = None
+    ) -> np.ndarray: ...
+
+
+class ExplainsRows:
+    """`explain` for a fitted market model with `predict`, `attributions` and
+    `feature_columns` (the nets here, the boosted trees in `finpipe.market.boosted`)."""
+
+    def explain(
+        self: _Attributed, features: pd.DataFrame, *, score_from: pd.Timestamp | None = None
+    ) -> pd.DataFrame:
+        """Return `predict`'s rows with each row's three largest contributions (`reason_columns`):
+        what scoring stores with every prediction."""
+        predicted = self.predict(features, score_from=score_from)
+        reasons = reason_columns(
+            self.feature_columns,
+            self.attributions(features, score_from=score_from),
+            predicted.index,
+        )
+        return pd.concat([predicted, reasons], axis=1)
+
+
 @dataclass
-class FittedMarketModel(SavesNetAndMetadata):
+class FittedMarketModel(SavesNetAndMetadata, ExplainsRows):
     """A trained net plus everything needed to score a feature frame the same way again.
 
     `target` says what the net was trained on: "return" (the label; predictions are forward
@@ -241,19 +271,6 @@ class FittedMarketModel(SavesNetAndMetadata):
         by_row = np.zeros((len(features), n_features))
         by_row[order] = explained * self.target_std
         return by_row[keep]
-
-    def explain(
-        self, features: pd.DataFrame, *, score_from: pd.Timestamp | None = None
-    ) -> pd.DataFrame:
-        """Return `predict`'s rows with each row's three largest contributions (`reason_columns`):
-        what scoring stores with every prediction."""
-        predicted = self.predict(features, score_from=score_from)
-        reasons = reason_columns(
-            self.feature_columns,
-            self.attributions(features, score_from=score_from),
-            predicted.index,
-        )
-        return pd.concat([predicted, reasons], axis=1)
 
     def to_dict(self) -> dict:
         """Everything but the weights, JSON-ready."""

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from types import TracebackType
 from typing import Self
@@ -95,17 +96,19 @@ def stop_pid(
     return signal_until_gone(send, gone_within, steps, what)
 
 
-class ChildServer:
+class ChildServer(ABC):
     """Base of a server run as a child of this process (`_process`, set by the subclass's
     `start()`): whether it runs, its pid, `with` (start, then stop), and `_stop_child`."""
 
     _process: subprocess.Popen | None = None
 
+    @abstractmethod
     def start(self) -> object:
-        raise NotImplementedError
+        """Start the server; return what its callers need (e.g. its address)."""
 
+    @abstractmethod
     def stop(self) -> None:
-        raise NotImplementedError
+        """Stop the server (a no-op when it is not running)."""
 
     @property
     def running(self) -> bool:
