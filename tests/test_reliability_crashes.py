@@ -4,8 +4,9 @@ what an unbroken run gives; two runs of the same night at once publish it once.
 Each step runs in a child process (library calls, no Prefect) with FINPIPE_CRASH_AT naming a
 point in the code (finpipe.faults). After each kill we check what a reader would see, then
 re-run the step without the fault. The children are forked from one process per domain that
-has imported finpipe, MLflow and torch once (about 8 s a start on a 2-core machine, and a
-crash test starts eight); each child is still its own process, killed with SIGKILL.
+has imported finpipe, MLflow, torch and Great Expectations once (about 11 s a start on a 2-core
+machine, and a crash test starts eight); each child is still its own process, killed with
+SIGKILL. The two overlapping runs are forked from it too, at the same moment.
 """
 
 from __future__ import annotations
@@ -37,14 +38,21 @@ LAYERS = ("validated", "features", "predictions", "segments")  # segments: custo
 
 STEPS = textwrap.dedent(
     """
-    import atexit, json, os, signal, sys, traceback
+    import atexit, json, os, signal, sys, time, traceback
     from pathlib import Path
     import mlflow
     from mlflow import MlflowClient
+    from finpipe.date_runs import ingest_deliveries, update_features_through
     from finpipe.domains import get_domain
     from finpipe.ingest import ingest_file
     from finpipe.settings import load_settings
     from finpipe.storage import Storage
+
+    # What every child would import again (2-5 s each): GX, which validation imports on first
+    # use; torch's compiler, which an optimizer's first step imports; MLflow's SQL store.
+    import great_expectations  # noqa: F401
+    import mlflow.store.tracking.sqlalchemy_store  # noqa: F401
+    import torch._dynamo  # noqa: F401
 
     get_domain(sys.argv[1])  # import the domain's code before forking
 
@@ -77,28 +85,43 @@ STEPS = textwrap.dedent(
                 domain.score(storage, settings, as_of)
             os.environ.pop("FINPIPE_CRASH_AT", None)
 
-    # One request a line: run a plan in a forked child, answer with its exit status.
-    for line in sys.stdin:
-        request = json.loads(line)
+    def run_overlap(name, as_of, files, go):
+        storage = Storage(load_settings().home)
+        while not Path(go).exists():  # both runs start their night at the same moment
+            time.sleep(0.01)
+        said = lambda message: print(message, flush=True)
+        outcomes = ingest_deliveries(storage, name, files, as_of=as_of, progress=said)
+        update_features_through(storage, name, as_of, progress=said)
+        print("OUTCOMES=" + json.dumps([o["status"] for o in outcomes]), flush=True)
+
+    JOBS = {"plan": run_plan, "overlap": run_overlap}
+
+    def start(run):  # a child that runs one job with its own FINPIPE_HOME and output files
         pid = os.fork()
-        if pid == 0:
-            code = 1
-            try:
-                signal.alarm(600)  # a hung step ends its child, not the test session
-                os.environ["FINPIPE_HOME"] = request["home"]
-                for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
-                    os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-                run_plan(*request["payload"])
-                code = 0
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                atexit._run_exitfuncs()
-                os._exit(code)
-        _, status = os.waitpid(pid, 0)
-        print(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}), flush=True)
+        if pid:
+            return pid
+        code = 1
+        try:
+            signal.alarm(600)  # a hung step ends its child, not the test session
+            os.environ["FINPIPE_HOME"] = run["home"]
+            for fd, path in ((1, run["stdout"]), (2, run["stderr"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            JOBS[run["job"]](*run["payload"])
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            atexit._run_exitfuncs()
+            os._exit(code)
+
+    # One request a line: its runs, each in a forked child, all at once; the answer is their
+    # exit statuses once every one has ended.
+    for line in sys.stdin:
+        pids = [start(run) for run in json.loads(line)]
+        codes = [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
+        print(json.dumps({"returncodes": codes}), flush=True)
     """
 )
 
@@ -217,24 +240,46 @@ def steps(deliveries, tmp_path_factory):
     runner.wait(timeout=60)
 
 
-def _run(steps, home, deliveries: Deliveries, plan) -> subprocess.CompletedProcess:
-    """Run `plan` in a fresh child process with FINPIPE_HOME=`home`."""
-    number = next(steps.runs)
-    out, err = steps.logs / f"{number}.out", steps.logs / f"{number}.err"
-    request = {
-        "home": str(home),
-        "payload": [deliveries.domain, deliveries.training, plan],
-        "stdout": str(out),
-        "stderr": str(err),
-    }
+def _start(steps, runs: list[tuple[Path, str, list]]) -> list[dict]:
+    """Have `steps` fork a child for each (home, job, payload), all at once; `_finish` waits
+    for them."""
+    request = []
+    for home, job, payload in runs:
+        number = next(steps.runs)
+        out, err = steps.logs / f"{number}.out", steps.logs / f"{number}.err"
+        request.append(
+            {
+                "home": str(home),
+                "job": job,
+                "payload": payload,
+                "stdout": str(out),
+                "stderr": str(err),
+            }
+        )
     steps.stdin.write(json.dumps(request) + "\n")
     steps.stdin.flush()
+    return request
+
+
+def _finish(steps, request: list[dict]) -> list[subprocess.CompletedProcess]:
+    """Wait until every child of `request` has ended; their exit statuses and output."""
     answer = steps.stdout.readline()
     assert answer, f"the step runner ended (exit {steps.poll()})"
-    returncode = json.loads(answer)["returncode"]
-    return subprocess.CompletedProcess(
-        request, returncode, stdout=out.read_text(), stderr=err.read_text()
-    )
+    return [
+        subprocess.CompletedProcess(
+            run,
+            code,
+            stdout=Path(run["stdout"]).read_text(),
+            stderr=Path(run["stderr"]).read_text(),
+        )
+        for run, code in zip(request, json.loads(answer)["returncodes"], strict=True)
+    ]
+
+
+def _run(steps, home, deliveries: Deliveries, plan) -> subprocess.CompletedProcess:
+    """Run `plan` in a fresh child process with FINPIPE_HOME=`home`."""
+    payload = [deliveries.domain, deliveries.training, plan]
+    return _finish(steps, _start(steps, [(home, "plan", payload)]))[0]
 
 
 def _plan(deliveries: Deliveries, crash_at: dict[int, str]) -> list:
@@ -328,27 +373,7 @@ def test_kills_at_every_crash_point_lose_nothing(tmp_path, deliveries, steps):
     assert leftovers == []
 
 
-OVERLAP = textwrap.dedent(
-    """
-    import json, sys, time
-    from pathlib import Path
-    from finpipe.date_runs import ingest_deliveries, update_features_through
-    from finpipe.settings import load_settings
-    from finpipe.storage import Storage
-
-    name, as_of, files, go = json.loads(sys.argv[1])
-    storage = Storage(load_settings().home)
-    while not Path(go).exists():  # both runs start their night at the same moment
-        time.sleep(0.01)
-    said = lambda message: print(message, flush=True)
-    outcomes = ingest_deliveries(storage, name, files, as_of=as_of, progress=said)
-    update_features_through(storage, name, as_of, progress=said)
-    print("OUTCOMES=" + json.dumps([o["status"] for o in outcomes]), flush=True)
-    """
-)
-
-
-def test_two_runs_of_the_same_night_at_once_publish_it_once(tmp_path, deliveries):
+def test_two_runs_of_the_same_night_at_once_publish_it_once(tmp_path, deliveries, steps):
     as_of, files = deliveries.nights[0]
     with finpipe_home(tmp_path / "alone") as settings:
         storage = Storage(settings.home)
@@ -356,30 +381,22 @@ def test_two_runs_of_the_same_night_at_once_publish_it_once(tmp_path, deliveries
         update_features_through(storage, deliveries.domain, as_of)
 
     home, go = tmp_path / "together", tmp_path / "go"
-    env = {**_child_env(), "FINPIPE_HOME": str(home)}
-    payload = json.dumps([deliveries.domain, as_of, files, str(go)])
-    runs = [
-        subprocess.Popen(
-            [sys.executable, "-c", OVERLAP, payload],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    payload = [deliveries.domain, as_of, files, str(go)]
+    request = _start(steps, [(home, "overlap", payload)] * 2)  # two processes, forked at once
     go.touch()
-    outputs = [run.communicate(timeout=300) for run in runs]
-    assert [run.returncode for run in runs] == [0, 0], [err[-3000:] for _, err in outputs]
+    runs = _finish(steps, request)
+    assert [run.returncode for run in runs] == [0, 0], [run.stderr[-3000:] for run in runs]
     statuses = [
         json.loads(line.removeprefix("OUTCOMES="))
-        for out, _ in outputs
-        for line in out.splitlines()
+        for run in runs
+        for line in run.stdout.splitlines()
         if line.startswith("OUTCOMES=")
     ]
     # Each file is validated by exactly one run; the other finds it already loaded.
     for per_file in zip(*statuses, strict=True):
         assert sorted(per_file) == ["already_loaded", "validated"]
-    waited = [out for out, _ in outputs if f"waiting for the lock on {deliveries.domain}" in out]
+    waited = [
+        run.stdout for run in runs if f"waiting for the lock on {deliveries.domain}" in run.stdout
+    ]
     assert waited, "the runs did not overlap: one should have waited for the other's lock"
     _assert_same_outputs(tmp_path / "alone", home, deliveries, ["validated", "features"])
