@@ -655,24 +655,23 @@ def write_results(
     about: str,
     *,
     update: bool = False,
+    added: list[Path] | None = None,
 ) -> Path:
     """Write `<name>.json` (records) and `<name>.md` (provenance, tables) under `out`.
 
     With `update`, the records of an existing `<name>.json` whose side and model this run did
     not fit are kept beside the new ones, each with the provenance line it was measured under
-    (the .md lists every line with the models it covers)."""
+    (the .md lists every line with the models it covers). The records of each `added` results
+    file (runs made in other processes at the same time) join them the same way, with their
+    own provenance lines."""
     out.mkdir(parents=True, exist_ok=True)
     line = provenance(command)
     records = [{**r, "provenance": line} for r in records]
     path = out / f"{name}.json"
+    for other in added or []:
+        records = _merged(records, json.loads(other.read_text()))
     if update and path.is_file():
-        earlier = json.loads(path.read_text())
-        fitted = {(r["side"], r["model"]) for r in records}
-        records = [
-            {"provenance": earlier["provenance"], **r}
-            for r in earlier["records"]
-            if (r["side"], r["model"]) not in fitted
-        ] + records
+        records = _merged(records, json.loads(path.read_text()))
     path.write_text(
         json.dumps({"provenance": line, "about": about, "records": records}, indent=1) + "\n"
     )
@@ -704,6 +703,17 @@ def write_results(
     return path
 
 
+def _merged(records: list[dict[str, Any]], earlier: dict[str, Any]) -> list[dict[str, Any]]:
+    """`earlier`'s records (a results file's) of the side and models `records` lacks, with
+    their provenance, before `records`."""
+    fitted = {(r["side"], r["model"]) for r in records}
+    return [
+        {"provenance": earlier["provenance"], **r}
+        for r in earlier["records"]
+        if (r["side"], r["model"]) not in fitted
+    ] + records
+
+
 def _overrides(values: list[str]) -> dict[str, str]:
     pairs = {}
     for item in values:
@@ -716,6 +726,39 @@ def _overrides(values: list[str]) -> dict[str, str]:
 
 def _names(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def measure(
+    plan: Plan, seed_list: range, sample: Path | None, tickers: int, days: int
+) -> tuple[list[dict[str, Any]], str]:
+    """Fit `plan` on each seed's panel (or on the real `sample` with each seed); return the
+    records and the description of the panels and windows."""
+    config = plan.config
+    records: list[dict[str, Any]] = []
+    if sample is not None:
+        panel = training_panel(sample_prices(sample), config, sample.name.split(".")[0])
+        about = (
+            f"{sample.name}, {panel.frame['ticker'].nunique()} tickers (one panel: the seeds "
+            "vary the models only, so ± is their spread, not the test window's sampling error)"
+        )
+        for seed in seed_list:
+            records += measure_panel(panel, seed, plan)
+    else:
+        about = f"synthetic {tickers} tickers x {days} days"
+        for seed in seed_list:
+            prices = synthetic_prices(tickers, days, seed, config.horizon)
+            panel = training_panel(prices, config, f"synthetic-{tickers}x{days}-seed{seed}")
+            records += measure_panel(panel, seed, plan)
+    split = panel.split
+    about += (
+        f"; train {len(split.train_dates)}, validation {len(split.validation_dates)}, test "
+        f"{len(split.test_dates)} dates, embargo {split.embargo}; threads {plan.threads}"
+    )
+    if config.model_fields_set:
+        about += "; finpipe settings " + ", ".join(
+            f"{key}={getattr(config, key)}" for key in sorted(config.model_fields_set)
+        )
+    return records, about
 
 
 @app.command()
@@ -748,6 +791,13 @@ def main(
             help="Keep an existing results file's records of the models this run does not fit."
         ),
     ] = False,
+    add: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="Another run's results .json (e.g. one fitted in a parallel process) whose "
+            "records join this file's, each with its own provenance (repeatable)."
+        ),
+    ] = None,
     out: Annotated[Path, typer.Option(help="Results folder.")] = RESULTS,
     workdir: Annotated[Path | None, typer.Option(help="Qlib's scratch folder.")] = None,
 ) -> None:
@@ -773,38 +823,18 @@ def main(
     if plan.qlib_models:
         init_qlib(workdir or Path(tempfile.mkdtemp(prefix="finpipe-qlib-peer-")))
 
-    records: list[dict[str, Any]] = []
-    seed_list = range(first_seed, first_seed + seeds)
-    if sample is not None:
-        panel = training_panel(sample_prices(sample), config, sample.name.split(".")[0])
-        about = (
-            f"{sample.name}, {panel.frame['ticker'].nunique()} tickers (one panel: the seeds "
-            "vary the models only, so ± is their spread, not the test window's sampling error)"
-        )
-        for seed in seed_list:
-            records += measure_panel(panel, seed, plan)
-    else:
-        about = f"synthetic {tickers} tickers x {days} days"
-        for seed in seed_list:
-            prices = synthetic_prices(tickers, days, seed, config.horizon)
-            panel = training_panel(prices, config, f"synthetic-{tickers}x{days}-seed{seed}")
-            records += measure_panel(panel, seed, plan)
-    split = panel.split
-    about += (
-        f"; train {len(split.train_dates)}, validation {len(split.validation_dates)}, test "
-        f"{len(split.test_dates)} dates, embargo {split.embargo}; threads {threads}"
-    )
-    if config.model_fields_set:
-        about += "; finpipe settings " + ", ".join(
-            f"{key}={getattr(config, key)}" for key in sorted(config.model_fields_set)
-        )
+    if plan.finpipe_models or plan.qlib_models or not add:
+        records, about = measure(plan, range(first_seed, first_seed + seeds), sample, tickers, days)
+    else:  # only merging other runs' files: their panels' description
+        records, about = [], json.loads(add[0].read_text())["about"]
     command = "python -m benchmarks.qlib_peer " + shlex.join(sys.argv[1:])
     default = "qlib_peer_sample" if sample is not None else "qlib_peer"
-    path = write_results(records, out, name or default, command, about, update=update)
-    print(summary_table(records))
+    path = write_results(records, out, name or default, command, about, update=update, added=add)
+    written = json.loads(path.with_suffix(".json").read_text())["records"]
+    print(summary_table(written))
     print()
-    print(paired_table(records))
-    print(best_line(records))
+    print(paired_table(written))
+    print(best_line(written))
     print(f"results: {path}")
 
 

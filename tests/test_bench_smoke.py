@@ -358,3 +358,39 @@ def test_the_qlib_peer_stage_fits_both_sides_on_the_same_windows(tmp_path):
     assert list(table.columns.get_level_values(0).unique()) == ["feature", "label"]
     label = panel.frame.set_index(["date", "ticker"])[panel.label].sort_index()
     assert np.array_equal(table[("label", "LABEL0")].to_numpy(), label.to_numpy(), equal_nan=True)
+
+
+@pytest.mark.unit
+def test_results_of_runs_made_in_parallel_merge_with_their_own_provenance(tmp_path):
+    """`--add FILE`: one process fitted finpipe's GRU, another Qlib's; merged into the file
+    that holds the other models, each record keeps the line it was measured under."""
+    from benchmarks.qlib_peer import write_results
+
+    def record(side: str, model: str, seed: int, ic: float) -> dict:
+        return {"panel": f"p{seed}", "seed": seed, "side": side, "model": model,
+                "model_class": "gru" if model == "gru" else "mlp", "ic": ic, "rank_ic": ic,
+                "icir": 1.0, "rank_icir": 1.0, "fit_s": 2.0, "fit_cpu_s": 1.0}  # fmt: skip
+
+    def results(name: str, line: str, records: list[dict]) -> Path:
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"provenance": line, "about": "synthetic", "records": records}))
+        return path
+
+    results("peer", "Measured first.", [record("finpipe", "mlp", 0, 0.12)])
+    ours = results("ours", "Measured by us.", [record("finpipe", "gru", s, 0.15) for s in (0, 1)])
+    theirs = results(
+        "theirs", "Measured by Qlib.", [record("qlib", "gru", s, 0.14) for s in (0, 1)]
+    )
+    write_results([], tmp_path, "peer", "merge", "synthetic", update=True, added=[ours, theirs])
+
+    merged = json.loads((tmp_path / "peer.json").read_text())["records"]
+    assert [(r["side"], r["model"], r["provenance"]) for r in merged] == [
+        ("finpipe", "mlp", "Measured first."),
+        ("qlib", "gru", "Measured by Qlib."), ("qlib", "gru", "Measured by Qlib."),
+        ("finpipe", "gru", "Measured by us."), ("finpipe", "gru", "Measured by us."),
+    ]  # fmt: skip
+    markdown = (tmp_path / "peer.md").read_text()
+    assert (
+        "- qlib gru: Measured by Qlib." in markdown and "- finpipe gru: Measured by us." in markdown
+    )
+    assert "| gru | gru | gru | 2 | 0.0100 ± 0.0000 |" in markdown
