@@ -714,13 +714,19 @@ def _merged(records: list[dict[str, Any]], earlier: dict[str, Any]) -> list[dict
     ] + records
 
 
-def _overrides(values: list[str]) -> dict[str, str]:
-    pairs = {}
+def _overrides(values: list[str]) -> dict[str, Any]:
+    """`--set name=value` pairs; a value that reads as JSON (`{"gru": 3}`, `[64, 32]`) is
+    passed as what it reads as, any other as text (pydantic converts `2e-4` or `true`)."""
+    pairs: dict[str, Any] = {}
     for item in values:
         key, sep, value = item.partition("=")
         if not sep:
             raise typer.BadParameter(f"--set takes name=value, got {item!r}")
-        pairs[key.strip()] = value.strip()
+        value = value.strip()
+        try:
+            pairs[key.strip()] = json.loads(value) if value[:1] in "{[" else value
+        except json.JSONDecodeError:
+            pairs[key.strip()] = value
     return pairs
 
 
