@@ -34,11 +34,12 @@ demo: $(STAMP)
 TEST_WORKERS ?= 2
 TEST_PARALLEL = -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
+# --durations: the run ends with its 20 slowest test phases, the place to look when it slows down.
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
-	$(BIN)/python -m pytest $(TEST_PARALLEL)
+	$(BIN)/python -m pytest $(TEST_PARALLEL) --durations=20
 
 # The unit tier alone: pure functions, no Prefect, no MLflow store, no child process.
 test-fast: $(STAMP)
