@@ -358,3 +358,18 @@ def test_the_mlp_is_a_seed_average_of_five_nets_by_default():
     assert isinstance(build_net(chosen.train_config("tcn"), 4), SeedAverage)
     with pytest.raises(ValueError, match="greater than or equal to 1"):
         MarketTrainingConfig(seed_average={"gru": 0})
+
+
+def test_a_kind_of_net_can_have_its_own_learning_rate():
+    """learning_rate_by_kind: the GRU at Qlib's rate while the MLP keeps learning_rate."""
+    from finpipe.market.model import MarketTrainingConfig
+
+    assert MarketTrainingConfig().train_config("gru").learning_rate == 1e-3
+    chosen = MarketTrainingConfig(learning_rate_by_kind={"gru": 2e-4, "cnn": 5e-4})
+    assert chosen.learning_rate_by_kind == {"gru": 2e-4, "tcn": 5e-4}
+    rates = [chosen.train_config(kind).learning_rate for kind in ("mlp", "gru", "tcn")]
+    assert rates == [1e-3, 2e-4, 5e-4]
+    with pytest.raises(ValueError, match="greater than 0"):
+        MarketTrainingConfig(learning_rate_by_kind={"gru": 0})
+    with pytest.raises(ValueError, match="learning_rate_by_kind"):
+        MarketTrainingConfig(learning_rate_by_kind={"transformer": 1e-4})

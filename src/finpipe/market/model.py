@@ -545,6 +545,16 @@ class MarketTrainingConfig(BaseModel):
             "by about 0.004 on every panel measured, at five times the fit time (README)."
         ),
     )
+    learning_rate_by_kind: dict[
+        Annotated[MarketModelKind, BeforeValidator(canonical_kind)], LearningRate
+    ] = Field(
+        default_factory=dict,
+        description=(
+            "A learning rate for a kind of net instead of learning_rate (a kind not listed: "
+            'learning_rate). At 500 tickers x 10 years {"gru": 2e-4}, Qlib\'s GRU rate, raised '
+            "the GRU's validation IC on 4 of 5 panels and its test IC on all 5 (README)."
+        ),
+    )
     boosted_trees: BoostedTreesConfig = Field(
         default_factory=BoostedTreesConfig,
         description="The lgbm candidate's LightGBM settings (the nets' above do not apply).",
@@ -576,14 +586,17 @@ class MarketTrainingConfig(BaseModel):
         return models
 
     def train_config(self, model: str) -> TrainConfig:
+        kind = check_kind(model, NET_KINDS)
+        loop = loop_settings(self)
+        loop["learning_rate"] = self.learning_rate_by_kind.get(kind, self.learning_rate)
         return TrainConfig(
-            model=check_kind(model, NET_KINDS),
+            model=kind,
             hidden=self.hidden,
             layers=self.layers,
             dropout=self.dropout,
             lookback=self.lookback,
-            seeds=self.seed_average.get(check_kind(model, NET_KINDS), 1),
-            **loop_settings(self),
+            seeds=self.seed_average.get(kind, 1),
+            **loop,
         )
 
     @property
