@@ -659,8 +659,8 @@ def write_results(
 ) -> Path:
     """Write `<name>.json` (records) and `<name>.md` (provenance, tables) under `out`.
 
-    With `update`, the records of an existing `<name>.json` whose side and model this run did
-    not fit are kept beside the new ones, each with the provenance line it was measured under
+    With `update`, the records of an existing `<name>.json` whose side, model and seed this run
+    did not fit are kept beside the new ones, each with the provenance line it was measured under
     (the .md lists every line with the models it covers). The records of each `added` results
     file (runs made in other processes at the same time) join them the same way, with their
     own provenance lines."""
@@ -704,13 +704,13 @@ def write_results(
 
 
 def _merged(records: list[dict[str, Any]], earlier: dict[str, Any]) -> list[dict[str, Any]]:
-    """`earlier`'s records (a results file's) of the side and models `records` lacks, with
-    their provenance, before `records`."""
-    fitted = {(r["side"], r["model"]) for r in records}
+    """`earlier`'s records (a results file's) of the side, model and seed `records` lacks,
+    with their provenance, before `records` (runs split by seed merge too)."""
+    fitted = {(r["side"], r["model"], r["seed"]) for r in records}
     return [
         {"provenance": earlier["provenance"], **r}
         for r in earlier["records"]
-        if (r["side"], r["model"]) not in fitted
+        if (r["side"], r["model"], r["seed"]) not in fitted
     ] + records
 
 
@@ -794,7 +794,8 @@ def main(
     update: Annotated[
         bool,
         typer.Option(
-            help="Keep an existing results file's records of the models this run does not fit."
+            help="Keep an existing results file's records of the models (and seeds) this "
+            "run does not fit."
         ),
     ] = False,
     add: Annotated[

@@ -377,20 +377,21 @@ def test_results_of_runs_made_in_parallel_merge_with_their_own_provenance(tmp_pa
         return path
 
     results("peer", "Measured first.", [record("finpipe", "mlp", 0, 0.12)])
-    ours = results("ours", "Measured by us.", [record("finpipe", "gru", s, 0.15) for s in (0, 1)])
-    theirs = results(
-        "theirs", "Measured by Qlib.", [record("qlib", "gru", s, 0.14) for s in (0, 1)]
-    )
-    write_results([], tmp_path, "peer", "merge", "synthetic", update=True, added=[ours, theirs])
+    ours = results("ours", "Measured by us.", [record("finpipe", "gru", 0, 0.15)])
+    seed_1 = results("seed_1", "Measured by us too.", [record("finpipe", "gru", 1, 0.15)])
+    qlib = [record("qlib", "gru", s, 0.14) for s in (0, 1)]
+    theirs = results("theirs", "Measured by Qlib.", qlib)
+    added = [ours, seed_1, theirs]  # finpipe's seeds fitted in two processes
+    write_results([], tmp_path, "peer", "merge", "synthetic", update=True, added=added)
 
     merged = json.loads((tmp_path / "peer.json").read_text())["records"]
-    assert [(r["side"], r["model"], r["provenance"]) for r in merged] == [
-        ("finpipe", "mlp", "Measured first."),
-        ("qlib", "gru", "Measured by Qlib."), ("qlib", "gru", "Measured by Qlib."),
-        ("finpipe", "gru", "Measured by us."), ("finpipe", "gru", "Measured by us."),
+    assert [(r["side"], r["model"], r["seed"], r["provenance"]) for r in merged] == [
+        ("finpipe", "mlp", 0, "Measured first."),
+        ("qlib", "gru", 0, "Measured by Qlib."), ("qlib", "gru", 1, "Measured by Qlib."),
+        ("finpipe", "gru", 1, "Measured by us too."), ("finpipe", "gru", 0, "Measured by us."),
     ]  # fmt: skip
     markdown = (tmp_path / "peer.md").read_text()
-    assert (
-        "- qlib gru: Measured by Qlib." in markdown and "- finpipe gru: Measured by us." in markdown
-    )
+    for line in ("- qlib gru: Measured by Qlib.", "- finpipe gru: Measured by us."):
+        assert line in markdown
+    assert "- finpipe gru: Measured by us too." in markdown
     assert "| gru | gru | gru | 2 | 0.0100 ± 0.0000 |" in markdown
