@@ -715,18 +715,18 @@ def _merged(records: list[dict[str, Any]], earlier: dict[str, Any]) -> list[dict
 
 
 def _overrides(values: list[str]) -> dict[str, Any]:
-    """`--set name=value` pairs; a value that reads as JSON (`{"gru": 3}`, `[64, 32]`) is
-    passed as what it reads as, any other as text (pydantic converts `2e-4` or `true`)."""
+    """`--set name=value` pairs; a value starting with `{` or `[` is read as JSON
+    (`{"gru": 3}`), any other is passed as text (pydantic converts `2e-4` or `true`)."""
     pairs: dict[str, Any] = {}
     for item in values:
-        key, sep, value = item.partition("=")
+        key, sep, text = item.partition("=")
         if not sep:
             raise typer.BadParameter(f"--set takes name=value, got {item!r}")
-        value = value.strip()
+        key, text = key.strip(), text.strip()
         try:
-            pairs[key.strip()] = json.loads(value) if value[:1] in "{[" else value
-        except json.JSONDecodeError:
-            pairs[key.strip()] = value
+            pairs[key] = json.loads(text) if text.startswith(("{", "[")) else text
+        except json.JSONDecodeError as error:
+            raise typer.BadParameter(f"--set {key}: {text!r} is not JSON ({error})") from None
     return pairs
 
 

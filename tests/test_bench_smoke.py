@@ -395,3 +395,15 @@ def test_results_of_runs_made_in_parallel_merge_with_their_own_provenance(tmp_pa
         assert line in markdown
     assert "- finpipe gru: Measured by us too." in markdown
     assert "| gru | gru | gru | 2 | 0.0100 ± 0.0000 |" in markdown
+
+
+@pytest.mark.unit
+def test_set_reads_dict_settings_as_json_and_the_rest_as_text():
+    import typer
+
+    from benchmarks.qlib_peer import _overrides
+
+    pairs = _overrides(['seed_average={"gru": 3}', "learning_rate= 2e-4", "hidden="])
+    assert pairs == {"seed_average": {"gru": 3}, "learning_rate": "2e-4", "hidden": ""}
+    with pytest.raises(typer.BadParameter, match="seed_average"):
+        _overrides(["seed_average={gru: 3}"])
