@@ -211,6 +211,7 @@ def fit_finpipe(
         "fit_cpu_s": fit_cpu_s,
         "epochs": len(fitted.history),
         "best_epoch": fitted.best_epoch,
+        "learning_rate": getattr(fitted, "learning_rate", None),  # the nets' applied rate
         # what a recipe is chosen on (the test window only reports)
         "validation_ic": market_metrics(validation, label=panel.label)["ic"],
     }

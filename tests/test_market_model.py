@@ -62,7 +62,11 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path, model):
     assert saved["feature_columns"] == FEATURES and saved["horizon"] == HORIZON
     assert saved["config"]["model"] == model and len(saved["history"]) == 2
     assert loaded.scaler == fitted.scaler and loaded.config == fitted.config
+    assert loaded.learning_rate == fitted.learning_rate == 1e-3  # a few batches: the full rate
     assert sorted(p.name for p in (tmp_path / "model").iterdir()) == ["model.json", "weights.pt"]
+    del saved["learning_rate"]  # a model saved before the applied rate was recorded
+    (tmp_path / "model" / "model.json").write_text(json.dumps(saved))
+    assert FittedMarketModel.load(tmp_path / "model").learning_rate is None
 
 
 def test_missing_feature_column_is_named():
@@ -373,3 +377,19 @@ def test_a_kind_of_net_can_have_its_own_learning_rate():
         MarketTrainingConfig(learning_rate_by_kind={"gru": 0})
     with pytest.raises(ValueError, match="learning_rate_by_kind"):
         MarketTrainingConfig(learning_rate_by_kind={"transformer": 1e-4})
+
+
+def test_a_large_panel_trains_the_nets_at_a_rate_scaled_to_full_rate_steps():
+    """full_rate_steps (market default 200) reaches every net's TrainConfig; a panel with more
+    batches an epoch than that trains at the scaled rate, and the fitted model says which."""
+    from finpipe.market.model import MarketTrainingConfig
+
+    default = MarketTrainingConfig()
+    assert [default.train_config(k).full_rate_steps for k in ("mlp", "gru")] == [200, 200]
+    assert MarketTrainingConfig(full_rate_steps=0).train_config("gru").full_rate_steps == 0
+    frame = _panel()
+    split = time_split(frame["date"], embargo=HORIZON)
+    config = _config("mlp", batch_size=16, full_rate_steps=2)  # 26 dates x ~6 rows: 10 steps
+    fitted = fit_market_model(frame, FEATURES, split, config, horizon=HORIZON)
+    steps = -(-int(frame["date"].isin(split.train_dates).sum()) // 16)
+    assert steps > 2 and fitted.learning_rate == pytest.approx(1e-3 * 2 / steps)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -18,6 +19,7 @@ from finpipe.training import (
     FeatureScaler,
     SeedAverage,
     TrainConfig,
+    applied_learning_rate,
     mean_squared_error,
     predict_regressor,
     run_training_loop,
@@ -257,6 +259,33 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_epoch():
     # the returned weights are those of epoch 1, not of the last epoch
     restored = float(mean_squared_error(result.model, validation, batch_size=256))
     assert restored == pytest.approx(validation_losses[0], rel=1e-5)
+
+
+def test_the_learning_rate_is_scaled_down_past_full_rate_steps_an_epoch():
+    assert applied_learning_rate(1e-3, steps=200, full_rate_steps=200) == 1e-3
+    assert applied_learning_rate(1e-3, steps=100, full_rate_steps=200) == 1e-3
+    assert applied_learning_rate(1e-3, steps=500, full_rate_steps=200) == pytest.approx(4e-4)
+    assert applied_learning_rate(1e-3, steps=10_000, full_rate_steps=0) == 1e-3  # 0: never
+
+
+def test_a_loop_past_full_rate_steps_trains_exactly_as_at_the_scaled_rate():
+    x, y, _ = _linear_problem(4, n_dates=20)
+    train, validation = Batches(x[:640], y[:640]), Batches(x[640:], y[640:])  # 10 batches of 64
+    scaled = TrainConfig(hidden=8, batch_size=64, max_epochs=3, learning_rate=0.01)
+    scaled = dataclasses.replace(scaled, full_rate_steps=4)
+    by_hand = dataclasses.replace(scaled, full_rate_steps=0, learning_rate=0.01 * 4 / 10)
+    full = dataclasses.replace(scaled, full_rate_steps=10)  # 10 steps: the full rate
+    net = build_net(scaled, 4)
+
+    result = train_regressor(net, train, validation, scaled)
+    expected = train_regressor(net, train, validation, by_hand)
+    unscaled = train_regressor(net, train, validation, full)
+
+    assert result.learning_rate == pytest.approx(0.004) == expected.learning_rate
+    assert unscaled.learning_rate == 0.01
+    losses = [(h["train_loss"], h["validation_loss"]) for h in result.history]
+    assert losses == [(h["train_loss"], h["validation_loss"]) for h in expected.history]
+    assert losses != [(h["train_loss"], h["validation_loss"]) for h in unscaled.history]
 
 
 def test_mlp_learns_a_linear_signal_to_a_clearly_positive_ic():

@@ -235,6 +235,15 @@ class TrainConfig:
             "mean (seed averaging). 1: one net.",
         ),
     ] = 1
+    full_rate_steps: Annotated[
+        int,
+        Field(
+            ge=0,
+            description="Optimiser steps an epoch takes at the full learning_rate; an epoch of "
+            "more steps (more training rows) takes learning_rate x full_rate_steps / steps "
+            "(`applied_learning_rate`). 0: the full rate at any size.",
+        ),
+    ] = 0
     device: Annotated[
         str, Field(description="'auto' (cuda when available, else cpu), 'cpu', 'cuda', 'cuda:1'.")
     ] = "auto"
@@ -262,6 +271,16 @@ class TrainConfig:
         """Field name -> one-line description (CLI help, docs)."""
         fields = cls.__pydantic_fields__  # type: ignore[attr-defined]
         return {name: info.description or "" for name, info in fields.items()}
+
+
+def applied_learning_rate(learning_rate: float, steps: int, full_rate_steps: int) -> float:
+    """The rate a training loop of `steps` optimiser steps an epoch applies: `learning_rate`
+    up to `full_rate_steps` steps (0: at any number), then scaled down so that an epoch's rates
+    add up to no more than `full_rate_steps` steps' worth. A larger panel then moves the
+    weights about as far per epoch, between two early-stopping checks, as a smaller one."""
+    if full_rate_steps <= 0 or steps <= full_rate_steps:
+        return learning_rate
+    return learning_rate * full_rate_steps / steps
 
 
 @contextmanager
@@ -418,6 +437,7 @@ class TrainResult(Generic[NetT]):
     best_epoch: int
     epochs_run: int
     device: str
+    learning_rate: float  # the rate the optimiser applied (see applied_learning_rate)
 
     @property
     def best_validation_loss(self) -> float:
@@ -474,7 +494,8 @@ def train_regressor(
     `model` is not modified: a copy is trained. A `SeedAverage` (`config.seeds` > 1) has each
     member trained by the same loop, member k with seed `config.seed + k`; the result's history
     and best epoch are the first member's (the net a one-seed run trains), and `on_epoch`
-    hears only its epochs.
+    hears only its epochs. The learning rate is `applied_learning_rate` for the train set's
+    number of batches (`config.full_rate_steps`).
     """
     if isinstance(model, SeedAverage):
         trained = [
@@ -492,7 +513,12 @@ def train_regressor(
             member.load_state_dict(result.model.state_dict())
         first = trained[0]
         return TrainResult(
-            averaged.eval(), first.history, first.best_epoch, first.epochs_run, first.device
+            averaged.eval(),
+            first.history,
+            first.best_epoch,
+            first.epochs_run,
+            first.device,
+            first.learning_rate,
         )
     train_targets = train_batches.targets
     if train_targets is None or validation_batches.targets is None:
@@ -508,6 +534,9 @@ def train_regressor(
     train_targets = moved[id(train_targets)]  # the same targets, on `device`
     validation = validation_batches.to(device, moved)
     eval_batch_size = 4 * config.batch_size
+    steps = math.ceil(len(train) / config.batch_size)
+    rate = applied_learning_rate(config.learning_rate, steps, config.full_rate_steps)
+    config = dataclasses.replace(config, learning_rate=rate)
 
     def batch_loss(model: nn.Module, index: torch.Tensor, _: torch.Generator) -> torch.Tensor:
         return F.mse_loss(model(train.inputs(index)), train_targets[index])
@@ -642,4 +671,5 @@ def run_training_loop(
         best_epoch=best_epoch,
         epochs_run=len(history),
         device=str(device),
+        learning_rate=config.learning_rate,
     )

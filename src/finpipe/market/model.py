@@ -182,6 +182,7 @@ class FittedMarketModel(SavesNetAndMetadata, ExplainsRows):
     target: Target = "return"
     target_mean: float = 0.0
     target_std: float = 1.0
+    learning_rate: float | None = None  # the rate training applied; None: not recorded
 
     def predict(
         self,
@@ -283,6 +284,7 @@ class FittedMarketModel(SavesNetAndMetadata, ExplainsRows):
             "target": self.target,
             "target_mean": self.target_mean,
             "target_std": self.target_std,
+            "learning_rate": self.learning_rate,
         }
 
     @classmethod
@@ -301,6 +303,7 @@ class FittedMarketModel(SavesNetAndMetadata, ExplainsRows):
             target=data["target"],
             target_mean=float(data["target_mean"]),
             target_std=float(data["target_std"]),
+            learning_rate=data.get("learning_rate"),  # absent from models saved before it
         )
 
 
@@ -371,6 +374,7 @@ def fit_market_model(
         target=target,
         target_mean=samples.target_mean,
         target_std=samples.target_std,
+        learning_rate=result.learning_rate,
     )
 
 
@@ -556,6 +560,16 @@ class MarketTrainingConfig(BaseModel):
             "years it lowered the test IC on all 3, so it is not the default (README)."
         ),
     )
+    full_rate_steps: int = Field(
+        200,
+        ge=0,
+        description=(
+            "Optimiser steps an epoch takes at the full learning rate; with more training rows "
+            "the rate is scaled down to full_rate_steps / steps of it (0: never). 200 steps of "
+            "512 rows leave 200 tickers x 3 years at 1e-3; at 500 tickers the GRU's 4e-4 "
+            "raised its test IC on 5 of 5 panels (README)."
+        ),
+    )
     boosted_trees: BoostedTreesConfig = Field(
         default_factory=BoostedTreesConfig,
         description="The lgbm candidate's LightGBM settings (the nets' above do not apply).",
@@ -597,6 +611,7 @@ class MarketTrainingConfig(BaseModel):
             dropout=self.dropout,
             lookback=self.lookback,
             seeds=self.seed_average.get(kind, 1),
+            full_rate_steps=self.full_rate_steps,
             **loop,
         )
 

@@ -127,15 +127,12 @@ class MarketNight(lifecycle.Night[MarketTrainingConfig]):
         self.nets[kind], self.predictions[kind] = fitted, scored["prediction"].to_numpy()
         # The trees' best round is their highest validation IC, not their lowest loss: their
         # losses by round are the run's metrics, not a curve marking another round as best.
-        curve = (
-            {}
-            if isinstance(fitted, FittedMarketBoostedTrees)
-            else {
-                "plots/learning_curve.png": plots.learning_curve(
-                    fitted.history, f"{kind}: loss by epoch"
-                )
-            }
-        )
+        curve, metrics = {}, {"best_epoch": float(fitted.best_epoch)}
+        if not isinstance(fitted, FittedMarketBoostedTrees):
+            title = f"{kind}: loss by epoch"
+            curve = {"plots/learning_curve.png": plots.learning_curve(fitted.history, title)}
+            if fitted.learning_rate is not None:  # scaled down on a large panel
+                metrics["learning_rate_applied"] = fitted.learning_rate
         candidate = self.measure(
             kind,
             fitted,
@@ -143,7 +140,7 @@ class MarketNight(lifecycle.Night[MarketTrainingConfig]):
             scored,
             RunRecord(
                 params={**member_params(kind, config), "label": config.label},
-                metrics={"best_epoch": fitted.best_epoch},
+                metrics=metrics,
                 figures=curve,
             ),
         )
