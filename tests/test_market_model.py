@@ -379,14 +379,17 @@ def test_a_kind_of_net_can_have_its_own_learning_rate():
         MarketTrainingConfig(learning_rate_by_kind={"transformer": 1e-4})
 
 
-def test_a_large_panel_trains_the_nets_at_a_rate_scaled_to_full_rate_steps():
-    """full_rate_steps (market default 200) reaches every net's TrainConfig; a panel with more
-    batches an epoch than that trains at the scaled rate, and the fitted model says which."""
+def test_a_large_panel_trains_a_net_at_a_rate_scaled_to_its_full_rate_steps():
+    """full_rate_steps_by_kind (default: the GRU's 100) reaches each net's TrainConfig; a panel
+    with more batches an epoch than that trains at the scaled rate, and the model says which."""
     from finpipe.market.model import MarketTrainingConfig
 
     default = MarketTrainingConfig()
-    assert [default.train_config(k).full_rate_steps for k in ("mlp", "gru")] == [200, 200]
-    assert MarketTrainingConfig(full_rate_steps=0).train_config("gru").full_rate_steps == 0
+    assert [default.train_config(k).full_rate_steps for k in ("mlp", "gru", "tcn")] == [0, 100, 0]
+    chosen = MarketTrainingConfig(full_rate_steps_by_kind={"cnn": 50})  # the GRU's then unset
+    assert [chosen.train_config(k).full_rate_steps for k in ("gru", "tcn")] == [0, 50]
+    with pytest.raises(ValueError, match="greater than or equal to 0"):
+        MarketTrainingConfig(full_rate_steps_by_kind={"gru": -1})
     frame = _panel()
     split = time_split(frame["date"], embargo=HORIZON)
     config = _config("mlp", batch_size=16, full_rate_steps=2)  # 26 dates x ~6 rows: 10 steps
