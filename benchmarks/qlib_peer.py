@@ -605,19 +605,20 @@ def paired_table(records: list[dict[str, Any]]) -> str:
 
 
 def best_line(records: list[dict[str, Any]]) -> str:
-    """One line: each side's model with the best mean test IC, and their paired difference."""
+    """One line: each side's model with the best mean test IC, and their paired difference. A
+    model with no IC (a constant prediction, e.g. Qlib's LightGBM finding no split) has no rank
+    here."""
     ok = [r for r in records if "error" not in r]
     best = {}
     for side in ("finpipe", "qlib"):
-        models = {r["model"] for r in ok if r["side"] == side}
-        if not models:
+        means = {
+            m: mean_and_error([r["ic"] for r in ok if (r["side"], r["model"]) == (side, m)])[0]
+            for m in {r["model"] for r in ok if r["side"] == side}
+        }
+        scored = {m: value for m, value in means.items() if math.isfinite(value)}
+        if not scored:
             return ""
-        best[side] = max(
-            models,
-            key=lambda m: mean_and_error(
-                [r["ic"] for r in ok if (r["side"], r["model"]) == (side, m)]
-            )[0],
-        )
+        best[side] = max(scored, key=lambda m: scored[m])
     ours, theirs = (
         {
             (r["panel"], r["seed"]): r["ic"]
@@ -687,7 +688,7 @@ def write_results(
     text = [
         f"# finpipe beside Qlib: {about}",
         "",
-        *([line] if len(lines) == 1 else [f"- {covers[each]}: {each}" for each in lines]),
+        *(lines if len(lines) == 1 else [f"- {covers[each]}: {each}" for each in lines]),
         "",
         summary_table(records),
         "",

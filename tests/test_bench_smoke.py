@@ -395,6 +395,9 @@ def test_results_of_runs_made_in_parallel_merge_with_their_own_provenance(tmp_pa
         assert line in markdown
     assert "- finpipe gru: Measured by us too." in markdown
     assert "| gru | gru | gru | 2 | 0.0100 ± 0.0000 |" in markdown
+    # A merge-only run of one other run's records shows that run's line, not its own.
+    write_results([], tmp_path, "alone", "merge", "synthetic", added=[theirs])
+    assert (tmp_path / "alone.md").read_text().splitlines()[2] == "Measured by Qlib."
 
 
 @pytest.mark.unit
@@ -407,3 +410,20 @@ def test_set_reads_dict_settings_as_json_and_the_rest_as_text():
     assert pairs == {"seed_average": {"gru": 3}, "learning_rate": "2e-4", "hidden": ""}
     with pytest.raises(typer.BadParameter, match="seed_average"):
         _overrides(["seed_average={gru: 3}"])
+
+
+@pytest.mark.unit
+def test_a_model_with_no_ic_is_never_the_best_of_its_side():
+    """On the 5-ticker sample Qlib's LightGBM predicts a constant (IC NaN): the best line names
+    Qlib's best model with an IC, not the NaN one."""
+    from benchmarks.qlib_peer import best_line
+
+    def record(side: str, model: str, seed: int, ic: float) -> dict:
+        return {"panel": "sample", "seed": seed, "side": side, "model": model, "ic": ic}
+
+    records = [record("finpipe", "gru", s, 0.07) for s in (0, 1)]
+    records += [record("qlib", "gru", s, 0.09) for s in (0, 1)]
+    records += [record("qlib", "lgbm", s, float("nan")) for s in (0, 1)]
+
+    assert best_line(records).startswith("Best by mean test IC: finpipe gru, Qlib gru; paired")
+    assert "-0.0200" in best_line(records)

@@ -188,6 +188,16 @@ def test_models_reach_half_the_oracle_ic(tmp_path, home):
     assert np.isfinite(outcome.metrics["mlp"]["test"]["rmse"])
     # The last labelled date is 5 rows before as_of: the test window ends there.
     assert dt.date.fromisoformat(outcome.test_end) < as_of
+    # Each net's run records the rate it trained at: 37 batches an epoch, under the GRU's 100.
+    import mlflow
+
+    client = mlflow.MlflowClient(home.tracking_uri)
+    runs = client.search_runs(
+        [client.get_experiment_by_name("finpipe-market").experiment_id],
+        f"tags.mlflow.parentRunId = '{outcome.run_id}'",
+    )
+    rates = {run.info.run_name: run.data.metrics.get("learning_rate_applied") for run in runs}
+    assert rates == {"mlp": 1e-3, "gru": 1e-3}, rates
 
 
 def test_the_boosted_trees_are_registered_promoted_and_score_with_reasons(home, delivery):
