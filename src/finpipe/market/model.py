@@ -497,11 +497,15 @@ class BoostedTreesConfig(BaseModel):
         }
 
 
+# A market model kind as a config names it ('cnn' is read as 'tcn').
+KindName = Annotated[MarketModelKind, BeforeValidator(canonical_kind)]
+
+
 class MarketTrainingConfig(BaseModel):
     """Hyper-parameters of a nightly market retrain (also the Prefect form and MLflow params)."""
 
     horizon: int = Field(5, ge=1, le=60, description="Forward-return horizon h in trading days.")
-    models: list[Annotated[MarketModelKind, BeforeValidator(canonical_kind)]] = Field(
+    models: list[KindName] = Field(
         default_factory=lambda: list(DEFAULT_MODELS),
         description=(
             "Candidates to train and compare: mlp, gru, tcn (temporal CNN; 'cnn' is accepted "
@@ -540,9 +544,7 @@ class MarketTrainingConfig(BaseModel):
     learning_rate: LearningRate = 1e-3
     weight_decay: WeightDecay = 1e-4
     seed: int = 0
-    seed_average: dict[
-        Annotated[MarketModelKind, BeforeValidator(canonical_kind)], Annotated[int, Field(ge=1)]
-    ] = Field(
+    seed_average: dict[KindName, Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: {MLP: 5},
         description=(
             "Nets averaged per kind (seed averaging, `TrainConfig.seeds`; a kind not listed: "
@@ -550,9 +552,7 @@ class MarketTrainingConfig(BaseModel):
             "by about 0.004 on every panel measured, at five times the fit time (README)."
         ),
     )
-    learning_rate_by_kind: dict[
-        Annotated[MarketModelKind, BeforeValidator(canonical_kind)], LearningRate
-    ] = Field(
+    learning_rate_by_kind: dict[KindName, LearningRate] = Field(
         default_factory=dict,
         description=(
             "A learning rate for a kind of net instead of learning_rate (a kind not listed: "
@@ -560,9 +560,7 @@ class MarketTrainingConfig(BaseModel):
             'other rate. E.g. {"gru": 2e-4}, Qlib\'s GRU rate (README).'
         ),
     )
-    full_rate_steps_by_kind: dict[
-        Annotated[MarketModelKind, BeforeValidator(canonical_kind)], Annotated[int, Field(ge=0)]
-    ] = Field(
+    full_rate_steps_by_kind: dict[KindName, Annotated[int, Field(ge=0)]] = Field(
         default_factory=lambda: {GRU: 100},
         description=(
             "Per kind of net: optimiser steps an epoch takes at its full learning rate; an "
