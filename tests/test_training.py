@@ -271,8 +271,9 @@ def test_the_learning_rate_is_scaled_down_past_full_rate_steps_an_epoch():
 def test_a_loop_past_full_rate_steps_trains_exactly_as_at_the_scaled_rate():
     x, y, _ = _linear_problem(4, n_dates=20)
     train, validation = Batches(x[:640], y[:640]), Batches(x[640:], y[640:])  # 10 batches of 64
-    scaled = TrainConfig(hidden=8, batch_size=64, max_epochs=3, learning_rate=0.01)
-    scaled = dataclasses.replace(scaled, full_rate_steps=4)
+    scaled = TrainConfig(
+        hidden=8, batch_size=64, max_epochs=3, learning_rate=0.01, full_rate_steps=4
+    )
     by_hand = dataclasses.replace(scaled, full_rate_steps=0, learning_rate=0.01 * 4 / 10)
     full = dataclasses.replace(scaled, full_rate_steps=10)  # 10 steps: the full rate
     net = build_net(scaled, 4)

@@ -131,7 +131,7 @@ class MarketNight(lifecycle.Night[MarketTrainingConfig]):
         if not isinstance(fitted, FittedMarketBoostedTrees):
             title = f"{kind}: loss by epoch"
             curve = {"plots/learning_curve.png": plots.learning_curve(fitted.history, title)}
-            if fitted.learning_rate is not None:  # scaled down on a large panel
+            if fitted.learning_rate is not None:  # what it trained at (scaled on a large panel)
                 metrics["learning_rate_applied"] = fitted.learning_rate
         candidate = self.measure(
             kind,
