@@ -11,6 +11,8 @@ import time
 import urllib.request
 from pathlib import Path
 
+from finpipe.ui_servers import mlflow_server_env
+
 QUIET = {
     "DO_NOT_TRACK": "1",
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -92,7 +94,7 @@ class MlflowServer:
         ]
         self.process = subprocess.Popen(
             command,
-            env={**os.environ, **QUIET},
+            env={**os.environ, **QUIET, **mlflow_server_env()},  # as finpipe starts one
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

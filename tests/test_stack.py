@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from finpipe.services import stack
-from finpipe.settings import TELEMETRY_OFF
+from finpipe.settings import TELEMETRY_OFF, Settings
+from finpipe.ui_servers import mlflow_server_env, server_commands
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
 
@@ -30,7 +31,9 @@ def compose() -> dict:
 
 
 def _environment(service: dict) -> set[str]:
-    return set(service.get("environment") or {}) - set(TELEMETRY_OFF)
+    """The settings a compose service is given, less the defaults every finpipe process or
+    every MLflow server gets (telemetry off, no job runner)."""
+    return set(service.get("environment") or {}) - set(TELEMETRY_OFF) - set(mlflow_server_env())
 
 
 # -- the compose file and the stack agree ------------------------------------------------
@@ -61,6 +64,24 @@ def test_compose_ships_no_password_and_publishes_on_loopback_only(compose):
     for name, service in compose["services"].items():
         for published in service.get("ports", []):
             assert str(published).startswith("127.0.0.1:"), f"{name} publishes {published}"
+
+
+def test_every_mlflow_server_starts_without_the_genai_job_runner(compose, tmp_path, monkeypatch):
+    """`finpipe ui`, `finpipe stack` and compose start MLflow with job execution off, unless
+    the user's environment turns it on."""
+    monkeypatch.delenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", raising=False)
+    folder = stack.StackFolder(tmp_path)
+    ports = dict.fromkeys(stack.PORT_NAMES, 1234)
+    values = stack.stack_values(stack.generate_credentials(), ports, folder)
+    _, stack_mlflow, *_ = stack._commands(values, ports, folder)
+    assert stack_mlflow.name == "mlflow"
+    (ui_mlflow,) = [c for c in server_commands(Settings(home=tmp_path)) if c.name == "MLflow"]
+    compose_env = compose["services"]["mlflow"]["environment"]
+    for env in (stack_mlflow.env, ui_mlflow.env, compose_env):
+        assert env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
+    monkeypatch.setenv("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "true")
+    (ui_mlflow,) = [c for c in server_commands(Settings(home=tmp_path)) if c.name == "MLflow"]
+    assert ui_mlflow.env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "true"
 
 
 def test_compose_creates_the_stacks_databases():
@@ -144,6 +165,17 @@ def test_each_stack_process_is_given_its_services_settings(team_stack):
         )
         expected = stack.service_env(service, team_stack.values)
         assert {k: environment.get(k) for k in expected} == expected, name
+
+
+def test_the_stacks_mlflow_server_runs_no_job_runner(team_stack):
+    """One web process under `mlflow server`: no job runner and no Huey consumers (eight
+    processes, about 16 s of CPU at start, with job execution on)."""
+    import psutil
+
+    pid = stack.running_processes(stack.StackFolder(team_stack.root))["mlflow"]
+    children = [" ".join(p.cmdline()) for p in psutil.Process(pid).children(recursive=True)]
+    assert children, "mlflow server started no web process"
+    assert not [c for c in children if "huey" in c or "_job_runner" in c], children
 
 
 # The S3 server's restart (objects kept, create-only writes, keys checked) is tested in

@@ -34,6 +34,21 @@ def check_prefect_server(api_url: str, timeout: float = 10.0) -> None:
 
 
 # -- the servers `finpipe ui` starts -------------------------------------------------------
+def mlflow_server_env() -> dict[str, str]:
+    """What an MLflow server of finpipe's gets in its environment: no job execution.
+
+    MLflow 3's server runs GenAI jobs (judges, prompt optimisation, trace roll-ups) in a job
+    runner and seven Huey consumers, each its own Python process importing MLflow: about 16 s
+    of CPU at start and eight processes that finpipe never gives work to. A user who sets
+    MLFLOW_SERVER_ENABLE_JOB_EXECUTION keeps their choice.
+    """
+    return {
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": os.environ.get(
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false"
+        )
+    }
+
+
 @dataclass(frozen=True)
 class ServerCommand:
     """One server process: its command line, environment additions and where it answers."""
@@ -113,6 +128,7 @@ def server_commands(
             ],
             url=f"http://{host}:{mlflow_port}",
             health_url=f"http://{host}:{mlflow_port}/health",
+            env=mlflow_server_env(),
         ),
     ]
 

@@ -16,6 +16,7 @@ import subprocess
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Self
 
@@ -24,6 +25,20 @@ log = logging.getLogger("finpipe.services")
 KILL_WAIT = 10.0  # seconds a firmer signal is given before the next one
 
 Steps = Sequence[tuple[signal.Signals, float]]
+
+
+def start_time(pid: int) -> str | None:
+    """The kernel's start time of process `pid`, which tells it from a later process given the
+    same id; None if it is gone, a zombie, or the system has no /proc (then nothing can be
+    proven about it)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()
+    if fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
 
 
 def escalation(first: signal.Signals, timeout: float, *then: signal.Signals) -> Steps:

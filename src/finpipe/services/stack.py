@@ -47,9 +47,9 @@ from pathlib import Path
 
 from finpipe.errors import FinpipeError
 from finpipe.services.ports import free_ports, port_is_free
-from finpipe.services.processes import KILL_WAIT, escalation, stop_pid, stop_process
+from finpipe.services.processes import KILL_WAIT, escalation, start_time, stop_pid, stop_process
 from finpipe.settings import redact_uri
-from finpipe.ui_servers import ServerCommand, wait_until_up
+from finpipe.ui_servers import ServerCommand, mlflow_server_env, wait_until_up
 
 log = logging.getLogger("finpipe.services.stack")
 
@@ -382,7 +382,7 @@ def _commands(values: dict[str, str], ports: dict[str, int], folder: StackFolder
         + ["--workers", "1", "--app-name", "basic-auth"],
         url=f"http://{host}:{ports['mlflow']}",
         health_url=f"http://{host}:{ports['mlflow']}/health",
-        env={**plumbing, **service_env("mlflow", values)},
+        env={**plumbing, **service_env("mlflow", values), **mlflow_server_env()},
     )
     scheduler = ServerCommand(
         name="dask-scheduler",
@@ -425,25 +425,13 @@ def _commands(values: dict[str, str], ports: dict[str, int], folder: StackFolder
     return prefect, mlflow, scheduler, workers, worker
 
 
-def _start_time(pid: int) -> str | None:
-    """The kernel's start time of process `pid` (None if it is gone or a zombie)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
-        return None
-    return fields[19]
-
-
 def _record_pid(folder: StackFolder, name: str, pid: int) -> None:
     folder.pids.mkdir(parents=True, exist_ok=True)
-    (folder.pids / f"{name}.pid").write_text(f"{pid} {_start_time(pid) or ''}\n")
+    (folder.pids / f"{name}.pid").write_text(f"{pid} {start_time(pid) or ''}\n")
 
 
 def _alive(pid: int, started: str) -> bool:
-    return bool(started) and _start_time(pid) == started
+    return bool(started) and start_time(pid) == started
 
 
 def _stop_pid(pid: int, started: str, first: signal.Signals, group: bool, timeout: float):
