@@ -296,6 +296,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_ingest_retries.py": ModuleTiers(FLOW),  # the ingest task's retries, Prefect local
     "test_cli_drop_roots.py": ModuleTiers(FLOW),  # `finpipe ingest` and FINPIPE_DROP_ROOTS
     "test_zombie_runs.py": ModuleTiers(FLOW),  # heartbeats, the automation on Prefect's API
+    "test_abandoned_runs.py": ModuleTiers(FLOW),  # MLflow runs a killed process left RUNNING
 }
 
 # Tests that run one at a time, all on one xdist worker (`--dist loadgroup`): they start real

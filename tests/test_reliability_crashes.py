@@ -320,6 +320,14 @@ def _assert_consistent(home, domain: str, champion_before: str) -> None:
         assert str(now) == champion_before, "champion alias moved or went missing in a crash"
 
 
+def _run_statuses(home, domain: str) -> list[str]:
+    """The status of every MLflow run of `domain`'s experiment in `home`."""
+    settings = Settings(home=home)
+    client = MlflowClient(tracking_uri=settings.tracking_uri)
+    experiment = client.get_experiment_by_name(settings.experiment_name(domain))
+    return [run.info.status for run in client.search_runs([experiment.experiment_id])]
+
+
 def _outputs(home, domain: str) -> dict[str, pd.DataFrame]:
     """Every published row, less what differs between two runs by design (batch ids, the
     model version and run that scored a row, when it was scored)."""
@@ -368,6 +376,9 @@ def test_kills_at_every_crash_point_lose_nothing(tmp_path, deliveries, steps):
         "train@champion-alias",
     ]
     _assert_same_outputs(clean, crashed, deliveries, [*deliveries.keys])
+    # The MLflow runs the kills left open were closed as KILLED when the domain next trained.
+    statuses = _run_statuses(crashed, deliveries.domain)
+    assert "RUNNING" not in statuses and "KILLED" in statuses, statuses
     # No half-written file is visible anywhere: only hidden temp files may remain.
     leftovers = [p for p in crashed.rglob("*.tmp") if not p.name.startswith(".")]
     assert leftovers == []

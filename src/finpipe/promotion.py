@@ -25,6 +25,7 @@ from finpipe.tracking import (
     RegisteredModel,
     current_alias_version,
     load_model_version,
+    owner_tags,
     set_alias,
     version_tags,
 )
@@ -203,7 +204,7 @@ def _log_decision(
 ) -> None:
     if run_id is None:
         return
-    with mlflow.start_run(run_id=run_id):
+    with mlflow.start_run(run_id=run_id, tags=owner_tags()):  # resumed: this process owns it now
         mlflow.log_dict(decision.to_dict(), "promotion.json")
         mlflow.log_metrics(dict(figures))
         if decision.promoted:

@@ -13,6 +13,8 @@ import contextlib
 import importlib
 import importlib.metadata
 import logging
+import os
+import socket
 import tempfile
 import threading
 import warnings
@@ -31,6 +33,7 @@ from mlflow.models import infer_signature
 
 from finpipe.domains import model_code_modules
 from finpipe.errors import ScoringError, TrackingUnavailable
+from finpipe.services.processes import start_time
 from finpipe.settings import Settings, redact_uri
 from finpipe.storage import check_name
 
@@ -42,11 +45,61 @@ CHALLENGER = "challenger"
 # Tag of a registered version the quality floor refused: why, in words (see lifecycle).
 QUALITY_FLOOR_TAG = "quality_floor_refused"
 
+# Every run finpipe starts or resumes carries its owner: host, process id and the process's
+# start time. A run still RUNNING whose owner on this host is gone was killed with its process
+# (SIGKILL, the OOM killer, a reboot) and is closed as KILLED, with CLOSED_TAG saying why, when
+# the domain next sets up tracking (`close_abandoned_runs`).
+OWNER_TAG = "finpipe.owner"
+CLOSED_TAG = "finpipe.closed"
+
 log = logging.getLogger(__name__)
+
+
+def owner_tags() -> dict[str, str]:
+    """The tags naming this process as the owner of a run it starts or resumes."""
+    pid = os.getpid()
+    return {OWNER_TAG: f"{socket.gethostname()} {pid} {start_time(pid) or '-'}"}
+
+
+def close_abandoned_runs(experiment_id: str) -> list[str]:
+    """Mark KILLED the runs of `experiment_id` still RUNNING whose owner, a process on this
+    host, is gone; return their ids. Runs owned on other hosts or by a live process, and runs
+    with no owner tag (older finpipe, other tools), are left as they are: nothing proves them
+    dead."""
+    client = MlflowClient()
+    here = socket.gethostname()
+    closed = []
+    running = client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+    )
+    for found in running:
+        host, _, process = found.data.tags.get(OWNER_TAG, "").partition(" ")
+        pid, _, started = process.partition(" ")
+        if host != here or not pid.isdigit() or started in ("", "-"):
+            continue
+        if start_time(int(pid)) == started:
+            continue  # its process still runs (another night on this machine)
+        client.set_tag(
+            found.info.run_id,
+            CLOSED_TAG,
+            f"its process (pid {pid} on {host}) had gone when a later run checked, "
+            f"{pd.Timestamp.now(tz='UTC'):%Y-%m-%d %H:%M} UTC",
+        )
+        client.set_terminated(found.info.run_id, status="KILLED")
+        closed.append(found.info.run_id)
+    if closed:
+        log.warning(
+            "Marked %d MLflow run(s) KILLED: left RUNNING by a process that is gone (%s)",
+            len(closed),
+            ", ".join(closed),
+        )
+    return closed
 
 
 def use_tracking(settings: Settings, domain: str) -> str:
     """Point MLflow at the configured tracking URI and experiment; return the experiment id.
+    Runs of the experiment that a killed process left RUNNING are closed first
+    (`close_abandoned_runs`).
 
     Raises TrackingUnavailable (transient: orchestration retries it) when a tracking server
     does not answer, with the URI's credentials masked.
@@ -72,6 +125,7 @@ def use_tracking(settings: Settings, domain: str) -> str:
             f"({_short(error)}); start it or set FINPIPE_MLFLOW_TRACKING_URI"
         ) from None
     mlflow.set_experiment(experiment_id=experiment_id)
+    close_abandoned_runs(experiment_id)
     return experiment_id
 
 
@@ -294,7 +348,7 @@ def current_champion(settings: Settings, domain: str) -> RegisteredModel | None:
 def run(name: str, *, nested: bool = False) -> Iterator[str]:
     """Start an MLflow run called `name` (nested in the active one) and yield its id; the run
     ends FAILED if the block raises."""
-    with mlflow.start_run(run_name=name, nested=nested) as active:
+    with mlflow.start_run(run_name=name, nested=nested, tags=owner_tags()) as active:
         yield active.info.run_id
 
 
@@ -305,7 +359,11 @@ def child_run(name: str, parent_run_id: str) -> Iterator[str]:
     while its tasks log from a thread pool): MLflow's active run is per thread."""
     experiment_id = MlflowClient().get_run(parent_run_id).info.experiment_id
     with mlflow.start_run(
-        run_name=name, experiment_id=experiment_id, parent_run_id=parent_run_id, nested=True
+        run_name=name,
+        experiment_id=experiment_id,
+        parent_run_id=parent_run_id,
+        nested=True,
+        tags=owner_tags(),
     ) as active:
         yield active.info.run_id
 
