@@ -91,50 +91,114 @@ def home(tmp_path):
         yield settings
 
 
+# The session's servers below are each used by the tests of one xdist group (the team stack by
+# `serial-team`, the others by `serial`). Each stops when the last test of that group in this
+# process has run (`_GroupServers`), not when the process ends: a stopped stack does not idle
+# beside the rest of the run, and its shutdown (SeaweedFS takes about 15 s) does not add to the
+# end of the run. `_GroupServers.done` says when a group is over.
+class _GroupServers:
+    """Servers started for a group of tests, stopped when the group's last test ends."""
+
+    def __init__(self) -> None:
+        self.running: dict[str | None, contextlib.ExitStack] = {}
+        self.fixtures: dict[str, str | None] = {}  # fixture -> the group it was started for
+        self.stopped: set[str | None] = set()
+        self.group: str | None = None  # the group of the test being set up
+
+    def start(self, fixture: str, server: contextlib.AbstractContextManager):
+        """Enter `server`, the value of `fixture`, for the current test's group; return what it
+        yields."""
+        self.fixtures[fixture] = self.group
+        return self.running.setdefault(self.group, contextlib.ExitStack()).enter_context(server)
+
+    def check(self, item: pytest.Item) -> None:
+        """Fail `item` if it uses a server that its group's end has stopped."""
+        for fixture in getattr(item, "fixturenames", ()):
+            if fixture in self.fixtures and self.fixtures[fixture] in self.stopped:
+                pytest.fail(
+                    f"{fixture} was stopped when the tests of xdist group "
+                    f"{self.fixtures[fixture]!r} ended: put this test in that group "
+                    "(SERIALISED, SERIAL_GROUPS in tests/conftest.py)",
+                    pytrace=False,
+                )
+
+    def stop(self, group: str | None) -> None:
+        self.stopped.add(group)
+        exits = self.running.pop(group, None)
+        if exits is not None:
+            exits.close()
+
+    def stop_all(self) -> None:
+        for group in list(self.running):
+            self.stop(group)
+
+    @staticmethod
+    def done(item: pytest.Item, nextitem: pytest.Item | None) -> bool:
+        """Whether `item` is the last test of its xdist group that this process runs. Under
+        `--dist loadgroup` a group's tests reach one worker in one batch, in a row; in one
+        process they follow the session's order; other xdist modes give no such promise."""
+        group = _group_of(item)
+        if group is None or (nextitem is not None and _group_of(nextitem) == group):
+            return False
+        if "PYTEST_XDIST_WORKER" in os.environ:
+            return item.config.getoption("dist", default=None) == "loadgroup"
+        later = item.session.items[item.session.items.index(item) + 1 :]
+        return all(_group_of(other) != group for other in later)
+
+
+_GROUP_SERVERS = _GroupServers()
+
+
+def _group_of(item: pytest.Item) -> str | None:
+    marker = item.get_closest_marker("xdist_group")
+    return str(marker.args[0]) if marker is not None and marker.args else None
+
+
 @pytest.fixture(scope="session")
 def postgres():
-    """One real PostgreSQL server for the whole session (tests/team_fixtures.py); tests that use
-    it are e2e and serialised, so under xdist it runs on that one worker."""
+    """One real PostgreSQL server for its group's tests (tests/team_fixtures.py); tests that
+    use it are e2e and serialised, so under xdist it runs on that one worker."""
     from tests.team_fixtures import running_postgres
 
-    with running_postgres() as server:
-        yield server
+    yield _GROUP_SERVERS.start("postgres", running_postgres())
+    _GROUP_SERVERS.stop_all()
 
 
 @pytest.fixture(scope="session")
 def s3_server():
-    """One real S3 server (SeaweedFS, as in the team stack) for the whole session
+    """One real S3 server (SeaweedFS, as in the team stack) for its group's tests
     (tests/team_fixtures.py); tests that use it are e2e and serialised, so under xdist it runs
     on that one worker."""
     from tests.team_fixtures import running_s3
 
-    with running_s3() as endpoint:
-        yield endpoint
+    yield _GROUP_SERVERS.start("s3_server", running_s3())
+    _GROUP_SERVERS.stop_all()
 
 
 @pytest.fixture(scope="session")
 def team_stack():
     """One whole `finpipe stack` (Postgres, S3, Prefect and MLflow servers with auth, Dask, a
-    Prefect worker) for the session (tests/team_fixtures.py); its tests are e2e and serialised.
-    Stopping it fails the session if a process of it is left."""
+    Prefect worker) for its group's tests (tests/team_fixtures.py); they are e2e and
+    serialised. Stopping it fails the test that ends the group if a process of it is left."""
     from tests.team_fixtures import running_stack
 
-    with running_stack() as stack:
-        yield stack
+    yield _GROUP_SERVERS.start("team_stack", running_stack())
+    _GROUP_SERVERS.stop_all()
 
 
 @pytest.fixture(scope="session")
 def prefect_api(tmp_path_factory) -> Iterator[str]:
-    """One Prefect server (the command `finpipe ui` runs, its own temporary database) for the
-    session's tests that need only its API; yields the API URL. Its users are e2e and
+    """One Prefect server (the command `finpipe ui` runs, its own temporary database) for its
+    group's tests that need only its API; yields the API URL. Its users are e2e and
     serialised (test_deployments, test_backfill_dask), so under xdist it runs on that one
     worker: one server start instead of one per module."""
     from finpipe.settings import load_settings
     from tests.team_servers import ui_server
 
     root = tmp_path_factory.mktemp("prefect-api")
-    with ui_server(load_settings(), "Prefect", root) as url:
-        yield f"{url}/api"
+    url = _GROUP_SERVERS.start("prefect_api", ui_server(load_settings(), "Prefect", root))
+    yield f"{url}/api"
+    _GROUP_SERVERS.stop_all()
 
 
 @pytest.fixture(autouse=True)
@@ -460,5 +524,14 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Error a test that has no tier (under xdist; see pytest_collection_modifyitems)."""
+    _GROUP_SERVERS.group = _group_of(item)
+    _GROUP_SERVERS.check(item)
     if _UNTIERED in item.stash:
         pytest.fail(item.stash[_UNTIERED], pytrace=False)
+
+
+@pytest.hookimpl(trylast=True)  # after the test's own fixtures are torn down
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """Stop the servers of `item`'s group if it was the group's last test here."""
+    if _GROUP_SERVERS.done(item, nextitem):
+        _GROUP_SERVERS.stop(_group_of(item))
