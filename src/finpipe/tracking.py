@@ -33,7 +33,7 @@ from mlflow.models import infer_signature
 
 from finpipe.domains import model_code_modules
 from finpipe.errors import ScoringError, TrackingUnavailable
-from finpipe.services.processes import start_time
+from finpipe.services.processes import start_time, still_running
 from finpipe.settings import Settings, redact_uri
 from finpipe.storage import check_name
 
@@ -76,9 +76,9 @@ def close_abandoned_runs(experiment_id: str) -> list[str]:
         host, _, process = found.data.tags.get(OWNER_TAG, "").partition(" ")
         pid, _, started = process.partition(" ")
         if host != here or not pid.isdigit() or started in ("", "-"):
-            continue
-        if start_time(int(pid)) == started:
-            continue  # its process still runs (another night on this machine)
+            continue  # another machine's, or a start time that could not be read
+        if still_running(int(pid), started):
+            continue  # another night on this machine
         client.set_tag(
             found.info.run_id,
             CLOSED_TAG,

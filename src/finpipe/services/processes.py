@@ -41,6 +41,12 @@ def start_time(pid: int) -> str | None:
     return fields[19]
 
 
+def still_running(pid: int, started: str) -> bool:
+    """Whether process `pid` is the one that started at `started` (a `start_time`) and runs;
+    False for an unknown start time."""
+    return bool(started) and start_time(pid) == started
+
+
 def escalation(first: signal.Signals, timeout: float, *then: signal.Signals) -> Steps:
     """`first` with `timeout` seconds to exit, then each of `then` and SIGKILL with KILL_WAIT."""
     return [(first, timeout), *((sig, KILL_WAIT) for sig in (*then, signal.SIGKILL))]

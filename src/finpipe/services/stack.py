@@ -47,7 +47,14 @@ from pathlib import Path
 
 from finpipe.errors import FinpipeError
 from finpipe.services.ports import free_ports, port_is_free
-from finpipe.services.processes import KILL_WAIT, escalation, start_time, stop_pid, stop_process
+from finpipe.services.processes import (
+    KILL_WAIT,
+    escalation,
+    start_time,
+    still_running,
+    stop_pid,
+    stop_process,
+)
 from finpipe.settings import redact_uri
 from finpipe.ui_servers import ServerCommand, mlflow_server_env, wait_until_up
 
@@ -430,16 +437,12 @@ def _record_pid(folder: StackFolder, name: str, pid: int) -> None:
     (folder.pids / f"{name}.pid").write_text(f"{pid} {start_time(pid) or ''}\n")
 
 
-def _alive(pid: int, started: str) -> bool:
-    return bool(started) and start_time(pid) == started
-
-
 def _stop_pid(pid: int, started: str, first: signal.Signals, group: bool, timeout: float):
     """Signal process `pid` (its group if `group`) while it is the one started at `started`;
     escalate to SIGKILL after `timeout` seconds. Return whether it was running."""
-    if not _alive(pid, started):
+    if not still_running(pid, started):
         return False
-    alive = functools.partial(_alive, pid, started)
+    alive = functools.partial(still_running, pid, started)
     stop_pid(pid, alive, escalation(first, timeout), f"process {pid}", group=group)
     return True
 
@@ -462,7 +465,7 @@ def running_processes(folder: StackFolder) -> dict[str, int]:
         pid_file = folder.pids / f"{name}.pid"
         if pid_file.exists():
             pid, _, started = pid_file.read_text().strip().partition(" ")
-            if _alive(int(pid), started):
+            if still_running(int(pid), started):
                 found[name] = int(pid)
     return found
 
