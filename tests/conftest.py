@@ -4,13 +4,15 @@ the test tiers: which tier each test belongs to and which tests run one at a tim
 from __future__ import annotations
 
 import atexit
+import concurrent.futures
 import contextlib
 import json
 import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,8 +96,10 @@ def home(tmp_path):
 # The session's servers below are each used by the tests of one xdist group (the team stack by
 # `serial-team`, the others by `serial`). Each stops when the last test of that group in this
 # process has run (`_GroupServers`), not when the process ends: a stopped stack does not idle
-# beside the rest of the run, and its shutdown (SeaweedFS takes about 15 s) does not add to the
-# end of the run. `_GroupServers.done` says when a group is over.
+# beside the rest of the run, and its shutdown does not add to the end of the run. The team
+# stack stops in the background while the next tests run: its shutdown is mostly a wait
+# (SeaweedFS's filer gives its gRPC streams 15 s), and a failed stop fails the session's last
+# test instead. `_GroupServers.done` says when a group is over.
 class _GroupServers:
     """Servers started for a group of tests, stopped when the group's last test ends."""
 
@@ -104,12 +108,23 @@ class _GroupServers:
         self.fixtures: dict[str, str | None] = {}  # fixture -> the group it was started for
         self.stopped: set[str | None] = set()
         self.group: str | None = None  # the group of the test being set up
+        self.background: set[str | None] = set()  # groups whose servers stop in a thread
+        self.stopping: list[concurrent.futures.Future[None]] = []
 
-    def start(self, fixture: str, server: contextlib.AbstractContextManager):
+    def start(
+        self,
+        fixture: str,
+        server: contextlib.AbstractContextManager,
+        *,
+        stop_in_background: bool = False,
+    ):
         """Enter `server`, the value of `fixture`, for the current test's group; return what it
-        yields."""
+        yields. With `stop_in_background`, the group's end starts its stop and moves on."""
         self.fixtures[fixture] = self.group
-        return self.running.setdefault(self.group, contextlib.ExitStack()).enter_context(server)
+        value = self.running.setdefault(self.group, contextlib.ExitStack()).enter_context(server)
+        if stop_in_background:
+            self.background.add(self.group)
+        return value
 
     def check(self, item: pytest.Item) -> None:
         """Fail `item` if it uses a server that its group's end has stopped."""
@@ -122,15 +137,41 @@ class _GroupServers:
                     pytrace=False,
                 )
 
-    def stop(self, group: str | None) -> None:
+    def stop(self, group: str | None, *, wait: bool = False) -> None:
+        """Stop the servers of `group`: at once, or in a thread if they stop in the background
+        (unless `wait`)."""
         self.stopped.add(group)
         exits = self.running.pop(group, None)
-        if exits is not None:
+        if exits is None:
+            return
+        if group in self.background and not wait:
+            stopping: concurrent.futures.Future[None] = concurrent.futures.Future()
+            self.stopping.append(stopping)
+            threading.Thread(
+                target=_resolve, args=(stopping, exits.close), name=f"stop-{group}"
+            ).start()
+        else:
             exits.close()
 
     def stop_all(self) -> None:
+        """Stop every server still running and wait for those stopping in the background;
+        raise what a background stop raised."""
         for group in list(self.running):
-            self.stop(group)
+            self.stop(group, wait=True)
+        stopping, self.stopping = self.stopping, []
+        for future in stopping:
+            future.result()
+
+    def setup(self, item: pytest.Item) -> None:
+        """Before `item`'s fixtures are set up: servers it starts belong to its group."""
+        self.group = _group_of(item)
+        self.check(item)
+
+    def teardown(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
+        """After `item`'s own fixtures are torn down: stop its group's servers if it was the
+        group's last test here."""
+        if self.done(item, nextitem):
+            self.stop(_group_of(item))
 
     @staticmethod
     def done(item: pytest.Item, nextitem: pytest.Item | None) -> bool:
@@ -141,9 +182,21 @@ class _GroupServers:
         if group is None or (nextitem is not None and _group_of(nextitem) == group):
             return False
         if "PYTEST_XDIST_WORKER" in os.environ:
-            return item.config.getoption("dist", default=None) == "loadgroup"
+            # A worker's own `dist` option reads "no" (xdist rewrites it for its workers); the
+            # mode it runs under is in `loadgroup`, which xdist sets from the controller's.
+            return bool(item.config.getoption("loadgroup", default=False))
         later = item.session.items[item.session.items.index(item) + 1 :]
         return all(_group_of(other) != group for other in later)
+
+
+def _resolve(future: concurrent.futures.Future[None], work: Callable[[], object]) -> None:
+    """Run `work`; settle `future` with its outcome."""
+    try:
+        work()
+    except BaseException as error:  # reported by stop_all, on the session's last test
+        future.set_exception(error)
+    else:
+        future.set_result(None)
 
 
 _GROUP_SERVERS = _GroupServers()
@@ -179,10 +232,11 @@ def s3_server():
 def team_stack():
     """One whole `finpipe stack` (Postgres, S3, Prefect and MLflow servers with auth, Dask, a
     Prefect worker) for its group's tests (tests/team_fixtures.py); they are e2e and
-    serialised. Stopping it fails the test that ends the group if a process of it is left."""
+    serialised. It stops in the background after the group's last test; if a process of it
+    is left, the session's last test fails."""
     from tests.team_fixtures import running_stack
 
-    yield _GROUP_SERVERS.start("team_stack", running_stack())
+    yield _GROUP_SERVERS.start("team_stack", running_stack(), stop_in_background=True)
     _GROUP_SERVERS.stop_all()
 
 
@@ -357,6 +411,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_backfill_dask.py": ModuleTiers(E2E),  # dask scheduler + 2 workers, Prefect server
     "test_pg_locks.py": ModuleTiers(E2E),  # a real PostgreSQL server, SIGKILLed lock holders
     "test_service_processes.py": ModuleTiers(_CHILD_PROCESS),  # stopping real children
+    "test_group_servers.py": ModuleTiers(_CHILD_PROCESS),  # the suite's group servers, inner runs
     "test_ingest_retries.py": ModuleTiers(FLOW),  # the ingest task's retries, Prefect local
     "test_cli_drop_roots.py": ModuleTiers(FLOW),  # `finpipe ingest` and FINPIPE_DROP_ROOTS
     "test_zombie_runs.py": ModuleTiers(FLOW),  # heartbeats, the automation on Prefect's API
@@ -524,8 +579,7 @@ def pytest_configure(config: pytest.Config) -> None:
 
 def pytest_runtest_setup(item: pytest.Item) -> None:
     """Error a test that has no tier (under xdist; see pytest_collection_modifyitems)."""
-    _GROUP_SERVERS.group = _group_of(item)
-    _GROUP_SERVERS.check(item)
+    _GROUP_SERVERS.setup(item)
     if _UNTIERED in item.stash:
         pytest.fail(item.stash[_UNTIERED], pytrace=False)
 
@@ -533,5 +587,4 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 @pytest.hookimpl(trylast=True)  # after the test's own fixtures are torn down
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
     """Stop the servers of `item`'s group if it was the group's last test here."""
-    if _GROUP_SERVERS.done(item, nextitem):
-        _GROUP_SERVERS.stop(_group_of(item))
+    _GROUP_SERVERS.teardown(item, nextitem)
