@@ -84,15 +84,19 @@ def _inner_run(
     (tmp_path / "conftest.py").write_text(INNER_CONFTEST)
     (tmp_path / "test_inner.py").write_text(tests)
     log = tmp_path / "events.log"
+    # The inner session is its own: not an xdist worker of this one, without its options.
+    inherited = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
     result = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *arguments],
         cwd=tmp_path,
-        env={**os.environ, **environment, "GROUP_LOG": str(log), "PYTHONPATH": str(REPO_ROOT)},
+        env={**inherited, **environment, "GROUP_LOG": str(log), "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True,
         text=True,
         timeout=120,
     )
-    return log.read_text().split(), result.stdout + result.stderr
+    output = result.stdout + result.stderr
+    assert log.exists(), f"the inner session ran no test:\n{output}"
+    return log.read_text().split(), output
 
 
 @pytest.mark.parametrize(
