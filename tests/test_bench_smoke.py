@@ -427,3 +427,30 @@ def test_a_model_with_no_ic_is_never_the_best_of_its_side():
 
     assert best_line(records).startswith("Best by mean test IC: finpipe gru, Qlib gru; paired")
     assert "-0.0200" in best_line(records)
+
+
+def test_process_cpu_counts_a_child_in_its_own_session_and_groups_by_kind():
+    """benchmarks.process_cpu (the suite's CPU accounting, README "Tests") finds a busy
+    process that left the command's session, and blanks numbers and temporary paths."""
+    from benchmarks.process_cpu import Process, by_kind, measure
+
+    busy = "import time\nend = time.process_time() + 1.0\nwhile time.process_time() < end: pass"
+    own_session = (
+        "import subprocess, sys\n"
+        f"subprocess.Popen([sys.executable, '-c', {busy!r}], start_new_session=True).wait()"
+    )
+    code, wall, processes = measure([sys.executable, "-c", own_session])
+    assert code == 0 and wall >= 0.9
+    burner = [p for p in processes if "process_time" in p.command and "Popen" not in p.command]
+    assert len(burner) == 1 and burner[0].cpu_seconds >= 0.7, processes
+    rows = by_kind(
+        [
+            Process(1, 0, 0, "/x/.venv/bin/python -m finpipe.cli serve --port 4312", 2.0),
+            Process(2, 0, 0, "/x/.venv/bin/python -m finpipe.cli serve --port 5120", 1.0),
+            Process(3, 0, 0, "weed server -dir=/tmp/abc/s3", 0.5),
+        ]
+    )
+    assert rows == [
+        ("python -m finpipe.cli serve --port N", 2, 3.0),
+        ("weed server -dir=TMP", 1, 0.5),
+    ]
