@@ -27,6 +27,8 @@ from typing import Annotated
 
 import typer
 
+from finpipe.services.processes import stat_fields
+
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 POLL_SECONDS = 0.25
 
@@ -42,11 +44,9 @@ class Process:
 
 def _stat(pid: str) -> tuple[int, int, float] | None:
     """(start time, parent pid, CPU seconds) of process `pid`, or None if it is gone."""
-    try:
-        text = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    fields = stat_fields(int(pid))
+    if fields is None:
         return None
-    fields = text[text.rfind(")") + 2 :].split()  # after the command name, which may hold spaces
     return int(fields[19]), int(fields[1]), (int(fields[11]) + int(fields[12])) / TICKS
 
 

@@ -27,16 +27,23 @@ KILL_WAIT = 10.0  # seconds a firmer signal is given before the next one
 Steps = Sequence[tuple[signal.Signals, float]]
 
 
-def start_time(pid: int) -> str | None:
-    """The kernel's start time of process `pid`, which tells it from a later process given the
-    same id; None if it is gone, a zombie, or the system has no /proc (then nothing can be
-    proven about it)."""
+def stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/`pid`/stat after the command name (which may hold spaces), so
+    field N of proc(5) is item N - 3: state, parent, ... CPU ticks at 11-12, start time at 19;
+    None if the process is gone or the system has no /proc."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except OSError:
         return None
-    fields = stat.rsplit(")", 1)[1].split()
-    if fields[0] in ("Z", "X"):
+    return stat.rsplit(")", 1)[1].split()
+
+
+def start_time(pid: int) -> str | None:
+    """The kernel's start time of process `pid`, which tells it from a later process given the
+    same id; None if it is gone, a zombie, or the system has no /proc (then nothing can be
+    proven about it)."""
+    fields = stat_fields(pid)
+    if fields is None or fields[0] in ("Z", "X"):
         return None
     return fields[19]
 
