@@ -87,11 +87,12 @@ def dask_cluster(workers: int, env: dict[str, str], logs: Path) -> Iterator[str]
             _stop(process)
 
 
-def tasks_run_per_worker(address: str) -> dict[str, int]:
-    """Return how many tasks each worker of the cluster at `address` has executed."""
+def tasks_run_per_worker(address: str, security=None) -> dict[str, int]:
+    """Return how many tasks each worker of the cluster at `address` has executed
+    (`security`: a distributed.Security for a TLS cluster such as the team stack's)."""
     from distributed import Client
 
-    with Client(address, timeout="60s") as client:
+    with Client(address, timeout="60s", security=security) as client:
         return client.run(lambda dask_worker: dask_worker.state.executed_count)
 
 

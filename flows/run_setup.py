@@ -17,6 +17,7 @@ from finpipe.drop_roots import allowed_inputs
 from finpipe.errors import ConfigError
 from finpipe.locks import check_lock_backend
 from finpipe.schedule import ScheduleSettings, load_schedule_settings
+from finpipe.services.tls import client_security
 from finpipe.settings import Settings, load_settings, prepare_environment
 from finpipe.storage import Storage
 
@@ -90,4 +91,7 @@ def date_runner(settings: Settings, concurrency: int) -> TaskRunner:
             "FINPIPE_DASK_ADDRESS is set but prefect-dask is not installed: "
             "pip install 'finpipe[team]' (or unset FINPIPE_DASK_ADDRESS to use threads)"
         ) from None
-    return DaskTaskRunner(address=settings.dask_address)
+    # A tls:// scheduler (the team stack's) takes the client certificate Dask's settings name.
+    security = client_security(settings.dask_address)
+    client_kwargs = {} if security is None else {"security": security}
+    return DaskTaskRunner(address=settings.dask_address, client_kwargs=client_kwargs)

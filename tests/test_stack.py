@@ -8,8 +8,13 @@ The compose checks are unit tests on the file; the others run on the session's r
 from __future__ import annotations
 
 import base64
+import datetime as dt
+import ipaddress
 import json
+import operator
 import re
+import socket
+import ssl
 import stat
 import urllib.error
 import urllib.request
@@ -18,7 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from finpipe.services import stack
+from finpipe.errors import ConfigError
+from finpipe.services import stack, tls
 from finpipe.settings import TELEMETRY_OFF, Settings
 from finpipe.ui_servers import mlflow_server_env, server_commands
 
@@ -55,7 +61,8 @@ def test_each_compose_service_is_given_the_stacks_settings_by_the_same_names(com
 def test_compose_ships_no_password_and_publishes_on_loopback_only(compose):
     text = (DEPLOY / "docker-compose.yml").read_text()
     required = set(re.findall(r"\$\{(\w+):\?", text))
-    assert required == set(stack.GENERATED)  # the variables `finpipe stack up` generates
+    # The variables `finpipe stack up` generates, and the paths of the Dask TLS files it writes.
+    assert required == set(stack.GENERATED) | set(stack.TLS_FILE_SETTINGS)
     assert not re.search(r"\$\{\w+:?-", text), "a variable with a default value"
     for name in stack.SECRET_SETTINGS:
         for service in compose["services"].values():
@@ -105,6 +112,90 @@ def test_each_new_stack_gets_its_own_credentials_and_a_private_env_file(tmp_path
         assert first[name].split(":")[-1] not in printed, name
     assert "export PREFECT_API_URL=http://127.0.0.1:1234/api" in printed
     assert "export FINPIPE_LOCKS_URL=postgresql://***@127.0.0.1:1234/finpipe" in printed
+
+
+# -- Dask's mutual TLS ---------------------------------------------------------------------
+def test_a_stack_gets_a_dask_ca_of_its_own_and_a_certificate_it_signed(tmp_path):
+    from cryptography import x509
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    files = tls.ensure_certificates(tmp_path / "tls")
+    ca = x509.load_pem_x509_certificate(files.ca.read_bytes())
+    cert = x509.load_pem_x509_certificate(files.cert.read_bytes())
+    cert.verify_directly_issued_by(ca)
+    key = load_pem_private_key(files.key.read_bytes(), password=None)
+    assert key.public_key().public_numbers() == cert.public_key().public_numbers()
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert ipaddress.ip_address("127.0.0.1") in names.get_values_for_type(x509.IPAddress)
+    assert stat.S_IMODE(files.key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(files.folder.stat().st_mode) == 0o700
+    # Kept while valid (a second `up` keeps the cluster's identity); renewed near its end.
+    first = files.cert.read_bytes()
+    assert tls.ensure_certificates(files.folder).cert.read_bytes() == first
+    near_end = cert.not_valid_after_utc - tls.RENEW_WITHIN + dt.timedelta(hours=1)
+    renewed = tls.ensure_certificates(files.folder, now=near_end)
+    assert renewed.cert.read_bytes() != first
+    assert tls.expires(renewed.cert) > cert.not_valid_after_utc
+    # Another stack's CA did not sign this one.
+    other = x509.load_pem_x509_certificate(
+        tls.ensure_certificates(tmp_path / "other").ca.read_bytes()
+    )
+    with pytest.raises((InvalidSignature, ValueError)):
+        cert.verify_directly_issued_by(other)
+
+
+def test_a_tls_scheduler_without_a_client_certificate_is_a_config_error(tmp_path, monkeypatch):
+    files = tls.TLSFiles(tmp_path)
+    for name in files.settings("client"):
+        monkeypatch.delenv(name, raising=False)
+    assert tls.client_security("tcp://127.0.0.1:8786") is None
+    with pytest.raises(ConfigError, match=r"DASK_DISTRIBUTED__COMM__TLS__CA_FILE.*stack\.env"):
+        tls.client_security("tls://127.0.0.1:8786")
+    for name, value in files.settings("client").items():
+        monkeypatch.setenv(name, value)
+    security = tls.client_security("tls://127.0.0.1:8786")
+    assert security is not None and security.require_encryption
+    assert (security.tls_ca_file, security.tls_client_cert) == (str(files.ca), str(files.cert))
+    # What a backfill's dates run on: prefect-dask's runner, connecting with that certificate.
+    from finpipe.flows.run_setup import date_runner
+
+    runner = date_runner(Settings(home=tmp_path, dask_address="tls://127.0.0.1:8786"), 2)
+    assert runner.client_kwargs["security"].tls_client_key == str(files.key)
+
+
+def test_the_stacks_dask_runs_code_only_for_a_holder_of_its_certificate(team_stack, tmp_path):
+    """The scheduler refuses plain TCP, a TLS client with no certificate and one whose
+    certificate another CA signed; the stack's own certificate runs a task."""
+    from distributed import Client, Security
+
+    values = team_stack.values
+    address = values["FINPIPE_DASK_ADDRESS"]
+    assert address.startswith("tls://")
+    with Client(address, timeout=30, security=tls.security(values)) as client:
+        assert client.submit(operator.add, 1, 1).result(timeout=60) == 2
+    host, port = address.removeprefix("tls://").rsplit(":", 1)
+    with pytest.raises(OSError):
+        Client(address.replace("tls://", "tcp://"), timeout=10)
+    stranger = tls.ensure_certificates(tmp_path / "stranger")
+    trusting = Security(
+        tls_ca_file=values[tls.CA_FILE],
+        tls_client_cert=str(stranger.cert),
+        tls_client_key=str(stranger.key),
+        require_encryption=True,
+    )
+    with pytest.raises(OSError):
+        Client(address, timeout=10, security=trusting)
+    # A bare TLS client that trusts the stack's CA but shows no certificate: the handshake
+    # completes on its side (TLS 1.3), then the scheduler's alert ends the connection.
+    context = ssl.create_default_context(cafile=values[tls.CA_FILE])
+    context.check_hostname = False
+    with (
+        socket.create_connection((host, int(port)), timeout=10) as raw,
+        context.wrap_socket(raw) as connection,
+        pytest.raises(ssl.SSLError, match="CERTIFICATE"),
+    ):
+        connection.recv(1)
 
 
 # -- the running stack ----------------------------------------------------------------------

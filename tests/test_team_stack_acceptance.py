@@ -47,7 +47,7 @@ from finpipe.market.synthetic import (
     inject_defects,
     write_vendor_files,
 )
-from finpipe.services import stack
+from finpipe.services import stack, tls
 from finpipe.settings import TELEMETRY_OFF
 from finpipe.storage import Storage, file_sha256
 from tests.team_fixtures import TeamStack
@@ -475,7 +475,8 @@ def second_nights(team, hosts, first_nights) -> dict[str, object]:
 
     stack.stop_service(team.stack.root, "prefect-worker")
     _wait_for_workers(team, list(hosts.values()))
-    before = tasks_run_per_worker(team.values["FINPIPE_DASK_ADDRESS"])
+    security = tls.security(team.values)
+    before = tasks_run_per_worker(team.values["FINPIPE_DASK_ADDRESS"], security)
     dates = team.market_history[-(BACKFILL_DATES + KILLED_DATES) : -KILLED_DATES]
     backfill = {"domain": "market", "start": str(dates[0]), "end": str(dates[-1])}
     team.start("dask-backfill", "backfill/backfill", {**backfill, "concurrency": 2}, "host-a")
@@ -491,7 +492,7 @@ def second_nights(team, hosts, first_nights) -> dict[str, object]:
         if domain == "market":
             team.start("night-2-market-again", "nightly/nightly", parameters, queue="host-b")
     runs = team.wait(*(f"night-2-{d}" for d in DOMAINS), "night-2-market-again", "dask-backfill")
-    after = tasks_run_per_worker(team.values["FINPIPE_DASK_ADDRESS"])
+    after = tasks_run_per_worker(team.values["FINPIPE_DASK_ADDRESS"], security)
     runs["dask-tasks"] = {name: after[name] - before.get(name, 0) for name in after}
     return runs
 

@@ -634,7 +634,8 @@ def stack_up(dir: StackDir = Path("finpipe-stack")) -> None:
         f"  MLflow UI   {values['MLFLOW_TRACKING_URI']}  (user "
         f"{values['MLFLOW_TRACKING_USERNAME']}, password in MLFLOW_TRACKING_PASSWORD)\n"
         f"  S3          {values['AWS_ENDPOINT_URL']}  (data in {values['FINPIPE_HOME']})\n"
-        f"  Dask        {values['FINPIPE_DASK_ADDRESS']}  (2 workers)\n"
+        f"  Dask        {values['FINPIPE_DASK_ADDRESS']}  (2 workers; mutual TLS, the "
+        f"certificate in {info.folder.dask_tls.folder})\n"
         f"  Postgres    127.0.0.1:{ports['postgres']}\n"
         f"Client settings (*** = secret, in {env_file}):\n  "
         + "\n  ".join(client_settings_lines(values))

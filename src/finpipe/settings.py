@@ -136,9 +136,11 @@ class Settings(BaseSettings):
     )
     dask_address: str = Field(
         default="",
-        description="Dask scheduler a backfill's dates run on, e.g. tcp://10.0.0.5:8786 "
-        "(needs finpipe[team]; every worker needs the same FINPIPE_ settings and storage "
-        "root). Empty: a thread pool in the flow's own process.",
+        description="Dask scheduler a backfill's dates run on, e.g. tcp://10.0.0.5:8786, or "
+        "tls://... with Dask's TLS settings (DASK_DISTRIBUTED__COMM__TLS__*, as the team "
+        "stack's stack.env sets them) naming the client certificate (needs finpipe[team]; "
+        "every worker needs the same FINPIPE_ settings and storage root). Empty: a thread "
+        "pool in the flow's own process.",
     )
 
     def model_post_init(self, __context: object) -> None:

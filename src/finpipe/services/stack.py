@@ -3,13 +3,13 @@
 One folder holds a whole stack: PostgreSQL (databases for Prefect, MLflow, MLflow's users and
 finpipe's locks), an S3 server (SeaweedFS) with the `finpipe` bucket, a Prefect server on
 Postgres with basic auth, an MLflow tracking server on Postgres with its artifacts in the
-bucket and MLflow's basic-auth app, a Dask scheduler with two single-thread workers, and a
-Prefect process worker on the `finpipe` pool. Every process listens on 127.0.0.1 only. `up`
-registers finpipe's deployments on the pool (`finpipe stack deploy`, compose's one-shot
-`deployments` job) and creates the automation that marks flow runs whose machine died
-`Crashed` (finpipe.flows.zombies); the processes that run finpipe's steps (the Prefect
-worker's flow runs, the Dask workers) read delivered files from the folder's `drop/` only and
-keep their local files in `local/<process>`.
+bucket and MLflow's basic-auth app, a Dask scheduler with two single-thread workers (mutual
+TLS: finpipe.services.tls), and a Prefect process worker on the `finpipe` pool. Every process
+listens on 127.0.0.1 only. `up` registers finpipe's deployments on the pool (`finpipe stack
+deploy`, compose's one-shot `deployments` job) and creates the automation that marks flow runs
+whose machine died `Crashed` (finpipe.flows.zombies); the processes that run finpipe's steps
+(the Prefect worker's flow runs, the Dask workers) read delivered files from the folder's
+`drop/` only and keep their local files in `local/<process>`.
 
 Credentials are generated on the first `up` (no password ships with finpipe) and kept in
 `stack.env` (mode 0600) in the folder, with every other setting of the stack; `up` prints the
@@ -23,10 +23,10 @@ never signalled. `stop_service`/`start_service` stop and restart one of them (fa
 
 What guards what on the loopback ports: Prefect's API (not the UI's static page, which asks
 for the credentials) needs PREFECT_API_AUTH_STRING; MLflow (UI and API) needs the admin's
-password; S3 needs the key pair; Postgres a password. The Dask scheduler has no
-authentication: any local user of the machine can run code on its workers, which hold the
-stack's credentials. The stack is for trying the team set-up out and for tests on a machine
-of one's own; a shared host wants the compose file's network (or Dask's TLS) instead.
+password; S3 needs the key pair; Postgres a password; the Dask scheduler and workers a
+certificate signed by the stack's own CA (in `tls/`; the scheduler would otherwise run any
+connected client's code on workers that hold the stack's credentials). The Dask dashboard
+(read-only pages) is plain HTTP on 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from finpipe.errors import FinpipeError
+from finpipe.services import tls
 from finpipe.services.ports import free_ports, port_is_free
 from finpipe.services.processes import (
     KILL_WAIT,
@@ -98,7 +99,13 @@ CLIENT_SETTINGS = (
     # Every flow run on the stack's API beats this often, so the zombie-run automation (which
     # waits a few beats) never ends a live one (finpipe.flows.zombies).
     "PREFECT_FLOWS_HEARTBEAT_FREQUENCY",
+    # Dask's own TLS settings: only a process with the stack's certificate reaches the scheduler.
+    tls.REQUIRE_ENCRYPTION,
+    tls.CA_FILE,
+    *tls.role_settings("client"),
 )
+# The files those settings name: compose mounts them as secrets from the paths in stack.env.
+TLS_FILE_SETTINGS = (tls.CA_FILE, *tls.role_settings("client"))
 # Values never echoed: masked when printed, replaced by *** in error messages.
 SECRET_SETTINGS = frozenset(
     {
@@ -171,8 +178,10 @@ SERVICES: tuple[Service, ...] = (
             "MLFLOW_S3_ENDPOINT_URL",
         ),
     ),
-    Service("dask-scheduler"),
-    Service("dask-worker", CLIENT_SETTINGS, replicas=DASK_WORKERS),
+    Service(
+        "dask-scheduler", (tls.REQUIRE_ENCRYPTION, tls.CA_FILE, *tls.role_settings("scheduler"))
+    ),
+    Service("dask-worker", (*CLIENT_SETTINGS, *tls.role_settings("worker")), replicas=DASK_WORKERS),
     Service("prefect-worker", CLIENT_SETTINGS),
 )
 SERVICE_NAMES = tuple(s.name for s in SERVICES)
@@ -232,6 +241,11 @@ class StackFolder:
         return self.root / "prefect-home"
 
     @property
+    def dask_tls(self) -> tls.TLSFiles:
+        """The Dask cluster's CA, certificate and key (finpipe.services.tls)."""
+        return tls.TLSFiles(self.root / "tls")
+
+    @property
     def drop(self) -> Path:
         """The drop folder: the only place the stack's workers read delivered files from."""
         return self.root / "drop"
@@ -276,8 +290,9 @@ def stack_values(credentials: dict[str, str], ports: dict[str, int], folder: Sta
         "FINPIPE_MLFLOW_ARTIFACT_ROOT": "mlflow-artifacts:/",
         "PREFECT_API_URL": prefect,
         "FINPIPE_LOCKS_URL": f"postgresql://finpipe:{pg}/{LOCKS_DATABASE}",
-        "FINPIPE_DASK_ADDRESS": f"tcp://{host}:{ports['dask']}",
+        "FINPIPE_DASK_ADDRESS": f"tls://{host}:{ports['dask']}",
         **heartbeat_env(),
+        **folder.dask_tls.settings("client", "worker", "scheduler"),
         # servers
         "PREFECT_SERVER_API_AUTH_STRING": credentials["PREFECT_API_AUTH_STRING"],
         "PREFECT_API_DATABASE_CONNECTION_URL": f"postgresql+asyncpg://finpipe:{pg}/prefect",
@@ -394,7 +409,7 @@ def _commands(values: dict[str, str], ports: dict[str, int], folder: StackFolder
     scheduler = ServerCommand(
         name="dask-scheduler",
         argv=[str(scripts / "dask"), "scheduler", "--host", host, "--port", str(ports["dask"])]
-        + ["--dashboard-address", f"{host}:{ports['dask-dashboard']}"],
+        + ["--protocol", "tls", "--dashboard-address", f"{host}:{ports['dask-dashboard']}"],
         url=values["FINPIPE_DASK_ADDRESS"],
         health_url=f"http://{host}:{ports['dask-dashboard']}/health",
         env={**plumbing, **service_env("dask-scheduler", values)},
@@ -597,6 +612,7 @@ def up(root: Path, say: Callable[[str], None] = log.info) -> StackInfo:
     values = stack_values(credentials, ports, folder)
     write_env_file(folder.env_file, values)
     write_private(folder.mlflow_auth_config, mlflow_auth_config(values))
+    tls.ensure_certificates(folder.dask_tls.folder)
     folder.state_file.write_text(json.dumps({"ports": ports}, indent=1) + "\n")
     try:
         _start_all(folder, values, ports, say)
@@ -679,7 +695,7 @@ def _start_all(
     running = {what: job.start(folder.log(job.name)) for what, job in jobs.items()}
     try:
         _wait(mlflow, launched[mlflow.name], timeout=180)
-        _wait_for_dask_workers(values["FINPIPE_DASK_ADDRESS"], launched, dask_workers)
+        _wait_for_dask_workers(values, launched, dask_workers)
         _wait(worker, launched[worker.name])
         for what, job in running.items():
             try:
@@ -729,10 +745,12 @@ def _wait(command: ServerCommand, process: subprocess.Popen, timeout: float = 12
         raise StackError(f"{command.name}: {error}; see its log") from None
 
 
-def _wait_for_dask_workers(address, launched, workers, timeout: float = 120.0) -> None:
+def _wait_for_dask_workers(values, launched, workers, timeout: float = 120.0) -> None:
     from distributed import Client
 
-    with Client(address, timeout=30) as client:
+    with Client(
+        values["FINPIPE_DASK_ADDRESS"], timeout=30, security=tls.security(values)
+    ) as client:
         deadline = time.monotonic() + timeout
         while len(client.scheduler_info(n_workers=-1)["workers"]) < len(workers):
             for command in workers:
