@@ -58,6 +58,32 @@ def test_each_compose_service_is_given_the_stacks_settings_by_the_same_names(com
     assert set(compose["x-client-settings"]) == set(stack.CLIENT_SETTINGS)
 
 
+def test_compose_is_a_valid_compose_file_whose_every_reference_is_declared(compose):
+    """What `docker compose config` checks before anything runs, without Docker (none here):
+    the file parses as the Compose Specification (the compose_spec parser, strict about
+    unknown keys and wrong values; YAML has resolved the `<<` merges already), every secret,
+    config, named volume and dependency a service names is declared, and every variable it
+    interpolates is one `finpipe stack up` writes to stack.env."""
+    from compose_spec import PyCompose
+
+    PyCompose.from_json(json.dumps(compose))
+    declared = {kind: set(compose.get(kind) or {}) for kind in ("secrets", "configs", "volumes")}
+    for name, service in compose["services"].items():
+        for kind in ("secrets", "configs"):
+            used = {e if isinstance(e, str) else e["source"] for e in service.get(kind, [])}
+            assert used <= declared[kind], f"{name}: {kind} {used - declared[kind]}"
+        sources = [v.split(":")[0] for v in service.get("volumes", []) if isinstance(v, str)]
+        named = {source for source in sources if not source.startswith((".", "/"))}
+        assert named <= declared["volumes"], f"{name}: volumes {named - declared['volumes']}"
+        assert set(service.get("depends_on") or []) <= set(compose["services"]), name
+    folder = stack.StackFolder(Path("/stack"))
+    values = stack.stack_values(
+        stack.generate_credentials(), dict.fromkeys(stack.PORT_NAMES, 1), folder
+    )
+    interpolated = set(re.findall(r"\$\{(\w+)", (DEPLOY / "docker-compose.yml").read_text()))
+    assert interpolated <= set(values), interpolated - set(values)
+
+
 def test_compose_ships_no_password_and_publishes_on_loopback_only(compose):
     text = (DEPLOY / "docker-compose.yml").read_text()
     required = set(re.findall(r"\$\{(\w+):\?", text))
