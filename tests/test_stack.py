@@ -171,8 +171,10 @@ def test_a_stack_gets_a_dask_ca_of_its_own_and_a_certificate_it_signed(tmp_path)
         cert.verify_directly_issued_by(other)
 
 
-def test_a_tls_scheduler_without_a_client_certificate_is_a_config_error(tmp_path, monkeypatch):
-    files = tls.TLSFiles(tmp_path)
+def test_a_tls_scheduler_without_a_client_certificate_is_a_config_error(
+    tmp_path, monkeypatch, caplog
+):
+    files = tls.TLSFiles(tmp_path / "tls")
     for name in files.settings("client"):
         monkeypatch.delenv(name, raising=False)
     assert tls.client_security("tcp://127.0.0.1:8786") is None
@@ -180,6 +182,9 @@ def test_a_tls_scheduler_without_a_client_certificate_is_a_config_error(tmp_path
         tls.client_security("tls://127.0.0.1:8786")
     for name, value in files.settings("client").items():
         monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError, match=r"dask\.pem does not exist: copy the stack's tls/"):
+        tls.client_security("tls://127.0.0.1:8786")
+    tls.ensure_certificates(files.folder)
     security = tls.client_security("tls://127.0.0.1:8786")
     assert security is not None and security.require_encryption
     assert (security.tls_ca_file, security.tls_client_cert) == (str(files.ca), str(files.cert))
@@ -188,6 +193,18 @@ def test_a_tls_scheduler_without_a_client_certificate_is_a_config_error(tmp_path
 
     runner = date_runner(Settings(home=tmp_path, dask_address="tls://127.0.0.1:8786"), 2)
     assert runner.client_kwargs["security"].tls_client_key == str(files.key)
+    # An expired certificate is named, not left to a failed handshake; one about to expire warns.
+    end = tls.expires(files.cert)
+    with pytest.raises(ConfigError, match=r"expired on .*`finpipe stack up` makes a new one"):
+        tls.check_client_certificate(files.cert, now=end + dt.timedelta(seconds=1))
+    tls.log.addHandler(caplog.handler)  # whatever propagation a Prefect logging set-up left
+    try:
+        tls.check_client_certificate(files.cert, now=end - tls.RENEW_WITHIN - dt.timedelta(days=1))
+        assert not caplog.records
+        tls.check_client_certificate(files.cert, now=end - dt.timedelta(days=1))
+    finally:
+        tls.log.removeHandler(caplog.handler)
+    assert f"expires on {end:%Y-%m-%d}" in caplog.text
 
 
 def test_the_stacks_dask_runs_code_only_for_a_holder_of_its_certificate(team_stack, tmp_path):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import logging
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ from finpipe.errors import ConfigError
 
 if TYPE_CHECKING:
     from distributed import Security
+
+log = logging.getLogger("finpipe.services.tls")
 
 VALID_FOR = dt.timedelta(days=365)
 RENEW_WITHIN = dt.timedelta(days=14)
@@ -187,7 +190,28 @@ def client_security(address: str) -> Security | None:
             "is not set: export the DASK_DISTRIBUTED__COMM__* lines of the stack's stack.env "
             "(the files are in its tls/ folder)"
         )
+    check_client_certificate(Path(found[cert_setting]))
     return security(found)
+
+
+def check_client_certificate(cert: Path, now: dt.datetime | None = None) -> None:
+    """Fail on an expired client certificate (Dask would only say the handshake failed) and
+    warn when it expires within RENEW_WITHIN."""
+    if not cert.is_file():
+        raise ConfigError(
+            f"the Dask client certificate {cert} does not exist: copy the stack's tls/"
+        )
+    now = now or dt.datetime.now(dt.UTC)
+    end = expires(cert)
+    renew = (
+        "`finpipe stack down` then `finpipe stack up` makes a new one (copy tls/ to hosts again)"
+    )
+    if end <= now:
+        raise ConfigError(f"the Dask client certificate {cert} expired on {end:%Y-%m-%d}: {renew}")
+    if end - now <= RENEW_WITHIN:
+        log.warning(
+            "the Dask client certificate %s expires on %s: %s", cert, f"{end:%Y-%m-%d}", renew
+        )
 
 
 def security(settings: Mapping[str, str]) -> Security:
