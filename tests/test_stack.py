@@ -241,6 +241,38 @@ def test_the_stacks_dask_runs_code_only_for_a_holder_of_its_certificate(team_sta
         connection.recv(1)
 
 
+# -- finpipe stack status --------------------------------------------------------------------
+def _status_command(root: Path):
+    from typer.testing import CliRunner
+
+    from finpipe.cli import app
+
+    return CliRunner().invoke(app, ["stack", "status", "--dir", str(root)], terminal_width=200)
+
+
+def test_status_of_a_stopped_stack_lists_every_process_stopped_and_exits_1(tmp_path):
+    from finpipe.services.ports import free_ports
+    from finpipe.services.s3 import INTERNAL_PORTS
+
+    result = _status_command(tmp_path / "none")
+    assert isinstance(result.exception, stack.StackError), result.output
+    assert "no stack in" in str(result.exception)
+    folder = stack.StackFolder(tmp_path / "stack")
+    names = [*stack.PORT_NAMES, *(f"s3.{n}" for n in INTERNAL_PORTS)]
+    ports = dict(zip(names, free_ports(len(names)), strict=True))  # nothing listens there
+    folder.root.mkdir()
+    folder.state_file.write_text(json.dumps({"ports": ports}))
+    result = _status_command(folder.root)
+    assert result.exit_code == 1, result.output
+    lines = result.output.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == [
+        name for stage in reversed(stack.STOP_STAGES) for name in stage
+    ]
+    assert all("stopped" in line for line in lines[:-1])
+    assert f"127.0.0.1:{ports['mlflow']}" in result.output and "does not answer" in result.output
+    assert lines[-1].endswith("not running or not answering")
+
+
 # -- the running stack ----------------------------------------------------------------------
 def _status(url: str, auth: str | None = None, body: dict | None = None) -> int:
     request = urllib.request.Request(url, data=None if body is None else json.dumps(body).encode())
@@ -315,6 +347,17 @@ def test_the_stacks_mlflow_server_runs_no_job_runner(team_stack):
 # The S3 server's restart (objects kept, create-only writes, keys checked) is tested in
 # test_team_stack_acceptance.py on the restart its night-3 fault test makes: one restart of
 # the session's stack instead of two (15-20 s each, most of it SeaweedFS's filer stopping).
+
+
+def test_status_shows_every_process_of_the_running_stack_up_and_answering(team_stack):
+    result = _status_command(team_stack.root)
+    assert result.exit_code == 0, result.output
+    for name in stack.STOP_ORDER:
+        [line] = [line for line in result.output.splitlines() if line.split()[0] == name]
+        assert " pid " in f" {line} ", line
+        assert "does not answer" not in line, line
+    assert result.output.count(" answers") == 6  # every process but the two Dask workers
+    assert "all 8 processes running and answering" in result.output
 
 
 def test_the_stacks_logs_hold_no_credential(team_stack):

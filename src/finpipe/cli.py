@@ -667,6 +667,24 @@ def stack_deploy(dir: StackDir = Path("finpipe-stack")) -> None:
     typer.echo(f"registered {', '.join(names)} on pool {WORK_POOL} ({values['PREFECT_API_URL']})")
 
 
+@stack_app.command("status")
+def stack_status(dir: StackDir = Path("finpipe-stack")) -> None:
+    """Show each process of the stack, running (pid) or stopped, and whether its server
+    answers; exit status 1 when one is stopped or does not answer."""
+    from finpipe.services.stack import status
+
+    rows = status(dir)
+    for row in rows:
+        running = f"pid {row.pid}" if row.pid is not None else "stopped"
+        answers = {None: "", True: "answers", False: "does not answer"}[row.answers]
+        typer.echo(f"  {row.name:<16}{running:<12}{row.address:<28}{answers}".rstrip())
+    unwell = [row.name for row in rows if not row.healthy]
+    if unwell:
+        typer.echo(f"finpipe stack ({dir}): {', '.join(unwell)} not running or not answering")
+        raise typer.Exit(1)
+    typer.echo(f"finpipe stack ({dir}): all {len(rows)} processes running and answering")
+
+
 @stack_app.command("down")
 def stack_down(dir: StackDir = Path("finpipe-stack")) -> None:
     """Stop the stack's processes (the Prefect worker first, Postgres last)."""

@@ -513,6 +513,65 @@ def down(root: Path, say: Callable[[str], None] = log.info) -> list[str]:
     return stopped
 
 
+@dataclass(frozen=True)
+class ProcessStatus:
+    """One process of a stack as `finpipe stack status` shows it."""
+
+    name: str
+    pid: int | None  # None: not running
+    address: str  # where its server listens ("" for the Dask workers, which have no port)
+    answers: bool | None  # its server's check (HTTP health, else a TCP connection); None: none
+
+    @property
+    def healthy(self) -> bool:
+        return self.pid is not None and self.answers is not False
+
+
+def status(root: Path, timeout: float = 3.0) -> list[ProcessStatus]:
+    """Each process of the stack in `root`, Postgres first: running or not (its pid file and
+    start time), and whether its server answers (HTTP health for the Prefect and MLflow
+    servers, the Dask dashboard and the Prefect worker; a TCP connection for Postgres, S3
+    and the Dask scheduler's TLS port)."""
+    folder = StackFolder(Path(root).absolute())
+    if not folder.state_file.exists():
+        raise StackError(f"no stack in {folder.root}: `finpipe stack up --dir {root}` first")
+    ports = json.loads(folder.state_file.read_text())["ports"]
+    running = running_processes(folder)
+    host = "127.0.0.1"
+    checks = {
+        "postgres": (f"{host}:{ports['postgres']}", None),
+        "s3": (f"http://{host}:{ports['s3']}", None),
+        "prefect-server": (f"http://{host}:{ports['prefect']}", "/api/health"),
+        "mlflow": (f"http://{host}:{ports['mlflow']}", "/health"),
+        "dask-scheduler": (f"tls://{host}:{ports['dask']}", None),
+        "prefect-worker": (f"http://{host}:{ports['prefect-worker']}", "/health"),
+    }
+    found = []
+    for name in (name for stage in reversed(STOP_STAGES) for name in stage):
+        address, health = checks.get(name, ("", None))
+        answers = None
+        if address:
+            answers = _answers(address, health, timeout)
+        found.append(ProcessStatus(name, running.get(name), address, answers))
+    return found
+
+
+def _answers(address: str, health: str | None, timeout: float) -> bool:
+    """Whether the server at `address` answers: 200 from its `health` path, else a TCP accept."""
+    import socket
+    import urllib.request
+
+    try:
+        if health is not None:
+            with urllib.request.urlopen(address + health, timeout=timeout) as reply:
+                return bool(reply.status == 200)
+        host, port = address.rsplit("/", 1)[-1].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def stop_service(root: Path, name: str, say: Callable[[str], None] = log.info) -> bool:
     """Stop one process of a running stack (`name` as in STOP_ORDER), e.g. the S3 server for
     a fault test; `start_service` starts it again. Return whether it was running."""
