@@ -356,7 +356,8 @@ def test_status_shows_every_process_of_the_running_stack_up_and_answering(team_s
         [line] = [line for line in result.output.splitlines() if line.split()[0] == name]
         assert " pid " in f" {line} ", line
         assert "does not answer" not in line, line
-    assert result.output.count(" answers") == 6  # every process but the two Dask workers
+    assert result.output.count(" answers") == 6
+    assert result.output.count("joined the scheduler") == 2  # the Dask workers
     assert "all 8 processes running and answering" in result.output
 
 

@@ -677,6 +677,8 @@ def stack_status(dir: StackDir = Path("finpipe-stack")) -> None:
     for row in rows:
         running = f"pid {row.pid}" if row.pid is not None else "stopped"
         answers = {None: "", True: "answers", False: "does not answer"}[row.answers]
+        if not row.address and row.answers is not None:  # a Dask worker: has it joined?
+            answers = "joined the scheduler" if row.answers else "not joined"
         typer.echo(f"  {row.name:<16}{running:<12}{row.address:<28}{answers}".rstrip())
     unwell = [row.name for row in rows if not row.healthy]
     if unwell:

@@ -520,7 +520,7 @@ class ProcessStatus:
     name: str
     pid: int | None  # None: not running
     address: str  # where its server listens ("" for the Dask workers, which have no port)
-    answers: bool | None  # its server's check (HTTP health, else a TCP connection); None: none
+    answers: bool | None  # its server's check; for a Dask worker, whether it has joined
 
     @property
     def healthy(self) -> bool:
@@ -530,8 +530,8 @@ class ProcessStatus:
 def status(root: Path, timeout: float = 3.0) -> list[ProcessStatus]:
     """Each process of the stack in `root`, Postgres first: running or not (its pid file and
     start time), and whether its server answers (HTTP health for the Prefect and MLflow
-    servers, the Dask dashboard and the Prefect worker; a TCP connection for Postgres, S3
-    and the Dask scheduler's TLS port)."""
+    servers and the Prefect worker; a TCP connection for Postgres, S3 and the Dask
+    scheduler's TLS port; for a Dask worker, whether the scheduler lists it)."""
     folder = StackFolder(Path(root).absolute())
     if not folder.state_file.exists():
         raise StackError(f"no stack in {folder.root}: `finpipe stack up --dir {root}` first")
@@ -547,13 +547,31 @@ def status(root: Path, timeout: float = 3.0) -> list[ProcessStatus]:
         "prefect-worker": (f"http://{host}:{ports['prefect-worker']}", "/health"),
     }
     found = []
+    joined: set[str] | None = None  # the Dask workers the scheduler knows, once asked
     for name in (name for stage in reversed(STOP_STAGES) for name in stage):
         address, health = checks.get(name, ("", None))
         answers = None
         if address:
             answers = _answers(address, health, timeout)
+        elif name.startswith("dask-worker"):  # no port of its own: has it joined the scheduler?
+            if joined is None:
+                joined = _dask_workers(folder, checks["dask-scheduler"][0], timeout)
+            answers = name in joined
         found.append(ProcessStatus(name, running.get(name), address, answers))
     return found
+
+
+def _dask_workers(folder: StackFolder, address: str, timeout: float) -> set[str]:
+    """The names of the workers the stack's Dask scheduler has (none when it cannot be asked)."""
+    from distributed import Client
+
+    try:
+        values = read_env_file(folder.env_file)
+        with Client(address, timeout=timeout, security=tls.security(values)) as client:
+            workers = client.scheduler_info(n_workers=-1)["workers"].values()
+            return {str(worker.get("name")) for worker in workers}
+    except (OSError, KeyError):
+        return set()
 
 
 def _answers(address: str, health: str | None, timeout: float) -> bool:
