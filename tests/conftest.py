@@ -377,6 +377,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_credit_model.py": ModuleTiers(UNIT, by_fixture={"fitted": FLOW}),
     "test_customers_model.py": ModuleTiers(UNIT, by_fixture={"two_days": FLOW}),
     # GX ingest of small histories into a temporary store.
+    "test_corrections.py": ModuleTiers(FLOW),  # vendor corrections through ingest
     "test_credit_ingest.py": ModuleTiers(FLOW),
     "test_customers_ingest.py": ModuleTiers(FLOW),
     "test_reliability_bad_input.py": ModuleTiers(FLOW),

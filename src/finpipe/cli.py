@@ -202,6 +202,16 @@ def ingest(
     as_of: Annotated[
         str | None, typer.Option(help="Reject rows dated after this day (default: today).")
     ] = None,
+    correction: Annotated[
+        bool,
+        typer.Option(
+            "--correction",
+            help="The files are a vendor's corrections: each row replaces the published row "
+            "with its key (kept in state/<domain>/superseded/) instead of being rejected as a "
+            "repeat. The next run rebuilds features from the earliest corrected date; a "
+            "backfill over the corrected dates re-scores them.",
+        ),
+    ] = False,
 ) -> None:
     """Land, validate (Great Expectations) and publish delivered files; quarantine bad ones.
 
@@ -228,6 +238,7 @@ def ingest(
             paths,
             as_of=day,
             max_file_bytes=settings.max_file_mb * 1024**2,
+            correction=correction,
         ):
             typer.echo(outcome.message)
 

@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from finpipe.calendars import Calendar
 from finpipe.domains import get_domain
@@ -370,7 +370,7 @@ def ingest_deliveries(
     Returns one IngestOutcome dict per file; ValidationFailed stops at the first bad file
     (it is quarantined, nothing from it is published).
     """
-    limit = {"max_file_bytes": max_file_bytes} if max_file_bytes else {}
+    limit: dict[str, Any] = {"max_file_bytes": max_file_bytes} if max_file_bytes else {}
     say = progress or log.info
     contract = get_domain(domain).contract
     outcomes = []

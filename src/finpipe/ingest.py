@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import io
 import shutil
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -132,11 +133,17 @@ def ingest_file(
     *,
     as_of: dt.date | str,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    correction: bool = False,
 ) -> IngestOutcome:
     """Land, validate and publish one delivered file; return what happened.
 
     A file already loaded (same bytes) is skipped. A file that fails validation is copied to
     quarantine/ with its report and ValidationFailed is raised; nothing is published from it.
+
+    A row whose key another batch already published is a rule break (the file is quarantined)
+    unless `correction`: then the file is a vendor's correction, and each of its rows replaces
+    the published row with its key (rows with new keys are added). The rows it replaces are
+    kept, once, in `state/<domain>/superseded/<batch>.parquet` before any partition changes.
     """
     path = Path(path)
     if not path.exists():
@@ -181,14 +188,16 @@ def ingest_file(
     docs_key = storage.reports_key("data_docs", domain, batch_id)
     with storage.local_folder(docs_key) as docs_dir:
         outcome = _check_and_publish(
-            storage, contract, path, as_of, record, landed, docs_dir, docs_key
+            storage, contract, path, as_of, record, landed, docs_dir, docs_key, correction
         )
     return outcome
 
 
-def _check_and_publish(storage, contract, path, as_of, record, landed, docs_dir, docs_key):
+def _check_and_publish(
+    storage, contract, path, as_of, record, landed, docs_dir, docs_key, correction=False
+):
     """Validate the landed file `landed` of `path`; publish it or quarantine it (raising
-    ValidationFailed); return the outcome of `ingest_file`."""
+    ValidationFailed); return the outcome of `ingest_file` (`correction`: see there)."""
     domain, sha, batch_id = contract.domain, record["sha256"], record["batch_id"]
     # The landed copy is read on a local store; on an object store, the delivered file it
     # was copied from (the same bytes: its name is their hash).
@@ -220,10 +229,8 @@ def _check_and_publish(storage, contract, path, as_of, record, landed, docs_dir,
     )
     report_dict = report.to_dict()
     report_dict["source"] = str(path)
-    for extra in (
-        _parse_error_rule(frame),
-        _keys_from_other_batches(storage, contract, frame, batch_id),
-    ):
+    repeated = None if correction else _keys_from_other_batches(storage, contract, frame, batch_id)
+    for extra in (_parse_error_rule(frame), repeated):
         if extra is not None:
             report_dict["success"] = False
             report_dict.setdefault("rules", []).append(extra)
@@ -244,7 +251,10 @@ def _check_and_publish(storage, contract, path, as_of, record, landed, docs_dir,
             message.strip(),
         )
 
-    published = _publish(storage, contract, frame, batch_id)
+    corrected = ""
+    if correction:
+        corrected = _keep_superseded_rows(storage, contract, frame, batch_id, record)
+    published = _publish(storage, contract, frame, batch_id, replace_keys=correction)
     dates = sorted(published)
     warnings = [describe_rule_break(rule) for rule in report.warnings()]
     record.update(
@@ -268,8 +278,34 @@ def _check_and_publish(storage, contract, path, as_of, record, landed, docs_dir,
         landed_path=storage.location(landed),
         data_docs=storage.location(f"{docs_key}/index.html") if docs_dir.exists() else None,
         message=f"{path.name}: {len(frame):,} rows over {len(dates)} dates validated"
+        + corrected
         + (f" with {len(warnings)} warning(s): {' '.join(warnings)}" if warnings else ""),
         warnings=warnings,
+    )
+
+
+SUPERSEDED = "superseded"
+
+
+def _keep_superseded_rows(storage, contract, frame, batch_id: str, record: dict) -> str:
+    """Keep the published rows that correction `frame` replaces (other batches' rows with its
+    keys) in state/<domain>/superseded/<batch>.parquet, create-only: a re-run after a crash
+    keeps the first, complete copy. Note them in `record`; return the message's clause."""
+    replaced = _rows_of_other_batches(storage, contract, frame, {batch_id})
+    if replaced.empty:
+        record.update(corrected_rows=0)
+        return " (a correction that replaces no published row)"
+    key = storage.state_key(contract.domain, SUPERSEDED, f"{batch_id}.parquet")
+    buffer = io.BytesIO()
+    replaced.to_parquet(buffer, index=False)
+    storage.create_bytes(key, buffer.getvalue())
+    batches = sorted(set(replaced[BATCH_COLUMN]))
+    record.update(
+        corrected_rows=len(replaced), corrected_batches=batches, superseded=storage.location(key)
+    )
+    return (
+        f" (a correction: {len(replaced):,} published rows of {', '.join(batches)} replaced, "
+        f"kept in {storage.location(key)})"
     )
 
 
@@ -310,6 +346,7 @@ def ingest_files(
     as_of: dt.date | str,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     group_row_limit: int = GROUP_ROW_LIMIT,
+    correction: bool = False,
 ) -> Iterator[IngestOutcome]:
     """Ingest delivered files in order, yielding each file's outcome as `ingest_file` would.
 
@@ -321,8 +358,15 @@ def ingest_files(
     published as it stands, since every rule it runs is a rule on rows (`_groupable`); a group
     with anything to report is split in two and each half tried in turn, down to single files,
     which take `ingest_file`'s path and get its exact report. Suites built from the data
-    accepted so far (`suite_spec`) validate file by file.
+    accepted so far (`suite_spec`) validate file by file, and so do corrections (`correction`:
+    see `ingest_file`), each in turn, so a later file corrects an earlier one.
     """
+    if correction:
+        for path in map(Path, paths):
+            yield ingest_file(
+                storage, contract, path, as_of=as_of, max_file_bytes=max_file_bytes, correction=True
+            )
+        return
     spec = None if contract.suite_spec is not None else load_suite_spec(contract.suite)
     group: list[_Delivery] = []
     rows = 0
@@ -516,26 +560,35 @@ def _parse_error_rule(frame: pd.DataFrame) -> dict | None:
     }
 
 
-def _keys_from_other_batches(storage, contract, frame, batch_id: str | set[str]) -> dict | None:
-    """Return a failed-rule entry if the batch repeats keys another batch already published
-    (`batch_id`: the batch, or the set of batches of a group of files)."""
+def _rows_of_other_batches(
+    storage, contract, frame, own: set[str], columns: list[str] | None = None
+) -> pd.DataFrame:
+    """Return the published rows (`columns` of them) of batches other than `own` on the days
+    of `frame` (all of them, or only those whose keys `frame` repeats when `columns` is None)."""
     date_col = contract.date_column
     days = sorted({d.date() for d in frame[date_col].dropna().unique()})
     existing_days = set(storage.partition_dates("validated", contract.domain))
     overlap_days = [d for d in days if d in existing_days]
     if not overlap_days:
-        return None
+        return pd.DataFrame(columns=[*contract.key_columns, BATCH_COLUMN])
     existing = storage.read_partitions(
-        "validated",
-        contract.domain,
-        days=overlap_days,
-        columns=[*contract.key_columns, BATCH_COLUMN],
+        "validated", contract.domain, days=overlap_days, columns=columns
     )
-    own = {batch_id} if isinstance(batch_id, str) else batch_id
     existing = existing[~existing[BATCH_COLUMN].isin(own)]
+    if columns is not None:
+        return existing
+    keys = list(contract.key_columns)
+    return existing.merge(frame[keys].drop_duplicates(), on=keys, how="inner")
+
+
+def _keys_from_other_batches(storage, contract, frame, batch_id: str | set[str]) -> dict | None:
+    """Return a failed-rule entry if the batch repeats keys another batch already published
+    (`batch_id`: the batch, or the set of batches of a group of files)."""
+    own = {batch_id} if isinstance(batch_id, str) else batch_id
+    keys = list(contract.key_columns)
+    existing = _rows_of_other_batches(storage, contract, frame, own, [*keys, BATCH_COLUMN])
     if existing.empty:
         return None
-    keys = list(contract.key_columns)
     clash = frame.reset_index().merge(existing[keys], on=keys, how="inner")
     if clash.empty:
         return None
@@ -553,8 +606,11 @@ def _keys_from_other_batches(storage, contract, frame, batch_id: str | set[str])
     }
 
 
-def _publish(storage, contract, frame, batch_id: str | None) -> list[dt.date]:
-    """Merge the batch into its date partitions (replacing this batch's earlier rows).
+def _publish(
+    storage, contract, frame, batch_id: str | None, replace_keys: bool = False
+) -> list[dt.date]:
+    """Merge the batch into its date partitions (replacing this batch's earlier rows, and with
+    `replace_keys` any other batch's rows with the same keys: a correction).
 
     `batch_id` None: `frame` already carries each row's batch (a group of files published at
     once), and the earlier rows of every one of those batches are replaced.
@@ -571,6 +627,12 @@ def _publish(storage, contract, frame, batch_id: str | None) -> list[dt.date]:
         if day in existing_days:
             current = storage.read_partition("validated", contract.domain, day)
             current = current[~current[BATCH_COLUMN].isin(batches)]
+            if replace_keys:
+                keys = list(contract.key_columns)
+                found = current[keys].merge(
+                    rows[keys].drop_duplicates(), how="left", indicator=True
+                )
+                current = current[(found["_merge"] == "left_only").to_numpy()]
             rows = pd.concat([current, rows], ignore_index=True)
         rows = rows.sort_values(sort_cols, kind="stable")
         storage.write_partition("validated", contract.domain, day, rows)

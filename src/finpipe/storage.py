@@ -16,6 +16,7 @@ messages and for tools outside finpipe. Layout under the root (see DESIGN.md):
     backtests/<name>/...                      a walk-forward backtest's own store, same layout
     reports/                                  validation Data Docs, run summaries
     state/<domain>/batches/<sha256>.json      what ingest has seen, by content hash
+    state/<domain>/superseded/<batch>.parquet published rows a correction replaced
 
 A partition is one Parquet file, `part-0.parquet`, published whole: a reader sees the old file
 or the new one, never half of one, and writing the same date twice replaces the file rather
