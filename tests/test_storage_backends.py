@@ -6,6 +6,7 @@ PostgreSQL, as an object-store home requires)."""
 from __future__ import annotations
 
 import datetime as dt
+import io
 import json
 import threading
 import uuid
@@ -235,6 +236,33 @@ def test_ingest_publishes_once_and_quarantines_a_bad_file_with_its_report(store,
     good = ingest_file(store, MARKET, day, as_of="2030-01-01")
     assert good.status == "validated"
     assert len(_files(store, "landing/market")) == 3  # history, the bad file, the good day
+
+
+def test_a_correction_replaces_published_rows_and_keeps_them_in_the_store(
+    store, deliveries, tmp_path
+):
+    history, day, _ = deliveries
+    for path in (history, day):
+        ingest_file(store, MARKET, path, as_of="2030-01-01")
+    before = store.read_partitions("validated", "market")
+    restated = pd.read_csv(day)
+    prices = [c for c in ("Open", "High", "Low", "Close", "Adj Close") if c in restated]
+    restated[prices] = (restated[prices] * 1.01).round(4)  # the day restated 1% higher
+    path = tmp_path / f"restated_{day.name}"
+    restated.to_csv(path, index=False)
+    outcome = ingest_file(store, MARKET, path, as_of="2030-01-01", correction=True)
+    after = store.read_partitions("validated", "market")
+    assert len(after) == len(before) and not after.duplicated(["date", "ticker"]).any()
+    last = after[after["date"] == after["date"].max()].sort_values("ticker")
+    assert last["close"].tolist() == pytest.approx(restated.sort_values("Ticker")["Close"].tolist())
+    kept = pd.read_parquet(
+        io.BytesIO(store.read_bytes(f"state/market/superseded/{outcome.batch_id}.parquet"))
+    )
+    replaced = before[before["date"] == before["date"].max()]
+    pd.testing.assert_frame_equal(
+        kept.sort_values("ticker").reset_index(drop=True),
+        replaced.sort_values("ticker").reset_index(drop=True),
+    )
 
 
 def test_an_object_store_home_without_a_lock_database_fails_early_saying_what_to_set(
