@@ -53,6 +53,7 @@ def backfill(
     concurrency: Annotated[int, Field(ge=1, le=16)] = 4,
     force: bool = False,
     inputs: tuple[str, ...] = (),
+    corrections: tuple[str, ...] = (),
     training: dict[str, Any] = {},  # noqa: B006 (never mutated; the form shows an empty object)
     lock_timeout_seconds: Annotated[float, Field(ge=0)] = DEFAULT_TIMEOUT_SECONDS,
 ) -> dict:
@@ -75,23 +76,30 @@ def backfill(
         concurrency: How many dates are processed at the same time.
         force: Redo every date, even those already completed from the same data.
         inputs: Delivered files (paths or globs) to validate and load before the dates run.
+        corrections: Files restating rows already loaded (paths or globs): each row replaces
+            the published row with its key; the dates they change, and the later ones whose
+            features change with them, are redone.
         training: Hyper-parameter overrides for the retrain, e.g. {"max_epochs": 10}.
         lock_timeout_seconds: How long a date waits while another run holds it (seconds).
     """
-    run = set_up_run("backfill", domain, inputs, lock_timeout=lock_timeout_seconds)
+    run = set_up_run(
+        "backfill", domain, inputs, corrections=corrections, lock_timeout=lock_timeout_seconds
+    )
     today = today_in(run.schedule.timezone)
     request = _checked_request(run, start, end, steps, today)
     config = training_config(domain, dict(training))
     ingested = ingest_inputs(run, today)
+    features = None
+    if "features" in request.steps:
+        # Before planning: a date whose features this rebuilds (data re-delivered or corrected
+        # on a day before it) no longer matches its completion record, so it is redone.
+        features = update_features(domain, request.end.isoformat(), run.holder, run.lock_timeout)
     plan = plan_backfill(run.storage, request, force=force)
     logger = get_run_logger()
     logger.info(
         "backfill %s %s to %s: %d dates to process, %d already done",
         *(domain, request.start, request.end, len(plan.todo), len(plan.done)),
     )
-    features = None
-    if "features" in request.steps and (plan.todo or retrain):
-        features = update_features(domain, request.end.isoformat(), run.holder, run.lock_timeout)
     results = _run_dates(run, request, plan, concurrency)
     failures = failure_summary(results)
     training_outcome = decision = None

@@ -62,6 +62,7 @@ def nightly(
     domain: DomainName = "market",
     as_of: dt.date | None = None,
     inputs: list[str] | None = None,
+    corrections: list[str] | None = None,
     retrain: bool = True,
     rebuild_features: bool = False,
     training: dict[str, Any] | None = None,
@@ -79,6 +80,9 @@ def nightly(
         as_of: Date to run for; empty means `default_as_of`.
         inputs: Delivered files to validate and load first (CSV, CSV.gz or Parquet paths, or
             globs such as /data/drop/market_*.csv: files already loaded are skipped).
+        corrections: Files restating rows already loaded (paths or globs), loaded after the
+            inputs: each row replaces the published row with its key; features are rebuilt
+            from the earliest corrected date (a backfill re-scores past dates).
         retrain: Retrain and run champion/challenger promotion before scoring.
         rebuild_features: Recompute every feature partition instead of only new dates.
         training: Hyper-parameter overrides, e.g. {"max_epochs": 10, "models": ["mlp"]}
@@ -95,7 +99,7 @@ def nightly(
         calendar_timezone: Timezone the scheduled time is read in; empty means
             FINPIPE_TIMEZONE.
     """
-    run = set_up_run("nightly", domain, inputs or [])
+    run = set_up_run("nightly", domain, inputs or [], corrections=corrections or [])
     config = training_config(domain, training_overrides(training, history_dates, history_start))
     if as_of is None and default_as_of == "previous business day":
         as_of = _scheduled_as_of(calendar_timezone, domain)

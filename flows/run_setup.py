@@ -33,6 +33,7 @@ class RunSetup:
     inputs: tuple[str, ...]
     holder: str
     lock_timeout: float
+    corrections: tuple[str, ...] = ()  # files that restate published rows (ingest_file)
 
     @property
     def calendar(self) -> Calendar:
@@ -45,11 +46,16 @@ class RunSetup:
 
 
 def set_up_run(
-    kind: str, domain: str, inputs: Iterable[str] = (), *, lock_timeout: float | None = None
+    kind: str,
+    domain: str,
+    inputs: Iterable[str] = (),
+    *,
+    corrections: Iterable[str] = (),
+    lock_timeout: float | None = None,
 ) -> RunSetup:
     """Set the process up (telemetry off before GX or MLflow loads), then check the domain,
-    that `inputs` lie under the drop folders and that a store in a bucket has a lock database
-    (FINPIPE_LOCKS_URL), before anything is read; ConfigError if not.
+    that `inputs` and `corrections` lie under the drop folders and that a store in a bucket has
+    a lock database (FINPIPE_LOCKS_URL), before anything is read; ConfigError if not.
 
     `lock_timeout` is how long the run waits for a lock another run holds (default the
     FINPIPE_LOCK_TIMEOUT_SECONDS setting).
@@ -65,18 +71,27 @@ def set_up_run(
         schedule=schedule,
         storage=Storage(settings.home),
         inputs=tuple(allowed_inputs(inputs, settings.input_roots())),
+        corrections=tuple(allowed_inputs(corrections, settings.input_roots())),
         holder=flow_run.name or f"{kind}-{domain}",
         lock_timeout=schedule.lock_timeout_seconds if lock_timeout is None else lock_timeout,
     )
 
 
 def ingest_inputs(run: RunSetup, as_of: dt.date) -> list[dict]:
-    """Land, validate and publish the run's delivered files (none: nothing to do)."""
-    if not run.inputs:
-        return []
-    return ingest_deliveries(
-        run.domain, list(run.inputs), as_of.isoformat(), run.holder, run.lock_timeout
-    )
+    """Land, validate and publish the run's delivered files, then its corrections (each row
+    replacing the published row with its key); none: nothing to do."""
+    outcomes = []
+    for paths, correction in ((run.inputs, False), (run.corrections, True)):
+        if paths:
+            outcomes += ingest_deliveries(
+                run.domain,
+                list(paths),
+                as_of.isoformat(),
+                run.holder,
+                run.lock_timeout,
+                correction=correction,
+            )
+    return outcomes
 
 
 def date_runner(settings: Settings, concurrency: int) -> TaskRunner:

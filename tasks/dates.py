@@ -34,9 +34,15 @@ STORE_RETRY_DELAYS = [2.0, 10.0, 30.0]
     retry_condition_fn=retry_if_store_unavailable,
 )
 def ingest_deliveries(
-    domain: str, paths: list[str], as_of: str, holder: str, lock_timeout: float
+    domain: str,
+    paths: list[str],
+    as_of: str,
+    holder: str,
+    lock_timeout: float,
+    correction: bool = False,
 ) -> list[dict]:
-    """Land, validate (Great Expectations) and publish each delivered file, under the lock."""
+    """Land, validate (Great Expectations) and publish each delivered file, under the lock
+    (`correction`: the files restate published rows; `finpipe.ingest.ingest_file`)."""
     logger = get_run_logger()
     settings = load_settings()
     return date_runs.ingest_deliveries(
@@ -48,6 +54,7 @@ def ingest_deliveries(
         holder=holder,
         lock_timeout=lock_timeout,
         progress=logger.info,
+        correction=correction,
     )
 
 

@@ -404,6 +404,42 @@ def test_a_partly_failed_backfill_redoes_only_what_failed_and_ends_as_a_clean_ru
         pd.testing.assert_frame_equal(features, fresh.read_partition("features", "market", day))
 
 
+@pytest.mark.slow
+def test_a_backfill_with_a_correction_redoes_the_corrected_day_and_every_later_one(
+    market, base, tmp_path
+):
+    """A day restated inside a backfilled range: the same backfill with the correction redoes
+    that day and the later ones (their features change with it: windows reach back), not the
+    earlier ones, and ends with what a clean run on the corrected data publishes."""
+    from finpipe.flows.backfill import backfill
+
+    storage = Storage(market.home)
+    history = storage.partition_dates("validated", "market")
+    start, end = history[-6], history[-1]
+    days = _sessions(start, end)
+    backfill(start=start, end=end, concurrency=2)
+    corrected = history[-4]
+    vendor = pd.read_csv(base.files[0])
+    rows = vendor[vendor["Date"] == corrected.isoformat()].copy()
+    prices = ["Open", "High", "Low", "Close", "Adj Close"]
+    rows[prices] = (rows[prices] * 1.02).round(4)
+    path = tmp_path / f"market_{corrected}_restated.csv"
+    rows.to_csv(path, index=False)
+
+    summary = backfill(start=start, end=end, concurrency=2, corrections=(str(path),))
+    [ingested] = summary["ingested"]
+    assert ingested["status"] == "validated" and "a correction" in ingested["message"]
+    statuses = {item["date"]: item["status"] for item in summary["dates"]}
+    assert statuses == {
+        d.isoformat(): "done earlier" if d < corrected else "completed" for d in days
+    }
+    resumed = {d: _outputs(storage, d) for d in days}
+    backfill(start=start, end=end, force=True)
+    for day in days:
+        for got, clean in zip(resumed[day], _outputs(storage, day), strict=True):
+            pd.testing.assert_frame_equal(got, clean)
+
+
 def _outputs(storage: Storage, day: dt.date) -> tuple[pd.DataFrame, pd.DataFrame]:
     predictions = storage.read_partition("predictions", "market", day).drop(columns="scored_at")
     return predictions, storage.read_partition("features", "market", day)

@@ -364,8 +364,10 @@ def ingest_deliveries(
     holder: str = "",
     lock_timeout: float = DEFAULT_TIMEOUT_SECONDS,
     progress: Callable[[str], None] | None = None,
+    correction: bool = False,
 ) -> list[dict]:
-    """Land, validate and publish delivered files in order, under the history lock.
+    """Land, validate and publish delivered files in order, under the history lock
+    (`correction`: they restate published rows, see `finpipe.ingest.ingest_file`).
 
     Returns one IngestOutcome dict per file; ValidationFailed stops at the first bad file
     (it is quarantined, nothing from it is published).
@@ -375,7 +377,9 @@ def ingest_deliveries(
     contract = get_domain(domain).contract
     outcomes = []
     with history_lock(storage.url, domain, holder=holder, timeout=lock_timeout, on_wait=say):
-        for outcome in ingest_files(storage, contract, paths, as_of=as_of, **limit):
+        for outcome in ingest_files(
+            storage, contract, paths, as_of=as_of, correction=correction, **limit
+        ):
             say(outcome.message)
             outcomes.append(outcome.to_dict())
     return outcomes
