@@ -440,6 +440,36 @@ def test_a_backfill_with_a_correction_redoes_the_corrected_day_and_every_later_o
             pd.testing.assert_frame_equal(got, clean)
 
 
+@pytest.mark.slow
+def test_a_nightly_loads_its_corrections_after_its_inputs_and_rebuilds_from_them(
+    market, base, tmp_path
+):
+    from finpipe.flows.nightly import nightly
+
+    storage = Storage(market.home)
+    history = storage.partition_dates("validated", "market")
+    update_market_features(storage, history[-1])
+    corrected = history[-5]
+    vendor = pd.read_csv(base.files[0])
+    rows = vendor[vendor["Date"] == corrected.isoformat()].copy()
+    prices = ["Open", "High", "Low", "Close", "Adj Close"]
+    rows[prices] = (rows[prices] * 1.02).round(4)
+    path = tmp_path / f"market_{corrected}_restated.csv"
+    rows.to_csv(path, index=False)
+    tonight = _day(base.files[1])
+
+    summary = nightly(
+        as_of=tonight, inputs=[str(base.files[1])], corrections=[str(path)], retrain=False
+    )
+    first, second = summary["ingested"]
+    assert (first["source"], first["status"]) == (str(base.files[1]), "validated")
+    assert second["source"] == str(path) and "a correction" in second["message"]
+    assert summary["features"]["dates_written"][0] == corrected.isoformat()
+    published = storage.read_partition("validated", "market", corrected)
+    assert sorted(published["close"]) == pytest.approx(sorted(rows["Close"]))
+    assert summary["predictions"]["rows"] > 0
+
+
 def _outputs(storage: Storage, day: dt.date) -> tuple[pd.DataFrame, pd.DataFrame]:
     predictions = storage.read_partition("predictions", "market", day).drop(columns="scored_at")
     return predictions, storage.read_partition("features", "market", day)
