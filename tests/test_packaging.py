@@ -52,9 +52,10 @@ def _shipped_sources() -> set[str]:
 
 
 def _copy_sources(destination: Path) -> Path:
-    """Copy what the build reads (pyproject, README and the mapped folders) into `destination`."""
+    """Copy what the build reads (pyproject, README, LICENSE and the mapped folders) into
+    `destination`."""
     destination.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, destination / name)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     for folder in {p.relative_to(ROOT).parts[0] for p in _source_folders().values()}:
@@ -106,6 +107,10 @@ def test_the_wheel_ships_every_module_and_data_file(wheel):
     assert "finpipe/expectations/market_ohlcv.json" in shipped
     assert "finpipe/credit/configs/synthetic.toml" in shipped
     assert not [name for name in shipped if name.startswith(("benchmarks/", "tests/"))]
+    # The licence the metadata names (Apache-2.0), as a file in the wheel.
+    assert "finpipe-0.1.0.dist-info/licenses/LICENSE" in shipped
+    metadata = zipfile.ZipFile(wheel).read("finpipe-0.1.0.dist-info/METADATA").decode()
+    assert "License-Expression: Apache-2.0" in metadata
 
 
 @pytest.mark.slow
