@@ -404,6 +404,18 @@ def test_a_partly_failed_backfill_redoes_only_what_failed_and_ends_as_a_clean_ru
         pd.testing.assert_frame_equal(features, fresh.read_partition("features", "market", day))
 
 
+def _restated(base: Base, day: dt.date, folder: Path) -> tuple[pd.DataFrame, Path]:
+    """The history file's rows of `day` with every price 2% higher (a vendor's restatement),
+    written to a correction file in `folder`; return the rows and the file."""
+    vendor = pd.read_csv(base.files[0])
+    rows = vendor[vendor["Date"] == day.isoformat()].copy()
+    prices = ["Open", "High", "Low", "Close", "Adj Close"]
+    rows[prices] = (rows[prices] * 1.02).round(4)
+    path = folder / f"market_{day}_restated.csv"
+    rows.to_csv(path, index=False)
+    return rows, path
+
+
 @pytest.mark.slow
 def test_a_backfill_with_a_correction_redoes_the_corrected_day_and_every_later_one(
     market, base, tmp_path
@@ -419,12 +431,7 @@ def test_a_backfill_with_a_correction_redoes_the_corrected_day_and_every_later_o
     days = _sessions(start, end)
     backfill(start=start, end=end, concurrency=2)
     corrected = history[-4]
-    vendor = pd.read_csv(base.files[0])
-    rows = vendor[vendor["Date"] == corrected.isoformat()].copy()
-    prices = ["Open", "High", "Low", "Close", "Adj Close"]
-    rows[prices] = (rows[prices] * 1.02).round(4)
-    path = tmp_path / f"market_{corrected}_restated.csv"
-    rows.to_csv(path, index=False)
+    _, path = _restated(base, corrected, tmp_path)
 
     summary = backfill(start=start, end=end, concurrency=2, corrections=(str(path),))
     [ingested] = summary["ingested"]
@@ -450,12 +457,7 @@ def test_a_nightly_loads_its_corrections_after_its_inputs_and_rebuilds_from_them
     history = storage.partition_dates("validated", "market")
     update_market_features(storage, history[-1])
     corrected = history[-5]
-    vendor = pd.read_csv(base.files[0])
-    rows = vendor[vendor["Date"] == corrected.isoformat()].copy()
-    prices = ["Open", "High", "Low", "Close", "Adj Close"]
-    rows[prices] = (rows[prices] * 1.02).round(4)
-    path = tmp_path / f"market_{corrected}_restated.csv"
-    rows.to_csv(path, index=False)
+    rows, path = _restated(base, corrected, tmp_path)
     tonight = _day(base.files[1])
 
     summary = nightly(

@@ -563,21 +563,19 @@ def _parse_error_rule(frame: pd.DataFrame) -> dict | None:
 def _rows_of_other_batches(
     storage, contract, frame, own: set[str], columns: list[str] | None = None
 ) -> pd.DataFrame:
-    """Return the published rows (`columns` of them) of batches other than `own` on the days
-    of `frame` (all of them, or only those whose keys `frame` repeats when `columns` is None)."""
+    """Return the published rows (`columns` of them, the keys included; all by default) of
+    batches other than `own` whose keys `frame` repeats."""
+    keys = list(contract.key_columns)
     date_col = contract.date_column
     days = sorted({d.date() for d in frame[date_col].dropna().unique()})
     existing_days = set(storage.partition_dates("validated", contract.domain))
     overlap_days = [d for d in days if d in existing_days]
     if not overlap_days:
-        return pd.DataFrame(columns=[*contract.key_columns, BATCH_COLUMN])
+        return pd.DataFrame(columns=columns or [*keys, BATCH_COLUMN])
     existing = storage.read_partitions(
         "validated", contract.domain, days=overlap_days, columns=columns
     )
     existing = existing[~existing[BATCH_COLUMN].isin(own)]
-    if columns is not None:
-        return existing
-    keys = list(contract.key_columns)
     return existing.merge(frame[keys].drop_duplicates(), on=keys, how="inner")
 
 
