@@ -76,8 +76,9 @@ def backfill(
         concurrency: How many dates are processed at the same time.
         force: Redo every date, even those already completed from the same data.
         inputs: Delivered files (paths or globs) to validate and load before the dates run.
-        corrections: Files restating rows already loaded (paths or globs): each row replaces
-            the published row with its key; the dates they change, and the later ones whose
+        corrections: Files restating rows already loaded (paths or globs): their rows replace
+            the published rows they restate (same key; a loan's every version, a customer's
+            transactions at a time stamp); the dates they change, and the later ones whose
             features change with them, are redone.
         training: Hyper-parameter overrides for the retrain, e.g. {"max_epochs": 10}.
         lock_timeout_seconds: How long a date waits while another run holds it (seconds).

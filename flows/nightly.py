@@ -81,7 +81,8 @@ def nightly(
         inputs: Delivered files to validate and load first (CSV, CSV.gz or Parquet paths, or
             globs such as /data/drop/market_*.csv: files already loaded are skipped).
         corrections: Files restating rows already loaded (paths or globs), loaded after the
-            inputs: each row replaces the published row with its key; features are rebuilt
+            inputs: their rows replace the published rows they restate (same key; a loan's
+            every version, a customer's transactions at a time stamp); features are rebuilt
             from the earliest corrected date (a backfill re-scores past dates).
         retrain: Retrain and run champion/challenger promotion before scoring.
         rebuild_features: Recompute every feature partition instead of only new dates.

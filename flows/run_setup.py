@@ -78,8 +78,9 @@ def set_up_run(
 
 
 def ingest_inputs(run: RunSetup, as_of: dt.date) -> list[dict]:
-    """Land, validate and publish the run's delivered files, then its corrections (each row
-    replacing the published row with its key); none: nothing to do."""
+    """Land, validate and publish the run's delivered files, then its corrections (their rows
+    replacing the published rows they restate: `finpipe.ingest.ingest_file`); none: nothing
+    to do."""
     outcomes = []
     for paths, correction in ((run.inputs, False), (run.corrections, True)):
         if paths:

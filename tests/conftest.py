@@ -378,6 +378,13 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_customers_model.py": ModuleTiers(UNIT, by_fixture={"two_days": FLOW}),
     # GX ingest of small histories into a temporary store.
     "test_corrections.py": ModuleTiers(FLOW),  # vendor corrections through ingest
+    "test_corrections_credit_customers.py": ModuleTiers(
+        FLOW,  # loans' and transactions' corrections through ingest; the rest are pure
+        by_name={
+            "test_restate_loans_adds_new_loans_and_replaces_a_version_of_the_same_day": UNIT,
+            "test_a_book_without_dates_or_ids_refuses_a_correction_before_it_lands": UNIT,
+        },
+    ),
     "test_credit_ingest.py": ModuleTiers(FLOW),
     "test_customers_ingest.py": ModuleTiers(FLOW),
     "test_reliability_bad_input.py": ModuleTiers(FLOW),

@@ -154,7 +154,7 @@ def test_backfill_form_is_typed_and_described(team):
     assert fields["end"]["description"] == "Last date of the range, included; today at the latest."
     assert fields["domain"]["enum"] == ["market", "credit", "customers"]
     assert "another registered domain" in " ".join(fields["domain"]["description"].split())
-    assert "each row replaces the published row" in " ".join(
+    assert "their rows replace the published rows they restate" in " ".join(
         fields["corrections"]["description"].split()
     )
 

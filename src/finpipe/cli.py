@@ -206,10 +206,12 @@ def ingest(
         bool,
         typer.Option(
             "--correction",
-            help="The files are a vendor's corrections: each row replaces the published row "
-            "with its key (kept in state/<domain>/superseded/) instead of being rejected as a "
-            "repeat. The next run rebuilds features from the earliest corrected date; a "
-            "backfill over the corrected dates re-scores them.",
+            help="The files are a vendor's corrections: their rows replace the published rows "
+            "they restate (same key; credit: every version of the loan, keeping its delivery "
+            "days; customers: the customer's transactions at that time stamp), kept in "
+            "state/<domain>/superseded/, instead of being rejected as repeats. The next run "
+            "rebuilds features from the earliest corrected date; a backfill over the corrected "
+            "dates re-scores them.",
         ),
     ] = False,
 ) -> None:

@@ -49,6 +49,19 @@ class RawContract:
     # True when `normalise` also takes the run's as-of day (`as_of=`): cross-sectional data
     # without a date column is dated by the day it is ingested.
     normalise_takes_as_of: bool = False
+    # The columns that name the published rows a correction row restates (`ingest_file`'s
+    # `correction`): the rows with the same values are replaced; None: the key columns.
+    correction_keys: tuple[str, ...] | None = None
+    # Builds the rows a correction publishes from the published rows it replaces and its own
+    # validated rows (e.g. versions of a record that keep their delivery days); None: its rows.
+    restate: Callable[[pd.DataFrame, pd.DataFrame], pd.DataFrame] | None = None
+    # Why this source's rows cannot be corrected (a correction is refused before it lands, with
+    # this as the reason); None: corrections are taken.
+    refuses_corrections: str | None = None
+
+    def restated_by(self) -> list[str]:
+        """Return the columns that name the rows a correction restates."""
+        return list(self.correction_keys or self.key_columns)
 
 
 @dataclass
@@ -141,13 +154,17 @@ def ingest_file(
     quarantine/ with its report and ValidationFailed is raised; nothing is published from it.
 
     A row whose key another batch already published is a rule break (the file is quarantined)
-    unless `correction`: then the file is a vendor's correction, and each of its rows replaces
-    the published row with its key (rows with new keys are added). The rows it replaces are
-    kept, once, in `state/<domain>/superseded/<batch>.parquet` before any partition changes.
+    unless `correction`: then the file is a vendor's correction, and its rows replace the
+    published rows they restate (same values in `RawContract.restated_by()`: the key columns
+    unless the domain names others; `RawContract.restate` may build what is published from
+    both); rows that restate nothing are added. The rows it replaces are kept, once, in
+    `state/<domain>/superseded/<batch>.parquet` before any partition changes.
     """
     path = Path(path)
     if not path.exists():
         raise InputFileError(f"{path}: no such file")
+    if correction and contract.refuses_corrections:
+        raise InputFileError(f"{path}: not loaded as a correction: {contract.refuses_corrections}")
     size = path.stat().st_size
     if size > max_file_bytes:
         # Refused before landing: a batch is validated in memory, and copying a file that
@@ -251,10 +268,13 @@ def _check_and_publish(
             message.strip(),
         )
 
-    corrected = ""
+    corrected, rows = "", frame
     if correction:
-        corrected = _keep_superseded_rows(storage, contract, frame, batch_id, record)
-    published = _publish(storage, contract, frame, batch_id, replace_keys=correction)
+        replaced, corrected = _keep_superseded_rows(storage, contract, frame, batch_id, record)
+        if contract.restate is not None:
+            rows = contract.restate(replaced.drop(columns=[BATCH_COLUMN]), frame)
+    replace_keys = contract.restated_by() if correction else None
+    published = _publish(storage, contract, rows, batch_id, replace_keys=replace_keys)
     dates = sorted(published)
     warnings = [describe_rule_break(rule) for rule in report.warnings()]
     record.update(
@@ -287,23 +307,31 @@ def _check_and_publish(
 SUPERSEDED = "superseded"
 
 
-def _keep_superseded_rows(storage, contract, frame, batch_id: str, record: dict) -> str:
-    """Keep the published rows that correction `frame` replaces (other batches' rows with its
-    keys) in state/<domain>/superseded/<batch>.parquet, create-only: a re-run after a crash
-    keeps the first, complete copy. Note them in `record`; return the message's clause."""
-    replaced = _rows_of_other_batches(storage, contract, frame, {batch_id})
+def _keep_superseded_rows(
+    storage, contract, frame, batch_id: str, record: dict
+) -> tuple[pd.DataFrame, str]:
+    """Keep the published rows that correction `frame` replaces (other batches' rows it
+    restates: `RawContract.restated_by`) in state/<domain>/superseded/<batch>.parquet,
+    create-only: a re-run after a crash keeps, and goes on from, the first, complete copy.
+    Note them in `record`; return them and the message's clause."""
+    replaced = _rows_of_other_batches(
+        storage, contract, frame, {batch_id}, keys=contract.restated_by()
+    )
+    key = storage.state_key(contract.domain, SUPERSEDED, f"{batch_id}.parquet")
+    if storage.exists(key):  # a re-run: some partitions may already hold the correction
+        replaced = pd.read_parquet(io.BytesIO(storage.read_bytes(key)))
+    elif not replaced.empty:
+        buffer = io.BytesIO()
+        replaced.to_parquet(buffer, index=False)
+        storage.create_bytes(key, buffer.getvalue())
     if replaced.empty:
         record.update(corrected_rows=0)
-        return " (a correction that replaces no published row)"
-    key = storage.state_key(contract.domain, SUPERSEDED, f"{batch_id}.parquet")
-    buffer = io.BytesIO()
-    replaced.to_parquet(buffer, index=False)
-    storage.create_bytes(key, buffer.getvalue())
+        return replaced, " (a correction that replaces no published row)"
     batches = sorted(set(replaced[BATCH_COLUMN]))
     record.update(
         corrected_rows=len(replaced), corrected_batches=batches, superseded=storage.location(key)
     )
-    return (
+    return replaced, (
         f" (a correction: {len(replaced):,} published rows of {', '.join(batches)} replaced, "
         f"kept in {storage.location(key)})"
     )
@@ -561,11 +589,17 @@ def _parse_error_rule(frame: pd.DataFrame) -> dict | None:
 
 
 def _rows_of_other_batches(
-    storage, contract, frame, own: set[str], columns: list[str] | None = None
+    storage,
+    contract,
+    frame,
+    own: set[str],
+    columns: list[str] | None = None,
+    keys: list[str] | None = None,
 ) -> pd.DataFrame:
     """Return the published rows (`columns` of them, the keys included; all by default) of
-    batches other than `own` whose keys `frame` repeats."""
-    keys = list(contract.key_columns)
+    batches other than `own` whose `keys` (the contract's key columns by default) `frame`
+    repeats."""
+    keys = keys or list(contract.key_columns)
     date_col = contract.date_column
     days = sorted({d.date() for d in frame[date_col].dropna().unique()})
     existing_days = set(storage.partition_dates("validated", contract.domain))
@@ -605,10 +639,10 @@ def _keys_from_other_batches(storage, contract, frame, batch_id: str | set[str])
 
 
 def _publish(
-    storage, contract, frame, batch_id: str | None, replace_keys: bool = False
+    storage, contract, frame, batch_id: str | None, replace_keys: list[str] | None = None
 ) -> list[dt.date]:
     """Merge the batch into its date partitions (replacing this batch's earlier rows, and with
-    `replace_keys` any other batch's rows with the same keys: a correction).
+    `replace_keys` any other batch's rows with the same values in those columns: a correction).
 
     `batch_id` None: `frame` already carries each row's batch (a group of files published at
     once), and the earlier rows of every one of those batches are replaced.
@@ -626,9 +660,8 @@ def _publish(
             current = storage.read_partition("validated", contract.domain, day)
             current = current[~current[BATCH_COLUMN].isin(batches)]
             if replace_keys:
-                keys = list(contract.key_columns)
-                found = current[keys].merge(
-                    rows[keys].drop_duplicates(), how="left", indicator=True
+                found = current[replace_keys].merge(
+                    rows[replace_keys].drop_duplicates(), how="left", indicator=True
                 )
                 current = current[(found["_merge"] == "left_only").to_numpy()]
             rows = pd.concat([current, rows], ignore_index=True)

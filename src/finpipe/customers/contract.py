@@ -9,6 +9,7 @@ from finpipe.customers.config import CustomersConfig
 from finpipe.customers.schema import (
     DOMAIN,
     KEY_COLUMNS,
+    RESTATED_BY,
     SUITE,
     add_transaction_checks,
     normalise_transactions,
@@ -28,4 +29,5 @@ def customers_contract(config: CustomersConfig) -> RawContract:
             frame, allow_refunds=config.rules.allow_refunds
         ),
         read_options=config.read.pandas_options(),
+        correction_keys=RESTATED_BY,
     )

@@ -34,6 +34,10 @@ SUITE = "customers_transactions"
 # What makes a transaction the same one again: a batch repeating these values for rows another
 # batch already published is rejected (overlap safety).
 KEY_COLUMNS = ("date", "customer_id", "timestamp", "amount")
+# What a correction restates: a customer's transactions at one time stamp (a whole day when the
+# source gives days only), all replaced by the correction's rows for them. The amount is not in
+# it: a restated amount is the same transaction, not a second one.
+RESTATED_BY = ("date", "customer_id", "timestamp")
 OPTIONAL_COLUMNS = ("category", "channel")
 CHECK_COLUMNS = ("disallowed_refund", "row_fingerprint")
 

@@ -1,0 +1,269 @@
+"""Vendor corrections of loans and of transactions (`finpipe ingest --correction`), whose keys
+are not what a correction restates: a loan's versions carry their delivery day, and a
+transaction's amount is part of its key. Real ingest (GX) into a temporary store."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pandas as pd
+import pytest
+
+from finpipe.credit.config import load_loan_book, parse_loan_book
+from finpipe.credit.contract import credit_contract, restate_loans
+from finpipe.credit.features import LABEL, loans_as_known, update_credit_features
+from finpipe.credit.schema import normalise_credit_frame
+from finpipe.customers.features import update_customer_features
+from finpipe.customers.synthetic import (
+    CustomersSyntheticConfig,
+    generate_customer_transactions,
+    write_vendor_files,
+)
+from finpipe.domains import get_domain
+from finpipe.errors import InputFileError
+from finpipe.ingest import BATCH_COLUMN, ingest_file
+from finpipe.storage import Storage
+
+BOOK = parse_loan_book(
+    {
+        "name": "tiny",
+        "columns": {"id": "loan_id", "date": "applied", "label": "status"},
+        "label": {"default": ["bad"], "non_default": ["good"]},
+        "numeric": {"income": {"min": 0}},
+        "grades": [{"grade": "A", "max_pd": 1.0}],
+    }
+)
+D1, D2 = dt.date(2024, 1, 2), dt.date(2024, 1, 3)  # application days
+NIGHT = dt.date(2024, 1, 5)  # the applications are delivered, L1 and L2 with no outcome yet
+LATER = dt.date(2024, 2, 20)  # L1's outcome is delivered
+FIXED = dt.date(2024, 3, 1)  # the lender's correction
+
+
+def _loans(folder, name: str, *loans: tuple[str, dt.date, str, float]):
+    """Write a delivery of (loan id, application day, status, income) rows; return its path."""
+    path = folder / name
+    pd.DataFrame(
+        {
+            "loan_id": [loan for loan, _, _, _ in loans],
+            "applied": [day.isoformat() for _, day, _, _ in loans],
+            "status": [status for _, _, status, _ in loans],
+            "income": [income for _, _, _, income in loans],
+        }
+    ).to_csv(path, index=False)
+    return path
+
+
+def _versions(storage: Storage, loan: str) -> pd.DataFrame:
+    rows = storage.read_partitions("validated", "credit")
+    return rows[rows["loan_id"] == loan].sort_values("delivered_on").reset_index(drop=True)
+
+
+@pytest.fixture
+def loan_store(tmp_path):
+    """L1 and L2 applied on D1, L3 on D2, delivered on NIGHT (L3 with its outcome); L1's
+    outcome delivered LATER (a second version of L1)."""
+    storage = Storage(tmp_path / "home")
+    contract = credit_contract(BOOK)
+    night = _loans(
+        tmp_path,
+        "night.csv",
+        ("L1", D1, "", 1000.0),
+        ("L2", D1, "", 2000.0),
+        ("L3", D2, "good", 3000.0),
+    )
+    later = _loans(tmp_path, "later.csv", ("L1", D1, "good", 1000.0))
+    assert ingest_file(storage, contract, night, as_of=NIGHT).status == "validated"
+    assert ingest_file(storage, contract, later, as_of=LATER).status == "validated"
+    return storage, contract
+
+
+def test_a_loan_correction_restates_every_version_and_dates_a_changed_outcome_by_its_delivery(
+    loan_store, tmp_path
+):
+    storage, contract = loan_store
+    before = storage.read_partitions("validated", "credit")
+    # The lender restates L1's income and outcome (it defaulted after all) and L3's income.
+    fix = _loans(tmp_path, "fix.csv", ("L1", D1, "bad", 1500.0), ("L3", D2, "good", 3500.0))
+    outcome = ingest_file(storage, contract, fix, as_of=FIXED, correction=True)
+    assert outcome.status == "validated"
+    assert "a correction: 3 published rows of" in outcome.message
+
+    l1 = _versions(storage, "L1")
+    # Every version takes the corrected income and keeps its delivery day and outcome; the
+    # new outcome is a version of its own, delivered on the correction's day.
+    assert l1["income"].tolist() == [1500.0, 1500.0, 1500.0]
+    assert [d.date() for d in l1["delivered_on"]] == [NIGHT, LATER, FIXED]
+    assert l1["status"].tolist()[1:] == ["good", "bad"]
+    assert pd.isna(l1["status"].iloc[0])
+    l3 = _versions(storage, "L3")  # the same outcome again is no new version
+    assert l3["income"].tolist() == [3500.0] and l3["delivered_on"].iloc[0].date() == NIGHT
+    assert _versions(storage, "L2").equals(before[before["loan_id"] == "L2"].reset_index(drop=True))
+    after = storage.read_partitions("validated", "credit")
+    assert not after.duplicated(list(contract.key_columns)).any()
+
+    # Point in time: before the correction was delivered, L1 was known as a good loan.
+    update_credit_features(storage, FIXED, book=BOOK)
+    features = storage.read_partitions("features", "credit")
+    known_then = loans_as_known(features, "loan_id", LATER).set_index("loan_id")
+    known_now = loans_as_known(features, "loan_id", FIXED).set_index("loan_id")
+    assert known_then.loc["L1", LABEL] == 0.0 and known_now.loc["L1", LABEL] == 1.0
+    assert known_then.loc["L1", "income"] == 1500.0  # the record itself is restated
+    # The features the incremental update wrote equal a rebuild from scratch.
+    update_credit_features(storage, FIXED, book=BOOK, rebuild=True)
+    pd.testing.assert_frame_equal(features, storage.read_partitions("features", "credit"))
+
+    # The replaced versions are kept as they were published.
+    kept = pd.read_parquet(
+        storage.local_path(f"state/credit/superseded/{outcome.batch_id}.parquet")
+    )
+    expected = before[before["loan_id"].isin(["L1", "L3"])]
+    order = ["loan_id", "delivered_on"]
+    pd.testing.assert_frame_equal(
+        kept.sort_values(order).reset_index(drop=True),
+        expected.sort_values(order).reset_index(drop=True),
+    )
+
+
+def test_a_loan_correction_cut_short_ends_as_an_unbroken_one(loan_store, tmp_path, monkeypatch):
+    """L1 (applied D1) and L3 (D2) corrected in one file; D1's partition written, then a
+    failure: the re-run restates from the first copy of the replaced versions, not from the
+    partition it already rewrote, and ends where an unbroken correction ends."""
+    storage, contract = loan_store
+    fix = _loans(tmp_path, "fix.csv", ("L1", D1, "bad", 1500.0), ("L3", D2, "good", 3500.0))
+    unbroken = Storage(tmp_path / "unbroken")
+    for name in ("night", "later"):
+        day = NIGHT if name == "night" else LATER
+        ingest_file(unbroken, contract, tmp_path / f"{name}.csv", as_of=day)
+    ingest_file(unbroken, contract, fix, as_of=FIXED, correction=True)
+
+    writes = []
+    real_write = Storage.write_partition
+
+    def write_once(self, layer, domain, day, rows):
+        if writes:
+            raise OSError("disk full")
+        writes.append(day)
+        return real_write(self, layer, domain, day, rows)
+
+    monkeypatch.setattr(Storage, "write_partition", write_once)
+    with pytest.raises(OSError, match="disk full"):
+        ingest_file(storage, contract, fix, as_of=FIXED, correction=True)
+    monkeypatch.undo()
+    assert writes == [D1]
+    outcome = ingest_file(storage, contract, fix, as_of=FIXED, correction=True)
+    assert outcome.status == "validated" and "3 published rows" in outcome.message
+    pd.testing.assert_frame_equal(
+        storage.read_partitions("validated", "credit"),
+        unbroken.read_partitions("validated", "credit"),
+    )
+
+
+def test_restate_loans_adds_new_loans_and_replaces_a_version_of_the_same_day():
+    delivered = normalise_credit_frame(
+        pd.DataFrame(
+            {"loan_id": ["L1"], "applied": [D1.isoformat()], "status": [""], "income": ["10"]}
+        ),
+        book=BOOK,
+        as_of=NIGHT,
+    )
+    fix = normalise_credit_frame(
+        pd.DataFrame(
+            {
+                "loan_id": ["L1", "L9"],
+                "applied": [D1.isoformat(), D2.isoformat()],
+                "status": ["", "good"],
+                "income": ["12", "90"],
+            }
+        ),
+        book=BOOK,
+        as_of=NIGHT,  # corrected on the day it was delivered
+    )
+    rows = restate_loans(delivered, fix, book=BOOK)
+    assert rows["loan_id"].tolist() == ["L1", "L9"]
+    assert rows["income"].tolist() == [12.0, 90.0]
+    assert (rows["delivered_on"] == pd.Timestamp(NIGHT)).all()
+    assert restate_loans(delivered.iloc[:0], fix, book=BOOK) is fix
+
+
+def test_a_book_without_dates_or_ids_refuses_a_correction_before_it_lands(tmp_path):
+    storage = Storage(tmp_path / "home")
+    german = credit_contract(load_loan_book("germancredit"))
+    path = tmp_path / "german_fix.csv"
+    path.write_text("anything\n1\n")
+    with pytest.raises(InputFileError, match="not loaded as a correction: the loan book"):
+        ingest_file(storage, german, path, as_of=NIGHT, correction=True)
+    assert not storage.exists("landing")
+
+
+# -- transactions ----------------------------------------------------------------------------
+@pytest.fixture
+def transactions(tmp_path):
+    """A store with a customers history file and two daily files published; the last file."""
+    log = generate_customer_transactions(CustomersSyntheticConfig(customers=40, days=90, seed=2))
+    files = write_vendor_files(log.transactions, tmp_path / "drop", daily_files=2)
+    storage = Storage(tmp_path / "home")
+    for path in files:
+        assert _ingest(storage, path).status == "validated"
+    return storage, pd.read_csv(files[-1])
+
+
+def _ingest(storage, path, **options):
+    return ingest_file(
+        storage, get_domain("customers").contract, path, as_of="2030-01-01", **options
+    )
+
+
+def test_a_restated_amount_replaces_its_transaction_instead_of_adding_one(transactions, tmp_path):
+    storage, last = transactions
+    before = storage.read_partitions("validated", "customers")
+    day = pd.Timestamp(pd.to_datetime(last["Transaction Time"]).dt.normalize().iloc[0])
+    update_customer_features(storage, day.date(), active_days=365)
+    fixed = last.head(1).assign(Amount=last["Amount"].head(1) * 10)
+    path = tmp_path / "restated.csv"
+    fixed.to_csv(path, index=False)
+    # As an ordinary delivery the new amount is a new key: it would be a second transaction.
+    outcome = _ingest(storage, path, correction=True)
+    assert outcome.status == "validated" and "a correction: 1 published rows of" in outcome.message
+
+    after = storage.read_partitions("validated", "customers")
+    assert len(after) == len(before)
+    customer = fixed["Customer ID"].iloc[0]
+    at = pd.Timestamp(fixed["Transaction Time"].iloc[0])
+    mine = after[(after["customer_id"] == customer) & (after["timestamp"] == at)]
+    assert mine["amount"].tolist() == pytest.approx([fixed["Amount"].iloc[0]])
+    assert mine[BATCH_COLUMN].tolist() == [outcome.batch_id]
+    untouched = (after["customer_id"] != customer) | (after["timestamp"] != at)
+    pd.testing.assert_frame_equal(
+        after[untouched].reset_index(drop=True),
+        before[(before["customer_id"] != customer) | (before["timestamp"] != at)].reset_index(
+            drop=True
+        ),
+    )
+    # The day's snapshot is rebuilt from the corrected log: the same as a rebuild from scratch.
+    update = update_customer_features(storage, day.date(), active_days=365)
+    assert update.dates_written == [day.date().isoformat()]
+    incremental = storage.read_partition("features", "customers", day.date())
+    update_customer_features(storage, day.date(), active_days=365, rebuild=True)
+    pd.testing.assert_frame_equal(
+        incremental, storage.read_partition("features", "customers", day.date())
+    )
+
+
+def test_a_correction_restates_all_of_a_customers_transactions_at_its_time_stamp(
+    transactions, tmp_path
+):
+    """One published purchase restated as two (the vendor had merged them): both replace it."""
+    storage, last = transactions
+    before = storage.read_partitions("validated", "customers")
+    first = last.head(1)
+    split = pd.concat([first.assign(Amount=1.25), first.assign(Amount=2.5)], ignore_index=True)
+    path = tmp_path / "split.csv"
+    split.to_csv(path, index=False)
+    assert _ingest(storage, path, correction=True).status == "validated"
+    after = storage.read_partitions("validated", "customers")
+    assert len(after) == len(before) + 1
+    at = pd.Timestamp(first["Transaction Time"].iloc[0])
+    mine = after[
+        (after["customer_id"] == first["Customer ID"].iloc[0]) & (after["timestamp"] == at)
+    ]
+    assert sorted(mine["amount"]) == [1.25, 2.5]
