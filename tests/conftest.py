@@ -87,6 +87,29 @@ def finpipe_home(path: Path):
 
 
 @pytest.fixture
+def disk_full_after_one_partition(monkeypatch) -> Callable[[], list]:
+    """Return a function that makes `Storage.write_partition` write one partition, then raise
+    OSError("disk full") (a publish cut short), and returns the list of days it wrote.
+    `monkeypatch.undo()` ends it."""
+    from finpipe.storage import Storage
+
+    def cut_short() -> list:
+        writes: list = []
+        real_write = Storage.write_partition
+
+        def write_once(self, layer, domain, day, rows):
+            if writes:
+                raise OSError("disk full")
+            writes.append(day)
+            return real_write(self, layer, domain, day, rows)
+
+        monkeypatch.setattr(Storage, "write_partition", write_once)
+        return writes
+
+    return cut_short
+
+
+@pytest.fixture
 def home(tmp_path):
     """A fresh FINPIPE_HOME for one test; yields its Settings."""
     with finpipe_home(tmp_path / "home") as settings:

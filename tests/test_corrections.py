@@ -111,7 +111,7 @@ def test_a_correction_with_a_bad_row_is_quarantined_whole_and_replaces_nothing(d
 
 
 def test_a_correction_cut_short_completes_on_a_rerun_with_the_first_copy_of_what_it_replaced(
-    delivered, tmp_path, monkeypatch
+    delivered, tmp_path, monkeypatch, disk_full_after_one_partition
 ):
     """Two days corrected in one file; the first partition written, then a failure: the
     re-run publishes both, and the superseded rows kept are all of them, from before."""
@@ -124,16 +124,7 @@ def test_a_correction_cut_short_completes_on_a_rerun_with_the_first_copy_of_what
     before = storage.read_partitions("validated", "market")
     replaced = before[before["date"].isin(pd.to_datetime(days))]
 
-    writes = []
-    real_write = Storage.write_partition
-
-    def write_once(self, layer, domain, day, rows):
-        if writes:
-            raise OSError("disk full")
-        writes.append(day)
-        return real_write(self, layer, domain, day, rows)
-
-    monkeypatch.setattr(Storage, "write_partition", write_once)
+    disk_full_after_one_partition()
     with pytest.raises(OSError, match="disk full"):
         _ingest(storage, path, correction=True)
     monkeypatch.undo()

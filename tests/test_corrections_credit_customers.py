@@ -124,7 +124,9 @@ def test_a_loan_correction_restates_every_version_and_dates_a_changed_outcome_by
     )
 
 
-def test_a_loan_correction_cut_short_ends_as_an_unbroken_one(loan_store, tmp_path, monkeypatch):
+def test_a_loan_correction_cut_short_ends_as_an_unbroken_one(
+    loan_store, tmp_path, monkeypatch, disk_full_after_one_partition
+):
     """L1 (applied D1) and L3 (D2) corrected in one file; D1's partition written, then a
     failure: the re-run restates from the first copy of the replaced versions, not from the
     partition it already rewrote, and ends where an unbroken correction ends."""
@@ -136,20 +138,11 @@ def test_a_loan_correction_cut_short_ends_as_an_unbroken_one(loan_store, tmp_pat
         ingest_file(unbroken, contract, tmp_path / f"{name}.csv", as_of=day)
     ingest_file(unbroken, contract, fix, as_of=FIXED, correction=True)
 
-    writes = []
-    real_write = Storage.write_partition
-
-    def write_once(self, layer, domain, day, rows):
-        if writes:
-            raise OSError("disk full")
-        writes.append(day)
-        return real_write(self, layer, domain, day, rows)
-
-    monkeypatch.setattr(Storage, "write_partition", write_once)
+    written = disk_full_after_one_partition()
     with pytest.raises(OSError, match="disk full"):
         ingest_file(storage, contract, fix, as_of=FIXED, correction=True)
     monkeypatch.undo()
-    assert writes == [D1]
+    assert written == [D1]
     outcome = ingest_file(storage, contract, fix, as_of=FIXED, correction=True)
     assert outcome.status == "validated" and "3 published rows" in outcome.message
     pd.testing.assert_frame_equal(
