@@ -405,6 +405,9 @@ TIER_TABLE: dict[str, ModuleTiers] = {
         FLOW,  # loans' and transactions' corrections through ingest; the rest are pure
         by_name={
             "test_restate_loans_adds_new_loans_and_replaces_a_version_of_the_same_day": UNIT,
+            "test_a_loan_correction_changes_no_outcome_known_before_it_and_restates_every_record": (
+                UNIT
+            ),
             "test_a_book_without_dates_or_ids_refuses_a_correction_before_it_lands": UNIT,
         },
     ),

@@ -8,10 +8,17 @@ import datetime as dt
 
 import pandas as pd
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from finpipe.credit.config import load_loan_book, parse_loan_book
 from finpipe.credit.contract import credit_contract, restate_loans
-from finpipe.credit.features import LABEL, loans_as_known, update_credit_features
+from finpipe.credit.features import (
+    LABEL,
+    build_credit_features,
+    loans_as_known,
+    update_credit_features,
+)
 from finpipe.credit.schema import normalise_credit_frame
 from finpipe.customers.features import update_customer_features
 from finpipe.customers.synthetic import (
@@ -176,6 +183,77 @@ def test_restate_loans_adds_new_loans_and_replaces_a_version_of_the_same_day():
     assert rows["income"].tolist() == [12.0, 90.0]
     assert (rows["delivered_on"] == pd.Timestamp(NIGHT)).all()
     assert restate_loans(delivered.iloc[:0], fix, book=BOOK) is fix
+
+
+_STATUS = st.sampled_from(["", "good", "bad"])
+_LOAN = st.tuples(
+    st.sampled_from([D1, D2]),  # applied
+    st.lists(st.tuples(st.integers(0, 40), _STATUS), min_size=1, max_size=3),  # deliveries
+    st.one_of(st.none(), st.tuples(_STATUS, st.integers(1, 9))),  # corrected (status, income)
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(loans=st.lists(_LOAN, min_size=1, max_size=4), fixed_after=st.integers(1, 10))
+def test_a_loan_correction_changes_no_outcome_known_before_it_and_restates_every_record(
+    loans, fixed_after
+):
+    """Any book of loans with any versions, any correction of some of them delivered after
+    them: at every day before the correction each loan is known with the outcome it had; from
+    its day on, a corrected loan has the corrected outcome (its latest one when the correction
+    has none); and at every day its attributes are the corrected ones."""
+    versions, fixes = [], []
+    for number, (applied, deliveries, fix) in enumerate(loans):
+        loan = f"L{number}"
+        for offset, status in deliveries:
+            on = NIGHT + dt.timedelta(days=offset)
+            versions.append(_frame(loan, applied, status, 100 + number, on))
+        if fix is not None:
+            fixes.append((loan, applied, *fix))
+    book = pd.concat(versions, ignore_index=True)
+    book = book.drop_duplicates(["date", "loan_id", "delivered_on"], keep="last")
+    fixed_on = book["delivered_on"].max().date() + dt.timedelta(days=fixed_after)
+    if fixes:
+        corrected = pd.concat([_frame(*fix[:3], fix[3], fixed_on) for fix in fixes])
+    else:
+        corrected = _frame("L0", D1, "", 1, fixed_on).iloc[:0]
+    named = book["loan_id"].isin(corrected["loan_id"])
+    published = pd.concat(
+        [book[~named], restate_loans(book[named], corrected, book=BOOK)], ignore_index=True
+    )
+    assert not published.duplicated(["date", "loan_id", "delivered_on"]).any()
+
+    before, after = build_credit_features(book, BOOK), build_credit_features(published, BOOK)
+    for day in sorted({*book["delivered_on"].dt.date, fixed_on - dt.timedelta(days=1)}):
+        pd.testing.assert_series_equal(
+            _known(after, day)[LABEL], _known(before, day)[LABEL], check_names=False
+        )
+    now = _known(after, fixed_on)
+    earlier = _known(before, fixed_on)
+    for loan, _, status, income in fixes:
+        expected = {"good": 0.0, "bad": 1.0}.get(status, earlier.loc[loan, LABEL])
+        assert now.loc[loan, LABEL] == expected or (
+            pd.isna(expected) and pd.isna(now.loc[loan, LABEL])
+        )
+        assert now.loc[loan, "income"] == income
+        assert _known(after, NIGHT).loc[loan, "income"] == income
+
+
+def _frame(loan: str, applied: dt.date, status: str, income: float, on: dt.date) -> pd.DataFrame:
+    """One delivered row of `loan`, validated as delivered on `on`."""
+    raw = pd.DataFrame(
+        {
+            "loan_id": [loan],
+            "applied": [applied.isoformat()],
+            "status": [status],
+            "income": [str(income)],
+        }
+    )
+    return normalise_credit_frame(raw, book=BOOK, as_of=on)
+
+
+def _known(features: pd.DataFrame, day: dt.date) -> pd.DataFrame:
+    return loans_as_known(features, "loan_id", day).set_index("loan_id")
 
 
 def test_a_book_without_dates_or_ids_refuses_a_correction_before_it_lands(tmp_path):
