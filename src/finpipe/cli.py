@@ -7,6 +7,7 @@ after `prepare_environment` so Prefect's local state lands under FINPIPE_HOME.
 from __future__ import annotations
 
 import datetime as dt
+import io
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -243,6 +244,40 @@ def ingest(
             correction=correction,
         ):
             typer.echo(outcome.message)
+
+
+@app.command("validated")
+def validated(
+    domain: Annotated[str, typer.Argument(help="Domain whose validated rows to write.")],
+    out: Annotated[Path, typer.Option(help="Parquet file to write (replaced if present).")],
+    known_at: Annotated[
+        str | None,
+        typer.Option(
+            help="A time (ISO 8601, UTC unless it has an offset, e.g. 2026-03-02T09:00): the "
+            "rows as the layer held them then, before any correction validated later. "
+            "Default: now."
+        ),
+    ] = None,
+) -> None:
+    """Write the validated layer of DOMAIN as it was known at a time, one Parquet file: what a
+    model trained or a report ran on then, corrections validated since undone (audit)."""
+    from finpipe.domains import get_domain
+    from finpipe.storage import Storage, write_bytes_atomic
+    from finpipe.vintages import utc_time, validated_as_known
+
+    settings = _settings()
+    try:
+        when = utc_time(known_at or dt.datetime.now(dt.UTC))
+    except ValueError as error:
+        raise typer.BadParameter(f"{known_at!r} is not an ISO 8601 time: {error}") from None
+    rows = validated_as_known(Storage(settings.home), get_domain(domain).contract, when)
+    buffer = io.BytesIO()
+    rows.to_parquet(buffer, index=False)
+    write_bytes_atomic(out, buffer.getvalue())
+    typer.echo(
+        f"{len(rows):,} rows of {domain} as known at {when.isoformat(timespec='seconds')} "
+        f"written to {out}"
+    )
 
 
 @app.command("migrate-storage")

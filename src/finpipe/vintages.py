@@ -1,0 +1,60 @@
+"""The validated layer as it was known at a time: the vintage an audit or a re-run asks for.
+
+The validated layer holds the latest vintage of every row: a vendor's correction replaces the
+rows it restates (`finpipe.ingest`, `correction`). Nothing is lost: each row carries its batch,
+each batch record says when it was validated (`validated_at`, UTC), and the rows a correction
+replaced are kept in `state/<domain>/superseded/<batch>.parquet`. So the layer as known at T is
+the rows of the batches validated by T, plus the rows that corrections validated after T have
+since replaced (those were published at T, unless their own batch came later still). A batch
+with no validated record (a publish cut short, re-run later) was not known, and neither were
+its rows in the partitions it did rewrite.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+
+import pandas as pd
+
+from finpipe.ingest import BATCH_COLUMN, SUPERSEDED, RawContract
+from finpipe.storage import Storage
+
+
+def validated_as_known(
+    storage: Storage, contract: RawContract, known_at: dt.datetime | str
+) -> pd.DataFrame:
+    """Return the validated rows of `contract`'s domain as the layer held them at `known_at`
+    (UTC when it has no time zone), sorted as the layer is: by date, then the other keys."""
+    domain, when = contract.domain, utc_time(known_at)
+    known = {
+        record["batch_id"]
+        for record in storage.batch_records(domain)
+        if record.get("status") == "validated"
+        and record.get("validated_at")
+        and utc_time(record["validated_at"]) <= when
+    }
+    layer = storage.read_partitions("validated", domain)
+    undone = [
+        pd.read_parquet(io.BytesIO(storage.read_bytes(key)))
+        for key in sorted(storage.list_files(storage.state_key(domain, SUPERSEDED)))
+        if key.rsplit("/", 1)[-1].removesuffix(".parquet") not in known
+    ]  # the rows replaced by corrections not validated at `known_at`
+    date = contract.date_column
+    keys = [date, *[key for key in contract.key_columns if key != date]]
+    if undone:
+        restored = pd.concat(undone, ignore_index=True)
+        # A correction cut short replaced some partitions only: the rest still hold its rows.
+        present = restored[[*keys, BATCH_COLUMN]].merge(
+            layer[[*keys, BATCH_COLUMN]].drop_duplicates(), how="left", indicator=True
+        )
+        restored = restored[(present["_merge"] == "left_only").to_numpy()]
+        layer = pd.concat([layer, restored], ignore_index=True)
+    layer = layer[layer[BATCH_COLUMN].isin(known).to_numpy()]
+    return layer.sort_values(keys, kind="stable").reset_index(drop=True)
+
+
+def utc_time(value: dt.datetime | str) -> dt.datetime:
+    """Return `value` (a datetime or ISO 8601 text) in UTC; a time without a zone is UTC."""
+    stamp = dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+    return stamp.replace(tzinfo=dt.UTC) if stamp.tzinfo is None else stamp.astimezone(dt.UTC)
