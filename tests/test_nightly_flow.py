@@ -12,6 +12,8 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from finpipe import tracking
+from finpipe.domains import get_domain
 from finpipe.errors import ValidationFailed
 from finpipe.market.synthetic import (
     MarketSyntheticConfig,
@@ -20,6 +22,7 @@ from finpipe.market.synthetic import (
     write_vendor_files,
 )
 from finpipe.storage import Storage
+from finpipe.vintages import validated_as_known
 from tests.conftest import finpipe_home
 from tests.test_layout_readers import assert_layer_reads_everywhere
 
@@ -104,6 +107,12 @@ def test_mlflow_has_runs_metrics_plots_and_a_champion(two_nights):
     parents = [r for r in runs if r.data.tags.get("mlflow.runName", "").startswith("nightly-")]
     children = [r for r in runs if r.data.tags.get("mlflow.runName") in set(MODELS)]
     assert len(parents) == 2 and len(children) == 2 * len(MODELS)
+    # Each night's run says when it read its data: the validated layer as known then ends on
+    # that night's day (the first night's run saw none of the second night's delivery).
+    storage, market = Storage(settings.home), get_domain("market").contract
+    for parent in parents:
+        seen = validated_as_known(storage, market, parent.data.tags[tracking.DATA_KNOWN_AT_TAG])
+        assert seen["date"].max() == pd.Timestamp(parent.data.params["as_of"])
     child = next(r for r in children if r.data.tags["mlflow.runName"] == "gru")
     for metric in [
         "test_ic",

@@ -270,6 +270,7 @@ def train_challenger(
     started = time.perf_counter()
     as_of = as_day(as_of)
     say = progress or log.info
+    known_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     night = parts.prepare_training(
         storage, as_of, config, lambda: tracking.current_champion(settings, parts.name)
     )
@@ -277,6 +278,7 @@ def train_challenger(
     fitted: dict[str, Candidate] = {}
     uris: dict[str, str] = {}
     with tracking.run(f"nightly-{as_of.isoformat()}") as run_id:
+        tracking.tag_run(tracking.DATA_KNOWN_AT_TAG, known_at)
         settings_of_night = {k: str(v) for k, v in config.model_dump().items()}
         _write(RunRecord(params={**settings_of_night, "as_of": as_of.isoformat()}))
         _write(night.context())

@@ -51,6 +51,9 @@ QUALITY_FLOOR_TAG = "quality_floor_refused"
 # the domain next sets up tracking (`close_abandoned_runs`).
 OWNER_TAG = "finpipe.owner"
 CLOSED_TAG = "finpipe.closed"
+# When a training read its data (UTC, to the second): `finpipe validated DOMAIN --known-at` it
+# to get the validated rows it was built from, whatever corrections came later.
+DATA_KNOWN_AT_TAG = "finpipe.validated_known_at"
 
 log = logging.getLogger(__name__)
 
