@@ -27,6 +27,7 @@ from finpipe.market.synthetic import (
     write_vendor_files,
 )
 from finpipe.storage import Storage, file_sha256
+from finpipe.vintages import validated_as_known
 from tests.conftest import finpipe_home
 
 MARKET = get_domain("market").contract
@@ -239,9 +240,10 @@ def test_ingest_publishes_once_and_quarantines_a_bad_file_with_its_report(store,
 
 
 def test_a_correction_replaces_published_rows_and_keeps_them_in_the_store(
-    store, deliveries, tmp_path
+    store, deliveries, tmp_path, monkeypatch
 ):
     history, day, _ = deliveries
+    monkeypatch.setattr("finpipe.ingest._now", lambda: "2026-01-01T00:00:00+00:00")
     for path in (history, day):
         ingest_file(store, MARKET, path, as_of="2030-01-01")
     before = store.read_partitions("validated", "market")
@@ -250,8 +252,12 @@ def test_a_correction_replaces_published_rows_and_keeps_them_in_the_store(
     restated[prices] = (restated[prices] * 1.01).round(4)  # the day restated 1% higher
     path = tmp_path / f"restated_{day.name}"
     restated.to_csv(path, index=False)
+    monkeypatch.setattr("finpipe.ingest._now", lambda: "2026-01-02T00:00:00+00:00")
     outcome = ingest_file(store, MARKET, path, as_of="2030-01-01", correction=True)
     after = store.read_partitions("validated", "market")
+    # The layer as known before the correction comes back from the store (finpipe.vintages).
+    pd.testing.assert_frame_equal(validated_as_known(store, MARKET, "2026-01-01T12:00"), before)
+    pd.testing.assert_frame_equal(validated_as_known(store, MARKET, "2026-01-02"), after)
     assert len(after) == len(before) and not after.duplicated(["date", "ticker"]).any()
     last = after[after["date"] == after["date"].max()].sort_values("ticker")
     assert last["close"].tolist() == pytest.approx(restated.sort_values("Ticker")["Close"].tolist())
