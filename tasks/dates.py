@@ -8,21 +8,25 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from finpipe import date_runs
-from finpipe.errors import StoreUnavailable
+from finpipe.errors import FinpipeError
 from finpipe.settings import load_settings
 from finpipe.storage import Storage
 
 
-def retry_if_store_unavailable(task, task_run, state) -> bool:
-    """Retry only when the object store did not answer (StoreUnavailable): a bad file, a
-    refused write or a busy lock fails the same way again, and a bug should fail at once."""
-    return isinstance(state.result(raise_on_failure=False), StoreUnavailable)
+def retry_if_a_server_blinked(task, task_run, state) -> bool:
+    """Retry only when a server did not answer: the object store (StoreUnavailable) or the
+    lock database (LockUnavailable, LockLost: finpipe's transient errors). A bad file, a
+    refused write or a busy lock (LockTimeout) fails the same way again, and a bug should fail
+    at once."""
+    error = state.result(raise_on_failure=False)
+    return isinstance(error, FinpipeError) and error.transient
 
 
 # An ingest is safe to repeat: a file lands once (create-only, named by its content), a batch
 # is keyed by that content, and a file whose batch is not `validated` yet is landed and checked
-# again. So an object store that restarts mid-run (seconds) costs a retry, not the run; the
-# history lock is released between attempts. Three retries cover an outage of about 40 s.
+# again. So an object store or a lock database that restarts mid-run (seconds) costs a retry,
+# not the run; the history lock is released between attempts. Three retries cover an outage
+# of about 40 s.
 STORE_RETRY_DELAYS = [2.0, 10.0, 30.0]
 
 
@@ -31,7 +35,7 @@ STORE_RETRY_DELAYS = [2.0, 10.0, 30.0]
     cache_policy=NO_CACHE,
     retries=len(STORE_RETRY_DELAYS),
     retry_delay_seconds=STORE_RETRY_DELAYS,
-    retry_condition_fn=retry_if_store_unavailable,
+    retry_condition_fn=retry_if_a_server_blinked,
 )
 def ingest_deliveries(
     domain: str,

@@ -1,10 +1,12 @@
-"""The ingest task (tasks/dates.py) retries an object store that did not answer, and nothing else.
+"""The ingest task (tasks/dates.py) retries a server that did not answer (the object store, the
+lock database), and nothing else.
 
 Real Prefect (local mode) runs the real `validate-and-publish` task on two market deliveries in
 a local store; the store's publish step is made to fail once mid-ingest, after the files have
 landed and their batches are recorded `landed`: with StoreUnavailable (what finpipe raises when
-an S3 server does not answer) the task's retry finishes the ingest with the data a clean run
-writes; with any other error the task fails at its first attempt.
+an S3 server does not answer), LockUnavailable or LockLost (the lock database went away) the
+task's retry finishes the ingest with the data a clean run writes; with any other error (a
+refused write, a lock busy past its timeout, a bug) the task fails at its first attempt.
 """
 
 from __future__ import annotations
@@ -17,11 +19,13 @@ from finpipe.tasks.dates import STORE_RETRY_DELAYS, ingest_deliveries
 from prefect import flow
 
 from finpipe.errors import StorageError, StoreUnavailable
+from finpipe.locks import LockTimeout
 from finpipe.market.synthetic import (
     MarketSyntheticConfig,
     generate_market_panel,
     write_vendor_files,
 )
+from finpipe.pg_locks import LockLost, LockUnavailable
 from finpipe.storage import Storage
 
 
@@ -71,13 +75,20 @@ def _validated(storage: Storage) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True).sort_values(["date", "ticker"], ignore_index=True)
 
 
-def test_a_store_that_did_not_answer_mid_ingest_is_retried_to_a_clean_result(
-    home, deliveries, monkeypatch, tmp_path
+@pytest.mark.parametrize(
+    "error",
+    [
+        StoreUnavailable("publishing market: the object store did not answer"),
+        LockUnavailable("cannot reach the lock database at 127.0.0.1:5432/finpipe"),
+        LockLost("the history lock of market was lost: the lock database closed its session"),
+    ],
+    ids=["object-store", "lock-database-down", "lock-lost"],
+)
+def test_a_server_that_did_not_answer_mid_ingest_is_retried_to_a_clean_result(
+    home, deliveries, monkeypatch, tmp_path, error
 ):
     as_of = "2099-01-01"
-    calls = _fail_first_publish(
-        monkeypatch, StoreUnavailable("publishing market: the object store did not answer")
-    )
+    calls = _fail_first_publish(monkeypatch, error)
     state = ingest_flow(deliveries, as_of, return_state=True)
     assert state.is_completed(), state.message
     outcomes = state.result()
@@ -101,8 +112,12 @@ def test_a_store_that_did_not_answer_mid_ingest_is_retried_to_a_clean_result(
 
 @pytest.mark.parametrize(
     "error",
-    [StorageError("publishing market: HTTP 403 (Access Denied)"), RuntimeError("a bug")],
-    ids=["refused-write", "bug"],
+    [
+        StorageError("publishing market: HTTP 403 (Access Denied)"),
+        LockTimeout("market history is locked by another run; gave up after 10 s"),
+        RuntimeError("a bug"),
+    ],
+    ids=["refused-write", "busy-lock", "bug"],
 )
 def test_any_other_error_fails_the_ingest_at_its_first_attempt(
     home, deliveries, monkeypatch, error
