@@ -193,7 +193,7 @@ _LOAN = st.tuples(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(loans=st.lists(_LOAN, min_size=1, max_size=4), fixed_after=st.integers(1, 10))
 def test_a_loan_correction_changes_no_outcome_known_before_it_and_restates_every_record(
     loans, fixed_after
