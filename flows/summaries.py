@@ -26,6 +26,16 @@ def summary_markdown(summary: dict) -> str:
     if noted:
         lines += ["", "**Data-quality warnings** (recorded; the data was accepted):", ""]
         lines += [f"- {name}: {warning}" for name, warning in noted]
+    corrections = [
+        item for item in summary["ingested"] or [] if item.get("corrected_rows") is not None
+    ]
+    if corrections:
+        lines += ["", "**Corrections** (published rows replaced; the replaced rows are kept):", ""]
+        lines += [
+            f"- {item['source'].rsplit('/', 1)[-1]}: {item['corrected_rows']:,} published rows "
+            f"replaced by {item['rows']:,} delivered"
+            for item in corrections
+        ]
     caught_up = summary.get("catch_up") or []
     if caught_up:
         lines += ["", "## Catch-up (missed nights)", "| date | status | rows | message |"]

@@ -466,6 +466,10 @@ def test_a_nightly_loads_its_corrections_after_its_inputs_and_rebuilds_from_them
     first, second = summary["ingested"]
     assert (first["source"], first["status"]) == (str(base.files[1]), "validated")
     assert second["source"] == str(path) and "a correction" in second["message"]
+    assert (first["corrected_rows"], second["corrected_rows"]) == (None, len(rows))
+    assert f"- {path.name}: {len(rows)} published rows replaced by {len(rows)} delivered" in (
+        _summary_text(summary)
+    )
     assert summary["features"]["dates_written"][0] == corrected.isoformat()
     published = storage.read_partition("validated", "market", corrected)
     assert sorted(published["close"]) == pytest.approx(sorted(rows["Close"]))

@@ -83,6 +83,8 @@ class IngestOutcome:
     rules_failed: list[str] = field(default_factory=list)
     # Warning rules the accepted batch broke, one sentence each (also in its batch record).
     warnings: list[str] = field(default_factory=list)
+    # A correction: how many published rows it replaced (None: an ordinary delivery).
+    corrected_rows: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -301,6 +303,7 @@ def _check_and_publish(
         + corrected
         + (f" with {len(warnings)} warning(s): {' '.join(warnings)}" if warnings else ""),
         warnings=warnings,
+        corrected_rows=record.get("corrected_rows") if correction else None,
     )
 
 
