@@ -17,6 +17,7 @@ from finpipe.customers.synthetic import (
 )
 from finpipe.customers.synthetic import write_vendor_files as write_transactions
 from finpipe.domains import get_domain
+from finpipe.errors import ConfigError, ValidationFailed
 from finpipe.ingest import ingest_file
 from finpipe.market.synthetic import MarketSyntheticConfig, generate_market_panel
 from finpipe.market.synthetic import write_vendor_files as write_prices
@@ -149,7 +150,8 @@ def test_the_command_line_writes_the_layer_as_known_at_a_time(tmp_path, monkeypa
     fixed.to_csv(tmp_path / "fix.csv", index=False)
     storage, contract = Storage(tmp_path / "home"), get_domain("market").contract
     steps = [(history, "2030-01-01", False), (tmp_path / "fix.csv", "2030-01-01", True)]
-    seen = _replay(storage, contract, steps, _Clock(monkeypatch))
+    clock = _Clock(monkeypatch)
+    seen = _replay(storage, contract, steps, clock)
     monkeypatch.setenv("FINPIPE_HOME", str(storage.root))
     out = tmp_path / "then.parquet"
     result = CliRunner().invoke(
@@ -165,3 +167,24 @@ def test_the_command_line_writes_the_layer_as_known_at_a_time(tmp_path, monkeypa
     latest = CliRunner().invoke(app, ["validated", "market", "--out", str(out)])
     assert latest.exit_code == 0, latest.output
     pd.testing.assert_frame_equal(_sorted(pd.read_parquet(out)), seen[1][1])
+
+    # `finpipe batches` lists the deliveries in order, with the times --known-at takes.
+    bad = tmp_path / "bad.csv"
+    fixed.assign(Close=-1.0).to_csv(bad, index=False)
+    clock.tick()
+    with pytest.raises(ValidationFailed):
+        ingest_file(storage, contract, bad, as_of="2030-01-01")
+    listed = CliRunner().invoke(app, ["batches", "market"])
+    assert listed.exit_code == 0, listed.output
+    header, *lines = listed.output.strip().splitlines()
+    assert header.split() == ["when", "status", "batch", "file", "rows", "replaced", "dates"]
+    day = fixed["Date"].iloc[0]
+    assert [line.split()[:2] + line.split()[3:] for line in lines] == [
+        ["2026-03-02T10:00:00+00:00", "validated", history.name, f"{len(rows):,}", "-"]
+        + [rows["Date"].min(), "..", day],
+        ["2026-03-02T11:00:00+00:00", "validated", "fix.csv", "2", "2", day, "..", day],
+        ["2026-03-02T12:00:00+00:00", "quarantined", "bad.csv", "-", "-", "-", "..", "-"],
+    ]
+    unknown = CliRunner().invoke(app, ["batches", "bonds"])
+    assert isinstance(unknown.exception, ConfigError)
+    assert "unknown domain 'bonds'" in str(unknown.exception)

@@ -280,6 +280,38 @@ def validated(
     )
 
 
+@app.command("batches")
+def batches(
+    domain: Annotated[str, typer.Argument(help="Domain whose delivered files to list.")],
+) -> None:
+    """List every delivered file of DOMAIN in the order it was settled: when (UTC), status
+    (validated, quarantined, or landed while in progress), batch, rows, dates and, for a
+    correction, the published rows it replaced. A time listed here is one `finpipe validated
+    --known-at` takes, to see the layer before or after that batch."""
+    import pandas as pd
+
+    from finpipe.domains import get_domain
+    from finpipe.storage import Storage
+    from finpipe.vintages import batch_history
+
+    get_domain(domain)  # an unknown name is an error that lists the known ones
+    table = batch_history(Storage(_settings().home), domain)
+    if table.empty:
+        typer.echo(f"no delivered file of {domain} yet")
+        return
+
+    def count(value: object) -> str:
+        return "-" if pd.isna(value) else f"{value:,}"
+
+    shown = table.assign(
+        when=table["when"].map(lambda t: t.isoformat(timespec="seconds")),
+        rows=table["rows"].map(count),
+        replaced=table["replaced"].map(count),
+        dates=table["first_date"].fillna("-") + " .. " + table["last_date"].fillna("-"),
+    ).drop(columns=["first_date", "last_date"])
+    typer.echo(shown.to_string(index=False))
+
+
 @app.command("migrate-storage")
 def migrate_storage() -> None:
     """Convert a store written before 2026-12 (hive `date=YYYY-MM-DD` folders) to bare-day

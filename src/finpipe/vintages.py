@@ -54,6 +54,33 @@ def validated_as_known(
     return layer.sort_values(keys, kind="stable").reset_index(drop=True)
 
 
+def batch_history(storage: Storage, domain: str) -> pd.DataFrame:
+    """Return every delivered file of `domain` in the order its fate was settled: one row per
+    batch with `when` (validated, quarantined or, for a batch still in progress, landed; UTC),
+    `status`, `batch`, `file`, `rows`, `first_date`, `last_date` and `replaced` (published rows
+    a correction replaced; missing for an ordinary delivery). The times are what
+    `validated_as_known` takes."""
+    rows = []
+    for record in storage.batch_records(domain):
+        status = record.get("status", "")
+        when = record.get(f"{status}_at") or record.get("landed_at")
+        rows.append(
+            {
+                "when": utc_time(when) if when else pd.NaT,
+                "status": status,
+                "batch": record.get("batch_id", ""),
+                "file": record.get("source", "").rsplit("/", 1)[-1],
+                "rows": record.get("rows"),
+                "first_date": record.get("first_date"),
+                "last_date": record.get("last_date"),
+                "replaced": record.get("corrected_rows"),
+            }
+        )
+    columns = ["when", "status", "batch", "file", "rows", "first_date", "last_date", "replaced"]
+    table = pd.DataFrame(rows, columns=columns).astype({"rows": "Int64", "replaced": "Int64"})
+    return table.sort_values(["when", "batch"], kind="stable").reset_index(drop=True)
+
+
 def utc_time(value: dt.datetime | str) -> dt.datetime:
     """Return `value` (a datetime or ISO 8601 text) in UTC; a time without a zone is UTC."""
     stamp = dt.datetime.fromisoformat(value) if isinstance(value, str) else value
