@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,14 +28,14 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from finpipe.services.ports import free_ports
+
 TINY = {"max_epochs": 2, "models": ["mlp"], "hidden": 8}
 
 
 def free_port() -> int:
     """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return free_ports(1)[0]
 
 
 def _start(argv: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from finpipe.services.ports import free_ports
 from finpipe.ui_servers import mlflow_server_env
 
 QUIET = {
@@ -22,10 +22,9 @@ QUIET = {
 
 
 def free_port() -> int:
-    """Return a TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    """Return a TCP port on 127.0.0.1 that nothing listens on right now, outside the range
+    outgoing connections take ports from (`finpipe.services.ports`)."""
+    return free_ports(1)[0]
 
 
 def wait_until_up(url: str, process: subprocess.Popen, timeout: float = 90.0) -> None:

@@ -250,6 +250,37 @@ def _status_command(root: Path):
     return CliRunner().invoke(app, ["stack", "status", "--dir", str(root)], terminal_width=200)
 
 
+def test_server_ports_are_drawn_below_the_range_outgoing_connections_take(monkeypatch):
+    """A port from the kernel's ephemeral range can be taken by any client's connection between
+    the probe and the server's bind (it happened to `finpipe ui`'s MLflow server in CI)."""
+    from finpipe.services import ports
+
+    start = ports.ephemeral_start()
+    drawn = ports.free_ports(12)
+    assert len(set(drawn)) == 12
+    assert all(ports.LISTEN_FROM <= port < start for port in drawn), (drawn, start)
+    assert all(ports.port_is_free(port) for port in drawn)
+    with socket.socket() as taken:  # a port in use is never handed out
+        taken.bind(("127.0.0.1", drawn[0]))
+        taken.listen()
+        assert not ports.port_is_free(drawn[0])
+        monkeypatch.setattr(ports, "_DRAW", _Always(drawn[0], drawn[1]))
+        assert ports.free_ports(1) == [drawn[1]]
+    # No room below the range (a system that starts it low): any free port the kernel gives.
+    monkeypatch.setattr(ports, "ephemeral_start", lambda: ports.LISTEN_FROM + 10)
+    assert ports.port_is_free(ports.free_ports(1)[0])
+
+
+class _Always:
+    """Stands in for the port draw: the given ports, in order."""
+
+    def __init__(self, *order: int) -> None:
+        self.order = list(order)
+
+    def sample(self, population, k):
+        return self.order
+
+
 def test_status_of_a_stopped_stack_lists_every_process_stopped_and_exits_1(tmp_path):
     from finpipe.services.ports import free_ports
     from finpipe.services.s3 import INTERNAL_PORTS
