@@ -63,6 +63,10 @@ class RawContract:
         """Return the columns that name the rows a correction restates."""
         return list(self.correction_keys or self.key_columns)
 
+    def sort_columns(self) -> list[str]:
+        """Return the columns a partition's rows are sorted by: the date, then the other keys."""
+        return [self.date_column, *[k for k in self.key_columns if k != self.date_column]]
+
 
 @dataclass
 class IngestOutcome:
@@ -317,16 +321,17 @@ def _keep_superseded_rows(
     restates: `RawContract.restated_by`) in state/<domain>/superseded/<batch>.parquet,
     create-only: a re-run after a crash keeps, and goes on from, the first, complete copy.
     Note them in `record`; return them and the message's clause."""
-    replaced = _rows_of_other_batches(
-        storage, contract, frame, {batch_id}, keys=contract.restated_by()
-    )
     key = storage.state_key(contract.domain, SUPERSEDED, f"{batch_id}.parquet")
     if storage.exists(key):  # a re-run: some partitions may already hold the correction
         replaced = pd.read_parquet(io.BytesIO(storage.read_bytes(key)))
-    elif not replaced.empty:
-        buffer = io.BytesIO()
-        replaced.to_parquet(buffer, index=False)
-        storage.create_bytes(key, buffer.getvalue())
+    else:
+        replaced = _rows_of_other_batches(
+            storage, contract, frame, {batch_id}, keys=contract.restated_by()
+        )
+        if not replaced.empty:
+            buffer = io.BytesIO()
+            replaced.to_parquet(buffer, index=False)
+            storage.create_bytes(key, buffer.getvalue())
     if replaced.empty:
         record.update(corrected_rows=0)
         return replaced, " (a correction that replaces no published row)"
@@ -654,7 +659,7 @@ def _publish(
         frame = frame.assign(**{BATCH_COLUMN: batch_id})
     batches = set(frame[BATCH_COLUMN])
     date_col = contract.date_column
-    sort_cols = [date_col, *[k for k in contract.key_columns if k != date_col]]
+    sort_cols = contract.sort_columns()
     days = []
     existing_days = set(storage.partition_dates("validated", contract.domain))
     for stamp, rows in frame.groupby(date_col, sort=True):

@@ -40,8 +40,7 @@ def validated_as_known(
         for key in sorted(storage.list_files(storage.state_key(domain, SUPERSEDED)))
         if key.rsplit("/", 1)[-1].removesuffix(".parquet") not in known
     ]  # the rows replaced by corrections not validated at `known_at`
-    date = contract.date_column
-    keys = [date, *[key for key in contract.key_columns if key != date]]
+    keys = contract.sort_columns()
     if undone:
         restored = pd.concat(undone, ignore_index=True)
         # A correction cut short replaced some partitions only: the rest still hold its rows.
