@@ -86,16 +86,24 @@ def fresh_venv(wheel, tmp_path_factory) -> Path:
     (Path(site.stdout.strip()) / "borrowed_dependencies.pth").write_text(
         sysconfig.get_path("purelib") + "\n"
     )
+    # Without PYTHONPATH: a checkout on it (its finpipe.egg-info) reads to pip as finpipe
+    # already installed, and the wheel would not be.
     _run(
         [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index",
-         wheel]
+         wheel],
+        env=_without_pythonpath(),
     )  # fmt: skip
     return venv
 
 
+def _without_pythonpath() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+
+
 def _fresh_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("FINPIPE_", "PREFECT_"))}
-    env.pop("PYTHONPATH", None)
+    env = {
+        k: v for k, v in _without_pythonpath().items() if not k.startswith(("FINPIPE_", "PREFECT_"))
+    }
     return {**env, "FINPIPE_HOME": str(home)}
 
 
