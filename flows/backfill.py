@@ -78,8 +78,8 @@ def backfill(
         inputs: Delivered files (paths or globs) to validate and load before the dates run.
         corrections: Files restating rows already loaded (paths or globs): their rows replace
             the published rows they restate (same key; a loan's every version, a customer's
-            transactions at a time stamp); the dates they change, and the later ones whose
-            features change with them, are redone.
+            transactions at a time stamp), and a row flagged retracted=true removes them; the
+            dates they change, and the later ones whose features change with them, are redone.
         training: Hyper-parameter overrides for the retrain, e.g. {"max_epochs": 10}.
         lock_timeout_seconds: How long a date waits while another run holds it (seconds).
     """

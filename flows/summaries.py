@@ -34,6 +34,7 @@ def summary_markdown(summary: dict) -> str:
         lines += [
             f"- {item['source'].rsplit('/', 1)[-1]}: {item['corrected_rows']:,} published rows "
             f"replaced by {item['rows']:,} delivered"
+            + (f", {item['retracted_rows']:,} retracted" if item.get("retracted_rows") else "")
             for item in corrections
         ]
     caught_up = summary.get("catch_up") or []

@@ -402,6 +402,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     # GX ingest of small histories into a temporary store.
     "test_corrections.py": ModuleTiers(FLOW),  # vendor corrections through ingest
     "test_vintages.py": ModuleTiers(FLOW),  # the validated layer as known at a time
+    "test_retractions.py": ModuleTiers(FLOW),  # a correction's retracted rows
     "test_corrections_credit_customers.py": ModuleTiers(
         FLOW,  # loans' and transactions' corrections through ingest; the rest are pure
         by_name={

@@ -210,7 +210,8 @@ def ingest(
             help="The files are a vendor's corrections: their rows replace the published rows "
             "they restate (same key; credit: every version of the loan, keeping its delivery "
             "days; customers: the customer's transactions at that time stamp), kept in "
-            "state/<domain>/superseded/, instead of being rejected as repeats. The next run "
+            "state/<domain>/superseded/, instead of being rejected as repeats; a row with "
+            "the column retracted=true removes the published rows it names instead. The next run "
             "rebuilds features from the earliest corrected date; a backfill over the corrected "
             "dates re-scores them.",
         ),
@@ -274,10 +275,7 @@ def validated(
     buffer = io.BytesIO()
     rows.to_parquet(buffer, index=False)
     write_bytes_atomic(out, buffer.getvalue())
-    typer.echo(
-        f"{len(rows):,} rows of {domain} as known at {when.isoformat(timespec='seconds')} "
-        f"written to {out}"
-    )
+    typer.echo(f"{len(rows):,} rows of {domain} as known at {when.isoformat()} written to {out}")
 
 
 @app.command("batches")
@@ -303,8 +301,8 @@ def batches(
     def count(value: object) -> str:
         return "-" if pd.isna(value) else f"{value:,}"
 
-    shown = table.assign(
-        when=table["when"].map(lambda t: t.isoformat(timespec="seconds")),
+    shown = table.assign(  # times to the microsecond: what --known-at takes
+        when=table["when"].map(lambda t: t.isoformat()),
         rows=table["rows"].map(count),
         replaced=table["replaced"].map(count),
         dates=table["first_date"].fillna("-") + " .. " + table["last_date"].fillna("-"),

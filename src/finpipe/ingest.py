@@ -23,7 +23,12 @@ import pyarrow as pa
 
 from finpipe.errors import InputFileError, ValidationFailed
 from finpipe.storage import Storage, as_day, file_sha256
-from finpipe.validation import describe_rule_break, load_suite_spec, validate_frame
+from finpipe.validation import (
+    ValidationReport,
+    describe_rule_break,
+    load_suite_spec,
+    validate_frame,
+)
 
 BATCH_COLUMN = "batch_id"
 
@@ -87,8 +92,10 @@ class IngestOutcome:
     rules_failed: list[str] = field(default_factory=list)
     # Warning rules the accepted batch broke, one sentence each (also in its batch record).
     warnings: list[str] = field(default_factory=list)
-    # A correction: how many published rows it replaced (None: an ordinary delivery).
+    # A correction: how many published rows it replaced (None: an ordinary delivery), and how
+    # many of those its retracted rows removed (`RETRACTED_COLUMN`).
     corrected_rows: int | None = None
+    retracted_rows: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -163,8 +170,11 @@ def ingest_file(
     unless `correction`: then the file is a vendor's correction, and its rows replace the
     published rows they restate (same values in `RawContract.restated_by()`: the key columns
     unless the domain names others; `RawContract.restate` may build what is published from
-    both); rows that restate nothing are added. The rows it replaces are kept, once, in
-    `state/<domain>/superseded/<batch>.parquet` before any partition changes.
+    both); rows that restate nothing are added. A correction's row flagged true in the column
+    `retracted` (`RETRACTED_COLUMN`) removes the published rows it restates and publishes
+    nothing: only its `restated_by()` columns are read, and each must name a published row. The
+    rows it replaces are kept, once, in `state/<domain>/superseded/<batch>.parquet` before any
+    partition changes.
     """
     path = Path(path)
     if not path.exists():
@@ -228,7 +238,8 @@ def _check_and_publish(
     try:
         dated = {"as_of": as_day(as_of)} if contract.normalise_takes_as_of else {}
         raw = read_delivery(readable, contract.read_options)
-        frame = contract.normalise(raw, source=path.name, **dated)
+        flags = retraction_flags(raw, path.name)
+        normalised = contract.normalise(raw, source=path.name, **dated)
     except InputFileError as error:
         unreadable = {
             "suite": contract.suite,
@@ -238,18 +249,13 @@ def _check_and_publish(
             "rules": [{"rule": "readable_file", "success": False, "message": str(error)}],
         }
         _quarantine(storage, contract, record, landed, unreadable, None, str(error))
-    if contract.add_check_columns is not None:
-        checked = contract.add_check_columns(frame, storage)
-    else:
-        checked = frame
-    report = validate_frame(
-        checked,
-        suite_name=contract.suite,
-        suite_spec=contract.suite_spec(storage) if contract.suite_spec is not None else None,
-        batch_name=f"{batch_id}:{path.name}",
-        parameters={"as_of": pd.Timestamp(as_day(as_of))},
-        data_docs_dir=docs_dir,
-    )
+    if flags is not None and flags.any() and not correction:
+        refused = _flagged_rule(flags, path.name)
+        refusal = {"suite": contract.suite, "batch": batch_id, "source": str(path)}
+        refusal.update(success=False, rules=[refused])
+        _quarantine(storage, contract, record, landed, refusal, None, refused["message"])
+    frame, retracted = _split_retracted(normalised, flags, contract.restated_by())
+    report = _validate(storage, contract, frame, as_of, f"{batch_id}:{path.name}", docs_dir)
     report_dict = report.to_dict()
     report_dict["source"] = str(path)
     repeated = None if correction else _keys_from_other_batches(storage, contract, frame, batch_id)
@@ -276,11 +282,25 @@ def _check_and_publish(
 
     corrected, rows = "", frame
     if correction:
-        replaced, corrected = _keep_superseded_rows(storage, contract, frame, batch_id, record)
+        key = storage.state_key(domain, SUPERSEDED, f"{batch_id}.parquet")
+        kept = storage.exists(key)  # a re-run: some partitions may already hold the correction
+        replaced = _replaced_rows(storage, contract, key, frame, retracted, batch_id)
+        problem = (
+            None if kept else _retraction_problem(storage, contract, frame, replaced, retracted)
+        )
+        if problem is not None:
+            report_dict.update(success=False)
+            report_dict.setdefault("rules", []).append(problem)
+            docs = docs_dir if docs_dir.exists() else None
+            _quarantine(storage, contract, record, landed, report_dict, docs, problem["message"])
+        restating = _without(replaced, retracted, contract.restated_by())
+        corrected = _keep_superseded_rows(storage, key, replaced, record, kept, len(restating))
         if contract.restate is not None:
-            rows = contract.restate(replaced.drop(columns=[BATCH_COLUMN]), frame)
+            rows = contract.restate(restating.drop(columns=[BATCH_COLUMN]), frame)
     replace_keys = contract.restated_by() if correction else None
-    published = _publish(storage, contract, rows, batch_id, replace_keys=replace_keys)
+    published = _publish(
+        storage, contract, rows, batch_id, replace_keys=replace_keys, retract=retracted
+    )
     dates = sorted(published)
     warnings = [describe_rule_break(rule) for rule in report.warnings()]
     record.update(
@@ -308,41 +328,218 @@ def _check_and_publish(
         + (f" with {len(warnings)} warning(s): {' '.join(warnings)}" if warnings else ""),
         warnings=warnings,
         corrected_rows=record.get("corrected_rows") if correction else None,
+        retracted_rows=record.get("retracted_rows") if correction else None,
+    )
+
+
+def _validate(storage, contract, frame, as_of, batch_name: str, docs_dir: Path):
+    """Return the suite's report on `frame`; a correction that only retracts rows has none to
+    validate (its retracted rows are checked against the published ones instead)."""
+    if frame.empty and frame.attrs.get(RETRACTED_COLUMN):
+        return ValidationReport(contract.suite, batch_name, True, 0, [], [])
+    if contract.add_check_columns is not None:
+        checked = contract.add_check_columns(frame, storage)
+    else:
+        checked = frame
+    return validate_frame(
+        checked,
+        suite_name=contract.suite,
+        suite_spec=contract.suite_spec(storage) if contract.suite_spec is not None else None,
+        batch_name=batch_name,
+        parameters={"as_of": pd.Timestamp(as_day(as_of))},
+        data_docs_dir=docs_dir,
     )
 
 
 SUPERSEDED = "superseded"
 
 
+def _replaced_rows(storage, contract, key: str, frame, retracted, batch_id: str) -> pd.DataFrame:
+    """Return the published rows correction `frame` and its `retracted` rows replace (other
+    batches' rows they restate: `RawContract.restated_by`): the first copy kept at `key` when
+    there is one (a re-run after a crash), else read from the partitions."""
+    if storage.exists(key):
+        return pd.read_parquet(io.BytesIO(storage.read_bytes(key)))
+    keys = contract.restated_by()
+    named = frame if retracted is None else pd.concat([frame[keys], retracted], ignore_index=True)
+    return _rows_of_other_batches(storage, contract, named, {batch_id}, keys=keys)
+
+
 def _keep_superseded_rows(
-    storage, contract, frame, batch_id: str, record: dict
-) -> tuple[pd.DataFrame, str]:
-    """Keep the published rows that correction `frame` replaces (other batches' rows it
-    restates: `RawContract.restated_by`) in state/<domain>/superseded/<batch>.parquet,
-    create-only: a re-run after a crash keeps, and goes on from, the first, complete copy.
-    Note them in `record`; return them and the message's clause."""
-    key = storage.state_key(contract.domain, SUPERSEDED, f"{batch_id}.parquet")
-    if storage.exists(key):  # a re-run: some partitions may already hold the correction
-        replaced = pd.read_parquet(io.BytesIO(storage.read_bytes(key)))
-    else:
-        replaced = _rows_of_other_batches(
-            storage, contract, frame, {batch_id}, keys=contract.restated_by()
-        )
-        if not replaced.empty:
-            buffer = io.BytesIO()
-            replaced.to_parquet(buffer, index=False)
-            storage.create_bytes(key, buffer.getvalue())
+    storage, key: str, replaced: pd.DataFrame, record: dict, kept: bool, restated: int
+) -> str:
+    """Keep the rows a correction replaces in state/<domain>/superseded/<batch>.parquet (`key`),
+    create-only: a re-run after a crash (`kept`) goes on from the first, complete copy. Note
+    them in `record` (`restated` of them restated, the others retracted); return the message's
+    clause."""
     if replaced.empty:
-        record.update(corrected_rows=0)
-        return replaced, " (a correction that replaces no published row)"
+        record.update(corrected_rows=0, retracted_rows=0)
+        return " (a correction that replaces no published row)"
+    if not kept:
+        buffer = io.BytesIO()
+        replaced.to_parquet(buffer, index=False)
+        storage.create_bytes(key, buffer.getvalue())
     batches = sorted(set(replaced[BATCH_COLUMN]))
+    retracted = len(replaced) - restated
     record.update(
-        corrected_rows=len(replaced), corrected_batches=batches, superseded=storage.location(key)
+        corrected_rows=len(replaced),
+        retracted_rows=retracted,
+        corrected_batches=batches,
+        superseded=storage.location(key),
     )
-    return replaced, (
-        f" (a correction: {len(replaced):,} published rows of {', '.join(batches)} replaced, "
-        f"kept in {storage.location(key)})"
+    removed = f", {retracted:,} of them retracted" if retracted else ""
+    return (
+        f" (a correction: {len(replaced):,} published rows of {', '.join(batches)} replaced"
+        f"{removed}, kept in {storage.location(key)})"
     )
+
+
+# --- retractions: a correction's rows that remove the published rows they name ---------------
+
+# A correction's column that flags a row as retracted (true/false, 1/0, yes/no; empty: false).
+RETRACTED_COLUMN = "retracted"
+_TRUE = {"true", "1", "yes", "y", "t"}
+_FALSE = {"false", "0", "no", "n", "f", ""}
+
+
+def retraction_flags(raw: pd.DataFrame, source: str) -> pd.Series | None:
+    """Return the delivered file's `retracted` flags by row (None when it has no such column;
+    the name is matched ignoring case and spaces). Raises InputFileError for a value that is
+    not a yes or a no."""
+    named = [c for c in raw.columns if str(c).strip().lower() == RETRACTED_COLUMN]
+    if not named:
+        return None
+    if len(named) > 1:
+        raise InputFileError(f"{source}: the column {RETRACTED_COLUMN!r} appears twice")
+    text = raw[named[0]].astype("string").str.strip().str.lower().fillna("")
+    unknown = ~text.isin(_TRUE | _FALSE)
+    if unknown.any():
+        row = int(np.flatnonzero(unknown.to_numpy())[0])
+        raise InputFileError(
+            f"{source}: column {RETRACTED_COLUMN!r} has {int(unknown.sum())} value(s) that are "
+            f"neither true nor false, e.g. row {row}: {raw[named[0]].iloc[row]!r}; use true/false"
+            " (or 1/0, yes/no; empty is false)"
+        )
+    return pd.Series(text.isin(_TRUE).to_numpy(), index=raw.index)
+
+
+def _flagged_rule(flags: pd.Series, source: str) -> dict:
+    """Return the failed rule of an ordinary delivery with rows flagged retracted."""
+    rows = [int(i) for i in np.flatnonzero(flags.to_numpy())]
+    return {
+        "rule": "retraction_outside_correction",
+        "success": False,
+        "columns": [RETRACTED_COLUMN],
+        "unexpected_count": len(rows),
+        "sample_rows": rows[:10],
+        "sample_values": [{RETRACTED_COLUMN: "true"}] * min(len(rows), 10),
+        "message": (
+            f"{source} flags {len(rows):,} row(s) retracted: only a correction retracts "
+            "published rows, so load it as one (finpipe ingest --correction, or the flows' "
+            "corrections)"
+        ),
+    }
+
+
+def _split_retracted(
+    frame: pd.DataFrame, flags: pd.Series | None, keys: list[str]
+) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """Return the normalised rows to validate and publish, and the `keys` of the retracted
+    ones (None when none is); row numbers in reports then count the rows kept."""
+    if flags is None or not flags.any():
+        return frame, None
+    retracting = flags.to_numpy()
+    kept = frame.loc[~retracting].reset_index(drop=True)
+    problems = frame.attrs.get("parse_errors") or {}
+    errors = {c: v[~retracting].reset_index(drop=True) for c, v in problems.items()}
+    kept.attrs["parse_errors"] = {c: v for c, v in errors.items() if v.notna().any()}
+    kept.attrs[RETRACTED_COLUMN] = int(retracting.sum())
+    return kept, frame.loc[retracting, keys].reset_index(drop=True)
+
+
+def _matches(rows: pd.DataFrame, named: pd.DataFrame, keys: list[str]) -> np.ndarray:
+    """Return which of `rows` have the `keys` of a row of `named`."""
+    found = rows[keys].merge(named[keys].drop_duplicates(), how="left", indicator=True)
+    return (found["_merge"] == "both").to_numpy()
+
+
+def _without(replaced: pd.DataFrame, retracted: pd.DataFrame | None, keys: list[str]):
+    """Return the replaced rows a correction restates: those its retracted rows do not name."""
+    if retracted is None or replaced.empty:
+        return replaced
+    return replaced[~_matches(replaced, retracted, keys)]
+
+
+def _retraction_problem(storage, contract, frame, replaced, retracted) -> dict | None:
+    """Return a failed-rule entry when a retracted row of correction `frame` names no published
+    row, is also restated by the correction, or would leave a date with no rows (a date is not
+    removed: its features would stay); else None."""
+    if retracted is None:
+        return None
+    keys = contract.restated_by()
+    both = _matches(retracted, frame, keys) if not frame.empty else np.zeros(len(retracted), bool)
+    if both.any():
+        sample = retracted[both].head(10)
+        return {
+            "rule": "retracted_and_restated",
+            "success": False,
+            "columns": keys,
+            "unexpected_count": int(both.sum()),
+            "sample_rows": [int(i) for i in sample.index],
+            "sample_values": [
+                {k: str(v) for k, v in row.items()} for row in sample.to_dict("records")
+            ],
+            "message": (
+                f"{int(both.sum()):,} row(s) are both retracted and restated by the same "
+                f"correction, e.g. {sample.iloc[0].to_dict()}; send either; nothing was retracted"
+            ),
+        }
+    named = (
+        _matches(retracted, replaced, keys)
+        if not replaced.empty
+        else np.zeros(len(retracted), bool)
+    )
+    if not named.all():
+        missing = retracted[~named]
+        sample = missing.head(10)
+        return {
+            "rule": "retraction_names_no_published_row",
+            "success": False,
+            "columns": keys,
+            "unexpected_count": int(len(missing)),
+            "sample_rows": [int(i) for i in sample.index],
+            "sample_values": [
+                {k: str(v) for k, v in row.items()} for row in sample.to_dict("records")
+            ],
+            "message": (
+                f"{len(missing):,} retracted row(s) name no published row by {keys}, e.g. "
+                f"{sample.iloc[0].to_dict()}; nothing was retracted"
+            ),
+        }
+    date_col = contract.date_column
+    removed = replaced[_matches(replaced, retracted, keys)][date_col].value_counts()
+    publishing = set(frame[date_col])
+    emptied = sorted(
+        pd.Timestamp(day).date()
+        for day, count in removed.items()
+        if day not in publishing
+        and storage.partition_rows("validated", contract.domain, pd.Timestamp(day).date()) == count
+    )
+    if not emptied:
+        return None
+    return {
+        "rule": "retraction_empties_a_date",
+        "success": False,
+        "columns": [date_col],
+        "unexpected_count": len(emptied),
+        "sample_rows": [],
+        "sample_values": [{date_col: day.isoformat()} for day in emptied[:10]],
+        "message": (
+            f"retracting every published row of {', '.join(d.isoformat() for d in emptied[:5])} "
+            "would leave a date with no rows, and a date is not removed from the layers; "
+            "rebuild the domain without it instead (README, Corrections); nothing was retracted"
+        ),
+    }
 
 
 # --- many files: one GX run per group of clean deliveries ------------------------------------
@@ -427,7 +624,8 @@ def ingest_files(
 def _read_for_group(storage, contract, spec, path, as_of, max_file_bytes) -> _Delivery | None:
     """Return the file read for a group, or None when it takes the single-file path: its suite
     cannot be run on a group, it is missing, too big, already loaded, unreadable, has values
-    that do not parse, or a row count its suite's minimum rejects."""
+    that do not parse, flags rows retracted (refused there), or a row count its suite's minimum
+    rejects."""
     if spec is None or not path.exists() or path.stat().st_size > max_file_bytes:
         return None
     sha = file_sha256(path)
@@ -437,8 +635,11 @@ def _read_for_group(storage, contract, spec, path, as_of, max_file_bytes) -> _De
     try:
         dated = {"as_of": as_day(as_of)} if contract.normalise_takes_as_of else {}
         raw = read_delivery(path, contract.read_options)
+        flags = retraction_flags(raw, path.name)
         frame = contract.normalise(raw, source=path.name, **dated)
     except InputFileError:
+        return None
+    if flags is not None and flags.any():  # refused on the single-file path, with its report
         return None
     if frame.attrs.get("parse_errors") or not _groupable(spec["expectations"], len(frame)):
         return None
@@ -647,31 +848,38 @@ def _keys_from_other_batches(storage, contract, frame, batch_id: str | set[str])
 
 
 def _publish(
-    storage, contract, frame, batch_id: str | None, replace_keys: list[str] | None = None
+    storage,
+    contract,
+    frame,
+    batch_id: str | None,
+    replace_keys: list[str] | None = None,
+    retract: pd.DataFrame | None = None,
 ) -> list[dt.date]:
     """Merge the batch into its date partitions (replacing this batch's earlier rows, and with
-    `replace_keys` any other batch's rows with the same values in those columns: a correction).
+    `replace_keys` any other batch's rows with the same values in those columns: a correction,
+    whose `retract` rows remove the rows with their values in those columns).
 
     `batch_id` None: `frame` already carries each row's batch (a group of files published at
     once), and the earlier rows of every one of those batches are replaced.
     """
     if batch_id is not None:
         frame = frame.assign(**{BATCH_COLUMN: batch_id})
-    batches = set(frame[BATCH_COLUMN])
+    batches = {batch_id} if batch_id is not None else set(frame[BATCH_COLUMN])
     date_col = contract.date_column
     sort_cols = contract.sort_columns()
     days = []
     existing_days = set(storage.partition_dates("validated", contract.domain))
-    for stamp, rows in frame.groupby(date_col, sort=True):
+    by_day = dict(iter(frame.groupby(date_col, sort=True)))
+    removed = dict(iter(retract.groupby(date_col))) if retract is not None else {}
+    for stamp in sorted(set(by_day) | set(removed)):
+        rows = by_day.get(stamp, frame.iloc[:0])
         day = pd.Timestamp(stamp).date()
         if day in existing_days:
             current = storage.read_partition("validated", contract.domain, day)
             current = current[~current[BATCH_COLUMN].isin(batches)]
-            if replace_keys:
-                found = current[replace_keys].merge(
-                    rows[replace_keys].drop_duplicates(), how="left", indicator=True
-                )
-                current = current[(found["_merge"] == "left_only").to_numpy()]
+            for named in (rows, removed.get(stamp)):
+                if replace_keys and named is not None and not named.empty:
+                    current = current[~_matches(current, named, replace_keys)]
             rows = pd.concat([current, rows], ignore_index=True)
         rows = rows.sort_values(sort_cols, kind="stable")
         storage.write_partition("validated", contract.domain, day, rows)
@@ -680,4 +888,4 @@ def _publish(
 
 
 def _now() -> str:
-    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")

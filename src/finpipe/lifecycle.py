@@ -270,7 +270,7 @@ def train_challenger(
     started = time.perf_counter()
     as_of = as_day(as_of)
     say = progress or log.info
-    known_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    known_at = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
     night = parts.prepare_training(
         storage, as_of, config, lambda: tracking.current_champion(settings, parts.name)
     )

@@ -1,0 +1,295 @@
+"""A vendor's retraction of rows it delivered: a correction's rows flagged `retracted` remove
+the published rows they name (a bar that never traded, a loan entered twice, a cancelled
+purchase), are kept with what they replaced, are undone for a reader of an earlier vintage,
+and leave features equal to a rebuild from scratch. What a retraction cannot do is refused
+before anything changes, with the rule in the quarantine's report."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from finpipe.domains import get_domain
+from finpipe.errors import ValidationFailed
+from finpipe.ingest import BATCH_COLUMN, ingest_file, ingest_files
+from finpipe.market.features import update_market_features
+from finpipe.market.synthetic import (
+    MarketSyntheticConfig,
+    generate_market_panel,
+    write_vendor_files,
+)
+from finpipe.storage import Storage
+from finpipe.vintages import validated_as_known
+
+AS_OF = "2030-01-01"
+KEYS = ["date", "ticker"]
+
+
+@pytest.fixture
+def delivered(tmp_path):
+    """A store with a history file and three daily files published; the vendor frame."""
+    panel = generate_market_panel(
+        MarketSyntheticConfig(
+            tickers=4, days=305, seed=3, listing_fraction=0.0, delisting_fraction=0.0
+        )
+    )
+    files = write_vendor_files(panel.prices, tmp_path / "drop", daily_files=3)
+    storage = Storage(tmp_path / "home")
+    for path in files:
+        ingest_file(storage, get_domain("market").contract, path, as_of=AS_OF)
+    vendor = pd.concat([pd.read_csv(path) for path in files], ignore_index=True)
+    return storage, files, vendor
+
+
+def _ingest(storage, path, **options):
+    return ingest_file(storage, get_domain("market").contract, path, as_of=AS_OF, **options)
+
+
+def _retraction(vendor, named: list[tuple[str, str]], path, restated: pd.DataFrame | None = None):
+    """Write a correction that retracts the vendor's rows `named` ((day, ticker) pairs: only
+    their keys filled in) and restates `restated`; return its path."""
+    rows = pd.DataFrame([{"Date": day, "Ticker": ticker} for day, ticker in named])
+    rows = rows.reindex(columns=list(vendor.columns)).assign(Retracted="true")
+    if restated is not None:
+        rows = pd.concat([restated.assign(Retracted="false"), rows], ignore_index=True)
+    rows.to_csv(path, index=False)
+    return path
+
+
+def _day_tickers(vendor, back: int) -> tuple[str, list[str]]:
+    day = sorted(vendor["Date"].unique())[-back]
+    return day, sorted(vendor.loc[vendor["Date"] == day, "Ticker"])
+
+
+def _report(error: ValidationFailed) -> dict:
+    return json.loads((Path(error.quarantine_path) / "report.json").read_text())
+
+
+def test_a_retracted_row_removes_the_published_row_and_is_kept_with_its_batch(delivered, tmp_path):
+    storage, _, vendor = delivered
+    day, tickers = _day_tickers(vendor, 10)
+    restated_day, _ = _day_tickers(vendor, 20)
+    restated = vendor[vendor["Date"] == restated_day].copy()
+    for column in ("Open", "High", "Low", "Close", "Adj Close"):
+        restated[column] = (restated[column] * 1.01).round(4)
+    path = _retraction(vendor, [(day, tickers[1])], tmp_path / "cancel.csv", restated)
+    before = storage.read_partitions("validated", "market")
+
+    outcome = _ingest(storage, path, correction=True)
+    assert outcome.status == "validated" and outcome.rows == 4  # the restated rows
+    assert (outcome.corrected_rows, outcome.retracted_rows) == (5, 1)
+    assert "5 published rows of b" in outcome.message and "1 of them retracted" in outcome.message
+    after = storage.read_partitions("validated", "market")
+    gone = (after["date"] == pd.Timestamp(day)) & (after["ticker"] == tickers[1])
+    assert not gone.any() and len(after) == len(before) - 1
+    # The other tickers of that day, and every day not named, are untouched.
+    untouched = ~before["date"].isin(pd.to_datetime([day, restated_day]))
+    pd.testing.assert_frame_equal(
+        after[~after["date"].isin(pd.to_datetime([day, restated_day]))].reset_index(drop=True),
+        before[untouched].reset_index(drop=True),
+    )
+    same_day = after[after["date"] == pd.Timestamp(day)]
+    assert sorted(same_day["ticker"]) == [t for t in tickers if t != tickers[1]]
+    # What it removed is kept with what it restated, and a reader of the earlier vintage gets
+    # the row back; the same file again changes nothing.
+    kept = pd.read_parquet(
+        storage.local_path(f"state/market/superseded/{outcome.batch_id}.parquet")
+    )
+    retracted = before[(before["date"] == pd.Timestamp(day)) & (before["ticker"] == tickers[1])]
+    assert len(kept) == 5 and len(kept.merge(retracted[KEYS])) == 1
+    record = storage.read_batch_record("market", outcome.sha256)
+    earlier = dt.datetime.fromisoformat(record["validated_at"]) - dt.timedelta(microseconds=1)
+    contract = get_domain("market").contract
+    pd.testing.assert_frame_equal(validated_as_known(storage, contract, earlier), before)
+    assert _ingest(storage, path, correction=True).status == "already_loaded"
+    pd.testing.assert_frame_equal(storage.read_partitions("validated", "market"), after)
+
+
+def test_a_file_of_retractions_only_publishes_nothing_and_features_follow(delivered, tmp_path):
+    storage, _, vendor = delivered
+    last = pd.Timestamp(sorted(vendor["Date"].unique())[-1]).date()
+    update_market_features(storage, last)
+    day, tickers = _day_tickers(vendor, 30)
+    later, later_tickers = _day_tickers(vendor, 25)
+    named = [(day, tickers[0]), (later, later_tickers[2])]
+    outcome = _ingest(storage, _retraction(vendor, named, tmp_path / "cancel.csv"), correction=True)
+    assert (outcome.rows, outcome.corrected_rows, outcome.retracted_rows) == (0, 2, 2)
+    assert (outcome.first_date, outcome.last_date) == (day, later)
+
+    update = update_market_features(storage, last)  # incremental: from the first retracted day
+    assert update.dates_written[0] == day
+    incremental = storage.read_partitions("features", "market")
+    assert not (
+        (incremental["date"] == pd.Timestamp(day)) & (incremental["ticker"] == tickers[0])
+    ).any()
+    update_market_features(storage, last, rebuild=True)
+    pd.testing.assert_frame_equal(incremental, storage.read_partitions("features", "market"))
+
+
+def test_a_retraction_cut_short_completes_on_a_rerun_with_the_first_copy(
+    delivered, tmp_path, monkeypatch, disk_full_after_one_partition
+):
+    storage, _, vendor = delivered
+    (first, a), (second, b) = _day_tickers(vendor, 12), _day_tickers(vendor, 11)
+    path = _retraction(vendor, [(first, a[0]), (second, b[3])], tmp_path / "cancel.csv")
+    before = storage.read_partitions("validated", "market")
+
+    disk_full_after_one_partition()
+    with pytest.raises(OSError, match="disk full"):
+        _ingest(storage, path, correction=True)
+    monkeypatch.undo()
+    outcome = _ingest(storage, path, correction=True)
+    assert (outcome.status, outcome.retracted_rows) == ("validated", 2)
+    after = storage.read_partitions("validated", "market")
+    named = pd.MultiIndex.from_arrays([pd.to_datetime([first, second]), [a[0], b[3]]])
+    expected = before[~pd.MultiIndex.from_frame(before[KEYS]).isin(named)]
+    pd.testing.assert_frame_equal(after, expected.reset_index(drop=True))
+    kept = pd.read_parquet(
+        storage.local_path(f"state/market/superseded/{outcome.batch_id}.parquet")
+    )
+    assert sorted(kept["ticker"]) == sorted([a[0], b[3]])
+
+
+def test_what_a_retraction_cannot_do_is_quarantined_with_its_rule_and_changes_nothing(
+    delivered, tmp_path
+):
+    storage, _, vendor = delivered
+    day, tickers = _day_tickers(vendor, 10)
+    before = storage.read_partitions("validated", "market")
+    cases = {
+        # A row never published (a ticker the vendor never delivered that day).
+        "retraction_names_no_published_row": _retraction(
+            vendor, [(day, "NOPE")], tmp_path / "unknown.csv"
+        ),
+        # Every row of a day: a date is not removed from the layers.
+        "retraction_empties_a_date": _retraction(
+            vendor, [(day, t) for t in tickers], tmp_path / "whole_day.csv"
+        ),
+        # The same row retracted and restated in one file.
+        "retracted_and_restated": _retraction(
+            vendor,
+            [(day, tickers[0])],
+            tmp_path / "both.csv",
+            vendor[(vendor["Date"] == day) & (vendor["Ticker"] == tickers[0])],
+        ),
+    }
+    for rule, path in cases.items():
+        with pytest.raises(ValidationFailed, match=rule) as caught:
+            _ingest(storage, path, correction=True)
+        failed = [r for r in _report(caught.value)["rules"] if not r["success"]]
+        assert [r["rule"] for r in failed] == [rule]
+        assert "nothing was retracted" in str(caught.value)
+    # A value that is not a yes or a no: unreadable, with the row and the value.
+    odd = tmp_path / "odd.csv"
+    _retraction(vendor, [(day, tickers[0])], odd)
+    pd.read_csv(odd).assign(Retracted="maybe").to_csv(odd, index=False)
+    with pytest.raises(ValidationFailed, match="row 0: 'maybe'"):
+        _ingest(storage, odd, correction=True)
+    pd.testing.assert_frame_equal(storage.read_partitions("validated", "market"), before)
+    assert not storage.exists("state/market/superseded")
+
+
+def test_an_ordinary_delivery_with_retracted_rows_is_quarantined_alone_or_in_a_group(tmp_path):
+    """Without --correction the flag would be an ignored extra column and the row published."""
+    panel = generate_market_panel(MarketSyntheticConfig(tickers=2, days=305, seed=9))
+    (clean,) = write_vendor_files(panel.prices, tmp_path / "drop", daily_files=0)
+    flagged = tmp_path / "flagged.csv"
+    rows = pd.read_csv(clean).assign(Retracted="false")
+    rows.loc[2, "Retracted"] = "TRUE"
+    rows.to_csv(flagged, index=False)
+    storage, contract = Storage(tmp_path / "home"), get_domain("market").contract
+    with pytest.raises(ValidationFailed, match="retraction_outside_correction") as caught:
+        list(ingest_files(storage, contract, [flagged], as_of=AS_OF))
+    (rule,) = _report(caught.value)["rules"]
+    assert (rule["unexpected_count"], rule["sample_rows"]) == (1, [2])
+    assert "--correction" in str(caught.value)
+    assert storage.partition_dates("validated", "market") == []
+    # All flags false: an ordinary delivery, in a group of files as any.
+    rows.assign(Retracted="false").to_csv(flagged, index=False)
+    (outcome,) = ingest_files(storage, contract, [flagged], as_of=AS_OF)
+    assert outcome.status == "validated" and outcome.rows == len(rows)
+    assert set(storage.read_partitions("validated", "market")[BATCH_COLUMN]) == {outcome.batch_id}
+
+
+# -- loans and transactions: what a retracted row names is the domain's -----------------------
+def test_a_retracted_loan_loses_every_version_and_features_follow(tmp_path):
+    from finpipe.credit.contract import credit_contract
+    from finpipe.credit.features import loans_as_known, update_credit_features
+    from tests.test_corrections_credit_customers import BOOK, D1, D2, LATER, NIGHT, _loans
+
+    storage, contract = Storage(tmp_path / "home"), credit_contract(BOOK)
+    night = _loans(
+        tmp_path,
+        "night.csv",
+        ("L1", D1, "", 1000.0),
+        ("L2", D1, "", 2000.0),
+        ("L3", D2, "good", 3000.0),
+    )
+    later = _loans(tmp_path, "later.csv", ("L1", D1, "good", 1000.0))  # a second version of L1
+    ingest_file(storage, contract, night, as_of=NIGHT)
+    ingest_file(storage, contract, later, as_of=LATER)
+    before = storage.read_partitions("validated", "credit")
+    # The lender entered L1 twice (it is L2): both of its versions go; L3 is restated.
+    cancel = tmp_path / "cancel.csv"
+    rows = pd.read_csv(_loans(tmp_path, "fix.csv", ("L3", D2, "good", 3500.0)))
+    retracted = pd.DataFrame({"loan_id": ["L1"], "applied": [D1.isoformat()]})
+    pd.concat([rows, retracted], ignore_index=True).assign(retracted=["no", "yes"]).to_csv(
+        cancel, index=False
+    )
+    fixed = dt.date(2024, 3, 1)
+    outcome = ingest_file(storage, contract, cancel, as_of=fixed, correction=True)
+    assert (outcome.corrected_rows, outcome.retracted_rows) == (3, 2)
+    after = storage.read_partitions("validated", "credit")
+    assert "L1" not in set(after["loan_id"])
+    assert after.loc[after["loan_id"] == "L3", "income"].tolist() == [3500.0]
+    pd.testing.assert_frame_equal(
+        after[after["loan_id"] == "L2"].reset_index(drop=True),
+        before[before["loan_id"] == "L2"].reset_index(drop=True),
+    )
+    update_credit_features(storage, fixed, book=BOOK)
+    features = storage.read_partitions("features", "credit")
+    assert "L1" not in set(loans_as_known(features, "loan_id", fixed)["loan_id"])
+    update_credit_features(storage, fixed, book=BOOK, rebuild=True)
+    pd.testing.assert_frame_equal(features, storage.read_partitions("features", "credit"))
+
+
+def test_a_retracted_purchase_removes_the_customers_transactions_at_its_time_stamp(tmp_path):
+    from finpipe.customers.features import update_customer_features
+    from finpipe.customers.synthetic import (
+        CustomersSyntheticConfig,
+        generate_customer_transactions,
+    )
+    from finpipe.customers.synthetic import write_vendor_files as write_transactions
+
+    log = generate_customer_transactions(CustomersSyntheticConfig(customers=40, days=90, seed=2))
+    files = write_transactions(log.transactions, tmp_path / "drop", daily_files=2)
+    storage, contract = Storage(tmp_path / "home"), get_domain("customers").contract
+    for path in files:
+        ingest_file(storage, contract, path, as_of=AS_OF)
+    before = storage.read_partitions("validated", "customers")
+    history = pd.read_csv(files[0])
+    days = pd.to_datetime(history["Transaction Time"]).dt.normalize()
+    busiest = days.value_counts().index[0]  # a day that keeps rows when one stamp goes
+    last = history[(days == busiest).to_numpy()]
+    day = busiest.date()
+    update_customer_features(storage, day, active_days=365)
+    cancel = tmp_path / "cancel.csv"
+    last.head(1).assign(Amount=None, Retracted=1).to_csv(cancel, index=False)
+    outcome = ingest_file(storage, contract, cancel, as_of=AS_OF, correction=True)
+    assert outcome.rows == 0 and outcome.retracted_rows >= 1
+
+    after = storage.read_partitions("validated", "customers")
+    customer = last["Customer ID"].iloc[0]
+    at = pd.Timestamp(last["Transaction Time"].iloc[0])
+    named = (before["customer_id"] == customer) & (before["timestamp"] == at)
+    assert outcome.retracted_rows == int(named.sum())
+    pd.testing.assert_frame_equal(after, before[~named].reset_index(drop=True))
+    update = update_customer_features(storage, day, active_days=365)
+    assert update.dates_written == [day.isoformat()]
+    incremental = storage.read_partition("features", "customers", day)
+    update_customer_features(storage, day, active_days=365, rebuild=True)
+    pd.testing.assert_frame_equal(incremental, storage.read_partition("features", "customers", day))
