@@ -194,25 +194,30 @@ def test_what_a_retraction_cannot_do_is_quarantined_with_its_rule_and_changes_no
 
 
 def test_an_ordinary_delivery_with_retracted_rows_is_quarantined_alone_or_in_a_group(tmp_path):
-    """Without --correction the flag would be an ignored extra column and the row published."""
+    """Without --correction the flag would be an ignored extra column and the row published;
+    a clean file before it in the same run (a group of files for one GX run) is published."""
     panel = generate_market_panel(MarketSyntheticConfig(tickers=2, days=305, seed=9))
     (clean,) = write_vendor_files(panel.prices, tmp_path / "drop", daily_files=0)
-    flagged = tmp_path / "flagged.csv"
     rows = pd.read_csv(clean).assign(Retracted="false")
-    rows.loc[2, "Retracted"] = "TRUE"
-    rows.to_csv(flagged, index=False)
+    dates = sorted(rows["Date"].unique())
+    first, flagged = tmp_path / "first.csv", tmp_path / "flagged.csv"
+    rows[rows["Date"] < dates[200]].to_csv(first, index=False)
+    later = rows[rows["Date"] >= dates[200]].reset_index(drop=True)
+    later.loc[2, "Retracted"] = "TRUE"
+    later.to_csv(flagged, index=False)
     storage, contract = Storage(tmp_path / "home"), get_domain("market").contract
+    outcomes = []
     with pytest.raises(ValidationFailed, match="retraction_outside_correction") as caught:
-        list(ingest_files(storage, contract, [flagged], as_of=AS_OF))
+        outcomes.extend(ingest_files(storage, contract, [first, flagged], as_of=AS_OF))
     (rule,) = _report(caught.value)["rules"]
     assert (rule["unexpected_count"], rule["sample_rows"]) == (1, [2])
     assert "--correction" in str(caught.value)
-    assert storage.partition_dates("validated", "market") == []
-    # All flags false: an ordinary delivery, in a group of files as any.
-    rows.assign(Retracted="false").to_csv(flagged, index=False)
+    ((published, _),) = [(o.batch_id, o.status) for o in outcomes if o.status == "validated"]
+    assert set(storage.read_partitions("validated", "market")[BATCH_COLUMN]) == {published}
+    # All flags false: an ordinary delivery.
+    later.assign(Retracted="false").to_csv(flagged, index=False)
     (outcome,) = ingest_files(storage, contract, [flagged], as_of=AS_OF)
-    assert outcome.status == "validated" and outcome.rows == len(rows)
-    assert set(storage.read_partitions("validated", "market")[BATCH_COLUMN]) == {outcome.batch_id}
+    assert outcome.status == "validated" and outcome.rows == len(later)
 
 
 # -- loans and transactions: what a retracted row names is the domain's -----------------------
