@@ -110,6 +110,34 @@ def disk_full_after_one_partition(monkeypatch) -> Callable[[], list]:
 
 
 @pytest.fixture
+def delivered(tmp_path):
+    """A market store with a history file and three daily files published (as of 2030-01-01):
+    the store, the files and the vendor frame (tests of corrections and retractions)."""
+    import pandas as pd
+
+    from finpipe.domains import get_domain
+    from finpipe.ingest import ingest_file
+    from finpipe.market.synthetic import (
+        MarketSyntheticConfig,
+        generate_market_panel,
+        write_vendor_files,
+    )
+    from finpipe.storage import Storage
+
+    panel = generate_market_panel(
+        MarketSyntheticConfig(
+            tickers=4, days=305, seed=3, listing_fraction=0.0, delisting_fraction=0.0
+        )
+    )
+    files = write_vendor_files(panel.prices, tmp_path / "drop", daily_files=3)
+    storage = Storage(tmp_path / "home")
+    for path in files:
+        ingest_file(storage, get_domain("market").contract, path, as_of="2030-01-01")
+    vendor = pd.concat([pd.read_csv(path) for path in files], ignore_index=True)
+    return storage, files, vendor
+
+
+@pytest.fixture
 def home(tmp_path):
     """A fresh FINPIPE_HOME for one test; yields its Settings."""
     with finpipe_home(tmp_path / "home") as settings:

@@ -12,31 +12,9 @@ from finpipe.domains import get_domain
 from finpipe.errors import ValidationFailed
 from finpipe.ingest import BATCH_COLUMN, ingest_file
 from finpipe.market.features import update_market_features
-from finpipe.market.synthetic import (
-    MarketSyntheticConfig,
-    generate_market_panel,
-    write_vendor_files,
-)
-from finpipe.storage import Storage
 
 AS_OF = "2030-01-01"
 KEYS = ["date", "ticker"]
-
-
-@pytest.fixture
-def delivered(tmp_path):
-    """A store with a history file and three daily files published; the vendor frame."""
-    panel = generate_market_panel(
-        MarketSyntheticConfig(
-            tickers=4, days=305, seed=3, listing_fraction=0.0, delisting_fraction=0.0
-        )
-    )
-    files = write_vendor_files(panel.prices, tmp_path / "drop", daily_files=3)
-    storage = Storage(tmp_path / "home")
-    for path in files:
-        ingest_file(storage, get_domain("market").contract, path, as_of=AS_OF)
-    vendor = pd.concat([pd.read_csv(path) for path in files], ignore_index=True)
-    return storage, files, vendor
 
 
 def _ingest(storage, path, **options):

@@ -67,8 +67,12 @@ def _versions(storage: Storage, loan: str) -> pd.DataFrame:
 
 @pytest.fixture
 def loan_store(tmp_path):
+    return published_loans(tmp_path)
+
+
+def published_loans(tmp_path) -> tuple[Storage, object]:
     """L1 and L2 applied on D1, L3 on D2, delivered on NIGHT (L3 with its outcome); L1's
-    outcome delivered LATER (a second version of L1)."""
+    outcome delivered LATER (a second version of L1): the store and the contract."""
     storage = Storage(tmp_path / "home")
     contract = credit_contract(BOOK)
     night = _loans(

@@ -24,29 +24,10 @@ from finpipe.market.synthetic import (
 )
 from finpipe.storage import Storage
 from finpipe.vintages import validated_as_known
+from tests.test_corrections import _ingest
 
 AS_OF = "2030-01-01"
 KEYS = ["date", "ticker"]
-
-
-@pytest.fixture
-def delivered(tmp_path):
-    """A store with a history file and three daily files published; the vendor frame."""
-    panel = generate_market_panel(
-        MarketSyntheticConfig(
-            tickers=4, days=305, seed=3, listing_fraction=0.0, delisting_fraction=0.0
-        )
-    )
-    files = write_vendor_files(panel.prices, tmp_path / "drop", daily_files=3)
-    storage = Storage(tmp_path / "home")
-    for path in files:
-        ingest_file(storage, get_domain("market").contract, path, as_of=AS_OF)
-    vendor = pd.concat([pd.read_csv(path) for path in files], ignore_index=True)
-    return storage, files, vendor
-
-
-def _ingest(storage, path, **options):
-    return ingest_file(storage, get_domain("market").contract, path, as_of=AS_OF, **options)
 
 
 def _retraction(vendor, named: list[tuple[str, str]], path, restated: pd.DataFrame | None = None):
@@ -222,21 +203,10 @@ def test_an_ordinary_delivery_with_retracted_rows_is_quarantined_alone_or_in_a_g
 
 # -- loans and transactions: what a retracted row names is the domain's -----------------------
 def test_a_retracted_loan_loses_every_version_and_features_follow(tmp_path):
-    from finpipe.credit.contract import credit_contract
     from finpipe.credit.features import loans_as_known, update_credit_features
-    from tests.test_corrections_credit_customers import BOOK, D1, D2, LATER, NIGHT, _loans
+    from tests.test_corrections_credit_customers import BOOK, D1, D2, _loans, published_loans
 
-    storage, contract = Storage(tmp_path / "home"), credit_contract(BOOK)
-    night = _loans(
-        tmp_path,
-        "night.csv",
-        ("L1", D1, "", 1000.0),
-        ("L2", D1, "", 2000.0),
-        ("L3", D2, "good", 3000.0),
-    )
-    later = _loans(tmp_path, "later.csv", ("L1", D1, "good", 1000.0))  # a second version of L1
-    ingest_file(storage, contract, night, as_of=NIGHT)
-    ingest_file(storage, contract, later, as_of=LATER)
+    storage, contract = published_loans(tmp_path)
     before = storage.read_partitions("validated", "credit")
     # The lender entered L1 twice (it is L2): both of its versions go; L3 is restated.
     cancel = tmp_path / "cancel.csv"

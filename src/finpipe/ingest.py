@@ -444,8 +444,8 @@ def _flagged_rule(flags: pd.Series, source: str) -> dict:
 def _split_retracted(
     frame: pd.DataFrame, flags: pd.Series | None, keys: list[str]
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Return the normalised rows to validate and publish, and the `keys` of the retracted
-    ones (None when none is); row numbers in reports then count the rows kept."""
+    """Return the normalised rows to validate and publish (row numbers in their report count
+    these), and the `keys` of the retracted ones (None when none is)."""
     if flags is None or not flags.any():
         return frame, None
     retracting = flags.to_numpy()
@@ -454,7 +454,7 @@ def _split_retracted(
     errors = {c: v[~retracting].reset_index(drop=True) for c, v in problems.items()}
     kept.attrs["parse_errors"] = {c: v for c, v in errors.items() if v.notna().any()}
     kept.attrs[RETRACTED_COLUMN] = int(retracting.sum())
-    return kept, frame.loc[retracting, keys].reset_index(drop=True)
+    return kept, frame.loc[retracting, keys]  # indexed by the row in the file
 
 
 def _matches(rows: pd.DataFrame, named: pd.DataFrame, keys: list[str]) -> np.ndarray:
@@ -479,43 +479,18 @@ def _retraction_problem(storage, contract, frame, replaced, retracted) -> dict |
     keys = contract.restated_by()
     both = _matches(retracted, frame, keys) if not frame.empty else np.zeros(len(retracted), bool)
     if both.any():
-        sample = retracted[both].head(10)
-        return {
-            "rule": "retracted_and_restated",
-            "success": False,
-            "columns": keys,
-            "unexpected_count": int(both.sum()),
-            "sample_rows": [int(i) for i in sample.index],
-            "sample_values": [
-                {k: str(v) for k, v in row.items()} for row in sample.to_dict("records")
-            ],
-            "message": (
-                f"{int(both.sum()):,} row(s) are both retracted and restated by the same "
-                f"correction, e.g. {sample.iloc[0].to_dict()}; send either; nothing was retracted"
-            ),
-        }
-    named = (
-        _matches(retracted, replaced, keys)
-        if not replaced.empty
-        else np.zeros(len(retracted), bool)
-    )
-    if not named.all():
-        missing = retracted[~named]
-        sample = missing.head(10)
-        return {
-            "rule": "retraction_names_no_published_row",
-            "success": False,
-            "columns": keys,
-            "unexpected_count": int(len(missing)),
-            "sample_rows": [int(i) for i in sample.index],
-            "sample_values": [
-                {k: str(v) for k, v in row.items()} for row in sample.to_dict("records")
-            ],
-            "message": (
-                f"{len(missing):,} retracted row(s) name no published row by {keys}, e.g. "
-                f"{sample.iloc[0].to_dict()}; nothing was retracted"
-            ),
-        }
+        return _rows_rule(
+            "retracted_and_restated",
+            retracted[both],
+            "are both retracted and restated by the same correction (send either)",
+        )
+    found = _matches(retracted, replaced, keys) if not replaced.empty else both
+    if not found.all():
+        return _rows_rule(
+            "retraction_names_no_published_row",
+            retracted[~found],
+            f"are retracted but name no published row by {keys}",
+        )
     date_col = contract.date_column
     removed = replaced[_matches(replaced, retracted, keys)][date_col].value_counts()
     publishing = set(frame[date_col])
@@ -538,6 +513,25 @@ def _retraction_problem(storage, contract, frame, replaced, retracted) -> dict |
             f"retracting every published row of {', '.join(d.isoformat() for d in emptied[:5])} "
             "would leave a date with no rows, and a date is not removed from the layers; "
             "rebuild the domain without it instead (README, Corrections); nothing was retracted"
+        ),
+    }
+
+
+def _rows_rule(rule: str, rows: pd.DataFrame, what: str) -> dict:
+    """Return the failed rule `rule` of a correction's retracted `rows` (indexed by their row in
+    the file), which `what` describes."""
+    sample = rows.head(10)
+    first = {k: str(v) for k, v in sample.iloc[0].items()}
+    return {
+        "rule": rule,
+        "success": False,
+        "columns": list(rows.columns),
+        "unexpected_count": len(rows),
+        "sample_rows": [int(i) for i in sample.index],
+        "sample_values": [{k: str(v) for k, v in row.items()} for row in sample.to_dict("records")],
+        "message": (
+            f"{len(rows):,} row(s) {what}, e.g. row {sample.index[0]}: {first}; "
+            "nothing was retracted"
         ),
     }
 
