@@ -456,8 +456,13 @@ def test_a_nightly_loads_its_corrections_after_its_inputs_and_rebuilds_from_them
     storage = Storage(market.home)
     history = storage.partition_dates("validated", "market")
     update_market_features(storage, history[-1])
-    corrected = history[-5]
+    corrected, retracted_on = history[-5], history[-6]
     rows, path = _restated(base, corrected, tmp_path)
+    # The same correction retracts one bar of the day before (its key only, flagged).
+    ticker = storage.read_partition("validated", "market", retracted_on)["ticker"].iloc[0]
+    bar = pd.DataFrame({"Date": [retracted_on.isoformat()], "Ticker": [ticker]})
+    both = pd.concat([rows.assign(Retracted="false"), bar.assign(Retracted="true")])
+    both.to_csv(path, index=False)
     tonight = _day(base.files[1])
 
     summary = nightly(
@@ -466,13 +471,17 @@ def test_a_nightly_loads_its_corrections_after_its_inputs_and_rebuilds_from_them
     first, second = summary["ingested"]
     assert (first["source"], first["status"]) == (str(base.files[1]), "validated")
     assert second["source"] == str(path) and "a correction" in second["message"]
-    assert (first["corrected_rows"], second["corrected_rows"]) == (None, len(rows))
-    assert f"- {path.name}: {len(rows)} published rows replaced by {len(rows)} delivered" in (
-        _summary_text(summary)
-    )
-    assert summary["features"]["dates_written"][0] == corrected.isoformat()
+    assert (first["corrected_rows"], second["corrected_rows"]) == (None, len(rows) + 1)
+    assert second["retracted_rows"] == 1
+    assert (
+        f"- {path.name}: {len(rows) + 1} published rows replaced by {len(rows)} delivered, "
+        "1 retracted"
+    ) in _summary_text(summary)
+    assert summary["features"]["dates_written"][0] == retracted_on.isoformat()
     published = storage.read_partition("validated", "market", corrected)
     assert sorted(published["close"]) == pytest.approx(sorted(rows["Close"]))
+    assert ticker not in set(storage.read_partition("validated", "market", retracted_on)["ticker"])
+    assert ticker not in set(storage.read_partition("features", "market", retracted_on)["ticker"])
     assert summary["predictions"]["rows"] > 0
 
 
