@@ -23,7 +23,7 @@ from finpipe.market.synthetic import (
     write_vendor_files,
 )
 from finpipe.storage import Storage
-from finpipe.vintages import validated_as_known
+from finpipe.vintages import batch_history, validated_as_known
 from tests.test_corrections import _ingest
 
 AS_OF = "2030-01-01"
@@ -88,6 +88,25 @@ def test_a_retracted_row_removes_the_published_row_and_is_kept_with_its_batch(de
     pd.testing.assert_frame_equal(validated_as_known(storage, contract, earlier), before)
     assert _ingest(storage, path, correction=True).status == "already_loaded"
     pd.testing.assert_frame_equal(storage.read_partitions("validated", "market"), after)
+    listed = batch_history(storage, "market").iloc[-1]
+    assert (listed["file"], listed["replaced"], listed["retracted"]) == ("cancel.csv", 5, 1)
+
+
+def test_a_bar_delivered_under_the_wrong_ticker_moves_by_a_retraction_and_a_new_row(
+    delivered, tmp_path
+):
+    storage, _, vendor = delivered
+    day, tickers = _day_tickers(vendor, 10)
+    bar = vendor[(vendor["Date"] == day) & (vendor["Ticker"] == tickers[0])]
+    path = _retraction(vendor, [(day, tickers[0])], tmp_path / "move.csv", bar.assign(Ticker="NEW"))
+    before = storage.read_partitions("validated", "market")
+    outcome = _ingest(storage, path, correction=True)
+    assert (outcome.rows, outcome.corrected_rows, outcome.retracted_rows) == (1, 1, 1)
+    after = storage.read_partitions("validated", "market")
+    moved = after[after["date"] == pd.Timestamp(day)].set_index("ticker")
+    assert sorted(moved.index) == sorted(["NEW", *tickers[1:]])
+    was = before[(before["date"] == pd.Timestamp(day)) & (before["ticker"] == tickers[0])]
+    assert moved.loc["NEW", "close"] == pytest.approx(was["close"].iloc[0])
 
 
 def test_a_file_of_retractions_only_publishes_nothing_and_features_follow(delivered, tmp_path):

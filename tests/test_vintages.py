@@ -177,13 +177,15 @@ def test_the_command_line_writes_the_layer_as_known_at_a_time(tmp_path, monkeypa
     listed = CliRunner().invoke(app, ["batches", "market"])
     assert listed.exit_code == 0, listed.output
     header, *lines = listed.output.strip().splitlines()
-    assert header.split() == ["when", "status", "batch", "file", "rows", "replaced", "dates"]
+    assert header.split() == [
+        "when", "status", "batch", "file", "rows", "replaced", "retracted", "dates"
+    ]  # fmt: skip
     day = fixed["Date"].iloc[0]
     assert [line.split()[:2] + line.split()[3:] for line in lines] == [
-        ["2026-03-02T10:00:00+00:00", "validated", history.name, f"{len(rows):,}", "-"]
+        ["2026-03-02T10:00:00+00:00", "validated", history.name, f"{len(rows):,}", "-", "-"]
         + [rows["Date"].min(), "..", day],
-        ["2026-03-02T11:00:00+00:00", "validated", "fix.csv", "2", "2", day, "..", day],
-        ["2026-03-02T12:00:00+00:00", "quarantined", "bad.csv", "-", "-", "-", "..", "-"],
+        ["2026-03-02T11:00:00+00:00", "validated", "fix.csv", "2", "2", "0", day, "..", day],
+        ["2026-03-02T12:00:00+00:00", "quarantined", "bad.csv", "-", "-", "-", "-", "..", "-"],
     ]
     unknown = CliRunner().invoke(app, ["batches", "bonds"])
     assert isinstance(unknown.exception, ConfigError)

@@ -284,7 +284,8 @@ def batches(
 ) -> None:
     """List every delivered file of DOMAIN in the order it was settled: when (UTC), status
     (validated, quarantined, or landed while in progress), batch, rows, dates and, for a
-    correction, the published rows it replaced. A time listed here is one `finpipe validated
+    correction, the published rows it replaced and how many of them it retracted. A time listed
+    here is one `finpipe validated
     --known-at` takes, to see the layer before or after that batch."""
     import pandas as pd
 
@@ -305,6 +306,7 @@ def batches(
         when=table["when"].map(lambda t: t.isoformat()),
         rows=table["rows"].map(count),
         replaced=table["replaced"].map(count),
+        retracted=table["retracted"].map(count),
         dates=table["first_date"].fillna("-") + " .. " + table["last_date"].fillna("-"),
     ).drop(columns=["first_date", "last_date"])
     typer.echo(shown.to_string(index=False))

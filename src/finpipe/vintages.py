@@ -56,9 +56,9 @@ def validated_as_known(
 def batch_history(storage: Storage, domain: str) -> pd.DataFrame:
     """Return every delivered file of `domain` in the order its fate was settled: one row per
     batch with `when` (validated, quarantined or, for a batch still in progress, landed; UTC),
-    `status`, `batch`, `file`, `rows`, `first_date`, `last_date` and `replaced` (published rows
-    a correction replaced; missing for an ordinary delivery). The times are what
-    `validated_as_known` takes."""
+    `status`, `batch`, `file`, `rows`, `first_date`, `last_date`, `replaced` (published rows
+    a correction replaced; missing for an ordinary delivery) and `retracted` (those of them its
+    retracted rows removed). The times are what `validated_as_known` takes."""
     rows = []
     for record in storage.batch_records(domain):
         status = record.get("status", "")
@@ -73,10 +73,12 @@ def batch_history(storage: Storage, domain: str) -> pd.DataFrame:
                 "first_date": record.get("first_date"),
                 "last_date": record.get("last_date"),
                 "replaced": record.get("corrected_rows"),
+                "retracted": record.get("retracted_rows"),
             }
         )
-    columns = ["when", "status", "batch", "file", "rows", "first_date", "last_date", "replaced"]
-    table = pd.DataFrame(rows, columns=columns).astype({"rows": "Int64", "replaced": "Int64"})
+    counts = ["rows", "replaced", "retracted"]
+    columns = ["when", "status", "batch", "file", "rows", "first_date", "last_date", *counts[1:]]
+    table = pd.DataFrame(rows, columns=columns).astype(dict.fromkeys(counts, "Int64"))
     return table.sort_values(["when", "batch"], kind="stable").reset_index(drop=True)
 
 
