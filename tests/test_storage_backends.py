@@ -269,6 +269,20 @@ def test_a_correction_replaces_published_rows_and_keeps_them_in_the_store(
         kept.sort_values("ticker").reset_index(drop=True),
         replaced.sort_values("ticker").reset_index(drop=True),
     )
+    # A retraction of one bar of the history: gone from the store, back for an earlier reader.
+    first = after[after["date"] == after["date"].min()].iloc[0]
+    cancel = tmp_path / "cancel.csv"
+    columns = list(pd.read_csv(history, nrows=0).columns)
+    bar = {"Date": first["date"].date().isoformat(), "Ticker": first["ticker"], "Retracted": "y"}
+    pd.DataFrame([bar]).reindex(columns=[*columns, "Retracted"]).to_csv(cancel, index=False)
+    monkeypatch.setattr("finpipe.ingest._now", lambda: "2026-01-03T00:00:00+00:00")
+    retraction = ingest_file(store, MARKET, cancel, as_of="2030-01-01", correction=True)
+    assert retraction.retracted_rows == 1
+    pd.testing.assert_frame_equal(validated_as_known(store, MARKET, "2026-01-02"), after)
+    gone = (after["date"] == first["date"]) & (after["ticker"] == first["ticker"])
+    pd.testing.assert_frame_equal(
+        store.read_partitions("validated", "market"), after[~gone].reset_index(drop=True)
+    )
 
 
 def test_an_object_store_home_without_a_lock_database_fails_early_saying_what_to_set(
