@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from finpipe.domains import get_domain
 from finpipe.errors import ValidationFailed
@@ -287,3 +290,85 @@ def test_a_retracted_purchase_removes_the_customers_transactions_at_its_time_sta
     incremental = storage.read_partition("features", "customers", day)
     update_customer_features(storage, day, active_days=365, rebuild=True)
     pd.testing.assert_frame_equal(incremental, storage.read_partition("features", "customers", day))
+
+
+# -- the property: a correction's result equals a naive reference, whatever it names ---------
+_DAYS = pd.bdate_range("2024-01-02", periods=3)
+_TICKERS = ["A", "B", "C"]
+_ACTION = st.sampled_from(["keep", "retract", "restate"])
+
+
+@settings(max_examples=10, deadline=None)
+# A day whose bars are all retracted: refused, unless the correction adds one to it.
+@example(actions=["retract"] * 3 + ["keep"] * 6, added=[False, False, False])
+@example(actions=["retract"] * 3 + ["restate", "keep", "retract"] * 2, added=[True, False, False])
+@given(
+    actions=st.lists(_ACTION, min_size=9, max_size=9),
+    added=st.lists(st.booleans(), min_size=3, max_size=3),  # a new ticker's bar, by day
+)
+def test_a_correction_publishes_what_a_naive_reference_computes(actions, added):
+    """Every published bar kept, retracted or restated, new bars added: the layer afterwards
+    is the published rows less the retracted keys, restated ones replaced, new ones added; a
+    correction that would empty a day is refused and changes nothing; the layer as known
+    before it is the layer before it, either way."""
+    history = pd.DataFrame(
+        [(d.date().isoformat(), t, 100.0 + i) for i, (d, t) in enumerate(_keys())],
+        columns=["Date", "Ticker", "Close"],
+    )
+    fix = [
+        (d.date().isoformat(), t, 101.0 + i if action == "restate" else None, action == "retract")
+        for i, ((d, t), action) in enumerate(zip(_keys(), actions, strict=True))
+        if action != "keep"
+    ] + [
+        (d.date().isoformat(), "D", 50.0, False) for d, new in zip(_DAYS, added, strict=True) if new
+    ]
+    correction = pd.DataFrame(fix, columns=["Date", "Ticker", "Close", "Retracted"])
+    with tempfile.TemporaryDirectory() as folder:
+        storage = Storage(Path(folder) / "home")
+        history.to_csv(Path(folder) / "history.csv", index=False)
+        first = _ingest(storage, Path(folder) / "history.csv")
+        before = storage.read_partitions("validated", "market")
+        if correction.empty:
+            return
+        correction.to_csv(Path(folder) / "fix.csv", index=False)
+        expected = _reference(before, correction)
+        emptied = {d for d in _DAYS if not (expected["date"] == d).any()}
+        if emptied:
+            with pytest.raises(ValidationFailed, match="retraction_empties_a_date"):
+                _ingest(storage, Path(folder) / "fix.csv", correction=True)
+            pd.testing.assert_frame_equal(storage.read_partitions("validated", "market"), before)
+        else:
+            _ingest(storage, Path(folder) / "fix.csv", correction=True)
+            after = storage.read_partitions("validated", "market")
+            columns = ["date", "ticker", "close"]
+            pd.testing.assert_frame_equal(
+                after[columns].astype({"ticker": object}).reset_index(drop=True),
+                expected[columns].astype({"ticker": object}),
+            )
+        validated_at = storage.read_batch_record("market", first.sha256)["validated_at"]
+        contract = get_domain("market").contract
+        pd.testing.assert_frame_equal(validated_as_known(storage, contract, validated_at), before)
+
+
+def _keys() -> list[tuple[pd.Timestamp, str]]:
+    return [(d, t) for d in _DAYS for t in _TICKERS]
+
+
+def _reference(before: pd.DataFrame, correction: pd.DataFrame) -> pd.DataFrame:
+    """The published rows less those the correction names, then its rows that are not
+    retracted: written out row by row, as a reader would."""
+    named = {
+        (pd.Timestamp(d), t) for d, t in zip(correction["Date"], correction["Ticker"], strict=True)
+    }
+    rows = [
+        {"date": d, "ticker": t, "close": c}
+        for d, t, c in zip(before["date"], before["ticker"], before["close"], strict=True)
+        if (d, t) not in named
+    ]
+    rows += [
+        {"date": pd.Timestamp(d), "ticker": t, "close": c}
+        for d, t, c, gone in correction.itertuples(index=False)
+        if not gone
+    ]
+    frame = pd.DataFrame(rows, columns=["date", "ticker", "close"])
+    return frame.sort_values(["date", "ticker"]).reset_index(drop=True)

@@ -238,7 +238,7 @@ def _check_and_publish(
     try:
         dated = {"as_of": as_day(as_of)} if contract.normalise_takes_as_of else {}
         raw = read_delivery(readable, contract.read_options)
-        flags = retraction_flags(raw, path.name)
+        flags = _retraction_flags(raw, path.name)
         normalised = contract.normalise(raw, source=path.name, **dated)
     except InputFileError as error:
         unreadable = {
@@ -402,7 +402,7 @@ _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f", ""}
 
 
-def retraction_flags(raw: pd.DataFrame, source: str) -> pd.Series | None:
+def _retraction_flags(raw: pd.DataFrame, source: str) -> pd.Series | None:
     """Return the delivered file's `retracted` flags by row (None when it has no such column;
     the name is matched ignoring case and spaces). Raises InputFileError for a value that is
     not a yes or a no."""
@@ -629,7 +629,7 @@ def _read_for_group(storage, contract, spec, path, as_of, max_file_bytes) -> _De
     try:
         dated = {"as_of": as_day(as_of)} if contract.normalise_takes_as_of else {}
         raw = read_delivery(path, contract.read_options)
-        flags = retraction_flags(raw, path.name)
+        flags = _retraction_flags(raw, path.name)
         frame = contract.normalise(raw, source=path.name, **dated)
     except InputFileError:
         return None
