@@ -11,11 +11,12 @@ import datetime as dt
 import gzip
 import io
 import shutil
+import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import numpy as np
 import pandas as pd
@@ -177,6 +178,113 @@ def ingest_file(
     partition changes.
     """
     path = Path(path)
+    _refuse_before_reading(contract, path, max_file_bytes, correction)
+    domain = contract.domain
+    sha = file_sha256(path)
+    batch_id = f"b{sha[:12]}"
+    previous = storage.read_batch_record(domain, sha)
+    if previous is not None and previous["status"] == "validated":
+        return _already_loaded(path, sha, previous)
+    landed = storage.land_file(domain, path, sha)
+    record: dict[str, Any] = {
+        "sha256": sha,
+        "batch_id": batch_id,
+        "source": str(path),
+        "landed_path": storage.location(landed),
+        "landed_at": _now(),
+        "status": "landed",
+    }
+    storage.write_batch_record(domain, record)
+    # The landed copy is read on a local store; on an object store, the delivered file it
+    # was copied from (the same bytes: its name is their hash).
+    readable = storage.local_path(landed) if storage.is_local else path
+    # Data Docs are built on a local disk and stored in the reports (uploaded at the end of
+    # the block on an object store), whether the batch is published or quarantined.
+    docs_key = storage.reports_key("data_docs", domain, batch_id)
+    with storage.local_folder(docs_key) as docs_dir:
+        try:
+            checked = _check(
+                storage, contract, path, readable, as_of, batch_id, docs_dir, correction
+            )
+        except _Rejected as rejected:
+            _quarantine(
+                storage, contract, record, landed, rejected.report, rejected.docs, rejected.message
+            )
+        outcome = _publish_checked(storage, contract, path, checked, record, correction)
+        outcome.landed_path = storage.location(landed)
+        if docs_dir.exists():
+            outcome.data_docs = storage.location(f"{docs_key}/index.html")
+    return outcome
+
+
+def check_file(
+    storage: Storage,
+    contract: RawContract,
+    path: Path,
+    *,
+    as_of: dt.date | str,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+    correction: bool = False,
+) -> IngestOutcome:
+    """Return what `ingest_file` would do with `path`, writing nothing to the store: status
+    `already_loaded`, or `checked` with the rows and dates it would publish and, for a
+    correction, the published rows it would replace and retract. Raises ValidationFailed (with
+    no quarantine path) for a file it would quarantine, with the same rules and message.
+
+    The file is checked against the store as it is: two files checked together do not see
+    each other's rows.
+    """
+    path = Path(path)
+    _refuse_before_reading(contract, path, max_file_bytes, correction)
+    sha = file_sha256(path)
+    previous = storage.read_batch_record(contract.domain, sha)
+    if previous is not None and previous["status"] == "validated":
+        return _already_loaded(path, sha, previous)
+    batch_id = f"b{sha[:12]}"
+    with tempfile.TemporaryDirectory(prefix="finpipe-check-") as folder:
+        docs_dir = Path(folder) / "data_docs"
+        try:
+            checked = _check(storage, contract, path, path, as_of, batch_id, docs_dir, correction)
+        except _Rejected as rejected:
+            raise ValidationFailed(
+                f"{path.name} would be rejected (rules failed: {_failed_rules(rejected.report)})."
+                f" {rejected.message} Nothing was written."
+            ) from None
+    date_col = contract.date_column
+    days = set(checked.frame[date_col])
+    if checked.retracted is not None:
+        days |= set(checked.retracted[date_col])
+    dates = sorted(pd.Timestamp(day).date() for day in days)
+    replaced, retracted = checked.replaced_counts()
+    clause = ""
+    if correction:
+        removed = f", {retracted:,} of them retracted" if retracted else ""
+        clause = f" (a correction: {replaced:,} published rows would be replaced{removed})"
+    warnings = [describe_rule_break(rule) for rule in checked.report.warnings()]
+    return IngestOutcome(
+        source=str(path),
+        sha256=sha,
+        batch_id=batch_id,
+        status="checked",
+        rows=len(checked.frame),
+        first_date=dates[0].isoformat() if dates else None,
+        last_date=dates[-1].isoformat() if dates else None,
+        dates=len(dates),
+        message=f"{path.name}: {len(checked.frame):,} rows over {len(dates)} dates would be "
+        f"published{clause}"
+        + (f" with {len(warnings)} warning(s): {' '.join(warnings)}" if warnings else "")
+        + "; nothing written",
+        warnings=warnings,
+        corrected_rows=replaced if correction else None,
+        retracted_rows=retracted if correction else None,
+    )
+
+
+def _refuse_before_reading(
+    contract: RawContract, path: Path, max_file_bytes: int, correction: bool
+) -> None:
+    """Raise InputFileError for a file that is not loaded at all: missing, a correction of a
+    source that takes none, or too big."""
     if not path.exists():
         raise InputFileError(f"{path}: no such file")
     if correction and contract.refuses_corrections:
@@ -190,74 +298,72 @@ def ingest_file(
             "limit for one delivery; split it (e.g. one file per month) or raise "
             "FINPIPE_MAX_FILE_MB"
         )
-    domain = contract.domain
-    sha = file_sha256(path)
-    batch_id = f"b{sha[:12]}"
-    previous = storage.read_batch_record(domain, sha)
-    if previous is not None and previous["status"] == "validated":
-        return IngestOutcome(
-            source=str(path),
-            sha256=sha,
-            batch_id=batch_id,
-            status="already_loaded",
-            rows=previous.get("rows", 0),
-            first_date=previous.get("first_date"),
-            last_date=previous.get("last_date"),
-            landed_path=previous.get("landed_path"),
-            message=f"{path.name}: already loaded on {previous.get('validated_at')}; skipped",
-        )
-    landed = storage.land_file(domain, path, sha)
-    record: dict[str, Any] = {
-        "sha256": sha,
-        "batch_id": batch_id,
-        "source": str(path),
-        "landed_path": storage.location(landed),
-        "landed_at": _now(),
-        "status": "landed",
-    }
-    storage.write_batch_record(domain, record)
-    # Data Docs are built on a local disk and stored in the reports (uploaded at the end of
-    # the block on an object store), whether the batch is published or quarantined.
-    docs_key = storage.reports_key("data_docs", domain, batch_id)
-    with storage.local_folder(docs_key) as docs_dir:
-        outcome = _check_and_publish(
-            storage, contract, path, as_of, record, landed, docs_dir, docs_key, correction
-        )
-    return outcome
 
 
-def _check_and_publish(
-    storage, contract, path, as_of, record, landed, docs_dir, docs_key, correction=False
-):
-    """Validate the landed file `landed` of `path`; publish it or quarantine it (raising
-    ValidationFailed); return the outcome of `ingest_file` (`correction`: see there)."""
-    domain, sha, batch_id = contract.domain, record["sha256"], record["batch_id"]
-    # The landed copy is read on a local store; on an object store, the delivered file it
-    # was copied from (the same bytes: its name is their hash).
-    readable = storage.local_path(landed) if storage.is_local else path
+def _already_loaded(path: Path, sha: str, previous: dict) -> IngestOutcome:
+    return IngestOutcome(
+        source=str(path),
+        sha256=sha,
+        batch_id=f"b{sha[:12]}",
+        status="already_loaded",
+        rows=previous.get("rows", 0),
+        first_date=previous.get("first_date"),
+        last_date=previous.get("last_date"),
+        landed_path=previous.get("landed_path"),
+        message=f"{path.name}: already loaded on {previous.get('validated_at')}; skipped",
+    )
+
+
+class _Rejected(Exception):
+    """A delivery that breaks a rule: its report, its Data Docs folder if built, and why."""
+
+    def __init__(self, report: dict, docs: Path | None, message: str) -> None:
+        super().__init__(message)
+        self.report, self.docs, self.message = report, docs, message
+
+
+@dataclass
+class _Checked:
+    """A delivery that passed: the rows to publish, the keys of the rows it retracts, its
+    report and, for a correction, the published rows it replaces (`kept`: as first kept by
+    a run of it cut short)."""
+
+    frame: pd.DataFrame
+    retracted: pd.DataFrame | None
+    report: ValidationReport
+    replaced: pd.DataFrame | None = None
+    restating: pd.DataFrame | None = None
+    kept: bool = False
+
+    def replaced_counts(self) -> tuple[int, int]:
+        """Return how many published rows it replaces, and how many of those it retracts."""
+        if self.replaced is None or self.restating is None:
+            return 0, 0
+        return len(self.replaced), len(self.replaced) - len(self.restating)
+
+
+def _check(
+    storage, contract, path: Path, readable: Path, as_of, batch_id: str, docs_dir: Path, correction
+) -> _Checked:
+    """Read, validate and (a correction) match delivered file `path` (read from `readable`)
+    against the store; return what would be published, or raise _Rejected. Writes nothing but
+    the Data Docs in `docs_dir`."""
     try:
         dated = {"as_of": as_day(as_of)} if contract.normalise_takes_as_of else {}
         raw = read_delivery(readable, contract.read_options)
         flags = _retraction_flags(raw, path.name)
         normalised = contract.normalise(raw, source=path.name, **dated)
     except InputFileError as error:
-        unreadable = {
-            "suite": contract.suite,
-            "batch": batch_id,
-            "source": str(path),
-            "success": False,
-            "rules": [{"rule": "readable_file", "success": False, "message": str(error)}],
-        }
-        _quarantine(storage, contract, record, landed, unreadable, None, str(error))
+        rule = {"rule": "readable_file", "success": False, "message": str(error)}
+        raise _Rejected(_report_of(contract, batch_id, path, rule), None, str(error)) from None
     if flags is not None and flags.any() and not correction:
         refused = _flagged_rule(flags, path.name)
-        refusal = {"suite": contract.suite, "batch": batch_id, "source": str(path)}
-        refusal.update(success=False, rules=[refused])
-        _quarantine(storage, contract, record, landed, refusal, None, refused["message"])
+        raise _Rejected(_report_of(contract, batch_id, path, refused), None, refused["message"])
     frame, retracted = _split_retracted(normalised, flags, contract.restated_by())
     report = _validate(storage, contract, frame, as_of, f"{batch_id}:{path.name}", docs_dir)
     report_dict = report.to_dict()
     report_dict["source"] = str(path)
+    docs = docs_dir if docs_dir.exists() else None
     repeated = None if correction else _keys_from_other_batches(storage, contract, frame, batch_id)
     for extra in (_parse_error_rule(frame), repeated):
         if extra is not None:
@@ -270,39 +376,56 @@ def _check_and_publish(
                 f" Rule {extra['rule']}: {extra['unexpected_count']} rows {extra['message']}, "
                 f"e.g. row {extra['sample_rows'][0]}: {extra['sample_values'][0]}."
             )
-        _quarantine(
-            storage,
-            contract,
-            record,
-            landed,
-            report_dict,
-            docs_dir if docs_dir.exists() else None,
-            message.strip(),
-        )
-
-    corrected, rows = "", frame
+        raise _Rejected(report_dict, docs, message.strip())
+    checked = _Checked(frame, retracted, report)
     if correction:
-        key = storage.state_key(domain, SUPERSEDED, f"{batch_id}.parquet")
-        kept = storage.exists(key)  # a re-run: some partitions may already hold the correction
+        key = _superseded_key(storage, contract, batch_id)
+        checked.kept = storage.exists(key)  # a re-run: partitions may already hold it
         replaced = _replaced_rows(storage, contract, key, frame, retracted, batch_id)
         problem = (
-            None if kept else _retraction_problem(storage, contract, frame, replaced, retracted)
+            None
+            if checked.kept
+            else _retraction_problem(storage, contract, frame, replaced, retracted)
         )
         if problem is not None:
             report_dict.update(success=False)
             report_dict.setdefault("rules", []).append(problem)
-            docs = docs_dir if docs_dir.exists() else None
-            _quarantine(storage, contract, record, landed, report_dict, docs, problem["message"])
-        restating = _without(replaced, retracted, contract.restated_by())
-        corrected = _keep_superseded_rows(storage, key, replaced, record, kept, len(restating))
+            raise _Rejected(report_dict, docs, problem["message"])
+        checked.replaced = replaced
+        checked.restating = _without(replaced, retracted, contract.restated_by())
+    return checked
+
+
+def _report_of(contract, batch_id: str, path: Path, rule: dict) -> dict:
+    """Return the report of a file refused before its suite ran, for the broken `rule`."""
+    return {
+        "suite": contract.suite,
+        "batch": batch_id,
+        "source": str(path),
+        "success": False,
+        "rules": [rule],
+    }
+
+
+def _publish_checked(storage, contract, path: Path, checked: _Checked, record: dict, correction):
+    """Publish a checked delivery (a correction: keeping what it replaces first), note it in
+    its batch `record`; return its outcome (the landing and Data Docs locations left out)."""
+    corrected, rows = "", checked.frame
+    batch_id = record["batch_id"]
+    if checked.replaced is not None and checked.restating is not None:
+        key = _superseded_key(storage, contract, batch_id)
+        corrected = _keep_superseded_rows(
+            storage, key, checked.replaced, record, checked.kept, len(checked.restating)
+        )
         if contract.restate is not None:
-            rows = contract.restate(restating.drop(columns=[BATCH_COLUMN]), frame)
+            rows = contract.restate(checked.restating.drop(columns=[BATCH_COLUMN]), checked.frame)
     replace_keys = contract.restated_by() if correction else None
     published = _publish(
-        storage, contract, rows, batch_id, replace_keys=replace_keys, retract=retracted
+        storage, contract, rows, batch_id, replace_keys=replace_keys, retract=checked.retracted
     )
     dates = sorted(published)
-    warnings = [describe_rule_break(rule) for rule in report.warnings()]
+    warnings = [describe_rule_break(rule) for rule in checked.report.warnings()]
+    frame = checked.frame
     record.update(
         status="validated",
         validated_at=_now(),
@@ -311,18 +434,16 @@ def _check_and_publish(
         last_date=dates[-1].isoformat() if dates else None,
         warnings=warnings,
     )
-    storage.write_batch_record(domain, record)
+    storage.write_batch_record(contract.domain, record)
     return IngestOutcome(
         source=str(path),
-        sha256=sha,
+        sha256=record["sha256"],
         batch_id=batch_id,
         status="validated",
         rows=len(frame),
         first_date=record["first_date"],
         last_date=record["last_date"],
         dates=len(dates),
-        landed_path=storage.location(landed),
-        data_docs=storage.location(f"{docs_key}/index.html") if docs_dir.exists() else None,
         message=f"{path.name}: {len(frame):,} rows over {len(dates)} dates validated"
         + corrected
         + (f" with {len(warnings)} warning(s): {' '.join(warnings)}" if warnings else ""),
@@ -352,6 +473,10 @@ def _validate(storage, contract, frame, as_of, batch_name: str, docs_dir: Path):
 
 
 SUPERSEDED = "superseded"
+
+
+def _superseded_key(storage, contract, batch_id: str) -> str:
+    return storage.state_key(contract.domain, SUPERSEDED, f"{batch_id}.parquet")
 
 
 def _replaced_rows(storage, contract, key: str, frame, retracted, batch_id: str) -> pd.DataFrame:
@@ -750,7 +875,7 @@ def _publish_group(storage, contract, group, rows, docs_key) -> Iterator[IngestO
         )
 
 
-def _quarantine(storage, contract, record, landed, report, docs_dir, message) -> None:
+def _quarantine(storage, contract, record, landed, report, docs_dir, message) -> NoReturn:
     folder = storage.quarantine_batch(
         contract.domain,
         record["batch_id"],
@@ -762,11 +887,17 @@ def _quarantine(storage, contract, record, landed, report, docs_dir, message) ->
     where = storage.location(folder)
     record.update(status="quarantined", quarantined_at=_now(), quarantine_path=where)
     storage.write_batch_record(contract.domain, record)
-    failed = [r.get("rule") for r in report.get("rules", []) if not r.get("success", True)]
     raise ValidationFailed(
-        f"{Path(record['source']).name} rejected (rules failed: {', '.join(map(str, failed))}). "
+        f"{Path(record['source']).name} rejected (rules failed: {_failed_rules(report)}). "
         f"{message} Batch kept in {where} with report.json; accepted data is untouched.",
         quarantine_path=where,
+    )
+
+
+def _failed_rules(report: dict) -> str:
+    """Return the names of the rules a report says failed, comma-separated."""
+    return ", ".join(
+        str(r.get("rule")) for r in report.get("rules", []) if not r.get("success", True)
     )
 
 
