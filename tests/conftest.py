@@ -431,6 +431,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_corrections.py": ModuleTiers(FLOW),  # vendor corrections through ingest
     "test_vintages.py": ModuleTiers(FLOW),  # the validated layer as known at a time
     "test_retractions.py": ModuleTiers(FLOW),  # a correction's retracted rows
+    "test_dry_run.py": ModuleTiers(FLOW),  # finpipe ingest --dry-run
     "test_corrections_credit_customers.py": ModuleTiers(
         FLOW,  # loans' and transactions' corrections through ingest; the rest are pure
         by_name={

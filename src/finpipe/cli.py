@@ -216,6 +216,16 @@ def ingest(
             "dates re-scores them.",
         ),
     ] = False,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="Check the files as ingest would (the suite; for a correction, the published "
+            "rows it would replace and retract) and say what would happen, writing nothing; "
+            "exit status 2 when a file would be rejected. Each file is checked against the "
+            "store as it is, not against the other files given.",
+        ),
+    ] = False,
 ) -> None:
     """Land, validate (Great Expectations) and publish delivered files; quarantine bad ones.
 
@@ -232,6 +242,9 @@ def ingest(
     contract = get_domain(domain).contract
     check_command_line_inputs([str(path) for path in paths], settings)
     day = as_day(as_of) if as_of else dt.datetime.now(dt.UTC).date()
+    if dry_run:
+        _check_files(Storage(settings.home), contract, paths, day, settings, correction)
+        return
     from finpipe.locks import history_lock
 
     # The same lock as the flows' ingest and feature steps: a run never sees half an ingest.
@@ -245,6 +258,33 @@ def ingest(
             correction=correction,
         ):
             typer.echo(outcome.message)
+
+
+def _check_files(storage, contract, paths: list[Path], day, settings, correction: bool) -> None:
+    """`finpipe ingest --dry-run`: say what ingest would do with each file, writing nothing."""
+    from finpipe.errors import ValidationFailed
+    from finpipe.ingest import check_file
+
+    rejected = 0
+    for path in paths:
+        try:
+            outcome = check_file(
+                storage,
+                contract,
+                path,
+                as_of=day,
+                max_file_bytes=settings.max_file_mb * 1024**2,
+                correction=correction,
+            )
+        except ValidationFailed as error:
+            rejected += 1
+            typer.echo(str(error))
+        else:
+            typer.echo(outcome.message)
+    if rejected:
+        raise ValidationFailed(
+            f"{rejected} of {len(paths)} file(s) would be rejected (above); nothing was written"
+        )
 
 
 @app.command("validated")

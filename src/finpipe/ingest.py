@@ -11,7 +11,6 @@ import datetime as dt
 import gzip
 import io
 import shutil
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -241,15 +240,13 @@ def check_file(
     if previous is not None and previous["status"] == "validated":
         return _already_loaded(path, sha, previous)
     batch_id = f"b{sha[:12]}"
-    with tempfile.TemporaryDirectory(prefix="finpipe-check-") as folder:
-        docs_dir = Path(folder) / "data_docs"
-        try:
-            checked = _check(storage, contract, path, path, as_of, batch_id, docs_dir, correction)
-        except _Rejected as rejected:
-            raise ValidationFailed(
-                f"{path.name} would be rejected (rules failed: {_failed_rules(rejected.report)})."
-                f" {rejected.message} Nothing was written."
-            ) from None
+    try:  # no Data Docs: they would be written somewhere
+        checked = _check(storage, contract, path, path, as_of, batch_id, None, correction)
+    except _Rejected as rejected:
+        raise ValidationFailed(
+            f"{path.name} would be rejected (rules failed: {_failed_rules(rejected.report)})."
+            f" {rejected.message} Nothing was written."
+        ) from None
     date_col = contract.date_column
     days = set(checked.frame[date_col])
     if checked.retracted is not None:
@@ -343,11 +340,18 @@ class _Checked:
 
 
 def _check(
-    storage, contract, path: Path, readable: Path, as_of, batch_id: str, docs_dir: Path, correction
+    storage,
+    contract,
+    path: Path,
+    readable: Path,
+    as_of,
+    batch_id: str,
+    docs_dir: Path | None,
+    correction,
 ) -> _Checked:
     """Read, validate and (a correction) match delivered file `path` (read from `readable`)
     against the store; return what would be published, or raise _Rejected. Writes nothing but
-    the Data Docs in `docs_dir`."""
+    the Data Docs in `docs_dir` (None: none are built)."""
     try:
         dated = {"as_of": as_day(as_of)} if contract.normalise_takes_as_of else {}
         raw = read_delivery(readable, contract.read_options)
@@ -363,7 +367,7 @@ def _check(
     report = _validate(storage, contract, frame, as_of, f"{batch_id}:{path.name}", docs_dir)
     report_dict = report.to_dict()
     report_dict["source"] = str(path)
-    docs = docs_dir if docs_dir.exists() else None
+    docs = docs_dir if docs_dir is not None and docs_dir.exists() else None
     repeated = None if correction else _keys_from_other_batches(storage, contract, frame, batch_id)
     for extra in (_parse_error_rule(frame), repeated):
         if extra is not None:
@@ -453,7 +457,7 @@ def _publish_checked(storage, contract, path: Path, checked: _Checked, record: d
     )
 
 
-def _validate(storage, contract, frame, as_of, batch_name: str, docs_dir: Path):
+def _validate(storage, contract, frame, as_of, batch_name: str, docs_dir: Path | None):
     """Return the suite's report on `frame`; a correction that only retracts rows has none to
     validate (its retracted rows are checked against the published ones instead)."""
     if frame.empty and frame.attrs.get(RETRACTED_COLUMN):

@@ -1,0 +1,106 @@
+"""`finpipe ingest --dry-run` (`finpipe.ingest.check_file`): what ingest would do with a file,
+with the same verdict, rules and counts, and nothing written to the store."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from finpipe.domains import get_domain
+from finpipe.errors import ValidationFailed
+from finpipe.ingest import check_file, ingest_file
+
+AS_OF = "2030-01-01"
+
+
+def _store_files(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under the store with its size and modification time."""
+    return {
+        str(path.relative_to(root)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in sorted(root.rglob("*"))
+        if path.is_file()
+    }
+
+
+def _files(delivered, tmp_path) -> dict[str, Path]:
+    """A new day (clean), a bad one (a negative close) and a correction that restates one
+    published bar and retracts another."""
+    storage, files, vendor = delivered
+    days = sorted(vendor["Date"].unique())
+    last = vendor[vendor["Date"] == days[-1]]
+    new = last.assign(Date=(pd.Timestamp(days[-1]) + pd.offsets.BDay(1)).date().isoformat())
+    bad = new.assign(Close=-1.0)
+    restated = vendor[vendor["Date"] == days[-10]].head(1).assign(Retracted="false")
+    restated[["Open", "High", "Low", "Close", "Adj Close"]] *= 1.01
+    retracted = vendor[vendor["Date"] == days[-11]].head(1).assign(Retracted="true")
+    written = {
+        "new.csv": new,
+        "bad.csv": bad,
+        "fix.csv": pd.concat([restated, retracted]),
+    }
+    for name, rows in written.items():
+        rows.to_csv(tmp_path / name, index=False)
+    return {name: tmp_path / name for name in written}
+
+
+def test_a_check_says_what_ingest_then_does_and_writes_nothing(delivered, tmp_path):
+    storage, _, _ = delivered
+    contract = get_domain("market").contract
+    files = _files(delivered, tmp_path)
+    before = _store_files(storage.root)
+
+    new = check_file(storage, contract, files["new.csv"], as_of=AS_OF)
+    fix = check_file(storage, contract, files["fix.csv"], as_of=AS_OF, correction=True)
+    with pytest.raises(ValidationFailed, match="would be rejected") as caught:
+        check_file(storage, contract, files["bad.csv"], as_of=AS_OF)
+    assert caught.value.quarantine_path is None and "Nothing was written" in str(caught.value)
+    assert _store_files(storage.root) == before  # not a landing, record, report or partition
+    assert (new.status, fix.status) == ("checked", "checked")
+    assert "nothing written" in new.message and "would be replaced, 1 of them retracted" in (
+        fix.message
+    )
+
+    assert "Details:" not in str(caught.value)  # no Data Docs to point at
+
+    # Ingest then does what the checks said, for each file.
+    with pytest.raises(ValidationFailed) as quarantined:
+        ingest_file(storage, contract, files["bad.csv"], as_of=AS_OF)
+    report = json.loads((Path(quarantined.value.quarantine_path) / "report.json").read_text())
+    failed = [rule["rule"] for rule in report["rules"] if not rule["success"]]
+    assert f"rules failed: {', '.join(failed)})" in str(caught.value)
+    loaded = ingest_file(storage, contract, files["new.csv"], as_of=AS_OF)
+    corrected = ingest_file(storage, contract, files["fix.csv"], as_of=AS_OF, correction=True)
+    for checked, done in ((new, loaded), (fix, corrected)):
+        fields = ("rows", "first_date", "last_date", "dates", "corrected_rows", "retracted_rows")
+        assert [getattr(checked, f) for f in fields] == [getattr(done, f) for f in fields]
+    assert (fix.corrected_rows, fix.retracted_rows) == (2, 1)
+    # A file already loaded is said to be, as ingest says it.
+    assert check_file(storage, contract, files["new.csv"], as_of=AS_OF).status == "already_loaded"
+
+
+def test_the_command_line_checks_every_file_and_exits_2_when_one_would_be_rejected(
+    delivered, tmp_path, monkeypatch
+):
+    from finpipe.cli import app
+
+    storage, _, _ = delivered
+    files = _files(delivered, tmp_path)
+    monkeypatch.setenv("FINPIPE_HOME", str(storage.root))
+    monkeypatch.delenv("FINPIPE_DROP_ROOTS", raising=False)
+    before = _store_files(storage.root)
+    both = [str(files["bad.csv"]), str(files["new.csv"])]
+    result = CliRunner().invoke(app, ["ingest", "market", *both, "--as-of", AS_OF, "--dry-run"])
+    assert isinstance(result.exception, ValidationFailed)
+    assert "1 of 2 file(s) would be rejected" in str(result.exception)
+    assert "bad.csv would be rejected" in result.output
+    assert "new.csv: 4 rows over 1 dates would be published; nothing written" in result.output
+    assert _store_files(storage.root) == before
+    fix = [str(files["fix.csv"]), "--as-of", AS_OF, "--dry-run", "--correction"]
+    result = CliRunner().invoke(app, ["ingest", "market", *fix])
+    assert result.exit_code == 0, result.output
+    assert "2 published rows would be replaced, 1 of them retracted" in result.output
+    assert _store_files(storage.root) == before
