@@ -364,7 +364,10 @@ def _check(
         refused = _flagged_rule(flags, path.name)
         raise _Rejected(_report_of(contract, batch_id, path, refused), None, refused["message"])
     frame, retracted = _split_retracted(normalised, flags, contract.restated_by())
-    report = _validate(storage, contract, frame, as_of, f"{batch_id}:{path.name}", docs_dir)
+    if frame.empty and retracted is not None:  # retractions only: no row for the suite
+        report = ValidationReport(contract.suite, f"{batch_id}:{path.name}", True, 0, [], [])
+    else:
+        report = _validate(storage, contract, frame, as_of, f"{batch_id}:{path.name}", docs_dir)
     report_dict = report.to_dict()
     report_dict["source"] = str(path)
     docs = docs_dir if docs_dir is not None and docs_dir.exists() else None
@@ -458,10 +461,7 @@ def _publish_checked(storage, contract, path: Path, checked: _Checked, record: d
 
 
 def _validate(storage, contract, frame, as_of, batch_name: str, docs_dir: Path | None):
-    """Return the suite's report on `frame`; a correction that only retracts rows has none to
-    validate (its retracted rows are checked against the published ones instead)."""
-    if frame.empty and frame.attrs.get(RETRACTED_COLUMN):
-        return ValidationReport(contract.suite, batch_name, True, 0, [], [])
+    """Return the suite's report on `frame` (Data Docs in `docs_dir`; None: none)."""
     if contract.add_check_columns is not None:
         checked = contract.add_check_columns(frame, storage)
     else:
@@ -582,7 +582,6 @@ def _split_retracted(
     problems = frame.attrs.get("parse_errors") or {}
     errors = {c: v[~retracting].reset_index(drop=True) for c, v in problems.items()}
     kept.attrs["parse_errors"] = {c: v for c, v in errors.items() if v.notna().any()}
-    kept.attrs[RETRACTED_COLUMN] = int(retracting.sum())
     return kept, frame.loc[retracting, keys]  # indexed by the row in the file
 
 
@@ -613,7 +612,11 @@ def _retraction_problem(storage, contract, frame, replaced, retracted) -> dict |
             retracted[both],
             "are both retracted and restated by the same correction (send either)",
         )
-    found = _matches(retracted, replaced, keys) if not replaced.empty else both
+    found = (
+        _matches(retracted, replaced, keys)
+        if not replaced.empty
+        else np.zeros(len(retracted), bool)
+    )
     if not found.all():
         return _rows_rule(
             "retraction_names_no_published_row",
