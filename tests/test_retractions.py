@@ -196,6 +196,35 @@ def test_what_a_retraction_cannot_do_is_quarantined_with_its_rule_and_changes_no
     assert not storage.exists("state/market/superseded")
 
 
+def test_a_rejected_correction_names_the_rows_of_its_file_around_its_retractions(
+    delivered, tmp_path
+):
+    """The suite sees only the rows a correction restates; its report still counts the rows of
+    the file, retracted ones included, so the row it names is the one to fix."""
+    storage, _, vendor = delivered
+    day, tickers = _day_tickers(vendor, 10)
+    restated_day, _ = _day_tickers(vendor, 20)
+    restated = vendor[vendor["Date"] == restated_day].head(3).astype(str)
+    restated.loc[restated.index[1], "Close"] = "-5.0"  # file row 3: not a price
+    restated.loc[restated.index[2], "Volume"] = "lots"  # file row 4: not a number
+    path = tmp_path / "mixed.csv"
+    _retraction(vendor, [(day, t) for t in tickers[:2]], path)
+    retractions = pd.read_csv(path, dtype=str, keep_default_na=False)
+    rows = pd.concat([retractions, restated.assign(Retracted="no")], ignore_index=True)
+    # Rows 0 and 1 retract, 2-4 restate: the suite sees 3 rows, the bad ones its second and third.
+    rows.to_csv(path, index=False)
+    before = storage.read_partitions("validated", "market")
+
+    with pytest.raises(ValidationFailed) as caught:
+        _ingest(storage, path, correction=True)
+    failed = {r["rule"]: r for r in _report(caught.value)["rules"] if not r["success"]}
+    close = next(r for name, r in failed.items() if "close" in r["columns"] and "low" not in name)
+    assert close["sample_rows"] == [3]
+    assert failed["parseable_values"]["sample_rows"] == [4]
+    assert "row 3" in str(caught.value)
+    pd.testing.assert_frame_equal(storage.read_partitions("validated", "market"), before)
+
+
 def test_an_ordinary_delivery_with_retracted_rows_is_quarantined_alone_or_in_a_group(tmp_path):
     """Without --correction the flag would be an ignored extra column and the row published;
     a clean file before it in the same run (a group of files for one GX run) is published."""

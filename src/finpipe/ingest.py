@@ -368,6 +368,8 @@ def _check(
         report = ValidationReport(contract.suite, f"{batch_id}:{path.name}", True, 0, [], [])
     else:
         report = _validate(storage, contract, frame, as_of, f"{batch_id}:{path.name}", docs_dir)
+        if flags is not None and flags.any():  # the suite numbered the rows left: the file's
+            report = report.renumbered(np.flatnonzero(~flags.to_numpy()))
     report_dict = report.to_dict()
     report_dict["source"] = str(path)
     docs = docs_dir if docs_dir is not None and docs_dir.exists() else None
@@ -573,14 +575,14 @@ def _flagged_rule(flags: pd.Series, source: str) -> dict:
 def _split_retracted(
     frame: pd.DataFrame, flags: pd.Series | None, keys: list[str]
 ) -> tuple[pd.DataFrame, pd.DataFrame | None]:
-    """Return the normalised rows to validate and publish (row numbers in their report count
-    these), and the `keys` of the retracted ones (None when none is)."""
+    """Return the normalised rows to validate and publish, and the `keys` of the retracted
+    ones (None when none is). Values that did not parse keep the rows of the file."""
     if flags is None or not flags.any():
         return frame, None
     retracting = flags.to_numpy()
     kept = frame.loc[~retracting].reset_index(drop=True)
     problems = frame.attrs.get("parse_errors") or {}
-    errors = {c: v[~retracting].reset_index(drop=True) for c, v in problems.items()}
+    errors = {c: v[~retracting] for c, v in problems.items()}
     kept.attrs["parse_errors"] = {c: v for c, v in errors.items() if v.notna().any()}
     return kept, frame.loc[retracting, keys]  # indexed by the row in the file
 

@@ -16,7 +16,7 @@ import json
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +75,12 @@ class ValidationReport:
     def warnings(self) -> list[RuleResult]:
         """Return the warning rules that failed (recorded; the batch is accepted)."""
         return [r for r in self.rules if not r.success and r.severity == WARNING]
+
+    def renumbered(self, rows: Sequence[int]) -> ValidationReport:
+        """Return the report with each sample row `i` (a position in the validated frame)
+        reported as `rows[i]`: its row in the delivered file, when rows were set aside first."""
+        rules = [replace(r, sample_rows=[int(rows[i]) for i in r.sample_rows]) for r in self.rules]
+        return replace(self, rules=rules)
 
     def to_dict(self) -> dict:
         """Return the report as a JSON-serialisable dict (the quarantine's JSON)."""
