@@ -35,6 +35,11 @@ def summary_markdown(summary: dict) -> str:
             f"- {item['source'].rsplit('/', 1)[-1]}: {item['corrected_rows']:,} published rows "
             f"replaced by {item['rows']:,} delivered"
             + (f", {item['retracted_rows']:,} retracted" if item.get("retracted_rows") else "")
+            + (
+                f"; dates removed (every row retracted): {', '.join(item['removed_dates'])}"
+                if item.get("removed_dates")
+                else ""
+            )
             for item in corrections
         ]
     caught_up = summary.get("catch_up") or []
@@ -52,6 +57,8 @@ def summary_markdown(summary: dict) -> str:
         f"{features['rows']:,} rows over {len(features['dates_written'])} new dates "
         f"in {features['seconds']} s.",
     ]
+    if features.get("dates_removed"):
+        lines.append(f"Removed with their date: {', '.join(features['dates_removed'])}.")
     if features["skipped_features"]:
         lines.append(f"Skipped (missing columns): {features['skipped_features']}")
     training = summary["training"]

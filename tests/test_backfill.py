@@ -456,13 +456,17 @@ def test_a_nightly_loads_its_corrections_after_its_inputs_and_rebuilds_from_them
     storage = Storage(market.home)
     history = storage.partition_dates("validated", "market")
     update_market_features(storage, history[-1])
-    corrected, retracted_on = history[-5], history[-6]
+    corrected, retracted_on, whole = history[-5], history[-6], history[-8]
     rows, path = _restated(base, corrected, tmp_path)
-    # The same correction retracts one bar of the day before (its key only, flagged).
+    # The same correction retracts one bar of the day before (its key only, flagged), and
+    # every bar of a session the vendor should not have delivered.
     ticker = storage.read_partition("validated", "market", retracted_on)["ticker"].iloc[0]
     bar = pd.DataFrame({"Date": [retracted_on.isoformat()], "Ticker": [ticker]})
+    session = storage.read_partition("validated", "market", whole)["ticker"]
+    gone = pd.DataFrame({"Date": whole.isoformat(), "Ticker": session})
     both = pd.concat([rows.assign(Retracted="false"), bar.assign(Retracted="true")])
-    both.to_csv(path, index=False)
+    pd.concat([both, gone.assign(Retracted="true")]).to_csv(path, index=False)
+    retracted = 1 + len(session)
     tonight = _day(base.files[1])
 
     summary = nightly(
@@ -471,13 +475,19 @@ def test_a_nightly_loads_its_corrections_after_its_inputs_and_rebuilds_from_them
     first, second = summary["ingested"]
     assert (first["source"], first["status"]) == (str(base.files[1]), "validated")
     assert second["source"] == str(path) and "a correction" in second["message"]
-    assert (first["corrected_rows"], second["corrected_rows"]) == (None, len(rows) + 1)
-    assert second["retracted_rows"] == 1
+    assert (first["corrected_rows"], second["corrected_rows"]) == (None, len(rows) + retracted)
+    assert second["retracted_rows"] == retracted
+    assert second["removed_dates"] == [whole.isoformat()]
+    text = _summary_text(summary)
     assert (
-        f"- {path.name}: {len(rows) + 1} published rows replaced by {len(rows)} delivered, "
-        "1 retracted"
-    ) in _summary_text(summary)
-    assert summary["features"]["dates_written"][0] == retracted_on.isoformat()
+        f"- {path.name}: {len(rows) + retracted} published rows replaced by {len(rows)} "
+        f"delivered, {retracted} retracted; dates removed (every row retracted): {whole}"
+    ) in text
+    assert f"Removed with their date: {whole}." in text
+    assert summary["features"]["dates_written"][0] == history[-7].isoformat()
+    assert summary["features"]["dates_removed"] == [whole.isoformat()]
+    for layer in ("validated", "features"):
+        assert whole not in storage.partition_dates(layer, "market")
     published = storage.read_partition("validated", "market", corrected)
     assert sorted(published["close"]) == pytest.approx(sorted(rows["Close"]))
     assert ticker not in set(storage.read_partition("validated", "market", retracted_on)["ticker"])

@@ -25,7 +25,7 @@ from finpipe.market.synthetic import (
     generate_market_panel,
     write_vendor_files,
 )
-from finpipe.storage import Storage
+from finpipe.storage import Storage, file_sha256
 from finpipe.vintages import batch_history, validated_as_known
 from tests.test_corrections import _ingest
 
@@ -133,28 +133,86 @@ def test_a_file_of_retractions_only_publishes_nothing_and_features_follow(delive
     pd.testing.assert_frame_equal(incremental, storage.read_partitions("features", "market"))
 
 
+def test_retracting_every_bar_of_a_date_removes_the_date_and_features_follow(
+    delivered, tmp_path, monkeypatch, disk_full_after_one_partition
+):
+    """A date the vendor never traded (every bar retracted) leaves the validated layer, kept
+    for earlier vintages; the feature step removes its features and rebuilds the later dates
+    whose lookback held its bars, last, so a step cut short ends as a rebuild would."""
+    from finpipe.ingest import check_file
+
+    storage, files, vendor = delivered
+    last = pd.Timestamp(sorted(vendor["Date"].unique())[-1]).date()
+    update_market_features(storage, last)
+    day, tickers = _day_tickers(vendor, 30)
+    after_day, _ = _day_tickers(vendor, 29)
+    path = _retraction(vendor, [(day, t) for t in tickers], tmp_path / "holiday.csv")
+    contract = get_domain("market").contract
+    predicted = check_file(storage, contract, path, as_of=AS_OF, correction=True)
+    assert predicted.removed_dates == [day] and "would be removed" in predicted.message
+    before = storage.read_partitions("validated", "market")
+    assert storage.read_batch_record("market", predicted.sha256) is None  # nothing written
+
+    outcome = _ingest(storage, path, correction=True)
+    assert (outcome.rows, outcome.retracted_rows, outcome.removed_dates) == (0, 4, [day])
+    assert f"every row of {day} retracted" in outcome.message
+    the_day = dt.date.fromisoformat(day)
+    assert the_day not in storage.partition_dates("validated", "market")
+    assert not storage.local_path(f"validated/market/{day}").exists()
+    record = storage.read_batch_record("market", outcome.sha256)
+    assert record["removed_dates"] == [day]
+    pd.testing.assert_frame_equal(
+        storage.read_partitions("validated", "market"),
+        before[before["date"] != pd.Timestamp(day)].reset_index(drop=True),
+    )
+    earlier = storage.read_batch_record("market", file_sha256(files[-1]))["validated_at"]
+    pd.testing.assert_frame_equal(validated_as_known(storage, contract, earlier), before)
+
+    # The feature step cut short while rebuilding: the removed date's features are still there.
+    disk_full_after_one_partition()
+    with pytest.raises(OSError, match="disk full"):
+        update_market_features(storage, last)
+    assert the_day in storage.partition_dates("features", "market")
+    monkeypatch.undo()
+    update = update_market_features(storage, last)
+    assert update.dates_removed == [day] and update.dates_written[0] == after_day
+    assert the_day not in storage.partition_dates("features", "market")
+    incremental = storage.read_partitions("features", "market")
+    update_market_features(storage, last, rebuild=True)
+    pd.testing.assert_frame_equal(incremental, storage.read_partitions("features", "market"))
+    assert update_market_features(storage, last).dates_written == []
+
+
 def test_a_retraction_cut_short_completes_on_a_rerun_with_the_first_copy(
     delivered, tmp_path, monkeypatch, disk_full_after_one_partition
 ):
+    """Cut short after it removed a whole date and rewrote one more: the re-run ends as an
+    unbroken run would, the removed date counted."""
     storage, _, vendor = delivered
-    (first, a), (second, b) = _day_tickers(vendor, 12), _day_tickers(vendor, 11)
-    path = _retraction(vendor, [(first, a[0]), (second, b[3])], tmp_path / "cancel.csv")
+    whole, second, third = (_day_tickers(vendor, back) for back in (13, 12, 11))
+    named = [(whole[0], t) for t in whole[1]] + [(second[0], second[1][0]), (third[0], third[1][3])]
+    path = _retraction(vendor, named, tmp_path / "cancel.csv")
     before = storage.read_partitions("validated", "market")
 
-    disk_full_after_one_partition()
+    writes = disk_full_after_one_partition()
     with pytest.raises(OSError, match="disk full"):
         _ingest(storage, path, correction=True)
+    assert writes == [dt.date.fromisoformat(second[0])]  # the whole date went before it
+    assert dt.date.fromisoformat(whole[0]) not in storage.partition_dates("validated", "market")
     monkeypatch.undo()
     outcome = _ingest(storage, path, correction=True)
-    assert (outcome.status, outcome.retracted_rows) == ("validated", 2)
+    assert (outcome.status, outcome.retracted_rows) == ("validated", len(named))
+    assert outcome.removed_dates == [whole[0]]
     after = storage.read_partitions("validated", "market")
-    named = pd.MultiIndex.from_arrays([pd.to_datetime([first, second]), [a[0], b[3]]])
-    expected = before[~pd.MultiIndex.from_frame(before[KEYS]).isin(named)]
+    index = pd.MultiIndex.from_arrays(
+        [pd.to_datetime([d for d, _ in named]), [t for _, t in named]]
+    )
+    expected = before[~pd.MultiIndex.from_frame(before[KEYS]).isin(index)]
     pd.testing.assert_frame_equal(after, expected.reset_index(drop=True))
     kept = pd.read_parquet(
         storage.local_path(f"state/market/superseded/{outcome.batch_id}.parquet")
     )
-    assert sorted(kept["ticker"]) == sorted([a[0], b[3]])
+    assert sorted(kept["ticker"]) == sorted(t for _, t in named)
 
 
 def test_what_a_retraction_cannot_do_is_quarantined_with_its_rule_and_changes_nothing(
@@ -167,10 +225,6 @@ def test_what_a_retraction_cannot_do_is_quarantined_with_its_rule_and_changes_no
         # A row never published (a ticker the vendor never delivered that day).
         "retraction_names_no_published_row": _retraction(
             vendor, [(day, "NOPE")], tmp_path / "unknown.csv"
-        ),
-        # Every row of a day: a date is not removed from the layers.
-        "retraction_empties_a_date": _retraction(
-            vendor, [(day, t) for t in tickers], tmp_path / "whole_day.csv"
         ),
         # The same row retracted and restated in one file.
         "retracted_and_restated": _retraction(
@@ -283,6 +337,28 @@ def test_a_retracted_loan_loses_every_version_and_features_follow(tmp_path):
     pd.testing.assert_frame_equal(features, storage.read_partitions("features", "credit"))
 
 
+def test_retracting_the_only_loan_of_a_day_removes_the_day_and_its_features(tmp_path):
+    from finpipe.credit.features import loans_as_known, update_credit_features
+    from tests.test_corrections_credit_customers import BOOK, D1, D2, FIXED, published_loans
+
+    storage, contract = published_loans(tmp_path)
+    update_credit_features(storage, FIXED, book=BOOK)
+    assert storage.partition_dates("features", "credit") == [D1, D2]
+    cancel = tmp_path / "cancel.csv"
+    row = {"loan_id": "L3", "applied": D2.isoformat(), "status": "", "income": ""}
+    pd.DataFrame([row]).assign(retracted="yes").to_csv(cancel, index=False)
+    outcome = ingest_file(storage, contract, cancel, as_of=FIXED, correction=True)
+    assert (outcome.retracted_rows, outcome.removed_dates) == (1, [D2.isoformat()])
+    assert storage.partition_dates("validated", "credit") == [D1]
+    update = update_credit_features(storage, FIXED, book=BOOK)
+    assert (update.dates_written, update.dates_removed) == ([], [D2.isoformat()])
+    assert storage.partition_dates("features", "credit") == [D1]
+    features = storage.read_partitions("features", "credit")
+    assert sorted(set(loans_as_known(features, "loan_id", FIXED)["loan_id"])) == ["L1", "L2"]
+    update_credit_features(storage, FIXED, book=BOOK, rebuild=True)
+    pd.testing.assert_frame_equal(features, storage.read_partitions("features", "credit"))
+
+
 def test_a_retracted_purchase_removes_the_customers_transactions_at_its_time_stamp(tmp_path):
     from finpipe.customers.features import update_customer_features
     from finpipe.customers.synthetic import (
@@ -330,9 +406,10 @@ _ACTION = st.sampled_from(["keep", "retract", "restate"])
 @settings(max_examples=10, deadline=None, derandomize=True)
 # Every bar named (none kept from the published ones).
 @example(actions=["retract", "retract", "restate"] * 3, added=[False, False, False])
-# A day whose bars are all retracted: refused, unless the correction adds one to it.
+# A day whose bars are all retracted: removed, unless the correction adds one to it.
 @example(actions=["retract"] * 3 + ["keep"] * 6, added=[False, False, False])
 @example(actions=["retract"] * 3 + ["restate", "keep", "retract"] * 2, added=[True, False, False])
+@example(actions=["retract"] * 9, added=[False, False, False])  # every bar: no day left
 @given(
     actions=st.lists(_ACTION, min_size=9, max_size=9),
     added=st.lists(st.booleans(), min_size=3, max_size=3),  # a new ticker's bar, by day
@@ -340,8 +417,8 @@ _ACTION = st.sampled_from(["keep", "retract", "restate"])
 def test_a_correction_publishes_what_a_naive_reference_computes(actions, added):
     """Every published bar kept, retracted or restated, new bars added: the layer afterwards
     is the published rows less the retracted keys, restated ones replaced, new ones added; a
-    correction that would empty a day is refused and changes nothing; the layer as known
-    before it is the layer before it, either way."""
+    day left with no bar is removed (every day, when every bar is retracted); the layer as
+    known before the correction is the layer before it."""
     history = pd.DataFrame(
         [(d.date().isoformat(), t, 100.0 + i) for i, (d, t) in enumerate(_keys())],
         columns=["Date", "Ticker", "Close"],
@@ -363,13 +440,12 @@ def test_a_correction_publishes_what_a_naive_reference_computes(actions, added):
             return
         correction.to_csv(Path(folder) / "fix.csv", index=False)
         expected = _reference(before, correction)
-        emptied = {d for d in _DAYS if not (expected["date"] == d).any()}
-        if emptied:
-            with pytest.raises(ValidationFailed, match="retraction_empties_a_date"):
-                _ingest(storage, Path(folder) / "fix.csv", correction=True)
-            pd.testing.assert_frame_equal(storage.read_partitions("validated", "market"), before)
-        else:
-            _ingest(storage, Path(folder) / "fix.csv", correction=True)
+        emptied = [d.date() for d in _DAYS if not (expected["date"] == d).any()]
+        outcome = _ingest(storage, Path(folder) / "fix.csv", correction=True)
+        assert outcome.removed_dates == [d.isoformat() for d in emptied]
+        left = [d.date() for d in _DAYS if d.date() not in emptied]
+        assert storage.partition_dates("validated", "market") == left
+        if left:
             after = storage.read_partitions("validated", "market")
             columns = ["date", "ticker", "close"]
             pd.testing.assert_frame_equal(

@@ -280,8 +280,22 @@ def test_a_correction_replaces_published_rows_and_keeps_them_in_the_store(
     assert retraction.retracted_rows == 1
     pd.testing.assert_frame_equal(validated_as_known(store, MARKET, "2026-01-02"), after)
     gone = (after["date"] == first["date"]) & (after["ticker"] == first["ticker"])
+    remaining = after[~gone].reset_index(drop=True)
+    pd.testing.assert_frame_equal(store.read_partitions("validated", "market"), remaining)
+    # Every bar of the last day retracted: its partition leaves the store.
+    the_day = last["date"].iloc[0].date()
+    bars = [{"Date": the_day.isoformat(), "Ticker": t} for t in last["ticker"]]
+    whole = tmp_path / "cancel_day.csv"
+    pd.DataFrame(bars).reindex(columns=columns).assign(Retracted="y").to_csv(whole, index=False)
+    monkeypatch.setattr("finpipe.ingest._now", lambda: "2026-01-04T00:00:00+00:00")
+    removal = ingest_file(store, MARKET, whole, as_of="2030-01-01", correction=True)
+    assert removal.removed_dates == [the_day.isoformat()]
+    assert the_day not in store.partition_dates("validated", "market")
+    assert not _files(store, f"validated/market/{the_day}")
+    pd.testing.assert_frame_equal(validated_as_known(store, MARKET, "2026-01-03T12:00"), remaining)
     pd.testing.assert_frame_equal(
-        store.read_partitions("validated", "market"), after[~gone].reset_index(drop=True)
+        store.read_partitions("validated", "market"),
+        remaining[remaining["date"] != last["date"].iloc[0]].reset_index(drop=True),
     )
 
 

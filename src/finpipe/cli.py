@@ -211,7 +211,8 @@ def ingest(
             "they restate (same key; credit: every version of the loan, keeping its delivery "
             "days; customers: the customer's transactions at that time stamp), kept in "
             "state/<domain>/superseded/, instead of being rejected as repeats; a row with "
-            "the column retracted=true removes the published rows it names instead. The next run "
+            "the column retracted=true removes the published rows it names instead (a date "
+            "left with no row leaves the layers). The next run "
             "rebuilds features from the earliest corrected date; a backfill over the corrected "
             "dates re-scores them.",
         ),

@@ -37,6 +37,8 @@ class FeatureUpdate:
     rows: int = 0
     skipped_features: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    # Feature partitions removed with their date (a correction retracted all its rows).
+    dates_removed: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,6 +75,32 @@ def stale_feature_days(
     validated = storage.partition_fingerprints("validated", domain, days)
     recorded = recorded_inputs(storage, domain)
     return {day for day, print_ in validated.items() if recorded.get(day.isoformat()) != print_}
+
+
+def orphaned_feature_days(
+    storage: Storage, domain: str, end: dt.date | None = None
+) -> list[dt.date]:
+    """Return the days (up to `end`) with a feature partition but no validated one: dates a
+    correction retracted whole. Their features go last (`remove_feature_days`), after the
+    features that depended on them are rebuilt, so a step cut short finds them again."""
+    validated = set(storage.partition_dates("validated", domain, end=end))
+    return [d for d in storage.partition_dates("features", domain, end=end) if d not in validated]
+
+
+def remove_feature_days(
+    storage: Storage, domain: str, days: Iterable[dt.date], update: FeatureUpdate
+) -> None:
+    """Remove the feature partitions of `days` and their built-from records; note them."""
+    days = sorted(days)
+    if not days:
+        return
+    for day in days:
+        storage.delete_partition("features", domain, day)
+        update.dates_removed.append(day.isoformat())
+    recorded = recorded_inputs(storage, domain)
+    kept = {d: p for d, p in recorded.items() if dt.date.fromisoformat(d) not in set(days)}
+    if kept != recorded:
+        storage.write_json(storage.state_key(domain, BUILT_FROM), kept)
 
 
 def history_fingerprint(validated: Mapping[dt.date, str], through: dt.date) -> str:

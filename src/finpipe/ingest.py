@@ -96,6 +96,8 @@ class IngestOutcome:
     # many of those its retracted rows removed (`RETRACTED_COLUMN`).
     corrected_rows: int | None = None
     retracted_rows: int | None = None
+    # The dates a correction retracted every row of: their partitions are removed (ISO days).
+    removed_dates: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -254,9 +256,11 @@ def check_file(
     dates = sorted(pd.Timestamp(day).date() for day in days)
     replaced, retracted = checked.replaced_counts()
     clause = ""
+    emptied = _emptied_dates(storage, contract, checked)
     if correction:
         removed = f", {retracted:,} of them retracted" if retracted else ""
         clause = f" (a correction: {replaced:,} published rows would be replaced{removed})"
+        clause += _removed_clause(emptied, would=True)
     warnings = [describe_rule_break(rule) for rule in checked.report.warnings()]
     return IngestOutcome(
         source=str(path),
@@ -274,6 +278,7 @@ def check_file(
         warnings=warnings,
         corrected_rows=replaced if correction else None,
         retracted_rows=retracted if correction else None,
+        removed_dates=[day.isoformat() for day in emptied],
     )
 
 
@@ -392,9 +397,7 @@ def _check(
         checked.kept = storage.exists(key)  # a re-run: partitions may already hold it
         replaced = _replaced_rows(storage, contract, key, frame, retracted, batch_id)
         problem = (
-            None
-            if checked.kept
-            else _retraction_problem(storage, contract, frame, replaced, retracted)
+            None if checked.kept else _retraction_problem(contract, frame, replaced, retracted)
         )
         if problem is not None:
             report_dict.update(success=False)
@@ -429,6 +432,7 @@ def _publish_checked(storage, contract, path: Path, checked: _Checked, record: d
         if contract.restate is not None:
             rows = contract.restate(checked.restating.drop(columns=[BATCH_COLUMN]), checked.frame)
     replace_keys = contract.restated_by() if correction else None
+    emptied = _emptied_dates(storage, contract, checked)
     published = _publish(
         storage, contract, rows, batch_id, replace_keys=replace_keys, retract=checked.retracted
     )
@@ -443,6 +447,9 @@ def _publish_checked(storage, contract, path: Path, checked: _Checked, record: d
         last_date=dates[-1].isoformat() if dates else None,
         warnings=warnings,
     )
+    if emptied:
+        record["removed_dates"] = [day.isoformat() for day in emptied]
+        corrected += _removed_clause(emptied)
     storage.write_batch_record(contract.domain, record)
     return IngestOutcome(
         source=str(path),
@@ -459,6 +466,21 @@ def _publish_checked(storage, contract, path: Path, checked: _Checked, record: d
         warnings=warnings,
         corrected_rows=record.get("corrected_rows") if correction else None,
         retracted_rows=record.get("retracted_rows") if correction else None,
+        removed_dates=record.get("removed_dates", []),
+    )
+
+
+def _removed_clause(emptied: list[dt.date], would: bool = False) -> str:
+    """The outcome message's clause for the dates a correction removes ("" for none; `would`:
+    a dry run's)."""
+    if not emptied:
+        return ""
+    named = ", ".join(day.isoformat() for day in emptied[:5])
+    more = f" and {len(emptied) - 5} more" if len(emptied) > 5 else ""
+    return (
+        f"; every row of {named}{more} retracted: {'would be ' if would else ''}removed from "
+        "the validated layer "
+        "(the feature step removes its features and rebuilds those that depended on it)"
     )
 
 
@@ -600,10 +622,30 @@ def _without(replaced: pd.DataFrame, retracted: pd.DataFrame | None, keys: list[
     return replaced[~_matches(replaced, retracted, keys)]
 
 
-def _retraction_problem(storage, contract, frame, replaced, retracted) -> dict | None:
+def _emptied_dates(storage, contract, checked: _Checked) -> list[dt.date]:
+    """Return the dates checked correction retracts every published row of (their partitions
+    go), counting a date whose partition a first try cut short already removed."""
+    if checked.retracted is None or checked.replaced is None or checked.restating is None:
+        return []
+    date_col = contract.date_column
+    restated = checked.restating.index
+    removed = checked.replaced.drop(index=restated)[date_col].value_counts()
+    publishing = set(checked.frame[date_col])
+    emptied = []
+    for stamp, count in removed.items():
+        day = pd.Timestamp(stamp).date()
+        key = storage.partition_key("validated", contract.domain, day)
+        if stamp not in publishing and (
+            not storage.exists(key)
+            or storage.partition_rows("validated", contract.domain, day) == count
+        ):
+            emptied.append(day)
+    return sorted(emptied)
+
+
+def _retraction_problem(contract, frame, replaced, retracted) -> dict | None:
     """Return a failed-rule entry when a retracted row of correction `frame` names no published
-    row, is also restated by the correction, or would leave a date with no rows (a date is not
-    removed: its features would stay); else None."""
+    row or is also restated by the correction; else None."""
     if retracted is None:
         return None
     keys = contract.restated_by()
@@ -625,30 +667,7 @@ def _retraction_problem(storage, contract, frame, replaced, retracted) -> dict |
             retracted[~found],
             f"are retracted but name no published row by {keys}",
         )
-    date_col = contract.date_column
-    removed = replaced[_matches(replaced, retracted, keys)][date_col].value_counts()
-    publishing = set(frame[date_col])
-    emptied = sorted(
-        pd.Timestamp(day).date()
-        for day, count in removed.items()
-        if day not in publishing
-        and storage.partition_rows("validated", contract.domain, pd.Timestamp(day).date()) == count
-    )
-    if not emptied:
-        return None
-    return {
-        "rule": "retraction_empties_a_date",
-        "success": False,
-        "columns": [date_col],
-        "unexpected_count": len(emptied),
-        "sample_rows": [],
-        "sample_values": [{date_col: day.isoformat()} for day in emptied[:10]],
-        "message": (
-            f"retracting every published row of {', '.join(d.isoformat() for d in emptied[:5])} "
-            "would leave a date with no rows, and a date is not removed from the layers; "
-            "rebuild the domain without it instead (README, Corrections); nothing was retracted"
-        ),
-    }
+    return None
 
 
 def _rows_rule(rule: str, rows: pd.DataFrame, what: str) -> dict:
@@ -1015,8 +1034,11 @@ def _publish(
                 if replace_keys and named is not None and not named.empty:
                     current = current[~_matches(current, named, replace_keys)]
             rows = pd.concat([current, rows], ignore_index=True)
-        rows = rows.sort_values(sort_cols, kind="stable")
-        storage.write_partition("validated", contract.domain, day, rows)
+        if rows.empty:  # every row retracted (or already, on a re-run): the date goes
+            storage.delete_partition("validated", contract.domain, day)
+        else:
+            rows = rows.sort_values(sort_cols, kind="stable")
+            storage.write_partition("validated", contract.domain, day, rows)
         days.append(day)
     return days
 

@@ -591,6 +591,24 @@ class Storage:
                 tmp.unlink(missing_ok=True)
         return key
 
+    def delete_partition(self, layer: str, domain: str, day: dt.date | str) -> bool:
+        """Remove the partition of `day`, atomically (its one file goes in one step); return
+        whether there was one. A date with no partition reads as never published."""
+        key = self.partition_key(layer, domain, day)
+        if not self.is_local:
+            there = self.exists(key)
+            if there:
+                self._s3.delete(self._bucket, [self._object(key)])
+            return there
+        target = Path(self._path(key))
+        try:
+            target.unlink()
+        except FileNotFoundError:
+            return False
+        with contextlib.suppress(OSError):  # a leftover folder is not a partition
+            target.parent.rmdir()
+        return True
+
     def partition_dates(
         self,
         layer: str,

@@ -29,7 +29,13 @@ import pyarrow.compute as pc
 from finpipe.credit.config import DATE_COLUMN, DELIVERED_ON, LoanBookConfig
 from finpipe.credit.schema import DOMAIN
 from finpipe.errors import ConfigError, NothingToTrain, ScoringError
-from finpipe.features import FeatureUpdate, PartitionWriter, stale_feature_days
+from finpipe.features import (
+    FeatureUpdate,
+    PartitionWriter,
+    orphaned_feature_days,
+    remove_feature_days,
+    stale_feature_days,
+)
 from finpipe.storage import Storage, as_day
 
 LABEL = "default_flag"
@@ -152,6 +158,8 @@ def update_credit_features(
             writer.publish(features.sort_values(order, kind="stable"))
             if progress:
                 progress(f"features: {start + len(block)}/{len(todo)} dates built")
+    # Dates a correction retracted whole: their loans must not train or score again.
+    remove_feature_days(storage, DOMAIN, orphaned_feature_days(storage, DOMAIN, as_of), update)
     update.seconds = round(time.perf_counter() - started, 3)
     return update
 

@@ -45,7 +45,13 @@ import numpy as np
 import pandas as pd
 
 from finpipe.errors import ScoringError
-from finpipe.features import FeatureUpdate, PartitionWriter, stale_feature_days
+from finpipe.features import (
+    FeatureUpdate,
+    PartitionWriter,
+    orphaned_feature_days,
+    remove_feature_days,
+    stale_feature_days,
+)
 from finpipe.ingest import BATCH_COLUMN
 from finpipe.market.schema import CANONICAL_COLUMNS, DOMAIN, price_column
 from finpipe.storage import Storage, as_day
@@ -484,15 +490,17 @@ def dates_needing_features(
 
     Features at t depend on the previous FEATURE_LOOKBACK_DAYS rows, so once one date is
     missing or older than its validated data, every later date is recomputed too; that keeps
-    an incremental run identical to a full rebuild.
+    an incremental run identical to a full rebuild. So are the dates after one a correction
+    removed (`orphaned_feature_days`): their lookback held its rows.
     """
     validated = storage.partition_dates("validated", DOMAIN, end=as_of)
     if rebuild:
         return validated
     done = set(storage.partition_dates("features", DOMAIN, end=as_of))
     stale = stale_feature_days(storage, DOMAIN, validated)
+    removed = orphaned_feature_days(storage, DOMAIN, end=as_of)
     for i, day in enumerate(validated):
-        if day not in done or day in stale:
+        if day not in done or day in stale or (removed and day > removed[0]):
             return validated[i:]
     return []
 
@@ -517,8 +525,23 @@ def update_market_features(
     as_of = as_day(as_of)
     todo = dates_needing_features(storage, as_of, rebuild)
     update = FeatureUpdate()
-    if not todo:
-        return update
+    removed = orphaned_feature_days(storage, DOMAIN, end=as_of)
+    if todo:
+        _build_market_features(storage, as_of, todo, block_dates, update, progress)
+    remove_feature_days(storage, DOMAIN, removed, update)  # last: see orphaned_feature_days
+    update.seconds = round(time.perf_counter() - started, 3)
+    return update
+
+
+def _build_market_features(
+    storage: Storage,
+    as_of: dt.date,
+    todo: list[dt.date],
+    block_dates: int,
+    update: FeatureUpdate,
+    progress: Callable[[str], None] | None,
+) -> None:
+    """Build and publish the feature partitions of `todo` (validated dates, in order)."""
     validated = storage.partition_dates("validated", DOMAIN, end=as_of)
     position = {day: i for i, day in enumerate(validated)}
     blocks = [todo[i : i + block_dates] for i in range(0, len(todo), block_dates)]
@@ -550,8 +573,6 @@ def update_market_features(
             if ahead is not None:
                 carried = _last_rows_per_ticker(prices, FEATURE_LOOKBACK_DAYS)
                 prices = pd.concat([carried, ahead.result()], ignore_index=True)
-    update.seconds = round(time.perf_counter() - started, 3)
-    return update
 
 
 def _last_rows_per_ticker(prices: pd.DataFrame, rows: int) -> pd.DataFrame:
