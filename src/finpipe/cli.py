@@ -22,9 +22,12 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode="markdown",  # docstring paragraphs reflow to the terminal's width
 )
-generate_app = typer.Typer(help="Write synthetic data shaped like a vendor's delivery.")
-run_app = typer.Typer(help="Run a pipeline flow (through Prefect).")
+generate_app = typer.Typer(
+    help="Write synthetic data shaped like a vendor's delivery.", rich_markup_mode="markdown"
+)
+run_app = typer.Typer(help="Run a pipeline flow (through Prefect).", rich_markup_mode="markdown")
 app.add_typer(generate_app, name="generate")
 app.add_typer(run_app, name="run")
 
@@ -160,8 +163,9 @@ def generate_customers(
         ),
     ] = True,
 ) -> None:
-    """Generate a synthetic transaction log (the synthetic customers config) with planted
-    segments."""
+    """Generate a synthetic transaction log with planted segments.
+
+    Shaped by the synthetic customers config."""
     from finpipe.customers.pipeline import write_planted_segments
     from finpipe.customers.synthetic import (
         CustomersSyntheticConfig,
@@ -210,7 +214,7 @@ def ingest(
             help="The files are a vendor's corrections: their rows replace the published rows "
             "they restate (same key; credit: every version of the loan, keeping its delivery "
             "days; customers: the customer's transactions at that time stamp), kept in "
-            "state/<domain>/superseded/, instead of being rejected as repeats; a row with "
+            "state/DOMAIN/superseded/, instead of being rejected as repeats; a row with "
             "the column retracted=true removes the published rows it names instead (a date "
             "left with no row leaves the layers). The next run "
             "rebuilds features from the earliest corrected date; a backfill over the corrected "
@@ -301,8 +305,10 @@ def validated(
         ),
     ] = None,
 ) -> None:
-    """Write the validated layer of DOMAIN as it was known at a time, one Parquet file: what a
-    model trained or a report ran on then, corrections validated since undone (audit)."""
+    """Write the validated layer of DOMAIN as it was known at a time (audit).
+
+    One Parquet file: what a model trained or a report ran on then, corrections validated
+    since undone."""
     from finpipe.domains import get_domain
     from finpipe.storage import Storage, write_bytes_atomic
     from finpipe.vintages import utc_time, validated_as_known
@@ -323,11 +329,12 @@ def validated(
 def batches(
     domain: Annotated[str, typer.Argument(help="Domain whose delivered files to list.")],
 ) -> None:
-    """List every delivered file of DOMAIN in the order it was settled: when (UTC), status
-    (validated, quarantined, or landed while in progress), batch, rows, dates and, for a
-    correction, the published rows it replaced and how many of them it retracted. A time listed
-    here is one `finpipe validated
-    --known-at` takes, to see the layer before or after that batch."""
+    """List every delivered file of DOMAIN in the order it was settled.
+
+    Each with when (UTC), status (validated, quarantined, or landed while in progress), batch,
+    rows, dates and, for a correction, the published rows it replaced and how many of them it
+    retracted. A time listed here is one `finpipe validated --known-at` takes, to see the
+    layer before or after that batch."""
     import pandas as pd
 
     from finpipe.domains import get_domain
@@ -355,8 +362,10 @@ def batches(
 
 @app.command("migrate-storage")
 def migrate_storage() -> None:
-    """Convert a store written before 2026-12 (hive `date=YYYY-MM-DD` folders) to bare-day
-    folders, so that pandas, pyarrow, Polars and DuckDB open every layer in one call.
+    """Convert a store written before 2026-12 to the layout every Parquet reader opens.
+
+    Hive `date=YYYY-MM-DD` folders become bare-day folders, so that pandas, pyarrow, Polars
+    and DuckDB open every layer in one call.
 
     Safe to run again, and on a store that needs nothing: each domain is converted under its
     history lock, one partition at a time, and a stopped conversion is finished by a re-run.
@@ -502,7 +511,7 @@ def run_backtest(
     start: Annotated[str, typer.Option(help="First date scored out of sample, YYYY-MM-DD.")],
     end: Annotated[str, typer.Option(help="Last date scored (included), YYYY-MM-DD.")],
     name: Annotated[
-        str, typer.Option(help="Names the backtest's store, backtests/<name>/, and MLflow run.")
+        str, typer.Option(help="Names the backtest's store, backtests/NAME/, and MLflow run.")
     ] = "default",
     retrain_every: Annotated[
         int, typer.Option(min=1, help="Sessions between retrains (21 monthly, 63 quarterly).")
@@ -603,8 +612,9 @@ def demo(
         bool, typer.Option(help="After the market nights, a short walk-forward backtest.")
     ] = True,
 ) -> None:
-    """Generate synthetic deliveries, then run the nightly flow for a few dates per domain
-    (and a three-window backtest of the market model, reported in MLflow)."""
+    """Generate synthetic deliveries, then run the nightly flow for a few dates per domain.
+
+    Then a three-window backtest of the market model, reported in MLflow."""
     settings = _settings()
     from finpipe.domains import domain_names, get_domain
     from finpipe.flows.nightly import nightly
@@ -730,7 +740,9 @@ def ui(
     run_servers(commands, say=_echo)
 
 
-stack_app = typer.Typer(help="The team stack as local processes (README, 'Team set-up').")
+stack_app = typer.Typer(
+    help="The team stack as local processes (README, 'Team set-up').", rich_markup_mode="markdown"
+)
 app.add_typer(stack_app, name="stack")
 StackDir = Annotated[
     Path, typer.Option("--dir", help="The stack's folder: data, logs, stack.env (0600).")
@@ -739,8 +751,10 @@ StackDir = Annotated[
 
 @stack_app.command("up")
 def stack_up(dir: StackDir = Path("finpipe-stack")) -> None:
-    """Start Postgres, S3, Prefect and MLflow servers (with auth), Dask and a Prefect worker
-    on 127.0.0.1; print the settings clients export (secrets only in the 0600 env file)."""
+    """Start the team stack's servers, Dask and a Prefect worker on 127.0.0.1.
+
+    Postgres, S3, Prefect and MLflow servers (with auth); prints the settings clients export
+    (secrets only in the 0600 env file)."""
     from finpipe.services.stack import client_settings_lines, up
     from finpipe.settings import disable_telemetry
 
@@ -767,8 +781,10 @@ def stack_up(dir: StackDir = Path("finpipe-stack")) -> None:
 
 @stack_app.command("deploy")
 def stack_deploy(dir: StackDir = Path("finpipe-stack")) -> None:
-    """Register the nightly, backfill, train, score and backtest deployments on the stack's
-    `finpipe` work pool (`up` does it; again after changing the FINPIPE_NIGHTLY_* settings)."""
+    """Register the deployments on the stack's `finpipe` work pool.
+
+    The nightly, backfill, train, score and backtest deployments (`up` does it; run it again
+    after changing the FINPIPE_NIGHTLY_* settings)."""
     import os
 
     from finpipe.services.stack import WORK_POOL, StackError, StackFolder, read_env_file
@@ -790,8 +806,9 @@ def stack_deploy(dir: StackDir = Path("finpipe-stack")) -> None:
 
 @stack_app.command("status")
 def stack_status(dir: StackDir = Path("finpipe-stack")) -> None:
-    """Show each process of the stack, running (pid) or stopped, and whether its server
-    answers; exit status 1 when one is stopped or does not answer."""
+    """Show each process of the stack, running or stopped, and whether its server answers.
+
+    Exit status 1 when one is stopped or does not answer."""
     from finpipe.services.stack import status
 
     rows = status(dir)
