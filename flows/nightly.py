@@ -25,6 +25,7 @@ from finpipe.date_runs import (
     DateOutcome,
     completed_dates,
     failure_summary,
+    stale_scored_dates,
 )
 from finpipe.planning import (
     ALL_STEPS,
@@ -127,6 +128,7 @@ def nightly(
         "training": training_outcome,
         "promotion": decision,
         "predictions": tonight["predictions"],
+        "stale_predictions": _stale_predictions(run, features),
     }
     create_markdown_artifact(
         key=f"nightly-{domain}-summary",
@@ -153,6 +155,34 @@ def _plan(
         max_catch_up=run.schedule.backfill_max_dates,
         retrain=retrain,
     )
+
+
+def _stale_predictions(run: RunSetup, features: dict) -> dict | None:
+    """The earlier dates whose predictions were scored from data this night's deliveries or
+    corrections changed (their features rebuilt or removed), and the backfill that re-scores
+    them; None when there are none."""
+    changed = [*features["dates_written"], *features.get("dates_removed", [])]
+    stale, gone = stale_scored_dates(run.storage, run.domain, changed)
+    if not stale:
+        return None
+    rescore = [day for day in stale if day not in gone]
+    command = (
+        f"finpipe run backfill --domain {run.domain} --start {rescore[0]} --end {rescore[-1]}"
+        if rescore
+        else None
+    )
+    named = ", ".join(day.isoformat() for day in stale[:10]) + (", ..." if len(stale) > 10 else "")
+    get_run_logger().warning(
+        "%d earlier dates have predictions scored from data since changed (%s); %s",
+        len(stale),
+        named,
+        f"re-score them: {command}" if command else "their data was retracted",
+    )
+    return {
+        "dates": [day.isoformat() for day in stale],
+        "removed": [day.isoformat() for day in gone],
+        "backfill": command,
+    }
 
 
 def _caught_up(run: RunSetup, day: dt.date) -> DateOutcome:

@@ -81,7 +81,31 @@ def summary_markdown(summary: dict) -> str:
         f"{predictions['rows']:,} rows for {predictions['date']} by {predictions['model_name']} "
         f"v{predictions['model_version']} in `{predictions['path']}`.",
     ]
+    stale = summary.get("stale_predictions")
+    if stale:
+        lines += ["", "## Stale predictions", _stale_text(stale)]
     return "\n".join(lines)
+
+
+def _stale_text(stale: dict) -> str:
+    """Say which earlier dates' predictions this night's data changed, and what to run."""
+    dates = stale["dates"]
+    named = ", ".join(dates[:10]) + (f" and {len(dates) - 10} more" if len(dates) > 10 else "")
+    text = (
+        f"Predictions of {len(dates)} earlier dates were scored from data this run changed "
+        f"(a correction, a retraction or a late delivery): {named}."
+    )
+    if stale["backfill"]:
+        text += (
+            f" Re-score them with `{stale['backfill']}` (or the backfill deployment over "
+            "those dates): it redoes only the stale ones."
+        )
+    if stale["removed"]:
+        text += (
+            f" {', '.join(stale['removed'])}: every row retracted, so nothing can score it "
+            "again; its predictions stay as they were published."
+        )
+    return text
 
 
 def metrics_table(metrics: dict[str, dict[str, dict[str, float]]]) -> list[str]:

@@ -456,6 +456,8 @@ def test_a_nightly_loads_its_corrections_after_its_inputs_and_rebuilds_from_them
     storage = Storage(market.home)
     history = storage.partition_dates("validated", "market")
     update_market_features(storage, history[-1])
+    for day in history[-9:-4]:  # scored before the correction arrives
+        assert process_date(storage, market, "market", day).status == "completed"
     corrected, retracted_on, whole = history[-5], history[-6], history[-8]
     rows, path = _restated(base, corrected, tmp_path)
     # The same correction retracts one bar of the day before (its key only, flagged), and
@@ -488,6 +490,17 @@ def test_a_nightly_loads_its_corrections_after_its_inputs_and_rebuilds_from_them
     assert summary["features"]["dates_removed"] == [whole.isoformat()]
     for layer in ("validated", "features"):
         assert whole not in storage.partition_dates(layer, "market")
+    # The predictions scored from what changed are named, with the backfill that re-scores
+    # them: the removed date, the day after it (its lookback), the retraction's, the restated.
+    stale = summary["stale_predictions"]
+    assert stale["dates"] == [d.isoformat() for d in history[-8:-4]]
+    assert stale["removed"] == [whole.isoformat()]
+    assert stale["backfill"] == (
+        f"finpipe run backfill --domain market --start {history[-7]} --end {history[-5]}"
+    )
+    assert f"`{stale['backfill']}`" in text and "## Stale predictions" in text
+    assert is_done(storage, "market", history[-9], ALL_STEPS)
+    assert not any(is_done(storage, "market", day, ALL_STEPS) for day in history[-8:-4])
     published = storage.read_partition("validated", "market", corrected)
     assert sorted(published["close"]) == pytest.approx(sorted(rows["Close"]))
     assert ticker not in set(storage.read_partition("validated", "market", retracted_on)["ticker"])

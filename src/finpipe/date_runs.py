@@ -83,6 +83,28 @@ def is_done(storage: Storage, domain: str, day: dt.date, steps: Iterable[str]) -
     return record.get("inputs") == partition_fingerprint(storage, domain, day)
 
 
+def stale_scored_dates(
+    storage: Storage, domain: str, days: Iterable[dt.date | str]
+) -> tuple[list[dt.date], list[dt.date]]:
+    """Of `days`, return those whose published predictions were scored from data that has
+    changed since (a correction, a retraction, a late delivery: the completion record's inputs
+    differ from the partitions now), and of those, the ones whose validated data is gone (a
+    date retracted whole, which nothing can score again). A backfill re-scores the others."""
+    stale, gone = [], []
+    for day in sorted({as_day(d) for d in days}):
+        if not storage.exists(storage.partition_key("predictions", domain, day)):
+            continue
+        record = read_completion(storage, domain, day) or {}
+        if record.get("status") != "completed" or "score" not in record.get("steps", []):
+            continue
+        now = partition_fingerprint(storage, domain, day)
+        if record.get("inputs") != now:
+            stale.append(day)
+            if now["validated"] is None:
+                gone.append(day)
+    return stale, gone
+
+
 def completed_dates(storage: Storage, domain: str) -> list[dt.date]:
     """Return the dates recorded `completed`, in order."""
     days = []
