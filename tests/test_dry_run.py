@@ -104,3 +104,43 @@ def test_the_command_line_checks_every_file_and_exits_2_when_one_would_be_reject
     assert result.exit_code == 0, result.output
     assert "2 published rows would be replaced, 1 of them retracted" in result.output
     assert _store_files(storage.root) == before
+
+
+def test_files_checked_together_see_the_ones_before_them_as_ingest_would(
+    delivered, tmp_path, monkeypatch
+):
+    """The same day delivered twice (once byte for byte, once with another volume): the dry run
+    says what loading them in order does, not what each would do alone."""
+    from finpipe.cli import app
+
+    storage, _, _ = delivered
+    files = _files(delivered, tmp_path)
+    copy = tmp_path / "new_again.csv"
+    copy.write_bytes(files["new.csv"].read_bytes())
+    overlap = tmp_path / "new_revised.csv"
+    pd.read_csv(files["new.csv"]).assign(Volume=1234.0).to_csv(overlap, index=False)
+    monkeypatch.setenv("FINPIPE_HOME", str(storage.root))
+    monkeypatch.delenv("FINPIPE_DROP_ROOTS", raising=False)
+    before = _store_files(storage.root)
+    given = [str(files["new.csv"]), str(copy), str(overlap), str(files["bad.csv"])]
+    result = CliRunner().invoke(app, ["ingest", "market", *given, "--as-of", AS_OF, "--dry-run"])
+    assert _store_files(storage.root) == before
+    assert "new.csv: 4 rows over 1 dates would be published" in result.output
+    assert "new_again.csv: the same content as new.csv, checked above" in result.output
+    assert (
+        "new_revised.csv would be rejected (rules failed: duplicate_key_across_batches). "
+        "Rule duplicate_key_across_batches: 4 rows repeat keys of new.csv, checked above"
+    ) in result.output
+    assert "2 of 4 file(s) would be rejected (above); ingest stops at the first, " in str(
+        result.exception
+    )
+    # Each alone against the store, both would be published.
+    contract = get_domain("market").contract
+    for path in (copy, overlap):
+        assert check_file(storage, contract, path, as_of=AS_OF).status == "checked"
+
+    # Loading them in order does what the dry run said.
+    assert ingest_file(storage, contract, files["new.csv"], as_of=AS_OF).status == "validated"
+    assert ingest_file(storage, contract, copy, as_of=AS_OF).status == "already_loaded"
+    with pytest.raises(ValidationFailed, match="duplicate_key_across_batches"):
+        ingest_file(storage, contract, overlap, as_of=AS_OF)

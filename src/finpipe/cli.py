@@ -228,7 +228,9 @@ def ingest(
             help="Check the files as ingest would (the suite; for a correction, the published "
             "rows it would replace and retract) and say what would happen, writing nothing; "
             "exit status 2 when a file would be rejected. Each file is checked against the "
-            "store as it is, not against the other files given.",
+            "store as it is and, for the same content and repeated keys, against the files "
+            "given before it; its other rules (a market day's jump from the day before, a "
+            "correction's rows) see the store alone.",
         ),
     ] = False,
 ) -> None:
@@ -268,9 +270,10 @@ def ingest(
 def _check_files(storage, contract, paths: list[Path], day, settings, correction: bool) -> None:
     """`finpipe ingest --dry-run`: say what ingest would do with each file, writing nothing."""
     from finpipe.errors import ValidationFailed
-    from finpipe.ingest import check_file
+    from finpipe.ingest import CheckedTogether, check_file
 
-    rejected = 0
+    rejected: list[Path] = []
+    together = CheckedTogether()
     for path in paths:
         try:
             outcome = check_file(
@@ -280,15 +283,23 @@ def _check_files(storage, contract, paths: list[Path], day, settings, correction
                 as_of=day,
                 max_file_bytes=settings.max_file_mb * 1024**2,
                 correction=correction,
+                together=together,
             )
         except ValidationFailed as error:
-            rejected += 1
+            rejected.append(path)
             typer.echo(str(error))
         else:
             typer.echo(outcome.message)
     if rejected:
+        stops = (
+            f"; ingest stops at the first, {rejected[0].name}, and would not load the files "
+            "after it"
+            if len(paths) > 1 and rejected[0] != paths[-1]
+            else ""
+        )
         raise ValidationFailed(
-            f"{rejected} of {len(paths)} file(s) would be rejected (above); nothing was written"
+            f"{len(rejected)} of {len(paths)} file(s) would be rejected (above){stops}; nothing "
+            "was written"
         )
 
 

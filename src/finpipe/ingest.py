@@ -218,6 +218,37 @@ def ingest_file(
     return outcome
 
 
+@dataclass
+class CheckedTogether:
+    """What the files checked before this one in the same dry run would publish: ingest loads
+    them first, so a later file is checked against their content and keys too (the same file
+    twice, a key two files deliver). Other rules see the store alone, and so do corrections."""
+
+    names: dict[str, str] = field(default_factory=dict)  # sha256 -> the first file's name
+    keys: list[tuple[str, pd.DataFrame]] = field(default_factory=list)  # (file name, keys)
+
+    def repeats(self, contract: RawContract, frame: pd.DataFrame) -> str | None:
+        """Say which rows of `frame` repeat keys of a file checked before; None if none."""
+        keys = list(contract.key_columns)
+        for name, earlier in self.keys:
+            clash = frame[keys].reset_index().merge(earlier, on=keys, how="inner")
+            if not clash.empty:
+                row = clash.iloc[0]
+                first = {k: str(row[k]) for k in keys}
+                return (
+                    f"Rule duplicate_key_across_batches: {len(clash):,} rows repeat keys of "
+                    f"{name}, checked above (ingest loads it first), e.g. row {row['index']}: "
+                    f"{first}."
+                )
+        return None
+
+    def add(self, contract: RawContract, name: str, sha: str, frame: pd.DataFrame | None) -> None:
+        """Note a file that passed (`frame`: the rows it publishes; None for a correction)."""
+        self.names[sha] = name
+        if frame is not None:
+            self.keys.append((name, frame[list(contract.key_columns)].drop_duplicates()))
+
+
 def check_file(
     storage: Storage,
     contract: RawContract,
@@ -226,14 +257,15 @@ def check_file(
     as_of: dt.date | str,
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
     correction: bool = False,
+    together: CheckedTogether | None = None,
 ) -> IngestOutcome:
     """Return what `ingest_file` would do with `path`, writing nothing to the store: status
     `already_loaded`, or `checked` with the rows and dates it would publish and, for a
     correction, the published rows it would replace and retract. Raises ValidationFailed (with
     no quarantine path) for a file it would quarantine, with the same rules and message.
 
-    The file is checked against the store as it is: two files checked together do not see
-    each other's rows.
+    The file is checked against the store as it is and, with `together` (updated here), the
+    files checked before it in the same run (`CheckedTogether`).
     """
     path = Path(path)
     _refuse_before_reading(contract, path, max_file_bytes, correction)
@@ -242,6 +274,15 @@ def check_file(
     if previous is not None and previous["status"] == "validated":
         return _already_loaded(path, sha, previous)
     batch_id = f"b{sha[:12]}"
+    if together is not None and sha in together.names:
+        return IngestOutcome(
+            source=str(path),
+            sha256=sha,
+            batch_id=batch_id,
+            status="already_loaded",
+            message=f"{path.name}: the same content as {together.names[sha]}, checked above; "
+            "ingest would skip it",
+        )
     try:  # no Data Docs: they would be written somewhere
         checked = _check(storage, contract, path, path, as_of, batch_id, None, correction)
     except _Rejected as rejected:
@@ -249,6 +290,14 @@ def check_file(
             f"{path.name} would be rejected (rules failed: {_failed_rules(rejected.report)})."
             f" {rejected.message} Nothing was written."
         ) from None
+    if together is not None:
+        repeated = None if correction else together.repeats(contract, checked.frame)
+        if repeated is not None:
+            raise ValidationFailed(
+                f"{path.name} would be rejected (rules failed: duplicate_key_across_batches). "
+                f"{repeated} Nothing was written."
+            )
+        together.add(contract, path.name, sha, None if correction else checked.frame)
     date_col = contract.date_column
     days = set(checked.frame[date_col])
     if checked.retracted is not None:
