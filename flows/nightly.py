@@ -84,8 +84,9 @@ def nightly(
         corrections: Files restating rows already loaded (paths or globs), loaded after the
             inputs: their rows replace the published rows they restate (same key; a loan's
             every version, a customer's transactions at a time stamp), and a row flagged
-            retracted=true removes them; features are rebuilt from the earliest corrected date
-            (a backfill re-scores past dates).
+            retracted=true removes them; features are rebuilt from the earliest corrected date,
+            and the summary names the past predictions scored from data they changed, with
+            the backfill that re-scores them.
         retrain: Retrain and run champion/challenger promotion before scoring.
         rebuild_features: Recompute every feature partition instead of only new dates.
         training: Hyper-parameter overrides, e.g. {"max_epochs": 10, "models": ["mlp"]}

@@ -135,6 +135,52 @@ def test_a_loan_correction_restates_every_version_and_dates_a_changed_outcome_by
     )
 
 
+def test_a_corrected_loan_makes_every_later_credit_date_redone_not_only_its_own(
+    loan_store, tmp_path
+):
+    """A credit date scores the loans still open then, applied on earlier days too: its
+    completion record holds a fingerprint of every feature partition up to it, so a backfill
+    redoes it after a correction of an earlier day's loan (a market date's record holds its own
+    partitions only: its lookback is in its features)."""
+    from finpipe.date_runs import (
+        completion_key,
+        is_done,
+        process_date,
+        read_completion,
+        stale_scored_dates,
+    )
+    from tests.conftest import finpipe_home
+
+    storage, contract = loan_store
+    update_credit_features(storage, FIXED, book=BOOK)
+    steps = ["validate", "features"]
+    with finpipe_home(storage.root) as settings:
+        for day in (D1, D2):
+            assert process_date(storage, settings, "credit", day, steps).status == "completed"
+    assert is_done(storage, "credit", D2, steps)
+    for day in (D1, D2):  # as if scored too: predictions published, the record saying so
+        record = read_completion(storage, "credit", day)
+        record["steps"].append("score")
+        storage.write_json(completion_key(storage, "credit", day), record)
+        storage.write_partition("predictions", "credit", day, pd.DataFrame({"id": ["L1"]}))
+    d2 = {
+        layer: storage.fingerprint(storage.partition_key(layer, "credit", D2))
+        for layer in ("validated", "features")
+    }
+    fix = _loans(tmp_path, "fix.csv", ("L1", D1, "good", 1500.0))  # applied on D1
+    ingest_file(storage, contract, fix, as_of=FIXED, correction=True)
+    update_credit_features(storage, FIXED, book=BOOK)
+    # D2's own partitions are as they were; what it scores from is not.
+    assert {
+        layer: storage.fingerprint(storage.partition_key(layer, "credit", D2))
+        for layer in ("validated", "features")
+    } == d2
+    assert not is_done(storage, "credit", D1, steps)
+    assert not is_done(storage, "credit", D2, steps)
+    # The nightly names both as stale though only D1's features were rebuilt.
+    assert stale_scored_dates(storage, "credit", [D1]) == ([D1, D2], [])
+
+
 def test_a_loan_correction_cut_short_ends_as_an_unbroken_one(
     loan_store, tmp_path, monkeypatch, disk_full_after_one_partition
 ):

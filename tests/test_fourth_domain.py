@@ -164,6 +164,7 @@ class ToyParts:
     training_outcome: type[ToyOutcome] = ToyOutcome
     selection_metric: str = "r2"
     nested_runs: bool = True
+    scores_history: bool = False
 
     def update_features(
         self,

@@ -217,8 +217,8 @@ def ingest(
             "state/DOMAIN/superseded/, instead of being rejected as repeats; a row with "
             "the column retracted=true removes the published rows it names instead (a date "
             "left with no row leaves the layers). The next run "
-            "rebuilds features from the earliest corrected date; a backfill over the corrected "
-            "dates re-scores them.",
+            "rebuilds features from the earliest corrected date and names the predictions "
+            "scored from data it changed; a backfill over those dates re-scores them.",
         ),
     ] = False,
     dry_run: Annotated[

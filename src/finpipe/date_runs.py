@@ -33,6 +33,7 @@ from typing import Any, Literal
 from finpipe.calendars import Calendar
 from finpipe.domains import get_domain
 from finpipe.errors import FinpipeError, ScoringError
+from finpipe.features import history_fingerprint
 from finpipe.ingest import ingest_files
 from finpipe.locks import DEFAULT_TIMEOUT_SECONDS, history_lock, partition_lock
 from finpipe.planning import ALL_STEPS, BackfillRequest, check_steps, missed_sessions
@@ -60,15 +61,21 @@ def read_completion(storage: Storage, domain: str, day: dt.date | str) -> dict |
 
 def partition_fingerprint(storage: Storage, domain: str, day: dt.date) -> dict[str, str | None]:
     """Return the fingerprint of the date's validated and feature partitions (None where
-    absent).
+    absent) and, for a domain that scores from earlier dates' features too
+    (`Domain.scores_history`: credit's open loans), one of every feature partition up to it.
 
     Partitions are written deterministically, so rewriting the same rows keeps the fingerprint
     and only a real change of the data makes a recorded date stale.
     """
-    return {
+    inputs = {
         layer: storage.fingerprint(storage.partition_key(layer, domain, day))
         for layer in ("validated", "features")
     }
+    if get_domain(domain).scores_history:
+        days = storage.partition_dates("features", domain, end=day)
+        prints = storage.partition_fingerprints("features", domain, days)
+        inputs["history"] = history_fingerprint(prints, day)
+    return inputs
 
 
 def is_done(storage: Storage, domain: str, day: dt.date, steps: Iterable[str]) -> bool:
@@ -91,7 +98,12 @@ def stale_scored_dates(
     differ from the partitions now), and of those, the ones whose validated data is gone (a
     date retracted whole, which nothing can score again). A backfill re-scores the others."""
     stale, gone = [], []
-    for day in sorted({as_day(d) for d in days}):
+    changed = sorted({as_day(d) for d in days})
+    if changed and get_domain(domain).scores_history:  # every later scoring read them
+        changed = sorted(
+            {*changed, *(d for d in completed_dates(storage, domain) if d > changed[0])}
+        )
+    for day in changed:
         if not storage.exists(storage.partition_key("predictions", domain, day)):
             continue
         record = read_completion(storage, domain, day) or {}

@@ -87,6 +87,8 @@ class Domain:
     training_outcome: type[ChallengerOutcome]  # what `train` returns (rebuilt from a dict)
     plan_demo: Callable[[Settings], list[DemoNight]] | None = None  # `finpipe demo`'s nights
     code_module: str = "finpipe"  # the module defining the domain's parts (and its models)
+    # Scoring a date reads earlier dates' features too (`DomainParts.scores_history`).
+    scores_history: bool = False
 
 
 @dataclass

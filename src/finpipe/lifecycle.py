@@ -222,6 +222,13 @@ class DomainParts(Protocol[ConfigT, OutcomeT]):
         """True: one nested run per candidate; False: the single candidate in the parent run."""
         ...
 
+    @property
+    def scores_history(self) -> bool:
+        """True when scoring a date reads feature partitions of earlier dates too (credit's
+        open loans), so a change to any of them makes its predictions stale; False when a
+        date's own partitions hold all it scores from (market's lookback is in its features)."""
+        ...
+
     def update_features(
         self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: Say | None
     ) -> FeatureUpdate:
@@ -537,4 +544,5 @@ def bind(parts: DomainParts[ConfigT, OutcomeT]) -> Domain:
         training_outcome=parts.training_outcome,
         plan_demo=parts.plan_demo,
         code_module=type(parts).__module__,
+        scores_history=parts.scores_history,
     )

@@ -261,6 +261,7 @@ class CreditParts:
     training_outcome: type[CreditTrainingOutcome] = CreditTrainingOutcome
     selection_metric: str = "auc"  # validation AUC picks the candidate
     nested_runs: bool = True
+    scores_history: bool = True  # open loans of every earlier day
     book: LoanBookConfig  # every step reads, trains and scores the files this book describes
     contract: RawContract  # ingest's checks of the book's files
     update_features: lifecycle.FeatureStep

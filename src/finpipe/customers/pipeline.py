@@ -224,6 +224,7 @@ class CustomersParts:
     training_outcome: type[CustomersTrainingOutcome] = CustomersTrainingOutcome
     selection_metric: str = "silhouette"  # one candidate: nothing to choose between
     nested_runs: bool = False  # the one model is logged in the nightly run itself
+    scores_history: bool = False  # a night's snapshot is its partition
     config: CustomersConfig
     contract: RawContract  # ingest's checks of the source's files
     update_features: lifecycle.FeatureStep

@@ -276,6 +276,7 @@ class MarketParts:
     training_outcome: type[TrainingOutcome] = TrainingOutcome
     selection_metric: str = "ic"  # validation IC picks the candidate
     nested_runs: bool = True
+    scores_history: bool = False  # the lookback is in each date's features
 
     def prepare_training(
         self,
