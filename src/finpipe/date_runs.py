@@ -33,7 +33,7 @@ from typing import Any, Literal
 from finpipe.calendars import Calendar
 from finpipe.domains import get_domain
 from finpipe.errors import FinpipeError, ScoringError
-from finpipe.features import history_fingerprint
+from finpipe.features import history_fingerprint, recorded_inputs
 from finpipe.ingest import ingest_files
 from finpipe.locks import DEFAULT_TIMEOUT_SECONDS, history_lock, partition_lock
 from finpipe.planning import ALL_STEPS, BackfillRequest, check_steps, missed_sessions
@@ -62,7 +62,9 @@ def read_completion(storage: Storage, domain: str, day: dt.date | str) -> dict |
 def partition_fingerprint(storage: Storage, domain: str, day: dt.date) -> dict[str, str | None]:
     """Return the fingerprint of the date's validated and feature partitions (None where
     absent) and, for a domain that scores from earlier dates' features too
-    (`Domain.scores_history`: credit's open loans), one of every feature partition up to it.
+    (`Domain.scores_history`: credit's open loans), one of the validated data every feature
+    partition up to it was built from (`finpipe.features.recorded_inputs`: one small file
+    read, where hashing hundreds of partitions per date would slow a backfill down).
 
     Partitions are written deterministically, so rewriting the same rows keeps the fingerprint
     and only a real change of the data makes a recorded date stale.
@@ -72,8 +74,8 @@ def partition_fingerprint(storage: Storage, domain: str, day: dt.date) -> dict[s
         for layer in ("validated", "features")
     }
     if get_domain(domain).scores_history:
-        days = storage.partition_dates("features", domain, end=day)
-        prints = storage.partition_fingerprints("features", domain, days)
+        built = recorded_inputs(storage, domain)
+        prints = {dt.date.fromisoformat(d): print_ for d, print_ in built.items()}
         inputs["history"] = history_fingerprint(prints, day)
     return inputs
 
