@@ -11,7 +11,13 @@ import threading
 from typing import Annotated, Any
 
 from finpipe.flows.parameters import DomainName
-from finpipe.flows.run_setup import RunSetup, date_runner, ingest_inputs, set_up_run
+from finpipe.flows.run_setup import (
+    RunSetup,
+    date_runner,
+    ingest_inputs,
+    set_up_run,
+    warn_of_stale_predictions,
+)
 from finpipe.flows.summaries import backfill_description
 from finpipe.tasks.dates import process_date, update_features
 from finpipe.tasks.steps import promote, train
@@ -102,6 +108,7 @@ def backfill(
         *(domain, request.start, request.end, len(plan.todo), len(plan.done)),
     )
     results = _run_dates(run, request, plan, concurrency)
+    stale = warn_of_stale_predictions(run, features)  # outside the range: those in it are redone
     failures = failure_summary(results)
     training_outcome = decision = None
     if retrain and failures is None:
@@ -112,7 +119,9 @@ def backfill(
     create_table_artifact(
         key=f"backfill-{domain}",
         table=[outcome.table_row() for outcome in results],
-        description=backfill_description(domain, str(request.start), str(request.end), results),
+        description=backfill_description(
+            domain, str(request.start), str(request.end), results, stale
+        ),
     )
     if failures:
         raise BackfillIncomplete(failures)
@@ -126,6 +135,7 @@ def backfill(
         "dates": [outcome.to_dict() for outcome in results],
         "training": training_outcome,
         "promotion": decision,
+        "stale_predictions": stale,
     }
 
 

@@ -11,7 +11,12 @@ import datetime as dt
 from typing import Any
 
 from finpipe.flows.parameters import DomainName, HistoryDates, training_overrides
-from finpipe.flows.run_setup import RunSetup, ingest_inputs, set_up_run
+from finpipe.flows.run_setup import (
+    RunSetup,
+    ingest_inputs,
+    set_up_run,
+    warn_of_stale_predictions,
+)
 from finpipe.flows.summaries import summary_markdown
 from finpipe.tasks.dates import process_date, update_features
 from finpipe.tasks.steps import promote, train
@@ -25,7 +30,6 @@ from finpipe.date_runs import (
     DateOutcome,
     completed_dates,
     failure_summary,
-    stale_scored_dates,
 )
 from finpipe.planning import (
     ALL_STEPS,
@@ -129,7 +133,7 @@ def nightly(
         "training": training_outcome,
         "promotion": decision,
         "predictions": tonight["predictions"],
-        "stale_predictions": _stale_predictions(run, features),
+        "stale_predictions": warn_of_stale_predictions(run, features),
     }
     create_markdown_artifact(
         key=f"nightly-{domain}-summary",
@@ -156,34 +160,6 @@ def _plan(
         max_catch_up=run.schedule.backfill_max_dates,
         retrain=retrain,
     )
-
-
-def _stale_predictions(run: RunSetup, features: dict) -> dict | None:
-    """The earlier dates whose predictions were scored from data this night's deliveries or
-    corrections changed (their features rebuilt or removed), and the backfill that re-scores
-    them; None when there are none."""
-    changed = [*features["dates_written"], *features.get("dates_removed", [])]
-    stale, gone = stale_scored_dates(run.storage, run.domain, changed)
-    if not stale:
-        return None
-    rescore = [day for day in stale if day not in gone]
-    command = (
-        f"finpipe run backfill --domain {run.domain} --start {rescore[0]} --end {rescore[-1]}"
-        if rescore
-        else None
-    )
-    named = ", ".join(day.isoformat() for day in stale[:10]) + (", ..." if len(stale) > 10 else "")
-    get_run_logger().warning(
-        "%d earlier dates have predictions scored from data since changed (%s); %s",
-        len(stale),
-        named,
-        f"re-score them: {command}" if command else "their data was retracted",
-    )
-    return {
-        "dates": [day.isoformat() for day in stale],
-        "removed": [day.isoformat() for day in gone],
-        "backfill": command,
-    }
 
 
 def _caught_up(run: RunSetup, day: dt.date) -> DateOutcome:

@@ -8,10 +8,12 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from finpipe.tasks.dates import ingest_deliveries
+from prefect import get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from finpipe.calendars import Calendar
+from finpipe.date_runs import stale_predictions
 from finpipe.domains import get_domain
 from finpipe.drop_roots import allowed_inputs
 from finpipe.errors import ConfigError
@@ -111,3 +113,21 @@ def date_runner(settings: Settings, concurrency: int) -> TaskRunner:
     security = client_security(settings.dask_address)
     client_kwargs = {} if security is None else {"security": security}
     return DaskTaskRunner(address=settings.dask_address, client_kwargs=client_kwargs)
+
+
+def warn_of_stale_predictions(run: RunSetup, features: dict | None) -> dict | None:
+    """Return `finpipe.date_runs.stale_predictions` for the features this run rebuilt or
+    removed, warning in the run's log when there are any (None: none, or no feature step)."""
+    if not features:
+        return None
+    stale = stale_predictions(run.storage, run.domain, features)
+    if stale:
+        dates = stale["dates"]
+        named = ", ".join(dates[:10]) + (", ..." if len(dates) > 10 else "")
+        get_run_logger().warning(
+            "%d earlier dates have predictions scored from data since changed (%s); %s",
+            len(dates),
+            named,
+            f"re-score them: {stale['backfill']}" if stale["backfill"] else "retracted whole",
+        )
+    return stale

@@ -146,9 +146,17 @@ def score_markdown(domain: str, as_of: str, predictions: dict) -> str:
     )
 
 
-def backfill_description(domain: str, start: str, end: str, results: Iterable[DateOutcome]) -> str:
-    """Return the backfill table's description: the range and how many dates ended how."""
+def backfill_description(
+    domain: str,
+    start: str,
+    end: str,
+    results: Iterable[DateOutcome],
+    stale: dict | None = None,
+) -> str:
+    """Return the backfill table's description: the range, how many dates ended how, and the
+    predictions outside it scored from data it changed."""
     counts = Counter(outcome.status for outcome in results)
-    return f"finpipe backfill {domain} {start} to {end}: " + ", ".join(
+    text = f"finpipe backfill {domain} {start} to {end}: " + ", ".join(
         f"{n} {s}" for s, n in counts.items()
     )
+    return text + (f". {_stale_text(stale)}" if stale else "")

@@ -440,11 +440,24 @@ def test_a_backfill_with_a_correction_redoes_the_corrected_day_and_every_later_o
     assert statuses == {
         d.isoformat(): "done earlier" if d < corrected else "completed" for d in days
     }
+    assert summary["stale_predictions"] is None  # every date it changed was in its range
     resumed = {d: _outputs(storage, d) for d in days}
     backfill(start=start, end=end, force=True)
     for day in days:
         for got, clean in zip(resumed[day], _outputs(storage, day), strict=True):
             pd.testing.assert_frame_equal(got, clean)
+
+    # Restated again, backfilled over the last two days only: the earlier scored days whose
+    # data it changed are named, with the backfill that re-scores them.
+    again = pd.read_csv(path)
+    again[["Open", "High", "Low", "Close", "Adj Close"]] *= 1.01
+    again.to_csv(tmp_path / "again.csv", index=False)
+    summary = backfill(start=history[-2], end=end, corrections=(str(tmp_path / "again.csv"),))
+    stale = summary["stale_predictions"]
+    assert stale["dates"] == [d.isoformat() for d in history[-4:-2]]
+    assert stale["backfill"] == (
+        f"finpipe run backfill --domain market --start {history[-4]} --end {history[-3]}"
+    )
 
 
 @pytest.mark.slow

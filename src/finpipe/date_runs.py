@@ -119,6 +119,27 @@ def stale_scored_dates(
     return stale, gone
 
 
+def stale_predictions(storage: Storage, domain: str, features: dict) -> dict | None:
+    """Return what a run says of the earlier predictions its data changed (the features it
+    rebuilt or removed, `FeatureUpdate.to_dict()`): the stale dates, those of them retracted
+    whole, and the backfill that re-scores the others; None when there are none."""
+    changed = [*features["dates_written"], *features.get("dates_removed", [])]
+    stale, gone = stale_scored_dates(storage, domain, changed)
+    if not stale:
+        return None
+    rescore = [day for day in stale if day not in gone]
+    command = (
+        f"finpipe run backfill --domain {domain} --start {rescore[0]} --end {rescore[-1]}"
+        if rescore
+        else None
+    )
+    return {
+        "dates": [day.isoformat() for day in stale],
+        "removed": [day.isoformat() for day in gone],
+        "backfill": command,
+    }
+
+
 def completed_dates(storage: Storage, domain: str) -> list[dt.date]:
     """Return the dates recorded `completed`, in order."""
     days = []
