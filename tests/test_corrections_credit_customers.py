@@ -139,9 +139,10 @@ def test_a_corrected_loan_makes_every_later_credit_date_redone_not_only_its_own(
     loan_store, tmp_path
 ):
     """A credit date scores the loans still open then, applied on earlier days too: its
-    completion record holds a fingerprint of every feature partition up to it, so a backfill
+    completion record holds a fingerprint of the corrections of rows up to it, so a backfill
     redoes it after a correction of an earlier day's loan (a market date's record holds its own
-    partitions only: its lookback is in its features)."""
+    partitions only: its lookback is in its features). A loan's outcome delivered later does
+    not change what an earlier date scored, and is not called stale."""
     from finpipe.date_runs import (
         completion_key,
         is_done,
@@ -163,6 +164,11 @@ def test_a_corrected_loan_makes_every_later_credit_date_redone_not_only_its_own(
         record["steps"].append("score")
         storage.write_json(completion_key(storage, "credit", day), record)
         storage.write_partition("predictions", "credit", day, pd.DataFrame({"id": ["L1"]}))
+    # L2's outcome arrives (an ordinary delivery): a new version in D1's partition.
+    outcome = _loans(tmp_path, "outcome.csv", ("L2", D1, "bad", 2000.0))
+    assert ingest_file(storage, contract, outcome, as_of=FIXED).status == "validated"
+    update_credit_features(storage, FIXED, book=BOOK)
+    assert stale_scored_dates(storage, "credit", [D1]) == ([], [])
     d2 = {
         layer: storage.fingerprint(storage.partition_key(layer, "credit", D2))
         for layer in ("validated", "features")

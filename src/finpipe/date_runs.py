@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import glob
+import hashlib
 import logging
 import os
 import time
@@ -30,11 +31,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
 from finpipe.calendars import Calendar
 from finpipe.domains import get_domain
 from finpipe.errors import FinpipeError, ScoringError
-from finpipe.features import history_fingerprint, recorded_inputs
-from finpipe.ingest import ingest_files
+from finpipe.ingest import SUPERSEDED, ingest_files
 from finpipe.locks import DEFAULT_TIMEOUT_SECONDS, history_lock, partition_lock
 from finpipe.planning import ALL_STEPS, BackfillRequest, check_steps, missed_sessions
 from finpipe.settings import Settings
@@ -61,10 +65,8 @@ def read_completion(storage: Storage, domain: str, day: dt.date | str) -> dict |
 
 def partition_fingerprint(storage: Storage, domain: str, day: dt.date) -> dict[str, str | None]:
     """Return the fingerprint of the date's validated and feature partitions (None where
-    absent) and, for a domain that scores from earlier dates' features too
-    (`Domain.scores_history`: credit's open loans), one of the validated data every feature
-    partition up to it was built from (`finpipe.features.recorded_inputs`: one small file
-    read, where hashing hundreds of partitions per date would slow a backfill down).
+    absent) and, for a domain that scores from earlier dates' rows too (`Domain.scores_history`:
+    credit's open loans), one of the corrections of rows dated up to it (`corrections_through`).
 
     Partitions are written deterministically, so rewriting the same rows keeps the fingerprint
     and only a real change of the data makes a recorded date stale.
@@ -74,10 +76,29 @@ def partition_fingerprint(storage: Storage, domain: str, day: dt.date) -> dict[s
         for layer in ("validated", "features")
     }
     if get_domain(domain).scores_history:
-        built = recorded_inputs(storage, domain)
-        prints = {dt.date.fromisoformat(d): print_ for d, print_ in built.items()}
-        inputs["history"] = history_fingerprint(prints, day)
+        inputs[CORRECTIONS] = corrections_through(storage, domain, day)
     return inputs
+
+
+CORRECTIONS = "corrections"
+
+
+def corrections_through(storage: Storage, domain: str, day: dt.date) -> str:
+    """Return a fingerprint of the corrections that replaced or retracted published rows dated
+    on or before `day` (their kept copies, `state/<domain>/superseded/`).
+
+    What a credit date scores is the loans known by then: a later delivery (a loan's outcome)
+    does not change it, a correction of any earlier day's loan does. Corrections are few, so
+    this reads a handful of small files where hashing every earlier partition would not do.
+    """
+    date_column = get_domain(domain).contract.date_column
+    digest = hashlib.sha256()
+    for key in sorted(storage.list_files(storage.state_key(domain, SUPERSEDED))):
+        rows = pq.read_table(pa.BufferReader(storage.read_bytes(key)), columns=[date_column])
+        first = pc.min(rows.column(date_column)).as_py()
+        if first is not None and as_day(first) <= day:
+            digest.update(f"{key.rsplit('/', 1)[-1]}\n".encode())
+    return digest.hexdigest()
 
 
 def is_done(storage: Storage, domain: str, day: dt.date, steps: Iterable[str]) -> bool:
@@ -101,7 +122,8 @@ def stale_scored_dates(
     date retracted whole, which nothing can score again). A backfill re-scores the others."""
     stale, gone = [], []
     changed = sorted({as_day(d) for d in days})
-    if changed and get_domain(domain).scores_history:  # every later scoring read them
+    history = get_domain(domain).scores_history
+    if changed and history:  # every later scoring read them
         changed = sorted(
             {*changed, *(d for d in completed_dates(storage, domain) if d > changed[0])}
         )
@@ -111,8 +133,12 @@ def stale_scored_dates(
         record = read_completion(storage, domain, day) or {}
         if record.get("status") != "completed" or "score" not in record.get("steps", []):
             continue
-        now = partition_fingerprint(storage, domain, day)
-        if record.get("inputs") != now:
+        now, then = partition_fingerprint(storage, domain, day), record.get("inputs") or {}
+        if history and CORRECTIONS in then:  # later deliveries do not change what it scored
+            changed_since = then[CORRECTIONS] != now[CORRECTIONS] or now["validated"] is None
+        else:
+            changed_since = then != now and not history
+        if changed_since:
             stale.append(day)
             if now["validated"] is None:
                 gone.append(day)

@@ -224,9 +224,10 @@ class DomainParts(Protocol[ConfigT, OutcomeT]):
 
     @property
     def scores_history(self) -> bool:
-        """True when scoring a date reads feature partitions of earlier dates too (credit's
-        open loans), so a change to any of them makes its predictions stale; False when a
-        date's own partitions hold all it scores from (market's lookback is in its features)."""
+        """True when scoring a date reads the rows of earlier dates known by then (credit's
+        open loans): a correction of any earlier day makes its predictions stale, a later
+        delivery (a loan's outcome) does not. False when a date's own partitions hold all it
+        scores from (market's lookback is in its features)."""
         ...
 
     def update_features(
