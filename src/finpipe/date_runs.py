@@ -63,6 +63,10 @@ def read_completion(storage: Storage, domain: str, day: dt.date | str) -> dict |
     return storage.read_json(completion_key(storage, domain, day))
 
 
+# The key of a completion record's inputs that fingerprints corrections (`corrections_through`).
+CORRECTIONS = "corrections"
+
+
 def partition_fingerprint(storage: Storage, domain: str, day: dt.date) -> dict[str, str | None]:
     """Return the fingerprint of the date's validated and feature partitions (None where
     absent) and, for a domain that scores from earlier dates' rows too (`Domain.scores_history`:
@@ -78,9 +82,6 @@ def partition_fingerprint(storage: Storage, domain: str, day: dt.date) -> dict[s
     if get_domain(domain).scores_history:
         inputs[CORRECTIONS] = corrections_through(storage, domain, day)
     return inputs
-
-
-CORRECTIONS = "corrections"
 
 
 def corrections_through(storage: Storage, domain: str, day: dt.date) -> str:
@@ -134,10 +135,12 @@ def stale_scored_dates(
         if record.get("status") != "completed" or "score" not in record.get("steps", []):
             continue
         now, then = partition_fingerprint(storage, domain, day), record.get("inputs") or {}
-        if history and CORRECTIONS in then:  # later deliveries do not change what it scored
+        if not history:
+            changed_since = then != now
+        elif CORRECTIONS in then:  # later deliveries do not change what it scored
             changed_since = then[CORRECTIONS] != now[CORRECTIONS] or now["validated"] is None
-        else:
-            changed_since = then != now and not history
+        else:  # recorded before corrections were tracked: unknown, not called stale
+            changed_since = False
         if changed_since:
             stale.append(day)
             if now["validated"] is None:

@@ -97,8 +97,9 @@ def remove_feature_days(
     for day in days:
         storage.delete_partition("features", domain, day)
         update.dates_removed.append(day.isoformat())
+    gone = {day.isoformat() for day in days}
     recorded = recorded_inputs(storage, domain)
-    kept = {d: p for d, p in recorded.items() if dt.date.fromisoformat(d) not in set(days)}
+    kept = {d: p for d, p in recorded.items() if d not in gone}
     if kept != recorded:
         storage.write_json(storage.state_key(domain, BUILT_FROM), kept)
 

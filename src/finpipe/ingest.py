@@ -231,15 +231,10 @@ class CheckedTogether:
         """Say which rows of `frame` repeat keys of a file checked before; None if none."""
         keys = list(contract.key_columns)
         for name, earlier in self.keys:
-            clash = frame[keys].reset_index().merge(earlier, on=keys, how="inner")
-            if not clash.empty:
-                row = clash.iloc[0]
-                first = {k: str(row[k]) for k in keys}
-                return (
-                    f"Rule duplicate_key_across_batches: {len(clash):,} rows repeat keys of "
-                    f"{name}, checked above (ingest loads it first), e.g. row {row['index']}: "
-                    f"{first}."
-                )
+            whose = f"of {name}, checked above (ingest loads it first)"
+            rule = _repeated_keys_rule(frame, earlier, keys, whose)
+            if rule is not None:
+                return _rule_sentence(rule)
         return None
 
     def add(self, contract: RawContract, name: str, sha: str, frame: pd.DataFrame | None) -> None:
@@ -435,10 +430,7 @@ def _check(
     if not report_dict["success"]:
         message = report.summary() if not report.success else ""
         for extra in report_dict["rules"][len(report.rules) :]:
-            message += (
-                f" Rule {extra['rule']}: {extra['unexpected_count']} rows {extra['message']}, "
-                f"e.g. row {extra['sample_rows'][0]}: {extra['sample_values'][0]}."
-            )
+            message += f" {_rule_sentence(extra)}"
         raise _Rejected(report_dict, docs, message.strip())
     checked = _Checked(frame, retracted, report)
     if correction:
@@ -1032,7 +1024,13 @@ def _keys_from_other_batches(storage, contract, frame, batch_id: str | set[str])
     existing = _rows_of_other_batches(storage, contract, frame, own, [*keys, BATCH_COLUMN])
     if existing.empty:
         return None
-    clash = frame.reset_index().merge(existing[keys], on=keys, how="inner")
+    return _repeated_keys_rule(frame, existing, keys, "already accepted from an earlier batch")
+
+
+def _repeated_keys_rule(frame, earlier, keys: list[str], whose: str) -> dict | None:
+    """Return the failed rule `duplicate_key_across_batches` for the rows of `frame` whose
+    `keys` `earlier` holds (`whose` says where those come from), or None when none does."""
+    clash = frame[keys].reset_index().merge(earlier[keys], on=keys, how="inner")
     if clash.empty:
         return None
     sample = clash.head(10)
@@ -1045,8 +1043,16 @@ def _keys_from_other_batches(storage, contract, frame, batch_id: str | set[str])
         "sample_values": [
             {k: str(v) for k, v in row.items()} for row in sample[keys].to_dict("records")
         ],
-        "message": "repeat keys already accepted from an earlier batch",
+        "message": f"repeat keys {whose}",
     }
+
+
+def _rule_sentence(rule: dict) -> str:
+    """Return the message's sentence for a failed rule ingest adds to the suite's."""
+    return (
+        f"Rule {rule['rule']}: {rule['unexpected_count']} rows {rule['message']}, "
+        f"e.g. row {rule['sample_rows'][0]}: {rule['sample_values'][0]}."
+    )
 
 
 def _publish(

@@ -43,15 +43,14 @@ def validated_as_known(
     keys = contract.sort_columns()
     if undone:
         restored = pd.concat(undone, ignore_index=True)
-        if BATCH_COLUMN in layer.columns:
-            # A correction cut short replaced some partitions only: the rest still hold its rows.
-            present = restored[[*keys, BATCH_COLUMN]].merge(
-                layer[[*keys, BATCH_COLUMN]].drop_duplicates(), how="left", indicator=True
-            )
-            restored = restored[(present["_merge"] == "left_only").to_numpy()]
-            layer = pd.concat([layer, restored], ignore_index=True)
-        else:  # no partition left (corrections retracted every date)
-            layer = restored
+        if BATCH_COLUMN not in layer.columns:  # no partition left: corrections retracted all
+            layer = restored.iloc[:0]
+        # A correction cut short replaced some partitions only: the rest still hold its rows.
+        present = restored[[*keys, BATCH_COLUMN]].merge(
+            layer[[*keys, BATCH_COLUMN]].drop_duplicates(), how="left", indicator=True
+        )
+        restored = restored[(present["_merge"] == "left_only").to_numpy()]
+        layer = pd.concat([layer, restored], ignore_index=True)
     if BATCH_COLUMN not in layer.columns:  # nothing published
         return layer
     layer = layer[layer[BATCH_COLUMN].isin(known).to_numpy()]
