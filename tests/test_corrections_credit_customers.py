@@ -324,13 +324,20 @@ def test_a_book_without_dates_or_ids_refuses_a_correction_before_it_lands(tmp_pa
 
 # -- transactions ----------------------------------------------------------------------------
 @pytest.fixture
-def transactions(tmp_path):
-    """A store with a customers history file and two daily files published; the last file."""
+def delivered(tmp_path):
+    """A store with a customers history file and two daily files published; the files."""
     log = generate_customer_transactions(CustomersSyntheticConfig(customers=40, days=90, seed=2))
     files = write_vendor_files(log.transactions, tmp_path / "drop", daily_files=2)
     storage = Storage(tmp_path / "home")
     for path in files:
         assert _ingest(storage, path).status == "validated"
+    return storage, files
+
+
+@pytest.fixture
+def transactions(delivered):
+    """The store of `delivered`; the last file's rows."""
+    storage, files = delivered
     return storage, pd.read_csv(files[-1])
 
 
@@ -374,6 +381,42 @@ def test_a_restated_amount_replaces_its_transaction_instead_of_adding_one(transa
     pd.testing.assert_frame_equal(
         incremental, storage.read_partition("features", "customers", day.date())
     )
+
+
+def test_a_corrected_transaction_rebuilds_every_later_snapshot_and_none_before_it(
+    delivered, tmp_path
+):
+    """A snapshot reads the whole history up to its day, so a correction of day d makes every
+    snapshot from d on stale, not only the night's: each is rebuilt (and the predictions scored
+    from it are then named stale, as for market), the ones before d are not."""
+    storage, files = delivered
+    days = storage.partition_dates("validated", "customers")[-3:]
+    for day in days:  # one snapshot a night
+        built = update_customer_features(storage, day, active_days=365)
+        assert built.dates_written == [day.isoformat()]
+    assert update_customer_features(storage, days[-1], active_days=365).dates_written == []
+    before = {day: storage.read_partition("features", "customers", day) for day in days}
+
+    restated = pd.read_csv(files[-2]).head(1)  # a purchase of the day before the last
+    assert pd.Timestamp(restated["Transaction Time"].iloc[0]).date() == days[1]
+    path = tmp_path / "restated.csv"
+    restated.assign(Amount=restated["Amount"] * 10).to_csv(path, index=False)
+    assert _ingest(storage, path, correction=True).status == "validated"
+
+    update = update_customer_features(storage, days[-1], active_days=365)
+    assert update.dates_written == [day.isoformat() for day in days[1:]]
+    incremental = {day: storage.read_partition("features", "customers", day) for day in days}
+    pd.testing.assert_frame_equal(incremental[days[0]], before[days[0]])
+    for day in days[1:]:
+        now, then = incremental[day], before[day]
+        changed = ~((now == then) | (now.isna() & then.isna())).all(axis=1)
+        assert now.loc[changed, "customer_id"].tolist() == [restated["Customer ID"].iloc[0]]
+    update_customer_features(storage, days[-1], active_days=365, rebuild=True)
+    for day in days:  # the same as a rebuild from scratch
+        pd.testing.assert_frame_equal(
+            incremental[day], storage.read_partition("features", "customers", day)
+        )
+    assert update_customer_features(storage, days[-1], active_days=365).dates_written == []
 
 
 def test_a_correction_restates_all_of_a_customers_transactions_at_its_time_stamp(

@@ -104,13 +104,22 @@ def remove_feature_days(
         storage.write_json(storage.state_key(domain, BUILT_FROM), kept)
 
 
-def history_fingerprint(validated: Mapping[dt.date, str], through: dt.date) -> str:
-    """Return one fingerprint of every validated partition on or before `through`: what a
-    snapshot built from the whole history up to a day (customers) depends on."""
-    digest = hashlib.sha256()
-    for day in sorted(d for d in validated if d <= through):
-        digest.update(f"{day.isoformat()} {validated[day]}\n".encode())
-    return digest.hexdigest()
+def history_fingerprints(
+    validated: Mapping[dt.date, str], days: Iterable[dt.date]
+) -> dict[dt.date, str]:
+    """Return, for each of `days`, one fingerprint of every validated partition on or before
+    it: what a snapshot built from the whole history up to a day (customers) depends on. One
+    pass over the partitions, a running digest copied at each day."""
+    digest, out = hashlib.sha256(), {}
+    published = sorted(validated)
+    position = 0
+    for day in sorted(set(days)):
+        while position < len(published) and published[position] <= day:
+            earlier = published[position]
+            digest.update(f"{earlier.isoformat()} {validated[earlier]}\n".encode())
+            position += 1
+        out[day] = digest.copy().hexdigest()
+    return out
 
 
 class PartitionWriter:

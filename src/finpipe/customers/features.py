@@ -35,7 +35,12 @@ import numpy as np
 import pandas as pd
 
 from finpipe.customers.schema import DOMAIN
-from finpipe.features import FeatureUpdate, history_fingerprint, record_inputs, recorded_inputs
+from finpipe.features import (
+    FeatureUpdate,
+    history_fingerprints,
+    record_inputs,
+    recorded_inputs,
+)
 from finpipe.ingest import BATCH_COLUMN
 from finpipe.storage import Storage, as_day
 
@@ -222,18 +227,20 @@ def snapshots_needing_update(
 ) -> list[dt.date]:
     """Return the snapshot days up to `as_of` to (re)compute.
 
-    `as_of` itself when its snapshot is missing or was built from other validated data than
-    the partitions on or before it hold now (late data changes history: their fingerprints
-    differ, `finpipe.features`); with `rebuild`, every existing snapshot too.
+    `as_of` itself when its snapshot is missing, and every snapshot up to it built from other
+    validated data than the partitions on or before its day hold now: a correction or a late
+    delivery of day d changes the history of every snapshot from d on (their fingerprints
+    differ, `finpipe.features`), so each is rebuilt and the predictions scored from it are
+    named stale. With `rebuild`, every existing snapshot too.
     """
     existing = storage.partition_dates("features", DOMAIN, end=as_of)
     if rebuild:
         return sorted({*existing, as_of})
-    if as_of not in existing:
-        return [as_of]
     validated = storage.partition_fingerprints("validated", DOMAIN)
-    built_from = recorded_inputs(storage, DOMAIN).get(as_of.isoformat())
-    return [] if built_from == history_fingerprint(validated, as_of) else [as_of]
+    built_from = recorded_inputs(storage, DOMAIN)
+    now = history_fingerprints(validated, existing)
+    stale = [day for day in existing if built_from.get(day.isoformat()) != now[day]]
+    return sorted({*stale, as_of}) if as_of not in existing else stale
 
 
 def update_customer_features(
@@ -244,7 +251,8 @@ def update_customer_features(
     rebuild: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> FeatureUpdate:
-    """Compute and publish the feature snapshot as of `as_of` (and older ones if rebuilding).
+    """Compute and publish the feature snapshot as of `as_of`, and rebuild the older ones whose
+    history changed since they were built (every older one with `rebuild`).
 
     A snapshot at t reads every validated transaction dated on or before t: lifetime features
     (tenure, frequency) need the whole history.
@@ -255,16 +263,18 @@ def update_customer_features(
     todo = snapshots_needing_update(storage, as_of, rebuild)
     if not todo:
         return update
+    # Fingerprint the history before reading it: if it changes underneath, the snapshot's
+    # record is stale (and it is rebuilt next time) rather than wrongly fresh.
+    built_from = history_fingerprints(storage.partition_fingerprints("validated", DOMAIN), todo)
     history = storage.read_partitions("validated", DOMAIN, end=max(todo))
     history = history.drop(columns=[BATCH_COLUMN], errors="ignore")
     for column in ("category", "channel"):
         if column not in history.columns:
             update.skipped_features[f"{column}_share_*"] = f"no {column} column delivered"
-    validated = storage.partition_fingerprints("validated", DOMAIN)
     for day in todo:
         snapshot = build_customer_features(history, day, active_days=active_days)
         storage.write_partition("features", DOMAIN, day, snapshot)
-        record_inputs(storage, DOMAIN, {day.isoformat(): history_fingerprint(validated, day)})
+        record_inputs(storage, DOMAIN, {day.isoformat(): built_from[day]})
         update.add(day, len(snapshot))
         if progress:
             progress(f"features: snapshot {day} with {len(snapshot):,} active customers")
