@@ -67,12 +67,13 @@ def _copy_sources(destination: Path) -> Path:
 def wheel(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("wheel")
     source = _copy_sources(root / "source")
-    _run(
+    built = _run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
          "--no-index", "--wheel-dir", root / "dist", source]
     )  # fmt: skip
-    (built,) = (root / "dist").glob("finpipe-*.whl")
-    return built
+    (root / "build.log").write_text(built.stdout + built.stderr)
+    (path,) = (root / "dist").glob("finpipe-*.whl")
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +123,14 @@ def test_the_wheel_ships_every_module_and_data_file(wheel):
 
 
 @pytest.mark.slow
+@pytest.mark.slow
+def test_the_build_installs_every_data_folder_as_configured(wheel):
+    """setuptools warns of a data folder Python could import but `packages` does not list: it
+    installs such files by a fallback it says it may drop."""
+    log = (wheel.parents[1] / "build.log").read_text()
+    assert "absent from the `packages` configuration" not in log, log
+
+
 def test_the_installed_cli_runs_from_a_fresh_venv(fresh_venv, tmp_path):
     env = _fresh_env(tmp_path / "home")
     where = _run(
