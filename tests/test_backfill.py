@@ -4,6 +4,7 @@ local mode on a tiny synthetic panel with a real (SQLite) MLflow champion."""
 from __future__ import annotations
 
 import datetime as dt
+import io
 import logging
 import shutil
 import threading
@@ -17,13 +18,14 @@ import pytest
 from finpipe.calendars import BusinessDays, calendar_named
 from finpipe.date_runs import (
     BackfillIncomplete,
+    corrections_through,
     is_done,
     missed_dates,
     process_date,
     read_completion,
 )
 from finpipe.errors import ConfigError
-from finpipe.ingest import ingest_file
+from finpipe.ingest import SUPERSEDED, ingest_file
 from finpipe.locks import LockTimeout, history_lock, partition_lock
 from finpipe.market.pipeline import (
     MARKET_CONTRACT,
@@ -98,6 +100,35 @@ def test_the_exchange_calendar_skips_holidays_in_requests_catch_up_and_schedules
     assert scheduled_day(friday_2am_london, london, WEEKDAYS) == dt.date(2024, 7, 4)
     with pytest.raises(ConfigError, match="unknown calendar 'XXXX'"):
         calendar_named("XXXX")
+
+
+def test_the_corrections_fingerprint_counts_kept_copies_up_to_the_day_reading_each_once(tmp_path):
+    """Credit's record fingerprints the corrections of rows dated up to a date (their kept
+    copies); a backfill asks for every date, so each copy is read once, not once a date."""
+    reads = []
+
+    class CountingReads(Storage):
+        def read_bytes(self, key: str) -> bytes:
+            reads.append(key.rsplit("/", 1)[-1])
+            return super().read_bytes(key)
+
+    storage = CountingReads(tmp_path / "home")
+
+    def keep(batch: str, day: str) -> None:
+        rows = pd.DataFrame({"date": [pd.Timestamp(day)], "loan_id": ["L1"]})
+        buffer = io.BytesIO()
+        rows.to_parquet(buffer, index=False)
+        key = storage.state_key("credit", SUPERSEDED, f"{batch}.parquet")
+        storage.create_bytes(key, buffer.getvalue())
+
+    none = corrections_through(storage, "credit", dt.date(2024, 1, 10))
+    keep("b1", "2024-01-05")
+    keep("b2", "2024-01-20")
+    through_10th = corrections_through(storage, "credit", dt.date(2024, 1, 10))
+    assert through_10th != none
+    assert corrections_through(storage, "credit", dt.date(2024, 1, 4)) == none
+    assert corrections_through(storage, "credit", dt.date(2024, 1, 20)) not in (none, through_10th)
+    assert sorted(reads) == ["b1.parquet", "b2.parquet"]
 
 
 def test_the_night_plan_runs_the_latest_date_and_catches_up_in_order():

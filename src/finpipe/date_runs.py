@@ -95,11 +95,25 @@ def corrections_through(storage: Storage, domain: str, day: dt.date) -> str:
     date_column = get_domain(domain).contract.date_column
     digest = hashlib.sha256()
     for key in sorted(storage.list_files(storage.state_key(domain, SUPERSEDED))):
-        rows = pq.read_table(pa.BufferReader(storage.read_bytes(key)), columns=[date_column])
-        first = pc.min(rows.column(date_column)).as_py()
-        if first is not None and as_day(first) <= day:
+        first = _earliest_date(storage, key, date_column)
+        if first is not None and first <= day:
             digest.update(f"{key.rsplit('/', 1)[-1]}\n".encode())
     return digest.hexdigest()
+
+
+# A kept copy is created once under its batch's key and never changes, so its earliest date is
+# read once per process: a backfill asks for every date, each reading every kept copy.
+_EARLIEST: dict[tuple[str, str], dt.date | None] = {}
+
+
+def _earliest_date(storage: Storage, key: str, date_column: str) -> dt.date | None:
+    """Return the earliest date of the rows kept at `key` (None if it holds no row)."""
+    remembered = (storage.url, key)
+    if remembered not in _EARLIEST:
+        rows = pq.read_table(pa.BufferReader(storage.read_bytes(key)), columns=[date_column])
+        first = pc.min(rows.column(date_column)).as_py()
+        _EARLIEST[remembered] = None if first is None else as_day(first)
+    return _EARLIEST[remembered]
 
 
 def is_done(storage: Storage, domain: str, day: dt.date, steps: Iterable[str]) -> bool:
