@@ -229,6 +229,45 @@ def test_bad_batch_is_quarantined_and_nothing_downstream_is_written(two_nights, 
         assert storage.partition_dates(layer, "customers") == dates, layer
 
 
+def test_a_correction_of_an_earlier_day_names_its_scored_snapshot_and_a_backfill_redoes_it(
+    two_nights, tmp_path
+):
+    """A snapshot reads every transaction up to its day: a correction of night 1's day, loaded
+    on night 2, rebuilds both snapshots; night 2 is re-scored, night 1 is named stale with the
+    backfill that re-scores it, and that backfill does (the restated customer's spend moves)."""
+    from finpipe.flows.backfill import backfill
+    from finpipe.flows.nightly import nightly
+
+    settings, files, _, _ = two_nights
+    home = tmp_path / "home"  # a copy: the module's other tests read the two nights as run
+    shutil.copytree(settings.home, home)
+    storage = Storage(home)
+    first, second = _day(files[1]), _day(files[2])
+    restated = pd.read_csv(files[1]).head(1)
+    restated["Amount"] = restated["Amount"] * 10
+    path = tmp_path / "restated.csv"
+    restated.to_csv(path, index=False)
+    customer = str(restated["Customer ID"].iloc[0])
+    before = storage.read_partition("features", "customers", first)
+    with finpipe_home(home):
+        summary = nightly(domain="customers", as_of=second, corrections=[str(path)], retrain=False)
+        assert summary["features"]["dates_written"] == [first.isoformat(), second.isoformat()]
+        assert summary["stale_predictions"] == {
+            "dates": [first.isoformat()],
+            "removed": [],
+            "backfill": f"finpipe run backfill --domain customers --start {first} --end {first}",
+        }
+        redone = backfill(domain="customers", start=first, end=second)
+    statuses = {item["date"]: item["status"] for item in redone["dates"]}
+    assert statuses == {first.isoformat(): "completed", second.isoformat(): "done earlier"}
+    after = storage.read_partition("features", "customers", first)
+    spend = {
+        name: frame.loc[frame["customer_id"].astype(str) == customer, "monetary_total"].item()
+        for name, frame in (("before", before), ("after", after))
+    }
+    assert spend["after"] > spend["before"]
+
+
 def test_cdnow_sample_runs_nightly(tmp_path, shared_datasets, monkeypatch):
     from finpipe.flows.nightly import nightly
 
