@@ -18,6 +18,7 @@ import pytest
 from finpipe.calendars import BusinessDays, calendar_named
 from finpipe.date_runs import (
     BackfillIncomplete,
+    DateFailed,
     corrections_through,
     is_done,
     missed_dates,
@@ -550,6 +551,14 @@ def test_a_nightly_loads_its_corrections_after_its_inputs_and_rebuilds_from_them
     assert ticker not in set(storage.read_partition("validated", "market", retracted_on)["ticker"])
     assert ticker not in set(storage.read_partition("features", "market", retracted_on)["ticker"])
     assert summary["predictions"]["rows"] > 0
+    # The removed date's outcome says which correction retracted it, not "a holiday".
+    outcome = process_date(storage, market, "market", whole)
+    assert outcome.status == "no data"
+    assert f"retracted whole by {path.name} (batch {second['batch_id']}, validated " in (
+        outcome.message
+    )
+    with pytest.raises(DateFailed, match=f"retracted whole by {path.name} .*nothing to score"):
+        process_date(storage, market, "market", whole, ["score"])
 
 
 def _outputs(storage: Storage, day: dt.date) -> tuple[pd.DataFrame, pd.DataFrame]:

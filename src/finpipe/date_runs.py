@@ -342,19 +342,27 @@ def _process_locked(storage, settings, domain, day, steps, holder, started) -> D
     # Hash the inputs before reading them: if they change underneath, the record is stale
     # (and the date is redone next time) rather than wrongly fresh.
     inputs = partition_fingerprint(storage, domain, day)
+    retracted = retraction_of(storage, domain, day) if inputs["validated"] is None else None
     if inputs["validated"] is None and "validate" in steps:
         return DateOutcome(
             day.isoformat(),
             "no data",
             seconds=_since(started),
-            message=f"no validated {domain} data for {day}: a holiday, or a delivery not "
-            "ingested yet (ingest it and re-run; only such dates are redone)",
+            message=f"no validated {domain} data for {day}: "
+            + (
+                f"{retracted}; its predictions, if any, stay as published"
+                if retracted
+                else "a holiday, or a delivery not ingested yet (ingest it and re-run; only "
+                "such dates are redone)"
+            ),
         )
     rows = 0
     if inputs["validated"] is not None and "validate" in steps:
         rows = storage.partition_rows("validated", domain, day)
     if inputs["features"] is None and ("features" in steps or "score" in steps):
-        if inputs["validated"] is None:
+        if retracted:
+            cause = f"{retracted}, so there is nothing to score"
+        elif inputs["validated"] is None:
             cause = "it has no validated data either; ingest its delivery first"
         elif "features" in steps:
             cause = "the feature update did not write it; see the build-features task's log"
@@ -400,6 +408,19 @@ def _process_locked(storage, settings, domain, day, steps, holder, started) -> D
         model_version=model_version,
         predictions=predictions,
     )
+
+
+def retraction_of(storage: Storage, domain: str, day: dt.date) -> str | None:
+    """Say which correction retracted every row of `day` (the latest that did: the batch records'
+    `removed_dates`), e.g. "retracted whole by fix.csv (batch b1f2…, validated <time>)"; None
+    when none did."""
+    records = storage.batch_records(domain)
+    removed = [r for r in records if day.isoformat() in r.get("removed_dates", [])]
+    if not removed:
+        return None
+    last = max(removed, key=lambda record: record.get("validated_at", ""))
+    name = Path(last.get("source", "")).name or "a correction"
+    return f"retracted whole by {name} (batch {last['batch_id']}, validated {last['validated_at']})"
 
 
 def _since(started: float) -> float:
