@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from finpipe.domains import get_domain
 from finpipe.errors import ValidationFailed
-from finpipe.ingest import check_file, ingest_file
+from finpipe.ingest import CheckedTogether, check_file, ingest_file
 
 AS_OF = "2030-01-01"
 
@@ -144,3 +144,43 @@ def test_files_checked_together_see_the_ones_before_them_as_ingest_would(
     assert ingest_file(storage, contract, copy, as_of=AS_OF).status == "already_loaded"
     with pytest.raises(ValidationFailed, match="duplicate_key_across_batches"):
         ingest_file(storage, contract, overlap, as_of=AS_OF)
+
+
+def test_a_file_checked_after_another_measures_its_move_from_that_files_prices(delivered, tmp_path):
+    """Market's move rule compares a day's price with the last accepted one. Checked together,
+    a later day is measured from the earlier file's prices, as ingest does once it loaded it:
+    a real doubling after a doubling passes, a fall back to the old price after a jump does
+    not (each alone against the store, the other way round)."""
+    storage, _, vendor = delivered
+    contract = get_domain("market").contract
+    last_day = max(vendor["Date"])
+    last = vendor[vendor["Date"] == last_day]
+    prices = ["Open", "High", "Low", "Close", "Adj Close"]
+
+    def day(offset: int, scale: float, name: str) -> Path:
+        date = (pd.Timestamp(last_day) + pd.offsets.BDay(offset)).date().isoformat()
+        rows = last.assign(Date=date)
+        rows[prices] *= scale
+        rows.to_csv(tmp_path / name, index=False)
+        return tmp_path / name
+
+    up, doubled = day(1, 2.5, "up.csv"), day(2, 5.0, "doubled.csv")  # |log| 0.92, then 0.69
+    back = day(2, 0.9, "back.csv")  # from up: |log| 1.02, over the rule's 1.0
+
+    together = CheckedTogether()
+    assert check_file(storage, contract, up, as_of=AS_OF, together=together).status == "checked"
+    outcome = check_file(storage, contract, doubled, as_of=AS_OF, together=together)
+    assert outcome.status == "checked"
+    with pytest.raises(ValidationFailed, match=r"doubled.csv would be rejected.*abs_log_return"):
+        check_file(storage, contract, doubled, as_of=AS_OF)  # from the store's price: 1.61
+    together = CheckedTogether()
+    check_file(storage, contract, up, as_of=AS_OF, together=together)
+    with pytest.raises(ValidationFailed, match=r"back.csv would be rejected.*abs_log_return"):
+        check_file(storage, contract, back, as_of=AS_OF, together=together)
+    assert check_file(storage, contract, back, as_of=AS_OF).status == "checked"
+
+    # Loading them in order does what the checks together said.
+    assert ingest_file(storage, contract, up, as_of=AS_OF).status == "validated"
+    with pytest.raises(ValidationFailed, match="abs_log_return"):
+        ingest_file(storage, contract, back, as_of=AS_OF)
+    assert ingest_file(storage, contract, doubled, as_of=AS_OF).status == "validated"

@@ -228,9 +228,9 @@ def ingest(
             help="Check the files as ingest would (the suite; for a correction, the published "
             "rows it would replace and retract) and say what would happen, writing nothing; "
             "exit status 2 when a file would be rejected. Each file is checked against the "
-            "store as it is and, for the same content and repeated keys, against the files "
-            "given before it; its other rules (a market day's jump from the day before, a "
-            "correction's rows) see the store alone.",
+            "store as it is with the files given before it loaded, as ingest would load them "
+            "(the same content, repeated keys, a market day's move from the day before); a "
+            "correction is checked against the published rows alone.",
         ),
     ] = False,
 ) -> None:

@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import numpy as np
 import pandas as pd
@@ -43,8 +43,8 @@ class RawContract:
     date_column: str
     normalise: Callable[..., pd.DataFrame]
     # Adds derived columns the suite checks (e.g. a daily return that needs the last accepted
-    # price); receives the normalised batch and the storage it will be published to.
-    add_check_columns: Callable[[pd.DataFrame, Storage], pd.DataFrame] | None = None
+    # price); receives the normalised batch and the validated layer it will be published to.
+    add_check_columns: Callable[[pd.DataFrame, PublishedRows], pd.DataFrame] | None = None
     # Extra `pandas.read_csv` options for sources that are not comma-separated with a header,
     # e.g. {"sep": r"\s+", "header": None, "names": [...]}; None reads the default CSV.
     read_options: Mapping[str, Any] | None = None
@@ -218,30 +218,75 @@ def ingest_file(
     return outcome
 
 
+class PublishedRows(Protocol):
+    """What a contract's check columns read (`RawContract.add_check_columns`): the validated
+    layer's dates and rows. A `Storage`, or in a dry run `CheckedTogether.published`."""
+
+    def partition_dates(self, layer: str, domain: str, *, end: dt.date) -> list[dt.date]: ...
+
+    def read_partitions(self, layer: str, domain: str, *, days: list[dt.date]) -> pd.DataFrame: ...
+
+
 @dataclass
 class CheckedTogether:
     """What the files checked before this one in the same dry run would publish: ingest loads
-    them first, so a later file is checked against their content and keys too (the same file
-    twice, a key two files deliver). Other rules see the store alone, and so do corrections."""
+    them first, so a later file is checked against their content and keys (the same file twice,
+    a key two files deliver) and its check columns read their rows as published (market's move
+    from the last accepted price). Corrections are checked against the published rows alone."""
 
     names: dict[str, str] = field(default_factory=dict)  # sha256 -> the first file's name
-    keys: list[tuple[str, pd.DataFrame]] = field(default_factory=list)  # (file name, keys)
+    files: list[tuple[str, pd.DataFrame]] = field(default_factory=list)  # (name, its rows)
 
     def repeats(self, contract: RawContract, frame: pd.DataFrame) -> str | None:
         """Say which rows of `frame` repeat keys of a file checked before; None if none."""
         keys = list(contract.key_columns)
-        for name, earlier in self.keys:
+        for name, earlier in self.files:
             whose = f"of {name}, checked above (ingest loads it first)"
-            rule = _repeated_keys_rule(frame, earlier, keys, whose)
+            rule = _repeated_keys_rule(frame, earlier[keys].drop_duplicates(), keys, whose)
             if rule is not None:
                 return _rule_sentence(rule)
         return None
 
-    def add(self, contract: RawContract, name: str, sha: str, frame: pd.DataFrame | None) -> None:
+    def add(self, name: str, sha: str, frame: pd.DataFrame | None) -> None:
         """Note a file that passed (`frame`: the rows it publishes; None for a correction)."""
         self.names[sha] = name
         if frame is not None:
-            self.keys.append((name, frame[list(contract.key_columns)].drop_duplicates()))
+            self.files.append((name, frame))
+
+    def published(self, storage: Storage, contract: RawContract) -> PublishedRows:
+        """Return the validated layer of `storage` as it would be once the files checked
+        before are loaded."""
+        rows = [frame for _, frame in self.files]
+        return _WithRows(storage, contract, pd.concat(rows, ignore_index=True) if rows else None)
+
+
+@dataclass(frozen=True)
+class _WithRows:
+    """A store's validated layer of one domain with `rows` (not yet published) added."""
+
+    storage: Storage
+    contract: RawContract
+    rows: pd.DataFrame | None
+
+    def _dates(self) -> pd.Series:
+        assert self.rows is not None
+        return self.rows[self.contract.date_column].dt.date
+
+    def partition_dates(self, layer: str, domain: str, *, end: dt.date) -> list[dt.date]:
+        published = self.storage.partition_dates(layer, domain, end=end)
+        if self.rows is None or (layer, domain) != ("validated", self.contract.domain):
+            return published
+        return sorted({*published, *(day for day in self._dates() if day <= end)})
+
+    def read_partitions(self, layer: str, domain: str, *, days: list[dt.date]) -> pd.DataFrame:
+        if self.rows is None or (layer, domain) != ("validated", self.contract.domain):
+            return self.storage.read_partitions(layer, domain, days=days)
+        stored = set(self.storage.partition_dates(layer, domain))
+        published = self.storage.read_partitions(
+            layer, domain, days=[day for day in days if day in stored]
+        )
+        added = self.rows[self._dates().isin(set(days)).to_numpy()]
+        return pd.concat([published, added], ignore_index=True)
 
 
 def check_file(
@@ -279,7 +324,10 @@ def check_file(
             "ingest would skip it",
         )
     try:  # no Data Docs: they would be written somewhere
-        checked = _check(storage, contract, path, path, as_of, batch_id, None, correction)
+        published = together.published(storage, contract) if together is not None else storage
+        checked = _check(
+            storage, contract, path, path, as_of, batch_id, None, correction, published
+        )
     except _Rejected as rejected:
         raise ValidationFailed(
             f"{path.name} would be rejected (rules failed: {_failed_rules(rejected.report)})."
@@ -292,7 +340,7 @@ def check_file(
                 f"{path.name} would be rejected (rules failed: duplicate_key_across_batches). "
                 f"{repeated} Nothing was written."
             )
-        together.add(contract, path.name, sha, None if correction else checked.frame)
+        together.add(path.name, sha, None if correction else checked.frame)
     date_col = contract.date_column
     days = set(checked.frame[date_col])
     if checked.retracted is not None:
@@ -397,10 +445,12 @@ def _check(
     batch_id: str,
     docs_dir: Path | None,
     correction,
+    published: PublishedRows | None = None,
 ) -> _Checked:
     """Read, validate and (a correction) match delivered file `path` (read from `readable`)
     against the store; return what would be published, or raise _Rejected. Writes nothing but
-    the Data Docs in `docs_dir` (None: none are built)."""
+    the Data Docs in `docs_dir` (None: none are built). The check columns read `published`
+    (the store when None)."""
     try:
         dated = {"as_of": as_day(as_of)} if contract.normalise_takes_as_of else {}
         raw = read_delivery(readable, contract.read_options)
@@ -416,7 +466,8 @@ def _check(
     if frame.empty and retracted is not None:  # retractions only: no row for the suite
         report = ValidationReport(contract.suite, f"{batch_id}:{path.name}", True, 0, [], [])
     else:
-        report = _validate(storage, contract, frame, as_of, f"{batch_id}:{path.name}", docs_dir)
+        name = f"{batch_id}:{path.name}"
+        report = _validate(storage, contract, frame, as_of, name, docs_dir, published or storage)
         if flags is not None and flags.any():  # the suite numbered the rows left: the file's
             report = report.renumbered(np.flatnonzero(~flags.to_numpy()))
     report_dict = report.to_dict()
@@ -525,10 +576,11 @@ def _removed_clause(emptied: list[dt.date], would: bool = False) -> str:
     )
 
 
-def _validate(storage, contract, frame, as_of, batch_name: str, docs_dir: Path | None):
-    """Return the suite's report on `frame` (Data Docs in `docs_dir`; None: none)."""
+def _validate(storage, contract, frame, as_of, batch_name: str, docs_dir: Path | None, published):
+    """Return the suite's report on `frame` (Data Docs in `docs_dir`; None: none); its check
+    columns read `published`."""
     if contract.add_check_columns is not None:
-        checked = contract.add_check_columns(frame, storage)
+        checked = contract.add_check_columns(frame, published)
     else:
         checked = frame
     return validate_frame(

@@ -10,14 +10,15 @@ import datetime as dt
 
 import pandas as pd
 
-from finpipe.ingest import RawContract
+from finpipe.ingest import PublishedRows, RawContract
 from finpipe.market.quality import add_market_checks_columns
 from finpipe.market.schema import DOMAIN, normalise_market_frame, price_column
 from finpipe.settings import load_settings
-from finpipe.storage import Storage
 
 
-def last_accepted_prices(storage: Storage, before: dt.date, column: str) -> pd.DataFrame | None:
+def last_accepted_prices(
+    storage: PublishedRows, before: dt.date, column: str
+) -> pd.DataFrame | None:
     """Return each ticker's last accepted `column` price before `before` (ticker, date, price).
 
     Looks back over the last 10 validated dates, which is enough for a daily-return check:
@@ -34,7 +35,7 @@ def last_accepted_prices(storage: Storage, before: dt.date, column: str) -> pd.D
     return last[["ticker", "date", column]].rename(columns={column: "price"})
 
 
-def _add_market_checks(frame: pd.DataFrame, storage: Storage) -> pd.DataFrame:
+def _add_market_checks(frame: pd.DataFrame, storage: PublishedRows) -> pd.DataFrame:
     # Read as the batch arrives: whether the user declared `close` already adjusted.
     adjusted = load_settings().market_close_is_adjusted
     if frame.empty or frame["date"].isna().all():
