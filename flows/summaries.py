@@ -59,6 +59,11 @@ def summary_markdown(summary: dict) -> str:
     ]
     if features.get("dates_removed"):
         lines.append(f"Removed with their date: {', '.join(features['dates_removed'])}.")
+    if features.get("rebuilt_because"):
+        lines.append(
+            "Every date rebuilt: the settings the features are computed with changed since "
+            f"they were built ({features['rebuilt_because']})."
+        )
     if features["skipped_features"]:
         lines.append(f"Skipped (missing columns): {features['skipped_features']}")
     training = summary["training"]

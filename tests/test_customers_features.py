@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -10,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import finpipe.customers
 from finpipe.customers.features import (
     BASE_FEATURES,
     NS_PER_DAY,
@@ -202,3 +204,35 @@ def test_snapshot_update_is_idempotent_and_refreshes_after_late_data(tmp_path):
     pd.testing.assert_frame_equal(
         storage.read_partition("features", "customers", "2024-04-01"), after
     )
+
+
+def test_a_changed_active_days_rebuilds_every_snapshot_with_it(tmp_path, monkeypatch):
+    """The feature settings are recorded with the snapshots: changing them rebuilds every one,
+    so no layer mixes snapshots of two definitions (d, last seen 812 days before, joins)."""
+    from finpipe.date_runs import update_features_through
+
+    storage = Storage(tmp_path / "home")
+    _publish_days(storage, TINY[TINY["date"] <= pd.Timestamp("2024-03-31")])
+    monkeypatch.setenv("FINPIPE_CUSTOMERS_CONFIG", "synthetic")  # active_days = 365
+    for day in ("2024-03-01", "2024-04-01"):
+        assert update_features_through(storage, "customers", day)["dates_written"] == [day]
+    assert update_features_through(storage, "customers", "2024-04-01")["dates_written"] == []
+
+    synthetic = Path(finpipe.customers.__file__).parent / "configs" / "synthetic.toml"
+    longer = tmp_path / "longer.toml"
+    text = synthetic.read_text()
+    assert "active_days = 365" in text
+    longer.write_text(text.replace("active_days = 365", "active_days = 1000"))
+    monkeypatch.setenv("FINPIPE_CUSTOMERS_CONFIG", str(longer))
+    said: list[str] = []
+    update = update_features_through(storage, "customers", "2024-04-01", progress=said.append)
+    assert update["rebuilt_because"] == "active_days: 365 -> 1000"
+    assert update["dates_written"] == ["2024-03-01", "2024-04-01"]
+    assert "rebuilding every date" in said[0]
+    for day in ("2024-03-01", "2024-04-01"):
+        snapshot = storage.read_partition("features", "customers", day)
+        assert "d" in set(snapshot["customer_id"])
+        expected = build_customer_features(TINY, dt.date.fromisoformat(day), active_days=1000)
+        pd.testing.assert_frame_equal(snapshot, expected)
+    again = update_features_through(storage, "customers", "2024-04-01")
+    assert (again["dates_written"], again["rebuilt_because"]) == ([], None)

@@ -166,6 +166,10 @@ class ToyParts:
     nested_runs: bool = True
     scores_history: bool = False
 
+    @property
+    def feature_definition(self) -> dict[str, object]:
+        return {}
+
     def update_features(
         self,
         storage: Storage,

@@ -38,6 +38,7 @@ import pyarrow.parquet as pq
 from finpipe.calendars import Calendar
 from finpipe.domains import get_domain
 from finpipe.errors import FinpipeError, ScoringError
+from finpipe.features import definition_change, record_definition
 from finpipe.ingest import SUPERSEDED, ingest_files
 from finpipe.locks import DEFAULT_TIMEOUT_SECONDS, history_lock, partition_lock
 from finpipe.planning import ALL_STEPS, BackfillRequest, check_steps, missed_sessions
@@ -442,14 +443,27 @@ def update_features_through(
 
     The update runs to the later of `through` and the last date that already has features:
     a date delivered late makes every later feature stale, and stopping at `through` would
-    leave later ones stale but looking fresh. Returns the domain's FeatureUpdate as a dict.
+    leave later ones stale but looking fresh. Every date is rebuilt when the settings the
+    domain's features are computed with changed since they were built (`definition_change`:
+    a loan book's columns, customers' active days), so no layer mixes two definitions.
+    Returns the domain's FeatureUpdate as a dict.
     """
     with history_lock(storage.url, domain, holder=holder, timeout=lock_timeout, on_wait=progress):
         existing = storage.partition_dates("features", domain)
         as_of = max(as_day(through), existing[-1]) if existing else as_day(through)
+        definition = get_domain(domain).feature_definition
+        changed = definition_change(storage, domain, definition)
+        if changed and progress:
+            progress(
+                f"features: defined differently since they were built ({changed}); "
+                "rebuilding every date"
+            )
         update = get_domain(domain).update_features(
-            storage, as_of, rebuild=rebuild, progress=progress
+            storage, as_of, rebuild=rebuild or changed is not None, progress=progress
         )
+        record_definition(storage, domain, definition)
+    if changed and not rebuild:
+        update.rebuilt_because = changed
     return update.to_dict()
 
 

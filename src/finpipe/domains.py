@@ -10,7 +10,7 @@ another domain is added with `register_domain(domain)`, without editing this fil
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -89,6 +89,8 @@ class Domain:
     code_module: str = "finpipe"  # the module defining the domain's parts (and its models)
     # Scoring a date reads earlier dates' features too (`DomainParts.scores_history`).
     scores_history: bool = False
+    # The settings its features are computed with (`DomainParts.feature_definition`).
+    feature_definition: Mapping[str, object] = field(default_factory=dict)
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import json
 import os
 from collections.abc import Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,6 +40,8 @@ class FeatureUpdate:
     seconds: float = 0.0
     # Feature partitions removed with their date (a correction retracted all its rows).
     dates_removed: list[str] = field(default_factory=list)
+    # Why every date was rebuilt when the run did not ask for it (`definition_change`).
+    rebuilt_because: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -65,6 +68,34 @@ def record_inputs(storage: Storage, domain: str, built: Mapping[str, str]) -> No
     recorded = recorded_inputs(storage, domain)
     recorded.update(built)
     storage.write_json(storage.state_key(domain, BUILT_FROM), dict(sorted(recorded.items())))
+
+
+DEFINED_BY = "features_defined_by.json"
+
+
+def definition_change(
+    storage: Storage, domain: str, definition: Mapping[str, object]
+) -> str | None:
+    """Say how `definition` (the settings a domain's features are computed with,
+    `DomainParts.feature_definition`) differs from the one the published features were built
+    with, e.g. "active_days: 365 -> 180"; None when it is the same, when no feature partition
+    is published yet, or when none was recorded (features built before this record)."""
+    recorded = storage.read_json(storage.state_key(domain, DEFINED_BY))
+    current = json.loads(json.dumps(definition))  # as stored: lists, not tuples
+    if recorded is None or recorded == current:
+        return None
+    if not storage.partition_dates("features", domain, last=1):
+        return None
+    return "; ".join(
+        f"{key}: {recorded.get(key)!r} -> {current.get(key)!r}"
+        for key in sorted({*recorded, *current})
+        if recorded.get(key) != current.get(key)
+    )
+
+
+def record_definition(storage: Storage, domain: str, definition: Mapping[str, object]) -> None:
+    """Note `definition` as the one the published features are built with."""
+    storage.write_json(storage.state_key(domain, DEFINED_BY), dict(definition))
 
 
 def stale_feature_days(

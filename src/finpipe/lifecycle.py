@@ -230,6 +230,13 @@ class DomainParts(Protocol[ConfigT, OutcomeT]):
         scores from (market's lookback is in its features)."""
         ...
 
+    @property
+    def feature_definition(self) -> Mapping[str, object]:
+        """The settings the feature step computes with, as JSON values (a loan book's columns
+        and labels, customers' active days; empty when the code alone defines them): when they
+        change, the next feature step rebuilds every date instead of mixing two definitions."""
+        ...
+
     def update_features(
         self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: Say | None
     ) -> FeatureUpdate:
@@ -546,4 +553,5 @@ def bind(parts: DomainParts[ConfigT, OutcomeT]) -> Domain:
         plan_demo=parts.plan_demo,
         code_module=type(parts).__module__,
         scores_history=parts.scores_history,
+        feature_definition=parts.feature_definition,
     )

@@ -72,6 +72,19 @@ def build_credit_features(validated: pd.DataFrame, book: LoanBookConfig) -> pd.D
     return out.reset_index(drop=True)
 
 
+def credit_feature_definition(book: LoanBookConfig) -> dict[str, object]:
+    """Return what `build_credit_features` reads from the loan book: a change rebuilds every
+    date's features (`finpipe.features.definition_change`)."""
+    return {
+        "id": book.columns.id,
+        "label": book.columns.label,
+        "numeric": list(book.numeric_columns),
+        "categorical": list(book.categorical_columns),
+        "default_values": list(book.label.default),
+        "non_default_values": list(book.label.non_default),
+    }
+
+
 def outcome_changes(rows: pd.DataFrame, id_column: str) -> np.ndarray:
     """Return which rows to keep: each loan's first delivery, and every later delivery whose
     label is not empty and differs from the loan's label before it (a boolean mask in the

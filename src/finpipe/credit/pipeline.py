@@ -31,6 +31,7 @@ from finpipe.credit.config import DATE_COLUMN, LoanBookConfig, load_loan_book
 from finpipe.credit.contract import credit_contract
 from finpipe.credit.features import (
     LABEL,
+    credit_feature_definition,
     load_training_frame,
     nothing_to_score_reason,
     scoring_population,
@@ -265,6 +266,10 @@ class CreditParts:
     book: LoanBookConfig  # every step reads, trains and scores the files this book describes
     contract: RawContract  # ingest's checks of the book's files
     update_features: lifecycle.FeatureStep
+
+    @property
+    def feature_definition(self) -> dict[str, object]:
+        return credit_feature_definition(self.book)
 
     def prepare_training(
         self,

@@ -229,6 +229,10 @@ class CustomersParts:
     contract: RawContract  # ingest's checks of the source's files
     update_features: lifecycle.FeatureStep
 
+    @property
+    def feature_definition(self) -> dict[str, object]:
+        return {"active_days": self.config.features.active_days}
+
     def prepare_training(
         self,
         storage: Storage,

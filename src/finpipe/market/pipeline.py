@@ -278,6 +278,10 @@ class MarketParts:
     nested_runs: bool = True
     scores_history: bool = False  # the lookback is in each date's features
 
+    @property
+    def feature_definition(self) -> dict[str, object]:
+        return {}  # the code alone defines market's features
+
     def prepare_training(
         self,
         storage: Storage,
