@@ -200,3 +200,20 @@ def test_named_extra_suite_must_exist():
     book = parse_loan_book(document, source="book.toml")
     with pytest.raises(ConfigError, match="expectations/credit_nope.json does not exist"):
         build_credit_suite(book)
+
+
+def test_the_feature_definition_follows_the_columns_and_labels_features_read_only():
+    """What the credit features are computed with: a new column or label value changes it (the
+    next feature step rebuilds every date), a grade band or the scoring rule does not."""
+    from finpipe.credit.features import credit_feature_definition
+
+    document = synthetic_document()
+    base = credit_feature_definition(parse_loan_book(document))
+    assert base["numeric"][:2] == ["age", "income"] and base["id"] == "loan_id"
+    regraded = copy.deepcopy(document)
+    regraded["grades"][0]["max_pd"] = 0.011
+    assert credit_feature_definition(parse_loan_book(regraded)) == base
+    fewer = copy.deepcopy(document)
+    del fewer["numeric"]["income"]
+    assert credit_feature_definition(parse_loan_book(fewer))["numeric"][:1] == ["age"]
+    assert credit_feature_definition(parse_loan_book(fewer)) != base
