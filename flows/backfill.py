@@ -100,7 +100,13 @@ def backfill(
     if "features" in request.steps:
         # Before planning: a date whose features this rebuilds (data re-delivered or corrected
         # on a day before it) no longer matches its completion record, so it is redone.
-        features = update_features(domain, request.end.isoformat(), run.holder, run.lock_timeout)
+        features = update_features(
+            domain,
+            request.end.isoformat(),
+            run.holder,
+            run.lock_timeout,
+            since=request.start.isoformat(),
+        )
     plan = plan_backfill(run.storage, request, force=force)
     logger = get_run_logger()
     logger.info(

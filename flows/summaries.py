@@ -9,6 +9,25 @@ from collections.abc import Iterable
 from finpipe.date_runs import DateOutcome
 
 
+def _features_text(features: dict) -> list[str]:
+    lines = [
+        "",
+        "## Features",
+        f"{features['rows']:,} rows over {len(features['dates_written'])} new dates "
+        f"in {features['seconds']} s.",
+    ]
+    if features.get("dates_removed"):
+        lines.append(f"Removed with their date: {', '.join(features['dates_removed'])}.")
+    if features.get("rebuilt_because"):
+        lines.append(
+            "Every date rebuilt: the settings the features are computed with changed since "
+            f"they were built ({features['rebuilt_because']})."
+        )
+    if features["skipped_features"]:
+        lines.append(f"Skipped (missing columns): {features['skipped_features']}")
+    return lines
+
+
 def summary_markdown(summary: dict) -> str:
     """Return the run summary as markdown for the Prefect UI."""
     lines = [f"# finpipe nightly: {summary['domain']} as of {summary['as_of']}", ""]
@@ -50,22 +69,7 @@ def summary_markdown(summary: dict) -> str:
             lines.append(
                 f"| {item['date']} | {item['status']} | {item['rows']:,} | {item['message']} |"
             )
-    features = summary["features"]
-    lines += [
-        "",
-        "## Features",
-        f"{features['rows']:,} rows over {len(features['dates_written'])} new dates "
-        f"in {features['seconds']} s.",
-    ]
-    if features.get("dates_removed"):
-        lines.append(f"Removed with their date: {', '.join(features['dates_removed'])}.")
-    if features.get("rebuilt_because"):
-        lines.append(
-            "Every date rebuilt: the settings the features are computed with changed since "
-            f"they were built ({features['rebuilt_because']})."
-        )
-    if features["skipped_features"]:
-        lines.append(f"Skipped (missing columns): {features['skipped_features']}")
+    lines += _features_text(summary["features"])
     training = summary["training"]
     if training:
         lines += [

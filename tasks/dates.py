@@ -64,14 +64,21 @@ def ingest_deliveries(
 
 @task(name="build-features", **TRANSIENT)
 def update_features(
-    domain: str, through: str, holder: str, lock_timeout: float, rebuild: bool = False
+    domain: str,
+    through: str,
+    holder: str,
+    lock_timeout: float,
+    rebuild: bool = False,
+    since: str | None = None,
 ) -> dict:
-    """Bring every feature partition up to date through `through`, under the history lock."""
+    """Bring every feature partition up to date through `through`, and give every validated
+    date from `since` (default `through`) its own, under the history lock."""
     logger = get_run_logger()
     update = date_runs.update_features_through(
         Storage(load_settings().home),
         domain,
         through,
+        since=since,
         rebuild=rebuild,
         holder=holder,
         lock_timeout=lock_timeout,

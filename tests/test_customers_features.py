@@ -236,3 +236,25 @@ def test_a_changed_active_days_rebuilds_every_snapshot_with_it(tmp_path, monkeyp
         pd.testing.assert_frame_equal(snapshot, expected)
     again = update_features_through(storage, "customers", "2024-04-01")
     assert (again["dates_written"], again["rebuilt_because"]) == ([], None)
+
+
+def test_a_range_gets_a_snapshot_for_each_of_its_validated_days_never_run(tmp_path, monkeypatch):
+    """Snapshots are built for the nights that run; a backfill over days never run (`since`)
+    gets each validated day's own, as if each night had run, and re-asking builds nothing."""
+    from finpipe.date_runs import update_features_through
+
+    storage = Storage(tmp_path / "home")
+    _publish_days(storage, TINY[TINY["date"] <= pd.Timestamp("2024-03-31")])
+    monkeypatch.setenv("FINPIPE_CUSTOMERS_CONFIG", "synthetic")
+    night = update_features_through(storage, "customers", "2024-04-01")
+    assert night["dates_written"] == ["2024-04-01"]
+    ranged = update_features_through(storage, "customers", "2024-03-01", since="2024-01-01")
+    days = ["2024-01-01", "2024-02-01", "2024-03-01"]
+    assert ranged["dates_written"] == days
+    for day in days:
+        expected = build_customer_features(TINY, dt.date.fromisoformat(day), active_days=365)
+        pd.testing.assert_frame_equal(
+            storage.read_partition("features", "customers", day), expected
+        )
+    again = update_features_through(storage, "customers", "2024-03-01", since="2024-01-01")
+    assert again["dates_written"] == []

@@ -268,6 +268,31 @@ def test_a_correction_of_an_earlier_day_names_its_scored_snapshot_and_a_backfill
     assert spend["after"] > spend["before"]
 
 
+def test_a_backfill_over_days_no_night_ran_builds_their_snapshots_and_scores_them(
+    two_nights, tmp_path
+):
+    """Snapshots exist for the nights that ran; a backfill of the three days before the first
+    night builds each day's snapshot and scores it with the champion, as those nights would."""
+    from finpipe.flows.backfill import backfill
+
+    settings, files, _, _ = two_nights
+    home = tmp_path / "home"
+    shutil.copytree(settings.home, home)
+    storage = Storage(home)
+    first = _day(files[1])
+    earlier = [d for d in storage.partition_dates("validated", "customers") if d < first][-3:]
+    assert not set(earlier) & set(storage.partition_dates("features", "customers"))
+    with finpipe_home(home):
+        summary = backfill(domain="customers", start=earlier[0], end=earlier[-1])
+    assert summary["features"]["dates_written"] == [d.isoformat() for d in earlier]
+    statuses = {item["date"]: item["status"] for item in summary["dates"]}
+    assert {statuses[d.isoformat()] for d in earlier} == {"completed"}
+    for day in earlier:
+        predictions = storage.read_partition("predictions", "customers", day)
+        snapshot = storage.read_partition("features", "customers", day)
+        assert sorted(predictions["customer_id"]) == sorted(snapshot["customer_id"])
+
+
 def test_cdnow_sample_runs_nightly(tmp_path, shared_datasets, monkeypatch):
     from finpipe.flows.nightly import nightly
 

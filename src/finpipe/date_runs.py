@@ -434,34 +434,44 @@ def update_features_through(
     domain: str,
     through: dt.date | str,
     *,
+    since: dt.date | str | None = None,
     rebuild: bool = False,
     holder: str = "",
     lock_timeout: float = DEFAULT_TIMEOUT_SECONDS,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
-    """Bring features up to date through `through` (or later), under the history lock.
+    """Bring features up to date through `through` (or later), under the history lock, and
+    make sure every validated date from `since` (default `through`) to `through` has them.
 
     The update runs to the later of `through` and the last date that already has features:
     a date delivered late makes every later feature stale, and stopping at `through` would
-    leave later ones stale but looking fresh. Every date is rebuilt when the settings the
-    domain's features are computed with changed since they were built (`definition_change`:
-    a loan book's columns, customers' active days), so no layer mixes two definitions.
+    leave later ones stale but looking fresh. A domain that builds features only for the
+    nights it runs (customers' snapshots) then builds those of the range's dates never run
+    (a backfill's, a night's catch-up). Every date is rebuilt when the settings the domain's
+    features are computed with changed since they were built (`definition_change`: a loan
+    book's columns, customers' active days), so no layer mixes two definitions.
     Returns the domain's FeatureUpdate as a dict.
     """
+    through = as_day(through)
+    parts = get_domain(domain)
     with history_lock(storage.url, domain, holder=holder, timeout=lock_timeout, on_wait=progress):
         existing = storage.partition_dates("features", domain)
-        as_of = max(as_day(through), existing[-1]) if existing else as_day(through)
-        definition = get_domain(domain).feature_definition
-        changed = definition_change(storage, domain, definition)
+        as_of = max(through, existing[-1]) if existing else through
+        changed = definition_change(storage, domain, parts.feature_definition)
         if changed and progress:
             progress(
                 f"features: defined differently since they were built ({changed}); "
                 "rebuilding every date"
             )
-        update = get_domain(domain).update_features(
+        update = parts.update_features(
             storage, as_of, rebuild=rebuild or changed is not None, progress=progress
         )
-        record_definition(storage, domain, definition)
+        record_definition(storage, domain, parts.feature_definition)
+        start = as_day(since) if since is not None else through
+        built = set(storage.partition_dates("features", domain, start, through))
+        for day in storage.partition_dates("validated", domain, start, through):
+            if day not in built:
+                update.extend(parts.update_features(storage, day, rebuild=False, progress=progress))
     if changed and not rebuild:
         update.rebuilt_because = changed
     return update.to_dict()
