@@ -453,25 +453,27 @@ def update_features_through(
     Returns the domain's FeatureUpdate as a dict.
     """
     through = as_day(through)
-    parts = get_domain(domain)
+    registered = get_domain(domain)
     with history_lock(storage.url, domain, holder=holder, timeout=lock_timeout, on_wait=progress):
         existing = storage.partition_dates("features", domain)
         as_of = max(through, existing[-1]) if existing else through
-        changed = definition_change(storage, domain, parts.feature_definition)
+        changed = definition_change(storage, domain, registered.feature_definition)
         if changed and progress:
             progress(
                 f"features: defined differently since they were built ({changed}); "
                 "rebuilding every date"
             )
-        update = parts.update_features(
+        update = registered.update_features(
             storage, as_of, rebuild=rebuild or changed is not None, progress=progress
         )
-        record_definition(storage, domain, parts.feature_definition)
+        record_definition(storage, domain, registered.feature_definition)
         start = as_day(since) if since is not None else through
         built = set(storage.partition_dates("features", domain, start, through))
         for day in storage.partition_dates("validated", domain, start, through):
             if day not in built:
-                update.extend(parts.update_features(storage, day, rebuild=False, progress=progress))
+                update.extend(
+                    registered.update_features(storage, day, rebuild=False, progress=progress)
+                )
     if changed and not rebuild:
         update.rebuilt_because = changed
     return update.to_dict()

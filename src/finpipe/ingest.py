@@ -467,7 +467,8 @@ def _check(
         report = ValidationReport(contract.suite, f"{batch_id}:{path.name}", True, 0, [], [])
     else:
         name = f"{batch_id}:{path.name}"
-        report = _validate(storage, contract, frame, as_of, name, docs_dir, published or storage)
+        layer = storage if published is None else published
+        report = _validate(storage, contract, frame, as_of, name, docs_dir, layer)
         if flags is not None and flags.any():  # the suite numbered the rows left: the file's
             report = report.renumbered(np.flatnonzero(~flags.to_numpy()))
     report_dict = report.to_dict()
