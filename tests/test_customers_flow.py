@@ -293,6 +293,39 @@ def test_a_backfill_over_days_no_night_ran_builds_their_snapshots_and_scores_the
         assert sorted(predictions["customer_id"]) == sorted(snapshot["customer_id"])
 
 
+def test_a_night_catches_up_a_missed_day_with_that_days_own_snapshot(two_nights, tmp_path):
+    """Two more days delivered, the night of the first missed: the next night builds the missed
+    day's snapshot as well as its own and scores both, the missed one first."""
+    from finpipe.flows.nightly import nightly
+
+    settings, files, _, _ = two_nights
+    home = tmp_path / "home"
+    shutil.copytree(settings.home, home)
+    second = pd.Timestamp(_day(files[2]))
+    last = pd.read_csv(files[2])
+    days, delivered = [], []
+    for offset in (1, 2):  # the next two business days, each the last day's purchases again
+        day = second + pd.offsets.BDay(offset)
+        rows = last.assign(
+            **{"Transaction Time": pd.to_datetime(last["Transaction Time"]) + (day - second)}
+        )
+        path = tmp_path / f"customers_{day.date()}.csv"
+        rows.to_csv(path, index=False, date_format="%Y-%m-%d %H:%M:%S")
+        days.append(day.date().isoformat())
+        delivered.append(str(path))
+    with finpipe_home(home):
+        summary = nightly(domain="customers", as_of=days[1], inputs=delivered, retrain=False)
+    assert [(item["date"], item["status"]) for item in summary["catch_up"]] == [
+        (days[0], "completed")
+    ]
+    assert summary["features"]["dates_written"] == days
+    storage = Storage(home)
+    for day in days:
+        assert len(storage.read_partition("predictions", "customers", day)) == len(
+            storage.read_partition("features", "customers", day)
+        )
+
+
 def test_cdnow_sample_runs_nightly(tmp_path, shared_datasets, monkeypatch):
     from finpipe.flows.nightly import nightly
 
