@@ -143,27 +143,10 @@ def test_a_corrected_loan_makes_every_later_credit_date_redone_not_only_its_own(
     redoes it after a correction of an earlier day's loan (a market date's record holds its own
     partitions only: its lookback is in its features). A loan's outcome delivered later does
     not change what an earlier date scored, and is not called stale."""
-    from finpipe.date_runs import (
-        completion_key,
-        is_done,
-        process_date,
-        read_completion,
-        stale_scored_dates,
-    )
-    from tests.conftest import finpipe_home
+    from finpipe.date_runs import is_done, stale_scored_dates
 
     storage, contract = loan_store
-    update_credit_features(storage, FIXED, book=BOOK)
-    steps = ["validate", "features"]
-    with finpipe_home(storage.root) as settings:
-        for day in (D1, D2):
-            assert process_date(storage, settings, "credit", day, steps).status == "completed"
-    assert is_done(storage, "credit", D2, steps)
-    for day in (D1, D2):  # as if scored too: predictions published, the record saying so
-        record = read_completion(storage, "credit", day)
-        record["steps"].append("score")
-        storage.write_json(completion_key(storage, "credit", day), record)
-        storage.write_partition("predictions", "credit", day, pd.DataFrame({"id": ["L1"]}))
+    steps = _scored(storage, D1, D2)
     # L2's outcome arrives (an ordinary delivery): a new version in D1's partition.
     outcome = _loans(tmp_path, "outcome.csv", ("L2", D1, "bad", 2000.0))
     assert ingest_file(storage, contract, outcome, as_of=FIXED).status == "validated"
@@ -185,6 +168,50 @@ def test_a_corrected_loan_makes_every_later_credit_date_redone_not_only_its_own(
     assert not is_done(storage, "credit", D2, steps)
     # The nightly names both as stale though only D1's features were rebuilt.
     assert stale_scored_dates(storage, "credit", [D1]) == ([D1, D2], [])
+
+
+def _scored(storage: Storage, *days: dt.date) -> list[str]:
+    """Build the features and record `days` as completed and scored (predictions published);
+    return the steps recorded before scoring."""
+    from finpipe.date_runs import completion_key, is_done, process_date, read_completion
+    from tests.conftest import finpipe_home
+
+    update_credit_features(storage, FIXED, book=BOOK)
+    steps = ["validate", "features"]
+    with finpipe_home(storage.root) as settings:
+        for day in days:
+            assert process_date(storage, settings, "credit", day, steps).status == "completed"
+    for day in days:  # as if scored too: predictions published, the record saying so
+        assert is_done(storage, "credit", day, steps)
+        record = read_completion(storage, "credit", day)
+        record["steps"].append("score")
+        storage.write_json(completion_key(storage, "credit", day), record)
+        storage.write_partition("predictions", "credit", day, pd.DataFrame({"id": ["L1"]}))
+    return steps
+
+
+def test_credit_predictions_scored_before_the_features_were_redefined_are_stale(loan_store):
+    """Credit names a date stale for a correction only (a later outcome does not change what it
+    scored), but features rebuilt under changed settings change what every date scores: after
+    such a rebuild, a date whose own features changed is named too."""
+    from finpipe.date_runs import stale_predictions
+
+    storage, _ = loan_store
+    _scored(storage, D1, D2)
+    flipped = parse_loan_book(  # the lender's status codes read the other way round
+        {
+            "name": "tiny",
+            "columns": {"id": "loan_id", "date": "applied", "label": "status"},
+            "label": {"default": ["good"], "non_default": ["bad"]},
+            "numeric": {"income": {"min": 0}},
+            "grades": [{"grade": "A", "max_pd": 1.0}],
+        }
+    )
+    rebuilt = update_credit_features(storage, FIXED, book=flipped, rebuild=True).to_dict()
+    assert stale_predictions(storage, "credit", rebuilt) is None  # no correction: not named
+    rebuilt["rebuilt_because"] = "default_values: ['bad'] -> ['good']"
+    stale = stale_predictions(storage, "credit", rebuilt)
+    assert stale is not None and stale["dates"] == [D1.isoformat(), D2.isoformat()]
 
 
 def test_a_loan_correction_cut_short_ends_as_an_unbroken_one(

@@ -130,12 +130,14 @@ def is_done(storage: Storage, domain: str, day: dt.date, steps: Iterable[str]) -
 
 
 def stale_scored_dates(
-    storage: Storage, domain: str, days: Iterable[dt.date | str]
+    storage: Storage, domain: str, days: Iterable[dt.date | str], *, redefined: bool = False
 ) -> tuple[list[dt.date], list[dt.date]]:
     """Of `days`, return those whose published predictions were scored from data that has
     changed since (a correction, a retraction, a late delivery: the completion record's inputs
     differ from the partitions now), and of those, the ones whose validated data is gone (a
-    date retracted whole, which nothing can score again). A backfill re-scores the others."""
+    date retracted whole, which nothing can score again). A backfill re-scores the others.
+    `redefined`: the features were rebuilt under changed settings, so for a domain that scores
+    history too a change of a date's own partitions makes it stale, not only a correction."""
     stale, gone = [], []
     changed = sorted({as_day(d) for d in days})
     history = get_domain(domain).scores_history
@@ -150,7 +152,7 @@ def stale_scored_dates(
         if record.get("status") != "completed" or "score" not in record.get("steps", []):
             continue
         now, then = partition_fingerprint(storage, domain, day), record.get("inputs") or {}
-        if not history:
+        if not history or redefined:
             changed_since = then != now
         elif CORRECTIONS in then:  # later deliveries do not change what it scored
             changed_since = then[CORRECTIONS] != now[CORRECTIONS] or now["validated"] is None
@@ -168,7 +170,8 @@ def stale_predictions(storage: Storage, domain: str, features: dict) -> dict | N
     rebuilt or removed, `FeatureUpdate.to_dict()`): the stale dates, those of them retracted
     whole, and the backfill that re-scores the others; None when there are none."""
     changed = [*features["dates_written"], *features.get("dates_removed", [])]
-    stale, gone = stale_scored_dates(storage, domain, changed)
+    redefined = features.get("rebuilt_because") is not None
+    stale, gone = stale_scored_dates(storage, domain, changed, redefined=redefined)
     if not stale:
         return None
     rescore = [day for day in stale if day not in gone]
@@ -474,8 +477,7 @@ def update_features_through(
                 update.extend(
                     registered.update_features(storage, day, rebuild=False, progress=progress)
                 )
-    if changed and not rebuild:
-        update.rebuilt_because = changed
+    update.rebuilt_because = changed
     return update.to_dict()
 
 

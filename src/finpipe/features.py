@@ -40,7 +40,7 @@ class FeatureUpdate:
     seconds: float = 0.0
     # Feature partitions removed with their date (a correction retracted all its rows).
     dates_removed: list[str] = field(default_factory=list)
-    # Why every date was rebuilt when the run did not ask for it (`definition_change`).
+    # The change of settings that made the step rebuild every date (`definition_change`).
     rebuilt_because: str | None = None
 
     def to_dict(self) -> dict:
