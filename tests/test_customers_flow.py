@@ -274,6 +274,7 @@ def test_a_backfill_over_days_no_night_ran_builds_their_snapshots_and_scores_the
     """Snapshots exist for the nights that ran; a backfill of the three days before the first
     night builds each day's snapshot and scores it with the champion, as those nights would."""
     from finpipe.flows.backfill import backfill
+    from finpipe.flows.score import score
 
     settings, files, _, _ = two_nights
     home = tmp_path / "home"
@@ -291,6 +292,14 @@ def test_a_backfill_over_days_no_night_ran_builds_their_snapshots_and_scores_the
         predictions = storage.read_partition("predictions", "customers", day)
         snapshot = storage.read_partition("features", "customers", day)
         assert sorted(predictions["customer_id"]) == sorted(snapshot["customer_id"])
+    # The score flow on one more day no night ran builds that day's snapshot the same way.
+    before = [d for d in storage.partition_dates("validated", "customers") if d < earlier[0]]
+    with finpipe_home(home):
+        scored = score(domain="customers", as_of=before[-1])
+    assert scored["status"] == "completed"
+    assert storage.partition_rows("predictions", "customers", before[-1]) == len(
+        storage.read_partition("features", "customers", before[-1])
+    )
 
 
 def test_a_night_catches_up_a_missed_day_with_that_days_own_snapshot(two_nights, tmp_path):
