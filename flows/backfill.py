@@ -105,7 +105,7 @@ def backfill(
             request.end.isoformat(),
             run.holder,
             run.lock_timeout,
-            since=request.start.isoformat(),
+            dates=[day.isoformat() for day in request.days],
         )
     plan = plan_backfill(run.storage, request, force=force)
     logger = get_run_logger()

@@ -116,9 +116,9 @@ def nightly(
     plan = _plan(run, as_of, validate_day, catch_up=catch_up, retrain=retrain)
     run_date = plan.run_day.isoformat()
     get_run_logger().info("nightly %s for %s", domain, run_date)
-    since = plan.catch_up[0].isoformat() if plan.catch_up else None
+    nights = [*(day.isoformat() for day in plan.catch_up), run_date]
     features = update_features(
-        domain, run_date, run.holder, run.lock_timeout, rebuild_features, since=since
+        domain, run_date, run.holder, run.lock_timeout, rebuild_features, dates=nights
     )
     # In date order, each with the champion that night would have used, before retraining.
     caught_up = [_caught_up(run, missed) for missed in plan.catch_up]

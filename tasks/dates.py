@@ -69,16 +69,16 @@ def update_features(
     holder: str,
     lock_timeout: float,
     rebuild: bool = False,
-    since: str | None = None,
+    dates: list[str] | None = None,
 ) -> dict:
-    """Bring every feature partition up to date through `through`, and give every validated
-    date from `since` (default `through`) its own, under the history lock."""
+    """Bring every feature partition up to date through `through`, and give each of `dates`
+    (the dates the run processes; default `through`) its own, under the history lock."""
     logger = get_run_logger()
     update = date_runs.update_features_through(
         Storage(load_settings().home),
         domain,
         through,
-        since=since,
+        dates=dates,
         rebuild=rebuild,
         holder=holder,
         lock_timeout=lock_timeout,

@@ -238,9 +238,10 @@ def test_a_changed_active_days_rebuilds_every_snapshot_with_it(tmp_path, monkeyp
     assert (again["dates_written"], again["rebuilt_because"]) == ([], None)
 
 
-def test_a_range_gets_a_snapshot_for_each_of_its_validated_days_never_run(tmp_path, monkeypatch):
-    """Snapshots are built for the nights that run; a backfill over days never run (`since`)
-    gets each validated day's own, as if each night had run, and re-asking builds nothing."""
+def test_the_dates_a_run_processes_get_a_snapshot_each_when_they_have_data(tmp_path, monkeypatch):
+    """Snapshots are built for the nights that run; a backfill over days never run (`dates`)
+    gets each validated day's own, as if each night had run (a day without transactions gets
+    none: it is not scored), and asking again builds nothing."""
     from finpipe.date_runs import update_features_through
 
     storage = Storage(tmp_path / "home")
@@ -248,13 +249,14 @@ def test_a_range_gets_a_snapshot_for_each_of_its_validated_days_never_run(tmp_pa
     monkeypatch.setenv("FINPIPE_CUSTOMERS_CONFIG", "synthetic")
     night = update_features_through(storage, "customers", "2024-04-01")
     assert night["dates_written"] == ["2024-04-01"]
-    ranged = update_features_through(storage, "customers", "2024-03-01", since="2024-01-01")
     days = ["2024-01-01", "2024-02-01", "2024-03-01"]
+    asked = [*days, "2024-01-15"]  # no transaction that day
+    ranged = update_features_through(storage, "customers", "2024-03-01", dates=asked)
     assert ranged["dates_written"] == days
     for day in days:
         expected = build_customer_features(TINY, dt.date.fromisoformat(day), active_days=365)
         pd.testing.assert_frame_equal(
             storage.read_partition("features", "customers", day), expected
         )
-    again = update_features_through(storage, "customers", "2024-03-01", since="2024-01-01")
+    again = update_features_through(storage, "customers", "2024-03-01", dates=asked)
     assert again["dates_written"] == []

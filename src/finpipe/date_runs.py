@@ -437,22 +437,24 @@ def update_features_through(
     domain: str,
     through: dt.date | str,
     *,
-    since: dt.date | str | None = None,
+    dates: Iterable[dt.date | str] | None = None,
     rebuild: bool = False,
     holder: str = "",
     lock_timeout: float = DEFAULT_TIMEOUT_SECONDS,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     """Bring features up to date through `through` (or later), under the history lock, and
-    make sure every validated date from `since` (default `through`) to `through` has them.
+    make sure each of `dates` (the dates the run will process; default `through`) that has
+    validated data has features too.
 
     The update runs to the later of `through` and the last date that already has features:
     a date delivered late makes every later feature stale, and stopping at `through` would
     leave later ones stale but looking fresh. A domain that builds features only for the
-    nights it runs (customers' snapshots) then builds those of the range's dates never run
-    (a backfill's, a night's catch-up). Every date is rebuilt when the settings the domain's
-    features are computed with changed since they were built (`definition_change`: a loan
-    book's columns, customers' active days), so no layer mixes two definitions.
+    nights it runs (customers' snapshots) then builds those of the dates no night ran (a
+    backfill's sessions, a night's catch-up), one step per date. Every date is rebuilt when
+    the settings the domain's features are computed with changed since they were built
+    (`definition_change`: a loan book's columns, customers' active days), so no layer mixes
+    two definitions.
     Returns the domain's FeatureUpdate as a dict.
     """
     through = as_day(through)
@@ -470,13 +472,13 @@ def update_features_through(
             storage, as_of, rebuild=rebuild or changed is not None, progress=progress
         )
         record_definition(storage, domain, registered.feature_definition)
-        start = as_day(since) if since is not None else through
-        built = set(storage.partition_dates("features", domain, start, through))
-        for day in storage.partition_dates("validated", domain, start, through):
-            if day not in built:
-                update.extend(
-                    registered.update_features(storage, day, rebuild=False, progress=progress)
-                )
+        built = set(storage.partition_dates("features", domain))
+        delivered = set(storage.partition_dates("validated", domain))
+        wanted = {as_day(day) for day in dates} if dates is not None else {through}
+        for day in sorted((wanted & delivered) - built):
+            update.extend(
+                registered.update_features(storage, day, rebuild=False, progress=progress)
+            )
     update.rebuilt_because = changed
     return update.to_dict()
 
