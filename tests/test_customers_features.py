@@ -260,3 +260,57 @@ def test_the_dates_a_run_processes_get_a_snapshot_each_when_they_have_data(tmp_p
         )
     again = update_features_through(storage, "customers", "2024-03-01", dates=asked)
     assert again["dates_written"] == []
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    seed=st.integers(0, 10_000),
+    late_day=st.integers(5, 12),
+    late_by=st.integers(1, 4),
+    corrected_on=st.integers(5, 14),
+)
+def test_nightly_snapshots_after_late_and_corrected_days_equal_fresh_ones(
+    seed, late_day, late_by, corrected_on
+):
+    """Ten nights, one day delivered `late_by` nights late and one published day corrected on
+    a later night: every snapshot the nights left equals one built from the final history."""
+    import tempfile
+
+    rng = np.random.default_rng(seed)
+    n = 90
+    start = pd.Timestamp("2024-03-01")
+    log = pd.DataFrame(
+        {
+            "customer_id": pd.array(rng.choice([f"c{i}" for i in range(12)], n), dtype="string"),
+            "date": (start + pd.to_timedelta(rng.integers(0, 15, n), unit="D")).astype(
+                "datetime64[ns]"
+            ),
+            "amount": np.round(rng.lognormal(3.0, 1.0, n), 2),
+            "category": pd.array(rng.choice(["a", "b"], n), dtype="string"),
+        }
+    )
+    log["timestamp"] = log["date"] + pd.to_timedelta(rng.integers(0, 86_400, n), unit="s")
+    days = {int((d - start).days): rows for d, rows in log.groupby("date")}
+    delivered_on = {d: max(d, 5) for d in days}
+    if late_day in days:
+        delivered_on[late_day] = min(late_day + late_by, 14)
+    with tempfile.TemporaryDirectory() as folder:
+        storage = Storage(folder)
+        for night in range(5, 15):
+            for d, rows in days.items():
+                if delivered_on[d] == night:
+                    day = (start + pd.Timedelta(days=d)).date()
+                    storage.write_partition("validated", "customers", day, rows)
+            published = storage.partition_dates("validated", "customers")
+            if night == corrected_on and published:
+                fixed = storage.read_partition("validated", "customers", published[0])
+                fixed.loc[0, "amount"] = fixed.loc[0, "amount"] * 2
+                storage.write_partition("validated", "customers", published[0], fixed)
+            as_of = (start + pd.Timedelta(days=night)).date()
+            update_customer_features(storage, as_of, active_days=30)
+        history = storage.read_partitions("validated", "customers")
+        for day in storage.partition_dates("features", "customers"):
+            pd.testing.assert_frame_equal(
+                storage.read_partition("features", "customers", day),
+                build_customer_features(history, day, active_days=30),
+            )
