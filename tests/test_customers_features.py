@@ -262,7 +262,7 @@ def test_the_dates_a_run_processes_get_a_snapshot_each_when_they_have_data(tmp_p
     assert again["dates_written"] == []
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=10, deadline=None)  # 0.6 s an example: ten nights of snapshots
 @given(
     seed=st.integers(0, 10_000),
     late_day=st.integers(5, 12),
