@@ -29,7 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -223,9 +223,10 @@ def _mix(customer: np.ndarray, customers: int, values: pd.Series) -> pd.DataFram
 
 
 def snapshots_needing_update(
-    storage: Storage, as_of: dt.date, rebuild: bool = False
+    storage: Storage, as_of: dt.date, validated: Mapping[dt.date, str], rebuild: bool = False
 ) -> list[dt.date]:
-    """Return the snapshot days up to `as_of` to (re)compute.
+    """Return the snapshot days up to `as_of` to (re)compute, given the fingerprints of the
+    validated partitions now (`Storage.partition_fingerprints`).
 
     `as_of` itself when its snapshot is missing, and every snapshot up to it built from other
     validated data than the partitions on or before its day hold now: a correction or a late
@@ -236,7 +237,6 @@ def snapshots_needing_update(
     existing = storage.partition_dates("features", DOMAIN, end=as_of)
     if rebuild:
         return sorted({*existing, as_of})
-    validated = storage.partition_fingerprints("validated", DOMAIN)
     built_from = recorded_inputs(storage, DOMAIN)
     now = history_fingerprints(validated, existing)
     stale = [day for day in existing if built_from.get(day.isoformat()) != now[day]]
@@ -260,12 +260,13 @@ def update_customer_features(
     started = time.perf_counter()
     as_of = as_day(as_of)
     update = FeatureUpdate()
-    todo = snapshots_needing_update(storage, as_of, rebuild)
-    if not todo:
-        return update
     # Fingerprint the history before reading it: if it changes underneath, the snapshot's
     # record is stale (and it is rebuilt next time) rather than wrongly fresh.
-    built_from = history_fingerprints(storage.partition_fingerprints("validated", DOMAIN), todo)
+    validated = storage.partition_fingerprints("validated", DOMAIN)
+    todo = snapshots_needing_update(storage, as_of, validated, rebuild)
+    if not todo:
+        return update
+    built_from = history_fingerprints(validated, todo)
     history = storage.read_partitions("validated", DOMAIN, end=max(todo))
     history = history.drop(columns=[BATCH_COLUMN], errors="ignore")
     for column in ("category", "channel"):
