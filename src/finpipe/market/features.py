@@ -484,21 +484,26 @@ def feature_columns_of(frame: pd.DataFrame) -> list[str]:
 
 # -- the nightly feature step: which dates, read with their lookback, published in blocks --
 def dates_needing_features(
-    storage: Storage, as_of: dt.date, rebuild: bool = False
+    storage: Storage,
+    as_of: dt.date,
+    rebuild: bool = False,
+    removed: list[dt.date] | None = None,
 ) -> list[dt.date]:
     """Return validated dates up to `as_of` whose feature partition is missing or stale.
 
     Features at t depend on the previous FEATURE_LOOKBACK_DAYS rows, so once one date is
     missing or older than its validated data, every later date is recomputed too; that keeps
     an incremental run identical to a full rebuild. So are the dates after one a correction
-    removed (`orphaned_feature_days`): their lookback held its rows.
+    removed (`orphaned_feature_days`, listed by the caller when it has them): their lookback
+    held its rows.
     """
     validated = storage.partition_dates("validated", DOMAIN, end=as_of)
     if rebuild:
         return validated
     done = set(storage.partition_dates("features", DOMAIN, end=as_of))
     stale = stale_feature_days(storage, DOMAIN, validated)
-    removed = orphaned_feature_days(storage, DOMAIN, end=as_of)
+    if removed is None:
+        removed = orphaned_feature_days(storage, DOMAIN, end=as_of)
     for i, day in enumerate(validated):
         if day not in done or day in stale or (removed and day > removed[0]):
             return validated[i:]
@@ -523,9 +528,9 @@ def update_market_features(
     """
     started = time.perf_counter()
     as_of = as_day(as_of)
-    todo = dates_needing_features(storage, as_of, rebuild)
-    update = FeatureUpdate()
     removed = orphaned_feature_days(storage, DOMAIN, end=as_of)
+    todo = dates_needing_features(storage, as_of, rebuild, removed)
+    update = FeatureUpdate()
     if todo:
         _build_market_features(storage, as_of, todo, block_dates, update, progress)
     remove_feature_days(storage, DOMAIN, removed, update)  # last: see orphaned_feature_days
