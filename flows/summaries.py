@@ -7,14 +7,15 @@ from collections import Counter
 from collections.abc import Iterable
 
 from finpipe.date_runs import DateOutcome
+from finpipe.text import counted
 
 
 def _features_text(features: dict) -> list[str]:
     lines = [
         "",
         "## Features",
-        f"{features['rows']:,} rows over {len(features['dates_written'])} new dates "
-        f"in {features['seconds']} s.",
+        f"{counted(features['rows'], 'row')} over "
+        f"{counted(len(features['dates_written']), 'new date')} in {features['seconds']} s.",
     ]
     if features.get("dates_removed"):
         lines.append(f"Removed with their date: {', '.join(features['dates_removed'])}.")
@@ -101,8 +102,8 @@ def _stale_text(stale: dict) -> str:
     dates = stale["dates"]
     named = ", ".join(dates[:10]) + (f" and {len(dates) - 10} more" if len(dates) > 10 else "")
     text = (
-        f"Predictions of {len(dates)} earlier dates were scored from data this run changed "
-        f"(a correction, a retraction or a late delivery): {named}."
+        f"Predictions of {counted(len(dates), 'earlier date')} were scored from data this run "
+        f"changed (a correction, a retraction or a late delivery): {named}."
     )
     if stale["backfill"]:
         text += (

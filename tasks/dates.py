@@ -11,6 +11,7 @@ from finpipe import date_runs
 from finpipe.errors import FinpipeError
 from finpipe.settings import load_settings
 from finpipe.storage import Storage
+from finpipe.text import counted
 
 
 def retry_if_a_server_blinked(task, task_run, state) -> bool:
@@ -86,7 +87,11 @@ def update_features(
     )
     if update["skipped_features"]:
         logger.warning("features skipped for missing columns: %s", update["skipped_features"])
-    logger.info("features: %d rows over %d dates", update["rows"], len(update["dates_written"]))
+    logger.info(
+        "features: %s over %s",
+        counted(update["rows"], "row"),
+        counted(len(update["dates_written"]), "date"),
+    )
     return update
 
 

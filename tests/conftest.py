@@ -424,6 +424,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
         },
     ),
     "test_planning.py": ModuleTiers(UNIT),
+    "test_text.py": ModuleTiers(UNIT),
     # Model fits on small panels (the fitted model is module-wide).
     "test_credit_model.py": ModuleTiers(UNIT, by_fixture={"fitted": FLOW}),
     "test_customers_model.py": ModuleTiers(UNIT, by_fixture={"two_days": FLOW}),

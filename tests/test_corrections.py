@@ -155,6 +155,6 @@ def test_the_command_line_takes_a_correction(delivered, tmp_path, monkeypatch):
     assert isinstance(refused.exception, ValidationFailed)
     accepted = runner.invoke(app, ["ingest", "market", str(path), "--as-of", AS_OF, "--correction"])
     assert accepted.exit_code == 0, accepted.output
-    assert "restated.csv: 4 rows over 1 dates validated (a correction: 4 published rows" in (
+    assert "restated.csv: 4 rows over 1 date validated (a correction: 4 published rows" in (
         accepted.output
     )

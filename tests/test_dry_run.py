@@ -97,7 +97,7 @@ def test_the_command_line_checks_every_file_and_exits_2_when_one_would_be_reject
     assert isinstance(result.exception, ValidationFailed)
     assert "1 of 2 file(s) would be rejected" in str(result.exception)
     assert "bad.csv would be rejected" in result.output
-    assert "new.csv: 4 rows over 1 dates would be published; nothing written" in result.output
+    assert "new.csv: 4 rows over 1 date would be published; nothing written" in result.output
     assert _store_files(storage.root) == before
     fix = [str(files["fix.csv"]), "--as-of", AS_OF, "--dry-run", "--correction"]
     result = CliRunner().invoke(app, ["ingest", "market", *fix])
@@ -125,7 +125,7 @@ def test_files_checked_together_see_the_ones_before_them_as_ingest_would(
     given = [str(files["new.csv"]), str(copy), str(overlap), str(files["bad.csv"])]
     result = CliRunner().invoke(app, ["ingest", "market", *given, "--as-of", AS_OF, "--dry-run"])
     assert _store_files(storage.root) == before
-    assert "new.csv: 4 rows over 1 dates would be published" in result.output
+    assert "new.csv: 4 rows over 1 date would be published" in result.output
     assert "new_again.csv: the same content as new.csv, checked above" in result.output
     assert (
         "new_revised.csv would be rejected (rules failed: duplicate_key_across_batches). "

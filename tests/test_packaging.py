@@ -160,5 +160,5 @@ def test_the_installed_cli_runs_from_a_fresh_venv(fresh_venv, tmp_path):
     ingested = _run(
         [finpipe, "ingest", "market", listed[-1], "--as-of", "2099-01-01"], cwd=tmp_path, env=env
     )
-    assert "rows over 1 dates validated" in ingested.stdout, ingested.stdout + ingested.stderr
+    assert "rows over 1 date validated" in ingested.stdout, ingested.stdout + ingested.stderr
     assert list((tmp_path / "home" / "validated" / "market").rglob("*.parquet"))

@@ -23,6 +23,7 @@ import pyarrow as pa
 
 from finpipe.errors import InputFileError, ValidationFailed
 from finpipe.storage import Storage, as_day, file_sha256
+from finpipe.text import counted
 from finpipe.validation import (
     ValidationReport,
     describe_rule_break,
@@ -363,8 +364,8 @@ def check_file(
         first_date=dates[0].isoformat() if dates else None,
         last_date=dates[-1].isoformat() if dates else None,
         dates=len(dates),
-        message=f"{path.name}: {len(checked.frame):,} rows over {len(dates)} dates would be "
-        f"published{clause}"
+        message=f"{path.name}: {len(checked.frame):,} rows over {counted(len(dates), 'date')} "
+        f"would be published{clause}"
         + (f" with {len(warnings)} warning(s): {' '.join(warnings)}" if warnings else "")
         + "; nothing written",
         warnings=warnings,
@@ -553,7 +554,7 @@ def _publish_checked(storage, contract, path: Path, checked: _Checked, record: d
         first_date=record["first_date"],
         last_date=record["last_date"],
         dates=len(dates),
-        message=f"{path.name}: {len(frame):,} rows over {len(dates)} dates validated"
+        message=f"{path.name}: {len(frame):,} rows over {counted(len(dates), 'date')} validated"
         + corrected
         + (f" with {len(warnings)} warning(s): {' '.join(warnings)}" if warnings else ""),
         warnings=warnings,
@@ -992,8 +993,8 @@ def _publish_group(storage, contract, group, rows, docs_key) -> Iterator[IngestO
             dates=len(dates),
             landed_path=record["landed_path"],
             data_docs=storage.location(f"{docs_key}/index.html"),
-            message=f"{delivery.path.name}: {len(delivery.frame):,} rows over {len(dates)} "
-            f"dates validated (one GX run for {len(group)} files)",
+            message=f"{delivery.path.name}: {len(delivery.frame):,} rows over "
+            f"{counted(len(dates), 'date')} validated (one GX run for {len(group)} files)",
         )
 
 
