@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,8 +177,9 @@ class ToyParts:
         *,
         rebuild: bool,
         progress: Callable[[str], None] | None,
+        also: Collection[dt.date] = (),
     ) -> FeatureUpdate:
-        update = FeatureUpdate()
+        update = FeatureUpdate()  # every validated date gets features: `also` asks none more
         done = set(storage.partition_dates("features", NAME, end=as_of))
         for day in storage.partition_dates("validated", NAME, end=as_of):
             if rebuild or day not in done:

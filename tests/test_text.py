@@ -1,6 +1,7 @@
 """The sentences finpipe writes: counts agree with their nouns ("1 date", "2 dates")."""
 
 from finpipe.flows.summaries import _features_text, _stale_text
+
 from finpipe.text import counted
 
 

@@ -450,8 +450,9 @@ def update_features_through(
     The update runs to the later of `through` and the last date that already has features:
     a date delivered late makes every later feature stale, and stopping at `through` would
     leave later ones stale but looking fresh. A domain that builds features only for the
-    nights it runs (customers' snapshots) then builds those of the dates no night ran (a
-    backfill's sessions, a night's catch-up), one step per date. Every date is rebuilt when
+    nights it runs (customers' snapshots) builds those of the dates no night ran (a
+    backfill's sessions, a night's catch-up) in the same step (`FeatureStep`'s `also`).
+    Every date is rebuilt when
     the settings the domain's features are computed with changed since they were built
     (`definition_change`: a loan book's columns, customers' active days), so no layer mixes
     two definitions.
@@ -469,16 +470,13 @@ def update_features_through(
                 "rebuilding every date"
             )
         update = registered.update_features(
-            storage, as_of, rebuild=rebuild or changed is not None, progress=progress
+            storage,
+            as_of,
+            rebuild=rebuild or changed is not None,
+            progress=progress,
+            also={as_day(day) for day in dates} if dates is not None else {through},
         )
         record_definition(storage, domain, registered.feature_definition)
-        built = set(storage.partition_dates("features", domain))
-        delivered = set(storage.partition_dates("validated", domain))
-        wanted = {as_day(day) for day in dates} if dates is not None else {through}
-        for day in sorted((wanted & delivered) - built):
-            update.extend(
-                registered.update_features(storage, day, rebuild=False, progress=progress)
-            )
     update.rebuilt_because = changed
     return update.to_dict()
 

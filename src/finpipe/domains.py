@@ -10,7 +10,7 @@ another domain is added with `register_domain(domain)`, without editing this fil
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -45,6 +45,7 @@ class UpdateFeatures(Protocol):
         *,
         rebuild: bool = False,
         progress: Callable[[str], None] | None = None,
+        also: Collection[dt.date] = (),
     ) -> FeatureUpdate: ...
 
 

@@ -51,14 +51,6 @@ class FeatureUpdate:
         self.dates_written.append(day.isoformat())
         self.rows += rows
 
-    def extend(self, later: FeatureUpdate) -> None:
-        """Add what a later feature step of the same run wrote."""
-        self.dates_written = sorted({*self.dates_written, *later.dates_written})
-        self.rows += later.rows
-        self.skipped_features.update(later.skipped_features)
-        self.seconds = round(self.seconds + later.seconds, 3)
-        self.dates_removed = sorted({*self.dates_removed, *later.dates_removed})
-
 
 BUILT_FROM = "features_built_from.json"
 

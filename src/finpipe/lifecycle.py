@@ -27,7 +27,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -169,10 +169,19 @@ class Night(Generic[NightConfigT]):
 
 class FeatureStep(Protocol):
     """A domain's feature step: writes the feature partitions up to `as_of` that are missing
-    (every one with `rebuild`) and says which."""
+    (every one with `rebuild`) and says which. Each of `also` (dates on or before `as_of`
+    that a run will process) that has validated data must have features afterwards too: a
+    domain that builds every validated date has nothing more to do; one that builds only the
+    dates its nights run (customers' snapshots) builds those in the same step."""
 
     def __call__(
-        self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: Say | None
+        self,
+        storage: Storage,
+        as_of: dt.date,
+        *,
+        rebuild: bool,
+        progress: Say | None,
+        also: Collection[dt.date] = (),
     ) -> FeatureUpdate: ...
 
 
@@ -238,9 +247,16 @@ class DomainParts(Protocol[ConfigT, OutcomeT]):
         ...
 
     def update_features(
-        self, storage: Storage, as_of: dt.date, *, rebuild: bool, progress: Say | None
+        self,
+        storage: Storage,
+        as_of: dt.date,
+        *,
+        rebuild: bool,
+        progress: Say | None,
+        also: Collection[dt.date] = (),
     ) -> FeatureUpdate:
-        """The feature step: a method, or a `FeatureStep` attribute (e.g. bound to a config)."""
+        """The feature step (`FeatureStep`): a method, or a `FeatureStep` attribute (e.g.
+        bound to a config)."""
         ...
 
     def prepare_training(
@@ -518,8 +534,11 @@ def bind(parts: DomainParts[ConfigT, OutcomeT]) -> Domain:
         *,
         rebuild: bool = False,
         progress: Say | None = None,
+        also: Collection[dt.date] = (),
     ) -> FeatureUpdate:
-        return parts.update_features(storage, as_day(as_of), rebuild=rebuild, progress=progress)
+        return parts.update_features(
+            storage, as_day(as_of), rebuild=rebuild, progress=progress, also=also
+        )
 
     def train(
         storage: Storage,

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 
 import numpy as np
 import pandas as pd
@@ -148,10 +148,12 @@ def update_credit_features(
     rebuild: bool = False,
     block_dates: int = 100,
     progress: Callable[[str], None] | None = None,
+    also: Collection[dt.date] = (),
 ) -> FeatureUpdate:
     """Publish the feature partition of every validated date up to `as_of` that lacks one or
     was built from another version of its validated partition (`stale_feature_days`; all of
-    them with `rebuild`).
+    them with `rebuild`). Every validated date has features after it, so `also` asks for none
+    more.
 
     A credit row's features depend on that row only, so each date is computed on its own.
     """

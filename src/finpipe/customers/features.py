@@ -29,7 +29,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import numpy as np
 import pandas as pd
@@ -223,7 +223,11 @@ def _mix(customer: np.ndarray, customers: int, values: pd.Series) -> pd.DataFram
 
 
 def snapshots_needing_update(
-    storage: Storage, as_of: dt.date, validated: Mapping[dt.date, str], rebuild: bool = False
+    storage: Storage,
+    as_of: dt.date,
+    validated: Mapping[dt.date, str],
+    rebuild: bool = False,
+    also: Collection[dt.date] = (),
 ) -> list[dt.date]:
     """Return the snapshot days up to `as_of` to (re)compute, given the fingerprints of the
     validated partitions now (`Storage.partition_fingerprints`).
@@ -232,15 +236,18 @@ def snapshots_needing_update(
     validated data than the partitions on or before its day hold now: a correction or a late
     delivery of day d changes the history of every snapshot from d on (their fingerprints
     differ, `finpipe.features`), so each is rebuilt and the predictions scored from it are
-    named stale. With `rebuild`, every existing snapshot too.
+    named stale. With `rebuild`, every existing snapshot too. And each of `also` (earlier
+    dates a run processes: a backfill's, a night's catch-up) that has transactions and no
+    snapshot: snapshots are built for the nights that run, not for every delivered day.
     """
     existing = storage.partition_dates("features", DOMAIN, end=as_of)
+    missing = {as_of, *(day for day in also if day in validated and day <= as_of)}
     if rebuild:
-        return sorted({*existing, as_of})
+        return sorted({*existing, *missing})
     built_from = recorded_inputs(storage, DOMAIN)
     now = history_fingerprints(validated, existing)
     stale = [day for day in existing if built_from.get(day.isoformat()) != now[day]]
-    return sorted({*stale, as_of}) if as_of not in existing else stale
+    return sorted({*stale, *(missing - set(existing))})
 
 
 def update_customer_features(
@@ -250,9 +257,12 @@ def update_customer_features(
     active_days: int,
     rebuild: bool = False,
     progress: Callable[[str], None] | None = None,
+    also: Collection[dt.date] = (),
 ) -> FeatureUpdate:
-    """Compute and publish the feature snapshot as of `as_of`, and rebuild the older ones whose
-    history changed since they were built (every older one with `rebuild`).
+    """Compute and publish the feature snapshot as of `as_of` and those of `also` that have
+    transactions and none (`snapshots_needing_update`), and rebuild the older ones whose
+    history changed since they were built (every older one with `rebuild`), from one read
+    of the history.
 
     A snapshot at t reads every validated transaction dated on or before t: lifetime features
     (tenure, frequency) need the whole history.
@@ -263,7 +273,7 @@ def update_customer_features(
     # Fingerprint the history before reading it: if it changes underneath, the snapshot's
     # record is stale (and it is rebuilt next time) rather than wrongly fresh.
     validated = storage.partition_fingerprints("validated", DOMAIN)
-    todo = snapshots_needing_update(storage, as_of, validated, rebuild)
+    todo = snapshots_needing_update(storage, as_of, validated, rebuild, also)
     if not todo:
         return update
     built_from = history_fingerprints(validated, todo)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -517,8 +517,10 @@ def update_market_features(
     rebuild: bool = False,
     block_dates: int = 500,
     progress: Callable[[str], None] | None = None,
+    also: Collection[dt.date] = (),
 ) -> FeatureUpdate:
-    """Compute and publish feature partitions for every date that needs them, up to `as_of`.
+    """Compute and publish feature partitions for every date that needs them, up to `as_of`
+    (every validated date has features after it, so `also` asks for none more).
 
     Works in blocks of `block_dates` dates, so memory stays bounded however long the history
     is. The first block is read with just the lookback history it needs; each later block
