@@ -246,17 +246,9 @@ class DomainParts(Protocol[ConfigT, OutcomeT]):
         change, the next feature step rebuilds every date instead of mixing two definitions."""
         ...
 
-    def update_features(
-        self,
-        storage: Storage,
-        as_of: dt.date,
-        *,
-        rebuild: bool,
-        progress: Say | None,
-        also: Collection[dt.date] = (),
-    ) -> FeatureUpdate:
-        """The feature step (`FeatureStep`): a method, or a `FeatureStep` attribute (e.g.
-        bound to a config)."""
+    @property
+    def update_features(self) -> FeatureStep:
+        """The feature step: a method, or a `FeatureStep` attribute (e.g. bound to a config)."""
         ...
 
     def prepare_training(
