@@ -129,7 +129,7 @@ def test_files_checked_together_see_the_ones_before_them_as_ingest_would(
     assert "new_again.csv: the same content as new.csv, checked above" in result.output
     assert (
         "new_revised.csv would be rejected (rules failed: duplicate_key_across_batches). "
-        "Rule duplicate_key_across_batches: 4 rows repeat keys of new.csv, checked above"
+        "Rule duplicate_key_across_batches: 4 row(s) repeat keys of new.csv, checked above"
     ) in result.output
     assert "2 of 4 file(s) would be rejected (above); ingest stops at the first, " in str(
         result.exception

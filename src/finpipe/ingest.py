@@ -1104,7 +1104,7 @@ def _repeated_keys_rule(frame, earlier, keys: list[str], whose: str) -> dict | N
 def _rule_sentence(rule: dict) -> str:
     """Return the message's sentence for a failed rule ingest adds to the suite's."""
     return (
-        f"Rule {rule['rule']}: {rule['unexpected_count']} rows {rule['message']}, "
+        f"Rule {rule['rule']}: {rule['unexpected_count']:,} row(s) {rule['message']}, "
         f"e.g. row {rule['sample_rows'][0]}: {rule['sample_values'][0]}."
     )
 
