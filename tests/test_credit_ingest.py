@@ -214,3 +214,9 @@ def test_unparseable_date_fails_the_date_rules_with_the_raw_text(tmp_path, book,
     failed = {r["rule"]: r for r in report["rules"] if not r["success"]}
     assert set(failed) == {"expect_column_values_to_not_be_null(date)", "parseable_values"}
     assert failed["parseable_values"]["sample_values"] == [{"application_date": "2022-13-45"}]
+    # One paragraph: every broken rule (finpipe's own after the suite's), then what to do,
+    # then where the Data Docs are.
+    message = str(caught.value)
+    order = ("expect_column_values_to_not_be_null(date):", "Rule parseable_values:", "Fix the")
+    assert [message.index(part) for part in order] == sorted(message.index(p) for p in order)
+    assert message.index("Details: ") > message.index("Fix the")

@@ -481,10 +481,9 @@ def _check(
             report_dict["success"] = False
             report_dict.setdefault("rules", []).append(extra)
     if not report_dict["success"]:
-        message = report.summary() if not report.success else ""
-        for extra in report_dict["rules"][len(report.rules) :]:
-            message += f" {_rule_sentence(extra)}"
-        raise _Rejected(report_dict, docs, message.strip())
+        extras = [_rule_sentence(extra) for extra in report_dict["rules"][len(report.rules) :]]
+        message = report.summary(extras) if not report.success else " ".join(extras)
+        raise _Rejected(report_dict, docs, message)
     checked = _Checked(frame, retracted, report)
     if correction:
         key = _superseded_key(storage, contract, batch_id)

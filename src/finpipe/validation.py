@@ -93,8 +93,10 @@ class ValidationReport:
         fields_["rules"] = [RuleResult(**rule) for rule in payload["rules"]]
         return cls(**fields_)
 
-    def summary(self) -> str:
-        """Return one paragraph a user can act on: each failed rule with a count, a row, a value."""
+    def summary(self, also_broken: Sequence[str] = ()) -> str:
+        """Return one paragraph a user can act on: each failed rule with a count, a row, a value
+        (then `also_broken`: sentences of rules checked outside the suite), what to do, and
+        where the Data Docs are."""
         failures = self.failures()
         skipped = f", {len(self.skipped)} skipped for absent columns" if self.skipped else ""
         head = (
@@ -108,6 +110,7 @@ class ValidationReport:
             return " ".join([head + ("." if not warnings else ";"), *noted])
         parts = [head + f": {len(failures)} rule(s) broken."]
         parts.extend(describe_rule_break(rule) for rule in failures)
+        parts.extend(also_broken)
         parts.extend(dict.fromkeys(r.advice for r in failures if r.advice))
         parts.extend(noted)
         parts.append(
