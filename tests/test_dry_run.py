@@ -184,3 +184,55 @@ def test_a_file_checked_after_another_measures_its_move_from_that_files_prices(d
     with pytest.raises(ValidationFailed, match="abs_log_return"):
         ingest_file(storage, contract, back, as_of=AS_OF)
     assert ingest_file(storage, contract, doubled, as_of=AS_OF).status == "validated"
+
+
+def test_corrections_checked_together_see_what_the_ones_before_them_changed(delivered, tmp_path):
+    """Corrections checked in one dry run are matched against the layer as the earlier ones
+    leave it, as ingest does when it loads them in order: a row an earlier one retracted is
+    gone, a row it added is there, and a date it half-emptied is removed by the next."""
+    storage, _, vendor = delivered
+    contract = get_domain("market").contract
+    days = sorted(vendor["Date"].unique())
+    on_a = vendor[vendor["Date"] == days[-10]].sort_values("Ticker")
+    on_b = vendor[vendor["Date"] == days[-11]].sort_values("Ticker")
+    assert len(on_a) == len(on_b) == 4
+
+    def file(name: str, *parts: tuple[pd.DataFrame, str]) -> Path:
+        rows = pd.concat([rows.assign(Retracted=flag) for rows, flag in parts])
+        rows.to_csv(tmp_path / name, index=False)
+        return tmp_path / name
+
+    added = on_a.head(1).assign(Ticker="ZZZZ")  # a bar the vendor had left out
+    first = file(
+        "first.csv", (on_a.iloc[[1]], "true"), (on_b.iloc[[0, 1]], "true"), (added, "false")
+    )
+    again = file("again.csv", (on_a.iloc[[1]], "true"))  # what first.csv retracted
+    rest = file("rest.csv", (on_b.iloc[[2, 3]], "true"))  # the rest of day b
+    unadded = file("unadded.csv", (added, "true"))  # what first.csv added
+
+    def check(path: Path, together: CheckedTogether | None = None):
+        return check_file(storage, contract, path, as_of=AS_OF, correction=True, together=together)
+
+    before = _store_files(storage.root)
+    together = CheckedTogether()
+    assert check(first, together).removed_dates == []
+    with pytest.raises(ValidationFailed, match="again.csv would be rejected.*name no published"):
+        check(again, together)
+    assert check(rest, together).removed_dates == [days[-11]]
+    assert check(unadded, together).status == "checked"
+    assert _store_files(storage.root) == before
+    # Each alone against the store, the other way round.
+    assert check(again).status == "checked"
+    assert check(rest).removed_dates == []
+    with pytest.raises(ValidationFailed, match="unadded.csv would be rejected.*name no published"):
+        check(unadded)
+
+    # Loading them in order does what the checks together said.
+    def load(path: Path):
+        return ingest_file(storage, contract, path, as_of=AS_OF, correction=True)
+
+    assert load(first).status == "validated"
+    with pytest.raises(ValidationFailed, match="retraction_names_no_published_row"):
+        load(again)
+    assert load(rest).removed_dates == [days[-11]]
+    assert load(unadded).status == "validated"

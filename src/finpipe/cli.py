@@ -229,8 +229,8 @@ def ingest(
             "rows it would replace and retract) and say what would happen, writing nothing; "
             "exit status 2 when a file would be rejected. Each file is checked against the "
             "store as it is with the files given before it loaded, as ingest would load them "
-            "(the same content, repeated keys, a market day's move from the day before); a "
-            "correction is checked against the published rows alone.",
+            "(the same content, repeated keys, a market day's move from the day before, the "
+            "rows an earlier correction restated, added or retracted).",
         ),
     ] = False,
 ) -> None:

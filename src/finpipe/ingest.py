@@ -183,7 +183,7 @@ def ingest_file(
     _refuse_before_reading(contract, path, max_file_bytes, correction)
     domain = contract.domain
     sha = file_sha256(path)
-    batch_id = f"b{sha[:12]}"
+    batch_id = _batch_id(sha)
     previous = storage.read_batch_record(domain, sha)
     if previous is not None and previous["status"] == "validated":
         return _already_loaded(path, sha, previous)
@@ -219,24 +219,37 @@ def ingest_file(
     return outcome
 
 
+def _batch_id(sha: str) -> str:
+    """Return the batch id of a delivered file, from its content's SHA-256."""
+    return f"b{sha[:12]}"
+
+
 class PublishedRows(Protocol):
-    """What a contract's check columns read (`RawContract.add_check_columns`): the validated
-    layer's dates and rows. A `Storage`, or in a dry run `CheckedTogether.published`."""
+    """What a delivery is checked against: the validated layer's dates and rows (a contract's
+    check columns, `RawContract.add_check_columns`; the rows a correction replaces). A
+    `Storage`, or in a dry run `CheckedTogether.published`."""
 
-    def partition_dates(self, layer: str, domain: str, *, end: dt.date) -> list[dt.date]: ...
+    def partition_dates(
+        self, layer: str, domain: str, *, end: dt.date | None = None
+    ) -> list[dt.date]: ...
 
-    def read_partitions(self, layer: str, domain: str, *, days: list[dt.date]) -> pd.DataFrame: ...
+    def read_partitions(
+        self, layer: str, domain: str, *, days: list[dt.date], columns: list[str] | None = None
+    ) -> pd.DataFrame: ...
 
 
 @dataclass
 class CheckedTogether:
     """What the files checked before this one in the same dry run would publish: ingest loads
-    them first, so a later file is checked against their content and keys (the same file twice,
-    a key two files deliver) and its check columns read their rows as published (market's move
-    from the last accepted price). Corrections are checked against the published rows alone."""
+    them first, so a later file is checked against the layer as they leave it: their content
+    and keys (the same file twice, a key two files deliver), their rows for its check columns
+    (market's move from the last accepted price) and, for a correction, the rows it replaces
+    and retracts (a row an earlier correction restated, added or retracted)."""
 
     names: dict[str, str] = field(default_factory=dict)  # sha256 -> the first file's name
     files: list[tuple[str, pd.DataFrame]] = field(default_factory=list)  # (name, its rows)
+    # The validated partitions the files checked so far would leave (empty: a date removed).
+    partitions: dict[dt.date, pd.DataFrame] = field(default_factory=dict)
 
     def repeats(self, contract: RawContract, frame: pd.DataFrame) -> str | None:
         """Say which rows of `frame` repeat keys of a file checked before; None if none."""
@@ -248,46 +261,69 @@ class CheckedTogether:
                 return _rule_sentence(rule)
         return None
 
-    def add(self, name: str, sha: str, frame: pd.DataFrame | None) -> None:
-        """Note a file that passed (`frame`: the rows it publishes; None for a correction)."""
+    def add(
+        self, storage: Storage, contract: RawContract, name: str, checked: _Checked, sha: str
+    ) -> None:
+        """Note a file that passed: its content, and the partitions it would leave."""
         self.names[sha] = name
-        if frame is not None:
-            self.files.append((name, frame))
+        correction = checked.replaced is not None
+        if not correction:
+            self.files.append((name, checked.frame))
+        layer = self.published(storage, contract)
+        merged = _merged_partitions(
+            contract,
+            _rows_to_publish(contract, checked),
+            _batch_id(sha),
+            existing=set(layer.partition_dates("validated", contract.domain)),
+            read=lambda day: layer.read_partitions("validated", contract.domain, days=[day]),
+            replace_keys=contract.restated_by() if correction else None,
+            retract=checked.retracted,
+        )
+        self.partitions.update(dict(merged))
 
     def published(self, storage: Storage, contract: RawContract) -> PublishedRows:
         """Return the validated layer of `storage` as it would be once the files checked
         before are loaded."""
-        rows = [frame for _, frame in self.files]
-        return _WithRows(storage, contract, pd.concat(rows, ignore_index=True) if rows else None)
+        return _Overlay(storage, contract, self.partitions)
 
 
 @dataclass(frozen=True)
-class _WithRows:
-    """A store's validated layer of one domain with `rows` (not yet published) added."""
+class _Overlay:
+    """A store's validated layer of one domain with some dates' partitions replaced by the
+    rows they would hold (`partitions`; an empty frame: the date would be removed)."""
 
     storage: Storage
     contract: RawContract
-    rows: pd.DataFrame | None
+    partitions: Mapping[dt.date, pd.DataFrame]
 
-    def _dates(self) -> pd.Series:
-        assert self.rows is not None
-        return self.rows[self.contract.date_column].dt.date
+    def _overlaid(self, layer: str, domain: str) -> bool:
+        return bool(self.partitions) and (layer, domain) == ("validated", self.contract.domain)
 
-    def partition_dates(self, layer: str, domain: str, *, end: dt.date) -> list[dt.date]:
-        published = self.storage.partition_dates(layer, domain, end=end)
-        if self.rows is None or (layer, domain) != ("validated", self.contract.domain):
-            return published
-        return sorted({*published, *(day for day in self._dates() if day <= end)})
+    def partition_dates(
+        self, layer: str, domain: str, *, end: dt.date | None = None
+    ) -> list[dt.date]:
+        stored = self.storage.partition_dates(layer, domain, end=end)
+        if not self._overlaid(layer, domain):
+            return stored
+        days = {*stored, *(day for day in self.partitions if end is None or day <= end)}
+        return sorted(d for d in days if d not in self.partitions or not self.partitions[d].empty)
 
-    def read_partitions(self, layer: str, domain: str, *, days: list[dt.date]) -> pd.DataFrame:
-        if self.rows is None or (layer, domain) != ("validated", self.contract.domain):
-            return self.storage.read_partitions(layer, domain, days=days)
+    def read_partitions(
+        self, layer: str, domain: str, *, days: list[dt.date], columns: list[str] | None = None
+    ) -> pd.DataFrame:
+        if not self._overlaid(layer, domain):
+            return self.storage.read_partitions(layer, domain, days=days, columns=columns)
         stored = set(self.storage.partition_dates(layer, domain))
-        published = self.storage.read_partitions(
-            layer, domain, days=[day for day in days if day in stored]
-        )
-        added = self.rows[self._dates().isin(set(days)).to_numpy()]
-        return pd.concat([published, added], ignore_index=True)
+        from_store = [day for day in days if day in stored and day not in self.partitions]
+        parts = [self.storage.read_partitions(layer, domain, days=from_store, columns=columns)]
+        for day in days:
+            rows = self.partitions.get(day)
+            if rows is not None and not rows.empty:
+                parts.append(rows if columns is None else rows[list(columns)])
+        frame = pd.concat(parts, ignore_index=True)
+        if len(parts) > 1 and self.contract.date_column in frame.columns:
+            frame = frame.sort_values(self.contract.date_column, kind="stable", ignore_index=True)
+        return frame
 
 
 def check_file(
@@ -314,7 +350,7 @@ def check_file(
     previous = storage.read_batch_record(contract.domain, sha)
     if previous is not None and previous["status"] == "validated":
         return _already_loaded(path, sha, previous)
-    batch_id = f"b{sha[:12]}"
+    batch_id = _batch_id(sha)
     if together is not None and sha in together.names:
         return IngestOutcome(
             source=str(path),
@@ -324,11 +360,9 @@ def check_file(
             message=f"{path.name}: the same content as {together.names[sha]}, checked above; "
             "ingest would skip it",
         )
+    layer = together.published(storage, contract) if together is not None else storage
     try:  # no Data Docs: they would be written somewhere
-        published = together.published(storage, contract) if together is not None else storage
-        checked = _check(
-            storage, contract, path, path, as_of, batch_id, None, correction, published
-        )
+        checked = _check(storage, contract, path, path, as_of, batch_id, None, correction, layer)
     except _Rejected as rejected:
         raise ValidationFailed(
             f"{path.name} would be rejected (rules failed: {_failed_rules(rejected.report)})."
@@ -341,7 +375,9 @@ def check_file(
                 f"{path.name} would be rejected (rules failed: duplicate_key_across_batches). "
                 f"{repeated} Nothing was written."
             )
-        together.add(path.name, sha, None if correction else checked.frame)
+    emptied = _emptied_dates(layer, contract, checked)
+    if together is not None:
+        together.add(storage, contract, path.name, checked, sha)
     date_col = contract.date_column
     days = set(checked.frame[date_col])
     if checked.retracted is not None:
@@ -349,7 +385,6 @@ def check_file(
     dates = sorted(pd.Timestamp(day).date() for day in days)
     replaced, retracted = checked.replaced_counts()
     clause = ""
-    emptied = _emptied_dates(storage, contract, checked)
     if correction:
         removed = f", {retracted:,} of them retracted" if retracted else ""
         clause = f" (a correction: {replaced:,} published rows would be replaced{removed})"
@@ -399,7 +434,7 @@ def _already_loaded(path: Path, sha: str, previous: dict) -> IngestOutcome:
     return IngestOutcome(
         source=str(path),
         sha256=sha,
-        batch_id=f"b{sha[:12]}",
+        batch_id=_batch_id(sha),
         status="already_loaded",
         rows=previous.get("rows", 0),
         first_date=previous.get("first_date"),
@@ -450,8 +485,9 @@ def _check(
 ) -> _Checked:
     """Read, validate and (a correction) match delivered file `path` (read from `readable`)
     against the store; return what would be published, or raise _Rejected. Writes nothing but
-    the Data Docs in `docs_dir` (None: none are built). The check columns read `published`
-    (the store when None)."""
+    the Data Docs in `docs_dir` (None: none are built). The check columns and a correction's
+    replaced rows read `published` (the store when None)."""
+    layer = storage if published is None else published
     try:
         dated = {"as_of": as_day(as_of)} if contract.normalise_takes_as_of else {}
         raw = read_delivery(readable, contract.read_options)
@@ -468,7 +504,6 @@ def _check(
         report = ValidationReport(contract.suite, f"{batch_id}:{path.name}", True, 0, [], [])
     else:
         name = f"{batch_id}:{path.name}"
-        layer = storage if published is None else published
         report = _validate(storage, contract, frame, as_of, name, docs_dir, layer)
         if flags is not None and flags.any():  # the suite numbered the rows left: the file's
             report = report.renumbered(np.flatnonzero(~flags.to_numpy()))
@@ -488,7 +523,7 @@ def _check(
     if correction:
         key = _superseded_key(storage, contract, batch_id)
         checked.kept = storage.exists(key)  # a re-run: partitions may already hold it
-        replaced = _replaced_rows(storage, contract, key, frame, retracted, batch_id)
+        replaced = _replaced_rows(storage, layer, contract, key, frame, retracted, batch_id)
         problem = (
             None if checked.kept else _retraction_problem(contract, frame, replaced, retracted)
         )
@@ -515,15 +550,14 @@ def _report_of(contract, batch_id: str, path: Path, rule: dict) -> dict:
 def _publish_checked(storage, contract, path: Path, checked: _Checked, record: dict, correction):
     """Publish a checked delivery (a correction: keeping what it replaces first), note it in
     its batch `record`; return its outcome (the landing and Data Docs locations left out)."""
-    corrected, rows = "", checked.frame
+    corrected = ""
     batch_id = record["batch_id"]
     if checked.replaced is not None and checked.restating is not None:
         key = _superseded_key(storage, contract, batch_id)
         corrected = _keep_superseded_rows(
             storage, key, checked.replaced, record, checked.kept, len(checked.restating)
         )
-        if contract.restate is not None:
-            rows = contract.restate(checked.restating.drop(columns=[BATCH_COLUMN]), checked.frame)
+    rows = _rows_to_publish(contract, checked)
     replace_keys = contract.restated_by() if correction else None
     emptied = _emptied_dates(storage, contract, checked)
     published = _publish(
@@ -601,15 +635,25 @@ def _superseded_key(storage, contract, batch_id: str) -> str:
     return storage.state_key(contract.domain, SUPERSEDED, f"{batch_id}.parquet")
 
 
-def _replaced_rows(storage, contract, key: str, frame, retracted, batch_id: str) -> pd.DataFrame:
+def _replaced_rows(
+    storage, layer: PublishedRows, contract, key: str, frame, retracted, batch_id: str
+) -> pd.DataFrame:
     """Return the published rows correction `frame` and its `retracted` rows replace (other
     batches' rows they restate: `RawContract.restated_by`): the first copy kept at `key` when
-    there is one (a re-run after a crash), else read from the partitions."""
+    there is one (a re-run after a crash), else read from the partitions of `layer`."""
     if storage.exists(key):
         return pd.read_parquet(io.BytesIO(storage.read_bytes(key)))
     keys = contract.restated_by()
     named = frame if retracted is None else pd.concat([frame[keys], retracted], ignore_index=True)
-    return _rows_of_other_batches(storage, contract, named, {batch_id}, keys=keys)
+    return _rows_of_other_batches(layer, contract, named, {batch_id}, keys=keys)
+
+
+def _rows_to_publish(contract, checked: _Checked) -> pd.DataFrame:
+    """Return the rows a checked delivery publishes: its own, restated by the contract where
+    it keeps something of the rows they replace (credit: a loan's delivery days)."""
+    if checked.restating is None or contract.restate is None:
+        return checked.frame
+    return contract.restate(checked.restating.drop(columns=[BATCH_COLUMN]), checked.frame)
 
 
 def _keep_superseded_rows(
@@ -716,7 +760,7 @@ def _without(replaced: pd.DataFrame, retracted: pd.DataFrame | None, keys: list[
     return replaced[~_matches(replaced, retracted, keys)]
 
 
-def _emptied_dates(storage, contract, checked: _Checked) -> list[dt.date]:
+def _emptied_dates(layer: PublishedRows, contract, checked: _Checked) -> list[dt.date]:
     """Return the dates checked correction retracts every published row of (their partitions
     go), counting a date whose partition a first try cut short already removed."""
     if checked.retracted is None or checked.replaced is None or checked.restating is None:
@@ -725,13 +769,16 @@ def _emptied_dates(storage, contract, checked: _Checked) -> list[dt.date]:
     restated = checked.restating.index
     removed = checked.replaced.drop(index=restated)[date_col].value_counts()
     publishing = set(checked.frame[date_col])
+    present = set(layer.partition_dates("validated", contract.domain))
     emptied = []
     for stamp, count in removed.items():
         day = pd.Timestamp(stamp).date()
-        key = storage.partition_key("validated", contract.domain, day)
         if stamp not in publishing and (
-            not storage.exists(key)
-            or storage.partition_rows("validated", contract.domain, day) == count
+            day not in present
+            or len(
+                layer.read_partitions("validated", contract.domain, days=[day], columns=[date_col])
+            )
+            == count
         ):
             emptied.append(day)
     return sorted(emptied)
@@ -809,7 +856,7 @@ class _Delivery:
 
     @property
     def batch_id(self) -> str:
-        return f"b{self.sha256[:12]}"
+        return _batch_id(self.sha256)
 
 
 def ingest_files(
@@ -1123,32 +1170,58 @@ def _publish(
     `batch_id` None: `frame` already carries each row's batch (a group of files published at
     once), and the earlier rows of every one of those batches are replaced.
     """
+    merged = _merged_partitions(
+        contract,
+        frame,
+        batch_id,
+        existing=set(storage.partition_dates("validated", contract.domain)),
+        read=lambda day: storage.read_partition("validated", contract.domain, day),
+        replace_keys=replace_keys,
+        retract=retract,
+    )
+    days = []
+    for day, rows in merged:
+        if rows.empty:  # every row retracted (or already, on a re-run): the date goes
+            storage.delete_partition("validated", contract.domain, day)
+        else:
+            storage.write_partition("validated", contract.domain, day, rows)
+        days.append(day)
+    return days
+
+
+def _merged_partitions(
+    contract,
+    frame: pd.DataFrame,
+    batch_id: str | None,
+    *,
+    existing: set[dt.date],
+    read: Callable[[dt.date], pd.DataFrame],
+    replace_keys: list[str] | None,
+    retract: pd.DataFrame | None,
+) -> Iterator[tuple[dt.date, pd.DataFrame]]:
+    """Yield, for each date the batch touches, the rows its validated partition holds once
+    the batch is merged in (`_publish`; `existing`: the dates with a partition, which `read`
+    returns), sorted; an empty frame: every row retracted, the date goes."""
     if batch_id is not None:
         frame = frame.assign(**{BATCH_COLUMN: batch_id})
     batches = {batch_id} if batch_id is not None else set(frame[BATCH_COLUMN])
     date_col = contract.date_column
-    sort_cols = contract.sort_columns()
-    days = []
-    existing_days = set(storage.partition_dates("validated", contract.domain))
     by_day = dict(iter(frame.groupby(date_col, sort=True)))
     removed = dict(iter(retract.groupby(date_col))) if retract is not None else {}
     for stamp in sorted(set(by_day) | set(removed)):
         rows = by_day.get(stamp, frame.iloc[:0])
         day = pd.Timestamp(stamp).date()
-        if day in existing_days:
-            current = storage.read_partition("validated", contract.domain, day)
+        if day in existing:
+            current = read(day)
             current = current[~current[BATCH_COLUMN].isin(batches)]
             for named in (rows, removed.get(stamp)):
                 if replace_keys and named is not None and not named.empty:
                     current = current[~_matches(current, named, replace_keys)]
             rows = pd.concat([current, rows], ignore_index=True)
-        if rows.empty:  # every row retracted (or already, on a re-run): the date goes
-            storage.delete_partition("validated", contract.domain, day)
-        else:
-            rows = rows.sort_values(sort_cols, kind="stable")
-            storage.write_partition("validated", contract.domain, day, rows)
-        days.append(day)
-    return days
+        yield (
+            day,
+            rows.sort_values(contract.sort_columns(), kind="stable") if not rows.empty else rows,
+        )
 
 
 def _now() -> str:
