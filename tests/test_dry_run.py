@@ -221,6 +221,13 @@ def test_corrections_checked_together_see_what_the_ones_before_them_changed(deli
     assert check(rest, together).removed_dates == [days[-11]]
     assert check(unadded, together).status == "checked"
     assert _store_files(storage.root) == before
+    # The layer they leave reads as the store does: day a without the bars retracted, typed.
+    day_a = pd.Timestamp(days[-10]).date()
+    left = together.published(storage, contract).read_partitions(
+        "validated", "market", days=[day_a], columns=["date", "ticker"]
+    )
+    assert left["date"].dtype.kind == "M"
+    assert sorted(left["ticker"]) == sorted({*on_a["Ticker"]} - {on_a["Ticker"].iloc[1]})
     # Each alone against the store, the other way round.
     assert check(again).status == "checked"
     assert check(rest).removed_dates == []

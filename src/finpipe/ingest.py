@@ -315,11 +315,16 @@ class _Overlay:
             return self.storage.read_partitions(layer, domain, days=days, columns=columns)
         stored = set(self.storage.partition_dates(layer, domain))
         from_store = [day for day in days if day in stored and day not in self.partitions]
-        parts = [self.storage.read_partitions(layer, domain, days=from_store, columns=columns)]
-        for day in days:
-            rows = self.partitions.get(day)
-            if rows is not None and not rows.empty:
-                parts.append(rows if columns is None else rows[list(columns)])
+        overlaid = [self.partitions.get(day) for day in days]
+        parts = [
+            rows if columns is None else rows[list(columns)]
+            for rows in overlaid
+            if rows is not None and not rows.empty
+        ]
+        if from_store or not parts:  # (an empty read would make every column `object`)
+            parts.insert(
+                0, self.storage.read_partitions(layer, domain, days=from_store, columns=columns)
+            )
         frame = pd.concat(parts, ignore_index=True)
         if len(parts) > 1 and self.contract.date_column in frame.columns:
             frame = frame.sort_values(self.contract.date_column, kind="stable", ignore_index=True)
