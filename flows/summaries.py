@@ -52,8 +52,9 @@ def summary_markdown(summary: dict) -> str:
     if corrections:
         lines += ["", "**Corrections** (published rows replaced; the replaced rows are kept):", ""]
         lines += [
-            f"- {item['source'].rsplit('/', 1)[-1]}: {item['corrected_rows']:,} published rows "
-            f"replaced by {item['rows']:,} delivered"
+            f"- {item['source'].rsplit('/', 1)[-1]}: "
+            f"{counted(item['corrected_rows'], 'published row')} replaced by {item['rows']:,} "
+            "delivered"
             + (f", {item['retracted_rows']:,} retracted" if item.get("retracted_rows") else "")
             + (
                 f"; dates removed (every row retracted): {', '.join(item['removed_dates'])}"
