@@ -452,10 +452,9 @@ def update_features_through(
     leave later ones stale but looking fresh. A domain that builds features only for the
     nights it runs (customers' snapshots) builds those of the dates no night ran (a
     backfill's sessions, a night's catch-up) in the same step (`FeatureStep`'s `also`).
-    Every date is rebuilt when
-    the settings the domain's features are computed with changed since they were built
-    (`definition_change`: a loan book's columns, customers' active days), so no layer mixes
-    two definitions.
+    Every date is rebuilt when the settings the domain's features are computed with changed
+    since they were built (`definition_change`: a loan book's columns, customers' active
+    days), so no layer mixes two definitions.
     Returns the domain's FeatureUpdate as a dict.
     """
     through = as_day(through)
