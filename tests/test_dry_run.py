@@ -4,15 +4,20 @@ with the same verdict, rules and counts, and nothing written to the store."""
 from __future__ import annotations
 
 import json
+import re
+import tempfile
 from pathlib import Path
 
 import pandas as pd
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from finpipe.domains import get_domain
 from finpipe.errors import ValidationFailed
 from finpipe.ingest import CheckedTogether, check_file, ingest_file
+from finpipe.storage import Storage
 
 AS_OF = "2030-01-01"
 
@@ -243,3 +248,114 @@ def test_corrections_checked_together_see_what_the_ones_before_them_changed(deli
         load(again)
     assert load(rest).removed_dates == [days[-11]]
     assert load(unadded).status == "validated"
+
+
+# -- the property: a dry run says what ingest then does, file by file, whatever the files ---
+_DAYS = [day.date().isoformat() for day in pd.bdate_range("2024-01-02", periods=4)]
+_TICKERS = ["A", "B", "C", "D"]  # the history: the first three days of A, B and C
+_KEYS = [(day, ticker) for day in _DAYS for ticker in _TICKERS]
+# Per key, what a file does: nothing, deliver (a correction: restate, or add) or retract.
+_FILE = st.tuples(
+    st.booleans(),  # a correction
+    st.lists(st.sampled_from(["-", "put", "retract"]), min_size=16, max_size=16),
+)
+
+
+@settings(max_examples=12, deadline=None, derandomize=True)
+# A delivery of a new key, a correction retracting it, the same delivery again.
+@example(files=[(False, ["-"] * 15 + ["put"]), (True, ["-"] * 15 + ["retract"])] * 2)
+# A published bar retracted, then delivered again; a bar a correction adds, then delivered.
+@example(files=[(True, ["retract"] + ["-"] * 15), (False, ["put"] + ["-"] * 15)])
+@example(files=[(True, ["-"] * 15 + ["put"]), (False, ["-"] * 15 + ["put"])])
+# Two corrections retracting the same bar; then one emptying a day the first half-emptied.
+@example(
+    files=[
+        (True, ["retract", "retract"] + ["-"] * 14),
+        (True, ["retract"] + ["-"] * 15),
+        (True, ["-", "-", "retract"] + ["-"] * 13),
+    ]
+)
+@given(files=st.lists(_FILE, min_size=2, max_size=4))
+def test_a_dry_run_says_what_ingest_then_does_file_by_file(files):
+    """Deliveries and corrections, checked together then loaded in order: each file's verdict
+    (loaded or skipped, its rows, the rows it replaces and retracts, the dates it removes, or
+    the rules it breaks) is the same, and the layer the dry run foresaw is the one left."""
+    contract = get_domain("market").contract
+    history = pd.DataFrame(
+        [
+            (day, ticker, 100.0 + i)
+            for i, (day, ticker) in enumerate(_KEYS)
+            if day != _DAYS[-1] and ticker != "D"
+        ],
+        columns=["Date", "Ticker", "Close"],
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        storage = Storage(root / "home")
+        history.to_csv(root / "history.csv", index=False)
+        ingest_file(storage, contract, root / "history.csv", as_of=AS_OF)
+        paths = [
+            _written(root, n, correction, actions) for n, (correction, actions) in enumerate(files)
+        ]
+        before = _store_files(storage.root)
+        together = CheckedTogether()
+        foreseen = [
+            _verdict(
+                lambda p=p, c=c: check_file(
+                    storage, contract, p, as_of=AS_OF, correction=c, together=together
+                )
+            )
+            for p, c in paths
+        ]
+        assert _store_files(storage.root) == before
+        layer = together.published(storage, contract)
+        dates = layer.partition_dates("validated", "market")
+        expected = layer.read_partitions("validated", "market", days=dates)
+        done = [
+            _verdict(lambda p=p, c=c: ingest_file(storage, contract, p, as_of=AS_OF, correction=c))
+            for p, c in paths
+        ]
+        assert foreseen == done
+        assert storage.partition_dates("validated", "market") == dates
+        columns = ["date", "ticker", "close", "batch_id"]
+        pd.testing.assert_frame_equal(
+            _sorted(storage.read_partitions("validated", "market", days=dates)[columns]),
+            _sorted(expected[columns]),
+        )
+
+
+def _written(root: Path, number: int, correction: bool, actions: list[str]) -> tuple[Path, bool]:
+    """Write file `number`: per key of _KEYS, a bar delivered (or restated) or retracted."""
+    rows = [
+        (day, ticker, 110.0 + number + i / 10, action == "retract")
+        for i, ((day, ticker), action) in enumerate(zip(_KEYS, actions, strict=True))
+        if action != "-"
+    ]
+    frame = pd.DataFrame(rows, columns=["Date", "Ticker", "Close", "Retracted"])
+    if not correction:
+        frame = frame.drop(columns="Retracted")  # an ordinary delivery (a `put` of each row)
+        frame = frame[[a == "put" for a in actions if a != "-"]] if len(frame) else frame
+    path = root / f"file{number}.csv"
+    frame.to_csv(path, index=False)
+    return path, correction
+
+
+def _verdict(run) -> tuple:
+    """What ingest or its dry run did with a file, in terms both say it."""
+    try:
+        outcome = run()
+    except ValidationFailed as error:
+        return ("rejected", re.search(r"rules failed: (.*?)\)\.", str(error)).group(1))
+    status = "loaded" if outcome.status in ("checked", "validated") else outcome.status
+    return (
+        status,
+        outcome.rows,
+        outcome.corrected_rows,
+        outcome.retracted_rows,
+        list(outcome.removed_dates or []),
+    )
+
+
+def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
+    frame = frame.astype({"ticker": object, "batch_id": object})
+    return frame.sort_values(["date", "ticker"], ignore_index=True)

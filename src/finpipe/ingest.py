@@ -219,6 +219,9 @@ def ingest_file(
     return outcome
 
 
+_ACCEPTED_EARLIER = "already accepted from an earlier batch"
+
+
 def _batch_id(sha: str) -> str:
     """Return the batch id of a delivered file, from its content's SHA-256."""
     return f"b{sha[:12]}"
@@ -247,19 +250,17 @@ class CheckedTogether:
     and retracts (a row an earlier correction restated, added or retracted)."""
 
     names: dict[str, str] = field(default_factory=dict)  # sha256 -> the first file's name
-    files: list[tuple[str, pd.DataFrame]] = field(default_factory=list)  # (name, its rows)
     # The validated partitions the files checked so far would leave (empty: a date removed).
     partitions: dict[dt.date, pd.DataFrame] = field(default_factory=dict)
 
-    def repeats(self, contract: RawContract, frame: pd.DataFrame) -> str | None:
-        """Say which rows of `frame` repeat keys of a file checked before; None if none."""
-        keys = list(contract.key_columns)
-        for name, earlier in self.files:
-            whose = f"of {name}, checked above (ingest loads it first)"
-            rule = _repeated_keys_rule(frame, earlier[keys].drop_duplicates(), keys, whose)
-            if rule is not None:
-                return _rule_sentence(rule)
-        return None
+    def whose(self, batches: Iterable[str]) -> str:
+        """Say where the published rows of `batches` come from: files checked above, or
+        batches already accepted."""
+        named = {_batch_id(sha): name for sha, name in self.names.items()}
+        above = [named[batch] for batch in sorted(set(batches)) if batch in named]
+        if not above:
+            return _ACCEPTED_EARLIER
+        return f"of {', '.join(above)}, checked above (ingest loads it first)"
 
     def add(
         self, storage: Storage, contract: RawContract, name: str, checked: _Checked, sha: str
@@ -267,8 +268,6 @@ class CheckedTogether:
         """Note a file that passed: its content, and the partitions it would leave."""
         self.names[sha] = name
         correction = checked.replaced is not None
-        if not correction:
-            self.files.append((name, checked.frame))
         layer = self.published(storage, contract)
         merged = _merged_partitions(
             contract,
@@ -365,21 +364,14 @@ def check_file(
             message=f"{path.name}: the same content as {together.names[sha]}, checked above; "
             "ingest would skip it",
         )
-    layer = together.published(storage, contract) if together is not None else storage
     try:  # no Data Docs: they would be written somewhere
-        checked = _check(storage, contract, path, path, as_of, batch_id, None, correction, layer)
+        checked = _check(storage, contract, path, path, as_of, batch_id, None, correction, together)
     except _Rejected as rejected:
         raise ValidationFailed(
             f"{path.name} would be rejected (rules failed: {_failed_rules(rejected.report)})."
             f" {rejected.message} Nothing was written."
         ) from None
-    if together is not None:
-        repeated = None if correction else together.repeats(contract, checked.frame)
-        if repeated is not None:
-            raise ValidationFailed(
-                f"{path.name} would be rejected (rules failed: duplicate_key_across_batches). "
-                f"{repeated} Nothing was written."
-            )
+    layer = together.published(storage, contract) if together is not None else storage
     emptied = _emptied_dates(layer, contract, checked)
     if together is not None:
         together.add(storage, contract, path.name, checked, sha)
@@ -486,13 +478,13 @@ def _check(
     batch_id: str,
     docs_dir: Path | None,
     correction,
-    published: PublishedRows | None = None,
+    together: CheckedTogether | None = None,
 ) -> _Checked:
     """Read, validate and (a correction) match delivered file `path` (read from `readable`)
     against the store; return what would be published, or raise _Rejected. Writes nothing but
-    the Data Docs in `docs_dir` (None: none are built). The check columns and a correction's
-    replaced rows read `published` (the store when None)."""
-    layer = storage if published is None else published
+    the Data Docs in `docs_dir` (None: none are built). With `together` (a dry run), the file
+    is checked against the layer the files checked before it would leave."""
+    layer = storage if together is None else together.published(storage, contract)
     try:
         dated = {"as_of": as_day(as_of)} if contract.normalise_takes_as_of else {}
         raw = read_delivery(readable, contract.read_options)
@@ -515,7 +507,13 @@ def _check(
     report_dict = report.to_dict()
     report_dict["source"] = str(path)
     docs = docs_dir if docs_dir is not None and docs_dir.exists() else None
-    repeated = None if correction else _keys_from_other_batches(storage, contract, frame, batch_id)
+    repeated = (
+        None
+        if correction
+        else _keys_from_other_batches(
+            layer, contract, frame, batch_id, together.whose if together else None
+        )
+    )
     for extra in (_parse_error_rule(frame), repeated):
         if extra is not None:
             report_dict["success"] = False
@@ -1121,15 +1119,23 @@ def _rows_of_other_batches(
     return existing.merge(frame[keys].drop_duplicates(), on=keys, how="inner")
 
 
-def _keys_from_other_batches(storage, contract, frame, batch_id: str | set[str]) -> dict | None:
+def _keys_from_other_batches(
+    layer: PublishedRows,
+    contract,
+    frame,
+    batch_id: str | set[str],
+    whose: Callable[[Iterable[str]], str] | None = None,
+) -> dict | None:
     """Return a failed-rule entry if the batch repeats keys another batch already published
-    (`batch_id`: the batch, or the set of batches of a group of files)."""
+    (`batch_id`: the batch, or the set of batches of a group of files); `whose` says where the
+    repeated rows' batches come from (default: accepted earlier)."""
     own = {batch_id} if isinstance(batch_id, str) else batch_id
     keys = list(contract.key_columns)
-    existing = _rows_of_other_batches(storage, contract, frame, own, [*keys, BATCH_COLUMN])
+    existing = _rows_of_other_batches(layer, contract, frame, own, [*keys, BATCH_COLUMN])
     if existing.empty:
         return None
-    return _repeated_keys_rule(frame, existing, keys, "already accepted from an earlier batch")
+    said = whose(existing[BATCH_COLUMN]) if whose is not None else _ACCEPTED_EARLIER
+    return _repeated_keys_rule(frame, existing, keys, said)
 
 
 def _repeated_keys_rule(frame, earlier, keys: list[str], whose: str) -> dict | None:
