@@ -151,6 +151,17 @@ def test_files_checked_together_see_the_ones_before_them_as_ingest_would(
         ingest_file(storage, contract, overlap, as_of=AS_OF)
 
 
+def test_a_repeated_key_names_the_files_checked_above_and_else_the_batches_accepted():
+    sha = "0123456789ab" + "f" * 52
+    together = CheckedTogether(names={sha: "new.csv"})
+    assert together.whose(["b0123456789ab"]) == "of new.csv, checked above (ingest loads it first)"
+    assert together.whose(["b0123456789ab", "bfedcba987654"]) == (
+        "of new.csv, checked above (ingest loads it first), or already accepted from an "
+        "earlier batch"
+    )
+    assert together.whose(["bfedcba987654"]) == "already accepted from an earlier batch"
+
+
 def test_a_file_checked_after_another_measures_its_move_from_that_files_prices(delivered, tmp_path):
     """Market's move rule compares a day's price with the last accepted one. Checked together,
     a later day is measured from the earlier file's prices, as ingest does once it loaded it:

@@ -257,10 +257,12 @@ class CheckedTogether:
         """Say where the published rows of `batches` come from: files checked above, or
         batches already accepted."""
         named = {_batch_id(sha): name for sha, name in self.names.items()}
-        above = [named[batch] for batch in sorted(set(batches)) if batch in named]
+        batches = set(batches)
+        above = [named[batch] for batch in sorted(batches) if batch in named]
         if not above:
             return _ACCEPTED_EARLIER
-        return f"of {', '.join(above)}, checked above (ingest loads it first)"
+        said = f"of {', '.join(above)}, checked above (ingest loads it first)"
+        return said + (f", or {_ACCEPTED_EARLIER}" if len(above) < len(batches) else "")
 
     def add(
         self, storage: Storage, contract: RawContract, name: str, checked: _Checked, sha: str
