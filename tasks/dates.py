@@ -110,7 +110,7 @@ def process_date(domain: str, day: str, steps: list[str], holder: str, lock_time
         lock_timeout=lock_timeout,
         progress=logger.info,
     )
-    logger.info("%s %s: %s, %d rows", domain, day, outcome.status, outcome.rows)
+    logger.info("%s %s: %s, %s", domain, day, outcome.status, counted(outcome.rows, "row"))
     if outcome.predictions and outcome.predictions.get("warning"):
         logger.warning("%s %s: %s", domain, day, outcome.predictions["warning"])
     return outcome.to_dict()
