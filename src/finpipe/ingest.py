@@ -250,8 +250,10 @@ class CheckedTogether:
     and retracts (a row an earlier correction restated, added or retracted)."""
 
     names: dict[str, str] = field(default_factory=dict)  # sha256 -> the first file's name
-    # The validated partitions the files checked so far would leave (empty: a date removed).
+    # The validated partitions the files checked so far would leave (empty: a date removed),
+    # once the files still pending (sha256, what was checked) are merged in.
     partitions: dict[dt.date, pd.DataFrame] = field(default_factory=dict)
+    pending: list[tuple[str, _Checked]] = field(default_factory=list)
 
     def whose(self, batches: Iterable[str]) -> str:
         """Say where the published rows of `batches` come from: files checked above, or
@@ -264,28 +266,31 @@ class CheckedTogether:
         said = f"of {', '.join(above)}, checked above (ingest loads it first)"
         return said + (f", or {_ACCEPTED_EARLIER}" if len(above) < len(batches) else "")
 
-    def add(
-        self, storage: Storage, contract: RawContract, name: str, checked: _Checked, sha: str
-    ) -> None:
-        """Note a file that passed: its content, and the partitions it would leave."""
+    def add(self, name: str, sha: str, checked: _Checked) -> None:
+        """Note a file that passed. The partitions it would leave are merged in when a later
+        file asks (`published`), so the last file of a run, often a long history, costs no
+        merge."""
         self.names[sha] = name
-        correction = checked.replaced is not None
-        layer = self.published(storage, contract)
-        merged = _merged_partitions(
-            contract,
-            _rows_to_publish(contract, checked),
-            _batch_id(sha),
-            existing=set(layer.partition_dates("validated", contract.domain)),
-            read=lambda day: layer.read_partitions("validated", contract.domain, days=[day]),
-            replace_keys=contract.restated_by() if correction else None,
-            retract=checked.retracted,
-        )
-        self.partitions.update(dict(merged))
+        self.pending.append((sha, checked))
 
     def published(self, storage: Storage, contract: RawContract) -> PublishedRows:
         """Return the validated layer of `storage` as it would be once the files checked
         before are loaded."""
-        return _Overlay(storage, contract, self.partitions)
+        layer = _Overlay(storage, contract, self.partitions)
+        for sha, checked in self.pending:
+            correction = checked.replaced is not None
+            merged = _merged_partitions(
+                contract,
+                _rows_to_publish(contract, checked),
+                _batch_id(sha),
+                existing=set(layer.partition_dates("validated", contract.domain)),
+                read=lambda day: layer.read_partitions("validated", contract.domain, days=[day]),
+                replace_keys=contract.restated_by() if correction else None,
+                retract=checked.retracted,
+            )
+            self.partitions.update(dict(merged))
+        self.pending.clear()
+        return layer
 
 
 @dataclass(frozen=True)
@@ -376,7 +381,7 @@ def check_file(
     layer = together.published(storage, contract) if together is not None else storage
     emptied = _emptied_dates(layer, contract, checked)
     if together is not None:
-        together.add(storage, contract, path.name, checked, sha)
+        together.add(path.name, sha, checked)
     date_col = contract.date_column
     days = set(checked.frame[date_col])
     if checked.retracted is not None:
