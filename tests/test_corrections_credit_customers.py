@@ -28,7 +28,7 @@ from finpipe.customers.synthetic import (
 )
 from finpipe.domains import get_domain
 from finpipe.errors import InputFileError
-from finpipe.ingest import BATCH_COLUMN, ingest_file
+from finpipe.ingest import BATCH_COLUMN, CheckedTogether, check_file, ingest_file
 from finpipe.storage import Storage
 
 BOOK = parse_loan_book(
@@ -133,6 +133,39 @@ def test_a_loan_correction_restates_every_version_and_dates_a_changed_outcome_by
         kept.sort_values(order).reset_index(drop=True),
         expected.sort_values(order).reset_index(drop=True),
     )
+
+
+def test_loan_corrections_checked_together_foresee_the_versions_ingest_then_keeps(
+    loan_store, tmp_path
+):
+    """Two corrections of the same loan in one dry run: the second restates the versions the
+    first left (its outcome version included), as ingest does when it loads them in order."""
+    storage, contract = loan_store
+    first = _loans(tmp_path, "first.csv", ("L1", D1, "bad", 1500.0))
+    second = _loans(tmp_path, "second.csv", ("L1", D1, "bad", 1700.0), ("L2", D1, "", 2100.0))
+    together = CheckedTogether()
+    foreseen = [
+        check_file(storage, contract, path, as_of=FIXED, correction=True, together=together)
+        for path in (first, second)
+    ]
+    layer = together.published(storage, contract)
+    dates = layer.partition_dates("validated", "credit")
+    expected = layer.read_partitions("validated", "credit", days=dates)
+    done = [
+        ingest_file(storage, contract, path, as_of=FIXED, correction=True)
+        for path in (first, second)
+    ]
+    # The second replaces L1's three versions (the first's outcome version among them) and L2.
+    assert [o.corrected_rows for o in foreseen] == [o.corrected_rows for o in done] == [2, 4]
+    assert [o.rows for o in foreseen] == [o.rows for o in done]
+    order = ["loan_id", "delivered_on"]
+    pd.testing.assert_frame_equal(
+        storage.read_partitions("validated", "credit", days=dates)
+        .sort_values(order)
+        .reset_index(drop=True),
+        expected.sort_values(order).reset_index(drop=True),
+    )
+    assert _versions(storage, "L1")["income"].tolist() == [1700.0] * 3
 
 
 def test_a_corrected_loan_makes_every_later_credit_date_redone_not_only_its_own(
