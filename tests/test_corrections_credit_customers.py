@@ -417,7 +417,7 @@ def test_a_restated_amount_replaces_its_transaction_instead_of_adding_one(transa
     fixed.to_csv(path, index=False)
     # As an ordinary delivery the new amount is a new key: it would be a second transaction.
     outcome = _ingest(storage, path, correction=True)
-    assert outcome.status == "validated" and "a correction: 1 published rows of" in outcome.message
+    assert outcome.status == "validated" and "a correction: 1 published row of" in outcome.message
 
     after = storage.read_partitions("validated", "customers")
     assert len(after) == len(before)

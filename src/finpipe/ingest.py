@@ -391,7 +391,8 @@ def check_file(
     clause = ""
     if correction:
         removed = f", {retracted:,} of them retracted" if retracted else ""
-        clause = f" (a correction: {replaced:,} published rows would be replaced{removed})"
+        replacing = counted(replaced, "published row")
+        clause = f" (a correction: {replacing} would be replaced{removed})"
         clause += _removed_clause(emptied, would=True)
     warnings = [describe_rule_break(rule) for rule in checked.report.warnings()]
     return IngestOutcome(
@@ -690,8 +691,8 @@ def _keep_superseded_rows(
     )
     removed = f", {retracted:,} of them retracted" if retracted else ""
     return (
-        f" (a correction: {len(replaced):,} published rows of {', '.join(batches)} replaced"
-        f"{removed}, kept in {storage.location(key)})"
+        f" (a correction: {counted(len(replaced), 'published row')} of {', '.join(batches)} "
+        f"replaced{removed}, kept in {storage.location(key)})"
     )
 
 
@@ -835,7 +836,7 @@ def _rows_rule(rule: str, rows: pd.DataFrame, what: str) -> dict:
         "sample_values": [{k: str(v) for k, v in row.items()} for row in sample.to_dict("records")],
         "message": (
             f"{len(rows):,} row(s) {what}, e.g. row {sample.index[0]}: {first}; "
-            "nothing was retracted"
+            "nothing was retracted."
         ),
     }
 
