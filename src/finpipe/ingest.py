@@ -319,8 +319,9 @@ class _Overlay:
     ) -> pd.DataFrame:
         if not self._overlaid(layer, domain):
             return self.storage.read_partitions(layer, domain, days=days, columns=columns)
-        stored = set(self.storage.partition_dates(layer, domain))
-        from_store = [day for day in days if day in stored and day not in self.partitions]
+        missing = [day for day in days if day not in self.partitions]
+        stored = set(self.storage.partition_dates(layer, domain)) if missing else set()
+        from_store = [day for day in missing if day in stored]
         overlaid = [self.partitions.get(day) for day in days]
         parts = [
             rows if columns is None else rows[list(columns)]
@@ -378,8 +379,6 @@ def check_file(
             f"{path.name} would be rejected (rules failed: {_failed_rules(rejected.report)})."
             f" {rejected.message} Nothing was written."
         ) from None
-    layer = together.published(storage, contract) if together is not None else storage
-    emptied = _emptied_dates(layer, contract, checked)
     if together is not None:
         together.add(path.name, sha, checked)
     date_col = contract.date_column
@@ -393,7 +392,7 @@ def check_file(
         removed = f", {retracted:,} of them retracted" if retracted else ""
         replacing = counted(replaced, "published row")
         clause = f" (a correction: {replacing} would be replaced{removed})"
-        clause += _removed_clause(emptied, would=True)
+        clause += _removed_clause(checked.emptied, would=True)
     warnings = [describe_rule_break(rule) for rule in checked.report.warnings()]
     return IngestOutcome(
         source=str(path),
@@ -411,7 +410,7 @@ def check_file(
         warnings=warnings,
         corrected_rows=replaced if correction else None,
         retracted_rows=retracted if correction else None,
-        removed_dates=[day.isoformat() for day in emptied],
+        removed_dates=[day.isoformat() for day in checked.emptied],
     )
 
 
@@ -461,7 +460,7 @@ class _Rejected(Exception):
 class _Checked:
     """A delivery that passed: the rows to publish, the keys of the rows it retracts, its
     report and, for a correction, the published rows it replaces (`kept`: as first kept by
-    a run of it cut short)."""
+    a run of it cut short) and the dates it leaves with no row (`emptied`)."""
 
     frame: pd.DataFrame
     retracted: pd.DataFrame | None
@@ -469,6 +468,7 @@ class _Checked:
     replaced: pd.DataFrame | None = None
     restating: pd.DataFrame | None = None
     kept: bool = False
+    emptied: list[dt.date] = field(default_factory=list)
 
     def replaced_counts(self) -> tuple[int, int]:
         """Return how many published rows it replaces, and how many of those it retracts."""
@@ -544,6 +544,7 @@ def _check(
             raise _Rejected(report_dict, docs, problem["message"])
         checked.replaced = replaced
         checked.restating = _without(replaced, retracted, contract.restated_by())
+        checked.emptied = _emptied_dates(layer, contract, checked)
     return checked
 
 
@@ -570,7 +571,6 @@ def _publish_checked(storage, contract, path: Path, checked: _Checked, record: d
         )
     rows = _rows_to_publish(contract, checked)
     replace_keys = contract.restated_by() if correction else None
-    emptied = _emptied_dates(storage, contract, checked)
     published = _publish(
         storage, contract, rows, batch_id, replace_keys=replace_keys, retract=checked.retracted
     )
@@ -585,9 +585,9 @@ def _publish_checked(storage, contract, path: Path, checked: _Checked, record: d
         last_date=dates[-1].isoformat() if dates else None,
         warnings=warnings,
     )
-    if emptied:
-        record["removed_dates"] = [day.isoformat() for day in emptied]
-        corrected += _removed_clause(emptied)
+    if checked.emptied:
+        record["removed_dates"] = [day.isoformat() for day in checked.emptied]
+        corrected += _removed_clause(checked.emptied)
     storage.write_batch_record(contract.domain, record)
     return IngestOutcome(
         source=str(path),
