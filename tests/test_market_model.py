@@ -12,6 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from finpipe.market.model import FittedMarketModel, _sorted_panel, fit_market_model
+from finpipe.market.pipeline import MarketParts
+from finpipe.storage import Storage
+from finpipe.tracking import RegisteredModel
 from finpipe.training import FeatureScaler, TrainConfig, time_split
 
 FEATURES = ["f0", "f1", "f2"]
@@ -105,6 +108,30 @@ def test_prediction_of_one_ticker_ignores_other_tickers(model):
 
     base, moved = fitted.predict(frame), fitted.predict(changed)
     np.testing.assert_array_equal(base.loc[~other, "prediction"], moved.loc[~other, "prediction"])
+
+
+def test_nightly_scoring_reads_each_tickers_window_across_a_pause(tmp_path):
+    """Scoring a date gives each ticker the window training and the backtest give it: its own
+    last `lookback` rows, however many dates back a pause puts them (not zero padding)."""
+    frame = _panel()
+    dates = frame["date"].unique()
+    paused = (frame["ticker"] == "A") & frame["date"].between(dates[-8], dates[-2])
+    frame = frame[~paused].reset_index(drop=True)
+    fitted = _fit(frame, "gru")
+    storage = Storage(tmp_path)
+    inputs = frame.drop(columns=["forward_return_5d", "direction_5d"])
+    for stamp, rows in inputs.groupby("date"):
+        storage.write_partition("features", "market", stamp.date(), rows)
+    as_of = pd.Timestamp(dates[-1])
+
+    champion = RegisteredModel("finpipe-market", "1", "run", fitted)
+    scored = MarketParts().prepare_scoring(storage, as_of.date())(champion).rows
+    expected = fitted.predict(inputs, score_from=as_of)
+    expected = expected[expected["date"] == as_of].drop(columns="date")
+    pd.testing.assert_frame_equal(
+        scored[["ticker", "prediction"]].reset_index(drop=True),
+        expected.sort_values("ticker").reset_index(drop=True),
+    )
 
 
 def test_predict_keeps_input_order_and_index():

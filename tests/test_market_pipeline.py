@@ -74,6 +74,29 @@ def test_blocks_carry_each_tickers_lookback_across_a_long_pause(tmp_path, delive
     pd.testing.assert_frame_equal(actual, expected.reset_index(drop=True), check_dtype=False)
 
 
+def test_a_nightly_after_a_long_pause_reads_back_to_the_tickers_last_rows(tmp_path, delivery):
+    """A ticker that resumes after a pause longer than the nightly's read window gets the
+    features a rebuild gives it, not NaN for want of its rows from before the pause."""
+    panel, _ = delivery
+    prices = normalise_market_frame(panel.prices)
+    dates = np.sort(prices["date"].unique())
+    paused = prices["ticker"].iloc[0]
+    gap = (prices["ticker"] == paused) & prices["date"].between(dates[100], dates[249])
+    prices = prices[~gap].reset_index(drop=True)
+    storage = Storage(tmp_path)
+    for stamp, rows in prices.groupby("date"):
+        storage.write_partition("validated", "market", stamp.date(), rows)
+    update_market_features(storage, pd.Timestamp(dates[259]).date())
+    update = update_market_features(storage, pd.Timestamp(dates[279]).date())
+    assert len(update.dates_written) == 20
+    expected = build_market_features(prices[prices["date"] <= dates[279]])
+    pd.testing.assert_frame_equal(
+        storage.read_partitions("features", "market"),
+        expected.reset_index(drop=True),
+        check_dtype=False,
+    )
+
+
 def test_same_file_twice_is_loaded_once(tmp_path, delivery):
     _, files = delivery
     storage = Storage(tmp_path)

@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 
 from finpipe.errors import ScoringError
 from finpipe.features import (
@@ -554,7 +555,15 @@ def _build_market_features(
     blocks = [todo[i : i + block_dates] for i in range(0, len(todo), block_dates)]
     first = position[blocks[0][0]]
     window = validated[max(0, first - 2 * FEATURE_LOOKBACK_DAYS) : position[blocks[0][-1]] + 1]
-    prices = _read_with_lookback(storage, validated, window, blocks[0][0])
+    prices = read_with_lookback(
+        storage,
+        "validated",
+        validated,
+        window,
+        blocks[0][0],
+        FEATURE_LOOKBACK_DAYS,
+        columns=list(CANONICAL_COLUMNS),
+    )
     built = 0
     # One thread reads block n + 1 and a few write block n - 1 while block n is built.
     with PartitionWriter(storage, DOMAIN, update) as writer, ThreadPoolExecutor(1) as reader:
@@ -597,28 +606,46 @@ def _last_rows_per_ticker(prices: pd.DataFrame, rows: int) -> pd.DataFrame:
     return prices[keep]
 
 
-def _read_with_lookback(
-    storage: Storage, validated: list[dt.date], window: list[dt.date], block_start: dt.date
+def read_with_lookback(
+    storage: Storage,
+    layer: str,
+    dates: list[dt.date],
+    window: list[dt.date],
+    first: dt.date,
+    rows: int,
+    columns: list[str] | None = None,
 ) -> pd.DataFrame:
-    """Read `window`, widening it until every ticker has its full lookback before the block.
+    """Read the market `layer`'s partitions of `window` (consecutive entries of `dates`, the
+    layer's dates), widened back so that every ticker with a row on or after `first` has its
+    last `rows` rows before `first` in the frame: the rows a read from the first date holds.
 
-    A ticker that paused trading needs more calendar dates than the window holds; one that
-    listed recently cannot have more rows, which shows as the window reaching its first date.
+    A ticker short of rows in the window either listed recently (nothing earlier exists) or
+    paused trading for longer than the window; only the tickers and dates of the earlier
+    partitions tell them apart, so those two columns are read, for the short tickers alone.
     """
-    while True:
-        prices = storage.read_partitions(
-            "validated", DOMAIN, days=window, columns=CANONICAL_COLUMNS
-        )
-        if window[0] == validated[0]:
-            return prices
-        before = prices[prices["date"] < pd.Timestamp(block_start)]
-        rows_before = before.groupby("ticker").size()
-        in_block = prices.loc[prices["date"] >= pd.Timestamp(block_start), "ticker"].unique()
-        short = [t for t in in_block if rows_before.get(t, 0) < FEATURE_LOOKBACK_DAYS]
-        # A ticker whose first row is inside the window listed recently: nothing earlier exists.
-        first_seen = before.groupby("ticker")["date"].min()
-        short = [t for t in short if t in first_seen and first_seen[t] == pd.Timestamp(window[0])]
-        if not short:
-            return prices
-        start = validated.index(window[0])
-        window = validated[max(0, start - len(window)) : validated.index(window[-1]) + 1]
+    frame = storage.read_partitions(layer, DOMAIN, days=window, columns=columns)
+    if window[0] == dates[0] or frame.empty:
+        return frame
+    cut = pd.Timestamp(first)
+    before = frame.loc[frame["date"] < cut, "ticker"].value_counts()
+    missing = {t: rows - before.get(t, 0) for t in frame.loc[frame["date"] >= cut, "ticker"]}
+    missing = {t: n for t, n in missing.items() if n > 0}
+    if not missing:
+        return frame
+    opens = dates.index(window[0])
+    earlier = storage.read_partitions(
+        layer,
+        DOMAIN,
+        days=dates[:opens],
+        columns=["date", "ticker"],
+        where=pc.field("ticker").isin(list(missing)),
+    )
+    if earlier.empty:  # every short ticker listed inside the window
+        return frame
+    earlier = earlier.sort_values("date", kind="stable")
+    from_last = earlier.groupby("ticker", sort=False).cumcount(ascending=False)
+    start = earlier.loc[from_last < earlier["ticker"].map(missing), "date"].min().date()
+    extra = storage.read_partitions(
+        layer, DOMAIN, days=dates[dates.index(start) : opens], columns=columns
+    )
+    return pd.concat([extra, frame], ignore_index=True)

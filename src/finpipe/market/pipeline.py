@@ -42,6 +42,7 @@ from finpipe.market.features import (
     KEY_COLUMNS,
     feature_columns_of,
     load_training_frame,
+    read_with_lookback,
     update_market_features,
 )
 from finpipe.market.model import BOOSTED, ENSEMBLE, MarketTrainingConfig
@@ -336,11 +337,13 @@ class MarketParts:
 
         def predict(champion: RegisteredModel) -> Predictions:
             fitted: MarketModel = champion.model
-            # The sequence window is the previous `history_rows` rows; one spare date is free.
-            days = storage.partition_dates(
-                "features", DOMAIN, end=as_of, last=fitted.history_rows + 1
+            # The sequence window: each ticker's previous `history_rows` rows, however long
+            # ago it last traded, as training and the backtest read them.
+            days = storage.partition_dates("features", DOMAIN, end=as_of)
+            window = days[-(fitted.history_rows + 1) :]
+            features = read_with_lookback(
+                storage, "features", days, window, as_of, fitted.history_rows
             )
-            features = storage.read_partitions("features", DOMAIN, days=days)
             # A column absent from the as-of partition would arrive as NaN after the concat and be
             # silently imputed: refuse it, as the model's signature would for a missing column.
             today = features[features["date"] == pd.Timestamp(as_of)]
