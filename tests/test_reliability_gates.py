@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import errno
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
 import pytest
 
+from finpipe import lifecycle
 from finpipe import storage as storage_module
 from finpipe.errors import ModelRejected, StorageError
 from finpipe.promotion import check_predictions_sane, decide_promotion
 from finpipe.storage import Storage
+from finpipe.tracking import RegisteredModel
 
 
 @pytest.mark.parametrize(
@@ -60,6 +63,62 @@ def test_first_model_is_promoted_and_ties_keep_the_champion():
         champion_score=0.05,
     )
     assert (first.promoted, tie.promoted) == (True, False)
+
+
+@pytest.mark.parametrize("champion", [None, "2"])
+@pytest.mark.parametrize("score", [float("nan"), float("-inf")])
+def test_a_challenger_that_cannot_be_measured_is_never_promoted(champion, score):
+    decision = decide_promotion(
+        metric="ic",
+        challenger_version="3",
+        challenger_score=score,
+        champion_version=champion,
+        champion_score=None if champion is None else 0.02,
+    )
+    assert decision.promoted is False
+    assert "cannot be measured" in decision.reason
+    assert ("champion v2 kept" if champion else "there is no champion") in decision.reason
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("-inf")])
+def test_a_champion_that_cannot_be_measured_gives_way(score):
+    decision = decide_promotion(
+        metric="ic",
+        challenger_version="3",
+        challenger_score=-0.01,
+        champion_version="2",
+        champion_score=score,
+    )
+    assert decision.promoted is True
+    assert decision.reason.startswith("champion v2 ic=")
+    assert "cannot be measured on the test window; challenger v3" in decision.reason
+
+
+def test_only_a_champion_that_cannot_read_the_window_loses_its_seat(monkeypatch):
+    """The champion's failure to score scores -inf; the challenger's (it was trained on these
+    features) and running out of memory are errors, not verdicts on a model."""
+    monkeypatch.setattr(
+        lifecycle.promotion, "promote_challenger", lambda *args, evaluate, **kwargs: evaluate
+    )
+
+    def scorer(storage, outcome):
+        return lambda model: model.model()
+
+    def fails(error: BaseException):
+        def predict():
+            raise error
+
+        return predict
+
+    parts = SimpleNamespace(name="toy", promotion_scorer=scorer)
+    outcome = SimpleNamespace(challenger_version="2", promotion_metric="ic", run_id=None)
+    evaluate = lifecycle.promote(parts, None, None, outcome)
+    assert evaluate(RegisteredModel("m", "1", "r", fails(KeyError("momentum")))) == -np.inf
+    assert evaluate(RegisteredModel("m", "2", "r", lambda: 0.03)) == 0.03
+    with pytest.raises(KeyError, match="momentum"):
+        evaluate(RegisteredModel("m", "2", "r", fails(KeyError("momentum"))))
+    with pytest.raises(MemoryError):
+        evaluate(RegisteredModel("m", "1", "r", fails(MemoryError())))
 
 
 def _frame() -> pd.DataFrame:

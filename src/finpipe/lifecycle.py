@@ -10,8 +10,9 @@ everything around them, the same for every domain:
   domain with one model);
 - the candidate with the best validation `selection_metric`, sanity-checked, registered and
   aliased `challenger`;
-- champion/challenger promotion on the same evaluation window (a model that cannot read the
-  window scores -inf, so a champion that no longer fits today's features loses its seat);
+- champion/challenger promotion on the same evaluation window (a champion that cannot read the
+  window scores -inf, so one that no longer fits today's features loses its seat; a
+  challenger that cannot is an error, and one whose score is NaN is never promoted);
 - scoring with the champion, an optional scoring report and the predictions partition (and
   any other table of the night) with model provenance.
 
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+import torch
 from pydantic import BaseModel
 
 from finpipe import promotion, tracking
@@ -456,8 +458,12 @@ def promote(
     score = parts.promotion_scorer(storage, outcome)
 
     def evaluate(model: RegisteredModel) -> float:
+        if model.version == outcome.challenger_version:
+            return float(score(model))  # trained on these features: a failure is an error
         try:
             return float(score(model))
+        except (MemoryError, torch.OutOfMemoryError):  # the machine's fault: fail, keep it
+            raise
         except Exception as error:  # a champion that can't read today's features loses its seat
             log.warning("v%s cannot score the current features: %s", model.version, error)
             return float("-inf")

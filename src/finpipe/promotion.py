@@ -12,7 +12,6 @@ from dataclasses import asdict, dataclass
 
 import mlflow
 import numpy as np
-import pandas as pd
 from mlflow import MlflowClient
 
 from finpipe.errors import ModelRejected
@@ -91,41 +90,43 @@ def decide_promotion(
 ) -> PromotionDecision:
     """Return whether the challenger should become champion (higher `metric` is better).
 
-    The first model is promoted; afterwards the challenger must beat the champion, measured
-    on the same evaluation window, by more than `min_improvement`.
+    A challenger whose score is not a number (NaN, or -inf: it could not score the window) is
+    never promoted, not even as the first model. Otherwise the first model is promoted, and
+    afterwards the challenger must beat the champion, measured on the same evaluation window,
+    by more than `min_improvement`; a champion that cannot be measured there (its score NaN or
+    -inf: it no longer reads today's features) gives way to one that can.
     """
-    if champion_version is None or champion_score is None:
+
+    def decision(promoted: bool, reason: str) -> PromotionDecision:
         return PromotionDecision(
-            True,
-            metric,
-            challenger_version,
-            challenger_score,
-            None,
-            None,
-            "no champion yet: the first model is promoted",
-        )
-    if pd.isna(challenger_score):
-        return PromotionDecision(
-            False,
+            promoted,
             metric,
             challenger_version,
             challenger_score,
             champion_version,
             champion_score,
-            f"challenger {metric} is NaN",
+            reason,
+        )
+
+    challenger = f"challenger v{challenger_version} {metric}={_figure(challenger_score)}"
+    champion = f"champion v{champion_version}"
+    if not np.isfinite(challenger_score):
+        kept = f"{champion} kept" if champion_version is not None else "there is no champion"
+        return decision(False, f"{challenger}: it cannot be measured on the test window; {kept}")
+    if champion_version is None or champion_score is None:
+        return decision(True, "no champion yet: the first model is promoted")
+    champion += f" {metric}={_figure(champion_score)}"
+    if not np.isfinite(champion_score):
+        return decision(
+            True, f"{champion}: it cannot be measured on the test window; {challenger} replaces it"
         )
     better = challenger_score > champion_score + min_improvement
     verb = "beats" if better else "does not beat"
-    return PromotionDecision(
-        better,
-        metric,
-        challenger_version,
-        challenger_score,
-        champion_version,
-        champion_score,
-        f"challenger v{challenger_version} {metric}={challenger_score:.4f} {verb} champion "
-        f"v{champion_version} {metric}={champion_score:.4f} on the same test window",
-    )
+    return decision(better, f"{challenger} {verb} {champion} on the same test window")
+
+
+def _figure(score: float) -> str:
+    return "NaN" if np.isnan(score) else f"{score:.4f}"  # -inf: it could not score the window
 
 
 def apply_promotion(settings: Settings, domain: str, decision: PromotionDecision) -> None:
