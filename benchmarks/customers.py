@@ -157,18 +157,17 @@ def training(work: Path, model: str, epochs: int) -> dict:
     from finpipe.customers.features import LOG_SCALED
     from finpipe.customers.model import (
         build_autoencoder,
-        customer_sets,
         fit_block_scaler,
         model_inputs,
         snapshot_feature_columns,
     )
-    from finpipe.training import Batches, TrainConfig, train_regressor
+    from finpipe.training import Batches, TrainConfig, sets_by_id, train_regressor
 
     settings, storage = use_home(work)
     eve = dt.date.fromisoformat(prepared(work)["eve"])
     config = _domain().training_config(max_epochs=epochs, patience=epochs + 1)
     snapshot = storage.read_partition("features", DOMAIN, eve)
-    sets = customer_sets(snapshot["customer_id"], config.validation_fraction, config.test_fraction)
+    sets = sets_by_id(snapshot["customer_id"], config.validation_fraction, config.test_fraction)
     train_mask, validation_mask = sets == "train", sets == "validation"
     columns = snapshot_feature_columns(snapshot, train_mask)
     inputs = model_inputs(snapshot, columns, [c for c in LOG_SCALED if c in columns])

@@ -69,7 +69,13 @@ def fitted():
     labelled = features[features[LABEL].notna()].sort_values(["date", "loan_id"])
     labelled = labelled.reset_index(drop=True)
     split = split_rows(
-        labelled, dated=True, validation_fraction=0.15, test_fraction=0.15, embargo_days=0, seed=0
+        labelled,
+        id_column="loan_id",
+        dated=True,
+        validation_fraction=0.15,
+        test_fraction=0.15,
+        embargo_days=0,
+        seed=0,
     )
     model = fit_credit_model(
         labelled,
@@ -97,6 +103,41 @@ def test_network_test_auc_is_within_002_of_the_oracle(fitted):
     assert metrics["auc"] >= oracle - 0.02, (metrics["auc"], oracle)
     # Calibrated: the mean PD on the test rows is close to their default rate.
     assert model.predict_pd(test).mean() == pytest.approx(test[LABEL].mean(), abs=0.015)
+
+
+def test_a_loan_keeps_its_set_as_an_undated_book_grows():
+    """Without dates, loans are split by a hash of the seed and the id: a later, larger
+    snapshot (in another order) keeps each loan in its set, so the champion trained on the
+    first is never tested on its own training loans; another seed draws other sets."""
+    rng = np.random.default_rng(3)
+
+    def book(n: int) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "date": pd.Timestamp("2024-03-01"),
+                "loan_id": pd.array([f"L{i}" for i in range(n)], dtype="string"),
+                LABEL: rng.integers(0, 2, n).astype(float),
+            }
+        )
+
+    def sets(frame: pd.DataFrame, seed: int = 0) -> pd.Series:
+        split = split_rows(
+            frame,
+            id_column="loan_id",
+            dated=False,
+            validation_fraction=0.15,
+            test_fraction=0.15,
+            embargo_days=0,
+            seed=seed,
+        )
+        assert split.kind == "by_loan_id"
+        role = np.select([split.test, split.validation], ["test", "validation"], "train")
+        return pd.Series(role, index=frame["loan_id"].to_numpy())
+
+    before, after = sets(book(1_000)), sets(book(1_200).sample(frac=1.0, random_state=1))
+    assert after.reindex(before.index).equals(before)
+    assert after.value_counts(normalize=True)["test"] == pytest.approx(0.15, abs=0.03)
+    assert not sets(book(1_000), seed=1).equals(before)
 
 
 def test_reason_codes_show_values_as_text_and_missing_values_as_missing():

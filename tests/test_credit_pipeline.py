@@ -364,8 +364,8 @@ def test_german_credit_runs_through_the_same_config_path(tmp_path, shared_datase
         champion = MlflowClient(settings.tracking_uri).get_model_version_by_alias(
             "finpipe-credit", "champion"
         )
-    assert summary["training"]["split"] == "stratified"
-    assert summary["training"]["test_rows"] == 150
+    assert summary["training"]["split"] == "by_loan_id"
+    assert summary["training"]["test_rows"] == 155  # 15.5% of 1,000 loans by id hash (15% asked)
     assert summary["promotion"]["promoted"] is True
     assert len(predictions) == 1000 and list(predictions.columns) == PREDICTION_COLUMNS
     assert set(predictions["model_version"]) == {str(champion.version)}

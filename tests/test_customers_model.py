@@ -14,11 +14,11 @@ from finpipe.customers.model import (
     align_segment_ids,
     check_segments_sane,
     choose_k,
-    customer_sets,
     fit_segment_model,
 )
 from finpipe.customers.synthetic import CustomersSyntheticConfig, generate_customer_transactions
 from finpipe.errors import ModelRejected
+from finpipe.training import sets_by_id
 
 
 def test_alignment_restores_the_champions_ids():
@@ -43,13 +43,13 @@ def test_choose_k_keeps_the_champions_k_within_tolerance():
     assert choose_k(scores, 5, 0.02) == 3
 
 
-def test_customer_sets_are_stable_and_sized():
+def test_sets_by_id_are_stable_and_sized():
     ids = pd.Series([f"C{i:05d}" for i in range(20_000)], dtype="string")
-    sets = customer_sets(ids, 0.15, 0.2)
+    sets = sets_by_id(ids, 0.15, 0.2)
     shares = pd.Series(sets).value_counts(normalize=True)
     assert shares["test"] == pytest.approx(0.2, abs=0.01)
     assert shares["validation"] == pytest.approx(0.15, abs=0.01)
-    reordered = customer_sets(ids.iloc[::-1].reset_index(drop=True), 0.15, 0.2)
+    reordered = sets_by_id(ids.iloc[::-1].reset_index(drop=True), 0.15, 0.2)
     assert (reordered[::-1] == sets).all()  # a customer's set depends on its id only
 
 
@@ -80,7 +80,7 @@ def two_days():
 @pytest.fixture(scope="module")
 def champion(two_days):
     (yesterday, _), _ = two_days
-    sets = customer_sets(yesterday["customer_id"], 0.15, 0.2)
+    sets = sets_by_id(yesterday["customer_id"], 0.15, 0.2)
     return fit_segment_model(yesterday, sets, SegmentModelParams())
 
 
@@ -88,7 +88,7 @@ def test_planted_segments_are_recovered(two_days, champion):
     (yesterday, _), planted = two_days
     segments = champion.predict(yesterday)["segment"]
     truth = yesterday["customer_id"].map(planted)
-    test = customer_sets(yesterday["customer_id"], 0.15, 0.2) == "test"
+    test = sets_by_id(yesterday["customer_id"], 0.15, 0.2) == "test"
     assert adjusted_rand_score(truth, segments) >= 0.8
     assert adjusted_rand_score(truth[test], segments[test]) >= 0.8
     assert set(champion.silhouette_by_k) == set(range(2, 9))
@@ -105,7 +105,7 @@ def test_retrain_on_the_next_day_keeps_segment_ids(two_days, champion, seed):
     renumber = {s: 10 + i for i, s in enumerate(ids.value_counts(ascending=True).index)}
     before = champion.predict(yesterday).set_index("customer_id")["segment"].map(renumber)
     on_champion = champion.predict(today).set_index("customer_id")["segment"].map(renumber)
-    sets = customer_sets(today["customer_id"], 0.15, 0.2)
+    sets = sets_by_id(today["customer_id"], 0.15, 0.2)
     retrained = fit_segment_model(
         today,
         sets,

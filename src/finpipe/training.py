@@ -99,6 +99,24 @@ def time_split(
     )
 
 
+def sets_by_id(
+    ids: pd.Series, validation_fraction: float, test_fraction: float, *, salt: str = ""
+) -> np.ndarray:
+    """Return "train", "validation" or "test" per id, from a hash of `salt` + the id.
+
+    An id lands in the same set every night and in every process (pandas' hash uses a fixed
+    key), however the rows around it change, so a test id never becomes a training id: a
+    split for rows without a time order that promotion can compare models on.
+    """
+    text = ids.astype("string")
+    hashed = pd.util.hash_pandas_object(salt + text if salt else text, index=False).to_numpy()
+    position = (hashed % np.uint64(10_000)).astype(np.float64) / 10_000.0
+    sets = np.full(len(position), "train", dtype=object)
+    sets[position < test_fraction + validation_fraction] = "validation"
+    sets[position < test_fraction] = "test"
+    return sets
+
+
 # --------------------------------------------------------------------------------------------
 # Scaler
 # --------------------------------------------------------------------------------------------

@@ -67,6 +67,7 @@ from finpipe.training import (
     loop_settings,
     resolve_device,
     run_training_loop,
+    sets_by_id,
     time_split,
     torch_threads,
 )
@@ -834,6 +835,7 @@ class RowSplit:
 def split_rows(
     frame: pd.DataFrame,
     *,
+    id_column: str,
     dated: bool,
     validation_fraction: float,
     test_fraction: float,
@@ -843,10 +845,10 @@ def split_rows(
     """Return train / validation / test masks over `frame` (deterministic for the same frame).
 
     Out of time when the book is dated and has at least 10 labelled dates (time_split over its
-    distinct dates, `embargo_days` dates dropped between sets); otherwise stratified: within
-    each class, a seeded shuffle gives the test and validation shares, the rest trains.
+    distinct dates, `embargo_days` dates dropped between sets); otherwise by a hash of the
+    seed and the loan id (`sets_by_id`), so a loan keeps its set as the book grows and a
+    champion trained on an earlier snapshot is never tested on loans it learnt from.
     """
-    n = len(frame)
     dates = frame[DATE_COLUMN]
     if dated and dates.nunique() >= MIN_DATES_FOR_TIME_SPLIT:
         try:
@@ -864,13 +866,5 @@ def split_rows(
             dates.isin(split.validation_dates).to_numpy(),
             dates.isin(split.test_dates).to_numpy(),
         )
-    rng = np.random.default_rng(seed)
-    role = np.zeros(n, dtype=np.int8)  # 0 train, 1 validation, 2 test
-    labels = frame[LABEL].to_numpy()
-    for value in (0.0, 1.0):
-        rows = rng.permutation(np.flatnonzero(labels == value))
-        n_test = round(test_fraction * len(rows))
-        n_validation = round(validation_fraction * len(rows))
-        role[rows[:n_test]] = 2
-        role[rows[n_test : n_test + n_validation]] = 1
-    return RowSplit("stratified", role == 0, role == 1, role == 2)
+    sets = sets_by_id(frame[id_column], validation_fraction, test_fraction, salt=f"{seed}:")
+    return RowSplit("by_loan_id", sets == "train", sets == "validation", sets == "test")

@@ -10,8 +10,8 @@ Which rows do what:
   later are not used) whose outcome window has passed (`[label] outcome_window_days`), split out
   of time (train, then validation, then test dates); scoring follows `[scoring] population`.
 - cross-sectional book (no date column): every delivery is a snapshot of the whole book, dated
-  by its ingest day. Training uses the labelled rows of the latest snapshot, split at random
-  within each class (stratified).
+  by its ingest day. Training uses the labelled rows of the latest snapshot, split by a hash
+  of the loan id (a loan keeps its set as the book grows).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def state_auc_floor(fitted: Mapping[str, Candidate]) -> dict[str, float]:
 class CreditTrainingOutcome(ChallengerOutcome):
     """What a nightly retrain produced: the challenger, its metrics and the split behind them."""
 
-    split: str  # "out_of_time" or "stratified"
+    split: str  # "out_of_time" or "by_loan_id"
     validation_fraction: float
     test_fraction: float
     embargo_days: int
@@ -101,6 +101,7 @@ def split_book_rows(
     config, or the outcome that recorded them, so promotion rebuilds the very same split)."""
     return split_rows(
         frame,
+        id_column=book.columns.id,
         dated=book.is_dated,
         validation_fraction=how.validation_fraction,
         test_fraction=how.test_fraction,

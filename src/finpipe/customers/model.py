@@ -473,22 +473,6 @@ def check_segments_sane(predicted: pd.DataFrame, k: int, what: str) -> None:
         )
 
 
-def customer_sets(
-    customer_ids: pd.Series, validation_fraction: float, test_fraction: float
-) -> np.ndarray:
-    """Return "train", "validation" or "test" per customer, from a hash of the id.
-
-    The same customer lands in the same set every night and in every process (pandas' hash
-    uses a fixed key), so a test customer never becomes a training customer tomorrow.
-    """
-    hashed = pd.util.hash_pandas_object(customer_ids.astype("string"), index=False).to_numpy()
-    position = (hashed % np.uint64(10_000)).astype(np.float64) / 10_000.0
-    sets = np.full(len(position), "train", dtype=object)
-    sets[position < test_fraction + validation_fraction] = "validation"
-    sets[position < test_fraction] = "test"
-    return sets
-
-
 class CustomersTrainingConfig(SegmentModelParams):
     """Hyper-parameters of a nightly segmentation retrain (the Prefect form and MLflow params)."""
 

@@ -27,7 +27,6 @@ from finpipe.customers.metrics import quality_by_window, segment_profiles
 from finpipe.customers.model import (
     CustomersTrainingConfig,
     check_segments_sane,
-    customer_sets,
     evaluation_space,
     fit_segment_model,
     segment_quality,
@@ -42,6 +41,7 @@ from finpipe.lifecycle import Candidate, Predictions, RunRecord, TrainingData
 from finpipe.settings import Settings, load_settings
 from finpipe.storage import Storage, as_day
 from finpipe.tracking import RegisteredModel
+from finpipe.training import sets_by_id
 
 log = logging.getLogger("finpipe.customers")
 
@@ -241,9 +241,7 @@ class CustomersParts:
         champion: Callable[[], RegisteredModel | None],
     ) -> CustomersNight:
         snapshot = read_snapshot(storage, as_of)
-        sets = customer_sets(
-            snapshot["customer_id"], config.validation_fraction, config.test_fraction
-        )
+        sets = sets_by_id(snapshot["customer_id"], config.validation_fraction, config.test_fraction)
         view = _champion_view(champion(), snapshot)
         return CustomersNight(storage, as_of, config, snapshot, sets, view)
 
@@ -257,7 +255,7 @@ class CustomersParts:
         `evaluation_space`).
         """
         snapshot = read_snapshot(storage, as_day(outcome.as_of))
-        sets = customer_sets(
+        sets = sets_by_id(
             snapshot["customer_id"], outcome.validation_fraction, outcome.test_fraction
         )
         test = sets == "test"
