@@ -255,6 +255,11 @@ def test_a_fourth_domain_runs_through_the_real_nightly_flow(tmp_path, toy_domain
     with finpipe_home(tmp_path / "home") as settings:
         first = nightly(domain=NAME, as_of=first_day, inputs=[str(files[0]), str(files[1])])
         second = nightly(domain=NAME, as_of=second_day, inputs=[str(files[2])])
+        # A retrain of the first night, after the second's: its test window is data the
+        # champion (trained as of the second day) may have learnt from, so it is not promoted.
+        home = Storage(settings.home)
+        again = toy_domain.train(home, settings, first_day)
+        rerun = toy_domain.promote(home, settings, again)
 
     storage = Storage(settings.home)
     assert storage.partition_dates("predictions", NAME) == [first_day, second_day]
@@ -276,6 +281,13 @@ def test_a_fourth_domain_runs_through_the_real_nightly_flow(tmp_path, toy_domain
     assert first["training"]["candidate"] == "ols"
     assert first["promotion"]["promoted"] is True
     assert second["promotion"]["champion_version"] == first["training"]["challenger_version"]
+    champion_version = str(second["training"]["challenger_version"])
+    assert second["promotion"]["promoted"] is True, second["promotion"]["reason"]
+    assert (rerun.promoted, rerun.champion_version) == (False, champion_version)
+    assert rerun.reason.startswith(
+        f"champion v{champion_version} was trained as of {second_day}, after challenger "
+        f"v{again.challenger_version}'s {first_day}"
+    )
     mlflow.set_tracking_uri(settings.tracking_uri)
     client = MlflowClient()
     champion = client.get_model_version_by_alias("finpipe-toy", "champion")
@@ -284,7 +296,7 @@ def test_a_fourth_domain_runs_through_the_real_nightly_flow(tmp_path, toy_domain
     experiment = client.get_experiment_by_name("finpipe-toy")
     runs = client.search_runs([experiment.experiment_id])
     names = sorted(r.data.tags["mlflow.runName"] for r in runs)
-    nightly_runs = [f"nightly-{first_day}", f"nightly-{second_day}"]
-    assert names == sorted(["mean", "mean", "ols", "ols", *nightly_runs])
+    nightly_runs = [f"nightly-{first_day}", f"nightly-{first_day}", f"nightly-{second_day}"]
+    assert names == sorted(["mean", "mean", "mean", "ols", "ols", "ols", *nightly_runs])
     ols = next(r for r in runs if r.data.tags["mlflow.runName"] == "ols")
     assert {"validation_r2", "test_r2"} <= set(ols.data.metrics)

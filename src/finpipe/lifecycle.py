@@ -321,7 +321,9 @@ def train_challenger(
         refusal = None
         if settings.promotion_floor:
             refusal = floor_refusal(windows[chosen]["validation"], chosen)
-        version = promotion.register_challenger(settings, parts.name, uris[chosen], chosen)
+        version = promotion.register_challenger(
+            settings, parts.name, uris[chosen], chosen, as_of.isoformat()
+        )
         floor = "refused" if refusal else "passed" if settings.promotion_floor else "off"
         tracking.tag_run("quality_floor", floor)
         if refusal:

@@ -18,6 +18,7 @@ from finpipe.errors import ModelRejected
 from finpipe.faults import crash_point
 from finpipe.settings import Settings
 from finpipe.tracking import (
+    AS_OF_TAG,
     CHALLENGER,
     CHAMPION,
     QUALITY_FLOOR_TAG,
@@ -49,14 +50,17 @@ def best_on_validation(results: dict[str, dict], metric: str) -> str:
     return max(results, key=score)
 
 
-def register_challenger(settings: Settings, domain: str, model_uri: str, candidate: str) -> str:
-    """Register the model logged at `model_uri` as a new version, point `challenger` at it and
-    tag the active run; return the version.
+def register_challenger(
+    settings: Settings, domain: str, model_uri: str, candidate: str, as_of: str
+) -> str:
+    """Register the model logged at `model_uri` as a new version tagged with the as-of date it
+    was trained at, point `challenger` at it and tag the active run; return the version.
 
     A crash between registering and aliasing leaves an unaliased version that nothing reads
     (the champion is untouched); the re-run registers a fresh one.
     """
-    version = str(mlflow.register_model(model_uri, settings.model_name(domain)).version)
+    name = settings.model_name(domain)
+    version = str(mlflow.register_model(model_uri, name, tags={AS_OF_TAG: as_of}).version)
     crash_point("model-registered")
     set_alias(settings, domain, CHALLENGER, version)
     mlflow.set_tags({"candidate": candidate, "challenger_version": version})
@@ -74,6 +78,7 @@ class PromotionDecision:
     champion_version: str | None
     champion_score: float | None
     reason: str
+    floor_refused: bool = False  # the quality floor refused the challenger: neither was scored
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -159,11 +164,23 @@ def promote_challenger(
     (higher is better); both models go through it, so the comparison is like for like.
     """
     champion_version = current_alias_version(settings, domain, CHAMPION)
-    refusal = version_tags(settings, domain, challenger_version).get(QUALITY_FLOOR_TAG)
+    challenger_tags = version_tags(settings, domain, challenger_version)
+    refusal = challenger_tags.get(QUALITY_FLOOR_TAG)
     if refusal:
         decision = refused_by_floor(metric, str(challenger_version), champion_version, refusal)
         _log_decision(decision, run_id, {"promoted": 0.0})
         return decision
+    if champion_version is not None:
+        newer = newer_champion(
+            metric,
+            str(challenger_version),
+            challenger_tags.get(AS_OF_TAG),
+            champion_version,
+            version_tags(settings, domain, champion_version).get(AS_OF_TAG),
+        )
+        if newer is not None:
+            _log_decision(newer, run_id, {"promoted": 0.0})
+            return newer
     challenger = load_model_version(settings, domain, version=challenger_version)
     challenger_score = evaluate(challenger)
     champion_score = None
@@ -184,6 +201,35 @@ def promote_challenger(
     return decision
 
 
+def newer_champion(
+    metric: str,
+    challenger_version: str,
+    challenger_as_of: str | None,
+    champion_version: str,
+    champion_as_of: str | None,
+) -> PromotionDecision | None:
+    """The decision when the champion was trained as of a later date than the challenger (a
+    re-run of an earlier night): the champion's training rows may reach into the challenger's
+    test window, so no comparison there is fair and the champion stays. None otherwise, or
+    when either version predates the as-of tag."""
+    if not challenger_as_of or not champion_as_of or champion_as_of <= challenger_as_of:
+        return None
+    return PromotionDecision(
+        promoted=False,
+        metric=metric,
+        challenger_version=challenger_version,
+        challenger_score=float("nan"),
+        champion_version=champion_version,
+        champion_score=None,
+        reason=(
+            f"champion v{champion_version} was trained as of {champion_as_of}, after challenger "
+            f"v{challenger_version}'s {challenger_as_of}: it may have learnt from the "
+            f"challenger's test window, so no comparison there is fair; champion "
+            f"v{champion_version} kept (train as of {champion_as_of} or later to challenge it)"
+        ),
+    )
+
+
 def refused_by_floor(
     metric: str, challenger_version: str, champion_version: str | None, refusal: str
 ) -> PromotionDecision:
@@ -197,6 +243,7 @@ def refused_by_floor(
         champion_version=champion_version,
         champion_score=None,
         reason=f"challenger v{challenger_version} refused by the quality floor ({refusal}); {kept}",
+        floor_refused=True,
     )
 
 
@@ -210,7 +257,7 @@ def _log_decision(
         mlflow.log_metrics(dict(figures))
         if decision.promoted:
             tag = "promoted"
-        elif decision.challenger_score != decision.challenger_score:  # NaN: never scored
+        elif decision.floor_refused:
             tag = "refused by the quality floor"
         else:
             tag = "champion kept"

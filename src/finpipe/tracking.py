@@ -44,6 +44,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 # Tag of a registered version the quality floor refused: why, in words (see lifecycle).
 QUALITY_FLOOR_TAG = "quality_floor_refused"
+AS_OF_TAG = "as_of"  # on a registered version: the as-of date its training read data up to
 
 # Every run finpipe starts or resumes carries its owner: host, process id and the process's
 # start time. A run still RUNNING whose owner on this host is gone was killed with its process
