@@ -20,6 +20,7 @@ from finpipe.market.features import (
     skipped_market_features,
 )
 from finpipe.market.synthetic import MarketSyntheticConfig, generate_market_panel
+from finpipe.training import time_split
 
 PRICE_FEATURES = [
     "return_1d", "return_5d", "return_20d", "return_60d", "volatility_20d", "rsi_14", "macd",
@@ -301,6 +302,33 @@ def test_forward_return_uses_row_t_plus_h_of_the_same_ticker():
     assert bbb["forward_return_2d"].tolist() == pytest.approx([-0.1, np.nan, np.nan], nan_ok=True)
     assert bbb["direction_2d"].tolist()[0] == 0.0
     assert labels["date"].is_monotonic_increasing
+
+
+def test_a_label_spanning_a_halt_is_unknown_so_the_embargo_holds(panel):
+    """An h-day label is realised h sessions later or not at all: across a halt, a ticker's
+    h-th next row is further ahead than the embargo of h dates that keeps a training label
+    out of the next window, so the label is NaN there."""
+    prices = pd.concat([one_ticker(np.arange(1.0, 11.0), "AAA"), one_ticker([5.0] * 10, "BBB")])
+    halted = prices[~((prices["ticker"] == "AAA") & prices["date"].isin(prices["date"][3:5]))]
+    aaa = build_market_labels(halted, horizon=2).query("ticker == 'AAA'")
+    # AAA trades on sessions 0-2 and 5-9: only 0->2, 5->7, 6->8 and 7->9 are two sessions long.
+    assert aaa["forward_return_2d"].tolist() == pytest.approx(
+        [2.0, np.nan, np.nan, 8 / 6 - 1, 9 / 7 - 1, 10 / 8 - 1, np.nan, np.nan], nan_ok=True
+    )
+    # On a panel, a ticker halted for the first three embargo dates after the training window:
+    # its last training rows' labels would be realised inside the validation window.
+    sessions = pd.DatetimeIndex(np.sort(panel["date"].unique()))
+    split = time_split(sessions, embargo=5)
+    embargo = sessions[(sessions > split.train_dates[-1]) & (sessions < split.validation_dates[0])]
+    ticker = panel["ticker"].iloc[0]
+    halted = panel[~(panel["date"].isin(embargo[:3]) & (panel["ticker"] == ticker))]
+    labels = build_market_labels(halted, horizon=5)
+    trained = labels[labels["date"].isin(split.train_dates) & labels["forward_return_5d"].notna()]
+    rows = halted.sort_values(["ticker", "date"])  # where each label is realised: row t+5
+    rows = rows.assign(realised=rows.groupby("ticker")["date"].shift(-5))
+    realised = trained.merge(rows[["date", "ticker", "realised"]], on=["date", "ticker"])
+    assert realised["realised"].max() < split.validation_dates[0]
+    assert ticker in set(trained["ticker"])
 
 
 def test_labels_on_a_panel_are_nan_exactly_for_each_tickers_last_h_rows(panel):

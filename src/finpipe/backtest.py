@@ -7,8 +7,9 @@ A backtest from `start` to `end` cuts the sessions of the market's calendar into
 - **trains** with the nightly's own code (`fit_market_model`, one fit per model kind, the
   scaler and target statistics fitted on the window's training dates only) on feature rows
   dated before R, labelled from validated prices dated before R. A label at t is the return to
-  the h-th next row of the ticker, so every label the window sees was realised before R: the
-  last labelled date is at least `horizon` sessions before R (the embargo at the cut-off).
+  the ticker's row h sessions later (none across a halt), so every label the window sees was
+  realised before R: the last labelled date is `horizon` sessions before R (the embargo at the
+  cut-off).
   The labelled dates are split chronologically into train and validation (early stopping)
   with an embargo of `max(embargo, horizon)` dates between them; there is no test set: the
   window's own out-of-sample dates are its test. `train_window` None trains on every labelled

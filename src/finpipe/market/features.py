@@ -31,7 +31,8 @@ Conventions, stated once here:
 A value whose window is not full yet (a newly listed ticker) is NaN.
 
 Labels look forward and are never features: ``forward_return_{h}d`` at t is ``P[t+h] / P[t] - 1``
-over the ticker's own rows, NaN where row t+h is not in the frame.
+over the ticker's own rows, NaN where row t+h is not in the frame or is not h sessions after t
+(a halt in between).
 """
 
 from __future__ import annotations
@@ -187,14 +188,19 @@ def build_market_labels(prices: pd.DataFrame, horizon: int = 5) -> pd.DataFrame:
 
     The forward return at t is ``P[t+h] / P[t] - 1`` with P the price column and t+h the h-th
     next row of the same ticker; NaN where that row is not in the frame (the last h rows of each
-    ticker). Direction is 1.0 when the forward return is > 0, 0.0 when <= 0, NaN when unknown.
-    Labels are float64: they feed metrics as well as training.
+    ticker) or is not the h-th next of the frame's dates (the ticker skipped a session: a halt).
+    So every label is realised h sessions after its date, inside the embargo of h dates that
+    keeps it from the next window of a time split. Direction is 1.0 when the forward return is
+    > 0, 0.0 when <= 0, NaN when unknown. Labels are float64: they feed metrics as well as
+    training.
     """
     if not isinstance(horizon, int | np.integer) or horizon < 1:
-        raise ValueError(f"horizon must be a positive whole number of rows, got {horizon!r}")
+        raise ValueError(f"horizon must be a positive whole number of sessions, got {horizon!r}")
     panel = _TickerPanel(prices)
     price = panel.column(price_column(prices))
     forward = panel.lead(price, horizon) / price - 1.0
+    session = panel.sessions()
+    forward[panel.lead(session, horizon) - session != horizon] = np.nan
     direction = np.where(np.isnan(forward), np.nan, (forward > 0).astype(np.float64))
     frame = panel.keys_by_date()
     frame[f"forward_return_{horizon}d"] = forward[panel.by_date]
@@ -252,6 +258,11 @@ class _TickerPanel:
     def column(self, name: str) -> np.ndarray:
         values = self._prices[name].to_numpy(dtype=np.float64, na_value=np.nan)
         return values[self.by_ticker]
+
+    def sessions(self) -> np.ndarray:
+        """Return each row's position among the frame's distinct dates (float64)."""
+        _, position = np.unique(self._day, return_inverse=True)
+        return position.astype(np.float64)
 
     def lag(self, values: np.ndarray, k: int) -> np.ndarray:
         """Return values k rows earlier in the same ticker (NaN for its first k rows)."""
