@@ -87,6 +87,36 @@ def test_a_check_says_what_ingest_then_does_and_writes_nothing(delivered, tmp_pa
     assert check_file(storage, contract, files["new.csv"], as_of=AS_OF).status == "already_loaded"
 
 
+def test_a_rejection_reads_as_sentences_and_names_only_the_rules_that_reject(delivered, tmp_path):
+    """The rules listed as failed are the ones that reject the file (a warning the same rows
+    trip is reported as one, not as data accepted), and each message's sentences end before
+    what follows them."""
+    storage, _, _ = delivered
+    contract = get_domain("market").contract
+    tick = pd.read_csv(_files(delivered, tmp_path)["new.csv"])
+    tick.loc[tick.index[0], ["Open", "High", "Low", "Close", "Adj Close"]] *= 10  # a bad tick
+    tick.to_csv(tmp_path / "tick.csv", index=False)
+    with pytest.raises(ValidationFailed) as caught:
+        check_file(storage, contract, tmp_path / "tick.csv", as_of=AS_OF)
+    message = str(caught.value)
+    assert "(rules failed: expect_column_values_to_be_between(abs_log_return_1d))." in message
+    assert "1 warning, which alone would not reject it: large_move_1d" in message
+    assert "data accepted" not in message
+
+    (tmp_path / "semicolon.csv").write_text("date;ticker;close\n2024-01-02;A;1\n")
+    with pytest.raises(ValidationFailed) as checked:
+        check_file(storage, contract, tmp_path / "semicolon.csv", as_of=AS_OF)
+    with pytest.raises(ValidationFailed) as ingested:
+        ingest_file(storage, contract, tmp_path / "semicolon.csv", as_of=AS_OF)
+    assert "as the delimiter. Nothing was written." in str(checked.value)
+    assert "as the delimiter. Batch kept in" in str(ingested.value)
+    assert "). semicolon.csv: one column named" in str(ingested.value)  # not the landed copy
+
+    tick.iloc[[1]].to_csv(tmp_path / "one.csv", index=False)
+    one = check_file(storage, contract, tmp_path / "one.csv", as_of=AS_OF)
+    assert one.message.startswith("one.csv: 1 row over 1 date would be published")
+
+
 def test_the_command_line_checks_every_file_and_exits_2_when_one_would_be_rejected(
     delivered, tmp_path, monkeypatch
 ):

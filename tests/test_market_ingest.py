@@ -37,7 +37,7 @@ def test_an_earnings_jump_is_accepted_with_a_warning(tmp_path, shared_datasets):
     [warning] = outcome.warnings
     assert warning.startswith("large_move_1d(abs_log_return_1d): 1 unexpected row(s)")
     assert f"date={gap_day}, ticker=MSFT" in warning
-    assert "1 warning(s)" in outcome.message
+    assert "validated with 1 warning: large_move_1d" in outcome.message
     record = storage.read_batch_record("market", outcome.sha256)
     assert record["warnings"] == [warning]
     published = storage.read_partitions("validated", "market")

@@ -89,6 +89,17 @@ def test_nan_close_fails_only_the_not_null_rule():
     assert rule.unexpected_percent == pytest.approx(10.0)
 
 
+def test_a_rules_share_counts_every_row_not_only_the_non_empty_ones():
+    frame = clean_bars()
+    frame["volume"] = np.nan  # no volumes delivered, but for two rows, one of them negative
+    frame.loc[[2, 3], "volume"] = [1000.0, -5.0]
+
+    rule = failed(check(frame))["expect_column_values_to_be_between(volume)"]
+
+    assert rule.unexpected_count == 1
+    assert rule.unexpected_percent == pytest.approx(10.0)  # 1 of 10 rows, not 1 of 2 values
+
+
 def test_zero_close_fails_the_positive_price_and_low_rules():
     frame = clean_bars()
     frame.loc[5, "close"] = 0.0  # BBB on 2024-01-04; strict: zero is not a price
@@ -300,7 +311,7 @@ def test_a_large_real_move_is_a_warning_and_the_batch_is_accepted():
     assert (warning.rule, warning.severity) == ("large_move_1d(abs_log_return_1d)", "warning")
     assert warning.unexpected_count == 1
     assert warning.sample_keys == [{"date": "2024-01-05", "ticker": "AAA"}]
-    assert "1 warning(s), data accepted: large_move_1d(abs_log_return_1d): 1 unexpected" in (
+    assert "1 warning, data accepted: large_move_1d(abs_log_return_1d): 1 unexpected" in (
         report.summary()
     )
     # a bad tick (x10) is still an error, with what to do about it
@@ -309,6 +320,10 @@ def test_a_large_real_move_is_a_warning_and_the_batch_is_accepted():
     bad = check(tick)
     assert list(failed(bad)) == [RETURN_RULE]
     assert "deliver adj_close" in bad.summary()
+    # the same day's warning is listed, but not as accepted data: the batch is rejected
+    assert [w.rule for w in bad.warnings()] == ["large_move_1d(abs_log_return_1d)"]
+    assert "1 warning, which alone would not reject it: large_move_1d" in bad.summary()
+    assert "data accepted" not in bad.summary()
 
 
 def test_a_close_declared_adjusted_is_checked_as_adjusted_prices_are(shared_datasets):

@@ -23,8 +23,9 @@ import pyarrow as pa
 
 from finpipe.errors import InputFileError, ValidationFailed
 from finpipe.storage import Storage, as_day, file_sha256
-from finpipe.text import counted
+from finpipe.text import counted, sentence
 from finpipe.validation import (
+    WARNING,
     ValidationReport,
     describe_rule_break,
     load_suite_spec,
@@ -377,7 +378,7 @@ def check_file(
     except _Rejected as rejected:
         raise ValidationFailed(
             f"{path.name} would be rejected (rules failed: {_failed_rules(rejected.report)})."
-            f" {rejected.message} Nothing was written."
+            f" {sentence(rejected.message)} Nothing was written."
         ) from None
     if together is not None:
         together.add(path.name, sha, checked)
@@ -403,9 +404,9 @@ def check_file(
         first_date=dates[0].isoformat() if dates else None,
         last_date=dates[-1].isoformat() if dates else None,
         dates=len(dates),
-        message=f"{path.name}: {len(checked.frame):,} rows over {counted(len(dates), 'date')} "
-        f"would be published{clause}"
-        + (f" with {len(warnings)} warning(s): {' '.join(warnings)}" if warnings else "")
+        message=f"{path.name}: {counted(len(checked.frame), 'row')} over "
+        f"{counted(len(dates), 'date')} would be published{clause}"
+        + (f" with {counted(len(warnings), 'warning')}: {' '.join(warnings)}" if warnings else "")
         + "; nothing written",
         warnings=warnings,
         corrected_rows=replaced if correction else None,
@@ -498,9 +499,10 @@ def _check(
         raw = read_delivery(readable, contract.read_options)
         flags = _retraction_flags(raw, path.name)
         normalised = contract.normalise(raw, source=path.name, **dated)
-    except InputFileError as error:
-        rule = {"rule": "readable_file", "success": False, "message": str(error)}
-        raise _Rejected(_report_of(contract, batch_id, path, rule), None, str(error)) from None
+    except InputFileError as error:  # named as delivered, not as the landed copy read
+        message = str(error).replace(str(readable), path.name)
+        rule = {"rule": "readable_file", "success": False, "message": message}
+        raise _Rejected(_report_of(contract, batch_id, path, rule), None, message) from None
     if flags is not None and flags.any() and not correction:
         refused = _flagged_rule(flags, path.name)
         raise _Rejected(_report_of(contract, batch_id, path, refused), None, refused["message"])
@@ -598,9 +600,10 @@ def _publish_checked(storage, contract, path: Path, checked: _Checked, record: d
         first_date=record["first_date"],
         last_date=record["last_date"],
         dates=len(dates),
-        message=f"{path.name}: {len(frame):,} rows over {counted(len(dates), 'date')} validated"
+        message=f"{path.name}: {counted(len(frame), 'row')} over {counted(len(dates), 'date')} "
+        "validated"
         + corrected
-        + (f" with {len(warnings)} warning(s): {' '.join(warnings)}" if warnings else ""),
+        + (f" with {counted(len(warnings), 'warning')}: {' '.join(warnings)}" if warnings else ""),
         warnings=warnings,
         corrected_rows=record.get("corrected_rows") if correction else None,
         retracted_rows=record.get("retracted_rows") if correction else None,
@@ -1050,7 +1053,7 @@ def _publish_group(storage, contract, group, rows, docs_key) -> Iterator[IngestO
             dates=len(dates),
             landed_path=record["landed_path"],
             data_docs=storage.location(f"{docs_key}/index.html"),
-            message=f"{delivery.path.name}: {len(delivery.frame):,} rows over "
+            message=f"{delivery.path.name}: {counted(len(delivery.frame), 'row')} over "
             f"{counted(len(dates), 'date')} validated (one GX run for {len(group)} files)",
         )
 
@@ -1069,15 +1072,17 @@ def _quarantine(storage, contract, record, landed, report, docs_dir, message) ->
     storage.write_batch_record(contract.domain, record)
     raise ValidationFailed(
         f"{Path(record['source']).name} rejected (rules failed: {_failed_rules(report)}). "
-        f"{message} Batch kept in {where} with report.json; accepted data is untouched.",
+        f"{sentence(message)} Batch kept in {where} with report.json; accepted data is untouched.",
         quarantine_path=where,
     )
 
 
 def _failed_rules(report: dict) -> str:
-    """Return the names of the rules a report says failed, comma-separated."""
+    """Return the names of the rules that reject the batch (failed, not warnings), joined."""
     return ", ".join(
-        str(r.get("rule")) for r in report.get("rules", []) if not r.get("success", True)
+        str(r.get("rule"))
+        for r in report.get("rules", [])
+        if not r.get("success", True) and r.get("severity") != WARNING
     )
 
 

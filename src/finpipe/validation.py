@@ -25,6 +25,7 @@ import pandas as pd
 
 from finpipe.errors import ConfigError
 from finpipe.gx_runtime import SAMPLE_LIMIT, InvalidExpectation, RuleOutcome, run_suite
+from finpipe.text import counted
 
 _COLUMN_KWARGS = ("column", "column_A", "column_B")
 _LIST_COLUMN_KWARGS = ("column_list",)
@@ -101,10 +102,11 @@ class ValidationReport:
         skipped = f", {len(self.skipped)} skipped for absent columns" if self.skipped else ""
         head = (
             f"Batch '{self.batch}' {'FAILED' if failures else 'passed'} suite '{self.suite}' "
-            f"({len(self.rules)} rules on {self.row_count:,} rows{skipped})"
+            f"({counted(len(self.rules), 'rule')} on {counted(self.row_count, 'row')}{skipped})"
         )
         warnings = self.warnings()
-        noted = [f"{len(warnings)} warning(s), data accepted:"] if warnings else []
+        verdict = "data accepted" if not failures else "which alone would not reject it"
+        noted = [f"{counted(len(warnings), 'warning')}, {verdict}:"] if warnings else []
         noted.extend(describe_rule_break(rule) for rule in warnings)
         if not failures:
             return " ".join([head + ("." if not warnings else ";"), *noted])
@@ -340,7 +342,9 @@ def _rule_result(
         if rows and key_columns
         else []
     )
-    percent = result.get("unexpected_percent")
+    # The share of every row, not of the non-empty ones: 1 bad label of 38 rows is 2.63%,
+    # not 100% because the other 37 are still open.
+    percent = result.get("unexpected_percent_total", result.get("unexpected_percent"))
     return RuleResult(
         rule=rule_id(entry),
         expectation_type=entry["type"],
