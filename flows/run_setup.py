@@ -22,6 +22,7 @@ from finpipe.schedule import ScheduleSettings, load_schedule_settings
 from finpipe.services.tls import client_security
 from finpipe.settings import Settings, load_settings, prepare_environment
 from finpipe.storage import Storage
+from finpipe.text import counted
 
 
 @dataclass(frozen=True)
@@ -125,8 +126,9 @@ def warn_of_stale_predictions(run: RunSetup, features: dict | None) -> dict | No
         dates = stale["dates"]
         named = ", ".join(dates[:10]) + (", ..." if len(dates) > 10 else "")
         get_run_logger().warning(
-            "%d earlier dates have predictions scored from data since changed (%s); %s",
-            len(dates),
+            "%s %s predictions scored from data since changed (%s); %s",
+            counted(len(dates), "earlier date"),
+            "has" if len(dates) == 1 else "have",
             named,
             f"re-score them: {stale['backfill']}" if stale["backfill"] else "retracted whole",
         )

@@ -11,6 +11,7 @@ import pytest
 from typer.testing import CliRunner
 
 from finpipe.cli import app
+from finpipe.errors import ConfigError
 
 runner = CliRunner()
 
@@ -142,3 +143,138 @@ def test_unknown_domain_is_refused(tmp_path):
     )
     assert result.returncode == 2
     assert "unknown domain 'bonds'; known domains: market" in result.stderr
+
+
+def _finpipe(tmp_path, *args: str, **environment: str) -> subprocess.CompletedProcess:
+    """Run `finpipe ARGS` in a child process (the console entry point's error handling)."""
+    return subprocess.run(
+        [sys.executable, "-m", "finpipe.cli", *args],
+        capture_output=True,
+        text=True,
+        env={"FINPIPE_HOME": str(tmp_path / "home"), "PATH": "", **environment},
+        timeout=120,
+    )
+
+
+def test_a_rejected_file_names_the_files_after_it_that_were_not_loaded(tmp_path):
+    rejected = tmp_path / "a.csv"
+    rejected.write_text("date,ticker,close\n2024-01-02,AAA,-5\n")
+    later = [tmp_path / "b.csv", tmp_path / "c.csv"]
+    for path in later:
+        path.write_text("date,ticker,close\n2024-01-03,AAA,5\n")
+    paths = [str(p) for p in (rejected, *later)]
+    result = _finpipe(tmp_path, "ingest", "market", *paths, "--as-of", "2024-01-31")
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "a.csv rejected" in line
+    assert line.endswith(
+        " Not loaded: b.csv, c.csv (2 files after the rejected one). Fix a.csv and re-run "
+        "the same command: files already loaded are skipped."
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("FINPIPE_MAX_FILE_MB", "0"), ("FINPIPE_PROMOTION_FLOOR", "maybe")],
+)
+def test_a_bad_setting_is_one_line_and_exit_status_2(tmp_path, name, value):
+    result = _finpipe(tmp_path, "batches", "market", **{name: value})
+    assert result.returncode == 2
+    assert result.stderr.startswith(f"error: invalid settings: {name}={value!r}: should be ")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_a_folder_given_to_ingest_is_refused_with_a_glob_to_use(tmp_path, home):
+    folder = tmp_path / "deliveries"
+    folder.mkdir()
+    result = runner.invoke(app, ["ingest", "market", str(folder)])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert str(result.exception) == (
+        f"{folder} is a folder, not a file: name the files in it, e.g. {folder}/*.csv"
+    )
+
+
+def test_validated_refuses_an_existing_folder_as_out(tmp_path, home):
+    result = runner.invoke(app, ["validated", "market", "--out", str(tmp_path)])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert str(result.exception).startswith(f"--out {tmp_path} is a folder: name the Parquet")
+
+
+def test_validated_writes_the_date_column_as_calendar_days(delivered, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    storage, files, _ = delivered
+    monkeypatch.setenv("FINPIPE_HOME", str(tmp_path / "home"))
+    out = tmp_path / "validated.parquet"
+    result = runner.invoke(app, ["validated", "market", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out)
+    assert table.schema.field("date").type == pa.date32()
+    assert table.num_rows == len(storage.read_partitions("validated", "market"))
+
+
+def test_validated_writes_an_empty_file_for_an_empty_layer(tmp_path, home):
+    out = tmp_path / "validated.parquet"
+    result = runner.invoke(app, ["validated", "market", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith("0 rows of market as known at ")
+    assert pd.read_parquet(out).empty
+
+
+def test_an_unknown_defect_is_refused_with_the_defects_there_are(tmp_path):
+    result = runner.invoke(app, ["generate", "market", "--out", str(tmp_path), "--defects", "foo"])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert str(result.exception) == (
+        "--defects: no defect 'foo'; the defects are nan, non_positive_price, duplicate_key, "
+        "high_below_low, stale_price"
+    )
+    assert not any(tmp_path.iterdir())  # refused before anything is generated
+
+
+def test_a_bad_model_name_is_refused_before_prefect_starts(home, monkeypatch):
+    import finpipe.flows.nightly
+
+    def nightly(**_: object) -> None:
+        raise AssertionError("the flow ran")
+
+    monkeypatch.setattr(finpipe.flows.nightly, "nightly", nightly)
+    result = runner.invoke(app, ["run", "nightly", "--domain", "market", "--models", "foo"])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert "'foo'" in str(result.exception)
+
+
+def test_the_summary_counts_predictions_with_thousands_separators(capsys, home):
+    from finpipe.cli import _print_summary
+
+    predictions = {"rows": 1138, "model_name": "finpipe-credit", "model_version": 3, "path": "p"}
+    _print_summary(
+        {"domain": "credit", "as_of": "2023-12-31", "predictions": predictions, "promotion": None},
+        home,
+    )
+    assert capsys.readouterr().out == (
+        "credit 2023-12-31: 1,138 predictions by finpipe-credit v3 -> p\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("dates", "said"),
+    [
+        (["2024-01-02"], "1 earlier date has"),
+        (["2024-01-02", "2024-01-03"], "2 earlier dates have"),
+    ],
+)
+def test_the_stale_predictions_warning_agrees_with_its_count(monkeypatch, caplog, dates, said):
+    import logging
+    from types import SimpleNamespace
+
+    from finpipe.flows import run_setup
+
+    stale = {"dates": dates, "backfill": "finpipe run backfill ..."}
+    monkeypatch.setattr(run_setup, "stale_predictions", lambda *_: stale)
+    monkeypatch.setattr(run_setup, "get_run_logger", lambda: logging.getLogger("finpipe.test"))
+    run = SimpleNamespace(storage=None, domain="market")
+    with caplog.at_level(logging.WARNING, logger="finpipe.test"):
+        assert run_setup.warn_of_stale_predictions(run, {"rebuilt": dates}) == stale
+    assert caplog.messages[0].startswith(f"{said} predictions scored from data since changed (")

@@ -41,8 +41,12 @@ def test_a_runs_training_overrides_give_the_domains_config():
 
 
 def test_a_bad_training_override_is_a_config_error_naming_it():
-    with pytest.raises(ConfigError, match="(?s)invalid training parameters: .*max_epochs"):
-        training_config("market", {"max_epochs": 0})
+    with pytest.raises(ConfigError) as raised:
+        training_config("market", {"max_epochs": 0, "models": ["foo"]})
+    assert str(raised.value) == (  # one line: each field, its value and what it takes
+        "invalid training parameters: models='foo': should be 'mlp', 'gru', 'tcn', 'lgbm' or "
+        "'ensemble'; max_epochs=0: should be greater than or equal to 1"
+    )
     with pytest.raises(ConfigError, match="unknown domain 'bonds'"):
         training_config("bonds", {})
 

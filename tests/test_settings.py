@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from finpipe.settings import TELEMETRY_OFF, Settings
+from finpipe.errors import ConfigError
+from finpipe.settings import TELEMETRY_OFF, Settings, describe_invalid, load_settings
 
 
 def test_defaults_live_under_the_storage_root(monkeypatch, tmp_path):
@@ -31,6 +32,64 @@ def test_environment_overrides(monkeypatch, tmp_path):
     assert settings.home == tmp_path / "y"
     assert settings.tracking_uri == "http://127.0.0.1:5555"
     assert settings.model_name("market") == "desk7-market"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        (
+            "FINPIPE_MAX_FILE_MB",
+            "0",
+            "FINPIPE_MAX_FILE_MB='0': should be greater than or equal to 1",
+        ),
+        (
+            "FINPIPE_PROMOTION_FLOOR",
+            "maybe",
+            "FINPIPE_PROMOTION_FLOOR='maybe': should be true or false (also 1/0, yes/no, on/off)",
+        ),
+        (
+            "FINPIPE_DROP_ROOTS",
+            "/tmp/x",
+            """FINPIPE_DROP_ROOTS='/tmp/x': should be a JSON list, e.g. ["/data/drop"]""",
+        ),
+    ],
+)
+def test_a_bad_setting_is_one_line_naming_the_variable_its_value_and_what_it_takes(
+    monkeypatch, name, value, says
+):
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    assert str(raised.value) == f"invalid settings: {says}"
+
+
+def test_several_bad_settings_are_each_named(monkeypatch):
+    monkeypatch.setenv("FINPIPE_MAX_FILE_MB", "x")
+    monkeypatch.setenv("FINPIPE_MALLOC_TUNING", "maybe")
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "FINPIPE_MAX_FILE_MB='x': should be a valid integer" in message
+    assert "; FINPIPE_MALLOC_TUNING='maybe': should be true or false" in message
+
+
+def test_a_bad_run_parameter_reads_as_field_value_and_what_is_allowed():
+    import datetime as dt
+
+    from pydantic import ValidationError
+
+    from finpipe.backtest import BacktestConfig
+    from finpipe.domains import get_domain
+
+    with pytest.raises(ValidationError) as models:
+        get_domain("market").training_config(models=["mlp", "foo"])
+    assert describe_invalid(models.value) == (
+        "models='foo': should be 'mlp', 'gru', 'tcn', 'lgbm' or 'ensemble'"
+    )
+    with pytest.raises(ValidationError) as dates:
+        BacktestConfig.model_validate({"start": dt.date(2023, 10, 13), "end": dt.date(2023, 10, 1)})
+    assert describe_invalid(dates.value) == "end 2023-10-01 is before start 2023-10-13"
 
 
 # Imports every finpipe module (library, tasks, flows) and prints the variables that changed.

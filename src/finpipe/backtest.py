@@ -50,7 +50,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from finpipe import plots, portfolio, tracking
 from finpipe.errors import ConfigError, FinpipeError
@@ -67,7 +74,7 @@ from finpipe.market.pipeline import ENSEMBLE_LOADER
 from finpipe.market.schema import DOMAIN, price_column
 from finpipe.market.synthetic import ORACLE
 from finpipe.metrics import market_metrics
-from finpipe.settings import Settings
+from finpipe.settings import Settings, describe_invalid
 from finpipe.storage import Storage, check_name
 from finpipe.training import TimeSplit
 
@@ -172,7 +179,9 @@ def backtest_config(**values: object) -> BacktestConfig:
     """Return the checked config, or ConfigError saying which parameter is wrong."""
     try:
         return BacktestConfig.model_validate(values)
-    except ValueError as error:  # pydantic's ValidationError is one
+    except ValidationError as error:  # one line: each field, its value, what it takes
+        raise ConfigError(f"invalid backtest parameters: {describe_invalid(error)}") from None
+    except ValueError as error:
         raise ConfigError(f"invalid backtest parameters: {error}") from None
 
 

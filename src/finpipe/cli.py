@@ -14,8 +14,9 @@ from typing import Annotated
 
 import typer
 
-from finpipe.errors import FinpipeError
+from finpipe.errors import ConfigError, FinpipeError
 from finpipe.settings import Settings, load_settings, prepare_environment
+from finpipe.text import counted, sentence
 
 app = typer.Typer(
     help="finpipe: nightly, workflow-orchestrated deep learning on financial data.",
@@ -69,6 +70,7 @@ def generate_market(
 ) -> None:
     """Generate a synthetic market panel with a planted, documented predictable signal."""
     from finpipe.market.synthetic import (
+        DEFECT_KINDS,
         MarketSyntheticConfig,
         generate_market_panel,
         inject_defects,
@@ -77,9 +79,15 @@ def generate_market(
     )
     from finpipe.storage import Storage
 
+    kinds = [k.strip() for k in defects.split(",") if k.strip()]
+    unknown = [kind for kind in kinds if kind not in DEFECT_KINDS]
+    if unknown:
+        raise ConfigError(
+            f"--defects: no defect {', '.join(map(repr, unknown))}; the defects are "
+            + ", ".join(DEFECT_KINDS)
+        )
     panel = generate_market_panel(MarketSyntheticConfig(tickers=tickers, days=days, seed=seed))
     prices = panel.prices
-    kinds = [k.strip() for k in defects.split(",") if k.strip()]
     if kinds:
         prices = inject_defects(prices, kinds, seed=seed)
     out.mkdir(parents=True, exist_ok=True)
@@ -242,12 +250,18 @@ def ingest(
     """
     from finpipe.domains import get_domain
     from finpipe.drop_roots import check_command_line_inputs
+    from finpipe.errors import InputFileError, ValidationFailed
     from finpipe.ingest import ingest_files
     from finpipe.storage import Storage, as_day
 
     settings = _settings()
     contract = get_domain(domain).contract
     check_command_line_inputs([str(path) for path in paths], settings)
+    for path in paths:
+        if path.is_dir():
+            raise ConfigError(
+                f"{path} is a folder, not a file: name the files in it, e.g. {path / '*.csv'}"
+            )
     day = as_day(as_of) if as_of else dt.datetime.now(dt.UTC).date()
     if dry_run:
         _check_files(Storage(settings.home), contract, paths, day, settings, correction)
@@ -255,16 +269,35 @@ def ingest(
     from finpipe.locks import history_lock
 
     # The same lock as the flows' ingest and feature steps: a run never sees half an ingest.
+    settled = 0
     with history_lock(settings.home, domain, holder="finpipe ingest", on_wait=_echo):
-        for outcome in ingest_files(
-            Storage(settings.home),
-            contract,
-            paths,
-            as_of=day,
-            max_file_bytes=settings.max_file_mb * 1024**2,
-            correction=correction,
-        ):
-            typer.echo(outcome.message)
+        try:
+            for outcome in ingest_files(
+                Storage(settings.home),
+                contract,
+                paths,
+                as_of=day,
+                max_file_bytes=settings.max_file_mb * 1024**2,
+                correction=correction,
+            ):
+                typer.echo(outcome.message)
+                settled += 1
+        except (InputFileError, ValidationFailed) as error:
+            # Ingest stops at the first rejected file; say which files that left unloaded.
+            if settled + 1 < len(paths):
+                error.add_note(_not_loaded(paths[settled], paths[settled + 1 :]))
+            raise
+
+
+def _not_loaded(rejected: Path, after: list[Path]) -> str:
+    """Name the files an ingest stopped at `rejected` did not load, and how to finish."""
+    names = ", ".join(path.name for path in after[:5])
+    if len(after) > 5:
+        names += f" and {len(after) - 5:,} more"
+    return (
+        f"Not loaded: {names} ({counted(len(after), 'file')} after the rejected one). Fix "
+        f"{rejected.name} and re-run the same command: files already loaded are skipped."
+    )
 
 
 def _check_files(storage, contract, paths: list[Path], day, settings, correction: bool) -> None:
@@ -320,18 +353,28 @@ def validated(
 
     One Parquet file: what a model trained or a report ran on then, corrections validated
     since undone."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from finpipe.domains import get_domain
-    from finpipe.storage import Storage, write_bytes_atomic
+    from finpipe.storage import Storage, days_as_dates, write_bytes_atomic
     from finpipe.vintages import utc_time, validated_as_known
 
     settings = _settings()
+    if out.is_dir():
+        raise ConfigError(
+            f"--out {out} is a folder: name the Parquet file to write, e.g. "
+            f"{out / f'{domain}_validated.parquet'}"
+        )
     try:
         when = utc_time(known_at or dt.datetime.now(dt.UTC))
     except ValueError as error:
         raise typer.BadParameter(f"{known_at!r} is not an ISO 8601 time: {error}") from None
     rows = validated_as_known(Storage(settings.home), get_domain(domain).contract, when)
+    # Calendar days (date32), as every layer stores them.
+    table = days_as_dates(pa.Table.from_pandas(rows, preserve_index=False))
     buffer = io.BytesIO()
-    rows.to_parquet(buffer, index=False)
+    pq.write_table(table, buffer)
     write_bytes_atomic(out, buffer.getvalue())
     typer.echo(f"{len(rows):,} rows of {domain} as known at {when.isoformat()} written to {out}")
 
@@ -436,13 +479,12 @@ def run_nightly(
     settings = _settings()
     from finpipe.domains import get_domain
     from finpipe.drop_roots import allowed_inputs
+    from finpipe.planning import training_config
     from finpipe.storage import as_day
 
     get_domain(domain)  # reject a bad parameter before Prefect starts anything
     allowed_inputs([str(p) for p in input or []], settings.input_roots())
     day = as_day(as_of) if as_of else None
-    from finpipe.flows.nightly import nightly
-
     overrides: dict = {}
     if models:
         overrides["models"] = [m.strip() for m in models.split(",") if m.strip()]
@@ -450,6 +492,9 @@ def run_nightly(
         overrides["max_epochs"] = max_epochs
     if horizon:
         overrides["horizon"] = horizon
+    training_config(domain, overrides)  # a bad model name or value fails here too
+    from finpipe.flows.nightly import nightly
+
     summary = nightly(
         domain=domain,
         as_of=day,
@@ -607,7 +652,7 @@ def run_backtest(
 def _print_summary(summary: dict, settings: Settings) -> None:
     predictions = summary["predictions"]
     typer.echo(
-        f"{summary['domain']} {summary['as_of']}: {predictions['rows']} predictions by "
+        f"{summary['domain']} {summary['as_of']}: {counted(predictions['rows'], 'prediction')} by "
         f"{predictions['model_name']} v{predictions['model_version']} -> {predictions['path']}"
     )
     if summary["promotion"]:
@@ -850,7 +895,10 @@ def main() -> None:
     try:
         app()
     except FinpipeError as error:
-        typer.echo(f"error: {error}", err=True)
+        # A note (`add_note`) is a sentence a command adds to the library's message.
+        notes = getattr(error, "__notes__", [])
+        message = " ".join([sentence(str(error)), *notes]) if notes else str(error)
+        typer.echo(f"error: {message}", err=True)
         raise SystemExit(2) from None
 
 

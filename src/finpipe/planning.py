@@ -14,11 +14,12 @@ from dataclasses import dataclass
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from finpipe.calendars import Calendar
 from finpipe.domains import get_domain
 from finpipe.errors import ConfigError
+from finpipe.settings import describe_invalid
 from finpipe.storage import as_day
 
 Step = Literal["validate", "features", "score"]
@@ -130,7 +131,9 @@ def training_config(domain: str, overrides: Mapping[str, object]) -> BaseModel:
     else), which the config would otherwise drop without a word."""
     try:
         config = get_domain(domain).training_config(**overrides)
-    except ValueError as error:  # pydantic's ValidationError is one
+    except ValidationError as error:  # one line: each field, its value, what it takes
+        raise ConfigError(f"invalid training parameters: {describe_invalid(error)}") from None
+    except ValueError as error:
         raise ConfigError(f"invalid training parameters: {error}") from None
     known = type(config).model_fields
     unknown = [name for name in overrides if name not in known]

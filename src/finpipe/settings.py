@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import Field, SecretStr, StringConstraints
+from pydantic import Field, SecretStr, StringConstraints, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from finpipe.errors import ConfigError
 
 # Offline hygiene: Prefect, MLflow and GX phone home unless told not to. Set when the CLI or a
 # flow starts (`prepare_environment`), never on import, and only where the user has not chosen
@@ -207,8 +209,40 @@ def redact_uri(uri: str) -> str:
 
 
 def load_settings() -> Settings:
-    """Return settings read from the environment now (cheap; call at the edges, pass down)."""
-    return Settings()
+    """Return settings read from the environment now (cheap; call at the edges, pass down);
+    ConfigError naming each bad variable, its value and what it takes."""
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise ConfigError(f"invalid settings: {describe_invalid(error, 'FINPIPE_')}") from None
+
+
+# What pydantic says of a value, where the environment needs more than its words.
+_ENVIRONMENT_ALLOWS = {
+    "bool_parsing": "should be true or false (also 1/0, yes/no, on/off)",
+    "list_type": 'should be a JSON list, e.g. ["/data/drop"]',
+}
+
+
+def describe_invalid(error: ValidationError, env_prefix: str | None = None) -> str:
+    """Return pydantic's `error` as one line, a problem per bad field: the field (the
+    environment variable `env_prefix` + NAME when given), the value and what is allowed.
+
+    A rule across fields (e.g. an end before a start) is its message alone: its value would
+    be every field."""
+    problems = []
+    for problem in error.errors():
+        allowed = problem["msg"].removeprefix("Value error, ").replace("Input should", "should")
+        path = [str(part) for part in problem["loc"] if not isinstance(part, int)]
+        if not path:
+            problems.append(allowed)
+            continue
+        field = ".".join(path)
+        if env_prefix is not None:
+            field = (env_prefix + field).upper()
+            allowed = _ENVIRONMENT_ALLOWS.get(problem["type"], allowed)
+        problems.append(f"{field}={problem['input']!r}: {allowed}")
+    return "; ".join(problems)
 
 
 def prepare_environment(settings: Settings) -> None:

@@ -118,7 +118,7 @@ def _file_in(layer_dir: str, day: dt.date) -> str:
     return f"{layer_dir}/{day.isoformat()}/{PARTITION_FILE}"
 
 
-def _days_as_dates(table: pa.Table) -> pa.Table:
+def days_as_dates(table: pa.Table) -> pa.Table:
     """Return `table` with its `date` column stored as calendar days (date32), not timestamps."""
     index = table.schema.get_field_index(DAY_COLUMN)
     if index < 0 or not pa.types.is_timestamp(table.schema.field(index).type):
@@ -555,7 +555,7 @@ class Storage:
             table = frame
         else:
             table = pa.Table.from_pandas(frame.reset_index(drop=True), preserve_index=False)
-        table = _days_as_dates(table)
+        table = days_as_dates(table)
         # Dictionary-encode only non-float columns: on float columns a dictionary page rarely
         # pays (few repeats) and costs about a third of the write time.
         dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
