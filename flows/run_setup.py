@@ -4,6 +4,7 @@ delivered files checked, and the run named as a lock holder; and where a backfil
 from __future__ import annotations
 
 import datetime as dt
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -16,7 +17,7 @@ from finpipe.calendars import Calendar
 from finpipe.date_runs import stale_predictions
 from finpipe.domains import get_domain
 from finpipe.drop_roots import allowed_inputs
-from finpipe.errors import ConfigError
+from finpipe.errors import ConfigError, FinpipeError
 from finpipe.locks import check_lock_backend
 from finpipe.schedule import ScheduleSettings, load_schedule_settings
 from finpipe.services.tls import client_security
@@ -48,6 +49,29 @@ class RunSetup:
         return self.storage.partition_dates("validated", self.domain, end=end)
 
 
+class _WithoutTraceback(logging.Filter):
+    """Drop the traceback from a record of a FinpipeError: its message says what is wrong and
+    what to do, and Prefect logs a failed run's exception with twenty lines of its own frames
+    above it. Any other exception (a bug) keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], FinpipeError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_WITHOUT_TRACEBACK = _WithoutTraceback()
+
+
+def untraced_finpipe_errors() -> None:
+    """Log a flow or task run that fails with a FinpipeError as one line (in the terminal and
+    in the Prefect UI), not with the traceback Prefect adds; idempotent."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if _WITHOUT_TRACEBACK not in logger.filters:
+            logger.addFilter(_WITHOUT_TRACEBACK)
+
+
 def set_up_run(
     kind: str,
     domain: str,
@@ -65,6 +89,7 @@ def set_up_run(
     """
     settings = load_settings()
     prepare_environment(settings)
+    untraced_finpipe_errors()
     get_domain(domain)
     check_lock_backend(settings.home, settings.locks_url.get_secret_value())
     schedule = load_schedule_settings()

@@ -278,3 +278,34 @@ def test_the_stale_predictions_warning_agrees_with_its_count(monkeypatch, caplog
     with caplog.at_level(logging.WARNING, logger="finpipe.test"):
         assert run_setup.warn_of_stale_predictions(run, {"rebuilt": dates}) == stale
     assert caplog.messages[0].startswith(f"{said} predictions scored from data since changed (")
+
+
+def test_a_run_failing_with_a_finpipe_error_is_logged_without_a_traceback():
+    """Prefect logs a failed run's exception with its traceback; a FinpipeError's own message
+    is the whole story, so only a bug's traceback is kept."""
+    import io
+    import logging
+
+    from finpipe.errors import ConfigError
+    from flows.run_setup import untraced_finpipe_errors
+
+    untraced_finpipe_errors()
+    untraced_finpipe_errors()  # twice: one filter
+    logger = logging.getLogger("prefect.flow_runs")
+    assert [type(f).__name__ for f in logger.filters].count("_WithoutTraceback") == 1
+    written = io.StringIO()
+    saved = logger.handlers, logger.propagate
+    # Only this handler: there is no run to send the records to Prefect's API for.
+    logger.handlers, logger.propagate = [logging.StreamHandler(written)], False
+    try:
+        for error in (ConfigError("no validated market data"), KeyError("momentum")):
+            try:
+                raise error
+            except Exception:
+                logger.error("Encountered exception during execution", exc_info=True)
+    finally:
+        logger.handlers, logger.propagate = saved
+    lines = written.getvalue().splitlines()
+    assert lines[0] == "Encountered exception during execution"
+    assert lines[1] == "Encountered exception during execution"  # the ConfigError: one line
+    assert lines[2] == "Traceback (most recent call last):"  # the KeyError's
