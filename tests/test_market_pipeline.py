@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import numpy as np
 import pandas as pd
@@ -113,8 +114,9 @@ def test_same_keys_in_another_file_are_rejected(tmp_path, delivery):
     _ingest(storage, files[1])
     copy = tmp_path / "resent.csv"
     copy.write_text(files[1].read_text().replace("\n", "\r\n"))  # same rows, other bytes
-    with pytest.raises(ValidationFailed, match="duplicate_key_across_batches"):
+    with pytest.raises(ValidationFailed, match="duplicate_key_across_batches") as caught:
         _ingest(storage, copy)
+    assert re.search(r"e\.g\. row 0: \{'date': '\d{4}-\d{2}-\d{2}', 'ticker'", str(caught.value))
     assert len(storage.read_partitions("validated", "market")) == _rows(files[1])
 
 

@@ -829,14 +829,16 @@ def _rows_rule(rule: str, rows: pd.DataFrame, what: str) -> dict:
     """Return the failed rule `rule` of a correction's retracted `rows` (indexed by their row in
     the file), which `what` describes."""
     sample = rows.head(10)
-    first = {k: str(v) for k, v in sample.iloc[0].items()}
+    first = {k: _value_text(v) for k, v in sample.iloc[0].items()}
     return {
         "rule": rule,
         "success": False,
         "columns": list(rows.columns),
         "unexpected_count": len(rows),
         "sample_rows": [int(i) for i in sample.index],
-        "sample_values": [{k: str(v) for k, v in row.items()} for row in sample.to_dict("records")],
+        "sample_values": [
+            {k: _value_text(v) for k, v in row.items()} for row in sample.to_dict("records")
+        ],
         "message": (
             f"{len(rows):,} row(s) {what}, e.g. row {sample.index[0]}: {first}; "
             "nothing was retracted."
@@ -1165,10 +1167,18 @@ def _repeated_keys_rule(frame, earlier, keys: list[str], whose: str) -> dict | N
         "unexpected_count": int(len(clash)),
         "sample_rows": [int(i) for i in sample["index"]],
         "sample_values": [
-            {k: str(v) for k, v in row.items()} for row in sample[keys].to_dict("records")
+            {k: _value_text(v) for k, v in row.items()} for row in sample[keys].to_dict("records")
         ],
         "message": f"repeat keys {whose}",
     }
+
+
+def _value_text(value: object) -> str:
+    """Return a sample value as a report shows it: a day as 2013-01-02, not as a time stamp at
+    midnight."""
+    if isinstance(value, pd.Timestamp) and value == value.normalize():
+        return value.date().isoformat()
+    return str(value)
 
 
 def _rule_sentence(rule: dict) -> str:
