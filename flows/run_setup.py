@@ -4,7 +4,6 @@ delivered files checked, and the run named as a lock holder; and where a backfil
 from __future__ import annotations
 
 import datetime as dt
-import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -17,11 +16,16 @@ from finpipe.calendars import Calendar
 from finpipe.date_runs import stale_predictions
 from finpipe.domains import get_domain
 from finpipe.drop_roots import allowed_inputs
-from finpipe.errors import ConfigError, FinpipeError
+from finpipe.errors import ConfigError
 from finpipe.locks import check_lock_backend
 from finpipe.schedule import ScheduleSettings, load_schedule_settings
 from finpipe.services.tls import client_security
-from finpipe.settings import Settings, load_settings, prepare_environment
+from finpipe.settings import (
+    Settings,
+    load_settings,
+    prepare_environment,
+    untraced_finpipe_errors,
+)
 from finpipe.storage import Storage
 from finpipe.text import counted
 
@@ -47,29 +51,6 @@ class RunSetup:
     def validated_dates(self, end: dt.date | None) -> list[dt.date]:
         """The dates with validated data on or before `end` (all of them for None)."""
         return self.storage.partition_dates("validated", self.domain, end=end)
-
-
-class _WithoutTraceback(logging.Filter):
-    """Drop the traceback from a record of a FinpipeError: its message says what is wrong and
-    what to do, and Prefect logs a failed run's exception with twenty lines of its own frames
-    above it. Any other exception (a bug) keeps its traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], FinpipeError):
-            record.exc_info = record.exc_text = None
-        return True
-
-
-_WITHOUT_TRACEBACK = _WithoutTraceback()
-
-
-def untraced_finpipe_errors() -> None:
-    """Log a flow or task run that fails with a FinpipeError as one line (in the terminal and
-    in the Prefect UI), not with the traceback Prefect adds; idempotent."""
-    for name in ("prefect.flow_runs", "prefect.task_runs"):
-        logger = logging.getLogger(name)
-        if _WITHOUT_TRACEBACK not in logger.filters:
-            logger.addFilter(_WITHOUT_TRACEBACK)
 
 
 def set_up_run(

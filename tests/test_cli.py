@@ -287,7 +287,7 @@ def test_a_run_failing_with_a_finpipe_error_is_logged_without_a_traceback():
     import logging
 
     from finpipe.errors import ConfigError
-    from flows.run_setup import untraced_finpipe_errors
+    from finpipe.settings import untraced_finpipe_errors
 
     untraced_finpipe_errors()
     untraced_finpipe_errors()  # twice: one filter

@@ -7,6 +7,8 @@ from __future__ import annotations
 import datetime as dt
 
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
@@ -38,6 +40,12 @@ class _Clock:
     def tick(self) -> dt.datetime:
         self.now += dt.timedelta(hours=1)
         return self.now
+
+
+def _read_export(path) -> pd.DataFrame:
+    """`finpipe validated --out`'s file as finpipe's readers give a layer: days as datetime64."""
+    frame = pd.read_parquet(path)
+    return frame.assign(date=pd.to_datetime(frame["date"]).astype("datetime64[ns]"))
 
 
 def _sorted(frame: pd.DataFrame) -> pd.DataFrame:
@@ -159,14 +167,15 @@ def test_the_command_line_writes_the_layer_as_known_at_a_time(tmp_path, monkeypa
     )
     assert result.exit_code == 0, result.output
     assert f"{len(rows)} rows of market as known at 2026-03-02T10:30:00+00:00" in result.output
-    pd.testing.assert_frame_equal(_sorted(pd.read_parquet(out)), seen[0][1])
-    then = pd.read_parquet(out).set_index(["date", "ticker"])["close"]
+    assert pq.read_schema(out).field("date").type == pa.date32()  # a calendar day, as stored
+    pd.testing.assert_frame_equal(_sorted(_read_export(out)), seen[0][1])
+    then = _read_export(out).set_index(["date", "ticker"])["close"]
     assert then.loc[pd.Timestamp(fixed["Date"].iloc[0])].tolist() == pytest.approx(
         (fixed["Close"] / 1.01).tolist(), abs=1e-3
     )
     latest = CliRunner().invoke(app, ["validated", "market", "--out", str(out)])
     assert latest.exit_code == 0, latest.output
-    pd.testing.assert_frame_equal(_sorted(pd.read_parquet(out)), seen[1][1])
+    pd.testing.assert_frame_equal(_sorted(_read_export(out)), seen[1][1])
 
     # `finpipe batches` lists the deliveries in order, with the times --known-at takes.
     bad = tmp_path / "bad.csv"

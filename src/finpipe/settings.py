@@ -12,7 +12,7 @@ from typing import Annotated
 from pydantic import Field, SecretStr, StringConstraints, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from finpipe.errors import ConfigError
+from finpipe.errors import ConfigError, FinpipeError
 
 # Offline hygiene: Prefect, MLflow and GX phone home unless told not to. Set when the CLI or a
 # flow starts (`prepare_environment`), never on import, and only where the user has not chosen
@@ -291,3 +291,26 @@ def tune_allocator() -> bool:
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
     return bool(mallopt(_M_MMAP_THRESHOLD, _KEEP_BYTES) and mallopt(_M_TRIM_THRESHOLD, _KEEP_BYTES))
+
+
+class _WithoutTraceback(logging.Filter):
+    """Drop the traceback from a record of a FinpipeError: its message says what is wrong and
+    what to do, and Prefect logs a failed run's exception with twenty lines of its own frames
+    above it. Any other exception (a bug) keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], FinpipeError):
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_WITHOUT_TRACEBACK = _WithoutTraceback()
+
+
+def untraced_finpipe_errors() -> None:
+    """Log a flow or task run that fails with a FinpipeError as one line (in the terminal and
+    in the Prefect UI), not with the traceback Prefect adds; idempotent."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if _WITHOUT_TRACEBACK not in logger.filters:
+            logger.addFilter(_WITHOUT_TRACEBACK)
