@@ -639,8 +639,8 @@ def read_with_lookback(
         return frame
     cut = pd.Timestamp(first)
     before = frame.loc[frame["date"] < cut, "ticker"].value_counts()
-    missing = {t: rows - before.get(t, 0) for t in frame.loc[frame["date"] >= cut, "ticker"]}
-    missing = {t: n for t, n in missing.items() if n > 0}
+    after = frame.loc[frame["date"] >= cut, "ticker"].unique()
+    missing = {t: rows - before.get(t, 0) for t in after if before.get(t, 0) < rows}
     if not missing:
         return frame
     opens = dates.index(window[0])
@@ -656,7 +656,11 @@ def read_with_lookback(
     earlier = earlier.sort_values("date", kind="stable")
     from_last = earlier.groupby("ticker", sort=False).cumcount(ascending=False)
     start = earlier.loc[from_last < earlier["ticker"].map(missing), "date"].min().date()
-    extra = storage.read_partitions(
-        layer, DOMAIN, days=dates[dates.index(start) : opens], columns=columns
+    extra = storage.read_partitions(  # only the tickers short of rows: the others have theirs
+        layer,
+        DOMAIN,
+        days=dates[dates.index(start) : opens],
+        columns=columns,
+        where=pc.field("ticker").isin(list(earlier["ticker"].unique())),
     )
     return pd.concat([extra, frame], ignore_index=True)
