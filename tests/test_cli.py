@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +194,21 @@ def test_a_folder_given_to_ingest_is_refused_with_a_glob_to_use(tmp_path, home):
     assert str(result.exception) == (
         f"{folder} is a folder, not a file: name the files in it, e.g. {folder}/*.csv"
     )
+
+
+def test_an_as_of_after_today_is_refused_before_anything_is_read(tmp_path, home):
+    """Rows dated after the as-of day are refused as from the future: an as-of that has not
+    come yet (a typo, 2204 for 2024) would let them in."""
+    delivery = tmp_path / "market.csv"
+    delivery.write_text("date,ticker,close\n2204-01-02,AAA,1.0\n")
+    tomorrow = dt.date.today() + dt.timedelta(days=2)
+    for dry_run in ([], ["--dry-run"]):
+        result = runner.invoke(
+            app, ["ingest", "market", str(delivery), "--as-of", str(tomorrow), *dry_run]
+        )
+        assert isinstance(result.exception, ConfigError), result.output
+        assert str(result.exception).startswith(f"--as-of {tomorrow} is after today (")
+    assert not (home.home / "landing").exists()
 
 
 def test_validated_refuses_an_existing_folder_as_out(tmp_path, home):

@@ -34,7 +34,7 @@ def delivery(tmp_path_factory) -> Path:
 
 
 def _ingest(path: Path):
-    return runner.invoke(app, ["ingest", "market", str(path), "--as-of", "2099-01-01"])
+    return runner.invoke(app, ["ingest", "market", str(path), "--as-of", "2025-06-30"])
 
 
 def _landed(home) -> list[str]:

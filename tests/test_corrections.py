@@ -13,7 +13,7 @@ from finpipe.errors import ValidationFailed
 from finpipe.ingest import BATCH_COLUMN, ingest_file
 from finpipe.market.features import update_market_features
 
-AS_OF = "2030-01-01"
+AS_OF = "2025-06-30"  # a past day: the command line refuses a later as-of
 KEYS = ["date", "ticker"]
 
 

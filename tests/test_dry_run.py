@@ -19,7 +19,7 @@ from finpipe.errors import ValidationFailed
 from finpipe.ingest import CheckedTogether, check_file, ingest_file
 from finpipe.storage import Storage
 
-AS_OF = "2030-01-01"
+AS_OF = "2025-06-30"  # a past day: the command line refuses a later as-of
 
 
 def _store_files(root: Path) -> dict[str, tuple[int, int]]:

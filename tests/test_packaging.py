@@ -158,7 +158,7 @@ def test_the_installed_cli_runs_from_a_fresh_venv(fresh_venv, tmp_path):
 
     # Ingest reads the market suite shipped as package data and publishes a validated partition.
     ingested = _run(
-        [finpipe, "ingest", "market", listed[-1], "--as-of", "2099-01-01"], cwd=tmp_path, env=env
+        [finpipe, "ingest", "market", listed[-1], "--as-of", "2025-06-30"], cwd=tmp_path, env=env
     )
     assert "rows over 1 date validated" in ingested.stdout, ingested.stdout + ingested.stderr
     assert list((tmp_path / "home" / "validated" / "market").rglob("*.parquet"))

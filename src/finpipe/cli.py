@@ -213,7 +213,8 @@ def ingest(
         ),
     ],
     as_of: Annotated[
-        str | None, typer.Option(help="Reject rows dated after this day (default: today).")
+        str | None,
+        typer.Option(help="Reject rows dated after this day (default: today; not later)."),
     ] = None,
     correction: Annotated[
         bool,
@@ -262,7 +263,13 @@ def ingest(
             raise ConfigError(
                 f"{path} is a folder, not a file: name the files in it, e.g. {path / '*.csv'}"
             )
+    today = max(dt.date.today(), dt.datetime.now(dt.UTC).date())  # local or UTC: the later
     day = as_day(as_of) if as_of else dt.datetime.now(dt.UTC).date()
+    if day > today:
+        raise ConfigError(
+            f"--as-of {day} is after today ({today}): a delivery is as of a day that has come, "
+            "and rows dated after it are refused as from the future"
+        )
     if dry_run:
         _check_files(Storage(settings.home), contract, paths, day, settings, correction)
         return
