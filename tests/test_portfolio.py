@@ -101,6 +101,39 @@ def test_long_short_matches_a_naive_loop():
     pd.testing.assert_series_equal(result.gross, pd.Series(expected), check_names=False)
 
 
+def test_a_halted_name_earns_the_move_across_its_halt_on_its_first_session_back():
+    """A held name with no price for two sessions reopens 50% lower: the book loses it on that
+    session, not nothing (the move across the halt was dropped before)."""
+    dates = pd.bdate_range("2024-01-01", periods=7)
+    closes = {"A": [100, 100, 100, None, None, 50, 50], "B": [10, 10, 10, 10, 10, 10, 10]}
+    prices = pd.DataFrame(
+        [
+            (d, t, c)
+            for t, cs in closes.items()
+            for d, c in zip(dates, cs, strict=True)
+            if c is not None
+        ],
+        columns=["date", "ticker", "adj_close"],
+    )
+    returns = daily_returns(prices)
+    assert returns["A"].tolist()[1:] == pytest.approx(
+        [0.0, 0.0, np.nan, np.nan, -0.5, 0.0], nan_ok=True
+    )
+    # A ranked first every day: long A, traded at t+1, earning from t+2.
+    predictions = pd.DataFrame(
+        [(d, t, 1.0 if t == "A" else 0.0) for d in dates for t in closes],
+        columns=["date", "ticker", "prediction"],
+    )
+    book = long_only(predictions, returns, k=1, cost_bps=0.0)
+    assert book.gross.sum() == pytest.approx(-0.5)
+    assert book.gross.loc[dates[5]] == pytest.approx(-0.5)
+
+
+def test_the_drawdown_of_a_book_that_loses_from_its_first_day_counts_from_its_start():
+    assert risk_figures(pd.Series([-0.10, 0.0, 0.01, -0.005])).max_drawdown == pytest.approx(-0.10)
+    assert risk_figures(pd.Series([-0.05] * 10)).max_drawdown == pytest.approx(-0.50)
+
+
 def test_risk_figures_follow_qlibs_sum_mode_and_a_hand_computed_drawdown():
     daily = pd.Series([0.01, -0.02, 0.03, -0.04, 0.01, 0.02])
     figures = risk_figures(daily)

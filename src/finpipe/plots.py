@@ -12,6 +12,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from finpipe.portfolio import running_peak  # noqa: E402
+
 
 def learning_curve(history: list[dict], title: str) -> plt.Figure:
     """Return train and validation loss by epoch, with the best epoch marked."""
@@ -80,11 +82,12 @@ def cumulative_returns(panels: Mapping[str, Mapping[str, pd.Series]], title: str
 
 
 def drawdowns(lines: Mapping[str, pd.Series], title: str) -> plt.Figure:
-    """Return each daily return series' drawdown: its cumulative sum below the running peak."""
+    """Return each daily return series' drawdown: its cumulative sum below the running peak
+    (`finpipe.portfolio.running_peak`, the start included)."""
     fig, ax = plt.subplots(figsize=(8, 3.2))
     for label, daily in lines.items():
         cumulative = daily.cumsum()
-        ax.plot(daily.index, (cumulative - cumulative.cummax()).values, label=label)
+        ax.plot(daily.index, (cumulative - running_peak(cumulative)).values, label=label)
     ax.set(ylabel="drawdown", title=title)
     ax.legend(fontsize="small")
     fig.autofmt_xdate()

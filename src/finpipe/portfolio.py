@@ -6,9 +6,11 @@ Conventions, stated once here and used by every function below:
   of the next session, t+1 (no same-day fill), and the position earns the close-to-close return
   from t+1 to t+2. A portfolio's return is therefore dated t+2, two sessions after its signal.
 - **Returns** are simple close-to-close returns of the adjusted close, per ticker and session.
-- **Delistings.** A held name that has no return on a day (it stopped trading) earns 0 from its
-  last price on: it leaves the portfolio at that price and, with no prediction, is never
-  bought again. Nothing is dropped from the history, so there is no survivorship bias.
+- **Delistings and halts.** A held name that has no price on a day earns 0 that day. One that
+  stopped trading leaves the portfolio at its last price and, with no prediction, is never
+  bought again; one that trades again earns, on its first session back, the whole move from
+  its last price before the halt. Nothing is dropped from the history, so there is no
+  survivorship bias.
 - **Costs** are `cost_bps` basis points of traded value: each day's cost is
   `cost_bps / 10_000 * sum(|w_new - w_old|)` over every name, charged on the day the new
   weights start earning.
@@ -18,9 +20,11 @@ Conventions, stated once here and used by every function below:
   sessions a year. Annualised return = mean daily return x 252; volatility = standard deviation
   (ddof 1) x sqrt(252); information ratio = mean / std x sqrt(252) (a Sharpe ratio with a zero
   risk-free rate when the returns are not relative to a benchmark); maximum drawdown = the
-  lowest point of the cumulative (summed) return below its running peak. (Qlib's
-  `risk_analysis(r, freq="day")` annualises over 238 sessions; finpipe's figures equal
-  `risk_analysis(r, N=252, freq=None, mode="sum")`: tests/test_portfolio_qlib.py.)
+  lowest point of the cumulative (summed) return below its running peak, the start (0)
+  included, so a book that loses from its first day draws down from its starting capital.
+  (Qlib's `risk_analysis(r, freq="day")` annualises over 238 sessions; finpipe's figures equal
+  `risk_analysis(r, N=252, freq=None, mode="sum")`, whose drawdown peaks from the first day's
+  return instead: equal once a zero-return day leads the series, tests/test_portfolio_qlib.py.)
 - **IC** of a date is the Pearson correlation across tickers of the prediction with the return
   it predicts (the forward return the label uses); rank IC uses ranks (Spearman). ICIR is mean
   IC / standard deviation of IC.
@@ -40,10 +44,17 @@ SESSIONS_PER_YEAR = 252
 
 def daily_returns(prices: pd.DataFrame, price_column: str = "adj_close") -> pd.DataFrame:
     """Return a (date x ticker) frame of close-to-close simple returns from long-format
-    `prices` (date, ticker, `price_column`); a ticker's first session and any session after a
-    gap in its prices have no return (NaN)."""
-    wide = prices.pivot(index="date", columns="ticker", values=price_column).sort_index()
-    return wide / wide.shift(1) - 1.0
+    `prices` (date, ticker, `price_column`), each from the ticker's previous priced session:
+    its first session and the sessions it has no price on have no return (NaN), and its first
+    session after a gap (a halt) has the whole move across it."""
+    priced = prices.dropna(subset=[price_column]).sort_values(["ticker", "date"], kind="stable")
+    before = priced.groupby("ticker", sort=False)[price_column].shift(1)
+    wide = priced.assign(ret=priced[price_column] / before - 1.0).pivot(
+        index="date", columns="ticker", values="ret"
+    )
+    return wide.reindex(
+        index=np.sort(prices["date"].unique()), columns=np.sort(prices["ticker"].unique())
+    ).rename_axis(index="date", columns="ticker")
 
 
 def _wide_scores(predictions: pd.DataFrame) -> pd.DataFrame:
@@ -184,6 +195,12 @@ class RiskFigures:
         return asdict(self)
 
 
+def running_peak(cumulative: pd.Series) -> pd.Series:
+    """Return the highest point a cumulative (summed) return has reached so far, its start (0)
+    included: the peak a drawdown is measured from."""
+    return cumulative.cummax().clip(lower=0.0)
+
+
 def risk_figures(daily: pd.Series) -> RiskFigures:
     """Annualised return and volatility, information ratio, maximum drawdown and hit rate."""
     values = daily.dropna().astype(float)
@@ -192,7 +209,7 @@ def risk_figures(daily: pd.Series) -> RiskFigures:
         return RiskFigures(nan, nan, nan, nan, nan, len(values))
     mean, std = float(values.mean()), float(values.std(ddof=1))
     cumulative = values.cumsum()
-    drawdown = float((cumulative - cumulative.cummax()).min())
+    drawdown = float((cumulative - running_peak(cumulative)).min())
     return RiskFigures(
         annualised_return=mean * SESSIONS_PER_YEAR,
         annualised_volatility=std * math.sqrt(SESSIONS_PER_YEAR),
