@@ -261,6 +261,17 @@ def test_early_stopping_stops_after_patience_and_restores_the_best_epoch():
     assert restored == pytest.approx(validation_losses[0], rel=1e-5)
 
 
+def test_the_validation_loss_of_several_outputs_is_a_mean_over_every_value():
+    """An autoencoder's 19 outputs: the validation loss is on the training loss's scale (the
+    mean over rows and outputs), not 19 times it."""
+    generator = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 3, generator=generator), torch.randn(50, 4, generator=generator)
+    model = torch.nn.Linear(3, 4)
+    expected = float(torch.nn.functional.mse_loss(model(x), y))
+    got = float(mean_squared_error(model, Batches(x, y), batch_size=16))
+    assert got == pytest.approx(expected, rel=1e-6)
+
+
 def test_the_learning_rate_is_scaled_down_past_full_rate_steps_an_epoch():
     assert applied_learning_rate(1e-3, steps=200, full_rate_steps=200) == 1e-3
     assert applied_learning_rate(1e-3, steps=100, full_rate_steps=200) == 1e-3

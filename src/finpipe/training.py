@@ -464,7 +464,8 @@ class TrainResult(Generic[NetT]):
 
 @torch.no_grad()
 def mean_squared_error(model: nn.Module, batches: Batches, batch_size: int) -> torch.Tensor:
-    """Mean squared error of `model` over all of `batches`, as a 0-d tensor on their device."""
+    """Mean squared error of `model` over all of `batches` (over every target value, as the
+    training loss averages: per row and output), as a 0-d tensor on their device."""
     targets = batches.targets
     if targets is None:
         raise ValueError("mean_squared_error needs Batches with targets")
@@ -474,7 +475,7 @@ def mean_squared_error(model: nn.Module, batches: Batches, batch_size: int) -> t
         index = torch.arange(start, min(start + batch_size, len(batches)), device=total.device)
         prediction = model(batches.inputs(index))
         total += F.mse_loss(prediction, targets[index], reduction="sum")
-    return total / len(batches)
+    return total / targets[: len(batches)].numel()
 
 
 @torch.no_grad()
