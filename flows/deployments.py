@@ -84,7 +84,8 @@ def build_deployments(schedule: ScheduleSettings | None = None) -> list[RunnerDe
             name="backfill",
             description=(
                 "Process a date range (validate, features, score; optional retrain at the end), "
-                "several dates at a time. Re-running redoes only failed or missing dates."
+                "several dates at a time. Re-running redoes only failed, missing or stale dates "
+                "(data re-delivered or corrected since)."
             ),
             **common,
         ),

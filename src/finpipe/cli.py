@@ -535,7 +535,8 @@ def run_backfill(
         ),
     ] = None,
 ) -> None:
-    """Run the backfill flow over a date range; re-running redoes only failed or missing dates."""
+    """Run the backfill flow over a date range; re-running redoes only failed, missing or stale
+    dates (data re-delivered or corrected since)."""
     settings = _settings()
     from finpipe.drop_roots import allowed_inputs
     from finpipe.planning import check_backfill_request

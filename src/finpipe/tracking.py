@@ -52,7 +52,7 @@ AS_OF_TAG = "as_of"  # on a registered version: the as-of date its training read
 # the domain next sets up tracking (`close_abandoned_runs`).
 OWNER_TAG = "finpipe.owner"
 CLOSED_TAG = "finpipe.closed"
-# When a training read its data (UTC, to the second): `finpipe validated DOMAIN --known-at` it
+# When a training read its data (UTC, to the microsecond): `finpipe validated DOMAIN --known-at` it
 # to get the validated rows it was built from, whatever corrections came later.
 DATA_KNOWN_AT_TAG = "finpipe.validated_known_at"
 
