@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import deployment, flow_run
 
 from finpipe.domains import get_domain
 from finpipe.errors import FinpipeError, NothingToTrain
@@ -43,7 +44,12 @@ def train(domain: str, as_of: str, config, *, skip_if_nothing: bool = False) -> 
     settings = load_settings()
     try:
         outcome = get_domain(domain).train(
-            Storage(settings.home), settings, as_of, config, progress=logger.info
+            Storage(settings.home),
+            settings,
+            as_of,
+            config,
+            progress=logger.info,
+            tags=_trained_by(),
         )
     except NothingToTrain as nothing:
         if not skip_if_nothing:
@@ -53,6 +59,18 @@ def train(domain: str, as_of: str, config, *, skip_if_nothing: bool = False) -> 
         )
         return None
     return outcome.to_dict()
+
+
+def _trained_by() -> dict[str, str]:
+    """The tags that lead from an MLflow training run back to the Prefect run that made it:
+    its flow (nightly, train, backfill), flow run and deployment (none for a local run)."""
+    made_by = {
+        "prefect.flow": flow_run.flow_name,
+        "prefect.flow_run": flow_run.name,
+        "prefect.flow_run_id": flow_run.id,
+        "prefect.deployment": deployment.name,
+    }
+    return {key: str(value) for key, value in made_by.items() if value}
 
 
 @task(name="promote", **TRANSIENT)

@@ -113,6 +113,11 @@ def test_mlflow_has_runs_metrics_plots_and_a_champion(two_nights):
     for parent in parents:
         seen = validated_as_known(storage, market, parent.data.tags[tracking.DATA_KNOWN_AT_TAG])
         assert seen["date"].max() == pd.Timestamp(parent.data.params["as_of"])
+        # ... and which Prefect run trained (a local run: no deployment).
+        made_by = {k: v for k, v in parent.data.tags.items() if k.startswith("prefect.")}
+        assert set(made_by) == {"prefect.flow", "prefect.flow_run", "prefect.flow_run_id"}
+        assert made_by["prefect.flow"] == "nightly"
+        assert made_by["prefect.flow_run"].startswith("nightly-market-")
     child = next(r for r in children if r.data.tags["mlflow.runName"] == "gru")
     for metric in [
         "test_ic",

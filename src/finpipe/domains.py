@@ -58,6 +58,7 @@ class Train(Protocol):
         config: BaseModel | None = None,
         *,
         progress: Callable[[str], None] | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> ChallengerOutcome: ...
 
 

@@ -286,11 +286,12 @@ def train_challenger(
     config: ConfigT,
     *,
     progress: Say | None = None,
+    tags: Mapping[str, str] | None = None,
 ) -> OutcomeT:
     """Fit every candidate in one parent run, register the best on validation as `challenger`.
 
     The test window stays untouched by selection; `promote` compares the challenger with the
-    champion on it.
+    champion on it. `tags` go on the parent run (e.g. the Prefect flow run that trained).
     """
     started = time.perf_counter()
     as_of = as_day(as_of)
@@ -304,6 +305,8 @@ def train_challenger(
     uris: dict[str, str] = {}
     with tracking.run(f"nightly-{as_of.isoformat()}") as run_id:
         tracking.tag_run(tracking.DATA_KNOWN_AT_TAG, known_at)
+        for key, value in (tags or {}).items():
+            tracking.tag_run(key, value)
         settings_of_night = {k: str(v) for k, v in config.model_dump().items()}
         _write(RunRecord(params={**settings_of_night, "as_of": as_of.isoformat()}))
         _write(night.context())
@@ -547,9 +550,10 @@ def bind(parts: DomainParts[ConfigT, OutcomeT]) -> Domain:
         config: BaseModel | None = None,
         *,
         progress: Say | None = None,
+        tags: Mapping[str, str] | None = None,
     ) -> ChallengerOutcome:
         return train_challenger(
-            parts, storage, settings, as_of, config_of(config), progress=progress
+            parts, storage, settings, as_of, config_of(config), progress=progress, tags=tags
         )
 
     def promote_step(
