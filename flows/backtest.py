@@ -28,6 +28,7 @@ from finpipe.backtest import (
     outcome_from_record,
     plan_backtest,
     record_report,
+    record_windows,
     report_markdown,
 )
 from finpipe.market.model import MARKET_MODEL_KINDS
@@ -115,6 +116,7 @@ def backtest(
         started = time.perf_counter()
         outcomes = _run_windows(run, config, plan, parent_run_id, concurrency)
         windows_seconds = round(time.perf_counter() - started, 3)
+        record_windows(outcomes)
         failed = [o for o in outcomes if o.status == "failed"]
         if not failed:
             report = evaluate_backtest(run.storage, config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -125,6 +126,16 @@ def test_the_run_publishes_the_portfolio_table_as_a_markdown_artifact(ran):
 
 def test_a_rerun_with_the_same_parameters_redoes_nothing_and_reports_the_same(ran):
     assert [w["status"] for w in ran.second["windows"]] == ["done earlier"] * 3
+    # The re-run's own MLflow run leads to the windows' model runs, nested under the first.
+    mlflow.set_tracking_uri(ran.settings.tracking_uri)
+    client = MlflowClient()
+    first, second = (client.get_run(r["run_id"]) for r in (ran.first, ran.second))
+    path = client.download_artifacts(second.info.run_id, "tables/windows.json")
+    table = json.loads(Path(path).read_text())
+    windows = pd.DataFrame(table["data"], columns=table["columns"])
+    assert windows["status"].tolist() == ["done earlier"] * 3
+    parents = {client.get_run(run).data.tags["mlflow.parentRunId"] for run in windows["run"]}
+    assert parents == {first.info.run_id}
     store = Storage(ran.settings.home).backtest_store("flow_test")
     assert _files(store.local_path()) == ran.files_before_rerun  # not one file rewritten
     assert ran.second["metrics"] == ran.first["metrics"]

@@ -812,6 +812,19 @@ def backtest_run(settings: Settings, config: BacktestConfig) -> Iterator[str]:
         yield run_id
 
 
+def record_windows(outcomes: Sequence[WindowOutcome]) -> None:
+    """Log the windows to the active MLflow run as `tables/windows.json`: each one's status and
+    the MLflow run of each of its models. A window done by an earlier run of the backtest keeps
+    its model runs nested under that run's `backtest-<name>`; this table leads to them."""
+    rows = [
+        {"retrain": o.retrain, "scored_to": o.last, "status": o.status, "model": kind, "run": run}
+        for o in outcomes
+        for kind, run in (o.runs or {"": ""}).items()
+    ]
+    with _TRACKING:
+        tracking.log_table(pd.DataFrame(rows), "tables/windows.json")
+
+
 def record_report(report: BacktestReport) -> None:
     """Log the report's metrics, tables and figures to the active MLflow run."""
     with _TRACKING:
