@@ -24,6 +24,7 @@ from finpipe.backtest import (
     WindowOutcome,
     backtest_config,
     backtest_run,
+    backtest_training,
     evaluate_backtest,
     outcome_from_record,
     plan_backtest,
@@ -86,7 +87,8 @@ def backtest(
             top_k // 5, at least 1).
         cost_bps: Trading cost in basis points of traded value.
         concurrency: How many windows train at the same time.
-        training: Hyper-parameter overrides, e.g. {"max_epochs": 10, "hidden": 32}.
+        training: Hyper-parameter overrides, e.g. {"max_epochs": 10, "hidden": 32} (models and
+            horizon are fields of their own).
         force: Redo every window, even those done from the same data and parameters.
     """
     run = set_up_run("backtest", DOMAIN)
@@ -99,9 +101,7 @@ def backtest(
         top_k=top_k,
         n_drop=n_drop,
         cost_bps=cost_bps,
-        training=training_config(
-            DOMAIN, {**training, "models": models, "horizon": horizon, "history_dates": None}
-        ),
+        training=training_config(DOMAIN, backtest_training(training, models, horizon)),
     )
     update_features(DOMAIN, end.isoformat(), run.holder, run.lock_timeout)
     plan = plan_backtest(run.storage, config, run.calendar.sessions(start, end), force=force)

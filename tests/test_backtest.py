@@ -259,3 +259,15 @@ def test_the_command_line_documents_every_parameter_of_the_flow():
     for name in flow_parameters:
         assert f"--{name.replace('_', '-')}" in result.output, name
     assert "--max-epochs" in result.output and "expanding" in result.output
+
+
+def test_a_training_override_the_backtest_sets_itself_is_refused_not_replaced():
+    merged = bt.backtest_training({"max_epochs": 3}, ["mlp", "gru"], 5)
+    assert merged == {
+        "max_epochs": 3,
+        "models": ["mlp", "gru"],
+        "horizon": 5,
+        "history_dates": None,
+    }
+    with pytest.raises(ConfigError, match="training sets models, horizon, which the backtest sets"):
+        bt.backtest_training({"models": ["tcn"], "horizon": 10}, ["mlp"], 5)

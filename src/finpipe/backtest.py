@@ -175,6 +175,25 @@ class BacktestConfig(BaseModel):
         return params
 
 
+# The backtest's own fields: a `training` override naming one would be silently replaced.
+OWN_TRAINING_FIELDS = ("models", "horizon", "history_dates")
+
+
+def backtest_training(
+    training: Mapping[str, object], models: Sequence[str], horizon: int
+) -> dict[str, object]:
+    """Return the training overrides of every window: `training` with the backtest's models and
+    horizon (and no history limit: `train_window` says what a window learns from); ConfigError
+    when `training` sets one of those itself, which would be silently replaced."""
+    taken = [name for name in OWN_TRAINING_FIELDS if name in training]
+    if taken:
+        raise ConfigError(
+            f"training sets {', '.join(taken)}, which the backtest sets itself: use its "
+            "models and horizon fields (and train_window for the history each window reads)"
+        )
+    return {**training, "models": list(models), "horizon": horizon, "history_dates": None}
+
+
 def backtest_config(**values: object) -> BacktestConfig:
     """Return the checked config, or ConfigError saying which parameter is wrong."""
     try:
