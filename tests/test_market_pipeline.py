@@ -57,18 +57,24 @@ def test_incremental_nightly_features_equal_a_full_rebuild(tmp_path, delivery):
     )
 
 
-def test_blocks_carry_each_tickers_lookback_across_a_long_pause(tmp_path, delivery):
-    """A ticker that stops trading for longer than a block still gets its features from its
-    own last rows: block-by-block output equals the features of the whole panel at once."""
+def _paused_store(tmp_path, delivery, first: int, last: int):
+    """A validated store of the panel with its first ticker not trading from session `first`
+    to `last`; the store, the prices in it and the panel's sessions."""
     panel, _ = delivery
     prices = normalise_market_frame(panel.prices)
     dates = np.sort(prices["date"].unique())
-    paused = prices["ticker"].iloc[0]
-    gap = (prices["ticker"] == paused) & prices["date"].between(dates[120], dates[219])
-    prices = prices[~gap].reset_index(drop=True)
+    paused = prices["ticker"] == prices["ticker"].iloc[0]
+    prices = prices[~(paused & prices["date"].between(dates[first], dates[last]))]
     storage = Storage(tmp_path)
     for stamp, rows in prices.groupby("date"):
         storage.write_partition("validated", "market", stamp.date(), rows)
+    return storage, prices.reset_index(drop=True), dates
+
+
+def test_blocks_carry_each_tickers_lookback_across_a_long_pause(tmp_path, delivery):
+    """A ticker that stops trading for longer than a block still gets its features from its
+    own last rows: block-by-block output equals the features of the whole panel at once."""
+    storage, prices, _ = _paused_store(tmp_path, delivery, 120, 219)
     update_market_features(storage, "2099-01-01", rebuild=True, block_dates=23)
     expected = build_market_features(prices)
     actual = storage.read_partitions("features", "market")
@@ -78,15 +84,7 @@ def test_blocks_carry_each_tickers_lookback_across_a_long_pause(tmp_path, delive
 def test_a_nightly_after_a_long_pause_reads_back_to_the_tickers_last_rows(tmp_path, delivery):
     """A ticker that resumes after a pause longer than the nightly's read window gets the
     features a rebuild gives it, not NaN for want of its rows from before the pause."""
-    panel, _ = delivery
-    prices = normalise_market_frame(panel.prices)
-    dates = np.sort(prices["date"].unique())
-    paused = prices["ticker"].iloc[0]
-    gap = (prices["ticker"] == paused) & prices["date"].between(dates[100], dates[249])
-    prices = prices[~gap].reset_index(drop=True)
-    storage = Storage(tmp_path)
-    for stamp, rows in prices.groupby("date"):
-        storage.write_partition("validated", "market", stamp.date(), rows)
+    storage, prices, dates = _paused_store(tmp_path, delivery, 100, 249)
     update_market_features(storage, pd.Timestamp(dates[259]).date())
     update = update_market_features(storage, pd.Timestamp(dates[279]).date())
     assert len(update.dates_written) == 20

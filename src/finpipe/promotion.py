@@ -214,19 +214,14 @@ def newer_champion(
     when either version predates the as-of tag."""
     if not challenger_as_of or not champion_as_of or champion_as_of <= challenger_as_of:
         return None
-    return PromotionDecision(
-        promoted=False,
-        metric=metric,
-        challenger_version=challenger_version,
-        challenger_score=float("nan"),
-        champion_version=champion_version,
-        champion_score=None,
-        reason=(
-            f"champion v{champion_version} was trained as of {champion_as_of}, after challenger "
-            f"v{challenger_version}'s {challenger_as_of}: it may have learnt from the "
-            f"challenger's test window, so no comparison there is fair; champion "
-            f"v{champion_version} kept (train as of {champion_as_of} or later to challenge it)"
-        ),
+    return _unscored(
+        metric,
+        challenger_version,
+        champion_version,
+        f"champion v{champion_version} was trained as of {champion_as_of}, after challenger "
+        f"v{challenger_version}'s {challenger_as_of}: it may have learnt from the challenger's "
+        f"test window, so no comparison there is fair; champion v{champion_version} kept "
+        f"(train as of {champion_as_of} or later to challenge it)",
     )
 
 
@@ -235,6 +230,24 @@ def refused_by_floor(
 ) -> PromotionDecision:
     """The decision for a challenger the quality floor refused: it never becomes champion."""
     kept = f"champion v{champion_version} kept" if champion_version else "there is no champion"
+    return _unscored(
+        metric,
+        challenger_version,
+        champion_version,
+        f"challenger v{challenger_version} refused by the quality floor ({refusal}); {kept}",
+        floor_refused=True,
+    )
+
+
+def _unscored(
+    metric: str,
+    challenger_version: str,
+    champion_version: str | None,
+    reason: str,
+    *,
+    floor_refused: bool = False,
+) -> PromotionDecision:
+    """A decision to keep the champion taken before either model was scored."""
     return PromotionDecision(
         promoted=False,
         metric=metric,
@@ -242,8 +255,8 @@ def refused_by_floor(
         challenger_score=float("nan"),
         champion_version=champion_version,
         champion_score=None,
-        reason=f"challenger v{challenger_version} refused by the quality floor ({refusal}); {kept}",
-        floor_refused=True,
+        reason=reason,
+        floor_refused=floor_refused,
     )
 
 
