@@ -9,6 +9,7 @@ from prefect.runtime import deployment, flow_run
 
 from finpipe.domains import get_domain
 from finpipe.errors import FinpipeError, NothingToTrain
+from finpipe.schedule import load_schedule_settings
 from finpipe.settings import load_settings
 from finpipe.storage import Storage
 
@@ -50,6 +51,8 @@ def train(domain: str, as_of: str, config, *, skip_if_nothing: bool = False) -> 
             config,
             progress=logger.info,
             tags=_trained_by(),
+            holder=flow_run.name or f"train-{domain}",
+            lock_timeout=load_schedule_settings().lock_timeout_seconds,
         )
     except NothingToTrain as nothing:
         if not skip_if_nothing:

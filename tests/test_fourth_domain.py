@@ -300,3 +300,32 @@ def test_a_fourth_domain_runs_through_the_real_nightly_flow(tmp_path, toy_domain
     assert names == sorted(["mean", "mean", "mean", "ols", "ols", "ols", *nightly_runs])
     ols = next(r for r in runs if r.data.tags["mlflow.runName"] == "ols")
     assert {"validation_r2", "test_r2"} <= set(ols.data.metrics)
+
+
+def test_training_reads_its_data_under_the_history_lock(tmp_path, toy_domain, monkeypatch):
+    """An ingest or a feature update (which hold the domain's history lock) cannot land halfway
+    through the read of a training set: training holds the lock while it reads."""
+    import threading
+
+    from finpipe.errors import NothingToTrain
+    from finpipe.locks import LockTimeout, history_lock
+
+    seen: list[str] = []
+
+    def prepare_training(self, storage, as_of, config, champion):
+        def try_the_lock() -> None:  # as a concurrent ingest would, from another thread
+            try:
+                with history_lock(storage.url, NAME, holder="an ingest", timeout=0):
+                    seen.append("free")
+            except LockTimeout as busy:
+                seen.append(str(busy))
+
+        other = threading.Thread(target=try_the_lock)
+        other.start()
+        other.join()
+        raise NothingToTrain("read")
+
+    monkeypatch.setattr(ToyParts, "prepare_training", prepare_training)
+    with finpipe_home(tmp_path / "home") as settings, pytest.raises(NothingToTrain):
+        toy_domain.train(Storage(settings.home), settings, "2024-03-01", holder="a retrain")
+    assert len(seen) == 1 and "a retrain" in seen[0], seen

@@ -59,6 +59,8 @@ class Train(Protocol):
         *,
         progress: Callable[[str], None] | None = None,
         tags: Mapping[str, str] | None = None,
+        holder: str = "training",
+        lock_timeout: float | None = None,
     ) -> ChallengerOutcome: ...
 
 

@@ -44,6 +44,7 @@ from finpipe import promotion, tracking
 from finpipe.domains import ChallengerOutcome, DemoNight, Domain
 from finpipe.features import FeatureUpdate
 from finpipe.ingest import RawContract
+from finpipe.locks import DEFAULT_TIMEOUT_SECONDS, history_lock
 from finpipe.scoring import ScoringOutcome, publish_predictions
 from finpipe.settings import Settings
 from finpipe.storage import Storage, as_day
@@ -287,19 +288,27 @@ def train_challenger(
     *,
     progress: Say | None = None,
     tags: Mapping[str, str] | None = None,
+    holder: str = "training",
+    lock_timeout: float | None = None,
 ) -> OutcomeT:
     """Fit every candidate in one parent run, register the best on validation as `challenger`.
 
     The test window stays untouched by selection; `promote` compares the challenger with the
     champion on it. `tags` go on the parent run (e.g. the Prefect flow run that trained).
+
+    The training set is read under the domain's history lock (as `holder`, waiting up to
+    `lock_timeout` seconds), so an ingest or a feature update never lands halfway through the
+    read; the models are fitted after it is released.
     """
     started = time.perf_counter()
     as_of = as_day(as_of)
     say = progress or log.info
-    known_at = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
-    night = parts.prepare_training(
-        storage, as_of, config, lambda: tracking.current_champion(settings, parts.name)
-    )
+    timeout = DEFAULT_TIMEOUT_SECONDS if lock_timeout is None else lock_timeout
+    with history_lock(storage.url, parts.name, holder=holder, timeout=timeout, on_wait=say):
+        known_at = dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+        night = parts.prepare_training(
+            storage, as_of, config, lambda: tracking.current_champion(settings, parts.name)
+        )
     tracking.use_tracking(settings, parts.name)
     fitted: dict[str, Candidate] = {}
     uris: dict[str, str] = {}
@@ -551,9 +560,19 @@ def bind(parts: DomainParts[ConfigT, OutcomeT]) -> Domain:
         *,
         progress: Say | None = None,
         tags: Mapping[str, str] | None = None,
+        holder: str = "training",
+        lock_timeout: float | None = None,
     ) -> ChallengerOutcome:
         return train_challenger(
-            parts, storage, settings, as_of, config_of(config), progress=progress, tags=tags
+            parts,
+            storage,
+            settings,
+            as_of,
+            config_of(config),
+            progress=progress,
+            tags=tags,
+            holder=holder,
+            lock_timeout=lock_timeout,
         )
 
     def promote_step(
