@@ -403,6 +403,8 @@ TIER_TABLE: dict[str, ModuleTiers] = {
         by_name={
             "test_ingest_error_is_one_line_and_exit_status_2": _CHILD_PROCESS,
             "test_unknown_domain_is_refused": _CHILD_PROCESS,
+            "test_a_rejected_file_names_the_files_after_it_that_were_not_loaded": _CHILD_PROCESS,
+            "test_a_bad_setting_is_one_line_and_exit_status_2": _CHILD_PROCESS,
         },
     ),
     # Unit planning and locks; the flows on a prepared history (`market`) are flow.
