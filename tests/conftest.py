@@ -372,6 +372,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_reliability_gates.py": ModuleTiers(UNIT),
     "test_repository.py": ModuleTiers(UNIT),
     "test_storage.py": ModuleTiers(UNIT),
+    "test_delivered_days.py": ModuleTiers(UNIT),
     "test_layout_readers.py": ModuleTiers(UNIT),  # four readers and the migration on tmp files
     "test_training.py": ModuleTiers(
         UNIT,

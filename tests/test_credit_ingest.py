@@ -220,3 +220,21 @@ def test_unparseable_date_fails_the_date_rules_with_the_raw_text(tmp_path, book,
     order = ("expect_column_values_to_not_be_null(date):", "Rule parseable_values:", "Fix the")
     assert [message.index(part) for part in order] == sorted(message.index(p) for p in order)
     assert message.index("Details: ") > message.index("Fix the")
+
+
+def test_day_first_application_dates_read_day_first_in_every_row(tmp_path, book, deliveries):
+    """A European export proves its order with one day above 12: every row reads that way
+    (value by value, 02/01/2024 once became 1 February beside 13 January)."""
+    _, files = deliveries
+    frame = pd.read_csv(files[0], dtype=str, keep_default_na=False).head(3)
+    frame["application_date"] = ["02/01/2024", "13/01/2024", "14/01/2024"]
+    path = tmp_path / "european.csv"
+    frame.to_csv(path, index=False)
+    storage = Storage(tmp_path / "root")
+    _ingest(storage, book, path, as_of="2024-01-31")
+    validated = storage.read_partitions("validated", "credit").sort_values("date")
+    assert validated["date"].dt.strftime("%Y-%m-%d").tolist() == [
+        "2024-01-02",
+        "2024-01-13",
+        "2024-01-14",
+    ]

@@ -250,3 +250,18 @@ def test_overlap_safety_and_idempotent_loading(tmp_path, daily_file):
     stored = storage.read_partitions("validated", "customers")
     assert len(stored) == len(rows) == first.rows
     assert np.isclose(stored["amount"].sum(), pd.to_numeric(rows["Amount"]).sum())
+
+
+def test_text_that_is_no_amount_or_time_is_reported_as_delivered(tmp_path, daily_file):
+    """Not only "missing": the report shows the text that did not parse, and its row."""
+    path, rows = daily_file
+    bad = rows.copy()
+    bad.loc[0, "Amount"] = "1,234.50"
+    bad.loc[1, "Transaction Time"] = "13/01/2024"
+    storage = Storage(tmp_path / "root")
+    with pytest.raises(ValidationFailed) as caught:
+        ingest_file(storage, SYNTHETIC, _write(tmp_path, bad, path.name), as_of=path.stem[-10:])
+    report = json.loads((storage.root / caught.value.quarantine_path / "report.json").read_text())
+    parse = next(r for r in report["rules"] if r["rule"] == "parseable_values")
+    assert parse["sample_rows"] == [0, 1]
+    assert parse["sample_values"] == [{"Amount": "1,234.50"}, {"Transaction Time": "13/01/2024"}]

@@ -75,3 +75,78 @@ def test_declaring_close_adjusted_accepts_large_moves_with_warnings(
     outcome = _ingest(Storage(tmp_path / "home"), path)
     assert outcome.status == "validated"
     assert any("date=2003-02-18, ticker=MSFT" in w for w in outcome.warnings)  # the 2:1 split
+
+
+def _bars(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _failed_rules(storage: Storage, error: ValidationFailed) -> dict[str, dict]:
+    report = json.loads((storage.root / error.quarantine_path / "report.json").read_text())
+    return {r["rule"]: r for r in report["rules"] if not r["success"]}
+
+
+def test_a_bad_tick_is_caught_when_the_batch_also_holds_an_older_row(tmp_path):
+    """Each ticker's first row is compared with its own last accepted price: a late row of
+    another ticker, older than the ticker's last accepted day, once left it unchecked."""
+    storage = Storage(tmp_path / "home")
+    days = pd.bdate_range("2024-01-02", "2024-01-10").strftime("%Y-%m-%d")
+    history = "date,ticker,close\n" + "".join(f"{d},AAPL,100\n{d},IBM,50\n" for d in days)
+    _ingest(storage, _bars(tmp_path, "history.csv", history), as_of="2024-01-31")
+    late = "date,ticker,close\n2024-01-11,AAPL,1000\n2023-12-29,IBM,50\n"
+    with pytest.raises(ValidationFailed) as caught:
+        _ingest(storage, _bars(tmp_path, "tick.csv", late), as_of="2024-01-31")
+    failed = _failed_rules(storage, caught.value)
+    moves = failed["expect_column_values_to_be_between(abs_log_return_1d)"]
+    assert (moves["sample_rows"], moves["sample_values"]) == ([0], [pytest.approx(2.302585)])
+    assert storage.read_partitions("validated", "market")["close"].max() == 100
+
+
+def test_a_column_delivered_twice_is_refused_not_half_read(tmp_path):
+    storage = Storage(tmp_path / "home")
+    path = _bars(tmp_path, "twice.csv", "date,ticker,close,close\n2024-01-02,AAPL,185.6,18.56\n")
+    with pytest.raises(ValidationFailed, match=r"column\(s\) \['close'\] appear more than once"):
+        _ingest(storage, path, as_of="2024-01-31")
+    assert storage.partition_dates("validated", "market") == []
+
+
+def test_day_first_dates_land_on_their_days_and_zone_names_keep_the_day(tmp_path):
+    storage = Storage(tmp_path / "home")
+    european = "date,ticker,close\n08/01/2024,AAPL,108\n09/01/2024,AAPL,109\n15/01/2024,AAPL,115\n"
+    _ingest(storage, _bars(tmp_path, "eu.csv", european), as_of="2024-01-31")
+    export = (
+        "date,ticker,close\n2024-01-16 21:00:00 UTC,AAPL,116\n2024-01-17T16:00:00+05,AAPL,117\n"
+    )
+    _ingest(storage, _bars(tmp_path, "export.csv", export), as_of="2024-01-31")
+    published = storage.read_partitions("validated", "market").sort_values("date")
+    assert published["date"].dt.strftime("%m-%d").tolist() == [
+        "01-08",
+        "01-09",
+        "01-15",
+        "01-16",
+        "01-17",
+    ]
+    assert published["close"].tolist() == [108, 109, 115, 116, 117]
+
+
+def test_an_ambiguous_day_month_order_is_quarantined_with_what_to_do(tmp_path):
+    storage = Storage(tmp_path / "home")
+    path = _bars(tmp_path, "daily.csv", "date,ticker,close\n08/01/2024,AAPL,108\n")
+    with pytest.raises(ValidationFailed) as caught:
+        _ingest(storage, path, as_of="2024-12-31")
+    parse = _failed_rules(storage, caught.value)["parseable_values"]
+    assert "FINPIPE_DATE_ORDER" in parse["sample_values"][0]["date"]
+
+
+def test_blank_and_invisible_tickers_are_refused_not_published_as_other_instruments(tmp_path):
+    storage = Storage(tmp_path / "home")
+    text = "date,ticker,close\n2024-01-02,AAPL,185\n2024-01-02,   ,185\n2024-01-03,AAPL\u200b,186\n"
+    with pytest.raises(ValidationFailed) as caught:
+        _ingest(storage, _bars(tmp_path, "tickers.csv", text), as_of="2024-01-31")
+    failed = _failed_rules(storage, caught.value)
+    assert failed["expect_column_values_to_not_be_null(ticker)"]["sample_rows"] == [1, 2]
+    assert failed["parseable_values"]["sample_values"] == [
+        {"ticker": "'AAPL\\u200b' (invisible characters)"}
+    ]

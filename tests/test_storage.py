@@ -124,6 +124,23 @@ def test_landing_copy_is_content_addressed_and_never_rewritten(tmp_path):
     assert landed.name == f"{sha[:12]}__prices.csv"
 
 
+def test_a_long_file_name_lands_shortened_with_its_start_and_suffixes(tmp_path):
+    """A 230-character name (Linux allows 255) once overflowed the landing name's hash prefix
+    and temporary wrapper; it lands, and is quarantined, under a shortened name."""
+    storage = Storage(tmp_path / "root")
+    source = tmp_path / f"vendor_eod_{'x' * 212}.csv.gz"
+    source.write_bytes(b"not read here")
+    landed = storage.land_file("market", source, file_sha256(source))
+    name = storage.local_path(landed).name
+    assert len(name) == 12 + 2 + 150
+    assert name.startswith(f"{file_sha256(source)[:12]}__vendor_eod_xxx")
+    assert name.endswith("x~.csv.gz")
+    key = storage.quarantine_batch(
+        "market", "b1", landed, {"success": False}, file_name=source.name
+    )
+    assert (storage.local_path(key) / name.split("__", 1)[1]).exists()
+
+
 def test_quarantine_keeps_file_and_report(tmp_path):
     storage = Storage(tmp_path / "root")
     source = tmp_path / "bad.csv"

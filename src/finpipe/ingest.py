@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import gzip
 import io
+import re
 import shutil
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -150,7 +151,20 @@ def read_delivery(path: Path, read_options: Mapping[str, Any] | None = None) -> 
             f"{path}: one column named {frame.columns[0]!r}: the file is not comma-separated; "
             "deliver CSV with ',' as the delimiter"
         )
+    repeated = _repeated_headers([str(column) for column in frame.columns])
+    if repeated:
+        raise InputFileError(
+            f"{path}: column(s) {repeated} appear more than once in the header; deliver each "
+            "column once (which copy holds the right values cannot be told)"
+        )
     return frame
+
+
+def _repeated_headers(columns: list[str]) -> list[str]:
+    """Return the header names pandas read more than once (it renames copies `name.1`)."""
+    names = set(columns)
+    copies = (re.fullmatch(r"(.+)\.\d+", column) for column in columns)
+    return sorted({match[1] for match in copies if match and match[1] in names})
 
 
 DEFAULT_MAX_FILE_BYTES = 2 * 1024**3
@@ -1105,7 +1119,7 @@ def _parse_error_rule(frame: pd.DataFrame) -> dict | None:
         "sample_values": [
             {c: str(v) for c, v in row.items() if pd.notna(v)} for _, row in rows.iterrows()
         ],
-        "message": "have values that are not valid for their column (numbers, dates)",
+        "message": "have values that are not valid for their column (a number, a date, a ticker)",
     }
 
 

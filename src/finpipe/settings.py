@@ -7,7 +7,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, StringConstraints, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,6 +48,10 @@ def default_local_home(store_url: str) -> Path:
     scheme, _, rest = store_url.partition("://")
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "finpipe" / scheme.lower() / Path(*[p for p in rest.split("/") if p])
+
+
+# How numeric dates such as 08/01/2024 read (finpipe.delivered_days).
+DateOrder = Literal["auto", "dmy", "mdy"]
 
 
 class Settings(BaseSettings):
@@ -116,6 +120,13 @@ class Settings(BaseSettings):
         description="The market files' close is already split- and dividend-adjusted: a "
         "file without adj_close is checked as adjusted prices are (large moves are warnings, "
         "not suspected splits). Leave it off for raw exchange closes.",
+    )
+    date_order: DateOrder = Field(
+        default="auto",
+        description="How the market and credit files' numeric dates (08/01/2024) read: dmy "
+        "(8 January), mdy (1 August) or auto, the order each file's own dates prove (a number "
+        "above 12); a file whose dates prove neither, or both, is refused with the rows named. "
+        "ISO dates (2024-01-08) always read as they are.",
     )
     locks_url: SecretStr = Field(
         default=SecretStr(""),

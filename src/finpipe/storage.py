@@ -73,6 +73,21 @@ LEGACY_PREFIX = "date="  # the hive folder names of stores written before the ba
 _NAME = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _DAY_FOLDER = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _SAFE_FILE = re.compile(r"[^A-Za-z0-9._-]+")
+# A stored file name's longest form: with the landing hash and a temporary name's wrapper
+# it stays well under the 255 bytes a file name may have.
+_LONGEST_NAME = 150
+
+
+def _stored_name(name: str) -> str:
+    """Return `name` as finpipe stores a delivered file: safe characters only, and a name
+    longer than 150 characters shortened in its middle (its start and its suffixes kept)."""
+    safe = _SAFE_FILE.sub("_", name).lstrip(".") or "file"
+    if len(safe) <= _LONGEST_NAME:
+        return safe
+    suffixes = "".join(Path(safe).suffixes[-2:])[:20]
+    return f"{safe[: _LONGEST_NAME - len(suffixes) - 1]}~{suffixes}"
+
+
 _URL = re.compile(r"^([a-z][a-z0-9+.-]*)://(.*)$", re.IGNORECASE)
 BATCHES = "batches"
 # Reads of many small objects wait on the network, not the CPU: more of them at once.
@@ -759,8 +774,7 @@ class Storage:
         Create-only: a file lands once, and a later copy under the same name (the same
         content) never replaces it, on one machine or several.
         """
-        name = _SAFE_FILE.sub("_", Path(source).name).lstrip(".") or "file"
-        key = f"{self.landing_key(domain)}/{sha256[:12]}__{name}"
+        key = f"{self.landing_key(domain)}/{sha256[:12]}__{_stored_name(Path(source).name)}"
         if self.exists(key):
             return key
         if self.is_local:
@@ -790,7 +804,7 @@ class Storage:
         last object written.
         """
         key = self.quarantine_key(domain, batch_id)
-        name = _SAFE_FILE.sub("_", file_name or Path(landed).name).lstrip(".") or "file"
+        name = _stored_name(file_name or Path(landed).name)
         if not self.is_local:
             self.delete_folder(key)
             self._s3.copy(self._bucket, self._object(landed), self._object(f"{key}/{name}"))

@@ -17,7 +17,9 @@ import importlib.resources
 import pandas as pd
 
 from finpipe.credit.config import DATE_COLUMN, DELIVERED_ON, LoanBookConfig
+from finpipe.delivered_days import parse_days, strip_zone
 from finpipe.errors import ConfigError, InputFileError
+from finpipe.settings import load_settings
 from finpipe.storage import Storage
 from finpipe.validation import expectation_columns, load_suite_spec, rule_id
 
@@ -54,8 +56,7 @@ def normalise_credit_frame(
     if columns.date is None:
         out[DATE_COLUMN] = delivered
     else:
-        out[DATE_COLUMN] = _parse_dates(frame[columns.date])
-        problems[columns.date] = _unparsed(frame[columns.date], out[DATE_COLUMN])
+        out[DATE_COLUMN], problems[columns.date] = _parse_dates(frame[columns.date])
     if columns.id_from_row_number:
         out[columns.id] = pd.array([str(i) for i in range(1, len(frame) + 1)], dtype="string")
     else:
@@ -101,11 +102,13 @@ def _unparsed(raw: pd.Series, parsed: pd.Series) -> pd.Series:
     return text.where(parsed.isna().to_numpy() & text.notna().to_numpy())
 
 
-def _parse_dates(values: pd.Series) -> pd.Series:
-    parsed = pd.to_datetime(_text(values), errors="coerce", utc=True, format="mixed").dt.tz_convert(
-        "UTC"
-    )
-    return parsed.dt.tz_localize(None).dt.normalize().astype("datetime64[ns]")
+def _parse_dates(values: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Return (the day as written, unparsed text): an offset or zone is dropped, not
+    converted, and numeric dates read in one day/month order (`finpipe.delivered_days`)."""
+    text = _text(values)
+    local, _ = strip_zone(text)
+    parsed, problems = parse_days(local, load_settings().date_order)
+    return parsed, problems.mask((problems == local).fillna(False), text)
 
 
 # -- the suite ---------------------------------------------------------------------------------

@@ -38,6 +38,7 @@ KEY_COLUMNS = ("date", "customer_id", "timestamp", "amount")
 # source gives days only), all replaced by the correction's rows for them. The amount is not in
 # it: a restated amount is the same transaction, not a second one.
 RESTATED_BY = ("date", "customer_id", "timestamp")
+PARSE_ERRORS = "parse_errors"  # frame.attrs key that finpipe.ingest reports as `parseable_values`
 OPTIONAL_COLUMNS = ("category", "channel")
 CHECK_COLUMNS = ("disallowed_refund", "row_fingerprint")
 
@@ -69,6 +70,13 @@ def normalise_transactions(
     for column in OPTIONAL_COLUMNS:
         if column in mapping:
             frame[column] = _text(raw[mapping[column]])
+    problems = {
+        config.columns.time_column: _unparsed(raw[config.columns.time_column], moment),
+        mapping["amount"]: _unparsed(raw[mapping["amount"]], frame["amount"]),
+    }
+    frame.attrs[PARSE_ERRORS] = {
+        column: bad.reset_index(drop=True) for column, bad in problems.items() if bad.notna().any()
+    }
     return frame
 
 
@@ -93,6 +101,14 @@ def add_transaction_checks(frame: pd.DataFrame, *, allow_refunds: bool) -> pd.Da
 def _text(values: pd.Series) -> pd.Series:
     text = values.astype("string").str.strip()
     return text.mask(text == "").astype("string")
+
+
+def _unparsed(raw: pd.Series, parsed: pd.Series) -> pd.Series:
+    """The delivered text where a value is present but did not parse, else <NA>."""
+    if pd.api.types.is_datetime64_any_dtype(raw) or raw.dtype.kind in "biuf":
+        return pd.Series(pd.NA, index=raw.index, dtype="string")
+    text = _text(raw)
+    return text.where(parsed.isna().to_numpy() & text.notna().to_numpy())
 
 
 def _parse_times(values: pd.Series, date_format: str | None) -> pd.Series:

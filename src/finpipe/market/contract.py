@@ -6,6 +6,7 @@ ticker's daily return, its first row in a batch compared with its last accepted 
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 
 import pandas as pd
@@ -16,31 +17,42 @@ from finpipe.market.schema import DOMAIN, normalise_market_frame, price_column
 from finpipe.settings import load_settings
 
 
-def last_accepted_prices(
-    storage: PublishedRows, before: dt.date, column: str
+def accepted_prices_before(
+    storage: PublishedRows, first_days: pd.Series, column: str
 ) -> pd.DataFrame | None:
-    """Return each ticker's last accepted `column` price before `before` (ticker, date, price).
+    """Return the accepted `column` prices (ticker, date, price) a batch's first rows are
+    compared with: for each ticker, its prices on the last 10 validated dates before its
+    first row in the batch (`first_days`: that day, indexed by ticker).
 
-    Looks back over the last 10 validated dates, which is enough for a daily-return check:
-    a ticker absent for longer simply has no previous price.
+    Ten dates are enough for a daily-return check: a ticker absent for longer simply has no
+    previous price. Each ticker's own first day counts, not the batch's earliest: a batch
+    that also holds an older row of another ticker must not leave this ticker unchecked.
     """
-    days = storage.partition_dates("validated", DOMAIN, end=before - dt.timedelta(days=1))[-10:]
+    listed = storage.partition_dates("validated", DOMAIN, end=max(first_days) - dt.timedelta(1))
+    days = sorted({day for first in set(first_days) for day in _last_before(listed, first)})
     if not days:
         return None
     prior = storage.read_partitions("validated", DOMAIN, days=days)
     if column not in prior.columns:
         return None
-    prior = prior.dropna(subset=[column]).sort_values(["ticker", "date"])
-    last = prior.groupby("ticker", as_index=False).tail(1)
-    return last[["ticker", "date", column]].rename(columns={column: "price"})
+    prior = prior[prior["ticker"].isin(first_days.index)].dropna(subset=[column])
+    return prior[["ticker", "date", column]].rename(columns={column: "price"})
+
+
+def _last_before(days: list[dt.date], day: dt.date, count: int = 10) -> list[dt.date]:
+    """The last `count` of the sorted `days` before `day`."""
+    end = bisect.bisect_left(days, day)
+    return days[max(end - count, 0) : end]
 
 
 def _add_market_checks(frame: pd.DataFrame, storage: PublishedRows) -> pd.DataFrame:
     # Read as the batch arrives: whether the user declared `close` already adjusted.
     adjusted = load_settings().market_close_is_adjusted
-    if frame.empty or frame["date"].isna().all():
+    keyed = frame.dropna(subset=["date", "ticker"]) if not frame.empty else frame
+    if keyed.empty:
         return add_market_checks_columns(frame, None, close_is_adjusted=adjusted)
-    previous = last_accepted_prices(storage, frame["date"].min().date(), price_column(frame))
+    first_days = keyed.groupby("ticker")["date"].min().dt.date
+    previous = accepted_prices_before(storage, first_days, price_column(frame))
     return add_market_checks_columns(frame, previous, close_is_adjusted=adjusted)
 
 

@@ -7,7 +7,9 @@ import re
 import numpy as np
 import pandas as pd
 
+from finpipe.delivered_days import DateOrder, parse_days, strip_zone
 from finpipe.errors import InputFileError
+from finpipe.settings import load_settings
 
 DOMAIN = "market"
 KEY_COLUMNS = ("date", "ticker")
@@ -45,12 +47,16 @@ def price_column(frame: pd.DataFrame) -> str:
     return "close"
 
 
-def normalise_market_frame(raw: pd.DataFrame, *, source: str = "<frame>") -> pd.DataFrame:
+def normalise_market_frame(
+    raw: pd.DataFrame, *, source: str = "<frame>", date_order: DateOrder | None = None
+) -> pd.DataFrame:
     """Return `raw` with canonical column names and dtypes, ready for validation.
 
     - column names normalised (case, spaces, known aliases); unknown extra columns are dropped
       (documented: the contract ignores them);
-    - `date` parsed to a tz-naive day (the day as written; see `_parse_dates` on time zones);
+    - `date` parsed to a tz-naive day (the day as written; see `_parse_dates` on time zones),
+      numeric dates in one day/month order per file (`date_order`, by default the setting
+      `FINPIPE_DATE_ORDER`);
     - `ticker` stripped and upper-cased;
     - numeric columns coerced to float64; text that is not a number becomes NaN, and the raw
       text is kept in `frame.attrs["parse_errors"]` so ingest reports it with its row.
@@ -70,8 +76,9 @@ def normalise_market_frame(raw: pd.DataFrame, *, source: str = "<frame>") -> pd.
     keep = [c for c in CANONICAL_COLUMNS if c in frame.columns]
     frame = frame[keep].copy()
     problems: dict[str, pd.Series] = {}
-    frame["date"], problems["date"] = _parse_dates(frame["date"])
-    frame["ticker"] = frame["ticker"].astype("string").str.strip().str.upper()
+    order = date_order or load_settings().date_order
+    frame["date"], problems["date"] = _parse_dates(frame["date"], order)
+    frame["ticker"], problems["ticker"] = _tickers(frame["ticker"])
     for column in NUMERIC_COLUMNS:
         if column in frame.columns:
             raw_values = frame[column]
@@ -85,8 +92,22 @@ def normalise_market_frame(raw: pd.DataFrame, *, source: str = "<frame>") -> pd.
 
 
 PARSE_ERRORS = "parse_errors"
-# An explicit offset ("+02:00", "-0500", "Z") at the end of a timestamp.
-_OFFSET = re.compile(r"(?:[+-]\d{2}:?\d{2}|Z)$")
+
+
+# Characters no one types into a ticker and no screen shows: controls, zero-width and
+# direction marks, word joiners, the byte-order mark. `AAPL\u200b` would be a second AAPL.
+_INVISIBLE = re.compile(r"[\x00-\x1f\x7f\u200b-\u200f\u2028-\u202f\u2060-\u206f\ufeff]")
+
+
+def _tickers(values: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Return (ticker stripped and upper-cased, <NA> where blank; the text of those holding
+    invisible characters, reported unparsed)."""
+    ticker = values.astype("string").str.strip().str.upper()
+    ticker = ticker.mask(ticker == "")
+    hidden = ticker.str.contains(_INVISIBLE, na=False)
+    problems = pd.Series(pd.NA, index=values.index, dtype="string")
+    problems[hidden] = [f"{ascii(text)} (invisible characters)" for text in ticker[hidden]]
+    return ticker.mask(hidden), problems
 
 
 def _unparsed(raw: pd.Series, parsed: pd.Series) -> pd.Series:
@@ -98,13 +119,14 @@ def _unparsed(raw: pd.Series, parsed: pd.Series) -> pd.Series:
     return text.where(suspects & (text != ""))
 
 
-def _parse_dates(values: pd.Series) -> tuple[pd.Series, pd.Series]:
+def _parse_dates(values: pd.Series, order: DateOrder) -> tuple[pd.Series, pd.Series]:
     """Return (trading day, unparsed text) for a column of dates or timestamps.
 
     Time-zone policy: a trading date is the calendar day *as written* by the exchange or
     vendor, so an explicit offset is dropped, not converted (converting 00:00+02:00 to UTC
     would move the bar to the previous day). A file that mixes stamps with and without an
     offset is ambiguous: the rows whose form is in the minority are reported unparsed.
+    Day/month order: one per column (`finpipe.delivered_days`).
     """
     if pd.api.types.is_datetime64_any_dtype(values):
         parsed = values
@@ -112,19 +134,15 @@ def _parse_dates(values: pd.Series) -> tuple[pd.Series, pd.Series]:
             parsed = parsed.dt.tz_localize(None)
         return parsed.dt.normalize().astype("datetime64[ns]"), pd.Series(pd.NA, index=values.index)
     text = values.astype("string").str.strip()
-    has_offset = text.str.contains(_OFFSET, na=False)
-    local = text.str.replace(_OFFSET, "", regex=True).str.strip() if has_offset.any() else text
-    try:  # the usual ISO dates in one vectorised pass; anything else element by element
-        parsed = pd.to_datetime(local, format="ISO8601")
-    except (ValueError, TypeError, OverflowError):
-        parsed = pd.to_datetime(local, errors="coerce", format="mixed")
-    problems = _unparsed(text, parsed)
+    local, has_offset = strip_zone(text)
+    parsed, problems = parse_days(local, order)
+    problems = problems.mask((problems == local).fillna(False), text)  # the text as delivered
     with_offset, without = int(has_offset.sum()), int((~has_offset & text.notna()).sum())
     if with_offset and without:
         minority = has_offset if with_offset <= without else (~has_offset & text.notna())
         problems = problems.where(~minority, "mixed time zones: " + text)
         parsed = parsed.where(~minority)
-    return parsed.dt.normalize().astype("datetime64[ns]"), problems
+    return parsed, problems
 
 
 def empty_market_frame() -> pd.DataFrame:

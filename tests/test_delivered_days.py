@@ -1,0 +1,76 @@
+"""Delivered dates read one way per column: day/month order is proven by the column or set,
+never guessed value by value, and a time zone never moves the day as written."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from finpipe.delivered_days import parse_days, strip_zone
+
+
+def _read(values: list[str | None], order="auto") -> tuple[list[str | None], list[str | None]]:
+    text, _ = strip_zone(pd.Series(values, dtype="string").str.strip())
+    days, problems = parse_days(text, order)
+    shown = [None if pd.isna(day) else day.strftime("%Y-%m-%d") for day in days]
+    return shown, [None if pd.isna(problem) else problem for problem in problems]
+
+
+def test_a_day_first_column_reads_every_value_day_first():
+    # pandas' format="mixed" read 08/01 as 1 August and 13/01 as 13 January in one file.
+    days, problems = _read(["08/01/2024", "12/01/2024", "13/01/2024"])
+    assert days == ["2024-01-08", "2024-01-12", "2024-01-13"]
+    assert problems == [None, None, None]
+
+
+def test_a_month_first_column_reads_every_value_month_first():
+    days, _ = _read(["01/08/2024", "01/13/2024"])
+    assert days == ["2024-01-08", "2024-01-13"]
+
+
+@pytest.mark.parametrize(
+    ("values", "reason"),
+    [
+        (["08/01/2024", "09/01/2024"], "ambiguous: every day and month is at most 12"),
+        (["13/01/2024", "01/13/2024"], "mixes day-first and month-first dates"),
+    ],
+)
+def test_a_column_that_cannot_tell_its_order_is_refused_row_by_row(values, reason):
+    days, problems = _read(values)
+    assert days == [None, None]
+    for value, problem in zip(values, problems, strict=True):
+        assert problem.startswith(value) and reason in problem
+        assert "FINPIPE_DATE_ORDER" in problem
+
+
+def test_a_set_order_reads_an_ambiguous_column():
+    assert _read(["08/01/2024", "09/01/2024"], "dmy")[0] == ["2024-01-08", "2024-01-09"]
+    assert _read(["08/01/2024", "09/01/2024"], "mdy")[0] == ["2024-08-01", "2024-09-01"]
+    # A set order refuses what it cannot read rather than swapping day and month.
+    assert _read(["13/01/2024"], "mdy") == ([None], ["13/01/2024"])
+
+
+@pytest.mark.parametrize(
+    "stamp",
+    [
+        "2024-01-02 21:00:00 UTC",
+        "2024-01-02 21:00 GMT",
+        "2024-01-02T16:00:00+05",
+        "2024-01-02T23:30:00z",
+        "2024-01-02T23:30:00Z",
+        "2024-01-02T23:30:00-05:00",
+        "2024-01-02T00:30:00.123+0200",
+    ],
+)
+def test_an_offset_or_zone_name_is_dropped_and_the_day_kept_as_written(stamp):
+    assert _read([stamp]) == (["2024-01-02"], [None])
+
+
+def test_other_forms_read_value_by_value_and_what_is_no_date_is_named():
+    days, problems = _read(["2024-01-08", "9 Jan 2024", "January 10, 2024", "45000", "", None])
+    assert days == ["2024-01-08", "2024-01-09", "2024-01-10", None, None, None]
+    assert problems == [None, None, None, "45000", None, None]  # blanks are missing, not bad
+
+
+def test_a_date_that_does_not_exist_is_named():
+    assert _read(["31/02/2024", "15/01/2024"]) == ([None, "2024-01-15"], ["31/02/2024", None])
