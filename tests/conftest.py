@@ -361,7 +361,10 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_customers_features.py": ModuleTiers(UNIT),
     "test_customers_profiles.py": ModuleTiers(UNIT),
     "test_market_features.py": ModuleTiers(UNIT),
-    "test_market_model.py": ModuleTiers(UNIT),
+    "test_market_model.py": ModuleTiers(
+        UNIT,  # a logged pyfunc in an MLflow store, reloaded: seconds
+        by_name={"test_the_logged_pyfunc_scores_its_own_input_example_as_scoring_publishes": FLOW},
+    ),
     "test_market_boosted.py": ModuleTiers(UNIT),  # LightGBM on 12 tickers: milliseconds a fit
     "test_market_synthetic.py": ModuleTiers(UNIT),
     "test_metrics.py": ModuleTiers(UNIT),

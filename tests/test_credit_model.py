@@ -12,10 +12,17 @@ import torch
 from finpipe.credit.config import load_loan_book
 from finpipe.credit.features import LABEL, build_credit_features
 from finpipe.credit.metrics import PSI_MODERATE, PSI_SIGNIFICANT, credit_metrics, psi
-from finpipe.credit.model import FittedCreditModel, Vocabulary, fit_credit_model, fit_platt
+from finpipe.credit.model import (
+    FittedCreditModel,
+    RowSplit,
+    Vocabulary,
+    fit_credit_model,
+    fit_platt,
+)
 from finpipe.credit.pipeline import CreditTrainingConfig, split_rows
 from finpipe.credit.schema import normalise_credit_frame
 from finpipe.credit.synthetic import DRIVER, CreditSyntheticConfig, generate_loan_book
+from finpipe.errors import ConfigError
 
 BOOK = load_loan_book("synthetic")
 
@@ -103,6 +110,43 @@ def test_network_test_auc_is_within_002_of_the_oracle(fitted):
     assert metrics["auc"] >= oracle - 0.02, (metrics["auc"], oracle)
     # Calibrated: the mean PD on the test rows is close to their default rate.
     assert model.predict_pd(test).mean() == pytest.approx(test[LABEL].mean(), abs=0.015)
+
+
+def test_an_out_of_time_split_purges_loans_whose_outcome_window_reaches_the_next_set():
+    """A loan's label looks `outcome_window_days` ahead: no training loan's window may end
+    after validation starts, nor a validation loan's after test starts (embargo on top)."""
+    dates = pd.bdate_range("2019-01-01", "2022-12-30")
+    loans = [f"L{i}" for i in range(2 * len(dates))]
+    frame = pd.DataFrame({"date": np.repeat(dates, 2), "loan_id": loans})
+
+    def split(window: int, **how) -> RowSplit:
+        settings = {"validation_fraction": 0.3, "test_fraction": 0.2, "embargo_days": 0, **how}
+        return split_rows(
+            frame, id_column="loan_id", dated=True, seed=0, outcome_window_days=window, **settings
+        )
+
+    plain, purged = split(0), split(365)
+    assert plain.kind == purged.kind == "out_of_time" and plain.purged == 0
+    first_validation = frame.loc[plain.validation, "date"].min()
+    first_test = frame.loc[plain.test, "date"].min()
+    year = pd.Timedelta(days=365)
+    kept_train, kept_validation = (
+        frame.loc[purged.train, "date"],
+        frame.loc[purged.validation, "date"],
+    )
+    assert kept_train.max() == first_validation - year  # the last whose window ends in time
+    assert (kept_validation + year <= first_test).all() and len(kept_validation) > 0
+    assert np.array_equal(purged.test, plain.test)
+    dropped = (plain.train & ~purged.train) | (plain.validation & ~purged.validation)
+    assert purged.purged == int(dropped.sum()) > 0
+    assert not (purged.train & ~plain.train).any()  # only ever fewer loans
+    embargoed, dates_only = split(365, embargo_days=5), split(0, embargo_days=5)
+    first_validation = frame.loc[dates_only.validation, "date"].min()  # the embargo's windows
+    assert frame.loc[embargoed.validation, "date"].min() == first_validation
+    assert frame.loc[embargoed.train, "date"].max() == first_validation - year
+    refused = r"every validation loan .*outcome_window_days = 365.*raise embargo_days"
+    with pytest.raises(ConfigError, match=refused):
+        split(365, validation_fraction=0.15, test_fraction=0.15)  # 7 months < the window
 
 
 def test_a_loan_keeps_its_set_as_an_undated_book_grows():

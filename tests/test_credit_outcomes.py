@@ -213,3 +213,22 @@ def test_loans_as_known_matches_a_loan_by_loan_reference():
         }
         assert len(got) == len(known)  # one row per loan
         assert got == _reference(deliveries, as_of)
+
+
+def test_the_nightly_split_purges_by_the_books_outcome_window(caplog):
+    """`split_book_rows` (training and promotion) passes the book's window to the split: no
+    training loan's outcome is decided after validation starts, and the purge is logged."""
+    import logging
+
+    from finpipe.credit.model import CreditTrainingConfig
+    from finpipe.credit.pipeline import split_book_rows
+
+    dates = pd.bdate_range("2019-01-01", "2022-12-30")
+    frame = pd.DataFrame({"date": dates, "loan_id": [f"L{i}" for i in range(len(dates))]})
+    config = CreditTrainingConfig(validation_fraction=0.3, test_fraction=0.2)
+    with caplog.at_level(logging.INFO, "finpipe.credit"):
+        split = split_book_rows(frame, _book(365), config)
+    train, validation = frame.loc[split.train, "date"], frame.loc[split.validation, "date"]
+    assert (train + pd.Timedelta(days=365) <= validation.min()).all()
+    assert split.purged > 0 and split_book_rows(frame, _book(0), config).purged == 0
+    assert f"{split.purged} loans purged" in caplog.text

@@ -14,6 +14,7 @@ from finpipe.market.boosted import (
     FittedMarketBoostedTrees,
     _DailyScore,
     fit_boosted_trees,
+    validation_halves,
 )
 from finpipe.market.candidates import BOOSTED_LOADER, fit_member, member_loader, member_params
 from finpipe.market.ensemble import FittedMarketEnsemble, fit_ensemble
@@ -64,8 +65,10 @@ def test_the_trees_learn_the_planted_feature_and_keep_the_best_validation_round(
     evaluated = np.flatnonzero(np.isfinite(ics)) + 1  # every IC_EVERY rounds, and the last
     every = min(IC_EVERY, SMALL.patience)
     assert evaluated[-1] == len(model.history) and all(evaluated[:-1] % every == 0)
-    assert model.best_epoch == int(np.nanargmax(ics)) + 1
-    assert len(model.history) <= model.best_epoch + SMALL.patience
+    # the kept round is the whole window's best until `patience` rounds pass without a higher
+    # one; training may go on after it while a half of the window is still improving
+    assert model.best_epoch == int(np.nanargmax(ics[: model.best_epoch + SMALL.patience])) + 1
+    assert model.selection["best_round_validation_ic"] == ics[model.best_epoch - 1]
     assert all(np.isfinite([h["train_loss"] for h in model.history]))
     # the IC early stopping kept (validation predictions summed tree by tree) is the kept
     # model's own validation IC (Pearson per date: the z-scored target's or the raw label's)
@@ -73,6 +76,67 @@ def test_the_trees_learn_the_planted_feature_and_keep_the_best_validation_round(
     kept = per_date_ic(scored[scored["date"].isin(split.validation_dates)]).mean()
     assert ics[model.best_epoch - 1] == pytest.approx(kept, abs=1e-9)
     assert model.settings["min_data_in_leaf"] == max(20, int(0.02 * 12 * 54))  # share of rows
+
+
+def _stopped_at(ics: list[float], every: int, patience: int) -> int:
+    """The round early stopping keeps from ICs evaluated every `every` rounds: the best until
+    `patience` rounds pass without a higher one."""
+    best, best_ic = 0, -np.inf
+    for k, ic in enumerate(ics):
+        rounds = (k + 1) * every
+        if ic > best_ic:
+            best, best_ic = rounds, ic
+        elif rounds - best >= patience:
+            break
+    return best
+
+
+def test_the_reported_validation_ic_scores_each_half_at_the_round_the_other_half_chose():
+    """The validation IC the trees report (the night's selection and floor) is cross-fitted:
+    no validation date is scored at a round chosen on it."""
+    frame = _panel(4, n_dates=160)
+    split = time_split(frame.loc[frame["forward_return_5d"].notna(), "date"], embargo=HORIZON)
+    model = fit_boosted_trees(frame, FEATURES, split, SMALL, horizon=HORIZON)
+    rows = frame[frame["date"].isin(split.validation_dates)]
+    # the kept booster holds the kept rounds only: the same trees again, every round kept
+    every_round = SMALL.model_copy(update={"max_rounds": len(model.history), "patience": 1000})
+    trees = fit_boosted_trees(frame, FEATURES, split, every_round, horizon=HORIZON).booster
+    daily = {}  # by round: the IC of each validation date, in date order
+    for rounds in range(IC_EVERY, len(model.history) + 1, IC_EVERY):
+        predicted = trees.predict(rows[FEATURES].to_numpy(np.float64), num_iteration=rounds)
+        ics = per_date_ic(rows.assign(prediction=predicted))  # no IC where predictions tie
+        daily[rounds] = ics.reindex(split.validation_dates).to_numpy()
+    halves = validation_halves(len(split.validation_dates), HORIZON)
+    # 23 dates: halves of 11 and 12, each chosen on the other less its 5 dates next to it
+    assert [len(h) for pair in halves for h in pair] == [7, 11, 6, 12]
+    scored = []
+    for chosen_on, dates in halves:
+        mean_ics = [np.nanmean(values[chosen_on]) for values in daily.values()]
+        chosen = _stopped_at(mean_ics, IC_EVERY, SMALL.patience)
+        scored.append(daily[chosen][dates])
+    expected = float(np.nanmean(np.concatenate(scored)))
+    assert model.selection["validation_ic"] == pytest.approx(expected, abs=1e-9)
+    whole = [np.nanmean(values) for values in daily.values()]
+    assert model.best_epoch == _stopped_at(whole, IC_EVERY, SMALL.patience)
+
+
+def test_on_pure_noise_the_reported_validation_ic_is_not_biased_upward():
+    """The kept round's validation IC is the highest of many, so above zero on labels of pure
+    noise; the cross-fitted one the trees report centres on zero (60 panels, 2 s)."""
+    kept, reported = [], []
+    for seed in range(1000, 1060):
+        frame = _panel(seed, n_dates=200, tickers=20)
+        noise = np.random.default_rng(10**6 + seed).normal(0, 0.01, len(frame))
+        frame["forward_return_5d"] = frame["forward_return_5d"].where(
+            frame["forward_return_5d"].isna(), noise
+        )
+        split = time_split(frame.loc[frame["forward_return_5d"].notna(), "date"], embargo=HORIZON)
+        model = fit_boosted_trees(frame, FEATURES, split, BoostedTreesConfig(), horizon=HORIZON)
+        kept.append(model.selection["best_round_validation_ic"])
+        reported.append(model.selection["validation_ic"])
+    excess = np.subtract(kept, reported)
+    assert abs(np.mean(reported)) < 2 * np.std(reported, ddof=1) / np.sqrt(len(reported))
+    assert np.mean(excess) > 5 * np.std(excess, ddof=1) / np.sqrt(len(excess))  # about +0.02
 
 
 def test_test_dates_and_later_labels_change_nothing():
@@ -123,6 +187,10 @@ def test_the_model_folder_round_trips_and_names_what_is_missing(fitted, tmp_path
     pd.testing.assert_frame_equal(loaded.predict(frame), model.predict(frame))
     saved = json.loads((tmp_path / "lgbm" / "model.json").read_text())
     assert saved["feature_columns"] == FEATURES and saved["best_epoch"] == model.best_epoch
+    assert loaded.selection == model.selection and set(model.selection) == {
+        "best_round_validation_ic",
+        "validation_ic",
+    }
     (tmp_path / "lgbm" / "booster.txt").unlink()
     with pytest.raises(FileNotFoundError, match="booster.txt"):
         FittedMarketBoostedTrees.load(tmp_path / "lgbm")

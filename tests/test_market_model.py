@@ -134,6 +134,61 @@ def test_nightly_scoring_reads_each_tickers_window_across_a_pause(tmp_path):
     )
 
 
+def test_the_logged_pyfunc_scores_its_own_input_example_as_scoring_publishes(tmp_path, caplog):
+    """The logged input example holds each of its tickers' last `history_rows` rows (a pause
+    included), so MLflow's pyfunc of a GRU, given its own example, scores the last date as
+    scoring publishes it; given one date's rows, it says how many dates it needs."""
+    import logging
+
+    import mlflow
+
+    from finpipe import tracking
+    from finpipe.market.pipeline import input_example
+
+    frame = _panel()
+    dates = frame["date"].unique()
+    paused = (frame["ticker"] == "A") & frame["date"].between(dates[-4], dates[-2])
+    inputs = frame[~paused].drop(columns=["forward_return_5d", "direction_5d"])
+    fitted = _fit(frame[~paused], "gru")
+    day = pd.Timestamp(dates[-1])
+    example = input_example(inputs, FEATURES, day, fitted.history_rows)
+    assert len(example) == 5 * 4 and example["ticker"].nunique() == 5  # lookback 4
+    assert set(example.loc[example["ticker"] == "A", "date"]) == set(
+        inputs.loc[inputs["ticker"] == "A", "date"].iloc[-4:]
+    )  # A's own last rows, however far back the pause puts them
+    one_row = input_example(inputs, FEATURES, day, 1)  # an MLP's or the trees': one date
+    assert len(one_row) == 5 and set(one_row["date"]) == {day}
+    previous, uri = mlflow.get_tracking_uri(), f"sqlite:///{tmp_path}/mlflow.db"
+    mlflow.set_tracking_uri(uri)
+    try:
+        # its own experiment: the active one may be another test's, in another store
+        experiment = mlflow.MlflowClient(uri).create_experiment(
+            "pyfunc-example", artifact_location=(tmp_path / "artifacts").as_uri()
+        )
+        with mlflow.start_run(experiment_id=experiment):
+            info = tracking.log_fitted_model(
+                fitted,
+                loader="finpipe.market.model:FittedMarketModel",
+                input_example=example,
+                output_example=fitted.predict(example),
+            )
+        served = mlflow.pyfunc.load_model(info.model_uri)
+        with caplog.at_level(logging.WARNING, "finpipe.mlflow_model"):
+            own = served.predict(served.input_example)
+            mine = [r for r in caplog.records if r.name == "finpipe.mlflow_model"]
+            assert mine == []  # enough history: no warning
+            served.predict(inputs[inputs["date"] == day])
+    finally:
+        mlflow.set_tracking_uri(previous)
+    published = fitted.explain(inputs, score_from=day).set_index("ticker")["prediction"]
+    own = own[own["date"] == day].set_index("ticker")["prediction"]
+    assert len(own) == 5
+    np.testing.assert_allclose(own, published[own.index], rtol=1e-6, atol=1e-9)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "finpipe.mlflow_model"]
+    assert "reads the last 4 dates of each ticker's feature rows" in warning
+    assert "6 of 6 tickers on" in warning
+
+
 def test_predict_keeps_input_order_and_index():
     frame = _panel()
     fitted = _fit(frame, "gru")
@@ -177,6 +232,31 @@ def test_cross_sectional_target_is_recorded_and_survives_save(tmp_path):
     )
     fitted.save(tmp_path)
     assert FittedMarketModel.load(tmp_path).target == "cross_sectional_zscore"
+
+
+def test_a_perfect_cross_sectional_score_has_no_error_and_calls_every_direction():
+    """The logged RMSE is against the z-score training uses (ddof 0), and the score's sign
+    against whether the ticker beat its date's mean, not the sign of a market-wide move."""
+    from finpipe.market.evaluation import window_metrics
+    from finpipe.market.model import MarketTrainingConfig, _targets
+
+    rng = np.random.default_rng(0)
+    dates = pd.bdate_range("2024-01-01", periods=30)
+    scored = pd.MultiIndex.from_product([dates, list("ABCDEFGH")], names=["date", "ticker"])
+    scored = scored.to_frame(index=False)
+    market = np.repeat(rng.normal(0.004, 0.01, len(dates)), 8)  # every name moves with it
+    scored["forward_return_5d"] = market + rng.normal(0, 0.01, len(scored))
+    scored["prediction"] = _targets(scored, "forward_return_5d", "cross_sectional_zscore")
+    metrics = window_metrics(scored, MarketTrainingConfig())  # target: cross_sectional_zscore
+    assert metrics["rmse"] == pytest.approx(0.0, abs=1e-12)
+    assert metrics["directional_accuracy"] == 1.0
+    # a raw-return target keeps the raw sign: a perfect return forecast calls every move
+    returns = scored.assign(prediction=scored["forward_return_5d"])
+    raw = window_metrics(returns, MarketTrainingConfig(target="return"))
+    assert raw["rmse"] == 0.0 and raw["directional_accuracy"] == 1.0
+    assert (
+        window_metrics(scored, MarketTrainingConfig(target="return"))["directional_accuracy"] < 0.9
+    )  # the z-score's sign is not the raw return's
 
 
 @given(

@@ -126,3 +126,24 @@ def test_perfect_prediction_scores_one():
     assert metrics["directional_accuracy"] == 1.0
     assert metrics["rmse"] == 0.0
     assert metrics["top_minus_bottom"] > 0
+
+
+def test_directional_accuracy_of_a_cross_sectional_score_is_against_the_dates_mean():
+    """A per-date score says which names beat the day's average, not whether the market rose:
+    with `cross_sectional` its sign is compared with the label less the date's mean label."""
+    frame = _frame(
+        [
+            (D1, "A", 0.5, 0.05),  # mean .04: deviations +.01 -.01 -.02 +.02, all called
+            (D1, "B", -0.5, 0.03),
+            (D1, "C", -1.5, 0.02),
+            (D1, "D", 1.5, 0.06),
+            (D2, "A", 1.0, -0.01),  # mean -.025: deviations +.015 -.005 +.005 -.015
+            (D2, "B", -1.0, -0.03),
+            (D2, "C", -1.0, -0.02),  # the one wrong call
+            (D2, "D", -1.0, -0.04),
+        ]
+    )
+    across = market_metrics(frame, quantiles=2, cross_sectional=True)
+    assert across["directional_accuracy"] == pytest.approx(7 / 8)
+    assert market_metrics(frame, quantiles=2)["directional_accuracy"] == pytest.approx(5 / 8)
+    assert across["ic"] == market_metrics(frame, quantiles=2)["ic"]  # nothing else moves

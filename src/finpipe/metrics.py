@@ -80,13 +80,18 @@ def market_metrics(
     date: str = "date",
     ticker: str = "ticker",
     quantiles: int = 5,
+    cross_sectional: bool = False,
 ) -> dict[str, float]:
     """Return the headline metrics of predictions against realised forward returns.
 
     - `ic`, `rank_ic`: mean over dates of the per-date Pearson / Spearman correlation
       (see `per_date_ic`); `icir`, `rank_icir`: their mean / std over dates, not annualised.
     - `directional_accuracy`: share of rows where sign(prediction) == sign(label), over rows
-      with a non-zero label (a zero prediction counts as wrong).
+      with a non-zero label (a zero prediction counts as wrong). With `cross_sectional` (for
+      a prediction that scores tickers against each other on a date, such as a per-date
+      z-score) the label is its deviation from the date's mean label: whether the ticker beat
+      that date's average, which a cross-sectional score calls, not whether the market rose,
+      which it cannot.
     - `rmse`: root mean squared error of prediction vs label, in label units.
     - `top_minus_bottom`: each date, the `k = n // quantiles` names with the highest prediction
       (top quantile) and the k lowest (bottom); their mean label difference, averaged over dates.
@@ -104,9 +109,12 @@ def market_metrics(
     rank_ic = per_date_ic(data, prediction, label, date, "spearman")
 
     predicted, realised = data[prediction].to_numpy(), data[label].to_numpy()
-    called = realised != 0
+    direction = realised
+    if cross_sectional:
+        direction = realised - data.groupby(date)[label].transform("mean").to_numpy()
+    called = direction != 0
     directional_accuracy = (
-        float(np.mean(np.sign(predicted[called]) == np.sign(realised[called])))
+        float(np.mean(np.sign(predicted[called]) == np.sign(direction[called])))
         if called.any()
         else float("nan")
     )

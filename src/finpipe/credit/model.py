@@ -765,7 +765,13 @@ class CreditTrainingConfig(BaseModel):
     validation_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of labelled rows.")
     test_fraction: float = Field(0.15, gt=0, lt=0.5, description="Share of labelled rows.")
     embargo_days: int = Field(
-        0, ge=0, description="Dated books: distinct dates dropped between train, validation, test."
+        0,
+        ge=0,
+        description=(
+            "Dated books: distinct dates dropped between train, validation, test. On top of "
+            "it, loans whose outcome window ([label] outcome_window_days) reaches into the "
+            "next window are purged from theirs."
+        ),
     )
     hidden: int = Field(64, ge=4, description="Hidden units of the network.")
     layers: int = Field(2, ge=1, le=6, description="Hidden layers of the network.")
@@ -824,12 +830,14 @@ MIN_DATES_FOR_TIME_SPLIT = 10
 
 @dataclass(frozen=True)
 class RowSplit:
-    """Boolean masks over the training frame's rows, and how they were drawn."""
+    """Boolean masks over the training frame's rows, and how they were drawn; `purged`: the
+    train and validation loans dropped because their outcome window reaches into the next set."""
 
     kind: str
     train: np.ndarray
     validation: np.ndarray
     test: np.ndarray
+    purged: int = 0
 
 
 def split_rows(
@@ -841,6 +849,7 @@ def split_rows(
     test_fraction: float,
     embargo_days: int,
     seed: int,
+    outcome_window_days: int = 0,
 ) -> RowSplit:
     """Return train / validation / test masks over `frame` (deterministic for the same frame).
 
@@ -848,6 +857,13 @@ def split_rows(
     distinct dates, `embargo_days` dates dropped between sets); otherwise by a hash of the
     seed and the loan id (`sets_by_id`), so a loan keeps its set as the book grows and a
     champion trained on an earlier snapshot is never tested on loans it learnt from.
+
+    Out of time, a loan's label is whether it defaulted within `outcome_window_days` of its
+    date: it looks that far ahead. A training loan whose window ends after the first
+    validation date, or a validation loan whose window ends after the first test date, learnt
+    (or was judged on) defaults in the next set, so it is purged from its own (`purged` counts
+    them). Raises ConfigError naming what to change when no training or validation loan is
+    left.
     """
     dates = frame[DATE_COLUMN]
     if dated and dates.nunique() >= MIN_DATES_FOR_TIME_SPLIT:
@@ -860,11 +876,30 @@ def split_rows(
             )
         except ValueError as error:
             raise ConfigError(f"credit training split: {error}") from None
+        decided = (dates + pd.Timedelta(days=outcome_window_days)).to_numpy()
+        train = dates.isin(split.train_dates).to_numpy()
+        validation = dates.isin(split.validation_dates).to_numpy()
+        late_train = train & (decided > split.validation_dates[0].to_datetime64())
+        late_validation = validation & (decided > split.test_dates[0].to_datetime64())
+        for name, rows, late, next_set in (
+            ("training", train, late_train, split.validation_dates),
+            ("validation", validation, late_validation, split.test_dates),
+        ):
+            if rows.any() and late.all(where=rows):
+                raise ConfigError(
+                    f"credit training split: the outcome window of every {name} loan "
+                    f"([label] outcome_window_days = {outcome_window_days}) ends after the "
+                    f"next window starts on {next_set[0].date()}: each would look ahead, and "
+                    "none is left; raise embargo_days (distinct dates dropped between "
+                    "windows) to cover the outcome window, make the windows longer "
+                    "(validation_fraction, test_fraction) or deliver a longer history"
+                )
         return RowSplit(
             "out_of_time",
-            dates.isin(split.train_dates).to_numpy(),
-            dates.isin(split.validation_dates).to_numpy(),
+            train & ~late_train,
+            validation & ~late_validation,
             dates.isin(split.test_dates).to_numpy(),
+            purged=int(late_train.sum() + late_validation.sum()),
         )
     sets = sets_by_id(frame[id_column], validation_fraction, test_fraction, salt=f"{seed}:")
     return RowSplit("by_loan_id", sets == "train", sets == "validation", sets == "test")

@@ -98,8 +98,9 @@ def split_book_rows(
     how: CreditTrainingConfig | CreditTrainingOutcome,
 ) -> RowSplit:
     """Return `split_rows` of `frame` with the fractions, embargo and seed of `how` (a training
-    config, or the outcome that recorded them, so promotion rebuilds the very same split)."""
-    return split_rows(
+    config, or the outcome that recorded them, so promotion rebuilds the very same split),
+    purging loans whose outcome window (the book's) reaches into the next window."""
+    split = split_rows(
         frame,
         id_column=book.columns.id,
         dated=book.is_dated,
@@ -107,7 +108,16 @@ def split_book_rows(
         test_fraction=how.test_fraction,
         embargo_days=how.embargo_days,
         seed=how.seed,
+        outcome_window_days=book.label.outcome_window_days,
     )
+    if split.purged:
+        log.info(
+            "credit split: %d loans purged from train and validation, their %d-day outcome "
+            "window reaching into the next window",
+            split.purged,
+            book.label.outcome_window_days,
+        )
+    return split
 
 
 @dataclass
@@ -130,6 +140,7 @@ class CreditNight(lifecycle.Night[CreditTrainingConfig]):
                 "loan_book_config": book.source,
                 "outcome_window_days": book.label.outcome_window_days,
                 "split": split.kind,
+                "split_purged_rows": split.purged,
                 "train_rows": int(split.train.sum()),
                 "validation_rows": int(split.validation.sum()),
                 "test_rows": int(split.test.sum()),

@@ -15,10 +15,11 @@ import pandas as pd
 
 from finpipe import plots
 from finpipe.attribution import Shuffle, permutation_importance
+from finpipe.market.boosted import FittedMarketBoostedTrees
 from finpipe.market.candidates import MarketMember
 from finpipe.market.ensemble import FittedMarketEnsemble
 from finpipe.market.features import KEY_COLUMNS
-from finpipe.market.model import ENSEMBLE, MarketTrainingConfig
+from finpipe.market.model import ENSEMBLE, MarketTrainingConfig, _targets
 from finpipe.market.schema import DOMAIN
 from finpipe.market.synthetic import ORACLE
 from finpipe.metrics import market_metrics, per_date_ic
@@ -37,13 +38,19 @@ ShuffledPredictions = dict[str, dict[Shuffle | None, np.ndarray]]
 def window_metrics(
     scored: pd.DataFrame, config: MarketTrainingConfig, *, zscore_units: bool = False
 ) -> dict[str, float]:
-    """Return market metrics; RMSE is measured in the units the net was trained on (z units
-    for the ensemble, whose scores are cross-sectional z-scores whatever the target)."""
-    metrics = market_metrics(scored, label=config.label)
-    if config.target == "cross_sectional_zscore" or zscore_units:
-        by_date = scored.groupby("date")[config.label]
-        z = (scored[config.label] - by_date.transform("mean")) / by_date.transform("std")
-        error = (scored["prediction"] - z).to_numpy(dtype=float)
+    """Return market metrics in the units the model was trained on (z units for the ensemble,
+    whose scores are cross-sectional z-scores whatever the target).
+
+    For a cross-sectional z-score, RMSE is against the label's per-date z-score exactly as
+    training computes it (`_targets`, ddof 0), and directional accuracy compares the score's
+    sign with whether the ticker beat its date's mean label (`market_metrics`'
+    `cross_sectional`), not with the sign of the raw return.
+    """
+    cross_sectional = config.target == "cross_sectional_zscore" or zscore_units
+    metrics = market_metrics(scored, label=config.label, cross_sectional=cross_sectional)
+    if cross_sectional:
+        z = _targets(scored, config.label, "cross_sectional_zscore")
+        error = scored["prediction"].to_numpy(dtype=float) - z
         metrics["rmse"] = float(np.sqrt(np.nanmean(error**2)))
     return metrics
 
@@ -122,7 +129,9 @@ def members_table(
     split: TimeSplit,
     label: str,
 ) -> pd.DataFrame:
-    """Each member's weight and validation/test IC and rank IC, then the ensemble's."""
+    """Each member's weight and validation/test IC and rank IC, then the ensemble's (the
+    validation IC each competes with: cross-fitted for the boosted trees and a stacked
+    ensemble)."""
     rows = []
     for name in [*members, ENSEMBLE]:
         column = "prediction" if name == ENSEMBLE else name
@@ -136,8 +145,14 @@ def members_table(
             row[f"{window}_ic"], row[f"{window}_rank_ic"] = values["ic"], values["rank_ic"]
         rows.append(row)
     table = pd.DataFrame(rows)
-    # The ensemble's validation IC is the one it competes with: cross-fitted when stacked.
-    table.loc[table["candidate"] == ENSEMBLE, "validation_ic"] = ensemble.selection["validation_ic"]
+    # The validation IC each competes with: cross-fitted for the trees and a stacked ensemble.
+    competing = {
+        name: m.selection for name, m in members.items() if isinstance(m, FittedMarketBoostedTrees)
+    }
+    competing[ENSEMBLE] = ensemble.selection
+    for name, selection in competing.items():
+        if "validation_ic" in selection:
+            table.loc[table["candidate"] == name, "validation_ic"] = selection["validation_ic"]
     return table
 
 

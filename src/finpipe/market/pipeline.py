@@ -129,7 +129,9 @@ class MarketNight(lifecycle.Night[MarketTrainingConfig]):
         # The trees' best round is their highest validation IC, not their lowest loss: their
         # losses by round are the run's metrics, not a curve marking another round as best.
         curve, metrics = {}, {"best_epoch": float(fitted.best_epoch)}
-        if not isinstance(fitted, FittedMarketBoostedTrees):
+        if isinstance(fitted, FittedMarketBoostedTrees):
+            metrics["best_round_validation_ic"] = fitted.selection["best_round_validation_ic"]
+        else:
             title = f"{kind}: loss by epoch"
             curve = {"plots/learning_curve.png": plots.learning_curve(fitted.history, title)}
             if fitted.learning_rate is not None:  # what it trained at (scaled on a large panel)
@@ -146,6 +148,10 @@ class MarketNight(lifecycle.Night[MarketTrainingConfig]):
             ),
         )
         windows = candidate.windows
+        if isinstance(fitted, FittedMarketBoostedTrees) and "validation_ic" in fitted.selection:
+            # Their kept round is their highest validation IC: the IC that competes is the
+            # cross-fitted one (see finpipe.market.boosted).
+            windows["validation"]["ic"] = fitted.selection["validation_ic"]
         say(
             f"{kind}: validation IC {windows['validation']['ic']:.4f}, "
             f"test IC {windows['test']['ic']:.4f}, best epoch {fitted.best_epoch}"
@@ -222,8 +228,7 @@ class MarketNight(lifecycle.Night[MarketTrainingConfig]):
         )
         record.tables = {**record.tables, IMPORTANCE_TABLE: importance}
         record.figures = {**record.figures, **candidate_figures(test, label, kind, importance)}
-        last = self.frame["date"] == split.test_dates[-1]  # the logged model's input example
-        example = self.frame.loc[last, [*KEY_COLUMNS, *self.features]].head(5)
+        example = input_example(self.frame, self.features, split.test_dates[-1], model.history_rows)
         return Candidate(model, loader, example, windows, record, test["prediction"].to_numpy())
 
     def conclude(self, fitted: Mapping[str, Candidate], say: lifecycle.Say) -> RunRecord:
@@ -255,6 +260,19 @@ class MarketNight(lifecycle.Night[MarketTrainingConfig]):
             first_date=str(frame["date"].min().date()),
             last_date=str(frame["date"].max().date()),
         )
+
+
+def input_example(
+    frame: pd.DataFrame, features: list[str], day: pd.Timestamp, history_rows: int, tickers: int = 5
+) -> pd.DataFrame:
+    """The logged model's input example: the feature rows of the first `tickers` tickers of
+    `day`, each with the `history_rows - 1` rows before it that a sequence model's window
+    reads (none for a model of one row), so the pyfunc predicts `day` from its own example as
+    scoring does (`prepare_scoring`)."""
+    names = frame.loc[frame["date"] == day, "ticker"].head(tickers)
+    rows = frame[frame["ticker"].isin(names) & (frame["date"] <= day)]
+    rows = rows.sort_values(["date", "ticker"], kind="stable").groupby("ticker").tail(history_rows)
+    return rows[[*KEY_COLUMNS, *features]]
 
 
 def boosted_trees_floor(fitted: Mapping[str, Candidate]) -> dict[str, float]:
