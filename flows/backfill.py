@@ -115,7 +115,9 @@ def backfill(
     )
     results = _run_dates(run, request, plan, concurrency)
     stale = warn_of_stale_predictions(run, features)  # outside the range: those in it are redone
-    failures = failure_summary(results)
+    failures = failure_summary(
+        results, redo="fix the cause and run the same backfill again to redo only these"
+    )
     training_outcome = decision = None
     if retrain and failures is None:
         training_outcome = train(domain, _retrain_day(run, request).isoformat(), config)

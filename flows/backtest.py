@@ -25,6 +25,7 @@ from finpipe.backtest import (
     backtest_config,
     backtest_run,
     backtest_training,
+    check_within_data,
     evaluate_backtest,
     outcome_from_record,
     plan_backtest,
@@ -103,6 +104,7 @@ def backtest(
         cost_bps=cost_bps,
         training=training_config(DOMAIN, backtest_training(training, models, horizon)),
     )
+    check_within_data(end, max(run.validated_dates(end=None), default=None))
     update_features(DOMAIN, end.isoformat(), run.holder, run.lock_timeout)
     plan = plan_backtest(run.storage, config, run.calendar.sessions(start, end), force=force)
     todo = [p for p in plan if not p.done]

@@ -99,7 +99,9 @@ def nightly(
             empty the domain's default (market: the last 756 dates, three years).
         history_start: Train on dates from this day on only (market); with history_dates as
             well, the later start applies. Empty: no start date.
-        catch_up: First score every session missed since the last completed night.
+        catch_up: First score every session missed since the last scored night, and retry
+            recent sessions left unscored (a failed catch-up, a late delivery, a backfill
+            without the score step) within the backfill cap.
         default_as_of: The date to run for when as_of is empty: the latest validated date,
             or the session before the run's scheduled time (what the schedule uses). Sessions
             follow the domain's calendar (FINPIPE_CALENDARS: NYSE for market, so a night
@@ -143,7 +145,9 @@ def nightly(
         markdown=summary_markdown(summary),
         description=f"finpipe nightly {domain} {run_date}",
     )
-    failures = failure_summary(caught_up)
+    failures = failure_summary(
+        caught_up, redo="the next night tries them again (they stay among its catch-up dates)"
+    )
     if failures:
         raise BackfillIncomplete(f"{run_date} is done, but catching up: {failures}")
     return summary
@@ -157,7 +161,7 @@ def _plan(
         run.domain,
         as_of=as_day(as_of) if as_of else None,
         validated=run.validated_dates(end=validate_day),
-        completed=completed_dates(run.storage, run.domain),
+        scored=completed_dates(run.storage, run.domain, scored=True),
         calendar=run.calendar,
         catch_up=catch_up,
         max_catch_up=run.schedule.backfill_max_dates,

@@ -133,7 +133,7 @@ def warn_of_stale_predictions(run: RunSetup, features: dict | None) -> dict | No
         named = ", ".join(dates[:10]) + (", ..." if len(dates) > 10 else "")
         get_run_logger().warning(
             "%s %s predictions scored from data since changed (%s); %s",
-            counted(len(dates), "earlier date"),
+            counted(len(dates), "date"),
             "has" if len(dates) == 1 else "have",
             named,
             f"re-score them: {stale['backfill']}" if stale["backfill"] else "retracted whole",

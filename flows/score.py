@@ -29,7 +29,7 @@ def score(domain: DomainName = "market", as_of: dt.date | None = None) -> dict:
         as_of: Date to score; empty means the latest validated date.
     """
     run = set_up_run("score", domain)
-    run_date = run_day(domain, as_of, run.validated_dates(end=as_of)).isoformat()
+    run_date = run_day(domain, as_of, run.validated_dates(end=as_of), run.calendar).isoformat()
     update_features(domain, run_date, run.holder, run.lock_timeout)
     outcome = process_date(domain, run_date, list(ALL_STEPS), run.holder, run.lock_timeout)
     create_markdown_artifact(

@@ -48,7 +48,7 @@ def train(
     """
     run = set_up_run("train", domain)
     config = training_config(domain, training_overrides(training, history_dates, history_start))
-    run_date = run_day(domain, as_of, run.validated_dates(end=as_of)).isoformat()
+    run_date = run_day(domain, as_of, run.validated_dates(end=as_of), run.calendar).isoformat()
     update_features(domain, run_date, run.holder, run.lock_timeout)
     outcome = train_task(domain, run_date, config)
     decision = promote_task(domain, outcome) if promote else None

@@ -18,7 +18,6 @@ import pytest
 from finpipe.calendars import BusinessDays, calendar_named
 from finpipe.date_runs import (
     BackfillIncomplete,
-    DateFailed,
     corrections_through,
     is_done,
     missed_dates,
@@ -138,7 +137,7 @@ def test_the_night_plan_runs_the_latest_date_and_catches_up_in_order():
         "market",
         as_of=None,
         validated=validated,
-        completed=[dt.date(2024, 7, 2)],
+        scored=[dt.date(2024, 7, 2)],
         calendar=NYSE,
         catch_up=True,
         max_catch_up=5,
@@ -150,13 +149,27 @@ def test_the_night_plan_runs_the_latest_date_and_catches_up_in_order():
         "market",
         as_of=dt.date(2024, 7, 5),
         validated=validated,
-        completed=[dt.date(2024, 7, 2)],
+        scored=[dt.date(2024, 7, 2)],
         calendar=NYSE,
         catch_up=False,
         max_catch_up=5,
         retrain=False,
     )
     assert (quiet.run_day, quiet.catch_up, quiet.retrain) == (dt.date(2024, 7, 5), (), False)
+
+
+def test_a_session_left_unscored_behind_the_last_night_is_caught_up_within_the_cap():
+    """A catch-up date that failed, a late delivery, a backfill without the score step: the
+    next nights try it again (it once fell behind the last scored date and stayed unscored)."""
+    scored = [dt.date(2024, 7, d) for d in (1, 2, 5)]  # the 3rd was never scored
+    assert missed_sessions(scored, dt.date(2024, 7, 9), NYSE) == [dt.date(2024, 7, 8)]
+    assert missed_sessions(scored, dt.date(2024, 7, 9), NYSE, look_back=5) == [
+        dt.date(2024, 7, 3),
+        dt.date(2024, 7, 8),
+    ]
+    # Only within the last `look_back` sessions, and not before the first scored night.
+    assert missed_sessions(scored, dt.date(2024, 7, 9), NYSE, look_back=2) == [dt.date(2024, 7, 8)]
+    assert missed_sessions([dt.date(2024, 7, 5)], dt.date(2024, 7, 8), NYSE, look_back=5) == []
 
 
 @pytest.mark.parametrize(
@@ -171,7 +184,15 @@ def test_the_night_plan_runs_the_latest_date_and_catches_up_in_order():
             "2024-07-04 is not a session of the XNYS calendar (a weekend or holiday): "
             "the session before it is 2024-07-03",
         ),
-        ("2024-07-08", ["2024-07-08"], 1, "2 sessions of the XNYS calendar missed since"),
+        (
+            "2024-07-08",
+            ["2024-07-08"],
+            1,
+            "2 sessions of the XNYS calendar before 2024-07-08 have no scored night "
+            "(2024-07-03 .. 2024-07-05), more than the catch-up cap of 1: backfill them first, "
+            "at most 1 session a run (`finpipe run backfill --domain market --start 2024-07-03 "
+            "--end 2024-07-03`",
+        ),
     ],
 )
 def test_a_night_that_cannot_run_says_what_to_do(as_of, validated, cap, message):
@@ -180,7 +201,7 @@ def test_a_night_that_cannot_run_says_what_to_do(as_of, validated, cap, message)
             "market",
             as_of=as_day(as_of) if as_of else None,
             validated=[as_day(day) for day in validated],
-            completed=[dt.date(2024, 7, 2)],
+            scored=[dt.date(2024, 7, 2)],
             calendar=NYSE,
             catch_up=True,
             max_catch_up=cap,
@@ -557,8 +578,9 @@ def test_a_nightly_loads_its_corrections_after_its_inputs_and_rebuilds_from_them
     assert f"retracted whole by {path.name} (batch {second['batch_id']}, validated " in (
         outcome.message
     )
-    with pytest.raises(DateFailed, match=f"retracted whole by {path.name} .*nothing to score"):
-        process_date(storage, market, "market", whole, ["score"])
+    # Whichever steps run: a date without data is "no data", not a failure.
+    alone = process_date(storage, market, "market", whole, ["score"])
+    assert (alone.status, alone.message) == ("no data", outcome.message)
 
 
 def _outputs(storage: Storage, day: dt.date) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -578,6 +600,20 @@ def test_a_record_goes_stale_when_its_data_is_republished(market):
     rows = storage.read_partition("validated", "market", day)
     storage.write_partition("validated", "market", day, rows.iloc[1:])  # a re-delivery
     assert not is_done(storage, "market", day, ALL_STEPS)
+
+
+@pytest.mark.slow
+def test_a_session_without_data_is_no_data_whichever_steps_run(market, base):
+    """Not a failure (it was one without the validate step, and left a failed record)."""
+    storage = Storage(market.home)
+    undelivered = _day(base.files[1])
+    for steps in (["validate", "features"], ["features"], ["features", "score"]):
+        outcome = process_date(storage, market, "market", undelivered, steps, holder="test")
+        assert (outcome.status, outcome.message.split(":")[0]) == (
+            "no data",
+            f"no validated market data for {undelivered}",
+        )
+    assert read_completion(storage, "market", undelivered) is None
 
 
 @pytest.mark.slow
@@ -603,6 +639,36 @@ def test_the_next_nightly_catches_up_missed_nights_in_order(market, base):
     assert summary["predictions"]["date"] == tonight.isoformat()
     assert missed_dates(storage, "market", tonight, NYSE) == []
     assert "## Catch-up (missed nights)" in _summary_text(summary)
+
+
+@pytest.mark.slow
+def test_a_night_catches_up_an_unscored_backfill_date_and_retries_a_failed_one(
+    market, base, monkeypatch
+):
+    from finpipe.flows.backfill import backfill
+    from finpipe.flows.nightly import nightly
+
+    storage = Storage(market.home)
+    last_history = storage.partition_dates("validated", "market")[-1]
+    nightly(as_of=last_history, retrain=False)
+    unscored, locked, tonight = (_day(f) for f in base.files[1:4])
+    deliveries = [str(f) for f in base.files[1:4]]
+    backfill(start=unscored, end=unscored, steps=["validate", "features"], inputs=deliveries)
+    assert missed_dates(storage, "market", tonight, NYSE) == [unscored, locked]
+    monkeypatch.setenv("FINPIPE_LOCK_TIMEOUT_SECONDS", "1")
+    with (
+        partition_lock(market.home, "market", locked.isoformat(), holder="another run"),
+        pytest.raises(BackfillIncomplete, match="the next night tries them again"),
+    ):
+        nightly(as_of=tonight, retrain=False)
+    assert storage.exists(storage.partition_key("predictions", "market", unscored))
+    # The failed date is behind tonight's scored night now, and still caught up.
+    assert missed_dates(storage, "market", tonight, NYSE, look_back=5) == [locked]
+    summary = nightly(as_of=tonight, retrain=False)
+    assert [(c["date"], c["status"]) for c in summary["catch_up"]] == [
+        (locked.isoformat(), "completed")
+    ]
+    assert missed_dates(storage, "market", tonight, NYSE, look_back=5) == []
 
 
 @pytest.mark.slow

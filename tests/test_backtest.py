@@ -95,6 +95,17 @@ def test_bad_parameters_are_config_errors_naming_them(panel):
         _config(days, training={"models": ["xgboost"]})
 
 
+def test_a_backtest_past_the_data_is_refused_naming_where_the_data_ends():
+    """Windows past the last validated date once trained copies of the last model and
+    reported "completed, 0 rows"."""
+    last = dt.date(2022, 4, 1)
+    bt.check_within_data(last, last)
+    with pytest.raises(ConfigError, match="after the last date with validated market data, "):
+        bt.check_within_data(dt.date(2022, 5, 31), last)
+    with pytest.raises(ConfigError, match="ingest the history first"):
+        bt.check_within_data(last, None)
+
+
 # -- point in time -------------------------------------------------------------------------
 def test_no_window_trains_on_a_label_realised_on_or_after_its_retrain_date(panel):
     prices, features, days = panel

@@ -42,6 +42,8 @@ def test_the_nightly_help_names_every_market_candidate():
     assert result.exit_code == 0, result.output
     text = " ".join(result.output.replace("│", " ").split())
     assert "market mlp, gru, tcn (temporal CNN), lgbm (LightGBM), ensemble" in text
+    # The option a refused catch-up names (more missed sessions than the cap).
+    assert "--catch-up --no-catch-up" in text
 
 
 def test_generate_writes_vendor_files_and_the_oracle(tmp_path, home):
@@ -277,8 +279,8 @@ def test_the_summary_counts_predictions_with_thousands_separators(capsys, home):
 @pytest.mark.parametrize(
     ("dates", "said"),
     [
-        (["2024-01-02"], "1 earlier date has"),
-        (["2024-01-02", "2024-01-03"], "2 earlier dates have"),
+        (["2024-01-02"], "1 date has"),
+        (["2024-01-02", "2024-01-03"], "2 dates have"),
     ],
 )
 def test_the_stale_predictions_warning_agrees_with_its_count(monkeypatch, caplog, dates, said):

@@ -4,33 +4,43 @@ backfill's are in test_backfill.py): which date a run works on, which training c
 from __future__ import annotations
 
 import datetime as dt
+import re
 
 import pytest
 
+from finpipe.calendars import calendar_named
 from finpipe.errors import ConfigError
 from finpipe.market.model import MarketTrainingConfig
 from finpipe.planning import run_day, training_config
 
 VALIDATED = [dt.date(2024, 7, 1), dt.date(2024, 7, 2), dt.date(2024, 7, 3)]
+NYSE = calendar_named("XNYS")
 
 
 def test_a_run_works_on_its_date_or_the_latest_validated_one():
-    assert run_day("market", None, VALIDATED) == dt.date(2024, 7, 3)
-    assert run_day("market", None, list(reversed(VALIDATED))) == dt.date(2024, 7, 3)
-    assert run_day("market", dt.date(2024, 7, 5), VALIDATED) == dt.date(2024, 7, 5)
-    assert run_day("market", "2024-07-02", VALIDATED) == dt.date(2024, 7, 2)
+    assert run_day("market", None, VALIDATED, NYSE) == dt.date(2024, 7, 3)
+    assert run_day("market", None, list(reversed(VALIDATED)), NYSE) == dt.date(2024, 7, 3)
+    assert run_day("market", "2024-07-02", VALIDATED, NYSE) == dt.date(2024, 7, 2)
 
 
 @pytest.mark.parametrize(
-    ("as_of", "message"),
+    ("as_of", "validated", "message"),
     [
-        (None, "no validated credit data on or before today"),
-        (dt.date(2024, 7, 5), "no validated credit data on or before 2024-07-05"),
+        (None, [], "no validated credit data on or before today"),
+        (dt.date(2024, 7, 5), [], "no validated credit data on or before 2024-07-05"),
+        # A typo for 2024: a champion tagged as of 2034 would keep every challenger out.
+        (dt.date(2034, 7, 5), VALIDATED, "no validated credit data for 2034-07-05"),
+        (
+            dt.date(2024, 7, 4),
+            VALIDATED,
+            "2024-07-04 is not a session of the XNYS calendar (a weekend or holiday): the "
+            "session before it is 2024-07-03",
+        ),
     ],
 )
-def test_a_run_without_validated_data_says_so(as_of, message):
-    with pytest.raises(ConfigError, match=message):
-        run_day("credit", as_of, [])
+def test_a_run_without_validated_data_for_its_day_says_so(as_of, validated, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run_day("credit", as_of, validated, NYSE)
 
 
 def test_a_runs_training_overrides_give_the_domains_config():

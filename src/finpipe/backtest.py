@@ -252,6 +252,19 @@ class Window:
         return cls(dt.date.fromisoformat(data["retrain"]), dt.date.fromisoformat(data["last"]))
 
 
+def check_within_data(end: dt.date, last_validated: dt.date | None) -> None:
+    """Raise ConfigError when a backtest's `end` is after the last date with validated data:
+    the windows past it would train and score nothing (each retrain a copy of the last)."""
+    if last_validated is None:
+        raise ConfigError("no validated market data yet: ingest the history first")
+    if end > last_validated:
+        raise ConfigError(
+            f"the backtest ends on {end}, after the last date with validated market data, "
+            f"{last_validated}: set end to {last_validated} or earlier, or ingest the "
+            "deliveries after it first"
+        )
+
+
 def plan_windows(sessions: Sequence[dt.date], retrain_every: int) -> list[Window]:
     """Return the windows of `sessions` (in order): a retrain every `retrain_every` sessions
     from the first, each scoring its sessions up to the next retrain."""

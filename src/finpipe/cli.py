@@ -47,7 +47,9 @@ def _echo(message: str) -> None:
 def generate_market(
     out: Annotated[Path, typer.Option(help="Folder to write the delivery files into.")],
     tickers: Annotated[int, typer.Option(min=3, help="Number of tickers.")] = 50,
-    days: Annotated[int, typer.Option(min=100, help="Business days of history.")] = 750,
+    # 60 rows of signal history + the 5-day horizon + 2 x 120 rows a late listing keeps
+    # (finpipe.market.synthetic's own check, which names the figure too).
+    days: Annotated[int, typer.Option(min=305, help="Business days of history.")] = 750,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
     daily_files: Annotated[
         int, typer.Option(min=0, help="Deliver the last N dates as one file each.")
@@ -456,6 +458,13 @@ def run_nightly(
         ),
     ] = None,
     retrain: Annotated[bool, typer.Option(help="Retrain and run promotion.")] = True,
+    catch_up: Annotated[
+        bool,
+        typer.Option(
+            help="First score the sessions missed since the last scored night (and recent "
+            "ones left unscored), up to FINPIPE_BACKFILL_MAX_DATES."
+        ),
+    ] = True,
     rebuild_features: Annotated[bool, typer.Option(help="Recompute all features.")] = False,
     models: Annotated[
         str | None,
@@ -507,6 +516,7 @@ def run_nightly(
         as_of=day,
         inputs=[str(p.resolve()) for p in input or []],
         retrain=retrain,
+        catch_up=catch_up,
         rebuild_features=rebuild_features,
         training=overrides,
         history_dates=history_dates,

@@ -187,12 +187,17 @@ def stale_predictions(storage: Storage, domain: str, features: dict) -> dict | N
     }
 
 
-def completed_dates(storage: Storage, domain: str) -> list[dt.date]:
-    """Return the dates recorded `completed`, in order."""
+def completed_dates(storage: Storage, domain: str, *, scored: bool = False) -> list[dt.date]:
+    """Return the dates recorded `completed` (with the score step among their steps, when
+    `scored`: a backfill of validate and features alone leaves a date unscored), in order."""
     days = []
     for key in storage.list_files(storage.state_key(domain, COMPLETED)):
         name = key.rsplit("/", 1)[-1]
-        if name.endswith(".json") and (storage.read_json(key) or {}).get("status") == "completed":
+        if not name.endswith(".json"):
+            continue
+        record = storage.read_json(key) or {}
+        steps = record.get("steps", [])
+        if record.get("status") == "completed" and (not scored or "score" in steps):
             days.append(as_day(name.removesuffix(".json")))
     return sorted(days)
 
@@ -229,11 +234,12 @@ def plan_backfill(
 
 
 def missed_dates(
-    storage: Storage, domain: str, as_of: dt.date | str, calendar: Calendar
+    storage: Storage, domain: str, as_of: dt.date | str, calendar: Calendar, look_back: int = 0
 ) -> list[dt.date]:
-    """Return the sessions a nightly run missed before `as_of` (`planning.missed_sessions` of
-    the dates recorded complete)."""
-    return missed_sessions(completed_dates(storage, domain), as_day(as_of), calendar)
+    """Return the sessions a nightly run catches up before `as_of` (`planning.missed_sessions`
+    of the dates recorded scored, looking back `look_back` sessions for earlier gaps)."""
+    scored = completed_dates(storage, domain, scored=True)
+    return missed_sessions(scored, as_day(as_of), calendar, look_back=look_back)
 
 
 # -- the unit of work ----------------------------------------------------------------------
@@ -347,7 +353,8 @@ def _process_locked(storage, settings, domain, day, steps, holder, started) -> D
     # (and the date is redone next time) rather than wrongly fresh.
     inputs = partition_fingerprint(storage, domain, day)
     retracted = retraction_of(storage, domain, day) if inputs["validated"] is None else None
-    if inputs["validated"] is None and "validate" in steps:
+    # No data whichever steps run: a backfill of features alone over a holiday is not failed.
+    if inputs["validated"] is None and ("validate" in steps or inputs["features"] is None):
         return DateOutcome(
             day.isoformat(),
             "no data",
@@ -364,11 +371,8 @@ def _process_locked(storage, settings, domain, day, steps, holder, started) -> D
     if inputs["validated"] is not None and "validate" in steps:
         rows = storage.partition_rows("validated", domain, day)
     if inputs["features"] is None and ("features" in steps or "score" in steps):
-        if retracted:
-            cause = f"{retracted}, so there is nothing to score"
-        elif inputs["validated"] is None:
-            cause = "it has no validated data either; ingest its delivery first"
-        elif "features" in steps:
+        # (a date with neither validated data nor features is "no data" above)
+        if "features" in steps:
             cause = "the feature update did not write it; see the build-features task's log"
         else:
             cause = "add the features step"
@@ -533,8 +537,9 @@ def ingest_deliveries(
     return outcomes
 
 
-def failure_summary(outcomes: Iterable[DateOutcome]) -> str | None:
-    """Return one message naming every failed date, or None when none failed."""
+def failure_summary(outcomes: Iterable[DateOutcome], *, redo: str) -> str | None:
+    """Return one message naming every failed date and how they are redone (`redo`), or None
+    when none failed."""
     outcomes = list(outcomes)
     failed = [o for o in outcomes if o.status == "failed"]
     if not failed:
@@ -543,5 +548,5 @@ def failure_summary(outcomes: Iterable[DateOutcome]) -> str | None:
     more = f" (and {len(failed) - 5} more)" if len(failed) > 5 else ""
     return (
         f"{len(failed)} of {len(outcomes)} dates failed: {details}{more}. The other dates are "
-        "done and recorded; fix the cause and run the same backfill again to redo only these."
+        f"done and recorded; {redo}."
     )

@@ -21,6 +21,7 @@ from finpipe.domains import get_domain
 from finpipe.errors import ConfigError
 from finpipe.settings import describe_invalid
 from finpipe.storage import as_day
+from finpipe.text import counted
 
 Step = Literal["validate", "features", "score"]
 ALL_STEPS: tuple[Step, ...] = ("validate", "features", "score")
@@ -41,19 +42,25 @@ def scheduled_day(moment: dt.datetime, timezone: ZoneInfo, calendar: Calendar) -
 
 
 def missed_sessions(
-    completed: Sequence[dt.date], as_of: dt.date, calendar: Calendar
+    scored: Sequence[dt.date], as_of: dt.date, calendar: Calendar, *, look_back: int = 0
 ) -> list[dt.date]:
-    """Return the sessions a nightly run missed before `as_of`, in order.
+    """Return the sessions before `as_of` a nightly run has to catch up, in order.
 
-    Those are the sessions after the last date recorded complete (before `as_of`) that have no
-    completed record. With nothing recorded yet there is nothing to catch up.
+    `scored`: the dates recorded complete with their predictions. Those missed are every
+    session after the last scored date before `as_of`, and, of the last `look_back` sessions
+    before `as_of`, those after the first scored date that have no such record: a date whose
+    catch-up failed, whose delivery came late, or that a backfill recorded without scoring is
+    tried again by each night that follows, for `look_back` sessions. With nothing scored yet
+    there is nothing to catch up.
     """
-    recorded = sorted(day for day in completed if day < as_of)
+    recorded = sorted(day for day in scored if day < as_of)
     if not recorded:
         return []
+    before = as_of - dt.timedelta(days=1)
+    since_last = calendar.sessions(recorded[-1] + dt.timedelta(days=1), before)
+    recent = calendar.sessions(recorded[0], before)[-look_back:] if look_back else []
     done = set(recorded)
-    gap = calendar.sessions(recorded[-1] + dt.timedelta(days=1), as_of - dt.timedelta(days=1))
-    return [day for day in gap if day not in done]
+    return sorted({day for day in [*recent, *since_last] if day not in done})
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ def plan_night(
     *,
     as_of: dt.date | None,
     validated: Sequence[dt.date],
-    completed: Sequence[dt.date],
+    scored: Sequence[dt.date],
     calendar: Calendar,
     catch_up: bool,
     max_catch_up: int,
@@ -81,47 +88,62 @@ def plan_night(
     """Return the night to run, or raise ConfigError saying what to do instead.
 
     `validated` holds the dates with validated data up to the run's validation day; with no
-    `as_of` the night runs for the latest of them.
+    `as_of` the night runs for the latest of them. `scored`: the dates recorded complete with
+    their predictions (`missed_sessions`).
     """
+    run_day = _day_with_data(domain, as_of, validated, calendar)
+    missed = missed_sessions(scored, run_day, calendar, look_back=max_catch_up) if catch_up else []
+    if len(missed) > max_catch_up:
+        first_run = calendar.sessions(missed[0], missed[-1])[max_catch_up - 1]
+        sessions = counted(max_catch_up, "session")
+        raise ConfigError(
+            f"{len(missed)} sessions of the {calendar.name} calendar before {run_day} have no "
+            f"scored night ({missed[0]} .. {missed[-1]}), more than the catch-up cap of "
+            f"{max_catch_up}: backfill them first, at most {sessions} a run "
+            f"(`finpipe run backfill --domain {domain} --start {missed[0]} --end {first_run}`, "
+            "then on from there), or raise FINPIPE_BACKFILL_MAX_DATES; or run this night alone "
+            "(`finpipe run nightly --no-catch-up`, or catch_up off in the run form)"
+        )
+    return NightPlan(domain, run_day, tuple(missed), retrain)
+
+
+def run_day(
+    domain: str, as_of: dt.date | str | None, validated: Sequence[dt.date], calendar: Calendar
+) -> dt.date:
+    """Return the date a train or score run works on: `as_of`, else the latest validated date.
+
+    `validated` holds the dates with validated data on or before `as_of`. ConfigError when
+    there are none, or none on `as_of` itself, as for a night: a model trained "as of" a day
+    past its data would be tagged with that day and keep every challenger out until then.
+    """
+    return _day_with_data(domain, as_day(as_of) if as_of else None, validated, calendar)
+
+
+def _day_with_data(
+    domain: str, as_of: dt.date | None, validated: Sequence[dt.date], calendar: Calendar
+) -> dt.date:
+    """Return `as_of`, or the latest validated date without one; ConfigError saying what to
+    do when there is no validated data, or none for `as_of`."""
     if not validated:
         raise ConfigError(
             f"no validated {domain} data on or before {as_of or 'today'}; "
             f"ingest files first (`finpipe ingest {domain} PATH...`)"
         )
-    run_day = as_of or max(validated)
-    if run_day not in set(validated):
-        closed = (
-            ""
-            if calendar.sessions(run_day, run_day)
-            else (
-                f"; {run_day} is not a session of the {calendar.name} calendar (a weekend or "
-                f"holiday): the session before it is {calendar.previous_session(run_day)}"
-            )
+    day = as_of or max(validated)
+    if day in set(validated):
+        return day
+    closed = (
+        ""
+        if calendar.sessions(day, day)
+        else (
+            f"; {day} is not a session of the {calendar.name} calendar (a weekend or "
+            f"holiday): the session before it is {calendar.previous_session(day)}"
         )
-        raise ConfigError(
-            f"no validated {domain} data for {run_day}: its delivery has not been ingested "
-            f"(pass it as inputs or run `finpipe ingest {domain} PATH`){closed}"
-        )
-    missed = missed_sessions(completed, run_day, calendar) if catch_up else []
-    if len(missed) > max_catch_up:
-        raise ConfigError(
-            f"{len(missed)} sessions of the {calendar.name} calendar missed since "
-            f"{missed[0] - dt.timedelta(days=1)}, more than the catch-up cap of {max_catch_up}: "
-            f"run a backfill from {missed[0]} to {missed[-1]} first, or run this night with "
-            "catch_up off"
-        )
-    return NightPlan(domain, run_day, tuple(missed), retrain)
-
-
-def run_day(domain: str, as_of: dt.date | str | None, validated: Sequence[dt.date]) -> dt.date:
-    """Return the date a train or score run works on: `as_of`, else the latest validated date.
-
-    `validated` holds the dates with validated data on or before `as_of`; ConfigError when
-    there are none.
-    """
-    if not validated:
-        raise ConfigError(f"no validated {domain} data on or before {as_of or 'today'}")
-    return as_day(as_of) if as_of else max(validated)
+    )
+    raise ConfigError(
+        f"no validated {domain} data for {day}: its delivery has not been ingested "
+        f"(pass it as inputs or run `finpipe ingest {domain} PATH`){closed}"
+    )
 
 
 def training_config(domain: str, overrides: Mapping[str, object]) -> BaseModel:
