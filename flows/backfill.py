@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from finpipe.flows.parameters import DomainName
 from finpipe.flows.run_setup import (
     RunSetup,
+    check_dask_scheduler,
     date_runner,
     ingest_inputs,
     set_up_run,
@@ -95,6 +96,7 @@ def backfill(
     today = today_in(run.schedule.timezone)
     request = _checked_request(run, start, end, steps, today)
     config = training_config(domain, dict(training))
+    check_dask_scheduler(run.settings.dask_address)  # before any work, not after the features
     ingested = ingest_inputs(run, today)
     features = None
     if "features" in request.steps:
@@ -183,6 +185,7 @@ def _run_dates(
                     "steps": list(request.steps),
                     "holder": run.holder,
                     "lock_timeout": run.lock_timeout,
+                    "store": run.storage.url,
                 },
             )
             futures[day].add_done_callback(lambda _: slots.release())

@@ -4,8 +4,10 @@ delivered files checked, and the run named as a lock holder; and where a backfil
 from __future__ import annotations
 
 import datetime as dt
+import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
+from urllib.parse import urlsplit
 
 from finpipe.tasks.dates import ingest_deliveries
 from prefect import get_run_logger
@@ -102,6 +104,26 @@ def ingest_inputs(run: RunSetup, as_of: dt.date) -> list[dict]:
                 correction=correction,
             )
     return outcomes
+
+
+def check_dask_scheduler(address: str, timeout: float = 5.0) -> None:
+    """Raise ConfigError naming FINPIPE_DASK_ADDRESS when no scheduler answers at `address`
+    (empty: threads, nothing to check): a connection that times out later is a long
+    traceback after the run's first steps are done."""
+    if not address:
+        return
+    parts = urlsplit(address if "://" in address else f"tcp://{address}")
+    try:
+        host, port = parts.hostname, parts.port
+        if not host or not port:
+            raise ValueError("no host:port")
+        socket.create_connection((host, port), timeout=timeout).close()
+    except (OSError, ValueError) as error:
+        raise ConfigError(
+            f"FINPIPE_DASK_ADDRESS={address}: no Dask scheduler answers there ({error}); start "
+            "it (`finpipe stack up` starts the team's) or unset FINPIPE_DASK_ADDRESS to run the "
+            "dates on threads"
+        ) from None
 
 
 def date_runner(settings: Settings, concurrency: int) -> TaskRunner:

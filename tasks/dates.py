@@ -8,7 +8,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from finpipe import date_runs
-from finpipe.errors import FinpipeError
+from finpipe.errors import ConfigError, FinpipeError
 from finpipe.settings import load_settings
 from finpipe.storage import Storage
 from finpipe.text import counted
@@ -96,12 +96,30 @@ def update_features(
 
 
 @task(name="date", task_run_name="{domain}-{day}", **TRANSIENT)
-def process_date(domain: str, day: str, steps: list[str], holder: str, lock_timeout: float) -> dict:
-    """Check, score and record one date under its lock (see finpipe.date_runs.process_date)."""
-    logger = get_run_logger()
+def process_date(
+    domain: str,
+    day: str,
+    steps: list[str],
+    holder: str,
+    lock_timeout: float,
+    store: str | None = None,
+) -> dict:
+    """Check, score and record one date under its lock (see finpipe.date_runs.process_date).
+
+    `store`: the run's storage root (`Storage.url`), given where the task may run in another
+    process (a Dask worker): one whose own FINPIPE_HOME differs refuses the date instead of
+    processing it in another store.
+    """
     settings = load_settings()
+    storage = Storage(settings.home)
+    if store is not None and storage.url != store:
+        raise ConfigError(
+            f"this worker's FINPIPE_HOME is {storage.url}, the run's is {store}: start every "
+            "Dask worker with the run's settings (FINPIPE_HOME and the rest)"
+        )
+    logger = get_run_logger()
     outcome = date_runs.process_date(
-        Storage(settings.home),
+        storage,
         settings,
         domain,
         day,

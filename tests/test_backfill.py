@@ -172,6 +172,33 @@ def test_a_session_left_unscored_behind_the_last_night_is_caught_up_within_the_c
     assert missed_sessions([dt.date(2024, 7, 5)], dt.date(2024, 7, 8), NYSE, look_back=5) == []
 
 
+def test_a_dask_scheduler_that_does_not_answer_is_named_before_any_work():
+    import socket
+
+    from finpipe.flows.run_setup import check_dask_scheduler
+
+    check_dask_scheduler("")  # threads: nothing to check
+    with socket.create_server(("127.0.0.1", 0)) as listening:
+        check_dask_scheduler(f"tcp://127.0.0.1:{listening.getsockname()[1]}")
+        closed = listening.getsockname()[1]
+    for address in (f"tcp://127.0.0.1:{closed}", f"127.0.0.1:{closed}", "tcp://nohost"):
+        with pytest.raises(ConfigError, match=f"FINPIPE_DASK_ADDRESS={address}: no Dask sched"):
+            check_dask_scheduler(address, timeout=2)
+
+
+def test_a_worker_with_another_store_refuses_the_date_instead_of_writing_there(
+    tmp_path, monkeypatch
+):
+    """A Dask worker started with another FINPIPE_HOME once processed the run's dates in its
+    own store ("no data" for each, or predictions written to the wrong one)."""
+    from finpipe.tasks.dates import process_date as date_task
+
+    monkeypatch.setenv("FINPIPE_HOME", str(tmp_path / "elsewhere"))
+    run_store = Storage(tmp_path / "home").url
+    with pytest.raises(ConfigError, match="this worker's FINPIPE_HOME is .*elsewhere, the run"):
+        date_task.fn("market", "2024-01-02", ["validate"], "test", 1.0, store=run_store)
+
+
 @pytest.mark.parametrize(
     ("as_of", "validated", "cap", "message"),
     [

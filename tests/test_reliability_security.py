@@ -76,3 +76,35 @@ def test_cli_rejects_traversal_in_domain_before_any_work(tmp_path):
 )
 def test_uris_are_masked_before_they_are_shown(uri, shown):
     assert redact_uri(uri) == shown
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "host=127.0.0.1 user=finpipe password=pgSECRET42 dbname=locks",  # libpq key=value
+        "postgresql://finpipe:p@sSECRET42@127.0.0.1:5432/locks",  # an unencoded @
+        "mysql://finpipe:pgSECRET42@127.0.0.1/locks",
+    ],
+)
+def test_a_lock_database_setting_whose_password_could_leak_is_refused_without_it(url, monkeypatch):
+    """The key=value form once put its password into every busy-lock message and the run's
+    state; an unencoded @ into a resolver error ("failed to resolve host 'sSECRET42@...'")."""
+    from finpipe.settings import load_settings
+
+    monkeypatch.setenv("FINPIPE_LOCKS_URL", url)
+    with pytest.raises(ConfigError, match="FINPIPE_LOCKS_URL='\\*\\*\\*': should be a post") as e:
+        load_settings()
+    assert "SECRET42" not in str(e.value)
+    good = "postgresql://finpipe:p%40sSECRET42@127.0.0.1:5432/locks"
+    monkeypatch.setenv("FINPIPE_LOCKS_URL", good)
+    assert load_settings().locks_url.get_secret_value() == good
+
+
+def test_lock_messages_name_the_database_never_its_password():
+    from finpipe.pg_locks import redact, where
+
+    url = "postgresql://finpipe:pgSECRET42@db.internal:5433/locks"
+    assert where(url) == "db.internal:5433/locks"
+    assert where("host=db user=x password=pgSECRET42") == "the lock database"
+    leaked = "connection failed: password=pgSECRET42 for finpipe:pgSECRET42@db.internal"
+    assert "SECRET42" not in redact(url, leaked)

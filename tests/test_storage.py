@@ -173,3 +173,23 @@ def test_the_last_dates_are_the_newest_published_ones_within_the_bounds(tmp_path
     assert storage.partition_dates("features", "market", start=days[2], end=days[4]) == days[2:5]
     assert storage.partition_dates("features", "market", start=days[2], last=50) == published[2:]
     assert storage.partition_dates("features", "credit") == []
+
+
+def test_object_store_settings_mistakes_are_one_clear_line(monkeypatch):
+    """Each of these was a traceback, or an error whose reason was dropped."""
+    from finpipe.object_store import _connect, as_storage_error
+    from finpipe.settings import load_settings
+
+    with pytest.raises(ConfigError, match=r"AWS_ENDPOINT_URL='127.0.0.1:8333' needs its scheme"):
+        _connect("127.0.0.1:8333", "", "", "")
+    monkeypatch.setenv("FINPIPE_HOME", "s3://bucket/team//x")
+    with pytest.raises(ConfigError, match="without an empty one"):
+        load_settings()
+    pyarrow_says = OSError(
+        "AWS Error SIGNATURE_DOES_NOT_MATCH during ListObjectsV2: check your key"
+    )
+    error = as_storage_error(pyarrow_says, "cannot read s3://bucket/fp/state")
+    assert str(error) == (
+        "cannot read s3://bucket/fp/state: OSError: AWS Error SIGNATURE_DOES_NOT_MATCH during "
+        "ListObjectsV2: check your key"
+    )

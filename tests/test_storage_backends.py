@@ -333,6 +333,39 @@ def test_a_store_that_does_not_answer_is_a_transient_error_naming_the_object(mon
         assert caught.value.transient and "not-to-be-shown" not in str(caught.value)
 
 
+def test_a_bucket_that_does_not_exist_is_an_error_not_an_empty_store(s3_server, monkeypatch):
+    """A typo in the bucket's name once read as an empty store: "no delivered file yet", and
+    a backfill ending Completed with every date "no data"."""
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    typo = Storage("s3://no-such-bucket-finpipe/fp")
+    with pytest.raises(ConfigError, match="the bucket 'no-such-bucket-finpipe' does not exist"):
+        typo.partition_dates("validated", "market")
+    with pytest.raises(ConfigError, match="does not exist"):
+        typo.list_files("state/market/batches")
+    empty = Storage(f"s3://{s3_server.new_bucket('empty')}/fp")  # exists, holds nothing
+    assert empty.partition_dates("validated", "market") == []
+
+
+def test_a_batch_quarantined_again_keeps_its_report_until_the_new_one_lands(
+    s3_server, bucket, tmp_path, monkeypatch
+):
+    """On disk a quarantine entry is staged and renamed; in a bucket the report is the last
+    object written, and a second quarantine of the batch no longer deletes the first entry
+    before writing (a kill in between left the file without its report)."""
+    for name, value in s3_server.environment().items():
+        monkeypatch.setenv(name, value)
+    store = Storage(f"s3://{bucket}/{uuid.uuid4().hex[:12]}")
+    source = tmp_path / "bad.csv"
+    source.write_text("date,ticker,close\n2024-01-02,A,-1\n")
+    landed = store.land_file("market", source, file_sha256(source))
+    key = store.quarantine_batch("market", "b1", landed, {"run": 1}, file_name="bad.csv")
+    store.write_json = lambda *_: (_ for _ in ()).throw(KeyboardInterrupt)  # killed before it
+    with pytest.raises(KeyboardInterrupt):
+        store.quarantine_batch("market", "b1", landed, {"run": 2}, file_name="bad.csv")
+    assert Storage(store.url).read_json(f"{key}/report.json") == {"run": 1}
+
+
 FAST = {"max_epochs": 2, "models": ["mlp"], "hidden": 8}
 
 

@@ -63,6 +63,19 @@ class S3Connection:
                 time.sleep(0.05 * 2**attempt)  # another create of the key is in flight
         return False  # pragma: no cover (the loop returns or raises)
 
+    def bucket_exists(self, bucket: str) -> bool:
+        """Whether `bucket` exists (one HEAD request; a bucket these credentials may not see
+        counts as existing: its reads say why they fail)."""
+        try:
+            self.client.head_bucket(Bucket=bucket)
+        except Exception as error:
+            if _status(error) == 404:
+                return False
+            if _status(error) == 403:
+                return True
+            raise as_storage_error(error, f"cannot reach s3://{bucket}") from error
+        return True
+
     def get(self, bucket: str, key: str) -> bytes:
         """Return an object's bytes from one GET; FileNotFoundError when there is no such key.
 
@@ -135,7 +148,12 @@ def _connect(endpoint: str, region: str, key_id: str, secret: str) -> S3Connecti
     if key_id and secret:
         options.update(access_key=key_id, secret_key=secret)
     if endpoint:
-        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        if "://" not in endpoint:
+            raise ConfigError(
+                f"AWS_ENDPOINT_URL={endpoint!r} needs its scheme: http://{endpoint} or "
+                f"https://{endpoint}"
+            )
+        parts = urlsplit(endpoint)
         options.update(endpoint_override=parts.netloc, scheme=parts.scheme)
     fs = pafs.S3FileSystem(connect_timeout=5, request_timeout=60, **options)
     client = boto3.client(
@@ -185,6 +203,9 @@ def as_storage_error(error: Exception, what: str) -> StorageError:
         return StoreUnavailable(f"{what}: the object store did not answer ({name}); retry later")
     status = _status(error)
     reason = f"HTTP {status}" if status else name
+    if not status and isinstance(error, OSError) and str(error).strip():
+        # pyarrow's own words, e.g. "AWS Error SIGNATURE_DOES_NOT_MATCH ... check your key"
+        reason = f"{name}: {str(error).strip().splitlines()[0][:300]}"
     detail = getattr(error, "response", {}).get("Error", {}).get("Message") if status else None
     return StorageError(f"{what}: {reason}{f' ({detail})' if detail else ''}")
 

@@ -90,23 +90,28 @@ def parse_application_name(name: str) -> dict[str, str | int | None]:
 
 
 def redact(url: str, message: str) -> str:
-    """Return `message` with the password of `url` masked."""
+    """Return `message` with the password of `url` masked (and any `password=...`)."""
     try:
         password = urlsplit(url).password
     except ValueError:
         password = None
     for secret in filter(None, {password, unquote(password or "")}):
         message = message.replace(secret, "***")
-    return message
+    return _KEY_VALUE_PASSWORD.sub(r"\1***", message)
+
+
+_KEY_VALUE_PASSWORD = re.compile(r"(password\s*=\s*)\S+", re.IGNORECASE)
 
 
 def where(url: str) -> str:
     """Return `host:port/database` of `url`, for messages (no user, no password)."""
     try:
         parts = urlsplit(url)
-        return f"{parts.hostname}:{parts.port or 5432}{parts.path}"
+        if parts.hostname:
+            return f"{parts.hostname}:{parts.port or 5432}{parts.path}"
     except ValueError:
-        return "the lock database"
+        pass
+    return "the lock database"
 
 
 def connect(url: str, name: str):

@@ -8,8 +8,9 @@ import re
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from pydantic import Field, SecretStr, StringConstraints, ValidationError
+from pydantic import Field, SecretStr, StringConstraints, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from finpipe.errors import ConfigError, FinpipeError
@@ -48,6 +49,26 @@ def default_local_home(store_url: str) -> Path:
     scheme, _, rest = store_url.partition("://")
     cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return cache / "finpipe" / scheme.lower() / Path(*[p for p in rest.split("/") if p])
+
+
+# Settings whose values an error message never shows.
+SECRET_FIELDS = frozenset({"locks_url"})
+
+
+def _is_postgres_url(url: str) -> bool:
+    """Whether `url` is a postgresql:// URL that every parser reads alike: one `@` at most
+    (libpq splits `user:p@ss@host` at the first, Python at the last), a host, a valid port."""
+    try:
+        parts = urlsplit(url)
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        return False
+    return (
+        parts.scheme in {"postgresql", "postgres"}
+        and bool(parts.hostname)
+        and parts.netloc.count("@") <= 1
+        and port_ok
+    )
 
 
 # How numeric dates such as 08/01/2024 read (finpipe.delivered_days).
@@ -134,6 +155,26 @@ class Settings(BaseSettings):
         "(processes on one machine); a `postgresql://user:password@host:port/database` URL, "
         "Postgres advisory locks in that database (runs on several machines; finpipe.pg_locks).",
     )
+
+    @field_validator("home")
+    @classmethod
+    def _store_url_has_no_empty_folder(cls, home: str | Path) -> str | Path:
+        if isinstance(home, str) and "//" in home.partition("://")[2].rstrip("/"):
+            raise ValueError("should name a bucket and folders without an empty one (`//`)")
+        return home
+
+    @field_validator("locks_url")
+    @classmethod
+    def _locks_url_is_a_postgres_url(cls, value: SecretStr) -> SecretStr:
+        url = value.get_secret_value()
+        if url and not _is_postgres_url(url):
+            raise ValueError(
+                "should be a postgresql://user:password@host:port/database URL, with @ : / "
+                "? # % in the password percent-encoded (@ as %40); the key=value form is not "
+                "accepted, because finpipe could not keep its password out of messages"
+            )
+        return value
+
     malloc_tuning: bool = Field(
         default=True,
         description="Keep freed memory for reuse instead of unmapping large arrays on every "
@@ -252,7 +293,8 @@ def describe_invalid(error: ValidationError, env_prefix: str | None = None) -> s
         if env_prefix is not None:
             field = (env_prefix + field).upper()
             allowed = _ENVIRONMENT_ALLOWS.get(problem["type"], allowed)
-        problems.append(f"{field}={problem['input']!r}: {allowed}")
+        shown = "'***'" if path[-1] in SECRET_FIELDS else repr(problem["input"])
+        problems.append(f"{field}={shown}: {allowed}")
     return "; ".join(problems)
 
 

@@ -289,9 +289,24 @@ class Storage:
         self.url = f"s3://{rest}"
         self._s3 = connect()
         self.fs = self._s3.fs
+        self._bucket_seen = False
 
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
+
+    def _check_bucket(self) -> None:
+        """Raise ConfigError when the bucket does not exist: a listing finds nothing in a
+        missing bucket as in an empty folder, and a typo in the bucket's name would read as an
+        empty store (every date "no data", runs that succeed). Asked once per Storage."""
+        if self._bucket_seen:
+            return
+        if not self._s3.bucket_exists(self._bucket):
+            raise ConfigError(
+                f"FINPIPE_HOME {self.url}: the bucket {self._bucket!r} does not exist on "
+                f"{self._s3.endpoint}; fix its name, or create it (`finpipe stack up` creates "
+                "the team's)"
+            )
+        self._bucket_seen = True
 
     # -- keys ----------------------------------------------------------------------------
     @staticmethod
@@ -440,6 +455,8 @@ class Storage:
                 return []
         selector = pafs.FileSelector(self._path(key), recursive=False, allow_not_found=True)
         infos = self._remote(lambda: self.fs.get_file_info(selector), key)
+        if not infos:
+            self._check_bucket()
         return [info.base_name for info in infos]
 
     def list_files(self, key: str) -> list[str]:
@@ -447,6 +464,8 @@ class Storage:
         base = self._path(key)
         selector = pafs.FileSelector(base, recursive=True, allow_not_found=True)
         infos = self._remote(lambda: self.fs.get_file_info(selector), key)
+        if not infos and not self.is_local:
+            self._check_bucket()
         cut = len(self._base) + 1
         return sorted(i.path[cut:] for i in infos if i.type == pafs.FileType.File)
 
@@ -806,7 +825,8 @@ class Storage:
         key = self.quarantine_key(domain, batch_id)
         name = _stored_name(file_name or Path(landed).name)
         if not self.is_local:
-            self.delete_folder(key)
+            # Over an earlier entry of the batch, its report stays until the new one replaces
+            # it (the last object written): never an entry without a report, even if killed.
             self._s3.copy(self._bucket, self._object(landed), self._object(f"{key}/{name}"))
             if data_docs is not None and Path(data_docs).exists():
                 self.upload_folder(Path(data_docs), f"{key}/data_docs")
