@@ -30,6 +30,7 @@ from finpipe.date_runs import (
     DateOutcome,
     completed_dates,
     failure_summary,
+    is_done,
 )
 from finpipe.planning import (
     ALL_STEPS,
@@ -111,12 +112,15 @@ def nightly(
     """
     run = set_up_run("nightly", domain, inputs or [], corrections=corrections or [])
     config = training_config(domain, training_overrides(training, history_dates, history_start))
-    if as_of is None and default_as_of == "previous business day":
+    scheduled = as_of is None and default_as_of == "previous business day"
+    if scheduled:
         as_of = _scheduled_as_of(calendar_timezone, domain)
     validate_day = as_day(as_of) if as_of else dt.datetime.now(dt.UTC).date()
     ingested = ingest_inputs(run, validate_day)
     plan = _plan(run, as_of, validate_day, catch_up=catch_up, retrain=retrain)
     run_date = plan.run_day.isoformat()
+    if scheduled and not plan.catch_up and is_done(run.storage, domain, plan.run_day, ALL_STEPS):
+        return _ran_already(domain, run_date, ingested)
     get_run_logger().info("nightly %s for %s", domain, run_date)
     nights = [*(day.isoformat() for day in plan.catch_up), run_date]
     features = update_features(
@@ -167,6 +171,25 @@ def _plan(
         max_catch_up=run.schedule.backfill_max_dates,
         retrain=retrain,
     )
+
+
+def _ran_already(domain: str, run_date: str, ingested: list[dict]) -> dict:
+    """Return (and publish) the summary of a scheduled night whose session was run and scored
+    already from the same data: the morning after a weekday exchange holiday maps to the
+    session before the holiday, as the morning before did. Not retrained or scored again."""
+    skipped = (
+        f"The night of {run_date} ran already, from the same data (the schedule's previous "
+        "session is the one the last scheduled night ran: the day between was not a session). "
+        "Nothing was retrained or scored again; run it with as_of set to redo it."
+    )
+    get_run_logger().info(skipped)
+    summary = {"domain": domain, "as_of": run_date, "ingested": ingested, "skipped": skipped}
+    create_markdown_artifact(
+        key=f"nightly-{domain}-summary",
+        markdown=summary_markdown(summary),
+        description=f"finpipe nightly {domain} {run_date}",
+    )
+    return summary
 
 
 def _caught_up(run: RunSetup, day: dt.date) -> DateOutcome:

@@ -32,6 +32,8 @@ def _features_text(features: dict) -> list[str]:
 def summary_markdown(summary: dict) -> str:
     """Return the run summary as markdown for the Prefect UI."""
     lines = [f"# finpipe nightly: {summary['domain']} as of {summary['as_of']}", ""]
+    if summary.get("skipped"):
+        return "\n".join([*lines, summary["skipped"]])
     lines += ["## Validation", "| file | status | rows | dates |", "|---|---|---|---|"]
     for item in summary["ingested"] or []:
         name = item["source"].rsplit("/", 1)[-1]

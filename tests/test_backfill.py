@@ -714,6 +714,29 @@ def test_a_scheduled_night_runs_for_the_previous_business_day(market):
     )
 
 
+@pytest.mark.slow
+def test_the_scheduled_night_after_a_weekday_holiday_does_not_redo_the_session(market, monkeypatch):
+    """Mon 2022-01-17 (a holiday) 02:00 and Tue 02:00 both map to Fri 14th: the second
+    scheduled night once retrained and re-scored the same session from the same data."""
+    from finpipe.flows import nightly as night
+
+    assert {
+        scheduled_day(dt.datetime(2022, 1, day, 7, 0, tzinfo=dt.UTC), ZoneInfo("UTC"), NYSE)
+        for day in (17, 18)
+    } == {dt.date(2022, 1, 14)}
+    storage = Storage(market.home)
+    last = storage.partition_dates("validated", "market")[-1]
+    monkeypatch.setattr(night, "_scheduled_as_of", lambda timezone, domain: last)
+    first = night.nightly(default_as_of="previous business day", retrain=False)
+    assert "skipped" not in first and first["predictions"]["date"] == last.isoformat()
+    scored = storage.partition_file("predictions", "market", last).stat().st_mtime_ns
+    again = night.nightly(default_as_of="previous business day", retrain=False)
+    assert again["skipped"].startswith(f"The night of {last} ran already, from the same data")
+    assert storage.partition_file("predictions", "market", last).stat().st_mtime_ns == scored
+    # Asked for by date, it runs.
+    assert "skipped" not in night.nightly(as_of=last, retrain=False)
+
+
 def _summary_text(summary: dict) -> str:
     from finpipe.flows.nightly import summary_markdown
 
