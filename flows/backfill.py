@@ -134,7 +134,7 @@ def backfill(
         ),
     )
     if failures:
-        raise BackfillIncomplete(failures)
+        raise BackfillIncomplete(failures, results)
     return {
         "domain": domain,
         "start": request.start.isoformat(),

@@ -119,7 +119,9 @@ def nightly(
     ingested = ingest_inputs(run, validate_day)
     plan = _plan(run, as_of, validate_day, catch_up=catch_up, retrain=retrain)
     run_date = plan.run_day.isoformat()
-    if scheduled and not plan.catch_up and is_done(run.storage, domain, plan.run_day, ALL_STEPS):
+    # (its catch-up too: the night that ran it tried those dates from the same data; a date
+    # that stays unscored, e.g. one never delivered, would otherwise rerun every such night)
+    if scheduled and is_done(run.storage, domain, plan.run_day, ALL_STEPS):
         return _ran_already(domain, run_date, ingested)
     get_run_logger().info("nightly %s for %s", domain, run_date)
     nights = [*(day.isoformat() for day in plan.catch_up), run_date]
@@ -180,7 +182,7 @@ def _ran_already(domain: str, run_date: str, ingested: list[dict]) -> dict:
     skipped = (
         f"The night of {run_date} ran already, from the same data (the schedule's previous "
         "session is the one the last scheduled night ran: the day between was not a session). "
-        "Nothing was retrained or scored again; run it with as_of set to redo it."
+        "Nothing was retrained, scored or caught up again; run it with as_of set to redo it."
     )
     get_run_logger().info(skipped)
     summary = {"domain": domain, "as_of": run_date, "ingested": ingested, "skipped": skipped}

@@ -737,6 +737,26 @@ def test_the_scheduled_night_after_a_weekday_holiday_does_not_redo_the_session(m
     assert "skipped" not in night.nightly(as_of=last, retrain=False)
 
 
+@pytest.mark.slow
+def test_a_backfill_with_a_failed_date_prints_every_dates_line_then_the_error(market, base):
+    """`finpipe run backfill` once printed only the error when a date failed."""
+    from typer.testing import CliRunner
+
+    from finpipe.cli import app
+
+    storage = Storage(market.home)
+    done = storage.partition_dates("validated", "market")[-1]  # it has features
+    ingest_file(storage, MARKET_CONTRACT, base.files[1], as_of=TODAY)  # this one has none
+    unbuilt = _day(base.files[1])
+    arguments = ["run", "backfill", "--start", str(done), "--end", str(unbuilt), "--no-retrain"]
+    result = CliRunner().invoke(app, [*arguments, "--steps", "score"])
+    # (`finpipe.cli.main` turns the error into its one line and exit status 2)
+    assert isinstance(result.exception, BackfillIncomplete), result.output
+    lines = [line for line in result.output.splitlines() if line[:4].isdigit()]
+    assert lines[0].startswith(f"{done}  completed")
+    assert lines[1].startswith(f"{unbuilt}  failed") and "add the features step" in lines[1]
+
+
 def _summary_text(summary: dict) -> str:
     from finpipe.flows.nightly import summary_markdown
 

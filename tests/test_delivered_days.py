@@ -74,3 +74,30 @@ def test_other_forms_read_value_by_value_and_what_is_no_date_is_named():
 
 def test_a_date_that_does_not_exist_is_named():
     assert _read(["31/02/2024", "15/01/2024"]) == ([None, "2024-01-15"], ["31/02/2024", None])
+
+
+def test_two_digit_years_follow_the_same_order_as_the_column():
+    # Once read value by value: 08/01/24 became 1 August beside 13 January.
+    assert _read(["08/01/24", "09/01/24", "13/01/24"])[0] == [
+        "2024-01-08",
+        "2024-01-09",
+        "2024-01-13",
+    ]
+    assert _read(["08/01/24"], "dmy")[0] == ["2024-01-08"]
+    assert _read(["12/31/99", "01/02/68"])[0] == ["1999-12-31", "2068-01-02"]  # as %y reads
+
+
+def test_a_column_of_one_odd_value_among_iso_dates_reads_each_distinct_value_once():
+    values = ["2024-01-08"] * 3 + ["n/a", "2024-01-09", None]
+    days, problems = _read(values)
+    assert days == ["2024-01-08"] * 3 + [None, "2024-01-09", None]
+    assert problems == [None] * 3 + ["n/a", None, None]
+
+
+def test_tickers_with_characters_no_screen_shows_are_refused():
+    from finpipe.market.schema import _tickers
+
+    names = ["AAPL", "AAPL\u00ad", "AAPL\u034f", "AAPL\u180e", "AB\u00a0C", " brk.b ", "7203.T", ""]
+    tickers, problems = _tickers(pd.Series(names, dtype="string"))
+    assert tickers.tolist() == ["AAPL", pd.NA, pd.NA, pd.NA, pd.NA, "BRK.B", "7203.T", pd.NA]
+    assert problems.notna().tolist() == [False, True, True, True, True, False, False, False]

@@ -95,9 +95,15 @@ def test_a_lock_database_setting_whose_password_could_leak_is_refused_without_it
     with pytest.raises(ConfigError, match="FINPIPE_LOCKS_URL='\\*\\*\\*': should be a post") as e:
         load_settings()
     assert "SECRET42" not in str(e.value)
-    good = "postgresql://finpipe:p%40sSECRET42@127.0.0.1:5432/locks"
-    monkeypatch.setenv("FINPIPE_LOCKS_URL", good)
-    assert load_settings().locks_url.get_secret_value() == good
+    for good in (
+        "postgresql://finpipe:p%40sSECRET42@127.0.0.1:5432/locks",
+        "postgres://finpipe@db.internal/locks?sslmode=require",
+        "postgresql:///locks?host=/var/run/postgresql",  # a Unix socket
+        "postgresql://u:p@db1:5432,db2:5432/locks?target_session_attrs=read-write",
+        "postgresql://u:p@[::1]:5432/locks",
+    ):
+        monkeypatch.setenv("FINPIPE_LOCKS_URL", good)
+        assert load_settings().locks_url.get_secret_value() == good
 
 
 def test_lock_messages_name_the_database_never_its_password():

@@ -360,10 +360,15 @@ def test_a_batch_quarantined_again_keeps_its_report_until_the_new_one_lands(
     source.write_text("date,ticker,close\n2024-01-02,A,-1\n")
     landed = store.land_file("market", source, file_sha256(source))
     key = store.quarantine_batch("market", "b1", landed, {"run": 1}, file_name="bad.csv")
-    store.write_json = lambda *_: (_ for _ in ()).throw(KeyboardInterrupt)  # killed before it
+    killed = Storage(store.url)
+    killed.write_json = lambda *_: (_ for _ in ()).throw(KeyboardInterrupt)  # before the report
     with pytest.raises(KeyboardInterrupt):
-        store.quarantine_batch("market", "b1", landed, {"run": 2}, file_name="bad.csv")
-    assert Storage(store.url).read_json(f"{key}/report.json") == {"run": 1}
+        killed.quarantine_batch("market", "b1", landed, {"run": 2}, file_name="bad.csv")
+    assert store.read_json(f"{key}/report.json") == {"run": 1}
+    # Once the new report lands, nothing of the earlier entry is left beside it.
+    store.quarantine_batch("market", "b1", landed, {"run": 3}, file_name="bad (2).csv")
+    assert store.list_files(key) == [f"{key}/bad_2_.csv", f"{key}/report.json"]
+    assert store.read_json(f"{key}/report.json") == {"run": 3}
 
 
 FAST = {"max_epochs": 2, "models": ["mlp"], "hidden": 8}

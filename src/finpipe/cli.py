@@ -563,19 +563,28 @@ def run_backfill(
         calendar=schedule.calendar(domain),
     )
     allowed_inputs(input or [], settings.input_roots())
+    from finpipe.date_runs import BackfillIncomplete
     from finpipe.flows.backfill import backfill
 
-    summary = backfill(
-        domain=domain,
-        start=request.start,
-        end=request.end,
-        steps=request.steps,
-        retrain=retrain,
-        concurrency=concurrency,
-        force=force,
-        inputs=list(input or []),
-    )
-    for item in summary["dates"]:
+    try:
+        summary = backfill(
+            domain=domain,
+            start=request.start,
+            end=request.end,
+            steps=request.steps,
+            retrain=retrain,
+            concurrency=concurrency,
+            force=force,
+            inputs=list(input or []),
+        )
+    except BackfillIncomplete as incomplete:  # every date's line, then the error's
+        _echo_dates([outcome.to_dict() for outcome in incomplete.outcomes])
+        raise
+    _echo_dates(summary["dates"])
+
+
+def _echo_dates(dates: list[dict]) -> None:
+    for item in dates:
         status, rows = item["status"], item["rows"]
         typer.echo(f"{item['date']}  {status:<12} {rows:>8,} rows  {item['message']}")
 

@@ -282,7 +282,15 @@ class DateFailed(FinpipeError):
 
 
 class BackfillIncomplete(FinpipeError):
-    """Some dates of a backfill failed; the others are done and recorded."""
+    """Some dates of a backfill failed; the others are done and recorded. `outcomes`: every
+    date's, in order (what the command line prints before the error)."""
+
+    def __init__(self, message: str, outcomes: Iterable[DateOutcome] = ()) -> None:
+        super().__init__(message)
+        self.outcomes = list(outcomes)
+
+    def __reduce__(self):  # keep the outcomes when Prefect pickles the flow's exception
+        return (type(self), (str(self), self.outcomes))
 
 
 def outcome_from_record(record: dict) -> DateOutcome:

@@ -8,7 +8,6 @@ import re
 import sys
 from pathlib import Path
 from typing import Annotated, Literal
-from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, StringConstraints, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -57,18 +56,11 @@ SECRET_FIELDS = frozenset({"locks_url"})
 
 def _is_postgres_url(url: str) -> bool:
     """Whether `url` is a postgresql:// URL that every parser reads alike: one `@` at most
-    (libpq splits `user:p@ss@host` at the first, Python at the last), a host, a valid port."""
-    try:
-        parts = urlsplit(url)
-        port_ok = parts.port is None or parts.port > 0
-    except ValueError:
-        return False
-    return (
-        parts.scheme in {"postgresql", "postgres"}
-        and bool(parts.hostname)
-        and parts.netloc.count("@") <= 1
-        and port_ok
-    )
+    (libpq splits `user:p@ss@host` at the first, Python at the last). Any host form libpq
+    takes goes: none (its default socket), `?host=/var/run/postgresql`, several hosts."""
+    scheme, _, rest = url.partition("://")
+    netloc = rest.split("/", 1)[0].split("?", 1)[0]
+    return scheme.lower() in {"postgresql", "postgres"} and netloc.count("@") <= 1
 
 
 # How numeric dates such as 08/01/2024 read (finpipe.delivered_days).

@@ -828,9 +828,19 @@ class Storage:
             # Over an earlier entry of the batch, its report stays until the new one replaces
             # it (the last object written): never an entry without a report, even if killed.
             self._s3.copy(self._bucket, self._object(landed), self._object(f"{key}/{name}"))
-            if data_docs is not None and Path(data_docs).exists():
+            docs = data_docs is not None and Path(data_docs).exists()
+            if data_docs is not None and docs:
                 self.upload_folder(Path(data_docs), f"{key}/data_docs")
             self.write_json(f"{key}/report.json", report)
+            # then what the earlier entry left: its copy under another name, its Data Docs
+            kept = {f"{key}/{name}", f"{key}/report.json"}
+            stale = [
+                found
+                for found in self.list_files(key)
+                if found not in kept and not (docs and found.startswith(f"{key}/data_docs/"))
+            ]
+            if stale:
+                self._s3.delete(self._bucket, [self._object(found) for found in stale])
             return key
         final = Path(self._path(key))
         staging = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import unicodedata
 
 import numpy as np
 import pandas as pd
@@ -94,20 +95,30 @@ def normalise_market_frame(
 PARSE_ERRORS = "parse_errors"
 
 
-# Characters no one types into a ticker and no screen shows: controls, zero-width and
-# direction marks, word joiners, the byte-order mark. `AAPL\u200b` would be a second AAPL.
-_INVISIBLE = re.compile(r"[\x00-\x1f\x7f\u200b-\u200f\u2028-\u202f\u2060-\u206f\ufeff]")
+# Characters no one types into a ticker and no screen shows (Unicode controls, format
+# characters such as zero-width spaces, soft hyphens and direction marks, combining marks,
+# separators other than the space): `AAPL\u200b` would be a second AAPL.
+_INVISIBLE = frozenset({"Cc", "Cf", "Cn", "Co", "Cs", "Mn", "Me", "Zl", "Zp"})
 
 
 def _tickers(values: pd.Series) -> tuple[pd.Series, pd.Series]:
     """Return (ticker stripped and upper-cased, <NA> where blank; the text of those holding
-    invisible characters, reported unparsed)."""
+    invisible characters, reported unparsed). Each distinct value is looked at once."""
     ticker = values.astype("string").str.strip().str.upper()
     ticker = ticker.mask(ticker == "")
-    hidden = ticker.str.contains(_INVISIBLE, na=False)
+    codes, names = pd.factorize(ticker)
+    hidden_names = np.array([_has_invisible(str(name)) for name in names], dtype=bool)
+    hidden = pd.Series(hidden_names[codes.clip(min=0)] & (codes >= 0), index=values.index)
     problems = pd.Series(pd.NA, index=values.index, dtype="string")
     problems[hidden] = [f"{ascii(text)} (invisible characters)" for text in ticker[hidden]]
     return ticker.mask(hidden), problems
+
+
+def _has_invisible(name: str) -> bool:
+    return any(
+        unicodedata.category(character) in _INVISIBLE or character.isspace() and character != " "
+        for character in name
+    )
 
 
 def _unparsed(raw: pd.Series, parsed: pd.Series) -> pd.Series:
