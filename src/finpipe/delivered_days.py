@@ -42,6 +42,24 @@ def strip_zone(text: pd.Series) -> tuple[pd.Series, pd.Series]:
     return text.str.replace(_ZONE, "", regex=True).str.strip(), has_zone
 
 
+def read_days(text: pd.Series, order: DateOrder) -> tuple[pd.Series, pd.Series, pd.Series]:
+    """Return (the day as written, the delivered text where it did not parse, whether each
+    value had a zone) for stripped `text`: `strip_zone`, then `parse_days`."""
+    local, has_zone = strip_zone(text)
+    parsed, problems = parse_days(local, order)
+    return parsed, problems.mask((problems == local).fillna(False), text), has_zone
+
+
+def unparsed_text(raw: pd.Series, parsed: pd.Series) -> pd.Series:
+    """Return the delivered text where a non-empty value of `raw` failed to parse into
+    `parsed` (else <NA>): what ingest reports under `parseable_values`."""
+    suspects = parsed.isna().to_numpy() & raw.notna().to_numpy()  # blanks too: not failures
+    if raw.dtype.kind in "biufM" or not suspects.any():  # numbers, or every value parsed
+        return pd.Series(pd.NA, index=raw.index, dtype="string")
+    text = raw.astype("string").str.strip()
+    return text.where(suspects & (text != "").fillna(False).to_numpy())
+
+
 def parse_days(text: pd.Series, order: DateOrder = "auto") -> tuple[pd.Series, pd.Series]:
     """Return (the day of each value as datetime64[ns] midnight, unparsed text or <NA>).
 

@@ -17,7 +17,7 @@ import importlib.resources
 import pandas as pd
 
 from finpipe.credit.config import DATE_COLUMN, DELIVERED_ON, LoanBookConfig
-from finpipe.delivered_days import parse_days, strip_zone
+from finpipe.delivered_days import read_days, unparsed_text
 from finpipe.errors import ConfigError, InputFileError
 from finpipe.settings import load_settings
 from finpipe.storage import Storage
@@ -64,7 +64,7 @@ def normalise_credit_frame(
     out[columns.label] = _text(frame[columns.label])
     for column in book.numeric_columns:
         out[column] = pd.to_numeric(_text(frame[column]), errors="coerce").astype("float64")
-        problems[column] = _unparsed(frame[column], out[column])
+        problems[column] = unparsed_text(frame[column], out[column])
     for column in book.categorical_columns:
         out[column] = _text(frame[column])
     out[DELIVERED_ON] = delivered
@@ -96,19 +96,11 @@ def _text(values: pd.Series) -> pd.Series:
     return text.mask(text == "")
 
 
-def _unparsed(raw: pd.Series, parsed: pd.Series) -> pd.Series:
-    """The raw text where a non-empty value failed to parse, else missing."""
-    text = _text(raw)
-    return text.where(parsed.isna().to_numpy() & text.notna().to_numpy())
-
-
 def _parse_dates(values: pd.Series) -> tuple[pd.Series, pd.Series]:
     """Return (the day as written, unparsed text): an offset or zone is dropped, not
     converted, and numeric dates read in one day/month order (`finpipe.delivered_days`)."""
-    text = _text(values)
-    local, _ = strip_zone(text)
-    parsed, problems = parse_days(local, load_settings().date_order)
-    return parsed, problems.mask((problems == local).fillna(False), text)
+    parsed, problems, _ = read_days(_text(values), load_settings().date_order)
+    return parsed, problems
 
 
 # -- the suite ---------------------------------------------------------------------------------

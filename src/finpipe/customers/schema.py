@@ -27,6 +27,7 @@ import numpy as np
 import pandas as pd
 
 from finpipe.customers.config import CustomersConfig
+from finpipe.delivered_days import unparsed_text
 from finpipe.errors import InputFileError
 
 DOMAIN = "customers"
@@ -71,8 +72,8 @@ def normalise_transactions(
         if column in mapping:
             frame[column] = _text(raw[mapping[column]])
     problems = {
-        config.columns.time_column: _unparsed(raw[config.columns.time_column], moment),
-        mapping["amount"]: _unparsed(raw[mapping["amount"]], frame["amount"]),
+        config.columns.time_column: unparsed_text(raw[config.columns.time_column], moment),
+        mapping["amount"]: unparsed_text(raw[mapping["amount"]], frame["amount"]),
     }
     frame.attrs[PARSE_ERRORS] = {
         column: bad.reset_index(drop=True) for column, bad in problems.items() if bad.notna().any()
@@ -101,14 +102,6 @@ def add_transaction_checks(frame: pd.DataFrame, *, allow_refunds: bool) -> pd.Da
 def _text(values: pd.Series) -> pd.Series:
     text = values.astype("string").str.strip()
     return text.mask(text == "").astype("string")
-
-
-def _unparsed(raw: pd.Series, parsed: pd.Series) -> pd.Series:
-    """The delivered text where a value is present but did not parse, else <NA>."""
-    if pd.api.types.is_datetime64_any_dtype(raw) or raw.dtype.kind in "biuf":
-        return pd.Series(pd.NA, index=raw.index, dtype="string")
-    text = _text(raw)
-    return text.where(parsed.isna().to_numpy() & text.notna().to_numpy())
 
 
 def _parse_times(values: pd.Series, date_format: str | None) -> pd.Series:

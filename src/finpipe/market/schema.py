@@ -8,7 +8,7 @@ import unicodedata
 import numpy as np
 import pandas as pd
 
-from finpipe.delivered_days import DateOrder, parse_days, strip_zone
+from finpipe.delivered_days import DateOrder, read_days, unparsed_text
 from finpipe.errors import InputFileError
 from finpipe.settings import load_settings
 
@@ -84,7 +84,7 @@ def normalise_market_frame(
         if column in frame.columns:
             raw_values = frame[column]
             frame[column] = pd.to_numeric(raw_values, errors="coerce").astype("float64")
-            problems[column] = _unparsed(raw_values, frame[column])
+            problems[column] = unparsed_text(raw_values, frame[column])
     frame = frame.reset_index(drop=True)
     frame.attrs[PARSE_ERRORS] = {
         column: bad.reset_index(drop=True) for column, bad in problems.items() if bad.notna().any()
@@ -121,15 +121,6 @@ def _has_invisible(name: str) -> bool:
     )
 
 
-def _unparsed(raw: pd.Series, parsed: pd.Series) -> pd.Series:
-    """Return the raw text where a non-empty value failed to parse (else <NA>)."""
-    suspects = parsed.isna() & raw.notna()  # blank text is among these, and is not a failure
-    if raw.dtype.kind in "biuf" or not suspects.any():  # numbers, or every value parsed
-        return pd.Series(pd.NA, index=raw.index, dtype="string")
-    text = raw.astype("string").str.strip()
-    return text.where(suspects & (text != ""))
-
-
 def _parse_dates(values: pd.Series, order: DateOrder) -> tuple[pd.Series, pd.Series]:
     """Return (trading day, unparsed text) for a column of dates or timestamps.
 
@@ -145,9 +136,7 @@ def _parse_dates(values: pd.Series, order: DateOrder) -> tuple[pd.Series, pd.Ser
             parsed = parsed.dt.tz_localize(None)
         return parsed.dt.normalize().astype("datetime64[ns]"), pd.Series(pd.NA, index=values.index)
     text = values.astype("string").str.strip()
-    local, has_offset = strip_zone(text)
-    parsed, problems = parse_days(local, order)
-    problems = problems.mask((problems == local).fillna(False), text)  # the text as delivered
+    parsed, problems, has_offset = read_days(text, order)
     with_offset, without = int(has_offset.sum()), int((~has_offset & text.notna()).sum())
     if with_offset and without:
         minority = has_offset if with_offset <= without else (~has_offset & text.notna())
