@@ -11,8 +11,9 @@ from typing import Annotated
 
 import typer
 
-from finpipe.errors import FinpipeError
+from finpipe.errors import ConfigError, FinpipeError
 
+RESULTS = Path(__file__).resolve().parent / "results"
 app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
 
 
@@ -45,9 +46,9 @@ def bench(
     nightly_epochs: Annotated[int, typer.Option(min=1, help="max_epochs of the nightly runs.")] = 2,
     torch_threads: Annotated[int, typer.Option(min=1, help="torch.set_num_threads.")] = 1,
     workdir: Annotated[Path | None, typer.Option(help="Scratch folder (default: temp).")] = None,
-    out: Annotated[Path, typer.Option(help="Where latest.json/latest.md go.")] = Path(
-        "benchmarks/results"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="Where latest.json/latest.md go (default: benchmarks/results).")
+    ] = RESULTS,
 ) -> None:
     """Time every stage against its reference at sizes S/4S/16S; write a table and results."""
     from benchmarks.suite import (
@@ -62,7 +63,7 @@ def bench(
     config = BenchConfig(
         domains=list(DOMAINS) if chosen == ["all"] else chosen,
         sizes=[s.strip() for s in sizes.split(",") if s.strip()],
-        repetitions=[int(r) for r in repetitions.split(",") if r.strip()],
+        repetitions=_counts(repetitions),
         stages=[s.strip() for s in stages.split(",") if s.strip()],
         base_tickers=base_tickers,
         base_days=base_days,
@@ -78,6 +79,16 @@ def bench(
     for name in config.domains:
         typer.echo(f"\n{name}\n" + results_table([r for r in records if record_domain(r) == name]))
     typer.echo(f"results: {out / 'latest.json'}, {out / 'latest.md'}")
+
+
+def _counts(text: str) -> list[int]:
+    """Read `--repetitions` (one count, or one per size)."""
+    try:
+        return [int(count) for count in text.split(",") if count.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"--repetitions {text!r}: give whole numbers, one count or one per size (3,3,2)"
+        ) from None
 
 
 def main() -> None:

@@ -41,13 +41,11 @@ early-stops on the validation loss, as before).
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import logging
 import math
 import os
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -61,6 +59,7 @@ import numpy as np
 import pandas as pd
 import typer
 
+from benchmarks.provenance import provenance
 from finpipe.market.candidates import MarketMember, fit_member
 from finpipe.market.ensemble import fit_ensemble
 from finpipe.market.features import (
@@ -75,7 +74,6 @@ from finpipe.market.synthetic import MarketSyntheticConfig, generate_market_pane
 from finpipe.metrics import market_metrics
 from finpipe.training import TimeSplit, time_split
 
-ROOT = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).resolve().parent / "results"
 METRICS = ("ic", "rank_ic", "icir", "rank_icir")
 ICLOSS_MIN_NAMES = 50  # qlib.contrib.meta.data_selection.utils.ICLoss skips smaller dates
@@ -633,20 +631,6 @@ def best_line(records: list[dict[str, Any]]) -> str:
         f"Best by mean test IC: finpipe {best['finpipe']}, Qlib {best['qlib']}; paired "
         f"difference {difference} over {len(both)} seed(s)."
     )
-
-
-def provenance(command: str) -> str:
-    """One line: when, with which command, at which commit (and whether the tree was dirty)."""
-
-    def git(*args: str) -> str:
-        done = subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
-        return done.stdout.strip()
-
-    commit = git("rev-parse", "--short", "HEAD") or "unknown"
-    changed = git("status", "--porcelain", "--untracked-files=no")
-    dirty = " with uncommitted changes" if changed else ""
-    when = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"Measured {when} with `{command}` at commit {commit}{dirty}."
 
 
 def write_results(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import shutil
 import sys
 import time
@@ -217,7 +218,13 @@ def training(work: Path, model: str, epochs: int) -> dict:
         load_training_frame,
     )
     from finpipe.nets import build_net
-    from finpipe.training import Batches, TrainConfig, time_split, train_regressor
+    from finpipe.training import (
+        Batches,
+        TrainConfig,
+        applied_learning_rate,
+        time_split,
+        train_regressor,
+    )
 
     _, storage = use_home(work)
     eve = dt.date.fromisoformat(prepared(work)["eve"])
@@ -247,11 +254,16 @@ def training(work: Path, model: str, epochs: int) -> dict:
     )
 
     def bare(net, rows, targets, epochs):
+        # The rate finpipe's loop applies for this many steps an epoch (a GRU's is scaled
+        # down on a large panel): the same optimisation on both sides.
+        steps = math.ceil(len(rows) / train_config.batch_size)
+        rate = applied_learning_rate(
+            train_config.learning_rate, steps, train_config.full_rate_steps
+        )
         return bare_training_loop(
             net, train.features, rows, targets, validation_rows, validation.targets,
             lookback=train.lookback, batch_size=train_config.batch_size, epochs=epochs,
-            learning_rate=train_config.learning_rate, weight_decay=train_config.weight_decay,
-            seed=train_config.seed,
+            learning_rate=rate, weight_decay=train_config.weight_decay, seed=train_config.seed,
         )  # fmt: skip
 
     # Warm-up, untimed: torch sets up kernels and allocators on first use.
@@ -383,8 +395,22 @@ def _domain_stages(domain: str) -> dict:
     return importlib.import_module(f"benchmarks.{domain}").STAGES
 
 
+USAGE = """usage: python -m benchmarks.stages '{"stage": ..., "work": ..., ...}'
+
+One measurement in this fresh process, as `python -m benchmarks` runs it (not a command for
+people: use `python -m benchmarks --help`). The argument is the JSON request; the result is
+printed on a line starting BENCH-RESULT."""
+
+
 def main() -> None:
-    request = json.loads(sys.argv[1])
+    arguments = sys.argv[1:]
+    if len(arguments) != 1 or arguments[0] in ("-h", "--help"):
+        print(USAGE)
+        raise SystemExit(0 if arguments in (["-h"], ["--help"]) else 2)
+    try:
+        request = json.loads(arguments[0])
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"error: the request is not JSON ({error})\n{USAGE}") from None
     result = run_stage(**request)
     print("BENCH-RESULT " + json.dumps(result, default=str), flush=True)
 

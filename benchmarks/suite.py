@@ -9,6 +9,7 @@ pair run back to back on the same data), then the median of those ratios.
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -19,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from benchmarks.provenance import provenance
 from finpipe.errors import ConfigError
 
 # S = 500 tickers x 2,520 trading days (10 years) ~ 1.26M rows. Larger sizes grow the universe
@@ -58,6 +60,13 @@ TARGETS = {
 }
 
 
+# The options besides domains, sizes, stages and repetitions that change what a record measures.
+MEASURE_OPTIONS = (
+    "base_tickers", "base_days", "base_applications", "base_customers", "train_epochs",
+    "nightly_epochs", "torch_threads",
+)  # fmt: skip
+
+
 @dataclass
 class BenchConfig:
     """What `python -m benchmarks` measures and where it writes."""
@@ -81,7 +90,7 @@ class BenchConfig:
     customers_nightly_epochs: int = 30
     torch_threads: int = 1
     workdir: Path = field(default_factory=lambda: Path(tempfile.gettempdir()) / "finpipe-bench")
-    out: Path | None = Path("benchmarks/results")
+    out: Path | None = REPO_ROOT / "benchmarks" / "results"
 
     def __post_init__(self) -> None:
         strange = [d for d in self.domains if d not in DOMAINS]
@@ -93,6 +102,9 @@ class BenchConfig:
         bad = [s for s in self.stages if s not in STAGE_ORDER]
         if bad:
             raise ConfigError(f"unknown stage(s) {bad}; choose from {list(STAGE_ORDER)}")
+        empty = [name for name in ("sizes", "stages", "repetitions") if not getattr(self, name)]
+        if empty:
+            raise ConfigError(f"nothing to measure: no {' and no '.join(empty)} given")
         if len(self.repetitions) not in (1, len(self.sizes)) or min(self.repetitions) < 1:
             raise ConfigError(
                 f"repetitions: give one count (>= 1) or one per size ({len(self.sizes)}), "
@@ -136,6 +148,33 @@ class BenchConfig:
             "credit": self.credit_train_epochs,
             "customers": self.customers_train_epochs,
         }[domain]
+
+    def base(self, domain: str) -> dict[str, int]:
+        """Return what size S is for `domain` in this run (every record carries it)."""
+        if domain == "market":
+            return {"tickers": self.base_tickers, "days": self.base_days}
+        if domain == "credit":
+            return {"applications": self.base_applications}
+        return {"customers": self.base_customers}
+
+    def command(self) -> str:
+        """Return this run's command line, as the results' provenance names it (the options
+        that change what is measured, where they differ from their defaults)."""
+        changed = [
+            f"--{name.replace('_', '-')} {getattr(self, name)}"
+            for name in MEASURE_OPTIONS
+            if getattr(self, name) != getattr(BenchConfig, name)
+        ]
+        return " ".join(
+            [
+                "python -m benchmarks",
+                f"--domain {','.join(self.domains)}",
+                f"--sizes {','.join(self.sizes)}",
+                f"--repetitions {','.join(map(str, self.repetitions))}",
+                *filter(None, [_stages_option(self).strip()]),
+                *changed,
+            ]
+        )
 
     def repetitions_for(self, size: str) -> int:
         if len(self.repetitions) == 1:
@@ -197,6 +236,16 @@ def record_domain(record: dict) -> str:
     return record.get("domain", "market")
 
 
+def record_base(record: dict) -> dict[str, int]:
+    """Return what size S was when `record` was measured; records written before each record
+    said so were all measured at the default shapes."""
+    return record.get("base") or BenchConfig().base(record_domain(record))
+
+
+def _describe(base: dict[str, int]) -> str:
+    return " x ".join(f"{value:,} {name}" for name, value in base.items())
+
+
 def _record(stage, size, rows, pairs, *, repetitions, domain="market", extra=None) -> dict:
     """Return a results record from (finpipe result, reference result) pairs."""
     finpipe_s = [p[0]["seconds"] for p in pairs]
@@ -237,6 +286,7 @@ def run_benchmarks(config: BenchConfig, say: Callable[[str], None] = print) -> l
         or r.get("size") not in config.sizes
         or (r.get("stage") != "prepare" and stage_family(r) not in config.stages)
     ]
+    _check_same_shapes(records, config)
     if config.scores_an_earlier_champion():  # before any work: every folder needs a champion
         for domain in config.domains:
             for size in config.sizes:
@@ -244,13 +294,31 @@ def run_benchmarks(config: BenchConfig, say: Callable[[str], None] = print) -> l
     config.workdir.mkdir(parents=True, exist_ok=True)
     log_file = config.workdir / "bench.log"
     started = time.perf_counter()
+    line = provenance(config.command())
     for domain in config.domains:
         for size in config.sizes:
-            records.extend(_run_size(domain, size, config, log_file, say, records, started))
+            new = _run_size(domain, size, config, log_file, say, records, started, line)
+            records.extend(new)
     records = ordered_records(records)
     if config.out is not None:
         write_results(records, config, config.out, time.perf_counter() - started)
     return records
+
+
+def _check_same_shapes(kept: list[dict], config: BenchConfig) -> None:
+    """Refuse a run whose size S differs from that of the records it would sit beside in
+    `out` (one results file, one shape per domain: a ratio or a memory growth across
+    sizes is only read on one shape)."""
+    for domain in config.domains:
+        theirs = {json.dumps(record_base(r)) for r in kept if record_domain(r) == domain}
+        ours = config.base(domain)
+        if theirs - {json.dumps(ours)}:
+            shapes = "; ".join(_describe(json.loads(base)) for base in sorted(theirs))
+            raise ConfigError(
+                f"{config.out} holds {domain} records measured with S = {shapes}; this run's "
+                f"S is {_describe(ours)}. Pass --out to write this run elsewhere (or the same "
+                "base options to measure that shape)"
+            )
 
 
 def ordered_records(records: list[dict]) -> list[dict]:
@@ -262,9 +330,11 @@ def ordered_records(records: list[dict]) -> list[dict]:
     )
 
 
-def _run_size(domain, size, config, log_file, say, records, started) -> list[dict]:
-    """Prepare one domain's data set at one size, then measure each stage; return the records
-    (written to `out` after each stage, with `records`, so a long run reports as it goes)."""
+def _run_size(domain, size, config, log_file, say, records, started, line) -> list[dict]:
+    """Prepare one domain's data set at one size, then measure each stage; return the records,
+    each stamped with the shape of S and the run's provenance `line` (written to `out` after
+    each stage, with `records`, so a long run reports as it goes)."""
+    stamp = {"base": config.base(domain), "provenance": line}
     work = config.folder(domain, size)
     reps = config.repetitions_for(size)
     label = size if domain == "market" else f"{domain} {size}"
@@ -296,6 +366,7 @@ def _run_size(domain, size, config, log_file, say, records, started) -> list[dic
             # one prepared before that was recorded reports none rather than the reuse's.
             "peak_rss_mb": prepared["details"].get("prepare_peak_rss_mb"),
             "details": prepared["details"],
+            **stamp,
         }
     ]
     for stage in DOMAIN_STAGES[domain]:
@@ -309,7 +380,7 @@ def _run_size(domain, size, config, log_file, say, records, started) -> list[dic
                 {"domain": domain, "stage": stage, "size": size, "size_rows": rows,
                  "error": str(error)}
             ]  # fmt: skip
-        new.extend(measured)
+        new.extend({**record, **stamp} for record in measured)
         if config.out is not None:
             write_results(records + new, config, config.out, time.perf_counter() - started)
     return new
@@ -361,9 +432,13 @@ def _measure(domain, stage, size, rows, reps, config, child, say, work) -> list[
                     )
                 )
                 say(_progress(f"training_{model}", label, rep, reps, pairs[-1]))
+            details = {
+                **pairs[-1][0]["details"],
+                "same_losses": all(same_losses(p[0]["details"]) for p in pairs),
+            }
             record = _record(
                 f"training_{model}", size, rows, pairs, repetitions=reps, domain=domain,
-                extra={"unit": "samples", "details": pairs[-1][0]["details"]},
+                extra={"unit": "samples", "details": details},
             )  # fmt: skip
             record["reference_peak_rss_mb"] = None  # same process as finpipe's loop
             out.append(record)
@@ -412,6 +487,35 @@ def _measure(domain, stage, size, rows, reps, config, child, say, work) -> list[
         }
         (work / ORCHESTRATED_FILE).write_text(json.dumps(facts, indent=2))
     return [_record(stage, size, rows, pairs, repetitions=reps, domain=domain, extra=extra)]
+
+
+def same_losses(details: dict) -> bool:
+    """Return whether finpipe's loop and the bare loop reached the same validation loss every
+    epoch (same net, seed, data and learning rate: the race is the loop's overhead alone)."""
+    ours, theirs = details["finpipe_validation_loss"], details["bare_validation_loss"]
+    return len(ours) == len(theirs) and all(
+        math.isclose(a, b, rel_tol=1e-4, abs_tol=1e-5) for a, b in zip(ours, theirs, strict=True)
+    )
+
+
+def same_work(record: dict) -> bool | None:
+    """Return whether both sides of `record` did the same work, as far as its stage checks
+    it (the same losses in training, verdicts in validation, outputs in features and credit's
+    and customers' scoring); None where the stage checks nothing."""
+    details = record.get("details") or {}
+    losses = "finpipe_validation_loss" in details and "bare_validation_loss" in details
+    checks = [
+        details.get("same_losses", same_losses(details) if losses else None),
+        details.get("same_verdicts"),
+        (details.get("agreement") or {}).get("equal"),
+    ]
+    known = [check for check in checks if check is not None]
+    return all(check is True for check in known) if known else None
+
+
+def like_for_like(record: dict) -> bool:
+    """Return whether no check of `record`'s stage found the two sides doing different work."""
+    return same_work(record) is not False
 
 
 def _verdicts(pairs) -> dict:
@@ -508,6 +612,7 @@ def _domain_checks(measured: list[dict], prefix: str) -> list[dict]:
                 f"{prefix}{what} at {record['size']}: ratio <= 1.0",
                 record["ratio"],
                 TARGETS["features"],
+                record,
             )
         )
     for record in measured:
@@ -517,6 +622,7 @@ def _domain_checks(measured: list[dict], prefix: str) -> list[dict]:
                     f"{prefix}{record['stage']} at {record['size']}: ratio <= 1.15",
                     record["ratio"],
                     TARGETS["training"],
+                    record,
                 )
             )
         if record["stage"] in ("scoring", "validation"):
@@ -526,6 +632,7 @@ def _domain_checks(measured: list[dict], prefix: str) -> list[dict]:
                     f"{prefix}{record['stage']} at {record['size']}: ratio <= {bound}",
                     record["ratio"],
                     bound,
+                    record,
                 )
             )
     for record in largest("orchestration"):
@@ -534,6 +641,7 @@ def _domain_checks(measured: list[dict], prefix: str) -> list[dict]:
                 f"{prefix}Prefect overhead at {record['size']}: ratio <= 1.10",
                 record["ratio"],
                 TARGETS["orchestration"],
+                record,
             )
         )
     stages = sorted({r["stage"] for r in measured if r["stage"] != "prepare"})
@@ -552,7 +660,12 @@ def _domain_checks(measured: list[dict], prefix: str) -> list[dict]:
     return checks
 
 
-def _check(target: str, figure: float | None, bound: float) -> dict:
+def _check(target: str, figure: float | None, bound: float, record: dict | None = None) -> dict:
+    """Judge `figure` against `bound`; a ratio of a race whose sides did different work
+    (`record` not like for like) holds nothing, whatever its figure."""
+    if record is not None and not like_for_like(record):
+        return {"target": f"{target} (sides did different work: see details)", "figure": figure,
+                "holds": False}  # fmt: skip
     return {"target": target, "figure": figure, "holds": figure is not None and figure <= bound}
 
 
@@ -585,20 +698,20 @@ def _fmt(value, digits=2) -> str:
 def results_table(records: list[dict]) -> str:
     """Return the records as a markdown table."""
     head = (
-        "| stage | size | rows | finpipe s | reference s | ratio | finpipe rows/s | "
+        "| stage | size | rows | finpipe s | reference s | ratio | same work | finpipe rows/s | "
         "reference rows/s | peak RSS MB | reference RSS MB |"
     )
-    lines = [head, "|" + "---|" * 10]
+    lines = [head, "|" + "---|" * 11]
     for r in records:
         if "error" in r:
             lines.append(
                 f"| {r['stage']} | {r['size']} | {_fmt(r['size_rows'])} | "
-                f"FAILED: {r['error'][:80]} |||||||"
+                f"FAILED: {r['error'][:80]} ||||||||"
             )
             continue
         lines.append(
             f"| {r['stage']} | {r['size']} | {_fmt(r['size_rows'])} | {_fmt(r['finpipe_s'])} | "
-            f"{_fmt(r['reference_s'])} | {_fmt(r['ratio'])} | "
+            f"{_fmt(r['reference_s'])} | {_fmt(r['ratio'])} | {_same_work(r)} | "
             f"{_fmt(r.get('finpipe_rows_per_s'))} | "
             f"{_fmt(r.get('reference_rows_per_s'))} | {_fmt(r['peak_rss_mb'], 0)} | "
             f"{_fmt(r.get('reference_peak_rss_mb'), 0)} |"
@@ -606,14 +719,19 @@ def results_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _same_work(record: dict) -> str:
+    return {True: "yes", False: "NO", None: "-"}[same_work(record)]
+
+
 def write_results(
-    records: list[dict], config: BenchConfig, out: Path, seconds: float, note: str = ""
+    records: list[dict], config: BenchConfig, out: Path, seconds: float | None, note: str = ""
 ) -> None:
     """Write `latest.json` (the records) and `latest.md` (tables and targets, one section per
     domain) into `out`.
 
     `note` (markdown) goes under the header: how the figures were gathered when that was more
-    than one command."""
+    than one command. `seconds`: the run's length (None: the files are written again from
+    the records, nothing measured)."""
     out.mkdir(parents=True, exist_ok=True)
     records = ordered_records(records)
     (out / "latest.json").write_text(json.dumps(records, indent=2, default=str) + "\n")
@@ -623,19 +741,26 @@ def write_results(
     lines = [
         "# finpipe benchmark results",
         "",
-        f"`python -m benchmarks --domain {','.join(config.domains)} "
-        f"--sizes {','.join(config.sizes)} "
-        f"--repetitions {','.join(map(str, config.repetitions))}{_stages_option(config)}` on "
-        f"{os.cpu_count()} CPU cores "
-        f"(this run); torch threads {config.torch_threads}; {seconds / 60:.1f} min in all. "
-        "Records of domains, sizes and stages not in this run are kept from earlier runs.",
+        (
+            "Written again from `latest.json`, measuring nothing."
+            if seconds is None
+            else f"This run: {os.cpu_count()} CPU cores, torch threads "
+            f"{config.torch_threads}, {seconds / 60:.1f} min in all."
+        )
+        + " Records of domains, sizes and stages not in a run are kept from earlier runs. "
+        "Each record comes from one of these runs:",
+        "",
+        *_provenance_lines(records),
+        "",
         "Figures are medians over repetitions; ratio = finpipe / reference, pair by pair "
-        "(orchestration: Prefect flow / direct calls). Training rows are samples (x epochs).",
+        "(orchestration: Prefect flow / direct calls). Training rows are samples (x epochs). "
+        "`same work` says whether both sides reached the same losses, verdicts or outputs; a "
+        "ratio of sides that did not holds no target.",
         *(["", note] if note else []),
     ]
     for domain in present:
         mine = [r for r in records if record_domain(r) == domain]
-        header = _domain_header(domain, config, _nightly_epochs(mine))
+        header = _domain_header(domain, record_base(mine[0]), config, _nightly_epochs(mine))
         lines += ["", f"## {domain}", "", header, "", results_table(mine)]
     lines += ["", "## Targets", ""]
     for domain in present:
@@ -656,6 +781,29 @@ def write_results(
     for domain in present:
         lines += [*_quality_table(domain, [q for q in quality if q["domain"] == domain]), ""]
     (out / "latest.md").write_text("\n".join(lines))
+
+
+EARLIER_RUNS = "earlier-runs.md"  # in `out`: the runs of the records that carry no provenance
+
+
+def _provenance_lines(records: list[dict]) -> list[str]:
+    """Return one bullet per run the records come from (its provenance line and the domains,
+    sizes and stages it measured), then one for the records from before each carried one."""
+    runs: dict[str, list[str]] = {}
+    for record in records:
+        what = f"{record_domain(record)} {record['size']} {record['stage']}"
+        runs.setdefault(record.get("provenance", ""), []).append(what)
+    lines = [
+        f"- {line} Records: {', '.join(dict.fromkeys(what))}."
+        for line, what in runs.items()
+        if line
+    ]
+    if "" in runs:
+        lines.append(
+            f"- {len(runs[''])} records measured before each record carried its provenance: "
+            f"[{EARLIER_RUNS}]({EARLIER_RUNS}) says which runs they come from."
+        )
+    return lines
 
 
 def _validation_floor_lines(records: list[dict]) -> list[str]:
@@ -720,23 +868,26 @@ def _nightly_epochs(records: list[dict]) -> str | None:
     return ", ".join(map(str, epochs)) if epochs else None
 
 
-def _domain_header(domain: str, config: BenchConfig, nightly: str | None = None) -> str:
-    """Return one line saying what size S is and how the domain's models were trained
-    (`nightly`: the nightly runs' max_epochs as recorded, else this run's setting)."""
+def _domain_header(
+    domain: str, base: dict[str, int], config: BenchConfig, nightly: str | None = None
+) -> str:
+    """Return one line saying what size S is (`base`, as the records say) and how the domain's
+    models were trained (`nightly`: the nightly runs' max_epochs as recorded, else this run's
+    setting)."""
     if domain == "market":
         return (
-            f"S = {config.base_tickers} tickers x {config.base_days} days (4S, 16S: both x2, "
+            f"S = {base['tickers']} tickers x {base['days']} days (4S, 16S: both x2, "
             f"x4); training {config.train_epochs} epoch(s) per repetition; nightly runs "
             f"max_epochs={nightly or config.nightly_epochs}."
         )
     if domain == "credit":
         return (
-            f"S = {config.base_applications:,} loan applications over two years (4S, 16S: x4, "
+            f"S = {base['applications']:,} loan applications over two years (4S, 16S: x4, "
             f"x16); training {config.credit_train_epochs} epochs per repetition; nightly runs "
             f"max_epochs={nightly or config.nightly_epochs} (mlp and logistic)."
         )
     return (
-        f"S = {config.base_customers:,} customers over two years, about 36 transactions each "
+        f"S = {base['customers']:,} customers over two years, about 36 transactions each "
         f"(4S, 16S: x4, x16); training {config.customers_train_epochs} epochs per repetition; "
         f"nightly runs max_epochs={nightly or config.customers_nightly_epochs}. Feature rows are "
         "the transactions the snapshot reads; its reference is Polars."

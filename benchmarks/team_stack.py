@@ -34,13 +34,17 @@ import contextlib
 import datetime as dt
 import json
 import os
+import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+from benchmarks.provenance import provenance
 
 SIDES = ("embedded", "stack")
 ROOT = Path(__file__).resolve().parents[1]
@@ -313,9 +317,7 @@ def forget_dates() -> None:
 
 
 def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else round(sum(ordered[middle - 1 :]) / 2, 2)
+    return round(statistics.median(values), 2)
 
 
 def one(arguments: list[str]) -> None:
@@ -369,8 +371,10 @@ def main() -> None:
     try:
         copied = copy_to_stack(work, stack_dir)
         print(f"copied the history into the bucket in {copied:.0f} s", flush=True)
+        command = f"python -m benchmarks.team_stack {shlex.join(sys.argv[1:])}".strip()
         result: dict[str, object] = {
             "when": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "provenance": provenance(command),
             "size": {"tickers": args.tickers, "days": args.days, "rows": facts.get("rows")},
             "epochs": args.epochs,
             "stack_up_s": round(info.seconds, 1),

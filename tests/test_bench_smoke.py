@@ -12,6 +12,7 @@ import ast
 import importlib
 import importlib.util
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,8 @@ def _benchmarks(*options: str) -> subprocess.CompletedProcess:
 def test_a_run_from_the_command_line_races_the_feature_build_and_writes_results(tmp_path):
     out = tmp_path / "results"
     out.mkdir()
-    (out / "latest.json").write_text(json.dumps([OLD_MARKET_RECORD]))  # another stage's record
+    kept = {**OLD_MARKET_RECORD, "base": {"tickers": 12, "days": 320}}  # another stage's record
+    (out / "latest.json").write_text(json.dumps([kept]))
     done = _benchmarks(
         "--sizes", "S", "--repetitions", "1", "--stages", "features", "--base-tickers", "12",
         "--base-days", "320", "--workdir", str(tmp_path / "work"), "--out", str(out),
@@ -63,7 +65,7 @@ def test_a_run_from_the_command_line_races_the_feature_build_and_writes_results(
     written = json.loads((out / "latest.json").read_text())
     # The validation record of an earlier run is kept; this run adds prepare and features.
     assert [r["stage"] for r in written] == ["prepare", "validation", "features"]
-    assert written[1] == OLD_MARKET_RECORD
+    assert written[1] == kept
     prepare, features = written[0], written[2]
     assert "error" not in features, features.get("error")
     assert prepare["details"]["rows"] == features["size_rows"] > 3000
@@ -78,10 +80,21 @@ def test_a_run_from_the_command_line_races_the_feature_build_and_writes_results(
     agreement = features["details"]["agreement"]
     assert agreement["equal"] is True and agreement["rows"] > 1000
 
-    markdown = (out / "latest.md").read_text()
-    assert "`python -m benchmarks --domain market --sizes S --repetitions 1 --stages features`" in (
-        markdown
+    # Each new record says when, with which command and at which commit it was measured.
+    command = (
+        "python -m benchmarks --domain market --sizes S --repetitions 1 --stages features "
+        "--base-tickers 12 --base-days 320"
     )
+    assert prepare["provenance"] == features["provenance"]
+    assert re.fullmatch(
+        rf"Measured 20\d\d-\d\d-\d\d \d\d:\d\d UTC with `{command}` at commit [0-9a-f]{{7,}}.*\.",
+        features["provenance"],
+    )
+    assert features["base"] == prepare["base"] == {"tickers": 12, "days": 320}
+    markdown = (out / "latest.md").read_text()
+    assert f"- {features['provenance']} Records: market S prepare, market S features." in (markdown)
+    assert "- 1 records measured before each record carried its provenance" in markdown
+    assert "S = 12 tickers x 320 days" in markdown
     assert "| features | S |" in markdown and "## Targets" in markdown
 
 
@@ -89,7 +102,19 @@ def test_bad_options_are_one_line_and_exit_status_2(tmp_path):
     done = _benchmarks("--sizes", "XL", "--workdir", str(tmp_path / "work"))
     assert done.returncode == 2
     assert done.stderr.strip() == "error: unknown size(s) ['XL']; choose from ['S', '4S', '16S']"
-    assert not (tmp_path / "work").exists()
+    out = tmp_path / "results"
+    for options, said in (
+        (["--sizes", ""], "error: nothing to measure: no sizes given"),
+        (["--repetitions", "x"], "error: --repetitions 'x': give whole numbers, one count or"),
+    ):
+        done = _benchmarks(*options, "--workdir", str(tmp_path / "work"), "--out", str(out))
+        assert done.returncode == 2 and done.stderr.startswith(said), done.stderr
+    assert not (tmp_path / "work").exists() and not out.exists()
+    stages = subprocess.run(
+        [sys.executable, "-m", "benchmarks.stages", "--help"],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert stages.returncode == 0 and "python -m benchmarks --help" in stages.stdout
     with pytest.raises(ConfigError, match="one per size"):
         BenchConfig(sizes=["S", "4S"], repetitions=[3, 3, 2])
     with pytest.raises(ConfigError, match="unknown domain"):
@@ -454,3 +479,100 @@ def test_process_cpu_counts_a_child_in_its_own_session_and_groups_by_kind():
         ("python -m finpipe.cli serve --port N", 2, 3.0),
         ("weed server -dir=TMP", 1, 0.5),
     ]
+
+
+def _pair(ours: float, theirs: float, details: dict | None = None) -> tuple[dict, dict]:
+    return (
+        {"seconds": ours, "rows": 100, "peak_rss_mb": 10.0, "details": details or {}},
+        {"seconds": theirs, "rows": 100, "peak_rss_mb": 9.0, "details": {}},
+    )
+
+
+@pytest.mark.unit
+def test_a_ratio_is_the_median_of_the_pairs_ratios():
+    from benchmarks.suite import _record
+
+    record = _record("features", "S", 100, [_pair(2.0, 1.0), _pair(3.0, 1.0), _pair(1.0, 2.0)],
+                     repetitions=3)  # fmt: skip
+    assert record["ratio"] == 2.0  # median of 2, 3 and 0.5; not 6 / 4 = 1.5
+    assert (record["finpipe_s"], record["reference_s"]) == (2.0, 1.0)
+
+
+@pytest.mark.unit
+def test_a_race_whose_sides_did_different_work_holds_no_target():
+    """The training loops must reach the same validation losses, the validation sides the same
+    verdicts: a ratio of two different runs is not finpipe's overhead."""
+    from benchmarks.suite import _verdicts, same_work
+
+    def training(ours: list[float], theirs: list[float]) -> dict:
+        details = {"finpipe_validation_loss": ours, "bare_validation_loss": theirs}
+        return {"stage": "training_gru", "size": "S", "size_rows": 100, "ratio": 1.0,
+                "peak_rss_mb": 1.0, "finpipe_s": 1.0, "reference_s": 1.0,
+                "details": details}  # fmt: skip
+
+    same = training([0.986571, 0.98], [0.986571, 0.98])
+    rate_apart = training([0.981692, 0.97], [0.985687, 0.98])  # the bare loop at another rate
+    rounding = training([0.987669], [0.987668])  # float noise in the sixth decimal
+    assert [same_work(r) for r in (same, rate_apart, rounding)] == [True, False, True]
+    checks = check_targets([same, {**rate_apart, "size": "4S"}])
+    assert [(c["target"], c["holds"]) for c in checks if "ratio" in c["target"]] == [
+        ("training_gru at S: ratio <= 1.15", True),
+        ("training_gru at 4S: ratio <= 1.15 (sides did different work: see details)", False),
+    ]
+    assert "| 1.00 | NO |" in results_table([{**rate_apart, "size": "4S"}])
+
+    def validation(unexpected: dict) -> dict:
+        return {"unexpected": unexpected, "success": {}, "suite_without_docs_s": 0.5}
+
+    agree = [_pair(2.0, 1.0, validation({"close_positive": 3}))]
+    agree[0][1]["details"] = validation({"close_positive": 3})
+    assert _verdicts(agree)["same_verdicts"] is True
+    differ = [_pair(2.0, 1.0, validation({"close_positive": 3}))]
+    differ[0][1]["details"] = validation({"close_positive": 2})
+    verdicts = _verdicts(differ)
+    assert verdicts["same_verdicts"] is False
+    assert verdicts["differing_rules"] == {"close_positive [unexpected]": (3, 2)}
+    record = {"stage": "validation", "size": "S", "size_rows": 100, "ratio": 2.0,
+              "peak_rss_mb": 1.0, "details": verdicts}  # fmt: skip
+    assert [c["holds"] for c in check_targets([record])] == [False]
+
+
+@pytest.mark.unit
+def test_gx_floor_ratio_is_batches_times_the_floor_over_the_references_seconds():
+    from benchmarks.suite import _gx_floor
+
+    def pair(reference_s: float, floor_s: float) -> tuple[dict, dict]:
+        floor = {"with_docs_s": floor_s, "without_docs_s": floor_s / 2, "one_row_passed": True}
+        return _pair(9.0, reference_s, {"gx_batch_floor": floor, "batches": 10})
+
+    floor = _gx_floor([pair(2.0, 0.1), pair(4.0, 0.1), pair(1.0, 0.3)])
+    # Pair by pair: 10 x 0.1 / 2 = 0.5, 10 x 0.1 / 4 = 0.25, 10 x 0.3 / 1 = 3: median 0.5.
+    assert floor["gx_floor_ratio"] == 0.5
+    assert (floor["batches"], floor["gx_batch_floor_s"]) == (10, 0.1)
+
+
+@pytest.mark.unit
+def test_the_team_stack_medians_are_medians_for_any_number_of_pairs():
+    from benchmarks.team_stack import _median
+
+    assert _median([1.10, 1.15, 1.20, 1.03]) == 1.12
+    assert _median([1, 2, 3, 4]) == 2.5
+    assert _median([1.0] * 6) == 1.0
+    assert _median([1.3, 1.1, 1.2]) == 1.2
+
+
+@pytest.mark.unit
+def test_a_run_at_another_shape_is_refused_beside_records_of_the_default_one(tmp_path):
+    """A quick look at 50 x 400 must not land beside 500 x 2,520 records in one table (its
+    memory growth would compare 16S of one shape with S of the other)."""
+    out = tmp_path / "results"
+    out.mkdir()
+    (out / "latest.json").write_text(json.dumps([OLD_MARKET_RECORD]))  # the default shape
+    config = BenchConfig(sizes=["4S"], stages=["features"], base_tickers=50, base_days=400,
+                         workdir=tmp_path / "work", out=out)  # fmt: skip
+    with pytest.raises(ConfigError, match=r"S = 500 tickers x 2,520 days; this run's S is 50"):
+        run_benchmarks(config, say=lambda message: None)
+    assert not (tmp_path / "work").exists()
+    assert json.loads((out / "latest.json").read_text()) == [OLD_MARKET_RECORD]
+    with pytest.raises(ConfigError, match="nothing to measure: no stages"):
+        BenchConfig(stages=[])
