@@ -19,7 +19,7 @@ from finpipe.flows.run_setup import (
     set_up_run,
     warn_of_stale_predictions,
 )
-from finpipe.flows.summaries import backfill_description
+from finpipe.flows.summaries import artifact_key, backfill_description
 from finpipe.tasks.dates import process_date, update_features
 from finpipe.tasks.steps import promote, train
 from prefect import flow, get_run_logger
@@ -127,7 +127,7 @@ def backfill(
     elif retrain:
         logger.warning("retrain skipped: some dates failed")
     create_table_artifact(
-        key=f"backfill-{domain}",
+        key=artifact_key("backfill", domain),
         table=[outcome.table_row() for outcome in results],
         description=backfill_description(
             domain, str(request.start), str(request.end), results, stale

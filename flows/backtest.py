@@ -9,6 +9,7 @@ import time
 from typing import Annotated, Any
 
 from finpipe.flows.run_setup import RunSetup, date_runner, set_up_run
+from finpipe.flows.summaries import artifact_key
 from finpipe.tasks.backtest import backtest_window
 from finpipe.tasks.dates import update_features
 from prefect import flow, get_run_logger
@@ -113,7 +114,7 @@ def backtest(
         *(name, start, end, len(todo), len(plan) - len(todo)),
     )
     report = None
-    artifact_key = f"backtest-{name.replace('_', '-')}"
+    key = artifact_key("backtest", name)
     with backtest_run(run.settings, config) as parent_run_id:
         started = time.perf_counter()
         outcomes = _run_windows(run, config, plan, parent_run_id, concurrency)
@@ -123,9 +124,7 @@ def backtest(
         if not failed:
             report = evaluate_backtest(run.storage, config)
             record_report(report)
-        create_markdown_artifact(
-            key=artifact_key, markdown=report_markdown(config, report, outcomes)
-        )
+        create_markdown_artifact(key=key, markdown=report_markdown(config, report, outcomes))
         if failed:
             raise BacktestIncomplete(
                 f"{len(failed)} of {len(outcomes)} windows failed (first: {failed[0].retrain}: "

@@ -23,23 +23,28 @@ from prefect.schedules import Cron, Schedule
 from prefect.types.entrypoint import EntrypointType
 
 from finpipe.domains import get_domain
+from finpipe.drop_roots import allowed_inputs
 from finpipe.errors import ConfigError
 from finpipe.schedule import ScheduleSettings, check_timezone, load_schedule_settings
+from finpipe.settings import load_settings
 
 DEPLOYMENT_NAMES = ("nightly", "backfill", "train", "score", "backtest")
 TAGS = ["finpipe"]
 
 
 def nightly_schedules(schedule: ScheduleSettings) -> list[Schedule]:
-    """Return one cron schedule per nightly domain; ConfigError for a bad cron, zone or domain.
+    """Return one cron schedule per nightly domain; ConfigError for a bad cron, zone, domain,
+    calendar or delivered files (what every night would otherwise fail on, at 02:00).
 
     Each schedule carries its domain (and that domain's delivered files, if configured) as
     parameters, so one `nightly` deployment runs every domain at the same hour.
     """
     check_timezone(schedule.timezone)
+    _check_nightly_inputs(schedule)
     nights = []
     for domain in schedule.nightly_domains:
         get_domain(domain)
+        schedule.calendar(domain)  # an unknown exchange code
         parameters = {"domain": domain}
         if domain in schedule.nightly_inputs:
             parameters["inputs"] = schedule.nightly_inputs[domain]
@@ -54,6 +59,20 @@ def nightly_schedules(schedule: ScheduleSettings) -> list[Schedule]:
             f"invalid nightly cron {schedule.nightly_cron!r} ({error}); e.g. '0 2 * * 1-5' "
             "is 02:00 Monday to Friday"
         ) from None
+
+
+def _check_nightly_inputs(schedule: ScheduleSettings) -> None:
+    """Raise ConfigError when FINPIPE_NIGHTLY_INPUTS names a domain no night runs (a typo
+    would drop its files silently) or a file outside the drop folders (refused every night)."""
+    strays = sorted(set(schedule.nightly_inputs) - set(schedule.nightly_domains))
+    if strays:
+        raise ConfigError(
+            f"FINPIPE_NIGHTLY_INPUTS names {', '.join(map(repr, strays))}, which no night runs "
+            f"(FINPIPE_NIGHTLY_DOMAINS: {', '.join(schedule.nightly_domains)})"
+        )
+    roots = load_settings().input_roots()
+    for patterns in schedule.nightly_inputs.values():
+        allowed_inputs(patterns, roots)
 
 
 def build_deployments(schedule: ScheduleSettings | None = None) -> list[RunnerDeployment]:

@@ -17,7 +17,7 @@ from finpipe.flows.run_setup import (
     set_up_run,
     warn_of_stale_predictions,
 )
-from finpipe.flows.summaries import summary_markdown
+from finpipe.flows.summaries import artifact_key, summary_markdown
 from finpipe.tasks.dates import process_date, update_features
 from finpipe.tasks.steps import promote, train
 from prefect import flow, get_run_logger
@@ -31,7 +31,9 @@ from finpipe.date_runs import (
     completed_dates,
     failure_summary,
     is_done,
+    read_completion,
 )
+from finpipe.errors import FinpipeError
 from finpipe.planning import (
     ALL_STEPS,
     AsOfRule,
@@ -47,12 +49,19 @@ __all__ = ["nightly", "summary_markdown"]
 
 
 def _run_name() -> str:
-    """Name a run after its domain and date, resolving the scheduled `previous business day`."""
+    """Name a run after its domain and date, resolving the scheduled `previous business day`.
+
+    A setting that cannot resolve it (an unknown timezone or calendar) leaves the date out:
+    the flow itself then fails with the one-line error, where raising here crashed the run
+    before it started."""
     parameters = flow_run.parameters
     domain = parameters.get("domain", "market")
     as_of = parameters.get("as_of")
     if as_of is None and parameters.get("default_as_of") == "previous business day":
-        as_of = _scheduled_as_of(parameters.get("calendar_timezone"), domain)
+        try:
+            as_of = _scheduled_as_of(parameters.get("calendar_timezone"), domain)
+        except FinpipeError:
+            as_of = "scheduled"
     return f"nightly-{domain}-{as_of or 'latest'}"
 
 
@@ -121,7 +130,7 @@ def nightly(
     run_date = plan.run_day.isoformat()
     # (its catch-up too: the night that ran it tried those dates from the same data; a date
     # that stays unscored, e.g. one never delivered, would otherwise rerun every such night)
-    if scheduled and is_done(run.storage, domain, plan.run_day, ALL_STEPS):
+    if scheduled and _night_ran(run, plan.run_day):
         return _ran_already(domain, run_date, ingested)
     get_run_logger().info("nightly %s for %s", domain, run_date)
     nights = [*(day.isoformat() for day in plan.catch_up), run_date]
@@ -147,7 +156,7 @@ def nightly(
         "stale_predictions": warn_of_stale_predictions(run, features),
     }
     create_markdown_artifact(
-        key=f"nightly-{domain}-summary",
+        key=artifact_key("nightly", domain, "summary"),
         markdown=summary_markdown(summary),
         description=f"finpipe nightly {domain} {run_date}",
     )
@@ -175,6 +184,14 @@ def _plan(
     )
 
 
+def _night_ran(run: RunSetup, day: dt.date) -> bool:
+    """Return whether the night of `day` itself (not a backfill, nor a later night's catch-up)
+    completed it with every step, from the data it has now."""
+    done = is_done(run.storage, run.domain, day, ALL_STEPS)
+    record = read_completion(run.storage, run.domain, day) if done else None
+    return record is not None and record.get("holder") == f"nightly-{run.domain}-{day}"
+
+
 def _ran_already(domain: str, run_date: str, ingested: list[dict]) -> dict:
     """Return (and publish) the summary of a scheduled night whose session was run and scored
     already from the same data: the morning after a weekday exchange holiday maps to the
@@ -187,7 +204,7 @@ def _ran_already(domain: str, run_date: str, ingested: list[dict]) -> dict:
     get_run_logger().info(skipped)
     summary = {"domain": domain, "as_of": run_date, "ingested": ingested, "skipped": skipped}
     create_markdown_artifact(
-        key=f"nightly-{domain}-summary",
+        key=artifact_key("nightly", domain, "summary"),
         markdown=summary_markdown(summary),
         description=f"finpipe nightly {domain} {run_date}",
     )

@@ -9,10 +9,11 @@ from pydantic import Field
 
 from finpipe.domains import domain_names
 
-# A drop-down of the domains registered when the flows are imported (the run forms of the
-# deployments a process serves or `prefect deploy` registers). It only shapes the form: a domain
-# registered later in the same process still runs, and `get_domain` refuses an unknown name
-# with the list of known ones.
+# A drop-down of the domains known when the flows are imported: the built-ins and those of
+# installed packages (entry points in `finpipe.domains`), in every process, so the form a
+# deployment registers and the flow runs it starts agree. A domain registered in code later in
+# the same process still runs there, and `get_domain` refuses an unknown name with the list of
+# known ones.
 DomainName = Annotated[str, Field(json_schema_extra={"enum": domain_names()})]
 
 HistoryDates = Annotated[int | None, Field(ge=0)]

@@ -91,7 +91,8 @@ def set_up_run(
 def ingest_inputs(run: RunSetup, as_of: dt.date) -> list[dict]:
     """Land, validate and publish the run's delivered files, then its corrections (their rows
     replacing the published rows they restate: `finpipe.ingest.ingest_file`); none: nothing
-    to do."""
+    to do. A delivered file every row of which is dated after `as_of` (a later session's,
+    found by a late run's glob) is left for its own run, not refused as from the future."""
     outcomes = []
     for paths, correction in ((run.inputs, False), (run.corrections, True)):
         if paths:
@@ -102,6 +103,7 @@ def ingest_inputs(run: RunSetup, as_of: dt.date) -> list[dict]:
                 run.holder,
                 run.lock_timeout,
                 correction=correction,
+                leave_later=not correction,
             )
     return outcomes
 

@@ -6,7 +6,7 @@ import datetime as dt
 
 from finpipe.flows.parameters import DomainName
 from finpipe.flows.run_setup import set_up_run
-from finpipe.flows.summaries import score_markdown
+from finpipe.flows.summaries import artifact_key, score_markdown
 from finpipe.tasks.dates import process_date, update_features
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact
@@ -33,6 +33,7 @@ def score(domain: DomainName = "market", as_of: dt.date | None = None) -> dict:
     update_features(domain, run_date, run.holder, run.lock_timeout)
     outcome = process_date(domain, run_date, list(ALL_STEPS), run.holder, run.lock_timeout)
     create_markdown_artifact(
-        key=f"score-{domain}", markdown=score_markdown(domain, run_date, outcome["predictions"])
+        key=artifact_key("score", domain),
+        markdown=score_markdown(domain, run_date, outcome["predictions"]),
     )
     return outcome

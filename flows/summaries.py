@@ -10,6 +10,12 @@ from finpipe.date_runs import DateOutcome
 from finpipe.text import counted
 
 
+def artifact_key(*parts: str) -> str:
+    """Return a Prefect artifact key from `parts` ("nightly", domain, "summary"): Prefect takes
+    lower-case letters, digits and dashes only, and a domain's name may hold '_'."""
+    return "-".join(parts).replace("_", "-").lower()
+
+
 def _features_text(features: dict) -> list[str]:
     lines = [
         "",

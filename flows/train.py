@@ -7,7 +7,7 @@ from typing import Any
 
 from finpipe.flows.parameters import DomainName, HistoryDates, training_overrides
 from finpipe.flows.run_setup import set_up_run
-from finpipe.flows.summaries import train_markdown
+from finpipe.flows.summaries import artifact_key, train_markdown
 from finpipe.tasks.dates import update_features
 from finpipe.tasks.steps import promote as promote_task
 from finpipe.tasks.steps import train as train_task
@@ -55,6 +55,7 @@ def train(
     if decision:
         get_run_logger().info(decision["reason"])
     create_markdown_artifact(
-        key=f"train-{domain}", markdown=train_markdown(domain, run_date, outcome, decision)
+        key=artifact_key("train", domain),
+        markdown=train_markdown(domain, run_date, outcome, decision),
     )
     return {"domain": domain, "as_of": run_date, "training": outcome, "promotion": decision}

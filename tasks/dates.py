@@ -45,9 +45,11 @@ def ingest_deliveries(
     holder: str,
     lock_timeout: float,
     correction: bool = False,
+    leave_later: bool = False,
 ) -> list[dict]:
     """Land, validate (Great Expectations) and publish each delivered file, under the lock
-    (`correction`: the files restate published rows; `finpipe.ingest.ingest_file`)."""
+    (`correction`: the files restate published rows; `finpipe.ingest.ingest_file`;
+    `leave_later`: files dated after `as_of` wait for their own run)."""
     logger = get_run_logger()
     settings = load_settings()
     return date_runs.ingest_deliveries(
@@ -60,6 +62,7 @@ def ingest_deliveries(
         lock_timeout=lock_timeout,
         progress=logger.info,
         correction=correction,
+        leave_later=leave_later,
     )
 
 

@@ -13,11 +13,22 @@ from finpipe.schedule import load_schedule_settings
 from finpipe.settings import load_settings
 from finpipe.storage import Storage
 
+# Errors of the code or of the data, not of a server or the network: the same inputs fail the
+# same way again (a domain's KeyError, a TypeError, pandas' and pyarrow's ValueErrors).
+_DETERMINISTIC = (
+    LookupError, TypeError, AttributeError, ValueError, NameError, AssertionError, ImportError,
+    NotImplementedError, ArithmeticError,
+)  # fmt: skip
+
 
 def retry_if_transient(task, task_run, state) -> bool:
-    """Retry I/O and connection faults; a finpipe error is retried only if it is transient."""
+    """Retry I/O, connection and server faults: a finpipe error only if it is transient, and
+    never an error of the code or the data (`_DETERMINISTIC`), which would fail again after
+    fitting every candidate again."""
     error = state.result(raise_on_failure=False)
-    return not isinstance(error, FinpipeError) or error.transient
+    if isinstance(error, FinpipeError):
+        return error.transient
+    return not isinstance(error, _DETERMINISTIC)
 
 
 # Idempotency lives in storage (content hashes, partitions replaced whole), not in Prefect's

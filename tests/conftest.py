@@ -375,6 +375,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_reliability_gates.py": ModuleTiers(UNIT),
     "test_repository.py": ModuleTiers(UNIT),
     "test_storage.py": ModuleTiers(UNIT),
+    "test_features_shared.py": ModuleTiers(UNIT),
     "test_delivered_days.py": ModuleTiers(UNIT),
     "test_layout_readers.py": ModuleTiers(UNIT),  # four readers and the migration on tmp files
     "test_training.py": ModuleTiers(
@@ -431,6 +432,14 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     ),
     "test_planning.py": ModuleTiers(UNIT),
     "test_text.py": ModuleTiers(UNIT),
+    "test_domain_seam.py": ModuleTiers(
+        UNIT,
+        by_name={
+            "test_an_installed_domain_is_known_to_the_command_line_and_the_run_forms": (
+                _CHILD_PROCESS
+            )
+        },
+    ),
     # Model fits on small panels (the fitted model is module-wide).
     "test_credit_model.py": ModuleTiers(UNIT, by_fixture={"fitted": FLOW}),
     "test_customers_model.py": ModuleTiers(UNIT, by_fixture={"two_days": FLOW}),

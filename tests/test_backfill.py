@@ -669,6 +669,37 @@ def test_the_next_nightly_catches_up_missed_nights_in_order(market, base):
 
 
 @pytest.mark.slow
+def test_a_late_night_leaves_the_next_sessions_files_for_their_own_nights(market, base):
+    """The night of day 1 runs late (serve was down, or a Retry), when days 2 and 3 have
+    landed too: its glob matched them, and their rows, after its as-of, were quarantined as
+    from the future and the night failed."""
+    from finpipe.flows.nightly import nightly
+
+    storage = Storage(market.home)
+    glob = str(base.files[1].parent / "market_2*.csv")  # the daily files, not the history
+    days = [_day(f) for f in base.files[1:]]
+    first = nightly(as_of=days[0], inputs=[glob], retrain=False, catch_up=False)
+    assert [(Path(i["source"]).name, i["status"]) for i in first["ingested"]] == [
+        (base.files[2].name, "later"), (base.files[3].name, "later"),
+        (base.files[1].name, "validated"),
+    ]  # fmt: skip
+    assert (
+        f"every row is dated {days[1]} or later, after {days[0]}"
+        in (first["ingested"][0]["message"])
+    )
+    assert not storage.list_files("quarantine/market")
+    assert storage.partition_dates("validated", "market")[-1] == days[0]
+    second = nightly(as_of=days[1], inputs=[glob], retrain=False, catch_up=False)
+    statuses = {Path(i["source"]).name: i["status"] for i in second["ingested"]}
+    assert statuses == {
+        base.files[1].name: "already_loaded",
+        base.files[2].name: "validated",
+        base.files[3].name: "later",
+    }
+    assert second["predictions"]["date"] == days[1].isoformat()
+
+
+@pytest.mark.slow
 def test_a_night_catches_up_an_unscored_backfill_date_and_retries_a_failed_one(
     market, base, monkeypatch
 ):
@@ -735,6 +766,14 @@ def test_the_scheduled_night_after_a_weekday_holiday_does_not_redo_the_session(m
     assert storage.partition_file("predictions", "market", last).stat().st_mtime_ns == scored
     # Asked for by date, it runs.
     assert "skipped" not in night.nightly(as_of=last, retrain=False)
+    # A session a backfill scored is not a night that ran: its scheduled night (late, or
+    # retried after the backfill) still runs, retraining and catching up as nights do.
+    from finpipe.flows.backfill import backfill
+
+    earlier = storage.partition_dates("validated", "market")[-2]
+    backfill(start=earlier, end=earlier, force=True)
+    monkeypatch.setattr(night, "_scheduled_as_of", lambda timezone, domain: earlier)
+    assert "skipped" not in night.nightly(default_as_of="previous business day", retrain=False)
 
 
 @pytest.mark.slow
@@ -848,3 +887,44 @@ def test_command_errors_are_one_line_and_exit_status_2(arguments, message, tmp_p
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
     assert "Traceback" not in result.stderr
+
+
+def test_a_bad_timezone_in_the_run_form_leaves_the_run_to_fail_with_its_error(monkeypatch):
+    """Naming the run resolved the scheduled date before the flow started: an unknown
+    timezone there crashed the run ("Process exited with status code: 1") with tracebacks."""
+    from types import SimpleNamespace
+
+    from finpipe.flows import nightly as night
+
+    parameters = {"domain": "market", "default_as_of": "previous business day"}
+    monkeypatch.setattr(
+        night,
+        "flow_run",
+        SimpleNamespace(
+            parameters={**parameters, "calendar_timezone": "Mars/Base"},
+            scheduled_start_time=dt.datetime(2024, 7, 9, 6, 0, tzinfo=dt.UTC),
+        ),
+    )
+    assert night._run_name() == "nightly-market-scheduled"
+    with pytest.raises(ConfigError, match="Mars/Base"):  # what the flow body then raises
+        night._scheduled_as_of("Mars/Base", "market")
+    night.flow_run.parameters["calendar_timezone"] = "UTC"
+    assert night._run_name() == "nightly-market-2024-07-08"
+
+
+def test_serve_refuses_nightly_settings_every_night_would_fail_on(tmp_path, monkeypatch):
+    from finpipe.flows.deployments import nightly_schedules
+
+    from finpipe.schedule import ScheduleSettings
+
+    monkeypatch.setenv("FINPIPE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FINPIPE_DROP_ROOTS", f'["{tmp_path / "drop"}"]')
+    good = {"nightly_domains": ["market"], "timezone": "UTC"}
+    assert len(nightly_schedules(ScheduleSettings(**good))) == 1
+    for bad, said in (
+        ({"calendars": {"market": "XNYZ"}}, "unknown calendar 'XNYZ'"),
+        ({"nightly_inputs": {"markt": [str(tmp_path / "drop/*.csv")]}}, "names 'markt', which"),
+        ({"nightly_inputs": {"market": ["/etc/*.conf"]}}, "outside the drop folders"),
+    ):
+        with pytest.raises(ConfigError, match=said):
+            nightly_schedules(ScheduleSettings(**good, **bad))

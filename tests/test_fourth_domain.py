@@ -25,7 +25,7 @@ from finpipe.domains import (
     register_domain,
     unregister_domain,
 )
-from finpipe.features import FeatureUpdate
+from finpipe.features import FeatureUpdate, update_day_features
 from finpipe.ingest import RawContract
 from finpipe.lifecycle import Candidate, EpochLogger, ModelScore, Predict, Predictions, RunRecord
 from finpipe.settings import Settings
@@ -52,11 +52,18 @@ def _normalise(frame: pd.DataFrame, source: str = "") -> pd.DataFrame:
 
 
 def _suite(storage: Storage) -> dict:
+    """The toy's suite, built in memory (`RawContract.suite_spec`): a domain defined outside
+    finpipe has no file in finpipe's `expectations/`. `meta.domain` names it in messages."""
     rules = [
         {"type": "expect_column_values_to_not_be_null", "kwargs": {"column": column}}
         for column in ("date", "id", "x")
     ]
-    return {"name": "toy_rows", "expectations": rules}
+    return {"name": "toy_rows", "meta": {"domain": NAME}, "expectations": rules}
+
+
+def _features(validated: pd.DataFrame) -> pd.DataFrame:
+    """A toy feature row is its validated row: it depends on its own day only."""
+    return validated[[*KEYS, "x", "y"]]
 
 
 CONTRACT = RawContract(
@@ -179,14 +186,12 @@ class ToyParts:
         progress: Callable[[str], None] | None,
         also: Collection[dt.date] = (),
     ) -> FeatureUpdate:
-        update = FeatureUpdate()  # every validated date gets features: `also` asks none more
-        done = set(storage.partition_dates("features", NAME, end=as_of))
-        for day in storage.partition_dates("validated", NAME, end=as_of):
-            if rebuild or day not in done:
-                rows = storage.read_partition("validated", NAME, day)[[*KEYS, "x", "y"]]
-                storage.write_partition("features", NAME, day, rows)
-                update.add(day, len(rows))
-        return update
+        # Features of a day from that day's rows only: the shared step builds new dates,
+        # rebuilds those a correction restated and removes those it retracted whole; every
+        # validated date has features after it, so `also` asks for none more.
+        return update_day_features(
+            storage, NAME, as_of, _features, rebuild=rebuild, progress=progress
+        )
 
     def prepare_training(
         self,
@@ -300,6 +305,40 @@ def test_a_fourth_domain_runs_through_the_real_nightly_flow(tmp_path, toy_domain
     assert names == sorted(["mean", "mean", "mean", "ols", "ols", "ols", *nightly_runs])
     ols = next(r for r in runs if r.data.tags["mlflow.runName"] == "ols")
     assert {"validation_r2", "test_r2"} <= set(ols.data.metrics)
+
+
+def test_a_correction_reaches_the_toy_domains_features_and_predictions(tmp_path, toy_domain):
+    """A vendor correction that restates a row of a scored date and retracts an earlier date
+    whole: the backfill that loads it scores the restated row from its new value, and the
+    retracted date's features are gone (they would train the next night otherwise)."""
+    from finpipe.flows.backfill import backfill
+    from finpipe.flows.nightly import nightly
+
+    files = _deliveries(tmp_path / "drop")
+    first_day = dt.date.fromisoformat(files[1].stem.removeprefix("toy_"))
+    retracted_day = pd.bdate_range(end=first_day, periods=2)[0].date()
+    fix = tmp_path / "drop" / "toy_fix.csv"
+    restated = [(first_day.isoformat(), "id00", 10.0, 21.0, "false")]
+    retracted = [(retracted_day.isoformat(), f"id{i:02d}", None, None, "true") for i in range(20)]
+    columns = ["date", "id", "x", "y", "retracted"]
+    pd.DataFrame([*restated, *retracted], columns=columns).to_csv(fix, index=False)
+    with finpipe_home(tmp_path / "home") as settings:
+        nightly(domain=NAME, as_of=first_day, inputs=[str(files[0]), str(files[1])])
+        result = backfill(domain=NAME, start=retracted_day, end=first_day, corrections=(str(fix),))
+
+    storage = Storage(settings.home)
+    assert result["features"]["dates_written"] == [first_day.isoformat()]
+    assert result["features"]["dates_removed"] == [retracted_day.isoformat()]
+    assert [(d["date"], d["status"]) for d in result["dates"]] == [
+        (retracted_day.isoformat(), "no data"),
+        (first_day.isoformat(), "completed"),
+    ]
+    assert retracted_day not in storage.partition_dates("features", NAME)
+    features = storage.read_partition("features", NAME, first_day).set_index("id")
+    assert (features.loc["id00", "x"], features.loc["id00", "y"]) == (10.0, 21.0)
+    predictions = storage.read_partition("predictions", NAME, first_day).set_index("id")
+    assert len(predictions) == 20
+    assert predictions.loc["id00", "prediction"] == pytest.approx(21.0, abs=0.5)  # 1 + 2 * 10
 
 
 def test_training_reads_its_data_under_the_history_lock(tmp_path, toy_domain, monkeypatch):

@@ -379,7 +379,9 @@ def test_a_registered_model_naming_a_foreign_loader_is_refused(two_nights, tmp_p
             text = mlmodels[0].read_text()
             assert "loader: finpipe.market.model:FittedMarketModel" in text
             mlmodels[0].write_text(text.replace("loader: finpipe.market.model:", "loader: os:"))
-            with pytest.raises(ScoringError, match="names loader 'os:.*only loads its own"):
+            with pytest.raises(
+                ScoringError, match="names loader 'os:.*loads only its own classes and those of"
+            ):
                 tracking.load_model_version(other, "market", version="1")
     finally:
         mlflow.set_tracking_uri(settings.tracking_uri)

@@ -112,7 +112,7 @@ def test_only_a_champion_that_cannot_read_the_window_loses_its_seat(monkeypatch)
 
     parts = SimpleNamespace(name="toy", promotion_scorer=scorer)
     outcome = SimpleNamespace(challenger_version="2", promotion_metric="ic", run_id=None)
-    evaluate = lifecycle.promote(parts, None, None, outcome)
+    evaluate = lifecycle.promote(parts, SimpleNamespace(url="store"), None, outcome)
     assert evaluate(RegisteredModel("m", "1", "r", fails(KeyError("momentum")))) == -np.inf
     assert evaluate(RegisteredModel("m", "2", "r", lambda: 0.03)) == 0.03
     with pytest.raises(KeyError, match="momentum"):

@@ -801,8 +801,8 @@ def serve(
     schedule = load_schedule_settings(**{k: v for k, v in overrides.items() if v})
     check_prefect_server(url)
     _echo(
-        f"serving nightly ({schedule.nightly_cron}, {schedule.timezone}), backfill, train and "
-        f"score on {url}"
+        f"serving nightly ({schedule.nightly_cron}, {schedule.timezone}), backfill, train, "
+        f"score and backtest on {url}"
     )
     serve_deployments(schedule, limit=limit)
 

@@ -39,7 +39,7 @@ from finpipe.calendars import Calendar
 from finpipe.domains import get_domain
 from finpipe.errors import FinpipeError, ScoringError
 from finpipe.features import definition_change, record_definition
-from finpipe.ingest import SUPERSEDED, ingest_files
+from finpipe.ingest import SUPERSEDED, ingest_files, not_yet_due
 from finpipe.locks import DEFAULT_TIMEOUT_SECONDS, history_lock, partition_lock
 from finpipe.planning import ALL_STEPS, BackfillRequest, check_steps, missed_sessions
 from finpipe.settings import Settings
@@ -525,9 +525,13 @@ def ingest_deliveries(
     lock_timeout: float = DEFAULT_TIMEOUT_SECONDS,
     progress: Callable[[str], None] | None = None,
     correction: bool = False,
+    leave_later: bool = False,
 ) -> list[dict]:
     """Land, validate and publish delivered files in order, under the history lock
     (`correction`: they restate published rows, see `finpipe.ingest.ingest_file`).
+    `leave_later`: a file every row of which is dated after `as_of` is left for the run of its
+    own date (`finpipe.ingest.not_yet_due`), as a run's glob of the drop folder finds the
+    next session's file when the run is late.
 
     Returns one IngestOutcome dict per file; ValidationFailed stops at the first bad file
     (it is quarantined, nothing from it is published).
@@ -536,9 +540,16 @@ def ingest_deliveries(
     say = progress or log.info
     contract = get_domain(domain).contract
     outcomes = []
+    due: list[str | Path] = list(paths)
+    if leave_later:
+        ready, later = not_yet_due(storage, contract, due, as_of)
+        due = list(ready)
+        for outcome in later:
+            say(outcome.message)
+            outcomes.append(outcome.to_dict())
     with history_lock(storage.url, domain, holder=holder, timeout=lock_timeout, on_wait=say):
         for outcome in ingest_files(
-            storage, contract, paths, as_of=as_of, correction=correction, **limit
+            storage, contract, due, as_of=as_of, correction=correction, **limit
         ):
             say(outcome.message)
             outcomes.append(outcome.to_dict())

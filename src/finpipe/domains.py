@@ -5,11 +5,16 @@ A domain's own parts (contract, features, candidate models, metrics, plots) impl
 as a `Domain`, the object the flows, tasks and CLI run. The three built-in domains are listed
 in `_BUILT_IN` and imported lazily, so `finpipe --help` does not pay for PyTorch and MLflow;
 another domain is added with `register_domain(domain)`, without editing this file or the flows.
+An installed package makes its domain known to every finpipe process (the CLI, a deployment's
+flow runs, Dask workers) with an entry point in the group `finpipe.domains`: the domain's name
+= its `Domain` object (`pkg.pipeline:FX`) or a module whose import registers it.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import logging
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,6 +40,10 @@ _BUILT_IN = {
     "customers": "finpipe.customers.pipeline:CUSTOMERS",
 }
 _REGISTERED: dict[str, Domain] = {}
+ENTRY_POINTS = "finpipe.domains"  # the entry-point group of installed domain packages
+# Installed domains whose entry point failed to load, with why (once per process).
+_BROKEN: dict[str, str] = {}
+_plugins_loaded = False
 
 
 class UpdateFeatures(Protocol):
@@ -86,7 +95,7 @@ class Domain:
     update_features: UpdateFeatures
     train: Train  # registers the best candidate as `challenger`
     promote: Promote  # challenger against champion on the same window
-    score: Score  # publishes predictions/<domain>/date=as_of
+    score: Score  # publishes predictions/<domain>/<as_of>
     training_config: type[BaseModel]  # the domain's hyper-parameters (Prefect form, MLflow)
     training_outcome: type[ChallengerOutcome]  # what `train` returns (rebuilt from a dict)
     plan_demo: Callable[[Settings], list[DemoNight]] | None = None  # `finpipe demo`'s nights
@@ -147,14 +156,20 @@ def demo_nights(
 
 
 def domain_names() -> list[str]:
-    """Return the names of every registered domain: the built-ins first (the demo's order)."""
+    """Return the names of every registered domain: the built-ins first (the demo's order),
+    then those registered in this process or by installed packages (`ENTRY_POINTS`)."""
+    load_installed_domains()
     return [*_BUILT_IN, *(name for name in _REGISTERED if name not in _BUILT_IN)]
 
 
 def get_domain(name: str) -> Domain:
-    """Return the registered domain called `name`; ConfigError listing the known ones."""
+    """Return the registered domain called `name`; ConfigError listing the known ones (or,
+    for an installed domain that failed to load, why)."""
+    load_installed_domains()
     if name in _REGISTERED:
         return _REGISTERED[name]
+    if name in _BROKEN:
+        raise ConfigError(f"domain {name!r} is installed but failed to load: {_BROKEN[name]}")
     if name not in _BUILT_IN:
         raise ConfigError(f"unknown domain {name!r}; known domains: {', '.join(domain_names())}")
     module_name, attribute = _BUILT_IN[name].split(":")
@@ -173,12 +188,39 @@ def register_domain(domain: Domain) -> None:
     _REGISTERED[check_name(domain.name)] = domain
 
 
+def load_installed_domains() -> None:
+    """Register the domains of installed packages (entry points in the group `ENTRY_POINTS`),
+    once per process. One that fails to import, or does not register the domain its entry
+    point names, is left out with a warning; asking for it by name says why."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return
+    _plugins_loaded = True
+    for entry in importlib.metadata.entry_points(group=ENTRY_POINTS):
+        try:
+            loaded = entry.load()
+            if isinstance(loaded, Domain):
+                register_domain(loaded)
+            if entry.name not in _REGISTERED:
+                raise ConfigError(f"{entry.value} registered no domain named {entry.name!r}")
+        except Exception as error:  # a broken plugin must not take the built-ins down
+            _BROKEN[entry.name] = f"{type(error).__name__}: {error} (entry point {entry.value})"
+            logging.getLogger(__name__).warning(
+                "finpipe domain %r left out: %s", entry.name, _BROKEN[entry.name]
+            )
+
+
 def unregister_domain(name: str) -> None:
     """Forget a domain added with `register_domain` (the built-ins stay)."""
     _REGISTERED.pop(name, None)
 
 
-def model_code_modules() -> set[str]:
-    """Return the modules outside finpipe whose model classes finpipe may load: those that
-    define a domain registered in this process (its code is already trusted and imported)."""
-    return {domain.code_module for domain in _REGISTERED.values()}
+def trusted_model_module(module_name: str) -> bool:
+    """Return whether finpipe may load a model class from `module_name`: finpipe's own, or
+    the package of a domain registered in this process (its code is already trusted and
+    imported: `fxdom.model` for a domain whose parts are in `fxdom.pipeline`)."""
+    if module_name.startswith("finpipe."):
+        return True
+    load_installed_domains()
+    packages = {domain.code_module.partition(".")[0] for domain in _REGISTERED.values()}
+    return module_name.partition(".")[0] in packages

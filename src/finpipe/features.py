@@ -2,7 +2,12 @@
 
 A domain's features module builds feature frames from validated rows; the pipeline step decides
 which dates need (re)building and publishes one partition per date through the helpers here, so
-every domain's features layer is written and reported the same way.
+every domain's features layer is written and reported the same way. A domain whose feature rows
+depend on their own day's validated rows only (credit, the toy domain of the tests) needs no
+more than `update_day_features`; one whose features read earlier days decides itself which
+days a change reaches: market's lookbacks with `stale_feature_days`, `orphaned_feature_days`,
+`remove_feature_days` and `PartitionWriter`, customers' snapshots of the whole history with
+`history_fingerprints` and `record_inputs`.
 
 Staleness is told by content, not by clocks: `state/<domain>/features_built_from.json` records,
 for each feature partition, the fingerprint (`Storage.partition_fingerprints`) of the validated
@@ -19,7 +24,8 @@ import datetime as dt
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
@@ -27,7 +33,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from finpipe.storage import Storage
+from finpipe.storage import Storage, as_day
 
 
 @dataclass
@@ -211,3 +217,45 @@ class PartitionWriter:
             write.result()
             self._update.add(day, rows)
             self.written.append((day.isoformat(), rows))
+
+
+def update_day_features(
+    storage: Storage,
+    domain: str,
+    as_of: dt.date | str,
+    build: Callable[[pd.DataFrame], pd.DataFrame],
+    *,
+    rebuild: bool = False,
+    progress: Callable[[str], None] | None = None,
+    date_column: str = "date",
+    block_dates: int = 100,
+) -> FeatureUpdate:
+    """Publish the feature partition of every validated date of `domain` up to `as_of` that
+    lacks one or was built from another version of its validated partition (a correction
+    restated it: `stale_feature_days`), all of them with `rebuild`; then remove the features
+    of dates a correction retracted whole (`orphaned_feature_days`). Every validated date has
+    features after it, so a backfill's or catch-up's `also` asks for none more.
+
+    For domains whose feature rows depend on their own day's validated rows only: `build`
+    takes the validated rows of a block of dates (`block_dates` at a time) and returns their
+    feature rows, with `date_column`; rows come out sorted by it, stably, so a `build` that
+    sorts within a date keeps that order.
+    """
+    started = time.perf_counter()
+    as_of = as_day(as_of)
+    update = FeatureUpdate()
+    done = set(storage.partition_dates("features", domain, end=as_of))
+    validated = storage.partition_dates("validated", domain, end=as_of)
+    stale = set() if rebuild else stale_feature_days(storage, domain, validated)
+    todo = [day for day in validated if rebuild or day not in done or day in stale]
+    with PartitionWriter(storage, domain, update, date_column) as writer:
+        for start in range(0, len(todo), block_dates):
+            block = todo[start : start + block_dates]
+            features = build(storage.read_partitions("validated", domain, days=block))
+            writer.publish(features.sort_values(date_column, kind="stable"))
+            if progress:
+                progress(f"features: {start + len(block)}/{len(todo)} dates built")
+    # Last, so a step cut short before it finds them again: their rows must not train or score.
+    remove_feature_days(storage, domain, orphaned_feature_days(storage, domain, as_of), update)
+    update.seconds = round(time.perf_counter() - started, 3)
+    return update

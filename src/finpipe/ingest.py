@@ -83,7 +83,7 @@ class IngestOutcome:
     source: str
     sha256: str
     batch_id: str
-    status: str  # "validated", "already_loaded" or "quarantined"
+    status: str  # "validated", "already_loaded", "quarantined" or "later" (`not_yet_due`)
     rows: int = 0
     first_date: str | None = None
     last_date: str | None = None
@@ -887,6 +887,47 @@ class _Delivery:
     @property
     def batch_id(self) -> str:
         return _batch_id(self.sha256)
+
+
+def not_yet_due(
+    storage: Storage, contract: RawContract, paths: Iterable[str | Path], as_of: dt.date | str
+) -> tuple[list[Path], list[IngestOutcome]]:
+    """Split delivered files into those a run as of `as_of` loads and those every row of which
+    is dated after it: a later session's delivery, already in the drop folder when a night runs
+    late (its glob matches it), which its suite would refuse as rows from the future. Those
+    are left where they are, untouched, for the run of their own date, each with an outcome
+    of status `later`. A file already loaded, or that cannot be read (ingest then says why), is
+    loaded as usual; so is one with any row dated on or before `as_of`."""
+    as_of = as_day(as_of)
+    due, later = [], []
+    for path in map(Path, paths):
+        sha = file_sha256(path) if path.is_file() else ""
+        record = storage.read_batch_record(contract.domain, sha) if sha else None
+        loaded = record is not None and record["status"] == "validated"
+        first = None if loaded else _first_day(contract, path, as_of)
+        if first is None or first <= as_of:
+            due.append(path)
+            continue
+        message = (
+            f"{path.name}: every row is dated {first} or later, after {as_of}: left for the run "
+            "of its own date"
+        )
+        later.append(IngestOutcome(str(path), sha, _batch_id(sha), "later", message=message))
+    return due, later
+
+
+def _first_day(contract: RawContract, path: Path, as_of: dt.date) -> dt.date | None:
+    """Return the earliest date of a delivered file's rows as ingest reads them as of `as_of`
+    (a book without a date column dates its rows the day they are loaded); None when it cannot
+    be read or holds no dated row."""
+    try:
+        raw = read_delivery(path, contract.read_options)
+        dated = {"as_of": as_of} if contract.normalise_takes_as_of else {}
+        frame = contract.normalise(raw, source=path.name, **dated)
+        days = pd.to_datetime(frame[contract.date_column], errors="coerce").dropna()
+    except (InputFileError, KeyError, ValueError, TypeError):
+        return None
+    return days.min().date() if len(days) else None
 
 
 def ingest_files(

@@ -42,6 +42,7 @@ from pydantic import BaseModel
 
 from finpipe import promotion, tracking
 from finpipe.domains import ChallengerOutcome, DemoNight, Domain
+from finpipe.errors import ConfigError
 from finpipe.features import FeatureUpdate
 from finpipe.ingest import RawContract
 from finpipe.locks import DEFAULT_TIMEOUT_SECONDS, history_lock
@@ -199,7 +200,7 @@ class Predictions:
     `report`, when given, is written to reports/<domain>/scoring/date=<as-of>.json.
     `empty_reason` says why `rows` is empty, for the run to warn with. `partitions` are other
     tables of the night ({dataset: table}, e.g. customers' segment profiles), published as
-    <dataset>/<domain>/date=<as-of> with the model's provenance before the predictions.
+    <dataset>/<domain>/<as-of> with the model's provenance before the predictions.
     """
 
     rows: pd.DataFrame
@@ -467,7 +468,8 @@ def promote(
     """Score challenger and champion on the same evaluation window; promote if better.
 
     Both models are loaded from the registry and scored by the same code, so the comparison
-    is like for like. The decision and both figures are logged to the training run.
+    is like for like. The decision and both figures are logged to the training run. One
+    promotion of a domain at a time (`promotion.promote_challenger` holds its champion lock).
     """
     score = parts.promotion_scorer(storage, outcome)
 
@@ -489,6 +491,7 @@ def promote(
         metric=outcome.promotion_metric,
         evaluate=evaluate,
         run_id=outcome.run_id,
+        lock_root=storage.url,
     )
 
 
@@ -499,7 +502,7 @@ def score(
     settings: Settings,
     as_of: dt.date | str,
 ) -> ScoringOutcome:
-    """Score `as_of` with the champion and publish predictions/<domain>/date=as_of.
+    """Score `as_of` with the champion and publish predictions/<domain>/<as_of>.
 
     Every output row names the model version and run that produced it.
     """
@@ -526,7 +529,15 @@ def score(
 
 # -- binding -------------------------------------------------------------------------------
 def bind(parts: DomainParts[ConfigT, OutcomeT]) -> Domain:
-    """Return the `Domain` the flows run: `parts`' own steps, the lifecycle around them."""
+    """Return the `Domain` the flows run: `parts`' own steps, the lifecycle around them.
+
+    Raises ConfigError when the contract is another domain's: ingest files its batches under
+    the contract's name, the flows read them under the parts' name."""
+    if parts.contract.domain != parts.name:
+        raise ConfigError(
+            f"domain {parts.name!r} has the raw contract of domain {parts.contract.domain!r}: "
+            f"give its RawContract domain={parts.name!r}"
+        )
 
     def config_of(config: BaseModel | None) -> ConfigT:
         if config is None:

@@ -46,6 +46,7 @@ from finpipe.errors import ConfigError, FinpipeError
 from finpipe.storage import as_day, check_name, is_store_url, write_json_atomic
 
 HISTORY = "history"
+CHAMPION = "champion"  # the registered model's champion alias: one promotion at a time
 DEFAULT_TIMEOUT_SECONDS = 3600.0
 
 
@@ -71,9 +72,12 @@ def date_resource(day: dt.date | str) -> str:
 
 
 def check_resource(resource: str) -> str:
-    """Return `resource` if it is one finpipe locks (`history` or a date's); else ValueError."""
-    if resource != HISTORY and not resource.startswith("date="):
-        raise ValueError(f"unknown lock resource {resource!r}; use {HISTORY!r} or date_resource()")
+    """Return `resource` if it is one finpipe locks (`history`, `champion` or a date's); else
+    ValueError."""
+    if resource not in (HISTORY, CHAMPION) and not resource.startswith("date="):
+        raise ValueError(
+            f"unknown lock resource {resource!r}; use {HISTORY!r}, {CHAMPION!r} or date_resource()"
+        )
     return resource
 
 
@@ -258,3 +262,10 @@ def partition_lock(
 def history_lock(root: Path | str, domain: str, **options) -> AbstractContextManager[None]:
     """Hold the lock of `domain`'s validated data and features (see `hold` for the options)."""
     return hold(root, domain, HISTORY, **options)
+
+
+def champion_lock(root: Path | str, domain: str, **options) -> AbstractContextManager[None]:
+    """Hold the lock of `domain`'s champion alias (see `hold` for the options): a promotion
+    reads the champion, scores it against the challenger and moves the alias under it, so a
+    second promotion compares its challenger with the champion the first one left."""
+    return hold(root, domain, CHAMPION, **options)

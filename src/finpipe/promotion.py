@@ -9,13 +9,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import mlflow
 import numpy as np
 from mlflow import MlflowClient
 
-from finpipe.errors import ModelRejected
+from finpipe.errors import ConfigError, ModelRejected
 from finpipe.faults import crash_point
+from finpipe.locks import champion_lock
 from finpipe.settings import Settings
 from finpipe.tracking import (
     AS_OF_TAG,
@@ -41,7 +43,17 @@ def check_predictions_sane(predictions, what: str) -> None:
 
 
 def best_on_validation(results: dict[str, dict], metric: str) -> str:
-    """Return the key of the result with the highest validation `metric` (NaN counts lowest)."""
+    """Return the key of the result with the highest validation `metric` (NaN counts lowest).
+
+    Raises ConfigError naming the metrics there are when a result has no `metric` (a
+    domain's `selection_metric` misspelt)."""
+    lacking = sorted(kind for kind in results if metric not in results[kind]["validation"])
+    if lacking:
+        known = sorted(results[lacking[0]]["validation"])
+        raise ConfigError(
+            f"selection metric {metric!r} is not among the validation metrics of "
+            f"{', '.join(lacking)}: {', '.join(known) or 'none'}"
+        )
 
     def score(kind: str) -> float:
         value = results[kind]["validation"][metric]
@@ -157,12 +169,30 @@ def promote_challenger(
     metric: str,
     evaluate: Callable[[RegisteredModel], float],
     run_id: str | None = None,
+    lock_root: str | Path,
 ) -> PromotionDecision:
     """Score challenger and current champion with `evaluate`; promote the challenger if better.
 
     `evaluate` receives a registered model and returns its score on the evaluation window
-    (higher is better); both models go through it, so the comparison is like for like.
+    (higher is better); both models go through it, so the comparison is like for like. One
+    promotion of a domain at a time, under its champion lock in the store at `lock_root`
+    (`finpipe.locks.champion_lock`): two nights' challengers promoted at once would each be
+    compared with the same champion, and the later alias move would win, even for the older
+    model; the second now waits, then compares its challenger with the champion the first left.
     """
+    holder = f"promotion of {domain} v{challenger_version}"
+    with champion_lock(lock_root, domain, holder=holder):
+        return _promote(settings, domain, challenger_version, metric, evaluate, run_id)
+
+
+def _promote(
+    settings: Settings,
+    domain: str,
+    challenger_version: str,
+    metric: str,
+    evaluate: Callable[[RegisteredModel], float],
+    run_id: str | None,
+) -> PromotionDecision:
     champion_version = current_alias_version(settings, domain, CHAMPION)
     challenger_tags = version_tags(settings, domain, challenger_version)
     refusal = challenger_tags.get(QUALITY_FLOOR_TAG)

@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 
 import pandas as pd
 
+from finpipe.errors import ScoringError
 from finpipe.storage import Storage, as_day
 from finpipe.tracking import RegisteredModel
 
@@ -29,6 +30,25 @@ class ScoringOutcome:
         return asdict(self)
 
 
+def check_scores(domain: str, scores: pd.DataFrame, keys: list[str]) -> None:
+    """Raise ScoringError when a domain's scorer returned rows that cannot be read: a key
+    column missing or with missing values, or no prediction column beside the keys, or
+    predictions missing on every row."""
+    if scores.empty:
+        return
+    missing = [key for key in keys if key not in scores.columns]
+    if missing:
+        raise ScoringError(f"the {domain} scorer returned no {', '.join(missing)} column")
+    blank = [key for key in keys if scores[key].isna().any()]
+    if blank:
+        raise ScoringError(f"the {domain} scorer returned rows without their {blank[0]}")
+    values = [c for c in scores.columns if c not in {*keys, "date", *PROVENANCE_COLUMNS}]
+    if not values:
+        raise ScoringError(f"the {domain} scorer returned its keys ({', '.join(keys)}) only")
+    if scores[values].isna().all(axis=None):
+        raise ScoringError(f"the {domain} scorer returned no value in {', '.join(values)}")
+
+
 def publish_predictions(
     storage: Storage,
     domain: str,
@@ -37,12 +57,14 @@ def publish_predictions(
     model: RegisteredModel,
     sort_by: list[str],
 ) -> ScoringOutcome:
-    """Publish `scores` as predictions/<domain>/date=as_of with model provenance, atomically.
+    """Publish `scores` as predictions/<domain>/<as_of> with model provenance, atomically.
 
     `scores` holds the key and prediction columns; `date`, model name, version, run id and
-    `scored_at` are added. Re-scoring a date replaces its partition.
+    `scored_at` are added. Re-scoring a date replaces its partition. Raises ScoringError, with
+    nothing published, when `scores` lacks its keys or holds no prediction (`check_scores`).
     """
     as_of = as_day(as_of)
+    check_scores(domain, scores, sort_by)
     out = scores.drop(columns=["date"], errors="ignore").assign(
         date=pd.Timestamp(as_of),
         model_name=model.name,

@@ -31,7 +31,7 @@ from mlflow.data.pandas_dataset import from_pandas  # mlflow.data sets it at imp
 from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
-from finpipe.domains import model_code_modules
+from finpipe.domains import trusted_model_module
 from finpipe.errors import ScoringError, TrackingUnavailable
 from finpipe.services.processes import start_time, still_running
 from finpipe.settings import Settings, redact_uri
@@ -287,8 +287,11 @@ def _load_finpipe_model(uri: str) -> Any:
     if not loader or not folder:
         raise ScoringError(f"{uri} is not a finpipe model (no finpipe loader in its MLmodel)")
     module_name, _, class_name = loader.partition(":")
-    if not module_name.startswith("finpipe.") and module_name not in model_code_modules():
-        raise ScoringError(f"{uri} names loader {loader!r}; finpipe only loads its own classes")
+    if not trusted_model_module(module_name):
+        raise ScoringError(
+            f"{uri} names loader {loader!r}; finpipe loads only its own classes and those of "
+            "the packages of registered domains"
+        )
     model = getattr(importlib.import_module(module_name), class_name).load(root / folder)
     _warn_on_other_pins(uri, root / "requirements.txt")
     return model

@@ -1,11 +1,14 @@
 """Data-quality gate: run a reviewed Great Expectations suite on a pandas batch, return a report.
 
 The suites live as GX 1.x suite JSON in `expectations/` (installed as `finpipe.expectations`), one
-file per domain, so reviewers edit rules without touching code. `validate_frame` is generic over
-domains: a domain that bounds derived figures (the market's daily return) adds those columns
-before validation, through its raw contract. GX itself runs in `finpipe.gx_runtime`; this module
-loads suites, decides which rules apply, and turns GX's outcomes into the `ValidationReport` the
-quarantine keeps and the user reads.
+file per domain, so reviewers edit rules without touching code. A domain defined outside finpipe,
+or one whose suite is built from a user's config (credit), gives its suite in memory instead,
+through its raw contract's `suite_spec`; messages then name that suite, not a file it does not
+have (`suite_location`). `validate_frame` is generic over domains: a domain that bounds derived
+figures (the market's daily return) adds those columns before validation, through its raw
+contract. GX itself runs in `finpipe.gx_runtime`; this module loads suites, decides which rules
+apply, and turns GX's outcomes into the `ValidationReport` the quarantine keeps and the user
+reads.
 """
 
 from __future__ import annotations
@@ -68,6 +71,9 @@ class ValidationReport:
     skipped: list[dict]
     data_docs: str | None = None
     parameters: dict = field(default_factory=dict)
+    # Where the suite's rules are defined, in words (`suite_location`); None: the file
+    # expectations/<suite>.json (and every report written before this was recorded).
+    suite_source: str | None = None
 
     def failures(self) -> list[RuleResult]:
         """Return the error rules that failed (they reject the batch), in suite order."""
@@ -117,11 +123,23 @@ class ValidationReport:
         parts.extend(noted)
         parts.append(
             f"Fix the source data and deliver it again, or, if the data is right, "
-            f"review the rule in expectations/{self.suite}.json."
+            f"review the rule in {self.suite_source or suite_location(self.suite)}."
         )
         if self.data_docs:
             parts.append(f"Details: {self.data_docs}")
         return " ".join(parts)
+
+
+def suite_location(name: str, spec: Mapping[str, Any] | None = None) -> str:
+    """Return where the rules of suite `name` are defined, for a message: the file
+    expectations/<name>.json, or, for a suite a domain builds in memory (`spec`, from its raw
+    contract's `suite_spec`), e.g. "the toy domain's suite 'toy_rows' (its contract's
+    suite_spec)": the domain as the suite's `meta.domain` names it."""
+    if spec is None:
+        return f"expectations/{name}.json"
+    domain = (spec.get("meta") or {}).get("domain")
+    whose = f"the {domain} domain's suite" if domain else "the suite"
+    return f"{whose} '{name}' (its contract's suite_spec)"
 
 
 def load_suite_spec(name: str) -> dict:
@@ -189,13 +207,15 @@ def rule_id(expectation: Mapping[str, Any]) -> str:
     return f"{expectation['type']}({', '.join(expectation_columns(expectation))})"
 
 
-def rule_severity(expectation: Mapping[str, Any], suite: str) -> str:
-    """Return a suite entry's `meta.severity`: "error" (the default) or "warning"."""
+def rule_severity(expectation: Mapping[str, Any], suite: str, location: str | None = None) -> str:
+    """Return a suite entry's `meta.severity`: "error" (the default) or "warning". `location`
+    names the suite in the error (`suite_location`; default: its file in expectations/)."""
     severity = (expectation.get("meta") or {}).get("severity", ERROR)
     if severity not in (ERROR, WARNING):
         raise ConfigError(
-            f"expectations/{suite}.json: {rule_id(expectation)} has severity {severity!r}; "
-            f"use {ERROR!r} (a break rejects the batch) or {WARNING!r} (recorded, accepted)"
+            f"{location or suite_location(suite)}: {rule_id(expectation)} has severity "
+            f"{severity!r}; use {ERROR!r} (a break rejects the batch) or {WARNING!r} "
+            "(recorded, accepted)"
         )
     return severity
 
@@ -231,6 +251,7 @@ def validate_frame(
     Raises ConfigError for an unknown or invalid suite, or a missing suite parameter.
     """
     spec = load_suite_spec(suite_name) if suite_spec is None else suite_spec
+    location = suite_location(suite_name, suite_spec)
     if spec.get("name") != suite_name:
         raise ConfigError(f"suite_spec is named {spec.get('name')!r}, expected {suite_name!r}")
     parameters = {key: _as_suite_parameter(value) for key, value in (parameters or {}).items()}
@@ -254,7 +275,9 @@ def validate_frame(
             f"expectations/{suite_name}.json: {rule_id(bad.entry)} is not a valid GX expectation "
             f"({bad}); fix its type or kwargs"
         ) from bad.cause
-    rules = [_rule_result(outcome, batch, key_columns, suite_name) for outcome in run.outcomes]
+    rules = [
+        _rule_result(outcome, batch, key_columns, suite_name, location) for outcome in run.outcomes
+    ]
     return ValidationReport(
         suite=suite_name,
         batch=batch_name,
@@ -264,6 +287,7 @@ def validate_frame(
         skipped=skipped,
         data_docs=run.data_docs,
         parameters=_json_value(parameters),
+        suite_source=None if suite_spec is None else location,
     )
 
 
@@ -326,9 +350,10 @@ def _as_suite_parameter(value: Any) -> Any:
 
 
 def _rule_result(
-    outcome: RuleOutcome, batch: pd.DataFrame, key_columns: list[str], suite: str
+    outcome: RuleOutcome, batch: pd.DataFrame, key_columns: list[str], suite: str, location: str
 ) -> RuleResult:
-    """Return the RuleResult of one rule's GX outcome."""
+    """Return the RuleResult of one rule's GX outcome in suite `suite`, defined at `location`
+    (`suite_location`)."""
     entry, result = outcome.entry, outcome.result
     details: dict[str, Any] = {"kwargs": _json_value(outcome.kwargs)}
     if "observed_value" in result:
@@ -356,7 +381,7 @@ def _rule_result(
         sample_values=_json_value(values),
         details=details,
         sample_keys=keys,
-        severity=rule_severity(entry, suite),
+        severity=rule_severity(entry, suite, location),
         advice=(entry.get("meta") or {}).get("advice"),
     )
 

@@ -19,7 +19,6 @@ loan's outcome, so re-delivering a whole book adds no rows.
 from __future__ import annotations
 
 import datetime as dt
-import time
 from collections.abc import Callable, Collection
 
 import numpy as np
@@ -29,14 +28,8 @@ import pyarrow.compute as pc
 from finpipe.credit.config import DATE_COLUMN, DELIVERED_ON, LoanBookConfig
 from finpipe.credit.schema import DOMAIN
 from finpipe.errors import ConfigError, NothingToTrain, ScoringError
-from finpipe.features import (
-    FeatureUpdate,
-    PartitionWriter,
-    orphaned_feature_days,
-    remove_feature_days,
-    stale_feature_days,
-)
-from finpipe.storage import Storage, as_day
+from finpipe.features import FeatureUpdate, update_day_features
+from finpipe.storage import Storage
 
 LABEL = "default_flag"
 # True on a later delivery of a loan (its outcome arriving), False on its first delivery: lets
@@ -151,32 +144,28 @@ def update_credit_features(
     also: Collection[dt.date] = (),
 ) -> FeatureUpdate:
     """Publish the feature partition of every validated date up to `as_of` that lacks one or
-    was built from another version of its validated partition (`stale_feature_days`; all of
-    them with `rebuild`). Every validated date has features after it, so `also` asks for none
-    more.
+    was built from another version of its validated partition (all of them with `rebuild`),
+    and remove those of dates a correction retracted whole (`update_day_features`). Every
+    validated date has features after it, so `also` asks for none more.
 
     A credit row's features depend on that row only, so each date is computed on its own.
     """
-    started = time.perf_counter()
-    as_of = as_day(as_of)
-    update = FeatureUpdate()
-    done = set(storage.partition_dates("features", DOMAIN, end=as_of))
-    validated = storage.partition_dates("validated", DOMAIN, end=as_of)
-    stale = set() if rebuild else stale_feature_days(storage, DOMAIN, validated)
-    todo = [day for day in validated if rebuild or day not in done or day in stale]
-    with PartitionWriter(storage, DOMAIN, update, DATE_COLUMN) as writer:
-        for start in range(0, len(todo), block_dates):
-            block = todo[start : start + block_dates]
-            validated = storage.read_partitions("validated", DOMAIN, days=block)
-            features = build_credit_features(validated, book)
-            order = [DATE_COLUMN, book.columns.id, DELIVERED_ON]
-            writer.publish(features.sort_values(order, kind="stable"))
-            if progress:
-                progress(f"features: {start + len(block)}/{len(todo)} dates built")
-    # Dates a correction retracted whole: their loans must not train or score again.
-    remove_feature_days(storage, DOMAIN, orphaned_feature_days(storage, DOMAIN, as_of), update)
-    update.seconds = round(time.perf_counter() - started, 3)
-    return update
+
+    def build(validated: pd.DataFrame) -> pd.DataFrame:
+        features = build_credit_features(validated, book)
+        order = [DATE_COLUMN, book.columns.id, DELIVERED_ON]
+        return features.sort_values(order, kind="stable")
+
+    return update_day_features(
+        storage,
+        DOMAIN,
+        as_of,
+        build,
+        rebuild=rebuild,
+        progress=progress,
+        date_column=DATE_COLUMN,
+        block_dates=block_dates,
+    )
 
 
 # -- which feature rows a night trains on and scores -----------------------------------------

@@ -1,0 +1,246 @@
+"""The domain seam as a developer adding a domain meets it: an installed package's domain is
+known to every finpipe process (entry points), a domain's own package may hold its model
+classes, its name may hold '_', a contract of another domain is refused, a misspelt selection
+metric is named, an error of the code or the data is not retried, a scorer's unreadable rows
+are not published, and promotions of one domain take turns."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from finpipe.flows.summaries import artifact_key
+from finpipe.tasks.steps import retry_if_transient
+from prefect.states import Failed
+
+from finpipe import domains, lifecycle
+from finpipe.credit.features import update_credit_features
+from finpipe.credit.pipeline import CreditParts, active_loan_book, credit_contract
+from finpipe.errors import ConfigError, ScoringError, StoreUnavailable
+from finpipe.promotion import best_on_validation
+from finpipe.scoring import publish_predictions
+from finpipe.storage import Storage
+from finpipe.tracking import RegisteredModel
+
+# A package that installs a second loan book as the domain `loans`, the way a team's own
+# package would: its module binds the parts, its dist-info names it in `finpipe.domains`.
+PLUGIN = """
+import dataclasses
+from functools import partial
+
+from finpipe import lifecycle
+from finpipe.credit.features import update_credit_features
+from finpipe.credit.pipeline import CreditParts, active_loan_book, credit_contract
+
+book = active_loan_book()
+contract = dataclasses.replace(credit_contract(book), domain="loans")
+LOANS = lifecycle.bind(
+    CreditParts(name="loans", book=book, contract=contract,
+                update_features=partial(update_credit_features, book=book))
+)
+"""
+
+
+def _install(site: Path, package: str, entry_points: str, code: str) -> None:
+    """Write `package` and a dist-info naming `entry_points` into `site`, as pip would."""
+    (site / package).mkdir(parents=True)
+    (site / package / "__init__.py").write_text(textwrap.dedent(code))
+    info = site / f"{package}-0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {package}\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text(f"[finpipe.domains]\n{entry_points}\n")
+
+
+def _run(site: Path, tmp_path: Path, *command: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, *command],
+        capture_output=True,
+        text=True,
+        env={"FINPIPE_HOME": str(tmp_path / "home"), "PATH": "", "PYTHONPATH": str(site)},
+        timeout=180,
+        check=False,
+    )
+
+
+def test_an_installed_domain_is_known_to_the_command_line_and_the_run_forms(tmp_path):
+    site = tmp_path / "site"
+    _install(site, "loans_plugin", "loans = loans_plugin:LOANS", PLUGIN)
+    # A deployment's flow run imports the flows alone: the form's drop-down has the domain;
+    # then the command line, in the same fresh process.
+    script = (
+        "import sys; from finpipe.flows.parameters import DomainName; "
+        "print(DomainName.__metadata__[0].json_schema_extra['enum'], flush=True); "
+        "from finpipe.cli import main; sys.argv = ['finpipe', 'batches', 'loans']; main()"
+    )
+    done = _run(site, tmp_path, "-c", script)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[0] == "['market', 'credit', 'customers', 'loans']"
+    assert "unknown domain" not in done.stderr
+
+
+@pytest.fixture
+def installed_plugins(monkeypatch):
+    """Let a test install domain packages into this process: the registry's plugin state is
+    put back as it was afterwards."""
+    monkeypatch.setattr(domains, "_plugins_loaded", False)
+    monkeypatch.setattr(domains, "_BROKEN", {})
+    registered = dict(domains._REGISTERED)
+    yield monkeypatch
+    domains._REGISTERED.clear()
+    domains._REGISTERED.update(registered)
+
+
+def test_a_plugin_that_fails_to_load_leaves_the_others_and_says_why(tmp_path, installed_plugins):
+    site = tmp_path / "site"
+    _install(site, "broken_plugin", "broken = broken_plugin", "raise ImportError('no torch')")
+    _install(site, "silent_plugin", "silent = silent_plugin", "NOTHING = None")
+    installed_plugins.syspath_prepend(str(site))
+
+    assert domains.domain_names() == ["market", "credit", "customers"]
+    with pytest.raises(ConfigError, match="'broken' is installed but failed to load: ImportError"):
+        domains.get_domain("broken")
+    with pytest.raises(ConfigError, match="silent_plugin registered no domain named 'silent'"):
+        domains.get_domain("silent")
+    assert domains.get_domain("market").name == "market"
+
+
+def test_a_domains_own_package_may_hold_its_model_classes():
+    credit = domains.get_domain("credit")
+    domains.register_domain(
+        dataclasses.replace(credit, name="fx_rates", code_module="fxdom.pipeline")
+    )
+    try:
+        assert domains.trusted_model_module("fxdom.model")  # beside its parts
+        assert domains.trusted_model_module("fxdom.nets.gru")
+        assert domains.trusted_model_module("finpipe.market.model")
+        assert not domains.trusted_model_module("fxdomain.model")
+        assert not domains.trusted_model_module("os")
+    finally:
+        domains.unregister_domain("fx_rates")
+    assert not domains.trusted_model_module("fxdom.model")
+
+
+def test_artifact_keys_take_a_domain_name_with_an_underscore():
+    # Prefect refuses '_' in artifact keys; check_name allows it in a domain's name.
+    assert artifact_key("nightly", "fx_rates", "summary") == "nightly-fx-rates-summary"
+    assert artifact_key("backfill", "market") == "backfill-market"
+
+
+def test_a_contract_of_another_domain_is_refused_when_the_domain_is_bound():
+    book = active_loan_book()
+    parts = CreditParts(
+        name="loans",
+        book=book,
+        contract=credit_contract(book),  # still credit's: batches would be filed under credit
+        update_features=lambda *args, **kwargs: update_credit_features(*args, **kwargs),
+    )
+    with pytest.raises(ConfigError, match="'loans' has the raw contract of domain 'credit'"):
+        lifecycle.bind(parts)
+
+
+def test_a_misspelt_selection_metric_names_the_metrics_there_are():
+    windows = {"mlp": {"validation": {"auc": 0.7, "log_loss": 0.5}}, "logistic": {
+        "validation": {"auc": 0.6, "log_loss": 0.6}}}  # fmt: skip
+    assert best_on_validation(windows, "auc") == "mlp"
+    with pytest.raises(ConfigError, match=r"'AUC' is not among .* mlp: auc, log_loss$"):
+        best_on_validation(windows, "AUC")
+
+
+@pytest.mark.parametrize(
+    ("error", "retried"),
+    [
+        (KeyError("AUC"), False),  # a domain's bug: every candidate would be fitted again
+        (TypeError("unsupported operand"), False),
+        (ValueError("could not convert"), False),
+        (ConfigError("bad setting"), False),
+        (StoreUnavailable("the object store did not answer"), True),
+        (ConnectionError("reset by peer"), True),
+        (OSError("HTTP 503"), True),
+        (RuntimeError("database is locked"), True),
+    ],
+)
+def test_only_faults_of_a_server_or_the_network_are_retried(error, retried):
+    assert retry_if_transient(None, None, Failed(data=error)) is retried
+
+
+@pytest.mark.parametrize(
+    ("rows", "said"),
+    [
+        (pd.DataFrame({"pair": [None, None]}), "returned no id column"),
+        (pd.DataFrame({"id": ["a", None], "pd": [0.1, 0.2]}), "returned rows without their id"),
+        (pd.DataFrame({"id": ["a", "b"]}), r"returned its keys \(id\) only"),
+        (pd.DataFrame({"id": ["a", "b"], "pd": [None, None]}), "returned no value in pd"),
+    ],
+)
+def test_a_scorer_that_returns_unreadable_rows_publishes_nothing(tmp_path, rows, said):
+    storage = Storage(tmp_path / "home")
+    model = RegisteredModel(name="finpipe-fx", version="1", run_id="r1", model=None)
+    with pytest.raises(ScoringError, match=f"the fx scorer {said}"):
+        publish_predictions(storage, "fx", "2024-03-11", rows, model, sort_by=["id"])
+    assert storage.partition_dates("predictions", "fx") == []
+    good = pd.DataFrame({"id": ["b", "a"], "pd": [0.2, None]})
+    assert publish_predictions(storage, "fx", "2024-03-11", good, model, sort_by=["id"]).rows == 2
+
+
+def test_two_promotions_at_once_keep_the_newer_champion(tmp_path, monkeypatch):
+    """Two nights' challengers promoted at once (serve back after a pause starts its late
+    nights together): the first moves the alias, the second compares itself with that
+    champion. Without the champion lock both beat v1 and the older v2 won the last move."""
+    from finpipe import promotion
+    from finpipe.locks import champion_lock
+    from finpipe.settings import load_settings
+
+    registry = {"champion": "1", "as_of": {"1": "2022-04-04", "2": "2022-04-05", "3": "2022-04-08"}}
+    monkeypatch.setattr(promotion, "current_alias_version", lambda *a: registry["champion"])
+    monkeypatch.setattr(
+        promotion, "version_tags", lambda s, d, v: {promotion.AS_OF_TAG: registry["as_of"][v]}
+    )
+    monkeypatch.setattr(
+        promotion,
+        "load_model_version",
+        lambda s, d, version: RegisteredModel("m", version, "r", None),
+    )
+
+    def apply(settings, domain, decision):
+        if decision.promoted:
+            registry["champion"] = decision.challenger_version
+
+    monkeypatch.setattr(promotion, "apply_promotion", apply)
+    monkeypatch.setattr(promotion, "_log_decision", lambda *a: None)
+    started = threading.Event()
+
+    def promote(version: str, pause: float) -> None:
+        def evaluate(model: RegisteredModel) -> float:
+            started.set()
+            time.sleep(pause)  # scoring the test window: the race's window
+            return 1.0 if model.version == version else 0.0
+
+        promotion.promote_challenger(
+            load_settings(), "market", challenger_version=version, metric="ic",
+            evaluate=evaluate, lock_root=tmp_path,
+        )  # fmt: skip
+
+    older = threading.Thread(target=promote, args=("2", 1.0))
+    older.start()
+    started.wait(10)
+    promote("3", 0.0)  # waits for v2's promotion, then compares v3 with its champion
+    older.join()
+    assert registry["champion"] == "3"
+    # The other way round: v3 first, then v2 is refused as older than the champion.
+    registry["champion"] = "1"
+    started.clear()
+    newer = threading.Thread(target=promote, args=("3", 1.0))
+    newer.start()
+    started.wait(10)
+    promote("2", 0.0)
+    newer.join()
+    assert registry["champion"] == "3"
+    with champion_lock(tmp_path, "market", timeout=0):  # released: free again
+        pass
