@@ -244,3 +244,15 @@ def test_two_promotions_at_once_keep_the_newer_champion(tmp_path, monkeypatch):
     assert registry["champion"] == "3"
     with champion_lock(tmp_path, "market", timeout=0):  # released: free again
         pass
+
+
+def test_each_epoch_of_a_candidate_is_said_as_well_as_logged(monkeypatch):
+    """A GRU fit on a 500-ticker night ran for minutes without a line: its epochs went to
+    MLflow only."""
+    logged, said = [], []
+    monkeypatch.setattr(lifecycle.tracking, "log_epoch", logged.append)
+    on_epoch = lifecycle.epoch_logger("gru", said.append)
+    row = {"epoch": 3, "train_loss": 0.98765, "validation_loss": 1.01234}
+    on_epoch(row)
+    assert logged == [row]
+    assert said == ["gru epoch 3: train loss 0.9877, validation loss 1.0123"]

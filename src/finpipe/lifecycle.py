@@ -323,7 +323,7 @@ def train_challenger(
         for kind in night.candidates():
             own_run = tracking.run(kind, nested=True) if parts.nested_runs else nullcontext()
             with own_run:
-                fitted[kind] = night.fit(kind, tracking.log_epoch, say)
+                fitted[kind] = night.fit(kind, epoch_logger(kind, say), say)
                 uris[kind] = _write_candidate(fitted[kind])
         _write(night.conclude(fitted, say))
         windows = {kind: candidate.windows for kind, candidate in fitted.items()}
@@ -525,6 +525,20 @@ def score(
     if not outcome.rows:  # published all the same, so the date is done and says why
         outcome.warning = predictions.empty_reason or f"no {parts.name} rows to score on {as_of}"
     return outcome
+
+
+def epoch_logger(kind: str, say: Say) -> EpochLogger:
+    """Return the `on_epoch` of a candidate's fit: each epoch's losses go to its MLflow run
+    and are said (the flow's log), so a fit of many minutes shows it is moving."""
+
+    def log(row: dict[str, float]) -> None:
+        tracking.log_epoch(row)
+        say(
+            f"{kind} epoch {int(row['epoch'])}: train loss {row['train_loss']:.4f}, "
+            f"validation loss {row['validation_loss']:.4f}"
+        )
+
+    return log
 
 
 # -- binding -------------------------------------------------------------------------------
