@@ -570,6 +570,10 @@ def test_an_expectation_gx_cannot_build_names_the_rule_and_the_file():
     }
     frame = pd.DataFrame({"x": [1.0]})
 
-    message = r"expectations/bad_probe.json: expect_column_values_to_be_purple\(x\) is not a valid"
+    # A suite given by a contract's suite_spec is named as such: it is no file in expectations/.
+    message = (
+        r"the suite 'bad_probe' \(its contract's suite_spec\): "
+        r"expect_column_values_to_be_purple\(x\) is not a valid"
+    )
     with pytest.raises(ConfigError, match=message):
         validate_frame(frame, suite_name="bad_probe", batch_name="b", suite_spec=spec)

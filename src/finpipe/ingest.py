@@ -646,10 +646,14 @@ def _validate(storage, contract, frame, as_of, batch_name: str, docs_dir: Path |
         checked = contract.add_check_columns(frame, published)
     else:
         checked = frame
+    spec = None
+    if contract.suite_spec is not None:  # named after its domain where it does not say
+        spec = contract.suite_spec(storage)
+        spec = {**spec, "meta": {"domain": contract.domain, **(spec.get("meta") or {})}}
     return validate_frame(
         checked,
         suite_name=contract.suite,
-        suite_spec=contract.suite_spec(storage) if contract.suite_spec is not None else None,
+        suite_spec=spec,
         batch_name=batch_name,
         parameters={"as_of": pd.Timestamp(as_day(as_of))},
         data_docs_dir=docs_dir,

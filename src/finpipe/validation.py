@@ -272,7 +272,7 @@ def validate_frame(
         )
     except InvalidExpectation as bad:
         raise ConfigError(
-            f"expectations/{suite_name}.json: {rule_id(bad.entry)} is not a valid GX expectation "
+            f"{location}: {rule_id(bad.entry)} is not a valid GX expectation "
             f"({bad}); fix its type or kwargs"
         ) from bad.cause
     rules = [
