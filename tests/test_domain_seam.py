@@ -256,3 +256,23 @@ def test_each_epoch_of_a_candidate_is_said_as_well_as_logged(monkeypatch):
     on_epoch(row)
     assert logged == [row]
     assert said == ["gru epoch 3: train loss 0.9877, validation loss 1.0123"]
+
+
+def test_a_feature_step_that_drops_the_date_is_stopped_at_once(tmp_path):
+    """Its partitions had no date: `pd.read_parquet` of the layer returned 510 undated rows,
+    and training failed later with KeyError: 'date'."""
+    import datetime as dt
+
+    from finpipe.features import FeatureUpdate
+
+    storage = Storage(tmp_path)
+    update = FeatureUpdate()
+    storage.write_partition("features", "fx", "2024-03-11", pd.DataFrame({"pair": ["EURUSD"]}))
+    update.add(dt.date(2024, 3, 11), 1)
+    with pytest.raises(ConfigError, match="wrote features/fx/2024-03-11 without a 'date' column"):
+        lifecycle.check_feature_rows(storage, "fx", update)
+    dated = pd.DataFrame({"date": [pd.Timestamp("2024-03-12")], "pair": ["EURUSD"]})
+    storage.write_partition("features", "fx", "2024-03-12", dated)
+    update.add(dt.date(2024, 3, 12), 1)
+    lifecycle.check_feature_rows(storage, "fx", update)
+    lifecycle.check_feature_rows(storage, "fx", FeatureUpdate())  # nothing written

@@ -527,6 +527,20 @@ def score(
     return outcome
 
 
+def check_feature_rows(storage: Storage, domain: str, update: FeatureUpdate) -> None:
+    """Raise ConfigError when the last partition a domain's feature step wrote has no `date`
+    column: every reader of the layer (training windows, scoring, `pd.read_parquet`) selects
+    rows by it, and a step that drops it fails much later, far from its cause."""
+    if not update.dates_written:
+        return
+    day = update.dates_written[-1]
+    if "date" not in storage.read_partition("features", domain, day).columns:
+        raise ConfigError(
+            f"the {domain} feature step wrote features/{domain}/{day} without a 'date' "
+            "column: keep the validated rows' date in the feature rows"
+        )
+
+
 def epoch_logger(kind: str, say: Say) -> EpochLogger:
     """Return the `on_epoch` of a candidate's fit: each epoch's losses go to its MLflow run
     and are said (the flow's log), so a fit of many minutes shows it is moving."""
@@ -573,9 +587,11 @@ def bind(parts: DomainParts[ConfigT, OutcomeT]) -> Domain:
         progress: Say | None = None,
         also: Collection[dt.date] = (),
     ) -> FeatureUpdate:
-        return parts.update_features(
+        update = parts.update_features(
             storage, as_day(as_of), rebuild=rebuild, progress=progress, also=also
         )
+        check_feature_rows(storage, parts.name, update)
+        return update
 
     def train(
         storage: Storage,
