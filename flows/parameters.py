@@ -5,16 +5,30 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any
 
-from pydantic import Field
+from pydantic import Field, GetJsonSchemaHandler
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 
 from finpipe.domains import domain_names
 
-# A drop-down of the domains known when the flows are imported: the built-ins and those of
-# installed packages (entry points in `finpipe.domains`), in every process, so the form a
-# deployment registers and the flow runs it starts agree. A domain registered in code later in
-# the same process still runs there, and `get_domain` refuses an unknown name with the list of
-# known ones.
-DomainName = Annotated[str, Field(json_schema_extra={"enum": domain_names()})]
+
+class _DomainChoices:
+    """Make the run forms' `domain` a drop-down of the domains known when the form is built
+    (Prefect builds a deployment's parameter schema as it serves or deploys it): the
+    built-ins and those of installed packages (entry points in `finpipe.domains`), and any
+    registered in code by then. Read then, not when this module is imported, so a domain
+    package may import it, and one registered later in the process is in the form too;
+    `get_domain` refuses an unknown name with the list of known ones."""
+
+    def __get_pydantic_json_schema__(
+        self, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = handler(core_schema)
+        schema["enum"] = domain_names()
+        return schema
+
+
+DomainName = Annotated[str, _DomainChoices()]
 
 HistoryDates = Annotated[int | None, Field(ge=0)]
 

@@ -13,18 +13,19 @@ from finpipe.schedule import load_schedule_settings
 from finpipe.settings import load_settings
 from finpipe.storage import Storage
 
-# Errors of the code or of the data, not of a server or the network: the same inputs fail the
-# same way again (a domain's KeyError, a TypeError, pandas' and pyarrow's ValueErrors).
+# Errors of the code, not of a server or the network: the same inputs fail the same way again
+# (a domain's KeyError, a TypeError). ValueError is not among them: pyarrow's ArrowInvalid and
+# requests' JSONDecodeError are ValueErrors, and a reply cut short raises them.
 _DETERMINISTIC = (
-    LookupError, TypeError, AttributeError, ValueError, NameError, AssertionError, ImportError,
+    LookupError, TypeError, AttributeError, NameError, AssertionError, ImportError,
     NotImplementedError, ArithmeticError,
 )  # fmt: skip
 
 
 def retry_if_transient(task, task_run, state) -> bool:
     """Retry I/O, connection and server faults: a finpipe error only if it is transient, and
-    never an error of the code or the data (`_DETERMINISTIC`), which would fail again after
-    fitting every candidate again."""
+    never an error of the code (`_DETERMINISTIC`), which would fail again after fitting every
+    candidate again."""
     error = state.result(raise_on_failure=False)
     if isinstance(error, FinpipeError):
         return error.transient
@@ -94,6 +95,12 @@ def promote(domain: str, training: dict) -> dict:
     settings = load_settings()
     spec = get_domain(domain)
     outcome = spec.training_outcome(**training)
-    decision = spec.promote(Storage(settings.home), settings, outcome)
+    decision = spec.promote(
+        Storage(settings.home),
+        settings,
+        outcome,
+        lock_timeout=load_schedule_settings().lock_timeout_seconds,
+        progress=logger.info,
+    )
     logger.info(decision.reason)
     return decision.to_dict()

@@ -928,3 +928,21 @@ def test_serve_refuses_nightly_settings_every_night_would_fail_on(tmp_path, monk
     ):
         with pytest.raises(ConfigError, match=said):
             nightly_schedules(ScheduleSettings(**good, **bad))
+
+
+def test_a_run_leaves_only_readable_files_dated_after_it_for_later(tmp_path):
+    from finpipe.ingest import not_yet_due
+
+    storage = Storage(tmp_path / "home")
+    later = tmp_path / "market_2024-07-09.csv"
+    later.write_text("Date,Ticker,Close\n2024-07-09,AAA,10\n2024-07-09,BBB,11\n")
+    mixed = tmp_path / "market_2024-07-08.csv"
+    mixed.write_text("Date,Ticker,Close\n2024-07-08,AAA,10\n2024-07-09,AAA,11\n")
+    broken = tmp_path / "broken.csv"
+    broken.write_bytes(b"\x00\x01 not a csv")
+    due, left = not_yet_due(storage, MARKET_CONTRACT, [later, mixed, broken], "2024-07-08")
+    assert due == [mixed, broken] and [Path(o.source) for o in left] == [later]
+    assert left[0].status == "later" and left[0].sha256 and left[0].rows == 0
+    # Over the size limit it is not read here: ingest refuses it, as without `leave_later`.
+    due, left = not_yet_due(storage, MARKET_CONTRACT, [later], "2024-07-08", max_file_bytes=10)
+    assert due == [later] and left == []

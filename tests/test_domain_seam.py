@@ -75,8 +75,9 @@ def test_an_installed_domain_is_known_to_the_command_line_and_the_run_forms(tmp_
     # A deployment's flow run imports the flows alone: the form's drop-down has the domain;
     # then the command line, in the same fresh process.
     script = (
-        "import sys; from finpipe.flows.parameters import DomainName; "
-        "print(DomainName.__metadata__[0].json_schema_extra['enum'], flush=True); "
+        "import sys; from finpipe.flows.nightly import nightly; "
+        "from prefect.utilities.callables import parameter_schema; "
+        "print(parameter_schema(nightly).properties['domain']['enum'], flush=True); "
         "from finpipe.cli import main; sys.argv = ['finpipe', 'batches', 'loans']; main()"
     )
     done = _run(site, tmp_path, "-c", script)
@@ -89,7 +90,7 @@ def test_an_installed_domain_is_known_to_the_command_line_and_the_run_forms(tmp_
 def installed_plugins(monkeypatch):
     """Let a test install domain packages into this process: the registry's plugin state is
     put back as it was afterwards."""
-    monkeypatch.setattr(domains, "_plugins_loaded", False)
+    monkeypatch.setattr(domains, "_plugins", "unloaded")
     monkeypatch.setattr(domains, "_BROKEN", {})
     registered = dict(domains._REGISTERED)
     yield monkeypatch
@@ -121,6 +122,7 @@ def test_a_domains_own_package_may_hold_its_model_classes():
         assert domains.trusted_model_module("fxdom.nets.gru")
         assert domains.trusted_model_module("finpipe.market.model")
         assert not domains.trusted_model_module("fxdomain.model")
+        assert domains.trusted_model_module("fxdom.pipeline")
         assert not domains.trusted_model_module("os")
     finally:
         domains.unregister_domain("fx_rates")
@@ -158,7 +160,10 @@ def test_a_misspelt_selection_metric_names_the_metrics_there_are():
     [
         (KeyError("AUC"), False),  # a domain's bug: every candidate would be fitted again
         (TypeError("unsupported operand"), False),
-        (ValueError("could not convert"), False),
+        (ZeroDivisionError("division by zero"), False),
+        # pyarrow's ArrowInvalid and requests' JSONDecodeError are ValueErrors, and a
+        # truncated reply from a store or a proxy raises them: retried.
+        (ValueError("truncated reply"), True),
         (ConfigError("bad setting"), False),
         (StoreUnavailable("the object store did not answer"), True),
         (ConnectionError("reset by peer"), True),
@@ -194,7 +199,7 @@ def test_two_promotions_at_once_keep_the_newer_champion(tmp_path, monkeypatch):
     nights together): the first moves the alias, the second compares itself with that
     champion. Without the champion lock both beat v1 and the older v2 won the last move."""
     from finpipe import promotion
-    from finpipe.locks import champion_lock
+    from finpipe.locks import LockTimeout, champion_lock
     from finpipe.settings import load_settings
 
     registry = {"champion": "1", "as_of": {"1": "2022-04-04", "2": "2022-04-05", "3": "2022-04-08"}}
@@ -243,7 +248,14 @@ def test_two_promotions_at_once_keep_the_newer_champion(tmp_path, monkeypatch):
     newer.join()
     assert registry["champion"] == "3"
     with champion_lock(tmp_path, "market", timeout=0):  # released: free again
-        pass
+        said = []  # held by another run: a promotion waits as long as the setting says
+        with pytest.raises(LockTimeout):
+            promotion.promote_challenger(
+                load_settings(), "market", challenger_version="2", metric="ic",
+                evaluate=lambda model: 1.0, lock_root=tmp_path, lock_timeout=0.5,
+                on_wait=said.append,
+            )  # fmt: skip
+        assert len(said) == 1 and "champion" in said[0]
 
 
 def test_each_epoch_of_a_candidate_is_said_as_well_as_logged(monkeypatch):
@@ -276,3 +288,27 @@ def test_a_feature_step_that_drops_the_date_is_stopped_at_once(tmp_path):
     update.add(dt.date(2024, 3, 12), 1)
     lifecycle.check_feature_rows(storage, "fx", update)
     lifecycle.check_feature_rows(storage, "fx", FeatureUpdate())  # nothing written
+
+
+def test_a_second_thread_waits_for_installed_domains_to_load(tmp_path, installed_plugins):
+    """A Dask worker's threads start tasks at once: the one that did not load the packages
+    was told "unknown domain" while the other was still importing them."""
+    site = tmp_path / "site"
+    _install(
+        site, "slow_plugin", "loans = slow_plugin:LOANS", "import time\ntime.sleep(1)\n" + PLUGIN
+    )
+    installed_plugins.syspath_prepend(str(site))
+    found: dict[str, object] = {}
+
+    def ask(name: str) -> None:
+        try:
+            found[name] = domains.get_domain("loans").name
+        except ConfigError as error:
+            found[name] = str(error)
+
+    first = threading.Thread(target=ask, args=("first",))
+    first.start()
+    time.sleep(0.3)  # the first thread is importing the package
+    ask("second")
+    first.join()
+    assert found == {"first": "loans", "second": "loans"}

@@ -542,7 +542,7 @@ def ingest_deliveries(
     outcomes = []
     due: list[str | Path] = list(paths)
     if leave_later:
-        ready, later = not_yet_due(storage, contract, due, as_of)
+        ready, later = not_yet_due(storage, contract, due, as_of, **limit)
         due = list(ready)
         for outcome in later:
             say(outcome.message)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import logging
+import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,7 +44,9 @@ _REGISTERED: dict[str, Domain] = {}
 ENTRY_POINTS = "finpipe.domains"  # the entry-point group of installed domain packages
 # Installed domains whose entry point failed to load, with why (once per process).
 _BROKEN: dict[str, str] = {}
-_plugins_loaded = False
+# "unloaded", "loading" (by the thread holding `_PLUGINS_LOCK`) or "loaded".
+_plugins = "unloaded"
+_PLUGINS_LOCK = threading.RLock()
 
 
 class UpdateFeatures(Protocol):
@@ -75,7 +78,13 @@ class Train(Protocol):
 
 class Promote(Protocol):
     def __call__(
-        self, storage: Storage, settings: Settings, outcome: ChallengerOutcome
+        self,
+        storage: Storage,
+        settings: Settings,
+        outcome: ChallengerOutcome,
+        *,
+        lock_timeout: float | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> PromotionDecision: ...
 
 
@@ -191,11 +200,25 @@ def register_domain(domain: Domain) -> None:
 def load_installed_domains() -> None:
     """Register the domains of installed packages (entry points in the group `ENTRY_POINTS`),
     once per process. One that fails to import, or does not register the domain its entry
-    point names, is left out with a warning; asking for it by name says why."""
-    global _plugins_loaded
-    if _plugins_loaded:
+    point names, is left out with a warning; asking for it by name says why.
+
+    Another thread asking meanwhile waits until every package is loaded (a Dask worker's
+    threads start tasks at once); a package that asks the registry while it is imported
+    (the loading thread again) sees the domains loaded so far."""
+    global _plugins
+    if _plugins == "loaded":
         return
-    _plugins_loaded = True
+    with _PLUGINS_LOCK:
+        if _plugins != "unloaded":  # loaded meanwhile, or this thread is loading them
+            return
+        _plugins = "loading"
+        try:
+            _load_entry_points()
+        finally:
+            _plugins = "loaded"
+
+
+def _load_entry_points() -> None:
     for entry in importlib.metadata.entry_points(group=ENTRY_POINTS):
         try:
             loaded = entry.load()
@@ -217,10 +240,14 @@ def unregister_domain(name: str) -> None:
 
 def trusted_model_module(module_name: str) -> bool:
     """Return whether finpipe may load a model class from `module_name`: finpipe's own, or
-    the package of a domain registered in this process (its code is already trusted and
-    imported: `fxdom.model` for a domain whose parts are in `fxdom.pipeline`)."""
+    the module of a registered domain's parts and the modules beside it in its package (its
+    code is already trusted and imported: `fxdom.model` for a domain whose parts are in
+    `fxdom.pipeline`; not `acme.payments` for one in `acme.fx.pipeline`)."""
     if module_name.startswith("finpipe."):
         return True
     load_installed_domains()
-    packages = {domain.code_module.partition(".")[0] for domain in _REGISTERED.values()}
-    return module_name.partition(".")[0] in packages
+    for domain in _REGISTERED.values():
+        package = domain.code_module.rpartition(".")[0]
+        if module_name == domain.code_module or (package and module_name.startswith(package + ".")):
+            return True
+    return False

@@ -894,21 +894,27 @@ class _Delivery:
 
 
 def not_yet_due(
-    storage: Storage, contract: RawContract, paths: Iterable[str | Path], as_of: dt.date | str
+    storage: Storage,
+    contract: RawContract,
+    paths: Iterable[str | Path],
+    as_of: dt.date | str,
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
 ) -> tuple[list[Path], list[IngestOutcome]]:
     """Split delivered files into those a run as of `as_of` loads and those every row of which
     is dated after it: a later session's delivery, already in the drop folder when a night runs
     late (its glob matches it), which its suite would refuse as rows from the future. Those
     are left where they are, untouched, for the run of their own date, each with an outcome
-    of status `later`. A file already loaded, or that cannot be read (ingest then says why), is
-    loaded as usual; so is one with any row dated on or before `as_of`."""
+    of status `later`. A file already loaded, over `max_file_bytes` or that cannot be read
+    (ingest then says why, without reading it whole) is loaded as usual; so is one with any
+    row dated on or before `as_of`. A new file is read twice: here, then by ingest."""
     as_of = as_day(as_of)
     due, later = [], []
     for path in map(Path, paths):
         sha = file_sha256(path) if path.is_file() else ""
         record = storage.read_batch_record(contract.domain, sha) if sha else None
         loaded = record is not None and record["status"] == "validated"
-        first = None if loaded else _first_day(contract, path, as_of)
+        readable = sha and not loaded and path.stat().st_size <= max_file_bytes
+        first = _first_day(contract, path, as_of) if readable else None
         if first is None or first <= as_of:
             due.append(path)
             continue

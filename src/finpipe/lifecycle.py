@@ -464,12 +464,17 @@ def promote(
     storage: Storage,
     settings: Settings,
     outcome: OutcomeT,
+    *,
+    lock_timeout: float | None = None,
+    progress: Say | None = None,
 ) -> promotion.PromotionDecision:
     """Score challenger and champion on the same evaluation window; promote if better.
 
     Both models are loaded from the registry and scored by the same code, so the comparison
     is like for like. The decision and both figures are logged to the training run. One
-    promotion of a domain at a time (`promotion.promote_challenger` holds its champion lock).
+    promotion of a domain at a time (`promotion.promote_challenger` holds its champion lock,
+    waiting up to `lock_timeout` seconds, default DEFAULT_TIMEOUT_SECONDS, and saying so
+    through `progress`).
     """
     score = parts.promotion_scorer(storage, outcome)
 
@@ -492,6 +497,8 @@ def promote(
         evaluate=evaluate,
         run_id=outcome.run_id,
         lock_root=storage.url,
+        lock_timeout=DEFAULT_TIMEOUT_SECONDS if lock_timeout is None else lock_timeout,
+        on_wait=progress or log.info,
     )
 
 
@@ -617,9 +624,21 @@ def bind(parts: DomainParts[ConfigT, OutcomeT]) -> Domain:
         )
 
     def promote_step(
-        storage: Storage, settings: Settings, outcome: ChallengerOutcome
+        storage: Storage,
+        settings: Settings,
+        outcome: ChallengerOutcome,
+        *,
+        lock_timeout: float | None = None,
+        progress: Say | None = None,
     ) -> promotion.PromotionDecision:
-        return promote(parts, storage, settings, outcome_of(outcome))
+        return promote(
+            parts,
+            storage,
+            settings,
+            outcome_of(outcome),
+            lock_timeout=lock_timeout,
+            progress=progress,
+        )
 
     def score_step(storage: Storage, settings: Settings, as_of: dt.date | str) -> ScoringOutcome:
         return score(parts, storage, settings, as_of)

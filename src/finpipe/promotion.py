@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from finpipe.errors import ConfigError, ModelRejected
 from finpipe.faults import crash_point
-from finpipe.locks import champion_lock
+from finpipe.locks import DEFAULT_TIMEOUT_SECONDS, champion_lock
 from finpipe.settings import Settings
 from finpipe.tracking import (
     AS_OF_TAG,
@@ -170,6 +170,8 @@ def promote_challenger(
     evaluate: Callable[[RegisteredModel], float],
     run_id: str | None = None,
     lock_root: str | Path,
+    lock_timeout: float = DEFAULT_TIMEOUT_SECONDS,
+    on_wait: Callable[[str], None] | None = None,
 ) -> PromotionDecision:
     """Score challenger and current champion with `evaluate`; promote the challenger if better.
 
@@ -178,10 +180,11 @@ def promote_challenger(
     promotion of a domain at a time, under its champion lock in the store at `lock_root`
     (`finpipe.locks.champion_lock`): two nights' challengers promoted at once would each be
     compared with the same champion, and the later alias move would win, even for the older
-    model; the second now waits, then compares its challenger with the champion the first left.
+    model; the second now waits (up to `lock_timeout` seconds, saying so through `on_wait`:
+    LockTimeout after), then compares its challenger with the champion the first left.
     """
     holder = f"promotion of {domain} v{challenger_version}"
-    with champion_lock(lock_root, domain, holder=holder):
+    with champion_lock(lock_root, domain, holder=holder, timeout=lock_timeout, on_wait=on_wait):
         return _promote(settings, domain, challenger_version, metric, evaluate, run_id)
 
 
