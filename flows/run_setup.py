@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from finpipe.calendars import Calendar
-from finpipe.date_runs import stale_predictions
+from finpipe.date_runs import expand_inputs, stale_predictions
 from finpipe.domains import get_domain
 from finpipe.drop_roots import allowed_inputs
 from finpipe.errors import ConfigError
@@ -76,6 +76,8 @@ def set_up_run(
     get_domain(domain)
     check_lock_backend(settings.home, settings.locks_url.get_secret_value())
     schedule = load_schedule_settings()
+    inputs, corrections = list(inputs), list(corrections)
+    _say_empty_globs([*inputs, *corrections])
     return RunSetup(
         domain=domain,
         settings=settings,
@@ -86,6 +88,14 @@ def set_up_run(
         holder=flow_run.name or f"{kind}-{domain}",
         lock_timeout=schedule.lock_timeout_seconds if lock_timeout is None else lock_timeout,
     )
+
+
+def _say_empty_globs(patterns: list[str]) -> None:
+    """Warn of each glob among a run's inputs that matches no file (a plain path that is
+    missing is ingest's error): a misspelt pattern otherwise loads nothing, silently."""
+    for pattern in patterns:
+        if any(c in pattern for c in "*?[") and not expand_inputs([pattern]):
+            get_run_logger().warning("inputs: %s matches no file; nothing loaded from it", pattern)
 
 
 def ingest_inputs(run: RunSetup, as_of: dt.date) -> list[dict]:

@@ -946,3 +946,20 @@ def test_a_run_leaves_only_readable_files_dated_after_it_for_later(tmp_path):
     # Over the size limit it is not read here: ingest refuses it, as without `leave_later`.
     due, left = not_yet_due(storage, MARKET_CONTRACT, [later], "2024-07-08", max_file_bytes=10)
     assert due == [later] and left == []
+
+
+def test_a_glob_that_matches_no_file_is_said(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from finpipe.flows import run_setup
+
+    warned = []
+    logger = SimpleNamespace(warning=lambda message, *args: warned.append(message % args))
+    monkeypatch.setattr(run_setup, "get_run_logger", lambda: logger)
+    (tmp_path / "market_2024-07-08.csv").write_text("x")
+    run_setup._say_empty_globs(
+        [str(tmp_path / "market_*.csv"), str(tmp_path / "markte_*.csv"), str(tmp_path / "a.csv")]
+    )
+    assert warned == [
+        f"inputs: {tmp_path / 'markte_*.csv'} matches no file; nothing loaded from it"
+    ]
