@@ -62,7 +62,12 @@ def _run_name() -> str:
             as_of = _scheduled_as_of(parameters.get("calendar_timezone"), domain)
         except FinpipeError:
             as_of = "scheduled"
-    return f"nightly-{domain}-{as_of or 'latest'}"
+    return _night_name(domain, as_of or "latest")
+
+
+def _night_name(domain: str, as_of: object) -> str:
+    """Return a night's run name, which its completion records keep as their holder."""
+    return f"nightly-{domain}-{as_of}"
 
 
 def _scheduled_as_of(calendar_timezone: str | None, domain: str) -> dt.date:
@@ -187,9 +192,9 @@ def _plan(
 def _night_ran(run: RunSetup, day: dt.date) -> bool:
     """Return whether the night of `day` itself (not a backfill, nor a later night's catch-up)
     completed it with every step, from the data it has now."""
-    done = is_done(run.storage, run.domain, day, ALL_STEPS)
-    record = read_completion(run.storage, run.domain, day) if done else None
-    return record is not None and record.get("holder") == f"nightly-{run.domain}-{day}"
+    record = read_completion(run.storage, run.domain, day) or {}
+    ran_it = record.get("holder") == _night_name(run.domain, day)
+    return ran_it and is_done(run.storage, run.domain, day, ALL_STEPS)
 
 
 def _ran_already(domain: str, run_date: str, ingested: list[dict]) -> dict:

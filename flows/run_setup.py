@@ -15,7 +15,7 @@ from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
 from finpipe.calendars import Calendar
-from finpipe.date_runs import expand_inputs, stale_predictions
+from finpipe.date_runs import expand_inputs, is_glob, stale_predictions
 from finpipe.domains import get_domain
 from finpipe.drop_roots import allowed_inputs
 from finpipe.errors import ConfigError
@@ -94,7 +94,7 @@ def _say_empty_globs(patterns: list[str]) -> None:
     """Warn of each glob among a run's inputs that matches no file (a plain path that is
     missing is ingest's error): a misspelt pattern otherwise loads nothing, silently."""
     for pattern in patterns:
-        if any(c in pattern for c in "*?[") and not expand_inputs([pattern]):
+        if is_glob(pattern) and not expand_inputs([pattern]):
             get_run_logger().warning("inputs: %s matches no file; nothing loaded from it", pattern)
 
 

@@ -492,6 +492,11 @@ def update_features_through(
     return update.to_dict()
 
 
+def is_glob(pattern: str) -> bool:
+    """Return whether `pattern` holds a wildcard (`*`, `?` or `[`)."""
+    return any(c in pattern for c in "*?[")
+
+
 def expand_inputs(patterns: Iterable[str]) -> list[str]:
     """Return the delivered files named by `patterns`, oldest first.
 
@@ -502,7 +507,7 @@ def expand_inputs(patterns: Iterable[str]) -> list[str]:
     found: list[Path] = []
     for pattern in patterns:
         pattern = os.path.expanduser(pattern)
-        if any(c in pattern for c in "*?["):
+        if is_glob(pattern):
             found.extend(Path(p).resolve() for p in glob.glob(pattern))
         else:
             found.append(Path(pattern))

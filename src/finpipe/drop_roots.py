@@ -16,13 +16,11 @@ from itertools import takewhile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from finpipe.date_runs import expand_inputs
+from finpipe.date_runs import expand_inputs, is_glob
 from finpipe.errors import ConfigError
 
 if TYPE_CHECKING:
     from finpipe.settings import Settings
-
-GLOB_CHARACTERS = "*?["
 
 
 def is_inside(path: str | Path, roots: Sequence[Path]) -> bool:
@@ -39,7 +37,7 @@ def fixed_folder(pattern: str) -> str:
     """Return the part of a glob before its first wildcard component (the pattern itself when
     it has none): `/data/drop/market_*.csv` -> `/data/drop`."""
     parts = Path(os.path.expanduser(pattern)).parts
-    fixed = list(takewhile(lambda part: not any(c in part for c in GLOB_CHARACTERS), parts))
+    fixed = list(takewhile(lambda part: not is_glob(part), parts))
     return str(Path(*fixed)) if fixed else "."
 
 

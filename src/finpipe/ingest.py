@@ -509,10 +509,9 @@ def _check(
     is checked against the layer the files checked before it would leave."""
     layer = storage if together is None else together.published(storage, contract)
     try:
-        dated = {"as_of": as_day(as_of)} if contract.normalise_takes_as_of else {}
         raw = read_delivery(readable, contract.read_options)
         flags = _retraction_flags(raw, path.name)
-        normalised = contract.normalise(raw, source=path.name, **dated)
+        normalised = _normalised(contract, raw, path.name, as_of)
     except InputFileError as error:  # named as delivered, not as the landed copy read
         message = str(error).replace(str(readable), path.name)
         rule = {"rule": "readable_file", "success": False, "message": message}
@@ -926,14 +925,21 @@ def not_yet_due(
     return due, later
 
 
+def _normalised(
+    contract: RawContract, raw: pd.DataFrame, name: str, as_of: dt.date | str
+) -> pd.DataFrame:
+    """Return delivered file `name`'s rows (`raw`, as read) as its contract types them, on
+    `as_of` for a contract that dates rows by the day they are loaded."""
+    dated = {"as_of": as_day(as_of)} if contract.normalise_takes_as_of else {}
+    return contract.normalise(raw, source=name, **dated)
+
+
 def _first_day(contract: RawContract, path: Path, as_of: dt.date) -> dt.date | None:
     """Return the earliest date of a delivered file's rows as ingest reads them as of `as_of`
     (a book without a date column dates its rows the day they are loaded); None when it cannot
     be read or holds no dated row."""
     try:
-        raw = read_delivery(path, contract.read_options)
-        dated = {"as_of": as_of} if contract.normalise_takes_as_of else {}
-        frame = contract.normalise(raw, source=path.name, **dated)
+        frame = _normalised(contract, read_delivery(path, contract.read_options), path.name, as_of)
         days = pd.to_datetime(frame[contract.date_column], errors="coerce").dropna()
     except (InputFileError, KeyError, ValueError, TypeError):
         return None
@@ -1002,10 +1008,9 @@ def _read_for_group(storage, contract, spec, path, as_of, max_file_bytes) -> _De
     if previous is not None and previous["status"] == "validated":
         return None
     try:
-        dated = {"as_of": as_day(as_of)} if contract.normalise_takes_as_of else {}
         raw = read_delivery(path, contract.read_options)
         flags = _retraction_flags(raw, path.name)
-        frame = contract.normalise(raw, source=path.name, **dated)
+        frame = _normalised(contract, raw, path.name, as_of)
     except InputFileError:
         return None
     if flags is not None and flags.any():  # refused on the single-file path, with its report
