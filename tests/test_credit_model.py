@@ -112,6 +112,54 @@ def test_network_test_auc_is_within_002_of_the_oracle(fitted):
     assert model.predict_pd(test).mean() == pytest.approx(test[LABEL].mean(), abs=0.015)
 
 
+def test_scaler_vocabulary_and_fit_read_the_training_loans_only():
+    """Scaler, vocabulary, PSI reference and the net itself come from the training rows (and
+    early stopping and calibration from the validation rows): distorting every test loan's
+    values changes none of them."""
+    features, _ = _features(CreditSyntheticConfig(applications=3_000, seed=3))
+    labelled = features[features[LABEL].notna()].sort_values(["date", "loan_id"])
+    labelled = labelled.reset_index(drop=True)
+    split = split_rows(
+        labelled,
+        id_column="loan_id",
+        dated=True,
+        validation_fraction=0.2,
+        test_fraction=0.2,
+        embargo_days=0,
+        seed=0,
+    )
+    distorted = labelled.copy()
+    test = split.test
+    for column in BOOK.numeric_columns:
+        distorted.loc[test, column] = pd.to_numeric(distorted.loc[test, column]) * 1000 + 7
+    for column in BOOK.categorical_columns:
+        distorted[column] = distorted[column].astype("string")
+        distorted.loc[test, column] = "only_in_test"  # common enough for the vocabulary
+
+    def fit(frame: pd.DataFrame) -> FittedCreditModel:
+        return fit_credit_model(
+            frame,
+            id_column="loan_id",
+            numeric_columns=BOOK.numeric_columns,
+            categorical_columns=BOOK.categorical_columns,
+            label=LABEL,
+            train=split.train,
+            validation=split.validation,
+            grades=[(band.grade, band.max_pd) for band in BOOK.grades],
+            config=CreditTrainingConfig(max_epochs=2).classifier_config("mlp"),
+        )
+
+    fitted, refitted = fit(labelled), fit(distorted)
+    assert test.sum() > 100
+    assert refitted.scaler == fitted.scaler
+    assert refitted.vocabulary == fitted.vocabulary
+    assert "only_in_test" not in str(fitted.vocabulary.categories)
+    assert refitted.population == fitted.population
+    assert refitted.calibration == fitted.calibration
+    train_rows = labelled[split.train]
+    np.testing.assert_array_equal(refitted.predict_pd(train_rows), fitted.predict_pd(train_rows))
+
+
 def test_an_out_of_time_split_purges_loans_whose_outcome_window_reaches_the_next_set():
     """A loan's label looks `outcome_window_days` ahead: no training loan's window may end
     after validation starts, nor a validation loan's after test starts (embargo on top)."""

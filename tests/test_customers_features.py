@@ -73,6 +73,26 @@ def test_snapshot_values_by_hand():
     assert set(snapshot.dtypes.iloc[2:].astype(str)) == {"float64"}
 
 
+def test_the_windows_edges_by_hand():
+    """The 90-day window is (t-90, t], the one before it (t-180, t-90]; a customer whose last
+    purchase is exactly `active_days` before t is active, one a day earlier is not."""
+    t = pd.Timestamp("2024-04-01")
+    ago = [0, 89, 90, 179, 180]
+    rows = [("e", t - pd.Timedelta(days=d), 2.0**i, "x") for i, d in enumerate(ago)]
+    rows += [
+        ("f", t - pd.Timedelta(days=365), 1.0, "x"),
+        ("g", t - pd.Timedelta(days=366), 1.0, "x"),
+    ]
+    snapshot = build_customer_features(_transactions(rows), t, active_days=365)
+    snapshot = snapshot.set_index("customer_id")
+    assert snapshot.index.tolist() == ["e", "f"]
+    e = snapshot.loc["e"]
+    assert (e["spend_90d"], e["frequency_90d"]) == (1.0 + 2.0, 2.0)  # 0 and 89 days ago
+    assert e["spend_trend"] == pytest.approx((3.0 - (4.0 + 8.0)) / (3.0 + 12.0))  # 90, 179
+    assert (e["recency_days"], e["tenure_days"], e["frequency"]) == (0.0, 180.0, 5.0)
+    assert snapshot.loc["f", "recency_days"] == 365.0
+
+
 def test_values_sharing_a_feature_name_add_up_and_rows_without_a_customer_count_for_nobody():
     rows = _transactions(
         [

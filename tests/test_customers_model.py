@@ -84,6 +84,30 @@ def champion(two_days):
     return fit_segment_model(yesterday, sets, SegmentModelParams())
 
 
+def test_test_customers_take_no_part_in_fitting(two_days):
+    """The log columns, scaler, autoencoder, k-means and the choice of k read the train and
+    validation customers only: test customers with absurd values change none of them."""
+    (yesterday, _), _ = two_days
+    sets = sets_by_id(yesterday["customer_id"], 0.15, 0.2)
+    test = sets == "test"
+    distorted = yesterday.copy()
+    for column in ("monetary_total", "monetary_mean", "frequency", "recency_days"):
+        distorted.loc[test, column] = distorted.loc[test, column] * 1000 + 7
+    distorted["category_share_only_in_test"] = np.where(test, 1.0, 0.0)  # a category too
+    params = SegmentModelParams(max_epochs=3, kmeans_restarts=2, k_max=4)
+
+    fitted = fit_segment_model(yesterday, sets, params)
+    refitted = fit_segment_model(distorted, sets, params)
+    assert test.sum() > 100
+    assert refitted.feature_columns == fitted.feature_columns
+    assert refitted.log_columns == fitted.log_columns
+    assert refitted.scaler == fitted.scaler
+    assert refitted.silhouette_by_k == fitted.silhouette_by_k
+    np.testing.assert_array_equal(refitted.centroids, fitted.centroids)
+    kept = yesterday[~test]
+    np.testing.assert_array_equal(refitted.embed(kept), fitted.embed(kept))
+
+
 def test_planted_segments_are_recovered(two_days, champion):
     (yesterday, _), planted = two_days
     segments = champion.predict(yesterday)["segment"]

@@ -180,6 +180,10 @@ def test_only_faults_of_a_server_or_the_network_are_retried(error, retried):
     [
         (pd.DataFrame({"pair": [None, None]}), "returned no id column"),
         (pd.DataFrame({"id": ["a", None], "pd": [0.1, 0.2]}), "returned rows without their id"),
+        (
+            pd.DataFrame({"id": ["a", "b", "a"], "pd": [0.1, 0.2, 0.3]}),
+            r"returned 2 rows that share their keys \(id=a, ...\)",
+        ),
         (pd.DataFrame({"id": ["a", "b"]}), r"returned its keys \(id\) only"),
         (pd.DataFrame({"id": ["a", "b"], "pd": [None, None]}), "returned no value in pd"),
     ],

@@ -207,12 +207,22 @@ def test_scaler_is_fitted_on_train_dates_only():
     after_train = ~frame["date"].isin(split.train_dates)
     distorted = frame.copy()
     distorted.loc[after_train, FEATURES] = distorted.loc[after_train, FEATURES] * 1000 + 7
+    # and the labels of every later row: the target's scale must not learn from them either
+    distorted.loc[after_train, "forward_return_5d"] = (
+        distorted.loc[after_train, "forward_return_5d"] * 5 + 0.05
+    )
 
     fitted = _fit(frame, "mlp")
     refitted = _fit(distorted, "mlp")
     assert refitted.scaler == fitted.scaler
     assert fitted.scaler == FeatureScaler.fit(frame.loc[~after_train, FEATURES])
-    assert refitted.target_mean == fitted.target_mean  # the target scale too
+    train_labels = frame.loc[~after_train, "forward_return_5d"].dropna()
+    assert (refitted.target_mean, refitted.target_std) == (
+        fitted.target_mean,
+        fitted.target_std,
+    )
+    assert fitted.target_mean == pytest.approx(train_labels.mean(), rel=1e-6)
+    assert fitted.target_std == pytest.approx(train_labels.std(ddof=0), rel=1e-6)
 
 
 def test_embargo_shorter_than_horizon_is_refused():
@@ -438,6 +448,29 @@ def test_stacking_is_kept_only_when_it_wins_out_of_sample(members):
     )
     assert mean.combination == "mean" and mean.weights == {"mlp": 0.5, "gru": 0.5}
     assert mean.selection["validation_ic"] == mean.selection["mean_validation_ic"]
+
+
+@pytest.mark.unit
+def test_each_half_of_the_validation_dates_is_stacked_with_weights_fitted_on_the_other():
+    """Cross-fitting: the first half's rows are scored with weights fitted on the second half
+    and the reverse, neither fit reading the `horizon` dates next to the other half (whose
+    labels overlap it). Each stretch of dates here follows another member exactly, so the
+    weights each half is scored with say which dates they came from."""
+    from finpipe.market.ensemble import _cross_fitted
+
+    rng = np.random.default_rng(0)
+    horizon, per_date = 2, 6
+    day = np.repeat(np.arange(20), per_date)
+    dates = pd.Timestamp("2024-01-01").to_datetime64() + day.astype("timedelta64[D]")
+    z = rng.normal(size=(len(day), 3))
+    target = np.where(day < 8, z[:, 0], np.where(day >= 12, z[:, 1], 100 * z[:, 2]))
+    # (dates 8-11 are the embargo around the split at date 10: follow member 3, loudly)
+    scores = _cross_fitted(z, target, dates, horizon)
+    assert scores is not None
+    first = day < 10
+    np.testing.assert_allclose(scores[first], z[first, 1], atol=1e-9)
+    np.testing.assert_allclose(scores[~first], z[~first, 0], atol=1e-9)
+    assert _cross_fitted(z[day < 6], target[day < 6], dates[day < 6], horizon) is None
 
 
 def test_market_candidates_accept_tcn_cnn_and_an_ensemble_of_two_nets():

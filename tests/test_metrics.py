@@ -44,6 +44,20 @@ def test_per_date_ic_pearson_and_spearman_by_hand():
     assert rank_ic.to_list() == pytest.approx([0.8, 0.8])
 
 
+def test_rank_ic_averages_tied_ranks_whatever_the_rows_order():
+    """Boosted trees and clipped scores tie: a tie gets the average of its ranks (scipy's
+    spearmanr), so the rank IC does not depend on which ticker comes first."""
+    from scipy.stats import spearmanr
+
+    prediction = [0.0, 0.0, 0.0, 1.0, 1.0, 1.0]
+    label = [0.03, -0.01, 0.02, 0.01, 0.04, -0.02]
+    frame = _frame([(D1, t, p, y) for t, p, y in zip("ABCDEF", prediction, label, strict=True)])
+    expected = spearmanr(prediction, label).statistic
+    assert per_date_ic(frame, method="spearman").iloc[0] == pytest.approx(expected)
+    reversed_rows = frame.iloc[::-1].reset_index(drop=True)
+    assert per_date_ic(reversed_rows, method="spearman").iloc[0] == pytest.approx(expected)
+
+
 def test_per_date_ic_drops_thin_and_constant_dates_and_missing_rows():
     frame = _frame(
         [

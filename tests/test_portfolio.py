@@ -80,6 +80,24 @@ def test_costs_are_basis_points_of_traded_value_and_strictly_lower_returns():
     assert costly.turnover.tolist() == pytest.approx([0.5, 1.0])
 
 
+def test_weights_drift_with_their_returns_and_rebalancing_back_is_traded_and_costed():
+    """An equal-weight book whose first name gains 10% a session holds 0.55 / 1.05 of it the
+    next morning: setting it back to a half trades 2 x 0.05 / 1.05 of the book, and pays for it."""
+    returns = _returns({"A": [0.1] * 6, "B": [0.0] * 6})
+    weights = {d: pd.Series({"A": 0.5, "B": 0.5}) for d in DATES[:4]}
+    free = run_portfolio(weights, returns, cost_bps=0.0)
+    costly = run_portfolio(weights, returns, cost_bps=10.0)
+    drift = 0.55 / 1.05 - 0.5
+    assert free.turnover.tolist() == pytest.approx([0.5, drift, drift, drift])
+    assert free.gross.tolist() == pytest.approx([0.05] * 4)
+    paid = (free.net - costly.net).tolist()
+    assert paid == pytest.approx([10e-4 * 1.0, *[10e-4 * 2 * drift] * 3])
+    short_b = {d: pd.Series({"A": 0.5, "B": -0.5}) for d in DATES[:4]}  # a short drifts too
+    assert run_portfolio(short_b, returns, cost_bps=0.0).turnover.tolist() == pytest.approx(
+        [0.5, drift, drift, drift]
+    )
+
+
 def test_a_name_delisted_while_held_leaves_at_its_last_price():
     returns = _returns({"A": [0.0, 0.0, 0.1, np.nan, np.nan, np.nan], "B": [0.01] * 6})
     weights = {d: pd.Series({"A": 0.5, "B": 0.5}) for d in DATES[:4]}

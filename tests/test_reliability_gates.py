@@ -12,7 +12,7 @@ import pytest
 from finpipe import lifecycle
 from finpipe import storage as storage_module
 from finpipe.errors import ModelRejected, StorageError
-from finpipe.promotion import check_predictions_sane, decide_promotion
+from finpipe.promotion import check_predictions_sane, decide_promotion, newer_champion
 from finpipe.storage import Storage
 from finpipe.tracking import RegisteredModel
 
@@ -92,6 +92,18 @@ def test_a_champion_that_cannot_be_measured_gives_way(score):
     assert decision.promoted is True
     assert decision.reason.startswith("champion v2 ic=")
     assert "cannot be measured on the test window; challenger v3" in decision.reason
+
+
+def test_only_a_champion_trained_as_of_a_later_date_refuses_the_comparison():
+    """A champion trained as of the challenger's own date (a retrain of the same night, with
+    other settings) is compared on the test window; only a later one may have learnt from it."""
+    assert newer_champion("ic", "2", "2024-03-08", "1", "2024-03-08") is None
+    assert newer_champion("ic", "2", "2024-03-08", "1", "2024-03-07") is None
+    assert newer_champion("ic", "2", None, "1", "2024-03-09") is None  # predates the tag
+    refused = newer_champion("ic", "2", "2024-03-08", "1", "2024-03-09")
+    assert refused is not None and not refused.promoted
+    assert refused.champion_version == "1" and refused.challenger_version == "2"
+    assert "trained as of 2024-03-09, after challenger v2's 2024-03-08" in refused.reason
 
 
 def test_only_a_champion_that_cannot_read_the_window_loses_its_seat(monkeypatch):

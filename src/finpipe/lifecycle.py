@@ -197,6 +197,9 @@ Predict = Callable[[RegisteredModel], "Predictions"]
 class Predictions:
     """A scoring date's rows (keys and predictions) as a domain computed them with a model.
 
+    `sort_by` names the key columns: the rows are published sorted by them, and two rows with
+    the same keys, or a row without them, are refused with nothing published.
+
     `report`, when given, is written to reports/<domain>/scoring/date=<as-of>.json.
     `empty_reason` says why `rows` is empty, for the run to warn with. `partitions` are other
     tables of the night ({dataset: table}, e.g. customers' segment profiles), published as

@@ -32,8 +32,8 @@ class ScoringOutcome:
 
 def check_scores(domain: str, scores: pd.DataFrame, keys: list[str]) -> None:
     """Raise ScoringError when a domain's scorer returned rows that cannot be read: a key
-    column missing or with missing values, or no prediction column beside the keys, or
-    predictions missing on every row."""
+    column missing or with missing values, two rows with the same keys, or no prediction
+    column beside the keys, or predictions missing on every row."""
     if scores.empty:
         return
     missing = [key for key in keys if key not in scores.columns]
@@ -42,6 +42,13 @@ def check_scores(domain: str, scores: pd.DataFrame, keys: list[str]) -> None:
     blank = [key for key in keys if scores[key].isna().any()]
     if blank:
         raise ScoringError(f"the {domain} scorer returned rows without their {blank[0]}")
+    repeated = scores.duplicated(subset=keys, keep=False)
+    if repeated.any():
+        first = ", ".join(f"{key}={scores.loc[repeated, key].iloc[0]}" for key in keys)
+        raise ScoringError(
+            f"the {domain} scorer returned {int(repeated.sum())} rows that share their keys "
+            f"({first}, ...): a date's predictions hold one row per key"
+        )
     values = [c for c in scores.columns if c not in {*keys, "date", *PROVENANCE_COLUMNS}]
     if not values:
         raise ScoringError(f"the {domain} scorer returned its keys ({', '.join(keys)}) only")
