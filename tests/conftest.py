@@ -490,6 +490,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_bench_smoke.py": ModuleTiers(E2E),
     "test_packaging.py": ModuleTiers(E2E),
     "test_backfill_dask.py": ModuleTiers(E2E),  # dask scheduler + 2 workers, Prefect server
+    "test_locks.py": ModuleTiers(UNIT),  # file locks in a tmp folder
     "test_pg_locks.py": ModuleTiers(E2E),  # a real PostgreSQL server, SIGKILLed lock holders
     "test_service_processes.py": ModuleTiers(_CHILD_PROCESS),  # stopping real children
     "test_group_servers.py": ModuleTiers(_CHILD_PROCESS),  # the suite's group servers, inner runs

@@ -624,6 +624,12 @@ def test_a_record_goes_stale_when_its_data_is_republished(market):
     assert read_completion(storage, "market", day)["holder"] == "test"
     assert is_done(storage, "market", day, ALL_STEPS)
     assert not is_done(storage, "market", day, [*ALL_STEPS, "retrain"])
+    scored = storage.read_partition("predictions", "market", day)
+    storage.delete_partition("predictions", "market", day)  # someone cleaned the layer
+    assert not is_done(storage, "market", day, ALL_STEPS)
+    assert is_done(storage, "market", day, ["validate", "features"])
+    storage.write_partition("predictions", "market", day, scored)
+    assert is_done(storage, "market", day, ALL_STEPS)
     rows = storage.read_partition("validated", "market", day)
     storage.write_partition("validated", "market", day, rows.iloc[1:])  # a re-delivery
     assert not is_done(storage, "market", day, ALL_STEPS)

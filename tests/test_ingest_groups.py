@@ -221,6 +221,57 @@ def test_a_key_repeated_across_two_files_of_a_run_is_rejected_as_one_by_one_reje
     _same_store(grouped, single)
 
 
+def test_a_day_already_published_and_sent_again_in_a_group_is_rejected_as_one_by_one(
+    tmp_path, panel, stores
+):
+    """A vendor re-sends a published day (changed a little) beside the next day's clean file:
+    the group's own keys do not repeat, but the re-sent file's repeat an earlier batch's."""
+    grouped, single = stores
+    paths = _daily_files(tmp_path / "drop", panel)
+    for storage in stores:
+        ingest_file(storage, MARKET_CONTRACT, paths[0], as_of=AS_OF)
+    sent_again = tmp_path / "drop" / "resent.csv"
+    resent = pd.read_csv(paths[0])
+    resent.assign(volume=resent["volume"] + 1).to_csv(sent_again, index=False)
+
+    outcomes = _grouped(grouped, [paths[1], sent_again])
+    reference = _one_by_one(single, [paths[1], sent_again])
+
+    assert isinstance(outcomes[-1], ValidationFailed) and isinstance(
+        reference[-1], ValidationFailed
+    )
+    assert "duplicate_key_across_batches" in str(outcomes[-1])
+    validated = grouped.read_partitions("validated", "market")
+    assert not validated.duplicated(["date", "ticker"]).any()
+    _same_store(grouped, single)
+
+
+def test_a_file_whose_publish_was_cut_short_after_a_partition_loads_whole_when_run_again(
+    tmp_path, panel, stores, disk_full_after_one_partition, monkeypatch
+):
+    """A publish cut short (disk full, a killed process) leaves one of the file's days
+    written and its batch `landed`: the re-run replaces that day's rows of its own batch
+    (neither doubling them nor taking them for another batch's) and publishes the rest."""
+    grouped, single = stores  # here: one store cut short, one loaded cleanly
+    week = tmp_path / "week.csv"
+    pd.concat(pd.read_csv(path) for path in _daily_files(tmp_path / "drop", panel)[:5]).to_csv(
+        week, index=False
+    )
+    ingest_file(single, MARKET_CONTRACT, week, as_of=AS_OF)
+
+    written = disk_full_after_one_partition()
+    with pytest.raises(OSError, match="disk full"):
+        ingest_file(grouped, MARKET_CONTRACT, week, as_of=AS_OF)
+    monkeypatch.undo()
+    assert len(written) == 1
+    outcome = ingest_file(grouped, MARKET_CONTRACT, week, as_of=AS_OF)
+
+    assert outcome.status == "validated"
+    validated = grouped.read_partitions("validated", "market")
+    assert not validated.duplicated(["date", "ticker"]).any()
+    _same_store(grouped, single)
+
+
 def _batch(path) -> str:
     from finpipe.storage import file_sha256
 

@@ -17,7 +17,6 @@ import psycopg
 import pytest
 
 from finpipe.locks import (
-    LockOrderError,
     LockTimeout,
     date_resource,
     held_locks,
@@ -29,6 +28,7 @@ from finpipe.pg_locks import LockLost, LockUnavailable, application_name, lock_k
 from finpipe.services.postgres import PostgresError, PostgresServer
 from tests.servers import free_port
 from tests.team_fixtures import new_database
+from tests.test_locks import check_one_lock_at_a_time
 
 DAY = "2024-01-02"
 # A run in another process: takes the date lock of market DAY, says so, holds it until its
@@ -190,25 +190,8 @@ def test_a_killed_holder_frees_its_lock_at_once(team_locks, tmp_path, holders):
     assert freed_after < 2, f"the lock took {freed_after:.1f} s to come free"
 
 
-def test_one_lock_at_a_time_on_both_backends(locks_url, tmp_path):
-    for url in ("", locks_url):
-        with partition_lock(tmp_path, "market", DAY, holder="nightly", locks_url=url):
-            assert held_locks("nightly") == (f"market/date={DAY}",)
-            started = time.monotonic()
-            with (
-                pytest.raises(LockOrderError, match="nightly holds the lock on market/date="),
-                history_lock(tmp_path, "market", holder="nightly", timeout=5, locks_url=url),
-            ):
-                pass
-            assert time.monotonic() - started < 1  # refused at once, not after a wait
-            # Trying (never waiting) for another resource cannot deadlock: allowed.
-            with history_lock(tmp_path, "market", holder="nightly", timeout=0, locks_url=url):
-                assert len(held_locks("nightly")) == 2
-            # Another run in this thread (a test standing in for one) may wait as usual.
-            with history_lock(tmp_path, "market", holder="backfill", timeout=5, locks_url=url):
-                assert held_locks("backfill") == ("market/history",)
-                assert len(held_locks()) == 2
-        assert held_locks() == ()
+def test_one_lock_at_a_time_on_postgres(locks_url, tmp_path):
+    check_one_lock_at_a_time(tmp_path, locks_url)
 
 
 def test_the_setting_selects_the_backend(locks_url, tmp_path, monkeypatch):

@@ -199,6 +199,30 @@ def test_bad_delivery_is_quarantined_with_a_clear_error(case, accepted, tmp_path
     assert _snapshot(storage) == before, "accepted partitions changed"
 
 
+def test_a_rejected_file_sent_again_is_rejected_again_into_the_same_quarantine(accepted, tmp_path):
+    """A bad file left in the drop folder is picked up again by the next night: the same clear
+    error, and its quarantine folder replaced, not a filesystem error over the first one."""
+    storage, rows = accepted
+    path = tmp_path / "market_bad.csv"
+    path.write_bytes(_csv(_set(rows, 2, "close", -1.0)))
+    before = _snapshot(storage)
+    caught = []
+    for _ in range(2):
+        with pytest.raises(ValidationFailed, match="market_bad.csv rejected") as rejected:
+            ingest_file(storage, MARKET_CONTRACT, path, as_of=AS_OF)
+        caught.append(rejected.value)
+    first, again = caught
+    assert again.quarantine_path == first.quarantine_path
+    folder = storage.root / again.quarantine_path
+    assert sorted(p.name for p in folder.iterdir() if p.is_file()) == [
+        "market_bad.csv",
+        "report.json",
+    ]
+    assert json.loads((folder / "report.json").read_text())["success"] is False
+    assert len(list(folder.parent.iterdir())) == 1
+    assert _snapshot(storage) == before
+
+
 def test_duplicate_keys_across_files_are_rejected(accepted, tmp_path):
     storage, rows = accepted
     first, second = tmp_path / "a.csv", tmp_path / "b.csv"
