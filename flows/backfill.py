@@ -116,6 +116,8 @@ def backfill(
         *(domain, request.start, request.end, len(plan.todo), len(plan.done)),
     )
     results = _run_dates(run, request, plan, concurrency)
+    if results and all(outcome.status == "no data" for outcome in results):
+        logger.warning(_nothing_to_process(run, request))
     stale = warn_of_stale_predictions(run, features)  # outside the range: those in it are redone
     failures = failure_summary(
         results, redo="fix the cause and run the same backfill again to redo only these"
@@ -192,6 +194,17 @@ def _run_dates(
         for day, future in futures.items():
             outcomes[day] = _outcome_of(day, future)
     return [outcomes[day] for day in sorted(outcomes)]
+
+
+def _nothing_to_process(run: RunSetup, request: BackfillRequest) -> str:
+    """What a backfill none of whose dates has data says: which dates the store does hold."""
+    held = run.validated_dates(end=None)
+    where = f"{held[0]} to {held[-1]}" if held else "no date at all: load deliveries first"
+    return (
+        f"no date from {request.start} to {request.end} has validated {run.domain} data, so "
+        f"nothing was processed; the store holds {where} (a mistyped range? deliveries not "
+        "loaded yet: pass them as inputs)"
+    )
 
 
 def _retrain_day(run: RunSetup, request: BackfillRequest) -> dt.date:

@@ -429,6 +429,30 @@ def test_bad_parameters_are_refused_before_any_work(market, monkeypatch):
 
 
 @pytest.mark.slow
+def test_a_backfill_of_dates_without_data_says_which_dates_the_store_holds(market, caplog):
+    """A mistyped range (the year before the data) processes nothing: the run still completes,
+    and its log says so and which dates there are, instead of a table of "no data" only."""
+    from finpipe.flows.backfill import backfill
+
+    storage = Storage(market.home)
+    history = storage.partition_dates("validated", "market")
+    days = _sessions(history[0] - dt.timedelta(days=370), history[0] - dt.timedelta(days=366))
+    prefect_log = logging.getLogger("prefect.flow_runs")
+    prefect_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="prefect.flow_runs"):
+            summary = backfill(start=days[0], end=days[-1])
+    finally:
+        prefect_log.removeHandler(caplog.handler)
+    assert {item["status"] for item in summary["dates"]} == {"no data"}
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert (
+        f"no date from {days[0]} to {days[-1]} has validated market data, so nothing was "
+        f"processed; the store holds {history[0]} to {history[-1]}"
+    ) in "\n".join(warned)
+
+
+@pytest.mark.slow
 def test_a_partly_failed_backfill_redoes_only_what_failed_and_ends_as_a_clean_run(
     market, base, tmp_path
 ):
