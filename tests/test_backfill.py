@@ -10,6 +10,7 @@ import shutil
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from zoneinfo import ZoneInfo
 
 import pandas as pd
@@ -804,6 +805,12 @@ def test_the_scheduled_night_after_a_weekday_holiday_does_not_redo_the_session(m
     backfill(start=earlier, end=earlier, force=True)
     monkeypatch.setattr(night, "_scheduled_as_of", lambda timezone, domain: earlier)
     assert "skipped" not in night.nightly(default_as_of="previous business day", retrain=False)
+    # Nor is a session a later night's catch-up scored (its record names that night).
+    run = SimpleNamespace(storage=storage, domain="market")
+    assert night._night_ran(run, earlier)
+    later_night = night._night_name("market", last)
+    process_date(storage, market, "market", earlier, ALL_STEPS, holder=later_night)
+    assert not night._night_ran(run, earlier)
 
 
 @pytest.mark.slow
@@ -922,7 +929,6 @@ def test_command_errors_are_one_line_and_exit_status_2(arguments, message, tmp_p
 def test_a_bad_timezone_in_the_run_form_leaves_the_run_to_fail_with_its_error(monkeypatch):
     """Naming the run resolved the scheduled date before the flow started: an unknown
     timezone there crashed the run ("Process exited with status code: 1") with tracebacks."""
-    from types import SimpleNamespace
 
     from finpipe.flows import nightly as night
 
@@ -979,7 +985,6 @@ def test_a_run_leaves_only_readable_files_dated_after_it_for_later(tmp_path):
 
 
 def test_a_glob_that_matches_no_file_is_said(tmp_path, monkeypatch):
-    from types import SimpleNamespace
 
     from finpipe.flows import run_setup
 

@@ -17,13 +17,14 @@ from finpipe.settings import Settings
 
 @pytest.fixture
 def drop(tmp_path) -> Path:
-    """A drop folder with two deliveries, and beside it a folder it must not reach."""
+    """A drop folder with two deliveries, and beside it a folder it must not reach, whose name
+    begins with the drop folder's (a check of the path's text would let it through)."""
     folder = tmp_path / "drop"
     folder.mkdir()
     (folder / "market_2024-01-02.csv").write_text("old")
     (folder / "market_2024-01-03.csv").write_text("new")
     os.utime(folder / "market_2024-01-02.csv", (1_000, 1_000))  # delivered first
-    secrets = tmp_path / "private"
+    secrets = tmp_path / "drop-private"
     secrets.mkdir()
     (secrets / "key.csv").write_text("secret")
     return folder
@@ -43,26 +44,28 @@ def test_files_under_a_drop_folder_pass_in_delivery_order(drop):
 
 
 @pytest.mark.parametrize(
-    "name",
+    ("name", "rule"),
     [
-        "/etc/passwd",  # an absolute path elsewhere
-        "{drop}/../private/key.csv",  # `..` climbing out
-        "{drop}/../private/*.csv",  # a glob whose folder is outside: not even listed
-        "{drop}/link.csv",  # a symlink in the drop folder whose target is outside
-        "{drop}/linked/key.csv",  # a symlinked folder whose target is outside
-        "{drop}/linked/*.csv",
-        "{drop}/*.csv",  # a glob inside that matches the symlink
+        ("/etc/passwd", "is outside"),  # an absolute path elsewhere
+        ("{drop}/../drop-private/key.csv", "is outside"),  # `..` climbing out
+        ("{drop}-private/key.csv", "is outside"),  # a sibling whose name begins with drop's
+        ("{drop}/../drop-private/*.csv", "is outside"),  # a glob outside: not even listed
+        ("{drop}/../drop-private/*.none", "is outside"),  # (so matching nothing tells nothing)
+        ("{drop}/link.csv", "is outside"),  # a symlink in the drop folder whose target is outside
+        ("{drop}/linked/key.csv", "is outside"),  # a symlinked folder whose target is outside
+        ("{drop}/linked/*.csv", "is outside"),
+        ("{drop}/*.csv", "names a file outside"),  # a glob inside that matches the symlink
     ],
 )
-def test_a_path_out_of_the_drop_folders_is_refused_naming_only_the_rule(drop, name):
-    (drop / "link.csv").symlink_to(drop.parent / "private" / "key.csv")
-    (drop / "linked").symlink_to(drop.parent / "private")
+def test_a_path_out_of_the_drop_folders_is_refused_naming_only_the_rule(drop, name, rule):
+    (drop / "link.csv").symlink_to(drop.parent / "drop-private" / "key.csv")
+    (drop / "linked").symlink_to(drop.parent / "drop-private")
     given = name.format(drop=drop)
     roots = [drop.resolve(), (drop.parent / "other").resolve()]
     with pytest.raises(ConfigError) as refused:
         allowed_inputs([str(drop / "market_2024-01-02.csv"), given], roots)
     message = str(refused.value)
-    assert message.startswith(f"input {given!r} ")
+    assert message.startswith(f"input {given!r} {rule} the drop folders")
     assert "drop folders (symlinks followed), which are: " in message
     assert f"{roots[0]}, {roots[1]}" in message
     assert "FINPIPE_DROP_ROOTS" in message

@@ -136,9 +136,15 @@ def test_an_interrupted_migration_is_finished_by_a_rerun(tmp_path):
     storage.write_partition("validated", "market", "2024-01-03", pq.read_table(old))
     with pytest.raises(StorageError, match="old hive layout"):
         storage.partition_dates("validated", "market")
-    migrate_hive_layout(tmp_path)
+    converted = migrate_hive_layout(tmp_path)
+    # every old folder counts, the one whose copy the first run had published too
+    assert [(layer.layer, layer.partitions) for layer in converted] == [
+        ("validated", 3),
+        ("predictions", 3),
+    ]
     assert [d.isoformat() for d in storage.partition_dates("validated", "market")] == DAYS
     assert len(storage.read_partitions("validated", "market")) == 6
+    assert migrate_hive_layout(tmp_path) == []
 
 
 def test_migrate_storage_command_reports_what_it_converted(tmp_path, monkeypatch):

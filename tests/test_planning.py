@@ -5,13 +5,22 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from finpipe.calendars import calendar_named
 from finpipe.errors import ConfigError
 from finpipe.market.model import MarketTrainingConfig
-from finpipe.planning import run_day, training_config
+from finpipe.planning import (
+    check_backfill_request,
+    missed_sessions,
+    plan_night,
+    run_day,
+    scheduled_day,
+    training_config,
+)
+from finpipe.schedule import load_schedule_settings, today_in
 
 VALIDATED = [dt.date(2024, 7, 1), dt.date(2024, 7, 2), dt.date(2024, 7, 3)]
 NYSE = calendar_named("XNYS")
@@ -72,3 +81,88 @@ def test_a_bad_training_override_is_a_config_error_naming_it():
 def test_a_training_override_the_domain_does_not_have_is_refused_not_dropped(domain, override):
     with pytest.raises(ConfigError, match=f"{domain} has no training parameter '{override}'"):
         training_config(domain, {override: 3})
+
+
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+def test_the_scheduled_day_follows_the_zones_calendar_day_in_summer_time_and_the_default_calendar():
+    """Market's calendar is NYSE unless FINPIPE_CALENDARS says otherwise: the night after
+    Independence Day runs for the session before it. The local day is read with the offset in
+    force (EDT in July): 00:30 in New York is already the next day there, 04:30 UTC."""
+    market = load_schedule_settings().calendar("market")
+    assert market.name == "XNYS"
+    at = lambda hour, minute: dt.datetime(2024, 7, 10, hour, minute, tzinfo=dt.UTC)  # noqa: E731
+    assert scheduled_day(at(4, 30), NEW_YORK, market) == dt.date(2024, 7, 9)  # 00:30 EDT
+    assert scheduled_day(at(3, 30), NEW_YORK, market) == dt.date(2024, 7, 8)  # 23:30 EDT
+    friday = dt.datetime(2024, 7, 5, 6, 0, tzinfo=dt.UTC)
+    assert scheduled_day(friday, NEW_YORK, market) == dt.date(2024, 7, 3)
+
+
+def test_today_is_the_date_in_the_zone_asked_for():
+    """25 hours apart: Kiritimati (UTC+14) and Pago Pago (UTC-11) never share a date."""
+    dates = {}
+    for zone in ("Pacific/Kiritimati", "Pacific/Pago_Pago"):
+        before = dt.datetime.now(ZoneInfo(zone)).date()
+        dates[zone] = today_in(zone)
+        assert dates[zone] in {before, dt.datetime.now(ZoneInfo(zone)).date()}
+    assert dates["Pacific/Kiritimati"] > dates["Pacific/Pago_Pago"]
+
+
+# NYSE sessions of July 2024 (the 4th a holiday): 1, 2, 3, 5, 8, 9, 10, 11, 12, 15.
+JULY = NYSE.sessions(dt.date(2024, 7, 1), dt.date(2024, 7, 31))
+
+
+def test_the_look_back_retries_the_newest_sessions_left_unscored():
+    """A catch-up that failed on 10 July, in a long history: the next nights retry it while
+    it is among their last `look_back` sessions, and the oldest sessions are not what counts."""
+    history = NYSE.sessions(dt.date(2023, 1, 3), dt.date(2024, 7, 12))
+    scored = [day for day in history if day != dt.date(2024, 7, 10)]
+    assert missed_sessions(scored, dt.date(2024, 7, 15), NYSE, look_back=5) == [
+        dt.date(2024, 7, 10)
+    ]
+    later = [*scored, *NYSE.sessions(dt.date(2024, 7, 15), dt.date(2024, 7, 18))]
+    # 10 July is the 7th session before the 19th: within a look-back of 7, not of 6
+    assert missed_sessions(later, dt.date(2024, 7, 19), NYSE, look_back=7) == [dt.date(2024, 7, 10)]
+    assert missed_sessions(later, dt.date(2024, 7, 19), NYSE, look_back=6) == []
+
+
+def _night(as_of, scored, cap):
+    return plan_night(
+        "market",
+        as_of=as_of,
+        validated=JULY,
+        scored=scored,
+        calendar=NYSE,
+        catch_up=True,
+        max_catch_up=cap,
+        retrain=False,
+    )
+
+
+def test_a_night_catches_up_as_many_sessions_as_the_cap_and_refuses_one_more():
+    scored = [dt.date(2024, 7, 1), dt.date(2024, 7, 2)]
+    plan = _night(dt.date(2024, 7, 8), scored, cap=2)
+    assert plan.catch_up == (dt.date(2024, 7, 3), dt.date(2024, 7, 5))
+    with pytest.raises(ConfigError, match="3 sessions .* more than the catch-up cap of 2"):
+        _night(dt.date(2024, 7, 9), scored, cap=2)
+
+
+def test_a_night_run_again_counts_its_gap_from_the_last_night_before_it():
+    """Re-running the scored night of 15 July after a gap since 1 July: the gap is 8 sessions,
+    over the cap, whatever the 15th's own record says."""
+    scored = [dt.date(2024, 7, 1), dt.date(2024, 7, 15)]
+    with pytest.raises(ConfigError, match=r"8 sessions .*\(2024-07-02 \.\. 2024-07-12\)"):
+        _night(dt.date(2024, 7, 15), scored, cap=3)
+
+
+def test_a_backfill_may_end_today_and_not_after():
+    today = dt.date(2024, 7, 8)
+    request = check_backfill_request(
+        "market", "2024-07-03", today, today=today, max_dates=10, calendar=NYSE
+    )
+    assert request.days == (dt.date(2024, 7, 3), dt.date(2024, 7, 5), today)
+    with pytest.raises(ConfigError, match="end 2024-07-09 is in the future"):
+        check_backfill_request(
+            "market", "2024-07-03", "2024-07-09", today=today, max_dates=10, calendar=NYSE
+        )

@@ -16,7 +16,7 @@ import pyarrow.compute as pc
 import pytest
 
 from finpipe.domains import get_domain
-from finpipe.errors import ConfigError, StoreUnavailable, ValidationFailed
+from finpipe.errors import ConfigError, StorageError, StoreUnavailable, ValidationFailed
 from finpipe.features import record_inputs, stale_feature_days
 from finpipe.ingest import ingest_file
 from finpipe.locks import history_lock
@@ -190,6 +190,19 @@ def test_fingerprints_follow_content_and_tell_stale_features(store):
     store.write_partition("validated", "market", DAYS[1], _frame(DAYS[1], ["A", "B"]))
     assert stale_feature_days(store, "market") == {dt.date(2024, 1, 3)}
     assert store.fingerprint("validated/market/2030-01-01/part-0.parquet") is None
+
+
+def test_a_store_holding_the_old_hive_layout_is_refused_naming_the_fix(store):
+    """A partition in a `date=` folder (finpipe before 2026-12, or a half-converted store)
+    beside bare-day ones: reading the layer stops with the command that converts it, on disk
+    and in a bucket alike, instead of leaving that day out."""
+    store.write_partition("validated", "market", "2024-01-03", _frame("2024-01-03", ["A"]))
+    assert store.partition_dates("validated", "market") == [dt.date(2024, 1, 3)]
+    buffer = io.BytesIO()
+    _frame("2024-01-02", ["A"]).to_parquet(buffer, index=False)
+    store.write_bytes("validated/market/date=2024-01-02/part-0.parquet", buffer.getvalue())
+    with pytest.raises(StorageError, match="date=2024-01-02.*old hive layout.*migrate-storage"):
+        store.partition_dates("validated", "market")
 
 
 @pytest.fixture(scope="module")
