@@ -104,6 +104,9 @@ def test_volume_range_and_open_features():
     volume = np.full(25, 1000.0)
     volume[22] = 5000.0
     frame = one_ticker(close, open=np.full(25, 8.0), high=np.full(25, 11.0), low=np.full(25, 9.5))
+    # A 2:1 split later on: the adjusted close of these days is half the close. The bar's shape
+    # pairs open, high and low with the close of the same (unadjusted) prices.
+    frame = frame.assign(adj_close=frame["close"] / 2)
     features = build_market_features(frame.assign(volume=volume))
     assert features["range_hl"].tolist() == pytest.approx([0.15] * 25)
     assert features["return_oc"].tolist() == pytest.approx([0.25] * 25)
@@ -329,6 +332,23 @@ def test_a_label_spanning_a_halt_is_unknown_so_the_embargo_holds(panel):
     realised = trained.merge(rows[["date", "ticker", "realised"]], on=["date", "ticker"])
     assert realised["realised"].max() < split.validation_dates[0]
     assert ticker in set(trained["ticker"])
+
+
+def test_a_label_never_reads_the_next_tickers_prices():
+    """AAA is delisted after its 5th session and AAB (the next ticker in sort order: a
+    rename) lists on the 6th: AAA's last h labels are unknown, not AAB's first prices."""
+    old = one_ticker([10.0, 10.5, 11.0, 11.5, 12.0], ticker="AAA")
+    new = one_ticker([100.0, 101.0, 102.0, 103.0], ticker="AAB")
+    new["date"] = pd.bdate_range(old["date"].iloc[-1] + pd.offsets.BDay(), periods=4).as_unit("ns")
+    labels = build_market_labels(pd.concat([old, new], ignore_index=True), horizon=2)
+    by_ticker = labels.set_index(["ticker", labels.groupby("ticker").cumcount()])
+    forward = by_ticker["forward_return_2d"]
+    assert forward["AAA"].tolist()[:3] == pytest.approx([0.1, 11.5 / 10.5 - 1, 12 / 11 - 1])
+    assert (
+        forward["AAA"].iloc[3:].isna().all()
+        and by_ticker.loc["AAA", "direction_2d"].iloc[3:].isna().all()
+    )
+    assert forward["AAB"].tolist()[:2] == pytest.approx([0.02, 103 / 101 - 1])
 
 
 def test_labels_on_a_panel_are_nan_exactly_for_each_tickers_last_h_rows(panel):

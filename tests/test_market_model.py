@@ -189,6 +189,19 @@ def test_the_logged_pyfunc_scores_its_own_input_example_as_scoring_publishes(tmp
     assert "6 of 6 tickers on" in warning
 
 
+@pytest.mark.unit
+def test_a_served_model_warns_of_a_ticker_one_row_short_of_its_lookback():
+    from finpipe.mlflow_model import short_history
+
+    dates = pd.bdate_range("2024-01-01", periods=4)
+    rows = [("A", d) for d in dates] + [("B", d) for d in dates[1:]] + [("C", dates[0])]
+    frame = pd.DataFrame(rows, columns=["ticker", "date"])
+    said = short_history(frame, 4)
+    assert said is not None and "1 of 2 tickers on 2024-01-04 have fewer (e.g. B: 3)" in said
+    assert short_history(frame[frame["ticker"] != "B"], 4) is None  # C: not on the latest date
+    assert short_history(frame, 3) is None
+
+
 def test_predict_keeps_input_order_and_index():
     frame = _panel()
     fitted = _fit(frame, "gru")

@@ -131,6 +131,8 @@ def test_mlflow_has_runs_metrics_plots_and_a_champion(two_nights):
         assert metric in child.data.metrics, metric
     history = client.get_metric_history(child.info.run_id, "validation_loss")
     assert len(history) >= 2
+    # one point per epoch, at its epoch (the UI's loss-by-epoch chart)
+    assert sorted(point.step for point in history) == list(range(1, len(history) + 1))
     plots = {a.path for a in client.list_artifacts(child.info.run_id, "plots")}
     assert plots == {
         "plots/learning_curve.png",

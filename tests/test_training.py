@@ -401,6 +401,11 @@ def test_a_model_folder_round_trips_and_refuses_what_it_cannot_read(tmp_path):
 
     with pytest.raises(FileNotFoundError, match="does not hold a saved test model"):
         read_model_metadata(tmp_path / "empty", "test")
-    (tmp_path / "model" / "model.json").write_text('{"format_version": 0}')
-    with pytest.raises(ValueError, match="format_version 0, this finpipe reads 1; retrain"):
-        read_model_metadata(tmp_path / "model", "test")
+    # weights of another net: a missing layer, or a layer of another shape
+    for other in (torch.nn.Sequential(torch.nn.Linear(3, 1)), torch.nn.Linear(4, 1)):
+        with pytest.raises(ValueError, match="does not hold the weights of the net .*model.json"):
+            load_weights(other, tmp_path / "model")
+    for version in (0, 2):  # an older finpipe's folder, or a newer one's
+        (tmp_path / "model" / "model.json").write_text(f'{{"format_version": {version}}}')
+        with pytest.raises(ValueError, match=f"format_version {version}, this finpipe reads 1"):
+            read_model_metadata(tmp_path / "model", "test")

@@ -73,9 +73,21 @@ NetT = TypeVar("NetT", bound=nn.Module)
 
 
 def load_weights(net: NetT, directory: Path) -> NetT:
-    """Load the saved state dict of `directory` into `net`; return it on CPU in eval mode."""
-    state = torch.load(Path(directory) / WEIGHTS_FILE, map_location="cpu", weights_only=True)
-    net.load_state_dict(state)
+    """Load the saved state dict of `directory` into `net`; return it on CPU in eval mode.
+
+    Raises ValueError when the weights are not those of the net its metadata describes (a
+    folder mixing two models' files): every parameter must be there, with its shape."""
+    path = Path(directory) / WEIGHTS_FILE
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as mismatch:
+        summary = str(mismatch).splitlines()[1:2] or [str(mismatch)]
+        raise ValueError(
+            f"{path} does not hold the weights of the net {Path(directory) / METADATA_FILE} "
+            f"describes ({summary[0].strip().rstrip('.')}): the folder mixes two models' "
+            "files; save the model again, or retrain it"
+        ) from mismatch
     return net.eval()
 
 
