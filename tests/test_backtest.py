@@ -252,7 +252,18 @@ def test_the_report_trades_every_model_and_the_oracle_and_costs_lower_returns(st
     costly = report.results["mlp"]["long_short"].net
     assert (free.results["mlp"]["long_short"].net - costly).min() > 0
     metrics = report.metrics()
-    assert metrics["mlp/ic"] == pytest.approx(report.daily_ic.query("signal == 'mlp'")["ic"].mean())
+    daily = report.daily_ic.query("signal == 'mlp'")
+    assert metrics["mlp/ic"] == pytest.approx(daily["ic"].mean())
+    assert metrics["mlp/rank_ic"] == pytest.approx(daily["rank_ic"].mean())
+    assert metrics["mlp/icir"] == pytest.approx(daily["ic"].mean() / daily["ic"].std(ddof=1))
+    assert metrics["mlp/rank_ic"] != metrics["mlp/ic"]
+    # the oracle is measured on the models' dates only, not on the whole panel it came with
+    signals = bt.signals_of(predictions, oracle.expected_return)
+    assert set(signals["oracle"]["date"]) == set(predictions["date"])
+    assert oracle.expected_return["date"].nunique() > predictions["date"].nunique()
+    # the limited book replaces at most `replacements` names a day: not the plain top k
+    limited, plain = (report.results["mlp"][s].gross for s in ("long_only_limited", "long_only"))
+    assert config.replacements < config.top_k and not limited.equals(plain)
     markdown = bt.report_markdown(config, report, [])
     assert "| oracle | long_short |" in markdown and "## IC by year" in markdown
     assert set(report.figures()) >= {"plots/cumulative_return.png", "plots/drawdown.png"}

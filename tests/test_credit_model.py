@@ -11,7 +11,13 @@ import torch
 
 from finpipe.credit.config import load_loan_book
 from finpipe.credit.features import LABEL, build_credit_features
-from finpipe.credit.metrics import PSI_MODERATE, PSI_SIGNIFICANT, credit_metrics, psi
+from finpipe.credit.metrics import (
+    PSI_MODERATE,
+    PSI_SIGNIFICANT,
+    binned_shares,
+    credit_metrics,
+    psi,
+)
 from finpipe.credit.model import (
     FittedCreditModel,
     RowSplit,
@@ -42,6 +48,28 @@ def test_psi_values():
     assert psi([0.25] * 4, [0.25] * 4) == 0.0
     assert psi([0.5, 0.5], [0.9, 0.1]) == pytest.approx(0.4 * np.log(1.8) + 0.4 * np.log(5))
     assert np.isfinite(psi([0.5, 0.5, 0.0], [0.4, 0.4, 0.2]))  # empty bin floored
+
+
+def test_binned_shares_are_right_closed_with_missing_values_in_a_last_bin_of_their_own():
+    values = [1.0, 2.0, 2.0, 3.0, np.nan, 5.0, np.nan, np.inf, 0.5, 2.5]
+    shares = binned_shares(values, [2.0, 3.0])  # (-inf, 2], (2, 3], (3, inf), missing
+    assert shares == pytest.approx([0.4, 0.2, 0.1, 0.3])
+    assert binned_shares([], [2.0]) == [0.0, 0.0, 0.0]
+
+
+def test_grades_are_the_first_band_whose_max_pd_holds_the_pd_edges_included():
+    bands = [("A", 0.02), ("B", 0.05), ("C", 0.1), ("D", 0.2), ("E", 0.4), ("F", 1.0)]
+    graded = FittedCreditModel.grade(
+        SimpleNamespace(grades=bands), np.array([0.0, 0.001, 0.02, 0.0201, 0.2, 0.5, 1.0])
+    )
+    assert graded.tolist() == ["A", "A", "A", "B", "D", "F", "F"]
+
+
+def test_the_pd_is_the_platt_calibrated_sigmoid_of_the_logit():
+    logits = np.array([-2.0, 0.0, 1.5])
+    model = SimpleNamespace(calibration=(2.0, -1.0), _logits=lambda data: logits)
+    expected = 1.0 / (1.0 + np.exp(-(2.0 * logits - 1.0)))
+    np.testing.assert_allclose(FittedCreditModel._pd(model, None), expected)
 
 
 def test_vocabulary_maps_unseen_and_missing_to_the_unknown_bucket():
@@ -156,6 +184,10 @@ def test_scaler_vocabulary_and_fit_read_the_training_loans_only():
     assert "only_in_test" not in str(fitted.vocabulary.categories)
     assert refitted.population == fitted.population
     assert refitted.calibration == fitted.calibration
+    # the reasons' reference is the typical applicant with nothing missing
+    numeric = len(BOOK.numeric_columns)
+    assert fitted.reference_dense[:numeric] == [0.0] * numeric  # numerics at the training mean
+    assert fitted.reference_dense[numeric : 2 * numeric] == [0.0] * numeric  # nothing missing
     train_rows = labelled[split.train]
     np.testing.assert_array_equal(refitted.predict_pd(train_rows), fitted.predict_pd(train_rows))
 

@@ -147,6 +147,9 @@ def test_mlflow_compares_network_and_baseline_in_one_run_group(two_nights):
     assert parent.data.params["split"] == "out_of_time"
     metrics = summaries[0]["training"]["metrics"]
     assert set(metrics) == {"mlp", "logistic"}
+    for candidate in metrics.values():  # every candidate carries the chance bar, and clears it
+        validation = candidate["validation"]
+        assert 0.5 < validation["auc_floor_chance"] < validation["auc"]
     assert metrics["mlp"]["test"]["oracle_auc"] == pytest.approx(
         metrics["logistic"]["test"]["oracle_auc"]
     )

@@ -124,6 +124,19 @@ def test_segments_match_the_planted_ones_and_survive_the_retrain(two_nights):
     assert second["same_segment_vs_champion"] >= 0.9
     assert second["same_segment_vs_previous_night"] >= 0.9
     assert "same_segment_vs_champion" not in first  # nothing to compare the first model with
+    # the promotion floor each night states (the suite switches its use off, not its figures)
+    floors = [
+        {
+            k: v
+            for k, v in s["training"]["metrics"]["autoencoder_kmeans"]["validation"].items()
+            if "_floor_" in k
+        }
+        for s in summaries
+    ]
+    assert floors == [
+        {"silhouette_floor_minimum": 0.1},
+        {"silhouette_floor_minimum": 0.1, "same_segment_vs_champion_floor_stability": 0.6},
+    ]
 
 
 def test_mlflow_has_silhouettes_profiles_and_plots(two_nights):

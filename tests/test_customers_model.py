@@ -61,6 +61,8 @@ def test_sanity_gate_rejects_an_empty_segment():
         check_segments_sane(predicted, 2, "test")
     with pytest.raises(ModelRejected, match="NaN"):
         check_segments_sane(predicted.assign(distance_to_centroid=np.nan), 1, "test")
+    with pytest.raises(ModelRejected, match="NaN"):  # one customer's is enough
+        check_segments_sane(predicted.assign(distance_to_centroid=[0.1, np.inf]), 1, "test")
 
 
 @pytest.fixture(scope="module")

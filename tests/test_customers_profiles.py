@@ -117,6 +117,46 @@ def test_a_later_qualifier_separates_what_an_earlier_one_cannot():
     ]
 
 
+def test_a_qualifier_ranks_the_segments_sharing_a_name_among_themselves():
+    """Two high spenders with baskets at the 60th and 75th percentile: both are big among all
+    five segments, but one is the smaller of the two that share the name."""
+    same = {"recency_days": 0.1, "frequency": 0.9, "monetary_total": 0.9}
+    other = {"recency_days": 0.9, "frequency": 0.1, "monetary_total": 0.1}
+    profiles = _table(
+        [
+            {**same, "monetary_mean": 0.60},
+            {**same, "monetary_mean": 0.75},
+            {**other, "monetary_mean": 0.1, "tenure_days": 0.1},
+            {**other, "monetary_mean": 0.1, "tenure_days": 0.9},
+            {"monetary_mean": 0.3},
+        ]
+    )
+    assert name_segments(profiles).tolist()[:4] == [
+        "recent, frequent, high spend, small baskets",
+        "recent, frequent, high spend, big baskets",
+        "lapsed, infrequent, low spend, new",
+        "lapsed, infrequent, low spend, long-standing",
+    ]
+
+
+def test_a_segments_top_category_is_the_one_its_customers_buy_most():
+    snapshot = pd.concat(
+        [
+            _customers(0, 10, recency_days=400, frequency=1, monetary_total=20),
+            _customers(1, 10, recency_days=3, frequency=30, monetary_total=3000),
+        ],
+        ignore_index=True,
+    )
+    books = np.where(snapshot["segment"] == 0, 0.7, 0.1)
+    snapshot = snapshot.assign(
+        category_share_books=books,
+        category_share_groceries=np.where(snapshot["segment"] == 0, 0.2, 0.6),
+        category_share_toys=1.0 - books - np.where(snapshot["segment"] == 0, 0.2, 0.6),
+    )
+    profiles = segment_profiles(snapshot.drop(columns="segment"), snapshot["segment"].to_numpy())
+    assert profiles["top_category"].tolist() == ["books", "groceries"]
+
+
 @pytest.mark.parametrize(
     ("percentiles", "levels"),
     [

@@ -9,7 +9,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from finpipe.credit.metrics import auc_standard_error
-from finpipe.credit.pipeline import state_auc_floor
+from finpipe.credit.pipeline import chance_auc_floor, state_auc_floor
 from finpipe.domains import get_domain
 from finpipe.errors import ScoringError
 from finpipe.ingest import ingest_file
@@ -113,3 +113,39 @@ def test_a_network_below_the_logistic_baseline_less_its_error_is_refused():
     state_auc_floor(close)  # within one standard error of the baseline: good enough
     assert floor_refusal(close["mlp"].windows["validation"], "mlp") is None
     assert state_auc_floor({"mlp": candidate(0.7)}) == {}  # no baseline tonight, no floor
+
+
+def test_a_credit_model_no_better_than_a_coin_flip_is_refused():
+    """The baseline bar alone could never refuse: the candidate chosen has the best validation
+    AUC, at least the baseline's. The chance bar refuses a first model that learnt nothing,
+    whichever candidates ran (`models: ["mlp"]` states no baseline at all)."""
+    window = {"default_rate": 0.3, "n": 1000.0}
+    floor = chance_auc_floor(window)["auc_floor_chance"]
+    assert floor == pytest.approx(0.5 + auc_standard_error(0.5, 300, 700))
+    assert 0.51 < floor < 0.54
+    said = floor_refusal({"auc": 0.515, **window, **chance_auc_floor(window)}, "mlp")
+    assert said == f"mlp: validation auc 0.5150 does not beat chance {floor:.4f}"
+    assert floor_refusal({"auc": 0.62, **window, **chance_auc_floor(window)}, "mlp") is None
+    assert chance_auc_floor({"default_rate": 0.0, "n": 1000.0}) == {}  # one class: no AUC
+
+
+def test_customers_floor_a_silhouette_and_once_there_is_a_champion_the_customers_kept():
+    from types import SimpleNamespace
+
+    from finpipe.customers.model import CustomersTrainingConfig
+    from finpipe.customers.pipeline import CustomersNight
+
+    night = SimpleNamespace(
+        config=CustomersTrainingConfig(silhouette_floor=0.1, stability_floor=0.6)
+    )
+    assert CustomersNight.floors(night, {"silhouette": 0.3}) == {"silhouette_floor_minimum": 0.1}
+    retrain = {"silhouette": 0.35, "same_segment_vs_champion": 0.3}
+    floors = CustomersNight.floors(night, retrain)
+    assert floors == {
+        "silhouette_floor_minimum": 0.1,
+        "same_segment_vs_champion_floor_stability": 0.6,
+    }
+    assert floor_refusal({**retrain, **floors}, "autoencoder_kmeans") == (
+        "autoencoder_kmeans: validation same_segment_vs_champion 0.3000 does not beat "
+        "stability 0.6000"
+    )

@@ -60,17 +60,29 @@ log = logging.getLogger("finpipe.credit")
 MODEL_LOADER = "finpipe.credit.model:FittedCreditModel"
 
 
+def _auc_error(validation: Mapping[str, float], auc: float) -> float | None:
+    """The standard error of `auc` on the validation window's class counts (None: one class
+    only, no AUC to measure against)."""
+    defaults = int(round(validation["default_rate"] * validation["n"]))
+    error = auc_standard_error(auc, defaults, int(validation["n"]) - defaults)
+    return error if np.isfinite(error) else None
+
+
+def chance_auc_floor(validation: Mapping[str, float]) -> dict[str, float]:
+    """The bar every credit model must clear (`lifecycle.floor_refusal`): a validation AUC above
+    a coin flip's 0.5 by one standard error of a coin flip's AUC on the same window, so a first
+    model that learnt nothing (a book too small or too noisy) never becomes champion."""
+    error = _auc_error(validation, 0.5)
+    return {} if error is None else {"auc_floor_chance": 0.5 + error}
+
+
 def state_auc_floor(fitted: Mapping[str, Candidate]) -> dict[str, float]:
-    """State the promotion floor on every candidate (`lifecycle.state_baseline_floor`): the
-    logistic baseline's validation AUC less one standard error of it."""
-
-    def standard_error(validation: Mapping[str, float]) -> float | None:
-        defaults = int(round(validation["default_rate"] * validation["n"]))
-        error = auc_standard_error(validation["auc"], defaults, int(validation["n"]) - defaults)
-        return error if np.isfinite(error) else None  # one class only: no AUC to measure against
-
+    """State the logistic baseline's validation AUC less one standard error of it as a floor on
+    every candidate (`lifecycle.state_baseline_floor`). The candidate with the best validation
+    AUC is the one chosen, so with the baseline among them this bar never refuses: it records
+    how far above the baseline the choice is; `chance_auc_floor` is the bar that refuses."""
     return lifecycle.state_baseline_floor(
-        fitted, "logistic", "auc", "logistic_baseline", standard_error
+        fitted, "logistic", "auc", "logistic_baseline", lambda v: _auc_error(v, v["auc"])
     )
 
 
@@ -181,6 +193,7 @@ class CreditNight(lifecycle.Night[CreditTrainingConfig]):
             ),
             "test": credit_metrics(labels[split.test], test_pd),
         }
+        windows["validation"].update(chance_auc_floor(windows["validation"]))
         if self.oracle is not None:
             windows["test"]["oracle_auc"] = self.oracle
         importance = global_importance(fitted, test_rows)
