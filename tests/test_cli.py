@@ -327,3 +327,127 @@ def test_a_run_failing_with_a_finpipe_error_is_logged_without_a_traceback():
     assert lines[0] == "Encountered exception during execution"
     assert lines[1] == "Encountered exception during execution"  # the ConfigError: one line
     assert lines[2] == "Traceback (most recent call last):"  # the KeyError's
+
+
+class _Recorded(Exception):
+    """Raised by a stand-in for a flow (or `serve_deployments`): what the command passed."""
+
+
+def _recorder(monkeypatch, module, name: str) -> None:
+    def record(*args, **kwargs):
+        raise _Recorded(args, kwargs)
+
+    monkeypatch.setattr(module, name, record)
+
+
+def _passed(arguments: list[str]) -> tuple:
+    result = runner.invoke(app, arguments)
+    assert isinstance(result.exception, _Recorded), result.output
+    return result.exception.args
+
+
+def test_run_nightly_passes_every_option_to_the_flow(home, monkeypatch):
+    import finpipe.flows.nightly
+
+    _recorder(monkeypatch, finpipe.flows.nightly, "nightly")
+    options = ["--as-of", "2024-01-05", "--no-retrain", "--no-catch-up", "--rebuild-features"]
+    options += ["--models", "mlp", "--max-epochs", "3", "--horizon", "10"]
+    options += ["--history-dates", "100", "--history-start", "2023-01-02"]
+    _, passed = _passed(["run", "nightly", "--domain", "market", *options])
+    assert passed == {
+        "domain": "market",
+        "as_of": dt.date(2024, 1, 5),
+        "inputs": [],
+        "retrain": False,
+        "catch_up": False,
+        "rebuild_features": True,
+        "training": {"models": ["mlp"], "max_epochs": 3, "horizon": 10},
+        "history_dates": 100,
+        "history_start": dt.date(2023, 1, 2),
+    }
+    _, defaults = _passed(["run", "nightly", "--domain", "credit"])
+    assert (defaults["retrain"], defaults["catch_up"], defaults["rebuild_features"]) == (
+        True,
+        True,
+        False,
+    )
+
+
+def test_run_backfill_and_backtest_pass_every_option_to_their_flows(home, monkeypatch):
+    import finpipe.flows.backfill
+    import finpipe.flows.backtest
+
+    _recorder(monkeypatch, finpipe.flows.backfill, "backfill")
+    _recorder(monkeypatch, finpipe.flows.backtest, "backtest")
+    range_ = ["--start", "2024-01-02", "--end", "2024-01-05"]
+    backfill = ["--steps", "validate,features", "--retrain", "--concurrency", "3", "--force"]
+    _, passed = _passed(["run", "backfill", *range_, "--domain", "credit", *backfill])
+    assert passed == {
+        "domain": "credit",
+        "start": dt.date(2024, 1, 2),
+        "end": dt.date(2024, 1, 5),
+        "steps": ("validate", "features"),
+        "retrain": True,
+        "concurrency": 3,
+        "force": True,
+        "inputs": [],
+    }
+    backtest = ["--name", "q", "--retrain-every", "21", "--train-window", "100"]
+    backtest += ["--models", "mlp,gru", "--horizon", "3", "--top-k", "4", "--n-drop", "2"]
+    backtest += ["--cost-bps", "5", "--concurrency", "1", "--max-epochs", "2", "--force"]
+    _, passed = _passed(["run", "backtest", *range_, *backtest])
+    assert passed == {
+        "start": dt.date(2024, 1, 2),
+        "end": dt.date(2024, 1, 5),
+        "name": "q",
+        "retrain_every": 21,
+        "train_window": 100,
+        "models": ["mlp", "gru"],
+        "horizon": 3,
+        "top_k": 4,
+        "n_drop": 2,
+        "cost_bps": 5.0,
+        "concurrency": 1,
+        "training": {"max_epochs": 2},
+        "force": True,
+    }
+
+
+def test_serve_passes_its_schedule_and_limit_to_the_deployments(home, monkeypatch):
+    import finpipe.flows.deployments
+
+    import finpipe.ui_servers
+
+    monkeypatch.setenv("PREFECT_API_URL", "http://127.0.0.1:9/api")  # serve sets it: restored
+    monkeypatch.setattr(finpipe.ui_servers, "check_prefect_server", lambda url: None)
+    _recorder(monkeypatch, finpipe.flows.deployments, "serve_deployments")
+    options = ["--timezone", "Europe/London", "--cron", "30 6 * * 1-5", "--limit", "1"]
+    (schedule,), passed = _passed(["serve", *options])
+    assert (schedule.timezone, schedule.nightly_cron, passed) == (
+        "Europe/London",
+        "30 6 * * 1-5",
+        {"limit": 1},
+    )
+    (schedule,), passed = _passed(["serve"])
+    assert (schedule.timezone, schedule.nightly_cron, passed) == (
+        "UTC",
+        "0 2 * * 1-5",
+        {"limit": 4},
+    )
+
+
+def test_ingest_holds_files_to_the_size_limit_setting_and_names_no_file_after_the_last(
+    tmp_path, home, monkeypatch
+):
+    """FINPIPE_MAX_FILE_MB reaches the command's ingest (not only its dry run); a rejected
+    file with none after it gets no "Not loaded" note."""
+    monkeypatch.setenv("FINPIPE_MAX_FILE_MB", "1")
+    big = tmp_path / "market_2024-01-02.csv"
+    row = "2024-01-02,AAA,10,11,9,10,10,1000\n"
+    big.write_text("date,ticker,open,high,low,close,adj_close,volume\n" + row * 40_000)
+    assert big.stat().st_size > 1.2 * 1024**2
+    result = runner.invoke(app, ["ingest", "market", str(big)])
+    assert result.exception is not None, result.output
+    assert "MiB is over the 1 MiB limit" in str(result.exception)
+    assert not getattr(result.exception, "__notes__", [])
+    assert not (home.home / "validated").exists()

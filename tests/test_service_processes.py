@@ -106,3 +106,24 @@ def _state(pid: int) -> str:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except OSError:
         return "X"
+
+
+def test_a_recorded_process_is_told_from_a_later_one_by_its_start_time():
+    """A pid recorded by `finpipe stack` or an MLflow run's owner may be reused after a crash:
+    the kernel's start time tells the two apart, so an unrelated process is never stopped."""
+    from finpipe.services.processes import start_time, still_running
+
+    first = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    time.sleep(0.3)  # start times count clock ticks (1/100 s)
+    second = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        started = start_time(first.pid), start_time(second.pid)
+        assert None not in started and started[0] != started[1]
+        assert still_running(second.pid, started[1])
+        assert not still_running(second.pid, started[0])  # the same pid, another process
+        assert not still_running(second.pid, "")
+    finally:
+        for child in (first, second):
+            child.kill()
+            child.wait()
+    assert start_time(first.pid) is None

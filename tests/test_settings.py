@@ -248,3 +248,63 @@ def test_allocator_keeps_freed_blocks_for_reuse_unless_turned_off(tmp_path, tuni
         assert released_mib < 8
     else:  # glibc's default: a 64 MiB array is unmapped on free
         assert released_mib > 56
+
+
+def test_a_users_own_prefect_home_is_kept(monkeypatch, tmp_path):
+    from finpipe.settings import prepare_environment
+
+    monkeypatch.setenv("FINPIPE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FINPIPE_MALLOC_TUNING", "0")
+    for name in TELEMETRY_OFF:  # so that the test's end restores whatever they were
+        monkeypatch.setenv(name, os.environ.get(name, TELEMETRY_OFF[name]))
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "mine"))
+    prepare_environment(Settings())
+    assert os.environ["PREFECT_HOME"] == str(tmp_path / "mine") and (tmp_path / "mine").is_dir()
+    monkeypatch.delenv("PREFECT_HOME")
+    prepare_environment(Settings())
+    assert os.environ["PREFECT_HOME"] == str(tmp_path / "home" / "prefect")
+
+
+def test_the_defaults_are_the_ones_the_readme_states(monkeypatch, tmp_path):
+    """Each plain default in the README's settings table is the code's."""
+    from pathlib import Path
+
+    monkeypatch.setenv("FINPIPE_HOME", str(tmp_path))
+    for name in list(os.environ):
+        if name.startswith("FINPIPE_") and name != "FINPIPE_HOME":
+            monkeypatch.delenv(name)
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    stated = {}
+    for line in readme.splitlines():
+        cells = [cell.strip() for cell in line.split("|")[1:3]]
+        if len(cells) == 2 and cells[0].startswith("`FINPIPE_") and cells[1].startswith("`"):
+            stated[cells[0].strip("`")] = cells[1].strip("`")
+    settings = Settings()
+    plain = {
+        "FINPIPE_MAX_FILE_MB": settings.max_file_mb,
+        "FINPIPE_PROMOTION_FLOOR": settings.promotion_floor,
+        "FINPIPE_DATE_ORDER": settings.date_order,
+        "FINPIPE_MARKET_CLOSE_IS_ADJUSTED": settings.market_close_is_adjusted,
+        "FINPIPE_MALLOC_TUNING": settings.malloc_tuning,
+        "FINPIPE_EXPERIMENT_PREFIX": settings.experiment_prefix,
+        "FINPIPE_MODEL_PREFIX": settings.model_prefix,
+        "FINPIPE_CUSTOMERS_CONFIG": settings.customers_config,
+    }
+    for name, value in plain.items():
+        said = stated[name]
+        if isinstance(value, bool):
+            assert said in ({"true", "1"} if value else {"false", "0"}), name
+        else:
+            assert said == str(value).lower(), name
+
+
+def test_an_object_store_home_keeps_local_state_where_finpipe_local_dir_says(monkeypatch, tmp_path):
+    monkeypatch.setenv("FINPIPE_HOME", "s3://team-bucket/fp")
+    monkeypatch.setenv("FINPIPE_LOCAL_DIR", str(tmp_path / "local"))
+    settings = Settings()
+    assert settings.local_home == tmp_path / "local"
+    assert settings.tracking_uri == f"sqlite:///{tmp_path / 'local' / 'mlflow.db'}"
+    monkeypatch.delenv("FINPIPE_LOCAL_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    default = Settings().local_home
+    assert default == tmp_path / "user" / ".cache" / "finpipe" / "s3" / "team-bucket" / "fp"

@@ -10,7 +10,7 @@ import pandas as pd
 import pyarrow.compute as pc
 import pytest
 
-from finpipe.errors import ConfigError
+from finpipe.errors import ConfigError, StorageError
 from finpipe.storage import Storage, as_day, check_name, file_sha256
 
 
@@ -193,3 +193,78 @@ def test_object_store_settings_mistakes_are_one_clear_line(monkeypatch):
         "cannot read s3://bucket/fp/state: OSError: AWS Error SIGNATURE_DOES_NOT_MATCH during "
         "ListObjectsV2: check your key"
     )
+
+
+def _client_error(status: int, operation: str = "PutObject"):
+    from botocore.exceptions import ClientError
+
+    body = {"Error": {"Code": str(status), "Message": "said"}}
+    return ClientError({**body, "ResponseMetadata": {"HTTPStatusCode": status}}, operation)
+
+
+class _FakeS3:
+    """A boto3 client whose calls answer from a script: an error to raise, or None."""
+
+    def __init__(self, *answers):
+        self.answers, self.calls = list(answers), 0
+
+    def _answer(self, **_):
+        self.calls += 1
+        answer = self.answers.pop(0) if self.answers else None
+        if answer is not None:
+            raise answer
+
+    put_object = head_bucket = _answer
+
+
+def test_a_create_only_write_retries_a_conflict_and_reports_an_existing_object(monkeypatch):
+    from finpipe import object_store
+    from finpipe.object_store import S3Connection
+
+    monkeypatch.setattr(object_store.time, "sleep", lambda seconds: None)
+
+    def put(*answers, create_only=True):
+        client = _FakeS3(*answers)
+        connection = S3Connection(fs=None, client=client, endpoint="http://s3")  # type: ignore[arg-type]
+        return connection.put("b", "k", b"x", create_only=create_only), client.calls
+
+    assert put(_client_error(409)) == (True, 2)  # another create in flight: sent again
+    assert put(_client_error(412)) == (False, 1)  # it exists
+    with pytest.raises(StorageError, match="cannot write s3://b/k: HTTP 409"):
+        put(*[_client_error(409)] * object_store._CONFLICT_RETRIES)
+    with pytest.raises(StorageError, match="HTTP 409"):
+        put(_client_error(409), create_only=False)  # a plain write is not retried
+
+
+def test_a_bucket_these_credentials_may_not_see_counts_as_existing():
+    from finpipe.object_store import S3Connection
+
+    def exists(answer):
+        connection = S3Connection(fs=None, client=_FakeS3(answer), endpoint="http://s3")  # type: ignore[arg-type]
+        return connection.bucket_exists("team")
+
+    assert exists(None) is True
+    assert exists(_client_error(404, "HeadBucket")) is False
+    assert exists(_client_error(403, "HeadBucket")) is True  # reads say why they fail
+    with pytest.raises(StorageError, match="cannot reach s3://team: HTTP 500"):
+        exists(_client_error(500, "HeadBucket"))
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["EndpointConnectionError", "ConnectTimeoutError", "ReadTimeoutError", "ConnectionClosedError"],
+)
+def test_a_store_that_does_not_answer_in_time_is_transient(name):
+    import botocore.exceptions
+
+    from finpipe.errors import StoreUnavailable
+    from finpipe.object_store import as_storage_error
+
+    error = getattr(botocore.exceptions, name)(endpoint_url="http://s3")
+    said = as_storage_error(error, "cannot read s3://b/k")
+    assert isinstance(said, StoreUnavailable)
+    assert (
+        str(said) == f"cannot read s3://b/k: the object store did not answer ({name}); retry later"
+    )
+    timed_out = as_storage_error(OSError("AWS Error NETWORK_CONNECTION: timed out"), "x")
+    assert isinstance(timed_out, StoreUnavailable)

@@ -18,3 +18,66 @@ def test_a_night_with_one_new_date_says_so_in_its_summary():
     assert "36 rows over 1 new date in 0.4 s." in text
     stale = _stale_text({"dates": ["2023-10-10"], "backfill": None, "removed": []})
     assert stale.startswith("Predictions of 1 earlier date were scored from data this run")
+
+
+def test_more_than_ten_stale_dates_name_ten_and_count_the_rest():
+    dates = [f"2024-01-{day:02d}" for day in range(2, 17)]
+    text = _stale_text({"dates": dates, "backfill": None, "removed": []})
+    assert "of 15 earlier dates were scored" in text
+    assert ", ".join(dates[:10]) + " and 5 more." in text
+
+
+def test_the_metrics_table_puts_each_value_under_its_own_header():
+    from finpipe.flows.summaries import metrics_table
+
+    table = metrics_table(
+        {
+            "mlp": {"test": {"ic": 0.051, "oracle_ic": 0.11, "rank_ic": 0.047, "rmse": 0.98}},
+            "lgbm": {"test": {"rank_ic": 0.03, "ic": 0.032, "rmse": 1.02}},  # no oracle here
+        }
+    )
+    assert table == [
+        "| model | test ic | test oracle_ic | test rank_ic | test rmse |",
+        "|---|---|---|---|---|",
+        "| mlp | 0.051 | 0.11 | 0.047 | 0.98 |",
+        "| lgbm | 0.032 |  | 0.03 | 1.02 |",
+    ]
+
+
+def test_the_nights_summary_lists_each_accepted_files_data_quality_warnings():
+    from finpipe.flows.summaries import summary_markdown
+
+    warned = "close moved more than 40% from the previous close: a split? (2 rows)"
+    summary = {
+        "domain": "market",
+        "as_of": "2024-01-02",
+        "ingested": [
+            {
+                "source": "/drop/market_2024-01-02.csv",
+                "status": "validated",
+                "rows": 8,
+                "dates": 1,
+                "warnings": [warned],
+            },
+            {"source": "/drop/market_2024-01-03.csv", "status": "validated", "rows": 8, "dates": 1},
+        ],
+        "features": {
+            "rows": 8,
+            "dates_written": ["2024-01-02"],
+            "seconds": 0.1,
+            "skipped_features": {},
+        },
+        "training": None,
+        "promotion": None,
+        "predictions": {
+            "rows": 8,
+            "date": "2024-01-02",
+            "model_name": "finpipe-market",
+            "model_version": 1,
+            "path": "p",
+        },
+    }
+    text = summary_markdown(summary)
+    assert "**Data-quality warnings** (recorded; the data was accepted):" in text
+    assert f"- market_2024-01-02.csv: {warned}" in text
+    assert "market_2024-01-03.csv:" not in text
