@@ -97,23 +97,27 @@ def _features(config: CreditSyntheticConfig) -> tuple[pd.DataFrame, object]:
     return features, generated
 
 
-@pytest.fixture(scope="module")
-def fitted():
-    """The network on the demo's synthetic book (30,000 applications, seed 7), out-of-time."""
-    features, generated = _features(CreditSyntheticConfig(applications=30_000, seed=7))
+def _labelled_book(config: CreditSyntheticConfig, held_out: float):
+    """The labelled loans of a synthetic book in date order, split out of time (`held_out` of
+    them for validation and as many for test), and the generated book."""
+    features, generated = _features(config)
     labelled = features[features[LABEL].notna()].sort_values(["date", "loan_id"])
     labelled = labelled.reset_index(drop=True)
     split = split_rows(
         labelled,
         id_column="loan_id",
         dated=True,
-        validation_fraction=0.15,
-        test_fraction=0.15,
+        validation_fraction=held_out,
+        test_fraction=held_out,
         embargo_days=0,
         seed=0,
     )
-    model = fit_credit_model(
-        labelled,
+    return labelled, split, generated
+
+
+def _fit(frame: pd.DataFrame, split: RowSplit, config: CreditTrainingConfig) -> FittedCreditModel:
+    return fit_credit_model(
+        frame,
         id_column="loan_id",
         numeric_columns=BOOK.numeric_columns,
         categorical_columns=BOOK.categorical_columns,
@@ -121,9 +125,17 @@ def fitted():
         train=split.train,
         validation=split.validation,
         grades=[(band.grade, band.max_pd) for band in BOOK.grades],
-        config=CreditTrainingConfig().classifier_config("mlp"),
+        config=config.classifier_config("mlp"),
     )
-    return model, labelled, split, generated
+
+
+@pytest.fixture(scope="module")
+def fitted():
+    """The network on the demo's synthetic book (30,000 applications, seed 7), out-of-time."""
+    labelled, split, generated = _labelled_book(
+        CreditSyntheticConfig(applications=30_000, seed=7), 0.15
+    )
+    return _fit(labelled, split, CreditTrainingConfig()), labelled, split, generated
 
 
 @pytest.mark.slow
@@ -144,18 +156,7 @@ def test_scaler_vocabulary_and_fit_read_the_training_loans_only():
     """Scaler, vocabulary, PSI reference and the net itself come from the training rows (and
     early stopping and calibration from the validation rows): distorting every test loan's
     values changes none of them."""
-    features, _ = _features(CreditSyntheticConfig(applications=3_000, seed=3))
-    labelled = features[features[LABEL].notna()].sort_values(["date", "loan_id"])
-    labelled = labelled.reset_index(drop=True)
-    split = split_rows(
-        labelled,
-        id_column="loan_id",
-        dated=True,
-        validation_fraction=0.2,
-        test_fraction=0.2,
-        embargo_days=0,
-        seed=0,
-    )
+    labelled, split, _ = _labelled_book(CreditSyntheticConfig(applications=3_000, seed=3), 0.2)
     distorted = labelled.copy()
     test = split.test
     for column in BOOK.numeric_columns:
@@ -164,20 +165,8 @@ def test_scaler_vocabulary_and_fit_read_the_training_loans_only():
         distorted[column] = distorted[column].astype("string")
         distorted.loc[test, column] = "only_in_test"  # common enough for the vocabulary
 
-    def fit(frame: pd.DataFrame) -> FittedCreditModel:
-        return fit_credit_model(
-            frame,
-            id_column="loan_id",
-            numeric_columns=BOOK.numeric_columns,
-            categorical_columns=BOOK.categorical_columns,
-            label=LABEL,
-            train=split.train,
-            validation=split.validation,
-            grades=[(band.grade, band.max_pd) for band in BOOK.grades],
-            config=CreditTrainingConfig(max_epochs=2).classifier_config("mlp"),
-        )
-
-    fitted, refitted = fit(labelled), fit(distorted)
+    short = CreditTrainingConfig(max_epochs=2)
+    fitted, refitted = _fit(labelled, split, short), _fit(distorted, split, short)
     assert test.sum() > 100
     assert refitted.scaler == fitted.scaler
     assert refitted.vocabulary == fitted.vocabulary
