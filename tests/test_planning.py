@@ -92,9 +92,13 @@ def test_the_scheduled_day_follows_the_zones_calendar_day_in_summer_time_and_the
     force (EDT in July): 00:30 in New York is already the next day there, 04:30 UTC."""
     market = load_schedule_settings().calendar("market")
     assert market.name == "XNYS"
-    at = lambda hour, minute: dt.datetime(2024, 7, 10, hour, minute, tzinfo=dt.UTC)  # noqa: E731
-    assert scheduled_day(at(4, 30), NEW_YORK, market) == dt.date(2024, 7, 9)  # 00:30 EDT
-    assert scheduled_day(at(3, 30), NEW_YORK, market) == dt.date(2024, 7, 8)  # 23:30 EDT
+    july_10_utc = dt.datetime(2024, 7, 10, tzinfo=dt.UTC)
+    assert scheduled_day(july_10_utc.replace(hour=4, minute=30), NEW_YORK, market) == dt.date(
+        2024, 7, 9
+    )  # 00:30 EDT
+    assert scheduled_day(july_10_utc.replace(hour=3, minute=30), NEW_YORK, market) == dt.date(
+        2024, 7, 8
+    )  # 23:30 EDT
     friday = dt.datetime(2024, 7, 5, 6, 0, tzinfo=dt.UTC)
     assert scheduled_day(friday, NEW_YORK, market) == dt.date(2024, 7, 3)
 

@@ -68,7 +68,8 @@ def publish_predictions(
 
     `scores` holds the key and prediction columns; `date`, model name, version, run id and
     `scored_at` are added. Re-scoring a date replaces its partition. Raises ScoringError, with
-    nothing published, when `scores` lacks its keys or holds no prediction (`check_scores`).
+    nothing published, when `scores` lacks its keys, repeats them or holds no prediction
+    (`check_scores`).
     """
     as_of = as_day(as_of)
     check_scores(domain, scores, sort_by)
