@@ -43,6 +43,36 @@ def test_leftover_temporary_file_is_invisible_to_readers(tmp_path):
     assert storage.read_partitions("features", "market")["ticker"].tolist() == ["A"]
 
 
+@pytest.mark.parametrize(
+    ("armed", "killed_at"), [("partition-before-publish", 1), ("partition-before-publish@3", 3)]
+)
+def test_a_crash_point_kills_at_its_first_arrival_or_its_nth(
+    tmp_path, monkeypatch, armed, killed_at
+):
+    """The crash matrix kills a delivery's publish in its middle with `<point>@<n>`: the
+    partitions before the n-th are published, the n-th and later are not."""
+    import finpipe.faults
+
+    class Killed(Exception):
+        pass
+
+    def kill(pid, signal):
+        raise Killed
+
+    monkeypatch.setattr(finpipe.faults, "_reached", type(finpipe.faults._reached)())
+    monkeypatch.setattr(finpipe.faults.os, "kill", kill)
+    monkeypatch.setenv("FINPIPE_CRASH_AT", armed)
+    storage = Storage(tmp_path)
+    days = ["2024-01-02", "2024-01-03", "2024-01-04", "2024-01-05"]
+    with pytest.raises(Killed):
+        for day in days:
+            storage.write_partition("validated", "market", day, _frame(day, ["A"]))
+    published = [day.isoformat() for day in storage.partition_dates("validated", "market")]
+    assert published == days[: killed_at - 1]
+    monkeypatch.setenv("FINPIPE_CRASH_AT", "model-registered@1")  # another point: no kill
+    storage.write_partition("validated", "market", days[-1], _frame(days[-1], ["A"]))
+
+
 def test_read_partitions_filters_dates_and_columns(tmp_path):
     storage = Storage(tmp_path)
     for day in ["2024-01-02", "2024-01-03", "2024-01-04"]:
