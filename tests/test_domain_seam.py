@@ -124,9 +124,20 @@ def test_a_domains_own_package_may_hold_its_model_classes():
         assert not domains.trusted_model_module("fxdomain.model")
         assert domains.trusted_model_module("fxdom.pipeline")
         assert not domains.trusted_model_module("os")
+        # finpipe's own means its package: not any package whose name begins with it
+        assert not domains.trusted_model_module("finpipe_evil.model")
+        assert not domains.trusted_model_module("finpipextra")
     finally:
         domains.unregister_domain("fx_rates")
     assert not domains.trusted_model_module("fxdom.model")
+
+
+def test_a_domain_whose_name_is_not_a_safe_path_component_is_refused():
+    credit = domains.get_domain("credit")
+    for name in ("../evil", "a/b", ""):
+        with pytest.raises(ConfigError):
+            domains.register_domain(dataclasses.replace(credit, name=name))
+        assert name not in domains.domain_names()  # nor in the run forms' drop-down
 
 
 def test_artifact_keys_take_a_domain_name_with_an_underscore():
@@ -153,6 +164,18 @@ def test_a_misspelt_selection_metric_names_the_metrics_there_are():
     assert best_on_validation(windows, "auc") == "mlp"
     with pytest.raises(ConfigError, match=r"'AUC' is not among .* mlp: auc, log_loss$"):
         best_on_validation(windows, "AUC")
+
+
+def test_a_candidate_whose_validation_metric_is_nan_is_chosen_last():
+    nan = float("nan")
+    windows = {"gru": {"validation": {"ic": nan}}, "mlp": {"validation": {"ic": 0.04}}}
+    assert best_on_validation(windows, "ic") == "mlp"  # NaN first: max would keep it
+    windows["lgbm"] = {"validation": {"ic": -0.2}}
+    assert best_on_validation(windows, "ic") == "mlp"
+    windows = {"gru": {"validation": {"ic": 0.01}}, "mlp": {"validation": {"ic": nan}}}
+    assert best_on_validation(windows, "ic") == "gru"
+    windows = {"gru": {"validation": {"ic": nan}}, "mlp": {"validation": {"ic": None}}}
+    assert best_on_validation(windows, "ic") in windows  # none measurable: no error here
 
 
 @pytest.mark.parametrize(
@@ -185,6 +208,15 @@ def test_only_faults_of_a_server_or_the_network_are_retried(error, retried):
             r"returned 2 rows that share their keys \(id=a, ...\)",
         ),
         (pd.DataFrame({"id": ["a", "b"]}), r"returned its keys \(id\) only"),
+        (  # a date column is not a prediction: scoring replaces it with the date scored
+            pd.DataFrame({"date": pd.Timestamp("2024-03-11"), "id": ["a", "b"]}),
+            r"returned its keys \(id\) only",
+        ),
+        (  # it would be published twice under one name, or lost
+            pd.DataFrame({"id": ["a", "b"], "pd": [0.1, 0.2], "run_id": ["x", "y"]}),
+            "returned a column named run_id, which scoring adds",
+        ),
+        (pd.DataFrame(), "returned no id column"),  # nothing to score still names its keys
         (pd.DataFrame({"id": ["a", "b"], "pd": [None, None]}), "returned no value in pd"),
     ],
 )
@@ -196,6 +228,76 @@ def test_a_scorer_that_returns_unreadable_rows_publishes_nothing(tmp_path, rows,
     assert storage.partition_dates("predictions", "fx") == []
     good = pd.DataFrame({"id": ["b", "a"], "pd": [0.2, None]})
     assert publish_predictions(storage, "fx", "2024-03-11", good, model, sort_by=["id"]).rows == 2
+
+
+def test_predictions_are_published_sorted_by_their_keys_whatever_the_scorers_order(tmp_path):
+    storage = Storage(tmp_path / "home")
+    model = RegisteredModel(name="finpipe-fx", version="1", run_id="r1", model=None)
+    rows = pd.DataFrame(
+        {
+            "day": ["2024-03-08", "2024-03-07", "2024-03-08"],
+            "id": list("cba"),
+            "pd": [0.3, 0.2, 0.1],
+        }
+    )
+    publish_predictions(storage, "fx", "2024-03-11", rows, model, sort_by=["day", "id"])
+    published = storage.read_partition("predictions", "fx", "2024-03-11")
+    assert published[["day", "id"]].values.tolist() == [
+        ["2024-03-07", "b"],
+        ["2024-03-08", "a"],
+        ["2024-03-08", "c"],
+    ]
+    assert published["pd"].tolist() == [0.2, 0.1, 0.3]  # each row's own value
+    empty = pd.DataFrame({"id": pd.Series([], dtype="string"), "pd": pd.Series([], dtype=float)})
+    assert publish_predictions(storage, "fx", "2024-03-12", empty, model, sort_by=["id"]).rows == 0
+    assert len(storage.read_partition("predictions", "fx", "2024-03-12")) == 0  # done, empty
+
+
+def test_a_promotion_tried_again_after_its_alias_moved_stays_promoted(tmp_path, monkeypatch):
+    """The promote task retries a server's fault. One while the decision was logged, after
+    `champion` moved to the challenger, must not compare the challenger with itself, tie,
+    and tag the champion `kept`."""
+    from finpipe import promotion
+    from finpipe.settings import load_settings
+
+    registry = {"champion": "1", "tags": {}}
+    monkeypatch.setattr(promotion, "current_alias_version", lambda *a: registry["champion"])
+    as_of = {"1": "2024-03-07", "2": "2024-03-08"}
+    monkeypatch.setattr(promotion, "version_tags", lambda s, d, v: {promotion.AS_OF_TAG: as_of[v]})
+    monkeypatch.setattr(
+        promotion,
+        "load_model_version",
+        lambda s, d, version: RegisteredModel("m", version, "r", None),
+    )
+
+    def apply(settings, domain, decision):
+        if decision.promoted:
+            registry["champion"] = decision.challenger_version
+        registry["tags"][decision.challenger_version] = decision.promoted
+
+    monkeypatch.setattr(promotion, "apply_promotion", apply)
+    logged = []
+
+    def log_decision(decision, run_id, figures):
+        logged.append(decision)
+        if len(logged) == 1:
+            raise ConnectionError("the tracking server reset the connection")
+
+    monkeypatch.setattr(promotion, "_log_decision", log_decision)
+    scores = {"1": 0.01, "2": 0.05}
+    promote = dict(
+        challenger_version="2",
+        metric="ic",
+        evaluate=lambda m: scores[m.version],
+        lock_root=tmp_path,
+    )
+    with pytest.raises(ConnectionError):
+        promotion.promote_challenger(load_settings(), "market", **promote)
+    assert registry["champion"] == "2"  # the alias moved before the fault
+    again = promotion.promote_challenger(load_settings(), "market", **promote)
+    assert again.promoted and again.challenger_score == 0.05, again.reason
+    assert "champion already" in again.reason
+    assert registry == {"champion": "2", "tags": {"2": True}}
 
 
 def test_two_promotions_at_once_keep_the_newer_champion(tmp_path, monkeypatch):
@@ -222,6 +324,7 @@ def test_two_promotions_at_once_keep_the_newer_champion(tmp_path, monkeypatch):
             registry["champion"] = decision.challenger_version
 
     monkeypatch.setattr(promotion, "apply_promotion", apply)
+    monkeypatch.setattr(promotion, "_tag_version", lambda *a: None)
     monkeypatch.setattr(promotion, "_log_decision", lambda *a: None)
     started = threading.Event()
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Callable, Collection, Mapping
+import threading
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import pytest
 from mlflow import MlflowClient
 from pydantic import BaseModel, Field
 
-from finpipe import lifecycle
+from finpipe import lifecycle, tracking
 from finpipe.domains import (
     ChallengerOutcome,
     DemoNight,
@@ -25,6 +28,7 @@ from finpipe.domains import (
     register_domain,
     unregister_domain,
 )
+from finpipe.errors import ModelRejected
 from finpipe.features import FeatureUpdate, update_day_features
 from finpipe.ingest import RawContract
 from finpipe.lifecycle import Candidate, EpochLogger, ModelScore, Predict, Predictions, RunRecord
@@ -262,9 +266,17 @@ def test_a_fourth_domain_runs_through_the_real_nightly_flow(tmp_path, toy_domain
         second = nightly(domain=NAME, as_of=second_day, inputs=[str(files[2])])
         # A retrain of the first night, after the second's: its test window is data the
         # champion (trained as of the second day) may have learnt from, so it is not promoted.
+        # It starts while an ingest holds the history lock: it reads (and stamps the time its
+        # data was known at) once the ingest has published.
         home = Storage(settings.home)
-        again = toy_domain.train(home, settings, first_day)
+        with _history_held_for(home, seconds=0.5) as released:
+            again = toy_domain.train(home, settings, first_day)
         rerun = toy_domain.promote(home, settings, again)
+        # A chosen candidate whose test predictions are constant is never registered.
+        with pytest.raises(ModelRejected, match="mean: predictions are constant"):
+            toy_domain.train(
+                home, settings, second_day, toy_domain.training_config(models=["mean"])
+            )
 
     storage = Storage(settings.home)
     assert storage.partition_dates("predictions", NAME) == [first_day, second_day]
@@ -301,10 +313,47 @@ def test_a_fourth_domain_runs_through_the_real_nightly_flow(tmp_path, toy_domain
     experiment = client.get_experiment_by_name("finpipe-toy")
     runs = client.search_runs([experiment.experiment_id])
     names = sorted(r.data.tags["mlflow.runName"] for r in runs)
-    nightly_runs = [f"nightly-{first_day}", f"nightly-{first_day}", f"nightly-{second_day}"]
-    assert names == sorted(["mean", "mean", "mean", "ols", "ols", "ols", *nightly_runs])
+    nights = [f"nightly-{first_day}", f"nightly-{first_day}", f"nightly-{second_day}"]
+    refused = [f"nightly-{second_day}", "mean"]  # the refused night's runs stay: it failed
+    assert names == sorted(["mean", "mean", "mean", "ols", "ols", "ols", *nights, *refused])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    last = max(parents, key=lambda r: r.info.start_time)
+    assert last.data.tags["mlflow.runName"] == f"nightly-{second_day}"
+    assert last.info.status == "FAILED"
     ols = next(r for r in runs if r.data.tags["mlflow.runName"] == "ols")
     assert {"validation_r2", "test_r2"} <= set(ols.data.metrics)
+    # The registry records each decision on its version; the data's moment is after the lock.
+    assert champion.tags["promotion"] == "promoted"
+    kept = client.get_model_version("finpipe-toy", again.challenger_version)
+    assert kept.tags["promotion"] == "kept"
+    versions = client.search_model_versions("name = 'finpipe-toy'")
+    assert sorted(int(v.version) for v in versions) == [1, 2, 3]  # none for the constant one
+    assert str(client.get_model_version_by_alias("finpipe-toy", "challenger").version) == "3"
+    known_at = client.get_run(again.run_id).data.tags[tracking.DATA_KNOWN_AT_TAG]
+    assert dt.datetime.fromisoformat(known_at) >= released[0]
+
+
+@contextmanager
+def _history_held_for(storage: Storage, seconds: float) -> Iterator[list[dt.datetime]]:
+    """Hold the toy domain's history lock from another thread for `seconds`, as an ingest
+    would; yield a list that gets the moment it was released."""
+    from finpipe.locks import history_lock
+
+    held, released = threading.Event(), []
+
+    def ingest() -> None:
+        with history_lock(storage.url, NAME, holder="an ingest", timeout=10):
+            held.set()
+            time.sleep(seconds)
+            released.append(dt.datetime.now(dt.UTC))
+
+    thread = threading.Thread(target=ingest)
+    thread.start()
+    held.wait(10)
+    try:
+        yield released
+    finally:
+        thread.join()
 
 
 def test_a_correction_reaches_the_toy_domains_features_and_predictions(tmp_path, toy_domain):
@@ -344,7 +393,6 @@ def test_a_correction_reaches_the_toy_domains_features_and_predictions(tmp_path,
 def test_training_reads_its_data_under_the_history_lock(tmp_path, toy_domain, monkeypatch):
     """An ingest or a feature update (which hold the domain's history lock) cannot land halfway
     through the read of a training set: training holds the lock while it reads."""
-    import threading
 
     from finpipe.errors import NothingToTrain
     from finpipe.locks import LockTimeout, history_lock

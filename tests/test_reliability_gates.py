@@ -24,6 +24,7 @@ from finpipe.tracking import RegisteredModel
         ([0.1, float("inf"), 0.3], "NaN/inf"),
         ([], "empty"),
         ([0.2, 0.2, 0.2, 0.2], "constant"),
+        ([0.1 + 0.2, 0.3, 0.3, 0.3], "constant"),  # equal but for rounding (std 5e-17)
     ],
 )
 def test_insane_predictions_are_rejected(values, message):

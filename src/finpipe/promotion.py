@@ -151,13 +151,21 @@ def apply_promotion(settings: Settings, domain: str, decision: PromotionDecision
 
     Moving an alias is a single registry update, so `champion` always names a version.
     """
-    client = MlflowClient()
-    name = settings.model_name(domain)
     crash_point("champion-alias")
     if decision.promoted:
-        client.set_registered_model_alias(name, CHAMPION, decision.challenger_version)
-    client.set_model_version_tag(
-        name, decision.challenger_version, "promotion", "promoted" if decision.promoted else "kept"
+        name = settings.model_name(domain)
+        MlflowClient().set_registered_model_alias(name, CHAMPION, decision.challenger_version)
+    _tag_version(settings, domain, decision)
+
+
+def _tag_version(settings: Settings, domain: str, decision: PromotionDecision) -> None:
+    """Tag the challenger's version with the decision (`promotion`: promoted or kept), whether
+    it was scored or refused before (the quality floor, a newer champion)."""
+    MlflowClient().set_model_version_tag(
+        settings.model_name(domain),
+        decision.challenger_version,
+        "promotion",
+        "promoted" if decision.promoted else "kept",
     )
 
 
@@ -201,7 +209,13 @@ def _promote(
     refusal = challenger_tags.get(QUALITY_FLOOR_TAG)
     if refusal:
         decision = refused_by_floor(metric, str(challenger_version), champion_version, refusal)
+        _tag_version(settings, domain, decision)
         _log_decision(decision, run_id, {"promoted": 0.0})
+        return decision
+    if champion_version is not None and str(champion_version) == str(challenger_version):
+        decision = _champion_already(settings, domain, metric, str(challenger_version), evaluate)
+        apply_promotion(settings, domain, decision)
+        _log_decision(decision, run_id, {"challenger_score": decision.challenger_score})
         return decision
     if champion_version is not None:
         newer = newer_champion(
@@ -212,6 +226,7 @@ def _promote(
             version_tags(settings, domain, champion_version).get(AS_OF_TAG),
         )
         if newer is not None:
+            _tag_version(settings, domain, newer)
             _log_decision(newer, run_id, {"promoted": 0.0})
             return newer
     challenger = load_model_version(settings, domain, version=challenger_version)
@@ -232,6 +247,24 @@ def _promote(
         figures["champion_score"] = champion_score
     _log_decision(decision, run_id, figures)
     return decision
+
+
+def _champion_already(
+    settings: Settings,
+    domain: str,
+    metric: str,
+    version: str,
+    evaluate: Callable[[RegisteredModel], float],
+) -> PromotionDecision:
+    """The decision of a promotion tried again after its alias move went through (the promote
+    task retries a server's fault, e.g. one while the decision was logged): the challenger is
+    champion, so it stays promoted rather than tying with itself and being tagged `kept`."""
+    score = evaluate(load_model_version(settings, domain, version=version))
+    reason = (
+        f"challenger v{version} is champion already: an earlier try of this promotion moved "
+        "the alias"
+    )
+    return PromotionDecision(True, metric, version, score, version, score, reason)
 
 
 def newer_champion(

@@ -32,13 +32,22 @@ class ScoringOutcome:
 
 def check_scores(domain: str, scores: pd.DataFrame, keys: list[str]) -> None:
     """Raise ScoringError when a domain's scorer returned rows that cannot be read: a key
-    column missing or with missing values, two rows with the same keys, or no prediction
-    column beside the keys, or predictions missing on every row."""
-    if scores.empty:
-        return
+    column missing or with missing values, two rows with the same keys, a column named like
+    the provenance scoring adds, no prediction column beside the keys, or predictions missing
+    on every row. An empty frame passes when it has its key columns (a date with nothing to
+    score is published empty, so it is done)."""
     missing = [key for key in keys if key not in scores.columns]
     if missing:
         raise ScoringError(f"the {domain} scorer returned no {', '.join(missing)} column")
+    taken = [column for column in PROVENANCE_COLUMNS if column in scores.columns]
+    if taken:
+        raise ScoringError(
+            f"the {domain} scorer returned a column named {taken[0]}, which scoring adds to "
+            f"every row (with {', '.join(c for c in PROVENANCE_COLUMNS if c != taken[0])}); "
+            "rename it"
+        )
+    if scores.empty:
+        return
     blank = [key for key in keys if scores[key].isna().any()]
     if blank:
         raise ScoringError(f"the {domain} scorer returned rows without their {blank[0]}")
