@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import copy
+import importlib.resources
+import json
 import tomllib
 
 import pytest
@@ -173,8 +175,30 @@ def test_suite_is_built_from_the_config_plus_the_user_file():
 
 def test_user_rule_replaces_the_built_rule_with_the_same_id():
     book = load_loan_book("germancredit")
-    rules = {rule_id(e): e for e in build_credit_suite(book)["expectations"]}
-    assert rules["expect_table_row_count_to_be_between()"]["kwargs"] == {"min_value": 100}
+    entries = build_credit_suite(book)["expectations"]
+    row_count = [e for e in entries if rule_id(e) == "expect_table_row_count_to_be_between()"]
+    assert [e["kwargs"] for e in row_count] == [{"min_value": 100}]  # the user's, and only it
+    assert row_count[0]["meta"]["origin"] == "expectations/credit_germancredit.json"
+
+
+def test_a_user_file_with_two_rules_of_one_id_is_a_config_error(tmp_path, monkeypatch):
+    between = "expect_column_values_to_be_between"
+    user = {
+        "name": "credit_synthetic",
+        "expectations": [  # a floor and a ceiling on age as two rules: both named between(age)
+            {"type": between, "kwargs": {"column": "age", "min_value": 21}},
+            {"type": between, "kwargs": {"column": "age", "max_value": 70}},
+        ],
+    }
+    (tmp_path / "credit_synthetic.json").write_text(json.dumps(user))
+    shipped = importlib.resources.files
+    monkeypatch.setattr(
+        importlib.resources,
+        "files",
+        lambda package: tmp_path if package == "finpipe.expectations" else shipped(package),
+    )
+    with pytest.raises(ConfigError, match=r"credit_synthetic.json has several expectations named"):
+        build_credit_suite(load_loan_book("synthetic"))
 
 
 def test_user_rule_on_an_unknown_column_is_a_config_error(monkeypatch):

@@ -146,6 +146,72 @@ def test_cdnow_duplicates_are_reported_but_tolerated(shared_datasets):
     assert duplicates.sample_keys[0] == {"customer_id": "01668", "date": "1997-07-31"}
 
 
+def _checked(rows: pd.DataFrame) -> pd.DataFrame:
+    """Return vendor `rows` normalised by the synthetic config, with the suite's check columns."""
+    return add_transaction_checks(SYNTHETIC.normalise(rows, source="rows"), allow_refunds=False)
+
+
+def _purchases(count: int) -> pd.DataFrame:
+    """`count` distinct purchases at one time, in the synthetic config's vendor columns."""
+    return pd.DataFrame(
+        {
+            "Customer ID": [f"C{i:03d}" for i in range(count)],
+            "Transaction Time": ["2024-03-01T10:00:00"] * count,
+            "Amount": [str(10 + i) for i in range(count)],
+            "Category": ["books"] * count,
+            "Channel": ["web"] * count,
+        }
+    )
+
+
+def _duplicates_rule(rows: pd.DataFrame):
+    report = validate_frame(
+        _checked(rows), suite_name=SUITE, batch_name="b", parameters={"as_of": "2024-03-01"}
+    )
+    rule = "expect_column_values_to_be_unique(row_fingerprint)"
+    return report, next(r for r in report.rules if r.rule == rule)
+
+
+@pytest.mark.unit
+def test_purchases_differing_only_in_category_or_channel_are_not_duplicates():
+    rows = _purchases(10)
+    rows.loc[1, ["Customer ID", "Amount", "Category"]] = ["C000", "10", "music"]  # basket of 0
+    rows.loc[3, ["Customer ID", "Amount", "Channel"]] = ["C002", "12", "store"]  # as 2, in store
+
+    report, duplicates = _duplicates_rule(rows)
+
+    assert _checked(rows)["row_fingerprint"].is_unique
+    assert (report.success, duplicates.unexpected_count) == (True, 0)
+
+
+@pytest.mark.unit
+def test_more_than_one_percent_of_exact_copies_rejects_the_batch():
+    twice = _purchases(98)
+    twice = pd.concat([twice, twice.iloc[:2]], ignore_index=True)  # 4 rows of 100 are copies
+    once = _purchases(299)
+    once = pd.concat([once, once.iloc[:1]], ignore_index=True)  # 2 rows of 300: tolerated
+
+    rejected, duplicates = _duplicates_rule(twice)
+    accepted, tolerated = _duplicates_rule(once)
+
+    assert (rejected.success, duplicates.success, duplicates.unexpected_count) == (False, False, 4)
+    assert (accepted.success, tolerated.unexpected_count) == (True, 2)
+
+
+@pytest.mark.unit
+def test_a_time_with_a_zone_lands_on_its_utc_moment_as_its_iso_text_does():
+    moment = pd.Timestamp("2024-03-01 23:30", tz="America/New_York")
+    as_parquet = _purchases(1).assign(**{"Transaction Time": pd.Series([moment])})
+    as_text = as_parquet.assign(**{"Transaction Time": [moment.isoformat()]})
+
+    for rows in (as_parquet, as_text):
+        frame = SYNTHETIC.normalise(rows, source="rows")
+        assert (frame.loc[0, "timestamp"], frame.loc[0, "date"]) == (
+            pd.Timestamp("2024-03-02 04:30"),
+            pd.Timestamp("2024-03-02"),
+        )
+
+
 def _write(tmp_path, rows: pd.DataFrame, name: str):
     path = tmp_path / name
     rows.to_csv(path, index=False)

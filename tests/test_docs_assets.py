@@ -7,6 +7,7 @@ import base64
 import hashlib
 import importlib.util
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -126,7 +127,8 @@ def test_a_rejected_batch_site_loads_nothing_from_the_network_and_has_every_file
     assert {"favicon.ico", "logo-long.png"} <= {path.name for path in linked}
 
 
-def test_a_page_with_a_chart_gets_the_vega_scripts_at_its_depth(tmp_path):
+def _chart_site(folder: Path) -> None:
+    """Build in `folder` the Data Docs of a suite whose validation page draws a chart."""
     # A suite name with a dot: its pages lie one folder deeper (validations/probe/charts/...).
     spec = {
         "name": "probe.charts",
@@ -142,10 +144,13 @@ def test_a_page_with_a_chart_gets_the_vega_scripts_at_its_depth(tmp_path):
         ],
     }
     frame = pd.DataFrame({"x": [0.5, 0.6, 1.5, 1.9, 0.2]})
-
     validate_frame(
-        frame, suite_name="probe.charts", batch_name="b", suite_spec=spec, data_docs_dir=tmp_path
+        frame, suite_name="probe.charts", batch_name="b", suite_spec=spec, data_docs_dir=folder
     )
+
+
+def test_a_page_with_a_chart_gets_the_vega_scripts_at_its_depth(tmp_path):
+    _chart_site(tmp_path)
 
     (page,) = (tmp_path / "validations").rglob("*.html")
     assert len(page.relative_to(tmp_path).parts) == 6
@@ -156,3 +161,37 @@ def test_a_page_with_a_chart_gets_the_vega_scripts_at_its_depth(tmp_path):
     for name in ("vega/vega.min.js", "vega-lite/vega-lite.min.js", "vega-embed/vega-embed.min.js"):
         assert (tmp_path / "static" / "vendor" / name).is_file()
     assert _remote(html) == set()
+    suite_page = tmp_path / "expectations" / "probe" / "charts.html"  # one folder per dot too
+    assert sorted(str(path) for path in _local_links(suite_page) if not path.is_file()) == []
+
+
+def test_no_page_keeps_the_cdn_integrity_attributes_a_page_on_disk_cannot_load(tmp_path):
+    bars = clean_bars()
+    bars.loc[3, "close"] = np.nan
+
+    check(bars, data_docs_dir=tmp_path)
+
+    pages = {page.name: page.read_text("utf-8") for page in _pages(tmp_path)}
+    pinned = {name for name, html in pages.items() if re.search("integrity=|crossorigin=", html)}
+    assert (len(pages), pinned) == (3, set())
+
+
+def test_a_site_built_after_a_chart_site_has_no_vega_scripts(tmp_path):
+    _chart_site(tmp_path / "charts")
+
+    check(clean_bars(), data_docs_dir=tmp_path / "plain")
+
+    assert (tmp_path / "charts" / "static" / "vendor" / "vega").is_dir()
+    assert sorted(p.name for p in (tmp_path / "plain" / "static" / "vendor").glob("vega*")) == []
+
+
+def test_a_docs_folder_removed_and_built_again_has_every_page_it_links(tmp_path):
+    site = tmp_path / "docs"
+    check(clean_bars(), data_docs_dir=site)
+    shutil.rmtree(site)  # as ingest does with the site of a group it does not keep
+
+    check(clean_bars(), data_docs_dir=site)
+
+    assert (site / "expectations" / "market_ohlcv.html").is_file()
+    linked = set().union(*(_local_links(page) for page in _pages(site)))
+    assert sorted(str(path) for path in linked if not path.is_file()) == []

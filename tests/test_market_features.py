@@ -146,6 +146,11 @@ def test_adjusted_close_is_preferred_over_close():
     assert build_market_features(frame)["return_1d"].tolist()[1:] == pytest.approx([0.0, 0.1])
 
 
+def test_an_empty_adj_close_column_leaves_the_features_on_close():
+    frame = one_ticker([10.0, 11.0, 12.1], adj_close=[np.nan] * 3)  # a vendor's blank column
+    assert build_market_features(frame)["return_1d"].tolist()[1:] == pytest.approx([0.1, 0.1])
+
+
 def test_cross_sectional_rank_uses_only_the_same_date():
     days = 6
     frames = [

@@ -3,6 +3,7 @@ unadjusted closes are errors that say what to do."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import pandas as pd
@@ -11,7 +12,9 @@ import pytest
 from finpipe.domains import get_domain
 from finpipe.errors import ValidationFailed
 from finpipe.ingest import ingest_file
+from finpipe.market.schema import normalise_market_frame
 from finpipe.storage import Storage
+from finpipe.validation import ValidationReport
 
 
 def _sample(shared_datasets) -> pd.DataFrame:
@@ -150,3 +153,49 @@ def test_blank_and_invisible_tickers_are_refused_not_published_as_other_instrume
     assert failed["parseable_values"]["sample_values"] == [
         {"ticker": "'AAPL\\u200b' (invisible characters)"}
     ]
+
+
+@pytest.mark.unit
+def test_a_file_mixing_time_zones_reports_only_the_rows_of_the_rarer_form():
+    text = (
+        "date,ticker,close\n2024-01-02,AAA,10.0\n2024-01-03,AAA,10.1\n"
+        "2024-01-04T00:00:00+02:00,AAA,10.2\n2024-01-05,AAA,10.3\n2024-01-08,AAA,10.4\n"
+    )
+    frame = normalise_market_frame(pd.read_csv(io.StringIO(text)))
+    problems = frame.attrs["parse_errors"]["date"]
+    assert problems.dropna().to_dict() == {2: "mixed time zones: 2024-01-04T00:00:00+02:00"}
+    days = frame["date"].dt.strftime("%m-%d").fillna("unparsed").tolist()
+    assert days == ["01-02", "01-03", "unparsed", "01-05", "01-08"]
+
+
+@pytest.mark.parametrize(
+    ("text", "broken"),
+    [
+        (  # the suite's rules, then one ingest checks itself (its `message`)
+            "date,ticker,close\n2024-01-02,BBB,10.0\n2024-01-03,BBB,12k\n",
+            ["expect_column_values_to_not_be_null(close)", "parseable_values"],
+        ),
+        ("", ["readable_file"]),  # refused before the suite ran: no rows, values or row count
+    ],
+    ids=["suite and ingest rules", "unreadable file"],
+)
+def test_a_quarantined_report_reads_back_as_a_validation_report(tmp_path, text, broken):
+    path = _bars(tmp_path, "bars.csv", text)
+    storage = Storage(tmp_path / "home")
+    with pytest.raises(ValidationFailed) as caught:
+        _ingest(storage, path, as_of="2024-01-31")
+    payload = json.loads((storage.root / caught.value.quarantine_path / "report.json").read_text())
+
+    report = ValidationReport.from_dict(payload)
+
+    assert (report.source, [r.rule for r in report.failures()]) == (str(path), broken)
+    assert report.failures()[-1].message == payload["rules"][-1]["message"]
+    restored = report.to_dict()  # all the file says, and defaults for what it leaves out
+    assert {k: v for k, v in restored.items() if k in payload and k != "rules"} == {
+        k: v for k, v in payload.items() if k != "rules"
+    }
+    assert all(
+        written.items() <= read.items()
+        for written, read in zip(payload["rules"], restored["rules"], strict=True)
+    )
+    assert ValidationReport.from_dict(restored) == report

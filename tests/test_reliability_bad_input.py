@@ -105,6 +105,12 @@ REJECTED = {
     ),
     "+inf price": ("inf.csv", lambda r: _csv(_set(r, 3, "high", float("inf"))), "(high)", "inf"),
     "-inf price": ("ninf.csv", lambda r: _csv(_set(r, 3, "low", float("-inf"))), "(low)", "inf"),
+    "+inf volume": (
+        "vinf.csv",
+        lambda r: _csv(_set(r, 2, "volume", float("inf"))),
+        "(volume)",
+        "inf",
+    ),
     "zero price": ("zero.csv", lambda r: _csv(_set(r, 0, "close", 0.0)), "(close)", "row 0"),
     "negative price": ("neg.csv", lambda r: _csv(_set(r, 4, "open", -3.0)), "(open)", "row 4"),
     "high below low": (

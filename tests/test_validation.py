@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.resources
+import io
 import json
 import math
 import re
@@ -12,8 +14,8 @@ import pytest
 
 from finpipe.errors import ConfigError
 from finpipe.market.quality import MARKET_CHECK_COLUMNS, add_market_checks_columns
-from finpipe.market.schema import normalise_market_frame
-from finpipe.validation import ValidationReport, load_suite_spec, validate_frame
+from finpipe.market.schema import normalise_market_frame, price_column
+from finpipe.validation import ValidationReport, load_suite_spec, rule_id, validate_frame
 
 SUITE = "market_ohlcv"
 AS_OF = "2024-01-08"
@@ -207,6 +209,92 @@ def test_previous_close_catches_a_bad_first_row_of_the_batch():
     assert set(MARKET_CHECK_COLUMNS) <= set(checked.columns)
 
 
+def test_returns_follow_each_tickers_dates_whatever_the_row_order():
+    frame = clean_bars()
+    shuffled = frame.sample(frac=1.0, random_state=3)  # rows of a ticker no longer in date order
+
+    def returns(bars: pd.DataFrame) -> pd.Series:
+        checked = add_market_checks_columns(bars)
+        return checked.set_index(["date", "ticker"])["abs_log_return_1d"].sort_index()
+
+    pd.testing.assert_series_equal(returns(shuffled), returns(frame))
+    assert check(shuffled).success is True
+
+
+def test_a_zero_close_without_adj_close_breaks_only_the_price_rules():
+    frame = clean_bars().drop(columns="adj_close")
+    frame.loc[4, "close"] = 0.0  # AAA on 2024-01-04; its return and the next day's have no price
+
+    report = check(frame)
+
+    checked = add_market_checks_columns(frame)
+    assert checked.loc[[4, 6], "abs_log_return_1d"].isna().all()
+    assert sorted(failed(report)) == [
+        "expect_column_pair_values_a_to_be_greater_than_b(close, low)",
+        "expect_column_values_to_be_between(close)",
+    ]
+
+
+def test_previous_close_is_the_latest_price_before_the_day_not_a_closer_later_one():
+    batch = pd.DataFrame(
+        {
+            "date": pd.to_datetime(["2024-01-03", "2024-01-08"]).astype("datetime64[ns]"),
+            "ticker": pd.array(["AAA", "BBB"], dtype="string"),
+            "close": [10.2, 20.0],
+        }
+    )
+    previous_close = pd.DataFrame(
+        {
+            "ticker": ["AAA", "AAA", "BBB"],
+            "date": pd.to_datetime(["2023-12-29", "2024-01-04", "2024-01-05"]),
+            "price": [10.0, 30.0, 20.0],  # AAA's 2024-01-04 is nearer 2024-01-03, but after it
+        }
+    )
+
+    checked = add_market_checks_columns(batch, previous_close)
+
+    assert checked["abs_log_return_1d"].tolist() == pytest.approx([math.log(10.2 / 10.0), 0.0])
+
+
+def test_an_empty_adj_close_column_is_return_checked_on_close():
+    csv = (
+        "Date,Ticker,Close,Adj Close\n"
+        "2024-01-02,AAA,10.1,\n2024-01-03,AAA,10.2,\n2024-01-04,AAA,102.0,\n"
+    )
+    frame = normalise_market_frame(pd.read_csv(io.StringIO(csv)))
+
+    report = check(frame)
+
+    assert sorted(failed(report)) == [RETURN_RULE, UNADJUSTED_RULE]
+    assert failed(report)[UNADJUSTED_RULE].sample_rows == [2]
+    assert price_column(frame) == "close"  # the prices features and earlier days are read on
+
+
+def test_a_ticker_delivered_without_adj_close_is_return_checked_on_its_close():
+    csv = (
+        "Date,Ticker,Close,Adj Close\n"
+        "2024-01-02,AAA,10.1,5.05\n2024-01-02,BBB,20.1,\n"
+        "2024-01-03,AAA,10.2,5.10\n2024-01-03,BBB,201.0,\n"  # BBB: a x10 tick in close
+        "2024-01-04,AAA,10.3,5.15\n2024-01-04,BBB,20.3,\n"
+    )
+    frame = normalise_market_frame(pd.read_csv(io.StringIO(csv)))
+
+    report = check(frame)
+
+    assert sorted(failed(report)) == [RETURN_RULE, UNADJUSTED_RULE]
+    split = failed(report)[UNADJUSTED_RULE]
+    assert split.sample_rows == [3, 5]
+    assert split.sample_keys[0] == {"date": "2024-01-03", "ticker": "BBB"}
+    assert split.sample_values[0] == pytest.approx(math.log(201.0 / 20.1))
+    # AAA stays on adj_close; BBB's first row is not compared with an adjusted earlier price
+    adjusted_before = pd.DataFrame(
+        {"ticker": ["AAA", "BBB"], "date": pd.to_datetime(["2023-12-29"] * 2), "price": [5.0, 10.0]}
+    )
+    checked = add_market_checks_columns(frame, adjusted_before)
+    assert checked.loc[0, "abs_log_return_1d"] == pytest.approx(math.log(5.05 / 5.0))
+    assert checked.loc[[0, 1], "abs_log_return_1d_unadjusted"].isna().all()
+
+
 def test_market_checks_keep_row_order_and_prefer_adj_close():
     frame = clean_bars()
     frame.loc[3, "close"] = 1000.0  # an unadjusted jump that adj_close does not show
@@ -281,6 +369,18 @@ def test_report_to_dict_is_strict_json():
     not_null = next(r for r in payload["rules"] if r["rule"].endswith("not_be_null(close)"))
     assert not_null["sample_values"] == [None]
     assert ValidationReport.from_dict(payload).to_dict() == payload
+
+
+def test_infinities_are_written_as_text_and_the_report_stays_strict_json():
+    frame = clean_bars()
+    frame.loc[3, "high"] = math.inf
+    frame.loc[5, "low"] = -math.inf
+
+    report = check(frame)
+
+    json.dumps(report.to_dict(), allow_nan=False)  # raises on a bare Infinity
+    assert failed(report)["expect_column_values_to_be_between(high)"].sample_values == ["inf"]
+    assert failed(report)["expect_column_values_to_be_between(low)"].sample_values == ["-inf"]
 
 
 def test_empty_batch_fails_the_row_count_rule():
@@ -410,6 +510,28 @@ def test_suite_spec_is_a_gx_suite_with_the_return_bounds():
 def test_unknown_suite_names_the_available_ones():
     with pytest.raises(ConfigError, match=r"no expectation suite 'credit'.*'market_ohlcv'"):
         load_suite_spec("credit")
+
+
+def test_two_rules_with_one_id_are_refused_naming_the_id(tmp_path, monkeypatch):
+    between = "expect_column_values_to_be_between"
+    spec = {
+        "name": "twice",
+        "expectations": [
+            {"type": between, "kwargs": {"column": "x", "min_value": 0}},
+            {"type": between, "kwargs": {"column": "x", "max_value": 10}},
+        ],
+    }
+    (tmp_path / "twice.json").write_text(json.dumps(spec))
+    shipped = importlib.resources.files
+    monkeypatch.setattr(
+        importlib.resources,
+        "files",
+        lambda package: tmp_path if package == "finpipe.expectations" else shipped(package),
+    )
+
+    with pytest.raises(ConfigError, match=re.escape(f"named ['{between}(x)']; merge them")):
+        load_suite_spec("twice")
+    assert [rule_id(e) for e in spec["expectations"]] == [f"{between}(x)"] * 2
 
 
 def test_missing_suite_parameter_says_what_to_pass():

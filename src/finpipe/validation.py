@@ -28,7 +28,7 @@ import pandas as pd
 
 from finpipe.errors import ConfigError
 from finpipe.gx_runtime import SAMPLE_LIMIT, InvalidExpectation, RuleOutcome, run_suite
-from finpipe.text import counted
+from finpipe.text import counted, sentence
 
 _COLUMN_KWARGS = ("column", "column_A", "column_B")
 _LIST_COLUMN_KWARGS = ("column_list",)
@@ -40,10 +40,13 @@ ERROR, WARNING = "error", "warning"  # a rule's severity (the suite entry's meta
 
 @dataclass
 class RuleResult:
-    """The outcome of one expectation on one batch, in plain JSON-serialisable values."""
+    """The outcome of one expectation on one batch, in plain JSON-serialisable values; or of a
+    rule ingest checks outside the suite (`parseable_values`, `readable_file`,
+    `duplicate_key_across_batches`, ...), which has no expectation type and says what it found
+    in `message`."""
 
     rule: str
-    expectation_type: str
+    expectation_type: str | None
     columns: list[str]
     success: bool
     unexpected_count: int
@@ -57,6 +60,8 @@ class RuleResult:
     severity: str = "error"
     # What the user can do about a break of this rule (the suite entry's meta.advice).
     advice: str | None = None
+    # What a rule ingest checks outside the suite says about its rows; None for a suite rule.
+    message: str | None = None
 
 
 @dataclass
@@ -74,6 +79,8 @@ class ValidationReport:
     # Where the suite's rules are defined, in words (`suite_location`); None: the file
     # expectations/<suite>.json (and every report written before this was recorded).
     suite_source: str | None = None
+    # The delivered file the batch was read from (ingest records it); None for a frame.
+    source: str | None = None
 
     def failures(self) -> list[RuleResult]:
         """Return the error rules that failed (they reject the batch), in suite order."""
@@ -95,9 +102,13 @@ class ValidationReport:
 
     @classmethod
     def from_dict(cls, payload: Mapping[str, Any]) -> ValidationReport:
-        """Return the report `to_dict` produced, e.g. read back from a quarantine JSON file."""
-        fields_ = dict(payload)
-        fields_["rules"] = [RuleResult(**rule) for rule in payload["rules"]]
+        """Return the report `payload` holds: what `to_dict` produced, or a quarantined batch's
+        report.json as ingest writes it (its `source`, the rules it checks outside the suite;
+        a file refused before the suite ran has no row count: 0 rows were validated)."""
+        fields_ = {"row_count": 0, "skipped": [], **payload}
+        fields_["rules"] = [
+            RuleResult(**{**_outside_rule_defaults(), **r}) for r in payload["rules"]
+        ]
         return cls(**fields_)
 
     def summary(self, also_broken: Sequence[str] = ()) -> str:
@@ -128,6 +139,20 @@ class ValidationReport:
         if self.data_docs:
             parts.append(f"Details: {self.data_docs}")
         return " ".join(parts)
+
+
+def _outside_rule_defaults() -> dict[str, Any]:
+    """Return the fields a rule ingest checks outside the suite may leave out of its entry in
+    report.json (a file that could not be read names no column, row or value)."""
+    return {
+        "expectation_type": None,
+        "columns": [],
+        "unexpected_count": 0,
+        "unexpected_percent": None,
+        "sample_rows": [],
+        "sample_values": [],
+        "details": {},
+    }
 
 
 def suite_location(name: str, spec: Mapping[str, Any] | None = None) -> str:
@@ -390,6 +415,8 @@ def describe_rule_break(rule: RuleResult) -> str:
     """Return one sentence on a failed rule: what broke, how often, one row and value."""
     if "exception" in rule.details:
         return f"{rule.rule} could not be evaluated: {rule.details['exception']}."
+    if rule.unexpected_count == 0 and rule.message:  # e.g. a file that could not be read
+        return sentence(f"{rule.rule}: {rule.message}")
     if rule.unexpected_count == 0:
         observed = rule.details.get("observed_value", "column absent")
         return f"{rule.rule} failed (observed: {observed})."

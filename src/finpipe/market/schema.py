@@ -39,9 +39,12 @@ def normalise_column_name(name: str) -> str:
 
 
 def price_column(frame: pd.DataFrame) -> str:
-    """Return the column returns are computed from: `adj_close` when delivered, else `close`.
+    """Return the column returns are computed from: `adj_close` when delivered (on any row),
+    else `close` (an `Adj Close` column left empty is not delivered).
 
-    Unadjusted closes jump at splits; the adjusted series does not, so it is preferred.
+    Unadjusted closes jump at splits; the adjusted series does not, so it is preferred. The
+    return checks go ticker by ticker: a ticker whose adj_close is empty on some row is checked
+    on its close (`finpipe.market.quality.add_market_checks_columns`).
     """
     if "adj_close" in frame.columns and frame["adj_close"].notna().any():
         return "adj_close"
