@@ -366,6 +366,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
         by_name={"test_the_logged_pyfunc_scores_its_own_input_example_as_scoring_publishes": FLOW},
     ),
     "test_market_boosted.py": ModuleTiers(UNIT),  # LightGBM on 12 tickers: milliseconds a fit
+    "test_market_ensemble.py": ModuleTiers(UNIT),  # ensemble weights on member scores built there
     "test_market_synthetic.py": ModuleTiers(UNIT),
     "test_metrics.py": ModuleTiers(UNIT),
     "test_attribution.py": ModuleTiers(UNIT),

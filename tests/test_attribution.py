@@ -57,6 +57,43 @@ def test_top_contributions_by_value_and_by_magnitude():
     assert top_contributions(attributions[:, :2], 3, positive_only=False)[0].shape == (3, 2)
 
 
+def test_top_contributions_keep_the_features_order_among_ties_on_many_features():
+    """17 features (the market's): numpy's default sort is not stable past 16 values."""
+    row = np.zeros((1, 17))
+    row[0, [2, 5, 9, 11, 16]] = 0.25
+    assert top_contributions(row, 3, positive_only=False)[0].tolist() == [[2, 5, 9]]
+    attributions = np.random.default_rng(0).integers(-2, 3, size=(200, 17)).astype(float)
+    for positive_only in (True, False):
+        order, _, _ = top_contributions(attributions, 3, positive_only=positive_only)
+        for values, chosen in zip(attributions, order, strict=True):
+            size = values if positive_only else np.abs(values)
+            by_hand = sorted(range(17), key=lambda j: (-size[j], j))[:3]  # larger, then earlier
+            assert chosen.tolist() == by_hand, values
+
+
+def test_permutation_importance_within_dates_on_a_frame_sorted_by_ticker():
+    """Rows in any order: each date's values are shuffled among that date's rows only."""
+    rng = np.random.default_rng(1)
+    frame = pd.DataFrame(
+        {
+            "date": np.tile(pd.bdate_range("2024-01-01", periods=30), 20),
+            "ticker": np.repeat([f"T{k:02d}" for k in range(20)], 30),
+            "used": rng.normal(size=600),
+        }
+    )
+    seen = {}
+
+    def score(shuffled: pd.DataFrame, shuffle) -> float:
+        seen[shuffle] = shuffled["used"]
+        return 0.0
+
+    permutation_importance(score, frame, ["used"], within="date", seed=4)
+    shuffled = seen[("used", 0)]
+    assert not shuffled.equals(frame["used"])
+    for day, rows in frame.groupby("date").groups.items():
+        assert sorted(shuffled[rows]) == sorted(frame.loc[rows, "used"]), day
+
+
 def test_permutation_importance_shuffles_within_dates_and_finds_the_used_column():
     rng = np.random.default_rng(1)
     frame = pd.DataFrame(

@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
+from finpipe.credit import crossval
 from finpipe.credit.config import load_loan_book
 from finpipe.credit.features import LABEL, build_credit_features
 from finpipe.credit.metrics import (
@@ -87,6 +88,34 @@ def test_platt_scaling_recovers_the_true_calibration():
     labels = rng.random(40_000) < 1 / (1 + np.exp(-(2.0 * logits - 1.0)))
     a, b = fit_platt(logits, labels)
     assert a == pytest.approx(2.0, abs=0.08) and b == pytest.approx(-1.0, abs=0.05)
+
+
+def test_each_cross_validation_fold_trains_validates_and_tests_on_separate_loans(monkeypatch):
+    """Validation loans (early stopping, calibration) are not trained on, nor test loans."""
+    loans = pd.DataFrame({"loan_id": range(100), LABEL: [0.0, 1.0] * 50})
+    folds = []
+
+    class Scores:
+        def __init__(self, train, validation):
+            self.train, self.validation = train, validation
+
+        def predict_pd(self, rows):
+            folds.append((self.train, self.validation, rows.index.to_numpy()))
+            return np.linspace(0.1, 0.9, len(rows))
+
+    def fit(labelled, book, *, train, validation, config):
+        return Scores(train, validation)
+
+    monkeypatch.setattr(crossval, "fit_loan_book_model", fit)
+    config = CreditTrainingConfig(models=["logistic"])
+    scores = crossval.cross_validated_auc(loans, book=BOOK, config=config, folds=5)
+
+    assert len(scores["logistic"]) == len(folds) == 5
+    for train, validation, test in folds:
+        assert not (train & validation).any()
+        assert not (train[test] | validation[test]).any()
+        assert train.sum() + validation.sum() + len(test) == 100  # every other loan is used
+    assert sorted(np.concatenate([test for _, _, test in folds])) == list(range(100))
 
 
 def _features(config: CreditSyntheticConfig) -> tuple[pd.DataFrame, object]:

@@ -118,6 +118,12 @@ def test_the_reported_validation_ic_scores_each_half_at_the_round_the_other_half
     assert model.selection["validation_ic"] == pytest.approx(expected, abs=1e-9)
     whole = [np.nanmean(values) for values in daily.values()]
     assert model.best_epoch == _stopped_at(whole, IC_EVERY, SMALL.patience)
+    # The predictions behind that IC, which an ensemble of the trees is weighted on.
+    cross = rows[["date", "ticker", "forward_return_5d"]].merge(
+        model.cross_fitted_validation, on=["date", "ticker"]
+    )
+    assert len(cross) == rows["forward_return_5d"].notna().sum()
+    assert per_date_ic(cross).mean() == pytest.approx(expected, abs=1e-9)
 
 
 def test_on_pure_noise_the_reported_validation_ic_is_not_biased_upward():
@@ -177,6 +183,31 @@ def test_attributions_add_up_to_the_prediction_less_the_expected_value(fitted):
     explained = model.explain(frame, score_from=start)
     assert len(explained) == 12 and set(explained["reason_1"].dropna()) <= set(FEATURES)
     assert (explained["reason_1"] == "f0").mean() > 0.5  # the planted feature moves scores most
+
+
+def test_a_fit_that_reaches_max_rounds_predicts_and_explains_with_the_kept_round(tmp_path):
+    """Training grows every round before early stopping settles: LightGBM sets no best
+    iteration, yet the trees predict and explain as the saved model (kept rounds only) does."""
+    frame = _panel(4, n_dates=160)
+    split = time_split(frame.loc[frame["forward_return_5d"].notna(), "date"], embargo=HORIZON)
+    unsettled = SMALL.model_copy(update={"patience": 1000})
+    model = fit_boosted_trees(frame, FEATURES, split, unsettled, horizon=HORIZON)
+    assert model.best_epoch < model.booster.current_iteration() == SMALL.max_rounds
+    model.save(tmp_path / "lgbm")
+    saved = FittedMarketBoostedTrees.load(tmp_path / "lgbm")
+
+    start = frame["date"].iloc[-1]
+    predicted = model.predict(frame, score_from=start)
+    pd.testing.assert_frame_equal(predicted, saved.predict(frame, score_from=start))
+    expected_value = saved.booster.predict(
+        frame.loc[predicted.index, FEATURES].to_numpy(np.float64), pred_contrib=True
+    )[:, -1]
+    np.testing.assert_allclose(
+        model.attributions(frame, score_from=start).sum(axis=1) + expected_value,
+        predicted["prediction"],
+        rtol=1e-9,
+        atol=1e-12,
+    )
 
 
 def test_the_model_folder_round_trips_and_names_what_is_missing(fitted, tmp_path):

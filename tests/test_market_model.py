@@ -452,8 +452,10 @@ def test_stacking_is_kept_only_when_it_wins_out_of_sample(members):
     assert stacked.combination == "stacked"
     assert stacked.weights["mlp"] > 0.9
     selection = stacked.selection
-    assert selection["validation_ic"] == selection["stacked_crossfit_validation_ic"]
     assert selection["stacked_crossfit_validation_ic"] > selection["mean_validation_ic"]
+    # 21 validation dates are too few to choose on each half (tests/test_market_ensemble.py):
+    # the ensemble competes with the mean's IC, the lower one.
+    assert selection["validation_ic"] == selection["mean_validation_ic"]
 
     twins = scored.assign(mlp=signal, gru=signal)  # stacking has nothing to add
     mean = fit_ensemble(

@@ -11,9 +11,13 @@ import pytest
 
 from finpipe.errors import InputFileError, ValidationFailed
 from finpipe.ingest import ingest_file
+from finpipe.market import pipeline as market_pipeline
+from finpipe.market.ensemble import fit_ensemble
 from finpipe.market.features import build_market_features
 from finpipe.market.pipeline import (
     MARKET_CONTRACT,
+    MarketNight,
+    MarketParts,
     MarketTrainingConfig,
     load_training_frame,
     train_market,
@@ -27,6 +31,8 @@ from finpipe.market.synthetic import (
     write_vendor_files,
 )
 from finpipe.storage import Storage
+from finpipe.training import time_split
+from tests.test_market_boosted import FEATURES, HORIZON, SMALL, _panel
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +270,64 @@ def test_the_boosted_trees_are_registered_promoted_and_score_with_reasons(home, 
     assert "plots/feature_importance.png" in {
         a.path for a in mlflow.MlflowClient().list_artifacts(champion.run_id, "plots")
     }
+
+
+def test_the_trees_and_a_stacked_ensemble_compete_with_their_cross_fitted_validation_ic(tmp_path):
+    """The validation IC a candidate is selected and floored on: the trees' kept round and the
+    stack's weights were chosen on the validation window, so theirs is the cross-fitted one."""
+    frame = _panel(3, n_dates=160)
+    split = time_split(frame.loc[frame["forward_return_5d"].notna(), "date"], embargo=HORIZON)
+    config = MarketTrainingConfig(
+        models=["mlp", "lgbm", "ensemble"], hidden=8, max_epochs=2, seed_average={},
+        boosted_trees=SMALL,
+    )  # fmt: skip
+    night = MarketNight(
+        Storage(tmp_path), dt.date(2024, 1, 1), config, frame, FEATURES, split, HORIZON
+    )
+    fitted = {
+        kind: night.fit(kind, lambda *_, **__: None, lambda _: None) for kind in night.candidates()
+    }
+
+    trees, ensemble = night.nets["lgbm"].selection, fitted["ensemble"].model
+    assert trees["validation_ic"] != trees["best_round_validation_ic"]
+    assert fitted["lgbm"].windows["validation"]["ic"] == trees["validation_ic"]
+    assert ensemble.combination == "stacked"  # weights fitted on the validation window
+    assert fitted["ensemble"].windows["validation"]["ic"] == ensemble.selection["validation_ic"]
+    # The ensemble is weighted on the trees' cross-fitted validation predictions, not on the
+    # kept round's (which were chosen on those dates): its mean's IC is theirs and the MLP's.
+    cross = night.nets["lgbm"].cross_fitted_validation
+    validation = frame[frame["date"].isin(split.validation_dates)]
+    honest = validation[["date", "ticker", "forward_return_5d"]].merge(cross, on=["date", "ticker"])
+    honest = honest.rename(columns={"prediction": "lgbm"}).merge(
+        pd.DataFrame(
+            {"date": frame["date"], "ticker": frame["ticker"], "mlp": night.predictions["mlp"]}
+        ),
+        on=["date", "ticker"],
+    )
+    members = {"mlp": night.nets["mlp"], "lgbm": night.nets["lgbm"]}
+    again = fit_ensemble(
+        members, honest, split.validation_dates, label="forward_return_5d", horizon=HORIZON
+    )
+    assert ensemble.selection == pytest.approx(again.selection, nan_ok=True)
+    assert len(cross) == validation["forward_return_5d"].notna().sum()
+
+
+@pytest.mark.parametrize(("embargo", "effective"), [(20, 20), (2, HORIZON), (None, HORIZON)])
+def test_the_split_embargo_is_the_configured_one_and_at_least_the_horizon(
+    tmp_path, monkeypatch, embargo, effective
+):
+    frame = _panel(0, n_dates=300)
+    monkeypatch.setattr(market_pipeline, "load_training_frame", lambda *_, **__: frame)
+    config = MarketTrainingConfig(embargo=embargo)
+    assert config.horizon == HORIZON
+
+    night = MarketParts().prepare_training(
+        Storage(tmp_path), dt.date(2024, 3, 1), config, lambda: None
+    )
+
+    assert night.split.embargo == night.embargo == effective
+    dates = np.sort(frame["date"].unique())
+    train_end, validation_start = dates.searchsorted(
+        [night.split.train_dates[-1], night.split.validation_dates[0]]
+    )
+    assert validation_start - train_end - 1 == effective  # dates dropped between the windows

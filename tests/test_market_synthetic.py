@@ -9,15 +9,18 @@ import pandas as pd
 import pytest
 
 from finpipe.errors import ConfigError
+from finpipe.market.evaluation import oracle_ic
 from finpipe.market.schema import normalise_market_frame
 from finpipe.market.synthetic import (
     DEFECT_KINDS,
+    ORACLE,
     MarketSyntheticConfig,
     generate_market_panel,
     inject_defects,
     trading_calendar,
     write_vendor_files,
 )
+from finpipe.storage import Storage
 
 SMALL = MarketSyntheticConfig(tickers=8, days=320, seed=3)
 
@@ -111,6 +114,30 @@ def test_oracle_ic_at_defaults_is_in_the_documented_band(default_market):
     assert oracle == pytest.approx(0.134, abs=0.002)
     # A longer horizon dilutes the 5-day planted part with more noise.
     assert default_market.oracle_ic(20) < oracle
+
+
+def test_the_oracle_ic_of_a_test_window_covers_every_date_of_it(tmp_path):
+    rng = np.random.default_rng(0)
+    dates = pd.bdate_range("2024-01-01", periods=3)
+    frame = pd.DataFrame(
+        {"date": np.repeat(dates, 30), "ticker": np.tile([f"T{k:02d}" for k in range(30)], 3)}
+    )
+    frame["expected_forward_return"] = rng.normal(size=len(frame))
+    last = frame["date"] == dates[-1]  # its IC is 1: leaving it out shows
+    frame["forward_return_5d"] = np.where(
+        last, frame["expected_forward_return"], rng.normal(size=len(frame))
+    )
+    storage = Storage(tmp_path)
+    storage.write_reference("market", ORACLE, frame.drop(columns="forward_return_5d"))
+
+    by_hand = np.mean(
+        [
+            np.corrcoef(day["expected_forward_return"], day["forward_return_5d"])[0, 1]
+            for _, day in frame.groupby("date")
+        ]
+    )
+    test_window = frame.drop(columns="expected_forward_return")
+    assert oracle_ic(storage, test_window, "forward_return_5d") == pytest.approx(by_hand, rel=1e-9)
 
 
 def test_expected_return_is_zero_until_a_ticker_has_sixty_rows(default_market):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
@@ -14,6 +15,7 @@ from finpipe.domains import get_domain
 from finpipe.errors import ScoringError
 from finpipe.ingest import ingest_file
 from finpipe.lifecycle import Candidate, floor_refusal
+from finpipe.market.evaluation import naive_ic_floor
 from finpipe.market.synthetic import (
     MarketSyntheticConfig,
     generate_market_panel,
@@ -45,6 +47,32 @@ def test_the_floor_is_every_stated_component_and_none_means_no_floor():
         "autoencoder_kmeans: validation same_segment_vs_champion 0.5500 does not beat "
         "stability 0.6000"
     )
+
+
+def test_the_market_floor_is_one_standard_error_and_the_naive_signals_ics_by_hand():
+    rng = np.random.default_rng(3)
+    dates = pd.bdate_range("2024-01-01", periods=12)
+    frame = pd.DataFrame({"date": np.repeat(dates, 15)})
+    for column in ("return_5d", "return_20d", "prediction"):
+        frame[column] = rng.normal(size=len(frame))
+    frame["label"] = (
+        -0.5 * frame["return_5d"] + 0.2 * frame["prediction"] + rng.normal(size=len(frame))
+    )
+
+    def daily_ic(signal: pd.Series) -> np.ndarray:
+        by_date = frame.assign(signal=signal).groupby("date")
+        return np.array([np.corrcoef(g["signal"], g["label"])[0, 1] for _, g in by_date])
+
+    floor = naive_ic_floor(frame, frame, "label")
+    model = daily_ic(frame["prediction"])
+    assert floor["ic_floor_standard_error"] == pytest.approx(
+        np.std(model, ddof=1) / math.sqrt(12), rel=1e-9
+    )
+    reversal = daily_ic(-frame["return_5d"]).mean()  # minus the trailing 5-day return
+    assert reversal > 0.2
+    assert floor["ic_floor_reversal"] == pytest.approx(reversal, rel=1e-9)
+    momentum = daily_ic(frame["return_20d"]).mean()
+    assert floor["ic_floor_momentum"] == pytest.approx(momentum, rel=1e-9)
 
 
 def test_a_first_model_with_a_negative_validation_ic_is_refused_and_scoring_says_so(home):

@@ -14,6 +14,7 @@ from finpipe.errors import ModelRejected
 from finpipe.metrics import per_date_ic
 from finpipe.model_files import load_weights, read_model_metadata, save_model_files
 from finpipe.nets import GRURegressor, TemporalCNNRegressor, build_net
+from finpipe.plots import learning_curve, plt
 from finpipe.training import (
     Batches,
     FeatureScaler,
@@ -22,6 +23,7 @@ from finpipe.training import (
     applied_learning_rate,
     mean_squared_error,
     predict_regressor,
+    resolve_device,
     run_training_loop,
     time_split,
     train_regressor,
@@ -207,6 +209,57 @@ def test_same_seed_gives_identical_weights_and_history():
     assert [h["epoch"] for h in first.history] == [1, 2, 3]
     assert first.device == "cpu" and first.epochs_run == 3
     assert next(first.model.parameters()).device.type == "cpu"
+
+
+def test_dropout_masks_come_from_the_config_seed_not_the_callers_rng():
+    x, y, _ = _linear_problem(6, n_dates=5)
+    train, validation = Batches(x[:150], y[:150]), Batches(x[150:], y[150:])
+    config = TrainConfig(hidden=8, dropout=0.5, batch_size=32, max_epochs=2, seed=7, device="cpu")
+    runs = []
+    with torch.random.fork_rng(devices=[]):
+        for caller_seed in (1, 2):  # whatever another library left in the global RNG
+            torch.manual_seed(caller_seed)
+            runs.append(train_regressor(build_net(config, 4), train, validation, config))
+
+    first, second = runs
+    for name, value in first.model.state_dict().items():
+        assert torch.equal(value, second.model.state_dict()[name]), name
+    assert first.history[-1]["train_loss"] == second.history[-1]["train_loss"]
+
+
+def test_an_epochs_train_loss_is_the_mean_over_its_rows_with_a_partial_last_batch():
+    """100 rows in batches of 64 and 36: each batch's mean loss weighs by its own rows. At a
+    near-zero rate the net barely moves, so the epoch's loss is the untrained net's MSE."""
+    x, y, _ = _linear_problem(7, n_dates=5)
+    config = TrainConfig(
+        hidden=8, dropout=0.0, batch_size=64, max_epochs=1, learning_rate=1e-9, device="cpu"
+    )
+    net = build_net(config, 4)
+    result = train_regressor(net, Batches(x[:100], y[:100]), Batches(x[100:], y[100:]), config)
+
+    with torch.no_grad():
+        untrained = float(torch.nn.functional.mse_loss(net.eval()(x[:100]), y[:100]))
+    assert result.history[0]["train_loss"] == pytest.approx(untrained, rel=1e-5)
+
+
+def test_auto_is_cuda_exactly_when_cuda_is_available(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_device("auto").type == "cuda"  # a device name only: nothing is moved
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto").type == "cpu"
+
+
+def test_the_learning_curve_marks_the_epoch_of_lowest_validation_loss():
+    losses = [0.9, 0.8, 0.85, 0.95, 1.0]  # the loop restores epoch 2
+    history = [
+        {"epoch": e, "train_loss": 1.0 / e, "validation_loss": v} for e, v in enumerate(losses, 1)
+    ]
+    figure = learning_curve(history, "mlp")
+    axes = figure.axes[0]
+    handles, labels = axes.get_legend_handles_labels()
+    assert labels == ["train", "validation", "best epoch 2"]
+    assert list(handles[-1].get_xdata()) == [2, 2]  # the vertical line
+    plt.close(figure)
 
 
 def test_a_seed_average_is_the_mean_of_the_nets_each_seed_trains_alone(tmp_path):

@@ -53,7 +53,10 @@ class FittedMarketBoostedTrees(ExplainsRows):
     Predictions are in the target's units (`target`, as the nets'); `history` holds the
     training and validation L2 loss by round (`epoch` = round) and `best_epoch` the round kept.
     `selection` holds the kept round's validation IC (`best_round_validation_ic`, the highest)
-    and the cross-fitted one the trees report as theirs (`validation_ic`).
+    and the cross-fitted one the trees report as theirs (`validation_ic`). After a fit (not
+    saved), `cross_fitted_validation` holds the predictions behind that IC: `date`, `ticker`,
+    `prediction` of each labelled validation row at the round chosen on the other half, which
+    an ensemble of these trees is weighted and judged on (`finpipe.market.ensemble`).
     """
 
     saved_as: ClassVar[str] = "market boosted trees"
@@ -67,6 +70,7 @@ class FittedMarketBoostedTrees(ExplainsRows):
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     selection: dict[str, float] = field(default_factory=dict)
+    cross_fitted_validation: pd.DataFrame | None = field(default=None, repr=False, compare=False)
 
     @property
     def history_rows(self) -> int:
@@ -254,6 +258,9 @@ class _ICEarlyStopping:
         self.windows = [np.arange(scorer.dates), *(chosen_on for chosen_on, _ in halves)]
         self.best_rounds = [0] * len(self.windows)
         self.best_ics = [-np.inf] * len(self.windows)
+        # each one's predictions of the validation rows at its best round (the booster keeps
+        # the whole window's best rounds only, so a half's later best cannot be asked of it)
+        self.best_predictions = [np.zeros(0)] * len(self.windows)
         self.settled = [False] * len(self.windows)
 
     @property
@@ -277,6 +284,7 @@ class _ICEarlyStopping:
             ic = _mean_ic(daily[dates])
             if ic > self.best_ics[k]:
                 self.best_rounds[k], self.best_ics[k] = rounds, ic
+                self.best_predictions[k] = self.predictions.copy()
             elif rounds - self.best_rounds[k] >= self.patience:
                 self.settled[k] = True
         if all(self.settled):
@@ -301,6 +309,22 @@ def cross_fitted_ic(
     maps each evaluated round to its IC by validation date, in date order."""
     scored = [daily[round_][dates] for round_, (_, dates) in zip(chosen, halves, strict=True)]
     return _mean_ic(np.concatenate(scored))
+
+
+def cross_fitted_predictions(
+    date_positions: np.ndarray,
+    halves: list[tuple[np.ndarray, np.ndarray]],
+    chosen: list[np.ndarray],
+) -> np.ndarray:
+    """Return each validation row's prediction at the round chosen on the other half: the
+    rows of `halves[k]`'s scored dates from `chosen[k]`, the validation rows' predictions at
+    that round (`_ICEarlyStopping.best_predictions`); the rows behind `cross_fitted_ic`.
+    `date_positions` gives each row's validation date, in date order."""
+    predictions = np.full(len(date_positions), np.nan)
+    for at_round, (_, dates) in zip(chosen, halves, strict=True):
+        rows = np.isin(date_positions, dates)
+        predictions[rows] = at_round[rows]
+    return predictions
 
 
 def fit_boosted_trees(
@@ -383,6 +407,10 @@ def fit_boosted_trees(
     if on_round is not None:
         for record in history:
             on_round(record)
+    cross_fitted = None
+    if halves:
+        predictions = cross_fitted_predictions(scorer.codes, halves, stopping.best_predictions[1:])
+        cross_fitted = frame.loc[validation, ["date", "ticker"]].assign(prediction=predictions)
     return FittedMarketBoostedTrees(
         booster=booster,
         feature_columns=feature_columns,
@@ -398,4 +426,5 @@ def fit_boosted_trees(
             if halves
             else stopping.ics.get(best, float("nan")),  # one date: no halves to cross-fit
         },
+        cross_fitted_validation=cross_fitted,
     )
