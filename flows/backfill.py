@@ -118,7 +118,8 @@ def backfill(
     results = _run_dates(run, request, plan, concurrency)
     if results and all(outcome.status == "no data" for outcome in results):
         logger.warning(_nothing_to_process(run, request))
-    stale = warn_of_stale_predictions(run, features)  # outside the range: those in it are redone
+    # After the dates ran: those in the range were re-scored, unless the steps left out score.
+    stale = warn_of_stale_predictions(run, features)
     failures = failure_summary(
         results, redo="fix the cause and run the same backfill again to redo only these"
     )

@@ -6,9 +6,10 @@ from __future__ import annotations
 import datetime as dt
 import io
 import logging
+import os
 import shutil
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import SimpleNamespace
 from zoneinfo import ZoneInfo
@@ -19,13 +20,22 @@ import pytest
 from finpipe.calendars import BusinessDays, calendar_named
 from finpipe.date_runs import (
     BackfillIncomplete,
+    BackfillPlan,
+    DateFailed,
+    DateOutcome,
     corrections_through,
+    expand_inputs,
     is_done,
     missed_dates,
+    plan_backfill,
     process_date,
     read_completion,
+    stale_predictions,
+    stale_scored_dates,
+    update_features_through,
 )
-from finpipe.errors import ConfigError
+from finpipe.domains import get_domain, register_domain
+from finpipe.errors import ConfigError, FinpipeError, ScoringError, StoreUnavailable
 from finpipe.ingest import SUPERSEDED, ingest_file
 from finpipe.locks import LockTimeout, history_lock, partition_lock
 from finpipe.market.pipeline import (
@@ -42,11 +52,13 @@ from finpipe.market.synthetic import (
 )
 from finpipe.planning import (
     ALL_STEPS,
+    BackfillRequest,
     check_backfill_request,
     missed_sessions,
     plan_night,
     scheduled_day,
 )
+from finpipe.scoring import ScoringOutcome
 from finpipe.storage import Storage, as_day
 from tests.conftest import finpipe_home
 
@@ -130,6 +142,177 @@ def test_the_corrections_fingerprint_counts_kept_copies_up_to_the_day_reading_ea
     assert corrections_through(storage, "credit", dt.date(2024, 1, 4)) == none
     assert corrections_through(storage, "credit", dt.date(2024, 1, 20)) not in (none, through_10th)
     assert sorted(reads) == ["b1.parquet", "b2.parquet"]
+
+
+# -- one date's record, scored by a stand-in for the champion ------------------------------
+DAY = dt.date(2024, 1, 2)
+VALIDATE_FEATURES = ["validate", "features"]
+
+
+def _deliver(storage: Storage, day: dt.date, close: float) -> None:
+    """Publish `day`'s validated and feature partitions (what its record fingerprints)."""
+    rows = pd.DataFrame(
+        {"date": [pd.Timestamp(day)] * 2, "ticker": ["A", "B"], "close": [close, close + 1]}
+    )
+    storage.write_partition("validated", "market", day, rows)
+    storage.write_partition("features", "market", day, rows.assign(momentum=1.0))
+
+
+@pytest.fixture
+def one_date(tmp_path):
+    """A store holding DAY's partitions, and the market domain scoring with a stand-in that
+    publishes one prediction (or raises `one_date.error` when a test sets it)."""
+    market = get_domain("market")
+    date = SimpleNamespace(error=None)
+
+    def score(storage: Storage, settings, as_of) -> ScoringOutcome:
+        if date.error is not None:
+            raise date.error
+        day = as_day(as_of)
+        rows = pd.DataFrame({"date": [pd.Timestamp(day)], "ticker": ["A"], "prediction": [0.1]})
+        storage.write_partition("predictions", "market", day, rows)
+        return ScoringOutcome(day.isoformat(), 1, "market", "1", "run-1", "predictions/market")
+
+    register_domain(replace(market, score=score))
+    try:
+        with finpipe_home(tmp_path / "home") as settings:
+            date.settings, date.storage = settings, Storage(settings.home)
+            _deliver(date.storage, DAY, close=10.0)
+            yield date
+    finally:
+        register_domain(market)
+
+
+def test_predictions_scored_from_superseded_data_stay_stale_until_a_run_scores_them_again(
+    one_date,
+):
+    """A backfill without the score step records the date from its new data; the predictions
+    it leaves published were scored from the old, so it and every later run name them."""
+    storage, settings = one_date.storage, one_date.settings
+    process_date(storage, settings, "market", DAY, ALL_STEPS)
+    _deliver(storage, DAY, close=12.0)  # restated after it was scored
+    process_date(storage, settings, "market", DAY, VALIDATE_FEATURES)
+    # Asked after the dates ran, as the backfill flow asks.
+    assert stale_predictions(storage, "market", {"dates_written": ["2024-01-02"]}) == {
+        "dates": ["2024-01-02"],
+        "removed": [],
+        "backfill": "finpipe run backfill --domain market --start 2024-01-02 --end 2024-01-02",
+    }
+    process_date(storage, settings, "market", DAY, VALIDATE_FEATURES)  # a later run
+    assert stale_scored_dates(storage, "market", [DAY]) == ([DAY], [])
+    one_date.error = ScoringError("no champion")
+    with pytest.raises(DateFailed):
+        process_date(storage, settings, "market", DAY, ALL_STEPS)
+    assert stale_scored_dates(storage, "market", [DAY]) == ([DAY], [])
+    one_date.error = None
+    process_date(storage, settings, "market", DAY, ALL_STEPS)
+    assert stale_scored_dates(storage, "market", [DAY]) == ([], [])
+
+
+def test_a_run_without_the_score_step_keeps_the_scoring_only_while_the_data_is_the_same(one_date):
+    storage, settings = one_date.storage, one_date.settings
+    process_date(storage, settings, "market", DAY, ALL_STEPS)
+    process_date(storage, settings, "market", DAY, ["validate"])
+    assert read_completion(storage, "market", DAY)["steps"] == list(ALL_STEPS)
+    _deliver(storage, DAY, close=12.0)  # a re-delivery
+    process_date(storage, settings, "market", DAY, VALIDATE_FEATURES)
+    assert read_completion(storage, "market", DAY)["steps"] == VALIDATE_FEATURES
+    assert is_done(storage, "market", DAY, VALIDATE_FEATURES)
+    assert not is_done(storage, "market", DAY, ALL_STEPS)
+
+
+@pytest.mark.parametrize(
+    "error, raised",
+    [
+        (ScoringError("no champion"), DateFailed),
+        (StoreUnavailable("store blinked"), StoreUnavailable),
+    ],
+)
+def test_a_failed_re_run_is_recorded_failed_and_a_transient_error_propagates_as_itself(
+    one_date, error, raised
+):
+    storage, settings = one_date.storage, one_date.settings
+    process_date(storage, settings, "market", DAY, ALL_STEPS)
+    one_date.error = error
+    with pytest.raises(FinpipeError) as caught:
+        process_date(storage, settings, "market", DAY, ALL_STEPS)
+    assert type(caught.value) is raised
+    record = read_completion(storage, "market", DAY)
+    assert (record["status"], record.get("error")) == ("failed", str(error))
+    assert not is_done(storage, "market", DAY, ALL_STEPS)
+
+
+def test_a_forced_plan_redoes_the_dates_done_from_the_same_data(one_date):
+    storage = one_date.storage
+    process_date(storage, one_date.settings, "market", DAY, ALL_STEPS)
+    request = BackfillRequest("market", DAY, DAY, ALL_STEPS, (DAY,))
+    assert plan_backfill(storage, request) == BackfillPlan(todo=(), done=(DAY,))
+    assert plan_backfill(storage, request, force=True) == BackfillPlan(todo=(DAY,), done=())
+
+
+def test_files_a_glob_names_come_oldest_first_whatever_their_names(tmp_path):
+    for name, mtime in (("fix_b.csv", 1_000), ("fix_a.csv", 2_000), ("fix_c.csv", 2_000)):
+        (tmp_path / name).write_text("Date\n")
+        os.utime(tmp_path / name, (mtime, mtime))
+    found = expand_inputs([str(tmp_path / "fix_*.csv")])
+    assert [Path(path).name for path in found] == ["fix_b.csv", "fix_a.csv", "fix_c.csv"]
+
+
+def test_features_through_an_early_date_are_brought_up_to_the_last_date_as_a_rebuild(tmp_path):
+    """A restated day changes every later date's features (their windows reach back): an
+    update through a date before the last one rebuilds them all, as a clean rebuild would."""
+    prices = generate_market_panel(MarketSyntheticConfig(tickers=3, days=305, seed=3)).prices
+    storage, fresh = Storage(tmp_path / "home"), Storage(tmp_path / "fresh")
+    for day, rows in prices.groupby("date"):
+        storage.write_partition("validated", "market", day, rows)
+    days = storage.partition_dates("validated", "market")
+    update_market_features(storage, days[-1])
+    restated = storage.read_partition("validated", "market", days[-40])
+    prices_of = [c for c in ("open", "high", "low", "close", "adj_close") if c in restated]
+    restated[prices_of] *= 1.05
+    storage.write_partition("validated", "market", days[-40], restated)
+    update = update_features_through(storage, "market", days[-35], dates=[days[-35]])
+    assert as_day(update["dates_written"][-1]) == days[-1]
+    shutil.copytree(storage.root / "validated", fresh.root / "validated")
+    update_market_features(fresh, days[-1], rebuild=True)
+    pd.testing.assert_frame_equal(
+        storage.read_partition("features", "market", days[-10]),
+        fresh.read_partition("features", "market", days[-10]),
+    )
+
+
+@pytest.mark.flow  # one backfill flow run, its dates and training stood in for
+@pytest.mark.parametrize("failed, trained_as_of", [(False, ["2024-01-05"]), (True, [])])
+def test_a_backfills_retrain_learns_as_of_its_end_and_is_skipped_when_a_date_failed(
+    tmp_path, monkeypatch, failed, trained_as_of
+):
+    import finpipe.flows.backfill as flow
+
+    trained: list[str] = []
+    monkeypatch.setattr(flow, "train", lambda domain, as_of, config: trained.append(as_of))
+    monkeypatch.setattr(flow, "promote", lambda domain, outcome: {"promoted": False})
+    monkeypatch.setattr(
+        flow,
+        "_run_dates",
+        lambda run, request, plan, concurrency: [
+            DateOutcome(day.isoformat(), "failed" if failed and i == 0 else "completed")
+            for i, day in enumerate(request.days)
+        ],
+    )
+    with finpipe_home(tmp_path / "home") as settings:
+        storage = Storage(settings.home)
+        for day in pd.bdate_range("2024-01-02", "2024-03-28"):  # features well past the end
+            rows = pd.DataFrame({"date": [day], "ticker": ["A"]})
+            storage.write_partition("features", "market", day.date(), rows)
+        state = flow.backfill(
+            start=dt.date(2024, 1, 2),
+            end=dt.date(2024, 1, 5),
+            steps=("validate",),
+            retrain=True,
+            return_state=True,
+        )
+    assert state.is_failed() is failed
+    assert trained == trained_as_of
 
 
 def test_the_night_plan_runs_the_latest_date_and_catches_up_in_order():

@@ -142,3 +142,29 @@ def test_a_rerun_with_the_same_parameters_redoes_nothing_and_reports_the_same(ra
     pd.testing.assert_frame_equal(
         pd.DataFrame(ran.second["summary"]), pd.DataFrame(ran.first["summary"])
     )
+
+
+def test_a_forced_rerun_plans_every_window_to_be_redone(ran, monkeypatch):
+    """The windows are done from the same data and parameters: only force redoes them (the
+    run is stopped once planned, before it trains anything)."""
+    import finpipe.flows.backtest as flow
+
+    from finpipe.backtest import plan_backtest
+
+    class Planned(Exception):
+        pass
+
+    planned = []
+
+    def plan_and_stop(storage, config, sessions, force=False):
+        planned.append([window.done for window in plan_backtest(storage, config, sessions)])
+        planned.append(
+            [window.done for window in plan_backtest(storage, config, sessions, force=force)]
+        )
+        raise Planned
+
+    monkeypatch.setattr(flow, "plan_backtest", plan_and_stop)
+    start, end = ran.sessions[0], ran.sessions[-1]
+    with finpipe_home(ran.settings.home), pytest.raises(Planned):
+        flow.backtest(start=start, end=end, **PARAMETERS, force=True)
+    assert planned == [[True] * 3, [False] * 3]

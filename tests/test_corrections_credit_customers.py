@@ -199,8 +199,10 @@ def test_a_corrected_loan_makes_every_later_credit_date_redone_not_only_its_own(
     } == d2
     assert not is_done(storage, "credit", D1, steps)
     assert not is_done(storage, "credit", D2, steps)
-    # The nightly names both as stale though only D1's features were rebuilt.
+    # The nightly names both as stale though only D1's features were rebuilt, and so it does
+    # when its update also wrote a date after D2 (tonight's, not scored yet).
     assert stale_scored_dates(storage, "credit", [D1]) == ([D1, D2], [])
+    assert stale_scored_dates(storage, "credit", [D1, dt.date(2024, 1, 4)]) == ([D1, D2], [])
 
 
 def _scored(storage: Storage, *days: dt.date) -> list[str]:

@@ -101,3 +101,8 @@ def test_tickers_with_characters_no_screen_shows_are_refused():
     tickers, problems = _tickers(pd.Series(names, dtype="string"))
     assert tickers.tolist() == ["AAPL", pd.NA, pd.NA, pd.NA, pd.NA, "BRK.B", "7203.T", pd.NA]
     assert problems.notna().tolist() == [False, True, True, True, True, False, False, False]
+
+
+def test_a_two_digit_year_reads_as_strptime_reads_it_69_to_99_in_the_1900s():
+    days, _ = _read(["13/02/68", "13/02/69", "13/02/99", "13/02/00"])
+    assert days == ["2068-02-13", "1969-02-13", "1999-02-13", "2000-02-13"]

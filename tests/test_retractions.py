@@ -221,20 +221,29 @@ def test_what_a_retraction_cannot_do_is_quarantined_with_its_rule_and_changes_no
     storage, _, vendor = delivered
     day, tickers = _day_tickers(vendor, 10)
     before = storage.read_partitions("validated", "market")
-    cases = {
+    cases = [
         # A row never published (a ticker the vendor never delivered that day).
-        "retraction_names_no_published_row": _retraction(
-            vendor, [(day, "NOPE")], tmp_path / "unknown.csv"
+        (
+            "retraction_names_no_published_row",
+            _retraction(vendor, [(day, "NOPE")], tmp_path / "unknown.csv"),
+        ),
+        # One such row beside a good one: the whole correction is refused, the good one too.
+        (
+            "retraction_names_no_published_row",
+            _retraction(vendor, [(day, tickers[0]), (day, "NOPE")], tmp_path / "one_unknown.csv"),
         ),
         # The same row retracted and restated in one file.
-        "retracted_and_restated": _retraction(
-            vendor,
-            [(day, tickers[0])],
-            tmp_path / "both.csv",
-            vendor[(vendor["Date"] == day) & (vendor["Ticker"] == tickers[0])],
+        (
+            "retracted_and_restated",
+            _retraction(
+                vendor,
+                [(day, tickers[0])],
+                tmp_path / "both.csv",
+                vendor[(vendor["Date"] == day) & (vendor["Ticker"] == tickers[0])],
+            ),
         ),
-    }
-    for rule, path in cases.items():
+    ]
+    for rule, path in cases:
         with pytest.raises(ValidationFailed, match=rule) as caught:
             _ingest(storage, path, correction=True)
         failed = [r for r in _report(caught.value)["rules"] if not r["success"]]

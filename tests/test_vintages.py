@@ -5,6 +5,7 @@ through deliveries, corrections of every domain and a correction cut short."""
 from __future__ import annotations
 
 import datetime as dt
+import time
 
 import pandas as pd
 import pyarrow as pa
@@ -24,7 +25,7 @@ from finpipe.ingest import ingest_file
 from finpipe.market.synthetic import MarketSyntheticConfig, generate_market_panel
 from finpipe.market.synthetic import write_vendor_files as write_prices
 from finpipe.storage import Storage
-from finpipe.vintages import validated_as_known
+from finpipe.vintages import utc_time, validated_as_known
 from tests.test_corrections_credit_customers import BOOK, D1, D2, _loans
 
 START = dt.datetime(2026, 3, 2, 9, 0, tzinfo=dt.UTC)
@@ -199,3 +200,14 @@ def test_the_command_line_writes_the_layer_as_known_at_a_time(tmp_path, monkeypa
     unknown = CliRunner().invoke(app, ["batches", "bonds"])
     assert isinstance(unknown.exception, ConfigError)
     assert "unknown domain 'bonds'" in str(unknown.exception)
+
+
+def test_a_time_without_a_zone_is_utc_whatever_the_machines_time_zone(monkeypatch):
+    monkeypatch.setenv("TZ", "America/New_York")
+    time.tzset()
+    try:
+        assert utc_time("2026-03-02T10:00") == dt.datetime(2026, 3, 2, 10, tzinfo=dt.UTC)
+        assert utc_time("2026-03-02T10:00-05:00") == dt.datetime(2026, 3, 2, 15, tzinfo=dt.UTC)
+    finally:
+        monkeypatch.undo()
+        time.tzset()

@@ -66,6 +66,8 @@ def read_completion(storage: Storage, domain: str, day: dt.date | str) -> dict |
 
 # The key of a completion record's inputs that fingerprints corrections (`corrections_through`).
 CORRECTIONS = "corrections"
+# The key of a completion record that keeps the inputs its date's predictions were scored from.
+SCORED_INPUTS = "scored_inputs"
 
 
 def partition_fingerprint(storage: Storage, domain: str, day: dt.date) -> dict[str, str | None]:
@@ -133,9 +135,10 @@ def stale_scored_dates(
     storage: Storage, domain: str, days: Iterable[dt.date | str], *, redefined: bool = False
 ) -> tuple[list[dt.date], list[dt.date]]:
     """Of `days`, return those whose published predictions were scored from data that has
-    changed since (a correction, a retraction, a late delivery: the completion record's inputs
-    differ from the partitions now), and of those, the ones whose validated data is gone (a
-    date retracted whole, which nothing can score again). A backfill re-scores the others.
+    changed since (a correction, a retraction, a late delivery: the inputs they were scored
+    from, `scored_inputs`, differ from the partitions now), and of those, the ones whose
+    validated data is gone (a date retracted whole, which nothing can score again). A
+    backfill re-scores the others.
     `redefined`: the features were rebuilt under changed settings, so for a domain that scores
     history too a change of a date's own partitions makes it stale, not only a correction."""
     stale, gone = [], []
@@ -148,10 +151,10 @@ def stale_scored_dates(
     for day in changed:
         if not storage.exists(storage.partition_key("predictions", domain, day)):
             continue
-        record = read_completion(storage, domain, day) or {}
-        if record.get("status") != "completed" or "score" not in record.get("steps", []):
+        then = scored_inputs(read_completion(storage, domain, day) or {})
+        if then is None:
             continue
-        now, then = partition_fingerprint(storage, domain, day), record.get("inputs") or {}
+        now = partition_fingerprint(storage, domain, day)
         if not history or redefined:
             changed_since = then != now
         elif CORRECTIONS in then:  # later deliveries do not change what it scored
@@ -163,6 +166,20 @@ def stale_scored_dates(
             if now["validated"] is None:
                 gone.append(day)
     return stale, gone
+
+
+def scored_inputs(record: dict) -> dict | None:
+    """Return the fingerprint of the inputs a date's published predictions were scored from
+    (`partition_fingerprint` when they were), None if the record says it was never scored.
+
+    A run without the score step keeps it (`SCORED_INPUTS`): the predictions it leaves
+    published were scored from those inputs, not from the ones it recorded, so they stay
+    stale until a run scores the date again."""
+    if SCORED_INPUTS in record:
+        return record[SCORED_INPUTS] or {}
+    if record.get("status") == "completed" and "score" in record.get("steps", []):
+        return record.get("inputs") or {}  # written before SCORED_INPUTS was kept
+    return None
 
 
 def stale_predictions(storage: Storage, domain: str, features: dict) -> dict | None:
@@ -334,6 +351,7 @@ def process_date(
             try:
                 return _process_locked(storage, settings, domain, day, chosen, holder, started)
             except Exception as error:
+                scored_from = scored_inputs(read_completion(storage, domain, day) or {})
                 _write_record(
                     storage,
                     domain,
@@ -344,6 +362,7 @@ def process_date(
                         "error": str(error),
                         "holder": holder,
                         "seconds": _since(started),
+                        **({} if scored_from is None else {SCORED_INPUTS: scored_from}),
                     },
                 )
                 raise
@@ -399,6 +418,8 @@ def _process_locked(storage, settings, domain, day, steps, holder, started) -> D
         done_steps |= set(previous.get("steps", []))
         if "score" not in steps:
             model_version, run_id = previous.get("model_version"), previous.get("run_id")
+    # The predictions left published were scored from these inputs (None: never scored).
+    scored_from = inputs if "score" in steps else scored_inputs(previous)
     seconds = _since(started)
     _write_record(
         storage,
@@ -414,6 +435,7 @@ def _process_locked(storage, settings, domain, day, steps, holder, started) -> D
             "pid": os.getpid(),
             "seconds": seconds,
             "inputs": inputs,
+            **({} if scored_from is None else {SCORED_INPUTS: scored_from}),
         },
     )
     return DateOutcome(
