@@ -87,6 +87,23 @@ def finpipe_home(path: Path):
 
 
 @pytest.fixture
+def expectations_folder(tmp_path, monkeypatch) -> Path:
+    """Return a folder that stands in for finpipe's `expectations/` package: the suite files a
+    test writes there are the ones finpipe loads (the shipped ones are not)."""
+    import importlib.resources
+
+    folder = tmp_path / "expectations"
+    folder.mkdir()
+    shipped = importlib.resources.files
+    monkeypatch.setattr(
+        importlib.resources,
+        "files",
+        lambda package: folder if package == "finpipe.expectations" else shipped(package),
+    )
+    return folder
+
+
+@pytest.fixture
 def disk_full_after_one_partition(monkeypatch) -> Callable[[], list]:
     """Return a function that makes `Storage.write_partition` write one partition, then raise
     OSError("disk full") (a publish cut short), and returns the list of days it wrote.

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import importlib.resources
 import json
 import tomllib
 
@@ -181,7 +180,7 @@ def test_user_rule_replaces_the_built_rule_with_the_same_id():
     assert row_count[0]["meta"]["origin"] == "expectations/credit_germancredit.json"
 
 
-def test_a_user_file_with_two_rules_of_one_id_is_a_config_error(tmp_path, monkeypatch):
+def test_a_user_file_with_two_rules_of_one_id_is_a_config_error(expectations_folder):
     between = "expect_column_values_to_be_between"
     user = {
         "name": "credit_synthetic",
@@ -190,13 +189,7 @@ def test_a_user_file_with_two_rules_of_one_id_is_a_config_error(tmp_path, monkey
             {"type": between, "kwargs": {"column": "age", "max_value": 70}},
         ],
     }
-    (tmp_path / "credit_synthetic.json").write_text(json.dumps(user))
-    shipped = importlib.resources.files
-    monkeypatch.setattr(
-        importlib.resources,
-        "files",
-        lambda package: tmp_path if package == "finpipe.expectations" else shipped(package),
-    )
+    (expectations_folder / "credit_synthetic.json").write_text(json.dumps(user))
     with pytest.raises(ConfigError, match=r"credit_synthetic.json has several expectations named"):
         build_credit_suite(load_loan_book("synthetic"))
 

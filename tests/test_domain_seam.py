@@ -253,16 +253,14 @@ def test_predictions_are_published_sorted_by_their_keys_whatever_the_scorers_ord
     assert len(storage.read_partition("predictions", "fx", "2024-03-12")) == 0  # done, empty
 
 
-def test_a_promotion_tried_again_after_its_alias_moved_stays_promoted(tmp_path, monkeypatch):
-    """The promote task retries a server's fault. One while the decision was logged, after
-    `champion` moved to the challenger, must not compare the challenger with itself, tie,
-    and tag the champion `kept`."""
+def _registry_stub(monkeypatch, as_of: dict[str, str]) -> dict:
+    """Stand in for the model registry the promotion reads and writes: versions trained as of
+    `as_of`'s dates, v1 champion; return it ({"champion": version, "tags": {version: the
+    `promotion` tag}})."""
     from finpipe import promotion
-    from finpipe.settings import load_settings
 
-    registry = {"champion": "1", "tags": {}}
+    registry: dict = {"champion": "1", "tags": {}}
     monkeypatch.setattr(promotion, "current_alias_version", lambda *a: registry["champion"])
-    as_of = {"1": "2024-03-07", "2": "2024-03-08"}
     monkeypatch.setattr(promotion, "version_tags", lambda s, d, v: {promotion.AS_OF_TAG: as_of[v]})
     monkeypatch.setattr(
         promotion,
@@ -270,12 +268,27 @@ def test_a_promotion_tried_again_after_its_alias_moved_stays_promoted(tmp_path, 
         lambda s, d, version: RegisteredModel("m", version, "r", None),
     )
 
+    def tag(settings, domain, decision):
+        registry["tags"][decision.challenger_version] = "promoted" if decision.promoted else "kept"
+
     def apply(settings, domain, decision):
         if decision.promoted:
             registry["champion"] = decision.challenger_version
-        registry["tags"][decision.challenger_version] = decision.promoted
+        tag(settings, domain, decision)
 
     monkeypatch.setattr(promotion, "apply_promotion", apply)
+    monkeypatch.setattr(promotion, "_tag_version", tag)
+    return registry
+
+
+def test_a_promotion_tried_again_after_its_alias_moved_stays_promoted(tmp_path, monkeypatch):
+    """The promote task retries a server's fault. One while the decision was logged, after
+    `champion` moved to the challenger, must not compare the challenger with itself, tie,
+    and tag the champion `kept`."""
+    from finpipe import promotion
+    from finpipe.settings import load_settings
+
+    registry = _registry_stub(monkeypatch, {"1": "2024-03-07", "2": "2024-03-08"})
     logged = []
 
     def log_decision(decision, run_id, figures):
@@ -297,7 +310,7 @@ def test_a_promotion_tried_again_after_its_alias_moved_stays_promoted(tmp_path, 
     again = promotion.promote_challenger(load_settings(), "market", **promote)
     assert again.promoted and again.challenger_score == 0.05, again.reason
     assert "champion already" in again.reason
-    assert registry == {"champion": "2", "tags": {"2": True}}
+    assert (registry["champion"], registry["tags"]) == ("2", {"2": "promoted"})
 
 
 def test_two_promotions_at_once_keep_the_newer_champion(tmp_path, monkeypatch):
@@ -308,23 +321,8 @@ def test_two_promotions_at_once_keep_the_newer_champion(tmp_path, monkeypatch):
     from finpipe.locks import LockTimeout, champion_lock
     from finpipe.settings import load_settings
 
-    registry = {"champion": "1", "as_of": {"1": "2022-04-04", "2": "2022-04-05", "3": "2022-04-08"}}
-    monkeypatch.setattr(promotion, "current_alias_version", lambda *a: registry["champion"])
-    monkeypatch.setattr(
-        promotion, "version_tags", lambda s, d, v: {promotion.AS_OF_TAG: registry["as_of"][v]}
-    )
-    monkeypatch.setattr(
-        promotion,
-        "load_model_version",
-        lambda s, d, version: RegisteredModel("m", version, "r", None),
-    )
-
-    def apply(settings, domain, decision):
-        if decision.promoted:
-            registry["champion"] = decision.challenger_version
-
-    monkeypatch.setattr(promotion, "apply_promotion", apply)
-    monkeypatch.setattr(promotion, "_tag_version", lambda *a: None)
+    as_of = {"1": "2022-04-04", "2": "2022-04-05", "3": "2022-04-08"}
+    registry = _registry_stub(monkeypatch, as_of)
     monkeypatch.setattr(promotion, "_log_decision", lambda *a: None)
     started = threading.Event()
 

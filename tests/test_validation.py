@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.resources
 import io
 import json
 import math
@@ -512,7 +511,7 @@ def test_unknown_suite_names_the_available_ones():
         load_suite_spec("credit")
 
 
-def test_two_rules_with_one_id_are_refused_naming_the_id(tmp_path, monkeypatch):
+def test_two_rules_with_one_id_are_refused_naming_the_id(expectations_folder):
     between = "expect_column_values_to_be_between"
     spec = {
         "name": "twice",
@@ -521,14 +520,7 @@ def test_two_rules_with_one_id_are_refused_naming_the_id(tmp_path, monkeypatch):
             {"type": between, "kwargs": {"column": "x", "max_value": 10}},
         ],
     }
-    (tmp_path / "twice.json").write_text(json.dumps(spec))
-    shipped = importlib.resources.files
-    monkeypatch.setattr(
-        importlib.resources,
-        "files",
-        lambda package: tmp_path if package == "finpipe.expectations" else shipped(package),
-    )
-
+    (expectations_folder / "twice.json").write_text(json.dumps(spec))
     with pytest.raises(ConfigError, match=re.escape(f"named ['{between}(x)']; merge them")):
         load_suite_spec("twice")
     assert [rule_id(e) for e in spec["expectations"]] == [f"{between}(x)"] * 2
