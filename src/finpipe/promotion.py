@@ -214,7 +214,7 @@ def _promote(
         return decision
     if champion_version is not None and str(champion_version) == str(challenger_version):
         decision = _champion_already(settings, domain, metric, str(challenger_version), evaluate)
-        apply_promotion(settings, domain, decision)
+        _tag_version(settings, domain, decision)  # the alias is where it should be
         _log_decision(decision, run_id, {"challenger_score": decision.challenger_score})
         return decision
     if champion_version is not None:

@@ -46,7 +46,7 @@ def add_market_checks_columns(
     keys = pd.DataFrame(
         {"ticker": batch["ticker"].astype("string"), "date": batch["date"]}
     ).set_axis(pd.RangeIndex(len(batch)))  # positions: the caller's index may repeat
-    on_close = _checked_on_close(batch)
+    on_close = _checked_on_close(batch, basis)
     price = _prices(batch, "close").where(on_close, _prices(batch, basis))
     ordered = (
         keys.assign(price=price, on_close=on_close)
@@ -76,11 +76,11 @@ def add_market_checks_columns(
     return result
 
 
-def _checked_on_close(batch: pd.DataFrame) -> pd.Series:
+def _checked_on_close(batch: pd.DataFrame, basis: str) -> pd.Series:
     """Return, per position of `batch`, whether its ticker's returns come from the unadjusted
-    close: every row when `price_column(batch)` is close, else the rows of each ticker whose
-    adj_close is empty on some row of the batch."""
-    if price_column(batch) == "close":
+    close: every row when the batch's `basis` (`price_column`) is close, else the rows of each
+    ticker whose adj_close is empty on some row of the batch."""
+    if basis == "close":
         return pd.Series(True, index=pd.RangeIndex(len(batch)))
     missing = pd.Series(batch["adj_close"].isna().to_numpy())
     ticker = batch["ticker"].astype("string").to_numpy()
