@@ -176,6 +176,19 @@ def test_data_after_a_cut_off_changes_neither_the_window_model_nor_earlier_predi
     )
 
 
+def test_the_trees_report_their_cross_fitted_validation_ic_as_the_nightly_does(panel):
+    """Their kept round was chosen on the window's validation dates; the IC a window logs for
+    them is the cross-fitted one, and the ensemble is weighted on their cross-fitted
+    predictions (finpipe.market.ensemble), as a nightly's."""
+    prices, features, days = panel
+    config = _config(days, training={**TINY, "models": ["mlp", "lgbm"], "horizon": HORIZON})
+    window = bt.plan_windows([d for d in days if d >= config.start], 30)[0]
+    fit = bt.fit_window(window, *_inputs(window, days, features, prices, config), config)
+    trees = fit.models["lgbm"].selection
+    assert trees["validation_ic"] != trees["best_round_validation_ic"]
+    assert fit.validation["lgbm"]["ic"] == trees["validation_ic"]
+
+
 # -- resumable windows on a store ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stored(panel, tmp_path_factory):

@@ -3,6 +3,7 @@ early stopping on validation IC, exact attributions, the model folder, the ensem
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -264,3 +265,33 @@ def test_lgbm_is_a_default_candidate_and_an_ensemble_member(tmp_path):
     pd.testing.assert_frame_equal(loaded.predict(frame), ensemble.predict(frame))
     explained = loaded.explain(frame, score_from=frame["date"].iloc[-1])
     assert explained["reason_1"].notna().all()
+
+
+def test_every_ensemble_of_the_trees_is_weighted_on_their_cross_fitted_validation_predictions():
+    """`fit_ensemble` itself puts the trees' cross-fitted predictions in place of their kept
+    round's on the validation dates, so the nightly, the walk-forward backtest and the peer
+    benchmark, which all hand it the kept round's, weight the same ensemble."""
+    config = MarketTrainingConfig(models=["mlp", "lgbm"], hidden=8, max_epochs=2, seed_average={})
+    config = config.model_copy(update={"boosted_trees": SMALL})
+    frame = _panel(5, n_dates=120)
+    split = time_split(frame.loc[frame["forward_return_5d"].notna(), "date"], embargo=HORIZON)
+    members = {kind: fit_member(kind, frame, FEATURES, split, config) for kind in ("mlp", "lgbm")}
+    trees = members["lgbm"]
+    assert isinstance(trees, FittedMarketBoostedTrees) and trees.cross_fitted_validation is not None
+    kept = frame[["date", "ticker", "forward_return_5d"]].assign(
+        **{kind: member.predict(frame)["prediction"] for kind, member in members.items()}
+    )
+    by_hand = kept.merge(trees.cross_fitted_validation, on=["date", "ticker"], how="left")
+    by_hand["lgbm"] = by_hand.pop("prediction").fillna(by_hand["lgbm"])
+    on_validation = by_hand["date"].isin(split.validation_dates)
+    assert not np.allclose(by_hand.loc[on_validation, "lgbm"], kept.loc[on_validation, "lgbm"])
+
+    def fitted(scored, members=members):
+        ensemble = fit_ensemble(
+            members, scored, split.validation_dates, label="forward_return_5d", horizon=HORIZON
+        )
+        return ensemble.weights, ensemble.selection
+
+    assert fitted(kept) == fitted(by_hand)
+    unaware = {**members, "lgbm": dataclasses.replace(trees, cross_fitted_validation=None)}
+    assert fitted(kept, unaware) != fitted(kept)  # the kept round's would weight another one

@@ -62,6 +62,7 @@ from pydantic import (
 from finpipe import plots, portfolio, tracking
 from finpipe.errors import ConfigError, FinpipeError
 from finpipe.ingest import BATCH_COLUMN
+from finpipe.market.boosted import FittedMarketBoostedTrees
 from finpipe.market.candidates import MarketMember, fit_member, member_loader
 from finpipe.market.ensemble import FittedMarketEnsemble, fit_ensemble
 from finpipe.market.features import KEY_COLUMNS, build_market_labels, feature_columns_of
@@ -398,6 +399,11 @@ def fit_window(
         on_scored[kind] = fitted.predict(scoring, score_from=cutoff)["prediction"]
         nets[kind] = models[kind] = fitted
     validation = {kind: _validation_metrics(on_validation, kind, label) for kind in nets}
+    for name, member in nets.items():
+        if isinstance(member, FittedMarketBoostedTrees) and "validation_ic" in member.selection:
+            # their kept round was chosen on these dates: the IC they report is cross-fitted,
+            # as the nightly's (finpipe.market.boosted)
+            validation[name]["ic"] = member.selection["validation_ic"]
     if ENSEMBLE in config.training.models:
         ensemble = fit_ensemble(
             nets, on_validation, split.validation_dates, label=label, horizon=config.horizon
