@@ -43,7 +43,7 @@ test: $(STAMP)
 
 # The unit tier alone: pure functions, no Prefect, no MLflow store, no child process.
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m unit
+	$(BIN)/python -m pytest -m unit $(TEST_PARALLEL)
 
 # The flow tier alone: real Prefect local mode, MLflow on SQLite, small data.
 test-flow: $(STAMP)
