@@ -115,6 +115,25 @@ def test_the_exchange_calendar_skips_holidays_in_requests_catch_up_and_schedules
         calendar_named("XXXX")
 
 
+def test_the_exchange_calendar_starts_at_its_first_session_of_1990_and_refuses_earlier_days():
+    # 1 January 1990 is a holiday before the calendar's first session: the range starts after.
+    assert NYSE.sessions(dt.date(1990, 1, 1), dt.date(1990, 1, 3)) == [
+        dt.date(1990, 1, 2),
+        dt.date(1990, 1, 3),
+    ]
+    assert NYSE.previous_session(dt.date(1990, 1, 3)) == dt.date(1990, 1, 2)
+    with pytest.raises(ConfigError, match="1989-12-29 is before 1990"):
+        NYSE.sessions(dt.date(1989, 12, 29), dt.date(1990, 1, 3))
+    with pytest.raises(ConfigError, match="no session of the XNYS calendar before 1990-01-02"):
+        NYSE.previous_session(dt.date(1990, 1, 2))
+
+
+def test_calendar_names_are_read_whatever_their_case_and_spacing():
+    assert calendar_named(" xnys ").name == "XNYS"
+    assert calendar_named(" Business Days ") == WEEKDAYS
+    assert calendar_named("business-day") == WEEKDAYS
+
+
 def test_the_corrections_fingerprint_counts_kept_copies_up_to_the_day_reading_each_once(tmp_path):
     """Credit's record fingerprints the corrections of rows dated up to a date (their kept
     copies); a backfill asks for every date, so each copy is read once, not once a date."""

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+from pydantic import ValidationError
 
 from finpipe.customers.config import load_customers_config, shipped_config_names
 from finpipe.customers.contract import customers_contract
@@ -18,6 +19,7 @@ from finpipe.customers.synthetic import (
 )
 from finpipe.errors import ConfigError, ValidationFailed
 from finpipe.ingest import ingest_file, read_delivery
+from finpipe.read_options import ReadOptions
 from finpipe.storage import Storage
 from finpipe.validation import validate_frame
 
@@ -55,6 +57,22 @@ def test_shipped_configs_and_config_errors(tmp_path):
     broken.write_text("[columns\n")
     with pytest.raises(ConfigError, match="broken.toml is not valid TOML"):
         load_customers_config(broken)
+
+
+def test_read_options_need_column_names_without_a_header_and_names_replace_a_header(tmp_path):
+    with pytest.raises(ValidationError, match="header = false needs names"):
+        ReadOptions(header=False, names=[])
+    # With a header row (the default), names rename its columns: the header is not a row.
+    delivered = tmp_path / "renamed.csv"
+    delivered.write_text("id,amount\n1,2.5\n")
+    renamed = read_delivery(
+        delivered, ReadOptions(names=["customer_id", "dollars"]).pandas_options()
+    )
+    assert renamed.to_dict("list") == {"customer_id": ["1"], "dollars": ["2.5"]}
+    headless = read_delivery(
+        delivered, ReadOptions(header=False, names=["customer_id", "dollars"]).pandas_options()
+    )
+    assert headless["customer_id"].tolist() == ["id", "1"]
 
 
 def test_cdnow_sample_loads_through_the_ingest_path(tmp_path, shared_datasets):

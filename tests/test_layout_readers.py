@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 
 from finpipe.cli import app
 from finpipe.errors import StorageError
+from finpipe.locks import held_locks
 from finpipe.storage import Storage
 from finpipe.storage_migration import migrate_hive_layout
 
@@ -145,6 +146,46 @@ def test_an_interrupted_migration_is_finished_by_a_rerun(tmp_path):
     assert [d.isoformat() for d in storage.partition_dates("validated", "market")] == DAYS
     assert len(storage.read_partitions("validated", "market")) == 6
     assert migrate_hive_layout(tmp_path) == []
+
+
+def test_a_rerun_keeps_the_published_bare_day_copy_rather_than_rewriting_it(tmp_path):
+    """The bare-day copy a stopped conversion published is complete: the rerun keeps it as it
+    is (here told apart by a third row) and only removes the old folder."""
+    _old_layout_store(tmp_path)
+    storage = Storage(tmp_path)
+    storage.write_partition(
+        "validated", "market", "2024-01-03", _frame("2024-01-03", ["A", "B", "C"])
+    )
+    migrate_hive_layout(tmp_path)
+    assert storage.read_partition("validated", "market", "2024-01-03")["ticker"].tolist() == [
+        "A",
+        "B",
+        "C",
+    ]
+    assert not (tmp_path / "validated" / "market" / "date=2024-01-03").exists()
+
+
+def test_each_domain_is_converted_under_its_history_lock_and_hidden_folders_are_no_domain(
+    tmp_path, monkeypatch
+):
+    _old_layout_store(tmp_path)
+    (tmp_path / "validated" / ".ipynb_checkpoints" / "notes").mkdir(parents=True)
+    changes: list[tuple[str, tuple[str, ...]]] = []
+    for method in ("write_partition", "delete_folder"):
+        real = getattr(Storage, method)
+
+        def spy(self, *args, _real=real, _method=method, **kwargs):
+            changes.append((_method, held_locks()))
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(Storage, method, spy)
+    converted = migrate_hive_layout(tmp_path)
+    assert [(m.layer, m.domain, m.partitions) for m in converted] == [
+        ("validated", "market", 3),
+        ("predictions", "market", 3),
+    ]
+    assert len(changes) == 12  # 6 partitions published again, 6 old folders removed
+    assert {locks for _, locks in changes} == {("market/history",)}
 
 
 def test_migrate_storage_command_reports_what_it_converted(tmp_path, monkeypatch):

@@ -11,11 +11,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
 import pytest
 
+from finpipe import pg_locks
 from finpipe.locks import (
     LockTimeout,
     date_resource,
@@ -29,6 +31,9 @@ from finpipe.services.postgres import PostgresError, PostgresServer
 from tests.servers import free_port
 from tests.team_fixtures import new_database
 from tests.test_locks import check_one_lock_at_a_time
+
+# A wait that never times out (a lock_timeout that did not apply) fails the test, not the run.
+pytestmark = pytest.mark.timeout(300)
 
 DAY = "2024-01-02"
 # A run in another process: takes the date lock of market DAY, says so, holds it until its
@@ -240,6 +245,161 @@ def test_holder_names_fit_postgres_and_keys_are_stable():
         and cut.startswith("x" * 40 + " ")
     )
     assert application_name("é" * 100, pid=1, host="x").startswith("?" * 40)
+    # A run that gives no name is named by its pid, as the file locks name it.
+    assert application_name("", pid=7, host="x") == "pid 7 pid=7 host=x"
     assert lock_key("market", "history") == lock_key("market", "history")
     assert lock_key("market", "history") != lock_key("credit", "history")
     assert -(2**63) <= lock_key("market", f"date={DAY}") < 2**63
+
+
+@pytest.fixture
+def lock_sessions(monkeypatch) -> list[psycopg.Connection]:
+    """Every session `finpipe.pg_locks` opens for a lock, in order, as the test can reach it."""
+    opened: list[psycopg.Connection] = []
+    real_connect = pg_locks.connect
+
+    def connect(url: str, name: str) -> psycopg.Connection:
+        opened.append(real_connect(url, name))
+        return opened[-1]
+
+    monkeypatch.setattr(pg_locks, "connect", connect)
+    return opened
+
+
+def _wait_until_queued(url: str, waiters: int, unless: Callable[[], bool] = bool) -> None:
+    """Return once `waiters` sessions are queued (not granted) on an advisory lock, or at once
+    when `unless()` says a waiter already gave up."""
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not unless():
+        with psycopg.connect(url, autocommit=True) as connection:
+            queued = connection.execute(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+            ).fetchone()[0]
+        if queued >= waiters:
+            return
+        time.sleep(0.05)
+    if not unless():
+        raise AssertionError(f"{waiters} waiter(s) never queued on the lock")
+
+
+def test_a_lock_its_session_no_longer_holds_at_the_end_of_the_block_is_reported_lost(
+    locks_url, tmp_path, lock_sessions
+):
+    """The session is still open but lost the lock (as behind a pooler that reset it)."""
+    with (
+        pytest.raises(LockLost, match="the session no longer held it"),
+        partition_lock(tmp_path, "market", DAY, holder="reset", locks_url=locks_url),
+    ):
+        lock_sessions[-1].execute("SELECT pg_advisory_unlock_all()")
+    assert held_locks() == () and lock_sessions[-1].closed
+
+
+def test_a_failing_block_whose_lock_was_lost_raises_its_own_error_and_logs_the_loss(
+    locks_url, tmp_path, lock_sessions, caplog
+):
+    with (
+        pytest.raises(ValueError, match="the work failed"),
+        partition_lock(tmp_path, "market", DAY, holder="failing", locks_url=locks_url),
+    ):
+        lock_sessions[-1].execute("SELECT pg_advisory_unlock_all()")
+        raise ValueError("the work failed")
+    assert "lost before the work under it ended" in caplog.text
+    assert held_locks() == ()
+
+
+def test_a_run_that_gives_up_waiting_closes_its_session(
+    team_locks, tmp_path, holders, lock_sessions
+):
+    holders(tmp_path, team_locks, "the holder")
+    with pytest.raises(LockTimeout), partition_lock(tmp_path, "market", DAY, timeout=0):
+        pass
+    assert lock_sessions[0].closed
+
+
+def test_the_holder_named_is_the_session_holding_the_lock_not_one_queued_for_it(
+    team_locks, tmp_path, holders
+):
+    holders(tmp_path, team_locks, "the holder")
+    key = lock_key("market", date_resource(DAY))
+    waiters = [
+        psycopg.connect(team_locks, autocommit=True, application_name=f"queued {n}")
+        for n in range(3)
+    ]
+
+    def queue(waiter: psycopg.Connection) -> None:
+        with contextlib.suppress(psycopg.errors.QueryCanceled):
+            waiter.execute("SELECT pg_advisory_lock(%s)", (key,))
+
+    threads = [threading.Thread(target=queue, args=(waiter,)) for waiter in waiters]
+    for thread in threads:
+        thread.start()
+    try:
+        _wait_until_queued(team_locks, len(waiters))
+        assert read_holder(tmp_path, "market", date_resource(DAY))["holder"] == "the holder"
+        # Postgres happens to list the granted row first: the query itself must skip the
+        # queued sessions, whatever order pg_locks returns its rows in.
+        unsigned = key & 0xFFFF_FFFF_FFFF_FFFF
+        with psycopg.connect(team_locks, autocommit=True) as reader:
+            rows = reader.execute(
+                pg_locks._HOLDER_QUERY, (unsigned >> 32, unsigned & 0xFFFF_FFFF)
+            ).fetchall()
+        assert [pg_locks.parse_application_name(row[0])["holder"] for row in rows] == ["the holder"]
+    finally:
+        for thread, waiter in zip(threads, waiters, strict=True):
+            waiter.cancel()
+            thread.join(timeout=30)
+            waiter.close()
+
+
+def test_a_lock_held_in_another_stores_lock_database_is_not_held_in_this_one(
+    postgres, locks_url, tmp_path
+):
+    other = new_database(postgres, "otherlocks")
+    with partition_lock(tmp_path / "other", "market", DAY, holder="other store", locks_url=other):
+        assert read_holder(tmp_path, "market", date_resource(DAY), locks_url=locks_url) is None
+        with partition_lock(tmp_path, "market", DAY, holder="this store", locks_url=locks_url):
+            holder = read_holder(tmp_path, "market", date_resource(DAY), locks_url=locks_url)
+            assert holder["holder"] == "this store"
+
+
+def test_server_side_statement_timeouts_do_not_cut_a_wait_short(postgres, tmp_path, holders):
+    """A lock database whose default statement_timeout is shorter than the wait: the waiter
+    still waits its own timeout, then times out naming the holder (not LockUnavailable)."""
+    url = new_database(postgres, "strict")
+    with postgres.connect() as admin:
+        admin.execute(f"ALTER DATABASE {url.rsplit('/', 1)[1]} SET statement_timeout = '50ms'")
+    holders(tmp_path, url, "slow nightly")
+    with (
+        pytest.raises(LockTimeout, match="locked by slow nightly"),
+        partition_lock(tmp_path, "market", DAY, timeout=0.5, locks_url=url),
+    ):
+        pass
+
+
+def test_timeouts_beyond_postgres_lock_timeout_range_wait_for_the_lock(
+    team_locks, tmp_path, holders
+):
+    """A timeout longer than Postgres' lock_timeout can hold (about 24.8 days), or infinite
+    (FINPIPE_LOCK_TIMEOUT_SECONDS=inf, which the file locks take as 'wait for ever'), waits
+    for the holder like any other."""
+    holder = holders(tmp_path, team_locks, "the holder")
+    outcomes: list[str] = []
+
+    def wait(timeout: float) -> None:
+        try:
+            with partition_lock(tmp_path, "market", DAY, timeout=timeout, holder=f"{timeout}"):
+                outcomes.append(f"got it after waiting up to {timeout}")
+        except Exception as error:  # noqa: BLE001 - reported below
+            outcomes.append(f"{type(error).__name__}: {error}")
+
+    threads = [threading.Thread(target=wait, args=(t,)) for t in (1e7, float("inf"))]
+    for thread in threads:
+        thread.start()
+    _wait_until_queued(team_locks, 2, unless=lambda: bool(outcomes))
+    assert holder.release() == "released"
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(outcomes) == [
+        "got it after waiting up to 10000000.0",
+        "got it after waiting up to inf",
+    ]

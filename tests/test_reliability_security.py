@@ -114,3 +114,7 @@ def test_lock_messages_name_the_database_never_its_password():
     assert where("host=db user=x password=pgSECRET42") == "the lock database"
     leaked = "connection failed: password=pgSECRET42 for finpipe:pgSECRET42@db.internal"
     assert "SECRET42" not in redact(url, leaked)
+    assert where("postgres://finpipe@db.internal/locks") == "db.internal:5432/locks"
+    # A percent-encoded password is masked as written and as the server saw it.
+    encoded = "postgresql://finpipe:p%40sSECRET42@db.internal/locks"
+    assert "SECRET42" not in redact(encoded, "for p%40sSECRET42 and p@sSECRET42")

@@ -152,6 +152,13 @@ def test_sequence_nets_map_windows_to_one_number_per_row():
     assert tcn.receptive_field >= 20
 
 
+def test_building_a_net_leaves_the_global_random_state_alone():
+    before = torch.get_rng_state()
+    for model in ("mlp", "gru", "tcn"):
+        build_net(TrainConfig(model=model, hidden=8, lookback=12, seed=11, seeds=2), 4)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_cnn_is_still_accepted_as_the_temporal_cnn():
     """Configs, run forms and models saved before the temporal CNN was named tcn say "cnn"."""
     assert TrainConfig(model="cnn") == TrainConfig(model="tcn")

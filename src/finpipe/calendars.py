@@ -80,6 +80,11 @@ class ExchangeCalendar:
     def previous_session(self, day: dt.date) -> dt.date:
         earlier = pd.Timestamp(self._check(day - dt.timedelta(days=1)))
         exchange = _exchange(self.name, _through_year(day))
+        if earlier < exchange.first_session:
+            raise ConfigError(
+                f"there is no session of the {self.name} calendar before {day}: finpipe's "
+                f"{self.name} calendar starts with its first session of {_FIRST_YEAR}"
+            )
         return exchange.date_to_session(earlier, direction="previous").date()
 
     def _check(self, day: dt.date) -> dt.date:

@@ -228,7 +228,8 @@ def _wait(connection, key: int, timeout: float) -> bool:
     """Block in `pg_advisory_lock` up to `timeout` seconds; return whether the lock was got."""
     import psycopg
 
-    milliseconds = min(_MAX_LOCK_TIMEOUT_MS, max(1, math.ceil(timeout * 1000)))
+    # lock_timeout holds about 24.8 days at most: a longer (or infinite) timeout waits that long.
+    milliseconds = max(1, math.ceil(min(timeout * 1000, _MAX_LOCK_TIMEOUT_MS)))
     connection.execute("SELECT set_config('lock_timeout', %s, false)", (f"{milliseconds}ms",))
     try:
         connection.execute("SELECT pg_advisory_lock(%s)", (key,))
