@@ -51,6 +51,17 @@ def test_history_is_typed_and_published_by_application_date(tmp_path, book, deli
     assert validated["income"].isna().sum() == history["income"].isna().sum() > 0
 
 
+def test_nightly_files_are_new_applications_without_an_outcome_even_when_it_is_known(tmp_path):
+    book = generate_loan_book(CreditSyntheticConfig(applications=300, days=20, open_days=0))
+    assert book.applications["defaulted"].notna().all()  # every outcome drawn
+    files = write_deliveries(book.applications, tmp_path, nightly_files=2)
+    for path in files[1:]:
+        nightly = pd.read_csv(path, dtype=str, keep_default_na=False)
+        assert len(nightly) > 0 and (nightly["defaulted"] == "").all(), path.name
+    history = pd.read_csv(files[0], dtype=str, keep_default_na=False)
+    assert (history["defaulted"] != "").all()
+
+
 def _bad_copy(path, tmp_path, change) -> object:
     frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     change(frame)

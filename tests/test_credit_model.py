@@ -34,6 +34,50 @@ from finpipe.errors import ConfigError
 BOOK = load_loan_book("synthetic")
 
 
+def test_true_log_odds_follow_the_documented_pd_function():
+    """The module doc's formula, term by term, on three hand-made applications: delinquencies
+    capped at 4 and doubled above 50% utilisation, a missing income, months employed capped."""
+    from finpipe.credit.synthetic import true_log_odds
+
+    book = pd.DataFrame(
+        {
+            "utilisation": [0.8, 0.5, 0.55],
+            "debt_to_income": [0.45, 0.75, 0.2],
+            "delinquencies_2y": [6.0, 1.0, 2.0],
+            "age": [45.0, 60.0, 30.0],
+            "income": [40_000.0, np.nan, 80_000.0],
+            "months_employed": [200.0, 0.0, 60.0],
+            "employment_type": ["salaried", "unemployed", "self_employed"],
+            "purpose": ["car", "business", "education"],
+            "housing": ["own", "rent", "mortgage"],
+            "region": ["north", "south", "east"],
+            "loan_amount": [1e4, 2e4, 3e4],
+        }
+    )
+    by_hand = [
+        -2.9 + 1.5 + 0.0 + 0.45 * 4 * 2 + 0.0 - 0.3 + 0.0 - 0.004 * 120 - 0.1 - 0.2 - 0.2,
+        -2.9 + 0.0 + 1.2 * np.tanh(0.9) + 0.45 * 1 * 1 + 0.6 - 0.3 + 0.5 - 0.0 + 1.0 + 0.5 + 0.25,
+        -2.9 + 0.0 + 1.2 * np.tanh(-0.75) + 0.45 * 2 * 2 + 0.6 - 0.3 - 0.35 * np.log(2.0)
+        - 0.004 * 60 + 0.4 + 0.1 + 0.0,
+    ]  # fmt: skip
+    log_odds, driver = true_log_odds(book)
+    np.testing.assert_allclose(log_odds, by_hand, rtol=1e-12)
+    np.testing.assert_allclose(driver, [1.5, 0.0, 0.0])
+
+
+def test_outcomes_are_drawn_from_the_true_pd_and_open_for_exactly_the_last_open_days():
+    config = CreditSyntheticConfig(applications=2000, days=60, open_days=10, seed=1)
+    generated = generate_loan_book(config)
+    truth = generated.true_pd.set_index("loan_id").loc[generated.applications["loan_id"]]
+    np.testing.assert_allclose(truth["true_pd"], 1 / (1 + np.exp(-truth["true_log_odds"])))
+    first_open_day = pd.Timestamp(config.start) + pd.Timedelta(days=config.days - config.open_days)
+    open_ = generated.applications["application_date"] >= first_open_day
+    assert generated.applications["application_date"].eq(first_open_day).any()
+    pd.testing.assert_series_equal(
+        generated.applications["defaulted"].isna(), open_, check_names=False
+    )
+
+
 def test_credit_metrics_on_a_hand_checked_example():
     metrics = credit_metrics([0, 0, 1, 1, np.nan], [0.1, 0.4, 0.35, 0.8, 0.5])
     assert metrics["auc"] == pytest.approx(0.75)

@@ -38,6 +38,32 @@ def daily_file(tmp_path_factory):
     return path, pd.read_csv(path, dtype=str)
 
 
+def test_same_seed_gives_the_same_log_and_segments_in_their_planted_shares():
+    config = CustomersSyntheticConfig(customers=1000, days=60, seed=2)
+    first, again = generate_customer_transactions(config), generate_customer_transactions(config)
+    pd.testing.assert_frame_equal(first.transactions, again.transactions, check_exact=True)
+    pd.testing.assert_frame_equal(first.segments, again.segments, check_exact=True)
+    shares = first.segments["segment"].value_counts(normalize=True)
+    for segment in config.segments:  # 1,000 draws: within 0.05 of the planted share
+        assert shares[segment.name] == pytest.approx(segment.share, abs=0.05), segment.name
+
+
+def test_vendor_files_deliver_each_transaction_once_history_then_the_last_days(tmp_path):
+    generated = generate_customer_transactions(
+        CustomersSyntheticConfig(customers=100, days=30, seed=1)
+    )
+    transactions = generated.transactions
+    paths = write_vendor_files(transactions, tmp_path, daily_files=2)
+    last_days = sorted(transactions["date"].unique())[-2:]
+    assert [p.name for p in paths[1:]] == [
+        f"customers_{pd.Timestamp(day).date()}.csv" for day in last_days
+    ]
+    history = pd.read_csv(paths[0], parse_dates=["Transaction Time"])
+    assert history["Transaction Time"].dt.normalize().max() < last_days[0]
+    delivered = sum(len(pd.read_csv(path)) for path in paths)
+    assert delivered == len(transactions)
+
+
 def test_shipped_configs_and_config_errors(tmp_path):
     assert shipped_config_names() == ["cdnow", "cdnow_master", "synthetic"]
     cdnow = load_customers_config("cdnow")

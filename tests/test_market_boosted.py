@@ -267,6 +267,15 @@ def test_lgbm_is_a_default_candidate_and_an_ensemble_member(tmp_path):
     assert explained["reason_1"].notna().all()
 
 
+def test_fit_member_hands_the_nights_seed_horizon_and_label_to_the_trees():
+    config = MarketTrainingConfig(models=["lgbm"], horizon=10, seed=7, boosted_trees=SMALL)
+    frame = _panel(3).assign(forward_return_10d=lambda f: f["forward_return_5d"])
+    split = time_split(frame.loc[frame["forward_return_10d"].notna(), "date"], embargo=10)
+    trees = fit_member("lgbm", frame, FEATURES, split, config)
+    assert (trees.horizon, trees.label, trees.settings["seed"]) == (10, "forward_return_10d", 7)
+    assert member_params("lgbm", config)["seed"] == 7  # the params its run logs
+
+
 def test_every_ensemble_of_the_trees_is_weighted_on_their_cross_fitted_validation_predictions():
     """`fit_ensemble` itself puts the trees' cross-fitted predictions in place of their kept
     round's on the validation dates, so the nightly, the walk-forward backtest and the peer

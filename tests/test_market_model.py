@@ -282,6 +282,40 @@ def test_a_perfect_cross_sectional_score_has_no_error_and_calls_every_direction(
     )  # the z-score's sign is not the raw return's
 
 
+def _perfect_zscore_window(rows_without_label: int = 0) -> pd.DataFrame:
+    from finpipe.market.model import _targets
+
+    rng = np.random.default_rng(1)
+    dates = pd.bdate_range("2024-01-01", periods=10)
+    scored = pd.MultiIndex.from_product([dates, list("ABCDEF")], names=["date", "ticker"])
+    scored = scored.to_frame(index=False)
+    scored["forward_return_5d"] = rng.normal(0.003, 0.02, len(scored))
+    if rows_without_label:  # the last rows' labels are not realised yet; they are still scored
+        scored.loc[scored.index[-rows_without_label:], "forward_return_5d"] = np.nan
+    z = _targets(scored, "forward_return_5d", "cross_sectional_zscore")
+    scored["prediction"] = np.nan_to_num(z, nan=0.5)
+    return scored
+
+
+def test_the_ensembles_z_scores_are_measured_in_z_units_whatever_the_target():
+    from finpipe.market.evaluation import window_metrics
+    from finpipe.market.model import MarketTrainingConfig
+
+    metrics = window_metrics(
+        _perfect_zscore_window(), MarketTrainingConfig(target="return"), zscore_units=True
+    )
+    assert metrics["rmse"] == pytest.approx(0.0, abs=1e-12)
+    assert metrics["directional_accuracy"] == 1.0
+
+
+def test_the_z_unit_rmse_leaves_out_rows_whose_label_is_not_known_yet():
+    from finpipe.market.evaluation import window_metrics
+    from finpipe.market.model import MarketTrainingConfig
+
+    metrics = window_metrics(_perfect_zscore_window(rows_without_label=2), MarketTrainingConfig())
+    assert metrics["rmse"] == pytest.approx(0.0, abs=1e-12)
+
+
 @given(
     rows=st.lists(
         st.tuples(
@@ -419,6 +453,69 @@ def test_ensemble_scores_the_weighted_sum_of_member_zscores_and_survives_save(tm
         explained[predicted.columns], loaded.predict(frame, score_from=last)
     )
     assert explained["reason_1"].notna().all()
+
+
+def test_the_members_table_gives_each_candidate_its_own_test_and_validation_ic(members):
+    import dataclasses
+
+    from finpipe.market.ensemble import fit_ensemble
+    from finpipe.market.evaluation import members_table
+    from finpipe.metrics import market_metrics
+
+    frame, split, fitted, scored = members
+    label = "forward_return_5d"
+    ensemble = fit_ensemble(fitted, scored, split.validation_dates, label=label, horizon=HORIZON)
+    # The validation IC the ensemble competes with (cross-fitted), told apart from its plain one.
+    ensemble = dataclasses.replace(
+        ensemble, selection={**ensemble.selection, "validation_ic": 0.321}
+    )
+    scored = scored.assign(prediction=ensemble.combine(scored)[0])
+    table = members_table(scored, fitted, ensemble, split, label).set_index("candidate")
+    assert list(table.index) == ["mlp", "gru", "ensemble"]
+    for name, column in (("mlp", "mlp"), ("gru", "gru"), ("ensemble", "prediction")):
+        for window, dates in (("validation", split.validation_dates), ("test", split.test_dates)):
+            if (name, window) == ("ensemble", "validation"):
+                continue
+            rows = scored[scored["date"].isin(dates)]
+            expected = market_metrics(rows, prediction=column, label=label)["ic"]
+            assert table.loc[name, f"{window}_ic"] == pytest.approx(expected), (name, window)
+    assert table.loc["ensemble", "validation_ic"] == 0.321
+
+
+def test_test_window_importance_starts_from_the_models_own_test_ic_across_a_halt(members):
+    """The unshuffled IC of the importance table is the model's test IC, also for a ticker
+    that skipped the sessions just before the test window (its lookback reaches further back)."""
+    from finpipe.market.evaluation import test_window_importance
+    from finpipe.market.model import MarketTrainingConfig
+    from finpipe.metrics import per_date_ic
+
+    frame, split, fitted, _ = members
+    dates = np.sort(frame["date"].unique())
+    start = int(dates.searchsorted(split.test_dates[0]))
+    halted = (frame["ticker"] == "A") & frame["date"].isin(dates[start - 4 : start])
+    frame = frame[~halted].reset_index(drop=True)
+    model, config = fitted["gru"], MarketTrainingConfig(lookback=4)  # the GRU's lookback
+    table = test_window_importance("gru", model, frame, FEATURES, split, config, {})
+
+    test = frame[frame["date"].isin(split.test_dates)]
+    scored = test.assign(prediction=model.predict(frame)["prediction"].to_numpy()[test.index])
+    expected = per_date_ic(scored, label=config.label).mean()
+    assert table["ic"].tolist() == pytest.approx([expected] * len(FEATURES))
+
+
+def test_test_window_importance_shuffles_a_feature_across_tickers_within_each_date(members):
+    """A feature equal for every ticker on a date is left as it is by a shuffle within dates:
+    the model's IC does not move (shuffled across dates, it would)."""
+    from finpipe.market.evaluation import test_window_importance
+    from finpipe.market.model import MarketTrainingConfig
+
+    frame, split, fitted, _ = members
+    frame = frame.assign(f2=frame.groupby("date")["f2"].transform("mean"))
+    config = MarketTrainingConfig(lookback=4)
+    table = test_window_importance("gru", fitted["gru"], frame, FEATURES, split, config, {})
+    same_each_day = table.set_index("feature").loc["f2"]
+    assert same_each_day["shuffled_ic"] == same_each_day["ic"]
+    assert same_each_day["ic_drop"] == 0.0
 
 
 def test_ensemble_prediction_at_t_uses_only_rows_up_to_t(members):

@@ -140,12 +140,79 @@ def test_the_oracle_ic_of_a_test_window_covers_every_date_of_it(tmp_path):
     assert oracle_ic(storage, test_window, "forward_return_5d") == pytest.approx(by_hand, rel=1e-9)
 
 
+def test_no_oracle_ic_when_the_oracle_covers_none_of_the_test_windows_tickers(tmp_path):
+    dates = pd.bdate_range("2024-01-01", periods=3)
+    oracle = pd.DataFrame(
+        {"date": np.repeat(dates, 4), "ticker": np.tile(["A", "B", "C", "D"], 3)}
+    ).assign(expected_forward_return=np.arange(12.0))
+    storage = Storage(tmp_path)
+    storage.write_reference("market", ORACLE, oracle)
+    test_window = oracle[["date"]].assign(
+        ticker=np.tile(["W", "X", "Y", "Z"], 3), forward_return_5d=np.arange(12.0)
+    )
+    assert oracle_ic(storage, test_window, "forward_return_5d") is None
+
+
 def test_expected_return_is_zero_until_a_ticker_has_sixty_rows(default_market):
     expected = default_market.expected_return
     assert expected[["date", "ticker"]].equals(default_market.prices[["date", "ticker"]])
     row = expected.groupby("ticker").cumcount()
     assert (expected.loc[row < 60, "expected_forward_return"] == 0.0).all()
     assert (expected.loc[row == 60, "expected_forward_return"] != 0.0).all()
+
+
+def test_expected_return_is_the_documented_score_recomputed_from_the_prices():
+    """The oracle is exactly the module doc's formula applied to the delivered adj_close: v is
+    the 20-day standard deviation (ddof 1) of log returns up to and including s, the reversal
+    is over 5 days scaled by sqrt(5), the momentum over days s-60..s-5 scaled by sqrt(55), and
+    expected_forward_return sums the last `horizon` scores of the ticker."""
+    market = generate_market_panel(SMALL)
+    prices = market.prices.sort_values(["ticker", "date"])
+    log_price = np.log(prices["adj_close"])
+    by_ticker = log_price.groupby(prices["ticker"])
+    vol = by_ticker.diff().groupby(prices["ticker"]).transform(lambda r: r.rolling(20).std(ddof=1))
+    reversal = -(log_price - by_ticker.shift(5)) / (vol * np.sqrt(5.0))
+    momentum = (by_ticker.shift(5) - by_ticker.shift(60)) / (vol * np.sqrt(55.0))
+    score = SMALL.signal_strength * vol * (np.tanh(reversal) + 0.5 * np.tanh(momentum))
+    score = score.where(prices.groupby("ticker").cumcount() >= 60, 0.0)
+    expected = score.groupby(prices["ticker"]).transform(
+        lambda g: g.rolling(SMALL.horizon, min_periods=1).sum()
+    )
+    generated = market.expected_return.set_index(["date", "ticker"])["expected_forward_return"]
+    recomputed = pd.Series(
+        expected.to_numpy(), index=pd.MultiIndex.from_frame(prices[["date", "ticker"]])
+    )
+    np.testing.assert_allclose(
+        generated.to_numpy(), recomputed.reindex(generated.index).to_numpy(), rtol=1e-7, atol=1e-12
+    )
+
+
+def test_oracle_ic_is_the_mean_per_date_correlation_over_rows_with_both_values():
+    """Rows without a realised label (a ticker that delists) are left out of their date, and a
+    date with exactly three tickers that have both values still counts."""
+    from finpipe.market.synthetic import SyntheticMarket
+
+    rng = np.random.default_rng(1)
+    dates = pd.bdate_range("2024-01-01", periods=12)
+    rows = [(d, t) for d in dates for t in "ABCD" if t != "D" or d <= dates[7]]
+    prices = pd.DataFrame(rows, columns=["date", "ticker"]).astype({"ticker": "string"})
+    prices["adj_close"] = np.exp(rng.normal(4.0, 0.3, len(prices)))
+    prices["close"] = prices["adj_close"]
+    expected = prices[["date", "ticker"]].assign(
+        expected_forward_return=rng.normal(size=len(prices))
+    )
+    market = SyntheticMarket(prices, expected, {t: 0 for t in "ABCD"}, horizon=2)
+
+    wide = prices.pivot(index="date", columns="ticker", values="adj_close")
+    realised = (wide.shift(-2) / wide - 1.0).stack().rename("realised").reset_index()
+    both = expected.merge(realised, on=["date", "ticker"]).dropna()
+    per_date = [
+        np.corrcoef(day["expected_forward_return"], day["realised"])[0, 1]
+        for _, day in both.groupby("date")
+        if len(day) >= 3
+    ]
+    assert sorted(both.groupby("date").size().unique()) == [3, 4]  # the cases this test is about
+    assert market.oracle_ic() == pytest.approx(np.mean(per_date), rel=1e-9)
 
 
 def test_zero_signal_strength_plants_nothing():
@@ -202,6 +269,12 @@ def test_bad_config_is_reported_with_every_problem():
         generate_market_panel(MarketSyntheticConfig(tickers=1, days=100))
 
 
+def test_the_smallest_allowed_panel_is_generated():
+    """The shortest calendar `_check_config` accepts (60 + horizon + 2 x 120 = 305 days)."""
+    market = generate_market_panel(MarketSyntheticConfig(tickers=2, days=305))
+    assert market.prices["date"].nunique() == 305
+
+
 def test_nan_defect_blanks_close_only(small_prices):
     corrupted = inject_defects(small_prices, ["nan"], rows_per_defect=3, seed=1)
     changed = corrupted["close"].isna()
@@ -216,6 +289,14 @@ def test_non_positive_price_defect_writes_zero_and_negative_closes(small_prices)
     assert len(bad) == 3
     assert corrupted.loc[bad, "close"].tolist()[0] == 0.0
     assert corrupted.loc[bad[1], "close"] == -small_prices.loc[bad[1], "close"]
+
+
+def test_non_positive_price_defect_hits_only_rows_with_a_positive_close(small_prices):
+    frame = small_prices.copy()
+    frame.loc[frame.index >= 5, "close"] = np.nan  # only rows 0-4 have a price to corrupt
+    corrupted = inject_defects(frame, ["non_positive_price"], rows_per_defect=3)
+    assert (corrupted["close"] <= 0).sum() == 3
+    assert corrupted["close"].isna().sum() == frame["close"].isna().sum()
 
 
 def test_duplicate_key_defect_adds_copies_next_to_originals(small_prices):
@@ -244,6 +325,16 @@ def test_stale_price_defect_freezes_one_ticker_for_ten_days(small_prices):
     frozen = corrupted.loc[corrupted["ticker"] == ticker].iloc[run[0] : run[-1] + 2]
     assert frozen[["open", "high", "low", "close", "adj_close"]].nunique().tolist() == [1] * 5
     assert frozen["volume"].nunique() > 1
+
+
+def test_stale_price_run_is_consecutive_by_date_in_a_frame_not_sorted_by_date(small_prices):
+    shuffled = small_prices.sample(frac=1.0, random_state=0).reset_index(drop=True)
+    corrupted = inject_defects(shuffled, ["stale_price"], rows_per_defect=3, seed=2)
+    changed = corrupted.index[corrupted["close"] != shuffled["close"]]
+    ticker = corrupted.loc[changed[0], "ticker"]
+    closes = corrupted[corrupted["ticker"] == ticker].sort_values("date")["close"].to_numpy()
+    run = np.flatnonzero(np.diff(closes) == 0)
+    assert len(run) == 9 and np.all(np.diff(run) == 1)  # ten equal closes on consecutive dates
 
 
 def test_all_defects_together_hit_distinct_rows_and_leave_the_input_alone(small_prices):

@@ -113,6 +113,19 @@ def test_today_is_the_date_in_the_zone_asked_for():
     assert dates["Pacific/Kiritimati"] > dates["Pacific/Pago_Pago"]
 
 
+@pytest.mark.parametrize("zone", ["Mars/Olympus", "", "../etc/localtime", "/etc/localtime"])
+def test_an_unknown_or_malformed_timezone_is_a_config_error_with_an_example(zone):
+    with pytest.raises(ConfigError, match="unknown timezone .*'America/New_York'"):
+        load_schedule_settings(timezone=zone)
+    with pytest.raises(ConfigError, match="unknown timezone"):
+        today_in(zone)
+
+
+def test_a_backfill_cap_below_one_session_is_refused_naming_its_variable():
+    with pytest.raises(ConfigError, match="FINPIPE_BACKFILL_MAX_DATES"):
+        load_schedule_settings(backfill_max_dates=0)
+
+
 # NYSE sessions of July 2024 (the 4th a holiday): 1, 2, 3, 5, 8, 9, 10, 11, 12, 15.
 JULY = NYSE.sessions(dt.date(2024, 7, 1), dt.date(2024, 7, 31))
 

@@ -75,6 +75,17 @@ def test_the_market_floor_is_one_standard_error_and_the_naive_signals_ics_by_han
     assert floor["ic_floor_momentum"] == pytest.approx(momentum, rel=1e-9)
 
 
+def test_the_market_floors_standard_error_needs_only_two_validation_dates():
+    rng = np.random.default_rng(4)
+    frame = pd.DataFrame({"date": np.repeat(pd.bdate_range("2024-01-01", periods=2), 10)})
+    frame["prediction"], frame["label"] = rng.normal(size=(2, len(frame)))
+    daily = [np.corrcoef(g["prediction"], g["label"])[0, 1] for _, g in frame.groupby("date")]
+    floor = naive_ic_floor(frame, frame, "label")
+    assert floor["ic_floor_standard_error"] == pytest.approx(
+        np.std(daily, ddof=1) / math.sqrt(2), rel=1e-9
+    )
+
+
 def test_a_first_model_with_a_negative_validation_ic_is_refused_and_scoring_says_so(home):
     """A panel with no planted signal (seed 2): the MLP's validation IC is negative."""
     home = home.model_copy(update={"promotion_floor": True})  # the suite turns it off
