@@ -40,10 +40,10 @@ class ReadOptions(BaseModel):
         options: dict[str, Any] = {"sep": self.sep}
         if not self.header:
             options["header"] = None
-        elif self.names is not None:
-            options["header"] = 0  # the names replace the header row's, which is not data
         if self.names is not None:
             options["names"] = list(self.names)
+            if self.header:
+                options["header"] = 0  # the names replace the header row's, which is not data
         if self.skip_rows:
             options["skiprows"] = self.skip_rows
         if self.comment is not None:

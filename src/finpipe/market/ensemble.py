@@ -42,6 +42,7 @@ from scipy.optimize import nnls
 
 from finpipe.market.boosted import FittedMarketBoostedTrees
 from finpipe.market.candidates import MarketMember, load_member
+from finpipe.market.features import KEY_COLUMNS
 from finpipe.market.model import reason_columns
 from finpipe.metrics import per_date_ic
 from finpipe.model_files import read_model_metadata, save_model_metadata
@@ -261,8 +262,7 @@ def _cross_fitted_where_known(
         cross = member.cross_fitted_validation
         if cross is None:  # a window of one date: nothing was cross-fitted
             continue
-        keys = ["date", "ticker"]
-        known = scores[keys].merge(cross, on=keys, how="left")["prediction"]
+        known = scores[KEY_COLUMNS].merge(cross, on=KEY_COLUMNS, how="left")["prediction"]
         values = known.to_numpy(dtype=np.float64)
         scores = scores.assign(**{kind: np.where(np.isnan(values), scores[kind], values)})
     return scores
