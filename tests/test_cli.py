@@ -283,19 +283,29 @@ def test_the_summary_counts_predictions_with_thousands_separators(capsys, home):
         (["2024-01-02", "2024-01-03"], "2 dates have"),
     ],
 )
-def test_the_stale_predictions_warning_agrees_with_its_count(monkeypatch, caplog, dates, said):
+def test_the_stale_predictions_warning_agrees_with_its_count(monkeypatch, dates, said):
+    """Read through a handler of the test's own: the first import of Prefect (this test, run
+    alone) configures logging and drops pytest's capture handler from the root logger."""
     import logging
     from types import SimpleNamespace
 
     from finpipe.flows import run_setup
 
+    lines: list[str] = []
+    logger = logging.getLogger("finpipe.test.stale")
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
     stale = {"dates": dates, "backfill": "finpipe run backfill ..."}
     monkeypatch.setattr(run_setup, "stale_predictions", lambda *_: stale)
-    monkeypatch.setattr(run_setup, "get_run_logger", lambda: logging.getLogger("finpipe.test"))
+    monkeypatch.setattr(run_setup, "get_run_logger", lambda: logger)
     run = SimpleNamespace(storage=None, domain="market")
-    with caplog.at_level(logging.WARNING, logger="finpipe.test"):
+    try:
         assert run_setup.warn_of_stale_predictions(run, {"rebuilt": dates}) == stale
-    assert caplog.messages[0].startswith(f"{said} predictions scored from data since changed (")
+    finally:
+        logger.removeHandler(handler)
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"{said} predictions scored from data since changed (")
 
 
 def test_a_run_failing_with_a_finpipe_error_is_logged_without_a_traceback():

@@ -86,8 +86,11 @@ def _inner_run(
     log = tmp_path / "events.log"
     # The inner session is its own: not an xdist worker of this one, without its options.
     inherited = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_")}
+    # Its own temporary folder: in the shared one, a new session first deletes the older
+    # sessions' folders beyond the last three (a whole earlier run's, GBs: 45 s of this test).
+    basetemp = f"--basetemp={tmp_path / 'inner-tmp'}"
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *arguments],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", basetemp, *arguments],
         cwd=tmp_path,
         env={**inherited, **environment, "GROUP_LOG": str(log), "PYTHONPATH": str(REPO_ROOT)},
         capture_output=True,
