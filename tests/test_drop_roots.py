@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -176,3 +177,40 @@ def test_the_command_line_loads_a_file_from_deliveries_and_refuses_one_elsewhere
     assert "input '/etc/passwd' is outside the drop folders" in error
     assert f"{tmp_path.resolve() / 'deliveries'}" in error
     assert "Traceback" not in refused.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["run", "backfill", "--start", "2024-01-02", "--end", "2024-01-02", "--input", "/etc/x"],
+        ["run", "nightly", "--input", "/etc/x"],
+        ["run", "backfill", "--start", "2024-01-02", "--end", "2024-01-02", "--domain", "fx"],
+    ],
+    ids=["backfill-input", "nightly-input", "unknown-domain"],
+)
+def test_a_refused_run_says_so_before_importing_the_domains_models(tmp_path, command):
+    """A bad parameter costs the user a second, not the seconds of importing torch, MLflow and
+    the domain's pipeline, which the refusal does not need."""
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from finpipe.cli import main
+        sys.argv = ["finpipe", *{command!r}]
+        try:
+            main()
+        except SystemExit as done:
+            print("exit", done.code)
+        heavy = ("torch", "mlflow", "finpipe.market.pipeline", "finpipe.lifecycle")
+        print("imported", sorted(name for name in heavy if name in sys.modules))
+        """
+    )
+    refused = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FINPIPE_HOME": str(tmp_path / "home")},
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert refused.stdout.splitlines() == ["exit 2", "imported []"], refused.stderr[-3000:]
+    assert refused.stderr.startswith("error: "), refused.stderr

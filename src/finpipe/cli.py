@@ -400,11 +400,11 @@ def batches(
     layer before or after that batch."""
     import pandas as pd
 
-    from finpipe.domains import get_domain
+    from finpipe.domains import check_domain
     from finpipe.storage import Storage
     from finpipe.vintages import batch_history
 
-    get_domain(domain)  # an unknown name is an error that lists the known ones
+    check_domain(domain)  # an unknown name is an error that lists the known ones
     table = batch_history(Storage(_settings().home), domain)
     if table.empty:
         typer.echo(f"no delivered file of {domain} yet")
@@ -493,12 +493,12 @@ def run_nightly(
 ) -> None:
     """Run the nightly flow (validate -> features -> train -> promote -> score) via Prefect."""
     settings = _settings()
-    from finpipe.domains import get_domain
+    from finpipe.domains import check_domain
     from finpipe.drop_roots import allowed_inputs
     from finpipe.planning import training_config
     from finpipe.storage import as_day
 
-    get_domain(domain)  # reject a bad parameter before Prefect starts anything
+    check_domain(domain)  # reject a bad parameter before Prefect starts anything
     allowed_inputs([str(p) for p in input or []], settings.input_roots())
     day = as_day(as_of) if as_of else None
     overrides: dict = {}

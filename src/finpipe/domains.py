@@ -171,16 +171,25 @@ def domain_names() -> list[str]:
     return [*_BUILT_IN, *(name for name in _REGISTERED if name not in _BUILT_IN)]
 
 
-def get_domain(name: str) -> Domain:
-    """Return the registered domain called `name`; ConfigError listing the known ones (or,
-    for an installed domain that failed to load, why)."""
+def check_domain(name: str) -> str:
+    """Return `name` if a domain is registered under it; ConfigError listing the known ones
+    (or, for an installed domain that failed to load, why).
+
+    Unlike `get_domain` it leaves a built-in domain's modules unimported (torch, MLflow,
+    LightGBM: seconds), so a command refusing a bad parameter says so at once.
+    """
     load_installed_domains()
-    if name in _REGISTERED:
-        return _REGISTERED[name]
+    if name in _REGISTERED or name in _BUILT_IN:
+        return name
     if name in _BROKEN:
         raise ConfigError(f"domain {name!r} is installed but failed to load: {_BROKEN[name]}")
-    if name not in _BUILT_IN:
-        raise ConfigError(f"unknown domain {name!r}; known domains: {', '.join(domain_names())}")
+    raise ConfigError(f"unknown domain {name!r}; known domains: {', '.join(domain_names())}")
+
+
+def get_domain(name: str) -> Domain:
+    """Return the registered domain called `name`; `check_domain`'s ConfigError if none."""
+    if check_domain(name) in _REGISTERED:
+        return _REGISTERED[name]
     module_name, attribute = _BUILT_IN[name].split(":")
     domain: Domain = getattr(importlib.import_module(module_name), attribute)
     return domain

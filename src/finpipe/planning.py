@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 from pydantic import BaseModel, ValidationError
 
 from finpipe.calendars import Calendar
-from finpipe.domains import get_domain
+from finpipe.domains import check_domain, get_domain
 from finpipe.errors import ConfigError
 from finpipe.settings import describe_invalid
 from finpipe.storage import as_day
@@ -206,7 +206,7 @@ def check_backfill_request(
     and a range of more than `max_dates` sessions of `calendar` (the domain's delivery days:
     weekends and, for an exchange calendar, its holidays are not in the range).
     """
-    get_domain(domain)
+    check_domain(domain)
     if start is None or end is None:
         raise ConfigError("a backfill needs both a start and an end date (YYYY-MM-DD)")
     first, last = as_day(start), as_day(end)
