@@ -446,7 +446,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
             "test_the_command_line_loads_a_file_from_deliveries_and_refuses_one_elsewhere": (
                 _CHILD_PROCESS
             ),
-            "test_a_refused_run_says_so_before_importing_the_domains_models": _CHILD_PROCESS,
+            "test_a_refused_command_says_so_before_importing_the_domains_models": _CHILD_PROCESS,
         },
     ),
     "test_planning.py": ModuleTiers(UNIT),

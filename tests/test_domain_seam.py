@@ -12,6 +12,7 @@ import sys
 import textwrap
 import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import pandas as pd
@@ -417,3 +418,48 @@ def test_a_second_thread_waits_for_installed_domains_to_load(tmp_path, installed
     ask("second")
     first.join()
     assert found == {"first": "loans", "second": "loans"}
+
+
+def _described(contract) -> dict:
+    """A contract's fields, with each bound function as what it calls and with what."""
+
+    def plain(value):
+        if isinstance(value, partial):
+            return (value.func, tuple(value.args), {k: plain(v) for k, v in value.keywords.items()})
+        if getattr(value, "__closure__", None):  # a lambda: its code and what it closes over
+            return (value.__code__, tuple(plain(cell.cell_contents) for cell in value.__closure__))
+        return value
+
+    return {
+        field.name: plain(getattr(contract, field.name)) for field in dataclasses.fields(contract)
+    }
+
+
+@pytest.mark.parametrize(
+    ("domain", "setting"),
+    [
+        ("market", {}),
+        ("credit", {}),
+        ("credit", {"FINPIPE_CREDIT_CONFIG": "germancredit"}),
+        ("customers", {}),
+        ("customers", {"FINPIPE_CUSTOMERS_CONFIG": "cdnow"}),
+    ],
+)
+def test_a_built_in_domains_light_contract_is_the_one_its_runs_ingest_with(
+    monkeypatch, domain, setting
+):
+    """`finpipe ingest` reads the contract without the domain's models; it is the same one,
+    following the same settings."""
+    for name, value in setting.items():
+        monkeypatch.setenv(name, value)
+    light, bound = domains.domain_contract(domain), domains.get_domain(domain).contract
+    assert _described(light) == _described(bound)
+    assert light.suite == bound.suite and light.key_columns == bound.key_columns
+
+
+def test_a_registered_domains_contract_is_its_own(monkeypatch):
+    registered = dataclasses.replace(domains.get_domain("market"), name="fx_contracts")
+    monkeypatch.setitem(domains._REGISTERED, "fx_contracts", registered)
+    assert domains.domain_contract("fx_contracts") is registered.contract
+    with pytest.raises(ConfigError, match="unknown domain 'fx_nope'; known domains: market, "):
+        domains.domain_contract("fx_nope")

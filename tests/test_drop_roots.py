@@ -185,12 +185,15 @@ def test_the_command_line_loads_a_file_from_deliveries_and_refuses_one_elsewhere
         ["run", "backfill", "--start", "2024-01-02", "--end", "2024-01-02", "--input", "/etc/x"],
         ["run", "nightly", "--input", "/etc/x"],
         ["run", "backfill", "--start", "2024-01-02", "--end", "2024-01-02", "--domain", "fx"],
+        ["ingest", "market", "{tmp}/prices.csv", "--as-of", "2024-01-31"],
     ],
-    ids=["backfill-input", "nightly-input", "unknown-domain"],
+    ids=["backfill-input", "nightly-input", "unknown-domain", "ingest-rejected"],
 )
-def test_a_refused_run_says_so_before_importing_the_domains_models(tmp_path, command):
-    """A bad parameter costs the user a second, not the seconds of importing torch, MLflow and
-    the domain's pipeline, which the refusal does not need."""
+def test_a_refused_command_says_so_before_importing_the_domains_models(tmp_path, command):
+    """A bad parameter or a rejected file costs the user seconds fewer than importing torch,
+    MLflow and the domain's pipeline would: neither the refusal nor ingest needs them."""
+    (tmp_path / "prices.csv").write_text("date,ticker,close\n2024-01-02,AAA,-5\n")
+    command = [part.format(tmp=tmp_path) for part in command]
     script = textwrap.dedent(
         f"""
         import sys

@@ -251,14 +251,14 @@ def ingest(
     can read is loaded; a machine that sets FINPIPE_DROP_ROOTS (a team worker) holds this
     command to those folders too, and a file outside them is refused before anything is read.
     """
-    from finpipe.domains import get_domain
+    from finpipe.domains import domain_contract
     from finpipe.drop_roots import check_command_line_inputs
     from finpipe.errors import InputFileError, ValidationFailed
     from finpipe.ingest import ingest_files
     from finpipe.storage import Storage, as_day
 
     settings = _settings()
-    contract = get_domain(domain).contract
+    contract = domain_contract(domain)
     check_command_line_inputs([str(path) for path in paths], settings)
     for path in paths:
         if path.is_dir():
@@ -365,7 +365,7 @@ def validated(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from finpipe.domains import get_domain
+    from finpipe.domains import domain_contract
     from finpipe.storage import Storage, days_as_dates, write_bytes_atomic
     from finpipe.vintages import utc_time, validated_as_known
 
@@ -379,7 +379,7 @@ def validated(
         when = utc_time(known_at or dt.datetime.now(dt.UTC))
     except ValueError as error:
         raise typer.BadParameter(f"{known_at!r} is not an ISO 8601 time: {error}") from None
-    rows = validated_as_known(Storage(settings.home), get_domain(domain).contract, when)
+    rows = validated_as_known(Storage(settings.home), domain_contract(domain), when)
     # Calendar days (date32), as every layer stores them.
     table = days_as_dates(pa.Table.from_pandas(rows, preserve_index=False))
     buffer = io.BytesIO()

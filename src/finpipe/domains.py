@@ -40,6 +40,12 @@ _BUILT_IN = {
     "credit": "finpipe.credit.pipeline:CREDIT",
     "customers": "finpipe.customers.pipeline:CUSTOMERS",
 }
+# A built-in domain's ingest contract as its settings make it, without its models' imports.
+_BUILT_IN_CONTRACTS = {
+    "market": "finpipe.market.contract:active_contract",
+    "credit": "finpipe.credit.contract:active_contract",
+    "customers": "finpipe.customers.contract:active_contract",
+}
 _REGISTERED: dict[str, Domain] = {}
 ENTRY_POINTS = "finpipe.domains"  # the entry-point group of installed domain packages
 # Installed domains whose entry point failed to load, with why (once per process).
@@ -184,6 +190,19 @@ def check_domain(name: str) -> str:
     if name in _BROKEN:
         raise ConfigError(f"domain {name!r} is installed but failed to load: {_BROKEN[name]}")
     raise ConfigError(f"unknown domain {name!r}; known domains: {', '.join(domain_names())}")
+
+
+def domain_contract(name: str) -> RawContract:
+    """Return the ingest contract of the domain called `name`: `get_domain(name).contract`,
+    but for a built-in domain without importing its models (torch, MLflow, LightGBM), so
+    `finpipe ingest` starts in seconds fewer; `check_domain`'s ConfigError if none."""
+    if check_domain(name) in _REGISTERED:
+        return _REGISTERED[name].contract
+    module_name, attribute = _BUILT_IN_CONTRACTS[name].split(":")
+    active_contract: Callable[[], RawContract] = getattr(
+        importlib.import_module(module_name), attribute
+    )
+    return active_contract()
 
 
 def get_domain(name: str) -> Domain:

@@ -11,7 +11,7 @@ from functools import partial
 
 import pandas as pd
 
-from finpipe.credit.config import DATE_COLUMN, DELIVERED_ON, LoanBookConfig
+from finpipe.credit.config import DATE_COLUMN, DELIVERED_ON, LoanBookConfig, load_loan_book
 from finpipe.credit.schema import (
     DOMAIN,
     build_credit_suite,
@@ -19,6 +19,7 @@ from finpipe.credit.schema import (
     seen_categories,
 )
 from finpipe.ingest import RawContract
+from finpipe.settings import load_settings
 from finpipe.storage import Storage
 
 
@@ -94,3 +95,8 @@ def _why_no_corrections(book: LoanBookConfig) -> str | None:
             "the earlier rows it restates; deliver the snapshot again instead"
         )
     return None
+
+
+def active_contract() -> RawContract:
+    """Return the ingest contract of the loan book the settings name (FINPIPE_CREDIT_CONFIG)."""
+    return credit_contract(load_loan_book(load_settings().credit_config))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 
-from finpipe.customers.config import CustomersConfig
+from finpipe.customers.config import CustomersConfig, load_customers_config
 from finpipe.customers.schema import (
     DOMAIN,
     KEY_COLUMNS,
@@ -15,6 +15,7 @@ from finpipe.customers.schema import (
     normalise_transactions,
 )
 from finpipe.ingest import RawContract
+from finpipe.settings import load_settings
 
 
 def customers_contract(config: CustomersConfig) -> RawContract:
@@ -31,3 +32,9 @@ def customers_contract(config: CustomersConfig) -> RawContract:
         read_options=config.read.pandas_options(),
         correction_keys=RESTATED_BY,
     )
+
+
+def active_contract() -> RawContract:
+    """Return the ingest contract of the transaction source the settings name
+    (FINPIPE_CUSTOMERS_CONFIG)."""
+    return customers_contract(load_customers_config(load_settings().customers_config))

@@ -64,3 +64,8 @@ MARKET_CONTRACT = RawContract(
     normalise=normalise_market_frame,
     add_check_columns=_add_market_checks,
 )
+
+
+def active_contract() -> RawContract:
+    """Return the market's ingest contract (one for every setting)."""
+    return MARKET_CONTRACT
