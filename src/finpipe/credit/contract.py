@@ -19,7 +19,7 @@ from finpipe.credit.schema import (
     seen_categories,
 )
 from finpipe.ingest import RawContract
-from finpipe.settings import load_settings
+from finpipe.settings import Settings, load_settings
 from finpipe.storage import Storage
 
 
@@ -97,6 +97,12 @@ def _why_no_corrections(book: LoanBookConfig) -> str | None:
     return None
 
 
+def active_loan_book(settings: Settings | None = None) -> LoanBookConfig:
+    """Return the loan book the settings name (FINPIPE_CREDIT_CONFIG; default the synthetic
+    example)."""
+    return load_loan_book((settings or load_settings()).credit_config)
+
+
 def active_contract() -> RawContract:
     """Return the ingest contract of the loan book the settings name (FINPIPE_CREDIT_CONFIG)."""
-    return credit_contract(load_loan_book(load_settings().credit_config))
+    return credit_contract(active_loan_book())

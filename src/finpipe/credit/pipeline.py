@@ -27,8 +27,8 @@ import pandas as pd
 
 from finpipe import lifecycle
 from finpipe.credit import plots
-from finpipe.credit.config import DATE_COLUMN, LoanBookConfig, load_loan_book
-from finpipe.credit.contract import credit_contract
+from finpipe.credit.config import DATE_COLUMN, LoanBookConfig
+from finpipe.credit.contract import active_loan_book, credit_contract
 from finpipe.credit.features import (
     LABEL,
     credit_feature_definition,
@@ -51,7 +51,7 @@ from finpipe.domains import ChallengerOutcome, DemoNight, Domain
 from finpipe.errors import ScoringError
 from finpipe.ingest import RawContract
 from finpipe.lifecycle import Candidate, Predictions, RunRecord, TrainingData
-from finpipe.settings import Settings, load_settings
+from finpipe.settings import Settings
 from finpipe.storage import Storage, as_day
 from finpipe.tracking import RegisteredModel
 
@@ -379,12 +379,6 @@ def credit_domain(book: LoanBookConfig) -> Domain:
     features = partial(update_credit_features, book=book)
     parts = CreditParts(book=book, contract=credit_contract(book), update_features=features)
     return lifecycle.bind(parts)
-
-
-def active_loan_book(settings: Settings | None = None) -> LoanBookConfig:
-    """Return the loan book the settings name (FINPIPE_CREDIT_CONFIG; default the synthetic
-    example)."""
-    return load_loan_book((settings or load_settings()).credit_config)
 
 
 def __getattr__(name: str) -> Domain:

@@ -34,7 +34,11 @@ def customers_contract(config: CustomersConfig) -> RawContract:
     )
 
 
+def active_customers_config() -> CustomersConfig:
+    """Return the transaction source the settings name (FINPIPE_CUSTOMERS_CONFIG)."""
+    return load_customers_config(load_settings().customers_config)
+
+
 def active_contract() -> RawContract:
-    """Return the ingest contract of the transaction source the settings name
-    (FINPIPE_CUSTOMERS_CONFIG)."""
-    return customers_contract(load_customers_config(load_settings().customers_config))
+    """Return the ingest contract of the transaction source the settings name."""
+    return customers_contract(active_customers_config())

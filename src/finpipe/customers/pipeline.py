@@ -20,8 +20,8 @@ import pandas as pd
 
 from finpipe import lifecycle
 from finpipe.customers import plots as segment_plots
-from finpipe.customers.config import CustomersConfig, load_customers_config
-from finpipe.customers.contract import customers_contract
+from finpipe.customers.config import CustomersConfig
+from finpipe.customers.contract import active_customers_config, customers_contract
 from finpipe.customers.features import BASE_FEATURES, is_mix_feature, update_customer_features
 from finpipe.customers.metrics import quality_by_window, segment_profiles
 from finpipe.customers.model import (
@@ -38,7 +38,7 @@ from finpipe.domains import ChallengerOutcome, DemoNight, Domain
 from finpipe.errors import ScoringError
 from finpipe.ingest import RawContract
 from finpipe.lifecycle import Candidate, Predictions, RunRecord, TrainingData
-from finpipe.settings import Settings, load_settings
+from finpipe.settings import Settings
 from finpipe.storage import Storage, as_day
 from finpipe.tracking import RegisteredModel
 from finpipe.training import sets_by_id
@@ -313,5 +313,5 @@ def __getattr__(name: str) -> Domain:
     lookup lets one process (a test session, a Prefect worker) serve several sources.
     """
     if name == "CUSTOMERS":
-        return build_customers_domain(load_customers_config(load_settings().customers_config))
+        return build_customers_domain(active_customers_config())
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
