@@ -418,6 +418,9 @@ TIER_TABLE: dict[str, ModuleTiers] = {
             "test_allocator_keeps_freed_blocks_for_reuse_unless_turned_off": _CHILD_PROCESS,
             "test_importing_every_finpipe_module_leaves_the_environment_unchanged": _CHILD_PROCESS,
             "test_every_flow_switches_telemetry_off_as_it_starts": _CHILD_PROCESS,
+            "test_a_domains_code_imports_no_plotting_or_tree_library_until_it_draws_or_fits": (
+                _CHILD_PROCESS
+            ),
             "test_prepare_environment_turns_telemetry_off_unless_the_user_chose": _CHILD_PROCESS,
         },
     ),

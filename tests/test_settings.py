@@ -183,6 +183,31 @@ def test_every_flow_switches_telemetry_off_as_it_starts(tmp_path):
         assert variables == TELEMETRY_OFF, flow
 
 
+_IMPORT_THE_DOMAINS_THEN_DRAW = """
+import json, sys
+from finpipe.domains import get_domain
+for name in ("market", "credit", "customers"):
+    get_domain(name)
+drawn_after = ("lightgbm", "matplotlib.pyplot", "sklearn.calibration")
+before = sorted(name for name in drawn_after if name in sys.modules)
+import matplotlib
+matplotlib.use("svg")  # another backend chosen before finpipe draws: it draws on Agg
+from finpipe.plots import close, learning_curve
+figure = learning_curve([{"epoch": 1, "train_loss": 1.0, "validation_loss": 1.2}], "loss")
+print(json.dumps({"before": before, "backend": matplotlib.get_backend().lower(),
+                  "drawn": type(figure).__name__}))
+close(figure)
+"""
+
+
+def test_a_domains_code_imports_no_plotting_or_tree_library_until_it_draws_or_fits(tmp_path):
+    """A scoring run, a Dask worker and a command that refuses import a domain's pipeline but
+    draw nothing and fit no trees: pyplot, LightGBM and sklearn's calibration (about 1.2 s of
+    each process's start) wait for first use, and a figure is then drawn headless."""
+    result = _run_clean(_IMPORT_THE_DOMAINS_THEN_DRAW, tmp_path)
+    assert result == {"before": [], "backend": "agg", "drawn": "Figure"}
+
+
 _PREPARE_AFTER_MLFLOW = """
 import json, os
 import mlflow  # imported before the set-up: MLflow has started its telemetry client

@@ -14,7 +14,7 @@ from finpipe.errors import ModelRejected
 from finpipe.metrics import per_date_ic
 from finpipe.model_files import load_weights, read_model_metadata, save_model_files
 from finpipe.nets import GRURegressor, TemporalCNNRegressor, build_net
-from finpipe.plots import learning_curve, plt
+from finpipe.plots import close, learning_curve
 from finpipe.training import (
     Batches,
     FeatureScaler,
@@ -266,7 +266,7 @@ def test_the_learning_curve_marks_the_epoch_of_lowest_validation_loss():
     handles, labels = axes.get_legend_handles_labels()
     assert labels == ["train", "validation", "best epoch 2"]
     assert list(handles[-1].get_xdata()) == [2, 2]  # the vertical line
-    plt.close(figure)
+    close(figure)
 
 
 def test_a_seed_average_is_the_mean_of_the_nets_each_seed_trains_alone(tmp_path):

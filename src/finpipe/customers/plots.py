@@ -7,13 +7,15 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from finpipe.plots import learning_curve, plt  # the shared module sets the headless backend first
+from finpipe.plots import learning_curve, subplots  # on the headless backend
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from finpipe.customers.model import FittedSegmentModel
 
 
-def segment_map(embedding: np.ndarray, segments: np.ndarray, title: str) -> plt.Figure:
+def segment_map(embedding: np.ndarray, segments: np.ndarray, title: str) -> Figure:
     """Return a scatter of the embedding coloured by segment.
 
     A 2-D embedding is drawn as is; a wider one is projected on its first two principal
@@ -26,7 +28,7 @@ def segment_map(embedding: np.ndarray, segments: np.ndarray, title: str) -> plt.
         _, _, axes = np.linalg.svd(centred, full_matrices=False)
         points = centred @ axes[:2].T
         labels = ("principal component 1", "principal component 2")
-    fig, ax = plt.subplots(figsize=(6, 5))
+    fig, ax = subplots(figsize=(6, 5))
     for segment in np.unique(segments):
         mine = segments == segment
         ax.scatter(points[mine, 0], points[mine, 1], s=6, alpha=0.6, label=f"segment {segment}")
@@ -36,10 +38,10 @@ def segment_map(embedding: np.ndarray, segments: np.ndarray, title: str) -> plt.
     return fig
 
 
-def silhouette_by_k(scores: Mapping[int, float], chosen: int, title: str) -> plt.Figure:
+def silhouette_by_k(scores: Mapping[int, float], chosen: int, title: str) -> Figure:
     """Return the validation silhouette of each number of segments tried, the chosen k marked."""
     ks = sorted(scores)
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, ax = subplots(figsize=(5, 3.5))
     ax.plot(ks, [scores[k] for k in ks], marker="o")
     ax.axvline(chosen, color="grey", linestyle=":", label=f"chosen k = {chosen}")
     ax.set(xlabel="segments (k)", ylabel="silhouette (validation)", title=title)
@@ -50,7 +52,7 @@ def silhouette_by_k(scores: Mapping[int, float], chosen: int, title: str) -> plt
 
 def run_figures(
     embedding: np.ndarray, segments: np.ndarray, fitted: FittedSegmentModel
-) -> dict[str, plt.Figure]:
+) -> dict[str, Figure]:
     """Return the figures a segmentation run logs, by artifact path."""
     return {
         "plots/segment_map.png": segment_map(embedding, segments, "customers by segment"),

@@ -27,9 +27,8 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Self, cast
+from typing import TYPE_CHECKING, ClassVar, Self, cast
 
-import lightgbm as lgb
 import numpy as np
 import pandas as pd
 
@@ -42,6 +41,9 @@ from finpipe.market.model import (
 )
 from finpipe.model_files import read_model_metadata, save_model_metadata
 from finpipe.training import TimeSplit
+
+if TYPE_CHECKING:  # imported where trees are fitted or read: most processes never need it
+    import lightgbm as lgb
 
 BOOSTER_FILE = "booster.txt"
 
@@ -157,6 +159,8 @@ class FittedMarketBoostedTrees(ExplainsRows):
                 f"{booster_file} not found: {directory} does not hold a saved {cls.saved_as} "
                 f"model (expected {BOOSTER_FILE} beside model.json)"
             )
+        import lightgbm as lgb
+
         return cls(
             booster=lgb.Booster(model_file=str(booster_file)),
             feature_columns=list(data["feature_columns"]),
@@ -271,7 +275,7 @@ class _ICEarlyStopping:
         rounds = env.iteration + 1
         if rounds % self.every and rounds != env.end_iteration:
             return
-        booster = cast(lgb.Booster, env.model)  # lgb.train's, not cv's
+        booster = cast("lgb.Booster", env.model)  # lgb.train's, not cv's
         self.predictions += booster.predict(
             self.inputs, start_iteration=self.done, num_iteration=rounds - self.done, num_threads=1
         )
@@ -288,7 +292,9 @@ class _ICEarlyStopping:
             elif rounds - self.best_rounds[k] >= self.patience:
                 self.settled[k] = True
         if all(self.settled):
-            raise lgb.callback.EarlyStopException(
+            from lightgbm.callback import EarlyStopException
+
+            raise EarlyStopException(
                 self.best_round - 1, [("validation", "ic", self.best_ics[0], True)]
             )
 
@@ -355,6 +361,8 @@ def fit_boosted_trees(
     (NaN on rounds not evaluated) after the fit (as a net's `on_epoch` hears each epoch's).
     Raises ValueError when the embargo is shorter than the horizon or a column is missing.
     """
+    import lightgbm as lgb
+
     if split.embargo < horizon:
         raise ValueError(
             f"split embargo ({split.embargo} dates) is shorter than the label horizon "

@@ -38,7 +38,6 @@ from typing import ClassVar, Literal, Self
 
 import numpy as np
 import pandas as pd
-from scipy.optimize import nnls
 
 from finpipe.market.boosted import FittedMarketBoostedTrees
 from finpipe.market.candidates import MarketMember, load_member
@@ -311,6 +310,8 @@ def _stacking_weights(z: np.ndarray, target: np.ndarray) -> np.ndarray | None:
     None when every weight is zero (no member helps)."""
     if len(z) == 0:
         return None
+    from scipy.optimize import nnls  # here: a process that fits no ensemble skips its import
+
     weights, _ = nnls(z, target)
     total = float(weights.sum())
     return weights / total if total > 0 else None
