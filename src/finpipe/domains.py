@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 from finpipe.errors import ConfigError
 
@@ -198,10 +198,7 @@ def domain_contract(name: str) -> RawContract:
     `finpipe ingest` starts in seconds fewer; `check_domain`'s ConfigError if none."""
     if check_domain(name) in _REGISTERED:
         return _REGISTERED[name].contract
-    module_name, attribute = _BUILT_IN_CONTRACTS[name].split(":")
-    active_contract: Callable[[], RawContract] = getattr(
-        importlib.import_module(module_name), attribute
-    )
+    active_contract = cast("Callable[[], RawContract]", _imported(_BUILT_IN_CONTRACTS[name]))
     return active_contract()
 
 
@@ -209,9 +206,13 @@ def get_domain(name: str) -> Domain:
     """Return the registered domain called `name`; `check_domain`'s ConfigError if none."""
     if check_domain(name) in _REGISTERED:
         return _REGISTERED[name]
-    module_name, attribute = _BUILT_IN[name].split(":")
-    domain: Domain = getattr(importlib.import_module(module_name), attribute)
-    return domain
+    return cast(Domain, _imported(_BUILT_IN[name]))
+
+
+def _imported(target: str) -> object:
+    """Return what a built-in table's `module:attribute` names, importing its module."""
+    module_name, attribute = target.split(":")
+    return getattr(importlib.import_module(module_name), attribute)
 
 
 def register_domain(domain: Domain) -> None:
