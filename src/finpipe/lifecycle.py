@@ -551,12 +551,30 @@ def check_feature_rows(storage: Storage, domain: str, update: FeatureUpdate) -> 
         )
 
 
-def epoch_logger(kind: str, say: Say) -> EpochLogger:
+# How long a fit may go without a line in the flow's log: a short fit says its first epoch
+# only (the demo's 185-epoch autoencoder said 185 lines), a long one an epoch every so often.
+EPOCH_LINE_EVERY_SECONDS = 10.0
+
+
+def epoch_logger(
+    kind: str,
+    say: Say,
+    every: float = EPOCH_LINE_EVERY_SECONDS,
+    clock: Callable[[], float] = time.monotonic,
+) -> EpochLogger:
     """Return the `on_epoch` of a candidate's fit: each epoch's losses go to its MLflow run
-    and are said (the flow's log), so a fit of many minutes shows it is moving."""
+    (the loss curves), and the flow's log says the first epoch and then one at least `every`
+    seconds after the last it said, so a fit of many minutes shows it is moving without a line
+    for each of hundreds of short epochs. The candidate's summary names its best epoch."""
+    said_at: float | None = None
 
     def log(row: dict[str, float]) -> None:
+        nonlocal said_at
         tracking.log_epoch(row)
+        now = clock()
+        if said_at is not None and now - said_at < every:
+            return
+        said_at = now
         say(
             f"{kind} epoch {int(row['epoch'])}: train loss {row['train_loss']:.4f}, "
             f"validation loss {row['validation_loss']:.4f}"
