@@ -195,3 +195,55 @@ def test_a_docs_folder_removed_and_built_again_has_every_page_it_links(tmp_path)
     assert (site / "expectations" / "market_ohlcv.html").is_file()
     linked = set().union(*(_local_links(page) for page in _pages(site)))
     assert sorted(str(path) for path in linked if not path.is_file()) == []
+
+
+def _files(site: Path, under: str = "") -> dict[str, Path]:
+    return {
+        path.relative_to(site).as_posix(): path
+        for path in (site / under).rglob("*")
+        if path.is_file()
+    }
+
+
+def test_sites_side_by_side_share_their_assets_and_each_still_holds_every_file(tmp_path):
+    """A year of daily batches kept 250 copies of the same 1.2 MB of scripts, styles and fonts
+    in reports/data_docs/<domain>/: a new site's are hard links to its newest neighbour's."""
+    first, second = tmp_path / "batch-1", tmp_path / "batch-2"
+    check(clean_bars(), data_docs_dir=first)
+    # A neighbour's file that is not byte for byte the vendored one is not linked: copied.
+    changed = first / "static/vendor/bootstrap/css/bootstrap.min.css"
+    changed.unlink()
+    changed.write_text("/* edited */")
+
+    check(clean_bars(), data_docs_dir=second)
+
+    old, new = _files(first, "static"), _files(second, "static")
+    assert sorted(old) == sorted(new) and len(new) > 20
+    linked = {name for name in new if new[name].stat().st_ino == old[name].stat().st_ino}
+    assert sorted(set(new) - linked) == ["static/vendor/bootstrap/css/bootstrap.min.css"]
+    copy = new["static/vendor/bootstrap/css/bootstrap.min.css"]
+    assert copy.read_bytes() == (VENDORED / "bootstrap/css/bootstrap.min.css").read_bytes()
+    # Every page still finds each file it links, in its own site.
+    pages = _pages(second)
+    assert sorted(str(p) for p in set().union(*map(_local_links, pages)) if not p.is_file()) == []
+    # and the pages themselves are the site's own files
+    assert all(page.stat().st_nlink == 1 for page in pages)
+
+
+def test_a_quarantined_site_links_its_assets_and_copies_its_pages(tmp_path):
+    from finpipe.docs_assets import copy_site
+
+    site, kept = tmp_path / "reports" / "batch", tmp_path / "quarantine" / "data_docs"
+    check(clean_bars(), data_docs_dir=site)
+    kept.parent.mkdir()
+
+    copy_site(site, kept)
+
+    source, copied = _files(site), _files(kept)
+    assert sorted(source) == sorted(copied)
+    shared = {name for name in copied if copied[name].stat().st_ino == source[name].stat().st_ino}
+    assert shared == {name for name in copied if name.startswith("static/")}
+    # a page rewritten in the reports later (GX writes index.html in place) leaves the copy
+    index = source["index.html"]
+    index.write_text("rewritten")
+    assert copied["index.html"].read_text("utf-8") != "rewritten"

@@ -6,9 +6,10 @@ no internet (a bank's normal case) the index listed no validation at all and eve
 unstyled. finpipe ships the very files those URLs name (docs_static/, with their licences; its
 README says where each comes from) and reads GX's templates through a loader that points each
 CDN URL at the site's own copy under static/vendor/. Each build records the files its pages
-link to, and `SiteAssets.install` copies those into the site, so a site stays whole when it is
-moved (a quarantined batch takes its site along) and carries no more than its pages use: the
-Vega scripts (800 kB) only where a page draws a chart.
+link to, and `SiteAssets.install` copies those into the site (hard links to a neighbouring
+site's where they are the same bytes), so a site stays whole when it is moved (a quarantined
+batch takes its site along) and carries no more than its pages use: the Vega scripts (800 kB)
+only where a page draws a chart.
 
 This module does not import great_expectations (`finpipe.gx_runtime` is the one that does): it
 works on GX's Jinja environments and on the folder of GX's static files it is given.
@@ -16,6 +17,8 @@ works on GX's Jinja environments and on the folder of GX's static files it is gi
 
 from __future__ import annotations
 
+import contextlib
+import filecmp
 import functools
 import logging
 import os
@@ -196,7 +199,12 @@ class SiteAssets:
     def install(self, static: Path) -> list[str]:
         """Copy into `static` (a site's static folder) each file the pages rendered since the
         last call link to that it lacks, with the licence of each vendored package; return the
-        names copied. A file is written under a temporary name and renamed into place."""
+        names copied. A file is written under a temporary name and renamed into place.
+
+        Where a sibling site (ingest keeps one per batch, side by side) has the same file, byte
+        for byte, the copy is a hard link to it: every site still holds each file it links, and
+        a year of daily batches keeps one copy of the 1.2 MB of assets instead of 250.
+        Nothing rewrites a static file once installed, so the sites never see each other."""
         wanted = set(self._linked)
         self._linked.clear()
         for name in list(wanted):
@@ -209,12 +217,16 @@ class SiteAssets:
                     for licence in package.glob("LICENSE*")
                 )
         copied = []
+        twin = _sibling_static(static)
         for name in sorted(wanted):
             target = static / name
             if target.is_file():
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            _copy_atomically(self.source(name), target)
+            source = self.source(name)
+            same = twin / name if twin is not None else None
+            if same is None or not _link_if_identical(same, source, target):
+                _copy_atomically(source, target)
             copied.append(name)
         return copied
 
@@ -255,6 +267,54 @@ def _has_graph(content: Any) -> bool:
 
 def _any_graph(items: Iterable[Any]) -> bool:
     return any(_has_graph(item) for item in items)
+
+
+def _sibling_static(static: Path) -> Path | None:
+    """Return the static folder of the newest other site beside the one of `static` (the
+    likeliest to hold this version's files), if there is one."""
+    site = static.parent
+    newest: tuple[int, str] | None = None
+    with os.scandir(site.parent) as entries:
+        for entry in entries:
+            if entry.name == site.name or entry.name.startswith(".") or not entry.is_dir():
+                continue  # itself, a folder being staged, a file
+            with contextlib.suppress(OSError):  # no static folder, or removed meanwhile
+                found = (os.stat(os.path.join(entry.path, "static")).st_mtime_ns, entry.path)
+                newest = max(newest or found, found)
+    return None if newest is None else Path(newest[1], "static")
+
+
+def _link_if_identical(same: Path, source: Path, target: Path) -> bool:
+    """Hard-link `target` to `same` when it holds what `source` does; return whether it did
+    (a file system without hard links, another device or a full link count: it did not)."""
+    try:
+        if not (same.is_file() and filecmp.cmp(same, source, shallow=False)):
+            return False
+        staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+        os.link(same, staging)
+    except OSError:
+        return False
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        staging.unlink(missing_ok=True)
+        raise
+    return True
+
+
+def copy_site(site: Path, target: Path) -> None:
+    """Copy the Data Docs site in `site` to `target` (a new folder): its pages are copied, its
+    static files hard-linked where the file system allows (they are never rewritten)."""
+    static = Path(site, "static")
+
+    def copy(source: str, destination: str) -> str:
+        if static in Path(source).parents:
+            with contextlib.suppress(OSError):
+                os.link(source, destination)
+                return destination
+        return shutil.copy2(source, destination)
+
+    shutil.copytree(site, target, copy_function=copy)
 
 
 def _copy_atomically(source: Path, target: Path) -> None:

@@ -849,7 +849,9 @@ class Storage:
             shutil.copyfile(self._path(landed), staging / name)
             write_json_atomic(staging / "report.json", report)
             if data_docs is not None and Path(data_docs).exists():
-                shutil.copytree(data_docs, staging / "data_docs")
+                from finpipe.docs_assets import copy_site  # the assets are links, not copies
+
+                copy_site(Path(data_docs), staging / "data_docs")
             if final.exists():
                 shutil.rmtree(final)
             os.replace(staging, final)
