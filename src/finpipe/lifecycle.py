@@ -565,7 +565,8 @@ def epoch_logger(
     """Return the `on_epoch` of a candidate's fit: each epoch's losses go to its MLflow run
     (the loss curves), and the flow's log says the first epoch and then one at least `every`
     seconds after the last it said, so a fit of many minutes shows it is moving without a line
-    for each of hundreds of short epochs. The candidate's summary names its best epoch."""
+    for each of hundreds of short epochs. Each shipped domain's summary of a candidate names
+    its best epoch."""
     said_at: float | None = None
 
     def log(row: dict[str, float]) -> None:

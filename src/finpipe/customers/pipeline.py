@@ -137,6 +137,7 @@ class CustomersNight(lifecycle.Night[CustomersTrainingConfig]):
         test = windows["test"]
         say(
             f"{fitted.k} segments; test silhouette {test['silhouette']:.3f}"
+            + f", autoencoder best epoch {fitted.best_epoch}"
             + (
                 f", {test['same_segment_vs_champion']:.1%} keep the champion's segment"
                 if "same_segment_vs_champion" in test
