@@ -42,7 +42,7 @@ from finpipe.planning import (
     scheduled_day,
     training_config,
 )
-from finpipe.schedule import check_timezone, load_schedule_settings
+from finpipe.schedule import check_timezone, load_schedule_settings, newest_day_accepted
 from finpipe.storage import as_day
 
 __all__ = ["nightly", "summary_markdown"]
@@ -97,7 +97,8 @@ def nightly(
     Args:
         domain: Which domain's pipeline to run: market, credit, customers or another
             registered domain.
-        as_of: Date to run for; empty means `default_as_of`.
+        as_of: Date to run for; empty means `default_as_of` (and files' rows are accepted up
+            to today in calendar_timezone).
         inputs: Delivered files to validate and load first (CSV, CSV.gz or Parquet paths, or
             globs such as /data/drop/market_*.csv: files already loaded are skipped).
         corrections: Files restating rows already loaded (paths or globs), loaded after the
@@ -129,7 +130,8 @@ def nightly(
     scheduled = as_of is None and default_as_of == "previous business day"
     if scheduled:
         as_of = _scheduled_as_of(calendar_timezone, domain)
-    validate_day = as_day(as_of) if as_of else dt.datetime.now(dt.UTC).date()
+    timezone = calendar_timezone or run.schedule.timezone
+    validate_day = newest_day_accepted(as_day(as_of) if as_of else None, timezone)
     ingested = ingest_inputs(run, validate_day)
     plan = _plan(run, as_of, validate_day, catch_up=catch_up, retrain=retrain)
     run_date = plan.run_day.isoformat()

@@ -933,6 +933,35 @@ def test_a_late_night_leaves_the_next_sessions_files_for_their_own_nights(market
 
 
 @pytest.mark.slow
+def test_a_night_without_as_of_takes_todays_file_where_its_schedule_is_read(
+    market, base, tmp_path, monkeypatch
+):
+    """A Sydney desk's morning night with FINPIPE_TIMEZONE=Australia/Sydney: by the UTC date,
+    still yesterday there, its file was dated a day later than the night's as-of and left for
+    the next night. Today is read in the schedule's timezone, as a backfill reads it."""
+    from finpipe.flows.nightly import nightly
+
+    now = dt.datetime.now(dt.UTC)
+    # A zone whose date is not UTC's: a day ahead from 10:00 UTC, a day behind until 12:00.
+    zone = "Pacific/Kiritimati" if now.hour >= 11 else "Etc/GMT+12"
+    monkeypatch.setenv("FINPIPE_TIMEZONE", zone)
+    day = dt.datetime.now(ZoneInfo(zone)).date()
+    assert day != now.date()
+    files = []
+    for source, delivered in zip(base.files[1:3], (day, day + dt.timedelta(days=1)), strict=True):
+        rows = pd.read_csv(source)  # the sessions after the stored history, dated there
+        rows["Date"] = delivered.isoformat()
+        files.append(tmp_path / f"market_{delivered}.csv")
+        rows.to_csv(files[-1], index=False)
+
+    summary = nightly(inputs=[str(f) for f in files], retrain=False, catch_up=False)
+
+    statuses = {Path(i["source"]).name: i["status"] for i in summary["ingested"]}
+    assert statuses == {files[0].name: "validated", files[1].name: "later"}
+    assert summary["predictions"]["date"] == day.isoformat()
+
+
+@pytest.mark.slow
 def test_a_night_catches_up_an_unscored_backfill_date_and_retries_a_failed_one(
     market, base, monkeypatch
 ):

@@ -216,7 +216,9 @@ def ingest(
     ],
     as_of: Annotated[
         str | None,
-        typer.Option(help="Reject rows dated after this day (default: today; not later)."),
+        typer.Option(
+            help="Reject rows dated after this day (default: today in FINPIPE_TIMEZONE; not later)."
+        ),
     ] = None,
     correction: Annotated[
         bool,
@@ -255,6 +257,7 @@ def ingest(
     from finpipe.drop_roots import check_command_line_inputs
     from finpipe.errors import InputFileError, ValidationFailed
     from finpipe.ingest import ingest_files
+    from finpipe.schedule import load_schedule_settings, newest_day_accepted, today_in
     from finpipe.storage import Storage, as_day
 
     settings = _settings()
@@ -265,8 +268,9 @@ def ingest(
             raise ConfigError(
                 f"{path} is a folder, not a file: name the files in it, e.g. {path / '*.csv'}"
             )
-    today = max(dt.date.today(), dt.datetime.now(dt.UTC).date())  # local or UTC: the later
-    day = as_day(as_of) if as_of else dt.datetime.now(dt.UTC).date()
+    timezone = load_schedule_settings().timezone
+    day = newest_day_accepted(as_day(as_of) if as_of else None, timezone)
+    today = max(dt.date.today(), dt.datetime.now(dt.UTC).date(), today_in(timezone))
     if day > today:
         raise ConfigError(
             f"--as-of {day} is after today ({today}): a delivery is as of a day that has come, "

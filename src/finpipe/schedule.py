@@ -92,3 +92,10 @@ def check_timezone(name: str) -> ZoneInfo:
 def today_in(timezone: str) -> dt.date:
     """Return today's date in `timezone`."""
     return dt.datetime.now(check_timezone(timezone)).date()
+
+
+def newest_day_accepted(as_of: dt.date | None, timezone: str) -> dt.date:
+    """Return the newest day whose rows a run accepts: its as-of, or without one today in
+    `timezone`, where the schedule is read (FINPIPE_TIMEZONE). A Sydney desk's morning file
+    is dated today there; by the UTC date, still yesterday, its rows were from the future."""
+    return as_of if as_of is not None else today_in(timezone)
