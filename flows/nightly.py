@@ -8,6 +8,7 @@ date, which missed sessions and whether to retrain are decided in `finpipe.plann
 from __future__ import annotations
 
 import datetime as dt
+from dataclasses import replace
 from typing import Any
 
 from finpipe.flows.parameters import DomainName, HistoryDates, training_overrides
@@ -135,6 +136,7 @@ def nightly(
     ingested = ingest_inputs(run, validate_day)
     plan = _plan(run, as_of, validate_day, catch_up=catch_up, retrain=retrain)
     run_date = plan.run_day.isoformat()
+    run = _named_after_its_day(run, plan.run_day)
     # (its catch-up too: the night that ran it tried those dates from the same data; a date
     # that stays unscored, e.g. one never delivered, would otherwise rerun every such night)
     if scheduled and _night_ran(run, plan.run_day):
@@ -189,6 +191,20 @@ def _plan(
         max_catch_up=run.schedule.backfill_max_dates,
         retrain=retrain,
     )
+
+
+def _named_after_its_day(run: RunSetup, day: dt.date) -> RunSetup:
+    """Return `run` named after the day it runs for, as a night given that day is: a night
+    started without one (`nightly-<domain>-latest`) is renamed in Prefect, and its completion
+    records keep the dated name, so the scheduled night of that day finds it ran."""
+    name = _night_name(run.domain, day)
+    if run.holder != _night_name(run.domain, "latest") or flow_run.id is None:
+        return run
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        client.update_flow_run(flow_run.id, name=name)
+    return replace(run, holder=name)
 
 
 def _night_ran(run: RunSetup, day: dt.date) -> bool:

@@ -933,7 +933,7 @@ def test_a_late_night_leaves_the_next_sessions_files_for_their_own_nights(market
 
 
 @pytest.mark.slow
-def test_a_night_without_as_of_takes_todays_file_where_its_schedule_is_read(
+def test_a_night_without_as_of_takes_todays_file_where_its_schedule_is_read_and_its_name(
     market, base, tmp_path, monkeypatch
 ):
     """A Sydney desk's morning night with FINPIPE_TIMEZONE=Australia/Sydney: by the UTC date,
@@ -954,11 +954,22 @@ def test_a_night_without_as_of_takes_todays_file_where_its_schedule_is_read(
         files.append(tmp_path / f"market_{delivered}.csv")
         rows.to_csv(files[-1], index=False)
 
-    summary = nightly(inputs=[str(f) for f in files], retrain=False, catch_up=False)
+    state = nightly(
+        inputs=[str(f) for f in files], retrain=False, catch_up=False, return_state=True
+    )
 
+    summary = state.result()
     statuses = {Path(i["source"]).name: i["status"] for i in summary["ingested"]}
     assert statuses == {files[0].name: "validated", files[1].name: "later"}
     assert summary["predictions"]["date"] == day.isoformat()
+    # Started without a date (nightly-market-latest), it is named after the day it ran, in
+    # Prefect and in its completion record, as a night given that day is.
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        name = client.read_flow_run(state.state_details.flow_run_id).name
+    assert name == f"nightly-market-{day}"
+    assert read_completion(Storage(market.home), "market", day)["holder"] == name
 
 
 @pytest.mark.slow
