@@ -197,11 +197,11 @@ def _named_after_its_day(run: RunSetup, day: dt.date) -> RunSetup:
     """Return `run` named after the day it runs for, as a night given that day is: a night
     started without one (`nightly-<domain>-latest`) is renamed in Prefect, and its completion
     records keep the dated name, so the scheduled night of that day finds it ran."""
-    name = _night_name(run.domain, day)
     if run.holder != _night_name(run.domain, "latest") or flow_run.id is None:
         return run
     from prefect.client.orchestration import get_client
 
+    name = _night_name(run.domain, day)
     with get_client(sync_client=True) as client:
         client.update_flow_run(flow_run.id, name=name)
     return replace(run, holder=name)
