@@ -87,6 +87,21 @@ def finpipe_home(path: Path):
 
 
 @pytest.fixture
+def today_elsewhere(monkeypatch):
+    """Set FINPIPE_TIMEZONE to a zone whose date is not UTC's now (a day ahead from 10:00 UTC,
+    a day behind until 12:00) and return today's date there."""
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    now = dt.datetime.now(dt.UTC)
+    zone = "Pacific/Kiritimati" if now.hour >= 11 else "Etc/GMT+12"
+    monkeypatch.setenv("FINPIPE_TIMEZONE", zone)
+    day = dt.datetime.now(ZoneInfo(zone)).date()
+    assert day != now.date()
+    return day
+
+
+@pytest.fixture
 def expectations_folder(tmp_path, monkeypatch) -> Path:
     """Return a folder that stands in for finpipe's `expectations/` package: the suite files a
     test writes there are the ones finpipe loads (the shipped ones are not)."""

@@ -934,19 +934,14 @@ def test_a_late_night_leaves_the_next_sessions_files_for_their_own_nights(market
 
 @pytest.mark.slow
 def test_a_night_without_as_of_takes_todays_file_where_its_schedule_is_read_and_its_name(
-    market, base, tmp_path, monkeypatch
+    market, base, tmp_path, today_elsewhere
 ):
     """A Sydney desk's morning night with FINPIPE_TIMEZONE=Australia/Sydney: by the UTC date,
     still yesterday there, its file was dated a day later than the night's as-of and left for
     the next night. Today is read in the schedule's timezone, as a backfill reads it."""
     from finpipe.flows.nightly import nightly
 
-    now = dt.datetime.now(dt.UTC)
-    # A zone whose date is not UTC's: a day ahead from 10:00 UTC, a day behind until 12:00.
-    zone = "Pacific/Kiritimati" if now.hour >= 11 else "Etc/GMT+12"
-    monkeypatch.setenv("FINPIPE_TIMEZONE", zone)
-    day = dt.datetime.now(ZoneInfo(zone)).date()
-    assert day != now.date()
+    day = today_elsewhere
     files = []
     for source, delivered in zip(base.files[1:3], (day, day + dt.timedelta(days=1)), strict=True):
         rows = pd.read_csv(source)  # the sessions after the stored history, dated there

@@ -214,21 +214,14 @@ def test_an_as_of_after_today_is_refused_before_anything_is_read(tmp_path, home)
 
 
 def test_without_as_of_rows_are_accepted_up_to_today_where_the_schedule_is_read(
-    tmp_path, home, monkeypatch
+    tmp_path, home, today_elsewhere
 ):
     """A Sydney desk (FINPIPE_TIMEZONE=Australia/Sydney) ingesting its morning file: by the
     UTC date, still yesterday there, every row was from the future. The nightly flow reads
     the same day (`newest_day_accepted`)."""
-    from zoneinfo import ZoneInfo
-
     from finpipe.storage import Storage
 
-    now = dt.datetime.now(dt.UTC)
-    # A zone whose date is not UTC's: a day ahead from 10:00 UTC, a day behind until 12:00.
-    zone = "Pacific/Kiritimati" if now.hour >= 11 else "Etc/GMT+12"
-    monkeypatch.setenv("FINPIPE_TIMEZONE", zone)
-    day = dt.datetime.now(ZoneInfo(zone)).date()
-    assert day != now.date()
+    day = today_elsewhere
     for delivered in (day, day + dt.timedelta(days=1)):  # today there, then tomorrow there
         delivery = tmp_path / f"market_{delivered}.csv"
         delivery.write_text(f"date,ticker,close\n{delivered},AAA,1.0\n{delivered},BBB,2.0\n")

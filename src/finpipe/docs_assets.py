@@ -290,15 +290,9 @@ def _link_if_identical(same: Path, source: Path, target: Path) -> bool:
     try:
         if not (same.is_file() and filecmp.cmp(same, source, shallow=False)):
             return False
-        staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-        os.link(same, staging)
+        _into_place(target, lambda staging: os.link(same, staging))
     except OSError:
         return False
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        staging.unlink(missing_ok=True)
-        raise
     return True
 
 
@@ -318,9 +312,15 @@ def copy_site(site: Path, target: Path) -> None:
 
 
 def _copy_atomically(source: Path, target: Path) -> None:
+    _into_place(target, lambda staging: shutil.copyfile(source, staging))
+
+
+def _into_place(target: Path, make: Callable[[Path], object]) -> None:
+    """Have `make` write a file under a temporary name beside `target`, then rename it into
+    place: a reader sees the whole file or none."""
     staging = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
     try:
-        shutil.copyfile(source, staging)
+        make(staging)
         os.replace(staging, target)
     except BaseException:
         staging.unlink(missing_ok=True)
