@@ -424,6 +424,13 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     # GX on frames built in the test; on the real sample data set it takes seconds.
     "test_validation.py": ModuleTiers(UNIT, by_fixture={"shared_datasets": FLOW}),
     "test_docs_assets.py": ModuleTiers(UNIT),  # Data Docs sites of frames built in the test
+    "test_status.py": ModuleTiers(
+        UNIT,  # a store built in the test; the command's registry part reads MLflow
+        by_name={
+            "test_the_command_reads_the_registry_and_says_why_the_champion_was_promoted": FLOW,
+            "test_a_tracking_server_that_does_not_answer_leaves_the_store_part_said": FLOW,
+        },
+    ),
     "test_reliability_security.py": ModuleTiers(
         UNIT, by_name={"test_cli_rejects_traversal_in_domain_before_any_work": _CHILD_PROCESS}
     ),

@@ -29,6 +29,7 @@ runner = CliRunner()
         ["run"],
         ["run", "nightly"],
         ["demo"],
+        ["status"],
     ],
 )
 def test_every_command_has_help(command):

@@ -326,6 +326,8 @@ def test_a_fourth_domain_runs_through_the_real_nightly_flow(tmp_path, toy_domain
     assert champion.tags["promotion"] == "promoted"
     kept = client.get_model_version("finpipe-toy", again.challenger_version)
     assert kept.tags["promotion"] == "kept"
+    assert champion.tags["promotion_reason"] == second["promotion"]["reason"]
+    assert kept.tags["promotion_reason"] == rerun.reason
     versions = client.search_model_versions("name = 'finpipe-toy'")
     assert sorted(int(v.version) for v in versions) == [1, 2, 3]  # none for the constant one
     assert str(client.get_model_version_by_alias("finpipe-toy", "challenger").version) == "3"

@@ -427,6 +427,58 @@ def batches(
     typer.echo(shown.to_string(index=False))
 
 
+@app.command("status")
+def show_status(
+    domains: Annotated[
+        list[str] | None,
+        typer.Argument(help="Domains to report; default: every registered domain."),
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print one JSON document instead (for monitoring).")
+    ] = False,
+) -> None:
+    """Say where each domain stands: the morning check, read-only.
+
+    Delivered files (quarantined ones with their rules and report), each layer's first and
+    last day, the last scored date and the model that scored it, dates whose last run failed,
+    sessions left unscored, predictions scored from data changed since, and the champion and
+    latest challenger in MLflow. Each problem comes with the command that fixes it."""
+    import dataclasses
+    import json
+    import os
+
+    from finpipe.domains import check_domain, domain_names
+    from finpipe.errors import TrackingUnavailable
+    from finpipe.schedule import load_schedule_settings
+    from finpipe.status import domain_status, registry_lines, status_lines
+    from finpipe.storage import Storage
+
+    chosen = [check_domain(name) for name in domains] if domains else domain_names()
+    settings = _settings()
+    # A tracking server that does not answer is said at once, not after MLflow's retries.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    from finpipe.tracking import registry_status
+
+    storage, schedule = Storage(settings.home), load_schedule_settings()
+    report = []
+    for domain in chosen:
+        found = domain_status(storage, domain, schedule.calendar(domain))
+        try:
+            models = registry_status(settings, domain)
+        except TrackingUnavailable as error:
+            registry: dict = {"error": str(error)}
+            lines = [f"  champion     unknown: {error}"]
+        else:
+            registry, lines = dataclasses.asdict(models), registry_lines(domain, models)
+        if as_json:
+            report.append({**dataclasses.asdict(found), "registry": registry})
+        else:
+            typer.echo("\n".join([domain, *status_lines(found), *lines, ""]))
+    if as_json:
+        typer.echo(json.dumps(report, indent=2, default=str))
+
+
 @app.command("migrate-storage")
 def migrate_storage() -> None:
     """Convert a store written before 2026-12 to the layout every Parquet reader opens.

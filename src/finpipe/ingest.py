@@ -26,10 +26,10 @@ from finpipe.errors import InputFileError, ValidationFailed
 from finpipe.storage import Storage, as_day, file_sha256
 from finpipe.text import counted, sentence
 from finpipe.validation import (
-    WARNING,
     ValidationReport,
     describe_rule_break,
     load_suite_spec,
+    rejecting_rules,
     validate_frame,
 )
 
@@ -1149,15 +1149,6 @@ def _quarantine(storage, contract, record, landed, report, docs_dir, message) ->
     )
 
 
-def _failed_rules(report: dict) -> str:
-    """Return the names of the rules that reject the batch (failed, not warnings), joined."""
-    return ", ".join(
-        str(r.get("rule"))
-        for r in report.get("rules", [])
-        if not r.get("success", True) and r.get("severity") != WARNING
-    )
-
-
 def _parse_error_rule(frame: pd.DataFrame) -> dict | None:
     """Return a failed-rule entry for values that did not parse (text in a number column...)."""
     problems = frame.attrs.get("parse_errors") or {}
@@ -1330,3 +1321,8 @@ def _merged_partitions(
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
+
+
+def _failed_rules(report: dict) -> str:
+    """Return the names of the rules that reject the batch, joined."""
+    return ", ".join(rejecting_rules(report))

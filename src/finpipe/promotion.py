@@ -23,6 +23,8 @@ from finpipe.tracking import (
     AS_OF_TAG,
     CHALLENGER,
     CHAMPION,
+    PROMOTION_REASON_TAG,
+    PROMOTION_TAG,
     QUALITY_FLOOR_TAG,
     RegisteredModel,
     current_alias_version,
@@ -159,13 +161,14 @@ def apply_promotion(settings: Settings, domain: str, decision: PromotionDecision
 
 
 def _tag_version(settings: Settings, domain: str, decision: PromotionDecision) -> None:
-    """Tag the challenger's version with the decision (`promotion`: promoted or kept), whether
-    it was scored or refused before (the quality floor, a newer champion)."""
-    MlflowClient().set_model_version_tag(
-        settings.model_name(domain),
-        decision.challenger_version,
-        "promotion",
-        "promoted" if decision.promoted else "kept",
+    """Tag the challenger's version with the decision (`promotion`: promoted or kept) and its
+    reason in words, whether it was scored or refused before (the quality floor, a newer
+    champion): the registry's page of the version, and `finpipe status`, say why."""
+    client, name = MlflowClient(), settings.model_name(domain)
+    outcome = "promoted" if decision.promoted else "kept"
+    client.set_model_version_tag(name, decision.challenger_version, PROMOTION_TAG, outcome)
+    client.set_model_version_tag(
+        name, decision.challenger_version, PROMOTION_REASON_TAG, decision.reason
     )
 
 

@@ -10,6 +10,7 @@ MLflow and read the folder with the class the pyfunc would use (see `load_model_
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import importlib
 import importlib.metadata
 import logging
@@ -45,6 +46,8 @@ CHALLENGER = "challenger"
 # Tag of a registered version the quality floor refused: why, in words (see lifecycle).
 QUALITY_FLOOR_TAG = "quality_floor_refused"
 AS_OF_TAG = "as_of"  # on a registered version: the as-of date its training read data up to
+# On a registered version: its promotion's outcome (promoted or kept) and the reason in words.
+PROMOTION_TAG, PROMOTION_REASON_TAG = "promotion", "promotion_reason"
 
 # Every run finpipe starts or resumes carries its owner: host, process id and the process's
 # start time. A run still RUNNING whose owner on this host is gone was killed with its process
@@ -349,6 +352,61 @@ def current_champion(settings: Settings, domain: str) -> RegisteredModel | None:
     if current_alias_version(settings, domain, CHAMPION) is None:
         return None
     return load_model_version(settings, domain)
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    """One registered version as `finpipe status` shows it."""
+
+    version: str
+    as_of: str | None  # the as-of date its training read data up to
+    registered_at: str  # UTC, to the second
+    promotion: str | None  # promoted, kept, or None before its promotion was decided
+    reason: (
+        str | None
+    )  # the promotion's reason in words (versions promoted before 2026-12-07: None)
+    refused: str | None  # why the quality floor refused it, if it did
+
+
+@dataclass(frozen=True)
+class RegistryStatus:
+    """The champion of a domain's registered model and its latest challenger (None where
+    there is none)."""
+
+    model: str
+    champion: VersionStatus | None
+    challenger: VersionStatus | None
+
+
+def registry_status(settings: Settings, domain: str) -> RegistryStatus:
+    """Return the champion and the latest challenger of `domain`'s registered model.
+
+    Raises TrackingUnavailable when a tracking server does not answer."""
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    name = settings.model_name(check_name(domain))
+    client = MlflowClient()
+
+    def version(alias: str) -> VersionStatus | None:
+        try:
+            found = client.get_model_version_by_alias(name, alias)
+        except MlflowException as error:
+            if not settings.tracking_is_local and _is_connection_error(error):
+                raise TrackingUnavailable(
+                    f"MLflow tracking server {settings.tracking_uri_for_display} is "
+                    f"unreachable ({_short(error)})"
+                ) from None
+            return None  # no such model or alias yet
+        registered = dt.datetime.fromtimestamp(found.creation_timestamp / 1000, dt.UTC)
+        return VersionStatus(
+            version=str(found.version),
+            as_of=found.tags.get(AS_OF_TAG),
+            registered_at=registered.isoformat(timespec="seconds"),
+            promotion=found.tags.get(PROMOTION_TAG),
+            reason=found.tags.get(PROMOTION_REASON_TAG),
+            refused=found.tags.get(QUALITY_FLOOR_TAG),
+        )
+
+    return RegistryStatus(name, version(CHAMPION), version(CHALLENGER))
 
 
 @contextlib.contextmanager

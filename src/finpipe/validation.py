@@ -411,6 +411,16 @@ def _rule_result(
     )
 
 
+def rejecting_rules(report: Mapping[str, Any]) -> list[str]:
+    """Return the names of the rules of a stored report (`ValidationReport.to_dict()`) that
+    reject its batch: those that failed, warnings left out."""
+    return [
+        str(rule.get("rule"))
+        for rule in report.get("rules", [])
+        if not rule.get("success", True) and rule.get("severity") != WARNING
+    ]
+
+
 def describe_rule_break(rule: RuleResult) -> str:
     """Return one sentence on a failed rule: what broke, how often, one row and value."""
     if "exception" in rule.details:

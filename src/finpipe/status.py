@@ -1,0 +1,283 @@
+"""Where a domain stands in the store: what `finpipe status` prints for the morning check.
+
+Read-only: the delivered files and their fate, the span of each layer, the sessions scored or
+not, the dates whose last run failed and the predictions scored from data changed since. The
+champion's side (MLflow's registry) is `finpipe.tracking.registry_status`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import Counter
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from finpipe.calendars import Calendar
+from finpipe.date_runs import COMPLETED, stale_scored_dates
+from finpipe.storage import Storage, as_day
+from finpipe.text import counted
+from finpipe.validation import rejecting_rules
+
+if TYPE_CHECKING:
+    from finpipe.tracking import RegistryStatus, VersionStatus
+
+LAYERS = ("validated", "features", "predictions")
+# Of a long list (quarantined files, failed or unscored dates), the newest this many are named.
+NAMED = 3
+
+
+@dataclass(frozen=True)
+class LayerSpan:
+    """The published partitions of one layer: how many days, the first and the last."""
+
+    days: int
+    first: dt.date | None
+    last: dt.date | None
+
+
+@dataclass(frozen=True)
+class QuarantinedFile:
+    """A delivered file ingest rejected: when, which rules, and where its report is."""
+
+    file: str
+    when: str
+    rules: str
+    report: str
+
+
+@dataclass(frozen=True)
+class DateRecord:
+    """The last run of one date, from its completion record."""
+
+    date: dt.date
+    status: str
+    finished_at: str
+    holder: str
+    model_version: str | None
+    error: str
+
+
+@dataclass(frozen=True)
+class DomainStatus:
+    """What `domain_status` found; every list is in date order."""
+
+    domain: str
+    files: dict[str, int]  # delivered files by status: validated, quarantined, landed
+    # The newest NAMED quarantined files no later file of the same name replaced, oldest first.
+    quarantined: list[QuarantinedFile]
+    redelivered: int  # quarantined files a later file of the same name was validated for
+    layers: dict[str, LayerSpan]
+    newest_scored: DateRecord | None  # the latest date recorded completed with its scores
+    failed: list[DateRecord]  # dates whose last run failed
+    unscored: list[dt.date]  # sessions with validated data and no scored run since scoring began
+    no_data: list[dt.date]  # sessions without validated data in the same span
+    stale: list[dt.date]  # predictions scored from data changed since (see stale_scored_dates)
+    gone: list[dt.date]  # of those, dates retracted whole: nothing can score them again
+
+
+def domain_status(storage: Storage, domain: str, calendar: Calendar) -> DomainStatus:
+    """Return where `domain` stands in `storage`, its sessions read from `calendar`."""
+    records = storage.batch_records(domain)
+    layers = {layer: _span(storage.partition_dates(layer, domain)) for layer in LAYERS}
+    dates = _date_records(storage, domain)
+    scored = [r for r in dates if r.status == "completed" and r.model_version is not None]
+    unscored: list[dt.date] = []
+    no_data: list[dt.date] = []
+    newest_validated = layers["validated"].last
+    if scored and newest_validated is not None:
+        validated = set(storage.partition_dates("validated", domain, scored[0].date))
+        done = {r.date for r in scored}
+        for day in calendar.sessions(scored[0].date, newest_validated):
+            if day not in done:
+                (unscored if day in validated else no_data).append(day)
+    predicted = storage.partition_dates("predictions", domain)
+    stale, gone = stale_scored_dates(storage, domain, predicted)
+    open_files, redelivered = _quarantined_files(records)
+    return DomainStatus(
+        domain=domain,
+        files=dict(Counter(record.get("status", "") for record in records)),
+        quarantined=[_quarantined(storage, domain, record) for record in open_files[-NAMED:]],
+        redelivered=redelivered,
+        layers=layers,
+        newest_scored=scored[-1] if scored else None,
+        failed=[r for r in dates if r.status == "failed"],
+        unscored=unscored,
+        no_data=no_data,
+        stale=stale,
+        gone=gone,
+    )
+
+
+def _span(days: list[dt.date]) -> LayerSpan:
+    return LayerSpan(len(days), days[0] if days else None, days[-1] if days else None)
+
+
+def _date_records(storage: Storage, domain: str) -> list[DateRecord]:
+    """The completion record of every date a run attempted, in date order."""
+    out = []
+    for key in sorted(storage.list_files(storage.state_key(domain, COMPLETED))):
+        if not key.endswith(".json"):
+            continue
+        record = storage.read_json(key) or {}
+        steps = record.get("steps", [])
+        out.append(
+            DateRecord(
+                date=as_day(key.rsplit("/", 1)[-1].removesuffix(".json")),
+                status=str(record.get("status", "")),
+                finished_at=str(record.get("finished_at", "")),
+                holder=str(record.get("holder", "")),
+                # a run without the score step leaves no version of its own
+                model_version=record.get("model_version") if "score" in steps else None,
+                error=str(record.get("error", "")),
+            )
+        )
+    return sorted(out, key=lambda r: r.date)
+
+
+def _quarantined_files(records: list[dict]) -> tuple[list[dict], int]:
+    """Split the quarantined files' records (in landing order) into those still waiting for a
+    fixed delivery and the count of those a later file of the same name was validated for
+    (what a vendor's re-sent file is)."""
+    waiting, redelivered = [], 0
+    for number, record in enumerate(records):
+        if record.get("status") != "quarantined":
+            continue
+        name = _file_name(record)
+        later = records[number + 1 :]
+        if any(r.get("status") == "validated" and _file_name(r) == name for r in later):
+            redelivered += 1
+        else:
+            waiting.append(record)
+    return waiting, redelivered
+
+
+def _file_name(record: dict) -> str:
+    return str(record.get("source", "")).rsplit("/", 1)[-1]
+
+
+def _quarantined(storage: Storage, domain: str, record: dict) -> QuarantinedFile:
+    """A quarantined file's line, its rules read from the report kept beside it."""
+    key = storage.quarantine_key(domain, record["batch_id"])
+    report = storage.read_json(f"{key}/report.json") or {}
+    rules = list(dict.fromkeys(rejecting_rules(report)))  # the report's order, once each
+    when = record.get("quarantined_at")
+    return QuarantinedFile(
+        file=_file_name(record),
+        when=dt.datetime.fromisoformat(when).isoformat(timespec="seconds") if when else "-",
+        rules=", ".join(rules) or str(report.get("error", "see the report")),
+        report=storage.location(f"{key}/report.json"),
+    )
+
+
+def status_lines(status: DomainStatus) -> list[str]:
+    """Return the store's part of `finpipe status` for one domain: one line a fact, and under
+    a fact that needs doing, the command that does it."""
+    lines = [_files_line(status)]
+    for found in status.quarantined:
+        lines.append(f"  quarantined  {found.file} at {found.when}")
+        lines.append(f"               rules: {found.rules}")
+        lines.append(f"               report: {found.report}")
+    for layer, span in status.layers.items():
+        shown = f"{span.first} .. {span.last}, {counted(span.days, 'day')}" if span.days else "-"
+        lines.append(f"  {layer:<12} {shown}")
+    if status.newest_scored is not None:
+        newest = status.newest_scored
+        lines.append(
+            f"  last scored  {newest.date} by model v{newest.model_version}, "
+            f"finished {newest.finished_at} ({newest.holder or 'no holder recorded'})"
+        )
+    else:
+        lines.append("  last scored  - (no date scored yet: finpipe run nightly)")
+    lines += _dates_lines(status)
+    return lines
+
+
+def _files_line(status: DomainStatus) -> str:
+    files = status.files
+    if not files:
+        return "  files        none delivered yet (finpipe ingest, or a run's --input)"
+    parts = [f"{files[name]:,} {name}" for name in ("validated", "quarantined") if name in files]
+    if status.redelivered:
+        parts[-1] += f" ({status.redelivered:,} of them since delivered again and validated)"
+    others = sum(n for name, n in files.items() if name not in ("validated", "quarantined"))
+    if others:
+        parts.append(f"{others:,} in progress or interrupted (re-run ingest to settle them)")
+    return f"  files        {counted(sum(files.values()), 'delivered file')}: {', '.join(parts)}"
+
+
+def _dates_lines(status: DomainStatus) -> list[str]:
+    lines = []
+    domain = status.domain
+    if status.failed:
+        lines.append(f"  failed       {_named(d.date for d in status.failed)}: last error")
+        lines.append(f"               {status.failed[-1].date}: {status.failed[-1].error}")
+        lines.append(f"               re-run: {_backfill(domain, [d.date for d in status.failed])}")
+    if status.unscored:
+        lines.append(
+            f"  not scored   {_named(status.unscored)} (sessions with validated data since "
+            "scoring began)"
+        )
+        lines.append(f"               score them: {_backfill(domain, status.unscored)}")
+    if status.no_data:
+        lines.append(
+            f"  no data      {_named(status.no_data)} (sessions without validated rows: a "
+            "holiday, or a delivery not ingested yet or quarantined)"
+        )
+    if status.stale:
+        lines.append(
+            f"  stale        {_named(status.stale)}: predictions scored from data corrected, "
+            "retracted or delivered late since"
+        )
+        rescore = [day for day in status.stale if day not in status.gone]
+        if rescore:
+            lines.append(f"               re-score: {_backfill(domain, rescore)}")
+        if status.gone:
+            lines.append(
+                f"               {_named(status.gone)}: retracted whole, so nothing can "
+                "score them again; their predictions stay as published"
+            )
+    if not (status.failed or status.unscored or status.stale):
+        lines.append("  dates        every session since scoring began is scored and current")
+    return lines
+
+
+def _named(days) -> str:
+    """'3 dates: 2024-01-02, 2024-01-03, 2024-01-04', the newest NAMED of a longer list."""
+    days = sorted(days)
+    shown = ", ".join(str(day) for day in days[-NAMED:])
+    return f"{counted(len(days), 'date')}: {'..., ' if len(days) > NAMED else ''}{shown}"
+
+
+def _backfill(domain: str, days: list[dt.date]) -> str:
+    return f"finpipe run backfill --domain {domain} --start {min(days)} --end {max(days)}"
+
+
+def registry_lines(domain: str, registry: RegistryStatus) -> list[str]:
+    """Return the registry's part of `finpipe status` for one domain: its champion, its latest
+    challenger where that is another version, and the reason each promotion gave."""
+    champion, challenger = registry.champion, registry.challenger
+    if champion is None:
+        lines = [
+            f"  champion     none yet in {registry.model} (finpipe run nightly --domain "
+            f"{domain} trains and promotes one)"
+        ]
+    else:
+        lines = [f"  champion     {_version(champion)}"]
+        if champion.reason:
+            lines.append(f"               {champion.reason}")
+    if challenger is None or (champion is not None and challenger.version == champion.version):
+        return lines
+    if challenger.refused and not challenger.reason:
+        fate = f"refused by the quality floor ({challenger.refused})"
+    elif challenger.promotion is None:
+        fate = "not compared yet: its night stopped before promotion (re-run it)"
+    else:
+        fate = challenger.reason or "not promoted (the promotion.json of its run says why)"
+    lines.append(f"  challenger   {_version(challenger)}")
+    lines.append(f"               {fate}")
+    return lines
+
+
+def _version(found: VersionStatus) -> str:
+    trained = f"trained as of {found.as_of}" if found.as_of else "as-of date not recorded"
+    return f"v{found.version}, {trained}, registered {found.registered_at}"

@@ -1,0 +1,242 @@
+"""`finpipe status`: where each domain stands, read from a store built in the test and from a
+real MLflow registry."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from finpipe.calendars import BusinessDays
+from finpipe.cli import app
+from finpipe.date_runs import completion_key, partition_fingerprint
+from finpipe.status import domain_status, registry_lines, status_lines
+from finpipe.storage import Storage
+from finpipe.tracking import RegistryStatus, VersionStatus
+
+DAYS = pd.bdate_range("2024-01-01", "2024-01-12").date  # Mon 1 Jan .. Fri 12 Jan: 10 sessions
+NO_DELIVERY = dt.date(2024, 1, 10)
+
+
+def _rows(day: dt.date, close: float = 100.0) -> pd.DataFrame:
+    return pd.DataFrame({"date": [day, day], "ticker": ["AAA", "BBB"], "close": [close, close]})
+
+
+def _record(storage: Storage, day: dt.date, status: str, steps: list[str], **fields) -> None:
+    inputs = partition_fingerprint(storage, "market", day)
+    record = {"status": status, "steps": steps, "holder": f"nightly-market-{day}", **fields}
+    if status == "completed":
+        record["inputs"] = inputs
+        if "score" in steps:
+            record["scored_inputs"] = inputs
+    record["finished_at"] = f"{day}T23:00:00+00:00"
+    storage.write_json(completion_key(storage, "market", day), record)
+
+
+@pytest.fixture
+def store(tmp_path) -> Storage:
+    """A market store of ten sessions: two weeks delivered (but 10 Jan), scored through 5 Jan
+    and on 11 Jan; 8 Jan failed, 9 Jan never run, 12 Jan run without the score step; then 3
+    Jan corrected and 4 Jan retracted whole after they were scored. Four delivered files: two
+    quarantined, the first of them delivered again under its name and validated."""
+    storage = Storage(tmp_path / "home")
+    for day in DAYS:
+        if day == NO_DELIVERY:
+            continue
+        storage.write_partition("validated", "market", day, _rows(day))
+        storage.write_partition("features", "market", day, _rows(day))
+    for day in [*DAYS[:5], dt.date(2024, 1, 11)]:
+        storage.write_partition("predictions", "market", day, _rows(day))
+        _record(storage, day, "completed", ["validate", "features", "score"], model_version="2")
+    _record(storage, dt.date(2024, 1, 8), "failed", ["score"], error="no champion to score with")
+    _record(storage, dt.date(2024, 1, 12), "completed", ["validate", "features"])
+    storage.write_partition("validated", "market", dt.date(2024, 1, 3), _rows(DAYS[2], 101.0))
+    storage.delete_partition("validated", "market", dt.date(2024, 1, 4))
+    files = [("market_0", "validated"), ("market_1", "quarantined"), ("market_1", "validated")]
+    for number, (name, status) in enumerate([*files, ("market_2", "quarantined")]):
+        record = {
+            "sha256": f"{number:064x}",
+            "batch_id": f"b{number}",
+            "source": f"/drop/{name}.csv",
+            "status": status,
+            "landed_at": f"2024-01-0{number + 1}T06:00:00+00:00",
+        }
+        if status == "quarantined":
+            record["quarantined_at"] = f"2024-01-0{number + 1}T06:00:01.123456+00:00"
+            storage.write_json(
+                storage.quarantine_key("market", f"b{number}") + "/report.json",
+                {
+                    "rules": [
+                        {"rule": "close_positive", "success": False, "severity": "error"},
+                        {"rule": "volume_typical", "success": False, "severity": "warning"},
+                        {"rule": "ticker_not_null", "success": True, "severity": "error"},
+                    ]
+                },
+            )
+        storage.write_batch_record("market", record)
+    return storage
+
+
+def test_the_status_names_every_date_that_needs_work_and_the_command_that_does_it(store):
+    status = domain_status(store, "market", BusinessDays())
+
+    assert status.files == {"validated": 2, "quarantined": 2}
+    assert [(q.file, q.rules) for q in status.quarantined] == [("market_2.csv", "close_positive")]
+    assert status.redelivered == 1
+    assert status.layers["validated"].days == 8  # 10 sessions, less 10 Jan and retracted 4 Jan
+    assert status.layers["predictions"].first == dt.date(2024, 1, 1)
+    assert status.layers["predictions"].last == dt.date(2024, 1, 11)
+    assert status.newest_scored is not None and status.newest_scored.date == dt.date(2024, 1, 11)
+    assert [d.date for d in status.failed] == [dt.date(2024, 1, 8)]
+    # 8 Jan failed and 9 Jan never ran; 12 Jan ran without scoring; 10 Jan has no rows
+    assert status.unscored == [dt.date(2024, 1, 8), dt.date(2024, 1, 9), dt.date(2024, 1, 12)]
+    assert status.no_data == [NO_DELIVERY]
+    assert status.stale == [dt.date(2024, 1, 3), dt.date(2024, 1, 4)]
+    assert status.gone == [dt.date(2024, 1, 4)]
+
+    text = "\n".join(status_lines(status))
+    assert "4 delivered files: 2 validated, 2 quarantined (1 of them since delivered again" in text
+    assert "quarantined  market_2.csv at 2024-01-04T06:00:01+00:00\n" in text
+    assert "rules: close_positive\n" in text  # the warning and the rule that held left out
+    assert f"report: {store.location('quarantine/market/b3/report.json')}" in text
+    assert "market_1.csv" not in text
+    assert "last scored  2024-01-11 by model v2" in text
+    assert "2024-01-08: no champion to score with" in text
+    assert (
+        "re-run: finpipe run backfill --domain market --start 2024-01-08 --end 2024-01-08" in text
+    )
+    assert (
+        "score them: finpipe run backfill --domain market --start 2024-01-08 --end 2024-01-12"
+        in (text)
+    )
+    assert "re-score: finpipe run backfill --domain market --start 2024-01-03 --end 2024-01-03" in (
+        text
+    )
+    assert "1 date: 2024-01-04: retracted whole" in text
+    assert "every session since scoring began" not in text
+
+
+def test_a_store_with_nothing_to_do_says_so_and_one_with_nothing_delivered_too(tmp_path):
+    storage = Storage(tmp_path / "home")
+    empty = "\n".join(status_lines(domain_status(storage, "market", BusinessDays())))
+    assert "none delivered yet" in empty and "no date scored yet" in empty
+
+    for day in DAYS[:3]:
+        storage.write_partition("validated", "market", day, _rows(day))
+        storage.write_partition("features", "market", day, _rows(day))
+        storage.write_partition("predictions", "market", day, _rows(day))
+        _record(storage, day, "completed", ["validate", "features", "score"], model_version="1")
+    status = domain_status(storage, "market", BusinessDays())
+    assert (status.failed, status.unscored, status.no_data, status.stale) == ([], [], [], [])
+    assert "every session since scoring began is scored and current" in "\n".join(
+        status_lines(status)
+    )
+
+
+def test_a_long_list_names_its_newest_dates():
+    from finpipe.status import _named
+
+    days = list(DAYS[:5])
+    assert _named(days) == "5 dates: ..., 2024-01-03, 2024-01-04, 2024-01-05"
+    assert _named(days[:1]) == "1 date: 2024-01-01"
+
+
+def _version(number: str, **fields) -> VersionStatus:
+    values = {"as_of": "2024-01-05", "registered_at": "2024-01-05T23:00:00+00:00"}
+    values |= {"promotion": None, "reason": None, "refused": None} | fields
+    return VersionStatus(version=number, **values)
+
+
+@pytest.mark.parametrize(
+    ("champion", "challenger", "said", "unsaid"),
+    [
+        (None, None, ["none yet in finpipe-market", "finpipe run nightly --domain market"], []),
+        (
+            _version("2", promotion="promoted", reason="challenger v2 ic=0.05 beats v1 ic=0.03"),
+            _version("2", promotion="promoted", reason="challenger v2 ic=0.05 beats v1 ic=0.03"),
+            ["champion     v2, trained as of 2024-01-05", "v2 ic=0.05 beats v1"],
+            ["challenger   v"],
+        ),
+        (
+            _version("2"),
+            _version("3", promotion="kept", reason="challenger v3 ic=0.01 does not beat v2"),
+            ["challenger   v3", "challenger v3 ic=0.01 does not beat v2"],
+            [],
+        ),
+        (
+            _version("2"),
+            _version("3", refused="validation IC 0.001 below the floor 0.01"),
+            ["refused by the quality floor (validation IC 0.001 below the floor 0.01)"],
+            [],
+        ),
+        (_version("2"), _version("3"), ["not compared yet"], []),
+    ],
+)
+def test_the_registry_lines_say_which_model_scores_and_what_became_of_the_last_challenger(
+    champion, challenger, said, unsaid
+):
+    text = "\n".join(
+        registry_lines("market", RegistryStatus("finpipe-market", champion, challenger))
+    )
+    for words in said:
+        assert words in text
+    for words in unsaid:
+        assert words not in text
+
+
+def test_the_command_reads_the_registry_and_says_why_the_champion_was_promoted(home, monkeypatch):
+    """A real MLflow store: two versions, the second promoted by `apply_promotion`, whose
+    reason the registry keeps on the version and the command prints."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from finpipe.promotion import PromotionDecision, apply_promotion
+    from finpipe.tracking import set_alias, tag_version
+
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)  # the command sets them; monkeypatch undoes it
+    mlflow.set_tracking_uri(home.tracking_uri)
+    client, model = MlflowClient(), home.model_name("market")
+    client.create_registered_model(model)
+    for version in ("1", "2"):
+        with mlflow.start_run() as run:
+            client.create_model_version(model, f"runs:/{run.info.run_id}/model", run.info.run_id)
+        tag_version(home, "market", version, "as_of", f"2024-01-0{version}")
+        set_alias(home, "market", "challenger", version)
+    decision = PromotionDecision(True, "ic", "2", 0.05, "1", 0.03, "challenger v2 beats v1")
+    apply_promotion(home, "market", decision)
+
+    result = CliRunner().invoke(app, ["status", "market"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "champion     v2, trained as of 2024-01-02" in result.output
+    assert "challenger v2 beats v1" in result.output
+    assert "none delivered yet" in result.output
+
+    import json
+
+    result = CliRunner().invoke(app, ["status", "market", "--json"])
+    (shown,) = json.loads(result.output)
+    assert shown["registry"]["champion"]["reason"] == "challenger v2 beats v1"
+    assert shown["registry"]["champion"]["promotion"] == "promoted"
+
+
+def test_a_tracking_server_that_does_not_answer_leaves_the_store_part_said(home, monkeypatch):
+    import socket
+
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    monkeypatch.setenv("FINPIPE_MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(app, ["status", "credit"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "none delivered yet" in result.output
+    assert f"champion     unknown: MLflow tracking server http://127.0.0.1:{port}" in result.output
+
+
+def test_an_unknown_domain_is_refused_with_the_known_ones(home):
+    result = CliRunner().invoke(app, ["status", "nosuch"])
+    assert "known domains: market, credit, customers" in str(result.exception)
