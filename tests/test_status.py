@@ -200,9 +200,10 @@ def test_the_command_reads_the_registry_and_says_why_the_champion_was_promoted(h
     mlflow.set_tracking_uri(home.tracking_uri)
     client, model = MlflowClient(), home.model_name("market")
     client.create_registered_model(model)
+    experiment = client.create_experiment("status")  # not the process's active one
     for version in ("1", "2"):
-        with mlflow.start_run() as run:
-            client.create_model_version(model, f"runs:/{run.info.run_id}/model", run.info.run_id)
+        run = client.create_run(experiment).info.run_id
+        client.create_model_version(model, f"runs:/{run}/model", run)
         tag_version(home, "market", version, "as_of", f"2024-01-0{version}")
         set_alias(home, "market", "challenger", version)
     decision = PromotionDecision(True, "ic", "2", 0.05, "1", 0.03, "challenger v2 beats v1")

@@ -78,27 +78,24 @@ class DomainStatus:
 def domain_status(storage: Storage, domain: str, calendar: Calendar) -> DomainStatus:
     """Return where `domain` stands in `storage`, its sessions read from `calendar`."""
     records = storage.batch_records(domain)
-    layers = {layer: _span(storage.partition_dates(layer, domain)) for layer in LAYERS}
+    published = {layer: storage.partition_dates(layer, domain) for layer in LAYERS}
     dates = _date_records(storage, domain)
     scored = [r for r in dates if r.status == "completed" and r.model_version is not None]
     unscored: list[dt.date] = []
     no_data: list[dt.date] = []
-    newest_validated = layers["validated"].last
-    if scored and newest_validated is not None:
-        validated = set(storage.partition_dates("validated", domain, scored[0].date))
-        done = {r.date for r in scored}
-        for day in calendar.sessions(scored[0].date, newest_validated):
+    if scored and published["validated"]:
+        validated, done = set(published["validated"]), {r.date for r in scored}
+        for day in calendar.sessions(scored[0].date, published["validated"][-1]):
             if day not in done:
                 (unscored if day in validated else no_data).append(day)
-    predicted = storage.partition_dates("predictions", domain)
-    stale, gone = stale_scored_dates(storage, domain, predicted)
+    stale, gone = stale_scored_dates(storage, domain, published["predictions"])
     open_files, redelivered = _quarantined_files(records)
     return DomainStatus(
         domain=domain,
         files=dict(Counter(record.get("status", "") for record in records)),
         quarantined=[_quarantined(storage, domain, record) for record in open_files[-NAMED:]],
         redelivered=redelivered,
-        layers=layers,
+        layers={layer: _span(days) for layer, days in published.items()},
         newest_scored=scored[-1] if scored else None,
         failed=[r for r in dates if r.status == "failed"],
         unscored=unscored,
