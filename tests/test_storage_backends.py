@@ -252,6 +252,30 @@ def test_ingest_publishes_once_and_quarantines_a_bad_file_with_its_report(store,
     assert len(_files(store, "landing/market")) == 3  # history, the bad file, the good day
 
 
+def test_the_status_reads_what_ingest_left_in_either_store(store, deliveries):
+    from finpipe.calendars import BusinessDays
+    from finpipe.status import domain_status
+
+    _, day, bad = deliveries
+    ingest_file(store, MARKET, day, as_of="2030-01-01")
+    with pytest.raises(ValidationFailed):
+        ingest_file(store, MARKET, bad, as_of="2030-01-01")
+    status = domain_status(store, "market", BusinessDays())
+    assert status.files == {"validated": 1, "quarantined": 1}
+    (quarantined,) = status.quarantined
+    folder = f"quarantine/market/b{file_sha256(bad)[:12]}"
+    assert quarantined.report == store.location(f"{folder}/report.json")
+    report = json.loads(store.read_bytes(f"{folder}/report.json"))
+    broken = [r["rule"] for r in report["rules"] if not r["success"]]
+    assert quarantined.rules == ", ".join(dict.fromkeys(broken)) and broken
+    validated = store.partition_dates("validated", "market")
+    assert (status.layers["validated"].first, status.layers["validated"].last) == (
+        validated[0],
+        validated[-1],
+    )
+    assert status.layers["predictions"].days == 0 and status.newest_scored is None
+
+
 def test_a_correction_replaces_published_rows_and_keeps_them_in_the_store(
     store, deliveries, tmp_path, monkeypatch
 ):
