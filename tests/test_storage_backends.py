@@ -276,6 +276,56 @@ def test_the_status_reads_what_ingest_left_in_either_store(store, deliveries):
     assert status.layers["predictions"].days == 0 and status.newest_scored is None
 
 
+@pytest.mark.parametrize("domain", ["market", "credit"])  # credit's scoring reads history too
+def test_a_backfills_plan_read_in_one_go_agrees_with_asking_date_by_date(store, domain):
+    """`done_dates` (listings) against `is_done` (requests per date), and the batched
+    fingerprints against the single ones, over dates in every state a record can be in."""
+    from finpipe.date_runs import (
+        completion_key,
+        done_dates,
+        is_done,
+        partition_fingerprint,
+        partition_fingerprints,
+    )
+
+    date_column = get_domain(domain).contract.date_column
+    days = [dt.date(2024, 1, day) for day in range(1, 11)]
+    for day in days[:8]:
+        store.write_partition("validated", domain, day, pd.DataFrame({date_column: [day]}))
+        store.write_partition("features", domain, day, pd.DataFrame({date_column: [day]}))
+    states = {  # day -> (status, steps, predictions published)
+        days[0]: ("completed", ["validate", "features", "score"], True),
+        days[1]: ("completed", ["validate", "features", "score"], False),  # predictions gone
+        days[2]: ("completed", ["validate", "features"], False),
+        days[3]: ("failed", ["validate", "features", "score"], True),
+        days[4]: ("completed", ["validate", "features", "score"], True),  # data changed since
+        days[5]: ("completed", ["validate", "features", "score"], True),
+        days[8]: ("completed", ["validate", "features", "score"], True),  # no data now
+    }
+    for day, (status, steps, published) in states.items():
+        inputs = partition_fingerprint(store, domain, day)
+        record = {"status": status, "steps": steps, "inputs": inputs}
+        store.write_json(completion_key(store, domain, day), record)
+        if published:
+            store.write_partition("predictions", domain, day, pd.DataFrame({"x": [1]}))
+    store.write_partition("validated", domain, days[4], pd.DataFrame({date_column: [days[0]]}))
+    # a correction of a row dated 6 Jan: credit's dates from then on were scored from old rows
+    kept = io.BytesIO()
+    pd.DataFrame({date_column: [days[5]]}).to_parquet(kept)
+    store.write_bytes(store.state_key(domain, "superseded", "b0.parquet"), kept.getvalue())
+
+    assert partition_fingerprints(store, domain, days) == {
+        day: partition_fingerprint(store, domain, day) for day in days
+    }
+    for steps in (["validate", "features", "score"], ["validate", "features"], ["validate"]):
+        one_by_one = {day for day in days if is_done(store, domain, day, steps)}
+        assert done_dates(store, domain, days, steps) == one_by_one
+    # 9 Jan had no data then and has none now: its record still holds. Credit's 6 Jan and 9 Jan
+    # were scored before the correction of a 6 Jan row.
+    expected = {days[0], days[5], days[8]} if domain == "market" else {days[0]}
+    assert done_dates(store, domain, days, ["validate", "features", "score"]) == expected
+
+
 def test_a_correction_replaces_published_rows_and_keeps_them_in_the_store(
     store, deliveries, tmp_path, monkeypatch
 ):
