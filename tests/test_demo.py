@@ -41,6 +41,8 @@ def test_the_market_demo_runs_a_short_backtest_and_says_where_its_report_is(home
     where = layer.location(layer.layer_key("predictions", "market"))
     assert f"MLflow run backtest-{DEMO_NAME} (experiment finpipe-market" in result.stdout
     assert where in result.stdout
+    assert f"FINPIPE_HOME={home.home} " in result.stdout  # then the command that says status
+    assert result.stdout.rstrip().endswith("/finpipe status")
 
     mlflow.set_tracking_uri(home.tracking_uri)
     client = MlflowClient()

@@ -777,10 +777,13 @@ def demo(
         if backtest and name == "market":
             _demo_backtest(settings)
         _print_outputs(settings, name)
+    bin_dir = Path(sys.executable).parent
     typer.echo(
         "\nOpen the MLflow UI on these runs with:\n"
-        f"  {Path(sys.executable).parent / 'mlflow'} ui --backend-store-uri "
-        f"{settings.tracking_uri_for_display} --port 5000"
+        f"  {bin_dir / 'mlflow'} ui --backend-store-uri "
+        f"{settings.tracking_uri_for_display} --port 5000\n"
+        "See where each domain stands (files, layers, dates to redo, champions) with:\n"
+        f"  FINPIPE_HOME={settings.home} {bin_dir / 'finpipe'} status"
     )
 
 
