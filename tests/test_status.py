@@ -122,6 +122,7 @@ def test_a_store_with_nothing_to_do_says_so_and_one_with_nothing_delivered_too(t
     storage = Storage(tmp_path / "home")
     empty = "\n".join(status_lines(domain_status(storage, "market", BusinessDays())))
     assert "none delivered yet" in empty and "no date scored yet" in empty
+    assert "every session" not in empty  # nothing was scored: nothing is current either
 
     for day in DAYS[:3]:
         storage.write_partition("validated", "market", day, _rows(day))
@@ -133,6 +134,27 @@ def test_a_store_with_nothing_to_do_says_so_and_one_with_nothing_delivered_too(t
     assert "every session since scoring began is scored and current" in "\n".join(
         status_lines(status)
     )
+    later = DAYS[4]  # 4 Jan has no delivery: the sessions with data are all scored
+    storage.write_partition("validated", "market", later, _rows(later))
+    storage.write_partition("features", "market", later, _rows(later))
+    storage.write_partition("predictions", "market", later, _rows(later))
+    _record(storage, later, "completed", ["validate", "features", "score"], model_version="1")
+    text = "\n".join(status_lines(domain_status(storage, "market", BusinessDays())))
+    assert "no data      1 date: 2024-01-04" in text
+    assert "every session with validated data since scoring began is scored and current" in text
+
+
+def test_a_quarantined_file_whose_report_is_gone_is_said_so(tmp_path):
+    storage = Storage(tmp_path / "home")
+    for number, batch in enumerate(["b0", None]):  # a record without a batch id, too
+        record = {"sha256": f"{number:064x}", "source": f"/drop/m{number}.csv"}
+        record |= {"status": "quarantined", "landed_at": f"2024-01-0{number + 1}T06:00:00"}
+        storage.write_batch_record("market", record | ({"batch_id": batch} if batch else {}))
+    status = domain_status(storage, "market", BusinessDays())
+    assert [(q.file, q.rules, q.report) for q in status.quarantined] == [
+        ("m0.csv", "unknown: its report is missing", "missing"),
+        ("m1.csv", "unknown: its report is missing", "missing"),
+    ]
 
 
 def test_a_long_list_names_its_newest_dates():
@@ -236,6 +258,44 @@ def test_a_tracking_server_that_does_not_answer_leaves_the_store_part_said(home,
     assert result.exit_code == 0, result.output
     assert "none delivered yet" in result.output
     assert f"champion     unknown: MLflow tracking server http://127.0.0.1:{port}" in result.output
+
+
+def test_a_registry_that_refuses_the_request_is_not_said_to_have_no_champion(home, monkeypatch):
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (the name http.server calls)
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error_code": "PERMISSION_DENIED", "message": "no"}')
+
+        def log_message(self, *_):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("FINPIPE_MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_port}")
+        for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+            monkeypatch.delenv(name, raising=False)
+        result = CliRunner().invoke(app, ["status", "market"], terminal_width=200)
+    finally:
+        server.shutdown()
+    assert result.exit_code == 0, result.output
+    assert "champion     unknown: MLflow at http://127.0.0.1:" in result.output
+    assert "none yet" not in result.output
+
+
+def test_the_status_of_a_home_that_does_not_exist_creates_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("FINPIPE_HOME", str(tmp_path / "typo"))
+    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    result = CliRunner().invoke(app, ["status", "market"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert f"store {tmp_path / 'typo'} (no such folder: is FINPIPE_HOME right?)" in result.output
+    assert "champion     none yet" in result.output
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unknown_domain_is_refused_with_the_known_ones(home):

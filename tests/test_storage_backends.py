@@ -320,6 +320,7 @@ def test_a_backfills_plan_read_in_one_go_agrees_with_asking_date_by_date(store, 
     for steps in (["validate", "features", "score"], ["validate", "features"], ["validate"]):
         one_by_one = {day for day in days if is_done(store, domain, day, steps)}
         assert done_dates(store, domain, days, steps) == one_by_one
+        assert done_dates(store, domain, [str(day) for day in days], steps) == one_by_one
     # 9 Jan had no data then and has none now: its record still holds. Credit's 6 Jan and 9 Jan
     # were scored before the correction of a 6 Jan row.
     expected = {days[0], days[5], days[8]} if domain == "market" else {days[0]}

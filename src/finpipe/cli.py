@@ -15,7 +15,7 @@ from typing import Annotated
 import typer
 
 from finpipe.errors import ConfigError, FinpipeError
-from finpipe.settings import Settings, load_settings, prepare_environment
+from finpipe.settings import Settings, disable_telemetry, load_settings, prepare_environment
 from finpipe.text import counted, sentence
 
 app = typer.Typer(
@@ -454,13 +454,21 @@ def show_status(
     from finpipe.storage import Storage
 
     chosen = [check_domain(name) for name in domains] if domains else domain_names()
-    settings = _settings()
+    settings = load_settings()  # not _settings(): read-only, so no Prefect folder is made
+    disable_telemetry()
     # A tracking server that does not answer is said at once, not after MLflow's retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     from finpipe.tracking import registry_status
 
     storage, schedule = Storage(settings.home), load_schedule_settings()
+    if not as_json:
+        missing = storage.is_local and not storage.root.exists()
+        typer.echo(
+            f"store {storage.location()}"
+            + (" (no such folder: is FINPIPE_HOME right?)" if missing else "")
+            + f"\nMLflow {settings.tracking_uri_for_display}\n"
+        )
     report = []
     for domain in chosen:
         found = domain_status(storage, domain, schedule.calendar(domain))

@@ -154,15 +154,20 @@ def _file_name(record: dict) -> str:
 
 def _quarantined(storage: Storage, domain: str, record: dict) -> QuarantinedFile:
     """A quarantined file's line, its rules read from the report kept beside it."""
-    key = storage.quarantine_key(domain, record["batch_id"])
-    report = storage.read_json(f"{key}/report.json") or {}
-    rules = list(dict.fromkeys(rejecting_rules(report)))  # the report's order, once each
     when = record.get("quarantined_at")
+    batch = record.get("batch_id")
+    key = f"{storage.quarantine_key(domain, batch)}/report.json" if batch else None
+    report = storage.read_json(key) if key else None
+    if report is None:
+        rules, where = "unknown: its report is missing", "missing"
+    else:
+        named = dict.fromkeys(rejecting_rules(report))  # the report's order, once each
+        rules, where = ", ".join(named) or "see the report", storage.location(str(key))
     return QuarantinedFile(
         file=_file_name(record),
         when=dt.datetime.fromisoformat(when).isoformat(timespec="seconds") if when else "-",
-        rules=", ".join(rules) or str(report.get("error", "see the report")),
-        report=storage.location(f"{key}/report.json"),
+        rules=rules,
+        report=where,
     )
 
 
@@ -233,8 +238,9 @@ def _dates_lines(status: DomainStatus) -> list[str]:
                 f"               {_named(status.gone)}: retracted whole, so nothing can "
                 "score them again; their predictions stay as published"
             )
-    if not (status.failed or status.unscored or status.stale):
-        lines.append("  dates        every session since scoring began is scored and current")
+    if status.newest_scored is not None and not (status.failed or status.unscored or status.stale):
+        sessions = "session with validated data" if status.no_data else "session"
+        lines.append(f"  dates        every {sessions} since scoring began is scored and current")
     return lines
 
 

@@ -378,24 +378,37 @@ class RegistryStatus:
     challenger: VersionStatus | None
 
 
-def registry_status(settings: Settings, domain: str) -> RegistryStatus:
-    """Return the champion and the latest challenger of `domain`'s registered model.
+# The registry's answers to a model or an alias that does not exist (yet).
+_ABSENT = frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"})
 
-    Raises TrackingUnavailable when a tracking server does not answer."""
-    mlflow.set_tracking_uri(settings.tracking_uri)
+
+def registry_status(settings: Settings, domain: str) -> RegistryStatus:
+    """Return the champion and the latest challenger of `domain`'s registered model (none of
+    either where a local tracking database does not exist: it is not created).
+
+    Raises TrackingUnavailable when the registry does not answer, or answers with anything
+    but "no such model or alias" (a refused login, a broken database)."""
     name = settings.model_name(check_name(domain))
+    database = settings.tracking_uri.removeprefix("sqlite:///")
+    if database != settings.tracking_uri and not Path(database).exists():
+        return RegistryStatus(name, None, None)  # nothing trained here: create no database
+    mlflow.set_tracking_uri(settings.tracking_uri)
     client = MlflowClient()
 
     def version(alias: str) -> VersionStatus | None:
         try:
             found = client.get_model_version_by_alias(name, alias)
         except MlflowException as error:
+            if error.error_code in _ABSENT:
+                return None  # no such model or alias yet
             if not settings.tracking_is_local and _is_connection_error(error):
                 raise TrackingUnavailable(
                     f"MLflow tracking server {settings.tracking_uri_for_display} is "
                     f"unreachable ({_short(error)})"
                 ) from None
-            return None  # no such model or alias yet
+            raise TrackingUnavailable(  # a refused login, a broken database, ...
+                f"MLflow at {settings.tracking_uri_for_display} did not say ({_short(error)})"
+            ) from None
         registered = dt.datetime.fromtimestamp(found.creation_timestamp / 1000, dt.UTC)
         return VersionStatus(
             version=str(found.version),
