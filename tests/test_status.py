@@ -80,7 +80,7 @@ def store(tmp_path) -> Storage:
 
 
 def test_the_status_names_every_date_that_needs_work_and_the_command_that_does_it(store):
-    status = domain_status(store, "market", BusinessDays())
+    status = domain_status(store, "market", BusinessDays(), today=dt.date(2024, 1, 17))
 
     assert status.files == {"validated": 2, "quarantined": 2}
     assert [(q.file, q.rules) for q in status.quarantined] == [("market_2.csv", "close_positive")]
@@ -95,6 +95,9 @@ def test_the_status_names_every_date_that_needs_work_and_the_command_that_does_i
     assert status.no_data == [NO_DELIVERY]
     assert status.stale == [dt.date(2024, 1, 3), dt.date(2024, 1, 4)]
     assert status.gone == [dt.date(2024, 1, 4)]
+    # Mon 15 and Tue 16 Jan came and went without a delivery; Wed 17's is not due yet
+    assert status.awaiting == [dt.date(2024, 1, 15), dt.date(2024, 1, 16)]
+    assert domain_status(store, "market", BusinessDays()).awaiting == []  # no today, no wait
 
     text = "\n".join(status_lines(status))
     assert "4 delivered files: 2 validated, 2 quarantined (1 of them since delivered again" in text
@@ -103,6 +106,7 @@ def test_the_status_names_every_date_that_needs_work_and_the_command_that_does_i
     assert f"report: {store.location('quarantine/market/b3/report.json')}" in text
     assert "market_1.csv" not in text
     assert "last scored  2024-01-11 by model v2" in text
+    assert "awaiting     2 sessions since, 2024-01-15 .. 2024-01-16: no delivery validated" in text
     assert "2024-01-08: no champion to score with" in text
     assert (
         "re-run: finpipe run backfill --domain market --start 2024-01-08 --end 2024-01-08" in text

@@ -449,7 +449,7 @@ def show_status(
 
     from finpipe.domains import check_domain, domain_names
     from finpipe.errors import TrackingUnavailable
-    from finpipe.schedule import load_schedule_settings
+    from finpipe.schedule import load_schedule_settings, today_in
     from finpipe.status import domain_status, registry_lines, status_lines
     from finpipe.storage import Storage
 
@@ -471,7 +471,8 @@ def show_status(
         )
     report = []
     for domain in chosen:
-        found = domain_status(storage, domain, schedule.calendar(domain))
+        today = today_in(schedule.timezone)  # a session's delivery comes after it: not today's
+        found = domain_status(storage, domain, schedule.calendar(domain), today)
         try:
             models = registry_status(settings, domain)
         except TrackingUnavailable as error:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from finpipe.calendars import Calendar
@@ -73,10 +73,15 @@ class DomainStatus:
     no_data: list[dt.date]  # sessions without validated data in the same span
     stale: list[dt.date]  # predictions scored from data changed since (see stale_scored_dates)
     gone: list[dt.date]  # of those, dates retracted whole: nothing can score them again
+    # Sessions after the newest validated day through the last one before `today`.
+    awaiting: list[dt.date] = field(default_factory=list)
 
 
-def domain_status(storage: Storage, domain: str, calendar: Calendar) -> DomainStatus:
-    """Return where `domain` stands in `storage`, its sessions read from `calendar`."""
+def domain_status(
+    storage: Storage, domain: str, calendar: Calendar, today: dt.date | None = None
+) -> DomainStatus:
+    """Return where `domain` stands in `storage`, its sessions read from `calendar`; with
+    `today`, the sessions before it whose delivery has not been validated yet, too."""
     records = storage.batch_records(domain)
     published = {layer: storage.partition_dates(layer, domain) for layer in LAYERS}
     dates = _date_records(storage, domain)
@@ -89,6 +94,10 @@ def domain_status(storage: Storage, domain: str, calendar: Calendar) -> DomainSt
             if day not in done:
                 (unscored if day in validated else no_data).append(day)
     stale, gone = stale_scored_dates(storage, domain, published["predictions"])
+    awaiting = []
+    if today is not None and published["validated"]:
+        after = published["validated"][-1] + dt.timedelta(days=1)
+        awaiting = calendar.sessions(after, today - dt.timedelta(days=1))
     open_files, redelivered = _quarantined_files(records)
     return DomainStatus(
         domain=domain,
@@ -102,6 +111,7 @@ def domain_status(storage: Storage, domain: str, calendar: Calendar) -> DomainSt
         no_data=no_data,
         stale=stale,
         gone=gone,
+        awaiting=awaiting,
     )
 
 
@@ -135,17 +145,16 @@ def _quarantined_files(records: list[dict]) -> tuple[list[dict], int]:
     """Split the quarantined files' records (in landing order) into those still waiting for a
     fixed delivery and the count of those a later file of the same name was validated for
     (what a vendor's re-sent file is)."""
-    waiting, redelivered = [], 0
-    for number, record in enumerate(records):
-        if record.get("status") != "quarantined":
-            continue
-        name = _file_name(record)
-        later = records[number + 1 :]
-        if any(r.get("status") == "validated" and _file_name(r) == name for r in later):
+    waiting, redelivered, validated_later = [], 0, set()
+    for record in reversed(records):
+        name, status = _file_name(record), record.get("status")
+        if status == "validated":
+            validated_later.add(name)
+        elif status == "quarantined" and name in validated_later:
             redelivered += 1
-        else:
+        elif status == "quarantined":
             waiting.append(record)
-    return waiting, redelivered
+    return waiting[::-1], redelivered
 
 
 def _file_name(record: dict) -> str:
@@ -182,6 +191,11 @@ def status_lines(status: DomainStatus) -> list[str]:
     for layer, span in status.layers.items():
         shown = f"{span.first} .. {span.last}, {counted(span.days, 'day')}" if span.days else "-"
         lines.append(f"  {layer:<12} {shown}")
+        if layer == "validated" and status.awaiting:
+            lines.append(
+                f"  awaiting     {counted(len(status.awaiting), 'session')} since, "
+                f"{status.awaiting[0]} .. {status.awaiting[-1]}: no delivery validated yet"
+            )
     if status.newest_scored is not None:
         newest = status.newest_scored
         lines.append(
