@@ -440,9 +440,10 @@ def show_status(
     """Say where each domain stands: the morning check, read-only.
 
     Delivered files (quarantined ones with their rules and report), each layer's first and
-    last day, the last scored date and the model that scored it, dates whose last run failed,
-    sessions left unscored, predictions scored from data changed since, and the champion and
-    latest challenger in MLflow. Each problem comes with the command that fixes it."""
+    last day, sessions whose delivery has not come, the last scored date and the model that
+    scored it, dates whose last run failed, sessions left unscored, predictions scored from
+    data changed since, and the champion and latest challenger in MLflow. Each problem comes
+    with the command that fixes it."""
     import dataclasses
     import json
     import os
@@ -469,9 +470,9 @@ def show_status(
             + (" (no such folder: is FINPIPE_HOME right?)" if missing else "")
             + f"\nMLflow {settings.tracking_uri_for_display}\n"
         )
+    today = today_in(schedule.timezone)  # a session's delivery comes after it: not today's
     report = []
     for domain in chosen:
-        today = today_in(schedule.timezone)  # a session's delivery comes after it: not today's
         found = domain_status(storage, domain, schedule.calendar(domain), today)
         try:
             models = registry_status(settings, domain)

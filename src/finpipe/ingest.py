@@ -1149,6 +1149,11 @@ def _quarantine(storage, contract, record, landed, report, docs_dir, message) ->
     )
 
 
+def _failed_rules(report: dict) -> str:
+    """Return the names of the rules that reject the batch (failed, not warnings), joined."""
+    return ", ".join(rejecting_rules(report))
+
+
 def _parse_error_rule(frame: pd.DataFrame) -> dict | None:
     """Return a failed-rule entry for values that did not parse (text in a number column...)."""
     problems = frame.attrs.get("parse_errors") or {}
@@ -1321,8 +1326,3 @@ def _merged_partitions(
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="microseconds")
-
-
-def _failed_rules(report: dict) -> str:
-    """Return the names of the rules that reject the batch, joined."""
-    return ", ".join(rejecting_rules(report))

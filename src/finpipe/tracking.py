@@ -362,9 +362,8 @@ class VersionStatus:
     as_of: str | None  # the as-of date its training read data up to
     registered_at: str  # UTC, to the second
     promotion: str | None  # promoted, kept, or None before its promotion was decided
-    reason: (
-        str | None
-    )  # the promotion's reason in words (versions promoted before 2026-12-07: None)
+    # The promotion's reason in words (None on versions decided before 2026-12-07).
+    reason: str | None
     refused: str | None  # why the quality floor refused it, if it did
 
 
