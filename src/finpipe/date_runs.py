@@ -281,16 +281,22 @@ def stale_predictions(storage: Storage, domain: str, features: dict) -> dict | N
 def completed_dates(storage: Storage, domain: str, *, scored: bool = False) -> list[dt.date]:
     """Return the dates recorded `completed` (with the score step among their steps, when
     `scored`: a backfill of validate and features alone leaves a date unscored), in order."""
-    days = []
+    return [
+        day
+        for day, record in completion_records(storage, domain).items()
+        if record.get("status") == "completed"
+        and (not scored or "score" in record.get("steps", []))
+    ]
+
+
+def completion_records(storage: Storage, domain: str) -> dict[dt.date, dict]:
+    """Return the completion record of every date a run attempted, in date order."""
+    records = {}
     for key in storage.list_files(storage.state_key(domain, COMPLETED)):
         name = key.rsplit("/", 1)[-1]
-        if not name.endswith(".json"):
-            continue
-        record = storage.read_json(key) or {}
-        steps = record.get("steps", [])
-        if record.get("status") == "completed" and (not scored or "score" in steps):
-            days.append(as_day(name.removesuffix(".json")))
-    return sorted(days)
+        if name.endswith(".json"):
+            records[as_day(name.removesuffix(".json"))] = storage.read_json(key) or {}
+    return dict(sorted(records.items()))
 
 
 def _write_record(storage: Storage, domain: str, day: dt.date, record: dict) -> None:

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from finpipe.calendars import Calendar
-from finpipe.date_runs import COMPLETED, stale_scored_dates
-from finpipe.storage import Storage, as_day
+from finpipe.date_runs import completion_records, stale_scored_dates
+from finpipe.storage import Storage
 from finpipe.text import counted
 from finpipe.validation import rejecting_rules
 
@@ -121,24 +121,20 @@ def _span(days: list[dt.date]) -> LayerSpan:
 
 def _date_records(storage: Storage, domain: str) -> list[DateRecord]:
     """The completion record of every date a run attempted, in date order."""
-    out = []
-    for key in sorted(storage.list_files(storage.state_key(domain, COMPLETED))):
-        if not key.endswith(".json"):
-            continue
-        record = storage.read_json(key) or {}
-        steps = record.get("steps", [])
-        out.append(
-            DateRecord(
-                date=as_day(key.rsplit("/", 1)[-1].removesuffix(".json")),
-                status=str(record.get("status", "")),
-                finished_at=str(record.get("finished_at", "")),
-                holder=str(record.get("holder", "")),
-                # a run without the score step leaves no version of its own
-                model_version=record.get("model_version") if "score" in steps else None,
-                error=str(record.get("error", "")),
-            )
+    return [
+        DateRecord(
+            date=day,
+            status=str(record.get("status", "")),
+            finished_at=str(record.get("finished_at", "")),
+            holder=str(record.get("holder", "")),
+            # a run without the score step leaves no version of its own
+            model_version=record.get("model_version")
+            if "score" in record.get("steps", [])
+            else None,
+            error=str(record.get("error", "")),
         )
-    return sorted(out, key=lambda r: r.date)
+        for day, record in completion_records(storage, domain).items()
+    ]
 
 
 def _quarantined_files(records: list[dict]) -> tuple[list[dict], int]:
