@@ -430,6 +430,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
             "test_the_command_reads_the_registry_and_says_why_the_champion_was_promoted": FLOW,
             "test_a_tracking_server_that_does_not_answer_leaves_the_store_part_said": FLOW,
             "test_a_registry_that_refuses_the_request_is_not_said_to_have_no_champion": FLOW,
+            "test_the_command_reads_a_store_without_importing_a_domains_models": FLOW,
         },
     ),
     "test_reliability_security.py": ModuleTiers(

@@ -469,9 +469,20 @@ def test_a_built_in_domains_light_contract_is_the_one_its_runs_ingest_with(
     assert light.suite == bound.suite and light.key_columns == bound.key_columns
 
 
+@pytest.mark.parametrize("domain", ["market", "credit", "customers"])
+def test_a_built_in_domains_light_history_flag_is_its_own(domain):
+    """`finpipe status` and a backfill's plan read whether scoring reads history without the
+    domain's models; it must be what the domain itself says."""
+    assert domains.domain_scores_history(domain) is domains.get_domain(domain).scores_history
+
+
 def test_a_registered_domains_contract_is_its_own(monkeypatch):
     registered = dataclasses.replace(domains.get_domain("market"), name="fx_contracts")
     monkeypatch.setitem(domains._REGISTERED, "fx_contracts", registered)
     assert domains.domain_contract("fx_contracts") is registered.contract
+    history = dataclasses.replace(registered, name="fx_history", scores_history=True)
+    monkeypatch.setitem(domains._REGISTERED, "fx_history", history)
+    assert domains.domain_scores_history("fx_history") is True
+    assert domains.domain_scores_history("fx_contracts") is False
     with pytest.raises(ConfigError, match="unknown domain 'fx_nope'; known domains: market, "):
         domains.domain_contract("fx_nope")

@@ -4,6 +4,8 @@ real MLflow registry."""
 from __future__ import annotations
 
 import datetime as dt
+import subprocess
+import sys
 
 import pandas as pd
 import pytest
@@ -120,6 +122,30 @@ def test_the_status_names_every_date_that_needs_work_and_the_command_that_does_i
     )
     assert "1 date: 2024-01-04: retracted whole" in text
     assert "every session since scoring began" not in text
+
+
+def test_the_command_reads_a_store_without_importing_a_domains_models(store):
+    """The morning check starts in seconds: whether a domain's scoring reads earlier dates,
+    and credit's contract, come without PyTorch, LightGBM and scikit-learn (seconds to import)."""
+    for day in DAYS:  # credit scores history: its stale check reads the corrections too
+        for layer in ("validated", "features", "predictions"):
+            store.write_partition(layer, "credit", day, _rows(day))
+    script = (
+        "import sys\nfrom finpipe.cli import app\ntry:\n    app(['status'])\n"
+        "except SystemExit:\n    pass\n"
+        "print('imported:', sorted({'torch', 'lightgbm', 'sklearn'} & set(sys.modules)))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env={"FINPIPE_HOME": str(store.root), "PATH": ""},
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "re-score: finpipe run backfill --domain market --start 2024-01-03" in result.stdout
+    assert "credit" in result.stdout and "2024-01-12" in result.stdout
+    assert result.stdout.rstrip().endswith("imported: []")
 
 
 def test_a_store_with_nothing_to_do_says_so_and_one_with_nothing_delivered_too(tmp_path):

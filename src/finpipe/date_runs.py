@@ -37,7 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from finpipe.calendars import Calendar
-from finpipe.domains import get_domain
+from finpipe.domains import domain_contract, domain_scores_history, get_domain
 from finpipe.errors import FinpipeError, ScoringError
 from finpipe.features import definition_change, record_definition
 from finpipe.ingest import SUPERSEDED, ingest_files, not_yet_due
@@ -83,7 +83,7 @@ def partition_fingerprint(storage: Storage, domain: str, day: dt.date) -> dict[s
         layer: storage.fingerprint(storage.partition_key(layer, domain, day))
         for layer in ("validated", "features")
     }
-    if get_domain(domain).scores_history:
+    if domain_scores_history(domain):
         inputs[CORRECTIONS] = corrections_through(storage, domain, day)
     return inputs
 
@@ -109,7 +109,7 @@ def partition_fingerprints(
     out: dict[dt.date, dict[str, str | None]] = {
         day: {layer: found[layer].get(day) for layer in found} for day in chosen
     }
-    if chosen and get_domain(domain).scores_history:
+    if chosen and domain_scores_history(domain):
         kept = _corrections(storage, domain)
         for day in chosen:
             out[day][CORRECTIONS] = _corrections_digest(kept, day)
@@ -129,7 +129,7 @@ def corrections_through(storage: Storage, domain: str, day: dt.date) -> str:
 
 def _corrections(storage: Storage, domain: str) -> list[tuple[str, dt.date | None]]:
     """Every kept copy of corrected rows (its key, in order) with its earliest date."""
-    date_column = get_domain(domain).contract.date_column
+    date_column = domain_contract(domain).date_column
     keys = sorted(storage.list_files(storage.state_key(domain, SUPERSEDED)))
     return [(key, _earliest_date(storage, key, date_column)) for key in keys]
 
@@ -211,7 +211,7 @@ def stale_scored_dates(
     history too a change of a date's own partitions makes it stale, not only a correction."""
     stale, gone = [], []
     changed = sorted({as_day(d) for d in days})
-    history = get_domain(domain).scores_history
+    history = domain_scores_history(domain)
     if changed and history:  # every later scoring read them
         changed = sorted(
             {*changed, *(d for d in completed_dates(storage, domain) if d > changed[0])}
