@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 from finpipe.calendars import BusinessDays
 from finpipe.cli import app
 from finpipe.date_runs import completion_key, partition_fingerprint
-from finpipe.status import domain_status, registry_lines, status_lines
+from finpipe.status import domain_status, needs_attention, registry_lines, status_lines
 from finpipe.storage import Storage
 from finpipe.tracking import RegistryStatus, VersionStatus
 
@@ -146,6 +146,51 @@ def test_the_command_reads_a_store_without_importing_a_domains_models(store):
     assert "re-score: finpipe run backfill --domain market --start 2024-01-03" in result.stdout
     assert "credit" in result.stdout and "2024-01-12" in result.stdout
     assert result.stdout.rstrip().endswith("imported: []")
+
+
+def test_what_needs_attention_is_what_needs_work_and_not_holidays_or_retracted_days(store):
+    status = domain_status(store, "market", BusinessDays(), today=dt.date(2024, 1, 17))
+    assert needs_attention(status) == [
+        "1 quarantined file waiting for a fixed delivery",  # the other was delivered again
+        "2 sessions awaiting a delivery",
+        "1 date failed",
+        "3 sessions not scored",
+        "1 date scored from data changed since",  # 4 Jan, retracted whole, cannot be
+    ]
+    assert (
+        needs_attention(domain_status(store, "market", BusinessDays()))
+        == needs_attention(status)[:1] + needs_attention(status)[2:]
+    )  # no today: no session is awaited
+
+
+def test_the_check_exits_1_naming_what_needs_work_and_0_when_nothing_does(store, home, monkeypatch):
+    import json
+
+    import finpipe.schedule
+
+    monkeypatch.setattr(finpipe.schedule, "today_in", lambda _: dt.date(2024, 1, 15))
+    result = CliRunner().invoke(app, ["status", "--check"], terminal_width=200)
+    assert result.exit_code == 1, result.output
+    assert "last scored  2024-01-11" in result.stdout  # the report is printed all the same
+    assert result.stderr.strip() == (
+        "needs attention: market: 1 quarantined file waiting for a fixed delivery, 1 date "
+        "failed, 3 sessions not scored, 1 date scored from data changed since"
+    )
+    shown = json.loads(CliRunner().invoke(app, ["status", "market", "--json"]).stdout)
+    assert shown[0]["attention"][1] == "1 date failed"
+
+    monkeypatch.setenv("FINPIPE_HOME", str(store.root.parent / "clean"))
+    clean = Storage(store.root.parent / "clean")
+    for day in DAYS[:3]:
+        clean.write_partition("validated", "market", day, _rows(day))
+        clean.write_partition("features", "market", day, _rows(day))
+        clean.write_partition("predictions", "market", day, _rows(day))
+        _record(clean, day, "completed", ["validate", "features", "score"], model_version="1")
+    monkeypatch.setattr(finpipe.schedule, "today_in", lambda _: dt.date(2024, 1, 4))
+    result = CliRunner().invoke(app, ["status", "--check"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    assert "every session since scoring began is scored and current" in result.stdout
+    assert result.stderr == ""
 
 
 def test_a_store_with_nothing_to_do_says_so_and_one_with_nothing_delivered_too(tmp_path):
@@ -311,11 +356,16 @@ def test_a_registry_that_refuses_the_request_is_not_said_to_have_no_champion(hom
         for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
             monkeypatch.delenv(name, raising=False)
         result = CliRunner().invoke(app, ["status", "market"], terminal_width=200)
+        checked = CliRunner().invoke(app, ["status", "market", "--check"], terminal_width=200)
     finally:
         server.shutdown()
     assert result.exit_code == 0, result.output
     assert "champion     unknown: MLflow at http://127.0.0.1:" in result.output
     assert "none yet" not in result.output
+    assert checked.exit_code == 1, checked.output
+    assert checked.stderr.strip() == (
+        "needs attention: market: champion unknown: the MLflow registry could not be read"
+    )
 
 
 def test_the_status_of_a_home_that_does_not_exist_creates_nothing(tmp_path, monkeypatch):

@@ -436,6 +436,15 @@ def show_status(
     as_json: Annotated[
         bool, typer.Option("--json", help="Print one JSON document instead (for monitoring).")
     ] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Exit 1 when something needs work (a quarantined file, a failed, unscored or "
+            "stale date, a missing delivery, a registry that does not answer), naming it on "
+            "stderr; 0 when nothing does. For cron and monitoring.",
+        ),
+    ] = False,
 ) -> None:
     """Say where each domain stands: the morning check, read-only.
 
@@ -451,7 +460,7 @@ def show_status(
     from finpipe.domains import check_domain, domain_names
     from finpipe.errors import TrackingUnavailable
     from finpipe.schedule import load_schedule_settings, today_in
-    from finpipe.status import domain_status, registry_lines, status_lines
+    from finpipe.status import domain_status, needs_attention, registry_lines, status_lines
     from finpipe.storage import Storage
 
     chosen = [check_domain(name) for name in domains] if domains else domain_names()
@@ -471,22 +480,30 @@ def show_status(
             + f"\nMLflow {settings.tracking_uri_for_display}\n"
         )
     today = today_in(schedule.timezone)  # a session's delivery comes after it: not today's
-    report = []
+    report, attention = [], {}
     for domain in chosen:
         found = domain_status(storage, domain, schedule.calendar(domain), today)
+        needs = needs_attention(found)
         try:
             models = registry_status(settings, domain)
         except TrackingUnavailable as error:
             registry: dict = {"error": str(error)}
             lines = [f"  champion     unknown: {error}"]
+            needs.append("champion unknown: the MLflow registry could not be read")
         else:
             registry, lines = dataclasses.asdict(models), registry_lines(domain, models)
+        if needs:
+            attention[domain] = needs
         if as_json:
-            report.append({**dataclasses.asdict(found), "registry": registry})
+            report.append({**dataclasses.asdict(found), "registry": registry, "attention": needs})
         else:
             typer.echo("\n".join([domain, *status_lines(found), *lines, ""]))
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))
+    if check and attention:
+        said = "; ".join(f"{domain}: {', '.join(needs)}" for domain, needs in attention.items())
+        typer.echo(f"needs attention: {said}", err=True)
+        raise typer.Exit(1)
 
 
 @app.command("migrate-storage")

@@ -115,6 +115,25 @@ def domain_status(
     )
 
 
+def needs_attention(status: DomainStatus) -> list[str]:
+    """Return what in `status` needs someone's work, one short phrase each ('1 date failed'),
+    empty when nothing does: what `finpipe status --check` exits 1 on. Sessions without data
+    (holidays) and dates retracted whole (nothing can score them) need nobody."""
+    files = status.files
+    waiting = files.get("quarantined", 0) - status.redelivered
+    unsettled = sum(n for name, n in files.items() if name not in ("validated", "quarantined"))
+    rescore = [day for day in status.stale if day not in status.gone]
+    found = [
+        (waiting, "quarantined file", "waiting for a fixed delivery"),
+        (unsettled, "delivered file", "in progress or interrupted"),
+        (len(status.awaiting), "session", "awaiting a delivery"),
+        (len(status.failed), "date", "failed"),
+        (len(status.unscored), "session", "not scored"),
+        (len(rescore), "date", "scored from data changed since"),
+    ]
+    return [f"{counted(count, noun)} {what}" for count, noun, what in found if count]
+
+
 def _span(days: list[dt.date]) -> LayerSpan:
     return LayerSpan(len(days), days[0] if days else None, days[-1] if days else None)
 
