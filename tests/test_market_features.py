@@ -151,6 +151,60 @@ def test_an_empty_adj_close_column_leaves_the_features_on_close():
     assert build_market_features(frame)["return_1d"].tolist()[1:] == pytest.approx([0.1, 0.1])
 
 
+@pytest.fixture(scope="module")
+def blank_day_panel(panel) -> tuple[pd.DataFrame, pd.Timestamp]:
+    """The panel with adj_close left empty for every ticker on one day (a vendor's file that
+    ingest accepts, checking that day's returns on close)."""
+    day = np.sort(panel["date"].unique())[200]
+    blanked = panel.copy()
+    blanked.loc[blanked["date"] == day, "adj_close"] = np.nan
+    return blanked, day
+
+
+def test_a_day_without_adj_close_puts_the_windows_that_hold_it_on_close(
+    panel, full_features_float64, blank_day_panel
+):
+    """Each ticker's windows holding the day read its close, the others its adj_close as
+    before: no feature goes missing for the lookback's 60-odd sessions after such a day."""
+    blanked, day = blank_day_panel
+    got = _features_in_float64(blanked)
+    on_close = _features_in_float64(panel.drop(columns="adj_close"))
+    ordered = got[["date", "ticker"]].copy()
+    ordered["row"] = ordered.sort_values("date").groupby("ticker").cumcount()
+    blank_row = ordered[ordered["date"] == day].set_index("ticker")["row"]
+    since = ordered["row"] - ordered["ticker"].map(blank_row)  # NaN: no row that day
+    holds_the_day = ((since >= 0) & (since <= FEATURE_LOOKBACK_DAYS)).to_numpy()
+    assert 0 < holds_the_day.sum() < len(got)
+    for name in PRICE_FEATURES:
+        expected = np.where(holds_the_day, on_close[name], full_features_float64[name])
+        np.testing.assert_array_equal(got[name].to_numpy(), expected, err_msg=name)
+    after = got["date"] >= day
+    assert got.loc[after, PRICE_FEATURES].notna().all().all()
+
+
+def test_a_ticker_never_given_adj_close_is_read_on_its_close_beside_tickers_that_are():
+    adjusted = one_ticker([10.0, 5.0, 5.5, 6.05], "AAA", adj_close=[5.0, 5.0, 5.5, 6.05])
+    plain = one_ticker([20.0, 22.0, 24.2, 26.62], "BBB", adj_close=[np.nan] * 4)
+    features = build_market_features(pd.concat([adjusted, plain]))
+    by_ticker = features.set_index(["ticker", "date"])["return_1d"]
+    assert by_ticker["BBB"].tolist()[1:] == pytest.approx([0.1, 0.1, 0.1])
+    assert by_ticker["AAA"].tolist()[1:] == pytest.approx([0.0, 0.1, 0.1])  # the split adjusted
+
+
+def test_a_label_reads_the_close_where_adj_close_is_empty_at_t_or_t_plus_h():
+    frame = pd.concat(
+        [
+            one_ticker([10.0, 5.0, 5.5, 6.0], "AAA", adj_close=[5.0, 5.0, 5.5, np.nan]),
+            one_ticker([1.0, 2.0, 3.0, 4.0], "BBB", adj_close=[2.0, 4.0, 6.0, 8.0]),
+        ]
+    )
+    labels = build_market_labels(frame, horizon=1).set_index(["ticker", "date"])
+    assert labels.loc["AAA", "forward_return_1d"].tolist()[:3] == pytest.approx(
+        [0.0, 0.1, 6.0 / 5.5 - 1.0]  # the last from close: adj_close was left empty at t + h
+    )
+    assert labels.loc["BBB", "forward_return_1d"].tolist()[:3] == pytest.approx([1.0, 0.5, 1 / 3])
+
+
 def test_cross_sectional_rank_uses_only_the_same_date():
     days = 6
     frames = [
@@ -243,6 +297,21 @@ def test_incremental_build_equals_full_build_exactly(panel, full_features, full_
             expected = full[full["date"] >= first].reset_index(drop=True)
             assert recent.notna().all().all()
             pd.testing.assert_frame_equal(recent, expected, check_exact=True)
+
+
+def test_incremental_build_equals_full_build_exactly_after_a_day_without_adj_close(
+    blank_day_panel,
+):
+    blanked, day = blank_day_panel
+    full = _features_in_float64(blanked)
+    dates = np.sort(blanked["date"].unique())
+    at = int(np.searchsorted(dates, day))
+    for first in (dates[at], dates[at + 5], dates[at + FEATURE_LOOKBACK_DAYS + 1]):
+        tail = _tail_before(blanked, first, FEATURE_LOOKBACK_DAYS)
+        incremental = _features_in_float64(tail)
+        recent = incremental[incremental["date"] >= first].reset_index(drop=True)
+        expected = full[full["date"] >= first].reset_index(drop=True)
+        pd.testing.assert_frame_equal(recent, expected, check_exact=True)
 
 
 def test_one_row_less_of_history_is_not_enough(panel, full_features):

@@ -12,8 +12,11 @@ array; the tests check the whole feature set at float64, where float32 would hid
 
 Conventions, stated once here:
 - prices: ``price_column`` (``adj_close`` when delivered, else ``close``) for returns, volatility,
-  RSI, MACD and moving averages; the unadjusted ``open``/``high``/``low``/``close`` for same-day
-  bar shapes, since those are delivered unadjusted together;
+  RSI, MACD and moving averages, except that a value whose rows hold one of its ticker's rows
+  without ``adj_close`` is computed on ``close`` (one kind of price per window, as ingest checks
+  such a ticker on its close; a label likewise where ``adj_close`` is empty at t or t+h); the
+  unadjusted ``open``/``high``/``low``/``close`` for same-day bar shapes, since those are
+  delivered unadjusted together;
 - returns are simple returns over rows, ``P[t] / P[t-k] - 1``;
 - ``volatility_20d`` is the daily (not annualised) sample standard deviation (ddof=1) of the
   last 20 daily log returns;
@@ -149,18 +152,18 @@ def _features(prices: pd.DataFrame, dtype: type[np.floating]) -> pd.DataFrame:
     Ranks are taken over the float64 values.
     """
     panel = _TickerPanel(prices)
-    price = panel.column(price_column(prices))
-    columns: dict[str, np.ndarray] = {}
-
-    for k in RETURN_WINDOWS:
-        columns[f"return_{k}d"] = price / panel.lag(price, k) - 1.0
-    log_return = np.log(price / panel.lag(price, 1))
-    columns["volatility_20d"] = panel.window_std(log_return, VOLATILITY_WINDOW, rows_before=20)
-    columns["rsi_14"] = _rsi(panel, price)
-    macd, macd_signal = _macd(panel, price)
-    columns["macd"], columns["macd_signal"] = macd, macd_signal
-    for k in MOVING_AVERAGE_WINDOWS:
-        columns[f"ma_ratio_{k}"] = price / (panel.window_sum(price, k) / k) - 1.0
+    basis = price_column(prices)
+    columns = _price_features(panel, panel.column(basis))
+    if basis == "adj_close":
+        close = panel.column("close")
+        blank = np.isnan(panel.column("adj_close")) & ~np.isnan(close)
+        if blank.any():
+            # A ticker's row without adj_close (a vendor left it empty; ingest checked that
+            # ticker on its close) puts every window that holds it on close: no series mixes
+            # the two prices, and the value still reads the last LOOKBACK + 1 rows only.
+            on_close = panel.recent_count(blank, FEATURE_LOOKBACK_DAYS + 1) > 0
+            for name, values in _price_features(panel, close).items():
+                columns[name] = np.where(on_close, values, columns[name])
 
     available = set(prices.columns)
     if "volume" in available:
@@ -183,6 +186,18 @@ def _features(prices: pd.DataFrame, dtype: type[np.floating]) -> pd.DataFrame:
     return pd.concat([frame, pd.DataFrame({name: out[name] for name in names})], axis=1)
 
 
+def _price_features(panel: _TickerPanel, price: np.ndarray) -> dict[str, np.ndarray]:
+    """Return the features read from the price series `price` (panel layout), by name."""
+    columns = {f"return_{k}d": price / panel.lag(price, k) - 1.0 for k in RETURN_WINDOWS}
+    log_return = np.log(price / panel.lag(price, 1))
+    columns["volatility_20d"] = panel.window_std(log_return, VOLATILITY_WINDOW, rows_before=20)
+    columns["rsi_14"] = _rsi(panel, price)
+    columns["macd"], columns["macd_signal"] = _macd(panel, price)
+    for k in MOVING_AVERAGE_WINDOWS:
+        columns[f"ma_ratio_{k}"] = price / (panel.window_sum(price, k) / k) - 1.0
+    return columns
+
+
 def build_market_labels(prices: pd.DataFrame, horizon: int = 5) -> pd.DataFrame:
     """Return date, ticker, `forward_return_{h}d` and `direction_{h}d`, sorted by date, ticker.
 
@@ -197,8 +212,12 @@ def build_market_labels(prices: pd.DataFrame, horizon: int = 5) -> pd.DataFrame:
     if not isinstance(horizon, int | np.integer) or horizon < 1:
         raise ValueError(f"horizon must be a positive whole number of sessions, got {horizon!r}")
     panel = _TickerPanel(prices)
-    price = panel.column(price_column(prices))
+    basis = price_column(prices)
+    price = panel.column(basis)
     forward = panel.lead(price, horizon) / price - 1.0
+    if basis == "adj_close":  # adj_close empty at t or t + h: the close's return, as ingest checks
+        close = panel.column("close")
+        forward = np.where(np.isnan(forward), panel.lead(close, horizon) / close - 1.0, forward)
     session = panel.sessions()
     forward[panel.lead(session, horizon) - session != horizon] = np.nan
     direction = np.where(np.isnan(forward), np.nan, (forward > 0).astype(np.float64))
@@ -258,6 +277,14 @@ class _TickerPanel:
     def column(self, name: str) -> np.ndarray:
         values = self._prices[name].to_numpy(dtype=np.float64, na_value=np.nan)
         return values[self.by_ticker]
+
+    def recent_count(self, flags: np.ndarray, rows: int) -> np.ndarray:
+        """Return how many of the ticker's last `rows` rows up to each row (fewer at its start)
+        have `flags` (booleans in panel layout) set."""
+        through = np.cumsum(flags, dtype=np.int64)  # through each row, tickers one after another
+        index = np.arange(len(flags))
+        before = np.maximum(index - rows, index - self.position - 1)  # the row before the window
+        return through - np.where(before >= 0, through[np.maximum(before, 0)], 0)
 
     def sessions(self) -> np.ndarray:
         """Return each row's position among the frame's distinct dates (float64)."""
