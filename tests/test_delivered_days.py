@@ -106,3 +106,44 @@ def test_tickers_with_characters_no_screen_shows_are_refused():
 def test_a_two_digit_year_reads_as_strptime_reads_it_69_to_99_in_the_1900s():
     days, _ = _read(["13/02/68", "13/02/69", "13/02/99", "13/02/00"])
     assert days == ["2068-02-13", "1969-02-13", "1999-02-13", "2000-02-13"]
+
+
+def test_a_value_that_is_also_a_missing_marker_is_kept_where_text_is_a_value(tmp_path):
+    """`NA` is a ticker on the TSX and `None` a category; in a number, a date or a label it
+    means missing, and is no parse failure there."""
+    from finpipe.credit.config import load_loan_book
+    from finpipe.credit.schema import normalise_credit_frame
+    from finpipe.ingest import read_delivery
+    from finpipe.market.schema import PARSE_ERRORS, normalise_market_frame
+
+    prices = tmp_path / "market.csv"
+    prices.write_text(
+        "date,ticker,close,adj_close,volume\n"
+        "2024-01-08,NA,10.5,null,N/A\n"
+        "2024-01-08,NULL,11.0,,NaN\n"
+        "NA,AAA,12.0,12.0,100\n"
+    )
+    raw = read_delivery(prices)
+    assert raw["ticker"].tolist() == ["NA", "NULL", "AAA"]
+    assert raw["adj_close"][0] == "null" and pd.isna(raw["adj_close"][1])  # only a blank is
+    market = normalise_market_frame(raw)
+    assert market["ticker"].tolist() == ["NA", "NULL", "AAA"]
+    assert market["adj_close"].isna().tolist() == [True, True, False]
+    assert market["volume"].isna().tolist() == [True, True, False]
+    assert pd.isna(market["date"][2])
+    assert market.attrs[PARSE_ERRORS] == {}  # missing, not unparseable
+
+    book = load_loan_book("synthetic")
+    loans = tmp_path / "loans.csv"
+    columns = list(book.delivered_columns)
+    values = {column: "1" for column in columns}
+    values |= {book.columns.id: "NA", book.columns.label: "NA", book.columns.date: "2024-01-08"}
+    categorical, numeric = book.categorical_columns[0], book.numeric_columns[0]
+    values |= {categorical: "None", numeric: "null"}
+    loans.write_text(",".join(columns) + "\n" + ",".join(values[c] for c in columns) + "\n")
+    credit = normalise_credit_frame(read_delivery(loans), book=book)
+    assert credit[book.columns.id].tolist() == ["NA"]
+    assert credit[categorical].tolist() == ["None"]
+    assert credit[book.columns.label].isna().all()  # no outcome yet
+    assert credit[numeric].isna().all()
+    assert credit.attrs[PARSE_ERRORS] == {}

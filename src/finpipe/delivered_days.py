@@ -1,4 +1,5 @@
-"""Calendar days as vendors write them: one reading per column, never a guess per row.
+"""Calendar days as vendors write them: one reading per column, never a guess per row; and
+what vendors write for a missing value.
 
 A day written `08/01/2024` is 8 January in Europe and 1 August in the United States. Parsing
 each value on its own (pandas' `format="mixed"`) reads `08/01/2024` month-first and
@@ -32,6 +33,21 @@ _ZONE = re.compile(
     r"(?<=\d\d:\d\d)(?::\d\d(?:\.\d+)?)?\s*(?:[+-]\d\d(?::?\d\d)?|[Zz]|UTC|GMT)$",
 )
 SET_ORDER = "deliver ISO dates (YYYY-MM-DD) or set FINPIPE_DATE_ORDER to dmy or mdy"
+# What vendors write for a missing number, date or label (pandas' own list). A delivery is read
+# as text with only an empty field missing (`finpipe.ingest.read_delivery`), so a ticker `NA`
+# or a category `None` keeps its value; a number, date or label column reads these as missing.
+MISSING_MARKERS = frozenset(
+    {"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN"}
+    | {"<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+)
+
+
+def missing_marked(values: pd.Series) -> pd.Series:
+    """Return `values` with each of MISSING_MARKERS (spaces around it aside) missing."""
+    if values.dtype.kind in "biufcmM":  # a Parquet column of numbers or times
+        return values
+    marked = values.astype("string").str.strip().isin(MISSING_MARKERS).fillna(False)
+    return values.mask(marked.to_numpy())
 
 
 def strip_zone(text: pd.Series) -> tuple[pd.Series, pd.Series]:
@@ -51,13 +67,15 @@ def read_days(text: pd.Series, order: DateOrder) -> tuple[pd.Series, pd.Series, 
 
 
 def unparsed_text(raw: pd.Series, parsed: pd.Series) -> pd.Series:
-    """Return the delivered text where a non-empty value of `raw` failed to parse into
-    `parsed` (else <NA>): what ingest reports under `parseable_values`."""
-    suspects = parsed.isna().to_numpy() & raw.notna().to_numpy()  # blanks too: not failures
+    """Return the delivered text where a value of `raw` failed to parse into `parsed` (else
+    <NA>): what ingest reports under `parseable_values`. A blank or one of MISSING_MARKERS is
+    a missing value, not a failure."""
+    suspects = parsed.isna().to_numpy() & raw.notna().to_numpy()
     if raw.dtype.kind in "biufM" or not suspects.any():  # numbers, or every value parsed
         return pd.Series(pd.NA, index=raw.index, dtype="string")
     text = raw.astype("string").str.strip()
-    return text.where(suspects & (text != "").fillna(False).to_numpy())
+    missing = ((text == "") | text.isin(MISSING_MARKERS)).fillna(False).to_numpy()
+    return text.where(suspects & ~missing)
 
 
 def parse_days(text: pd.Series, order: DateOrder = "auto") -> tuple[pd.Series, pd.Series]:

@@ -123,9 +123,10 @@ def read_delivery(path: Path, read_options: Mapping[str, Any] | None = None) -> 
     try:
         if suffixes.endswith(".parquet") or suffixes.endswith(".pq"):
             return pd.read_parquet(path)
-        frame = pd.read_csv(
-            path, compression="infer", encoding="utf-8", dtype=str, **(read_options or {})
-        )
+        # Text as delivered, only an empty field missing: a ticker `NA` or a category `None` is
+        # a value. A number, date or label column reads `MISSING_MARKERS` as missing.
+        options = {"keep_default_na": False, "na_values": [""], **(read_options or {})}
+        frame = pd.read_csv(path, compression="infer", encoding="utf-8", dtype=str, **options)
     except pd.errors.EmptyDataError:
         raise InputFileError(f"{path}: no header and no rows; the file is empty") from None
     except UnicodeDecodeError as error:

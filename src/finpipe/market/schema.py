@@ -8,7 +8,7 @@ import unicodedata
 import numpy as np
 import pandas as pd
 
-from finpipe.delivered_days import DateOrder, read_days, unparsed_text
+from finpipe.delivered_days import DateOrder, missing_marked, read_days, unparsed_text
 from finpipe.errors import InputFileError
 from finpipe.settings import load_settings
 
@@ -138,7 +138,7 @@ def _parse_dates(values: pd.Series, order: DateOrder) -> tuple[pd.Series, pd.Ser
         if getattr(parsed.dt, "tz", None) is not None:
             parsed = parsed.dt.tz_localize(None)
         return parsed.dt.normalize().astype("datetime64[ns]"), pd.Series(pd.NA, index=values.index)
-    text = values.astype("string").str.strip()
+    text = missing_marked(values.astype("string").str.strip())
     parsed, problems, has_offset = read_days(text, order)
     with_offset, without = int(has_offset.sum()), int((~has_offset & text.notna()).sum())
     if with_offset and without:
