@@ -768,6 +768,40 @@ def test_a_backfill_with_a_correction_redoes_the_corrected_day_and_every_later_o
 
 
 @pytest.mark.slow
+def test_the_backfill_the_status_names_after_a_correction_leaves_nothing_stale(
+    market, base, tmp_path
+):
+    """`finpipe ingest --correction` between nights: the status names the corrected day stale
+    and one backfill to run, through the newest predictions, which re-scores the later days
+    whose features read the corrected one (a backfill of that day alone left them stale)."""
+    from finpipe.flows.backfill import backfill
+
+    from finpipe.status import domain_status, status_lines
+
+    storage = Storage(market.home)
+    history = storage.partition_dates("validated", "market")
+    update_market_features(storage, history[-1])
+    for day in history[-4:]:
+        assert process_date(storage, market, "market", day).status == "completed"
+    corrected = history[-4]
+    _, path = _restated(base, corrected, tmp_path)
+    ingest_file(storage, MARKET_CONTRACT, path, as_of=TODAY, correction=True)
+
+    status = domain_status(storage, "market", NYSE)
+    assert status.stale == [corrected]  # its later days' features are not rebuilt yet
+    [command] = [line for line in status_lines(status) if "re-score:" in line]
+    start, end = command.split("--start ")[1].split(" --end ")
+    assert (start, end) == (str(corrected), str(history[-1]))
+    summary = backfill(start=dt.date.fromisoformat(start), end=dt.date.fromisoformat(end))
+    assert summary["stale_predictions"] is None
+    assert {item["date"]: item["status"] for item in summary["dates"]} == {
+        day.isoformat(): "completed" for day in history[-4:]
+    }
+    after = domain_status(storage, "market", NYSE)
+    assert (after.stale, after.unscored, after.failed) == ([], [], [])
+
+
+@pytest.mark.slow
 def test_a_nightly_loads_its_corrections_after_its_inputs_and_rebuilds_from_them(
     market, base, tmp_path
 ):

@@ -117,7 +117,8 @@ def test_the_status_names_every_date_that_needs_work_and_the_command_that_does_i
         "score them: finpipe run backfill --domain market --start 2024-01-08 --end 2024-01-12"
         in (text)
     )
-    assert "re-score: finpipe run backfill --domain market --start 2024-01-03 --end 2024-01-03" in (
+    # through the newest predictions: later features read the corrected 3 Jan in their lookback
+    assert "re-score: finpipe run backfill --domain market --start 2024-01-03 --end 2024-01-11" in (
         text
     )
     assert "1 date: 2024-01-04: retracted whole" in text

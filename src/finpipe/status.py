@@ -259,9 +259,17 @@ def _dates_lines(status: DomainStatus) -> list[str]:
             f"  stale        {_named(status.stale)}: predictions scored from data corrected, "
             "retracted or delivered late since"
         )
+        # Through the newest predictions: a later date's features may read a changed day (a
+        # lookback, a snapshot of history); the backfill rebuilds them first, then redoes each
+        # date whose inputs changed and skips the others.
+        newest = status.layers["predictions"].last
         rescore = [day for day in status.stale if day not in status.gone]
-        if rescore:
-            lines.append(f"               re-score: {_backfill(domain, rescore)}")
+        if newest is not None and (rescore or newest > status.stale[0]):
+            lines.append(f"               re-score: {_backfill(domain, [status.stale[0], newest])}")
+            lines.append(
+                "               (through the newest predictions: later dates whose features "
+                "read a changed day are redone too)"
+            )
         if status.gone:
             lines.append(
                 f"               {_named(status.gone)}: retracted whole, so nothing can "
