@@ -455,6 +455,9 @@ TIER_TABLE: dict[str, ModuleTiers] = {
             "test_unknown_domain_is_refused": _CHILD_PROCESS,
             "test_a_rejected_file_names_the_files_after_it_that_were_not_loaded": _CHILD_PROCESS,
             "test_a_bad_setting_is_one_line_and_exit_status_2": _CHILD_PROCESS,
+            "test_a_non_json_setting_or_a_file_as_home_is_one_line_and_exit_status_2": (
+                _CHILD_PROCESS
+            ),
         },
     ),
     # Unit planning and locks; the flows on a prepared history (`market`) are flow.

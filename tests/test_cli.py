@@ -189,6 +189,31 @@ def test_a_bad_setting_is_one_line_and_exit_status_2(tmp_path, name, value):
     assert len(result.stderr.splitlines()) == 1
 
 
+@pytest.mark.parametrize(
+    ("command", "name", "value", "says"),
+    [
+        (
+            ["status"],
+            "FINPIPE_CALENDARS",
+            "notjson",
+            """invalid schedule settings: FINPIPE_CALENDARS='notjson': should be a JSON """
+            """object, e.g. {"market": "XNYS"}""",
+        ),
+        (["status"], "FINPIPE_HOME", "{file}", "FINPIPE_HOME={file} is a file, not a folder: "),
+        (["ingest", "market", "x.csv"], "FINPIPE_HOME", "{file}", "FINPIPE_HOME={file} is a "),
+    ],
+)
+def test_a_non_json_setting_or_a_file_as_home_is_one_line_and_exit_status_2(
+    tmp_path, command, name, value, says
+):
+    file = tmp_path / "file"
+    file.write_text("")
+    result = _finpipe(tmp_path, *command, **{name: value.replace("{file}", str(file))})
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: " + says.replace("{file}", str(file)))
+    assert len(result.stderr.splitlines()) == 1
+
+
 def test_a_folder_given_to_ingest_is_refused_with_a_glob_to_use(tmp_path, home):
     folder = tmp_path / "deliveries"
     folder.mkdir()
@@ -250,12 +275,36 @@ def test_validated_writes_the_date_column_as_calendar_days(delivered, tmp_path, 
     assert table.num_rows == len(storage.read_partitions("validated", "market"))
 
 
-def test_validated_writes_an_empty_file_for_an_empty_layer(tmp_path, home):
+def test_validated_of_an_empty_layer_is_refused_and_writes_no_file(tmp_path, home):
+    home.home.mkdir()
     out = tmp_path / "validated.parquet"
     result = runner.invoke(app, ["validated", "market", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    assert result.output.startswith("0 rows of market as known at ")
-    assert pd.read_parquet(out).empty
+    assert isinstance(result.exception, ConfigError), result.output
+    assert str(result.exception) == (
+        f"no validated rows of market in {home.home}, so no file written: `finpipe batches "
+        "market` lists its delivered files and when each was validated"
+    )
+    then = ["--known-at", "2026-03-02T09:00"]
+    result = runner.invoke(app, ["validated", "market", *then, "--out", str(out)])
+    assert isinstance(result.exception, ConfigError), result.output
+    assert str(result.exception).startswith(
+        "no validated rows of market as known at 2026-03-02T09:00:00+00:00 in "
+    )
+    assert not out.exists()
+
+
+def test_batches_and_validated_of_a_home_that_does_not_exist_create_nothing(tmp_path, monkeypatch):
+    home = tmp_path / "typo" / "home"
+    monkeypatch.setenv("FINPIPE_HOME", str(home))
+    monkeypatch.delenv("PREFECT_HOME", raising=False)
+    out = tmp_path / "validated.parquet"
+    for command in (["batches", "market"], ["validated", "market", "--out", str(out)]):
+        result = runner.invoke(app, command)
+        assert isinstance(result.exception, ConfigError), result.output
+        assert str(result.exception) == (
+            f"store {home} does not exist: is FINPIPE_HOME right? (`finpipe ingest` creates it)"
+        )
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_an_unknown_defect_is_refused_with_the_defects_there_are(tmp_path):

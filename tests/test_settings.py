@@ -74,6 +74,68 @@ def test_several_bad_settings_are_each_named(monkeypatch):
     assert "; FINPIPE_MALLOC_TUNING='maybe': should be true or false" in message
 
 
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        ("FINPIPE_CALENDARS", "notjson", """should be a JSON object, e.g. {"market": "XNYS"}"""),
+        (
+            "FINPIPE_NIGHTLY_DOMAINS",
+            "market,credit",
+            """should be a JSON list, e.g. ["market", "credit"]""",
+        ),
+        (
+            "FINPIPE_NIGHTLY_INPUTS",
+            "/data/drop/market_*.csv",
+            """should be a JSON object, e.g. {"market": ["/data/drop/market_*.csv"]}""",
+        ),
+    ],
+)
+def test_a_schedule_setting_that_is_not_json_is_one_line_with_an_example(
+    monkeypatch, name, value, says
+):
+    from finpipe.schedule import load_schedule_settings
+
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ConfigError) as raised:
+        load_schedule_settings()
+    assert str(raised.value) == f"invalid schedule settings: {name}={value!r}: {says}"
+
+
+def test_a_home_that_is_a_file_is_refused_in_one_line(monkeypatch, tmp_path):
+    file = tmp_path / "home"
+    file.write_text("")
+    monkeypatch.setenv("FINPIPE_HOME", str(file))
+    with pytest.raises(ConfigError) as raised:
+        load_settings()
+    assert str(raised.value) == (
+        f"FINPIPE_HOME={file} is a file, not a folder: set FINPIPE_HOME to a folder (finpipe "
+        "creates it if it does not exist)"
+    )
+    monkeypatch.setenv("FINPIPE_HOME", str(file / "finpipe"))
+    with pytest.raises(ConfigError, match=r"is under a file \(.*home\), not a folder"):
+        load_settings()
+    monkeypatch.setenv("FINPIPE_HOME", "s3://bucket/fp")
+    monkeypatch.setenv("FINPIPE_LOCAL_DIR", str(file))
+    with pytest.raises(ConfigError, match=f"^FINPIPE_LOCAL_DIR={file} is a file, not a folder"):
+        load_settings()
+    assert file.read_text() == ""
+
+
+def test_an_empty_path_setting_is_unset_not_the_working_directory(monkeypatch, tmp_path):
+    """`FINPIPE_HOME=` is the documented default, ~/.finpipe, as if it were not set."""
+    from pathlib import Path
+
+    monkeypatch.chdir(tmp_path)
+    for name in ("FINPIPE_HOME", "FINPIPE_LOCAL_DIR", "FINPIPE_CREDIT_CONFIG"):
+        monkeypatch.setenv(name, "")
+    monkeypatch.setenv("FINPIPE_CUSTOMERS_CONFIG", " ")
+    settings = load_settings()
+    assert settings.home == (Path.home() / ".finpipe").resolve()
+    assert (settings.local_dir, settings.credit_config) == (None, None)
+    assert settings.customers_config == "synthetic"
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_a_bad_run_parameter_reads_as_field_value_and_what_is_allowed():
     import datetime as dt
 

@@ -10,13 +10,16 @@ import datetime as dt
 import io
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from finpipe.errors import ConfigError, FinpipeError
 from finpipe.settings import Settings, disable_telemetry, load_settings, prepare_environment
 from finpipe.text import counted, sentence
+
+if TYPE_CHECKING:
+    from finpipe.storage import Storage
 
 app = typer.Typer(
     help="finpipe: nightly, workflow-orchestrated deep learning on financial data.",
@@ -37,6 +40,28 @@ def _settings() -> Settings:
     settings = load_settings()
     prepare_environment(settings)
     return settings
+
+
+def _read_only_settings() -> Settings:
+    """Settings for a command that only reads the store: telemetry off, and no folder made
+    (`prepare_environment` creates Prefect's under the storage root)."""
+    settings = load_settings()
+    disable_telemetry()
+    return settings
+
+
+def _existing_store(settings: Settings) -> Storage:
+    """Return the store a read-only command reads; ConfigError when its folder does not exist
+    (a mistyped FINPIPE_HOME), rather than an empty answer."""
+    from finpipe.storage import Storage
+
+    storage = Storage(settings.home)
+    if storage.is_local and not storage.root.exists():
+        raise ConfigError(
+            f"store {storage.location()} does not exist: is FINPIPE_HOME right? "
+            "(`finpipe ingest` creates it)"
+        )
+    return storage
 
 
 def _echo(message: str) -> None:
@@ -370,10 +395,10 @@ def validated(
     import pyarrow.parquet as pq
 
     from finpipe.domains import domain_contract
-    from finpipe.storage import Storage, days_as_dates, write_bytes_atomic
+    from finpipe.storage import days_as_dates, write_bytes_atomic
     from finpipe.vintages import utc_time, validated_as_known
 
-    settings = _settings()
+    settings = _read_only_settings()
     if out.is_dir():
         raise ConfigError(
             f"--out {out} is a folder: name the Parquet file to write, e.g. "
@@ -383,7 +408,16 @@ def validated(
         when = utc_time(known_at or dt.datetime.now(dt.UTC))
     except ValueError as error:
         raise typer.BadParameter(f"{known_at!r} is not an ISO 8601 time: {error}") from None
-    rows = validated_as_known(Storage(settings.home), domain_contract(domain), when)
+    contract = domain_contract(domain)
+    storage = _existing_store(settings)
+    rows = validated_as_known(storage, contract, when)
+    if rows.empty:
+        as_known = f" as known at {when.isoformat()}" if known_at else ""
+        raise ConfigError(
+            f"no validated rows of {domain}{as_known} in {storage.location()}, so no file "
+            f"written: `finpipe batches {domain}` lists its delivered files and when each was "
+            "validated"
+        )
     # Calendar days (date32), as every layer stores them.
     table = days_as_dates(pa.Table.from_pandas(rows, preserve_index=False))
     buffer = io.BytesIO()
@@ -405,11 +439,10 @@ def batches(
     import pandas as pd
 
     from finpipe.domains import check_domain
-    from finpipe.storage import Storage
     from finpipe.vintages import batch_history
 
     check_domain(domain)  # an unknown name is an error that lists the known ones
-    table = batch_history(Storage(_settings().home), domain)
+    table = batch_history(_existing_store(_read_only_settings()), domain)
     if table.empty:
         typer.echo(f"no delivered file of {domain} yet")
         return
@@ -464,8 +497,7 @@ def show_status(
     from finpipe.storage import Storage
 
     chosen = [check_domain(name) for name in domains] if domains else domain_names()
-    settings = load_settings()  # not _settings(): read-only, so no Prefect folder is made
-    disable_telemetry()
+    settings = _read_only_settings()
     # A tracking server that does not answer is said at once, not after MLflow's retries.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")

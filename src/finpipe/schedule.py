@@ -8,11 +8,12 @@ from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from finpipe.calendars import DEFAULT_CALENDARS, Calendar, calendar_for
 from finpipe.errors import ConfigError
 from finpipe.locks import DEFAULT_TIMEOUT_SECONDS
+from finpipe.settings import describe_undecodable
 
 
 class ScheduleSettings(BaseSettings):
@@ -32,15 +33,18 @@ class ScheduleSettings(BaseSettings):
     )
     nightly_domains: list[str] = Field(
         default_factory=lambda: ["market"],
+        examples=[["market", "credit"]],
         description='Domains the nightly deployment runs, one schedule each (JSON: ["market"]).',
     )
     nightly_inputs: dict[str, list[str]] = Field(
         default_factory=dict,
+        examples=[{"market": ["/data/drop/market_*.csv"]}],
         description="Per domain, the delivered files (paths or globs) every scheduled night "
         'loads, e.g. {"market": ["/data/drop/market_*.csv"]}; files already loaded are skipped.',
     )
     calendars: dict[str, str] = Field(
         default_factory=lambda: dict(DEFAULT_CALENDARS),
+        examples=[{"market": "XNYS"}],
         description="Per domain, the calendar of its delivery days: an exchange code that "
         "exchange-calendars knows (XNYS, XLON, ...) or 'business days' (Monday to Friday, the "
         'default for a domain not named), e.g. {"market": "XNYS"}.',
@@ -76,6 +80,9 @@ def load_schedule_settings(**overrides: Any) -> ScheduleSettings:
             f"FINPIPE_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in error.errors()
         )
         raise ConfigError(f"invalid schedule settings: {problems}") from None
+    except SettingsError as error:  # a variable that is not the JSON its field takes
+        problem = describe_undecodable(error, ScheduleSettings)
+        raise ConfigError(f"invalid schedule settings: {problem}") from None
 
 
 def check_timezone(name: str) -> ZoneInfo:

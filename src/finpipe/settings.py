@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, StringConstraints, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    Field,
+    SecretStr,
+    StringConstraints,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from finpipe.errors import ConfigError, FinpipeError
 
@@ -148,6 +156,15 @@ class Settings(BaseSettings):
         "Postgres advisory locks in that database (runs on several machines; finpipe.pg_locks).",
     )
 
+    @field_validator("home", "local_dir", "credit_config", "customers_config", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any, info: ValidationInfo) -> Any:
+        # `FINPIPE_HOME=` would otherwise read as Path(""), the working directory.
+        if isinstance(value, str) and not value.strip():
+            field_name = info.field_name or ""
+            return cls.model_fields[field_name].get_default(call_default_factory=True)
+        return value
+
     @field_validator("home")
     @classmethod
     def _store_url_has_no_empty_folder(cls, home: str | Path) -> str | Path:
@@ -174,6 +191,7 @@ class Settings(BaseSettings):
     )
     drop_roots: list[Path] | None = Field(
         default=None,
+        examples=[["/data/drop"]],
         description="Folders a run's `inputs` may name files in (JSON list, e.g. "
         '["/data/drop"]); a file outside them, symlinks followed, is refused before anything '
         "is read. Unset: `vendor_drop/` under the storage root (where `finpipe demo` writes) "
@@ -254,11 +272,30 @@ def redact_uri(uri: str) -> str:
 
 def load_settings() -> Settings:
     """Return settings read from the environment now (cheap; call at the edges, pass down);
-    ConfigError naming each bad variable, its value and what it takes."""
+    ConfigError naming each bad variable, its value and what it takes, or a local folder
+    setting that names a file."""
     try:
-        return Settings()
+        settings = Settings()
     except ValidationError as error:
         raise ConfigError(f"invalid settings: {describe_invalid(error, 'FINPIPE_')}") from None
+    except SettingsError as error:
+        raise ConfigError(f"invalid settings: {describe_undecodable(error, Settings)}") from None
+    variable = "FINPIPE_HOME" if settings.home_is_local else "FINPIPE_LOCAL_DIR"
+    _check_is_a_folder(variable, settings.local_home)
+    return settings
+
+
+def _check_is_a_folder(variable: str, folder: Path) -> None:
+    """Raise ConfigError when `folder`, or the nearest of its parents that exists, is not a
+    folder: every command would otherwise fail with an OS error on a path below it."""
+    existing = next((path for path in (folder, *folder.parents) if os.path.exists(path)), None)
+    if existing is None or os.path.isdir(existing):
+        return
+    where = "a file" if existing == folder else f"under a file ({existing})"
+    raise ConfigError(
+        f"{variable}={folder} is {where}, not a folder: set {variable} to a folder (finpipe "
+        "creates it if it does not exist)"
+    )
 
 
 # What pydantic says of a value, where the environment needs more than its words.
@@ -288,6 +325,30 @@ def describe_invalid(error: ValidationError, env_prefix: str | None = None) -> s
         shown = "'***'" if path[-1] in SECRET_FIELDS else repr(problem["input"])
         problems.append(f"{field}={shown}: {allowed}")
     return "; ".join(problems)
+
+
+# pydantic-settings names the field whose environment variable is not JSON only in its message.
+_UNDECODABLE_FIELD = re.compile(r'field "(?P<field>\w+)"')
+
+
+def describe_undecodable(error: SettingsError, settings_cls: type[BaseSettings]) -> str:
+    """Return pydantic-settings' `error` for an environment variable that is not the JSON
+    its field takes as one line: the variable, its value and an example of what it takes (the
+    field's first `examples` entry)."""
+    found = _UNDECODABLE_FIELD.search(str(error))
+    if found is None or found["field"] not in settings_cls.model_fields:
+        return str(error)
+    field_name = found["field"]
+    variable = (settings_cls.model_config.get("env_prefix", "") + field_name).upper()
+    # pydantic-settings reads variable names in any case (case_sensitive is off).
+    value = next((v for k, v in os.environ.items() if k.upper() == variable), "")
+    shown = "'***'" if field_name in SECRET_FIELDS else repr(value)
+    examples = settings_cls.model_fields[field_name].examples or []
+    if not examples or not isinstance(examples[0], list | dict):
+        return f"{variable}={shown}: should be JSON"
+    example = examples[0]
+    shape = "a JSON list" if isinstance(example, list) else "a JSON object"
+    return f"{variable}={shown}: should be {shape}, e.g. {json.dumps(example)}"
 
 
 def prepare_environment(settings: Settings) -> None:
