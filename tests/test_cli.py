@@ -429,6 +429,7 @@ def test_run_nightly_passes_every_option_to_the_flow(home, monkeypatch):
     options = ["--as-of", "2024-01-05", "--no-retrain", "--no-catch-up", "--rebuild-features"]
     options += ["--models", "mlp", "--max-epochs", "3", "--horizon", "10"]
     options += ["--history-dates", "100", "--history-start", "2023-01-02"]
+    options += ["--training", "embargo=7", "--training", "device=cpu"]  # text where not JSON
     _, passed = _passed(["run", "nightly", "--domain", "market", *options])
     assert passed == {
         "domain": "market",
@@ -437,7 +438,13 @@ def test_run_nightly_passes_every_option_to_the_flow(home, monkeypatch):
         "retrain": False,
         "catch_up": False,
         "rebuild_features": True,
-        "training": {"models": ["mlp"], "max_epochs": 3, "horizon": 10},
+        "training": {
+            "embargo": 7,
+            "device": "cpu",
+            "models": ["mlp"],
+            "max_epochs": 3,
+            "horizon": 10,
+        },
         "history_dates": 100,
         "history_start": dt.date(2023, 1, 2),
     }
@@ -449,6 +456,31 @@ def test_run_nightly_passes_every_option_to_the_flow(home, monkeypatch):
     )
 
 
+@pytest.mark.parametrize(
+    ("training", "refused"),
+    [
+        ("embargo_days", "'embargo_days' is not KEY=VALUE (e.g. embargo_days=30)"),
+        ("=3", "'=3' is not KEY=VALUE"),
+        ("embargo=3", "credit has no training parameter 'embargo'; its parameters are "),
+        ("embargo_days=soon", "invalid training parameters: embargo_days='soon': should be "),
+    ],
+)
+def test_a_training_setting_the_domain_does_not_take_is_refused_before_the_flow(
+    home, monkeypatch, training, refused
+):
+    import finpipe.flows.backfill
+    import finpipe.flows.nightly
+
+    _recorder(monkeypatch, finpipe.flows.nightly, "nightly")
+    _recorder(monkeypatch, finpipe.flows.backfill, "backfill")
+    range_ = ["--start", "2024-01-02", "--end", "2024-01-05"]
+    for command in (["nightly"], ["backfill", *range_]):
+        result = runner.invoke(app, ["run", *command, "--domain", "credit", "--training", training])
+        assert not isinstance(result.exception, _Recorded), result.output
+        said = " ".join((str(result.exception or "") + result.output).replace("│", " ").split())
+        assert refused in said
+
+
 def test_run_backfill_and_backtest_pass_every_option_to_their_flows(home, monkeypatch):
     import finpipe.flows.backfill
     import finpipe.flows.backtest
@@ -457,6 +489,7 @@ def test_run_backfill_and_backtest_pass_every_option_to_their_flows(home, monkey
     _recorder(monkeypatch, finpipe.flows.backtest, "backtest")
     range_ = ["--start", "2024-01-02", "--end", "2024-01-05"]
     backfill = ["--steps", "validate,features", "--retrain", "--concurrency", "3", "--force"]
+    backfill += ["--training", "embargo_days=30", "--training", 'models=["logistic"]']
     _, passed = _passed(["run", "backfill", *range_, "--domain", "credit", *backfill])
     assert passed == {
         "domain": "credit",
@@ -467,6 +500,7 @@ def test_run_backfill_and_backtest_pass_every_option_to_their_flows(home, monkey
         "concurrency": 3,
         "force": True,
         "inputs": [],
+        "training": {"embargo_days": 30, "models": ["logistic"]},
     }
     backtest = ["--name", "q", "--retrain-every", "21", "--train-window", "100"]
     backtest += ["--models", "mlp,gru", "--horizon", "3", "--top-k", "4", "--n-drop", "2"]

@@ -558,6 +558,34 @@ def migrate_storage() -> None:
         typer.echo(f"{settings.home}: nothing to convert (already the bare-day layout)")
 
 
+_TRAINING_OPTION = typer.Option(
+    "--training",
+    metavar="KEY=VALUE",
+    help="A training setting for this run, as the run forms' `training` field takes it "
+    "(repeat for more): e.g. --training embargo_days=30 --training validation_fraction=0.2; "
+    'a value is read as JSON where it is (numbers, true, ["mlp"]), else as text. A key the '
+    "domain does not have is refused, naming those it has.",
+)
+
+
+def _training_overrides(pairs: list[str] | None) -> dict:
+    """Return the `--training KEY=VALUE` pairs as the `training` parameter's dict."""
+    import json
+
+    overrides: dict = {}
+    for pair in pairs or []:
+        key, equals, text = pair.partition("=")
+        if not equals or not key.strip():
+            raise typer.BadParameter(
+                f"{pair!r} is not KEY=VALUE (e.g. embargo_days=30)", param_hint="--training"
+            )
+        try:
+            overrides[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            overrides[key.strip()] = text
+    return overrides
+
+
 @run_app.command("nightly")
 def run_nightly(
     domain: Annotated[str, typer.Option(help="Pipeline to run.")] = "market",
@@ -605,6 +633,7 @@ def run_nightly(
             "--history-dates, the later start applies)."
         ),
     ] = None,
+    training: Annotated[list[str] | None, _TRAINING_OPTION] = None,
 ) -> None:
     """Run the nightly flow (validate -> features -> train -> promote -> score) via Prefect."""
     settings = _settings()
@@ -616,7 +645,7 @@ def run_nightly(
     check_domain(domain)  # reject a bad parameter before Prefect starts anything
     allowed_inputs([str(p) for p in input or []], settings.input_roots())
     day = as_day(as_of) if as_of else None
-    overrides: dict = {}
+    overrides = _training_overrides(training)
     if models:
         overrides["models"] = [m.strip() for m in models.split(",") if m.strip()]
     if max_epochs:
@@ -659,12 +688,13 @@ def run_backfill(
             "(default FINPIPE_HOME/vendor_drop, ./deliveries, ./datasets).",
         ),
     ] = None,
+    training: Annotated[list[str] | None, _TRAINING_OPTION] = None,
 ) -> None:
     """Run the backfill flow over a date range; re-running redoes only failed, missing or stale
-    dates (data re-delivered or corrected since)."""
+    dates (data re-delivered or corrected since). --training applies to --retrain's training."""
     settings = _settings()
     from finpipe.drop_roots import allowed_inputs
-    from finpipe.planning import check_backfill_request
+    from finpipe.planning import check_backfill_request, training_config
     from finpipe.schedule import load_schedule_settings, today_in
 
     schedule = load_schedule_settings()
@@ -678,6 +708,8 @@ def run_backfill(
         calendar=schedule.calendar(domain),
     )
     allowed_inputs(input or [], settings.input_roots())
+    overrides = _training_overrides(training)
+    training_config(domain, overrides)  # a key the domain does not have fails here
     from finpipe.date_runs import BackfillIncomplete
     from finpipe.flows.backfill import backfill
 
@@ -691,6 +723,7 @@ def run_backfill(
             concurrency=concurrency,
             force=force,
             inputs=list(input or []),
+            training=overrides,
         )
     except BackfillIncomplete as incomplete:  # every date's line, then the error's
         _echo_dates([outcome.to_dict() for outcome in incomplete.outcomes])

@@ -892,7 +892,9 @@ def split_rows(
                     f"next window starts on {next_set[0].date()}: each would look ahead, and "
                     "none is left; raise embargo_days (distinct dates dropped between "
                     "windows) to cover the outcome window, make the windows longer "
-                    "(validation_fraction, test_fraction) or deliver a longer history"
+                    "(validation_fraction, test_fraction) or deliver a longer history "
+                    "(a run's training settings: --training embargo_days=N, or the run "
+                    "form's training field)"
                 )
         return RowSplit(
             "out_of_time",
