@@ -233,6 +233,31 @@ def test_a_quarantined_file_whose_report_is_gone_is_said_so(tmp_path):
     ]
 
 
+def test_quarantined_files_beyond_the_newest_three_are_counted_not_dropped(tmp_path):
+    storage = Storage(tmp_path / "home")
+    for number in range(5):
+        storage.write_batch_record(
+            "market",
+            {
+                "sha256": f"{number:064x}",
+                "batch_id": f"b{number}",
+                "source": f"/drop/market_{number}.csv",
+                "status": "quarantined",
+                "landed_at": f"2024-01-0{number + 1}T06:00:00+00:00",
+                "quarantined_at": f"2024-01-0{number + 1}T06:00:01+00:00",
+            },
+        )
+    status = domain_status(storage, "market", BusinessDays())
+    assert status.waiting == 5
+    assert [found.file for found in status.quarantined] == [f"market_{n}.csv" for n in (2, 3, 4)]
+    text = "\n".join(status_lines(status))
+    assert (
+        "quarantined  and 2 earlier files (finpipe batches market lists them; each report is "
+        "in quarantine/market/<batch>/)"
+    ) in text
+    assert needs_attention(status) == ["5 quarantined files waiting for a fixed delivery"]
+
+
 def test_a_long_list_names_its_newest_dates():
     from finpipe.status import _named
 

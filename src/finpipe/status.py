@@ -75,6 +75,7 @@ class DomainStatus:
     gone: list[dt.date]  # of those, dates retracted whole: nothing can score them again
     # Sessions after the newest validated day through the last one before `today`.
     awaiting: list[dt.date] = field(default_factory=list)
+    waiting: int = 0  # quarantined files no later file of the same name replaced, all of them
 
 
 def domain_status(
@@ -112,6 +113,7 @@ def domain_status(
         stale=stale,
         gone=gone,
         awaiting=awaiting,
+        waiting=len(open_files),
     )
 
 
@@ -120,11 +122,10 @@ def needs_attention(status: DomainStatus) -> list[str]:
     empty when nothing does: what `finpipe status --check` exits 1 on. Sessions without data
     (holidays) and dates retracted whole (nothing can score them) need nobody."""
     files = status.files
-    waiting = files.get("quarantined", 0) - status.redelivered
     unsettled = sum(n for name, n in files.items() if name not in ("validated", "quarantined"))
     rescore = [day for day in status.stale if day not in status.gone]
     found = [
-        (waiting, "quarantined file", "waiting for a fixed delivery"),
+        (status.waiting, "quarantined file", "waiting for a fixed delivery"),
         (unsettled, "delivered file", "in progress or interrupted"),
         (len(status.awaiting), "session", "awaiting a delivery"),
         (len(status.failed), "date", "failed"),
@@ -203,6 +204,12 @@ def status_lines(status: DomainStatus) -> list[str]:
         lines.append(f"  quarantined  {found.file} at {found.when}")
         lines.append(f"               rules: {found.rules}")
         lines.append(f"               report: {found.report}")
+    earlier = status.waiting - len(status.quarantined)
+    if earlier > 0:
+        lines.append(
+            f"  quarantined  and {counted(earlier, 'earlier file')} (finpipe batches "
+            f"{status.domain} lists them; each report is in quarantine/{status.domain}/<batch>/)"
+        )
     for layer, span in status.layers.items():
         shown = f"{span.first} .. {span.last}, {counted(span.days, 'day')}" if span.days else "-"
         lines.append(f"  {layer:<12} {shown}")
