@@ -234,3 +234,14 @@ def test_the_feature_definition_follows_the_columns_and_labels_features_read_onl
     del fewer["numeric"]["income"]
     assert credit_feature_definition(parse_loan_book(fewer))["numeric"][:1] == ["age"]
     assert credit_feature_definition(parse_loan_book(fewer)) != base
+
+
+def test_a_rejected_loan_books_message_points_at_its_config_not_a_suite_file():
+    from finpipe.validation import suite_location
+
+    book = load_loan_book("synthetic")
+    spec = build_credit_suite(book)
+    assert suite_location(book.suite_name, spec) == (
+        f"the loan-book config {book.source} (or expectations/credit_synthetic.json, for a rule "
+        "added there)"
+    )

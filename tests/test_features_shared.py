@@ -61,6 +61,7 @@ def test_the_day_step_rebuilds_a_restated_day_and_removes_a_retracted_one(tmp_pa
     [
         ({"domain": DOMAIN}, "the toy domain's suite 'toy_rows' (its contract's suite_spec)"),
         ({}, "the suite 'toy_rows' (its contract's suite_spec)"),
+        ({"domain": DOMAIN, "defined_in": "the config toy.toml"}, "the config toy.toml"),
     ],
 )
 def test_a_suite_spec_domains_message_names_its_suite_not_a_file(meta, location):

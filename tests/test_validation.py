@@ -70,10 +70,12 @@ def test_clean_frame_passes_and_skips_only_the_unadjusted_split_rule():
     assert len(report.rules) == 31  # 30 errors and the large-move warning
     assert [s["rule"] for s in report.skipped] == [UNADJUSTED_RULE]
     assert report.skipped[0]["missing_columns"] == ["abs_log_return_1d_unadjusted"]
-    assert report.summary() == (
-        "Batch 'test-batch' passed suite 'market_ohlcv' "
-        "(31 rules on 10 rows, 1 skipped for absent columns)."
+    assert report.skipped[0]["derived"] is True  # the file lacks nothing: not "absent"
+    assert (
+        report.summary() == "Batch 'test-batch' passed suite 'market_ohlcv' (31 rules on 10 rows)."
     )
+    without_volume = check(clean_bars().drop(columns="volume"))
+    assert "(29 rules on 10 rows, 2 skipped for absent columns)" in without_volume.summary()
 
 
 def test_nan_close_fails_only_the_not_null_rule():
@@ -347,7 +349,9 @@ def test_summary_names_the_rule_a_row_and_a_value():
     summary = check(frame).summary()
 
     assert summary.startswith("Batch 'test-batch' FAILED suite 'market_ohlcv'")
-    assert "2 rule(s) broken" in summary
+    assert ": 2 rules broken." in summary
+    also = check(frame).summary(["parseable_values: 1 row, e.g. row 2 value 'x'."])
+    assert ": 3 rules broken." in also  # a rule ingest checks outside the suite counts too
     assert (
         "expect_column_values_to_not_be_null(close): 1 unexpected row(s) (10%), "
         "e.g. row 4 (date=2024-01-04, ticker=AAA) value null (missing)."

@@ -18,7 +18,7 @@ import importlib.resources
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -113,10 +113,12 @@ class ValidationReport:
 
     def summary(self, also_broken: Sequence[str] = ()) -> str:
         """Return one paragraph a user can act on: each failed rule with a count, a row, a value
-        (then `also_broken`: sentences of rules checked outside the suite), what to do, and
+        (then `also_broken`: one sentence per rule checked outside the suite, counted among
+        the broken ones), what to do, and
         where the Data Docs are."""
         failures = self.failures()
-        skipped = f", {len(self.skipped)} skipped for absent columns" if self.skipped else ""
+        absent = [entry for entry in self.skipped if not entry.get("derived")]
+        skipped = f", {len(absent)} skipped for absent columns" if absent else ""
         head = (
             f"Batch '{self.batch}' {'FAILED' if failures else 'passed'} suite '{self.suite}' "
             f"({counted(len(self.rules), 'rule')} on {counted(self.row_count, 'row')}{skipped})"
@@ -127,7 +129,7 @@ class ValidationReport:
         noted.extend(describe_rule_break(rule) for rule in warnings)
         if not failures:
             return " ".join([head + ("." if not warnings else ";"), *noted])
-        parts = [head + f": {len(failures)} rule(s) broken."]
+        parts = [head + f": {counted(len(failures) + len(also_broken), 'rule')} broken."]
         parts.extend(describe_rule_break(rule) for rule in failures)
         parts.extend(also_broken)
         parts.extend(dict.fromkeys(r.advice for r in failures if r.advice))
@@ -158,10 +160,13 @@ def _outside_rule_defaults() -> dict[str, Any]:
 def suite_location(name: str, spec: Mapping[str, Any] | None = None) -> str:
     """Return where the rules of suite `name` are defined, for a message: the file
     expectations/<name>.json, or, for a suite a domain builds in memory (`spec`, from its raw
-    contract's `suite_spec`), e.g. "the toy domain's suite 'toy_rows' (its contract's
+    contract's `suite_spec`), its `meta.defined_in` (where its user edits the rules, e.g. a
+    loan-book config), or else, e.g. "the toy domain's suite 'toy_rows' (its contract's
     suite_spec)": the domain as the suite's `meta.domain` names it."""
     if spec is None:
         return f"expectations/{name}.json"
+    if (spec.get("meta") or {}).get("defined_in"):  # where its user edits the rules
+        return str(spec["meta"]["defined_in"])
     domain = (spec.get("meta") or {}).get("domain")
     whose = f"the {domain} domain's suite" if domain else "the suite"
     return f"{whose} '{name}' (its contract's suite_spec)"
@@ -283,7 +288,8 @@ def validate_frame(
     _check_parameters(spec, parameters)
     batch = frame.reset_index(drop=True)  # GX reports index labels; make them positions
     present = set(map(str, batch.columns))
-    kept, skipped = _split_on_columns(spec["expectations"], present)
+    derived = set(spec.get("meta", {}).get("derived_columns", {}))
+    kept, skipped = _split_on_columns(spec["expectations"], present, derived)
     key_columns = [c for c in spec.get("meta", {}).get("key_columns", []) if c in present]
 
     try:
@@ -320,22 +326,32 @@ def validate_frame(
 
 
 def _split_on_columns(
-    expectations: Sequence[dict], present: set[str]
+    expectations: Sequence[dict], present: set[str], derived: Collection[str] = ()
 ) -> tuple[list[dict], list[dict]]:
-    """Return (expectations to run, skipped entries) given the columns present in the batch."""
+    """Return (expectations to run, skipped entries) given the columns present in the batch.
+
+    A rule skipped only for `derived` columns (the suite's `meta.derived_columns`, which the
+    contract adds where they apply) is marked `derived`: the delivery lacks nothing."""
     kept: list[dict] = []
     skipped: list[dict] = []
     for entry in expectations:
         columns = expectation_columns(entry)
         missing = [column for column in columns if column not in present]
         if missing and entry["type"] not in _NEVER_SKIPPED:
+            not_derived = [column for column in missing if column not in derived]
+            reason = (
+                f"column(s) {missing} not in the batch"
+                if not_derived
+                else f"derived column(s) {missing} not added: they do not apply to this batch"
+            )
             skipped.append(
                 {
                     "rule": rule_id(entry),
                     "expectation_type": entry["type"],
                     "columns": columns,
                     "missing_columns": missing,
-                    "reason": f"column(s) {missing} not in the batch",
+                    "reason": reason,
+                    "derived": not not_derived,
                 }
             )
         else:

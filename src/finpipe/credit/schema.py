@@ -206,6 +206,10 @@ def build_credit_suite(book: LoanBookConfig, seen: dict[str, list[str]] | None =
             "domain": DOMAIN,
             "key_columns": [DATE_COLUMN, columns.id, DELIVERED_ON],
             "config": book.source,
+            "defined_in": (
+                f"the loan-book config {book.source} (or expectations/"
+                f"{book.extra_expectations or book.suite_name}.json, for a rule added there)"
+            ),
             "parameters": {"as_of": "the run's as-of day: no row may be dated after it."},
         },
         "notes": [
