@@ -199,3 +199,38 @@ def test_a_quarantined_report_reads_back_as_a_validation_report(tmp_path, text, 
         for written, read in zip(payload["rules"], restored["rules"], strict=True)
     )
     assert ValidationReport.from_dict(restored) == report
+
+
+def test_the_same_bytes_under_two_names_keep_both_names_in_one_record(tmp_path):
+    """A batch is its content: two rejected deliveries of the same bytes share a record and a
+    quarantine, which name both files, so the earlier one does not drop out of sight; and a
+    loaded file delivered again under another name is said to be that file."""
+    from finpipe.calendars import BusinessDays
+    from finpipe.status import domain_status, needs_attention
+    from finpipe.vintages import batch_history
+
+    storage = Storage(tmp_path / "home")
+    bad = "date,ticker,close\n2024-01-02,AAA,-1\n"
+    for name in ("market_2024-01-02.csv", "market_2024-01-03.csv"):
+        (tmp_path / name).write_text(bad)
+        with pytest.raises(ValidationFailed):
+            _ingest(storage, tmp_path / name, as_of="2024-01-03")
+    status = domain_status(storage, "market", BusinessDays())
+    [shown] = status.quarantined
+    assert shown.file == "market_2024-01-03.csv (also delivered as market_2024-01-02.csv)"
+    assert needs_attention(status) == ["1 quarantined file waiting for a fixed delivery"]
+    [row] = batch_history(storage, "market").to_dict("records")
+    assert row["file"] == shown.file
+
+    # Fixed under the later name only: the earlier name still waits for its delivery.
+    (tmp_path / "market_2024-01-03.csv").write_text("date,ticker,close\n2024-01-03,AAA,5\n")
+    _ingest(storage, tmp_path / "market_2024-01-03.csv", as_of="2024-01-03")
+    assert domain_status(storage, "market", BusinessDays()).waiting == 1
+    (tmp_path / "market_2024-01-02.csv").write_text("date,ticker,close\n2024-01-02,AAA,4\n")
+    _ingest(storage, tmp_path / "market_2024-01-02.csv", as_of="2024-01-03")
+    assert domain_status(storage, "market", BusinessDays()).waiting == 0
+
+    (tmp_path / "copy.csv").write_text("date,ticker,close\n2024-01-02,AAA,4\n")
+    again = _ingest(storage, tmp_path / "copy.csv", as_of="2024-01-03")
+    assert again.status == "already_loaded"
+    assert " as market_2024-01-02.csv (the same bytes); skipped" in again.message

@@ -212,6 +212,9 @@ def ingest_file(
         "landed_at": _now(),
         "status": "landed",
     }
+    earlier = _earlier_sources(previous, path)
+    if earlier:  # the same bytes delivered under another name before, not loaded then
+        record[EARLIER_SOURCES] = earlier
     storage.write_batch_record(domain, record)
     # The landed copy is read on a local store; on an object store, the delivered file it
     # was copied from (the same bytes: its name is their hash).
@@ -450,6 +453,34 @@ def _refuse_before_reading(
         )
 
 
+# A batch record's earlier names: the same bytes were delivered as these files before.
+EARLIER_SOURCES = "earlier_sources"
+
+
+def _earlier_sources(previous: dict | None, path: Path) -> list[str]:
+    """Return the names the same bytes were delivered under before `path`, oldest first, for
+    a file whose earlier delivery was not loaded (quarantined, or cut short): one record per
+    content keeps every delivery's name, so no rejected file drops out of sight."""
+    if previous is None:
+        return []
+    names = [*previous.get(EARLIER_SOURCES, []), previous.get("source", "")]
+    return [name for name in dict.fromkeys(names) if name and name != str(path)]
+
+
+def delivered_names(record: Mapping[str, Any]) -> list[str]:
+    """Return the file names a batch record's bytes were delivered under: the last, then the
+    earlier ones (`EARLIER_SOURCES`)."""
+    sources = [record.get("source", ""), *record.get(EARLIER_SOURCES, [])]
+    return [str(source).rsplit("/", 1)[-1] for source in sources]
+
+
+def described_file(record: Mapping[str, Any]) -> str:
+    """Return a batch's file as a listing names it: 'b.csv', or 'b.csv (also delivered as
+    a.csv)' when the same bytes came under another name before."""
+    last, *earlier = delivered_names(record)
+    return f"{last} (also delivered as {', '.join(earlier)})" if earlier else last
+
+
 def _already_loaded(path: Path, sha: str, previous: dict) -> IngestOutcome:
     return IngestOutcome(
         source=str(path),
@@ -460,8 +491,16 @@ def _already_loaded(path: Path, sha: str, previous: dict) -> IngestOutcome:
         first_date=previous.get("first_date"),
         last_date=previous.get("last_date"),
         landed_path=previous.get("landed_path"),
-        message=f"{path.name}: already loaded on {previous.get('validated_at')}; skipped",
+        message=f"{path.name}: already loaded on {previous.get('validated_at')}"
+        + _as_another(path, previous)
+        + "; skipped",
     )
+
+
+def _as_another(path: Path, previous: dict) -> str:
+    """' as market_0.csv (the same bytes)' when the loaded file had another name, else ''."""
+    name = Path(str(previous.get("source", ""))).name
+    return f" as {name} (the same bytes)" if name and name != path.name else ""
 
 
 class _Rejected(Exception):
@@ -887,6 +926,7 @@ class _Delivery:
     path: Path
     sha256: str
     frame: pd.DataFrame
+    earlier: list[str] = field(default_factory=list)  # EARLIER_SOURCES of its record
 
     @property
     def batch_id(self) -> str:
@@ -1018,7 +1058,7 @@ def _read_for_group(storage, contract, spec, path, as_of, max_file_bytes) -> _De
         return None
     if frame.attrs.get("parse_errors") or not _groupable(spec["expectations"], len(frame)):
         return None
-    return _Delivery(path, sha, frame)
+    return _Delivery(path, sha, frame, _earlier_sources(previous, path))
 
 
 def _groupable(expectations: Sequence[dict], rows: int) -> bool:
@@ -1098,6 +1138,8 @@ def _publish_group(storage, contract, group, rows, docs_key) -> Iterator[IngestO
             "landed_path": storage.location(landed),
             "landed_at": _now(),
         }
+        if delivery.earlier:
+            record[EARLIER_SOURCES] = delivery.earlier
         records.append(record)
     sizes = [len(delivery.frame) for delivery in group]
     batch_ids = np.repeat([delivery.batch_id for delivery in group], sizes)

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from finpipe.calendars import Calendar
 from finpipe.date_runs import completion_records, stale_scored_dates
+from finpipe.ingest import delivered_names, described_file
 from finpipe.storage import Storage
 from finpipe.text import counted
 from finpipe.validation import rejecting_rules
@@ -163,18 +164,14 @@ def _quarantined_files(records: list[dict]) -> tuple[list[dict], int]:
     (what a vendor's re-sent file is)."""
     waiting, redelivered, validated_later = [], 0, set()
     for record in reversed(records):
-        name, status = _file_name(record), record.get("status")
+        names, status = delivered_names(record), record.get("status")
         if status == "validated":
-            validated_later.add(name)
-        elif status == "quarantined" and name in validated_later:
+            validated_later.update(names)
+        elif status == "quarantined" and validated_later.issuperset(names):
             redelivered += 1
         elif status == "quarantined":
             waiting.append(record)
     return waiting[::-1], redelivered
-
-
-def _file_name(record: dict) -> str:
-    return str(record.get("source", "")).rsplit("/", 1)[-1]
 
 
 def _quarantined(storage: Storage, domain: str, record: dict) -> QuarantinedFile:
@@ -189,7 +186,7 @@ def _quarantined(storage: Storage, domain: str, record: dict) -> QuarantinedFile
         named = dict.fromkeys(rejecting_rules(report))  # the report's order, once each
         rules, where = ", ".join(named) or "see the report", storage.location(str(key))
     return QuarantinedFile(
-        file=_file_name(record),
+        file=described_file(record),
         when=dt.datetime.fromisoformat(when).isoformat(timespec="seconds") if when else "-",
         rules=rules,
         report=where,

@@ -17,7 +17,7 @@ import io
 
 import pandas as pd
 
-from finpipe.ingest import BATCH_COLUMN, SUPERSEDED, RawContract
+from finpipe.ingest import BATCH_COLUMN, SUPERSEDED, RawContract, described_file
 from finpipe.storage import Storage
 
 
@@ -72,7 +72,7 @@ def batch_history(storage: Storage, domain: str) -> pd.DataFrame:
                 "when": utc_time(when) if when else pd.NaT,
                 "status": status,
                 "batch": record.get("batch_id", ""),
-                "file": record.get("source", "").rsplit("/", 1)[-1],
+                "file": described_file(record),
                 "rows": record.get("rows"),
                 "first_date": record.get("first_date"),
                 "last_date": record.get("last_date"),
