@@ -58,6 +58,24 @@ def test_returns_come_from_adjusted_closes_per_ticker():
     assert returns.iloc[0].isna().all()
 
 
+def test_a_session_without_adj_close_moves_by_its_close_once_with_a_fallback():
+    nan = float("nan")
+    prices = pd.DataFrame(
+        {
+            "date": list(DATES[:4]) * 2,
+            "ticker": ["A"] * 4 + ["B"] * 4,
+            "adj_close": [5.0, nan, 6.0, 6.6, nan, nan, nan, nan],  # B never has one
+            "close": [10.0, 11.0, 12.0, 13.2, 20.0, 22.0, 22.0, 11.0],
+        }
+    )
+    returns = daily_returns(prices, "adj_close", fallback="close")
+    assert returns["A"].iloc[1:].round(6).tolist() == [0.1, round(12 / 11 - 1, 6), 0.1]
+    assert returns["B"].iloc[1:].round(6).tolist() == [0.1, 0.0, -0.5]
+    without = daily_returns(prices, "adj_close")  # the move across A's gap, B not at all
+    assert without["A"].iloc[1:].round(6).tolist()[1:] == [0.2, 0.1]
+    assert without["B"].isna().all()
+
+
 def test_a_signal_trades_the_next_session_and_earns_the_one_after():
     returns = _returns({"A": [0.0, 0.5, 0.02, -0.01, 0.03, 0.0], "B": [0.0] * 6})
     weights = {DATES[0]: pd.Series({"A": 1.0})}

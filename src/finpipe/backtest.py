@@ -765,7 +765,8 @@ def evaluate(
     equal-weight universe) and `long_only_limited` (top k replacing at most `n_drop` names a
     day, Qlib's TopkDropout); all after `cost_bps`. IC against the `horizon`-day forward return.
     """
-    returns = portfolio.daily_returns(prices, price_column(prices))
+    # A session without adj_close moves by its close, as its features and labels read it.
+    returns = portfolio.daily_returns(prices, price_column(prices), fallback="close")
     forward = forward_returns(prices, config.horizon)
     k, cost = config.top_k, config.cost_bps
     results: dict[str, dict[str, portfolio.PortfolioResult]] = {}

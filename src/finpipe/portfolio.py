@@ -42,16 +42,27 @@ import pandas as pd
 SESSIONS_PER_YEAR = 252
 
 
-def daily_returns(prices: pd.DataFrame, price_column: str = "adj_close") -> pd.DataFrame:
+def daily_returns(
+    prices: pd.DataFrame, price_column: str = "adj_close", fallback: str | None = None
+) -> pd.DataFrame:
     """Return a (date x ticker) frame of close-to-close simple returns from long-format
     `prices` (date, ticker, `price_column`), each from the ticker's previous priced session:
     its first session and the sessions it has no price on have no return (NaN), and its first
-    session after a gap (a halt) has the whole move across it."""
-    priced = prices.dropna(subset=[price_column]).sort_values(["ticker", "date"], kind="stable")
-    before = priced.groupby("ticker", sort=False)[price_column].shift(1)
-    wide = priced.assign(ret=priced[price_column] / before - 1.0).pivot(
-        index="date", columns="ticker", values="ret"
-    )
+    session after a gap (a halt) has the whole move across it.
+
+    With `fallback` (a column such as the unadjusted close), a session whose move
+    `price_column` does not give, its price or the previous session's being empty (a vendor
+    left adj_close out), takes its move in `fallback`, so no session's move is lost or
+    counted twice."""
+    keep = [price_column] if fallback is None else [price_column, fallback]
+    priced = prices.dropna(subset=keep, how="all").sort_values(["ticker", "date"], kind="stable")
+    if fallback is None:
+        priced = priced.dropna(subset=[price_column])
+    by_ticker = priced.groupby("ticker", sort=False)
+    ret = priced[price_column] / by_ticker[price_column].shift(1) - 1.0
+    if fallback is not None:
+        ret = ret.fillna(priced[fallback] / by_ticker[fallback].shift(1) - 1.0)
+    wide = priced.assign(ret=ret).pivot(index="date", columns="ticker", values="ret")
     return wide.reindex(
         index=np.sort(prices["date"].unique()), columns=np.sort(prices["ticker"].unique())
     ).rename_axis(index="date", columns="ticker")
