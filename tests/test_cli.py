@@ -429,7 +429,12 @@ def test_run_nightly_passes_every_option_to_the_flow(home, monkeypatch):
     options = ["--as-of", "2024-01-05", "--no-retrain", "--no-catch-up", "--rebuild-features"]
     options += ["--models", "mlp", "--max-epochs", "3", "--horizon", "10"]
     options += ["--history-dates", "100", "--history-start", "2023-01-02"]
-    options += ["--training", "embargo=7", "--training", "device=cpu"]  # text where not JSON
+    options += [
+        "--training",
+        "embargo=7",
+        "--training",
+        "promotion_metric=rank_ic",
+    ]  # text: not JSON
     _, passed = _passed(["run", "nightly", "--domain", "market", *options])
     assert passed == {
         "domain": "market",
@@ -440,7 +445,7 @@ def test_run_nightly_passes_every_option_to_the_flow(home, monkeypatch):
         "rebuild_features": True,
         "training": {
             "embargo": 7,
-            "device": "cpu",
+            "promotion_metric": "rank_ic",
             "models": ["mlp"],
             "max_epochs": 3,
             "horizon": 10,
