@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from scipy.stats import rankdata
 
 from finpipe.market.features import (
+    _ROWS_BEFORE_T,
     FEATURE_LOOKBACK_DAYS,
     _cross_sectional_rank,
     _features_in_float64,
@@ -173,13 +174,40 @@ def test_a_day_without_adj_close_puts_the_windows_that_hold_it_on_close(
     ordered["row"] = ordered.sort_values("date").groupby("ticker").cumcount()
     blank_row = ordered[ordered["date"] == day].set_index("ticker")["row"]
     since = ordered["row"] - ordered["ticker"].map(blank_row)  # NaN: no row that day
-    holds_the_day = ((since >= 0) & (since <= FEATURE_LOOKBACK_DAYS)).to_numpy()
-    assert 0 < holds_the_day.sum() < len(got)
     for name in PRICE_FEATURES:
+        holds_the_day = ((since >= 0) & (since <= _ROWS_BEFORE_T[name])).to_numpy()
+        assert 0 < holds_the_day.sum() < len(got)
         expected = np.where(holds_the_day, on_close[name], full_features_float64[name])
         np.testing.assert_array_equal(got[name].to_numpy(), expected, err_msg=name)
     after = got["date"] >= day
     assert got.loc[after, PRICE_FEATURES].notna().all().all()
+
+
+def test_a_split_outside_a_features_window_stays_adjusted_after_a_day_without_adj_close():
+    """Only a window holding the empty row reads the close: a 2:1 split 15 rows later is no
+    -50% day in return_1d, though macd's longer window still holds the empty row."""
+    close = [100.0] * 20 + [50.0] * 10
+    adjusted = [50.0] * 30
+    adjusted[5] = np.nan
+    features = _features_in_float64(one_ticker(close, adj_close=adjusted))
+    assert features["return_1d"].tolist()[7:] == [0.0] * 23
+    assert features["return_5d"].tolist()[11:] == [0.0] * 19
+    assert features["ma_ratio_20"].iloc[20] == pytest.approx(50.0 / (1900 / 20 + 2.5) - 1.0)
+
+
+def test_a_day_without_adj_close_at_a_tickers_end_leaves_the_next_tickers_windows():
+    """Each ticker's rows are a block of the panel: a window never reaches into the ticker
+    before it, and neither does the switch to close."""
+    first = one_ticker(np.linspace(10.0, 20.0, 80), "AAA", adj_close=np.linspace(5, 10, 80))
+    first.loc[79, "adj_close"] = np.nan  # its last row
+    second = one_ticker(np.linspace(30.0, 40.0, 80), "BBB", adj_close=np.linspace(15, 25, 80))
+    both = _features_in_float64(pd.concat([first, second]))
+    alone = _features_in_float64(second)
+    pd.testing.assert_frame_equal(
+        both[both["ticker"] == "BBB"][PRICE_FEATURES].reset_index(drop=True),
+        alone[PRICE_FEATURES].reset_index(drop=True),
+        check_exact=True,
+    )
 
 
 def test_a_ticker_never_given_adj_close_is_read_on_its_close_beside_tickers_that_are():

@@ -159,10 +159,10 @@ def _features(prices: pd.DataFrame, dtype: type[np.floating]) -> pd.DataFrame:
         blank = np.isnan(panel.column("adj_close")) & ~np.isnan(close)
         if blank.any():
             # A ticker's row without adj_close (a vendor left it empty; ingest checked that
-            # ticker on its close) puts every window that holds it on close: no series mixes
-            # the two prices, and the value still reads the last LOOKBACK + 1 rows only.
-            on_close = panel.recent_count(blank, FEATURE_LOOKBACK_DAYS + 1) > 0
+            # ticker on its close) puts each feature whose own window holds it on close: no
+            # series mixes the two prices, and no window without such a row changes.
             for name, values in _price_features(panel, close).items():
+                on_close = panel.recent_count(blank, _ROWS_BEFORE_T[name] + 1) > 0
                 columns[name] = np.where(on_close, values, columns[name])
 
     available = set(prices.columns)
