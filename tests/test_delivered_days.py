@@ -113,18 +113,21 @@ def test_a_value_that_is_also_a_missing_marker_is_kept_where_text_is_a_value(tmp
     means missing, and is no parse failure there."""
     from finpipe.credit.config import load_loan_book
     from finpipe.credit.schema import normalise_credit_frame
-    from finpipe.ingest import read_delivery
+    from finpipe.ingest import _retraction_flags, read_delivery
     from finpipe.market.schema import PARSE_ERRORS, normalise_market_frame
 
     prices = tmp_path / "market.csv"
     prices.write_text(
-        "date,ticker,close,adj_close,volume\n"
-        "2024-01-08,NA,10.5,null,N/A\n"
-        "2024-01-08,NULL,11.0,,NaN\n"
-        "NA,AAA,12.0,12.0,100\n"
+        "date,ticker,close,adj_close,volume,retracted\n"
+        "2024-01-08,NA,10.5,null,N/A,NA\n"
+        "2024-01-08,NULL,11.0,,NaN,true\n"
+        "NA,AAA,12.0,12.0,100,\n"
+        "2024-01-08,#N/A N/A,13.0,13.0,100,null\n"  # a terminal's error value: never a ticker
     )
     raw = read_delivery(prices)
-    assert raw["ticker"].tolist() == ["NA", "NULL", "AAA"]
+    assert raw["ticker"].tolist()[:3] == ["NA", "NULL", "AAA"] and pd.isna(raw["ticker"][3])
+    assert _retraction_flags(raw, "market.csv").tolist() == [False, True, False, False]
+    raw = raw.drop(columns="retracted").iloc[:3]
     assert raw["adj_close"][0] == "null" and pd.isna(raw["adj_close"][1])  # only a blank is
     market = normalise_market_frame(raw)
     assert market["ticker"].tolist() == ["NA", "NULL", "AAA"]

@@ -33,13 +33,17 @@ _ZONE = re.compile(
     r"(?<=\d\d:\d\d)(?::\d\d(?:\.\d+)?)?\s*(?:[+-]\d\d(?::?\d\d)?|[Zz]|UTC|GMT)$",
 )
 SET_ORDER = "deliver ISO dates (YYYY-MM-DD) or set FINPIPE_DATE_ORDER to dmy or mdy"
-# What vendors write for a missing number, date or label (pandas' own list). A delivery is read
-# as text with only an empty field missing (`finpipe.ingest.read_delivery`), so a ticker `NA`
-# or a category `None` keeps its value; a number, date or label column reads these as missing.
-MISSING_MARKERS = frozenset(
-    {"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "-NaN", "-nan", "1.#IND", "1.#QNAN"}
-    | {"<NA>", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null"}
+# A spreadsheet's or terminal's error values (Excel's #N/A, Bloomberg's #N/A N/A): never a
+# value, in any column (`finpipe.ingest.read_delivery` reads them as missing).
+ERROR_MARKERS = frozenset(
+    {"#N/A", "#N/A N/A", "#NA", "-1.#IND", "-1.#QNAN", "1.#IND", "1.#QNAN", "<NA>"}
 )
+# What vendors write for a missing number, date or label (pandas' own list). A delivery is read
+# as text with only an empty field or an error value missing, so a ticker `NA` or a category
+# `None` keeps its value; a number, date or label column reads these as missing.
+MISSING_MARKERS = ERROR_MARKERS | {
+    "-NaN", "-nan", "N/A", "NA", "NULL", "NaN", "None", "n/a", "nan", "null",
+}  # fmt: skip
 
 
 def missing_marked(values: pd.Series) -> pd.Series:

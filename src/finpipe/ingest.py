@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
+from finpipe.delivered_days import ERROR_MARKERS, missing_marked
 from finpipe.errors import InputFileError, ValidationFailed
 from finpipe.storage import Storage, as_day, file_sha256
 from finpipe.text import counted, sentence
@@ -123,9 +124,14 @@ def read_delivery(path: Path, read_options: Mapping[str, Any] | None = None) -> 
     try:
         if suffixes.endswith(".parquet") or suffixes.endswith(".pq"):
             return pd.read_parquet(path)
-        # Text as delivered, only an empty field missing: a ticker `NA` or a category `None` is
-        # a value. A number, date or label column reads `MISSING_MARKERS` as missing.
-        options = {"keep_default_na": False, "na_values": [""], **(read_options or {})}
+        # Text as delivered, only an empty field or a spreadsheet's error value missing: a
+        # ticker `NA` or a category `None` is a value. A number, date, label or flag column
+        # reads the other `MISSING_MARKERS` as missing too.
+        options = {
+            "keep_default_na": False,
+            "na_values": ["", *ERROR_MARKERS],
+            **(read_options or {}),
+        }
         frame = pd.read_csv(path, compression="infer", encoding="utf-8", dtype=str, **options)
     except pd.errors.EmptyDataError:
         raise InputFileError(f"{path}: no header and no rows; the file is empty") from None
@@ -773,14 +779,14 @@ def _retraction_flags(raw: pd.DataFrame, source: str) -> pd.Series | None:
         return None
     if len(named) > 1:
         raise InputFileError(f"{source}: the column {RETRACTED_COLUMN!r} appears twice")
-    text = raw[named[0]].astype("string").str.strip().str.lower().fillna("")
+    text = missing_marked(raw[named[0]]).astype("string").str.strip().str.lower().fillna("")
     unknown = ~text.isin(_TRUE | _FALSE)
     if unknown.any():
         row = int(np.flatnonzero(unknown.to_numpy())[0])
         raise InputFileError(
             f"{source}: column {RETRACTED_COLUMN!r} has {int(unknown.sum())} value(s) that are "
             f"neither true nor false, e.g. row {row}: {raw[named[0]].iloc[row]!r}; use true/false"
-            " (or 1/0, yes/no; empty is false)"
+            " (or 1/0, yes/no; empty or NA is false)"
         )
     return pd.Series(text.isin(_TRUE).to_numpy(), index=raw.index)
 
