@@ -14,7 +14,13 @@ from typer.testing import CliRunner
 from finpipe.calendars import BusinessDays
 from finpipe.cli import app
 from finpipe.date_runs import completion_key, partition_fingerprint
-from finpipe.status import domain_status, needs_attention, registry_lines, status_lines
+from finpipe.status import (
+    BackfillCap,
+    domain_status,
+    needs_attention,
+    registry_lines,
+    status_lines,
+)
 from finpipe.storage import Storage
 from finpipe.tracking import RegistryStatus, VersionStatus
 
@@ -192,6 +198,49 @@ def test_the_check_exits_1_naming_what_needs_work_and_0_when_nothing_does(store,
     assert result.exit_code == 0, result.output
     assert "every session since scoring began is scored and current" in result.stdout
     assert result.stderr == ""
+
+
+def test_each_named_backfill_holds_no_more_sessions_than_the_cap(store):
+    """A range over FINPIPE_BACKFILL_MAX_DATES is refused by the command line, so the status
+    names backfills each within it, in order, that together cover the range."""
+    from finpipe.planning import check_backfill_request
+
+    status = domain_status(store, "market", BusinessDays())
+    lines = status_lines(status, BackfillCap(BusinessDays(), max_dates=3))
+    at = next(i for i, line in enumerate(lines) if "re-score:" in line)
+    commands = [line.split("re-score:")[-1].strip() for line in lines[at : at + 3]]
+    ranges = [command.split("--start ")[1].split(" --end ") for command in commands]
+    assert ranges == [
+        ["2024-01-03", "2024-01-07"],
+        ["2024-01-08", "2024-01-10"],
+        ["2024-01-11", "2024-01-11"],
+    ]
+    assert lines[at + 3] == (
+        "               (3 backfills in order: one holds at most 3 sessions, "
+        "FINPIPE_BACKFILL_MAX_DATES)"
+    )
+    for start, end in ranges:
+        check_backfill_request(
+            "market", start, end, ["score"], today=dt.date(2024, 2, 1), max_dates=3,
+            calendar=BusinessDays(),
+        )  # fmt: skip
+    within = "\n".join(status_lines(status, BackfillCap(BusinessDays(), max_dates=7)))
+    assert "--start 2024-01-03 --end 2024-01-11\n" in within and "backfills in order" not in within
+
+
+def test_a_date_retracted_whole_alone_names_no_backfill_that_would_never_clear(tmp_path):
+    storage = Storage(tmp_path / "home")
+    for day in DAYS[:5]:
+        for layer in ("validated", "features", "predictions"):
+            storage.write_partition(layer, "market", day, _rows(day))
+        _record(storage, day, "completed", ["validate", "features", "score"], model_version="1")
+    storage.delete_partition("validated", "market", DAYS[2])
+    storage.delete_partition("features", "market", DAYS[2])
+    status = domain_status(storage, "market", BusinessDays())
+    assert (status.stale, status.gone) == ([DAYS[2]], [DAYS[2]])
+    text = "\n".join(status_lines(status))
+    assert "retracted whole, so nothing can score them again" in text
+    assert "re-score" not in text and needs_attention(status) == []
 
 
 def test_a_store_with_nothing_to_do_says_so_and_one_with_nothing_delivered_too(tmp_path):
@@ -375,6 +424,7 @@ def test_a_registry_that_refuses_the_request_is_not_said_to_have_no_champion(hom
         def log_message(self, *_):
             pass
 
+    home.home.mkdir(parents=True, exist_ok=True)  # the store is there: only MLflow refuses
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
@@ -401,6 +451,9 @@ def test_the_status_of_a_home_that_does_not_exist_creates_nothing(tmp_path, monk
     assert result.exit_code == 0, result.output
     assert f"store {tmp_path / 'typo'} (no such folder: is FINPIPE_HOME right?)" in result.output
     assert "champion     none yet" in result.output
+    checked = CliRunner().invoke(app, ["status", "market", "--check"], terminal_width=200)
+    assert checked.exit_code == 1  # a cron job's mistyped home is no all-clear
+    assert checked.stderr.strip() == f"needs attention: store: {tmp_path / 'typo'} does not exist"
     assert list(tmp_path.iterdir()) == []
 
 

@@ -493,7 +493,13 @@ def show_status(
     from finpipe.domains import check_domain, domain_names
     from finpipe.errors import TrackingUnavailable
     from finpipe.schedule import load_schedule_settings, today_in
-    from finpipe.status import domain_status, needs_attention, registry_lines, status_lines
+    from finpipe.status import (
+        BackfillCap,
+        domain_status,
+        needs_attention,
+        registry_lines,
+        status_lines,
+    )
     from finpipe.storage import Storage
 
     chosen = [check_domain(name) for name in domains] if domains else domain_names()
@@ -504,8 +510,8 @@ def show_status(
     from finpipe.tracking import registry_status
 
     storage, schedule = Storage(settings.home), load_schedule_settings()
+    missing = storage.is_local and not storage.root.exists()
     if not as_json:
-        missing = storage.is_local and not storage.root.exists()
         typer.echo(
             f"store {storage.location()}"
             + (" (no such folder: is FINPIPE_HOME right?)" if missing else "")
@@ -529,9 +535,12 @@ def show_status(
         if as_json:
             report.append({**dataclasses.asdict(found), "registry": registry, "attention": needs})
         else:
-            typer.echo("\n".join([domain, *status_lines(found), *lines, ""]))
+            cap = BackfillCap(schedule.calendar(domain), schedule.backfill_max_dates)
+            typer.echo("\n".join([domain, *status_lines(found, cap), *lines, ""]))
     if as_json:
         typer.echo(json.dumps(report, indent=2, default=str))
+    if missing:  # a mistyped FINPIPE_HOME is no all-clear
+        attention = {"store": [f"{storage.location()} does not exist"], **attention}
     if check and attention:
         said = "; ".join(f"{domain}: {', '.join(needs)}" for domain, needs in attention.items())
         typer.echo(f"needs attention: {said}", err=True)

@@ -193,9 +193,18 @@ def _quarantined(storage: Storage, domain: str, record: dict) -> QuarantinedFile
     )
 
 
-def status_lines(status: DomainStatus) -> list[str]:
+@dataclass(frozen=True)
+class BackfillCap:
+    """The domain's calendar and `FINPIPE_BACKFILL_MAX_DATES`: a range holding more sessions
+    is refused by `finpipe run backfill`, so the status names several backfills instead."""
+
+    calendar: Calendar
+    max_dates: int
+
+
+def status_lines(status: DomainStatus, cap: BackfillCap | None = None) -> list[str]:
     """Return the store's part of `finpipe status` for one domain: one line a fact, and under
-    a fact that needs doing, the command that does it."""
+    a fact that needs doing, the command that does it (within `cap`, when given)."""
     lines = [_files_line(status)]
     for found in status.quarantined:
         lines.append(f"  quarantined  {found.file} at {found.when}")
@@ -223,7 +232,7 @@ def status_lines(status: DomainStatus) -> list[str]:
         )
     else:
         lines.append("  last scored  - (no date scored yet: finpipe run nightly)")
-    lines += _dates_lines(status)
+    lines += _dates_lines(status, cap)
     return lines
 
 
@@ -240,19 +249,20 @@ def _files_line(status: DomainStatus) -> str:
     return f"  files        {counted(sum(files.values()), 'delivered file')}: {', '.join(parts)}"
 
 
-def _dates_lines(status: DomainStatus) -> list[str]:
+def _dates_lines(status: DomainStatus, cap: BackfillCap | None) -> list[str]:
     lines = []
     domain = status.domain
     if status.failed:
-        lines.append(f"  failed       {_named(d.date for d in status.failed)}: last error")
+        failed = [d.date for d in status.failed]
+        lines.append(f"  failed       {_named(failed)}: last error")
         lines.append(f"               {status.failed[-1].date}: {status.failed[-1].error}")
-        lines.append(f"               re-run: {_backfill(domain, [d.date for d in status.failed])}")
+        lines += _backfill_lines("re-run", domain, failed[0], failed[-1], cap)
     if status.unscored:
         lines.append(
             f"  not scored   {_named(status.unscored)} (sessions with validated data since "
             "scoring began)"
         )
-        lines.append(f"               score them: {_backfill(domain, status.unscored)}")
+        lines += _backfill_lines("score them", domain, status.unscored[0], status.unscored[-1], cap)
     if status.no_data:
         lines.append(
             f"  no data      {_named(status.no_data)} (sessions without validated rows: a "
@@ -268,8 +278,8 @@ def _dates_lines(status: DomainStatus) -> list[str]:
         # date whose inputs changed and skips the others.
         newest = status.layers["predictions"].last
         rescore = [day for day in status.stale if day not in status.gone]
-        if newest is not None and (rescore or newest > status.stale[0]):
-            lines.append(f"               re-score: {_backfill(domain, [status.stale[0], newest])}")
+        if rescore and newest is not None:
+            lines += _backfill_lines("re-score", domain, rescore[0], newest, cap)
             lines.append(
                 "               (through the newest predictions: later dates whose features "
                 "read a changed day are redone too)"
@@ -292,8 +302,29 @@ def _named(days) -> str:
     return f"{counted(len(days), 'date')}: {'..., ' if len(days) > NAMED else ''}{shown}"
 
 
-def _backfill(domain: str, days: list[dt.date]) -> str:
-    return f"finpipe run backfill --domain {domain} --start {min(days)} --end {max(days)}"
+def _backfill_lines(
+    label: str, domain: str, first: dt.date, last: dt.date, cap: BackfillCap | None
+) -> list[str]:
+    """The backfill command(s) redoing `first` through `last`: one, or with `cap` one per
+    run of at most `cap.max_dates` sessions, since a longer range is refused."""
+    ranges, note = [(first, last)], []
+    if cap is not None:
+        sessions = cap.calendar.sessions(first, last)
+        if len(sessions) > cap.max_dates:
+            starts = sessions[:: cap.max_dates]
+            ends = [*(day - dt.timedelta(days=1) for day in starts[1:]), last]
+            ranges = list(zip([first, *starts[1:]], ends, strict=True))
+            note = [
+                f"               ({len(ranges)} backfills in order: one holds at most "
+                f"{cap.max_dates} sessions, FINPIPE_BACKFILL_MAX_DATES)"
+            ]
+    commands = [
+        f"finpipe run backfill --domain {domain} --start {start} --end {end}"
+        for start, end in ranges
+    ]
+    lines = [f"               {label}: {commands[0]}"]
+    lines += [" " * (17 + len(label)) + command for command in commands[1:]]
+    return lines + note
 
 
 def registry_lines(domain: str, registry: RegistryStatus) -> list[str]:
