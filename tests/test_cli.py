@@ -30,6 +30,7 @@ runner = CliRunner()
         ["run", "nightly"],
         ["demo"],
         ["status"],
+        ["dismiss"],
     ],
 )
 def test_every_command_has_help(command):

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from finpipe.calendars import BusinessDays
 from finpipe.cli import app
 from finpipe.date_runs import completion_key, partition_fingerprint
+from finpipe.errors import ConfigError
 from finpipe.status import (
     BackfillCap,
     domain_status,
@@ -241,6 +242,38 @@ def test_a_date_retracted_whole_alone_names_no_backfill_that_would_never_clear(t
     text = "\n".join(status_lines(status))
     assert "retracted whole, so nothing can score them again" in text
     assert "re-score" not in text and needs_attention(status) == []
+
+
+def test_a_dismissed_quarantined_file_is_no_longer_waited_for_and_says_why(store, home):
+    """A fix sent under another name leaves the rejected file's name unvalidated for ever: the
+    user dismisses it, with a reason its record keeps."""
+    from finpipe.ingest import dismiss_quarantined
+    from finpipe.vintages import batch_history
+
+    runner = CliRunner()
+    result = runner.invoke(app, ["dismiss", "market", "b3", "--reason", "sent as v2.csv"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "b3 (market_2.csv) dismissed: sent as v2.csv"
+    status = domain_status(store, "market", BusinessDays())
+    assert (status.waiting, status.quarantined, status.dismissed) == (0, [], 1)
+    assert "quarantined file" not in " ".join(needs_attention(status))
+    assert (
+        "2 quarantined (1 of them since delivered again and validated, 1 dismissed)"
+        in status_lines(status)[0]
+    )
+    history = batch_history(store, "market").set_index("batch")["status"]
+    assert history["b3"] == "quarantined, dismissed" and history["b0"] == "validated"
+    [record] = [r for r in store.batch_records("market") if r["batch_id"] == "b3"]
+    assert record["dismissed_reason"] == "sent as v2.csv" and record["dismissed_at"]
+
+    for batch, said in [
+        ("b0", "b0 is validated of market: only a quarantined batch is dismissed; the "),
+        ("b9", "b9 is no batch of market: only a quarantined batch is dismissed; the "),
+    ]:
+        with pytest.raises(ConfigError, match=said):
+            dismiss_quarantined(store, "market", batch, "why")
+    with pytest.raises(ConfigError, match="say why the batch is dismissed"):
+        dismiss_quarantined(store, "market", "b1", " ")
 
 
 def test_a_store_with_nothing_to_do_says_so_and_one_with_nothing_delivered_too(tmp_path):

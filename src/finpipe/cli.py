@@ -460,6 +460,26 @@ def batches(
     typer.echo(shown.to_string(index=False))
 
 
+@app.command("dismiss")
+def dismiss(
+    domain: Annotated[str, typer.Argument(help="Domain of the quarantined batch.")],
+    batch: Annotated[str, typer.Argument(help="Its batch id (finpipe batches DOMAIN lists it).")],
+    reason: Annotated[
+        str, typer.Option(help="Why: kept in its record, e.g. 'fixed file sent as x_v2.csv'.")
+    ],
+) -> None:
+    """Dismiss a quarantined batch whose fix came under another name (or that is not wanted):
+    `finpipe status` stops listing it and `--check` stops counting it. Its report and copy
+    stay in quarantine/, and its record keeps when, and why, it was dismissed."""
+    from finpipe.domains import check_domain
+    from finpipe.ingest import described_file, dismiss_quarantined
+
+    check_domain(domain)
+    storage = _existing_store(_read_only_settings())
+    record = dismiss_quarantined(storage, domain, batch, reason)
+    typer.echo(f"{batch} ({described_file(record)}) dismissed: {record['dismissed_reason']}")
+
+
 @app.command("status")
 def show_status(
     domains: Annotated[

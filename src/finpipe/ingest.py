@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 
 from finpipe.delivered_days import ERROR_MARKERS, missing_marked
-from finpipe.errors import InputFileError, ValidationFailed
+from finpipe.errors import ConfigError, InputFileError, ValidationFailed
 from finpipe.storage import Storage, as_day, file_sha256
 from finpipe.text import counted, sentence
 from finpipe.validation import (
@@ -485,6 +485,27 @@ def described_file(record: Mapping[str, Any]) -> str:
     a.csv)' when the same bytes came under another name before."""
     last, *earlier = delivered_names(record)
     return f"{last} (also delivered as {', '.join(earlier)})" if earlier else last
+
+
+def dismiss_quarantined(storage: Storage, domain: str, batch_id: str, reason: str) -> dict:
+    """Mark quarantined batch `batch_id` of `domain` dismissed with `reason` (its fix came
+    under another name, or it is not wanted) and return its record: `finpipe status` stops
+    listing it, and its report and quarantined copy stay. ConfigError for a batch that is not
+    quarantined, naming those that are. A later delivery of the same bytes is a new verdict."""
+    if not reason.strip():
+        raise ConfigError("say why the batch is dismissed (--reason): the record keeps it")
+    records = storage.batch_records(domain)
+    record = next((r for r in records if r.get("batch_id") == batch_id), None)
+    if record is None or record.get("status") != "quarantined":
+        waiting = [r["batch_id"] for r in records if r.get("status") == "quarantined"]
+        whose = f"is {record.get('status')}" if record else "is no batch"
+        raise ConfigError(
+            f"{batch_id} {whose} of {domain}: only a quarantined batch is dismissed; the "
+            f"quarantined ones are {', '.join(waiting) or 'none'} (finpipe batches {domain})"
+        )
+    record.update(dismissed_at=_now(), dismissed_reason=reason.strip())
+    storage.write_batch_record(domain, record)
+    return record
 
 
 def _already_loaded(path: Path, sha: str, previous: dict) -> IngestOutcome:

@@ -77,6 +77,7 @@ class DomainStatus:
     # Sessions after the newest validated day through the last one before `today`.
     awaiting: list[dt.date] = field(default_factory=list)
     waiting: int = 0  # quarantined files no later file of the same name replaced, all of them
+    dismissed: int = 0  # quarantined files dismissed (`finpipe dismiss`): no longer waiting
 
 
 def domain_status(
@@ -100,7 +101,7 @@ def domain_status(
     if today is not None and published["validated"]:
         after = published["validated"][-1] + dt.timedelta(days=1)
         awaiting = calendar.sessions(after, today - dt.timedelta(days=1))
-    open_files, redelivered = _quarantined_files(records)
+    open_files, redelivered, dismissed = _quarantined_files(records)
     return DomainStatus(
         domain=domain,
         files=dict(Counter(record.get("status", "") for record in records)),
@@ -115,6 +116,7 @@ def domain_status(
         gone=gone,
         awaiting=awaiting,
         waiting=len(open_files),
+        dismissed=dismissed,
     )
 
 
@@ -158,20 +160,22 @@ def _date_records(storage: Storage, domain: str) -> list[DateRecord]:
     ]
 
 
-def _quarantined_files(records: list[dict]) -> tuple[list[dict], int]:
+def _quarantined_files(records: list[dict]) -> tuple[list[dict], int, int]:
     """Split the quarantined files' records (in landing order) into those still waiting for a
     fixed delivery and the count of those a later file of the same name was validated for
-    (what a vendor's re-sent file is)."""
-    waiting, redelivered, validated_later = [], 0, set()
+    (what a vendor's re-sent file is), then the count of those dismissed (`finpipe dismiss`)."""
+    waiting, redelivered, dismissed, validated_later = [], 0, 0, set()
     for record in reversed(records):
         names, status = delivered_names(record), record.get("status")
         if status == "validated":
             validated_later.update(names)
         elif status == "quarantined" and validated_later.issuperset(names):
             redelivered += 1
+        elif status == "quarantined" and record.get("dismissed_at"):
+            dismissed += 1
         elif status == "quarantined":
             waiting.append(record)
-    return waiting[::-1], redelivered
+    return waiting[::-1], redelivered, dismissed
 
 
 def _quarantined(storage: Storage, domain: str, record: dict) -> QuarantinedFile:
@@ -241,8 +245,13 @@ def _files_line(status: DomainStatus) -> str:
     if not files:
         return "  files        none delivered yet (finpipe ingest, or a run's --input)"
     parts = [f"{files[name]:,} {name}" for name in ("validated", "quarantined") if name in files]
+    settled = []
     if status.redelivered:
-        parts[-1] += f" ({status.redelivered:,} of them since delivered again and validated)"
+        settled.append(f"{status.redelivered:,} of them since delivered again and validated")
+    if status.dismissed:
+        settled.append(f"{status.dismissed:,} dismissed")
+    if settled:
+        parts[-1] += f" ({', '.join(settled)})"
     others = sum(n for name, n in files.items() if name not in ("validated", "quarantined"))
     if others:
         parts.append(f"{others:,} in progress or interrupted (re-run ingest to settle them)")

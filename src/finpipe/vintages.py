@@ -70,7 +70,7 @@ def batch_history(storage: Storage, domain: str) -> pd.DataFrame:
         rows.append(
             {
                 "when": utc_time(when) if when else pd.NaT,
-                "status": status,
+                "status": "quarantined, dismissed" if record.get("dismissed_at") else status,
                 "batch": record.get("batch_id", ""),
                 "file": described_file(record),
                 "rows": record.get("rows"),
