@@ -6,11 +6,13 @@ from __future__ import annotations
 import datetime as dt
 import subprocess
 import sys
+from pathlib import Path
 
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+import finpipe
 from finpipe.calendars import BusinessDays
 from finpipe.cli import app
 from finpipe.date_runs import completion_key, partition_fingerprint
@@ -25,6 +27,7 @@ from finpipe.status import (
 from finpipe.storage import Storage
 from finpipe.tracking import RegistryStatus, VersionStatus
 
+_SOURCE = str(Path(finpipe.__file__).resolve().parents[1])
 DAYS = pd.bdate_range("2024-01-01", "2024-01-12").date  # Mon 1 Jan .. Fri 12 Jan: 10 sessions
 NO_DELIVERY = dt.date(2024, 1, 10)
 
@@ -147,7 +150,8 @@ def test_the_command_reads_a_store_without_importing_a_domains_models(store):
         [sys.executable, "-c", script],
         capture_output=True,
         text=True,
-        env={"FINPIPE_HOME": str(store.root), "PATH": ""},
+        # The tree under test, whichever copy an editable install points at.
+        env={"FINPIPE_HOME": str(store.root), "PATH": "", "PYTHONPATH": _SOURCE},
         timeout=120,
     )
     assert result.returncode == 0, result.stderr
