@@ -306,3 +306,33 @@ def test_a_training_override_the_backtest_sets_itself_is_refused_not_replaced():
     }
     with pytest.raises(ConfigError, match="training sets models, horizon, which the backtest sets"):
         bt.backtest_training({"models": ["tcn"], "horizon": 10}, ["mlp"], 5)
+
+
+def test_a_ticker_without_adj_close_is_traded_on_its_close_as_its_label_reads_it():
+    """Beside tickers with adj_close, one delivered with close alone: its label and its
+    portfolio return both come from the close, so a model that ranks it first earns its move."""
+    days = pd.bdate_range("2024-01-01", periods=12)
+    rows = []
+    for step, day in enumerate(days):
+        rows += [
+            {"date": day, "ticker": "AAA", "close": 10.0, "adj_close": 10.0},
+            {"date": day, "ticker": "BBB", "close": 10.0 * 1.1**step, "adj_close": np.nan},
+            {"date": day, "ticker": "CCC", "close": 20.0, "adj_close": 20.0},
+        ]
+    prices = pd.DataFrame(rows).astype({"ticker": "string"})
+    ranks = {"AAA": 0.0, "BBB": 1.0, "CCC": 0.5}
+    predictions = pd.DataFrame(
+        [
+            {"date": day, "ticker": t, "prediction": score, "model": "m"}
+            for day in days[:8]
+            for t, score in ranks.items()
+        ]
+    ).astype({"ticker": "string"})
+    config = bt.BacktestConfig(
+        start=days[0].date(), end=days[7].date(), top_k=1, cost_bps=0.0,
+        training={"horizon": 1},
+    )  # fmt: skip
+    report = bt.evaluate(predictions, prices, config)
+    gross = report.results["m"]["long_only"].gross
+    assert len(gross) > 0 and gross.mean() > 0.05  # BBB's 10% a day, less the universe's
+    assert report.metrics()["m/ic"] > 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -234,3 +235,33 @@ def test_the_same_bytes_under_two_names_keep_both_names_in_one_record(tmp_path):
     again = _ingest(storage, tmp_path / "copy.csv", as_of="2024-01-03")
     assert again.status == "already_loaded"
     assert " as market_2024-01-02.csv (the same bytes); skipped" in again.message
+
+
+def test_bad_bytes_fixed_under_each_name_they_came_as_wait_for_nothing(tmp_path, monkeypatch):
+    """Each name's fix counts from when that name's bad delivery landed, not from the last
+    landing of the bytes; and the same file by another path is not a second name."""
+    from finpipe.calendars import BusinessDays
+    from finpipe.status import domain_status
+
+    storage = Storage(tmp_path / "home")
+    bad, fixed = "date,ticker,close\n2024-01-02,AAA,-1\n", "date,ticker,close\n2024-01-02,AAA,{}\n"
+    for name, price in [("a.csv", 4), ("b.csv", 5)]:
+        (tmp_path / name).write_text(bad)
+        with pytest.raises(ValidationFailed):
+            _ingest(storage, tmp_path / name, as_of="2024-01-03")
+        (tmp_path / name).write_text(fixed.format(price))
+        if name == "a.csv":
+            _ingest(storage, tmp_path / name, as_of="2024-01-03")
+        else:  # a correction: b.csv restates the row a.csv published
+            ingest_file(storage, get_domain("market").contract, tmp_path / name,
+                        as_of="2024-01-03", correction=True)  # fmt: skip
+    status = domain_status(storage, "market", BusinessDays())
+    assert (status.waiting, status.redelivered) == (0, 1)
+
+    (tmp_path / "c.csv").write_text("date,ticker,close\n2024-01-03,AAA,-2\n")
+    monkeypatch.chdir(tmp_path)
+    for path in (tmp_path / "c.csv", Path("c.csv")):  # a glob's absolute path, a typed one
+        with pytest.raises(ValidationFailed):
+            _ingest(storage, path, as_of="2024-01-03")
+    [shown] = domain_status(storage, "market", BusinessDays()).quarantined
+    assert shown.file == "c.csv"

@@ -168,6 +168,7 @@ def test_what_needs_attention_is_what_needs_work_and_not_holidays_or_retracted_d
         "1 date failed",
         "3 sessions not scored",
         "1 date scored from data changed since",  # 4 Jan, retracted whole, cannot be
+        "1 date retracted whole that later dates' features still read",  # until a rebuild
     ]
     assert (
         needs_attention(domain_status(store, "market", BusinessDays()))
@@ -186,7 +187,8 @@ def test_the_check_exits_1_naming_what_needs_work_and_0_when_nothing_does(store,
     assert "last scored  2024-01-11" in result.stdout  # the report is printed all the same
     assert result.stderr.strip() == (
         "needs attention: market: 1 quarantined file waiting for a fixed delivery, 1 date "
-        "failed, 3 sessions not scored, 1 date scored from data changed since"
+        "failed, 3 sessions not scored, 1 date scored from data changed since, 1 date retracted "
+        "whole that later dates' features still read"
     )
     shown = json.loads(CliRunner().invoke(app, ["status", "market", "--json"]).stdout)
     assert shown[0]["attention"][1] == "1 date failed"
@@ -233,16 +235,26 @@ def test_each_named_backfill_holds_no_more_sessions_than_the_cap(store):
     assert "--start 2024-01-03 --end 2024-01-11\n" in within and "backfills in order" not in within
 
 
-def test_a_date_retracted_whole_alone_names_no_backfill_that_would_never_clear(tmp_path):
+def test_a_date_retracted_whole_names_a_backfill_until_the_later_features_are_rebuilt(tmp_path):
     storage = Storage(tmp_path / "home")
     for day in DAYS[:5]:
         for layer in ("validated", "features", "predictions"):
             storage.write_partition(layer, "market", day, _rows(day))
         _record(storage, day, "completed", ["validate", "features", "score"], model_version="1")
-    storage.delete_partition("validated", "market", DAYS[2])
-    storage.delete_partition("features", "market", DAYS[2])
+    storage.delete_partition("validated", "market", DAYS[2])  # a retraction, before a rebuild
     status = domain_status(storage, "market", BusinessDays())
-    assert (status.stale, status.gone) == ([DAYS[2]], [DAYS[2]])
+    assert (status.stale, status.gone, status.unrebuilt) == ([DAYS[2]], [DAYS[2]], [DAYS[2]])
+    text = "\n".join(status_lines(status))  # the later dates' features still read it
+    assert f"re-score: finpipe run backfill --domain market --start {DAYS[2]} --end {DAYS[4]}" in (
+        text
+    )
+    assert needs_attention(status) == [
+        "1 date retracted whole that later dates' features still read"
+    ]
+
+    storage.delete_partition("features", "market", DAYS[2])  # as the next run's rebuild does
+    status = domain_status(storage, "market", BusinessDays())
+    assert (status.stale, status.gone, status.unrebuilt) == ([DAYS[2]], [DAYS[2]], [])
     text = "\n".join(status_lines(status))
     assert "retracted whole, so nothing can score them again" in text
     assert "re-score" not in text and needs_attention(status) == []

@@ -46,6 +46,13 @@ MISSING_MARKERS = ERROR_MARKERS | {
 }  # fmt: skip
 
 
+def delivered_text(values: pd.Series) -> pd.Series:
+    """Return `values` as stripped text, missing where empty or an error value (ERROR_MARKERS,
+    spaces around it aside): what a text column (a ticker, an id, a category) holds."""
+    text = values.astype("string").str.strip()
+    return text.mask(((text == "") | text.isin(ERROR_MARKERS)).fillna(False).to_numpy())
+
+
 def missing_marked(values: pd.Series) -> pd.Series:
     """Return `values` with each of MISSING_MARKERS (spaces around it aside) missing."""
     if values.dtype.kind in "biufcmM":  # a Parquet column of numbers or times

@@ -459,31 +459,38 @@ def _refuse_before_reading(
         )
 
 
-# A batch record's earlier names: the same bytes were delivered as these files before.
+# A batch record's earlier deliveries under other names ({"source", "landed_at"} each): the
+# same bytes came as these files before, and were not loaded then.
 EARLIER_SOURCES = "earlier_sources"
 
 
-def _earlier_sources(previous: dict | None, path: Path) -> list[str]:
-    """Return the names the same bytes were delivered under before `path`, oldest first, for
-    a file whose earlier delivery was not loaded (quarantined, or cut short): one record per
-    content keeps every delivery's name, so no rejected file drops out of sight."""
+def _earlier_sources(previous: dict | None, path: Path) -> list[dict]:
+    """Return the deliveries of the same bytes under other file names before `path`, oldest
+    first, each with when it landed, for a file whose earlier delivery was not loaded
+    (quarantined, or cut short): one record per content keeps every delivery's name, so no
+    rejected file drops out of sight."""
     if previous is None:
         return []
-    names = [*previous.get(EARLIER_SOURCES, []), previous.get("source", "")]
-    return [name for name in dict.fromkeys(names) if name and name != str(path)]
+    last = {"source": previous.get("source", ""), "landed_at": previous.get("landed_at", "")}
+    earlier: dict[str, dict] = {}
+    for delivery in [*previous.get(EARLIER_SOURCES, []), last]:
+        name = Path(str(delivery.get("source", ""))).name
+        if name and name != path.name:
+            earlier[name] = delivery  # a name delivered twice: its later landing
+    return list(earlier.values())
 
 
-def delivered_names(record: Mapping[str, Any]) -> list[str]:
-    """Return the file names a batch record's bytes were delivered under: the last, then the
-    earlier ones (`EARLIER_SOURCES`)."""
-    sources = [record.get("source", ""), *record.get(EARLIER_SOURCES, [])]
-    return [str(source).rsplit("/", 1)[-1] for source in sources]
+def delivered_files(record: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """Return (file name, when it landed) of each delivery a batch record's bytes came as:
+    the last, then the earlier ones (`EARLIER_SOURCES`)."""
+    deliveries = [record, *record.get(EARLIER_SOURCES, [])]
+    return [(Path(str(d.get("source", ""))).name, str(d.get("landed_at", ""))) for d in deliveries]
 
 
 def described_file(record: Mapping[str, Any]) -> str:
     """Return a batch's file as a listing names it: 'b.csv', or 'b.csv (also delivered as
     a.csv)' when the same bytes came under another name before."""
-    last, *earlier = delivered_names(record)
+    last, *earlier = [name for name, _ in delivered_files(record)]
     return f"{last} (also delivered as {', '.join(earlier)})" if earlier else last
 
 
@@ -953,7 +960,7 @@ class _Delivery:
     path: Path
     sha256: str
     frame: pd.DataFrame
-    earlier: list[str] = field(default_factory=list)  # EARLIER_SOURCES of its record
+    earlier: list[dict] = field(default_factory=list)  # EARLIER_SOURCES of its record
 
     @property
     def batch_id(self) -> str:

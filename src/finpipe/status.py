@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from finpipe.calendars import Calendar
 from finpipe.date_runs import completion_records, stale_scored_dates
-from finpipe.ingest import delivered_names, described_file
+from finpipe.ingest import delivered_files, described_file
 from finpipe.storage import Storage
 from finpipe.text import counted
 from finpipe.validation import rejecting_rules
@@ -78,6 +78,9 @@ class DomainStatus:
     awaiting: list[dt.date] = field(default_factory=list)
     waiting: int = 0  # quarantined files no later file of the same name replaced, all of them
     dismissed: int = 0  # quarantined files dismissed (`finpipe dismiss`): no longer waiting
+    # Of `gone`, those whose features are still published: the features of the dates after
+    # them read them until a run rebuilds the layer, so those dates are to re-score.
+    unrebuilt: list[dt.date] = field(default_factory=list)
 
 
 def domain_status(
@@ -117,6 +120,7 @@ def domain_status(
         awaiting=awaiting,
         waiting=len(open_files),
         dismissed=dismissed,
+        unrebuilt=[day for day in gone if day in set(published["features"])],
     )
 
 
@@ -127,6 +131,8 @@ def needs_attention(status: DomainStatus) -> list[str]:
     files = status.files
     unsettled = sum(n for name, n in files.items() if name not in ("validated", "quarantined"))
     rescore = [day for day in status.stale if day not in status.gone]
+    newest = status.layers["predictions"].last
+    unrebuilt = [day for day in status.unrebuilt if newest is not None and day < newest]
     found = [
         (status.waiting, "quarantined file", "waiting for a fixed delivery"),
         (unsettled, "delivered file", "in progress or interrupted"),
@@ -134,6 +140,7 @@ def needs_attention(status: DomainStatus) -> list[str]:
         (len(status.failed), "date", "failed"),
         (len(status.unscored), "session", "not scored"),
         (len(rescore), "date", "scored from data changed since"),
+        (len(unrebuilt), "date", "retracted whole that later dates' features still read"),
     ]
     return [f"{counted(count, noun)} {what}" for count, noun, what in found if count]
 
@@ -164,18 +171,22 @@ def _quarantined_files(records: list[dict]) -> tuple[list[dict], int, int]:
     """Split the quarantined files' records (in landing order) into those still waiting for a
     fixed delivery and the count of those a later file of the same name was validated for
     (what a vendor's re-sent file is), then the count of those dismissed (`finpipe dismiss`)."""
-    waiting, redelivered, dismissed, validated_later = [], 0, 0, set()
-    for record in reversed(records):
-        names, status = delivered_names(record), record.get("status")
-        if status == "validated":
-            validated_later.update(names)
-        elif status == "quarantined" and validated_later.issuperset(names):
-            redelivered += 1
-        elif status == "quarantined" and record.get("dismissed_at"):
+    fixed: dict[str, str] = {}  # file name: when its latest validated delivery landed
+    for record in records:
+        if record.get("status") == "validated":
+            for name, landed in delivered_files(record):
+                fixed[name] = max(fixed.get(name, ""), landed)
+    waiting, redelivered, dismissed = [], 0, 0
+    for record in records:
+        if record.get("status") != "quarantined":
+            continue
+        if all(fixed.get(name, "") > landed for name, landed in delivered_files(record)):
+            redelivered += 1  # every name it came under was delivered again and validated
+        elif record.get("dismissed_at"):
             dismissed += 1
-        elif status == "quarantined":
+        else:
             waiting.append(record)
-    return waiting[::-1], redelivered, dismissed
+    return waiting, redelivered, dismissed
 
 
 def _quarantined(storage: Storage, domain: str, record: dict) -> QuarantinedFile:
@@ -287,8 +298,9 @@ def _dates_lines(status: DomainStatus, cap: BackfillCap | None) -> list[str]:
         # date whose inputs changed and skips the others.
         newest = status.layers["predictions"].last
         rescore = [day for day in status.stale if day not in status.gone]
-        if rescore and newest is not None:
-            lines += _backfill_lines("re-score", domain, rescore[0], newest, cap)
+        starts = rescore[:1] + [day for day in status.unrebuilt[:1] if newest and day < newest]
+        if starts and newest is not None:
+            lines += _backfill_lines("re-score", domain, min(starts), newest, cap)
             lines.append(
                 "               (through the newest predictions: later dates whose features "
                 "read a changed day are redone too)"

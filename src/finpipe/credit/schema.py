@@ -17,7 +17,7 @@ import importlib.resources
 import pandas as pd
 
 from finpipe.credit.config import DATE_COLUMN, DELIVERED_ON, LoanBookConfig
-from finpipe.delivered_days import missing_marked, read_days, unparsed_text
+from finpipe.delivered_days import delivered_text, missing_marked, read_days, unparsed_text
 from finpipe.errors import ConfigError, InputFileError
 from finpipe.settings import load_settings
 from finpipe.storage import Storage
@@ -60,13 +60,17 @@ def normalise_credit_frame(
     if columns.id_from_row_number:
         out[columns.id] = pd.array([str(i) for i in range(1, len(frame) + 1)], dtype="string")
     else:
-        out[columns.id] = _text(frame[columns.id])
-    out[columns.label] = _text(missing_marked(frame[columns.label]))  # `NA`: no outcome yet
+        out[columns.id] = delivered_text(frame[columns.id])
+    out[columns.label] = delivered_text(
+        missing_marked(frame[columns.label])
+    )  # `NA`: no outcome yet
     for column in book.numeric_columns:
-        out[column] = pd.to_numeric(_text(frame[column]), errors="coerce").astype("float64")
+        out[column] = pd.to_numeric(delivered_text(frame[column]), errors="coerce").astype(
+            "float64"
+        )
         problems[column] = unparsed_text(frame[column], out[column])
     for column in book.categorical_columns:
-        out[column] = _text(frame[column])
+        out[column] = delivered_text(frame[column])
     out[DELIVERED_ON] = delivered
     out = out.reset_index(drop=True)
     out.attrs[PARSE_ERRORS] = {
@@ -90,16 +94,12 @@ def _require_columns(frame: pd.DataFrame, book: LoanBookConfig, source: str) -> 
     )
 
 
-def _text(values: pd.Series) -> pd.Series:
-    """Stripped text; empty strings become missing."""
-    text = values.astype("string").str.strip()
-    return text.mask(text == "")
-
-
 def _parse_dates(values: pd.Series) -> tuple[pd.Series, pd.Series]:
     """Return (the day as written, unparsed text): an offset or zone is dropped, not
     converted, and numeric dates read in one day/month order (`finpipe.delivered_days`)."""
-    parsed, problems, _ = read_days(_text(missing_marked(values)), load_settings().date_order)
+    parsed, problems, _ = read_days(
+        delivered_text(missing_marked(values)), load_settings().date_order
+    )
     return parsed, problems
 
 

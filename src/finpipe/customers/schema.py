@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from finpipe.customers.config import CustomersConfig
-from finpipe.delivered_days import unparsed_text
+from finpipe.delivered_days import delivered_text, unparsed_text
 from finpipe.errors import InputFileError
 
 DOMAIN = "customers"
@@ -63,14 +63,14 @@ def normalise_transactions(
             f"{config.name!r} or the delivery"
         )
     frame = pd.DataFrame(index=pd.RangeIndex(len(raw)))
-    frame["customer_id"] = _text(raw[mapping["customer_id"]])
+    frame["customer_id"] = delivered_text(raw[mapping["customer_id"]])
     moment = _parse_times(raw[config.columns.time_column], config.parse.date_format)
     frame["date"] = moment.dt.normalize()
     frame["timestamp"] = moment
     frame["amount"] = pd.to_numeric(raw[mapping["amount"]], errors="coerce").astype("float64")
     for column in OPTIONAL_COLUMNS:
         if column in mapping:
-            frame[column] = _text(raw[mapping[column]])
+            frame[column] = delivered_text(raw[mapping[column]])
     problems = {
         config.columns.time_column: unparsed_text(raw[config.columns.time_column], moment),
         mapping["amount"]: unparsed_text(raw[mapping["amount"]], frame["amount"]),
@@ -97,11 +97,6 @@ def add_transaction_checks(frame: pd.DataFrame, *, allow_refunds: bool) -> pd.Da
     fingerprint = pd.util.hash_pandas_object(checked[contract], index=False)
     checked["row_fingerprint"] = fingerprint.to_numpy().view(np.int64)
     return checked
-
-
-def _text(values: pd.Series) -> pd.Series:
-    text = values.astype("string").str.strip()
-    return text.mask(text == "").astype("string")
 
 
 def _parse_times(values: pd.Series, date_format: str | None) -> pd.Series:

@@ -8,7 +8,13 @@ import unicodedata
 import numpy as np
 import pandas as pd
 
-from finpipe.delivered_days import DateOrder, missing_marked, read_days, unparsed_text
+from finpipe.delivered_days import (
+    DateOrder,
+    delivered_text,
+    missing_marked,
+    read_days,
+    unparsed_text,
+)
 from finpipe.errors import InputFileError
 from finpipe.settings import load_settings
 
@@ -107,8 +113,7 @@ _INVISIBLE = frozenset({"Cc", "Cf", "Cn", "Co", "Cs", "Mn", "Me", "Zl", "Zp"})
 def _tickers(values: pd.Series) -> tuple[pd.Series, pd.Series]:
     """Return (ticker stripped and upper-cased, <NA> where blank; the text of those holding
     invisible characters, reported unparsed). Each distinct value is looked at once."""
-    ticker = values.astype("string").str.strip().str.upper()
-    ticker = ticker.mask(ticker == "")
+    ticker = delivered_text(values).str.upper()
     codes, names = pd.factorize(ticker)
     hidden_names = np.array([_has_invisible(str(name)) for name in names], dtype=bool)
     hidden = pd.Series(hidden_names[codes.clip(min=0)] & (codes >= 0), index=values.index)
