@@ -81,9 +81,11 @@ def test_an_installed_domain_is_known_to_the_command_line_and_the_run_forms(tmp_
         "print(parameter_schema(nightly).properties['domain']['enum'], flush=True); "
         "from finpipe.cli import main; sys.argv = ['finpipe', 'batches', 'loans']; main()"
     )
+    (tmp_path / "home").mkdir()  # `batches` reads a store; it creates none
     done = _run(site, tmp_path, "-c", script)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[0] == "['market', 'credit', 'customers', 'loans']"
+    assert done.stdout.splitlines()[1] == "no delivered file of loans yet"
     assert "unknown domain" not in done.stderr
 
 
