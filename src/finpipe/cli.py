@@ -43,8 +43,9 @@ def _settings() -> Settings:
 
 
 def _read_only_settings() -> Settings:
-    """Settings for a command that only reads the store: telemetry off, and no folder made
-    (`prepare_environment` creates Prefect's under the storage root)."""
+    """Settings for a command that runs no flow and creates no folder (`status`, `batches`,
+    `validated`, `dismiss`): telemetry off, without `prepare_environment`, which creates
+    Prefect's folder under the storage root."""
     settings = load_settings()
     disable_telemetry()
     return settings
@@ -56,12 +57,17 @@ def _existing_store(settings: Settings) -> Storage:
     from finpipe.storage import Storage
 
     storage = Storage(settings.home)
-    if storage.is_local and not storage.root.exists():
+    if _missing(storage):
         raise ConfigError(
             f"store {storage.location()} does not exist: is FINPIPE_HOME right? "
             "(`finpipe ingest` creates it)"
         )
     return storage
+
+
+def _missing(storage: Storage) -> bool:
+    """Whether the store is a local folder that does not exist (a mistyped FINPIPE_HOME)."""
+    return storage.is_local and not storage.root.exists()
 
 
 def _echo(message: str) -> None:
@@ -530,7 +536,7 @@ def show_status(
     from finpipe.tracking import registry_status
 
     storage, schedule = Storage(settings.home), load_schedule_settings()
-    missing = storage.is_local and not storage.root.exists()
+    missing = _missing(storage)
     if not as_json:
         typer.echo(
             f"store {storage.location()}"

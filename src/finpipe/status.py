@@ -78,8 +78,9 @@ class DomainStatus:
     awaiting: list[dt.date] = field(default_factory=list)
     waiting: int = 0  # quarantined files no later file of the same name replaced, all of them
     dismissed: int = 0  # quarantined files dismissed (`finpipe dismiss`): no longer waiting
-    # Of `gone`, those whose features are still published: the features of the dates after
-    # them read them until a run rebuilds the layer, so those dates are to re-score.
+    # Of `gone`, those whose features are still published, with predictions after them: the
+    # features of those later dates read them until a run rebuilds the layer, so they are to
+    # re-score.
     unrebuilt: list[dt.date] = field(default_factory=list)
 
 
@@ -120,7 +121,11 @@ def domain_status(
         awaiting=awaiting,
         waiting=len(open_files),
         dismissed=dismissed,
-        unrebuilt=[day for day in gone if day in set(published["features"])],
+        unrebuilt=[
+            day
+            for day in gone
+            if day in set(published["features"]) and day < published["predictions"][-1]
+        ],
     )
 
 
@@ -131,8 +136,6 @@ def needs_attention(status: DomainStatus) -> list[str]:
     files = status.files
     unsettled = sum(n for name, n in files.items() if name not in ("validated", "quarantined"))
     rescore = [day for day in status.stale if day not in status.gone]
-    newest = status.layers["predictions"].last
-    unrebuilt = [day for day in status.unrebuilt if newest is not None and day < newest]
     found = [
         (status.waiting, "quarantined file", "waiting for a fixed delivery"),
         (unsettled, "delivered file", "in progress or interrupted"),
@@ -140,7 +143,7 @@ def needs_attention(status: DomainStatus) -> list[str]:
         (len(status.failed), "date", "failed"),
         (len(status.unscored), "session", "not scored"),
         (len(rescore), "date", "scored from data changed since"),
-        (len(unrebuilt), "date", "retracted whole that later dates' features still read"),
+        (len(status.unrebuilt), "date", "retracted whole that later dates' features still read"),
     ]
     return [f"{counted(count, noun)} {what}" for count, noun, what in found if count]
 
@@ -298,7 +301,7 @@ def _dates_lines(status: DomainStatus, cap: BackfillCap | None) -> list[str]:
         # date whose inputs changed and skips the others.
         newest = status.layers["predictions"].last
         rescore = [day for day in status.stale if day not in status.gone]
-        starts = rescore[:1] + [day for day in status.unrebuilt[:1] if newest and day < newest]
+        starts = rescore[:1] + status.unrebuilt[:1]
         if starts and newest is not None:
             lines += _backfill_lines("re-score", domain, min(starts), newest, cap)
             lines.append(
