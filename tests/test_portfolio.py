@@ -116,6 +116,29 @@ def test_weights_drift_with_their_returns_and_rebalancing_back_is_traded_and_cos
     )
 
 
+def test_a_long_short_book_drifts_as_a_fraction_of_its_value_not_of_its_gross():
+    """Long A, short B, half each: A gains 10% and B falls 10%, so the book is worth 1.1 and
+    holds 0.55 / 1.1 of A and -0.45 / 1.1 of B. Setting both back to a half trades 0.1 / 1.1
+    of the book, all of it in B (rescaling the drifted legs to a gross of 1 made it 0.1)."""
+    returns = _returns({"A": [0.1] * 6, "B": [-0.1] * 6})
+    weights = {d: pd.Series({"A": 0.5, "B": -0.5}) for d in DATES[:2]}
+    result = run_portfolio(weights, returns, cost_bps=10.0)
+    assert result.gross.tolist() == pytest.approx([0.1, 0.1])
+    assert result.turnover.tolist() == pytest.approx([0.5, 0.1 / 1.1 / 2])
+    assert (result.gross - result.net).tolist() == pytest.approx([10e-4, 10e-4 * 0.1 / 1.1])
+
+
+def test_a_session_without_a_signal_holds_the_book_instead_of_dropping_its_return():
+    """No predictions on the third session (a missing feature date): the book bought before
+    it is still held, so the session two after earns A's 4%, at no cost."""
+    returns = _returns({"A": [np.nan, 0.01, 0.02, 0.03, 0.04, 0.05], "B": [0.0] * 6})
+    weights = {d: pd.Series({"A": 1.0}) for i, d in enumerate(DATES[:4]) if i != 2}
+    result = run_portfolio(weights, returns, cost_bps=10.0)
+    earned = dict(zip(DATES[2:], [0.02, 0.03, 0.04, 0.05], strict=True))
+    assert result.gross.to_dict() == pytest.approx(earned)
+    assert result.turnover.tolist() == pytest.approx([0.5, 0.0, 0.0, 0.0])
+
+
 def test_a_name_delisted_while_held_leaves_at_its_last_price():
     returns = _returns({"A": [0.0, 0.0, 0.1, np.nan, np.nan, np.nan], "B": [0.01] * 6})
     weights = {d: pd.Series({"A": 0.5, "B": 0.5}) for d in DATES[:4]}
@@ -163,6 +186,28 @@ def test_a_halted_name_earns_the_move_across_its_halt_on_its_first_session_back(
     book = long_only(predictions, returns, k=1, cost_bps=0.0)
     assert book.gross.sum() == pytest.approx(-0.5)
     assert book.gross.loc[dates[5]] == pytest.approx(-0.5)
+
+
+def test_a_name_halted_while_held_cannot_be_sold_before_it_trades_again():
+    """As the pipeline scores it, a halted name has no feature row, so no prediction, while it
+    is halted. It cannot be sold then: the book keeps it, the rest of the long side shrinks to
+    make room, and the session it reopens 50% lower costs the book half of that (it was sold
+    during the halt at its last price before, and the loss never showed)."""
+    dates = pd.bdate_range("2024-01-01", periods=8)
+    closes = {"A": [100, 100, 100, None, None, 50, 50, 50], "B": [10] * 8, "C": [10] * 8}
+    prices = pd.DataFrame(
+        [(d, t, c) for t, cs in closes.items() for d, c in zip(dates, cs, strict=True) if c],
+        columns=["date", "ticker", "adj_close"],
+    )
+    score = {"A": 3.0, "B": 2.0, "C": 1.0}
+    predictions = prices.loc[prices["date"] <= dates[5], ["date", "ticker"]].assign(
+        prediction=lambda rows: rows["ticker"].map(score)
+    )
+    book = long_only(predictions, daily_returns(prices), k=2, cost_bps=0.0)
+    # A and B from dates[2]; A kept through its halt (B and C share the other half from
+    # dates[5]); A sold on reopening, at dates[5]'s close, and bought back for C a day later
+    assert book.gross.tolist() == pytest.approx([0.0, 0.0, 0.0, -0.25, 0.0, 0.0])
+    assert book.turnover.tolist() == pytest.approx([0.5, 0.0, 0.0, 0.25, 1 / 3, 0.5])
 
 
 def test_the_drawdown_of_a_book_that_loses_from_its_first_day_counts_from_its_start():

@@ -6,11 +6,18 @@ Conventions, stated once here and used by every function below:
   of the next session, t+1 (no same-day fill), and the position earns the close-to-close return
   from t+1 to t+2. A portfolio's return is therefore dated t+2, two sessions after its signal.
 - **Returns** are simple close-to-close returns of the adjusted close, per ticker and session.
+- **Drift.** Weights are fractions of the book's value. Between rebalances they drift with
+  their returns: after a session that earned R, a name's weight w becomes w (1 + r) / (1 + R).
+  A session with no signal (no predictions that date) keeps the drifted book: nothing trades.
 - **Delistings and halts.** A held name that has no price on a day earns 0 that day. One that
   stopped trading leaves the portfolio at its last price and, with no prediction, is never
-  bought again; one that trades again earns, on its first session back, the whole move from
-  its last price before the halt. Nothing is dropped from the history, so there is no
-  survivorship bias.
+  bought again. One halted (no price on the session a trade is due, a price on a later one;
+  the price history stands in for the exchange's halt or delisting notice, public when it
+  comes, and decides only whether the name can be traded, never what is bought) cannot be
+  traded: it keeps its weight, the other names of its side (long or short) sharing
+  what the side's target leaves, and it earns, on its first session back, the whole move from
+  its last price before the halt; a halted name is not bought either. Nothing is dropped from
+  the history, so there is no survivorship bias.
 - **Costs** are `cost_bps` basis points of traded value: each day's cost is
   `cost_bps / 10_000 * sum(|w_new - w_old|)` over every name, charged on the day the new
   weights start earning.
@@ -126,18 +133,23 @@ def run_portfolio(
     date t) under the module's timing, cost and delisting conventions.
 
     `returns` is the (date x ticker) frame of `daily_returns`. Weights of signal date t earn
-    the return of the session two after t; signals too late to earn a return are ignored.
+    the return of the session two after t; signals too late to earn a return are ignored, and
+    a session between the first and the last signal without one holds the drifted book.
     """
     sessions = list(returns.index)
     position = {date: i for i, date in enumerate(sessions)}
+    signals = {position[d]: w for d, w in weights_by_date.items() if d in position}
+    priced = returns.notna()
+    priced_later = priced.iloc[::-1].cummax().iloc[::-1]  # a price on this session or after
     previous = pd.Series(dtype=float)
     gross, net, turnover, universe = {}, {}, {}, {}
-    for signal_date in sorted(weights_by_date):
-        index = position.get(signal_date)
-        if index is None or index + 2 >= len(sessions):
-            continue
+    last = min(max(signals, default=-1), len(sessions) - 3)  # the last signal that earns
+    for index in range(min(signals, default=0), last + 1):
         earned = sessions[index + 2]
-        weights = weights_by_date[signal_date]
+        # a session without a signal keeps the drifted book
+        target = signals.get(index, previous)
+        halted = priced_later.iloc[index + 1] & ~priced.iloc[index + 1]
+        weights = _tradable(target, previous, halted.index[halted])
         traded = weights.sub(previous, fill_value=0.0).abs().sum()
         day = returns.loc[earned]
         held = day.reindex(weights.index).fillna(0.0)  # delisted: earns 0 from its last price
@@ -145,10 +157,11 @@ def run_portfolio(
         net[earned] = gross[earned] - cost_bps / 10_000.0 * float(traded)
         turnover[earned] = float(traded) / 2.0
         universe[earned] = float(day.dropna().mean()) if day.notna().any() else 0.0
-        # weights drift with their returns until the next rebalance sets them again
+        # weights drift with their returns, as fractions of the book's value, until the next
+        # rebalance sets them again
         grown = weights * (1.0 + held)
-        total = grown.abs().sum()
-        previous = grown / total * weights.abs().sum() if total > 0 else grown
+        value = 1.0 + gross[earned]
+        previous = grown / value if value > 0 else grown
     as_series = lambda values: pd.Series(values, dtype=float).sort_index()  # noqa: E731
     return PortfolioResult(
         gross=as_series(gross),
@@ -156,6 +169,24 @@ def run_portfolio(
         turnover=as_series(turnover),
         benchmark=as_series(universe) if benchmark else None,
     )
+
+
+def _tradable(target: pd.Series, previous: pd.Series, halted: pd.Index) -> pd.Series:
+    """Return the weights a book holds after trading towards `target` when the names in `halted`
+    cannot trade: each keeps its weight in `previous` (none if not held), and the other names
+    of its side (long or short) are scaled to what the side's target leaves."""
+    stuck = previous.reindex(halted).dropna()
+    stuck = stuck[stuck != 0]
+    free = target.drop(halted, errors="ignore")
+    if stuck.empty and len(free) == len(target):
+        return target
+    sides = [free[free == 0], stuck]
+    for sign in (1.0, -1.0):
+        side = free[np.sign(free) == sign]
+        room = target[np.sign(target) == sign].sum() - stuck[np.sign(stuck) == sign].sum()
+        total = side.sum()
+        sides.append(side * max(room / total, 0.0) if total != 0 else side)
+    return pd.concat(sides)
 
 
 def long_short(
