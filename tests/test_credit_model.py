@@ -225,6 +225,41 @@ def test_network_test_auc_is_within_002_of_the_oracle(fitted):
     assert model.predict_pd(test).mean() == pytest.approx(test[LABEL].mean(), abs=0.015)
 
 
+@pytest.mark.slow
+def test_the_logistic_baselines_category_effects_do_not_depend_on_its_seed():
+    """The baseline is a logistic regression: a category's effect on the log-odds (the PD of
+    every test loan given that category, against the same loans given the column's first
+    category) is learnt from the loans, not left over from the random initial weights."""
+    labelled, split, _ = _labelled_book(CreditSyntheticConfig(applications=12_000, seed=2), 0.15)
+    test = labelled[split.test]
+    effects = []
+    for seed in (0, 1, 2):
+        config = CreditTrainingConfig(seed=seed).classifier_config("logistic")
+        model = fit_credit_model(
+            labelled,
+            id_column="loan_id",
+            numeric_columns=BOOK.numeric_columns,
+            categorical_columns=BOOK.categorical_columns,
+            label=LABEL,
+            train=split.train,
+            validation=split.validation,
+            grades=[(band.grade, band.max_pd) for band in BOOK.grades],
+            config=config,
+        )
+        a, _ = model.calibration  # calibrated log-odds = a * logit + b
+        seed_effects = []
+        for column, values in zip(
+            model.categorical_columns, model.vocabulary.categories, strict=True
+        ):
+            base = model.logits(test.assign(**{column: values[0]}))
+            for value in values:
+                given = model.logits(test.assign(**{column: value}))
+                seed_effects.append(a * (given - base).mean())
+        effects.append(seed_effects)
+    spread = np.ptp(np.array(effects), axis=0)  # per category: largest minus smallest
+    assert spread.max() < 0.15, spread.round(3)
+
+
 def test_scaler_vocabulary_and_fit_read_the_training_loans_only():
     """Scaler, vocabulary, PSI reference and the net itself come from the training rows (and
     early stopping and calibration from the validation rows): distorting every test loan's
@@ -387,6 +422,10 @@ def test_attributions_add_up_to_the_log_odds_gap_to_the_reference(fitted):
         reference = model.net.logit_of_dense(torch.tensor([model.reference_dense])).item()
     gap = model.calibration[0] * (model.logits(rows) - reference)
     np.testing.assert_allclose(attributions.sum(axis=1), gap, atol=5e-3)
+    # the reference's PD (logged as reference_pd) is where the reasons measure from
+    log_odds = lambda pd_values: np.log(pd_values / (1.0 - pd_values))  # noqa: E731
+    from_reference = log_odds(model.predict_pd(rows)) - log_odds(model.reference_pd())
+    np.testing.assert_allclose(attributions.sum(axis=1), from_reference, atol=5e-3)
 
 
 @pytest.mark.slow

@@ -174,6 +174,36 @@ def test_an_empty_population_says_why(store):
     assert "1 new applications dated that day" in nothing_to_score_reason(store, book, D3)
 
 
+def test_a_cross_sectional_book_scores_the_open_loans_of_its_latest_snapshot_only(tmp_path):
+    """Each delivery of a book without a date column is the whole book: an earlier snapshot's
+    open loan is either open in the latest one too, or has its outcome there."""
+    storage = Storage(tmp_path)
+    book = parse_loan_book(
+        {
+            "name": "snapshots",
+            "columns": {"id": "loan_id", "label": "status"},
+            "label": {"default": ["bad"], "non_default": ["good"]},
+            "numeric": {"x": {}},
+            "grades": [{"grade": "A", "max_pd": 1.0}],
+        }
+    )
+
+    def snapshot(*loans: tuple[str, str]) -> pd.DataFrame:
+        return _rows(*((loan, NIGHT, status) for loan, status in loans)).drop(columns="applied")
+
+    _deliver(storage, book, snapshot(("L1", ""), ("L2", ""), ("L3", "good")), NIGHT)
+    _deliver(storage, book, snapshot(("L1", "bad"), ("L2", ""), ("L3", "good")), LATER)
+    population = scoring_population(storage, book, LATER)
+    assert population[["loan_id", "date"]].values.tolist() == [["L2", pd.Timestamp(LATER)]]
+    last = LATER + dt.timedelta(days=1)
+    _deliver(storage, book, snapshot(("L1", "bad"), ("L2", "good"), ("L3", "good")), last)
+    assert scoring_population(storage, book, last).empty
+    assert nothing_to_score_reason(storage, book, last) == (
+        "nothing to score on 2024-02-21: 3 new applications dated that day, and every one of "
+        "the 3 loans up to it has its outcome"
+    )
+
+
 def _reference(deliveries: list[pd.DataFrame], as_of: dt.date) -> dict[tuple, tuple]:
     """Loan by loan, every delivery kept: the first delivery's x, and the last non-empty
     status among the first delivery and those delivered on or before `as_of`."""

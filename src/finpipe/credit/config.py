@@ -132,8 +132,9 @@ class Scoring(_Strict):
     population: Literal["unlabelled", "latest_snapshot"] = Field(
         "unlabelled",
         description="unlabelled: every row without an outcome up to the as-of date (open "
-        "applications); latest_snapshot: every row of the latest delivery date on or before "
-        "the as-of date (a whole book re-scored, e.g. for monitoring).",
+        "applications; of the latest snapshot only for a book without a date column); "
+        "latest_snapshot: every row of the latest delivery date on or before the as-of date "
+        "(a whole book re-scored, e.g. for monitoring).",
     )
 
 

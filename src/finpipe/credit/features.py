@@ -214,9 +214,10 @@ def scoring_population(storage: Storage, book: LoanBookConfig, as_of: dt.date) -
     """Return the feature rows to score at `as_of` under `[scoring] population`, as known then.
 
     unlabelled: every loan dated up to `as_of` without an outcome delivered by then;
-    latest_snapshot: every loan of the latest feature date on or before `as_of`.
+    latest_snapshot: every loan of the latest feature date on or before `as_of`. A
+    cross-sectional book's population is always of its latest snapshot (`_scored_days`).
     """
-    days = storage.partition_dates("features", DOMAIN, end=as_of)
+    days = _scored_days(storage, book, as_of)
     if not days:
         raise ScoringError(f"no credit feature partitions up to {as_of}; run the features step")
     if book.scoring.population == "latest_snapshot":
@@ -239,13 +240,21 @@ def scoring_population(storage: Storage, book: LoanBookConfig, as_of: dt.date) -
     return unlabelled[(still_open["_merge"] == "left_only").to_numpy()].reset_index(drop=True)
 
 
+def _scored_days(storage: Storage, book: LoanBookConfig, as_of: dt.date) -> list[dt.date]:
+    """Return the feature dates the population at `as_of` is read from: every date up to it,
+    or for a cross-sectional book only the latest, since each of its deliveries is a snapshot
+    of the whole book (an earlier snapshot's open loans are in the latest one, or closed)."""
+    days = storage.partition_dates("features", DOMAIN, end=as_of)
+    return days if book.is_dated else days[-1:]
+
+
 def nothing_to_score_reason(storage: Storage, book: LoanBookConfig, as_of: dt.date) -> str:
     """Say why the population at `as_of` is empty: no applications at all, none dated that
     day, or every one has its outcome."""
     if book.scoring.population == "latest_snapshot":
         return f"the latest credit snapshot on or before {as_of} holds no loans"
     keys = [DATE_COLUMN, book.columns.id]
-    days = storage.partition_dates("features", DOMAIN, end=as_of)
+    days = _scored_days(storage, book, as_of)
     loans = storage.read_partitions("features", DOMAIN, days=days, columns=keys)
     loans = loans.drop_duplicates(keys)
     if loans.empty:

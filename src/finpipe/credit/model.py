@@ -11,9 +11,9 @@ Inputs, all fitted on the training rows only and shipped with the model:
 
 `TabularNet` embeds each categorical column, concatenates embeddings, scaled numerics and
 missing indicators, and runs an MLP to one logit. The logistic baseline is the same class with
-no hidden layer and 1-wide embeddings: a 1-wide embedding is exactly a one-hot weight, so it is
-a logistic regression on one-hot categories and scaled numerics, explained and served by the
-same code as the network.
+no hidden layer and 1-wide embeddings: a 1-wide embedding is exactly a one-hot weight (started
+at zero, no effect), so it is a logistic regression on one-hot categories and scaled numerics,
+explained and served by the same code as the network.
 
 Class imbalance: the loss weighs defaults by n_non_default / n_default (`class_weight =
 "balanced"`), which ranks well but inflates PDs; the logit is then recalibrated on the
@@ -201,10 +201,18 @@ class TabularNet(nn.Module):
         super().__init__()
         self.n_numeric = n_numeric
         self.embedding_widths = list(embedding_widths)
-        self.embeddings = nn.ModuleList(
+        tables = [
             nn.Embedding(size, width)
             for size, width in zip(category_sizes, embedding_widths, strict=True)
-        )
+        ]
+        if not layers:
+            # The logistic baseline: a 1-wide embedding times its head weight is a category's
+            # coefficient. It starts at zero (no effect), so early stopping (a handful of
+            # epochs) shrinks it towards no effect; from nn.Embedding's N(0, 1) draw it kept
+            # up to 0.5 log-odds of that draw, which changed with the seed.
+            for table in tables:
+                nn.init.zeros_(table.weight)
+        self.embeddings = nn.ModuleList(tables)
         blocks: list[nn.Module] = []
         width = 2 * n_numeric + sum(embedding_widths)
         for _ in range(layers):
@@ -453,6 +461,17 @@ class FittedCreditModel(SavesNetAndMetadata):
     def _pd(self, data: Inputs) -> np.ndarray:
         a, b = self.calibration
         return _sigmoid(a * self._logits(data) + b)
+
+    @torch.no_grad()
+    def reference_pd(self) -> float:
+        """Return the calibrated PD of the reference applicant the reason codes measure from
+        (the module docstring): a scored PD below it still gets reasons, those of its
+        features that raise it most above that point."""
+        self.net.eval()
+        reference = torch.tensor([self.reference_dense], dtype=torch.float32)
+        a, b = self.calibration
+        logit = float(self.net.logit_of_dense(reference).item())
+        return float(_sigmoid(np.asarray(a * logit + b)))
 
     def grade(self, pd_values: np.ndarray) -> np.ndarray:
         """Return the risk grade of each PD: the first band whose max_pd is at least the PD."""

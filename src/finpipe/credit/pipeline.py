@@ -215,6 +215,7 @@ class CreditNight(lifecycle.Night[CreditTrainingConfig]):
                     "best_epoch": fitted.best_epoch,
                     "calibration_a": fitted.calibration[0],
                     "calibration_b": fitted.calibration[1],
+                    "reference_pd": fitted.reference_pd(),
                     **{f"psi_{name}": value for name, value in stability.items()},
                 },
                 documents={
