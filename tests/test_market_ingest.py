@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from finpipe.domains import get_domain
@@ -16,6 +17,7 @@ from finpipe.ingest import ingest_file
 from finpipe.market.schema import normalise_market_frame
 from finpipe.storage import Storage
 from finpipe.validation import ValidationReport
+from tests.test_layout_readers import read_layer_every_way
 
 
 def _sample(shared_datasets) -> pd.DataFrame:
@@ -265,3 +267,26 @@ def test_bad_bytes_fixed_under_each_name_they_came_as_wait_for_nothing(tmp_path,
             _ingest(storage, path, as_of="2024-01-03")
     [shown] = domain_status(storage, "market", BusinessDays()).quarantined
     assert shown.file == "c.csv"
+
+
+def test_a_day_delivered_without_the_optional_columns_keeps_the_layer_schema(tmp_path):
+    """A daily file of date, ticker and close after a history with every column: its partition
+    holds the optional columns too, empty, in the layer's order. Without them Polars and DuckDB
+    refused to read the layer (column "open" not found in that file)."""
+    storage = Storage(tmp_path / "home")
+    history = "date,ticker,open,high,low,close,adj_close,volume\n" + "".join(
+        f"2024-01-0{d},{t},10,11,9,10.5,10.4,1000\n" for d in (2, 3) for t in ("AAPL", "IBM")
+    )
+    _ingest(storage, _bars(tmp_path, "history.csv", history), as_of="2024-01-31")
+    daily = "date,ticker,close\n2024-01-04,AAPL,10.6\n2024-01-04,IBM,10.7\n"
+    _ingest(storage, _bars(tmp_path, "daily.csv", daily), as_of="2024-01-31")
+    files = sorted(storage.layer_dir("validated", "market").glob("*/part-0.parquet"))
+    schemas = [pq.read_schema(file).remove_metadata() for file in files]
+    assert len(files) == 3 and all(schema == schemas[0] for schema in schemas)
+    assert schemas[0].names == [
+        "date", "ticker", "close", "open", "high", "low", "volume", "adj_close", "batch_id"
+    ]  # fmt: skip
+    seen = read_layer_every_way(storage.layer_dir("validated", "market"))
+    assert {reader: rows for reader, (rows, _) in seen.items()} == dict.fromkeys(seen, 6)
+    day = storage.read_partition("validated", "market", "2024-01-04")
+    assert day[["open", "volume", "adj_close"]].isna().all(axis=None)

@@ -67,6 +67,10 @@ class RawContract:
     # Why this source's rows cannot be corrected (a correction is refused before it lands, with
     # this as the reason); None: corrections are taken.
     refuses_corrections: str | None = None
+    # The columns a delivery may leave out, with their dtype: a partition published from rows
+    # without one that the layer holds gets it, empty, so every date reads with one schema
+    # (Polars and DuckDB refuse a folder whose files lack a column the first one has).
+    optional_columns: Mapping[str, str] = field(default_factory=dict)
 
     def restated_by(self) -> list[str]:
         """Return the columns that name the rows a correction restates."""
@@ -1347,23 +1351,50 @@ def _publish(
     `batch_id` None: `frame` already carries each row's batch (a group of files published at
     once), and the earlier rows of every one of those batches are replaced.
     """
+    existing = storage.partition_dates("validated", contract.domain)
     merged = _merged_partitions(
         contract,
         frame,
         batch_id,
-        existing=set(storage.partition_dates("validated", contract.domain)),
+        existing=set(existing),
         read=lambda day: storage.read_partition("validated", contract.domain, day),
         replace_keys=replace_keys,
         retract=retract,
     )
+    layout = _layer_columns(storage, contract, existing)
     days = []
     for day, rows in merged:
         if rows.empty:  # every row retracted (or already, on a re-run): the date goes
             storage.delete_partition("validated", contract.domain, day)
         else:
-            storage.write_partition("validated", contract.domain, day, rows)
+            storage.write_partition(
+                "validated",
+                contract.domain,
+                day,
+                _laid_out(rows, layout, contract.optional_columns),
+            )
         days.append(day)
     return days
+
+
+def _layer_columns(storage, contract, existing: list[dt.date]) -> list[str]:
+    """Return the validated layer's columns as its newest partition holds them, in order, when
+    the contract has optional columns (a delivery without them must not narrow the layer)."""
+    if not contract.optional_columns or not existing:
+        return []
+    return storage.partition_columns("validated", contract.domain, existing[-1])
+
+
+def _laid_out(rows: pd.DataFrame, layout: list[str], optional: Mapping[str, str]) -> pd.DataFrame:
+    """Return `rows` with each optional column of `layout` they lack (empty, of its dtype),
+    their columns in `layout`'s order, any others after."""
+    absent = [c for c in layout if c in optional and c not in rows.columns]
+    if not absent:
+        return rows
+    rows = rows.assign(
+        **{c: pd.Series(np.nan, index=rows.index, dtype=optional[c]) for c in absent}
+    )
+    return rows[[c for c in layout if c in rows.columns] + [c for c in rows if c not in layout]]
 
 
 def _merged_partitions(

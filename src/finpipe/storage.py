@@ -786,6 +786,13 @@ class Storage:
             return pq.ParquetFile(self._path(key)).metadata.num_rows
         return pq.ParquetFile(pa.BufferReader(self.read_bytes(key))).metadata.num_rows
 
+    def partition_columns(self, layer: str, domain: str, day: dt.date | str) -> list[str]:
+        """Return the column names of a published partition, in order, from its footer."""
+        key = self.partition_key(layer, domain, day)
+        if self.is_local:
+            return pq.read_schema(self._path(key)).names
+        return pq.read_schema(pa.BufferReader(self.read_bytes(key))).names
+
     # -- landing and quarantine ----------------------------------------------------------
     def land_file(self, domain: str, source: Path, sha256: str) -> str:
         """Copy a delivered file into landing/ under its content hash; return its key.

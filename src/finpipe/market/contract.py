@@ -13,7 +13,7 @@ import pandas as pd
 
 from finpipe.ingest import PublishedRows, RawContract
 from finpipe.market.quality import add_market_checks_columns
-from finpipe.market.schema import DOMAIN, normalise_market_frame, price_column
+from finpipe.market.schema import DOMAIN, OPTIONAL_COLUMNS, normalise_market_frame, price_column
 from finpipe.settings import load_settings
 
 
@@ -63,6 +63,7 @@ MARKET_CONTRACT = RawContract(
     date_column="date",
     normalise=normalise_market_frame,
     add_check_columns=_add_market_checks,
+    optional_columns=dict.fromkeys(OPTIONAL_COLUMNS, "float64"),
 )
 
 
