@@ -134,6 +134,35 @@ def test_skipped_features_name_the_missing_column():
     assert market_feature_columns(["close", "high"]) == [*PRICE_FEATURES, *RANKS]
 
 
+def test_a_day_without_volume_leaves_the_volume_z_score_out_for_that_day_alone():
+    """A day delivered without volume (the column is optional) has no z-score; the 19 rows
+    after it take theirs over the volumes their window holds (19 of 20), and a window with
+    fewer than 15 stays empty. Before, every window holding the day was empty: the champion
+    refused to score for 20 sessions."""
+    rng = np.random.default_rng(3)
+    volume = rng.uniform(1_000, 5_000, 60)
+    volume[30] = np.nan
+    volume[50:56] = np.nan  # six in a row: the windows after hold 14 values
+    features = build_market_features(one_ticker(np.full(60, 10.0)).assign(volume=volume))
+    got = features["volume_z_20d"].to_numpy()
+    log_v = np.log1p(volume)
+
+    def z_over_present(row: int) -> float:
+        window = log_v[row - 19 : row + 1]
+        present = window[np.isfinite(window)]
+        return (log_v[row] - present.mean()) / present.std(ddof=1)
+
+    assert np.isnan(got[30]) and np.isnan(got[50:56]).all()
+    for row in [31, 40, 49]:
+        assert got[row] == pytest.approx(z_over_present(row), rel=1e-5)
+    assert np.isnan(got[56:60]).all()  # 14 of 20 present
+    # windows without a gap are as before
+    whole = build_market_features(
+        one_ticker(np.full(60, 10.0)).assign(volume=np.nan_to_num(volume, nan=1e3))
+    )
+    np.testing.assert_array_equal(got[19:30], whole["volume_z_20d"].to_numpy()[19:30])
+
+
 def test_output_is_sorted_by_date_then_ticker_whatever_the_input_order(panel, full_features):
     shuffled = panel.sample(frac=1.0, random_state=1)
     rebuilt = build_market_features(shuffled)
@@ -336,6 +365,19 @@ def test_incremental_build_equals_full_build_exactly_after_a_day_without_adj_clo
     at = int(np.searchsorted(dates, day))
     for first in (dates[at], dates[at + 5], dates[at + FEATURE_LOOKBACK_DAYS + 1]):
         tail = _tail_before(blanked, first, FEATURE_LOOKBACK_DAYS)
+        incremental = _features_in_float64(tail)
+        recent = incremental[incremental["date"] >= first].reset_index(drop=True)
+        expected = full[full["date"] >= first].reset_index(drop=True)
+        pd.testing.assert_frame_equal(recent, expected, check_exact=True)
+
+
+def test_incremental_build_equals_full_build_exactly_after_a_day_without_volume(panel):
+    dates = np.sort(panel["date"].unique())
+    gapped = panel.assign(volume=panel["volume"].where(panel["date"] != dates[200]))
+    full = _features_in_float64(gapped)
+    assert full.loc[full["date"] == dates[201], "volume_z_20d"].notna().all()
+    for first in (dates[200], dates[205], dates[219], dates[220]):
+        tail = _tail_before(gapped, first, FEATURE_LOOKBACK_DAYS)
         incremental = _features_in_float64(tail)
         recent = incremental[incremental["date"] >= first].reset_index(drop=True)
         expected = full[full["date"] >= first].reset_index(drop=True)

@@ -27,7 +27,9 @@ Conventions, stated once here:
   truncated after ``2 * span`` rows and renormalised, so nothing has infinite memory;
 - ``ma_ratio_k`` is ``P[t] / mean(P[t-k+1..t]) - 1``;
 - ``volume_z_20d`` is the z-score of ``log1p(volume)`` at t against its last 20 values (t
-  included), 0 when those 20 values are all equal (a spread below 1e-9);
+  included), 0 when those 20 values are all equal (a spread below 1e-9). Rows of the window
+  without a volume (a day delivered without the column) are left out while t has its own and
+  at least 15 of the 20 do, so one such day costs that day's value alone, not the next 19;
 - ``range_hl`` is ``(high - low) / close`` and ``return_oc`` is ``close / open - 1``, same day;
 - ``*_cs_rank`` is the percentile rank in [0, 1] of a feature among the tickers on the same date
   (ties averaged, 0.5 for a lone ticker), using that date's rows only.
@@ -70,6 +72,7 @@ RSI_WINDOW = 14
 MACD_FAST_SPAN, MACD_SLOW_SPAN, MACD_SIGNAL_SPAN = 12, 26, 9
 EWMA_SPAN_MULTIPLE = 2  # a span-s EMA looks back 2*s rows; the weight left out is below 2%
 VOLUME_WINDOW = 20
+VOLUME_MIN_VALUES = 15  # of a window's rows, with t's own, for a z-score over a gap
 CROSS_SECTIONAL_RANKED = ("return_5d", "return_20d", "volatility_20d")
 _FLAT_LOG_VOLUME_STD = 1e-9
 # Window sums run over the rows in chunks this long, every pass of a window over one chunk
@@ -425,6 +428,14 @@ def _macd(panel: _TickerPanel, price: np.ndarray) -> tuple[np.ndarray, np.ndarra
 def _volume_z(panel: _TickerPanel, volume: np.ndarray) -> np.ndarray:
     log_volume = np.log1p(volume)
     mean, std = panel.window_mean_std(log_volume, VOLUME_WINDOW, rows_before=VOLUME_WINDOW - 1)
+    # A full window holding a row without a volume: the values present, when t has its own and
+    # enough of them do (few rows; a window without a gap keeps the two-pass figures above).
+    gapped = np.isnan(mean) & np.isfinite(log_volume) & (panel.position >= VOLUME_WINDOW - 1)
+    for row in np.flatnonzero(gapped):
+        window = log_volume[row - VOLUME_WINDOW + 1 : row + 1]
+        present = window[np.isfinite(window)]
+        if len(present) >= VOLUME_MIN_VALUES:
+            mean[row], std[row] = present.mean(), present.std(ddof=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         z = (log_volume - mean) / std
     # Twenty equal volumes leave a std of rounding error, not exactly 0; a spread below 1e-9
