@@ -337,6 +337,27 @@ def test_scoring_refuses_features_that_do_not_match_the_champion(two_nights, tmp
     pd.testing.assert_frame_equal(storage.read_partition("predictions", "market", day), before)
 
 
+def test_a_day_delivered_without_volume_is_refused_with_the_correction_that_fixes_it(
+    two_nights, tmp_path
+):
+    from finpipe.errors import ScoringError
+    from finpipe.market.pipeline import score_market
+    from finpipe.settings import Settings
+
+    settings, files, _, _ = two_nights
+    copy = tmp_path / "home"
+    shutil.copytree(settings.home, copy)
+    storage, day = Storage(copy), _day(files[2])
+    for layer, column in [("validated", "volume"), ("features", "volume_z_20d")]:
+        frame = storage.read_partition(layer, "market", day).assign(**{column: np.nan})
+        storage.write_partition(layer, "market", day, frame)
+    with pytest.raises(ScoringError) as refused:
+        score_market(storage, Settings(home=copy), day)
+    assert "lack ['volume_z_20d']" in str(refused.value)
+    assert f"{day}'s delivery has no volume" in str(refused.value)
+    assert "--correction" in str(refused.value)
+
+
 def test_the_champion_serves_through_mlflow_pyfunc_as_finpipe_scores_it(two_nights):
     """finpipe scores with the model folder its pyfunc wraps; a user of plain MLflow
     (`mlflow.pyfunc.load_model`) gets the same predictions from the same registered version."""

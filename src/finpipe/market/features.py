@@ -120,6 +120,11 @@ def market_feature_columns(available: Iterable[str]) -> list[str]:
     return [name for name, inputs in _FEATURE_INPUTS.items() if set(inputs) <= present]
 
 
+def market_feature_inputs(name: str) -> tuple[str, ...]:
+    """Return the raw columns the feature `name` reads (none for a name it does not know)."""
+    return _FEATURE_INPUTS.get(name, ())
+
+
 def skipped_market_features(available: Iterable[str]) -> dict[str, str]:
     """Return feature name -> the missing raw column(s) that prevent it (comma-separated)."""
     present = set(available)

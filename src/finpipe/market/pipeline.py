@@ -42,6 +42,7 @@ from finpipe.market.features import (
     KEY_COLUMNS,
     feature_columns_of,
     load_training_frame,
+    market_feature_inputs,
     read_with_lookback,
     update_market_features,
 )
@@ -375,7 +376,7 @@ class MarketParts:
             if missing:
                 raise ScoringError(
                     f"features for {as_of} lack {missing} (missing or all empty) that champion "
-                    f"v{champion.version} needs; rebuild features or retrain"
+                    f"v{champion.version} needs; {_refill_advice(storage, as_of, missing)}"
                 )
             # Earlier dates are window history only: the net runs on the as-of rows alone,
             # and each row gets the three features that moved its score most (reason_k).
@@ -387,6 +388,24 @@ class MarketParts:
 
     def plan_demo(self, settings: Settings) -> list[DemoNight]:
         return plan_market_demo(settings)
+
+
+def _refill_advice(storage: Storage, as_of: dt.date, missing: list[str]) -> str:
+    """Say how the features `missing` at `as_of` come back: the day's delivery lacked the
+    raw columns they read (a correction delivers them), or the features need a rebuild."""
+    try:
+        rows = storage.read_partition("validated", DOMAIN, as_of)
+    except FileNotFoundError:  # retracted whole since its features were built
+        return "rebuild features or retrain"
+    needed = dict.fromkeys(c for name in missing for c in market_feature_inputs(name))
+    absent = [c for c in needed if c not in rows.columns or rows[c].isna().all()]
+    if not absent:
+        return "rebuild features or retrain"
+    return (
+        f"{as_of}'s delivery has no {', '.join(absent)}: deliver the day with them as a "
+        f"correction (finpipe ingest market FILE --correction), then re-score it "
+        f"(finpipe status names the backfill)"
+    )
 
 
 MARKET = lifecycle.bind(MarketParts())
