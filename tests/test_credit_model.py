@@ -188,7 +188,9 @@ def _labelled_book(config: CreditSyntheticConfig, held_out: float):
     return labelled, split, generated
 
 
-def _fit(frame: pd.DataFrame, split: RowSplit, config: CreditTrainingConfig) -> FittedCreditModel:
+def _fit(
+    frame: pd.DataFrame, split: RowSplit, config: CreditTrainingConfig, kind: str = "mlp"
+) -> FittedCreditModel:
     return fit_credit_model(
         frame,
         id_column="loan_id",
@@ -198,7 +200,7 @@ def _fit(frame: pd.DataFrame, split: RowSplit, config: CreditTrainingConfig) -> 
         train=split.train,
         validation=split.validation,
         grades=[(band.grade, band.max_pd) for band in BOOK.grades],
-        config=config.classifier_config("mlp"),
+        config=config.classifier_config(kind),
     )
 
 
@@ -234,18 +236,7 @@ def test_the_logistic_baselines_category_effects_do_not_depend_on_its_seed():
     test = labelled[split.test]
     effects = []
     for seed in (0, 1, 2):
-        config = CreditTrainingConfig(seed=seed).classifier_config("logistic")
-        model = fit_credit_model(
-            labelled,
-            id_column="loan_id",
-            numeric_columns=BOOK.numeric_columns,
-            categorical_columns=BOOK.categorical_columns,
-            label=LABEL,
-            train=split.train,
-            validation=split.validation,
-            grades=[(band.grade, band.max_pd) for band in BOOK.grades],
-            config=config,
-        )
+        model = _fit(labelled, split, CreditTrainingConfig(seed=seed), "logistic")
         a, _ = model.calibration  # calibrated log-odds = a * logit + b
         seed_effects = []
         for column, values in zip(
