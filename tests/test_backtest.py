@@ -270,10 +270,17 @@ def test_the_report_trades_every_model_and_the_oracle_and_costs_lower_returns(st
     assert metrics["mlp/rank_ic"] == pytest.approx(daily["rank_ic"].mean())
     assert metrics["mlp/icir"] == pytest.approx(daily["ic"].mean() / daily["ic"].std(ddof=1))
     assert metrics["mlp/rank_ic"] != metrics["mlp/ic"]
-    # the oracle is measured on the models' dates only, not on the whole panel it came with
+    # the oracle is measured on the rows the models scored only, not on the whole panel it
+    # came with: a ticker left unscored on a date is out of its book that date too
     signals = bt.signals_of(predictions, oracle.expected_return)
     assert set(signals["oracle"]["date"]) == set(predictions["date"])
     assert oracle.expected_return["date"].nunique() > predictions["date"].nunique()
+    first = predictions["date"].min()
+    unscored = predictions["ticker"].iloc[0]
+    fewer = predictions[(predictions["date"] != first) | (predictions["ticker"] != unscored)]
+    fewer_oracle = bt.signals_of(fewer, oracle.expected_return)["oracle"]
+    on_first = fewer_oracle.loc[fewer_oracle["date"] == first, "ticker"]
+    assert unscored not in set(on_first) and len(on_first) > 0
     # the limited book replaces at most `replacements` names a day: not the plain top k
     limited, plain = (report.results["mlp"][s].gross for s in ("long_only_limited", "long_only"))
     assert config.replacements < config.top_k and not limited.equals(plain)

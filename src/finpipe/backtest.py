@@ -739,14 +739,16 @@ def forward_returns(prices: pd.DataFrame, horizon: int) -> pd.DataFrame:
 
 
 def signals_of(predictions: pd.DataFrame, oracle: pd.DataFrame | None) -> dict[str, pd.DataFrame]:
-    """Each model's predictions (date, ticker, prediction) and the oracle's on the same dates."""
+    """Each model's predictions (date, ticker, prediction) and the oracle's on the rows the
+    models scored (a ticker no model could score, e.g. too short a history, is left out of
+    the oracle's book too, so the two are compared on one universe)."""
     signals = {
         str(model): rows[["date", "ticker", "prediction"]].reset_index(drop=True)
         for model, rows in predictions.groupby("model", sort=True)
     }
     if oracle is not None and not oracle.empty:
-        dates = predictions["date"].unique()
-        chosen = oracle[oracle["date"].isin(dates)]
+        scored = predictions[["date", "ticker"]].drop_duplicates()
+        chosen = oracle.merge(scored, on=["date", "ticker"]).sort_values(["date", "ticker"])
         signals["oracle"] = chosen.rename(columns={"expected_forward_return": "prediction"})[
             ["date", "ticker", "prediction"]
         ].reset_index(drop=True)
