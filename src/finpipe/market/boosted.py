@@ -17,8 +17,9 @@ Saved as a model folder (`finpipe.model_files`): `model.json` (feature columns, 
 settings, the validation loss by round, how the round was chosen) and `booster.txt`,
 LightGBM's own text format.
 Explanations are LightGBM's exact per-row contributions (TreeSHAP, `pred_contrib`), which add
-up to the prediction less the training mean, in prediction units, as the nets' integrated
-gradients do.
+up to the prediction less the trees' expected value (not the score of a training-mean input,
+as the nets' integrated gradients do), in prediction units. A feature missing on a row took the
+trees' missing branch, so unlike a net's it can carry a contribution and be a reason.
 """
 
 from __future__ import annotations

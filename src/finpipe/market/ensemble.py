@@ -126,10 +126,13 @@ class FittedMarketEnsemble:
     ) -> pd.DataFrame:
         """Return `predict`'s rows with their three largest contributions (`reason_columns`).
 
-        A feature's attribution is its members' (integrated gradients, prediction units) in the
-        units the ensemble adds up: each member's divided by that member's spread on the date
-        and weighted, `sum_k w_k * a_k / std_k(date)`. The per-date mean the z-score subtracts
-        is common to every ticker of the date and attributes nothing.
+        A feature's attribution is its members' (a net's integrated gradients, the trees'
+        TreeSHAP values; prediction units) in the units the ensemble adds up: each member's
+        divided by that member's spread on the date and weighted, `sum_k w_k * a_k / std_k(date)`.
+        The per-date mean the z-score subtracts is common to every ticker of the date and
+        attributes nothing, so a row's attributions add up to its score less the date's
+        `sum_k w_k * (reference_k - mean_k(date)) / std_k(date)`, reference_k being what member
+        k's add up from (a net's score of the training-mean input, the trees' expected value).
         """
         scored = self.member_predictions(features, score_from=score_from)
         prediction, spreads = self.combine(scored)
