@@ -112,6 +112,32 @@ def test_values_sharing_a_feature_name_add_up_and_rows_without_a_customer_count_
     assert snapshot.loc["b", "category_share_x"] == 0.0
 
 
+def test_a_refund_takes_off_spend_and_is_no_purchase():
+    """A customer who bought once 300 days ago and returned it today is still a lapsed one-off
+    buyer with no spend left, not a recent two-time buyer; one who only refunded is not active."""
+    rows = _transactions(
+        [
+            ("a", "2024-01-01", 100.0, "x"),
+            ("a", "2024-10-27", -100.0, "y"),  # the refund
+            ("b", "2024-01-01", 100.0, "x"),
+            ("c", "2024-10-01", -5.0, "x"),  # a refund of a purchase before the data starts
+        ]
+    )
+    snapshot = build_customer_features(rows, "2024-10-27", active_days=365)
+    snapshot = snapshot.set_index("customer_id")
+    assert snapshot.index.tolist() == ["a", "b"]
+    a = snapshot.loc["a"]
+    assert (a["recency_days"], a["tenure_days"]) == (300.0, 300.0)
+    assert (a["frequency"], a["purchase_days"], a["frequency_90d"]) == (1.0, 1.0, 0.0)
+    assert np.isnan(a["interpurchase_mean_days"])
+    assert (a["monetary_total"], a["monetary_mean"]) == (0.0, 0.0)
+    assert (a["spend_90d"], a["spend_trend"]) == (-100.0, -1.0)
+    assert a["category_share_x"] == 1.0 and "category_share_y" not in snapshot.columns
+    # b has no refund: its row is the one a snapshot without a's and c's rows gives
+    alone = build_customer_features(rows.iloc[[2]], "2024-10-27", active_days=365)
+    pd.testing.assert_series_equal(snapshot.loc["b"], alone.set_index("customer_id").loc["b"])
+
+
 def test_active_window_decides_who_is_scored():
     wide = build_customer_features(TINY, "2024-04-01", active_days=900)
     assert wide["customer_id"].tolist() == ["a", "b", "d"]

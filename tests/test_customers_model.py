@@ -36,6 +36,15 @@ def test_alignment_gives_fresh_ids_to_new_segments_and_sizes_order_a_first_model
     assert align_segment_ids(np.array([2, 0, 0, 1, 1, 1]), None, k=3) == [1, 0, 2]
 
 
+def test_a_new_segment_never_takes_an_id_an_earlier_model_issued():
+    """k went 3 -> 2 (id 2 retired), then back to 3: the new segment is not "2" again, which
+    meant another group; nor does it take a champion id that is empty today."""
+    champion = np.array([0, 0, 0, 1, 1, 1])  # the champion's lineage issued 0, 1 and 2
+    split = np.array([0, 0, 2, 1, 1, 1])
+    assert align_segment_ids(split, champion, k=3, next_id=3) == [0, 1, 3]
+    assert align_segment_ids(split, champion, k=3, next_id=1) == [0, 1, 2]
+
+
 def test_choose_k_keeps_the_champions_k_within_tolerance():
     scores = {2: 0.40, 3: 0.52, 4: 0.51, 5: 0.45}
     assert choose_k(scores, None, 0.02) == 3
@@ -148,12 +157,30 @@ def test_retrain_on_the_next_day_keeps_segment_ids(two_days, champion, seed):
     assert set(after) <= set(renumber.values()) | {10 + champion.k + i for i in range(4)}
 
 
+def test_a_retrain_that_adds_a_segment_gives_it_an_id_no_earlier_model_issued(two_days, champion):
+    """The champion's lineage issued ids up to 19 (ids it retired when k shrank are not in its
+    segments today): the retrain's extra segment is 20, and the model records 21 as next."""
+    (_, today), _ = two_days
+    on_champion = champion.predict(today).set_index("customer_id")["segment"]
+    params = SegmentModelParams(
+        max_epochs=3, kmeans_restarts=2, k_min=champion.k + 1, k_max=champion.k + 1
+    )
+    sets = sets_by_id(today["customer_id"], 0.15, 0.2)
+    retrained = fit_segment_model(
+        today, sets, params, champion_segments=on_champion, champion_next_id=20
+    )
+    assert sorted(set(retrained.segment_ids) - set(on_champion)) == [20]
+    assert retrained.next_id == 21
+    assert champion.next_id == champion.k  # a first model: ids 0..k-1 issued
+
+
 def test_save_and_load_give_the_same_segments(tmp_path, two_days, champion):
     (_, today), _ = two_days
     champion.save(tmp_path / "model")
     loaded = FittedSegmentModel.load(tmp_path / "model")
     pd.testing.assert_frame_equal(champion.predict(today), loaded.predict(today))
     assert loaded.silhouette_by_k == champion.silhouette_by_k
+    assert loaded.next_id == champion.next_id
     # A category absent from a later snapshot is a share of 0, not an error...
     shares = [c for c in today.columns if c.startswith("category_share_")]
     without = today.drop(columns=shares[:1])

@@ -9,15 +9,18 @@ Conventions, stated once here (days are calendar days; t is the snapshot day):
 - active customer: first purchase on or before t and last purchase at most `active_days`
   before t; only active customers get a row;
 - `recency_days` = t - last purchase day; `tenure_days` = t - first purchase day;
-- `frequency` = transactions up to t; `purchase_days` = distinct days with a transaction;
-- `monetary_total` = sum of amounts up to t (refunds, if allowed, subtract);
-  `monetary_mean` = its mean per transaction;
+- `frequency` = purchases up to t; `purchase_days` = distinct days with a purchase;
+- a purchase is a transaction with an amount >= 0 ($0 ones are visits that add no spend); a
+  refund (a negative amount, where the config allows them) is no purchase: it counts in no
+  date, count or share below, only in the money ones, from which its amount is taken off;
+- `monetary_total` = sum of amounts up to t (refunds subtract); `monetary_mean` = it divided by
+  `frequency`;
 - `interpurchase_mean_days`, `interpurchase_std_days`: gaps between consecutive distinct
   purchase days; mean needs 2 purchase days, std (ddof=1) needs 3, else NaN;
-- `spend_90d`, `frequency_90d`: amount and count in the 90 days ending at t, (t-90, t];
+- `spend_90d`, `frequency_90d`: amount and purchases in the 90 days ending at t, (t-90, t];
 - `spend_trend` = (spend in (t-90, t] - spend in (t-180, t-90]) / (|both| summed), in [-1, 1];
   0 when both are 0 (no change);
-- `category_share_<name>`, `channel_share_<name>`: share of the customer's transactions up to t
+- `category_share_<name>`, `channel_share_<name>`: share of the customer's purchases up to t
   in each category / channel seen in the data up to t (0 where none). Names are lower-cased,
   non-alphanumerics turned into "_".
 Columns in `LOG_SCALED` are heavy-tailed counts, days and money: the model reads them through
@@ -89,6 +92,28 @@ def build_customer_features(
     keep = (transactions["date"] <= t) & transactions["customer_id"].notna()
     # (a row without a customer counts for nobody)
     rows = transactions if keep.all() else transactions.loc[keep]
+    refund = rows["amount"].to_numpy(dtype="float64", na_value=np.nan) < 0
+    if refund.any():
+        return _with_refunds(rows, refund, t, active_days)
+    return _snapshot(rows, t, active_days)
+
+
+def _with_refunds(
+    rows: pd.DataFrame, refund: np.ndarray, t: pd.Timestamp, active_days: int
+) -> pd.DataFrame:
+    """Return the snapshot of `rows` that hold refunds: everything from the purchases alone
+    (a customer who only refunded is not active), then the money features from all rows."""
+    snapshot = _snapshot(rows.loc[~refund], t, active_days)
+    every = _snapshot(rows, t, active_days=np.iinfo(np.int64).max).set_index("customer_id")
+    money = every.loc[snapshot["customer_id"], ["monetary_total", "spend_90d", "spend_trend"]]
+    for column in money.columns:
+        snapshot[column] = money[column].to_numpy()
+    snapshot["monetary_mean"] = snapshot["monetary_total"] / snapshot["frequency"]
+    return snapshot
+
+
+def _snapshot(rows: pd.DataFrame, t: pd.Timestamp, active_days: int) -> pd.DataFrame:
+    """`build_customer_features` of rows dated on or before t, each with a customer."""
     # Customers as integer codes in id order: every aggregate below keys on them, which is far
     # cheaper than hashing the id strings again for each feature.
     codes, ids = pd.factorize(rows["customer_id"].astype("string"), sort=True)

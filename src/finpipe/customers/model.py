@@ -225,15 +225,17 @@ def segment_quality(space: np.ndarray, labels: np.ndarray, seed: int = 0) -> dic
 
 
 def align_segment_ids(
-    clusters: np.ndarray, champion_segments: np.ndarray | None, k: int
+    clusters: np.ndarray, champion_segments: np.ndarray | None, k: int, *, next_id: int = 0
 ) -> list[int]:
     """Return the segment id of each cluster 0..k-1, matched to the champion's segments.
 
     `clusters` and `champion_segments` are the new and the champion's assignment of the same
     customers. Each new cluster takes the id of the champion segment it shares most customers
     with, under a one-to-one matching that maximises the customers keeping their id
-    (scipy's `linear_sum_assignment`). Clusters left over when k grew get fresh ids above the
-    champion's largest. Without a champion, ids follow cluster size (0 = largest).
+    (scipy's `linear_sum_assignment`). Clusters left over when k grew get fresh ids: above the
+    champion's largest and from `next_id` on, the first id no earlier model issued, so an id a
+    shrinking k retired (or a champion segment empty today) never returns with another meaning.
+    Without a champion, ids follow cluster size (0 = largest).
     """
     clusters = np.asarray(clusters)
     sizes = np.bincount(clusters, minlength=k)
@@ -249,7 +251,7 @@ def align_segment_ids(
     rows, cols = linear_sum_assignment(overlap, maximize=True)
     ids = np.full(k, -1, dtype=np.int64)
     ids[rows] = old_ids[cols]
-    fresh = int(old_ids.max()) + 1
+    fresh = max(int(old_ids.max()) + 1, next_id)
     for cluster in np.argsort(-sizes, kind="stable"):
         if ids[cluster] < 0:
             ids[cluster] = fresh
@@ -263,6 +265,8 @@ class FittedSegmentModel(SavesNetAndMetadata):
 
     `centroids[j]` is cluster j's centre in the embedding; `segment_ids[j]` the stable id it is
     published as. `silhouette_by_k` holds the validation silhouette of every k tried.
+    `next_id` is the first segment id neither this model nor a champion before it issued (see
+    `align_segment_ids`).
     """
 
     saved_as = "segment"
@@ -278,6 +282,7 @@ class FittedSegmentModel(SavesNetAndMetadata):
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     seed: int = 0
+    next_id: int = 0
 
     @property
     def k(self) -> int:
@@ -337,6 +342,7 @@ class FittedSegmentModel(SavesNetAndMetadata):
             "segment_ids": self.segment_ids,
             "silhouette_by_k": {str(k): v for k, v in self.silhouette_by_k.items()},
             "seed": self.seed,
+            "next_id": self.next_id,
         }
 
     @classmethod
@@ -354,6 +360,8 @@ class FittedSegmentModel(SavesNetAndMetadata):
             history=list(data["history"]),
             best_epoch=int(data["best_epoch"]),
             seed=int(data["seed"]),
+            # (a model saved before next_id was recorded: the ids it holds)
+            next_id=int(data.get("next_id", max(int(i) for i in data["segment_ids"]) + 1)),
         )
 
 
@@ -383,6 +391,7 @@ def fit_segment_model(
     *,
     champion_segments: pd.Series | None = None,
     champion_k: int | None = None,
+    champion_next_id: int = 0,
     on_epoch: Callable[[dict], None] | None = None,
 ) -> FittedSegmentModel:
     """Fit the autoencoder and k-means on the training customers of one snapshot.
@@ -392,7 +401,8 @@ def fit_segment_model(
     the train embeddings for each k in [k_min, k_max] and k is chosen by the silhouette of the
     validation embeddings (see `choose_k`). Test rows take no part in fitting. `champion_segments`
     (the champion's segment per customer_id, this snapshot) renumbers the clusters to the
-    champion's ids (see `align_segment_ids`).
+    champion's ids (see `align_segment_ids`); a new segment gets an id from `champion_next_id`
+    (the champion's `next_id`) on.
     Raises ModelRejected when there are too few customers to cluster.
     """
     sets = np.asarray(sets)
@@ -455,7 +465,8 @@ def fit_segment_model(
         previous = snapshot["customer_id"].astype("string").map(champion_segments).to_numpy()
         known = ~pd.isna(previous)
         clusters, previous = clusters[known], previous[known].astype(np.int64)
-    fitted.segment_ids = align_segment_ids(clusters, previous, k)
+    fitted.segment_ids = align_segment_ids(clusters, previous, k, next_id=champion_next_id)
+    fitted.next_id = max(max(fitted.segment_ids) + 1, champion_next_id)
     return fitted
 
 

@@ -121,6 +121,7 @@ class CustomersNight(lifecycle.Night[CustomersTrainingConfig]):
             self.config,
             champion_segments=champion.segments if champion else None,
             champion_k=champion.k if champion else None,
+            champion_next_id=champion.next_id if champion else 0,
             on_epoch=on_epoch,
         )
         predicted = fitted.predict(snapshot)
@@ -183,6 +184,7 @@ class ChampionView:
     version: str
     k: int
     segments: pd.Series  # segment id by customer_id
+    next_id: int  # the first id neither it nor an earlier champion issued
 
 
 def _champion_view(champion: RegisteredModel | None, snapshot: pd.DataFrame) -> ChampionView | None:
@@ -195,7 +197,10 @@ def _champion_view(champion: RegisteredModel | None, snapshot: pd.DataFrame) -> 
         log.warning("champion v%s cannot segment today's snapshot: %s", champion.version, error)
         return None
     segments = predicted.set_index(predicted["customer_id"].astype("string"))["segment"]
-    return ChampionView(version=champion.version, k=champion.model.k, segments=segments)
+    model = champion.model
+    return ChampionView(
+        version=champion.version, k=model.k, segments=segments, next_id=model.next_id
+    )
 
 
 def _previous_predictions(storage: Storage, as_of: dt.date) -> pd.Series | None:
