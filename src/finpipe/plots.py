@@ -56,7 +56,7 @@ def ic_by_date(per_date_ic: pd.Series, title: str, window: int = 20) -> Figure:
     )
     ax.axhline(0, color="black", linewidth=0.6)
     ax.set(ylabel="IC (Pearson, cross-section)", title=title)
-    ax.legend()
+    ax.legend(loc="upper left")  # a fixed place: "best" searches every point of the lines
     fig.autofmt_xdate()
     fig.tight_layout()
     return fig
@@ -88,7 +88,7 @@ def cumulative_returns(panels: Mapping[str, Mapping[str, pd.Series]], title: str
             ax.plot(daily.index, daily.cumsum().values, label=label)
         ax.axhline(0, color="black", linewidth=0.6)
         ax.set(ylabel="cumulative return", title=name)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="small", loc="upper left")
     fig.suptitle(title)
     fig.autofmt_xdate()
     fig.tight_layout()
@@ -103,7 +103,7 @@ def drawdowns(lines: Mapping[str, pd.Series], title: str) -> Figure:
         cumulative = daily.cumsum()
         ax.plot(daily.index, (cumulative - running_peak(cumulative)).values, label=label)
     ax.set(ylabel="drawdown", title=title)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="lower left")
     fig.autofmt_xdate()
     fig.tight_layout()
     return fig
