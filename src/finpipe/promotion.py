@@ -133,7 +133,7 @@ def decide_promotion(
         kept = f"{champion} kept" if champion_version is not None else "there is no champion"
         return decision(False, f"{challenger}: it cannot be measured on the test window; {kept}")
     if champion_version is None or champion_score is None:
-        return decision(True, "no champion yet: the first model is promoted")
+        return decision(True, "promoted as the first model (no champion before it)")
     champion += f" {metric}={_figure(champion_score)}"
     if not np.isfinite(champion_score):
         return decision(
