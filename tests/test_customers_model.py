@@ -45,6 +45,14 @@ def test_a_new_segment_never_takes_an_id_an_earlier_model_issued():
     assert align_segment_ids(split, champion, k=3, next_id=1) == [0, 1, 2]
 
 
+def test_a_champion_sharing_no_customer_today_gives_every_segment_a_fresh_id():
+    """None of today's customers has a champion segment (nothing to match): the segments are
+    all new, numbered by size from the first id the lineage never issued, not from 0 again."""
+    clusters = np.array([2, 0, 0, 1, 1, 1])
+    assert align_segment_ids(clusters, np.array([], dtype=np.int64), k=3, next_id=4) == [5, 4, 6]
+    assert align_segment_ids(clusters, None, k=3) == [1, 0, 2]  # a first model
+
+
 def test_choose_k_keeps_the_champions_k_within_tolerance():
     scores = {2: 0.40, 3: 0.52, 4: 0.51, 5: 0.45}
     assert choose_k(scores, None, 0.02) == 3

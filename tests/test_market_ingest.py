@@ -290,3 +290,21 @@ def test_a_day_delivered_without_the_optional_columns_keeps_the_layer_schema(tmp
     assert {reader: rows for reader, (rows, _) in seen.items()} == dict.fromkeys(seen, 6)
     day = storage.read_partition("validated", "market", "2024-01-04")
     assert day[["open", "volume", "adj_close"]].isna().all(axis=None)
+
+
+def test_a_day_without_the_optional_columns_after_a_narrow_newest_file_keeps_them(tmp_path):
+    """A close-only day came first, then the full history before it (a backfill): the layer
+    holds the optional columns, so the next close-only day is published with them, though the
+    newest file (the first close-only day, published when the layer was empty) lacks them."""
+    storage = Storage(tmp_path / "home")
+    close_only = "date,ticker,close\n2024-01-{day},AAPL,10.6\n2024-01-{day},IBM,10.7\n"
+    _ingest(storage, _bars(tmp_path, "d10.csv", close_only.format(day=10)), as_of="2024-01-31")
+    history = "date,ticker,open,high,low,close,adj_close,volume\n" + "".join(
+        f"2024-01-0{d},{t},10,11,9,10.5,10.4,1000\n" for d in (8, 9) for t in ("AAPL", "IBM")
+    )
+    _ingest(storage, _bars(tmp_path, "history.csv", history), as_of="2024-01-31")
+    _ingest(storage, _bars(tmp_path, "d11.csv", close_only.format(day=11)), as_of="2024-01-31")
+    layer = storage.layer_dir("validated", "market")
+    assert pq.read_schema(layer / "2024-01-11" / "part-0.parquet").names == (
+        pq.read_schema(layer / "2024-01-08" / "part-0.parquet").names
+    )

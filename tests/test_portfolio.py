@@ -289,3 +289,23 @@ def test_ic_and_deciles_against_scipy_and_a_planted_signal():
     deciles = return_by_decile(oracle, forward)
     assert list(deciles.index) == list(range(1, 11))
     assert deciles.iloc[-1] > deciles.iloc[0]
+
+
+def test_a_name_without_a_price_on_the_trading_session_is_not_bought_whatever_comes_later():
+    """D, scored best on the day of its last price, cannot be bought at the next close, which
+    it lacks, whether it trades again later (a halt) or never (a delisting): what the book
+    earns on the session after cannot depend on prices that come after it (a delisted D was
+    bought and held half the book earning nothing, a halted one was left out)."""
+    dates = pd.bdate_range("2024-01-01", periods=7)
+    delisted = {"D": [10, 10, None, None, None, None, None], "B": [10, 10, 10, 11, 11, 11, 11]}
+    halted = {**delisted, "D": [10, 10, None, None, None, 12, 12]}
+    predictions = pd.DataFrame({"date": dates[1], "ticker": ["D", "B"], "prediction": [2.0, 1.0]})
+    earned = {}
+    for name, closes in {"delisted": delisted, "halted": halted}.items():
+        prices = pd.DataFrame(
+            [(d, t, c) for t, cs in closes.items() for d, c in zip(dates, cs, strict=True) if c],
+            columns=["date", "ticker", "adj_close"],
+        )
+        book = long_only(predictions, daily_returns(prices), k=2, cost_bps=0.0)
+        earned[name] = book.gross.loc[dates[3]]
+    assert earned == pytest.approx({"delisted": 0.1, "halted": 0.1})

@@ -1379,10 +1379,18 @@ def _publish(
 
 def _layer_columns(storage, contract, existing: list[dt.date]) -> list[str]:
     """Return the validated layer's columns as its newest partition holds them, in order, when
-    the contract has optional columns (a delivery without them must not narrow the layer)."""
+    the contract has optional columns (a delivery without them must not narrow the layer); the
+    first partition's, where it holds optional columns the newest lacks (a newest partition
+    published without them before the history that has them, or before they were padded)."""
     if not contract.optional_columns or not existing:
         return []
-    return storage.partition_columns("validated", contract.domain, existing[-1])
+    newest = storage.partition_columns("validated", contract.domain, existing[-1])
+    if len(existing) == 1:
+        return newest
+    first = storage.partition_columns("validated", contract.domain, existing[0])
+    if all(c in newest for c in first if c in contract.optional_columns):
+        return newest
+    return first + [c for c in newest if c not in first]
 
 
 def _laid_out(rows: pd.DataFrame, layout: list[str], optional: Mapping[str, str]) -> pd.DataFrame:

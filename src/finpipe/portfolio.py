@@ -16,8 +16,9 @@ Conventions, stated once here and used by every function below:
   comes, and decides only whether the name can be traded, never what is bought) cannot be
   traded: it keeps its weight, the other names of its side (long or short) sharing
   what the side's target leaves, and it earns, on its first session back, the whole move from
-  its last price before the halt; a halted name is not bought either. Nothing is dropped from
-  the history, so there is no survivorship bias.
+  its last price before the halt. A name without a price on the session a trade is due is not
+  bought, halted or delisted alike (whether it trades later never decides what is bought).
+  Nothing is dropped from the history, so there is no survivorship bias.
 - **Costs** are `cost_bps` basis points of traded value: each day's cost is
   `cost_bps / 10_000 * sum(|w_new - w_old|)` over every name, charged on the day the new
   weights start earning.
@@ -148,8 +149,9 @@ def run_portfolio(
         earned = sessions[index + 2]
         # a session without a signal keeps the drifted book
         target = signals.get(index, previous)
-        halted = priced_later.iloc[index + 1] & ~priced.iloc[index + 1]
-        weights = _tradable(target, previous, halted.index[halted])
+        unpriced = ~priced.iloc[index + 1]
+        halted = unpriced & priced_later.iloc[index + 1]
+        weights = _tradable(target, previous, halted.index[halted], unpriced.index[unpriced])
         traded = weights.sub(previous, fill_value=0.0).abs().sum()
         day = returns.loc[earned]
         held = day.reindex(weights.index).fillna(0.0)  # delisted: earns 0 from its last price
@@ -171,13 +173,18 @@ def run_portfolio(
     )
 
 
-def _tradable(target: pd.Series, previous: pd.Series, halted: pd.Index) -> pd.Series:
+def _tradable(
+    target: pd.Series, previous: pd.Series, halted: pd.Index, unpriced: pd.Index
+) -> pd.Series:
     """Return the weights a book holds after trading towards `target` when the names in `halted`
     cannot trade: each keeps its weight in `previous` (none if not held), and the other names
-    of its side (long or short) are scaled to what the side's target leaves."""
+    of its side (long or short) are scaled to what the side's target leaves. A name of
+    `unpriced` (no price on the session, halted or delisted) that the book does not hold is
+    not bought, whether or not it trades again later."""
     stuck = previous.reindex(halted).dropna()
     stuck = stuck[stuck != 0]
-    free = target.drop(halted, errors="ignore")
+    unheld = unpriced.difference(previous.index[previous != 0])
+    free = target.drop(halted.union(unheld), errors="ignore")
     if stuck.empty and len(free) == len(target):
         return target
     sides = [free[free == 0], stuck]

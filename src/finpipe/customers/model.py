@@ -235,14 +235,15 @@ def align_segment_ids(
     (scipy's `linear_sum_assignment`). Clusters left over when k grew get fresh ids: above the
     champion's largest and from `next_id` on, the first id no earlier model issued, so an id a
     shrinking k retired (or a champion segment empty today) never returns with another meaning.
-    Without a champion, ids follow cluster size (0 = largest).
+    Without a champion, ids follow cluster size (`next_id` = largest), as they do when no
+    customer of `clusters` has a champion segment.
     """
     clusters = np.asarray(clusters)
     sizes = np.bincount(clusters, minlength=k)
     if champion_segments is None or len(champion_segments) == 0:
         by_size = np.argsort(-sizes, kind="stable")
         ids = np.empty(k, dtype=np.int64)
-        ids[by_size] = np.arange(k)
+        ids[by_size] = next_id + np.arange(k)  # (none shared with a champion: all fresh)
         return [int(i) for i in ids]
     champion_segments = np.asarray(champion_segments, dtype=np.int64)
     old_ids = np.unique(champion_segments)

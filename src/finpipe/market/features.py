@@ -434,13 +434,19 @@ def _volume_z(panel: _TickerPanel, volume: np.ndarray) -> np.ndarray:
     log_volume = np.log1p(volume)
     mean, std = panel.window_mean_std(log_volume, VOLUME_WINDOW, rows_before=VOLUME_WINDOW - 1)
     # A full window holding a row without a volume: the values present, when t has its own and
-    # enough of them do (few rows; a window without a gap keeps the two-pass figures above).
+    # enough of them do (a window without a gap keeps the two-pass figures above). Whole
+    # arrays of such windows, not a loop over rows: sporadic gaps put most rows in one.
     gapped = np.isnan(mean) & np.isfinite(log_volume) & (panel.position >= VOLUME_WINDOW - 1)
-    for row in np.flatnonzero(gapped):
-        window = log_volume[row - VOLUME_WINDOW + 1 : row + 1]
-        present = window[np.isfinite(window)]
-        if len(present) >= VOLUME_MIN_VALUES:
-            mean[row], std[row] = present.mean(), present.std(ddof=1)
+    rows = np.flatnonzero(gapped)
+    windows = np.lib.stride_tricks.sliding_window_view(log_volume, VOLUME_WINDOW)
+    for lo, hi in _chunks(len(rows)):
+        at = rows[lo:hi]
+        values = windows[at - VOLUME_WINDOW + 1]
+        present = np.isfinite(values)
+        enough = present.sum(axis=1) >= VOLUME_MIN_VALUES
+        kept = np.where(present, values, np.nan)[enough]
+        mean[at[enough]] = np.nanmean(kept, axis=1)
+        std[at[enough]] = np.nanstd(kept, axis=1, ddof=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         z = (log_volume - mean) / std
     # Twenty equal volumes leave a std of rounding error, not exactly 0; a spread below 1e-9
