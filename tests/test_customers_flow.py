@@ -203,6 +203,36 @@ def test_scoring_copes_with_a_category_nobody_buys_any_more(two_nights, caplog):
             shutil.rmtree(storage.partition_dir(layer, "customers", later), ignore_errors=True)
 
 
+def test_a_champion_that_cannot_segment_today_still_passes_on_the_ids_its_line_issued(
+    two_nights,
+):
+    """Without the champion's view of today's snapshot the retrain numbers its segments
+    afresh, from the champion line's next_id: ids its line retired are not issued again."""
+    from types import SimpleNamespace
+
+    from finpipe.customers.config import load_customers_config
+    from finpipe.customers.contract import customers_contract
+    from finpipe.customers.model import CustomersTrainingConfig
+    from finpipe.customers.pipeline import CustomersParts
+
+    settings, files, _, _ = two_nights
+
+    def unreadable(snapshot):
+        raise KeyError("frequency")
+
+    champion = SimpleNamespace(
+        version="9", model=SimpleNamespace(next_id=7, k=3), predict=unreadable
+    )
+    config = load_customers_config("synthetic")
+    parts = CustomersParts(
+        config=config, contract=customers_contract(config), update_features=lambda *a: None
+    )
+    night = parts.prepare_training(
+        Storage(settings.home), _day(files[2]), CustomersTrainingConfig(), lambda: champion
+    )
+    assert night.champion is None and night.next_id == 7
+
+
 def test_rerunning_a_date_is_idempotent(two_nights):
     from finpipe.flows.nightly import nightly
 

@@ -78,6 +78,9 @@ class CustomersNight(lifecycle.Night[CustomersTrainingConfig]):
     snapshot: pd.DataFrame
     sets: np.ndarray  # "train", "validation" or "test" by customer
     champion: ChampionView | None
+    # the first segment id the champion's line never issued, also when the champion cannot
+    # segment today's snapshot (`champion` None): new segments take ids from it
+    next_id: int = 0
     segments: int = 0  # k of the fitted model
 
     def context(self) -> RunRecord:
@@ -121,7 +124,7 @@ class CustomersNight(lifecycle.Night[CustomersTrainingConfig]):
             self.config,
             champion_segments=champion.segments if champion else None,
             champion_k=champion.k if champion else None,
-            champion_next_id=champion.next_id if champion else 0,
+            champion_next_id=self.next_id,
             on_epoch=on_epoch,
         )
         predicted = fitted.predict(snapshot)
@@ -184,7 +187,6 @@ class ChampionView:
     version: str
     k: int
     segments: pd.Series  # segment id by customer_id
-    next_id: int  # the first id neither it nor an earlier champion issued
 
 
 def _champion_view(champion: RegisteredModel | None, snapshot: pd.DataFrame) -> ChampionView | None:
@@ -197,10 +199,7 @@ def _champion_view(champion: RegisteredModel | None, snapshot: pd.DataFrame) -> 
         log.warning("champion v%s cannot segment today's snapshot: %s", champion.version, error)
         return None
     segments = predicted.set_index(predicted["customer_id"].astype("string"))["segment"]
-    model = champion.model
-    return ChampionView(
-        version=champion.version, k=model.k, segments=segments, next_id=model.next_id
-    )
+    return ChampionView(version=champion.version, k=champion.model.k, segments=segments)
 
 
 def _previous_predictions(storage: Storage, as_of: dt.date) -> pd.Series | None:
@@ -248,8 +247,10 @@ class CustomersParts:
     ) -> CustomersNight:
         snapshot = read_snapshot(storage, as_of)
         sets = sets_by_id(snapshot["customer_id"], config.validation_fraction, config.test_fraction)
-        view = _champion_view(champion(), snapshot)
-        return CustomersNight(storage, as_of, config, snapshot, sets, view)
+        registered = champion()
+        view = _champion_view(registered, snapshot)
+        issued = 0 if registered is None else int(getattr(registered.model, "next_id", 0))
+        return CustomersNight(storage, as_of, config, snapshot, sets, view, next_id=issued)
 
     def promotion_scorer(
         self, storage: Storage, outcome: CustomersTrainingOutcome
