@@ -19,6 +19,7 @@ from finpipe.customers.segment_names import (
     feature_levels,
     name_segments,
     population_percentile,
+    usual_gap_days,
 )
 
 
@@ -77,6 +78,58 @@ def _table(rows: list[dict[str, float]]) -> pd.DataFrame:
         table[f"percentile_{feature}"] = [r.get(feature, 0.5) for r in rows]
         table[f"median_{feature}"] = [r.get(f"median_{feature}", 2.0) for r in rows]
     return table
+
+
+def test_lapsed_by_rank_reads_cooling_while_within_its_usual_gap_between_purchases():
+    """The demo's last night (2024-06-28): the planted big-ticket buyers, who never churn, rank
+    second-highest on recency (top third), but their median customer, 44 days away, buys about
+    every (556.5 - 44) / (8 - 1) = 73 days; the planted lapsed ones, 238 days away, every 19."""
+    profiles = _table(
+        [  # recency percentile and the medians the gap is read from, as published that night
+            {"recency_days": 0.50, "median_recency_days": 13, "median_tenure_days": 572,
+             "median_frequency": 23, "frequency": 0.5, "monetary_total": 0.5},
+            {"recency_days": 0.20, "median_recency_days": 3, "median_tenure_days": 600,
+             "median_frequency": 103, "frequency": 0.9, "monetary_total": 0.9},
+            {"recency_days": 0.90, "median_recency_days": 238, "median_tenure_days": 622,
+             "median_frequency": 21, "frequency": 0.5, "monetary_total": 0.5},
+            {"recency_days": 0.71, "median_recency_days": 44, "median_tenure_days": 556.5,
+             "median_frequency": 8, "frequency": 0.2, "monetary_total": 0.8},
+            {"recency_days": 0.32, "median_recency_days": 6, "median_tenure_days": 41,
+             "median_frequency": 4, "frequency": 0.2, "monetary_total": 0.1},
+        ]
+    )  # fmt: skip
+    assert usual_gap_days(profiles).tolist() == pytest.approx(
+        [559 / 22, 597 / 102, 384 / 20, 512.5 / 7, 35 / 3]
+    )
+    assert name_segments(profiles).tolist() == [
+        "cooling, occasional, mid spend",
+        "recent, frequent, high spend",
+        "lapsed, occasional, mid spend",
+        "cooling, infrequent, high spend",  # was "lapsed, ...": 44 days away, buys every 73
+        "recent, infrequent, low spend",
+    ]
+
+
+def test_the_usual_gap_leaves_the_time_away_out():
+    """Two purchases 30 days apart, the last 100 days ago: lapsed. Tenure over (frequency - 1)
+    would give a 130-day gap, and a two-purchase segment could never read lapsed."""
+    profiles = _table(
+        [
+            {"recency_days": 0.9, "median_recency_days": 100, "median_tenure_days": 130},
+            {"recency_days": 0.5, "median_recency_days": 20, "median_tenure_days": 400},
+            {"recency_days": 0.1, "median_recency_days": 5, "median_tenure_days": 400},
+            {
+                "recency_days": 0.95,
+                "median_frequency": 1,
+                "median_recency_days": 3,
+                "median_tenure_days": 3,
+            },
+        ]
+    )
+    assert usual_gap_days(profiles).iloc[0] == pytest.approx(30.0)
+    assert np.isnan(usual_gap_days(profiles).iloc[3])  # one-off: no gap, the rank decides
+    names = name_segments(profiles)
+    assert names.str.split(",").str[0].tolist() == ["lapsed", "cooling", "recent", "lapsed"]
 
 
 def test_names_are_unique_per_night_with_a_qualifier_then_the_segment_id():

@@ -16,6 +16,15 @@ A name is three words, recency, frequency and spend, e.g. "recent, frequent, hig
   lapsed would read "cooling, one-off, mid spend");
 - frequency reads "one-off" whenever the segment's median customer bought once, whatever the
   rank (a literal fact beats a relative one);
+- recency reads "lapsed" only when it is also true in absolute terms: a segment whose rank says
+  lapsed but whose median customer has been away no longer than the segment's usual gap between
+  purchases reads "cooling" (on the synthetic logs the big-ticket buyers, who buy every two
+  months or so and never churn, rank in the top third on recency). The gap is read from the
+  profile alone, so names stay reproducible from the published table: (median tenure - median
+  recency) / (median frequency - 1), the span from first to last purchase over the purchases
+  after the first. Tenure alone over (frequency - 1) would count the time away as part of the
+  gap, and a segment of two-purchase customers could then never read lapsed. A one-off segment
+  has no gap and keeps the rank's word;
 - names are unique within a night: segments that share one get the first qualifier that tells
   them apart, ranked among those segments alone: basket size (mean spend per purchase), tenure,
   then spend trend; any still alike end with "(segment <id>)".
@@ -79,6 +88,18 @@ def feature_levels(percentiles: pd.Series) -> pd.Series:
     return levels
 
 
+def usual_gap_days(profiles: pd.DataFrame) -> pd.Series:
+    """Return each segment's usual days between purchases, from its profile's medians.
+
+    (median tenure - median recency) / (median frequency - 1): the median customer's span from
+    first to last purchase, over the purchases after the first. NaN for a one-off segment
+    (median frequency 1 or less), which has no gap.
+    """
+    span = profiles["median_tenure_days"] - profiles["median_recency_days"]
+    repeats = profiles["median_frequency"] - 1
+    return (span / repeats.where(repeats > 0)).rename("usual_gap_days")
+
+
 def name_segments(profiles: pd.DataFrame) -> pd.Series:
     """Return each segment's name (a string Series indexed like `profiles`), unique per table.
 
@@ -91,6 +112,9 @@ def name_segments(profiles: pd.DataFrame) -> pd.Series:
         words.append(levels.map(dict(enumerate(vocabulary))))
     one_off = profiles["median_frequency"] <= 1
     words[1] = words[1].where(~one_off, ONE_OFF)
+    _, cooling, lapsed = NAME_FEATURES[0][1]
+    within_rhythm = profiles["median_recency_days"] <= usual_gap_days(profiles)  # NaN: no gap
+    words[0] = words[0].mask((words[0] == lapsed) & within_rhythm, cooling)
     names = words[0].str.cat(words[1:], sep=", ")
     for feature, vocabulary in QUALIFIERS:
         for _, group in names.groupby(names, sort=True):
