@@ -354,8 +354,17 @@ def test_a_day_delivered_without_volume_is_refused_with_the_correction_that_fixe
     with pytest.raises(ScoringError) as refused:
         score_market(storage, Settings(home=copy), day)
     assert "lack ['volume_z_20d']" in str(refused.value)
-    assert f"{day}'s delivery has no volume" in str(refused.value)
+    assert f"({day} has no volume): deliver the day with them" in str(refused.value)
     assert "--correction" in str(refused.value)
+    # today's delivery has its volume, but six of the 20 days its window reads do not
+    earlier = storage.partition_dates("validated", "market", end=day)[-8:-2]
+    for when, volume in [(day, 1e6), *[(gone, np.nan) for gone in earlier]]:
+        frame = storage.read_partition("validated", "market", when).assign(volume=volume)
+        storage.write_partition("validated", "market", when, frame)
+    with pytest.raises(ScoringError) as refused:
+        score_market(storage, Settings(home=copy), day)
+    named = "; ".join(f"{gone} has no volume" for gone in earlier)
+    assert f"({named}): deliver those days with them" in str(refused.value)
 
 
 def test_the_champion_serves_through_mlflow_pyfunc_as_finpipe_scores_it(two_nights):

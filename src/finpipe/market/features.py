@@ -125,6 +125,11 @@ def market_feature_inputs(name: str) -> tuple[str, ...]:
     return _FEATURE_INPUTS.get(name, ())
 
 
+def market_feature_rows_before(name: str) -> int:
+    """Return how many of a ticker's rows before t the feature `name` reads (0 if unknown)."""
+    return _ROWS_BEFORE_T.get(name, 0)
+
+
 def skipped_market_features(available: Iterable[str]) -> dict[str, str]:
     """Return feature name -> the missing raw column(s) that prevent it (comma-separated)."""
     present = set(available)

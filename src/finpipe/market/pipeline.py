@@ -43,6 +43,7 @@ from finpipe.market.features import (
     feature_columns_of,
     load_training_frame,
     market_feature_inputs,
+    market_feature_rows_before,
     read_with_lookback,
     update_market_features,
 )
@@ -391,19 +392,34 @@ class MarketParts:
 
 
 def _refill_advice(storage: Storage, as_of: dt.date, missing: list[str]) -> str:
-    """Say how the features `missing` at `as_of` come back: the day's delivery lacked the
-    raw columns they read (a correction delivers them), or the features need a rebuild."""
-    try:
-        rows = storage.read_partition("validated", DOMAIN, as_of)
-    except FileNotFoundError:  # retracted whole since its features were built
+    """Say how the features `missing` at `as_of` come back: the days of their windows whose
+    delivery lacked the raw columns they read (corrections deliver them), or a rebuild."""
+    reach: dict[str, int] = {}  # each raw column: how many days before as_of it is read
+    for name in missing:
+        for column in market_feature_inputs(name):
+            reach[column] = max(reach.get(column, 0), market_feature_rows_before(name))
+    days = storage.partition_dates("validated", DOMAIN, end=as_of)
+    days = days[-(max(reach.values(), default=0) + 1) :]
+    if not days or days[-1] != as_of:  # retracted whole since its features were built
         return "rebuild features or retrain"
-    needed = dict.fromkeys(c for name in missing for c in market_feature_inputs(name))
-    absent = [c for c in needed if c not in rows.columns or rows[c].isna().all()]
-    if not absent:
+    rows = storage.read_partitions("validated", DOMAIN, days=days)
+    lacking: dict[dt.date, list[str]] = {}
+    for day, delivered in rows.groupby("date", sort=True):
+        back = len(days) - 1 - days.index(as_day(day))  # sessions before as_of
+        gone = [
+            c
+            for c, limit in reach.items()
+            if back <= limit and (c not in delivered or delivered[c].isna().all())
+        ]
+        if gone:
+            lacking[as_day(day)] = gone
+    if not lacking:
         return "rebuild features or retrain"
+    named = "; ".join(f"{day} has no {', '.join(gone)}" for day, gone in lacking.items())
+    which = "the day" if list(lacking) == [as_of] else "those days"
     return (
-        f"{as_of}'s delivery has no {', '.join(absent)}: deliver the day with them as a "
-        f"correction (finpipe ingest market FILE --correction), then re-score it "
+        f"the deliveries their windows read lack those columns ({named}): deliver {which} "
+        f"with them as corrections (finpipe ingest market FILE --correction), then re-score "
         f"(finpipe status names the backfill)"
     )
 
