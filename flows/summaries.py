@@ -17,11 +17,15 @@ def artifact_key(*parts: str) -> str:
 
 
 def _features_text(features: dict) -> list[str]:
+    rebuilt = len(features.get("dates_rebuilt") or [])
+    new = len(features["dates_written"]) - rebuilt
+    dates = [counted(new, "new date")] if new or not rebuilt else []
+    dates += [counted(rebuilt, "rebuilt date")] if rebuilt else []
     lines = [
         "",
         "## Features",
-        f"{counted(features['rows'], 'row')} over "
-        f"{counted(len(features['dates_written']), 'new date')} in {features['seconds']} s.",
+        f"{counted(features['rows'], 'row')} over {' and '.join(dates)} in "
+        f"{features['seconds']} s.",
     ]
     if features.get("dates_removed"):
         lines.append(f"Removed with their date: {', '.join(features['dates_removed'])}.")
@@ -43,7 +47,7 @@ def summary_markdown(summary: dict) -> str:
     lines += ["## Validation", "| file | status | rows | dates |", "|---|---|---|---|"]
     for item in summary["ingested"] or []:
         name = item["source"].rsplit("/", 1)[-1]
-        lines.append(f"| {name} | {item['status']} | {item['rows']:,} | {item['dates']} |")
+        lines.append(f"| {name} | {item['status']} | {_file_figures(item)} |")
     if not summary["ingested"]:
         lines.append("| (no new files) | | | |")
     noted = [
@@ -104,6 +108,14 @@ def summary_markdown(summary: dict) -> str:
     if stale:
         lines += ["", "## Stale predictions", _stale_text(stale)]
     return "\n".join(lines)
+
+
+def _file_figures(item: dict) -> str:
+    """A file's rows and dates cells: '-' for a figure its outcome does not hold, not 0 (a file
+    left for a later run was not read; one loaded before keeps its row count only)."""
+    rows = f"{item['rows']:,}" if item["status"] in ("validated", "already_loaded") else "-"
+    dates = f"{item['dates']:,}" if item["status"] == "validated" else "-"
+    return f"{rows} | {dates}"
 
 
 def _stale_text(stale: dict) -> str:

@@ -231,6 +231,7 @@ def test_snapshot_update_is_idempotent_and_refreshes_after_late_data(tmp_path):
     _publish_days(storage, TINY[TINY["date"] <= pd.Timestamp("2024-03-31")])
     first = update_customer_features(storage, "2024-04-01", active_days=365)
     assert first.dates_written == ["2024-04-01"] and first.rows == 2
+    assert first.dates_rebuilt == []  # a new snapshot
     snapshot = storage.read_partition("features", "customers", "2024-04-01")
     again = update_customer_features(storage, "2024-04-01", active_days=365)
     assert again.dates_written == []  # nothing new: nothing rewritten
@@ -238,7 +239,7 @@ def test_snapshot_update_is_idempotent_and_refreshes_after_late_data(tmp_path):
     late = _transactions([("e", "2024-03-15", 12.0, "x")])
     storage.write_partition("validated", "customers", dt.date(2024, 3, 15), late)
     refreshed = update_customer_features(storage, "2024-04-01", active_days=365)
-    assert refreshed.dates_written == ["2024-04-01"]
+    assert refreshed.dates_written == refreshed.dates_rebuilt == ["2024-04-01"]  # built again
     after = storage.read_partition("features", "customers", "2024-04-01")
     assert after["customer_id"].tolist() == ["a", "b", "e"]
     pd.testing.assert_frame_equal(

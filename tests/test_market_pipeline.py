@@ -55,12 +55,15 @@ def test_incremental_nightly_features_equal_a_full_rebuild(tmp_path, delivery):
         _ingest(nightly, daily)
         update = update_market_features(nightly, "2099-01-01")
         assert update.dates_written == [daily.stem.removeprefix("market_")]
+        assert update.dates_rebuilt == []  # a new date, not one built again
     for path in files:
         _ingest(full, path)
     update_market_features(full, "2099-01-01", rebuild=True, block_dates=37)
     pd.testing.assert_frame_equal(
         nightly.read_partitions("features", "market"), full.read_partitions("features", "market")
     )
+    again = update_market_features(nightly, "2099-01-01", rebuild=True, block_dates=37)
+    assert again.dates_rebuilt == again.dates_written != []  # each had features before
 
 
 def _paused_store(tmp_path, delivery, first: int, last: int):
@@ -331,3 +334,27 @@ def test_the_split_embargo_is_the_configured_one_and_at_least_the_horizon(
         [night.split.train_dates[-1], night.split.validation_dates[0]]
     )
     assert validation_start - train_end - 1 == effective  # dates dropped between the windows
+
+
+def test_the_training_line_counts_the_labelled_rows_of_the_train_dates(tmp_path):
+    """'training lgbm on N rows' counts what the candidate fits on: the labelled rows of the
+    train dates, not the whole panel with its validation, test and unlabelled rows."""
+    frame = _panel(3, n_dates=120)
+    gone = (frame["ticker"] == "T01") & (frame["date"] >= frame["date"].unique()[30])
+    frame.loc[gone, "forward_return_5d"] = np.nan  # delisted: no forward return from there
+    split = time_split(frame.loc[frame["forward_return_5d"].notna(), "date"], embargo=HORIZON)
+    config = MarketTrainingConfig(models=["lgbm"], boosted_trees=SMALL)
+    night = MarketNight(
+        Storage(tmp_path), dt.date(2024, 1, 1), config, frame, FEATURES, split, HORIZON
+    )
+    said: list[str] = []
+
+    night.fit("lgbm", lambda *_, **__: None, said.append)
+
+    in_train = frame["date"].isin(split.train_dates) & frame["forward_return_5d"].notna()
+    assert 0 < in_train.sum() < frame["date"].isin(split.train_dates).sum() < len(frame)
+    assert night.train_rows == in_train.sum()  # the outcome's train_rows too
+    dates = len(split.train_dates)
+    assert (
+        said[0] == f"training lgbm on {in_train.sum():,} rows over {dates} train dates, 3 features"
+    )

@@ -20,6 +20,17 @@ def test_a_night_with_one_new_date_says_so_in_its_summary():
     assert stale.startswith("Predictions of 1 earlier date were scored from data this run")
 
 
+def test_a_night_that_rebuilt_dates_does_not_call_them_new():
+    """A correction's or a late delivery's dates are built again, not new: 53 rows over 6
+    dates that all had features before read '6 rebuilt dates', not '6 new dates'."""
+    days = [f"2022-08-0{day}" for day in range(1, 7)]
+    features = {"rows": 53, "seconds": 0.4, "skipped_features": []}
+    rebuilt = {**features, "dates_written": days, "dates_rebuilt": days}
+    assert "53 rows over 6 rebuilt dates in 0.4 s." in _features_text(rebuilt)
+    both = {**features, "dates_written": days, "dates_rebuilt": days[:-1]}
+    assert "53 rows over 1 new date and 5 rebuilt dates in 0.4 s." in _features_text(both)
+
+
 def test_more_than_ten_stale_dates_name_ten_and_count_the_rest():
     dates = [f"2024-01-{day:02d}" for day in range(2, 17)]
     text = _stale_text({"dates": dates, "backfill": None, "removed": []})
@@ -81,3 +92,44 @@ def test_the_nights_summary_lists_each_accepted_files_data_quality_warnings():
     assert "**Data-quality warnings** (recorded; the data was accepted):" in text
     assert f"- market_2024-01-02.csv: {warned}" in text
     assert "market_2024-01-03.csv:" not in text
+
+
+def test_the_nights_file_table_shows_no_zero_for_a_file_it_did_not_load():
+    """A file loaded before keeps its rows (its batch record) but not its date count, and one
+    left for a later run was not read: '-' there, not '0 dates' or '0 rows'."""
+    from finpipe.flows.summaries import summary_markdown
+
+    summary = {
+        "domain": "market",
+        "as_of": "2024-01-03",
+        "ingested": [
+            {"source": "/drop/market_2024-01-03.csv", "status": "validated", "rows": 8, "dates": 1},
+            # what a file loaded before holds: its batch record's rows, no count of dates
+            {
+                "source": "/drop/market_2024-01-02.csv",
+                "status": "already_loaded",
+                "rows": 8,
+                "dates": 0,
+            },
+            {"source": "/drop/market_2024-01-04.csv", "status": "later", "rows": 0, "dates": 0},
+        ],
+        "features": {
+            "rows": 8,
+            "dates_written": ["2024-01-03"],
+            "seconds": 0.1,
+            "skipped_features": {},
+        },
+        "training": None,
+        "promotion": None,
+        "predictions": {
+            "rows": 8,
+            "date": "2024-01-03",
+            "model_name": "finpipe-market",
+            "model_version": 1,
+            "path": "p",
+        },
+    }
+    text = summary_markdown(summary)
+    assert "| market_2024-01-03.csv | validated | 8 | 1 |" in text
+    assert "| market_2024-01-02.csv | already_loaded | 8 | - |" in text
+    assert "| market_2024-01-04.csv | later | - | - |" in text

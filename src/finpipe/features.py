@@ -48,14 +48,19 @@ class FeatureUpdate:
     dates_removed: list[str] = field(default_factory=list)
     # The change of settings that made the step rebuild every date (`definition_change`).
     rebuilt_because: str | None = None
+    # Of `dates_written`, those that had features before the step (built again: their data
+    # was corrected or delivered late, or the settings changed), not new dates.
+    dates_rebuilt: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def add(self, day: dt.date, rows: int) -> None:
-        """Record one published partition."""
+    def add(self, day: dt.date, rows: int, *, rebuilt: bool = False) -> None:
+        """Record one published partition (`rebuilt`: the date had features before)."""
         self.dates_written.append(day.isoformat())
         self.rows += rows
+        if rebuilt:
+            self.dates_rebuilt.append(day.isoformat())
 
 
 BUILT_FROM = "features_built_from.json"
@@ -175,6 +180,7 @@ class PartitionWriter:
     ) -> None:
         self._storage, self._domain, self._update = storage, domain, update
         self._date_column = date_column
+        self._existing = set(storage.partition_dates("features", domain))  # before it writes
         self._pool = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1))
         self._pending: list[tuple[dt.date, int, Future]] = []
         self.written: list[tuple[str, int]] = []
@@ -215,7 +221,7 @@ class PartitionWriter:
         pending, self._pending = self._pending, []
         for day, rows, write in pending:
             write.result()
-            self._update.add(day, rows)
+            self._update.add(day, rows, rebuilt=day in self._existing)
             self.written.append((day.isoformat(), rows))
 
 

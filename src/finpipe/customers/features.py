@@ -307,11 +307,12 @@ def update_customer_features(
     for column in ("category", "channel"):
         if column not in history.columns:
             update.skipped_features[f"{column}_share_*"] = f"no {column} column delivered"
+    existing = set(storage.partition_dates("features", DOMAIN))
     for day in todo:
         snapshot = build_customer_features(history, day, active_days=active_days)
         storage.write_partition("features", DOMAIN, day, snapshot)
         record_inputs(storage, DOMAIN, {day.isoformat(): built_from[day]})
-        update.add(day, len(snapshot))
+        update.add(day, len(snapshot), rebuilt=day in existing)
         if progress:
             progress(f"features: snapshot {day} with {len(snapshot):,} active customers")
     update.seconds = round(time.perf_counter() - started, 3)

@@ -54,6 +54,7 @@ from finpipe.market.synthetic import write_oracle as write_oracle
 from finpipe.metrics import market_metrics
 from finpipe.settings import Settings
 from finpipe.storage import Storage, as_day
+from finpipe.text import counted
 from finpipe.tracking import RegisteredModel
 from finpipe.training import TimeSplit, time_split
 
@@ -113,6 +114,15 @@ class MarketNight(lifecycle.Night[MarketTrainingConfig]):
             documents={"feature_columns.json": {"feature_columns": self.features}},
         )
 
+    @property
+    def train_rows(self) -> int:
+        """The rows a candidate fits: the labelled ones of the train dates (not the validation
+        and test rows, nor those whose label is not known: a ticker delisted since)."""
+        frame = self.frame
+        return int(
+            (frame["date"].isin(self.split.train_dates) & frame[self.config.label].notna()).sum()
+        )
+
     def candidates(self) -> list[str]:
         """The nets in the configured order, then the ensemble of them when asked for."""
         nets: list[str] = [kind for kind in self.config.models if kind != ENSEMBLE]
@@ -122,7 +132,8 @@ class MarketNight(lifecycle.Night[MarketTrainingConfig]):
         if kind == ENSEMBLE:
             return self.fit_ensemble(say)
         frame, features, config = self.frame, self.features, self.config
-        say(f"training {kind} on {len(frame):,} rows, {len(features)} features")
+        dates = counted(len(self.split.train_dates), "train date")
+        say(f"training {kind} on {self.train_rows:,} rows over {dates}, {len(features)} features")
         fitted = fit_member(kind, frame, features, self.split, config, on_epoch)
         scored = frame[[*KEY_COLUMNS, config.label]].merge(
             fitted.predict(frame), on=KEY_COLUMNS, how="left"
@@ -262,7 +273,7 @@ class MarketNight(lifecycle.Night[MarketTrainingConfig]):
             label=self.config.label,
             test_start=str(split.test_dates[0].date()),
             test_end=str(split.test_dates[-1].date()),
-            train_rows=int(frame["date"].isin(split.train_dates).sum()),
+            train_rows=self.train_rows,
             first_date=str(frame["date"].min().date()),
             last_date=str(frame["date"].max().date()),
         )
