@@ -55,26 +55,15 @@ def test_the_metrics_table_puts_each_value_under_its_own_header():
     ]
 
 
-def test_the_nights_summary_lists_each_accepted_files_data_quality_warnings():
-    from finpipe.flows.summaries import summary_markdown
-
-    warned = "close moved more than 40% from the previous close: a split? (2 rows)"
-    summary = {
+def _night(ingested: list[dict], as_of: str) -> dict:
+    """A market night's summary as the nightly flow builds it, with `ingested` as its files."""
+    return {
         "domain": "market",
-        "as_of": "2024-01-02",
-        "ingested": [
-            {
-                "source": "/drop/market_2024-01-02.csv",
-                "status": "validated",
-                "rows": 8,
-                "dates": 1,
-                "warnings": [warned],
-            },
-            {"source": "/drop/market_2024-01-03.csv", "status": "validated", "rows": 8, "dates": 1},
-        ],
+        "as_of": as_of,
+        "ingested": ingested,
         "features": {
             "rows": 8,
-            "dates_written": ["2024-01-02"],
+            "dates_written": [as_of],
             "seconds": 0.1,
             "skipped_features": {},
         },
@@ -82,13 +71,29 @@ def test_the_nights_summary_lists_each_accepted_files_data_quality_warnings():
         "promotion": None,
         "predictions": {
             "rows": 8,
-            "date": "2024-01-02",
+            "date": as_of,
             "model_name": "finpipe-market",
             "model_version": 1,
             "path": "p",
         },
     }
-    text = summary_markdown(summary)
+
+
+def test_the_nights_summary_lists_each_accepted_files_data_quality_warnings():
+    from finpipe.flows.summaries import summary_markdown
+
+    warned = "close moved more than 40% from the previous close: a split? (2 rows)"
+    ingested = [
+        {
+            "source": "/drop/market_2024-01-02.csv",
+            "status": "validated",
+            "rows": 8,
+            "dates": 1,
+            "warnings": [warned],
+        },
+        {"source": "/drop/market_2024-01-03.csv", "status": "validated", "rows": 8, "dates": 1},
+    ]
+    text = summary_markdown(_night(ingested, "2024-01-02"))
     assert "**Data-quality warnings** (recorded; the data was accepted):" in text
     assert f"- market_2024-01-02.csv: {warned}" in text
     assert "market_2024-01-03.csv:" not in text
@@ -99,37 +104,18 @@ def test_the_nights_file_table_shows_no_zero_for_a_file_it_did_not_load():
     left for a later run was not read: '-' there, not '0 dates' or '0 rows'."""
     from finpipe.flows.summaries import summary_markdown
 
-    summary = {
-        "domain": "market",
-        "as_of": "2024-01-03",
-        "ingested": [
-            {"source": "/drop/market_2024-01-03.csv", "status": "validated", "rows": 8, "dates": 1},
-            # what a file loaded before holds: its batch record's rows, no count of dates
-            {
-                "source": "/drop/market_2024-01-02.csv",
-                "status": "already_loaded",
-                "rows": 8,
-                "dates": 0,
-            },
-            {"source": "/drop/market_2024-01-04.csv", "status": "later", "rows": 0, "dates": 0},
-        ],
-        "features": {
+    ingested = [
+        {"source": "/drop/market_2024-01-03.csv", "status": "validated", "rows": 8, "dates": 1},
+        # what a file loaded before holds: its batch record's rows, no count of dates
+        {
+            "source": "/drop/market_2024-01-02.csv",
+            "status": "already_loaded",
             "rows": 8,
-            "dates_written": ["2024-01-03"],
-            "seconds": 0.1,
-            "skipped_features": {},
+            "dates": 0,
         },
-        "training": None,
-        "promotion": None,
-        "predictions": {
-            "rows": 8,
-            "date": "2024-01-03",
-            "model_name": "finpipe-market",
-            "model_version": 1,
-            "path": "p",
-        },
-    }
-    text = summary_markdown(summary)
+        {"source": "/drop/market_2024-01-04.csv", "status": "later", "rows": 0, "dates": 0},
+    ]
+    text = summary_markdown(_night(ingested, "2024-01-03"))
     assert "| market_2024-01-03.csv | validated | 8 | 1 |" in text
     assert "| market_2024-01-02.csv | already_loaded | 8 | - |" in text
     assert "| market_2024-01-04.csv | later | - | - |" in text
