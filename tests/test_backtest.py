@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from finpipe import backtest as bt
+from finpipe import plots
 from finpipe.errors import ConfigError
 from finpipe.market.features import build_market_features, build_market_labels
 from finpipe.market.synthetic import MarketSyntheticConfig, generate_market_panel
@@ -286,7 +287,10 @@ def test_the_report_trades_every_model_and_the_oracle_and_costs_lower_returns(st
     assert config.replacements < config.top_k and not limited.equals(plain)
     markdown = bt.report_markdown(config, report, [])
     assert "| oracle | long_short |" in markdown and "## IC by year" in markdown
-    assert set(report.figures()) >= {"plots/cumulative_return.png", "plots/drawdown.png"}
+    figures = report.figures()
+    assert set(figures) >= {"plots/cumulative_return.png", "plots/drawdown.png"}
+    for figure in figures.values():  # as the flow's logging does: pyplot keeps them open
+        plots.close(figure)
 
 
 def test_the_command_line_documents_every_parameter_of_the_flow():
