@@ -11,14 +11,12 @@ Conventions, stated once here and used by every function below:
   A session with no signal (no predictions that date) keeps the drifted book: nothing trades.
 - **Delistings and halts.** A held name that has no price on a day earns 0 that day. One that
   stopped trading leaves the portfolio at its last price and, with no prediction, is never
-  bought again. One halted (no price on the session a trade is due, a price on a later one;
-  the price history stands in for the exchange's halt or delisting notice, public when it
-  comes, and decides only whether the name can be traded, never what is bought) cannot be
-  traded: it keeps its weight, the other names of its side (long or short) sharing
-  what the side's target leaves, and it earns, on its first session back, the whole move from
-  its last price before the halt. A name without a price on the session a trade is due is not
-  bought, halted or delisted alike (whether it trades later never decides what is bought).
-  Nothing is dropped from the history, so there is no survivorship bias.
+  bought again. A name without a price on the session a trade is due is not bought, halted or
+  delisted alike. One held and halted (a price on a later session: the price history stands
+  in for the exchange's notice, public when it comes) cannot be sold either: it keeps its
+  weight, the other names of its side (long or short) share what the side's target leaves,
+  and it earns, on its first session back, the whole move from its last price before the
+  halt. Nothing is dropped from the history, so there is no survivorship bias.
 - **Costs** are `cost_bps` basis points of traded value: each day's cost is
   `cost_bps / 10_000 * sum(|w_new - w_old|)` over every name, charged on the day the new
   weights start earning.
