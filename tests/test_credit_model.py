@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 import numpy as np
@@ -21,15 +22,18 @@ from finpipe.credit.metrics import (
 )
 from finpipe.credit.model import (
     FittedCreditModel,
+    FitWindow,
     RowSplit,
     Vocabulary,
     fit_credit_model,
     fit_platt,
+    format_value,
 )
 from finpipe.credit.pipeline import CreditTrainingConfig, split_rows
 from finpipe.credit.schema import normalise_credit_frame
 from finpipe.credit.synthetic import DRIVER, CreditSyntheticConfig, generate_loan_book
 from finpipe.errors import ConfigError
+from finpipe.tracking import RegisteredModel
 
 BOOK = load_loan_book("synthetic")
 
@@ -201,6 +205,7 @@ def _fit(
         validation=split.validation,
         grades=[(band.grade, band.max_pd) for band in BOOK.grades],
         config=config.classifier_config(kind),
+        value_displays={name: column.display for name, column in BOOK.numeric.items()},
     )
 
 
@@ -354,7 +359,8 @@ def test_a_loan_keeps_its_set_as_an_undated_book_grows():
 
 def test_reason_codes_show_values_as_text_and_missing_values_as_missing():
     """Reason k is the k-th largest positive attribution; its value is the row's own, as
-    text, and "missing" for a missing number, a missing category or a blank one."""
+    text in its column's display (an amount with thousands separators, never 1.23457e+06),
+    and "missing" for a missing number, a missing category or a blank one."""
     frame = pd.DataFrame(
         {
             "income": [52000.0, np.nan, 1234567.0],
@@ -364,8 +370,10 @@ def test_reason_codes_show_values_as_text_and_missing_values_as_missing():
         index=[10, 11, 12],
     )
     attributions = np.array([[0.5, 0.2, -0.1], [0.1, 0.3, 0.2], [0.7, 0.4, 0.0]])
-    columns = SimpleNamespace(feature_columns=["income", "purpose", "region"])
-    codes = FittedCreditModel.reason_codes(columns, frame, attributions)  # needs only the names
+    columns = SimpleNamespace(
+        feature_columns=["income", "purpose", "region"], value_displays={"income": "amount"}
+    )
+    codes = FittedCreditModel.reason_codes(columns, frame, attributions)  # names and displays
 
     assert list(codes.index) == [10, 11, 12]
     names = codes[["reason_1", "reason_2", "reason_3"]].astype(object).where(codes.notna(), None)
@@ -376,12 +384,132 @@ def test_reason_codes_show_values_as_text_and_missing_values_as_missing():
     ]
     values = codes[["reason_1_value", "reason_2_value", "reason_3_value"]].astype(object)
     assert values.where(values.notna(), None).values.tolist() == [
-        ["52000", "car", None],
+        ["52,000", "car", None],
         ["missing", "missing", "missing"],
-        ["1.23457e+06", "missing", None],
+        ["1,234,567", "missing", None],
     ]
     assert codes["reason_1_impact"].tolist() == [0.5, 0.3, 0.7]
     assert codes["reason_3_impact"].isna().tolist() == [True, False, True]
+
+
+def test_a_fit_window_covers_exactly_what_its_model_trained_or_was_validated_on():
+    """Out of time: every loan up to the last training or validation date; by loan id: the
+    ids the hash put in training or validation, and none dated after the model."""
+    labelled, split, _ = _labelled_book(CreditSyntheticConfig(applications=3000, seed=3), 0.15)
+    fit = split.train | split.validation
+    window = FitWindow.of(
+        labelled, split, dated=True, validation_fraction=0.15, test_fraction=0.15, seed=0
+    )
+    covered = window.covers(labelled, "loan_id")
+    assert covered[fit].all() and not covered[split.test].any()
+    assert window.last_date == str(labelled.loc[fit, "date"].max().date())
+
+    early = labelled[labelled["date"] <= labelled["date"].min() + pd.Timedelta(days=5)]
+    by_id = split_rows(
+        early,
+        id_column="loan_id",
+        dated=True,
+        validation_fraction=0.15,
+        test_fraction=0.15,
+        embargo_days=0,
+        seed=4,
+    )
+    assert by_id.kind == "by_loan_id"
+    window = FitWindow.of(
+        early, by_id, dated=True, validation_fraction=0.15, test_fraction=0.15, seed=4
+    )
+    covered = window.covers(labelled, "loan_id")
+    in_early = labelled["loan_id"].isin(early["loan_id"]).to_numpy()
+    assert covered[in_early].sum() == (by_id.train | by_id.validation).sum()
+    assert not covered[~in_early].any()  # loans after the model's time: never its own
+
+
+def test_promotion_never_judges_the_champion_on_loans_it_trained_on(monkeypatch):
+    """A champion trained with 5% test and 5% validation dates, a challenger split tonight
+    with 30% test dates: most of tonight's test loans were the champion's training or
+    validation loans. Both models are scored on the same rows, none of them the champion's."""
+    from finpipe.credit import pipeline
+    from finpipe.credit.contract import credit_contract
+
+    labelled, champion_split, _ = _labelled_book(
+        CreditSyntheticConfig(applications=3000, seed=3), 0.05
+    )
+    monkeypatch.setattr(pipeline, "load_training_frame", lambda storage, book, as_of: labelled)
+    tonight = pipeline.split_book_rows(labelled, BOOK, CreditTrainingConfig(test_fraction=0.3))
+    test = labelled[tonight.test]
+    outcome = pipeline.CreditTrainingOutcome(
+        run_id="r",
+        as_of=str(labelled["date"].max().date()),
+        candidate="mlp",
+        challenger_version="2",
+        promotion_metric="auc",
+        metrics={},
+        seconds=0.0,
+        split=tonight.kind,
+        validation_fraction=0.15,
+        test_fraction=0.3,
+        embargo_days=0,
+        seed=0,
+        test_rows=len(test),
+        test_start="",
+        test_end="",
+        train_rows=0,
+        first_date="",
+        last_date="",
+    )
+    champion_fit = labelled.loc[champion_split.train | champion_split.validation, "loan_id"]
+    asked: dict[str, set[str]] = {}
+
+    def model(version: str, window: FitWindow | None) -> RegisteredModel:
+        def predict_pd(rows: pd.DataFrame) -> np.ndarray:
+            asked[version] = set(rows["loan_id"])
+            return rows["utilisation"].to_numpy()
+
+        return RegisteredModel(
+            "m", version, "r", SimpleNamespace(predict_pd=predict_pd, fit_window=window)
+        )
+
+    window = FitWindow.of(
+        labelled, champion_split, dated=True, validation_fraction=0.05, test_fraction=0.05, seed=0
+    )
+    champion = model("1", window)
+    parts = pipeline.CreditParts(book=BOOK, contract=credit_contract(BOOK), update_features=None)
+    score = parts.promotion_scorer(None, outcome, lambda: champion)
+    assert np.isfinite(score(model("2", None))) and np.isfinite(score(champion))
+
+    overlap = set(test["loan_id"]) & set(champion_fit)
+    assert len(overlap) > 0.5 * len(test)  # the settings change the bug needs
+    assert asked["1"] == asked["2"] == set(test["loan_id"]) - set(champion_fit)
+
+
+@pytest.mark.parametrize(
+    ("value", "display", "shown"),
+    [
+        (1234567.0, "amount", "1,234,567"),
+        (34000.4, "amount", "34,000"),
+        (12.5, "amount", "12.5"),
+        (0.8734, "percent", "87.3%"),
+        (0.000012, "percent", "0.0012%"),
+        (1.5, "percent", "150%"),
+        (0.000012, "number", "0.000012"),
+        (34000.0, "number", "34,000"),
+        (1234567.0, "number", "1,234,567"),
+        (0.4567891, "number", "0.4568"),
+        (45.0, "number", "45"),
+        (-2.5, "number", "-2.5"),
+        (0.0, "number", "0"),
+        (1e-9, "number", "0"),
+    ],
+)
+def test_reason_values_read_as_amounts_rates_and_numbers_never_exponents(value, display, shown):
+    assert format_value(value, display) == shown
+
+
+def test_reason_value_displays_come_from_the_loan_book():
+    """The synthetic book shows incomes as amounts and utilisation as a percentage."""
+    displays = {name: column.display for name, column in BOOK.numeric.items()}
+    assert displays["income"] == "amount" and displays["utilisation"] == "percent"
+    assert displays["age"] == "number"
 
 
 @pytest.mark.slow
@@ -398,7 +526,8 @@ def test_reason_codes_point_at_the_planted_driver(fitted):
     low = test["utilisation"].to_numpy() < 0.4
     assert (scored.loc[low, "reason_1"] == DRIVER).mean() < 0.15
     row = scored.loc[np.flatnonzero(driven)[0]]
-    assert row["reason_1_value"] == f"{test.loc[np.flatnonzero(driven)[0], DRIVER]:.6g}"
+    utilisation = test.loc[np.flatnonzero(driven)[0], DRIVER]
+    assert row["reason_1_value"] == format_value(utilisation, "percent")  # e.g. 91.2%
     impacts = scored[["reason_1_impact", "reason_2_impact", "reason_3_impact"]].to_numpy()
     assert (np.nan_to_num(impacts[:, 0]) >= np.nan_to_num(impacts[:, 1])).all()
     assert (impacts[np.isfinite(impacts)] > 0).all()
@@ -477,7 +606,14 @@ def test_psi_flags_a_shifted_population_only(fitted):
 def test_saved_model_scores_identically(fitted, tmp_path):
     model, labelled, split, _ = fitted
     rows = labelled[split.test].head(50)
+    model = copy.copy(model)  # the fixture's, with the fit window a night records
+    model.fit_window = FitWindow.of(
+        labelled, split, dated=True, validation_fraction=0.15, test_fraction=0.15, seed=0
+    )
     model.save(tmp_path / "model")
     loaded = FittedCreditModel.load(tmp_path / "model")
     pd.testing.assert_frame_equal(model.predict(rows), loaded.predict(rows))
+    assert loaded.value_displays == model.value_displays
+    assert loaded.fit_window == model.fit_window and loaded.fit_window is not None
+    assert model.value_displays["loan_amount"] == "amount"
     assert loaded.grades == [(band.grade, band.max_pd) for band in BOOK.grades]

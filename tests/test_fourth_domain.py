@@ -214,7 +214,12 @@ class ToyParts:
         }
         return ToyNight(frame, windows, config)
 
-    def promotion_scorer(self, storage: Storage, outcome: ToyOutcome) -> ModelScore:
+    def promotion_scorer(
+        self,
+        storage: Storage,
+        outcome: ToyOutcome,
+        champion: Callable[[], RegisteredModel | None],
+    ) -> ModelScore:
         test = storage.read_partitions("features", NAME, outcome.test_start, outcome.test_end)
         return lambda model: _r2(test, model.predict(test))
 

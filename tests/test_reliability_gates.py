@@ -114,7 +114,7 @@ def test_only_a_champion_that_cannot_read_the_window_loses_its_seat(monkeypatch)
         lifecycle.promotion, "promote_challenger", lambda *args, evaluate, **kwargs: evaluate
     )
 
-    def scorer(storage, outcome):
+    def scorer(storage, outcome, champion):
         return lambda model: model.model()
 
     def fails(error: BaseException):

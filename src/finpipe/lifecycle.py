@@ -268,8 +268,15 @@ class DomainParts(Protocol[ConfigT, OutcomeT]):
         """Read and split the night's training data (`champion` loads the current one)."""
         ...
 
-    def promotion_scorer(self, storage: Storage, outcome: OutcomeT) -> ModelScore:
-        """Rebuild the outcome's evaluation window; return a model's score on it."""
+    def promotion_scorer(
+        self,
+        storage: Storage,
+        outcome: OutcomeT,
+        champion: Callable[[], RegisteredModel | None],
+    ) -> ModelScore:
+        """Rebuild the outcome's evaluation window; return a model's score on it (`champion`
+        loads the current champion, e.g. to leave out what it trained on; called while scoring,
+        under the promotion's champion lock)."""
         ...
 
     def prepare_scoring(self, storage: Storage, as_of: dt.date) -> Predict:
@@ -479,7 +486,9 @@ def promote(
     waiting up to `lock_timeout` seconds, default DEFAULT_TIMEOUT_SECONDS, and saying so
     through `progress`).
     """
-    score = parts.promotion_scorer(storage, outcome)
+    score = parts.promotion_scorer(
+        storage, outcome, lambda: tracking.current_champion(settings, parts.name)
+    )
 
     def evaluate(model: RegisteredModel) -> float:
         if model.version == outcome.challenger_version:

@@ -13,6 +13,7 @@ One TOML file describes a loan book, so a user points finpipe at their own data 
     outcome_window_days = 365              # train on a loan once its window has passed
     [numeric]
     age_in_years = { min = 18, max = 100 } # ranges the suite checks
+    credit_amount = { min = 1, display = "amount" }  # reasons show 12,500, not 1.25e+04
     [categorical]
     columns = ["purpose", "housing"]
     [[grades]]                             # risk grades by PD band, upper bounds increasing
@@ -105,12 +106,21 @@ class Label(_Strict):
         return [*self.default, *self.non_default]
 
 
+ValueDisplay = Literal["number", "amount", "percent"]
+
+
 class NumericColumn(_Strict):
     """A numeric attribute and the range the suite enforces (missing values are allowed)."""
 
     min: float | None = None
     max: float | None = None
     required: bool = Field(False, description="Reject rows where the value is missing.")
+    display: ValueDisplay = Field(
+        "number",
+        description="How reason codes show the applicant's value: number (up to four "
+        "significant digits, never an exponent), amount (thousands separators, whole units "
+        "from 100 up) or percent (a ratio, 0.87 shown as 87%).",
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> NumericColumn:

@@ -33,7 +33,7 @@ the typical applicant; fewer than three positive ones leave the rest empty.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal, get_args
 
@@ -420,6 +420,10 @@ class FittedCreditModel(SavesNetAndMetadata):
     grades: list[tuple[str, float]]  # (grade, max_pd), max_pd increasing, the last 1.0
     reference_dense: list[float]  # the typical training applicant (IG baseline)
     population: dict = field(default_factory=dict)  # training shares for PSI
+    # numeric column -> how reason codes show its values ([numeric] display); absent: number
+    value_displays: dict[str, str] = field(default_factory=dict)
+    # the loans it trained or was validated on (None: saved before finpipe recorded them)
+    fit_window: FitWindow | None = None
     ig_steps: int = 32
     cpu_threads: int = 1
     history: list[dict] = field(default_factory=list)
@@ -510,8 +514,9 @@ class FittedCreditModel(SavesNetAndMetadata):
 
     def reason_codes(self, frame: pd.DataFrame, attributions: np.ndarray) -> pd.DataFrame:
         """Return reason_k, reason_k_value, reason_k_impact (k = 1..3) per row: the features
-        with the largest positive attribution, the row's value of each (text; "missing"), and
-        the attribution in log-odds. Fewer positive attributions leave the rest empty."""
+        with the largest positive attribution, the row's value of each (text as the book's
+        `display` says, `format_value`; "missing"), and the attribution in log-odds (a number).
+        Fewer positive attributions leave the rest empty."""
         features = np.asarray(self.feature_columns, dtype=object)
         order, top, positive = top_contributions(attributions, REASONS, positive_only=True)
         reasons = order.shape[1]
@@ -523,7 +528,8 @@ class FittedCreditModel(SavesNetAndMetadata):
             cells = chosen == j
             rows = cells.any(axis=1)
             text = np.empty(len(frame), dtype=object)
-            text[rows] = _display(frame[features[j]], rows)
+            style = self.value_displays.get(features[j], "number")
+            text[rows] = _display(frame[features[j]], rows, style)
             shown[cells] = np.broadcast_to(text[:, None], names.shape)[cells]
         columns: dict[str, object] = {}
         for k in range(reasons):
@@ -620,6 +626,8 @@ class FittedCreditModel(SavesNetAndMetadata):
             "grades": [list(g) for g in self.grades],
             "reference_dense": self.reference_dense,
             "population": self.population,
+            "value_displays": self.value_displays,
+            "fit_window": None if self.fit_window is None else asdict(self.fit_window),
             "ig_steps": self.ig_steps,
             "cpu_threads": self.cpu_threads,
         }
@@ -640,6 +648,8 @@ class FittedCreditModel(SavesNetAndMetadata):
             grades=[(str(g), float(b)) for g, b in data["grades"]],
             reference_dense=[float(v) for v in data["reference_dense"]],
             population=data["population"],
+            value_displays=dict(data.get("value_displays", {})),  # saved before: all numbers
+            fit_window=FitWindow(**data["fit_window"]) if data.get("fit_window") else None,
             ig_steps=int(data["ig_steps"]),
             cpu_threads=int(data["cpu_threads"]),
             history=list(data["history"]),
@@ -659,10 +669,12 @@ def fit_credit_model(
     grades: list[tuple[str, float]],
     config: ClassifierConfig,
     on_epoch: Callable[[dict], None] | None = None,
+    value_displays: dict[str, str] | None = None,
 ) -> FittedCreditModel:
     """Fit a PD model on the `train` rows of `frame`, early-stopped and calibrated on the
     `validation` rows (boolean masks). Scaler, vocabulary, IG reference and PSI bins come from
-    the training rows only; no other row is read.
+    the training rows only; no other row is read. `value_displays` (numeric column -> number,
+    amount or percent) says how reason codes show values.
 
     Raises ModelRejected when a set lacks defaults or non-defaults.
     """
@@ -691,6 +703,7 @@ def fit_credit_model(
         calibration=(1.0, 0.0),
         grades=[(str(g), float(b)) for g, b in grades],
         reference_dense=[],
+        value_displays=dict(value_displays or {}),
         ig_steps=config.ig_steps,
         cpu_threads=config.cpu_threads,
     )
@@ -728,6 +741,7 @@ def fit_loan_book_model(
         grades=[(band.grade, band.max_pd) for band in book.grades],
         config=config,
         on_epoch=on_epoch,
+        value_displays={name: column.display for name, column in book.numeric.items()},
     )
 
 
@@ -755,14 +769,45 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(x, -35.0, 35.0)))
 
 
-def _display(values: pd.Series, rows: np.ndarray) -> np.ndarray:
-    """The values at `rows` (a boolean mask) as a risk officer reads them: numbers without
-    trailing zeros, text as is, "missing" for missing values."""
+def _display(values: pd.Series, rows: np.ndarray, style: str = "number") -> np.ndarray:
+    """The values at `rows` (a boolean mask) as a risk officer reads them: numbers in the
+    column's `style` (`format_value`), text as is, "missing" for missing values."""
     if pd.api.types.is_numeric_dtype(values):
         numbers = values.to_numpy(np.float64, na_value=np.nan)[rows]
-        return np.array(["missing" if v != v else f"{v:.6g}" for v in numbers.tolist()], object)
+        return np.array(
+            ["missing" if v != v else format_value(v, style) for v in numbers.tolist()], object
+        )
     text = pc.fill_null(_trimmed(values).filter(pa.array(rows)), "missing")
     return text.to_numpy(zero_copy_only=False)
+
+
+def format_value(value: float, style: str = "number") -> str:
+    """Return `value` as reason codes show it, never in exponent form: "amount" with
+    thousands separators (whole units from 100 up, cents below), "percent" a ratio times 100
+    with a % sign, "number" (also any other style) with up to four significant digits and
+    thousands separators; trailing zeros are dropped."""
+    if style == "amount":
+        return f"{value:,.0f}" if abs(value) >= 100 else _fixed(value, decimals=2)
+    if style == "percent":
+        return f"{_significant(value * 100, 3)}%"
+    return _significant(value, 4)
+
+
+def _significant(value: float, digits: int) -> str:
+    """`value` in fixed point with `digits` significant digits (no fewer integer digits, at
+    most six decimals: 1.2e-05 reads 0.000012)."""
+    if not np.isfinite(value) or value == 0:
+        return _fixed(value, 0)
+    magnitude = int(np.floor(np.log10(abs(value))))
+    return _fixed(value, decimals=min(6, max(0, digits - 1 - magnitude)))
+
+
+def _fixed(value: float, decimals: int) -> str:
+    """`value` with thousands separators and `decimals` decimals, trailing zeros dropped."""
+    text = f"{value:,.{decimals}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text == "-0" else text
 
 
 def _require_columns(frame: pd.DataFrame, columns: list[str]) -> None:
@@ -922,5 +967,60 @@ def split_rows(
             dates.isin(split.test_dates).to_numpy(),
             purged=int(late_train.sum() + late_validation.sum()),
         )
-    sets = sets_by_id(frame[id_column], validation_fraction, test_fraction, salt=f"{seed}:")
+    sets = _loan_sets(frame[id_column], validation_fraction, test_fraction, seed)
     return RowSplit("by_loan_id", sets == "train", sets == "validation", sets == "test")
+
+
+def _loan_sets(
+    ids: pd.Series, validation_fraction: float, test_fraction: float, seed: int
+) -> np.ndarray:
+    """The by-loan-id set of each id (`sets_by_id` salted with the seed)."""
+    return sets_by_id(ids, validation_fraction, test_fraction, salt=f"{seed}:")
+
+
+@dataclass(frozen=True)
+class FitWindow:
+    """The loans a model trained or was early-stopped and calibrated on, saved with it so that
+    a later night's promotion never judges it on them (`covers`), whatever split settings that
+    night uses.
+
+    Out of time: every loan dated up to `last_date`, the latest training or validation date
+    (purged loans among them too: a model is not judged on the period it learnt from). By loan
+    id: the loans the id hash of `seed` and the fractions put in training or validation, and in
+    a dated book only those up to `last_date` (later loans came after the model).
+    """
+
+    split: str  # the RowSplit kind: "out_of_time" or "by_loan_id"
+    last_date: str | None  # None: a book without dates, whose rows carry their snapshot's day
+    validation_fraction: float
+    test_fraction: float
+    seed: int
+
+    @classmethod
+    def of(
+        cls,
+        frame: pd.DataFrame,
+        split: RowSplit,
+        *,
+        dated: bool,
+        validation_fraction: float,
+        test_fraction: float,
+        seed: int,
+    ) -> FitWindow:
+        """Return the fit window of a model fitted on `split` of `frame` (the split settings
+        `validation_fraction`, `test_fraction` and `seed` drew it with)."""
+        fit_dates = frame.loc[split.train | split.validation, DATE_COLUMN]
+        last = str(fit_dates.max().date()) if dated and len(fit_dates) else None
+        return cls(split.kind, last, validation_fraction, test_fraction, seed)
+
+    def covers(self, frame: pd.DataFrame, id_column: str) -> np.ndarray:
+        """Return a boolean mask of the rows of `frame` the model trained or was validated on."""
+        covered = np.ones(len(frame), dtype=bool)
+        if self.split == "by_loan_id":
+            sets = _loan_sets(
+                frame[id_column], self.validation_fraction, self.test_fraction, self.seed
+            )
+            covered = sets != "test"
+        if self.last_date is not None:
+            covered &= (frame[DATE_COLUMN] <= pd.Timestamp(self.last_date)).to_numpy()
+        return covered

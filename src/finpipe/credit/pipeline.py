@@ -20,7 +20,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from functools import partial
+from functools import cache, partial
 
 import numpy as np
 import pandas as pd
@@ -43,7 +43,13 @@ from finpipe.credit.metrics import (
     global_importance,
     scoring_report,
 )
-from finpipe.credit.model import CreditTrainingConfig, RowSplit, fit_loan_book_model, split_rows
+from finpipe.credit.model import (
+    CreditTrainingConfig,
+    FitWindow,
+    RowSplit,
+    fit_loan_book_model,
+    split_rows,
+)
 from finpipe.credit.schema import DOMAIN
 from finpipe.credit.synthetic import ORACLE, plan_credit_demo
 from finpipe.credit.synthetic import write_oracle as write_oracle
@@ -184,6 +190,14 @@ class CreditNight(lifecycle.Night[CreditTrainingConfig]):
             config=classifier,
             on_epoch=on_epoch,
         )
+        fitted.fit_window = FitWindow.of(
+            frame,
+            split,
+            dated=book.is_dated,
+            validation_fraction=self.config.validation_fraction,
+            test_fraction=self.config.test_fraction,
+            seed=self.config.seed,
+        )
         labels = frame[LABEL].to_numpy()
         test_rows = frame.loc[split.test]
         test_pd = fitted.predict_pd(test_rows)
@@ -277,6 +291,42 @@ def _oracle(storage: Storage, ids: pd.Series, labels: pd.Series) -> float | None
     return credit_metrics(labels.to_numpy(), true_pd)["auc"]
 
 
+def comparison_rows(
+    test: pd.DataFrame, champion: RegisteredModel | None, id_column: str
+) -> pd.DataFrame:
+    """Return the `test` rows the champion's model never trained or was validated on (its
+    `fit_window`): all of them without a champion, or for one saved before finpipe recorded
+    fit windows (a warning says so)."""
+    if champion is None:
+        return test
+    window = champion.model.fit_window
+    if window is None:
+        log.warning(
+            "champion v%s records no training window (saved by an earlier finpipe): it is "
+            "compared on all %d test loans, some of which it may have trained on",
+            champion.version,
+            len(test),
+        )
+        return test
+    learnt = window.covers(test, id_column)
+    if learnt.any():
+        log.warning(
+            "promotion: %d of %d test loans left out for both models: champion v%s trained or "
+            "was validated on them (its split: %s up to %s, test fraction %s, seed %s)%s",
+            int(learnt.sum()),
+            len(test),
+            champion.version,
+            window.split,
+            window.last_date or "its snapshot",
+            window.test_fraction,
+            window.seed,
+            "; none is left, so the challenger cannot be measured and is not promoted"
+            if learnt.all()
+            else "",
+        )
+    return test.loc[~learnt].reset_index(drop=True)
+
+
 # -- the domain ----------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class CreditParts:
@@ -312,12 +362,20 @@ class CreditParts:
         return CreditNight(storage, as_of, config, self.book, frame, split, population, oracle)
 
     def promotion_scorer(
-        self, storage: Storage, outcome: CreditTrainingOutcome
+        self,
+        storage: Storage,
+        outcome: CreditTrainingOutcome,
+        champion: Callable[[], RegisteredModel | None],
     ) -> lifecycle.ModelScore:
-        """Return a model's promotion metric on the outcome's test rows.
+        """Return a model's promotion metric on the outcome's test rows that the champion
+        never trained or was validated on (`comparison_rows`).
 
-        The test rows are rebuilt from the outcome's split parameters over the same data, so both
-        models are measured on exactly the rows the challenger never trained or was selected on.
+        The test rows are rebuilt from the outcome's split parameters over the same data, so the
+        challenger never trained or was selected on them. A champion trained under other split
+        settings (another test fraction, seed or split kind) may have learnt from some of them;
+        those are left out for both models, so both are measured on the same loans. The rows
+        are settled on the first score, with the champion `champion` loads then (promotion
+        scores under the champion lock, so it is the champion being compared).
         """
         frame = load_training_frame(storage, self.book, as_day(outcome.as_of))
         split = split_book_rows(frame, self.book, outcome)
@@ -327,11 +385,17 @@ class CreditParts:
                 f"the test rows of run {outcome.run_id} cannot be rebuilt ({len(test)} rows now, "
                 f"{outcome.test_rows} at training): data up to {outcome.as_of} changed; retrain"
             )
-        labels = test[LABEL].to_numpy()
+
+        @cache
+        def judged() -> pd.DataFrame:
+            return comparison_rows(test, champion(), self.book.columns.id)
 
         def score(model: RegisteredModel) -> float:
+            rows = judged()
             return float(
-                credit_metrics(labels, model.model.predict_pd(test))[outcome.promotion_metric]
+                credit_metrics(rows[LABEL].to_numpy(), model.model.predict_pd(rows))[
+                    outcome.promotion_metric
+                ]
             )
 
         return score

@@ -253,9 +253,13 @@ class CustomersParts:
         return CustomersNight(storage, as_of, config, snapshot, sets, view, next_id=issued)
 
     def promotion_scorer(
-        self, storage: Storage, outcome: CustomersTrainingOutcome
+        self,
+        storage: Storage,
+        outcome: CustomersTrainingOutcome,
+        champion: Callable[[], RegisteredModel | None],
     ) -> lifecycle.ModelScore:
-        """Return a model's silhouette on the outcome's held-out customers.
+        """Return a model's silhouette on the outcome's held-out customers (`champion` is not
+        read: customers keep their hashed set night after night).
 
         Both models segment the snapshot of the training day; the score is the silhouette of the
         test customers' segments in the common evaluation space (model-independent, see

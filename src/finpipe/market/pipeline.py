@@ -343,9 +343,15 @@ class MarketParts:
         )
         return MarketNight(storage, as_of, config, frame, feature_columns_of(frame), split, embargo)
 
-    def promotion_scorer(self, storage: Storage, outcome: TrainingOutcome) -> lifecycle.ModelScore:
+    def promotion_scorer(
+        self,
+        storage: Storage,
+        outcome: TrainingOutcome,
+        champion: Callable[[], RegisteredModel | None],
+    ) -> lifecycle.ModelScore:
         """Return a model's promotion metric on the outcome's test window, rebuilt from storage
-        (with the history before it that a sequence model's lookback reads)."""
+        (with the history before it that a sequence model's lookback reads; `champion` is not
+        read)."""
         test_start, test_end = as_day(outcome.test_start), as_day(outcome.test_end)
         context_start = test_start - dt.timedelta(days=400)  # room for any sequence lookback
         frame = load_training_frame(storage, as_day(outcome.as_of), outcome.horizon, context_start)
