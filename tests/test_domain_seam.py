@@ -390,6 +390,37 @@ def test_each_epoch_goes_to_mlflow_and_the_log_says_one_every_so_often(monkeypat
     assert [line.split(":")[0] for line in said] == ["gru epoch 1", "gru epoch 2", "gru epoch 3"]
 
 
+@pytest.mark.parametrize("failing", ["log_metrics", "log_figure"])
+def test_a_records_figures_are_closed_when_its_logging_fails(monkeypatch, failing):
+    """pyplot keeps every figure until it is closed: a tracking server gone mid-run left a
+    candidate's figures open for the life of the process (`finpipe serve` runs night after
+    night in one), and the suite warned of more than 20 open in one worker."""
+    import matplotlib.pyplot as plt
+
+    from finpipe import plots
+
+    def down(*args, **kwargs):
+        raise ConnectionError("tracking server gone")
+
+    monkeypatch.setattr(lifecycle.tracking, "log_params", lambda params: None)
+    monkeypatch.setattr(lifecycle.tracking, "log_metrics", lambda metrics: None)
+    target = lifecycle.tracking if failing == "log_metrics" else lifecycle.tracking.mlflow
+    monkeypatch.setattr(target, failing, down)
+    open_before = set(plt.get_fignums())
+    figures = {f"plots/{i}.png": plots.subplots()[0] for i in range(3)}
+    record = lifecycle.RunRecord(params={"a": 1}, metrics={"m": 1.0}, figures=figures)
+    candidate = lifecycle.Candidate(
+        model=None,  # type: ignore[arg-type]  # not reached: the logging fails first
+        loader="",
+        input_example=pd.DataFrame(),
+        windows={"validation": {"ic": 0.1}, "test": {"ic": 0.0}},
+        record=record,
+    )
+    with pytest.raises(ConnectionError):
+        lifecycle._write_candidate(candidate)
+    assert set(plt.get_fignums()) == open_before
+
+
 def test_a_feature_step_that_drops_the_date_is_stopped_at_once(tmp_path):
     """Its partitions had no date: `pd.read_parquet` of the layer returned 510 undated rows,
     and training failed later with KeyError: 'date'."""

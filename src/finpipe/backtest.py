@@ -703,31 +703,37 @@ class BacktestReport:
                 out[f"{signal}/icir"] = float(daily["ic"].mean()) / std
         return out
 
-    def figures(self) -> dict[str, Figure]:
-        """Cumulative return vs the benchmark, drawdown, IC through time, decile bars."""
+    def figures(self) -> Iterator[tuple[str, Figure]]:
+        """Cumulative return vs the benchmark, drawdown, IC through time and decile bars, as
+        (artifact path, figure) pairs drawn one at a time: a report of many signals (two
+        figures each) never holds them all open at once (pyplot warns past 20)."""
         long_short = {s: r["long_short"].net for s, r in self.results.items()}
         long_only = {s: r["long_only"].net for s, r in self.results.items()}
         first = next(iter(self.results.values()))["long_only"]
         if first.benchmark is not None:
             long_only["equal-weight universe"] = first.benchmark
-        out: dict[str, Figure] = {
-            "plots/cumulative_return.png": plots.cumulative_returns(
+        yield (
+            "plots/cumulative_return.png",
+            plots.cumulative_returns(
                 {"long-short (net)": long_short, "long-only (net) vs benchmark": long_only},
                 "cumulative return (summed daily returns, after costs)",
             ),
-            "plots/drawdown.png": plots.drawdowns(
+        )
+        yield (
+            "plots/drawdown.png",
+            plots.drawdowns(
                 long_short, "long-short drawdown (below the running peak, summed returns)"
             ),
-        }
+        )
         for signal, daily in self.daily_ic.groupby("signal"):
             series = daily.set_index("date")["ic"]
-            out[f"plots/ic_{signal}.png"] = plots.ic_by_date(series, f"{signal}: IC by date")
+            yield f"plots/ic_{signal}.png", plots.ic_by_date(series, f"{signal}: IC by date")
         for signal, table in self.deciles.groupby("signal"):
             means = table.set_index("decile")["mean_forward_return"]
-            out[f"plots/deciles_{signal}.png"] = plots.decile_bars(
-                means, f"{signal}: mean forward return by prediction decile"
+            yield (
+                f"plots/deciles_{signal}.png",
+                plots.decile_bars(means, f"{signal}: mean forward return by prediction decile"),
             )
-        return out
 
 
 def forward_returns(prices: pd.DataFrame, horizon: int) -> pd.DataFrame:

@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
@@ -40,7 +40,7 @@ import pandas as pd
 import torch
 from pydantic import BaseModel
 
-from finpipe import promotion, tracking
+from finpipe import plots, promotion, tracking
 from finpipe.domains import ChallengerOutcome, DemoNight, Domain
 from finpipe.errors import ConfigError
 from finpipe.features import FeatureUpdate
@@ -436,7 +436,16 @@ def compare_candidates(
 
 
 def _write(record: RunRecord) -> None:
-    """Log `record` to the active run."""
+    """Log `record` to the active run; its figures are closed whether or not that succeeds."""
+    try:
+        _log(record)
+    finally:
+        for figure in record.figures.values():
+            plots.close(figure)
+
+
+def _log(record: RunRecord) -> None:
+    """Log each part of `record` to the active run."""
     if record.params:
         tracking.log_params(record.params)
     if record.metrics:
@@ -456,9 +465,12 @@ def _write(record: RunRecord) -> None:
 
 def _write_candidate(candidate: Candidate) -> str:
     """Log a candidate's metrics by window, its record and its model; return the model URI."""
-    for window, values in candidate.windows.items():
-        tracking.log_metrics({f"{window}_{k}": float(v) for k, v in values.items()})
-    _write(candidate.record)
+    by_window = {
+        f"{window}_{k}": float(v)
+        for window, values in candidate.windows.items()
+        for k, v in values.items()
+    }
+    _write(replace(candidate.record, metrics={**by_window, **candidate.record.metrics}))
     info = tracking.log_fitted_model(
         candidate.model,
         loader=candidate.loader,

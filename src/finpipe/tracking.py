@@ -20,7 +20,7 @@ import tempfile
 import threading
 import warnings
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -478,13 +478,26 @@ def log_epoch(row: dict) -> None:
     )
 
 
-def log_figures(figures: Mapping[str, Figure]) -> None:
-    """Log each matplotlib figure at its artifact path ({path: figure}), then close it."""
+def log_figures(figures: Mapping[str, Figure] | Iterable[tuple[str, Figure]]) -> None:
+    """Log each matplotlib figure at its artifact path ({path: figure}, or (path, figure)
+    pairs drawn one at a time), closing each once logged.
+
+    pyplot keeps every figure open until closed, so a figure is closed even when its logging
+    fails (a tracking server gone mid-run), and so are the mapping's figures not reached: a
+    long-lived process (`finpipe serve`) would otherwise keep them for good."""
     from finpipe import plots
 
-    for path, figure in figures.items():
-        mlflow.log_figure(figure, path)
-        plots.close(figure)
+    pairs = list(figures.items()) if isinstance(figures, Mapping) else figures
+    try:
+        for path, figure in pairs:
+            try:
+                mlflow.log_figure(figure, path)
+            finally:
+                plots.close(figure)
+    finally:
+        if isinstance(figures, Mapping):
+            for figure in figures.values():
+                plots.close(figure)
 
 
 def log_training_data(
