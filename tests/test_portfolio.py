@@ -91,16 +91,19 @@ def test_costs_are_basis_points_of_traded_value_and_strictly_lower_returns():
     weights = {DATES[0]: pd.Series({"A": 1.0}), DATES[1]: pd.Series({"B": 1.0})}
     free = run_portfolio(weights, returns, cost_bps=0.0)
     costly = run_portfolio(weights, returns, cost_bps=10.0)
-    # day 2: buy A (traded 1.0); day 3: sell the drifted A (1.01 -> 1.0 of book) and buy B
+    # day 2: buy A (traded 1.0); day 3: sell the drifted A (1.01 of a book worth 1.009 after
+    # its cost) and buy B
+    drifted_a = 1.01 / (1.01 - 10e-4)
     assert costly.net.iloc[0] == pytest.approx(free.net.iloc[0] - 10e-4 * 1.0)
-    assert costly.net.iloc[1] == pytest.approx(free.net.iloc[1] - 10e-4 * 2.0)
+    assert costly.net.iloc[1] == pytest.approx(free.net.iloc[1] - 10e-4 * (drifted_a + 1.0))
     assert (costly.net < free.net).all()
-    assert costly.turnover.tolist() == pytest.approx([0.5, 1.0])
+    assert costly.turnover.tolist() == pytest.approx([0.5, (drifted_a + 1.0) / 2])
 
 
 def test_weights_drift_with_their_returns_and_rebalancing_back_is_traded_and_costed():
     """An equal-weight book whose first name gains 10% a session holds 0.55 / 1.05 of it the
-    next morning: setting it back to a half trades 2 x 0.05 / 1.05 of the book, and pays for it."""
+    next morning: setting it back to a half trades 2 x 0.05 / 1.05 of the book, and pays for it
+    (a book that paid costs is worth 1 + its net return: 2 x 0.025 / (1 + net) of it)."""
     returns = _returns({"A": [0.1] * 6, "B": [0.0] * 6})
     weights = {d: pd.Series({"A": 0.5, "B": 0.5}) for d in DATES[:4]}
     free = run_portfolio(weights, returns, cost_bps=0.0)
@@ -108,8 +111,10 @@ def test_weights_drift_with_their_returns_and_rebalancing_back_is_traded_and_cos
     drift = 0.55 / 1.05 - 0.5
     assert free.turnover.tolist() == pytest.approx([0.5, drift, drift, drift])
     assert free.gross.tolist() == pytest.approx([0.05] * 4)
+    worth = 1.0 + costly.net.iloc[:-1]
+    assert costly.turnover.tolist() == pytest.approx([0.5, *(0.025 / worth)])
     paid = (free.net - costly.net).tolist()
-    assert paid == pytest.approx([10e-4 * 1.0, *[10e-4 * 2 * drift] * 3])
+    assert paid == pytest.approx([10e-4 * 1.0, *(10e-4 * 0.05 / worth)])
     short_b = {d: pd.Series({"A": 0.5, "B": -0.5}) for d in DATES[:4]}  # a short drifts too
     assert run_portfolio(short_b, returns, cost_bps=0.0).turnover.tolist() == pytest.approx(
         [0.5, drift, drift, drift]
@@ -117,15 +122,16 @@ def test_weights_drift_with_their_returns_and_rebalancing_back_is_traded_and_cos
 
 
 def test_a_long_short_book_drifts_as_a_fraction_of_its_value_not_of_its_gross():
-    """Long A, short B, half each: A gains 10% and B falls 10%, so the book is worth 1.1 and
-    holds 0.55 / 1.1 of A and -0.45 / 1.1 of B. Setting both back to a half trades 0.1 / 1.1
-    of the book, all of it in B (rescaling the drifted legs to a gross of 1 made it 0.1)."""
+    """Long A, short B, half each: A gains 10% and B falls 10%, so the book is worth 1.1 less
+    the 0.001 it paid to trade, 1.099, and holds 0.55 / 1.099 of A and -0.45 / 1.099 of B.
+    Setting both back to a half trades 0.1 / 1.099 of the book (rescaling the drifted legs to
+    a gross of 1 made it 0.1)."""
     returns = _returns({"A": [0.1] * 6, "B": [-0.1] * 6})
     weights = {d: pd.Series({"A": 0.5, "B": -0.5}) for d in DATES[:2]}
     result = run_portfolio(weights, returns, cost_bps=10.0)
     assert result.gross.tolist() == pytest.approx([0.1, 0.1])
-    assert result.turnover.tolist() == pytest.approx([0.5, 0.1 / 1.1 / 2])
-    assert (result.gross - result.net).tolist() == pytest.approx([10e-4, 10e-4 * 0.1 / 1.1])
+    assert result.turnover.tolist() == pytest.approx([0.5, 0.1 / 1.099 / 2])
+    assert (result.gross - result.net).tolist() == pytest.approx([10e-4, 10e-4 * 0.1 / 1.099])
 
 
 def test_a_session_without_a_signal_holds_the_book_instead_of_dropping_its_return():
@@ -133,10 +139,13 @@ def test_a_session_without_a_signal_holds_the_book_instead_of_dropping_its_retur
     it is still held, so the session two after earns A's 4%, at no cost."""
     returns = _returns({"A": [np.nan, 0.01, 0.02, 0.03, 0.04, 0.05], "B": [0.0] * 6})
     weights = {d: pd.Series({"A": 1.0}) for i, d in enumerate(DATES[:4]) if i != 2}
-    result = run_portfolio(weights, returns, cost_bps=10.0)
+    result = run_portfolio(weights, returns, cost_bps=0.0)
     earned = dict(zip(DATES[2:], [0.02, 0.03, 0.04, 0.05], strict=True))
     assert result.gross.to_dict() == pytest.approx(earned)
     assert result.turnover.tolist() == pytest.approx([0.5, 0.0, 0.0, 0.0])
+    costly = run_portfolio(weights, returns, cost_bps=10.0)
+    assert costly.turnover.loc[DATES[4]] == 0.0
+    assert costly.net.loc[DATES[4]] == costly.gross.loc[DATES[4]]
 
 
 def test_a_name_delisted_while_held_leaves_at_its_last_price():
@@ -309,3 +318,89 @@ def test_a_name_without_a_price_on_the_trading_session_is_not_bought_whatever_co
         book = long_only(predictions, daily_returns(prices), k=2, cost_bps=0.0)
         earned[name] = book.gross.loc[dates[3]]
     assert earned == pytest.approx({"delisted": 0.1, "halted": 0.1})
+
+
+def test_costs_are_paid_out_of_the_book_so_the_next_session_sells_what_paid_them():
+    """A book buys A from cash at 100 bps and A gains 10%: it holds 1.1 of A, has paid 0.01,
+    and is worth 1.09, so A is 1.1 / 1.09 of it (the cost was borrowed from cash). Holding all
+    of A again the next session sells 0.01 / 1.09 of the book, and pays for that too (drift
+    over 1 + gross made A exactly the whole book, and the cost vanished from the weights)."""
+    returns = _returns({"A": [0.1] * 6})
+    weights = {d: pd.Series({"A": 1.0}) for d in DATES[:2]}
+    result = run_portfolio(weights, returns, cost_bps=100.0)
+    sold = 1.1 / 1.09 - 1.0
+    assert result.gross.tolist() == pytest.approx([0.1, 0.1])
+    assert result.turnover.tolist() == pytest.approx([0.5, sold / 2])
+    assert result.net.tolist() == pytest.approx([0.1 - 0.01, 0.1 - 0.01 * sold])
+
+
+def test_a_book_worth_nothing_after_a_session_holds_nothing_and_earns_nothing_after():
+    """Short B at half the book and B rises 250%: the session loses 1.25 of the book, more than
+    it is worth. The book is wiped out on that session: it keeps that loss, trades nothing and
+    earns nothing afterwards, and the result says when (before, it went on trading weights
+    that were no longer fractions of anything)."""
+    returns = _returns({"A": [0.0, 0.0, 0.0, 0.1, 0.1, 0.1], "B": [0.0, 0.0, 2.5, 0.0, -0.1, 0.0]})
+    weights = {d: pd.Series({"A": 0.5, "B": -0.5}) for d in DATES[:4]}
+    result = run_portfolio(weights, returns, cost_bps=10.0)
+    assert result.wiped_out == DATES[2]
+    assert result.gross.tolist() == pytest.approx([-1.25, 0.0, 0.0, 0.0])
+    assert result.net.tolist() == pytest.approx([-1.25 - 10e-4, 0.0, 0.0, 0.0])
+    assert result.turnover.tolist() == pytest.approx([0.5, 0.0, 0.0, 0.0])
+    assert summarise({"ruined": result})["wiped_out"].tolist() == [DATES[2].date().isoformat()]
+    survivor = run_portfolio(weights, returns.assign(B=0.0), cost_bps=10.0)
+    assert survivor.wiped_out is None
+    assert summarise({"kept": survivor})["wiped_out"].tolist() == [None]
+
+
+def test_deciles_skip_a_date_with_fewer_names_than_deciles():
+    """Ten names give one name a decile; three cannot fill ten deciles (they fell in deciles 4,
+    7 and 10 and pulled those means towards that date's returns), so their date is left out,
+    as `metrics.market_metrics` leaves out a date with fewer names than quantiles."""
+    full = pd.DataFrame(
+        {"date": DATES[0], "ticker": list("ABCDEFGHIJ"), "prediction": np.arange(10.0)}
+    )
+    few = pd.DataFrame({"date": DATES[1], "ticker": list("ABC"), "prediction": [0.0, 1.0, 2.0]})
+    predictions = pd.concat([full, few], ignore_index=True)
+    forward = predictions[["date", "ticker"]].assign(
+        forward_return=np.r_[np.arange(1, 11) / 100, [1.0, 1.0, 1.0]]
+    )
+    deciles = return_by_decile(predictions, forward)
+    assert deciles.to_dict() == pytest.approx({d: d / 100 for d in range(1, 11)})
+    only_few = return_by_decile(few, forward)
+    assert list(only_few.index) == list(range(1, 11)) and only_few.isna().all()
+
+
+def test_a_long_short_book_with_fewer_than_2k_names_splits_them_without_overlap():
+    """Three names and k = 2: the best two and the worst two share B, which netted to nothing,
+    leaving a book long A and short C at a half each instead of the whole book a side. Each
+    side takes k names or half the names, whichever is fewer: long A and short C at 1 each,
+    as `long_only` holds every name at 1/n when there are fewer than k."""
+    returns = _returns(
+        {"A": [0.0, 0.0, 0.02, 0, 0, 0], "B": [0.0] * 6, "C": [0.0, 0.0, -0.01, 0, 0, 0]}
+    )
+    predictions = pd.DataFrame(
+        {"date": DATES[0], "ticker": list("ABC"), "prediction": [3.0, 2.0, 1.0]}
+    )
+    result = long_short(predictions, returns, k=2, cost_bps=0.0)
+    assert result.gross.tolist() == pytest.approx([0.03])
+    assert result.turnover.tolist() == pytest.approx([1.0])
+
+
+def test_a_long_short_book_never_holds_a_name_on_both_sides_when_scores_tie():
+    """B and C tie in the middle of four names, k = 2: the best two were A and B (ties by
+    ticker) and the worst two D and B (ties by ticker again, from the other end), so B netted
+    to nothing and C was never shorted. One ordering gives long A and B, short C and D."""
+    returns = _returns(
+        {
+            "A": [0.0] * 6,
+            "B": [0.0, 0.0, 0.02, 0, 0, 0],
+            "C": [0.0, 0.0, -0.02, 0, 0, 0],
+            "D": [0.0] * 6,
+        }
+    )
+    predictions = pd.DataFrame(
+        {"date": DATES[0], "ticker": list("ABCD"), "prediction": [3.0, 1.0, 1.0, 0.0]}
+    )
+    result = long_short(predictions, returns, k=2, cost_bps=0.0)
+    assert result.gross.tolist() == pytest.approx([0.02])
+    assert result.turnover.tolist() == pytest.approx([1.0])

@@ -6,9 +6,16 @@ Conventions, stated once here and used by every function below:
   of the next session, t+1 (no same-day fill), and the position earns the close-to-close return
   from t+1 to t+2. A portfolio's return is therefore dated t+2, two sessions after its signal.
 - **Returns** are simple close-to-close returns of the adjusted close, per ticker and session.
-- **Drift.** Weights are fractions of the book's value. Between rebalances they drift with
-  their returns: after a session that earned R, a name's weight w becomes w (1 + r) / (1 + R).
+- **Drift.** Weights are fractions of the book's value, its cash included. Between rebalances
+  they drift with their returns: after a session that earned R net of its costs, a name's
+  weight w becomes w (1 + r) / (1 + R). The costs are paid out of the book's cash, so the book
+  is worth 1 + R, not 1 + gross, and the next rebalance sells what paid them (as Qlib's
+  `Position` takes cost and trade out of cash and weighs each stock against stocks plus cash).
   A session with no signal (no predictions that date) keeps the drifted book: nothing trades.
+- **Ruin.** A book worth nothing or less after a session (its shorts more than doubled,
+  say) is wiped out on that session: its return keeps the whole loss, below -100%
+  if so, and from the next session it holds nothing, trades nothing and earns 0, its
+  benchmark still running. `PortfolioResult.wiped_out` names the session; `summarise` shows it.
 - **Delistings and halts.** A held name that has no price on a day earns 0 that day. One that
   stopped trading leaves the portfolio at its last price and, with no prediction, is never
   bought again. A name without a price on the session a trade is due is not bought, halted or
@@ -78,9 +85,9 @@ def _wide_scores(predictions: pd.DataFrame) -> pd.DataFrame:
     return predictions.pivot(index="date", columns="ticker", values="prediction").sort_index()
 
 
-def top_k_weights(scores: pd.Series, k: int, *, bottom: bool = False) -> pd.Series:
-    """Equal weights 1/k on the k best (or, with `bottom`, the k worst) scored names."""
-    ranked = scores.dropna().sort_values(ascending=bottom, kind="mergesort")
+def top_k_weights(scores: pd.Series, k: int) -> pd.Series:
+    """Equal weights 1/k on the k best-scored names (all of them, at 1/n, if fewer)."""
+    ranked = scores.dropna().sort_values(ascending=False, kind="mergesort")
     chosen = ranked.index[: min(k, len(ranked))]
     return pd.Series(1.0 / len(chosen), index=chosen) if len(chosen) else pd.Series(dtype=float)
 
@@ -115,6 +122,7 @@ class PortfolioResult:
     net: pd.Series  # return after costs
     turnover: pd.Series  # fraction of the book replaced when these weights were set
     benchmark: pd.Series | None  # the equal-weight universe's return, same dates
+    wiped_out: pd.Timestamp | None = None  # the session the book lost all its value, if any
 
     def excess(self) -> pd.Series:
         """Net return minus the benchmark's (the net return itself without a benchmark)."""
@@ -133,7 +141,8 @@ def run_portfolio(
 
     `returns` is the (date x ticker) frame of `daily_returns`. Weights of signal date t earn
     the return of the session two after t; signals too late to earn a return are ignored, and
-    a session between the first and the last signal without one holds the drifted book.
+    a session between the first and the last signal without one holds the drifted book. A book
+    wiped out (worth nothing after a session) earns 0 on every session after.
     """
     sessions = list(returns.index)
     position = {date: i for i, date in enumerate(sessions)}
@@ -142,32 +151,38 @@ def run_portfolio(
     priced_later = priced.iloc[::-1].cummax().iloc[::-1]  # a price on this session or after
     previous = pd.Series(dtype=float)
     gross, net, turnover, universe = {}, {}, {}, {}
+    wiped_out: pd.Timestamp | None = None
     last = min(max(signals, default=-1), len(sessions) - 3)  # the last signal that earns
     for index in range(min(signals, default=0), last + 1):
         earned = sessions[index + 2]
+        day = returns.loc[earned]
+        universe[earned] = float(day.dropna().mean()) if day.notna().any() else 0.0
+        if wiped_out is not None:
+            gross[earned] = net[earned] = turnover[earned] = 0.0
+            continue
         # a session without a signal keeps the drifted book
         target = signals.get(index, previous)
         unpriced = ~priced.iloc[index + 1]
         halted = unpriced & priced_later.iloc[index + 1]
         weights = _tradable(target, previous, halted.index[halted], unpriced.index[unpriced])
         traded = weights.sub(previous, fill_value=0.0).abs().sum()
-        day = returns.loc[earned]
         held = day.reindex(weights.index).fillna(0.0)  # delisted: earns 0 from its last price
         gross[earned] = float((weights * held).sum())
         net[earned] = gross[earned] - cost_bps / 10_000.0 * float(traded)
         turnover[earned] = float(traded) / 2.0
-        universe[earned] = float(day.dropna().mean()) if day.notna().any() else 0.0
-        # weights drift with their returns, as fractions of the book's value, until the next
-        # rebalance sets them again
-        grown = weights * (1.0 + held)
-        value = 1.0 + gross[earned]
-        previous = grown / value if value > 0 else grown
+        # weights drift with their returns, as fractions of the book's value after the costs
+        # it paid, until the next rebalance sets them again
+        value = 1.0 + net[earned]
+        if value <= 0:
+            wiped_out = earned
+        previous = weights * (1.0 + held) / value if value > 0 else pd.Series(dtype=float)
     as_series = lambda values: pd.Series(values, dtype=float).sort_index()  # noqa: E731
     return PortfolioResult(
         gross=as_series(gross),
         net=as_series(net),
         turnover=as_series(turnover),
         benchmark=as_series(universe) if benchmark else None,
+        wiped_out=wiped_out,
     )
 
 
@@ -197,12 +212,20 @@ def _tradable(
 def long_short(
     predictions: pd.DataFrame, returns: pd.DataFrame, *, k: int, cost_bps: float
 ) -> PortfolioResult:
-    """Long the k best-scored names and short the k worst, equal weight (1/k a side), daily."""
+    """Long the k best-scored names and short the k worst, equal weight (1/k a side), daily.
+
+    Both sides come from one ordering, best first, ties broken by ticker (as
+    `metrics.market_metrics` does), so they never share a name: a shared name nets to nothing
+    and shrinks both sides. A date with fewer than 2k scored names takes half of them a side
+    (the middle one of an odd count left out), each side still the whole book."""
     scores = _wide_scores(predictions)
-    weights = {
-        date: top_k_weights(row, k).sub(top_k_weights(row, k, bottom=True), fill_value=0.0)
-        for date, row in scores.iterrows()
-    }
+    weights = {}
+    for date, row in scores.iterrows():
+        ordered = row.dropna().sort_values(ascending=False, kind="mergesort").index
+        side = min(k, len(ordered) // 2)
+        longs = pd.Series(1.0 / side, index=ordered[:side]) if side else pd.Series(dtype=float)
+        shorts = -longs.set_axis(ordered[len(ordered) - side :])
+        weights[date] = pd.concat([longs, shorts])
     return run_portfolio(weights, returns, cost_bps=cost_bps)
 
 
@@ -298,7 +321,9 @@ def return_by_decile(
     predictions: pd.DataFrame, forward_returns: pd.DataFrame, deciles: int = 10
 ) -> pd.Series:
     """Mean forward return of each prediction decile (1 = lowest predictions), averaged over
-    dates so every date counts once."""
+    dates so every date counts once. A date with fewer names than `deciles` cannot fill every
+    decile and is left out (as `metrics.market_metrics` leaves out a date with fewer names
+    than quantiles); a decile no date fills is NaN."""
     joined = predictions.merge(forward_returns, on=["date", "ticker"]).dropna(
         subset=["prediction", "forward_return"]
     )
@@ -308,17 +333,23 @@ def return_by_decile(
         bucket = np.ceil(ranks / len(day) * deciles).astype(int).clip(1, deciles)
         return day["forward_return"].groupby(bucket).mean()
 
-    table = pd.DataFrame({date: per_date(day) for date, day in joined.groupby("date")}).T
-    return table.mean().rename_axis("decile").rename("mean_forward_return")
+    table = pd.DataFrame(
+        {date: per_date(day) for date, day in joined.groupby("date") if len(day) >= deciles}
+    ).T
+    means = table.mean().reindex(range(1, deciles + 1)).astype(float)
+    return means.rename_axis("decile").rename("mean_forward_return")
 
 
 def summarise(results: Mapping[str, PortfolioResult]) -> pd.DataFrame:
-    """One row per strategy: its net risk figures, mean turnover, and (with a benchmark) the
-    risk figures of its excess return over the benchmark."""
+    """One row per strategy: its net risk figures, mean turnover, the date it was wiped out
+    (None if never), and (with a benchmark) the risk figures of its excess return over the
+    benchmark."""
     rows = []
     for name, result in results.items():
         row: dict[str, object] = {"strategy": name, **risk_figures(result.net).to_dict()}
         row["mean_turnover"] = float(result.turnover.mean()) if len(result.turnover) else 0.0
+        ruin = result.wiped_out
+        row["wiped_out"] = None if ruin is None else ruin.date().isoformat()
         if result.benchmark is not None:
             excess = risk_figures(result.excess())
             row["excess_return"] = excess.annualised_return
