@@ -12,8 +12,10 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from finpipe.customers.features import mix_feature_name
 from finpipe.customers.pipeline import plan_customers_demo, write_planted_segments
 from finpipe.customers.synthetic import (
+    CATEGORIES,
     CustomersSyntheticConfig,
     generate_customer_transactions,
     write_vendor_files,
@@ -102,6 +104,12 @@ def test_each_night_publishes_its_segment_profiles_and_every_row_carries_its_nam
         assert named.notna().all()
         assert (predictions["segment_name"] == named).all()
         assert {"median_recency_days", "percentile_frequency", "share"} <= set(profiles.columns)
+        # the synthetic log delivers a category on every purchase: each segment has a top one
+        slugs = {
+            mix_feature_name("category", c).removeprefix("category_share_") for c in CATEGORIES
+        }
+        assert set(profiles["top_category"]) <= slugs
+        assert profiles["top_category_share"].between(0, 1, inclusive="right").all()
 
 
 def test_champion_registered_and_named_on_every_prediction(two_nights):

@@ -9,10 +9,12 @@ import pandas as pd
 import pytest
 from scipy.stats import percentileofscore
 
+from finpipe.customers.features import build_customer_features
 from finpipe.customers.metrics import (
     PROFILED_FEATURES,
     night_to_night_agreement,
     segment_profiles,
+    top_categories,
 )
 from finpipe.customers.segment_names import (
     NAMED_FEATURES,
@@ -132,6 +134,59 @@ def test_the_usual_gap_leaves_the_time_away_out():
     assert names.str.split(",").str[0].tolist() == ["lapsed", "cooling", "recent", "lapsed"]
 
 
+def test_a_segment_far_past_its_rhythm_reads_lapsed_though_a_bigger_one_is_gone_longer():
+    """The CDNOW sample on 1998-06-18, as published: the repeat buyers, a median 216.5 days away
+    and used to buying every (489 - 216.5) / (4 - 1) = 91 days, rank mid on recency only
+    because the one-off buyers (68%) have been gone 481 days. They are 2.4 gaps late: lapsed,
+    the segment a win-back campaign is for."""
+    profiles = _table(
+        [
+            {"recency_days": 0.655, "median_recency_days": 481, "median_tenure_days": 491,
+             "median_frequency": 1, "frequency": 0.256, "monetary_total": 0.346},
+            {"recency_days": 0.257, "median_recency_days": 216.5, "median_tenure_days": 489,
+             "median_frequency": 4, "frequency": 0.805, "monetary_total": 0.769},
+            {"recency_days": 0.070, "median_recency_days": 37, "median_tenure_days": 487,
+             "median_frequency": 6, "frequency": 0.890, "monetary_total": 0.862},
+        ]
+    )  # fmt: skip
+    assert (profiles["median_recency_days"] / usual_gap_days(profiles))[1] == pytest.approx(
+        2.38, abs=0.01
+    )
+    assert name_segments(profiles).tolist() == [
+        "lapsed, one-off, low spend",
+        "lapsed, occasional, mid spend",  # was "cooling, ...": its rank alone said mid
+        "recent, frequent, high spend",
+    ]
+
+
+def test_two_usual_gaps_away_is_lapsed_whatever_the_rank_and_between_one_and_two_the_rank_decides():
+    """Gaps of 30 days (tenure - recency = 90 over 3 repeat purchases) for every segment."""
+
+    def away(recency: float, percentile: float) -> dict[str, float]:
+        return {
+            "recency_days": percentile,
+            "median_recency_days": recency,
+            "median_tenure_days": recency + 90,
+            "median_frequency": 4,
+        }
+
+    profiles = _table(
+        [
+            away(61, 0.10),  # ranks recent, 2.03 gaps away
+            away(59, 0.45),  # ranks mid, 1.97 gaps away
+            away(45, 0.70),  # ranks mid, 1.5 gaps away
+            away(45, 0.95),  # ranks lapsed, 1.5 gaps away
+            away(25, 0.99),  # ranks lapsed, within one gap
+            {"recency_days": 0.55, "median_recency_days": 80, "median_tenure_days": 80},
+            away(5, 0.20),  # ranks recent, well within its rhythm
+        ]
+    )
+    recency = name_segments(profiles).str.split(",").str[0].tolist()
+    # segment 5: two purchases on one day, 80 days ago: no rhythm to be late on, the rank decides
+    assert recency == ["lapsed", "cooling", "cooling", "lapsed", "cooling", "cooling", "recent"]
+    assert np.isnan(usual_gap_days(profiles).iloc[5])
+
+
 def test_names_are_unique_per_night_with_a_qualifier_then_the_segment_id():
     same = {"recency_days": 0.1, "frequency": 0.9, "monetary_total": 0.9}
     profiles = _table(
@@ -208,6 +263,47 @@ def test_a_segments_top_category_is_the_one_its_customers_buy_most():
     )
     profiles = segment_profiles(snapshot.drop(columns="segment"), snapshot["segment"].to_numpy())
     assert profiles["top_category"].tolist() == ["books", "groceries"]
+
+
+def test_purchases_without_a_category_never_make_a_segments_top_category():
+    """A source that delivered categories from 2024-03-01 on: earlier purchases have none (the
+    features' `category_share_unknown`). Segment 0 bought mostly before then, so most of its
+    purchases are uncategorised (a mean 63%): its top category is the one it bought most among
+    the rest, books (27%, toys 10%); segment 1 bought only before then: it has none."""
+
+    def bought(customer: str, days: list[str], categories: list[str | None]) -> pd.DataFrame:
+        return pd.DataFrame(
+            {
+                "customer_id": pd.array([customer] * len(days), dtype="string"),
+                "date": pd.to_datetime(days).astype("datetime64[ns]"),
+                "amount": 10.0,
+                "category": pd.array(categories, dtype="string"),
+            }
+        )
+
+    before, after = ["2024-01-10", "2024-02-10", "2024-02-20"], ["2024-03-10", "2024-03-20"]
+    transactions = pd.concat(
+        [
+            bought("a", before + after, [None, None, None, "books", "toys"]),
+            bought("b", before[1:] + after[:1], [None, None, "books"]),
+            bought("c", before, [None, None, None]),
+            bought("d", before[:2], [None, None]),
+        ],
+        ignore_index=True,
+    )
+    snapshot = build_customer_features(transactions, "2024-04-01", active_days=365)
+    assert "category_share_unknown" in snapshot.columns
+    profiles = segment_profiles(snapshot, np.array([0, 0, 1, 1]))
+    assert profiles["top_category"].tolist() == ["books", pd.NA]
+    assert profiles["top_category_share"].tolist()[0] == pytest.approx((1 / 5 + 1 / 3) / 2)
+    assert np.isnan(profiles["top_category_share"].tolist()[1])
+
+
+def test_a_top_category_tie_goes_to_the_name_first_in_alphabetical_order():
+    shares = pd.DataFrame(
+        {"category_share_toys": [0.4], "category_share_books": [0.4], "category_share_blank": [0.2]}
+    )
+    assert top_categories(shares).iloc[0].tolist() == ["books", 0.4]
 
 
 @pytest.mark.parametrize(

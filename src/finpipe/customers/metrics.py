@@ -80,13 +80,43 @@ PROFILED_FEATURES = (
 )
 
 
+CATEGORY_PREFIX = "category_share_"
+UNRECORDED_CATEGORIES = ("unknown", "blank")  # the features' names for a missing / empty value
+
+
+def top_categories(mean_shares: pd.DataFrame) -> pd.DataFrame:
+    """Return each segment's `top_category` and `top_category_share` from its customers' mean
+    share of purchases per category (`category_share_<name>` columns, one row per segment).
+
+    The top category is the recorded one with the largest mean share; ties go to the name
+    first in alphabetical order. Purchases without a category (the features' `unknown`, also
+    every purchase from before a source delivered categories, and `blank`, an empty value; a
+    delivered "Unknown" shares the feature) are no category a campaign can target: they never
+    win, and a segment whose customers have no recorded category gets none (missing).
+    `top_category_share` is the top category's mean share of all the segment's purchases,
+    uncategorised ones included, so a label that rests on a small part of them reads as such.
+    """
+    unrecorded = [f"{CATEGORY_PREFIX}{name}" for name in UNRECORDED_CATEGORIES]
+    recorded = mean_shares.drop(columns=unrecorded, errors="ignore").sort_index(axis=1)
+    top = pd.DataFrame(
+        {"top_category": pd.NA, "top_category_share": np.nan}, index=mean_shares.index
+    ).astype({"top_category": "string"})
+    if recorded.columns.empty:
+        return top
+    has_top = recorded.max(axis=1) > 0
+    best = recorded.loc[has_top]
+    top.loc[has_top, "top_category"] = best.idxmax(axis=1).str.removeprefix(CATEGORY_PREFIX)
+    top.loc[has_top, "top_category_share"] = best.max(axis=1)
+    return top
+
+
 def segment_profiles(snapshot: pd.DataFrame, segments: np.ndarray) -> pd.DataFrame:
     """Return one row per segment, by id: its name, size and share, and for each profiled
     feature the median of its customers and that median's percentile among all customers.
 
     Columns: segment, segment_name (see `segment_names`), customers, share,
     median_<feature>, percentile_<feature> and, when the snapshot has category shares,
-    top_category (the category with the largest mean share).
+    top_category and top_category_share (see `top_categories`).
     """
     frame = snapshot.assign(segment=np.asarray(segments, dtype=np.int64))
     grouped = frame.groupby("segment", sort=True)
@@ -98,10 +128,9 @@ def segment_profiles(snapshot: pd.DataFrame, segments: np.ndarray) -> pd.DataFra
         profiles[f"percentile_{column}"] = population_percentile(
             frame[column], profiles[f"median_{column}"]
         )
-    mix = [c for c in frame.columns if c.startswith("category_share_")]
+    mix = [c for c in frame.columns if c.startswith(CATEGORY_PREFIX)]
     if mix:
-        top = grouped[mix].mean().idxmax(axis=1).str.removeprefix("category_share_")
-        profiles["top_category"] = top
+        profiles = profiles.join(top_categories(grouped[mix].mean()))
     profiles = profiles.reset_index()
     profiles.insert(1, "segment_name", name_segments(profiles))
     return profiles

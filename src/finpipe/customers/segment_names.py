@@ -16,15 +16,24 @@ A name is three words, recency, frequency and spend, e.g. "recent, frequent, hig
   lapsed would read "cooling, one-off, mid spend");
 - frequency reads "one-off" whenever the segment's median customer bought once, whatever the
   rank (a literal fact beats a relative one);
-- recency reads "lapsed" only when it is also true in absolute terms: a segment whose rank says
-  lapsed but whose median customer has been away no longer than the segment's usual gap between
-  purchases reads "cooling" (on the synthetic logs the big-ticket buyers, who buy every two
-  months or so and never churn, rank in the top third on recency). The gap is read from the
-  profile alone, so names stay reproducible from the published table: (median tenure - median
-  recency) / (median frequency - 1), the span from first to last purchase over the purchases
-  after the first. Tenure alone over (frequency - 1) would count the time away as part of the
-  gap, and a segment of two-purchase customers could then never read lapsed. A one-off segment
-  has no gap and keeps the rank's word;
+- recency "lapsed" is checked against the segment's own rhythm, its usual gap between purchases,
+  both ways. A segment whose rank says lapsed but whose median customer has been away no longer
+  than one usual gap reads "cooling" (on the synthetic logs the big-ticket buyers, who buy every
+  two months or so and never churn, rank in the top third on recency). A segment whose median
+  customer has been away more than `LAPSED_AFTER_GAPS` usual gaps reads "lapsed" whatever its
+  rank: its customers have stopped buying, which is what a win-back campaign looks for, even
+  when a bigger segment has been gone longer still (on the CDNOW sample on 1998-06-30 the
+  repeat buyers, away a median 213 days and used to buying every 96, rank mid behind the
+  one-off buyers, gone 493 days). Between one and two gaps the rank decides. Two gaps is where
+  an active buyer is rarely found: if buying is memoryless, a customer who still buys has been
+  away longer than two usual gaps with probability e^-2 (14%), so for the segment's median
+  customer to be past two gaps, more than 40% of its customers must have stopped.
+  The gap is read from the profile alone, so names stay reproducible from the published table:
+  (median tenure - median recency) / (median frequency - 1), the span from first to last
+  purchase over the purchases after the first. Tenure alone over (frequency - 1) would count the
+  time away as part of the gap, and a segment of two-purchase customers could then never read
+  lapsed. A one-off segment has no gap and keeps the rank's word, as does a segment whose median
+  customer bought on one day only (span 0: no rhythm to be late on);
 - names are unique within a night: segments that share one get the first qualifier that tells
   them apart, ranked among those segments alone: basket size (mean spend per purchase), tenure,
   then spend trend; any still alike end with "(segment <id>)".
@@ -39,6 +48,7 @@ import numpy as np
 import pandas as pd
 
 NEAR_TIE = 0.05  # percentile points within which neighbouring segments count as equal
+LAPSED_AFTER_GAPS = 2.0  # usual gaps away beyond which a repeat-buying segment reads lapsed
 NAME_FEATURES = (  # (feature, words for low / mid / high), in the order they are named
     ("recency_days", ("recent", "cooling", "lapsed")),
     ("frequency", ("infrequent", "occasional", "frequent")),
@@ -93,11 +103,12 @@ def usual_gap_days(profiles: pd.DataFrame) -> pd.Series:
 
     (median tenure - median recency) / (median frequency - 1): the median customer's span from
     first to last purchase, over the purchases after the first. NaN for a one-off segment
-    (median frequency 1 or less), which has no gap.
+    (median frequency 1 or less) and for one whose span is 0 (every purchase on one day): neither
+    has a rhythm.
     """
     span = profiles["median_tenure_days"] - profiles["median_recency_days"]
     repeats = profiles["median_frequency"] - 1
-    return (span / repeats.where(repeats > 0)).rename("usual_gap_days")
+    return (span.where(span > 0) / repeats.where(repeats > 0)).rename("usual_gap_days")
 
 
 def name_segments(profiles: pd.DataFrame) -> pd.Series:
@@ -113,8 +124,9 @@ def name_segments(profiles: pd.DataFrame) -> pd.Series:
     one_off = profiles["median_frequency"] <= 1
     words[1] = words[1].where(~one_off, ONE_OFF)
     _, cooling, lapsed = NAME_FEATURES[0][1]
-    within_rhythm = profiles["median_recency_days"] <= usual_gap_days(profiles)  # NaN: no gap
-    words[0] = words[0].mask((words[0] == lapsed) & within_rhythm, cooling)
+    gaps_away = profiles["median_recency_days"] / usual_gap_days(profiles)  # NaN: no rhythm
+    words[0] = words[0].mask((words[0] == lapsed) & (gaps_away <= 1), cooling)
+    words[0] = words[0].mask(gaps_away > LAPSED_AFTER_GAPS, lapsed)
     names = words[0].str.cat(words[1:], sep=", ")
     for feature, vocabulary in QUALIFIERS:
         for _, group in names.groupby(names, sort=True):
