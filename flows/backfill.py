@@ -25,6 +25,7 @@ from finpipe.tasks.steps import promote, train
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
 from pydantic import Field
 
 from finpipe.date_runs import (
@@ -49,7 +50,17 @@ from finpipe.planning import (
 from finpipe.schedule import today_in
 
 
-@flow(name="backfill", flow_run_name="backfill-{domain}-{start}-to-{end}", log_prints=True)
+def _run_name() -> str:
+    """Name a run after its domain and range, then the last six characters of its run id:
+    two backfills of one range (a re-run, a second form submitted) stay apart in the Prefect
+    UI and in a waiting run's "held by" message, and the suffix is the end of the run's URL."""
+    parameters = flow_run.parameters
+    domain, start, end = parameters.get("domain", "market"), parameters["start"], parameters["end"]
+    name = f"backfill-{domain}-{start}-to-{end}"
+    return f"{name}-{flow_run.id[-6:]}" if flow_run.id else name
+
+
+@flow(name="backfill", flow_run_name=_run_name, log_prints=True)
 def backfill(
     domain: DomainName = "market",
     *,

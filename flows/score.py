@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from finpipe.flows.parameters import DomainName
-from finpipe.flows.run_setup import set_up_run
+from finpipe.flows.run_setup import set_up_run, warn_of_stale_predictions
 from finpipe.flows.summaries import artifact_key, score_markdown
 from finpipe.tasks.dates import process_date, update_features
 from prefect import flow
@@ -30,10 +30,11 @@ def score(domain: DomainName = "market", as_of: dt.date | None = None) -> dict:
     """
     run = set_up_run("score", domain)
     run_date = run_day(domain, as_of, run.validated_dates(end=as_of), run.calendar).isoformat()
-    update_features(domain, run_date, run.holder, run.lock_timeout)
+    features = update_features(domain, run_date, run.holder, run.lock_timeout)
     outcome = process_date(domain, run_date, list(ALL_STEPS), run.holder, run.lock_timeout)
+    stale = warn_of_stale_predictions(run, features)
     create_markdown_artifact(
         key=artifact_key("score", domain),
-        markdown=score_markdown(domain, run_date, outcome["predictions"]),
+        markdown=score_markdown(domain, run_date, outcome["predictions"], stale),
     )
-    return outcome
+    return {**outcome, "stale_predictions": stale}

@@ -154,8 +154,11 @@ def _number(value) -> str:
     return "" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def train_markdown(domain: str, as_of: str, training: dict, decision: dict | None) -> str:
-    """Return the train run's summary: the MLflow run, the candidate, metrics, promotion."""
+def train_markdown(
+    domain: str, as_of: str, training: dict, decision: dict | None, stale: dict | None = None
+) -> str:
+    """Return the train run's summary: the MLflow run, the candidate, metrics, promotion, and
+    the earlier predictions scored from data its feature update changed (`stale`)."""
     lines = [
         f"# finpipe train: {domain} as of {as_of}",
         "",
@@ -166,15 +169,19 @@ def train_markdown(domain: str, as_of: str, training: dict, decision: dict | Non
     ]
     if decision:
         lines += ["", "## Promotion", decision["reason"]]
+    if stale:
+        lines += ["", "## Stale predictions", _stale_text(stale)]
     return "\n".join(lines)
 
 
-def score_markdown(domain: str, as_of: str, predictions: dict) -> str:
-    """Return the score run's summary: how many rows, by which model, where."""
-    return (
+def score_markdown(domain: str, as_of: str, predictions: dict, stale: dict | None = None) -> str:
+    """Return the score run's summary: how many rows, by which model, where, and the earlier
+    predictions scored from data its feature update changed (`stale`)."""
+    text = (
         f"# finpipe score: {domain} {as_of}\n\n{predictions['rows']:,} rows by "
         f"{predictions['model_name']} v{predictions['model_version']} in `{predictions['path']}`."
     )
+    return text + (f"\n\n## Stale predictions\n{_stale_text(stale)}" if stale else "")
 
 
 def backfill_description(

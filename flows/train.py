@@ -6,7 +6,7 @@ import datetime as dt
 from typing import Any
 
 from finpipe.flows.parameters import DomainName, HistoryDates, training_overrides
-from finpipe.flows.run_setup import set_up_run
+from finpipe.flows.run_setup import set_up_run, warn_of_stale_predictions
 from finpipe.flows.summaries import artifact_key, train_markdown
 from finpipe.tasks.dates import update_features
 from finpipe.tasks.steps import promote as promote_task
@@ -49,13 +49,20 @@ def train(
     run = set_up_run("train", domain)
     config = training_config(domain, training_overrides(training, history_dates, history_start))
     run_date = run_day(domain, as_of, run.validated_dates(end=as_of), run.calendar).isoformat()
-    update_features(domain, run_date, run.holder, run.lock_timeout)
+    features = update_features(domain, run_date, run.holder, run.lock_timeout)
     outcome = train_task(domain, run_date, config)
     decision = promote_task(domain, outcome) if promote else None
     if decision:
         get_run_logger().info(decision["reason"])
+    stale = warn_of_stale_predictions(run, features)
     create_markdown_artifact(
         key=artifact_key("train", domain),
-        markdown=train_markdown(domain, run_date, outcome, decision),
+        markdown=train_markdown(domain, run_date, outcome, decision, stale),
     )
-    return {"domain": domain, "as_of": run_date, "training": outcome, "promotion": decision}
+    return {
+        "domain": domain,
+        "as_of": run_date,
+        "training": outcome,
+        "promotion": decision,
+        "stale_predictions": stale,
+    }

@@ -656,6 +656,23 @@ def test_a_backfill_of_dates_without_data_says_which_dates_the_store_holds(marke
 
 
 @pytest.mark.slow
+def test_two_backfills_of_one_range_are_told_apart_by_their_run_names(tmp_path):
+    """Each run is named after its domain and range, then the end of its run id: a second
+    backfill of the same range gets a name of its own in the Prefect UI."""
+    from finpipe.flows.backfill import backfill
+    from prefect.client.orchestration import get_client
+
+    start, end = dt.date(2024, 1, 2), dt.date(2024, 1, 3)
+    with finpipe_home(tmp_path / "home"):
+        states = [backfill(start=start, end=end, return_state=True) for _ in range(2)]
+    with get_client(sync_client=True) as client:
+        runs = [client.read_flow_run(state.state_details.flow_run_id) for state in states]
+    for run in runs:
+        assert run.name == f"backfill-market-{start}-to-{end}-{str(run.id)[-6:]}"
+    assert runs[0].name != runs[1].name
+
+
+@pytest.mark.slow
 def test_a_partly_failed_backfill_redoes_only_what_failed_and_ends_as_a_clean_run(
     market, base, tmp_path
 ):
@@ -799,6 +816,71 @@ def test_the_backfill_the_status_names_after_a_correction_leaves_nothing_stale(
     }
     after = domain_status(storage, "market", NYSE)
     assert (after.stale, after.unscored, after.failed) == ([], [], [])
+
+
+@pytest.mark.slow
+def test_the_train_and_score_flows_name_the_predictions_a_correction_left_stale(
+    market, base, tmp_path
+):
+    """`finpipe ingest --correction` between nights, then the train or the score deployment:
+    its feature step rebuilds from the corrected day, and, as the nightly does, its summary
+    names the earlier predictions scored from the data that changed, with the backfill that
+    re-scores them (the date a score run scores again is not among them)."""
+    from finpipe.flows.score import score
+    from finpipe.flows.train import train
+
+    storage = Storage(market.home)
+    history = storage.partition_dates("validated", "market")
+    update_market_features(storage, history[-1])
+    for day in history[-4:]:
+        assert process_date(storage, market, "market", day).status == "completed"
+    rows, path = _restated(base, history[-4], tmp_path)
+    ingest_file(storage, MARKET_CONTRACT, path, as_of=TODAY, correction=True)
+
+    state = train(as_of=history[-1], training=TINY, promote=False, return_state=True)
+    stale = state.result()["stale_predictions"]
+    assert stale == {
+        "dates": [day.isoformat() for day in history[-4:]],
+        "removed": [],
+        "backfill": f"finpipe run backfill --domain market --start {history[-4]} "
+        f"--end {history[-1]}",
+    }
+    text = _markdown_artifact(state.state_details.flow_run_id, "train-market")
+    assert "## Stale predictions\nPredictions of 4 earlier dates were scored from data" in text
+    assert f"Re-score them with `{stale['backfill']}`" in text
+
+    again = rows.copy()
+    again[["Open", "High", "Low", "Close", "Adj Close"]] *= 1.01
+    again.to_csv(tmp_path / "again.csv", index=False)
+    ingest_file(storage, MARKET_CONTRACT, tmp_path / "again.csv", as_of=TODAY, correction=True)
+    state = score(as_of=history[-1], return_state=True)
+    scored = state.result()
+    assert scored["status"] == "completed"
+    assert scored["stale_predictions"]["dates"] == [day.isoformat() for day in history[-4:-1]]
+    text = _markdown_artifact(state.state_details.flow_run_id, "score-market")
+    assert "## Stale predictions\nPredictions of 3 earlier dates were scored from data" in text
+    assert f"`finpipe run backfill --domain market --start {history[-4]} --end {history[-2]}`" in (
+        text
+    )
+
+
+def _markdown_artifact(flow_run_id, key: str) -> str:
+    """Return the markdown artifact `key` the flow run published."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterKey,
+    )
+
+    with get_client(sync_client=True) as client:
+        [artifact] = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
+                key=ArtifactFilterKey(any_=[key]),
+            )
+        )
+    return artifact.data
 
 
 @pytest.mark.slow

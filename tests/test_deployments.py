@@ -97,7 +97,7 @@ def test_backfill_custom_run_writes_a_partition_and_a_status_row_per_date(team):
     )
     run = wait_for_run(team.api, run_id)
     assert run.state.is_completed(), run.state.message
-    assert run.name == f"backfill-market-{start}-to-{end}"
+    assert run.name == f"backfill-market-{start}-to-{end}-{str(run.id)[-6:]}"
     days = calendar_named("XNYS").sessions(dates[0], dates[-1])
     for day in days:
         predictions = storage.read_partition("predictions", "market", day)

@@ -315,6 +315,28 @@ def test_the_trees_and_a_stacked_ensemble_compete_with_their_cross_fitted_valida
     assert len(cross) == validation["forward_return_5d"].notna().sum()
 
 
+def test_the_ensembles_training_line_names_its_members_and_not_itself(tmp_path):
+    """The line a run logs for the ensemble gives its own ICs, then each member's test IC:
+    the members it combined, not the ensemble a second time."""
+    frame = _panel(3, n_dates=160)
+    split = time_split(frame.loc[frame["forward_return_5d"].notna(), "date"], embargo=HORIZON)
+    config = MarketTrainingConfig(
+        models=["mlp", "lgbm", "ensemble"], hidden=8, max_epochs=2, seed_average={},
+        boosted_trees=SMALL,
+    )  # fmt: skip
+    night = MarketNight(
+        Storage(tmp_path), dt.date(2024, 1, 1), config, frame, FEATURES, split, HORIZON
+    )
+    said: list[str] = []
+    for kind in night.candidates():
+        night.fit(kind, lambda *_, **__: None, said.append)
+
+    line = said[-1]
+    assert line.startswith("ensemble (stacked of mlp, lgbm): validation IC ")
+    members = line.split("; members' test IC ")[1].split(", ")
+    assert [member.split(" ")[0] for member in members] == ["mlp", "lgbm"]
+
+
 @pytest.mark.parametrize(("embargo", "effective"), [(20, 20), (2, HORIZON), (None, HORIZON)])
 def test_the_split_embargo_is_the_configured_one_and_at_least_the_horizon(
     tmp_path, monkeypatch, embargo, effective

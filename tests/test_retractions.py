@@ -95,6 +95,33 @@ def test_a_retracted_row_removes_the_published_row_and_is_kept_with_its_batch(de
     assert (listed["file"], listed["replaced"], listed["retracted"]) == ("cancel.csv", 5, 1)
 
 
+def test_a_corrections_message_counts_the_dates_of_its_rows_not_of_its_retractions(
+    delivered, tmp_path
+):
+    """Four restated rows of one day and a retracted bar of another: "4 rows over 1 date",
+    dry run and ingest alike; the batch record's first and last dates still span both days
+    (the dates it changed, what `finpipe batches` lists)."""
+    from finpipe.ingest import check_file
+
+    storage, _, vendor = delivered
+    day, tickers = _day_tickers(vendor, 10)
+    restated_day, _ = _day_tickers(vendor, 20)
+    restated = vendor[vendor["Date"] == restated_day].copy()
+    restated["Volume"] += 1
+    path = _retraction(vendor, [(day, tickers[1])], tmp_path / "cancel.csv", restated)
+    contract = get_domain("market").contract
+
+    predicted = check_file(storage, contract, path, as_of=AS_OF, correction=True)
+    assert predicted.message.startswith("cancel.csv: 4 rows over 1 date would be published (")
+    assert predicted.dates == 1
+    outcome = _ingest(storage, path, correction=True)
+    assert outcome.message.startswith("cancel.csv: 4 rows over 1 date validated (a correction: ")
+    assert "5 published rows of b" in outcome.message and "1 of them retracted" in outcome.message
+    assert outcome.dates == 1
+    record = storage.read_batch_record("market", outcome.sha256)
+    assert (record["first_date"], record["last_date"]) == (restated_day, day)
+
+
 def test_a_bar_delivered_under_the_wrong_ticker_moves_by_a_retraction_and_a_new_row(
     delivered, tmp_path
 ):

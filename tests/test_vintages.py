@@ -184,6 +184,11 @@ def test_the_command_line_writes_the_layer_as_known_at_a_time(tmp_path, monkeypa
     clock.tick()
     with pytest.raises(ValidationFailed):
         ingest_file(storage, contract, bad, as_of="2030-01-01")
+    unreadable = tmp_path / "unreadable.csv"
+    unreadable.write_text("a,b\n1,2\n")
+    clock.tick()
+    with pytest.raises(ValidationFailed):
+        ingest_file(storage, contract, unreadable, as_of="2030-01-01")
     listed = CliRunner().invoke(app, ["batches", "market"])
     assert listed.exit_code == 0, listed.output
     header, *lines = listed.output.strip().splitlines()
@@ -195,7 +200,11 @@ def test_the_command_line_writes_the_layer_as_known_at_a_time(tmp_path, monkeypa
         ["2026-03-02T10:00:00+00:00", "validated", history.name, f"{len(rows):,}", "-", "-"]
         + [rows["Date"].min(), "..", day],
         ["2026-03-02T11:00:00+00:00", "validated", "fix.csv", "2", "2", "0", day, "..", day],
-        ["2026-03-02T12:00:00+00:00", "quarantined", "bad.csv", "-", "-", "-", "-", "..", "-"],
+        # A quarantined file: the rows its suite checked and their dates; none for one
+        # refused before its suite ran (its columns are not the contract's).
+        ["2026-03-02T12:00:00+00:00", "quarantined", "bad.csv", "2", "-", "-", day, "..", day],
+        ["2026-03-02T13:00:00+00:00", "quarantined", unreadable.name, "-", "-", "-"]
+        + ["-", "..", "-"],
     ]
     unknown = CliRunner().invoke(app, ["batches", "bonds"])
     assert isinstance(unknown.exception, ConfigError)

@@ -238,9 +238,7 @@ def ingest_file(
                 storage, contract, path, readable, as_of, batch_id, docs_dir, correction
             )
         except _Rejected as rejected:
-            _quarantine(
-                storage, contract, record, landed, rejected.report, rejected.docs, rejected.message
-            )
+            _quarantine(storage, contract, record, landed, rejected)
         outcome = _publish_checked(storage, contract, path, checked, record, correction)
         outcome.landed_path = storage.location(landed)
         if docs_dir.exists():
@@ -411,10 +409,9 @@ def check_file(
     if together is not None:
         together.add(path.name, sha, checked)
     date_col = contract.date_column
-    days = set(checked.frame[date_col])
-    if checked.retracted is not None:
-        days |= set(checked.retracted[date_col])
-    dates = sorted(pd.Timestamp(day).date() for day in days)
+    delivered = _days_of(_rows_to_publish(contract, checked), date_col)
+    retracted_days = _days_of(checked.retracted, date_col) if checked.retracted is not None else []
+    dates = sorted({*delivered, *retracted_days})
     replaced, retracted = checked.replaced_counts()
     clause = ""
     if correction:
@@ -431,9 +428,9 @@ def check_file(
         rows=len(checked.frame),
         first_date=dates[0].isoformat() if dates else None,
         last_date=dates[-1].isoformat() if dates else None,
-        dates=len(dates),
+        dates=len(delivered),
         message=f"{path.name}: {counted(len(checked.frame), 'row')} over "
-        f"{counted(len(dates), 'date')} would be published{clause}"
+        f"{counted(len(delivered), 'date')} would be published{clause}"
         + (f" with {counted(len(warnings), 'warning')}: {' '.join(warnings)}" if warnings else "")
         + "; nothing written",
         warnings=warnings,
@@ -542,11 +539,14 @@ def _as_another(path: Path, previous: dict) -> str:
 
 
 class _Rejected(Exception):
-    """A delivery that breaks a rule: its report, its Data Docs folder if built, and why."""
+    """A delivery that breaks a rule: its report, its Data Docs folder if built, why, and the
+    rows the suite checked (None: the file was refused before, e.g. unreadable)."""
 
-    def __init__(self, report: dict, docs: Path | None, message: str) -> None:
+    def __init__(
+        self, report: dict, docs: Path | None, message: str, rows: pd.DataFrame | None = None
+    ) -> None:
         super().__init__(message)
-        self.report, self.docs, self.message = report, docs, message
+        self.report, self.docs, self.message, self.rows = report, docs, message, rows
 
 
 @dataclass
@@ -622,7 +622,7 @@ def _check(
     if not report_dict["success"]:
         extras = [_rule_sentence(extra) for extra in report_dict["rules"][len(report.rules) :]]
         message = report.summary(extras) if not report.success else " ".join(extras)
-        raise _Rejected(report_dict, docs, message)
+        raise _Rejected(report_dict, docs, message, frame)
     checked = _Checked(frame, retracted, report)
     if correction:
         key = _superseded_key(storage, contract, batch_id)
@@ -634,7 +634,7 @@ def _check(
         if problem is not None:
             report_dict.update(success=False)
             report_dict.setdefault("rules", []).append(problem)
-            raise _Rejected(report_dict, docs, problem["message"])
+            raise _Rejected(report_dict, docs, problem["message"], frame)
         checked.replaced = replaced
         checked.restating = _without(replaced, retracted, contract.restated_by())
         checked.emptied = _emptied_dates(layer, contract, checked)
@@ -667,9 +667,10 @@ def _publish_checked(storage, contract, path: Path, checked: _Checked, record: d
     published = _publish(
         storage, contract, rows, batch_id, replace_keys=replace_keys, retract=checked.retracted
     )
-    dates = sorted(published)
+    dates = sorted(published)  # a retracted row's too: the dates the batch changed
     warnings = [describe_rule_break(rule) for rule in checked.report.warnings()]
     frame = checked.frame
+    delivered = _days_of(rows, contract.date_column)  # the dates of the rows it publishes
     record.update(
         status="validated",
         validated_at=_now(),
@@ -690,8 +691,8 @@ def _publish_checked(storage, contract, path: Path, checked: _Checked, record: d
         rows=len(frame),
         first_date=record["first_date"],
         last_date=record["last_date"],
-        dates=len(dates),
-        message=f"{path.name}: {counted(len(frame), 'row')} over {counted(len(dates), 'date')} "
+        dates=len(delivered),
+        message=f"{path.name}: {counted(len(frame), 'row')} over {counted(len(delivered), 'date')} "
         "validated"
         + corrected
         + (f" with {counted(len(warnings), 'warning')}: {' '.join(warnings)}" if warnings else ""),
@@ -700,6 +701,13 @@ def _publish_checked(storage, contract, path: Path, checked: _Checked, record: d
         retracted_rows=record.get("retracted_rows") if correction else None,
         removed_dates=record.get("removed_dates", []),
     )
+
+
+def _days_of(rows: pd.DataFrame, date_column: str) -> list[dt.date]:
+    """Return the distinct days of `rows`, in order: the M of a delivery's "N rows over M
+    dates" (a correction's retracted rows publish no row, so their days are not among them;
+    the batch record's first and last dates, the dates it changed, include them)."""
+    return sorted({pd.Timestamp(day).date() for day in rows[date_column].dropna()})
 
 
 def _removed_clause(emptied: list[dt.date], would: bool = False) -> str:
@@ -1211,21 +1219,33 @@ def _publish_group(storage, contract, group, rows, docs_key) -> Iterator[IngestO
         )
 
 
-def _quarantine(storage, contract, record, landed, report, docs_dir, message) -> NoReturn:
+def _quarantine(storage, contract, record, landed, rejected: _Rejected) -> NoReturn:
+    """Keep the rejected batch in quarantine/ with its report, note in its record the rows the
+    suite checked and their first and last dates (what `finpipe batches` lists; none for a file
+    refused before, e.g. unreadable), and raise ValidationFailed saying why."""
+    report = rejected.report
     folder = storage.quarantine_batch(
         contract.domain,
         record["batch_id"],
         landed,
         report,
-        docs_dir,
+        rejected.docs,
         file_name=Path(record["source"]).name,
     )
     where = storage.location(folder)
+    if rejected.rows is not None:
+        days = _days_of(rejected.rows, contract.date_column)
+        record.update(
+            rows=len(rejected.rows),
+            first_date=days[0].isoformat() if days else None,
+            last_date=days[-1].isoformat() if days else None,
+        )
     record.update(status="quarantined", quarantined_at=_now(), quarantine_path=where)
     storage.write_batch_record(contract.domain, record)
     raise ValidationFailed(
         f"{Path(record['source']).name} rejected (rules failed: {_failed_rules(report)}). "
-        f"{sentence(message)} Batch kept in {where} with report.json; accepted data is untouched.",
+        f"{sentence(rejected.message)} Batch kept in {where} with report.json; accepted data is "
+        "untouched.",
         quarantine_path=where,
     )
 

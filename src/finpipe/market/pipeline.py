@@ -214,7 +214,11 @@ class MarketNight(lifecycle.Night[MarketTrainingConfig]):
             f"ensemble ({ensemble.combination} of {', '.join(members)}): validation IC "
             f"{windows['validation']['ic']:.4f}, test IC {windows['test']['ic']:.4f}; members' "
             "test IC "
-            + ", ".join(f"{row.candidate} {row.test_ic:.4f}" for row in table.itertuples())
+            + ", ".join(
+                f"{row.candidate} {row.test_ic:.4f}"
+                for row in table.itertuples()
+                if row.candidate != ENSEMBLE  # the table's last row: its own, given above
+            )
         )
         return candidate
 
