@@ -300,6 +300,30 @@ def test_the_report_trades_every_model_and_the_oracle_and_costs_lower_returns(st
     assert {f"plots/ic_{signal}.png" for signal in report.results} <= set(paths)
 
 
+def test_the_run_summary_says_when_a_book_was_wiped_out():
+    """A long-short book whose short leg more than doubles loses all its value: the Prefect
+    summary's portfolio table names that session (it showed only the figures, which after it
+    average a flat 0 in, so a ruined book read as an ordinary, poor strategy)."""
+    from types import SimpleNamespace
+
+    from finpipe import portfolio
+
+    dates = pd.bdate_range("2024-01-01", periods=5)
+    returns = pd.DataFrame({"A": [0.0, 0.0, 0.0, 0.1, 0.1], "B": [0.0, 0.0, 2.5, 0.0, 0.0]})
+    weights = {d: pd.Series({"A": 0.5, "B": -0.5}) for d in dates[:3]}
+    ruined = portfolio.run_portfolio(weights, returns.set_axis(dates), cost_bps=0.0)
+    kept = portfolio.run_portfolio(weights, returns.assign(B=0.0).set_axis(dates), cost_bps=0.0)
+    summary = portfolio.summarise({"long_short": ruined, "long_only": kept}).assign(signal="mlp")
+    lines = bt._report_tables(SimpleNamespace(summary=summary, ic_by_year=pd.DataFrame()))
+    header, _, *table = [
+        [cell.strip() for cell in line.strip("|").split("|")] for line in lines[2:6]
+    ]
+    rows = {cells[1]: cells for cells in table}
+    column = header.index("wiped out")
+    assert rows["long_short"][column] == "2024-01-03"
+    assert rows["long_only"][column] == ""
+
+
 def test_the_command_line_documents_every_parameter_of_the_flow():
     from finpipe.flows.backtest import backtest
     from typer.testing import CliRunner

@@ -424,6 +424,37 @@ def test_a_fit_window_covers_exactly_what_its_model_trained_or_was_validated_on(
     assert not covered[~in_early].any()  # loans after the model's time: never its own
 
 
+def test_a_fit_window_out_of_time_covers_the_models_embargo_and_purged_loans():
+    """A champion split out of time with a 20-date embargo and a 30-day outcome window: the
+    loans dated in its embargo and those purged from its validation set were not learnt from,
+    but its validation defaults, settled up to its first test date, overlap their outcome
+    windows (which is why its own split held them out of its test set). A later night's
+    challenger tested on those dates must not judge the champion on them: the window covers
+    every loan before the champion's first test date, and none from it on (it covered only up
+    to the last training or validation date, leaving the embargo's loans to judge it on)."""
+    labelled, _, _ = _labelled_book(CreditSyntheticConfig(applications=3000, seed=3), 0.15)
+    split = split_rows(
+        labelled,
+        id_column="loan_id",
+        dated=True,
+        validation_fraction=0.15,
+        test_fraction=0.15,
+        embargo_days=20,
+        seed=0,
+        outcome_window_days=30,
+    )
+    assert split.kind == "out_of_time" and split.purged > 0
+    dates = labelled["date"]
+    first_test = dates[split.test].min()
+    gap = (dates > dates[split.train | split.validation].max()) & (dates < first_test)
+    assert gap.sum() > 0  # the embargo's and the purged loans: the case the window must cover
+    window = FitWindow.of(
+        labelled, split, dated=True, validation_fraction=0.15, test_fraction=0.15, seed=0
+    )
+    covered = window.covers(labelled, "loan_id")
+    assert covered.tolist() == (dates < first_test).tolist()
+
+
 def test_promotion_never_judges_the_champion_on_loans_it_trained_on(monkeypatch):
     """A champion trained with 5% test and 5% validation dates, a challenger split tonight
     with 30% test dates: most of tonight's test loans were the champion's training or
@@ -480,6 +511,36 @@ def test_promotion_never_judges_the_champion_on_loans_it_trained_on(monkeypatch)
     overlap = set(test["loan_id"]) & set(champion_fit)
     assert len(overlap) > 0.5 * len(test)  # the settings change the bug needs
     assert asked["1"] == asked["2"] == set(test["loan_id"]) - set(champion_fit)
+
+
+def test_comparison_rows_without_a_champion_window_or_with_nothing_left_say_so(caplog):
+    """A champion saved before finpipe recorded fit windows is compared on every test loan,
+    with a warning; one that learnt from every test loan leaves none, and the warning says
+    the challenger cannot be measured (both then score NaN, which is never promoted)."""
+    import logging
+
+    from finpipe.credit.pipeline import comparison_rows
+
+    labelled, split, _ = _labelled_book(CreditSyntheticConfig(applications=600, seed=3), 0.15)
+    test = labelled[split.test].reset_index(drop=True)
+
+    def champion(window: FitWindow | None) -> RegisteredModel:
+        return RegisteredModel("m", "1", "r", SimpleNamespace(fit_window=window))
+
+    assert comparison_rows(test, None, "loan_id") is test
+    with caplog.at_level(logging.WARNING, "finpipe.credit"):
+        kept = comparison_rows(test, champion(None), "loan_id")
+    assert len(kept) == len(test)
+    assert "champion v1 records no training window" in caplog.text
+    caplog.clear()
+    later = str(labelled["date"].max().date())
+    everything = FitWindow("out_of_time", later, 0.15, 0.15, 0)
+    with caplog.at_level(logging.WARNING, "finpipe.credit"):
+        left = comparison_rows(test, champion(everything), "loan_id")
+    assert left.empty
+    assert f"{len(test)} of {len(test)} test loans left out" in caplog.text
+    assert "the challenger cannot be measured and is not promoted" in caplog.text
+    assert np.isnan(credit_metrics(left[LABEL].to_numpy(), np.array([]))["auc"])
 
 
 @pytest.mark.parametrize(

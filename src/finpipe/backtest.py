@@ -892,6 +892,8 @@ _COLUMNS = {
     "mean_turnover": "turnover",
     "excess_return": "excess return",
     "excess_information_ratio": "excess IR",
+    # the session a book lost all its value: its figures after it are a flat 0, not a strategy
+    "wiped_out": "wiped out",
 }
 
 

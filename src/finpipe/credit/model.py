@@ -984,10 +984,13 @@ class FitWindow:
     a later night's promotion never judges it on them (`covers`), whatever split settings that
     night uses.
 
-    Out of time: every loan dated up to `last_date`, the latest training or validation date
-    (purged loans among them too: a model is not judged on the period it learnt from). By loan
-    id: the loans the id hash of `seed` and the fractions put in training or validation, and in
-    a dated book only those up to `last_date` (later loans came after the model).
+    Out of time: every loan dated up to `last_date`, the last date before the model's own test
+    window: its purged loans and its embargo's dates too. A model is not judged on the period it
+    learnt from, nor on loans whose outcome windows overlap the defaults it was early-stopped
+    and calibrated on (its validation labels were settled up to its first test date, which is
+    why its own split purged and embargoed those loans). By loan id: the loans the id hash of
+    `seed` and the fractions put in training or validation, and in a dated book only those up
+    to `last_date`, the latest training or validation date (later loans came after the model).
     """
 
     split: str  # the RowSplit kind: "out_of_time" or "by_loan_id"
@@ -1009,9 +1012,14 @@ class FitWindow:
     ) -> FitWindow:
         """Return the fit window of a model fitted on `split` of `frame` (the split settings
         `validation_fraction`, `test_fraction` and `seed` drew it with)."""
-        fit_dates = frame.loc[split.train | split.validation, DATE_COLUMN]
-        last = str(fit_dates.max().date()) if dated and len(fit_dates) else None
-        return cls(split.kind, last, validation_fraction, test_fraction, seed)
+        dates = frame[DATE_COLUMN]
+        fit_dates = dates[split.train | split.validation]
+        if not dated or not len(fit_dates):
+            return cls(split.kind, None, validation_fraction, test_fraction, seed)
+        last = fit_dates.max()
+        if split.kind == "out_of_time" and split.test.any():
+            last = dates[dates < dates[split.test].min()].max()
+        return cls(split.kind, str(last.date()), validation_fraction, test_fraction, seed)
 
     def covers(self, frame: pd.DataFrame, id_column: str) -> np.ndarray:
         """Return a boolean mask of the rows of `frame` the model trained or was validated on."""
