@@ -159,8 +159,11 @@ def test_a_segment_far_past_its_rhythm_reads_lapsed_though_a_bigger_one_is_gone_
     ]
 
 
-def test_two_usual_gaps_away_is_lapsed_whatever_the_rank_and_between_one_and_two_the_rank_decides():
-    """Gaps of 30 days (tenure - recency = 90 over 3 repeat purchases) for every segment."""
+def test_two_usual_gaps_away_turns_cooling_to_lapsed_and_between_one_and_two_the_rank_decides():
+    """Gaps of 30 days (tenure - recency = 90 over 3 repeat purchases) for every segment. The
+    check moves the rank's word one step at most: a segment that ranks recent stays recent, as
+    the newest customers do (two purchases two days apart, last seen 6 days ago: 3 "gaps"
+    away, and they read lapsed when the rule ignored the rank)."""
 
     def away(recency: float, percentile: float) -> dict[str, float]:
         return {
@@ -172,7 +175,7 @@ def test_two_usual_gaps_away_is_lapsed_whatever_the_rank_and_between_one_and_two
 
     profiles = _table(
         [
-            away(61, 0.10),  # ranks recent, 2.03 gaps away
+            away(61, 0.10),  # ranks recent, 2.03 gaps away: recent still
             away(59, 0.45),  # ranks mid, 1.97 gaps away
             away(45, 0.70),  # ranks mid, 1.5 gaps away
             away(45, 0.95),  # ranks lapsed, 1.5 gaps away
@@ -183,7 +186,20 @@ def test_two_usual_gaps_away_is_lapsed_whatever_the_rank_and_between_one_and_two
     )
     recency = name_segments(profiles).str.split(",").str[0].tolist()
     # segment 5: two purchases on one day, 80 days ago: no rhythm to be late on, the rank decides
-    assert recency == ["lapsed", "cooling", "cooling", "lapsed", "cooling", "cooling", "recent"]
+    assert recency == ["recent", "cooling", "cooling", "lapsed", "cooling", "cooling", "recent"]
+    newest = _table(
+        [
+            {  # ranks recent: two purchases two days apart, last seen 6 days ago (3 "gaps")
+                "recency_days": 0.05,
+                "median_recency_days": 6,
+                "median_tenure_days": 8,
+                "median_frequency": 2,
+            },
+            away(70, 0.40),  # ranks cooling, 2.33 gaps away
+            away(400, 0.90),  # ranks lapsed
+        ]
+    )
+    assert name_segments(newest).str.split(",").str[0].tolist() == ["recent", "lapsed", "lapsed"]
     assert np.isnan(usual_gap_days(profiles).iloc[5])
 
 

@@ -19,15 +19,19 @@ A name is three words, recency, frequency and spend, e.g. "recent, frequent, hig
 - recency "lapsed" is checked against the segment's own rhythm, its usual gap between purchases,
   both ways. A segment whose rank says lapsed but whose median customer has been away no longer
   than one usual gap reads "cooling" (on the synthetic logs the big-ticket buyers, who buy every
-  two months or so and never churn, rank in the top third on recency). A segment whose median
-  customer has been away more than `LAPSED_AFTER_GAPS` usual gaps reads "lapsed" whatever its
-  rank: its customers have stopped buying, which is what a win-back campaign looks for, even
-  when a bigger segment has been gone longer still (on the CDNOW sample on 1998-06-30 the
-  repeat buyers, away a median 213 days and used to buying every 96, rank mid behind the
-  one-off buyers, gone 493 days). Between one and two gaps the rank decides. Two gaps is where
-  an active buyer is rarely found: if buying is memoryless, a customer who still buys has been
-  away longer than two usual gaps with probability e^-2 (14%), so for the segment's median
-  customer to be past two gaps, more than 40% of its customers must have stopped.
+  two months or so and never churn, rank in the top third on recency). A segment that ranks
+  cooling but whose median customer has been away more than `LAPSED_AFTER_GAPS` usual gaps
+  reads "lapsed": its customers have stopped buying, which is what a win-back campaign looks
+  for, even when a bigger segment has been gone longer still (on the CDNOW sample on
+  1998-06-30 the repeat buyers, away a median 213 days and used to buying every 96, rank mid
+  behind the one-off buyers, gone 493 days). Between one and two gaps the rank decides. The
+  check moves the rank's word one step at most, so a segment that ranks recent stays recent:
+  the newest customers' rhythm rests on one or two intervals (two purchases two days apart,
+  last seen 6 days ago, is 3 "gaps" away), and a win-back offer to them would be wrong. Two
+  gaps is where an active buyer is rarely found: if buying is memoryless, a customer who still
+  buys has been away longer than two usual gaps with probability e^-2 (14%), so for the
+  segment's median customer to be past two gaps, more than 40% of its customers must have
+  stopped.
   The gap is read from the profile alone, so names stay reproducible from the published table:
   (median tenure - median recency) / (median frequency - 1), the span from first to last
   purchase over the purchases after the first. Tenure alone over (frequency - 1) would count the
@@ -126,7 +130,7 @@ def name_segments(profiles: pd.DataFrame) -> pd.Series:
     _, cooling, lapsed = NAME_FEATURES[0][1]
     gaps_away = profiles["median_recency_days"] / usual_gap_days(profiles)  # NaN: no rhythm
     words[0] = words[0].mask((words[0] == lapsed) & (gaps_away <= 1), cooling)
-    words[0] = words[0].mask(gaps_away > LAPSED_AFTER_GAPS, lapsed)
+    words[0] = words[0].mask((words[0] == cooling) & (gaps_away > LAPSED_AFTER_GAPS), lapsed)
     names = words[0].str.cat(words[1:], sep=", ")
     for feature, vocabulary in QUALIFIERS:
         for _, group in names.groupby(names, sort=True):
