@@ -18,6 +18,7 @@ from finpipe.flows.run_setup import (
     ingest_inputs,
     set_up_run,
     warn_of_stale_predictions,
+    with_run_id_suffix,
 )
 from finpipe.flows.summaries import artifact_key, backfill_description
 from finpipe.tasks.dates import process_date, update_features
@@ -56,8 +57,7 @@ def _run_name() -> str:
     UI and in a waiting run's "held by" message, and the suffix is the end of the run's URL."""
     parameters = flow_run.parameters
     domain, start, end = parameters.get("domain", "market"), parameters["start"], parameters["end"]
-    name = f"backfill-{domain}-{start}-to-{end}"
-    return f"{name}-{flow_run.id[-6:]}" if flow_run.id else name
+    return with_run_id_suffix(f"backfill-{domain}-{start}-to-{end}")
 
 
 @flow(name="backfill", flow_run_name=_run_name, log_prints=True)

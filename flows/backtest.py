@@ -8,13 +8,14 @@ import threading
 import time
 from typing import Annotated, Any
 
-from finpipe.flows.run_setup import RunSetup, date_runner, set_up_run
+from finpipe.flows.run_setup import RunSetup, date_runner, set_up_run, with_run_id_suffix
 from finpipe.flows.summaries import artifact_key
 from finpipe.tasks.backtest import backtest_window
 from finpipe.tasks.dates import update_features
 from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.futures import PrefectFuture
+from prefect.runtime import flow_run
 from prefect.task_runners import ProcessPoolTaskRunner, TaskRunner, ThreadPoolTaskRunner
 from pydantic import Field
 
@@ -44,7 +45,16 @@ ModelNames = Annotated[
 ]
 
 
-@flow(name="backtest", flow_run_name="backtest-{name}-{start}-to-{end}", log_prints=True)
+def _run_name() -> str:
+    """Name a run after its backtest and range, then the end of its run id
+    (`with_run_id_suffix`): a backtest run again to redo failed windows gets a name of its own
+    in the Prefect UI."""
+    parameters = flow_run.parameters
+    name, start, end = parameters.get("name", "default"), parameters["start"], parameters["end"]
+    return with_run_id_suffix(f"backtest-{name}-{start}-to-{end}")
+
+
+@flow(name="backtest", flow_run_name=_run_name, log_prints=True)
 def backtest(
     start: dt.date,
     end: dt.date,

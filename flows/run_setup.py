@@ -90,6 +90,14 @@ def set_up_run(
     )
 
 
+def with_run_id_suffix(name: str) -> str:
+    """Return `name` followed by the last six characters of this flow run's id (the end of
+    its URL in the Prefect UI; `name` alone outside a run): repeated runs with the same
+    parameters (a re-run, a form submitted twice) stay apart in the UI and as lock holders.
+    Not for a name another run looks for: the nightly's says which night ran a date."""
+    return f"{name}-{flow_run.id[-6:]}" if flow_run.id else name
+
+
 def _say_empty_globs(patterns: list[str]) -> None:
     """Warn of each glob among a run's inputs that matches no file (a plain path that is
     missing is ingest's error): a misspelt pattern otherwise loads nothing, silently."""

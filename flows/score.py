@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as dt
 
 from finpipe.flows.parameters import DomainName
-from finpipe.flows.run_setup import set_up_run, warn_of_stale_predictions
+from finpipe.flows.run_setup import set_up_run, warn_of_stale_predictions, with_run_id_suffix
 from finpipe.flows.summaries import artifact_key, score_markdown
 from finpipe.tasks.dates import process_date, update_features
 from prefect import flow
@@ -16,8 +16,11 @@ from finpipe.planning import ALL_STEPS, run_day
 
 
 def _run_name() -> str:
+    """Name a run after its domain and date (`latest` without one), then the end of its run
+    id (`with_run_id_suffix`): two score runs of one date stay apart in the Prefect UI."""
     parameters = flow_run.parameters
-    return f"score-{parameters.get('domain', 'market')}-{parameters.get('as_of') or 'latest'}"
+    domain, as_of = parameters.get("domain", "market"), parameters.get("as_of") or "latest"
+    return with_run_id_suffix(f"score-{domain}-{as_of}")
 
 
 @flow(name="score", flow_run_name=_run_name, log_prints=True)

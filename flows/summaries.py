@@ -106,7 +106,7 @@ def summary_markdown(summary: dict) -> str:
     ]
     stale = summary.get("stale_predictions")
     if stale:
-        lines += ["", "## Stale predictions", _stale_text(stale)]
+        lines += ["", "## Stale predictions", _stale_text(stale, loads_files=True)]
     return "\n".join(lines)
 
 
@@ -118,13 +118,22 @@ def _file_figures(item: dict) -> str:
     return f"{rows} | {dates}"
 
 
-def _stale_text(stale: dict) -> str:
-    """Say which earlier dates' predictions this night's data changed, and what to run."""
+def _stale_text(stale: dict, *, loads_files: bool) -> str:
+    """Say which earlier dates' predictions were scored from data changed since, whose
+    features this run brought up to date, and what to run. Where the change came from depends
+    on the run: a nightly or a backfill (`loads_files`) may have loaded it itself, or a run or
+    a `finpipe ingest` before it did; a train or score run loads no file, so it came before."""
     dates = stale["dates"]
     named = ", ".join(dates[:10]) + (f" and {len(dates) - 10} more" if len(dates) > 10 else "")
+    loaded = (
+        "loaded by this run or before it"
+        if loads_files
+        else "loaded before this run, e.g. by `finpipe ingest --correction`"
+    )
     text = (
-        f"Predictions of {counted(len(dates), 'earlier date')} were scored from data this run "
-        f"changed (a correction, a retraction or a late delivery): {named}."
+        f"Predictions of {counted(len(dates), 'earlier date')} were scored from data changed "
+        f"since (a correction, a retraction or a late delivery, {loaded}), whose features "
+        f"this run brought up to date: {named}."
     )
     if stale["backfill"]:
         text += (
@@ -158,7 +167,7 @@ def train_markdown(
     domain: str, as_of: str, training: dict, decision: dict | None, stale: dict | None = None
 ) -> str:
     """Return the train run's summary: the MLflow run, the candidate, metrics, promotion, and
-    the earlier predictions scored from data its feature update changed (`stale`)."""
+    the earlier predictions scored from data changed before it (`stale`)."""
     lines = [
         f"# finpipe train: {domain} as of {as_of}",
         "",
@@ -170,18 +179,20 @@ def train_markdown(
     if decision:
         lines += ["", "## Promotion", decision["reason"]]
     if stale:
-        lines += ["", "## Stale predictions", _stale_text(stale)]
+        lines += ["", "## Stale predictions", _stale_text(stale, loads_files=False)]
     return "\n".join(lines)
 
 
 def score_markdown(domain: str, as_of: str, predictions: dict, stale: dict | None = None) -> str:
     """Return the score run's summary: how many rows, by which model, where, and the earlier
-    predictions scored from data its feature update changed (`stale`)."""
+    predictions scored from data changed before it (`stale`)."""
     text = (
         f"# finpipe score: {domain} {as_of}\n\n{predictions['rows']:,} rows by "
         f"{predictions['model_name']} v{predictions['model_version']} in `{predictions['path']}`."
     )
-    return text + (f"\n\n## Stale predictions\n{_stale_text(stale)}" if stale else "")
+    return text + (
+        f"\n\n## Stale predictions\n{_stale_text(stale, loads_files=False)}" if stale else ""
+    )
 
 
 def backfill_description(
@@ -197,4 +208,4 @@ def backfill_description(
     text = f"finpipe backfill {domain} {start} to {end}: " + ", ".join(
         f"{n} {s}" for s, n in counts.items()
     )
-    return text + (f". {_stale_text(stale)}" if stale else "")
+    return text + (f". {_stale_text(stale, loads_files=True)}" if stale else "")

@@ -6,7 +6,7 @@ import datetime as dt
 from typing import Any
 
 from finpipe.flows.parameters import DomainName, HistoryDates, training_overrides
-from finpipe.flows.run_setup import set_up_run, warn_of_stale_predictions
+from finpipe.flows.run_setup import set_up_run, warn_of_stale_predictions, with_run_id_suffix
 from finpipe.flows.summaries import artifact_key, train_markdown
 from finpipe.tasks.dates import update_features
 from finpipe.tasks.steps import promote as promote_task
@@ -19,8 +19,11 @@ from finpipe.planning import run_day, training_config
 
 
 def _run_name() -> str:
+    """Name a run after its domain and date (`latest` without one), then the end of its run
+    id (`with_run_id_suffix`): two train runs of one date stay apart in the Prefect UI."""
     parameters = flow_run.parameters
-    return f"train-{parameters.get('domain', 'market')}-{parameters.get('as_of') or 'latest'}"
+    domain, as_of = parameters.get("domain", "market"), parameters.get("as_of") or "latest"
+    return with_run_id_suffix(f"train-{domain}-{as_of}")
 
 
 @flow(name="train", flow_run_name=_run_name, log_prints=True)

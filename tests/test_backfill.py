@@ -1301,6 +1301,52 @@ def test_a_bad_timezone_in_the_run_form_leaves_the_run_to_fail_with_its_error(mo
     assert night._run_name() == "nightly-market-2024-07-08"
 
 
+@pytest.mark.parametrize(
+    ("flow", "parameters", "names"),
+    [
+        (
+            "train",
+            {"domain": "credit"},
+            ["train-credit-latest-3f9c2a", "train-credit-latest-7d1e04"],
+        ),
+        (
+            "score",
+            {"as_of": dt.date(2024, 3, 28)},
+            ["score-market-2024-03-28-3f9c2a", "score-market-2024-03-28-7d1e04"],
+        ),
+        (
+            "backtest",
+            {"name": "demo", "start": dt.date(2024, 1, 2), "end": dt.date(2024, 3, 28)},
+            ["backtest-demo-2024-01-02-to-2024-03-28-3f9c2a"]
+            + ["backtest-demo-2024-01-02-to-2024-03-28-7d1e04"],
+        ),
+        # A night's name says which night ran a session (`_night_ran` looks for it): kept.
+        (
+            "nightly",
+            {"as_of": dt.date(2024, 3, 28)},
+            ["nightly-market-2024-03-28", "nightly-market-2024-03-28"],
+        ),
+    ],
+)
+def test_two_runs_with_the_same_parameters_are_told_apart_by_their_names(
+    monkeypatch, flow, parameters, names
+):
+    """Two train (score, backtest) runs of one date or range, e.g. a re-run, read
+    `train-market-latest` twice in the Prefect UI: as a backfill's, each name ends with the
+    last six characters of its run id."""
+    import importlib
+
+    from prefect.runtime import flow_run
+
+    module = importlib.import_module(f"finpipe.flows.{flow}")
+    monkeypatch.setattr(flow_run, "parameters", parameters, raising=False)
+    named = []
+    for run_id in ("0f6e2c1a-93b4-4c55-8d0e-5e7a1b3f9c2a", "a41c7b20-6d0e-4f31-9b8a-2c9e5f7d1e04"):
+        monkeypatch.setattr(flow_run, "id", run_id, raising=False)
+        named.append(module._run_name())
+    assert named == names
+
+
 def test_serve_refuses_nightly_settings_every_night_would_fail_on(tmp_path, monkeypatch):
     from finpipe.flows.deployments import nightly_schedules
 

@@ -16,8 +16,10 @@ def test_a_night_with_one_new_date_says_so_in_its_summary():
     features = {"rows": 36, "dates_written": ["2023-10-11"], "seconds": 0.4}
     text = "\n".join(_features_text({**features, "skipped_features": []}))
     assert "36 rows over 1 new date in 0.4 s." in text
-    stale = _stale_text({"dates": ["2023-10-10"], "backfill": None, "removed": []})
-    assert stale.startswith("Predictions of 1 earlier date were scored from data this run")
+    stale = {"dates": ["2023-10-10"], "backfill": None, "removed": []}
+    assert _stale_text(stale, loads_files=True).startswith(
+        "Predictions of 1 earlier date were scored from data changed since"
+    )
 
 
 def test_a_night_that_rebuilt_dates_does_not_call_them_new():
@@ -33,9 +35,48 @@ def test_a_night_that_rebuilt_dates_does_not_call_them_new():
 
 def test_more_than_ten_stale_dates_name_ten_and_count_the_rest():
     dates = [f"2024-01-{day:02d}" for day in range(2, 17)]
-    text = _stale_text({"dates": dates, "backfill": None, "removed": []})
+    text = _stale_text({"dates": dates, "backfill": None, "removed": []}, loads_files=True)
     assert "of 15 earlier dates were scored" in text
     assert ", ".join(dates[:10]) + " and 5 more." in text
+
+
+def test_each_runs_stale_predictions_say_where_the_changed_data_came_from():
+    """A train or score run loads no file: the data its feature step rebuilt from came before
+    it (a `finpipe ingest --correction`, a late file), not "data this run changed"; a nightly
+    or a backfill may have loaded it itself, or a run before it did."""
+    from finpipe.flows.summaries import (
+        backfill_description,
+        score_markdown,
+        summary_markdown,
+        train_markdown,
+    )
+
+    stale = {
+        "dates": ["2024-01-02", "2024-01-03"],
+        "removed": [],
+        "backfill": "finpipe run backfill --domain market --start 2024-01-02 --end 2024-01-03",
+    }
+    training = {"run_id": "r", "candidate": "mlp", "challenger_version": 2, "metrics": {}}
+    predictions = {"rows": 8, "model_name": "finpipe-market", "model_version": 1, "path": "p"}
+    before = (
+        "Predictions of 2 earlier dates were scored from data changed since (a correction, a "
+        "retraction or a late delivery, loaded before this run, e.g. by `finpipe ingest "
+        "--correction`), whose features this run brought up to date: 2024-01-02, 2024-01-03."
+    )
+    loaded = (
+        "Predictions of 2 earlier dates were scored from data changed since (a correction, a "
+        "retraction or a late delivery, loaded by this run or before it), whose features this "
+        "run brought up to date: 2024-01-02, 2024-01-03."
+    )
+    texts = {
+        "train": train_markdown("market", "2024-01-04", training, None, stale),
+        "score": score_markdown("market", "2024-01-04", predictions, stale),
+        "nightly": summary_markdown({**_night([], "2024-01-04"), "stale_predictions": stale}),
+        "backfill": backfill_description("market", "2024-01-04", "2024-01-05", [], stale),
+    }
+    for run, text in texts.items():
+        assert (before if run in ("train", "score") else loaded) in text, run
+        assert "this run changed" not in text, run
 
 
 def test_the_metrics_table_puts_each_value_under_its_own_header():
