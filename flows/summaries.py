@@ -36,6 +36,8 @@ def _features_text(features: dict) -> list[str]:
         )
     if features["skipped_features"]:
         lines.append(f"Skipped (missing columns): {features['skipped_features']}")
+    if features.get("unsourced_features"):
+        lines.append(f"Not built (no such column in the source): {features['unsourced_features']}")
     return lines
 
 

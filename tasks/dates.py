@@ -90,6 +90,8 @@ def update_features(
     )
     if update["skipped_features"]:
         logger.warning("features skipped for missing columns: %s", update["skipped_features"])
+    if update["unsourced_features"]:  # the source never has these columns: nothing to act on
+        logger.info("features not built: %s", update["unsourced_features"])
     logger.info(
         "features: %s over %s",
         counted(update["rows"], "row"),

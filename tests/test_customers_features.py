@@ -361,3 +361,32 @@ def test_nightly_snapshots_after_late_and_corrected_days_equal_fresh_ones(
                 storage.read_partition("features", "customers", day),
                 build_customer_features(history, day, active_days=30),
             )
+
+
+@pytest.mark.parametrize(
+    ("config", "warned", "said"),
+    [
+        # CDNOW's config maps no category or channel: nothing to act on, said as information.
+        ("cdnow", {}, {"category", "channel"}),
+        # The synthetic config maps both: a history without them is worth a warning.
+        ("synthetic", {"category", "channel"}, {}),
+    ],
+)
+def test_shares_of_a_column_the_config_never_maps_are_no_warning(tmp_path, config, warned, said):
+    """Every CDNOW night warned 'features skipped for missing columns' for category and
+    channel, which its config never maps: a warning nobody can act on. Only a column the
+    config maps and the history lacks is skipped with a warning."""
+    from finpipe.customers.config import load_customers_config
+    from finpipe.customers.pipeline import build_customers_domain
+
+    storage = Storage(tmp_path)
+    _publish_days(storage, TINY.drop(columns=["category"]))
+    domain = build_customers_domain(load_customers_config(config))
+    update = domain.update_features(storage, "2024-04-01")
+    assert update.dates_written == ["2024-04-01"]
+    assert {name.split("_share")[0] for name in update.skipped_features} == set(warned)
+    assert {name.split("_share")[0] for name in update.unsourced_features} == set(said)
+    if said:
+        assert update.unsourced_features["category_share_*"] == (
+            "the source's config maps no category column"
+        )

@@ -400,9 +400,11 @@ def test_cdnow_sample_runs_nightly(tmp_path, shared_datasets, monkeypatch):
     assert summary["ingested"][0]["rows"] == 6919
     assert summary["predictions"]["rows"] == 2357  # active_days = 730: the whole cohort
     assert summary["promotion"]["promoted"] is True
-    assert summary["features"]["skipped_features"] == {
-        "category_share_*": "no category column delivered",
-        "channel_share_*": "no channel column delivered",
+    # The cdnow config maps neither column: said as information, no warning.
+    assert summary["features"]["skipped_features"] == {}
+    assert summary["features"]["unsourced_features"] == {
+        "category_share_*": "the source's config maps no category column",
+        "channel_share_*": "the source's config maps no channel column",
     }
     predictions = Storage(settings.home).read_partition("predictions", "customers", "1998-06-30")
     assert list(predictions.columns) == PREDICTION_COLUMNS

@@ -45,6 +45,16 @@ def test_a_new_segment_never_takes_an_id_an_earlier_model_issued():
     assert align_segment_ids(split, champion, k=3, next_id=1) == [0, 1, 2]
 
 
+def test_a_segment_sharing_no_customer_with_a_champion_segment_never_takes_its_id():
+    """Champion segments 0 and 1 merge as segment 2 splits in two: the one-to-one matching
+    pairs the smaller half of 2 with the champion's 1, whose customers it never held. That
+    half is a new segment (fresh id 3), and id 1, now inside the merged segment, retires."""
+    champion = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 2])
+    clusters = np.array([0, 0, 0, 0, 0, 1, 1, 1, 2, 2])
+    assert align_segment_ids(clusters, champion, k=3) == [0, 2, 3]
+    assert align_segment_ids(clusters, champion, k=3, next_id=5) == [0, 2, 5]
+
+
 def test_a_champion_sharing_no_customer_today_gives_every_segment_a_fresh_id():
     """None of today's customers has a champion segment (nothing to match): the segments are
     all new, numbered by size from the first id the lineage never issued, not from 0 again."""

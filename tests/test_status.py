@@ -509,3 +509,57 @@ def test_the_status_of_a_home_that_does_not_exist_creates_nothing(tmp_path, monk
 def test_an_unknown_domain_is_refused_with_the_known_ones(home):
     result = CliRunner().invoke(app, ["status", "nosuch"])
     assert "known domains: market, credit, customers" in str(result.exception)
+
+
+def _segments(day: dt.date, version: str, names: dict[int, tuple[str, int]]) -> pd.DataFrame:
+    total = sum(customers for _, customers in names.values())
+    return pd.DataFrame(
+        {
+            "date": pd.Timestamp(day),
+            "segment": list(names),
+            "segment_name": [name for name, _ in names.values()],
+            "customers": [customers for _, customers in names.values()],
+            "share": [customers / total for _, customers in names.values()],
+            "model_version": version,
+        }
+    )
+
+
+def test_the_status_of_a_segmenting_domain_names_its_newest_segments(tmp_path):
+    """`finpipe status customers` listed validated, features and predictions but not the
+    segments layer a CRM user reads the names from: its span, the newest night's segments
+    (id, name, customers, share, largest first), and a warning with the re-score command
+    when its newest night is not the predictions' newest."""
+    storage = Storage(tmp_path / "home")
+    three = {
+        0: ("lapsed, one-off, low spend", 1626),
+        1: ("lapsed, occasional, mid spend", 432),
+        2: ("recent, frequent, high spend", 299),
+    }
+    for day in DAYS[:2]:
+        for layer in ("validated", "features", "predictions"):
+            storage.write_partition(layer, "customers", day, _rows(day))
+        storage.write_partition("segments", "customers", day, _segments(day, "2", three))
+    status = domain_status(storage, "customers", BusinessDays())
+    text = "\n".join(status_lines(status))
+    assert "  segments     2024-01-01 .. 2024-01-02, 2 days\n" in text
+    assert "               2024-01-02: 3 segments by model v2, largest first\n" in text
+    assert "                 0  lapsed, one-off, low spend (1,626, 69%)\n" in text
+    assert "                 2  recent, frequent, high spend (299, 13%)" in text
+    assert "out of step" not in text and not needs_attention(status)
+
+    # A scoring night stopped after its segments were published, before its predictions.
+    storage.write_partition("segments", "customers", DAYS[2], _segments(DAYS[2], "3", three))
+    status = domain_status(storage, "customers", BusinessDays())
+    text = "\n".join(status_lines(status))
+    assert (
+        "  out of step  newest segments 2024-01-03, newest predictions 2024-01-02: "
+        "2024-01-03 has no predictions\n"
+        "               re-score: finpipe run backfill --domain customers --start 2024-01-03 "
+        "--end 2024-01-03"
+    ) in text
+    assert needs_attention(status) == ["1 segments layer out of step with the predictions"]
+    # A domain without the layer shows none.
+    assert "segments" not in "\n".join(
+        status_lines(domain_status(storage, "market", BusinessDays()))
+    )

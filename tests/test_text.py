@@ -33,6 +33,18 @@ def test_a_night_that_rebuilt_dates_does_not_call_them_new():
     assert "53 rows over 1 new date and 5 rebuilt dates in 0.4 s." in _features_text(both)
 
 
+def test_features_a_source_never_has_are_said_apart_from_skipped_ones():
+    """CDNOW's config maps no category: its shares are 'not built', not 'skipped (missing
+    columns)', the line the summary keeps for a column the source should have."""
+    unsourced = {"category_share_*": "the source's config maps no category column"}
+    features = {"rows": 36, "dates_written": ["1998-06-30"], "seconds": 0.4}
+    text = "\n".join(
+        _features_text({**features, "skipped_features": {}, "unsourced_features": unsourced})
+    )
+    assert f"Not built (no such column in the source): {unsourced}" in text
+    assert "Skipped" not in text
+
+
 def test_more_than_ten_stale_dates_name_ten_and_count_the_rest():
     dates = [f"2024-01-{day:02d}" for day in range(2, 17)]
     text = _stale_text({"dates": dates, "backfill": None, "removed": []}, loads_files=True)

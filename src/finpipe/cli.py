@@ -509,9 +509,9 @@ def show_status(
 
     Delivered files (quarantined ones with their rules and report), each layer's first and
     last day, sessions whose delivery has not come, the last scored date and the model that
-    scored it, dates whose last run failed, sessions left unscored, predictions scored from
-    data changed since, and the champion and latest challenger in MLflow. Each problem comes
-    with the command that fixes it."""
+    scored it, the newest night's segments (customers), dates whose last run failed, sessions
+    left unscored, predictions scored from data changed since, and the champion and latest
+    challenger in MLflow. Each problem comes with the command that fixes it."""
     import dataclasses
     import json
     import os

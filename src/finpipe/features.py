@@ -42,7 +42,11 @@ class FeatureUpdate:
 
     dates_written: list[str] = field(default_factory=list)
     rows: int = 0
+    # Features not built for a column the source should have and the data lacks: a warning.
     skipped_features: dict[str, str] = field(default_factory=dict)
+    # Features not built because the source's config maps no column for their input (an
+    # optional column it never delivers): expected every night, said as information.
+    unsourced_features: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     # Feature partitions removed with their date (a correction retracted all its rows).
     dates_removed: list[str] = field(default_factory=list)

@@ -1,8 +1,9 @@
 """Where a domain stands in the store: what `finpipe status` prints for the morning check.
 
-Read-only: the delivered files and their fate, the span of each layer, the sessions scored or
-not, the dates whose last run failed and the predictions scored from data changed since. The
-champion's side (MLflow's registry) is `finpipe.tracking.registry_status`.
+Read-only: the delivered files and their fate, the span of each layer (and the newest night
+of a segments layer, customers'), the sessions scored or not, the dates whose last run failed
+and the predictions scored from data changed since. The champion's side (MLflow's registry)
+is `finpipe.tracking.registry_status`.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from finpipe.tracking import RegistryStatus, VersionStatus
 
 LAYERS = ("validated", "features", "predictions")
+SEGMENTS = "segments"  # the layer a segmenting domain publishes with its predictions
 # Of a long list (quarantined files, failed or unscored dates), the newest this many are named.
 NAMED = 3
 
@@ -59,6 +61,26 @@ class DateRecord:
 
 
 @dataclass(frozen=True)
+class SegmentRow:
+    """One segment of a night's segments table: its id, name, customers and share of them."""
+
+    segment: int
+    name: str
+    customers: int
+    share: float
+
+
+@dataclass(frozen=True)
+class SegmentsNight:
+    """The newest partition of a domain's segments layer (customers' profiles, published by
+    each scoring night with its predictions): the model that made it and its segments."""
+
+    date: dt.date
+    model_version: str
+    segments: list[SegmentRow]  # largest first
+
+
+@dataclass(frozen=True)
 class DomainStatus:
     """What `domain_status` found; every list is in date order."""
 
@@ -82,6 +104,8 @@ class DomainStatus:
     # features of those later dates read them until a run rebuilds the layer, so they are to
     # re-score.
     unrebuilt: list[dt.date] = field(default_factory=list)
+    # The newest segments night, for a domain that publishes a segments layer (customers).
+    segments: SegmentsNight | None = None
 
 
 def domain_status(
@@ -91,6 +115,9 @@ def domain_status(
     `today`, the sessions before it whose delivery has not been validated yet, too."""
     records = storage.batch_records(domain)
     published = {layer: storage.partition_dates(layer, domain) for layer in LAYERS}
+    segment_days = storage.partition_dates(SEGMENTS, domain)
+    if segment_days:  # shown only for a domain that has the layer
+        published[SEGMENTS] = segment_days
     dates = _date_records(storage, domain)
     scored = [r for r in dates if r.status == "completed" and r.model_version is not None]
     unscored: list[dt.date] = []
@@ -126,7 +153,34 @@ def domain_status(
             for day in gone
             if day in set(published["features"]) and day < published["predictions"][-1]
         ],
+        segments=_segments_night(storage, domain, segment_days[-1]) if segment_days else None,
     )
+
+
+def _segments_night(storage: Storage, domain: str, day: dt.date) -> SegmentsNight:
+    """Return the segments table of `day` as the status shows it, largest segment first."""
+    table = storage.read_partition(SEGMENTS, domain, day).sort_values(
+        ["customers", "segment"], ascending=[False, True]
+    )
+    return SegmentsNight(
+        date=day,
+        model_version=str(table["model_version"].iloc[0]),
+        segments=[
+            SegmentRow(
+                int(row.segment), str(row.segment_name), int(row.customers), float(row.share)
+            )
+            for row in table.itertuples()
+        ],
+    )
+
+
+def segments_out_of_step(status: DomainStatus) -> bool:
+    """Whether the newest segments night is not the newest predictions' night: a scoring run
+    stopped between the two (segments are published first), or predictions were published
+    without them (before the layer existed). Either way a campaign reading that night's
+    predictions and profiles reads two different nights."""
+    newest = status.layers["predictions"].last
+    return status.segments is not None and newest is not None and status.segments.date != newest
 
 
 def needs_attention(status: DomainStatus) -> list[str]:
@@ -144,6 +198,7 @@ def needs_attention(status: DomainStatus) -> list[str]:
         (len(status.unscored), "session", "not scored"),
         (len(rescore), "date", "scored from data changed since"),
         (len(status.unrebuilt), "date", "retracted whole that later dates' features still read"),
+        (int(segments_out_of_step(status)), "segments layer", "out of step with the predictions"),
     ]
     return [f"{counted(count, noun)} {what}" for count, noun, what in found if count]
 
@@ -242,6 +297,7 @@ def status_lines(status: DomainStatus, cap: BackfillCap | None = None) -> list[s
                 f"  awaiting     {counted(len(status.awaiting), 'session')} since, "
                 f"{status.awaiting[0]} .. {status.awaiting[-1]}: no delivery validated yet"
             )
+    lines += _segments_lines(status)
     if status.newest_scored is not None:
         newest = status.newest_scored
         lines.append(
@@ -251,6 +307,32 @@ def status_lines(status: DomainStatus, cap: BackfillCap | None = None) -> list[s
     else:
         lines.append("  last scored  - (no date scored yet: finpipe run nightly)")
     lines += _dates_lines(status, cap)
+    return lines
+
+
+def _segments_lines(status: DomainStatus) -> list[str]:
+    """The newest segments night: one line a segment (id, name, customers, share), and a
+    warning with the command that re-scores when the predictions' newest night is another."""
+    night = status.segments
+    if night is None:
+        return []
+    lines = [
+        f"               {night.date}: {counted(len(night.segments), 'segment')} "
+        f"by model v{night.model_version}, largest first"
+    ]
+    lines += [
+        f"               {row.segment:>3}  {row.name} ({row.customers:,}, {row.share:.0%})"
+        for row in night.segments
+    ]
+    newest = status.layers["predictions"].last
+    if segments_out_of_step(status) and newest is not None:
+        later = max(night.date, newest)
+        missing = "predictions" if night.date > newest else "segments table"
+        lines.append(
+            f"  out of step  newest segments {night.date}, newest predictions {newest}: "
+            f"{later} has no {missing}"
+        )
+        lines += _backfill_lines("re-score", status.domain, later, later, None)
     return lines
 
 

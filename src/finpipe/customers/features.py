@@ -37,7 +37,7 @@ from collections.abc import Callable, Collection, Mapping
 import numpy as np
 import pandas as pd
 
-from finpipe.customers.schema import DOMAIN
+from finpipe.customers.schema import DOMAIN, OPTIONAL_COLUMNS
 from finpipe.features import (
     FeatureUpdate,
     history_fingerprints,
@@ -283,6 +283,7 @@ def update_customer_features(
     rebuild: bool = False,
     progress: Callable[[str], None] | None = None,
     also: Collection[dt.date] = (),
+    mapped: Collection[str] = OPTIONAL_COLUMNS,
 ) -> FeatureUpdate:
     """Compute and publish the feature snapshot as of `as_of` and those of `also` that have
     transactions and none (`snapshots_needing_update`), and rebuild the older ones whose
@@ -291,6 +292,12 @@ def update_customer_features(
 
     A snapshot at t reads every validated transaction dated on or before t: lifetime features
     (tenure, frequency) need the whole history.
+
+    The category and channel shares of a history without that column are not built: reported
+    as `unsourced_features` when the column is not among `mapped` (the contract fields the
+    source's config maps: it never delivers it, nothing to act on), as `skipped_features` (a
+    warning) when it is. A delivery that lacks a mapped column is refused at ingest, so a
+    column the source has delivered does not silently go missing here.
     """
     started = time.perf_counter()
     as_of = as_day(as_of)
@@ -304,9 +311,15 @@ def update_customer_features(
     built_from = history_fingerprints(validated, todo)
     history = storage.read_partitions("validated", DOMAIN, end=max(todo))
     history = history.drop(columns=[BATCH_COLUMN], errors="ignore")
-    for column in ("category", "channel"):
-        if column not in history.columns:
+    for column in OPTIONAL_COLUMNS:
+        if column in history.columns:
+            continue
+        if column in mapped:
             update.skipped_features[f"{column}_share_*"] = f"no {column} column delivered"
+        else:
+            update.unsourced_features[f"{column}_share_*"] = (
+                f"the source's config maps no {column} column"
+            )
     existing = set(storage.partition_dates("features", DOMAIN))
     for day in todo:
         snapshot = build_customer_features(history, day, active_days=active_days)

@@ -232,9 +232,10 @@ def align_segment_ids(
     `clusters` and `champion_segments` are the new and the champion's assignment of the same
     customers. Each new cluster takes the id of the champion segment it shares most customers
     with, under a one-to-one matching that maximises the customers keeping their id
-    (scipy's `linear_sum_assignment`). Clusters left over when k grew get fresh ids: above the
-    champion's largest and from `next_id` on, the first id no earlier model issued, so an id a
-    shrinking k retired (or a champion segment empty today) never returns with another meaning.
+    (scipy's `linear_sum_assignment`). Clusters left over when k grew, or paired with a
+    champion segment they share no customer with, get fresh ids: above the champion's largest
+    and from `next_id` on, the first id no earlier model issued, so an id a shrinking k retired
+    (or a champion segment empty today) never returns with another meaning.
     Without a champion, ids follow cluster size (`next_id` = largest), as they do when no
     customer of `clusters` has a champion segment.
     """
@@ -250,8 +251,12 @@ def align_segment_ids(
     overlap = np.zeros((k, len(old_ids)), dtype=np.int64)
     np.add.at(overlap, (clusters, np.searchsorted(old_ids, champion_segments)), 1)
     rows, cols = linear_sum_assignment(overlap, maximize=True)
+    # The matching pairs every cluster with a champion segment while any is left, even one it
+    # shares no customer with (a segment split in two as two others merge): such a pair would
+    # hand the id to a group it never meant, so that cluster is new and gets a fresh id.
+    shared = overlap[rows, cols] > 0
     ids = np.full(k, -1, dtype=np.int64)
-    ids[rows] = old_ids[cols]
+    ids[rows[shared]] = old_ids[cols[shared]]
     fresh = max(int(old_ids.max()) + 1, next_id)
     for cluster in np.argsort(-sizes, kind="stable"):
         if ids[cluster] < 0:

@@ -310,7 +310,11 @@ class CustomersParts:
 
 def build_customers_domain(config: CustomersConfig) -> Domain:
     """Return the customers domain for transaction files shaped as `config` describes."""
-    features = partial(update_customer_features, active_days=config.features.active_days)
+    features = partial(
+        update_customer_features,
+        active_days=config.features.active_days,
+        mapped=list(config.columns.delivered()),
+    )
     parts = CustomersParts(
         config=config, contract=customers_contract(config), update_features=features
     )
