@@ -510,7 +510,17 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_credit_ingest.py": ModuleTiers(FLOW),
     "test_customers_ingest.py": ModuleTiers(FLOW),
     "test_reliability_bad_input.py": ModuleTiers(FLOW),
-    "test_market_pipeline.py": ModuleTiers(FLOW),
+    "test_market_pipeline.py": ModuleTiers(
+        FLOW,
+        by_name={
+            "test_a_champion_is_never_judged_on_test_dates_it_learnt_from": UNIT,
+            (
+                "test_a_champion_saved_before_its_window_was_recorded_is_judged_on_every_test_date"
+            ): UNIT,
+            "test_no_test_date_left_to_compare_on_means_no_promotion": UNIT,
+            "test_with_unchanged_settings_the_next_night_leaves_no_test_date_out": UNIT,
+        },
+    ),
     "test_market_ingest.py": ModuleTiers(FLOW),
     "test_ingest_groups.py": ModuleTiers(FLOW),
     "test_quality_floor.py": ModuleTiers(

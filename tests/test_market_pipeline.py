@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
+import logging
 import re
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -30,7 +33,10 @@ from finpipe.market.synthetic import (
     generate_market_panel,
     write_vendor_files,
 )
+from finpipe.metrics import market_metrics
+from finpipe.promotion import decide_promotion
 from finpipe.storage import Storage
+from finpipe.tracking import RegisteredModel
 from finpipe.training import time_split
 from tests.test_market_boosted import FEATURES, HORIZON, SMALL, _panel
 
@@ -380,3 +386,144 @@ def test_the_training_line_counts_the_labelled_rows_of_the_train_dates(tmp_path)
     assert (
         said[0] == f"training lgbm on {in_train.sum():,} rows over {dates} train dates, 3 features"
     )
+
+
+def _promotion_case(champion_through: str | None, monkeypatch):
+    """A panel, tonight's outcome with 30% test dates, and a scorer of it whose champion
+    memorised the label on every date up to `champion_through` (0.05 validation and test
+    dates when it was fitted) and reads the planted f0 after; the challenger reads f0."""
+    frame = _panel(0, n_dates=200).assign(direction_5d=np.nan)
+    monkeypatch.setattr(market_pipeline, "load_training_frame", lambda *_, **__: frame)
+    labelled = frame.loc[frame["forward_return_5d"].notna(), "date"]
+    tonight = time_split(labelled, validation_fraction=0.15, test_fraction=0.3, embargo=HORIZON)
+    test = tonight.test_dates
+    labels = frame.set_index(["date", "ticker"])["forward_return_5d"]
+    outcome = market_pipeline.TrainingOutcome(
+        run_id="r", as_of=str(frame["date"].max().date()), candidate="mlp",
+        challenger_version="2", promotion_metric="ic", metrics={}, seconds=0.0,
+        horizon=HORIZON, label="forward_return_5d", test_start=str(test[0].date()),
+        test_end=str(test[-1].date()), train_rows=0, first_date="", last_date="",
+    )  # fmt: skip
+
+    def model(version: str, through: str | None, memorised: bool) -> RegisteredModel:
+        def predict(rows: pd.DataFrame) -> pd.DataFrame:
+            learnt = rows["date"] <= pd.Timestamp(through or "1900-01-01")
+            label = labels.reindex(pd.MultiIndex.from_frame(rows[["date", "ticker"]])).to_numpy()
+            prediction = np.where(learnt & memorised, label, rows["f0"])
+            return rows[["date", "ticker"]].assign(prediction=prediction)
+
+        return RegisteredModel(
+            "m", version, "r", SimpleNamespace(predict=predict, learnt_through=through)
+        )
+
+    champion = model("1", champion_through, memorised=True)
+    score = MarketParts().promotion_scorer(None, outcome, lambda: champion)
+    return frame, test, score, champion, model("2", None, memorised=False)
+
+
+def _ic_on(frame: pd.DataFrame, dates: pd.DatetimeIndex) -> float:
+    rows = frame[frame["date"].isin(dates)].rename(columns={"f0": "prediction"})
+    return market_metrics(rows, label="forward_return_5d")["ic"]
+
+
+def test_a_champion_is_never_judged_on_test_dates_it_learnt_from(monkeypatch, caplog):
+    """A champion fitted with 5% validation and 5% test dates trained or was validated on most
+    of tonight's 30% test window; its labels read prices `horizon` sessions past its last
+    validation date. Those dates are left out for both models, with a warning counting them."""
+    frame = _panel(0, n_dates=200)
+    labelled = frame.loc[frame["forward_return_5d"].notna(), "date"]
+    fitted = time_split(labelled, validation_fraction=0.05, test_fraction=0.05, embargo=HORIZON)
+    sessions = pd.DatetimeIndex(np.sort(frame["date"].unique()))
+    last_validation = sessions.get_loc(fitted.validation_dates[-1])
+    through = sessions[last_validation + HORIZON]  # its last label's price
+
+    frame, test, score, champion, challenger = _promotion_case(str(through.date()), monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="finpipe.market"):
+        scores = score(champion), score(challenger)
+
+    unseen = test[test > through]
+    assert 0 < len(unseen) < len(test) // 2  # the settings change the leak needs
+    assert scores == pytest.approx((_ic_on(frame, unseen), _ic_on(frame, unseen)))
+    assert f"{len(test) - len(unseen)} of {len(test)} test dates left out" in caplog.text
+    reason = "champion v1 trained or was validated on them (its labels read prices through {day}"
+    assert reason.format(day=through.date()) in caplog.text
+
+
+def test_a_champion_saved_before_its_window_was_recorded_is_judged_on_every_test_date(
+    monkeypatch, caplog
+):
+    """Compared on all of them, with a warning (it may have trained on some)."""
+    frame, test, score, _, challenger = _promotion_case(None, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="finpipe.market"):
+        assert score(challenger) == pytest.approx(_ic_on(frame, test))
+    assert f"it is compared on all {len(test)} test dates, some of which" in caplog.text
+
+
+def test_no_test_date_left_to_compare_on_means_no_promotion(monkeypatch, caplog):
+    """A champion that learnt from every test date leaves nothing to compare on."""
+    last_date = str(_panel(0, n_dates=200)["date"].max().date())
+    _, _, score, champion, challenger = _promotion_case(last_date, monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="finpipe.market"):
+        challenger_score, champion_score = score(challenger), score(champion)
+    assert np.isnan(challenger_score) and np.isnan(champion_score)
+    assert "none is left, so the challenger cannot be measured and is not promoted" in caplog.text
+    decision = decide_promotion(
+        metric="ic", challenger_version="2", challenger_score=challenger_score,
+        champion_version="1", champion_score=champion_score,
+    )  # fmt: skip
+    assert not decision.promoted
+
+
+def test_each_candidate_records_the_last_date_its_labels_read_and_keeps_it_when_saved(tmp_path):
+    """The h-th session after the last validation date, for the nets, the trees and their
+    ensemble; a folder saved before finpipe recorded it reads as None."""
+    frame = _panel(3, n_dates=120)
+    split = time_split(frame.loc[frame["forward_return_5d"].notna(), "date"], embargo=HORIZON)
+    config = MarketTrainingConfig(
+        models=["mlp", "lgbm", "ensemble"], hidden=8, max_epochs=1, seed_average={},
+        boosted_trees=SMALL,
+    )  # fmt: skip
+    night = MarketNight(
+        Storage(tmp_path), dt.date(2024, 1, 1), config, frame, FEATURES, split, HORIZON
+    )
+    fitted = {
+        kind: night.fit(kind, lambda *_, **__: None, lambda _: None).model
+        for kind in night.candidates()
+    }
+    sessions = pd.DatetimeIndex(np.sort(frame["date"].unique()))
+    expected = str(sessions[sessions.get_loc(split.validation_dates[-1]) + HORIZON].date())
+    assert expected < str(split.test_dates[0].date())  # the embargo keeps it off the test window
+    for kind, model in fitted.items():
+        assert model.learnt_through == expected, kind
+        model.save(tmp_path / kind)
+        assert type(model).load(tmp_path / kind).learnt_through == expected, kind
+    metadata = tmp_path / "lgbm" / "model.json"
+    saved = json.loads(metadata.read_text())
+    del saved["learnt_through"]
+    metadata.write_text(json.dumps(saved))
+    assert type(fitted["lgbm"]).load(tmp_path / "lgbm").learnt_through is None
+
+
+@pytest.mark.parametrize("history_dates", [None, 150])
+def test_with_unchanged_settings_the_next_night_leaves_no_test_date_out(
+    tmp_path, monkeypatch, history_dates
+):
+    """Promotion compares on the whole test window, as before, when the split settings stay:
+    the previous night's candidates learnt nothing past the start of tonight's test dates."""
+    panel = _panel(0, n_dates=260)
+    sessions = np.sort(panel["date"].unique())
+    config = MarketTrainingConfig(history_dates=history_dates)
+    nights = []
+    for last in (sessions[-2], sessions[-1]):
+        frame = panel[panel["date"] <= last].reset_index(drop=True)
+        frame.loc[
+            frame["date"] > np.sort(frame["date"].unique())[-1 - HORIZON], "forward_return_5d"
+        ] = np.nan
+        monkeypatch.setattr(market_pipeline, "load_training_frame", lambda *_, f=frame, **__: f)
+        nights.append(
+            MarketParts().prepare_training(
+                Storage(tmp_path), pd.Timestamp(last).date(), config, lambda: None
+            )
+        )
+    yesterday, tonight = nights
+    assert yesterday.learnt_through() < str(tonight.split.test_dates[0].date())

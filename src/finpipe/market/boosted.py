@@ -73,6 +73,9 @@ class FittedMarketBoostedTrees(ExplainsRows):
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
     selection: dict[str, float] = field(default_factory=dict)
+    # the last date whose price its training or validation labels read
+    # (`finpipe.market.pipeline.learnt_through`); None: saved before finpipe recorded it
+    learnt_through: str | None = None
     cross_fitted_validation: pd.DataFrame | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -146,6 +149,7 @@ class FittedMarketBoostedTrees(ExplainsRows):
                 "history": self.history,
                 "best_epoch": self.best_epoch,
                 "selection": self.selection,
+                "learnt_through": self.learnt_through,
             },
         )
 
@@ -173,6 +177,7 @@ class FittedMarketBoostedTrees(ExplainsRows):
             best_epoch=int(data["best_epoch"]),  # the saved booster holds the kept rounds only
             # absent from models saved before the cross-fitted validation IC
             selection={k: float(v) for k, v in data.get("selection", {}).items()},
+            learnt_through=data.get("learnt_through"),  # absent from models saved before it
         )
 
 

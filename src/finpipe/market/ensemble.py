@@ -74,6 +74,10 @@ class FittedMarketEnsemble:
     label: str
     horizon: int
     selection: dict[str, float] = field(default_factory=dict)  # how the combination was chosen
+    # the last date whose price its members' training or validation labels, or its own
+    # validation labels, read (`finpipe.market.pipeline.learnt_through`); None: saved before
+    # finpipe recorded it
+    learnt_through: str | None = None
 
     @property
     def feature_columns(self) -> list[str]:
@@ -163,6 +167,7 @@ class FittedMarketEnsemble:
                 "label": self.label,
                 "horizon": self.horizon,
                 "selection": self.selection,
+                "learnt_through": self.learnt_through,
             },
         )
 
@@ -181,6 +186,7 @@ class FittedMarketEnsemble:
             label=data["label"],
             horizon=int(data["horizon"]),
             selection={k: float(v) for k, v in data["selection"].items()},
+            learnt_through=data.get("learnt_through"),  # absent from models saved before it
         )
 
 

@@ -184,6 +184,9 @@ class FittedMarketModel(SavesNetAndMetadata, ExplainsRows):
     target_mean: float = 0.0
     target_std: float = 1.0
     learning_rate: float | None = None  # the rate training applied; None: not recorded
+    # the last date whose price its training or validation labels read
+    # (`finpipe.market.pipeline.learnt_through`); None: saved before finpipe recorded it
+    learnt_through: str | None = None
 
     def predict(
         self,
@@ -286,6 +289,7 @@ class FittedMarketModel(SavesNetAndMetadata, ExplainsRows):
             "target_mean": self.target_mean,
             "target_std": self.target_std,
             "learning_rate": self.learning_rate,
+            "learnt_through": self.learnt_through,
         }
 
     @classmethod
@@ -305,6 +309,7 @@ class FittedMarketModel(SavesNetAndMetadata, ExplainsRows):
             target_mean=float(data["target_mean"]),
             target_std=float(data["target_std"]),
             learning_rate=data.get("learning_rate"),  # absent from models saved before it
+            learnt_through=data.get("learnt_through"),  # absent from models saved before it
         )
 
 

@@ -3,9 +3,10 @@
 A training night that fits the configured models (nets, boosted trees) on an embargoed time
 split, then their ensemble when asked, measures and explains each candidate on the test window
 (`finpipe.market.evaluation`), picks one on validation IC and reports the planted signal's IC
-when a synthetic panel kept one; promotion on the test window's IC; scoring of one date's
-tickers, each row with the three features that moved its score most. The raw contract ingest
-checks deliveries against is `finpipe.market.contract`.
+when a synthetic panel kept one; promotion on the test window's IC, over the dates the champion
+never learnt from; scoring of one date's tickers, each row with the three features that moved
+its score most. The raw contract ingest checks deliveries against is
+`finpipe.market.contract`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 import pandas as pd
@@ -123,6 +125,10 @@ class MarketNight(lifecycle.Night[MarketTrainingConfig]):
             (frame["date"].isin(self.split.train_dates) & frame[self.config.label].notna()).sum()
         )
 
+    def learnt_through(self) -> str:
+        """The last date whose price tonight's candidates learnt from (`learnt_through`)."""
+        return learnt_through(self.frame["date"], self.split, self.config.horizon)
+
     def candidates(self) -> list[str]:
         """The nets in the configured order, then the ensemble of them when asked for."""
         nets: list[str] = [kind for kind in self.config.models if kind != ENSEMBLE]
@@ -135,6 +141,7 @@ class MarketNight(lifecycle.Night[MarketTrainingConfig]):
         dates = counted(len(self.split.train_dates), "train date")
         say(f"training {kind} on {self.train_rows:,} rows over {dates}, {len(features)} features")
         fitted = fit_member(kind, frame, features, self.split, config, on_epoch)
+        fitted.learnt_through = self.learnt_through()
         scored = frame[[*KEY_COLUMNS, config.label]].merge(
             fitted.predict(frame), on=KEY_COLUMNS, how="left"
         )
@@ -187,6 +194,7 @@ class MarketNight(lifecycle.Night[MarketTrainingConfig]):
             label=label,
             horizon=config.horizon,
         )
+        ensemble.learnt_through = self.learnt_through()
         prediction, _ = ensemble.combine(member_scores)
         scored = member_scores.assign(prediction=prediction)
         table = members_table(scored, members, ensemble, split, label)
@@ -283,6 +291,50 @@ class MarketNight(lifecycle.Night[MarketTrainingConfig]):
         )
 
 
+def learnt_through(dates: pd.Series, split: TimeSplit, horizon: int) -> str:
+    """Return the last date (ISO) whose price a model fitted on `split` learnt from: the
+    `horizon`-th of the panel's `dates` after its last validation date (the panel's last date
+    when fewer follow), since the label at t is the return from t to t + h sessions. A later
+    promotion never judges the model on a date up to it (`comparison_window`), whatever split
+    settings that night uses."""
+    sessions = pd.DatetimeIndex(np.sort(dates.unique()))
+    last_fit = split.validation_dates[-1]  # validation follows every train date
+    position = min(sessions.searchsorted(last_fit) + horizon, len(sessions) - 1)
+    return str(sessions[position].date())
+
+
+def comparison_window(test_window: pd.DataFrame, champion: RegisteredModel | None) -> pd.DataFrame:
+    """Return the rows of `test_window` dated after the champion's `learnt_through` (the dates
+    it never trained or was validated on, nor read a label's price from): all of them without
+    a champion, or for one saved before finpipe recorded it (a warning says so)."""
+    if champion is None:
+        return test_window
+    through = champion.model.learnt_through
+    dates = test_window["date"]
+    if through is None:
+        log.warning(
+            "champion v%s records no training window (saved by an earlier finpipe): it is "
+            "compared on all %s, some of which it may have trained on",
+            champion.version,
+            counted(dates.nunique(), "test date"),
+        )
+        return test_window
+    learnt = (dates <= pd.Timestamp(through)).to_numpy()
+    if learnt.any():
+        log.warning(
+            "promotion: %d of %s left out for both models: champion v%s trained or was "
+            "validated on them (its labels read prices through %s)%s",
+            dates[learnt].nunique(),
+            counted(dates.nunique(), "test date"),
+            champion.version,
+            through,
+            "; none is left, so the challenger cannot be measured and is not promoted"
+            if learnt.all()
+            else "",
+        )
+    return test_window.loc[~learnt]
+
+
 def input_example(
     frame: pd.DataFrame, features: list[str], day: pd.Timestamp, history_rows: int, tickers: int = 5
 ) -> pd.DataFrame:
@@ -353,9 +405,17 @@ class MarketParts:
         outcome: TrainingOutcome,
         champion: Callable[[], RegisteredModel | None],
     ) -> lifecycle.ModelScore:
-        """Return a model's promotion metric on the outcome's test window, rebuilt from storage
-        (with the history before it that a sequence model's lookback reads; `champion` is not
-        read)."""
+        """Return a model's promotion metric on the outcome's test dates that the champion
+        never learnt from (`comparison_window`), rebuilt from storage with the history before
+        them that a sequence model's lookback reads.
+
+        The challenger's embargoed split keeps it off its test window. A champion fitted under
+        other settings (a later train end, another validation or test fraction, horizon or
+        embargo) may have trained or been validated on some of those dates; they are left out
+        for both models, so both are measured on the same dates. The dates are settled on the
+        first score, with the champion `champion` loads then (promotion scores under the
+        champion lock, so it is the champion being compared).
+        """
         test_start, test_end = as_day(outcome.test_start), as_day(outcome.test_end)
         context_start = test_start - dt.timedelta(days=400)  # room for any sequence lookback
         frame = load_training_frame(storage, as_day(outcome.as_of), outcome.horizon, context_start)
@@ -365,8 +425,12 @@ class MarketParts:
         test_window = frame.loc[in_test, [*KEY_COLUMNS, outcome.label]]
         inputs = frame.drop(columns=[outcome.label, f"direction_{outcome.horizon}d"])
 
+        @cache
+        def judged() -> pd.DataFrame:
+            return comparison_window(test_window, champion())
+
         def score(model: RegisteredModel) -> float:
-            scored = test_window.merge(model.predict(inputs), on=KEY_COLUMNS)
+            scored = judged().merge(model.predict(inputs), on=KEY_COLUMNS)
             return float(market_metrics(scored, label=outcome.label)[outcome.promotion_metric])
 
         return score
