@@ -563,3 +563,24 @@ def test_the_status_of_a_segmenting_domain_names_its_newest_segments(tmp_path):
     assert "segments" not in "\n".join(
         status_lines(domain_status(storage, "market", BusinessDays()))
     )
+
+
+def test_segments_missing_from_a_completed_night_are_re_scored_with_force(tmp_path):
+    """Predictions of a night scored before the segments layer existed, newer than a night
+    re-scored since (which published its segments): the newest night is completed from
+    unchanged data, so a plain backfill skips it and leaves it without segments; the command
+    redoes it with `--force`."""
+    storage = Storage(tmp_path / "home")
+    for day in DAYS[:2]:
+        for layer in ("validated", "features", "predictions"):
+            storage.write_partition(layer, "customers", day, _rows(day))
+    storage.write_partition(
+        "segments", "customers", DAYS[0], _segments(DAYS[0], "2", {0: ("recent", 3)})
+    )
+    text = "\n".join(status_lines(domain_status(storage, "customers", BusinessDays())))
+    assert (
+        "  out of step  newest segments 2024-01-01, newest predictions 2024-01-02: "
+        "2024-01-02 has no segments table\n"
+        "               re-score: finpipe run backfill --domain customers --start 2024-01-02 "
+        "--end 2024-01-02 --force"
+    ) in text

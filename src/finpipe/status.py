@@ -312,7 +312,10 @@ def status_lines(status: DomainStatus, cap: BackfillCap | None = None) -> list[s
 
 def _segments_lines(status: DomainStatus) -> list[str]:
     """The newest segments night: one line a segment (id, name, customers, share), and a
-    warning with the command that re-scores when the predictions' newest night is another."""
+    warning with the command that re-scores when the predictions' newest night is another.
+    A night with predictions and no segments is completed from unchanged data, which a plain
+    backfill skips (`date_runs.done_dates` does not read the segments layer): its command
+    forces it."""
     night = status.segments
     if night is None:
         return []
@@ -332,7 +335,9 @@ def _segments_lines(status: DomainStatus) -> list[str]:
             f"  out of step  newest segments {night.date}, newest predictions {newest}: "
             f"{later} has no {missing}"
         )
-        lines += _backfill_lines("re-score", status.domain, later, later, None)
+        lines += _backfill_lines(
+            "re-score", status.domain, later, later, None, force=missing == "segments table"
+        )
     return lines
 
 
@@ -409,10 +414,17 @@ def _named(days) -> str:
 
 
 def _backfill_lines(
-    label: str, domain: str, first: dt.date, last: dt.date, cap: BackfillCap | None
+    label: str,
+    domain: str,
+    first: dt.date,
+    last: dt.date,
+    cap: BackfillCap | None,
+    *,
+    force: bool = False,
 ) -> list[str]:
     """The backfill command(s) redoing `first` through `last`: one, or with `cap` one per
-    run of at most `cap.max_dates` sessions, since a longer range is refused."""
+    run of at most `cap.max_dates` sessions, since a longer range is refused; with `force`,
+    dates a plain backfill counts as done are redone too."""
     ranges, note = [(first, last)], []
     if cap is not None:
         sessions = cap.calendar.sessions(first, last)
@@ -426,6 +438,7 @@ def _backfill_lines(
             ]
     commands = [
         f"finpipe run backfill --domain {domain} --start {start} --end {end}"
+        + (" --force" if force else "")
         for start, end in ranges
     ]
     lines = [f"               {label}: {commands[0]}"]
