@@ -592,6 +592,13 @@ def _artifact_rows(flow_run_id) -> dict[str, dict]:
     """Return the backfill's per-date status table, by date."""
     import json
 
+    artifact = _artifact(flow_run_id, "backfill-market")
+    assert artifact.type == "table"
+    return {row["date"]: row for row in json.loads(artifact.data)}
+
+
+def _artifact(flow_run_id, key: str):
+    """Return the artifact `key` the flow run published."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import (
         ArtifactFilter,
@@ -603,11 +610,10 @@ def _artifact_rows(flow_run_id) -> dict[str, dict]:
         [artifact] = client.read_artifacts(
             artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
-                key=ArtifactFilterKey(any_=["backfill-market"]),
+                key=ArtifactFilterKey(any_=[key]),
             )
         )
-    assert artifact.type == "table"
-    return {row["date"]: row for row in json.loads(artifact.data)}
+    return artifact
 
 
 @pytest.mark.slow
@@ -865,22 +871,8 @@ def test_the_train_and_score_flows_name_the_predictions_a_correction_left_stale(
 
 
 def _markdown_artifact(flow_run_id, key: str) -> str:
-    """Return the markdown artifact `key` the flow run published."""
-    from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import (
-        ArtifactFilter,
-        ArtifactFilterFlowRunId,
-        ArtifactFilterKey,
-    )
-
-    with get_client(sync_client=True) as client:
-        [artifact] = client.read_artifacts(
-            artifact_filter=ArtifactFilter(
-                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id]),
-                key=ArtifactFilterKey(any_=[key]),
-            )
-        )
-    return artifact.data
+    """Return the text of the markdown artifact `key` the flow run published."""
+    return _artifact(flow_run_id, key).data
 
 
 @pytest.mark.slow

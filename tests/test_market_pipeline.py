@@ -281,13 +281,13 @@ def test_the_boosted_trees_are_registered_promoted_and_score_with_reasons(home, 
     }
 
 
-def test_the_trees_and_a_stacked_ensemble_compete_with_their_cross_fitted_validation_ic(tmp_path):
-    """The validation IC a candidate is selected and floored on: the trees' kept round and the
-    stack's weights were chosen on the validation window, so theirs is the cross-fitted one."""
-    frame = _panel(3, n_dates=160)
+def _mlp_trees_and_stack(tmp_path, *, n_dates: int, max_epochs: int):
+    """Fit an MLP, the trees and their stacked ensemble on a small panel; return the panel, its
+    split, the night and its candidates by kind."""
+    frame = _panel(3, n_dates=n_dates)
     split = time_split(frame.loc[frame["forward_return_5d"].notna(), "date"], embargo=HORIZON)
     config = MarketTrainingConfig(
-        models=["mlp", "lgbm", "ensemble"], hidden=8, max_epochs=2, seed_average={},
+        models=["mlp", "lgbm", "ensemble"], hidden=8, max_epochs=max_epochs, seed_average={},
         boosted_trees=SMALL,
     )  # fmt: skip
     night = MarketNight(
@@ -296,6 +296,13 @@ def test_the_trees_and_a_stacked_ensemble_compete_with_their_cross_fitted_valida
     fitted = {
         kind: night.fit(kind, lambda *_, **__: None, lambda _: None) for kind in night.candidates()
     }
+    return frame, split, night, fitted
+
+
+def test_the_trees_and_a_stacked_ensemble_compete_with_their_cross_fitted_validation_ic(tmp_path):
+    """The validation IC a candidate is selected and floored on: the trees' kept round and the
+    stack's weights were chosen on the validation window, so theirs is the cross-fitted one."""
+    frame, split, night, fitted = _mlp_trees_and_stack(tmp_path, n_dates=160, max_epochs=2)
 
     trees, ensemble = night.nets["lgbm"].selection, fitted["ensemble"].model
     assert trees["validation_ic"] != trees["best_round_validation_ic"]
@@ -477,19 +484,8 @@ def test_no_test_date_left_to_compare_on_means_no_promotion(monkeypatch, caplog)
 def test_each_candidate_records_the_last_date_its_labels_read_and_keeps_it_when_saved(tmp_path):
     """The h-th session after the last validation date, for the nets, the trees and their
     ensemble; a folder saved before finpipe recorded it reads as None."""
-    frame = _panel(3, n_dates=120)
-    split = time_split(frame.loc[frame["forward_return_5d"].notna(), "date"], embargo=HORIZON)
-    config = MarketTrainingConfig(
-        models=["mlp", "lgbm", "ensemble"], hidden=8, max_epochs=1, seed_average={},
-        boosted_trees=SMALL,
-    )  # fmt: skip
-    night = MarketNight(
-        Storage(tmp_path), dt.date(2024, 1, 1), config, frame, FEATURES, split, HORIZON
-    )
-    fitted = {
-        kind: night.fit(kind, lambda *_, **__: None, lambda _: None).model
-        for kind in night.candidates()
-    }
+    frame, split, _, candidates = _mlp_trees_and_stack(tmp_path, n_dates=120, max_epochs=1)
+    fitted = {kind: candidate.model for kind, candidate in candidates.items()}
     sessions = pd.DatetimeIndex(np.sort(frame["date"].unique()))
     expected = str(sessions[sessions.get_loc(split.validation_dates[-1]) + HORIZON].date())
     assert expected < str(split.test_dates[0].date())  # the embargo keeps it off the test window
