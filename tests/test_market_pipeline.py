@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from finpipe import plots
 from finpipe.errors import InputFileError, ValidationFailed
 from finpipe.ingest import ingest_file
 from finpipe.market import pipeline as market_pipeline
@@ -281,7 +282,17 @@ def test_the_boosted_trees_are_registered_promoted_and_score_with_reasons(home, 
     }
 
 
-def _mlp_trees_and_stack(tmp_path, *, n_dates: int, max_epochs: int):
+def _fit(night: MarketNight, kind: str, say=lambda _: None):
+    """Fit candidate `kind` as a run does, and close the figures its record holds: the
+    lifecycle closes them once logged, and pyplot keeps the figures of a test that never logs
+    them for the rest of its worker (it warned of more than 20 open)."""
+    candidate = night.fit(kind, lambda *_, **__: None, say)
+    for figure in candidate.record.figures.values():
+        plots.close(figure)
+    return candidate
+
+
+def _mlp_trees_and_stack(tmp_path, *, n_dates: int, max_epochs: int, say=lambda _: None):
     """Fit an MLP, the trees and their stacked ensemble on a small panel; return the panel, its
     split, the night and its candidates by kind."""
     frame = _panel(3, n_dates=n_dates)
@@ -293,9 +304,7 @@ def _mlp_trees_and_stack(tmp_path, *, n_dates: int, max_epochs: int):
     night = MarketNight(
         Storage(tmp_path), dt.date(2024, 1, 1), config, frame, FEATURES, split, HORIZON
     )
-    fitted = {
-        kind: night.fit(kind, lambda *_, **__: None, lambda _: None) for kind in night.candidates()
-    }
+    fitted = {kind: _fit(night, kind, say) for kind in night.candidates()}
     return frame, split, night, fitted
 
 
@@ -331,18 +340,8 @@ def test_the_trees_and_a_stacked_ensemble_compete_with_their_cross_fitted_valida
 def test_the_ensembles_training_line_names_its_members_and_not_itself(tmp_path):
     """The line a run logs for the ensemble gives its own ICs, then each member's test IC:
     the members it combined, not the ensemble a second time."""
-    frame = _panel(3, n_dates=160)
-    split = time_split(frame.loc[frame["forward_return_5d"].notna(), "date"], embargo=HORIZON)
-    config = MarketTrainingConfig(
-        models=["mlp", "lgbm", "ensemble"], hidden=8, max_epochs=2, seed_average={},
-        boosted_trees=SMALL,
-    )  # fmt: skip
-    night = MarketNight(
-        Storage(tmp_path), dt.date(2024, 1, 1), config, frame, FEATURES, split, HORIZON
-    )
     said: list[str] = []
-    for kind in night.candidates():
-        night.fit(kind, lambda *_, **__: None, said.append)
+    _mlp_trees_and_stack(tmp_path, n_dates=160, max_epochs=2, say=said.append)
 
     line = said[-1]
     assert line.startswith("ensemble (stacked of mlp, lgbm): validation IC ")
@@ -384,7 +383,7 @@ def test_the_training_line_counts_the_labelled_rows_of_the_train_dates(tmp_path)
     )
     said: list[str] = []
 
-    night.fit("lgbm", lambda *_, **__: None, said.append)
+    _fit(night, "lgbm", said.append)
 
     in_train = frame["date"].isin(split.train_dates) & frame["forward_return_5d"].notna()
     assert 0 < in_train.sum() < frame["date"].isin(split.train_dates).sum() < len(frame)
