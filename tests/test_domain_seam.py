@@ -519,3 +519,57 @@ def test_a_registered_domains_contract_is_its_own(monkeypatch):
     assert domains.domain_scores_history("fx_contracts") is False
     with pytest.raises(ConfigError, match="unknown domain 'fx_nope'; known domains: market, "):
         domains.domain_contract("fx_nope")
+
+
+def test_rows_the_champion_never_learnt_are_counted_in_the_domains_own_unit(caplog):
+    """The shared promotion filter leaves out the rows a champion learnt from, counts them in
+    whatever unit the domain names (here weeks of a toy domain, three rows a week) and warns
+    through the domain's own logger; nothing recorded keeps every row, with a warning."""
+    import logging
+
+    import numpy as np
+
+    rows = pd.DataFrame({"week": [1, 1, 1, 2, 2, 2, 3, 3, 3], "y": range(9)})
+    toy = logging.getLogger("toy_domain")
+
+    def champion(through: int | None) -> RegisteredModel:
+        return RegisteredModel("toy", "4", "r", through)
+
+    def learnt(champion: RegisteredModel) -> lifecycle.LearntRows | None:
+        if champion.model is None:
+            return None
+        return lifecycle.LearntRows(
+            (rows["week"] <= champion.model).to_numpy(), f"it saw weeks up to {champion.model}"
+        )
+
+    def kept(through: int | None) -> pd.DataFrame:
+        return lifecycle.rows_the_champion_never_learnt(
+            rows,
+            champion(through),
+            learnt,
+            unit="test week",
+            units=lambda frame: frame["week"].nunique(),
+            logger=toy,
+        )
+
+    assert (
+        lifecycle.rows_the_champion_never_learnt(
+            rows, None, learnt, unit="test week", units=len, logger=toy
+        )
+        is rows
+    )
+    with caplog.at_level(logging.WARNING, "toy_domain"):
+        assert kept(2)["week"].tolist() == [3, 3, 3]
+    assert "2 of 3 test weeks left out for both models: champion v4" in caplog.text
+    assert "(it saw weeks up to 2)" in caplog.text
+    assert "cannot be measured" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "toy_domain"):
+        assert kept(3).empty
+    assert "3 of 3 test weeks left out" in caplog.text
+    assert "the challenger cannot be measured and is not promoted" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, "toy_domain"):
+        assert kept(None) is rows
+    assert "compared on all 3 test weeks, some of which it may have trained on" in caplog.text
+    assert np.all(kept(0)["week"].to_numpy() == rows["week"].to_numpy())

@@ -49,6 +49,7 @@ from finpipe.locks import DEFAULT_TIMEOUT_SECONDS, history_lock
 from finpipe.scoring import ScoringOutcome, publish_predictions
 from finpipe.settings import Settings
 from finpipe.storage import Storage, as_day
+from finpipe.text import counted
 from finpipe.tracking import RegisteredModel
 
 if TYPE_CHECKING:
@@ -524,6 +525,57 @@ def promote(
         lock_timeout=DEFAULT_TIMEOUT_SECONDS if lock_timeout is None else lock_timeout,
         on_wait=progress or log.info,
     )
+
+
+@dataclass(frozen=True)
+class LearntRows:
+    """Which of a night's test rows a champion learnt from (`mask`), and what the domain
+    knows that from (`basis`, e.g. "its labels read prices through 2024-03-28")."""
+
+    mask: npt.NDArray[np.bool_]
+    basis: str
+
+
+def rows_the_champion_never_learnt(
+    rows: pd.DataFrame,
+    champion: RegisteredModel | None,
+    learnt: Callable[[RegisteredModel], LearntRows | None],
+    *,
+    unit: str,
+    units: Callable[[pd.DataFrame], int],
+    logger: logging.Logger,
+) -> pd.DataFrame:
+    """Return the `rows` the champion never trained or was validated on, for a domain's
+    `promotion_scorer` to judge both models on: all of them without a champion, or when
+    `learnt` finds nothing recorded (a champion saved by an earlier finpipe; a warning says
+    so). Otherwise the learnt rows are left out, with a warning counting them in `unit`s
+    (`units` counts a frame's, e.g. its loans or its dates) and saying when none is left:
+    both models then score NaN, which is never promoted. The warning goes to the domain's
+    `logger`."""
+    if champion is None:
+        return rows
+    found = learnt(champion)
+    if found is None:
+        logger.warning(
+            "champion v%s records no training window (saved by an earlier finpipe): it is "
+            "compared on all %s, some of which it may have trained on",
+            champion.version,
+            counted(units(rows), unit),
+        )
+        return rows
+    if found.mask.any():
+        logger.warning(
+            "promotion: %s of %s left out for both models: champion v%s trained or was "
+            "validated on them (%s)%s",
+            f"{units(rows.loc[found.mask]):,}",
+            counted(units(rows), unit),
+            champion.version,
+            found.basis,
+            "; none is left, so the challenger cannot be measured and is not promoted"
+            if found.mask.all()
+            else "",
+        )
+    return rows.loc[~found.mask]
 
 
 # -- scoring -------------------------------------------------------------------------------

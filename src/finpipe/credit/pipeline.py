@@ -295,36 +295,22 @@ def comparison_rows(
     test: pd.DataFrame, champion: RegisteredModel | None, id_column: str
 ) -> pd.DataFrame:
     """Return the `test` rows the champion's model never trained or was validated on (its
-    `fit_window`): all of them without a champion, or for one saved before finpipe recorded
-    fit windows (a warning says so)."""
-    if champion is None:
-        return test
-    window = champion.model.fit_window
-    if window is None:
-        log.warning(
-            "champion v%s records no training window (saved by an earlier finpipe): it is "
-            "compared on all %d test loans, some of which it may have trained on",
-            champion.version,
-            len(test),
+    `fit_window`), as `lifecycle.rows_the_champion_never_learnt` says."""
+
+    def learnt(champion: RegisteredModel) -> lifecycle.LearntRows | None:
+        window: FitWindow | None = champion.model.fit_window
+        if window is None:
+            return None
+        return lifecycle.LearntRows(
+            window.covers(test, id_column),
+            f"its split: {window.split} up to {window.last_date or 'its snapshot'}, "
+            f"test fraction {window.test_fraction}, seed {window.seed}",
         )
-        return test
-    learnt = window.covers(test, id_column)
-    if learnt.any():
-        log.warning(
-            "promotion: %d of %d test loans left out for both models: champion v%s trained or "
-            "was validated on them (its split: %s up to %s, test fraction %s, seed %s)%s",
-            int(learnt.sum()),
-            len(test),
-            champion.version,
-            window.split,
-            window.last_date or "its snapshot",
-            window.test_fraction,
-            window.seed,
-            "; none is left, so the challenger cannot be measured and is not promoted"
-            if learnt.all()
-            else "",
-        )
-    return test.loc[~learnt].reset_index(drop=True)
+
+    kept = lifecycle.rows_the_champion_never_learnt(
+        test, champion, learnt, unit="test loan", units=len, logger=log
+    )
+    return kept if kept is test else kept.reset_index(drop=True)
 
 
 # -- the domain ----------------------------------------------------------------------------

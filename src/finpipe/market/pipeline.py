@@ -305,34 +305,26 @@ def learnt_through(dates: pd.Series, split: TimeSplit, horizon: int) -> str:
 
 def comparison_window(test_window: pd.DataFrame, champion: RegisteredModel | None) -> pd.DataFrame:
     """Return the rows of `test_window` dated after the champion's `learnt_through` (the dates
-    it never trained or was validated on, nor read a label's price from): all of them without
-    a champion, or for one saved before finpipe recorded it (a warning says so)."""
-    if champion is None:
-        return test_window
-    through = champion.model.learnt_through
-    dates = test_window["date"]
-    if through is None:
-        log.warning(
-            "champion v%s records no training window (saved by an earlier finpipe): it is "
-            "compared on all %s, some of which it may have trained on",
-            champion.version,
-            counted(dates.nunique(), "test date"),
+    it never trained or was validated on, nor read a label's price from), as
+    `lifecycle.rows_the_champion_never_learnt` says."""
+
+    def learnt(champion: RegisteredModel) -> lifecycle.LearntRows | None:
+        through = champion.model.learnt_through
+        if through is None:
+            return None
+        return lifecycle.LearntRows(
+            (test_window["date"] <= pd.Timestamp(through)).to_numpy(),
+            f"its labels read prices through {through}",
         )
-        return test_window
-    learnt = (dates <= pd.Timestamp(through)).to_numpy()
-    if learnt.any():
-        log.warning(
-            "promotion: %d of %s left out for both models: champion v%s trained or was "
-            "validated on them (its labels read prices through %s)%s",
-            dates[learnt].nunique(),
-            counted(dates.nunique(), "test date"),
-            champion.version,
-            through,
-            "; none is left, so the challenger cannot be measured and is not promoted"
-            if learnt.all()
-            else "",
-        )
-    return test_window.loc[~learnt]
+
+    return lifecycle.rows_the_champion_never_learnt(
+        test_window,
+        champion,
+        learnt,
+        unit="test date",
+        units=lambda rows: rows["date"].nunique(),
+        logger=log,
+    )
 
 
 def input_example(
