@@ -518,6 +518,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
                 "test_a_champion_saved_before_its_window_was_recorded_is_judged_on_every_test_date"
             ): UNIT,
             "test_no_test_date_left_to_compare_on_means_no_promotion": UNIT,
+            "test_the_promotion_reason_says_on_how_many_test_dates_both_models_were_judged": UNIT,
             "test_with_unchanged_settings_the_next_night_leaves_no_test_date_out": UNIT,
         },
     ),

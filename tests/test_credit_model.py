@@ -33,6 +33,7 @@ from finpipe.credit.pipeline import CreditTrainingConfig, split_rows
 from finpipe.credit.schema import normalise_credit_frame
 from finpipe.credit.synthetic import DRIVER, CreditSyntheticConfig, generate_loan_book
 from finpipe.errors import ConfigError
+from finpipe.promotion import ComparedOn
 from finpipe.tracking import RegisteredModel
 
 BOOK = load_loan_book("synthetic")
@@ -511,6 +512,9 @@ def test_promotion_never_judges_the_champion_on_loans_it_trained_on(monkeypatch)
     overlap = set(test["loan_id"]) & set(champion_fit)
     assert len(overlap) > 0.5 * len(test)  # the settings change the bug needs
     assert asked["1"] == asked["2"] == set(test["loan_id"]) - set(champion_fit)
+    left_out = len(test) - len(asked["1"])  # and the decision's reason says how many
+    assert score.compared_on() == ComparedOn(len(asked["1"]), len(test), "test loan")
+    assert f"({left_out:,} left out: champion v1 learnt" in score.compared_on().describe("1")
 
 
 def test_comparison_rows_without_a_champion_window_or_with_nothing_left_say_so(caplog):

@@ -316,6 +316,42 @@ def test_a_promotion_tried_again_after_its_alias_moved_stays_promoted(tmp_path, 
     assert (registry["champion"], registry["tags"]) == ("2", {"2": "promoted"})
 
 
+def test_the_decision_says_what_a_domains_scorer_judged_both_models_on(tmp_path, monkeypatch):
+    """A scorer that left rows out (a `JudgedScore`) has the decision's reason, its record and
+    the run's metrics say how many; a plain `ModelScore` (a domain written before) still works,
+    compared "on the same test window"."""
+    from types import SimpleNamespace
+
+    from finpipe import promotion
+    from finpipe.settings import load_settings
+
+    registry = _registry_stub(monkeypatch, {"1": "2024-03-07", "2": "2024-03-08"})
+    logged = []
+    monkeypatch.setattr(promotion, "_log_decision", lambda *args: logged.append(args))
+    scores = {"1": 0.01, "2": 0.05}
+    outcome = SimpleNamespace(challenger_version="2", promotion_metric="ic", run_id="r")
+
+    def promote(score: lifecycle.ModelScore) -> promotion.PromotionDecision:
+        parts = SimpleNamespace(name="toy", promotion_scorer=lambda *args: score)
+        return lifecycle.promote(parts, Storage(tmp_path), load_settings(), outcome)
+
+    judged = lifecycle.JudgedScore(
+        lambda model: scores[model.version], lambda: promotion.ComparedOn(3, 5, "test week")
+    )
+    decision = promote(judged)
+    assert decision.reason == (
+        "challenger v2 ic=0.0500 beats champion v1 ic=0.0100 on the same 3 of 5 test weeks "
+        "(2 left out: champion v1 learnt from them)"
+    )
+    assert decision.to_dict()["compared_on"] == {"kept": 3, "total": 5, "unit": "test week"}
+    figures = logged[0][2]
+    assert (figures["promotion_compared"], figures["promotion_left_out"]) == (3.0, 2.0)
+    registry["champion"] = "1"  # the same night again, scored by a plain `ModelScore`
+    plain = promote(lambda model: scores[model.version])
+    assert plain.reason.endswith("beats champion v1 ic=0.0100 on the same test window")
+    assert plain.compared_on is None and "promotion_left_out" not in logged[1][2]
+
+
 def test_two_promotions_at_once_keep_the_newer_champion(tmp_path, monkeypatch):
     """Two nights' challengers promoted at once (serve back after a pause starts its late
     nights together): the first moves the alias, the second compares itself with that

@@ -432,17 +432,21 @@ def _ic_on(frame: pd.DataFrame, dates: pd.DatetimeIndex) -> float:
     return market_metrics(rows, label="forward_return_5d")["ic"]
 
 
-def test_a_champion_is_never_judged_on_test_dates_it_learnt_from(monkeypatch, caplog):
-    """A champion fitted with 5% validation and 5% test dates trained or was validated on most
-    of tonight's 30% test window; its labels read prices `horizon` sessions past its last
-    validation date. Those dates are left out for both models, with a warning counting them."""
+def _through_a_champion_fitted_on_5pct_windows() -> pd.Timestamp:
+    """The last date whose price a champion fitted with 5% validation and 5% test dates learnt
+    from: `horizon` sessions past its last validation date."""
     frame = _panel(0, n_dates=200)
     labelled = frame.loc[frame["forward_return_5d"].notna(), "date"]
     fitted = time_split(labelled, validation_fraction=0.05, test_fraction=0.05, embargo=HORIZON)
     sessions = pd.DatetimeIndex(np.sort(frame["date"].unique()))
-    last_validation = sessions.get_loc(fitted.validation_dates[-1])
-    through = sessions[last_validation + HORIZON]  # its last label's price
+    return sessions[sessions.get_loc(fitted.validation_dates[-1]) + HORIZON]
 
+
+def test_a_champion_is_never_judged_on_test_dates_it_learnt_from(monkeypatch, caplog):
+    """A champion fitted with 5% validation and 5% test dates trained or was validated on most
+    of tonight's 30% test window; its labels read prices `horizon` sessions past its last
+    validation date. Those dates are left out for both models, with a warning counting them."""
+    through = _through_a_champion_fitted_on_5pct_windows()
     frame, test, score, champion, challenger = _promotion_case(str(through.date()), monkeypatch)
     with caplog.at_level(logging.WARNING, logger="finpipe.market"):
         scores = score(champion), score(challenger)
@@ -478,6 +482,25 @@ def test_no_test_date_left_to_compare_on_means_no_promotion(monkeypatch, caplog)
         champion_version="1", champion_score=champion_score,
     )  # fmt: skip
     assert not decision.promoted
+
+
+def test_the_promotion_reason_says_on_how_many_test_dates_both_models_were_judged(monkeypatch):
+    """The count of dates left out reached only the domain's log, not the decision's reason
+    that MLflow and the run's summary show: that said "on the same test window"."""
+    through = _through_a_champion_fitted_on_5pct_windows()
+    _, test, score, champion, challenger = _promotion_case(str(through.date()), monkeypatch)
+    decision = decide_promotion(
+        metric="ic", challenger_version="2", challenger_score=score(challenger),
+        champion_version="1", champion_score=score(champion), compared_on=score.compared_on(),
+    )  # fmt: skip
+    unseen = int((test > through).sum())
+    assert (unseen, len(test)) == (10, 58)
+    assert decision.reason.endswith(
+        "on the same 10 of 58 test dates (48 left out: champion v1 learnt from them)"
+    )
+    _, _, score, _, challenger = _promotion_case(None, monkeypatch)  # nothing left out
+    score(challenger)
+    assert score.compared_on().describe("1") == "58 test dates"
 
 
 def test_each_candidate_records_the_last_date_its_labels_read_and_keeps_it_when_saved(tmp_path):

@@ -195,6 +195,20 @@ Predict = Callable[[RegisteredModel], "Predictions"]
 
 
 @dataclass(frozen=True)
+class JudgedScore:
+    """A `ModelScore` that also says what it judged the models on (`compared_on`, read once
+    both were scored, e.g. 16 of 94 test dates), for the promotion decision's reason. A domain's
+    `promotion_scorer` returns one where it may leave rows out; a plain `ModelScore` still
+    works, and its decision says "on the same test window"."""
+
+    score: ModelScore
+    compared_on: Callable[[], promotion.ComparedOn]
+
+    def __call__(self, model: RegisteredModel) -> float:
+        return self.score(model)
+
+
+@dataclass(frozen=True)
 class Predictions:
     """A scoring date's rows (keys and predictions) as a domain computed them with a model.
 
@@ -277,7 +291,8 @@ class DomainParts(Protocol[ConfigT, OutcomeT]):
     ) -> ModelScore:
         """Rebuild the outcome's evaluation window; return a model's score on it (`champion`
         loads the current champion, e.g. to leave out what it trained on; called while scoring,
-        under the promotion's champion lock)."""
+        under the promotion's champion lock). A `JudgedScore` also says how many rows both
+        models were judged on, for the decision's reason."""
         ...
 
     def prepare_scoring(self, storage: Storage, as_of: dt.date) -> Predict:
@@ -497,7 +512,8 @@ def promote(
     is like for like. The decision and both figures are logged to the training run. One
     promotion of a domain at a time (`promotion.promote_challenger` holds its champion lock,
     waiting up to `lock_timeout` seconds, default DEFAULT_TIMEOUT_SECONDS, and saying so
-    through `progress`).
+    through `progress`). The reason says what both were judged on when the domain's scorer
+    is a `JudgedScore`.
     """
     score = parts.promotion_scorer(
         storage, outcome, lambda: tracking.current_champion(settings, parts.name)
@@ -520,6 +536,7 @@ def promote(
         challenger_version=outcome.challenger_version,
         metric=outcome.promotion_metric,
         evaluate=evaluate,
+        compared_on=score.compared_on if isinstance(score, JudgedScore) else None,
         run_id=outcome.run_id,
         lock_root=storage.url,
         lock_timeout=DEFAULT_TIMEOUT_SECONDS if lock_timeout is None else lock_timeout,

@@ -1,8 +1,8 @@
 """Champion/challenger promotion: the policy, the sanity gate and the registry update.
 
 A new model version becomes `challenger`; it becomes `champion` only if it beats the current
-champion on the same evaluation window, scored by the same code. The decision and both figures
-are logged to the training run.
+champion on the same evaluation window, scored by the same code. The decision, both figures and
+what both models were judged on are logged to the training run.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from finpipe.errors import ConfigError, ModelRejected
 from finpipe.faults import crash_point
 from finpipe.locks import DEFAULT_TIMEOUT_SECONDS, champion_lock
 from finpipe.settings import Settings
+from finpipe.text import counted
 from finpipe.tracking import (
     AS_OF_TAG,
     CHALLENGER,
@@ -82,6 +83,27 @@ def register_challenger(
 
 
 @dataclass(frozen=True)
+class ComparedOn:
+    """What both models were judged on: `kept` of the night's `total` test rows, counted in the
+    domain's `unit` (e.g. "test date"); the others were left out for both because the champion
+    learnt from them (`lifecycle.rows_the_champion_never_learnt`)."""
+
+    kept: int
+    total: int
+    unit: str
+
+    def describe(self, champion_version: str | None) -> str:
+        """Return e.g. "16 of 94 test dates (78 left out: champion v1 learnt from them)", or
+        "94 test dates" when none was left out."""
+        if self.kept == self.total:
+            return counted(self.total, self.unit)
+        return (
+            f"{self.kept:,} of {counted(self.total, self.unit)} ({self.total - self.kept:,} "
+            f"left out: champion v{champion_version} learnt from them)"
+        )
+
+
+@dataclass(frozen=True)
 class PromotionDecision:
     """The champion/challenger decision and the figures behind it."""
 
@@ -93,6 +115,7 @@ class PromotionDecision:
     champion_score: float | None
     reason: str
     floor_refused: bool = False  # the quality floor refused the challenger: neither was scored
+    compared_on: ComparedOn | None = None  # None: the domain's scorer does not say
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -106,6 +129,7 @@ def decide_promotion(
     champion_version: str | None,
     champion_score: float | None,
     min_improvement: float = 0.0,
+    compared_on: ComparedOn | None = None,
 ) -> PromotionDecision:
     """Return whether the challenger should become champion (higher `metric` is better).
 
@@ -113,7 +137,9 @@ def decide_promotion(
     never promoted, not even as the first model. Otherwise the first model is promoted, and
     afterwards the challenger must beat the champion, measured on the same evaluation window,
     by more than `min_improvement`; a champion that cannot be measured there (its score NaN or
-    -inf: it no longer reads today's features) gives way to one that can.
+    -inf: it no longer reads today's features) gives way to one that can. The reason says what
+    both were judged on when `compared_on` is given (e.g. "on the same 16 of 94 test dates (78
+    left out: champion v1 learnt from them)"), "on the same test window" otherwise.
     """
 
     def decision(promoted: bool, reason: str) -> PromotionDecision:
@@ -125,23 +151,28 @@ def decide_promotion(
             champion_version,
             champion_score,
             reason,
+            compared_on=compared_on,
         )
 
     challenger = f"challenger v{challenger_version} {metric}={_figure(challenger_score)}"
     champion = f"champion v{champion_version}"
+    window, same = "the test window", "the same test window"
+    if compared_on is not None:
+        window = compared_on.describe(champion_version)
+        same = f"the same {window}"
     if not np.isfinite(challenger_score):
         kept = f"{champion} kept" if champion_version is not None else "there is no champion"
-        return decision(False, f"{challenger}: it cannot be measured on the test window; {kept}")
+        return decision(False, f"{challenger}: it cannot be measured on {window}; {kept}")
     if champion_version is None or champion_score is None:
         return decision(True, "promoted as the first model (no champion before it)")
     champion += f" {metric}={_figure(champion_score)}"
     if not np.isfinite(champion_score):
         return decision(
-            True, f"{champion}: it cannot be measured on the test window; {challenger} replaces it"
+            True, f"{champion}: it cannot be measured on {window}; {challenger} replaces it"
         )
     better = challenger_score > champion_score + min_improvement
     verb = "beats" if better else "does not beat"
-    return decision(better, f"{challenger} {verb} {champion} on the same test window")
+    return decision(better, f"{challenger} {verb} {champion} on {same}")
 
 
 def _figure(score: float) -> str:
@@ -179,6 +210,7 @@ def promote_challenger(
     challenger_version: str,
     metric: str,
     evaluate: Callable[[RegisteredModel], float],
+    compared_on: Callable[[], ComparedOn] | None = None,
     run_id: str | None = None,
     lock_root: str | Path,
     lock_timeout: float = DEFAULT_TIMEOUT_SECONDS,
@@ -187,7 +219,9 @@ def promote_challenger(
     """Score challenger and current champion with `evaluate`; promote the challenger if better.
 
     `evaluate` receives a registered model and returns its score on the evaluation window
-    (higher is better); both models go through it, so the comparison is like for like. One
+    (higher is better); both models go through it, so the comparison is like for like.
+    `compared_on`, when given, says after both were scored what they were judged on, for the
+    decision's reason (how many test rows, and how many were left out for both). One
     promotion of a domain at a time, under its champion lock in the store at `lock_root`
     (`finpipe.locks.champion_lock`): two nights' challengers promoted at once would each be
     compared with the same champion, and the later alias move would win, even for the older
@@ -196,7 +230,7 @@ def promote_challenger(
     """
     holder = f"promotion of {domain} v{challenger_version}"
     with champion_lock(lock_root, domain, holder=holder, timeout=lock_timeout, on_wait=on_wait):
-        return _promote(settings, domain, challenger_version, metric, evaluate, run_id)
+        return _promote(settings, domain, challenger_version, metric, evaluate, compared_on, run_id)
 
 
 def _promote(
@@ -205,6 +239,7 @@ def _promote(
     challenger_version: str,
     metric: str,
     evaluate: Callable[[RegisteredModel], float],
+    compared_on: Callable[[], ComparedOn] | None,
     run_id: str | None,
 ) -> PromotionDecision:
     champion_version = current_alias_version(settings, domain, CHAMPION)
@@ -243,11 +278,16 @@ def _promote(
         challenger_score=challenger_score,
         champion_version=champion_version,
         champion_score=champion_score,
+        compared_on=compared_on() if compared_on is not None else None,
     )
     apply_promotion(settings, domain, decision)
     figures = {"challenger_score": challenger_score, "promoted": float(decision.promoted)}
     if champion_score is not None and np.isfinite(champion_score):
         figures["champion_score"] = champion_score
+    if decision.compared_on is not None:  # in the unit the reason names, e.g. test dates
+        compared = decision.compared_on
+        figures["promotion_compared"] = float(compared.kept)
+        figures["promotion_left_out"] = float(compared.total - compared.kept)
     _log_decision(decision, run_id, figures)
     return decision
 
@@ -337,6 +377,7 @@ def _log_decision(
     with mlflow.start_run(run_id=run_id, tags=owner_tags()):  # resumed: this process owns it now
         mlflow.log_dict(decision.to_dict(), "promotion.json")
         mlflow.log_metrics(dict(figures))
+        mlflow.set_tag(PROMOTION_REASON_TAG, decision.reason)  # the run's page says why
         if decision.promoted:
             tag = "promoted"
         elif decision.floor_refused:

@@ -57,6 +57,7 @@ from finpipe.domains import ChallengerOutcome, DemoNight, Domain
 from finpipe.errors import ScoringError
 from finpipe.ingest import RawContract
 from finpipe.lifecycle import Candidate, Predictions, RunRecord, TrainingData
+from finpipe.promotion import ComparedOn
 from finpipe.settings import Settings
 from finpipe.storage import Storage, as_day
 from finpipe.tracking import RegisteredModel
@@ -352,9 +353,9 @@ class CreditParts:
         storage: Storage,
         outcome: CreditTrainingOutcome,
         champion: Callable[[], RegisteredModel | None],
-    ) -> lifecycle.ModelScore:
+    ) -> lifecycle.JudgedScore:
         """Return a model's promotion metric on the outcome's test rows that the champion
-        never trained or was validated on (`comparison_rows`).
+        never trained or was validated on (`comparison_rows`), and how many of them that is.
 
         The test rows are rebuilt from the outcome's split parameters over the same data, so the
         challenger never trained or was selected on them. A champion trained under other split
@@ -384,7 +385,10 @@ class CreditParts:
                 ]
             )
 
-        return score
+        def compared_on() -> ComparedOn:
+            return ComparedOn(len(judged()), len(test), "test loan")
+
+        return lifecycle.JudgedScore(score, compared_on)
 
     def prepare_scoring(self, storage: Storage, as_of: dt.date) -> lifecycle.Predict:
         """Return how the champion scores the population (see `scoring_population`): id, PD, grade,

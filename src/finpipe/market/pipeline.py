@@ -54,6 +54,7 @@ from finpipe.market.schema import DOMAIN
 from finpipe.market.synthetic import plan_market_demo
 from finpipe.market.synthetic import write_oracle as write_oracle
 from finpipe.metrics import market_metrics
+from finpipe.promotion import ComparedOn
 from finpipe.settings import Settings
 from finpipe.storage import Storage, as_day
 from finpipe.text import counted
@@ -303,6 +304,10 @@ def learnt_through(dates: pd.Series, split: TimeSplit, horizon: int) -> str:
     return str(sessions[position].date())
 
 
+def _dates_in(rows: pd.DataFrame) -> int:
+    return int(rows["date"].nunique())  # promotion counts market's test rows in dates
+
+
 def comparison_window(test_window: pd.DataFrame, champion: RegisteredModel | None) -> pd.DataFrame:
     """Return the rows of `test_window` dated after the champion's `learnt_through` (the dates
     it never trained or was validated on, nor read a label's price from), as
@@ -322,7 +327,7 @@ def comparison_window(test_window: pd.DataFrame, champion: RegisteredModel | Non
         champion,
         learnt,
         unit="test date",
-        units=lambda rows: rows["date"].nunique(),
+        units=_dates_in,
         logger=log,
     )
 
@@ -396,10 +401,10 @@ class MarketParts:
         storage: Storage,
         outcome: TrainingOutcome,
         champion: Callable[[], RegisteredModel | None],
-    ) -> lifecycle.ModelScore:
+    ) -> lifecycle.JudgedScore:
         """Return a model's promotion metric on the outcome's test dates that the champion
         never learnt from (`comparison_window`), rebuilt from storage with the history before
-        them that a sequence model's lookback reads.
+        them that a sequence model's lookback reads, and how many of them that is.
 
         The challenger's embargoed split keeps it off its test window. A champion fitted under
         other settings (a later train end, another validation or test fraction, horizon or
@@ -425,7 +430,10 @@ class MarketParts:
             scored = judged().merge(model.predict(inputs), on=KEY_COLUMNS)
             return float(market_metrics(scored, label=outcome.label)[outcome.promotion_metric])
 
-        return score
+        def compared_on() -> ComparedOn:
+            return ComparedOn(_dates_in(judged()), _dates_in(test_window), "test date")
+
+        return lifecycle.JudgedScore(score, compared_on)
 
     def prepare_scoring(self, storage: Storage, as_of: dt.date) -> lifecycle.Predict:
         """Return how the champion scores every ticker of `as_of`.
