@@ -17,6 +17,7 @@ from finpipe.flows.run_setup import (
     date_runner,
     ingest_inputs,
     set_up_run,
+    summary_if_ingest_fails,
     warn_of_stale_predictions,
     with_run_id_suffix,
 )
@@ -108,7 +109,14 @@ def backfill(
     request = _checked_request(run, start, end, steps, today)
     config = training_config(domain, dict(training))
     check_dask_scheduler(run.settings.dask_address)  # before any work, not after the features
-    ingested = ingest_inputs(run, today)
+    with summary_if_ingest_fails(
+        run,
+        key=artifact_key("backfill", domain),
+        title=f"finpipe backfill: {domain} {request.start} to {request.end}",
+        not_run="Nothing after it ran: no date of the range was processed (features, "
+        "scores) and nothing was retrained; run the same backfill again once it is fixed.",
+    ):
+        ingested = ingest_inputs(run, today)
     features = None
     if "features" in request.steps:
         # Before planning: a date whose features this rebuilds (data re-delivered or corrected

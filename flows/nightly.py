@@ -16,6 +16,7 @@ from finpipe.flows.run_setup import (
     RunSetup,
     ingest_inputs,
     set_up_run,
+    summary_if_ingest_fails,
     warn_of_stale_predictions,
 )
 from finpipe.flows.summaries import artifact_key, summary_markdown
@@ -133,7 +134,14 @@ def nightly(
         as_of = _scheduled_as_of(calendar_timezone, domain)
     timezone = calendar_timezone or run.schedule.timezone
     validate_day = newest_day_accepted(as_day(as_of) if as_of else None, timezone)
-    ingested = ingest_inputs(run, validate_day)
+    with summary_if_ingest_fails(
+        run,
+        key=artifact_key("nightly", domain, "summary"),
+        title=f"finpipe nightly: {domain} as of {as_of or 'latest'}",
+        not_run="Nothing after it ran: no features, catch-up, training, promotion or scoring "
+        "for this night; the published predictions and the champion are as they were.",
+    ):
+        ingested = ingest_inputs(run, validate_day)
     plan = _plan(run, as_of, validate_day, catch_up=catch_up, retrain=retrain)
     run_date = plan.run_day.isoformat()
     run = _named_after_its_day(run, plan.run_day)

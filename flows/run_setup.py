@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import datetime as dt
 import socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+from finpipe.flows.summaries import ingest_failed_markdown
 from finpipe.tasks.dates import ingest_deliveries
 from prefect import get_run_logger
+from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 
@@ -18,7 +21,8 @@ from finpipe.calendars import Calendar
 from finpipe.date_runs import expand_inputs, is_glob, stale_predictions
 from finpipe.domains import get_domain
 from finpipe.drop_roots import allowed_inputs
-from finpipe.errors import ConfigError
+from finpipe.errors import ConfigError, FinpipeError
+from finpipe.ingest import described_file
 from finpipe.locks import check_lock_backend
 from finpipe.schedule import ScheduleSettings, load_schedule_settings
 from finpipe.services.tls import client_security
@@ -30,6 +34,7 @@ from finpipe.settings import (
 )
 from finpipe.storage import Storage
 from finpipe.text import counted
+from finpipe.validation import ValidationReport, describe_rule_break
 
 
 @dataclass(frozen=True)
@@ -124,6 +129,51 @@ def ingest_inputs(run: RunSetup, as_of: dt.date) -> list[dict]:
                 leave_later=not correction,
             )
     return outcomes
+
+
+@contextmanager
+def summary_if_ingest_fails(run: RunSetup, *, key: str, title: str, not_run: str) -> Iterator[None]:
+    """Publish the run's summary artifact (`key`, headed `title`) when the ingest inside the
+    block stops the run, then let the error fail it: a night whose delivery was quarantined
+    shows in the Prefect UI which file, which rules on which rows, where the report is and
+    what did not run (`not_run`), not only a failed state. The error is re-raised unchanged."""
+    try:
+        yield
+    except FinpipeError as error:
+        quarantined = quarantined_batch(run, error)
+        create_markdown_artifact(
+            key=key,
+            markdown=ingest_failed_markdown(title, run.domain, str(error), quarantined, not_run),
+            description=f"{title}: failed at ingest"
+            + (f", {quarantined['file']} quarantined" if quarantined else ""),
+        )
+        raise
+
+
+def quarantined_batch(run: RunSetup, error: Exception) -> dict | None:
+    """Return what the store keeps of the batch `error` (a ValidationFailed) quarantined: its
+    file, batch id, rows, first and last date, each broken rule in one sentence with a sample
+    row, and where its folder, report and Data Docs are; None for an error that quarantined
+    nothing."""
+    folder = getattr(error, "quarantine_path", None)
+    records = run.storage.batch_records(run.domain) if folder else []
+    record = next((r for r in records if r.get("quarantine_path") == folder), None)
+    if record is None:
+        return None
+    report_key = f"{run.storage.quarantine_key(run.domain, record['batch_id'])}/report.json"
+    report = run.storage.read_json(report_key)
+    failures = ValidationReport.from_dict(report).failures() if report else []
+    return {
+        "file": described_file(record),
+        "batch_id": record["batch_id"],
+        "rows": record.get("rows"),
+        "first_date": record.get("first_date"),
+        "last_date": record.get("last_date"),
+        "folder": folder,
+        "report": run.storage.location(report_key),
+        "data_docs": (report or {}).get("data_docs"),
+        "rules": [describe_rule_break(rule) for rule in failures],
+    }
 
 
 def check_dask_scheduler(address: str, timeout: float = 5.0) -> None:

@@ -112,6 +112,52 @@ def summary_markdown(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def ingest_failed_markdown(
+    title: str, domain: str, error: str, quarantined: dict | None, not_run: str
+) -> str:
+    """Return the summary of a run that ingest stopped (`error`, its one-line message): the
+    file quarantined (`quarantined`, see `run_setup.quarantined_batch`; None for a file refused
+    before landing, e.g. too big, or a store or lock that failed), each rule it broke with a
+    row, where its report is, the commands to inspect it, and the steps that did not run."""
+    lines = [f"# {title}", "", f"**Failed at ingest.** {not_run}", ""]
+    if quarantined:
+        dates = (
+            f"{quarantined['first_date']} .. {quarantined['last_date']}"
+            if quarantined.get("first_date")
+            else "-"
+        )
+        rows = "-" if quarantined.get("rows") is None else f"{quarantined['rows']:,}"
+        lines += [
+            "## Quarantined",
+            "| file | batch | rows | dates |",
+            "|---|---|---|---|",
+            f"| {quarantined['file']} | {quarantined['batch_id']} | {rows} | {dates} |",
+            "",
+            "Rules broken:",
+            "",
+            *(f"- {rule}" for rule in quarantined["rules"] or ["see the report"]),
+            "",
+            f"Report (each rule, its unexpected count, sample rows and their keys): "
+            f"`{quarantined['report']}`; the file as delivered beside it in "
+            f"`{quarantined['folder']}`"
+            + (f"; Data Docs: `{quarantined['data_docs']}`" if quarantined.get("data_docs") else "")
+            + ".",
+            "",
+            "Nothing from this file was published and accepted data is untouched. The files "
+            "this run loaded before it stay published; those after it were not read.",
+            "",
+            "## To inspect and redo",
+            f"- `finpipe batches {domain}` lists every delivered file with its verdict, rows and "
+            f"dates; `finpipe status {domain}` the quarantined ones with their rules and report.",
+            "- Deliver the fixed file and run again with the same inputs (files already loaded "
+            f"are skipped); if its fix came under another name, `finpipe dismiss {domain} "
+            f'{quarantined["batch_id"]} --reason "..."`.',
+            "",
+        ]
+    lines += ["## Error", "", "```", error, "```"]
+    return "\n".join(lines)
+
+
 def _file_figures(item: dict) -> str:
     """A file's rows and dates cells: '-' for a figure its outcome does not hold, not 0 (a file
     left for a later run was not read; one loaded before keeps its row count only)."""

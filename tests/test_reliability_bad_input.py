@@ -271,3 +271,45 @@ def test_file_larger_than_the_limit_is_refused_before_landing(accepted, tmp_path
     with pytest.raises(InputFileError, match="over the 0 MiB limit .* FINPIPE_MAX_FILE_MB"):
         ingest_file(storage, MARKET_CONTRACT, path, as_of=AS_OF, max_file_bytes=1000)
     assert not any(p.name.endswith("huge.csv") for p in storage.landing_dir("market").iterdir())
+
+
+@pytest.mark.parametrize("flow", ["nightly", "backfill"])
+def test_a_run_stopped_by_a_quarantined_file_still_publishes_its_summary(flow, accepted, tmp_path):
+    """The morning after a night whose delivery was quarantined, the Prefect UI shows a failed
+    run with its summary artifact: which file, which rule on which row, where the report is,
+    the command that lists the batches, and that nothing after ingest ran. The run still
+    fails with the ingest's error and publishes nothing from the file."""
+    from finpipe.flows.backfill import backfill
+    from finpipe.flows.nightly import nightly
+
+    from tests.conftest import finpipe_home
+    from tests.test_backfill import _artifact
+
+    storage, rows = accepted
+    day = rows["date"].iloc[0].date()
+    path = tmp_path / f"market_{day}.csv"
+    path.write_bytes(_csv(_set(rows, 2, "close", -1.0)))
+    before = _snapshot(storage)
+    with finpipe_home(storage.root):
+        if flow == "nightly":
+            state = nightly(as_of=day, inputs=[str(path)], retrain=False, return_state=True)
+        else:
+            state = backfill(start=day, end=day, inputs=(str(path),), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(ValidationFailed, match=f"{path.name} rejected"):
+        state.result()
+    key = "nightly-market-summary" if flow == "nightly" else "backfill-market"
+    artifact = _artifact(state.state_details.flow_run_id, key)
+    assert artifact.type == "markdown"
+    text = artifact.data
+    [record] = [r for r in storage.batch_records("market") if r["status"] == "quarantined"]
+    assert f"| {path.name} | {record['batch_id']} | {len(rows):,} | {day} .. {day} |" in text
+    ticker = rows["ticker"].iloc[2]
+    assert "- expect_column_values_to_be_between(close): 1 unexpected row(s)" in text
+    assert f"e.g. row 2 (date={day}, ticker={ticker}) value -1." in text
+    assert f"`{record['quarantine_path']}/report.json`" in text
+    assert "`finpipe batches market`" in text
+    assert "**Failed at ingest.** Nothing after it ran" in text
+    assert "## Predictions" not in text and "## Training" not in text
+    assert _snapshot(storage) == before, "accepted partitions changed"
+    assert not storage.partition_dates("features", "market")
