@@ -190,6 +190,24 @@ def test_the_trees_report_their_cross_fitted_validation_ic_as_the_nightly_does(p
     assert fit.validation["lgbm"]["ic"] == trees["validation_ic"]
 
 
+def test_every_window_model_records_the_last_date_it_learnt_from(panel, tmp_path):
+    """As every nightly model does (`finpipe.market.pipeline.learnt_through`): a window's
+    models learnt from prices through the session before its retrain date (the last
+    validation label's), and say so in the folder they are saved to, so a backtest model
+    promoted or compared later is never judged on those dates. They recorded nothing."""
+    prices, features, days = panel
+    config = _config(
+        days, training={**TINY, "models": ["mlp", "lgbm", "ensemble"], "horizon": HORIZON}
+    )
+    window = bt.plan_windows([d for d in days if d >= config.start], 30)[1]
+    fit = bt.fit_window(window, *_inputs(window, days, features, prices, config), config)
+    day_before = str(days[days.index(window.retrain) - 1])
+    for kind, model in fit.models.items():
+        model.save(tmp_path / kind)
+        assert type(model).load(tmp_path / kind).learnt_through == day_before, kind
+    assert fit.learnt_through == day_before  # the window's record and runs say it too
+
+
 # -- resumable windows on a store ------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stored(panel, tmp_path_factory):
@@ -210,8 +228,9 @@ def stored(panel, tmp_path_factory):
     return storage, config, sessions, outcomes
 
 
-def test_windows_write_their_own_layer_readable_as_one_dataset(stored):
+def test_windows_write_their_own_layer_readable_as_one_dataset(stored, panel):
     storage, config, sessions, outcomes = stored
+    days = panel[2]
     assert [o.status for o in outcomes] == ["completed"] * 3
     folder = storage.location("backtests/unit/predictions/market")
     read = pd.read_parquet(folder)
@@ -219,6 +238,10 @@ def test_windows_write_their_own_layer_readable_as_one_dataset(stored):
     assert set(read["model"]) == {"mlp", "lgbm"}
     assert read.groupby("date")["ticker"].nunique().min() >= 6
     assert storage.partition_dates("predictions", "market") == []  # never the nightly's layer
+    store = storage.backtest_store(config.name)
+    for window in bt.plan_windows(sessions, config.retrain_every):  # as its models record
+        through = bt.read_window_record(store, window)["learnt_through"]
+        assert through == str(days[days.index(window.retrain) - 1])
 
 
 def test_a_rerun_redoes_only_missing_or_stale_windows_with_identical_predictions(stored):

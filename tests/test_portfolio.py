@@ -148,12 +148,36 @@ def test_a_session_without_a_signal_holds_the_book_instead_of_dropping_its_retur
     assert costly.net.loc[DATES[4]] == costly.gross.loc[DATES[4]]
 
 
-def test_a_name_delisted_while_held_leaves_at_its_last_price():
+def test_a_name_delisted_while_held_is_sold_at_its_last_price_and_counted():
+    """A's last price is on the third session. Held into the fourth, its half earns nothing
+    (it left at its last price). The rebalance on the fourth cannot trade it: it is sold,
+    its half goes to B, the rest of its side, and the sale is counted. Before, the book kept
+    buying A back to half its value and earned nothing on it, a session after session of
+    half the book in a name that no longer traded, and said nothing."""
     returns = _returns({"A": [0.0, 0.0, 0.1, np.nan, np.nan, np.nan], "B": [0.01] * 6})
     weights = {d: pd.Series({"A": 0.5, "B": 0.5}) for d in DATES[:4]}
     result = run_portfolio(weights, returns, cost_bps=0.0)
-    assert result.gross.notna().all()
-    assert result.gross.tolist() == pytest.approx([0.5 * 0.1 + 0.005, 0.005, 0.005, 0.005])
+    assert result.gross.tolist() == pytest.approx([0.5 * 0.1 + 0.005, 0.005, 0.01, 0.01])
+    sold_a, bought_b = 0.5 / 1.005, 1.0 - 0.5 * 1.01 / 1.005  # as drifted by the fourth
+    assert result.turnover.iloc[2] == pytest.approx((sold_a + bought_b) / 2)
+    assert result.delisted_exits == 1
+    assert summarise({"long_only": result})["delisted_exits"].tolist() == [1]
+
+
+def test_a_name_delisted_between_signals_is_sold_into_cash_until_the_next():
+    """No signal on the second and third dates: the book holds what it bought. A stops
+    trading after the third session: on the fourth it is sold at its last price (traded and
+    counted) and its proceeds stay in cash, earning nothing, until the next signal says where
+    to put them (before, it stayed in the book unsold and uncounted)."""
+    returns = _returns({"A": [0.0, 0.0, 0.1, np.nan, np.nan, np.nan], "B": [0.01] * 6})
+    weights = {DATES[0]: pd.Series({"A": 0.5, "B": 0.5}), DATES[3]: pd.Series({"B": 1.0})}
+    result = run_portfolio(weights, returns, cost_bps=0.0)
+    a, b = 0.55 / 1.055, 0.505 / 1.055  # the book after the first session
+    second = b * 0.01  # A earns nothing: it left at its last price
+    a, b = a / (1 + second), b * 1.01 / (1 + second)
+    assert result.gross.tolist() == pytest.approx([0.055, second, b * 0.01, 0.01])
+    assert result.turnover.tolist()[1:3] == pytest.approx([0.0, a / 2])  # A sold, B kept
+    assert result.delisted_exits == 1
 
 
 def test_long_short_matches_a_naive_loop():
@@ -404,3 +428,28 @@ def test_a_long_short_book_never_holds_a_name_on_both_sides_when_scores_tie():
     result = long_short(predictions, returns, k=2, cost_bps=0.0)
     assert result.gross.tolist() == pytest.approx([0.02])
     assert result.turnover.tolist() == pytest.approx([1.0])
+
+
+def test_the_decile_plot_draws_the_decile_table_every_date_counting_once():
+    """The nightly's decile plot (`plots.return_by_decile`) and the backtest's decile table
+    give each date one vote: a date of 30 names whose returns are all 0.03 weighs as much as
+    one of 10 whose returns rise with the prediction, so decile 1 is (0.0 + 0.03) / 2. The
+    plot pooled the rows (that decile (0.0 + 3 x 0.03) / 4) and kept a date of 3 names that
+    the table leaves out."""
+    from finpipe import plots
+
+    small = pd.DataFrame(
+        {"date": DATES[0], "ticker": list("ABCDEFGHIJ"), "prediction": np.arange(10.0)}
+    ).assign(label=lambda f: f["prediction"] / 100)
+    large = pd.DataFrame(
+        {"date": DATES[1], "ticker": [f"T{i}" for i in range(30)], "prediction": np.arange(30.0)}
+    ).assign(label=0.03)
+    few = pd.DataFrame({"date": DATES[2], "ticker": list("XYZ"), "prediction": [1.0, 2, 3]})
+    frame = pd.concat([small, large, few.assign(label=-1.0)], ignore_index=True)
+    forward = frame[["date", "ticker", "label"]].rename(columns={"label": "forward_return"})
+    table = return_by_decile(frame[["date", "ticker", "prediction"]], forward)
+    figure = plots.return_by_decile(frame, "prediction", "label", "deciles")
+    drawn = [bar.get_height() for bar in figure.axes[0].patches]
+    plots.close(figure)
+    assert drawn == pytest.approx(table.tolist())
+    assert drawn == pytest.approx([(d / 100 + 0.03) / 2 for d in range(10)])

@@ -71,7 +71,7 @@ from finpipe.market.model import (
     FittedMarketModel,
     MarketTrainingConfig,
 )
-from finpipe.market.pipeline import ENSEMBLE_LOADER
+from finpipe.market.pipeline import ENSEMBLE_LOADER, learnt_through
 from finpipe.market.schema import DOMAIN, price_column
 from finpipe.market.synthetic import ORACLE
 from finpipe.metrics import market_metrics
@@ -363,6 +363,7 @@ class WindowFit:
     validation: dict[str, dict[str, float]]
     predictions: pd.DataFrame  # date, ticker, model, prediction, retrain_date
     training_rows: int
+    learnt_through: str  # the last date whose price the models learnt from (each records it)
     example: pd.DataFrame  # a few scored feature rows (the logged models' input example)
 
 
@@ -378,11 +379,14 @@ def fit_window(
     `features` and `prices` are the rows of `window_reads`; nothing dated after `window.last`
     is read, and the models read nothing dated on or after `window.retrain`. The nets are
     fitted as the nightly fits them; an `ensemble` combines them with weights chosen on the
-    window's validation dates (`finpipe.market.ensemble`).
+    window's validation dates (`finpipe.market.ensemble`). Each model records the last date
+    whose price it learnt from (`learnt_through`, the day before `window.retrain`), as the
+    nightly's do: one promoted or compared later is never judged on a date up to it.
     """
     label = config.label
     frame = training_frame(window, features, prices, config)
     split = window_split(frame, window, config)
+    through = learnt_through(frame["date"], split, config.horizon)
     columns = feature_columns_of(frame)
     cutoff, last = pd.Timestamp(window.retrain), pd.Timestamp(window.last)
     scoring = features[features["date"] <= last].drop(columns=[BATCH_COLUMN], errors="ignore")
@@ -393,6 +397,7 @@ def fit_window(
     nets: dict[str, MarketMember] = {}
     for kind in [k for k in config.training.models if k != ENSEMBLE]:
         fitted = fit_member(kind, frame, columns, split, config.training)
+        fitted.learnt_through = through
         # scored with the rows before them as sequence history, as the nightly scores
         validated = fitted.predict(frame, score_from=split.validation_dates[0])
         on_validation[kind] = validated["prediction"].reindex(on_validation.index)
@@ -408,6 +413,7 @@ def fit_window(
         ensemble = fit_ensemble(
             nets, on_validation, split.validation_dates, label=label, horizon=config.horizon
         )
+        ensemble.learnt_through = through
         on_validation[ENSEMBLE], _ = ensemble.combine(on_validation)
         on_scored[ENSEMBLE], _ = ensemble.combine(on_scored)
         validation[ENSEMBLE] = _validation_metrics(on_validation, ENSEMBLE, label)
@@ -425,6 +431,7 @@ def fit_window(
         validation=validation,
         predictions=predictions.sort_values(["date", "model", "ticker"]).reset_index(drop=True),
         training_rows=int(frame["date"].isin(split.train_dates).sum()),
+        learnt_through=through,
         example=scoring.loc[scoring["date"] >= cutoff, [*KEY_COLUMNS, *columns]].head(5),
     )
 
@@ -463,6 +470,7 @@ def log_window_models(fit: WindowFit, parent_run_id: str, config: BacktestConfig
         "train_end": str(split.train_dates[-1].date()),
         "validation_start": str(split.validation_dates[0].date()),
         "validation_end": str(split.validation_dates[-1].date()),
+        "learnt_through": fit.learnt_through,
         "train_window": config.train_window or "expanding",
         "label": config.label,
     }
@@ -640,6 +648,7 @@ def run_window(
             "train_start": str(fit.split.train_dates[0].date()),
             "train_end": str(fit.split.train_dates[-1].date()),
             "validation_end": str(fit.split.validation_dates[-1].date()),
+            "learnt_through": fit.learnt_through,
             "training_rows": fit.training_rows,
             "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         },
@@ -689,6 +698,7 @@ class BacktestReport:
             "mean_turnover",
             "excess_return",
             "excess_information_ratio",
+            "delisted_exits",
         )
         for row in self.summary.to_dict("records"):
             for name in figures:
@@ -894,6 +904,8 @@ _COLUMNS = {
     "excess_information_ratio": "excess IR",
     # the session a book lost all its value: its figures after it are a flat 0, not a strategy
     "wiped_out": "wiped out",
+    # held names sold at their last price because they stopped trading (finpipe.portfolio)
+    "delisted_exits": "delisted exits",
 }
 
 

@@ -10,10 +10,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import pandas as pd
 
-from finpipe.portfolio import running_peak
+from finpipe import portfolio
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -65,18 +64,17 @@ def ic_by_date(per_date_ic: pd.Series, title: str, window: int = 20) -> Figure:
 def return_by_decile(
     frame: pd.DataFrame, prediction: str, label: str, title: str, buckets: int = 10
 ) -> Figure:
-    """Return mean forward return by per-date prediction decile (1 = lowest prediction)."""
-    ranked = frame[["date", prediction, label]].dropna()
-    pct = ranked.groupby("date")[prediction].rank(pct=True, method="first")
-    ranked = ranked.assign(decile=np.ceil(pct * buckets).clip(1, buckets).astype(int))
-    means = ranked.groupby("decile")[label].mean()
-    fig, ax = subplots(figsize=(6, 3.5))
-    colours = ["#d73027" if v < 0 else "#1a9850" for v in means.values]
-    ax.bar(means.index, means.values, color=colours)
-    ax.axhline(0, color="black", linewidth=0.6)
-    ax.set(xlabel="prediction decile", ylabel=f"mean {label}", title=title)
-    fig.tight_layout()
-    return fig
+    """Return mean `label` by prediction decile (1 = lowest prediction), as the backtest's
+    decile table defines it (`finpipe.portfolio.return_by_decile`): deciles within each date,
+    each date's decile means averaged so every date counts once, a date with fewer names than
+    deciles left out. `frame` has date, ticker and the two columns."""
+    rows = frame[["date", "ticker", prediction, label]]
+    means = portfolio.return_by_decile(
+        rows[["date", "ticker", prediction]].rename(columns={prediction: "prediction"}),
+        rows[["date", "ticker", label]].rename(columns={label: "forward_return"}),
+        buckets,
+    )
+    return decile_bars(means, title, ylabel=f"mean {label}")
 
 
 def cumulative_returns(panels: Mapping[str, Mapping[str, pd.Series]], title: str) -> Figure:
@@ -101,7 +99,7 @@ def drawdowns(lines: Mapping[str, pd.Series], title: str) -> Figure:
     fig, ax = subplots(figsize=(8, 3.2))
     for label, daily in lines.items():
         cumulative = daily.cumsum()
-        ax.plot(daily.index, (cumulative - running_peak(cumulative)).values, label=label)
+        ax.plot(daily.index, (cumulative - portfolio.running_peak(cumulative)).values, label=label)
     ax.set(ylabel="drawdown", title=title)
     ax.legend(fontsize="small", loc="lower left")
     fig.autofmt_xdate()

@@ -11,14 +11,19 @@ Conventions, stated once here and used by every function below:
   weight w becomes w (1 + r) / (1 + R). The costs are paid out of the book's cash, so the book
   is worth 1 + R, not 1 + gross, and the next rebalance sells what paid them (as Qlib's
   `Position` takes cost and trade out of cash and weighs each stock against stocks plus cash).
-  A session with no signal (no predictions that date) keeps the drifted book: nothing trades.
+  A session with no signal (no predictions that date) keeps the drifted book: nothing trades
+  but the sale of a name that stopped trading (below).
 - **Ruin.** A book worth nothing or less after a session (its shorts more than doubled,
   say) is wiped out on that session: its return keeps the whole loss, below -100%
   if so, and from the next session it holds nothing, trades nothing and earns 0, its
   benchmark still running. `PortfolioResult.wiped_out` names the session; `summarise` shows it.
 - **Delistings and halts.** A held name that has no price on a day earns 0 that day. One that
-  stopped trading leaves the portfolio at its last price and, with no prediction, is never
-  bought again. A name without a price on the session a trade is due is not bought, halted or
+  stopped trading (no price on this session or any later one: delisted) leaves the portfolio
+  at its last price: it earns nothing after it, and on the first session without a price it
+  is sold, the sale traded and costed like any other. On a rebalance the proceeds go to the
+  other names of its side, as the new weights say; on a session without a signal they stay in
+  cash until the next. `PortfolioResult.delisted_exits` counts these sales, `summarise` shows
+  them. A name without a price on the session a trade is due is not bought, halted or
   delisted alike. One held and halted (a price on a later session: the price history stands
   in for the exchange's notice, public when it comes) cannot be sold either: it keeps its
   weight, the other names of its side (long or short) share what the side's target leaves,
@@ -123,6 +128,7 @@ class PortfolioResult:
     turnover: pd.Series  # fraction of the book replaced when these weights were set
     benchmark: pd.Series | None  # the equal-weight universe's return, same dates
     wiped_out: pd.Timestamp | None = None  # the session the book lost all its value, if any
+    delisted_exits: int = 0  # held names sold at their last price because they stopped trading
 
     def excess(self) -> pd.Series:
         """Net return minus the benchmark's (the net return itself without a benchmark)."""
@@ -152,6 +158,7 @@ def run_portfolio(
     previous = pd.Series(dtype=float)
     gross, net, turnover, universe = {}, {}, {}, {}
     wiped_out: pd.Timestamp | None = None
+    delisted_exits = 0
     last = min(max(signals, default=-1), len(sessions) - 3)  # the last signal that earns
     for index in range(min(signals, default=0), last + 1):
         earned = sessions[index + 2]
@@ -160,13 +167,19 @@ def run_portfolio(
         if wiped_out is not None:
             gross[earned] = net[earned] = turnover[earned] = 0.0
             continue
-        # a session without a signal keeps the drifted book
-        target = signals.get(index, previous)
         unpriced = ~priced.iloc[index + 1]
         halted = unpriced & priced_later.iloc[index + 1]
+        # held names that stopped trading: sold at their last price, and counted
+        gone = previous.index[
+            (previous != 0) & (unpriced & ~halted).reindex(previous.index, fill_value=False)
+        ]
+        delisted_exits += len(gone)
+        # a session without a signal keeps the drifted book, the proceeds of a sale in cash
+        target = signals.get(index, previous.drop(gone))
         weights = _tradable(target, previous, halted.index[halted], unpriced.index[unpriced])
         traded = weights.sub(previous, fill_value=0.0).abs().sum()
-        held = day.reindex(weights.index).fillna(0.0)  # delisted: earns 0 from its last price
+        # no price this session (halted, or delisted since the last trade): earns nothing
+        held = day.reindex(weights.index).fillna(0.0)
         gross[earned] = float((weights * held).sum())
         net[earned] = gross[earned] - cost_bps / 10_000.0 * float(traded)
         turnover[earned] = float(traded) / 2.0
@@ -183,6 +196,7 @@ def run_portfolio(
         turnover=as_series(turnover),
         benchmark=as_series(universe) if benchmark else None,
         wiped_out=wiped_out,
+        delisted_exits=delisted_exits,
     )
 
 
@@ -191,13 +205,13 @@ def _tradable(
 ) -> pd.Series:
     """Return the weights a book holds after trading towards `target` when the names in `halted`
     cannot trade: each keeps its weight in `previous` (none if not held), and the other names
-    of its side (long or short) are scaled to what the side's target leaves. A name of
-    `unpriced` (no price on the session, halted or delisted) that the book does not hold is
-    not bought, whether or not it trades again later."""
+    of its side (long or short) are scaled to what the side's target leaves. Any other name of
+    `unpriced` (no price on the session) is not bought, whether or not it trades again later,
+    and one held (delisted: no price again) is sold at its last price, its weight going to
+    the rest of its side."""
     stuck = previous.reindex(halted).dropna()
     stuck = stuck[stuck != 0]
-    unheld = unpriced.difference(previous.index[previous != 0])
-    free = target.drop(halted.union(unheld), errors="ignore")
+    free = target.drop(unpriced, errors="ignore")  # `halted` is part of `unpriced`
     if stuck.empty and len(free) == len(target):
         return target
     sides = [free[free == 0], stuck]
@@ -342,14 +356,15 @@ def return_by_decile(
 
 def summarise(results: Mapping[str, PortfolioResult]) -> pd.DataFrame:
     """One row per strategy: its net risk figures, mean turnover, the date it was wiped out
-    (None if never), and (with a benchmark) the risk figures of its excess return over the
-    benchmark."""
+    (None if never), the held names it sold because they stopped trading, and (with a
+    benchmark) the risk figures of its excess return over the benchmark."""
     rows = []
     for name, result in results.items():
         row: dict[str, object] = {"strategy": name, **risk_figures(result.net).to_dict()}
         row["mean_turnover"] = float(result.turnover.mean()) if len(result.turnover) else 0.0
         ruin = result.wiped_out
         row["wiped_out"] = None if ruin is None else ruin.date().isoformat()
+        row["delisted_exits"] = result.delisted_exits
         if result.benchmark is not None:
             excess = risk_figures(result.excess())
             row["excess_return"] = excess.annualised_return
