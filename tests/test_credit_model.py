@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import datetime as dt
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,6 +20,7 @@ from finpipe.credit.metrics import (
     binned_shares,
     credit_metrics,
     psi,
+    scoring_report,
 )
 from finpipe.credit.model import (
     FittedCreditModel,
@@ -284,6 +286,40 @@ def test_scaler_vocabulary_and_fit_read_the_training_loans_only():
     assert fitted.reference_dense[numeric : 2 * numeric] == [0.0] * numeric  # nothing missing
     train_rows = labelled[split.train]
     np.testing.assert_array_equal(refitted.predict_pd(train_rows), fitted.predict_pd(train_rows))
+
+
+def test_a_scoring_report_says_which_populations_its_psi_compares_and_where_reasons_start():
+    """PSI values and reason impacts are relative numbers: the night's report names both
+    populations (the champion's training rows, their count and dates; tonight's loans) and the
+    reference applicant whose PD the reasons measure from, the one their impacts add up to."""
+    labelled, split, _ = _labelled_book(CreditSyntheticConfig(applications=1_500, seed=4), 0.2)
+    model = _fit(labelled, split, CreditTrainingConfig(max_epochs=2))
+    tonight = labelled[split.test].head(40)
+    scored = model.predict(tonight)
+    champion = RegisteredModel("finpipe-credit", "3", "run", model)
+
+    report = scoring_report(dt.date(2024, 5, 2), champion, tonight, scored["pd"])
+
+    train_dates = labelled.loc[split.train, "date"]
+    assert report["population_stability_compares"] == {
+        "expected": {
+            "population": "training rows of finpipe-credit v3",
+            "rows": int(split.train.sum()),
+            "first_date": str(train_dates.min().date()),
+            "last_date": str(train_dates.max().date()),
+        },
+        "actual": {"population": "loans scored on 2024-05-02", "rows": 40},
+        "bins": (
+            "deciles of the training rows' PD and of each numeric (plus a missing bin); each "
+            "category of the training vocabulary (plus the unknown bucket)"
+        ),
+    }
+    baseline = report["reason_codes_measured_from"]
+    assert baseline["reference_pd"] == model.reference_pd()
+    assert "log-odds" in baseline["impact_unit"]
+    log_odds = lambda pd_values: np.log(pd_values / (1.0 - pd_values))  # noqa: E731
+    gap = log_odds(scored["pd"].to_numpy()) - log_odds(baseline["reference_pd"])
+    np.testing.assert_allclose(model.attributions(tonight).sum(axis=1), gap, atol=5e-3)
 
 
 def test_an_out_of_time_split_purges_loans_whose_outcome_window_reaches_the_next_set():

@@ -94,6 +94,13 @@ def test_predictions_hold_id_pd_grade_reasons_and_model_version(two_nights):
     )
     assert report["rows"] == len(predictions) and report["unseen_categories"] == {}
     assert set(report["population_stability"]) >= {"score", "utilisation", "purpose"}
+    compares = report["population_stability_compares"]
+    assert (
+        compares["expected"]["population"] == f"training rows of finpipe-credit v{champion.version}"
+    )
+    assert compares["expected"]["rows"] > 1000
+    assert compares["actual"] == {"population": f"loans scored on {day}", "rows": len(predictions)}
+    assert 0 < report["reason_codes_measured_from"]["reference_pd"] < 1
 
 
 def test_mlflow_compares_network_and_baseline_in_one_run_group(two_nights):
@@ -136,6 +143,13 @@ def test_mlflow_compares_network_and_baseline_in_one_run_group(two_nights):
         f"runs:/{children['mlp'].info.run_id}/feature_importance.json"
     )
     values = list(importance.values())
+    stability = mlflow.artifacts.load_dict(
+        f"runs:/{children['mlp'].info.run_id}/population_stability.json"
+    )
+    mlp_parent = client.get_run(children["mlp"].data.tags["mlflow.parentRunId"])
+    assert stability["psi"]["score"] == pytest.approx(children["mlp"].data.metrics["psi_score"])
+    assert stability["expected"]["population"] == "training rows of this mlp model"
+    assert stability["actual"]["rows"] == int(mlp_parent.data.params["scoring_rows"])
     assert values == sorted(values, reverse=True) and set(importance) == set(book.feature_columns)
     # loan_amount and region carry no risk in the generator: they rank at the bottom.
     assert list(importance)[-1] == "loan_amount"

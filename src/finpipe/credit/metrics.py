@@ -125,12 +125,35 @@ def global_importance(fitted: FittedCreditModel, rows: pd.DataFrame) -> dict[str
     return {name: float(value) for name, value in ranked}
 
 
+def stability_populations(
+    fitted: FittedCreditModel, model: str, actual: str, actual_rows: int
+) -> dict[str, object]:
+    """Return which two populations a PSI report compares, to be written beside its values:
+    the expected one, `model`'s training rows (their count and dates, where the model recorded
+    them), the actual one, `actual` with `actual_rows` rows, and how both were binned."""
+    recorded = fitted.population
+    return {
+        "expected": {
+            "population": f"training rows of {model}",
+            "rows": recorded.get("rows"),
+            "first_date": recorded.get("first_date"),
+            "last_date": recorded.get("last_date"),
+        },
+        "actual": {"population": actual, "rows": actual_rows},
+        "bins": (
+            "deciles of the training rows' PD and of each numeric (plus a missing bin); each "
+            "category of the training vocabulary (plus the unknown bucket)"
+        ),
+    }
+
+
 def scoring_report(
     as_of: dt.date, champion: RegisteredModel, population: pd.DataFrame, pd_values: pd.Series
 ) -> dict[str, object]:
     """Return the scoring report of `as_of`: population stability (PSI of the score and of each
-    feature against the champion's training rows, logged when significant) and the categories
-    never seen in training (scored through the unknown bucket)."""
+    feature against the champion's training rows, logged when significant) with the two
+    populations it compares, the categories never seen in training (scored through the
+    unknown bucket), and the reference applicant the night's reason codes are measured from."""
     fitted: FittedCreditModel = champion.model
     stability, unseen = {}, {}
     if len(population):
@@ -148,6 +171,13 @@ def scoring_report(
         "model_name": champion.name,
         "model_version": champion.version,
         "population_stability": stability,
+        "population_stability_compares": stability_populations(
+            fitted,
+            f"{champion.name} v{champion.version}",
+            f"loans scored on {as_of.isoformat()}",
+            len(population),
+        ),
         "drifted": drifted,
         "unseen_categories": unseen,
+        "reason_codes_measured_from": fitted.reason_baseline(),
     }

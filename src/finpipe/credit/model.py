@@ -419,7 +419,9 @@ class FittedCreditModel(SavesNetAndMetadata):
     calibration: tuple[float, float]  # Platt (a, b): PD = sigmoid(a * logit + b)
     grades: list[tuple[str, float]]  # (grade, max_pd), max_pd increasing, the last 1.0
     reference_dense: list[float]  # the typical training applicant (IG baseline)
-    population: dict = field(default_factory=dict)  # training shares for PSI
+    # training shares for PSI, with the training rows and dates they come from (models saved
+    # before finpipe recorded those lack them)
+    population: dict = field(default_factory=dict)
     # numeric column -> how reason codes show its values ([numeric] display); absent: number
     value_displays: dict[str, str] = field(default_factory=dict)
     # the loans it trained or was validated on (None: saved before finpipe recorded them)
@@ -476,6 +478,22 @@ class FittedCreditModel(SavesNetAndMetadata):
         a, b = self.calibration
         logit = float(self.net.logit_of_dense(reference).item())
         return float(_sigmoid(np.asarray(a * logit + b)))
+
+    def reason_baseline(self) -> dict[str, object]:
+        """Return what reason codes are measured from, for reports read beside them: the
+        reference applicant's PD, who that applicant is, and the unit of `reason_k_impact`."""
+        return {
+            "reference_pd": self.reference_pd(),
+            "reference_applicant": (
+                "the typical training applicant: every numeric at its training mean, nothing "
+                "missing, each category at its training-average embedding"
+            ),
+            "impact_unit": (
+                "calibrated log-odds of default: how much the feature raised the applicant's "
+                "log-odds above the reference applicant's (every feature's, negative ones "
+                "included, add up to that gap)"
+            ),
+        }
 
     def grade(self, pd_values: np.ndarray) -> np.ndarray:
         """Return the risk grade of each PD: the first band whose max_pd is at least the PD."""
@@ -716,8 +734,25 @@ def fit_credit_model(
     )
     model.calibration = fit_platt(model.logits(frame.loc[validation]), labels[validation])
     model.reference_dense = _reference_dense(model, train_rows)
-    model.population = model.population_shares(train_rows)
+    model.population = {
+        **model.population_shares(train_rows),
+        **training_population(train_rows),
+    }
     return model
+
+
+def training_population(train_rows: pd.DataFrame) -> dict[str, object]:
+    """Return the rows and date range of the training loans PSI compares against, so that a
+    stability report can say which population its expected shares are (dates None when the
+    frame has no date column)."""
+    dates = train_rows[DATE_COLUMN] if DATE_COLUMN in train_rows else pd.Series(dtype=object)
+    known = dates.dropna()
+    first, last = (known.min(), known.max()) if len(known) else (None, None)
+    return {
+        "rows": len(train_rows),
+        "first_date": None if first is None else str(pd.Timestamp(first).date()),
+        "last_date": None if last is None else str(pd.Timestamp(last).date()),
+    }
 
 
 def fit_loan_book_model(

@@ -42,6 +42,7 @@ from finpipe.credit.metrics import (
     credit_metrics,
     global_importance,
     scoring_report,
+    stability_populations,
 )
 from finpipe.credit.model import (
     CreditTrainingConfig,
@@ -214,6 +215,17 @@ class CreditNight(lifecycle.Night[CreditTrainingConfig]):
         importance = global_importance(fitted, test_rows)
         population = self.population
         stability = fitted.population_stability(population) if len(population) else {}
+        documents: dict[str, Mapping[str, object]] = {"feature_importance.json": importance}
+        if stability:  # the values, and which two populations they compare
+            documents["population_stability.json"] = {
+                "psi": stability,
+                **stability_populations(
+                    fitted,
+                    f"this {kind} model",
+                    f"loans to score on {self.as_of.isoformat()}",
+                    len(population),
+                ),
+            }
         say(
             f"{kind}: validation AUC {windows['validation']['auc']:.4f}, test AUC "
             f"{windows['test']['auc']:.4f}, KS {windows['test']['ks']:.3f}, best epoch "
@@ -233,10 +245,7 @@ class CreditNight(lifecycle.Night[CreditTrainingConfig]):
                     "reference_pd": fitted.reference_pd(),
                     **{f"psi_{name}": value for name, value in stability.items()},
                 },
-                documents={
-                    "feature_importance.json": importance,
-                    **({"population_stability.json": stability} if stability else {}),
-                },
+                documents=documents,
                 figures=plots.candidate_figures(kind, labels[split.test], test_pd, importance),
             ),
             test_predictions=test_pd,
