@@ -280,6 +280,7 @@ def test_scaler_vocabulary_and_fit_read_the_training_loans_only():
     assert "only_in_test" not in str(fitted.vocabulary.categories)
     assert refitted.population == fitted.population
     assert refitted.calibration == fitted.calibration
+    assert refitted.reference_dense == fitted.reference_dense  # the embeddings' average too
     # the reasons' reference is the typical applicant with nothing missing
     numeric = len(BOOK.numeric_columns)
     assert fitted.reference_dense[:numeric] == [0.0] * numeric  # numerics at the training mean

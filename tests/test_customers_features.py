@@ -182,6 +182,33 @@ def test_point_in_time_property(seed, cut, active_days):
     pd.testing.assert_frame_equal(expected, got)
 
 
+@pytest.mark.parametrize("column", ["category", "channel"])
+def test_a_mix_column_first_delivered_after_t_changes_nothing_at_t(tmp_path, column):
+    """A source that starts delivering a channel (or category) column later: read together
+    with the new days, the earlier rows hold it empty. The snapshot at t must not grow a
+    `<column>_share_unknown` of 1.0 for everyone that it did not have when built on its own
+    night, or a catch-up or rebuild would give t a column that only later data implied."""
+    t = pd.Timestamp("2024-03-31")  # a day with transactions: a catch-up builds it
+    known = TINY[TINY["date"] <= t].drop(columns=["category"])
+    later = _transactions([("a", "2024-04-02", 5.0, "web"), ("e", "2024-04-03", 7.0, "app")])
+    later = later.rename(columns={"category": column})
+    on_its_night = build_customer_features(known, t, active_days=365)
+    assert not [c for c in on_its_night.columns if c.startswith(f"{column}_share_")]
+    pd.testing.assert_frame_equal(
+        build_customer_features(pd.concat([known, later]), t, active_days=365), on_its_night
+    )
+
+    # The same through the nightly step: a catch-up builds t and a later day from one read.
+    storage = Storage(tmp_path)
+    _publish_days(storage, pd.concat([known, later]))
+    update_customer_features(storage, "2024-04-03", active_days=365, also=[t.date()])
+    pd.testing.assert_frame_equal(
+        storage.read_partition("features", "customers", t.date()), on_its_night
+    )
+    after = storage.read_partition("features", "customers", dt.date(2024, 4, 3))
+    assert after.set_index("customer_id").loc["e", f"{column}_share_app"] == 1.0
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     seed=st.integers(0, 10_000),

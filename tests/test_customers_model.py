@@ -7,14 +7,17 @@ import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from finpipe.customers.features import build_customer_features
+from finpipe.customers.features import BASE_FEATURES, LOG_SCALED, build_customer_features
 from finpipe.customers.model import (
     FittedSegmentModel,
     SegmentModelParams,
     align_segment_ids,
     check_segments_sane,
     choose_k,
+    evaluation_space,
+    fit_block_scaler,
     fit_segment_model,
+    model_inputs,
 )
 from finpipe.customers.synthetic import CustomersSyntheticConfig, generate_customer_transactions
 from finpipe.errors import ModelRejected
@@ -207,3 +210,31 @@ def test_save_and_load_give_the_same_segments(tmp_path, two_days, champion):
     # ...but a missing behavioural feature is.
     with pytest.raises(ValueError, match=r"\['recency_days'\] missing"):
         loaded.predict(today.drop(columns=["recency_days"]))
+
+
+def test_the_evaluation_space_is_standardised_with_the_training_customers_only():
+    """Promotion compares silhouettes in a space scaled by the training customers' statistics:
+    absurd values and a category of the test customers move none of them, so the train and
+    validation customers keep their coordinates and the test ones are placed by them."""
+    rng = np.random.default_rng(5)
+    customers = 400
+    snapshot = pd.DataFrame(
+        {
+            "customer_id": pd.array([f"c{i:03d}" for i in range(customers)], dtype="string"),
+            **{name: rng.lognormal(2.0, 1.0, customers) for name in BASE_FEATURES},
+            "category_share_books": rng.uniform(0, 1, customers),
+        }
+    )
+    sets = sets_by_id(snapshot["customer_id"], 0.15, 0.2)
+    test = sets == "test"
+    distorted = snapshot.copy()
+    distorted.loc[test, ["monetary_total", "recency_days"]] *= 1000.0
+    distorted["category_share_only_in_test"] = np.where(test, 1.0, 0.0)
+
+    space, moved = evaluation_space(snapshot, sets), evaluation_space(distorted, sets)
+    assert test.sum() > 50 and moved.shape == space.shape  # the test-only category is no axis
+    np.testing.assert_array_equal(moved[~test], space[~test])
+    columns = [*BASE_FEATURES, "category_share_books"]
+    inputs = model_inputs(distorted, columns, LOG_SCALED)
+    train = model_inputs(snapshot, columns, LOG_SCALED).loc[sets == "train"]
+    np.testing.assert_array_equal(moved[test], fit_block_scaler(train).transform(inputs.loc[test]))

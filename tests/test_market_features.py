@@ -427,6 +427,34 @@ def test_changing_data_after_t_leaves_features_up_to_t_unchanged(
     )
 
 
+@pytest.mark.parametrize("column", ["adj_close", "volume"])
+def test_a_raw_column_first_delivered_after_t_changes_no_feature_up_to_t(panel, column):
+    """A vendor that starts delivering adjusted closes (or volumes) after t: the earlier rows,
+    read beside the new ones, hold the column empty. Which price the returns read is chosen for
+    the whole frame (`price_column`), so this checks that no value up to t follows from it:
+    features up to t equal those of the history as it was at t, bit for bit, and so do the
+    labels realised by t."""
+    t = np.sort(panel["date"].unique())[200]
+    at_t = panel[panel["date"] <= t].drop(columns=[column])
+    later = panel.copy()
+    later.loc[later["date"] <= t, column] = np.nan
+    if column == "adj_close":  # a split-adjusted series on another scale than the close
+        later.loc[later["date"] > t, column] *= 0.25
+
+    def up_to_t(frame: pd.DataFrame) -> pd.DataFrame:
+        return frame[frame["date"] <= t].reset_index(drop=True)
+
+    rebuilt, expected = up_to_t(_features_in_float64(later)), _features_in_float64(at_t)
+    if column == "volume":  # its feature exists now, unknown (NaN) at every date up to t
+        assert rebuilt.pop("volume_z_20d").isna().all()
+    pd.testing.assert_frame_equal(rebuilt, expected, check_exact=True)
+    labels, known = build_market_labels(later, horizon=5), build_market_labels(at_t, horizon=5)
+    realised = known["forward_return_5d"].notna()
+    pd.testing.assert_frame_equal(
+        up_to_t(labels)[realised.to_numpy()], known[realised], check_exact=True
+    )
+
+
 def test_duplicate_keys_are_refused_with_an_example():
     frame = one_ticker([1.0, 2.0, 3.0])
     with pytest.raises(ValueError, match="duplicate .date, ticker. rows, e.g. AAA on 2024-01-02"):

@@ -316,6 +316,37 @@ def test_the_z_unit_rmse_leaves_out_rows_whose_label_is_not_known_yet():
     assert metrics["rmse"] == pytest.approx(0.0, abs=1e-12)
 
 
+def test_the_per_date_z_scores_read_only_their_own_dates_rows():
+    """The cross-sectional target and the ensemble's member z-scores standardise a date by its
+    own tickers (mean, ddof-0 std): scaling and shifting every other date's values, earlier
+    and later, and adding a ticker on them changes no z-score of the date, which is what a
+    hand computation over its rows gives."""
+    from finpipe.market.ensemble import cross_sectional_zscore
+    from finpipe.market.model import _targets
+
+    frame = _panel(seed=3)
+    day = frame["date"].unique()[20]
+    others = frame["date"] != day
+    moved = frame.copy()
+    moved.loc[others, "forward_return_5d"] = moved.loc[others, "forward_return_5d"] * 40 + 1.0
+    extra = moved[others].drop_duplicates("date").assign(ticker="NEW", forward_return_5d=9.0)
+    moved = pd.concat([moved, extra.astype({"ticker": "string"})], ignore_index=True)
+    on_day, moved_on_day = (frame["date"] == day).to_numpy(), (moved["date"] == day).to_numpy()
+
+    values = frame.loc[on_day, "forward_return_5d"].to_numpy()
+    by_hand = (values - values.mean()) / values.std(ddof=0)
+    target = _targets(frame, "forward_return_5d", "cross_sectional_zscore")
+    np.testing.assert_allclose(target[on_day], by_hand, rtol=1e-12)
+    moved_target = _targets(moved, "forward_return_5d", "cross_sectional_zscore")
+    np.testing.assert_array_equal(moved_target[moved_on_day], target[on_day])
+
+    dates, moved_dates = frame["date"].to_numpy(), moved["date"].to_numpy()
+    z, _ = cross_sectional_zscore(frame["forward_return_5d"].to_numpy(), dates)
+    moved_z, _ = cross_sectional_zscore(moved["forward_return_5d"].to_numpy(), moved_dates)
+    np.testing.assert_allclose(z[on_day], by_hand, rtol=1e-12)
+    np.testing.assert_array_equal(moved_z[moved_on_day], z[on_day])
+
+
 @given(
     rows=st.lists(
         st.tuples(

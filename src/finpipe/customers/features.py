@@ -21,8 +21,10 @@ Conventions, stated once here (days are calendar days; t is the snapshot day):
 - `spend_trend` = (spend in (t-90, t] - spend in (t-180, t-90]) / (|both| summed), in [-1, 1];
   0 when both are 0 (no change);
 - `category_share_<name>`, `channel_share_<name>`: share of the customer's purchases up to t
-  in each category / channel seen in the data up to t (0 where none). Names are lower-cased,
-  non-alphanumerics turned into "_".
+  in each category / channel seen in the data up to t (0 where none), a missing value counted
+  as "unknown"; none of a column's shares when no purchase up to t has a value in it (a column
+  first delivered later changes nothing at t). Names are lower-cased, non-alphanumerics turned
+  into "_".
 Columns in `LOG_SCALED` are heavy-tailed counts, days and money: the model reads them through
 sign(x) * log1p(|x|) before standardising.
 """
@@ -151,7 +153,10 @@ def _snapshot(rows: pd.DataFrame, t: pd.Timestamp, active_days: int) -> pd.DataF
     frame["spend_trend"] = (change / scale.where(scale > 0)).fillna(0.0)
 
     for column in MIX_COLUMNS:
-        if column in rows.columns:  # shares are counts: the rows' order does not matter
+        # Shares are counts: the rows' order does not matter. A column without a value up to
+        # t was not delivered yet (read beside later days that have it, it is empty here): no
+        # shares, not an "unknown" share of 1.0 that only later deliveries would have implied.
+        if column in rows.columns and rows[column].notna().any():
             frame = frame.join(_mix(codes, customers, rows[column]))
     frame = frame[frame["recency_days"] <= active_days]
     frame = frame[[*BASE_FEATURES, *[c for c in frame.columns if is_mix_feature(c)]]]
