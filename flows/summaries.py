@@ -144,7 +144,7 @@ def ingest_failed_markdown(
             + ".",
             "",
             "Nothing from this file was published and accepted data is untouched. The files "
-            "this run loaded before it stay published; those after it were not read.",
+            "this run loaded before it stay published; those after it were not loaded.",
             "",
             "## To inspect and redo",
             f"- `finpipe batches {domain}` lists every delivered file with its verdict, rows and "
