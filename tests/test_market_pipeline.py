@@ -394,6 +394,28 @@ def test_the_training_line_counts_the_labelled_rows_of_the_train_dates(tmp_path)
     )
 
 
+def test_the_training_line_says_when_more_nets_train_after_the_one_whose_epochs_it_logs(
+    tmp_path,
+):
+    """A seed-averaged MLP logs only its first net's epochs: the line before says how many nets
+    train, so the silence while the others do does not read as a hang (five in the demo)."""
+    frame = _panel(3, n_dates=120)
+    split = time_split(frame.loc[frame["forward_return_5d"].notna(), "date"], embargo=HORIZON)
+    config = MarketTrainingConfig(
+        models=["mlp"], hidden=8, max_epochs=1, seed=3, seed_average={"mlp": 2}
+    )
+    night = MarketNight(
+        Storage(tmp_path), dt.date(2024, 1, 1), config, frame, FEATURES, split, HORIZON
+    )
+    said: list[str] = []
+
+    _fit(night, "mlp", said.append)
+
+    assert said[0].startswith(
+        "training mlp (2 nets from seeds 3-4, averaged; epoch lines are the first's) on "
+    )
+
+
 def _promotion_case(champion_through: str | None, monkeypatch):
     """A panel, tonight's outcome with 30% test dates, and a scorer of it whose champion
     memorised the label on every date up to `champion_through` (0.05 validation and test

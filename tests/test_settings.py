@@ -352,6 +352,31 @@ def test_a_users_own_prefect_home_is_kept(monkeypatch, tmp_path):
     assert os.environ["PREFECT_HOME"] == str(tmp_path / "home" / "prefect")
 
 
+def test_prefect_gets_a_minute_to_start_its_local_server_unless_the_user_chose(
+    monkeypatch, tmp_path
+):
+    """Prefect's 20 s default timed a first `finpipe demo` out on a busy 2-core machine; the
+    README's settings table states the default finpipe gives it."""
+    from pathlib import Path
+
+    from finpipe.settings import PREFECT_STARTUP_TIMEOUT_SECONDS, prepare_environment
+
+    monkeypatch.setenv("FINPIPE_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("FINPIPE_MALLOC_TUNING", "0")
+    for name in TELEMETRY_OFF:  # so that the test's end restores whatever they were
+        monkeypatch.setenv(name, os.environ.get(name, TELEMETRY_OFF[name]))
+    monkeypatch.setenv("PREFECT_HOME", str(tmp_path / "prefect"))
+    timeout = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+    monkeypatch.delenv(timeout, raising=False)
+    prepare_environment(Settings())
+    assert os.environ[timeout] == "60"
+    monkeypatch.setenv(timeout, "300")
+    prepare_environment(Settings())
+    assert os.environ[timeout] == "300"
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    assert f"| `{timeout}` | `{PREFECT_STARTUP_TIMEOUT_SECONDS}` " in readme
+
+
 def test_the_defaults_are_the_ones_the_readme_states(monkeypatch, tmp_path):
     """Each plain default in the README's settings table is the code's."""
     from pathlib import Path

@@ -296,6 +296,9 @@ def test_a_store_with_nothing_to_do_says_so_and_one_with_nothing_delivered_too(t
     storage = Storage(tmp_path / "home")
     empty = "\n".join(status_lines(domain_status(storage, "market", BusinessDays())))
     assert "none delivered yet" in empty and "no date scored yet" in empty
+    credit = "\n".join(status_lines(domain_status(storage, "credit", BusinessDays())))
+    # `finpipe run nightly` alone runs market: the hint for credit has to say credit.
+    assert "no date scored yet: finpipe run nightly --domain credit)" in credit
     assert "every session" not in empty  # nothing was scored: nothing is current either
 
     for day in DAYS[:3]:

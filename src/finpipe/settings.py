@@ -351,10 +351,16 @@ def describe_undecodable(error: SettingsError, settings_cls: type[BaseSettings])
     return f"{variable}={shown}: should be {shape}, e.g. {json.dumps(example)}"
 
 
+_PREFECT_STARTUP_TIMEOUT = "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"
+# How long a run waits for Prefect's local API server to answer, unless the user chose.
+PREFECT_STARTUP_TIMEOUT_SECONDS = 60
+
+
 def prepare_environment(settings: Settings) -> None:
     """Set the process up for a pipeline run: telemetry off, the allocator tuned (unless
     FINPIPE_MALLOC_TUNING=0), Prefect's local state under the storage root unless the user set
-    PREFECT_HOME, MLflow's and Alembic's logs at WARNING.
+    PREFECT_HOME, a minute for Prefect's local API server to start unless the user set its
+    timeout, MLflow's and Alembic's logs at WARNING.
 
     Importing finpipe changes none of this: the CLI calls it first thing, before Prefect is
     imported, and every flow as it starts (a deployment's process has Prefect imported already,
@@ -368,6 +374,9 @@ def prepare_environment(settings: Settings) -> None:
     os.environ.setdefault("PREFECT_HOME", str(settings.prefect_home()))
     # Prefect's local mode opens a SQLite file there and cannot create the folder itself.
     Path(os.environ["PREFECT_HOME"]).expanduser().mkdir(parents=True, exist_ok=True)
+    # Prefect's default of 20 s is not enough on a busy 2-core machine: a first `finpipe demo`
+    # there stopped with "Timed out while attempting to connect to ephemeral Prefect API server".
+    os.environ.setdefault(_PREFECT_STARTUP_TIMEOUT, str(PREFECT_STARTUP_TIMEOUT_SECONDS))
 
 
 # glibc mallopt parameters (malloc.h).

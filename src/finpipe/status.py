@@ -305,7 +305,10 @@ def status_lines(status: DomainStatus, cap: BackfillCap | None = None) -> list[s
             f"finished {newest.finished_at} ({newest.holder or 'no holder recorded'})"
         )
     else:
-        lines.append("  last scored  - (no date scored yet: finpipe run nightly)")
+        # `run nightly` alone runs market: the hint names the domain it is about.
+        lines.append(
+            f"  last scored  - (no date scored yet: finpipe run nightly --domain {status.domain})"
+        )
     lines += _dates_lines(status, cap)
     return lines
 

@@ -140,7 +140,19 @@ class MarketNight(lifecycle.Night[MarketTrainingConfig]):
             return self.fit_ensemble(say)
         frame, features, config = self.frame, self.features, self.config
         dates = counted(len(self.split.train_dates), "train date")
-        say(f"training {kind} on {self.train_rows:,} rows over {dates}, {len(features)} features")
+        # Only the first of seed-averaged nets logs its epochs: say that the others follow, or
+        # their minutes of training read as a hang.
+        seeds = 1 if kind == BOOSTED else config.train_config(kind).seeds
+        averaged = (
+            f" ({seeds} nets from seeds {config.seed}-{config.seed + seeds - 1}, averaged; "
+            "epoch lines are the first's)"
+            if seeds > 1
+            else ""
+        )
+        say(
+            f"training {kind}{averaged} on {self.train_rows:,} rows over {dates}, "
+            f"{len(features)} features"
+        )
         fitted = fit_member(kind, frame, features, self.split, config, on_epoch)
         fitted.learnt_through = self.learnt_through()
         scored = frame[[*KEY_COLUMNS, config.label]].merge(
