@@ -395,7 +395,12 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_market_features.py": ModuleTiers(UNIT),
     "test_market_model.py": ModuleTiers(
         UNIT,  # a logged pyfunc in an MLflow store, reloaded: seconds
-        by_name={"test_the_logged_pyfunc_scores_its_own_input_example_as_scoring_publishes": FLOW},
+        by_name={
+            "test_the_logged_pyfunc_scores_its_own_input_example_as_scoring_publishes": FLOW,
+            "test_the_logged_pyfunc_takes_float64_features_as_well_as_the_float32_finpipe_stores": (
+                FLOW
+            ),
+        },
     ),
     "test_market_boosted.py": ModuleTiers(UNIT),  # LightGBM on 12 tickers: milliseconds a fit
     "test_market_ensemble.py": ModuleTiers(UNIT),  # ensemble weights on member scores built there

@@ -140,9 +140,6 @@ def test_the_logged_pyfunc_scores_its_own_input_example_as_scoring_publishes(tmp
     scoring publishes it; given one date's rows, it says how many dates it needs."""
     import logging
 
-    import mlflow
-
-    from finpipe import tracking
     from finpipe.market.pipeline import input_example
 
     frame = _panel()
@@ -158,6 +155,47 @@ def test_the_logged_pyfunc_scores_its_own_input_example_as_scoring_publishes(tmp
     )  # A's own last rows, however far back the pause puts them
     one_row = input_example(inputs, FEATURES, day, 1)  # an MLP's or the trees': one date
     assert len(one_row) == 5 and set(one_row["date"]) == {day}
+    served = _logged_and_loaded(tmp_path, fitted, example)
+    with caplog.at_level(logging.WARNING, "finpipe.mlflow_model"):
+        own = served.predict(served.input_example)
+        mine = [r for r in caplog.records if r.name == "finpipe.mlflow_model"]
+        assert mine == []  # enough history: no warning
+        served.predict(inputs[inputs["date"] == day])
+    published = fitted.explain(inputs, score_from=day).set_index("ticker")["prediction"]
+    own = own[own["date"] == day].set_index("ticker")["prediction"]
+    assert len(own) == 5
+    np.testing.assert_allclose(own, published[own.index], rtol=1e-6, atol=1e-9)
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "finpipe.mlflow_model"]
+    assert "reads the last 4 dates of each ticker's feature rows" in warning
+    assert "6 of 6 tickers on" in warning
+
+
+def test_the_logged_pyfunc_takes_float64_features_as_well_as_the_float32_finpipe_stores(
+    tmp_path,
+):
+    """finpipe stores market features as float32; a user's frame (read from a CSV, computed in
+    pandas) is float64. MLflow's pyfunc refuses float64 for a column its signature declares
+    float ("Can not safely convert float64 to float32"), so the signature declares double: the
+    served model takes either width and predicts as the model does."""
+    frame = _panel()
+    fitted = _fit(frame, "mlp")
+    features = frame.loc[frame["date"] == frame["date"].max(), ["date", "ticker", *FEATURES]]
+    assert (features[FEATURES].dtypes == np.float32).all()
+    served = _logged_and_loaded(tmp_path, fitted, features)
+    expected = fitted.predict(features).reset_index(drop=True)
+    expected["date"] = expected["date"].astype("datetime64[ns]")  # MLflow's datetime unit
+    wide = features.astype(dict.fromkeys(FEATURES, "float64"))
+    pd.testing.assert_frame_equal(served.predict(wide).reset_index(drop=True), expected)
+    pd.testing.assert_frame_equal(served.predict(features).reset_index(drop=True), expected)
+
+
+def _logged_and_loaded(tmp_path, fitted: FittedMarketModel, example: pd.DataFrame):
+    """Log `fitted` as finpipe logs a candidate, in an MLflow store under `tmp_path`, and load
+    it back with plain `mlflow.pyfunc.load_model`."""
+    import mlflow
+
+    from finpipe import tracking
+
     previous, uri = mlflow.get_tracking_uri(), f"sqlite:///{tmp_path}/mlflow.db"
     mlflow.set_tracking_uri(uri)
     try:
@@ -172,21 +210,9 @@ def test_the_logged_pyfunc_scores_its_own_input_example_as_scoring_publishes(tmp
                 input_example=example,
                 output_example=fitted.predict(example),
             )
-        served = mlflow.pyfunc.load_model(info.model_uri)
-        with caplog.at_level(logging.WARNING, "finpipe.mlflow_model"):
-            own = served.predict(served.input_example)
-            mine = [r for r in caplog.records if r.name == "finpipe.mlflow_model"]
-            assert mine == []  # enough history: no warning
-            served.predict(inputs[inputs["date"] == day])
+        return mlflow.pyfunc.load_model(info.model_uri)
     finally:
         mlflow.set_tracking_uri(previous)
-    published = fitted.explain(inputs, score_from=day).set_index("ticker")["prediction"]
-    own = own[own["date"] == day].set_index("ticker")["prediction"]
-    assert len(own) == 5
-    np.testing.assert_allclose(own, published[own.index], rtol=1e-6, atol=1e-9)
-    [warning] = [r.getMessage() for r in caplog.records if r.name == "finpipe.mlflow_model"]
-    assert "reads the last 4 dates of each ticker's feature rows" in warning
-    assert "6 of 6 tickers on" in warning
 
 
 @pytest.mark.unit

@@ -161,7 +161,10 @@ def log_fitted_model(
 ):
     """Log `fitted` (anything with save(dir)) as a pyfunc model in the active run.
 
-    Returns MLflow's ModelInfo (with `registered_model_version` when registered).
+    Returns MLflow's ModelInfo (with `registered_model_version` when registered). The
+    signature declares float columns as double whatever the example's width (market features
+    are float32): MLflow's pyfunc widens float32 input to a double column but refuses float64
+    input to a float one, the width of features read from a CSV or computed in pandas.
     """
     import torch
 
@@ -169,7 +172,7 @@ def log_fitted_model(
         # Hints about the examples' types (e.g. that an integer column could not hold a
         # missing value) say nothing about finpipe's models, which check their own inputs.
         warnings.simplefilter("ignore")
-        signature = infer_signature(input_example, output_example)
+        signature = infer_signature(_floats_as_double(input_example), output_example)
         model_dir = Path(tmp) / "model"
         fitted.save(model_dir)
         return mlflow.pyfunc.log_model(
@@ -187,6 +190,12 @@ def log_fitted_model(
                 f"mlflow=={mlflow.__version__}",
             ],
         )
+
+
+def _floats_as_double(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with its float32 columns as float64."""
+    narrow = frame.select_dtypes("float32").columns
+    return frame.astype(dict.fromkeys(narrow, "float64"))
 
 
 @dataclass(frozen=True)
