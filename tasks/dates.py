@@ -9,6 +9,7 @@ from prefect.cache_policies import NO_CACHE
 
 from finpipe import date_runs
 from finpipe.errors import ConfigError, FinpipeError
+from finpipe.features import describe_feature_update
 from finpipe.settings import load_settings
 from finpipe.storage import Storage
 from finpipe.text import counted
@@ -92,11 +93,7 @@ def update_features(
         logger.warning("features skipped for missing columns: %s", update["skipped_features"])
     if update["unsourced_features"]:  # the source never has these columns: nothing to act on
         logger.info("features not built: %s", update["unsourced_features"])
-    logger.info(
-        "features: %s over %s",
-        counted(update["rows"], "row"),
-        counted(len(update["dates_written"]), "date"),
-    )
+    logger.info(describe_feature_update(update, dates or [through]))
     return update
 
 

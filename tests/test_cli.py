@@ -48,6 +48,30 @@ def test_the_nightly_help_names_every_market_candidate():
     assert "--catch-up --no-catch-up" in text
 
 
+def _command_paths(command, path=()):
+    """Yield the argument path of `command` and of every sub-command under it."""
+    yield list(path)
+    for name, sub in getattr(command, "commands", {}).items():  # groups only
+        yield from _command_paths(sub, (*path, name))
+
+
+def test_no_help_text_is_cut_at_80_columns():
+    """Piped output, `less` and CI logs render help 80 columns wide, where rich cuts a word
+    longer than its option-table cell with "…" (it cut defect names, setting names, option
+    names and the default model list): every command's help is whole at that width."""
+    import typer
+
+    cut = {}
+    for path in _command_paths(typer.main.get_command(app)):
+        result = runner.invoke(app, [*path, "--help"], env={"COLUMNS": "80"}, terminal_width=80)
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert max(map(len, lines)) == 80, f"{path} was not rendered 80 columns wide"
+        if "…" in result.output:
+            cut[" ".join(path)] = [line for line in lines if "…" in line]
+    assert cut == {}
+
+
 def test_generate_writes_vendor_files_and_the_oracle(tmp_path, home):
     out = tmp_path / "drop"
     args = ["--tickers", "5", "--days", "320", "--daily-files", "2", "--out", str(out)]

@@ -2,6 +2,7 @@
 
 from finpipe.flows.summaries import _features_text, _stale_text
 
+from finpipe.features import describe_feature_update
 from finpipe.text import counted
 
 
@@ -10,6 +11,21 @@ def test_a_count_of_one_takes_the_singular_and_others_the_plural():
     assert counted(0, "date") == "0 dates"
     assert counted(1_250, "row") == "1,250 rows"
     assert counted(2, "batch", "batches") == "2 batches"
+
+
+def test_a_feature_step_with_nothing_to_build_says_the_features_were_current():
+    """A backfill over dates whose features were already built logged "features: 0 rows over
+    0 dates"; it says they were current for its range instead."""
+    nothing = {"rows": 0, "dates_written": [], "dates_removed": []}
+    days = ["2024-01-03", "2024-01-02", "2024-01-04"]
+    assert describe_feature_update(nothing, days) == (
+        "features: already current for 2024-01-02 to 2024-01-04, nothing to build"
+    )
+    assert describe_feature_update(nothing, ["2024-01-02"]) == (
+        "features: already current for 2024-01-02, nothing to build"
+    )
+    wrote = {"rows": 36, "dates_written": ["2024-01-02"], "dates_removed": []}
+    assert describe_feature_update(wrote, days) == "features: 36 rows over 1 date"
 
 
 def test_a_night_with_one_new_date_says_so_in_its_summary():

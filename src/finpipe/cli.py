@@ -87,21 +87,21 @@ def generate_market(
     ] = 5,
     defects: Annotated[
         str,
-        typer.Option(
-            help="Comma-separated defects to inject: "
-            "nan, non_positive_price, "
-            "duplicate_key, high_below_low, stale_price."
-        ),
+        typer.Option(help="Comma-separated defects to inject, from the list above."),
     ] = "",
     keep_oracle: Annotated[
         bool,
         typer.Option(
-            help="Also keep the planted signal under FINPIPE_HOME/reference/market, so nightly "
-            "runs there report the oracle IC beside the models'."
+            help="Also keep the planted signal in FINPIPE_HOME (see above), so nightly runs "
+            "there report the oracle IC beside the models'."
         ),
     ] = True,
 ) -> None:
-    """Generate a synthetic market panel with a planted, documented predictable signal."""
+    """Generate a synthetic market panel with a planted, documented predictable signal.
+
+    The defects --defects can inject: nan, non_positive_price, duplicate_key, high_below_low,
+    stale_price. --keep-oracle keeps the planted signal under FINPIPE_HOME/reference/market.
+    """
     from finpipe.market.synthetic import (
         DEFECT_KINDS,
         MarketSyntheticConfig,
@@ -152,12 +152,15 @@ def generate_credit(
     keep_oracle: Annotated[
         bool,
         typer.Option(
-            help="Also keep the true PDs under FINPIPE_HOME/reference/credit, so nightly runs "
-            "there report the oracle AUC beside the model's."
+            help="Also keep the true PDs in FINPIPE_HOME (see above), so nightly runs there "
+            "report the oracle AUC beside the model's."
         ),
     ] = True,
 ) -> None:
-    """Generate a synthetic loan book (the synthetic loan-book config) with planted true PDs."""
+    """Generate a synthetic loan book (the synthetic loan-book config) with planted true PDs.
+
+    --keep-oracle keeps the true PDs under FINPIPE_HOME/reference/credit.
+    """
     from finpipe.credit.pipeline import write_oracle
     from finpipe.credit.synthetic import (
         CreditSyntheticConfig,
@@ -190,23 +193,31 @@ def generate_credit(
 @generate_app.command("customers")
 def generate_customers(
     out: Annotated[Path, typer.Option(help="Folder to write the delivery files into.")],
-    customers: Annotated[int, typer.Option(min=50, help="Number of customers.")] = 1500,
-    days: Annotated[int, typer.Option(min=60, help="Calendar days of transactions.")] = 730,
+    # metavar N rather than "<int range>": at 80 columns the wider type column squeezed the
+    # --no-keep-segments name into "--no-keep-segme…".
+    customers: Annotated[
+        int, typer.Option(min=50, metavar="N", help="Number of customers.")
+    ] = 1500,
+    days: Annotated[
+        int, typer.Option(min=60, metavar="N", help="Calendar days of transactions.")
+    ] = 730,
     daily_files: Annotated[
-        int, typer.Option(min=0, help="Deliver the last N days as one file each.")
+        int, typer.Option(min=0, metavar="N", help="Deliver the last N days as one file each.")
     ] = 3,
     seed: Annotated[int, typer.Option(help="Random seed (same seed, same files).")] = 0,
     keep_segments: Annotated[
         bool,
         typer.Option(
-            help="Also keep the planted segments under FINPIPE_HOME/reference/customers, so "
-            "nightly runs there report the ARI against them."
+            help="Also keep the planted segments in FINPIPE_HOME (see above), so nightly "
+            "runs there report the ARI against them."
         ),
     ] = True,
 ) -> None:
     """Generate a synthetic transaction log with planted segments.
 
-    Shaped by the synthetic customers config."""
+    Shaped by the synthetic customers config. --keep-segments keeps the planted segments under
+    FINPIPE_HOME/reference/customers.
+    """
     from finpipe.customers.pipeline import write_planted_segments
     from finpipe.customers.synthetic import (
         CustomersSyntheticConfig,
@@ -597,7 +608,7 @@ _TRAINING_OPTION = typer.Option(
     "--training",
     metavar="KEY=VALUE",
     help="A training setting for this run, as the run forms' `training` field takes it "
-    "(repeat for more): e.g. --training embargo_days=30 --training validation_fraction=0.2; "
+    "(repeat for more): e.g. --training embargo_days=30; "
     'a value is read as JSON where it is (numbers, true, ["mlp"]), else as text. A key the '
     "domain does not have is refused, naming those it has.",
 )
@@ -631,8 +642,7 @@ def run_nightly(
         list[Path] | None,
         typer.Option(
             "--input",
-            help="A delivered file to load first; only from under FINPIPE_DROP_ROOTS (default "
-            "FINPIPE_HOME/vendor_drop, ./deliveries, ./datasets).",
+            help="A delivered file to load first; only from under the drop roots (see above).",
         ),
     ] = None,
     retrain: Annotated[bool, typer.Option(help="Retrain and run promotion.")] = True,
@@ -640,15 +650,17 @@ def run_nightly(
         bool,
         typer.Option(
             help="First score the sessions missed since the last scored night (and recent "
-            "ones left unscored), up to FINPIPE_BACKFILL_MAX_DATES."
+            "ones left unscored), up to the backfill cap (see above)."
         ),
     ] = True,
-    rebuild_features: Annotated[bool, typer.Option(help="Recompute all features.")] = False,
+    rebuild_features: Annotated[
+        bool, typer.Option("--rebuild-features", help="Recompute all features.")
+    ] = False,
     models: Annotated[
         str | None,
         typer.Option(
             help="Comma-separated candidates: market mlp, gru, tcn (temporal CNN), lgbm "
-            "(LightGBM), ensemble (default mlp,gru,lgbm,ensemble); credit mlp, logistic."
+            "(LightGBM), ensemble (default mlp, gru, lgbm, ensemble); credit mlp, logistic."
         ),
     ] = None,
     max_epochs: Annotated[int | None, typer.Option(min=1, help="Epoch cap per model.")] = None,
@@ -670,7 +682,11 @@ def run_nightly(
     ] = None,
     training: Annotated[list[str] | None, _TRAINING_OPTION] = None,
 ) -> None:
-    """Run the nightly flow (validate -> features -> train -> promote -> score) via Prefect."""
+    """Run the nightly flow (validate -> features -> train -> promote -> score) via Prefect.
+
+    --input files must lie under FINPIPE_DROP_ROOTS (default FINPIPE_HOME/vendor_drop,
+    ./deliveries, ./datasets); --catch-up scores at most FINPIPE_BACKFILL_MAX_DATES sessions.
+    """
     settings = _settings()
     from finpipe.domains import check_domain
     from finpipe.drop_roots import allowed_inputs
@@ -709,9 +725,13 @@ def run_backfill(
     start: Annotated[str, typer.Option(help="First date, YYYY-MM-DD.")],
     end: Annotated[str, typer.Option(help="Last date (included), YYYY-MM-DD.")],
     domain: Annotated[str, typer.Option(help="Pipeline to run.")] = "market",
-    steps: Annotated[str, typer.Option(help="Per date, comma-separated.")] = (
-        "validate,features,score"
-    ),
+    steps: Annotated[
+        str,
+        typer.Option(
+            help="Per date, comma-separated (default validate, features, score).",
+            show_default=False,
+        ),
+    ] = "validate,features,score",
     retrain: Annotated[bool, typer.Option(help="Retrain once at the end.")] = False,
     concurrency: Annotated[int, typer.Option(min=1, max=16, help="Dates at once.")] = 4,
     force: Annotated[bool, typer.Option(help="Redo dates already completed.")] = False,
@@ -719,14 +739,18 @@ def run_backfill(
         list[str] | None,
         typer.Option(
             "--input",
-            help="A delivered file or glob to load first; only from under FINPIPE_DROP_ROOTS "
-            "(default FINPIPE_HOME/vendor_drop, ./deliveries, ./datasets).",
+            help="A delivered file or glob to load first; only from under the drop roots "
+            "(see above).",
         ),
     ] = None,
     training: Annotated[list[str] | None, _TRAINING_OPTION] = None,
 ) -> None:
     """Run the backfill flow over a date range; re-running redoes only failed, missing or stale
-    dates (data re-delivered or corrected since). --training applies to --retrain's training."""
+    dates (data re-delivered or corrected since). --training applies to --retrain's training.
+
+    --input files must lie under FINPIPE_DROP_ROOTS (default FINPIPE_HOME/vendor_drop,
+    ./deliveries, ./datasets).
+    """
     settings = _settings()
     from finpipe.drop_roots import allowed_inputs
     from finpipe.planning import check_backfill_request, training_config

@@ -34,6 +34,7 @@ import pandas as pd
 import pyarrow as pa
 
 from finpipe.storage import Storage, as_day
+from finpipe.text import counted
 
 
 @dataclass
@@ -65,6 +66,20 @@ class FeatureUpdate:
         self.rows += rows
         if rebuilt:
             self.dates_rebuilt.append(day.isoformat())
+
+
+def describe_feature_update(update: Mapping, dates: list[str]) -> str:
+    """Return the feature step's log line for `update` (a `FeatureUpdate.to_dict()`): the rows
+    over the dates it wrote, or, when it wrote and removed nothing, that the features were
+    already current for `dates` (the run's dates, ISO) rather than "0 rows over 0 dates"."""
+    if update["dates_written"] or update.get("dates_removed"):
+        return (
+            f"features: {counted(update['rows'], 'row')} over "
+            f"{counted(len(update['dates_written']), 'date')}"
+        )
+    first, last = min(dates), max(dates)
+    span = first if first == last else f"{first} to {last}"
+    return f"features: already current for {span}, nothing to build"
 
 
 BUILT_FROM = "features_built_from.json"
