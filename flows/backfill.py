@@ -50,6 +50,7 @@ from finpipe.planning import (
     training_config,
 )
 from finpipe.schedule import today_in
+from finpipe.scoring import ScoringOutcome, in_sample_warning
 
 
 def _run_name() -> str:
@@ -139,6 +140,11 @@ def backfill(
         logger.warning(_nothing_to_process(run, request))
     # After the dates ran: those in the range were re-scored, unless the steps left out score.
     stale = warn_of_stale_predictions(run, features)
+    in_sample = in_sample_warning(
+        ScoringOutcome(**outcome.predictions) for outcome in results if outcome.predictions
+    )
+    if in_sample:
+        logger.warning(in_sample)
     failures = failure_summary(
         results, redo="fix the cause and run the same backfill again to redo only these"
     )
@@ -152,7 +158,7 @@ def backfill(
         key=artifact_key("backfill", domain),
         table=[outcome.table_row() for outcome in results],
         description=backfill_description(
-            domain, str(request.start), str(request.end), results, stale
+            domain, str(request.start), str(request.end), results, stale, in_sample
         ),
     )
     if failures:
@@ -168,6 +174,7 @@ def backfill(
         "training": training_outcome,
         "promotion": decision,
         "stale_predictions": stale,
+        "in_sample": in_sample,
     }
 
 

@@ -8,11 +8,12 @@ from finpipe.flows.parameters import DomainName
 from finpipe.flows.run_setup import set_up_run, warn_of_stale_predictions, with_run_id_suffix
 from finpipe.flows.summaries import artifact_key, score_markdown
 from finpipe.tasks.dates import process_date, update_features
-from prefect import flow
+from prefect import flow, get_run_logger
 from prefect.artifacts import create_markdown_artifact
 from prefect.runtime import flow_run
 
 from finpipe.planning import ALL_STEPS, run_day
+from finpipe.scoring import ScoringOutcome, in_sample_warning
 
 
 def _run_name() -> str:
@@ -36,8 +37,11 @@ def score(domain: DomainName = "market", as_of: dt.date | None = None) -> dict:
     features = update_features(domain, run_date, run.holder, run.lock_timeout)
     outcome = process_date(domain, run_date, list(ALL_STEPS), run.holder, run.lock_timeout)
     stale = warn_of_stale_predictions(run, features)
+    in_sample = in_sample_warning([ScoringOutcome(**outcome["predictions"])])
+    if in_sample:
+        get_run_logger().warning(in_sample)
     create_markdown_artifact(
         key=artifact_key("score", domain),
-        markdown=score_markdown(domain, run_date, outcome["predictions"], stale),
+        markdown=score_markdown(domain, run_date, outcome["predictions"], stale, in_sample),
     )
-    return {**outcome, "stale_predictions": stale}
+    return {**outcome, "stale_predictions": stale, "in_sample": in_sample}

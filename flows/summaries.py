@@ -7,7 +7,7 @@ from collections import Counter
 from collections.abc import Iterable
 
 from finpipe.date_runs import DateOutcome
-from finpipe.text import counted
+from finpipe.text import counted, sentence
 
 
 def artifact_key(*parts: str) -> str:
@@ -231,13 +231,21 @@ def train_markdown(
     return "\n".join(lines)
 
 
-def score_markdown(domain: str, as_of: str, predictions: dict, stale: dict | None = None) -> str:
-    """Return the score run's summary: how many rows, by which model, where, and the earlier
+def score_markdown(
+    domain: str,
+    as_of: str,
+    predictions: dict,
+    stale: dict | None = None,
+    in_sample: str | None = None,
+) -> str:
+    """Return the score run's summary: how many rows, by which model, where, whether the model
+    learnt from the date (`in_sample`, `scoring.in_sample_warning`), and the earlier
     predictions scored from data changed before it (`stale`)."""
     text = (
         f"# finpipe score: {domain} {as_of}\n\n{predictions['rows']:,} rows by "
         f"{predictions['model_name']} v{predictions['model_version']} in `{predictions['path']}`."
     )
+    text += f"\n\n**In-sample:** {sentence(in_sample)}" if in_sample else ""
     return text + (
         f"\n\n## Stale predictions\n{_stale_text(stale, loads_files=False)}" if stale else ""
     )
@@ -249,11 +257,14 @@ def backfill_description(
     end: str,
     results: Iterable[DateOutcome],
     stale: dict | None = None,
+    in_sample: str | None = None,
 ) -> str:
-    """Return the backfill table's description: the range, how many dates ended how, and the
-    predictions outside it scored from data it changed."""
+    """Return the backfill table's description: the range, how many dates ended how, how many
+    were scored in-sample (`in_sample`, `scoring.in_sample_warning`), and the predictions
+    outside it scored from data it changed."""
     counts = Counter(outcome.status for outcome in results)
     text = f"finpipe backfill {domain} {start} to {end}: " + ", ".join(
         f"{n} {s}" for s, n in counts.items()
     )
+    text += f". {in_sample}" if in_sample else ""
     return text + (f". {_stale_text(stale, loads_files=True)}" if stale else "")

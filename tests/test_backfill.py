@@ -58,7 +58,7 @@ from finpipe.planning import (
     plan_night,
     scheduled_day,
 )
-from finpipe.scoring import ScoringOutcome
+from finpipe.scoring import ScoringOutcome, in_sample_warning
 from finpipe.storage import Storage, as_day
 from tests.conftest import finpipe_home
 
@@ -659,6 +659,84 @@ def test_a_backfill_of_dates_without_data_says_which_dates_the_store_holds(marke
         f"no date from {days[0]} to {days[-1]} has validated market data, so nothing was "
         f"processed; the store holds {history[0]} to {history[-1]}"
     ) in "\n".join(warned)
+
+
+@pytest.mark.slow
+def test_a_backfill_inside_the_champions_training_window_says_its_predictions_are_in_sample(
+    market, caplog
+):
+    """Today's champion learnt from the past dates a backfill scores: the run warns once with
+    how many, and its summary says so, so an IC computed over them is not taken for a forecast.
+    The predictions layer keeps its columns (a new one would read as missing from older
+    partitions); the rows' model version leads to the model's recorded `learnt_through`."""
+    from finpipe.flows.backfill import backfill
+    from finpipe.flows.score import score
+
+    from finpipe import tracking
+
+    storage = Storage(market.home)
+    champion = tracking.load_model_version(market, "market")
+    through = dt.date.fromisoformat(champion.model.learnt_through)
+    history = storage.partition_dates("validated", "market")
+    days = [day for day in history if day <= through][-3:] + [
+        day for day in history if day > through
+    ][:1]
+    prefect_log = logging.getLogger("prefect.flow_runs")
+    prefect_log.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.WARNING, logger="prefect.flow_runs"):
+            state = backfill(start=days[0], end=days[-1], concurrency=1, return_state=True)
+    finally:
+        prefect_log.removeHandler(caplog.handler)
+    expected = (
+        f"3 of 4 dates scored are on or before champion v{champion.version}'s learnt_through "
+        f"{through}: their predictions are in-sample"
+    )
+    # one record reaches caplog twice where Prefect's logger also propagates to the root
+    records = {id(r): r for r in caplog.records}.values()
+    warned = [r.getMessage() for r in records if "in-sample" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith(expected)
+    result = state.result()
+    assert result["in_sample"] == warned[0]
+    assert [item["predictions"]["learnt_through"] for item in result["dates"]] == [
+        through.isoformat()
+    ] * 4
+    description = _artifact(state.state_details.flow_run_id, "backfill-market").description
+    assert f"4 completed. {expected}" in description
+    for day in days:
+        columns = storage.read_partition("predictions", "market", day).columns
+        assert "in_sample" not in columns and "learnt_through" not in columns
+    # Scoring one date says it too.
+    state = score(as_of=days[0], return_state=True)
+    one = (
+        f"1 of 1 date scored is on or before champion v{champion.version}'s learnt_through "
+        f"{through}: their predictions are in-sample"
+    )
+    assert state.result()["in_sample"].startswith(one)
+    assert f"**In-sample:** {one}" in _markdown_artifact(
+        state.state_details.flow_run_id, "score-market"
+    )
+
+
+def test_the_in_sample_warning_counts_each_champions_dates_and_is_silent_out_of_sample():
+    def scored(day: str, version: str, through: str | None) -> ScoringOutcome:
+        return ScoringOutcome(day, 5, "finpipe-market", version, "run", "path", "", through)
+
+    assert in_sample_warning([scored("2024-04-01", "3", "2024-03-28")]) is None
+    assert in_sample_warning([scored("2024-03-01", "3", None)]) is None  # nothing recorded
+    both = in_sample_warning(
+        [
+            scored("2024-03-27", "3", "2024-03-28"),
+            scored("2024-03-28", "3", "2024-03-28"),
+            scored("2024-03-29", "4", "2024-03-29"),
+            scored("2024-04-01", "4", "2024-03-29"),
+        ]
+    )
+    assert both is not None and both.startswith(
+        "3 of 4 dates scored are on or before the learnt_through of the champion that scored "
+        "them (v3: 2 through 2024-03-28, v4: 1 through 2024-03-29): their predictions are "
+        "in-sample"
+    )
 
 
 @pytest.mark.slow

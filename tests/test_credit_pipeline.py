@@ -13,6 +13,7 @@ import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from finpipe import tracking
 from finpipe.credit.synthetic import (
     CreditSyntheticConfig,
     delivery_day,
@@ -236,7 +237,8 @@ def test_a_backfill_scores_the_days_before_the_first_night_from_the_loans_open_t
 ):
     """Three business days before the first night, backfilled with its champion: each is
     scored from the loans open on it (applied by then, no outcome known), and a re-run of the
-    same backfill finds them done."""
+    same backfill finds them done. They are in the champion's test window, so not in-sample;
+    the days up to its fit window's last date are, and the backfill of them says so."""
     from finpipe.flows.backfill import backfill
 
     from finpipe.credit.features import LABEL
@@ -248,9 +250,19 @@ def test_a_backfill_scores_the_days_before_the_first_night_from_the_loans_open_t
     first_night = delivery_day(files[1])
     dated = storage.partition_dates("features", "credit")
     days = [d for d in dated if d < first_night and d.weekday() < 5][-3:]  # business days
-    with finpipe_home(home):
+    with finpipe_home(home) as copied:
         summary = backfill(domain="credit", start=days[0], end=days[-1])
         again = backfill(domain="credit", start=days[0], end=days[-1])
+        champion = tracking.load_model_version(copied, "credit")
+        # Its fit window ends before its test window: the days up to it are scored in-sample.
+        last = dt.date.fromisoformat(champion.model.fit_window.last_date)
+        inside = backfill(domain="credit", start=last - dt.timedelta(days=6), end=last)
+    assert summary["in_sample"] is None  # days of its test window, after its fit window
+    scored = sum(item["status"] == "completed" for item in inside["dates"])
+    assert scored > 0 and inside["in_sample"].startswith(
+        f"{scored} of {scored} dates scored are on or before champion v{champion.version}'s "
+        f"learnt_through {last}: their predictions are in-sample"
+    )
     statuses = {item["date"]: item["status"] for item in summary["dates"]}
     assert {statuses[d.isoformat()] for d in days} == {"completed"}
     assert {item["status"] for item in again["dates"]} <= {"done earlier", "no data"}

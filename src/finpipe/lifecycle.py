@@ -32,7 +32,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Generic, Protocol, TypeVar, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -229,7 +229,8 @@ class Predictions:
 
 
 class DomainParts(Protocol[ConfigT, OutcomeT]):
-    """What a domain supplies; `bind` turns it into the `Domain` the flows run."""
+    """What a domain supplies; `bind` turns it into the `Domain` the flows run. Parts that can
+    say which dates a model learnt from also implement `LearntDates`."""
 
     @property
     def name(self) -> str: ...
@@ -302,6 +303,20 @@ class DomainParts(Protocol[ConfigT, OutcomeT]):
 
     def plan_demo(self, settings: Settings) -> list[DemoNight]:
         """Write the demo's synthetic deliveries; return the nights the demo runs."""
+        ...
+
+
+@runtime_checkable
+class LearntDates(Protocol):
+    """Domain parts that know the last date a registered model learnt from, so that scoring
+    says which predictions are in-sample (`ScoringOutcome.in_sample`): a backfill scores past
+    dates with today's champion, which may have trained on them. Optional: a domain whose
+    models record no such date (customers' segmentations) leaves it out, and its predictions
+    are not flagged."""
+
+    def learnt_through(self, model: RegisteredModel) -> dt.date | None:
+        """Return the last date whose rows or labels `model` trained or was validated on;
+        None when it records none (a model saved by an earlier finpipe)."""
         ...
 
 
@@ -604,11 +619,14 @@ def score(
 ) -> ScoringOutcome:
     """Score `as_of` with the champion and publish predictions/<domain>/<as_of>.
 
-    Every output row names the model version and run that produced it.
+    Every output row names the model version and run that produced it; the outcome also says
+    the last date the champion learnt from, where the domain knows it (`LearntDates`), so the
+    run can warn that a date on or before it is scored in-sample.
     """
     as_of = as_day(as_of)
     predict = parts.prepare_scoring(storage, as_of)
     champion = tracking.load_model_version(settings, parts.name)
+    learnt = parts.learnt_through(champion) if isinstance(parts, LearntDates) else None
     predictions = predict(champion)
     if predictions.report is not None:
         key = storage.reports_key(parts.name, "scoring", f"date={as_of.isoformat()}.json")
@@ -624,6 +642,7 @@ def score(
     )
     if not outcome.rows:  # published all the same, so the date is done and says why
         outcome.warning = predictions.empty_reason or f"no {parts.name} rows to score on {as_of}"
+    outcome.learnt_through = None if learnt is None else learnt.isoformat()
     return outcome
 
 

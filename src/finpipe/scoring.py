@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import datetime as dt
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import pandas as pd
 
 from finpipe.errors import ScoringError
 from finpipe.storage import Storage, as_day
+from finpipe.text import counted
 from finpipe.tracking import RegisteredModel
 
 PROVENANCE_COLUMNS = ["model_name", "model_version", "run_id", "scored_at"]
@@ -25,9 +28,45 @@ class ScoringOutcome:
     run_id: str
     path: str
     warning: str = ""  # why nothing was scored, when `rows` is 0
+    # The last date the model learnt from (trained or was validated on, or read a label's
+    # price from), where its domain records one (`lifecycle.LearntDates`); None: not known.
+    learnt_through: str | None = None
+
+    @property
+    def in_sample(self) -> bool:
+        """True when the model learnt from this date: its predictions are not out-of-sample."""
+        return self.learnt_through is not None and self.date <= self.learnt_through
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def in_sample_warning(scored: Iterable[ScoringOutcome]) -> str | None:
+    """Return what a run that scored these dates warns once, e.g. "12 of 20 dates scored are on
+    or before champion v3's learnt_through 2024-03-28: their predictions are in-sample", or
+    None when no date is in-sample. A backfill scores past dates with today's champion, which
+    may have trained on them: IC measured over those predictions is in-sample fit. The rows do
+    not carry it (a new column in the predictions layer would be read as missing from every
+    partition written before it); their `model_version` and the model's recorded window do."""
+    scored = list(scored)
+    inside = Counter(
+        (outcome.model_version, outcome.learnt_through) for outcome in scored if outcome.in_sample
+    )
+    if not inside:
+        return None
+    if len(inside) == 1:
+        [(version, through)] = inside
+        whose = f"champion v{version}'s learnt_through {through}"
+    else:  # a champion promoted while the run scored
+        each = ", ".join(f"v{v}: {n} through {day}" for (v, day), n in sorted(inside.items()))
+        whose = f"the learnt_through of the champion that scored them ({each})"
+    count = inside.total()
+    return (
+        f"{count:,} of {counted(len(scored), 'date')} scored {'is' if count == 1 else 'are'} "
+        f"on or before {whose}: "
+        "their predictions are in-sample (the model's training or validation read those dates), "
+        "so an IC or accuracy measured on them is fit, not forecast"
+    )
 
 
 def check_scores(domain: str, scores: pd.DataFrame, keys: list[str]) -> None:

@@ -399,6 +399,16 @@ class CreditParts:
 
         return lifecycle.JudgedScore(score, compared_on)
 
+    def learnt_through(self, model: RegisteredModel) -> dt.date | None:
+        """Return the last date of `model`'s fit window (`FitWindow.last_date`): loans dated up
+        to it may be among those it trained or was validated on (all of them out of time, those
+        of its training and validation ids by loan id). None for a book without dates or a
+        model saved before finpipe recorded its window."""
+        window: FitWindow | None = model.model.fit_window
+        if window is None or window.last_date is None:
+            return None
+        return dt.date.fromisoformat(window.last_date)
+
     def prepare_scoring(self, storage: Storage, as_of: dt.date) -> lifecycle.Predict:
         """Return how the champion scores the population (see `scoring_population`): id, PD, grade,
         three reason codes and the row's own date. An empty population is scored as no rows,

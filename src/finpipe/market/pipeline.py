@@ -447,6 +447,12 @@ class MarketParts:
 
         return lifecycle.JudgedScore(score, compared_on)
 
+    def learnt_through(self, model: RegisteredModel) -> dt.date | None:
+        """Return the last date whose price `model`'s training or validation labels read (its
+        recorded `learnt_through`); None for a model saved before finpipe recorded it."""
+        through: str | None = model.model.learnt_through
+        return None if through is None else dt.date.fromisoformat(through)
+
     def prepare_scoring(self, storage: Storage, as_of: dt.date) -> lifecycle.Predict:
         """Return how the champion scores every ticker of `as_of`.
 
