@@ -392,6 +392,7 @@ TIER_TABLE: dict[str, ModuleTiers] = {
     "test_credit_outcomes.py": ModuleTiers(UNIT),  # late outcomes on Parquet in a tmp store
     "test_customers_features.py": ModuleTiers(UNIT),
     "test_customers_profiles.py": ModuleTiers(UNIT),
+    "test_input_examples.py": ModuleTiers(UNIT),
     "test_market_features.py": ModuleTiers(UNIT),
     "test_market_model.py": ModuleTiers(
         UNIT,  # a logged pyfunc in an MLflow store, reloaded: seconds

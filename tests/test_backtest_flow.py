@@ -99,6 +99,13 @@ def test_each_window_model_is_a_nested_unregistered_run_under_the_backtest_run(r
     assert all("validation_ic" in r.data.metrics for r in children)
     logged = client.search_logged_models([parent.info.experiment_id])
     assert sorted(m.source_run_id for m in logged) == sorted(r.info.run_id for r in children)
+    # Named by domain and candidate, tagged with the backtest and the window it was fitted for.
+    assert {m.name for m in logged} == {"market-mlp"}
+    windows = {r.info.run_id: r.data.params["retrain_date"] for r in children}
+    for model in logged:
+        assert model.tags["finpipe.domain"] == "market" and model.tags["finpipe.candidate"] == "mlp"
+        assert model.tags["finpipe.backtest"] == "flow_test"
+        assert model.tags["retrain_date"] == windows[model.source_run_id]
     assert client.search_registered_models() == []  # never registered, never promoted
     plots = {a.path for a in client.list_artifacts(parent.info.run_id, "plots")}
     assert {"plots/cumulative_return.png", "plots/drawdown.png", "plots/ic_mlp.png"} <= plots

@@ -170,6 +170,29 @@ def test_mlflow_compares_network_and_baseline_in_one_run_group(two_nights):
     )
 
 
+def test_the_logged_input_example_is_made_up_and_the_pyfunc_scores_it(two_nights):
+    from finpipe import tracking
+
+    settings, _, _, book = two_nights
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    served = mlflow.pyfunc.load_model("models:/finpipe-credit@champion")
+    example = served.input_example
+    model = tracking.load_model_version(settings, "credit").model
+    assert list(example.columns) == [model.id_column, *model.feature_columns]
+    assert example[model.id_column].tolist() == [f"example-{n}" for n in range(1, 6)]
+    assert not set(example[model.id_column]) & set(book.applications["loan_id"].astype(str))
+    # No example row is a loan of the book: values are rounded quantiles of the training rows.
+    numeric = model.numeric_columns
+    real = book.applications[numeric].astype("float64").round(6)
+    shown = example[numeric].astype("float64").round(6)
+    assert shown.merge(real, how="inner", on=numeric).empty
+    scored = served.predict(example)
+    assert scored["id"].tolist() == example[model.id_column].tolist()
+    assert scored["pd"].between(0, 1).all()
+    names = served.metadata.get_input_schema().input_names()
+    assert names == [model.id_column, *model.feature_columns]
+
+
 def test_promotion_gate_and_champion_alias(two_nights):
     _, _, summaries, _ = two_nights
     first, second = summaries
@@ -204,6 +227,7 @@ def test_worse_model_does_not_replace_the_champion(two_nights):
         with mlflow.start_run(run_id=outcome["run_id"]), mlflow.start_run(nested=True):
             info = tracking.log_fitted_model(
                 flipped,
+                name="credit-flipped",
                 loader="finpipe.credit.model:FittedCreditModel",
                 input_example=example,
                 output_example=flipped.predict(example),

@@ -124,6 +124,24 @@ def test_champion_registered_and_named_on_every_prediction(two_nights):
     assert set(predictions["run_id"]) == {champion.run_id}
 
 
+def test_the_logged_input_example_names_no_customer_and_the_pyfunc_segments_it(two_nights):
+    settings, _, _, generated = two_nights
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    served = mlflow.pyfunc.load_model("models:/finpipe-customers@champion")
+    example = served.input_example
+    assert example["customer_id"].tolist() == [f"example-{n}" for n in range(1, 6)]
+    assert not set(example["customer_id"]) & set(generated.transactions["customer_id"].astype(str))
+    segmented = served.predict(example)
+    assert segmented["customer_id"].tolist() == example["customer_id"].tolist()
+    assert segmented["segment"].notna().all()
+    names = served.metadata.get_input_schema().input_names()
+    assert names == list(example.columns)
+    logged = MlflowClient().search_logged_models(
+        [mlflow.get_experiment_by_name("finpipe-customers").experiment_id]
+    )
+    assert {m.name for m in logged} == {"customers-autoencoder_kmeans"}
+
+
 def test_segments_match_the_planted_ones_and_survive_the_retrain(two_nights):
     _, _, summaries, _ = two_nights
     first, second = (s["training"]["metrics"]["autoencoder_kmeans"]["test"] for s in summaries)

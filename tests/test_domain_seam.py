@@ -453,7 +453,7 @@ def test_a_records_figures_are_closed_when_its_logging_fails(monkeypatch, failin
         record=record,
     )
     with pytest.raises(ConnectionError):
-        lifecycle._write_candidate(candidate)
+        lifecycle._write_candidate(candidate, "market", "mlp", pd.Timestamp("2024-01-02").date())
     assert set(plt.get_fignums()) == open_before
 
 

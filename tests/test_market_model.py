@@ -206,6 +206,7 @@ def _logged_and_loaded(tmp_path, fitted: FittedMarketModel, example: pd.DataFram
         with mlflow.start_run(experiment_id=experiment):
             info = tracking.log_fitted_model(
                 fitted,
+                name="market-example",
                 loader="finpipe.market.model:FittedMarketModel",
                 input_example=example,
                 output_example=fitted.predict(example),

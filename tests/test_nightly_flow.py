@@ -98,6 +98,35 @@ def test_every_layer_opens_in_pandas_pyarrow_polars_and_duckdb(two_nights):
         assert_layer_reads_everywhere(Storage(settings.home), layer, "market")
 
 
+def test_each_logged_model_is_named_and_tagged_by_domain_candidate_and_night(two_nights):
+    settings, files, _, _ = two_nights
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("finpipe-market").experiment_id
+    logged = client.search_logged_models([experiment])
+    assert sorted(m.name for m in logged) == sorted(f"market-{kind}" for kind in MODELS * 2)
+    nights = {_day(files[1]).isoformat(), _day(files[2]).isoformat()}
+    runs = {r.info.run_id: r for r in client.search_runs([experiment])}
+    for model in logged:
+        kind = model.name.removeprefix("market-")
+        assert model.tags[tracking.DOMAIN_TAG] == "market"
+        assert model.tags[tracking.CANDIDATE_TAG] == kind
+        assert runs[model.source_run_id].info.run_name == kind
+        parent = runs[runs[model.source_run_id].data.tags["mlflow.parentRunId"]]
+        assert model.tags[tracking.AS_OF_TAG] == parent.data.params["as_of"]
+    assert {m.tags[tracking.AS_OF_TAG] for m in logged} == nights
+    gru = client.search_logged_models(
+        [experiment], filter_string=f"tags.`{tracking.CANDIDATE_TAG}` = 'gru'"
+    )
+    assert [m.name for m in gru] == ["market-gru", "market-gru"]
+    # The champion's version points at one of them, and its run finds it by name.
+    champion = client.get_model_version_by_alias("finpipe-market", "champion")
+    chosen = client.get_logged_model(champion.source.removeprefix("models:/"))
+    assert chosen.source_run_id == champion.run_id
+    by_name = mlflow.pyfunc.load_model(f"runs:/{champion.run_id}/{chosen.name}")
+    assert by_name.metadata.model_id == chosen.model_id
+
+
 def test_mlflow_has_runs_metrics_plots_and_a_champion(two_nights):
     settings, files, summaries, _ = two_nights
     mlflow.set_tracking_uri(settings.tracking_uri)
@@ -168,10 +197,9 @@ def test_mlflow_has_runs_metrics_plots_and_a_champion(two_nights):
     assert "plots/feature_importance.png" in {
         a.path for a in client.list_artifacts(ensemble.info.run_id, "plots")
     }
-    model_files = {
-        a.path for a in client.list_artifacts(ensemble.info.run_id, "model/artifacts/model")
-    }
-    assert "model/artifacts/model/members" in model_files
+    folder = "market-ensemble/artifacts/model"  # the logged model's name, then its folder
+    model_files = {a.path for a in client.list_artifacts(ensemble.info.run_id, folder)}
+    assert f"{folder}/members" in model_files
     parent = parents[0]
     candidates = _table(client, parent, "candidates.json")
     assert candidates["candidate"].tolist() == MODELS
@@ -280,6 +308,7 @@ def test_worse_model_does_not_replace_the_champion(two_nights):
         ):
             info = tracking.log_fitted_model(
                 fitted,
+                name="market-offered",
                 loader=f"{type(fitted).__module__}:{type(fitted).__name__}",
                 input_example=example.head(3),
                 output_example=fitted.predict(example.head(3)),
@@ -401,6 +430,7 @@ def test_a_registered_model_naming_a_foreign_loader_is_refused(two_nights, tmp_p
             with mlflow.start_run():
                 tracking.log_fitted_model(
                     fitted,
+                    name="market-mlp",
                     loader="finpipe.market.model:FittedMarketModel",
                     input_example=example,
                     output_example=fitted.predict(example),

@@ -492,6 +492,14 @@ def log_window_models(fit: WindowFit, parent_run_id: str, config: BacktestConfig
                     )
                 tracking.log_fitted_model(
                     model,
+                    name=tracking.logged_model_name(DOMAIN, kind),
+                    tags={
+                        tracking.DOMAIN_TAG: DOMAIN,
+                        tracking.CANDIDATE_TAG: kind,
+                        "finpipe.backtest": config.name,
+                        "retrain_date": window.key,
+                        "learnt_through": fit.learnt_through,
+                    },
                     loader=ENSEMBLE_LOADER if kind == ENSEMBLE else member_loader(kind),
                     input_example=fit.example,
                     output_example=model.predict(fit.example),

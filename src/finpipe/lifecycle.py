@@ -365,7 +365,7 @@ def train_challenger(
             own_run = tracking.run(kind, nested=True) if parts.nested_runs else nullcontext()
             with own_run:
                 fitted[kind] = night.fit(kind, epoch_logger(kind, say), say)
-                uris[kind] = _write_candidate(fitted[kind])
+                uris[kind] = _write_candidate(fitted[kind], parts.name, kind, as_of)
         _write(night.conclude(fitted, say))
         windows = {kind: candidate.windows for kind, candidate in fitted.items()}
         chosen = promotion.best_on_validation(windows, parts.selection_metric)
@@ -494,8 +494,12 @@ def _log(record: RunRecord) -> None:
         )
 
 
-def _write_candidate(candidate: Candidate) -> str:
-    """Log a candidate's metrics by window, its record and its model; return the model URI."""
+def _write_candidate(candidate: Candidate, domain: str, kind: str, as_of: dt.date) -> str:
+    """Log a candidate's metrics by window, its record and its model; return the model URI.
+
+    The model is logged as `<domain>-<kind>` (e.g. `market-mlp`), tagged with its domain,
+    candidate and as-of date, so a night's models are told apart in the experiment's Models
+    tab and found with `mlflow.search_logged_models`."""
     by_window = {
         f"{window}_{k}": float(v)
         for window, values in candidate.windows.items()
@@ -504,6 +508,12 @@ def _write_candidate(candidate: Candidate) -> str:
     _write(replace(candidate.record, metrics={**by_window, **candidate.record.metrics}))
     info = tracking.log_fitted_model(
         candidate.model,
+        name=tracking.logged_model_name(domain, kind),
+        tags={
+            tracking.DOMAIN_TAG: domain,
+            tracking.CANDIDATE_TAG: kind,
+            tracking.AS_OF_TAG: as_of.isoformat(),
+        },
         loader=candidate.loader,
         input_example=candidate.input_example,
         output_example=candidate.model.predict(candidate.input_example),

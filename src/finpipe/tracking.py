@@ -151,17 +151,33 @@ def _short(error: BaseException) -> str:
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 
 
+# Tags on every logged model (MLflow 3's LoggedModel, the experiment's Models tab): which domain
+# and candidate it is; AS_OF_TAG says the date its training read data up to.
+DOMAIN_TAG = "finpipe.domain"
+CANDIDATE_TAG = "finpipe.candidate"
+
+
+def logged_model_name(domain: str, candidate: str) -> str:
+    """The name a domain's candidate is logged under (e.g. `market-mlp`): each of a night's
+    models is told apart by name in the Models tab, and `runs:/<run id>/<name>` finds it."""
+    return f"{domain}-{candidate}"
+
+
 def log_fitted_model(
     fitted,
     *,
+    name: str,
     loader: str,
     input_example: pd.DataFrame,
     output_example: pd.DataFrame,
+    tags: Mapping[str, str] | None = None,
     registered_model_name: str | None = None,
 ):
-    """Log `fitted` (anything with save(dir)) as a pyfunc model in the active run.
+    """Log `fitted` (anything with save(dir)) as a pyfunc model called `name` in the active
+    run, with `tags` on the logged model (see `logged_model_name`, DOMAIN_TAG, CANDIDATE_TAG).
 
-    Returns MLflow's ModelInfo (with `registered_model_version` when registered). The
+    Returns MLflow's ModelInfo (with `registered_model_version` when registered); its
+    `model_uri` is `models:/<model id>`, whatever the name. The
     signature declares float columns as double whatever the example's width (market features
     are float32): MLflow's pyfunc widens float32 input to a double column but refuses float64
     input to a float one, the width of features read from a CSV or computed in pandas.
@@ -176,7 +192,8 @@ def log_fitted_model(
         model_dir = Path(tmp) / "model"
         fitted.save(model_dir)
         return mlflow.pyfunc.log_model(
-            name="model",
+            name=name,
+            tags=dict(tags or {}),
             python_model=str(MODEL_CODE),
             model_config={"loader": loader},
             artifacts={"model_dir": str(model_dir)},

@@ -57,6 +57,7 @@ from finpipe.credit.synthetic import write_oracle as write_oracle
 from finpipe.domains import ChallengerOutcome, DemoNight, Domain
 from finpipe.errors import ScoringError
 from finpipe.ingest import RawContract
+from finpipe.input_examples import stand_in_example
 from finpipe.lifecycle import Candidate, Predictions, RunRecord, TrainingData
 from finpipe.promotion import ComparedOn
 from finpipe.settings import Settings
@@ -234,7 +235,9 @@ class CreditNight(lifecycle.Night[CreditTrainingConfig]):
         return Candidate(
             model=fitted,
             loader=MODEL_LOADER,
-            input_example=test_rows[[book.columns.id, *book.feature_columns]].head(5),
+            input_example=stand_in_example(
+                frame.loc[split.train], book.columns.id, book.feature_columns
+            ),
             windows=windows,
             record=RunRecord(
                 params={**asdict(classifier), "loan_book": book.name},

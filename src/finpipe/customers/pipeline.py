@@ -37,6 +37,7 @@ from finpipe.customers.synthetic import write_planted_segments as write_planted_
 from finpipe.domains import ChallengerOutcome, DemoNight, Domain
 from finpipe.errors import ScoringError
 from finpipe.ingest import RawContract
+from finpipe.input_examples import stand_in_example
 from finpipe.lifecycle import Candidate, Predictions, RunRecord, TrainingData
 from finpipe.settings import Settings
 from finpipe.storage import Storage, as_day
@@ -151,7 +152,9 @@ class CustomersNight(lifecycle.Night[CustomersTrainingConfig]):
         return Candidate(
             model=fitted,
             loader=MODEL_LOADER,
-            input_example=snapshot[["customer_id", *fitted.feature_columns]].head(5),
+            input_example=stand_in_example(
+                snapshot[sets == "train"], "customer_id", fitted.feature_columns
+            ),
             windows=windows,
             record=RunRecord(
                 metrics={
