@@ -140,13 +140,20 @@ def summary_if_ingest_fails(run: RunSetup, *, key: str, title: str, not_run: str
     try:
         yield
     except FinpipeError as error:
-        quarantined = quarantined_batch(run, error)
-        create_markdown_artifact(
-            key=key,
-            markdown=ingest_failed_markdown(title, run.domain, str(error), quarantined, not_run),
-            description=f"{title}: failed at ingest"
-            + (f", {quarantined['file']} quarantined" if quarantined else ""),
-        )
+        try:
+            quarantined = quarantined_batch(run, error)
+            create_markdown_artifact(
+                key=key,
+                markdown=ingest_failed_markdown(
+                    title, run.domain, str(error), quarantined, not_run
+                ),
+                description=f"{title}: failed at ingest"
+                + (f", {quarantined['file']} quarantined" if quarantined else ""),
+            )
+        except Exception as summary_error:  # the ingest's error is the one the run reports
+            get_run_logger().warning(
+                "the failed run's summary was not published: %s", summary_error
+            )
         raise
 
 
@@ -170,7 +177,7 @@ def quarantined_batch(run: RunSetup, error: Exception) -> dict | None:
         "first_date": record.get("first_date"),
         "last_date": record.get("last_date"),
         "folder": folder,
-        "report": run.storage.location(report_key),
+        "report": run.storage.location(report_key) if report else None,
         "data_docs": (report or {}).get("data_docs"),
         "rules": [describe_rule_break(rule) for rule in failures],
     }

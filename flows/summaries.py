@@ -135,11 +135,19 @@ def ingest_failed_markdown(
             "",
             "Rules broken:",
             "",
-            *(f"- {rule}" for rule in quarantined["rules"] or ["see the report"]),
+            *(
+                f"- {rule}"
+                for rule in quarantined["rules"]
+                or ["see the report" if quarantined["report"] else "not recorded (no report)"]
+            ),
             "",
-            f"Report (each rule, its unexpected count, sample rows and their keys): "
-            f"`{quarantined['report']}`; the file as delivered beside it in "
-            f"`{quarantined['folder']}`"
+            (
+                f"Report (each rule, its unexpected count, sample rows and their keys): "
+                f"`{quarantined['report']}`; the file as delivered beside it in "
+                if quarantined["report"]
+                else "No report was found in the quarantine folder; the file as delivered is in "
+            )
+            + f"`{quarantined['folder']}`"
             + (f"; Data Docs: `{quarantined['data_docs']}`" if quarantined.get("data_docs") else "")
             + ".",
             "",

@@ -59,3 +59,19 @@ def test_a_numeric_id_column_gets_negative_ids_no_book_uses():
     example = stand_in_example(book, "loan_id", ["age"], rows=3)
     assert example["loan_id"].tolist() == [-1, -2, -3] and example["loan_id"].dtype == "int64"
     assert len(example) == 3
+
+
+def test_an_integer_feature_with_small_values_keeps_whole_numbers_in_its_own_dtype():
+    """Two significant figures of a quantile of 0..9 can be 1.4, which a nullable Int64
+    column refuses ("cannot safely cast non-equivalent float64 to int64"): a user's book with
+    such a column failed its night after the fit. Integer columns take whole numbers."""
+    frame = pd.DataFrame(
+        {
+            "loan_id": [f"L{i}" for i in range(10)],
+            "dependants": pd.array([0, 1, 2, 3, 4, 5, 6, 7, 8, 9], dtype="Int64"),
+            "years": np.arange(10, dtype=np.int64),
+        }
+    )
+    example = stand_in_example(frame, "loan_id", ["dependants", "years"])
+    assert str(example["dependants"].dtype) == "Int64" and example["years"].dtype == np.int64
+    assert example["dependants"].tolist() == example["years"].tolist() == [1, 3, 4, 6, 8]

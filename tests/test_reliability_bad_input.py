@@ -313,3 +313,51 @@ def test_a_run_stopped_by_a_quarantined_file_still_publishes_its_summary(flow, a
     assert "## Predictions" not in text and "## Training" not in text
     assert _snapshot(storage) == before, "accepted partitions changed"
     assert not storage.partition_dates("features", "market")
+
+
+def test_a_quarantined_file_without_its_report_is_summarised_without_a_report_path():
+    """A quarantine folder whose report is missing (a crash between the copy and the report)
+    names no report path and says the report is missing, rather than pointing at a file that
+    is not there and saying "see the report"."""
+    from finpipe.flows.summaries import ingest_failed_markdown
+
+    quarantined = {
+        "file": "market_2024-01-02.csv",
+        "batch_id": "b1",
+        "rows": 10,
+        "first_date": "2024-01-02",
+        "last_date": "2024-01-02",
+        "folder": "/store/quarantine/market/b1",
+        "report": None,
+        "data_docs": None,
+        "rules": [],
+    }
+    text = ingest_failed_markdown("finpipe nightly", "market", "rejected", quarantined, "none")
+    assert "No report was found in the quarantine folder" in text
+    assert "- not recorded (no report)" in text
+    assert "report.json" not in text and "None" not in text and "see the report" not in text
+
+
+def test_a_summary_that_cannot_be_published_leaves_the_run_failing_with_the_ingest_error(
+    monkeypatch, tmp_path
+):
+    """The summary of a run stopped at ingest is published on the way out; if publishing it
+    fails (the Prefect API down), the run still fails with the ingest's error, not that one."""
+    from types import SimpleNamespace
+
+    from finpipe.flows import run_setup
+    from prefect import flow
+
+    def unreachable(**kwargs):
+        raise RuntimeError("artifact API unreachable")
+
+    monkeypatch.setattr(run_setup, "create_markdown_artifact", unreachable)
+    run = SimpleNamespace(domain="market", storage=Storage(tmp_path))
+
+    @flow
+    def night() -> None:
+        with run_setup.summary_if_ingest_fails(run, key="k", title="night", not_run="-"):
+            raise ValidationFailed("market_2024-01-02.csv rejected")
+
+    with pytest.raises(ValidationFailed, match="market_2024-01-02.csv rejected"):
+        night()

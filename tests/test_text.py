@@ -26,6 +26,14 @@ def test_a_feature_step_with_nothing_to_build_says_the_features_were_current():
     )
     wrote = {"rows": 36, "dates_written": ["2024-01-02"], "dates_removed": []}
     assert describe_feature_update(wrote, days) == "features: 36 rows over 1 date"
+    retracted = {"rows": 0, "dates_written": [], "dates_removed": ["2024-01-03"]}
+    assert describe_feature_update(retracted, days) == (
+        "features: 1 date removed (2024-01-03)"  # it read "0 rows over 0 dates"
+    )
+    both = {"rows": 36, "dates_written": ["2024-01-02"], "dates_removed": ["2024-01-03"]}
+    assert describe_feature_update(both, days) == (
+        "features: 36 rows over 1 date; 1 date removed (2024-01-03)"
+    )
 
 
 def test_a_night_with_one_new_date_says_so_in_its_summary():

@@ -70,13 +70,19 @@ class FeatureUpdate:
 
 def describe_feature_update(update: Mapping, dates: list[str]) -> str:
     """Return the feature step's log line for `update` (a `FeatureUpdate.to_dict()`): the rows
-    over the dates it wrote, or, when it wrote and removed nothing, that the features were
-    already current for `dates` (the run's dates, ISO) rather than "0 rows over 0 dates"."""
-    if update["dates_written"] or update.get("dates_removed"):
-        return (
-            f"features: {counted(update['rows'], 'row')} over "
-            f"{counted(len(update['dates_written']), 'date')}"
-        )
+    over the dates it wrote and the dates whose features it removed (a correction retracted
+    all their rows), or, when it did neither, that the features were already current for
+    `dates` (the run's dates, ISO) rather than "0 rows over 0 dates"."""
+    written, removed = update["dates_written"], update.get("dates_removed") or []
+    said = (
+        [f"{counted(update['rows'], 'row')} over {counted(len(written), 'date')}"]
+        if written
+        else []
+    )
+    if removed:
+        said.append(f"{counted(len(removed), 'date')} removed ({', '.join(sorted(removed))})")
+    if said:
+        return "features: " + "; ".join(said)
     first, last = min(dates), max(dates)
     span = first if first == last else f"{first} to {last}"
     return f"features: already current for {span}, nothing to build"

@@ -25,9 +25,10 @@ def stand_in_example(
 
     Ids are `example-1`, `example-2`, ... (-1, -2, ... for a numeric id column). Row i holds each
     numeric feature's i-th of `rows` evenly spaced quantiles of `frame` (10% to 90% for five
-    rows), rounded to two significant figures, and each other feature's most frequent value:
-    every value is a statistic of many rows, and no row is any one person's (a column with
-    no value at all stays missing). `frame` should hold the training rows only.
+    rows), rounded to two significant figures (and to a whole number in an integer column),
+    and each other feature's most frequent value: every value is a statistic of many rows, and
+    no row is any one person's (a column with no value at all stays missing). `frame` should
+    hold the training rows only.
     """
     numbers = range(1, rows + 1)
     ids = frame[id_column]
@@ -41,8 +42,10 @@ def stand_in_example(
         values = frame[column]
         if pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values):
             quantiles = pd.to_numeric(values, errors="coerce").astype("float64").quantile(levels)
-            rounded = [float(f"{q:.2g}") for q in quantiles]
-            columns[column] = pd.Series(rounded).astype(values.dtype)
+            rounded = pd.Series([float(f"{q:.2g}") for q in quantiles])
+            if pd.api.types.is_integer_dtype(values):  # 1.4 would not cast back to Int64
+                rounded = rounded.round()
+            columns[column] = rounded.astype(values.dtype)
         else:
             common = values.mode(dropna=True)
             value = common.iloc[0] if len(common) else None
