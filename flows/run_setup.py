@@ -22,7 +22,6 @@ from finpipe.date_runs import expand_inputs, is_glob, stale_predictions
 from finpipe.domains import get_domain
 from finpipe.drop_roots import allowed_inputs
 from finpipe.errors import ConfigError, FinpipeError
-from finpipe.ingest import described_file
 from finpipe.locks import check_lock_backend
 from finpipe.schedule import ScheduleSettings, load_schedule_settings
 from finpipe.services.tls import client_security
@@ -32,9 +31,9 @@ from finpipe.settings import (
     prepare_environment,
     untraced_finpipe_errors,
 )
+from finpipe.status import quarantined_batch
 from finpipe.storage import Storage
 from finpipe.text import counted
-from finpipe.validation import ValidationReport, describe_rule_break
 
 
 @dataclass(frozen=True)
@@ -141,7 +140,8 @@ def summary_if_ingest_fails(run: RunSetup, *, key: str, title: str, not_run: str
         yield
     except FinpipeError as error:
         try:
-            quarantined = quarantined_batch(run, error)
+            folder = getattr(error, "quarantine_path", None)
+            quarantined = quarantined_batch(run.storage, run.domain, folder)
             create_markdown_artifact(
                 key=key,
                 markdown=ingest_failed_markdown(
@@ -155,32 +155,6 @@ def summary_if_ingest_fails(run: RunSetup, *, key: str, title: str, not_run: str
                 "the failed run's summary was not published: %s", summary_error
             )
         raise
-
-
-def quarantined_batch(run: RunSetup, error: Exception) -> dict | None:
-    """Return what the store keeps of the batch `error` (a ValidationFailed) quarantined: its
-    file, batch id, rows, first and last date, each broken rule in one sentence with a sample
-    row, and where its folder, report and Data Docs are; None for an error that quarantined
-    nothing."""
-    folder = getattr(error, "quarantine_path", None)
-    records = run.storage.batch_records(run.domain) if folder else []
-    record = next((r for r in records if r.get("quarantine_path") == folder), None)
-    if record is None:
-        return None
-    report_key = f"{run.storage.quarantine_key(run.domain, record['batch_id'])}/report.json"
-    report = run.storage.read_json(report_key)
-    failures = ValidationReport.from_dict(report).failures() if report else []
-    return {
-        "file": described_file(record),
-        "batch_id": record["batch_id"],
-        "rows": record.get("rows"),
-        "first_date": record.get("first_date"),
-        "last_date": record.get("last_date"),
-        "folder": folder,
-        "report": run.storage.location(report_key) if report else None,
-        "data_docs": (report or {}).get("data_docs"),
-        "rules": [describe_rule_break(rule) for rule in failures],
-    }
 
 
 def check_dask_scheduler(address: str, timeout: float = 5.0) -> None:

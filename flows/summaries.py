@@ -116,9 +116,10 @@ def ingest_failed_markdown(
     title: str, domain: str, error: str, quarantined: dict | None, not_run: str
 ) -> str:
     """Return the summary of a run that ingest stopped (`error`, its one-line message): the
-    file quarantined (`quarantined`, see `run_setup.quarantined_batch`; None for a file refused
-    before landing, e.g. too big, or a store or lock that failed), each rule it broke with a
-    row, where its report is, the commands to inspect it, and the steps that did not run."""
+    file quarantined (`quarantined`, see `finpipe.status.quarantined_batch`; None for a file
+    refused before landing, e.g. too big, or a store or lock that failed), each rule it broke
+    with a row, where its report is, the commands to inspect it, and the steps that did not
+    run."""
     lines = [f"# {title}", "", f"**Failed at ingest.** {not_run}", ""]
     if quarantined:
         dates = (

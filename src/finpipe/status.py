@@ -18,7 +18,7 @@ from finpipe.date_runs import completion_records, stale_scored_dates
 from finpipe.ingest import delivered_files, described_file
 from finpipe.storage import Storage
 from finpipe.text import counted
-from finpipe.validation import rejecting_rules
+from finpipe.validation import ValidationReport, describe_rule_break, rejecting_rules
 
 if TYPE_CHECKING:
     from finpipe.tracking import RegistryStatus, VersionStatus
@@ -251,7 +251,7 @@ def _quarantined(storage: Storage, domain: str, record: dict) -> QuarantinedFile
     """A quarantined file's line, its rules read from the report kept beside it."""
     when = record.get("quarantined_at")
     batch = record.get("batch_id")
-    key = f"{storage.quarantine_key(domain, batch)}/report.json" if batch else None
+    key = storage.quarantine_report_key(domain, batch) if batch else None
     report = storage.read_json(key) if key else None
     if report is None:
         rules, where = "unknown: its report is missing", "missing"
@@ -264,6 +264,31 @@ def _quarantined(storage: Storage, domain: str, record: dict) -> QuarantinedFile
         rules=rules,
         report=where,
     )
+
+
+def quarantined_batch(storage: Storage, domain: str, folder: str | None) -> dict | None:
+    """Return what the store keeps of the batch quarantined in `folder` (a ValidationFailed's
+    `quarantine_path`), for a failed run's summary: its file, batch id, rows, first and last
+    date, each broken rule in one sentence with a sample row, and where its folder, report
+    (None when missing) and Data Docs are; None when nothing was quarantined there."""
+    records = storage.batch_records(domain) if folder else []
+    record = next((r for r in records if r.get("quarantine_path") == folder), None)
+    if record is None:
+        return None
+    key = storage.quarantine_report_key(domain, record["batch_id"])
+    report = storage.read_json(key)
+    failures = ValidationReport.from_dict(report).failures() if report else []
+    return {
+        "file": described_file(record),
+        "batch_id": record["batch_id"],
+        "rows": record.get("rows"),
+        "first_date": record.get("first_date"),
+        "last_date": record.get("last_date"),
+        "folder": folder,
+        "report": storage.location(key) if report else None,
+        "data_docs": (report or {}).get("data_docs"),
+        "rules": [describe_rule_break(rule) for rule in failures],
+    }
 
 
 @dataclass(frozen=True)

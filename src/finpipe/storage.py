@@ -328,6 +328,11 @@ class Storage:
         folder = f"quarantine/{check_name(domain)}"
         return folder if batch_id is None else f"{folder}/{check_name(batch_id, 'batch id')}"
 
+    @classmethod
+    def quarantine_report_key(cls, domain: str, batch_id: str) -> str:
+        """`quarantine/<domain>/<batch>/report.json`: the report kept beside a rejected file."""
+        return f"{cls.quarantine_key(domain, batch_id)}/report.json"
+
     @staticmethod
     def reports_key(*parts: str) -> str:
         """`reports/<parts...>`: each part one safe file or folder name."""
